@@ -1,0 +1,821 @@
+//! The credential cache: lock-free reads, single-flight refresh, expiry windows, backoff.
+//!
+//! This file holds all of the refresh logic. The hot path ([`CredentialCache::current`])
+//! is one `ArcSwap` load and one relaxed atomic read: no lock, no await, no allocation,
+//! no clock read. Everything else happens on the refresh path, under one mutex that is
+//! never held across an await:
+//!
+//! - **Single flight.** However many callers need a new credential, one task fetches it
+//!   and every waiter receives that one result, success or error. The task is spawned, so
+//!   a refresh continues when the request that started it is dropped.
+//! - **Two windows before expiry** (proactive sources only). Each credential's lifetime
+//!   `L` is measured when it arrives. In the *soft* window (the last
+//!   `min(L × 1/4, soft_window)`, widened by up to `window_jitter` at random so a fleet
+//!   does not refresh in lockstep) the first caller starts a background refresh and
+//!   everyone keeps using the still-valid credential. In the *hard* window (the last
+//!   `min(L × 1/20, hard_window)`) callers wait for the refresh. A timer flips each
+//!   credential into its soft window, so requests before it never read the clock.
+//! - **Reactive-only sources** ([`RefreshMode::ReactiveOnly`]) are refreshed only when
+//!   the cache is empty or the API rejected the credential.
+//! - **Failures** never poison the cache: a failed background refresh keeps serving the
+//!   still-valid credential; consecutive failures back off exponentially with jitter
+//!   (between `base × 2ⁿ⁻¹ / 2` and `base × 2ⁿ⁻¹`, capped at the maximum); while backing
+//!   off, callers that have no valid credential get [`ErrorKind::Backoff`] at once instead
+//!   of hammering the token endpoint; after the backoff the next caller tries again.
+//! - **Invalidation** is by generation: a rejection only invalidates the credential if it
+//!   is still the current one, so a thousand concurrent 401s cause one refresh.
+//! - **Storage seam**: an optional [`CredentialStore`] is consulted on the refresh path
+//!   only (see [`crate::store`]).
+//!
+//! # Example
+//! ```
+//! use std::time::Duration;
+//! use tower_client_auth::{AuthLayer, CredentialCache, StaticCredential};
+//!
+//! let cache = CredentialCache::builder(StaticCredential::bearer("t0k3n"))
+//!     .soft_window(Duration::from_secs(60))
+//!     .hard_window(Duration::from_secs(10))
+//!     .fetch_timeout(Duration::from_secs(5))
+//!     .build();
+//! // One cache can back several layers (and clients): they share one credential.
+//! let layer = AuthLayer::with_cache(cache.clone());
+//! # let _ = layer;
+//! ```
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use arc_swap::{ArcSwapOption, Guard};
+use futures_util::future::{FutureExt, Shared};
+use tokio::{task::JoinHandle, time::Instant};
+use tracing::Instrument;
+
+use crate::{
+    credential::Credential,
+    error::{Error, ErrorKind},
+    source::{CredentialSource, FetchContext, FetchReason, RefreshMode},
+    store::CredentialStore,
+};
+
+/// Default longest time a fetch may take before it fails with [`ErrorKind::Timeout`].
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap on the soft window (background refresh while the credential is still used).
+pub const DEFAULT_SOFT_WINDOW: Duration = Duration::from_secs(5 * 60);
+/// Default cap on the hard window (callers wait for the refresh).
+pub const DEFAULT_HARD_WINDOW: Duration = Duration::from_secs(30);
+/// Share of a credential's lifetime that the soft window covers at most.
+pub const SOFT_WINDOW_FRACTION: f64 = 0.25;
+/// Share of a credential's lifetime that the hard window covers at most.
+pub const HARD_WINDOW_FRACTION: f64 = 0.05;
+/// Default random widening of the soft window, as a fraction of it (0.2: up to 20 %).
+pub const DEFAULT_WINDOW_JITTER: f64 = 0.2;
+/// Default delay after the first failed fetch; it doubles with each further failure.
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Default cap on the delay between failed fetches.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Caches the credential of one [`CredentialSource`] and refreshes it. Cheap to clone:
+/// clones share the cache. See the [module docs](self) for the rules.
+pub struct CredentialCache<P> {
+    inner: Arc<Inner<P>>,
+}
+
+impl<P> Clone for CredentialCache<P> {
+    fn clone(&self) -> Self {
+        CredentialCache {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<P> fmt::Debug for CredentialCache<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let current = self.inner.current.load();
+        f.debug_struct("CredentialCache")
+            .field("source", &std::any::type_name::<P>())
+            .field("generation", &current.as_ref().map(|e| e.generation))
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+/// Builds a [`CredentialCache`] with non-default settings.
+#[derive(Debug)]
+pub struct CredentialCacheBuilder<P> {
+    source: P,
+    config: Config,
+}
+
+#[derive(Clone)]
+struct Config {
+    fetch_timeout: Duration,
+    soft_window: Duration,
+    hard_window: Duration,
+    window_jitter: f64,
+    backoff_base: Duration,
+    backoff_max: Duration,
+    store: Option<Arc<dyn CredentialStore>>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("fetch_timeout", &self.fetch_timeout)
+            .field("soft_window", &self.soft_window)
+            .field("hard_window", &self.hard_window)
+            .field("window_jitter", &self.window_jitter)
+            .field("backoff_base", &self.backoff_base)
+            .field("backoff_max", &self.backoff_max)
+            .field("store", &self.store.is_some())
+            .finish()
+    }
+}
+
+impl<P: CredentialSource> CredentialCacheBuilder<P> {
+    /// Longest time one fetch may take (default [`DEFAULT_FETCH_TIMEOUT`]).
+    pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
+        self.config.fetch_timeout = timeout;
+        self
+    }
+
+    /// Cap on the soft window (default [`DEFAULT_SOFT_WINDOW`]). `Duration::ZERO` turns
+    /// background refresh off.
+    pub fn soft_window(mut self, window: Duration) -> Self {
+        self.config.soft_window = window;
+        self
+    }
+
+    /// Cap on the hard window (default [`DEFAULT_HARD_WINDOW`]). Credentials are not
+    /// sent during their last `hard_window`: callers wait for the new one.
+    pub fn hard_window(mut self, window: Duration) -> Self {
+        self.config.hard_window = window;
+        self
+    }
+
+    /// Random widening of the soft window, as a fraction of it, clamped to `0.0..=1.0`
+    /// (default [`DEFAULT_WINDOW_JITTER`]).
+    pub fn window_jitter(mut self, jitter: f64) -> Self {
+        self.config.window_jitter = if jitter.is_nan() {
+            0.0
+        } else {
+            jitter.clamp(0.0, 1.0)
+        };
+        self
+    }
+
+    /// Backoff after failed fetches: `base` after the first, doubling, at most `max`
+    /// (defaults [`DEFAULT_BACKOFF_BASE`], [`DEFAULT_BACKOFF_MAX`]).
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.config.backoff_base = base;
+        self.config.backoff_max = max.max(base);
+        self
+    }
+
+    /// Shares credentials through `store` (see [`crate::store`]).
+    pub fn store(mut self, store: impl CredentialStore) -> Self {
+        self.config.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Builds the cache and attaches the source to it.
+    pub fn build(self) -> CredentialCache<P> {
+        let mode = self.source.refresh_mode();
+        let inner = Arc::new(Inner {
+            source: self.source,
+            mode,
+            config: self.config,
+            current: ArcSwapOption::empty(),
+            state: Mutex::new(State::default()),
+        });
+        let weak: Weak<Inner<P>> = Arc::downgrade(&inner);
+        inner.source.attach(CacheHandle { inner: weak });
+        CredentialCache { inner }
+    }
+}
+
+impl<P: CredentialSource> CredentialCache<P> {
+    /// A cache with the default settings.
+    pub fn new(source: P) -> Self {
+        Self::builder(source).build()
+    }
+
+    /// A builder for a cache with other settings.
+    pub fn builder(source: P) -> CredentialCacheBuilder<P> {
+        CredentialCacheBuilder {
+            source,
+            config: Config {
+                fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+                soft_window: DEFAULT_SOFT_WINDOW,
+                hard_window: DEFAULT_HARD_WINDOW,
+                window_jitter: DEFAULT_WINDOW_JITTER,
+                backoff_base: DEFAULT_BACKOFF_BASE,
+                backoff_max: DEFAULT_BACKOFF_MAX,
+                store: None,
+            },
+        }
+    }
+
+    /// The source this cache refreshes from.
+    pub fn source(&self) -> &P {
+        &self.inner.source
+    }
+
+    /// A usable credential: the cached one, or a fresh one after waiting for the refresh.
+    ///
+    /// For callers outside a Tower stack; the layer uses the same path.
+    pub async fn credential(&self) -> Result<Credential, Error> {
+        match self.current() {
+            Ok(current) => Ok(current.credential.clone()),
+            Err(acquire) => acquire.await.map(|entry| entry.credential.clone()),
+        }
+    }
+
+    /// Reports that the API rejected `credential`, and waits for its replacement.
+    ///
+    /// Only a credential that is still the current one is invalidated: when many callers
+    /// report the same rejection, the source is asked once.
+    pub async fn reject(&self, credential: &Credential) -> Result<Credential, Error> {
+        let generation = {
+            let current = self.inner.current.load();
+            match current.as_deref() {
+                Some(entry) if entry.credential == *credential => Some(entry.generation),
+                _ => None,
+            }
+        };
+        let acquire = match generation {
+            Some(generation) => self.replace_rejected(generation),
+            None => self.acquire(None),
+        };
+        acquire.await.map(|entry| entry.credential.clone())
+    }
+
+    /// A handle that replaces or invalidates this cache's credential from elsewhere.
+    pub fn handle(&self) -> CacheHandle {
+        let weak: Weak<Inner<P>> = Arc::downgrade(&self.inner);
+        CacheHandle { inner: weak }
+    }
+
+    /// The hot path: the current credential if it may be sent now, or the refresh to
+    /// wait for. In the soft window this starts the background refresh (once).
+    pub(crate) fn current(&self) -> Result<Current, Acquire> {
+        let guard = self.inner.current.load();
+        if let Some(entry) = guard.as_deref() {
+            if !entry.aging.load(Ordering::Acquire) {
+                return Ok(Current(guard));
+            }
+            match entry.phase_at(Instant::now()) {
+                Phase::Fresh => return Ok(Current(guard)),
+                Phase::Soft => {
+                    if !entry.background_claimed.load(Ordering::Relaxed)
+                        && !entry.background_claimed.swap(true, Ordering::AcqRel)
+                    {
+                        drop(self.acquire(Some(Want::Background(entry.generation))));
+                    }
+                    return Ok(Current(guard));
+                }
+                Phase::Hard => {}
+            }
+        }
+        drop(guard);
+        Err(self.acquire(None))
+    }
+
+    /// The API rejected the credential of `generation`: invalidate it if it is still
+    /// current, and return the refresh that replaces it.
+    pub(crate) fn replace_rejected(&self, generation: u64) -> Acquire {
+        self.acquire(Some(Want::Replace(generation)))
+    }
+
+    /// The refresh path. `want`: `None` for "a credential I may send now".
+    fn acquire(&self, want: Option<Want>) -> Acquire {
+        let inner = &self.inner;
+        let now = Instant::now();
+        let mut state = inner.lock_state();
+        let current = inner.current.load_full();
+        let mut reason = FetchReason::Initial;
+        let mut previous = None;
+        let mut still_valid = None;
+        if let Some(entry) = current {
+            match want {
+                Some(Want::Replace(generation)) if entry.generation == generation => {
+                    tracing::debug!(generation, "credential rejected; invalidating it");
+                    inner.current.store(None);
+                    reason = FetchReason::Rejected;
+                    previous = Some(entry.credential.clone());
+                }
+                Some(Want::Background(generation)) if entry.generation != generation => {
+                    return Acquire::ready(Ok(entry));
+                }
+                Some(Want::Background(_)) => {
+                    reason = FetchReason::Expiring;
+                    previous = Some(entry.credential.clone());
+                    still_valid = Some(entry);
+                }
+                _ => match entry.phase_at(now) {
+                    Phase::Fresh | Phase::Soft => return Acquire::ready(Ok(entry)),
+                    Phase::Hard => {
+                        reason = FetchReason::Expiring;
+                        previous = Some(entry.credential.clone());
+                        still_valid = Some(entry).filter(|e| !e.is_expired_at(now));
+                    }
+                },
+            }
+        }
+        if let Some(flight) = &state.flight {
+            return Acquire::waiting(flight.clone());
+        }
+        if let Some(retry_at) = state.retry_at.filter(|at| now < *at) {
+            if let Some(entry) = still_valid {
+                // Backing off: keep serving what is still valid rather than failing.
+                rearm_background(&entry, retry_at);
+                return Acquire::ready(Ok(entry));
+            }
+            let mut err = Error::new(ErrorKind::Backoff).with_retry_in(retry_at - now);
+            if let Some(last) = &state.last_error {
+                err = err.with_shared_source(Arc::new(last.clone()));
+            }
+            return Acquire::ready(Err(err));
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Acquire::ready(Err(Error::new(ErrorKind::NoRuntime)));
+        };
+        let guard = FlightGuard {
+            inner: self.inner.clone(),
+            epoch: state.epoch,
+            done: false,
+        };
+        let cx = FetchContext::new(reason, previous);
+        let span = tracing::debug_span!("credential_refresh", reason = ?reason);
+        tracing::debug!(parent: &span, background = still_valid.is_some(), "starting credential refresh");
+        let task = runtime.spawn(run_flight(guard, cx).instrument(span));
+        let flight = FlightFuture { task }.shared();
+        state.flight = Some(flight.clone());
+        Acquire::waiting(flight)
+    }
+}
+
+/// A handle to a cache that replaces or invalidates its credential from outside the
+/// request path. Given to [`CredentialSource::attach`]; it does not keep the cache alive.
+#[derive(Clone)]
+pub struct CacheHandle {
+    inner: Weak<dyn Sink>,
+}
+
+impl CacheHandle {
+    /// Makes `credential` the current one at once, ahead of any refresh in flight.
+    /// Returns `false` if the cache is gone.
+    pub fn replace(&self, credential: Credential) -> bool {
+        match self.inner.upgrade() {
+            Some(sink) => {
+                sink.replace(credential);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops the current credential, so the next request fetches a new one. Returns
+    /// `false` if the cache is gone.
+    pub fn invalidate(&self) -> bool {
+        match self.inner.upgrade() {
+            Some(sink) => {
+                sink.invalidate();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl fmt::Debug for CacheHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheHandle")
+            .field("alive", &(self.inner.strong_count() > 0))
+            .finish()
+    }
+}
+
+trait Sink: Send + Sync {
+    fn replace(&self, credential: Credential);
+    fn invalidate(&self);
+}
+
+impl<P: CredentialSource> Sink for Inner<P> {
+    fn replace(&self, credential: Credential) {
+        let mut state = self.lock_state();
+        // A fetch in flight started before this value existed: its result must not win.
+        state.epoch += 1;
+        state.failures = 0;
+        state.retry_at = None;
+        state.last_error = None;
+        tracing::debug!("credential replaced from outside");
+        self.install(&mut state, credential, Instant::now());
+    }
+
+    fn invalidate(&self) {
+        let mut state = self.lock_state();
+        state.epoch += 1;
+        self.current.store(None);
+    }
+}
+
+struct Inner<P> {
+    source: P,
+    mode: RefreshMode,
+    config: Config,
+    /// The hot path reads this; it is written only under `state`'s lock.
+    current: ArcSwapOption<Entry>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    flight: Option<Shared<FlightFuture>>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<Error>,
+    /// Bumped when the credential is replaced from outside; a fetch that started in an
+    /// older epoch does not install its result.
+    epoch: u64,
+    next_generation: u64,
+}
+
+#[derive(Clone, Copy)]
+enum Want {
+    /// Replace the credential of this generation, which the API rejected.
+    Replace(u64),
+    /// Refresh the credential of this generation in the background (soft window).
+    Background(u64),
+}
+
+impl<P: CredentialSource> Inner<P> {
+    fn lock_state(&self) -> MutexGuard<'_, State> {
+        // The lock is never held across user code, so poisoning cannot leave it
+        // half-updated; recover rather than propagate a panic to every caller.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes `credential` current. Called with the state lock held.
+    fn install(&self, state: &mut State, credential: Credential, now: Instant) -> Arc<Entry> {
+        let generation = state.next_generation;
+        state.next_generation += 1;
+        let (soft_at, hard_at) = match (self.mode, credential.expiry()) {
+            (RefreshMode::Proactive, Some(expires_at)) => self.windows(expires_at, now),
+            _ => (None, None),
+        };
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let entry = Arc::new_cyclic(|weak: &Weak<Entry>| {
+            // Without a runtime for the timer, the entry starts aging at once: correct,
+            // only a clock read per request slower.
+            let (aging, timer) = match (soft_at, &runtime) {
+                (Some(at), Some(rt)) if at > now => {
+                    let weak = weak.clone();
+                    let task = rt.spawn(async move {
+                        tokio::time::sleep_until(at).await;
+                        if let Some(entry) = weak.upgrade() {
+                            entry.aging.store(true, Ordering::Release);
+                        }
+                    });
+                    (false, Some(task.abort_handle()))
+                }
+                (Some(_), _) => (true, None),
+                (None, _) => (false, None),
+            };
+            Entry {
+                credential,
+                generation,
+                hard_at,
+                aging: AtomicBool::new(aging),
+                background_claimed: AtomicBool::new(false),
+                timer,
+            }
+        });
+        self.current.store(Some(entry.clone()));
+        entry
+    }
+
+    /// When the soft and hard windows of a credential expiring at `expires_at` open.
+    fn windows(&self, expires_at: Instant, now: Instant) -> (Option<Instant>, Option<Instant>) {
+        let lifetime = expires_at.saturating_duration_since(now).as_secs_f64();
+        let cfg = &self.config;
+        let hard = (lifetime * HARD_WINDOW_FRACTION).min(cfg.hard_window.as_secs_f64());
+        let soft = (lifetime * SOFT_WINDOW_FRACTION)
+            .min(cfg.soft_window.as_secs_f64())
+            .max(hard);
+        let soft = (soft * (1.0 + cfg.window_jitter * fastrand::f64())).min(lifetime);
+        let at = |before: f64| {
+            Duration::try_from_secs_f64(before)
+                .ok()
+                .and_then(|d| expires_at.checked_sub(d))
+                .unwrap_or(now)
+        };
+        (Some(at(soft)), Some(at(hard)))
+    }
+
+    /// Whether a credential found in the store is worth using instead of fetching.
+    fn is_usable_stored(&self, credential: &Credential, now: Instant) -> bool {
+        match credential.expiry() {
+            None => true,
+            Some(expires_at) if expires_at <= now => false,
+            Some(expires_at) => match self.mode {
+                RefreshMode::ReactiveOnly => true,
+                RefreshMode::Proactive => {
+                    let (_, hard_at) = self.windows(expires_at, now);
+                    hard_at.is_none_or(|at| now < at)
+                }
+            },
+        }
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        let cfg = &self.config;
+        let exp = failures.saturating_sub(1).min(30);
+        let full = cfg
+            .backoff_base
+            .saturating_mul(1 << exp)
+            .min(cfg.backoff_max);
+        // "Equal jitter": between half and all of the exponential delay.
+        full / 2 + full.mul_f64(fastrand::f64() / 2.0)
+    }
+}
+
+/// One cached credential and its refresh bookkeeping.
+pub(crate) struct Entry {
+    pub(crate) credential: Credential,
+    pub(crate) generation: u64,
+    /// When callers must stop using it and wait (proactive sources with an expiry).
+    hard_at: Option<Instant>,
+    /// Set once the soft window opens; until then the hot path reads no clock.
+    aging: AtomicBool,
+    /// Whether a caller already started this entry's background refresh.
+    background_claimed: AtomicBool,
+    timer: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        if let Some(timer) = &self.timer {
+            timer.abort();
+        }
+    }
+}
+
+enum Phase {
+    Fresh,
+    Soft,
+    Hard,
+}
+
+impl Entry {
+    fn phase_at(&self, now: Instant) -> Phase {
+        if !self.aging.load(Ordering::Acquire) {
+            Phase::Fresh
+        } else if self.hard_at.is_some_and(|at| now >= at) {
+            Phase::Hard
+        } else {
+            Phase::Soft
+        }
+    }
+
+    fn is_expired_at(&self, now: Instant) -> bool {
+        self.credential.expiry().is_some_and(|at| now >= at)
+    }
+}
+
+/// After a failed background refresh, lets the next caller in the soft window try again
+/// once the backoff is over.
+fn rearm_background(entry: &Arc<Entry>, retry_at: Instant) {
+    let weak = Arc::downgrade(entry);
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            tokio::time::sleep_until(retry_at).await;
+            if let Some(entry) = weak.upgrade() {
+                entry.background_claimed.store(false, Ordering::Release);
+            }
+        });
+    }
+}
+
+/// A credential that may be sent now, borrowed from the cache without a reference count.
+pub(crate) struct Current(Guard<Option<Arc<Entry>>>);
+
+impl std::ops::Deref for Current {
+    type Target = Entry;
+
+    fn deref(&self) -> &Entry {
+        // `current` only builds a `Current` from a guard holding an entry.
+        self.0.as_deref().expect("Current always holds an entry")
+    }
+}
+
+/// Waits for a credential from the refresh path.
+pub(crate) struct Acquire {
+    state: AcquireState,
+}
+
+enum AcquireState {
+    Ready(Option<Result<Arc<Entry>, Error>>),
+    Waiting(Shared<FlightFuture>),
+}
+
+impl Acquire {
+    fn ready(result: Result<Arc<Entry>, Error>) -> Self {
+        Acquire {
+            state: AcquireState::Ready(Some(result)),
+        }
+    }
+
+    fn waiting(flight: Shared<FlightFuture>) -> Self {
+        Acquire {
+            state: AcquireState::Waiting(flight),
+        }
+    }
+}
+
+impl Future for Acquire {
+    type Output = Result<Arc<Entry>, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            AcquireState::Ready(result) => Poll::Ready(result.take().unwrap_or_else(|| {
+                Err(Error::new(ErrorKind::Fetch).with_detail("polled after completion"))
+            })),
+            AcquireState::Waiting(flight) => Pin::new(flight).poll(cx),
+        }
+    }
+}
+
+impl fmt::Debug for Acquire {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Acquire")
+    }
+}
+
+/// The spawned refresh task, as a future every waiter can share.
+pub(crate) struct FlightFuture {
+    task: JoinHandle<Result<Arc<Entry>, Error>>,
+}
+
+impl Future for FlightFuture {
+    type Output = Result<Arc<Entry>, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.task)
+            .poll(cx)
+            .map(|joined| match joined {
+                Ok(result) => result,
+                Err(e) if e.is_panic() => Err(Error::new(ErrorKind::SourcePanicked)),
+                Err(_) => {
+                    Err(Error::new(ErrorKind::Fetch).with_detail("the refresh task was cancelled"))
+                }
+            })
+    }
+}
+
+/// Owned by the refresh task. Whatever way the task ends (done, panicked, cancelled by a
+/// runtime shutting down, or never polled), the flight is cleared and a failure is
+/// counted, so the single-flight state can never wedge.
+struct FlightGuard<P: CredentialSource> {
+    inner: Arc<Inner<P>>,
+    epoch: u64,
+    done: bool,
+}
+
+impl<P: CredentialSource> FlightGuard<P> {
+    fn finish(&mut self, result: Result<Credential, Error>) -> Result<Arc<Entry>, Error> {
+        self.done = true;
+        let inner = &self.inner;
+        let now = Instant::now();
+        let mut state = inner.lock_state();
+        state.flight = None;
+        match result {
+            Ok(credential) => {
+                state.failures = 0;
+                state.retry_at = None;
+                state.last_error = None;
+                if state.epoch != self.epoch {
+                    if let Some(current) = inner.current.load_full() {
+                        tracing::debug!("fetched credential superseded by a replacement");
+                        return Ok(current);
+                    }
+                }
+                let entry = inner.install(&mut state, credential, now);
+                tracing::debug!(generation = entry.generation, "credential refreshed");
+                Ok(entry)
+            }
+            Err(err) => {
+                Self::record_failure(inner, &mut state, &err, now);
+                Err(err)
+            }
+        }
+    }
+
+    fn record_failure(inner: &Inner<P>, state: &mut State, err: &Error, now: Instant) {
+        state.failures = state.failures.saturating_add(1);
+        let delay = inner.backoff(state.failures);
+        let retry_at = now + delay;
+        state.retry_at = Some(retry_at);
+        state.last_error = Some(err.clone());
+        tracing::warn!(
+            failures = state.failures,
+            retry_in_ms = delay.as_millis() as u64,
+            error = %err,
+            cause = err_source(err),
+            "credential refresh failed; backing off"
+        );
+        if let Some(entry) = inner.current.load_full() {
+            rearm_background(&entry, retry_at);
+        }
+    }
+}
+
+/// Wraps a source's error, keeping the crate's own typed errors as they are.
+fn fetch_error(e: crate::error::BoxError) -> Error {
+    let e = match e.downcast::<Error>() {
+        Ok(ours) => return *ours,
+        Err(e) => e,
+    };
+    match e.downcast::<crate::error::InvalidCredential>() {
+        Ok(invalid) => Error::from(*invalid),
+        Err(e) => Error::new(ErrorKind::Fetch).with_source(e),
+    }
+}
+
+fn err_source(err: &Error) -> String {
+    use std::error::Error as _;
+    err.source().map(|s| s.to_string()).unwrap_or_default()
+}
+
+impl<P: CredentialSource> Drop for FlightGuard<P> {
+    fn drop(&mut self) {
+        if !self.done {
+            let err = Error::new(ErrorKind::Fetch).with_detail("the refresh task was cancelled");
+            let mut state = self.inner.lock_state();
+            state.flight = None;
+            Self::record_failure(&self.inner, &mut state, &err, Instant::now());
+        }
+    }
+}
+
+async fn run_flight<P: CredentialSource>(
+    mut guard: FlightGuard<P>,
+    cx: FetchContext,
+) -> Result<Arc<Entry>, Error> {
+    let result = obtain(&guard.inner, cx).await;
+    guard.finish(result)
+}
+
+/// Gets a credential from the store, or else from the source.
+async fn obtain<P: CredentialSource>(
+    inner: &Inner<P>,
+    cx: FetchContext,
+) -> Result<Credential, Error> {
+    if let Some(store) = &inner.config.store {
+        if let (FetchReason::Rejected, Some(rejected)) = (cx.reason(), cx.previous()) {
+            if let Err(e) = store.remove(rejected).await {
+                tracing::warn!(error = %e, "credential store failed to remove a rejected credential");
+            }
+        }
+        match store.load().await {
+            Ok(Some(stored))
+                if Some(&stored) != cx.previous()
+                    && inner.is_usable_stored(&stored, Instant::now()) =>
+            {
+                tracing::debug!("using the credential found in the store");
+                return Ok(stored);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "credential store failed to load"),
+        }
+    }
+    let fetched = tokio::time::timeout(inner.config.fetch_timeout, inner.source.fetch(cx)).await;
+    let credential = match fetched {
+        Err(_elapsed) => return Err(Error::new(ErrorKind::Timeout)),
+        Ok(Err(e)) => return Err(fetch_error(e)),
+        Ok(Ok(credential)) => credential,
+    };
+    if credential.expiry().is_some_and(|at| at <= Instant::now()) {
+        return Err(Error::new(ErrorKind::Expired));
+    }
+    tracing::debug!(
+        expires_in_s = credential
+            .expiry()
+            .map(|at| at.saturating_duration_since(Instant::now()).as_secs()),
+        "credential fetched"
+    );
+    if let Some(store) = &inner.config.store {
+        if let Err(e) = store.save(&credential).await {
+            tracing::warn!(error = %e, "credential store failed to save");
+        }
+    }
+    Ok(credential)
+}

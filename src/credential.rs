@@ -1,0 +1,299 @@
+//! The credential a request carries: one or more sensitive headers and an optional expiry.
+//!
+//! Constructors cover the shapes real APIs use: `Authorization: Bearer <token>`, a custom
+//! scheme such as `Authorization: Secret <secret>`, a `Cookie`, or any header (API keys).
+//! Every value is validated (no control characters, nothing a header cannot carry) and
+//! marked [sensitive](http::HeaderValue::set_sensitive), so HTTP/2 never indexes it and
+//! tools that honour the flag never print it. `Debug` prints `[redacted]` for values.
+//!
+//! # Example
+//! ```
+//! use std::time::Duration;
+//! use tower_client_auth::Credential;
+//!
+//! let bearer = Credential::bearer("eyJhbGciOi...")?.expires_in(Duration::from_secs(3600));
+//! let secret = Credential::with_scheme("Secret", "s3cr3t")?;
+//! let cookie = Credential::cookie("session", "abc123")?;
+//! let api_key = Credential::header("x-api-key", "k-123")?;
+//!
+//! assert_eq!(format!("{cookie:?}"), r#"Credential { headers: {"cookie": [redacted]}, expires_at: None }"#);
+//! # let _ = (bearer, secret, api_key);
+//! # Ok::<(), tower_client_auth::InvalidCredential>(())
+//! ```
+
+use std::{fmt, time::Duration};
+
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+use tokio::time::Instant;
+
+use crate::error::InvalidCredential;
+
+/// One or more header name/value pairs that authenticate a request, plus an optional expiry.
+///
+/// Cheap to clone (header values are reference counted). Two credentials are equal when
+/// they carry the same headers; expiry is not compared.
+#[derive(Clone)]
+pub struct Credential {
+    headers: Box<[(HeaderName, HeaderValue)]>,
+    expires_at: Option<Instant>,
+}
+
+impl Credential {
+    /// `Authorization: Bearer <token>` (RFC 6750).
+    pub fn bearer(token: impl AsRef<str>) -> Result<Self, InvalidCredential> {
+        Self::with_scheme("Bearer", token)
+    }
+
+    /// `Authorization: <scheme> <secret>`, for custom schemes such as `Secret`.
+    ///
+    /// The scheme must be an HTTP token (letters, digits and ``!#$%&'*+-.^_`|~``).
+    pub fn with_scheme(scheme: &str, secret: impl AsRef<str>) -> Result<Self, InvalidCredential> {
+        if scheme.is_empty() || !scheme.bytes().all(is_tchar) {
+            return Err(InvalidCredential::new(
+                "authorization scheme is not an http token",
+            ));
+        }
+        let secret = secret.as_ref();
+        check_secret(
+            secret,
+            "authorization secret is empty",
+            "authorization secret holds whitespace, control or non-ascii characters",
+        )?;
+        let value = sensitive(format!("{scheme} {secret}"), "authorization secret")?;
+        Ok(Self::from_pair(header::AUTHORIZATION, value))
+    }
+
+    /// `Cookie: <name>=<value>` (RFC 6265 cookie syntax is enforced).
+    pub fn cookie(name: &str, value: impl AsRef<str>) -> Result<Self, InvalidCredential> {
+        if name.is_empty() || !name.bytes().all(is_tchar) {
+            return Err(InvalidCredential::new("cookie name is not an http token"));
+        }
+        let value = value.as_ref();
+        if value.is_empty() {
+            return Err(InvalidCredential::new("cookie value is empty"));
+        }
+        if !value.bytes().all(is_cookie_octet) {
+            return Err(InvalidCredential::new(
+                "cookie value holds a character cookies cannot carry",
+            ));
+        }
+        let value = sensitive(format!("{name}={value}"), "cookie value")?;
+        Ok(Self::from_pair(header::COOKIE, value))
+    }
+
+    /// Any header, such as `X-Api-Key: <key>`.
+    pub fn header(name: &str, value: impl AsRef<str>) -> Result<Self, InvalidCredential> {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| InvalidCredential::new("header name is not valid"))?;
+        let value = value.as_ref();
+        check_secret(
+            value,
+            "header value is empty",
+            "header value holds whitespace, control or non-ascii characters",
+        )?;
+        let value = sensitive(value.to_owned(), "header value")?;
+        Ok(Self::from_pair(name, value))
+    }
+
+    /// A credential made of several headers. Each value is marked sensitive.
+    pub fn from_headers<I>(headers: I) -> Result<Self, InvalidCredential>
+    where
+        I: IntoIterator<Item = (HeaderName, HeaderValue)>,
+    {
+        let headers: Box<[_]> = headers
+            .into_iter()
+            .map(|(name, mut value)| {
+                value.set_sensitive(true);
+                (name, value)
+            })
+            .collect();
+        if headers.is_empty() {
+            return Err(InvalidCredential::new(
+                "a credential needs at least one header",
+            ));
+        }
+        Ok(Credential {
+            headers,
+            expires_at: None,
+        })
+    }
+
+    fn from_pair(name: HeaderName, value: HeaderValue) -> Self {
+        Credential {
+            headers: Box::new([(name, value)]),
+            expires_at: None,
+        }
+    }
+
+    /// Sets when the credential stops being valid.
+    ///
+    /// Accepts a `tokio::time::Instant` or a `std::time::Instant`. The cache uses Tokio's
+    /// clock, so paused test time applies.
+    pub fn expires_at(mut self, at: impl Into<Instant>) -> Self {
+        self.expires_at = Some(at.into());
+        self
+    }
+
+    /// Sets the expiry to `lifetime` from now. A lifetime too large to represent means
+    /// the credential never expires.
+    pub fn expires_in(mut self, lifetime: Duration) -> Self {
+        self.expires_at = Instant::now().checked_add(lifetime);
+        self
+    }
+
+    /// When the credential stops being valid, if known.
+    pub fn expiry(&self) -> Option<Instant> {
+        self.expires_at
+    }
+
+    /// The header names this credential sets.
+    pub fn header_names(&self) -> impl Iterator<Item = &HeaderName> {
+        self.headers.iter().map(|(name, _)| name)
+    }
+
+    /// The headers this credential sets. Values are sensitive: do not log them.
+    pub fn headers(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.headers.iter().map(|(name, value)| (name, value))
+    }
+
+    /// Whether `headers` already holds any header this credential would set.
+    pub(crate) fn is_present_in(&self, headers: &HeaderMap) -> bool {
+        self.headers
+            .iter()
+            .any(|(name, _)| headers.contains_key(name))
+    }
+
+    /// Sets this credential's headers on `headers`, replacing any values already there.
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.headers.iter() {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+}
+
+impl PartialEq for Credential {
+    fn eq(&self, other: &Self) -> bool {
+        self.headers == other.headers
+    }
+}
+
+impl Eq for Credential {}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Redacted<'a>(&'a [(HeaderName, HeaderValue)]);
+        impl fmt::Debug for Redacted<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_map()
+                    .entries(
+                        self.0
+                            .iter()
+                            .map(|(name, _)| (name, format_args!("[redacted]"))),
+                    )
+                    .finish()
+            }
+        }
+        f.debug_struct("Credential")
+            .field("headers", &Redacted(&self.headers))
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// Token characters of RFC 9110 §5.6.2.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// RFC 6265 §4.1.1 `cookie-octet`.
+fn is_cookie_octet(b: u8) -> bool {
+    matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E)
+}
+
+/// Secrets are visible ASCII: no spaces, no control characters (header injection).
+fn check_secret(
+    secret: &str,
+    empty: &'static str,
+    bad: &'static str,
+) -> Result<(), InvalidCredential> {
+    if secret.is_empty() {
+        return Err(InvalidCredential::new(empty));
+    }
+    if !secret.bytes().all(|b| (0x21..=0x7E).contains(&b)) {
+        return Err(InvalidCredential::new(bad));
+    }
+    Ok(())
+}
+
+fn sensitive(value: String, what: &'static str) -> Result<HeaderValue, InvalidCredential> {
+    let mut value = HeaderValue::try_from(value).map_err(|_| InvalidCredential::new(what))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CANARY: &str = "canary-7f3a9c";
+
+    /// Every constructor marks its values sensitive and never prints them.
+    #[test]
+    fn constructors_are_sensitive_and_redacted() {
+        let all = [
+            Credential::bearer(CANARY).unwrap(),
+            Credential::with_scheme("Secret", CANARY).unwrap(),
+            Credential::cookie("sid", CANARY).unwrap(),
+            Credential::header("x-api-key", CANARY).unwrap(),
+        ];
+        for c in &all {
+            assert!(c.headers().all(|(_, v)| v.is_sensitive()));
+            assert!(!format!("{c:?}").contains(CANARY));
+            assert!(!format!("{c:#?}").contains(CANARY));
+        }
+        let mut map = HeaderMap::new();
+        all[1].apply(&mut map);
+        assert_eq!(map["authorization"], format!("Secret {CANARY}").as_str());
+        all[2].apply(&mut map);
+        assert_eq!(map["cookie"], format!("sid={CANARY}").as_str());
+    }
+
+    /// Values that would break the header (or inject another) are typed errors naming
+    /// the part, never echoing the value.
+    #[test]
+    fn bad_values_are_typed_errors_without_the_value() {
+        let cases = [
+            Credential::bearer(format!("{CANARY}\r\nX-Evil: 1")).unwrap_err(),
+            Credential::bearer("").unwrap_err(),
+            Credential::bearer(format!("{CANARY} space")).unwrap_err(),
+            Credential::with_scheme("Bad Scheme", CANARY).unwrap_err(),
+            Credential::cookie("sid", format!("{CANARY};other=1")).unwrap_err(),
+            Credential::cookie("s=d", CANARY).unwrap_err(),
+            Credential::cookie("sid", "").unwrap_err(),
+            Credential::header("bad header", CANARY).unwrap_err(),
+            Credential::header("x-api-key", format!("{CANARY}\u{e9}")).unwrap_err(),
+        ];
+        for e in cases {
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains(CANARY), "{shown}");
+            assert!(shown.starts_with("invalid credential: "), "{shown}");
+        }
+        assert!(Credential::from_headers([]).is_err());
+    }
+
+    /// Equality compares headers only, so a re-stamped copy of a token is the same token.
+    #[test]
+    fn equality_ignores_expiry() {
+        let a = Credential::bearer("t").unwrap();
+        let b = a.clone().expires_in(Duration::from_secs(5));
+        assert_eq!(a, b);
+        assert_ne!(a, Credential::bearer("u").unwrap());
+    }
+
+    /// An unrepresentable lifetime means "never expires", not a panic.
+    #[test]
+    fn huge_lifetime_means_no_expiry() {
+        let c = Credential::bearer("t").unwrap().expires_in(Duration::MAX);
+        assert_eq!(c.expiry(), None);
+    }
+}

@@ -1,0 +1,184 @@
+//! The crate's error types.
+//!
+//! Middleware errors are small values you can match on ([`Error::kind`]) or downcast to
+//! from the service's `BoxError`. Their `Display` is lowercase and never carries a
+//! credential; the underlying cause, when there is one, is reachable through
+//! [`std::error::Error::source`].
+
+use std::{error::Error as StdError, fmt, sync::Arc, time::Duration};
+
+/// Alias for a type-erased error, as used throughout Tower.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// What went wrong while authenticating a request.
+///
+/// New kinds may be added, so matches need a wildcard arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The credential source returned an error.
+    Fetch,
+    /// The credential source did not answer within the fetch timeout.
+    Timeout,
+    /// Recent fetches failed and the cache is waiting before it asks the source again;
+    /// no valid credential is available meanwhile. The last failure is the `source()`.
+    Backoff,
+    /// The source returned a credential that had already expired.
+    Expired,
+    /// The credential source panicked while fetching.
+    SourcePanicked,
+    /// The request would have carried a credential over an insecure transport.
+    InsecureTransport,
+    /// A credential could not be built from the given values (bad characters, empty).
+    InvalidCredential,
+    /// No Tokio runtime was available to run the refresh on.
+    NoRuntime,
+}
+
+impl ErrorKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Fetch => "credential source failed to fetch a credential",
+            ErrorKind::Timeout => "credential fetch timed out",
+            ErrorKind::Backoff => "credential source is backing off after failed fetches",
+            ErrorKind::Expired => "credential source returned an expired credential",
+            ErrorKind::SourcePanicked => "credential source panicked",
+            ErrorKind::InsecureTransport => {
+                "refusing to send a credential over an insecure transport"
+            }
+            ErrorKind::InvalidCredential => "invalid credential",
+            ErrorKind::NoRuntime => "no tokio runtime available to refresh the credential",
+        }
+    }
+}
+
+/// An authentication failure raised by this crate (never by the inner service).
+///
+/// Cheap to clone: every waiter of one refresh receives the same error.
+///
+/// ```
+/// use tower_client_auth::{Error, ErrorKind, BoxError};
+///
+/// fn is_insecure(err: &BoxError) -> bool {
+///     err.downcast_ref::<Error>().map(Error::kind) == Some(ErrorKind::InsecureTransport)
+/// }
+/// # let _ = is_insecure;
+/// ```
+#[derive(Clone)]
+pub struct Error {
+    kind: ErrorKind,
+    detail: Option<&'static str>,
+    retry_in: Option<Duration>,
+    source: Option<Arc<dyn StdError + Send + Sync>>,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind) -> Self {
+        Error {
+            kind,
+            detail: None,
+            retry_in: None,
+            source: None,
+        }
+    }
+
+    pub(crate) fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(Arc::from(source.into()));
+        self
+    }
+
+    pub(crate) fn with_shared_source(mut self, source: Arc<dyn StdError + Send + Sync>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// A fixed, secret-free explanation appended to the message.
+    pub(crate) fn with_detail(mut self, detail: &'static str) -> Self {
+        self.detail = Some(detail);
+        self
+    }
+
+    pub(crate) fn with_retry_in(mut self, retry_in: Duration) -> Self {
+        self.retry_in = Some(retry_in);
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// For [`ErrorKind::Backoff`]: how long until the cache asks the source again.
+    pub fn retry_in(&self) -> Option<Duration> {
+        self.retry_in
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Debug shows the cause's Display rather than its Debug: a user error type's
+        // derived Debug is the likeliest place for a secret to slip out.
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.kind);
+        if let Some(detail) = self.detail {
+            d.field("detail", &detail);
+        }
+        if let Some(retry_in) = self.retry_in {
+            d.field("retry_in", &retry_in);
+        }
+        if let Some(source) = &self.source {
+            d.field("source", &format_args!("{source}"));
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind.as_str())?;
+        if let Some(detail) = self.detail {
+            write!(f, ": {detail}")?;
+        }
+        if let Some(retry_in) = self.retry_in {
+            write!(f, " (next attempt in {} ms)", retry_in.as_millis())?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+/// A credential could not be built: a value holds characters a header cannot carry,
+/// or a required part is empty.
+///
+/// The message names the part that is wrong, never its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidCredential {
+    what: &'static str,
+}
+
+impl InvalidCredential {
+    pub(crate) fn new(what: &'static str) -> Self {
+        InvalidCredential { what }
+    }
+}
+
+impl fmt::Display for InvalidCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid credential: {}", self.what)
+    }
+}
+
+impl StdError for InvalidCredential {}
+
+impl From<InvalidCredential> for Error {
+    fn from(e: InvalidCredential) -> Self {
+        Error::new(ErrorKind::InvalidCredential).with_source(e)
+    }
+}

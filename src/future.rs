@@ -1,0 +1,312 @@
+//! [`ResponseFuture`]: the per-request state machine of [`Auth`](crate::Auth).
+//!
+//! ```text
+//!            credential cached ──────────────┐
+//! call ──┬──────────────────────────────▶ First ──response──▶ done (not a rejection)
+//!        └─ must wait ─▶ Waiting ─credential─┘   │
+//!                                    rejection status
+//!                                                ▼
+//!                     replayable? ── no ──▶ done (with a `NotReplayed` extension)
+//!                                                │ yes: drop the rejected response
+//!                                                ▼
+//!                       Refreshing ──new credential──▶ Second ──▶ done, whatever it is
+//! ```
+//!
+//! A request is sent at most twice. The rejection invalidates the credential only if it
+//! is still the cache's current one, so concurrent rejections share one refresh.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use http::{Extensions, HeaderMap, Method, Request, Response, Uri, Version};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower::util::Oneshot;
+use tower_service::Service;
+
+use crate::{
+    body::{NotReplayed, ReplayBody, ReplayHandle},
+    cache::{Acquire, CredentialCache, Entry},
+    error::{BoxError, Error},
+    policy::{ExistingHeader, NoReplay, Policy},
+    source::CredentialSource,
+};
+
+pin_project! {
+    /// Response future of [`Auth`](crate::Auth). See the [module docs](self).
+    pub struct ResponseFuture<S, B, P>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        #[pin]
+        state: State<S, B, P>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B, P>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        Failed { error: Option<Error> },
+        Waiting { acquire: Acquire, pending: Option<Pending<S, B, P>> },
+        First { #[pin] future: S::Future, retry: Option<Retry<S, P>> },
+        Refreshing { acquire: Acquire, resend: Option<Resend<S, B>> },
+        Second { #[pin] future: Oneshot<S, Request<ReplayBody<B>>>, policy: Policy },
+    }
+}
+
+/// A request waiting for its first credential.
+struct Pending<S, B, P> {
+    service: S,
+    request: Request<B>,
+    cache: CredentialCache<P>,
+    policy: Policy,
+}
+
+/// What the first attempt keeps in case its credential is rejected.
+struct Retry<S, P> {
+    cache: CredentialCache<P>,
+    generation: u64,
+    policy: Policy,
+    replay: Result<Replay<S>, NotReplayed>,
+}
+
+/// What a replay is rebuilt from. Not a `Request`: the body is rebuilt from the recording.
+struct Replay<S> {
+    service: S,
+    head: Head,
+    body: ReplayHandle,
+}
+
+/// A replay waiting for the new credential: everything but the credential is ready.
+struct Resend<S, B> {
+    service: S,
+    head: Head,
+    body: ReplayBody<B>,
+    policy: Policy,
+}
+
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    extensions: Extensions,
+}
+
+impl Head {
+    fn of<B>(req: &Request<B>) -> Self {
+        Head {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            extensions: req.extensions().clone(),
+        }
+    }
+
+    fn into_request<B>(self, body: B) -> Request<B> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        *req.extensions_mut() = self.extensions;
+        req
+    }
+}
+
+impl<S, B, P> ResponseFuture<S, B, P>
+where
+    S: Service<Request<ReplayBody<B>>>,
+    B: Body,
+    B::Data: Into<Bytes>,
+    P: CredentialSource,
+{
+    pub(crate) fn failed(error: Error) -> Self {
+        ResponseFuture {
+            state: State::Failed { error: Some(error) },
+        }
+    }
+
+    pub(crate) fn wait(
+        acquire: Acquire,
+        service: S,
+        request: Request<B>,
+        cache: CredentialCache<P>,
+        policy: Policy,
+    ) -> Self {
+        let pending = Pending {
+            service,
+            request,
+            cache,
+            policy,
+        };
+        ResponseFuture {
+            state: State::Waiting {
+                acquire,
+                pending: Some(pending),
+            },
+        }
+    }
+
+    /// Attaches `entry`'s credential and sends the first attempt.
+    pub(crate) fn send(
+        mut service: S,
+        mut request: Request<B>,
+        entry: &Entry,
+        cache: &CredentialCache<P>,
+        policy: Policy,
+    ) -> Self {
+        let credential = &entry.credential;
+        if policy.existing_header == ExistingHeader::PassThrough
+            && credential.is_present_in(request.headers())
+        {
+            let future = service.call(request.map(ReplayBody::forward));
+            return ResponseFuture {
+                state: State::First {
+                    future,
+                    retry: None,
+                },
+            };
+        }
+        let replay = if request.extensions().get::<NoReplay>().is_some() {
+            Err(NotReplayed::OptedOut)
+        } else {
+            Ok(Head::of(&request))
+        };
+        credential.apply(request.headers_mut());
+        let (request, replay) = match replay {
+            Ok(head) => {
+                let (parts, body) = request.into_parts();
+                let (body, handle) = ReplayBody::record(body, policy.replay_limit);
+                (Request::from_parts(parts, body), Ok((head, handle)))
+            }
+            Err(reason) => (request.map(ReplayBody::forward), Err(reason)),
+        };
+        let future = service.call(request);
+        let retry = Retry {
+            cache: cache.clone(),
+            generation: entry.generation,
+            policy,
+            replay: replay.map(|(head, body)| Replay {
+                service,
+                head,
+                body,
+            }),
+        };
+        ResponseFuture {
+            state: State::First {
+                future,
+                retry: Some(retry),
+            },
+        }
+    }
+}
+
+impl<S, B, P, ResBody> Future for ResponseFuture<S, B, P>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    B: Body,
+    B::Data: Into<Bytes>,
+    P: CredentialSource,
+{
+    type Output = Result<Response<ResBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Failed { error } => {
+                    let error = error.take().unwrap_or_else(polled_after_completion);
+                    return Poll::Ready(Err(error.into()));
+                }
+                StateProj::Waiting { acquire, pending } => {
+                    let entry = ready!(Pin::new(acquire).poll(cx));
+                    let Some(p) = pending.take() else {
+                        return Poll::Ready(Err(polled_after_completion().into()));
+                    };
+                    let entry = entry?;
+                    let next =
+                        ResponseFuture::send(p.service, p.request, &entry, &p.cache, p.policy);
+                    this.state.set(next.state);
+                }
+                StateProj::First { future, retry } => {
+                    let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
+                    let Some(retry) = retry.take() else {
+                        return Poll::Ready(Ok(response));
+                    };
+                    if !retry.policy.rejections.contains(response.status()) {
+                        return Poll::Ready(Ok(response));
+                    }
+                    tracing::debug!(status = %response.status(), generation = retry.generation, "credential rejected");
+                    let acquire = retry.cache.replace_rejected(retry.generation);
+                    let resend = retry.replay.and_then(|mut replay| {
+                        let body = replay.body.take::<B>()?;
+                        Ok(Resend {
+                            service: replay.service,
+                            head: replay.head,
+                            body,
+                            policy: retry.policy,
+                        })
+                    });
+                    match resend {
+                        Ok(resend) => {
+                            // The rejected response (and its connection) is released now.
+                            drop(response);
+                            this.state.set(State::Refreshing {
+                                acquire,
+                                resend: Some(resend),
+                            });
+                        }
+                        Err(reason) => {
+                            // The refresh started by the rejection goes on in the
+                            // background; this response goes back as it came.
+                            tracing::debug!(?reason, "rejected request not replayed");
+                            response.extensions_mut().insert(reason);
+                            return Poll::Ready(Ok(response));
+                        }
+                    }
+                }
+                StateProj::Refreshing { acquire, resend } => {
+                    let entry = ready!(Pin::new(acquire).poll(cx));
+                    let Some(resend) = resend.take() else {
+                        return Poll::Ready(Err(polled_after_completion().into()));
+                    };
+                    let entry = entry?;
+                    let mut request = resend.head.into_request(resend.body);
+                    entry.credential.apply(request.headers_mut());
+                    tracing::debug!(
+                        generation = entry.generation,
+                        "replaying request with the new credential"
+                    );
+                    this.state.set(State::Second {
+                        future: Oneshot::new(resend.service, request),
+                        policy: resend.policy,
+                    });
+                }
+                StateProj::Second { future, policy } => {
+                    let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
+                    if policy.rejections.contains(response.status()) {
+                        response
+                            .extensions_mut()
+                            .insert(NotReplayed::AlreadyReplayed);
+                    }
+                    return Poll::Ready(Ok(response));
+                }
+            }
+        }
+    }
+}
+
+fn polled_after_completion() -> Error {
+    Error::new(crate::error::ErrorKind::Fetch)
+        .with_detail("response future polled after completion")
+}

@@ -1,0 +1,115 @@
+//! [`AuthLayer`]: configuration of the request side, and the [`tower_layer::Layer`] impl.
+
+use http::StatusCode;
+use tower_layer::Layer;
+
+use crate::{
+    cache::CredentialCache,
+    policy::{ExistingHeader, Policy, StatusSet},
+    service::Auth,
+    source::CredentialSource,
+};
+
+/// Adds credentials to requests, refreshes them, and replays a request once when the API
+/// rejects its credential. See the [crate docs](crate) for the whole picture.
+///
+/// Defaults are production-safe: https only, refresh and replay on `401` only, request
+/// bodies up to [`DEFAULT_REPLAY_LIMIT`](crate::DEFAULT_REPLAY_LIMIT) retained for the
+/// replay, requests that bring their own credential header passed through untouched.
+///
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_client_auth::{AuthLayer, StaticCredential};
+/// # let inner = tower::service_fn(|_req: http::Request<tower_client_auth::ReplayBody<String>>| async {
+/// #     Ok::<_, std::convert::Infallible>(http::Response::new(()))
+/// # });
+///
+/// let client = ServiceBuilder::new()
+///     .layer(AuthLayer::new(StaticCredential::bearer("pat_123")))
+///     .service(inner);
+/// # let _ = client;
+/// ```
+#[derive(Debug)]
+pub struct AuthLayer<P> {
+    cache: CredentialCache<P>,
+    policy: Policy,
+}
+
+impl<P> Clone for AuthLayer<P> {
+    fn clone(&self) -> Self {
+        AuthLayer {
+            cache: self.cache.clone(),
+            policy: self.policy,
+        }
+    }
+}
+
+impl<P: CredentialSource> AuthLayer<P> {
+    /// A layer over a new cache of `source`, with default settings.
+    pub fn new(source: P) -> Self {
+        Self::with_cache(CredentialCache::new(source))
+    }
+
+    /// A layer over an existing cache (configured with
+    /// [`CredentialCache::builder`], or shared with other layers and clients).
+    pub fn with_cache(cache: CredentialCache<P>) -> Self {
+        AuthLayer {
+            cache,
+            policy: Policy::default(),
+        }
+    }
+
+    /// The cache behind this layer.
+    pub fn cache(&self) -> &CredentialCache<P> {
+        &self.cache
+    }
+
+    /// Response statuses that mean "credential rejected" and trigger one refresh and one
+    /// replay (default [`DEFAULT_REJECTION_STATUSES`](crate::DEFAULT_REJECTION_STATUSES):
+    /// `401` only). Only 4xx and 5xx codes are accepted; others are ignored.
+    pub fn rejection_statuses(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        self.policy.rejections = StatusSet::new(statuses);
+        self
+    }
+
+    /// Most bytes of a request body retained for a replay (default
+    /// [`DEFAULT_REPLAY_LIMIT`](crate::DEFAULT_REPLAY_LIMIT)). `0` keeps only empty bodies
+    /// replayable.
+    pub fn replay_limit(mut self, bytes: usize) -> Self {
+        self.policy.replay_limit = bytes;
+        self
+    }
+
+    /// Allows plain `http` to loopback hosts (`localhost`, `127.0.0.0/8`, `::1`), for tests
+    /// and local development. Default `false`. Plain `http` to any other host is always
+    /// refused.
+    pub fn allow_http_loopback(mut self, allow: bool) -> Self {
+        self.policy.allow_http_loopback = allow;
+        self
+    }
+
+    /// Allows requests whose URI has no scheme (default `false`).
+    ///
+    /// Some stacks set the origin below this layer (a tonic `Channel` sends `/pkg.Svc/Method`
+    /// and adds the origin itself), so the layer cannot check the transport. Allow this
+    /// only when the stack below is known to use TLS.
+    pub fn allow_relative_uris(mut self, allow: bool) -> Self {
+        self.policy.allow_relative_uris = allow;
+        self
+    }
+
+    /// What to do with a request that already carries a credential header (default
+    /// [`ExistingHeader::PassThrough`]).
+    pub fn existing_header(mut self, behaviour: ExistingHeader) -> Self {
+        self.policy.existing_header = behaviour;
+        self
+    }
+}
+
+impl<S, P> Layer<S> for AuthLayer<P> {
+    type Service = Auth<S, P>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Auth::new(inner, self.cache.clone(), self.policy)
+    }
+}

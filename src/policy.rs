@@ -1,0 +1,212 @@
+//! Per-request rules of the layer: which statuses mean "credential rejected", which
+//! transports may carry a credential, and what to do with a request that brings its own.
+
+use std::net::IpAddr;
+
+use http::{StatusCode, Uri, uri::Scheme};
+
+use crate::error::{Error, ErrorKind};
+
+/// Request extension: send this request with the credential, but never a second time.
+///
+/// For requests that must not be repeated (a payment without an idempotency key). A
+/// rejection still invalidates the credential, so the next request gets a fresh one; the
+/// rejected response reaches the caller with a
+/// [`NotReplayed::OptedOut`](crate::NotReplayed::OptedOut) extension.
+///
+/// ```
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(tower_client_auth::NoReplay);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NoReplay;
+
+/// What the layer does with a request that already carries one of the credential's
+/// headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExistingHeader {
+    /// Send it untouched: no credential added, no refresh, no replay. The default.
+    #[default]
+    PassThrough,
+    /// Replace the header with the credential.
+    Replace,
+}
+
+/// Default statuses that mean "the credential was rejected": `401 Unauthorized` only.
+/// `403 Forbidden` means missing permissions, which a new token does not fix.
+pub const DEFAULT_REJECTION_STATUSES: &[StatusCode] = &[StatusCode::UNAUTHORIZED];
+
+/// A set of 4xx/5xx status codes, as a bitmap: checking a response is one shift.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StatusSet([u64; 4]);
+
+impl StatusSet {
+    const BASE: u16 = 400;
+
+    pub(crate) fn new(statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        let mut set = StatusSet([0; 4]);
+        for status in statuses {
+            if let Some(bit) = status.as_u16().checked_sub(Self::BASE) {
+                if bit < 200 {
+                    set.0[usize::from(bit / 64)] |= 1 << (bit % 64);
+                }
+            }
+        }
+        set
+    }
+
+    pub(crate) fn contains(&self, status: StatusCode) -> bool {
+        match status.as_u16().checked_sub(Self::BASE) {
+            Some(bit) if bit < 200 => self.0[usize::from(bit / 64)] & (1 << (bit % 64)) != 0,
+            _ => false,
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        (0..200u16)
+            .filter(|bit| self.0[usize::from(bit / 64)] & (1 << (bit % 64)) != 0)
+            .map(|bit| bit + Self::BASE)
+    }
+}
+
+impl std::fmt::Debug for StatusSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+/// The layer's per-request settings; `Copy`, so each request carries them for free.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy {
+    pub(crate) rejections: StatusSet,
+    pub(crate) replay_limit: usize,
+    pub(crate) allow_http_loopback: bool,
+    pub(crate) allow_relative_uris: bool,
+    pub(crate) existing_header: ExistingHeader,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            rejections: StatusSet::new(DEFAULT_REJECTION_STATUSES.iter().copied()),
+            replay_limit: crate::body::DEFAULT_REPLAY_LIMIT,
+            allow_http_loopback: false,
+            allow_relative_uris: false,
+            existing_header: ExistingHeader::PassThrough,
+        }
+    }
+}
+
+impl Policy {
+    /// Whether a credential may be sent to `uri`.
+    pub(crate) fn check_transport(&self, uri: &Uri) -> Result<(), Error> {
+        let insecure = |detail| Err(Error::new(ErrorKind::InsecureTransport).with_detail(detail));
+        let Some(scheme) = uri.scheme() else {
+            return if self.allow_relative_uris {
+                Ok(())
+            } else {
+                insecure("the request uri has no scheme, so its transport cannot be checked")
+            };
+        };
+        if *scheme == Scheme::HTTPS || scheme.as_str().eq_ignore_ascii_case("wss") {
+            return Ok(());
+        }
+        let plain = *scheme == Scheme::HTTP || scheme.as_str().eq_ignore_ascii_case("ws");
+        if !plain {
+            return insecure("unknown uri scheme");
+        }
+        match uri.host().is_some_and(is_loopback) {
+            true if self.allow_http_loopback => Ok(()),
+            true => insecure("plain http to a loopback host needs allow_http_loopback"),
+            false => insecure("plain http to a non-loopback host"),
+        }
+    }
+}
+
+/// `localhost`, 127.0.0.0/8, `::1` and IPv4-mapped loopback.
+fn is_loopback(host: &str) -> bool {
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => ip.is_loopback(),
+        Ok(IpAddr::V6(ip)) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bitmap holds exactly what was put in; codes outside 400–599 are ignored.
+    #[test]
+    fn status_set_membership() {
+        let set = StatusSet::new([
+            StatusCode::UNAUTHORIZED,
+            StatusCode::from_u16(419).unwrap(),
+            StatusCode::OK,
+        ]);
+        assert!(set.contains(StatusCode::UNAUTHORIZED));
+        assert!(set.contains(StatusCode::from_u16(419).unwrap()));
+        assert!(!set.contains(StatusCode::FORBIDDEN));
+        assert!(!set.contains(StatusCode::OK));
+        assert!(!set.contains(StatusCode::from_u16(999).unwrap()));
+        assert_eq!(format!("{set:?}"), "{401, 419}");
+    }
+
+    /// Only https (or loopback http when allowed) may carry a credential.
+    #[test]
+    fn transport_rules() {
+        let strict = Policy::default();
+        let dev = Policy {
+            allow_http_loopback: true,
+            ..Policy::default()
+        };
+        let ok = |p: &Policy, u: &str| p.check_transport(&u.parse().unwrap()).is_ok();
+        assert!(ok(&strict, "https://api.example.com/v1"));
+        assert!(ok(&strict, "HTTPS://api.example.com/v1"));
+        assert!(!ok(&strict, "http://127.0.0.1:8080/"));
+        assert!(!ok(&strict, "http://api.example.com/"));
+        assert!(!ok(&strict, "/relative/path"));
+        assert!(!ok(&strict, "ftp://example.com/"));
+        for loopback in [
+            "http://127.0.0.1:1/",
+            "http://127.9.9.9/",
+            "http://localhost:3000/",
+            "http://LOCALHOST/",
+            "http://[::1]:80/",
+            "http://[::ffff:127.0.0.1]/",
+        ] {
+            assert!(ok(&dev, loopback), "{loopback}");
+        }
+        for remote in [
+            "http://10.0.0.1/",
+            "http://localhost.example.com/",
+            "http://127.0.0.1.nip.io/",
+            "http://[::2]/",
+        ] {
+            assert!(!ok(&dev, remote), "{remote}");
+        }
+        let relative = Policy {
+            allow_relative_uris: true,
+            ..Policy::default()
+        };
+        assert!(ok(&relative, "/pkg.Service/Method"));
+        let err = strict
+            .check_transport(&"http://api.example.com/".parse().unwrap())
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InsecureTransport);
+        assert_eq!(
+            err.to_string(),
+            "refusing to send a credential over an insecure transport: plain http to a non-loopback host"
+        );
+    }
+}

@@ -1,0 +1,91 @@
+//! [`Auth`]: the middleware service. The per-request state machine is in `future.rs`.
+
+use std::{
+    mem,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::{
+    body::ReplayBody, cache::CredentialCache, error::BoxError, future::ResponseFuture,
+    policy::Policy, source::CredentialSource,
+};
+
+/// Adds a cached credential to each request and replays it once when the API rejects the
+/// credential. Built by [`AuthLayer`](crate::AuthLayer).
+///
+/// The inner service receives the request with a [`ReplayBody`]. Errors are
+/// [`BoxError`]s: the crate's own [`Error`](crate::Error), or the inner service's error
+/// as it came (downcast to get it back).
+#[derive(Debug)]
+pub struct Auth<S, P> {
+    inner: S,
+    cache: CredentialCache<P>,
+    policy: Policy,
+}
+
+impl<S: Clone, P> Clone for Auth<S, P> {
+    fn clone(&self) -> Self {
+        Auth {
+            inner: self.inner.clone(),
+            cache: self.cache.clone(),
+            policy: self.policy,
+        }
+    }
+}
+
+impl<S, P> Auth<S, P> {
+    pub(crate) fn new(inner: S, cache: CredentialCache<P>, policy: Policy) -> Self {
+        Auth {
+            inner,
+            cache,
+            policy,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The cache this service reads credentials from.
+    pub fn cache(&self) -> &CredentialCache<P> {
+        &self.cache
+    }
+}
+
+impl<S, P, B, ResBody> Service<Request<B>> for Auth<S, P>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+    P: CredentialSource,
+    B: Body,
+    B::Data: Into<Bytes>,
+{
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B, P>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if let Err(err) = self.policy.check_transport(req.uri()) {
+            return ResponseFuture::failed(err);
+        }
+        // Keep the service that was polled ready; leave a fresh clone in its place.
+        let clone = self.inner.clone();
+        let service = mem::replace(&mut self.inner, clone);
+        match self.cache.current() {
+            Ok(current) => ResponseFuture::send(service, req, &current, &self.cache, self.policy),
+            Err(acquire) => {
+                ResponseFuture::wait(acquire, service, req, self.cache.clone(), self.policy)
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Where credentials come from: the [`CredentialSource`] trait and its closure adapter.
+//!
+//! A source fetches a fresh [`Credential`] when the cache needs one: the first time, when
+//! the cached one is about to expire, or after the API rejected it. The
+//! [`FetchContext`] says which, and carries the credential being replaced, so a stateful
+//! source (one holding a refresh token) can react to a rejection. The cache guarantees
+//! that at most one fetch of a source runs at a time, so a refresh token is never used by
+//! two fetches at once.
+//!
+//! Start with a closure through [`source_fn`]; write a type when the source holds state.
+//!
+//! # Example
+//! ```
+//! use std::time::Duration;
+//! use tower_client_auth::{source_fn, BoxError, Credential, FetchContext, FetchReason};
+//!
+//! let source = source_fn(|cx: FetchContext| async move {
+//!     // ... call the token endpoint here; `cx.reason()` says why ...
+//!     let token = if cx.reason() == FetchReason::Rejected { "t0k3n-2" } else { "t0k3n" };
+//!     Ok::<_, BoxError>(Credential::bearer(token)?.expires_in(Duration::from_secs(3600)))
+//! });
+//! # let _ = source;
+//! ```
+
+use std::{fmt, future::Future, sync::Arc};
+
+use crate::{cache::CacheHandle, credential::Credential, error::BoxError};
+
+/// Why the cache asks for a new credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FetchReason {
+    /// The cache holds no credential: the first request, or the previous one was dropped.
+    Initial,
+    /// The cached credential is about to expire (proactive refresh).
+    Expiring,
+    /// The API rejected the previous credential (for example with `401 Unauthorized`).
+    Rejected,
+}
+
+/// What a [`CredentialSource`] is told about a fetch.
+#[derive(Debug, Clone)]
+pub struct FetchContext {
+    reason: FetchReason,
+    previous: Option<Credential>,
+}
+
+impl FetchContext {
+    pub(crate) fn new(reason: FetchReason, previous: Option<Credential>) -> Self {
+        FetchContext { reason, previous }
+    }
+
+    /// Why the cache needs a new credential.
+    pub fn reason(&self) -> FetchReason {
+        self.reason
+    }
+
+    /// The credential being replaced: the rejected one for [`FetchReason::Rejected`], the
+    /// expiring one for [`FetchReason::Expiring`].
+    pub fn previous(&self) -> Option<&Credential> {
+        self.previous.as_ref()
+    }
+}
+
+/// When a source's credentials may be refreshed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RefreshMode {
+    /// Refresh before expiry: in the soft window in the background, in the hard window
+    /// while callers wait. The default.
+    #[default]
+    Proactive,
+    /// Refresh only when there is no credential or the API rejected it. For providers
+    /// that reject early refreshes; an expired credential is still sent, and the API's
+    /// rejection triggers the refresh.
+    ReactiveOnly,
+}
+
+/// Fetches credentials on behalf of a [`CredentialCache`](crate::CredentialCache).
+///
+/// Implement it with an `async fn`:
+///
+/// ```
+/// use tower_client_auth::{BoxError, Credential, CredentialSource, FetchContext, RefreshMode};
+///
+/// struct MyLogin { /* http client, key, refresh token in a Mutex, ... */ }
+///
+/// impl CredentialSource for MyLogin {
+///     async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+///         // Use the refresh token on `FetchReason::Rejected`, log in otherwise...
+///         Ok(Credential::bearer("access-token")?)
+///     }
+///
+///     fn refresh_mode(&self) -> RefreshMode {
+///         RefreshMode::ReactiveOnly
+///     }
+/// }
+/// ```
+pub trait CredentialSource: Send + Sync + 'static {
+    /// Fetches a fresh credential.
+    ///
+    /// The cache runs this in a task of its own, under its fetch timeout, and never
+    /// runs two fetches of one cache at once. Errors reach callers as
+    /// [`ErrorKind::Fetch`](crate::ErrorKind::Fetch) with this error as the `source()`:
+    /// keep secrets out of its message.
+    fn fetch(&self, cx: FetchContext) -> impl Future<Output = Result<Credential, BoxError>> + Send;
+
+    /// When this source's credentials may be refreshed. Defaults to
+    /// [`RefreshMode::Proactive`].
+    fn refresh_mode(&self) -> RefreshMode {
+        RefreshMode::Proactive
+    }
+
+    /// Called once by every cache that takes this source, before any fetch. A source
+    /// whose value changes from outside (a rotated token, a watched file) keeps the
+    /// handle and pushes the new credential through it. The default ignores it.
+    fn attach(&self, cache: CacheHandle) {
+        let _ = cache;
+    }
+}
+
+impl<P: CredentialSource> CredentialSource for Arc<P> {
+    fn fetch(&self, cx: FetchContext) -> impl Future<Output = Result<Credential, BoxError>> + Send {
+        (**self).fetch(cx)
+    }
+
+    fn refresh_mode(&self) -> RefreshMode {
+        (**self).refresh_mode()
+    }
+
+    fn attach(&self, cache: CacheHandle) {
+        (**self).attach(cache)
+    }
+}
+
+/// Makes a [`CredentialSource`] from an async closure. See [`SourceFn`].
+pub fn source_fn<F, Fut, E>(f: F) -> SourceFn<F>
+where
+    F: Fn(FetchContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Credential, E>> + Send,
+    E: Into<BoxError>,
+{
+    SourceFn {
+        f,
+        mode: RefreshMode::Proactive,
+    }
+}
+
+/// A [`CredentialSource`] made from a closure by [`source_fn`].
+#[derive(Clone)]
+pub struct SourceFn<F> {
+    f: F,
+    mode: RefreshMode,
+}
+
+impl<F> SourceFn<F> {
+    /// Sets the [`RefreshMode`] (default: proactive).
+    pub fn refresh_mode(mut self, mode: RefreshMode) -> Self {
+        self.mode = mode;
+        self
+    }
+}
+
+impl<F> fmt::Debug for SourceFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceFn")
+            .field("f", &format_args!("{}", std::any::type_name::<F>()))
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+impl<F, Fut, E> CredentialSource for SourceFn<F>
+where
+    F: Fn(FetchContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Credential, E>> + Send,
+    E: Into<BoxError>,
+{
+    fn fetch(&self, cx: FetchContext) -> impl Future<Output = Result<Credential, BoxError>> + Send {
+        let fut = (self.f)(cx);
+        async move { fut.await.map_err(Into::into) }
+    }
+
+    fn refresh_mode(&self) -> RefreshMode {
+        self.mode
+    }
+}

@@ -1,0 +1,162 @@
+//! Fixed and rotatable credentials: personal access tokens, API keys, client secrets.
+//!
+//! [`StaticCredential`] always hands out the same credential. [`RotatingCredential`]
+//! can be swapped at runtime from any task (a revoked personal access token re-issued
+//! without a restart); the next request through every attached cache uses the new value.
+//!
+//! # Example
+//! ```
+//! use tower_client_auth::{AuthLayer, Credential, RotatingCredential, StaticCredential};
+//!
+//! let api_key = AuthLayer::new(StaticCredential::header("x-api-key", "k-123"));
+//!
+//! let pat = RotatingCredential::new(Credential::bearer("pat_old")?);
+//! let layer = AuthLayer::new(pat.clone());
+//! // Later, from an admin endpoint or a config watcher:
+//! pat.rotate(Credential::bearer("pat_new")?);
+//! # let _ = (api_key, layer);
+//! # Ok::<(), tower_client_auth::InvalidCredential>(())
+//! ```
+
+use std::{
+    fmt,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use crate::{
+    cache::CacheHandle,
+    credential::Credential,
+    error::{BoxError, InvalidCredential},
+    source::{CredentialSource, FetchContext, RefreshMode},
+};
+
+/// A source that always returns the same credential.
+///
+/// The string constructors never fail: a value a header cannot carry is reported as an
+/// [`ErrorKind::InvalidCredential`](crate::ErrorKind::InvalidCredential) on the first
+/// request, so no request is ever sent without its credential. Use
+/// [`StaticCredential::new`] with a checked [`Credential`] to fail at start-up instead.
+#[derive(Clone)]
+pub struct StaticCredential {
+    credential: Result<Credential, InvalidCredential>,
+}
+
+impl StaticCredential {
+    /// Serves `credential`.
+    pub fn new(credential: Credential) -> Self {
+        StaticCredential {
+            credential: Ok(credential),
+        }
+    }
+
+    /// `Authorization: Bearer <token>`.
+    pub fn bearer(token: impl AsRef<str>) -> Self {
+        StaticCredential {
+            credential: Credential::bearer(token),
+        }
+    }
+
+    /// `Authorization: <scheme> <secret>`, such as `Secret <client secret>`.
+    pub fn with_scheme(scheme: &str, secret: impl AsRef<str>) -> Self {
+        StaticCredential {
+            credential: Credential::with_scheme(scheme, secret),
+        }
+    }
+
+    /// `Cookie: <name>=<value>`.
+    pub fn cookie(name: &str, value: impl AsRef<str>) -> Self {
+        StaticCredential {
+            credential: Credential::cookie(name, value),
+        }
+    }
+
+    /// Any header, such as an API key.
+    pub fn header(name: &str, value: impl AsRef<str>) -> Self {
+        StaticCredential {
+            credential: Credential::header(name, value),
+        }
+    }
+}
+
+impl fmt::Debug for StaticCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StaticCredential")
+            .field(&self.credential)
+            .finish()
+    }
+}
+
+impl CredentialSource for StaticCredential {
+    async fn fetch(&self, _cx: FetchContext) -> Result<Credential, BoxError> {
+        self.credential.clone().map_err(Into::into)
+    }
+
+    /// A static credential cannot get any fresher, so it is never refreshed early.
+    fn refresh_mode(&self) -> RefreshMode {
+        RefreshMode::ReactiveOnly
+    }
+}
+
+/// A credential that can be replaced at runtime. Clones share the value.
+///
+/// [`rotate`](RotatingCredential::rotate) takes effect on the next request through every
+/// cache this source is attached to, including requests already waiting for a credential.
+#[derive(Clone)]
+pub struct RotatingCredential {
+    shared: Arc<Mutex<Rotating>>,
+}
+
+struct Rotating {
+    current: Credential,
+    caches: Vec<CacheHandle>,
+}
+
+impl RotatingCredential {
+    /// Starts with `credential`.
+    pub fn new(credential: Credential) -> Self {
+        RotatingCredential {
+            shared: Arc::new(Mutex::new(Rotating {
+                current: credential,
+                caches: Vec::new(),
+            })),
+        }
+    }
+
+    /// Replaces the credential; every attached cache switches to it at once.
+    pub fn rotate(&self, credential: Credential) {
+        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        shared.current = credential.clone();
+        shared
+            .caches
+            .retain(|cache| cache.replace(credential.clone()));
+    }
+
+    /// The credential currently served.
+    pub fn current(&self) -> Credential {
+        let shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        shared.current.clone()
+    }
+}
+
+impl fmt::Debug for RotatingCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("RotatingCredential")
+            .field(&self.current())
+            .finish()
+    }
+}
+
+impl CredentialSource for RotatingCredential {
+    async fn fetch(&self, _cx: FetchContext) -> Result<Credential, BoxError> {
+        Ok(self.current())
+    }
+
+    fn refresh_mode(&self) -> RefreshMode {
+        RefreshMode::ReactiveOnly
+    }
+
+    fn attach(&self, cache: CacheHandle) {
+        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        shared.caches.push(cache);
+    }
+}
