@@ -1,0 +1,306 @@
+//! Step-by-step scenarios of one request through `AuthLayer`, with `tower_test::mock`
+//! standing in for the API so each exchange is observed and answered by the test.
+
+mod support;
+
+use std::{convert::Infallible, time::Duration};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::{Request, Response, StatusCode, header::AUTHORIZATION};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
+use support::{TestSource, get, post};
+use tower::{Layer, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, BoxError, ExistingHeader, NoReplay, NotReplayed, ReplayBody, StaticCredential,
+};
+use tower_test::mock;
+
+type Req = Request<ReplayBody<Full<Bytes>>>;
+
+fn bearer(req: &Req) -> &str {
+    req.headers()[AUTHORIZATION].to_str().unwrap()
+}
+
+fn status(code: u16) -> Response<&'static str> {
+    Response::builder().status(code).body("").unwrap()
+}
+
+/// Asserts that no further request reached the API (the handle may also be closed).
+fn assert_no_more_requests(api: &mut mock::Handle<Req, Response<&'static str>>) {
+    let next = api.next_request().now_or_never();
+    assert!(
+        !matches!(next, Some(Some(_))),
+        "an unexpected request reached the API"
+    );
+}
+
+async fn read_body<B: http_body::Body>(body: B) -> Vec<u8>
+where
+    B::Error: std::fmt::Debug,
+{
+    body.collect().await.unwrap().to_bytes().to_vec()
+}
+
+/// A cached credential is added to the request, marked sensitive, and reused: two
+/// requests, one fetch.
+#[tokio::test]
+async fn credential_is_added_sensitive_and_reused() {
+    let source = TestSource::new();
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(source.clone()).layer(inner);
+
+    for _ in 0..2 {
+        let call = tokio::spawn(svc.clone().oneshot(get("/v1/me")));
+        let (req, reply) = api.next_request().await.unwrap();
+        assert_eq!(bearer(&req), "Bearer token-1");
+        assert!(req.headers()[AUTHORIZATION].is_sensitive());
+        reply.send_response(status(200));
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+    assert_eq!(source.fetches(), 1);
+}
+
+/// 401 → the credential is invalidated, fetched once more, and the request (with its
+/// body) replayed once with the new credential. A second 401 goes back to the caller:
+/// there is never a third attempt.
+#[tokio::test]
+async fn rejection_refreshes_once_and_replays_once() {
+    let source = TestSource::new();
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(source.clone()).layer(inner);
+
+    let call = tokio::spawn(svc.clone().oneshot(post("/v1/orders", b"{\"qty\":1}")));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Bearer token-1");
+    assert_eq!(read_body(req.into_body()).await, b"{\"qty\":1}");
+    reply.send_response(status(401));
+
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Bearer token-2");
+    assert_eq!(req.method(), "POST");
+    assert_eq!(req.uri(), "https://api.test/v1/orders");
+    assert_eq!(read_body(req.into_body()).await, b"{\"qty\":1}");
+    reply.send_response(status(401));
+
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        res.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::AlreadyReplayed)
+    );
+    assert_eq!(source.fetches(), 2);
+    tokio::task::yield_now().await;
+    assert_no_more_requests(&mut api);
+
+    // The replay's 401 did not invalidate the fresh credential: no fetch storm.
+    let call = tokio::spawn(svc.clone().oneshot(get("/v1/me")));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Bearer token-2");
+    reply.send_response(status(200));
+    call.await.unwrap().unwrap();
+    assert_eq!(source.fetches(), 2);
+}
+
+/// 403 means missing permissions: returned as is, no fetch, no replay.
+#[tokio::test]
+async fn forbidden_is_returned_without_refresh() {
+    let source = TestSource::new();
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(source.clone()).layer(inner);
+
+    let call = tokio::spawn(svc.clone().oneshot(get("/v1/admin")));
+    let (_req, reply) = api.next_request().await.unwrap();
+    reply.send_response(status(403));
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(res.status(), 403);
+    assert!(res.extensions().get::<NotReplayed>().is_none());
+    tokio::task::yield_now().await;
+    assert_eq!(source.fetches(), 1);
+    assert_no_more_requests(&mut api);
+}
+
+/// Other statuses can be configured as rejections (here 419, as some session APIs use).
+#[tokio::test]
+async fn rejection_statuses_are_configurable() {
+    let source = TestSource::new();
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(source.clone())
+        .rejection_statuses([StatusCode::UNAUTHORIZED, StatusCode::from_u16(419).unwrap()])
+        .layer(inner);
+    let call = tokio::spawn(svc.oneshot(get("/")));
+    api.next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(status(419));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Bearer token-2");
+    reply.send_response(status(200));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}
+
+/// A request marked `NoReplay` is never sent twice; its 401 still invalidates the
+/// credential, so the next request carries a fresh one.
+#[tokio::test]
+async fn no_replay_extension_opts_out() {
+    let source = TestSource::new();
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(source.clone()).layer(inner);
+
+    let mut req = post("/v1/payments", b"{}");
+    req.extensions_mut().insert(NoReplay);
+    let call = tokio::spawn(svc.clone().oneshot(req));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Bearer token-1");
+    reply.send_response(status(401));
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        res.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::OptedOut)
+    );
+    tokio::task::yield_now().await;
+    assert_no_more_requests(&mut api);
+
+    let call = tokio::spawn(svc.oneshot(get("/v1/me")));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Bearer token-2");
+    reply.send_response(status(200));
+    call.await.unwrap().unwrap();
+}
+
+/// A request that brings its own `Authorization` passes through untouched (no refresh,
+/// no replay on its 401), unless the layer is told to replace it.
+#[tokio::test]
+async fn existing_header_passes_through_or_is_replaced() {
+    let source = TestSource::new();
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(source.clone()).layer(inner);
+    let mut req = get("/v1/me");
+    req.headers_mut()
+        .insert(AUTHORIZATION, "Basic dXNlcjpwYXNz".parse().unwrap());
+    let call = tokio::spawn(svc.oneshot(req));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Basic dXNlcjpwYXNz");
+    reply.send_response(status(401));
+    assert_eq!(call.await.unwrap().unwrap().status(), 401);
+    tokio::task::yield_now().await;
+    assert_no_more_requests(&mut api);
+    assert_eq!(source.fetches(), 1, "only the lookup that found the header");
+
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(source.clone())
+        .existing_header(ExistingHeader::Replace)
+        .layer(inner);
+    let mut req = get("/v1/me");
+    req.headers_mut()
+        .insert(AUTHORIZATION, "Basic dXNlcjpwYXNz".parse().unwrap());
+    let call = tokio::spawn(svc.oneshot(req));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert!(bearer(&req).starts_with("Bearer token-"));
+    reply.send_response(status(200));
+    call.await.unwrap().unwrap();
+}
+
+/// A body over the replay limit streams through whole, but its 401 reaches the caller as
+/// it came, marked `BodyTooLarge`. The refresh still happens for the next request.
+#[tokio::test]
+async fn over_limit_body_is_not_replayed() {
+    let source = TestSource::new();
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(source.clone()).replay_limit(4).layer(inner);
+
+    let call = tokio::spawn(svc.oneshot(post("/upload", b"0123456789")));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(read_body(req.into_body()).await, b"0123456789");
+    reply.send_response(status(401));
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        res.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::BodyTooLarge)
+    );
+    tokio::task::yield_now().await;
+    assert_no_more_requests(&mut api);
+    assert_eq!(
+        source.fetches(),
+        2,
+        "the rejected credential was still replaced"
+    );
+}
+
+/// The API answered before reading the body: the rest of the body is with the first
+/// attempt, so the 401 goes back to the caller, marked `BodyIncomplete`.
+#[tokio::test]
+async fn unread_body_is_not_replayed() {
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(TestSource::new()).layer(inner);
+    let call = tokio::spawn(svc.oneshot(post("/upload", b"abc")));
+    let (_req, reply) = api.next_request().await.unwrap();
+    reply.send_response(status(401));
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(
+        res.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::BodyIncomplete)
+    );
+}
+
+type Streamed =
+    StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+/// A body that arrives in many chunks is streamed through and replayed byte for byte.
+#[tokio::test]
+async fn streamed_body_is_replayed_byte_for_byte() {
+    let source = TestSource::new();
+    let (inner, mut api) = mock::pair::<Request<ReplayBody<Streamed>>, Response<&'static str>>();
+    let svc = AuthLayer::new(source.clone()).layer(inner);
+    let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..100u8)
+        .map(|i| Ok(Frame::data(Bytes::from(vec![i; 100]))))
+        .collect();
+    let expected: Vec<u8> = (0..100u8).flat_map(|i| vec![i; 100]).collect();
+    let req = Request::put("https://api.test/blob")
+        .body(StreamBody::new(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let call = tokio::spawn(svc.oneshot(req));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(read_body(req.into_body()).await, expected);
+    reply.send_response(status(401));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(req.headers()[AUTHORIZATION], "Bearer token-2");
+    assert_eq!(read_body(req.into_body()).await, expected);
+    reply.send_response(status(201));
+    assert_eq!(call.await.unwrap().unwrap().status(), 201);
+}
+
+/// Errors of the inner service reach the caller as they came (downcastable).
+#[tokio::test]
+async fn inner_errors_pass_through() {
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(StaticCredential::bearer("pat")).layer(inner);
+    let call = tokio::spawn(svc.oneshot(get("/")));
+    let (_req, reply) = api.next_request().await.unwrap();
+    reply.send_error(std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "reset",
+    ));
+    let err: BoxError = call.await.unwrap().unwrap_err();
+    let io = err
+        .downcast_ref::<std::io::Error>()
+        .expect("the inner error, unchanged");
+    assert_eq!(io.kind(), std::io::ErrorKind::ConnectionReset);
+}
+
+/// A static credential with a value a header cannot carry fails the request with a
+/// typed error; no request goes out without its credential.
+#[tokio::test]
+async fn invalid_static_credential_is_a_typed_error() {
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(StaticCredential::bearer("bad\ntoken")).layer(inner);
+    let err = svc.oneshot(get("/")).await.unwrap_err();
+    let err = err.downcast_ref::<tower_client_auth::Error>().unwrap();
+    assert_eq!(err.kind(), tower_client_auth::ErrorKind::InvalidCredential);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_no_more_requests(&mut api);
+}

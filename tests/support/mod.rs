@@ -1,0 +1,239 @@
+//! Shared helpers for the scenario tests: a scriptable, counting credential source, a
+//! recording fake API service, and a real HTTP/1 server on 127.0.0.1.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::{sync::Semaphore, time::Instant};
+use tower_client_auth::{
+    BoxError, Credential, CredentialSource, FetchContext, FetchReason, RefreshMode, ReplayBody,
+};
+
+/// A credential source that issues `token-1`, `token-2`, ... and counts every fetch.
+/// It can be gated (each fetch waits for a permit), made to fail, or made reactive-only.
+#[derive(Clone)]
+pub struct TestSource {
+    inner: Arc<SourceState>,
+}
+
+struct SourceState {
+    fetches: AtomicUsize,
+    lifetime: Option<Duration>,
+    delay: Duration,
+    gate: Option<Semaphore>,
+    failing: AtomicBool,
+    mode: RefreshMode,
+    log: Mutex<Vec<(Instant, FetchReason)>>,
+}
+
+impl TestSource {
+    pub fn new() -> Self {
+        Self::build(None, Duration::ZERO, false, RefreshMode::Proactive)
+    }
+
+    pub fn build(
+        lifetime: Option<Duration>,
+        delay: Duration,
+        gated: bool,
+        mode: RefreshMode,
+    ) -> Self {
+        TestSource {
+            inner: Arc::new(SourceState {
+                fetches: AtomicUsize::new(0),
+                lifetime,
+                delay,
+                gate: gated.then(|| Semaphore::new(0)),
+                failing: AtomicBool::new(false),
+                mode,
+                log: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    pub fn expiring(lifetime: Duration) -> Self {
+        Self::build(
+            Some(lifetime),
+            Duration::ZERO,
+            false,
+            RefreshMode::Proactive,
+        )
+    }
+
+    /// Number of fetches started.
+    pub fn fetches(&self) -> usize {
+        self.inner.fetches.load(Ordering::SeqCst)
+    }
+
+    /// Lets `n` gated fetches finish.
+    pub fn release(&self, n: usize) {
+        self.inner
+            .gate
+            .as_ref()
+            .expect("gated source")
+            .add_permits(n);
+    }
+
+    pub fn set_failing(&self, failing: bool) {
+        self.inner.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// When each fetch started, and why.
+    pub fn log(&self) -> Vec<(Instant, FetchReason)> {
+        self.inner.log.lock().unwrap().clone()
+    }
+}
+
+impl CredentialSource for TestSource {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        let n = self.inner.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+        self.inner
+            .log
+            .lock()
+            .unwrap()
+            .push((Instant::now(), cx.reason()));
+        if let Some(gate) = &self.inner.gate {
+            gate.acquire().await?.forget();
+        }
+        if !self.inner.delay.is_zero() {
+            tokio::time::sleep(self.inner.delay).await;
+        }
+        if self.inner.failing.load(Ordering::SeqCst) {
+            return Err("token endpoint answered 503".into());
+        }
+        let credential = Credential::bearer(format!("token-{n}"))?;
+        Ok(match self.inner.lifetime {
+            Some(lifetime) => credential.expires_in(lifetime),
+            None => credential,
+        })
+    }
+
+    fn refresh_mode(&self) -> RefreshMode {
+        self.inner.mode
+    }
+}
+
+/// One request as the fake API saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path: String,
+    pub authorization: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// What the fake API answers, given the request's path and bearer token.
+pub type Rule = Arc<dyn Fn(&str, Option<&str>) -> StatusCode + Send + Sync>;
+
+/// A fake API (a Tower service, no network) that records every request it sees,
+/// reading the whole body, and answers by `rule`.
+#[derive(Clone)]
+pub struct FakeApi {
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    rule: Rule,
+}
+
+impl FakeApi {
+    pub fn new(rule: impl Fn(&str, Option<&str>) -> StatusCode + Send + Sync + 'static) -> Self {
+        FakeApi {
+            seen: Arc::default(),
+            rule: Arc::new(rule),
+        }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn service(
+        &self,
+    ) -> impl tower::Service<
+        Request<ReplayBody<Full<Bytes>>>,
+        Response = Response<String>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + 'static {
+        let api = self.clone();
+        tower::service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
+            let api = api.clone();
+            async move {
+                let path = req.uri().path().to_owned();
+                let authorization = req
+                    .headers()
+                    .get("authorization")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
+                let token = authorization
+                    .as_deref()
+                    .and_then(|a| a.strip_prefix("Bearer "));
+                let status = (api.rule)(&path, token);
+                api.seen.lock().unwrap().push(Seen {
+                    path,
+                    authorization,
+                    body,
+                });
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(status)
+                        .body(format!("{}", status.as_u16()))
+                        .unwrap(),
+                )
+            }
+        })
+    }
+}
+
+/// A request to `path` on the fake API host, over https.
+pub fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("https://api.test{path}"))
+        .body(Full::default())
+        .unwrap()
+}
+
+/// A POST with a body.
+pub fn post(path: &str, body: &'static [u8]) -> Request<Full<Bytes>> {
+    Request::post(format!("https://api.test{path}"))
+        .body(Full::new(Bytes::from_static(body)))
+        .unwrap()
+}
+
+/// Starts a real HTTP/1.1 server on 127.0.0.1:0 serving `handler`; returns its address.
+/// The server runs until the test's runtime ends.
+pub async fn serve<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
