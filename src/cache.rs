@@ -50,7 +50,7 @@ use std::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
         atomic::{AtomicBool, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
@@ -331,7 +331,7 @@ impl<P: CredentialSource> CredentialCache<P> {
             }
         }
         if let Some(flight) = &state.flight {
-            return Acquire::waiting(flight.clone());
+            return Acquire::waiting(flight.clone(), still_valid);
         }
         if let Some(retry_at) = state.retry_at.filter(|at| now < *at) {
             if let Some(entry) = still_valid {
@@ -359,7 +359,7 @@ impl<P: CredentialSource> CredentialCache<P> {
         let task = runtime.spawn(run_flight(guard, cx).instrument(span));
         let flight = FlightFuture { task }.shared();
         state.flight = Some(flight.clone());
-        Acquire::waiting(flight)
+        Acquire::waiting(flight, still_valid)
     }
 }
 
@@ -620,6 +620,9 @@ impl std::ops::Deref for Current {
 /// Waits for a credential from the refresh path.
 pub(crate) struct Acquire {
     state: AcquireState,
+    /// A credential in its hard window that has not expired: if the refresh fails, it is
+    /// still better than an error. Never set for a rejected credential.
+    fallback: Option<Arc<Entry>>,
 }
 
 enum AcquireState {
@@ -631,12 +634,14 @@ impl Acquire {
     fn ready(result: Result<Arc<Entry>, Error>) -> Self {
         Acquire {
             state: AcquireState::Ready(Some(result)),
+            fallback: None,
         }
     }
 
-    fn waiting(flight: Shared<FlightFuture>) -> Self {
+    fn waiting(flight: Shared<FlightFuture>, fallback: Option<Arc<Entry>>) -> Self {
         Acquire {
             state: AcquireState::Waiting(flight),
+            fallback,
         }
     }
 }
@@ -649,7 +654,16 @@ impl Future for Acquire {
             AcquireState::Ready(result) => Poll::Ready(result.take().unwrap_or_else(|| {
                 Err(Error::new(ErrorKind::Fetch).with_detail("polled after completion"))
             })),
-            AcquireState::Waiting(flight) => Pin::new(flight).poll(cx),
+            AcquireState::Waiting(flight) => {
+                let result = ready!(Pin::new(flight).poll(cx));
+                Poll::Ready(match (result, self.fallback.take()) {
+                    (Err(err), Some(entry)) if !entry.is_expired_at(Instant::now()) => {
+                        tracing::debug!(error = %err, "refresh failed; using the still-valid credential");
+                        Ok(entry)
+                    }
+                    (result, _) => result,
+                })
+            }
         }
     }
 }

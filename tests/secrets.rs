@@ -1,0 +1,200 @@
+//! A canary secret never shows: not in `Debug` or `Display` of any public type, not in
+//! any error, not in tracing output at TRACE level, not in the request headers' `Debug`.
+
+mod support;
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use support::{FakeApi, get, post};
+use tower::{Layer, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, BoxError, Credential, CredentialCache, ErrorKind, FetchContext, MemoryStore,
+    ReplayBody, RotatingCredential, StaticCredential, source_fn,
+};
+
+const CANARY: &str = "CANARY-5ecr3t-d0-not-print";
+
+fn assert_clean(what: &str, text: &str) {
+    assert!(!text.contains(CANARY), "{what} leaked the canary: {text}");
+}
+
+/// Captures everything `tracing` emits, at every level, into a buffer.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every public type built around the canary prints without it, in both `Debug` forms.
+#[tokio::test]
+async fn debug_and_display_are_redacted() {
+    let credential = Credential::bearer(CANARY).unwrap();
+    let store = MemoryStore::new();
+    let cache = CredentialCache::builder(StaticCredential::bearer(CANARY))
+        .store(store.clone())
+        .build();
+    cache.credential().await.unwrap();
+    let layer = AuthLayer::with_cache(cache.clone());
+    let svc = layer
+        .clone()
+        .layer(FakeApi::new(|_, _| StatusCode::OK).service());
+    let rotating = RotatingCredential::new(credential.clone());
+    let printed = [
+        format!("{credential:?} {credential:#?}"),
+        format!("{:?}", Credential::with_scheme("Secret", CANARY).unwrap()),
+        format!("{:?}", Credential::cookie("sid", CANARY).unwrap()),
+        format!("{:?}", Credential::header("x-api-key", CANARY).unwrap()),
+        format!(
+            "{:?} {:?}",
+            StaticCredential::bearer(CANARY),
+            StaticCredential::cookie("s", CANARY)
+        ),
+        format!("{rotating:?}"),
+        format!("{cache:?} {:?}", cache.handle()),
+        format!("{store:?}"),
+        format!("{layer:?}"),
+        format!("{:?}", svc.cache()),
+        format!("{:?}", context_after_rejecting_the_canary().await),
+    ];
+    for (i, text) in printed.iter().enumerate() {
+        assert_clean(&format!("printed value {i}"), text);
+    }
+    assert!(printed[0].contains("[redacted]"));
+}
+
+/// The `FetchContext` a source sees after the canary credential was rejected.
+async fn context_after_rejecting_the_canary() -> FetchContext {
+    let seen = Arc::new(Mutex::new(None));
+    let cache = CredentialCache::new(source_fn({
+        let seen = seen.clone();
+        move |cx: FetchContext| {
+            *seen.lock().unwrap() = Some(cx);
+            async { Ok::<_, BoxError>(Credential::bearer(CANARY)?) }
+        }
+    }));
+    let first = cache.credential().await.unwrap();
+    cache.reject(&first).await.unwrap();
+    let cx = seen.lock().unwrap().take().unwrap();
+    assert!(cx.previous().is_some());
+    cx
+}
+
+/// Every error the crate produces around a canary credential prints without it.
+#[tokio::test]
+async fn errors_never_carry_the_secret() {
+    let errors: Vec<String> = [
+        Credential::bearer(format!("{CANARY}\n"))
+            .unwrap_err()
+            .to_string(),
+        format!(
+            "{:?}",
+            Credential::cookie("sid", format!("{CANARY};x")).unwrap_err()
+        ),
+        format!("{:?}", Credential::with_scheme(CANARY, " ").unwrap_err()),
+    ]
+    .into_iter()
+    .collect();
+    for e in &errors {
+        assert_clean("credential error", e);
+    }
+
+    let svc = AuthLayer::new(StaticCredential::bearer(format!("{CANARY} bad")))
+        .layer(FakeApi::new(|_, _| StatusCode::OK).service());
+    let err = svc.clone().oneshot(get("/")).await.unwrap_err();
+    assert_clean(
+        "invalid static credential",
+        &format!("{err} {err:?} {:?}", err.source()),
+    );
+
+    let svc = AuthLayer::new(StaticCredential::bearer(CANARY))
+        .layer(FakeApi::new(|_, _| StatusCode::OK).service());
+    let req = Request::get(format!("http://api.example.com/?token={CANARY}"))
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let err = svc.oneshot(req).await.unwrap_err();
+    let typed = err.downcast_ref::<tower_client_auth::Error>().unwrap();
+    assert_eq!(typed.kind(), ErrorKind::InsecureTransport);
+    assert_clean("insecure transport error", &format!("{err} {err:?}"));
+}
+
+/// Full flows at TRACE level (fetch, use, 401, refresh, replay, failures, backoff,
+/// rotation) leave no canary in the captured tracing output.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn tracing_output_never_carries_the_secret() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let calls = Arc::new(Mutex::new(0u32));
+    let source =
+        {
+            let calls = calls.clone();
+            source_fn(move |_cx: FetchContext| {
+                let n = {
+                    let mut c = calls.lock().unwrap();
+                    *c += 1;
+                    *c
+                };
+                async move {
+                    if n == 3 {
+                        return Err::<Credential, BoxError>("token endpoint answered 503".into());
+                    }
+                    Ok(Credential::bearer(format!("{CANARY}-{n}"))?
+                        .expires_in(Duration::from_secs(60)))
+                }
+            })
+        };
+    let api = FakeApi::new(|_, token| match token {
+        Some(t) if t.ends_with("-1") => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::OK,
+    });
+    let inspect = tower::service_fn({
+        let api = api.service();
+        move |req: Request<ReplayBody<Full<Bytes>>>| {
+            // What a careless inner layer might log: the headers' Debug.
+            tracing::trace!(headers = ?req.headers(), "inner service got a request");
+            api.clone().oneshot(req)
+        }
+    });
+    let svc = AuthLayer::new(source).layer(inspect);
+    let res: Response<String> = svc.clone().oneshot(post("/v1/pay", b"{}")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    tokio::time::sleep(Duration::from_secs(59)).await; // hard window: refresh fails
+    let _ = svc.clone().oneshot(get("/")).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let _ = svc.clone().oneshot(get("/")).await;
+
+    let pat = RotatingCredential::new(Credential::bearer(CANARY).unwrap());
+    let rotating = AuthLayer::new(pat.clone()).layer(api.service());
+    rotating.clone().oneshot(get("/")).await.unwrap();
+    pat.rotate(Credential::bearer(format!("{CANARY}-rotated")).unwrap());
+    rotating.oneshot(get("/")).await.unwrap();
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("credential refreshed"),
+        "tracing was captured: {logs}"
+    );
+    assert!(logs.contains("credential refresh failed"), "{logs}");
+    assert!(logs.contains("replaying request"), "{logs}");
+    assert_clean("tracing output", &logs);
+}
