@@ -1,9 +1,9 @@
 //! The credential cache: lock-free reads, single-flight refresh, expiry windows, backoff.
 //!
-//! This file holds all of the refresh logic. The hot path ([`CredentialCache::current`])
-//! is one `ArcSwap` load and one relaxed atomic read: no lock, no await, no allocation,
-//! no clock read. Everything else happens on the refresh path, under one mutex that is
-//! never held across an await:
+//! This file holds all of the refresh logic. The hot path (`CredentialCache::current`,
+//! crate-private) is one `ArcSwap` load and one atomic read: no lock, no await, no
+//! allocation, no clock read. Everything else happens on the refresh path, under one
+//! mutex that is never held across an await:
 //!
 //! - **Single flight.** However many callers need a new credential, one task fetches it
 //!   and every waiter receives that one result, success or error. The task is spawned, so

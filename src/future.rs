@@ -16,6 +16,7 @@
 //! is still the cache's current one, so concurrent rejections share one refresh.
 
 use std::{
+    fmt,
     future::Future,
     pin::Pin,
     task::{Context, Poll, ready},
@@ -58,6 +59,24 @@ pin_project! {
         First { #[pin] future: S::Future, retry: Option<Retry<S, P>> },
         Refreshing { acquire: Acquire, resend: Option<Resend<S, B>> },
         Second { #[pin] future: Oneshot<S, Request<ReplayBody<B>>>, policy: Policy },
+    }
+}
+
+impl<S, B, P> fmt::Debug for ResponseFuture<S, B, P>
+where
+    S: Service<Request<ReplayBody<B>>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Failed { .. } => "failed",
+            State::Waiting { .. } => "waiting for a credential",
+            State::First { .. } => "first attempt",
+            State::Refreshing { .. } => "refreshing after a rejection",
+            State::Second { .. } => "replay",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
     }
 }
 

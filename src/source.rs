@@ -22,7 +22,7 @@
 //! # let _ = source;
 //! ```
 
-use std::{fmt, future::Future, sync::Arc};
+use std::{fmt, future::Future, pin::Pin, sync::Arc};
 
 use crate::{cache::CacheHandle, credential::Credential, error::BoxError};
 
@@ -134,26 +134,36 @@ impl<P: CredentialSource> CredentialSource for Arc<P> {
 }
 
 /// Makes a [`CredentialSource`] from an async closure. See [`SourceFn`].
-pub fn source_fn<F, Fut, E>(f: F) -> SourceFn<F>
+pub fn source_fn<F, Fut, E>(f: F) -> SourceFn
 where
     F: Fn(FetchContext) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<Credential, E>> + Send,
+    Fut: Future<Output = Result<Credential, E>> + Send + 'static,
     E: Into<BoxError>,
 {
     SourceFn {
-        f,
+        f: Arc::new(move |cx| {
+            let fut = f(cx);
+            Box::pin(async move { fut.await.map_err(Into::into) })
+        }),
         mode: RefreshMode::Proactive,
     }
 }
 
-/// A [`CredentialSource`] made from a closure by [`source_fn`].
+type FetchFuture = Pin<Box<dyn Future<Output = Result<Credential, BoxError>> + Send>>;
+
+/// A [`CredentialSource`] made from a closure by [`source_fn`]. Cheap to clone.
+///
+/// The closure's future is boxed once per fetch (fetches are rare; requests never
+/// allocate for it). Boxing at construction also makes `SourceFn` a plain, nameable type:
+/// `Auth<S, SourceFn>` can be written in a struct field, and the compiler never has to
+/// re-prove the closure's `Send` bounds inside the futures of your own code.
 #[derive(Clone)]
-pub struct SourceFn<F> {
-    f: F,
+pub struct SourceFn {
+    f: Arc<dyn Fn(FetchContext) -> FetchFuture + Send + Sync>,
     mode: RefreshMode,
 }
 
-impl<F> SourceFn<F> {
+impl SourceFn {
     /// Sets the [`RefreshMode`] (default: proactive).
     pub fn refresh_mode(mut self, mode: RefreshMode) -> Self {
         self.mode = mode;
@@ -161,24 +171,17 @@ impl<F> SourceFn<F> {
     }
 }
 
-impl<F> fmt::Debug for SourceFn<F> {
+impl fmt::Debug for SourceFn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SourceFn")
-            .field("f", &format_args!("{}", std::any::type_name::<F>()))
             .field("mode", &self.mode)
             .finish()
     }
 }
 
-impl<F, Fut, E> CredentialSource for SourceFn<F>
-where
-    F: Fn(FetchContext) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<Credential, E>> + Send,
-    E: Into<BoxError>,
-{
+impl CredentialSource for SourceFn {
     fn fetch(&self, cx: FetchContext) -> impl Future<Output = Result<Credential, BoxError>> + Send {
-        let fut = (self.f)(cx);
-        async move { fut.await.map_err(Into::into) }
+        (self.f)(cx)
     }
 
     fn refresh_mode(&self) -> RefreshMode {
