@@ -69,10 +69,12 @@ mod error;
 mod future;
 mod layer;
 mod policy;
+mod secret;
 mod service;
 pub mod source;
 mod static_source;
 pub mod store;
+pub mod token;
 
 pub use crate::{
     body::{DEFAULT_REPLAY_LIMIT, NotReplayed, ReplayBody},
@@ -82,6 +84,7 @@ pub use crate::{
     future::ResponseFuture,
     layer::AuthLayer,
     policy::{DEFAULT_REJECTION_STATUSES, ExistingHeader, NoReplay},
+    secret::Secret,
     service::Auth,
     source::{CredentialSource, FetchContext, FetchReason, RefreshMode, SourceFn, source_fn},
     static_source::{RotatingCredential, StaticCredential},

@@ -101,26 +101,37 @@ impl Default for Policy {
 impl Policy {
     /// Whether a credential may be sent to `uri`.
     pub(crate) fn check_transport(&self, uri: &Uri) -> Result<(), Error> {
-        let insecure = |detail| Err(Error::new(ErrorKind::InsecureTransport).with_detail(detail));
-        let Some(scheme) = uri.scheme() else {
-            return if self.allow_relative_uris {
-                Ok(())
-            } else {
-                insecure("the request uri has no scheme, so its transport cannot be checked")
-            };
+        check_transport(uri, self.allow_http_loopback, self.allow_relative_uris)
+            .map_err(|detail| Error::new(ErrorKind::InsecureTransport).with_detail(detail))
+    }
+}
+
+/// The one transport rule, shared by the layer and the token client: `https` (or `wss`)
+/// always; plain `http` (or `ws`) only to a loopback host and only when allowed; a URI
+/// without a scheme only when allowed. The error says why, without the URI.
+pub(crate) fn check_transport(
+    uri: &Uri,
+    allow_http_loopback: bool,
+    allow_relative: bool,
+) -> Result<(), &'static str> {
+    let Some(scheme) = uri.scheme() else {
+        return if allow_relative {
+            Ok(())
+        } else {
+            Err("the request uri has no scheme, so its transport cannot be checked")
         };
-        if *scheme == Scheme::HTTPS || scheme.as_str().eq_ignore_ascii_case("wss") {
-            return Ok(());
-        }
-        let plain = *scheme == Scheme::HTTP || scheme.as_str().eq_ignore_ascii_case("ws");
-        if !plain {
-            return insecure("unknown uri scheme");
-        }
-        match uri.host().is_some_and(is_loopback) {
-            true if self.allow_http_loopback => Ok(()),
-            true => insecure("plain http to a loopback host needs allow_http_loopback"),
-            false => insecure("plain http to a non-loopback host"),
-        }
+    };
+    if *scheme == Scheme::HTTPS || scheme.as_str().eq_ignore_ascii_case("wss") {
+        return Ok(());
+    }
+    let plain = *scheme == Scheme::HTTP || scheme.as_str().eq_ignore_ascii_case("ws");
+    if !plain {
+        return Err("unknown uri scheme");
+    }
+    match uri.host().is_some_and(is_loopback) {
+        true if allow_http_loopback => Ok(()),
+        true => Err("plain http to a loopback host needs allow_http_loopback"),
+        false => Err("plain http to a non-loopback host"),
     }
 }
 

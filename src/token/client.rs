@@ -1,0 +1,214 @@
+//! [`TokenClient`]: the HTTP client token requests go through.
+//!
+//! Token requests never go through the wrapped service stack: a refresh must not wait for
+//! permits (concurrency limits, buffers) that the requests waiting for it hold, and must
+//! not recurse into the auth layer. Any `tower::Service<http::Request<Full<Bytes>>>` can
+//! be the client; the default is an HTTPS client (hyper-util and rustls with webpki roots,
+//! feature `https`). Whatever the client, the token client applies its own rules: its own
+//! timeout, no redirects followed, a cap on the response size, and `https` only (plain
+//! `http` to loopback when allowed).
+
+use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Request, Response, header};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, Limited};
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower_service::Service;
+
+use super::error::{TokenError, TokenErrorKind};
+use crate::error::BoxError;
+
+/// Default time a token request may take, response body included.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap on a token response body: 64 KiB.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+type Send_ = Pin<Box<dyn Future<Output = Result<Answer, SendError>> + Send>>;
+
+enum SendError {
+    Transport(BoxError),
+    TooLarge,
+}
+
+/// A token endpoint's answer, as the sources read it.
+pub(crate) struct Answer {
+    pub(crate) response: Response<Bytes>,
+    /// When the response head arrived: lifetimes are measured from here.
+    pub(crate) arrived: Instant,
+}
+
+/// The client token requests go through. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct TokenClient {
+    send: Arc<dyn Fn(Request<Full<Bytes>>, usize) -> Send_ + Send + Sync>,
+    timeout: Duration,
+    max_response_bytes: usize,
+    allow_http_loopback: bool,
+}
+
+impl fmt::Debug for TokenClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenClient")
+            .field("timeout", &self.timeout)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("allow_http_loopback", &self.allow_http_loopback)
+            .finish()
+    }
+}
+
+impl TokenClient {
+    /// Uses any Tower HTTP client for token requests.
+    ///
+    /// ```
+    /// use tower_client_auth::token::TokenClient;
+    /// # use bytes::Bytes; use http_body_util::Full;
+    /// # let my_client = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+    /// # });
+    /// let client = TokenClient::from_service(my_client);
+    /// # let _ = client;
+    /// ```
+    pub fn from_service<S, B>(service: S) -> Self
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let send = move |req: Request<Full<Bytes>>, max: usize| -> Send_ {
+            let service = service.clone();
+            Box::pin(async move {
+                let response = service
+                    .oneshot(req)
+                    .await
+                    .map_err(|e| SendError::Transport(e.into()))?;
+                let arrived = Instant::now();
+                let (parts, body) = response.into_parts();
+                let body = Limited::new(body, max).collect().await.map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        SendError::TooLarge
+                    } else {
+                        SendError::Transport(e)
+                    }
+                })?;
+                Ok(Answer {
+                    response: Response::from_parts(parts, body.to_bytes()),
+                    arrived,
+                })
+            })
+        };
+        TokenClient {
+            send: Arc::new(send),
+            timeout: DEFAULT_TOKEN_TIMEOUT,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            allow_http_loopback: false,
+        }
+    }
+
+    /// Longest time one token request may take (default [`DEFAULT_TOKEN_TIMEOUT`]).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Largest token response body read (default [`DEFAULT_MAX_RESPONSE_BYTES`]).
+    pub fn max_response_bytes(mut self, bytes: usize) -> Self {
+        self.max_response_bytes = bytes;
+        self
+    }
+
+    /// Allows plain `http` token URLs on loopback hosts, for tests and local development
+    /// (default `false`). Other plain `http` URLs are always refused.
+    pub fn allow_http_loopback(mut self, allow: bool) -> Self {
+        self.allow_http_loopback = allow;
+        self
+    }
+
+    /// Sends a token request. Redirects are errors; the body is read whole, within the cap.
+    pub(crate) async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, TokenError> {
+        crate::policy::check_transport(request.uri(), self.allow_http_loopback, false)
+            .map_err(|detail| TokenError::new(TokenErrorKind::InsecureTransport).detail(detail))?;
+        let sent =
+            tokio::time::timeout(self.timeout, (self.send)(request, self.max_response_bytes)).await;
+        let response = match sent {
+            Err(_) => return Err(TokenError::new(TokenErrorKind::Timeout)),
+            Ok(Err(SendError::Transport(e))) => {
+                return Err(TokenError::new(TokenErrorKind::Transport).with_source(e));
+            }
+            Ok(Err(SendError::TooLarge)) => {
+                return Err(TokenError::new(TokenErrorKind::InvalidResponse)
+                    .detail("the response body is larger than the client accepts"));
+            }
+            Ok(Ok(answer)) => answer,
+        };
+        let status = response.response.status();
+        if status.is_redirection() {
+            return Err(TokenError::new(TokenErrorKind::Redirect).status_mut(status));
+        }
+        Ok(response)
+    }
+
+    /// The content type of an answer, for parsing.
+    pub(crate) fn content_type(response: &Response<Bytes>) -> Option<&str> {
+        response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+    }
+}
+
+#[cfg(feature = "https")]
+#[cfg_attr(docsrs, doc(cfg(feature = "https")))]
+impl TokenClient {
+    /// An HTTPS client (hyper-util, rustls with the `ring` provider, HTTP/1.1 and HTTP/2)
+    /// trusting the webpki roots. Processes share one default client and its connections.
+    pub fn https() -> Result<Self, TokenError> {
+        static DEFAULT: std::sync::OnceLock<Result<TokenClient, &'static str>> =
+            std::sync::OnceLock::new();
+        DEFAULT
+            .get_or_init(|| {
+                Self::https_with_roots(Vec::<Vec<u8>>::new()).map_err(|_| "tls setup failed")
+            })
+            .clone()
+            .map_err(|detail| TokenError::new(TokenErrorKind::InvalidRequest).detail(detail))
+    }
+
+    /// An HTTPS client trusting the webpki roots plus `roots` (DER-encoded certificates),
+    /// for private certificate authorities and self-signed test servers.
+    pub fn https_with_roots<I, C>(roots: I) -> Result<Self, TokenError>
+    where
+        I: IntoIterator<Item = C>,
+        C: AsRef<[u8]>,
+    {
+        let invalid = |detail| TokenError::new(TokenErrorKind::InvalidRequest).detail(detail);
+        let mut store = rustls::RootCertStore::empty();
+        store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for der in roots {
+            let cert = rustls::pki_types::CertificateDer::from(der.as_ref().to_vec());
+            store
+                .add(cert)
+                .map_err(|_| invalid("a root certificate is not a valid der certificate"))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|_| invalid("tls protocol versions unavailable"))?
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build::<_, Full<Bytes>>(connector);
+        Ok(Self::from_service(client))
+    }
+}

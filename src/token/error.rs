@@ -1,0 +1,170 @@
+//! [`TokenError`]: what went wrong talking to a token endpoint.
+
+use std::{error::Error as StdError, fmt};
+
+use http::StatusCode;
+
+use crate::error::BoxError;
+
+/// What kind of token-endpoint failure a [`TokenError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TokenErrorKind {
+    /// The token request could not be built (bad URL, bad header value).
+    InvalidRequest,
+    /// The token URL is plain `http` to a non-loopback host (or loopback not allowed).
+    InsecureTransport,
+    /// Connecting or sending failed.
+    Transport,
+    /// No complete answer within the token client's timeout.
+    Timeout,
+    /// The endpoint answered with a redirect; token requests never follow redirects.
+    Redirect,
+    /// The endpoint answered with an error status (4xx, 5xx). See [`TokenError::status`]
+    /// and, for RFC 6749 §5.2 bodies, [`TokenError::oauth_error`].
+    Rejected,
+    /// The endpoint answered 2xx with a body that is not a usable token response.
+    InvalidResponse,
+}
+
+/// A token endpoint failure. `Display` names the status and the RFC 6749 error code, and
+/// never holds a secret: descriptions from the server are scrubbed of the request's
+/// secrets, and response bodies are never echoed.
+#[derive(Debug)]
+pub struct TokenError {
+    kind: TokenErrorKind,
+    status: Option<StatusCode>,
+    oauth_error: Option<String>,
+    description: Option<String>,
+    detail: Option<&'static str>,
+    source: Option<BoxError>,
+}
+
+impl TokenError {
+    pub(crate) fn new(kind: TokenErrorKind) -> Self {
+        TokenError {
+            kind,
+            status: None,
+            oauth_error: None,
+            description: None,
+            detail: None,
+            source: None,
+        }
+    }
+
+    pub(crate) fn detail(mut self, detail: &'static str) -> Self {
+        self.detail = Some(detail);
+        self
+    }
+
+    pub(crate) fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    pub(crate) fn rejected(
+        status: StatusCode,
+        oauth_error: Option<String>,
+        description: Option<String>,
+    ) -> Self {
+        TokenError {
+            status: Some(status),
+            oauth_error,
+            description,
+            ..TokenError::new(TokenErrorKind::Rejected)
+        }
+    }
+
+    pub(crate) fn status_mut(mut self, status: StatusCode) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// Replaces every occurrence of each secret in the server-supplied text with
+    /// `[redacted]`: a server may echo what it was sent.
+    pub(crate) fn scrub<'a>(mut self, secrets: impl IntoIterator<Item = &'a str>) -> Self {
+        let secrets: Vec<&str> = secrets.into_iter().filter(|s| !s.is_empty()).collect();
+        for text in [&mut self.oauth_error, &mut self.description]
+            .into_iter()
+            .flatten()
+        {
+            for secret in &secrets {
+                if text.contains(secret) {
+                    *text = text.replace(secret, "[redacted]");
+                }
+            }
+        }
+        self
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> TokenErrorKind {
+        self.kind
+    }
+
+    /// The HTTP status the token endpoint answered with, if it answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        self.status
+    }
+
+    /// The RFC 6749 §5.2 `error` code (`invalid_client`, `invalid_grant`, ...), if the
+    /// endpoint sent one.
+    pub fn oauth_error(&self) -> Option<&str> {
+        self.oauth_error.as_deref()
+    }
+
+    /// The endpoint's `error_description`, scrubbed of the request's secrets.
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+
+    /// Whether the endpoint refused the grant itself (400 or 401): the credentials or
+    /// refresh token are bad, as opposed to the endpoint being down.
+    pub fn is_grant_rejected(&self) -> bool {
+        self.kind == TokenErrorKind::Rejected
+            && matches!(
+                self.status,
+                Some(StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED)
+            )
+    }
+}
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            TokenErrorKind::InvalidRequest => "invalid token request",
+            TokenErrorKind::InsecureTransport => {
+                "refusing to send token request over an insecure transport"
+            }
+            TokenErrorKind::Transport => "token request failed",
+            TokenErrorKind::Timeout => "token request timed out",
+            TokenErrorKind::Redirect => {
+                "token endpoint answered with a redirect, which is not followed"
+            }
+            TokenErrorKind::Rejected => "token endpoint rejected the request",
+            TokenErrorKind::InvalidResponse => "invalid token response",
+        };
+        f.write_str(what)?;
+        if let Some(status) = self.status {
+            write!(f, " (status {})", status.as_u16())?;
+        }
+        if let Some(detail) = self.detail {
+            write!(f, ": {detail}")?;
+        }
+        if let Some(code) = &self.oauth_error {
+            write!(f, ": {code}")?;
+            if let Some(description) = &self.description {
+                write!(f, " ({description})")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StdError for TokenError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}

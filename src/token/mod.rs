@@ -1,0 +1,53 @@
+//! Credential sources over token endpoints: OAuth2 grants and JSON login APIs.
+//!
+//! - [`TokenRequest`] describes a request a token endpoint expects: URL, JSON or form
+//!   body, fields (secret ones held redacted), client authentication.
+//! - [`TokenSource`] logs in with one, refreshes with another (rotating refresh tokens),
+//!   and turns responses into credentials with the right lifetime.
+//! - [`TokenClient`] is the HTTP client token requests go through: your own Tower service,
+//!   or the default HTTPS client.
+//!
+//! Ready-made sources for the common styles:
+//!
+//! | style | call |
+//! |---|---|
+//! | OAuth2 client credentials, Basic + form | [`TokenSource::client_credentials`] |
+//! | OAuth2 client credentials, JSON body with an audience | `TokenSource::new(TokenRequest::oauth2_client_credentials(..)?.client_auth(ClientAuth::Body).encoding(BodyEncoding::Json).field("audience", ..))` |
+//! | session login with key + secret, JWT lifetime | [`TokenSource::session_login`] |
+//! | API-key login with rotating refresh tokens | [`TokenSource::api_key_login`] |
+//! | any grant + OAuth2 refresh grant | `TokenSource::new(..).refresh_with(TokenRequest::oauth2_refresh_token(..)?, "refresh_token")` |
+//!
+//! # Example
+//! ```no_run
+//! use tower_client_auth::{AuthLayer, token::{TokenRequest, TokenSource}};
+//!
+//! let source = TokenSource::api_key_login(
+//!     "https://api.example.com/v3/auth/login",
+//!     "https://api.example.com/v3/auth/refresh",
+//!     "4f1c0e7a-...",
+//! )?
+//! .on_refresh(|pair| async move {
+//!     // persist pair.refresh_token() so a restart can resume without a login
+//!     let _ = pair;
+//! });
+//! let layer = AuthLayer::new(source);
+//! # let _ = layer;
+//! # Ok::<_, tower_client_auth::token::TokenError>(())
+//! ```
+
+mod client;
+mod error;
+mod request;
+mod response;
+mod source;
+
+pub use self::{
+    client::{DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TOKEN_TIMEOUT, TokenClient},
+    error::{TokenError, TokenErrorKind},
+    request::{BodyEncoding, ClientAuth, TokenRequest},
+    response::{
+        MAX_LIFETIME, ResponseFields, TokenResponse, jwt_expiry, parse_error_response,
+        parse_expires_in,
+    },
+    source::{DEFAULT_TOKEN_LIFETIME, TokenPair, TokenSource, TokenStats},
+};

@@ -1,0 +1,369 @@
+//! [`TokenRequest`]: a template for the requests a token endpoint expects.
+
+use std::fmt;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Uri, header};
+use http_body_util::Full;
+
+use super::error::{TokenError, TokenErrorKind};
+use crate::secret::Secret;
+
+/// How a token request's body is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BodyEncoding {
+    /// `application/json`: an object of string fields.
+    Json,
+    /// `application/x-www-form-urlencoded`, as RFC 6749 specifies.
+    Form,
+}
+
+/// Where the client credentials (`client_id`, `client_secret`) go, when the request has
+/// them. Never guessed: the default is RFC 6749's recommendation, HTTP Basic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ClientAuth {
+    /// `Authorization: Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 §2.3.1).
+    #[default]
+    Basic,
+    /// `client_id` and `client_secret` as body fields, in the request's encoding (a form
+    /// body, or a JSON body as some providers want).
+    Body,
+}
+
+#[derive(Clone)]
+enum Value {
+    Plain(String),
+    Secret(Secret),
+}
+
+impl Value {
+    fn as_str(&self) -> &str {
+        match self {
+            Value::Plain(s) => s,
+            Value::Secret(s) => s.expose(),
+        }
+    }
+}
+
+/// A template for a token request: URL, body encoding, fields, client authentication.
+/// Secret fields are held redacted and scrubbed from any error the endpoint sends back.
+///
+/// ```
+/// use tower_client_auth::token::{BodyEncoding, ClientAuth, TokenRequest};
+///
+/// // OAuth2 client credentials as most providers do it: Basic auth + form body.
+/// let d = TokenRequest::oauth2_client_credentials("https://idp.example/oauth/v2/token", "id", "secret")?
+///     .field("scope", "read write");
+///
+/// // The same grant with everything in a JSON body, plus an audience.
+/// let b = TokenRequest::oauth2_client_credentials("https://auth.example/oauth/token", "id", "secret")?
+///     .client_auth(ClientAuth::Body)
+///     .encoding(BodyEncoding::Json)
+///     .field("audience", "https://api.example");
+/// # let _ = (d, b);
+/// # Ok::<_, tower_client_auth::token::TokenError>(())
+/// ```
+#[derive(Clone)]
+pub struct TokenRequest {
+    url: Uri,
+    encoding: BodyEncoding,
+    fields: Vec<(String, Value)>,
+    client: Option<(String, Secret)>,
+    client_auth: ClientAuth,
+}
+
+impl fmt::Debug for TokenRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Fields<'a>(&'a [(String, Value)]);
+        impl fmt::Debug for Fields<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_map()
+                    .entries(self.0.iter().map(|(k, v)| match v {
+                        Value::Plain(p) => (k, p.as_str()),
+                        Value::Secret(_) => (k, "[redacted]"),
+                    }))
+                    .finish()
+            }
+        }
+        f.debug_struct("TokenRequest")
+            .field("url", &self.url)
+            .field("encoding", &self.encoding)
+            .field("fields", &Fields(&self.fields))
+            .field("client_id", &self.client.as_ref().map(|(id, _)| id))
+            .field("client_auth", &self.client_auth)
+            .finish()
+    }
+}
+
+impl TokenRequest {
+    /// A `POST` to `url` with a JSON body.
+    pub fn json(url: &str) -> Result<Self, TokenError> {
+        Self::new(url, BodyEncoding::Json)
+    }
+
+    /// A `POST` to `url` with a form body.
+    pub fn form(url: &str) -> Result<Self, TokenError> {
+        Self::new(url, BodyEncoding::Form)
+    }
+
+    fn new(url: &str, encoding: BodyEncoding) -> Result<Self, TokenError> {
+        let url: Uri = url.parse().map_err(|e| {
+            TokenError::new(TokenErrorKind::InvalidRequest)
+                .detail("the token url is not a valid uri")
+                .with_source(e)
+        })?;
+        if url.scheme().is_none() || url.host().is_none() {
+            return Err(TokenError::new(TokenErrorKind::InvalidRequest)
+                .detail("the token url must be absolute"));
+        }
+        Ok(TokenRequest {
+            url,
+            encoding,
+            fields: Vec::new(),
+            client: None,
+            client_auth: ClientAuth::Basic,
+        })
+    }
+
+    /// RFC 6749 §4.4 client credentials grant: form body `grant_type=client_credentials`,
+    /// client authenticated with HTTP Basic (change with [`client_auth`](Self::client_auth)).
+    pub fn oauth2_client_credentials(
+        url: &str,
+        client_id: impl Into<String>,
+        client_secret: impl Into<Secret>,
+    ) -> Result<Self, TokenError> {
+        Ok(Self::form(url)?
+            .field("grant_type", "client_credentials")
+            .client_credentials(client_id, client_secret))
+    }
+
+    /// RFC 6749 §6 refresh grant: form body `grant_type=refresh_token` and the refresh
+    /// token (added at send time), client authenticated with HTTP Basic.
+    pub fn oauth2_refresh_token(
+        url: &str,
+        client_id: impl Into<String>,
+        client_secret: impl Into<Secret>,
+    ) -> Result<Self, TokenError> {
+        Ok(Self::form(url)?
+            .field("grant_type", "refresh_token")
+            .client_credentials(client_id, client_secret))
+    }
+
+    /// RFC 6749 §4.3 resource owner password grant.
+    pub fn oauth2_password(
+        url: &str,
+        client_id: impl Into<String>,
+        client_secret: impl Into<Secret>,
+        username: impl Into<String>,
+        password: impl Into<Secret>,
+    ) -> Result<Self, TokenError> {
+        Ok(Self::form(url)?
+            .field("grant_type", "password")
+            .field("username", username)
+            .secret_field("password", password)
+            .client_credentials(client_id, client_secret))
+    }
+
+    /// Adds a plain field (`audience`, `scope`, `resource`, `type`, ...).
+    pub fn field(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.fields.push((name.into(), Value::Plain(value.into())));
+        self
+    }
+
+    /// Adds a secret field: sent, but never printed.
+    pub fn secret_field(mut self, name: impl Into<String>, value: impl Into<Secret>) -> Self {
+        self.fields.push((name.into(), Value::Secret(value.into())));
+        self
+    }
+
+    /// Adds `scope`.
+    pub fn scope(self, scope: impl Into<String>) -> Self {
+        self.field("scope", scope)
+    }
+
+    /// Sets the client credentials, sent as [`client_auth`](Self::client_auth) says.
+    pub fn client_credentials(
+        mut self,
+        client_id: impl Into<String>,
+        client_secret: impl Into<Secret>,
+    ) -> Self {
+        self.client = Some((client_id.into(), client_secret.into()));
+        self
+    }
+
+    /// Where the client credentials go (default [`ClientAuth::Basic`]).
+    pub fn client_auth(mut self, client_auth: ClientAuth) -> Self {
+        self.client_auth = client_auth;
+        self
+    }
+
+    /// The body encoding.
+    pub fn encoding(mut self, encoding: BodyEncoding) -> Self {
+        self.encoding = encoding;
+        self
+    }
+
+    /// The token URL.
+    pub fn url(&self) -> &Uri {
+        &self.url
+    }
+
+    /// Every secret this request carries, to scrub from errors.
+    pub(crate) fn secrets(&self) -> impl Iterator<Item = &str> {
+        let fields = self.fields.iter().filter_map(|(_, v)| match v {
+            Value::Secret(s) => Some(s.expose()),
+            Value::Plain(_) => None,
+        });
+        fields.chain(self.client.iter().map(|(_, s)| s.expose()))
+    }
+
+    /// Builds the HTTP request, with `extra` secret fields (a refresh token) appended.
+    pub(crate) fn build(
+        &self,
+        extra: Option<(&str, &Secret)>,
+    ) -> Result<Request<Full<Bytes>>, TokenError> {
+        let mut fields: Vec<(&str, &str)> = self
+            .fields
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        if let (ClientAuth::Body, Some((id, secret))) = (self.client_auth, &self.client) {
+            fields.push(("client_id", id));
+            fields.push(("client_secret", secret.expose()));
+        }
+        if let Some((name, value)) = extra {
+            fields.push((name, value.expose()));
+        }
+        let (content_type, body) = match self.encoding {
+            BodyEncoding::Json => {
+                let object: serde_json::Map<String, serde_json::Value> = fields
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+                    .collect();
+                (
+                    "application/json",
+                    serde_json::Value::Object(object).to_string(),
+                )
+            }
+            BodyEncoding::Form => {
+                let mut form = form_urlencoded::Serializer::new(String::new());
+                form.extend_pairs(fields);
+                ("application/x-www-form-urlencoded", form.finish())
+            }
+        };
+        let mut req = Request::new(Full::new(Bytes::from(body)));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = self.url.clone();
+        let headers = req.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        if let (ClientAuth::Basic, Some((id, secret))) = (self.client_auth, &self.client) {
+            let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+                "{}:{}",
+                enc(id),
+                enc(secret.expose())
+            ));
+            let mut value = HeaderValue::try_from(format!("Basic {basic}")).map_err(|_| {
+                TokenError::new(TokenErrorKind::InvalidRequest)
+                    .detail("client credentials cannot form a header")
+            })?;
+            value.set_sensitive(true);
+            headers.insert(header::AUTHORIZATION, value);
+        }
+        Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    async fn body(req: Request<Full<Bytes>>) -> String {
+        String::from_utf8(req.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    /// Basic auth url-encodes id and secret before base64 (RFC 6749 §2.3.1), and the
+    /// form body carries the grant and extra parameters.
+    #[tokio::test]
+    async fn client_credentials_basic_and_form() {
+        let req =
+            TokenRequest::oauth2_client_credentials("https://idp.test/token", "my id", "s:cr&t")
+                .unwrap()
+                .scope("read write")
+                .build(None)
+                .unwrap();
+        assert_eq!(req.method(), Method::POST);
+        assert_eq!(
+            req.headers()[header::CONTENT_TYPE],
+            "application/x-www-form-urlencoded"
+        );
+        let auth = req.headers()[header::AUTHORIZATION]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(req.headers()[header::AUTHORIZATION].is_sensitive());
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(auth.strip_prefix("Basic ").unwrap())
+            .unwrap();
+        assert_eq!(decoded, b"my+id:s%3Acr%26t");
+        assert_eq!(
+            body(req).await,
+            "grant_type=client_credentials&scope=read+write"
+        );
+    }
+
+    /// Client credentials in a JSON body, with an audience; the refresh token is appended.
+    #[tokio::test]
+    async fn json_body_with_client_fields() {
+        let req = TokenRequest::oauth2_client_credentials("https://idp.test/token", "id", "sec")
+            .unwrap()
+            .client_auth(ClientAuth::Body)
+            .encoding(BodyEncoding::Json)
+            .field("audience", "https://api.test")
+            .build(Some(("refresh_token", &Secret::from("rt"))))
+            .unwrap();
+        assert!(req.headers().get(header::AUTHORIZATION).is_none());
+        let json: serde_json::Value = serde_json::from_str(&body(req).await).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"grant_type": "client_credentials", "audience": "https://api.test",
+                "client_id": "id", "client_secret": "sec", "refresh_token": "rt"})
+        );
+    }
+
+    /// A relative or malformed URL is a typed error; secrets never show in `Debug`.
+    #[test]
+    fn bad_url_and_redacted_debug() {
+        assert_eq!(
+            TokenRequest::json("/token").unwrap_err().kind(),
+            TokenErrorKind::InvalidRequest
+        );
+        assert_eq!(
+            TokenRequest::json("ht tp://x").unwrap_err().kind(),
+            TokenErrorKind::InvalidRequest
+        );
+        let r = TokenRequest::oauth2_password(
+            "https://x.test/t",
+            "id",
+            "CLIENT-SECRET",
+            "me",
+            "PASSWORD",
+        )
+        .unwrap();
+        let shown = format!("{r:?}");
+        assert!(
+            !shown.contains("CLIENT-SECRET") && !shown.contains("PASSWORD"),
+            "{shown}"
+        );
+        assert_eq!(
+            r.secrets().collect::<Vec<_>>(),
+            ["PASSWORD", "CLIENT-SECRET"]
+        );
+    }
+}

@@ -1,0 +1,360 @@
+//! Parsing what token endpoints answer: token responses (JSON or form), RFC 6749 §5.2
+//! error bodies, `expires_in` in its real-world shapes, and a JWT's `exp` claim.
+//!
+//! Everything here takes untrusted bytes and never panics; what it cannot use becomes a
+//! [`TokenError`] that names the problem without echoing the body (it may hold a token).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use http::StatusCode;
+use serde_json::Value;
+
+use super::error::{TokenError, TokenErrorKind};
+use crate::secret::Secret;
+
+/// Longest lifetime taken from a response; larger values (a server's "never") are capped
+/// here rather than overflowing the clock.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Where in a token response the fields are. Names may be dotted paths into nested JSON
+/// objects (`"data.token"`). Defaults: `access_token`, `refresh_token`, `expires_in`,
+/// `token_type` (RFC 6749 §5.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseFields {
+    access_token: String,
+    refresh_token: String,
+    expires_in: String,
+    token_type: String,
+}
+
+impl Default for ResponseFields {
+    fn default() -> Self {
+        ResponseFields {
+            access_token: "access_token".into(),
+            refresh_token: "refresh_token".into(),
+            expires_in: "expires_in".into(),
+            token_type: "token_type".into(),
+        }
+    }
+}
+
+impl ResponseFields {
+    /// The RFC 6749 names.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Where the access token is.
+    pub fn access_token(mut self, path: impl Into<String>) -> Self {
+        self.access_token = path.into();
+        self
+    }
+
+    /// Where the refresh token is.
+    pub fn refresh_token(mut self, path: impl Into<String>) -> Self {
+        self.refresh_token = path.into();
+        self
+    }
+
+    /// Where the lifetime in seconds is.
+    pub fn expires_in(mut self, path: impl Into<String>) -> Self {
+        self.expires_in = path.into();
+        self
+    }
+}
+
+/// A parsed token response.
+#[derive(Debug, Clone)]
+pub struct TokenResponse {
+    access_token: Secret,
+    refresh_token: Option<Secret>,
+    expires_in: Option<Duration>,
+    token_type: Option<String>,
+}
+
+impl TokenResponse {
+    /// Parses a 2xx token response body: JSON, or a form body (some older providers).
+    ///
+    /// Tolerant the way real servers need: `expires_in` as a number or a numeric string,
+    /// `token_type` missing or in any case, unknown fields ignored. Errors: no body, not
+    /// JSON or form, no access token, a non-positive `expires_in`.
+    pub fn parse(
+        content_type: Option<&str>,
+        body: &[u8],
+        fields: &ResponseFields,
+    ) -> Result<Self, TokenError> {
+        let invalid = |detail| TokenError::new(TokenErrorKind::InvalidResponse).detail(detail);
+        let is_form = content_type.is_some_and(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+        let doc: Value = if is_form {
+            Value::Object(
+                form_urlencoded::parse(body)
+                    .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+                    .collect(),
+            )
+        } else {
+            serde_json::from_slice(body).map_err(|_| invalid("the body is not json"))?
+        };
+        if !doc.is_object() {
+            return Err(invalid("the body is not a json object"));
+        }
+        let access_token = match lookup(&doc, &fields.access_token) {
+            Some(Value::String(s)) if !s.is_empty() => Secret::new(s.clone()),
+            Some(_) => return Err(invalid("the access token is not a non-empty string")),
+            None => return Err(invalid("the access token is missing")),
+        };
+        let refresh_token = match lookup(&doc, &fields.refresh_token) {
+            Some(Value::String(s)) if !s.is_empty() => Some(Secret::new(s.clone())),
+            Some(Value::Null) | None => None,
+            Some(_) => return Err(invalid("the refresh token is not a non-empty string")),
+        };
+        let expires_in = match lookup(&doc, &fields.expires_in) {
+            Some(Value::Null) | None => None,
+            Some(v) => Some(parse_expires_in(v)?),
+        };
+        let token_type = match lookup(&doc, &fields.token_type) {
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        Ok(TokenResponse {
+            access_token,
+            refresh_token,
+            expires_in,
+            token_type,
+        })
+    }
+
+    /// The access token.
+    pub fn access_token(&self) -> &Secret {
+        &self.access_token
+    }
+
+    /// The refresh token, if the response had one.
+    pub fn refresh_token(&self) -> Option<&Secret> {
+        self.refresh_token.as_ref()
+    }
+
+    /// The lifetime the response states, capped at [`MAX_LIFETIME`].
+    pub fn expires_in(&self) -> Option<Duration> {
+        self.expires_in
+    }
+
+    /// The `token_type`, as sent.
+    pub fn token_type(&self) -> Option<&str> {
+        self.token_type.as_deref()
+    }
+}
+
+/// Follows a dotted path into nested objects.
+fn lookup<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
+    if let Some(v) = doc.get(path) {
+        return Some(v);
+    }
+    path.split('.').try_fold(doc, |v, key| v.get(key))
+}
+
+/// `expires_in` as a number (integer or float) or a numeric string, in seconds. Zero or
+/// negative is an error; huge values are capped at [`MAX_LIFETIME`].
+pub fn parse_expires_in(value: &Value) -> Result<Duration, TokenError> {
+    let invalid = |detail| TokenError::new(TokenErrorKind::InvalidResponse).detail(detail);
+    let secs: f64 = match value {
+        Value::Number(n) => n
+            .as_f64()
+            .ok_or_else(|| invalid("expires_in is not a number"))?,
+        Value::String(s) => s
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| invalid("expires_in is not a number"))?,
+        _ => return Err(invalid("expires_in is not a number")),
+    };
+    if secs.is_nan() {
+        return Err(invalid("expires_in is not a number"));
+    }
+    if secs <= 0.0 {
+        return Err(invalid("expires_in is not positive"));
+    }
+    Ok(Duration::try_from_secs_f64(secs)
+        .unwrap_or(MAX_LIFETIME)
+        .min(MAX_LIFETIME))
+}
+
+/// The `exp` claim of a JWT, without verifying the signature (a client only needs to
+/// know when to refresh). `None` if `token` is not a JWT with a numeric `exp`.
+///
+/// ```
+/// use std::time::{Duration, UNIX_EPOCH};
+/// use tower_client_auth::token::jwt_expiry;
+///
+/// // header {"alg":"none"}, payload {"exp":2000000000}
+/// let jwt = "eyJhbGciOiJub25lIn0.eyJleHAiOjIwMDAwMDAwMDB9.";
+/// assert_eq!(jwt_expiry(jwt), Some(UNIX_EPOCH + Duration::from_secs(2_000_000_000)));
+/// assert_eq!(jwt_expiry("opaque-token"), None);
+/// ```
+pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
+    let mut parts = token.split('.');
+    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&payload).ok()?;
+    let exp = claims.get("exp")?.as_f64()?;
+    if !exp.is_finite() || exp < 0.0 {
+        return None;
+    }
+    UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(exp).ok()?)
+}
+
+/// Turns a non-2xx answer into a [`TokenError`], reading an RFC 6749 §5.2 body when
+/// there is one (`error`, `error_description`). The body itself is never kept.
+pub fn parse_error_response(status: StatusCode, body: &[u8]) -> TokenError {
+    let doc: Option<Value> = serde_json::from_slice(body).ok();
+    let text = |key: &str| {
+        doc.as_ref()
+            .and_then(|d| d.get(key))
+            .and_then(Value::as_str)
+            .map(|s| s.chars().take(200).collect::<String>())
+    };
+    let code = text("error")
+        .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
+    let description = code.as_ref().and_then(|_| text("error_description"));
+    TokenError::rejected(status, code, description)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<TokenResponse, TokenError> {
+        TokenResponse::parse(
+            Some("application/json"),
+            body.as_bytes(),
+            &ResponseFields::default(),
+        )
+    }
+
+    /// The shapes real servers send all parse; extra fields are ignored.
+    #[test]
+    fn tolerant_parsing() {
+        let r =
+            parse(r#"{"access_token":"a","expires_in":3600,"token_type":"bearer","x":{"y":1}}"#)
+                .unwrap();
+        assert_eq!(r.access_token().expose(), "a");
+        assert_eq!(r.expires_in(), Some(Duration::from_secs(3600)));
+        assert_eq!(r.token_type(), Some("bearer"));
+        let r = parse(r#"{"access_token":"a","expires_in":"86400"}"#).unwrap();
+        assert_eq!(r.expires_in(), Some(Duration::from_secs(86400)));
+        assert_eq!(r.token_type(), None);
+        let r = parse(r#"{"access_token":"a","expires_in":1.5,"refresh_token":"r"}"#).unwrap();
+        assert_eq!(r.expires_in(), Some(Duration::from_millis(1500)));
+        assert_eq!(r.refresh_token().unwrap().expose(), "r");
+        let r = parse(r#"{"access_token":"a","expires_in":1e300}"#).unwrap();
+        assert_eq!(r.expires_in(), Some(MAX_LIFETIME));
+        let r = parse(r#"{"access_token":"a","expires_in":null,"refresh_token":null}"#).unwrap();
+        assert!(r.expires_in().is_none() && r.refresh_token().is_none());
+    }
+
+    /// Form-encoded token responses parse too.
+    #[test]
+    fn form_response() {
+        let r = TokenResponse::parse(
+            Some("application/x-www-form-urlencoded; charset=utf-8"),
+            b"access_token=a%2Bb&expires_in=60&token_type=bearer",
+            &ResponseFields::default(),
+        )
+        .unwrap();
+        assert_eq!(r.access_token().expose(), "a+b");
+        assert_eq!(r.expires_in(), Some(Duration::from_secs(60)));
+    }
+
+    /// Nested fields by dotted path.
+    #[test]
+    fn nested_fields() {
+        let fields = ResponseFields::new()
+            .access_token("data.token")
+            .expires_in("data.ttl");
+        let r = TokenResponse::parse(None, br#"{"data":{"token":"t","ttl":5}}"#, &fields).unwrap();
+        assert_eq!(r.access_token().expose(), "t");
+        assert_eq!(r.expires_in(), Some(Duration::from_secs(5)));
+    }
+
+    /// Unusable bodies are typed errors that do not echo the body.
+    #[test]
+    fn bad_bodies_are_typed_errors() {
+        for body in [
+            "<html>Service Unavailable</html>",
+            "",
+            "[]",
+            r#"{"token":"SECRET-TOKEN"}"#,
+            r#"{"access_token":""}"#,
+            r#"{"access_token":42}"#,
+            r#"{"access_token":"a","expires_in":0}"#,
+            r#"{"access_token":"a","expires_in":-5}"#,
+            r#"{"access_token":"a","expires_in":"soon"}"#,
+            r#"{"access_token":"a","refresh_token":7}"#,
+        ] {
+            let err = parse(body).unwrap_err();
+            assert_eq!(err.kind(), TokenErrorKind::InvalidResponse, "{body}");
+            assert!(!err.to_string().contains("SECRET-TOKEN"));
+        }
+    }
+
+    /// RFC 6749 §5.2 errors are read; anything else keeps just the status.
+    #[test]
+    fn error_bodies() {
+        let e = parse_error_response(
+            StatusCode::UNAUTHORIZED,
+            br#"{"error":"invalid_client","error_description":"Client authentication failed"}"#,
+        );
+        assert_eq!(e.oauth_error(), Some("invalid_client"));
+        assert_eq!(e.status(), Some(StatusCode::UNAUTHORIZED));
+        assert!(e.is_grant_rejected());
+        assert_eq!(
+            e.to_string(),
+            "token endpoint rejected the request (status 401): invalid_client (Client authentication failed)"
+        );
+        let e = parse_error_response(StatusCode::SERVICE_UNAVAILABLE, b"<html>down</html>");
+        assert_eq!(e.oauth_error(), None);
+        assert!(!e.is_grant_rejected());
+        assert_eq!(
+            e.to_string(),
+            "token endpoint rejected the request (status 503)"
+        );
+    }
+
+    /// JWT `exp`: read from the payload; anything that is not a JWT with a numeric exp
+    /// gives `None`.
+    #[test]
+    fn jwt_exp() {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let jwt = format!(
+            "{}.{}.sig",
+            b64(r#"{"alg":"HS256"}"#),
+            b64(r#"{"sub":"x","exp":1700000000}"#)
+        );
+        assert_eq!(
+            jwt_expiry(&jwt),
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        for bad in [
+            "".to_owned(),
+            "a.b".to_owned(),
+            "a.b.c.d".to_owned(),
+            format!("h.{}.s", b64("not json")),
+            format!("h.{}.s", b64(r#"{"exp":"soon"}"#)),
+            format!("h.{}.s", b64(r#"{"exp":-1}"#)),
+            format!("h.{}.s", b64(r#"{"nbf":1}"#)),
+            "h.!!!.s".to_owned(),
+        ] {
+            assert_eq!(jwt_expiry(&bad), None, "{bad}");
+        }
+    }
+}

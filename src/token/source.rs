@@ -1,0 +1,441 @@
+//! [`TokenSource`]: a [`CredentialSource`] over token endpoints, with refresh-token
+//! rotation.
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use tokio::{sync::Mutex, time::Instant};
+
+use super::{
+    client::TokenClient,
+    error::{TokenError, TokenErrorKind},
+    request::TokenRequest,
+    response::{ResponseFields, TokenResponse, jwt_expiry, parse_error_response},
+};
+use crate::{
+    credential::Credential,
+    error::BoxError,
+    secret::Secret,
+    source::{CredentialSource, FetchContext, RefreshMode},
+};
+
+/// Lifetime assumed for a token when the response states none and the token is not a JWT
+/// with an `exp` claim: 5 minutes. Short on purpose: refreshing early costs one request,
+/// sending an expired token costs a 401 and a replay.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(5 * 60);
+
+/// The newest access and refresh tokens, handed to the [`on_refresh`](TokenSource::on_refresh)
+/// hook to persist. `Debug` is redacted.
+#[derive(Debug, Clone)]
+pub struct TokenPair {
+    access_token: Secret,
+    refresh_token: Option<Secret>,
+}
+
+impl TokenPair {
+    /// The access token.
+    pub fn access_token(&self) -> &Secret {
+        &self.access_token
+    }
+
+    /// The refresh token now held (the new one, or the old one if the server sent none).
+    pub fn refresh_token(&self) -> Option<&Secret> {
+        self.refresh_token.as_ref()
+    }
+}
+
+/// How many requests a [`TokenSource`] made, for dashboards and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TokenStats {
+    /// Full logins (the login request).
+    pub logins: u64,
+    /// Refresh-token exchanges that succeeded.
+    pub refreshes: u64,
+    /// Refresh-token exchanges the server refused (400/401), each followed by a login.
+    pub refresh_rejections: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    logins: AtomicU64,
+    refreshes: AtomicU64,
+    refresh_rejections: AtomicU64,
+}
+
+type OnRefresh = Arc<dyn Fn(TokenPair) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Fetches access tokens from a token endpoint: OAuth2 grants (client credentials,
+/// password, refresh token) and JSON login APIs, with optional refresh-token rotation.
+///
+/// - A **login** request gets an access token (and perhaps a refresh token).
+/// - With [`refresh_with`](Self::refresh_with), a held refresh token is used instead of
+///   logging in again, whenever one is held. The newest refresh token always replaces the
+///   old one (the old one is kept if the server sends none). Only when the refresh
+///   endpoint refuses the refresh token itself (400 or 401) does the source log in again.
+/// - Exchanges are serialised: a refresh token is never sent twice, even when several
+///   caches share the source. Each exchange runs to completion in its own task, so a
+///   rotated refresh token is stored even if the request that asked for it is dropped.
+/// - The lifetime is `expires_in` when present, else the JWT `exp` claim, else
+///   [`default_lifetime`](Self::default_lifetime), measured from the moment the response
+///   arrived, on the monotonic clock.
+///
+/// # Example
+/// ```
+/// use tower_client_auth::{AuthLayer, token::{TokenRequest, TokenSource}};
+///
+/// // Style D: OAuth2 client credentials, Basic + form, with a scope.
+/// let source = TokenSource::new(
+///     TokenRequest::oauth2_client_credentials("https://idp.example/oauth/v2/token", "id", "secret")?
+///         .scope("orders:read"),
+/// );
+/// let layer = AuthLayer::new(source);
+/// # let _ = layer;
+/// # Ok::<_, tower_client_auth::token::TokenError>(())
+/// ```
+pub struct TokenSource {
+    client: Option<TokenClient>,
+    login: TokenRequest,
+    refresh: Option<(TokenRequest, String)>,
+    fields: ResponseFields,
+    default_lifetime: Option<Duration>,
+    require_jwt_exp: bool,
+    mode: RefreshMode,
+    scheme: Option<String>,
+    on_refresh: Option<OnRefresh>,
+    refresh_token: Arc<Mutex<Option<Secret>>>,
+    stats: Arc<Stats>,
+}
+
+impl fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSource")
+            .field("login", &self.login)
+            .field("refresh", &self.refresh.as_ref().map(|(r, _)| r))
+            .field("fields", &self.fields)
+            .field("default_lifetime", &self.default_lifetime)
+            .field("mode", &self.mode)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl TokenSource {
+    /// A source that logs in with `login`.
+    pub fn new(login: TokenRequest) -> Self {
+        TokenSource {
+            client: None,
+            login,
+            refresh: None,
+            fields: ResponseFields::default(),
+            default_lifetime: Some(DEFAULT_TOKEN_LIFETIME),
+            require_jwt_exp: false,
+            mode: RefreshMode::Proactive,
+            scheme: None,
+            on_refresh: None,
+            refresh_token: Arc::new(Mutex::new(None)),
+            stats: Arc::default(),
+        }
+    }
+
+    /// OAuth2 client credentials (RFC 6749 §4.4) with HTTP Basic and a form body.
+    pub fn client_credentials(
+        token_url: &str,
+        client_id: impl Into<String>,
+        client_secret: impl Into<Secret>,
+    ) -> Result<Self, TokenError> {
+        Ok(Self::new(TokenRequest::oauth2_client_credentials(
+            token_url,
+            client_id,
+            client_secret,
+        )?))
+    }
+
+    /// A session login with an API key and secret: `POST url` with JSON
+    /// `{"type": "api-key", "key": ..., "secret": ...}` answering `{"access_token": <JWT>}`.
+    /// The lifetime comes from the JWT's `exp`, or is 1 hour.
+    pub fn session_login(
+        url: &str,
+        key: impl Into<String>,
+        secret: impl Into<Secret>,
+    ) -> Result<Self, TokenError> {
+        let login = TokenRequest::json(url)?
+            .field("type", "api-key")
+            .field("key", key)
+            .secret_field("secret", secret);
+        Ok(Self::new(login).default_lifetime(Some(Duration::from_secs(3600))))
+    }
+
+    /// An API-key login with rotating refresh tokens: `POST login_url` with JSON
+    /// `{"api_key": ...}` answering `{"access_token", "refresh_token"}`; after a 401,
+    /// `POST refresh_url` with `{"refresh_token": ...}` answering a new pair. Refreshes
+    /// only on rejection ([`RefreshMode::ReactiveOnly`]), for providers that refuse early
+    /// refreshes.
+    pub fn api_key_login(
+        login_url: &str,
+        refresh_url: &str,
+        api_key: impl Into<Secret>,
+    ) -> Result<Self, TokenError> {
+        let login = TokenRequest::json(login_url)?.secret_field("api_key", api_key);
+        Ok(Self::new(login)
+            .refresh_with(TokenRequest::json(refresh_url)?, "refresh_token")
+            .refresh_mode(RefreshMode::ReactiveOnly))
+    }
+
+    /// Uses `refresh` (with the refresh token added as field `field`) whenever a refresh
+    /// token is held. For the OAuth2 refresh grant:
+    /// `.refresh_with(TokenRequest::oauth2_refresh_token(url, id, secret)?, "refresh_token")`.
+    pub fn refresh_with(mut self, refresh: TokenRequest, field: impl Into<String>) -> Self {
+        self.refresh = Some((refresh, field.into()));
+        self
+    }
+
+    /// Starts with a refresh token saved earlier, so a restart does not need a login.
+    pub fn refresh_token(mut self, token: impl Into<Secret>) -> Self {
+        self.refresh_token = Arc::new(Mutex::new(Some(token.into())));
+        self
+    }
+
+    /// The client token requests go through (default: [`TokenClient::https`]).
+    pub fn client(mut self, client: TokenClient) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Where the fields are in the response (default: RFC 6749 names).
+    pub fn response_fields(mut self, fields: ResponseFields) -> Self {
+        self.fields = fields;
+        self
+    }
+
+    /// Lifetime assumed when the response states none and the token carries no JWT `exp`
+    /// (default [`DEFAULT_TOKEN_LIFETIME`]); `None` means such tokens never expire and are
+    /// refreshed only on rejection.
+    pub fn default_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.default_lifetime = lifetime;
+        self
+    }
+
+    /// Requires the lifetime from `expires_in` or a JWT `exp`: a token with neither is an
+    /// error instead of getting the default lifetime.
+    pub fn require_expiry(mut self, require: bool) -> Self {
+        self.require_jwt_exp = require;
+        self
+    }
+
+    /// When the cache may refresh (default proactive).
+    pub fn refresh_mode(mut self, mode: RefreshMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Sends the token with this `Authorization` scheme instead of `Bearer`, whatever the
+    /// response's `token_type`. Without it, a `token_type` other than bearer is an error
+    /// (RFC 6749 §7.1: do not use a token type you do not understand).
+    pub fn scheme(mut self, scheme: impl Into<String>) -> Self {
+        self.scheme = Some(scheme.into());
+        self
+    }
+
+    /// Called with every new token pair, after it is held and before anyone waiting for
+    /// the new credential is released: persist the refresh token here.
+    pub fn on_refresh<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(TokenPair) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.on_refresh = Some(Arc::new(move |pair| Box::pin(hook(pair))));
+        self
+    }
+
+    /// Counts of logins and refreshes so far.
+    pub fn stats(&self) -> TokenStats {
+        TokenStats {
+            logins: self.stats.logins.load(Ordering::Relaxed),
+            refreshes: self.stats.refreshes.load(Ordering::Relaxed),
+            refresh_rejections: self.stats.refresh_rejections.load(Ordering::Relaxed),
+        }
+    }
+
+    fn exchange_job(&self) -> Result<Exchange, TokenError> {
+        let client = match &self.client {
+            Some(client) => client.clone(),
+            None => default_client()?,
+        };
+        Ok(Exchange {
+            client,
+            login: self.login.clone(),
+            refresh: self.refresh.clone(),
+            fields: self.fields.clone(),
+            default_lifetime: self.default_lifetime,
+            require_expiry: self.require_jwt_exp,
+            scheme: self.scheme.clone(),
+            on_refresh: self.on_refresh.clone(),
+            refresh_token: self.refresh_token.clone(),
+            stats: self.stats.clone(),
+        })
+    }
+}
+
+#[cfg(feature = "https")]
+fn default_client() -> Result<TokenClient, TokenError> {
+    TokenClient::https()
+}
+
+#[cfg(not(feature = "https"))]
+fn default_client() -> Result<TokenClient, TokenError> {
+    Err(TokenError::new(TokenErrorKind::InvalidRequest)
+        .detail("no token client: enable the `https` feature or call TokenSource::client"))
+}
+
+impl CredentialSource for TokenSource {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        let job = self.exchange_job()?;
+        // The exchange runs in its own task: if the cache stops waiting (timeout, drop),
+        // a refresh token the server already rotated is still received and stored.
+        let task = tokio::spawn(async move { job.run(cx).await });
+        match task.await {
+            Ok(result) => result.map_err(Into::into),
+            Err(_) => Err(TokenError::new(TokenErrorKind::Transport)
+                .detail("the token exchange task failed")
+                .into()),
+        }
+    }
+
+    fn refresh_mode(&self) -> RefreshMode {
+        self.mode
+    }
+}
+
+/// Everything one fetch needs, owned, so it can run in its own task.
+struct Exchange {
+    client: TokenClient,
+    login: TokenRequest,
+    refresh: Option<(TokenRequest, String)>,
+    fields: ResponseFields,
+    default_lifetime: Option<Duration>,
+    require_expiry: bool,
+    scheme: Option<String>,
+    on_refresh: Option<OnRefresh>,
+    refresh_token: Arc<Mutex<Option<Secret>>>,
+    stats: Arc<Stats>,
+}
+
+impl Exchange {
+    async fn run(self, cx: FetchContext) -> Result<Credential, TokenError> {
+        // Held across the exchange: one exchange at a time per source.
+        let mut held = self.refresh_token.lock().await;
+        if let (Some((request, field)), Some(token)) = (&self.refresh, held.clone()) {
+            tracing::debug!(reason = ?cx.reason(), "refreshing with the held refresh token");
+            match self.send(request, Some((field, &token))).await {
+                Ok((response, arrived)) => {
+                    self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+                    return self.accept(response, arrived, &mut held, Some(token)).await;
+                }
+                Err(e) if e.is_grant_rejected() => {
+                    self.stats
+                        .refresh_rejections
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(error = %e, "refresh token refused; logging in again");
+                    *held = None;
+                }
+                // The endpoint is down or answered garbage: keep the refresh token.
+                Err(e) => return Err(e),
+            }
+        }
+        tracing::debug!(reason = ?cx.reason(), "logging in");
+        let (response, arrived) = self.send(&self.login, None).await?;
+        self.stats.logins.fetch_add(1, Ordering::Relaxed);
+        self.accept(response, arrived, &mut held, None).await
+    }
+
+    async fn send(
+        &self,
+        request: &TokenRequest,
+        extra: Option<(&str, &Secret)>,
+    ) -> Result<(TokenResponse, Instant), TokenError> {
+        let secrets = || request.secrets().chain(extra.map(|(_, s)| s.expose()));
+        let http = request.build(extra)?;
+        let answer = self.client.send(http).await?;
+        let response = &answer.response;
+        if !response.status().is_success() {
+            return Err(parse_error_response(response.status(), response.body()).scrub(secrets()));
+        }
+        let parsed = TokenResponse::parse(
+            TokenClient::content_type(response),
+            response.body(),
+            &self.fields,
+        )
+        .map_err(|e| e.status_mut(response.status()))?;
+        Ok((parsed, answer.arrived))
+    }
+
+    /// Holds the new refresh token first (it must never be lost, even if the access
+    /// token turns out unusable), then builds the credential and runs the hook.
+    async fn accept(
+        &self,
+        response: TokenResponse,
+        arrived: Instant,
+        held: &mut Option<Secret>,
+        previous_refresh: Option<Secret>,
+    ) -> Result<Credential, TokenError> {
+        *held = response.refresh_token().cloned().or(previous_refresh);
+        let credential = self.credential(&response, arrived)?;
+        if let Some(hook) = &self.on_refresh {
+            hook(TokenPair {
+                access_token: response.access_token().clone(),
+                refresh_token: held.clone(),
+            })
+            .await;
+        }
+        Ok(credential)
+    }
+
+    fn credential(
+        &self,
+        response: &TokenResponse,
+        arrived: Instant,
+    ) -> Result<Credential, TokenError> {
+        let invalid = |detail| TokenError::new(TokenErrorKind::InvalidResponse).detail(detail);
+        let scheme = match (&self.scheme, response.token_type()) {
+            (Some(scheme), _) => scheme.as_str(),
+            (None, None) => "Bearer",
+            (None, Some(t)) if t.trim().eq_ignore_ascii_case("bearer") => "Bearer",
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "the token_type is not bearer; set TokenSource::scheme to send it anyway",
+                ));
+            }
+        };
+        let token = response.access_token().expose();
+        let lifetime = match response.expires_in() {
+            Some(lifetime) => Some(lifetime),
+            None => match jwt_expiry(token) {
+                Some(exp) => match exp.duration_since(SystemTime::now()) {
+                    Ok(left) if !left.is_zero() => Some(left),
+                    _ => return Err(invalid("the access token's jwt exp is in the past")),
+                },
+                None if self.require_expiry => {
+                    return Err(invalid(
+                        "the response states no lifetime and the token is not a jwt with exp",
+                    ));
+                }
+                None => self.default_lifetime,
+            },
+        };
+        let credential = Credential::with_scheme(scheme, token)
+            .map_err(|_| invalid("the access token holds characters a header cannot carry"))?;
+        Ok(match lifetime.and_then(|l| arrived.checked_add(l)) {
+            Some(at) => credential.expires_at(at),
+            None => credential,
+        })
+    }
+}
