@@ -1,10 +1,11 @@
 //! Shared helpers for the scenario tests: a scriptable, counting credential source, a
 //! recording fake API service, and a real HTTP/1 server on 127.0.0.1.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
+
+pub mod providers;
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -208,32 +209,19 @@ pub fn post(path: &str, body: &'static [u8]) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
-/// Starts a real HTTP/1.1 server on 127.0.0.1:0 serving `handler`; returns its address.
-/// The server runs until the test's runtime ends.
-pub async fn serve<F, Fut>(handler: F) -> SocketAddr
-where
-    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(req).await) }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
-            });
-        }
-    });
-    addr
+pub use providers::serve;
+
+/// A plain hyper-util HTTP/1 client for the API side, as a user would build it.
+pub fn api_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    ReplayBody<Full<Bytes>>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// The default HTTPS token client, allowed to reach the loopback test servers.
+pub fn token_client() -> tower_client_auth::token::TokenClient {
+    tower_client_auth::token::TokenClient::https()
+        .unwrap()
+        .allow_http_loopback(true)
 }

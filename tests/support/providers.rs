@@ -1,0 +1,686 @@
+//! Loopback servers that behave exactly as `../shared/auth-flows.md` describes, one per
+//! authentication style, with counters for what they saw. Plain HTTP on 127.0.0.1 (the
+//! TLS test wraps the same handlers in rustls).
+//!
+//! Self-contained so the examples can include it with `#[path]`.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    collections::{HashMap, HashSet},
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+
+pub type Reply = Response<Full<Bytes>>;
+
+/// A request as the handlers see it: body read whole.
+pub struct Incoming {
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Incoming {
+    pub fn bearer(&self) -> Option<&str> {
+        self.headers
+            .get(header::AUTHORIZATION)?
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")
+    }
+
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    pub fn form(&self) -> HashMap<String, String> {
+        form_urlencoded::parse(&self.body).into_owned().collect()
+    }
+}
+
+pub fn reply(status: StatusCode, body: Value) -> Reply {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+/// Serves `handler` over HTTP/1.1 on 127.0.0.1:0 until the runtime ends.
+pub async fn serve<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Reply> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Reads the request whole, then asks `handle`.
+pub async fn read(req: Request<hyper::body::Incoming>) -> Incoming {
+    let (parts, body) = req.into_parts();
+    Incoming {
+        method: parts.method,
+        path: parts.uri.path().to_owned(),
+        headers: parts.headers,
+        body: body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default(),
+    }
+}
+
+/// A trait for the provider state: answer one request.
+pub trait Provider: Send + Sync + 'static {
+    fn handle(&self, req: Incoming) -> Reply;
+}
+
+/// Starts `provider` on loopback; returns its base URL (`http://127.0.0.1:PORT`).
+pub async fn start<P: Provider>(provider: Arc<P>) -> String {
+    let addr = serve(move |req| {
+        let provider = provider.clone();
+        async move { provider.handle(read(req).await) }
+    })
+    .await;
+    format!("http://{addr}")
+}
+
+fn unauthorized() -> Reply {
+    reply(StatusCode::UNAUTHORIZED, json!({"error": "unauthorized"}))
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn b64(v: &Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+// ---------------------------------------------------------------------------------------
+// Style A: session login with key + secret; a JWT whose only lifetime is its `exp`.
+
+pub struct SessionApi {
+    pub key: String,
+    pub secret: String,
+    /// JWT lifetime (the real provider: 1 hour).
+    pub lifetime: Duration,
+    /// Answer everything with 301 to https, as the provider does on plain http.
+    pub redirect_to_https: AtomicBool,
+    pub logins: AtomicUsize,
+    pub bad_logins: AtomicUsize,
+    pub api_calls: AtomicUsize,
+    pub unauthorized: AtomicUsize,
+    tokens: Mutex<HashMap<String, f64>>,
+}
+
+impl SessionApi {
+    pub fn new(key: &str, secret: &str, lifetime: Duration) -> Arc<Self> {
+        Arc::new(SessionApi {
+            key: key.into(),
+            secret: secret.into(),
+            lifetime,
+            redirect_to_https: AtomicBool::new(false),
+            logins: AtomicUsize::new(0),
+            bad_logins: AtomicUsize::new(0),
+            api_calls: AtomicUsize::new(0),
+            unauthorized: AtomicUsize::new(0),
+            tokens: Mutex::default(),
+        })
+    }
+}
+
+impl Provider for SessionApi {
+    fn handle(&self, req: Incoming) -> Reply {
+        if self.redirect_to_https.load(SeqCst) {
+            let mut res = reply(StatusCode::MOVED_PERMANENTLY, json!({}));
+            res.headers_mut()
+                .insert(header::LOCATION, "https://localhost/".parse().unwrap());
+            return res;
+        }
+        if req.path == "/v1/sessions" && req.method == Method::POST {
+            let body = req.json().unwrap_or(Value::Null);
+            let ok = req
+                .headers
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|c| c == "application/json")
+                && body["type"] == "api-key"
+                && body["key"] == self.key.as_str()
+                && body["secret"] == self.secret.as_str();
+            if !ok {
+                self.bad_logins.fetch_add(1, SeqCst);
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({"code": 400, "message": "Invalid key or secret"}),
+                );
+            }
+            let n = self.logins.fetch_add(1, SeqCst) + 1;
+            let exp = now_secs() + self.lifetime.as_secs_f64();
+            let jwt = format!(
+                "{}.{}.c2lnbmF0dXJl",
+                b64(&json!({"alg": "HS256", "typ": "JWT"})),
+                b64(&json!({"sub": self.key, "jti": n, "exp": exp}))
+            );
+            self.tokens.lock().unwrap().insert(jwt.clone(), exp);
+            return reply(StatusCode::OK, json!({"access_token": jwt}));
+        }
+        self.api_calls.fetch_add(1, SeqCst);
+        let valid = req
+            .bearer()
+            .and_then(|t| self.tokens.lock().unwrap().get(t).copied())
+            .is_some_and(|exp| now_secs() < exp);
+        if valid {
+            reply(StatusCode::OK, json!({"consents": []}))
+        } else {
+            self.unauthorized.fetch_add(1, SeqCst);
+            unauthorized()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Style B: OAuth2 client credentials with a JSON body and an audience.
+
+pub struct AudienceApi {
+    pub client_id: String,
+    pub client_secret: String,
+    pub audience: String,
+    pub token_requests: AtomicUsize,
+    pub api_calls: AtomicUsize,
+    pub expired_answers: AtomicUsize,
+    valid: Mutex<HashSet<String>>,
+}
+
+impl AudienceApi {
+    pub fn new(client_id: &str, client_secret: &str, audience: &str) -> Arc<Self> {
+        Arc::new(AudienceApi {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            audience: audience.into(),
+            token_requests: AtomicUsize::new(0),
+            api_calls: AtomicUsize::new(0),
+            expired_answers: AtomicUsize::new(0),
+            valid: Mutex::default(),
+        })
+    }
+
+    /// Every token issued so far expires now.
+    pub fn expire_all(&self) {
+        self.valid.lock().unwrap().clear();
+    }
+}
+
+impl Provider for AudienceApi {
+    fn handle(&self, req: Incoming) -> Reply {
+        if req.path == "/oauth/token" && req.method == Method::POST {
+            let n = self.token_requests.fetch_add(1, SeqCst) + 1;
+            let b = req.json().unwrap_or(Value::Null);
+            if b["grant_type"] != "client_credentials"
+                || b["client_id"] != self.client_id.as_str()
+                || b["client_secret"] != self.client_secret.as_str()
+                || b["audience"] != self.audience.as_str()
+            {
+                return reply(
+                    StatusCode::UNAUTHORIZED,
+                    json!({"error": "access_denied", "error_description": "Unauthorized"}),
+                );
+            }
+            let token = format!("b-token-{n}");
+            self.valid.lock().unwrap().insert(token.clone());
+            return reply(
+                StatusCode::OK,
+                json!({"access_token": token, "expires_in": 86400, "token_type": "Bearer"}),
+            );
+        }
+        self.api_calls.fetch_add(1, SeqCst);
+        if req
+            .bearer()
+            .is_some_and(|t| self.valid.lock().unwrap().contains(t))
+        {
+            reply(StatusCode::OK, json!({"vessels": []}))
+        } else {
+            self.expired_answers.fetch_add(1, SeqCst);
+            reply(
+                StatusCode::UNAUTHORIZED,
+                json!({"statusCode": 401, "statusText": "Unauthorized", "message": "Token expired.", "path": req.path}),
+            )
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Style C: API-key login, access + refresh token, rotation, reactive refresh only.
+
+#[derive(Default)]
+struct RotationState {
+    /// access token -> expired?
+    access: HashMap<String, bool>,
+    /// refresh token -> (its access token, already used or revoked?)
+    refresh: HashMap<String, (String, bool)>,
+    seen_refresh_tokens: HashSet<String>,
+    next: usize,
+}
+
+pub struct RotatingApi {
+    pub api_key: String,
+    pub logins: AtomicUsize,
+    pub refreshes: AtomicUsize,
+    /// Refresh attempts while the access token was still valid (rejected).
+    pub early_refreshes: AtomicUsize,
+    /// A refresh token presented a second time.
+    pub reused_refresh_tokens: AtomicUsize,
+    pub api_calls: AtomicUsize,
+    state: Mutex<RotationState>,
+}
+
+impl RotatingApi {
+    pub fn new(api_key: &str) -> Arc<Self> {
+        Arc::new(RotatingApi {
+            api_key: api_key.into(),
+            logins: AtomicUsize::new(0),
+            refreshes: AtomicUsize::new(0),
+            early_refreshes: AtomicUsize::new(0),
+            reused_refresh_tokens: AtomicUsize::new(0),
+            api_calls: AtomicUsize::new(0),
+            state: Mutex::default(),
+        })
+    }
+
+    /// The session expires: every access token answers 401 from now on.
+    pub fn expire_sessions(&self) {
+        self.state
+            .lock()
+            .unwrap()
+            .access
+            .values_mut()
+            .for_each(|expired| *expired = true);
+    }
+
+    /// Revokes every refresh token (as if it expired server-side).
+    pub fn revoke_refresh_tokens(&self) {
+        self.state
+            .lock()
+            .unwrap()
+            .refresh
+            .values_mut()
+            .for_each(|(_, dead)| *dead = true);
+    }
+
+    fn issue(state: &mut RotationState) -> Value {
+        state.next += 1;
+        let (access, refresh) = (
+            format!("c-access-{}", state.next),
+            format!("c-refresh-{}", state.next),
+        );
+        state.access.insert(access.clone(), false);
+        state
+            .refresh
+            .insert(refresh.clone(), (access.clone(), false));
+        json!({"access_token": access, "refresh_token": refresh})
+    }
+}
+
+impl Provider for RotatingApi {
+    fn handle(&self, req: Incoming) -> Reply {
+        let mut state = self.state.lock().unwrap();
+        match (req.method.clone(), req.path.as_str()) {
+            (Method::POST, "/v3/auth/login") => {
+                if req
+                    .json()
+                    .is_none_or(|b| b["api_key"] != self.api_key.as_str())
+                {
+                    return reply(
+                        StatusCode::UNAUTHORIZED,
+                        json!({"error": "invalid api key"}),
+                    );
+                }
+                self.logins.fetch_add(1, SeqCst);
+                reply(StatusCode::OK, Self::issue(&mut state))
+            }
+            (Method::POST, "/v3/auth/refresh") => {
+                let token = req
+                    .json()
+                    .and_then(|b| b["refresh_token"].as_str().map(str::to_owned));
+                let Some(token) = token else {
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        json!({"error": "refresh_token missing"}),
+                    );
+                };
+                if !state.seen_refresh_tokens.insert(token.clone()) {
+                    self.reused_refresh_tokens.fetch_add(1, SeqCst);
+                }
+                let Some((access, dead)) = state.refresh.get(&token).cloned() else {
+                    return reply(
+                        StatusCode::UNAUTHORIZED,
+                        json!({"error": "unknown refresh token"}),
+                    );
+                };
+                if dead {
+                    return reply(
+                        StatusCode::UNAUTHORIZED,
+                        json!({"error": "refresh token expired"}),
+                    );
+                }
+                if state.access.get(&access) == Some(&false) {
+                    self.early_refreshes.fetch_add(1, SeqCst);
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        json!({"error": "access token has not expired"}),
+                    );
+                }
+                state.refresh.insert(token, (access, true));
+                self.refreshes.fetch_add(1, SeqCst);
+                reply(StatusCode::OK, Self::issue(&mut state))
+            }
+            _ => {
+                self.api_calls.fetch_add(1, SeqCst);
+                match req.bearer().and_then(|t| state.access.get(t)) {
+                    Some(false) => reply(StatusCode::OK, json!({"accounts": []})),
+                    _ => unauthorized(),
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// OAuth2 refresh grant (RFC 6749 §6), form + Basic, rotation with reuse detection: a
+// refresh token presented twice revokes its whole family.
+
+#[derive(Default)]
+struct GrantState {
+    access: HashMap<String, (usize, bool)>,
+    /// refresh token -> (family, used)
+    refresh: HashMap<String, (usize, bool)>,
+    revoked_families: HashSet<usize>,
+    next: usize,
+}
+
+pub struct RefreshGrantApi {
+    pub client_id: String,
+    pub client_secret: String,
+    pub password_grants: AtomicUsize,
+    pub refresh_grants: AtomicUsize,
+    pub family_revocations: AtomicUsize,
+    pub api_calls: AtomicUsize,
+    state: Mutex<GrantState>,
+}
+
+impl RefreshGrantApi {
+    pub fn new(client_id: &str, client_secret: &str) -> Arc<Self> {
+        Arc::new(RefreshGrantApi {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            password_grants: AtomicUsize::new(0),
+            refresh_grants: AtomicUsize::new(0),
+            family_revocations: AtomicUsize::new(0),
+            api_calls: AtomicUsize::new(0),
+            state: Mutex::default(),
+        })
+    }
+
+    pub fn expire_access_tokens(&self) {
+        self.state
+            .lock()
+            .unwrap()
+            .access
+            .values_mut()
+            .for_each(|(_, expired)| *expired = true);
+    }
+
+    fn issue(&self, state: &mut GrantState, family: usize) -> Reply {
+        state.next += 1;
+        let (access, refresh) = (
+            format!("g-access-{}", state.next),
+            format!("g-refresh-{}", state.next),
+        );
+        state.access.insert(access.clone(), (family, false));
+        state.refresh.insert(refresh.clone(), (family, false));
+        reply(
+            StatusCode::OK,
+            json!({"access_token": access, "refresh_token": refresh, "token_type": "bearer", "expires_in": "3600"}),
+        )
+    }
+
+    fn client_ok(&self, headers: &HeaderMap) -> bool {
+        basic_credentials(headers)
+            .is_some_and(|(id, secret)| id == self.client_id && secret == self.client_secret)
+    }
+}
+
+/// Decodes `Authorization: Basic`, url-decoding id and secret (RFC 6749 §2.3.1).
+pub fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    let unescape = |s: &str| {
+        form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+    };
+    Some((unescape(id)?, unescape(secret)?))
+}
+
+impl Provider for RefreshGrantApi {
+    fn handle(&self, req: Incoming) -> Reply {
+        let mut state = self.state.lock().unwrap();
+        if req.path == "/oauth/token" {
+            if !self.client_ok(&req.headers) {
+                return reply(StatusCode::UNAUTHORIZED, json!({"error": "invalid_client"}));
+            }
+            let form = req.form();
+            return match form.get("grant_type").map(String::as_str) {
+                Some("password")
+                    if form.get("username").is_some_and(|u| u == "alice")
+                        && form.get("password").is_some_and(|p| p == "wonderland") =>
+                {
+                    self.password_grants.fetch_add(1, SeqCst);
+                    state.next += 1;
+                    let family = state.next;
+                    self.issue(&mut state, family)
+                }
+                Some("refresh_token") => {
+                    let token = form.get("refresh_token").cloned().unwrap_or_default();
+                    match state.refresh.get(&token).copied() {
+                        Some((family, false)) if !state.revoked_families.contains(&family) => {
+                            state.refresh.insert(token, (family, true));
+                            self.refresh_grants.fetch_add(1, SeqCst);
+                            self.issue(&mut state, family)
+                        }
+                        Some((family, true)) => {
+                            // Reuse: revoke the whole family, access tokens included.
+                            if state.revoked_families.insert(family) {
+                                self.family_revocations.fetch_add(1, SeqCst);
+                            }
+                            reply(
+                                StatusCode::BAD_REQUEST,
+                                json!({"error": "invalid_grant", "error_description": "refresh token reused"}),
+                            )
+                        }
+                        _ => reply(StatusCode::BAD_REQUEST, json!({"error": "invalid_grant"})),
+                    }
+                }
+                _ => reply(StatusCode::BAD_REQUEST, json!({"error": "invalid_grant"})),
+            };
+        }
+        self.api_calls.fetch_add(1, SeqCst);
+        match req.bearer().and_then(|t| state.access.get(t)).copied() {
+            Some((family, false)) if !state.revoked_families.contains(&family) => {
+                reply(StatusCode::OK, json!({}))
+            }
+            _ => unauthorized(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Style D: OAuth2 client credentials, HTTP Basic + form body, scopes; 403 for missing
+// permissions.
+
+pub struct ClientCredentialsApi {
+    pub client_id: String,
+    pub client_secret: String,
+    pub token_requests: AtomicUsize,
+    pub api_calls: AtomicUsize,
+    pub last_scope: Mutex<Option<String>>,
+    valid: Mutex<HashMap<String, String>>,
+}
+
+impl ClientCredentialsApi {
+    pub fn new(client_id: &str, client_secret: &str) -> Arc<Self> {
+        Arc::new(ClientCredentialsApi {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            token_requests: AtomicUsize::new(0),
+            api_calls: AtomicUsize::new(0),
+            last_scope: Mutex::default(),
+            valid: Mutex::default(),
+        })
+    }
+}
+
+impl Provider for ClientCredentialsApi {
+    fn handle(&self, req: Incoming) -> Reply {
+        if req.path == "/oauth/v2/token" && req.method == Method::POST {
+            let n = self.token_requests.fetch_add(1, SeqCst) + 1;
+            let client_ok = basic_credentials(&req.headers)
+                .is_some_and(|(id, secret)| id == self.client_id && secret == self.client_secret);
+            if !client_ok {
+                return reply(
+                    StatusCode::UNAUTHORIZED,
+                    json!({"error": "invalid_client", "error_description": "Client authentication failed"}),
+                );
+            }
+            let form_ok = req
+                .headers
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|c| c == "application/x-www-form-urlencoded");
+            let form = req.form();
+            if !form_ok || form.get("grant_type").map(String::as_str) != Some("client_credentials")
+            {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "unsupported_grant_type"}),
+                );
+            }
+            let scope = form.get("scope").cloned().unwrap_or_default();
+            *self.last_scope.lock().unwrap() = Some(scope.clone());
+            let token = format!("d-token-{n}");
+            self.valid.lock().unwrap().insert(token.clone(), scope);
+            return reply(
+                StatusCode::OK,
+                json!({"token_type": "Bearer", "expires_in": 3600, "access_token": token}),
+            );
+        }
+        self.api_calls.fetch_add(1, SeqCst);
+        let scope = req
+            .bearer()
+            .and_then(|t| self.valid.lock().unwrap().get(t).cloned());
+        match scope {
+            None => unauthorized(),
+            Some(scope)
+                if req.path.starts_with("/v1/admin") && !scope.split(' ').any(|s| s == "admin") =>
+            {
+                reply(
+                    StatusCode::FORBIDDEN,
+                    json!({"error": "insufficient_scope"}),
+                )
+            }
+            Some(_) => reply(StatusCode::OK, json!({"shipments": []})),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Style E: personal access tokens, cookies and the custom `Secret` scheme.
+
+pub struct PersonalTokenApi {
+    pub pat: Mutex<String>,
+    pub cookie: (String, String),
+    pub client_secret: String,
+    pub api_calls: AtomicUsize,
+}
+
+impl PersonalTokenApi {
+    pub fn new(pat: &str, cookie: (&str, &str), client_secret: &str) -> Arc<Self> {
+        Arc::new(PersonalTokenApi {
+            pat: Mutex::new(pat.into()),
+            cookie: (cookie.0.into(), cookie.1.into()),
+            client_secret: client_secret.into(),
+            api_calls: AtomicUsize::new(0),
+        })
+    }
+
+    /// The user revokes the token and issues a new one.
+    pub fn reissue(&self, pat: &str) {
+        *self.pat.lock().unwrap() = pat.into();
+    }
+}
+
+impl Provider for PersonalTokenApi {
+    fn handle(&self, req: Incoming) -> Reply {
+        self.api_calls.fetch_add(1, SeqCst);
+        let auth = req
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let ok = match req.path.as_str() {
+            "/api/me" => auth == Some(&format!("Bearer {}", self.pat.lock().unwrap())),
+            "/api/cookie/me" => req
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split("; "))
+                .any(|c| c == format!("{}={}", self.cookie.0, self.cookie.1)),
+            "/api/clients/verify" => auth == Some(&format!("Secret {}", self.client_secret)),
+            _ => false,
+        };
+        if ok {
+            reply(StatusCode::OK, json!({"ok": true}))
+        } else {
+            unauthorized()
+        }
+    }
+}

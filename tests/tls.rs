@@ -1,0 +1,143 @@
+//! The whole flow over real TLS: a self-signed certificate made at test time, a rustls
+//! loopback server (token endpoint and API), the default HTTPS token client trusting it,
+//! and `AuthLayer` in strict mode (https only, no loopback exception).
+
+mod support;
+
+use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering::SeqCst};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use support::providers::{ClientCredentialsApi, Provider, read};
+use tower::{Layer, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, CredentialCache, ReplayBody,
+    token::{TokenClient, TokenError, TokenErrorKind, TokenSource},
+};
+
+struct Tls {
+    addr: SocketAddr,
+    root_der: Vec<u8>,
+}
+
+/// Serves `provider` over TLS on 127.0.0.1 with a fresh self-signed certificate for that
+/// address.
+async fn serve_tls<P: Provider>(provider: Arc<P>) -> Tls {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert_der = certified.cert.der().to_vec();
+    let key_der = certified.signing_key.serialize_der();
+    let provider_ring = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider_ring)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![rustls::pki_types::CertificateDer::from(cert_der.clone())],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.into()),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, provider) = (acceptor.clone(), provider.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req| {
+                    let provider = provider.clone();
+                    async move { Ok::<_, std::convert::Infallible>(provider.handle(read(req).await)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    Tls {
+        addr,
+        root_der: cert_der,
+    }
+}
+
+/// An API client that trusts `root` (what a user's own HTTPS client would do).
+fn https_api_client(
+    root: &[u8],
+) -> hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    ReplayBody<Full<Bytes>>,
+> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(root.to_vec()))
+        .unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
+}
+
+/// World: style D served only over TLS with a certificate no public root signs. Proves:
+/// the default HTTPS token client, given that root, fetches the token; the layer sends
+/// it over TLS; the API answers 200; without the root the handshake fails as a typed
+/// transport error.
+#[tokio::test]
+async fn whole_flow_over_real_tls() {
+    let api = ClientCredentialsApi::new("tls-client", "tls-secret");
+    let tls = serve_tls(api.clone()).await;
+    let token_url = format!("https://{}/oauth/v2/token", tls.addr);
+
+    let source = TokenSource::client_credentials(&token_url, "tls-client", "tls-secret")
+        .unwrap()
+        .client(TokenClient::https_with_roots([&tls.root_der]).unwrap());
+    let svc = AuthLayer::new(source).layer(https_api_client(&tls.root_der));
+    for _ in 0..3 {
+        let req = Request::get(format!("https://{}/v1/shipments", tls.addr))
+            .body(Full::default())
+            .unwrap();
+        let res = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res.into_body().collect().await.unwrap();
+    }
+    assert_eq!(api.token_requests.load(SeqCst), 1);
+    assert_eq!(api.api_calls.load(SeqCst), 3);
+
+    let untrusting = TokenSource::client_credentials(&token_url, "tls-client", "tls-secret")
+        .unwrap()
+        .client(TokenClient::https().unwrap());
+    let err = CredentialCache::new(untrusting)
+        .credential()
+        .await
+        .unwrap_err();
+    let token = std::error::Error::source(&err)
+        .unwrap()
+        .downcast_ref::<TokenError>()
+        .unwrap();
+    assert_eq!(token.kind(), TokenErrorKind::Transport);
+    assert_eq!(
+        api.token_requests.load(SeqCst),
+        1,
+        "nothing reached the server"
+    );
+}
+
+/// A root that is not a certificate is a typed error, not a panic.
+#[test]
+fn bad_root_certificate_is_a_typed_error() {
+    let err = TokenClient::https_with_roots([b"not a certificate".as_slice()]).unwrap_err();
+    assert_eq!(err.kind(), TokenErrorKind::InvalidRequest);
+}
