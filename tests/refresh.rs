@@ -41,11 +41,20 @@ fn token(res: &http::Response<String>, api: &FakeApi) -> String {
     api.seen().last().unwrap().authorization.clone().unwrap()
 }
 
-/// World: a 100 s token and a gated token endpoint. At 80 s (soft window) requests keep
-/// flowing with the old token while exactly one background refresh waits at the
-/// endpoint; once it lands, the next request uses the new token without another fetch.
-#[tokio::test(start_paused = true)]
-async fn soft_window_refreshes_in_background() {
+/// A 100 s token from a gated endpoint, already fetched once (`token-1` at t = 0), behind
+/// the layer over a fake API.
+async fn gated_100s_world() -> (
+    TestSource,
+    FakeApi,
+    impl tower::Service<
+        http::Request<http_body_util::Full<bytes::Bytes>>,
+        Response = http::Response<String>,
+        Error = BoxError,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static,
+) {
     let source = TestSource::build(
         Some(Duration::from_secs(100)),
         Duration::ZERO,
@@ -56,6 +65,15 @@ async fn soft_window_refreshes_in_background() {
     let svc = AuthLayer::with_cache(cache(source.clone())).layer(api.service());
     source.release(1);
     svc.clone().oneshot(get("/")).await.unwrap();
+    (source, api, svc)
+}
+
+/// World: a 100 s token and a gated token endpoint. At 80 s (soft window) requests keep
+/// flowing with the old token while exactly one background refresh waits at the
+/// endpoint; once it lands, the next request uses the new token without another fetch.
+#[tokio::test(start_paused = true)]
+async fn soft_window_refreshes_in_background() {
+    let (source, api, svc) = gated_100s_world().await;
 
     tokio::time::sleep(Duration::from_secs(80)).await;
     for _ in 0..50 {
@@ -81,16 +99,7 @@ async fn soft_window_refreshes_in_background() {
 /// refresh instead of sending the nearly-expired token.
 #[tokio::test(start_paused = true)]
 async fn hard_window_waits_for_the_refresh() {
-    let source = TestSource::build(
-        Some(Duration::from_secs(100)),
-        Duration::ZERO,
-        true,
-        RefreshMode::Proactive,
-    );
-    let api = FakeApi::new(|_, _| StatusCode::OK);
-    let svc = AuthLayer::with_cache(cache(source.clone())).layer(api.service());
-    source.release(1);
-    svc.clone().oneshot(get("/")).await.unwrap();
+    let (source, api, svc) = gated_100s_world().await;
 
     tokio::time::sleep(Duration::from_secs(96)).await;
     let waiting = tokio::spawn(svc.clone().oneshot(get("/")));

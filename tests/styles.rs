@@ -49,6 +49,19 @@ where
     Ok(status)
 }
 
+/// Sends `n` concurrent GETs to `url`; every one must end 200.
+async fn all_ok(svc: &Client, url: &str, n: usize) {
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let (svc, url) = (svc.clone(), url.to_owned());
+            tokio::spawn(async move { get(&svc, url).await.unwrap() })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200);
+    }
+}
+
 /// The token error at the bottom of a request error.
 fn token_error(err: &BoxError) -> &TokenError {
     let ours = err.downcast_ref::<Error>().expect("a crate error");
@@ -173,17 +186,7 @@ async fn style_b_json_audience_and_expired_token_mid_run() {
     assert_eq!(api.token_requests.load(SeqCst), 1);
 
     api.expire_all();
-    let calls: Vec<_> = (0..20)
-        .map(|_| {
-            tokio::spawn({
-                let (svc, base) = (svc.clone(), base.clone());
-                async move { get(&svc, format!("{base}/api/vessels")).await.unwrap() }
-            })
-        })
-        .collect();
-    for call in calls {
-        assert_eq!(call.await.unwrap(), 200);
-    }
+    all_ok(&svc, &format!("{base}/api/vessels"), 20).await;
     assert_eq!(
         api.token_requests.load(SeqCst),
         2,
@@ -215,15 +218,7 @@ async fn style_c_refresh_on_401_with_rotation_under_concurrency() {
 
     for round in 1..=3 {
         api.expire_sessions();
-        let calls: Vec<_> = (0..200)
-            .map(|_| {
-                let (svc, base) = (svc.clone(), base.clone());
-                tokio::spawn(async move { get(&svc, format!("{base}/v3/accounts")).await.unwrap() })
-            })
-            .collect();
-        for call in calls {
-            assert_eq!(call.await.unwrap(), 200);
-        }
+        all_ok(&svc, &format!("{base}/v3/accounts"), 200).await;
         assert_eq!(api.refreshes.load(SeqCst), round, "one refresh per expiry");
     }
     assert_eq!(api.logins.load(SeqCst), 1, "never logged in again");
@@ -321,15 +316,7 @@ async fn oauth2_refresh_grant_rotation_without_family_revocation() {
     assert_eq!(get(&svc, format!("{base}/api/me")).await.unwrap(), 200);
     for round in 1..=3 {
         api.expire_access_tokens();
-        let calls: Vec<_> = (0..200)
-            .map(|_| {
-                let (svc, base) = (svc.clone(), base.clone());
-                tokio::spawn(async move { get(&svc, format!("{base}/api/me")).await.unwrap() })
-            })
-            .collect();
-        for call in calls {
-            assert_eq!(call.await.unwrap(), 200);
-        }
+        all_ok(&svc, &format!("{base}/api/me"), 200).await;
         assert_eq!(api.refresh_grants.load(SeqCst), round);
     }
     assert_eq!(api.family_revocations.load(SeqCst), 0);

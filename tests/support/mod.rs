@@ -161,10 +161,12 @@ impl FakeApi {
         Request<ReplayBody<Full<Bytes>>>,
         Response = Response<String>,
         Error = Infallible,
-        Future = impl Send,
-    > + Clone
+        Future: Send,
+    >
+    + Clone
     + Send
-    + 'static {
+    + 'static
+    + use<> {
         let api = self.clone();
         tower::service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
             let api = api.clone();
