@@ -48,7 +48,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll, ready},
     time::Duration,
@@ -195,6 +195,7 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
             config: self.config,
             current: ArcSwapOption::empty(),
             state: Mutex::new(State::default()),
+            stats: Stats::default(),
         });
         let weak: Weak<Inner<P>> = Arc::downgrade(&inner);
         inner.source.attach(CacheHandle { inner: weak });
@@ -222,6 +223,23 @@ impl<P: CredentialSource> CredentialCache<P> {
                 store: None,
             },
         }
+    }
+
+    /// Counts of what the refresh path did so far. Nothing is counted per request: the
+    /// hot path stays free of shared writes.
+    pub fn stats(&self) -> CacheStats {
+        let s = &self.inner.stats;
+        CacheStats {
+            fetches: s.fetches.load(Ordering::Relaxed),
+            fetch_failures: s.fetch_failures.load(Ordering::Relaxed),
+            rejections: s.rejections.load(Ordering::Relaxed),
+            replays: s.replays.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a replay (called by the layer and the reqwest middleware).
+    pub(crate) fn record_replay(&self) {
+        self.inner.stats.replays.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The source this cache refreshes from.
@@ -308,6 +326,7 @@ impl<P: CredentialSource> CredentialCache<P> {
             match want {
                 Some(Want::Replace(generation)) if entry.generation == generation => {
                     tracing::debug!(generation, "credential rejected; invalidating it");
+                    inner.stats.rejections.fetch_add(1, Ordering::Relaxed);
                     inner.current.store(None);
                     reason = FetchReason::Rejected;
                     previous = Some(entry.credential.clone());
@@ -353,6 +372,7 @@ impl<P: CredentialSource> CredentialCache<P> {
             epoch: state.epoch,
             done: false,
         };
+        inner.stats.fetches.fetch_add(1, Ordering::Relaxed);
         let cx = FetchContext::new(reason, previous);
         let span = tracing::debug_span!("credential_refresh", reason = ?reason);
         tracing::debug!(parent: &span, background = still_valid.is_some(), "starting credential refresh");
@@ -435,6 +455,29 @@ struct Inner<P> {
     /// The hot path reads this; it is written only under `state`'s lock.
     current: ArcSwapOption<Entry>,
     state: Mutex<State>,
+    stats: Stats,
+}
+
+#[derive(Default)]
+struct Stats {
+    fetches: AtomicU64,
+    fetch_failures: AtomicU64,
+    rejections: AtomicU64,
+    replays: AtomicU64,
+}
+
+/// What a [`CredentialCache`]'s refresh path has done, from [`CredentialCache::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Times the refresh path started (a store lookup, then the source if needed).
+    pub fetches: u64,
+    /// Refreshes that failed (error, timeout, panic, cancelled).
+    pub fetch_failures: u64,
+    /// Rejections that invalidated the current credential (at most one per credential).
+    pub rejections: u64,
+    /// Requests replayed with a new credential after a rejection.
+    pub replays: u64,
 }
 
 #[derive(Default)]
@@ -734,6 +777,7 @@ impl<P: CredentialSource> FlightGuard<P> {
     }
 
     fn record_failure(inner: &Inner<P>, state: &mut State, err: &Error, now: Instant) {
+        inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
         state.failures = state.failures.saturating_add(1);
         let delay = inner.backoff(state.failures);
         let retry_at = now + delay;

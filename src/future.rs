@@ -33,7 +33,7 @@ use crate::{
     body::{NotReplayed, ReplayBody, ReplayHandle},
     cache::{Acquire, CredentialCache, Entry},
     error::{BoxError, Error},
-    policy::{ExistingHeader, NoReplay, Policy},
+    policy::{NoReplay, Policy},
     source::CredentialSource,
 };
 
@@ -57,7 +57,7 @@ pin_project! {
         Failed { error: Option<Error> },
         Waiting { acquire: Acquire, pending: Option<Pending<S, B, P>> },
         First { #[pin] future: S::Future, retry: Option<Retry<S, P>> },
-        Refreshing { acquire: Acquire, resend: Option<Resend<S, B>> },
+        Refreshing { acquire: Acquire, resend: Option<Resend<S, B, P>> },
         Second { #[pin] future: Oneshot<S, Request<ReplayBody<B>>>, policy: Policy },
     }
 }
@@ -104,11 +104,12 @@ struct Replay<S> {
 }
 
 /// A replay waiting for the new credential: everything but the credential is ready.
-struct Resend<S, B> {
+struct Resend<S, B, P> {
     service: S,
     head: Head,
     body: ReplayBody<B>,
     policy: Policy,
+    cache: CredentialCache<P>,
 }
 
 struct Head {
@@ -184,9 +185,7 @@ where
         policy: Policy,
     ) -> Self {
         let credential = &entry.credential;
-        if policy.existing_header == ExistingHeader::PassThrough
-            && credential.is_present_in(request.headers())
-        {
+        if policy.passes_through(credential, request.headers()) {
             let future = service.call(request.map(ReplayBody::forward));
             return ResponseFuture {
                 state: State::First {
@@ -274,6 +273,7 @@ where
                             head: replay.head,
                             body,
                             policy: retry.policy,
+                            cache: retry.cache,
                         })
                     });
                     match resend {
@@ -306,6 +306,7 @@ where
                         generation = entry.generation,
                         "replaying request with the new credential"
                     );
+                    resend.cache.record_replay();
                     this.state.set(State::Second {
                         future: Oneshot::new(resend.service, request),
                         policy: resend.policy,

@@ -64,6 +64,10 @@ impl<P: CredentialSource> AuthLayer<P> {
         &self.cache
     }
 
+    pub(crate) fn policy(&self) -> Policy {
+        self.policy
+    }
+
     /// Response statuses that mean "credential rejected" and trigger one refresh and one
     /// replay (default [`DEFAULT_REJECTION_STATUSES`](crate::DEFAULT_REJECTION_STATUSES):
     /// `401` only). Only 4xx and 5xx codes are accepted; others are ignored.

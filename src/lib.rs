@@ -69,6 +69,9 @@ mod error;
 mod future;
 mod layer;
 mod policy;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
 mod secret;
 mod service;
 pub mod source;
@@ -78,7 +81,7 @@ pub mod token;
 
 pub use crate::{
     body::{DEFAULT_REPLAY_LIMIT, NotReplayed, ReplayBody},
-    cache::{CacheHandle, CredentialCache, CredentialCacheBuilder},
+    cache::{CacheHandle, CacheStats, CredentialCache, CredentialCacheBuilder},
     credential::Credential,
     error::{BoxError, Error, ErrorKind, InvalidCredential},
     future::ResponseFuture,

@@ -3,9 +3,12 @@
 
 use std::net::IpAddr;
 
-use http::{StatusCode, Uri, uri::Scheme};
+use http::{HeaderMap, StatusCode, Uri};
 
-use crate::error::{Error, ErrorKind};
+use crate::{
+    credential::Credential,
+    error::{Error, ErrorKind},
+};
 
 /// Request extension: send this request with the credential, but never a second time.
 ///
@@ -101,34 +104,68 @@ impl Default for Policy {
 impl Policy {
     /// Whether a credential may be sent to `uri`.
     pub(crate) fn check_transport(&self, uri: &Uri) -> Result<(), Error> {
-        check_transport(uri, self.allow_http_loopback, self.allow_relative_uris)
-            .map_err(|detail| Error::new(ErrorKind::InsecureTransport).with_detail(detail))
+        self.check_transport_parts(uri.scheme_str(), uri.host())
+    }
+
+    /// [`check_transport`](Self::check_transport) for a URL given as scheme and host.
+    pub(crate) fn check_transport_parts(
+        &self,
+        scheme: Option<&str>,
+        host: Option<&str>,
+    ) -> Result<(), Error> {
+        check_transport_parts(
+            scheme,
+            host,
+            self.allow_http_loopback,
+            self.allow_relative_uris,
+        )
+        .map_err(|detail| Error::new(ErrorKind::InsecureTransport).with_detail(detail))
+    }
+
+    /// Whether a request with `headers` goes out untouched: it brings its own credential
+    /// header and the policy is to pass such requests through.
+    pub(crate) fn passes_through(&self, credential: &Credential, headers: &HeaderMap) -> bool {
+        self.existing_header == ExistingHeader::PassThrough && credential.is_present_in(headers)
     }
 }
 
-/// The one transport rule, shared by the layer and the token client: `https` (or `wss`)
-/// always; plain `http` (or `ws`) only to a loopback host and only when allowed; a URI
-/// without a scheme only when allowed. The error says why, without the URI.
+/// The one transport rule, shared by the layer, the reqwest middleware and the token
+/// client: `https` (or `wss`) always; plain `http` (or `ws`) only to a loopback host and
+/// only when allowed; a URI without a scheme only when allowed. The error says why,
+/// without the URI.
 pub(crate) fn check_transport(
     uri: &Uri,
     allow_http_loopback: bool,
     allow_relative: bool,
 ) -> Result<(), &'static str> {
-    let Some(scheme) = uri.scheme() else {
+    check_transport_parts(
+        uri.scheme_str(),
+        uri.host(),
+        allow_http_loopback,
+        allow_relative,
+    )
+}
+
+pub(crate) fn check_transport_parts(
+    scheme: Option<&str>,
+    host: Option<&str>,
+    allow_http_loopback: bool,
+    allow_relative: bool,
+) -> Result<(), &'static str> {
+    let Some(scheme) = scheme else {
         return if allow_relative {
             Ok(())
         } else {
             Err("the request uri has no scheme, so its transport cannot be checked")
         };
     };
-    if *scheme == Scheme::HTTPS || scheme.as_str().eq_ignore_ascii_case("wss") {
+    if scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("wss") {
         return Ok(());
     }
-    let plain = *scheme == Scheme::HTTP || scheme.as_str().eq_ignore_ascii_case("ws");
-    if !plain {
+    if !(scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("ws")) {
         return Err("unknown uri scheme");
     }
-    match uri.host().is_some_and(is_loopback) {
+    match host.is_some_and(is_loopback) {
         true if allow_http_loopback => Ok(()),
         true => Err("plain http to a loopback host needs allow_http_loopback"),
         false => Err("plain http to a non-loopback host"),

@@ -1,0 +1,247 @@
+//! The reqwest-middleware adapter with real reqwest requests against loopback servers:
+//! the layer's rules, a cache shared with a Tower stack, and the order with reqwest-retry.
+#![cfg(feature = "reqwest")]
+
+mod support;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+use reqwest_retry::{RetryTransientMiddleware, policies::ExponentialBackoff};
+use support::{TestSource, providers::serve};
+use tower::{Layer, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, Credential, Error, ErrorKind, NoReplay, RotatingCredential, reqwest::AuthMiddleware,
+};
+
+/// What the server saw: (path, authorization, body) per request.
+type Log = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+
+/// A server that answers by `rule(path, authorization, attempt number on that path)`.
+async fn server(
+    rule: impl Fn(&str, &str, usize) -> StatusCode + Send + Sync + 'static,
+) -> (String, Log) {
+    let log: Log = Arc::default();
+    let rule = Arc::new(rule);
+    let addr = serve({
+        let log = log.clone();
+        move |req: Request<hyper::body::Incoming>| {
+            let (log, rule) = (log.clone(), rule.clone());
+            async move {
+                let req = support::providers::read(req).await;
+                let auth = req
+                    .headers
+                    .get(header::AUTHORIZATION)
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                let mut log = log.lock().unwrap();
+                let attempt = log.iter().filter(|(p, _, _)| *p == req.path).count() + 1;
+                log.push((req.path.clone(), auth.clone(), req.body.to_vec()));
+                let status = rule(&req.path, &auth, attempt);
+                Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap()
+            }
+        }
+    })
+    .await;
+    (format!("http://{addr}"), log)
+}
+
+fn loopback_client(
+    auth: AuthMiddleware<impl tower_client_auth::CredentialSource>,
+) -> ClientWithMiddleware {
+    ClientBuilder::new(reqwest::Client::new())
+        .with(auth.allow_http_loopback(true))
+        .build()
+}
+
+/// Accepts only the newest token the source issued.
+fn newest_only(
+    source: &TestSource,
+) -> impl Fn(&str, &str, usize) -> StatusCode + Send + Sync + 'static {
+    let source = source.clone();
+    move |path, auth, _| match path {
+        "/forbidden" => StatusCode::FORBIDDEN,
+        _ if auth == format!("Bearer token-{}", source.fetches()) && source.fetches() > 1 => {
+            StatusCode::OK
+        }
+        _ => StatusCode::UNAUTHORIZED,
+    }
+}
+
+/// 401 → one refresh → the cloned request (JSON body included) replayed with the new
+/// token; 403 → returned, no refresh; the header is sent and the token reused.
+#[tokio::test]
+async fn rejection_refreshes_and_replays_clonable_requests() {
+    let source = TestSource::new();
+    let (base, log) = server(newest_only(&source)).await;
+    let client = loopback_client(AuthMiddleware::new(source.clone()));
+
+    let res = client
+        .post(format!("{base}/v1/orders"))
+        .body("{\"qty\":2}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let log_now = log.lock().unwrap().clone();
+    assert_eq!(log_now.len(), 2);
+    assert_eq!(log_now[0].1, "Bearer token-1");
+    assert_eq!(log_now[1].1, "Bearer token-2");
+    assert_eq!(log_now[1].2, b"{\"qty\":2}");
+
+    let res = client
+        .get(format!("{base}/forbidden"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    let res = client
+        .get(format!("{base}/v1/orders"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(source.fetches(), 2, "403 refreshed nothing; token reused");
+    assert_eq!(log.lock().unwrap().len(), 4, "and nothing was replayed");
+}
+
+/// A streaming body cannot be cloned: its 401 comes back as it came (the refresh still
+/// happens, for the next request). `NoReplay` in the extensions does the same.
+#[tokio::test]
+async fn streaming_bodies_and_no_replay_return_the_401() {
+    let source = TestSource::new();
+    let (base, log) = server(newest_only(&source)).await;
+    let client = loopback_client(AuthMiddleware::new(source.clone()));
+
+    let stream =
+        futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"chunk"))]);
+    let res = client
+        .put(format!("{base}/v1/blob"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(log.lock().unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(source.fetches(), 2, "the rejected token was still replaced");
+
+    let source = TestSource::new();
+    let (base, log) = server(newest_only(&source)).await;
+    let client = loopback_client(AuthMiddleware::new(source.clone()));
+    let res = client
+        .post(format!("{base}/v1/payments"))
+        .with_extension(NoReplay)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(log.lock().unwrap().len(), 1);
+}
+
+/// Plain http to a non-loopback host is refused before anything is sent.
+#[tokio::test]
+async fn insecure_transport_is_refused() {
+    let source = TestSource::new();
+    let client = loopback_client(AuthMiddleware::new(source.clone()));
+    let err = client
+        .get("http://api.example.invalid/v1")
+        .send()
+        .await
+        .unwrap_err();
+    let reqwest_middleware::Error::Middleware(err) = err else {
+        panic!("{err:?}")
+    };
+    let err = err.downcast_ref::<Error>().expect("the crate's error");
+    assert_eq!(err.kind(), ErrorKind::InsecureTransport);
+    assert_eq!(source.fetches(), 0);
+}
+
+/// One cache behind a Tower stack and a reqwest client: one fetch serves both.
+#[tokio::test]
+async fn one_cache_serves_tower_and_reqwest() {
+    let source = TestSource::new();
+    let (base, log) = server(|_, auth, _| {
+        if auth == "Bearer token-1" {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        }
+    })
+    .await;
+    let layer = AuthLayer::new(source.clone()).allow_http_loopback(true);
+    let reqwest_client = ClientBuilder::new(reqwest::Client::new())
+        .with(AuthMiddleware::from_layer(&layer))
+        .build();
+    let tower_client = layer.layer(support::api_client());
+
+    assert_eq!(
+        reqwest_client
+            .get(format!("{base}/a"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let req = Request::get(format!("{base}/b"))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(tower_client.oneshot(req).await.unwrap().status(), 200);
+    assert_eq!(source.fetches(), 1);
+    assert_eq!(log.lock().unwrap().len(), 2);
+}
+
+/// World: the first attempt meets a 503 and, meanwhile, the token is rotated. With the
+/// retry middleware outside the auth middleware (the documented order), the retry takes
+/// the new token from the cache: the server never sees a stale header. Inside, the retry
+/// would resend the first attempt's header.
+#[tokio::test]
+async fn retry_outside_auth_sends_a_fresh_header_on_every_attempt() {
+    let pat = RotatingCredential::new(Credential::bearer("old").unwrap());
+    let rotate = pat.clone();
+    let (base, log) = server(move |_, auth, attempt| {
+        if attempt == 1 {
+            rotate.rotate(Credential::bearer("new").unwrap());
+            return StatusCode::SERVICE_UNAVAILABLE;
+        }
+        if auth == "Bearer new" {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        }
+    })
+    .await;
+    let retry = RetryTransientMiddleware::new_with_policy(
+        ExponentialBackoff::builder()
+            .retry_bounds(Duration::from_millis(1), Duration::from_millis(5))
+            .build_with_max_retries(2),
+    );
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with(retry)
+        .with(AuthMiddleware::new(pat).allow_http_loopback(true))
+        .build();
+    let res = client.get(format!("{base}/v1/me")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let seen: Vec<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, a, _)| a.clone())
+        .collect();
+    assert_eq!(
+        seen,
+        ["Bearer old", "Bearer new"],
+        "no stale header, no 401"
+    );
+}
