@@ -64,6 +64,7 @@ impl<P: CredentialSource> AuthLayer<P> {
         &self.cache
     }
 
+    #[cfg(feature = "reqwest")]
     pub(crate) fn policy(&self) -> Policy {
         self.policy
     }

@@ -163,6 +163,13 @@ impl SessionApi {
     }
 }
 
+impl SessionApi {
+    /// Revokes every session token: the API answers 401 until the next login.
+    pub fn revoke_all(&self) {
+        self.tokens.lock().unwrap().clear();
+    }
+}
+
 impl Provider for SessionApi {
     fn handle(&self, req: Incoming) -> Reply {
         if self.redirect_to_https.load(SeqCst) {
@@ -218,10 +225,12 @@ pub struct AudienceApi {
     pub client_id: String,
     pub client_secret: String,
     pub audience: String,
+    /// `expires_in` sent with each token, and enforced (the real provider: 86400).
+    pub expires_in_secs: std::sync::atomic::AtomicU64,
     pub token_requests: AtomicUsize,
     pub api_calls: AtomicUsize,
     pub expired_answers: AtomicUsize,
-    valid: Mutex<HashSet<String>>,
+    valid: Mutex<HashMap<String, f64>>,
 }
 
 impl AudienceApi {
@@ -230,6 +239,7 @@ impl AudienceApi {
             client_id: client_id.into(),
             client_secret: client_secret.into(),
             audience: audience.into(),
+            expires_in_secs: std::sync::atomic::AtomicU64::new(86400),
             token_requests: AtomicUsize::new(0),
             api_calls: AtomicUsize::new(0),
             expired_answers: AtomicUsize::new(0),
@@ -259,17 +269,21 @@ impl Provider for AudienceApi {
                 );
             }
             let token = format!("b-token-{n}");
-            self.valid.lock().unwrap().insert(token.clone());
+            let lifetime = self.expires_in_secs.load(SeqCst);
+            self.valid
+                .lock()
+                .unwrap()
+                .insert(token.clone(), now_secs() + lifetime as f64);
             return reply(
                 StatusCode::OK,
-                json!({"access_token": token, "expires_in": 86400, "token_type": "Bearer"}),
+                json!({"access_token": token, "expires_in": lifetime, "token_type": "Bearer"}),
             );
         }
         self.api_calls.fetch_add(1, SeqCst);
-        if req
+        let expires = req
             .bearer()
-            .is_some_and(|t| self.valid.lock().unwrap().contains(t))
-        {
+            .and_then(|t| self.valid.lock().unwrap().get(t).copied());
+        if expires.is_some_and(|exp| now_secs() < exp) {
             reply(StatusCode::OK, json!({"vessels": []}))
         } else {
             self.expired_answers.fetch_add(1, SeqCst);
@@ -561,10 +575,12 @@ impl Provider for RefreshGrantApi {
 pub struct ClientCredentialsApi {
     pub client_id: String,
     pub client_secret: String,
+    /// `expires_in` sent with each token, and enforced (the usual: 3600).
+    pub expires_in_secs: std::sync::atomic::AtomicU64,
     pub token_requests: AtomicUsize,
     pub api_calls: AtomicUsize,
     pub last_scope: Mutex<Option<String>>,
-    valid: Mutex<HashMap<String, String>>,
+    valid: Mutex<HashMap<String, (String, f64)>>,
 }
 
 impl ClientCredentialsApi {
@@ -572,11 +588,19 @@ impl ClientCredentialsApi {
         Arc::new(ClientCredentialsApi {
             client_id: client_id.into(),
             client_secret: client_secret.into(),
+            expires_in_secs: std::sync::atomic::AtomicU64::new(3600),
             token_requests: AtomicUsize::new(0),
             api_calls: AtomicUsize::new(0),
             last_scope: Mutex::default(),
             valid: Mutex::default(),
         })
+    }
+}
+
+impl ClientCredentialsApi {
+    /// Revokes every token issued so far.
+    pub fn revoke_all(&self) {
+        self.valid.lock().unwrap().clear();
     }
 }
 
@@ -607,16 +631,22 @@ impl Provider for ClientCredentialsApi {
             let scope = form.get("scope").cloned().unwrap_or_default();
             *self.last_scope.lock().unwrap() = Some(scope.clone());
             let token = format!("d-token-{n}");
-            self.valid.lock().unwrap().insert(token.clone(), scope);
+            let lifetime = self.expires_in_secs.load(SeqCst);
+            self.valid
+                .lock()
+                .unwrap()
+                .insert(token.clone(), (scope, now_secs() + lifetime as f64));
             return reply(
                 StatusCode::OK,
-                json!({"token_type": "Bearer", "expires_in": 3600, "access_token": token}),
+                json!({"token_type": "Bearer", "expires_in": lifetime, "access_token": token}),
             );
         }
         self.api_calls.fetch_add(1, SeqCst);
         let scope = req
             .bearer()
-            .and_then(|t| self.valid.lock().unwrap().get(t).cloned());
+            .and_then(|t| self.valid.lock().unwrap().get(t).cloned())
+            .filter(|(_, exp)| now_secs() < *exp)
+            .map(|(scope, _)| scope);
         match scope {
             None => unauthorized(),
             Some(scope)
