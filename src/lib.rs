@@ -42,23 +42,131 @@
 //! # }
 //! ```
 //!
+//! # Guide
+//!
+//! ## 1. Choose a source
+//!
+//! | your API uses | source |
+//! |---|---|
+//! | a fixed token, API key, cookie or `Secret` header | [`StaticCredential`] |
+//! | a token someone re-issues at runtime | [`RotatingCredential`] (call `rotate`) |
+//! | OAuth2 client credentials | [`token::TokenSource::client_credentials`], or `TokenSource::new(TokenRequest::oauth2_client_credentials(..)?)` for scopes, audiences, JSON bodies |
+//! | a JSON login returning a JWT | [`token::TokenSource::session_login`] |
+//! | a login plus rotating refresh tokens | [`token::TokenSource::api_key_login`], or any login with `.refresh_with(..)` |
+//! | anything else | [`source_fn`] with an async closure, or implement [`CredentialSource`] |
+//!
+//! ## 2. Add the layer
+//!
+//! `AuthLayer::new(source)` goes where the credential should be added: usually right
+//! above the HTTP client, below retries and timeouts (so a timeout covers the refresh and
+//! the replay). The inner service receives `Request<ReplayBody<B>>`; hyper-util, axum and
+//! most clients take any body, tonic needs a one-line adapter (see
+//! `examples/tonic_channel.rs`). Share one [`CredentialCache`] between several layers, or
+//! with a reqwest client (feature `reqwest`), through [`AuthLayer::with_cache`].
+//!
+//! ## 3. What happens on expiry and on 401
+//!
+//! A credential with an expiry is refreshed before it expires: in the *soft* window (the
+//! last quarter of its lifetime, at most 5 minutes, with jitter) one background refresh
+//! runs while requests keep using it; in the *hard* window (the last twentieth, at most
+//! 30 s) requests wait for that one refresh. Sources that reject early refreshes say
+//! [`RefreshMode::ReactiveOnly`] and are refreshed only after a rejection.
+//!
+//! When the API answers `401` (configurable: [`AuthLayer::rejection_statuses`]), the
+//! credential the request carried is invalidated if it is still the current one, one
+//! fetch replaces it for everybody, and the request is sent once more with the new one.
+//! A second `401` is returned as is. `403` never triggers anything. A failing source
+//! backs off exponentially; still-valid credentials keep being used meanwhile, and
+//! callers with nothing valid get [`ErrorKind::Backoff`] at once.
+//!
+//! ## 4. Body replay limits
+//!
+//! Bodies stream to the inner service untouched; chunks are retained (shared `Bytes`, no
+//! copies) up to [`DEFAULT_REPLAY_LIMIT`] (64 KiB; [`AuthLayer::replay_limit`]). Past the
+//! limit the retained chunks are freed at once and a `401` is returned with a
+//! [`NotReplayed::BodyTooLarge`] extension. Empty bodies always replay. Mark requests that
+//! must never be sent twice with the [`NoReplay`] extension.
+//!
+//! ## 5. Security defaults
+//!
+//! - Credentials go only to `https` URIs; plain `http` only to loopback hosts and only
+//!   with [`AuthLayer::allow_http_loopback`]; URIs without a scheme only with
+//!   [`AuthLayer::allow_relative_uris`]. Anything else fails with
+//!   [`ErrorKind::InsecureTransport`] before a byte is sent. Token requests follow the
+//!   same rule, never follow redirects, and have their own timeout.
+//! - Credential header values are [sensitive](http::HeaderValue::set_sensitive); no type
+//!   of this crate prints a secret in `Debug` or `Display`, errors scrub secrets the
+//!   server echoes, and tracing events carry none.
+//! - A request that already carries the credential's header is passed through untouched
+//!   ([`ExistingHeader`]).
+//! - This layer follows no redirects. If you add a redirect layer *below* it, make it
+//!   drop credentials on cross-origin redirects.
+//!
+//! ## 6. Tune the windows
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_client_auth::{AuthLayer, CredentialCache, StaticCredential};
+//!
+//! let cache = CredentialCache::builder(StaticCredential::bearer("t"))
+//!     .soft_window(Duration::from_secs(60)) // background refresh at most 60 s before expiry
+//!     .hard_window(Duration::from_secs(5)) // stop sending it 5 s before expiry
+//!     .window_jitter(0.1)
+//!     .fetch_timeout(Duration::from_secs(5))
+//!     .backoff(Duration::from_millis(500), Duration::from_secs(20))
+//!     .build();
+//! let layer = AuthLayer::with_cache(cache).replay_limit(1 << 20);
+//! # let _ = layer;
+//! ```
+//!
+//! ## 7. Write your own source
+//!
+//! ```
+//! use std::time::Duration;
+//! use tokio::sync::Mutex;
+//! use tower_client_auth::{BoxError, Credential, CredentialSource, FetchContext, FetchReason};
+//!
+//! /// Exchanges a long-lived key for short-lived tokens.
+//! struct KeyExchange {
+//!     key: String,
+//!     exchanges: Mutex<u64>,
+//! }
+//!
+//! impl CredentialSource for KeyExchange {
+//!     async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+//!         let mut n = self.exchanges.lock().await;
+//!         *n += 1;
+//!         if cx.reason() == FetchReason::Rejected {
+//!             // cx.previous() is the credential the API refused.
+//!         }
+//!         // ... call your endpoint with self.key; keep secrets out of error messages ...
+//!         let token = format!("token-{n}");
+//!         Ok(Credential::bearer(token)?.expires_in(Duration::from_secs(900)))
+//!     }
+//! }
+//! # let _ = KeyExchange { key: String::new(), exchanges: Mutex::new(0) }.key;
+//! ```
+//!
+//! The cache calls `fetch` from a task of its own, at most once at a time, under its
+//! fetch timeout. Return a typed error; it reaches callers as [`ErrorKind::Fetch`] with
+//! yours as the `source()`.
+//!
 //! # Where things are
 //! - [`CredentialSource`], [`source_fn`]: where credentials come from (`source.rs`).
 //! - [`StaticCredential`], [`RotatingCredential`]: fixed and swappable tokens.
+//! - [`token`]: OAuth2 and login sources, the token client and parsers (`token/`).
 //! - [`CredentialCache`]: all of the refresh logic (`cache.rs`).
 //! - [`CredentialStore`]: the seam for sharing credentials between processes (`store.rs`).
 //! - [`AuthLayer`], [`Auth`], [`ResponseFuture`]: the middleware; the per-request state
 //!   machine is in `future.rs`.
 //! - [`ReplayBody`]: body retention and replay (`body.rs`).
 //!
-//! # Security
-//! - Credentials go only to `https` URIs. Plain `http` to loopback hosts is allowed with
-//!   [`AuthLayer::allow_http_loopback`]; to any other host it fails with
-//!   [`ErrorKind::InsecureTransport`] before a byte is sent.
-//! - Credential header values are [sensitive](http::HeaderValue::set_sensitive); no type
-//!   of this crate prints a secret in `Debug` or `Display`, and tracing events carry none.
-//! - This layer follows no redirects. If you add a redirect layer *below* it, make it
-//!   drop credentials on cross-origin redirects.
+//! # Features
+//!
+//! | feature | default | adds |
+//! |---|---|---|
+//! | `https` | yes | `token::TokenClient::https`: hyper-util over rustls (`ring`, webpki roots) |
+//! | `reqwest` | no | `reqwest::AuthMiddleware` for `reqwest-middleware` |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
