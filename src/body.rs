@@ -72,10 +72,14 @@ pub enum NotReplayed {
     BodyIncomplete,
     /// Reading the body failed.
     BodyFailed,
-    /// The request opted out with [`NoReplay`](crate::NoReplay).
+    /// The request opted out with [`NoReplay`](crate::NoReplay), or the layer does not
+    /// replay ([`AuthLayer::replay_rejected`](crate::AuthLayer::replay_rejected)).
     OptedOut,
     /// This response already answers the replay: never more than one per request.
     AlreadyReplayed,
+    /// The request head could not be kept for a replay (a header name over 64 KiB or a
+    /// value over 4 GiB).
+    HeadUnavailable,
 }
 
 impl<B> ReplayBody<B>

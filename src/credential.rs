@@ -156,11 +156,32 @@ impl Credential {
         self.headers.iter().map(|(name, value)| (name, value))
     }
 
-    /// Whether `headers` already holds any header this credential would set.
-    pub(crate) fn is_present_in(&self, headers: &HeaderMap) -> bool {
-        self.headers
-            .iter()
-            .any(|(name, _)| headers.contains_key(name))
+    /// Sets this credential's headers unless the request brings its own and `replace` is
+    /// false; returns whether it did. One hash lookup for the usual single header.
+    pub(crate) fn attach(&self, headers: &mut HeaderMap, replace: bool) -> bool {
+        if let [(name, value)] = &*self.headers {
+            return match headers.entry(name) {
+                http::header::Entry::Occupied(mut present) if replace => {
+                    present.insert(value.clone());
+                    true
+                }
+                http::header::Entry::Occupied(_) => false,
+                http::header::Entry::Vacant(absent) => {
+                    absent.insert(value.clone());
+                    true
+                }
+            };
+        }
+        if !replace
+            && self
+                .headers
+                .iter()
+                .any(|(name, _)| headers.contains_key(name))
+        {
+            return false;
+        }
+        self.apply(headers);
+        true
     }
 
     /// Sets this credential's headers on `headers`, replacing any values already there.

@@ -23,7 +23,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Extensions, HeaderMap, Method, Request, Response, Uri, Version};
+use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower::util::Oneshot;
@@ -33,6 +33,7 @@ use crate::{
     body::{NotReplayed, ReplayBody, ReplayHandle},
     cache::{Acquire, CredentialCache, Entry},
     error::{BoxError, Error},
+    head::Head,
     policy::{NoReplay, Policy},
     source::CredentialSource,
 };
@@ -106,40 +107,9 @@ struct Replay<S> {
 /// A replay waiting for the new credential: everything but the credential is ready.
 struct Resend<S, B, P> {
     service: S,
-    head: Head,
-    body: ReplayBody<B>,
+    request: Request<ReplayBody<B>>,
     policy: Policy,
     cache: CredentialCache<P>,
-}
-
-struct Head {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    extensions: Extensions,
-}
-
-impl Head {
-    fn of<B>(req: &Request<B>) -> Self {
-        Head {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            headers: req.headers().clone(),
-            extensions: req.extensions().clone(),
-        }
-    }
-
-    fn into_request<B>(self, body: B) -> Request<B> {
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method;
-        *req.uri_mut() = self.uri;
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers;
-        *req.extensions_mut() = self.extensions;
-        req
-    }
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
@@ -184,8 +154,14 @@ where
         cache: &CredentialCache<P>,
         policy: Policy,
     ) -> Self {
-        let credential = &entry.credential;
-        if policy.passes_through(credential, request.headers()) {
+        // The snapshot is taken before the credential is attached: a replay gets the new one.
+        let replay = if !policy.replay || request.extensions().get::<NoReplay>().is_some() {
+            Err(NotReplayed::OptedOut)
+        } else {
+            Head::of(&request).ok_or(NotReplayed::HeadUnavailable)
+        };
+        if !policy.attach(&entry.credential, request.headers_mut()) {
+            // The request brings its own credential: untouched, never replayed.
             let future = service.call(request.map(ReplayBody::forward));
             return ResponseFuture {
                 state: State::First {
@@ -194,12 +170,6 @@ where
                 },
             };
         }
-        let replay = if request.extensions().get::<NoReplay>().is_some() {
-            Err(NotReplayed::OptedOut)
-        } else {
-            Ok(Head::of(&request))
-        };
-        credential.apply(request.headers_mut());
         let (request, replay) = match replay {
             Ok(head) => {
                 let (parts, body) = request.into_parts();
@@ -268,10 +238,13 @@ where
                     let acquire = retry.cache.replace_rejected(retry.generation);
                     let resend = retry.replay.and_then(|mut replay| {
                         let body = replay.body.take::<B>()?;
+                        let request = replay
+                            .head
+                            .into_request(body)
+                            .ok_or(NotReplayed::HeadUnavailable)?;
                         Ok(Resend {
                             service: replay.service,
-                            head: replay.head,
-                            body,
+                            request,
                             policy: retry.policy,
                             cache: retry.cache,
                         })
@@ -300,7 +273,7 @@ where
                         return Poll::Ready(Err(polled_after_completion().into()));
                     };
                     let entry = entry?;
-                    let mut request = resend.head.into_request(resend.body);
+                    let mut request = resend.request;
                     entry.credential.apply(request.headers_mut());
                     tracing::debug!(
                         generation = entry.generation,

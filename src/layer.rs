@@ -77,6 +77,16 @@ impl<P: CredentialSource> AuthLayer<P> {
         self
     }
 
+    /// Whether a rejected request is replayed once with the new credential (default
+    /// `true`). With `false`, a rejection still invalidates the credential (the next
+    /// request gets a fresh one) but the rejected response goes back to the caller, and
+    /// no request head or body is retained: the per-request cost drops to adding the
+    /// header (see BENCHMARKS.md).
+    pub fn replay_rejected(mut self, replay: bool) -> Self {
+        self.policy.replay = replay;
+        self
+    }
+
     /// Most bytes of a request body retained for a replay (default
     /// [`DEFAULT_REPLAY_LIMIT`](crate::DEFAULT_REPLAY_LIMIT)). `0` keeps only empty bodies
     /// replayable.

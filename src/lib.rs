@@ -168,6 +168,7 @@
 //! | `https` | yes | `token::TokenClient::https`: hyper-util over rustls (`ring`, webpki roots) |
 //! | `reqwest` | no | `reqwest::AuthMiddleware` for `reqwest-middleware` |
 
+#![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
@@ -175,6 +176,7 @@ pub mod cache;
 mod credential;
 mod error;
 mod future;
+mod head;
 mod layer;
 mod policy;
 #[cfg(feature = "reqwest")]

@@ -87,6 +87,9 @@ pub(crate) struct Policy {
     pub(crate) allow_http_loopback: bool,
     pub(crate) allow_relative_uris: bool,
     pub(crate) existing_header: ExistingHeader,
+    /// Whether a rejected request is sent again (which means keeping a copy of each
+    /// request's head until its response arrives).
+    pub(crate) replay: bool,
 }
 
 impl Default for Policy {
@@ -97,6 +100,7 @@ impl Default for Policy {
             allow_http_loopback: false,
             allow_relative_uris: false,
             existing_header: ExistingHeader::PassThrough,
+            replay: true,
         }
     }
 }
@@ -104,10 +108,12 @@ impl Default for Policy {
 impl Policy {
     /// Whether a credential may be sent to `uri`.
     pub(crate) fn check_transport(&self, uri: &Uri) -> Result<(), Error> {
-        self.check_transport_parts(uri.scheme_str(), uri.host())
+        check_transport(uri, self.allow_http_loopback, self.allow_relative_uris)
+            .map_err(|detail| Error::new(ErrorKind::InsecureTransport).with_detail(detail))
     }
 
     /// [`check_transport`](Self::check_transport) for a URL given as scheme and host.
+    #[cfg(feature = "reqwest")]
     pub(crate) fn check_transport_parts(
         &self,
         scheme: Option<&str>,
@@ -122,10 +128,10 @@ impl Policy {
         .map_err(|detail| Error::new(ErrorKind::InsecureTransport).with_detail(detail))
     }
 
-    /// Whether a request with `headers` goes out untouched: it brings its own credential
-    /// header and the policy is to pass such requests through.
-    pub(crate) fn passes_through(&self, credential: &Credential, headers: &HeaderMap) -> bool {
-        self.existing_header == ExistingHeader::PassThrough && credential.is_present_in(headers)
+    /// Attaches `credential` to `headers`, or returns `false` when the request brings its
+    /// own credential header and the policy is to pass such requests through untouched.
+    pub(crate) fn attach(&self, credential: &Credential, headers: &mut HeaderMap) -> bool {
+        credential.attach(headers, self.existing_header == ExistingHeader::Replace)
     }
 }
 
@@ -138,6 +144,11 @@ pub(crate) fn check_transport(
     allow_http_loopback: bool,
     allow_relative: bool,
 ) -> Result<(), &'static str> {
+    // The common case first: `https` needs no look at the host (parsing the authority
+    // for it costs more than everything else the check does).
+    if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+        return Ok(());
+    }
     check_transport_parts(
         uri.scheme_str(),
         uri.host(),

@@ -104,6 +104,12 @@ impl<P: CredentialSource> AuthMiddleware<P> {
         self
     }
 
+    /// See [`AuthLayer::replay_rejected`].
+    pub fn replay_rejected(mut self, replay: bool) -> Self {
+        self.policy.replay = replay;
+        self
+    }
+
     /// See [`AuthLayer::existing_header`].
     pub fn existing_header(mut self, behaviour: ExistingHeader) -> Self {
         self.policy.existing_header = behaviour;
@@ -134,15 +140,15 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
                 (entry.credential.clone(), entry.generation)
             }
         };
-        if self.policy.passes_through(&credential, req.headers()) {
-            return next.run(req, extensions).await;
-        }
-        let replay = if extensions.get::<NoReplay>().is_some() {
+        // Cloned before the credential is attached: a replay gets the new one.
+        let replay = if !self.policy.replay || extensions.get::<NoReplay>().is_some() {
             None
         } else {
             req.try_clone()
         };
-        credential.apply(req.headers_mut());
+        if !self.policy.attach(&credential, req.headers_mut()) {
+            return next.run(req, extensions).await;
+        }
         let response = next.clone().run(req, extensions).await?;
         if !self.policy.rejections.contains(response.status()) {
             return Ok(response);

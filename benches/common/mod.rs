@@ -1,0 +1,167 @@
+//! What the benchmarks share: a no-op inner service, the request a user builds, and the
+//! designs users would otherwise write (a `RwLock`, a `Mutex<Option<_>>`, a `watch`
+//! receiver holding the header value).
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::{
+    convert::Infallible,
+    future::{Ready, ready},
+    sync::{Arc, Mutex, RwLock},
+    task::{Context, Poll, Waker},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, header::AUTHORIZATION};
+use http_body_util::Full;
+use tower::Service;
+
+pub const TOKEN: &str =
+    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJiZW5jaCIsImV4cCI6NDEwMjQ0NDgwMH0.c2lnbmF0dXJlLXNpZ25hdHVyZQ";
+pub const JSON: &[u8] = br#"{"order_id":"8f2c1e","items":[{"sku":"A-100","qty":2},{"sku":"B-220","qty":1}],"note":"x"}"#;
+
+/// Answers at once: the floor every variant is measured over.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Noop;
+
+impl<B> Service<Request<B>> for Noop {
+    type Response = Response<()>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<()>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<B>) -> Self::Future {
+        ready(Ok(Response::new(())))
+    }
+}
+
+/// The request a user builds: a URI, two ordinary headers, a body.
+pub fn request(body: &'static [u8]) -> Request<Full<Bytes>> {
+    Request::post("https://api.example.com/v1/orders")
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .body(Full::new(Bytes::from_static(body)))
+        .unwrap()
+}
+
+/// Drives one request to completion on the current thread, without a runtime: every
+/// service here is ready at once and answers at once.
+pub fn call<S, R>(svc: &mut S, req: R) -> S::Response
+where
+    S: Service<R>,
+    S::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    match svc.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {}
+        _ => panic!("service not ready"),
+    }
+    let mut fut = std::pin::pin!(svc.call(req));
+    match fut.as_mut().poll(&mut cx) {
+        Poll::Ready(Ok(res)) => res,
+        Poll::Ready(Err(e)) => panic!("request failed: {e:?}"),
+        Poll::Pending => panic!("request did not complete at once"),
+    }
+}
+
+fn sensitive(token: &str) -> HeaderValue {
+    let mut v = HeaderValue::try_from(format!("Bearer {token}")).unwrap();
+    v.set_sensitive(true);
+    v
+}
+
+/// A cache behind `std::sync::RwLock`: read-lock, clone the value, insert.
+#[derive(Clone)]
+pub struct RwLockAuth<S> {
+    pub inner: S,
+    pub value: Arc<RwLock<HeaderValue>>,
+}
+
+impl<S> RwLockAuth<S> {
+    pub fn new(inner: S) -> Self {
+        RwLockAuth {
+            inner,
+            value: Arc::new(RwLock::new(sensitive(TOKEN))),
+        }
+    }
+}
+
+impl<S: Service<Request<B>>, B> Service<Request<B>> for RwLockAuth<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> S::Future {
+        let value = self.value.read().unwrap().clone();
+        req.headers_mut().insert(AUTHORIZATION, value);
+        self.inner.call(req)
+    }
+}
+
+/// A cache behind `Mutex<Option<_>>`, as a quick hand-written cache does it.
+#[derive(Clone)]
+pub struct MutexAuth<S> {
+    pub inner: S,
+    pub value: Arc<Mutex<Option<HeaderValue>>>,
+}
+
+impl<S> MutexAuth<S> {
+    pub fn new(inner: S) -> Self {
+        MutexAuth {
+            inner,
+            value: Arc::new(Mutex::new(Some(sensitive(TOKEN)))),
+        }
+    }
+}
+
+impl<S: Service<Request<B>>, B> Service<Request<B>> for MutexAuth<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> S::Future {
+        let value = self.value.lock().unwrap().clone().expect("cached");
+        req.headers_mut().insert(AUTHORIZATION, value);
+        self.inner.call(req)
+    }
+}
+
+/// A `tokio::sync::watch` receiver holding the header value.
+#[derive(Clone)]
+pub struct WatchAuth<S> {
+    pub inner: S,
+    pub value: tokio::sync::watch::Receiver<HeaderValue>,
+}
+
+impl<S> WatchAuth<S> {
+    pub fn new(inner: S) -> (Self, tokio::sync::watch::Sender<HeaderValue>) {
+        let (tx, rx) = tokio::sync::watch::channel(sensitive(TOKEN));
+        (WatchAuth { inner, value: rx }, tx)
+    }
+}
+
+impl<S: Service<Request<B>>, B> Service<Request<B>> for WatchAuth<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> S::Future {
+        let value = self.value.borrow().clone();
+        req.headers_mut().insert(AUTHORIZATION, value);
+        self.inner.call(req)
+    }
+}
