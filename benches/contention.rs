@@ -1,1 +1,106 @@
-fn main() {}
+//! Contention: two OS threads (this machine has two cores) hammer one shared service,
+//! each with its own clone, as a multi-threaded runtime would. Criterion reports the time
+//! for each thread to do one request while the other does the same; throughput ratios
+//! are in BENCHMARKS.md (`python3 benches/report.py`).
+
+mod common;
+
+use std::{
+    hint::black_box,
+    sync::Barrier,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use common::{MutexAuth, Noop, RwLockAuth, TOKEN, WatchAuth, call, request};
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::Request;
+use http_body_util::Full;
+use tower::{Layer, Service};
+use tower_client_auth::{AuthLayer, BoxError, Credential, StaticCredential, source_fn};
+
+const THREADS: usize = 2;
+
+/// Each of `THREADS` threads runs `iters` requests on its own clone of `svc`, all
+/// starting together; the slowest thread's time is the measurement.
+fn hammer<S>(svc: &S, iters: u64) -> Duration
+where
+    S: Service<Request<Full<Bytes>>> + Clone + Send,
+    S::Error: std::fmt::Debug,
+    S::Response: Send,
+{
+    let barrier = Barrier::new(THREADS);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (mut svc, barrier) = (svc.clone(), &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        black_box(call(&mut svc, request(b"")));
+                    }
+                    start.elapsed()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .max()
+            .unwrap()
+    })
+}
+
+fn contention(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("contention");
+    g.warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+
+    g.bench_function("floor", |b| b.iter_custom(|n| hammer(&Noop, n)));
+    let add = tower_http::auth::AddAuthorizationLayer::bearer(TOKEN)
+        .as_sensitive(true)
+        .layer(Noop);
+    g.bench_function("add_authorization", |b| b.iter_custom(|n| hammer(&add, n)));
+
+    let fixed = AuthLayer::new(StaticCredential::bearer(TOKEN)).layer(Noop);
+    rt.block_on(async { fixed.cache().credential().await.unwrap() });
+    g.bench_function("auth_layer_static", |b| {
+        b.iter_custom(|n| hammer(&fixed, n))
+    });
+
+    let source = source_fn(|_| async {
+        Ok::<_, BoxError>(Credential::bearer(TOKEN)?.expires_in(Duration::from_secs(3600)))
+    });
+    let expiring = AuthLayer::new(source).layer(Noop);
+    rt.block_on(async { expiring.cache().credential().await.unwrap() });
+    g.bench_function("auth_layer_expiring", |b| {
+        b.iter_custom(|n| hammer(&expiring, n))
+    });
+
+    let no_replay = AuthLayer::new(StaticCredential::bearer(TOKEN))
+        .replay_rejected(false)
+        .layer(Noop);
+    rt.block_on(async { no_replay.cache().credential().await.unwrap() });
+    g.bench_function("auth_layer_no_replay", |b| {
+        b.iter_custom(|n| hammer(&no_replay, n))
+    });
+
+    g.bench_function("rwlock_cache", |b| {
+        b.iter_custom(|n| hammer(&RwLockAuth::new(Noop), n))
+    });
+    g.bench_function("mutex_cache", |b| {
+        b.iter_custom(|n| hammer(&MutexAuth::new(Noop), n))
+    });
+    let (watch, _tx) = WatchAuth::new(Noop);
+    g.bench_function("watch_receiver", |b| b.iter_custom(|n| hammer(&watch, n)));
+    g.finish();
+}
+
+criterion_group!(benches, contention);
+criterion_main!(benches);

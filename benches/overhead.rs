@@ -47,6 +47,14 @@ fn group(c: &mut Criterion, name: &str, body: &'static [u8], rt: &tokio::runtime
         b.iter(|| black_box(call(&mut expiring, request(body))))
     });
 
+    let mut no_replay = AuthLayer::new(StaticCredential::bearer(TOKEN))
+        .replay_rejected(false)
+        .layer(Noop);
+    rt.block_on(async { no_replay.cache().credential().await.unwrap() });
+    g.bench_function("auth_layer_no_replay", |b| {
+        b.iter(|| black_box(call(&mut no_replay, request(body))))
+    });
+
     let mut rwlock = RwLockAuth::new(Noop);
     g.bench_function("rwlock_cache", |b| {
         b.iter(|| black_box(call(&mut rwlock, request(body))))

@@ -14,7 +14,10 @@
 use std::{
     fmt,
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll, ready},
 };
 
@@ -44,7 +47,7 @@ pin_project! {
         // Forwarded untouched: passthrough requests, over-limit bodies.
         Forward { #[pin] body: B },
         // Forwarded and recorded for a replay.
-        Record { #[pin] body: B, recorder: Arc<Recorder> },
+        Record { #[pin] body: B, recording: Recording },
         // Played back from what was recorded.
         Replay { chunks: std::vec::IntoIter<Bytes>, remaining: u64, trailers: Option<HeaderMap> },
     }
@@ -97,12 +100,19 @@ where
             return (ReplayBody::forward(body), ReplayHandle::TooLarge);
         }
         let recorder = Arc::new(Recorder {
-            limit,
+            abandoned: AtomicBool::new(false),
             state: Mutex::new(Recorded::default()),
         });
         let kind = Kind::Record {
             body,
-            recorder: recorder.clone(),
+            recording: Recording {
+                recorder: recorder.clone(),
+                limit,
+                chunks: Vec::new(),
+                len: 0,
+                trailers: None,
+                done: false,
+            },
         };
         (ReplayBody { kind }, ReplayHandle::Recorded(recorder))
     }
@@ -144,11 +154,14 @@ where
             KindProj::Forward { body } => body
                 .poll_frame(cx)
                 .map(|f| f.map(|f| f.map(|f| f.map_data(Into::into)))),
-            KindProj::Record { mut body, recorder } => {
+            KindProj::Record {
+                mut body,
+                recording,
+            } => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
                 let ended = body.is_end_stream();
                 let frame = frame.map(|f| f.map(|f| f.map_data(Into::into)));
-                recorder.observe(frame.as_ref(), ended);
+                recording.observe(frame.as_ref(), ended);
                 Poll::Ready(frame)
             }
             KindProj::Replay {
@@ -184,22 +197,89 @@ where
     }
 }
 
+/// What the body records, held by the body itself while it streams (no lock per chunk)
+/// and handed to the [`Recorder`] once, when the body ends or fails or passes the limit.
+struct Recording {
+    recorder: Arc<Recorder>,
+    limit: usize,
+    chunks: Vec<Bytes>,
+    len: usize,
+    trailers: Option<HeaderMap>,
+    done: bool,
+}
+
+impl Recording {
+    fn observe<E>(&mut self, frame: Option<&Result<Frame<Bytes>, E>>, ended: bool) {
+        if self.done {
+            return;
+        }
+        if self.recorder.abandoned.load(Ordering::Relaxed) {
+            // Nobody will replay any more: stop keeping chunks, free what was kept.
+            return self.finish(Status::Abandoned);
+        }
+        match frame {
+            None => self.finish(Status::Complete),
+            Some(Err(_)) => self.finish(Status::Failed),
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.remaining();
+                    if self.len + len > self.limit {
+                        // Free what was kept at once; keep nothing more.
+                        return self.finish(Status::TooLarge);
+                    }
+                    self.len += len;
+                    if len > 0 {
+                        self.chunks.push(data.clone());
+                    }
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    self.trailers = Some(trailers.clone());
+                }
+                if ended {
+                    self.finish(Status::Complete);
+                }
+            }
+        }
+    }
+
+    /// Publishes the outcome; only a complete recording keeps its chunks.
+    fn finish(&mut self, status: Status) {
+        self.done = true;
+        let chunks = std::mem::take(&mut self.chunks);
+        let trailers = self.trailers.take();
+        let mut rec = self.recorder.lock();
+        if rec.status == Status::Abandoned {
+            return;
+        }
+        rec.status = status;
+        if status == Status::Complete {
+            rec.chunks = chunks;
+            rec.trailers = trailers;
+        }
+    }
+
+    #[cfg(test)]
+    fn retained(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum::<usize>() + self.recorder.retained()
+    }
+}
+
 /// Shared between the recording body and the response future.
 pub(crate) struct Recorder {
-    limit: usize,
+    /// Set when the response future no longer needs a replay.
+    abandoned: AtomicBool,
     state: Mutex<Recorded>,
 }
 
 #[derive(Default)]
 struct Recorded {
     chunks: Vec<Bytes>,
-    len: usize,
     trailers: Option<HeaderMap>,
     status: Status,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
 enum Status {
+    /// The body has not ended yet (its chunks are still with the body).
     #[default]
     Recording,
     Complete,
@@ -214,43 +294,32 @@ impl Recorder {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn observe<E>(&self, frame: Option<&Result<Frame<Bytes>, E>>, ended: bool) {
-        let mut rec = self.lock();
-        if rec.status != Status::Recording {
-            return;
-        }
-        match frame {
-            None => rec.status = Status::Complete,
-            Some(Err(_)) => rec.status = Status::Failed,
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    let len = data.remaining();
-                    if rec.len + len > self.limit {
-                        // Free what was kept at once; keep nothing more.
-                        *rec = Recorded {
-                            status: Status::TooLarge,
-                            ..Recorded::default()
-                        };
-                        return;
-                    }
-                    rec.len += len;
-                    if len > 0 {
-                        rec.chunks.push(data.clone());
-                    }
-                } else if let Some(trailers) = frame.trailers_ref() {
-                    rec.trailers = Some(trailers.clone());
-                }
-                if ended {
-                    rec.status = Status::Complete;
-                }
-            }
-        }
+    /// Marks the recording as unwanted and frees what was published.
+    fn abandon(&self) -> Recorded {
+        self.abandoned.store(true, Ordering::Relaxed);
+        std::mem::replace(
+            &mut *self.lock(),
+            Recorded {
+                status: Status::Abandoned,
+                ..Recorded::default()
+            },
+        )
     }
 
     #[cfg(test)]
     pub(crate) fn retained(&self) -> usize {
-        let rec = self.lock();
-        rec.chunks.iter().map(Bytes::len).sum()
+        self.lock().chunks.iter().map(Bytes::len).sum()
+    }
+}
+
+#[cfg(test)]
+impl<B> ReplayBody<B> {
+    /// Bytes retained for a replay, wherever they are held now.
+    fn retained(&self) -> usize {
+        match &self.kind {
+            Kind::Record { recording, .. } => recording.retained(),
+            _ => 0,
+        }
     }
 }
 
@@ -270,16 +339,8 @@ impl ReplayHandle {
             ReplayHandle::Empty => Ok(ReplayBody::replay(Vec::new(), None)),
             ReplayHandle::TooLarge => Err(NotReplayed::BodyTooLarge),
             ReplayHandle::Recorded(recorder) => {
-                let mut rec = recorder.lock();
-                let status = rec.status;
-                let recorded = std::mem::replace(
-                    &mut *rec,
-                    Recorded {
-                        status: Status::Abandoned,
-                        ..Recorded::default()
-                    },
-                );
-                match status {
+                let recorded = recorder.abandon();
+                match recorded.status {
                     Status::Complete => Ok(ReplayBody::replay(recorded.chunks, recorded.trailers)),
                     Status::TooLarge => Err(NotReplayed::BodyTooLarge),
                     Status::Failed => Err(NotReplayed::BodyFailed),
@@ -303,11 +364,7 @@ impl Drop for ReplayHandle {
     /// instead of when the inner service drops the body.
     fn drop(&mut self) {
         if let ReplayHandle::Recorded(recorder) = self {
-            let mut rec = recorder.lock();
-            *rec = Recorded {
-                status: Status::Abandoned,
-                ..Recorded::default()
-            };
+            drop(recorder.abandon());
         }
     }
 }
@@ -403,13 +460,9 @@ mod tests {
             ReplayBody::record(stream(&[b"12345", b"67890", b"abc"], false), 8);
         let first = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         assert!(first.is_some());
-        assert_eq!(handle.recorder().unwrap().retained(), 5);
+        assert_eq!(body.retained(), 5);
         let _ = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
-        assert_eq!(
-            handle.recorder().unwrap().retained(),
-            0,
-            "freed at the limit"
-        );
+        assert_eq!(body.retained(), 0, "freed at the limit");
         let rest = frames(body).await;
         assert_eq!(rest.0, b"abc");
         assert_eq!(
@@ -450,12 +503,15 @@ mod tests {
     async fn partially_read_body_is_not_replayed() {
         let (mut body, mut handle) = ReplayBody::record(stream(&[b"ab", b"cd"], false), 1024);
         let _ = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        assert_eq!(body.retained(), 2);
         assert_eq!(
             handle.take::<Chunks>().unwrap_err(),
             NotReplayed::BodyIncomplete
         );
-        assert_eq!(handle.recorder().unwrap().retained(), 0);
-        // The first attempt keeps streaming, but nothing more is retained.
+        // The first attempt keeps streaming, but what was kept is freed at its next chunk
+        // and nothing more is retained.
+        let _ = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        assert_eq!(body.retained(), 0);
         let _ = frames(body).await;
         assert_eq!(handle.recorder().unwrap().retained(), 0);
     }

@@ -58,8 +58,10 @@ pin_project! {
         Failed { error: Option<Error> },
         Waiting { acquire: Acquire, pending: Option<Pending<S, B, P>> },
         First { #[pin] future: S::Future, retry: Option<Retry<S, P>> },
-        Refreshing { acquire: Acquire, resend: Option<Resend<S, B, P>> },
-        Second { #[pin] future: Oneshot<S, Request<ReplayBody<B>>>, policy: Policy },
+        // The replay path boxes its large payloads (a whole rebuilt request): one
+        // allocation per replay keeps every hot-path move of this future small.
+        Refreshing { acquire: Acquire, resend: Option<Box<Resend<S, B, P>>> },
+        Second { future: Pin<Box<Oneshot<S, Request<ReplayBody<B>>>>>, policy: Policy },
     }
 }
 
@@ -255,7 +257,7 @@ where
                             drop(response);
                             this.state.set(State::Refreshing {
                                 acquire,
-                                resend: Some(resend),
+                                resend: Some(Box::new(resend)),
                             });
                         }
                         Err(reason) => {
@@ -281,12 +283,12 @@ where
                     );
                     resend.cache.record_replay();
                     this.state.set(State::Second {
-                        future: Oneshot::new(resend.service, request),
+                        future: Box::pin(Oneshot::new(resend.service, request)),
                         policy: resend.policy,
                     });
                 }
                 StateProj::Second { future, policy } => {
-                    let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
+                    let mut response = ready!(future.as_mut().poll(cx)).map_err(Into::into)?;
                     if policy.rejections.contains(response.status()) {
                         response
                             .extensions_mut()
