@@ -14,7 +14,10 @@
 //!   does not refresh in lockstep) the first caller starts a background refresh and
 //!   everyone keeps using the still-valid credential. In the *hard* window (the last
 //!   `min(L × 1/20, hard_window)`) callers wait for the refresh. A timer flips each
-//!   credential into its soft window, so requests before it never read the clock.
+//!   credential into its soft window, so requests before it never read the clock. The
+//!   timer is a task on the runtime that installed the credential: if that runtime shuts
+//!   down while another keeps using the cache, the credential is refreshed when the API
+//!   rejects it instead of before it expires.
 //! - **Reactive-only sources** ([`RefreshMode::ReactiveOnly`]) are refreshed only when
 //!   the cache is empty or the API rejected the credential.
 //! - **Failures** never poison the cache: a failed background refresh keeps serving the
