@@ -12,7 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{MutexAuth, Noop, RwLockAuth, TOKEN, WatchAuth, call, request};
+use common::{Noop, TOKEN, call, mutex_cache, request, rwlock_cache, watch_receiver};
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::Request;
 use http_body_util::Full;
@@ -92,12 +92,12 @@ fn contention(c: &mut Criterion) {
     });
 
     g.bench_function("rwlock_cache", |b| {
-        b.iter_custom(|n| hammer(&RwLockAuth::new(Noop), n))
+        b.iter_custom(|n| hammer(&rwlock_cache(Noop), n))
     });
     g.bench_function("mutex_cache", |b| {
-        b.iter_custom(|n| hammer(&MutexAuth::new(Noop), n))
+        b.iter_custom(|n| hammer(&mutex_cache(Noop), n))
     });
-    let (watch, _tx) = WatchAuth::new(Noop);
+    let watch = watch_receiver(Noop);
     g.bench_function("watch_receiver", |b| b.iter_custom(|n| hammer(&watch, n)));
     g.finish();
 }

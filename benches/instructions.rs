@@ -10,7 +10,7 @@ mod common;
 
 use std::{hint::black_box, time::Duration};
 
-use common::{MutexAuth, Noop, RwLockAuth, TOKEN, WatchAuth, call, request};
+use common::{Noop, TOKEN, call, mutex_cache, request, rwlock_cache, watch_receiver};
 use tower::Layer;
 use tower_client_auth::{AuthLayer, BoxError, Credential, StaticCredential, source_fn};
 
@@ -62,9 +62,9 @@ fn main() {
             rt.block_on(async { layer.cache().credential().await.unwrap() });
             run(layer.layer(Noop), n)
         }
-        "rwlock_cache" => run(RwLockAuth::new(Noop), n),
-        "mutex_cache" => run(MutexAuth::new(Noop), n),
-        "watch_receiver" => run(WatchAuth::new(Noop).0, n),
+        "rwlock_cache" => run(rwlock_cache(Noop), n),
+        "mutex_cache" => run(mutex_cache(Noop), n),
+        "watch_receiver" => run(watch_receiver(Noop), n),
         other => eprintln!("unknown variant {other}"),
     }
 }

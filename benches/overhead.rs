@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{JSON, MutexAuth, Noop, RwLockAuth, TOKEN, WatchAuth, call, request};
+use common::{JSON, Noop, TOKEN, call, mutex_cache, request, rwlock_cache, watch_receiver};
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 use tower::Layer;
@@ -55,15 +55,15 @@ fn group(c: &mut Criterion, name: &str, body: &'static [u8], rt: &tokio::runtime
         b.iter(|| black_box(call(&mut no_replay, request(body))))
     });
 
-    let mut rwlock = RwLockAuth::new(Noop);
+    let mut rwlock = rwlock_cache(Noop);
     g.bench_function("rwlock_cache", |b| {
         b.iter(|| black_box(call(&mut rwlock, request(body))))
     });
-    let mut mutex = MutexAuth::new(Noop);
+    let mut mutex = mutex_cache(Noop);
     g.bench_function("mutex_cache", |b| {
         b.iter(|| black_box(call(&mut mutex, request(body))))
     });
-    let (mut watch, _tx) = WatchAuth::new(Noop);
+    let mut watch = watch_receiver(Noop);
     g.bench_function("watch_receiver", |b| {
         b.iter(|| black_box(call(&mut watch, request(body))))
     });

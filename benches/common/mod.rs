@@ -72,23 +72,19 @@ fn sensitive(token: &str) -> HeaderValue {
     v
 }
 
-/// A cache behind `std::sync::RwLock`: read-lock, clone the value, insert.
+/// The designs users would otherwise write: the header value behind some shared cell,
+/// read per request by `read`, then inserted. The three baselines differ only in `read`.
 #[derive(Clone)]
-pub struct RwLockAuth<S> {
-    pub inner: S,
-    pub value: Arc<RwLock<HeaderValue>>,
+pub struct Baseline<S, R> {
+    inner: S,
+    read: R,
 }
 
-impl<S> RwLockAuth<S> {
-    pub fn new(inner: S) -> Self {
-        RwLockAuth {
-            inner,
-            value: Arc::new(RwLock::new(sensitive(TOKEN))),
-        }
-    }
-}
-
-impl<S: Service<Request<B>>, B> Service<Request<B>> for RwLockAuth<S> {
+impl<S, R, B> Service<Request<B>> for Baseline<S, R>
+where
+    S: Service<Request<B>>,
+    R: Fn() -> HeaderValue,
+{
     type Response = S::Response;
     type Error = S::Error;
     type Future = S::Future;
@@ -98,70 +94,36 @@ impl<S: Service<Request<B>>, B> Service<Request<B>> for RwLockAuth<S> {
     }
 
     fn call(&mut self, mut req: Request<B>) -> S::Future {
-        let value = self.value.read().unwrap().clone();
-        req.headers_mut().insert(AUTHORIZATION, value);
+        req.headers_mut().insert(AUTHORIZATION, (self.read)());
         self.inner.call(req)
+    }
+}
+
+/// A cache behind `std::sync::RwLock`: read-lock, clone the value.
+pub fn rwlock_cache<S>(inner: S) -> Baseline<S, impl Fn() -> HeaderValue + Clone + Send> {
+    let value = Arc::new(RwLock::new(sensitive(TOKEN)));
+    Baseline {
+        inner,
+        read: move || value.read().unwrap().clone(),
     }
 }
 
 /// A cache behind `Mutex<Option<_>>`, as a quick hand-written cache does it.
-#[derive(Clone)]
-pub struct MutexAuth<S> {
-    pub inner: S,
-    pub value: Arc<Mutex<Option<HeaderValue>>>,
-}
-
-impl<S> MutexAuth<S> {
-    pub fn new(inner: S) -> Self {
-        MutexAuth {
-            inner,
-            value: Arc::new(Mutex::new(Some(sensitive(TOKEN)))),
-        }
+pub fn mutex_cache<S>(inner: S) -> Baseline<S, impl Fn() -> HeaderValue + Clone + Send> {
+    let value = Arc::new(Mutex::new(Some(sensitive(TOKEN))));
+    Baseline {
+        inner,
+        read: move || value.lock().unwrap().clone().expect("cached"),
     }
 }
 
-impl<S: Service<Request<B>>, B> Service<Request<B>> for MutexAuth<S> {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> S::Future {
-        let value = self.value.lock().unwrap().clone().expect("cached");
-        req.headers_mut().insert(AUTHORIZATION, value);
-        self.inner.call(req)
-    }
-}
-
-/// A `tokio::sync::watch` receiver holding the header value.
-#[derive(Clone)]
-pub struct WatchAuth<S> {
-    pub inner: S,
-    pub value: tokio::sync::watch::Receiver<HeaderValue>,
-}
-
-impl<S> WatchAuth<S> {
-    pub fn new(inner: S) -> (Self, tokio::sync::watch::Sender<HeaderValue>) {
-        let (tx, rx) = tokio::sync::watch::channel(sensitive(TOKEN));
-        (WatchAuth { inner, value: rx }, tx)
-    }
-}
-
-impl<S: Service<Request<B>>, B> Service<Request<B>> for WatchAuth<S> {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> S::Future {
-        let value = self.value.borrow().clone();
-        req.headers_mut().insert(AUTHORIZATION, value);
-        self.inner.call(req)
+/// A `tokio::sync::watch` receiver holding the header value (the sender is leaked so the
+/// channel stays open for the whole benchmark).
+pub fn watch_receiver<S>(inner: S) -> Baseline<S, impl Fn() -> HeaderValue + Clone + Send> {
+    let (tx, rx) = tokio::sync::watch::channel(sensitive(TOKEN));
+    std::mem::forget(tx);
+    Baseline {
+        inner,
+        read: move || rx.borrow().clone(),
     }
 }
