@@ -111,8 +111,19 @@ pub struct TokenSource {
     mode: RefreshMode,
     scheme: Option<String>,
     on_refresh: Option<OnRefresh>,
-    refresh_token: Arc<Mutex<Option<Secret>>>,
+    held: Arc<Mutex<Held>>,
     stats: Arc<Stats>,
+}
+
+/// What the source holds between exchanges, under one lock.
+#[derive(Default)]
+struct Held {
+    refresh_token: Option<Secret>,
+    /// The last credential issued. If the cache stopped waiting for an exchange (its
+    /// fetch timed out, the request was dropped), the server has already issued this one:
+    /// the next fetch hands it out instead of refreshing again, which a provider that
+    /// refuses early refreshes would answer with an error (and a fallback login).
+    last: Option<Credential>,
 }
 
 impl fmt::Debug for TokenSource {
@@ -141,7 +152,7 @@ impl TokenSource {
             mode: RefreshMode::Proactive,
             scheme: None,
             on_refresh: None,
-            refresh_token: Arc::new(Mutex::new(None)),
+            held: Arc::default(),
             stats: Arc::default(),
         }
     }
@@ -200,7 +211,10 @@ impl TokenSource {
 
     /// Starts with a refresh token saved earlier, so a restart does not need a login.
     pub fn refresh_token(mut self, token: impl Into<Secret>) -> Self {
-        self.refresh_token = Arc::new(Mutex::new(Some(token.into())));
+        self.held = Arc::new(Mutex::new(Held {
+            refresh_token: Some(token.into()),
+            last: None,
+        }));
         self
     }
 
@@ -279,7 +293,7 @@ impl TokenSource {
             require_expiry: self.require_jwt_exp,
             scheme: self.scheme.clone(),
             on_refresh: self.on_refresh.clone(),
-            refresh_token: self.refresh_token.clone(),
+            held: self.held.clone(),
             stats: self.stats.clone(),
         })
     }
@@ -325,15 +339,24 @@ struct Exchange {
     require_expiry: bool,
     scheme: Option<String>,
     on_refresh: Option<OnRefresh>,
-    refresh_token: Arc<Mutex<Option<Secret>>>,
+    held: Arc<Mutex<Held>>,
     stats: Arc<Stats>,
 }
 
 impl Exchange {
     async fn run(self, cx: FetchContext) -> Result<Credential, TokenError> {
         // Held across the exchange: one exchange at a time per source.
-        let mut held = self.refresh_token.lock().await;
-        if let (Some((request, field)), Some(token)) = (&self.refresh, held.clone()) {
+        let mut held = self.held.lock().await;
+        if let Some(last) = held.last.clone() {
+            let unexpired = last.expiry().is_none_or(|at| Instant::now() < at);
+            if unexpired && cx.previous() != Some(&last) {
+                tracing::debug!(
+                    "handing out the credential of an exchange the cache stopped waiting for"
+                );
+                return Ok(last);
+            }
+        }
+        if let (Some((request, field)), Some(token)) = (&self.refresh, held.refresh_token.clone()) {
             tracing::debug!(reason = ?cx.reason(), "refreshing with the held refresh token");
             match self.send(request, Some((field, &token))).await {
                 Ok((response, arrived)) => {
@@ -345,7 +368,7 @@ impl Exchange {
                         .refresh_rejections
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(error = %e, "refresh token refused; logging in again");
-                    *held = None;
+                    held.refresh_token = None;
                 }
                 // The endpoint is down or answered garbage: keep the refresh token.
                 Err(e) => return Err(e),
@@ -384,15 +407,16 @@ impl Exchange {
         &self,
         response: TokenResponse,
         arrived: Instant,
-        held: &mut Option<Secret>,
+        held: &mut Held,
         previous_refresh: Option<Secret>,
     ) -> Result<Credential, TokenError> {
-        *held = response.refresh_token().cloned().or(previous_refresh);
+        held.refresh_token = response.refresh_token().cloned().or(previous_refresh);
         let credential = self.credential(&response, arrived)?;
+        held.last = Some(credential.clone());
         if let Some(hook) = &self.on_refresh {
             hook(TokenPair {
                 access_token: response.access_token().clone(),
-                refresh_token: held.clone(),
+                refresh_token: held.refresh_token.clone(),
             })
             .await;
         }

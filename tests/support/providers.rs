@@ -103,13 +103,27 @@ pub async fn read(req: Request<hyper::body::Incoming>) -> Incoming {
 /// A trait for the provider state: answer one request.
 pub trait Provider: Send + Sync + 'static {
     fn handle(&self, req: Incoming) -> Reply;
+
+    /// How long to hold the answer to a request to `path` after handling it.
+    fn delay(&self, path: &str) -> Duration {
+        let _ = path;
+        Duration::ZERO
+    }
 }
 
 /// Starts `provider` on loopback; returns its base URL (`http://127.0.0.1:PORT`).
 pub async fn start<P: Provider>(provider: Arc<P>) -> String {
     let addr = serve(move |req| {
         let provider = provider.clone();
-        async move { provider.handle(read(req).await) }
+        async move {
+            let req = read(req).await;
+            let delay = provider.delay(&req.path);
+            let reply = provider.handle(req);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            reply
+        }
     })
     .await;
     format!("http://{addr}")
@@ -310,6 +324,8 @@ struct RotationState {
 
 pub struct RotatingApi {
     pub api_key: String,
+    /// Delay before the refresh endpoint answers (it rotates first, then waits).
+    pub refresh_delay: Mutex<Duration>,
     pub logins: AtomicUsize,
     pub refreshes: AtomicUsize,
     /// Refresh attempts while the access token was still valid (rejected).
@@ -324,6 +340,7 @@ impl RotatingApi {
     pub fn new(api_key: &str) -> Arc<Self> {
         Arc::new(RotatingApi {
             api_key: api_key.into(),
+            refresh_delay: Mutex::new(Duration::ZERO),
             logins: AtomicUsize::new(0),
             refreshes: AtomicUsize::new(0),
             early_refreshes: AtomicUsize::new(0),
@@ -368,6 +385,13 @@ impl RotatingApi {
 }
 
 impl Provider for RotatingApi {
+    fn delay(&self, path: &str) -> Duration {
+        match path {
+            "/v3/auth/refresh" => *self.refresh_delay.lock().unwrap(),
+            _ => Duration::ZERO,
+        }
+    }
+
     fn handle(&self, req: Incoming) -> Reply {
         let mut state = self.state.lock().unwrap();
         match (req.method.clone(), req.path.as_str()) {
