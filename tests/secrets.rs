@@ -198,3 +198,146 @@ async fn tracing_output_never_carries_the_secret() {
     assert!(logs.contains("replaying request"), "{logs}");
     assert_clean("tracing output", &logs);
 }
+
+/// World: the token flows with canary secrets everywhere a user puts one (session key
+/// secret, API key, client secret), real loopback providers, TRACE-level tracing and a
+/// panic hook both captured, plus a token endpoint that echoes the client secret in its
+/// `error_description`. Proves: no log line, error (`Display` or `Debug`), stats output or
+/// panic message carries a canary; the echoed secret is scrubbed.
+#[tokio::test(flavor = "current_thread")]
+async fn token_flows_never_leak_the_secret() {
+    use support::providers::*;
+    use tower_client_auth::token::{TokenClient, TokenSource};
+
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let panics = Arc::new(Mutex::new(Vec::<String>::new()));
+    let previous_hook = std::panic::take_hook();
+    {
+        let panics = panics.clone();
+        std::panic::set_hook(Box::new(move |info| {
+            panics.lock().unwrap().push(info.to_string())
+        }));
+    }
+
+    let client = || TokenClient::https().unwrap().allow_http_loopback(true);
+    let api_client = support::api_client;
+    let mut printed = Vec::new();
+
+    // Style A with a canary secret; the session expires mid-run.
+    let a = SessionApi::new("key", CANARY, Duration::from_secs(3600));
+    let base = start(a.clone()).await;
+    let source = TokenSource::session_login(&format!("{base}/v1/sessions"), "key", CANARY)
+        .unwrap()
+        .client(client());
+    printed.push(format!("{source:?}"));
+    let svc = AuthLayer::new(source)
+        .allow_http_loopback(true)
+        .layer(api_client());
+    let get = |url: String| Request::get(url).body(Full::<Bytes>::default()).unwrap();
+    assert_eq!(
+        svc.clone()
+            .oneshot(get(format!("{base}/v1/x")))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    a.revoke_all();
+    assert_eq!(
+        svc.clone()
+            .oneshot(get(format!("{base}/v1/x")))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    printed.push(format!(
+        "{:?} {:?}",
+        svc.cache(),
+        svc.cache().source().stats()
+    ));
+
+    // Style C with a canary API key: login, expiry, rotation.
+    let c = RotatingApi::new(CANARY);
+    let base = start(c.clone()).await;
+    let source = TokenSource::api_key_login(
+        &format!("{base}/v3/auth/login"),
+        &format!("{base}/v3/auth/refresh"),
+        CANARY,
+    )
+    .unwrap()
+    .client(client())
+    .on_refresh(|pair| async move { tracing::info!(?pair, "persisting pair") });
+    let svc = AuthLayer::new(source)
+        .allow_http_loopback(true)
+        .layer(api_client());
+    assert_eq!(
+        svc.clone()
+            .oneshot(get(format!("{base}/v3/a")))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    c.expire_sessions();
+    assert_eq!(
+        svc.clone()
+            .oneshot(get(format!("{base}/v3/a")))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Style D with a wrong canary secret, against an endpoint that echoes it back.
+    let addr = support::serve(|_req| async {
+        let body = format!(
+            r#"{{"error":"invalid_client","error_description":"client secret {CANARY} is wrong"}}"#
+        );
+        Response::builder()
+            .status(401)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    })
+    .await;
+    let source = TokenSource::client_credentials(&format!("http://{addr}/token"), "id", CANARY)
+        .unwrap()
+        .client(client());
+    let svc = AuthLayer::new(source)
+        .allow_http_loopback(true)
+        .layer(api_client());
+    let err = svc
+        .oneshot(get(format!("http://{addr}/api")))
+        .await
+        .unwrap_err();
+    let token_err =
+        std::error::Error::source(err.downcast_ref::<tower_client_auth::Error>().unwrap())
+            .and_then(|e| e.downcast_ref::<tower_client_auth::token::TokenError>())
+            .unwrap();
+    assert_eq!(
+        token_err.description(),
+        Some("client secret [redacted] is wrong")
+    );
+    printed.push(format!("{err} {err:?} {token_err} {token_err:?}"));
+
+    std::panic::set_hook(previous_hook);
+    for (i, text) in printed.iter().enumerate() {
+        assert_clean(&format!("printed value {i}"), text);
+    }
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("logging in") && logs.contains("refreshing with the held refresh token"),
+        "{logs}"
+    );
+    assert!(logs.contains("persisting pair"), "{logs}");
+    assert_clean("tracing output", &logs);
+    let panics = panics.lock().unwrap();
+    assert!(panics.is_empty(), "panicked: {panics:?}");
+}
