@@ -347,12 +347,15 @@ impl Exchange {
     async fn run(self, cx: FetchContext) -> Result<Credential, TokenError> {
         // Held across the exchange: one exchange at a time per source.
         let mut held = self.held.lock().await;
-        if let Some(last) = held.last.clone() {
+        if let Some(last) = held.last.take() {
+            // The cache names the credential it is replacing: once rejected or expiring,
+            // it is never handed out again, whatever happens to this exchange.
             let unexpired = last.expiry().is_none_or(|at| Instant::now() < at);
             if unexpired && cx.previous() != Some(&last) {
                 tracing::debug!(
                     "handing out the credential of an exchange the cache stopped waiting for"
                 );
+                held.last = Some(last.clone());
                 return Ok(last);
             }
         }
