@@ -486,6 +486,7 @@ async fn soak_under_faults() {
         "traffic did not recover on its own"
     );
     drop(state);
+    drop(o);
 
     // No task leak: with the layer, cache and clients dropped, the runtime's tasks fall
     // back to what the servers alone use.
