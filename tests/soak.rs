@@ -410,83 +410,83 @@ async fn soak_under_faults() {
         println!("cache: {stats:?}\nsource: {token_stats:?}");
     }
 
-    let o = outcomes.lock().unwrap();
-    let total = o.ok + o.forbidden + o.unauthorized + o.errors.values().sum::<usize>() + o.hung;
-    let state = server.state.lock().unwrap();
-    let replayed = state.attempts.values().filter(|t| t.len() == 2).count();
-    let same_token_twice = state
-        .attempts
-        .values()
-        .filter(|t| t.len() == 2 && t[0] == t[1])
-        .count();
-    let over_two = state.attempts.values().filter(|t| t.len() > 2).count();
-    let expiries = secs / LIFETIME_SECS + 1;
-    let early = server.early_revocations.load(SeqCst);
-    let issued = server.issued.load(SeqCst);
-    let outage_calls = server.token_calls_in_outage.load(SeqCst);
-    println!(
-        "soak {secs}s seed {seed}: {total} requests, {} ok, {} forbidden, {} unauthorized, errors {:?}, hung {}\n\
-         api calls {}, replayed {replayed}, replays with the same token {same_token_twice}, sent over twice {over_two}, without credential {}\n\
-         token calls {} (issued {issued}, injected failures {}, during the {:?} outage {outage_calls}), expiries <= {expiries}, early revocations {early}, family revocations {}\n\
-         requests failed after recovery (started > {:?}): {}",
-        o.ok,
-        o.forbidden,
-        o.unauthorized,
-        o.errors,
-        o.hung,
-        server.api_calls.load(SeqCst),
-        server.missing_credential.load(SeqCst),
-        server.token_calls.load(SeqCst),
-        server.injected_failures.load(SeqCst),
-        outage_to - outage_from,
-        server.family_revocations.load(SeqCst),
-        faults_stop + recovery_allowance,
-        o.failed_after_recovery,
-    );
+    {
+        let o = outcomes.lock().unwrap();
+        let total = o.ok + o.forbidden + o.unauthorized + o.errors.values().sum::<usize>() + o.hung;
+        let state = server.state.lock().unwrap();
+        let replayed = state.attempts.values().filter(|t| t.len() == 2).count();
+        let same_token_twice = state
+            .attempts
+            .values()
+            .filter(|t| t.len() == 2 && t[0] == t[1])
+            .count();
+        let over_two = state.attempts.values().filter(|t| t.len() > 2).count();
+        let expiries = secs / LIFETIME_SECS + 1;
+        let early = server.early_revocations.load(SeqCst);
+        let issued = server.issued.load(SeqCst);
+        let outage_calls = server.token_calls_in_outage.load(SeqCst);
+        println!(
+            "soak {secs}s seed {seed}: {total} requests, {} ok, {} forbidden, {} unauthorized, errors {:?}, hung {}\n\
+             api calls {}, replayed {replayed}, replays with the same token {same_token_twice}, sent over twice {over_two}, without credential {}\n\
+             token calls {} (issued {issued}, injected failures {}, during the {:?} outage {outage_calls}), expiries <= {expiries}, early revocations {early}, family revocations {}\n\
+             requests failed after recovery (started > {:?}): {}",
+            o.ok,
+            o.forbidden,
+            o.unauthorized,
+            o.errors,
+            o.hung,
+            server.api_calls.load(SeqCst),
+            server.missing_credential.load(SeqCst),
+            server.token_calls.load(SeqCst),
+            server.injected_failures.load(SeqCst),
+            outage_to - outage_from,
+            server.family_revocations.load(SeqCst),
+            faults_stop + recovery_allowance,
+            o.failed_after_recovery,
+        );
 
-    assert!(total >= 10_000, "tens of thousands of requests: {total}");
-    assert_eq!(
-        server.missing_credential.load(SeqCst),
-        0,
-        "a request reached the API without a credential"
-    );
-    assert_eq!(
-        same_token_twice, 0,
-        "a replay carried the token that had just been rejected"
-    );
-    assert_eq!(over_two, 0, "a request was sent more than twice");
-    assert_eq!(
-        server.family_revocations.load(SeqCst),
-        0,
-        "a refresh token was presented twice"
-    );
-    assert_eq!(o.hung, 0, "a request outlived its deadline");
-    for kind in o.errors.keys() {
-        let known =
-            [ErrorKind::Fetch, ErrorKind::Timeout, ErrorKind::Backoff].map(|k| format!("{k:?}"));
-        assert!(known.contains(kind), "untyped or unexpected error: {kind}");
+        assert!(total >= 10_000, "tens of thousands of requests: {total}");
+        assert_eq!(
+            server.missing_credential.load(SeqCst),
+            0,
+            "a request reached the API without a credential"
+        );
+        assert_eq!(
+            same_token_twice, 0,
+            "a replay carried the token that had just been rejected"
+        );
+        assert_eq!(over_two, 0, "a request was sent more than twice");
+        assert_eq!(
+            server.family_revocations.load(SeqCst),
+            0,
+            "a refresh token was presented twice"
+        );
+        assert_eq!(o.hung, 0, "a request outlived its deadline");
+        for kind in o.errors.keys() {
+            let known = [ErrorKind::Fetch, ErrorKind::Timeout, ErrorKind::Backoff]
+                .map(|k| format!("{k:?}"));
+            assert!(known.contains(kind), "untyped or unexpected error: {kind}");
+        }
+        // Successful issues are bounded by need: one per expiry, one per revocation (early,
+        // or found expired by a 401), plus the first login and exchanges abandoned by the
+        // cache; failures are retried under backoff only.
+        assert!(
+            issued <= 3 * (expiries as usize + early) + 10,
+            "token endpoint hammered: {issued} issues"
+        );
+        // The outage lasts 15 % of the run; exponential backoff (50 ms doubling to 1 s) allows
+        // about one call per half second after the first few.
+        let outage_secs = (outage_to - outage_from).as_secs_f64();
+        let outage_bound = 8 + (outage_secs / 0.5) as usize;
+        assert!(
+            outage_calls <= outage_bound,
+            "{outage_calls} calls during the outage (bound {outage_bound})"
+        );
+        assert_eq!(
+            o.failed_after_recovery, 0,
+            "traffic did not recover on its own"
+        );
     }
-    // Successful issues are bounded by need: one per expiry, one per revocation (early,
-    // or found expired by a 401), plus the first login and exchanges abandoned by the
-    // cache; failures are retried under backoff only.
-    assert!(
-        issued <= 3 * (expiries as usize + early) + 10,
-        "token endpoint hammered: {issued} issues"
-    );
-    // The outage lasts 15 % of the run; exponential backoff (50 ms doubling to 1 s) allows
-    // about one call per half second after the first few.
-    let outage_secs = (outage_to - outage_from).as_secs_f64();
-    let outage_bound = 8 + (outage_secs / 0.5) as usize;
-    assert!(
-        outage_calls <= outage_bound,
-        "{outage_calls} calls during the outage (bound {outage_bound})"
-    );
-    assert_eq!(
-        o.failed_after_recovery, 0,
-        "traffic did not recover on its own"
-    );
-    drop(state);
-    drop(o);
 
     // No task leak: with the layer, cache and clients dropped, the runtime's tasks fall
     // back to what the servers alone use.
