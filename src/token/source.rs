@@ -84,6 +84,10 @@ type OnRefresh = Arc<dyn Fn(TokenPair) -> Pin<Box<dyn Future<Output = ()> + Send
 /// - Exchanges are serialised: a refresh token is never sent twice, even when several
 ///   caches share the source. Each exchange runs to completion in its own task, so a
 ///   rotated refresh token is stored even if the request that asked for it is dropped.
+/// - If the cache stopped waiting for an exchange (its fetch timed out), the next fetch
+///   gets that exchange's access token without another request, instead of refreshing
+///   early (which providers like style C refuse, forcing a login). A credential the cache
+///   reports as rejected or expiring is never handed out again.
 /// - The lifetime is `expires_in` when present, else the JWT `exp` claim, else
 ///   [`default_lifetime`](Self::default_lifetime), measured from the moment the response
 ///   arrived, on the monotonic clock.
