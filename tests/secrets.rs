@@ -39,6 +39,33 @@ impl Write for Capture {
     }
 }
 
+/// Installs a subscriber that captures everything `tracing` emits, at every level, on this
+/// thread (the tests run on current-thread runtimes, so spawned tasks are included).
+fn capture_traces() -> (Capture, tracing::subscriber::DefaultGuard) {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    (capture, tracing::subscriber::set_default(subscriber))
+}
+
+type TokenClientStack = tower_client_auth::Auth<
+    hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        ReplayBody<Full<Bytes>>,
+    >,
+    tower_client_auth::token::TokenSource,
+>;
+
+/// GET `url` through `svc`; the status.
+async fn status(svc: &TokenClientStack, url: String) -> u16 {
+    let req = Request::get(url).body(Full::<Bytes>::default()).unwrap();
+    svc.clone().oneshot(req).await.unwrap().status().as_u16()
+}
+
 /// Every public type built around the canary prints without it, in both `Debug` forms.
 #[tokio::test]
 async fn debug_and_display_are_redacted() {
@@ -135,14 +162,7 @@ async fn errors_never_carry_the_secret() {
 /// rotation) leave no canary in the captured tracing output.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn tracing_output_never_carries_the_secret() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (capture, _guard) = capture_traces();
 
     let calls = Arc::new(Mutex::new(0u32));
     let source =
@@ -209,14 +229,7 @@ async fn token_flows_never_leak_the_secret() {
     use support::providers::*;
     use tower_client_auth::token::{TokenClient, TokenSource};
 
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (capture, _guard) = capture_traces();
     let panics = Arc::new(Mutex::new(Vec::<String>::new()));
     let previous_hook = std::panic::take_hook();
     {
@@ -259,24 +272,9 @@ async fn token_flows_never_leak_the_secret() {
     let svc = AuthLayer::new(source)
         .allow_http_loopback(true)
         .layer(api_client());
-    let get = |url: String| Request::get(url).body(Full::<Bytes>::default()).unwrap();
-    assert_eq!(
-        svc.clone()
-            .oneshot(get(format!("{base}/v1/x")))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(&svc, format!("{base}/v1/x")).await, 200);
     a.revoke_all();
-    assert_eq!(
-        svc.clone()
-            .oneshot(get(format!("{base}/v1/x")))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(&svc, format!("{base}/v1/x")).await, 200);
     printed.push(format!(
         "{:?} {:?}",
         svc.cache(),
@@ -297,23 +295,9 @@ async fn token_flows_never_leak_the_secret() {
     let svc = AuthLayer::new(source)
         .allow_http_loopback(true)
         .layer(api_client());
-    assert_eq!(
-        svc.clone()
-            .oneshot(get(format!("{base}/v3/a")))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(&svc, format!("{base}/v3/a")).await, 200);
     c.expire_sessions();
-    assert_eq!(
-        svc.clone()
-            .oneshot(get(format!("{base}/v3/a")))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(&svc, format!("{base}/v3/a")).await, 200);
 
     // Style D with a wrong canary secret, against an endpoint that echoes it back.
     let addr = support::serve(|_req| async {
@@ -333,7 +317,11 @@ async fn token_flows_never_leak_the_secret() {
         .allow_http_loopback(true)
         .layer(api_client());
     let err = svc
-        .oneshot(get(format!("http://{addr}/api")))
+        .oneshot(
+            Request::get(format!("http://{addr}/api"))
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
         .await
         .unwrap_err();
     let token_err =
