@@ -357,8 +357,12 @@ impl<P: CredentialSource> CredentialCache<P> {
         }
         if let Some(retry_at) = state.retry_at.filter(|at| now < *at) {
             if let Some(entry) = still_valid {
-                // Backing off: keep serving what is still valid rather than failing.
-                rearm_background(&entry, retry_at);
+                // Backing off: keep serving what is still valid rather than failing. A
+                // caller that just claimed the background refresh gives the claim back
+                // when the backoff ends; a hard-window caller claimed nothing.
+                if matches!(want, Some(Want::Background(_))) {
+                    rearm_background(&entry, retry_at);
+                }
                 return Acquire::ready(Ok(entry));
             }
             let mut err = Error::new(ErrorKind::Backoff).with_retry_in(retry_at - now);
