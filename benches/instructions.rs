@@ -10,17 +10,27 @@ mod common;
 
 use std::{hint::black_box, time::Duration};
 
-use common::{Noop, TOKEN, call, mutex_cache, request, rwlock_cache, watch_receiver};
+use common::{JSON, Noop, TOKEN, call, mutex_cache, request, rwlock_cache, watch_receiver};
 use tower::Layer;
 use tower_client_auth::{AuthLayer, BoxError, Credential, StaticCredential, source_fn};
+
+/// The request body: empty, or the small JSON document of `benches/overhead.rs` when the
+/// `BODY` environment variable is `json`.
+fn body() -> &'static [u8] {
+    match std::env::var("BODY").as_deref() {
+        Ok("json") => JSON,
+        _ => b"",
+    }
+}
 
 fn run<S>(mut svc: S, n: u64)
 where
     S: tower::Service<http::Request<http_body_util::Full<bytes::Bytes>>>,
     S::Error: std::fmt::Debug,
 {
+    let body = body();
     for _ in 0..n {
-        black_box(call(&mut svc, request(b"")));
+        black_box(call(&mut svc, request(body)));
     }
 }
 

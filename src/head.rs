@@ -5,7 +5,9 @@
 //! allocations for the `HeaderMap` and one more for each `Bytes` inside a freshly built
 //! `Uri` and header value (a clone promotes it to shared storage), then as many frees.
 //! Copying the same bytes into one buffer costs a single allocation; the parsing back
-//! happens only on the rare replay path. See BENCHMARKS.md for the measured difference.
+//! happens only on the rare replay path. See BENCHMARKS.md for the measured difference
+//! (and for why an inline buffer inside the response future measured worse: every move
+//! of the future copies it).
 
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 
@@ -13,38 +15,53 @@ pub(crate) struct Head {
     method: Method,
     version: Version,
     extensions: Extensions,
-    /// Scheme, authority and path-and-query, each length-prefixed (`NONE` when absent),
-    /// then each header: name length (u16), name, sensitive flag, value length (u32), value.
+    /// The three lengths of scheme, authority and path-and-query (u16 each, `NONE` when
+    /// absent) and those parts, then each header: name length (u16), sensitive flag,
+    /// value length (u32), name, value.
     buf: Vec<u8>,
 }
 
-const NONE: u32 = u32::MAX;
+const NONE: u16 = u16::MAX;
+
+/// Room guessed per header before the buffer is allocated, so that the headers are
+/// walked once: a typical API header with its framing fits; a bigger one grows the buffer.
+const PER_HEADER: usize = 48;
 
 impl Head {
-    /// Snapshots `req`'s head. `None` for a head too unusual to snapshot (a header name
-    /// over 64 KiB, a value over 4 GiB): such a request is simply not replayed.
+    /// Snapshots `req`'s head. `None` for a head too unusual to snapshot (a URI part of
+    /// 64 KiB or more, a header value of 4 GiB or more): such a request is not replayed.
     pub(crate) fn of<B>(req: &Request<B>) -> Option<Self> {
         let uri = req.uri();
-        let (scheme, authority) = (uri.scheme_str(), uri.authority().map(|a| a.as_str()));
-        let path = uri.path_and_query().map(|p| p.as_str());
+        let scheme = uri.scheme_str().unwrap_or_default();
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        let path = uri.path_and_query().map_or("", |p| p.as_str());
         let headers = req.headers();
-        let mut len = 12
-            + scheme.map_or(0, str::len)
-            + authority.map_or(0, str::len)
-            + path.map_or(0, str::len);
-        for (name, value) in headers {
-            len += 7 + name.as_str().len() + value.len();
-        }
-        let mut buf = Vec::with_capacity(len);
-        for part in [scheme, authority, path] {
-            put_str(&mut buf, part)?;
-        }
+        let mut buf = Vec::with_capacity(
+            6 + scheme.len() + authority.len() + path.len() + headers.len() * PER_HEADER,
+        );
+        let present = |part: &str, has: bool| -> Option<[u8; 2]> {
+            if !has {
+                return Some(NONE.to_le_bytes());
+            }
+            u16::try_from(part.len())
+                .ok()
+                .filter(|l| *l != NONE)
+                .map(u16::to_le_bytes)
+        };
+        let [s0, s1] = present(scheme, uri.scheme().is_some())?;
+        let [a0, a1] = present(authority, uri.authority().is_some())?;
+        let [p0, p1] = present(path, uri.path_and_query().is_some())?;
+        buf.extend_from_slice(&[s0, s1, a0, a1, p0, p1]);
+        buf.extend_from_slice(scheme.as_bytes());
+        buf.extend_from_slice(authority.as_bytes());
+        buf.extend_from_slice(path.as_bytes());
         for (name, value) in headers {
             let name = name.as_str().as_bytes();
-            buf.extend_from_slice(&u16::try_from(name.len()).ok()?.to_le_bytes());
+            let [n0, n1] = u16::try_from(name.len()).ok()?.to_le_bytes();
+            let [v0, v1, v2, v3] = u32::try_from(value.len()).ok()?.to_le_bytes();
+            let sensitive = u8::from(value.is_sensitive());
+            buf.extend_from_slice(&[n0, n1, sensitive, v0, v1, v2, v3]);
             buf.extend_from_slice(name);
-            buf.push(u8::from(value.is_sensitive()));
-            buf.extend_from_slice(&u32::try_from(value.len()).ok()?.to_le_bytes());
             buf.extend_from_slice(value.as_bytes());
         }
         Some(Head {
@@ -59,7 +76,10 @@ impl Head {
     /// which values that parsed once cannot do.
     pub(crate) fn into_request<B>(self, body: B) -> Option<Request<B>> {
         let mut r = Reader(&self.buf);
-        let (scheme, authority, path) = (r.opt_str()?, r.opt_str()?, r.opt_str()?);
+        let lens = [r.u16()?, r.u16()?, r.u16()?];
+        let [scheme, authority, path] = lens.map(|len| (len != NONE).then_some(len));
+        let (scheme, authority, path) =
+            (r.opt_str(scheme)?, r.opt_str(authority)?, r.opt_str(path)?);
         let mut uri = Uri::builder();
         if let Some(scheme) = scheme {
             uri = uri.scheme(scheme);
@@ -72,10 +92,10 @@ impl Head {
         }
         let mut headers = HeaderMap::new();
         while !r.0.is_empty() {
-            let name_len = usize::from(u16::from_le_bytes(r.take(2)?.try_into().ok()?));
-            let name = HeaderName::from_bytes(r.take(name_len)?).ok()?;
+            let name_len = usize::from(r.u16()?);
             let sensitive = r.take(1)?[0] == 1;
             let value_len = u32::from_le_bytes(r.take(4)?.try_into().ok()?) as usize;
+            let name = HeaderName::from_bytes(r.take(name_len)?).ok()?;
             let mut value = HeaderValue::from_bytes(r.take(value_len)?).ok()?;
             value.set_sensitive(sensitive);
             headers.append(name, value);
@@ -90,18 +110,6 @@ impl Head {
     }
 }
 
-fn put_str(buf: &mut Vec<u8>, part: Option<&str>) -> Option<()> {
-    match part {
-        None => buf.extend_from_slice(&NONE.to_le_bytes()),
-        Some(s) => {
-            let len = u32::try_from(s.len()).ok().filter(|l| *l != NONE)?;
-            buf.extend_from_slice(&len.to_le_bytes());
-            buf.extend_from_slice(s.as_bytes());
-        }
-    }
-    Some(())
-}
-
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -114,12 +122,17 @@ impl<'a> Reader<'a> {
         Some(head)
     }
 
-    fn opt_str(&mut self) -> Option<Option<&'a str>> {
-        let len = u32::from_le_bytes(self.take(4)?.try_into().ok()?);
-        if len == NONE {
-            return Some(None);
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+
+    fn opt_str(&mut self, len: Option<u16>) -> Option<Option<&'a str>> {
+        match len {
+            None => Some(None),
+            Some(len) => std::str::from_utf8(self.take(usize::from(len))?)
+                .ok()
+                .map(Some),
         }
-        std::str::from_utf8(self.take(len as usize)?).ok().map(Some)
     }
 }
 
@@ -162,6 +175,22 @@ mod tests {
             assert!(back.headers()["authorization"].is_sensitive());
             assert_eq!(back.extensions().get::<Tag>(), Some(&Tag(7)));
         }
+    }
+
+    /// Headers far bigger than the buffer's first guess grow it and round-trip; a URI
+    /// without scheme and authority keeps them absent.
+    #[test]
+    fn big_heads_round_trip() {
+        let mut req = Request::get("/only/a/path?q").body(()).unwrap();
+        for (i, len) in [0, 47, 48, 49, 70_000].into_iter().enumerate() {
+            let value = HeaderValue::from_str(&"v".repeat(len)).unwrap();
+            req.headers_mut()
+                .insert(format!("x-pad-{i}").parse::<HeaderName>().unwrap(), value);
+        }
+        let back = Head::of(&req).unwrap().into_request(()).unwrap();
+        assert_eq!(back.headers(), req.headers());
+        assert_eq!(back.uri(), req.uri());
+        assert!(back.uri().scheme().is_none() && back.uri().authority().is_none());
     }
 
     /// A truncated buffer is `None`, not a panic.
