@@ -34,7 +34,7 @@ use crate::{
     cache::{Acquire, CredentialCache, Entry},
     error::{BoxError, Error},
     head::Head,
-    policy::{NoReplay, Policy},
+    policy::{NoReplay, Policy, StatusSet},
     source::CredentialSource,
 };
 
@@ -61,7 +61,7 @@ pin_project! {
         // The replay path boxes its large payloads (a whole rebuilt request): one
         // allocation per replay keeps every hot-path move of this future small.
         Refreshing { acquire: Acquire, resend: Option<Box<Resend<S, B, P>>> },
-        Second { future: Pin<Box<Oneshot<S, Request<ReplayBody<B>>>>>, policy: Policy },
+        Second { future: Pin<Box<Oneshot<S, Request<ReplayBody<B>>>>>, rejections: StatusSet },
     }
 }
 
@@ -95,7 +95,7 @@ struct Pending<S, B, P> {
 struct Retry<S, P> {
     cache: CredentialCache<P>,
     generation: u64,
-    policy: Policy,
+    rejections: StatusSet,
     replay: Result<Replay<S>, NotReplayed>,
 }
 
@@ -110,7 +110,7 @@ struct Replay<S> {
 struct Resend<S, B, P> {
     service: S,
     request: Request<ReplayBody<B>>,
-    policy: Policy,
+    rejections: StatusSet,
     cache: CredentialCache<P>,
 }
 
@@ -184,7 +184,7 @@ where
         let retry = Retry {
             cache: cache.clone(),
             generation: entry.generation,
-            policy,
+            rejections: policy.rejections,
             replay: replay.map(|(head, body)| Replay {
                 service,
                 head,
@@ -230,12 +230,14 @@ where
                 }
                 StateProj::First { future, retry } => {
                     let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    let Some(retry) = retry.take() else {
+                    // Look before taking: the common answer leaves `retry` in place, to be
+                    // dropped with the future, instead of moving it out first.
+                    let rejected = retry
+                        .as_ref()
+                        .is_some_and(|r| r.rejections.contains(response.status()));
+                    let Some(retry) = retry.take().filter(|_| rejected) else {
                         return Poll::Ready(Ok(response));
                     };
-                    if !retry.policy.rejections.contains(response.status()) {
-                        return Poll::Ready(Ok(response));
-                    }
                     tracing::debug!(status = %response.status(), generation = retry.generation, "credential rejected");
                     let acquire = retry.cache.replace_rejected(retry.generation);
                     let resend = retry.replay.and_then(|mut replay| {
@@ -247,7 +249,7 @@ where
                         Ok(Resend {
                             service: replay.service,
                             request,
-                            policy: retry.policy,
+                            rejections: retry.rejections,
                             cache: retry.cache,
                         })
                     });
@@ -284,12 +286,12 @@ where
                     resend.cache.record_replay();
                     this.state.set(State::Second {
                         future: Box::pin(Oneshot::new(resend.service, request)),
-                        policy: resend.policy,
+                        rejections: resend.rejections,
                     });
                 }
-                StateProj::Second { future, policy } => {
+                StateProj::Second { future, rejections } => {
                     let mut response = ready!(future.as_mut().poll(cx)).map_err(Into::into)?;
-                    if policy.rejections.contains(response.status()) {
+                    if rejections.contains(response.status()) {
                         response
                             .extensions_mut()
                             .insert(NotReplayed::AlreadyReplayed);

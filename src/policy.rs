@@ -106,8 +106,19 @@ impl Default for Policy {
 }
 
 impl Policy {
-    /// Whether a credential may be sent to `uri`.
+    /// Whether a credential may be sent to `uri`. Inlined into the hot path for its
+    /// common case, `https`; everything else is looked at out of line.
+    #[inline]
     pub(crate) fn check_transport(&self, uri: &Uri) -> Result<(), Error> {
+        if is_https(uri) {
+            return Ok(());
+        }
+        self.check_transport_slow(uri)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn check_transport_slow(&self, uri: &Uri) -> Result<(), Error> {
         check_transport(uri, self.allow_http_loopback, self.allow_relative_uris)
             .map_err(|detail| Error::new(ErrorKind::InsecureTransport).with_detail(detail))
     }
@@ -144,9 +155,7 @@ pub(crate) fn check_transport(
     allow_http_loopback: bool,
     allow_relative: bool,
 ) -> Result<(), &'static str> {
-    // The common case first: `https` needs no look at the host (parsing the authority
-    // for it costs more than everything else the check does).
-    if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+    if is_https(uri) {
         return Ok(());
     }
     check_transport_parts(
@@ -155,6 +164,13 @@ pub(crate) fn check_transport(
         allow_http_loopback,
         allow_relative,
     )
+}
+
+/// The common case, checked first: `https` needs no look at the host (parsing the
+/// authority for it costs more than everything else the check does).
+#[inline]
+fn is_https(uri: &Uri) -> bool {
+    uri.scheme() == Some(&http::uri::Scheme::HTTPS)
 }
 
 pub(crate) fn check_transport_parts(
