@@ -285,28 +285,48 @@ impl<P: CredentialSource> CredentialCache<P> {
         CacheHandle { inner: weak }
     }
 
-    /// The hot path: the current credential if it may be sent now, or the refresh to
-    /// wait for. In the soft window this starts the background refresh (once).
+    /// The current credential if it may be sent now, or the refresh to wait for. In the
+    /// soft window this starts the background refresh (once). The layer reads through a
+    /// [`LocalView`] instead; this is for callers that share the cache by reference.
     pub(crate) fn current(&self) -> Result<Current, Acquire> {
         let guard = self.inner.current.load();
-        if let Some(entry) = guard.as_deref() {
-            if !entry.aging.load(Ordering::Acquire) {
-                return Ok(Current(guard));
+        match self.usable(guard.as_deref()) {
+            Ok(_) => Ok(Current(guard)),
+            Err(acquire) => {
+                drop(guard);
+                Err(acquire)
             }
+        }
+    }
+
+    /// Whether `entry`, the current entry as just read, may be sent now; if not, the
+    /// refresh to wait for. Inlined for its common case: an entry before its soft window
+    /// (one flag, no clock).
+    #[inline]
+    pub(crate) fn usable<'e>(&self, entry: Option<&'e Entry>) -> Result<&'e Entry, Acquire> {
+        match entry {
+            Some(entry) if !entry.aging.load(Ordering::Acquire) => Ok(entry),
+            _ => self.usable_aging(entry),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn usable_aging<'e>(&self, entry: Option<&'e Entry>) -> Result<&'e Entry, Acquire> {
+        if let Some(entry) = entry {
             match entry.phase_at(Instant::now()) {
-                Phase::Fresh => return Ok(Current(guard)),
+                Phase::Fresh => return Ok(entry),
                 Phase::Soft => {
                     if !entry.background_claimed.load(Ordering::Relaxed)
                         && !entry.background_claimed.swap(true, Ordering::AcqRel)
                     {
                         drop(self.acquire(Some(Want::Background(entry.generation))));
                     }
-                    return Ok(Current(guard));
+                    return Ok(entry);
                 }
                 Phase::Hard => {}
             }
         }
-        drop(guard);
         Err(self.acquire(None))
     }
 
@@ -664,6 +684,54 @@ impl std::ops::Deref for Current {
     fn deref(&self) -> &Entry {
         // `current` only builds a `Current` from a guard holding an entry.
         self.0.as_deref().expect("Current always holds an entry")
+    }
+}
+
+/// One service clone's view of a cache's current entry: an [`arc_swap::Cache`], so that
+/// the hot path checks one pointer against the shared one instead of loading it (a load
+/// takes and releases a debt slot). It holds a reference to the entry it last saw, so a
+/// replaced credential lives until this clone's next request; every change (a refresh,
+/// an invalidation, a rotation) is seen on that next request.
+pub(crate) struct LocalView<P> {
+    view: arc_swap::Cache<CurrentSlot<P>, Option<Arc<Entry>>>,
+}
+
+/// What [`LocalView`] revalidates against: the cache's `current` slot.
+struct CurrentSlot<P>(Arc<Inner<P>>);
+
+impl<P> std::ops::Deref for CurrentSlot<P> {
+    type Target = ArcSwapOption<Entry>;
+
+    fn deref(&self) -> &ArcSwapOption<Entry> {
+        &self.0.current
+    }
+}
+
+impl<P> Clone for CurrentSlot<P> {
+    fn clone(&self) -> Self {
+        CurrentSlot(self.0.clone())
+    }
+}
+
+impl<P> Clone for LocalView<P> {
+    fn clone(&self) -> Self {
+        LocalView {
+            view: self.view.clone(),
+        }
+    }
+}
+
+impl<P> LocalView<P> {
+    pub(crate) fn new(cache: &CredentialCache<P>) -> Self {
+        LocalView {
+            view: arc_swap::Cache::new(CurrentSlot(cache.inner.clone())),
+        }
+    }
+
+    /// The current entry, revalidated.
+    #[inline]
+    pub(crate) fn load(&mut self) -> Option<&Entry> {
+        self.view.load().as_deref()
     }
 }
 

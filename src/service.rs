@@ -1,7 +1,7 @@
 //! [`Auth`]: the middleware service. The per-request state machine is in `future.rs`.
 
 use std::{
-    mem,
+    fmt, mem,
     task::{Context, Poll},
 };
 
@@ -11,8 +11,12 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::{
-    body::ReplayBody, cache::CredentialCache, error::BoxError, future::ResponseFuture,
-    policy::Policy, source::CredentialSource,
+    body::ReplayBody,
+    cache::{CredentialCache, LocalView},
+    error::BoxError,
+    future::ResponseFuture,
+    policy::Policy,
+    source::CredentialSource,
 };
 
 /// Adds a cached credential to each request and replays it once when the API rejects the
@@ -21,11 +25,22 @@ use crate::{
 /// The inner service receives the request with a [`ReplayBody`]. Errors are
 /// [`BoxError`]s: the crate's own [`Error`](crate::Error), or the inner service's error
 /// as it came (downcast to get it back).
-#[derive(Debug)]
 pub struct Auth<S, P> {
     inner: S,
     cache: CredentialCache<P>,
+    /// This clone's view of the cache's current entry (see `LocalView`).
+    view: LocalView<P>,
     policy: Policy,
+}
+
+impl<S: fmt::Debug, P> fmt::Debug for Auth<S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auth")
+            .field("inner", &self.inner)
+            .field("cache", &self.cache)
+            .field("policy", &self.policy)
+            .finish()
+    }
 }
 
 impl<S: Clone, P> Clone for Auth<S, P> {
@@ -33,6 +48,7 @@ impl<S: Clone, P> Clone for Auth<S, P> {
         Auth {
             inner: self.inner.clone(),
             cache: self.cache.clone(),
+            view: self.view.clone(),
             policy: self.policy,
         }
     }
@@ -42,6 +58,7 @@ impl<S, P> Auth<S, P> {
     pub(crate) fn new(inner: S, cache: CredentialCache<P>, policy: Policy) -> Self {
         Auth {
             inner,
+            view: LocalView::new(&cache),
             cache,
             policy,
         }
@@ -81,8 +98,8 @@ where
         // Keep the service that was polled ready; leave a fresh clone in its place.
         let clone = self.inner.clone();
         let service = mem::replace(&mut self.inner, clone);
-        match self.cache.current() {
-            Ok(current) => ResponseFuture::send(service, req, &current, &self.cache, self.policy),
+        match self.cache.usable(self.view.load()) {
+            Ok(current) => ResponseFuture::send(service, req, current, &self.cache, self.policy),
             Err(acquire) => {
                 ResponseFuture::wait(acquire, service, req, self.cache.clone(), self.policy)
             }

@@ -11,7 +11,7 @@ use http::{Request, Response, StatusCode, header::AUTHORIZATION};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
 use support::{TestSource, get, post};
-use tower::{Layer, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 use tower_client_auth::{
     AuthLayer, BoxError, ExistingHeader, NoReplay, NotReplayed, ReplayBody, StaticCredential,
 };
@@ -101,6 +101,65 @@ async fn rejection_refreshes_once_and_replays_once() {
     reply.send_response(status(200));
     call.await.unwrap().unwrap();
     assert_eq!(source.fetches(), 2);
+}
+
+/// A service clone kept for many requests (each clone remembers the entry it last
+/// read) sees every change to the shared cache on its next request: a refresh made
+/// through another clone, an invalidation, a replaced credential.
+#[tokio::test]
+async fn a_long_lived_clone_sees_every_change() {
+    let source = TestSource::new();
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let layer = AuthLayer::new(source.clone());
+    let svc = layer.layer(inner);
+    let mut kept = svc.clone();
+
+    async fn expect(
+        api: &mut mock::Handle<Req, Response<&'static str>>,
+        want: &str,
+        answer: u16,
+    ) {
+        let (req, reply) = api.next_request().await.unwrap();
+        assert_eq!(bearer(&req), want);
+        reply.send_response(status(answer));
+    }
+    let send = |svc: &mut tower_client_auth::Auth<_, _>| {
+        let call = svc.call(get("/v1/me"));
+        tokio::spawn(call)
+    };
+
+    for _ in 0..2 {
+        kept.ready().await.unwrap();
+        let call = send(&mut kept);
+        expect(&mut api, "Bearer token-1", 200).await;
+        call.await.unwrap().unwrap();
+    }
+
+    // Another clone's request is rejected: token-2 replaces token-1 for everyone.
+    let other = tokio::spawn(svc.clone().oneshot(get("/v1/me")));
+    expect(&mut api, "Bearer token-1", 401).await;
+    expect(&mut api, "Bearer token-2", 200).await;
+    other.await.unwrap().unwrap();
+    kept.ready().await.unwrap();
+    let call = send(&mut kept);
+    expect(&mut api, "Bearer token-2", 200).await;
+    call.await.unwrap().unwrap();
+
+    // Invalidated from elsewhere: the kept clone waits for a new fetch.
+    assert!(layer.cache().handle().invalidate());
+    kept.ready().await.unwrap();
+    let call = send(&mut kept);
+    expect(&mut api, "Bearer token-3", 200).await;
+    call.await.unwrap().unwrap();
+
+    // Replaced from elsewhere: used at once, without a fetch.
+    let replacement = tower_client_auth::Credential::bearer("pushed").unwrap();
+    assert!(layer.cache().handle().replace(replacement));
+    kept.ready().await.unwrap();
+    let call = send(&mut kept);
+    expect(&mut api, "Bearer pushed", 200).await;
+    call.await.unwrap().unwrap();
+    assert_eq!(source.fetches(), 3);
 }
 
 /// 403 means missing permissions: returned as is, no fetch, no replay.
