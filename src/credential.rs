@@ -23,7 +23,7 @@
 
 use std::{fmt, time::Duration};
 
-use http::{HeaderMap, HeaderName, HeaderValue, header};
+use http::{HeaderMap, HeaderName, HeaderValue, header, header::MaxSizeReached};
 use tokio::time::Instant;
 
 use crate::error::InvalidCredential;
@@ -157,20 +157,32 @@ impl Credential {
     }
 
     /// Sets this credential's headers unless the request brings its own and `replace` is
-    /// false; returns whether it did. One hash lookup for the usual single header.
-    pub(crate) fn attach(&self, headers: &mut HeaderMap, replace: bool) -> bool {
+    /// false; returns whether it did. The usual single header costs one hash lookup: it
+    /// is appended, and only if the request already had that header is the append undone
+    /// (or the header replaced). Errors only when the header map is full (`http`'s
+    /// `MAX_SIZE`); nothing is sent then.
+    pub(crate) fn attach(
+        &self,
+        headers: &mut HeaderMap,
+        replace: bool,
+    ) -> Result<bool, MaxSizeReached> {
         if let [(name, value)] = &*self.headers {
-            return match headers.entry(name) {
-                http::header::Entry::Occupied(mut present) if replace => {
-                    present.insert(value.clone());
-                    true
-                }
-                http::header::Entry::Occupied(_) => false,
-                http::header::Entry::Vacant(absent) => {
-                    absent.insert(value.clone());
-                    true
-                }
-            };
+            if !headers.try_append(name, value.clone())? {
+                return Ok(true);
+            }
+            if replace {
+                headers.try_insert(name, value.clone())?;
+                return Ok(true);
+            }
+            // The request brings its own: remove the value just appended (the last one),
+            // leaving theirs as they were, in order.
+            let mut theirs: Vec<HeaderValue> = headers.get_all(name).iter().cloned().collect();
+            theirs.pop();
+            headers.remove(name);
+            for value in theirs {
+                headers.try_append(name, value)?;
+            }
+            return Ok(false);
         }
         if !replace
             && self
@@ -178,17 +190,18 @@ impl Credential {
                 .iter()
                 .any(|(name, _)| headers.contains_key(name))
         {
-            return false;
+            return Ok(false);
         }
-        self.apply(headers);
-        true
+        self.apply(headers)?;
+        Ok(true)
     }
 
     /// Sets this credential's headers on `headers`, replacing any values already there.
-    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) -> Result<(), MaxSizeReached> {
         for (name, value) in self.headers.iter() {
-            headers.insert(name.clone(), value.clone());
+            headers.try_insert(name, value.clone())?;
         }
+        Ok(())
     }
 }
 
@@ -273,10 +286,49 @@ mod tests {
             assert!(!format!("{c:#?}").contains(CANARY));
         }
         let mut map = HeaderMap::new();
-        all[1].apply(&mut map);
+        all[1].apply(&mut map).unwrap();
         assert_eq!(map["authorization"], format!("Secret {CANARY}").as_str());
-        all[2].apply(&mut map);
+        all[2].apply(&mut map).unwrap();
         assert_eq!(map["cookie"], format!("sid={CANARY}").as_str());
+    }
+
+    /// `attach`: absent → added; present and kept → every value the request brought
+    /// stays, in order, and nothing of ours is left; present and replaced → ours alone.
+    /// Other headers are never touched.
+    #[test]
+    fn attach_adds_keeps_or_replaces() {
+        let ours = Credential::cookie("sid", "ours").unwrap();
+        let brought = |values: &[&'static str]| {
+            let mut map = HeaderMap::new();
+            map.insert("accept", HeaderValue::from_static("*/*"));
+            for v in values {
+                map.append("cookie", HeaderValue::from_static(v));
+            }
+            map
+        };
+        let values = |map: &HeaderMap| -> Vec<String> {
+            map.get_all("cookie")
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect()
+        };
+
+        let mut map = brought(&[]);
+        assert!(ours.attach(&mut map, false).unwrap());
+        assert_eq!(values(&map), ["sid=ours"]);
+
+        for theirs in [&["a=1"][..], &["a=1", "b=2", "c=3"]] {
+            let mut map = brought(theirs);
+            assert!(!ours.attach(&mut map, false).unwrap());
+            assert_eq!(values(&map), theirs);
+            assert_eq!(map["accept"], "*/*");
+            assert_eq!(map.len(), theirs.len() + 1);
+
+            let mut map = brought(theirs);
+            assert!(ours.attach(&mut map, true).unwrap());
+            assert_eq!(values(&map), ["sid=ours"]);
+            assert_eq!(map["accept"], "*/*");
+        }
     }
 
     /// Values that would break the header (or inject another) are typed errors naming

@@ -33,6 +33,9 @@ pub enum ErrorKind {
     InvalidCredential,
     /// No Tokio runtime was available to run the refresh on.
     NoRuntime,
+    /// The request's header map was full (`http`'s `MAX_SIZE`), so the credential could
+    /// not be added; the request was not sent.
+    HeadersFull,
 }
 
 impl ErrorKind {
@@ -48,6 +51,9 @@ impl ErrorKind {
             }
             ErrorKind::InvalidCredential => "invalid credential",
             ErrorKind::NoRuntime => "no tokio runtime available to refresh the credential",
+            ErrorKind::HeadersFull => {
+                "the request's header map is full; no room for the credential"
+            }
         }
     }
 }

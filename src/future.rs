@@ -162,7 +162,11 @@ where
         } else {
             Head::of(&request).ok_or(NotReplayed::HeadUnavailable)
         };
-        if !policy.attach(&entry.credential, request.headers_mut()) {
+        let attached = match policy.attach(&entry.credential, request.headers_mut()) {
+            Ok(attached) => attached,
+            Err(err) => return ResponseFuture::failed(err),
+        };
+        if !attached {
             // The request brings its own credential: untouched, never replayed.
             let future = service.call(request.map(ReplayBody::forward));
             return ResponseFuture {
@@ -278,7 +282,10 @@ where
                     };
                     let entry = entry?;
                     let mut request = resend.request;
-                    entry.credential.apply(request.headers_mut());
+                    entry
+                        .credential
+                        .apply(request.headers_mut())
+                        .map_err(crate::policy::headers_full)?;
                     tracing::debug!(
                         generation = entry.generation,
                         "replaying request with the new credential"

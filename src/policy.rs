@@ -141,9 +141,20 @@ impl Policy {
 
     /// Attaches `credential` to `headers`, or returns `false` when the request brings its
     /// own credential header and the policy is to pass such requests through untouched.
-    pub(crate) fn attach(&self, credential: &Credential, headers: &mut HeaderMap) -> bool {
-        credential.attach(headers, self.existing_header == ExistingHeader::Replace)
+    pub(crate) fn attach(
+        &self,
+        credential: &Credential,
+        headers: &mut HeaderMap,
+    ) -> Result<bool, Error> {
+        credential
+            .attach(headers, self.existing_header == ExistingHeader::Replace)
+            .map_err(headers_full)
     }
+}
+
+/// The error for a header map with no room for the credential.
+pub(crate) fn headers_full(_: http::header::MaxSizeReached) -> Error {
+    Error::new(ErrorKind::HeadersFull)
 }
 
 /// The one transport rule, shared by the layer, the reqwest middleware and the token

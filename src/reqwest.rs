@@ -146,7 +146,11 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         } else {
             req.try_clone()
         };
-        if !self.policy.attach(&credential, req.headers_mut()) {
+        let attached = self
+            .policy
+            .attach(&credential, req.headers_mut())
+            .map_err(middleware_error)?;
+        if !attached {
             return next.run(req, extensions).await;
         }
         let response = next.clone().run(req, extensions).await?;
@@ -160,7 +164,10 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         };
         drop(response);
         let entry = refresh.await.map_err(middleware_error)?;
-        entry.credential.apply(replay.headers_mut());
+        entry
+            .credential
+            .apply(replay.headers_mut())
+            .map_err(|e| middleware_error(crate::policy::headers_full(e)))?;
         self.cache.record_replay();
         tracing::debug!(
             generation = entry.generation,

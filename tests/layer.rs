@@ -114,11 +114,7 @@ async fn a_long_lived_clone_sees_every_change() {
     let svc = layer.layer(inner);
     let mut kept = svc.clone();
 
-    async fn expect(
-        api: &mut mock::Handle<Req, Response<&'static str>>,
-        want: &str,
-        answer: u16,
-    ) {
+    async fn expect(api: &mut mock::Handle<Req, Response<&'static str>>, want: &str, answer: u16) {
         let (req, reply) = api.next_request().await.unwrap();
         assert_eq!(bearer(&req), want);
         reply.send_response(status(answer));
@@ -361,5 +357,30 @@ async fn invalid_static_credential_is_a_typed_error() {
     let err = err.downcast_ref::<tower_client_auth::Error>().unwrap();
     assert_eq!(err.kind(), tower_client_auth::ErrorKind::InvalidCredential);
     tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_no_more_requests(&mut api);
+}
+
+/// A request whose header map is full (`http`'s `MAX_SIZE`) gets a typed error instead of
+/// a panic, and is not sent without its credential.
+#[tokio::test]
+async fn full_header_map_is_a_typed_error() {
+    let source = TestSource::new();
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(source).layer(inner);
+    let mut req = get("/v1/me");
+    for i in 0.. {
+        let name = http::HeaderName::try_from(format!("x-filler-{i}")).unwrap();
+        if req
+            .headers_mut()
+            .try_append(name, http::HeaderValue::from_static("1"))
+            .is_err()
+        {
+            break;
+        }
+    }
+    let err = svc.oneshot(req).await.unwrap_err();
+    let err = err.downcast_ref::<tower_client_auth::Error>().unwrap();
+    assert_eq!(err.kind(), tower_client_auth::ErrorKind::HeadersFull);
+    tokio::task::yield_now().await;
     assert_no_more_requests(&mut api);
 }
