@@ -80,6 +80,11 @@ pub enum NotReplayed {
     OptedOut,
     /// This response already answers the replay: never more than one per request.
     AlreadyReplayed,
+    /// The credential source never changes its credential
+    /// ([`RefreshMode::Never`](crate::RefreshMode::Never), e.g. a
+    /// [`StaticCredential`](crate::StaticCredential)): a replay would carry the same
+    /// credential, so nothing was refetched or replayed.
+    FixedCredential,
     /// The request head could not be kept for a replay (a header name over 64 KiB or a
     /// value over 4 GiB).
     HeadUnavailable,

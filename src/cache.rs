@@ -19,7 +19,9 @@
 //!   down while another keeps using the cache, the credential is refreshed when the API
 //!   rejects it instead of before it expires.
 //! - **Reactive-only sources** ([`RefreshMode::ReactiveOnly`]) are refreshed only when
-//!   the cache is empty or the API rejected the credential.
+//!   the cache is empty or the API rejected the credential. **Fixed sources**
+//!   ([`RefreshMode::Never`], a static key) are fetched once; a rejection changes
+//!   nothing, since the source would hand out the same credential.
 //! - **Failures** never poison the cache: a failed background refresh keeps serving the
 //!   still-valid credential; consecutive failures back off exponentially with jitter
 //!   (between `base × 2ⁿ⁻¹ / 2` and `base × 2ⁿ⁻¹`, capped at the maximum); while backing
@@ -330,6 +332,13 @@ impl<P: CredentialSource> CredentialCache<P> {
         Err(self.acquire(None))
     }
 
+    /// Whether a rejected credential can be replaced by a different one: false for a
+    /// source in [`RefreshMode::Never`].
+    #[inline]
+    pub(crate) fn refreshes(&self) -> bool {
+        self.inner.mode != RefreshMode::Never
+    }
+
     /// The API rejected the credential of `generation`: invalidate it if it is still
     /// current, and return the refresh that replaces it.
     pub(crate) fn replace_rejected(&self, generation: u64) -> Acquire {
@@ -597,7 +606,7 @@ impl<P: CredentialSource> Inner<P> {
             None => true,
             Some(expires_at) if expires_at <= now => false,
             Some(expires_at) => match self.mode {
-                RefreshMode::ReactiveOnly => true,
+                RefreshMode::ReactiveOnly | RefreshMode::Never => true,
                 RefreshMode::Proactive => {
                     let (_, hard_at) = self.windows(expires_at, now);
                     hard_at.is_none_or(|at| now < at)

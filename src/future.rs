@@ -149,6 +149,7 @@ where
     }
 
     /// Attaches `entry`'s credential and sends the first attempt.
+    #[inline]
     pub(crate) fn send(
         mut service: S,
         mut request: Request<B>,
@@ -159,6 +160,8 @@ where
         // The snapshot is taken before the credential is attached: a replay gets the new one.
         let replay = if !policy.replay || request.extensions().get::<NoReplay>().is_some() {
             Err(NotReplayed::OptedOut)
+        } else if !cache.refreshes() {
+            Err(NotReplayed::FixedCredential)
         } else {
             Head::of(&request).ok_or(NotReplayed::HeadUnavailable)
         };
@@ -214,6 +217,7 @@ where
 {
     type Output = Result<Response<ResBody>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
@@ -243,6 +247,13 @@ where
                         return Poll::Ready(Ok(response));
                     };
                     tracing::debug!(status = %response.status(), generation = retry.generation, "credential rejected");
+                    if !retry.cache.refreshes() {
+                        // Nothing to refetch: the source would hand out the same credential.
+                        response
+                            .extensions_mut()
+                            .insert(NotReplayed::FixedCredential);
+                        return Poll::Ready(Ok(response));
+                    }
                     let acquire = retry.cache.replace_rejected(retry.generation);
                     let resend = retry.replay.and_then(|mut replay| {
                         let body = replay.body.take::<B>()?;

@@ -75,7 +75,9 @@
 //! When the API answers `401` (configurable: [`AuthLayer::rejection_statuses`]), the
 //! credential the request carried is invalidated if it is still the current one, one
 //! fetch replaces it for everybody, and the request is sent once more with the new one.
-//! A second `401` is returned as is. `403` never triggers anything. A failing source
+//! A second `401` is returned as is. `403` never triggers anything. A credential that
+//! cannot change ([`StaticCredential`], [`RefreshMode::Never`]) is never replayed: its
+//! `401` is returned at once, marked [`NotReplayed::FixedCredential`]. A failing source
 //! backs off exponentially; still-valid credentials keep being used meanwhile, and
 //! callers with nothing valid get [`ErrorKind::Backoff`] at once.
 //!

@@ -141,7 +141,10 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
             }
         };
         // Cloned before the credential is attached: a replay gets the new one.
-        let replay = if !self.policy.replay || extensions.get::<NoReplay>().is_some() {
+        let replay = if !self.policy.replay
+            || !self.cache.refreshes()
+            || extensions.get::<NoReplay>().is_some()
+        {
             None
         } else {
             req.try_clone()
@@ -155,6 +158,10 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         }
         let response = next.clone().run(req, extensions).await?;
         if !self.policy.rejections.contains(response.status()) {
+            return Ok(response);
+        }
+        if !self.cache.refreshes() {
+            tracing::debug!(status = %response.status(), "fixed credential rejected");
             return Ok(response);
         }
         let refresh = self.cache.replace_rejected(generation);

@@ -91,6 +91,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         if let Err(err) = self.policy.check_transport(req.uri()) {
             return ResponseFuture::failed(err);

@@ -74,6 +74,13 @@ pub enum RefreshMode {
     /// that reject early refreshes; an expired credential is still sent, and the API's
     /// rejection triggers the refresh.
     ReactiveOnly,
+    /// The credential never changes (a fixed API key): it is fetched once and never
+    /// refreshed. A rejection reaches the caller as it came, marked
+    /// [`NotReplayed::FixedCredential`](crate::NotReplayed::FixedCredential): a replay
+    /// would carry the same credential into the same rejection, so the layer does not
+    /// keep request heads for one either. [`StaticCredential`](crate::StaticCredential)
+    /// uses this mode.
+    Never,
 }
 
 /// Fetches credentials on behalf of a [`CredentialCache`](crate::CredentialCache).

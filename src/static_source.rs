@@ -91,9 +91,9 @@ impl CredentialSource for StaticCredential {
         self.credential.clone().map_err(Into::into)
     }
 
-    /// A static credential cannot get any fresher, so it is never refreshed early.
+    /// A static credential cannot get any fresher: never refreshed, never replayed.
     fn refresh_mode(&self) -> RefreshMode {
-        RefreshMode::ReactiveOnly
+        RefreshMode::Never
     }
 }
 

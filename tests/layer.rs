@@ -384,3 +384,34 @@ async fn full_header_map_is_a_typed_error() {
     tokio::task::yield_now().await;
     assert_no_more_requests(&mut api);
 }
+
+/// A static credential cannot change, so its 401 comes back at once: no refetch, no
+/// second request carrying the same credential into the same rejection, no head kept.
+#[tokio::test]
+async fn static_credential_rejection_is_not_replayed() {
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let layer = AuthLayer::new(StaticCredential::bearer("pat"));
+    let svc = layer.layer(inner);
+    let call = tokio::spawn(svc.clone().oneshot(post("/v1/orders", b"{}")));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Bearer pat");
+    reply.send_response(status(401));
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        res.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::FixedCredential)
+    );
+    tokio::task::yield_now().await;
+    assert_no_more_requests(&mut api);
+    let stats = layer.cache().stats();
+    assert_eq!((stats.fetches, stats.rejections, stats.replays), (1, 0, 0));
+
+    // The next request still carries it: nothing was invalidated.
+    let call = tokio::spawn(svc.oneshot(get("/v1/me")));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Bearer pat");
+    reply.send_response(status(200));
+    call.await.unwrap().unwrap();
+    assert_eq!(layer.cache().stats().fetches, 1);
+}
