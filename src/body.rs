@@ -49,7 +49,9 @@ pin_project! {
         // Forwarded and recorded for a replay.
         Record { #[pin] body: B, recording: Recording },
         // Played back from what was recorded.
-        Replay { chunks: std::vec::IntoIter<Bytes>, remaining: u64, trailers: Option<HeaderMap> },
+        // Trailers are rare: boxed, so that every request that carries this body (moved
+        // a few times on the hot path) is 96 bytes smaller.
+        Replay { chunks: std::vec::IntoIter<Bytes>, remaining: u64, trailers: Option<Box<HeaderMap>> },
     }
 }
 
@@ -131,7 +133,7 @@ impl<B> ReplayBody<B> {
         }
     }
 
-    fn replay(chunks: Vec<Bytes>, trailers: Option<HeaderMap>) -> Self {
+    fn replay(chunks: Vec<Bytes>, trailers: Option<Box<HeaderMap>>) -> Self {
         let remaining = chunks.iter().map(|c| c.len() as u64).sum();
         ReplayBody {
             kind: Kind::Replay {
@@ -178,7 +180,7 @@ where
                     *remaining -= chunk.len() as u64;
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
         }
     }
@@ -209,7 +211,7 @@ struct Recording {
     limit: usize,
     chunks: Vec<Bytes>,
     len: usize,
-    trailers: Option<HeaderMap>,
+    trailers: Option<Box<HeaderMap>>,
     done: bool,
 }
 
@@ -237,7 +239,7 @@ impl Recording {
                         self.chunks.push(data.clone());
                     }
                 } else if let Some(trailers) = frame.trailers_ref() {
-                    self.trailers = Some(trailers.clone());
+                    self.trailers = Some(Box::new(trailers.clone()));
                 }
                 if ended {
                     self.finish(Status::Complete);
@@ -278,7 +280,7 @@ pub(crate) struct Recorder {
 #[derive(Default)]
 struct Recorded {
     chunks: Vec<Bytes>,
-    trailers: Option<HeaderMap>,
+    trailers: Option<Box<HeaderMap>>,
     status: Status,
 }
 
