@@ -32,29 +32,20 @@ impl Head {
     /// 64 KiB or more, a header value of 4 GiB or more): such a request is not replayed.
     pub(crate) fn of<B>(req: &Request<B>) -> Option<Self> {
         let uri = req.uri();
-        let scheme = uri.scheme_str().unwrap_or_default();
-        let authority = uri.authority().map_or("", |a| a.as_str());
-        let path = uri.path_and_query().map_or("", |p| p.as_str());
+        let scheme = uri.scheme_str();
+        let authority = uri.authority().map(|a| a.as_str());
+        let path = uri.path_and_query().map(|p| p.as_str());
         let headers = req.headers();
+        let len = |part: Option<&str>| part.map_or(0, str::len);
         let mut buf = Vec::with_capacity(
-            6 + scheme.len() + authority.len() + path.len() + headers.len() * PER_HEADER,
+            6 + len(scheme) + len(authority) + len(path) + headers.len() * PER_HEADER,
         );
-        let present = |part: &str, has: bool| -> Option<[u8; 2]> {
-            if !has {
-                return Some(NONE.to_le_bytes());
-            }
-            u16::try_from(part.len())
-                .ok()
-                .filter(|l| *l != NONE)
-                .map(u16::to_le_bytes)
-        };
-        let [s0, s1] = present(scheme, uri.scheme().is_some())?;
-        let [a0, a1] = present(authority, uri.authority().is_some())?;
-        let [p0, p1] = present(path, uri.path_and_query().is_some())?;
+        let [[s0, s1], [a0, a1], [p0, p1]] =
+            [part_len(scheme)?, part_len(authority)?, part_len(path)?];
         buf.extend_from_slice(&[s0, s1, a0, a1, p0, p1]);
-        buf.extend_from_slice(scheme.as_bytes());
-        buf.extend_from_slice(authority.as_bytes());
-        buf.extend_from_slice(path.as_bytes());
+        buf.extend_from_slice(scheme.unwrap_or_default().as_bytes());
+        buf.extend_from_slice(authority.unwrap_or_default().as_bytes());
+        buf.extend_from_slice(path.unwrap_or_default().as_bytes());
         for (name, value) in headers {
             let name = name.as_str().as_bytes();
             let [n0, n1] = u16::try_from(name.len()).ok()?.to_le_bytes();
@@ -107,6 +98,18 @@ impl Head {
         *req.headers_mut() = headers;
         *req.extensions_mut() = self.extensions;
         Some(req)
+    }
+}
+
+/// A URI part's length frame: `NONE` when absent, `None` when too long to frame.
+#[inline]
+fn part_len(part: Option<&str>) -> Option<[u8; 2]> {
+    match part {
+        None => Some(NONE.to_le_bytes()),
+        Some(part) => u16::try_from(part.len())
+            .ok()
+            .filter(|l| *l != NONE)
+            .map(u16::to_le_bytes),
     }
 }
 
