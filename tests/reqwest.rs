@@ -245,3 +245,53 @@ async fn retry_outside_auth_sends_a_fresh_header_on_every_attempt() {
         "no stale header, no 401"
     );
 }
+
+/// A static credential cannot change: its 401 comes back after one request, with no
+/// refetch and no replay of a clonable request (the same rule as the Tower layer).
+#[tokio::test]
+async fn static_credential_rejection_is_not_replayed() {
+    let (base, log) = server(|_, _, _| StatusCode::UNAUTHORIZED).await;
+    let auth = AuthMiddleware::new(tower_client_auth::StaticCredential::bearer("pat"));
+    let cache = auth.cache().clone();
+    let client = loopback_client(auth);
+    let res = client
+        .post(format!("{base}/v1/orders"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(log.lock().unwrap().len(), 1, "sent once");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let stats = cache.stats();
+    assert_eq!((stats.fetches, stats.rejections, stats.replays), (1, 0, 0));
+}
+
+/// A request whose header map is full gets `ErrorKind::HeadersFull` and is not sent.
+#[tokio::test]
+async fn full_header_map_is_a_typed_error() {
+    let (base, log) = server(|_, _, _| StatusCode::OK).await;
+    let client = loopback_client(AuthMiddleware::new(TestSource::new()));
+    let mut headers = http::HeaderMap::new();
+    for i in 0.. {
+        let name = http::HeaderName::try_from(format!("x-filler-{i}")).unwrap();
+        if headers
+            .try_append(name, http::HeaderValue::from_static("1"))
+            .is_err()
+        {
+            break;
+        }
+    }
+    let err = client
+        .get(format!("{base}/v1/me"))
+        .headers(headers)
+        .send()
+        .await
+        .unwrap_err();
+    let reqwest_middleware::Error::Middleware(err) = err else {
+        panic!("expected the middleware's error, got {err:?}");
+    };
+    let err = err.downcast_ref::<Error>().unwrap();
+    assert_eq!(err.kind(), ErrorKind::HeadersFull);
+    assert!(log.lock().unwrap().is_empty(), "nothing was sent");
+}
