@@ -167,7 +167,14 @@ impl Credential {
         replace: bool,
     ) -> Result<bool, MaxSizeReached> {
         if let [(name, value)] = &*self.headers {
-            if !headers.try_append(name, value.clone())? {
+            // `Authorization` by name: the key is a constant, so the map's lookup is
+            // specialised for it (the common case; measured in benches/instructions.sh).
+            let appended_to_existing = if *name == header::AUTHORIZATION {
+                headers.try_append(header::AUTHORIZATION, value.clone())?
+            } else {
+                headers.try_append(name, value.clone())?
+            };
+            if !appended_to_existing {
                 return Ok(true);
             }
             if replace {
