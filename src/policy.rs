@@ -181,7 +181,8 @@ pub(crate) fn check_transport(
 /// authority for it costs more than everything else the check does).
 #[inline]
 fn is_https(uri: &Uri) -> bool {
-    uri.scheme() == Some(&http::uri::Scheme::HTTPS)
+    // `scheme_str` is inlined; `Scheme`'s `PartialEq` is a call.
+    uri.scheme_str() == Some("https")
 }
 
 pub(crate) fn check_transport_parts(
