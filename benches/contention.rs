@@ -12,12 +12,14 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{Noop, TOKEN, call, mutex_cache, request, rwlock_cache, watch_receiver};
+use common::{
+    Noop, TOKEN, call, expiring_source, mutex_cache, request, rwlock_cache, warm, watch_receiver,
+};
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::Request;
 use http_body_util::Full;
 use tower::{Layer, Service};
-use tower_client_auth::{AuthLayer, BoxError, Credential, StaticCredential, source_fn};
+use tower_client_auth::{AuthLayer, StaticCredential};
 
 const THREADS: usize = 2;
 
@@ -68,25 +70,20 @@ fn contention(c: &mut Criterion) {
         .layer(Noop);
     g.bench_function("add_authorization", |b| b.iter_custom(|n| hammer(&add, n)));
 
-    let fixed = AuthLayer::new(StaticCredential::bearer(TOKEN)).layer(Noop);
-    rt.block_on(async { fixed.cache().credential().await.unwrap() });
+    let fixed = warm(&rt, AuthLayer::new(StaticCredential::bearer(TOKEN)));
     g.bench_function("auth_layer_static", |b| {
         b.iter_custom(|n| hammer(&fixed, n))
     });
 
-    let source = source_fn(|_| async {
-        Ok::<_, BoxError>(Credential::bearer(TOKEN)?.expires_in(Duration::from_secs(3600)))
-    });
-    let expiring = AuthLayer::new(source).layer(Noop);
-    rt.block_on(async { expiring.cache().credential().await.unwrap() });
+    let expiring = warm(&rt, AuthLayer::new(expiring_source()));
     g.bench_function("auth_layer_expiring", |b| {
         b.iter_custom(|n| hammer(&expiring, n))
     });
 
-    let no_replay = AuthLayer::new(StaticCredential::bearer(TOKEN))
-        .replay_rejected(false)
-        .layer(Noop);
-    rt.block_on(async { no_replay.cache().credential().await.unwrap() });
+    let no_replay = warm(
+        &rt,
+        AuthLayer::new(expiring_source()).replay_rejected(false),
+    );
     g.bench_function("auth_layer_no_replay", |b| {
         b.iter_custom(|n| hammer(&no_replay, n))
     });

@@ -8,11 +8,14 @@
 
 mod common;
 
-use std::{hint::black_box, time::Duration};
+use std::hint::black_box;
 
-use common::{JSON, Noop, TOKEN, call, mutex_cache, request, rwlock_cache, watch_receiver};
+use common::{
+    JSON, Noop, TOKEN, call, expiring_source, mutex_cache, request, rwlock_cache, warm,
+    watch_receiver,
+};
 use tower::Layer;
-use tower_client_auth::{AuthLayer, BoxError, Credential, StaticCredential, source_fn};
+use tower_client_auth::{AuthLayer, StaticCredential};
 
 /// The request body: empty, or the small JSON document of `benches/overhead.rs` when the
 /// `BODY` environment variable is `json`.
@@ -44,8 +47,6 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let warm =
-        |layer: &AuthLayer<_>| rt.block_on(async { layer.cache().credential().await.unwrap() });
     match variant.as_str() {
         "floor" => run(Noop, n),
         "add_authorization" => run(
@@ -54,24 +55,18 @@ fn main() {
                 .layer(Noop),
             n,
         ),
-        "auth_layer_static" => {
-            let layer = AuthLayer::new(StaticCredential::bearer(TOKEN));
-            warm(&layer);
-            run(layer.layer(Noop), n)
-        }
-        "auth_layer_no_replay" => {
-            let layer = AuthLayer::new(StaticCredential::bearer(TOKEN)).replay_rejected(false);
-            warm(&layer);
-            run(layer.layer(Noop), n)
-        }
-        "auth_layer_expiring" => {
-            let source = source_fn(|_| async {
-                Ok::<_, BoxError>(Credential::bearer(TOKEN)?.expires_in(Duration::from_secs(3600)))
-            });
-            let layer = AuthLayer::new(source);
-            rt.block_on(async { layer.cache().credential().await.unwrap() });
-            run(layer.layer(Noop), n)
-        }
+        "auth_layer_static" => run(
+            warm(&rt, AuthLayer::new(StaticCredential::bearer(TOKEN))),
+            n,
+        ),
+        "auth_layer_no_replay" => run(
+            warm(
+                &rt,
+                AuthLayer::new(expiring_source()).replay_rejected(false),
+            ),
+            n,
+        ),
+        "auth_layer_expiring" => run(warm(&rt, AuthLayer::new(expiring_source())), n),
         "rwlock_cache" => run(rwlock_cache(Noop), n),
         "mutex_cache" => run(mutex_cache(Noop), n),
         "watch_receiver" => run(watch_receiver(Noop), n),

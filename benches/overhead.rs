@@ -1,73 +1,89 @@
 //! Hot path: one request through each variant into a no-op service, credential cached,
 //! the request built inside the measured loop (as a user pays it). Ratios against
 //! `AddAuthorization` and the floor are in BENCHMARKS.md (`python3 benches/report.py`).
+//!
+//! After criterion, the same variants are timed in interleaved pairs against
+//! AddAuthorization (`common::paired`), which keeps the machine's drifting load out of
+//! the ratios.
 
 mod common;
 
-use std::time::Duration;
+use std::{hint::black_box, time::Duration};
 
-use common::{JSON, Noop, TOKEN, call, mutex_cache, request, rwlock_cache, watch_receiver};
+use common::{
+    JSON, Noop, TOKEN, call, expiring_source, mutex_cache, paired, request, rwlock_cache, warm,
+    watch_receiver,
+};
 use criterion::{Criterion, criterion_group, criterion_main};
-use std::hint::black_box;
 use tower::Layer;
-use tower_client_auth::{AuthLayer, BoxError, Credential, StaticCredential, source_fn};
+use tower_client_auth::{AuthLayer, StaticCredential};
+
+/// One variant: sends one request with the given body through its own service.
+type Variant = (&'static str, Box<dyn FnMut(&'static [u8])>);
+
+/// Every variant, built once.
+fn variants(rt: &tokio::runtime::Runtime) -> Vec<Variant> {
+    fn variant<S>(name: &'static str, mut svc: S) -> Variant
+    where
+        S: tower::Service<http::Request<http_body_util::Full<bytes::Bytes>>> + 'static,
+        S::Error: std::fmt::Debug,
+    {
+        (
+            name,
+            Box::new(move |body| drop(black_box(call(&mut svc, request(body))))),
+        )
+    }
+    vec![
+        variant("floor", Noop),
+        variant(
+            "add_authorization",
+            tower_http::auth::AddAuthorizationLayer::bearer(TOKEN)
+                .as_sensitive(true)
+                .layer(Noop),
+        ),
+        variant(
+            "auth_layer_static",
+            warm(rt, AuthLayer::new(StaticCredential::bearer(TOKEN))),
+        ),
+        variant(
+            "auth_layer_expiring",
+            warm(rt, AuthLayer::new(expiring_source())),
+        ),
+        variant(
+            "auth_layer_no_replay",
+            warm(rt, AuthLayer::new(expiring_source()).replay_rejected(false)),
+        ),
+        variant("rwlock_cache", rwlock_cache(Noop)),
+        variant("mutex_cache", mutex_cache(Noop)),
+        variant("watch_receiver", watch_receiver(Noop)),
+    ]
+}
 
 /// Runs one group: every variant on the same request shape.
-fn group(c: &mut Criterion, name: &str, body: &'static [u8], rt: &tokio::runtime::Runtime) {
+fn group(c: &mut Criterion, name: &str, body: &'static [u8], variants: &mut [Variant]) {
     let mut g = c.benchmark_group(name);
     g.warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-
-    let mut floor = Noop;
-    g.bench_function("floor", |b| {
-        b.iter(|| black_box(call(&mut floor, request(body))))
-    });
-
-    let mut add = tower_http::auth::AddAuthorizationLayer::bearer(TOKEN)
-        .as_sensitive(true)
-        .layer(Noop);
-    g.bench_function("add_authorization", |b| {
-        b.iter(|| black_box(call(&mut add, request(body))))
-    });
-
-    // Both layers are warmed up inside the runtime (the first fetch is spawned); the
-    // measured calls are the cached hot path and need no runtime.
-    let mut fixed = AuthLayer::new(StaticCredential::bearer(TOKEN)).layer(Noop);
-    rt.block_on(async { fixed.cache().credential().await.unwrap() });
-    g.bench_function("auth_layer_static", |b| {
-        b.iter(|| black_box(call(&mut fixed, request(body))))
-    });
-
-    let source = source_fn(|_| async {
-        Ok::<_, BoxError>(Credential::bearer(TOKEN)?.expires_in(Duration::from_secs(3600)))
-    });
-    let mut expiring = AuthLayer::new(source).layer(Noop);
-    rt.block_on(async { expiring.cache().credential().await.unwrap() });
-    g.bench_function("auth_layer_expiring", |b| {
-        b.iter(|| black_box(call(&mut expiring, request(body))))
-    });
-
-    let mut no_replay = AuthLayer::new(StaticCredential::bearer(TOKEN))
-        .replay_rejected(false)
-        .layer(Noop);
-    rt.block_on(async { no_replay.cache().credential().await.unwrap() });
-    g.bench_function("auth_layer_no_replay", |b| {
-        b.iter(|| black_box(call(&mut no_replay, request(body))))
-    });
-
-    let mut rwlock = rwlock_cache(Noop);
-    g.bench_function("rwlock_cache", |b| {
-        b.iter(|| black_box(call(&mut rwlock, request(body))))
-    });
-    let mut mutex = mutex_cache(Noop);
-    g.bench_function("mutex_cache", |b| {
-        b.iter(|| black_box(call(&mut mutex, request(body))))
-    });
-    let mut watch = watch_receiver(Noop);
-    g.bench_function("watch_receiver", |b| {
-        b.iter(|| black_box(call(&mut watch, request(body))))
-    });
+    for (variant, send) in variants.iter_mut() {
+        g.bench_function(*variant, |b| b.iter(|| send(body)));
+    }
     g.finish();
+}
+
+/// Each variant against AddAuthorization, in 400 interleaved pairs of 1,000 requests.
+fn pairs(name: &str, body: &'static [u8], variants: &mut [Variant]) {
+    println!("\n{name}: time x AddAuthorization, 400 interleaved pairs of 1,000 requests");
+    println!("| variant | median | quartiles |\n|---|---|---|");
+    let (baseline, rest) = variants.split_at_mut(2);
+    let add = &mut baseline[1].1;
+    for (variant, send) in rest {
+        let [p25, median, p75] = paired(
+            400,
+            || (0..1000).for_each(|_| add(body)),
+            || (0..1000).for_each(|_| send(body)),
+        );
+        println!("| {variant} | {median:.3} | {p25:.3}-{p75:.3} |");
+    }
 }
 
 fn overhead(c: &mut Criterion) {
@@ -76,8 +92,11 @@ fn overhead(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    group(c, "overhead_empty", b"", &rt);
-    group(c, "overhead_full", JSON, &rt);
+    let mut variants = variants(&rt);
+    group(c, "overhead_empty", b"", &mut variants);
+    group(c, "overhead_full", JSON, &mut variants);
+    pairs("overhead_empty", b"", &mut variants);
+    pairs("overhead_full", JSON, &mut variants);
 }
 
 criterion_group!(benches, overhead);
