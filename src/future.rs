@@ -56,7 +56,9 @@ pin_project! {
         S: Service<Request<ReplayBody<B>>>,
     {
         Failed { error: Option<Error> },
-        Waiting { acquire: Acquire, pending: Option<Pending<S, B, P>> },
+        // Rare (no usable credential yet): the whole request is boxed, so that the
+        // common state, and every move of this future, stays small.
+        Waiting { acquire: Acquire, pending: Option<Box<Pending<S, B, P>>> },
         First { #[pin] future: S::Future, retry: Option<Retry<S, P>> },
         // The replay path boxes its large payloads (a whole rebuilt request): one
         // allocation per replay keeps every hot-path move of this future small.
@@ -93,7 +95,12 @@ struct Pending<S, B, P> {
 
 /// What the first attempt keeps in case its credential is rejected.
 struct Retry<S, P> {
-    cache: CredentialCache<P>,
+    /// `None` when the credential cannot change ([`RefreshMode::Never`]): nothing to
+    /// invalidate or refetch, so the request does not hold a reference to the cache (an
+    /// atomic increment and decrement saved per request).
+    ///
+    /// [`RefreshMode::Never`]: crate::RefreshMode::Never
+    cache: Option<CredentialCache<P>>,
     generation: u64,
     rejections: StatusSet,
     replay: Result<Replay<S>, NotReplayed>,
@@ -143,7 +150,7 @@ where
         ResponseFuture {
             state: State::Waiting {
                 acquire,
-                pending: Some(pending),
+                pending: Some(Box::new(pending)),
             },
         }
     }
@@ -189,7 +196,7 @@ where
         };
         let future = service.call(request);
         let retry = Retry {
-            cache: cache.clone(),
+            cache: cache.refreshes().then(|| cache.clone()),
             generation: entry.generation,
             rejections: policy.rejections,
             replay: replay.map(|(head, body)| Replay {
@@ -247,14 +254,14 @@ where
                         return Poll::Ready(Ok(response));
                     };
                     tracing::debug!(status = %response.status(), generation = retry.generation, "credential rejected");
-                    if !retry.cache.refreshes() {
+                    let Some(cache) = retry.cache else {
                         // Nothing to refetch: the source would hand out the same credential.
                         response
                             .extensions_mut()
                             .insert(NotReplayed::FixedCredential);
                         return Poll::Ready(Ok(response));
-                    }
-                    let acquire = retry.cache.replace_rejected(retry.generation);
+                    };
+                    let acquire = cache.replace_rejected(retry.generation);
                     let resend = retry.replay.and_then(|mut replay| {
                         let body = replay.body.take::<B>()?;
                         let request = replay
@@ -265,7 +272,7 @@ where
                             service: replay.service,
                             request,
                             rejections: retry.rejections,
-                            cache: retry.cache,
+                            cache,
                         })
                     });
                     match resend {
