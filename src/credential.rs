@@ -161,36 +161,62 @@ impl Credential {
     /// is appended, and only if the request already had that header is the append undone
     /// (or the header replaced). Errors only when the header map is full (`http`'s
     /// `MAX_SIZE`); nothing is sent then.
+    ///
+    /// Inlined into the hot path for the common case; everything else is out of line.
+    #[inline]
     pub(crate) fn attach(
         &self,
         headers: &mut HeaderMap,
         replace: bool,
     ) -> Result<bool, MaxSizeReached> {
-        if let [(name, value)] = &*self.headers {
-            // `Authorization` by name: the key is a constant, so the map's lookup is
-            // specialised for it (the common case; measured in benches/instructions.sh).
-            let appended_to_existing = if *name == header::AUTHORIZATION {
-                headers.try_append(header::AUTHORIZATION, value.clone())?
-            } else {
-                headers.try_append(name, value.clone())?
-            };
-            if !appended_to_existing {
-                return Ok(true);
-            }
-            if replace {
-                headers.try_insert(name, value.clone())?;
-                return Ok(true);
-            }
-            // The request brings its own: remove the value just appended (the last one),
-            // leaving theirs as they were, in order.
-            let mut theirs: Vec<HeaderValue> = headers.get_all(name).iter().cloned().collect();
-            theirs.pop();
-            headers.remove(name);
-            for value in theirs {
-                headers.try_append(name, value)?;
-            }
-            return Ok(false);
+        let [(name, value)] = &*self.headers else {
+            return self.attach_several(headers, replace);
+        };
+        // `Authorization` by name: the key is a constant, so the map's lookup is
+        // specialised for it (the common case; measured in benches/instructions.sh).
+        let appended_to_existing = if *name == header::AUTHORIZATION {
+            headers.try_append(header::AUTHORIZATION, value.clone())?
+        } else {
+            headers.try_append(name, value.clone())?
+        };
+        if appended_to_existing {
+            return Self::existing_header(headers, name, value, replace);
         }
+        Ok(true)
+    }
+
+    /// The request already had the credential's header, and `value` was just appended
+    /// after the request's own values.
+    #[cold]
+    #[inline(never)]
+    fn existing_header(
+        headers: &mut HeaderMap,
+        name: &HeaderName,
+        value: &HeaderValue,
+        replace: bool,
+    ) -> Result<bool, MaxSizeReached> {
+        if replace {
+            headers.try_insert(name, value.clone())?;
+            return Ok(true);
+        }
+        // Keep theirs: remove the value just appended (the last one), leaving theirs as
+        // they were, in order.
+        let mut theirs: Vec<HeaderValue> = headers.get_all(name).iter().cloned().collect();
+        theirs.pop();
+        headers.remove(name);
+        for value in theirs {
+            headers.try_append(name, value)?;
+        }
+        Ok(false)
+    }
+
+    /// [`attach`](Self::attach) for a credential of several headers (or none).
+    #[inline(never)]
+    fn attach_several(
+        &self,
+        headers: &mut HeaderMap,
+        replace: bool,
+    ) -> Result<bool, MaxSizeReached> {
         if !replace
             && self
                 .headers

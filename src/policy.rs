@@ -141,6 +141,7 @@ impl Policy {
 
     /// Attaches `credential` to `headers`, or returns `false` when the request brings its
     /// own credential header and the policy is to pass such requests through untouched.
+    #[inline]
     pub(crate) fn attach(
         &self,
         credential: &Credential,
