@@ -13,7 +13,8 @@ use std::{
 
 use bytes::Bytes;
 use common::{
-    Noop, TOKEN, call, expiring_source, mutex_cache, request, rwlock_cache, warm, watch_receiver,
+    Noop, TOKEN, call, expiring_source, mutex_cache, paired, request, rwlock_cache, warm,
+    watch_receiver,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::Request;
@@ -97,7 +98,57 @@ fn contention(c: &mut Criterion) {
     let watch = watch_receiver(Noop);
     g.bench_function("watch_receiver", |b| b.iter_custom(|n| hammer(&watch, n)));
     g.finish();
+
+    // The goals as interleaved pairs (`common::paired`): each round runs 5,000 requests
+    // per thread through a baseline, then through the layer (or the other way round).
+    let (rwlock, mutex) = (rwlock_cache(Noop), mutex_cache(Noop));
+    let baselines: [(&str, &dyn Fn()); 4] = [
+        ("AddAuthorization", &|| {
+            hammer(&add, ROUND);
+        }),
+        ("RwLock", &|| {
+            hammer(&rwlock, ROUND);
+        }),
+        ("Mutex", &|| {
+            hammer(&mutex, ROUND);
+        }),
+        ("watch", &|| {
+            hammer(&watch, ROUND);
+        }),
+    ];
+    // AddAuthorization is a row too: against itself it shows the method's own spread, and
+    // against the other baselines what adding a header at all leaves to gain.
+    let layers: [(&str, &dyn Fn()); 4] = [
+        ("AddAuthorization", baselines[0].1),
+        ("auth_layer_static", &|| {
+            hammer(&fixed, ROUND);
+        }),
+        ("auth_layer_expiring", &|| {
+            hammer(&expiring, ROUND);
+        }),
+        ("auth_layer_no_replay", &|| {
+            hammer(&no_replay, ROUND);
+        }),
+    ];
+    println!("\ncontention: throughput x baseline, 160 interleaved pairs of 5,000 requests per thread (median, quartiles)");
+    println!(
+        "| variant | x AddAuthorization | x RwLock | x Mutex | x watch |\n|---|---|---|---|---|"
+    );
+    for (name, layer) in layers {
+        let cells: Vec<String> = baselines
+            .iter()
+            .map(|(_, baseline)| {
+                // paired() gives time(layer) / time(baseline); throughput is its inverse.
+                let [p25, median, p75] = paired(160, baseline, layer);
+                format!("{:.2} ({:.2}-{:.2})", 1.0 / median, 1.0 / p75, 1.0 / p25)
+            })
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    }
 }
+
+/// Requests per thread in one round of the interleaved pairs.
+const ROUND: u64 = 5_000;
 
 criterion_group!(benches, contention);
 criterion_main!(benches);
