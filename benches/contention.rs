@@ -130,7 +130,9 @@ fn contention(c: &mut Criterion) {
             hammer(&no_replay, ROUND);
         }),
     ];
-    println!("\ncontention: throughput x baseline, 160 interleaved pairs of 5,000 requests per thread (median, quartiles)");
+    println!(
+        "\ncontention: throughput x baseline, 160 interleaved pairs of 5,000 requests per thread (median, quartiles)"
+    );
     println!(
         "| variant | x AddAuthorization | x RwLock | x Mutex | x watch |\n|---|---|---|---|---|"
     );
