@@ -102,33 +102,19 @@ fn contention(c: &mut Criterion) {
     // The goals as interleaved pairs (`common::paired`): each round runs 5,000 requests
     // per thread through a baseline, then through the layer (or the other way round).
     let (rwlock, mutex) = (rwlock_cache(Noop), mutex_cache(Noop));
-    let baselines: [(&str, &dyn Fn()); 4] = [
-        ("AddAuthorization", &|| {
-            hammer(&add, ROUND);
-        }),
-        ("RwLock", &|| {
-            hammer(&rwlock, ROUND);
-        }),
-        ("Mutex", &|| {
-            hammer(&mutex, ROUND);
-        }),
-        ("watch", &|| {
-            hammer(&watch, ROUND);
-        }),
+    let baselines: [(&str, Round<'_>); 4] = [
+        ("AddAuthorization", round(&add)),
+        ("RwLock", round(&rwlock)),
+        ("Mutex", round(&mutex)),
+        ("watch", round(&watch)),
     ];
     // AddAuthorization is a row too: against itself it shows the method's own spread, and
     // against the other baselines what adding a header at all leaves to gain.
-    let layers: [(&str, &dyn Fn()); 4] = [
-        ("AddAuthorization", baselines[0].1),
-        ("auth_layer_static", &|| {
-            hammer(&fixed, ROUND);
-        }),
-        ("auth_layer_expiring", &|| {
-            hammer(&expiring, ROUND);
-        }),
-        ("auth_layer_no_replay", &|| {
-            hammer(&no_replay, ROUND);
-        }),
+    let layers: [(&str, Round<'_>); 4] = [
+        ("AddAuthorization", round(&add)),
+        ("auth_layer_static", round(&fixed)),
+        ("auth_layer_expiring", round(&expiring)),
+        ("auth_layer_no_replay", round(&no_replay)),
     ];
     println!(
         "\ncontention: throughput x baseline, 160 interleaved pairs of 5,000 requests per thread (median, quartiles)"
@@ -141,7 +127,7 @@ fn contention(c: &mut Criterion) {
             .iter()
             .map(|(_, baseline)| {
                 // paired() gives time(layer) / time(baseline); throughput is its inverse.
-                let [p25, median, p75] = paired(160, baseline, layer);
+                let [p25, median, p75] = paired(160, baseline, &layer);
                 format!("{:.2} ({:.2}-{:.2})", 1.0 / median, 1.0 / p75, 1.0 / p25)
             })
             .collect();
@@ -151,6 +137,20 @@ fn contention(c: &mut Criterion) {
 
 /// Requests per thread in one round of the interleaved pairs.
 const ROUND: u64 = 5_000;
+
+/// One round of the interleaved pairs through one service.
+type Round<'a> = Box<dyn Fn() + 'a>;
+
+fn round<S>(svc: &S) -> Round<'_>
+where
+    S: Service<Request<Full<Bytes>>> + Clone + Send + Sync,
+    S::Error: std::fmt::Debug,
+    S::Response: Send,
+{
+    Box::new(move || {
+        hammer(svc, ROUND);
+    })
+}
 
 criterion_group!(benches, contention);
 criterion_main!(benches);

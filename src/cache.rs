@@ -744,6 +744,68 @@ impl<P> LocalView<P> {
     }
 }
 
+/// How a request reaches its cache if the API rejects its credential. Every request of a
+/// source that can change holds one until its response arrives.
+///
+/// Cloning the [`CredentialCache`] for each request would count on one reference count
+/// that every thread shares: a cache line written twice per request from every core. A
+/// service clone that sends more than one request (a clone per worker, per connection,
+/// kept in a struct) makes its own counted handle once, on its second request, and its
+/// requests count on that instead, a line only its own thread writes. A clone made for a
+/// single request (`svc.clone().oneshot(req)`) never allocates one.
+pub(crate) enum CacheRef<P> {
+    Shared(CredentialCache<P>),
+    Local(Arc<CredentialCache<P>>),
+}
+
+impl<P> std::ops::Deref for CacheRef<P> {
+    type Target = CredentialCache<P>;
+
+    fn deref(&self) -> &CredentialCache<P> {
+        match self {
+            CacheRef::Shared(cache) => cache,
+            CacheRef::Local(cache) => cache,
+        }
+    }
+}
+
+/// One service clone's source of [`CacheRef`]s. Not shared by clones: a clone may run on
+/// another thread.
+pub(crate) struct LocalRefs<P> {
+    handle: Option<Arc<CredentialCache<P>>>,
+    used: bool,
+}
+
+impl<P> LocalRefs<P> {
+    pub(crate) fn new() -> Self {
+        LocalRefs {
+            handle: None,
+            used: false,
+        }
+    }
+
+    /// A reference to `cache` for one request.
+    #[inline]
+    pub(crate) fn get(&mut self, cache: &CredentialCache<P>) -> CacheRef<P> {
+        match &self.handle {
+            Some(handle) => CacheRef::Local(handle.clone()),
+            None => self.first(cache),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn first(&mut self, cache: &CredentialCache<P>) -> CacheRef<P> {
+        if !self.used {
+            self.used = true;
+            return CacheRef::Shared(cache.clone());
+        }
+        let handle = Arc::new(cache.clone());
+        self.handle = Some(handle.clone());
+        CacheRef::Local(handle)
+    }
+}
+
 /// Waits for a credential from the refresh path.
 pub(crate) struct Acquire {
     state: AcquireState,
@@ -960,4 +1022,27 @@ async fn obtain<P: CredentialSource>(
         }
     }
     Ok(credential)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StaticCredential;
+
+    /// A service clone's first request counts on the shared cache; its second makes the
+    /// clone's own handle, which every later request reuses.
+    #[test]
+    fn local_refs_make_one_handle_on_the_second_request() {
+        let cache = CredentialCache::new(StaticCredential::bearer("t"));
+        let mut refs = LocalRefs::new();
+        assert!(matches!(refs.get(&cache), CacheRef::Shared(_)));
+        let CacheRef::Local(second) = refs.get(&cache) else {
+            panic!("the second request did not get the clone's own handle");
+        };
+        let CacheRef::Local(third) = refs.get(&cache) else {
+            panic!("the third request did not reuse the clone's own handle");
+        };
+        assert!(Arc::ptr_eq(&second, &third));
+        assert!(Arc::ptr_eq(&second.inner, &cache.inner));
+    }
 }

@@ -31,7 +31,7 @@ use tower_service::Service;
 
 use crate::{
     body::{NotReplayed, ReplayBody, ReplayHandle},
-    cache::{Acquire, CredentialCache, Entry},
+    cache::{Acquire, CacheRef, CredentialCache, Entry},
     error::{BoxError, Error},
     head::Head,
     policy::{NoReplay, Policy, StatusSet},
@@ -100,7 +100,7 @@ struct Retry<S, P> {
     /// atomic increment and decrement saved per request).
     ///
     /// [`RefreshMode::Never`]: crate::RefreshMode::Never
-    cache: Option<CredentialCache<P>>,
+    cache: Option<CacheRef<P>>,
     generation: u64,
     rejections: StatusSet,
     replay: Result<Replay<S>, NotReplayed>,
@@ -118,7 +118,7 @@ struct Resend<S, B, P> {
     service: S,
     request: Request<ReplayBody<B>>,
     rejections: StatusSet,
-    cache: CredentialCache<P>,
+    cache: CacheRef<P>,
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
@@ -155,19 +155,20 @@ where
         }
     }
 
-    /// Attaches `entry`'s credential and sends the first attempt.
+    /// Attaches `entry`'s credential and sends the first attempt. `cache` is `None` for
+    /// a credential that cannot change.
     #[inline]
     pub(crate) fn send(
         mut service: S,
         mut request: Request<B>,
         entry: &Entry,
-        cache: &CredentialCache<P>,
+        cache: Option<CacheRef<P>>,
         policy: Policy,
     ) -> Self {
         // The snapshot is taken before the credential is attached: a replay gets the new one.
         let replay = if !policy.replay || request.extensions().get::<NoReplay>().is_some() {
             Err(NotReplayed::OptedOut)
-        } else if !cache.refreshes() {
+        } else if cache.is_none() {
             Err(NotReplayed::FixedCredential)
         } else {
             Head::of(&request).ok_or(NotReplayed::HeadUnavailable)
@@ -196,7 +197,7 @@ where
         };
         let future = service.call(request);
         let retry = Retry {
-            cache: cache.refreshes().then(|| cache.clone()),
+            cache,
             generation: entry.generation,
             rejections: policy.rejections,
             replay: replay.map(|(head, body)| Replay {
@@ -239,8 +240,8 @@ where
                         return Poll::Ready(Err(polled_after_completion().into()));
                     };
                     let entry = entry?;
-                    let next =
-                        ResponseFuture::send(p.service, p.request, &entry, &p.cache, p.policy);
+                    let cache = p.cache.refreshes().then_some(CacheRef::Shared(p.cache));
+                    let next = ResponseFuture::send(p.service, p.request, &entry, cache, p.policy);
                     this.state.set(next.state);
                 }
                 StateProj::First { future, retry } => {

@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use crate::{
     body::ReplayBody,
-    cache::{CredentialCache, LocalView},
+    cache::{CredentialCache, LocalRefs, LocalView},
     error::BoxError,
     future::ResponseFuture,
     policy::Policy,
@@ -30,6 +30,8 @@ pub struct Auth<S, P> {
     cache: CredentialCache<P>,
     /// This clone's view of the cache's current entry (see `LocalView`).
     view: LocalView<P>,
+    /// This clone's references to the cache for its requests (see `CacheRef`).
+    refs: LocalRefs<P>,
     policy: Policy,
 }
 
@@ -49,6 +51,7 @@ impl<S: Clone, P> Clone for Auth<S, P> {
             inner: self.inner.clone(),
             cache: self.cache.clone(),
             view: self.view.clone(),
+            refs: LocalRefs::new(),
             policy: self.policy,
         }
     }
@@ -59,6 +62,7 @@ impl<S, P> Auth<S, P> {
         Auth {
             inner,
             view: LocalView::new(&cache),
+            refs: LocalRefs::new(),
             cache,
             policy,
         }
@@ -100,7 +104,11 @@ where
         let clone = self.inner.clone();
         let service = mem::replace(&mut self.inner, clone);
         match self.cache.usable(self.view.load()) {
-            Ok(current) => ResponseFuture::send(service, req, current, &self.cache, self.policy),
+            Ok(current) => {
+                // A credential that cannot change needs no way back to the cache.
+                let cache = self.cache.refreshes().then(|| self.refs.get(&self.cache));
+                ResponseFuture::send(service, req, current, cache, self.policy)
+            }
             Err(acquire) => {
                 ResponseFuture::wait(acquire, service, req, self.cache.clone(), self.policy)
             }

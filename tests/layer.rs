@@ -159,6 +159,66 @@ async fn a_long_lived_clone_sees_every_change() {
 }
 
 /// 403 means missing permissions: returned as is, no fetch, no replay.
+/// A service clone kept for many requests reaches the cache through its own handle from
+/// its second request on: its rejections still refresh once and replay once, and a
+/// rejection it shares with another clone still costs one refresh.
+#[tokio::test]
+async fn a_long_lived_clones_rejections_refresh_once() {
+    let source = TestSource::new();
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(source.clone()).layer(inner);
+    let mut kept = svc.clone();
+    let send = async |kept: &mut tower_client_auth::Auth<_, _>| {
+        kept.ready().await.unwrap();
+        tokio::spawn(kept.call(post("/v1/orders", b"{}")))
+    };
+
+    for _ in 0..2 {
+        let call = send(&mut kept).await;
+        let (req, reply) = api.next_request().await.unwrap();
+        assert_eq!(bearer(&req), "Bearer token-1");
+        reply.send_response(status(200));
+        call.await.unwrap().unwrap();
+    }
+
+    // The kept clone's third request is rejected: refreshed once, replayed once.
+    let call = send(&mut kept).await;
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Bearer token-1");
+    // Read, as a client sends it (a body the API never read is not replayed).
+    assert_eq!(read_body(req.into_body()).await, b"{}");
+    reply.send_response(status(401));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Bearer token-2");
+    assert_eq!(read_body(req.into_body()).await, b"{}");
+    reply.send_response(status(200));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    assert_eq!(source.fetches(), 2);
+
+    // The kept clone and a fresh clone are rejected together: one refresh for both.
+    let kept_call = send(&mut kept).await;
+    let fresh_call = tokio::spawn(svc.clone().oneshot(get("/v1/me")));
+    let mut rejected = Vec::new();
+    for _ in 0..2 {
+        let (req, reply) = api.next_request().await.unwrap();
+        assert_eq!(bearer(&req), "Bearer token-2");
+        read_body(req.into_body()).await;
+        rejected.push(reply);
+    }
+    for reply in rejected {
+        reply.send_response(status(401));
+    }
+    for _ in 0..2 {
+        let (req, reply) = api.next_request().await.unwrap();
+        assert_eq!(bearer(&req), "Bearer token-3");
+        reply.send_response(status(200));
+    }
+    assert_eq!(kept_call.await.unwrap().unwrap().status(), 200);
+    assert_eq!(fresh_call.await.unwrap().unwrap().status(), 200);
+    assert_eq!(source.fetches(), 3);
+    assert_no_more_requests(&mut api);
+}
+
 #[tokio::test]
 async fn forbidden_is_returned_without_refresh() {
     let source = TestSource::new();
