@@ -168,13 +168,16 @@ async fn a_long_lived_clones_rejections_refresh_once() {
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
     let svc = AuthLayer::new(source.clone()).layer(inner);
     let mut kept = svc.clone();
-    let send = async |kept: &mut tower_client_auth::Auth<_, _>| {
-        kept.ready().await.unwrap();
+    // One request through the kept clone; the caller polls it ready first.
+    let send = |kept: &mut tower_client_auth::Auth<_, _>| {
         tokio::spawn(kept.call(post("/v1/orders", b"{}")))
     };
 
     for _ in 0..2 {
-        let call = send(&mut kept).await;
+        let call = {
+            kept.ready().await.unwrap();
+            send(&mut kept)
+        };
         let (req, reply) = api.next_request().await.unwrap();
         assert_eq!(bearer(&req), "Bearer token-1");
         reply.send_response(status(200));
@@ -182,7 +185,10 @@ async fn a_long_lived_clones_rejections_refresh_once() {
     }
 
     // The kept clone's third request is rejected: refreshed once, replayed once.
-    let call = send(&mut kept).await;
+    let call = {
+        kept.ready().await.unwrap();
+        send(&mut kept)
+    };
     let (req, reply) = api.next_request().await.unwrap();
     assert_eq!(bearer(&req), "Bearer token-1");
     // Read, as a client sends it (a body the API never read is not replayed).
@@ -196,7 +202,10 @@ async fn a_long_lived_clones_rejections_refresh_once() {
     assert_eq!(source.fetches(), 2);
 
     // The kept clone and a fresh clone are rejected together: one refresh for both.
-    let kept_call = send(&mut kept).await;
+    let kept_call = {
+        kept.ready().await.unwrap();
+        send(&mut kept)
+    };
     let fresh_call = tokio::spawn(svc.clone().oneshot(get("/v1/me")));
     let mut rejected = Vec::new();
     for _ in 0..2 {
