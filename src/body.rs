@@ -87,6 +87,10 @@ pub enum NotReplayed {
     /// [`StaticCredential`](crate::StaticCredential)): a replay would carry the same
     /// credential, so nothing was refetched or replayed.
     FixedCredential,
+    /// The source handed back the very credential the API had just rejected (a revoked
+    /// token not yet rotated, an endpoint re-issuing the same token): a replay would
+    /// carry it into the same rejection, so the rejected response is returned as is.
+    SameCredential,
     /// The request head could not be kept for a replay (a header name over 64 KiB or a
     /// value over 4 GiB).
     HeadUnavailable,

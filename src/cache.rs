@@ -339,6 +339,22 @@ impl<P: CredentialSource> CredentialCache<P> {
         self.inner.mode != RefreshMode::Never
     }
 
+    /// The credential of `generation`, if it is current or among the last few replaced.
+    /// For telling whether the credential that replaces a rejected one is any different.
+    pub(crate) fn credential_of(&self, generation: u64) -> Option<Credential> {
+        if let Some(entry) = self.inner.current.load().as_deref() {
+            if entry.generation == generation {
+                return Some(entry.credential.clone());
+            }
+        }
+        let state = self.inner.lock_state();
+        state
+            .retired
+            .iter()
+            .find(|(g, _)| *g == generation)
+            .map(|(_, c)| c.clone())
+    }
+
     /// The API rejected the credential of `generation`: invalidate it if it is still
     /// current, and return the refresh that replaces it.
     pub(crate) fn replace_rejected(&self, generation: u64) -> Acquire {
@@ -359,6 +375,7 @@ impl<P: CredentialSource> CredentialCache<P> {
                 Some(Want::Replace(generation)) if entry.generation == generation => {
                     tracing::debug!(generation, "credential rejected; invalidating it");
                     inner.stats.rejections.fetch_add(1, Ordering::Relaxed);
+                    inner.retire(&mut state);
                     inner.current.store(None);
                     reason = FetchReason::Rejected;
                     previous = Some(entry.credential.clone());
@@ -394,15 +411,25 @@ impl<P: CredentialSource> CredentialCache<P> {
                 }
                 return Acquire::ready(Ok(entry));
             }
-            let mut err = Error::new(ErrorKind::Backoff).with_retry_in(retry_at - now);
-            if let Some(last) = &state.last_error {
-                err = err.with_shared_source(Arc::new(last.clone()));
-            }
-            return Acquire::ready(Err(err));
+            let err = match &state.last_error {
+                // A refused transport stays that, however often it is asked for.
+                Some(last) if last.kind() == ErrorKind::InsecureTransport => last.clone(),
+                Some(last) => {
+                    Error::new(ErrorKind::Backoff).with_shared_source(Arc::new(last.clone()))
+                }
+                None => Error::new(ErrorKind::Backoff),
+            };
+            return Acquire::ready(Err(err.with_retry_in(retry_at - now)));
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Acquire::ready(Err(Error::new(ErrorKind::NoRuntime)));
         };
+        if reason == FetchReason::Initial {
+            if let Some(dropped) = state.invalidated.take() {
+                reason = FetchReason::Invalidated;
+                previous = dropped;
+            }
+        }
         let guard = FlightGuard {
             inner: self.inner.clone(),
             epoch: state.epoch,
@@ -480,6 +507,12 @@ impl<P: CredentialSource> Sink for Inner<P> {
     fn invalidate(&self) {
         let mut state = self.lock_state();
         state.epoch += 1;
+        // The next fetch is told what was dropped, so that a source holding a last
+        // credential does not hand it back.
+        let dropped = self.current.load_full().map(|e| e.credential.clone());
+        let dropped = dropped.or_else(|| state.invalidated.take().flatten());
+        self.retire(&mut state);
+        state.invalidated = Some(dropped);
         self.current.store(None);
     }
 }
@@ -526,7 +559,17 @@ struct State {
     /// older epoch does not install its result.
     epoch: u64,
     next_generation: u64,
+    /// Set by an explicit invalidation, with the credential it dropped: the next fetch
+    /// is a [`FetchReason::Invalidated`] one.
+    invalidated: Option<Option<Credential>>,
+    /// The last few credentials that stopped being current, by generation: a request
+    /// whose credential was rejected after it was already replaced can still tell
+    /// whether the replacement is the same value.
+    retired: std::collections::VecDeque<(u64, Credential)>,
 }
+
+/// How many replaced credentials [`State::retired`] remembers.
+const RETIRED_KEPT: usize = 8;
 
 #[derive(Clone, Copy)]
 enum Want {
@@ -543,8 +586,23 @@ impl<P: CredentialSource> Inner<P> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Remembers the current credential as retired, before it stops being current.
+    /// Called with the state lock held.
+    fn retire(&self, state: &mut State) {
+        if let Some(entry) = self.current.load_full() {
+            if state.retired.len() == RETIRED_KEPT {
+                state.retired.pop_front();
+            }
+            state
+                .retired
+                .push_back((entry.generation, entry.credential.clone()));
+        }
+    }
+
     /// Makes `credential` current. Called with the state lock held.
     fn install(&self, state: &mut State, credential: Credential, now: Instant) -> Arc<Entry> {
+        self.retire(state);
+        state.invalidated = None;
         let generation = state.next_generation;
         state.next_generation += 1;
         let (soft_at, hard_at) = match (self.mode, credential.expiry()) {
@@ -948,6 +1006,14 @@ fn fetch_error(e: crate::error::BoxError) -> Error {
         Ok(ours) => return *ours,
         Err(e) => e,
     };
+    // A refused transport is a configuration error, not a failed fetch: it keeps its
+    // kind at the top, with the token error below it.
+    let insecure = e
+        .downcast_ref::<crate::token::TokenError>()
+        .is_some_and(|t| t.kind() == crate::token::TokenErrorKind::InsecureTransport);
+    if insecure {
+        return Error::new(ErrorKind::InsecureTransport).with_source(e);
+    }
     match e.downcast::<crate::error::InvalidCredential>() {
         Ok(invalid) => Error::from(*invalid),
         Err(e) => Error::new(ErrorKind::Fetch).with_source(e),
@@ -984,7 +1050,9 @@ async fn obtain<P: CredentialSource>(
     cx: FetchContext,
 ) -> Result<Credential, Error> {
     if let Some(store) = &inner.config.store {
-        if let (FetchReason::Rejected, Some(rejected)) = (cx.reason(), cx.previous()) {
+        if let (FetchReason::Rejected | FetchReason::Invalidated, Some(rejected)) =
+            (cx.reason(), cx.previous())
+        {
             if let Err(e) = store.remove(rejected).await {
                 tracing::warn!(error = %e, "credential store failed to remove a rejected credential");
             }

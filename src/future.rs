@@ -7,12 +7,15 @@
 //!                                    rejection status
 //!                                                ▼
 //!                     replayable? ── no ──▶ done (with a `NotReplayed` extension)
-//!                                                │ yes: drop the rejected response
+//!                                                │ yes: keep the rejected response
 //!                                                ▼
 //!                       Refreshing ──new credential──▶ Second ──▶ done, whatever it is
+//!                                                │ the same credential again
+//!                                                ▼
+//!                        done: the rejected response, `NotReplayed::SameCredential`
 //! ```
 //!
-//! A request is sent at most twice. The rejection invalidates the credential only if it
+//! A request is sent at most twice, and never twice with the same credential. The rejection invalidates the credential only if it
 //! is still the cache's current one, so concurrent rejections share one refresh.
 
 use std::{
@@ -32,6 +35,7 @@ use tower_service::Service;
 use crate::{
     body::{NotReplayed, ReplayBody, ReplayHandle},
     cache::{Acquire, CacheRef, CredentialCache, Entry},
+    credential::Credential,
     error::{BoxError, Error},
     head::Head,
     policy::{NoReplay, Policy, StatusSet},
@@ -114,11 +118,16 @@ struct Replay<S> {
 }
 
 /// A replay waiting for the new credential: everything but the credential is ready.
-struct Resend<S, B, P> {
+struct Resend<S: Service<Request<ReplayBody<B>>>, B, P> {
     service: S,
     request: Request<ReplayBody<B>>,
     rejections: StatusSet,
     cache: CacheRef<P>,
+    /// The rejected credential (`None` if the cache no longer knows it) and response:
+    /// if the source hands the same credential back, a replay cannot help, and the
+    /// rejection is returned as it came.
+    rejected: Option<Credential>,
+    response: S::Response,
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
@@ -262,6 +271,7 @@ where
                             .insert(NotReplayed::FixedCredential);
                         return Poll::Ready(Ok(response));
                     };
+                    let rejected = cache.credential_of(retry.generation);
                     let acquire = cache.replace_rejected(retry.generation);
                     let resend = retry.replay.and_then(|mut replay| {
                         let body = replay.body.take::<B>()?;
@@ -269,20 +279,22 @@ where
                             .head
                             .into_request(body)
                             .ok_or(NotReplayed::HeadUnavailable)?;
-                        Ok(Resend {
-                            service: replay.service,
-                            request,
-                            rejections: retry.rejections,
-                            cache,
-                        })
+                        Ok((replay.service, request))
                     });
                     match resend {
-                        Ok(resend) => {
-                            // The rejected response (and its connection) is released now.
-                            drop(response);
+                        Ok((service, request)) => {
+                            // The rejected response is kept until the new credential is
+                            // known: it is the answer if that credential is the same.
                             this.state.set(State::Refreshing {
                                 acquire,
-                                resend: Some(Box::new(resend)),
+                                resend: Some(Box::new(Resend {
+                                    service,
+                                    request,
+                                    rejections: retry.rejections,
+                                    cache,
+                                    rejected,
+                                    response,
+                                })),
                             });
                         }
                         Err(reason) => {
@@ -300,6 +312,20 @@ where
                         return Poll::Ready(Err(polled_after_completion().into()));
                     };
                     let entry = entry?;
+                    let resend = *resend;
+                    if resend.rejected.as_ref() == Some(&entry.credential) {
+                        tracing::debug!(
+                            generation = entry.generation,
+                            "the source handed back the rejected credential; not replaying"
+                        );
+                        let mut response = resend.response;
+                        response
+                            .extensions_mut()
+                            .insert(NotReplayed::SameCredential);
+                        return Poll::Ready(Ok(response));
+                    }
+                    // The rejected response (and its connection) is released now.
+                    drop(resend.response);
                     let mut request = resend.request;
                     entry
                         .credential

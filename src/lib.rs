@@ -189,6 +189,7 @@ mod service;
 pub mod source;
 mod static_source;
 pub mod store;
+mod text;
 pub mod token;
 
 pub use crate::{

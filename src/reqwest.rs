@@ -164,13 +164,23 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
             tracing::debug!(status = %response.status(), "fixed credential rejected");
             return Ok(response);
         }
+        let rejected = self.cache.credential_of(generation);
         let refresh = self.cache.replace_rejected(generation);
         let Some(mut replay) = replay else {
             tracing::debug!(status = %response.status(), "rejected request cannot be replayed");
             return Ok(response);
         };
-        drop(response);
         let entry = refresh.await.map_err(middleware_error)?;
+        if rejected.as_ref() == Some(&entry.credential) {
+            // The source handed back the rejected credential: a replay cannot help.
+            tracing::debug!("the source handed back the rejected credential; not replaying");
+            let mut response = response;
+            response
+                .extensions_mut()
+                .insert(crate::NotReplayed::SameCredential);
+            return Ok(response);
+        }
+        drop(response);
         entry
             .credential
             .apply(replay.headers_mut())

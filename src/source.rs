@@ -36,6 +36,10 @@ pub enum FetchReason {
     Expiring,
     /// The API rejected the previous credential (for example with `401 Unauthorized`).
     Rejected,
+    /// The credential was dropped from outside, through
+    /// [`CacheHandle::invalidate`](crate::CacheHandle::invalidate) (for example after a
+    /// gRPC `UNAUTHENTICATED`). The source must not hand the same credential back.
+    Invalidated,
 }
 
 /// What a [`CredentialSource`] is told about a fetch.
@@ -56,7 +60,8 @@ impl FetchContext {
     }
 
     /// The credential being replaced: the rejected one for [`FetchReason::Rejected`], the
-    /// expiring one for [`FetchReason::Expiring`].
+    /// expiring one for [`FetchReason::Expiring`], the dropped one (if the cache held one)
+    /// for [`FetchReason::Invalidated`].
     pub fn previous(&self) -> Option<&Credential> {
         self.previous.as_ref()
     }

@@ -267,6 +267,32 @@ async fn static_credential_rejection_is_not_replayed() {
     assert_eq!((stats.fetches, stats.rejections, stats.replays), (1, 0, 0));
 }
 
+/// A revoked personal access token not yet rotated: the source hands the rejected token
+/// back, so the request is sent once and its 401 returned, marked
+/// `NotReplayed::SameCredential` (the same rule as the Tower layer).
+#[tokio::test]
+async fn the_rejected_credential_is_never_replayed() {
+    let (base, log) = server(|_, _, _| StatusCode::UNAUTHORIZED).await;
+    let pat = RotatingCredential::new(Credential::bearer("revoked-pat").unwrap());
+    let auth = AuthMiddleware::new(pat);
+    let cache = auth.cache().clone();
+    let client = loopback_client(auth);
+    let res = client
+        .post(format!("{base}/v1/orders"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        res.extensions().get::<tower_client_auth::NotReplayed>(),
+        Some(&tower_client_auth::NotReplayed::SameCredential)
+    );
+    assert_eq!(log.lock().unwrap().len(), 1, "sent once");
+    let stats = cache.stats();
+    assert_eq!((stats.fetches, stats.rejections, stats.replays), (2, 1, 0));
+}
+
 /// A request whose header map is full gets `ErrorKind::HeadersFull` and is not sent.
 #[tokio::test]
 async fn full_header_map_is_a_typed_error() {

@@ -4,7 +4,6 @@
 mod support;
 
 use std::{
-    io::Write,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -12,7 +11,7 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use support::{FakeApi, get, post};
+use support::{FakeApi, capture_traces, get, post};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
     AuthLayer, BoxError, Credential, CredentialCache, ErrorKind, FetchContext, MemoryStore,
@@ -23,33 +22,6 @@ const CANARY: &str = "CANARY-5ecr3t-d0-not-print";
 
 fn assert_clean(what: &str, text: &str) {
     assert!(!text.contains(CANARY), "{what} leaked the canary: {text}");
-}
-
-/// Captures everything `tracing` emits, at every level, into a buffer.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Installs a subscriber that captures everything `tracing` emits, at every level, on this
-/// thread (the tests run on current-thread runtimes, so spawned tasks are included).
-fn capture_traces() -> (Capture, tracing::subscriber::DefaultGuard) {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    (capture, tracing::subscriber::set_default(subscriber))
 }
 
 type TokenClientStack = tower_client_auth::Auth<

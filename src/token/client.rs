@@ -21,8 +21,20 @@ use tower_service::Service;
 use super::error::{TokenError, TokenErrorKind};
 use crate::error::BoxError;
 
-/// Default time a token request may take, response body included.
-pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a token request may take, response body included: 8 seconds, shorter
+/// than the cache's [`DEFAULT_FETCH_TIMEOUT`](crate::cache::DEFAULT_FETCH_TIMEOUT) on
+/// purpose.
+///
+/// The two bound different things. The token client's timeout bounds one request to the
+/// token endpoint: when it fires, the outcome of a refresh is unknown (the server may
+/// have rotated the refresh token), so [`TokenSource`](super::TokenSource) drops that
+/// refresh token, never presents it again, and logs in instead. The cache's fetch
+/// timeout bounds how long callers wait. With the token timeout the shorter, an exchange
+/// always ends (in an answer, or in a login after the unknown outcome) while the cache
+/// still waits for it. If you set it longer than the fetch timeout, the cache gives up
+/// first and the exchange goes on in its own task; its result is handed to the next
+/// fetch, so a late rotation is still never lost.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(8);
 /// Default cap on a token response body: 64 KiB.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 

@@ -80,19 +80,16 @@ impl TokenError {
         self
     }
 
-    /// Replaces every occurrence of each secret in the server-supplied text with
-    /// `[redacted]`: a server may echo what it was sent.
-    pub(crate) fn scrub<'a>(mut self, secrets: impl IntoIterator<Item = &'a str>) -> Self {
-        let secrets: Vec<&str> = secrets.into_iter().filter(|s| !s.is_empty()).collect();
+    /// Makes the server-supplied text safe to keep: every secret (in each form it was
+    /// sent) replaced with `[redacted]` first, then control characters escaped, then the
+    /// text cut to a bounded length. A server may echo what it was sent, and may send
+    /// line breaks or terminal escapes.
+    pub(crate) fn scrub(mut self, secrets: &[String]) -> Self {
         for text in [&mut self.oauth_error, &mut self.description]
             .into_iter()
             .flatten()
         {
-            for secret in &secrets {
-                if text.contains(secret) {
-                    *text = text.replace(secret, "[redacted]");
-                }
-            }
+            *text = crate::text::from_server(text, secrets);
         }
         self
     }
@@ -118,14 +115,22 @@ impl TokenError {
         self.description.as_deref()
     }
 
-    /// Whether the endpoint refused the grant itself (400 or 401): the credentials or
-    /// refresh token are bad, as opposed to the endpoint being down.
+    /// Whether the endpoint refused the grant itself: the credentials or refresh token
+    /// are bad, as opposed to the endpoint being down. That is a 400 or 401, or an OAuth
+    /// error in a 2xx answer (some servers send `{"error": "invalid_grant"}` with 200),
+    /// unless its code says the server is unavailable.
     pub fn is_grant_rejected(&self) -> bool {
-        self.kind == TokenErrorKind::Rejected
-            && matches!(
-                self.status,
-                Some(StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED)
-            )
+        if self.kind != TokenErrorKind::Rejected {
+            return false;
+        }
+        match self.status {
+            Some(StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED) => true,
+            Some(status) if status.is_success() => !matches!(
+                self.oauth_error.as_deref(),
+                None | Some("server_error" | "temporarily_unavailable")
+            ),
+            _ => false,
+        }
     }
 }
 

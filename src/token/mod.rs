@@ -46,8 +46,8 @@ pub use self::{
     error::{TokenError, TokenErrorKind},
     request::{BodyEncoding, ClientAuth, TokenRequest},
     response::{
-        MAX_LIFETIME, ResponseFields, TokenResponse, jwt_expiry, parse_error_response,
-        parse_expires_in,
+        MAX_LIFETIME, MIN_LIFETIME, ResponseFields, TokenResponse, jwt_expiry,
+        parse_error_response, parse_expires_in,
     },
-    source::{DEFAULT_TOKEN_LIFETIME, TokenPair, TokenSource, TokenStats},
+    source::{DEFAULT_CLOCK_SKEW, DEFAULT_TOKEN_LIFETIME, TokenPair, TokenSource, TokenStats},
 };

@@ -119,6 +119,10 @@ impl TokenRequest {
             return Err(TokenError::new(TokenErrorKind::InvalidRequest)
                 .detail("the token url must be absolute"));
         }
+        // Refused now rather than at the first fetch: plain http only ever reaches a
+        // loopback host (and then only through a client that allows it).
+        crate::policy::check_transport(&url, true, false)
+            .map_err(|detail| TokenError::new(TokenErrorKind::InsecureTransport).detail(detail))?;
         Ok(TokenRequest {
             url,
             encoding,
@@ -220,6 +224,27 @@ impl TokenRequest {
         fields.chain(self.client.iter().map(|(_, s)| s.expose()))
     }
 
+    /// Every form in which this request (with `extra`) sends a secret, for scrubbing
+    /// what the server says back: each secret as is and url-encoded (as a form body and
+    /// the Basic header carry it, `+` or `%20` for a space), and the Basic credentials in
+    /// base64, as sent and without url-encoding.
+    pub(crate) fn sent_secrets(&self, extra: Option<&Secret>) -> Vec<String> {
+        let mut forms = Vec::new();
+        for secret in self.secrets().chain(extra.map(Secret::expose)) {
+            let encoded: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+            forms.push(encoded.replace('+', "%20"));
+            forms.push(encoded);
+            forms.push(secret.to_owned());
+        }
+        if let Some((id, secret)) = &self.client {
+            let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
+            forms.push(b64(basic_pair(id, secret.expose())));
+            forms.push(b64(format!("{id}:{}", secret.expose())));
+        }
+        forms.retain(|f| !f.is_empty());
+        forms
+    }
+
     /// Builds the HTTP request, with `extra` secret fields (a refresh token) appended.
     pub(crate) fn build(
         &self,
@@ -261,12 +286,8 @@ impl TokenRequest {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         if let (ClientAuth::Basic, Some((id, secret))) = (self.client_auth, &self.client) {
-            let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-            let basic = base64::engine::general_purpose::STANDARD.encode(format!(
-                "{}:{}",
-                enc(id),
-                enc(secret.expose())
-            ));
+            let basic =
+                base64::engine::general_purpose::STANDARD.encode(basic_pair(id, secret.expose()));
             let mut value = HeaderValue::try_from(format!("Basic {basic}")).map_err(|_| {
                 TokenError::new(TokenErrorKind::InvalidRequest)
                     .detail("client credentials cannot form a header")
@@ -276,6 +297,12 @@ impl TokenRequest {
         }
         Ok(req)
     }
+}
+
+/// `urlencode(id):urlencode(secret)`, what HTTP Basic carries (RFC 6749 §2.3.1).
+fn basic_pair(id: &str, secret: &str) -> String {
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    format!("{}:{}", enc(id), enc(secret))
 }
 
 #[cfg(test)]

@@ -17,6 +17,11 @@ use crate::secret::Secret;
 /// here rather than overflowing the clock.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
+/// Shortest lifetime taken from a response: a token stated to live less (`expires_in:
+/// 0.02`) is treated as living this long, so a server cannot set the rate of token
+/// requests. Logged once per source when it happens.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
+
 /// Where in a token response the fields are. Names may be dotted paths into nested JSON
 /// objects (`"data.token"`). Defaults: `access_token`, `refresh_token`, `expires_in`,
 /// `token_type` (RFC 6749 §5.1).
@@ -85,22 +90,7 @@ impl TokenResponse {
         fields: &ResponseFields,
     ) -> Result<Self, TokenError> {
         let invalid = |detail| TokenError::new(TokenErrorKind::InvalidResponse).detail(detail);
-        let is_form = content_type.is_some_and(|ct| {
-            ct.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        });
-        let doc: Value = if is_form {
-            Value::Object(
-                form_urlencoded::parse(body)
-                    .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
-                    .collect(),
-            )
-        } else {
-            serde_json::from_slice(body).map_err(|_| invalid("the body is not json"))?
-        };
+        let doc = document(content_type, body).ok_or_else(|| invalid("the body is not json"))?;
         if !doc.is_object() {
             return Err(invalid("the body is not a json object"));
         }
@@ -197,36 +187,121 @@ pub fn parse_expires_in(value: &Value) -> Result<Duration, TokenError> {
 /// assert_eq!(jwt_expiry("opaque-token"), None);
 /// ```
 pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
-    let mut parts = token.split('.');
-    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() {
-        return None;
+    match jwt_exp(token) {
+        JwtExp::At(at) => Some(at),
+        JwtExp::Absent | JwtExp::Unreadable => None,
     }
-    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    let claims: Value = serde_json::from_slice(&payload).ok()?;
-    let exp = claims.get("exp")?.as_f64()?;
-    if !exp.is_finite() || exp < 0.0 {
-        return None;
-    }
-    UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(exp).ok()?)
 }
 
 /// Turns a non-2xx answer into a [`TokenError`], reading an RFC 6749 §5.2 body when
-/// there is one (`error`, `error_description`). The body itself is never kept.
+/// there is one (`error`, `error_description`). The body itself is never kept; the
+/// server's text is kept with control characters escaped and cut to 200 characters.
 pub fn parse_error_response(status: StatusCode, body: &[u8]) -> TokenError {
+    parse_error_body(status, body).scrub(&[])
+}
+
+/// [`parse_error_response`] with the server's text as sent: the caller scrubs it of the
+/// request's secrets (which escapes and cuts it too) before it is shown anywhere.
+pub(crate) fn parse_error_body(status: StatusCode, body: &[u8]) -> TokenError {
     let doc: Option<Value> = serde_json::from_slice(body).ok();
     let text = |key: &str| {
         doc.as_ref()
             .and_then(|d| d.get(key))
             .and_then(Value::as_str)
-            .map(|s| s.chars().take(200).collect::<String>())
+            .map(str::to_owned)
     };
     let code = text("error")
         .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
     let description = code.as_ref().and_then(|_| text("error_description"));
     TokenError::rejected(status, code, description)
+}
+
+/// Whether a 2xx body is an OAuth error instead of a token: a JSON object with a
+/// non-empty string `error` and no access token. Some servers answer a refused grant
+/// with 200.
+pub(crate) fn is_error_in_success(body: &[u8], fields: &ResponseFields) -> bool {
+    let Ok(doc) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    matches!(doc.get("error"), Some(Value::String(code)) if !code.is_empty())
+        && lookup(&doc, &fields.access_token).is_none()
+}
+
+/// The refresh token in a 2xx body, read on its own before anything else about the body
+/// is judged: a server that rotated the refresh token has spent the old one, even if the
+/// rest of its answer is unusable.
+pub(crate) fn refresh_token_in(
+    content_type: Option<&str>,
+    body: &[u8],
+    fields: &ResponseFields,
+) -> Option<Secret> {
+    let doc = document(content_type, body)?;
+    match lookup(&doc, &fields.refresh_token) {
+        Some(Value::String(s)) if !s.is_empty() => Some(Secret::new(s.clone())),
+        _ => None,
+    }
+}
+
+/// A 2xx body as a JSON document: JSON, or a form body turned into an object.
+fn document(content_type: Option<&str>, body: &[u8]) -> Option<Value> {
+    let is_form = content_type.is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+    });
+    if is_form {
+        return Some(Value::Object(
+            form_urlencoded::parse(body)
+                .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+                .collect(),
+        ));
+    }
+    serde_json::from_slice(body).ok()
+}
+
+/// What a token's JWT `exp` claim says, for choosing its lifetime.
+pub(crate) enum JwtExp {
+    /// Not a JWT (an opaque token), or a JWT without `exp`.
+    Absent,
+    /// A JWT whose `exp` is there but not a usable number of seconds.
+    Unreadable,
+    /// The claim, as a wall-clock time.
+    At(SystemTime),
+}
+
+/// Reads a token's `exp` claim without verifying the signature.
+pub(crate) fn jwt_exp(token: &str) -> JwtExp {
+    let mut parts = token.split('.');
+    let (Some(_header), Some(payload), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return JwtExp::Absent;
+    };
+    let Some(claims) = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()
+        .and_then(|p| serde_json::from_slice::<Value>(&p).ok())
+        .filter(Value::is_object)
+    else {
+        return JwtExp::Absent;
+    };
+    let Some(exp) = claims.get("exp") else {
+        return JwtExp::Absent;
+    };
+    match exp.as_f64() {
+        Some(exp) if exp.is_finite() && exp >= 0.0 => {
+            // Past what the clock can hold: capped like any other "never".
+            let since_epoch = Duration::try_from_secs_f64(exp).unwrap_or(Duration::MAX);
+            JwtExp::At(
+                UNIX_EPOCH
+                    .checked_add(since_epoch)
+                    .unwrap_or_else(|| SystemTime::now() + MAX_LIFETIME),
+            )
+        }
+        _ => JwtExp::Unreadable,
+    }
 }
 
 #[cfg(test)]

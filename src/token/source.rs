@@ -7,7 +7,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -18,13 +18,16 @@ use super::{
     client::TokenClient,
     error::{TokenError, TokenErrorKind},
     request::TokenRequest,
-    response::{ResponseFields, TokenResponse, jwt_expiry, parse_error_response},
+    response::{
+        JwtExp, MAX_LIFETIME, MIN_LIFETIME, ResponseFields, TokenResponse, is_error_in_success,
+        jwt_exp, parse_error_body, refresh_token_in,
+    },
 };
 use crate::{
     credential::Credential,
     error::BoxError,
     secret::Secret,
-    source::{CredentialSource, FetchContext, RefreshMode},
+    source::{CredentialSource, FetchContext, FetchReason, RefreshMode},
 };
 
 /// Lifetime assumed for a token when the response states none and the token is not a JWT
@@ -32,18 +35,27 @@ use crate::{
 /// sending an expired token costs a 401 and a replay.
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(5 * 60);
 
+/// Default margin taken off every lifetime a token endpoint states, for clocks that
+/// disagree and for the time a request takes to reach the API: 5 seconds, and never more
+/// than a tenth of the lifetime (see [`TokenSource::clock_skew`]).
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(5);
+
+/// Share of a lifetime the clock-skew margin takes at most.
+const MAX_SKEW_FRACTION: f64 = 0.1;
+
 /// The newest access and refresh tokens, handed to the [`on_refresh`](TokenSource::on_refresh)
 /// hook to persist. `Debug` is redacted.
 #[derive(Debug, Clone)]
 pub struct TokenPair {
-    access_token: Secret,
+    access_token: Option<Secret>,
     refresh_token: Option<Secret>,
 }
 
 impl TokenPair {
-    /// The access token.
-    pub fn access_token(&self) -> &Secret {
-        &self.access_token
+    /// The access token; `None` when the answer that rotated the refresh token carried
+    /// no usable access token (the refresh token is handed over all the same).
+    pub fn access_token(&self) -> Option<&Secret> {
+        self.access_token.as_ref()
     }
 
     /// The refresh token now held (the new one, or the old one if the server sent none).
@@ -62,6 +74,9 @@ pub struct TokenStats {
     pub refreshes: u64,
     /// Refresh-token exchanges the server refused (400/401), each followed by a login.
     pub refresh_rejections: u64,
+    /// Refresh-token exchanges whose outcome is unknown (no answer within the token
+    /// client's timeout): the refresh token was dropped, never presented again.
+    pub unknown_outcomes: u64,
 }
 
 #[derive(Default)]
@@ -69,6 +84,7 @@ struct Stats {
     logins: AtomicU64,
     refreshes: AtomicU64,
     refresh_rejections: AtomicU64,
+    unknown_outcomes: AtomicU64,
 }
 
 type OnRefresh = Arc<dyn Fn(TokenPair) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
@@ -81,16 +97,21 @@ type OnRefresh = Arc<dyn Fn(TokenPair) -> Pin<Box<dyn Future<Output = ()> + Send
 ///   logging in again, whenever one is held. The newest refresh token always replaces the
 ///   old one (the old one is kept if the server sends none). Only when the refresh
 ///   endpoint refuses the refresh token itself (400 or 401) does the source log in again.
-/// - Exchanges are serialised: a refresh token is never sent twice, even when several
-///   caches share the source. Each exchange runs to completion in its own task, so a
+/// - Exchanges are serialised: two exchanges never present one refresh token at once,
+///   even when several caches share the source. Each exchange runs to completion in its own task, so a
 ///   rotated refresh token is stored even if the request that asked for it is dropped.
 /// - If the cache stopped waiting for an exchange (its fetch timed out), the next fetch
 ///   gets that exchange's access token without another request, instead of refreshing
 ///   early (which providers like style C refuse, forcing a login). A credential the cache
 ///   reports as rejected or expiring is never handed out again.
-/// - The lifetime is `expires_in` when present, else the JWT `exp` claim, else
+/// - The lifetime is the earlier of `expires_in` and the JWT `exp` claim, else
 ///   [`default_lifetime`](Self::default_lifetime), measured from the moment the response
-///   arrived, on the monotonic clock.
+///   arrived, on the monotonic clock; less the [`clock_skew`](Self::clock_skew) margin,
+///   and never below [`MIN_LIFETIME`] or above [`MAX_LIFETIME`].
+/// - A new refresh token is kept before anything else in its answer is judged. A refresh
+///   whose outcome is unknown (no answer within the token client's timeout) drops its
+///   refresh token and logs in: it may have rotated, and presenting it again could revoke
+///   the whole family.
 ///
 /// # Example
 /// ```
@@ -111,12 +132,14 @@ pub struct TokenSource {
     refresh: Option<(TokenRequest, String)>,
     fields: ResponseFields,
     default_lifetime: Option<Duration>,
+    clock_skew: Duration,
     require_jwt_exp: bool,
     mode: RefreshMode,
     scheme: Option<String>,
     on_refresh: Option<OnRefresh>,
     held: Arc<Mutex<Held>>,
     stats: Arc<Stats>,
+    flags: Arc<Flags>,
 }
 
 /// What the source holds between exchanges, under one lock.
@@ -152,12 +175,14 @@ impl TokenSource {
             refresh: None,
             fields: ResponseFields::default(),
             default_lifetime: Some(DEFAULT_TOKEN_LIFETIME),
+            clock_skew: DEFAULT_CLOCK_SKEW,
             require_jwt_exp: false,
             mode: RefreshMode::Proactive,
             scheme: None,
             on_refresh: None,
             held: Arc::default(),
             stats: Arc::default(),
+            flags: Arc::default(),
         }
     }
 
@@ -242,6 +267,14 @@ impl TokenSource {
         self
     }
 
+    /// Margin taken off every stated lifetime (default [`DEFAULT_CLOCK_SKEW`]), capped at
+    /// a tenth of the lifetime, so a token is replaced before the API's clock says it
+    /// expired. `Duration::ZERO` trusts the stated lifetime as is.
+    pub fn clock_skew(mut self, skew: Duration) -> Self {
+        self.clock_skew = skew;
+        self
+    }
+
     /// Requires the lifetime from `expires_in` or a JWT `exp`: a token with neither is an
     /// error instead of getting the default lifetime.
     pub fn require_expiry(mut self, require: bool) -> Self {
@@ -264,7 +297,9 @@ impl TokenSource {
     }
 
     /// Called with every new token pair, after it is held and before anyone waiting for
-    /// the new credential is released: persist the refresh token here.
+    /// the new credential is released: persist the refresh token here. A rotated refresh
+    /// token is handed over even when the rest of its answer is unusable (then
+    /// [`TokenPair::access_token`] is `None`).
     pub fn on_refresh<F, Fut>(mut self, hook: F) -> Self
     where
         F: Fn(TokenPair) -> Fut + Send + Sync + 'static,
@@ -280,6 +315,7 @@ impl TokenSource {
             logins: self.stats.logins.load(Ordering::Relaxed),
             refreshes: self.stats.refreshes.load(Ordering::Relaxed),
             refresh_rejections: self.stats.refresh_rejections.load(Ordering::Relaxed),
+            unknown_outcomes: self.stats.unknown_outcomes.load(Ordering::Relaxed),
         }
     }
 
@@ -294,11 +330,13 @@ impl TokenSource {
             refresh: self.refresh.clone(),
             fields: self.fields.clone(),
             default_lifetime: self.default_lifetime,
+            clock_skew: self.clock_skew,
             require_expiry: self.require_jwt_exp,
             scheme: self.scheme.clone(),
             on_refresh: self.on_refresh.clone(),
             held: self.held.clone(),
             stats: self.stats.clone(),
+            flags: self.flags.clone(),
         })
     }
 }
@@ -340,11 +378,13 @@ struct Exchange {
     refresh: Option<(TokenRequest, String)>,
     fields: ResponseFields,
     default_lifetime: Option<Duration>,
+    clock_skew: Duration,
     require_expiry: bool,
     scheme: Option<String>,
     on_refresh: Option<OnRefresh>,
     held: Arc<Mutex<Held>>,
     stats: Arc<Stats>,
+    flags: Arc<Flags>,
 }
 
 impl Exchange {
@@ -353,9 +393,11 @@ impl Exchange {
         let mut held = self.held.lock().await;
         if let Some(last) = held.last.take() {
             // The cache names the credential it is replacing: once rejected or expiring,
-            // it is never handed out again, whatever happens to this exchange.
+            // it is never handed out again, whatever happens to this exchange. An
+            // explicit invalidation always goes to the token endpoint.
             let unexpired = last.expiry().is_none_or(|at| Instant::now() < at);
-            if unexpired && cx.previous() != Some(&last) {
+            if unexpired && cx.previous() != Some(&last) && cx.reason() != FetchReason::Invalidated
+            {
                 tracing::debug!(
                     "handing out the credential of an exchange the cache stopped waiting for"
                 );
@@ -366,9 +408,10 @@ impl Exchange {
         if let (Some((request, field)), Some(token)) = (&self.refresh, held.refresh_token.clone()) {
             tracing::debug!(reason = ?cx.reason(), "refreshing with the held refresh token");
             match self.send(request, Some((field, &token))).await {
-                Ok((response, arrived)) => {
+                Ok(answer) => {
+                    let credential = self.accept(answer, &mut held, Some(token)).await?;
                     self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
-                    return self.accept(response, arrived, &mut held, Some(token)).await;
+                    return Ok(credential);
                 }
                 Err(e) if e.is_grant_rejected() => {
                     self.stats
@@ -377,57 +420,88 @@ impl Exchange {
                     tracing::info!(error = %e, "refresh token refused; logging in again");
                     held.refresh_token = None;
                 }
+                Err(e) if e.kind() == TokenErrorKind::Timeout => {
+                    // The server may have rotated the refresh token and answered too
+                    // late: presenting it again could count as reuse and revoke the
+                    // whole family. Dropped, never sent again.
+                    self.stats.unknown_outcomes.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        error = %e,
+                        "refresh outcome unknown; dropping the refresh token and logging in again"
+                    );
+                    held.refresh_token = None;
+                }
                 // The endpoint is down or answered garbage: keep the refresh token.
                 Err(e) => return Err(e),
             }
         }
         tracing::debug!(reason = ?cx.reason(), "logging in");
-        let (response, arrived) = self.send(&self.login, None).await?;
+        let answer = self.send(&self.login, None).await?;
         self.stats.logins.fetch_add(1, Ordering::Relaxed);
-        self.accept(response, arrived, &mut held, None).await
+        self.accept(answer, &mut held, None).await
     }
 
+    /// Sends one token request. A 2xx answer comes back unjudged (see [`Answer`]); an
+    /// error status, or a 2xx carrying an OAuth error, is the error the server stated,
+    /// scrubbed of every form of this request's secrets.
     async fn send(
         &self,
         request: &TokenRequest,
         extra: Option<(&str, &Secret)>,
-    ) -> Result<(TokenResponse, Instant), TokenError> {
-        let secrets = || request.secrets().chain(extra.map(|(_, s)| s.expose()));
+    ) -> Result<Answer, TokenError> {
         let http = request.build(extra)?;
         let answer = self.client.send(http).await?;
         let response = &answer.response;
-        if !response.status().is_success() {
-            return Err(parse_error_response(response.status(), response.body()).scrub(secrets()));
+        let (status, body) = (response.status(), response.body());
+        if !status.is_success() || is_error_in_success(body, &self.fields) {
+            let secrets = request.sent_secrets(extra.map(|(_, s)| s));
+            return Err(parse_error_body(status, body).scrub(&secrets));
         }
-        let parsed = TokenResponse::parse(
-            TokenClient::content_type(response),
-            response.body(),
-            &self.fields,
-        )
-        .map_err(|e| e.status_mut(response.status()))?;
-        Ok((parsed, answer.arrived))
+        let content_type = TokenClient::content_type(response);
+        Ok(Answer {
+            refresh_token: refresh_token_in(content_type, body, &self.fields),
+            parsed: TokenResponse::parse(content_type, body, &self.fields)
+                .map_err(|e| e.status_mut(status)),
+            arrived: answer.arrived,
+        })
     }
 
-    /// Holds the new refresh token first (it must never be lost, even if the access
-    /// token turns out unusable), then builds the credential and runs the hook.
+    /// Holds the new refresh token first (it must never be lost, even if the rest of the
+    /// answer turns out unusable), then builds the credential and runs the hook.
     async fn accept(
         &self,
-        response: TokenResponse,
-        arrived: Instant,
+        answer: Answer,
         held: &mut Held,
         previous_refresh: Option<Secret>,
     ) -> Result<Credential, TokenError> {
-        held.refresh_token = response.refresh_token().cloned().or(previous_refresh);
-        let credential = self.credential(&response, arrived)?;
-        held.last = Some(credential.clone());
+        let rotated = answer.refresh_token.is_some();
+        held.refresh_token = answer.refresh_token.or(previous_refresh);
+        let built = answer
+            .parsed
+            .and_then(|response| Ok((self.credential(&response, answer.arrived)?, response)));
+        let (credential, access_token) = match built {
+            Ok((credential, response)) => (Some(credential), Some(response.access_token().clone())),
+            Err(e) if rotated => {
+                tracing::warn!(error = %e, "token answer unusable; keeping its new refresh token");
+                self.persist(None, held).await;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        held.last = credential.clone();
+        self.persist(access_token, held).await;
+        Ok(credential.expect("built above"))
+    }
+
+    /// Hands the pair now held to the `on_refresh` hook.
+    async fn persist(&self, access_token: Option<Secret>, held: &Held) {
         if let Some(hook) = &self.on_refresh {
             hook(TokenPair {
-                access_token: response.access_token().clone(),
+                access_token,
                 refresh_token: held.refresh_token.clone(),
             })
             .await;
         }
-        Ok(credential)
     }
 
     fn credential(
@@ -447,26 +521,100 @@ impl Exchange {
             }
         };
         let token = response.access_token().expose();
-        let lifetime = match response.expires_in() {
-            Some(lifetime) => Some(lifetime),
-            None => match jwt_expiry(token) {
-                Some(exp) => match exp.duration_since(SystemTime::now()) {
-                    Ok(left) if !left.is_zero() => Some(left),
-                    _ => return Err(invalid("the access token's jwt exp is in the past")),
-                },
-                None if self.require_expiry => {
-                    return Err(invalid(
-                        "the response states no lifetime and the token is not a jwt with exp",
-                    ));
-                }
-                None => self.default_lifetime,
-            },
-        };
+        let lifetime = self.lifetime(response.expires_in(), jwt_exp(token))?;
         let credential = Credential::with_scheme(scheme, token)
             .map_err(|_| invalid("the access token holds characters a header cannot carry"))?;
         Ok(match lifetime.and_then(|l| arrived.checked_add(l)) {
             Some(at) => credential.expires_at(at),
             None => credential,
         })
+    }
+
+    /// The lifetime to use, from arrival: the earlier of `expires_in` and the JWT `exp`
+    /// (some servers floor `exp` to the second and state the full `expires_in`), else the
+    /// default; less the clock-skew margin; never below [`MIN_LIFETIME`].
+    fn lifetime(
+        &self,
+        expires_in: Option<Duration>,
+        exp: JwtExp,
+    ) -> Result<Option<Duration>, TokenError> {
+        let invalid = |detail| TokenError::new(TokenErrorKind::InvalidResponse).detail(detail);
+        // `exp` is read through the wall clock once, here; the result is a duration on
+        // the monotonic clock from arrival.
+        let from_exp = match exp {
+            JwtExp::At(at) => match at.duration_since(SystemTime::now()) {
+                Ok(left) if !left.is_zero() => Some(left.min(MAX_LIFETIME)),
+                _ if expires_in.is_none() => {
+                    return Err(invalid("the access token's jwt exp is in the past"));
+                }
+                _ => {
+                    self.flags.once(&self.flags.past_exp, || {
+                        tracing::warn!(
+                            "the access token's jwt exp is already past by this machine's clock; using expires_in (check the clock)"
+                        )
+                    });
+                    None
+                }
+            },
+            JwtExp::Unreadable => {
+                if expires_in.is_none() {
+                    self.flags.once(&self.flags.bad_exp, || {
+                        tracing::warn!(
+                            "the access token's jwt exp claim cannot be read and the response states no expires_in; using the default lifetime"
+                        )
+                    });
+                }
+                None
+            }
+            JwtExp::Absent => None,
+        };
+        let stated = match (expires_in, from_exp) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) if self.require_expiry => {
+                return Err(invalid(
+                    "the response states no lifetime and the token is not a jwt with exp",
+                ));
+            }
+            (None, None) => match self.default_lifetime {
+                Some(default) => default,
+                None => return Ok(None),
+            },
+        };
+        let skew = self.clock_skew.min(stated.mul_f64(MAX_SKEW_FRACTION));
+        if stated < MIN_LIFETIME {
+            self.flags.once(&self.flags.short_lifetime, || {
+                tracing::warn!(
+                    stated_ms = stated.as_millis() as u64,
+                    minimum_ms = MIN_LIFETIME.as_millis() as u64,
+                    "the token endpoint states a lifetime shorter than the minimum; using the minimum"
+                )
+            });
+        }
+        Ok(Some((stated - skew).max(MIN_LIFETIME)))
+    }
+}
+
+/// A 2xx answer from the token endpoint, before it is judged.
+struct Answer {
+    /// The refresh token it carries, read on its own: kept even if `parsed` failed.
+    refresh_token: Option<Secret>,
+    parsed: Result<TokenResponse, TokenError>,
+    arrived: Instant,
+}
+
+/// Warnings a source gives once, not once per token.
+#[derive(Default)]
+struct Flags {
+    short_lifetime: AtomicBool,
+    bad_exp: AtomicBool,
+    past_exp: AtomicBool,
+}
+
+impl Flags {
+    fn once(&self, flag: &AtomicBool, log: impl FnOnce()) {
+        if !flag.swap(true, Ordering::Relaxed) {
+            log();
+        }
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
 pub mod providers;
+pub mod strict_idp;
 
 use std::{
     convert::Infallible,
@@ -226,4 +227,38 @@ pub fn token_client() -> tower_client_auth::token::TokenClient {
     tower_client_auth::token::TokenClient::https()
         .unwrap()
         .allow_http_loopback(true)
+}
+
+/// Captures everything `tracing` emits, at every level, into a buffer.
+#[derive(Clone, Default)]
+pub struct Capture(pub Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs a subscriber that captures everything `tracing` emits, at every level, on this
+/// thread (the tests run on current-thread runtimes, so spawned tasks are included).
+pub fn capture_traces() -> (Capture, tracing::subscriber::DefaultGuard) {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    (capture, tracing::subscriber::set_default(subscriber))
+}
+
+impl Capture {
+    /// Everything captured so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
 }

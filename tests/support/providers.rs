@@ -109,6 +109,13 @@ pub trait Provider: Send + Sync + 'static {
         let _ = path;
         Duration::ZERO
     }
+
+    /// The answer and how long to hold it; by default [`handle`](Self::handle) and
+    /// [`delay`](Self::delay).
+    fn handle_delayed(&self, req: Incoming) -> (Reply, Duration) {
+        let delay = self.delay(&req.path);
+        (self.handle(req), delay)
+    }
 }
 
 /// Starts `provider` on loopback; returns its base URL (`http://127.0.0.1:PORT`).
@@ -117,8 +124,7 @@ pub async fn start<P: Provider>(provider: Arc<P>) -> String {
         let provider = provider.clone();
         async move {
             let req = read(req).await;
-            let delay = provider.delay(&req.path);
-            let reply = provider.handle(req);
+            let (reply, delay) = provider.handle_delayed(req);
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
@@ -520,8 +526,8 @@ impl RefreshGrantApi {
     }
 }
 
-/// Decodes `Authorization: Basic`, url-decoding id and secret (RFC 6749 §2.3.1).
-pub fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+/// Decodes `Authorization: Basic` without url-decoding: id and secret as sent.
+pub fn basic_raw(headers: &HeaderMap) -> Option<(String, String)> {
     let value = headers
         .get(header::AUTHORIZATION)?
         .to_str()
@@ -532,12 +538,18 @@ pub fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
         .ok()?;
     let decoded = String::from_utf8(decoded).ok()?;
     let (id, secret) = decoded.split_once(':')?;
+    Some((id.to_owned(), secret.to_owned()))
+}
+
+/// Decodes `Authorization: Basic`, url-decoding id and secret (RFC 6749 §2.3.1).
+pub fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let (id, secret) = basic_raw(headers)?;
     let unescape = |s: &str| {
         form_urlencoded::parse(format!("x={s}").as_bytes())
             .next()
             .map(|(_, v)| v.into_owned())
     };
-    Some((unescape(id)?, unescape(secret)?))
+    Some((unescape(&id)?, unescape(&secret)?))
 }
 
 impl Provider for RefreshGrantApi {

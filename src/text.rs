@@ -1,0 +1,104 @@
+//! Text from outside (a token endpoint's `error_description`, a server's error code) made
+//! safe to display and log: secrets scrubbed first, then control characters escaped,
+//! then cut to a bounded length.
+//!
+//! The order matters. Cutting first could leave part of a secret that straddles the cut,
+//! which scrubbing would then no longer recognise; escaping first could change how a
+//! secret with unusual characters reads. Log subscribers escape some fields and not
+//! others, so nothing here relies on them.
+
+/// Longest text kept from a server, in characters, escapes included.
+pub(crate) const MAX_SERVER_TEXT: usize = 200;
+
+/// Replaces every occurrence of each secret in `text` with `[redacted]`. Longer secrets
+/// go first, so a secret that contains another is replaced whole.
+pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
+    let mut secrets: Vec<&str> = secrets
+        .iter()
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .collect();
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut text = text.to_owned();
+    for secret in secrets {
+        if text.contains(secret) {
+            text = text.replace(secret, "[redacted]");
+        }
+    }
+    text
+}
+
+/// Whether `c` must not reach a log line or a terminal as is: control characters (C0,
+/// DEL, C1: line breaks, escape sequences) and the invisible format characters that
+/// reorder or hide text (bidirectional overrides, zero-width characters).
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
+/// `text` with every unsafe character escaped (`\n`, `\r`, `\t`, `\\`, `\u{1b}`), cut to
+/// at most `max` characters (an escape is never split; `…` marks a cut).
+pub(crate) fn escape(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max * 4));
+    let mut count = 0;
+    let mut piece = String::new();
+    for c in text.chars() {
+        piece.clear();
+        match c {
+            '\n' => piece.push_str("\\n"),
+            '\r' => piece.push_str("\\r"),
+            '\t' => piece.push_str("\\t"),
+            '\\' => piece.push_str("\\\\"),
+            c if is_unsafe(c) => piece.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => piece.push(c),
+        }
+        let len = piece.chars().count();
+        if count + len > max {
+            out.push('…');
+            return out;
+        }
+        count += len;
+        out.push_str(&piece);
+    }
+    out
+}
+
+/// Scrubs, escapes and cuts server text for keeping in an error.
+pub(crate) fn from_server(text: &str, secrets: &[String]) -> String {
+    escape(&scrub(text, secrets), MAX_SERVER_TEXT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Line breaks, escape sequences and bidi overrides come out escaped; plain text and
+    /// non-ASCII letters are left alone.
+    #[test]
+    fn escapes_what_forges_or_hides() {
+        assert_eq!(
+            escape("a\r\nb\u{1b}[31m\u{202e}é\\", 100),
+            "a\\r\\nb\\u{1b}[31m\\u{202e}é\\\\"
+        );
+    }
+
+    /// The cut never splits an escape and is marked.
+    #[test]
+    fn cuts_on_escape_boundaries() {
+        assert_eq!(escape("abc\ndef", 4), "abc…");
+        assert_eq!(escape("abcdef", 6), "abcdef");
+        assert_eq!(escape("abcdefg", 6), "abcdef…");
+    }
+
+    /// A secret straddling the cut is scrubbed before the cut, so no part survives; a
+    /// secret holding another is replaced whole.
+    #[test]
+    fn scrubs_before_cutting() {
+        let secret = "S3CR3T-VALUE-LONG".to_owned();
+        let text = format!("{}{secret}", "x".repeat(195));
+        let out = from_server(&text, std::slice::from_ref(&secret));
+        assert!(!out.contains("S3CR"), "{out}");
+        let out = scrub("ab abc", &["ab".into(), "abc".into()]);
+        assert_eq!(out, "[redacted] [redacted]");
+    }
+}

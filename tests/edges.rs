@@ -1,0 +1,543 @@
+//! The promises at the edges, against a token server as strict as real ones
+//! (`support::strict_idp`): lifetimes as servers really state them, refresh tokens after
+//! answers that do not parse or come late, 200s carrying OAuth errors, explicit
+//! invalidation, replays that could not help, secrets echoed back, forged log lines, and
+//! insecure token URLs.
+
+mod support;
+
+use std::{
+    sync::{Arc, Mutex, atomic::Ordering::SeqCst},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use support::{
+    api_client, capture_traces,
+    providers::{self, Incoming, reply},
+    strict_idp::{Fault, StrictIdp},
+    token_client,
+};
+use tower::{Layer, ServiceExt};
+use tower_client_auth::cache::DEFAULT_FETCH_TIMEOUT;
+use tower_client_auth::{
+    AuthLayer, BoxError, Credential, CredentialCache, CredentialSource, Error, ErrorKind,
+    NotReplayed, RotatingCredential, StaticCredential,
+    token::{
+        DEFAULT_TOKEN_TIMEOUT, MAX_LIFETIME, MIN_LIFETIME, TokenClient, TokenError, TokenErrorKind,
+        TokenRequest, TokenSource,
+    },
+};
+
+const CLIENT_ID: &str = "edge-client";
+const CLIENT_SECRET: &str = "CANARY-client-5ecr3t/+&=straddle";
+
+/// Client credentials as the login, the refresh grant whenever a refresh token is held.
+fn oauth_source(base: &str) -> TokenSource {
+    let url = format!("{base}/oauth/token");
+    TokenSource::new(
+        TokenRequest::oauth2_client_credentials(&url, CLIENT_ID, CLIENT_SECRET).unwrap(),
+    )
+    .refresh_with(
+        TokenRequest::oauth2_refresh_token(&url, CLIENT_ID, CLIENT_SECRET).unwrap(),
+        "refresh_token",
+    )
+    .client(token_client())
+}
+
+async fn start(idp: &Arc<StrictIdp>) -> String {
+    providers::start(idp.clone()).await
+}
+
+/// The layer over a plain hyper-util client, `cache` behind it.
+fn stack<P: CredentialSource>(
+    cache: CredentialCache<P>,
+) -> tower_client_auth::Auth<
+    hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        tower_client_auth::ReplayBody<Full<Bytes>>,
+    >,
+    P,
+> {
+    AuthLayer::with_cache(cache)
+        .allow_http_loopback(true)
+        .layer(api_client())
+}
+
+async fn call<S>(svc: &S, url: &str) -> Result<http::Response<Bytes>, BoxError>
+where
+    S: tower::Service<
+            Request<Full<Bytes>>,
+            Response = http::Response<hyper::body::Incoming>,
+            Error = BoxError,
+        > + Clone,
+{
+    let res = svc
+        .clone()
+        .oneshot(Request::get(url).body(Full::default()).unwrap())
+        .await?;
+    let (parts, body) = res.into_parts();
+    Ok(http::Response::from_parts(
+        parts,
+        body.collect().await?.to_bytes(),
+    ))
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Time left on a credential's expiry.
+fn left(credential: &Credential) -> Option<Duration> {
+    credential
+        .expiry()
+        .map(|at| at.saturating_duration_since(tokio::time::Instant::now()))
+}
+
+/// The token error under a crate error.
+fn token_error(err: &Error) -> &TokenError {
+    std::error::Error::source(err)
+        .and_then(|s| s.downcast_ref::<TokenError>())
+        .unwrap_or_else(|| panic!("no token error under {err:?}"))
+}
+
+// --- 1, 2: lifetimes ---------------------------------------------------------------------
+
+/// World: a server whose JWTs live 3 s, stamped `exp = floor(now) + 3` while `expires_in`
+/// says 3 (up to a second more than the token lives), and an API that enforces `exp`.
+/// 1,000+ requests over 12 s. Proves: the lifetime is the earlier of the two, so no
+/// request ever carries an expired token (0 API 401s), and the source asks for at most
+/// one token per (real) lifetime.
+#[tokio::test]
+async fn floored_jwt_exp_never_reaches_the_api_expired() {
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3.0);
+    idp.issue_refresh_tokens.store(false, SeqCst);
+    let base = start(&idp).await;
+    let svc = stack(CredentialCache::new(oauth_source(&base)));
+    let url = format!("{base}/v1/things");
+    let started = std::time::Instant::now();
+    let mut requests = 0;
+    while started.elapsed() < Duration::from_secs(12) {
+        let res = call(&svc, &url).await.unwrap();
+        assert_eq!(res.status(), 200);
+        requests += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(requests >= 1000, "{requests} requests");
+    assert_eq!(idp.api_unauthorized.load(SeqCst), 0, "expired tokens sent");
+    // Each token really lives more than 2 s; the cache refreshes it in its last quarter
+    // (less the skew margin): never more than one token per 1.4 s.
+    let tokens = idp.logins.load(SeqCst);
+    assert!(
+        (4..=9).contains(&tokens),
+        "{tokens} tokens in 12 s of 3 s tokens"
+    );
+}
+
+/// The stated lifetime is the earlier of `expires_in` and the JWT's `exp`, less the
+/// clock-skew margin (at most a tenth of the lifetime).
+#[tokio::test]
+async fn lifetime_is_the_earlier_of_expires_in_and_exp_less_the_skew() {
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    idp.floor_exp.store(false, SeqCst);
+    *idp.exp_claim.lock().unwrap() = Some(json!(now_secs() + 100.0));
+    let base = start(&idp).await;
+
+    let cache = CredentialCache::new(oauth_source(&base));
+    let lifetime = left(&cache.credential().await.unwrap()).unwrap();
+    // 100 s from exp, less the default skew margin.
+    assert!(
+        lifetime <= Duration::from_secs(100) - tower_client_auth::token::DEFAULT_CLOCK_SKEW,
+        "{lifetime:?}"
+    );
+    assert!(lifetime > Duration::from_secs(90), "{lifetime:?}");
+
+    let cache = CredentialCache::new(oauth_source(&base).clock_skew(Duration::from_secs(30)));
+    let lifetime = left(&cache.credential().await.unwrap()).unwrap();
+    // A 30 s margin is capped at a tenth of the 100 s lifetime.
+    assert!(lifetime <= Duration::from_secs(90), "{lifetime:?}");
+    assert!(lifetime > Duration::from_secs(85), "{lifetime:?}");
+
+    // expires_in is the earlier one: it wins.
+    *idp.exp_claim.lock().unwrap() = Some(json!(now_secs() + 7200.0));
+    *idp.expires_in.lock().unwrap() = Some(json!(50));
+    let cache = CredentialCache::new(oauth_source(&base).clock_skew(Duration::ZERO));
+    let lifetime = left(&cache.credential().await.unwrap()).unwrap();
+    assert!(
+        lifetime <= Duration::from_secs(50) && lifetime > Duration::from_secs(49),
+        "{lifetime:?}"
+    );
+}
+
+/// World: a server stating `expires_in: 0.02` for tokens the API accepts for an hour, and
+/// a request every 10 ms for 2 s. Proves: the server cannot set the fetch rate: the
+/// lifetime is raised to `MIN_LIFETIME` (a handful of token requests, not one per
+/// request), and that is logged once.
+#[tokio::test(flavor = "current_thread")]
+async fn a_server_cannot_set_the_fetch_rate() {
+    let (capture, _guard) = capture_traces();
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    idp.issue_refresh_tokens.store(false, SeqCst);
+    *idp.expires_in.lock().unwrap() = Some(json!(0.02));
+    let base = start(&idp).await;
+    let svc = stack(CredentialCache::new(oauth_source(&base)));
+    let url = format!("{base}/v1/things");
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        assert_eq!(call(&svc, &url).await.unwrap().status(), 200);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let max = (2.0_f64 / MIN_LIFETIME.as_secs_f64()).ceil() as usize + 2;
+    let tokens = idp.logins.load(SeqCst);
+    assert!(tokens <= max, "{tokens} token requests in 2 s");
+    let logs = capture.text();
+    assert_eq!(
+        logs.matches("shorter than the minimum").count(),
+        1,
+        "logged once: {logs}"
+    );
+}
+
+/// A JWT `exp` far in the future gets the same 10-year cap as `expires_in`; a JWT whose
+/// `exp` cannot be read, with no `expires_in` either, gets the default lifetime and says
+/// so in the log (without the token).
+#[tokio::test(flavor = "current_thread")]
+async fn jwt_exp_is_capped_and_a_bad_one_is_logged() {
+    let (capture, _guard) = capture_traces();
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    *idp.expires_in.lock().unwrap() = Some(Value::Null);
+    *idp.exp_claim.lock().unwrap() = Some(json!(1e15));
+    let base = start(&idp).await;
+    let cache = CredentialCache::new(oauth_source(&base));
+    let lifetime = left(&cache.credential().await.unwrap()).expect("a capped expiry");
+    assert!(lifetime <= MAX_LIFETIME, "{lifetime:?}");
+    assert!(lifetime > MAX_LIFETIME / 2, "{lifetime:?}");
+
+    *idp.exp_claim.lock().unwrap() = Some(json!("soon"));
+    let cache = CredentialCache::new(oauth_source(&base));
+    let credential = cache.credential().await.unwrap();
+    let lifetime = left(&credential).unwrap();
+    assert!(
+        lifetime <= tower_client_auth::token::DEFAULT_TOKEN_LIFETIME,
+        "{lifetime:?}"
+    );
+    let logs = capture.text();
+    assert!(logs.contains("jwt exp claim cannot be read"), "{logs}");
+    assert!(!logs.contains("eyJ"), "the token reached the log: {logs}");
+}
+
+// --- 3, 4, 5: refresh tokens ------------------------------------------------------------
+
+/// One session with a refresh token: the first request logs in, then the access token is
+/// expired on the server so the next request's 401 makes the source refresh.
+async fn session(
+    idp: &Arc<StrictIdp>,
+    source: TokenSource,
+) -> (
+    impl tower::Service<
+        Request<Full<Bytes>>,
+        Response = http::Response<hyper::body::Incoming>,
+        Error = BoxError,
+    > + Clone
+    + use<>,
+    String,
+) {
+    let base = start(idp).await;
+    let cache = CredentialCache::builder(source)
+        .backoff(Duration::from_millis(10), Duration::from_millis(10))
+        .build();
+    let svc = stack(cache);
+    let url = format!("{base}/v1/things");
+    assert_eq!(call(&svc, &url).await.unwrap().status(), 200);
+    idp.expire_access_tokens();
+    (svc, url)
+}
+
+/// World: a rotating, family-revoking server that rotates the refresh token and then
+/// answers 200 with a body the client cannot use (`expires_in: 0`, an empty access token,
+/// no access token). Proves, for each: the new refresh token is kept (and handed to
+/// `on_refresh`) before the body is judged, so the old one is never presented again, no
+/// family is revoked and no second login is needed.
+#[tokio::test]
+async fn a_rotated_refresh_token_survives_an_unusable_answer() {
+    let broken: [fn(&str) -> Value; 3] = [
+        |rt| json!({"access_token": "fresh-but-unusable", "expires_in": 0, "refresh_token": rt}),
+        |rt| json!({"access_token": "", "expires_in": 60, "refresh_token": rt}),
+        |rt| json!({"refresh_token": rt, "token_type": "Bearer"}),
+    ];
+    for make in broken {
+        let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+        let hooked = Arc::new(Mutex::new(Vec::new()));
+        let base = start(&idp).await;
+        let source = oauth_source(&base).on_refresh({
+            let hooked = hooked.clone();
+            move |pair| {
+                let rt = pair.refresh_token().map(|s| s.expose().to_owned());
+                hooked.lock().unwrap().push(rt);
+                async {}
+            }
+        });
+        let (svc, url) = session(&idp, source).await;
+        idp.push_fault(Fault::RotateThenBody(make));
+        let err = call(&svc, &url).await.unwrap_err();
+        let err = err.downcast_ref::<Error>().expect("a crate error");
+        assert_eq!(
+            token_error(err).kind(),
+            TokenErrorKind::InvalidResponse,
+            "{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(call(&svc, &url).await.unwrap().status(), 200);
+
+        let presented = idp.presented.lock().unwrap().clone();
+        assert_eq!(presented.len(), 2, "{presented:?}");
+        assert_ne!(presented[0], presented[1], "the old refresh token again");
+        assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
+        assert_eq!(idp.family_revocations.load(SeqCst), 0);
+        assert_eq!(idp.logins.load(SeqCst), 1, "no second login");
+        let hooked = hooked.lock().unwrap().clone();
+        assert_eq!(
+            hooked.get(1).cloned().flatten().as_deref(),
+            Some(presented[1].as_str()),
+            "on_refresh saw the rotated token: {hooked:?}"
+        );
+    }
+}
+
+/// World: the defaults (fetch timeout, token timeout) and a rotating, family-revoking
+/// server that rotates a refresh and answers it only after the fetch timeout + 1 s.
+/// Proves: the token client gives up first (its default timeout is shorter), the refresh
+/// token whose outcome is unknown is never presented again, the source logs in instead,
+/// and the request that waited succeeds.
+#[tokio::test]
+async fn a_refresh_answered_after_the_fetch_timeout_is_never_reused() {
+    assert!(DEFAULT_TOKEN_TIMEOUT < DEFAULT_FETCH_TIMEOUT);
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let base = start(&idp).await;
+    let source = oauth_source(&base);
+    let cache = CredentialCache::new(source);
+    let svc = stack(cache.clone());
+    let url = format!("{base}/v1/things");
+    assert_eq!(call(&svc, &url).await.unwrap().status(), 200);
+    idp.expire_access_tokens();
+    idp.push_fault(Fault::RotateThenDelay(
+        DEFAULT_FETCH_TIMEOUT + Duration::from_secs(1),
+    ));
+    assert_eq!(call(&svc, &url).await.unwrap().status(), 200);
+    assert_eq!(call(&svc, &url).await.unwrap().status(), 200);
+    assert_eq!(idp.presented.lock().unwrap().len(), 1);
+    assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
+    assert_eq!(idp.family_revocations.load(SeqCst), 0);
+    assert_eq!(
+        idp.logins.load(SeqCst),
+        2,
+        "one fresh login after the timeout"
+    );
+    assert_eq!(cache.source().stats().unknown_outcomes, 1);
+}
+
+/// World: the refresh is refused with `{"error":"invalid_grant"}` and status 200, as some
+/// servers do. Proves: it is read as that OAuth error (the same kind and code as a 400),
+/// so the source falls back to a login and the request succeeds.
+#[tokio::test]
+async fn a_200_carrying_an_oauth_error_is_that_error() {
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let base = start(&idp).await;
+    let (svc, url) = session(&idp, oauth_source(&base)).await;
+    idp.push_fault(Fault::Answer(Box::new(|_| {
+        reply(
+            StatusCode::OK,
+            json!({"error": "invalid_grant", "error_description": "refresh token expired"}),
+        )
+    })));
+    assert_eq!(call(&svc, &url).await.unwrap().status(), 200);
+    assert_eq!(idp.logins.load(SeqCst), 2, "fell back to a login");
+
+    // The error itself, as a user of the cache sees it when there is no login to fall
+    // back to.
+    idp.push_fault(Fault::Answer(Box::new(|_| {
+        reply(StatusCode::OK, json!({"error": "invalid_client"}))
+    })));
+    let cache = CredentialCache::new(oauth_source(&base));
+    let err = cache.credential().await.unwrap_err();
+    let token = token_error(&err);
+    assert_eq!(token.kind(), TokenErrorKind::Rejected);
+    assert_eq!(token.oauth_error(), Some("invalid_client"));
+    assert!(token.is_grant_rejected());
+}
+
+// --- 6, 7: invalidation and replay --------------------------------------------------------
+
+/// `CacheHandle::invalidate` makes the next request ask the source again, for every
+/// shipped source; a token source goes to its token endpoint and returns a new token.
+#[tokio::test]
+async fn invalidation_always_reaches_the_source() {
+    async fn invalidated<P: CredentialSource>(source: P) {
+        let cache = CredentialCache::new(source);
+        cache.credential().await.unwrap();
+        assert!(cache.handle().invalidate());
+        cache.credential().await.unwrap();
+        assert_eq!(cache.stats().fetches, 2, "invalidate led to a fetch");
+    }
+    invalidated(StaticCredential::bearer("static")).await;
+    invalidated(RotatingCredential::new(Credential::bearer("pat").unwrap())).await;
+    invalidated(tower_client_auth::source_fn(|_cx| async {
+        Ok::<_, BoxError>(Credential::bearer("from-a-closure")?)
+    }))
+    .await;
+
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let base = start(&idp).await;
+    let cache = CredentialCache::new(oauth_source(&base));
+    let first = cache.credential().await.unwrap();
+    cache.handle().invalidate();
+    let second = cache.credential().await.unwrap();
+    assert_ne!(first, second, "invalidate handed back the same token");
+    assert_eq!(idp.token_requests.load(SeqCst), 2);
+}
+
+/// World: an API that rejects every token, and sources that hand the same credential
+/// back: a revoked personal access token not yet rotated, and a token endpoint that
+/// re-issues the token it issued last. Proves: the request is not replayed with the
+/// credential just rejected; the 401 comes back once, marked
+/// `NotReplayed::SameCredential`.
+#[tokio::test]
+async fn a_replay_never_carries_the_rejected_credential() {
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    idp.issue_refresh_tokens.store(false, SeqCst);
+    let base = start(&idp).await;
+    let url = format!("{base}/v1/things");
+
+    let svc = stack(CredentialCache::new(oauth_source(&base)));
+    assert_eq!(call(&svc, &url).await.unwrap().status(), 200);
+    idp.reject_all.store(true, SeqCst);
+    idp.reissue_same_token.store(true, SeqCst);
+    let calls = idp.api_calls.load(SeqCst);
+    let res = call(&svc, &url).await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        res.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::SameCredential)
+    );
+    assert_eq!(idp.api_calls.load(SeqCst), calls + 1, "sent once");
+    assert_eq!(idp.logins.load(SeqCst), 2, "the source was asked");
+
+    let pat = RotatingCredential::new(Credential::bearer("revoked-pat").unwrap());
+    let svc = stack(CredentialCache::new(pat));
+    let calls = idp.api_calls.load(SeqCst);
+    let res = call(&svc, &url).await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        res.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::SameCredential)
+    );
+    assert_eq!(idp.api_calls.load(SeqCst), calls + 1, "sent once");
+}
+
+// --- 8, 9: secrets and logs -------------------------------------------------------------
+
+/// A token endpoint refusing the client with `error_description` built by `describe`
+/// from the request it got; the error a cache over it returns, and the log.
+async fn refusal(describe: fn(&Incoming) -> String) -> (String, String) {
+    let (capture, _guard) = capture_traces();
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let base = start(&idp).await;
+    idp.push_fault(Fault::Answer(Box::new(move |req| {
+        reply(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "invalid_client", "error_description": describe(req)}),
+        )
+    })));
+    let cache = CredentialCache::new(oauth_source(&base));
+    let err = cache.credential().await.unwrap_err();
+    let shown = format!(
+        "{err} | {err:?} | {} | {:?}",
+        token_error(&err),
+        token_error(&err)
+    );
+    (shown, capture.text())
+}
+
+/// World: token endpoints that echo what they were sent in `error_description`: the
+/// secret straddling the 200-character cut, the Basic header's base64, the url-encoded
+/// secret. Proves: no part of any of them reaches `Display`, `Debug` or the log.
+#[tokio::test(flavor = "current_thread")]
+async fn echoed_secrets_are_scrubbed_in_every_form() {
+    let straddling = |_: &Incoming| format!("{}{CLIENT_SECRET} is wrong", "x".repeat(190));
+    let basic = |req: &Incoming| {
+        let header = req.headers["authorization"].to_str().unwrap().to_owned();
+        format!("bad credentials in '{header}'")
+    };
+    let urlencoded = |req: &Incoming| {
+        let (_, encoded) = providers::basic_raw(&req.headers).unwrap();
+        format!("client secret {encoded} unknown")
+    };
+    let encoded_secret: String =
+        form_urlencoded::byte_serialize(CLIENT_SECRET.as_bytes()).collect();
+    for describe in [straddling, basic, urlencoded] {
+        let (shown, logs) = refusal(describe).await;
+        for text in [&shown, &logs] {
+            assert!(text.contains("invalid_client"), "{text}");
+            assert!(!text.contains(&CLIENT_SECRET[..10]), "secret: {text}");
+            assert!(!text.contains(&encoded_secret[..16]), "url-encoded: {text}");
+            assert!(!text.contains("Basic ZW"), "basic header: {text}");
+        }
+    }
+}
+
+/// World: a token endpoint whose `error_description` forges a log line (CR/LF) and
+/// carries an ANSI escape. Proves: `Display` and the logs carry them escaped, never raw.
+#[tokio::test(flavor = "current_thread")]
+async fn server_text_cannot_forge_log_lines_or_reach_the_terminal() {
+    let (shown, logs) = refusal(|_| {
+        "nope\r\n2026-12-01T00:00:00Z ERROR forged: all good \u{1b}[31mred\u{1b}[0m \u{202e}".into()
+    })
+    .await;
+    for text in [&shown, &logs] {
+        assert!(text.contains("invalid_client"), "{text}");
+        assert!(!text.contains('\u{1b}'), "raw escape: {text:?}");
+        assert!(!text.contains('\r'), "raw CR: {text:?}");
+        assert!(!text.contains('\u{202e}'), "raw bidi override: {text:?}");
+        assert!(text.contains("\\n"), "escaped newline shown: {text:?}");
+    }
+    assert!(!shown.contains('\n'), "{shown:?}");
+    assert!(
+        !logs
+            .lines()
+            .any(|l| l.contains("ERROR forged") && !l.contains("invalid_client")),
+        "a forged log line: {logs}"
+    );
+}
+
+// --- 10: configuration errors early -------------------------------------------------------
+
+/// A token URL over plain http to a remote host is refused when the request is built,
+/// with `InsecureTransport`; a loopback one is accepted there, and refused at fetch time
+/// by a client that does not allow it, as `ErrorKind::InsecureTransport` at the top.
+#[tokio::test]
+async fn insecure_token_urls_are_refused_early_and_typed() {
+    for url in ["http://idp.example/token", "http://10.0.0.1/token"] {
+        assert_eq!(
+            TokenRequest::json(url).unwrap_err().kind(),
+            TokenErrorKind::InsecureTransport
+        );
+        assert_eq!(
+            TokenSource::client_credentials(url, "id", "secret")
+                .unwrap_err()
+                .kind(),
+            TokenErrorKind::InsecureTransport
+        );
+    }
+    let source = TokenSource::client_credentials("http://127.0.0.1:9/token", "id", "secret")
+        .unwrap()
+        .client(TokenClient::https().unwrap());
+    let err = CredentialCache::new(source).credential().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InsecureTransport, "{err}");
+    assert_eq!(token_error(&err).kind(), TokenErrorKind::InsecureTransport);
+}

@@ -1,0 +1,302 @@
+//! A token server that behaves like the strictest OAuth2 servers in the wild, not like
+//! the happy path:
+//!
+//! - access tokens are JWTs whose `exp` is `floor(now) + ttl` while `expires_in` states
+//!   the full `ttl` (as certified OIDC providers stamp them), and the API enforces `exp`;
+//! - refresh tokens rotate on every use, and a refresh token presented twice revokes its
+//!   whole family, access tokens included (RFC 6819 §5.2.2.3, OAuth 2.1 §4.3.1);
+//! - faults can be queued: an answer of any shape (a 200 carrying an OAuth error, an
+//!   `error_description` echoing what the client sent), a refresh that rotates and then
+//!   sends a body the client cannot parse, a refresh that rotates and answers late.
+//!
+//! One endpoint, `/oauth/token`: client credentials or password grant as the login,
+//! refresh grant (form body, HTTP Basic client authentication). Every other path is the
+//! API.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use super::providers::{Incoming, Provider, Reply, basic_credentials, reply};
+
+/// A queued misbehaviour of the token endpoint.
+pub enum Fault {
+    /// The next token request (any grant) gets this answer; nothing is issued.
+    Answer(Box<dyn Fn(&Incoming) -> Reply + Send + Sync>),
+    /// The next refresh rotates (the presented refresh token is spent, a new one issued),
+    /// then answers 200 with this body, made from the new refresh token.
+    RotateThenBody(fn(&str) -> Value),
+    /// The next refresh rotates and answers correctly, after this delay.
+    RotateThenDelay(Duration),
+}
+
+#[derive(Default)]
+struct IdpState {
+    /// access token -> (exp in unix seconds, family)
+    access: HashMap<String, (f64, usize)>,
+    /// refresh token -> (family, spent)
+    refresh: HashMap<String, (usize, bool)>,
+    revoked_families: HashSet<usize>,
+    faults: VecDeque<Fault>,
+    next: usize,
+    last_access: Option<String>,
+}
+
+pub struct StrictIdp {
+    pub client_id: String,
+    pub client_secret: String,
+    /// Lifetime stated as `expires_in`, in seconds.
+    pub ttl: Mutex<f64>,
+    /// Whether the JWT's `exp` is floored to the second (`floor(now) + ttl`).
+    pub floor_exp: AtomicBool,
+    /// When set, `expires_in` is sent as this value instead of `ttl` (`Null`: omitted).
+    pub expires_in: Mutex<Option<Value>>,
+    /// When set, the JWT's `exp` claim is this value (the API still enforces `ttl`).
+    pub exp_claim: Mutex<Option<Value>>,
+    /// Whether the API refuses tokens past their `exp`.
+    pub enforce_exp: AtomicBool,
+    /// Whether the API refuses every token (a revoked grant, a wrong audience).
+    pub reject_all: AtomicBool,
+    /// Whether logins also issue a refresh token.
+    pub issue_refresh_tokens: AtomicBool,
+    /// Whether a login hands out the previous access token again instead of a new one.
+    pub reissue_same_token: AtomicBool,
+    pub token_requests: AtomicUsize,
+    pub logins: AtomicUsize,
+    pub refresh_grants: AtomicUsize,
+    /// Refresh tokens presented after they were spent.
+    pub reused_refresh_tokens: AtomicUsize,
+    pub family_revocations: AtomicUsize,
+    pub api_calls: AtomicUsize,
+    pub api_unauthorized: AtomicUsize,
+    /// Every refresh token presented, in order.
+    pub presented: Mutex<Vec<String>>,
+    state: Mutex<IdpState>,
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn b64(v: &Value) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+impl StrictIdp {
+    pub fn new(client_id: &str, client_secret: &str, ttl: f64) -> Arc<Self> {
+        Arc::new(StrictIdp {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            ttl: Mutex::new(ttl),
+            floor_exp: AtomicBool::new(true),
+            expires_in: Mutex::new(None),
+            exp_claim: Mutex::new(None),
+            enforce_exp: AtomicBool::new(true),
+            reject_all: AtomicBool::new(false),
+            issue_refresh_tokens: AtomicBool::new(true),
+            reissue_same_token: AtomicBool::new(false),
+            token_requests: AtomicUsize::new(0),
+            logins: AtomicUsize::new(0),
+            refresh_grants: AtomicUsize::new(0),
+            reused_refresh_tokens: AtomicUsize::new(0),
+            family_revocations: AtomicUsize::new(0),
+            api_calls: AtomicUsize::new(0),
+            api_unauthorized: AtomicUsize::new(0),
+            presented: Mutex::default(),
+            state: Mutex::default(),
+        })
+    }
+
+    pub fn push_fault(&self, fault: Fault) {
+        self.state.lock().unwrap().faults.push_back(fault);
+    }
+
+    /// Every access token issued so far is refused by the API from now on.
+    pub fn expire_access_tokens(&self) {
+        self.state
+            .lock()
+            .unwrap()
+            .access
+            .values_mut()
+            .for_each(|(exp, _)| *exp = 0.0);
+    }
+
+    /// The OAuth2 error the endpoint answers with.
+    fn oauth_error(status: StatusCode, code: &str, description: &str) -> Reply {
+        reply(
+            status,
+            json!({"error": code, "error_description": description}),
+        )
+    }
+
+    /// Issues an access token (and a refresh token) in `family`: the token body.
+    fn issue(&self, state: &mut IdpState, family: usize, with_refresh: bool) -> (Value, String) {
+        state.next += 1;
+        let n = state.next;
+        let ttl = *self.ttl.lock().unwrap();
+        let now = now_secs();
+        let exp = if self.floor_exp.load(SeqCst) {
+            now.floor() + ttl
+        } else {
+            now + ttl
+        };
+        let access = match (&state.last_access, self.reissue_same_token.load(SeqCst)) {
+            (Some(last), true) => last.clone(),
+            _ => {
+                let claim = self.exp_claim.lock().unwrap().clone().unwrap_or(json!(exp));
+                format!(
+                    "{}.{}.c2lnbmF0dXJl",
+                    b64(&json!({"alg": "RS256", "typ": "JWT"})),
+                    b64(&json!({"sub": self.client_id, "jti": n, "exp": claim}))
+                )
+            }
+        };
+        state.access.insert(access.clone(), (exp, family));
+        state.last_access = Some(access.clone());
+        let mut body = json!({"access_token": access, "token_type": "Bearer"});
+        match self.expires_in.lock().unwrap().clone() {
+            None => body["expires_in"] = json!(ttl),
+            Some(Value::Null) => {}
+            Some(v) => body["expires_in"] = v,
+        }
+        let refresh = format!("rt-{family}-{n}");
+        if with_refresh {
+            state.refresh.insert(refresh.clone(), (family, false));
+            body["refresh_token"] = json!(refresh);
+        }
+        (body, refresh)
+    }
+
+    fn token(&self, req: &Incoming) -> (Reply, Duration) {
+        self.token_requests.fetch_add(1, SeqCst);
+        let mut state = self.state.lock().unwrap();
+        if let Some(Fault::Answer(_)) = state.faults.front() {
+            let Some(Fault::Answer(answer)) = state.faults.pop_front() else {
+                unreachable!()
+            };
+            return (answer(req), Duration::ZERO);
+        }
+        let client_ok = basic_credentials(&req.headers)
+            .is_some_and(|(id, secret)| id == self.client_id && secret == self.client_secret);
+        if !client_ok {
+            return (
+                Self::oauth_error(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_client",
+                    "Client authentication failed",
+                ),
+                Duration::ZERO,
+            );
+        }
+        let form = req.form();
+        match form.get("grant_type").map(String::as_str) {
+            Some("client_credentials" | "password") => {
+                self.logins.fetch_add(1, SeqCst);
+                state.next += 1;
+                let family = state.next;
+                let with_refresh = self.issue_refresh_tokens.load(SeqCst);
+                let (body, _) = self.issue(&mut state, family, with_refresh);
+                (reply(StatusCode::OK, body), Duration::ZERO)
+            }
+            Some("refresh_token") => {
+                let token = form.get("refresh_token").cloned().unwrap_or_default();
+                self.presented.lock().unwrap().push(token.clone());
+                match state.refresh.get(&token).copied() {
+                    Some((family, false)) if !state.revoked_families.contains(&family) => {
+                        state.refresh.insert(token, (family, true));
+                        self.refresh_grants.fetch_add(1, SeqCst);
+                        let (body, new_refresh) = self.issue(&mut state, family, true);
+                        match state.faults.front() {
+                            Some(Fault::RotateThenBody(make)) => {
+                                let make = *make;
+                                state.faults.pop_front();
+                                (reply(StatusCode::OK, make(&new_refresh)), Duration::ZERO)
+                            }
+                            Some(Fault::RotateThenDelay(delay)) => {
+                                let delay = *delay;
+                                state.faults.pop_front();
+                                (reply(StatusCode::OK, body), delay)
+                            }
+                            _ => (reply(StatusCode::OK, body), Duration::ZERO),
+                        }
+                    }
+                    Some((family, true)) => {
+                        self.reused_refresh_tokens.fetch_add(1, SeqCst);
+                        if state.revoked_families.insert(family) {
+                            self.family_revocations.fetch_add(1, SeqCst);
+                        }
+                        (
+                            Self::oauth_error(
+                                StatusCode::BAD_REQUEST,
+                                "invalid_grant",
+                                "refresh token reused; family revoked",
+                            ),
+                            Duration::ZERO,
+                        )
+                    }
+                    _ => (
+                        Self::oauth_error(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_grant",
+                            "unknown or revoked refresh token",
+                        ),
+                        Duration::ZERO,
+                    ),
+                }
+            }
+            _ => (
+                Self::oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", ""),
+                Duration::ZERO,
+            ),
+        }
+    }
+
+    fn api(&self, req: &Incoming) -> Reply {
+        self.api_calls.fetch_add(1, SeqCst);
+        let state = self.state.lock().unwrap();
+        let valid = req
+            .bearer()
+            .and_then(|t| state.access.get(t).copied())
+            .is_some_and(|(exp, family)| {
+                !self.reject_all.load(SeqCst)
+                    && !state.revoked_families.contains(&family)
+                    && (!self.enforce_exp.load(SeqCst) || now_secs() < exp)
+            });
+        if valid {
+            reply(StatusCode::OK, json!({"ok": true}))
+        } else {
+            self.api_unauthorized.fetch_add(1, SeqCst);
+            reply(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "invalid_token", "error_description": "The access token expired"}),
+            )
+        }
+    }
+}
+
+impl Provider for StrictIdp {
+    fn handle(&self, req: Incoming) -> Reply {
+        self.handle_delayed(req).0
+    }
+
+    fn handle_delayed(&self, req: Incoming) -> (Reply, Duration) {
+        if req.path == "/oauth/token" && req.method == Method::POST {
+            self.token(&req)
+        } else {
+            (self.api(&req), Duration::ZERO)
+        }
+    }
+}
