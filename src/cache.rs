@@ -87,6 +87,16 @@ pub const DEFAULT_WINDOW_JITTER: f64 = 0.2;
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// Default cap on the delay between failed fetches.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Longest wait a token endpoint's `Retry-After` can impose: 5 minutes. A longer one is
+/// taken as this, so a misconfigured server cannot stop a client for hours.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(5 * 60);
+
+/// `at + delay`, or a time decades away when that is past what the clock can hold (a
+/// huge configured backoff must not panic inside the flight).
+fn saturating_add(at: Instant, delay: Duration) -> Instant {
+    at.checked_add(delay)
+        .unwrap_or_else(|| at + Duration::from_secs(30 * 365 * 24 * 3600))
+}
 
 /// Caches the credential of one [`CredentialSource`] and refreshes it. Cheap to clone:
 /// clones share the cache. See the [module docs](self) for the rules.
@@ -983,8 +993,12 @@ impl<P: CredentialSource> FlightGuard<P> {
     fn record_failure(inner: &Inner<P>, state: &mut State, err: &Error, now: Instant) {
         inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
         state.failures = state.failures.saturating_add(1);
-        let delay = inner.backoff(state.failures);
-        let retry_at = now + delay;
+        let mut delay = inner.backoff(state.failures);
+        if let Some(asked) = err.not_before {
+            // The endpoint said when (`Retry-After`): no earlier, within reason.
+            delay = delay.max(asked.min(MAX_RETRY_AFTER));
+        }
+        let retry_at = saturating_add(now, delay);
         state.retry_at = Some(retry_at);
         state.last_error = Some(err.clone());
         tracing::warn!(
@@ -1008,11 +1022,15 @@ fn fetch_error(e: crate::error::BoxError) -> Error {
     };
     // A refused transport is a configuration error, not a failed fetch: it keeps its
     // kind at the top, with the token error below it.
-    let insecure = e
-        .downcast_ref::<crate::token::TokenError>()
-        .is_some_and(|t| t.kind() == crate::token::TokenErrorKind::InsecureTransport);
-    if insecure {
-        return Error::new(ErrorKind::InsecureTransport).with_source(e);
+    if let Some(token) = e.downcast_ref::<crate::token::TokenError>() {
+        let kind = match token.kind() {
+            crate::token::TokenErrorKind::InsecureTransport => ErrorKind::InsecureTransport,
+            _ => ErrorKind::Fetch,
+        };
+        let not_before = token.retry_after_hint();
+        let mut err = Error::new(kind).with_source(e);
+        err.not_before = not_before;
+        return err;
     }
     match e.downcast::<crate::error::InvalidCredential>() {
         Ok(invalid) => Error::from(*invalid),

@@ -75,6 +75,8 @@ pub struct Error {
     kind: ErrorKind,
     detail: Option<&'static str>,
     retry_in: Option<Duration>,
+    /// The source asked for no new attempt before this long (a `Retry-After`).
+    pub(crate) not_before: Option<Duration>,
     source: Option<Arc<dyn StdError + Send + Sync>>,
 }
 
@@ -84,6 +86,7 @@ impl Error {
             kind,
             detail: None,
             retry_in: None,
+            not_before: None,
             source: None,
         }
     }

@@ -127,7 +127,7 @@ async fn whole_flow_over_real_tls() {
         .unwrap()
         .downcast_ref::<TokenError>()
         .unwrap();
-    assert_eq!(token.kind(), TokenErrorKind::Transport);
+    assert_eq!(token.kind(), TokenErrorKind::Connect);
     assert_eq!(
         api.token_requests.load(SeqCst),
         1,

@@ -150,7 +150,12 @@ impl TokenClient {
         let response = match sent {
             Err(_) => return Err(TokenError::new(TokenErrorKind::Timeout)),
             Ok(Err(SendError::Transport(e))) => {
-                return Err(TokenError::new(TokenErrorKind::Transport).with_source(e));
+                let kind = if never_sent(&*e) {
+                    TokenErrorKind::Connect
+                } else {
+                    TokenErrorKind::Transport
+                };
+                return Err(TokenError::new(kind).with_source(e));
             }
             Ok(Err(SendError::TooLarge)) => {
                 return Err(TokenError::new(TokenErrorKind::InvalidResponse)
@@ -172,6 +177,18 @@ impl TokenClient {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
     }
+}
+
+/// Whether a client error proves the request never left: the connection could not be
+/// made (refused, DNS, TLS). Only the default client's errors can tell; any other
+/// client's transport error may have come after the request was written.
+fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
+    #[cfg(feature = "https")]
+    if let Some(e) = error.downcast_ref::<hyper_util::client::legacy::Error>() {
+        return e.is_connect();
+    }
+    let _ = error;
+    false
 }
 
 #[cfg(feature = "https")]

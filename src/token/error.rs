@@ -1,6 +1,6 @@
 //! [`TokenError`]: what went wrong talking to a token endpoint.
 
-use std::{error::Error as StdError, fmt};
+use std::{error::Error as StdError, fmt, time::Duration};
 
 use http::StatusCode;
 
@@ -14,7 +14,11 @@ pub enum TokenErrorKind {
     InvalidRequest,
     /// The token URL is plain `http` to a non-loopback host (or loopback not allowed).
     InsecureTransport,
-    /// Connecting or sending failed.
+    /// Connecting failed (refused, DNS, TLS): the request was never sent, so a refresh
+    /// token it carried is still unspent.
+    Connect,
+    /// Sending or receiving failed after the connection was made (a connection closed
+    /// mid-answer): the server may have acted on the request.
     Transport,
     /// No complete answer within the token client's timeout.
     Timeout,
@@ -37,6 +41,7 @@ pub struct TokenError {
     oauth_error: Option<String>,
     description: Option<String>,
     detail: Option<&'static str>,
+    retry_after: Option<Duration>,
     source: Option<BoxError>,
 }
 
@@ -48,6 +53,7 @@ impl TokenError {
             oauth_error: None,
             description: None,
             detail: None,
+            retry_after: None,
             source: None,
         }
     }
@@ -94,6 +100,11 @@ impl TokenError {
         self
     }
 
+    pub(crate) fn retry_after(mut self, retry_after: Option<Duration>) -> Self {
+        self.retry_after = retry_after;
+        self
+    }
+
     /// What kind of failure this is.
     pub fn kind(&self) -> TokenErrorKind {
         self.kind
@@ -113,6 +124,31 @@ impl TokenError {
     /// The endpoint's `error_description`, scrubbed of the request's secrets.
     pub fn description(&self) -> Option<&str> {
         self.description.as_deref()
+    }
+
+    /// How long the endpoint asked clients to wait (`Retry-After` on a 429 or 503, in
+    /// seconds or as an HTTP date), if it did. The cache makes no token request before.
+    pub fn retry_after_hint(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// Whether the request left and no answer says what became of it: a gateway's 502,
+    /// 503 or 504, a connection closed after the request was written, or the token
+    /// client's timeout. A refresh with an unknown outcome may have rotated its refresh
+    /// token, so [`TokenSource`](super::TokenSource) never presents that token again.
+    pub fn is_outcome_unknown(&self) -> bool {
+        match self.kind {
+            TokenErrorKind::Timeout | TokenErrorKind::Transport => true,
+            TokenErrorKind::Rejected => matches!(
+                self.status,
+                Some(
+                    StatusCode::BAD_GATEWAY
+                        | StatusCode::SERVICE_UNAVAILABLE
+                        | StatusCode::GATEWAY_TIMEOUT
+                )
+            ),
+            _ => false,
+        }
     }
 
     /// Whether the endpoint refused the grant itself: the credentials or refresh token
@@ -141,6 +177,7 @@ impl fmt::Display for TokenError {
             TokenErrorKind::InsecureTransport => {
                 "refusing to send token request over an insecure transport"
             }
+            TokenErrorKind::Connect => "could not connect to the token endpoint",
             TokenErrorKind::Transport => "token request failed",
             TokenErrorKind::Timeout => "token request timed out",
             TokenErrorKind::Redirect => {

@@ -49,5 +49,8 @@ pub use self::{
         MAX_LIFETIME, MIN_LIFETIME, ResponseFields, TokenResponse, jwt_expiry,
         parse_error_response, parse_expires_in,
     },
-    source::{DEFAULT_CLOCK_SKEW, DEFAULT_TOKEN_LIFETIME, TokenPair, TokenSource, TokenStats},
+    source::{
+        DEFAULT_CLOCK_SKEW, DEFAULT_ON_REFRESH_TIMEOUT, DEFAULT_TOKEN_LIFETIME, TokenPair,
+        TokenSource, TokenStats,
+    },
 };

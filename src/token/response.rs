@@ -76,6 +76,8 @@ pub struct TokenResponse {
     refresh_token: Option<Secret>,
     expires_in: Option<Duration>,
     token_type: Option<String>,
+    /// The response held `"refresh_token": ""`, read as no refresh token.
+    pub(crate) empty_refresh_token: bool,
 }
 
 impl TokenResponse {
@@ -99,8 +101,14 @@ impl TokenResponse {
             Some(_) => return Err(invalid("the access token is not a non-empty string")),
             None => return Err(invalid("the access token is missing")),
         };
+        let mut empty_refresh_token = false;
         let refresh_token = match lookup(&doc, &fields.refresh_token) {
             Some(Value::String(s)) if !s.is_empty() => Some(Secret::new(s.clone())),
+            // Seen in the wild next to a valid access token: no refresh token.
+            Some(Value::String(_)) => {
+                empty_refresh_token = true;
+                None
+            }
             Some(Value::Null) | None => None,
             Some(_) => return Err(invalid("the refresh token is not a non-empty string")),
         };
@@ -117,6 +125,7 @@ impl TokenResponse {
             refresh_token,
             expires_in,
             token_type,
+            empty_refresh_token,
         })
     }
 
@@ -125,7 +134,7 @@ impl TokenResponse {
         &self.access_token
     }
 
-    /// The refresh token, if the response had one.
+    /// The refresh token, if the response had one (an empty string is none).
     pub fn refresh_token(&self) -> Option<&Secret> {
         self.refresh_token.as_ref()
     }
@@ -259,6 +268,17 @@ fn document(content_type: Option<&str>, body: &[u8]) -> Option<Value> {
         ));
     }
     serde_json::from_slice(body).ok()
+}
+
+/// A `Retry-After` value (RFC 9110 §10.2.3): a number of seconds, or an HTTP date
+/// (taken relative to `now`; a date in the past means no wait). Anything else is ignored.
+pub(crate) fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(text.parse().unwrap_or(u64::MAX)));
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// What a token's JWT `exp` claim says, for choosing its lifetime.
@@ -403,6 +423,32 @@ mod tests {
             e.to_string(),
             "token endpoint rejected the request (status 503)"
         );
+    }
+
+    /// `Retry-After` in both forms; garbage is ignored, a past date is no wait.
+    #[test]
+    fn retry_after_forms() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_445_412_480); // Wed, 21 Oct 2015 07:28:00 GMT
+        assert_eq!(parse_retry_after(b"5", now), Some(Duration::from_secs(5)));
+        assert_eq!(
+            parse_retry_after(b" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after(b"Wed, 21 Oct 2015 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after(b"Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            parse_retry_after(b"99999999999999999999999", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        for bad in [&b""[..], b"-1", b"soon", b"1.5", b"\xff"] {
+            assert_eq!(parse_retry_after(bad, now), None);
+        }
     }
 
     /// JWT `exp`: read from the payload; anything that is not a JWT with a numeric exp

@@ -20,7 +20,7 @@ use super::{
     request::TokenRequest,
     response::{
         JwtExp, MAX_LIFETIME, MIN_LIFETIME, ResponseFields, TokenResponse, is_error_in_success,
-        jwt_exp, parse_error_body, refresh_token_in,
+        jwt_exp, parse_error_body, parse_retry_after, refresh_token_in,
     },
 };
 use crate::{
@@ -39,6 +39,11 @@ pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(5 * 60);
 /// disagree and for the time a request takes to reach the API: 5 seconds, and never more
 /// than a tenth of the lifetime (see [`TokenSource::clock_skew`]).
 pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(5);
+
+/// Default longest time the [`on_refresh`](TokenSource::on_refresh) hook may take: 5 s.
+/// The hook runs while the source's exchanges are serialised, so a hook that hangs would
+/// otherwise block every later exchange.
+pub const DEFAULT_ON_REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Share of a lifetime the clock-skew margin takes at most.
 const MAX_SKEW_FRACTION: f64 = 0.1;
@@ -137,6 +142,7 @@ pub struct TokenSource {
     mode: RefreshMode,
     scheme: Option<String>,
     on_refresh: Option<OnRefresh>,
+    on_refresh_timeout: Duration,
     held: Arc<Mutex<Held>>,
     stats: Arc<Stats>,
     flags: Arc<Flags>,
@@ -180,6 +186,7 @@ impl TokenSource {
             mode: RefreshMode::Proactive,
             scheme: None,
             on_refresh: None,
+            on_refresh_timeout: DEFAULT_ON_REFRESH_TIMEOUT,
             held: Arc::default(),
             stats: Arc::default(),
             flags: Arc::default(),
@@ -309,6 +316,15 @@ impl TokenSource {
         self
     }
 
+    /// Longest time the [`on_refresh`](Self::on_refresh) hook may take (default
+    /// [`DEFAULT_ON_REFRESH_TIMEOUT`]). A hook that fails to finish in time is logged and
+    /// abandoned; the new refresh token is kept in memory all the same and used by the
+    /// next exchange, so it is never lost (only not persisted by that call).
+    pub fn on_refresh_timeout(mut self, timeout: Duration) -> Self {
+        self.on_refresh_timeout = timeout;
+        self
+    }
+
     /// Counts of logins and refreshes so far.
     pub fn stats(&self) -> TokenStats {
         TokenStats {
@@ -334,6 +350,7 @@ impl TokenSource {
             require_expiry: self.require_jwt_exp,
             scheme: self.scheme.clone(),
             on_refresh: self.on_refresh.clone(),
+            on_refresh_timeout: self.on_refresh_timeout,
             held: self.held.clone(),
             stats: self.stats.clone(),
             flags: self.flags.clone(),
@@ -382,6 +399,7 @@ struct Exchange {
     require_expiry: bool,
     scheme: Option<String>,
     on_refresh: Option<OnRefresh>,
+    on_refresh_timeout: Duration,
     held: Arc<Mutex<Held>>,
     stats: Arc<Stats>,
     flags: Arc<Flags>,
@@ -420,10 +438,12 @@ impl Exchange {
                     tracing::info!(error = %e, "refresh token refused; logging in again");
                     held.refresh_token = None;
                 }
-                Err(e) if e.kind() == TokenErrorKind::Timeout => {
-                    // The server may have rotated the refresh token and answered too
-                    // late: presenting it again could count as reuse and revoke the
-                    // whole family. Dropped, never sent again.
+                Err(e) if e.is_outcome_unknown() => {
+                    // The request left, and no answer says what became of it: the server
+                    // may have rotated the refresh token (a gateway's 502/503/504, a
+                    // connection closed mid-answer, the token client's timeout).
+                    // Presenting it again could count as reuse and revoke the whole
+                    // family: it is dropped, never sent again.
                     self.stats.unknown_outcomes.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         error = %e,
@@ -431,7 +451,8 @@ impl Exchange {
                     );
                     held.refresh_token = None;
                 }
-                // The endpoint is down or answered garbage: keep the refresh token.
+                // Never sent (no connection), throttled, or answered in a way that
+                // shows it was not acted on: keep the refresh token.
                 Err(e) => return Err(e),
             }
         }
@@ -455,7 +476,13 @@ impl Exchange {
         let (status, body) = (response.status(), response.body());
         if !status.is_success() || is_error_in_success(body, &self.fields) {
             let secrets = request.sent_secrets(extra.map(|(_, s)| s));
-            return Err(parse_error_body(status, body).scrub(&secrets));
+            let retry_after = response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| parse_retry_after(v.as_bytes(), SystemTime::now()));
+            return Err(parse_error_body(status, body)
+                .scrub(&secrets)
+                .retry_after(retry_after));
         }
         let content_type = TokenClient::content_type(response);
         Ok(Answer {
@@ -480,7 +507,16 @@ impl Exchange {
             .parsed
             .and_then(|response| Ok((self.credential(&response, answer.arrived)?, response)));
         let (credential, access_token) = match built {
-            Ok((credential, response)) => (Some(credential), Some(response.access_token().clone())),
+            Ok((credential, response)) => {
+                if response.empty_refresh_token {
+                    self.flags.once(&self.flags.empty_refresh, || {
+                        tracing::info!(
+                            "the token endpoint sent an empty refresh token; treating it as none"
+                        )
+                    });
+                }
+                (Some(credential), Some(response.access_token().clone()))
+            }
             Err(e) if rotated => {
                 tracing::warn!(error = %e, "token answer unusable; keeping its new refresh token");
                 self.persist(None, held).await;
@@ -496,11 +532,21 @@ impl Exchange {
     /// Hands the pair now held to the `on_refresh` hook.
     async fn persist(&self, access_token: Option<Secret>, held: &Held) {
         if let Some(hook) = &self.on_refresh {
-            hook(TokenPair {
+            let call = hook(TokenPair {
                 access_token,
                 refresh_token: held.refresh_token.clone(),
-            })
-            .await;
+            });
+            if tokio::time::timeout(self.on_refresh_timeout, call)
+                .await
+                .is_err()
+            {
+                // The pair is held in memory and used by the next exchange: only this
+                // call's persisting is lost.
+                tracing::warn!(
+                    timeout_ms = self.on_refresh_timeout.as_millis() as u64,
+                    "on_refresh hook timed out; the new tokens are kept in memory"
+                );
+            }
         }
     }
 
@@ -607,6 +653,7 @@ struct Answer {
 #[derive(Default)]
 struct Flags {
     short_lifetime: AtomicBool,
+    empty_refresh: AtomicBool,
     bad_exp: AtomicBool,
     past_exp: AtomicBool,
 }

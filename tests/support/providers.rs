@@ -7,7 +7,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    convert::Infallible,
     future::Future,
     net::SocketAddr,
     sync::{
@@ -59,13 +58,35 @@ pub fn reply(status: StatusCode, body: Value) -> Reply {
         .unwrap()
 }
 
+/// A reply carrying this header is never sent: the server closes the connection instead
+/// (a gateway dropping it, a server crashing mid-answer).
+pub const HANG_UP: &str = "x-test-hang-up";
+
+/// A reply that makes the server close the connection without answering.
+pub fn hang_up() -> Reply {
+    let mut reply = reply(StatusCode::OK, json!({}));
+    reply
+        .headers_mut()
+        .insert(HANG_UP, http::HeaderValue::from_static("1"));
+    reply
+}
+
 /// Serves `handler` over HTTP/1.1 on 127.0.0.1:0 until the runtime ends.
 pub async fn serve<F, Fut>(handler: F) -> SocketAddr
 where
     F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Reply> + Send + 'static,
 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_on("127.0.0.1:0".parse().unwrap(), handler).await
+}
+
+/// [`serve`] on a given address (a port that refused connections a moment ago).
+pub async fn serve_on<F, Fut>(addr: SocketAddr, handler: F) -> SocketAddr
+where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Reply> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
@@ -73,7 +94,14 @@ where
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(req).await) }
+                    async move {
+                        let reply = handler(req).await;
+                        if reply.headers().contains_key(HANG_UP) {
+                            // The connection is closed with no answer at all.
+                            return Err(std::io::Error::other("hanging up"));
+                        }
+                        Ok(reply)
+                    }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -120,7 +148,12 @@ pub trait Provider: Send + Sync + 'static {
 
 /// Starts `provider` on loopback; returns its base URL (`http://127.0.0.1:PORT`).
 pub async fn start<P: Provider>(provider: Arc<P>) -> String {
-    let addr = serve(move |req| {
+    start_on("127.0.0.1:0".parse().unwrap(), provider).await
+}
+
+/// [`start`] on a given address.
+pub async fn start_on<P: Provider>(addr: SocketAddr, provider: Arc<P>) -> String {
+    let addr = serve_on(addr, move |req| {
         let provider = provider.clone();
         async move {
             let req = read(req).await;

@@ -37,6 +37,9 @@ pub enum Fault {
     RotateThenBody(fn(&str) -> Value),
     /// The next refresh rotates and answers correctly, after this delay.
     RotateThenDelay(Duration),
+    /// The next refresh rotates, then the answer is lost: a gateway answers this status
+    /// instead (502, 503, 504), or, with `None`, the connection is closed.
+    RotateThenLose(Option<StatusCode>),
 }
 
 #[derive(Default)]
@@ -229,6 +232,18 @@ impl StrictIdp {
                                 let delay = *delay;
                                 state.faults.pop_front();
                                 (reply(StatusCode::OK, body), delay)
+                            }
+                            Some(Fault::RotateThenLose(status)) => {
+                                let status = *status;
+                                state.faults.pop_front();
+                                let lost = match status {
+                                    Some(status) => reply(
+                                        status,
+                                        json!({"message": "upstream request timeout"}),
+                                    ),
+                                    None => super::providers::hang_up(),
+                                };
+                                (lost, Duration::ZERO)
                             }
                             _ => (reply(StatusCode::OK, body), Duration::ZERO),
                         }

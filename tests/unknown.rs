@@ -1,0 +1,286 @@
+//! Promises when the outcome is unknown, against the strict token server
+//! (`support::strict_idp`): refresh tokens after gateways, dropped connections and
+//! timeouts; a refresh that provably never left; `Retry-After`; hooks that hang.
+
+mod support;
+
+use std::{
+    sync::{Arc, Mutex, atomic::Ordering::SeqCst},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+use support::{
+    api_client, capture_traces,
+    providers::{self, reply},
+    strict_idp::{Fault, StrictIdp},
+    token_client,
+};
+use tower::{Layer, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, BoxError, CredentialCache, CredentialSource, Error,
+    token::{TokenClient, TokenError, TokenErrorKind, TokenRequest, TokenSource},
+};
+
+const CLIENT_ID: &str = "unknown-client";
+const CLIENT_SECRET: &str = "unknown-5ecr3t";
+
+/// Client credentials as the login at `login_base`, the refresh grant at `refresh_base`.
+fn source_at(login_base: &str, refresh_base: &str, client: TokenClient) -> TokenSource {
+    TokenSource::new(
+        TokenRequest::oauth2_client_credentials(
+            &format!("{login_base}/oauth/token"),
+            CLIENT_ID,
+            CLIENT_SECRET,
+        )
+        .unwrap(),
+    )
+    .refresh_with(
+        TokenRequest::oauth2_refresh_token(
+            &format!("{refresh_base}/oauth/token"),
+            CLIENT_ID,
+            CLIENT_SECRET,
+        )
+        .unwrap(),
+        "refresh_token",
+    )
+    .client(client)
+}
+
+type Stack<P> = tower_client_auth::Auth<
+    hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        tower_client_auth::ReplayBody<Full<Bytes>>,
+    >,
+    P,
+>;
+
+fn stack<P: CredentialSource>(cache: CredentialCache<P>) -> Stack<P> {
+    AuthLayer::with_cache(cache)
+        .allow_http_loopback(true)
+        .layer(api_client())
+}
+
+async fn status<P: CredentialSource>(svc: &Stack<P>, url: &str) -> Result<StatusCode, BoxError> {
+    let res = svc
+        .clone()
+        .oneshot(Request::get(url).body(Full::<Bytes>::default()).unwrap())
+        .await?;
+    let status = res.status();
+    res.into_body().collect().await?;
+    Ok(status)
+}
+
+/// A logged-in session whose access token the server has just expired, so that the next
+/// request's 401 makes the source refresh.
+async fn expired_session(
+    idp: &Arc<StrictIdp>,
+    source: TokenSource,
+) -> (Stack<TokenSource>, CredentialCache<TokenSource>, String) {
+    let base = providers::start(idp.clone()).await;
+    let cache = CredentialCache::builder(source)
+        .backoff(Duration::from_millis(10), Duration::from_millis(10))
+        .build();
+    let svc = stack(cache.clone());
+    let url = format!("{base}/v1/things");
+    assert_eq!(status(&svc, &url).await.unwrap(), 200);
+    idp.expire_access_tokens();
+    (svc, cache, url)
+}
+
+fn token_error(err: &Error) -> &TokenError {
+    std::error::Error::source(err)
+        .and_then(|s| s.downcast_ref::<TokenError>())
+        .unwrap_or_else(|| panic!("no token error under {err:?}"))
+}
+
+/// World: a rotating, family-revoking server that rotates the refresh token and then
+/// loses the answer: a gateway answers 502, 503 or 504, the connection is closed, or the
+/// answer comes after the token client's timeout. Proves, for each: the refresh token
+/// whose outcome is unknown is never presented again (0 reuse, 0 revocations), the
+/// source logs in afresh once, and the request that waited succeeds.
+#[tokio::test]
+async fn a_refresh_whose_answer_is_lost_is_never_repeated() {
+    type MakeFault = fn() -> Fault;
+    let faults: Vec<(&str, MakeFault)> = vec![
+        ("502", || {
+            Fault::RotateThenLose(Some(StatusCode::BAD_GATEWAY))
+        }),
+        ("503", || {
+            Fault::RotateThenLose(Some(StatusCode::SERVICE_UNAVAILABLE))
+        }),
+        ("504", || {
+            Fault::RotateThenLose(Some(StatusCode::GATEWAY_TIMEOUT))
+        }),
+        ("connection closed", || Fault::RotateThenLose(None)),
+        ("client timeout", || {
+            Fault::RotateThenDelay(Duration::from_secs(2))
+        }),
+    ];
+    for (what, fault) in faults {
+        let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+        let base = providers::start(idp.clone()).await;
+        let client = token_client().timeout(Duration::from_millis(500));
+        let (svc, cache, url) = expired_session(&idp, source_at(&base, &base, client)).await;
+        idp.push_fault(fault());
+        assert_eq!(status(&svc, &url).await.unwrap(), 200, "{what}");
+        assert_eq!(status(&svc, &url).await.unwrap(), 200, "{what}");
+        assert_eq!(idp.presented.lock().unwrap().len(), 1, "{what}");
+        assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0, "{what}");
+        assert_eq!(idp.family_revocations.load(SeqCst), 0, "{what}");
+        assert_eq!(idp.logins.load(SeqCst), 2, "{what}: one fresh login");
+        assert_eq!(cache.source().stats().unknown_outcomes, 1, "{what}");
+    }
+}
+
+/// World: the refresh endpoint refuses connections (nothing listens there yet), then
+/// comes up. Proves: a refresh that provably never left keeps its refresh token: no
+/// login, and the same token is presented once the endpoint is back.
+#[tokio::test]
+async fn a_refresh_that_never_left_keeps_its_token() {
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let login = providers::start(idp.clone()).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refresh_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let source = source_at(&login, &format!("http://{refresh_addr}"), token_client());
+    let (svc, cache, url) = expired_session(&idp, source).await;
+
+    let err = status(&svc, &url).await.unwrap_err();
+    let err = err.downcast_ref::<Error>().expect("a crate error");
+    assert_eq!(token_error(err).kind(), TokenErrorKind::Connect, "{err}");
+    assert_eq!(cache.source().stats().unknown_outcomes, 0);
+
+    providers::start_on(refresh_addr, idp.clone()).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(status(&svc, &url).await.unwrap(), 200);
+    assert_eq!(
+        idp.logins.load(SeqCst),
+        1,
+        "no login: the refresh token was kept"
+    );
+    assert_eq!(idp.refresh_grants.load(SeqCst), 1);
+    assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
+}
+
+/// World: a login answer carrying `"refresh_token": ""` next to a valid access token.
+/// Proves: the login is accepted (an empty refresh token is no refresh token), and that
+/// is logged once, not once per login.
+#[tokio::test(flavor = "current_thread")]
+async fn an_empty_refresh_token_is_no_refresh_token() {
+    let (capture, _guard) = capture_traces();
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let base = providers::start(idp.clone()).await;
+    let empty = || {
+        Fault::Answer(Box::new(|_| {
+            reply(
+                StatusCode::OK,
+                json!({"access_token": "opaque-access", "refresh_token": "", "expires_in": 60}),
+            )
+        }))
+    };
+    idp.push_fault(empty());
+    idp.push_fault(empty());
+    let cache = CredentialCache::new(source_at(&base, &base, token_client()));
+    cache.credential().await.unwrap();
+    cache.handle().invalidate();
+    cache.credential().await.unwrap();
+    assert_eq!(idp.token_requests.load(SeqCst), 2);
+    assert_eq!(
+        idp.refresh_grants.load(SeqCst),
+        0,
+        "nothing to refresh with"
+    );
+    let logs = capture.text();
+    assert_eq!(
+        logs.matches("empty refresh token").count(),
+        1,
+        "logged once: {logs}"
+    );
+}
+
+/// World: the token endpoint answers 429 with `Retry-After: 5`, then recovers; a request
+/// every 100 ms. Proves: no token request for 5 s after the 429 (the cache's own backoff
+/// would have tried after ~1 s), and requests succeed after.
+#[tokio::test]
+async fn retry_after_is_the_earliest_next_attempt() {
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let base = providers::start(idp.clone()).await;
+    idp.push_fault(Fault::Answer(Box::new(|_| {
+        let mut res = reply(StatusCode::TOO_MANY_REQUESTS, json!({"error": "slow_down"}));
+        res.headers_mut()
+            .insert("retry-after", http::HeaderValue::from_static("5"));
+        res
+    })));
+    let svc = stack(CredentialCache::new(source_at(
+        &base,
+        &base,
+        token_client(),
+    )));
+    let url = format!("{base}/v1/things");
+    let started = std::time::Instant::now();
+    let err = status(&svc, &url).await.unwrap_err();
+    let err = err.downcast_ref::<Error>().expect("a crate error");
+    assert_eq!(
+        token_error(err).status(),
+        Some(StatusCode::TOO_MANY_REQUESTS)
+    );
+    while started.elapsed() < Duration::from_millis(4800) {
+        let _ = status(&svc, &url).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        idp.token_requests.load(SeqCst),
+        1,
+        "asked again before Retry-After"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(status(&svc, &url).await.unwrap(), 200);
+    assert_eq!(idp.token_requests.load(SeqCst), 2);
+}
+
+/// World: an `on_refresh` hook that never returns. Proves: it is bounded (the fetch
+/// completes after the hook timeout instead of hanging), and the new refresh token is
+/// kept in memory all the same: the next refresh presents it, with no reuse.
+#[tokio::test]
+async fn a_hanging_on_refresh_hook_blocks_nothing() {
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let base = providers::start(idp.clone()).await;
+    let calls = Arc::new(Mutex::new(0));
+    let source = source_at(&base, &base, token_client())
+        .on_refresh({
+            let calls = calls.clone();
+            move |_pair| {
+                *calls.lock().unwrap() += 1;
+                std::future::pending::<()>()
+            }
+        })
+        .on_refresh_timeout(Duration::from_millis(200));
+    let limit = Duration::from_secs(3);
+    let (svc, _cache, url) = tokio::time::timeout(limit, expired_session(&idp, source))
+        .await
+        .expect("the login's hook hung the fetch");
+    assert_eq!(
+        tokio::time::timeout(limit, status(&svc, &url))
+            .await
+            .unwrap()
+            .unwrap(),
+        200
+    );
+    idp.expire_access_tokens();
+    assert_eq!(
+        tokio::time::timeout(limit, status(&svc, &url))
+            .await
+            .unwrap()
+            .unwrap(),
+        200
+    );
+    let presented = idp.presented.lock().unwrap().clone();
+    assert_eq!(presented.len(), 2);
+    assert_ne!(presented[0], presented[1]);
+    assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
+    assert_eq!(*calls.lock().unwrap(), 3);
+}
