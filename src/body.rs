@@ -91,6 +91,11 @@ pub enum NotReplayed {
     /// token not yet rotated, an endpoint re-issuing the same token): a replay would
     /// carry it into the same rejection, so the rejected response is returned as is.
     SameCredential,
+    /// The API rejects credentials right after they are issued (a wrong audience or
+    /// scope, clock skew at the API): no new credential is fetched before the backoff
+    /// allows it, so a server cannot turn every call into a token request. The rejected
+    /// response is returned as is.
+    FreshCredentialRejected,
     /// The request head could not be kept for a replay (a header name over 64 KiB or a
     /// value over 4 GiB).
     HeadUnavailable,

@@ -87,6 +87,16 @@ pub const DEFAULT_WINDOW_JITTER: f64 = 0.2;
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// Default cap on the delay between failed fetches.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A credential rejected within this long of becoming current, before the API accepted
+/// any request carrying it, counts as rejected *fresh*: the API may reject every new one
+/// too (a wrong audience or scope, clock skew
+/// at the API). After such a rejection, the next one causes a fetch only once the
+/// backoff (the same schedule as failed fetches) allows; until then the rejected
+/// response is returned marked [`NotReplayed::FreshCredentialRejected`]. 10 seconds.
+///
+/// [`NotReplayed::FreshCredentialRejected`]: crate::NotReplayed::FreshCredentialRejected
+pub const YOUNG_CREDENTIAL_AGE: Duration = Duration::from_secs(10);
+
 /// Longest wait a token endpoint's `Retry-After` can impose: 5 minutes. A longer one is
 /// taken as this, so a misconfigured server cannot stop a client for hours.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(5 * 60);
@@ -156,7 +166,8 @@ impl fmt::Debug for Config {
 }
 
 impl<P: CredentialSource> CredentialCacheBuilder<P> {
-    /// Longest time one fetch may take (default [`DEFAULT_FETCH_TIMEOUT`]).
+    /// Longest time one fetch may take (default [`DEFAULT_FETCH_TIMEOUT`]): the whole
+    /// flight, store calls included (each at most a [`STORE_SHARE`] of it).
     pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
         self.config.fetch_timeout = timeout;
         self
@@ -211,6 +222,8 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
             current: ArcSwapOption::empty(),
             state: Mutex::new(State::default()),
             stats: Stats::default(),
+            store_down: AtomicBool::new(false),
+            accepted: AtomicU64::new(0),
         });
         let weak: Weak<Inner<P>> = Arc::downgrade(&inner);
         inner.source.attach(CacheHandle { inner: weak });
@@ -349,6 +362,18 @@ impl<P: CredentialSource> CredentialCache<P> {
         self.inner.mode != RefreshMode::Never
     }
 
+    /// The API answered a request carrying the credential of `generation` with anything
+    /// but a rejection: it accepts this credential. One shared read per answer, a write
+    /// only for the first answer of each credential.
+    #[inline]
+    pub(crate) fn accepted(&self, generation: u64) {
+        if self.inner.accepted.load(Ordering::Relaxed) <= generation {
+            self.inner
+                .accepted
+                .fetch_max(generation + 1, Ordering::Relaxed);
+        }
+    }
+
     /// The credential of `generation`, if it is current or among the last few replaced.
     /// For telling whether the credential that replaces a rejected one is any different.
     pub(crate) fn credential_of(&self, generation: u64) -> Option<Credential> {
@@ -383,6 +408,22 @@ impl<P: CredentialSource> CredentialCache<P> {
         if let Some(entry) = current {
             match want {
                 Some(Want::Replace(generation)) if entry.generation == generation => {
+                    let never_accepted = inner.accepted.load(Ordering::Relaxed) <= generation;
+                    let young =
+                        now.saturating_duration_since(entry.installed_at) < YOUNG_CREDENTIAL_AGE;
+                    if young && never_accepted {
+                        // Rejected right after it was issued: a new one may well be
+                        // rejected too. Fetch again only as the backoff allows.
+                        if let Some(at) = state.fresh_rejection_retry_at.filter(|at| now < *at) {
+                            return Acquire::ready(Err(Error::fresh_rejection(at - now)));
+                        }
+                        state.fresh_rejections = state.fresh_rejections.saturating_add(1);
+                        let delay = inner.backoff(state.fresh_rejections);
+                        state.fresh_rejection_retry_at = Some(saturating_add(now, delay));
+                    } else {
+                        state.fresh_rejections = 0;
+                        state.fresh_rejection_retry_at = None;
+                    }
                     tracing::debug!(generation, "credential rejected; invalidating it");
                     inner.stats.rejections.fetch_add(1, Ordering::Relaxed);
                     inner.retire(&mut state);
@@ -535,6 +576,11 @@ struct Inner<P> {
     current: ArcSwapOption<Entry>,
     state: Mutex<State>,
     stats: Stats,
+    /// Whether the store's last call failed: its outage is logged once.
+    store_down: AtomicBool,
+    /// One more than the newest generation the API answered with anything but a
+    /// rejection: written once per credential, read on every answer.
+    accepted: AtomicU64,
 }
 
 #[derive(Default)]
@@ -576,6 +622,10 @@ struct State {
     /// whose credential was rejected after it was already replaced can still tell
     /// whether the replacement is the same value.
     retired: std::collections::VecDeque<(u64, Credential)>,
+    /// Consecutive rejections of credentials younger than [`YOUNG_CREDENTIAL_AGE`], and
+    /// when the next one may cause a fetch.
+    fresh_rejections: u32,
+    fresh_rejection_retry_at: Option<Instant>,
 }
 
 /// How many replaced credentials [`State::retired`] remembers.
@@ -625,12 +675,10 @@ impl<P: CredentialSource> Inner<P> {
             // only a clock read per request slower.
             let (aging, timer) = match (soft_at, &runtime) {
                 (Some(at), Some(rt)) if at > now => {
-                    let weak = weak.clone();
+                    let guard = AgeOnDrop(weak.clone());
                     let task = rt.spawn(async move {
+                        let _guard = guard;
                         tokio::time::sleep_until(at).await;
-                        if let Some(entry) = weak.upgrade() {
-                            entry.aging.store(true, Ordering::Release);
-                        }
                     });
                     (false, Some(task.abort_handle()))
                 }
@@ -640,7 +688,9 @@ impl<P: CredentialSource> Inner<P> {
             Entry {
                 credential,
                 generation,
+                soft_at,
                 hard_at,
+                installed_at: now,
                 aging: AtomicBool::new(aging),
                 background_claimed: AtomicBool::new(false),
                 timer,
@@ -699,8 +749,12 @@ impl<P: CredentialSource> Inner<P> {
 pub(crate) struct Entry {
     pub(crate) credential: Credential,
     pub(crate) generation: u64,
+    /// When its background refresh may start (proactive sources with an expiry).
+    soft_at: Option<Instant>,
     /// When callers must stop using it and wait (proactive sources with an expiry).
     hard_at: Option<Instant>,
+    /// When it became current: a rejection soon after counts as a fresh rejection.
+    installed_at: Instant,
     /// Set once the soft window opens; until then the hot path reads no clock.
     aging: AtomicBool,
     /// Whether a caller already started this entry's background refresh.
@@ -724,7 +778,9 @@ enum Phase {
 
 impl Entry {
     fn phase_at(&self, now: Instant) -> Phase {
-        if !self.aging.load(Ordering::Acquire) {
+        // `aging` may be set before the soft window opens (its timer died with its
+        // runtime): the clock decides then.
+        if !self.aging.load(Ordering::Acquire) || self.soft_at.is_some_and(|at| now < at) {
             Phase::Fresh
         } else if self.hard_at.is_some_and(|at| now >= at) {
             Phase::Hard
@@ -735,6 +791,19 @@ impl Entry {
 
     fn is_expired_at(&self, now: Instant) -> bool {
         self.credential.expiry().is_some_and(|at| now >= at)
+    }
+}
+
+/// Owned by an entry's aging timer: however the timer ends (its instant came, or its
+/// runtime shut down and dropped it), the entry starts aging, and from then on the
+/// clock decides. An entry dropped first is simply gone.
+struct AgeOnDrop(Weak<Entry>);
+
+impl Drop for AgeOnDrop {
+    fn drop(&mut self) {
+        if let Some(entry) = self.0.upgrade() {
+            entry.aging.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -1062,32 +1131,28 @@ async fn run_flight<P: CredentialSource>(
     guard.finish(result)
 }
 
-/// Gets a credential from the store, or else from the source.
+/// Gets a credential from the store, or else from the source. One deadline, the fetch
+/// timeout, bounds it all: each store call gets at most a [`STORE_SHARE`] of it, and a
+/// store that fails or does not answer in time is skipped (logged once per outage).
 async fn obtain<P: CredentialSource>(
     inner: &Inner<P>,
     cx: FetchContext,
 ) -> Result<Credential, Error> {
+    let deadline = saturating_add(Instant::now(), inner.config.fetch_timeout);
     if let Some(store) = &inner.config.store {
         if let (FetchReason::Rejected | FetchReason::Invalidated, Some(rejected)) =
             (cx.reason(), cx.previous())
         {
-            if let Err(e) = store.remove(rejected).await {
-                tracing::warn!(error = %e, "credential store failed to remove a rejected credential");
-            }
+            store_call(inner, deadline, "remove", store.remove(rejected)).await;
         }
-        match store.load().await {
-            Ok(Some(stored))
-                if Some(&stored) != cx.previous()
-                    && inner.is_usable_stored(&stored, Instant::now()) =>
-            {
+        if let Some(Some(stored)) = store_call(inner, deadline, "load", store.load()).await {
+            if Some(&stored) != cx.previous() && inner.is_usable_stored(&stored, Instant::now()) {
                 tracing::debug!("using the credential found in the store");
                 return Ok(stored);
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "credential store failed to load"),
         }
     }
-    let fetched = tokio::time::timeout(inner.config.fetch_timeout, inner.source.fetch(cx)).await;
+    let fetched = tokio::time::timeout_at(deadline, inner.source.fetch(cx)).await;
     let credential = match fetched {
         Err(_elapsed) => return Err(Error::new(ErrorKind::Timeout)),
         Ok(Err(e)) => return Err(fetch_error(e)),
@@ -1103,11 +1168,45 @@ async fn obtain<P: CredentialSource>(
         "credential fetched"
     );
     if let Some(store) = &inner.config.store {
-        if let Err(e) = store.save(&credential).await {
-            tracing::warn!(error = %e, "credential store failed to save");
-        }
+        store_call(inner, deadline, "save", store.save(&credential)).await;
     }
     Ok(credential)
+}
+
+/// Share of the fetch timeout one store call may take at most: a quarter.
+pub const STORE_SHARE: u32 = 4;
+
+/// One store call, bounded by its share of the flight's deadline. `None` when it failed
+/// or took too long; the first such call of an outage is logged, and so is the store's
+/// first answer after it.
+async fn store_call<P, T>(
+    inner: &Inner<P>,
+    deadline: Instant,
+    what: &'static str,
+    call: crate::store::StoreFuture<'_, T>,
+) -> Option<T> {
+    let until = deadline.min(saturating_add(
+        Instant::now(),
+        inner.config.fetch_timeout / STORE_SHARE,
+    ));
+    let failure = match tokio::time::timeout_at(until, call).await {
+        Ok(Ok(value)) => {
+            if inner.store_down.swap(false, Ordering::Relaxed) {
+                tracing::info!(call = what, "credential store answers again");
+            }
+            return Some(value);
+        }
+        Ok(Err(e)) => crate::text::foreign(&e.to_string()),
+        Err(_) => "no answer in time".to_owned(),
+    };
+    if !inner.store_down.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            call = what,
+            error = %failure,
+            "credential store failed; fetching without it until it answers again"
+        );
+    }
+    None
 }
 
 #[cfg(test)]

@@ -77,6 +77,9 @@ pub struct Error {
     retry_in: Option<Duration>,
     /// The source asked for no new attempt before this long (a `Retry-After`).
     pub(crate) not_before: Option<Duration>,
+    /// The credential was rejected right after it was issued, and the backoff holds
+    /// off the fetch that would replace it: the rejected response is the answer.
+    pub(crate) fresh_rejection: bool,
     source: Option<Arc<dyn StdError + Send + Sync>>,
 }
 
@@ -87,8 +90,18 @@ impl Error {
             detail: None,
             retry_in: None,
             not_before: None,
+            fresh_rejection: false,
             source: None,
         }
+    }
+
+    /// The error for a fresh rejection held off by the backoff (see its field).
+    pub(crate) fn fresh_rejection(retry_in: Duration) -> Self {
+        let mut err = Error::new(ErrorKind::Backoff)
+            .with_detail("the api rejects credentials right after they are issued")
+            .with_retry_in(retry_in);
+        err.fresh_rejection = true;
+        err
     }
 
     pub(crate) fn with_source(mut self, source: impl Into<BoxError>) -> Self {

@@ -67,7 +67,13 @@ pin_project! {
         // The replay path boxes its large payloads (a whole rebuilt request): one
         // allocation per replay keeps every hot-path move of this future small.
         Refreshing { acquire: Acquire, resend: Option<Box<Resend<S, B, P>>> },
-        Second { future: Pin<Box<Oneshot<S, Request<ReplayBody<B>>>>>, rejections: StatusSet },
+        // The cache and generation of the replay's credential, to record its acceptance.
+        Second {
+            future: Pin<Box<Oneshot<S, Request<ReplayBody<B>>>>>,
+            rejections: StatusSet,
+            cache: CacheRef<P>,
+            generation: u64,
+        },
     }
 }
 
@@ -260,7 +266,18 @@ where
                     let rejected = retry
                         .as_ref()
                         .is_some_and(|r| r.rejections.contains(response.status()));
-                    let Some(retry) = retry.take().filter(|_| rejected) else {
+                    if !rejected {
+                        if let Some(Retry {
+                            cache: Some(cache),
+                            generation,
+                            ..
+                        }) = retry.as_ref()
+                        {
+                            cache.accepted(*generation);
+                        }
+                        return Poll::Ready(Ok(response));
+                    }
+                    let Some(retry) = retry.take() else {
                         return Poll::Ready(Ok(response));
                     };
                     tracing::debug!(status = %response.status(), generation = retry.generation, "credential rejected");
@@ -311,8 +328,18 @@ where
                     let Some(resend) = resend.take() else {
                         return Poll::Ready(Err(polled_after_completion().into()));
                     };
-                    let entry = entry?;
                     let resend = *resend;
+                    let entry = match entry {
+                        Ok(entry) => entry,
+                        Err(err) if err.fresh_rejection => {
+                            let mut response = resend.response;
+                            response
+                                .extensions_mut()
+                                .insert(NotReplayed::FreshCredentialRejected);
+                            return Poll::Ready(Ok(response));
+                        }
+                        Err(err) => return Poll::Ready(Err(err.into())),
+                    };
                     if resend.rejected.as_ref() == Some(&entry.credential) {
                         tracing::debug!(
                             generation = entry.generation,
@@ -339,14 +366,23 @@ where
                     this.state.set(State::Second {
                         future: Box::pin(Oneshot::new(resend.service, request)),
                         rejections: resend.rejections,
+                        cache: resend.cache,
+                        generation: entry.generation,
                     });
                 }
-                StateProj::Second { future, rejections } => {
+                StateProj::Second {
+                    future,
+                    rejections,
+                    cache,
+                    generation,
+                } => {
                     let mut response = ready!(future.as_mut().poll(cx)).map_err(Into::into)?;
                     if rejections.contains(response.status()) {
                         response
                             .extensions_mut()
                             .insert(NotReplayed::AlreadyReplayed);
+                    } else {
+                        cache.accepted(*generation);
                     }
                     return Poll::Ready(Ok(response));
                 }

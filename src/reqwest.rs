@@ -158,6 +158,7 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         }
         let response = next.clone().run(req, extensions).await?;
         if !self.policy.rejections.contains(response.status()) {
+            self.cache.accepted(generation);
             return Ok(response);
         }
         if !self.cache.refreshes() {
@@ -170,7 +171,17 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
             tracing::debug!(status = %response.status(), "rejected request cannot be replayed");
             return Ok(response);
         };
-        let entry = refresh.await.map_err(middleware_error)?;
+        let entry = match refresh.await {
+            Ok(entry) => entry,
+            Err(err) if err.fresh_rejection => {
+                let mut response = response;
+                response
+                    .extensions_mut()
+                    .insert(crate::NotReplayed::FreshCredentialRejected);
+                return Ok(response);
+            }
+            Err(err) => return Err(middleware_error(err)),
+        };
         if rejected.as_ref() == Some(&entry.credential) {
             // The source handed back the rejected credential: a replay cannot help.
             tracing::debug!("the source handed back the rejected credential; not replaying");
@@ -190,6 +201,10 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
             generation = entry.generation,
             "replaying request with the new credential"
         );
-        next.run(replay, extensions).await
+        let response = next.run(replay, extensions).await?;
+        if !self.policy.rejections.contains(response.status()) {
+            self.cache.accepted(entry.generation);
+        }
+        Ok(response)
     }
 }

@@ -68,6 +68,46 @@ pub(crate) fn from_server(text: &str, secrets: &[String]) -> String {
     escape(&scrub(text, secrets), MAX_SERVER_TEXT)
 }
 
+/// Text from a user's source or store (an error's `Display`), made safe to log: URL
+/// credentials and query strings removed (a client error may carry the URL it called,
+/// with a key in it), control characters escaped, cut to [`MAX_SERVER_TEXT`] twice over.
+pub(crate) fn foreign(text: &str) -> String {
+    escape(&strip_url_secrets(text), 2 * MAX_SERVER_TEXT)
+}
+
+/// Removes the userinfo (`user:pass@`) and the query (`?key=...`) of every URL in `text`.
+fn strip_url_secrets(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        let end = after
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | ')'))
+            .unwrap_or(after.len());
+        let (url, tail) = after.split_at(end);
+        let authority_end = url.find(['/', '?', '#']).unwrap_or(url.len());
+        let (authority, path) = url.split_at(authority_end);
+        match authority.rfind('@') {
+            Some(at) => {
+                out.push_str("[redacted]@");
+                out.push_str(&authority[at + 1..]);
+            }
+            None => out.push_str(authority),
+        }
+        match path.find('?') {
+            Some(q) => {
+                out.push_str(&path[..q]);
+                out.push_str("?[redacted]");
+            }
+            None => out.push_str(path),
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,7 +130,21 @@ mod tests {
         assert_eq!(escape("abcdefg", 6), "abcdef…");
     }
 
-    /// A secret straddling the cut is scrubbed before the cut, so no part survives; a
+    /// URLs in foreign text lose their credentials and query; the rest stays readable.
+    #[test]
+    fn foreign_text_loses_url_secrets() {
+        assert_eq!(
+            foreign("GET https://u:pw@api.test/v1?api_key=K3Y failed\n(io)"),
+            "GET https://[redacted]@api.test/v1?[redacted] failed\\n(io)"
+        );
+        assert_eq!(foreign("no url here"), "no url here");
+        assert_eq!(
+            foreign("redis://:hunter2@127.0.0.1:6379/0 refused"),
+            "redis://[redacted]@127.0.0.1:6379/0 refused"
+        );
+    }
+
+    /// A secret straddling the cut, so no part survives; a
     /// secret holding another is replaced whole.
     #[test]
     fn scrubs_before_cutting() {

@@ -141,3 +141,40 @@ fn bad_root_certificate_is_a_typed_error() {
     let err = TokenClient::https_with_roots([b"not a certificate".as_slice()]).unwrap_err();
     assert_eq!(err.kind(), TokenErrorKind::InvalidRequest);
 }
+
+/// World: one token client shared by runtimes created one after another (what every
+/// `#[tokio::test]` does, and apps that build a runtime per job), against one loopback
+/// HTTPS token endpoint that outlives them all. Proves: every runtime fetches its token;
+/// no runtime trips over a pooled connection whose driver died with an earlier runtime.
+#[test]
+fn runtimes_one_after_another_share_a_token_client() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let api = ClientCredentialsApi::new("rt-client", "rt-secret");
+    std::thread::spawn(move || {
+        let server = tokio::runtime::Runtime::new().unwrap();
+        server.block_on(async move {
+            tx.send(serve_tls(api).await).unwrap();
+            std::future::pending::<()>().await
+        });
+    });
+    let tls = rx.recv().unwrap();
+    let client = TokenClient::https_with_roots([&tls.root_der]).unwrap();
+    let token_url = format!("https://{}/oauth/v2/token", tls.addr);
+    for round in 0..4 {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let source = TokenSource::client_credentials(&token_url, "rt-client", "rt-secret")
+                .unwrap()
+                .client(client.clone());
+            let got = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                CredentialCache::new(source).credential(),
+            )
+            .await;
+            assert!(matches!(got, Ok(Ok(_))), "runtime {round}: {got:?}");
+        });
+    }
+}

@@ -1,0 +1,142 @@
+//! Storms a server can cause and waits that always end, in paused time where nothing
+//! else is involved: an API that rejects every fresh token, a store that never answers,
+//! an entry whose aging timer died with its runtime, a huge configured backoff.
+
+mod support;
+
+use std::{future::Future, pin::Pin, time::Duration};
+
+use http::StatusCode;
+use support::{FakeApi, TestSource, get};
+use tower::{Layer, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, BoxError, Credential, CredentialCache, CredentialStore, ErrorKind, NotReplayed,
+    RefreshMode,
+};
+
+/// World: an API that answers 401 to every token (a wrong audience, say), 50 requests a
+/// second for 4 s, a source that issues a new token on every fetch. Proves: token
+/// requests follow the backoff schedule (a handful), not the request count; the 401s in
+/// between come back as they are, marked `NotReplayed::FreshCredentialRejected`.
+#[tokio::test(start_paused = true)]
+async fn an_api_rejecting_every_fresh_token_causes_no_storm() {
+    let source = TestSource::expiring(Duration::from_secs(3600));
+    let api = FakeApi::new(|_, _| StatusCode::UNAUTHORIZED);
+    let svc = AuthLayer::new(source.clone()).layer(api.service());
+    let mut marked = 0;
+    for _ in 0..200 {
+        let res = svc.clone().oneshot(get("/v1/things")).await.unwrap();
+        assert_eq!(res.status(), 401);
+        if res.extensions().get::<NotReplayed>() == Some(&NotReplayed::FreshCredentialRejected) {
+            marked += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fetches = source.fetches();
+    assert!(
+        (2..=7).contains(&fetches),
+        "{fetches} token requests for 200 rejected calls in 4 s"
+    );
+    assert!(marked >= 180, "{marked} marked");
+    // Fewer than two sends per call: the calls in the backoff are sent once.
+    assert!(api.seen().len() < 230, "{} sends", api.seen().len());
+}
+
+/// A store whose every call never returns.
+struct HungStore;
+
+impl CredentialStore for HungStore {
+    fn load(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Credential>, BoxError>> + Send + '_>> {
+        Box::pin(std::future::pending())
+    }
+    fn save<'a>(
+        &'a self,
+        _: &'a Credential,
+    ) -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'a>> {
+        Box::pin(std::future::pending())
+    }
+    fn remove<'a>(
+        &'a self,
+        _: &'a Credential,
+    ) -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'a>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// World: a shared store that hangs on every call. Proves: one deadline (the fetch
+/// timeout) bounds the whole flight, store calls included; the cache degrades to its
+/// source and callers get a credential within that deadline, on the first fetch and
+/// after a rejection alike.
+#[tokio::test(start_paused = true)]
+async fn a_hung_store_never_wedges_the_flight() {
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_secs(4))
+        .store(HungStore)
+        .build();
+    let started = tokio::time::Instant::now();
+    let first = tokio::time::timeout(Duration::from_secs(60), cache.credential())
+        .await
+        .expect("the flight wedged on the store")
+        .unwrap();
+    assert!(
+        started.elapsed() <= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let started = tokio::time::Instant::now();
+    let second = tokio::time::timeout(Duration::from_secs(60), cache.reject(&first))
+        .await
+        .expect("the flight wedged on the store")
+        .unwrap();
+    assert!(
+        started.elapsed() <= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_ne!(first, second);
+    assert_eq!(source.fetches(), 2);
+}
+
+/// World: a credential installed on a runtime that then shuts down, the cache used from
+/// another runtime after the credential's expiry. Proves: the entry still ages (the
+/// dead timer is noticed): the second runtime gets a new credential, not the expired one.
+#[test]
+fn an_entry_ages_after_its_timer_runtime_is_gone() {
+    let source = TestSource::expiring(Duration::from_millis(400));
+    let cache = CredentialCache::new(source.clone());
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(cache.credential())
+        .unwrap();
+    // That runtime is gone, and its timer with it.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let next = cache.credential().await.unwrap();
+        assert_ne!(next, first, "handed out the expired credential");
+        assert_eq!(source.fetches(), 2);
+    });
+}
+
+/// A huge configured backoff saturates instead of overflowing the clock inside the
+/// flight: failures are typed errors, never a panic.
+#[tokio::test(start_paused = true)]
+async fn a_huge_backoff_saturates() {
+    let source = TestSource::build(None, Duration::ZERO, false, RefreshMode::Proactive);
+    source.set_failing(true);
+    let cache = CredentialCache::builder(source.clone())
+        .backoff(Duration::MAX, Duration::MAX)
+        .build();
+    let err = cache.credential().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Fetch);
+    let err = cache.credential().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Backoff);
+}
