@@ -505,6 +505,11 @@ pub struct CacheHandle {
 }
 
 impl CacheHandle {
+    /// Whether the cache is still alive (handles do not keep it alive).
+    pub fn is_alive(&self) -> bool {
+        self.inner.strong_count() > 0
+    }
+
     /// Makes `credential` the current one at once, ahead of any refresh in flight.
     /// Returns `false` if the cache is gone.
     pub fn replace(&self, credential: Credential) -> bool {
@@ -977,9 +982,11 @@ impl Future for Acquire {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.state {
-            AcquireState::Ready(result) => Poll::Ready(result.take().unwrap_or_else(|| {
-                Err(Error::new(ErrorKind::Fetch).with_detail("polled after completion"))
-            })),
+            AcquireState::Ready(result) => Poll::Ready(
+                result
+                    .take()
+                    .unwrap_or_else(|| Err(Error::new(ErrorKind::PolledAfterCompletion))),
+            ),
             AcquireState::Waiting(flight) => {
                 let result = ready!(Pin::new(flight).poll(cx));
                 Poll::Ready(match (result, self.fallback.take()) {
@@ -1014,9 +1021,7 @@ impl Future for FlightFuture {
             .map(|joined| match joined {
                 Ok(result) => result,
                 Err(e) if e.is_panic() => Err(Error::new(ErrorKind::SourcePanicked)),
-                Err(_) => {
-                    Err(Error::new(ErrorKind::Fetch).with_detail("the refresh task was cancelled"))
-                }
+                Err(_) => Err(Error::new(ErrorKind::Cancelled)),
             })
     }
 }
@@ -1107,15 +1112,18 @@ fn fetch_error(e: crate::error::BoxError) -> Error {
     }
 }
 
+/// The cause of `err`, made safe to log: it may be a user source's text.
 fn err_source(err: &Error) -> String {
     use std::error::Error as _;
-    err.source().map(|s| s.to_string()).unwrap_or_default()
+    err.source()
+        .map(|s| crate::text::foreign(&s.to_string()))
+        .unwrap_or_default()
 }
 
 impl<P: CredentialSource> Drop for FlightGuard<P> {
     fn drop(&mut self) {
         if !self.done {
-            let err = Error::new(ErrorKind::Fetch).with_detail("the refresh task was cancelled");
+            let err = Error::new(ErrorKind::Cancelled);
             let mut state = self.inner.lock_state();
             state.flight = None;
             Self::record_failure(&self.inner, &mut state, &err, Instant::now());

@@ -33,6 +33,10 @@ pub enum ErrorKind {
     InvalidCredential,
     /// No Tokio runtime was available to run the refresh on.
     NoRuntime,
+    /// The refresh was cancelled before it finished: the runtime it ran on shut down.
+    Cancelled,
+    /// A future of this crate was polled after it had completed (a bug in the caller).
+    PolledAfterCompletion,
     /// The request's header map was full (`http`'s `MAX_SIZE`), so the credential could
     /// not be added; the request was not sent.
     HeadersFull,
@@ -51,6 +55,10 @@ impl ErrorKind {
             }
             ErrorKind::InvalidCredential => "invalid credential",
             ErrorKind::NoRuntime => "no tokio runtime available to refresh the credential",
+            ErrorKind::Cancelled => {
+                "the credential refresh was cancelled: the runtime it ran on shut down"
+            }
+            ErrorKind::PolledAfterCompletion => "a future was polled after it completed",
             ErrorKind::HeadersFull => {
                 "the request's header map is full; no room for the credential"
             }
@@ -149,7 +157,12 @@ impl fmt::Debug for Error {
             d.field("retry_in", &retry_in);
         }
         if let Some(source) = &self.source {
-            d.field("source", &format_args!("{source}"));
+            // Sanitised: a user source's text may carry a URL with a key in it, or
+            // control characters.
+            d.field(
+                "source",
+                &format_args!("{}", crate::text::foreign(&source.to_string())),
+            );
         }
         d.finish()
     }

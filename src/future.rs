@@ -392,6 +392,5 @@ where
 }
 
 fn polled_after_completion() -> Error {
-    Error::new(crate::error::ErrorKind::Fetch)
-        .with_detail("response future polled after completion")
+    Error::new(crate::error::ErrorKind::PolledAfterCompletion)
 }

@@ -114,7 +114,21 @@ pub trait CredentialSource: Send + Sync + 'static {
     /// The cache runs this in a task of its own, under its fetch timeout, and never
     /// runs two fetches of one cache at once. Errors reach callers as
     /// [`ErrorKind::Fetch`](crate::ErrorKind::Fetch) with this error as the `source()`:
-    /// keep secrets out of its message.
+    /// keep secrets out of its message (the crate escapes control characters and
+    /// removes URL credentials and queries from it before logging it, but cannot know
+    /// your secrets).
+    ///
+    /// # Cancellation
+    ///
+    /// The returned future may be dropped at any await point: when the fetch timeout
+    /// fires, or when the runtime running the refresh shuts down. If your exchange
+    /// changes state on the server (it presents a refresh token that the server
+    /// rotates), a drop between sending and storing the answer loses the new token, and
+    /// the next fetch presents the spent one. Either make the exchange safe to drop, or
+    /// run it in a task of its own (`tokio::spawn`) and await its handle, so it runs to
+    /// completion and stores what it got even when this future is gone; serialise such
+    /// exchanges yourself if several caches share the source. The crate's
+    /// [`TokenSource`](crate::token::TokenSource) does exactly this.
     fn fetch(&self, cx: FetchContext) -> impl Future<Output = Result<Credential, BoxError>> + Send;
 
     /// When this source's credentials may be refreshed. Defaults to

@@ -157,6 +157,29 @@ impl CredentialSource for RotatingCredential {
 
     fn attach(&self, cache: CacheHandle) {
         let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        // Caches come and go (one per job, per tenant): the dead are dropped here, so
+        // the list holds the live ones, not every cache ever attached.
+        shared.caches.retain(CacheHandle::is_alive);
         shared.caches.push(cache);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CredentialCache;
+
+    /// Attaching in a loop, with each cache dropped before the next, keeps one handle.
+    #[test]
+    fn attach_prunes_dead_caches() {
+        let pat = RotatingCredential::new(Credential::bearer("pat").unwrap());
+        for _ in 0..100 {
+            drop(CredentialCache::new(pat.clone()));
+        }
+        let kept = CredentialCache::new(pat.clone());
+        let shared = pat.shared.lock().unwrap();
+        assert_eq!(shared.caches.len(), 1);
+        drop(shared);
+        drop(kept);
     }
 }

@@ -140,3 +140,66 @@ async fn a_huge_backoff_saturates() {
     let err = cache.credential().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Backoff);
 }
+
+/// World: a refresh in flight on a runtime that shuts down before it ends. Proves: the
+/// failure has an honest kind (`Cancelled`, not a fetch error), and the cache is not
+/// wedged: after the backoff, another runtime's request fetches again.
+#[test]
+fn a_refresh_cancelled_with_its_runtime_says_so() {
+    let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
+    let cache = CredentialCache::builder(source.clone())
+        .backoff(Duration::from_millis(10), Duration::from_millis(10))
+        .build();
+    let doomed = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    doomed.block_on(async {
+        let waiting = tokio::time::timeout(Duration::from_millis(20), cache.credential()).await;
+        assert!(waiting.is_err(), "the gated fetch is still in flight");
+    });
+    drop(doomed);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let err = cache.credential().await.unwrap_err();
+        let cause = std::error::Error::source(&err)
+            .and_then(|s| s.downcast_ref::<tower_client_auth::Error>())
+            .unwrap_or_else(|| panic!("no cause under {err:?}"));
+        assert_eq!(cause.kind(), ErrorKind::Cancelled, "{err:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        source.release(1);
+        cache.credential().await.unwrap();
+        assert_eq!(source.fetches(), 2);
+    });
+}
+
+/// World: a user source whose error carries the URL it called (a key in the query,
+/// credentials in the userinfo) and a forged log line. Proves: neither the WARN log nor
+/// the error's `Debug` carries the key, the password or a raw line break.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_user_sources_error_text_is_sanitised() {
+    let (capture, _guard) = support::capture_traces();
+    let source = tower_client_auth::source_fn(|_cx| async {
+        Err::<Credential, BoxError>(
+            "GET https://ops:PA55W0RD@idp.test/token?api_key=K3Y-SECRET failed\r\nERROR forged"
+                .into(),
+        )
+    });
+    let cache = CredentialCache::new(source);
+    let err = cache.credential().await.unwrap_err();
+    let shown = format!("{err:?} {err}");
+    let logs = capture.text();
+    for text in [&shown, &logs] {
+        assert!(!text.contains("K3Y-SECRET"), "{text}");
+        assert!(!text.contains("PA55W0RD"), "{text}");
+        assert!(!text.contains('\r'), "{text:?}");
+        assert!(text.contains("idp.test/token"), "still readable: {text}");
+    }
+    assert!(
+        !logs.lines().any(|l| l.starts_with("ERROR forged")),
+        "{logs}"
+    );
+}

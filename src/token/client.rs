@@ -74,6 +74,16 @@ impl fmt::Debug for TokenClient {
 impl TokenClient {
     /// Uses any Tower HTTP client for token requests.
     ///
+    /// # Redirects
+    ///
+    /// The token client never follows a redirect: a 3xx answer is
+    /// [`TokenErrorKind::Redirect`]. It cannot stop a client that follows redirects
+    /// itself before answering, and such a client sends the token request, client
+    /// secret included (in the body or the Basic header), to wherever the redirect
+    /// points. Give this a client that does not follow redirects: hyper-util's client
+    /// never does; `tower_http::follow_redirect` must not be in the stack; a reqwest
+    /// client needs `redirect(reqwest::redirect::Policy::none())`.
+    ///
     /// ```
     /// use tower_client_auth::token::TokenClient;
     /// # use bytes::Bytes; use http_body_util::Full;
