@@ -1,27 +1,31 @@
 //! [`ResponseFuture`]: the per-request state machine of [`Auth`](crate::Auth).
 //!
 //! ```text
-//!            credential cached ──────────────┐
-//! call ──┬──────────────────────────────▶ First ──response──▶ done (not a rejection)
-//!        └─ must wait ─▶ Waiting ─credential─┘   │
-//!                                    rejection status
-//!                                                ▼
-//!                     replayable? ── no ──▶ done (with a `NotReplayed` extension)
-//!                                                │ yes: keep the rejected response
-//!                                                ▼
-//!                       Refreshing ──new credential──▶ Second ──▶ done, whatever it is
-//!                                                │ the same credential again
-//!                                                ▼
-//!                        done: the rejected response, `NotReplayed::SameCredential`
+//!        credential cached ─────────────────────────────┐
+//! call ──┤                                               ▼
+//!        └─ must wait ─▶ Waiting ─credential, a readied clone─▶ First ─▶ done (no rejection)
+//!                                                        │ rejection status
+//!                                                        ▼
+//!                              replayable? ── no ──▶ done (with a `NotReplayed` extension)
+//!                                                        │ yes: keep the rejected response
+//!                                                        ▼
+//!                                Refreshing ──new credential──▶ Second ──▶ done, whatever it is
+//!                                    │ the same credential, or a fresh one rejected again
+//!                                    ▼
+//!                       done: the rejected response, with a `NotReplayed` extension
 //! ```
 //!
-//! A request is sent at most twice, and never twice with the same credential. The rejection invalidates the credential only if it
-//! is still the cache's current one, so concurrent rejections share one refresh.
+//! A request is sent at most twice, and never twice with the same credential. The
+//! rejection invalidates the credential only if it is still the cache's current one, so
+//! concurrent rejections share one refresh. A request that must wait for a credential
+//! releases the readiness it was called with (a concurrency permit, a buffer slot) and
+//! readies a clone of the inner service once the credential is there.
 
 use std::{
     fmt,
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
 };
 
@@ -95,9 +99,12 @@ where
     }
 }
 
-/// A request waiting for its first credential.
+/// A request waiting for its first credential, then for its service to be ready.
 struct Pending<S, B, P> {
+    /// A clone that was not polled ready: readied once the credential is there.
     service: S,
+    /// The credential, once it arrived.
+    entry: Option<Arc<Entry>>,
     request: Request<B>,
     cache: CredentialCache<P>,
     policy: Policy,
@@ -158,6 +165,7 @@ where
     ) -> Self {
         let pending = Pending {
             service,
+            entry: None,
             request,
             cache,
             policy,
@@ -250,11 +258,31 @@ where
                     return Poll::Ready(Err(error.into()));
                 }
                 StateProj::Waiting { acquire, pending } => {
-                    let entry = ready!(Pin::new(acquire).poll(cx));
+                    let Some(p) = pending.as_mut() else {
+                        return Poll::Ready(Err(polled_after_completion().into()));
+                    };
+                    if p.entry.is_none() {
+                        let entry = ready!(Pin::new(acquire).poll(cx));
+                        match entry {
+                            Ok(entry) => p.entry = Some(entry),
+                            Err(err) => {
+                                *pending = None;
+                                return Poll::Ready(Err(err.into()));
+                            }
+                        }
+                    }
+                    // The service was not readied for this request (see `Auth::call`):
+                    // ready it now that there is something to send.
+                    if let Err(err) = ready!(p.service.poll_ready(cx)) {
+                        *pending = None;
+                        return Poll::Ready(Err(err.into()));
+                    }
                     let Some(p) = pending.take() else {
                         return Poll::Ready(Err(polled_after_completion().into()));
                     };
-                    let entry = entry?;
+                    let Some(entry) = p.entry else {
+                        return Poll::Ready(Err(polled_after_completion().into()));
+                    };
                     let cache = p.cache.refreshes().then_some(CacheRef::Shared(p.cache));
                     let next = ResponseFuture::send(p.service, p.request, &entry, cache, p.policy);
                     this.state.set(next.state);

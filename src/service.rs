@@ -110,7 +110,13 @@ where
                 ResponseFuture::send(service, req, current, cache, self.policy)
             }
             Err(acquire) => {
-                ResponseFuture::wait(acquire, service, req, self.cache.clone(), self.policy)
+                // Nothing is sent until the credential is there: the readiness this
+                // service holds (a concurrency permit, a buffer slot, a pooled
+                // connection) is released now rather than held through the refresh. The
+                // request readies a clone of its own once it has the credential.
+                drop(service);
+                let unready = self.inner.clone();
+                ResponseFuture::wait(acquire, unready, req, self.cache.clone(), self.policy)
             }
         }
     }

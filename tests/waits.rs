@@ -203,3 +203,42 @@ async fn a_user_sources_error_text_is_sanitised() {
         "{logs}"
     );
 }
+
+/// World: a `ConcurrencyLimit` of 1 below the layer, one request waiting on a slow token
+/// fetch, a second caller polling readiness. Proves: the waiting request does not hold
+/// the permit it was readied with (nothing is sent while it waits), so the second
+/// caller becomes ready at once; the first request, once its credential is there, waits
+/// for a permit of its own and is sent.
+#[tokio::test(start_paused = true)]
+async fn waiting_for_a_credential_holds_no_readiness() {
+    use tower::Service;
+    let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
+    let api = FakeApi::new(|_, _| StatusCode::OK);
+    let svc =
+        AuthLayer::new(source.clone()).layer(tower::limit::ConcurrencyLimit::new(api.service(), 1));
+    let first = tokio::spawn(svc.clone().oneshot(get("/first")));
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !first.is_finished(),
+        "the first request waits for its credential"
+    );
+
+    let mut second = svc.clone();
+    let ready = tokio::time::timeout(
+        Duration::from_secs(1),
+        std::future::poll_fn(|cx| second.poll_ready(cx)),
+    )
+    .await;
+    assert!(
+        matches!(ready, Ok(Ok(()))),
+        "the second caller stayed pending behind a request that sends nothing"
+    );
+    drop(second);
+
+    source.release(1);
+    let res = first.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(api.seen().len(), 1);
+}
