@@ -321,3 +321,88 @@ async fn full_header_map_is_a_typed_error() {
     assert_eq!(err.kind(), ErrorKind::HeadersFull);
     assert!(log.lock().unwrap().is_empty(), "nothing was sent");
 }
+
+/// A reqwest client for token requests, as the docs build it: redirects off.
+fn token_http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// World: a reqwest app whose token requests go through a reqwest client too (one HTTP
+/// stack), against the strict token server. Proves: the token is fetched once and used,
+/// through the middleware, and an expired one is refreshed and the request replayed.
+#[tokio::test]
+async fn token_requests_go_through_a_reqwest_client() {
+    use support::strict_idp::StrictIdp;
+    use tower_client_auth::token::{TokenClient, TokenRequest, TokenSource};
+    let idp = StrictIdp::new("rq-client", "rq-secret", 3600.0);
+    let base = support::providers::start(idp.clone()).await;
+    let url = format!("{base}/oauth/token");
+    let source = TokenSource::new(
+        TokenRequest::oauth2_client_credentials(&url, "rq-client", "rq-secret").unwrap(),
+    )
+    .refresh_with(
+        TokenRequest::oauth2_refresh_token(&url, "rq-client", "rq-secret").unwrap(),
+        "refresh_token",
+    )
+    .client(TokenClient::reqwest(token_http()).allow_http_loopback(true));
+    let client = loopback_client(AuthMiddleware::new(source));
+    for _ in 0..3 {
+        let res = client
+            .get(format!("{base}/v1/things"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    idp.expire_access_tokens();
+    let res = client
+        .get(format!("{base}/v1/things"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    use std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(idp.logins.load(SeqCst), 1);
+    assert_eq!(idp.refresh_grants.load(SeqCst), 1);
+}
+
+/// World: a token endpoint answering 307 to another server. Proves: with redirects off
+/// (as documented) the other server never sees the token request, client secret and
+/// all, and the answer is `TokenErrorKind::Redirect`; a client that follows redirects
+/// anyway is caught by the final-URL check (same kind), though the other server did see
+/// the request, which is why the docs require redirects off.
+#[tokio::test]
+async fn token_requests_never_follow_redirects() {
+    use tower_client_auth::{
+        CredentialCache,
+        token::{TokenClient, TokenError, TokenErrorKind, TokenSource},
+    };
+    let (elsewhere, seen) = server(|_, _, _| StatusCode::OK).await;
+    let to = format!("{elsewhere}/steal");
+    let addr = serve(move |_req| {
+        let to = to.clone();
+        async move {
+            Response::builder()
+                .status(StatusCode::TEMPORARY_REDIRECT)
+                .header(header::LOCATION, to)
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        }
+    })
+    .await;
+    let token_url = format!("http://{addr}/oauth/token");
+    for (http, followed) in [(token_http(), false), (reqwest::Client::new(), true)] {
+        let source = TokenSource::client_credentials(&token_url, "id", "redirect-secret")
+            .unwrap()
+            .client(TokenClient::reqwest(http).allow_http_loopback(true));
+        let err = CredentialCache::new(source).credential().await.unwrap_err();
+        let token = std::error::Error::source(&err)
+            .and_then(|s| s.downcast_ref::<TokenError>())
+            .unwrap();
+        assert_eq!(token.kind(), TokenErrorKind::Redirect, "{err}");
+        assert_eq!(seen.lock().unwrap().len(), usize::from(followed));
+    }
+}

@@ -43,6 +43,10 @@ type Send_ = Pin<Box<dyn Future<Output = Result<Answer, SendError>> + Send>>;
 enum SendError {
     Transport(BoxError),
     TooLarge,
+    /// The client followed a redirect on its own: the answer is not the token
+    /// endpoint's.
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    Redirected,
 }
 
 /// A token endpoint's answer, as the sources read it.
@@ -167,6 +171,10 @@ impl TokenClient {
                 };
                 return Err(TokenError::new(kind).with_source(e));
             }
+            Ok(Err(SendError::Redirected)) => {
+                return Err(TokenError::new(TokenErrorKind::Redirect)
+                    .detail("the http client followed a redirect; build it with redirects off"));
+            }
             Ok(Err(SendError::TooLarge)) => {
                 return Err(TokenError::new(TokenErrorKind::InvalidResponse)
                     .detail("the response body is larger than the client accepts"));
@@ -197,8 +205,80 @@ fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
     if let Some(e) = error.downcast_ref::<hyper_util::client::legacy::Error>() {
         return e.is_connect();
     }
+    #[cfg(feature = "reqwest")]
+    if let Some(e) = error.downcast_ref::<reqwest::Error>() {
+        return e.is_connect();
+    }
     let _ = error;
     false
+}
+
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+impl TokenClient {
+    /// Sends token requests through your reqwest client: one HTTP stack and one TLS
+    /// provider for the API and the token endpoint, with the client's proxies and
+    /// roots. The default for reqwest users.
+    ///
+    /// The client must not follow redirects, or it would send the token request, client
+    /// secret included, to wherever a redirect points. Build it with
+    /// `redirect(Policy::none())`, as below. The token client checks the final URL of
+    /// every answer and refuses one that came from elsewhere
+    /// ([`TokenErrorKind::Redirect`]), but by then a client that follows redirects has
+    /// already sent the request there.
+    ///
+    /// ```
+    /// use tower_client_auth::token::{TokenClient, TokenSource};
+    ///
+    /// let http = reqwest::Client::builder()
+    ///     .redirect(reqwest::redirect::Policy::none())
+    ///     .build()
+    ///     .expect("a reqwest client");
+    /// let source = TokenSource::client_credentials("https://idp.example/oauth/token", "id", "secret")?
+    ///     .client(TokenClient::reqwest(http));
+    /// # let _ = source;
+    /// # Ok::<_, tower_client_auth::token::TokenError>(())
+    /// ```
+    pub fn reqwest(client: reqwest::Client) -> Self {
+        let send = move |req: Request<Full<Bytes>>, max: usize| -> Send_ {
+            let client = client.clone();
+            Box::pin(async move {
+                let transport = |e: reqwest::Error| SendError::Transport(Box::new(e));
+                let (parts, body) = req.into_parts();
+                // A `Full` body is one chunk, and cannot fail.
+                let body = body
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                let req = reqwest::Request::try_from(Request::from_parts(parts, body))
+                    .map_err(transport)?;
+                let sent_to = req.url().clone();
+                let mut res = client.execute(req).await.map_err(transport)?;
+                let arrived = Instant::now();
+                if *res.url() != sent_to {
+                    return Err(SendError::Redirected);
+                }
+                let mut body = bytes::BytesMut::new();
+                while let Some(chunk) = res.chunk().await.map_err(transport)? {
+                    if body.len() + chunk.len() > max {
+                        return Err(SendError::TooLarge);
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                let mut response = Response::new(body.freeze());
+                *response.status_mut() = res.status();
+                *response.headers_mut() = std::mem::take(res.headers_mut());
+                Ok(Answer { response, arrived })
+            })
+        };
+        TokenClient {
+            send: Arc::new(send),
+            timeout: DEFAULT_TOKEN_TIMEOUT,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            allow_http_loopback: false,
+        }
+    }
 }
 
 #[cfg(feature = "https")]
