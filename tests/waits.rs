@@ -68,9 +68,10 @@ impl CredentialStore for HungStore {
 /// World: a shared store that hangs on every call. Proves: one deadline (the fetch
 /// timeout) bounds the whole flight, store calls included; the cache degrades to its
 /// source and callers get a credential within that deadline, on the first fetch and
-/// after a rejection alike.
-#[tokio::test(start_paused = true)]
+/// after a rejection alike; the outage is logged once, not once per call.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_hung_store_never_wedges_the_flight() {
+    let (capture, _guard) = support::capture_traces();
     let source = TestSource::new();
     let cache = CredentialCache::builder(source.clone())
         .fetch_timeout(Duration::from_secs(4))
@@ -98,6 +99,13 @@ async fn a_hung_store_never_wedges_the_flight() {
     );
     assert_ne!(first, second);
     assert_eq!(source.fetches(), 2);
+    // Five store calls timed out (load, save; remove, load, save): one outage, one line.
+    let logs = capture.text();
+    assert_eq!(
+        logs.matches("credential store failed").count(),
+        1,
+        "logged once per outage: {logs}"
+    );
 }
 
 /// World: a credential installed on a runtime that then shuts down, the cache used from
