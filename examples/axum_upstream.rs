@@ -57,6 +57,7 @@ async fn main() -> Result<(), BoxError> {
     )?)
     .client(TokenClient::https()?.allow_http_loopback(true));
     let upstream = AuthLayer::new(source)
+        .origin(upstream_base.parse::<tower_client_auth::Origin>()?) // the credential goes there only
         .allow_http_loopback(true) // loopback demo only
         .layer(Client::builder(TokioExecutor::new()).build_http());
     let app = Router::new()

@@ -91,7 +91,19 @@ where
     P: CredentialSource,
     F: Fn(&P) -> Option<TokenStats>,
 {
+    // The credential goes to the API's origin only (scheme, host and port of `url`).
+    let origin: tower_client_auth::Origin = {
+        let uri: http::Uri = url.parse().expect("a url");
+        format!(
+            "{}://{}",
+            uri.scheme_str().unwrap_or("http"),
+            uri.authority().expect("a host")
+        )
+        .parse()
+        .expect("an origin")
+    };
     let svc = AuthLayer::new(source)
+        .origin(origin)
         .allow_http_loopback(true) // loopback demo: production is https-only
         .layer(Client::builder(TokioExecutor::new()).build_http());
     let (sent, ok, time) = burst(svc.clone(), url, events).await;

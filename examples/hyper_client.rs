@@ -32,7 +32,11 @@ async fn main() -> Result<(), BoxError> {
     let client = ServiceBuilder::new()
         .timeout(Duration::from_secs(30))
         .concurrency_limit(64)
-        .layer(AuthLayer::new(source).allow_http_loopback(true)) // loopback demo only
+        .layer(
+            AuthLayer::new(source)
+                .origin(base.parse::<tower_client_auth::Origin>()?) // the credential goes there only
+                .allow_http_loopback(true), // loopback demo only
+        )
         .service(hyper);
 
     let req = Request::get(format!("{base}/v1/shipments")).body(Full::default())?;

@@ -25,6 +25,7 @@ async fn main() -> Result<(), BoxError> {
     let source = TokenSource::session_login(&format!("{base}/v1/sessions"), "my-key", "my-secret")?
         .client(TokenClient::https()?.allow_http_loopback(true)); // loopback demo only
     let client = AuthLayer::new(source)
+        .origin(base.parse::<tower_client_auth::Origin>()?) // the credential goes there only
         .allow_http_loopback(true) // loopback demo only: production is https-only
         .layer(
             Client::builder(TokioExecutor::new())

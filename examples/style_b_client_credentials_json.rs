@@ -31,6 +31,7 @@ async fn main() -> Result<(), BoxError> {
     .field("audience", "https://api.example");
     let source = TokenSource::new(request).client(TokenClient::https()?.allow_http_loopback(true));
     let client = AuthLayer::new(source)
+        .origin(base.parse::<tower_client_auth::Origin>()?) // the credential goes there only
         .allow_http_loopback(true) // loopback demo only
         .layer(Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>());
 

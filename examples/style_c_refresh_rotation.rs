@@ -35,6 +35,7 @@ async fn main() -> Result<(), BoxError> {
         );
     });
     let client = AuthLayer::new(source)
+        .origin(base.parse::<tower_client_auth::Origin>()?) // the credential goes there only
         .allow_http_loopback(true) // loopback demo only
         .layer(Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>());
 

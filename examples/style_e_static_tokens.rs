@@ -26,13 +26,17 @@ async fn main() -> Result<(), BoxError> {
 
     // --- user code -------------------------------------------------------------------
     let pat = RotatingCredential::new(Credential::bearer("pat_old")?);
+    let origin: tower_client_auth::Origin = base.parse()?; // the credentials go there only
     let api = AuthLayer::new(pat.clone())
+        .origin(origin.clone())
         .allow_http_loopback(true)
         .layer(http.clone());
     let cookie = AuthLayer::new(StaticCredential::cookie("session", "c00k1e"))
+        .origin(origin.clone())
         .allow_http_loopback(true)
         .layer(http.clone());
     let secret = AuthLayer::new(StaticCredential::with_scheme("Secret", "cl1ent-s3cret"))
+        .origin(origin)
         .allow_http_loopback(true)
         .layer(http);
 

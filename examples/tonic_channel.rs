@@ -47,7 +47,11 @@ async fn main() -> Result<(), BoxError> {
         Ok::<_, BoxError>(Credential::bearer("grpc-token")?.expires_in(Duration::from_secs(3600)))
     });
     let authed = ServiceBuilder::new()
-        .layer(AuthLayer::new(source).allow_http_loopback(true)) // loopback demo only
+        .layer(
+            AuthLayer::new(source)
+                .origin(format!("http://{addr}").parse::<tower_client_auth::Origin>()?) // the credential goes there only
+                .allow_http_loopback(true), // loopback demo only
+        )
         .map_request(|req: Request<ReplayBody<Body>>| req.map(Body::new))
         .service(channel);
     // `with_origin` puts scheme and host on every request, so the layer can check them.

@@ -195,6 +195,13 @@ impl Credential {
         value: &HeaderValue,
         replace: bool,
     ) -> Result<bool, MaxSizeReached> {
+        if *name == header::COOKIE {
+            // Cookies are one header of many pairs: ours joins theirs, unless they
+            // bring a cookie of the same name.
+            let mut theirs: Vec<HeaderValue> = headers.get_all(name).iter().cloned().collect();
+            theirs.pop();
+            return merge_cookie(headers, &theirs, value, replace);
+        }
         if replace {
             headers.try_insert(name, value.clone())?;
             return Ok(true);
@@ -229,10 +236,17 @@ impl Credential {
         Ok(true)
     }
 
-    /// Sets this credential's headers on `headers`, replacing any values already there.
+    /// Sets this credential's headers on `headers`, replacing any values already there;
+    /// a cookie replaces only the request's cookie of the same name, if any, and joins
+    /// the others.
     pub(crate) fn apply(&self, headers: &mut HeaderMap) -> Result<(), MaxSizeReached> {
         for (name, value) in self.headers.iter() {
-            headers.try_insert(name, value.clone())?;
+            if *name == header::COOKIE && headers.contains_key(header::COOKIE) {
+                let theirs: Vec<HeaderValue> = headers.get_all(name).iter().cloned().collect();
+                merge_cookie(headers, &theirs, value, true)?;
+            } else {
+                headers.try_insert(name, value.clone())?;
+            }
         }
         Ok(())
     }
@@ -265,6 +279,49 @@ impl fmt::Debug for Credential {
             .field("expires_at", &self.expires_at)
             .finish()
     }
+}
+
+/// Joins the cookie pair `ours` (`name=value`) to the request's own `Cookie` values
+/// `theirs`, as one header (RFC 6265 §5.4: one `Cookie` header, pairs joined by `; `).
+/// When they bring a cookie of the same name: with `replace`, ours takes its place;
+/// without, the request is left as it came and `false` returned.
+fn merge_cookie(
+    headers: &mut HeaderMap,
+    theirs: &[HeaderValue],
+    ours: &HeaderValue,
+    replace: bool,
+) -> Result<bool, MaxSizeReached> {
+    let name_of = |pair: &[u8]| -> Vec<u8> {
+        let name = pair.split(|b| *b == b'=').next().unwrap_or(pair);
+        name.trim_ascii().to_vec()
+    };
+    let our_name = name_of(ours.as_bytes());
+    let pairs: Vec<&[u8]> = theirs
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .map(<[u8]>::trim_ascii)
+        .filter(|p| !p.is_empty())
+        .collect();
+    let same_name = pairs.iter().any(|p| name_of(p) == our_name);
+    if same_name && !replace {
+        // Put theirs back as they were (the caller removed ours already, or never added).
+        headers.remove(header::COOKIE);
+        for value in theirs {
+            headers.try_append(header::COOKIE, value.clone())?;
+        }
+        return Ok(false);
+    }
+    let mut merged = Vec::new();
+    for pair in pairs.iter().filter(|p| name_of(p) != our_name) {
+        merged.extend_from_slice(pair);
+        merged.extend_from_slice(b"; ");
+    }
+    merged.extend_from_slice(ours.as_bytes());
+    // Every byte came from valid header values, joined with "; ".
+    let mut value = HeaderValue::from_bytes(&merged).unwrap_or_else(|_| ours.clone());
+    value.set_sensitive(true);
+    headers.try_insert(header::COOKIE, value)?;
+    Ok(true)
 }
 
 /// Token characters of RFC 9110 §5.6.2.
@@ -330,10 +387,48 @@ mod tests {
     /// Other headers are never touched.
     #[test]
     fn attach_adds_keeps_or_replaces() {
-        let ours = Credential::cookie("sid", "ours").unwrap();
+        let ours = Credential::header("x-api-key", "ours").unwrap();
         let brought = |values: &[&'static str]| {
             let mut map = HeaderMap::new();
             map.insert("accept", HeaderValue::from_static("*/*"));
+            for v in values {
+                map.append("x-api-key", HeaderValue::from_static(v));
+            }
+            map
+        };
+        let values = |map: &HeaderMap| -> Vec<String> {
+            map.get_all("x-api-key")
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect()
+        };
+
+        let mut map = brought(&[]);
+        assert!(ours.attach(&mut map, false).unwrap());
+        assert_eq!(values(&map), ["ours"]);
+
+        for theirs in [&["k1"][..], &["k1", "k2", "k3"]] {
+            let mut map = brought(theirs);
+            assert!(!ours.attach(&mut map, false).unwrap());
+            assert_eq!(values(&map), theirs);
+            assert_eq!(map["accept"], "*/*");
+            assert_eq!(map.len(), theirs.len() + 1);
+
+            let mut map = brought(theirs);
+            assert!(ours.attach(&mut map, true).unwrap());
+            assert_eq!(values(&map), ["ours"]);
+            assert_eq!(map["accept"], "*/*");
+        }
+    }
+
+    /// A cookie joins the request's cookies in one header; a cookie of the same name is
+    /// kept (or, replacing, swapped for ours in place of it); `apply` (the replay) joins
+    /// ours to theirs.
+    #[test]
+    fn cookies_merge() {
+        let ours = Credential::cookie("sid", "ours").unwrap();
+        let brought = |values: &[&'static str]| {
+            let mut map = HeaderMap::new();
             for v in values {
                 map.append("cookie", HeaderValue::from_static(v));
             }
@@ -345,23 +440,25 @@ mod tests {
                 .map(|v| v.to_str().unwrap().to_owned())
                 .collect()
         };
-
-        let mut map = brought(&[]);
+        let mut map = brought(&["a=1", "b=2; c=3"]);
         assert!(ours.attach(&mut map, false).unwrap());
+        assert_eq!(values(&map), ["a=1; b=2; c=3; sid=ours"]);
+        assert!(map["cookie"].is_sensitive());
+
+        let mut map = brought(&["a=1; sid=theirs", "b=2"]);
+        assert!(!ours.attach(&mut map, false).unwrap());
+        assert_eq!(values(&map), ["a=1; sid=theirs", "b=2"]);
+
+        let mut map = brought(&["a=1; sid=theirs", "b=2"]);
+        assert!(ours.attach(&mut map, true).unwrap());
+        assert_eq!(values(&map), ["a=1; b=2; sid=ours"]);
+
+        let mut map = brought(&["a=1"]);
+        ours.apply(&mut map).unwrap();
+        assert_eq!(values(&map), ["a=1; sid=ours"]);
+        let mut map = brought(&[]);
+        ours.apply(&mut map).unwrap();
         assert_eq!(values(&map), ["sid=ours"]);
-
-        for theirs in [&["a=1"][..], &["a=1", "b=2", "c=3"]] {
-            let mut map = brought(theirs);
-            assert!(!ours.attach(&mut map, false).unwrap());
-            assert_eq!(values(&map), theirs);
-            assert_eq!(map["accept"], "*/*");
-            assert_eq!(map.len(), theirs.len() + 1);
-
-            let mut map = brought(theirs);
-            assert!(ours.attach(&mut map, true).unwrap());
-            assert_eq!(values(&map), ["sid=ours"]);
-            assert_eq!(map["accept"], "*/*");
-        }
     }
 
     /// Values that would break the header (or inject another) are typed errors naming

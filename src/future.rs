@@ -156,6 +156,17 @@ where
         }
     }
 
+    /// Sends `request` as it is: no credential, no refresh, no replay.
+    pub(crate) fn passthrough(mut service: S, request: Request<B>) -> Self {
+        let future = service.call(request.map(ReplayBody::forward));
+        ResponseFuture {
+            state: State::First {
+                future,
+                retry: None,
+            },
+        }
+    }
+
     pub(crate) fn wait(
         acquire: Acquire,
         service: S,
@@ -202,13 +213,7 @@ where
         };
         if !attached {
             // The request brings its own credential: untouched, never replayed.
-            let future = service.call(request.map(ReplayBody::forward));
-            return ResponseFuture {
-                state: State::First {
-                    future,
-                    retry: None,
-                },
-            };
+            return ResponseFuture::passthrough(service, request);
         }
         let (request, replay) = match replay {
             Ok(head) => {

@@ -1,11 +1,14 @@
 //! [`AuthLayer`]: configuration of the request side, and the [`tower_layer::Layer`] impl.
 
+use std::sync::Arc;
+
 use http::StatusCode;
 use tower_layer::Layer;
 
 use crate::{
     cache::CredentialCache,
     policy::{ExistingHeader, Policy, StatusSet},
+    scope::{Origin, Scope},
     service::Auth,
     source::CredentialSource,
 };
@@ -33,6 +36,7 @@ use crate::{
 pub struct AuthLayer<P> {
     cache: CredentialCache<P>,
     policy: Policy,
+    scope: Option<Arc<Scope>>,
 }
 
 impl<P> Clone for AuthLayer<P> {
@@ -40,6 +44,7 @@ impl<P> Clone for AuthLayer<P> {
         AuthLayer {
             cache: self.cache.clone(),
             policy: self.policy,
+            scope: self.scope.clone(),
         }
     }
 }
@@ -56,6 +61,7 @@ impl<P: CredentialSource> AuthLayer<P> {
         AuthLayer {
             cache,
             policy: Policy::default(),
+            scope: None,
         }
     }
 
@@ -67,6 +73,37 @@ impl<P: CredentialSource> AuthLayer<P> {
     #[cfg(feature = "reqwest")]
     pub(crate) fn policy(&self) -> Policy {
         self.policy
+    }
+
+    #[cfg(feature = "reqwest")]
+    pub(crate) fn scope(&self) -> Option<Arc<Scope>> {
+        self.scope.clone()
+    }
+
+    /// Sends the credential to `origin` (and to any other origin or predicate given):
+    /// a request to anywhere else passes through without it, and is never refreshed for
+    /// or replayed. Call it for every origin of the API; see [`Origin`].
+    ///
+    /// **Without any origin or predicate the layer is unscoped**: every request through
+    /// it gets the credential, whatever its host. That is only safe when the client
+    /// below talks to the credential's API alone.
+    pub fn origin(mut self, origin: Origin) -> Self {
+        let scope = self.scope.take().map(|s| (*s).clone()).unwrap_or_default();
+        self.scope = Some(Arc::new(scope.with_origin(origin)));
+        self
+    }
+
+    /// Sends the credential to requests whose URI `matches` (for origins a list cannot
+    /// name: every subdomain of a host, say), in addition to the [`origin`](Self::origin)s.
+    /// Relative URIs (no scheme or host) are in scope only with
+    /// [`allow_relative_uris`](Self::allow_relative_uris).
+    pub fn origin_matching<F>(mut self, matches: F) -> Self
+    where
+        F: Fn(&http::Uri) -> bool + Send + Sync + 'static,
+    {
+        let scope = self.scope.take().map(|s| (*s).clone()).unwrap_or_default();
+        self.scope = Some(Arc::new(scope.with_predicate(Arc::new(matches))));
+        self
     }
 
     /// Response statuses that mean "credential rejected" and trigger one refresh and one
@@ -125,6 +162,6 @@ impl<S, P> Layer<S> for AuthLayer<P> {
     type Service = Auth<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Auth::new(inner, self.cache.clone(), self.policy)
+        Auth::new(inner, self.cache.clone(), self.policy, self.scope.clone())
     }
 }

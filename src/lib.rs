@@ -184,6 +184,7 @@ mod policy;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
+mod scope;
 mod secret;
 mod service;
 pub mod source;
@@ -200,6 +201,7 @@ pub use crate::{
     future::ResponseFuture,
     layer::AuthLayer,
     policy::{DEFAULT_REJECTION_STATUSES, ExistingHeader, NoReplay},
+    scope::{InvalidOrigin, Origin},
     secret::Secret,
     service::Auth,
     source::{CredentialSource, FetchContext, FetchReason, RefreshMode, SourceFn, source_fn},

@@ -38,6 +38,8 @@
 //! # let _ = client;
 //! ```
 
+use std::sync::Arc;
+
 use http::{Extensions, StatusCode};
 use reqwest_middleware::{Middleware, Next};
 
@@ -45,6 +47,7 @@ use crate::{
     cache::CredentialCache,
     layer::AuthLayer,
     policy::{ExistingHeader, NoReplay, Policy, StatusSet},
+    scope::{Origin, Scope},
     source::CredentialSource,
 };
 
@@ -54,6 +57,7 @@ use crate::{
 pub struct AuthMiddleware<P> {
     cache: CredentialCache<P>,
     policy: Policy,
+    scope: Option<Arc<Scope>>,
 }
 
 impl<P> Clone for AuthMiddleware<P> {
@@ -61,6 +65,7 @@ impl<P> Clone for AuthMiddleware<P> {
         AuthMiddleware {
             cache: self.cache.clone(),
             policy: self.policy,
+            scope: self.scope.clone(),
         }
     }
 }
@@ -76,6 +81,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
         AuthMiddleware {
             cache,
             policy: Policy::default(),
+            scope: None,
         }
     }
 
@@ -84,12 +90,31 @@ impl<P: CredentialSource> AuthMiddleware<P> {
         AuthMiddleware {
             cache: layer.cache().clone(),
             policy: layer.policy(),
+            scope: layer.scope(),
         }
     }
 
     /// The cache behind this middleware.
     pub fn cache(&self) -> &CredentialCache<P> {
         &self.cache
+    }
+
+    /// See [`AuthLayer::origin`]: the credential goes to this origin (and any other
+    /// given) only; requests elsewhere pass through without it.
+    pub fn origin(mut self, origin: Origin) -> Self {
+        let scope = self.scope.take().map(|s| (*s).clone()).unwrap_or_default();
+        self.scope = Some(Arc::new(scope.with_origin(origin)));
+        self
+    }
+
+    /// See [`AuthLayer::origin_matching`].
+    pub fn origin_matching<F>(mut self, matches: F) -> Self
+    where
+        F: Fn(&http::Uri) -> bool + Send + Sync + 'static,
+    {
+        let scope = self.scope.take().map(|s| (*s).clone()).unwrap_or_default();
+        self.scope = Some(Arc::new(scope.with_predicate(Arc::new(matches))));
+        self
     }
 
     /// See [`AuthLayer::rejection_statuses`].
@@ -130,6 +155,12 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         next: Next<'_>,
     ) -> reqwest_middleware::Result<reqwest::Response> {
         let url = req.url();
+        if let Some(scope) = &self.scope {
+            if !scope.allows_url(url) {
+                // Another origin: sent as it is, without the credential.
+                return next.run(req, extensions).await;
+            }
+        }
         self.policy
             .check_transport_parts(Some(url.scheme()), url.host_str())
             .map_err(middleware_error)?;

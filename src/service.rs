@@ -2,6 +2,7 @@
 
 use std::{
     fmt, mem,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -16,6 +17,7 @@ use crate::{
     error::BoxError,
     future::ResponseFuture,
     policy::Policy,
+    scope::Scope,
     source::CredentialSource,
 };
 
@@ -33,6 +35,8 @@ pub struct Auth<S, P> {
     /// This clone's references to the cache for its requests (see `CacheRef`).
     refs: LocalRefs<P>,
     policy: Policy,
+    /// Where the credential goes; `None`: everywhere (unscoped).
+    scope: Option<Arc<Scope>>,
 }
 
 impl<S: fmt::Debug, P> fmt::Debug for Auth<S, P> {
@@ -41,6 +45,7 @@ impl<S: fmt::Debug, P> fmt::Debug for Auth<S, P> {
             .field("inner", &self.inner)
             .field("cache", &self.cache)
             .field("policy", &self.policy)
+            .field("scope", &self.scope)
             .finish()
     }
 }
@@ -53,18 +58,25 @@ impl<S: Clone, P> Clone for Auth<S, P> {
             view: self.view.clone(),
             refs: LocalRefs::new(),
             policy: self.policy,
+            scope: self.scope.clone(),
         }
     }
 }
 
 impl<S, P> Auth<S, P> {
-    pub(crate) fn new(inner: S, cache: CredentialCache<P>, policy: Policy) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        cache: CredentialCache<P>,
+        policy: Policy,
+        scope: Option<Arc<Scope>>,
+    ) -> Self {
         Auth {
             inner,
             view: LocalView::new(&cache),
             refs: LocalRefs::new(),
             cache,
             policy,
+            scope,
         }
     }
 
@@ -97,6 +109,14 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        if let Some(scope) = &self.scope {
+            if !scope.allows(req.uri(), self.policy.allow_relative_uris) {
+                // Another origin: no credential, so no transport rule, refresh or replay.
+                let clone = self.inner.clone();
+                let service = mem::replace(&mut self.inner, clone);
+                return ResponseFuture::passthrough(service, req);
+            }
+        }
         if let Err(err) = self.policy.check_transport(req.uri()) {
             return ResponseFuture::failed(err);
         }

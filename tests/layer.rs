@@ -484,3 +484,64 @@ async fn static_credential_rejection_is_not_replayed() {
     call.await.unwrap().unwrap();
     assert_eq!(layer.cache().stats().fetches, 1);
 }
+
+/// A cookie credential joins the request's own cookies in one `Cookie` header; only a
+/// cookie of the same name counts as already present (then the request goes as it
+/// came); a replay joins the new cookie to the request's own again.
+#[tokio::test]
+async fn cookie_credentials_merge_with_the_requests_cookies() {
+    use http::header::COOKIE;
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let source = tower_client_auth::source_fn({
+        let n = n.clone();
+        move |_cx| {
+            let v = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            async move { tower_client_auth::Credential::cookie("session", format!("v{v}")) }
+        }
+    })
+    .refresh_mode(tower_client_auth::RefreshMode::ReactiveOnly);
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let mut svc = AuthLayer::new(source).layer(inner);
+    let with_cookies = |cookies: &[&str]| {
+        let mut req = get("/v1/me");
+        for c in cookies {
+            req.headers_mut().append(COOKIE, c.parse().unwrap());
+        }
+        req
+    };
+    let cookies = |req: &Req| -> Vec<String> {
+        req.headers()
+            .get_all(COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // Theirs and ours, one header.
+    svc.ready().await.unwrap();
+    let call = tokio::spawn(svc.call(with_cookies(&["a=1", "b=2; c=3"])));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(cookies(&req), ["a=1; b=2; c=3; session=v1"]);
+    assert!(req.headers()[COOKIE].is_sensitive());
+    reply.send_response(status(200));
+    call.await.unwrap().unwrap();
+
+    // Their own `session` cookie: untouched.
+    svc.ready().await.unwrap();
+    let call = tokio::spawn(svc.call(with_cookies(&["a=1; session=theirs"])));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(cookies(&req), ["a=1; session=theirs"]);
+    reply.send_response(status(200));
+    call.await.unwrap().unwrap();
+
+    // Rejected: the replay joins the new cookie to theirs.
+    svc.ready().await.unwrap();
+    let call = tokio::spawn(svc.call(with_cookies(&["a=1"])));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(cookies(&req), ["a=1; session=v1"]);
+    reply.send_response(status(401));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(cookies(&req), ["a=1; session=v2"]);
+    reply.send_response(status(200));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}

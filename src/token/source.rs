@@ -111,8 +111,8 @@ type OnRefresh = Arc<dyn Fn(TokenPair) -> Pin<Box<dyn Future<Output = ()> + Send
 ///   reports as rejected or expiring is never handed out again.
 /// - The lifetime is the earlier of `expires_in` and the JWT `exp` claim, else
 ///   [`default_lifetime`](Self::default_lifetime), measured from the moment the response
-///   arrived, on the monotonic clock; less the [`clock_skew`](Self::clock_skew) margin,
-///   and never below [`MIN_LIFETIME`] or above [`MAX_LIFETIME`].
+///   arrived, on the monotonic clock; raised to [`MIN_LIFETIME`] and capped at
+///   [`MAX_LIFETIME`]; then less the [`clock_skew`](Self::clock_skew) margin.
 /// - A new refresh token is kept before anything else in its answer is judged. A refresh
 ///   whose outcome is unknown (no answer within the token client's timeout) drops its
 ///   refresh token and logs in: it may have rotated, and presenting it again could revoke
@@ -578,7 +578,7 @@ impl Exchange {
 
     /// The lifetime to use, from arrival: the earlier of `expires_in` and the JWT `exp`
     /// (some servers floor `exp` to the second and state the full `expires_in`), else the
-    /// default; less the clock-skew margin; never below [`MIN_LIFETIME`].
+    /// default; raised to [`MIN_LIFETIME`] if shorter; less the clock-skew margin.
     fn lifetime(
         &self,
         expires_in: Option<Duration>,
@@ -627,7 +627,6 @@ impl Exchange {
                 None => return Ok(None),
             },
         };
-        let skew = self.clock_skew.min(stated.mul_f64(MAX_SKEW_FRACTION));
         if stated < MIN_LIFETIME {
             self.flags.once(&self.flags.short_lifetime, || {
                 tracing::warn!(
@@ -637,7 +636,11 @@ impl Exchange {
                 )
             });
         }
-        Ok(Some((stated - skew).max(MIN_LIFETIME)))
+        // The floor applies to what the server states; the margin comes off after, so
+        // a short-lived token still gets its margin.
+        let stated = stated.max(MIN_LIFETIME);
+        let skew = self.clock_skew.min(stated.mul_f64(MAX_SKEW_FRACTION));
+        Ok(Some(stated - skew))
     }
 }
 

@@ -1,0 +1,191 @@
+//! Origin scoping: which requests get the credential at all.
+//!
+//! A client is often shared: the same hyper or reqwest client calls the API the
+//! credential is for, and a webhook target, a CDN, another vendor. An unscoped layer
+//! sends the credential to every https host the client reaches. Scoped, a request to any
+//! other origin passes through untouched: no credential, no refresh, no replay.
+//!
+//! # Example
+//! ```
+//! use tower_client_auth::{AuthLayer, Origin, StaticCredential};
+//!
+//! let layer = AuthLayer::new(StaticCredential::bearer("pat_123"))
+//!     .origin("https://api.example.com".parse::<Origin>()?)
+//!     .origin_matching(|uri| uri.host().is_some_and(|h| h.ends_with(".api.example.com")));
+//! # let _ = layer;
+//! # Ok::<(), tower_client_auth::InvalidOrigin>(())
+//! ```
+
+use std::{fmt, str::FromStr, sync::Arc};
+
+use http::Uri;
+
+/// One origin (`scheme://host[:port]`, RFC 6454): the credential is sent to requests
+/// whose scheme, host and port all match. Scheme and host compare case-insensitively; a
+/// missing port is the scheme's default (443 for https, 80 for http).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    scheme: String,
+    host: String,
+    port: u16,
+}
+
+/// A string that is not an origin: it needs a scheme and a host, and nothing after them
+/// (no path, query or credentials).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidOrigin {
+    what: &'static str,
+}
+
+impl fmt::Display for InvalidOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid origin: {}", self.what)
+    }
+}
+
+impl std::error::Error for InvalidOrigin {}
+
+fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "https" | "wss" => Some(443),
+        "http" | "ws" => Some(80),
+        _ => None,
+    }
+}
+
+impl FromStr for Origin {
+    type Err = InvalidOrigin;
+
+    fn from_str(s: &str) -> Result<Self, InvalidOrigin> {
+        let invalid = |what| InvalidOrigin { what };
+        let uri: Uri = s.parse().map_err(|_| invalid("not a uri"))?;
+        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            return Err(invalid("it needs a scheme and a host"));
+        };
+        if authority.as_str().contains('@') {
+            return Err(invalid("it must not carry credentials"));
+        }
+        let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
+        if !(path_and_query.is_empty() || path_and_query == "/") {
+            return Err(invalid("it must not have a path or query"));
+        }
+        let scheme = scheme.to_ascii_lowercase();
+        let port = match authority.port_u16() {
+            Some(port) => port,
+            None => default_port(&scheme).ok_or(invalid("unknown scheme and no port"))?,
+        };
+        Ok(Origin {
+            scheme,
+            host: authority.host().to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl Origin {
+    fn matches(&self, scheme: &str, host: &str, port: Option<u16>) -> bool {
+        let port = port.or_else(|| default_port(&scheme.to_ascii_lowercase()));
+        self.scheme.eq_ignore_ascii_case(scheme)
+            && self.host.eq_ignore_ascii_case(host)
+            && port == Some(self.port)
+    }
+}
+
+type Predicate = Arc<dyn Fn(&Uri) -> bool + Send + Sync>;
+
+/// The origins a layer or middleware sends its credential to. Shared by clones.
+#[derive(Clone, Default)]
+pub(crate) struct Scope {
+    origins: Vec<Origin>,
+    predicates: Vec<Predicate>,
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scope")
+            .field("origins", &self.origins)
+            .field("predicates", &self.predicates.len())
+            .finish()
+    }
+}
+
+impl Scope {
+    pub(crate) fn with_origin(mut self, origin: Origin) -> Self {
+        self.origins.push(origin);
+        self
+    }
+
+    pub(crate) fn with_predicate(mut self, f: Predicate) -> Self {
+        self.predicates.push(f);
+        self
+    }
+
+    /// Whether a request to `uri` gets the credential. A URI without a scheme or host
+    /// (set below the layer, as a tonic channel does) is in scope only when
+    /// `relative_in_scope`.
+    pub(crate) fn allows(&self, uri: &Uri, relative_in_scope: bool) -> bool {
+        match (uri.scheme_str(), uri.host()) {
+            (Some(scheme), Some(host)) => {
+                self.origins
+                    .iter()
+                    .any(|o| o.matches(scheme, host, uri.port_u16()))
+                    || self.predicates.iter().any(|p| p(uri))
+            }
+            _ => relative_in_scope,
+        }
+    }
+
+    /// [`allows`](Self::allows) for a URL given as parts (the reqwest middleware).
+    #[cfg(feature = "reqwest")]
+    pub(crate) fn allows_url(&self, url: &reqwest::Url) -> bool {
+        let Some(host) = url.host_str() else {
+            return false;
+        };
+        if self
+            .origins
+            .iter()
+            .any(|o| o.matches(url.scheme(), host, url.port()))
+        {
+            return true;
+        }
+        !self.predicates.is_empty()
+            && url
+                .as_str()
+                .parse::<Uri>()
+                .is_ok_and(|uri| self.predicates.iter().any(|p| p(&uri)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Origins parse strictly and match scheme, host and (default) port exactly.
+    #[test]
+    fn origins_match_exactly() {
+        let o: Origin = "https://API.example.com".parse().unwrap();
+        let scope = Scope::default().with_origin(o);
+        let allows = |u: &str| scope.allows(&u.parse().unwrap(), false);
+        assert!(allows("https://api.example.com/v1/x"));
+        assert!(allows("HTTPS://api.EXAMPLE.com:443/"));
+        assert!(!allows("https://api.example.com:8443/"));
+        assert!(!allows("http://api.example.com/"));
+        assert!(!allows("https://api.example.com.evil.test/"));
+        assert!(!allows("https://evil.test/?https://api.example.com"));
+        assert!(!allows("/relative"));
+        for bad in [
+            "api.example.com",
+            "https://u:p@api.example.com",
+            "https://api.example.com/path",
+            "https://api.example.com?q",
+            "ftp://x.test",
+            "",
+        ] {
+            assert!(bad.parse::<Origin>().is_err(), "{bad}");
+        }
+        let local: Origin = "http://127.0.0.1:8080".parse().unwrap();
+        let scope = Scope::default().with_origin(local);
+        assert!(scope.allows(&"http://127.0.0.1:8080/a".parse().unwrap(), false));
+        assert!(!scope.allows(&"http://127.0.0.1:8081/a".parse().unwrap(), false));
+    }
+}

@@ -1,0 +1,145 @@
+//! Origin scoping over real loopback servers: one client shared by the credential's API
+//! and a third party. The third party never sees the credential, over Tower and reqwest.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use support::{api_client, providers::serve};
+use tower::{Layer, ServiceExt};
+use tower_client_auth::{AuthLayer, Credential, Origin, RotatingCredential};
+
+/// A server that records the `Authorization` header of each request and answers `status`.
+async fn recording(status: StatusCode) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let addr = serve({
+        let seen = seen.clone();
+        move |req: Request<hyper::body::Incoming>| {
+            let seen = seen.clone();
+            async move {
+                let auth = req
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .map(|v| v.to_str().unwrap().to_owned());
+                seen.lock().unwrap().push(auth);
+                Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap()
+            }
+        }
+    })
+    .await;
+    (format!("http://{addr}"), seen)
+}
+
+/// World: a layer scoped to the API's origin over a client that also calls a third
+/// party (which answers 401, to tempt a refresh). Proves: the API gets the credential;
+/// the third party never does, is not replayed, and causes no fetch; a request to the
+/// API's host on another port is another origin.
+#[tokio::test]
+async fn tower_the_wrong_origin_never_sees_the_credential() {
+    let (api, api_seen) = recording(StatusCode::OK).await;
+    let (other, other_seen) = recording(StatusCode::UNAUTHORIZED).await;
+    let source = RotatingCredential::new(Credential::bearer("scoped-token").unwrap());
+    let layer = AuthLayer::new(source)
+        .allow_http_loopback(true)
+        .origin(api.parse::<Origin>().unwrap());
+    let cache = layer.cache().clone();
+    let svc = layer.layer(api_client());
+    let get = |url: String| {
+        let svc = svc.clone();
+        async move {
+            let res = svc
+                .oneshot(Request::get(url).body(Full::<Bytes>::default()).unwrap())
+                .await
+                .unwrap();
+            let status = res.status();
+            res.into_body().collect().await.unwrap();
+            status
+        }
+    };
+    assert_eq!(get(format!("{api}/v1/me")).await, 200);
+    assert_eq!(get(format!("{other}/hook")).await, 401);
+    assert_eq!(get(format!("{other}/hook?to={api}")).await, 401);
+    assert_eq!(
+        api_seen.lock().unwrap().clone(),
+        [Some("Bearer scoped-token".to_owned())]
+    );
+    assert_eq!(
+        other_seen.lock().unwrap().clone(),
+        [None, None],
+        "sent once each, bare"
+    );
+    let stats = cache.stats();
+    assert_eq!((stats.fetches, stats.rejections, stats.replays), (1, 0, 0));
+}
+
+/// The same world through the reqwest middleware.
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn reqwest_the_wrong_origin_never_sees_the_credential() {
+    use tower_client_auth::reqwest::AuthMiddleware;
+    let (api, api_seen) = recording(StatusCode::OK).await;
+    let (other, other_seen) = recording(StatusCode::UNAUTHORIZED).await;
+    let source = RotatingCredential::new(Credential::bearer("scoped-token").unwrap());
+    let auth = AuthMiddleware::new(source)
+        .allow_http_loopback(true)
+        .origin(api.parse::<Origin>().unwrap());
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(auth)
+        .build();
+    let status = |url: String| {
+        let client = client.clone();
+        async move { client.get(url).send().await.unwrap().status() }
+    };
+    assert_eq!(status(format!("{api}/v1/me")).await, 200);
+    assert_eq!(status(format!("{other}/hook")).await, 401);
+    assert_eq!(
+        api_seen.lock().unwrap().clone(),
+        [Some("Bearer scoped-token".to_owned())]
+    );
+    assert_eq!(other_seen.lock().unwrap().clone(), [None]);
+}
+
+/// A predicate scopes what a list cannot name; plain http to a non-loopback host that is
+/// out of scope is passed through (no credential, so no transport rule applies).
+#[tokio::test]
+async fn a_predicate_scopes_and_out_of_scope_requests_are_untouched() {
+    let (api, api_seen) = recording(StatusCode::OK).await;
+    let port = api.rsplit(':').next().unwrap().to_owned();
+    let source = RotatingCredential::new(Credential::bearer("scoped-token").unwrap());
+    let svc = AuthLayer::new(source)
+        .allow_http_loopback(true)
+        .origin_matching(move |uri| uri.port_u16().map(|p| p.to_string()) == Some(port.clone()))
+        .layer(api_client());
+    let res = svc
+        .oneshot(
+            Request::get(format!("{api}/v1/me"))
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        api_seen.lock().unwrap().clone(),
+        [Some("Bearer scoped-token".to_owned())]
+    );
+
+    // Out of scope over plain http to a remote host: sent untouched, not refused.
+    let fake = support::FakeApi::new(|_, _| StatusCode::OK);
+    let svc = AuthLayer::new(RotatingCredential::new(
+        Credential::bearer("scoped-token").unwrap(),
+    ))
+    .origin("https://api.example.com".parse::<Origin>().unwrap())
+    .layer(fake.service());
+    let req = Request::get("http://cdn.example.net/logo.png")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    assert_eq!(svc.oneshot(req).await.unwrap().status(), 200);
+    assert_eq!(fake.seen()[0].authorization, None);
+}
