@@ -142,6 +142,42 @@ impl Error {
     pub fn retry_in(&self) -> Option<Duration> {
         self.retry_in
     }
+
+    /// The token endpoint failure behind this error, if a
+    /// [`TokenSource`](crate::token::TokenSource) failed (directly, or as the cause of a
+    /// backoff).
+    pub fn token_error(&self) -> Option<&crate::token::TokenError> {
+        let mut cause = self.source();
+        while let Some(err) = cause {
+            if let Some(token) = err.downcast_ref::<crate::token::TokenError>() {
+                return Some(token);
+            }
+            cause = err.source();
+        }
+        None
+    }
+
+    /// The OAuth2 `error` code the token endpoint answered (`invalid_client`,
+    /// `invalid_grant`, ...), if any.
+    pub fn oauth_error(&self) -> Option<&str> {
+        self.token_error().and_then(|t| t.oauth_error())
+    }
+
+    /// The HTTP status the token endpoint answered, if it answered.
+    pub fn token_status(&self) -> Option<http::StatusCode> {
+        self.token_error().and_then(|t| t.status())
+    }
+
+    /// Whether retrying cannot help without a change of configuration: the client
+    /// credentials or grant were refused, the token url is wrong or insecure, a
+    /// credential cannot be built. Transient otherwise (the endpoint down, slow,
+    /// throttling), and the cache retries on its backoff schedule.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::InsecureTransport | ErrorKind::InvalidCredential | ErrorKind::HeadersFull
+        ) || self.token_error().is_some_and(|t| t.is_permanent())
+    }
 }
 
 impl fmt::Debug for Error {
@@ -169,6 +205,10 @@ impl fmt::Debug for Error {
 }
 
 impl fmt::Display for Error {
+    /// One line: what failed, then the causes that say why (the token endpoint's
+    /// answer, the connection error), each made safe to show (no URL credentials or
+    /// queries, control characters escaped). The crate's own wrappers (a backoff over a
+    /// failed fetch) are not repeated.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.kind.as_str())?;
         if let Some(detail) = self.detail {
@@ -177,9 +217,26 @@ impl fmt::Display for Error {
         if let Some(retry_in) = self.retry_in {
             write!(f, " (next attempt in {} ms)", retry_in.as_millis())?;
         }
+        let mut cause = self.source();
+        let mut shown = 0;
+        while let Some(err) = cause {
+            if let Some(ours) = err.downcast_ref::<Error>() {
+                cause = ours.source();
+                continue;
+            }
+            if shown == MAX_CAUSES {
+                break;
+            }
+            write!(f, ": {}", crate::text::foreign(&err.to_string()))?;
+            shown += 1;
+            cause = err.source();
+        }
         Ok(())
     }
 }
+
+/// Most causes `Display` shows after the error itself.
+const MAX_CAUSES: usize = 4;
 
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {

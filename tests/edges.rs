@@ -541,3 +541,96 @@ async fn insecure_token_urls_are_refused_early_and_typed() {
     assert_eq!(err.kind(), ErrorKind::InsecureTransport, "{err}");
     assert_eq!(token_error(&err).kind(), TokenErrorKind::InsecureTransport);
 }
+
+// --- Errors a person can act on (issue 12, item 3) ----------------------------------------
+
+/// The five most common token failures, as an app that logs `{e}` sees them: one line
+/// with the endpoint (never a secret) and the innermost useful cause; a 404 reads "not
+/// found (check the token url)"; the accessors answer the common questions without
+/// downcasts.
+#[tokio::test]
+async fn the_common_token_failures_say_what_went_wrong() {
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let base = start(&idp).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let hanging = providers::serve(|_req| std::future::pending()).await;
+
+    let failure = |source: TokenSource| async move {
+        CredentialCache::new(source).credential().await.unwrap_err()
+    };
+    let wrong_secret = failure(
+        TokenSource::client_credentials(&format!("{base}/oauth/token"), CLIENT_ID, "wrong")
+            .unwrap()
+            .client(token_client()),
+    )
+    .await;
+    let wrong_url = failure(
+        TokenSource::client_credentials(&format!("{base}/oauth/tokn"), CLIENT_ID, CLIENT_SECRET)
+            .unwrap()
+            .client(token_client()),
+    )
+    .await;
+    let down = failure(
+        TokenSource::client_credentials(&format!("{refused}/oauth/token"), "id", "secret")
+            .unwrap()
+            .client(token_client()),
+    )
+    .await;
+    let slow = failure(
+        TokenSource::client_credentials(&format!("http://{hanging}/oauth/token"), "id", "s")
+            .unwrap()
+            .client(token_client().timeout(Duration::from_millis(200))),
+    )
+    .await;
+    idp.push_fault(Fault::Answer(Box::new(|_| {
+        reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "invalid_grant", "error_description": "the grant was revoked"}),
+        )
+    })));
+    let revoked = failure(oauth_source(&base)).await;
+
+    let shown: Vec<String> = [&wrong_secret, &wrong_url, &down, &slow, &revoked]
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    for line in &shown {
+        println!("{line}");
+        assert!(!line.contains('\n'), "{line}");
+        assert!(!line.contains(CLIENT_SECRET), "{line}");
+    }
+    assert_eq!(
+        shown[0],
+        format!(
+            "credential source failed to fetch a credential: token endpoint {base}/oauth/token answered 401 invalid_client (Client authentication failed)"
+        )
+    );
+    assert!(
+        shown[1].contains("answered 404 not found (check the token url)"),
+        "{}",
+        shown[1]
+    );
+    assert!(
+        shown[2].contains(&format!(
+            "could not connect to the token endpoint {refused}/oauth/token"
+        )),
+        "{}",
+        shown[2]
+    );
+    assert!(shown[3].contains("did not answer in time"), "{}", shown[3]);
+    assert!(
+        shown[4].contains("answered 400 invalid_grant (the grant was revoked)"),
+        "{}",
+        shown[4]
+    );
+
+    assert_eq!(wrong_secret.oauth_error(), Some("invalid_client"));
+    assert_eq!(wrong_secret.token_status(), Some(StatusCode::UNAUTHORIZED));
+    assert!(wrong_secret.is_permanent());
+    assert!(wrong_url.is_permanent());
+    assert!(revoked.is_permanent());
+    assert!(!down.is_permanent() && !slow.is_permanent());
+    assert_eq!(down.oauth_error(), None);
+}

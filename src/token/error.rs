@@ -42,6 +42,8 @@ pub struct TokenError {
     description: Option<String>,
     detail: Option<&'static str>,
     retry_after: Option<Duration>,
+    /// The token url as shown: scheme, host, port and path; never userinfo or query.
+    endpoint: Option<Box<str>>,
     source: Option<BoxError>,
 }
 
@@ -54,6 +56,7 @@ impl TokenError {
             description: None,
             detail: None,
             retry_after: None,
+            endpoint: None,
             source: None,
         }
     }
@@ -100,6 +103,17 @@ impl TokenError {
         self
     }
 
+    /// Names the endpoint in `Display`: scheme, host, port and path of `url`, never
+    /// userinfo or a query (either may carry a secret).
+    pub(crate) fn endpoint(mut self, url: &http::Uri) -> Self {
+        let scheme = url.scheme_str().unwrap_or("");
+        let authority = url.authority().map(|a| a.as_str()).unwrap_or("");
+        let host = authority.rsplit('@').next().unwrap_or(authority);
+        let shown = format!("{scheme}://{host}{}", url.path());
+        self.endpoint = Some(crate::text::escape(&shown, crate::text::MAX_SERVER_TEXT).into());
+        self
+    }
+
     pub(crate) fn retry_after(mut self, retry_after: Option<Duration>) -> Self {
         self.retry_after = retry_after;
         self
@@ -130,6 +144,18 @@ impl TokenError {
     /// seconds or as an HTTP date), if it did. The cache makes no token request before.
     pub fn retry_after_hint(&self) -> Option<Duration> {
         self.retry_after
+    }
+
+    /// Whether retrying later cannot help: the client credentials or grant were refused
+    /// (see [`is_grant_rejected`](Self::is_grant_rejected)), the request cannot be
+    /// built, or its transport is refused. Everything else (the endpoint down, slow,
+    /// throttling, answering garbage) is transient.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self.kind,
+            TokenErrorKind::InvalidRequest | TokenErrorKind::InsecureTransport
+        ) || self.is_grant_rejected()
+            || (self.kind == TokenErrorKind::Rejected && self.status == Some(StatusCode::NOT_FOUND))
     }
 
     /// Whether the request left and no answer says what became of it: a gateway's 502,
@@ -172,29 +198,63 @@ impl TokenError {
 
 impl fmt::Display for TokenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let what = match self.kind {
-            TokenErrorKind::InvalidRequest => "invalid token request",
-            TokenErrorKind::InsecureTransport => {
-                "refusing to send token request over an insecure transport"
-            }
-            TokenErrorKind::Connect => "could not connect to the token endpoint",
-            TokenErrorKind::Transport => "token request failed",
-            TokenErrorKind::Timeout => "token request timed out",
-            TokenErrorKind::Redirect => {
-                "token endpoint answered with a redirect, which is not followed"
-            }
-            TokenErrorKind::Rejected => "token endpoint rejected the request",
-            TokenErrorKind::InvalidResponse => "invalid token response",
+        let at = |f: &mut fmt::Formatter<'_>| match &self.endpoint {
+            Some(endpoint) => write!(f, " {endpoint}"),
+            None => Ok(()),
         };
-        f.write_str(what)?;
-        if let Some(status) = self.status {
+        match self.kind {
+            TokenErrorKind::InvalidRequest => f.write_str("invalid token request")?,
+            TokenErrorKind::InsecureTransport => {
+                f.write_str("refusing to send a token request over an insecure transport")?
+            }
+            TokenErrorKind::Connect => {
+                f.write_str("could not connect to the token endpoint")?;
+                at(f)?;
+            }
+            TokenErrorKind::Transport => {
+                f.write_str("token request to")?;
+                at(f)?;
+                f.write_str(" failed after it was sent")?;
+            }
+            TokenErrorKind::Timeout => {
+                f.write_str("token endpoint")?;
+                at(f)?;
+                f.write_str(" did not answer in time")?;
+            }
+            TokenErrorKind::Redirect => {
+                f.write_str("token endpoint")?;
+                at(f)?;
+                f.write_str(" answered with a redirect, which is not followed")?;
+            }
+            TokenErrorKind::Rejected => {
+                f.write_str("token endpoint")?;
+                at(f)?;
+                match self.status {
+                    Some(StatusCode::NOT_FOUND) => {
+                        f.write_str(" answered 404 not found (check the token url)")?
+                    }
+                    Some(status) => write!(f, " answered {}", status.as_u16())?,
+                    None => f.write_str(" refused the request")?,
+                }
+            }
+            TokenErrorKind::InvalidResponse => {
+                f.write_str("invalid token response")?;
+                if self.endpoint.is_some() {
+                    f.write_str(" from")?;
+                    at(f)?;
+                }
+            }
+        }
+        if let (Some(status), TokenErrorKind::Redirect | TokenErrorKind::InvalidResponse) =
+            (self.status, self.kind)
+        {
             write!(f, " (status {})", status.as_u16())?;
         }
         if let Some(detail) = self.detail {
             write!(f, ": {detail}")?;
         }
         if let Some(code) = &self.oauth_error {
-            write!(f, ": {code}")?;
+            write!(f, " {code}")?;
             if let Some(description) = &self.description {
                 write!(f, " ({description})")?;
             }

@@ -470,8 +470,14 @@ impl Exchange {
         request: &TokenRequest,
         extra: Option<(&str, &Secret)>,
     ) -> Result<Answer, TokenError> {
-        let http = request.build(extra)?;
-        let answer = self.client.send(http).await?;
+        let http = request
+            .build(extra)
+            .map_err(|e| e.endpoint(request.url()))?;
+        let answer = self
+            .client
+            .send(http)
+            .await
+            .map_err(|e| e.endpoint(request.url()))?;
         let response = &answer.response;
         let (status, body) = (response.status(), response.body());
         if !status.is_success() || is_error_in_success(body, &self.fields) {
@@ -482,13 +488,14 @@ impl Exchange {
                 .and_then(|v| parse_retry_after(v.as_bytes(), SystemTime::now()));
             return Err(parse_error_body(status, body)
                 .scrub(&secrets)
-                .retry_after(retry_after));
+                .retry_after(retry_after)
+                .endpoint(request.url()));
         }
         let content_type = TokenClient::content_type(response);
         Ok(Answer {
             refresh_token: refresh_token_in(content_type, body, &self.fields),
             parsed: TokenResponse::parse(content_type, body, &self.fields)
-                .map_err(|e| e.status_mut(status)),
+                .map_err(|e| e.status_mut(status).endpoint(request.url())),
             arrived: answer.arrived,
         })
     }

@@ -310,6 +310,11 @@ impl Provider for StrictIdp {
     fn handle_delayed(&self, req: Incoming) -> (Reply, Duration) {
         if req.path == "/oauth/token" && req.method == Method::POST {
             self.token(&req)
+        } else if req.path.starts_with("/oauth/") {
+            // A mistyped token url: the identity provider's own 404 page.
+            let mut page = reply(StatusCode::NOT_FOUND, json!(null));
+            *page.body_mut() = "<html><body>Not Found</body></html>".to_owned().into();
+            (page, Duration::ZERO)
         } else {
             (self.api(&req), Duration::ZERO)
         }
