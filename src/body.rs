@@ -135,6 +135,25 @@ where
 }
 
 impl<B> ReplayBody<B> {
+    /// Wraps `body` to pass it through as it is: nothing recorded, nothing replayed.
+    ///
+    /// For sending requests that do not go through the layer (unauthenticated calls)
+    /// through the same client, typed for `ReplayBody<B>`:
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower_client_auth::ReplayBody;
+    ///
+    /// let req = http::Request::get("https://status.example.com/health")
+    ///     .body(ReplayBody::new(Full::<Bytes>::default()))
+    ///     .unwrap();
+    /// # let _ = req;
+    /// ```
+    pub fn new(body: B) -> Self {
+        Self::forward(body)
+    }
+
     /// Forwards `body` without recording it.
     pub(crate) fn forward(body: B) -> Self {
         ReplayBody {

@@ -3,7 +3,7 @@
 //! Constructors cover the shapes real APIs use: `Authorization: Bearer <token>`, a custom
 //! scheme such as `Authorization: Secret <secret>`, a `Cookie`, or any header (API keys).
 //! Every value is validated (no control characters, nothing a header cannot carry) and
-//! marked [sensitive](http::HeaderValue::set_sensitive), so HTTP/2 never indexes it and
+//! marked [sensitive](https://docs.rs/http/1/http/header/struct.HeaderValue.html#method.set_sensitive), so HTTP/2 never indexes it and
 //! tools that honour the flag never print it. `Debug` prints `[redacted]` for values.
 //!
 //! # Example

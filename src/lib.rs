@@ -59,9 +59,22 @@
 //!
 //! `AuthLayer::new(source)` goes where the credential should be added: usually right
 //! above the HTTP client, below retries and timeouts (so a timeout covers the refresh and
-//! the replay). The inner service receives `Request<ReplayBody<B>>`; hyper-util, axum and
-//! most clients take any body, tonic needs a one-line adapter (see
-//! `examples/tonic_channel.rs`). Share one [`CredentialCache`] between several layers, or
+//! the replay). Scope it to the API's origin ([`AuthLayer::origin`]): an unscoped layer
+//! sends the credential to every host its client calls.
+//!
+//! **The inner service receives `Request<ReplayBody<B>>`**, not `Request<B>`: build the
+//! client for that body type (`Client::builder(..).build_http::<ReplayBody<Full<Bytes>>>()`).
+//! A client typed for `Full<Bytes>` fails to compile with an error that never names
+//! `ReplayBody`:
+//!
+//! ```text
+//! error[E0599]: the method `oneshot` exists for struct `Auth<Client<HttpConnector, Full<Bytes>>, StaticCredential>`, but its trait bounds were not satisfied
+//!    = note: the following trait bounds were not satisfied:
+//!            `Auth<Client<HttpConnector, Full<Bytes>>, StaticCredential>: Service<_>`
+//! ```
+//!
+//! To send unauthenticated requests through the same client, wrap their body with
+//! [`ReplayBody::new`]. tonic needs a one-line adapter (see `examples/tonic_channel.rs`). Share one [`CredentialCache`] between several layers, or
 //! with a reqwest client (feature `reqwest`), through [`AuthLayer::with_cache`].
 //!
 //! ## 3. What happens on expiry and on 401
@@ -96,7 +109,7 @@
 //!   [`AuthLayer::allow_relative_uris`]. Anything else fails with
 //!   [`ErrorKind::InsecureTransport`] before a byte is sent. Token requests follow the
 //!   same rule, never follow redirects, and have their own timeout.
-//! - Credential header values are [sensitive](http::HeaderValue::set_sensitive); no type
+//! - Credential header values are [sensitive](https://docs.rs/http/1/http/header/struct.HeaderValue.html#method.set_sensitive); no type
 //!   of this crate prints a secret in `Debug` or `Display`, errors scrub secrets the
 //!   server echoes, and tracing events carry none.
 //! - A request that already carries the credential's header is passed through untouched

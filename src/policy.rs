@@ -119,8 +119,12 @@ impl Policy {
     #[cold]
     #[inline(never)]
     fn check_transport_slow(&self, uri: &Uri) -> Result<(), Error> {
-        check_transport(uri, self.allow_http_loopback, self.allow_relative_uris)
-            .map_err(|detail| Error::new(ErrorKind::InsecureTransport).with_detail(detail))
+        check_transport(uri, self.allow_http_loopback, self.allow_relative_uris).map_err(|detail| {
+            Error::new(ErrorKind::InsecureTransport).with_detail(name_the_setter(
+                detail,
+                "plain http to a loopback host: call AuthLayer::allow_http_loopback(true)",
+            ))
+        })
     }
 
     /// [`check_transport`](Self::check_transport) for a URL given as scheme and host.
@@ -136,7 +140,12 @@ impl Policy {
             self.allow_http_loopback,
             self.allow_relative_uris,
         )
-        .map_err(|detail| Error::new(ErrorKind::InsecureTransport).with_detail(detail))
+        .map_err(|detail| {
+            Error::new(ErrorKind::InsecureTransport).with_detail(name_the_setter(
+                detail,
+                "plain http to a loopback host: call AuthMiddleware::allow_http_loopback(true)",
+            ))
+        })
     }
 
     /// Attaches `credential` to `headers`, or returns `false` when the request brings its
@@ -207,8 +216,22 @@ pub(crate) fn check_transport_parts(
     }
     match host.is_some_and(is_loopback) {
         true if allow_http_loopback => Ok(()),
-        true => Err("plain http to a loopback host needs allow_http_loopback"),
+        true => Err(LOOPBACK_NOT_ALLOWED),
         false => Err("plain http to a non-loopback host"),
+    }
+}
+
+/// The refusal of plain http to a loopback host that was not allowed; each caller names
+/// its own setter in its place (see [`name_the_setter`]).
+const LOOPBACK_NOT_ALLOWED: &str = "plain http to a loopback host needs allow_http_loopback";
+
+/// `detail` as the caller shows it: the loopback refusal names `setter`, the exact call
+/// that allows it; any other refusal is left as it is.
+pub(crate) fn name_the_setter(detail: &'static str, setter: &'static str) -> &'static str {
+    if detail == LOOPBACK_NOT_ALLOWED {
+        setter
+    } else {
+        detail
     }
 }
 

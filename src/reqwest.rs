@@ -1,5 +1,5 @@
 //! [`AuthMiddleware`]: the same credentials, cache and rules for `reqwest` users, as a
-//! [`reqwest_middleware::Middleware`].
+//! [`reqwest_middleware::Middleware`](https://docs.rs/reqwest-middleware/0.5/reqwest_middleware/trait.Middleware.html).
 //!
 //! One [`CredentialCache`] can serve a Tower stack and a reqwest client at once: build the
 //! middleware [`from_layer`](AuthMiddleware::from_layer) or
@@ -8,7 +8,7 @@
 //! The rules are the layer's: credential headers marked sensitive; `https` only (loopback
 //! `http` on request); on a rejection status (default `401`) the credential is invalidated
 //! if still current and the request replayed once, when it can be cloned
-//! ([`reqwest::Request::try_clone`]; a streaming body cannot, and its 401 is returned as it
+//! ([`reqwest::Request::try_clone`](https://docs.rs/reqwest/0.13/reqwest/struct.Request.html#method.try_clone); a streaming body cannot, and its 401 is returned as it
 //! came); `403` never refreshes; a [`NoReplay`] in the middleware extensions opts a
 //! request out of the replay.
 //!

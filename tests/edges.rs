@@ -540,6 +540,20 @@ async fn insecure_token_urls_are_refused_early_and_typed() {
     let err = CredentialCache::new(source).credential().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InsecureTransport, "{err}");
     assert_eq!(token_error(&err).kind(), TokenErrorKind::InsecureTransport);
+    // The error names the exact call that allows it (issue 12, item 4)...
+    assert!(
+        err.to_string()
+            .contains("call TokenSource::allow_http_loopback(true)"),
+        "{err}"
+    );
+    // ...and that one call on the source is enough, whatever its client.
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let base = start(&idp).await;
+    let source =
+        TokenSource::client_credentials(&format!("{base}/oauth/token"), CLIENT_ID, CLIENT_SECRET)
+            .unwrap()
+            .allow_http_loopback(true);
+    CredentialCache::new(source).credential().await.unwrap();
 }
 
 // --- Errors a person can act on (issue 12, item 3) ----------------------------------------

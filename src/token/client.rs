@@ -157,8 +157,16 @@ impl TokenClient {
 
     /// Sends a token request. Redirects are errors; the body is read whole, within the cap.
     pub(crate) async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, TokenError> {
-        crate::policy::check_transport(request.uri(), self.allow_http_loopback, false)
-            .map_err(|detail| TokenError::new(TokenErrorKind::InsecureTransport).detail(detail))?;
+        crate::policy::check_transport(request.uri(), self.allow_http_loopback, false).map_err(
+            |detail| {
+                TokenError::new(TokenErrorKind::InsecureTransport).detail(
+                    crate::policy::name_the_setter(
+                        detail,
+                        "plain http to a loopback host: call TokenSource::allow_http_loopback(true) (or TokenClient's)",
+                    ),
+                )
+            },
+        )?;
         let sent =
             tokio::time::timeout(self.timeout, (self.send)(request, self.max_response_bytes)).await;
         let response = match sent {

@@ -138,6 +138,7 @@ pub struct TokenSource {
     fields: ResponseFields,
     default_lifetime: Option<Duration>,
     clock_skew: Duration,
+    allow_http_loopback: bool,
     require_jwt_exp: bool,
     mode: RefreshMode,
     scheme: Option<String>,
@@ -182,6 +183,7 @@ impl TokenSource {
             fields: ResponseFields::default(),
             default_lifetime: Some(DEFAULT_TOKEN_LIFETIME),
             clock_skew: DEFAULT_CLOCK_SKEW,
+            allow_http_loopback: false,
             require_jwt_exp: false,
             mode: RefreshMode::Proactive,
             scheme: None,
@@ -257,6 +259,16 @@ impl TokenSource {
     /// The client token requests go through (default: [`TokenClient::https`]).
     pub fn client(mut self, client: TokenClient) -> Self {
         self.client = Some(client);
+        self
+    }
+
+    /// Allows plain `http` token URLs on loopback hosts, for tests and local development
+    /// (default `false`), whichever client the source uses: the same switch as
+    /// [`TokenClient::allow_http_loopback`], so one call on the source is enough. The
+    /// layer's own [`AuthLayer::allow_http_loopback`](crate::AuthLayer::allow_http_loopback)
+    /// covers the API side.
+    pub fn allow_http_loopback(mut self, allow: bool) -> Self {
+        self.allow_http_loopback = allow;
         self
     }
 
@@ -336,10 +348,13 @@ impl TokenSource {
     }
 
     fn exchange_job(&self) -> Result<Exchange, TokenError> {
-        let client = match &self.client {
+        let mut client = match &self.client {
             Some(client) => client.clone(),
             None => default_client()?,
         };
+        if self.allow_http_loopback {
+            client = client.allow_http_loopback(true);
+        }
         Ok(Exchange {
             client,
             login: self.login.clone(),
