@@ -481,9 +481,11 @@ impl<P: CredentialSource> CredentialCache<P> {
                 previous = dropped;
             }
         }
+        state.flight_id += 1;
         let guard = FlightGuard {
             inner: self.inner.clone(),
             epoch: state.epoch,
+            id: state.flight_id,
             done: false,
         };
         inner.stats.fetches.fetch_add(1, Ordering::Relaxed);
@@ -570,6 +572,9 @@ impl<P: CredentialSource> Sink for Inner<P> {
         self.retire(&mut state);
         state.invalidated = Some(dropped);
         self.current.store(None);
+        // A fetch in flight started before the invalidation: the next request must not
+        // join it (its result is handed to its own waiters only).
+        state.flight = None;
     }
 }
 
@@ -620,6 +625,8 @@ struct State {
     /// older epoch does not install its result.
     epoch: u64,
     next_generation: u64,
+    /// Counts flights started; see `FlightGuard::id`.
+    flight_id: u64,
     /// Set by an explicit invalidation, with the credential it dropped: the next fetch
     /// is a [`FetchReason::Invalidated`] one.
     invalidated: Option<Option<Credential>>,
@@ -668,6 +675,13 @@ impl<P: CredentialSource> Inner<P> {
     fn install(&self, state: &mut State, credential: Credential, now: Instant) -> Arc<Entry> {
         self.retire(state);
         state.invalidated = None;
+        let entry = self.entry(state, credential, now);
+        self.current.store(Some(entry.clone()));
+        entry
+    }
+
+    /// A new entry for `credential`, not (yet) current. Called with the state lock held.
+    fn entry(&self, state: &mut State, credential: Credential, now: Instant) -> Arc<Entry> {
         let generation = state.next_generation;
         state.next_generation += 1;
         let (soft_at, hard_at) = match (self.mode, credential.expiry()) {
@@ -675,7 +689,7 @@ impl<P: CredentialSource> Inner<P> {
             _ => (None, None),
         };
         let runtime = tokio::runtime::Handle::try_current().ok();
-        let entry = Arc::new_cyclic(|weak: &Weak<Entry>| {
+        Arc::new_cyclic(|weak: &Weak<Entry>| {
             // Without a runtime for the timer, the entry starts aging at once: correct,
             // only a clock read per request slower.
             let (aging, timer) = match (soft_at, &runtime) {
@@ -700,9 +714,7 @@ impl<P: CredentialSource> Inner<P> {
                 background_claimed: AtomicBool::new(false),
                 timer,
             }
-        });
-        self.current.store(Some(entry.clone()));
-        entry
+        })
     }
 
     /// When the soft and hard windows of a credential expiring at `expires_at` open.
@@ -1032,6 +1044,9 @@ impl Future for FlightFuture {
 struct FlightGuard<P: CredentialSource> {
     inner: Arc<Inner<P>>,
     epoch: u64,
+    /// Which flight this is: an invalidation detaches a flight, and a newer one may be
+    /// in `State::flight` by the time this one ends.
+    id: u64,
     done: bool,
 }
 
@@ -1041,7 +1056,9 @@ impl<P: CredentialSource> FlightGuard<P> {
         let inner = &self.inner;
         let now = Instant::now();
         let mut state = inner.lock_state();
-        state.flight = None;
+        if state.flight_id == self.id {
+            state.flight = None;
+        }
         match result {
             Ok(credential) => {
                 state.failures = 0;
@@ -1051,6 +1068,13 @@ impl<P: CredentialSource> FlightGuard<P> {
                     if let Some(current) = inner.current.load_full() {
                         tracing::debug!("fetched credential superseded by a replacement");
                         return Ok(current);
+                    }
+                    if state.invalidated.is_some() {
+                        // Invalidated while this fetch ran: its result predates the
+                        // invalidation, so it goes to its own waiters only; the next
+                        // request fetches anew.
+                        tracing::debug!("fetched credential predates an invalidation");
+                        return Ok(inner.entry(&mut state, credential, now));
                     }
                 }
                 let entry = inner.install(&mut state, credential, now);
@@ -1125,7 +1149,9 @@ impl<P: CredentialSource> Drop for FlightGuard<P> {
         if !self.done {
             let err = Error::new(ErrorKind::Cancelled);
             let mut state = self.inner.lock_state();
-            state.flight = None;
+            if state.flight_id == self.id {
+                state.flight = None;
+            }
             Self::record_failure(&self.inner, &mut state, &err, Instant::now());
         }
     }

@@ -88,8 +88,7 @@ impl<P: CredentialSource> AuthLayer<P> {
     /// it gets the credential, whatever its host. That is only safe when the client
     /// below talks to the credential's API alone.
     pub fn origin(mut self, origin: Origin) -> Self {
-        let scope = self.scope.take().map(|s| (*s).clone()).unwrap_or_default();
-        self.scope = Some(Arc::new(scope.with_origin(origin)));
+        Scope::add_origin(&mut self.scope, origin);
         self
     }
 
@@ -101,8 +100,7 @@ impl<P: CredentialSource> AuthLayer<P> {
     where
         F: Fn(&http::Uri) -> bool + Send + Sync + 'static,
     {
-        let scope = self.scope.take().map(|s| (*s).clone()).unwrap_or_default();
-        self.scope = Some(Arc::new(scope.with_predicate(Arc::new(matches))));
+        Scope::add_predicate(&mut self.scope, matches);
         self
     }
 

@@ -102,8 +102,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     /// See [`AuthLayer::origin`]: the credential goes to this origin (and any other
     /// given) only; requests elsewhere pass through without it.
     pub fn origin(mut self, origin: Origin) -> Self {
-        let scope = self.scope.take().map(|s| (*s).clone()).unwrap_or_default();
-        self.scope = Some(Arc::new(scope.with_origin(origin)));
+        Scope::add_origin(&mut self.scope, origin);
         self
     }
 
@@ -112,8 +111,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     where
         F: Fn(&http::Uri) -> bool + Send + Sync + 'static,
     {
-        let scope = self.scope.take().map(|s| (*s).clone()).unwrap_or_default();
-        self.scope = Some(Arc::new(scope.with_predicate(Arc::new(matches))));
+        Scope::add_predicate(&mut self.scope, matches);
         self
     }
 

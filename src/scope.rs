@@ -110,14 +110,28 @@ impl fmt::Debug for Scope {
 }
 
 impl Scope {
-    pub(crate) fn with_origin(mut self, origin: Origin) -> Self {
+    #[cfg(test)]
+    fn with_origin(mut self, origin: Origin) -> Self {
         self.origins.push(origin);
         self
     }
 
-    pub(crate) fn with_predicate(mut self, f: Predicate) -> Self {
-        self.predicates.push(f);
-        self
+    /// Adds `origin` to `scope` (making an unscoped one scoped): the setter behind
+    /// `AuthLayer::origin` and `AuthMiddleware::origin`.
+    pub(crate) fn add_origin(scope: &mut Option<Arc<Scope>>, origin: Origin) {
+        let mut next = scope.take().map(|s| (*s).clone()).unwrap_or_default();
+        next.origins.push(origin);
+        *scope = Some(Arc::new(next));
+    }
+
+    /// Adds a predicate to `scope`: the setter behind both `origin_matching`s.
+    pub(crate) fn add_predicate<F>(scope: &mut Option<Arc<Scope>>, matches: F)
+    where
+        F: Fn(&Uri) -> bool + Send + Sync + 'static,
+    {
+        let mut next = scope.take().map(|s| (*s).clone()).unwrap_or_default();
+        next.predicates.push(Arc::new(matches));
+        *scope = Some(Arc::new(next));
     }
 
     /// Whether a request to `uri` gets the credential. A URI without a scheme or host

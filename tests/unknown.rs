@@ -98,8 +98,8 @@ fn token_error(err: &Error) -> &TokenError {
 }
 
 /// World: a rotating, family-revoking server that rotates the refresh token and then
-/// loses the answer: a gateway answers 502, 503 or 504, the connection is closed, or the
-/// answer comes after the token client's timeout. Proves, for each: the refresh token
+/// loses the answer: a gateway answers 502, 503 or 504, the connection is closed, the
+/// answer is too large to read, or it comes after the token client's timeout. Proves, for each: the refresh token
 /// whose outcome is unknown is never presented again (0 reuse, 0 revocations), the
 /// source logs in afresh once, and the request that waited succeeds.
 #[tokio::test]
@@ -116,6 +116,11 @@ async fn a_refresh_whose_answer_is_lost_is_never_repeated() {
             Fault::RotateThenLose(Some(StatusCode::GATEWAY_TIMEOUT))
         }),
         ("connection closed", || Fault::RotateThenLose(None)),
+        ("answer too large to read", || {
+            Fault::RotateThenBody(
+                |rt| json!({"access_token": "a", "refresh_token": rt, "padding": "x".repeat(70_000)}),
+            )
+        }),
         ("client timeout", || {
             Fault::RotateThenDelay(Duration::from_secs(2))
         }),

@@ -185,7 +185,8 @@ impl TokenClient {
             }
             Ok(Err(SendError::TooLarge)) => {
                 return Err(TokenError::new(TokenErrorKind::InvalidResponse)
-                    .detail("the response body is larger than the client accepts"));
+                    .detail("the response body is larger than the client accepts")
+                    .unread());
             }
             Ok(Ok(answer)) => answer,
         };

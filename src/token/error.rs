@@ -44,6 +44,8 @@ pub struct TokenError {
     retry_after: Option<Duration>,
     /// The token url as shown: scheme, host, port and path; never userinfo or query.
     endpoint: Option<Box<str>>,
+    /// The answer could not be read whole (too large): what the server did is unknown.
+    unread: bool,
     source: Option<BoxError>,
 }
 
@@ -57,6 +59,7 @@ impl TokenError {
             detail: None,
             retry_after: None,
             endpoint: None,
+            unread: false,
             source: None,
         }
     }
@@ -114,6 +117,12 @@ impl TokenError {
         self
     }
 
+    /// Marks an answer that could not be read whole: its outcome is unknown.
+    pub(crate) fn unread(mut self) -> Self {
+        self.unread = true;
+        self
+    }
+
     pub(crate) fn retry_after(mut self, retry_after: Option<Duration>) -> Self {
         self.retry_after = retry_after;
         self
@@ -159,10 +168,13 @@ impl TokenError {
     }
 
     /// Whether the request left and no answer says what became of it: a gateway's 502,
-    /// 503 or 504, a connection closed after the request was written, or the token
-    /// client's timeout. A refresh with an unknown outcome may have rotated its refresh
+    /// 503 or 504, a connection closed after the request was written, an answer too
+    /// large to read, or the token client's timeout. A refresh with an unknown outcome may have rotated its refresh
     /// token, so [`TokenSource`](super::TokenSource) never presents that token again.
     pub fn is_outcome_unknown(&self) -> bool {
+        if self.unread {
+            return true;
+        }
         match self.kind {
             TokenErrorKind::Timeout | TokenErrorKind::Transport => true,
             TokenErrorKind::Rejected => matches!(

@@ -440,9 +440,14 @@ impl Exchange {
         }
         if let (Some((request, field)), Some(token)) = (&self.refresh, held.refresh_token.clone()) {
             tracing::debug!(reason = ?cx.reason(), "refreshing with the held refresh token");
-            match self.send(request, Some((field, &token))).await {
-                Ok(answer) => {
-                    let credential = self.accept(answer, &mut held, Some(token)).await?;
+            // A 2xx answer's refresh token is held by `accept` before anything else in
+            // it is judged, even when the answer then turns out to be an OAuth error.
+            let outcome = match self.send(request, Some((field, &token))).await {
+                Ok(answer) => self.accept(answer, &mut held, Some(token.clone())).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(credential) => {
                     self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
                     return Ok(credential);
                 }
@@ -451,7 +456,9 @@ impl Exchange {
                         .refresh_rejections
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(error = %e, "refresh token refused; logging in again");
-                    held.refresh_token = None;
+                    if held.refresh_token.as_ref() == Some(&token) {
+                        held.refresh_token = None;
+                    }
                 }
                 Err(e) if e.is_outcome_unknown() => {
                     // The request left, and no answer says what became of it: the server
@@ -465,6 +472,8 @@ impl Exchange {
                         "refresh outcome unknown; dropping the refresh token and logging in again"
                     );
                     held.refresh_token = None;
+                    // Whoever persists refresh tokens must not resume with this one.
+                    self.persist(None, &held).await;
                 }
                 // Never sent (no connection), throttled, or answered in a way that
                 // shows it was not acted on: keep the refresh token.
@@ -495,8 +504,21 @@ impl Exchange {
             .map_err(|e| e.endpoint(request.url()))?;
         let response = &answer.response;
         let (status, body) = (response.status(), response.body());
-        if !status.is_success() || is_error_in_success(body, &self.fields) {
-            let secrets = request.sent_secrets(extra.map(|(_, s)| s));
+        let secrets = || request.sent_secrets(extra.map(|(_, s)| s));
+        let content_type = TokenClient::content_type(response);
+        if status.is_success() && is_error_in_success(body, &self.fields) {
+            // An OAuth error with status 200: judged as the error it is, after its
+            // refresh token (if a server sends one there) is read.
+            return Ok(Answer {
+                refresh_token: refresh_token_in(content_type, body, &self.fields),
+                parsed: Err(parse_error_body(status, body)
+                    .scrub(&secrets())
+                    .endpoint(request.url())),
+                arrived: answer.arrived,
+            });
+        }
+        if !status.is_success() {
+            let secrets = secrets();
             let retry_after = response
                 .headers()
                 .get(http::header::RETRY_AFTER)
@@ -506,7 +528,6 @@ impl Exchange {
                 .retry_after(retry_after)
                 .endpoint(request.url()));
         }
-        let content_type = TokenClient::content_type(response);
         Ok(Answer {
             refresh_token: refresh_token_in(content_type, body, &self.fields),
             parsed: TokenResponse::parse(content_type, body, &self.fields)

@@ -172,14 +172,14 @@ fn unauthorized() -> Reply {
     reply(StatusCode::UNAUTHORIZED, json!({"error": "unauthorized"}))
 }
 
-fn now_secs() -> f64 {
+pub fn now_secs() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs_f64()
 }
 
-fn b64(v: &Value) -> String {
+pub fn b64(v: &Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
 }
 

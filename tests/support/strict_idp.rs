@@ -20,13 +20,13 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use super::providers::{Incoming, Provider, Reply, basic_credentials, reply};
+use super::providers::{Incoming, Provider, Reply, b64, basic_credentials, now_secs, reply};
 
 /// A queued misbehaviour of the token endpoint.
 pub enum Fault {
@@ -84,18 +84,6 @@ pub struct StrictIdp {
     /// Every refresh token presented, in order.
     pub presented: Mutex<Vec<String>>,
     state: Mutex<IdpState>,
-}
-
-fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
-
-fn b64(v: &Value) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
 }
 
 impl StrictIdp {
