@@ -33,15 +33,25 @@ pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
 /// reorder or hide text (bidirectional overrides, zero-width characters).
 fn is_unsafe(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{feff}'
+        )
 }
 
 /// `text` with every unsafe character escaped (`\n`, `\r`, `\t`, `\\`, `\u{1b}`), cut to
-/// at most `max` characters (an escape is never split; `…` marks a cut).
+/// at most `max` characters, the `…` that marks a cut included (an escape is never
+/// split).
 pub(crate) fn escape(text: &str, max: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max * 4));
     let mut count = 0;
     let mut piece = String::new();
+    // (bytes, chars) of each piece written, to take whole ones back.
+    let mut pieces: Vec<(usize, usize)> = Vec::new();
     for c in text.chars() {
         piece.clear();
         match c {
@@ -54,10 +64,19 @@ pub(crate) fn escape(text: &str, max: usize) -> String {
         }
         let len = piece.chars().count();
         if count + len > max {
+            // Room for the mark: drop whole pieces that no longer fit with it.
+            while count + 1 > max {
+                let Some((bytes, chars)) = pieces.pop() else {
+                    break;
+                };
+                out.truncate(out.len() - bytes);
+                count -= chars;
+            }
             out.push('…');
             return out;
         }
         count += len;
+        pieces.push((piece.len(), len));
         out.push_str(&piece);
     }
     out
@@ -125,9 +144,10 @@ mod tests {
     /// The cut never splits an escape and is marked.
     #[test]
     fn cuts_on_escape_boundaries() {
-        assert_eq!(escape("abc\ndef", 4), "abc…");
+        assert_eq!(escape("abc\ndef", 5), "abc…");
         assert_eq!(escape("abcdef", 6), "abcdef");
-        assert_eq!(escape("abcdefg", 6), "abcdef…");
+        assert_eq!(escape("abcdefg", 6), "abcde…");
+        assert_eq!(escape("a\u{2028}b", 20), "a\\u{2028}b");
     }
 
     /// URLs in foreign text lose their credentials and query; the rest stays readable.

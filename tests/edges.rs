@@ -468,8 +468,8 @@ async fn refusal(describe: fn(&Incoming) -> String) -> (String, String) {
 }
 
 /// World: token endpoints that echo what they were sent in `error_description`: the
-/// secret straddling the 200-character cut, the Basic header's base64, the url-encoded
-/// secret. Proves: no part of any of them reaches `Display`, `Debug` or the log.
+/// secret straddling the 200-character cut, the Basic header's base64 (padded or not),
+/// the url-encoded secret (upper- or lower-case escapes). Proves: no part of any of them reaches `Display`, `Debug` or the log.
 #[tokio::test(flavor = "current_thread")]
 async fn echoed_secrets_are_scrubbed_in_every_form() {
     let straddling = |_: &Incoming| format!("{}{CLIENT_SECRET} is wrong", "x".repeat(190));
@@ -483,13 +483,28 @@ async fn echoed_secrets_are_scrubbed_in_every_form() {
     };
     let encoded_secret: String =
         form_urlencoded::byte_serialize(CLIENT_SECRET.as_bytes()).collect();
-    for describe in [straddling, basic, urlencoded] {
+    let unpadded = |req: &Incoming| {
+        let header = req.headers["authorization"].to_str().unwrap().to_owned();
+        format!("bad: {}", header.trim_end_matches('='))
+    };
+    let lowercase = |req: &Incoming| {
+        let (_, encoded) = providers::basic_raw(&req.headers).unwrap();
+        format!(
+            "client secret {} unknown",
+            encoded
+                .replace("%2F", "%2f")
+                .replace("%2B", "%2b")
+                .replace("%3D", "%3d")
+        )
+    };
+    for describe in [straddling, basic, urlencoded, unpadded, lowercase] {
         let (shown, logs) = refusal(describe).await;
         for text in [&shown, &logs] {
             assert!(text.contains("invalid_client"), "{text}");
             assert!(!text.contains(&CLIENT_SECRET[..10]), "secret: {text}");
             assert!(!text.contains(&encoded_secret[..16]), "url-encoded: {text}");
             assert!(!text.contains("Basic ZW"), "basic header: {text}");
+            assert!(!text.contains("5ecr3t%2f"), "lower-case escapes: {text}");
         }
     }
 }

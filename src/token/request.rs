@@ -232,14 +232,29 @@ impl TokenRequest {
         let mut forms = Vec::new();
         for secret in self.secrets().chain(extra.map(Secret::expose)) {
             let encoded: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+            // Percent-encoding in lower case too (`%2f`): servers echo either.
+            let lower = lowercase_escapes(&encoded);
             forms.push(encoded.replace('+', "%20"));
+            forms.push(lower.replace('+', "%20"));
+            forms.push(lower);
             forms.push(encoded);
+            // As a JSON string carries it (`\"`, `\/`, `\u00e9`), for JSON bodies
+            // echoed raw.
+            let json = serde_json::Value::from(secret).to_string();
+            forms.push(json.trim_matches('"').to_owned());
             forms.push(secret.to_owned());
         }
         if let Some((id, secret)) = &self.client {
             let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
-            forms.push(b64(basic_pair(id, secret.expose())));
-            forms.push(b64(format!("{id}:{}", secret.expose())));
+            for pair in [
+                basic_pair(id, secret.expose()),
+                format!("{id}:{}", secret.expose()),
+            ] {
+                // Padded and unpadded: the unpadded form is a prefix of the padded one.
+                let encoded = b64(pair);
+                forms.push(encoded.trim_end_matches('=').to_owned());
+                forms.push(encoded);
+            }
         }
         forms.retain(|f| !f.is_empty());
         forms
@@ -297,6 +312,19 @@ impl TokenRequest {
         }
         Ok(req)
     }
+}
+
+/// `%2F` as `%2f`: the other case of every percent escape.
+fn lowercase_escapes(encoded: &str) -> String {
+    let mut out = String::with_capacity(encoded.len());
+    let mut chars = encoded.chars();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '%' {
+            out.extend(chars.by_ref().take(2).map(|h| h.to_ascii_lowercase()));
+        }
+    }
+    out
 }
 
 /// `urlencode(id):urlencode(secret)`, what HTTP Basic carries (RFC 6749 §2.3.1).

@@ -681,7 +681,7 @@ impl Exchange {
         }
         // The floor applies to what the server states; the margin comes off after, so
         // a short-lived token still gets its margin.
-        let stated = stated.max(MIN_LIFETIME);
+        let stated = stated.clamp(MIN_LIFETIME, MAX_LIFETIME);
         let skew = self.clock_skew.min(stated.mul_f64(MAX_SKEW_FRACTION));
         Ok(Some(stated - skew))
     }
