@@ -295,6 +295,12 @@ impl TokenClient {
 impl TokenClient {
     /// An HTTPS client (hyper-util, rustls with the `ring` provider, HTTP/1.1 and HTTP/2)
     /// trusting the webpki roots. Processes share one default client and its connections.
+    ///
+    /// It honours the standard proxy variables as curl reads them (`HTTPS_PROXY`,
+    /// `ALL_PROXY`, `NO_PROXY`, lower case too), read when the client is first built:
+    /// https token requests to a proxied host go through an HTTP `CONNECT` tunnel (with
+    /// the proxy URL's credentials as `Proxy-Authorization`), so a corporate network
+    /// that lets the API through lets the token endpoint through too.
     pub fn https() -> Result<Self, TokenError> {
         static DEFAULT: std::sync::OnceLock<Result<TokenClient, &'static str>> =
             std::sync::OnceLock::new();
@@ -333,10 +339,88 @@ impl TokenClient {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .build();
+            .wrap_connector(proxy::ProxyConnector::from_env());
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build::<_, Full<Bytes>>(connector);
         Ok(Self::from_service(client))
+    }
+}
+
+#[cfg(feature = "https")]
+mod proxy {
+    //! The default client's way to the token endpoint: direct, or through the proxy the
+    //! environment names, with hyper-util's own matcher and tunnel.
+
+    use std::{future::Future, pin::Pin, sync::Arc};
+
+    use http::Uri;
+    use hyper_util::{
+        client::{
+            legacy::connect::{HttpConnector, proxy::Tunnel},
+            proxy::matcher::Matcher,
+        },
+        rt::TokioIo,
+    };
+    use tokio::net::TcpStream;
+    use tower::ServiceExt;
+    use tower_service::Service;
+
+    use crate::error::BoxError;
+
+    type Connecting = Pin<Box<dyn Future<Output = Result<TokioIo<TcpStream>, BoxError>> + Send>>;
+
+    /// Connects directly, or tunnels an https destination through its proxy.
+    #[derive(Clone)]
+    pub(super) struct ProxyConnector {
+        http: HttpConnector,
+        matcher: Arc<Matcher>,
+    }
+
+    impl ProxyConnector {
+        pub(super) fn from_env() -> Self {
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            ProxyConnector {
+                http,
+                matcher: Arc::new(Matcher::from_env()),
+            }
+        }
+    }
+
+    impl Service<Uri> for ProxyConnector {
+        type Response = TokioIo<TcpStream>;
+        type Error = BoxError;
+        type Future = Connecting;
+
+        fn poll_ready(
+            &mut self,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            // Each call readies its own connector below.
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, dst: Uri) -> Connecting {
+            let http = self.http.clone();
+            // Only https goes through a tunnel: plain http is loopback-only here, and a
+            // proxy would see the request in the clear.
+            let proxy = match dst.scheme_str() {
+                Some("https") => self.matcher.intercept(&dst),
+                _ => None,
+            };
+            Box::pin(async move {
+                match proxy {
+                    None => http.oneshot(dst).await.map_err(Into::into),
+                    Some(proxy) => {
+                        let mut tunnel = Tunnel::new(proxy.uri().clone(), http);
+                        if let Some(auth) = proxy.basic_auth() {
+                            tunnel = tunnel.with_auth(auth.clone());
+                        }
+                        tunnel.oneshot(dst).await.map_err(Into::into)
+                    }
+                }
+            })
+        }
     }
 }

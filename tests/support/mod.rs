@@ -4,6 +4,7 @@
 
 pub mod providers;
 pub mod strict_idp;
+pub mod tls;
 
 use std::{
     convert::Infallible,
