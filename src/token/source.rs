@@ -549,17 +549,8 @@ impl Exchange {
         let built = answer
             .parsed
             .and_then(|response| Ok((self.credential(&response, answer.arrived)?, response)));
-        let (credential, access_token) = match built {
-            Ok((credential, response)) => {
-                if response.empty_refresh_token {
-                    self.flags.once(&self.flags.empty_refresh, || {
-                        tracing::info!(
-                            "the token endpoint sent an empty refresh token; treating it as none"
-                        )
-                    });
-                }
-                (Some(credential), Some(response.access_token().clone()))
-            }
+        let (credential, response) = match built {
+            Ok(built) => built,
             Err(e) if rotated => {
                 tracing::warn!(error = %e, "token answer unusable; keeping its new refresh token");
                 self.persist(None, held).await;
@@ -567,9 +558,17 @@ impl Exchange {
             }
             Err(e) => return Err(e),
         };
-        held.last = credential.clone();
-        self.persist(access_token, held).await;
-        Ok(credential.expect("built above"))
+        if response.empty_refresh_token {
+            self.flags.once(&self.flags.empty_refresh, || {
+                tracing::info!(
+                    "the token endpoint sent an empty refresh token; treating it as none"
+                )
+            });
+        }
+        held.last = Some(credential.clone());
+        self.persist(Some(response.access_token().clone()), held)
+            .await;
+        Ok(credential)
     }
 
     /// Hands the pair now held to the `on_refresh` hook.
