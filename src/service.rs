@@ -91,6 +91,15 @@ impl<S, P> Auth<S, P> {
     }
 }
 
+impl<S: Clone, P> Auth<S, P> {
+    /// The service that was polled ready, leaving a fresh clone in its place.
+    #[inline]
+    fn take_ready(&mut self) -> S {
+        let clone = self.inner.clone();
+        mem::replace(&mut self.inner, clone)
+    }
+}
+
 impl<S, P, B, ResBody> Service<Request<B>> for Auth<S, P>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
@@ -112,17 +121,13 @@ where
         if let Some(scope) = &self.scope {
             if !scope.allows(req.uri(), self.policy.allow_relative_uris) {
                 // Another origin: no credential, so no transport rule, refresh or replay.
-                let clone = self.inner.clone();
-                let service = mem::replace(&mut self.inner, clone);
-                return ResponseFuture::passthrough(service, req);
+                return ResponseFuture::passthrough(self.take_ready(), req);
             }
         }
         if let Err(err) = self.policy.check_transport(req.uri()) {
             return ResponseFuture::failed(err);
         }
-        // Keep the service that was polled ready; leave a fresh clone in its place.
-        let clone = self.inner.clone();
-        let service = mem::replace(&mut self.inner, clone);
+        let service = self.take_ready();
         match self.cache.usable(self.view.load()) {
             Ok(current) => {
                 // A credential that cannot change needs no way back to the cache.

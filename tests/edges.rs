@@ -558,6 +558,7 @@ async fn insecure_token_urls_are_refused_early_and_typed() {
     let err = CredentialCache::new(source).credential().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InsecureTransport, "{err}");
     assert_eq!(token_error(&err).kind(), TokenErrorKind::InsecureTransport);
+    assert!(err.is_permanent());
     // The error names the exact call that allows it (issue 12, item 4)...
     assert!(
         err.to_string()
@@ -665,4 +666,24 @@ async fn the_common_token_failures_say_what_went_wrong() {
     assert!(revoked.is_permanent());
     assert!(!down.is_permanent() && !slow.is_permanent());
     assert_eq!(down.oauth_error(), None);
+
+    // While backing off, the line still says why (the README shows this one too).
+    idp.push_fault(Fault::Answer(Box::new(|_| {
+        reply(StatusCode::SERVICE_UNAVAILABLE, json!({}))
+    })));
+    let cache = CredentialCache::new(oauth_source(&base));
+    let first = cache.credential().await.unwrap_err().to_string();
+    assert!(first.ends_with("/oauth/token answered 503"), "{first}");
+    let backing_off = cache.credential().await.unwrap_err();
+    let line = backing_off.to_string();
+    assert!(
+        line.starts_with("credential source is backing off after failed fetches (next attempt in ")
+            && line.ends_with(&format!("token endpoint {base}/oauth/token answered 503")),
+        "{line}"
+    );
+    assert_eq!(
+        backing_off.token_status(),
+        Some(StatusCode::SERVICE_UNAVAILABLE)
+    );
+    assert!(!backing_off.is_permanent());
 }

@@ -504,29 +504,27 @@ impl Exchange {
             .map_err(|e| e.endpoint(request.url()))?;
         let response = &answer.response;
         let (status, body) = (response.status(), response.body());
-        let secrets = || request.sent_secrets(extra.map(|(_, s)| s));
         let content_type = TokenClient::content_type(response);
-        if status.is_success() && is_error_in_success(body, &self.fields) {
-            // An OAuth error with status 200: judged as the error it is, after its
-            // refresh token (if a server sends one there) is read.
-            return Ok(Answer {
-                refresh_token: refresh_token_in(content_type, body, &self.fields),
-                parsed: Err(parse_error_body(status, body)
-                    .scrub(&secrets())
-                    .endpoint(request.url())),
-                arrived: answer.arrived,
-            });
-        }
-        if !status.is_success() {
-            let secrets = secrets();
+        let error_in_success = status.is_success() && is_error_in_success(body, &self.fields);
+        if !status.is_success() || error_in_success {
             let retry_after = response
                 .headers()
                 .get(http::header::RETRY_AFTER)
                 .and_then(|v| parse_retry_after(v.as_bytes(), SystemTime::now()));
-            return Err(parse_error_body(status, body)
-                .scrub(&secrets)
+            let err = parse_error_body(status, body)
+                .scrub(&request.sent_secrets(extra.map(|(_, s)| s)))
                 .retry_after(retry_after)
-                .endpoint(request.url()));
+                .endpoint(request.url());
+            if !error_in_success {
+                return Err(err);
+            }
+            // An OAuth error with status 200: judged as the error it is, after its
+            // refresh token (if a server sends one there) is read.
+            return Ok(Answer {
+                refresh_token: refresh_token_in(content_type, body, &self.fields),
+                parsed: Err(err),
+                arrived: answer.arrived,
+            });
         }
         Ok(Answer {
             refresh_token: refresh_token_in(content_type, body, &self.fields),
