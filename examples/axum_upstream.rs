@@ -1,8 +1,6 @@
 //! An axum app whose handlers call an authenticated upstream API through one shared
 //! `AuthLayer` client: one token for all handlers and all concurrent requests.
 //! `cargo run --example axum_upstream`
-use std::sync::atomic::Ordering::SeqCst;
-
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use bytes::Bytes;
 use http::Request;
@@ -14,11 +12,10 @@ use hyper_util::{
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
     Auth, AuthLayer, BoxError, ReplayBody,
-    token::{TokenClient, TokenRequest, TokenSource},
+    token::{TokenRequest, TokenSource},
 };
 
-#[path = "../tests/support/providers.rs"]
-mod providers;
+// --- the code to copy: the app's state and a handler calling the upstream API ----------
 
 /// The app's state: the authenticated upstream client. Cloning it is cheap and shares the
 /// credential cache.
@@ -45,28 +42,33 @@ async fn shipments(State(app): State<App>) -> Result<String, StatusCode> {
     Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
 }
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    let provider = providers::ClientCredentialsApi::new("app", "app-secret");
-    let upstream_base = providers::start(provider.clone()).await;
-
+/// The app: one authenticated upstream client shared by every handler.
+fn app(upstream_base: String) -> Result<Router, BoxError> {
     let source = TokenSource::new(TokenRequest::oauth2_client_credentials(
         &format!("{upstream_base}/oauth/v2/token"),
         "app",
         "app-secret",
     )?)
-    .client(TokenClient::https()?.allow_http_loopback(true));
+    .allow_http_loopback(true); // the fake upstream is plain http on loopback; drop in production
     let upstream = AuthLayer::new(source)
         .origin(upstream_base.parse::<tower_client_auth::Origin>()?) // the credential goes there only
         .allow_http_loopback(true) // loopback demo only
         .layer(Client::builder(TokioExecutor::new()).build_http());
-    let app = Router::new()
+    Ok(Router::new()
         .route("/shipments", get(shipments))
         .with_state(App {
             upstream,
             upstream_base,
-        });
+        }))
+}
+// ---------------------------------------------------------------------------------------
 
+mod support;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let provider = support::apis::ClientCredentialsApi::new("app", "app-secret", 3600);
+    let app = app(support::start(provider.clone()).await)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -87,9 +89,8 @@ async fn main() -> Result<(), BoxError> {
         assert!(call.await??.status().is_success());
     }
     println!(
-        "50 app requests served; upstream token requests: {}, upstream API calls: {}",
-        provider.token_requests.load(SeqCst),
-        provider.api_calls.load(SeqCst)
+        "50 app requests served; upstream token requests: {}",
+        provider.tokens_issued.get(),
     );
     Ok(())
 }

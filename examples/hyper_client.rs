@@ -9,23 +9,17 @@ use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_client_auth::{
     AuthLayer, BoxError, ReplayBody,
-    token::{TokenClient, TokenRequest, TokenSource},
+    token::{TokenRequest, TokenSource},
 };
 
-#[path = "../tests/support/providers.rs"]
-mod providers;
-
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    let provider = providers::ClientCredentialsApi::new("app", "app-secret");
-    let base = providers::start(provider.clone()).await;
-
+// --- the code to copy: `base` is your API's base URL, e.g. "https://api.example.com" ---
+async fn call_the_api(base: &str) -> Result<(), BoxError> {
     let source = TokenSource::new(TokenRequest::oauth2_client_credentials(
         &format!("{base}/oauth/v2/token"),
         "app",
         "app-secret",
     )?)
-    .client(TokenClient::https()?.allow_http_loopback(true));
+    .allow_http_loopback(true); // the fake API is plain http on loopback; drop in production
     let hyper = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
 
     // Outer layers see the whole exchange (including a refresh and a replay) as one call.
@@ -46,5 +40,16 @@ async fn main() -> Result<(), BoxError> {
         res.status(),
         String::from_utf8_lossy(&res.into_body().collect().await?.to_bytes())
     );
+    Ok(())
+}
+// ---------------------------------------------------------------------------------------
+
+mod support;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let api = support::apis::ClientCredentialsApi::new("app", "app-secret", 3600);
+    call_the_api(&support::start(api.clone()).await).await?;
+    println!("token requests: {}", api.tokens_issued.get());
     Ok(())
 }

@@ -1,68 +1,76 @@
-//! Style E: a personal access token swapped at runtime, a cookie, and the custom
+//! Style E: a personal access token swapped at runtime, a session cookie, and the custom
 //! `Authorization: Secret <secret>` scheme. `cargo run --example style_e_static_tokens`
+//! (starts its own fake API on loopback).
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
-    AuthLayer, BoxError, Credential, ReplayBody, RotatingCredential, StaticCredential,
+    AuthLayer, BoxError, Credential, Origin, ReplayBody, RotatingCredential, StaticCredential,
 };
 
-#[path = "../tests/support/providers.rs"]
-mod providers;
+// --- the code to copy: `api` is your API's base URL, e.g. "https://api.example.com" ----
+async fn call_the_api(api: &str, user_reissues_the_token: impl FnOnce()) -> Result<(), BoxError> {
+    let http = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
+    let get = |path: &str| Request::get(format!("{api}{path}")).body(Full::<Bytes>::default());
+    let origin: Origin = api.parse()?; // the credentials go to this origin only
+
+    // A personal access token that can be replaced while the app runs.
+    let pat = RotatingCredential::new(Credential::bearer("pat_old")?);
+    let bearer = AuthLayer::new(pat.clone()).origin(origin.clone());
+    // A session cookie, merged into any `Cookie` header the request already has.
+    let cookie =
+        AuthLayer::new(StaticCredential::cookie("session", "c00k1e")).origin(origin.clone());
+    // A vendor scheme: `Authorization: Secret <secret>`.
+    let secret =
+        AuthLayer::new(StaticCredential::with_scheme("Secret", "cl1ent-s3cret")).origin(origin);
+
+    // `allow_http_loopback(true)`: the fake API is plain http on loopback; drop in production.
+    let bearer = bearer.allow_http_loopback(true).layer(http.clone());
+    let cookie = cookie.allow_http_loopback(true).layer(http.clone());
+    let secret = secret.allow_http_loopback(true).layer(http);
+
+    println!(
+        "bearer PAT:       {}",
+        bearer.clone().oneshot(get("/api/me")?).await?.status()
+    );
+    println!(
+        "cookie:           {}",
+        cookie.oneshot(get("/api/cookie/me")?).await?.status()
+    );
+    println!(
+        "Secret scheme:    {}",
+        secret.oneshot(get("/api/clients/verify")?).await?.status()
+    );
+
+    user_reissues_the_token(); // revoked in the vendor's console, a new one issued
+    println!(
+        "after revocation: {}",
+        bearer.clone().oneshot(get("/api/me")?).await?.status()
+    );
+    // From an admin endpoint, a file watcher, a secret manager's push...: `rotate` swaps
+    // the credential in every cache that uses `pat`; no fetch happens.
+    pat.rotate(Credential::bearer("pat_new")?);
+    println!(
+        "after rotate():   {}",
+        bearer.clone().oneshot(get("/api/me")?).await?.status()
+    );
+    Ok(())
+}
+// ---------------------------------------------------------------------------------------
+
+mod support;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let provider =
-        providers::PersonalTokenApi::new("pat_old", ("session", "c00k1e"), "cl1ent-s3cret");
-    let base = providers::start(provider.clone()).await;
-    let http = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
-    let get = |path: &str| {
-        Request::get(format!("{base}{path}"))
-            .body(Full::<Bytes>::default())
-            .unwrap()
-    };
-
-    // --- user code -------------------------------------------------------------------
-    let pat = RotatingCredential::new(Credential::bearer("pat_old")?);
-    let origin: tower_client_auth::Origin = base.parse()?; // the credentials go there only
-    let api = AuthLayer::new(pat.clone())
-        .origin(origin.clone())
-        .allow_http_loopback(true)
-        .layer(http.clone());
-    let cookie = AuthLayer::new(StaticCredential::cookie("session", "c00k1e"))
-        .origin(origin.clone())
-        .allow_http_loopback(true)
-        .layer(http.clone());
-    let secret = AuthLayer::new(StaticCredential::with_scheme("Secret", "cl1ent-s3cret"))
-        .origin(origin)
-        .allow_http_loopback(true)
-        .layer(http);
-
+    let api =
+        support::apis::PersonalTokenApi::new("pat_old", ("session", "c00k1e"), "cl1ent-s3cret");
+    let base = support::start(api.clone()).await;
+    call_the_api(&base, || api.reissue("pat_new")).await?;
     println!(
-        "bearer PAT:        {}",
-        api.clone().oneshot(get("/api/me")).await?.status()
+        "401s: {} (the revoked PAT, until rotate)",
+        api.rejected.get()
     );
-    println!(
-        "cookie:            {}",
-        cookie.oneshot(get("/api/cookie/me")).await?.status()
-    );
-    println!(
-        "Secret scheme:     {}",
-        secret.oneshot(get("/api/clients/verify")).await?.status()
-    );
-
-    provider.reissue("pat_new"); // the user revoked the token and issued a new one
-    println!(
-        "after revocation:  {}",
-        api.clone().oneshot(get("/api/me")).await?.status()
-    );
-    pat.rotate(Credential::bearer("pat_new")?); // from an admin endpoint, a file watcher...
-    println!(
-        "after rotate():    {}",
-        api.clone().oneshot(get("/api/me")).await?.status()
-    );
-    // ---------------------------------------------------------------------------------
     Ok(())
 }

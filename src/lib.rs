@@ -180,7 +180,7 @@
 //!
 //! | feature | default | adds |
 //! |---|---|---|
-//! | `https` | yes | `token::TokenClient::https`: hyper-util over rustls (`ring`, webpki roots) |
+//! | `https` | yes | `token::TokenClient::hyper_rustls`: hyper-util over rustls (`ring`, webpki roots) |
 //! | `reqwest` | no | `reqwest::AuthMiddleware` for `reqwest-middleware` |
 
 #![forbid(unsafe_code)]

@@ -554,7 +554,7 @@ async fn insecure_token_urls_are_refused_early_and_typed() {
     }
     let source = TokenSource::client_credentials("http://127.0.0.1:9/token", "id", "secret")
         .unwrap()
-        .client(TokenClient::https().unwrap());
+        .client(TokenClient::hyper_rustls().unwrap());
     let err = CredentialCache::new(source).credential().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InsecureTransport, "{err}");
     assert_eq!(token_error(&err).kind(), TokenErrorKind::InsecureTransport);

@@ -79,7 +79,7 @@ async fn the_default_client_honours_https_proxy_and_no_proxy() {
         std::env::set_var("HTTPS_PROXY", &proxy);
         std::env::set_var("NO_PROXY", "example.invalid");
     }
-    let client = TokenClient::https_with_roots([&tls.root_der]).unwrap();
+    let client = TokenClient::hyper_rustls_with_roots([&tls.root_der]).unwrap();
     let url = format!("https://{}/oauth/v2/token", tls.addr);
     let source = TokenSource::client_credentials(&url, "proxy-client", "proxy-secret")
         .unwrap()
@@ -95,7 +95,7 @@ async fn the_default_client_honours_https_proxy_and_no_proxy() {
     unsafe {
         std::env::set_var("NO_PROXY", "127.0.0.1");
     }
-    let client = TokenClient::https_with_roots([&tls.root_der]).unwrap();
+    let client = TokenClient::hyper_rustls_with_roots([&tls.root_der]).unwrap();
     let source = TokenSource::client_credentials(&url, "proxy-client", "proxy-secret")
         .unwrap()
         .client(client);

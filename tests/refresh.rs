@@ -113,7 +113,7 @@ async fn hard_window_waits_for_the_refresh() {
     assert_eq!(token(&res, &api), "Bearer token-2");
 }
 
-/// World: a provider that rejects early refreshes (auth-flows style C). Its source is
+/// World: a provider that rejects early refreshes (style C). Its source is
 /// reactive-only: through the soft window, the hard window and past expiry the token is
 /// used as is; only the API's 401 triggers the refresh.
 #[tokio::test(start_paused = true)]

@@ -211,7 +211,11 @@ async fn token_flows_never_leak_the_secret() {
         }));
     }
 
-    let client = || TokenClient::https().unwrap().allow_http_loopback(true);
+    let client = || {
+        TokenClient::hyper_rustls()
+            .unwrap()
+            .allow_http_loopback(true)
+    };
     let body =
         format!(r#"{{"access_token":"{CANARY}","refresh_token":"{CANARY}-r","expires_in":60}}"#);
     let parsed =

@@ -1,6 +1,6 @@
-//! The five authentication styles of `../shared/auth-flows.md`, each end to end: a real
-//! loopback server that behaves as described there, a `TokenSource` (or static source)
-//! in a few lines, `AuthLayer` over a hyper-util client.
+//! The five authentication styles (README, "The five authentication styles"), each end
+//! to end: a real loopback server that behaves as described there, a `TokenSource` (or
+//! static source) in a few lines, `AuthLayer` over a hyper-util client.
 
 mod support;
 

@@ -55,7 +55,7 @@ async fn whole_flow_over_real_tls() {
 
     let source = TokenSource::client_credentials(&token_url, "tls-client", "tls-secret")
         .unwrap()
-        .client(TokenClient::https_with_roots([&tls.root_der]).unwrap());
+        .client(TokenClient::hyper_rustls_with_roots([&tls.root_der]).unwrap());
     let svc = AuthLayer::new(source).layer(https_api_client(&tls.root_der));
     for _ in 0..3 {
         let req = Request::get(format!("https://{}/v1/shipments", tls.addr))
@@ -70,7 +70,7 @@ async fn whole_flow_over_real_tls() {
 
     let untrusting = TokenSource::client_credentials(&token_url, "tls-client", "tls-secret")
         .unwrap()
-        .client(TokenClient::https().unwrap());
+        .client(TokenClient::hyper_rustls().unwrap());
     let err = CredentialCache::new(untrusting)
         .credential()
         .await
@@ -90,7 +90,7 @@ async fn whole_flow_over_real_tls() {
 /// A root that is not a certificate is a typed error, not a panic.
 #[test]
 fn bad_root_certificate_is_a_typed_error() {
-    let err = TokenClient::https_with_roots([b"not a certificate".as_slice()]).unwrap_err();
+    let err = TokenClient::hyper_rustls_with_roots([b"not a certificate".as_slice()]).unwrap_err();
     assert_eq!(err.kind(), TokenErrorKind::InvalidRequest);
 }
 
@@ -110,7 +110,7 @@ fn runtimes_one_after_another_share_a_token_client() {
         });
     });
     let tls = rx.recv().unwrap();
-    let client = TokenClient::https_with_roots([&tls.root_der]).unwrap();
+    let client = TokenClient::hyper_rustls_with_roots([&tls.root_der]).unwrap();
     let token_url = format!("https://{}/oauth/v2/token", tls.addr);
     for round in 0..4 {
         let runtime = tokio::runtime::Builder::new_current_thread()

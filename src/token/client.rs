@@ -293,20 +293,25 @@ impl TokenClient {
 #[cfg(feature = "https")]
 #[cfg_attr(docsrs, doc(cfg(feature = "https")))]
 impl TokenClient {
-    /// An HTTPS client (hyper-util, rustls with the `ring` provider, HTTP/1.1 and HTTP/2)
-    /// trusting the webpki roots. Processes share one default client and its connections.
+    /// The default token client: hyper-util over rustls (the `ring` provider, HTTP/1.1 and
+    /// HTTP/2) trusting the webpki roots; what a [`TokenSource`](crate::token::TokenSource)
+    /// uses unless given another. It speaks https only; plain http to a loopback host
+    /// (a test server) on request, with
+    /// [`TokenSource::allow_http_loopback`](crate::token::TokenSource::allow_http_loopback)
+    /// or [`allow_http_loopback`](Self::allow_http_loopback). Processes share one default
+    /// client and its connections.
     ///
     /// It honours the standard proxy variables as curl reads them (`HTTPS_PROXY`,
     /// `ALL_PROXY`, `NO_PROXY`, lower case too), read when the client is first built:
     /// https token requests to a proxied host go through an HTTP `CONNECT` tunnel (with
     /// the proxy URL's credentials as `Proxy-Authorization`), so a corporate network
     /// that lets the API through lets the token endpoint through too.
-    pub fn https() -> Result<Self, TokenError> {
+    pub fn hyper_rustls() -> Result<Self, TokenError> {
         static DEFAULT: std::sync::OnceLock<Result<TokenClient, &'static str>> =
             std::sync::OnceLock::new();
         DEFAULT
             .get_or_init(|| {
-                Self::https_with_roots(Vec::<Vec<u8>>::new()).map_err(|_| "tls setup failed")
+                Self::hyper_rustls_with_roots(Vec::<Vec<u8>>::new()).map_err(|_| "tls setup failed")
             })
             .clone()
             .map_err(|detail| TokenError::new(TokenErrorKind::InvalidRequest).detail(detail))
@@ -314,7 +319,7 @@ impl TokenClient {
 
     /// An HTTPS client trusting the webpki roots plus `roots` (DER-encoded certificates),
     /// for private certificate authorities and self-signed test servers.
-    pub fn https_with_roots<I, C>(roots: I) -> Result<Self, TokenError>
+    pub fn hyper_rustls_with_roots<I, C>(roots: I) -> Result<Self, TokenError>
     where
         I: IntoIterator<Item = C>,
         C: AsRef<[u8]>,

@@ -256,7 +256,7 @@ impl TokenSource {
         self
     }
 
-    /// The client token requests go through (default: [`TokenClient::https`]).
+    /// The client token requests go through (default: [`TokenClient::hyper_rustls`]).
     pub fn client(mut self, client: TokenClient) -> Self {
         self.client = Some(client);
         self
@@ -375,7 +375,7 @@ impl TokenSource {
 
 #[cfg(feature = "https")]
 fn default_client() -> Result<TokenClient, TokenError> {
-    TokenClient::https()
+    TokenClient::hyper_rustls()
 }
 
 #[cfg(not(feature = "https"))]

@@ -225,7 +225,7 @@ pub fn api_client() -> hyper_util::client::legacy::Client<
 
 /// The default HTTPS token client, allowed to reach the loopback test servers.
 pub fn token_client() -> tower_client_auth::token::TokenClient {
-    tower_client_auth::token::TokenClient::https()
+    tower_client_auth::token::TokenClient::hyper_rustls()
         .unwrap()
         .allow_http_loopback(true)
 }

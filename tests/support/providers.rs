@@ -1,8 +1,7 @@
-//! Loopback servers that behave exactly as `../shared/auth-flows.md` describes, one per
-//! authentication style, with counters for what they saw. Plain HTTP on 127.0.0.1 (the
-//! TLS test wraps the same handlers in rustls).
-//!
-//! Self-contained so the examples can include it with `#[path]`.
+//! Loopback servers that behave as the five styles' real APIs do (README, "The five
+//! authentication styles"), one per style, with counters for what they saw. Plain HTTP
+//! on 127.0.0.1 (the TLS test wraps the same handlers in rustls). The examples have
+//! their own, shorter fakes in `examples/support/`.
 #![allow(dead_code, unreachable_pub)]
 
 use std::{
