@@ -71,7 +71,10 @@ fn contention(c: &mut Criterion) {
         .layer(Noop);
     g.bench_function("add_authorization", |b| b.iter_custom(|n| hammer(&add, n)));
 
-    let fixed = warm(&rt, AuthLayer::new(StaticCredential::bearer(TOKEN)));
+    let fixed = warm(
+        &rt,
+        AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()),
+    );
     g.bench_function("auth_layer_static", |b| {
         b.iter_custom(|n| hammer(&fixed, n))
     });

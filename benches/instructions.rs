@@ -56,7 +56,10 @@ fn main() {
             n,
         ),
         "auth_layer_static" => run(
-            warm(&rt, AuthLayer::new(StaticCredential::bearer(TOKEN))),
+            warm(
+                &rt,
+                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()),
+            ),
             n,
         ),
         "auth_layer_no_replay" => run(

@@ -43,7 +43,7 @@ fn variants(rt: &tokio::runtime::Runtime) -> Vec<Variant> {
         ),
         variant(
             "auth_layer_static",
-            warm(rt, AuthLayer::new(StaticCredential::bearer(TOKEN))),
+            warm(rt, AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap())),
         ),
         variant(
             "auth_layer_expiring",

@@ -234,8 +234,8 @@ async fn style_e() -> [Row; 3] {
         rotate.rotate(Credential::bearer("pat_2").expect("a token"));
         reissue.reissue("pat_2");
     })];
-    let cookie = StaticCredential::cookie("session", "c00k1e");
-    let secret = StaticCredential::with_scheme("Secret", "s3cret");
+    let cookie = StaticCredential::cookie("session", "c00k1e").expect("a cookie");
+    let secret = StaticCredential::with_scheme("Secret", "s3cret").expect("a secret");
     let ((pat, pat_stats), (cookie, cookie_stats), (secret, secret_stats)) = tokio::join!(
         with_the_crate(&base, "/api/me", pat, events),
         with_the_crate(&base, "/api/cookie/me", cookie, vec![]),

@@ -21,10 +21,10 @@ async fn call_the_api(api: &str, user_reissues_the_token: impl FnOnce()) -> Resu
     let bearer = AuthLayer::new(pat.clone()).origin(origin.clone());
     // A session cookie, merged into any `Cookie` header the request already has.
     let cookie =
-        AuthLayer::new(StaticCredential::cookie("session", "c00k1e")).origin(origin.clone());
+        AuthLayer::new(StaticCredential::cookie("session", "c00k1e")?).origin(origin.clone());
     // A vendor scheme: `Authorization: Secret <secret>`.
     let secret =
-        AuthLayer::new(StaticCredential::with_scheme("Secret", "cl1ent-s3cret")).origin(origin);
+        AuthLayer::new(StaticCredential::with_scheme("Secret", "cl1ent-s3cret")?).origin(origin);
 
     // `allow_http_loopback(true)`: the fake API is plain http on loopback; drop in production.
     let bearer = bearer.allow_http_loopback(true).layer(http.clone());

@@ -37,7 +37,7 @@
 //! use std::time::Duration;
 //! use tower_client_auth::{AuthLayer, CredentialCache, StaticCredential};
 //!
-//! let cache = CredentialCache::builder(StaticCredential::bearer("t0k3n"))
+//! let cache = CredentialCache::builder(StaticCredential::bearer("t0k3n")?)
 //!     .soft_window(Duration::from_secs(60))
 //!     .hard_window(Duration::from_secs(10))
 //!     .fetch_timeout(Duration::from_secs(5))
@@ -45,6 +45,7 @@
 //! // One cache can back several layers (and clients): they share one credential.
 //! let layer = AuthLayer::with_cache(cache.clone());
 //! # let _ = layer;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 use std::{
@@ -1252,7 +1253,7 @@ mod tests {
     /// clone's own handle, which every later request reuses.
     #[test]
     fn local_refs_make_one_handle_on_the_second_request() {
-        let cache = CredentialCache::new(StaticCredential::bearer("t"));
+        let cache = CredentialCache::new(StaticCredential::bearer("t").unwrap());
         let mut refs = LocalRefs::new();
         assert!(matches!(refs.get(&cache), CacheRef::Shared(_)));
         let CacheRef::Local(second) = refs.get(&cache) else {

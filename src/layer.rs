@@ -28,9 +28,10 @@ use crate::{
 /// # });
 ///
 /// let client = ServiceBuilder::new()
-///     .layer(AuthLayer::new(StaticCredential::bearer("pat_123")))
+///     .layer(AuthLayer::new(StaticCredential::bearer("pat_123")?))
 ///     .service(inner);
 /// # let _ = client;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug)]
 pub struct AuthLayer<P> {

@@ -32,7 +32,7 @@
 //! });
 //!
 //! let client = ServiceBuilder::new()
-//!     .layer(AuthLayer::new(StaticCredential::bearer("pat_123")))
+//!     .layer(AuthLayer::new(StaticCredential::bearer("pat_123")?))
 //!     .service(api);
 //!
 //! let req = Request::get("https://api.example.com/v1/me").body(Full::default())?;
@@ -123,7 +123,7 @@
 //! use std::time::Duration;
 //! use tower_client_auth::{AuthLayer, CredentialCache, StaticCredential};
 //!
-//! let cache = CredentialCache::builder(StaticCredential::bearer("t"))
+//! let cache = CredentialCache::builder(StaticCredential::bearer("t")?)
 //!     .soft_window(Duration::from_secs(60)) // background refresh at most 60 s before expiry
 //!     .hard_window(Duration::from_secs(5)) // stop sending it 5 s before expiry
 //!     .window_jitter(0.1)
@@ -132,6 +132,7 @@
 //!     .build();
 //! let layer = AuthLayer::with_cache(cache).replay_limit(1 << 20);
 //! # let _ = layer;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
 //! ## 7. Write your own source

@@ -33,9 +33,10 @@
 //! use tower_client_auth::{reqwest::AuthMiddleware, StaticCredential};
 //!
 //! let client = ClientBuilder::new(reqwest::Client::new())
-//!     .with(AuthMiddleware::new(StaticCredential::bearer("pat_123")))
+//!     .with(AuthMiddleware::new(StaticCredential::bearer("pat_123")?))
 //!     .build();
 //! # let _ = client;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 use std::sync::Arc;

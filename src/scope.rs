@@ -9,11 +9,11 @@
 //! ```
 //! use tower_client_auth::{AuthLayer, Origin, StaticCredential};
 //!
-//! let layer = AuthLayer::new(StaticCredential::bearer("pat_123"))
+//! let layer = AuthLayer::new(StaticCredential::bearer("pat_123")?)
 //!     .origin("https://api.example.com".parse::<Origin>()?)
 //!     .origin_matching(|uri| uri.host().is_some_and(|h| h.ends_with(".api.example.com")));
 //! # let _ = layer;
-//! # Ok::<(), tower_client_auth::InvalidOrigin>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 use std::{fmt, str::FromStr, sync::Arc};

@@ -8,7 +8,7 @@
 //! ```
 //! use tower_client_auth::{AuthLayer, Credential, RotatingCredential, StaticCredential};
 //!
-//! let api_key = AuthLayer::new(StaticCredential::header("x-api-key", "k-123"));
+//! let api_key = AuthLayer::new(StaticCredential::header("x-api-key", "k-123")?);
 //!
 //! let pat = RotatingCredential::new(Credential::bearer("pat_old")?);
 //! let layer = AuthLayer::new(pat.clone());
@@ -32,49 +32,38 @@ use crate::{
 
 /// A source that always returns the same credential.
 ///
-/// The string constructors never fail: a value a header cannot carry is reported as an
-/// [`ErrorKind::InvalidCredential`](crate::ErrorKind::InvalidCredential) on the first
-/// request, so no request is ever sent without its credential. Use
-/// [`StaticCredential::new`] with a checked [`Credential`] to fail at start-up instead.
+/// The string constructors check the value as [`Credential`]'s do: a value a header
+/// cannot carry is an [`InvalidCredential`] when the source is built, never a failure on
+/// the first request.
 #[derive(Clone)]
 pub struct StaticCredential {
-    credential: Result<Credential, InvalidCredential>,
+    credential: Credential,
 }
 
 impl StaticCredential {
     /// Serves `credential`.
     pub fn new(credential: Credential) -> Self {
-        StaticCredential {
-            credential: Ok(credential),
-        }
+        StaticCredential { credential }
     }
 
     /// `Authorization: Bearer <token>`.
-    pub fn bearer(token: impl AsRef<str>) -> Self {
-        StaticCredential {
-            credential: Credential::bearer(token),
-        }
+    pub fn bearer(token: impl AsRef<str>) -> Result<Self, InvalidCredential> {
+        Credential::bearer(token).map(Self::new)
     }
 
     /// `Authorization: <scheme> <secret>`, such as `Secret <client secret>`.
-    pub fn with_scheme(scheme: &str, secret: impl AsRef<str>) -> Self {
-        StaticCredential {
-            credential: Credential::with_scheme(scheme, secret),
-        }
+    pub fn with_scheme(scheme: &str, secret: impl AsRef<str>) -> Result<Self, InvalidCredential> {
+        Credential::with_scheme(scheme, secret).map(Self::new)
     }
 
     /// `Cookie: <name>=<value>`.
-    pub fn cookie(name: &str, value: impl AsRef<str>) -> Self {
-        StaticCredential {
-            credential: Credential::cookie(name, value),
-        }
+    pub fn cookie(name: &str, value: impl AsRef<str>) -> Result<Self, InvalidCredential> {
+        Credential::cookie(name, value).map(Self::new)
     }
 
     /// Any header, such as an API key.
-    pub fn header(name: &str, value: impl AsRef<str>) -> Self {
-        StaticCredential {
-            credential: Credential::header(name, value),
-        }
+    pub fn header(name: &str, value: impl AsRef<str>) -> Result<Self, InvalidCredential> {
+        Credential::header(name, value).map(Self::new)
     }
 }
 
@@ -88,7 +77,7 @@ impl fmt::Debug for StaticCredential {
 
 impl CredentialSource for StaticCredential {
     async fn fetch(&self, _cx: FetchContext) -> Result<Credential, BoxError> {
-        self.credential.clone().map_err(Into::into)
+        Ok(self.credential.clone())
     }
 
     /// A static credential cannot get any fresher: never refreshed, never replayed.

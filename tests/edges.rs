@@ -388,7 +388,7 @@ async fn invalidation_always_reaches_the_source() {
         cache.credential().await.unwrap();
         assert_eq!(cache.stats().fetches, 2, "invalidate led to a fetch");
     }
-    invalidated(StaticCredential::bearer("static")).await;
+    invalidated(StaticCredential::bearer("static").unwrap()).await;
     invalidated(RotatingCredential::new(Credential::bearer("pat").unwrap())).await;
     invalidated(tower_client_auth::source_fn(|_cx| async {
         Ok::<_, BoxError>(Credential::bearer("from-a-closure")?)

@@ -251,7 +251,7 @@ async fn retry_outside_auth_sends_a_fresh_header_on_every_attempt() {
 #[tokio::test]
 async fn static_credential_rejection_is_not_replayed() {
     let (base, log) = server(|_, _, _| StatusCode::UNAUTHORIZED).await;
-    let auth = AuthMiddleware::new(tower_client_auth::StaticCredential::bearer("pat"));
+    let auth = AuthMiddleware::new(tower_client_auth::StaticCredential::bearer("pat").unwrap());
     let cache = auth.cache().clone();
     let client = loopback_client(auth);
     let res = client

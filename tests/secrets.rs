@@ -43,7 +43,7 @@ async fn status(svc: &TokenClientStack, url: String) -> u16 {
 async fn debug_and_display_are_redacted() {
     let credential = Credential::bearer(CANARY).unwrap();
     let store = MemoryStore::new();
-    let cache = CredentialCache::builder(StaticCredential::bearer(CANARY))
+    let cache = CredentialCache::builder(StaticCredential::bearer(CANARY).unwrap())
         .store(store.clone())
         .build();
     cache.credential().await.unwrap();
@@ -59,8 +59,8 @@ async fn debug_and_display_are_redacted() {
         format!("{:?}", Credential::header("x-api-key", CANARY).unwrap()),
         format!(
             "{:?} {:?}",
-            StaticCredential::bearer(CANARY),
-            StaticCredential::cookie("s", CANARY)
+            StaticCredential::bearer(CANARY).unwrap(),
+            StaticCredential::cookie("s", CANARY).unwrap()
         ),
         format!("{rotating:?}"),
         format!("{cache:?} {:?}", cache.handle()),
@@ -111,15 +111,13 @@ async fn errors_never_carry_the_secret() {
         assert_clean("credential error", e);
     }
 
-    let svc = AuthLayer::new(StaticCredential::bearer(format!("{CANARY} bad")))
-        .layer(FakeApi::new(|_, _| StatusCode::OK).service());
-    let err = svc.clone().oneshot(get("/")).await.unwrap_err();
+    let err = StaticCredential::bearer(format!("{CANARY}\nbad")).unwrap_err();
     assert_clean(
         "invalid static credential",
-        &format!("{err} {err:?} {:?}", err.source()),
+        &format!("{err} {err:?} {:?}", std::error::Error::source(&err)),
     );
 
-    let svc = AuthLayer::new(StaticCredential::bearer(CANARY))
+    let svc = AuthLayer::new(StaticCredential::bearer(CANARY).unwrap())
         .layer(FakeApi::new(|_, _| StatusCode::OK).service());
     let req = Request::get(format!("http://api.example.com/?token={CANARY}"))
         .body(Full::<Bytes>::default())

@@ -395,20 +395,20 @@ async fn style_e_static_cookie_secret_and_rotation() {
     let api = PersonalTokenApi::new("pat_1", ("session", "s3ss10n"), "client-s3cret");
     let base = start(api.clone()).await;
 
-    let cookie = layer(StaticCredential::cookie("session", "s3ss10n")).layer(api_client());
+    let cookie = layer(StaticCredential::cookie("session", "s3ss10n").unwrap()).layer(api_client());
     assert_eq!(
         get(&cookie, format!("{base}/api/cookie/me")).await.unwrap(),
         200
     );
-    let secret =
-        layer(StaticCredential::with_scheme("Secret", "client-s3cret")).layer(api_client());
+    let secret = layer(StaticCredential::with_scheme("Secret", "client-s3cret").unwrap())
+        .layer(api_client());
     assert_eq!(
         get(&secret, format!("{base}/api/clients/verify"))
             .await
             .unwrap(),
         200
     );
-    let wrong = layer(StaticCredential::bearer("client-s3cret")).layer(api_client());
+    let wrong = layer(StaticCredential::bearer("client-s3cret").unwrap()).layer(api_client());
     assert_eq!(
         get(&wrong, format!("{base}/api/clients/verify"))
             .await
