@@ -122,28 +122,7 @@ impl Policy {
         check_transport(uri, self.allow_http_loopback, self.allow_relative_uris).map_err(|detail| {
             Error::new(ErrorKind::InsecureTransport).with_detail(name_the_setter(
                 detail,
-                "plain http to a loopback host: call AuthLayer::allow_http_loopback(true)",
-            ))
-        })
-    }
-
-    /// [`check_transport`](Self::check_transport) for a URL given as scheme and host.
-    #[cfg(feature = "reqwest")]
-    pub(crate) fn check_transport_parts(
-        &self,
-        scheme: Option<&str>,
-        host: Option<&str>,
-    ) -> Result<(), Error> {
-        check_transport_parts(
-            scheme,
-            host,
-            self.allow_http_loopback,
-            self.allow_relative_uris,
-        )
-        .map_err(|detail| {
-            Error::new(ErrorKind::InsecureTransport).with_detail(name_the_setter(
-                detail,
-                "plain http to a loopback host: call AuthMiddleware::allow_http_loopback(true)",
+                "plain http to a loopback host: call allow_http_loopback(true) on the AuthLayer (or AuthMiddleware)",
             ))
         })
     }

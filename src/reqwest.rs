@@ -5,12 +5,16 @@
 //! middleware [`from_layer`](AuthMiddleware::from_layer) or
 //! [`with_cache`](AuthMiddleware::with_cache) and both share one credential and one refresh.
 //!
-//! The rules are the layer's: credential headers marked sensitive; `https` only (loopback
-//! `http` on request); on a rejection status (default `401`) the credential is invalidated
-//! if still current and the request replayed once, when it can be cloned
-//! ([`reqwest::Request::try_clone`](https://docs.rs/reqwest/0.13/reqwest/struct.Request.html#method.try_clone); a streaming body cannot, and its 401 is returned as it
-//! came); `403` never refreshes; a [`NoReplay`] in the middleware extensions opts a
-//! request out of the replay.
+//! It is the layer's request path, not a copy of it: each request is turned into its
+//! `http` form and sent through the same [`Auth`](crate::Auth) service, over the rest of
+//! the middleware chain, so every rule is the same: credential headers marked sensitive;
+//! `https` only (loopback `http` on request); on a rejection status (default `401`) the
+//! credential is invalidated if still current and the request replayed once, its body
+//! (streaming or not) retained as it is sent, up to the replay limit; never replayed with
+//! the credential just rejected; `403` never refreshes; a response not replayed carries a
+//! [`NotReplayed`](crate::NotReplayed) extension saying why; a [`NoReplay`] in the
+//! middleware extensions opts a request out of the replay. The request's timeout and
+//! extensions and the response's URL are kept across the conversion.
 //!
 //! # Ordering with `reqwest-retry`
 //! Put the retry middleware **before** (outside) this one:
@@ -39,16 +43,26 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::sync::Arc;
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use http::{Extensions, StatusCode};
 use reqwest_middleware::{Middleware, Next};
+use tower::ServiceExt;
+use tower_service::Service;
 
 use crate::{
+    body::ReplayBody,
     cache::CredentialCache,
+    error::BoxError,
     layer::AuthLayer,
     policy::{ExistingHeader, NoReplay, Policy, StatusSet},
     scope::{Origin, Scope},
+    service::Auth,
     source::CredentialSource,
 };
 
@@ -141,100 +155,109 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     }
 }
 
-fn middleware_error(err: crate::Error) -> reqwest_middleware::Error {
-    reqwest_middleware::Error::middleware(err)
+/// The rest of the reqwest middleware chain as the Tower service [`Auth`] wraps: the
+/// adapter runs the layer's own request path (attach, send, judge the answer, invalidate,
+/// replay once) over it, so both entry points share one implementation.
+struct Rest<'a> {
+    next: Next<'a>,
+    /// The middleware extensions, handed to each attempt in turn (never two at once).
+    extensions: Arc<futures_util::lock::Mutex<&'a mut Extensions>>,
+}
+
+impl Clone for Rest<'_> {
+    fn clone(&self) -> Self {
+        Rest {
+            next: self.next.clone(),
+            extensions: self.extensions.clone(),
+        }
+    }
+}
+
+impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
+    type Response = http::Response<reqwest::Body>;
+    type Error = reqwest_middleware::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'a>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<ReplayBody<reqwest::Body>>) -> Self::Future {
+        let rest = self.clone();
+        Box::pin(async move {
+            // The request's own timeout rides in its extensions, kept by both conversions.
+            let req = reqwest::Request::try_from(req.map(reqwest::Body::wrap))?;
+            let mut extensions = rest.extensions.lock().await;
+            let res = rest.next.run(req, &mut extensions).await?;
+            let url = res.url().clone();
+            let mut res = http::Response::<reqwest::Body>::from(res);
+            res.extensions_mut().insert(ResponseUrl(url));
+            Ok(res)
+        })
+    }
+}
+
+/// The URL a response came from, kept across its http form.
+#[derive(Clone)]
+struct ResponseUrl(reqwest::Url);
+
+/// The reqwest form of `res`, with the URL it came from.
+fn into_reqwest(res: http::Response<reqwest::Body>) -> reqwest::Response {
+    use reqwest::ResponseBuilderExt as _;
+    let (mut parts, body) = res.into_parts();
+    if let Some(ResponseUrl(url)) = parts.extensions.remove::<ResponseUrl>() {
+        if let Ok(carrier) = http::Response::builder().url(url).body(()) {
+            parts.extensions.extend(carrier.into_parts().0.extensions);
+        }
+    }
+    reqwest::Response::from(http::Response::from_parts(parts, body))
+}
+
+/// The chain's own errors as they came; the crate's as a middleware error.
+fn into_middleware_error(err: BoxError) -> reqwest_middleware::Error {
+    match err.downcast::<reqwest_middleware::Error>() {
+        Ok(err) => *err,
+        Err(err) => match err.downcast::<crate::Error>() {
+            Ok(err) => reqwest_middleware::Error::middleware(*err),
+            Err(err) => reqwest_middleware::Error::middleware(Opaque(err)),
+        },
+    }
+}
+
+/// An error of neither kind (none is expected), kept with its text.
+#[derive(Debug)]
+struct Opaque(BoxError);
+
+impl std::fmt::Display for Opaque {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Opaque {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 #[async_trait::async_trait]
 impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
     async fn handle(
         &self,
-        mut req: reqwest::Request,
+        req: reqwest::Request,
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<reqwest::Response> {
-        let url = req.url();
-        if let Some(scope) = &self.scope {
-            if !scope.allows_url(url) {
-                // Another origin: sent as it is, without the credential.
-                return next.run(req, extensions).await;
-            }
+        let mut req = http::Request::<reqwest::Body>::try_from(req)?;
+        if extensions.get::<NoReplay>().is_some() {
+            req.extensions_mut().insert(NoReplay);
         }
-        self.policy
-            .check_transport_parts(Some(url.scheme()), url.host_str())
-            .map_err(middleware_error)?;
-        let (credential, generation) = match self.cache.current() {
-            Ok(current) => (current.credential.clone(), current.generation),
-            Err(acquire) => {
-                let entry = acquire.await.map_err(middleware_error)?;
-                (entry.credential.clone(), entry.generation)
-            }
+        let rest = Rest {
+            next,
+            extensions: Arc::new(futures_util::lock::Mutex::new(extensions)),
         };
-        // Cloned before the credential is attached: a replay gets the new one.
-        let replay = if !self.policy.replay
-            || !self.cache.refreshes()
-            || extensions.get::<NoReplay>().is_some()
-        {
-            None
-        } else {
-            req.try_clone()
-        };
-        let attached = self
-            .policy
-            .attach(&credential, req.headers_mut())
-            .map_err(middleware_error)?;
-        if !attached {
-            return next.run(req, extensions).await;
-        }
-        let response = next.clone().run(req, extensions).await?;
-        if !self.policy.rejections.contains(response.status()) {
-            self.cache.accepted(generation);
-            return Ok(response);
-        }
-        if !self.cache.refreshes() {
-            tracing::debug!(status = %response.status(), "fixed credential rejected");
-            return Ok(response);
-        }
-        let rejected = self.cache.credential_of(generation);
-        let refresh = self.cache.replace_rejected(generation);
-        let Some(mut replay) = replay else {
-            tracing::debug!(status = %response.status(), "rejected request cannot be replayed");
-            return Ok(response);
-        };
-        let entry = match refresh.await {
-            Ok(entry) => entry,
-            Err(err) if err.fresh_rejection => {
-                let mut response = response;
-                response
-                    .extensions_mut()
-                    .insert(crate::NotReplayed::FreshCredentialRejected);
-                return Ok(response);
-            }
-            Err(err) => return Err(middleware_error(err)),
-        };
-        if rejected.as_ref() == Some(&entry.credential) {
-            // The source handed back the rejected credential: a replay cannot help.
-            tracing::debug!("the source handed back the rejected credential; not replaying");
-            let mut response = response;
-            response
-                .extensions_mut()
-                .insert(crate::NotReplayed::SameCredential);
-            return Ok(response);
-        }
-        drop(response);
-        entry
-            .credential
-            .apply(replay.headers_mut())
-            .map_err(|e| middleware_error(crate::policy::headers_full(e)))?;
-        self.cache.record_replay();
-        tracing::debug!(
-            generation = entry.generation,
-            "replaying request with the new credential"
-        );
-        let response = next.run(replay, extensions).await?;
-        if !self.policy.rejections.contains(response.status()) {
-            self.cache.accepted(entry.generation);
-        }
-        Ok(response)
+        let auth = Auth::new(rest, self.cache.clone(), self.policy, self.scope.clone());
+        let res = auth.oneshot(req).await.map_err(into_middleware_error)?;
+        Ok(into_reqwest(res))
     }
 }

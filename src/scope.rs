@@ -148,26 +148,6 @@ impl Scope {
             _ => relative_in_scope,
         }
     }
-
-    /// [`allows`](Self::allows) for a URL given as parts (the reqwest middleware).
-    #[cfg(feature = "reqwest")]
-    pub(crate) fn allows_url(&self, url: &reqwest::Url) -> bool {
-        let Some(host) = url.host_str() else {
-            return false;
-        };
-        if self
-            .origins
-            .iter()
-            .any(|o| o.matches(url.scheme(), host, url.port()))
-        {
-            return true;
-        }
-        !self.predicates.is_empty()
-            && url
-                .as_str()
-                .parse::<Uri>()
-                .is_ok_and(|uri| self.predicates.iter().any(|p| p(&uri)))
-    }
 }
 
 #[cfg(test)]
