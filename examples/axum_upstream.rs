@@ -11,7 +11,7 @@ use hyper_util::{
 };
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
-    Auth, AuthLayer, BoxError, ReplayBody,
+    AddCredential, AuthLayer, BoxError, ReplayBody,
     token::{TokenRequest, TokenSource},
 };
 
@@ -21,7 +21,7 @@ use tower_client_auth::{
 /// credential cache.
 #[derive(Clone)]
 struct App {
-    upstream: Auth<Client<HttpConnector, ReplayBody<Full<Bytes>>>, TokenSource>,
+    upstream: AddCredential<Client<HttpConnector, ReplayBody<Full<Bytes>>>, TokenSource>,
     upstream_base: String,
 }
 

@@ -29,7 +29,7 @@ async fn call_the_api(api: &str, mid_run: impl FnOnce()) -> Result<(), BoxError>
         .allow_http_loopback(true) // loopback fake only: production is https-only
         .layer(Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>());
 
-    let get = |client: &tower_client_auth::Auth<_, _>| {
+    let get = |client: &tower_client_auth::AddCredential<_, _>| {
         let req = Request::get(format!("{api}/v3/accounts")).body(Full::default());
         client.clone().oneshot(req.expect("a valid request"))
     };

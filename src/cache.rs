@@ -135,10 +135,18 @@ impl<P> fmt::Debug for CredentialCache<P> {
 }
 
 /// Builds a [`CredentialCache`] with non-default settings.
-#[derive(Debug)]
 pub struct CredentialCacheBuilder<P> {
     source: P,
     config: Config,
+}
+
+impl<P> fmt::Debug for CredentialCacheBuilder<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialCacheBuilder")
+            .field("source", &std::any::type_name::<P>())
+            .field("config", &self.config)
+            .finish()
+    }
 }
 
 #[derive(Clone)]

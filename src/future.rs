@@ -1,4 +1,4 @@
-//! [`ResponseFuture`]: the per-request state machine of [`Auth`](crate::Auth).
+//! [`ResponseFuture`]: the per-request state machine of [`AddCredential`](crate::AddCredential).
 //!
 //! ```text
 //!        credential cached ─────────────────────────────┐
@@ -47,7 +47,7 @@ use crate::{
 };
 
 pin_project! {
-    /// Response future of [`Auth`](crate::Auth). See the [module docs](self).
+    /// Response future of [`AddCredential`](crate::AddCredential). See the [module docs](self).
     pub struct ResponseFuture<S, B, P>
     where
         S: Service<Request<ReplayBody<B>>>,
@@ -276,7 +276,7 @@ where
                             }
                         }
                     }
-                    // The service was not readied for this request (see `Auth::call`):
+                    // The service was not readied for this request (see `AddCredential::call`):
                     // ready it now that there is something to send.
                     if let Err(err) = ready!(p.service.poll_ready(cx)) {
                         *pending = None;

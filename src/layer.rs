@@ -9,7 +9,7 @@ use crate::{
     cache::CredentialCache,
     policy::{ExistingHeader, Policy, StatusSet},
     scope::{Origin, Scope},
-    service::Auth,
+    service::AddCredential,
     source::CredentialSource,
 };
 
@@ -33,11 +33,21 @@ use crate::{
 /// # let _ = client;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug)]
 pub struct AuthLayer<P> {
     cache: CredentialCache<P>,
     policy: Policy,
     scope: Option<Arc<Scope>>,
+}
+
+// By hand: a derive would ask `P: Debug`, which the cache's `Debug` does not need.
+impl<P> std::fmt::Debug for AuthLayer<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthLayer")
+            .field("cache", &self.cache)
+            .field("policy", &self.policy)
+            .field("scope", &self.scope)
+            .finish()
+    }
 }
 
 impl<P> Clone for AuthLayer<P> {
@@ -158,9 +168,9 @@ impl<P: CredentialSource> AuthLayer<P> {
 }
 
 impl<S, P> Layer<S> for AuthLayer<P> {
-    type Service = Auth<S, P>;
+    type Service = AddCredential<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Auth::new(inner, self.cache.clone(), self.policy, self.scope.clone())
+        AddCredential::from_parts(inner, self.cache.clone(), self.policy, self.scope.clone())
     }
 }

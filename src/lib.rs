@@ -68,9 +68,9 @@
 //! `ReplayBody`:
 //!
 //! ```text
-//! error[E0599]: the method `oneshot` exists for struct `Auth<Client<HttpConnector, Full<Bytes>>, StaticCredential>`, but its trait bounds were not satisfied
+//! error[E0599]: the method `oneshot` exists for struct `AddCredential<Client<HttpConnector, http_body_util::Full<bytes::Bytes>>, StaticCredential>`, but its trait bounds were not satisfied
 //!    = note: the following trait bounds were not satisfied:
-//!            `Auth<Client<HttpConnector, Full<Bytes>>, StaticCredential>: Service<_>`
+//!            `AddCredential<Client<HttpConnector, http_body_util::Full<bytes::Bytes>>, StaticCredential>: Service<_>`
 //! ```
 //!
 //! To send unauthenticated requests through the same client, wrap their body with
@@ -173,7 +173,7 @@
 //! - [`token`]: OAuth2 and login sources, the token client and parsers (`token/`).
 //! - [`CredentialCache`]: all of the refresh logic (`cache.rs`).
 //! - [`CredentialStore`]: the seam for sharing credentials between processes (`store.rs`).
-//! - [`AuthLayer`], [`Auth`], [`ResponseFuture`]: the middleware; the per-request state
+//! - [`AuthLayer`], [`AddCredential`], [`ResponseFuture`]: the middleware; the per-request state
 //!   machine is in `future.rs`.
 //! - [`ReplayBody`]: body retention and replay (`body.rs`).
 //!
@@ -217,7 +217,7 @@ pub use crate::{
     policy::{DEFAULT_REJECTION_STATUSES, ExistingHeader, NoReplay},
     scope::{InvalidOrigin, Origin},
     secret::Secret,
-    service::Auth,
+    service::AddCredential,
     source::{CredentialSource, FetchContext, FetchReason, RefreshMode, SourceFn, source_fn},
     static_source::{RotatingCredential, StaticCredential},
     store::{CredentialStore, MemoryStore},

@@ -6,7 +6,7 @@
 //! [`with_cache`](AuthMiddleware::with_cache) and both share one credential and one refresh.
 //!
 //! It is the layer's request path, not a copy of it: each request is turned into its
-//! `http` form and sent through the same [`Auth`](crate::Auth) service, over the rest of
+//! `http` form and sent through the same [`AddCredential`] service, over the rest of
 //! the middleware chain, so every rule is the same: credential headers marked sensitive;
 //! `https` only (loopback `http` on request); on a rejection status (default `401`) the
 //! credential is invalidated if still current and the request replayed once, its body
@@ -62,17 +62,27 @@ use crate::{
     layer::AuthLayer,
     policy::{ExistingHeader, NoReplay, Policy, StatusSet},
     scope::{Origin, Scope},
-    service::Auth,
+    service::AddCredential,
     source::CredentialSource,
 };
 
 /// Adds cached credentials to `reqwest` requests and replays once on rejection. See the
 /// [module docs](self).
-#[derive(Debug)]
 pub struct AuthMiddleware<P> {
     cache: CredentialCache<P>,
     policy: Policy,
     scope: Option<Arc<Scope>>,
+}
+
+// By hand: a derive would ask `P: Debug`, which the cache's `Debug` does not need.
+impl<P> std::fmt::Debug for AuthMiddleware<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthMiddleware")
+            .field("cache", &self.cache)
+            .field("policy", &self.policy)
+            .field("scope", &self.scope)
+            .finish()
+    }
 }
 
 impl<P> Clone for AuthMiddleware<P> {
@@ -155,7 +165,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     }
 }
 
-/// The rest of the reqwest middleware chain as the Tower service [`Auth`] wraps: the
+/// The rest of the reqwest middleware chain as the Tower service [`AddCredential`] wraps: the
 /// adapter runs the layer's own request path (attach, send, judge the answer, invalidate,
 /// replay once) over it, so both entry points share one implementation.
 struct Rest<'a> {
@@ -256,7 +266,8 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
             next,
             extensions: Arc::new(futures_util::lock::Mutex::new(extensions)),
         };
-        let auth = Auth::new(rest, self.cache.clone(), self.policy, self.scope.clone());
+        let auth =
+            AddCredential::from_parts(rest, self.cache.clone(), self.policy, self.scope.clone());
         let res = auth.oneshot(req).await.map_err(into_middleware_error)?;
         Ok(into_reqwest(res))
     }

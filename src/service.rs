@@ -1,4 +1,4 @@
-//! [`Auth`]: the middleware service. The per-request state machine is in `future.rs`.
+//! [`AddCredential`]: the middleware service. The per-request state machine is in `future.rs`.
 
 use std::{
     fmt, mem,
@@ -16,6 +16,7 @@ use crate::{
     cache::{CredentialCache, LocalRefs, LocalView},
     error::BoxError,
     future::ResponseFuture,
+    layer::AuthLayer,
     policy::Policy,
     scope::Scope,
     source::CredentialSource,
@@ -27,7 +28,7 @@ use crate::{
 /// The inner service receives the request with a [`ReplayBody`]. Errors are
 /// [`BoxError`]s: the crate's own [`Error`](crate::Error), or the inner service's error
 /// as it came (downcast to get it back).
-pub struct Auth<S, P> {
+pub struct AddCredential<S, P> {
     inner: S,
     cache: CredentialCache<P>,
     /// This clone's view of the cache's current entry (see `LocalView`).
@@ -39,9 +40,9 @@ pub struct Auth<S, P> {
     scope: Option<Arc<Scope>>,
 }
 
-impl<S: fmt::Debug, P> fmt::Debug for Auth<S, P> {
+impl<S: fmt::Debug, P> fmt::Debug for AddCredential<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Auth")
+        f.debug_struct("AddCredential")
             .field("inner", &self.inner)
             .field("cache", &self.cache)
             .field("policy", &self.policy)
@@ -50,9 +51,9 @@ impl<S: fmt::Debug, P> fmt::Debug for Auth<S, P> {
     }
 }
 
-impl<S: Clone, P> Clone for Auth<S, P> {
+impl<S: Clone, P> Clone for AddCredential<S, P> {
     fn clone(&self) -> Self {
-        Auth {
+        AddCredential {
             inner: self.inner.clone(),
             cache: self.cache.clone(),
             view: self.view.clone(),
@@ -63,14 +64,14 @@ impl<S: Clone, P> Clone for Auth<S, P> {
     }
 }
 
-impl<S, P> Auth<S, P> {
-    pub(crate) fn new(
+impl<S, P> AddCredential<S, P> {
+    pub(crate) fn from_parts(
         inner: S,
         cache: CredentialCache<P>,
         policy: Policy,
         scope: Option<Arc<Scope>>,
     ) -> Self {
-        Auth {
+        AddCredential {
             inner,
             view: LocalView::new(&cache),
             refs: LocalRefs::new(),
@@ -85,13 +86,40 @@ impl<S, P> Auth<S, P> {
         &self.inner
     }
 
+    /// The wrapped service, mutably. Readiness is the inner service's: a caller that
+    /// polls it ready through here, then calls `AddCredential`, keeps the contract.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service; the cache goes on serving any other clone.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
     /// The cache this service reads credentials from.
     pub fn cache(&self) -> &CredentialCache<P> {
         &self.cache
     }
 }
 
-impl<S: Clone, P> Auth<S, P> {
+impl<S, P: CredentialSource> AddCredential<S, P> {
+    /// Wraps `inner`, over a new cache of `source`, with the layer's defaults:
+    /// `AuthLayer::new(source).layer(inner)`.
+    pub fn new(inner: S, source: P) -> Self {
+        tower_layer::Layer::layer(&AuthLayer::new(source), inner)
+    }
+}
+
+impl<P: CredentialSource> AddCredential<(), P> {
+    /// A layer wrapping services in `AddCredential` over a new cache of `source`, as
+    /// tower-http's middleware offer `Type::layer`: the same as [`AuthLayer::new`].
+    pub fn layer(source: P) -> AuthLayer<P> {
+        AuthLayer::new(source)
+    }
+}
+
+impl<S: Clone, P> AddCredential<S, P> {
     /// The service that was polled ready, leaving a fresh clone in its place.
     #[inline]
     fn take_ready(&mut self) -> S {
@@ -100,7 +128,7 @@ impl<S: Clone, P> Auth<S, P> {
     }
 }
 
-impl<S, P, B, ResBody> Service<Request<B>> for Auth<S, P>
+impl<S, P, B, ResBody> Service<Request<B>> for AddCredential<S, P>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,

@@ -181,7 +181,7 @@ type FetchFuture = Pin<Box<dyn Future<Output = Result<Credential, BoxError>> + S
 ///
 /// The closure's future is boxed once per fetch (fetches are rare; requests never
 /// allocate for it). Boxing at construction also makes `SourceFn` a plain, nameable type:
-/// `Auth<S, SourceFn>` can be written in a struct field, and the compiler never has to
+/// `AddCredential<S, SourceFn>` can be written in a struct field, and the compiler never has to
 /// re-prove the closure's `Send` bounds inside the futures of your own code.
 #[derive(Clone)]
 pub struct SourceFn {

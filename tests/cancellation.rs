@@ -38,7 +38,7 @@ async fn dropped_requests_and_abandoned_refreshes_lose_nothing() {
     let svc = AuthLayer::with_cache(cache)
         .allow_http_loopback(true)
         .layer(api_client());
-    type Svc = tower_client_auth::Auth<
+    type Svc = tower_client_auth::AddCredential<
         hyper_util::client::legacy::Client<
             hyper_util::client::legacy::connect::HttpConnector,
             tower_client_auth::ReplayBody<Full<Bytes>>,

@@ -55,7 +55,7 @@ async fn start(idp: &Arc<StrictIdp>) -> String {
 /// The layer over a plain hyper-util client, `cache` behind it.
 fn stack<P: CredentialSource>(
     cache: CredentialCache<P>,
-) -> tower_client_auth::Auth<
+) -> tower_client_auth::AddCredential<
     hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         tower_client_auth::ReplayBody<Full<Bytes>>,

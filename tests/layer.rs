@@ -13,7 +13,8 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use support::{TestSource, get, post};
 use tower::{Layer, Service, ServiceExt};
 use tower_client_auth::{
-    AuthLayer, BoxError, ExistingHeader, NoReplay, NotReplayed, ReplayBody, StaticCredential,
+    AddCredential, AuthLayer, BoxError, Credential, ExistingHeader, NoReplay, NotReplayed,
+    ReplayBody, StaticCredential,
 };
 use tower_test::mock;
 
@@ -119,7 +120,7 @@ async fn a_long_lived_clone_sees_every_change() {
         assert_eq!(bearer(&req), want);
         reply.send_response(status(answer));
     }
-    let send = |svc: &mut tower_client_auth::Auth<_, _>| {
+    let send = |svc: &mut tower_client_auth::AddCredential<_, _>| {
         let call = svc.call(get("/v1/me"));
         tokio::spawn(call)
     };
@@ -169,7 +170,7 @@ async fn a_long_lived_clones_rejections_refresh_once() {
     let svc = AuthLayer::new(source.clone()).layer(inner);
     let mut kept = svc.clone();
     // One request through the kept clone; the caller polls it ready first.
-    let send = |kept: &mut tower_client_auth::Auth<_, _>| {
+    let send = |kept: &mut tower_client_auth::AddCredential<_, _>| {
         tokio::spawn(kept.call(post("/v1/orders", b"{}")))
     };
 
@@ -550,4 +551,33 @@ async fn cookie_credentials_merge_with_the_requests_cookies() {
     assert_eq!(cookies(&req), ["a=1; session=v2"]);
     reply.send_response(status(200));
     assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}
+
+/// tower-http's conventions: `Type::new`, `Type::layer`, the inner service's accessors,
+/// and `Debug` that asks nothing of the source.
+#[tokio::test]
+async fn the_service_follows_tower_http_conventions() {
+    /// A source that is not `Debug`.
+    struct Opaque;
+    impl tower_client_auth::CredentialSource for Opaque {
+        async fn fetch(
+            &self,
+            _cx: tower_client_auth::FetchContext,
+        ) -> Result<Credential, tower_client_auth::BoxError> {
+            Ok(Credential::bearer("t0k3n")?)
+        }
+    }
+    let layer = AddCredential::layer(Opaque);
+    assert!(format!("{layer:?}").contains("AuthLayer"));
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let mut svc = AddCredential::new(inner, Opaque);
+    assert!(format!("{svc:?}").starts_with("AddCredential"));
+    let _: &mut mock::Mock<Req, Response<&'static str>> = svc.get_mut();
+    let _: &mock::Mock<Req, Response<&'static str>> = svc.get_ref();
+    let call = tokio::spawn(svc.clone().oneshot(get("/")));
+    let (req, reply) = api.next_request().await.unwrap();
+    assert_eq!(req.headers()[AUTHORIZATION], "Bearer t0k3n");
+    reply.send_response(Response::new("ok"));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    let _inner: mock::Mock<Req, Response<&'static str>> = svc.into_inner();
 }

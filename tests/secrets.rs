@@ -24,7 +24,7 @@ fn assert_clean(what: &str, text: &str) {
     assert!(!text.contains(CANARY), "{what} leaked the canary: {text}");
 }
 
-type TokenClientStack = tower_client_auth::Auth<
+type TokenClientStack = tower_client_auth::AddCredential<
     hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         ReplayBody<Full<Bytes>>,

@@ -20,7 +20,7 @@ use tower_client_auth::{
     token::{BodyEncoding, ClientAuth, TokenError, TokenErrorKind, TokenRequest, TokenSource},
 };
 
-type Client = tower_client_auth::Auth<
+type Client = tower_client_auth::AddCredential<
     hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         tower_client_auth::ReplayBody<Full<Bytes>>,

@@ -50,7 +50,7 @@ fn source_at(login_base: &str, refresh_base: &str, client: TokenClient) -> Token
     .client(client)
 }
 
-type Stack<P> = tower_client_auth::Auth<
+type Stack<P> = tower_client_auth::AddCredential<
     hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         tower_client_auth::ReplayBody<Full<Bytes>>,

@@ -16,7 +16,7 @@ use http::{HeaderValue, Request, Response, header::AUTHORIZATION};
 use http_body_util::Full;
 use tower::{Layer, Service};
 use tower_client_auth::{
-    Auth, AuthLayer, BoxError, Credential, CredentialSource, SourceFn, source_fn,
+    AddCredential, AuthLayer, BoxError, Credential, CredentialSource, SourceFn, source_fn,
 };
 
 pub const TOKEN: &str =
@@ -83,7 +83,7 @@ pub fn expiring_source() -> SourceFn {
 pub fn warm<P: CredentialSource>(
     rt: &tokio::runtime::Runtime,
     layer: AuthLayer<P>,
-) -> Auth<Noop, P> {
+) -> AddCredential<Noop, P> {
     rt.block_on(async { layer.cache().credential().await.unwrap() });
     layer.layer(Noop)
 }
