@@ -74,7 +74,7 @@
 //! ```
 //!
 //! To send unauthenticated requests through the same client, wrap their body with
-//! [`ReplayBody::new`]. tonic needs a one-line adapter (see `examples/tonic_channel.rs`). Share one [`CredentialCache`] between several layers, or
+//! [`ReplayBody::new`]. tonic needs a one-line adapter (the crate's `tonic_channel` example). Share one [`CredentialCache`] between several layers, or
 //! with a reqwest client (feature `reqwest`), through [`AuthLayer::with_cache`].
 //!
 //! ## 3. What happens on expiry and on 401
@@ -168,14 +168,14 @@
 //! yours as the `source()`.
 //!
 //! # Where things are
-//! - [`CredentialSource`], [`source_fn`]: where credentials come from (`source.rs`).
+//! - [`CredentialSource`], [`source_fn`]: where credentials come from.
 //! - [`StaticCredential`], [`RotatingCredential`]: fixed and swappable tokens.
-//! - [`token`]: OAuth2 and login sources, the token client and parsers (`token/`).
-//! - [`CredentialCache`]: all of the refresh logic (`cache.rs`).
-//! - [`CredentialStore`]: the seam for sharing credentials between processes (`store.rs`).
-//! - [`AuthLayer`], [`AddCredential`], [`ResponseFuture`]: the middleware; the per-request state
-//!   machine is in `future.rs`.
-//! - [`ReplayBody`]: body retention and replay (`body.rs`).
+//! - [`token`]: OAuth2 and login sources and the token client.
+//! - [`CredentialCache`]: all of the refresh logic.
+//! - [`CredentialStore`]: the seam for sharing credentials between processes.
+//! - [`AuthLayer`], [`AddCredential`], [`ResponseFuture`]: the middleware and the
+//!   per-request state machine.
+//! - [`ReplayBody`]: body retention and replay.
 //!
 //! # Features
 //!
