@@ -192,6 +192,7 @@ pub mod cache;
 mod credential;
 mod error;
 mod future;
+mod handle;
 mod head;
 mod layer;
 mod policy;

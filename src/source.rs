@@ -24,7 +24,7 @@
 
 use std::{fmt, future::Future, pin::Pin, sync::Arc};
 
-use crate::{cache::CacheHandle, credential::Credential, error::BoxError};
+use crate::{credential::Credential, error::BoxError, handle::CacheHandle};
 
 /// Why the cache asks for a new credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,9 +24,9 @@ use std::{
 };
 
 use crate::{
-    cache::CacheHandle,
     credential::Credential,
     error::{BoxError, InvalidCredential},
+    handle::CacheHandle,
     source::{CredentialSource, FetchContext, RefreshMode},
 };
 

@@ -1,0 +1,266 @@
+//! The cache's settings: the defaults, [`CredentialCacheBuilder`], and the arithmetic of
+//! the refresh windows and the backoff as pure functions.
+
+use std::{
+    fmt,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, AtomicU64},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwapOption;
+use tokio::time::Instant;
+
+use super::{CredentialCache, Inner, State, Stats};
+#[allow(unused_imports)] // for the docs' links
+use crate::error::ErrorKind;
+use crate::{handle::CacheHandle, source::CredentialSource, store::CredentialStore};
+
+/// Default longest time a fetch may take before it fails with [`ErrorKind::Timeout`].
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap on the soft window (background refresh while the credential is still used).
+pub const DEFAULT_SOFT_WINDOW: Duration = Duration::from_secs(5 * 60);
+/// Default cap on the hard window (callers wait for the refresh).
+pub const DEFAULT_HARD_WINDOW: Duration = Duration::from_secs(30);
+/// Share of a credential's lifetime that the soft window covers at most.
+pub const SOFT_WINDOW_FRACTION: f64 = 0.25;
+/// Share of a credential's lifetime that the hard window covers at most.
+pub const HARD_WINDOW_FRACTION: f64 = 0.05;
+/// Default random widening of the soft window, as a fraction of it (0.2: up to 20 %).
+pub const DEFAULT_WINDOW_JITTER: f64 = 0.2;
+/// Default delay after the first failed fetch; it doubles with each further failure.
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Default cap on the delay between failed fetches.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A credential rejected within this long of becoming current, before the API accepted
+/// any request carrying it, counts as rejected *fresh*: the API may reject every new one
+/// too (a wrong audience or scope, clock skew
+/// at the API). After such a rejection, the next one causes a fetch only once the
+/// backoff (the same schedule as failed fetches) allows; until then the rejected
+/// response is returned marked [`NotReplayed::FreshCredentialRejected`]. 10 seconds.
+///
+/// [`NotReplayed::FreshCredentialRejected`]: crate::NotReplayed::FreshCredentialRejected
+pub const YOUNG_CREDENTIAL_AGE: Duration = Duration::from_secs(10);
+
+/// Longest wait a token endpoint's `Retry-After` can impose: 5 minutes. A longer one is
+/// taken as this, so a misconfigured server cannot stop a client for hours.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(5 * 60);
+
+/// Share of the fetch timeout one store call may take at most: a quarter.
+pub const STORE_SHARE: u32 = 4;
+
+/// `at + delay`, or a time decades away when that is past what the clock can hold (a
+/// huge configured backoff must not panic inside the flight).
+pub(super) fn saturating_add(at: Instant, delay: Duration) -> Instant {
+    at.checked_add(delay)
+        .unwrap_or_else(|| at + Duration::from_secs(30 * 365 * 24 * 3600))
+}
+
+/// Builds a [`CredentialCache`] with non-default settings.
+pub struct CredentialCacheBuilder<P> {
+    source: P,
+    config: Config,
+}
+
+impl<P> fmt::Debug for CredentialCacheBuilder<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialCacheBuilder")
+            .field("source", &std::any::type_name::<P>())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct Config {
+    pub(super) fetch_timeout: Duration,
+    pub(super) soft_window: Duration,
+    pub(super) hard_window: Duration,
+    pub(super) window_jitter: f64,
+    pub(super) backoff_base: Duration,
+    pub(super) backoff_max: Duration,
+    pub(super) store: Option<Arc<dyn CredentialStore>>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("fetch_timeout", &self.fetch_timeout)
+            .field("soft_window", &self.soft_window)
+            .field("hard_window", &self.hard_window)
+            .field("window_jitter", &self.window_jitter)
+            .field("backoff_base", &self.backoff_base)
+            .field("backoff_max", &self.backoff_max)
+            .field("store", &self.store.is_some())
+            .finish()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+            soft_window: DEFAULT_SOFT_WINDOW,
+            hard_window: DEFAULT_HARD_WINDOW,
+            window_jitter: DEFAULT_WINDOW_JITTER,
+            backoff_base: DEFAULT_BACKOFF_BASE,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+            store: None,
+        }
+    }
+}
+
+impl<P: CredentialSource> CredentialCacheBuilder<P> {
+    pub(super) fn new(source: P) -> Self {
+        CredentialCacheBuilder {
+            source,
+            config: Config::default(),
+        }
+    }
+
+    /// Longest time one fetch may take (default [`DEFAULT_FETCH_TIMEOUT`]): the whole
+    /// flight, store calls included (each at most a [`STORE_SHARE`] of it).
+    pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
+        self.config.fetch_timeout = timeout;
+        self
+    }
+
+    /// Cap on the soft window (default [`DEFAULT_SOFT_WINDOW`]). `Duration::ZERO` turns
+    /// background refresh off.
+    pub fn soft_window(mut self, window: Duration) -> Self {
+        self.config.soft_window = window;
+        self
+    }
+
+    /// Cap on the hard window (default [`DEFAULT_HARD_WINDOW`]). Credentials are not
+    /// sent during their last `hard_window`: callers wait for the new one.
+    pub fn hard_window(mut self, window: Duration) -> Self {
+        self.config.hard_window = window;
+        self
+    }
+
+    /// Random widening of the soft window, as a fraction of it, clamped to `0.0..=1.0`
+    /// (default [`DEFAULT_WINDOW_JITTER`]).
+    pub fn window_jitter(mut self, jitter: f64) -> Self {
+        self.config.window_jitter = if jitter.is_nan() {
+            0.0
+        } else {
+            jitter.clamp(0.0, 1.0)
+        };
+        self
+    }
+
+    /// Backoff after failed fetches: `base` after the first, doubling, at most `max`
+    /// (defaults [`DEFAULT_BACKOFF_BASE`], [`DEFAULT_BACKOFF_MAX`]).
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.config.backoff_base = base;
+        self.config.backoff_max = max.max(base);
+        self
+    }
+
+    /// Shares credentials through `store` (see [`crate::store`]).
+    pub fn store(mut self, store: impl CredentialStore) -> Self {
+        self.config.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Builds the cache and attaches the source to it.
+    pub fn build(self) -> CredentialCache<P> {
+        let mode = self.source.refresh_mode();
+        let inner = Arc::new(Inner {
+            source: self.source,
+            mode,
+            config: self.config,
+            current: ArcSwapOption::empty(),
+            state: Mutex::new(State::default()),
+            stats: Stats::default(),
+            store_down: AtomicBool::new(false),
+            accepted: AtomicU64::new(0),
+        });
+        let weak: Weak<Inner<P>> = Arc::downgrade(&inner);
+        inner.source.attach(CacheHandle::new(weak));
+        CredentialCache { inner }
+    }
+}
+
+/// How long before expiry the soft and hard windows open, in seconds, for a credential
+/// that lives `lifetime` seconds from now: the hard window is the last
+/// `min(lifetime × HARD_WINDOW_FRACTION, hard_window)`, the soft one the last
+/// `min(lifetime × SOFT_WINDOW_FRACTION, soft_window)` (never shorter than the hard one),
+/// widened by `jitter × window_jitter` (`jitter` in `0.0..1.0`), never past the lifetime.
+pub(super) fn windows(config: &Config, lifetime: f64, jitter: f64) -> (f64, f64) {
+    let hard = (lifetime * HARD_WINDOW_FRACTION).min(config.hard_window.as_secs_f64());
+    let soft = (lifetime * SOFT_WINDOW_FRACTION)
+        .min(config.soft_window.as_secs_f64())
+        .max(hard);
+    let soft = (soft * (1.0 + config.window_jitter * jitter)).min(lifetime);
+    (soft, hard)
+}
+
+/// The wait after `failures` consecutive failures: `base × 2^(failures − 1)`, capped at
+/// `max`, then "equal jitter": between half and all of it (`jitter` in `0.0..1.0`).
+pub(super) fn backoff(config: &Config, failures: u32, jitter: f64) -> Duration {
+    let exp = failures.saturating_sub(1).min(30);
+    let full = config
+        .backoff_base
+        .saturating_mul(1 << exp)
+        .min(config.backoff_max);
+    full / 2 + full.mul_f64(jitter / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(d: f64) -> f64 {
+        (d * 1000.0).round() / 1000.0
+    }
+
+    #[test]
+    fn windows_are_fractions_of_short_lifetimes_and_capped_for_long_ones() {
+        let config = Config::default();
+        // 100 s: hard = 5 s, soft = 25 s, widened by up to 20 %.
+        let (soft, hard) = windows(&config, 100.0, 0.0);
+        assert_eq!((secs(soft), secs(hard)), (25.0, 5.0));
+        let (soft, _) = windows(&config, 100.0, 1.0);
+        assert_eq!(secs(soft), 30.0);
+        // One day: the caps (5 min soft, 30 s hard).
+        let (soft, hard) = windows(&config, 86_400.0, 0.0);
+        assert_eq!((secs(soft), secs(hard)), (300.0, 30.0));
+        // A soft window capped below the hard one is raised to it.
+        let config = Config {
+            soft_window: Duration::from_secs(1),
+            ..Config::default()
+        };
+        let (soft, hard) = windows(&config, 1000.0, 0.0);
+        assert_eq!((secs(soft), secs(hard)), (30.0, 30.0));
+        // Full jitter never opens a window before the credential arrived.
+        let config = Config {
+            window_jitter: 1.0,
+            ..Config::default()
+        };
+        let (soft, _) = windows(&config, 1.0, 1.0);
+        assert!(soft <= 1.0);
+    }
+
+    #[test]
+    fn backoff_doubles_within_its_jitter_and_saturates() {
+        let config = Config::default();
+        assert_eq!(backoff(&config, 1, 0.0), Duration::from_millis(500));
+        assert_eq!(backoff(&config, 1, 1.0), Duration::from_secs(1));
+        assert_eq!(backoff(&config, 3, 1.0), Duration::from_secs(4));
+        assert_eq!(backoff(&config, 10, 1.0), DEFAULT_BACKOFF_MAX);
+        assert_eq!(
+            backoff(&config, u32::MAX, 0.5),
+            DEFAULT_BACKOFF_MAX.mul_f64(0.75)
+        );
+        let huge = Config {
+            backoff_base: Duration::MAX,
+            backoff_max: Duration::MAX,
+            ..Config::default()
+        };
+        assert!(backoff(&huge, 40, 1.0) >= Duration::from_secs(u64::MAX / 2));
+    }
+}

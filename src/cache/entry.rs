@@ -1,0 +1,99 @@
+//! [`Entry`]: one cached credential, its refresh windows and its aging timer.
+
+use std::sync::{
+    Arc, Weak,
+    atomic::{AtomicBool, Ordering},
+};
+
+use arc_swap::Guard;
+use tokio::time::Instant;
+
+use crate::credential::Credential;
+
+/// One cached credential and its refresh bookkeeping.
+pub(crate) struct Entry {
+    pub(crate) credential: Credential,
+    pub(crate) generation: u64,
+    /// When its background refresh may start (proactive sources with an expiry).
+    pub(super) soft_at: Option<Instant>,
+    /// When callers must stop using it and wait (proactive sources with an expiry).
+    pub(super) hard_at: Option<Instant>,
+    /// When it became current: a rejection soon after counts as a fresh rejection.
+    pub(super) installed_at: Instant,
+    /// Set once the soft window opens; until then the hot path reads no clock.
+    pub(super) aging: AtomicBool,
+    /// Whether a caller already started this entry's background refresh.
+    pub(super) background_claimed: AtomicBool,
+    pub(super) timer: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        if let Some(timer) = &self.timer {
+            timer.abort();
+        }
+    }
+}
+
+pub(super) enum Phase {
+    Fresh,
+    Soft,
+    Hard,
+}
+
+impl Entry {
+    pub(super) fn phase_at(&self, now: Instant) -> Phase {
+        // `aging` may be set before the soft window opens (its timer died with its
+        // runtime): the clock decides then.
+        if !self.aging.load(Ordering::Acquire) || self.soft_at.is_some_and(|at| now < at) {
+            Phase::Fresh
+        } else if self.hard_at.is_some_and(|at| now >= at) {
+            Phase::Hard
+        } else {
+            Phase::Soft
+        }
+    }
+
+    pub(super) fn is_expired_at(&self, now: Instant) -> bool {
+        self.credential.expiry().is_some_and(|at| now >= at)
+    }
+}
+
+/// Owned by an entry's aging timer: however the timer ends (its instant came, or its
+/// runtime shut down and dropped it), the entry starts aging, and from then on the
+/// clock decides. An entry dropped first is simply gone.
+pub(super) struct AgeOnDrop(pub(super) Weak<Entry>);
+
+impl Drop for AgeOnDrop {
+    fn drop(&mut self) {
+        if let Some(entry) = self.0.upgrade() {
+            entry.aging.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// After a failed background refresh, lets the next caller in the soft window try again
+/// once the backoff is over.
+pub(super) fn rearm_background(entry: &Arc<Entry>, retry_at: Instant) {
+    let weak = Arc::downgrade(entry);
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            tokio::time::sleep_until(retry_at).await;
+            if let Some(entry) = weak.upgrade() {
+                entry.background_claimed.store(false, Ordering::Release);
+            }
+        });
+    }
+}
+
+/// A credential that may be sent now, borrowed from the cache without a reference count.
+pub(crate) struct Current(pub(super) Guard<Option<Arc<Entry>>>);
+
+impl std::ops::Deref for Current {
+    type Target = Entry;
+
+    fn deref(&self) -> &Entry {
+        // `current` only builds a `Current` from a guard holding an entry.
+        self.0.as_deref().expect("Current always holds an entry")
+    }
+}

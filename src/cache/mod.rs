@@ -1,0 +1,472 @@
+//! The credential cache: lock-free reads, single-flight refresh, expiry windows, backoff.
+//!
+//! This module holds all of the refresh logic: the cache and its API here; its settings
+//! and the window and backoff arithmetic in `config`; the single flight in `flight`; the
+//! cached entry and its aging in `entry`; the per-clone views in `views`. The hot path (`CredentialCache::current`,
+//! crate-private) is one `ArcSwap` load and one atomic read: no lock, no await, no
+//! allocation, no clock read. Everything else happens on the refresh path, under one
+//! mutex that is never held across an await:
+//!
+//! - **Single flight.** However many callers need a new credential, one task fetches it
+//!   and every waiter receives that one result, success or error. The task is spawned, so
+//!   a refresh continues when the request that started it is dropped.
+//! - **Two windows before expiry** (proactive sources only). Each credential's lifetime
+//!   `L` is measured when it arrives. In the *soft* window (the last
+//!   `min(L × 1/4, soft_window)`, widened by up to `window_jitter` at random so a fleet
+//!   does not refresh in lockstep) the first caller starts a background refresh and
+//!   everyone keeps using the still-valid credential. In the *hard* window (the last
+//!   `min(L × 1/20, hard_window)`) callers wait for the refresh. A timer flips each
+//!   credential into its soft window, so requests before it never read the clock. The
+//!   timer is a task on the runtime that installed the credential: if that runtime shuts
+//!   down while another keeps using the cache, the credential is refreshed when the API
+//!   rejects it instead of before it expires.
+//! - **Reactive-only sources** ([`RefreshMode::ReactiveOnly`]) are refreshed only when
+//!   the cache is empty or the API rejected the credential. **Fixed sources**
+//!   ([`RefreshMode::Never`], a static key) are fetched once; a rejection changes
+//!   nothing, since the source would hand out the same credential.
+//! - **Failures** never poison the cache: a failed background refresh keeps serving the
+//!   still-valid credential; consecutive failures back off exponentially with jitter
+//!   (between `base × 2ⁿ⁻¹ / 2` and `base × 2ⁿ⁻¹`, capped at the maximum); while backing
+//!   off, callers that have no valid credential get [`ErrorKind::Backoff`] at once instead
+//!   of hammering the token endpoint; after the backoff the next caller tries again.
+//! - **Invalidation** is by generation: a rejection only invalidates the credential if it
+//!   is still the current one, so a thousand concurrent 401s cause one refresh.
+//! - **Storage seam**: an optional [`CredentialStore`] is consulted on the refresh path
+//!   only (see [`crate::store`]).
+//!
+//! # Example
+//! ```
+//! use std::time::Duration;
+//! use tower_client_auth::{AuthLayer, CredentialCache, StaticCredential};
+//!
+//! let cache = CredentialCache::builder(StaticCredential::bearer("t0k3n")?)
+//!     .soft_window(Duration::from_secs(60))
+//!     .hard_window(Duration::from_secs(10))
+//!     .fetch_timeout(Duration::from_secs(5))
+//!     .build();
+//! // One cache can back several layers (and clients): they share one credential.
+//! let layer = AuthLayer::with_cache(cache.clone());
+//! # let _ = layer;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::{
+    fmt,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwapOption;
+use futures_util::future::Shared;
+use tokio::time::Instant;
+
+use crate::{
+    credential::Credential,
+    error::Error,
+    handle::Sink,
+    source::{CredentialSource, RefreshMode},
+};
+#[allow(unused_imports)] // for the docs' links
+use crate::{error::ErrorKind, source::FetchReason, store::CredentialStore};
+
+mod config;
+mod entry;
+mod flight;
+mod views;
+
+use self::config::Config;
+pub use self::config::{
+    CredentialCacheBuilder, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_FETCH_TIMEOUT,
+    DEFAULT_HARD_WINDOW, DEFAULT_SOFT_WINDOW, DEFAULT_WINDOW_JITTER, HARD_WINDOW_FRACTION,
+    MAX_RETRY_AFTER, SOFT_WINDOW_FRACTION, STORE_SHARE, YOUNG_CREDENTIAL_AGE,
+};
+use self::entry::{AgeOnDrop, Phase};
+pub(crate) use self::{
+    entry::{Current, Entry},
+    flight::{Acquire, FlightFuture},
+    views::{CacheRef, LocalRefs, LocalView},
+};
+pub use crate::handle::CacheHandle;
+
+/// Caches the credential of one [`CredentialSource`] and refreshes it. Cheap to clone:
+/// clones share the cache. See the [module docs](self) for the rules.
+pub struct CredentialCache<P> {
+    inner: Arc<Inner<P>>,
+}
+
+impl<P> Clone for CredentialCache<P> {
+    fn clone(&self) -> Self {
+        CredentialCache {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<P> fmt::Debug for CredentialCache<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let current = self.inner.current.load();
+        f.debug_struct("CredentialCache")
+            .field("source", &std::any::type_name::<P>())
+            .field("generation", &current.as_ref().map(|e| e.generation))
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+impl<P: CredentialSource> CredentialCache<P> {
+    /// A cache with the default settings.
+    pub fn new(source: P) -> Self {
+        Self::builder(source).build()
+    }
+
+    /// A builder for a cache with other settings.
+    pub fn builder(source: P) -> CredentialCacheBuilder<P> {
+        CredentialCacheBuilder::new(source)
+    }
+
+    /// Counts of what the refresh path did so far. Nothing is counted per request: the
+    /// hot path stays free of shared writes.
+    pub fn stats(&self) -> CacheStats {
+        let s = &self.inner.stats;
+        CacheStats {
+            fetches: s.fetches.load(Ordering::Relaxed),
+            fetch_failures: s.fetch_failures.load(Ordering::Relaxed),
+            rejections: s.rejections.load(Ordering::Relaxed),
+            replays: s.replays.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a replay (called by the layer and the reqwest middleware).
+    pub(crate) fn record_replay(&self) {
+        self.inner.stats.replays.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The source this cache refreshes from.
+    pub fn source(&self) -> &P {
+        &self.inner.source
+    }
+
+    /// A usable credential: the cached one, or a fresh one after waiting for the refresh.
+    ///
+    /// For callers outside a Tower stack; the layer uses the same path.
+    pub async fn credential(&self) -> Result<Credential, Error> {
+        match self.current() {
+            Ok(current) => Ok(current.credential.clone()),
+            Err(acquire) => acquire.await.map(|entry| entry.credential.clone()),
+        }
+    }
+
+    /// Reports that the API rejected `credential`, and waits for its replacement.
+    ///
+    /// Only a credential that is still the current one is invalidated: when many callers
+    /// report the same rejection, the source is asked once.
+    pub async fn reject(&self, credential: &Credential) -> Result<Credential, Error> {
+        let generation = {
+            let current = self.inner.current.load();
+            match current.as_deref() {
+                Some(entry) if entry.credential == *credential => Some(entry.generation),
+                _ => None,
+            }
+        };
+        let acquire = match generation {
+            Some(generation) => self.replace_rejected(generation),
+            None => self.acquire(None),
+        };
+        acquire.await.map(|entry| entry.credential.clone())
+    }
+
+    /// A handle that replaces or invalidates this cache's credential from elsewhere.
+    pub fn handle(&self) -> CacheHandle {
+        let weak: Weak<Inner<P>> = Arc::downgrade(&self.inner);
+        CacheHandle::new(weak)
+    }
+
+    /// The current credential if it may be sent now, or the refresh to wait for. In the
+    /// soft window this starts the background refresh (once). The layer reads through a
+    /// [`LocalView`] instead; this is for callers that share the cache by reference.
+    pub(crate) fn current(&self) -> Result<Current, Acquire> {
+        let guard = self.inner.current.load();
+        match self.usable(guard.as_deref()) {
+            Ok(_) => Ok(Current(guard)),
+            Err(acquire) => {
+                drop(guard);
+                Err(acquire)
+            }
+        }
+    }
+
+    /// Whether `entry`, the current entry as just read, may be sent now; if not, the
+    /// refresh to wait for. Inlined for its common case: an entry before its soft window
+    /// (one flag, no clock).
+    #[inline]
+    pub(crate) fn usable<'e>(&self, entry: Option<&'e Entry>) -> Result<&'e Entry, Acquire> {
+        match entry {
+            Some(entry) if !entry.aging.load(Ordering::Acquire) => Ok(entry),
+            _ => self.usable_aging(entry),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn usable_aging<'e>(&self, entry: Option<&'e Entry>) -> Result<&'e Entry, Acquire> {
+        if let Some(entry) = entry {
+            match entry.phase_at(Instant::now()) {
+                Phase::Fresh => return Ok(entry),
+                Phase::Soft => {
+                    if !entry.background_claimed.load(Ordering::Relaxed)
+                        && !entry.background_claimed.swap(true, Ordering::AcqRel)
+                    {
+                        drop(self.acquire(Some(Want::Background(entry.generation))));
+                    }
+                    return Ok(entry);
+                }
+                Phase::Hard => {}
+            }
+        }
+        Err(self.acquire(None))
+    }
+
+    /// Whether a rejected credential can be replaced by a different one: false for a
+    /// source in [`RefreshMode::Never`].
+    #[inline]
+    pub(crate) fn refreshes(&self) -> bool {
+        self.inner.mode != RefreshMode::Never
+    }
+
+    /// The API answered a request carrying the credential of `generation` with anything
+    /// but a rejection: it accepts this credential. One shared read per answer, a write
+    /// only for the first answer of each credential.
+    #[inline]
+    pub(crate) fn accepted(&self, generation: u64) {
+        if self.inner.accepted.load(Ordering::Relaxed) <= generation {
+            self.inner
+                .accepted
+                .fetch_max(generation + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// The credential of `generation`, if it is current or among the last few replaced.
+    /// For telling whether the credential that replaces a rejected one is any different.
+    pub(crate) fn credential_of(&self, generation: u64) -> Option<Credential> {
+        if let Some(entry) = self.inner.current.load().as_deref() {
+            if entry.generation == generation {
+                return Some(entry.credential.clone());
+            }
+        }
+        let state = self.inner.lock_state();
+        state
+            .retired
+            .iter()
+            .find(|(g, _)| *g == generation)
+            .map(|(_, c)| c.clone())
+    }
+
+    /// The API rejected the credential of `generation`: invalidate it if it is still
+    /// current, and return the refresh that replaces it.
+    pub(crate) fn replace_rejected(&self, generation: u64) -> Acquire {
+        self.acquire(Some(Want::Replace(generation)))
+    }
+}
+
+impl<P: CredentialSource> Sink for Inner<P> {
+    fn replace(&self, credential: Credential) {
+        let mut state = self.lock_state();
+        // A fetch in flight started before this value existed: its result must not win.
+        state.epoch += 1;
+        state.failures = 0;
+        state.retry_at = None;
+        state.last_error = None;
+        tracing::debug!("credential replaced from outside");
+        self.install(&mut state, credential, Instant::now());
+    }
+
+    fn invalidate(&self) {
+        let mut state = self.lock_state();
+        state.epoch += 1;
+        // The next fetch is told what was dropped, so that a source holding a last
+        // credential does not hand it back.
+        let dropped = self.current.load_full().map(|e| e.credential.clone());
+        let dropped = dropped.or_else(|| state.invalidated.take().flatten());
+        self.retire(&mut state);
+        state.invalidated = Some(dropped);
+        self.current.store(None);
+        // A fetch in flight started before the invalidation: the next request must not
+        // join it (its result is handed to its own waiters only).
+        state.flight = None;
+    }
+}
+
+struct Inner<P> {
+    source: P,
+    mode: RefreshMode,
+    config: Config,
+    /// The hot path reads this; it is written only under `state`'s lock.
+    current: ArcSwapOption<Entry>,
+    state: Mutex<State>,
+    stats: Stats,
+    /// Whether the store's last call failed: its outage is logged once.
+    store_down: AtomicBool,
+    /// One more than the newest generation the API answered with anything but a
+    /// rejection: written once per credential, read on every answer.
+    accepted: AtomicU64,
+}
+
+#[derive(Default)]
+struct Stats {
+    fetches: AtomicU64,
+    fetch_failures: AtomicU64,
+    rejections: AtomicU64,
+    replays: AtomicU64,
+}
+
+/// What a [`CredentialCache`]'s refresh path has done, from [`CredentialCache::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Times the refresh path started (a store lookup, then the source if needed).
+    pub fetches: u64,
+    /// Refreshes that failed (error, timeout, panic, cancelled).
+    pub fetch_failures: u64,
+    /// Rejections that invalidated the current credential (at most one per credential).
+    pub rejections: u64,
+    /// Requests replayed with a new credential after a rejection.
+    pub replays: u64,
+}
+
+#[derive(Default)]
+struct State {
+    flight: Option<Shared<FlightFuture>>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<Error>,
+    /// Bumped when the credential is replaced from outside; a fetch that started in an
+    /// older epoch does not install its result.
+    epoch: u64,
+    next_generation: u64,
+    /// Counts flights started; see `FlightGuard::id`.
+    flight_id: u64,
+    /// Set by an explicit invalidation, with the credential it dropped: the next fetch
+    /// is a [`FetchReason::Invalidated`] one.
+    invalidated: Option<Option<Credential>>,
+    /// The last few credentials that stopped being current, by generation: a request
+    /// whose credential was rejected after it was already replaced can still tell
+    /// whether the replacement is the same value.
+    retired: std::collections::VecDeque<(u64, Credential)>,
+    /// Consecutive rejections of credentials younger than [`YOUNG_CREDENTIAL_AGE`], and
+    /// when the next one may cause a fetch.
+    fresh_rejections: u32,
+    fresh_rejection_retry_at: Option<Instant>,
+}
+
+/// How many replaced credentials [`State::retired`] remembers.
+const RETIRED_KEPT: usize = 8;
+
+#[derive(Clone, Copy)]
+enum Want {
+    /// Replace the credential of this generation, which the API rejected.
+    Replace(u64),
+    /// Refresh the credential of this generation in the background (soft window).
+    Background(u64),
+}
+
+impl<P: CredentialSource> Inner<P> {
+    fn lock_state(&self) -> MutexGuard<'_, State> {
+        // The lock is never held across user code, so poisoning cannot leave it
+        // half-updated; recover rather than propagate a panic to every caller.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Remembers the current credential as retired, before it stops being current.
+    /// Called with the state lock held.
+    fn retire(&self, state: &mut State) {
+        if let Some(entry) = self.current.load_full() {
+            if state.retired.len() == RETIRED_KEPT {
+                state.retired.pop_front();
+            }
+            state
+                .retired
+                .push_back((entry.generation, entry.credential.clone()));
+        }
+    }
+
+    /// Makes `credential` current. Called with the state lock held.
+    fn install(&self, state: &mut State, credential: Credential, now: Instant) -> Arc<Entry> {
+        self.retire(state);
+        state.invalidated = None;
+        let entry = self.entry(state, credential, now);
+        self.current.store(Some(entry.clone()));
+        entry
+    }
+
+    /// A new entry for `credential`, not (yet) current. Called with the state lock held.
+    fn entry(&self, state: &mut State, credential: Credential, now: Instant) -> Arc<Entry> {
+        let generation = state.next_generation;
+        state.next_generation += 1;
+        let (soft_at, hard_at) = match (self.mode, credential.expiry()) {
+            (RefreshMode::Proactive, Some(expires_at)) => self.windows(expires_at, now),
+            _ => (None, None),
+        };
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        Arc::new_cyclic(|weak: &Weak<Entry>| {
+            // Without a runtime for the timer, the entry starts aging at once: correct,
+            // only a clock read per request slower.
+            let (aging, timer) = match (soft_at, &runtime) {
+                (Some(at), Some(rt)) if at > now => {
+                    let guard = AgeOnDrop(weak.clone());
+                    let task = rt.spawn(async move {
+                        let _guard = guard;
+                        tokio::time::sleep_until(at).await;
+                    });
+                    (false, Some(task.abort_handle()))
+                }
+                (Some(_), _) => (true, None),
+                (None, _) => (false, None),
+            };
+            Entry {
+                credential,
+                generation,
+                soft_at,
+                hard_at,
+                installed_at: now,
+                aging: AtomicBool::new(aging),
+                background_claimed: AtomicBool::new(false),
+                timer,
+            }
+        })
+    }
+
+    /// When the soft and hard windows of a credential expiring at `expires_at` open.
+    fn windows(&self, expires_at: Instant, now: Instant) -> (Option<Instant>, Option<Instant>) {
+        let lifetime = expires_at.saturating_duration_since(now).as_secs_f64();
+        let (soft, hard) = config::windows(&self.config, lifetime, fastrand::f64());
+        let at = |before: f64| {
+            Duration::try_from_secs_f64(before)
+                .ok()
+                .and_then(|d| expires_at.checked_sub(d))
+                .unwrap_or(now)
+        };
+        (Some(at(soft)), Some(at(hard)))
+    }
+
+    /// Whether a credential found in the store is worth using instead of fetching.
+    fn is_usable_stored(&self, credential: &Credential, now: Instant) -> bool {
+        match credential.expiry() {
+            None => true,
+            Some(expires_at) if expires_at <= now => false,
+            Some(expires_at) => match self.mode {
+                RefreshMode::ReactiveOnly | RefreshMode::Never => true,
+                RefreshMode::Proactive => {
+                    let (_, hard_at) = self.windows(expires_at, now);
+                    hard_at.is_none_or(|at| now < at)
+                }
+            },
+        }
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        config::backoff(&self.config, failures, fastrand::f64())
+    }
+}

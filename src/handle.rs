@@ -1,0 +1,62 @@
+//! [`CacheHandle`]: how a credential source reaches the cache it is attached to. A leaf
+//! module: the source trait names the handle without naming the cache.
+
+use std::{fmt, sync::Weak};
+
+use crate::credential::Credential;
+
+/// A handle to a cache that replaces or invalidates its credential from outside the
+/// request path. Given to [`CredentialSource::attach`](crate::CredentialSource::attach); it does not keep the cache alive.
+#[derive(Clone)]
+pub struct CacheHandle {
+    inner: Weak<dyn Sink>,
+}
+
+impl CacheHandle {
+    pub(crate) fn new(inner: Weak<dyn Sink>) -> Self {
+        CacheHandle { inner }
+    }
+
+    /// Whether the cache is still alive (handles do not keep it alive).
+    pub fn is_alive(&self) -> bool {
+        self.inner.strong_count() > 0
+    }
+
+    /// Makes `credential` the current one at once, ahead of any refresh in flight.
+    /// Returns `false` if the cache is gone.
+    pub fn replace(&self, credential: Credential) -> bool {
+        match self.inner.upgrade() {
+            Some(sink) => {
+                sink.replace(credential);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops the current credential, so the next request fetches a new one. Returns
+    /// `false` if the cache is gone.
+    pub fn invalidate(&self) -> bool {
+        match self.inner.upgrade() {
+            Some(sink) => {
+                sink.invalidate();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl fmt::Debug for CacheHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheHandle")
+            .field("alive", &(self.inner.strong_count() > 0))
+            .finish()
+    }
+}
+
+/// What a handle does to its cache; implemented by the cache.
+pub(crate) trait Sink: Send + Sync {
+    fn replace(&self, credential: Credential);
+    fn invalidate(&self);
+}
