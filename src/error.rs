@@ -143,6 +143,8 @@ impl Error {
         self.retry_in
     }
 
+    #[cfg(feature = "token")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "token")))]
     /// The token endpoint failure behind this error, if a
     /// [`TokenSource`](crate::token::TokenSource) failed (directly, or as the cause of a
     /// backoff).
@@ -157,12 +159,16 @@ impl Error {
         None
     }
 
+    #[cfg(feature = "token")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "token")))]
     /// The OAuth2 `error` code the token endpoint answered (`invalid_client`,
     /// `invalid_grant`, ...), if any.
     pub fn oauth_error(&self) -> Option<&str> {
         self.token_error().and_then(|t| t.oauth_error())
     }
 
+    #[cfg(feature = "token")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "token")))]
     /// The HTTP status the token endpoint answered, if it answered.
     pub fn token_status(&self) -> Option<http::StatusCode> {
         self.token_error().and_then(|t| t.status())
@@ -176,7 +182,17 @@ impl Error {
         matches!(
             self.kind,
             ErrorKind::InsecureTransport | ErrorKind::InvalidCredential | ErrorKind::HeadersFull
-        ) || self.token_error().is_some_and(|t| t.is_permanent())
+        ) || self.token_failure_is_permanent()
+    }
+
+    #[cfg(feature = "token")]
+    fn token_failure_is_permanent(&self) -> bool {
+        self.token_error().is_some_and(|t| t.is_permanent())
+    }
+
+    #[cfg(not(feature = "token"))]
+    fn token_failure_is_permanent(&self) -> bool {
+        false
     }
 }
 

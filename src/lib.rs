@@ -181,7 +181,8 @@
 //!
 //! | feature | default | adds |
 //! |---|---|---|
-//! | `https` | yes | `token::TokenClient::hyper_rustls`: hyper-util over rustls (`ring`, webpki roots) |
+//! | `token` | yes (through `https`) | the [`token`] module: token endpoint sources and their parsers |
+//! | `https` | yes | implies `token`; `token::TokenClient::hyper_rustls`: hyper-util over rustls (`ring`, webpki roots) |
 //! | `reqwest` | no | `reqwest::AuthMiddleware` for `reqwest-middleware` |
 
 #![forbid(unsafe_code)]
@@ -206,6 +207,8 @@ pub mod source;
 mod static_source;
 pub mod store;
 mod text;
+#[cfg(feature = "token")]
+#[cfg_attr(docsrs, doc(cfg(feature = "token")))]
 pub mod token;
 
 pub use crate::{

@@ -12,6 +12,7 @@ pub(crate) const MAX_SERVER_TEXT: usize = 200;
 
 /// Replaces every occurrence of each secret in `text` with `[redacted]`. Longer secrets
 /// go first, so a secret that contains another is replaced whole.
+#[cfg(feature = "token")]
 pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
     let mut secrets: Vec<&str> = secrets
         .iter()
@@ -83,6 +84,7 @@ pub(crate) fn escape(text: &str, max: usize) -> String {
 }
 
 /// Scrubs, escapes and cuts server text for keeping in an error.
+#[cfg(feature = "token")]
 pub(crate) fn from_server(text: &str, secrets: &[String]) -> String {
     escape(&scrub(text, secrets), MAX_SERVER_TEXT)
 }

@@ -288,6 +288,7 @@ fn fetch_error(e: crate::error::BoxError) -> Error {
     };
     // A refused transport is a configuration error, not a failed fetch: it keeps its
     // kind at the top, with the token error below it.
+    #[cfg(feature = "token")]
     if let Some(token) = e.downcast_ref::<crate::token::TokenError>() {
         let kind = match token.kind() {
             crate::token::TokenErrorKind::InsecureTransport => ErrorKind::InsecureTransport,

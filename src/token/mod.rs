@@ -41,14 +41,14 @@ mod request;
 mod response;
 mod source;
 
+#[cfg(test)]
+mod properties;
+
 pub use self::{
     client::{DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TOKEN_TIMEOUT, TokenClient},
     error::{TokenError, TokenErrorKind},
     request::{BodyEncoding, ClientAuth, TokenRequest},
-    response::{
-        MAX_LIFETIME, MIN_LIFETIME, ResponseFields, TokenResponse, jwt_expiry,
-        parse_error_response, parse_expires_in,
-    },
+    response::{MAX_LIFETIME, MIN_LIFETIME, ResponseFields, jwt_expiry},
     source::{
         DEFAULT_CLOCK_SKEW, DEFAULT_ON_REFRESH_TIMEOUT, DEFAULT_TOKEN_LIFETIME, TokenPair,
         TokenSource, TokenStats,

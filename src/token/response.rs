@@ -71,9 +71,8 @@ impl ResponseFields {
 
 /// A parsed token response.
 #[derive(Debug, Clone)]
-pub struct TokenResponse {
+pub(crate) struct TokenResponse {
     access_token: Secret,
-    refresh_token: Option<Secret>,
     expires_in: Option<Duration>,
     token_type: Option<String>,
     /// The response held `"refresh_token": ""`, read as no refresh token.
@@ -86,7 +85,7 @@ impl TokenResponse {
     /// Tolerant the way real servers need: `expires_in` as a number or a numeric string,
     /// `token_type` missing or in any case, unknown fields ignored. Errors: no body, not
     /// JSON or form, no access token, a non-positive `expires_in`.
-    pub fn parse(
+    pub(crate) fn parse(
         content_type: Option<&str>,
         body: &[u8],
         fields: &ResponseFields,
@@ -101,17 +100,16 @@ impl TokenResponse {
             Some(_) => return Err(invalid("the access token is not a non-empty string")),
             None => return Err(invalid("the access token is missing")),
         };
+        // The refresh token itself is read on its own, before the body is judged
+        // (`refresh_token_in`); here it is only checked.
         let mut empty_refresh_token = false;
-        let refresh_token = match lookup(&doc, &fields.refresh_token) {
-            Some(Value::String(s)) if !s.is_empty() => Some(Secret::new(s.clone())),
+        match lookup(&doc, &fields.refresh_token) {
+            Some(Value::String(s)) if !s.is_empty() => {}
             // Seen in the wild next to a valid access token: no refresh token.
-            Some(Value::String(_)) => {
-                empty_refresh_token = true;
-                None
-            }
-            Some(Value::Null) | None => None,
+            Some(Value::String(_)) => empty_refresh_token = true,
+            Some(Value::Null) | None => {}
             Some(_) => return Err(invalid("the refresh token is not a non-empty string")),
-        };
+        }
         let expires_in = match lookup(&doc, &fields.expires_in) {
             Some(Value::Null) | None => None,
             Some(v) => Some(parse_expires_in(v)?),
@@ -122,7 +120,6 @@ impl TokenResponse {
         };
         Ok(TokenResponse {
             access_token,
-            refresh_token,
             expires_in,
             token_type,
             empty_refresh_token,
@@ -130,22 +127,17 @@ impl TokenResponse {
     }
 
     /// The access token.
-    pub fn access_token(&self) -> &Secret {
+    pub(crate) fn access_token(&self) -> &Secret {
         &self.access_token
     }
 
-    /// The refresh token, if the response had one (an empty string is none).
-    pub fn refresh_token(&self) -> Option<&Secret> {
-        self.refresh_token.as_ref()
-    }
-
     /// The lifetime the response states, capped at [`MAX_LIFETIME`].
-    pub fn expires_in(&self) -> Option<Duration> {
+    pub(crate) fn expires_in(&self) -> Option<Duration> {
         self.expires_in
     }
 
     /// The `token_type`, as sent.
-    pub fn token_type(&self) -> Option<&str> {
+    pub(crate) fn token_type(&self) -> Option<&str> {
         self.token_type.as_deref()
     }
 }
@@ -160,7 +152,7 @@ fn lookup<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
 
 /// `expires_in` as a number (integer or float) or a numeric string, in seconds. Zero or
 /// negative is an error; huge values are capped at [`MAX_LIFETIME`].
-pub fn parse_expires_in(value: &Value) -> Result<Duration, TokenError> {
+pub(crate) fn parse_expires_in(value: &Value) -> Result<Duration, TokenError> {
     let invalid = |detail| TokenError::new(TokenErrorKind::InvalidResponse).detail(detail);
     let secs: f64 = match value {
         Value::Number(n) => n
@@ -186,6 +178,10 @@ pub fn parse_expires_in(value: &Value) -> Result<Duration, TokenError> {
 /// The `exp` claim of a JWT, without verifying the signature (a client only needs to
 /// know when to refresh). `None` if `token` is not a JWT with a numeric `exp`.
 ///
+/// The one parser that is public: for a source of your own whose endpoint answers a JWT
+/// (`Credential::bearer(jwt)?.expires_in(..)` with the time left until `exp`).
+/// [`TokenSource`](crate::token::TokenSource) already reads `exp` itself.
+///
 /// ```
 /// use std::time::{Duration, UNIX_EPOCH};
 /// use tower_client_auth::token::jwt_expiry;
@@ -205,7 +201,8 @@ pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
 /// Turns a non-2xx answer into a [`TokenError`], reading an RFC 6749 §5.2 body when
 /// there is one (`error`, `error_description`). The body itself is never kept; the
 /// server's text is kept with control characters escaped and cut to 200 characters.
-pub fn parse_error_response(status: StatusCode, body: &[u8]) -> TokenError {
+#[cfg(test)]
+pub(crate) fn parse_error_response(status: StatusCode, body: &[u8]) -> TokenError {
     parse_error_body(status, body).scrub(&[])
 }
 
@@ -328,6 +325,16 @@ pub(crate) fn jwt_exp(token: &str) -> JwtExp {
 mod tests {
     use super::*;
 
+    /// A parsed response never prints its token (the crate's secret canary test cannot
+    /// reach this type since it became crate-private).
+    #[test]
+    fn a_parsed_response_prints_no_token() {
+        let body = br#"{"access_token":"canary-7f3a9c","expires_in":60}"#;
+        let parsed = TokenResponse::parse(None, body, &ResponseFields::default()).unwrap();
+        let printed = format!("{parsed:?} {parsed:#?}");
+        assert!(!printed.contains("canary-7f3a9c"), "{printed}");
+    }
+
     fn parse(body: &str) -> Result<TokenResponse, TokenError> {
         TokenResponse::parse(
             Some("application/json"),
@@ -350,11 +357,15 @@ mod tests {
         assert_eq!(r.token_type(), None);
         let r = parse(r#"{"access_token":"a","expires_in":1.5,"refresh_token":"r"}"#).unwrap();
         assert_eq!(r.expires_in(), Some(Duration::from_millis(1500)));
-        assert_eq!(r.refresh_token().unwrap().expose(), "r");
+        let body = br#"{"access_token":"a","expires_in":1.5,"refresh_token":"r"}"#;
+        let refresh = refresh_token_in(None, body, &ResponseFields::default());
+        assert_eq!(refresh.unwrap().expose(), "r");
         let r = parse(r#"{"access_token":"a","expires_in":1e300}"#).unwrap();
         assert_eq!(r.expires_in(), Some(MAX_LIFETIME));
         let r = parse(r#"{"access_token":"a","expires_in":null,"refresh_token":null}"#).unwrap();
-        assert!(r.expires_in().is_none() && r.refresh_token().is_none());
+        assert!(r.expires_in().is_none() && !r.empty_refresh_token);
+        let body = br#"{"access_token":"a","refresh_token":null}"#;
+        assert!(refresh_token_in(None, body, &ResponseFields::default()).is_none());
     }
 
     /// Form-encoded token responses parse too.

@@ -5,16 +5,13 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
+use super::response::{
+    MAX_LIFETIME, ResponseFields, TokenResponse, jwt_expiry, parse_error_response, parse_expires_in,
+};
+use crate::Credential;
 use base64::Engine as _;
 use http::StatusCode;
 use proptest::prelude::*;
-use tower_client_auth::{
-    Credential,
-    token::{
-        MAX_LIFETIME, ResponseFields, TokenResponse, jwt_expiry, parse_error_response,
-        parse_expires_in,
-    },
-};
 
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
@@ -52,7 +49,8 @@ proptest! {
         let body = format!(r#"{{"access_token":"{access}","expires_in":{expires},"token_type":"bearer","scope":"x y"{refresh_field}}}"#);
         let parsed = TokenResponse::parse(Some("application/json"), body.as_bytes(), &ResponseFields::default()).unwrap();
         prop_assert_eq!(parsed.access_token().expose(), access.as_str());
-        prop_assert_eq!(parsed.refresh_token().map(|s| s.expose().to_owned()), refresh);
+        let rotated = super::response::refresh_token_in(Some("application/json"), body.as_bytes(), &ResponseFields::default());
+        prop_assert_eq!(rotated.map(|s| s.expose().to_owned()), refresh);
         prop_assert_eq!(parsed.expires_in(), Some(Duration::from_secs(secs)));
     }
 
