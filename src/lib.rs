@@ -222,7 +222,10 @@ pub use crate::{
     scope::{InvalidOrigin, Origin},
     secret::Secret,
     service::AddCredential,
-    source::{CredentialSource, FetchContext, FetchReason, RefreshMode, SourceFn, source_fn},
+    source::{
+        CredentialSource, FetchContext, FetchReason, RefreshMode, SharedCredentialSource, SourceFn,
+        source_fn,
+    },
     static_source::{RotatingCredential, StaticCredential},
     store::{CredentialStore, MemoryStore},
 };

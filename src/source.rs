@@ -159,6 +159,88 @@ impl<P: CredentialSource> CredentialSource for Arc<P> {
     }
 }
 
+/// [`CredentialSource`] in a form that can live behind `dyn`: every source is one.
+trait DynSource: Send + Sync + 'static {
+    fn fetch_boxed(&self, cx: FetchContext) -> BorrowedFetch<'_>;
+    fn refresh_mode(&self) -> RefreshMode;
+    fn attach(&self, cache: CacheHandle);
+    fn type_name(&self) -> &'static str;
+}
+
+impl<P: CredentialSource> DynSource for P {
+    fn fetch_boxed(&self, cx: FetchContext) -> BorrowedFetch<'_> {
+        Box::pin(CredentialSource::fetch(self, cx))
+    }
+
+    fn refresh_mode(&self) -> RefreshMode {
+        CredentialSource::refresh_mode(self)
+    }
+
+    fn attach(&self, cache: CacheHandle) {
+        CredentialSource::attach(self, cache)
+    }
+
+    fn type_name(&self) -> &'static str {
+        std::any::type_name::<P>()
+    }
+}
+
+/// Any [`CredentialSource`] behind one type: chosen at run time (from configuration, per
+/// tenant), kept in a `Vec` or a map, or named in a struct field without a type
+/// parameter, as the AWS SDK's `SharedIdentityResolver` does. Cheap to clone: clones
+/// share the source. One box per fetch (fetches are rare; requests never pay it).
+///
+/// ```
+/// use tower_client_auth::{AuthLayer, SharedCredentialSource, StaticCredential, source_fn};
+///
+/// # fn pick(from_config: &str) -> Result<SharedCredentialSource, Box<dyn std::error::Error>> {
+/// let source = match from_config {
+///     "static" => SharedCredentialSource::new(StaticCredential::bearer("pat_123")?),
+///     _ => SharedCredentialSource::new(source_fn(|_cx| async {
+///         tower_client_auth::Credential::bearer("fetched")
+///     })),
+/// };
+/// # Ok(source) }
+/// let layer: AuthLayer<SharedCredentialSource> = AuthLayer::new(pick("static")?);
+/// # let _ = layer;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct SharedCredentialSource {
+    inner: Arc<dyn DynSource>,
+}
+
+impl SharedCredentialSource {
+    /// Shares `source` behind one type. Its refresh mode and `attach` are its own.
+    pub fn new(source: impl CredentialSource) -> Self {
+        SharedCredentialSource {
+            inner: Arc::new(source),
+        }
+    }
+}
+
+impl fmt::Debug for SharedCredentialSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SharedCredentialSource")
+            .field(&self.inner.type_name())
+            .finish()
+    }
+}
+
+impl CredentialSource for SharedCredentialSource {
+    fn fetch(&self, cx: FetchContext) -> impl Future<Output = Result<Credential, BoxError>> + Send {
+        self.inner.fetch_boxed(cx)
+    }
+
+    fn refresh_mode(&self) -> RefreshMode {
+        self.inner.refresh_mode()
+    }
+
+    fn attach(&self, cache: CacheHandle) {
+        self.inner.attach(cache)
+    }
+}
+
 /// Makes a [`CredentialSource`] from an async closure. See [`SourceFn`].
 pub fn source_fn<F, Fut, E>(f: F) -> SourceFn
 where
@@ -176,6 +258,9 @@ where
 }
 
 type FetchFuture = Pin<Box<dyn Future<Output = Result<Credential, BoxError>> + Send>>;
+
+/// A boxed fetch that borrows its source.
+type BorrowedFetch<'a> = Pin<Box<dyn Future<Output = Result<Credential, BoxError>> + Send + 'a>>;
 
 /// A [`CredentialSource`] made from a closure by [`source_fn`]. Cheap to clone.
 ///

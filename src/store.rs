@@ -30,23 +30,45 @@ use std::{
 
 use crate::{credential::Credential, error::BoxError};
 
-/// The future a [`CredentialStore`] returns.
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send + 'a>>;
-
 /// A shared, second-level home for credentials. See the [module docs](self).
 ///
+/// Implement it with `async fn`s, as [`CredentialSource`](crate::CredentialSource) is.
 /// Store errors never fail a request: the cache logs them and falls back to its source.
 pub trait CredentialStore: Send + Sync + 'static {
     /// The stored credential, if any. The cache uses it only while it is not about to
     /// expire and is not the credential just rejected.
-    fn load(&self) -> StoreFuture<'_, Option<Credential>>;
+    fn load(&self) -> impl Future<Output = Result<Option<Credential>, BoxError>> + Send;
 
     /// Stores a credential the cache just fetched from its source.
-    fn save<'a>(&'a self, credential: &'a Credential) -> StoreFuture<'a, ()>;
+    fn save(&self, credential: &Credential) -> impl Future<Output = Result<(), BoxError>> + Send;
 
     /// Removes `rejected` if it is still the stored credential (compare-and-delete): a
     /// newer credential saved by someone else must survive.
+    fn remove(&self, rejected: &Credential) -> impl Future<Output = Result<(), BoxError>> + Send;
+}
+
+/// A boxed store call: how the cache holds any store behind one pointer.
+pub(crate) type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send + 'a>>;
+
+/// [`CredentialStore`] in a form that can live behind `dyn`: every store is one.
+pub(crate) trait DynStore: Send + Sync + 'static {
+    fn load(&self) -> StoreFuture<'_, Option<Credential>>;
+    fn save<'a>(&'a self, credential: &'a Credential) -> StoreFuture<'a, ()>;
     fn remove<'a>(&'a self, rejected: &'a Credential) -> StoreFuture<'a, ()>;
+}
+
+impl<S: CredentialStore> DynStore for S {
+    fn load(&self) -> StoreFuture<'_, Option<Credential>> {
+        Box::pin(CredentialStore::load(self))
+    }
+
+    fn save<'a>(&'a self, credential: &'a Credential) -> StoreFuture<'a, ()> {
+        Box::pin(CredentialStore::save(self, credential))
+    }
+
+    fn remove<'a>(&'a self, rejected: &'a Credential) -> StoreFuture<'a, ()> {
+        Box::pin(CredentialStore::remove(self, rejected))
+    }
 }
 
 /// A [`CredentialStore`] in process memory, shared by clones.
@@ -75,21 +97,20 @@ impl fmt::Debug for MemoryStore {
 }
 
 impl CredentialStore for MemoryStore {
-    fn load(&self) -> StoreFuture<'_, Option<Credential>> {
-        let current = self.slot().clone();
-        Box::pin(async move { Ok(current) })
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        Ok(self.slot().clone())
     }
 
-    fn save<'a>(&'a self, credential: &'a Credential) -> StoreFuture<'a, ()> {
+    async fn save(&self, credential: &Credential) -> Result<(), BoxError> {
         *self.slot() = Some(credential.clone());
-        Box::pin(async { Ok(()) })
+        Ok(())
     }
 
-    fn remove<'a>(&'a self, rejected: &'a Credential) -> StoreFuture<'a, ()> {
+    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
         let mut slot = self.slot();
         if slot.as_ref() == Some(rejected) {
             *slot = None;
         }
-        Box::pin(async { Ok(()) })
+        Ok(())
     }
 }

@@ -581,3 +581,54 @@ async fn the_service_follows_tower_http_conventions() {
     assert_eq!(call.await.unwrap().unwrap().status(), 200);
     let _inner: mock::Mock<Req, Response<&'static str>> = svc.into_inner();
 }
+
+/// Sources chosen at run time behind one type keep their own behaviour: a static one is
+/// never refetched (its 401 comes back marked), a rotating one still rotates (its
+/// `attach` reached the cache), a fetching one is asked once and refreshed on a 401.
+#[tokio::test]
+async fn shared_sources_keep_their_own_behaviour() {
+    use tower_client_auth::{RotatingCredential, SharedCredentialSource};
+
+    async fn answer(api: &mut mock::Handle<Req, Response<&'static str>>, status: u16) -> String {
+        let (req, reply) = api.next_request().await.unwrap();
+        reply.send_response(self::status(status));
+        bearer(&req).to_owned()
+    }
+
+    let rotating = RotatingCredential::new(Credential::bearer("old").unwrap());
+    let fetching = TestSource::new();
+    let sources = [
+        SharedCredentialSource::new(StaticCredential::bearer("pat").unwrap()),
+        SharedCredentialSource::new(rotating.clone()),
+        SharedCredentialSource::new(fetching.clone()),
+    ];
+    assert!(format!("{:?}", sources[0]).contains("StaticCredential"));
+
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(sources[0].clone()).layer(inner);
+    let call = tokio::spawn(svc.oneshot(get("/")));
+    assert_eq!(answer(&mut api, 401).await, "Bearer pat");
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(
+        res.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::FixedCredential)
+    );
+
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(sources[1].clone()).layer(inner);
+    let call = tokio::spawn(svc.clone().oneshot(get("/")));
+    assert_eq!(answer(&mut api, 200).await, "Bearer old");
+    call.await.unwrap().unwrap();
+    rotating.rotate(Credential::bearer("new").unwrap());
+    let call = tokio::spawn(svc.oneshot(get("/")));
+    assert_eq!(answer(&mut api, 200).await, "Bearer new");
+    call.await.unwrap().unwrap();
+
+    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(sources[2].clone()).layer(inner);
+    let call = tokio::spawn(svc.oneshot(get("/")));
+    assert_eq!(answer(&mut api, 401).await, "Bearer token-1");
+    assert_eq!(answer(&mut api, 200).await, "Bearer token-2");
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    assert_eq!(fetching.fetches(), 2);
+}

@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::{future::Future, pin::Pin, time::Duration};
+use std::time::Duration;
 
 use http::StatusCode;
 use support::{FakeApi, TestSource, get};
@@ -46,22 +46,14 @@ async fn an_api_rejecting_every_fresh_token_causes_no_storm() {
 struct HungStore;
 
 impl CredentialStore for HungStore {
-    fn load(
-        &self,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<Credential>, BoxError>> + Send + '_>> {
-        Box::pin(std::future::pending())
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        std::future::pending().await
     }
-    fn save<'a>(
-        &'a self,
-        _: &'a Credential,
-    ) -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'a>> {
-        Box::pin(std::future::pending())
+    async fn save(&self, _: &Credential) -> Result<(), BoxError> {
+        std::future::pending().await
     }
-    fn remove<'a>(
-        &'a self,
-        _: &'a Credential,
-    ) -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'a>> {
-        Box::pin(std::future::pending())
+    async fn remove(&self, _: &Credential) -> Result<(), BoxError> {
+        std::future::pending().await
     }
 }
 

@@ -16,7 +16,11 @@ use tokio::time::Instant;
 use super::{CredentialCache, Inner, State, Stats};
 #[allow(unused_imports)] // for the docs' links
 use crate::error::ErrorKind;
-use crate::{handle::CacheHandle, source::CredentialSource, store::CredentialStore};
+use crate::{
+    handle::CacheHandle,
+    source::CredentialSource,
+    store::{CredentialStore, DynStore},
+};
 
 /// Default longest time a fetch may take before it fails with [`ErrorKind::Timeout`].
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,7 +85,7 @@ pub(super) struct Config {
     pub(super) window_jitter: f64,
     pub(super) backoff_base: Duration,
     pub(super) backoff_max: Duration,
-    pub(super) store: Option<Arc<dyn CredentialStore>>,
+    pub(super) store: Option<Arc<dyn DynStore>>,
 }
 
 impl fmt::Debug for Config {
