@@ -290,3 +290,30 @@ impl From<InvalidCredential> for Error {
         Error::new(ErrorKind::InvalidCredential).with_source(e)
     }
 }
+
+/// A setting of a cache or a layer is out of range, or two settings contradict each
+/// other. Returned when the cache or layer is built, never later on a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidConfig {
+    setting: &'static str,
+    reason: &'static str,
+}
+
+impl InvalidConfig {
+    pub(crate) fn new(setting: &'static str, reason: &'static str) -> Self {
+        InvalidConfig { setting, reason }
+    }
+
+    /// The setter at fault, such as `"window_jitter"`.
+    pub fn setting(&self) -> &'static str {
+        self.setting
+    }
+}
+
+impl fmt::Display for InvalidConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid {}: {}", self.setting, self.reason)
+    }
+}
+
+impl StdError for InvalidConfig {}

@@ -1,16 +1,18 @@
 //! [`AuthLayer`]: configuration of the request side, and the [`tower_layer::Layer`] impl.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use http::StatusCode;
 use tower_layer::Layer;
 
 use crate::{
-    cache::CredentialCache,
+    cache::{CredentialCache, CredentialCacheBuilder},
+    error::InvalidConfig,
     policy::{ExistingHeader, Policy, StatusSet},
     scope::{Origin, Scope},
     service::AddCredential,
     source::CredentialSource,
+    store::CredentialStore,
 };
 
 /// Adds credentials to requests, refreshes them, and replays a request once when the API
@@ -66,6 +68,38 @@ impl<P: CredentialSource> AuthLayer<P> {
         Self::with_cache(CredentialCache::new(source))
     }
 
+    /// A builder reaching every setting, the cache's (windows, timeouts, backoff, store)
+    /// and the layer's (origins, rejection statuses, replay): one path from the source to
+    /// the layer, checked when it is built.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use http::StatusCode;
+    /// use tower_client_auth::{AuthLayer, StaticCredential};
+    ///
+    /// let layer = AuthLayer::builder(StaticCredential::bearer("pat_123")?)
+    ///     .fetch_timeout(Duration::from_secs(5))
+    ///     .rejection_statuses([StatusCode::UNAUTHORIZED, StatusCode::from_u16(419)?])
+    ///     .origin("https://api.example.com".parse()?)
+    ///     .build()?;
+    ///
+    /// // An invalid value is an error here, never a surprise on a request:
+    /// let refused = AuthLayer::builder(StaticCredential::bearer("pat_123")?)
+    ///     .rejection_statuses([StatusCode::OK])
+    ///     .build();
+    /// assert_eq!(refused.unwrap_err().setting(), "rejection_statuses");
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn builder(source: P) -> AuthLayerBuilder<P> {
+        AuthLayerBuilder {
+            cache: CredentialCache::builder(source),
+            policy: Policy::default(),
+            scope: None,
+            rejections: None,
+        }
+    }
+
     /// A layer over an existing cache (configured with
     /// [`CredentialCache::builder`], or shared with other layers and clients).
     pub fn with_cache(cache: CredentialCache<P>) -> Self {
@@ -112,14 +146,6 @@ impl<P: CredentialSource> AuthLayer<P> {
         F: Fn(&http::Uri) -> bool + Send + Sync + 'static,
     {
         Scope::add_predicate(&mut self.scope, matches);
-        self
-    }
-
-    /// Response statuses that mean "credential rejected" and trigger one refresh and one
-    /// replay (default [`DEFAULT_REJECTION_STATUSES`](crate::DEFAULT_REJECTION_STATUSES):
-    /// `401` only). Only 4xx and 5xx codes are accepted; others are ignored.
-    pub fn rejection_statuses(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
-        self.policy.rejections = StatusSet::new(statuses);
         self
     }
 
@@ -171,5 +197,132 @@ impl<S, P> Layer<S> for AuthLayer<P> {
 
     fn layer(&self, inner: S) -> Self::Service {
         AddCredential::from_parts(inner, self.cache.clone(), self.policy, self.scope.clone())
+    }
+}
+
+/// Every setting of a layer and its cache, checked by [`build`](Self::build). From
+/// [`AuthLayer::builder`].
+pub struct AuthLayerBuilder<P> {
+    cache: CredentialCacheBuilder<P>,
+    policy: Policy,
+    scope: Option<Arc<Scope>>,
+    /// Kept as given until `build`, which reports an invalid set.
+    rejections: Option<Result<StatusSet, InvalidConfig>>,
+}
+
+impl<P> std::fmt::Debug for AuthLayerBuilder<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthLayerBuilder")
+            .field("cache", &self.cache)
+            .field("policy", &self.policy)
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+impl<P: CredentialSource> AuthLayerBuilder<P> {
+    /// See [`CredentialCacheBuilder::fetch_timeout`].
+    pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
+        self.cache = self.cache.fetch_timeout(timeout);
+        self
+    }
+
+    /// See [`CredentialCacheBuilder::soft_window`].
+    pub fn soft_window(mut self, window: Duration) -> Self {
+        self.cache = self.cache.soft_window(window);
+        self
+    }
+
+    /// See [`CredentialCacheBuilder::hard_window`].
+    pub fn hard_window(mut self, window: Duration) -> Self {
+        self.cache = self.cache.hard_window(window);
+        self
+    }
+
+    /// See [`CredentialCacheBuilder::window_jitter`].
+    pub fn window_jitter(mut self, jitter: f64) -> Self {
+        self.cache = self.cache.window_jitter(jitter);
+        self
+    }
+
+    /// See [`CredentialCacheBuilder::backoff`].
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.cache = self.cache.backoff(base, max);
+        self
+    }
+
+    /// See [`CredentialCacheBuilder::store`].
+    pub fn store(mut self, store: impl CredentialStore) -> Self {
+        self.cache = self.cache.store(store);
+        self
+    }
+
+    /// See [`AuthLayer::origin`].
+    pub fn origin(mut self, origin: Origin) -> Self {
+        Scope::add_origin(&mut self.scope, origin);
+        self
+    }
+
+    /// See [`AuthLayer::origin_matching`].
+    pub fn origin_matching<F>(mut self, matches: F) -> Self
+    where
+        F: Fn(&http::Uri) -> bool + Send + Sync + 'static,
+    {
+        Scope::add_predicate(&mut self.scope, matches);
+        self
+    }
+
+    /// Response statuses that mean "credential rejected" and trigger one refresh and one
+    /// replay (default [`DEFAULT_REJECTION_STATUSES`](crate::DEFAULT_REJECTION_STATUSES):
+    /// `401` only). 4xx and 5xx codes only, at least one: anything else is an
+    /// [`InvalidConfig`] from [`build`](Self::build).
+    pub fn rejection_statuses(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        self.rejections = Some(StatusSet::new(statuses));
+        self
+    }
+
+    /// See [`AuthLayer::replay_rejected`].
+    pub fn replay_rejected(mut self, replay: bool) -> Self {
+        self.policy.replay = replay;
+        self
+    }
+
+    /// See [`AuthLayer::replay_limit`].
+    pub fn replay_limit(mut self, bytes: usize) -> Self {
+        self.policy.replay_limit = bytes;
+        self
+    }
+
+    /// See [`AuthLayer::allow_http_loopback`].
+    pub fn allow_http_loopback(mut self, allow: bool) -> Self {
+        self.policy.allow_http_loopback = allow;
+        self
+    }
+
+    /// See [`AuthLayer::allow_relative_uris`].
+    pub fn allow_relative_uris(mut self, allow: bool) -> Self {
+        self.policy.allow_relative_uris = allow;
+        self
+    }
+
+    /// See [`AuthLayer::existing_header`].
+    pub fn existing_header(mut self, behaviour: ExistingHeader) -> Self {
+        self.policy.existing_header = behaviour;
+        self
+    }
+
+    /// Checks every setting and builds the layer over a new cache: a value out of range
+    /// or two settings that contradict each other is an [`InvalidConfig`] naming the
+    /// setting.
+    pub fn build(self) -> Result<AuthLayer<P>, InvalidConfig> {
+        let mut policy = self.policy;
+        if let Some(rejections) = self.rejections {
+            policy.rejections = rejections?;
+        }
+        Ok(AuthLayer {
+            cache: self.cache.build()?,
+            policy,
+            scope: self.scope,
+        })
     }
 }

@@ -85,7 +85,7 @@
 //! 30 s) requests wait for that one refresh. Sources that reject early refreshes say
 //! [`RefreshMode::ReactiveOnly`] and are refreshed only after a rejection.
 //!
-//! When the API answers `401` (configurable: [`AuthLayer::rejection_statuses`]), the
+//! When the API answers `401` (configurable: [`AuthLayerBuilder::rejection_statuses`]), the
 //! credential the request carried is invalidated if it is still the current one, one
 //! fetch replaces it for everybody, and the request is sent once more with the new one.
 //! A second `401` is returned as is. `403` never triggers anything. A credential that
@@ -119,18 +119,21 @@
 //!
 //! ## 6. Tune the windows
 //!
+//! [`AuthLayer::builder`] reaches every setting, the cache's and the layer's, and checks
+//! them when it is built ([`InvalidConfig`] names the setting at fault):
+//!
 //! ```
 //! use std::time::Duration;
-//! use tower_client_auth::{AuthLayer, CredentialCache, StaticCredential};
+//! use tower_client_auth::{AuthLayer, StaticCredential};
 //!
-//! let cache = CredentialCache::builder(StaticCredential::bearer("t")?)
+//! let layer = AuthLayer::builder(StaticCredential::bearer("t")?)
 //!     .soft_window(Duration::from_secs(60)) // background refresh at most 60 s before expiry
 //!     .hard_window(Duration::from_secs(5)) // stop sending it 5 s before expiry
 //!     .window_jitter(0.1)
 //!     .fetch_timeout(Duration::from_secs(5))
 //!     .backoff(Duration::from_millis(500), Duration::from_secs(20))
-//!     .build();
-//! let layer = AuthLayer::with_cache(cache).replay_limit(1 << 20);
+//!     .replay_limit(1 << 20)
+//!     .build()?;
 //! # let _ = layer;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -215,9 +218,9 @@ pub use crate::{
     body::{DEFAULT_REPLAY_LIMIT, NotReplayed, ReplayBody},
     cache::{CacheHandle, CacheStats, CredentialCache, CredentialCacheBuilder},
     credential::Credential,
-    error::{BoxError, Error, ErrorKind, InvalidCredential},
+    error::{BoxError, Error, ErrorKind, InvalidConfig, InvalidCredential},
     future::ResponseFuture,
-    layer::AuthLayer,
+    layer::{AuthLayer, AuthLayerBuilder},
     policy::{DEFAULT_REJECTION_STATUSES, ExistingHeader, NoReplay},
     scope::{InvalidOrigin, Origin},
     secret::Secret,

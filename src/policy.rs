@@ -47,16 +47,30 @@ pub(crate) struct StatusSet([u64; 4]);
 impl StatusSet {
     const BASE: u16 = 400;
 
-    pub(crate) fn new(statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+    /// `401` alone: [`DEFAULT_REJECTION_STATUSES`].
+    pub(crate) const UNAUTHORIZED: StatusSet = StatusSet([1 << 1, 0, 0, 0]);
+
+    pub(crate) fn new(
+        statuses: impl IntoIterator<Item = StatusCode>,
+    ) -> Result<Self, crate::error::InvalidConfig> {
+        let invalid = |reason| crate::error::InvalidConfig::new("rejection_statuses", reason);
         let mut set = StatusSet([0; 4]);
         for status in statuses {
-            if let Some(bit) = status.as_u16().checked_sub(Self::BASE) {
-                if bit < 200 {
-                    set.0[usize::from(bit / 64)] |= 1 << (bit % 64);
+            match status.as_u16().checked_sub(Self::BASE) {
+                Some(bit) if bit < 200 => set.0[usize::from(bit / 64)] |= 1 << (bit % 64),
+                _ => {
+                    return Err(invalid(
+                        "only 4xx and 5xx statuses can mean a rejected credential",
+                    ));
                 }
             }
         }
-        set
+        if set.0 == [0; 4] {
+            return Err(invalid(
+                "at least one status is needed (to replay nothing, use replay_rejected(false))",
+            ));
+        }
+        Ok(set)
     }
 
     pub(crate) fn contains(&self, status: StatusCode) -> bool {
@@ -95,7 +109,7 @@ pub(crate) struct Policy {
 impl Default for Policy {
     fn default() -> Self {
         Policy {
-            rejections: StatusSet::new(DEFAULT_REJECTION_STATUSES.iter().copied()),
+            rejections: StatusSet::UNAUTHORIZED,
             replay_limit: crate::body::DEFAULT_REPLAY_LIMIT,
             allow_http_loopback: false,
             allow_relative_uris: false,
@@ -236,20 +250,30 @@ fn is_loopback(host: &str) -> bool {
 mod tests {
     use super::*;
 
-    /// The bitmap holds exactly what was put in; codes outside 400–599 are ignored.
+    /// The bitmap holds exactly what was put in; codes outside 400–599, or none at all,
+    /// are refused; the default is 401 alone.
     #[test]
     fn status_set_membership() {
+        assert!(StatusSet::new([StatusCode::UNAUTHORIZED, StatusCode::OK]).is_err());
+        assert!(StatusSet::new([StatusCode::from_u16(600).unwrap()]).is_err());
+        assert!(StatusSet::new([]).is_err());
+        assert!(
+            StatusSet::new(DEFAULT_REJECTION_STATUSES.iter().copied()).unwrap()
+                == StatusSet::UNAUTHORIZED
+        );
         let set = StatusSet::new([
             StatusCode::UNAUTHORIZED,
             StatusCode::from_u16(419).unwrap(),
-            StatusCode::OK,
-        ]);
+            StatusCode::from_u16(599).unwrap(),
+        ])
+        .unwrap();
+        assert!(set.contains(StatusCode::from_u16(599).unwrap()));
         assert!(set.contains(StatusCode::UNAUTHORIZED));
         assert!(set.contains(StatusCode::from_u16(419).unwrap()));
         assert!(!set.contains(StatusCode::FORBIDDEN));
         assert!(!set.contains(StatusCode::OK));
         assert!(!set.contains(StatusCode::from_u16(999).unwrap()));
-        assert_eq!(format!("{set:?}"), "{401, 419}");
+        assert_eq!(format!("{set:?}"), "{401, 419, 599}");
     }
 
     /// Only https (or loopback http when allowed) may carry a credential.

@@ -50,7 +50,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{Extensions, StatusCode};
+use http::Extensions;
 use reqwest_middleware::{Middleware, Next};
 use tower::ServiceExt;
 use tower_service::Service;
@@ -60,7 +60,7 @@ use crate::{
     cache::CredentialCache,
     error::BoxError,
     layer::AuthLayer,
-    policy::{ExistingHeader, NoReplay, Policy, StatusSet},
+    policy::{ExistingHeader, NoReplay, Policy},
     scope::{Origin, Scope},
     service::AddCredential,
     source::CredentialSource,
@@ -137,12 +137,6 @@ impl<P: CredentialSource> AuthMiddleware<P> {
         F: Fn(&http::Uri) -> bool + Send + Sync + 'static,
     {
         Scope::add_predicate(&mut self.scope, matches);
-        self
-    }
-
-    /// See [`AuthLayer::rejection_statuses`].
-    pub fn rejection_statuses(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
-        self.policy.rejections = StatusSet::new(statuses);
         self
     }
 

@@ -15,8 +15,8 @@
 //! use tower_client_auth::{CredentialCache, MemoryStore, StaticCredential};
 //!
 //! let store = MemoryStore::new();
-//! let a = CredentialCache::builder(StaticCredential::bearer("t")?).store(store.clone()).build();
-//! let b = CredentialCache::builder(StaticCredential::bearer("t")?).store(store).build();
+//! let a = CredentialCache::builder(StaticCredential::bearer("t")?).store(store.clone()).build()?;
+//! let b = CredentialCache::builder(StaticCredential::bearer("t")?).store(store).build()?;
 //! # let _ = (a, b);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

@@ -34,7 +34,8 @@ async fn dropped_requests_and_abandoned_refreshes_lose_nothing() {
     let cache = CredentialCache::builder(source)
         .fetch_timeout(Duration::from_millis(10))
         .backoff(Duration::from_millis(5), Duration::from_millis(20))
-        .build();
+        .build()
+        .unwrap();
     let svc = AuthLayer::with_cache(cache)
         .allow_http_loopback(true)
         .layer(api_client());

@@ -251,7 +251,8 @@ async fn session(
     let base = start(idp).await;
     let cache = CredentialCache::builder(source)
         .backoff(Duration::from_millis(10), Duration::from_millis(10))
-        .build();
+        .build()
+        .unwrap();
     let svc = stack(cache);
     let url = format!("{base}/v1/things");
     assert_eq!(call(&svc, &url).await.unwrap().status(), 200);

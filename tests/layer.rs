@@ -251,8 +251,10 @@ async fn forbidden_is_returned_without_refresh() {
 async fn rejection_statuses_are_configurable() {
     let source = TestSource::new();
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(source.clone())
+    let svc = AuthLayer::builder(source.clone())
         .rejection_statuses([StatusCode::UNAUTHORIZED, StatusCode::from_u16(419).unwrap()])
+        .build()
+        .unwrap()
         .layer(inner);
     let call = tokio::spawn(svc.oneshot(get("/")));
     api.next_request()

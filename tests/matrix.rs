@@ -18,8 +18,9 @@ use reqwest_middleware::ClientBuilder;
 use support::{TestSource, providers::serve};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
-    AuthLayer, BoxError, Credential, CredentialSource, Error, ErrorKind, NoReplay, NotReplayed,
-    Origin, ReplayBody, RotatingCredential, StaticCredential, reqwest::AuthMiddleware,
+    AuthLayer, AuthLayerBuilder, BoxError, Credential, CredentialSource, Error, ErrorKind,
+    NoReplay, NotReplayed, Origin, ReplayBody, RotatingCredential, StaticCredential,
+    reqwest::AuthMiddleware,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -196,7 +197,7 @@ async fn send<P: CredentialSource>(
 struct Case<P> {
     name: &'static str,
     source: fn() -> P,
-    layer: fn(AuthLayer<P>) -> AuthLayer<P>,
+    layer: fn(AuthLayerBuilder<P>) -> AuthLayerBuilder<P>,
     rule: fn(&str, &str, usize) -> u16,
     calls: Vec<(Call, Outcome)>,
     /// (authorization, body) per request the API saw, in order.
@@ -207,7 +208,8 @@ struct Case<P> {
 async fn both<P: CredentialSource>(case: Case<P>) {
     for entry in [Entry::Tower, Entry::Reqwest] {
         let (base, log) = api(case.rule).await;
-        let layer = (case.layer)(AuthLayer::new((case.source)()).allow_http_loopback(true));
+        let builder = AuthLayer::builder((case.source)()).allow_http_loopback(true);
+        let layer = (case.layer)(builder).build().expect("a valid layer");
         for (i, (call, expected)) in case.calls.iter().enumerate() {
             let got = send(entry, &layer, &base, *call).await;
             assert_eq!(&got, expected, "{}: call {i} through {entry:?}", case.name);
@@ -253,7 +255,7 @@ fn always(status: u16) -> fn(&str, &str, usize) -> u16 {
     }
 }
 
-fn same<P>(layer: AuthLayer<P>) -> AuthLayer<P> {
+fn same<P>(layer: AuthLayerBuilder<P>) -> AuthLayerBuilder<P> {
     layer
 }
 

@@ -28,6 +28,7 @@ fn cache(source: TestSource) -> CredentialCache<TestSource> {
         .window_jitter(0.0)
         .backoff(Duration::from_secs(1), Duration::from_secs(8))
         .build()
+        .unwrap()
 }
 
 async fn settle() {
@@ -257,7 +258,8 @@ async fn fetch_timeout_then_backoff() {
     let cache = CredentialCache::builder(source.clone())
         .fetch_timeout(Duration::from_secs(5))
         .backoff(Duration::from_secs(2), Duration::from_secs(2))
-        .build();
+        .build()
+        .unwrap();
     let started = Instant::now();
     let err = cache.credential().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Timeout);
@@ -347,10 +349,12 @@ async fn store_shares_credentials_between_caches() {
     let (source_a, source_b) = (TestSource::new(), TestSource::new());
     let a = CredentialCache::builder(source_a.clone())
         .store(store.clone())
-        .build();
+        .build()
+        .unwrap();
     let b = CredentialCache::builder(source_b.clone())
         .store(store.clone())
-        .build();
+        .build()
+        .unwrap();
 
     let token_1 = a.credential().await.unwrap();
     assert_eq!(b.credential().await.unwrap(), token_1);

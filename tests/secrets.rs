@@ -45,7 +45,8 @@ async fn debug_and_display_are_redacted() {
     let store = MemoryStore::new();
     let cache = CredentialCache::builder(StaticCredential::bearer(CANARY).unwrap())
         .store(store.clone())
-        .build();
+        .build()
+        .unwrap();
     cache.credential().await.unwrap();
     let layer = AuthLayer::with_cache(cache.clone());
     let svc = layer

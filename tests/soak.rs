@@ -333,7 +333,8 @@ async fn soak_under_faults() {
         let cache = CredentialCache::builder(source)
             .fetch_timeout(Duration::from_millis(250))
             .backoff(Duration::from_millis(50), Duration::from_secs(1))
-            .build();
+            .build()
+            .unwrap();
         let api = Client::builder(TokioExecutor::new())
             .build_http::<tower_client_auth::ReplayBody<Full<Bytes>>>();
         let svc = AuthLayer::with_cache(cache)

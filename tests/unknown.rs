@@ -83,7 +83,8 @@ async fn expired_session(
     let base = providers::start(idp.clone()).await;
     let cache = CredentialCache::builder(source)
         .backoff(Duration::from_millis(10), Duration::from_millis(10))
-        .build();
+        .build()
+        .unwrap();
     let svc = stack(cache.clone());
     let url = format!("{base}/v1/things");
     assert_eq!(status(&svc, &url).await.unwrap(), 200);

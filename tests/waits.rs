@@ -68,7 +68,8 @@ async fn a_hung_store_never_wedges_the_flight() {
     let cache = CredentialCache::builder(source.clone())
         .fetch_timeout(Duration::from_secs(4))
         .store(HungStore)
-        .build();
+        .build()
+        .unwrap();
     let started = tokio::time::Instant::now();
     let first = tokio::time::timeout(Duration::from_secs(60), cache.credential())
         .await
@@ -134,7 +135,8 @@ async fn a_huge_backoff_saturates() {
     source.set_failing(true);
     let cache = CredentialCache::builder(source.clone())
         .backoff(Duration::MAX, Duration::MAX)
-        .build();
+        .build()
+        .unwrap();
     let err = cache.credential().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Fetch);
     let err = cache.credential().await.unwrap_err();
@@ -149,7 +151,8 @@ fn a_refresh_cancelled_with_its_runtime_says_so() {
     let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
     let cache = CredentialCache::builder(source.clone())
         .backoff(Duration::from_millis(10), Duration::from_millis(10))
-        .build();
+        .build()
+        .unwrap();
     let doomed = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

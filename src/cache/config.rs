@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use super::{CredentialCache, Inner, State, Stats};
 #[allow(unused_imports)] // for the docs' links
 use crate::error::ErrorKind;
+use crate::error::InvalidConfig;
 use crate::{
     handle::CacheHandle,
     source::CredentialSource,
@@ -116,6 +117,32 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// Every setting in range, and the windows consistent with each other.
+    pub(super) fn validate(&self) -> Result<(), InvalidConfig> {
+        let invalid = |setting, reason| Err(InvalidConfig::new(setting, reason));
+        if self.fetch_timeout.is_zero() {
+            return invalid("fetch_timeout", "must be more than zero");
+        }
+        if !(0.0..=1.0).contains(&self.window_jitter) {
+            return invalid("window_jitter", "must be between 0.0 and 1.0");
+        }
+        if self.backoff_base.is_zero() {
+            return invalid("backoff", "the base must be more than zero");
+        }
+        if self.backoff_max < self.backoff_base {
+            return invalid("backoff", "the maximum must be at least the base");
+        }
+        if !self.soft_window.is_zero() && self.soft_window < self.hard_window {
+            return invalid(
+                "soft_window",
+                "must be zero (no background refresh) or at least the hard window",
+            );
+        }
+        Ok(())
+    }
+}
+
 impl<P: CredentialSource> CredentialCacheBuilder<P> {
     pub(super) fn new(source: P) -> Self {
         CredentialCacheBuilder {
@@ -145,22 +172,19 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
         self
     }
 
-    /// Random widening of the soft window, as a fraction of it, clamped to `0.0..=1.0`
-    /// (default [`DEFAULT_WINDOW_JITTER`]).
+    /// Random widening of the soft window, as a fraction of it, in `0.0..=1.0` (default
+    /// [`DEFAULT_WINDOW_JITTER`]).
     pub fn window_jitter(mut self, jitter: f64) -> Self {
-        self.config.window_jitter = if jitter.is_nan() {
-            0.0
-        } else {
-            jitter.clamp(0.0, 1.0)
-        };
+        self.config.window_jitter = jitter;
         self
     }
 
-    /// Backoff after failed fetches: `base` after the first, doubling, at most `max`
-    /// (defaults [`DEFAULT_BACKOFF_BASE`], [`DEFAULT_BACKOFF_MAX`]).
+    /// Backoff after failed fetches: `base` (more than zero) after the first, doubling,
+    /// at most `max` (at least `base`). Defaults [`DEFAULT_BACKOFF_BASE`],
+    /// [`DEFAULT_BACKOFF_MAX`].
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
         self.config.backoff_base = base;
-        self.config.backoff_max = max.max(base);
+        self.config.backoff_max = max;
         self
     }
 
@@ -170,8 +194,15 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
         self
     }
 
-    /// Builds the cache and attaches the source to it.
-    pub fn build(self) -> CredentialCache<P> {
+    /// Checks the settings, builds the cache and attaches the source to it. A value out
+    /// of range, or a soft window shorter than the hard one, is an [`InvalidConfig`].
+    pub fn build(self) -> Result<CredentialCache<P>, InvalidConfig> {
+        self.config.validate()?;
+        Ok(self.build_unchecked())
+    }
+
+    /// Builds with settings known to be valid (the defaults).
+    pub(crate) fn build_unchecked(self) -> CredentialCache<P> {
         let mode = self.source.refresh_mode();
         let inner = Arc::new(Inner {
             source: self.source,
@@ -247,6 +278,76 @@ mod tests {
         };
         let (soft, _) = windows(&config, 1.0, 1.0);
         assert!(soft <= 1.0);
+    }
+
+    #[test]
+    fn invalid_settings_are_refused_with_their_name() {
+        assert_eq!(Config::default().validate(), Ok(()));
+        let cases = [
+            (
+                Config {
+                    fetch_timeout: Duration::ZERO,
+                    ..Config::default()
+                },
+                "fetch_timeout",
+            ),
+            (
+                Config {
+                    window_jitter: f64::NAN,
+                    ..Config::default()
+                },
+                "window_jitter",
+            ),
+            (
+                Config {
+                    window_jitter: 1.5,
+                    ..Config::default()
+                },
+                "window_jitter",
+            ),
+            (
+                Config {
+                    window_jitter: -0.1,
+                    ..Config::default()
+                },
+                "window_jitter",
+            ),
+            (
+                Config {
+                    backoff_base: Duration::ZERO,
+                    ..Config::default()
+                },
+                "backoff",
+            ),
+            (
+                Config {
+                    backoff_base: Duration::from_secs(10),
+                    backoff_max: Duration::from_secs(1),
+                    ..Config::default()
+                },
+                "backoff",
+            ),
+            (
+                Config {
+                    soft_window: Duration::from_secs(1),
+                    hard_window: Duration::from_secs(2),
+                    ..Config::default()
+                },
+                "soft_window",
+            ),
+        ];
+        for (config, setting) in cases {
+            assert_eq!(config.validate().map_err(|e| e.setting()), Err(setting));
+        }
+        let off = Config {
+            soft_window: Duration::ZERO,
+            ..Config::default()
+        };
+        assert_eq!(
+            off.validate(),
+            Ok(()),
+            "a zero soft window turns background refresh off"
+        );
     }
 
     #[test]

@@ -43,7 +43,7 @@
 //!     .soft_window(Duration::from_secs(60))
 //!     .hard_window(Duration::from_secs(10))
 //!     .fetch_timeout(Duration::from_secs(5))
-//!     .build();
+//!     .build()?;
 //! // One cache can back several layers (and clients): they share one credential.
 //! let layer = AuthLayer::with_cache(cache.clone());
 //! # let _ = layer;
@@ -119,7 +119,7 @@ impl<P> fmt::Debug for CredentialCache<P> {
 impl<P: CredentialSource> CredentialCache<P> {
     /// A cache with the default settings.
     pub fn new(source: P) -> Self {
-        Self::builder(source).build()
+        Self::builder(source).build_unchecked()
     }
 
     /// A builder for a cache with other settings.
