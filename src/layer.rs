@@ -2,18 +2,103 @@
 
 use std::{sync::Arc, time::Duration};
 
-use http::StatusCode;
 use tower_layer::Layer;
 
 use crate::{
     cache::{CredentialCache, CredentialCacheBuilder},
     error::InvalidConfig,
-    policy::{ExistingHeader, Policy, StatusSet},
+    policy::{ExistingHeader, Policy},
     scope::{Origin, Scope},
     service::AddCredential,
     source::CredentialSource,
     store::CredentialStore,
 };
+
+/// The request rules every entry point shares (`AuthLayer`, its builder, the reqwest
+/// `AuthMiddleware`): setters over fields `policy: Policy` and
+/// `scope: Option<Arc<Scope>>`, written once, as tower-http writes its accessors.
+macro_rules! request_rules {
+    () => {
+        /// Response statuses that mean "credential rejected" and trigger one refresh and
+        /// one replay (default
+        /// [`DEFAULT_REJECTION_STATUSES`](crate::DEFAULT_REJECTION_STATUSES): `401` only).
+        /// 4xx and 5xx codes only, at least one: anything else is an
+        /// [`InvalidConfig`](crate::InvalidConfig), here, not on a request.
+        pub fn rejection_statuses(
+            mut self,
+            statuses: impl IntoIterator<Item = http::StatusCode>,
+        ) -> Result<Self, crate::InvalidConfig> {
+            self.policy.rejections = crate::policy::StatusSet::new(statuses)?;
+            Ok(self)
+        }
+
+        /// Sends the credential to `origin` (and to any other origin or predicate given):
+        /// a request to anywhere else passes through without it, and is never refreshed for
+        /// or replayed. Call it for every origin of the API; see [`Origin`].
+        ///
+        /// **Without any origin or predicate the layer is unscoped**: every request through
+        /// it gets the credential, whatever its host. That is only safe when the client
+        /// below talks to the credential's API alone.
+        pub fn origin(mut self, origin: Origin) -> Self {
+            Scope::add_origin(&mut self.scope, origin);
+            self
+        }
+
+        /// Sends the credential to requests whose URI `matches` (for origins a list cannot
+        /// name: every subdomain of a host, say), in addition to the [`origin`](Self::origin)s.
+        /// Relative URIs (no scheme or host) are in scope only with
+        /// [`allow_relative_uris`](Self::allow_relative_uris).
+        pub fn origin_matching<F>(mut self, matches: F) -> Self
+        where
+            F: Fn(&http::Uri) -> bool + Send + Sync + 'static,
+        {
+            Scope::add_predicate(&mut self.scope, matches);
+            self
+        }
+
+        /// Whether a rejected request is replayed once with the new credential (default
+        /// `true`). With `false`, a rejection still invalidates the credential (the next
+        /// request gets a fresh one) but the rejected response goes back to the caller, and
+        /// no request head or body is retained, which saves an allocation or two per request.
+        pub fn replay_rejected(mut self, replay: bool) -> Self {
+            self.policy.replay = replay;
+            self
+        }
+
+        /// Most bytes of a request body retained for a replay (default
+        /// [`DEFAULT_REPLAY_LIMIT`](crate::DEFAULT_REPLAY_LIMIT)). `0` keeps only empty bodies
+        /// replayable.
+        pub fn replay_limit(mut self, bytes: usize) -> Self {
+            self.policy.replay_limit = bytes;
+            self
+        }
+
+        /// Allows plain `http` to loopback hosts (`localhost`, `127.0.0.0/8`, `::1`), for tests
+        /// and local development. Default `false`. Plain `http` to any other host is always
+        /// refused.
+        pub fn allow_http_loopback(mut self, allow: bool) -> Self {
+            self.policy.allow_http_loopback = allow;
+            self
+        }
+
+        /// Allows requests whose URI has no scheme (default `false`).
+        ///
+        /// Some stacks set the origin below this layer (a tonic `Channel` sends `/pkg.Svc/Method`
+        /// and adds the origin itself), so the layer cannot check the transport. Allow this
+        /// only when the stack below is known to use TLS.
+        pub fn allow_relative_uris(mut self, allow: bool) -> Self {
+            self.policy.allow_relative_uris = allow;
+            self
+        }
+
+        /// What to do with a request that already carries a credential header (default
+        /// [`ExistingHeader::PassThrough`]).
+        pub fn existing_header(mut self, behaviour: ExistingHeader) -> Self {
+            self.policy.existing_header = behaviour;
+            self
+        }
+    };
+}
 
 /// Adds credentials to requests, refreshes them, and replays a request once when the API
 /// rejects its credential. See the [crate docs](crate) for the whole picture.
@@ -79,15 +164,15 @@ impl<P: CredentialSource> AuthLayer<P> {
     ///
     /// let layer = AuthLayer::builder(StaticCredential::bearer("pat_123")?)
     ///     .fetch_timeout(Duration::from_secs(5))
-    ///     .rejection_statuses([StatusCode::UNAUTHORIZED, StatusCode::from_u16(419)?])
+    ///     .rejection_statuses([StatusCode::UNAUTHORIZED, StatusCode::from_u16(419)?])?
     ///     .origin("https://api.example.com".parse()?)
     ///     .build()?;
     ///
-    /// // An invalid value is an error here, never a surprise on a request:
+    /// // An invalid value is an error when it is set or built, never on a request:
     /// let refused = AuthLayer::builder(StaticCredential::bearer("pat_123")?)
-    ///     .rejection_statuses([StatusCode::OK])
+    ///     .window_jitter(7.0)
     ///     .build();
-    /// assert_eq!(refused.unwrap_err().setting(), "rejection_statuses");
+    /// assert_eq!(refused.unwrap_err().setting(), "window_jitter");
     /// # let _ = layer;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
@@ -96,7 +181,6 @@ impl<P: CredentialSource> AuthLayer<P> {
             cache: CredentialCache::builder(source),
             policy: Policy::default(),
             scope: None,
-            rejections: None,
         }
     }
 
@@ -125,71 +209,7 @@ impl<P: CredentialSource> AuthLayer<P> {
         self.scope.clone()
     }
 
-    /// Sends the credential to `origin` (and to any other origin or predicate given):
-    /// a request to anywhere else passes through without it, and is never refreshed for
-    /// or replayed. Call it for every origin of the API; see [`Origin`].
-    ///
-    /// **Without any origin or predicate the layer is unscoped**: every request through
-    /// it gets the credential, whatever its host. That is only safe when the client
-    /// below talks to the credential's API alone.
-    pub fn origin(mut self, origin: Origin) -> Self {
-        Scope::add_origin(&mut self.scope, origin);
-        self
-    }
-
-    /// Sends the credential to requests whose URI `matches` (for origins a list cannot
-    /// name: every subdomain of a host, say), in addition to the [`origin`](Self::origin)s.
-    /// Relative URIs (no scheme or host) are in scope only with
-    /// [`allow_relative_uris`](Self::allow_relative_uris).
-    pub fn origin_matching<F>(mut self, matches: F) -> Self
-    where
-        F: Fn(&http::Uri) -> bool + Send + Sync + 'static,
-    {
-        Scope::add_predicate(&mut self.scope, matches);
-        self
-    }
-
-    /// Whether a rejected request is replayed once with the new credential (default
-    /// `true`). With `false`, a rejection still invalidates the credential (the next
-    /// request gets a fresh one) but the rejected response goes back to the caller, and
-    /// no request head or body is retained, which saves an allocation or two per request.
-    pub fn replay_rejected(mut self, replay: bool) -> Self {
-        self.policy.replay = replay;
-        self
-    }
-
-    /// Most bytes of a request body retained for a replay (default
-    /// [`DEFAULT_REPLAY_LIMIT`](crate::DEFAULT_REPLAY_LIMIT)). `0` keeps only empty bodies
-    /// replayable.
-    pub fn replay_limit(mut self, bytes: usize) -> Self {
-        self.policy.replay_limit = bytes;
-        self
-    }
-
-    /// Allows plain `http` to loopback hosts (`localhost`, `127.0.0.0/8`, `::1`), for tests
-    /// and local development. Default `false`. Plain `http` to any other host is always
-    /// refused.
-    pub fn allow_http_loopback(mut self, allow: bool) -> Self {
-        self.policy.allow_http_loopback = allow;
-        self
-    }
-
-    /// Allows requests whose URI has no scheme (default `false`).
-    ///
-    /// Some stacks set the origin below this layer (a tonic `Channel` sends `/pkg.Svc/Method`
-    /// and adds the origin itself), so the layer cannot check the transport. Allow this
-    /// only when the stack below is known to use TLS.
-    pub fn allow_relative_uris(mut self, allow: bool) -> Self {
-        self.policy.allow_relative_uris = allow;
-        self
-    }
-
-    /// What to do with a request that already carries a credential header (default
-    /// [`ExistingHeader::PassThrough`]).
-    pub fn existing_header(mut self, behaviour: ExistingHeader) -> Self {
-        self.policy.existing_header = behaviour;
-        self
-    }
+    request_rules!();
 }
 
 impl<S, P> Layer<S> for AuthLayer<P> {
@@ -206,8 +226,6 @@ pub struct AuthLayerBuilder<P> {
     cache: CredentialCacheBuilder<P>,
     policy: Policy,
     scope: Option<Arc<Scope>>,
-    /// Kept as given until `build`, which reports an invalid set.
-    rejections: Option<Result<StatusSet, InvalidConfig>>,
 }
 
 impl<P> std::fmt::Debug for AuthLayerBuilder<P> {
@@ -257,71 +275,15 @@ impl<P: CredentialSource> AuthLayerBuilder<P> {
         self
     }
 
-    /// See [`AuthLayer::origin`].
-    pub fn origin(mut self, origin: Origin) -> Self {
-        Scope::add_origin(&mut self.scope, origin);
-        self
-    }
-
-    /// See [`AuthLayer::origin_matching`].
-    pub fn origin_matching<F>(mut self, matches: F) -> Self
-    where
-        F: Fn(&http::Uri) -> bool + Send + Sync + 'static,
-    {
-        Scope::add_predicate(&mut self.scope, matches);
-        self
-    }
-
-    /// Response statuses that mean "credential rejected" and trigger one refresh and one
-    /// replay (default [`DEFAULT_REJECTION_STATUSES`](crate::DEFAULT_REJECTION_STATUSES):
-    /// `401` only). 4xx and 5xx codes only, at least one: anything else is an
-    /// [`InvalidConfig`] from [`build`](Self::build).
-    pub fn rejection_statuses(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
-        self.rejections = Some(StatusSet::new(statuses));
-        self
-    }
-
-    /// See [`AuthLayer::replay_rejected`].
-    pub fn replay_rejected(mut self, replay: bool) -> Self {
-        self.policy.replay = replay;
-        self
-    }
-
-    /// See [`AuthLayer::replay_limit`].
-    pub fn replay_limit(mut self, bytes: usize) -> Self {
-        self.policy.replay_limit = bytes;
-        self
-    }
-
-    /// See [`AuthLayer::allow_http_loopback`].
-    pub fn allow_http_loopback(mut self, allow: bool) -> Self {
-        self.policy.allow_http_loopback = allow;
-        self
-    }
-
-    /// See [`AuthLayer::allow_relative_uris`].
-    pub fn allow_relative_uris(mut self, allow: bool) -> Self {
-        self.policy.allow_relative_uris = allow;
-        self
-    }
-
-    /// See [`AuthLayer::existing_header`].
-    pub fn existing_header(mut self, behaviour: ExistingHeader) -> Self {
-        self.policy.existing_header = behaviour;
-        self
-    }
+    request_rules!();
 
     /// Checks every setting and builds the layer over a new cache: a value out of range
     /// or two settings that contradict each other is an [`InvalidConfig`] naming the
     /// setting.
     pub fn build(self) -> Result<AuthLayer<P>, InvalidConfig> {
-        let mut policy = self.policy;
-        if let Some(rejections) = self.rejections {
-            policy.rejections = rejections?;
-        }
         Ok(AuthLayer {
             cache: self.cache.build()?,
-            policy,
+            policy: self.policy,
             scope: self.scope,
         })
     }

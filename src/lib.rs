@@ -198,6 +198,7 @@ mod error;
 mod future;
 mod handle;
 mod head;
+#[macro_use]
 mod layer;
 mod policy;
 #[cfg(feature = "reqwest")]

@@ -50,7 +50,9 @@ use std::{
     task::{Context, Poll},
 };
 
+use futures_util::FutureExt;
 use http::Extensions;
+use http_body_util::BodyExt;
 use reqwest_middleware::{Middleware, Next};
 use tower::ServiceExt;
 use tower_service::Service;
@@ -124,39 +126,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
         &self.cache
     }
 
-    /// See [`AuthLayer::origin`]: the credential goes to this origin (and any other
-    /// given) only; requests elsewhere pass through without it.
-    pub fn origin(mut self, origin: Origin) -> Self {
-        Scope::add_origin(&mut self.scope, origin);
-        self
-    }
-
-    /// See [`AuthLayer::origin_matching`].
-    pub fn origin_matching<F>(mut self, matches: F) -> Self
-    where
-        F: Fn(&http::Uri) -> bool + Send + Sync + 'static,
-    {
-        Scope::add_predicate(&mut self.scope, matches);
-        self
-    }
-
-    /// See [`AuthLayer::allow_http_loopback`].
-    pub fn allow_http_loopback(mut self, allow: bool) -> Self {
-        self.policy.allow_http_loopback = allow;
-        self
-    }
-
-    /// See [`AuthLayer::replay_rejected`].
-    pub fn replay_rejected(mut self, replay: bool) -> Self {
-        self.policy.replay = replay;
-        self
-    }
-
-    /// See [`AuthLayer::existing_header`].
-    pub fn existing_header(mut self, behaviour: ExistingHeader) -> Self {
-        self.policy.existing_header = behaviour;
-        self
-    }
+    request_rules!();
 }
 
 /// The rest of the reqwest middleware chain as the Tower service [`AddCredential`] wraps: the
@@ -189,8 +159,28 @@ impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
     fn call(&mut self, req: http::Request<ReplayBody<reqwest::Body>>) -> Self::Future {
         let rest = self.clone();
         Box::pin(async move {
+            let (mut parts, body) = req.into_parts();
+            let body = if parts.extensions.remove::<InMemory>().is_some() {
+                // Read through the replay body now (it records as it is read, so a replay
+                // stays possible) and hand reqwest bytes again: a cloneable body, which
+                // its redirects, its HTTP/2 retries and the middlewares after this one
+                // need. An in-memory body is ready at once; anything else is a bug.
+                match body.collect().now_or_never() {
+                    Some(Ok(collected)) => reqwest::Body::from(collected.to_bytes()),
+                    Some(Err(err)) => {
+                        return Err(reqwest_middleware::Error::middleware(err));
+                    }
+                    None => {
+                        return Err(reqwest_middleware::Error::middleware(Opaque(
+                            "an in-memory request body was not ready".into(),
+                        )));
+                    }
+                }
+            } else {
+                reqwest::Body::wrap(body)
+            };
             // The request's own timeout rides in its extensions, kept by both conversions.
-            let req = reqwest::Request::try_from(req.map(reqwest::Body::wrap))?;
+            let req = reqwest::Request::try_from(http::Request::from_parts(parts, body))?;
             let mut extensions = rest.extensions.lock().await;
             let res = rest.next.run(req, &mut extensions).await?;
             let url = res.url().clone();
@@ -200,6 +190,11 @@ impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
         })
     }
 }
+
+/// Marks a request whose reqwest body was in memory (bytes, or none): it is handed on
+/// as bytes again, so it stays cloneable. Removed before the request goes on.
+#[derive(Clone, Copy)]
+struct InMemory;
 
 /// The URL a response came from, kept across its http form.
 #[derive(Clone)]
@@ -252,7 +247,11 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<reqwest::Response> {
+        let in_memory = req.body().is_none_or(|body| body.as_bytes().is_some());
         let mut req = http::Request::<reqwest::Body>::try_from(req)?;
+        if in_memory {
+            req.extensions_mut().insert(InMemory);
+        }
         if extensions.get::<NoReplay>().is_some() {
             req.extensions_mut().insert(NoReplay);
         }

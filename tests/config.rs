@@ -29,13 +29,24 @@ fn invalid_settings_are_refused_when_built_and_named() {
     let ok = StatusCode::OK;
     let secs = Duration::from_secs;
     assert_eq!(
-        refused(layer().rejection_statuses([ok]).build()),
+        refused(layer().rejection_statuses([ok])),
         "rejection_statuses"
     );
     assert_eq!(
-        refused(layer().rejection_statuses([]).build()),
+        refused(layer().rejection_statuses([])),
         "rejection_statuses"
     );
+    let shared = || AuthLayer::with_cache(CredentialCache::new(TestSource::new()));
+    assert_eq!(
+        refused(shared().rejection_statuses([ok])),
+        "rejection_statuses"
+    );
+    #[cfg(feature = "reqwest")]
+    {
+        let middleware = tower_client_auth::reqwest::AuthMiddleware::new(TestSource::new());
+        let refused_statuses = middleware.rejection_statuses([ok]);
+        assert_eq!(refused(refused_statuses), "rejection_statuses");
+    }
     assert_eq!(refused(layer().window_jitter(7.0).build()), "window_jitter");
     assert_eq!(
         refused(layer().window_jitter(f64::NAN).build()),
@@ -53,8 +64,14 @@ fn invalid_settings_are_refused_when_built_and_named() {
         refused(layer().fetch_timeout(Duration::ZERO).build()),
         "fetch_timeout"
     );
-    let windows = layer().soft_window(secs(1)).hard_window(secs(2)).build();
+    let windows = layer().soft_window(secs(1)).build();
     assert_eq!(refused(windows), "soft_window");
+    let windows = layer().hard_window(secs(600)).build();
+    assert_eq!(
+        refused(windows),
+        "hard_window",
+        "the one moved from its default is named"
+    );
     assert_eq!(
         refused(cache().window_jitter(-1.0).build()),
         "window_jitter"
@@ -80,7 +97,13 @@ fn invalid_settings_are_refused_when_built_and_named() {
         StatusCode::from_u16(400).unwrap(),
         StatusCode::from_u16(599).unwrap(),
     ];
-    assert!(layer().rejection_statuses(statuses).build().is_ok());
+    assert!(
+        layer()
+            .rejection_statuses(statuses)
+            .unwrap()
+            .build()
+            .is_ok()
+    );
 }
 
 /// A source that never answers.

@@ -253,6 +253,7 @@ async fn rejection_statuses_are_configurable() {
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
     let svc = AuthLayer::builder(source.clone())
         .rejection_statuses([StatusCode::UNAUTHORIZED, StatusCode::from_u16(419).unwrap()])
+        .unwrap()
         .build()
         .unwrap()
         .layer(inner);

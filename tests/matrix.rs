@@ -7,15 +7,13 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
-
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{Request, StatusCode, header};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use reqwest_middleware::ClientBuilder;
-use support::{TestSource, providers::serve};
+use support::{Log, TestSource};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
     AuthLayer, AuthLayerBuilder, BoxError, Credential, CredentialSource, Error, ErrorKind,
@@ -73,36 +71,12 @@ enum Outcome {
     Failed(ErrorKind),
 }
 
-/// What the API saw: (path, authorization, body) per request.
-type Log = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
-
 /// An API answering by `rule(path, authorization, attempt number on that path)`.
-async fn api(rule: impl Fn(&str, &str, usize) -> u16 + Send + Sync + 'static) -> (String, Log) {
-    let log: Log = Arc::default();
-    let rule = Arc::new(rule);
-    let addr = serve({
-        let log = log.clone();
-        move |req: Request<hyper::body::Incoming>| {
-            let (log, rule) = (log.clone(), rule.clone());
-            async move {
-                let req = support::providers::read(req).await;
-                let auth = req
-                    .headers
-                    .get(header::AUTHORIZATION)
-                    .map(|v| v.to_str().unwrap().to_owned())
-                    .unwrap_or_default();
-                let mut log = log.lock().unwrap();
-                let attempt = log.iter().filter(|(p, _, _)| *p == req.path).count() + 1;
-                log.push((req.path.clone(), auth.clone(), req.body.to_vec()));
-                Response::builder()
-                    .status(rule(&req.path, &auth, attempt))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap()
-            }
-        }
+async fn api(rule: fn(&str, &str, usize) -> u16) -> (String, Log) {
+    support::logging_api(move |path, auth, attempt| {
+        StatusCode::from_u16(rule(path, auth, attempt)).unwrap()
     })
-    .await;
-    (format!("http://{addr}"), log)
+    .await
 }
 
 type TowerBody = BoxBody<Bytes, BoxError>;
@@ -445,7 +419,9 @@ async fn rejection_statuses_are_the_layers() {
         name: "419",
         source: TestSource::new,
         layer: |layer| {
-            layer.rejection_statuses([StatusCode::UNAUTHORIZED, StatusCode::from_u16(419).unwrap()])
+            layer
+                .rejection_statuses([StatusCode::UNAUTHORIZED, StatusCode::from_u16(419).unwrap()])
+                .unwrap()
         },
         rule: |_, _, attempt| if attempt == 1 { 419 } else { 200 },
         calls: vec![(Call::get("/a"), ok(200))],

@@ -4,56 +4,18 @@
 
 mod support;
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use reqwest_retry::{RetryTransientMiddleware, policies::ExponentialBackoff};
-use support::{TestSource, providers::serve};
+use support::{TestSource, logging_api as server, providers::serve};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
     AuthLayer, Credential, Error, ErrorKind, NoReplay, RotatingCredential, reqwest::AuthMiddleware,
 };
-
-/// What the server saw: (path, authorization, body) per request.
-type Log = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
-
-/// A server that answers by `rule(path, authorization, attempt number on that path)`.
-async fn server(
-    rule: impl Fn(&str, &str, usize) -> StatusCode + Send + Sync + 'static,
-) -> (String, Log) {
-    let log: Log = Arc::default();
-    let rule = Arc::new(rule);
-    let addr = serve({
-        let log = log.clone();
-        move |req: Request<hyper::body::Incoming>| {
-            let (log, rule) = (log.clone(), rule.clone());
-            async move {
-                let req = support::providers::read(req).await;
-                let auth = req
-                    .headers
-                    .get(header::AUTHORIZATION)
-                    .map(|v| v.to_str().unwrap().to_owned())
-                    .unwrap_or_default();
-                let mut log = log.lock().unwrap();
-                let attempt = log.iter().filter(|(p, _, _)| *p == req.path).count() + 1;
-                log.push((req.path.clone(), auth.clone(), req.body.to_vec()));
-                let status = rule(&req.path, &auth, attempt);
-                Response::builder()
-                    .status(status)
-                    .body(Full::new(Bytes::new()))
-                    .unwrap()
-            }
-        }
-    })
-    .await;
-    (format!("http://{addr}"), log)
-}
 
 fn loopback_client(
     auth: AuthMiddleware<impl tower_client_auth::CredentialSource>,
@@ -435,4 +397,84 @@ async fn a_requests_own_timeout_still_applies() {
     };
     assert!(err.is_timeout(), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+/// Records whether each request reaching it could still be cloned.
+struct CloneProbe(Arc<std::sync::Mutex<Vec<bool>>>);
+
+#[async_trait::async_trait]
+impl reqwest_middleware::Middleware for CloneProbe {
+    async fn handle(
+        &self,
+        req: reqwest::Request,
+        extensions: &mut http::Extensions,
+        next: reqwest_middleware::Next<'_>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
+        self.0.lock().unwrap().push(req.try_clone().is_some());
+        next.run(req, extensions).await
+    }
+}
+
+/// A request with an in-memory body stays cloneable below the adapter (for the
+/// middlewares after it, and for reqwest's own redirects and HTTP/2 retries), in scope or
+/// not; a 307 of a POST is followed with its body and the credential.
+#[tokio::test]
+async fn in_memory_bodies_stay_cloneable_below_the_adapter() {
+    let seen: support::Log = Arc::default();
+    let addr = serve({
+        let seen = seen.clone();
+        move |req: Request<hyper::body::Incoming>| {
+            let seen = seen.clone();
+            async move {
+                let req = support::providers::read(req).await;
+                let auth = req
+                    .headers
+                    .get(header::AUTHORIZATION)
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                seen.lock()
+                    .unwrap()
+                    .push((req.path.clone(), auth, req.body.to_vec()));
+                let mut res = Response::builder();
+                if req.path == "/old" {
+                    res = res.status(307).header(header::LOCATION, "/new");
+                }
+                res.body(Full::new(Bytes::new())).unwrap()
+            }
+        }
+    })
+    .await;
+    let base = format!("http://{addr}");
+    let probe = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with(
+            AuthMiddleware::new(TestSource::new())
+                .origin(base.parse().unwrap())
+                .allow_http_loopback(true),
+        )
+        .with(CloneProbe(probe.clone()))
+        .build();
+    let res = client
+        .post(format!("{base}/old"))
+        .body("{\"amount\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.url().path(), "/new");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for (_, auth, body) in &seen {
+        assert_eq!(auth, "Bearer token-1");
+        assert_eq!(body, b"{\"amount\":1}");
+    }
+    // Out of scope: passed through, cloneable too.
+    let res = client
+        .post(format!("http://localhost:{}/new", addr.port()))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(*probe.lock().unwrap(), vec![true, true]);
 }

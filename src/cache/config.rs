@@ -134,9 +134,15 @@ impl Config {
             return invalid("backoff", "the maximum must be at least the base");
         }
         if !self.soft_window.is_zero() && self.soft_window < self.hard_window {
+            // Name the one that was moved from its default.
+            let setting = if self.hard_window != DEFAULT_HARD_WINDOW {
+                "hard_window"
+            } else {
+                "soft_window"
+            };
             return invalid(
-                "soft_window",
-                "must be zero (no background refresh) or at least the hard window",
+                setting,
+                "the soft window must be zero (no background refresh) or at least the hard window",
             );
         }
         Ok(())
@@ -227,6 +233,10 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
 /// widened by `jitter × window_jitter` (`jitter` in `0.0..1.0`), never past the lifetime.
 pub(super) fn windows(config: &Config, lifetime: f64, jitter: f64) -> (f64, f64) {
     let hard = (lifetime * HARD_WINDOW_FRACTION).min(config.hard_window.as_secs_f64());
+    if config.soft_window.is_zero() {
+        // No background refresh: the soft window opens with the hard one, unwidened.
+        return (hard, hard);
+    }
     let soft = (lifetime * SOFT_WINDOW_FRACTION)
         .min(config.soft_window.as_secs_f64())
         .max(hard);
@@ -330,7 +340,6 @@ mod tests {
             (
                 Config {
                     soft_window: Duration::from_secs(1),
-                    hard_window: Duration::from_secs(2),
                     ..Config::default()
                 },
                 "soft_window",
@@ -347,6 +356,16 @@ mod tests {
             off.validate(),
             Ok(()),
             "a zero soft window turns background refresh off"
+        );
+        let (soft, hard) = windows(&off, 100.0, 1.0);
+        assert_eq!(soft, hard, "not widened by the jitter either");
+        let long_hard = Config {
+            hard_window: Duration::from_secs(600),
+            ..Config::default()
+        };
+        assert_eq!(
+            long_hard.validate().map_err(|e| e.setting()),
+            Err("hard_window")
         );
     }
 

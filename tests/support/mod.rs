@@ -263,3 +263,38 @@ impl Capture {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 }
+
+/// What the server saw: (path, authorization, body) per request.
+pub type Log = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+
+/// A server that answers by `rule(path, authorization, attempt number on that path)`.
+pub async fn logging_api(
+    rule: impl Fn(&str, &str, usize) -> StatusCode + Send + Sync + 'static,
+) -> (String, Log) {
+    let log: Log = Arc::default();
+    let rule = Arc::new(rule);
+    let addr = serve({
+        let log = log.clone();
+        move |req: Request<hyper::body::Incoming>| {
+            let (log, rule) = (log.clone(), rule.clone());
+            async move {
+                let req = providers::read(req).await;
+                let auth = req
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                let mut log = log.lock().unwrap();
+                let attempt = log.iter().filter(|(p, _, _)| *p == req.path).count() + 1;
+                log.push((req.path.clone(), auth.clone(), req.body.to_vec()));
+                let status = rule(&req.path, &auth, attempt);
+                Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap()
+            }
+        }
+    })
+    .await;
+    (format!("http://{addr}"), log)
+}
