@@ -13,8 +13,8 @@ use std::{
 
 use bytes::Bytes;
 use common::{
-    Noop, TOKEN, call, expiring_source, mutex_cache, paired, request, rwlock_cache, warm,
-    watch_receiver,
+    Client, Noop, TOKEN, call, expiring_source, mutex_cache, paired, request, rwlock_cache, warm,
+    warm_over, watch_receiver,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::Request;
@@ -136,6 +136,64 @@ fn contention(c: &mut Criterion) {
             .collect();
         println!("| {name} | {} |", cells.join(" | "));
     }
+
+    // The same over an inner service whose clone writes a count shared by both threads,
+    // as a real client's does: what cloning the inner service per request costs.
+    let client_add = tower_http::auth::AddAuthorizationLayer::bearer(TOKEN)
+        .as_sensitive(true)
+        .layer(Client::default());
+    let client_layers: [(&str, Round<'_>); 3] = [
+        (
+            "auth_layer_static",
+            round_owned(warm_over(
+                &rt,
+                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()),
+                Client::default(),
+            )),
+        ),
+        (
+            "auth_layer_expiring",
+            round_owned(warm_over(
+                &rt,
+                AuthLayer::new(expiring_source()),
+                Client::default(),
+            )),
+        ),
+        (
+            "auth_layer_no_replay",
+            round_owned(warm_over(
+                &rt,
+                AuthLayer::new(expiring_source()).replay_rejected(false),
+                Client::default(),
+            )),
+        ),
+    ];
+    println!(
+        "\ncontention over a client handle: throughput x AddAuthorization over the same, 160 interleaved pairs (median, quartiles)"
+    );
+    println!("| variant | x AddAuthorization |\n|---|---|");
+    let baseline = round(&client_add);
+    for (name, layer) in client_layers {
+        let [p25, median, p75] = paired(160, &baseline, &layer);
+        println!(
+            "| {name} | {:.2} ({:.2}-{:.2}) |",
+            1.0 / median,
+            1.0 / p75,
+            1.0 / p25
+        );
+    }
+}
+
+/// [`round`] for a service it owns.
+fn round_owned<'a, S>(svc: S) -> Round<'a>
+where
+    S: Service<Request<Full<Bytes>>> + Clone + Send + Sync + 'a,
+    S::Error: std::fmt::Debug,
+    S::Response: Send,
+{
+    Box::new(move || {
+        hammer(&svc, ROUND);
+    })
 }
 
 /// Requests per thread in one round of the interleaved pairs.

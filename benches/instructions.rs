@@ -11,8 +11,8 @@ mod common;
 use std::hint::black_box;
 
 use common::{
-    JSON, Noop, TOKEN, call, expiring_source, mutex_cache, request, rwlock_cache, warm,
-    watch_receiver,
+    Client, JSON, Noop, TOKEN, call, expiring_source, mutex_cache, request, rwlock_cache, warm,
+    warm_over, watch_receiver,
 };
 use tower::Layer;
 use tower_client_auth::{AuthLayer, StaticCredential};
@@ -70,6 +70,34 @@ fn main() {
             n,
         ),
         "auth_layer_expiring" => run(warm(&rt, AuthLayer::new(expiring_source())), n),
+        // Over an inner service whose clone writes a shared count, as a real client's does.
+        "client_floor" => run(Client::default(), n),
+        "client_add_authorization" => run(
+            tower_http::auth::AddAuthorizationLayer::bearer(TOKEN)
+                .as_sensitive(true)
+                .layer(Client::default()),
+            n,
+        ),
+        "client_static" => run(
+            warm_over(
+                &rt,
+                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()),
+                Client::default(),
+            ),
+            n,
+        ),
+        "client_expiring" => run(
+            warm_over(&rt, AuthLayer::new(expiring_source()), Client::default()),
+            n,
+        ),
+        "client_no_replay" => run(
+            warm_over(
+                &rt,
+                AuthLayer::new(expiring_source()).replay_rejected(false),
+                Client::default(),
+            ),
+            n,
+        ),
         "rwlock_cache" => run(rwlock_cache(Noop), n),
         "mutex_cache" => run(mutex_cache(Noop), n),
         "watch_receiver" => run(watch_receiver(Noop), n),

@@ -145,7 +145,7 @@ struct Resend<S: Service<Request<ReplayBody<B>>>, B, P> {
 
 impl<S, B, P> ResponseFuture<S, B, P>
 where
-    S: Service<Request<ReplayBody<B>>>,
+    S: Service<Request<ReplayBody<B>>> + Clone,
     B: Body,
     B::Data: Into<Bytes>,
     P: CredentialSource,
@@ -156,8 +156,9 @@ where
         }
     }
 
-    /// Sends `request` as it is: no credential, no refresh, no replay.
-    pub(crate) fn passthrough(mut service: S, request: Request<B>) -> Self {
+    /// Sends `request` as it is, through `service` (polled ready): no credential, no
+    /// refresh, no replay.
+    pub(crate) fn passthrough(service: &mut S, request: Request<B>) -> Self {
         let future = service.call(request.map(ReplayBody::forward));
         ResponseFuture {
             state: State::First {
@@ -189,11 +190,13 @@ where
         }
     }
 
-    /// Attaches `entry`'s credential and sends the first attempt. `cache` is `None` for
-    /// a credential that cannot change.
+    /// Attaches `entry`'s credential and sends the first attempt through `service`
+    /// (polled ready). `cache` is `None` for a credential that cannot change. Only a
+    /// request that may be replayed clones the service (for its second attempt): the
+    /// others cost what a middleware that clones nothing costs.
     #[inline]
     pub(crate) fn send(
-        mut service: S,
+        service: &mut S,
         mut request: Request<B>,
         entry: &Entry,
         cache: Option<CacheRef<P>>,
@@ -224,15 +227,16 @@ where
             Err(reason) => (request.map(ReplayBody::forward), Err(reason)),
         };
         let future = service.call(request);
+        let replay = replay.map(|(head, body)| Replay {
+            service: service.clone(),
+            head,
+            body,
+        });
         let retry = Retry {
             cache,
             generation: entry.generation,
             rejections: policy.rejections,
-            replay: replay.map(|(head, body)| Replay {
-                service,
-                head,
-                body,
-            }),
+            replay,
         };
         ResponseFuture {
             state: State::First {
@@ -245,7 +249,7 @@ where
 
 impl<S, B, P, ResBody> Future for ResponseFuture<S, B, P>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
     B: Body,
     B::Data: Into<Bytes>,
@@ -285,11 +289,18 @@ where
                     let Some(p) = pending.take() else {
                         return Poll::Ready(Err(polled_after_completion().into()));
                     };
-                    let Some(entry) = p.entry else {
+                    let Pending {
+                        mut service,
+                        entry,
+                        request,
+                        cache,
+                        policy,
+                    } = *p;
+                    let Some(entry) = entry else {
                         return Poll::Ready(Err(polled_after_completion().into()));
                     };
-                    let cache = p.cache.refreshes().then_some(CacheRef::Shared(p.cache));
-                    let next = ResponseFuture::send(p.service, p.request, &entry, cache, p.policy);
+                    let cache = cache.refreshes().then_some(CacheRef::Shared(cache));
+                    let next = ResponseFuture::send(&mut service, request, &entry, cache, policy);
                     this.state.set(next.state);
                 }
                 StateProj::First { future, retry } => {

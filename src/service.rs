@@ -120,11 +120,12 @@ impl<P: CredentialSource> AddCredential<(), P> {
 }
 
 impl<S: Clone, P> AddCredential<S, P> {
-    /// The service that was polled ready, leaving a fresh clone in its place.
-    #[inline]
-    fn take_ready(&mut self) -> S {
+    /// Drops the service that was polled ready, releasing what its readiness holds (a
+    /// concurrency permit, a buffer slot), and leaves a fresh clone in its place.
+    #[cold]
+    fn release_readiness(&mut self) {
         let clone = self.inner.clone();
-        mem::replace(&mut self.inner, clone)
+        drop(mem::replace(&mut self.inner, clone));
     }
 }
 
@@ -149,25 +150,24 @@ where
         if let Some(scope) = &self.scope {
             if !scope.allows(req.uri(), self.policy.allow_relative_uris) {
                 // Another origin: no credential, so no transport rule, refresh or replay.
-                return ResponseFuture::passthrough(self.take_ready(), req);
+                return ResponseFuture::passthrough(&mut self.inner, req);
             }
         }
         if let Err(err) = self.policy.check_transport(req.uri()) {
             return ResponseFuture::failed(err);
         }
-        let service = self.take_ready();
         match self.cache.usable(self.view.load()) {
             Ok(current) => {
                 // A credential that cannot change needs no way back to the cache.
                 let cache = self.cache.refreshes().then(|| self.refs.get(&self.cache));
-                ResponseFuture::send(service, req, current, cache, self.policy)
+                ResponseFuture::send(&mut self.inner, req, current, cache, self.policy)
             }
             Err(acquire) => {
                 // Nothing is sent until the credential is there: the readiness this
                 // service holds (a concurrency permit, a buffer slot, a pooled
                 // connection) is released now rather than held through the refresh. The
                 // request readies a clone of its own once it has the credential.
-                drop(service);
+                self.release_readiness();
                 let unready = self.inner.clone();
                 ResponseFuture::wait(acquire, unready, req, self.cache.clone(), self.policy)
             }

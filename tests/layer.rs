@@ -635,3 +635,85 @@ async fn shared_sources_keep_their_own_behaviour() {
     assert_eq!(call.await.unwrap().unwrap().status(), 200);
     assert_eq!(fetching.fetches(), 2);
 }
+
+/// An inner service that counts its clones and accepts every request, as a real client
+/// would be cloned (hyper-util's `Client` clones a few `Arc`s).
+struct CountsClones(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Clone for CountsClones {
+    fn clone(&self) -> Self {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        CountsClones(self.0.clone())
+    }
+}
+
+impl Service<Req> for CountsClones {
+    type Response = Response<&'static str>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Response<&'static str>, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Req) -> Self::Future {
+        std::future::ready(Ok(status(200)))
+    }
+}
+
+/// How many times `layer` cloned its inner service for three requests on one service,
+/// its credential already cached.
+async fn clones_for_three_requests<P: tower_client_auth::CredentialSource>(
+    layer: AuthLayer<P>,
+    no_replay: bool,
+) -> usize {
+    layer.cache().credential().await.unwrap();
+    let clones = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut svc = layer.layer(CountsClones(clones.clone()));
+    for _ in 0..3 {
+        let mut req = post("/v1/payments", b"{}");
+        if no_replay {
+            req.extensions_mut().insert(NoReplay);
+        }
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    clones.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A request that cannot be replayed goes through the service that was polled ready,
+/// uncloned, as tower-http's middleware do; only a replayable request clones the inner
+/// service, once, for its second attempt.
+#[tokio::test]
+async fn only_a_replayable_request_clones_the_inner_service() {
+    let fixed = AuthLayer::new(StaticCredential::bearer("k3y").unwrap());
+    assert_eq!(
+        clones_for_three_requests(fixed, false).await,
+        0,
+        "static credential"
+    );
+    let off = AuthLayer::new(TestSource::new()).replay_rejected(false);
+    assert_eq!(clones_for_three_requests(off, false).await, 0, "replay off");
+    let opted_out = AuthLayer::new(TestSource::new());
+    assert_eq!(
+        clones_for_three_requests(opted_out, true).await,
+        0,
+        "NoReplay"
+    );
+    let scoped =
+        AuthLayer::new(TestSource::new()).origin("https://elsewhere.example".parse().unwrap());
+    assert_eq!(
+        clones_for_three_requests(scoped, false).await,
+        0,
+        "other origin"
+    );
+    let replayable = AuthLayer::new(TestSource::new());
+    assert_eq!(
+        clones_for_three_requests(replayable, false).await,
+        3,
+        "replay on"
+    );
+}

@@ -41,6 +41,27 @@ impl<B> Service<Request<B>> for Noop {
     }
 }
 
+/// Answers at once, like [`Noop`], but holds a shared handle as a real client does
+/// (hyper-util's `Client` clones a few `Arc`s): cloning it writes a reference count that
+/// every clone shares. Shows what a middleware that clones its inner service per request
+/// costs, which [`Noop`] hides.
+#[derive(Clone, Debug, Default)]
+pub struct Client(Arc<()>);
+
+impl<B> Service<Request<B>> for Client {
+    type Response = Response<()>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<()>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<B>) -> Self::Future {
+        ready(Ok(Response::new(())))
+    }
+}
+
 /// The request a user builds: a URI, two ordinary headers, a body.
 pub fn request(body: &'static [u8]) -> Request<Full<Bytes>> {
     Request::post("https://api.example.com/v1/orders")
@@ -84,8 +105,17 @@ pub fn warm<P: CredentialSource>(
     rt: &tokio::runtime::Runtime,
     layer: AuthLayer<P>,
 ) -> AddCredential<Noop, P> {
+    warm_over(rt, layer, Noop)
+}
+
+/// [`warm`], around `inner`.
+pub fn warm_over<S, P: CredentialSource>(
+    rt: &tokio::runtime::Runtime,
+    layer: AuthLayer<P>,
+    inner: S,
+) -> AddCredential<S, P> {
     rt.block_on(async { layer.cache().credential().await.unwrap() });
-    layer.layer(Noop)
+    layer.layer(inner)
 }
 
 /// Times `a` and `b` alternately, `rounds` times, the order flipping every round so that
