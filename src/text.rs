@@ -168,6 +168,7 @@ mod tests {
 
     /// A secret straddling the cut, so no part survives; a
     /// secret holding another is replaced whole.
+    #[cfg(feature = "token")]
     #[test]
     fn scrubs_before_cutting() {
         let secret = "S3CR3T-VALUE-LONG".to_owned();

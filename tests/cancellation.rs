@@ -3,6 +3,7 @@
 //! cache that gives up on a refresh the server has already answered. Proves: the cache is
 //! never corrupted, a rotated refresh token is never lost (so never reused, never a second
 //! login), and no refresh is left stuck.
+#![cfg(feature = "https")]
 
 mod support;
 

@@ -3,6 +3,7 @@
 //! answers that do not parse or come late, 200s carrying OAuth errors, explicit
 //! invalidation, replays that could not help, secrets echoed back, forged log lines, and
 //! insecure token URLs.
+#![cfg(feature = "https")]
 
 mod support;
 

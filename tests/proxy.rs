@@ -1,6 +1,7 @@
 //! The default HTTPS token client in a network that needs a proxy: `HTTPS_PROXY` names a
 //! loopback CONNECT proxy, the token endpoint is a TLS loopback server. Its own test
 //! binary: the proxy variables are process-wide.
+#![cfg(feature = "https")]
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! A canary secret never shows: not in `Debug` or `Display` of any public type, not in
 //! any error, not in tracing output at TRACE level, not in the request headers' `Debug`.
+#![cfg(feature = "https")]
 
 mod support;
 

@@ -9,6 +9,7 @@
 //! bodies, 200s without the token, connection resets, and a total outage in the middle of
 //! the run. API: tokens live 2 s, some are revoked early (401 before expiry), some paths
 //! answer 403.
+#![cfg(feature = "token")]
 
 use std::{
     collections::HashMap,

@@ -1,6 +1,7 @@
 //! The five authentication styles (README, "The five authentication styles"), each end
 //! to end: a real loopback server that behaves as described there, a `TokenSource` (or
 //! static source) in a few lines, `AuthLayer` over a hyper-util client.
+#![cfg(feature = "https")]
 
 mod support;
 

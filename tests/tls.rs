@@ -1,6 +1,7 @@
 //! The whole flow over real TLS: a self-signed certificate made at test time, a rustls
 //! loopback server (token endpoint and API), the default HTTPS token client trusting it,
 //! and `AuthLayer` in strict mode (https only, no loopback exception).
+#![cfg(feature = "https")]
 
 mod support;
 

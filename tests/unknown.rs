@@ -1,6 +1,7 @@
 //! Promises when the outcome is unknown, against the strict token server
 //! (`support::strict_idp`): refresh tokens after gateways, dropped connections and
 //! timeouts; a refresh that provably never left; `Retry-After`; hooks that hang.
+#![cfg(feature = "https")]
 
 mod support;
 

@@ -4,6 +4,7 @@
 
 pub mod providers;
 pub mod strict_idp;
+#[cfg(feature = "https")]
 pub mod tls;
 
 use std::{
@@ -224,6 +225,7 @@ pub fn api_client() -> hyper_util::client::legacy::Client<
 }
 
 /// The default HTTPS token client, allowed to reach the loopback test servers.
+#[cfg(feature = "https")]
 pub fn token_client() -> tower_client_auth::token::TokenClient {
     tower_client_auth::token::TokenClient::hyper_rustls()
         .unwrap()
