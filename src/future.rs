@@ -193,8 +193,10 @@ where
     /// Attaches `entry`'s credential and sends the first attempt through `service`
     /// (polled ready). `cache` is `None` for a credential that cannot change. Only a
     /// request that may be replayed clones the service (for its second attempt): the
-    /// others cost what a middleware that clones nothing costs.
-    #[inline]
+    /// others cost what a middleware that clones nothing costs. Always inlined into
+    /// `AddCredential::call`: passing the request and returning the future through a
+    /// call cost ~30 instructions per request (BENCHMARKS.md).
+    #[inline(always)]
     pub(crate) fn send(
         service: &mut S,
         mut request: Request<B>,
@@ -244,6 +246,19 @@ where
                 retry: Some(retry),
             },
         }
+    }
+
+    /// [`send`](Self::send) for a request that waited for its credential: the rare path,
+    /// kept out of `poll`.
+    #[inline(never)]
+    fn send_after_wait(
+        service: &mut S,
+        request: Request<B>,
+        entry: &Entry,
+        cache: Option<CacheRef<P>>,
+        policy: Policy,
+    ) -> Self {
+        Self::send(service, request, entry, cache, policy)
     }
 }
 
@@ -300,7 +315,13 @@ where
                         return Poll::Ready(Err(polled_after_completion().into()));
                     };
                     let cache = cache.refreshes().then_some(CacheRef::Shared(cache));
-                    let next = ResponseFuture::send(&mut service, request, &entry, cache, policy);
+                    let next = ResponseFuture::send_after_wait(
+                        &mut service,
+                        request,
+                        &entry,
+                        cache,
+                        policy,
+                    );
                     this.state.set(next.state);
                 }
                 StateProj::First { future, retry } => {
