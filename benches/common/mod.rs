@@ -27,20 +27,6 @@ pub const JSON: &[u8] = br#"{"order_id":"8f2c1e","items":[{"sku":"A-100","qty":2
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Noop;
 
-impl<B> Service<Request<B>> for Noop {
-    type Response = Response<()>;
-    type Error = Infallible;
-    type Future = Ready<Result<Response<()>, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Request<B>) -> Self::Future {
-        ready(Ok(Response::new(())))
-    }
-}
-
 /// Answers at once, like [`Noop`], but holds a shared handle as a real client does
 /// (hyper-util's `Client` clones a few `Arc`s): cloning it writes a reference count that
 /// every clone shares. Shows what a middleware that clones its inner service per request
@@ -48,19 +34,26 @@ impl<B> Service<Request<B>> for Noop {
 #[derive(Clone, Debug, Default)]
 pub struct Client(Arc<()>);
 
-impl<B> Service<Request<B>> for Client {
-    type Response = Response<()>;
-    type Error = Infallible;
-    type Future = Ready<Result<Response<()>, Infallible>>;
+/// Both inner services: ready at once, an empty `200` at once.
+macro_rules! answers_at_once {
+    ($($service:ty),*) => {$(
+        impl<B> Service<Request<B>> for $service {
+            type Response = Response<()>;
+            type Error = Infallible;
+            type Future = Ready<Result<Response<()>, Infallible>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+                Poll::Ready(Ok(()))
+            }
 
-    fn call(&mut self, _: Request<B>) -> Self::Future {
-        ready(Ok(Response::new(())))
-    }
+            fn call(&mut self, _: Request<B>) -> Self::Future {
+                ready(Ok(Response::new(())))
+            }
+        }
+    )*};
 }
+
+answers_at_once!(Noop, Client);
 
 /// The request a user builds: a URI, two ordinary headers, a body.
 pub fn request(body: &'static [u8]) -> Request<Full<Bytes>> {
