@@ -684,9 +684,10 @@ async fn clones_for_three_requests<P: tower_client_auth::CredentialSource>(
     clones.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// A request that cannot be replayed goes through the service that was polled ready,
-/// uncloned, as tower-http's middleware do; only a replayable request clones the inner
-/// service, once, for its second attempt.
+/// A request that cannot be replayed, its credential cached, goes through the service
+/// that was polled ready, uncloned, as tower-http's middleware do; a replayable request
+/// clones the inner service once, for its second attempt. (Requests that wait for a
+/// credential and replays after a 401 are covered by `waits.rs` and the tests above.)
 #[tokio::test]
 async fn only_a_replayable_request_clones_the_inner_service() {
     let fixed = AuthLayer::new(StaticCredential::bearer("k3y").unwrap());
