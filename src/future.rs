@@ -19,7 +19,8 @@
 //! rejection invalidates the credential only if it is still the cache's current one, so
 //! concurrent rejections share one refresh. A request that must wait for a credential
 //! releases the readiness it was called with (a concurrency permit, a buffer slot) and
-//! readies a clone of the inner service once the credential is there.
+//! readies a clone of the inner service once the credential is there; a request refused
+//! before it is sent (an insecure transport, no room for the credential) releases it too.
 
 use std::{
     fmt,
@@ -213,7 +214,10 @@ where
         };
         let attached = match policy.attach(&entry.credential, request.headers_mut()) {
             Ok(attached) => attached,
-            Err(err) => return ResponseFuture::failed(err),
+            Err(err) => {
+                release_readiness(service);
+                return ResponseFuture::failed(err);
+            }
         };
         if !attached {
             // The request brings its own credential: untouched, never replayed.
@@ -453,6 +457,15 @@ where
             }
         }
     }
+}
+
+/// Drops a service that was polled ready but will not be called, releasing what its
+/// readiness holds (a concurrency permit, a buffer slot), and leaves an unready clone in
+/// its place.
+#[cold]
+pub(crate) fn release_readiness<S: Clone>(service: &mut S) {
+    let clone = service.clone();
+    drop(std::mem::replace(service, clone));
 }
 
 fn polled_after_completion() -> Error {

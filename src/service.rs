@@ -1,7 +1,7 @@
 //! [`AddCredential`]: the middleware service. The per-request state machine is in `future.rs`.
 
 use std::{
-    fmt, mem,
+    fmt,
     sync::Arc,
     task::{Context, Poll},
 };
@@ -15,7 +15,7 @@ use crate::{
     body::ReplayBody,
     cache::{CredentialCache, LocalRefs, LocalView},
     error::BoxError,
-    future::ResponseFuture,
+    future::{ResponseFuture, release_readiness},
     layer::AuthLayer,
     policy::Policy,
     scope::Scope,
@@ -119,16 +119,6 @@ impl<P: CredentialSource> AddCredential<(), P> {
     }
 }
 
-impl<S: Clone, P> AddCredential<S, P> {
-    /// Drops the service that was polled ready, releasing what its readiness holds (a
-    /// concurrency permit, a buffer slot), and leaves a fresh clone in its place.
-    #[cold]
-    fn release_readiness(&mut self) {
-        let clone = self.inner.clone();
-        drop(mem::replace(&mut self.inner, clone));
-    }
-}
-
 impl<S, P, B, ResBody> Service<Request<B>> for AddCredential<S, P>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
@@ -154,6 +144,8 @@ where
             }
         }
         if let Err(err) = self.policy.check_transport(req.uri()) {
+            // Nothing will be sent: the readiness goes back now.
+            release_readiness(&mut self.inner);
             return ResponseFuture::failed(err);
         }
         match self.cache.usable(self.view.load()) {
@@ -167,7 +159,7 @@ where
                 // service holds (a concurrency permit, a buffer slot, a pooled
                 // connection) is released now rather than held through the refresh. The
                 // request readies a clone of its own once it has the credential.
-                self.release_readiness();
+                release_readiness(&mut self.inner);
                 let unready = self.inner.clone();
                 ResponseFuture::wait(acquire, unready, req, self.cache.clone(), self.policy)
             }

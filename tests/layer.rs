@@ -636,14 +636,21 @@ async fn shared_sources_keep_their_own_behaviour() {
     assert_eq!(fetching.fetches(), 2);
 }
 
-/// An inner service that counts its clones and accepts every request, as a real client
-/// would be cloned (hyper-util's `Client` clones a few `Arc`s).
-struct CountsClones(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+/// An inner service that counts its clones, as a real client would be cloned
+/// (hyper-util's `Client` clones a few `Arc`s), and answers 401 to one credential.
+struct CountsClones {
+    clones: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    rejects: Option<&'static str>,
+}
 
 impl Clone for CountsClones {
     fn clone(&self) -> Self {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        CountsClones(self.0.clone())
+        self.clones
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        CountsClones {
+            clones: self.clones.clone(),
+            rejects: self.rejects,
+        }
     }
 }
 
@@ -659,62 +666,109 @@ impl Service<Req> for CountsClones {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _: Req) -> Self::Future {
-        std::future::ready(Ok(status(200)))
+    fn call(&mut self, req: Req) -> Self::Future {
+        let sent = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+        let rejected = self.rejects.is_some_and(|r| sent == Some(r.as_bytes()));
+        // Read the body, as a client sending it would (a replay needs all of it recorded).
+        let body = req.into_body().collect().now_or_never();
+        assert!(matches!(body, Some(Ok(_))), "a full body reads at once");
+        std::future::ready(Ok(status(if rejected { 401 } else { 200 })))
     }
 }
 
-/// How many times `layer` cloned its inner service for three requests on one service,
-/// its credential already cached.
-async fn clones_for_three_requests<P: tower_client_auth::CredentialSource>(
+/// One way of sending three requests through one service, and how many clones of the
+/// inner service it must make.
+struct CloneCase<P> {
+    case: &'static str,
     layer: AuthLayer<P>,
+    /// The credential is fetched before the first request (otherwise that request waits).
+    warm: bool,
     no_replay: bool,
-) -> usize {
-    layer.cache().credential().await.unwrap();
-    let clones = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut svc = layer.layer(CountsClones(clones.clone()));
-    for _ in 0..3 {
-        let mut req = post("/v1/payments", b"{}");
-        if no_replay {
-            req.extensions_mut().insert(NoReplay);
+    rejects: Option<&'static str>,
+    clones: usize,
+}
+
+impl<P: tower_client_auth::CredentialSource> CloneCase<P> {
+    async fn check(self) {
+        let case = self.case;
+        if self.warm {
+            self.layer.cache().credential().await.unwrap();
         }
-        let res = svc.ready().await.unwrap().call(req).await.unwrap();
-        assert_eq!(res.status(), 200);
+        let clones = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let inner = CountsClones {
+            clones: clones.clone(),
+            rejects: self.rejects,
+        };
+        let mut svc = self.layer.layer(inner);
+        for _ in 0..3 {
+            let mut req = post("/v1/payments", b"{}");
+            if self.no_replay {
+                req.extensions_mut().insert(NoReplay);
+            }
+            let res = svc.ready().await.unwrap().call(req).await.unwrap();
+            let why = res.extensions().get::<NotReplayed>();
+            assert_eq!(res.status(), 200, "{case}: {why:?}");
+        }
+        let made = clones.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(made, self.clones, "{case}: clones of the inner service");
     }
-    clones.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A request that cannot be replayed, its credential cached, goes through the service
-/// that was polled ready, uncloned, as tower-http's middleware do; a replayable request
-/// clones the inner service once, for its second attempt. (Requests that wait for a
-/// credential and replays after a 401 are covered by `waits.rs` and the tests above.)
+/// that was polled ready, uncloned, as tower-http's middleware do. A replayable request
+/// clones it once, for its second attempt, and a replay after a 401 uses that clone. A
+/// request that waits for its credential gives back the ready service (one clone takes
+/// its place) and readies one of its own (a second clone).
 #[tokio::test]
-async fn only_a_replayable_request_clones_the_inner_service() {
-    let fixed = AuthLayer::new(StaticCredential::bearer("k3y").unwrap());
-    assert_eq!(
-        clones_for_three_requests(fixed, false).await,
-        0,
-        "static credential"
-    );
-    let off = AuthLayer::new(TestSource::new()).replay_rejected(false);
-    assert_eq!(clones_for_three_requests(off, false).await, 0, "replay off");
-    let opted_out = AuthLayer::new(TestSource::new());
-    assert_eq!(
-        clones_for_three_requests(opted_out, true).await,
-        0,
-        "NoReplay"
-    );
-    let scoped =
-        AuthLayer::new(TestSource::new()).origin("https://elsewhere.example".parse().unwrap());
-    assert_eq!(
-        clones_for_three_requests(scoped, false).await,
-        0,
-        "other origin"
-    );
-    let replayable = AuthLayer::new(TestSource::new());
-    assert_eq!(
-        clones_for_three_requests(replayable, false).await,
-        3,
-        "replay on"
-    );
+async fn only_a_replayable_or_waiting_request_clones_the_inner_service() {
+    let fixed = || AuthLayer::new(StaticCredential::bearer("k3y").unwrap());
+    let fetched = || AuthLayer::new(TestSource::new());
+    fn case<P>(case: &'static str, layer: AuthLayer<P>, clones: usize) -> CloneCase<P> {
+        CloneCase {
+            case,
+            layer,
+            warm: true,
+            no_replay: false,
+            rejects: None,
+            clones,
+        }
+    }
+    case("static credential", fixed(), 0).check().await;
+    case("replay off", fetched().replay_rejected(false), 0)
+        .check()
+        .await;
+    let elsewhere = "https://elsewhere.example".parse().unwrap();
+    case("other origin", fetched().origin(elsewhere), 0)
+        .check()
+        .await;
+    CloneCase {
+        no_replay: true,
+        ..case("NoReplay", fetched(), 0)
+    }
+    .check()
+    .await;
+    case("replay on", fetched(), 3).check().await;
+    // token-1 is rejected; the first request is replayed with token-2, which is accepted.
+    CloneCase {
+        rejects: Some("Bearer token-1"),
+        ..case("a 401 replayed", fetched(), 3)
+    }
+    .check()
+    .await;
+    CloneCase {
+        warm: false,
+        ..case(
+            "replay off, the first request waits",
+            fetched().replay_rejected(false),
+            2,
+        )
+    }
+    .check()
+    .await;
+    CloneCase {
+        warm: false,
+        ..case("replay on, the first request waits", fetched(), 2 + 3)
+    }
+    .check()
+    .await;
 }

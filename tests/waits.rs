@@ -246,6 +246,68 @@ async fn waiting_for_a_credential_holds_no_readiness() {
     assert_eq!(api.seen().len(), 1);
 }
 
+/// World: one concurrency permit, and a caller whose request fails before it is sent
+/// (plain http to a remote host; a header map with no room for the credential) and who
+/// keeps its service. Proves: the failed call gives back the permit it was polled ready
+/// with, so another clone is not kept waiting behind a request that sends nothing.
+#[tokio::test]
+async fn a_request_refused_before_sending_holds_no_readiness() {
+    use tower::Service;
+    let full = || {
+        let mut req = get("/full");
+        for i in 0.. {
+            let name = http::HeaderName::try_from(format!("x-filler-{i}")).unwrap();
+            let value = http::HeaderValue::from_static("1");
+            if req.headers_mut().try_append(name, value).is_err() {
+                break;
+            }
+        }
+        req
+    };
+    let insecure = || {
+        http::Request::get("http://api.example/plain")
+            .body(Default::default())
+            .unwrap()
+    };
+    type Refused = fn() -> http::Request<http_body_util::Full<bytes::Bytes>>;
+    let cases: [(&str, Refused, ErrorKind); 2] = [
+        ("plain http", insecure, ErrorKind::InsecureTransport),
+        ("full headers", full, ErrorKind::HeadersFull),
+    ];
+    for (case, request, kind) in cases {
+        let api = FakeApi::new(|_, _| StatusCode::OK);
+        let limited = tower::limit::ConcurrencyLimit::new(api.service(), 1);
+        let layer = AuthLayer::new(TestSource::new());
+        layer.cache().credential().await.unwrap();
+        let mut first = layer.layer(limited);
+        std::future::poll_fn(|cx| first.poll_ready(cx))
+            .await
+            .unwrap();
+        let err = first.call(request()).await.unwrap_err();
+        let err = err.downcast_ref::<tower_client_auth::Error>().unwrap();
+        assert_eq!(err.kind(), kind, "{case}");
+
+        let mut second = first.clone();
+        let ready = tokio::time::timeout(
+            Duration::from_secs(1),
+            std::future::poll_fn(|cx| second.poll_ready(cx)),
+        )
+        .await;
+        assert!(
+            matches!(ready, Ok(Ok(()))),
+            "{case}: the permit stayed with a request that was never sent"
+        );
+        let res = second.call(get("/after")).await.unwrap();
+        assert_eq!(res.status(), 200, "{case}");
+        assert_eq!(
+            api.seen().len(),
+            1,
+            "{case}: only the second request was sent"
+        );
+        drop(first);
+    }
+}
+
 /// World: an explicit invalidation while a fetch is in flight. Proves: the next request
 /// does not join the old fetch (whose result predates the invalidation): the source is
 /// asked again, told `Invalidated`, and that request gets the new credential.
