@@ -11,8 +11,8 @@ mod common;
 use std::hint::black_box;
 
 use common::{
-    Client, JSON, Noop, TOKEN, call, expiring_source, mutex_cache, request, rwlock_cache, warm,
-    warm_over, watch_receiver,
+    Client, JSON, Lazy, Noop, TOKEN, call, expiring_source, mutex_cache, request, rwlock_cache,
+    warm, warm_over, watch_receiver,
 };
 use tower::Layer;
 use tower_client_auth::{AuthLayer, StaticCredential};
@@ -95,6 +95,31 @@ fn main() {
                 &rt,
                 AuthLayer::new(expiring_source()).replay_rejected(false),
                 Client::default(),
+            ),
+            n,
+        ),
+        // Over an inner service whose future is small, as real clients' are.
+        "lazy_floor" => run(Lazy, n),
+        "lazy_add_authorization" => run(
+            tower_http::auth::AddAuthorizationLayer::bearer(TOKEN)
+                .as_sensitive(true)
+                .layer(Lazy),
+            n,
+        ),
+        "lazy_static" => run(
+            warm_over(
+                &rt,
+                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()),
+                Lazy,
+            ),
+            n,
+        ),
+        "lazy_expiring" => run(warm_over(&rt, AuthLayer::new(expiring_source()), Lazy), n),
+        "lazy_no_replay" => run(
+            warm_over(
+                &rt,
+                AuthLayer::new(expiring_source()).replay_rejected(false),
+                Lazy,
             ),
             n,
         ),

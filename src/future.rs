@@ -202,51 +202,94 @@ where
         mut request: Request<B>,
         entry: &Entry,
         cache: Option<CacheRef<P>>,
-        policy: Policy,
+        policy: &Policy,
     ) -> Self {
-        // The snapshot is taken before the credential is attached: a replay gets the new one.
-        let replay = if !policy.replay || request.extensions().get::<NoReplay>().is_some() {
-            Err(NotReplayed::OptedOut)
+        let not_replayed = if !policy.replay || request.extensions().get::<NoReplay>().is_some() {
+            Some(NotReplayed::OptedOut)
         } else if cache.is_none() {
-            Err(NotReplayed::FixedCredential)
+            Some(NotReplayed::FixedCredential)
         } else {
-            Head::of(&request).ok_or(NotReplayed::HeadUnavailable)
+            None
         };
-        let attached = match policy.attach(&entry.credential, request.headers_mut()) {
-            Ok(attached) => attached,
-            Err(err) => {
-                release_readiness(service);
-                return ResponseFuture::failed(err);
+        // Two paths, each building its state directly: a head that may or may not be
+        // there, carried through one path, was moved (80 bytes) twice per request.
+        let Some(reason) = not_replayed else {
+            // The snapshot is taken before the credential is attached: a replay gets the new one.
+            let head = Head::of(&request);
+            match policy.attach(&entry.credential, request.headers_mut()) {
+                Ok(true) => {}
+                Ok(false) => return ResponseFuture::passthrough(service, request),
+                Err(err) => return Self::refused(service, err),
             }
+            let Some(head) = head else {
+                let future = service.call(request.map(ReplayBody::forward));
+                return Self::first(
+                    future,
+                    entry,
+                    cache,
+                    policy,
+                    Err(NotReplayed::HeadUnavailable),
+                );
+            };
+            let (parts, body) = request.into_parts();
+            let (body, handle) = ReplayBody::record(body, policy.replay_limit);
+            let future = service.call(Request::from_parts(parts, body));
+            // Cloned after the call, so that the clone is not the instance polled ready.
+            let replay = Replay {
+                service: service.clone(),
+                head,
+                body: handle,
+            };
+            return ResponseFuture {
+                state: State::First {
+                    future,
+                    retry: Some(Retry {
+                        cache,
+                        generation: entry.generation,
+                        rejections: policy.rejections,
+                        replay: Ok(replay),
+                    }),
+                },
+            };
         };
-        if !attached {
+        match policy.attach(&entry.credential, request.headers_mut()) {
+            Ok(true) => {}
             // The request brings its own credential: untouched, never replayed.
-            return ResponseFuture::passthrough(service, request);
+            Ok(false) => return ResponseFuture::passthrough(service, request),
+            Err(err) => return Self::refused(service, err),
         }
-        let (request, replay) = match replay {
-            Ok(head) => {
-                let (parts, body) = request.into_parts();
-                let (body, handle) = ReplayBody::record(body, policy.replay_limit);
-                (Request::from_parts(parts, body), Ok((head, handle)))
-            }
-            Err(reason) => (request.map(ReplayBody::forward), Err(reason)),
-        };
-        let future = service.call(request);
-        let replay = replay.map(|(head, body)| Replay {
-            service: service.clone(),
-            head,
-            body,
-        });
-        let retry = Retry {
-            cache,
-            generation: entry.generation,
-            rejections: policy.rejections,
-            replay,
-        };
+        let future = service.call(request.map(ReplayBody::forward));
+        Self::first(future, entry, cache, policy, Err(reason))
+    }
+
+    /// The future of a request refused before it is sent (`err`). Nothing will be sent,
+    /// so the readiness `service` holds (a concurrency permit, a buffer slot) goes back
+    /// now.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn refused(service: &mut S, err: Error) -> Self {
+        release_readiness(service);
+        ResponseFuture::failed(err)
+    }
+
+    /// The state of a first attempt sent as `future`.
+    #[inline(always)]
+    fn first(
+        future: S::Future,
+        entry: &Entry,
+        cache: Option<CacheRef<P>>,
+        policy: &Policy,
+        replay: Result<Replay<S>, NotReplayed>,
+    ) -> Self {
         ResponseFuture {
             state: State::First {
                 future,
-                retry: Some(retry),
+                retry: Some(Retry {
+                    cache,
+                    generation: entry.generation,
+                    rejections: policy.rejections,
+                    replay,
+                }),
             },
         }
     }
@@ -259,7 +302,7 @@ where
         request: Request<B>,
         entry: &Entry,
         cache: Option<CacheRef<P>>,
-        policy: Policy,
+        policy: &Policy,
     ) -> Self {
         Self::send(service, request, entry, cache, policy)
     }
@@ -323,7 +366,7 @@ where
                         request,
                         &entry,
                         cache,
-                        policy,
+                        &policy,
                     );
                     this.state.set(next.state);
                 }

@@ -121,19 +121,32 @@ impl Default for Policy {
 
 impl Policy {
     /// Whether a credential may be sent to `uri`. Inlined into the hot path for its
-    /// common case, `https`; everything else is looked at out of line.
+    /// common case, `https`; everything else is looked at out of line, given the URI's
+    /// text rather than the `Uri`: a reference into the request handed to a function the
+    /// compiler cannot see into made the common path dearer (BENCHMARKS.md).
     #[inline]
     pub(crate) fn check_transport(&self, uri: &Uri) -> Result<(), Error> {
         if is_https(uri) {
             return Ok(());
         }
-        self.check_transport_slow(uri)
+        self.check_transport_slow(uri.scheme_str(), uri.authority().map(|a| a.as_str()))
     }
 
     #[cold]
     #[inline(never)]
-    fn check_transport_slow(&self, uri: &Uri) -> Result<(), Error> {
-        check_transport(uri, self.allow_http_loopback, self.allow_relative_uris).map_err(|detail| {
+    fn check_transport_slow(
+        &self,
+        scheme: Option<&str>,
+        authority: Option<&str>,
+    ) -> Result<(), Error> {
+        let host = authority.map(host_of);
+        check_transport_parts(
+            scheme,
+            host,
+            self.allow_http_loopback,
+            self.allow_relative_uris,
+        )
+        .map_err(|detail| {
             Error::new(ErrorKind::InsecureTransport).with_detail(name_the_setter(
                 detail,
                 "plain http to a loopback host: call allow_http_loopback(true) on the AuthLayer (or AuthMiddleware)",
@@ -160,10 +173,11 @@ pub(crate) fn headers_full(_: http::header::MaxSizeReached) -> Error {
     Error::new(ErrorKind::HeadersFull)
 }
 
-/// The one transport rule, shared by the layer, the reqwest middleware and the token
-/// client: `https` (or `wss`) always; plain `http` (or `ws`) only to a loopback host and
-/// only when allowed; a URI without a scheme only when allowed. The error says why,
-/// without the URI.
+/// The one transport rule, for the token client (the layer and the reqwest middleware
+/// apply it through [`Policy::check_transport`]): `https` (or `wss`) always; plain `http`
+/// (or `ws`) only to a loopback host and only when allowed; a URI without a scheme only
+/// when allowed. The error says why, without the URI.
+#[cfg(feature = "token")]
 pub(crate) fn check_transport(
     uri: &Uri,
     allow_http_loopback: bool,
@@ -178,6 +192,22 @@ pub(crate) fn check_transport(
         allow_http_loopback,
         allow_relative,
     )
+}
+
+/// The host of a URI's authority, as [`Uri::host`] reads it: without userinfo or port,
+/// an IPv6 literal with its brackets.
+fn host_of(authority: &str) -> &str {
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, rest)| rest);
+    if host_port.starts_with('[') {
+        return host_port
+            .find(']')
+            .map_or(host_port, |end| &host_port[..=end]);
+    }
+    host_port
+        .split_once(':')
+        .map_or(host_port, |(host, _)| host)
 }
 
 /// The common case, checked first: `https` needs no look at the host (parsing the
@@ -274,6 +304,41 @@ mod tests {
         assert!(!set.contains(StatusCode::OK));
         assert!(!set.contains(StatusCode::from_u16(999).unwrap()));
         assert_eq!(format!("{set:?}"), "{401, 419, 599}");
+    }
+
+    /// The host the layer's transport check reads from an authority is the one `Uri`
+    /// reads: userinfo and port stripped, IPv6 brackets kept.
+    #[test]
+    fn host_of_matches_uri_host() {
+        for uri in [
+            "http://localhost/",
+            "http://localhost:8080/x",
+            "http://user:pa:ss@127.0.0.1:9/",
+            "http://u@[::1]:80/",
+            "http://[::1]/",
+            "http://[::ffff:127.0.0.1]:1/",
+            "http://a@b@example.com/",
+            "ws://api.example.com:443",
+            "http://127.0.0.1",
+        ] {
+            let uri: Uri = uri.parse().unwrap();
+            let authority = uri.authority().unwrap().as_str();
+            assert_eq!(Some(host_of(authority)), uri.host(), "{uri}");
+        }
+        let policy = Policy {
+            allow_http_loopback: true,
+            ..Policy::default()
+        };
+        for (uri, allowed) in [
+            ("http://user@[::1]:8080/", true),
+            ("http://localhost:1/", true),
+            ("http://127.0.0.1@evil.example/", false),
+            ("http://evil.example:80@127.0.0.1/", true),
+            ("http://[::2]/", false),
+        ] {
+            let uri: Uri = uri.parse().unwrap();
+            assert_eq!(policy.check_transport(&uri).is_ok(), allowed, "{uri}");
+        }
     }
 
     /// Only https (or loopback http when allowed) may carry a credential.

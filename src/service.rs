@@ -144,15 +144,13 @@ where
             }
         }
         if let Err(err) = self.policy.check_transport(req.uri()) {
-            // Nothing will be sent: the readiness goes back now.
-            release_readiness(&mut self.inner);
-            return ResponseFuture::failed(err);
+            return ResponseFuture::refused(&mut self.inner, err);
         }
         match self.cache.usable(self.view.load()) {
             Ok(current) => {
                 // A credential that cannot change needs no way back to the cache.
                 let cache = self.cache.refreshes().then(|| self.refs.get(&self.cache));
-                ResponseFuture::send(&mut self.inner, req, current, cache, self.policy)
+                ResponseFuture::send(&mut self.inner, req, current, cache, &self.policy)
             }
             Err(acquire) => {
                 // Nothing is sent until the credential is there: the readiness this
