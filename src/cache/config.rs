@@ -10,10 +10,9 @@ use std::{
     time::Duration,
 };
 
-use arc_swap::ArcSwapOption;
 use tokio::time::Instant;
 
-use super::{CredentialCache, Inner, State, Stats};
+use super::{CredentialCache, CurrentSlot, Inner, State, Stats};
 #[allow(unused_imports)] // for the docs' links
 use crate::error::ErrorKind;
 use crate::error::InvalidConfig;
@@ -214,7 +213,7 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
             source: self.source,
             mode,
             config: self.config,
-            current: ArcSwapOption::empty(),
+            current: CurrentSlot::empty(),
             state: Mutex::new(State::default()),
             stats: Stats::default(),
             store_down: AtomicBool::new(false),

@@ -59,7 +59,6 @@ use std::{
     time::Duration,
 };
 
-use arc_swap::ArcSwapOption;
 use futures_util::future::Shared;
 use tokio::time::Instant;
 
@@ -83,7 +82,10 @@ pub use self::config::{
     DEFAULT_HARD_WINDOW, DEFAULT_SOFT_WINDOW, DEFAULT_WINDOW_JITTER, HARD_WINDOW_FRACTION,
     MAX_RETRY_AFTER, SOFT_WINDOW_FRACTION, STORE_SHARE, YOUNG_CREDENTIAL_AGE,
 };
-use self::entry::{AgeOnDrop, Phase};
+use self::{
+    entry::{AgeOnDrop, Phase},
+    views::CurrentSlot,
+};
 pub(crate) use self::{
     entry::{Current, Entry},
     flight::{Acquire, FlightFuture},
@@ -304,7 +306,7 @@ struct Inner<P> {
     mode: RefreshMode,
     config: Config,
     /// The hot path reads this; it is written only under `state`'s lock.
-    current: ArcSwapOption<Entry>,
+    current: CurrentSlot,
     state: Mutex<State>,
     stats: Stats,
     /// Whether the store's last call failed: its outage is logged once.

@@ -1,57 +1,92 @@
 //! The per-clone views of a cache a service clone keeps: its view of the current entry
 //! and its references to the cache for its requests.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwapOption, Guard};
 
 use super::{CredentialCache, Entry, Inner};
 
-/// One service clone's view of a cache's current entry: an [`arc_swap::Cache`], so that
-/// the hot path checks one pointer against the shared one instead of loading it (a load
-/// takes and releases a debt slot). It holds a reference to the entry it last saw, so a
-/// replaced credential lives until this clone's next request; every change (a refresh,
-/// an invalidation, a rotation) is seen on that next request.
+/// The cache's current entry and a count of its changes. Every change goes through
+/// [`store`](Self::store), which counts it after it is made, so a view that read count
+/// `n` and then loaded the entry holds that change or a later one.
+pub(super) struct CurrentSlot {
+    entry: ArcSwapOption<Entry>,
+    changes: AtomicU64,
+}
+
+impl CurrentSlot {
+    pub(super) fn empty() -> Self {
+        CurrentSlot {
+            entry: ArcSwapOption::empty(),
+            changes: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn load(&self) -> Guard<Option<Arc<Entry>>> {
+        self.entry.load()
+    }
+
+    pub(super) fn load_full(&self) -> Option<Arc<Entry>> {
+        self.entry.load_full()
+    }
+
+    pub(super) fn store(&self, entry: Option<Arc<Entry>>) {
+        self.entry.store(entry);
+        self.changes.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// One service clone's view of a cache's current entry: the hot path reads the slot's
+/// change count (one load) instead of loading the entry (a load takes and releases a
+/// debt slot). It holds a reference to the entry it last saw, so a replaced credential
+/// lives until this clone's next request; every change (a refresh, an invalidation, a
+/// rotation) is seen on that next request.
 pub(crate) struct LocalView<P> {
-    view: arc_swap::Cache<CurrentSlot<P>, Option<Arc<Entry>>>,
-}
-
-/// What [`LocalView`] revalidates against: the cache's `current` slot.
-struct CurrentSlot<P>(Arc<Inner<P>>);
-
-impl<P> std::ops::Deref for CurrentSlot<P> {
-    type Target = ArcSwapOption<Entry>;
-
-    fn deref(&self) -> &ArcSwapOption<Entry> {
-        &self.0.current
-    }
-}
-
-impl<P> Clone for CurrentSlot<P> {
-    fn clone(&self) -> Self {
-        CurrentSlot(self.0.clone())
-    }
+    inner: Arc<Inner<P>>,
+    seen: u64,
+    entry: Option<Arc<Entry>>,
 }
 
 impl<P> Clone for LocalView<P> {
     fn clone(&self) -> Self {
         LocalView {
-            view: self.view.clone(),
+            inner: self.inner.clone(),
+            seen: self.seen,
+            entry: self.entry.clone(),
         }
     }
 }
 
 impl<P> LocalView<P> {
     pub(crate) fn new(cache: &CredentialCache<P>) -> Self {
-        LocalView {
-            view: arc_swap::Cache::new(CurrentSlot(cache.inner.clone())),
-        }
+        let mut view = LocalView {
+            inner: cache.inner.clone(),
+            seen: 0,
+            entry: None,
+        };
+        view.reload(view.inner.current.changes.load(Ordering::Acquire));
+        view
     }
 
-    /// The current entry, revalidated.
+    /// The current entry, as of the last change counted.
     #[inline]
     pub(crate) fn load(&mut self) -> Option<&Entry> {
-        self.view.load().as_deref()
+        let changes = self.inner.current.changes.load(Ordering::Acquire);
+        if changes != self.seen {
+            self.reload(changes);
+        }
+        self.entry.as_deref()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn reload(&mut self, changes: u64) {
+        self.entry = self.inner.current.load_full();
+        self.seen = changes;
     }
 }
 
@@ -121,6 +156,30 @@ impl<P> LocalRefs<P> {
 mod tests {
     use super::*;
     use crate::StaticCredential;
+
+    /// A view sees every change of the current entry on its next load: the first fetch,
+    /// a rotation pushed from outside, an invalidation; a clone made before a change
+    /// sees it too.
+    #[tokio::test]
+    async fn a_view_sees_every_change_on_its_next_load() {
+        use crate::{Credential, RotatingCredential};
+        let bearer = |t| Credential::bearer(t).unwrap();
+        let rotating = RotatingCredential::new(bearer("one"));
+        let cache = CredentialCache::new(rotating.clone());
+        let mut view = LocalView::new(&cache);
+        let mut early = view.clone();
+        let seen = |view: &mut LocalView<_>| view.load().map(|e| e.credential.clone());
+        assert_eq!(seen(&mut view), None);
+        cache.credential().await.unwrap();
+        assert_eq!(seen(&mut view), Some(bearer("one")));
+        rotating.rotate(bearer("two"));
+        assert_eq!(seen(&mut view), Some(bearer("two")));
+        assert_eq!(seen(&mut early), Some(bearer("two")));
+        assert_eq!(seen(&mut view.clone()), Some(bearer("two")));
+        assert!(cache.handle().invalidate());
+        assert_eq!(seen(&mut view), None);
+        assert_eq!(seen(&mut early), None);
+    }
 
     /// A service clone's first request counts on the shared cache; its second makes the
     /// clone's own handle, which every later request reuses.
