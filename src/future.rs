@@ -240,17 +240,7 @@ where
                 head,
                 body: handle,
             };
-            return ResponseFuture {
-                state: State::First {
-                    future,
-                    retry: Some(Retry {
-                        cache,
-                        generation: entry.generation,
-                        rejections: policy.rejections,
-                        replay: Ok(replay),
-                    }),
-                },
-            };
+            return Self::first(future, entry, cache, policy, Ok(replay));
         };
         match policy.attach(&entry.credential, request.headers_mut()) {
             Ok(true) => {}

@@ -214,7 +214,6 @@ async fn a_user_sources_error_text_is_sanitised() {
 /// for a permit of its own and is sent.
 #[tokio::test(start_paused = true)]
 async fn waiting_for_a_credential_holds_no_readiness() {
-    use tower::Service;
     let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
     let api = FakeApi::new(|_, _| StatusCode::OK);
     let svc =
@@ -228,22 +227,24 @@ async fn waiting_for_a_credential_holds_no_readiness() {
         "the first request waits for its credential"
     );
 
-    let mut second = svc.clone();
-    let ready = tokio::time::timeout(
-        Duration::from_secs(1),
-        std::future::poll_fn(|cx| second.poll_ready(cx)),
-    )
-    .await;
     assert!(
-        matches!(ready, Ok(Ok(()))),
+        becomes_ready(&mut svc.clone()).await,
         "the second caller stayed pending behind a request that sends nothing"
     );
-    drop(second);
 
     source.release(1);
     let res = first.await.unwrap().unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(api.seen().len(), 1);
+}
+
+/// Whether `svc` is ready within a second.
+async fn becomes_ready<S: tower::Service<R>, R>(svc: &mut S) -> bool {
+    let ready = std::future::poll_fn(|cx| svc.poll_ready(cx));
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), ready).await,
+        Ok(Ok(()))
+    )
 }
 
 /// World: one concurrency permit, and a caller whose request fails before it is sent
@@ -288,13 +289,8 @@ async fn a_request_refused_before_sending_holds_no_readiness() {
         assert_eq!(err.kind(), kind, "{case}");
 
         let mut second = first.clone();
-        let ready = tokio::time::timeout(
-            Duration::from_secs(1),
-            std::future::poll_fn(|cx| second.poll_ready(cx)),
-        )
-        .await;
         assert!(
-            matches!(ready, Ok(Ok(()))),
+            becomes_ready(&mut second).await,
             "{case}: the permit stayed with a request that was never sent"
         );
         let res = second.call(get("/after")).await.unwrap();
