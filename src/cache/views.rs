@@ -158,7 +158,7 @@ mod tests {
     use crate::StaticCredential;
 
     /// A view sees every change of the current entry on its next load: the first fetch,
-    /// a rotation pushed from outside, an invalidation; a clone made before a change
+    /// a rotation pushed from outside, a rejection, an invalidation; a clone made before a change
     /// sees it too.
     #[tokio::test]
     async fn a_view_sees_every_change_on_its_next_load() {
@@ -176,6 +176,13 @@ mod tests {
         assert_eq!(seen(&mut view), Some(bearer("two")));
         assert_eq!(seen(&mut early), Some(bearer("two")));
         assert_eq!(seen(&mut view.clone()), Some(bearer("two")));
+        // A rejection invalidates the credential and installs a new entry (the same
+        // value from this source, under a new generation).
+        let generation = |view: &mut LocalView<_>| view.load().map(|e| e.generation);
+        let before = generation(&mut view);
+        cache.reject(&bearer("two")).await.unwrap();
+        assert_ne!(generation(&mut view), before, "the rejection went unseen");
+        assert_eq!(generation(&mut early), generation(&mut view));
         assert!(cache.handle().invalidate());
         assert_eq!(seen(&mut view), None);
         assert_eq!(seen(&mut early), None);
