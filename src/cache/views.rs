@@ -158,8 +158,8 @@ mod tests {
     use crate::StaticCredential;
 
     /// A view sees every change of the current entry on its next load: the first fetch,
-    /// a rotation pushed from outside, a rejection, an invalidation; a clone made before a change
-    /// sees it too.
+    /// a rotation pushed from outside, a rejection, an invalidation; a clone made before
+    /// a change sees it too.
     #[tokio::test]
     async fn a_view_sees_every_change_on_its_next_load() {
         use crate::{Credential, RotatingCredential};
