@@ -194,9 +194,9 @@ where
     /// Attaches `entry`'s credential and sends the first attempt through `service`
     /// (polled ready). `cache` is `None` for a credential that cannot change. Only a
     /// request that may be replayed clones the service (for its second attempt), and one
-    /// refused before it is sent (to release its readiness). Always
-    /// inlined into `AddCredential::call`: passing the request and returning the future
-    /// through a call cost ~30 instructions per request (BENCHMARKS.md).
+    /// refused before it is sent (to release its readiness). Always inlined into
+    /// `AddCredential::call`: passing the request and returning the future through a call
+    /// cost ~30 instructions per request (BENCHMARKS.md).
     #[inline(always)]
     pub(crate) fn send(
         service: &mut S,
