@@ -35,6 +35,8 @@ pub enum ErrorKind {
     NoRuntime,
     /// The refresh was cancelled before it finished: the runtime it ran on shut down.
     Cancelled,
+    /// The runtime refused to start the refresh task: it is shutting down.
+    SpawnRefused,
     /// A future of this crate was polled after it had completed (a bug in the caller).
     PolledAfterCompletion,
     /// The request's header map was full (`http`'s `MAX_SIZE`), so the credential could
@@ -57,6 +59,9 @@ impl ErrorKind {
             ErrorKind::NoRuntime => "no tokio runtime available to refresh the credential",
             ErrorKind::Cancelled => {
                 "the credential refresh was cancelled: the runtime it ran on shut down"
+            }
+            ErrorKind::SpawnRefused => {
+                "the runtime refused to start the credential refresh: it is shutting down"
             }
             ErrorKind::PolledAfterCompletion => "a future was polled after it completed",
             ErrorKind::HeadersFull => {

@@ -47,6 +47,21 @@ impl CacheHandle {
     }
 }
 
+impl CacheHandle {
+    /// Drops `credential` if it is still the cache's current one, so the next request
+    /// fetches a new one; a credential that was already replaced (or dropped) is left
+    /// alone. Returns whether this call dropped it.
+    ///
+    /// This is the form to use when the API rejected a request outside the layer's view
+    /// (a gRPC `UNAUTHENTICATED`, say): a burst of such answers, each naming the
+    /// credential it carried, costs one fetch.
+    pub fn invalidate_if(&self, credential: &Credential) -> bool {
+        self.inner
+            .upgrade()
+            .is_some_and(|sink| sink.invalidate_if(credential))
+    }
+}
+
 impl fmt::Debug for CacheHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CacheHandle")
@@ -59,4 +74,5 @@ impl fmt::Debug for CacheHandle {
 pub(crate) trait Sink: Send + Sync {
     fn replace(&self, credential: Credential);
     fn invalidate(&self);
+    fn invalidate_if(&self, credential: &Credential) -> bool;
 }

@@ -303,38 +303,3 @@ async fn a_request_refused_before_sending_holds_no_readiness() {
         drop(first);
     }
 }
-
-/// World: an explicit invalidation while a fetch is in flight. Proves: the next request
-/// does not join the old fetch (whose result predates the invalidation): the source is
-/// asked again, told `Invalidated`, and that request gets the new credential.
-#[tokio::test(start_paused = true)]
-async fn an_invalidation_during_a_fetch_reaches_the_source() {
-    let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
-    let cache = CredentialCache::new(source.clone());
-    let first = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.credential().await }
-    });
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(source.fetches(), 1);
-    assert!(cache.handle().invalidate());
-    let second = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.credential().await }
-    });
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(source.fetches(), 2, "the next request joined the old fetch");
-    assert_eq!(
-        source.log()[1].1,
-        tower_client_auth::FetchReason::Invalidated
-    );
-    source.release(2);
-    first.await.unwrap().unwrap();
-    let second = second.await.unwrap().unwrap();
-    assert_eq!(cache.credential().await.unwrap(), second);
-    assert_eq!(source.fetches(), 2);
-}

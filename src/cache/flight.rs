@@ -4,17 +4,19 @@
 use std::{
     fmt,
     future::Future,
+    panic::AssertUnwindSafe,
     pin::Pin,
     sync::{Arc, atomic::Ordering},
     task::{Context, Poll, ready},
 };
 
 use futures_util::future::{FutureExt, Shared};
-use tokio::{task::JoinHandle, time::Instant};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::{
-    CredentialCache, Inner, MAX_RETRY_AFTER, STORE_SHARE, State, Want, YOUNG_CREDENTIAL_AGE,
+    CredentialCache, Flight, Inner, MAX_RETRY_AFTER, STORE_SHARE, State, Want,
+    YOUNG_CREDENTIAL_AGE,
     config::saturating_add,
     entry::{Entry, Phase, rearm_background},
 };
@@ -26,7 +28,21 @@ use crate::{
 
 impl<P: CredentialSource> CredentialCache<P> {
     /// The refresh path. `want`: `None` for "a credential I may send now".
+    ///
+    /// Decides under the state lock, and starts a refresh task, if one is needed, after
+    /// releasing it: a runtime that refuses the task drops it in place, and the task's
+    /// guard then takes the lock itself.
     pub(super) fn acquire(&self, want: Option<Want>) -> Acquire {
+        let (acquire, start) = self.plan(want);
+        if let Some(start) = start {
+            start.spawn();
+        }
+        acquire
+    }
+
+    /// What `acquire` does, decided under the state lock: the result to wait for, and the
+    /// refresh task to start, if any.
+    fn plan(&self, want: Option<Want>) -> (Acquire, Option<Start<P>>) {
         let inner = &self.inner;
         let now = Instant::now();
         let mut state = inner.lock_state();
@@ -44,7 +60,7 @@ impl<P: CredentialSource> CredentialCache<P> {
                         // Rejected right after it was issued: a new one may well be
                         // rejected too. Fetch again only as the backoff allows.
                         if let Some(at) = state.fresh_rejection_retry_at.filter(|at| now < *at) {
-                            return Acquire::ready(Err(Error::fresh_rejection(at - now)));
+                            return (Acquire::ready(Err(Error::fresh_rejection(at - now))), None);
                         }
                         state.fresh_rejections = state.fresh_rejections.saturating_add(1);
                         let delay = inner.backoff(state.fresh_rejections);
@@ -61,7 +77,7 @@ impl<P: CredentialSource> CredentialCache<P> {
                     previous = Some(entry.credential.clone());
                 }
                 Some(Want::Background(generation)) if entry.generation != generation => {
-                    return Acquire::ready(Ok(entry));
+                    return (Acquire::ready(Ok(entry)), None);
                 }
                 Some(Want::Background(_)) => {
                     reason = FetchReason::Expiring;
@@ -69,7 +85,7 @@ impl<P: CredentialSource> CredentialCache<P> {
                     still_valid = Some(entry);
                 }
                 _ => match entry.phase_at(now) {
-                    Phase::Fresh | Phase::Soft => return Acquire::ready(Ok(entry)),
+                    Phase::Fresh | Phase::Soft => return (Acquire::ready(Ok(entry)), None),
                     Phase::Hard => {
                         reason = FetchReason::Expiring;
                         previous = Some(entry.credential.clone());
@@ -79,7 +95,7 @@ impl<P: CredentialSource> CredentialCache<P> {
             }
         }
         if let Some(flight) = &state.flight {
-            return Acquire::waiting(flight.clone(), still_valid);
+            return (Acquire::waiting(flight.future.clone(), still_valid), None);
         }
         if let Some(retry_at) = state.retry_at.filter(|at| now < *at) {
             if let Some(entry) = still_valid {
@@ -89,7 +105,7 @@ impl<P: CredentialSource> CredentialCache<P> {
                 if matches!(want, Some(Want::Background(_))) {
                     rearm_background(&entry, retry_at);
                 }
-                return Acquire::ready(Ok(entry));
+                return (Acquire::ready(Ok(entry)), None);
             }
             let err = match &state.last_error {
                 // A refused transport stays that, however often it is asked for.
@@ -99,10 +115,10 @@ impl<P: CredentialSource> CredentialCache<P> {
                 }
                 None => Error::new(ErrorKind::Backoff),
             };
-            return Acquire::ready(Err(err.with_retry_in(retry_at - now)));
+            return (Acquire::ready(Err(err.with_retry_in(retry_at - now))), None);
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return Acquire::ready(Err(Error::new(ErrorKind::NoRuntime)));
+            return (Acquire::ready(Err(Error::new(ErrorKind::NoRuntime))), None);
         };
         if reason == FetchReason::Initial {
             if let Some(dropped) = state.invalidated.take() {
@@ -111,20 +127,61 @@ impl<P: CredentialSource> CredentialCache<P> {
             }
         }
         state.flight_id += 1;
+        let id = state.flight_id;
+        // After an invalidation, the fetch it made suspect may still run: this one waits
+        // for it to end before it starts.
+        let predecessor = state.predecessor.take().map(|f| f.future);
+        if predecessor.is_none() {
+            state.running = Some(id);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let future = FlightFuture { rx }.shared();
+        state.flight = Some(Flight {
+            id,
+            future: future.clone(),
+        });
+        inner.stats.fetches.fetch_add(1, Ordering::Relaxed);
         let guard = FlightGuard {
             inner: self.inner.clone(),
             epoch: state.epoch,
-            id: state.flight_id,
-            done: false,
+            id,
+            started: false,
+            tx: Some(tx),
         };
-        inner.stats.fetches.fetch_add(1, Ordering::Relaxed);
-        let cx = FetchContext::new(reason, previous);
         let span = tracing::debug_span!("credential_refresh", reason = ?reason);
-        tracing::debug!(parent: &span, background = still_valid.is_some(), "starting credential refresh");
-        let task = runtime.spawn(run_flight(guard, cx).instrument(span));
-        let flight = FlightFuture { task }.shared();
-        state.flight = Some(flight.clone());
-        Acquire::waiting(flight, still_valid)
+        tracing::debug!(parent: &span, background = still_valid.is_some(), chained = predecessor.is_some(), "starting credential refresh");
+        let start = Start {
+            runtime,
+            guard,
+            cx: FetchContext::new(reason, previous),
+            predecessor,
+            span,
+        };
+        (Acquire::waiting(future, still_valid), Some(start))
+    }
+}
+
+/// A refresh task, decided under the lock and started after it is released.
+struct Start<P: CredentialSource> {
+    runtime: tokio::runtime::Handle,
+    guard: FlightGuard<P>,
+    cx: FetchContext,
+    predecessor: Option<Shared<FlightFuture>>,
+    span: tracing::Span,
+}
+
+impl<P: CredentialSource> Start<P> {
+    fn spawn(self) {
+        let Start {
+            runtime,
+            guard,
+            cx,
+            predecessor,
+            span,
+        } = self;
+        // A refused task is dropped, here or later, without having run: its guard ends
+        // the flight with `SpawnRefused`.
+        drop(runtime.spawn(run_flight(guard, cx, predecessor).instrument(span)));
     }
 }
 
@@ -187,72 +244,124 @@ impl fmt::Debug for Acquire {
     }
 }
 
-/// The spawned refresh task, as a future every waiter can share.
+/// The result of a refresh task, as a future every waiter can share. The task's guard
+/// sends it however the task ends; it exists before the task is spawned, so a flight is
+/// recorded under the lock and the task started after the lock is released.
 pub(crate) struct FlightFuture {
-    task: JoinHandle<Result<Arc<Entry>, Error>>,
+    rx: tokio::sync::oneshot::Receiver<Result<Arc<Entry>, Error>>,
 }
 
 impl Future for FlightFuture {
     type Output = Result<Arc<Entry>, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.task)
+        Pin::new(&mut self.rx)
             .poll(cx)
-            .map(|joined| match joined {
-                Ok(result) => result,
-                Err(e) if e.is_panic() => Err(Error::new(ErrorKind::SourcePanicked)),
-                Err(_) => Err(Error::new(ErrorKind::Cancelled)),
-            })
+            // The guard always sends; a dropped sender is a task that vanished.
+            .map(|sent| sent.unwrap_or_else(|_| Err(Error::new(ErrorKind::Cancelled))))
     }
 }
 
-/// Owned by the refresh task. Whatever way the task ends (done, panicked, cancelled by a
-/// runtime shutting down, or never polled), the flight is cleared and a failure is
-/// counted, so the single-flight state can never wedge.
+/// Owned by the refresh task. Whatever way the task ends (done, cancelled by a runtime
+/// shutting down, or refused and never run), the flight is cleared, its waiters get a
+/// result, and a failure is counted, so the single-flight state can never wedge.
 struct FlightGuard<P: CredentialSource> {
     inner: Arc<Inner<P>>,
     epoch: u64,
-    /// Which flight this is: an invalidation detaches a flight, and a newer one may be
-    /// in `State::flight` by the time this one ends.
+    /// Which flight this is: an invalidation detaches a running flight, and a newer one
+    /// may be in `State::flight` by the time this one ends.
     id: u64,
-    done: bool,
+    /// Whether the task ran at all: a task dropped before its first poll was refused.
+    started: bool,
+    /// Where the result goes; taken when it is sent.
+    tx: Option<tokio::sync::oneshot::Sender<Result<Arc<Entry>, Error>>>,
 }
 
 impl<P: CredentialSource> FlightGuard<P> {
-    fn finish(&mut self, result: Result<Credential, Error>) -> Result<Arc<Entry>, Error> {
-        self.done = true;
-        let inner = &self.inner;
-        let now = Instant::now();
-        let mut state = inner.lock_state();
-        if state.flight_id == self.id {
+    /// A chained flight's predecessor ended: this flight's fetch starts now. `Some` when
+    /// a credential was handed over meanwhile, which makes the fetch needless.
+    fn begin(&mut self) -> Option<Arc<Entry>> {
+        let mut state = self.inner.lock_state();
+        state.running = Some(self.id);
+        self.inner.current.load_full()
+    }
+
+    /// Takes this flight out of the state. Returns whether its result is superseded: an
+    /// invalidation made it suspect, or a credential handed over since it started is
+    /// still current. A superseded result or failure reaches this flight's waiters only.
+    fn leave(&self, state: &mut State) -> bool {
+        if state.flight.as_ref().is_some_and(|f| f.id == self.id) {
             state.flight = None;
         }
-        match result {
-            Ok(credential) => {
-                state.failures = 0;
-                state.retry_at = None;
-                state.last_error = None;
-                if state.epoch != self.epoch {
-                    if let Some(current) = inner.current.load_full() {
+        if state.predecessor.as_ref().is_some_and(|f| f.id == self.id) {
+            state.predecessor = None;
+        }
+        if state.running == Some(self.id) {
+            state.running = None;
+        }
+        let suspect = state.suspect == Some(self.id);
+        if suspect {
+            state.suspect = None;
+        }
+        suspect || (state.epoch != self.epoch && self.inner.current.load().is_some())
+    }
+
+    /// Ends the flight with the source's answer; the waiters are told after the lock is
+    /// released.
+    fn finish(&mut self, result: Result<Credential, Error>) {
+        let outcome = {
+            let inner = &self.inner;
+            let now = Instant::now();
+            let mut state = inner.lock_state();
+            let superseded = self.leave(&mut state);
+            match result {
+                Ok(credential) if superseded => match inner.current.load_full() {
+                    Some(current) => {
                         tracing::debug!("fetched credential superseded by a replacement");
-                        return Ok(current);
+                        Ok(current)
                     }
-                    if state.invalidated.is_some() {
+                    None => {
                         // Invalidated while this fetch ran: its result predates the
-                        // invalidation, so it goes to its own waiters only; the next
-                        // request fetches anew.
+                        // invalidation, so it goes to its own waiters only.
                         tracing::debug!("fetched credential predates an invalidation");
-                        return Ok(inner.entry(&mut state, credential, now));
+                        Ok(inner.entry(&mut state, credential, now))
                     }
+                },
+                Ok(credential) => {
+                    state.failures = 0;
+                    state.retry_at = None;
+                    state.last_error = None;
+                    let entry = inner.install(&mut state, credential, now);
+                    tracing::debug!(generation = entry.generation, "credential refreshed");
+                    Ok(entry)
                 }
-                let entry = inner.install(&mut state, credential, now);
-                tracing::debug!(generation = entry.generation, "credential refreshed");
-                Ok(entry)
+                Err(err) => {
+                    if superseded {
+                        inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(error = %err, "a superseded refresh failed");
+                    } else {
+                        Self::record_failure(inner, &mut state, &err, now);
+                    }
+                    Err(err)
+                }
             }
-            Err(err) => {
-                Self::record_failure(inner, &mut state, &err, now);
-                Err(err)
-            }
+        };
+        self.send(outcome);
+    }
+
+    /// Ends a chained flight whose fetch was made needless by a credential handed over.
+    fn finish_with(&mut self, current: Arc<Entry>) {
+        {
+            let mut state = self.inner.lock_state();
+            self.leave(&mut state);
+        }
+        self.send(Ok(current));
+    }
+
+    fn send(&mut self, outcome: Result<Arc<Entry>, Error>) {
+        if let Some(tx) = self.tx.take() {
+            // No waiter left is fine: the credential is installed all the same.
+            let _ = tx.send(outcome);
         }
     }
 
@@ -315,23 +424,49 @@ fn err_source(err: &Error) -> String {
 
 impl<P: CredentialSource> Drop for FlightGuard<P> {
     fn drop(&mut self) {
-        if !self.done {
-            let err = Error::new(ErrorKind::Cancelled);
-            let mut state = self.inner.lock_state();
-            if state.flight_id == self.id {
-                state.flight = None;
-            }
-            Self::record_failure(&self.inner, &mut state, &err, Instant::now());
+        if self.tx.is_none() {
+            return;
         }
+        // Not finished: cancelled with its runtime, or refused before it ever ran.
+        let kind = if self.started {
+            ErrorKind::Cancelled
+        } else {
+            ErrorKind::SpawnRefused
+        };
+        let err = Error::new(kind);
+        {
+            let mut state = self.inner.lock_state();
+            if self.leave(&mut state) {
+                self.inner
+                    .stats
+                    .fetch_failures
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                Self::record_failure(&self.inner, &mut state, &err, Instant::now());
+            }
+        }
+        self.send(Err(err));
     }
 }
 
 async fn run_flight<P: CredentialSource>(
     mut guard: FlightGuard<P>,
     cx: FetchContext,
-) -> Result<Arc<Entry>, Error> {
-    let result = obtain(&guard.inner, cx).await;
-    guard.finish(result)
+    predecessor: Option<Shared<FlightFuture>>,
+) {
+    guard.started = true;
+    if let Some(predecessor) = predecessor {
+        // Its result is not this flight's: only its end matters.
+        let _ = predecessor.await;
+        if let Some(current) = guard.begin() {
+            return guard.finish_with(current);
+        }
+    }
+    let result = AssertUnwindSafe(obtain(&guard.inner, cx))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_panic| Err(Error::new(ErrorKind::SourcePanicked)));
+    guard.finish(result);
 }
 
 /// Gets a credential from the store, or else from the source. One deadline, the fetch

@@ -30,7 +30,15 @@
 //!   off, callers that have no valid credential get [`ErrorKind::Backoff`] at once instead
 //!   of hammering the token endpoint; after the backoff the next caller tries again.
 //! - **Invalidation** is by generation: a rejection only invalidates the credential if it
-//!   is still the current one, so a thousand concurrent 401s cause one refresh.
+//!   is still the current one, so a thousand concurrent 401s cause one refresh
+//!   ([`CacheHandle::invalidate_if`] does the same for rejections seen outside the layer).
+//! - **Never two fetches at once**, whatever starts them. An explicit invalidation while a
+//!   fetch runs makes that fetch's result suspect: it goes to the callers already waiting
+//!   for it, never into the cache, and its failure backs nothing off. The next caller
+//!   starts the one fetch chained after it, which begins when it ends (however many
+//!   invalidations arrive meanwhile) and is told [`FetchReason::Invalidated`].
+//! - **Nothing is spawned under the lock**: a runtime that is shutting down refuses the
+//!   refresh task, and its waiters get [`ErrorKind::SpawnRefused`].
 //! - **Storage seam**: an optional [`CredentialStore`] is consulted on the refresh path
 //!   only (see [`crate::store`]).
 //!
@@ -276,7 +284,8 @@ impl<P: CredentialSource> CredentialCache<P> {
 impl<P: CredentialSource> Sink for Inner<P> {
     fn replace(&self, credential: Credential) {
         let mut state = self.lock_state();
-        // A fetch in flight started before this value existed: its result must not win.
+        // A fetch in flight started before this value existed: its result must not win,
+        // and its failure is its own waiters' only.
         state.epoch += 1;
         state.failures = 0;
         state.retry_at = None;
@@ -285,19 +294,42 @@ impl<P: CredentialSource> Sink for Inner<P> {
         self.install(&mut state, credential, Instant::now());
     }
 
+    fn invalidate_if(&self, credential: &Credential) -> bool {
+        let mut state = self.lock_state();
+        let current = self.current.load_full();
+        if current.is_none_or(|e| e.credential != *credential) {
+            return false;
+        }
+        self.invalidate_locked(&mut state);
+        true
+    }
+
     fn invalidate(&self) {
         let mut state = self.lock_state();
-        state.epoch += 1;
+        self.invalidate_locked(&mut state);
+    }
+}
+
+impl<P: CredentialSource> Inner<P> {
+    /// Drops the current credential; a fetch running now becomes suspect. Called with the
+    /// state lock held.
+    fn invalidate_locked(&self, state: &mut State) {
         // The next fetch is told what was dropped, so that a source holding a last
         // credential does not hand it back.
         let dropped = self.current.load_full().map(|e| e.credential.clone());
         let dropped = dropped.or_else(|| state.invalidated.take().flatten());
-        self.retire(&mut state);
+        self.retire(state);
         state.invalidated = Some(dropped);
         self.current.store(None);
-        // A fetch in flight started before the invalidation: the next request must not
-        // join it (its result is handed to its own waiters only).
-        state.flight = None;
+        // A fetch running now started before the invalidation: its result goes to its own
+        // waiters only. The next request does not join it; it starts the one fetch
+        // chained after it, which waits for it to end (never two at once). A chained
+        // fetch that has not started yet starts after this invalidation anyway.
+        let running = state.running;
+        if let Some(flight) = state.flight.take_if(|f| running == Some(f.id)) {
+            state.suspect = Some(flight.id);
+            state.predecessor = Some(flight);
+        }
     }
 }
 
@@ -338,14 +370,29 @@ pub struct CacheStats {
     pub replays: u64,
 }
 
+/// A flight as the state knows it: its id and the future its waiters share.
+struct Flight {
+    id: u64,
+    future: Shared<FlightFuture>,
+}
+
 #[derive(Default)]
 struct State {
-    flight: Option<Shared<FlightFuture>>,
+    /// The flight a caller who needs a credential joins: running, or chained after a
+    /// suspect one and waiting for it to end.
+    flight: Option<Flight>,
+    /// The flight whose fetch runs now: at most one at any time.
+    running: Option<u64>,
+    /// A running flight that an invalidation made suspect: its result and its failure
+    /// go to its own waiters only.
+    suspect: Option<u64>,
+    /// That suspect flight, until the next flight is chained after it.
+    predecessor: Option<Flight>,
     failures: u32,
     retry_at: Option<Instant>,
     last_error: Option<Error>,
     /// Bumped when the credential is replaced from outside; a fetch that started in an
-    /// older epoch does not install its result.
+    /// older epoch does not install its result while the replacement is current.
     epoch: u64,
     next_generation: u64,
     /// Counts flights started; see `FlightGuard::id`.
@@ -422,7 +469,8 @@ impl<P: CredentialSource> Inner<P> {
                         let _guard = guard;
                         tokio::time::sleep_until(at).await;
                     });
-                    (false, Some(task.abort_handle()))
+                    // A runtime shutting down refuses the timer: age from the start then.
+                    (task.is_finished(), Some(task.abort_handle()))
                 }
                 (Some(_), _) => (true, None),
                 (None, _) => (false, None),

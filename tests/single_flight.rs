@@ -1,0 +1,377 @@
+//! The promise "a source is never asked twice at once", attacked from every entry point
+//! that can start a fetch: expiry, rejection (the cache's own `reject` and a 401 through
+//! the layer), invalidation (plain and generation-checked), replacement, and a store.
+//! A source that counts its concurrent fetches and the refresh tokens presented to it
+//! sees any break.
+
+mod support;
+
+use std::{
+    collections::HashSet,
+    convert::Infallible,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use http::{Request, Response, StatusCode};
+use support::TestSource;
+use tower::{Layer, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, BoxError, Credential, CredentialCache, CredentialSource, ErrorKind, FetchContext,
+    FetchReason, MemoryStore, RefreshMode,
+};
+
+/// A rotating-refresh-token source, as style C's servers are: each fetch presents the
+/// refresh token the last fetch received and gets a new one. It records how many fetches
+/// ran at once and every refresh token presented twice.
+#[derive(Clone, Default)]
+struct Rotating {
+    inner: Arc<RotatingState>,
+}
+
+#[derive(Default)]
+struct RotatingState {
+    fetches: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    refresh_token: Mutex<u64>,
+    presented: Mutex<HashSet<u64>>,
+    presented_twice: AtomicUsize,
+}
+
+impl CredentialSource for Rotating {
+    async fn fetch(&self, _cx: FetchContext) -> Result<Credential, BoxError> {
+        let s = &self.inner;
+        let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let n = s.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+        let presented = *s.refresh_token.lock().unwrap();
+        if !s.presented.lock().unwrap().insert(presented) {
+            s.presented_twice.fetch_add(1, Ordering::SeqCst);
+        }
+        // The exchange takes a while, as a real one does: room for the others to race.
+        tokio::time::sleep(Duration::from_millis(fastrand_ms(1, 6))).await;
+        *s.refresh_token.lock().unwrap() = presented + 1;
+        s.in_flight.fetch_sub(1, Ordering::SeqCst);
+        Ok(Credential::bearer(format!("access-{n}"))?.expires_in(Duration::from_millis(120)))
+    }
+}
+
+fn fastrand_ms(low: u64, high: u64) -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    low + RandomState::new().hash_one(std::time::Instant::now()) % (high - low)
+}
+
+/// World: one cache with a store, behind a layer whose API rejects one answer in five,
+/// used for a second and a half by request loops, `reject` loops, plain and
+/// generation-checked invalidation loops and a replacement loop, all at once on two
+/// threads, with credentials that live 120 ms (so expiry refreshes run all along).
+/// Proves: the source never ran two fetches at once, no refresh token was presented
+/// twice, and every path was exercised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_entry_point_runs_two_fetches_at_once() {
+    let source = Rotating::default();
+    let cache = CredentialCache::builder(source.clone())
+        .store(MemoryStore::new())
+        .backoff(Duration::from_millis(1), Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let svc = AuthLayer::with_cache(cache.clone()).layer(tower::service_fn(api));
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new([
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    ]);
+    let mut tasks = Vec::new();
+    for who in 0..8usize {
+        let (cache, svc, stop, counts) = (cache.clone(), svc.clone(), stop.clone(), counts.clone());
+        let handle = cache.handle();
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match who {
+                    // Requests through the Tower layer: expiry and 401 rejections.
+                    0..=2 => {
+                        send(svc.clone()).await;
+                    }
+                    // The cache's own rejection path.
+                    3 => {
+                        if let Ok(c) = cache.credential().await {
+                            let _ = cache.reject(&c).await;
+                        }
+                    }
+                    // A generation-checked invalidation of what was just used.
+                    4 => {
+                        if let Ok(c) = cache.credential().await {
+                            if handle.invalidate_if(&c) {
+                                counts[0].fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    // Plain invalidation, as a gRPC UNAUTHENTICATED burst would send.
+                    5 => {
+                        handle.invalidate();
+                        counts[1].fetch_add(1, Ordering::Relaxed);
+                    }
+                    // A credential handed over from outside.
+                    6 => {
+                        let c = Credential::bearer("pushed")
+                            .unwrap()
+                            .expires_in(Duration::from_millis(100));
+                        handle.replace(c);
+                        counts[2].fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        if cache.credential().await.is_ok() {
+                            counts[3].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(fastrand_ms(0, 4))).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let s = &source.inner;
+    let stats = cache.stats();
+    assert!(
+        s.fetches.load(Ordering::SeqCst) > 20,
+        "too few fetches to prove anything: {stats:?}"
+    );
+    assert!(stats.rejections > 0 && stats.replays > 0, "{stats:?}");
+    for (what, count) in ["invalidate_if", "invalidate", "replace", "credential"]
+        .iter()
+        .zip(counts.iter())
+    {
+        assert!(
+            count.load(Ordering::Relaxed) > 0,
+            "{what} never took effect"
+        );
+    }
+    assert_eq!(
+        s.max_in_flight.load(Ordering::SeqCst),
+        1,
+        "two fetches ran at once"
+    );
+    assert_eq!(s.presented_twice.load(Ordering::SeqCst), 0);
+}
+
+/// The API: reads the body, as a real client does; one answer in five is a 401.
+async fn api<B: http_body::Body>(req: Request<B>) -> Result<Response<()>, Infallible> {
+    let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+    let status = if fastrand_ms(0, 5) == 0 {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::OK
+    };
+    Ok(Response::builder().status(status).body(()).unwrap())
+}
+
+/// One request through the layer; its outcome does not matter here, only the fetches.
+fn send<S>(svc: S) -> impl std::future::Future<Output = ()> + Send
+where
+    S: tower::Service<Request<String>> + Send,
+    S::Future: Send,
+{
+    let req = Request::get("https://api.example.com/")
+        .body(String::new())
+        .unwrap();
+    async move {
+        let _ = svc.oneshot(req).await;
+    }
+}
+
+/// Lets the runtime run everything that is ready.
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// World: fifty explicit invalidations, each followed by a request, while one slow fetch
+/// is in flight. Proves: no second fetch starts while the first runs; exactly one fetch
+/// is chained after it, told `Invalidated`; the first fetch's result goes to its own
+/// waiter only, and every later request gets the chained fetch's credential.
+#[tokio::test(start_paused = true)]
+async fn invalidations_during_a_fetch_chain_exactly_one_fetch_after_it() {
+    let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
+    let cache = CredentialCache::new(source.clone());
+    let first = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.credential().await }
+    });
+    settle().await;
+    assert_eq!(source.fetches(), 1);
+    let mut later = Vec::new();
+    for _ in 0..50 {
+        assert!(cache.handle().invalidate());
+        later.push(tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.credential().await }
+        }));
+        settle().await;
+    }
+    assert_eq!(source.fetches(), 1, "a fetch started while another ran");
+    source.release(1);
+    assert_eq!(
+        first.await.unwrap().unwrap(),
+        Credential::bearer("token-1").unwrap()
+    );
+    settle().await;
+    assert_eq!(source.fetches(), 2, "no fetch was chained after the first");
+    assert_eq!(source.log()[1].1, FetchReason::Invalidated);
+    source.release(1);
+    for task in later {
+        assert_eq!(
+            task.await.unwrap().unwrap(),
+            Credential::bearer("token-2").unwrap()
+        );
+    }
+    assert_eq!(
+        cache.credential().await.unwrap(),
+        Credential::bearer("token-2").unwrap()
+    );
+    assert_eq!(source.fetches(), 2);
+}
+
+/// World: a fetch in flight is superseded (by a credential handed over with `replace`,
+/// or by an invalidation and the fetch chained after it) and then fails. Proves: the
+/// superseded fetch's failure reaches its own waiter only: the cache is not put into
+/// backoff, so rejecting the good credential fetches again at once instead of answering
+/// `Backoff` with the old failure as its cause.
+#[tokio::test(start_paused = true)]
+async fn a_superseded_fetchs_failure_does_not_back_off_the_cache() {
+    for by_replace in [true, false] {
+        let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
+        let cache = CredentialCache::new(source.clone());
+        let first = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.credential().await }
+        });
+        settle().await;
+        let pushed = Credential::bearer("pushed").unwrap();
+        let second = if by_replace {
+            assert!(cache.handle().replace(pushed.clone()));
+            None
+        } else {
+            assert!(cache.handle().invalidate());
+            let second = tokio::spawn({
+                let cache = cache.clone();
+                async move { cache.credential().await }
+            });
+            settle().await;
+            Some(second)
+        };
+        source.set_failing(true);
+        source.release(1);
+        assert_eq!(first.await.unwrap().unwrap_err().kind(), ErrorKind::Fetch);
+        settle().await;
+        source.set_failing(false);
+        let good = match second {
+            Some(second) => {
+                source.release(1);
+                second.await.unwrap().unwrap()
+            }
+            None => pushed,
+        };
+        assert_eq!(cache.credential().await.unwrap(), good);
+        source.release(1);
+        let replaced = cache
+            .reject(&good)
+            .await
+            .unwrap_or_else(|e| panic!("replace: {by_replace}: {e:?}"));
+        assert_ne!(replaced, good);
+    }
+}
+
+/// World: a credential invalidated with `invalidate_if` by many callers that all saw
+/// it rejected, as a burst of gRPC `UNAUTHENTICATED` answers would. Proves: only the
+/// first call invalidates; a credential that is not current is never invalidated by
+/// name; the burst costs one fetch.
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_named_invalidations_costs_one_fetch() {
+    let source = TestSource::new();
+    let cache = CredentialCache::new(source.clone());
+    let rejected = cache.credential().await.unwrap();
+    let handle = cache.handle();
+    let invalidated = (0..100).filter(|_| handle.invalidate_if(&rejected)).count();
+    assert_eq!(invalidated, 1);
+    let next = cache.credential().await.unwrap();
+    assert_ne!(next, rejected);
+    assert!(
+        !handle.invalidate_if(&rejected),
+        "an old credential invalidated the new one"
+    );
+    assert_eq!(cache.credential().await.unwrap(), next);
+    assert_eq!(source.fetches(), 2);
+    assert_eq!(source.log()[1].1, FetchReason::Invalidated);
+}
+
+/// World: a runtime that has shut down but is still entered by a thread that asks the
+/// cache for a credential, so the refresh task cannot be spawned. Proves: the caller gets
+/// a typed error instead of hanging on the cache's own lock, and another thread can still
+/// use the cache's handle at once.
+#[test]
+fn a_refused_spawn_is_a_typed_error_not_a_deadlock() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = runtime.handle().clone();
+    let cache = CredentialCache::new(TestSource::new());
+    runtime.shutdown_background();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let asking = std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            let _entered = handle.enter();
+            let result = futures_executor_block_on(cache.credential());
+            let _ = tx.send(result.map_err(|e| e.kind()));
+        }
+    });
+    let result = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the caller hung: a refused spawn deadlocked the cache");
+    assert_eq!(result.unwrap_err(), ErrorKind::SpawnRefused);
+    asking.join().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let other = std::thread::spawn({
+        let handle = cache.handle();
+        move || {
+            let _ = tx.send(handle.invalidate());
+        }
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("another thread blocked on the cache")
+    );
+    other.join().unwrap();
+}
+
+/// A minimal executor: polls a future on this thread until it is ready.
+fn futures_executor_block_on<F: std::future::Future>(future: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
+    }
+}
