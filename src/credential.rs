@@ -217,38 +217,33 @@ impl Credential {
         Ok(false)
     }
 
-    /// [`attach`](Self::attach) for a credential of several headers (or none).
+    /// [`attach`](Self::attach) for a credential of several headers. Each header on its
+    /// own follows the rule for a header the request already has (cookies join theirs);
+    /// `false` only when none of ours was attached.
     #[inline(never)]
     fn attach_several(
         &self,
         headers: &mut HeaderMap,
         replace: bool,
     ) -> Result<bool, MaxSizeReached> {
-        if !replace
-            && self
-                .headers
-                .iter()
-                .any(|(name, _)| headers.contains_key(name))
-        {
-            return Ok(false);
-        }
-        self.apply(headers)?;
-        Ok(true)
-    }
-
-    /// Sets this credential's headers on `headers`, replacing any values already there;
-    /// a cookie replaces only the request's cookie of the same name, if any, and joins
-    /// the others.
-    pub(crate) fn apply(&self, headers: &mut HeaderMap) -> Result<(), MaxSizeReached> {
-        for (name, value) in self.headers.iter() {
-            if *name == header::COOKIE && headers.contains_key(header::COOKIE) {
+        let mut attached = false;
+        for (i, (name, value)) in self.headers.iter().enumerate() {
+            let ours_already = self.headers[..i].iter().any(|(n, _)| n == name);
+            attached |= if *name == header::COOKIE && headers.contains_key(header::COOKIE) {
                 let theirs: Vec<HeaderValue> = headers.get_all(name).iter().cloned().collect();
-                merge_cookie(headers, &theirs, value, true)?;
-            } else {
+                merge_cookie(headers, &theirs, value, replace)?
+            } else if ours_already {
+                // A second value of one of our own headers joins the first.
+                headers.try_append(name, value.clone())?;
+                true
+            } else if replace || !headers.contains_key(name) {
                 headers.try_insert(name, value.clone())?;
-            }
+                true
+            } else {
+                false
+            };
         }
-        Ok(())
+        Ok(attached)
     }
 }
 
@@ -376,9 +371,9 @@ mod tests {
             assert!(!format!("{c:#?}").contains(CANARY));
         }
         let mut map = HeaderMap::new();
-        all[1].apply(&mut map).unwrap();
+        all[1].attach(&mut map, true).unwrap();
         assert_eq!(map["authorization"], format!("Secret {CANARY}").as_str());
-        all[2].apply(&mut map).unwrap();
+        all[2].attach(&mut map, true).unwrap();
         assert_eq!(map["cookie"], format!("sid={CANARY}").as_str());
     }
 
@@ -454,10 +449,10 @@ mod tests {
         assert_eq!(values(&map), ["a=1; b=2; sid=ours"]);
 
         let mut map = brought(&["a=1"]);
-        ours.apply(&mut map).unwrap();
+        ours.attach(&mut map, true).unwrap();
         assert_eq!(values(&map), ["a=1; sid=ours"]);
         let mut map = brought(&[]);
-        ours.apply(&mut map).unwrap();
+        ours.attach(&mut map, true).unwrap();
         assert_eq!(values(&map), ["sid=ours"]);
     }
 

@@ -43,7 +43,7 @@ use crate::{
     credential::Credential,
     error::{BoxError, Error},
     head::Head,
-    policy::{NoReplay, Policy, StatusSet},
+    policy::{ExistingHeader, NoReplay, Policy, StatusSet},
     source::CredentialSource,
 };
 
@@ -129,6 +129,9 @@ struct Replay<S> {
     service: S,
     head: Head,
     body: ReplayHandle,
+    /// The policy's rule for a header the request brings (`ExistingHeader::Replace`),
+    /// applied again to the replay.
+    replace: bool,
 }
 
 /// A replay waiting for the new credential: everything but the credential is ready.
@@ -142,6 +145,8 @@ struct Resend<S: Service<Request<ReplayBody<B>>>, B, P> {
     /// rejection is returned as it came.
     rejected: Option<Credential>,
     response: S::Response,
+    /// See [`Replay::replace`].
+    replace: bool,
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
@@ -240,6 +245,7 @@ where
                 service: service.clone(),
                 head,
                 body: handle,
+                replace: policy.existing_header == ExistingHeader::Replace,
             };
             return Self::first(future, entry, cache, policy, Ok(replay));
         };
@@ -398,10 +404,10 @@ where
                             .head
                             .into_request(body)
                             .ok_or(NotReplayed::HeadUnavailable)?;
-                        Ok((replay.service, request))
+                        Ok((replay.service, request, replay.replace))
                     });
                     match resend {
-                        Ok((service, request)) => {
+                        Ok((service, request, replace)) => {
                             // The rejected response is kept until the new credential is
                             // known: it is the answer if that credential is the same.
                             this.state.set(State::Refreshing {
@@ -413,6 +419,7 @@ where
                                     cache,
                                     rejected,
                                     response,
+                                    replace,
                                 })),
                             });
                         }
@@ -456,9 +463,11 @@ where
                     // The rejected response (and its connection) is released now.
                     drop(resend.response);
                     let mut request = resend.request;
+                    // The snapshot is the request as it came: the same rule as on the
+                    // first attempt decides each header the request brought.
                     entry
                         .credential
-                        .apply(request.headers_mut())
+                        .attach(request.headers_mut(), resend.replace)
                         .map_err(crate::policy::headers_full)?;
                     tracing::debug!(
                         generation = entry.generation,

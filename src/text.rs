@@ -96,6 +96,16 @@ pub(crate) fn foreign(text: &str) -> String {
     escape(&strip_url_secrets(text), 2 * MAX_SERVER_TEXT)
 }
 
+/// A URL as it may be shown (`Display` of an error, `Debug` of a type that holds it):
+/// scheme, host, port and path, escaped; never the userinfo or the query, either of
+/// which may carry a secret.
+pub(crate) fn shown_url(url: &http::Uri) -> String {
+    let scheme = url.scheme_str().unwrap_or("");
+    let authority = url.authority().map(|a| a.as_str()).unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    escape(&format!("{scheme}://{host}{}", url.path()), MAX_SERVER_TEXT)
+}
+
 /// Removes the userinfo (`user:pass@`) and the query (`?key=...`) of every URL in `text`.
 fn strip_url_secrets(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

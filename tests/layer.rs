@@ -332,6 +332,75 @@ async fn existing_header_passes_through_or_is_replaced() {
     call.await.unwrap().unwrap();
 }
 
+/// A credential of two headers (`Authorization` and `x-tenant`), a request that brings
+/// its own `x-tenant` only. Proves: only the colliding header follows the existing-header
+/// rule: `Authorization` is attached (on the first attempt and on the replay after a
+/// 401) and the request's `x-tenant` is kept; with `ExistingHeader::Replace`, ours
+/// replaces it. A request that brings every header of the credential passes through.
+#[tokio::test]
+async fn a_colliding_header_does_not_drop_the_rest_of_the_credential() {
+    let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let source = {
+        let issued = issued.clone();
+        tower_client_auth::source_fn(move |_| {
+            let n = issued.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            async move {
+                Credential::from_headers([
+                    (AUTHORIZATION, format!("Bearer token-{n}").parse().unwrap()),
+                    ("x-tenant".parse().unwrap(), "ours".parse().unwrap()),
+                ])
+            }
+        })
+    };
+    for (existing, tenant) in [
+        (ExistingHeader::PassThrough, "theirs"),
+        (ExistingHeader::Replace, "ours"),
+    ] {
+        let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
+        let svc = AuthLayer::new(source.clone())
+            .existing_header(existing)
+            .layer(inner);
+        let mut req = get("/v1/me");
+        req.headers_mut()
+            .insert("x-tenant", "theirs".parse().unwrap());
+        let call = tokio::spawn(svc.clone().oneshot(req));
+        let (req, reply) = api.next_request().await.unwrap();
+        assert!(bearer(&req).starts_with("Bearer token-"), "{existing:?}");
+        assert_eq!(req.headers().get_all("x-tenant").iter().count(), 1);
+        assert_eq!(req.headers()["x-tenant"], tenant, "{existing:?}");
+        let first = bearer(&req).to_owned();
+        reply.send_response(status(401));
+        let (req, reply) = api.next_request().await.unwrap();
+        assert_ne!(bearer(&req), first, "{existing:?}: not replayed anew");
+        assert_eq!(req.headers().get_all("x-tenant").iter().count(), 1);
+        assert_eq!(
+            req.headers()["x-tenant"],
+            tenant,
+            "{existing:?}: on the replay"
+        );
+        reply.send_response(status(200));
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+
+        // Every header of the credential brought by the request: theirs, untouched.
+        let mut req = get("/v1/me");
+        req.headers_mut()
+            .insert(AUTHORIZATION, "Basic dXNlcjpwYXNz".parse().unwrap());
+        req.headers_mut()
+            .insert("x-tenant", "theirs".parse().unwrap());
+        let call = tokio::spawn(svc.oneshot(req));
+        let (req, reply) = api.next_request().await.unwrap();
+        if existing == ExistingHeader::PassThrough {
+            assert_eq!(bearer(&req), "Basic dXNlcjpwYXNz");
+            assert_eq!(req.headers()["x-tenant"], "theirs");
+        } else {
+            assert!(bearer(&req).starts_with("Bearer token-"));
+            assert_eq!(req.headers()["x-tenant"], "ours");
+        }
+        reply.send_response(status(200));
+        call.await.unwrap().unwrap();
+    }
+}
+
 /// A body over the replay limit streams through whole, but its 401 reaches the caller as
 /// it came, marked `BodyTooLarge`. The refresh still happens for the next request.
 #[tokio::test]

@@ -16,7 +16,8 @@ use support::{FakeApi, capture_traces, get, post};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
     AuthLayer, BoxError, Credential, CredentialCache, ErrorKind, FetchContext, MemoryStore,
-    ReplayBody, RotatingCredential, StaticCredential, source_fn,
+    ReplayBody, RotatingCredential, Secret, SharedCredentialSource, StaticCredential, source_fn,
+    token::{TokenRequest, TokenSource},
 };
 
 const CANARY: &str = "CANARY-5ecr3t-d0-not-print";
@@ -54,6 +55,7 @@ async fn debug_and_display_are_redacted() {
         .clone()
         .layer(FakeApi::new(|_, _| StatusCode::OK).service());
     let rotating = RotatingCredential::new(credential.clone());
+    let url_with_canary = format!("https://client:{CANARY}@idp.test/oauth/token?key={CANARY}");
     let printed = [
         format!("{credential:?} {credential:#?}"),
         format!("{:?}", Credential::with_scheme("Secret", CANARY).unwrap()),
@@ -69,7 +71,35 @@ async fn debug_and_display_are_redacted() {
         format!("{store:?}"),
         format!("{layer:?}"),
         format!("{:?}", svc.cache()),
+        format!(
+            "{:?}",
+            layer
+                .clone()
+                .layer(tower::service_fn(|_: Request<()>| async {
+                    Ok::<_, BoxError>(Response::new(()))
+                }))
+        ),
+        format!(
+            "{:?} {:?} {:?}",
+            CredentialCache::builder(StaticCredential::bearer(CANARY).unwrap()),
+            AuthLayer::builder(StaticCredential::bearer(CANARY).unwrap()),
+            SharedCredentialSource::new(StaticCredential::bearer(CANARY).unwrap()),
+        ),
+        format!("{:?}", Secret::new(CANARY)),
+        format!(
+            "{:?}",
+            TokenSource::client_credentials(&url_with_canary, "client", CANARY)
+                .unwrap()
+                .refresh_token(CANARY)
+        ),
         format!("{:?}", context_after_rejecting_the_canary().await),
+        // A token url may carry a secret in its userinfo or its query.
+        format!("{:?}", TokenRequest::form(&url_with_canary).unwrap()),
+        format!(
+            "{:?}",
+            TokenSource::new(TokenRequest::json(&url_with_canary).unwrap())
+                .refresh_with(TokenRequest::form(&url_with_canary).unwrap(), "rt")
+        ),
     ];
     for (i, text) in printed.iter().enumerate() {
         assert_clean(&format!("printed value {i}"), text);

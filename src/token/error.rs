@@ -109,11 +109,7 @@ impl TokenError {
     /// Names the endpoint in `Display`: scheme, host, port and path of `url`, never
     /// userinfo or a query (either may carry a secret).
     pub(crate) fn endpoint(mut self, url: &http::Uri) -> Self {
-        let scheme = url.scheme_str().unwrap_or("");
-        let authority = url.authority().map(|a| a.as_str()).unwrap_or("");
-        let host = authority.rsplit('@').next().unwrap_or(authority);
-        let shown = format!("{scheme}://{host}{}", url.path());
-        self.endpoint = Some(crate::text::escape(&shown, crate::text::MAX_SERVER_TEXT).into());
+        self.endpoint = Some(crate::text::shown_url(url).into());
         self
     }
 

@@ -89,7 +89,11 @@ impl fmt::Debug for TokenRequest {
             }
         }
         f.debug_struct("TokenRequest")
-            .field("url", &self.url)
+            // As errors show it: never the userinfo or the query.
+            .field(
+                "url",
+                &format_args!("{}", crate::text::shown_url(&self.url)),
+            )
             .field("encoding", &self.encoding)
             .field("fields", &Fields(&self.fields))
             .field("client_id", &self.client.as_ref().map(|(id, _)| id))
