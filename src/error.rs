@@ -1,9 +1,11 @@
 //! The crate's error types.
 //!
 //! Middleware errors are small values you can match on ([`Error::kind`]) or downcast to
-//! from the service's `BoxError`. Their `Display` is lowercase and never carries a
-//! credential; the underlying cause, when there is one, is reachable through
-//! [`std::error::Error::source`].
+//! from the service's `BoxError`. Their `Display` is lowercase, never carries a
+//! credential, and says what failed and why in one line: the causes it shows are not
+//! returned again by [`std::error::Error::source`], so a report that prints the chain
+//! (anyhow's `{:#}`, eyre) says each once. The wrapped error itself stays reachable
+//! for downcasting through [`Error::get_ref`], as with [`std::io::Error::get_ref`].
 
 use std::{error::Error as StdError, fmt, sync::Arc, time::Duration};
 
@@ -143,6 +145,57 @@ impl Error {
         self.kind
     }
 
+    /// The error this one wraps, for downcasting: a source's own error, a
+    /// [`TokenError`](crate::token::TokenError), or this crate's `Error` for the failure
+    /// behind a backoff. Its text is already part of this error's `Display`, so it is
+    /// not also returned by `source()`.
+    pub fn get_ref(&self) -> Option<&(dyn StdError + Send + Sync + 'static)> {
+        self.source.as_deref()
+    }
+
+    /// Every error under this one, nearest first, whether `Display` shows it or not.
+    fn causes(&self) -> impl Iterator<Item = &(dyn StdError + 'static)> {
+        let first = self.get_ref().map(|e| e as &(dyn StdError + 'static));
+        // Through the crate's own errors by `get_ref`: their `source()` skips what their
+        // `Display` shows.
+        std::iter::successors(first, |e: &&(dyn StdError + 'static)| {
+            match e.downcast_ref::<Error>() {
+                Some(ours) => ours.get_ref().map(|e| e as &(dyn StdError + 'static)),
+                None => (*e).source(),
+            }
+        })
+    }
+
+    /// The causes `Display` shows (at most [`MAX_CAUSES`]; the crate's own wrappers are
+    /// passed over), and the first cause it does not show, which `source()` returns.
+    fn shown_causes(
+        &self,
+    ) -> (
+        impl Iterator<Item = &(dyn StdError + 'static)>,
+        Option<&(dyn StdError + 'static)>,
+    ) {
+        let mut shown = 0;
+        let mut rest = None;
+        let mut taken = 0;
+        for cause in self.causes() {
+            if cause.downcast_ref::<Error>().is_some() {
+                taken += 1;
+                continue;
+            }
+            if shown == MAX_CAUSES {
+                rest = Some(cause);
+                break;
+            }
+            shown += 1;
+            taken += 1;
+        }
+        let causes = self
+            .causes()
+            .take(taken)
+            .filter(|c| c.downcast_ref::<Error>().is_none());
+        (causes, rest)
+    }
+
     /// For [`ErrorKind::Backoff`]: how long until the cache asks the source again.
     pub fn retry_in(&self) -> Option<Duration> {
         self.retry_in
@@ -154,14 +207,8 @@ impl Error {
     /// [`TokenSource`](crate::token::TokenSource) failed (directly, or as the cause of a
     /// backoff).
     pub fn token_error(&self) -> Option<&crate::token::TokenError> {
-        let mut cause = self.source();
-        while let Some(err) = cause {
-            if let Some(token) = err.downcast_ref::<crate::token::TokenError>() {
-                return Some(token);
-            }
-            cause = err.source();
-        }
-        None
+        self.causes()
+            .find_map(|e| e.downcast_ref::<crate::token::TokenError>())
     }
 
     #[cfg(feature = "token")]
@@ -213,13 +260,15 @@ impl fmt::Debug for Error {
         if let Some(retry_in) = self.retry_in {
             d.field("retry_in", &retry_in);
         }
-        if let Some(source) = &self.source {
+        if self.source.is_some() {
             // Sanitised: a user source's text may carry a URL with a key in it, or
             // control characters.
-            d.field(
-                "source",
-                &format_args!("{}", crate::text::foreign(&source.to_string())),
-            );
+            let causes: Vec<String> = self
+                .causes()
+                .filter(|c| c.downcast_ref::<Error>().is_none())
+                .map(|c| crate::text::foreign(&c.to_string()))
+                .collect();
+            d.field("source", &format_args!("{}", causes.join(": ")));
         }
         d.finish()
     }
@@ -238,19 +287,8 @@ impl fmt::Display for Error {
         if let Some(retry_in) = self.retry_in {
             write!(f, " (next attempt in {} ms)", retry_in.as_millis())?;
         }
-        let mut cause = self.source();
-        let mut shown = 0;
-        while let Some(err) = cause {
-            if let Some(ours) = err.downcast_ref::<Error>() {
-                cause = ours.source();
-                continue;
-            }
-            if shown == MAX_CAUSES {
-                break;
-            }
-            write!(f, ": {}", crate::text::foreign(&err.to_string()))?;
-            shown += 1;
-            cause = err.source();
+        for cause in self.shown_causes().0 {
+            write!(f, ": {}", crate::text::foreign(&cause.to_string()))?;
         }
         Ok(())
     }
@@ -260,10 +298,10 @@ impl fmt::Display for Error {
 const MAX_CAUSES: usize = 4;
 
 impl StdError for Error {
+    /// The first cause `Display` does not already show: `None` unless the chain is
+    /// longer than `Display` goes. [`Error::get_ref`] reaches the wrapped error.
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source
-            .as_deref()
-            .map(|e| e as &(dyn StdError + 'static))
+        self.shown_causes().1
     }
 }
 

@@ -168,7 +168,7 @@
 //!
 //! The cache calls `fetch` from a task of its own, at most once at a time, under its
 //! fetch timeout. Return a typed error; it reaches callers as [`ErrorKind::Fetch`] with
-//! yours as the `source()`.
+//! yours reachable with [`Error::get_ref`] (its text is part of the error's `Display`).
 //!
 //! # Where things are
 //! - [`CredentialSource`], [`source_fn`]: where credentials come from.

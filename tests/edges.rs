@@ -103,7 +103,7 @@ fn left(credential: &Credential) -> Option<Duration> {
 
 /// The token error under a crate error.
 fn token_error(err: &Error) -> &TokenError {
-    std::error::Error::source(err)
+    err.get_ref()
         .and_then(|s| s.downcast_ref::<TokenError>())
         .unwrap_or_else(|| panic!("no token error under {err:?}"))
 }
@@ -688,4 +688,26 @@ async fn the_common_token_failures_say_what_went_wrong() {
         Some(StatusCode::SERVICE_UNAVAILABLE)
     );
     assert!(!backing_off.is_permanent());
+
+    // A report that prints the chain (anyhow's `{:#}`, eyre) says each cause once: a
+    // cause shown in `Display` is not also a `source()`.
+    for err in [
+        &wrong_secret,
+        &wrong_url,
+        &down,
+        &slow,
+        &revoked,
+        &backing_off,
+    ] {
+        let mut report = err.to_string();
+        let mut cause = std::error::Error::source(err);
+        while let Some(c) = cause {
+            report.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        let shown = err.to_string();
+        assert_eq!(report, shown, "a cause printed twice");
+        // The wrapped error is still there to downcast.
+        assert!(err.get_ref().is_some(), "{shown}");
+    }
 }

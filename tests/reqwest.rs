@@ -367,7 +367,8 @@ async fn token_requests_never_follow_redirects() {
             .unwrap()
             .client(TokenClient::reqwest(http).allow_http_loopback(true));
         let err = CredentialCache::new(source).credential().await.unwrap_err();
-        let token = std::error::Error::source(&err)
+        let token = err
+            .get_ref()
             .and_then(|s| s.downcast_ref::<TokenError>())
             .unwrap();
         assert_eq!(token.kind(), TokenErrorKind::Redirect, "{err}");

@@ -324,10 +324,10 @@ async fn token_flows_never_leak_the_secret() {
         )
         .await
         .unwrap_err();
-    let token_err =
-        std::error::Error::source(err.downcast_ref::<tower_client_auth::Error>().unwrap())
-            .and_then(|e| e.downcast_ref::<tower_client_auth::token::TokenError>())
-            .unwrap();
+    let token_err = err
+        .downcast_ref::<tower_client_auth::Error>()
+        .and_then(|e| e.token_error())
+        .unwrap();
     assert_eq!(
         token_err.description(),
         Some("client secret [redacted] is wrong")

@@ -67,7 +67,7 @@ async fn all_ok(svc: &Client, url: &str, n: usize) {
 fn token_error(err: &BoxError) -> &TokenError {
     let ours = err.downcast_ref::<Error>().expect("a crate error");
     assert_eq!(ours.kind(), ErrorKind::Fetch);
-    std::error::Error::source(ours)
+    ours.get_ref()
         .and_then(|s| s.downcast_ref::<TokenError>())
         .expect("a token error as the source")
 }
@@ -145,10 +145,7 @@ async fn style_a_plain_http_refused_and_redirect_not_followed() {
         .unwrap()
         .client(token_client());
     let err = CredentialCache::new(source).credential().await.unwrap_err();
-    let token = std::error::Error::source(&err)
-        .unwrap()
-        .downcast_ref::<TokenError>()
-        .unwrap();
+    let token = err.get_ref().unwrap().downcast_ref::<TokenError>().unwrap();
     assert_eq!(token.kind(), TokenErrorKind::Redirect);
     assert_eq!(token.status(), Some(StatusCode::MOVED_PERMANENTLY));
 }

@@ -76,10 +76,7 @@ async fn whole_flow_over_real_tls() {
         .credential()
         .await
         .unwrap_err();
-    let token = std::error::Error::source(&err)
-        .unwrap()
-        .downcast_ref::<TokenError>()
-        .unwrap();
+    let token = err.get_ref().unwrap().downcast_ref::<TokenError>().unwrap();
     assert_eq!(token.kind(), TokenErrorKind::Connect);
     assert_eq!(
         api.token_requests.load(SeqCst),

@@ -94,7 +94,7 @@ async fn expired_session(
 }
 
 fn token_error(err: &Error) -> &TokenError {
-    std::error::Error::source(err)
+    err.get_ref()
         .and_then(|s| s.downcast_ref::<TokenError>())
         .unwrap_or_else(|| panic!("no token error under {err:?}"))
 }

@@ -168,7 +168,8 @@ fn a_refresh_cancelled_with_its_runtime_says_so() {
         .unwrap();
     runtime.block_on(async {
         let err = cache.credential().await.unwrap_err();
-        let cause = std::error::Error::source(&err)
+        let cause = err
+            .get_ref()
             .and_then(|s| s.downcast_ref::<tower_client_auth::Error>())
             .unwrap_or_else(|| panic!("no cause under {err:?}"));
         assert_eq!(cause.kind(), ErrorKind::Cancelled, "{err:?}");
