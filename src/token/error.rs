@@ -163,9 +163,10 @@ impl TokenError {
             || (self.kind == TokenErrorKind::Rejected && self.status == Some(StatusCode::NOT_FOUND))
     }
 
-    /// Whether the request left and no answer says what became of it: a gateway's 502,
-    /// 503 or 504, a connection closed after the request was written, an answer too
-    /// large to read, or the token client's timeout. A refresh with an unknown outcome may have rotated its refresh
+    /// Whether the request left and no answer says what became of it: any 5xx (the
+    /// server's own 500 as much as a gateway's 502, 503 or 504: either may come after the
+    /// request was acted on), a connection closed after the request was written, an
+    /// answer too large to read, or the token client's timeout. A refresh with an unknown outcome may have rotated its refresh
     /// token, so [`TokenSource`](super::TokenSource) never presents that token again.
     pub fn is_outcome_unknown(&self) -> bool {
         if self.unread {
@@ -173,14 +174,10 @@ impl TokenError {
         }
         match self.kind {
             TokenErrorKind::Timeout | TokenErrorKind::Transport => true,
-            TokenErrorKind::Rejected => matches!(
-                self.status,
-                Some(
-                    StatusCode::BAD_GATEWAY
-                        | StatusCode::SERVICE_UNAVAILABLE
-                        | StatusCode::GATEWAY_TIMEOUT
-                )
-            ),
+            // Any 5xx: the server (or the upstream behind a gateway) may have acted on
+            // the request before it failed. A 4xx was judged and refused, or throttled
+            // before it was acted on.
+            TokenErrorKind::Rejected => self.status.is_some_and(|s| s.is_server_error()),
             _ => false,
         }
     }

@@ -462,8 +462,8 @@ impl Exchange {
                 }
                 Err(e) if e.is_outcome_unknown() => {
                     // The request left, and no answer says what became of it: the server
-                    // may have rotated the refresh token (a gateway's 502/503/504, a
-                    // connection closed mid-answer, the token client's timeout).
+                    // may have rotated the refresh token (any 5xx, a connection closed
+                    // mid-answer, the token client's timeout).
                     // Presenting it again could count as reuse and revoke the whole
                     // family: it is dropped, never sent again.
                     self.stats.unknown_outcomes.fetch_add(1, Ordering::Relaxed);
