@@ -73,20 +73,22 @@ fn contention(c: &mut Criterion) {
 
     let fixed = warm(
         &rt,
-        AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()),
+        AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()).any_https_origin(),
     );
     g.bench_function("auth_layer_static", |b| {
         b.iter_custom(|n| hammer(&fixed, n))
     });
 
-    let expiring = warm(&rt, AuthLayer::new(expiring_source()));
+    let expiring = warm(&rt, AuthLayer::new(expiring_source()).any_https_origin());
     g.bench_function("auth_layer_expiring", |b| {
         b.iter_custom(|n| hammer(&expiring, n))
     });
 
     let no_replay = warm(
         &rt,
-        AuthLayer::new(expiring_source()).replay_rejected(false),
+        AuthLayer::new(expiring_source())
+            .any_https_origin()
+            .replay_rejected(false),
     );
     g.bench_function("auth_layer_no_replay", |b| {
         b.iter_custom(|n| hammer(&no_replay, n))
@@ -147,7 +149,7 @@ fn contention(c: &mut Criterion) {
             "auth_layer_static",
             round_owned(warm_over(
                 &rt,
-                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()),
+                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()).any_https_origin(),
                 Client::default(),
             )),
         ),
@@ -155,7 +157,7 @@ fn contention(c: &mut Criterion) {
             "auth_layer_expiring",
             round_owned(warm_over(
                 &rt,
-                AuthLayer::new(expiring_source()),
+                AuthLayer::new(expiring_source()).any_https_origin(),
                 Client::default(),
             )),
         ),
@@ -163,7 +165,9 @@ fn contention(c: &mut Criterion) {
             "auth_layer_no_replay",
             round_owned(warm_over(
                 &rt,
-                AuthLayer::new(expiring_source()).replay_rejected(false),
+                AuthLayer::new(expiring_source())
+                    .any_https_origin()
+                    .replay_rejected(false),
                 Client::default(),
             )),
         ),

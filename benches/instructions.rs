@@ -58,18 +58,23 @@ fn main() {
         "auth_layer_static" => run(
             warm(
                 &rt,
-                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()),
+                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()).any_https_origin(),
             ),
             n,
         ),
         "auth_layer_no_replay" => run(
             warm(
                 &rt,
-                AuthLayer::new(expiring_source()).replay_rejected(false),
+                AuthLayer::new(expiring_source())
+                    .any_https_origin()
+                    .replay_rejected(false),
             ),
             n,
         ),
-        "auth_layer_expiring" => run(warm(&rt, AuthLayer::new(expiring_source())), n),
+        "auth_layer_expiring" => run(
+            warm(&rt, AuthLayer::new(expiring_source()).any_https_origin()),
+            n,
+        ),
         // Over an inner service whose clone writes a shared count, as a real client's does.
         "client_floor" => run(Client::default(), n),
         "client_add_authorization" => run(
@@ -81,19 +86,25 @@ fn main() {
         "client_static" => run(
             warm_over(
                 &rt,
-                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()),
+                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()).any_https_origin(),
                 Client::default(),
             ),
             n,
         ),
         "client_expiring" => run(
-            warm_over(&rt, AuthLayer::new(expiring_source()), Client::default()),
+            warm_over(
+                &rt,
+                AuthLayer::new(expiring_source()).any_https_origin(),
+                Client::default(),
+            ),
             n,
         ),
         "client_no_replay" => run(
             warm_over(
                 &rt,
-                AuthLayer::new(expiring_source()).replay_rejected(false),
+                AuthLayer::new(expiring_source())
+                    .any_https_origin()
+                    .replay_rejected(false),
                 Client::default(),
             ),
             n,
@@ -109,16 +120,25 @@ fn main() {
         "lazy_static" => run(
             warm_over(
                 &rt,
-                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()),
+                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()).any_https_origin(),
                 Lazy,
             ),
             n,
         ),
-        "lazy_expiring" => run(warm_over(&rt, AuthLayer::new(expiring_source()), Lazy), n),
+        "lazy_expiring" => run(
+            warm_over(
+                &rt,
+                AuthLayer::new(expiring_source()).any_https_origin(),
+                Lazy,
+            ),
+            n,
+        ),
         "lazy_no_replay" => run(
             warm_over(
                 &rt,
-                AuthLayer::new(expiring_source()).replay_rejected(false),
+                AuthLayer::new(expiring_source())
+                    .any_https_origin()
+                    .replay_rejected(false),
                 Lazy,
             ),
             n,

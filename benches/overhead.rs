@@ -43,15 +43,23 @@ fn variants(rt: &tokio::runtime::Runtime) -> Vec<Variant> {
         ),
         variant(
             "auth_layer_static",
-            warm(rt, AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap())),
+            warm(
+                rt,
+                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()).any_https_origin(),
+            ),
         ),
         variant(
             "auth_layer_expiring",
-            warm(rt, AuthLayer::new(expiring_source())),
+            warm(rt, AuthLayer::new(expiring_source()).any_https_origin()),
         ),
         variant(
             "auth_layer_no_replay",
-            warm(rt, AuthLayer::new(expiring_source()).replay_rejected(false)),
+            warm(
+                rt,
+                AuthLayer::new(expiring_source())
+                    .any_https_origin()
+                    .replay_rejected(false),
+            ),
         ),
         variant("rwlock_cache", rwlock_cache(Noop)),
         variant("mutex_cache", mutex_cache(Noop)),

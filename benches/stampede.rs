@@ -242,7 +242,7 @@ async fn main() {
         })
     };
     let api = Api::default();
-    let layer = AuthLayer::new(source);
+    let layer = AuthLayer::new(source).any_https_origin();
     let ours = ServiceBuilder::new()
         .map_request(|r: Request<()>| r.map(|()| Full::<Bytes>::default()))
         .layer(layer.clone())

@@ -134,6 +134,14 @@ where
     }
 }
 
+/// An empty body that is not recorded, for middleware that make a body from nothing
+/// (tower-http's `FollowRedirect` below the layer, on a redirect that drops the body).
+impl<B: Default> Default for ReplayBody<B> {
+    fn default() -> Self {
+        Self::forward(B::default())
+    }
+}
+
 impl<B> ReplayBody<B> {
     /// Wraps `body` to pass it through as it is: nothing recorded, nothing replayed.
     ///

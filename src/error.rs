@@ -39,6 +39,10 @@ pub enum ErrorKind {
     Cancelled,
     /// The runtime refused to start the refresh task: it is shutting down.
     SpawnRefused,
+    /// The layer or middleware was given no origin to send its credential to, so it
+    /// sends it nowhere. Call `.origin(..)` with the API's origin, or opt in to every
+    /// https origin with `.any_https_origin()`.
+    NoOrigin,
     /// A future of this crate was polled after it had completed (a bug in the caller).
     PolledAfterCompletion,
     /// The request's header map was full (`http`'s `MAX_SIZE`), so the credential could
@@ -61,6 +65,9 @@ impl ErrorKind {
             ErrorKind::NoRuntime => "no tokio runtime available to refresh the credential",
             ErrorKind::Cancelled => {
                 "the credential refresh was cancelled: the runtime it ran on shut down"
+            }
+            ErrorKind::NoOrigin => {
+                "no origin to send the credential to: call .origin(..) with the api's origin, or .any_https_origin() to send it to every https origin"
             }
             ErrorKind::SpawnRefused => {
                 "the runtime refused to start the credential refresh: it is shutting down"

@@ -33,14 +33,31 @@ macro_rules! request_rules {
         }
 
         /// Sends the credential to `origin` (and to any other origin or predicate given):
-        /// a request to anywhere else passes through without it, and is never refreshed for
-        /// or replayed. Call it for every origin of the API; see [`Origin`].
+        /// a request to anywhere else, a redirect's target included, passes through
+        /// without it, and is never refreshed for or replayed. Call it for every origin of
+        /// the API; see [`Origin`].
         ///
-        /// **Without any origin or predicate the layer is unscoped**: every request through
-        /// it gets the credential, whatever its host. That is only safe when the client
-        /// below talks to the credential's API alone.
+        /// **Given no origin, predicate or [`any_https_origin`](Self::any_https_origin),
+        /// every request fails** with [`ErrorKind::NoOrigin`](crate::ErrorKind::NoOrigin):
+        /// a credential is never sent to a host nobody named.
         pub fn origin(mut self, origin: Origin) -> Self {
             Scope::add_origin(&mut self.scope, origin);
+            self
+        }
+
+        /// Sends the credential to every origin a request names (https, or loopback http
+        /// where [`allow_http_loopback`](Self::allow_http_loopback) allows it): for a
+        /// client that talks to the credential's API alone.
+        ///
+        /// A redirect's target is another request to this layer: one followed above it by
+        /// tower-http's `FollowRedirect` with [`SameOriginCredentials`] gets the credential
+        /// only at the origin it came from; with another policy it cannot be told from a
+        /// first request, and gets the credential wherever it goes. Prefer
+        /// [`origin`](Self::origin).
+        ///
+        /// [`SameOriginCredentials`]: crate::redirect::SameOriginCredentials
+        pub fn any_https_origin(mut self) -> Self {
+            Scope::add_any(&mut self.scope);
             self
         }
 
@@ -115,7 +132,8 @@ macro_rules! request_rules {
 /// # });
 ///
 /// let client = ServiceBuilder::new()
-///     .layer(AuthLayer::new(StaticCredential::bearer("pat_123")?))
+///     .layer(AuthLayer::new(StaticCredential::bearer("pat_123")?)
+///         .origin("https://api.example.com".parse()?))
 ///     .service(inner);
 /// # let _ = client;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -170,6 +188,7 @@ impl<P: CredentialSource> AuthLayer<P> {
     ///
     /// // An invalid value is an error when it is set or built, never on a request:
     /// let refused = AuthLayer::builder(StaticCredential::bearer("pat_123")?)
+    ///     .origin("https://api.example.com".parse()?)
     ///     .window_jitter(7.0)
     ///     .build();
     /// assert_eq!(refused.unwrap_err().setting(), "window_jitter");
@@ -281,8 +300,15 @@ impl<P: CredentialSource> AuthLayerBuilder<P> {
     /// or two settings that contradict each other is an [`InvalidConfig`] naming the
     /// setting.
     pub fn build(self) -> Result<AuthLayer<P>, InvalidConfig> {
+        let cache = self.cache.build()?;
+        if self.scope.is_none() {
+            return Err(InvalidConfig::new(
+                "origin",
+                "no origin to send the credential to: call .origin(..) with the api's origin, or .any_https_origin()",
+            ));
+        }
         Ok(AuthLayer {
-            cache: self.cache.build()?,
+            cache,
             policy: self.policy,
             scope: self.scope,
         })

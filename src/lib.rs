@@ -11,8 +11,9 @@
 //! 3. when the API still answers `401`, invalidates exactly the rejected credential,
 //!    fetches a new one and **replays the request once**; request bodies are retained as
 //!    they stream, up to a limit, for that ([`ReplayBody`]);
-//! 4. never sends a credential over plain HTTP to a non-loopback host, and never prints
-//!    one: header values are marked sensitive and `Debug` output is redacted.
+//! 4. sends a credential only to the origins it was given (a redirect elsewhere gets
+//!    none), never over plain HTTP to a non-loopback host, and never prints one: header
+//!    values are marked sensitive and `Debug` output is redacted.
 //!
 //! # Example
 //! ```
@@ -32,7 +33,8 @@
 //! });
 //!
 //! let client = ServiceBuilder::new()
-//!     .layer(AuthLayer::new(StaticCredential::bearer("pat_123")?))
+//!     .layer(AuthLayer::new(StaticCredential::bearer("pat_123")?)
+//!         .origin("https://api.example.com".parse()?))
 //!     .service(api);
 //!
 //! let req = Request::get("https://api.example.com/v1/me").body(Full::default())?;
@@ -114,8 +116,14 @@
 //!   server echoes, and tracing events carry none.
 //! - A request that already carries the credential's header is passed through untouched
 //!   ([`ExistingHeader`]).
-//! - This layer follows no redirects. If you add a redirect layer *below* it, make it
-//!   drop credentials on cross-origin redirects.
+//! - A layer sends its credential only to the origins it was given
+//!   ([`AuthLayer::origin`]); one given none refuses every request with
+//!   [`ErrorKind::NoOrigin`], and every origin is an explicit opt-in
+//!   ([`AuthLayer::any_https_origin`]). This layer follows no redirects: with tower-http's
+//!   `FollowRedirect` above it, a hop to another origin is a request it was not given;
+//!   below it, install `redirect::SameOriginCredentials` (feature `tower-http`), which
+//!   removes every credential header on a hop to another origin. reqwest follows
+//!   redirects inside the client: build it with `reqwest::redirect_policy()`.
 //!
 //! ## 6. Tune the windows
 //!
@@ -127,6 +135,7 @@
 //! use tower_client_auth::{AuthLayer, StaticCredential};
 //!
 //! let layer = AuthLayer::builder(StaticCredential::bearer("t")?)
+//!     .origin("https://api.example.com".parse()?)
 //!     .soft_window(Duration::from_secs(60)) // background refresh at most 60 s before expiry
 //!     .hard_window(Duration::from_secs(5)) // stop sending it 5 s before expiry
 //!     .window_jitter(0.1)
@@ -201,6 +210,9 @@ mod head;
 #[macro_use]
 mod layer;
 mod policy;
+#[cfg(feature = "tower-http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower-http")))]
+pub mod redirect;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;

@@ -16,13 +16,28 @@
 //! middleware extensions opts a request out of the replay. The request's timeout and
 //! extensions and the response's URL are kept across the conversion.
 //!
+//! # Redirects
+//! reqwest follows redirects inside the client, below every middleware, and removes only
+//! `Authorization`, `Cookie` and `Proxy-Authorization` on a hop to another host, port or
+//! scheme: an API-key header or any other credential header would follow the redirect.
+//! Build the client with [`redirect_policy`], which follows a redirect only within the
+//! origin it starts from and hands any other back to the caller as it came:
+//!
+//! ```
+//! let client = reqwest::Client::builder()
+//!     .redirect(tower_client_auth::reqwest::redirect_policy())
+//!     .build()?;
+//! # let _ = client;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Ordering with `reqwest-retry`
 //! Put the retry middleware **before** (outside) this one:
 //!
 //! ```text
-//! ClientBuilder::new(reqwest::Client::new())
+//! ClientBuilder::new(http) // built with redirect_policy(), below
 //!     .with(RetryTransientMiddleware::new_with_policy(policy)) // outer: retries...
-//!     .with(AuthMiddleware::new(source))                       // ...each attempt gets a fresh header
+//!     .with(AuthMiddleware::new(source).origin(origin))        // ...each attempt gets a fresh header
 //!     .build()
 //! ```
 //!
@@ -36,8 +51,12 @@
 //! use reqwest_middleware::ClientBuilder;
 //! use tower_client_auth::{reqwest::AuthMiddleware, StaticCredential};
 //!
-//! let client = ClientBuilder::new(reqwest::Client::new())
-//!     .with(AuthMiddleware::new(StaticCredential::bearer("pat_123")?))
+//! let http = reqwest::Client::builder()
+//!     .redirect(tower_client_auth::reqwest::redirect_policy())
+//!     .build()?;
+//! let client = ClientBuilder::new(http)
+//!     .with(AuthMiddleware::new(StaticCredential::bearer("pat_123")?)
+//!         .origin("https://api.example.com".parse()?))
 //!     .build();
 //! # let _ = client;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -67,6 +86,33 @@ use crate::{
     service::AddCredential,
     source::CredentialSource,
 };
+
+/// Most redirects [`redirect_policy`] follows in a row, as reqwest's default policy.
+pub const MAX_REDIRECTS: usize = 10;
+
+/// A reqwest redirect policy that keeps credentials on their origin: it follows a
+/// redirect to the same origin (scheme, host and port) as the request it answers, at
+/// most [`MAX_REDIRECTS`] in a row, and stops at any other, handing that 3xx back to the
+/// caller as it came. reqwest removes only a few standard headers on a hop to another
+/// origin; with this policy there is no such hop. See the [module docs](self).
+pub fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let Some(previous) = attempt.previous().last() else {
+            return attempt.follow();
+        };
+        let next = attempt.url();
+        let same_origin = next.scheme() == previous.scheme()
+            && next.host_str() == previous.host_str()
+            && next.port_or_known_default() == previous.port_or_known_default();
+        if !same_origin {
+            attempt.stop()
+        } else if attempt.previous().len() >= MAX_REDIRECTS {
+            attempt.error("too many redirects")
+        } else {
+            attempt.follow()
+        }
+    })
+}
 
 /// Adds cached credentials to `reqwest` requests and replays once on rejection. See the
 /// [module docs](self).

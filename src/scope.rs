@@ -1,9 +1,12 @@
 //! Origin scoping: which requests get the credential at all.
 //!
 //! A client is often shared: the same hyper or reqwest client calls the API the
-//! credential is for, and a webhook target, a CDN, another vendor. An unscoped layer
-//! sends the credential to every https host the client reaches. Scoped, a request to any
-//! other origin passes through untouched: no credential, no refresh, no replay.
+//! credential is for, and a webhook target, a CDN, another vendor, and an API may
+//! redirect anywhere. So a layer or middleware sends its credential only to the origins
+//! it was given: a request to any other origin passes through untouched (no credential,
+//! no refresh, no replay). One given none refuses every request with
+//! [`ErrorKind::NoOrigin`](crate::ErrorKind::NoOrigin); sending to every https origin a
+//! request names is an explicit opt-in, `any_https_origin()`.
 //!
 //! # Example
 //! ```
@@ -98,6 +101,9 @@ type Predicate = Arc<dyn Fn(&Uri) -> bool + Send + Sync>;
 pub(crate) struct Scope {
     origins: Vec<Origin>,
     predicates: Vec<Predicate>,
+    /// `any_https_origin()`: every origin a request names (the transport rule still
+    /// applies), except a redirect hop to an origin other than the one it came from.
+    any: bool,
 }
 
 impl fmt::Debug for Scope {
@@ -105,8 +111,25 @@ impl fmt::Debug for Scope {
         f.debug_struct("Scope")
             .field("origins", &self.origins)
             .field("predicates", &self.predicates.len())
+            .field("any_https_origin", &self.any)
             .finish()
     }
+}
+
+/// Put on a request by [`redirect::SameOriginCredentials`](crate::redirect) when it
+/// follows a redirect: the origin of the request it came from.
+#[derive(Clone, Debug)]
+pub(crate) struct RedirectedFrom(pub(crate) Uri);
+
+/// Whether two URIs have the same origin (scheme, host, port with the scheme's default).
+pub(crate) fn same_origin(a: &Uri, b: &Uri) -> bool {
+    let port = |u: &Uri| {
+        u.port_u16()
+            .or_else(|| default_port(&u.scheme_str()?.to_ascii_lowercase()))
+    };
+    a.scheme_str().map(str::to_ascii_lowercase) == b.scheme_str().map(str::to_ascii_lowercase)
+        && a.host().map(str::to_ascii_lowercase) == b.host().map(str::to_ascii_lowercase)
+        && port(a) == port(b)
 }
 
 impl Scope {
@@ -124,6 +147,13 @@ impl Scope {
         *scope = Some(Arc::new(next));
     }
 
+    /// Makes `scope` take every origin: the setter behind `any_https_origin`.
+    pub(crate) fn add_any(scope: &mut Option<Arc<Scope>>) {
+        let mut next = scope.take().map(|s| (*s).clone()).unwrap_or_default();
+        next.any = true;
+        *scope = Some(Arc::new(next));
+    }
+
     /// Adds a predicate to `scope`: the setter behind both `origin_matching`s.
     pub(crate) fn add_predicate<F>(scope: &mut Option<Arc<Scope>>, matches: F)
     where
@@ -137,15 +167,30 @@ impl Scope {
     /// Whether a request to `uri` gets the credential. A URI without a scheme or host
     /// (set below the layer, as a tonic channel does) is in scope only when
     /// `relative_in_scope`.
-    pub(crate) fn allows(&self, uri: &Uri, relative_in_scope: bool) -> bool {
+    ///
+    /// A given origin or predicate is in scope wherever the request came from. Under
+    /// `any_https_origin` alone, a redirect hop (marked by the redirect policy) is in
+    /// scope only at the origin it came from.
+    pub(crate) fn allows(
+        &self,
+        uri: &Uri,
+        extensions: &http::Extensions,
+        relative_in_scope: bool,
+    ) -> bool {
         match (uri.scheme_str(), uri.host()) {
             (Some(scheme), Some(host)) => {
                 self.origins
                     .iter()
                     .any(|o| o.matches(scheme, host, uri.port_u16()))
                     || self.predicates.iter().any(|p| p(uri))
+                    || (self.any
+                        && extensions
+                            .get::<RedirectedFrom>()
+                            .is_none_or(|from| same_origin(&from.0, uri)))
             }
-            _ => relative_in_scope,
+            // Under `any_https_origin` a relative URI is in scope too, and so meets the
+            // transport rule, which refuses it unless relative URIs are allowed.
+            _ => relative_in_scope || self.any,
         }
     }
 }
@@ -159,7 +204,8 @@ mod tests {
     fn origins_match_exactly() {
         let o: Origin = "https://API.example.com".parse().unwrap();
         let scope = Scope::default().with_origin(o);
-        let allows = |u: &str| scope.allows(&u.parse().unwrap(), false);
+        let none = http::Extensions::new();
+        let allows = |u: &str| scope.allows(&u.parse().unwrap(), &none, false);
         assert!(allows("https://api.example.com/v1/x"));
         assert!(allows("HTTPS://api.EXAMPLE.com:443/"));
         assert!(!allows("https://api.example.com:8443/"));
@@ -179,7 +225,7 @@ mod tests {
         }
         let local: Origin = "http://127.0.0.1:8080".parse().unwrap();
         let scope = Scope::default().with_origin(local);
-        assert!(scope.allows(&"http://127.0.0.1:8080/a".parse().unwrap(), false));
-        assert!(!scope.allows(&"http://127.0.0.1:8081/a".parse().unwrap(), false));
+        assert!(scope.allows(&"http://127.0.0.1:8080/a".parse().unwrap(), &none, false));
+        assert!(!scope.allows(&"http://127.0.0.1:8081/a".parse().unwrap(), &none, false));
     }
 }

@@ -14,7 +14,7 @@ use tower_service::Service;
 use crate::{
     body::ReplayBody,
     cache::{CredentialCache, LocalRefs, LocalView},
-    error::BoxError,
+    error::{BoxError, Error, ErrorKind},
     future::{ResponseFuture, release_readiness},
     layer::AuthLayer,
     policy::Policy,
@@ -36,7 +36,7 @@ pub struct AddCredential<S, P> {
     /// This clone's references to the cache for its requests (see `CacheRef`).
     refs: LocalRefs<P>,
     policy: Policy,
-    /// Where the credential goes; `None`: everywhere (unscoped).
+    /// Where the credential goes; `None`: nowhere (every request is refused).
     scope: Option<Arc<Scope>>,
 }
 
@@ -104,10 +104,10 @@ impl<S, P> AddCredential<S, P> {
 }
 
 impl<S, P: CredentialSource> AddCredential<S, P> {
-    /// Wraps `inner`, over a new cache of `source`, with the layer's defaults:
-    /// `AuthLayer::new(source).layer(inner)`.
-    pub fn new(inner: S, source: P) -> Self {
-        tower_layer::Layer::layer(&AuthLayer::new(source), inner)
+    /// Wraps `inner`, over a new cache of `source`, with the layer's defaults, sending
+    /// the credential to `origin` only: `AuthLayer::new(source).origin(origin).layer(inner)`.
+    pub fn new(inner: S, source: P, origin: crate::Origin) -> Self {
+        tower_layer::Layer::layer(&AuthLayer::new(source).origin(origin), inner)
     }
 }
 
@@ -137,11 +137,13 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if let Some(scope) = &self.scope {
-            if !scope.allows(req.uri(), self.policy.allow_relative_uris) {
-                // Another origin: no credential, so no transport rule, refresh or replay.
-                return ResponseFuture::passthrough(&mut self.inner, req);
-            }
+        let Some(scope) = &self.scope else {
+            // Given no origin: the credential goes nowhere (fail closed).
+            return ResponseFuture::refused(&mut self.inner, Error::new(ErrorKind::NoOrigin));
+        };
+        if !scope.allows(req.uri(), req.extensions(), self.policy.allow_relative_uris) {
+            // Another origin: no credential, so no transport rule, refresh or replay.
+            return ResponseFuture::passthrough(&mut self.inner, req);
         }
         if let Err(err) = self.policy.check_transport(req.uri()) {
             return ResponseFuture::refused(&mut self.inner, err);

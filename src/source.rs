@@ -201,7 +201,8 @@ impl<P: CredentialSource> DynSource for P {
 ///     })),
 /// };
 /// # Ok(source) }
-/// let layer: AuthLayer<SharedCredentialSource> = AuthLayer::new(pick("static")?);
+/// let layer: AuthLayer<SharedCredentialSource> =
+///     AuthLayer::new(pick("static")?).origin("https://api.example.com".parse()?);
 /// # let _ = layer;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```

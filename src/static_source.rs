@@ -8,14 +8,15 @@
 //! ```
 //! use tower_client_auth::{AuthLayer, Credential, RotatingCredential, StaticCredential};
 //!
-//! let api_key = AuthLayer::new(StaticCredential::header("x-api-key", "k-123")?);
+//! let api_key = AuthLayer::new(StaticCredential::header("x-api-key", "k-123")?)
+//!     .origin("https://api.example.com".parse()?);
 //!
 //! let pat = RotatingCredential::new(Credential::bearer("pat_old")?);
-//! let layer = AuthLayer::new(pat.clone());
+//! let layer = AuthLayer::new(pat.clone()).origin("https://api.example.com".parse()?);
 //! // Later, from an admin endpoint or a config watcher:
 //! pat.rotate(Credential::bearer("pat_new")?);
 //! # let _ = (api_key, layer);
-//! # Ok::<(), tower_client_auth::InvalidCredential>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 use std::{

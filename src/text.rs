@@ -99,6 +99,7 @@ pub(crate) fn foreign(text: &str) -> String {
 /// A URL as it may be shown (`Display` of an error, `Debug` of a type that holds it):
 /// scheme, host, port and path, escaped; never the userinfo or the query, either of
 /// which may carry a secret.
+#[cfg(feature = "token")]
 pub(crate) fn shown_url(url: &http::Uri) -> String {
     let scheme = url.scheme_str().unwrap_or("");
     let authority = url.authority().map(|a| a.as_str()).unwrap_or("");

@@ -38,6 +38,7 @@ async fn dropped_requests_and_abandoned_refreshes_lose_nothing() {
         .build()
         .unwrap();
     let svc = AuthLayer::with_cache(cache)
+        .any_https_origin()
         .allow_http_loopback(true)
         .layer(api_client());
     type Svc = tower_client_auth::AddCredential<

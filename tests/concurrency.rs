@@ -33,7 +33,9 @@ async fn stampede_at_expiry_fetches_once() {
         RefreshMode::Proactive,
     );
     let api = FakeApi::new(|_, _| StatusCode::OK);
-    let svc = AuthLayer::new(source.clone()).layer(api.service());
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(api.service());
     svc.clone().oneshot(get("/warm-up")).await.unwrap();
     assert_eq!(source.fetches(), 1);
 
@@ -65,7 +67,9 @@ async fn stampede_at_expiry_fetches_once_on_two_threads() {
         RefreshMode::Proactive,
     );
     let api = FakeApi::new(|_, _| StatusCode::OK);
-    let svc = AuthLayer::new(source.clone()).layer(api.service());
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(api.service());
     source.release(1);
     svc.clone().oneshot(get("/warm-up")).await.unwrap();
 
@@ -112,7 +116,7 @@ async fn storm_of_401s_refreshes_once_and_all_replays_succeed() {
     };
     let cache = CredentialCache::new(source.clone());
     cache.credential().await.unwrap();
-    let svc = AuthLayer::with_cache(cache).layer(api);
+    let svc = AuthLayer::with_cache(cache).any_https_origin().layer(api);
 
     let calls: Vec<_> = (0..N)
         .map(|_| tokio::spawn(svc.clone().oneshot(get("/v1/items"))))

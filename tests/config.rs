@@ -24,7 +24,7 @@ fn refused<T: std::fmt::Debug>(built: Result<T, InvalidConfig>) -> &'static str 
 
 #[test]
 fn invalid_settings_are_refused_when_built_and_named() {
-    let layer = || AuthLayer::builder(TestSource::new());
+    let layer = || AuthLayer::builder(TestSource::new()).any_https_origin();
     let cache = || CredentialCache::builder(TestSource::new());
     let ok = StatusCode::OK;
     let secs = Duration::from_secs;
@@ -36,14 +36,16 @@ fn invalid_settings_are_refused_when_built_and_named() {
         refused(layer().rejection_statuses([])),
         "rejection_statuses"
     );
-    let shared = || AuthLayer::with_cache(CredentialCache::new(TestSource::new()));
+    let shared =
+        || AuthLayer::with_cache(CredentialCache::new(TestSource::new())).any_https_origin();
     assert_eq!(
         refused(shared().rejection_statuses([ok])),
         "rejection_statuses"
     );
     #[cfg(feature = "reqwest")]
     {
-        let middleware = tower_client_auth::reqwest::AuthMiddleware::new(TestSource::new());
+        let middleware =
+            tower_client_auth::reqwest::AuthMiddleware::new(TestSource::new()).any_https_origin();
         let refused_statuses = middleware.rejection_statuses([ok]);
         assert_eq!(refused(refused_statuses), "rejection_statuses");
     }
@@ -116,10 +118,11 @@ impl CredentialSource for Hanging {
 }
 
 /// The cache's settings reach it through the layer's builder: here the fetch timeout,
-/// which `AuthLayer::new(source)` could not set.
+/// which `AuthLayer::new(source).any_https_origin()` could not set.
 #[tokio::test(start_paused = true)]
 async fn cache_settings_reach_the_cache_through_the_layer() {
     let layer = AuthLayer::builder(Hanging)
+        .any_https_origin()
         .fetch_timeout(Duration::from_millis(300))
         .build()
         .unwrap();

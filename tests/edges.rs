@@ -64,6 +64,7 @@ fn stack<P: CredentialSource>(
     P,
 > {
     AuthLayer::with_cache(cache)
+        .any_https_origin()
         .allow_http_loopback(true)
         .layer(api_client())
 }

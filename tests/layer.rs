@@ -50,7 +50,9 @@ where
 async fn credential_is_added_sensitive_and_reused() {
     let source = TestSource::new();
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(source.clone()).layer(inner);
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(inner);
 
     for _ in 0..2 {
         let call = tokio::spawn(svc.clone().oneshot(get("/v1/me")));
@@ -70,7 +72,9 @@ async fn credential_is_added_sensitive_and_reused() {
 async fn rejection_refreshes_once_and_replays_once() {
     let source = TestSource::new();
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(source.clone()).layer(inner);
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(inner);
 
     let call = tokio::spawn(svc.clone().oneshot(post("/v1/orders", b"{\"qty\":1}")));
     let (req, reply) = api.next_request().await.unwrap();
@@ -111,7 +115,7 @@ async fn rejection_refreshes_once_and_replays_once() {
 async fn a_long_lived_clone_sees_every_change() {
     let source = TestSource::new();
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let layer = AuthLayer::new(source.clone());
+    let layer = AuthLayer::new(source.clone()).any_https_origin();
     let svc = layer.layer(inner);
     let mut kept = svc.clone();
 
@@ -167,7 +171,9 @@ async fn a_long_lived_clone_sees_every_change() {
 async fn a_long_lived_clones_rejections_refresh_once() {
     let source = TestSource::new();
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(source.clone()).layer(inner);
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(inner);
     let mut kept = svc.clone();
     // One request through the kept clone; the caller polls it ready first.
     let send = |kept: &mut tower_client_auth::AddCredential<_, _>| {
@@ -233,7 +239,9 @@ async fn a_long_lived_clones_rejections_refresh_once() {
 async fn forbidden_is_returned_without_refresh() {
     let source = TestSource::new();
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(source.clone()).layer(inner);
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(inner);
 
     let call = tokio::spawn(svc.clone().oneshot(get("/v1/admin")));
     let (_req, reply) = api.next_request().await.unwrap();
@@ -252,6 +260,7 @@ async fn rejection_statuses_are_configurable() {
     let source = TestSource::new();
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
     let svc = AuthLayer::builder(source.clone())
+        .any_https_origin()
         .rejection_statuses([StatusCode::UNAUTHORIZED, StatusCode::from_u16(419).unwrap()])
         .unwrap()
         .build()
@@ -275,7 +284,9 @@ async fn rejection_statuses_are_configurable() {
 async fn no_replay_extension_opts_out() {
     let source = TestSource::new();
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(source.clone()).layer(inner);
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(inner);
 
     let mut req = post("/v1/payments", b"{}");
     req.extensions_mut().insert(NoReplay);
@@ -305,7 +316,9 @@ async fn no_replay_extension_opts_out() {
 async fn existing_header_passes_through_or_is_replaced() {
     let source = TestSource::new();
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(source.clone()).layer(inner);
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(inner);
     let mut req = get("/v1/me");
     req.headers_mut()
         .insert(AUTHORIZATION, "Basic dXNlcjpwYXNz".parse().unwrap());
@@ -320,6 +333,7 @@ async fn existing_header_passes_through_or_is_replaced() {
 
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
     let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
         .existing_header(ExistingHeader::Replace)
         .layer(inner);
     let mut req = get("/v1/me");
@@ -358,6 +372,7 @@ async fn a_colliding_header_does_not_drop_the_rest_of_the_credential() {
     ] {
         let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
         let svc = AuthLayer::new(source.clone())
+            .any_https_origin()
             .existing_header(existing)
             .layer(inner);
         let mut req = get("/v1/me");
@@ -407,7 +422,10 @@ async fn a_colliding_header_does_not_drop_the_rest_of_the_credential() {
 async fn over_limit_body_is_not_replayed() {
     let source = TestSource::new();
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(source.clone()).replay_limit(4).layer(inner);
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .replay_limit(4)
+        .layer(inner);
 
     let call = tokio::spawn(svc.oneshot(post("/upload", b"0123456789")));
     let (req, reply) = api.next_request().await.unwrap();
@@ -433,7 +451,9 @@ async fn over_limit_body_is_not_replayed() {
 #[tokio::test]
 async fn unread_body_is_not_replayed() {
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(TestSource::new()).layer(inner);
+    let svc = AuthLayer::new(TestSource::new())
+        .any_https_origin()
+        .layer(inner);
     let call = tokio::spawn(svc.oneshot(post("/upload", b"abc")));
     let (_req, reply) = api.next_request().await.unwrap();
     reply.send_response(status(401));
@@ -452,7 +472,9 @@ type Streamed =
 async fn streamed_body_is_replayed_byte_for_byte() {
     let source = TestSource::new();
     let (inner, mut api) = mock::pair::<Request<ReplayBody<Streamed>>, Response<&'static str>>();
-    let svc = AuthLayer::new(source.clone()).layer(inner);
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(inner);
     let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..100u8)
         .map(|i| Ok(Frame::data(Bytes::from(vec![i; 100]))))
         .collect();
@@ -475,7 +497,9 @@ async fn streamed_body_is_replayed_byte_for_byte() {
 #[tokio::test]
 async fn inner_errors_pass_through() {
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(StaticCredential::bearer("pat").unwrap()).layer(inner);
+    let svc = AuthLayer::new(StaticCredential::bearer("pat").unwrap())
+        .any_https_origin()
+        .layer(inner);
     let call = tokio::spawn(svc.oneshot(get("/")));
     let (_req, reply) = api.next_request().await.unwrap();
     reply.send_error(std::io::Error::new(
@@ -514,7 +538,7 @@ fn invalid_static_credential_is_refused_when_built() {
 async fn full_header_map_is_a_typed_error() {
     let source = TestSource::new();
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(source).layer(inner);
+    let svc = AuthLayer::new(source).any_https_origin().layer(inner);
     let mut req = get("/v1/me");
     for i in 0.. {
         let name = http::HeaderName::try_from(format!("x-filler-{i}")).unwrap();
@@ -538,7 +562,7 @@ async fn full_header_map_is_a_typed_error() {
 #[tokio::test]
 async fn static_credential_rejection_is_not_replayed() {
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let layer = AuthLayer::new(StaticCredential::bearer("pat").unwrap());
+    let layer = AuthLayer::new(StaticCredential::bearer("pat").unwrap()).any_https_origin();
     let svc = layer.layer(inner);
     let call = tokio::spawn(svc.clone().oneshot(post("/v1/orders", b"{}")));
     let (req, reply) = api.next_request().await.unwrap();
@@ -580,7 +604,7 @@ async fn cookie_credentials_merge_with_the_requests_cookies() {
     })
     .refresh_mode(tower_client_auth::RefreshMode::ReactiveOnly);
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let mut svc = AuthLayer::new(source).layer(inner);
+    let mut svc = AuthLayer::new(source).any_https_origin().layer(inner);
     let with_cookies = |cookies: &[&str]| {
         let mut req = get("/v1/me");
         for c in cookies {
@@ -642,7 +666,7 @@ async fn the_service_follows_tower_http_conventions() {
     let layer = AddCredential::layer(Opaque);
     assert!(format!("{layer:?}").contains("AuthLayer"));
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let mut svc = AddCredential::new(inner, Opaque);
+    let mut svc = AddCredential::new(inner, Opaque, "https://api.test".parse().unwrap());
     assert!(format!("{svc:?}").starts_with("AddCredential"));
     let _: &mut mock::Mock<Req, Response<&'static str>> = svc.get_mut();
     let _: &mock::Mock<Req, Response<&'static str>> = svc.get_ref();
@@ -677,7 +701,9 @@ async fn shared_sources_keep_their_own_behaviour() {
     assert!(format!("{:?}", sources[0]).contains("StaticCredential"));
 
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(sources[0].clone()).layer(inner);
+    let svc = AuthLayer::new(sources[0].clone())
+        .any_https_origin()
+        .layer(inner);
     let call = tokio::spawn(svc.oneshot(get("/")));
     assert_eq!(answer(&mut api, 401).await, "Bearer pat");
     let res = call.await.unwrap().unwrap();
@@ -687,7 +713,9 @@ async fn shared_sources_keep_their_own_behaviour() {
     );
 
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(sources[1].clone()).layer(inner);
+    let svc = AuthLayer::new(sources[1].clone())
+        .any_https_origin()
+        .layer(inner);
     let call = tokio::spawn(svc.clone().oneshot(get("/")));
     assert_eq!(answer(&mut api, 200).await, "Bearer old");
     call.await.unwrap().unwrap();
@@ -697,7 +725,9 @@ async fn shared_sources_keep_their_own_behaviour() {
     call.await.unwrap().unwrap();
 
     let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(sources[2].clone()).layer(inner);
+    let svc = AuthLayer::new(sources[2].clone())
+        .any_https_origin()
+        .layer(inner);
     let call = tokio::spawn(svc.oneshot(get("/")));
     assert_eq!(answer(&mut api, 401).await, "Bearer token-1");
     assert_eq!(answer(&mut api, 200).await, "Bearer token-2");
@@ -790,8 +820,8 @@ impl<P: tower_client_auth::CredentialSource> CloneCase<P> {
 /// its place) and readies one of its own (a second clone).
 #[tokio::test]
 async fn only_a_replayable_or_waiting_request_clones_the_inner_service() {
-    let fixed = || AuthLayer::new(StaticCredential::bearer("k3y").unwrap());
-    let fetched = || AuthLayer::new(TestSource::new());
+    let fixed = || AuthLayer::new(StaticCredential::bearer("k3y").unwrap()).any_https_origin();
+    let fetched = || AuthLayer::new(TestSource::new()).any_https_origin();
     fn case<P>(case: &'static str, layer: AuthLayer<P>, clones: usize) -> CloneCase<P> {
         CloneCase {
             case,
@@ -807,9 +837,13 @@ async fn only_a_replayable_or_waiting_request_clones_the_inner_service() {
         .check()
         .await;
     let elsewhere = "https://elsewhere.example".parse().unwrap();
-    case("other origin", fetched().origin(elsewhere), 0)
-        .check()
-        .await;
+    case(
+        "other origin",
+        AuthLayer::new(TestSource::new()).origin(elsewhere),
+        0,
+    )
+    .check()
+    .await;
     CloneCase {
         no_replay: true,
         ..case("NoReplay", fetched(), 0)

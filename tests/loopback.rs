@@ -107,6 +107,7 @@ async fn token_revoked_mid_run_is_refreshed_and_body_replayed() {
     let (addr, server) = start_server().await;
     let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Body>>();
     let svc = AuthLayer::new(token_endpoint_source(addr))
+        .any_https_origin()
         .allow_http_loopback(true)
         .layer(client);
     let url = format!("http://{addr}/v1/echo");
@@ -161,7 +162,9 @@ async fn token_revoked_mid_run_is_refreshed_and_body_replayed() {
 async fn loopback_http_only_when_allowed() {
     let (addr, server) = start_server().await;
     let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Body>>();
-    let strict = AuthLayer::new(token_endpoint_source(addr)).layer(client.clone());
+    let strict = AuthLayer::new(token_endpoint_source(addr))
+        .any_https_origin()
+        .layer(client.clone());
     let url = format!("http://{addr}/v1/echo");
 
     let err = strict
@@ -178,6 +181,7 @@ async fn loopback_http_only_when_allowed() {
     );
 
     let dev = AuthLayer::new(token_endpoint_source(addr))
+        .any_https_origin()
         .allow_http_loopback(true)
         .layer(client);
     let res = dev
@@ -194,6 +198,7 @@ async fn insecure_transports_are_refused_before_sending() {
     let source = TestSource::new();
     let api = FakeApi::new(|_, _| StatusCode::OK);
     let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
         .allow_http_loopback(true)
         .layer(api.service());
     for uri in [
@@ -211,6 +216,7 @@ async fn insecure_transports_are_refused_before_sending() {
     assert_eq!(source.fetches(), 0);
 
     let relative = AuthLayer::new(source.clone())
+        .any_https_origin()
         .allow_relative_uris(true)
         .layer(api.service());
     let req = Request::get("/pkg.Service/Method")

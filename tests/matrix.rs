@@ -229,8 +229,9 @@ fn always(status: u16) -> fn(&str, &str, usize) -> u16 {
     }
 }
 
-fn same<P>(layer: AuthLayerBuilder<P>) -> AuthLayerBuilder<P> {
-    layer
+/// The layer for the API's origin, whatever its port: every request's.
+fn same<P: CredentialSource>(layer: AuthLayerBuilder<P>) -> AuthLayerBuilder<P> {
+    layer.any_https_origin()
 }
 
 const ONE_SMALL: Body = Body::Bytes(b"hello");
@@ -354,7 +355,7 @@ async fn opting_out_returns_the_401_and_still_refreshes() {
     both(Case {
         name: "replay_rejected(false)",
         source: TestSource::new,
-        layer: |layer| layer.replay_rejected(false),
+        layer: |layer| same(layer).replay_rejected(false),
         rule: first_attempt_401,
         calls: vec![(Call::get("/a"), not_replayed(401, NotReplayed::OptedOut))],
         seen: vec![("Bearer token-1", "")],
@@ -371,7 +372,7 @@ async fn a_body_over_the_replay_limit_is_not_replayed() {
         both(Case {
             name: "over the limit",
             source: TestSource::new,
-            layer: |layer| layer.replay_limit(4),
+            layer: |layer| same(layer).replay_limit(4),
             rule: first_attempt_401,
             calls: vec![(
                 Call::get("/a").body(body),
@@ -419,7 +420,7 @@ async fn rejection_statuses_are_the_layers() {
         name: "419",
         source: TestSource::new,
         layer: |layer| {
-            layer
+            same(layer)
                 .rejection_statuses([StatusCode::UNAUTHORIZED, StatusCode::from_u16(419).unwrap()])
                 .unwrap()
         },

@@ -63,7 +63,9 @@ async fn gated_100s_world() -> (
         RefreshMode::Proactive,
     );
     let api = FakeApi::new(|_, _| StatusCode::OK);
-    let svc = AuthLayer::with_cache(cache(source.clone())).layer(api.service());
+    let svc = AuthLayer::with_cache(cache(source.clone()))
+        .any_https_origin()
+        .layer(api.service());
     source.release(1);
     svc.clone().oneshot(get("/")).await.unwrap();
     (source, api, svc)
@@ -133,7 +135,9 @@ async fn reactive_only_source_is_never_refreshed_early() {
             _ => StatusCode::OK,
         })
     };
-    let svc = AuthLayer::with_cache(cache(source.clone())).layer(api.service());
+    let svc = AuthLayer::with_cache(cache(source.clone()))
+        .any_https_origin()
+        .layer(api.service());
     for at in [0, 80, 19, 51] {
         tokio::time::sleep(Duration::from_secs(at)).await; // 0 s, 80 s, 99 s, 150 s
         let res = svc.clone().oneshot(get("/")).await.unwrap();
@@ -156,7 +160,9 @@ async fn reactive_only_source_is_never_refreshed_early() {
 async fn failing_source_keeps_valid_credential_and_backs_off() {
     let source = TestSource::expiring(Duration::from_secs(100));
     let api = FakeApi::new(|_, _| StatusCode::OK);
-    let svc = AuthLayer::with_cache(cache(source.clone())).layer(api.service());
+    let svc = AuthLayer::with_cache(cache(source.clone()))
+        .any_https_origin()
+        .layer(api.service());
     let start = Instant::now();
     svc.clone().oneshot(get("/")).await.unwrap();
     source.set_failing(true);
@@ -233,7 +239,9 @@ async fn failing_source_keeps_valid_credential_and_backs_off() {
 async fn refresh_outlives_the_request_that_started_it() {
     let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
     let api = FakeApi::new(|_, _| StatusCode::OK);
-    let svc = AuthLayer::new(source.clone()).layer(api.service());
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(api.service());
 
     let first = tokio::spawn(svc.clone().oneshot(get("/")));
     settle().await;
@@ -317,7 +325,9 @@ async fn already_expired_credential_is_an_error() {
 async fn rotated_token_takes_effect_on_next_request() {
     let pat = RotatingCredential::new(Credential::bearer("pat-1").unwrap());
     let api = FakeApi::new(|_, _| StatusCode::OK);
-    let svc = AuthLayer::new(pat.clone()).layer(api.service());
+    let svc = AuthLayer::new(pat.clone())
+        .any_https_origin()
+        .layer(api.service());
     let res = svc.clone().oneshot(get("/")).await.unwrap();
     assert_eq!(token(&res, &api), "Bearer pat-1");
     pat.rotate(Credential::bearer("pat-2").unwrap());

@@ -45,7 +45,7 @@ fn newest_only(
 async fn rejection_refreshes_and_replays_clonable_requests() {
     let source = TestSource::new();
     let (base, log) = server(newest_only(&source)).await;
-    let client = loopback_client(AuthMiddleware::new(source.clone()));
+    let client = loopback_client(AuthMiddleware::new(source.clone()).any_https_origin());
 
     let res = client
         .post(format!("{base}/v1/orders"))
@@ -83,7 +83,7 @@ async fn rejection_refreshes_and_replays_clonable_requests() {
 async fn streaming_bodies_are_replayed_and_no_replay_returns_the_401() {
     let source = TestSource::new();
     let (base, log) = server(newest_only(&source)).await;
-    let client = loopback_client(AuthMiddleware::new(source.clone()));
+    let client = loopback_client(AuthMiddleware::new(source.clone()).any_https_origin());
 
     let stream = futures_util::stream::iter(
         [&b"chu"[..], b"nk"].map(|c| Ok::<_, std::io::Error>(Bytes::from_static(c))),
@@ -105,7 +105,7 @@ async fn streaming_bodies_are_replayed_and_no_replay_returns_the_401() {
 
     let source = TestSource::new();
     let (base, log) = server(newest_only(&source)).await;
-    let client = loopback_client(AuthMiddleware::new(source.clone()));
+    let client = loopback_client(AuthMiddleware::new(source.clone()).any_https_origin());
     let res = client
         .post(format!("{base}/v1/payments"))
         .with_extension(NoReplay)
@@ -121,7 +121,7 @@ async fn streaming_bodies_are_replayed_and_no_replay_returns_the_401() {
 #[tokio::test]
 async fn insecure_transport_is_refused() {
     let source = TestSource::new();
-    let client = loopback_client(AuthMiddleware::new(source.clone()));
+    let client = loopback_client(AuthMiddleware::new(source.clone()).any_https_origin());
     let err = client
         .get("http://api.example.invalid/v1")
         .send()
@@ -147,7 +147,9 @@ async fn one_cache_serves_tower_and_reqwest() {
         }
     })
     .await;
-    let layer = AuthLayer::new(source.clone()).allow_http_loopback(true);
+    let layer = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .allow_http_loopback(true);
     let reqwest_client = ClientBuilder::new(reqwest::Client::new())
         .with(AuthMiddleware::from_layer(&layer))
         .build();
@@ -197,7 +199,11 @@ async fn retry_outside_auth_sends_a_fresh_header_on_every_attempt() {
     );
     let client = ClientBuilder::new(reqwest::Client::new())
         .with(retry)
-        .with(AuthMiddleware::new(pat).allow_http_loopback(true))
+        .with(
+            AuthMiddleware::new(pat)
+                .any_https_origin()
+                .allow_http_loopback(true),
+        )
         .build();
     let res = client.get(format!("{base}/v1/me")).send().await.unwrap();
     assert_eq!(res.status(), 200);
@@ -219,7 +225,8 @@ async fn retry_outside_auth_sends_a_fresh_header_on_every_attempt() {
 #[tokio::test]
 async fn static_credential_rejection_is_not_replayed() {
     let (base, log) = server(|_, _, _| StatusCode::UNAUTHORIZED).await;
-    let auth = AuthMiddleware::new(tower_client_auth::StaticCredential::bearer("pat").unwrap());
+    let auth = AuthMiddleware::new(tower_client_auth::StaticCredential::bearer("pat").unwrap())
+        .any_https_origin();
     let cache = auth.cache().clone();
     let client = loopback_client(auth);
     let res = client
@@ -242,7 +249,7 @@ async fn static_credential_rejection_is_not_replayed() {
 async fn the_rejected_credential_is_never_replayed() {
     let (base, log) = server(|_, _, _| StatusCode::UNAUTHORIZED).await;
     let pat = RotatingCredential::new(Credential::bearer("revoked-pat").unwrap());
-    let auth = AuthMiddleware::new(pat);
+    let auth = AuthMiddleware::new(pat).any_https_origin();
     let cache = auth.cache().clone();
     let client = loopback_client(auth);
     let res = client
@@ -265,7 +272,7 @@ async fn the_rejected_credential_is_never_replayed() {
 #[tokio::test]
 async fn full_header_map_is_a_typed_error() {
     let (base, log) = server(|_, _, _| StatusCode::OK).await;
-    let client = loopback_client(AuthMiddleware::new(TestSource::new()));
+    let client = loopback_client(AuthMiddleware::new(TestSource::new()).any_https_origin());
     let mut headers = http::HeaderMap::new();
     for i in 0.. {
         let name = http::HeaderName::try_from(format!("x-filler-{i}")).unwrap();
@@ -316,7 +323,7 @@ async fn token_requests_go_through_a_reqwest_client() {
         "refresh_token",
     )
     .client(TokenClient::reqwest(token_http()).allow_http_loopback(true));
-    let client = loopback_client(AuthMiddleware::new(source));
+    let client = loopback_client(AuthMiddleware::new(source).any_https_origin());
     for _ in 0..3 {
         let res = client
             .get(format!("{base}/v1/things"))
@@ -385,7 +392,7 @@ async fn a_requests_own_timeout_still_applies() {
         Response::new(Full::new(Bytes::new()))
     })
     .await;
-    let client = loopback_client(AuthMiddleware::new(TestSource::new()));
+    let client = loopback_client(AuthMiddleware::new(TestSource::new()).any_https_origin());
     let started = std::time::Instant::now();
     let err = client
         .get(format!("http://{addr}/slow"))

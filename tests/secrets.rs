@@ -50,7 +50,7 @@ async fn debug_and_display_are_redacted() {
         .build()
         .unwrap();
     cache.credential().await.unwrap();
-    let layer = AuthLayer::with_cache(cache.clone());
+    let layer = AuthLayer::with_cache(cache.clone()).any_https_origin();
     let svc = layer
         .clone()
         .layer(FakeApi::new(|_, _| StatusCode::OK).service());
@@ -82,7 +82,7 @@ async fn debug_and_display_are_redacted() {
         format!(
             "{:?} {:?} {:?}",
             CredentialCache::builder(StaticCredential::bearer(CANARY).unwrap()),
-            AuthLayer::builder(StaticCredential::bearer(CANARY).unwrap()),
+            AuthLayer::builder(StaticCredential::bearer(CANARY).unwrap()).any_https_origin(),
             SharedCredentialSource::new(StaticCredential::bearer(CANARY).unwrap()),
         ),
         format!("{:?}", Secret::new(CANARY)),
@@ -150,6 +150,7 @@ async fn errors_never_carry_the_secret() {
     );
 
     let svc = AuthLayer::new(StaticCredential::bearer(CANARY).unwrap())
+        .any_https_origin()
         .layer(FakeApi::new(|_, _| StatusCode::OK).service());
     let req = Request::get(format!("http://api.example.com/?token={CANARY}"))
         .body(Full::<Bytes>::default())
@@ -197,7 +198,7 @@ async fn tracing_output_never_carries_the_secret() {
             api.clone().oneshot(req)
         }
     });
-    let svc = AuthLayer::new(source).layer(inspect);
+    let svc = AuthLayer::new(source).any_https_origin().layer(inspect);
     let res: Response<String> = svc.clone().oneshot(post("/v1/pay", b"{}")).await.unwrap();
     assert_eq!(res.status(), 200);
     tokio::time::sleep(Duration::from_secs(59)).await; // hard window: refresh fails
@@ -206,7 +207,9 @@ async fn tracing_output_never_carries_the_secret() {
     let _ = svc.clone().oneshot(get("/")).await;
 
     let pat = RotatingCredential::new(Credential::bearer(CANARY).unwrap());
-    let rotating = AuthLayer::new(pat.clone()).layer(api.service());
+    let rotating = AuthLayer::new(pat.clone())
+        .any_https_origin()
+        .layer(api.service());
     rotating.clone().oneshot(get("/")).await.unwrap();
     pat.rotate(Credential::bearer(format!("{CANARY}-rotated")).unwrap());
     rotating.oneshot(get("/")).await.unwrap();
@@ -270,6 +273,7 @@ async fn token_flows_never_leak_the_secret() {
         .client(client());
     printed.push(format!("{source:?}"));
     let svc = AuthLayer::new(source)
+        .any_https_origin()
         .allow_http_loopback(true)
         .layer(api_client());
     assert_eq!(status(&svc, format!("{base}/v1/x")).await, 200);
@@ -293,6 +297,7 @@ async fn token_flows_never_leak_the_secret() {
     .client(client())
     .on_refresh(|pair| async move { tracing::info!(?pair, "persisting pair") });
     let svc = AuthLayer::new(source)
+        .any_https_origin()
         .allow_http_loopback(true)
         .layer(api_client());
     assert_eq!(status(&svc, format!("{base}/v3/a")).await, 200);
@@ -314,6 +319,7 @@ async fn token_flows_never_leak_the_secret() {
         .unwrap()
         .client(client());
     let svc = AuthLayer::new(source)
+        .any_https_origin()
         .allow_http_loopback(true)
         .layer(api_client());
     let err = svc

@@ -23,6 +23,7 @@ async fn source_fn_with_question_mark_is_send() {
         let _: u64 = _lifetime.parse()?;
         Ok::<_, BoxError>(Credential::bearer(token)?)
     }))
+    .any_https_origin()
     .layer(api.service());
     let status = tokio::spawn(async move { svc.oneshot(get("/")).await.map(|r| r.status()) })
         .await

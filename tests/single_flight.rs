@@ -79,7 +79,9 @@ async fn no_entry_point_runs_two_fetches_at_once() {
         .backoff(Duration::from_millis(1), Duration::from_millis(5))
         .build()
         .unwrap();
-    let svc = AuthLayer::with_cache(cache.clone()).layer(tower::service_fn(api));
+    let svc = AuthLayer::with_cache(cache.clone())
+        .any_https_origin()
+        .layer(tower::service_fn(api));
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new([
         AtomicUsize::new(0),

@@ -339,6 +339,7 @@ async fn soak_under_faults() {
         let api = Client::builder(TokioExecutor::new())
             .build_http::<tower_client_auth::ReplayBody<Full<Bytes>>>();
         let svc = AuthLayer::with_cache(cache)
+            .any_https_origin()
             .allow_http_loopback(true)
             .layer(api);
 

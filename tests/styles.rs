@@ -30,7 +30,9 @@ type Client = tower_client_auth::AddCredential<
 >;
 
 fn layer<P: CredentialSource>(source: P) -> AuthLayer<P> {
-    AuthLayer::new(source).allow_http_loopback(true)
+    AuthLayer::new(source)
+        .any_https_origin()
+        .allow_http_loopback(true)
 }
 
 async fn get<S>(svc: &S, url: String) -> Result<StatusCode, BoxError>

@@ -57,7 +57,9 @@ async fn whole_flow_over_real_tls() {
     let source = TokenSource::client_credentials(&token_url, "tls-client", "tls-secret")
         .unwrap()
         .client(TokenClient::hyper_rustls_with_roots([&tls.root_der]).unwrap());
-    let svc = AuthLayer::new(source).layer(https_api_client(&tls.root_der));
+    let svc = AuthLayer::new(source)
+        .any_https_origin()
+        .layer(https_api_client(&tls.root_der));
     for _ in 0..3 {
         let req = Request::get(format!("https://{}/v1/shipments", tls.addr))
             .body(Full::default())

@@ -61,6 +61,7 @@ type Stack<P> = tower_client_auth::AddCredential<
 
 fn stack<P: CredentialSource>(cache: CredentialCache<P>) -> Stack<P> {
     AuthLayer::with_cache(cache)
+        .any_https_origin()
         .allow_http_loopback(true)
         .layer(api_client())
 }

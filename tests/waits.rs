@@ -22,7 +22,9 @@ use tower_client_auth::{
 async fn an_api_rejecting_every_fresh_token_causes_no_storm() {
     let source = TestSource::expiring(Duration::from_secs(3600));
     let api = FakeApi::new(|_, _| StatusCode::UNAUTHORIZED);
-    let svc = AuthLayer::new(source.clone()).layer(api.service());
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(api.service());
     let mut marked = 0;
     for _ in 0..200 {
         let res = svc.clone().oneshot(get("/v1/things")).await.unwrap();
@@ -217,8 +219,9 @@ async fn a_user_sources_error_text_is_sanitised() {
 async fn waiting_for_a_credential_holds_no_readiness() {
     let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
     let api = FakeApi::new(|_, _| StatusCode::OK);
-    let svc =
-        AuthLayer::new(source.clone()).layer(tower::limit::ConcurrencyLimit::new(api.service(), 1));
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(tower::limit::ConcurrencyLimit::new(api.service(), 1));
     let first = tokio::spawn(svc.clone().oneshot(get("/first")));
     for _ in 0..10 {
         tokio::task::yield_now().await;
@@ -279,7 +282,7 @@ async fn a_request_refused_before_sending_holds_no_readiness() {
     for (case, request, kind) in cases {
         let api = FakeApi::new(|_, _| StatusCode::OK);
         let limited = tower::limit::ConcurrencyLimit::new(api.service(), 1);
-        let layer = AuthLayer::new(TestSource::new());
+        let layer = AuthLayer::new(TestSource::new()).any_https_origin();
         layer.cache().credential().await.unwrap();
         let mut first = layer.layer(limited);
         std::future::poll_fn(|cx| first.poll_ready(cx))

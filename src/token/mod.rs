@@ -30,9 +30,9 @@
 //!     // persist pair.refresh_token() so a restart can resume without a login
 //!     let _ = pair;
 //! });
-//! let layer = AuthLayer::new(source);
+//! let layer = AuthLayer::new(source).origin("https://api.example.com".parse()?);
 //! # let _ = layer;
-//! # Ok::<_, tower_client_auth::token::TokenError>(())
+//! # Ok::<_, Box<dyn std::error::Error>>(())
 //! ```
 
 mod client;

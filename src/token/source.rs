@@ -127,9 +127,9 @@ type OnRefresh = Arc<dyn Fn(TokenPair) -> Pin<Box<dyn Future<Output = ()> + Send
 ///     TokenRequest::oauth2_client_credentials("https://idp.example/oauth/v2/token", "id", "secret")?
 ///         .scope("orders:read"),
 /// );
-/// let layer = AuthLayer::new(source);
+/// let layer = AuthLayer::new(source).origin("https://api.example.com".parse()?);
 /// # let _ = layer;
-/// # Ok::<_, tower_client_auth::token::TokenError>(())
+/// # Ok::<_, Box<dyn std::error::Error>>(())
 /// ```
 pub struct TokenSource {
     client: Option<TokenClient>,

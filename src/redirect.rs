@@ -1,0 +1,108 @@
+//! Redirects that keep credentials where they belong: a policy for tower-http's
+//! `FollowRedirect`.
+//!
+//! A redirect is a request to wherever the server says. tower-http's standard policy
+//! removes `Authorization`, `Cookie` and `Proxy-Authorization` on a hop to another
+//! origin, but not an API-key header or any other header a credential may be made of,
+//! and a `FollowRedirect` *above* the layer sends each hop through the layer again as a
+//! new request. [`SameOriginCredentials`] closes both gaps, wherever `FollowRedirect`
+//! sits:
+//!
+//! - **below the layer**, on a hop to an origin other than the first request's, it
+//!   removes every header the crate marked sensitive (every credential header is), as
+//!   well as the ones tower-http's `FilterCredentials` removes;
+//! - **above the layer**, it marks each hop with the origin it came from, so a layer
+//!   opened to [`any_https_origin`](crate::AuthLayer::any_https_origin) attaches the
+//!   credential only at that origin. A layer scoped with
+//!   [`origin`](crate::AuthLayer::origin) needs no mark: a hop to an origin it was not
+//!   given never gets the credential.
+//!
+//! # Example
+//! ```
+//! use tower::ServiceBuilder;
+//! use tower_client_auth::{AuthLayer, StaticCredential, redirect::SameOriginCredentials};
+//! use tower_http::follow_redirect::FollowRedirectLayer;
+//! # let client = tower::service_fn(|_req: http::Request<tower_client_auth::ReplayBody<String>>| async {
+//! #     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+//! # });
+//!
+//! let client = ServiceBuilder::new()
+//!     .layer(FollowRedirectLayer::with_policy(SameOriginCredentials::new()))
+//!     .layer(AuthLayer::new(StaticCredential::header("x-api-key", "k3y")?)
+//!         .origin("https://api.example.com".parse()?))
+//!     .service(client);
+//! # let _ = client;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use http::{Request, Uri, header};
+use tower_http::follow_redirect::policy::{Action, Attempt, Policy, Standard};
+
+use crate::scope::{RedirectedFrom, same_origin};
+
+/// A `FollowRedirect` policy: `P`'s decisions (tower-http's [`Standard`] by default: at
+/// most 20 redirects, standard credential headers removed across origins), and no
+/// credential of this crate's past the origin of the first request. See the
+/// [module docs](self).
+#[derive(Clone, Debug, Default)]
+pub struct SameOriginCredentials<P = Standard> {
+    inner: P,
+    /// The first request's URI: where the credential was meant to go. `FollowRedirect`
+    /// clones the policy for each request, so this is per request.
+    first: Option<Uri>,
+}
+
+impl SameOriginCredentials {
+    /// Over tower-http's [`Standard`] policy.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<P> SameOriginCredentials<P> {
+    /// Wraps another policy: its decisions, with this policy's credential rule.
+    pub fn wrap(inner: P) -> Self {
+        SameOriginCredentials { inner, first: None }
+    }
+}
+
+impl<B, E, P: Policy<B, E>> Policy<B, E> for SameOriginCredentials<P> {
+    fn redirect(&mut self, attempt: &Attempt<'_>) -> Result<Action, E> {
+        self.inner.redirect(attempt)
+    }
+
+    fn on_request(&mut self, request: &mut Request<B>) {
+        self.inner.on_request(request);
+        let Some(first) = &self.first else {
+            self.first = Some(request.uri().clone());
+            return;
+        };
+        if !same_origin(first, request.uri()) {
+            // Below the layer, each hop carries the first request's headers, and so the
+            // credential attached to it. Every credential header is marked sensitive.
+            let headers = request.headers_mut();
+            for name in [
+                header::AUTHORIZATION,
+                header::COOKIE,
+                header::PROXY_AUTHORIZATION,
+            ] {
+                headers.remove(name);
+            }
+            let sensitive: Vec<_> = headers
+                .iter()
+                .filter(|(_, v)| v.is_sensitive())
+                .map(|(n, _)| n.clone())
+                .collect();
+            for name in sensitive {
+                headers.remove(name);
+            }
+        }
+        request
+            .extensions_mut()
+            .insert(RedirectedFrom(first.clone()));
+    }
+
+    fn clone_body(&self, body: &B) -> Option<B> {
+        self.inner.clone_body(body)
+    }
+}

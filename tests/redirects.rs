@@ -1,0 +1,337 @@
+//! "A credential goes only to the origins it was given", through redirects: every kind
+//! of credential (bearer, a custom scheme, a cookie, an API-key header, several headers)
+//! through every stack README and the examples show (tower-http's `FollowRedirect` above
+//! the layer and below it, reqwest following redirects inside the client), redirected
+//! by 302 and 307 to another port of the same host and to another host. Real loopback
+//! servers record every header they receive; a same-origin redirect is the control that
+//! shows the credential does arrive where it belongs.
+#![cfg(all(feature = "tower-http", feature = "reqwest"))]
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, StatusCode, header};
+use http_body_util::Full;
+use support::{api_client, serve};
+use tower::{ServiceBuilder, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, Credential, ErrorKind, Origin, StaticCredential, redirect::SameOriginCredentials,
+};
+use tower_http::follow_redirect::FollowRedirectLayer;
+
+const SECRET: &str = "s3cr3t-never-elsewhere";
+
+/// Every kind of credential, each carrying `SECRET`.
+fn credentials() -> Vec<(&'static str, Credential)> {
+    vec![
+        ("bearer", Credential::bearer(SECRET).unwrap()),
+        (
+            "custom scheme",
+            Credential::with_scheme("Secret", SECRET).unwrap(),
+        ),
+        ("cookie", Credential::cookie("sid", SECRET).unwrap()),
+        (
+            "api-key header",
+            Credential::header("x-api-key", SECRET).unwrap(),
+        ),
+        (
+            "several headers",
+            Credential::from_headers([
+                (
+                    header::AUTHORIZATION,
+                    HeaderValue::from_str(&format!("Bearer {SECRET}")).unwrap(),
+                ),
+                (
+                    HeaderName::from_static("x-tenant-key"),
+                    HeaderValue::from_static(SECRET),
+                ),
+            ])
+            .unwrap(),
+        ),
+    ]
+}
+
+/// A server that records, for every request, whether any header carried `SECRET`, and
+/// answers `GET /go/{status}?to={url}` with that redirect.
+#[derive(Clone, Default)]
+struct Recorder {
+    seen: Arc<Mutex<Vec<(String, bool)>>>,
+}
+
+impl Recorder {
+    async fn start(&self) -> SocketAddr {
+        let seen = self.seen.clone();
+        serve(move |req: Request<hyper::body::Incoming>| {
+            let seen = seen.clone();
+            async move {
+                let carried = req
+                    .headers()
+                    .values()
+                    .any(|v| String::from_utf8_lossy(v.as_bytes()).contains(SECRET));
+                seen.lock()
+                    .unwrap()
+                    .push((req.uri().path().to_owned(), carried));
+                let path = req.uri().path().to_owned();
+                let mut res = http::Response::new(Full::new(Bytes::from_static(b"{}")));
+                if let Some(status) = path.strip_prefix("/go/") {
+                    let to = req
+                        .uri()
+                        .query()
+                        .and_then(|q| q.strip_prefix("to="))
+                        .unwrap();
+                    *res.status_mut() = StatusCode::from_u16(status.parse().unwrap()).unwrap();
+                    res.headers_mut()
+                        .insert(header::LOCATION, HeaderValue::from_str(to).unwrap());
+                }
+                res
+            }
+        })
+        .await
+    }
+
+    fn take(&self) -> Vec<(String, bool)> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+/// The three places a redirect can lead, from an API at `http://127.0.0.1:{api}`.
+struct World {
+    api: Recorder,
+    api_addr: SocketAddr,
+    other: Recorder,
+    other_addr: SocketAddr,
+}
+
+impl World {
+    async fn new() -> Self {
+        let (api, other) = (Recorder::default(), Recorder::default());
+        let api_addr = api.start().await;
+        let other_addr = other.start().await;
+        World {
+            api,
+            api_addr,
+            other,
+            other_addr,
+        }
+    }
+
+    fn origin(&self) -> Origin {
+        format!("http://{}", self.api_addr).parse().unwrap()
+    }
+
+    /// (what, the URL that redirects, whether its target is the API's own origin).
+    fn redirects(&self) -> Vec<(String, String, bool)> {
+        let (api, other) = (self.api_addr, self.other_addr);
+        let mut cases = Vec::new();
+        for status in [302, 307] {
+            let go = |to: String| format!("http://{api}/go/{status}?to={to}");
+            cases.push((
+                format!("{status} to the same origin"),
+                go(format!("http://{api}/landing")),
+                true,
+            ));
+            cases.push((
+                format!("{status} to another port of the same host"),
+                go(format!("http://127.0.0.1:{}/landing", other.port())),
+                false,
+            ));
+            cases.push((
+                format!("{status} to another host"),
+                go(format!("http://localhost:{}/landing", other.port())),
+                false,
+            ));
+            cases.push((
+                format!("{status} to another host that redirects back"),
+                go(format!(
+                    "http://localhost:{}/go/{status}?to=http://{api}/landing",
+                    other.port()
+                )),
+                false,
+            ));
+        }
+        cases
+    }
+
+    /// After one redirected request: the landing page was reached, and the secret
+    /// reached the API's origin only, and reached it on the same-origin landing.
+    fn check(&self, what: &str, same_origin: bool) {
+        let api = self.api.take();
+        let other = self.other.take();
+        assert!(
+            other.iter().all(|(_, carried)| !carried),
+            "{what}: the credential reached another origin: {other:?}"
+        );
+        assert!(
+            api.first().is_some_and(|(_, carried)| *carried),
+            "{what}: the first request lacked its credential: {api:?}"
+        );
+        if same_origin {
+            assert_eq!(api.len(), 2, "{what}: {api:?}");
+            assert!(api[1].1, "{what}: the same-origin landing lacked it");
+        } else {
+            assert!(
+                !other.is_empty(),
+                "{what}: the redirect was not followed at all"
+            );
+        }
+    }
+}
+
+fn get(url: &str) -> Request<Full<Bytes>> {
+    Request::get(url).body(Full::default()).unwrap()
+}
+
+/// World: tower-http's `FollowRedirect` *above* the layer (the usual order), with its
+/// standard policy and with `SameOriginCredentials`, over a layer given the API's
+/// origin; and the opt-in `any_https_origin` layer under `SameOriginCredentials`.
+/// Proves: every credential kind reaches the API and never the other origin, through
+/// every redirect.
+#[tokio::test]
+async fn follow_redirect_above_the_layer() {
+    let world = World::new().await;
+    for (kind, credential) in credentials() {
+        let scoped = AuthLayer::new(StaticCredential::new(credential.clone()))
+            .origin(world.origin())
+            .allow_http_loopback(true);
+        let any = AuthLayer::new(StaticCredential::new(credential.clone()))
+            .any_https_origin()
+            .allow_http_loopback(true);
+        for (what, url, same) in world.redirects() {
+            let standard = ServiceBuilder::new()
+                .layer(FollowRedirectLayer::new())
+                .layer(scoped.clone())
+                .service(api_client());
+            standard.oneshot(get(&url)).await.unwrap();
+            world.check(&format!("{kind}, standard policy, scoped: {what}"), same);
+
+            let ours = ServiceBuilder::new()
+                .layer(FollowRedirectLayer::with_policy(
+                    SameOriginCredentials::new(),
+                ))
+                .layer(scoped.clone())
+                .service(api_client());
+            ours.oneshot(get(&url)).await.unwrap();
+            world.check(&format!("{kind}, our policy, scoped: {what}"), same);
+
+            let opened = ServiceBuilder::new()
+                .layer(FollowRedirectLayer::with_policy(
+                    SameOriginCredentials::new(),
+                ))
+                .layer(any.clone())
+                .service(api_client());
+            opened.oneshot(get(&url)).await.unwrap();
+            world.check(&format!("{kind}, our policy, any origin: {what}"), same);
+        }
+    }
+}
+
+/// World: `FollowRedirect` *below* the layer, so the credential is already on the
+/// request each hop copies, with `SameOriginCredentials`. Proves: no credential kind
+/// follows a redirect to another origin (tower-http's own filter would let an API-key
+/// header through), and a same-origin hop keeps it.
+#[tokio::test]
+async fn follow_redirect_below_the_layer() {
+    let world = World::new().await;
+    for (kind, credential) in credentials() {
+        let layer = AuthLayer::new(StaticCredential::new(credential))
+            .origin(world.origin())
+            .allow_http_loopback(true);
+        for (what, url, same) in world.redirects() {
+            let svc = ServiceBuilder::new()
+                .layer(layer.clone())
+                .layer(FollowRedirectLayer::with_policy(
+                    SameOriginCredentials::new(),
+                ))
+                .service(api_client());
+            svc.oneshot(get(&url)).await.unwrap();
+            world.check(&format!("{kind}, below: {what}"), same);
+        }
+    }
+}
+
+/// World: reqwest following redirects inside the client, built with the crate's
+/// `redirect_policy`, under `AuthMiddleware` given the API's origin. Proves: no
+/// credential kind reaches another origin (reqwest itself strips only `Authorization`
+/// and `Cookie`); the cross-origin 3xx comes back to the caller; a same-origin redirect
+/// is followed with the credential.
+#[tokio::test]
+async fn reqwest_following_redirects() {
+    let world = World::new().await;
+    for (kind, credential) in credentials() {
+        let http = reqwest::Client::builder()
+            .redirect(tower_client_auth::reqwest::redirect_policy())
+            .build()
+            .unwrap();
+        let client = reqwest_middleware::ClientBuilder::new(http)
+            .with(
+                tower_client_auth::reqwest::AuthMiddleware::new(StaticCredential::new(credential))
+                    .origin(world.origin())
+                    .allow_http_loopback(true),
+            )
+            .build();
+        for (what, url, same) in world.redirects() {
+            let res = client.get(&url).send().await.unwrap();
+            let what = format!("{kind}, reqwest: {what}");
+            if same {
+                assert_eq!(res.status(), 200, "{what}");
+                world.check(&what, true);
+            } else {
+                assert!(res.status().is_redirection(), "{what}: {}", res.status());
+                let api = world.api.take();
+                assert_eq!(api.len(), 1, "{what}: {api:?}");
+                assert!(api[0].1, "{what}");
+                assert!(world.other.take().is_empty(), "{what}: followed elsewhere");
+            }
+        }
+    }
+}
+
+/// World: a layer, a builder and a reqwest middleware given no origin. Proves: they
+/// fail closed: every request is refused with `NoOrigin` (naming `.origin(..)` and the
+/// explicit opt-in), nothing is sent, and the builder refuses to build.
+#[tokio::test]
+async fn a_layer_given_no_origin_sends_nothing() {
+    let world = World::new().await;
+    let url = format!("http://{}/v1/x", world.api_addr);
+    let layer = AuthLayer::new(StaticCredential::bearer(SECRET).unwrap()).allow_http_loopback(true);
+    let err = ServiceBuilder::new()
+        .layer(layer)
+        .service(api_client())
+        .oneshot(get(&url))
+        .await
+        .unwrap_err();
+    let err = err.downcast_ref::<tower_client_auth::Error>().unwrap();
+    assert_eq!(err.kind(), ErrorKind::NoOrigin);
+    let shown = err.to_string();
+    assert!(
+        shown.contains(".origin(") && shown.contains(".any_https_origin()"),
+        "{shown}"
+    );
+
+    let refused = AuthLayer::builder(StaticCredential::bearer(SECRET).unwrap()).build();
+    assert_eq!(refused.unwrap_err().setting(), "origin");
+
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(
+            tower_client_auth::reqwest::AuthMiddleware::new(
+                StaticCredential::bearer(SECRET).unwrap(),
+            )
+            .allow_http_loopback(true),
+        )
+        .build();
+    let err = client.get(&url).send().await.unwrap_err();
+    let reqwest_middleware::Error::Middleware(err) = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(
+        err.downcast_ref::<tower_client_auth::Error>()
+            .map(|e| e.kind()),
+        Some(ErrorKind::NoOrigin)
+    );
+    assert!(world.api.take().is_empty(), "a request was sent");
+}
