@@ -16,15 +16,17 @@
 //! let cookie = Credential::cookie("session", "abc123")?;
 //! let api_key = Credential::header("x-api-key", "k-123")?;
 //!
-//! assert_eq!(format!("{cookie:?}"), r#"Credential { headers: {"cookie": [redacted]}, expires_at: None }"#);
+//! assert_eq!(format!("{cookie:?}"), r#"Credential { headers: {"cookie": [redacted]}, expires_at: None, issued_at: None }"#);
 //! # let _ = (bearer, secret, api_key);
 //! # Ok::<(), tower_client_auth::InvalidCredential>(())
 //! ```
 
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    time::{Duration, SystemTime},
+};
 
 use http::{HeaderMap, HeaderName, HeaderValue, header, header::MaxSizeReached};
-use tokio::time::Instant;
 
 use crate::error::InvalidCredential;
 
@@ -32,10 +34,16 @@ use crate::error::InvalidCredential;
 ///
 /// Cheap to clone (header values are reference counted). Two credentials are equal when
 /// they carry the same headers; expiry is not compared.
+///
+/// Expiry is wall-clock time (`SystemTime`), as a server states it: it means the same in
+/// every process that shares the credential, and after a suspend. With it goes the time
+/// the credential was issued, so the cache sizes its refresh windows from the lifetime
+/// the server granted, not from what is left when the credential reaches it.
 #[derive(Clone)]
 pub struct Credential {
     headers: Box<[(HeaderName, HeaderValue)]>,
-    expires_at: Option<Instant>,
+    expires_at: Option<SystemTime>,
+    issued_at: Option<SystemTime>,
 }
 
 impl Credential {
@@ -115,6 +123,7 @@ impl Credential {
         Ok(Credential {
             headers,
             expires_at: None,
+            issued_at: None,
         })
     }
 
@@ -122,28 +131,53 @@ impl Credential {
         Credential {
             headers: Box::new([(name, value)]),
             expires_at: None,
+            issued_at: None,
         }
     }
 
-    /// Sets when the credential stops being valid.
-    ///
-    /// Accepts a `tokio::time::Instant` or a `std::time::Instant`. The cache uses Tokio's
-    /// clock, so paused test time applies.
-    pub fn expires_at(mut self, at: impl Into<Instant>) -> Self {
-        self.expires_at = Some(at.into());
+    /// Sets when the credential stops being valid, on the wall clock. Say when it was
+    /// issued too ([`issued_at`](Self::issued_at)) if you know: without it, the cache
+    /// takes the lifetime left when the credential reaches it as its whole lifetime.
+    pub fn expires_at(mut self, at: SystemTime) -> Self {
+        self.expires_at = Some(at);
         self
     }
 
-    /// Sets the expiry to `lifetime` from now. A lifetime too large to represent means
-    /// the credential never expires.
-    pub fn expires_in(mut self, lifetime: Duration) -> Self {
-        self.expires_at = Instant::now().checked_add(lifetime);
+    /// Sets when the credential was issued, on the wall clock.
+    pub fn issued_at(mut self, at: SystemTime) -> Self {
+        self.issued_at = Some(at);
+        self
+    }
+
+    /// Issued now (the system clock) and valid for `lifetime`. A lifetime too large to
+    /// represent means the credential never expires.
+    pub fn expires_in(self, lifetime: Duration) -> Self {
+        self.lives(SystemTime::now(), lifetime)
+    }
+
+    /// Issued at `issued` and valid for `lifetime` from then: [`expires_in`](Self::expires_in)
+    /// on a clock of your own (a [`Clock`](crate::clock::Clock)). A lifetime too large to
+    /// represent means the credential never expires.
+    pub fn lives(mut self, issued: SystemTime, lifetime: Duration) -> Self {
+        self.issued_at = Some(issued);
+        self.expires_at = issued.checked_add(lifetime);
         self
     }
 
     /// When the credential stops being valid, if known.
-    pub fn expiry(&self) -> Option<Instant> {
+    pub fn expiry(&self) -> Option<SystemTime> {
         self.expires_at
+    }
+
+    /// When the credential was issued, if known.
+    pub fn issued(&self) -> Option<SystemTime> {
+        self.issued_at
+    }
+
+    /// The lifetime the credential was issued with (expiry minus issue), if both are
+    /// known.
+    pub fn lifetime(&self) -> Option<Duration> {
+        self.expires_at?.duration_since(self.issued_at?).ok()
     }
 
     /// The header names this credential sets.
@@ -272,6 +306,7 @@ impl fmt::Debug for Credential {
         f.debug_struct("Credential")
             .field("headers", &Redacted(&self.headers))
             .field("expires_at", &self.expires_at)
+            .field("issued_at", &self.issued_at)
             .finish()
     }
 }

@@ -294,6 +294,12 @@ impl<P: CredentialSource> AuthLayerBuilder<P> {
         self
     }
 
+    /// See [`CredentialCacheBuilder::clock`].
+    pub fn clock(mut self, clock: impl crate::clock::Clock) -> Self {
+        self.cache = self.cache.clock(clock);
+        self
+    }
+
     request_rules!();
 
     /// Checks every setting and builds the layer over a new cache: a value out of range

@@ -202,6 +202,7 @@
 
 mod body;
 pub mod cache;
+pub mod clock;
 mod credential;
 mod error;
 mod future;

@@ -22,7 +22,7 @@
 //! # let _ = source;
 //! ```
 
-use std::{fmt, future::Future, pin::Pin, sync::Arc};
+use std::{fmt, future::Future, pin::Pin, sync::Arc, time::SystemTime};
 
 use crate::{credential::Credential, error::BoxError, handle::CacheHandle};
 
@@ -47,11 +47,30 @@ pub enum FetchReason {
 pub struct FetchContext {
     reason: FetchReason,
     previous: Option<Credential>,
+    now: SystemTime,
 }
 
 impl FetchContext {
     pub(crate) fn new(reason: FetchReason, previous: Option<Credential>) -> Self {
-        FetchContext { reason, previous }
+        FetchContext {
+            reason,
+            previous,
+            now: SystemTime::now(),
+        }
+    }
+
+    /// Sets the cache's wall-clock reading as the fetch begins.
+    pub(crate) fn at(mut self, now: SystemTime) -> Self {
+        self.now = now;
+        self
+    }
+
+    /// The cache's wall clock as this fetch began (see [`crate::clock`]): stamp a
+    /// credential's issue and expiry with it
+    /// ([`Credential::lives`](crate::Credential::lives)), so they mean the same to the cache
+    /// whatever clock it was given.
+    pub fn now(&self) -> SystemTime {
+        self.now
     }
 
     /// Why the cache needs a new credential.

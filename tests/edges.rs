@@ -97,9 +97,10 @@ fn now_secs() -> f64 {
 
 /// Time left on a credential's expiry.
 fn left(credential: &Credential) -> Option<Duration> {
-    credential
-        .expiry()
-        .map(|at| at.saturating_duration_since(tokio::time::Instant::now()))
+    credential.expiry().map(|at| {
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+    })
 }
 
 /// The token error under a crate error.

@@ -311,7 +311,7 @@ async fn panicking_source_does_not_wedge_the_cache() {
 #[tokio::test(start_paused = true)]
 async fn already_expired_credential_is_an_error() {
     let cache = CredentialCache::new(tower_client_auth::source_fn(|_| async {
-        Ok::<_, BoxError>(Credential::bearer("old")?.expires_at(Instant::now()))
+        Ok::<_, BoxError>(Credential::bearer("old")?.expires_at(std::time::SystemTime::now()))
     }));
     assert_eq!(
         cache.credential().await.unwrap_err().kind(),

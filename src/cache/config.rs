@@ -17,6 +17,7 @@ use super::{CredentialCache, CurrentSlot, Inner, State, Stats};
 use crate::error::ErrorKind;
 use crate::error::InvalidConfig;
 use crate::{
+    clock::{Clock, WallClock},
     handle::CacheHandle,
     source::CredentialSource,
     store::{CredentialStore, DynStore},
@@ -86,6 +87,7 @@ pub(super) struct Config {
     pub(super) backoff_base: Duration,
     pub(super) backoff_max: Duration,
     pub(super) store: Option<Arc<dyn DynStore>>,
+    pub(super) clock: WallClock,
 }
 
 impl fmt::Debug for Config {
@@ -98,6 +100,7 @@ impl fmt::Debug for Config {
             .field("backoff_base", &self.backoff_base)
             .field("backoff_max", &self.backoff_max)
             .field("store", &self.store.is_some())
+            .field("clock", &self.clock)
             .finish()
     }
 }
@@ -112,6 +115,7 @@ impl Default for Config {
             backoff_base: DEFAULT_BACKOFF_BASE,
             backoff_max: DEFAULT_BACKOFF_MAX,
             store: None,
+            clock: WallClock::System,
         }
     }
 }
@@ -199,6 +203,13 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
         self
     }
 
+    /// The wall clock expiry is judged on (default: the system's). For tests of expiry,
+    /// suspends and clock steps; see [`crate::clock`].
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.config.clock = WallClock::Custom(Arc::new(clock));
+        self
+    }
+
     /// Checks the settings, builds the cache and attaches the source to it. A value out
     /// of range, or a soft window shorter than the hard one, is an [`InvalidConfig`].
     pub fn build(self) -> Result<CredentialCache<P>, InvalidConfig> {
@@ -226,7 +237,7 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
 }
 
 /// How long before expiry the soft and hard windows open, in seconds, for a credential
-/// that lives `lifetime` seconds from now: the hard window is the last
+/// issued with a lifetime of `lifetime` seconds: the hard window is the last
 /// `min(lifetime × HARD_WINDOW_FRACTION, hard_window)`, the soft one the last
 /// `min(lifetime × SOFT_WINDOW_FRACTION, soft_window)` (never shorter than the hard one),
 /// widened by `jitter × window_jitter` (`jitter` in `0.0..1.0`), never past the lifetime.

@@ -1,8 +1,11 @@
 //! [`Entry`]: one cached credential, its refresh windows and its aging timer.
 
-use std::sync::{
-    Arc, Weak,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::SystemTime,
 };
 
 use arc_swap::Guard;
@@ -14,10 +17,18 @@ use crate::credential::Credential;
 pub(crate) struct Entry {
     pub(crate) credential: Credential,
     pub(crate) generation: u64,
-    /// When its background refresh may start (proactive sources with an expiry).
+    /// When its background refresh may start (proactive sources with an expiry), on the
+    /// wall clock, and on the monotonic clock as measured when it was installed (the
+    /// guard against a wall clock stepped back): whichever comes first.
+    pub(super) soft_wall: Option<SystemTime>,
     pub(super) soft_at: Option<Instant>,
-    /// When callers must stop using it and wait (proactive sources with an expiry).
+    /// When callers must stop using it and wait (proactive sources with an expiry), on
+    /// both clocks.
+    pub(super) hard_wall: Option<SystemTime>,
     pub(super) hard_at: Option<Instant>,
+    /// When it expires on the monotonic clock, as measured when it was installed (its
+    /// wall-clock expiry is the credential's own).
+    pub(super) expires_at: Option<Instant>,
     /// When it became current: a rejection soon after counts as a fresh rejection.
     pub(super) installed_at: Instant,
     /// Set once the soft window opens; until then the hot path reads no clock.
@@ -42,20 +53,32 @@ pub(super) enum Phase {
 }
 
 impl Entry {
-    pub(super) fn phase_at(&self, now: Instant) -> Phase {
-        // `aging` may be set before the soft window opens (its timer died with its
-        // runtime): the clock decides then.
-        if !self.aging.load(Ordering::Acquire) || self.soft_at.is_some_and(|at| now < at) {
-            Phase::Fresh
-        } else if self.hard_at.is_some_and(|at| now >= at) {
+    /// Whether the hot path may send it without a closer look: its timer has not fired
+    /// and the wall clock has not reached its soft window (read only for an entry that
+    /// has one). A suspend stops the timer, not the wall clock.
+    #[inline]
+    pub(super) fn fresh(&self, wall: impl FnOnce() -> SystemTime) -> bool {
+        !self.aging.load(Ordering::Acquire) && self.soft_wall.is_none_or(|at| wall() < at)
+    }
+
+    /// Its phase at `now` and `wall`: the later of what the two clocks say.
+    pub(super) fn phase_at(&self, now: Instant, wall: SystemTime) -> Phase {
+        let reached = |mono: Option<Instant>, on_wall: Option<SystemTime>| {
+            mono.is_some_and(|at| now >= at) || on_wall.is_some_and(|at| wall >= at)
+        };
+        if reached(self.hard_at, self.hard_wall) {
             Phase::Hard
-        } else {
+        } else if reached(self.soft_at, self.soft_wall) {
             Phase::Soft
+        } else {
+            Phase::Fresh
         }
     }
 
-    pub(super) fn is_expired_at(&self, now: Instant) -> bool {
-        self.credential.expiry().is_some_and(|at| now >= at)
+    /// Whether it has expired by either clock.
+    pub(super) fn is_expired_at(&self, now: Instant, wall: SystemTime) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+            || self.credential.expiry().is_some_and(|at| wall >= at)
     }
 }
 

@@ -21,6 +21,7 @@ use super::{
     entry::{Entry, Phase, rearm_background},
 };
 use crate::{
+    clock::WallClock,
     credential::Credential,
     error::{Error, ErrorKind},
     source::{CredentialSource, FetchContext, FetchReason},
@@ -45,6 +46,7 @@ impl<P: CredentialSource> CredentialCache<P> {
     fn plan(&self, want: Option<Want>) -> (Acquire, Option<Start<P>>) {
         let inner = &self.inner;
         let now = Instant::now();
+        let wall = inner.config.clock.now();
         let mut state = inner.lock_state();
         let current = inner.current.load_full();
         let mut reason = FetchReason::Initial;
@@ -84,18 +86,21 @@ impl<P: CredentialSource> CredentialCache<P> {
                     previous = Some(entry.credential.clone());
                     still_valid = Some(entry);
                 }
-                _ => match entry.phase_at(now) {
+                _ => match entry.phase_at(now, wall) {
                     Phase::Fresh | Phase::Soft => return (Acquire::ready(Ok(entry)), None),
                     Phase::Hard => {
                         reason = FetchReason::Expiring;
                         previous = Some(entry.credential.clone());
-                        still_valid = Some(entry).filter(|e| !e.is_expired_at(now));
+                        still_valid = Some(entry).filter(|e| !e.is_expired_at(now, wall));
                     }
                 },
             }
         }
         if let Some(flight) = &state.flight {
-            return (Acquire::waiting(flight.future.clone(), still_valid), None);
+            return (
+                Acquire::waiting(flight.future.clone(), still_valid, &inner.config.clock),
+                None,
+            );
         }
         if let Some(retry_at) = state.retry_at.filter(|at| now < *at) {
             if let Some(entry) = still_valid {
@@ -157,7 +162,10 @@ impl<P: CredentialSource> CredentialCache<P> {
             predecessor,
             span,
         };
-        (Acquire::waiting(future, still_valid), Some(start))
+        (
+            Acquire::waiting(future, still_valid, &inner.config.clock),
+            Some(start),
+        )
     }
 }
 
@@ -191,6 +199,8 @@ pub(crate) struct Acquire {
     /// A credential in its hard window that has not expired: if the refresh fails, it is
     /// still better than an error. Never set for a rejected credential.
     fallback: Option<Arc<Entry>>,
+    /// The cache's wall clock, to tell whether the fallback has expired meanwhile.
+    clock: Option<WallClock>,
 }
 
 enum AcquireState {
@@ -203,12 +213,18 @@ impl Acquire {
         Acquire {
             state: AcquireState::Ready(Some(result)),
             fallback: None,
+            clock: None,
         }
     }
 
-    pub(super) fn waiting(flight: Shared<FlightFuture>, fallback: Option<Arc<Entry>>) -> Self {
+    pub(super) fn waiting(
+        flight: Shared<FlightFuture>,
+        fallback: Option<Arc<Entry>>,
+        clock: &WallClock,
+    ) -> Self {
         Acquire {
             state: AcquireState::Waiting(flight),
+            clock: fallback.is_some().then(|| clock.clone()),
             fallback,
         }
     }
@@ -226,12 +242,15 @@ impl Future for Acquire {
             ),
             AcquireState::Waiting(flight) => {
                 let result = ready!(Pin::new(flight).poll(cx));
-                Poll::Ready(match (result, self.fallback.take()) {
-                    (Err(err), Some(entry)) if !entry.is_expired_at(Instant::now()) => {
+                let wall = self.clock.as_ref().map(WallClock::now);
+                Poll::Ready(match (result, self.fallback.take(), wall) {
+                    (Err(err), Some(entry), Some(wall))
+                        if !entry.is_expired_at(Instant::now(), wall) =>
+                    {
                         tracing::debug!(error = %err, "refresh failed; using the still-valid credential");
                         Ok(entry)
                     }
-                    (result, _) => result,
+                    (result, _, _) => result,
                 })
             }
         }
@@ -477,6 +496,7 @@ async fn obtain<P: CredentialSource>(
     cx: FetchContext,
 ) -> Result<Credential, Error> {
     let deadline = saturating_add(Instant::now(), inner.config.fetch_timeout);
+    let cx = cx.at(inner.config.clock.now());
     if let Some(store) = &inner.config.store {
         if let (FetchReason::Rejected | FetchReason::Invalidated, Some(rejected)) =
             (cx.reason(), cx.previous())
@@ -484,7 +504,7 @@ async fn obtain<P: CredentialSource>(
             store_call(inner, deadline, "remove", store.remove(rejected)).await;
         }
         if let Some(Some(stored)) = store_call(inner, deadline, "load", store.load()).await {
-            if Some(&stored) != cx.previous() && inner.is_usable_stored(&stored, Instant::now()) {
+            if Some(&stored) != cx.previous() && inner.is_usable_stored(&stored) {
                 tracing::debug!("using the credential found in the store");
                 return Ok(stored);
             }
@@ -496,13 +516,14 @@ async fn obtain<P: CredentialSource>(
         Ok(Err(e)) => return Err(fetch_error(e)),
         Ok(Ok(credential)) => credential,
     };
-    if credential.expiry().is_some_and(|at| at <= Instant::now()) {
+    let wall = inner.config.clock.now();
+    if credential.expiry().is_some_and(|at| at <= wall) {
         return Err(Error::new(ErrorKind::Expired));
     }
     tracing::debug!(
         expires_in_s = credential
             .expiry()
-            .map(|at| at.saturating_duration_since(Instant::now()).as_secs()),
+            .map(|at| at.duration_since(wall).unwrap_or_default().as_secs()),
         "credential fetched"
     );
     if let Some(store) = &inner.config.store {

@@ -3,23 +3,30 @@
 //! This module holds all of the refresh logic: the cache and its API here; its settings
 //! and the window and backoff arithmetic in `config`; the single flight in `flight`; the
 //! cached entry and its aging in `entry`; the per-clone views in `views`. The hot path (`CredentialCache::current`,
-//! crate-private) is one `ArcSwap` load and one atomic read: no lock, no await, no
-//! allocation, no clock read. Everything else happens on the refresh path, under one
-//! mutex that is never held across an await:
+//! crate-private) is one `ArcSwap` load, one atomic read and, for a credential that
+//! expires, one wall-clock read: no lock, no await, no allocation. Everything else
+//! happens on the refresh path, under one mutex that is never held across an await:
 //!
 //! - **Single flight.** However many callers need a new credential, one task fetches it
 //!   and every waiter receives that one result, success or error. The task is spawned, so
 //!   a refresh continues when the request that started it is dropped.
-//! - **Two windows before expiry** (proactive sources only). Each credential's lifetime
-//!   `L` is measured when it arrives. In the *soft* window (the last
+//! - **Two windows before expiry** (proactive sources only). `L` is the lifetime a
+//!   credential was issued with (its expiry less its issue time), so one that arrives
+//!   late in its life, from a store or handed over, is refreshed as early as its issuer
+//!   meant; without an issue time, `L` is what is left when it arrives, and the hard
+//!   window is at least half of that (at most `hard_window`). In the *soft* window (the last
 //!   `min(L × 1/4, soft_window)`, widened by up to `window_jitter` at random so a fleet
 //!   does not refresh in lockstep) the first caller starts a background refresh and
 //!   everyone keeps using the still-valid credential. In the *hard* window (the last
-//!   `min(L × 1/20, hard_window)`) callers wait for the refresh. A timer flips each
-//!   credential into its soft window, so requests before it never read the clock. The
-//!   timer is a task on the runtime that installed the credential: if that runtime shuts
-//!   down while another keeps using the cache, the credential is refreshed when the API
-//!   rejects it instead of before it expires.
+//!   `min(L × 1/20, hard_window)`) callers wait for the refresh.
+//! - **Time that survives a pause.** The windows and the expiry are judged on the wall
+//!   clock ([`crate::clock`]), which a suspend or a VM pause does not stop, and on the
+//!   monotonic clock from when the credential was installed, which a wall-clock step does
+//!   not move: whichever says later wins. A timer on the monotonic clock flips each
+//!   entry into its soft window; the hot path reads the wall clock for what the timer
+//!   cannot see (a pause). The timer is a task on the runtime that installed the
+//!   credential: if that runtime shuts down, the entry ages at once and the clocks
+//!   decide.
 //! - **Reactive-only sources** ([`RefreshMode::ReactiveOnly`]) are refreshed only when
 //!   the cache is empty or the API rejected the credential. **Fixed sources**
 //!   ([`RefreshMode::Never`], a static key) are fetched once; a rejection changes
@@ -64,7 +71,7 @@ use std::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use futures_util::future::Shared;
@@ -84,7 +91,7 @@ mod entry;
 mod flight;
 mod views;
 
-use self::config::Config;
+use self::config::{Config, saturating_add};
 pub use self::config::{
     CredentialCacheBuilder, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_FETCH_TIMEOUT,
     DEFAULT_HARD_WINDOW, DEFAULT_SOFT_WINDOW, DEFAULT_WINDOW_JITTER, HARD_WINDOW_FRACTION,
@@ -210,11 +217,11 @@ impl<P: CredentialSource> CredentialCache<P> {
 
     /// Whether `entry`, the current entry as just read, may be sent now; if not, the
     /// refresh to wait for. Inlined for its common case: an entry before its soft window
-    /// (one flag, no clock).
+    /// (one flag, and one wall-clock read for a credential that expires).
     #[inline]
     pub(crate) fn usable<'e>(&self, entry: Option<&'e Entry>) -> Result<&'e Entry, Acquire> {
         match entry {
-            Some(entry) if !entry.aging.load(Ordering::Acquire) => Ok(entry),
+            Some(entry) if entry.fresh(|| self.inner.config.clock.now()) => Ok(entry),
             _ => self.usable_aging(entry),
         }
     }
@@ -223,7 +230,7 @@ impl<P: CredentialSource> CredentialCache<P> {
     #[inline(never)]
     fn usable_aging<'e>(&self, entry: Option<&'e Entry>) -> Result<&'e Entry, Acquire> {
         if let Some(entry) = entry {
-            match entry.phase_at(Instant::now()) {
+            match entry.phase_at(Instant::now(), self.inner.config.clock.now()) {
                 Phase::Fresh => return Ok(entry),
                 Phase::Soft => {
                     if !entry.background_claimed.load(Ordering::Relaxed)
@@ -454,14 +461,30 @@ impl<P: CredentialSource> Inner<P> {
     fn entry(&self, state: &mut State, credential: Credential, now: Instant) -> Arc<Entry> {
         let generation = state.next_generation;
         state.next_generation += 1;
-        let (soft_at, hard_at) = match (self.mode, credential.expiry()) {
-            (RefreshMode::Proactive, Some(expires_at)) => self.windows(expires_at, now),
-            _ => (None, None),
+        let wall = self.config.clock.now();
+        // The monotonic guard: the lifetime left now, counted on the monotonic clock.
+        let expires_at = credential
+            .expiry()
+            .map(|at| saturating_add(now, at.duration_since(wall).unwrap_or(Duration::ZERO)));
+        let windows = match (self.mode, credential.expiry(), expires_at) {
+            (RefreshMode::Proactive, Some(expires_wall), Some(expires_mono)) => {
+                let (soft, hard) = self.windows(&credential, expires_wall, wall);
+                let before = |on_wall: SystemTime, d: Duration| on_wall.checked_sub(d);
+                let mono = |d: Duration| expires_mono.checked_sub(d).unwrap_or(now);
+                Some((
+                    before(expires_wall, soft).unwrap_or(wall),
+                    mono(soft),
+                    before(expires_wall, hard).unwrap_or(wall),
+                    mono(hard),
+                ))
+            }
+            _ => None,
         };
         let runtime = tokio::runtime::Handle::try_current().ok();
         Arc::new_cyclic(|weak: &Weak<Entry>| {
             // Without a runtime for the timer, the entry starts aging at once: correct,
             // only a clock read per request slower.
+            let soft_at = windows.map(|w| w.1);
             let (aging, timer) = match (soft_at, &runtime) {
                 (Some(at), Some(rt)) if at > now => {
                     let guard = AgeOnDrop(weak.clone());
@@ -478,8 +501,11 @@ impl<P: CredentialSource> Inner<P> {
             Entry {
                 credential,
                 generation,
+                soft_wall: windows.map(|w| w.0),
                 soft_at,
-                hard_at,
+                hard_wall: windows.map(|w| w.2),
+                hard_at: windows.map(|w| w.3),
+                expires_at,
                 installed_at: now,
                 aging: AtomicBool::new(aging),
                 background_claimed: AtomicBool::new(false),
@@ -488,29 +514,47 @@ impl<P: CredentialSource> Inner<P> {
         })
     }
 
-    /// When the soft and hard windows of a credential expiring at `expires_at` open.
-    fn windows(&self, expires_at: Instant, now: Instant) -> (Option<Instant>, Option<Instant>) {
-        let lifetime = expires_at.saturating_duration_since(now).as_secs_f64();
-        let (soft, hard) = config::windows(&self.config, lifetime, fastrand::f64());
-        let at = |before: f64| {
-            Duration::try_from_secs_f64(before)
-                .ok()
-                .and_then(|d| expires_at.checked_sub(d))
-                .unwrap_or(now)
-        };
-        (Some(at(soft)), Some(at(hard)))
+    /// How long before its expiry a credential's soft and hard windows open: fractions of
+    /// the lifetime it was issued with. A credential that does not say when it was issued
+    /// may have reached the cache late in its life (from a store, handed over): the
+    /// fractions are of the lifetime left at `wall` then, and the hard window is at least
+    /// half of that lifetime or the configured hard window, whichever is shorter, so such a
+    /// credential is not sent to its last second.
+    fn windows(
+        &self,
+        credential: &Credential,
+        expires: SystemTime,
+        wall: SystemTime,
+    ) -> (Duration, Duration) {
+        let issued = credential.lifetime();
+        let lifetime =
+            issued.unwrap_or_else(|| expires.duration_since(wall).unwrap_or(Duration::ZERO));
+        let (mut soft, mut hard) =
+            config::windows(&self.config, lifetime.as_secs_f64(), fastrand::f64());
+        if issued.is_none() {
+            let floor = (lifetime.as_secs_f64() / 2.0).min(self.config.hard_window.as_secs_f64());
+            hard = hard.max(floor);
+            soft = soft.max(hard);
+        }
+        let secs = |s: f64| Duration::try_from_secs_f64(s).unwrap_or(lifetime);
+        (secs(soft), secs(hard))
     }
 
-    /// Whether a credential found in the store is worth using instead of fetching.
-    fn is_usable_stored(&self, credential: &Credential, now: Instant) -> bool {
+    /// Whether a credential found in the store is worth using instead of fetching: not
+    /// expired, and (for a proactive source) not in its hard window, by the lifetime it
+    /// was issued with.
+    fn is_usable_stored(&self, credential: &Credential) -> bool {
+        let wall = self.config.clock.now();
         match credential.expiry() {
             None => true,
-            Some(expires_at) if expires_at <= now => false,
+            Some(expires_at) if expires_at <= wall => false,
             Some(expires_at) => match self.mode {
                 RefreshMode::ReactiveOnly | RefreshMode::Never => true,
                 RefreshMode::Proactive => {
-                    let (_, hard_at) = self.windows(expires_at, now);
-                    hard_at.is_none_or(|at| now < at)
+                    let (_, hard) = self.windows(credential, expires_at, wall);
+                    expires_at
+                        .checked_sub(hard)
+                        .is_some_and(|hard_at| wall < hard_at)
                 }
             },
         }

@@ -111,7 +111,8 @@ type OnRefresh = Arc<dyn Fn(TokenPair) -> Pin<Box<dyn Future<Output = ()> + Send
 ///   reports as rejected or expiring is never handed out again.
 /// - The lifetime is the earlier of `expires_in` and the JWT `exp` claim, else
 ///   [`default_lifetime`](Self::default_lifetime), measured from the moment the response
-///   arrived, on the monotonic clock; raised to [`MIN_LIFETIME`] and capped at
+///   arrived, on the cache's wall clock (the credential says when it was issued);
+///   raised to [`MIN_LIFETIME`] and capped at
 ///   [`MAX_LIFETIME`]; then less the [`clock_skew`](Self::clock_skew) margin.
 /// - A new refresh token is kept before anything else in its answer is judged. A refresh
 ///   whose outcome is unknown (no answer within the token client's timeout) drops its
@@ -369,6 +370,7 @@ impl TokenSource {
             held: self.held.clone(),
             stats: self.stats.clone(),
             flags: self.flags.clone(),
+            began: (SystemTime::now(), Instant::now()),
         })
     }
 }
@@ -386,7 +388,8 @@ fn default_client() -> Result<TokenClient, TokenError> {
 
 impl CredentialSource for TokenSource {
     async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
-        let job = self.exchange_job()?;
+        let mut job = self.exchange_job()?;
+        job.began = (cx.now(), Instant::now());
         // The exchange runs in its own task: if the cache stops waiting (timeout, drop),
         // a refresh token the server already rotated is still received and stored.
         let task = tokio::spawn(async move { job.run(cx).await });
@@ -418,9 +421,19 @@ struct Exchange {
     held: Arc<Mutex<Held>>,
     stats: Arc<Stats>,
     flags: Arc<Flags>,
+    /// The cache's wall clock when the fetch began, and the monotonic instant it was
+    /// read at: an answer's arrival on the cache's wall clock is the first plus the
+    /// monotonic time since the second.
+    began: (SystemTime, Instant),
 }
 
 impl Exchange {
+    /// When `arrived` (monotonic) was, on the cache's wall clock.
+    fn wall(&self, arrived: Instant) -> SystemTime {
+        let since = arrived.saturating_duration_since(self.began.1);
+        self.began.0.checked_add(since).unwrap_or(self.began.0)
+    }
+
     async fn run(self, cx: FetchContext) -> Result<Credential, TokenError> {
         // Held across the exchange: one exchange at a time per source.
         let mut held = self.held.lock().await;
@@ -428,7 +441,7 @@ impl Exchange {
             // The cache names the credential it is replacing: once rejected or expiring,
             // it is never handed out again, whatever happens to this exchange. An
             // explicit invalidation always goes to the token endpoint.
-            let unexpired = last.expiry().is_none_or(|at| Instant::now() < at);
+            let unexpired = last.expiry().is_none_or(|at| cx.now() < at);
             if unexpired && cx.previous() != Some(&last) && cx.reason() != FetchReason::Invalidated
             {
                 tracing::debug!(
@@ -610,8 +623,10 @@ impl Exchange {
         let lifetime = self.lifetime(response.expires_in(), jwt_exp(token))?;
         let credential = Credential::with_scheme(scheme, token)
             .map_err(|_| invalid("the access token holds characters a header cannot carry"))?;
-        Ok(match lifetime.and_then(|l| arrived.checked_add(l)) {
-            Some(at) => credential.expires_at(at),
+        // Issued when the answer arrived, on the cache's clock: the cache sizes its
+        // refresh windows from this lifetime wherever the credential travels.
+        Ok(match lifetime {
+            Some(lifetime) => credential.lives(self.wall(arrived), lifetime),
             None => credential,
         })
     }
@@ -625,8 +640,8 @@ impl Exchange {
         exp: JwtExp,
     ) -> Result<Option<Duration>, TokenError> {
         let invalid = |detail| TokenError::new(TokenErrorKind::InvalidResponse).detail(detail);
-        // `exp` is read through the wall clock once, here; the result is a duration on
-        // the monotonic clock from arrival.
+        // `exp` is read through the system's wall clock once, here; the result is a
+        // lifetime from arrival.
         let from_exp = match exp {
             JwtExp::At(at) => match at.duration_since(SystemTime::now()) {
                 Ok(left) if !left.is_zero() => Some(left.min(MAX_LIFETIME)),

@@ -1,0 +1,229 @@
+//! Time that survives a pause: expiry on the wall clock (which a suspend or a VM pause does
+//! not stop), guarded by the monotonic clock (which a wall-clock step does not move), and
+//! refresh windows sized from the lifetime a credential was issued with. Every test drives
+//! a `ManualClock` for the wall and Tokio's paused clock for the monotonic time.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use http::{Request, Response};
+use tower::{Layer, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, BoxError, Credential, CredentialCache, CredentialSource, CredentialStore,
+    FetchContext, FetchReason, MemoryStore,
+    clock::{Clock, ManualClock},
+};
+
+/// Issues `token-1`, `token-2`, ... living `lifetime` from the cache's clock.
+#[derive(Clone)]
+struct Issuer {
+    fetches: Arc<AtomicUsize>,
+    lifetime: Duration,
+}
+
+impl Issuer {
+    fn new(lifetime: Duration) -> Self {
+        Issuer {
+            fetches: Arc::default(),
+            lifetime,
+        }
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+}
+
+impl CredentialSource for Issuer {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(Credential::bearer(format!("token-{n}"))?.lives(cx.now(), self.lifetime))
+    }
+}
+
+fn start() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+fn bearer(n: usize) -> Credential {
+    Credential::bearer(format!("token-{n}")).unwrap()
+}
+
+/// Lets spawned refreshes run.
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// World: a token that lives 60 s, then a suspend of 61 s: the wall clock moves on, the
+/// monotonic clock (Tokio's, paused) does not. Proves: the expired token is not sent; the
+/// request through the layer waits for a new one and carries it. A shorter pause that
+/// reaches only the soft window keeps the token in use and starts one background refresh.
+#[tokio::test(start_paused = true)]
+async fn a_suspend_does_not_make_an_expired_token_look_valid() {
+    let clock = ManualClock::new(start());
+    let source = Issuer::new(Duration::from_secs(60));
+    let cache = CredentialCache::builder(source.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let api = tower::service_fn({
+        let seen = seen.clone();
+        move |req: Request<_>| {
+            let seen = seen.clone();
+            async move {
+                let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
+                seen.lock().unwrap().push(auth);
+                let _ = req;
+                Ok::<_, BoxError>(Response::new(()))
+            }
+        }
+    });
+    let svc = AuthLayer::with_cache(cache.clone())
+        .any_https_origin()
+        .layer(api);
+    let send = || {
+        svc.clone().oneshot(
+            Request::get("https://api.example.com/")
+                .body(String::new())
+                .unwrap(),
+        )
+    };
+    send().await.unwrap();
+    assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer token-1");
+
+    // Into the soft window (the last quarter, at most 15 s, widened by up to 20 %): still
+    // sent, and one refresh starts behind it.
+    clock.advance(Duration::from_secs(48) + Duration::from_millis(500));
+    send().await.unwrap();
+    assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer token-1");
+    settle().await;
+    assert_eq!(
+        source.fetches(),
+        2,
+        "no background refresh in the soft window"
+    );
+    assert_eq!(cache.credential().await.unwrap(), bearer(2));
+
+    // A suspend past the new token's expiry: not sent; the next one is.
+    clock.advance(Duration::from_secs(61));
+    send().await.unwrap();
+    assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer token-3");
+    assert_eq!(source.fetches(), 3);
+}
+
+/// World: a token that lives 60 s, then the wall clock stepped back an hour (an NTP
+/// correction, a VM restored from a snapshot) while 61 s pass on the monotonic clock.
+/// Proves: the token is not young again: the next caller gets a new one.
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_stepped_back_does_not_make_a_token_young() {
+    let clock = ManualClock::new(start());
+    let source = Issuer::new(Duration::from_secs(60));
+    let cache = CredentialCache::builder(source.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    assert_eq!(cache.credential().await.unwrap(), bearer(1));
+    clock.set(start() - Duration::from_secs(3600));
+    tokio::time::advance(Duration::from_secs(61)).await;
+    settle().await; // the entry's aging timer runs
+    assert_eq!(cache.credential().await.unwrap(), bearer(2));
+    assert_eq!(source.fetches(), 2);
+}
+
+/// A credential issued an hour ago that has 20 s left, as a store or a hand-over
+/// delivers it.
+fn late_in_life(clock: &ManualClock) -> Credential {
+    Credential::bearer("handed-over").unwrap().lives(
+        clock.now() - Duration::from_secs(3580),
+        Duration::from_secs(3600),
+    )
+}
+
+/// World: a one-hour credential that reaches the cache with 20 s left, handed over with
+/// `replace` and found in a store. Proves: its windows are those of its one-hour lifetime
+/// (hard window: the last 30 s), so it is already in its hard window: the cache fetches a
+/// new one rather than send it for its last 20 s (the old rule, fractions of what was
+/// left, gave it a 1 s hard window).
+#[tokio::test(start_paused = true)]
+async fn windows_come_from_the_issued_lifetime() {
+    let clock = ManualClock::new(start());
+    let source = Issuer::new(Duration::from_secs(3600));
+    let cache = CredentialCache::builder(source.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    assert!(cache.handle().replace(late_in_life(&clock)));
+    assert_eq!(cache.credential().await.unwrap(), bearer(1));
+    assert_eq!(source.fetches(), 1);
+
+    let store = MemoryStore::new();
+    store.save(&late_in_life(&clock)).await.unwrap();
+    let source = Issuer::new(Duration::from_secs(3600));
+    let cache = CredentialCache::builder(source.clone())
+        .clock(clock.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    assert_eq!(cache.credential().await.unwrap(), bearer(1));
+    assert_eq!(source.fetches(), 1, "the stored credential was used");
+}
+
+/// World: a credential that says when it expires (20 s from now) but not when it was
+/// issued. Proves: the cache cannot know its lifetime, so it takes what is left, with a
+/// floor on the hard window (half of what is left, at most the configured 30 s): it is
+/// sent for its first 10 s, not until its last second.
+#[tokio::test(start_paused = true)]
+async fn a_credential_without_an_issue_time_gets_a_floor() {
+    let clock = ManualClock::new(start());
+    let source = Issuer::new(Duration::from_secs(3600));
+    let cache = CredentialCache::builder(source.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let handed = Credential::bearer("no-issue-time")
+        .unwrap()
+        .expires_at(clock.now() + Duration::from_secs(20));
+    assert!(cache.handle().replace(handed.clone()));
+    clock.advance(Duration::from_secs(9));
+    assert_eq!(cache.credential().await.unwrap(), handed);
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(cache.credential().await.unwrap(), bearer(1));
+    assert_eq!(source.fetches(), 1);
+}
+
+/// The reason a suspend-expired credential's refresh is given is `Expiring`: the source
+/// is told why, as for any expiry.
+#[tokio::test(start_paused = true)]
+async fn an_expiry_found_after_a_suspend_is_an_expiring_fetch() {
+    #[derive(Clone, Default)]
+    struct Reasons(Arc<std::sync::Mutex<Vec<FetchReason>>>);
+    impl CredentialSource for Reasons {
+        async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+            self.0.lock().unwrap().push(cx.reason());
+            Ok(Credential::bearer("t")?.lives(cx.now(), Duration::from_secs(60)))
+        }
+    }
+    let clock = ManualClock::new(start());
+    let source = Reasons::default();
+    let cache = CredentialCache::builder(source.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    clock.advance(Duration::from_secs(120));
+    cache.credential().await.unwrap();
+    assert_eq!(
+        *source.0.lock().unwrap(),
+        [FetchReason::Initial, FetchReason::Expiring]
+    );
+}
