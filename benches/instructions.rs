@@ -11,8 +11,8 @@ mod common;
 use std::hint::black_box;
 
 use common::{
-    Client, JSON, Lazy, Noop, TOKEN, call, expiring_source, mutex_cache, request, rwlock_cache,
-    warm, warm_over, watch_receiver,
+    Client, JSON, Lazy, Noop, TOKEN, call, expiring_source, mutex_cache, never_expiring_source,
+    request, rwlock_cache, warm, warm_over, watch_receiver,
 };
 use tower::Layer;
 use tower_client_auth::{AuthLayer, StaticCredential};
@@ -59,6 +59,26 @@ fn main() {
             warm(
                 &rt,
                 AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()).any_https_origin(),
+            ),
+            n,
+        ),
+        // The setup README shows: the layer given the API's origin.
+        "auth_layer_static_origin" => run(
+            warm(
+                &rt,
+                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap())
+                    .origin("https://api.example.com".parse().unwrap()),
+            ),
+            n,
+        ),
+        // Refreshable, replay off, no expiry: `auth_layer_no_replay` less the wall-clock
+        // read.
+        "auth_layer_no_replay_no_expiry" => run(
+            warm(
+                &rt,
+                AuthLayer::new(never_expiring_source())
+                    .any_https_origin()
+                    .replay_rejected(false),
             ),
             n,
         ),

@@ -11,8 +11,8 @@ mod common;
 use std::{hint::black_box, time::Duration};
 
 use common::{
-    JSON, Noop, TOKEN, call, expiring_source, mutex_cache, paired, request, rwlock_cache, warm,
-    watch_receiver,
+    JSON, Noop, TOKEN, call, expiring_source, mutex_cache, never_expiring_source, paired, request,
+    rwlock_cache, warm, watch_receiver,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 use tower::Layer;
@@ -57,6 +57,17 @@ fn variants(rt: &tokio::runtime::Runtime) -> Vec<Variant> {
             warm(
                 rt,
                 AuthLayer::new(expiring_source())
+                    .any_https_origin()
+                    .replay_rejected(false),
+            ),
+        ),
+        // The same path without an expiry: no wall-clock read per request. Against
+        // `auth_layer_no_replay`, the cost of that read.
+        variant(
+            "auth_layer_no_replay_no_expiry",
+            warm(
+                rt,
+                AuthLayer::new(never_expiring_source())
                     .any_https_origin()
                     .replay_rejected(false),
             ),

@@ -106,7 +106,7 @@ pub fn redirect_policy() -> reqwest::redirect::Policy {
             && next.port_or_known_default() == previous.port_or_known_default();
         if !same_origin {
             attempt.stop()
-        } else if attempt.previous().len() >= MAX_REDIRECTS {
+        } else if attempt.previous().len() > MAX_REDIRECTS {
             attempt.error("too many redirects")
         } else {
             attempt.follow()

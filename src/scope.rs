@@ -31,6 +31,11 @@ pub struct Origin {
     scheme: String,
     host: String,
     port: u16,
+    /// The authorities a request names this origin by: `host:port`, and `host` alone
+    /// when the port is the scheme's default. Matched as text, without parsing each
+    /// request's authority (an authority with userinfo never matches: it is refused, not
+    /// guessed at).
+    authorities: Vec<String>,
 }
 
 /// A string that is not an origin: it needs a scheme and a host, and nothing after them
@@ -77,20 +82,33 @@ impl FromStr for Origin {
             Some(port) => port,
             None => default_port(&scheme).ok_or(invalid("unknown scheme and no port"))?,
         };
+        let host = authority.host().to_ascii_lowercase();
+        // The form requests use most first: no port when it is the default.
+        let mut authorities = Vec::with_capacity(2);
+        if default_port(&scheme) == Some(port) {
+            authorities.push(host.clone());
+        }
+        authorities.push(format!("{host}:{port}"));
         Ok(Origin {
             scheme,
-            host: authority.host().to_ascii_lowercase(),
+            host,
             port,
+            authorities,
         })
     }
 }
 
 impl Origin {
-    fn matches(&self, scheme: &str, host: &str, port: Option<u16>) -> bool {
-        let port = port.or_else(|| default_port(&scheme.to_ascii_lowercase()));
+    /// Whether `uri` (scheme, authority) is this origin. No allocation and no parsing:
+    /// it runs for every request through a scoped layer.
+    #[inline]
+    fn matches(&self, scheme: &str, authority: &http::uri::Authority) -> bool {
+        let named = authority.as_str();
         self.scheme.eq_ignore_ascii_case(scheme)
-            && self.host.eq_ignore_ascii_case(host)
-            && port == Some(self.port)
+            && self.authorities.iter().any(|a| {
+                // Exact bytes first (hosts are usually written in lower case).
+                a.len() == named.len() && (a == named || a.eq_ignore_ascii_case(named))
+            })
     }
 }
 
@@ -177,16 +195,14 @@ impl Scope {
         extensions: &http::Extensions,
         relative_in_scope: bool,
     ) -> bool {
-        match (uri.scheme_str(), uri.host()) {
-            (Some(scheme), Some(host)) => {
-                self.origins
-                    .iter()
-                    .any(|o| o.matches(scheme, host, uri.port_u16()))
+        match (uri.scheme_str(), uri.authority()) {
+            (Some(scheme), Some(authority)) => {
+                (self.any
+                    && extensions
+                        .get::<RedirectedFrom>()
+                        .is_none_or(|from| same_origin(&from.0, uri)))
+                    || self.origins.iter().any(|o| o.matches(scheme, authority))
                     || self.predicates.iter().any(|p| p(uri))
-                    || (self.any
-                        && extensions
-                            .get::<RedirectedFrom>()
-                            .is_none_or(|from| same_origin(&from.0, uri)))
             }
             // Under `any_https_origin` a relative URI is in scope too, and so meets the
             // transport rule, which refuses it unless relative URIs are allowed.
@@ -198,6 +214,18 @@ impl Scope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Same origin: scheme, host and port, the port defaulted by the scheme, case aside.
+    #[test]
+    fn same_origin_compares_scheme_host_and_port() {
+        let same = |a: &str, b: &str| same_origin(&a.parse().unwrap(), &b.parse().unwrap());
+        assert!(same("https://api.test/a", "HTTPS://API.test:443/b"));
+        assert!(same("http://[::1]:80/", "http://[::1]/x"));
+        assert!(!same("https://api.test/", "http://api.test/"));
+        assert!(!same("https://api.test/", "https://api.test:8443/"));
+        assert!(!same("https://api.test/", "https://api.test.evil/"));
+        assert!(!same("http://127.0.0.1:80/", "http://localhost:80/"));
+    }
 
     /// Origins parse strictly and match scheme, host and (default) port exactly.
     #[test]
@@ -212,6 +240,9 @@ mod tests {
         assert!(!allows("http://api.example.com/"));
         assert!(!allows("https://api.example.com.evil.test/"));
         assert!(!allows("https://evil.test/?https://api.example.com"));
+        assert!(allows("https://api.example.com:443/v1"));
+        // Userinfo in a request's authority is not guessed at: no credential.
+        assert!(!allows("https://user@api.example.com/"));
         assert!(!allows("/relative"));
         for bad in [
             "api.example.com",
@@ -223,6 +254,10 @@ mod tests {
         ] {
             assert!(bad.parse::<Origin>().is_err(), "{bad}");
         }
+        let v6: Origin = "https://[::1]:8443".parse().unwrap();
+        let scope = Scope::default().with_origin(v6);
+        assert!(scope.allows(&"https://[::1]:8443/a".parse().unwrap(), &none, false));
+        assert!(!scope.allows(&"https://[::1]/a".parse().unwrap(), &none, false));
         let local: Origin = "http://127.0.0.1:8080".parse().unwrap();
         let scope = Scope::default().with_origin(local);
         assert!(scope.allows(&"http://127.0.0.1:8080/a".parse().unwrap(), &none, false));

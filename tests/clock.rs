@@ -175,7 +175,11 @@ async fn windows_come_from_the_issued_lifetime() {
         .build()
         .unwrap();
     assert_eq!(cache.credential().await.unwrap(), bearer(1));
-    assert_eq!(source.fetches(), 1, "the stored credential was used");
+    assert_eq!(
+        source.fetches(),
+        1,
+        "fetched once, the stored credential passed over"
+    );
 }
 
 /// World: a credential that says when it expires (20 s from now) but not when it was

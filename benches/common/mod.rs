@@ -126,6 +126,11 @@ pub fn expiring_source() -> SourceFn {
     })
 }
 
+/// A credential that can change but states no expiry: the hot path reads no clock for it.
+pub fn never_expiring_source() -> SourceFn {
+    source_fn(|_| async { Ok::<_, BoxError>(Credential::bearer(TOKEN)?) })
+}
+
 /// `layer` around [`Noop`], its credential fetched (inside `rt`: the first fetch is
 /// spawned), so that every measured call takes the cached hot path.
 pub fn warm<P: CredentialSource>(
