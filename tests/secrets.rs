@@ -56,7 +56,7 @@ async fn debug_and_display_are_redacted() {
         .layer(FakeApi::new(|_, _| StatusCode::OK).service());
     let rotating = RotatingCredential::new(credential.clone());
     let url_with_canary = format!("https://client:{CANARY}@idp.test/oauth/token?key={CANARY}");
-    let printed = [
+    let mut printed = vec![
         format!("{credential:?} {credential:#?}"),
         format!("{:?}", Credential::with_scheme("Secret", CANARY).unwrap()),
         format!("{:?}", Credential::cookie("sid", CANARY).unwrap()),
@@ -100,7 +100,22 @@ async fn debug_and_display_are_redacted() {
             TokenSource::new(TokenRequest::json(&url_with_canary).unwrap())
                 .refresh_with(TokenRequest::form(&url_with_canary).unwrap(), "rt")
         ),
+        format!(
+            "{:?}",
+            tower_client_auth::clock::ManualClock::new(std::time::SystemTime::now())
+        ),
     ];
+    #[cfg(feature = "reqwest")]
+    printed.push(format!(
+        "{:?}",
+        tower_client_auth::reqwest::AuthMiddleware::new(StaticCredential::bearer(CANARY).unwrap())
+            .origin("https://api.example.com".parse().unwrap())
+    ));
+    #[cfg(feature = "tower-http")]
+    printed.push(format!(
+        "{:?}",
+        tower_client_auth::redirect::SameOriginCredentials::new()
+    ));
     for (i, text) in printed.iter().enumerate() {
         assert_clean(&format!("printed value {i}"), text);
     }
