@@ -88,7 +88,7 @@ fn contention(c: &mut Criterion) {
         &rt,
         AuthLayer::new(expiring_source())
             .any_https_origin()
-            .replay_rejected(false),
+            .without_replay(),
     );
     g.bench_function("auth_layer_no_replay", |b| {
         b.iter_custom(|n| hammer(&no_replay, n))
@@ -167,7 +167,7 @@ fn contention(c: &mut Criterion) {
                 &rt,
                 AuthLayer::new(expiring_source())
                     .any_https_origin()
-                    .replay_rejected(false),
+                    .without_replay(),
                 Client::default(),
             )),
         ),

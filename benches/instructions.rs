@@ -78,7 +78,7 @@ fn main() {
                 &rt,
                 AuthLayer::new(never_expiring_source())
                     .any_https_origin()
-                    .replay_rejected(false),
+                    .without_replay(),
             ),
             n,
         ),
@@ -87,7 +87,7 @@ fn main() {
                 &rt,
                 AuthLayer::new(expiring_source())
                     .any_https_origin()
-                    .replay_rejected(false),
+                    .without_replay(),
             ),
             n,
         ),
@@ -124,7 +124,7 @@ fn main() {
                 &rt,
                 AuthLayer::new(expiring_source())
                     .any_https_origin()
-                    .replay_rejected(false),
+                    .without_replay(),
                 Client::default(),
             ),
             n,
@@ -158,7 +158,7 @@ fn main() {
                 &rt,
                 AuthLayer::new(expiring_source())
                     .any_https_origin()
-                    .replay_rejected(false),
+                    .without_replay(),
                 Lazy,
             ),
             n,

@@ -58,7 +58,7 @@ fn variants(rt: &tokio::runtime::Runtime) -> Vec<Variant> {
                 rt,
                 AuthLayer::new(expiring_source())
                     .any_https_origin()
-                    .replay_rejected(false),
+                    .without_replay(),
             ),
         ),
         // The same path without an expiry: no wall-clock read per request. Against
@@ -69,7 +69,7 @@ fn variants(rt: &tokio::runtime::Runtime) -> Vec<Variant> {
                 rt,
                 AuthLayer::new(never_expiring_source())
                     .any_https_origin()
-                    .replay_rejected(false),
+                    .without_replay(),
             ),
         ),
         variant("rwlock_cache", rwlock_cache(Noop)),

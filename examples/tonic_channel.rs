@@ -1,25 +1,21 @@
 //! A tonic gRPC client channel with a bearer credential.
 //!
-//! tonic's generated clients send `http::Request<tonic::body::Body>` and a `Channel`
-//! accepts only that body type, while `AuthLayer` hands its inner service a
-//! `ReplayBody<tonic::body::Body>`. The smallest adapter is one `map_request` that wraps
-//! the replay body back into a `tonic::body::Body` (`Body::new` takes any `http_body::Body`).
-//!
 //! gRPC reports a bad token as HTTP 200 with `grpc-status: 16` (UNAUTHENTICATED), not as a
-//! 401, so the layer's 401 replay does not fire for gRPC; expiry-driven refresh does.
+//! 401, so a 401 replay would never fire for gRPC; expiry-driven refresh does. The layer
+//! goes `.without_replay()`: the `Channel` then receives tonic's own
+//! `http::Request<tonic::body::Body>` unchanged, with no adapter. (To react to
+//! UNAUTHENTICATED, call `CacheHandle::invalidate_if` with the credential that was sent.)
 //!
 //! `cargo run --example tonic_channel`
 use std::time::Duration;
 
-use http::Request;
 use tonic::{
     Status,
-    body::Body,
     transport::{Channel, Server},
 };
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tower::ServiceBuilder;
-use tower_client_auth::{AuthLayer, BoxError, Credential, ReplayBody, source_fn};
+use tower_client_auth::{AuthLayer, BoxError, Credential, source_fn};
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
@@ -50,9 +46,9 @@ async fn main() -> Result<(), BoxError> {
         .layer(
             AuthLayer::new(source)
                 .origin(format!("http://{addr}").parse::<tower_client_auth::Origin>()?) // the credential goes there only
-                .allow_http_loopback(true), // loopback demo only
+                .allow_http_loopback(true) // loopback demo only
+                .without_replay(), // gRPC has no 401 to replay on: the request goes as it is
         )
-        .map_request(|req: Request<ReplayBody<Body>>| req.map(Body::new))
         .service(channel);
     // `with_origin` puts scheme and host on every request, so the layer can check them.
     let mut client = HealthClient::with_origin(authed, origin);

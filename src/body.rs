@@ -78,7 +78,7 @@ pub enum NotReplayed {
     /// Reading the body failed.
     BodyFailed,
     /// The request opted out with [`NoReplay`](crate::NoReplay), or the layer does not
-    /// replay ([`AuthLayer::replay_rejected`](crate::AuthLayer::replay_rejected)).
+    /// replay ([`AuthLayer::without_replay`](crate::AuthLayer::without_replay)).
     OptedOut,
     /// This response already answers the replay: never more than one per request.
     AlreadyReplayed,

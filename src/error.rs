@@ -43,6 +43,11 @@ pub enum ErrorKind {
     /// sends it nowhere. Call `.origin(..)` with the API's origin, or opt in to every
     /// https origin with `.any_https_origin()`.
     NoOrigin,
+    /// A layer without replay ([`Direct`](crate::Direct)) was called with no usable
+    /// credential readied: `call` without a `poll_ready` that returned `Ready` first, or
+    /// after holding the service ready until the credential it readied expired. Poll it
+    /// ready again.
+    NotReady,
     /// A future of this crate was polled after it had completed (a bug in the caller).
     PolledAfterCompletion,
     /// The request's header map was full (`http`'s `MAX_SIZE`), so the credential could
@@ -71,6 +76,9 @@ impl ErrorKind {
             }
             ErrorKind::SpawnRefused => {
                 "the runtime refused to start the credential refresh: it is shutting down"
+            }
+            ErrorKind::NotReady => {
+                "no usable credential was readied for this call: poll the service ready right before calling it"
             }
             ErrorKind::PolledAfterCompletion => "a future was polled after it completed",
             ErrorKind::HeadersFull => {

@@ -1,15 +1,16 @@
 //! [`AuthLayer`]: configuration of the request side, and the [`tower_layer::Layer`] impl.
 
-use std::{sync::Arc, time::Duration};
+use std::{marker::PhantomData, sync::Arc, time::Duration};
 
 use tower_layer::Layer;
 
 use crate::{
     cache::{CredentialCache, CredentialCacheBuilder},
+    direct::Direct,
     error::InvalidConfig,
     policy::{ExistingHeader, Policy},
     scope::{Origin, Scope},
-    service::AddCredential,
+    service::{AddCredential, Replaying},
     source::CredentialSource,
     store::CredentialStore,
 };
@@ -73,23 +74,6 @@ macro_rules! request_rules {
             self
         }
 
-        /// Whether a rejected request is replayed once with the new credential (default
-        /// `true`). With `false`, a rejection still invalidates the credential (the next
-        /// request gets a fresh one) but the rejected response goes back to the caller, and
-        /// no request head or body is retained, which saves an allocation or two per request.
-        pub fn replay_rejected(mut self, replay: bool) -> Self {
-            self.policy.replay = replay;
-            self
-        }
-
-        /// Most bytes of a request body retained for a replay (default
-        /// [`DEFAULT_REPLAY_LIMIT`](crate::DEFAULT_REPLAY_LIMIT)). `0` keeps only empty bodies
-        /// replayable.
-        pub fn replay_limit(mut self, bytes: usize) -> Self {
-            self.policy.replay_limit = bytes;
-            self
-        }
-
         /// Allows plain `http` to loopback hosts (`localhost`, `127.0.0.0/8`, `::1`), for tests
         /// and local development. Default `false`. Plain `http` to any other host is always
         /// refused.
@@ -117,6 +101,20 @@ macro_rules! request_rules {
     };
 }
 
+/// The replay settings, for entry points that replay (`AuthLayer<P, Replaying>`, its
+/// builder, the reqwest `AuthMiddleware`).
+macro_rules! replay_rules {
+    () => {
+        /// Most bytes of a request body retained for a replay (default
+        /// [`DEFAULT_REPLAY_LIMIT`](crate::DEFAULT_REPLAY_LIMIT)). `0` keeps only empty bodies
+        /// replayable.
+        pub fn replay_limit(mut self, bytes: usize) -> Self {
+            self.policy.replay_limit = bytes;
+            self
+        }
+    };
+}
+
 /// Adds credentials to requests, refreshes them, and replays a request once when the API
 /// rejects its credential. See the [crate docs](crate) for the whole picture.
 ///
@@ -138,29 +136,79 @@ macro_rules! request_rules {
 /// # let _ = client;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub struct AuthLayer<P> {
+///
+/// # Two modes
+///
+/// `M` says whether a rejected request is replayed:
+///
+/// - [`Replaying`] (the default): the inner service receives `Request<ReplayBody<B>>` and
+///   must be `Clone`, because the replay resends the retained body through a clone.
+/// - [`Direct`], from [`without_replay`](Self::without_replay): the inner service
+///   receives `Request<B>` unchanged and need not be `Clone`, so the layer drops in
+///   wherever tower-http's `AddAuthorization` fits. A rejection still invalidates the
+///   credential (the next request gets a new one) and the rejected response goes back to
+///   the caller, marked [`NotReplayed`](crate::NotReplayed). The credential is readied in
+///   `poll_ready`. Take this mode for a [`StaticCredential`](crate::StaticCredential),
+///   which has nothing to replay with.
+///
+/// ```
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_client_auth::{AuthLayer, StaticCredential};
+///
+/// // Neither `Clone` nor typed for `ReplayBody`: what a hyper client or a tonic channel
+/// // accepts as it is.
+/// struct Api;
+/// impl tower::Service<http::Request<String>> for Api {
+///     type Response = http::Response<()>;
+///     type Error = std::convert::Infallible;
+///     type Future = std::future::Ready<Result<http::Response<()>, std::convert::Infallible>>;
+///     fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+///         std::task::Poll::Ready(Ok(()))
+///     }
+///     fn call(&mut self, req: http::Request<String>) -> Self::Future {
+///         assert_eq!(req.headers()["authorization"], "Bearer pat_123");
+///         std::future::ready(Ok(http::Response::new(())))
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_client_auth::BoxError> {
+/// let client = ServiceBuilder::new()
+///     .layer(AuthLayer::new(StaticCredential::bearer("pat_123")?)
+///         .origin("https://api.example.com".parse()?)
+///         .without_replay())
+///     .service(Api);
+/// let req = http::Request::get("https://api.example.com/v1").body(String::new())?;
+/// client.oneshot(req).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct AuthLayer<P, M = Replaying> {
     cache: CredentialCache<P>,
     policy: Policy,
     scope: Option<Arc<Scope>>,
+    mode: PhantomData<fn() -> M>,
 }
 
 // By hand: a derive would ask `P: Debug`, which the cache's `Debug` does not need.
-impl<P> std::fmt::Debug for AuthLayer<P> {
+impl<P, M> std::fmt::Debug for AuthLayer<P, M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthLayer")
             .field("cache", &self.cache)
             .field("policy", &self.policy)
             .field("scope", &self.scope)
+            .field("mode", &std::any::type_name::<M>())
             .finish()
     }
 }
 
-impl<P> Clone for AuthLayer<P> {
+impl<P, M> Clone for AuthLayer<P, M> {
     fn clone(&self) -> Self {
         AuthLayer {
             cache: self.cache.clone(),
             policy: self.policy,
             scope: self.scope.clone(),
+            mode: PhantomData,
         }
     }
 }
@@ -200,6 +248,7 @@ impl<P: CredentialSource> AuthLayer<P> {
             cache: CredentialCache::builder(source),
             policy: Policy::default(),
             scope: None,
+            mode: PhantomData,
         }
     }
 
@@ -210,9 +259,28 @@ impl<P: CredentialSource> AuthLayer<P> {
             cache,
             policy: Policy::default(),
             scope: None,
+            mode: PhantomData,
+        }
+    }
+}
+
+impl<P> AuthLayer<P, Replaying> {
+    /// The layer in [`Direct`] mode: rejected requests are not replayed, the inner service
+    /// receives `Request<B>` unchanged and need not be `Clone`. See [Two modes](Self#two-modes).
+    pub fn without_replay(mut self) -> AuthLayer<P, Direct> {
+        self.policy.replay = false;
+        AuthLayer {
+            cache: self.cache,
+            policy: self.policy,
+            scope: self.scope,
+            mode: PhantomData,
         }
     }
 
+    replay_rules!();
+}
+
+impl<P, M> AuthLayer<P, M> {
     /// The cache behind this layer.
     pub fn cache(&self) -> &CredentialCache<P> {
         &self.cache
@@ -231,8 +299,8 @@ impl<P: CredentialSource> AuthLayer<P> {
     request_rules!();
 }
 
-impl<S, P> Layer<S> for AuthLayer<P> {
-    type Service = AddCredential<S, P>;
+impl<S, P, M: Default> Layer<S> for AuthLayer<P, M> {
+    type Service = AddCredential<S, P, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
         AddCredential::from_parts(inner, self.cache.clone(), self.policy, self.scope.clone())
@@ -241,23 +309,40 @@ impl<S, P> Layer<S> for AuthLayer<P> {
 
 /// Every setting of a layer and its cache, checked by [`build`](Self::build). From
 /// [`AuthLayer::builder`].
-pub struct AuthLayerBuilder<P> {
+pub struct AuthLayerBuilder<P, M = Replaying> {
     cache: CredentialCacheBuilder<P>,
     policy: Policy,
     scope: Option<Arc<Scope>>,
+    mode: PhantomData<fn() -> M>,
 }
 
-impl<P> std::fmt::Debug for AuthLayerBuilder<P> {
+impl<P, M> std::fmt::Debug for AuthLayerBuilder<P, M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthLayerBuilder")
             .field("cache", &self.cache)
             .field("policy", &self.policy)
             .field("scope", &self.scope)
+            .field("mode", &std::any::type_name::<M>())
             .finish()
     }
 }
 
-impl<P: CredentialSource> AuthLayerBuilder<P> {
+impl<P> AuthLayerBuilder<P, Replaying> {
+    /// Builds a layer in [`Direct`] mode: see [`AuthLayer::without_replay`].
+    pub fn without_replay(mut self) -> AuthLayerBuilder<P, Direct> {
+        self.policy.replay = false;
+        AuthLayerBuilder {
+            cache: self.cache,
+            policy: self.policy,
+            scope: self.scope,
+            mode: PhantomData,
+        }
+    }
+
+    replay_rules!();
+}
+
+impl<P: CredentialSource, M> AuthLayerBuilder<P, M> {
     /// See [`CredentialCacheBuilder::fetch_timeout`].
     pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
         self.cache = self.cache.fetch_timeout(timeout);
@@ -305,7 +390,7 @@ impl<P: CredentialSource> AuthLayerBuilder<P> {
     /// Checks every setting and builds the layer over a new cache: a value out of range
     /// or two settings that contradict each other is an [`InvalidConfig`] naming the
     /// setting.
-    pub fn build(self) -> Result<AuthLayer<P>, InvalidConfig> {
+    pub fn build(self) -> Result<AuthLayer<P, M>, InvalidConfig> {
         let cache = self.cache.build()?;
         if self.scope.is_none() {
             return Err(InvalidConfig::new(
@@ -317,6 +402,7 @@ impl<P: CredentialSource> AuthLayerBuilder<P> {
             cache,
             policy: self.policy,
             scope: self.scope,
+            mode: PhantomData,
         })
     }
 }

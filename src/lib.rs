@@ -64,10 +64,11 @@
 //! the replay). Scope it to the API's origin ([`AuthLayer::origin`]): an unscoped layer
 //! sends the credential to every host its client calls.
 //!
-//! **The inner service receives `Request<ReplayBody<B>>`**, not `Request<B>`: build the
-//! client for that body type (`Client::builder(..).build_http::<ReplayBody<Full<Bytes>>>()`).
-//! A client typed for `Full<Bytes>` fails to compile with an error that never names
-//! `ReplayBody`:
+//! **In its default mode the inner service receives `Request<ReplayBody<B>>`** and must
+//! be `Clone`, because a rejected request is replayed through a clone with its retained
+//! body: build the client for that body type
+//! (`Client::builder(..).build_http::<ReplayBody<Full<Bytes>>>()`). A client typed for
+//! `Full<Bytes>` fails to compile with an error that never names `ReplayBody`:
 //!
 //! ```text
 //! error[E0599]: the method `oneshot` exists for struct `AddCredential<Client<HttpConnector, http_body_util::Full<bytes::Bytes>>, StaticCredential>`, but its trait bounds were not satisfied
@@ -75,8 +76,14 @@
 //!            `AddCredential<Client<HttpConnector, http_body_util::Full<bytes::Bytes>>, StaticCredential>: Service<_>`
 //! ```
 //!
+//! **Without replay** ([`AuthLayer::without_replay`], the [`Direct`] mode; the natural
+//! choice for a [`StaticCredential`]) the inner service receives `Request<B>` unchanged
+//! and need not be `Clone`, as under tower-http's `AddAuthorization`: only replay changes
+//! the body type. See [`AuthLayer`]'s "Two modes".
+//!
 //! To send unauthenticated requests through the same client, wrap their body with
-//! [`ReplayBody::new`]. tonic needs a one-line adapter (the crate's `tonic_channel` example). Share one [`CredentialCache`] between several layers, or
+//! [`ReplayBody::new`]. A tonic channel takes the layer without replay as it is (the
+//! crate's `tonic_channel` example). Share one [`CredentialCache`] between several layers, or
 //! with a reqwest client (feature `reqwest`), through [`AuthLayer::with_cache`].
 //!
 //! ## 3. What happens on expiry and on 401
@@ -186,7 +193,7 @@
 //! - [`CredentialCache`]: all of the refresh logic.
 //! - [`CredentialStore`]: the seam for sharing credentials between processes.
 //! - [`AuthLayer`], [`AddCredential`], [`ResponseFuture`]: the middleware and the
-//!   per-request state machine.
+//!   per-request state machine; [`Direct`], [`DirectFuture`]: the mode without replay.
 //! - [`ReplayBody`]: body retention and replay.
 //!
 //! # Features
@@ -204,6 +211,7 @@ mod body;
 pub mod cache;
 pub mod clock;
 mod credential;
+mod direct;
 mod error;
 mod future;
 mod handle;
@@ -232,13 +240,14 @@ pub use crate::{
     body::{DEFAULT_REPLAY_LIMIT, NotReplayed, ReplayBody},
     cache::{CacheHandle, CacheStats, CredentialCache, CredentialCacheBuilder},
     credential::Credential,
+    direct::{Direct, DirectFuture},
     error::{BoxError, Error, ErrorKind, InvalidConfig, InvalidCredential},
     future::ResponseFuture,
     layer::{AuthLayer, AuthLayerBuilder},
     policy::{DEFAULT_REJECTION_STATUSES, ExistingHeader, NoReplay},
     scope::{InvalidOrigin, Origin},
     secret::Secret,
-    service::AddCredential,
+    service::{AddCredential, Replaying},
     source::{
         CredentialSource, FetchContext, FetchReason, RefreshMode, SharedCredentialSource, SourceFn,
         source_fn,

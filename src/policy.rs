@@ -67,7 +67,7 @@ impl StatusSet {
         }
         if set.0 == [0; 4] {
             return Err(invalid(
-                "at least one status is needed (to replay nothing, use replay_rejected(false))",
+                "at least one status is needed (to replay nothing, use .without_replay())",
             ));
         }
         Ok(set)

@@ -83,7 +83,7 @@ use crate::{
     layer::AuthLayer,
     policy::{ExistingHeader, NoReplay, Policy},
     scope::{Origin, Scope},
-    service::AddCredential,
+    service::{AddCredential, Replaying},
     source::CredentialSource,
 };
 
@@ -159,7 +159,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     }
 
     /// A middleware sharing `layer`'s cache and settings.
-    pub fn from_layer(layer: &AuthLayer<P>) -> Self {
+    pub fn from_layer<M>(layer: &AuthLayer<P, M>) -> Self {
         AuthMiddleware {
             cache: layer.cache().clone(),
             policy: layer.policy(),
@@ -173,6 +173,17 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     }
 
     request_rules!();
+
+    replay_rules!();
+
+    /// Whether a rejected request is replayed once with the new credential (default
+    /// `true`). With `false`, a rejection still invalidates the credential (the next
+    /// request gets a new one) but the rejected response goes back to the caller, and
+    /// no request body is retained.
+    pub fn replay_rejected(mut self, replay: bool) -> Self {
+        self.policy.replay = replay;
+        self
+    }
 }
 
 /// The rest of the reqwest middleware chain as the Tower service [`AddCredential`] wraps: the
@@ -305,8 +316,12 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
             next,
             extensions: Arc::new(futures_util::lock::Mutex::new(extensions)),
         };
-        let auth =
-            AddCredential::from_parts(rest, self.cache.clone(), self.policy, self.scope.clone());
+        let auth = AddCredential::<_, _, Replaying>::from_parts(
+            rest,
+            self.cache.clone(),
+            self.policy,
+            self.scope.clone(),
+        );
         let res = auth.oneshot(req).await.map_err(into_middleware_error)?;
         Ok(into_reqwest(res))
     }

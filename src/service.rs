@@ -1,4 +1,5 @@
-//! [`AddCredential`]: the middleware service. The per-request state machine is in `future.rs`.
+//! [`AddCredential`]: the middleware service. The per-request state machine is in
+//! `future.rs`; the mode without replay ([`Direct`](crate::Direct)) is in `direct.rs`.
 
 use std::{
     fmt,
@@ -22,25 +23,39 @@ use crate::{
     source::CredentialSource,
 };
 
-/// Adds a cached credential to each request and replays it once when the API rejects the
-/// credential. Built by [`AuthLayer`](crate::AuthLayer).
+/// Adds a cached credential to each request and, in the default mode ([`Replaying`]),
+/// replays it once when the API rejects the credential. Built by
+/// [`AuthLayer`](crate::AuthLayer).
 ///
-/// The inner service receives the request with a [`ReplayBody`]. Errors are
-/// [`BoxError`]s: the crate's own [`Error`](crate::Error), or the inner service's error
-/// as it came (downcast to get it back).
-pub struct AddCredential<S, P> {
-    inner: S,
-    cache: CredentialCache<P>,
+/// With [`Replaying`], the inner service receives the request with a [`ReplayBody`] and
+/// must be `Clone`. With [`Direct`](crate::Direct)
+/// ([`AuthLayer::without_replay`](crate::AuthLayer::without_replay)) it receives the
+/// request unchanged and need not be `Clone`, as under tower-http's `AddAuthorization`.
+/// Errors are [`BoxError`]s: the crate's own [`Error`](crate::Error), or the inner
+/// service's error as it came (downcast to get it back).
+pub struct AddCredential<S, P, M = Replaying> {
+    pub(crate) inner: S,
+    pub(crate) cache: CredentialCache<P>,
     /// This clone's view of the cache's current entry (see `LocalView`).
-    view: LocalView<P>,
+    pub(crate) view: LocalView<P>,
     /// This clone's references to the cache for its requests (see `CacheRef`).
-    refs: LocalRefs<P>,
-    policy: Policy,
+    pub(crate) refs: LocalRefs<P>,
+    pub(crate) policy: Policy,
     /// Where the credential goes; `None`: nowhere (every request is refused).
-    scope: Option<Arc<Scope>>,
+    pub(crate) scope: Option<Arc<Scope>>,
+    /// The mode's own per-clone state (none for [`Replaying`]).
+    pub(crate) mode: M,
 }
 
-impl<S: fmt::Debug, P> fmt::Debug for AddCredential<S, P> {
+/// The default mode of [`AuthLayer`] and [`AddCredential`]: a request whose credential
+/// the API rejects is sent once more with a new one. The inner service receives
+/// `Request<ReplayBody<B>>` and must be `Clone` (the replay goes through a clone).
+///
+/// The other mode is [`Direct`](crate::Direct).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Replaying;
+
+impl<S: fmt::Debug, P, M> fmt::Debug for AddCredential<S, P, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AddCredential")
             .field("inner", &self.inner)
@@ -51,7 +66,7 @@ impl<S: fmt::Debug, P> fmt::Debug for AddCredential<S, P> {
     }
 }
 
-impl<S: Clone, P> Clone for AddCredential<S, P> {
+impl<S: Clone, P, M: Clone> Clone for AddCredential<S, P, M> {
     fn clone(&self) -> Self {
         AddCredential {
             inner: self.inner.clone(),
@@ -60,11 +75,12 @@ impl<S: Clone, P> Clone for AddCredential<S, P> {
             refs: LocalRefs::new(),
             policy: self.policy,
             scope: self.scope.clone(),
+            mode: self.mode.clone(),
         }
     }
 }
 
-impl<S, P> AddCredential<S, P> {
+impl<S, P, M: Default> AddCredential<S, P, M> {
     pub(crate) fn from_parts(
         inner: S,
         cache: CredentialCache<P>,
@@ -78,9 +94,12 @@ impl<S, P> AddCredential<S, P> {
             cache,
             policy,
             scope,
+            mode: M::default(),
         }
     }
+}
 
+impl<S, P, M> AddCredential<S, P, M> {
     /// The wrapped service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -119,7 +138,7 @@ impl<P: CredentialSource> AddCredential<(), P> {
     }
 }
 
-impl<S, P, B, ResBody> Service<Request<B>> for AddCredential<S, P>
+impl<S, P, B, ResBody> Service<Request<B>> for AddCredential<S, P, Replaying>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,

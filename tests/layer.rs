@@ -833,9 +833,6 @@ async fn only_a_replayable_or_waiting_request_clones_the_inner_service() {
         }
     }
     case("static credential", fixed(), 0).check().await;
-    case("replay off", fetched().replay_rejected(false), 0)
-        .check()
-        .await;
     let elsewhere = "https://elsewhere.example".parse().unwrap();
     case(
         "other origin",
@@ -860,11 +857,8 @@ async fn only_a_replayable_or_waiting_request_clones_the_inner_service() {
     .await;
     CloneCase {
         warm: false,
-        ..case(
-            "replay off, the first request waits",
-            fetched().replay_rejected(false),
-            2,
-        )
+        no_replay: true,
+        ..case("NoReplay, the first request waits", fetched(), 2)
     }
     .check()
     .await;

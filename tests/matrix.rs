@@ -109,15 +109,46 @@ fn reqwest_body(body: Body) -> reqwest::Body {
 }
 
 /// Sends `call` through `entry`, built from `layer` (the reqwest middleware takes the
-/// layer's cache and every setting with `AuthMiddleware::from_layer`).
+/// layer's cache and every setting with `AuthMiddleware::from_layer`). Without `replay`,
+/// the Tower layer is in `Direct` mode, over a client typed for the caller's own body.
 async fn send<P: CredentialSource>(
-    entry: Entry,
+    (entry, replay): (Entry, bool),
     layer: &AuthLayer<P>,
     base: &str,
     call: Call,
 ) -> Outcome {
     let url = format!("{}{}", call.base.unwrap_or(base), call.path);
+    let outcome = |result: Result<http::Response<hyper::body::Incoming>, BoxError>| match result {
+        Ok(res) => Outcome::Answer(
+            res.status().as_u16(),
+            res.extensions().get::<NotReplayed>().copied(),
+        ),
+        Err(err) => Outcome::Failed(
+            err.downcast_ref::<Error>()
+                .unwrap_or_else(|| panic!("not the crate's error: {err}"))
+                .kind(),
+        ),
+    };
     match entry {
+        Entry::Tower if !replay => {
+            let http = Client::builder(TokioExecutor::new()).build_http::<TowerBody>();
+            let mut req = Request::post(url).body(tower_body(call.body)).unwrap();
+            if call.no_replay {
+                req.extensions_mut().insert(NoReplay);
+            }
+            if let Some(auth) = call.authorization {
+                req.headers_mut()
+                    .insert(header::AUTHORIZATION, auth.parse().unwrap());
+            }
+            outcome(
+                layer
+                    .clone()
+                    .without_replay()
+                    .layer(http)
+                    .oneshot(req)
+                    .await,
+            )
+        }
         Entry::Tower => {
             let http = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<TowerBody>>();
             let mut req = Request::post(url).body(tower_body(call.body)).unwrap();
@@ -128,21 +159,11 @@ async fn send<P: CredentialSource>(
                 req.headers_mut()
                     .insert(header::AUTHORIZATION, auth.parse().unwrap());
             }
-            match layer.clone().layer(http).oneshot(req).await {
-                Ok(res) => Outcome::Answer(
-                    res.status().as_u16(),
-                    res.extensions().get::<NotReplayed>().copied(),
-                ),
-                Err(err) => Outcome::Failed(
-                    err.downcast_ref::<Error>()
-                        .unwrap_or_else(|| panic!("not the crate's error: {err}"))
-                        .kind(),
-                ),
-            }
+            outcome(layer.clone().layer(http).oneshot(req).await)
         }
         Entry::Reqwest => {
             let client = ClientBuilder::new(reqwest::Client::new())
-                .with(AuthMiddleware::from_layer(layer))
+                .with(AuthMiddleware::from_layer(layer).replay_rejected(replay))
                 .build();
             let mut req = client.post(url).body(reqwest_body(call.body));
             if call.no_replay {
@@ -180,7 +201,28 @@ struct Case<P> {
 
 /// Runs `case` through both entry points, each with a fresh source, layer and API.
 async fn both<P: CredentialSource>(case: Case<P>) {
-    for entry in [Entry::Tower, Entry::Reqwest] {
+    run(case, &[(Entry::Tower, true), (Entry::Reqwest, true)]).await
+}
+
+/// Runs `case`, whose outcome involves no replay, through both entry points with replay
+/// on and off (the Tower layer in `Direct` mode): the same outcome from all four.
+async fn everywhere<P: CredentialSource>(case: Case<P>) {
+    let entries = [
+        (Entry::Tower, true),
+        (Entry::Tower, false),
+        (Entry::Reqwest, true),
+        (Entry::Reqwest, false),
+    ];
+    run(case, &entries).await
+}
+
+/// Runs `case` through both entry points with replay off.
+async fn without_replay<P: CredentialSource>(case: Case<P>) {
+    run(case, &[(Entry::Tower, false), (Entry::Reqwest, false)]).await
+}
+
+async fn run<P: CredentialSource>(case: Case<P>, entries: &[(Entry, bool)]) {
+    for &entry in entries {
         let (base, log) = api(case.rule).await;
         let builder = AuthLayer::builder((case.source)()).allow_http_loopback(true);
         let layer = (case.layer)(builder).build().expect("a valid layer");
@@ -239,7 +281,7 @@ const CHUNKS: Body = Body::Chunks(&["str", "eam", "ed"]);
 
 #[tokio::test]
 async fn an_accepted_credential_is_sent_once() {
-    both(Case {
+    everywhere(Case {
         name: "accepted",
         source: TestSource::new,
         layer: same,
@@ -290,7 +332,7 @@ async fn a_second_rejection_is_returned_marked() {
 
 #[tokio::test]
 async fn a_403_is_returned_with_no_refresh() {
-    both(Case {
+    everywhere(Case {
         name: "403",
         source: TestSource::new,
         layer: same,
@@ -339,7 +381,7 @@ async fn opting_out_returns_the_401_and_still_refreshes() {
         no_replay: true,
         ..Call::get("/a")
     };
-    both(Case {
+    everywhere(Case {
         name: "NoReplay",
         source: TestSource::new,
         layer: same,
@@ -352,10 +394,10 @@ async fn opting_out_returns_the_401_and_still_refreshes() {
         seen: vec![("Bearer token-1", ""), ("Bearer token-2", "")],
     })
     .await;
-    both(Case {
-        name: "replay_rejected(false)",
+    without_replay(Case {
+        name: "without replay",
         source: TestSource::new,
-        layer: |layer| same(layer).replay_rejected(false),
+        layer: same,
         rule: first_attempt_401,
         calls: vec![(Call::get("/a"), not_replayed(401, NotReplayed::OptedOut))],
         seen: vec![("Bearer token-1", "")],
@@ -386,7 +428,7 @@ async fn a_body_over_the_replay_limit_is_not_replayed() {
 
 #[tokio::test]
 async fn other_origins_get_no_credential_and_no_replay() {
-    both(Case {
+    everywhere(Case {
         name: "other origin",
         source: TestSource::new,
         layer: |layer| layer.origin("https://api.example.com".parse::<Origin>().unwrap()),
@@ -403,7 +445,7 @@ async fn a_request_with_its_own_credential_is_left_alone() {
         authorization: Some("Bearer mine"),
         ..Call::get("/a")
     };
-    both(Case {
+    everywhere(Case {
         name: "own header",
         source: TestSource::new,
         layer: same,
@@ -463,7 +505,7 @@ async fn plain_http_to_a_remote_host_is_refused() {
         base: Some("http://api.example.invalid"),
         ..Call::get("/a")
     };
-    both(Case {
+    everywhere(Case {
         name: "insecure",
         source: TestSource::new,
         layer: same,

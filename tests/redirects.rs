@@ -17,7 +17,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, StatusCode, header};
 use http_body_util::Full;
-use support::{api_client, serve};
+use support::{api_client, api_client_for, serve};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_client_auth::{
     AuthLayer, Credential, ErrorKind, Origin, StaticCredential, redirect::SameOriginCredentials,
@@ -226,6 +226,26 @@ async fn follow_redirect_above_the_layer() {
                 .service(api_client());
             opened.oneshot(get(&url)).await.unwrap();
             world.check(&format!("{kind}, our policy, any origin: {what}"), same);
+
+            // The layer without replay, over a client typed for the caller's body.
+            let direct = ServiceBuilder::new()
+                .layer(FollowRedirectLayer::new())
+                .layer(scoped.clone().without_replay())
+                .service(api_client_for::<Full<Bytes>>());
+            direct.oneshot(get(&url)).await.unwrap();
+            world.check(&format!("{kind}, standard policy, direct: {what}"), same);
+
+            let direct_any = ServiceBuilder::new()
+                .layer(FollowRedirectLayer::with_policy(
+                    SameOriginCredentials::new(),
+                ))
+                .layer(any.clone().without_replay())
+                .service(api_client_for::<Full<Bytes>>());
+            direct_any.oneshot(get(&url)).await.unwrap();
+            world.check(
+                &format!("{kind}, our policy, direct, any origin: {what}"),
+                same,
+            );
         }
     }
 }
@@ -250,6 +270,15 @@ async fn follow_redirect_below_the_layer() {
                 .service(api_client());
             svc.oneshot(get(&url)).await.unwrap();
             world.check(&format!("{kind}, below: {what}"), same);
+
+            let direct = ServiceBuilder::new()
+                .layer(layer.clone().without_replay())
+                .layer(FollowRedirectLayer::with_policy(
+                    SameOriginCredentials::new(),
+                ))
+                .service(api_client_for::<Full<Bytes>>());
+            direct.oneshot(get(&url)).await.unwrap();
+            world.check(&format!("{kind}, below, direct: {what}"), same);
         }
     }
 }

@@ -104,6 +104,7 @@ async fn debug_and_display_are_redacted() {
             "{:?}",
             tower_client_auth::clock::ManualClock::new(std::time::SystemTime::now())
         ),
+        direct_mode_readied_with_the_canary().await,
     ];
     #[cfg(feature = "reqwest")]
     printed.push(format!(
@@ -120,6 +121,23 @@ async fn debug_and_display_are_redacted() {
         assert_clean(&format!("printed value {i}"), text);
     }
     assert!(printed[0].contains("[redacted]"));
+}
+
+/// The layer without replay, its service holding the canary readied, and its future.
+async fn direct_mode_readied_with_the_canary() -> String {
+    use tower::{Service, ServiceExt};
+    let layer = AuthLayer::new(source_fn(|_| async {
+        Ok::<_, BoxError>(Credential::bearer(CANARY)?)
+    }))
+    .any_https_origin()
+    .without_replay();
+    let mut svc = layer.layer(tower::service_fn(|_: Request<()>| async {
+        Ok::<_, BoxError>(Response::new(()))
+    }));
+    svc.ready().await.unwrap();
+    let readied = format!("{layer:?} {svc:?}");
+    let future = svc.call(Request::get("https://api.example.com").body(()).unwrap());
+    format!("{readied} {future:?}")
 }
 
 /// The `FetchContext` a source sees after the canary credential was rejected.

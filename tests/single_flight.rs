@@ -66,7 +66,8 @@ fn fastrand_ms(low: u64, high: u64) -> u64 {
 }
 
 /// World: one cache with a store, behind a layer whose API rejects one answer in five,
-/// used for a second and a half by request loops, `reject` loops, plain and
+/// used for a second and a half by request loops (through the replaying layer and the
+/// layer without replay), `reject` loops, plain and
 /// generation-checked invalidation loops and a replacement loop, all at once on two
 /// threads, with credentials that live 120 ms (so expiry refreshes run all along).
 /// Proves: the source never ran two fetches at once, no refresh token was presented
@@ -79,11 +80,13 @@ async fn no_entry_point_runs_two_fetches_at_once() {
         .backoff(Duration::from_millis(1), Duration::from_millis(5))
         .build()
         .unwrap();
-    let svc = AuthLayer::with_cache(cache.clone())
-        .any_https_origin()
-        .layer(tower::service_fn(api));
+    let layer = AuthLayer::with_cache(cache.clone()).any_https_origin();
+    let svc = layer.layer(tower::service_fn(api));
+    // The layer without replay readies its credential in `poll_ready`: another way in.
+    let direct = layer.without_replay().layer(tower::service_fn(api));
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new([
+        AtomicUsize::new(0),
         AtomicUsize::new(0),
         AtomicUsize::new(0),
         AtomicUsize::new(0),
@@ -91,14 +94,29 @@ async fn no_entry_point_runs_two_fetches_at_once() {
     ]);
     let mut tasks = Vec::new();
     for who in 0..8usize {
-        let (cache, svc, stop, counts) = (cache.clone(), svc.clone(), stop.clone(), counts.clone());
+        let (cache, svc, direct, stop, counts) = (
+            cache.clone(),
+            svc.clone(),
+            direct.clone(),
+            stop.clone(),
+            counts.clone(),
+        );
         let handle = cache.handle();
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 match who {
                     // Requests through the Tower layer: expiry and 401 rejections.
-                    0..=2 => {
+                    0..=1 => {
                         send(svc.clone()).await;
+                    }
+                    // The same without replay: the wait happens in `poll_ready`.
+                    2 => {
+                        let req = Request::get("https://api.example.com/")
+                            .body(String::new())
+                            .unwrap();
+                        if direct.clone().oneshot(req).await.is_ok() {
+                            counts[4].fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     // The cache's own rejection path.
                     3 => {
@@ -149,9 +167,15 @@ async fn no_entry_point_runs_two_fetches_at_once() {
         "too few fetches to prove anything: {stats:?}"
     );
     assert!(stats.rejections > 0 && stats.replays > 0, "{stats:?}");
-    for (what, count) in ["invalidate_if", "invalidate", "replace", "credential"]
-        .iter()
-        .zip(counts.iter())
+    for (what, count) in [
+        "invalidate_if",
+        "invalidate",
+        "replace",
+        "credential",
+        "without replay",
+    ]
+    .iter()
+    .zip(counts.iter())
     {
         assert!(
             count.load(Ordering::Relaxed) > 0,

@@ -133,19 +133,19 @@ pub fn never_expiring_source() -> SourceFn {
 
 /// `layer` around [`Noop`], its credential fetched (inside `rt`: the first fetch is
 /// spawned), so that every measured call takes the cached hot path.
-pub fn warm<P: CredentialSource>(
+pub fn warm<P: CredentialSource, M: Default>(
     rt: &tokio::runtime::Runtime,
-    layer: AuthLayer<P>,
-) -> AddCredential<Noop, P> {
+    layer: AuthLayer<P, M>,
+) -> AddCredential<Noop, P, M> {
     warm_over(rt, layer, Noop)
 }
 
 /// [`warm`], around `inner`.
-pub fn warm_over<S, P: CredentialSource>(
+pub fn warm_over<S, P: CredentialSource, M: Default>(
     rt: &tokio::runtime::Runtime,
-    layer: AuthLayer<P>,
+    layer: AuthLayer<P, M>,
     inner: S,
-) -> AddCredential<S, P> {
+) -> AddCredential<S, P, M> {
     rt.block_on(async { layer.cache().credential().await.unwrap() });
     layer.layer(inner)
 }

@@ -246,6 +246,25 @@ impl<P: CredentialSource> CredentialCache<P> {
         Err(self.acquire(None))
     }
 
+    /// Whether `entry`, found usable a moment ago (readied in `poll_ready`), may still be
+    /// sent: it has not expired. One in its windows starts the refresh `usable` would.
+    #[inline]
+    pub(crate) fn still_sendable(&self, entry: &Entry) -> bool {
+        entry.fresh(|| self.inner.config.clock.now()) || self.still_sendable_aging(entry)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn still_sendable_aging(&self, entry: &Entry) -> bool {
+        if entry.is_expired_at(Instant::now(), self.inner.config.clock.now()) {
+            return false;
+        }
+        // In the soft window this claims the background refresh; in the hard window it
+        // starts the refresh the next `poll_ready` waits for.
+        drop(self.usable(Some(entry)));
+        true
+    }
+
     /// Whether a rejected credential can be replaced by a different one: false for a
     /// source in [`RefreshMode::Never`].
     #[inline]

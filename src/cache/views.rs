@@ -82,6 +82,13 @@ impl<P> LocalView<P> {
         self.entry.as_deref()
     }
 
+    /// The entry of the last [`load`](Self::load), without looking for a change: what a
+    /// service readied in `poll_ready` sends in `call`.
+    #[inline]
+    pub(crate) fn held(&self) -> Option<&Entry> {
+        self.entry.as_deref()
+    }
+
     #[cold]
     #[inline(never)]
     fn reload(&mut self, changes: u64) {

@@ -221,6 +221,18 @@ pub fn api_client() -> hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
     ReplayBody<Full<Bytes>>,
 > {
+    api_client_for()
+}
+
+/// [`api_client`] for request bodies of type `B`: `Full<Bytes>` under a layer in
+/// `Direct` mode.
+#[allow(dead_code)]
+pub fn api_client_for<B>()
+-> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
 }
 

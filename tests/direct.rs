@@ -1,0 +1,352 @@
+//! The layer without replay (`AuthLayer::without_replay`, `Direct` mode), in the shape of
+//! tower-http's `AddAuthorization`: the inner service gets `Request<B>` unchanged and is
+//! not `Clone`; the credential is readied in `poll_ready`. Every test here drives an inner
+//! service that is neither `Clone` nor typed for `ReplayBody`.
+
+mod support;
+
+use std::{
+    convert::Infallible,
+    future::{Ready, ready},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use support::TestSource;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, BoxError, Credential, Error, ErrorKind, NotReplayed, StaticCredential,
+    clock::ManualClock, source_fn,
+};
+
+/// What the API saw: the `Authorization` of every request, and how often it was polled
+/// ready.
+#[derive(Clone, Default)]
+struct Seen {
+    authorizations: Arc<Mutex<Vec<Option<String>>>>,
+    readied: Arc<AtomicUsize>,
+}
+
+impl Seen {
+    fn authorizations(&self) -> Vec<Option<String>> {
+        self.authorizations.lock().unwrap().clone()
+    }
+
+    fn readied(&self) -> usize {
+        self.readied.load(Ordering::SeqCst)
+    }
+}
+
+/// An API client as a user has it: typed for the caller's own body, and not `Clone`.
+/// Answers 401 to the tokens in `rejects`.
+struct Api {
+    seen: Seen,
+    rejects: &'static [&'static str],
+}
+
+impl Api {
+    fn new(seen: &Seen) -> Self {
+        Api {
+            seen: seen.clone(),
+            rejects: &[],
+        }
+    }
+}
+
+impl Service<Request<Full<Bytes>>> for Api {
+    type Response = Response<()>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<()>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.seen.readied.fetch_add(1, Ordering::SeqCst);
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        let auth = req
+            .headers()
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let rejected = auth.as_deref().is_some_and(|a| self.rejects.contains(&a));
+        self.seen.authorizations.lock().unwrap().push(auth);
+        let status = if rejected {
+            StatusCode::UNAUTHORIZED
+        } else {
+            StatusCode::OK
+        };
+        ready(Ok(Response::builder().status(status).body(()).unwrap()))
+    }
+}
+
+const API: &str = "https://api.example.com";
+
+fn get(url: &str) -> Request<Full<Bytes>> {
+    Request::get(url).body(Full::default()).unwrap()
+}
+
+fn kind(err: BoxError) -> ErrorKind {
+    err.downcast_ref::<Error>()
+        .unwrap_or_else(|| panic!("not the crate's error: {err}"))
+        .kind()
+}
+
+/// World: a static credential and a refreshing source, each in a `ServiceBuilder` stack
+/// with a concurrency limit, over a service that is not `Clone` and takes
+/// `Request<Full<Bytes>>`, where `AddAuthorization` would go. Proves: it compiles and the
+/// credential arrives, unchanged in type.
+#[tokio::test]
+async fn a_service_that_is_not_clone_gets_the_callers_request_with_the_credential() {
+    let seen = Seen::default();
+    let mut svc = ServiceBuilder::new()
+        .concurrency_limit(4)
+        .layer(
+            AuthLayer::new(StaticCredential::bearer("pat_123").unwrap())
+                .origin(API.parse().unwrap())
+                .without_replay(),
+        )
+        .service(Api::new(&seen));
+    let res = svc.ready().await.unwrap().call(get(API)).await.unwrap();
+    assert_eq!(res.status(), 200);
+
+    let built = AuthLayer::builder(TestSource::new())
+        .origin(API.parse().unwrap())
+        .without_replay()
+        .build()
+        .unwrap();
+    let res = built
+        .layer(Api::new(&seen))
+        .oneshot(get(API))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        seen.authorizations(),
+        [Some("Bearer pat_123".into()), Some("Bearer token-1".into())]
+    );
+}
+
+/// World: five services over one cache with no credential yet, polled ready at once,
+/// the source held until the test releases it. Proves: one fetch for all, and no inner
+/// service is polled ready (a permit, a pooled connection taken) while the credential is
+/// fetched; each then sends the one credential.
+#[tokio::test]
+async fn poll_ready_waits_for_the_one_refresh_before_readying_the_inner_service() {
+    let source = TestSource::build(
+        None,
+        Duration::ZERO,
+        true,
+        tower_client_auth::RefreshMode::Proactive,
+    );
+    let layer = AuthLayer::new(source.clone())
+        .origin(API.parse().unwrap())
+        .without_replay();
+    let seen = Seen::default();
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let mut svc = layer.layer(Api::new(&seen));
+        tasks.push(tokio::spawn(async move {
+            svc.ready().await.unwrap().call(get(API)).await.unwrap()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(source.fetches(), 1);
+    assert_eq!(
+        seen.readied(),
+        0,
+        "an inner service was readied during the fetch"
+    );
+    source.release(1);
+    for task in tasks {
+        assert_eq!(task.await.unwrap().status(), 200);
+    }
+    assert_eq!(source.fetches(), 1);
+    assert_eq!(seen.readied(), 5);
+    assert_eq!(
+        seen.authorizations(),
+        vec![Some("Bearer token-1".into()); 5]
+    );
+}
+
+/// World: ten requests carrying `token-1` answered 401 at once. Proves: each comes back
+/// as it was (no replay, marked `OptedOut`), the burst costs one refresh, and the next
+/// request carries `token-2`.
+#[tokio::test]
+async fn a_burst_of_rejections_costs_one_refresh_and_no_replay() {
+    let source = TestSource::new();
+    let layer = AuthLayer::new(source.clone())
+        .origin(API.parse().unwrap())
+        .without_replay();
+    layer.cache().credential().await.unwrap();
+    let seen = Seen::default();
+    let mut futures = Vec::new();
+    for _ in 0..10 {
+        let mut svc = layer.layer(Api {
+            seen: seen.clone(),
+            rejects: &["Bearer token-1"],
+        });
+        svc.ready().await.unwrap();
+        futures.push(svc.call(get(API)));
+    }
+    for res in futures_util::future::join_all(futures).await {
+        let res = res.unwrap();
+        assert_eq!(res.status(), 401);
+        assert_eq!(
+            res.extensions().get::<NotReplayed>(),
+            Some(&NotReplayed::OptedOut)
+        );
+    }
+    let res = layer
+        .layer(Api::new(&seen))
+        .oneshot(get(API))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(source.fetches(), 2);
+    let sent = seen.authorizations();
+    assert_eq!(sent.len(), 11, "a request was replayed");
+    assert_eq!(sent[10].as_deref(), Some("Bearer token-2"));
+}
+
+/// World: a source that fails. Proves: `poll_ready` still readies the service (the
+/// failure is not its to report), a request to the credential's origin fails with the
+/// fetch error and is not sent, and a request to another origin goes out without a
+/// credential.
+#[tokio::test]
+async fn a_failed_refresh_fails_only_requests_for_the_credentials_origin() {
+    let source = TestSource::new();
+    source.set_failing(true);
+    let seen = Seen::default();
+    let mut svc = AuthLayer::new(source.clone())
+        .origin(API.parse().unwrap())
+        .without_replay()
+        .layer(Api::new(&seen));
+    let err = svc.ready().await.unwrap().call(get(API)).await.unwrap_err();
+    assert_eq!(kind(err), ErrorKind::Fetch);
+    assert!(seen.authorizations().is_empty(), "a request went out");
+    let res = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(get("https://elsewhere.example/x"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(seen.authorizations(), [None]);
+}
+
+/// World: a credential valid for 60 s on a clock the test drives; a service polled
+/// ready, then called after the clock moved (a long hold, a suspended VM). Proves: into
+/// its windows the readied credential is still sent (it has not expired) and the refresh
+/// starts; past its expiry nothing is sent and the call fails `NotReady`; polled ready
+/// again, the service waits for the new credential and sends it.
+#[tokio::test]
+async fn a_service_held_ready_past_expiry_sends_nothing() {
+    let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let source = {
+        let (clock, fetches) = (clock.clone(), fetches.clone());
+        source_fn(move |_| {
+            let n = fetches.fetch_add(1, Ordering::SeqCst) + 1;
+            let expires = tower_client_auth::clock::Clock::now(&clock) + Duration::from_secs(60);
+            async move { Ok::<_, BoxError>(Credential::bearer(format!("t{n}"))?.expires_at(expires)) }
+        })
+    };
+    let layer = AuthLayer::builder(source)
+        .clock(clock.clone())
+        .origin(API.parse().unwrap())
+        .without_replay()
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let mut svc = layer.layer(Api::new(&seen));
+
+    svc.ready().await.unwrap();
+    clock.advance(Duration::from_secs(58));
+    let res = svc.call(get(API)).await.unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "a credential in its hard window was refused"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(fetches.load(Ordering::SeqCst), 2, "no refresh started");
+
+    svc.ready().await.unwrap();
+    clock.advance(Duration::from_secs(61));
+    let err = svc.call(get(API)).await.unwrap_err();
+    assert_eq!(kind(err), ErrorKind::NotReady);
+    assert_eq!(
+        seen.authorizations(),
+        [Some("Bearer t1".into())],
+        "an expired credential was sent"
+    );
+
+    svc.ready().await.unwrap();
+    svc.call(get(API)).await.unwrap();
+    assert_eq!(
+        seen.authorizations().last().unwrap().as_deref(),
+        Some("Bearer t3")
+    );
+}
+
+/// World: `call` without `poll_ready` (a breach of the `Service` contract). Proves: with
+/// a usable credential cached it is sent; with none the call fails `NotReady` and sends
+/// nothing, rather than sending the request without its credential.
+#[tokio::test]
+async fn a_call_without_poll_ready_never_goes_out_without_its_credential() {
+    let source = TestSource::new();
+    let layer = AuthLayer::new(source.clone())
+        .origin(API.parse().unwrap())
+        .without_replay();
+    let seen = Seen::default();
+    let err = layer
+        .layer(Api::new(&seen))
+        .call(get(API))
+        .await
+        .unwrap_err();
+    assert_eq!(kind(err), ErrorKind::NotReady);
+    assert!(seen.authorizations().is_empty());
+    layer.cache().credential().await.unwrap();
+    let res = layer.layer(Api::new(&seen)).call(get(API)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(seen.authorizations(), [Some("Bearer token-1".into())]);
+}
+
+/// World: a layer without replay given no origin. Proves: it fails closed as the
+/// replaying layer does (`NoOrigin`), never asks its source, and sends nothing.
+#[tokio::test]
+async fn a_layer_given_no_origin_fetches_nothing_and_sends_nothing() {
+    let source = TestSource::new();
+    let seen = Seen::default();
+    let svc = AuthLayer::new(source.clone())
+        .without_replay()
+        .layer(Api::new(&seen));
+    let err = svc.oneshot(get(API)).await.unwrap_err();
+    assert_eq!(kind(err), ErrorKind::NoOrigin);
+    assert_eq!(source.fetches(), 0);
+    assert!(seen.authorizations().is_empty());
+}
+
+/// World: the service and its futures inside a spawned task. Proves: `Direct` mode is
+/// `Send` as the replaying layer is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layer_without_replay_runs_in_a_spawned_task() {
+    let seen = Seen::default();
+    let svc = AuthLayer::new(TestSource::new())
+        .origin(API.parse().unwrap())
+        .without_replay()
+        .layer(Api::new(&seen));
+    let status = tokio::spawn(async move { svc.oneshot(get(API)).await.map(|r| r.status()) })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200);
+}
