@@ -401,3 +401,130 @@ fn futures_executor_block_on<F: std::future::Future>(future: F) -> F::Output {
         std::thread::park();
     }
 }
+
+/// Waits up to a second for `cond`, on this thread.
+fn wait_for(mut cond: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("condition never held");
+}
+
+/// World: a fetch made suspect by an invalidation, still running on one runtime; the
+/// fetch chained after it dies before it starts, refused by a runtime shutting down or
+/// cancelled with its runtime while it waits. Proves: the suspect fetch is not forgotten:
+/// the next request chains after it again instead of fetching beside it.
+#[test]
+fn a_chained_fetch_that_dies_before_it_starts_leaves_the_suspect_one_alone() {
+    for case in ["cancelled", "refused"] {
+        let first_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
+        let cache = CredentialCache::builder(source.clone())
+            .backoff(Duration::from_millis(1), Duration::from_millis(1))
+            .build()
+            .unwrap();
+        let _first = first_runtime.spawn({
+            let cache = cache.clone();
+            async move { cache.credential().await }
+        });
+        wait_for(|| source.fetches() == 1);
+        assert!(cache.handle().invalidate(), "{case}");
+        if case == "refused" {
+            let dead = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let handle = dead.handle().clone();
+            dead.shutdown_background();
+            let cache = cache.clone();
+            let kind = std::thread::spawn(move || {
+                let _entered = handle.enter();
+                futures_executor_block_on(cache.credential()).map_err(|e| e.kind())
+            })
+            .join()
+            .unwrap();
+            assert_eq!(kind.unwrap_err(), ErrorKind::SpawnRefused);
+        } else {
+            let second_runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            second_runtime.block_on(async {
+                let waited =
+                    tokio::time::timeout(Duration::from_millis(20), cache.credential()).await;
+                assert!(waited.is_err(), "the chained fetch did not wait");
+            });
+            // Cancels the chained fetch while it waits for the suspect one.
+            drop(second_runtime);
+        }
+        std::thread::sleep(Duration::from_millis(20)); // past the 1 ms backoff
+        let _third = first_runtime.spawn({
+            let cache = cache.clone();
+            async move { cache.credential().await }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let fetches = source.fetches();
+        source.release(10);
+        assert_eq!(
+            fetches, 1,
+            "{case}: a fetch started beside the suspect one still running"
+        );
+    }
+}
+
+/// World: a fetch running when a credential that lives 100 ms is handed over; callers
+/// that arrive after it expired join that fetch, directly or through the fetch chained
+/// after an invalidation. Proves: nobody is handed the expired credential, and the
+/// fetched one is installed rather than thrown away.
+#[tokio::test]
+async fn a_handed_over_credential_gone_stale_does_not_supersede_a_fetch() {
+    for chained in [false, true] {
+        let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
+        let cache = CredentialCache::new(source.clone());
+        let first = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.credential().await }
+        });
+        settle().await;
+        let second = chained.then(|| {
+            assert!(cache.handle().invalidate());
+            tokio::spawn({
+                let cache = cache.clone();
+                async move { cache.credential().await }
+            })
+        });
+        settle().await;
+        let pushed = Credential::bearer("pushed")
+            .unwrap()
+            .expires_in(Duration::from_millis(100));
+        assert!(cache.handle().replace(pushed.clone()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let late = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.credential().await }
+        });
+        settle().await;
+        source.release(2);
+        let _ = first.await.unwrap();
+        if let Some(second) = second {
+            assert_ne!(second.await.unwrap().unwrap(), pushed, "chained: {chained}");
+        }
+        let got = late.await.unwrap().unwrap();
+        assert_ne!(
+            got, pushed,
+            "chained: {chained}: handed an expired credential"
+        );
+        assert_eq!(
+            cache.credential().await.unwrap(),
+            got,
+            "chained: {chained}: the fetched credential was not installed"
+        );
+    }
+}

@@ -133,23 +133,23 @@ impl<P: CredentialSource> CredentialCache<P> {
         }
         state.flight_id += 1;
         let id = state.flight_id;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let flight = Flight {
+            id,
+            future: FlightFuture { rx }.shared(),
+        };
         // After an invalidation, the fetch it made suspect may still run: this one waits
         // for it to end before it starts.
-        let predecessor = state.predecessor.take().map(|f| f.future);
+        let predecessor = state.running.as_ref().map(|f| f.future.clone());
         if predecessor.is_none() {
-            state.running = Some(id);
+            state.running = Some(flight.clone());
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let future = FlightFuture { rx }.shared();
-        state.flight = Some(Flight {
-            id,
-            future: future.clone(),
-        });
+        state.flight = Some(flight.clone());
         inner.stats.fetches.fetch_add(1, Ordering::Relaxed);
         let guard = FlightGuard {
             inner: self.inner.clone(),
             epoch: state.epoch,
-            id,
+            flight: flight.clone(),
             started: false,
             tx: Some(tx),
         };
@@ -163,7 +163,7 @@ impl<P: CredentialSource> CredentialCache<P> {
             span,
         };
         (
-            Acquire::waiting(future, still_valid, &inner.config.clock),
+            Acquire::waiting(flight.future, still_valid, &inner.config.clock),
             Some(start),
         )
     }
@@ -281,15 +281,26 @@ impl Future for FlightFuture {
     }
 }
 
+/// Whose a flight's result is, when it ends.
+enum Standing {
+    /// The cache's: installed, or its failure backs the cache off.
+    Current,
+    /// An invalidation made it suspect: its own waiters' only.
+    Suspect,
+    /// A credential handed over since it started, still sendable, is the answer.
+    Replaced(Arc<Entry>),
+}
+
 /// Owned by the refresh task. Whatever way the task ends (done, cancelled by a runtime
 /// shutting down, or refused and never run), the flight is cleared, its waiters get a
 /// result, and a failure is counted, so the single-flight state can never wedge.
 struct FlightGuard<P: CredentialSource> {
     inner: Arc<Inner<P>>,
     epoch: u64,
-    /// Which flight this is: an invalidation detaches a running flight, and a newer one
-    /// may be in `State::flight` by the time this one ends.
-    id: u64,
+    /// Which flight this is (an invalidation detaches a running flight, and a newer one
+    /// may be in `State::flight` by the time this one ends), and its future, which
+    /// flights chained after it wait for.
+    flight: Flight,
     /// Whether the task ran at all: a task dropped before its first poll was refused.
     started: bool,
     /// Where the result goes; taken when it is sent.
@@ -298,31 +309,40 @@ struct FlightGuard<P: CredentialSource> {
 
 impl<P: CredentialSource> FlightGuard<P> {
     /// A chained flight's predecessor ended: this flight's fetch starts now. `Some` when
-    /// a credential was handed over meanwhile, which makes the fetch needless.
+    /// a credential handed over meanwhile may be sent, which makes the fetch needless.
     fn begin(&mut self) -> Option<Arc<Entry>> {
         let mut state = self.inner.lock_state();
-        state.running = Some(self.id);
-        self.inner.current.load_full()
+        state.running = Some(self.flight.clone());
+        self.inner.current.load_full().filter(|e| self.sendable(e))
     }
 
-    /// Takes this flight out of the state. Returns whether its result is superseded: an
-    /// invalidation made it suspect, or a credential handed over since it started is
-    /// still current. A superseded result or failure reaches this flight's waiters only.
-    fn leave(&self, state: &mut State) -> bool {
-        if state.flight.as_ref().is_some_and(|f| f.id == self.id) {
+    /// Whether `entry` may be sent without waiting: not yet in its hard window.
+    fn sendable(&self, entry: &Entry) -> bool {
+        let phase = entry.phase_at(Instant::now(), self.inner.config.clock.now());
+        matches!(phase, Phase::Fresh | Phase::Soft)
+    }
+
+    /// Takes this flight out of the state, and says whose its result is.
+    fn leave(&self, state: &mut State) -> Standing {
+        let id = self.flight.id;
+        if state.flight.as_ref().is_some_and(|f| f.id == id) {
             state.flight = None;
         }
-        if state.predecessor.as_ref().is_some_and(|f| f.id == self.id) {
-            state.predecessor = None;
-        }
-        if state.running == Some(self.id) {
+        if state.running.as_ref().is_some_and(|f| f.id == id) {
             state.running = None;
         }
-        let suspect = state.suspect == Some(self.id);
-        if suspect {
+        if state.suspect == Some(id) {
             state.suspect = None;
+            return Standing::Suspect;
         }
-        suspect || (state.epoch != self.epoch && self.inner.current.load().is_some())
+        if state.epoch != self.epoch {
+            // A credential handed over since this flight started wins while it may be
+            // sent; one gone stale meanwhile does not: this flight's result replaces it.
+            if let Some(current) = self.inner.current.load_full().filter(|e| self.sendable(e)) {
+                return Standing::Replaced(current);
+            }
+        }
+        Standing::Current
     }
 
     /// Ends the flight with the source's answer; the waiters are told after the lock is
@@ -332,21 +352,20 @@ impl<P: CredentialSource> FlightGuard<P> {
             let inner = &self.inner;
             let now = Instant::now();
             let mut state = inner.lock_state();
-            let superseded = self.leave(&mut state);
-            match result {
-                Ok(credential) if superseded => match inner.current.load_full() {
-                    Some(current) => {
-                        tracing::debug!("fetched credential superseded by a replacement");
-                        Ok(current)
-                    }
-                    None => {
-                        // Invalidated while this fetch ran: its result predates the
-                        // invalidation, so it goes to its own waiters only.
-                        tracing::debug!("fetched credential predates an invalidation");
-                        Ok(inner.entry(&mut state, credential, now))
-                    }
-                },
-                Ok(credential) => {
+            let standing = self.leave(&mut state);
+            let superseded = !matches!(standing, Standing::Current);
+            match (result, standing) {
+                (Ok(_), Standing::Replaced(current)) => {
+                    tracing::debug!("fetched credential superseded by a replacement");
+                    Ok(current)
+                }
+                (Ok(credential), Standing::Suspect) => {
+                    // Invalidated while this fetch ran: its result predates the
+                    // invalidation, so it goes to its own waiters only.
+                    tracing::debug!("fetched credential predates an invalidation");
+                    Ok(inner.entry(&mut state, credential, now))
+                }
+                (Ok(credential), Standing::Current) => {
                     state.failures = 0;
                     state.retry_at = None;
                     state.last_error = None;
@@ -354,7 +373,7 @@ impl<P: CredentialSource> FlightGuard<P> {
                     tracing::debug!(generation = entry.generation, "credential refreshed");
                     Ok(entry)
                 }
-                Err(err) => {
+                (Err(err), _) => {
                     if superseded {
                         inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(error = %err, "a superseded refresh failed");
@@ -455,7 +474,7 @@ impl<P: CredentialSource> Drop for FlightGuard<P> {
         let err = Error::new(kind);
         {
             let mut state = self.inner.lock_state();
-            if self.leave(&mut state) {
+            if !matches!(self.leave(&mut state), Standing::Current) {
                 self.inner
                     .stats
                     .fetch_failures

@@ -351,10 +351,9 @@ impl<P: CredentialSource> Inner<P> {
         // waiters only. The next request does not join it; it starts the one fetch
         // chained after it, which waits for it to end (never two at once). A chained
         // fetch that has not started yet starts after this invalidation anyway.
-        let running = state.running;
+        let running = state.running.as_ref().map(|f| f.id);
         if let Some(flight) = state.flight.take_if(|f| running == Some(f.id)) {
             state.suspect = Some(flight.id);
-            state.predecessor = Some(flight);
         }
     }
 }
@@ -397,6 +396,7 @@ pub struct CacheStats {
 }
 
 /// A flight as the state knows it: its id and the future its waiters share.
+#[derive(Clone)]
 struct Flight {
     id: u64,
     future: Shared<FlightFuture>,
@@ -407,13 +407,13 @@ struct State {
     /// The flight a caller who needs a credential joins: running, or chained after a
     /// suspect one and waiting for it to end.
     flight: Option<Flight>,
-    /// The flight whose fetch runs now: at most one at any time.
-    running: Option<u64>,
+    /// The flight whose fetch runs now: at most one at any time. A new flight started
+    /// while it runs (it was made suspect and detached) is chained after it, for as long
+    /// as it runs: a chained flight that dies before it starts does not make it forgotten.
+    running: Option<Flight>,
     /// A running flight that an invalidation made suspect: its result and its failure
     /// go to its own waiters only.
     suspect: Option<u64>,
-    /// That suspect flight, until the next flight is chained after it.
-    predecessor: Option<Flight>,
     failures: u32,
     retry_at: Option<Instant>,
     last_error: Option<Error>,
