@@ -71,6 +71,16 @@ fn main() {
             ),
             n,
         ),
+        // The same without replay: `Direct` mode, AddAuthorization's shape.
+        "auth_layer_static_direct" => run(
+            warm(
+                &rt,
+                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap())
+                    .origin("https://api.example.com".parse().unwrap())
+                    .without_replay(),
+            ),
+            n,
+        ),
         // Refreshable, replay off, no expiry: `auth_layer_no_replay` less the wall-clock
         // read.
         "auth_layer_no_replay_no_expiry" => run(

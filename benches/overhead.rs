@@ -48,6 +48,16 @@ fn variants(rt: &tokio::runtime::Runtime) -> Vec<Variant> {
                 AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap()).any_https_origin(),
             ),
         ),
+        // The same static credential without replay (`Direct`), given one origin.
+        variant(
+            "auth_layer_static_direct",
+            warm(
+                rt,
+                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap())
+                    .origin("https://api.example.com".parse().unwrap())
+                    .without_replay(),
+            ),
+        ),
         variant(
             "auth_layer_expiring",
             warm(rt, AuthLayer::new(expiring_source()).any_https_origin()),

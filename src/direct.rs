@@ -142,30 +142,38 @@ where
 
     #[inline]
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        // Whatever happens, the next call needs a `poll_ready` of its own.
-        let ready = std::mem::take(&mut self.mode.ready);
         let Some(scope) = &self.scope else {
             return DirectFuture::failed(Error::new(ErrorKind::NoOrigin));
         };
         if !scope.allows(req.uri(), req.extensions(), self.policy.allow_relative_uris) {
             // Another origin: no credential, so no transport rule and no rejection rule.
+            self.mode.ready = Ready::Unchecked;
             return DirectFuture::passthrough(self.inner.call(req));
         }
         if let Err(err) = self.policy.check_transport(req.uri()) {
+            self.mode.ready = Ready::Unchecked;
             return DirectFuture::failed(err);
         }
+        // Whatever happens, the next call needs a `poll_ready` of its own.
         let waited;
-        let entry = match ready {
-            Ready::View => self.view.held(),
-            Ready::Waited(entry) => {
-                waited = entry;
-                Some(&*waited)
+        let entry = if matches!(self.mode.ready, Ready::View) {
+            // The common case: nothing to move out.
+            self.mode.ready = Ready::Unchecked;
+            self.view.held()
+        } else {
+            match std::mem::take(&mut self.mode.ready) {
+                Ready::Waited(entry) => {
+                    waited = entry;
+                    Some(&*waited)
+                }
+                Ready::Failed(err) => return DirectFuture::failed(err),
+                // Called without a `poll_ready` that returned `Ready` (a breach of the
+                // `Service` contract): the cache's credential if it is usable now, and no
+                // waiting for one, which only `poll_ready` can do.
+                Ready::View | Ready::Unchecked | Ready::Waiting(_) => {
+                    self.cache.usable(self.view.load()).ok()
+                }
             }
-            Ready::Failed(err) => return DirectFuture::failed(err),
-            // Called without a `poll_ready` that returned `Ready` (a breach of the
-            // `Service` contract): the cache's credential if it is usable now, and no
-            // waiting for one, which only `poll_ready` can do.
-            Ready::Unchecked | Ready::Waiting(_) => self.cache.usable(self.view.load()).ok(),
         };
         // Readied a moment ago, as a rule; a service held ready for longer than the hard
         // window (or through a pause) must not send a credential that has expired since.

@@ -131,7 +131,8 @@ pub trait CredentialSource: Send + Sync + 'static {
     /// Fetches a fresh credential.
     ///
     /// The cache runs this in a task of its own, under its fetch timeout, and never
-    /// runs two fetches of one cache at once. Errors reach callers as
+    /// runs two calls of `fetch` of one cache at once (work a call spawns and that
+    /// outlives it is yours to serialise: see below). Errors reach callers as
     /// [`ErrorKind::Fetch`](crate::ErrorKind::Fetch) with this error as the `source()`:
     /// keep secrets out of its message (the crate escapes control characters and
     /// removes URL credentials and queries from it before logging it, but cannot know
@@ -145,8 +146,11 @@ pub trait CredentialSource: Send + Sync + 'static {
     /// rotates), a drop between sending and storing the answer loses the new token, and
     /// the next fetch presents the spent one. Either make the exchange safe to drop, or
     /// run it in a task of its own (`tokio::spawn`) and await its handle, so it runs to
-    /// completion and stores what it got even when this future is gone; serialise such
-    /// exchanges yourself if several caches share the source. The crate's
+    /// completion and stores what it got even when this future is gone. Then serialise
+    /// those exchanges yourself, always (an async mutex held across the exchange, in the
+    /// spawned task): once a timed-out fetch is dropped, the cache may call `fetch` again
+    /// after its backoff while the spawned exchange still runs, and two exchanges would
+    /// present one refresh token twice. The crate's
     /// [`TokenSource`](crate::token::TokenSource) does exactly this.
     fn fetch(&self, cx: FetchContext) -> impl Future<Output = Result<Credential, BoxError>> + Send;
 

@@ -242,12 +242,12 @@ async fn a_failed_refresh_fails_only_requests_for_the_credentials_origin() {
     assert_eq!(seen.authorizations(), [None]);
 }
 
-/// World: a credential valid for 60 s on a clock the test drives; a service polled
-/// ready, then called after the clock moved (a long hold, a suspended VM). Proves: into
-/// its windows the readied credential is still sent (it has not expired) and the refresh
-/// starts; past its expiry nothing is sent and the call fails `NotReady`; polled ready
-/// again, the service waits for the new credential and sends it.
-#[tokio::test]
+/// World: a credential valid for 60 s; a service polled ready, then called after a
+/// long hold (tokio's clock and the wall clock the test drives move together). Proves:
+/// into its windows the readied credential is still sent (it has not expired) and the
+/// refresh starts; past its expiry nothing is sent and the call fails `NotReady`; polled
+/// ready again, the service waits for the new credential and sends it.
+#[tokio::test(start_paused = true)]
 async fn a_service_held_ready_past_expiry_sends_nothing() {
     let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
     let fetches = Arc::new(AtomicUsize::new(0));
@@ -255,21 +255,38 @@ async fn a_service_held_ready_past_expiry_sends_nothing() {
         let (clock, fetches) = (clock.clone(), fetches.clone());
         source_fn(move |_| {
             let n = fetches.fetch_add(1, Ordering::SeqCst) + 1;
-            let expires = tower_client_auth::clock::Clock::now(&clock) + Duration::from_secs(60);
-            async move { Ok::<_, BoxError>(Credential::bearer(format!("t{n}"))?.expires_at(expires)) }
+            let now = tower_client_auth::clock::Clock::now(&clock);
+            async move {
+                Ok::<_, BoxError>(
+                    Credential::bearer(format!("t{n}"))?
+                        .issued_at(now)
+                        .expires_at(now + Duration::from_secs(60)),
+                )
+            }
         })
     };
     let layer = AuthLayer::builder(source)
         .clock(clock.clone())
+        .window_jitter(0.0)
         .origin(API.parse().unwrap())
         .without_replay()
         .build()
         .unwrap();
     let seen = Seen::default();
     let mut svc = layer.layer(Api::new(&seen));
+    // A hold: both clocks move, and the runtime runs what came due meanwhile.
+    let hold = |by: Duration| {
+        clock.advance(by);
+        async move {
+            tokio::time::advance(by).await;
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        }
+    };
 
     svc.ready().await.unwrap();
-    clock.advance(Duration::from_secs(58));
+    hold(Duration::from_secs(58)).await;
     let res = svc.call(get(API)).await.unwrap();
     assert_eq!(
         res.status(),
@@ -280,7 +297,7 @@ async fn a_service_held_ready_past_expiry_sends_nothing() {
     assert_eq!(fetches.load(Ordering::SeqCst), 2, "no refresh started");
 
     svc.ready().await.unwrap();
-    clock.advance(Duration::from_secs(61));
+    hold(Duration::from_secs(61)).await;
     let err = svc.call(get(API)).await.unwrap_err();
     assert_eq!(kind(err), ErrorKind::NotReady);
     assert_eq!(

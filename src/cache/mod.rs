@@ -44,8 +44,14 @@
 //!   for it, never into the cache, and its failure backs nothing off. The next caller
 //!   starts the one fetch chained after it, which begins when it ends (however many
 //!   invalidations arrive meanwhile) and is told [`FetchReason::Invalidated`].
-//! - **Nothing is spawned under the lock**: a runtime that is shutting down refuses the
-//!   refresh task, and its waiters get [`ErrorKind::SpawnRefused`].
+//! - **No refresh is spawned under the lock**: a runtime that is shutting down refuses the
+//!   refresh task, and its waiters get [`ErrorKind::SpawnRefused`]. (The aging timers are
+//!   spawned under it; a refused timer drops only a weak reference to its entry, which
+//!   never takes the lock.)
+//! - **A refresh runs on the runtime of the caller that started it.** Callers on other
+//!   runtimes wait for it there: a cache shared by several runtimes needs each of them
+//!   driven (a current-thread runtime kept alive but no longer run stalls the refresh it
+//!   started until it runs again). Put a timeout above the layer, as everywhere.
 //! - **Storage seam**: an optional [`CredentialStore`] is consulted on the refresh path
 //!   only (see [`crate::store`]).
 //!
@@ -246,11 +252,16 @@ impl<P: CredentialSource> CredentialCache<P> {
         Err(self.acquire(None))
     }
 
-    /// Whether `entry`, found usable a moment ago (readied in `poll_ready`), may still be
-    /// sent: it has not expired. One in its windows starts the refresh `usable` would.
+    /// Whether `entry`, found usable by [`usable`](Self::usable) a moment ago (readied in
+    /// `poll_ready`), may still be sent: it has not expired. One in its windows starts the
+    /// refresh `usable` would.
+    ///
+    /// No clock is read while the entry's aging timer has not fired: a hold since the
+    /// check long enough to matter fires it. A pause since the check is no different
+    /// from a pause right after `call`, which no check before sending can see.
     #[inline]
     pub(crate) fn still_sendable(&self, entry: &Entry) -> bool {
-        entry.fresh(|| self.inner.config.clock.now()) || self.still_sendable_aging(entry)
+        !entry.aging.load(Ordering::Acquire) || self.still_sendable_aging(entry)
     }
 
     #[cold]
