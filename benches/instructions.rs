@@ -67,7 +67,8 @@ fn main() {
             warm(
                 &rt,
                 AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap())
-                    .origin("https://api.example.com".parse().unwrap()),
+                    .origin("https://api.example.com")
+                    .unwrap(),
             ),
             n,
         ),
@@ -76,7 +77,8 @@ fn main() {
             warm(
                 &rt,
                 AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap())
-                    .origin("https://api.example.com".parse().unwrap())
+                    .origin("https://api.example.com")
+                    .unwrap()
                     .without_replay(),
             ),
             n,

@@ -54,7 +54,8 @@ fn variants(rt: &tokio::runtime::Runtime) -> Vec<Variant> {
             warm(
                 rt,
                 AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap())
-                    .origin("https://api.example.com".parse().unwrap())
+                    .origin("https://api.example.com")
+                    .unwrap()
                     .without_replay(),
             ),
         ),

@@ -51,7 +51,7 @@ fn app(upstream_base: String) -> Result<Router, BoxError> {
     )?)
     .allow_http_loopback(true); // the fake upstream is plain http on loopback; drop in production
     let upstream = AuthLayer::new(source)
-        .origin(upstream_base.parse::<tower_client_auth::Origin>()?) // the credential goes there only
+        .origin(&upstream_base)? // the credential goes there only
         .allow_http_loopback(true) // loopback demo only
         .layer(Client::builder(TokioExecutor::new()).build_http());
     Ok(Router::new()

@@ -21,7 +21,7 @@ use hyper_util::{
 };
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
-    AuthLayer, BoxError, Credential, CredentialSource, Origin, ReplayBody, RotatingCredential,
+    AuthLayer, BoxError, Credential, CredentialSource, ReplayBody, RotatingCredential,
     StaticCredential,
     token::{BodyEncoding, ClientAuth, TokenRequest, TokenSource},
 };
@@ -101,10 +101,10 @@ async fn with_the_crate<P: CredentialSource>(
     source: P,
     events: Vec<Event>,
 ) -> (Load, tower_client_auth::CacheStats) {
-    let origin: Origin = base.parse().expect("an origin");
     let http = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
     let client = AuthLayer::new(source)
-        .origin(origin)
+        .origin(base)
+        .expect("an origin")
         .allow_http_loopback(true) // the fake APIs are plain http on loopback
         .layer(http);
     let svc = client.clone();

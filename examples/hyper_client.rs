@@ -28,7 +28,7 @@ async fn call_the_api(base: &str) -> Result<(), BoxError> {
         .concurrency_limit(64)
         .layer(
             AuthLayer::new(source)
-                .origin(base.parse::<tower_client_auth::Origin>()?) // the credential goes there only
+                .origin(base)? // the credential goes there only
                 .allow_http_loopback(true), // loopback demo only
         )
         .service(hyper);

@@ -6,7 +6,7 @@ use http::Request;
 use http_body_util::Full;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use tower::{Layer, ServiceExt};
-use tower_client_auth::{AuthLayer, BoxError, Origin, ReplayBody, token::TokenSource};
+use tower_client_auth::{AuthLayer, BoxError, ReplayBody, token::TokenSource};
 
 // --- the code to copy: `api` is your API's base URL, e.g. "https://api.example.com" ----
 async fn call_the_api(api: &str, mid_run: impl FnOnce()) -> Result<(), BoxError> {
@@ -25,7 +25,7 @@ async fn call_the_api(api: &str, mid_run: impl FnOnce()) -> Result<(), BoxError>
         );
     });
     let client = AuthLayer::new(source)
-        .origin(api.parse::<Origin>()?) // the credential goes to this origin only
+        .origin(api)? // the credential goes to this origin only
         .allow_http_loopback(true) // loopback fake only: production is https-only
         .layer(Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>());
 

@@ -7,7 +7,7 @@ use http_body_util::Full;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
-    AuthLayer, BoxError, Origin, ReplayBody,
+    AuthLayer, BoxError, ReplayBody,
     token::{TokenRequest, TokenSource},
 };
 
@@ -21,7 +21,7 @@ async fn call_the_api(api: &str) -> Result<(), BoxError> {
     .scope("shipments:read");
     let source = TokenSource::new(request).allow_http_loopback(true); // loopback fake only
     let client = AuthLayer::new(source)
-        .origin(api.parse::<Origin>()?) // the credential goes to this origin only
+        .origin(api)? // the credential goes to this origin only
         .allow_http_loopback(true) // loopback fake only: production is https-only
         .layer(Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>());
 

@@ -17,19 +17,19 @@ async fn call_the_api(api: &str, user_reissues_the_token: impl FnOnce()) -> Resu
     let http = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
     let plain = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let get = |path: &str| Request::get(format!("{api}{path}")).body(Full::<Bytes>::default());
-    let origin: Origin = api.parse()?; // the credentials go to this origin only
+    let origin = Origin::of_url(api)?; // the credentials go to this origin only
 
     // A personal access token that can be replaced while the app runs.
     let pat = RotatingCredential::new(Credential::bearer("pat_old")?);
-    let bearer = AuthLayer::new(pat.clone()).origin(origin.clone());
+    let bearer = AuthLayer::new(pat.clone()).origin(&origin)?;
     // A session cookie, merged into any `Cookie` header the request already has. Fixed,
     // so there is nothing to replay with: no replay, no `ReplayBody`.
     let cookie = AuthLayer::new(StaticCredential::cookie("session", "c00k1e")?)
-        .origin(origin.clone())
+        .origin(&origin)?
         .without_replay();
     // A vendor scheme: `Authorization: Secret <secret>`.
     let secret = AuthLayer::new(StaticCredential::with_scheme("Secret", "cl1ent-s3cret")?)
-        .origin(origin)
+        .origin(origin)?
         .without_replay();
 
     // `allow_http_loopback(true)`: the fake API is plain http on loopback; drop in production.

@@ -45,7 +45,7 @@ async fn main() -> Result<(), BoxError> {
     let authed = ServiceBuilder::new()
         .layer(
             AuthLayer::new(source)
-                .origin(format!("http://{addr}").parse::<tower_client_auth::Origin>()?) // the credential goes there only
+                .origin(format!("http://{addr}"))? // the credential goes there only
                 .allow_http_loopback(true) // loopback demo only
                 .without_replay(), // gRPC has no 401 to replay on: the request goes as it is
         )

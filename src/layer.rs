@@ -41,9 +41,20 @@ macro_rules! request_rules {
         /// **Given no origin, predicate or [`any_https_origin`](Self::any_https_origin),
         /// every request fails** with [`ErrorKind::NoOrigin`](crate::ErrorKind::NoOrigin):
         /// a credential is never sent to a host nobody named.
-        pub fn origin(mut self, origin: Origin) -> Self {
+        ///
+        /// Takes an [`Origin`], or what converts into exactly one: `&str`, `String`,
+        /// `http::Uri` (and `reqwest::Url` with the `reqwest` feature). Anything with a
+        /// path, query or credentials is an [`InvalidOrigin`](crate::InvalidOrigin) here,
+        /// not a scope that silently differs; take a base URL's origin with
+        /// [`Origin::of_url`].
+        pub fn origin<O>(mut self, origin: O) -> Result<Self, crate::InvalidOrigin>
+        where
+            O: TryInto<Origin>,
+            O::Error: Into<crate::InvalidOrigin>,
+        {
+            let origin = origin.try_into().map_err(Into::into)?;
             Scope::add_origin(&mut self.scope, origin);
-            self
+            Ok(self)
         }
 
         /// Sends the credential to every origin a request names (https, or loopback http
@@ -131,7 +142,7 @@ macro_rules! replay_rules {
 ///
 /// let client = ServiceBuilder::new()
 ///     .layer(AuthLayer::new(StaticCredential::bearer("pat_123")?)
-///         .origin("https://api.example.com".parse()?))
+///         .origin("https://api.example.com")?)
 ///     .service(inner);
 /// # let _ = client;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -175,7 +186,7 @@ macro_rules! replay_rules {
 /// # async fn main() -> Result<(), tower_client_auth::BoxError> {
 /// let client = ServiceBuilder::new()
 ///     .layer(AuthLayer::new(StaticCredential::bearer("pat_123")?)
-///         .origin("https://api.example.com".parse()?)
+///         .origin("https://api.example.com")?
 ///         .without_replay())
 ///     .service(Api);
 /// let req = http::Request::get("https://api.example.com/v1").body(String::new())?;
@@ -231,12 +242,12 @@ impl<P: CredentialSource> AuthLayer<P> {
     /// let layer = AuthLayer::builder(StaticCredential::bearer("pat_123")?)
     ///     .fetch_timeout(Duration::from_secs(5))
     ///     .rejection_statuses([StatusCode::UNAUTHORIZED, StatusCode::from_u16(419)?])?
-    ///     .origin("https://api.example.com".parse()?)
+    ///     .origin("https://api.example.com")?
     ///     .build()?;
     ///
     /// // An invalid value is an error when it is set or built, never on a request:
     /// let refused = AuthLayer::builder(StaticCredential::bearer("pat_123")?)
-    ///     .origin("https://api.example.com".parse()?)
+    ///     .origin("https://api.example.com")?
     ///     .window_jitter(7.0)
     ///     .build();
     /// assert_eq!(refused.unwrap_err().setting(), "window_jitter");
@@ -284,6 +295,12 @@ impl<P, M> AuthLayer<P, M> {
     /// The cache behind this layer.
     pub fn cache(&self) -> &CredentialCache<P> {
         &self.cache
+    }
+
+    /// [`origin`](Self::origin) for a value that is an origin already: nothing to refuse.
+    pub(crate) fn scoped_to(mut self, origin: Origin) -> Self {
+        Scope::add_origin(&mut self.scope, origin);
+        self
     }
 
     #[cfg(feature = "reqwest")]

@@ -34,7 +34,7 @@
 //!
 //! let client = ServiceBuilder::new()
 //!     .layer(AuthLayer::new(StaticCredential::bearer("pat_123")?)
-//!         .origin("https://api.example.com".parse()?))
+//!         .origin("https://api.example.com")?)
 //!     .service(api);
 //!
 //! let req = Request::get("https://api.example.com/v1/me").body(Full::default())?;
@@ -142,7 +142,7 @@
 //! use tower_client_auth::{AuthLayer, StaticCredential};
 //!
 //! let layer = AuthLayer::builder(StaticCredential::bearer("t")?)
-//!     .origin("https://api.example.com".parse()?)
+//!     .origin("https://api.example.com")?
 //!     .soft_window(Duration::from_secs(60)) // background refresh at most 60 s before expiry
 //!     .hard_window(Duration::from_secs(5)) // stop sending it 5 s before expiry
 //!     .window_jitter(0.1)

@@ -29,7 +29,7 @@
 //! let client = ServiceBuilder::new()
 //!     .layer(FollowRedirectLayer::with_policy(SameOriginCredentials::new()))
 //!     .layer(AuthLayer::new(StaticCredential::header("x-api-key", "k3y")?)
-//!         .origin("https://api.example.com".parse()?))
+//!         .origin("https://api.example.com")?)
 //!     .service(client);
 //! # let _ = client;
 //! # Ok::<(), Box<dyn std::error::Error>>(())

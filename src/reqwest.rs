@@ -37,7 +37,7 @@
 //! ```text
 //! ClientBuilder::new(http) // built with redirect_policy(), below
 //!     .with(RetryTransientMiddleware::new_with_policy(policy)) // outer: retries...
-//!     .with(AuthMiddleware::new(source).origin(origin))        // ...each attempt gets a fresh header
+//!     .with(AuthMiddleware::new(source).origin(origin)?)       // ...each attempt gets a fresh header
 //!     .build()
 //! ```
 //!
@@ -56,7 +56,7 @@
 //!     .build()?;
 //! let client = ClientBuilder::new(http)
 //!     .with(AuthMiddleware::new(StaticCredential::bearer("pat_123")?)
-//!         .origin("https://api.example.com".parse()?))
+//!         .origin("https://api.example.com")?)
 //!     .build();
 //! # let _ = client;
 //! # Ok::<(), Box<dyn std::error::Error>>(())

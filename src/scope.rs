@@ -13,7 +13,9 @@
 //! use tower_client_auth::{AuthLayer, Origin, StaticCredential};
 //!
 //! let layer = AuthLayer::new(StaticCredential::bearer("pat_123")?)
-//!     .origin("https://api.example.com".parse::<Origin>()?)
+//!     .origin("https://api.example.com")?
+//!     // the origin of a base URL with a path:
+//!     .origin(Origin::of_url("https://eu.api.example.com/v2/")?)?
 //!     .origin_matching(|uri| uri.host().is_some_and(|h| h.ends_with(".api.example.com")));
 //! # let _ = layer;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -64,9 +66,44 @@ fn default_port(scheme: &str) -> Option<u16> {
 impl FromStr for Origin {
     type Err = InvalidOrigin;
 
+    /// An origin and nothing else: a path, a query or credentials are refused. For the
+    /// origin of a longer URL, see [`Origin::of_url`].
     fn from_str(s: &str) -> Result<Self, InvalidOrigin> {
+        let uri: Uri = s.parse().map_err(|_| InvalidOrigin { what: "not a uri" })?;
+        Origin::from_uri(&uri, true)
+    }
+}
+
+impl Origin {
+    /// The origin of a full URL, such as an API's base URL: its scheme, host and port,
+    /// whatever path or query follows (`https://api.example.com/v1?x=1` gives
+    /// `https://api.example.com`). A URL with credentials in it is still refused.
+    ///
+    /// ```
+    /// use tower_client_auth::Origin;
+    ///
+    /// let origin = Origin::of_url("https://API.example.com:443/v1/")?;
+    /// assert_eq!(origin.to_string(), "https://api.example.com");
+    /// // `.origin(..)` itself takes an origin only: the path is not silently dropped.
+    /// assert!("https://api.example.com/v1".parse::<Origin>().is_err());
+    /// # Ok::<(), tower_client_auth::InvalidOrigin>(())
+    /// ```
+    pub fn of_url(url: &str) -> Result<Origin, InvalidOrigin> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|_| InvalidOrigin { what: "not a uri" })?;
+        Origin::from_uri(&uri, false)
+    }
+
+    /// The origin of `uri`, whatever path or query follows: [`of_url`](Self::of_url) for
+    /// an `http::Uri`.
+    pub fn of_uri(uri: &Uri) -> Result<Origin, InvalidOrigin> {
+        Origin::from_uri(uri, false)
+    }
+
+    /// `strict`: refuse anything after the authority but a lone `/`.
+    fn from_uri(uri: &Uri, strict: bool) -> Result<Origin, InvalidOrigin> {
         let invalid = |what| InvalidOrigin { what };
-        let uri: Uri = s.parse().map_err(|_| invalid("not a uri"))?;
         let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
             return Err(invalid("it needs a scheme and a host"));
         };
@@ -74,8 +111,10 @@ impl FromStr for Origin {
             return Err(invalid("it must not carry credentials"));
         }
         let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
-        if !(path_and_query.is_empty() || path_and_query == "/") {
-            return Err(invalid("it must not have a path or query"));
+        if strict && !(path_and_query.is_empty() || path_and_query == "/") {
+            return Err(invalid(
+                "it must not have a path or query (take a URL's origin with Origin::of_url)",
+            ));
         }
         let scheme = scheme.to_ascii_lowercase();
         let port = match authority.port_u16() {
@@ -95,6 +134,93 @@ impl FromStr for Origin {
             port,
             authorities,
         })
+    }
+}
+
+/// `scheme://host[:port]`, the port only when it is not the scheme's default: the form
+/// a browser's `Origin` header takes.
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.host)?;
+        if default_port(&self.scheme) != Some(self.port) {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
+    }
+}
+
+/// What `.origin(..)` takes: an [`Origin`], or a string or URI that is exactly one (a
+/// path or query is refused; take a longer URL's origin with [`Origin::of_url`]).
+impl TryFrom<&str> for Origin {
+    type Error = InvalidOrigin;
+
+    fn try_from(s: &str) -> Result<Self, InvalidOrigin> {
+        s.parse()
+    }
+}
+
+impl TryFrom<String> for Origin {
+    type Error = InvalidOrigin;
+
+    fn try_from(s: String) -> Result<Self, InvalidOrigin> {
+        s.parse()
+    }
+}
+
+impl TryFrom<&String> for Origin {
+    type Error = InvalidOrigin;
+
+    fn try_from(s: &String) -> Result<Self, InvalidOrigin> {
+        s.parse()
+    }
+}
+
+impl TryFrom<&Uri> for Origin {
+    type Error = InvalidOrigin;
+
+    fn try_from(uri: &Uri) -> Result<Self, InvalidOrigin> {
+        Origin::from_uri(uri, true)
+    }
+}
+
+impl TryFrom<Uri> for Origin {
+    type Error = InvalidOrigin;
+
+    fn try_from(uri: Uri) -> Result<Self, InvalidOrigin> {
+        Origin::from_uri(&uri, true)
+    }
+}
+
+impl TryFrom<&Origin> for Origin {
+    type Error = InvalidOrigin;
+
+    fn try_from(origin: &Origin) -> Result<Self, InvalidOrigin> {
+        Ok(origin.clone())
+    }
+}
+
+#[cfg(feature = "reqwest")]
+impl TryFrom<&reqwest::Url> for Origin {
+    type Error = InvalidOrigin;
+
+    fn try_from(url: &reqwest::Url) -> Result<Self, InvalidOrigin> {
+        url.as_str().parse()
+    }
+}
+
+#[cfg(feature = "reqwest")]
+impl TryFrom<reqwest::Url> for Origin {
+    type Error = InvalidOrigin;
+
+    fn try_from(url: reqwest::Url) -> Result<Self, InvalidOrigin> {
+        url.as_str().parse()
+    }
+}
+
+/// `Origin` converts into itself without failing.
+impl From<std::convert::Infallible> for InvalidOrigin {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
     }
 }
 

@@ -124,9 +124,9 @@ impl<S, P, M> AddCredential<S, P, M> {
 
 impl<S, P: CredentialSource> AddCredential<S, P> {
     /// Wraps `inner`, over a new cache of `source`, with the layer's defaults, sending
-    /// the credential to `origin` only: `AuthLayer::new(source).origin(origin).layer(inner)`.
+    /// the credential to `origin` only: `AuthLayer::new(source).origin(origin)?.layer(inner)`.
     pub fn new(inner: S, source: P, origin: crate::Origin) -> Self {
-        tower_layer::Layer::layer(&AuthLayer::new(source).origin(origin), inner)
+        tower_layer::Layer::layer(&AuthLayer::new(source).scoped_to(origin), inner)
     }
 }
 

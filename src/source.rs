@@ -225,7 +225,7 @@ impl<P: CredentialSource> DynSource for P {
 /// };
 /// # Ok(source) }
 /// let layer: AuthLayer<SharedCredentialSource> =
-///     AuthLayer::new(pick("static")?).origin("https://api.example.com".parse()?);
+///     AuthLayer::new(pick("static")?).origin("https://api.example.com")?;
 /// # let _ = layer;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```

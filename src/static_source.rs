@@ -9,10 +9,10 @@
 //! use tower_client_auth::{AuthLayer, Credential, RotatingCredential, StaticCredential};
 //!
 //! let api_key = AuthLayer::new(StaticCredential::header("x-api-key", "k-123")?)
-//!     .origin("https://api.example.com".parse()?);
+//!     .origin("https://api.example.com")?;
 //!
 //! let pat = RotatingCredential::new(Credential::bearer("pat_old")?);
-//! let layer = AuthLayer::new(pat.clone()).origin("https://api.example.com".parse()?);
+//! let layer = AuthLayer::new(pat.clone()).origin("https://api.example.com")?;
 //! // Later, from an admin endpoint or a config watcher:
 //! pat.rotate(Credential::bearer("pat_new")?);
 //! # let _ = (api_key, layer);

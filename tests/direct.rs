@@ -109,7 +109,8 @@ async fn a_service_that_is_not_clone_gets_the_callers_request_with_the_credentia
         .concurrency_limit(4)
         .layer(
             AuthLayer::new(StaticCredential::bearer("pat_123").unwrap())
-                .origin(API.parse().unwrap())
+                .origin(API)
+                .unwrap()
                 .without_replay(),
         )
         .service(Api::new(&seen));
@@ -117,7 +118,8 @@ async fn a_service_that_is_not_clone_gets_the_callers_request_with_the_credentia
     assert_eq!(res.status(), 200);
 
     let built = AuthLayer::builder(TestSource::new())
-        .origin(API.parse().unwrap())
+        .origin(API)
+        .unwrap()
         .without_replay()
         .build()
         .unwrap();
@@ -146,7 +148,8 @@ async fn poll_ready_waits_for_the_one_refresh_before_readying_the_inner_service(
         tower_client_auth::RefreshMode::Proactive,
     );
     let layer = AuthLayer::new(source.clone())
-        .origin(API.parse().unwrap())
+        .origin(API)
+        .unwrap()
         .without_replay();
     let seen = Seen::default();
     let mut tasks = Vec::new();
@@ -182,7 +185,8 @@ async fn poll_ready_waits_for_the_one_refresh_before_readying_the_inner_service(
 async fn a_burst_of_rejections_costs_one_refresh_and_no_replay() {
     let source = TestSource::new();
     let layer = AuthLayer::new(source.clone())
-        .origin(API.parse().unwrap())
+        .origin(API)
+        .unwrap()
         .without_replay();
     layer.cache().credential().await.unwrap();
     let seen = Seen::default();
@@ -225,7 +229,8 @@ async fn a_failed_refresh_fails_only_requests_for_the_credentials_origin() {
     source.set_failing(true);
     let seen = Seen::default();
     let mut svc = AuthLayer::new(source.clone())
-        .origin(API.parse().unwrap())
+        .origin(API)
+        .unwrap()
         .without_replay()
         .layer(Api::new(&seen));
     let err = svc.ready().await.unwrap().call(get(API)).await.unwrap_err();
@@ -268,7 +273,8 @@ async fn a_service_held_ready_past_expiry_sends_nothing() {
     let layer = AuthLayer::builder(source)
         .clock(clock.clone())
         .window_jitter(0.0)
-        .origin(API.parse().unwrap())
+        .origin(API)
+        .unwrap()
         .without_replay()
         .build()
         .unwrap();
@@ -321,7 +327,8 @@ async fn a_service_held_ready_past_expiry_sends_nothing() {
 async fn a_call_without_poll_ready_never_goes_out_without_its_credential() {
     let source = TestSource::new();
     let layer = AuthLayer::new(source.clone())
-        .origin(API.parse().unwrap())
+        .origin(API)
+        .unwrap()
         .without_replay();
     let seen = Seen::default();
     let err = layer
@@ -358,7 +365,8 @@ async fn a_layer_given_no_origin_fetches_nothing_and_sends_nothing() {
 async fn the_layer_without_replay_runs_in_a_spawned_task() {
     let seen = Seen::default();
     let svc = AuthLayer::new(TestSource::new())
-        .origin(API.parse().unwrap())
+        .origin(API)
+        .unwrap()
         .without_replay()
         .layer(Api::new(&seen));
     let status = tokio::spawn(async move { svc.oneshot(get(API)).await.map(|r| r.status()) })

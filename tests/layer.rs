@@ -833,10 +833,10 @@ async fn only_a_replayable_or_waiting_request_clones_the_inner_service() {
         }
     }
     case("static credential", fixed(), 0).check().await;
-    let elsewhere = "https://elsewhere.example".parse().unwrap();
+    let elsewhere = "https://elsewhere.example";
     case(
         "other origin",
-        AuthLayer::new(TestSource::new()).origin(elsewhere),
+        AuthLayer::new(TestSource::new()).origin(elsewhere).unwrap(),
         0,
     )
     .check()

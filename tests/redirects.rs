@@ -197,6 +197,7 @@ async fn follow_redirect_above_the_layer() {
     for (kind, credential) in credentials() {
         let scoped = AuthLayer::new(StaticCredential::new(credential.clone()))
             .origin(world.origin())
+            .unwrap()
             .allow_http_loopback(true);
         let any = AuthLayer::new(StaticCredential::new(credential.clone()))
             .any_https_origin()
@@ -260,6 +261,7 @@ async fn follow_redirect_below_the_layer() {
     for (kind, credential) in credentials() {
         let layer = AuthLayer::new(StaticCredential::new(credential))
             .origin(world.origin())
+            .unwrap()
             .allow_http_loopback(true);
         for (what, url, same) in world.redirects() {
             let svc = ServiceBuilder::new()
@@ -300,6 +302,7 @@ async fn reqwest_following_redirects() {
             .with(
                 tower_client_auth::reqwest::AuthMiddleware::new(StaticCredential::new(credential))
                     .origin(world.origin())
+                    .unwrap()
                     .allow_http_loopback(true),
             )
             .build();

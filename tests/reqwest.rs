@@ -457,7 +457,8 @@ async fn in_memory_bodies_stay_cloneable_below_the_adapter() {
     let client = ClientBuilder::new(reqwest::Client::new())
         .with(
             AuthMiddleware::new(TestSource::new())
-                .origin(base.parse().unwrap())
+                .origin(&base)
+                .unwrap()
                 .allow_http_loopback(true),
         )
         .with(CloneProbe(probe.clone()))

@@ -10,7 +10,7 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use support::{api_client, providers::serve};
 use tower::{Layer, ServiceExt};
-use tower_client_auth::{AuthLayer, Credential, Origin, RotatingCredential};
+use tower_client_auth::{AuthLayer, Credential, RotatingCredential};
 
 /// A server that records the `Authorization` header of each request and answers `status`.
 async fn recording(status: StatusCode) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
@@ -47,7 +47,8 @@ async fn tower_the_wrong_origin_never_sees_the_credential() {
     let source = RotatingCredential::new(Credential::bearer("scoped-token").unwrap());
     let layer = AuthLayer::new(source)
         .allow_http_loopback(true)
-        .origin(api.parse::<Origin>().unwrap());
+        .origin(&api)
+        .unwrap();
     let cache = layer.cache().clone();
     let svc = layer.layer(api_client());
     let get = |url: String| {
@@ -88,7 +89,8 @@ async fn reqwest_the_wrong_origin_never_sees_the_credential() {
     let source = RotatingCredential::new(Credential::bearer("scoped-token").unwrap());
     let auth = AuthMiddleware::new(source)
         .allow_http_loopback(true)
-        .origin(api.parse::<Origin>().unwrap());
+        .origin(&api)
+        .unwrap();
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
         .with(auth)
         .build();
@@ -135,11 +137,73 @@ async fn a_predicate_scopes_and_out_of_scope_requests_are_untouched() {
     let svc = AuthLayer::new(RotatingCredential::new(
         Credential::bearer("scoped-token").unwrap(),
     ))
-    .origin("https://api.example.com".parse::<Origin>().unwrap())
+    .origin("https://api.example.com")
+    .unwrap()
     .layer(fake.service());
     let req = Request::get("http://cdn.example.net/logo.png")
         .body(Full::<Bytes>::default())
         .unwrap();
     assert_eq!(svc.oneshot(req).await.unwrap().status(), 200);
     assert_eq!(fake.seen()[0].authorization, None);
+}
+
+/// `.origin(..)` takes what users hold, and refuses what is not exactly an origin with a
+/// typed error here, not a scope that silently differs. `Origin::of_url` is the explicit
+/// way to take a base URL's origin; credentials in a URL are refused either way.
+#[test]
+fn origins_take_what_users_hold_and_refuse_what_is_not_one() {
+    use tower_client_auth::{InvalidOrigin, Origin, StaticCredential};
+    let layer = || AuthLayer::new(StaticCredential::bearer("t").unwrap());
+    let uri: http::Uri = "https://api.example.com".parse().unwrap();
+    let origin: Origin = "https://api.example.com".parse().unwrap();
+    let held = String::from("https://API.example.com:443");
+    let given: Vec<Result<_, InvalidOrigin>> = vec![
+        layer().origin("https://api.example.com"),
+        layer().origin(String::from("https://api.example.com/")),
+        layer().origin(&held),
+        layer().origin(&uri),
+        layer().origin(uri.clone()),
+        layer().origin(&origin),
+        layer().origin(origin.clone()),
+        layer().origin(Origin::of_url("https://api.example.com/v1/things?page=2").unwrap()),
+    ];
+    for (i, layer) in given.into_iter().enumerate() {
+        assert!(layer.is_ok(), "form {i} refused");
+    }
+    #[cfg(feature = "reqwest")]
+    {
+        let url = reqwest::Url::parse("https://api.example.com").unwrap();
+        assert!(layer().origin(&url).is_ok());
+        assert!(layer().origin(url).is_ok());
+        let with_path = reqwest::Url::parse("https://api.example.com/v1").unwrap();
+        assert!(layer().origin(&with_path).is_err());
+        assert!(Origin::of_url(with_path.as_str()).is_ok());
+    }
+    for refused in [
+        "https://api.example.com/v1",
+        "https://api.example.com?x=1",
+        "https://user:secret@api.example.com",
+        "api.example.com",
+        "/v1",
+        "ftp://files.example.com",
+        "",
+    ] {
+        let err = layer().origin(refused).unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
+    let err = layer().origin("https://api.example.com/v1").unwrap_err();
+    assert!(err.to_string().contains("Origin::of_url"), "{err}");
+    assert!(Origin::of_url("https://user:secret@api.example.com/v1").is_err());
+
+    // Display: the form a browser's `Origin` header takes, and it parses back.
+    for (given, shown) in [
+        ("https://API.Example.com:443/", "https://api.example.com"),
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("https://[::1]:8443", "https://[::1]:8443"),
+        ("http://localhost:80", "http://localhost"),
+    ] {
+        let origin: Origin = given.parse().unwrap();
+        assert_eq!(origin.to_string(), shown);
+        assert_eq!(origin.to_string().parse::<Origin>().unwrap(), origin);
+    }
 }

@@ -110,7 +110,8 @@ async fn debug_and_display_are_redacted() {
     printed.push(format!(
         "{:?}",
         tower_client_auth::reqwest::AuthMiddleware::new(StaticCredential::bearer(CANARY).unwrap())
-            .origin("https://api.example.com".parse().unwrap())
+            .origin("https://api.example.com")
+            .unwrap()
     ));
     #[cfg(feature = "tower-http")]
     printed.push(format!(

@@ -30,7 +30,7 @@
 //!     // persist pair.refresh_token() so a restart can resume without a login
 //!     let _ = pair;
 //! });
-//! let layer = AuthLayer::new(source).origin("https://api.example.com".parse()?);
+//! let layer = AuthLayer::new(source).origin("https://api.example.com")?;
 //! # let _ = layer;
 //! # Ok::<_, Box<dyn std::error::Error>>(())
 //! ```

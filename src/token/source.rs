@@ -128,7 +128,7 @@ type OnRefresh = Arc<dyn Fn(TokenPair) -> Pin<Box<dyn Future<Output = ()> + Send
 ///     TokenRequest::oauth2_client_credentials("https://idp.example/oauth/v2/token", "id", "secret")?
 ///         .scope("orders:read"),
 /// );
-/// let layer = AuthLayer::new(source).origin("https://api.example.com".parse()?);
+/// let layer = AuthLayer::new(source).origin("https://api.example.com")?;
 /// # let _ = layer;
 /// # Ok::<_, Box<dyn std::error::Error>>(())
 /// ```
