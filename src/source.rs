@@ -160,6 +160,15 @@ pub trait CredentialSource: Send + Sync + 'static {
         RefreshMode::Proactive
     }
 
+    /// Whether this source can work as configured: checked when a cache or layer is
+    /// built with a builder ([`CredentialCacheBuilder::build`](crate::CredentialCacheBuilder::build),
+    /// [`AuthLayerBuilder::build`](crate::AuthLayerBuilder::build)), so that a source
+    /// missing a piece is refused there, not on its first fetch. The default has nothing
+    /// to check.
+    fn check(&self) -> Result<(), crate::InvalidConfig> {
+        Ok(())
+    }
+
     /// Called once by every cache that takes this source, before any fetch. A source
     /// whose value changes from outside (a rotated token, a watched file) keeps the
     /// handle and pushes the new credential through it. The default ignores it.
@@ -180,6 +189,10 @@ impl<P: CredentialSource> CredentialSource for Arc<P> {
     fn attach(&self, cache: CacheHandle) {
         (**self).attach(cache)
     }
+
+    fn check(&self) -> Result<(), crate::InvalidConfig> {
+        (**self).check()
+    }
 }
 
 /// [`CredentialSource`] in a form that can live behind `dyn`: every source is one.
@@ -187,6 +200,7 @@ trait DynSource: Send + Sync + 'static {
     fn fetch_boxed(&self, cx: FetchContext) -> BorrowedFetch<'_>;
     fn refresh_mode(&self) -> RefreshMode;
     fn attach(&self, cache: CacheHandle);
+    fn check(&self) -> Result<(), crate::InvalidConfig>;
     fn type_name(&self) -> &'static str;
 }
 
@@ -201,6 +215,10 @@ impl<P: CredentialSource> DynSource for P {
 
     fn attach(&self, cache: CacheHandle) {
         CredentialSource::attach(self, cache)
+    }
+
+    fn check(&self) -> Result<(), crate::InvalidConfig> {
+        CredentialSource::check(self)
     }
 
     fn type_name(&self) -> &'static str {
@@ -262,6 +280,10 @@ impl CredentialSource for SharedCredentialSource {
 
     fn attach(&self, cache: CacheHandle) {
         self.inner.attach(cache)
+    }
+
+    fn check(&self) -> Result<(), crate::InvalidConfig> {
+        self.inner.check()
     }
 }
 

@@ -214,6 +214,7 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
     /// of range, or a soft window shorter than the hard one, is an [`InvalidConfig`].
     pub fn build(self) -> Result<CredentialCache<P>, InvalidConfig> {
         self.config.validate()?;
+        self.source.check()?;
         Ok(self.build_unchecked())
     }
 

@@ -257,7 +257,10 @@ impl TokenSource {
         self
     }
 
-    /// The client token requests go through (default: [`TokenClient::hyper_rustls`]).
+    /// The client token requests go through (default: [`TokenClient::hyper_rustls`] with
+    /// the `https` feature, else `TokenClient::reqwest` over a reqwest client that follows
+    /// no redirects with the `reqwest` feature; with neither, it must be given, and a
+    /// cache or layer builder refuses the source without it).
     pub fn client(mut self, client: TokenClient) -> Self {
         self.client = Some(client);
         self
@@ -380,13 +383,40 @@ fn default_client() -> Result<TokenClient, TokenError> {
     TokenClient::hyper_rustls()
 }
 
-#[cfg(not(feature = "https"))]
+#[cfg(all(not(feature = "https"), feature = "reqwest"))]
 fn default_client() -> Result<TokenClient, TokenError> {
-    Err(TokenError::new(TokenErrorKind::InvalidRequest)
-        .detail("no token client: enable the `https` feature or call TokenSource::client"))
+    // Never following redirects: a token request must not carry the client secret
+    // wherever a redirect points.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| {
+            TokenError::new(TokenErrorKind::InvalidRequest)
+                .detail("could not build the default reqwest token client")
+                .with_source(e)
+        })?;
+    Ok(TokenClient::reqwest(client))
 }
 
+#[cfg(not(any(feature = "https", feature = "reqwest")))]
+fn default_client() -> Result<TokenClient, TokenError> {
+    Err(TokenError::new(TokenErrorKind::InvalidRequest).detail(NO_CLIENT))
+}
+
+/// Why a token source cannot work without `TokenSource::client`.
+#[cfg(not(any(feature = "https", feature = "reqwest")))]
+const NO_CLIENT: &str =
+    "no token client: call TokenSource::client, or enable the `https` or `reqwest` feature";
+
 impl CredentialSource for TokenSource {
+    fn check(&self) -> Result<(), crate::InvalidConfig> {
+        #[cfg(not(any(feature = "https", feature = "reqwest")))]
+        if self.client.is_none() {
+            return Err(crate::InvalidConfig::new("client", NO_CLIENT));
+        }
+        Ok(())
+    }
+
     async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
         let mut job = self.exchange_job()?;
         job.began = (cx.now(), Instant::now());
@@ -721,5 +751,62 @@ impl Flags {
         if !flag.swap(true, Ordering::Relaxed) {
             log();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AuthLayer, CredentialCache, ErrorKind};
+
+    /// Loopback, port 1: nothing listens, so nothing leaves the machine.
+    fn source() -> TokenSource {
+        TokenSource::client_credentials("https://127.0.0.1:1/oauth/token", "id", "secret").unwrap()
+    }
+
+    /// With neither `https` nor `reqwest`, a token source given no client is refused when
+    /// a cache or layer is built, naming the setting, not on its first fetch.
+    #[cfg(not(any(feature = "https", feature = "reqwest")))]
+    #[test]
+    fn a_source_without_a_client_is_refused_when_built() {
+        let refused = AuthLayer::builder(source())
+            .any_https_origin()
+            .build()
+            .unwrap_err();
+        assert_eq!(refused.setting(), "client");
+        assert!(
+            refused.to_string().contains("TokenSource::client"),
+            "{refused}"
+        );
+        let refused = CredentialCache::builder(source()).build().unwrap_err();
+        assert_eq!(refused.setting(), "client");
+        let client = TokenClient::from_service(tower::service_fn(|_req: http::Request<_>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::<
+                bytes::Bytes,
+            >::default()))
+        }));
+        assert!(
+            CredentialCache::builder(source().client(client))
+                .build()
+                .is_ok()
+        );
+    }
+
+    /// With `reqwest` (and not `https`), a token source needs no `.client(..)`: its
+    /// requests go through reqwest, and it is accepted when built.
+    #[cfg(all(feature = "reqwest", not(feature = "https")))]
+    #[tokio::test]
+    async fn reqwest_alone_gives_token_sources_a_client() {
+        assert!(default_client().is_ok());
+        let cache = CredentialCache::builder(source()).build().unwrap();
+        // A fetch is attempted through reqwest: it fails at the transport (nothing
+        // listens), not for want of a client.
+        let err = cache.credential().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Fetch);
+        assert!(!err.to_string().contains("no token client"), "{err}");
+        let _ = AuthLayer::builder(source())
+            .any_https_origin()
+            .build()
+            .unwrap();
     }
 }
