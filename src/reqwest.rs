@@ -47,19 +47,41 @@
 //! retry middleware would clone and resend the first attempt's header.
 //!
 //! # Example
+//! OAuth2 client credentials, the token requests through reqwest too (the whole recipe,
+//! against a loopback server, is the crate's `reqwest_client_credentials` example):
+//!
 //! ```
 //! use reqwest_middleware::ClientBuilder;
-//! use tower_client_auth::{reqwest::AuthMiddleware, StaticCredential};
+//! use tower_client_auth::{
+//!     ErrorKind,
+//!     reqwest::{AuthMiddleware, auth_error},
+//!     token::{TokenClient, TokenSource},
+//! };
 //!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Token requests must follow no redirect at all (the client secret would go along).
+//! let token_http = reqwest::Client::builder()
+//!     .redirect(reqwest::redirect::Policy::none())
+//!     .build()?;
+//! # let idp = "https://127.0.0.1:1"; // nothing listens: the fetch below fails
+//! # let api = "https://127.0.0.1:2";
+//! let source = TokenSource::client_credentials(&format!("{idp}/oauth/token"), "id", "secret")?
+//!     .client(TokenClient::reqwest(token_http));
+//! // API requests follow redirects only within their origin.
 //! let http = reqwest::Client::builder()
 //!     .redirect(tower_client_auth::reqwest::redirect_policy())
 //!     .build()?;
 //! let client = ClientBuilder::new(http)
-//!     .with(AuthMiddleware::new(StaticCredential::bearer("pat_123")?)
-//!         .origin("https://api.example.com")?)
+//!     .with(AuthMiddleware::new(source).origin(api)?) // "https://api.example.com"
 //!     .build();
-//! # let _ = client;
-//! # Ok::<(), Box<dyn std::error::Error>>(())
+//!
+//! // This crate's error, read back out of reqwest-middleware's: here the token
+//! // endpoint could not be reached, so no request went to the API.
+//! let err = client.get(format!("{api}/v1/me")).send().await.unwrap_err();
+//! assert_eq!(auth_error(&err).map(|e| e.kind()), Some(ErrorKind::Fetch));
+//! # Ok(())
+//! # }
 //! ```
 
 use std::{
@@ -86,6 +108,27 @@ use crate::{
     service::{AddCredential, Replaying},
     source::CredentialSource,
 };
+
+/// This crate's [`Error`](crate::Error) inside a `reqwest_middleware::Error`, if that is
+/// what it carries: a refused request (no origin, an insecure transport), a failed
+/// refresh, a backoff. `None` for reqwest's own errors (connect, timeout, body).
+///
+/// ```
+/// # fn handle(err: reqwest_middleware::Error) {
+/// use tower_client_auth::{ErrorKind, reqwest::auth_error};
+/// match auth_error(&err).map(|e| e.kind()) {
+///     Some(ErrorKind::Backoff) => { /* the token endpoint is failing: retry later */ }
+///     Some(kind) => eprintln!("auth: {kind:?}: {err}"),
+///     None => eprintln!("transport: {err}"),
+/// }
+/// # }
+/// ```
+pub fn auth_error(err: &reqwest_middleware::Error) -> Option<&crate::Error> {
+    match err {
+        reqwest_middleware::Error::Middleware(err) => err.downcast_ref::<crate::Error>(),
+        reqwest_middleware::Error::Reqwest(_) => None,
+    }
+}
 
 /// Most redirects [`redirect_policy`] follows in a row, as reqwest's default policy.
 pub const MAX_REDIRECTS: usize = 10;

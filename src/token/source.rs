@@ -754,10 +754,13 @@ impl Flags {
     }
 }
 
-#[cfg(test)]
+/// What a token source does without the default client (`https` off).
+#[cfg(all(test, not(feature = "https")))]
 mod tests {
     use super::*;
-    use crate::{AuthLayer, CredentialCache, ErrorKind};
+    #[cfg(feature = "reqwest")]
+    use crate::ErrorKind;
+    use crate::{AuthLayer, CredentialCache};
 
     /// Loopback, port 1: nothing listens, so nothing leaves the machine.
     fn source() -> TokenSource {
