@@ -51,7 +51,28 @@ pub struct FetchContext {
 }
 
 impl FetchContext {
-    pub(crate) fn new(reason: FetchReason, previous: Option<Credential>) -> Self {
+    /// A context as the cache would pass it, for calling a source's `fetch` in a test of
+    /// your own (the cache makes its own): `reason`, the credential being replaced, and
+    /// the system clock's time (set another with [`at`](Self::at)).
+    ///
+    /// ```
+    /// use tower_client_auth::{Credential, CredentialSource, FetchContext, FetchReason, source_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_client_auth::BoxError> {
+    /// // A source that must never hand back the credential the API rejected.
+    /// let source = source_fn(|cx: FetchContext| async move {
+    ///     let first = Credential::bearer("t1")?;
+    ///     let stale = cx.previous() == Some(&first);
+    ///     if stale { Credential::bearer("t2") } else { Ok(first) }
+    /// });
+    /// let rejected = Credential::bearer("t1")?;
+    /// let cx = FetchContext::new(FetchReason::Rejected, Some(rejected.clone()));
+    /// assert_ne!(source.fetch(cx).await?, rejected);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn new(reason: FetchReason, previous: Option<Credential>) -> Self {
         FetchContext {
             reason,
             previous,
@@ -59,8 +80,9 @@ impl FetchContext {
         }
     }
 
-    /// Sets the cache's wall-clock reading as the fetch begins.
-    pub(crate) fn at(mut self, now: SystemTime) -> Self {
+    /// The wall-clock reading [`now`](Self::now) reports. The cache sets its clock's
+    /// reading as the fetch begins; a test sets a fixed one.
+    pub fn at(mut self, now: SystemTime) -> Self {
         self.now = now;
         self
     }
