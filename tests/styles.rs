@@ -428,3 +428,59 @@ async fn style_e_static_cookie_secret_and_rotation() {
     pat.rotate(Credential::bearer("pat_2").unwrap());
     assert_eq!(get(&svc, format!("{base}/api/me")).await.unwrap(), 200);
 }
+
+/// World: a login endpoint answering a JWT with no `exp` and no `expires_in`, reached
+/// through `session_login` and through the recipe for a login of one's own
+/// (`TokenRequest::json(..).field(..).secret_field(..)`). Proves: both send the same
+/// body README shows (`type`, `key`, `secret`) and give the token the same lifetime, the
+/// documented `DEFAULT_TOKEN_LIFETIME` less the clock-skew margin.
+#[tokio::test]
+async fn a_login_without_a_stated_lifetime_gets_the_documented_default() {
+    use tower_client_auth::token::{DEFAULT_CLOCK_SKEW, DEFAULT_TOKEN_LIFETIME};
+    let bodies: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let addr = serve({
+        let bodies = bodies.clone();
+        move |req: Request<hyper::body::Incoming>| {
+            let bodies = bodies.clone();
+            async move {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                bodies
+                    .lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&body).unwrap());
+                let jwt = format!(
+                    "{}.{}.sig",
+                    b64(&serde_json::json!({"alg": "none"})),
+                    b64(&serde_json::json!({"sub": "svc"}))
+                );
+                reply(StatusCode::OK, serde_json::json!({ "access_token": jwt }))
+            }
+        }
+    })
+    .await;
+    let url = format!("http://{addr}/v1/sessions");
+    let shipped = TokenSource::session_login(&url, "my-key", "my-secret").unwrap();
+    let own = TokenSource::new(
+        TokenRequest::json(&url)
+            .unwrap()
+            .field("type", "api-key")
+            .field("key", "my-key")
+            .secret_field("secret", "my-secret"),
+    );
+    let mut lifetimes = Vec::new();
+    for source in [shipped, own] {
+        let cache = CredentialCache::new(source.client(token_client()));
+        lifetimes.push(cache.credential().await.unwrap().lifetime().unwrap());
+    }
+    assert_eq!(
+        lifetimes[0], lifetimes[1],
+        "session_login and the recipe differ"
+    );
+    assert_eq!(lifetimes[0], DEFAULT_TOKEN_LIFETIME - DEFAULT_CLOCK_SKEW);
+    let bodies = bodies.lock().unwrap();
+    assert_eq!(bodies[0], bodies[1]);
+    assert_eq!(
+        bodies[0],
+        serde_json::json!({"type": "api-key", "key": "my-key", "secret": "my-secret"})
+    );
+}

@@ -211,7 +211,25 @@ impl TokenSource {
 
     /// A session login with an API key and secret: `POST url` with JSON
     /// `{"type": "api-key", "key": ..., "secret": ...}` answering `{"access_token": <JWT>}`.
-    /// The lifetime comes from the JWT's `exp`, or is 1 hour.
+    /// The lifetime comes from the JWT's `exp` (or an `expires_in`), else it is
+    /// [`DEFAULT_TOKEN_LIFETIME`], as for every token source
+    /// ([`default_lifetime`](Self::default_lifetime) sets another).
+    ///
+    /// A login of another shape is the same three lines with [`TokenSource::new`]:
+    ///
+    /// ```
+    /// use tower_client_auth::token::{TokenRequest, TokenSource};
+    ///
+    /// // What `session_login(url, key, secret)` sends, field by field: `field` for plain
+    /// // values, `secret_field` for secrets (redacted in `Debug`, scrubbed from errors).
+    /// let login = TokenRequest::json("https://api.example.com/v1/sessions")?
+    ///     .field("type", "api-key")
+    ///     .field("key", "my-key")
+    ///     .secret_field("secret", "my-secret");
+    /// let source = TokenSource::new(login);
+    /// # let _ = source;
+    /// # Ok::<_, tower_client_auth::token::TokenError>(())
+    /// ```
     pub fn session_login(
         url: &str,
         key: impl Into<String>,
@@ -221,7 +239,7 @@ impl TokenSource {
             .field("type", "api-key")
             .field("key", key)
             .secret_field("secret", secret);
-        Ok(Self::new(login).default_lifetime(Some(Duration::from_secs(3600))))
+        Ok(Self::new(login))
     }
 
     /// An API-key login with rotating refresh tokens: `POST login_url` with JSON
