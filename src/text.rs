@@ -89,6 +89,19 @@ pub(crate) fn from_server(text: &str, secrets: &[String]) -> String {
     escape(&scrub(text, secrets), MAX_SERVER_TEXT)
 }
 
+/// The start of an error body that is not an OAuth error, made safe to show: scrubbed
+/// of the request's secrets and of URL credentials and queries, escaped, and cut to
+/// [`MAX_BODY_START`] characters (after scrubbing, so a cut never splits a secret out of
+/// reach of the scrubber).
+#[cfg(feature = "token")]
+pub(crate) fn body_start(text: &str, secrets: &[String]) -> String {
+    escape(&strip_url_secrets(&scrub(text, secrets)), MAX_BODY_START)
+}
+
+/// How much of an error body [`body_start`] keeps.
+#[cfg(feature = "token")]
+pub(crate) const MAX_BODY_START: usize = 120;
+
 /// Text from a user's source or store (an error's `Display`), made safe to log: URL
 /// credentials and query strings removed (a client error may carry the URL it called,
 /// with a key in it), control characters escaped, cut to [`MAX_SERVER_TEXT`] twice over.

@@ -31,14 +31,17 @@ pub enum TokenErrorKind {
     InvalidResponse,
 }
 
-/// A token endpoint failure. `Display` names the status and the RFC 6749 error code, and
-/// never holds a secret: descriptions from the server are scrubbed of the request's
-/// secrets, and response bodies are never echoed.
+/// A token endpoint failure. `Display` names the status and the RFC 6749 error code (or,
+/// for an error body that has none, the start of the body), and never holds a secret:
+/// text from the server is scrubbed of every form of the request's secrets and of URL
+/// credentials and queries, escaped, and cut short.
 #[derive(Debug)]
 pub struct TokenError {
     kind: TokenErrorKind,
     status: Option<StatusCode>,
     oauth_error: Option<String>,
+    /// With `oauth_error`, the `error_description`; without it, the start of the error
+    /// body (see `body_start`). Scrubbed by [`scrub`](Self::scrub).
     description: Option<String>,
     detail: Option<&'static str>,
     retry_after: Option<Duration>,
@@ -87,6 +90,19 @@ impl TokenError {
         }
     }
 
+    /// Keeps `body` (an error body with no OAuth error) to show its start, once
+    /// [`scrub`](Self::scrub) has made it safe.
+    pub(crate) fn body(mut self, body: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(body);
+        let text = text.trim();
+        // Nothing to say: no body, or an empty JSON value.
+        if !(text.is_empty() || matches!(text, "{}" | "[]" | "null" | "\"\"")) {
+            self.oauth_error = None;
+            self.description = Some(text.to_owned());
+        }
+        self
+    }
+
     pub(crate) fn status_mut(mut self, status: StatusCode) -> Self {
         self.status = Some(status);
         self
@@ -97,11 +113,16 @@ impl TokenError {
     /// text cut to a bounded length. A server may echo what it was sent, and may send
     /// line breaks or terminal escapes.
     pub(crate) fn scrub(mut self, secrets: &[String]) -> Self {
-        for text in [&mut self.oauth_error, &mut self.description]
-            .into_iter()
-            .flatten()
-        {
-            *text = crate::text::from_server(text, secrets);
+        let body = self.oauth_error.is_none();
+        if let Some(code) = &mut self.oauth_error {
+            *code = crate::text::from_server(code, secrets);
+        }
+        if let Some(text) = &mut self.description {
+            *text = if body {
+                crate::text::body_start(text, secrets)
+            } else {
+                crate::text::from_server(text, secrets)
+            };
         }
         self
     }
@@ -142,7 +163,18 @@ impl TokenError {
 
     /// The endpoint's `error_description`, scrubbed of the request's secrets.
     pub fn description(&self) -> Option<&str> {
-        self.description.as_deref()
+        self.oauth_error.as_ref().and(self.description.as_deref())
+    }
+
+    /// For an error answer whose body carries no OAuth error (a login endpoint's own
+    /// `{"message": ..}`, an HTML page), the start of that body: scrubbed of every form
+    /// of the request's secrets and of URL credentials and queries, control characters
+    /// escaped, at most 120 characters. Shown by `Display`.
+    pub fn body_start(&self) -> Option<&str> {
+        match self.oauth_error {
+            Some(_) => None,
+            None => self.description.as_deref(),
+        }
     }
 
     /// How long the endpoint asked clients to wait (`Retry-After` on a 429 or 503, in
@@ -263,6 +295,8 @@ impl fmt::Display for TokenError {
             if let Some(description) = &self.description {
                 write!(f, " ({description})")?;
             }
+        } else if let Some(body) = self.body_start() {
+            write!(f, " (body: \"{body}\")")?;
         }
         Ok(())
     }

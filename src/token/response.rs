@@ -219,7 +219,11 @@ pub(crate) fn parse_error_body(status: StatusCode, body: &[u8]) -> TokenError {
     let code = text("error")
         .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
     let description = code.as_ref().and_then(|_| text("error_description"));
-    TokenError::rejected(status, code, description)
+    match code {
+        Some(_) => TokenError::rejected(status, code, description),
+        // Nothing standard to read: the body's start says what can be said.
+        None => TokenError::rejected(status, None, None).body(body),
+    }
 }
 
 /// Whether a 2xx body is an OAuth error instead of a token: a JSON object with a
@@ -430,7 +434,38 @@ mod tests {
         let e = parse_error_response(StatusCode::SERVICE_UNAVAILABLE, b"<html>down</html>");
         assert_eq!(e.oauth_error(), None);
         assert!(!e.is_grant_rejected());
-        assert_eq!(e.to_string(), "token endpoint answered 503");
+        assert_eq!(
+            e.to_string(),
+            "token endpoint answered 503 (body: \"<html>down</html>\")"
+        );
+        assert_eq!(
+            parse_error_response(StatusCode::BAD_GATEWAY, b" \n").to_string(),
+            "token endpoint answered 502"
+        );
+    }
+
+    /// A login endpoint's own error body (no OAuth `error`): its start is shown, with
+    /// every form of the request's secrets, URL credentials and queries taken out,
+    /// control characters escaped, and the length bounded.
+    #[test]
+    fn a_non_oauth_error_body_shows_its_start_scrubbed() {
+        let body = br#"{"message":"key my-key with secret s3cr3t-val is not valid; see https://u:pw@docs.example/x?sig=abc","trace":"[31m"}"#;
+        let e = parse_error_body(StatusCode::BAD_REQUEST, body).scrub(&["s3cr3t-val".into()]);
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with("token endpoint answered 400 (body: \"{"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("key my-key with secret [redacted]"),
+            "{shown}"
+        );
+        for leaked in ["s3cr3t-val", "u:pw", "sig=abc", "\u{1b}"] {
+            assert!(!shown.contains(leaked), "{leaked} in {shown}");
+        }
+        let long = format!("{{\"message\":\"{}\"}}", "x".repeat(10_000));
+        let e = parse_error_body(StatusCode::BAD_REQUEST, long.as_bytes()).scrub(&[]);
+        assert!(e.body_start().unwrap().chars().count() <= 130, "{e}");
     }
 
     /// `Retry-After` in both forms; garbage is ignored, a past date is no wait.
