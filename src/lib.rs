@@ -207,6 +207,11 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+/// README.md's code blocks, compiled as doc tests: the quickstart must build as shown.
+#[cfg(all(doctest, feature = "https"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 mod body;
 pub mod cache;
 pub mod clock;
