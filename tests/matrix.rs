@@ -108,6 +108,19 @@ fn reqwest_body(body: Body) -> reqwest::Body {
     }
 }
 
+/// The request `call` describes, as a Tower caller builds it.
+fn tower_request(url: String, call: Call) -> Request<TowerBody> {
+    let mut req = Request::post(url).body(tower_body(call.body)).unwrap();
+    if call.no_replay {
+        req.extensions_mut().insert(NoReplay);
+    }
+    if let Some(auth) = call.authorization {
+        req.headers_mut()
+            .insert(header::AUTHORIZATION, auth.parse().unwrap());
+    }
+    req
+}
+
 /// Sends `call` through `entry`, built from `layer` (the reqwest middleware takes the
 /// layer's cache and every setting with `AuthMiddleware::from_layer`). Without `replay`,
 /// the Tower layer is in `Direct` mode, over a client typed for the caller's own body.
@@ -132,14 +145,7 @@ async fn send<P: CredentialSource>(
     match entry {
         Entry::Tower if !replay => {
             let http = Client::builder(TokioExecutor::new()).build_http::<TowerBody>();
-            let mut req = Request::post(url).body(tower_body(call.body)).unwrap();
-            if call.no_replay {
-                req.extensions_mut().insert(NoReplay);
-            }
-            if let Some(auth) = call.authorization {
-                req.headers_mut()
-                    .insert(header::AUTHORIZATION, auth.parse().unwrap());
-            }
+            let req = tower_request(url, call);
             outcome(
                 layer
                     .clone()
@@ -151,14 +157,7 @@ async fn send<P: CredentialSource>(
         }
         Entry::Tower => {
             let http = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<TowerBody>>();
-            let mut req = Request::post(url).body(tower_body(call.body)).unwrap();
-            if call.no_replay {
-                req.extensions_mut().insert(NoReplay);
-            }
-            if let Some(auth) = call.authorization {
-                req.headers_mut()
-                    .insert(header::AUTHORIZATION, auth.parse().unwrap());
-            }
+            let req = tower_request(url, call);
             outcome(layer.clone().layer(http).oneshot(req).await)
         }
         Entry::Reqwest => {

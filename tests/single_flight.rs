@@ -215,6 +215,14 @@ where
     }
 }
 
+/// A caller asking `cache` for a credential, as a task of its own.
+fn ask<P: CredentialSource>(
+    cache: &CredentialCache<P>,
+) -> tokio::task::JoinHandle<Result<Credential, tower_client_auth::Error>> {
+    let cache = cache.clone();
+    tokio::spawn(async move { cache.credential().await })
+}
+
 /// Lets the runtime run everything that is ready.
 async fn settle() {
     for _ in 0..20 {
@@ -230,19 +238,13 @@ async fn settle() {
 async fn invalidations_during_a_fetch_chain_exactly_one_fetch_after_it() {
     let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
     let cache = CredentialCache::new(source.clone());
-    let first = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.credential().await }
-    });
+    let first = ask(&cache);
     settle().await;
     assert_eq!(source.fetches(), 1);
     let mut later = Vec::new();
     for _ in 0..50 {
         assert!(cache.handle().invalidate());
-        later.push(tokio::spawn({
-            let cache = cache.clone();
-            async move { cache.credential().await }
-        }));
+        later.push(ask(&cache));
         settle().await;
     }
     assert_eq!(source.fetches(), 1, "a fetch started while another ran");
@@ -278,10 +280,7 @@ async fn a_superseded_fetchs_failure_does_not_back_off_the_cache() {
     for by_replace in [true, false] {
         let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
         let cache = CredentialCache::new(source.clone());
-        let first = tokio::spawn({
-            let cache = cache.clone();
-            async move { cache.credential().await }
-        });
+        let first = ask(&cache);
         settle().await;
         let pushed = Credential::bearer("pushed").unwrap();
         let second = if by_replace {
@@ -289,10 +288,7 @@ async fn a_superseded_fetchs_failure_does_not_back_off_the_cache() {
             None
         } else {
             assert!(cache.handle().invalidate());
-            let second = tokio::spawn({
-                let cache = cache.clone();
-                async move { cache.credential().await }
-            });
+            let second = ask(&cache);
             settle().await;
             Some(second)
         };
@@ -488,17 +484,11 @@ async fn a_handed_over_credential_gone_stale_does_not_supersede_a_fetch() {
     for chained in [false, true] {
         let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
         let cache = CredentialCache::new(source.clone());
-        let first = tokio::spawn({
-            let cache = cache.clone();
-            async move { cache.credential().await }
-        });
+        let first = ask(&cache);
         settle().await;
         let second = chained.then(|| {
             assert!(cache.handle().invalidate());
-            tokio::spawn({
-                let cache = cache.clone();
-                async move { cache.credential().await }
-            })
+            ask(&cache)
         });
         settle().await;
         let pushed = Credential::bearer("pushed")
@@ -506,10 +496,7 @@ async fn a_handed_over_credential_gone_stale_does_not_supersede_a_fetch() {
             .expires_in(Duration::from_millis(100));
         assert!(cache.handle().replace(pushed.clone()));
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let late = tokio::spawn({
-            let cache = cache.clone();
-            async move { cache.credential().await }
-        });
+        let late = ask(&cache);
         settle().await;
         source.release(2);
         let _ = first.await.unwrap();
