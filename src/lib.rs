@@ -202,6 +202,7 @@
 //! |---|---|---|
 //! | `token` | yes (through `https`) | the [`token`] module: token endpoint sources and their parsers |
 //! | `https` | yes | implies `token`; `token::TokenClient::hyper_rustls`: hyper-util over rustls (`ring`, webpki roots) |
+//! | `redis` | no | `store::redis::RedisStore`: one credential and one fetch for a fleet, on Redis |
 //! | `reqwest` | no | implies `token`; `reqwest::AuthMiddleware` for `reqwest-middleware`; token requests through reqwest by default when `https` is off |
 
 #![forbid(unsafe_code)]

@@ -167,7 +167,9 @@ async fn windows_come_from_the_issued_lifetime() {
     assert_eq!(source.fetches(), 1);
 
     let store = MemoryStore::new();
-    store.save(&late_in_life(&clock)).await.unwrap();
+    let lease = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
+    assert!(store.save(&lease, &late_in_life(&clock)).await.unwrap());
+    store.release(&lease).await.unwrap();
     let source = Issuer::new(Duration::from_secs(3600));
     let cache = CredentialCache::builder(source.clone())
         .clock(clock.clone())

@@ -11,7 +11,7 @@ use support::{FakeApi, TestSource, get};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
     AuthLayer, BoxError, Credential, CredentialCache, CredentialStore, ErrorKind, NotReplayed,
-    RefreshMode,
+    RefreshMode, store::Lease,
 };
 
 /// World: an API that answers 401 to every token (a wrong audience, say), 50 requests a
@@ -51,7 +51,13 @@ impl CredentialStore for HungStore {
     async fn load(&self) -> Result<Option<Credential>, BoxError> {
         std::future::pending().await
     }
-    async fn save(&self, _: &Credential) -> Result<(), BoxError> {
+    async fn lease(&self, _: Duration) -> Result<Option<Lease>, BoxError> {
+        std::future::pending().await
+    }
+    async fn save(&self, _: &Lease, _: &Credential) -> Result<bool, BoxError> {
+        std::future::pending().await
+    }
+    async fn release(&self, _: &Lease) -> Result<(), BoxError> {
         std::future::pending().await
     }
     async fn remove(&self, _: &Credential) -> Result<(), BoxError> {
@@ -94,7 +100,7 @@ async fn a_hung_store_never_wedges_the_flight() {
     );
     assert_ne!(first, second);
     assert_eq!(source.fetches(), 2);
-    // Five store calls timed out (load, save; remove, load, save): one outage, one line.
+    // Five store calls timed out (load, lease; remove, load, lease): one outage, one line.
     let logs = capture.text();
     assert_eq!(
         logs.matches("credential store failed").count(),

@@ -25,6 +25,7 @@ use crate::{
     credential::Credential,
     error::{Error, ErrorKind},
     source::{CredentialSource, FetchContext, FetchReason},
+    store::Lease,
 };
 
 impl<P: CredentialSource> CredentialCache<P> {
@@ -507,28 +508,108 @@ async fn run_flight<P: CredentialSource>(
     guard.finish(result);
 }
 
-/// Gets a credential from the store, or else from the source. One deadline, the fetch
-/// timeout, bounds it all: each store call gets at most a [`STORE_SHARE`] of it, and a
-/// store that fails or does not answer in time is skipped (logged once per outage).
+/// Gets a credential from the store, or else from the source: the refresh path of
+/// [`crate::store`]'s module docs. One deadline, the fetch timeout, bounds the loads,
+/// the lease, the wait for another holder and the fetch; each store call gets at most a
+/// [`STORE_SHARE`] of it, and a store that fails or does not answer in time is skipped
+/// (logged once per outage) for this process's own fetch.
 async fn obtain<P: CredentialSource>(
     inner: &Inner<P>,
     cx: FetchContext,
 ) -> Result<Credential, Error> {
     let deadline = saturating_add(Instant::now(), inner.config.fetch_timeout);
     let cx = cx.at(inner.config.clock.now());
-    if let Some(store) = &inner.config.store {
-        if let (FetchReason::Rejected | FetchReason::Invalidated, Some(rejected)) =
-            (cx.reason(), cx.previous())
-        {
-            store_call(inner, deadline, "remove", store.remove(rejected)).await;
-        }
+    let Some(store) = &inner.config.store else {
+        return fetch(inner, cx, deadline).await;
+    };
+    if let (FetchReason::Rejected | FetchReason::Invalidated, Some(rejected)) =
+        (cx.reason(), cx.previous())
+    {
+        store_call(inner, deadline, "remove", store.remove(rejected)).await;
+    }
+    let usable =
+        |stored: &Credential| Some(stored) != cx.previous() && inner.is_usable_stored(stored);
+    let mut pause = LEASE_POLL_FIRST;
+    loop {
         if let Some(Some(stored)) = store_call(inner, deadline, "load", store.load()).await {
-            if Some(&stored) != cx.previous() && inner.is_usable_stored(&stored) {
+            if usable(&stored) {
                 tracing::debug!("using the credential found in the store");
                 return Ok(stored);
             }
         }
+        let lease = match store_call(inner, deadline, "lease", store.lease(lease_ttl(inner))).await
+        {
+            Some(Some(lease)) => lease,
+            Some(None) => {
+                // Another process fetches: wait for what it saves, as long as the
+                // deadline allows. A holder that died leaves a lease that runs out.
+                let now = Instant::now();
+                if now + pause >= deadline {
+                    return Err(Error::new(ErrorKind::Timeout));
+                }
+                tracing::debug!(
+                    wait_ms = pause.as_millis() as u64,
+                    "another process holds the refresh lease; waiting"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(LEASE_POLL_MAX);
+                continue;
+            }
+            // The store is not answering: this process's own fetch.
+            None => return fetch(inner, cx, deadline).await,
+        };
+        // Someone may have saved between the load and the lease.
+        if let Some(Some(stored)) = store_call(inner, deadline, "load", store.load()).await {
+            if usable(&stored) {
+                release(inner, store.as_ref(), &lease).await;
+                tracing::debug!("using the credential found in the store");
+                return Ok(stored);
+            }
+        }
+        let fetched = fetch(inner, cx, deadline).await;
+        if let Ok(credential) = &fetched {
+            // A fresh credential is worth saving even if the fetch used up the deadline:
+            // the save gets a share of its own.
+            let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
+            if let Some(false) =
+                store_call(inner, until, "save", store.save(&lease, credential)).await
+            {
+                tracing::debug!("the refresh lease ran out before the save; not saved");
+            }
+        }
+        release(inner, store.as_ref(), &lease).await;
+        return fetched;
     }
+}
+
+/// Gives a lease back, with a share of its own: a lease left behind makes every other
+/// process wait until it runs out.
+async fn release<P>(inner: &Inner<P>, store: &dyn crate::store::DynStore, lease: &Lease) {
+    let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
+    store_call(inner, until, "release", store.release(lease)).await;
+}
+
+/// How long a refresh lease lasts: longer than its holder can take (the fetch timeout,
+/// plus the shares of the save and the release after it), plus a margin.
+fn lease_ttl<P>(inner: &Inner<P>) -> std::time::Duration {
+    let share = inner.config.fetch_timeout / STORE_SHARE;
+    inner.config.fetch_timeout + share * 2 + LEASE_MARGIN
+}
+
+/// The first wait for another process's refresh; each next one doubles, up to
+/// [`LEASE_POLL_MAX`].
+const LEASE_POLL_FIRST: std::time::Duration = std::time::Duration::from_millis(20);
+/// The longest wait between two looks at the store while another process refreshes.
+const LEASE_POLL_MAX: std::time::Duration = std::time::Duration::from_millis(250);
+/// What a lease lasts beyond the longest its holder can take.
+const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Asks the source, under the deadline, and checks what it answered.
+async fn fetch<P: CredentialSource>(
+    inner: &Inner<P>,
+    cx: FetchContext,
+    deadline: Instant,
+) -> Result<Credential, Error> {
     let fetched = tokio::time::timeout_at(deadline, inner.source.fetch(cx)).await;
     let credential = match fetched {
         Err(_elapsed) => return Err(Error::new(ErrorKind::Timeout)),
@@ -545,9 +626,6 @@ async fn obtain<P: CredentialSource>(
             .map(|at| at.duration_since(wall).unwrap_or_default().as_secs()),
         "credential fetched"
     );
-    if let Some(store) = &inner.config.store {
-        store_call(inner, deadline, "save", store.save(&credential)).await;
-    }
     Ok(credential)
 }
 

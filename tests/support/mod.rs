@@ -3,6 +3,8 @@
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
 pub mod providers;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod strict_idp;
 #[cfg(feature = "https")]
 pub mod tls;

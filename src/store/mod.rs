@@ -1,0 +1,276 @@
+//! The storage seam behind the cache: where credentials are shared beyond one process.
+//!
+//! A [`CredentialCache`](crate::CredentialCache) always keeps the current credential in
+//! memory, where the hot path reads it without locks. A [`CredentialStore`] is a second,
+//! shared level consulted only on the refresh path. With one, a refresh goes:
+//!
+//! 1. **Load.** Another process (or another cache) may have saved a fresh credential
+//!    already: if it may still be sent (and is not the one just rejected), it is used.
+//! 2. **Lease.** Otherwise the cache takes the store's refresh lease, for a time longer
+//!    than a whole fetch can take. Holding it, the cache loads once more (someone may have
+//!    saved just before), then asks its source, **saves under the lease** (a holder whose
+//!    lease ran out and was taken over cannot overwrite a newer credential: the save is
+//!    fenced) and gives the lease back.
+//! 3. **Wait.** When another caller holds the lease, the cache waits for what it saves,
+//!    looking again at growing intervals, for as long as its whole fetch timeout: one
+//!    fetch for every process sharing the store. A holder that died leaves a lease that
+//!    runs out; the next cache to look takes it over.
+//!
+//! When the API rejects a credential, the cache removes that credential from the store,
+//! and only that one (compare-and-delete): a newer one saved by another process stays.
+//! A store that fails or does not answer in time is logged once per outage, never per
+//! request, and the cache fetches on its own meanwhile (each process's own single
+//! flight); the next refresh tries the store again.
+//!
+//! [`MemoryStore`] implements the contract within one process. With the `redis` feature,
+//! [`redis::RedisStore`] implements it across processes on a real Redis. Another engine
+//! (a SQL table, etcd) implements the five calls below; `MemoryStore`'s source is the
+//! reference.
+//!
+//! # Example
+//! ```
+//! use tower_client_auth::{CredentialCache, MemoryStore, StaticCredential};
+//!
+//! let store = MemoryStore::new();
+//! let a = CredentialCache::builder(StaticCredential::bearer("t")?).store(store.clone()).build()?;
+//! let b = CredentialCache::builder(StaticCredential::bearer("t")?).store(store).build()?;
+//! # let _ = (a, b);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use crate::{credential::Credential, error::BoxError};
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
+
+/// A shared, second-level home for credentials, with the lease that makes one fetch
+/// serve every process. See the [module docs](self) for how the cache uses each call.
+///
+/// Implement it with `async fn`s, as [`CredentialSource`](crate::CredentialSource) is.
+/// Store errors never fail a request: the cache logs them and fetches on its own.
+pub trait CredentialStore: Send + Sync + 'static {
+    /// The stored credential, if any. The cache uses it only while it may still be sent
+    /// and is not the credential just rejected.
+    fn load(&self) -> impl Future<Output = Result<Option<Credential>, BoxError>> + Send;
+
+    /// Takes the refresh lease for `ttl` if nobody holds it: `Some(lease)`. `None` when
+    /// another caller holds it (the cache then waits for what that caller saves). A lease
+    /// that is not given back runs out after `ttl`, so a holder that died is taken over.
+    fn lease(&self, ttl: Duration) -> impl Future<Output = Result<Option<Lease>, BoxError>> + Send;
+
+    /// Stores `credential`, fetched under `lease`, only if `lease` is still held (fenced):
+    /// `Ok(false)`, and nothing written, when it ran out (and perhaps was taken over).
+    fn save(
+        &self,
+        lease: &Lease,
+        credential: &Credential,
+    ) -> impl Future<Output = Result<bool, BoxError>> + Send;
+
+    /// Gives `lease` back, if it is still held (compare-and-delete on its token).
+    fn release(&self, lease: &Lease) -> impl Future<Output = Result<(), BoxError>> + Send;
+
+    /// Removes `rejected` if it is still the stored credential (compare-and-delete; a
+    /// store that keeps a fingerprint compares that, never the secret): a newer credential
+    /// saved by someone else must survive.
+    fn remove(&self, rejected: &Credential) -> impl Future<Output = Result<(), BoxError>> + Send;
+}
+
+/// A refresh lease, named by a token unique to its holder: what fences a save.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Lease {
+    token: String,
+}
+
+impl Lease {
+    /// A lease with a fresh token: unique across processes and hosts (the process id,
+    /// the time, a counter and randomness from the OS, hashed).
+    pub fn new() -> Self {
+        use std::{
+            hash::{BuildHasher, Hasher},
+            sync::atomic::{AtomicU64, Ordering},
+        };
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut words = [0u64; 2];
+        for (i, word) in words.iter_mut().enumerate() {
+            // Each `RandomState` is seeded from the OS's randomness.
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(i as u64);
+            h.write_u32(std::process::id());
+            h.write_u64(nanos);
+            h.write_u64(count);
+            *word = h.finish();
+        }
+        Lease {
+            token: format!("{:016x}{:016x}", words[0], words[1]),
+        }
+    }
+
+    /// A lease with a token of the store's own making.
+    pub fn from_token(token: impl Into<String>) -> Self {
+        Lease {
+            token: token.into(),
+        }
+    }
+
+    /// The holder's token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+}
+
+impl Default for Lease {
+    fn default() -> Self {
+        Lease::new()
+    }
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not a secret, but what a late holder would need to pass the fence: kept short.
+        f.debug_tuple("Lease")
+            .field(&self.token.get(..4).unwrap_or(""))
+            .finish()
+    }
+}
+
+/// A boxed store call: how the cache holds any store behind one pointer.
+pub(crate) type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send + 'a>>;
+
+/// [`CredentialStore`] in a form that can live behind `dyn`: every store is one.
+pub(crate) trait DynStore: Send + Sync + 'static {
+    fn load(&self) -> StoreFuture<'_, Option<Credential>>;
+    fn lease(&self, ttl: Duration) -> StoreFuture<'_, Option<Lease>>;
+    fn save<'a>(&'a self, lease: &'a Lease, credential: &'a Credential) -> StoreFuture<'a, bool>;
+    fn release<'a>(&'a self, lease: &'a Lease) -> StoreFuture<'a, ()>;
+    fn remove<'a>(&'a self, rejected: &'a Credential) -> StoreFuture<'a, ()>;
+}
+
+impl<S: CredentialStore> DynStore for S {
+    fn load(&self) -> StoreFuture<'_, Option<Credential>> {
+        Box::pin(CredentialStore::load(self))
+    }
+
+    fn lease(&self, ttl: Duration) -> StoreFuture<'_, Option<Lease>> {
+        Box::pin(CredentialStore::lease(self, ttl))
+    }
+
+    fn save<'a>(&'a self, lease: &'a Lease, credential: &'a Credential) -> StoreFuture<'a, bool> {
+        Box::pin(CredentialStore::save(self, lease, credential))
+    }
+
+    fn release<'a>(&'a self, lease: &'a Lease) -> StoreFuture<'a, ()> {
+        Box::pin(CredentialStore::release(self, lease))
+    }
+
+    fn remove<'a>(&'a self, rejected: &'a Credential) -> StoreFuture<'a, ()> {
+        Box::pin(CredentialStore::remove(self, rejected))
+    }
+}
+
+/// A [`CredentialStore`] in process memory, shared by clones: the contract within one
+/// process (several caches over one source fetch once), and the reference for a store of
+/// one's own.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    slot: Arc<Mutex<Slot>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    credential: Option<Credential>,
+    /// The lease's token and when it runs out.
+    lease: Option<(String, Instant)>,
+}
+
+impl Slot {
+    /// The lease's token, if it is held and has not run out.
+    fn holder(&self, now: Instant) -> Option<&str> {
+        self.lease
+            .as_ref()
+            .filter(|(_, until)| now < *until)
+            .map(|(token, _)| token.as_str())
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let slot = self.slot();
+        f.debug_struct("MemoryStore")
+            .field("credential", &slot.credential)
+            .field("leased", &slot.holder(Instant::now()).is_some())
+            .finish()
+    }
+}
+
+impl CredentialStore for MemoryStore {
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        Ok(self.slot().credential.clone())
+    }
+
+    async fn lease(&self, ttl: Duration) -> Result<Option<Lease>, BoxError> {
+        let now = Instant::now();
+        let mut slot = self.slot();
+        if slot.holder(now).is_some() {
+            return Ok(None);
+        }
+        let lease = Lease::new();
+        let until = now
+            .checked_add(ttl)
+            .unwrap_or(now + Duration::from_secs(86_400));
+        slot.lease = Some((lease.token.clone(), until));
+        Ok(Some(lease))
+    }
+
+    async fn save(&self, lease: &Lease, credential: &Credential) -> Result<bool, BoxError> {
+        let mut slot = self.slot();
+        if slot.holder(Instant::now()) != Some(lease.token()) {
+            return Ok(false);
+        }
+        slot.credential = Some(credential.clone());
+        Ok(true)
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
+        let mut slot = self.slot();
+        if slot
+            .lease
+            .as_ref()
+            .is_some_and(|(token, _)| token == lease.token())
+        {
+            slot.lease = None;
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+        let mut slot = self.slot();
+        if slot.credential.as_ref() == Some(rejected) {
+            slot.credential = None;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,261 @@
+//! The fleet level on a real Redis (feature `redis`): the store contract (lease, fenced
+//! save, compare-and-delete), one fetch for many caches that each hold their own
+//! connection (as processes do), a dead holder's lease taken over, a shared rejection,
+//! and Redis down then back. Every test starts its own `redis-server` on a free loopback
+//! port; nothing here mocks Redis.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::SeqCst},
+    },
+    time::{Duration, Instant},
+};
+
+use support::redis::RedisServer;
+use tower_client_auth::{
+    BoxError, Credential, CredentialCache, CredentialSource, CredentialStore, FetchContext,
+    MemoryStore, store::redis::RedisStore,
+};
+
+/// A token endpoint shared by the whole fleet: counts fetches and how many ran at once.
+#[derive(Clone, Default)]
+struct Endpoint {
+    fetches: Arc<AtomicUsize>,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
+    lifetime: Option<Duration>,
+}
+
+impl Endpoint {
+    fn new(lifetime: Option<Duration>) -> Self {
+        Endpoint {
+            lifetime,
+            ..Endpoint::default()
+        }
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(SeqCst)
+    }
+}
+
+impl CredentialSource for Endpoint {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, SeqCst);
+        let n = self.fetches.fetch_add(1, SeqCst) + 1;
+        // A token exchange takes a while: room for the others to race.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        self.in_flight.fetch_sub(1, SeqCst);
+        let credential = Credential::bearer(format!("fleet-{n}"))?;
+        Ok(match self.lifetime {
+            Some(lifetime) => credential.lives(cx.now(), lifetime),
+            None => credential,
+        })
+    }
+}
+
+async fn redis_store(server: &RedisServer, namespace: &str) -> RedisStore {
+    RedisStore::connect(&server.url(), namespace).await.unwrap()
+}
+
+/// The contract every store keeps, checked on `store`: one lease at a time, given back
+/// only by its holder; a save fenced by the lease; a removal that spares a newer value.
+async fn the_contract_holds(store: impl CredentialStore) {
+    let bearer = |t: &str| Credential::bearer(t).unwrap();
+    assert_eq!(store.load().await.unwrap(), None);
+    let first = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
+    assert!(store.lease(Duration::from_secs(5)).await.unwrap().is_none());
+    // Only the holder gives a lease back.
+    let stranger = tower_client_auth::store::Lease::new();
+    store.release(&stranger).await.unwrap();
+    assert!(store.lease(Duration::from_secs(5)).await.unwrap().is_none());
+    assert!(store.save(&first, &bearer("one")).await.unwrap());
+    assert_eq!(store.load().await.unwrap(), Some(bearer("one")));
+    store.release(&first).await.unwrap();
+
+    // A holder whose lease ran out and was taken over cannot save.
+    let late = store
+        .lease(Duration::from_millis(100))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let next = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
+    assert!(store.save(&next, &bearer("two")).await.unwrap());
+    assert!(!store.save(&late, &bearer("stale")).await.unwrap());
+    assert_eq!(store.load().await.unwrap(), Some(bearer("two")));
+    store.release(&late).await.unwrap();
+    assert!(store.lease(Duration::from_secs(5)).await.unwrap().is_none());
+    store.release(&next).await.unwrap();
+
+    // Compare-and-delete: a removal of an older credential spares the newer one.
+    store.remove(&bearer("one")).await.unwrap();
+    assert_eq!(store.load().await.unwrap(), Some(bearer("two")));
+    store.remove(&bearer("two")).await.unwrap();
+    assert_eq!(store.load().await.unwrap(), None);
+}
+
+/// World: `MemoryStore` and `RedisStore` on a real server. Proves: both keep the one
+/// contract the cache relies on.
+#[tokio::test]
+async fn memory_and_redis_keep_the_same_contract() {
+    the_contract_holds(MemoryStore::new()).await;
+    let server = RedisServer::start();
+    the_contract_holds(redis_store(&server, "contract").await).await;
+}
+
+/// World: 8 caches, each with its own Redis connection (as 8 processes have), 25
+/// concurrent callers each, for 3 s, tokens living 1 s. Proves: the token endpoint is
+/// asked about once per lifetime for the whole fleet (not once per cache), never twice
+/// at once, and every call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_fetches_once_per_lifetime() {
+    let server = RedisServer::start();
+    let endpoint = Endpoint::new(Some(Duration::from_secs(1)));
+    let mut caches = Vec::new();
+    for _ in 0..8 {
+        let store = redis_store(&server, "fleet").await;
+        caches.push(
+            CredentialCache::builder(endpoint.clone())
+                .store(store)
+                .window_jitter(0.0)
+                .build()
+                .unwrap(),
+        );
+    }
+    let started = Instant::now();
+    let run = Duration::from_secs(3);
+    let failures = Arc::new(AtomicUsize::new(0));
+    let mut callers = Vec::new();
+    for cache in &caches {
+        for _ in 0..25 {
+            let (cache, failures) = (cache.clone(), failures.clone());
+            callers.push(tokio::spawn(async move {
+                while started.elapsed() < run {
+                    if cache.credential().await.is_err() {
+                        failures.fetch_add(1, SeqCst);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }));
+        }
+    }
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let lifetimes = run.as_secs_f64() / 0.75; // refreshed in the last quarter of each
+    let fetches = endpoint.fetches();
+    assert_eq!(failures.load(SeqCst), 0);
+    assert_eq!(
+        endpoint.max_in_flight.load(SeqCst),
+        1,
+        "two fetches at once"
+    );
+    assert!(
+        fetches as f64 <= lifetimes + 2.0,
+        "{fetches} fetches for about {lifetimes:.0} lifetimes: not shared by the fleet"
+    );
+}
+
+/// World: a lease held by a process that died (a token nobody will release, 300 ms to
+/// live). Proves: a cache waits for it to run out, then takes it over and fetches once.
+#[tokio::test]
+async fn a_dead_holders_lease_is_taken_over_when_it_runs_out() {
+    let server = RedisServer::start();
+    let store = redis_store(&server, "dead-holder").await;
+    let dead = store.lease(Duration::from_millis(300)).await.unwrap();
+    assert!(dead.is_some());
+    let endpoint = Endpoint::new(None);
+    let cache = CredentialCache::builder(endpoint.clone())
+        .store(redis_store(&server, "dead-holder").await)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    cache.credential().await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "fetched while another held the lease"
+    );
+    assert_eq!(endpoint.fetches(), 1);
+}
+
+/// World: two caches sharing a store; the API rejects the credential both hold. Proves:
+/// the first rejection removes it fleet-wide and fetches a new one; the second cache's
+/// rejection of the same old credential spares the new one and uses it: one fetch.
+#[tokio::test]
+async fn a_rejection_removes_exactly_that_credential_fleet_wide() {
+    let server = RedisServer::start();
+    let endpoint = Endpoint::new(None);
+    let cache = |store| {
+        CredentialCache::builder(endpoint.clone())
+            .store(store)
+            .build()
+            .unwrap()
+    };
+    let a = cache(redis_store(&server, "shared-rejection").await);
+    let b = cache(redis_store(&server, "shared-rejection").await);
+    let old = a.credential().await.unwrap();
+    assert_eq!(
+        b.credential().await.unwrap(),
+        old,
+        "b loaded a's credential"
+    );
+    assert_eq!(endpoint.fetches(), 1);
+    let new = a.reject(&old).await.unwrap();
+    assert_ne!(new, old);
+    assert_eq!(b.reject(&old).await.unwrap(), new);
+    assert_eq!(endpoint.fetches(), 2);
+}
+
+/// World: Redis stops under two caches, then starts again (empty). Proves: while it is
+/// down each cache fetches on its own and every call succeeds; once it is back, the
+/// caches share again without a restart.
+#[tokio::test]
+async fn redis_down_is_degraded_not_down_and_caches_rejoin() {
+    let mut server = RedisServer::start();
+    let endpoint = Endpoint::new(None);
+    let cache = |store| {
+        CredentialCache::builder(endpoint.clone())
+            .store(store)
+            .fetch_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap()
+    };
+    let (store_a, store_b) = (
+        redis_store(&server, "outage").await,
+        redis_store(&server, "outage").await,
+    );
+    let a = cache(store_a.clone());
+    let b = cache(store_b.clone());
+    server.stop();
+    a.credential().await.unwrap();
+    b.credential().await.unwrap();
+    assert_eq!(endpoint.fetches(), 2, "each fetched on its own");
+
+    server.resume();
+    // The connection managers reconnect on their own; wait until both answer.
+    for store in [&store_a, &store_b] {
+        let started = Instant::now();
+        while store.load().await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "never rejoined"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let before = endpoint.fetches();
+    let shared = a.reject(&a.credential().await.unwrap()).await.unwrap();
+    assert!(b.handle().invalidate());
+    assert_eq!(
+        b.credential().await.unwrap(),
+        shared,
+        "b took a's new credential"
+    );
+    assert_eq!(endpoint.fetches(), before + 1);
+}
