@@ -1,0 +1,146 @@
+//! The fleet level across real OS processes: this test binary runs itself as worker
+//! processes, each with its own cache and its own Redis connection, all asking one
+//! loopback OAuth2 token endpoint that counts what it issues. A worker is the ignored
+//! test `worker`, which does nothing unless the parent set `TCA_FLEET_WORKER`.
+#![cfg(all(feature = "redis", feature = "https"))]
+
+mod support;
+
+use std::{
+    process::{Child, Command, Stdio},
+    sync::atomic::Ordering::SeqCst,
+    time::{Duration, Instant},
+};
+
+use support::{providers::start, redis::RedisServer, strict_idp::StrictIdp, token_client};
+use tower_client_auth::{
+    CredentialCache,
+    store::redis::RedisStore,
+    token::{TokenRequest, TokenSource},
+};
+
+const CLIENT_ID: &str = "fleet-client";
+const CLIENT_SECRET: &str = "fleet-secret";
+const WORKER: &str = "TCA_FLEET_WORKER";
+
+/// Starts one worker process: this binary, running only the `worker` test.
+fn spawn_worker(redis: &str, token_base: &str, seconds: u64, callers: usize) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "worker",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(WORKER, "1")
+        .env("TCA_REDIS", redis)
+        .env("TCA_TOKEN_BASE", token_base)
+        .env("TCA_SECONDS", seconds.to_string())
+        .env("TCA_CALLERS", callers.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// What a worker printed: `fleet-worker calls=N failures=M`.
+fn report(child: Child) -> (usize, usize) {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The harness may print its own words before it on the same line.
+    let line = text
+        .lines()
+        .find_map(|l| l.find("fleet-worker ").map(|at| &l[at..]))
+        .unwrap_or_else(|| panic!("a worker printed no report: {text}"));
+    let field = |name: &str| -> usize {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (field("calls="), field("failures="))
+}
+
+/// World: 8 worker processes x 50 concurrent callers for 6 s, one Redis, one token
+/// endpoint issuing tokens that live 2 s (1.8 s once the clock-skew margin is off, so
+/// refreshed every 1.3 s or so). Proves: every call succeeds, and the endpoint issues
+/// about one token per lifetime for the whole fleet (5 or 6 in our runs; 10 with the
+/// lease taken out, which this bound catches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_processes_fetch_once_per_lifetime() {
+    let redis = RedisServer::start();
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 2.0);
+    let base = start(idp.clone()).await;
+    let seconds = 6;
+    let workers: Vec<Child> = (0..8)
+        .map(|_| spawn_worker(&redis.url(), &base, seconds, 50))
+        .collect();
+    let started = Instant::now();
+    let reports: Vec<_> =
+        tokio::task::spawn_blocking(move || workers.into_iter().map(report).collect::<Vec<_>>())
+            .await
+            .unwrap();
+    let elapsed = started.elapsed();
+    let calls: usize = reports.iter().map(|r| r.0).sum();
+    let failures: usize = reports.iter().map(|r| r.1).sum();
+    let issued = idp.logins.load(SeqCst);
+    println!("fleet: {calls} calls, {failures} failures, {issued} tokens issued in {elapsed:?}");
+    assert!(calls > 8 * 50, "too few calls to prove anything: {calls}");
+    assert_eq!(failures, 0, "{failures} of {calls} calls failed");
+    let lifetimes = elapsed.as_secs_f64() / 1.2;
+    assert!(
+        issued as f64 <= lifetimes + 2.0,
+        "{issued} tokens issued in {elapsed:?} (about {lifetimes:.0} lifetimes): not one per lifetime for the fleet"
+    );
+    assert!(issued >= 2, "{issued}: the tokens never expired");
+}
+
+/// One worker process (run by the tests above, never on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a worker process of the fleet tests, started by them"]
+async fn worker() {
+    if std::env::var_os(WORKER).is_none() {
+        return;
+    }
+    let var = |name: &str| std::env::var(name).unwrap();
+    let base = var("TCA_TOKEN_BASE");
+    let seconds: u64 = var("TCA_SECONDS").parse().unwrap();
+    let callers: usize = var("TCA_CALLERS").parse().unwrap();
+    let url = format!("{base}/oauth/token");
+    let source = TokenSource::new(
+        TokenRequest::oauth2_client_credentials(&url, CLIENT_ID, CLIENT_SECRET).unwrap(),
+    )
+    .client(token_client());
+    let store = RedisStore::connect(&var("TCA_REDIS"), &format!("{url} {CLIENT_ID}"))
+        .await
+        .unwrap();
+    let cache = CredentialCache::builder(source)
+        .store(store)
+        .build()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let cache = cache.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut calls, mut failures) = (0usize, 0usize);
+            while Instant::now() < until {
+                calls += 1;
+                if cache.credential().await.is_err() {
+                    failures += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (calls, failures)
+        }));
+    }
+    let (mut calls, mut failures) = (0, 0);
+    for task in tasks {
+        let (c, f) = task.await.unwrap();
+        calls += c;
+        failures += f;
+    }
+    println!("fleet-worker calls={calls} failures={failures}");
+}
