@@ -259,3 +259,129 @@ async fn redis_down_is_degraded_not_down_and_caches_rejoin() {
     );
     assert_eq!(endpoint.fetches(), before + 1);
 }
+
+/// Raw access to the test server, as an operator (or an attacker with the keys) has it.
+async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// The one credential key on the server.
+async fn credential_key(server: &RedisServer) -> String {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("tca:*:credential")
+        .query_async(&mut raw(server).await)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    keys.into_iter().next().unwrap()
+}
+
+/// World: the stored value replaced by garbage, by a value sealed under another key, by
+/// plain text where the fleet encrypts, and by a value copied from another credential's
+/// key. Proves: each counts as absent: never handed out, a fresh credential fetched and
+/// saved over it (the next cache loads that one without fetching).
+#[tokio::test]
+async fn an_unreadable_value_is_absent_and_overwritten() {
+    let server = RedisServer::start();
+    let endpoint = Endpoint::new(None);
+    let sealed = |store: RedisStore| store.encrypted([7; 32]);
+    let cache = |store| {
+        CredentialCache::builder(endpoint.clone())
+            .store(store)
+            .build()
+            .unwrap()
+    };
+    // A first credential, saved sealed, and the key it lives under.
+    let first = cache(sealed(redis_store(&server, "unreadable").await))
+        .credential()
+        .await
+        .unwrap();
+    let key = credential_key(&server).await;
+    let good: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut raw(&server).await)
+        .await
+        .unwrap();
+    assert!(
+        good.starts_with("v1x:") && !good.contains("fleet-"),
+        "{good}"
+    );
+    // What another credential's key would hold: the same form, bound to another name.
+    let other = sealed(redis_store(&server, "another-client").await);
+    let lease = other.lease(Duration::from_secs(5)).await.unwrap().unwrap();
+    assert!(other.save(&lease, &first).await.unwrap());
+    let copied: String = redis::cmd("GET")
+        .arg(format!(
+            "tca:{{{}}}:credential",
+            other_id(&server, &key).await
+        ))
+        .query_async(&mut raw(&server).await)
+        .await
+        .unwrap();
+    let plain = {
+        let plain_store = redis_store(&server, "plain-writer").await;
+        let lease = plain_store
+            .lease(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(plain_store.save(&lease, &first).await.unwrap());
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("tca:*:credential")
+            .query_async(&mut raw(&server).await)
+            .await
+            .unwrap();
+        let mut value = None;
+        for k in keys {
+            let v: String = redis::cmd("GET")
+                .arg(&k)
+                .query_async(&mut raw(&server).await)
+                .await
+                .unwrap();
+            if v.starts_with("v1:") {
+                value = Some(v);
+            }
+        }
+        value.unwrap()
+    };
+    for (what, value, key_used) in [
+        ("garbage", "v1x:00:%%%".to_owned(), [7; 32]),
+        ("another version", "v9:00:{}".to_owned(), [7; 32]),
+        ("sealed under another key", good.clone(), [9; 32]),
+        ("plain text", plain, [7; 32]),
+        ("copied from another key", copied, [7; 32]),
+    ] {
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(&value)
+            .query_async(&mut raw(&server).await)
+            .await
+            .unwrap();
+        let before = endpoint.fetches();
+        let store = redis_store(&server, "unreadable").await.encrypted(key_used);
+        let got = cache(store.clone()).credential().await.unwrap();
+        assert_ne!(got, first, "{what}: the unreadable value was handed out");
+        assert_eq!(endpoint.fetches(), before + 1, "{what}");
+        // Saved over it: the next cache of the fleet loads it without fetching.
+        assert_eq!(cache(store).credential().await.unwrap(), got, "{what}");
+        assert_eq!(endpoint.fetches(), before + 1, "{what}");
+    }
+}
+
+/// The hash-tag id of the one credential key that is not `ours`.
+async fn other_id(server: &RedisServer, ours: &str) -> String {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("tca:*:credential")
+        .query_async(&mut raw(server).await)
+        .await
+        .unwrap();
+    let other = keys.into_iter().find(|k| k != ours).unwrap();
+    other
+        .trim_start_matches("tca:{")
+        .trim_end_matches("}:credential")
+        .to_owned()
+}

@@ -15,8 +15,15 @@
 //! in a script's arguments. Saving checks the lease in the same script (a fenced write);
 //! releasing and removing are compare-and-delete scripts.
 //!
-//! The credential's headers are stored as they are sent: anyone who can read the key
-//! can use the credential. Restrict the keys with a Redis ACL user (`redis://user:pass@`).
+//! Without a key the credential's headers are stored as they are sent: anyone who can
+//! read the key can use the credential. [`RedisStore::encrypted`] encrypts and
+//! authenticates every value (XChaCha20-Poly1305, bound to its key name, so a value
+//! copied under another credential's key does not open); the fingerprint is then keyed
+//! too. Restrict the keys with a Redis ACL user (`redis://user:pass@`) either way.
+//!
+//! A value that cannot be read (corrupt, from another version, under another key, or in
+//! plain text where a key is set) counts as absent: it is never sent, it is logged once,
+//! and the next refresh overwrites it.
 //!
 //! ```no_run
 //! use tower_client_auth::{AuthLayer, store::redis::RedisStore, token::TokenSource};
@@ -42,9 +49,18 @@
 
 use std::{
     fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use base64::Engine as _;
+use chacha20poly1305::{
+    XChaCha20Poly1305, XNonce,
+    aead::{Aead, AeadCore, KeyInit, OsRng, Payload},
+};
 use http::{HeaderName, HeaderValue};
 use redis::{Script, aio::ConnectionManager};
 use serde_json::{Value, json};
@@ -65,12 +81,30 @@ struct Keys {
 pub struct RedisStore {
     connection: ConnectionManager,
     keys: Keys,
+    codec: Codec,
+    /// Whether an unreadable value was logged already (once per store).
+    unreadable_logged: Arc<AtomicBool>,
+}
+
+/// How values are written and read: the credential key's name (what a sealed value is
+/// bound to) and the sealing key, if any.
+#[derive(Clone)]
+struct Codec {
+    key_name: String,
+    sealing: Option<Arc<Sealing>>,
+}
+
+struct Sealing {
+    cipher: XChaCha20Poly1305,
+    /// Keys the fingerprint, so that it tells nothing even of a short API key.
+    salt: [u8; 32],
 }
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("credential_key", &self.keys.credential)
+            .field("encrypted", &self.codec.sealing.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -87,13 +121,119 @@ impl RedisStore {
     /// Over a connection manager of your own, for the credential `namespace` names.
     pub fn new(connection: ConnectionManager, namespace: &str) -> Self {
         let id = hex(&Sha256::digest(namespace.as_bytes())[..12]);
+        let keys = Keys {
+            credential: format!("tca:{{{id}}}:credential"),
+            lease: format!("tca:{{{id}}}:lease"),
+        };
         RedisStore {
             connection,
-            keys: Keys {
-                credential: format!("tca:{{{id}}}:credential"),
-                lease: format!("tca:{{{id}}}:lease"),
+            codec: Codec {
+                key_name: keys.credential.clone(),
+                sealing: None,
             },
+            keys,
+            unreadable_logged: Arc::default(),
         }
+    }
+
+    /// Encrypts and authenticates every stored value with `key` (XChaCha20-Poly1305, a
+    /// random nonce per value, the value bound to its key name). Every process of the
+    /// fleet needs the same key; a value that does not open with it counts as absent.
+    pub fn encrypted(mut self, key: [u8; 32]) -> Self {
+        self.codec.sealing = Some(Arc::new(Sealing::new(key)));
+        self
+    }
+}
+
+impl Sealing {
+    fn new(key: [u8; 32]) -> Self {
+        let salt: [u8; 32] = Sha256::new()
+            .chain_update(b"tower-client-auth fingerprint salt")
+            .chain_update(key)
+            .finalize()
+            .into();
+        Sealing {
+            cipher: XChaCha20Poly1305::new(&key.into()),
+            salt,
+        }
+    }
+}
+
+impl Codec {
+    /// The stored form of `credential`: `v1:<fingerprint>:<json>`, or with a key
+    /// `v1x:<fingerprint>:<base64 of nonce and sealed json>`.
+    fn encode(&self, credential: &Credential) -> Result<String, BoxError> {
+        let fingerprint = self.fingerprint(credential);
+        let json = document(credential);
+        let Some(sealing) = &self.sealing else {
+            return Ok(format!("v1:{fingerprint}:{json}"));
+        };
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let sealed = sealing
+            .cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: json.as_bytes(),
+                    aad: self.key_name.as_bytes(),
+                },
+            )
+            .map_err(|_| "could not encrypt the credential")?;
+        let mut bytes = nonce.to_vec();
+        bytes.extend_from_slice(&sealed);
+        let text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        Ok(format!("v1x:{fingerprint}:{text}"))
+    }
+
+    /// The credential in `stored`, or why it cannot be read (never its content).
+    fn decode(&self, stored: &str) -> Result<Credential, &'static str> {
+        let (sealed, rest) = match (stored.strip_prefix("v1x:"), stored.strip_prefix("v1:")) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            _ => return Err("written by another version"),
+        };
+        let (_, body) = rest.split_once(':').ok_or("malformed")?;
+        match (&self.sealing, sealed) {
+            (None, false) => parse(body),
+            (None, true) => Err("encrypted, and this store has no key"),
+            (Some(_), false) => Err("in plain text, and this store encrypts"),
+            (Some(sealing), true) => {
+                let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(body)
+                    .map_err(|_| "malformed")?;
+                if bytes.len() < 24 {
+                    return Err("malformed");
+                }
+                let (nonce, sealed) = bytes.split_at(24);
+                let json = sealing
+                    .cipher
+                    .decrypt(
+                        XNonce::from_slice(nonce),
+                        Payload {
+                            msg: sealed,
+                            aad: self.key_name.as_bytes(),
+                        },
+                    )
+                    .map_err(|_| "does not open with this store's key and key name")?;
+                parse(std::str::from_utf8(&json).map_err(|_| "malformed")?)
+            }
+        }
+    }
+
+    /// A SHA-256 of the credential's headers, names and values (keyed when values are
+    /// encrypted): equal for equal credentials, and telling nothing of the secret.
+    fn fingerprint(&self, credential: &Credential) -> String {
+        let mut hash = Sha256::new();
+        if let Some(sealing) = &self.sealing {
+            hash.update(sealing.salt);
+        }
+        for (name, value) in credential.headers() {
+            hash.update(name.as_str().as_bytes());
+            hash.update([0]);
+            hash.update(value.as_bytes());
+            hash.update([0]);
+        }
+        hex(&hash.finalize()[..16])
     }
 }
 
@@ -104,7 +244,19 @@ impl CredentialStore for RedisStore {
             .arg(&self.keys.credential)
             .query_async(&mut connection)
             .await?;
-        stored.map(|stored| decode(&stored)).transpose()
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
+        match self.codec.decode(&stored) {
+            Ok(credential) => Ok(Some(credential)),
+            Err(why) => {
+                // Absent: never sent; the next refresh overwrites it.
+                if !self.unreadable_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(key = %self.keys.credential, why, "stored credential cannot be read; ignoring it");
+                }
+                Ok(None)
+            }
+        }
     }
 
     async fn lease(&self, ttl: Duration) -> Result<Option<Lease>, BoxError> {
@@ -131,7 +283,7 @@ impl CredentialStore for RedisStore {
             .key(&self.keys.credential)
             .key(&self.keys.lease)
             .arg(lease.token())
-            .arg(encode(credential))
+            .arg(self.codec.encode(credential)?)
             .arg(ttl.unwrap_or(0))
             .invoke_async(&mut connection)
             .await?;
@@ -152,7 +304,7 @@ impl CredentialStore for RedisStore {
         let mut connection = self.connection.clone();
         let _: i64 = Script::new(REMOVE)
             .key(&self.keys.credential)
-            .arg(format!("v1:{}:", fingerprint(rejected)))
+            .arg(self.codec.fingerprint(rejected))
             .invoke_async(&mut connection)
             .await?;
         Ok(())
@@ -176,48 +328,51 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-/// Deletes the credential only if it is the one with the given fingerprint.
+/// Deletes the credential only if it is the one with the given fingerprint (the field
+/// between the first two colons, whatever the form).
 const REMOVE: &str = r"
 local stored = redis.call('GET', KEYS[1])
-if stored and string.sub(stored, 1, string.len(ARGV[1])) == ARGV[1] then
+if not stored then return 0 end
+local first = string.find(stored, ':', 1, true)
+if not first then return 0 end
+local second = string.find(stored, ':', first + 1, true)
+if second and string.sub(stored, first + 1, second - 1) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
 ";
 
-/// A credential as stored: `v1:<fingerprint>:<json>`.
-fn encode(credential: &Credential) -> String {
+/// The credential as JSON: its headers, expiry and issue time (milliseconds).
+fn document(credential: &Credential) -> String {
     let headers: Vec<Value> = credential
         .headers()
         .map(|(name, value)| json!([name.as_str(), String::from_utf8_lossy(value.as_bytes())]))
         .collect();
-    let doc = json!({
+    json!({
         "h": headers,
         "exp": credential.expiry().map(unix_millis),
         "iat": credential.issued().map(unix_millis),
-    });
-    format!("v1:{}:{doc}", fingerprint(credential))
+    })
+    .to_string()
 }
 
-fn decode(stored: &str) -> Result<Credential, BoxError> {
-    let malformed = || -> BoxError { "a stored credential this version cannot read".into() };
-    let rest = stored.strip_prefix("v1:").ok_or_else(malformed)?;
-    let (_, json) = rest.split_once(':').ok_or_else(malformed)?;
-    let doc: Value = serde_json::from_str(json).map_err(|_| malformed())?;
+fn parse(json: &str) -> Result<Credential, &'static str> {
+    const MALFORMED: &str = "malformed";
+    let doc: Value = serde_json::from_str(json).map_err(|_| MALFORMED)?;
     let headers = doc["h"]
         .as_array()
-        .ok_or_else(malformed)?
+        .ok_or(MALFORMED)?
         .iter()
         .map(|pair| {
-            let name = pair[0].as_str().ok_or_else(malformed)?;
-            let value = pair[1].as_str().ok_or_else(malformed)?;
+            let name = pair[0].as_str().ok_or(MALFORMED)?;
+            let value = pair[1].as_str().ok_or(MALFORMED)?;
             Ok((
-                HeaderName::from_bytes(name.as_bytes()).map_err(|_| malformed())?,
-                HeaderValue::from_str(value).map_err(|_| malformed())?,
+                HeaderName::from_bytes(name.as_bytes()).map_err(|_| MALFORMED)?,
+                HeaderValue::from_str(value).map_err(|_| MALFORMED)?,
             ))
         })
-        .collect::<Result<Vec<_>, BoxError>>()?;
-    let mut credential = Credential::from_headers(headers).map_err(|_| malformed())?;
+        .collect::<Result<Vec<_>, &'static str>>()?;
+    let mut credential = Credential::from_headers(headers).map_err(|_| MALFORMED)?;
     if let Some(at) = doc["iat"].as_u64() {
         credential = credential.issued_at(UNIX_EPOCH + Duration::from_millis(at));
     }
@@ -225,19 +380,6 @@ fn decode(stored: &str) -> Result<Credential, BoxError> {
         credential = credential.expires_at(UNIX_EPOCH + Duration::from_millis(at));
     }
     Ok(credential)
-}
-
-/// A SHA-256 of the credential's headers, names and values: equal for equal credentials,
-/// and telling nothing of the secret.
-fn fingerprint(credential: &Credential) -> String {
-    let mut hash = Sha256::new();
-    for (name, value) in credential.headers() {
-        hash.update(name.as_str().as_bytes());
-        hash.update([0]);
-        hash.update(value.as_bytes());
-        hash.update([0]);
-    }
-    hex(&hash.finalize()[..16])
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -256,12 +398,16 @@ fn unix_millis(at: SystemTime) -> u64 {
 mod tests {
     use super::*;
 
-    /// A credential survives the trip through its stored form, expiry and issue time
-    /// included (to the millisecond), and its fingerprint names it without its secret.
-    #[test]
-    fn the_stored_form_round_trips_and_hides_the_secret_in_the_fingerprint() {
+    fn codec(key_name: &str, key: Option<[u8; 32]>) -> Codec {
+        Codec {
+            key_name: key_name.into(),
+            sealing: key.map(|key| Arc::new(Sealing::new(key))),
+        }
+    }
+
+    fn credential() -> Credential {
         let issued = UNIX_EPOCH + Duration::from_millis(1_800_000_000_123);
-        let credential = Credential::from_headers([
+        Credential::from_headers([
             (
                 HeaderName::from_static("authorization"),
                 HeaderValue::from_static("Bearer s3cr3t"),
@@ -272,20 +418,67 @@ mod tests {
             ),
         ])
         .unwrap()
-        .lives(issued, Duration::from_secs(3600));
-        let stored = encode(&credential);
-        let back = decode(&stored).unwrap();
-        assert_eq!(back, credential);
-        assert_eq!(back.expiry(), credential.expiry());
-        assert_eq!(back.issued(), credential.issued());
-        assert!(!fingerprint(&credential).contains("s3cr3t"));
-        assert_ne!(
-            fingerprint(&credential),
-            fingerprint(&Credential::bearer("other").unwrap())
+        .lives(issued, Duration::from_secs(3600))
+    }
+
+    /// A credential survives the trip through its stored form, plain and sealed, expiry
+    /// and issue time included (to the millisecond); the fingerprint names it without
+    /// its secret.
+    #[test]
+    fn the_stored_form_round_trips_plain_and_sealed() {
+        let credential = credential();
+        for codec in [codec("k", None), codec("k", Some([1; 32]))] {
+            let stored = codec.encode(&credential).unwrap();
+            let back = codec.decode(&stored).unwrap();
+            assert_eq!(back, credential);
+            assert_eq!(back.expiry(), credential.expiry());
+            assert_eq!(back.issued(), credential.issued());
+            let fingerprint = codec.fingerprint(&credential);
+            assert!(stored.contains(&fingerprint));
+            assert!(!fingerprint.contains("s3cr3t"));
+        }
+        let sealed = codec("k", Some([1; 32])).encode(&credential).unwrap();
+        assert!(
+            !sealed.contains("s3cr3t") && !sealed.contains("tenant"),
+            "{sealed}"
         );
-        assert!(decode("v2:x:{}").is_err());
-        assert!(decode("v1:ab:{not json").is_err());
-        let err = decode("v1:ab:{\"h\":[[\"authorization\",\"Bearer \\n x\"]]}").unwrap_err();
-        assert!(!err.to_string().contains("Bearer"), "{err}");
+        assert_ne!(
+            codec("k", None).fingerprint(&credential),
+            codec("k", Some([1; 32])).fingerprint(&credential),
+            "the sealed fingerprint is keyed"
+        );
+    }
+
+    /// What cannot be read is refused, saying why and never what it holds: another
+    /// version, garbage, a sealed value under another key or bound to another key name,
+    /// plain text where a key is set, a sealed value where none is.
+    #[test]
+    fn what_cannot_be_read_is_refused() {
+        let credential = credential();
+        let plain = codec("k", None);
+        let sealed = codec("k", Some([1; 32]));
+        let other_key = codec("k", Some([2; 32]));
+        let other_name = codec("other", Some([1; 32]));
+        let sealed_value = sealed.encode(&credential).unwrap();
+        let plain_value = plain.encode(&credential).unwrap();
+        for (codec, value) in [
+            (&plain, "v2:ab:{}".to_owned()),
+            (&plain, "v1:ab:{not json".to_owned()),
+            (
+                &plain,
+                "v1:ab:{\"h\":[[\"authorization\",\"Bearer \\n x\"]]}".to_owned(),
+            ),
+            (&plain, sealed_value.clone()),
+            (&sealed, plain_value.clone()),
+            (&other_key, sealed_value.clone()),
+            (&other_name, sealed_value.clone()),
+            (
+                &sealed,
+                format!("{}x", &sealed_value[..sealed_value.len() - 2]),
+            ),
+        ] {
+            let why = codec.decode(&value).unwrap_err();
+            assert!(!why.contains("s3cr3t") && !why.contains("Bearer"), "{why}");
+        }
     }
 }
