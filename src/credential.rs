@@ -44,6 +44,8 @@ pub struct Credential {
     headers: Box<[(HeaderName, HeaderValue)]>,
     expires_at: Option<SystemTime>,
     issued_at: Option<SystemTime>,
+    /// The refresh token issued with it, carried to a shared store (never sent).
+    refresh_token: Option<crate::Secret>,
 }
 
 impl Credential {
@@ -124,6 +126,7 @@ impl Credential {
             headers,
             expires_at: None,
             issued_at: None,
+            refresh_token: None,
         })
     }
 
@@ -132,7 +135,29 @@ impl Credential {
             headers: Box::new([(name, value)]),
             expires_at: None,
             issued_at: None,
+            refresh_token: None,
         }
+    }
+
+    /// Carries `token`, the refresh token issued with this credential, to a shared
+    /// [`CredentialStore`](crate::CredentialStore): it is saved with the credential in
+    /// one write, and handed to the next fetch under the store's lease
+    /// ([`FetchContext::refresh_sharing`](crate::FetchContext::refresh_sharing)). It is
+    /// never sent to the API, and equality ignores it.
+    pub fn with_refresh_token(mut self, token: impl Into<crate::Secret>) -> Self {
+        self.refresh_token = Some(token.into());
+        self
+    }
+
+    /// The refresh token carried with this credential, if any.
+    pub fn refresh_token(&self) -> Option<&crate::Secret> {
+        self.refresh_token.as_ref()
+    }
+
+    /// This credential without its refresh token.
+    pub(crate) fn without_refresh_token(mut self) -> Self {
+        self.refresh_token = None;
+        self
     }
 
     /// Sets when the credential stops being valid, on the wall clock. Say when it was
@@ -303,11 +328,15 @@ impl fmt::Debug for Credential {
                     .finish()
             }
         }
-        f.debug_struct("Credential")
-            .field("headers", &Redacted(&self.headers))
+        let mut f = f.debug_struct("Credential");
+        f.field("headers", &Redacted(&self.headers))
             .field("expires_at", &self.expires_at)
-            .field("issued_at", &self.issued_at)
-            .finish()
+            .field("issued_at", &self.issued_at);
+        // Shown only when carried (a credential shared with its refresh token).
+        if let Some(token) = &self.refresh_token {
+            f.field("refresh_token", token);
+        }
+        f.finish()
     }
 }
 

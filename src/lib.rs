@@ -255,8 +255,8 @@ pub use crate::{
     secret::Secret,
     service::{AddCredential, Replaying},
     source::{
-        CredentialSource, FetchContext, FetchReason, RefreshMode, SharedCredentialSource, SourceFn,
-        source_fn,
+        CredentialSource, FetchContext, FetchReason, RefreshMode, RefreshSharing,
+        SharedCredentialSource, SourceFn, source_fn,
     },
     static_source::{RotatingCredential, StaticCredential},
     store::{CredentialStore, MemoryStore},

@@ -48,6 +48,34 @@ pub struct FetchContext {
     reason: FetchReason,
     previous: Option<Credential>,
     now: SystemTime,
+    sharing: Sharing,
+}
+
+/// Who owns the refresh token for this fetch (see [`RefreshSharing`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) enum Sharing {
+    #[default]
+    NotShared,
+    Shared(Option<crate::Secret>),
+    StoreUnavailable,
+}
+
+/// Who owns the refresh token for a fetch, from
+/// [`FetchContext::refresh_sharing`]. A source that keeps refresh tokens follows it, so
+/// that no two processes of a fleet ever present one refresh token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefreshSharing<'a> {
+    /// No shared store: the source keeps its own refresh token.
+    NotShared,
+    /// The cache shares credentials through a store and holds its refresh lease: this
+    /// is the refresh token the store held (`None`: none, log in), taken out of the store
+    /// for this fetch. Use it and no other; return the next one with
+    /// [`Credential::with_refresh_token`].
+    Shared(Option<&'a crate::Secret>),
+    /// The cache shares through a store that does not answer: a refresh token this
+    /// source holds may be another process's by now, and must not be presented.
+    StoreUnavailable,
 }
 
 impl FetchContext {
@@ -77,7 +105,23 @@ impl FetchContext {
             reason,
             previous,
             now: SystemTime::now(),
+            sharing: Sharing::NotShared,
         }
+    }
+
+    /// Who owns the refresh token for this fetch: see [`RefreshSharing`].
+    pub fn refresh_sharing(&self) -> RefreshSharing<'_> {
+        match &self.sharing {
+            Sharing::NotShared => RefreshSharing::NotShared,
+            Sharing::Shared(token) => RefreshSharing::Shared(token.as_ref()),
+            Sharing::StoreUnavailable => RefreshSharing::StoreUnavailable,
+        }
+    }
+
+    /// Sets who owns the refresh token (the cache, from its store).
+    pub(crate) fn sharing(mut self, sharing: Sharing) -> Self {
+        self.sharing = sharing;
+        self
     }
 
     /// The wall-clock reading [`now`](Self::now) reports. The cache sets its clock's

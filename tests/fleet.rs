@@ -385,3 +385,133 @@ async fn other_id(server: &RedisServer, ours: &str) -> String {
         .trim_end_matches("}:credential")
         .to_owned()
 }
+
+#[cfg(feature = "https")]
+mod refresh_tokens {
+    //! Rotating refresh tokens across the fleet, against a strict OAuth2 server that
+    //! rotates every refresh token and revokes the whole family when one is presented twice.
+
+    use super::*;
+    use support::{providers::start, strict_idp::StrictIdp, token_client};
+    use tower_client_auth::{
+        ErrorKind,
+        token::{StoreDownPolicy, TokenErrorKind, TokenRequest, TokenSource},
+    };
+
+    const ID: &str = "fleet-client";
+    const SECRET: &str = "fleet-secret";
+
+    /// One process's source: client credentials to log in, the refresh grant after.
+    fn source(base: &str) -> TokenSource {
+        let url = format!("{base}/oauth/token");
+        TokenSource::new(TokenRequest::oauth2_client_credentials(&url, ID, SECRET).unwrap())
+            .refresh_with(
+                TokenRequest::oauth2_refresh_token(&url, ID, SECRET).unwrap(),
+                "refresh_token",
+            )
+            .client(token_client())
+    }
+
+    /// World: 6 caches, each with its own source and Redis connection (as 6 processes
+    /// have), 10 callers each, for 4 s on tokens that live 1 s, against a server that
+    /// rotates refresh tokens and revokes the family on reuse. Proves: one login for the
+    /// whole fleet, then refresh grants only, each refresh token presented once (no
+    /// reuse, no revocation), and every call succeeds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rotating_refresh_token_has_one_owner_in_the_fleet() {
+        let server = RedisServer::start();
+        let idp = StrictIdp::new(ID, SECRET, 1.0);
+        let base = start(idp.clone()).await;
+        let mut caches = Vec::new();
+        for _ in 0..6 {
+            let store = redis_store(&server, "rotating").await.encrypted([3; 32]);
+            caches.push(
+                CredentialCache::builder(source(&base))
+                    .store(store)
+                    .build()
+                    .unwrap(),
+            );
+        }
+        let started = Instant::now();
+        let failures = Arc::new(AtomicUsize::new(0));
+        let mut callers = Vec::new();
+        for cache in &caches {
+            for _ in 0..10 {
+                let (cache, failures) = (cache.clone(), failures.clone());
+                callers.push(tokio::spawn(async move {
+                    while started.elapsed() < Duration::from_secs(4) {
+                        if cache.credential().await.is_err() {
+                            failures.fetch_add(1, SeqCst);
+                        }
+                        tokio::time::sleep(Duration::from_millis(15)).await;
+                    }
+                }));
+            }
+        }
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        assert_eq!(failures.load(SeqCst), 0);
+        assert_eq!(
+            idp.reused_refresh_tokens.load(SeqCst),
+            0,
+            "a refresh token was presented twice"
+        );
+        assert_eq!(idp.family_revocations.load(SeqCst), 0);
+        assert_eq!(
+            idp.logins.load(SeqCst),
+            1,
+            "more than one login for the fleet"
+        );
+        assert!(idp.refresh_grants.load(SeqCst) >= 2, "never refreshed");
+    }
+
+    /// World: a fleet's refresh token in Redis, then Redis stops and the access token
+    /// expires. Proves: the refresh token (which another process may hold) is not
+    /// presented; by default the cache logs in again and serves; with
+    /// `StoreDownPolicy::Fail` it fails with `StoreUnavailable`, nothing sent.
+    #[tokio::test]
+    async fn a_shared_refresh_token_is_never_presented_while_the_store_is_down() {
+        for policy in [StoreDownPolicy::LogIn, StoreDownPolicy::Fail] {
+            let mut server = RedisServer::start();
+            let idp = StrictIdp::new(ID, SECRET, 3600.0);
+            let base = start(idp.clone()).await;
+            let cache = CredentialCache::builder(source(&base).when_store_is_down(policy))
+                .store(redis_store(&server, "outage").await)
+                .fetch_timeout(Duration::from_secs(2))
+                .build()
+                .unwrap();
+            let first = cache.credential().await.unwrap();
+            assert_eq!(idp.logins.load(SeqCst), 1);
+            // A second fetch through the store: the refresh grant, under the lease.
+            assert!(cache.handle().invalidate());
+            assert_ne!(cache.credential().await.unwrap(), first);
+            assert_eq!(idp.refresh_grants.load(SeqCst), 1);
+
+            server.stop();
+            assert!(cache.handle().invalidate());
+            let result = cache.credential().await;
+            assert_eq!(
+                idp.refresh_grants.load(SeqCst),
+                1,
+                "{policy:?}: presented it"
+            );
+            assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
+            match policy {
+                StoreDownPolicy::LogIn => {
+                    result.unwrap();
+                    assert_eq!(idp.logins.load(SeqCst), 2);
+                }
+                _ => {
+                    let err = result.unwrap_err();
+                    assert_eq!(err.kind(), ErrorKind::Fetch, "{err}");
+                    assert_eq!(
+                        err.token_error().map(|e| e.kind()),
+                        Some(TokenErrorKind::StoreUnavailable)
+                    );
+                    assert_eq!(idp.logins.load(SeqCst), 1);
+                }
+            }
+        }
+    }
+}

@@ -62,6 +62,10 @@ async fn debug_and_display_are_redacted() {
         format!("{:?}", Credential::cookie("sid", CANARY).unwrap()),
         format!("{:?}", Credential::header("x-api-key", CANARY).unwrap()),
         format!(
+            "{:?}",
+            Credential::bearer("t").unwrap().with_refresh_token(CANARY)
+        ),
+        format!(
             "{:?} {:?}",
             StaticCredential::bearer(CANARY).unwrap(),
             StaticCredential::cookie("s", CANARY).unwrap()

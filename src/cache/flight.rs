@@ -24,7 +24,7 @@ use crate::{
     clock::WallClock,
     credential::Credential,
     error::{Error, ErrorKind},
-    source::{CredentialSource, FetchContext, FetchReason},
+    source::{CredentialSource, FetchContext, FetchReason, Sharing},
     store::Lease,
 };
 
@@ -525,7 +525,12 @@ async fn obtain<P: CredentialSource>(
     if let (FetchReason::Rejected | FetchReason::Invalidated, Some(rejected)) =
         (cx.reason(), cx.previous())
     {
-        store_call(inner, deadline, "remove", store.remove(rejected)).await;
+        // A credential that carries the fleet's refresh token is not removed: the
+        // refresh token goes with it, and the lease holder replaces both at once (it
+        // never uses the rejected credential: see `usable`).
+        if rejected.refresh_token().is_none() {
+            store_call(inner, deadline, "remove", store.remove(rejected)).await;
+        }
     }
     let usable =
         |stored: &Credential| Some(stored) != cx.previous() && inner.is_usable_stored(stored);
@@ -555,18 +560,41 @@ async fn obtain<P: CredentialSource>(
                 pause = (pause * 2).min(LEASE_POLL_MAX);
                 continue;
             }
-            // The store is not answering: this process's own fetch.
-            None => return fetch(inner, cx, deadline).await,
+            // The store is not answering: this process's own fetch, told so (a refresh
+            // token it holds may be another process's by now).
+            None => return fetch(inner, cx.sharing(Sharing::StoreUnavailable), deadline).await,
         };
         // Someone may have saved between the load and the lease.
-        if let Some(Some(stored)) = store_call(inner, deadline, "load", store.load()).await {
-            if usable(&stored) {
+        let held = store_call(inner, deadline, "load", store.load()).await;
+        if let Some(Some(stored)) = &held {
+            if usable(stored) {
                 release(inner, store.as_ref(), &lease).await;
                 tracing::debug!("using the credential found in the store");
-                return Ok(stored);
+                return Ok(stored.clone());
             }
         }
-        let fetched = fetch(inner, cx, deadline).await;
+        // The refresh token goes with the lease, and out of the store before it is
+        // presented: a holder that dies mid-exchange leaves none to be presented twice
+        // (the next holder logs in instead).
+        let sharing = match held {
+            None => Sharing::StoreUnavailable,
+            Some(None) => Sharing::Shared(None),
+            Some(Some(stored)) => match stored.refresh_token().cloned() {
+                None => Sharing::Shared(None),
+                Some(token) => {
+                    let spent = stored.without_refresh_token();
+                    match store_call(inner, deadline, "save", store.save(&lease, &spent)).await {
+                        Some(true) => Sharing::Shared(Some(token)),
+                        Some(false) => {
+                            // The lease ran out already: someone else holds it now.
+                            return Err(Error::new(ErrorKind::Timeout));
+                        }
+                        None => Sharing::StoreUnavailable,
+                    }
+                }
+            },
+        };
+        let fetched = fetch(inner, cx.sharing(sharing), deadline).await;
         if let Ok(credential) = &fetched {
             // A fresh credential is worth saving even if the fetch used up the deadline:
             // the save gets a share of its own.

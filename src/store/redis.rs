@@ -352,6 +352,7 @@ fn document(credential: &Credential) -> String {
         "h": headers,
         "exp": credential.expiry().map(unix_millis),
         "iat": credential.issued().map(unix_millis),
+        "rt": credential.refresh_token().map(|t| t.expose()),
     })
     .to_string()
 }
@@ -378,6 +379,9 @@ fn parse(json: &str) -> Result<Credential, &'static str> {
     }
     if let Some(at) = doc["exp"].as_u64() {
         credential = credential.expires_at(UNIX_EPOCH + Duration::from_millis(at));
+    }
+    if let Some(token) = doc["rt"].as_str() {
+        credential = credential.with_refresh_token(token);
     }
     Ok(credential)
 }
@@ -419,6 +423,7 @@ mod tests {
         ])
         .unwrap()
         .lives(issued, Duration::from_secs(3600))
+        .with_refresh_token("rt-s3cr3t")
     }
 
     /// A credential survives the trip through its stored form, plain and sealed, expiry
@@ -433,13 +438,14 @@ mod tests {
             assert_eq!(back, credential);
             assert_eq!(back.expiry(), credential.expiry());
             assert_eq!(back.issued(), credential.issued());
+            assert_eq!(back.refresh_token(), credential.refresh_token());
             let fingerprint = codec.fingerprint(&credential);
             assert!(stored.contains(&fingerprint));
             assert!(!fingerprint.contains("s3cr3t"));
         }
         let sealed = codec("k", Some([1; 32])).encode(&credential).unwrap();
         assert!(
-            !sealed.contains("s3cr3t") && !sealed.contains("tenant"),
+            !sealed.contains("s3cr3t") && !sealed.contains("tenant") && !sealed.contains("rt-"),
             "{sealed}"
         );
         assert_ne!(

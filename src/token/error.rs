@@ -29,6 +29,10 @@ pub enum TokenErrorKind {
     Rejected,
     /// The endpoint answered 2xx with a body that is not a usable token response.
     InvalidResponse,
+    /// The refresh token is shared through a credential store that does not answer, and
+    /// the source is set to fail rather than log in again
+    /// ([`StoreDownPolicy::Fail`](super::StoreDownPolicy::Fail)): nothing was sent.
+    StoreUnavailable,
 }
 
 /// A token endpoint failure. `Display` names the status and the RFC 6749 error code (or,
@@ -241,6 +245,9 @@ impl fmt::Display for TokenError {
         };
         match self.kind {
             TokenErrorKind::InvalidRequest => f.write_str("invalid token request")?,
+            TokenErrorKind::StoreUnavailable => f.write_str(
+                "the credential store sharing the refresh token does not answer; not presenting it (StoreDownPolicy::Fail)",
+            )?,
             TokenErrorKind::InsecureTransport => {
                 f.write_str("refusing to send a token request over an insecure transport")?
             }

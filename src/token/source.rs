@@ -27,6 +27,7 @@ use crate::{
     credential::Credential,
     error::BoxError,
     secret::Secret,
+    source::RefreshSharing,
     source::{CredentialSource, FetchContext, FetchReason, RefreshMode},
 };
 
@@ -145,6 +146,7 @@ pub struct TokenSource {
     scheme: Option<String>,
     on_refresh: Option<OnRefresh>,
     on_refresh_timeout: Duration,
+    store_down: StoreDownPolicy,
     held: Arc<Mutex<Held>>,
     stats: Arc<Stats>,
     flags: Arc<Flags>,
@@ -174,6 +176,21 @@ impl fmt::Debug for TokenSource {
     }
 }
 
+/// What a [`TokenSource`] whose refresh token is shared through a credential store does
+/// when that store does not answer ([`TokenSource::when_store_is_down`]). Either way it
+/// never presents a refresh token another process may hold, and the cache keeps serving
+/// the credential it has while that is valid.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreDownPolicy {
+    /// Log in again (a new session for this process). The default: keeps serving.
+    #[default]
+    LogIn,
+    /// Fail the fetch with [`TokenErrorKind::StoreUnavailable`]: for providers that limit
+    /// logins, or where a second session is not wanted.
+    Fail,
+}
+
 impl TokenSource {
     /// A source that logs in with `login`.
     pub fn new(login: TokenRequest) -> Self {
@@ -190,6 +207,7 @@ impl TokenSource {
             scheme: None,
             on_refresh: None,
             on_refresh_timeout: DEFAULT_ON_REFRESH_TIMEOUT,
+            store_down: StoreDownPolicy::default(),
             held: Arc::default(),
             stats: Arc::default(),
             flags: Arc::default(),
@@ -329,6 +347,15 @@ impl TokenSource {
         self
     }
 
+    /// What to do, with a refresh token shared through a credential store, when that
+    /// store does not answer (default [`StoreDownPolicy::LogIn`]). The refresh token this
+    /// source last held may have been presented by another process since, so it is never
+    /// presented then.
+    pub fn when_store_is_down(mut self, policy: StoreDownPolicy) -> Self {
+        self.store_down = policy;
+        self
+    }
+
     /// Sends the token with this `Authorization` scheme instead of `Bearer`, whatever the
     /// response's `token_type`. Without it, a `token_type` other than bearer is an error
     /// (RFC 6749 §7.1: do not use a token type you do not understand).
@@ -388,6 +415,7 @@ impl TokenSource {
             scheme: self.scheme.clone(),
             on_refresh: self.on_refresh.clone(),
             on_refresh_timeout: self.on_refresh_timeout,
+            store_down: self.store_down,
             held: self.held.clone(),
             stats: self.stats.clone(),
             flags: self.flags.clone(),
@@ -466,6 +494,7 @@ struct Exchange {
     scheme: Option<String>,
     on_refresh: Option<OnRefresh>,
     on_refresh_timeout: Duration,
+    store_down: StoreDownPolicy,
     held: Arc<Mutex<Held>>,
     stats: Arc<Stats>,
     flags: Arc<Flags>,
@@ -485,6 +514,34 @@ impl Exchange {
     async fn run(self, cx: FetchContext) -> Result<Credential, TokenError> {
         // Held across the exchange: one exchange at a time per source.
         let mut held = self.held.lock().await;
+        let shared = match cx.refresh_sharing() {
+            RefreshSharing::Shared(token) => {
+                // The store owns the refresh token: its one, or none (log in). One this
+                // source kept may have been presented by another process since.
+                held.refresh_token = token.cloned();
+                true
+            }
+            RefreshSharing::StoreUnavailable if self.refresh.is_some() => {
+                if self.store_down == StoreDownPolicy::Fail {
+                    return Err(TokenError::new(TokenErrorKind::StoreUnavailable));
+                }
+                tracing::info!(
+                    "credential store unavailable; logging in rather than presenting a shared refresh token"
+                );
+                held.refresh_token = None;
+                false
+            }
+            _ => false,
+        };
+        let result = self.exchange(&cx, &mut held).await;
+        // The next refresh token goes to the store with the credential, in one write.
+        match (shared, &held.refresh_token) {
+            (true, Some(token)) => result.map(|c| c.with_refresh_token(token.clone())),
+            _ => result,
+        }
+    }
+
+    async fn exchange(&self, cx: &FetchContext, held: &mut Held) -> Result<Credential, TokenError> {
         if let Some(last) = held.last.take() {
             // The cache names the credential it is replacing: once rejected or expiring,
             // it is never handed out again, whatever happens to this exchange. An
@@ -504,7 +561,7 @@ impl Exchange {
             // A 2xx answer's refresh token is held by `accept` before anything else in
             // it is judged, even when the answer then turns out to be an OAuth error.
             let outcome = match self.send(request, Some((field, &token))).await {
-                Ok(answer) => self.accept(answer, &mut held, Some(token.clone())).await,
+                Ok(answer) => self.accept(answer, held, Some(token.clone())).await,
                 Err(e) => Err(e),
             };
             match outcome {
@@ -534,7 +591,7 @@ impl Exchange {
                     );
                     held.refresh_token = None;
                     // Whoever persists refresh tokens must not resume with this one.
-                    self.persist(None, &held).await;
+                    self.persist(None, held).await;
                 }
                 // Never sent (no connection), throttled, or answered in a way that
                 // shows it was not acted on: keep the refresh token.
@@ -544,7 +601,7 @@ impl Exchange {
         tracing::debug!(reason = ?cx.reason(), "logging in");
         let answer = self.send(&self.login, None).await?;
         self.stats.logins.fetch_add(1, Ordering::Relaxed);
-        self.accept(answer, &mut held, None).await
+        self.accept(answer, held, None).await
     }
 
     /// Sends one token request. A 2xx answer comes back unjudged (see [`Answer`]); an
