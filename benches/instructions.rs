@@ -103,6 +103,19 @@ fn main() {
             ),
             n,
         ),
+        // The same with a shared store configured: the store is on the refresh path
+        // only, so the hot path should not see it.
+        "auth_layer_expiring_store" => run(
+            warm(
+                &rt,
+                AuthLayer::builder(expiring_source())
+                    .store(tower_client_auth::MemoryStore::new())
+                    .any_https_origin()
+                    .build()
+                    .unwrap(),
+            ),
+            n,
+        ),
         "auth_layer_expiring" => run(
             warm(&rt, AuthLayer::new(expiring_source()).any_https_origin()),
             n,
