@@ -176,7 +176,9 @@ where
             }
         };
         // Readied a moment ago, as a rule; a service held ready for longer than the hard
-        // window (or through a pause) must not send a credential that has expired since.
+        // window must not send a credential that has expired since. (A pause between
+        // `poll_ready` and `call` is not seen here, as one right after `call` is not:
+        // see `CredentialCache::still_sendable`.)
         let Some(entry) = entry.filter(|entry| self.cache.still_sendable(entry)) else {
             return DirectFuture::failed(Error::new(ErrorKind::NotReady));
         };
