@@ -28,12 +28,21 @@ struct Endpoint {
     in_flight: Arc<AtomicUsize>,
     max_in_flight: Arc<AtomicUsize>,
     lifetime: Option<Duration>,
+    /// How long an exchange takes (30 ms unless set).
+    delay: Option<Duration>,
 }
 
 impl Endpoint {
     fn new(lifetime: Option<Duration>) -> Self {
         Endpoint {
             lifetime,
+            ..Endpoint::default()
+        }
+    }
+
+    fn slow(delay: Duration) -> Self {
+        Endpoint {
+            delay: Some(delay),
             ..Endpoint::default()
         }
     }
@@ -49,7 +58,7 @@ impl CredentialSource for Endpoint {
         self.max_in_flight.fetch_max(now, SeqCst);
         let n = self.fetches.fetch_add(1, SeqCst) + 1;
         // A token exchange takes a while: room for the others to race.
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        tokio::time::sleep(self.delay.unwrap_or(Duration::from_millis(30))).await;
         self.in_flight.fetch_sub(1, SeqCst);
         let credential = Credential::bearer(format!("fleet-{n}"))?;
         Ok(match self.lifetime {
@@ -63,9 +72,11 @@ async fn redis_store(server: &RedisServer, namespace: &str) -> RedisStore {
     RedisStore::connect(&server.url(), namespace).await.unwrap()
 }
 
-/// The contract every store keeps, checked on `store`: one lease at a time, given back
-/// only by its holder; a save fenced by the lease; a removal that spares a newer value.
-async fn the_contract_holds(store: impl CredentialStore) {
+/// The contract every store keeps, checked on `store` (and `other`, a second handle on
+/// the same data, as another process has): one lease at a time, given back only by its
+/// holder, renewed only by it; a save fenced by the lease; a removal that spares a newer
+/// value; a change seen by whoever waits for one.
+async fn the_contract_holds<S: CredentialStore + Clone>(store: S, other: S) {
     let bearer = |t: &str| Credential::bearer(t).unwrap();
     assert_eq!(store.load().await.unwrap(), None);
     let first = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
@@ -98,15 +109,89 @@ async fn the_contract_holds(store: impl CredentialStore) {
     assert_eq!(store.load().await.unwrap(), Some(bearer("two")));
     store.remove(&bearer("two")).await.unwrap();
     assert_eq!(store.load().await.unwrap(), None);
+
+    // Only the holder renews, and a renewed lease outlives its first term.
+    let held = store
+        .lease(Duration::from_millis(300))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !store
+            .renew(&stranger, Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+    assert!(store.renew(&held, Duration::from_secs(5)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(store.lease(Duration::from_secs(5)).await.unwrap().is_none());
+    assert!(store.save(&held, &bearer("three")).await.unwrap());
+    store.release(&held).await.unwrap();
+    let lapsed = store
+        .lease(Duration::from_millis(100))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        !store.renew(&lapsed, Duration::from_secs(5)).await.unwrap(),
+        "renewed a lease that ran out"
+    );
+
+    // A save through one handle wakes a waiter on the other long before its timeout.
+    for change in 0..2 {
+        let waiter = tokio::spawn({
+            let other = other.clone();
+            async move { other.changed(Duration::from_secs(60)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let lease = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
+        if change == 0 {
+            assert!(store.save(&lease, &bearer("four")).await.unwrap());
+        }
+        store.release(&lease).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), waiter)
+            .await
+            .expect("a waiter was not told of a change")
+            .unwrap();
+    }
 }
 
 /// World: `MemoryStore` and `RedisStore` on a real server. Proves: both keep the one
 /// contract the cache relies on.
 #[tokio::test]
 async fn memory_and_redis_keep_the_same_contract() {
-    the_contract_holds(MemoryStore::new()).await;
+    let memory = MemoryStore::new();
+    the_contract_holds(memory.clone(), memory).await;
     let server = RedisServer::start();
-    the_contract_holds(redis_store(&server, "contract").await).await;
+    the_contract_holds(
+        redis_store(&server, "contract").await,
+        redis_store(&server, "contract").await,
+    )
+    .await;
+}
+
+/// World: two caches (each its own Redis connection, as two processes), the first one's
+/// exchange taking 4.5 s, longer than a lease lasts unrenewed. Proves: the holder renews
+/// its lease while it works, so the second cache waits for its credential instead of
+/// taking the lease over: one exchange, never two at once.
+#[tokio::test]
+async fn a_slow_holder_keeps_its_lease() {
+    let server = RedisServer::start();
+    let endpoint = Endpoint::slow(Duration::from_millis(4_500));
+    let cache = async || {
+        CredentialCache::builder(endpoint.clone())
+            .store(redis_store(&server, "slow-holder").await)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (cache().await, cache().await);
+    let first = tokio::spawn(async move { a.credential().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = b.credential().await.unwrap();
+    assert_eq!(first.await.unwrap(), second, "b took a's credential");
+    assert_eq!(endpoint.fetches(), 1);
+    assert_eq!(endpoint.max_in_flight.load(SeqCst), 1);
 }
 
 /// World: 8 caches, each with its own Redis connection (as 8 processes have), 25
@@ -392,7 +477,11 @@ mod refresh_tokens {
     //! rotates every refresh token and revokes the whole family when one is presented twice.
 
     use super::*;
-    use support::{providers::start, strict_idp::StrictIdp, token_client};
+    use support::{
+        providers::start,
+        strict_idp::{Fault, StrictIdp},
+        token_client,
+    };
     use tower_client_auth::{
         ErrorKind,
         token::{StoreDownPolicy, TokenErrorKind, TokenRequest, TokenSource},
@@ -513,5 +602,73 @@ mod refresh_tokens {
                 }
             }
         }
+    }
+
+    /// World: a fleet's refresh token in Redis; a refresh rotates it and, while the
+    /// answer is on its way, Redis stops, to come back empty (as a Redis without
+    /// persistence does). Proves: the rotated refresh token is neither lost nor replaced
+    /// by the old one: this process serves with it, keeps trying to save it, and saves it
+    /// once Redis answers; another process then refreshes with it. One login in all, no
+    /// refresh token presented twice.
+    #[tokio::test]
+    async fn a_rotated_refresh_token_the_store_missed_is_saved_when_it_returns() {
+        let mut server = RedisServer::start();
+        let idp = StrictIdp::new(ID, SECRET, 3600.0);
+        let base = start(idp.clone()).await;
+        let cache = |store| {
+            CredentialCache::builder(source(&base))
+                .store(store)
+                .fetch_timeout(Duration::from_secs(3))
+                .build()
+                .unwrap()
+        };
+        let a = cache(redis_store(&server, "durable").await);
+        a.credential().await.unwrap();
+        idp.push_fault(Fault::RotateThenDelay(Duration::from_millis(800)));
+        assert!(a.handle().invalidate());
+        let refreshing = tokio::spawn({
+            let a = a.clone();
+            async move { a.credential().await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.stop();
+        let rotated = refreshing
+            .await
+            .unwrap()
+            .expect("served with the rotated pair");
+        assert_eq!(idp.refresh_grants.load(SeqCst), 1);
+        server.resume();
+
+        let store = redis_store(&server, "durable").await;
+        let started = Instant::now();
+        loop {
+            match store.load().await {
+                Ok(Some(stored)) if stored == rotated => {
+                    assert!(
+                        stored.refresh_token().is_some(),
+                        "saved without its refresh token"
+                    );
+                    break;
+                }
+                _ => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(30),
+                        "the rotated pair never reached the store"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let b = cache(store);
+        assert_eq!(b.credential().await.unwrap(), rotated);
+        assert_ne!(b.reject(&rotated).await.unwrap(), rotated);
+        assert_eq!(
+            idp.logins.load(SeqCst),
+            1,
+            "logged in again: the refresh token was lost"
+        );
+        assert_eq!(idp.refresh_grants.load(SeqCst), 2);
+        assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
+        assert_eq!(idp.family_revocations.load(SeqCst), 0);
     }
 }

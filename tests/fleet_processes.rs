@@ -7,14 +7,18 @@
 mod support;
 
 use std::{
+    io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
-    sync::atomic::Ordering::SeqCst,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::SeqCst},
+    },
     time::{Duration, Instant},
 };
 
 use support::{providers::start, redis::RedisServer, strict_idp::StrictIdp, token_client};
 use tower_client_auth::{
-    CredentialCache,
+    BoxError, Credential, CredentialCache, CredentialSource, CredentialStore, FetchContext,
     store::redis::RedisStore,
     token::{TokenRequest, TokenSource},
 };
@@ -95,6 +99,180 @@ async fn eight_processes_fetch_once_per_lifetime() {
         "{issued} tokens issued in {elapsed:?} (about {lifetimes:.0} lifetimes): not one per lifetime for the fleet"
     );
     assert!(issued >= 2, "{issued}: the tokens never expired");
+}
+
+const HOLDER: &str = "TCA_FLEET_HOLDER";
+
+/// A holder process, killed (SIGCONT first, in case it is stopped) if a test ends
+/// without waiting for it.
+struct Holder(Option<Child>);
+
+impl Holder {
+    fn pid(&self) -> String {
+        self.0.as_ref().unwrap().id().to_string()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal}");
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts a lease holder process: its source announces `holder-fetching`, then takes
+/// `seconds` to answer.
+fn spawn_holder(
+    redis: &str,
+    namespace: &str,
+    seconds: u64,
+) -> (Holder, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "holder",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HOLDER, "1")
+        .env("TCA_REDIS", redis)
+        .env("TCA_NAMESPACE", namespace)
+        .env("TCA_SECONDS", seconds.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("holder-fetching") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the holder ended before fetching"
+        );
+    }
+    (Holder(Some(child)), out)
+}
+
+/// A source in this (the parent) process: counts its exchanges.
+#[derive(Clone, Default)]
+struct Counted(Arc<AtomicUsize>);
+
+impl CredentialSource for Counted {
+    async fn fetch(&self, _: FetchContext) -> Result<Credential, BoxError> {
+        let n = self.0.fetch_add(1, SeqCst) + 1;
+        Ok(Credential::bearer(format!("parent-{n}"))?)
+    }
+}
+
+/// World: a process holds the refresh lease in the middle of an exchange (its source
+/// never answers) and is killed with SIGKILL; another process then needs a credential,
+/// with the default fetch timeout (10 s). Proves: the dead holder's lease runs out well
+/// within that timeout (it is short and was only kept alive by renewals), the survivor
+/// takes it over and fetches once.
+#[tokio::test]
+async fn a_killed_holders_lease_is_taken_over_within_the_fetch_timeout() {
+    let redis = RedisServer::start();
+    let (holder, _out) = spawn_holder(&redis.url(), "killed", 3_600);
+    holder.signal("-KILL"); // No release, no renewal, nothing.
+    let source = Counted::default();
+    let store = RedisStore::connect(&redis.url(), "killed").await.unwrap();
+    let cache = CredentialCache::builder(source.clone())
+        .store(store)
+        .build()
+        .unwrap();
+    let credential = cache
+        .credential()
+        .await
+        .expect("waited out the dead holder");
+    assert_eq!(credential, Credential::bearer("parent-1").unwrap());
+    assert_eq!(source.0.load(SeqCst), 1);
+}
+
+/// World: a process holds the lease mid-exchange (2 s) and is stopped with SIGSTOP past
+/// its lease; another process takes over, fetches and saves; then SIGCONT. Proves: the
+/// woken holder's late save is refused by the fence: the store keeps the survivor's
+/// credential.
+#[tokio::test]
+async fn a_paused_holders_late_save_is_refused() {
+    let redis = RedisServer::start();
+    let (mut holder, out) = spawn_holder(&redis.url(), "paused", 2);
+    holder.signal("-STOP");
+    let source = Counted::default();
+    let store = RedisStore::connect(&redis.url(), "paused").await.unwrap();
+    let cache = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let ours = cache
+        .credential()
+        .await
+        .expect("took the paused holder's lease over");
+    assert_eq!(source.0.load(SeqCst), 1);
+    holder.signal("-CONT");
+    let mut child = holder.0.take().unwrap();
+    let said = tokio::task::spawn_blocking(move || {
+        let said: Vec<String> = out.lines().map_while(Result::ok).collect();
+        child.wait().unwrap();
+        said.join("\n")
+    })
+    .await
+    .unwrap();
+    assert!(said.contains("holder-done from-holder"), "{said}");
+    assert_eq!(
+        store.load().await.unwrap(),
+        Some(ours),
+        "the late holder overwrote the newer credential"
+    );
+}
+
+/// A lease holder process (run by the tests above, never on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a lease holder process of the fleet tests, started by them"]
+async fn holder() {
+    if std::env::var_os(HOLDER).is_none() {
+        return;
+    }
+    struct Slow(Duration);
+    impl CredentialSource for Slow {
+        async fn fetch(&self, _: FetchContext) -> Result<Credential, BoxError> {
+            use std::io::Write as _;
+            println!("holder-fetching");
+            std::io::stdout().flush().unwrap();
+            tokio::time::sleep(self.0).await;
+            Ok(Credential::bearer("from-holder")?)
+        }
+    }
+    let var = |name: &str| std::env::var(name).unwrap();
+    let seconds: u64 = var("TCA_SECONDS").parse().unwrap();
+    let store = RedisStore::connect(&var("TCA_REDIS"), &var("TCA_NAMESPACE"))
+        .await
+        .unwrap();
+    let cache = CredentialCache::builder(Slow(Duration::from_secs(seconds)))
+        .store(store)
+        .build()
+        .unwrap();
+    let credential = cache.credential().await.unwrap();
+    let token = credential
+        .headers()
+        .next()
+        .map(|(_, v)| v.to_str().unwrap().trim_start_matches("Bearer ").to_owned())
+        .unwrap();
+    println!("holder-done {token}");
 }
 
 /// One worker process (run by the tests above, never on its own).

@@ -57,7 +57,13 @@ impl CredentialStore for HungStore {
     async fn save(&self, _: &Lease, _: &Credential) -> Result<bool, BoxError> {
         std::future::pending().await
     }
+    async fn renew(&self, _: &Lease, _: Duration) -> Result<bool, BoxError> {
+        std::future::pending().await
+    }
     async fn release(&self, _: &Lease) -> Result<(), BoxError> {
+        std::future::pending().await
+    }
+    async fn changed(&self, _: Duration) {
         std::future::pending().await
     }
     async fn remove(&self, _: &Credential) -> Result<(), BoxError> {

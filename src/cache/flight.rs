@@ -514,7 +514,7 @@ async fn run_flight<P: CredentialSource>(
 /// [`STORE_SHARE`] of it, and a store that fails or does not answer in time is skipped
 /// (logged once per outage) for this process's own fetch.
 async fn obtain<P: CredentialSource>(
-    inner: &Inner<P>,
+    inner: &Arc<Inner<P>>,
     cx: FetchContext,
 ) -> Result<Credential, Error> {
     let deadline = saturating_add(Instant::now(), inner.config.fetch_timeout);
@@ -542,7 +542,7 @@ async fn obtain<P: CredentialSource>(
                 return Ok(stored);
             }
         }
-        let lease = match store_call(inner, deadline, "lease", store.lease(lease_ttl(inner))).await
+        let lease = match store_call(inner, deadline, "lease", store.lease(lease_hold(inner))).await
         {
             Some(Some(lease)) => lease,
             Some(None) => {
@@ -556,7 +556,8 @@ async fn obtain<P: CredentialSource>(
                     wait_ms = pause.as_millis() as u64,
                     "another process holds the refresh lease; waiting"
                 );
-                tokio::time::sleep(pause).await;
+                // Bounded here too: a store's own wait may not be.
+                let _ = tokio::time::timeout(pause, store.changed(pause)).await;
                 pause = (pause * 2).min(LEASE_POLL_MAX);
                 continue;
             }
@@ -564,49 +565,198 @@ async fn obtain<P: CredentialSource>(
             // token it holds may be another process's by now).
             None => return fetch(inner, cx.sharing(Sharing::StoreUnavailable), deadline).await,
         };
-        // Someone may have saved between the load and the lease.
-        let held = store_call(inner, deadline, "load", store.load()).await;
-        if let Some(Some(stored)) = &held {
-            if usable(stored) {
-                release(inner, store.as_ref(), &lease).await;
-                tracing::debug!("using the credential found in the store");
-                return Ok(stored.clone());
+        let (held, saved) = renewing(inner, store.as_ref(), &lease, async {
+            holding(inner, store.as_ref(), &lease, cx, deadline).await
+        })
+        .await;
+        match (&held, saved) {
+            (Ok(credential), Saved::Failed) if credential.refresh_token().is_some() => {
+                // A rotated refresh token exists nowhere but here: keep the lease and
+                // keep trying to save it, rather than leave the fleet to log in again.
+                tokio::spawn(keep_saving(
+                    Arc::downgrade(inner),
+                    Arc::clone(store),
+                    lease,
+                    credential.clone(),
+                ));
             }
+            _ => release(inner, store.as_ref(), &lease).await,
         }
-        // The refresh token goes with the lease, and out of the store before it is
-        // presented: a holder that dies mid-exchange leaves none to be presented twice
-        // (the next holder logs in instead).
-        let sharing = match held {
-            None => Sharing::StoreUnavailable,
-            Some(None) => Sharing::Shared(None),
-            Some(Some(stored)) => match stored.refresh_token().cloned() {
-                None => Sharing::Shared(None),
-                Some(token) => {
-                    let spent = stored.without_refresh_token();
-                    match store_call(inner, deadline, "save", store.save(&lease, &spent)).await {
-                        Some(true) => Sharing::Shared(Some(token)),
-                        Some(false) => {
-                            // The lease ran out already: someone else holds it now.
-                            return Err(Error::new(ErrorKind::Timeout));
-                        }
-                        None => Sharing::StoreUnavailable,
-                    }
-                }
-            },
+        return held;
+    }
+}
+
+/// Whether the holder's fetch ended up in the store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Saved {
+    /// Saved, or nothing to save (the fetch failed, or the store's credential was used).
+    Done,
+    /// The lease ran out first: someone else's credential is newer.
+    Fenced,
+    /// The store failed or did not answer.
+    Failed,
+}
+
+/// The save of a credential carrying a refresh token that the store did not take: tried
+/// again at growing intervals (up to [`SAVE_RETRY_MAX`]) until it is saved, for as long
+/// as the cache lives and that credential is still its current one. The lease is kept
+/// meanwhile (renewed at each try), so other processes wait for this save instead of
+/// logging in. A lease lost in the outage (the store restarted, say) is taken again, and
+/// the credential saved under it only if nobody saved a refresh token since: the newer
+/// pair wins, and no refresh token ever has two owners.
+async fn keep_saving<P: CredentialSource>(
+    inner: std::sync::Weak<Inner<P>>,
+    store: Arc<dyn crate::store::DynStore>,
+    mut lease: Lease,
+    credential: Credential,
+) {
+    tracing::warn!("a rotated refresh token could not be saved; keeping it and trying again");
+    let mut pause = SAVE_RETRY_FIRST;
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(SAVE_RETRY_MAX);
+        let Some(inner) = inner.upgrade() else {
+            return;
         };
-        let fetched = fetch(inner, cx.sharing(sharing), deadline).await;
-        if let Ok(credential) = &fetched {
-            // A fresh credential is worth saving even if the fetch used up the deadline:
-            // the save gets a share of its own.
-            let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
-            if let Some(false) =
-                store_call(inner, until, "save", store.save(&lease, credential)).await
-            {
-                tracing::debug!("the refresh lease ran out before the save; not saved");
+        let current = inner.current.load();
+        if current
+            .as_ref()
+            .is_none_or(|entry| entry.credential != credential)
+        {
+            // Replaced or rejected here since: nothing left worth saving.
+            release(&inner, store.as_ref(), &lease).await;
+            return;
+        }
+        let until = saturating_add(Instant::now(), inner.config.fetch_timeout);
+        let hold = lease_hold(&inner);
+        match store_call(&inner, until, "renew", store.renew(&lease, hold)).await {
+            None => continue,
+            Some(true) => {}
+            Some(false) => {
+                // Lost in the outage: take it again, unless someone holds it now.
+                match store_call(&inner, until, "lease", store.lease(hold)).await {
+                    None => continue,
+                    Some(None) => {
+                        tracing::warn!(
+                            "another process took the refresh lease; the unsaved refresh token is abandoned"
+                        );
+                        return;
+                    }
+                    Some(Some(again)) => lease = again,
+                }
+                match store_call(&inner, until, "load", store.load()).await {
+                    None => continue,
+                    Some(Some(stored)) if stored.refresh_token().is_some() => {
+                        tracing::info!(
+                            "the store holds a newer refresh token; the unsaved one is abandoned"
+                        );
+                        release(&inner, store.as_ref(), &lease).await;
+                        return;
+                    }
+                    Some(_) => {}
+                }
             }
         }
-        release(inner, store.as_ref(), &lease).await;
-        return fetched;
+        match store_call(&inner, until, "save", store.save(&lease, &credential)).await {
+            None => continue,
+            Some(true) => {
+                tracing::info!("the rotated refresh token is saved");
+                release(&inner, store.as_ref(), &lease).await;
+                return;
+            }
+            // Ran out between the renewal and the save: take it again next time.
+            Some(false) => continue,
+        }
+    }
+}
+
+/// The first wait before saving a rotated refresh token again; each next one doubles.
+const SAVE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(250);
+/// The longest wait between two tries to save a rotated refresh token.
+const SAVE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The refresh under `lease`: a last look at the store, then the source, then the save.
+async fn holding<P: CredentialSource>(
+    inner: &Inner<P>,
+    store: &dyn crate::store::DynStore,
+    lease: &Lease,
+    cx: FetchContext,
+    deadline: Instant,
+) -> (Result<Credential, Error>, Saved) {
+    // Someone may have saved between the load and the lease.
+    let held = store_call(inner, deadline, "load", store.load()).await;
+    if let Some(Some(stored)) = &held {
+        if Some(stored) != cx.previous() && inner.is_usable_stored(stored) {
+            tracing::debug!("using the credential found in the store");
+            return (Ok(stored.clone()), Saved::Done);
+        }
+    }
+    // The refresh token goes with the lease, and out of the store before it is
+    // presented: a holder that dies mid-exchange leaves none to be presented twice
+    // (the next holder logs in instead).
+    let sharing = match held {
+        None => Sharing::StoreUnavailable,
+        Some(None) => Sharing::Shared(None),
+        Some(Some(stored)) => match stored.refresh_token().cloned() {
+            None => Sharing::Shared(None),
+            Some(token) => {
+                let spent = stored.without_refresh_token();
+                match store_call(inner, deadline, "save", store.save(lease, &spent)).await {
+                    Some(true) => Sharing::Shared(Some(token)),
+                    Some(false) => {
+                        // The lease ran out already: someone else holds it now.
+                        return (Err(Error::new(ErrorKind::Timeout)), Saved::Fenced);
+                    }
+                    None => Sharing::StoreUnavailable,
+                }
+            }
+        },
+    };
+    let fetched = fetch(inner, cx.sharing(sharing), deadline).await;
+    let mut saved = Saved::Done;
+    if let Ok(credential) = &fetched {
+        // A fresh credential is worth saving even if the fetch used up the deadline:
+        // the save gets a share of its own.
+        let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
+        saved = match store_call(inner, until, "save", store.save(lease, credential)).await {
+            Some(true) => Saved::Done,
+            Some(false) => {
+                tracing::debug!("the refresh lease ran out before the save; not saved");
+                Saved::Fenced
+            }
+            None => Saved::Failed,
+        };
+    }
+    (fetched, saved)
+}
+
+/// Runs `work` while keeping `lease`: renewed every third of its hold, so a holder that
+/// dies is taken over within one hold, and one that is slow keeps it. A renewal that
+/// finds the lease gone (the holder was paused past it, say) stops renewing; the save
+/// after the work is then refused by the fence.
+async fn renewing<P, T>(
+    inner: &Inner<P>,
+    store: &dyn crate::store::DynStore,
+    lease: &Lease,
+    work: impl Future<Output = T>,
+) -> T {
+    let hold = lease_hold(inner);
+    let renewals = async {
+        loop {
+            tokio::time::sleep(hold / 3).await;
+            let until = saturating_add(Instant::now(), hold / 3);
+            if let Some(false) = store_call(inner, until, "renew", store.renew(lease, hold)).await {
+                tracing::warn!(
+                    "the refresh lease ran out while held; another process may fetch too"
+                );
+                return std::future::pending::<std::convert::Infallible>().await;
+            }
+        }
+    };
+    let (work, renewals) = (std::pin::pin!(work), std::pin::pin!(renewals));
+    match futures_util::future::select(work, renewals).await {
+        futures_util::future::Either::Left((out, _)) => out,
+        futures_util::future::Either::Right((never, _)) => match never {},
     }
 }
 
@@ -617,12 +767,17 @@ async fn release<P>(inner: &Inner<P>, store: &dyn crate::store::DynStore, lease:
     store_call(inner, until, "release", store.release(lease)).await;
 }
 
-/// How long a refresh lease lasts: longer than its holder can take (the fetch timeout,
-/// plus the shares of the save and the release after it), plus a margin.
-fn lease_ttl<P>(inner: &Inner<P>) -> std::time::Duration {
+/// How long a refresh lease lasts without a renewal: [`LEASE_HOLD`], or less when even
+/// a whole refresh (the fetch timeout, the shares of the save and the release after it,
+/// and a margin) is shorter.
+fn lease_hold<P>(inner: &Inner<P>) -> std::time::Duration {
     let share = inner.config.fetch_timeout / STORE_SHARE;
-    inner.config.fetch_timeout + share * 2 + LEASE_MARGIN
+    (inner.config.fetch_timeout + share * 2 + LEASE_MARGIN).min(LEASE_HOLD)
 }
+
+/// The longest a lease lasts without a renewal, renewed every third of it: what a dead
+/// holder costs the fleet at most.
+const LEASE_HOLD: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The first wait for another process's refresh; each next one doubles, up to
 /// [`LEASE_POLL_MAX`].

@@ -10,9 +10,11 @@
 //!    than a whole fetch can take. Holding it, the cache loads once more (someone may have
 //!    saved just before), then asks its source, **saves under the lease** (a holder whose
 //!    lease ran out and was taken over cannot overwrite a newer credential: the save is
-//!    fenced) and gives the lease back.
-//! 3. **Wait.** When another caller holds the lease, the cache waits for what it saves,
-//!    looking again at growing intervals, for as long as its whole fetch timeout: one
+//!    fenced) and gives the lease back. While it works it renews the lease every third of
+//!    its time, so the lease is short: a holder that dies is taken over within seconds.
+//! 3. **Wait.** When another caller holds the lease, the cache waits for what it saves:
+//!    woken by the store when it can tell (`changed`), else looking again at growing
+//!    intervals, for as long as its whole fetch timeout: one
 //!    fetch for every process sharing the store. A holder that died leaves a lease that
 //!    runs out; the next cache to look takes it over.
 //!
@@ -24,7 +26,7 @@
 //!
 //! [`MemoryStore`] implements the contract within one process. With the `redis` feature,
 //! [`redis::RedisStore`] implements it across processes on a real Redis. Another engine
-//! (a SQL table, etcd) implements the five calls below; `MemoryStore`'s source is the
+//! (a SQL table, etcd) implements the six calls below; `MemoryStore`'s source is the
 //! reference.
 //!
 //! # Example
@@ -75,6 +77,16 @@ pub trait CredentialStore: Send + Sync + 'static {
         credential: &Credential,
     ) -> impl Future<Output = Result<bool, BoxError>> + Send;
 
+    /// Extends `lease` to run out `ttl` from now, only if it is still held
+    /// (compare-and-extend on its token): `Ok(false)` when it ran out already. The cache
+    /// renews a lease every third of its time while the holder works, so a lease can be
+    /// short (a holder that dies is taken over soon) and a slow holder still keeps it.
+    fn renew(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, BoxError>> + Send;
+
     /// Gives `lease` back, if it is still held (compare-and-delete on its token).
     fn release(&self, lease: &Lease) -> impl Future<Output = Result<(), BoxError>> + Send;
 
@@ -82,6 +94,15 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// store that keeps a fingerprint compares that, never the secret): a newer credential
     /// saved by someone else must survive.
     fn remove(&self, rejected: &Credential) -> impl Future<Output = Result<(), BoxError>> + Send;
+
+    /// Waits until what is stored may have changed (a save, a release, a removal, here or
+    /// in another process), or for `timeout`, whichever comes first. The cache calls it
+    /// while another holder refreshes, and looks again after. The default waits out
+    /// `timeout`: the cache then polls. A store that can be told of changes ends the wait
+    /// early; a missed notification only costs that one `timeout`.
+    fn changed(&self, timeout: Duration) -> impl Future<Output = ()> + Send {
+        tokio::time::sleep(timeout)
+    }
 }
 
 /// A refresh lease, named by a token unique to its holder: what fences a save.
@@ -154,8 +175,10 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     fn load(&self) -> StoreFuture<'_, Option<Credential>>;
     fn lease(&self, ttl: Duration) -> StoreFuture<'_, Option<Lease>>;
     fn save<'a>(&'a self, lease: &'a Lease, credential: &'a Credential) -> StoreFuture<'a, bool>;
+    fn renew<'a>(&'a self, lease: &'a Lease, ttl: Duration) -> StoreFuture<'a, bool>;
     fn release<'a>(&'a self, lease: &'a Lease) -> StoreFuture<'a, ()>;
     fn remove<'a>(&'a self, rejected: &'a Credential) -> StoreFuture<'a, ()>;
+    fn changed(&self, timeout: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }
 
 impl<S: CredentialStore> DynStore for S {
@@ -171,12 +194,20 @@ impl<S: CredentialStore> DynStore for S {
         Box::pin(CredentialStore::save(self, lease, credential))
     }
 
+    fn renew<'a>(&'a self, lease: &'a Lease, ttl: Duration) -> StoreFuture<'a, bool> {
+        Box::pin(CredentialStore::renew(self, lease, ttl))
+    }
+
     fn release<'a>(&'a self, lease: &'a Lease) -> StoreFuture<'a, ()> {
         Box::pin(CredentialStore::release(self, lease))
     }
 
     fn remove<'a>(&'a self, rejected: &'a Credential) -> StoreFuture<'a, ()> {
         Box::pin(CredentialStore::remove(self, rejected))
+    }
+
+    fn changed(&self, timeout: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(CredentialStore::changed(self, timeout))
     }
 }
 
@@ -186,6 +217,8 @@ impl<S: CredentialStore> DynStore for S {
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     slot: Arc<Mutex<Slot>>,
+    /// Wakes the callers of [`CredentialStore::changed`].
+    changes: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -226,6 +259,12 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
+/// `ttl` from `now`, or a day when that is past what an `Instant` holds.
+fn until(now: Instant, ttl: Duration) -> Instant {
+    now.checked_add(ttl)
+        .unwrap_or(now + Duration::from_secs(86_400))
+}
+
 impl CredentialStore for MemoryStore {
     async fn load(&self) -> Result<Option<Credential>, BoxError> {
         Ok(self.slot().credential.clone())
@@ -238,11 +277,18 @@ impl CredentialStore for MemoryStore {
             return Ok(None);
         }
         let lease = Lease::new();
-        let until = now
-            .checked_add(ttl)
-            .unwrap_or(now + Duration::from_secs(86_400));
-        slot.lease = Some((lease.token.clone(), until));
+        slot.lease = Some((lease.token.clone(), until(now, ttl)));
         Ok(Some(lease))
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, BoxError> {
+        let now = Instant::now();
+        let mut slot = self.slot();
+        if slot.holder(now) != Some(lease.token()) {
+            return Ok(false);
+        }
+        slot.lease = Some((lease.token.clone(), until(now, ttl)));
+        Ok(true)
     }
 
     async fn save(&self, lease: &Lease, credential: &Credential) -> Result<bool, BoxError> {
@@ -251,6 +297,7 @@ impl CredentialStore for MemoryStore {
             return Ok(false);
         }
         slot.credential = Some(credential.clone());
+        self.changes.notify_waiters();
         Ok(true)
     }
 
@@ -262,6 +309,7 @@ impl CredentialStore for MemoryStore {
             .is_some_and(|(token, _)| token == lease.token())
         {
             slot.lease = None;
+            self.changes.notify_waiters();
         }
         Ok(())
     }
@@ -270,7 +318,12 @@ impl CredentialStore for MemoryStore {
         let mut slot = self.slot();
         if slot.credential.as_ref() == Some(rejected) {
             slot.credential = None;
+            self.changes.notify_waiters();
         }
         Ok(())
+    }
+
+    async fn changed(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.changes.notified()).await;
     }
 }

@@ -6,7 +6,10 @@
 //! one node of a Redis Cluster too:
 //!
 //! - `tca:{<id>}:credential`: the credential, `v1:<fingerprint>:<json>`, expiring with it;
-//! - `tca:{<id>}:lease`: the refresh lease, the holder's token, `SET NX PX`.
+//! - `tca:{<id>}:changes`: a pub/sub channel where every save, release and removal is
+//!   announced, so processes waiting for a refresh wake when it is saved;
+//! - `tca:{<id>}:lease`: the refresh lease, the holder's token, `SET NX PX`, renewed by a
+//!   compare-and-extend script while its holder works.
 //!
 //! `<id>` is a SHA-256 of the namespace you give (name it after the token URL, the
 //! client id and the scope or audience: what makes two credentials different), never of
@@ -74,6 +77,8 @@ use crate::{credential::Credential, error::BoxError};
 struct Keys {
     credential: String,
     lease: String,
+    /// The pub/sub channel every save, release and removal is announced on.
+    changes: String,
 }
 
 /// A [`CredentialStore`] on Redis. See the [module docs](self).
@@ -84,6 +89,15 @@ pub struct RedisStore {
     codec: Codec,
     /// Whether an unreadable value was logged already (once per store).
     unreadable_logged: Arc<AtomicBool>,
+    /// Wakes waiters when another process announces a change; `None`: they poll.
+    listener: Option<Arc<Listener>>,
+}
+
+/// What the store's subscriber task signals through. The task ends when the last store
+/// clone drops this (its `stop` sender with it).
+struct Listener {
+    changes: tokio::sync::Notify,
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 /// How values are written and read: the credential key's name (what a sealed value is
@@ -105,25 +119,33 @@ impl fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("credential_key", &self.keys.credential)
             .field("encrypted", &self.codec.sealing.is_some())
+            .field("notified", &self.listener.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl RedisStore {
     /// Connects to the Redis at `url` (`redis://[user:password@]host:port[/db]`), for the
-    /// credential `namespace` names. The connection reconnects by itself after an outage.
+    /// credential `namespace` names, and subscribes to its changes (see
+    /// [`notified_by`](Self::notified_by)). The connections reconnect by themselves after
+    /// an outage.
     pub async fn connect(url: &str, namespace: &str) -> Result<Self, BoxError> {
         let client = redis::Client::open(url)?;
-        let connection = ConnectionManager::new(client).await?;
-        Ok(RedisStore::new(connection, namespace))
+        let connection = ConnectionManager::new(client.clone()).await?;
+        RedisStore::new(connection, namespace)
+            .notified_by(client)
+            .await
     }
 
     /// Over a connection manager of your own, for the credential `namespace` names.
+    /// Without [`notified_by`](Self::notified_by), a cache waiting for another process's
+    /// refresh polls.
     pub fn new(connection: ConnectionManager, namespace: &str) -> Self {
         let id = hex(&Sha256::digest(namespace.as_bytes())[..12]);
         let keys = Keys {
             credential: format!("tca:{{{id}}}:credential"),
             lease: format!("tca:{{{id}}}:lease"),
+            changes: format!("tca:{{{id}}}:changes"),
         };
         RedisStore {
             connection,
@@ -133,7 +155,33 @@ impl RedisStore {
             },
             keys,
             unreadable_logged: Arc::default(),
+            listener: None,
         }
+    }
+
+    /// Subscribes, through its own connection from `client`, to the changes other
+    /// processes announce (every save, lease release and removal is published), so a
+    /// cache waiting for another process's refresh wakes as soon as it is saved instead
+    /// of at its next poll. Subscribed before it returns; after an outage a task
+    /// subscribes again (and polling covers the gap). The task ends with the last clone
+    /// of this store.
+    pub async fn notified_by(mut self, client: redis::Client) -> Result<Self, BoxError> {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(&self.keys.changes).await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let listener = Arc::new(Listener {
+            changes: tokio::sync::Notify::new(),
+            _stop: stop,
+        });
+        tokio::spawn(listen(
+            client,
+            self.keys.changes.clone(),
+            pubsub,
+            Arc::downgrade(&listener),
+            stopped,
+        ));
+        self.listener = Some(listener);
+        Ok(self)
     }
 
     /// Encrypts and authenticates every stored value with `key` (XChaCha20-Poly1305, a
@@ -285,9 +333,21 @@ impl CredentialStore for RedisStore {
             .arg(lease.token())
             .arg(self.codec.encode(credential)?)
             .arg(ttl.unwrap_or(0))
+            .arg(&self.keys.changes)
             .invoke_async(&mut connection)
             .await?;
         Ok(saved == 1)
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, BoxError> {
+        let mut connection = self.connection.clone();
+        let renewed: i64 = Script::new(RENEW)
+            .key(&self.keys.lease)
+            .arg(lease.token())
+            .arg(millis(ttl).max(1))
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(renewed == 1)
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
@@ -295,6 +355,7 @@ impl CredentialStore for RedisStore {
         let _: i64 = Script::new(RELEASE)
             .key(&self.keys.lease)
             .arg(lease.token())
+            .arg(&self.keys.changes)
             .invoke_async(&mut connection)
             .await?;
         Ok(())
@@ -305,9 +366,73 @@ impl CredentialStore for RedisStore {
         let _: i64 = Script::new(REMOVE)
             .key(&self.keys.credential)
             .arg(self.codec.fingerprint(rejected))
+            .arg(&self.keys.changes)
             .invoke_async(&mut connection)
             .await?;
         Ok(())
+    }
+
+    async fn changed(&self, timeout: Duration) {
+        match &self.listener {
+            Some(listener) => {
+                let _ = tokio::time::timeout(timeout, listener.changes.notified()).await;
+            }
+            None => tokio::time::sleep(timeout).await,
+        }
+    }
+}
+
+/// The subscriber task: wakes waiters on every announced change; after a lost connection,
+/// subscribes again every second until it can; ends when the store is dropped.
+async fn listen(
+    client: redis::Client,
+    channel: String,
+    first: redis::aio::PubSub,
+    listener: std::sync::Weak<Listener>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    use futures_util::{
+        StreamExt as _,
+        future::{Either, select},
+    };
+    let wake = || match listener.upgrade() {
+        Some(listener) => {
+            listener.changes.notify_waiters();
+            true
+        }
+        None => false,
+    };
+    let mut pubsub = Some(first);
+    loop {
+        let session = async {
+            let mut pubsub = match pubsub.take() {
+                Some(pubsub) => pubsub,
+                None => {
+                    let Ok(mut pubsub) = client.get_async_pubsub().await else {
+                        return;
+                    };
+                    if pubsub.subscribe(&channel).await.is_err() {
+                        return;
+                    }
+                    // Changes may have been missed while unsubscribed.
+                    wake();
+                    pubsub
+                }
+            };
+            let mut messages = pubsub.on_message();
+            while messages.next().await.is_some() {
+                if !wake() {
+                    return;
+                }
+            }
+        };
+        if let Either::Right(_) = select(std::pin::pin!(session), &mut stopped).await {
+            return;
+        }
+        let pause = tokio::time::sleep(Duration::from_secs(1));
+        if let Either::Right(_) = select(std::pin::pin!(pause), &mut stopped).await {
+            return;
+        }
     }
 }
 
@@ -319,12 +444,22 @@ if tonumber(ARGV[3]) > 0 then
 else
   redis.call('SET', KEYS[1], ARGV[2])
 end
+redis.call('PUBLISH', ARGV[4], 'saved')
 return 1
+";
+
+/// Extends the lease only if the caller's token still holds it.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
 ";
 
 /// Deletes the lease only if the caller's token still holds it.
 const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PUBLISH', ARGV[2], 'released')
+  return redis.call('DEL', KEYS[1])
+end
 return 0
 ";
 
@@ -337,6 +472,7 @@ local first = string.find(stored, ':', 1, true)
 if not first then return 0 end
 local second = string.find(stored, ':', first + 1, true)
 if second and string.sub(stored, first + 1, second - 1) == ARGV[1] then
+  redis.call('PUBLISH', ARGV[2], 'removed')
   return redis.call('DEL', KEYS[1])
 end
 return 0
