@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::redis::RedisServer;
+use support::redis::{RedisCluster, RedisServer};
 use tower_client_auth::{
     BoxError, Credential, CredentialCache, CredentialSource, CredentialStore, FetchContext,
     MemoryStore, store::redis::RedisStore,
@@ -201,26 +201,34 @@ async fn a_slow_holder_keeps_its_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_fetches_once_per_lifetime() {
     let server = RedisServer::start();
-    let endpoint = Endpoint::new(Some(Duration::from_secs(1)));
-    let mut caches = Vec::new();
+    let mut stores = Vec::new();
     for _ in 0..8 {
-        let store = redis_store(&server, "fleet").await;
-        caches.push(
+        stores.push(redis_store(&server, "fleet").await);
+    }
+    one_fetch_per_lifetime(stores, 25, Duration::from_secs(3)).await;
+}
+
+/// A cache per store, `callers` callers each, for `run`, on tokens living 1 s: the
+/// endpoint is asked about once per lifetime, never twice at once, every call succeeds.
+async fn one_fetch_per_lifetime(stores: Vec<impl CredentialStore>, callers: usize, run: Duration) {
+    let endpoint = Endpoint::new(Some(Duration::from_secs(1)));
+    let caches: Vec<_> = stores
+        .into_iter()
+        .map(|store| {
             CredentialCache::builder(endpoint.clone())
                 .store(store)
                 .window_jitter(0.0)
                 .build()
-                .unwrap(),
-        );
-    }
+                .unwrap()
+        })
+        .collect();
     let started = Instant::now();
-    let run = Duration::from_secs(3);
     let failures = Arc::new(AtomicUsize::new(0));
-    let mut callers = Vec::new();
+    let mut tasks = Vec::new();
     for cache in &caches {
-        for _ in 0..25 {
+        for _ in 0..callers {
             let (cache, failures) = (cache.clone(), failures.clone());
-            callers.push(tokio::spawn(async move {
+            tasks.push(tokio::spawn(async move {
                 while started.elapsed() < run {
                     if cache.credential().await.is_err() {
                         failures.fetch_add(1, SeqCst);
@@ -230,8 +238,8 @@ async fn a_fleet_fetches_once_per_lifetime() {
             }));
         }
     }
-    for caller in callers {
-        caller.await.unwrap();
+    for task in tasks {
+        task.await.unwrap();
     }
     let lifetimes = run.as_secs_f64() / 0.75; // refreshed in the last quarter of each
     let fetches = endpoint.fetches();
@@ -245,6 +253,37 @@ async fn a_fleet_fetches_once_per_lifetime() {
         fetches as f64 <= lifetimes + 2.0,
         "{fetches} fetches for about {lifetimes:.0} lifetimes: not shared by the fleet"
     );
+    assert!(fetches >= 2, "{fetches}: the tokens never expired");
+}
+
+/// World: a real three-node Redis Cluster the test makes (`redis-cli --cluster
+/// create`), three credentials whose keys fall on the three nodes. Proves: the whole
+/// store contract holds on a cluster (each script's keys share a slot; a change
+/// published on one node wakes a waiter subscribed through another), and 4 caches, each
+/// with its own cluster connection, fetch once per lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_keeps_the_contract_and_one_fetch_per_lifetime() {
+    let cluster = RedisCluster::start();
+    let urls = cluster.urls();
+    let nodes: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let store = async |namespace: &str| RedisStore::cluster(&nodes, namespace).await.unwrap();
+    // Their keys' slots fall on the three nodes, one each (5461 slots a node).
+    for namespace in ["cluster-1", "cluster-2", "cluster-3"] {
+        the_contract_holds(store(namespace).await, store(namespace).await).await;
+    }
+    for port in &cluster.ports {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "--raw", "keys", "tca:*:credential"])
+            .output()
+            .unwrap();
+        let keys = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(keys.lines().count(), 1, "node {port} holds {keys:?}");
+    }
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(store("cluster-fleet").await);
+    }
+    one_fetch_per_lifetime(stores, 10, Duration::from_millis(2_500)).await;
 }
 
 /// World: a lease held by a process that died (a token nobody will release, 300 ms to

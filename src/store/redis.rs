@@ -2,8 +2,8 @@
 //! Redis, shared by every process of a fleet (feature `redis`, over redis-rs and its
 //! tokio connection manager, which reconnects by itself).
 //!
-//! Per credential, two keys that share one hash slot (a hash tag), so each script runs on
-//! one node of a Redis Cluster too:
+//! Per credential, two keys and a channel that share one hash slot (a hash tag), so each
+//! script runs on one node of a Redis Cluster too ([`RedisStore::cluster`]):
 //!
 //! - `tca:{<id>}:credential`: the credential, `v1:<fingerprint>:<json>`, expiring with it;
 //! - `tca:{<id>}:changes`: a pub/sub channel where every save, release and removal is
@@ -84,7 +84,7 @@ struct Keys {
 /// A [`CredentialStore`] on Redis. See the [module docs](self).
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: Connection,
     keys: Keys,
     codec: Codec,
     /// Whether an unreadable value was logged already (once per store).
@@ -98,6 +98,45 @@ pub struct RedisStore {
 struct Listener {
     changes: tokio::sync::Notify,
     _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// One server (through the reconnecting manager) or a cluster (through redis-rs's
+/// cluster client, which routes each call by its keys' slot).
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// How values are written and read: the credential key's name (what a sealed value is
@@ -141,6 +180,34 @@ impl RedisStore {
     /// Without [`notified_by`](Self::notified_by), a cache waiting for another process's
     /// refresh polls.
     pub fn new(connection: ConnectionManager, namespace: &str) -> Self {
+        RedisStore::over(Connection::Single(connection), namespace)
+    }
+
+    /// Connects to the Redis Cluster that `nodes` (`redis://host:port` URLs, one or more)
+    /// belong to, for the credential `namespace` names, and subscribes to its changes
+    /// through the first node (a cluster passes every `PUBLISH` to all its nodes). A
+    /// credential's keys share one hash slot, so every script runs on one node.
+    pub async fn cluster(nodes: &[&str], namespace: &str) -> Result<Self, BoxError> {
+        let first = nodes.first().ok_or("no cluster node given")?;
+        let connection = redis::cluster::ClusterClient::new(nodes.to_vec())?
+            .get_async_connection()
+            .await?;
+        RedisStore::over_cluster(connection, namespace)
+            .notified_by(redis::Client::open(*first)?)
+            .await
+    }
+
+    /// Over a cluster connection of your own, for the credential `namespace` names.
+    /// Without [`notified_by`](Self::notified_by) (a client for any one node), a cache
+    /// waiting for another process's refresh polls.
+    pub fn over_cluster(
+        connection: redis::cluster_async::ClusterConnection,
+        namespace: &str,
+    ) -> Self {
+        RedisStore::over(Connection::Cluster(connection), namespace)
+    }
+
+    fn over(connection: Connection, namespace: &str) -> Self {
         let id = hex(&Sha256::digest(namespace.as_bytes())[..12]);
         let keys = Keys {
             credential: format!("tca:{{{id}}}:credential"),
