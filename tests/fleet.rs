@@ -711,3 +711,100 @@ mod refresh_tokens {
         assert_eq!(idp.family_revocations.load(SeqCst), 0);
     }
 }
+
+/// World: a real Redis that speaks only TLS, with a certificate made now, and no access
+/// but for an ACL user limited to the store's keys and channels (`~tca:* &tca:*`).
+/// Proves: through redis-rs's own TLS and AUTH (a client built with the test's root),
+/// the whole contract holds, notifications included; a wrong password, no user, and
+/// plain text to the TLS port are typed errors that never show the password.
+#[cfg(feature = "redis-tls")]
+#[tokio::test]
+async fn tls_and_an_acl_user_through_the_client_crates_own_features() {
+    use tower_client_auth::store::redis::redis_rs;
+
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("tca-redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let port = support::redis::free_port();
+    let port_text = port.to_string();
+    let _server = RedisServer::start_with(
+        port,
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            &port_text,
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+            "--tls-ca-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-auth-clients",
+            "no",
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "fleet",
+            "on",
+            ">fleet-pass",
+            "~tca:*",
+            "&tca:*",
+            "+@all",
+            "--user",
+            "elsewhere",
+            "on",
+            ">other-pass",
+            "~other:*",
+            "+@all",
+        ],
+    );
+    let client = |url: String| {
+        redis_rs::Client::build_with_tls(
+            url,
+            redis_rs::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(certified.cert.pem().into_bytes()),
+            },
+        )
+        .unwrap()
+    };
+    let url = format!("rediss://fleet:fleet-pass@127.0.0.1:{port}");
+    let store = async || {
+        RedisStore::from_client(client(url.clone()), "tls")
+            .await
+            .unwrap()
+    };
+    the_contract_holds(store().await, store().await).await;
+
+    for (url, what) in [
+        (
+            format!("rediss://fleet:wrong-pass@127.0.0.1:{port}"),
+            "a wrong password",
+        ),
+        (format!("rediss://127.0.0.1:{port}"), "no user"),
+        (
+            format!("rediss://elsewhere:other-pass@127.0.0.1:{port}"),
+            "a user without the store's keys",
+        ),
+    ] {
+        let err = RedisStore::from_client(client(url), "tls")
+            .await
+            .expect_err(what);
+        let text = format!("{err} {err:?}");
+        assert!(!text.contains("wrong-pass"), "{what}: {text}");
+    }
+    let plain = tokio::time::timeout(
+        Duration::from_secs(20),
+        RedisStore::connect(&format!("redis://fleet:fleet-pass@127.0.0.1:{port}"), "tls"),
+    )
+    .await
+    .expect("plain text to a TLS port hung");
+    let err = plain.expect_err("plain text to a TLS port");
+    assert!(!format!("{err} {err:?}").contains("fleet-pass"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -70,7 +70,11 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::{CredentialStore, Lease};
+
 use crate::{credential::Credential, error::BoxError};
+/// The Redis client crate (redis-rs) this store is built on, for building a client or a
+/// connection of one's own ([`RedisStore::from_client`], [`RedisStore::new`]).
+pub use ::redis as redis_rs;
 
 /// The store's keys for one credential.
 #[derive(Clone)]
@@ -168,12 +172,44 @@ impl RedisStore {
     /// credential `namespace` names, and subscribes to its changes (see
     /// [`notified_by`](Self::notified_by)). The connections reconnect by themselves after
     /// an outage.
+    ///
+    /// An ACL user goes in the URL. `rediss://` (TLS) needs the feature `redis-tls` and
+    /// trusts the system's roots; for a private CA or a client certificate, build the
+    /// client with [`redis_rs::Client::build_with_tls`] and use
+    /// [`from_client`](Self::from_client).
     pub async fn connect(url: &str, namespace: &str) -> Result<Self, BoxError> {
-        let client = redis::Client::open(url)?;
-        let connection = ConnectionManager::new(client.clone()).await?;
+        RedisStore::from_client(redis::Client::open(url)?, namespace).await
+    }
+
+    /// Over a redis-rs client of your own making (TLS settings, a private CA, a client
+    /// certificate, an ACL user): a reconnecting connection manager for the calls and a
+    /// subscription for the changes, as [`connect`](Self::connect) makes.
+    ///
+    /// Fails when the server cannot be reached or refuses this user the store's keys (a
+    /// missing or wrong password, an ACL without `~tca:*`): a misconfiguration shows at
+    /// start-up, not as a fleet that quietly stops sharing.
+    pub async fn from_client(client: redis::Client, namespace: &str) -> Result<Self, BoxError> {
+        // Few retries per connection attempt: a refused password fails start-up at once,
+        // and in an outage every store call (bounded by the cache) tries again anyway.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let connection = ConnectionManager::new_with_config(client.clone(), config).await?;
         RedisStore::new(connection, namespace)
+            .checked()
+            .await?
             .notified_by(client)
             .await
+    }
+
+    /// Asks about the credential's key once: an error now if this user may not.
+    async fn checked(self) -> Result<Self, BoxError> {
+        let mut connection = self.connection.clone();
+        let _: i64 = redis::cmd("EXISTS")
+            .arg(&self.keys.credential)
+            .query_async(&mut connection)
+            .await?;
+        Ok(self)
     }
 
     /// Over a connection manager of your own, for the credential `namespace` names.
@@ -193,6 +229,8 @@ impl RedisStore {
             .get_async_connection()
             .await?;
         RedisStore::over_cluster(connection, namespace)
+            .checked()
+            .await?
             .notified_by(redis::Client::open(*first)?)
             .await
     }
