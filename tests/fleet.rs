@@ -77,6 +77,12 @@ async fn redis_store(server: &RedisServer, namespace: &str) -> RedisStore {
 /// holder, renewed only by it; a save fenced by the lease; a removal that spares a newer
 /// value; a change seen by whoever waits for one.
 async fn the_contract_holds<S: CredentialStore + Clone>(store: S, other: S) {
+    the_contract_holds_with(store, other, true).await;
+}
+
+/// [`the_contract_holds`], for a store that tells waiters of changes (`notifies`) or
+/// lets them poll.
+async fn the_contract_holds_with<S: CredentialStore + Clone>(store: S, other: S, notifies: bool) {
     let bearer = |t: &str| Credential::bearer(t).unwrap();
     assert_eq!(store.load().await.unwrap(), None);
     let first = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
@@ -140,6 +146,9 @@ async fn the_contract_holds<S: CredentialStore + Clone>(store: S, other: S) {
 
     // A save through one handle wakes a waiter on the other long before its timeout.
     for change in 0..2 {
+        if !notifies {
+            break;
+        }
         let waiter = tokio::spawn({
             let other = other.clone();
             async move { other.changed(Duration::from_secs(60)).await }
@@ -807,4 +816,89 @@ async fn tls_and_an_acl_user_through_the_client_crates_own_features() {
     let err = plain.expect_err("plain text to a TLS port");
     assert!(!format!("{err} {err:?}").contains("fleet-pass"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(feature = "file-store")]
+mod file_store {
+    //! `FileStore`: the same contract in one file under an OS lock, for one host.
+
+    use super::*;
+    use std::path::PathBuf;
+    use tower_client_auth::store::file::FileStore;
+
+    /// A fresh directory for one test, and the store's path in it.
+    fn path(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tca-file-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("token.json")
+    }
+
+    /// World: two handles on one file (as two processes have). Proves: the store
+    /// contract (lease, renewal, fenced save, compare-and-delete) holds; waiters poll.
+    #[tokio::test]
+    async fn the_file_store_keeps_the_contract() {
+        let path = path("contract");
+        let (a, b) = (
+            FileStore::open(&path).unwrap(),
+            FileStore::open(&path).unwrap(),
+        );
+        the_contract_holds_with(a, b, false).await;
+    }
+
+    /// World: 6 caches, each with its own handle on one file, 10 callers each, tokens
+    /// living 1 s. Proves: one fetch per lifetime, never two at once, no failed call.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn caches_on_one_file_fetch_once_per_lifetime() {
+        let path = path("fleet");
+        let stores = (0..6).map(|_| FileStore::open(&path).unwrap()).collect();
+        one_fetch_per_lifetime(stores, 10, Duration::from_millis(2_500)).await;
+    }
+
+    /// World: a file holding garbage, then one sealed under another key. Proves: each
+    /// counts as absent (never sent), the cache fetches and overwrites it; the files are
+    /// readable by their owner only; the sealed file shows no secret.
+    #[tokio::test]
+    async fn an_unreadable_file_is_absent_and_overwritten_and_files_are_private() {
+        let path = path("unreadable");
+        std::fs::write(&path, "{not json").unwrap();
+        let endpoint = Endpoint::new(None);
+        let cache = |store| {
+            CredentialCache::builder(endpoint.clone())
+                .store(store)
+                .build()
+                .unwrap()
+        };
+        let store = FileStore::open(&path).unwrap().encrypted([7; 32]);
+        assert_eq!(store.load().await.unwrap(), None);
+        let first = cache(store.clone()).credential().await.unwrap();
+        assert_eq!(store.load().await.unwrap(), Some(first.clone()));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains("fleet-1") && !text.contains("Bearer"),
+            "{text}"
+        );
+
+        let other_key = FileStore::open(&path).unwrap().encrypted([8; 32]);
+        assert_eq!(
+            other_key.load().await.unwrap(),
+            None,
+            "opened under another key"
+        );
+        let second = cache(other_key).credential().await.unwrap();
+        assert_ne!(second, first);
+        assert_eq!(endpoint.fetches(), 2);
+
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mut lock = path.clone().into_os_string();
+            lock.push(".lock");
+            for file in [path.clone(), PathBuf::from(lock)] {
+                let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{}", file.display());
+            }
+        }
+        assert!(FileStore::open(path.with_file_name("missing-dir/x.json")).is_err());
+    }
 }

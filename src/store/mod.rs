@@ -25,7 +25,8 @@
 //! flight); the next refresh tries the store again.
 //!
 //! [`MemoryStore`] implements the contract within one process. With the `redis` feature,
-//! [`redis::RedisStore`] implements it across processes on a real Redis. Another engine
+//! [`redis::RedisStore`] implements it across processes on a real Redis; with
+//! `file-store`, [`file::FileStore`] across the processes of one host, in a locked file. Another engine
 //! (a SQL table, etcd) implements the six calls below; `MemoryStore`'s source is the
 //! reference.
 //!
@@ -50,6 +51,11 @@ use std::{
 
 use crate::{credential::Credential, error::BoxError};
 
+#[cfg(any(feature = "redis", feature = "file-store"))]
+mod codec;
+#[cfg(feature = "file-store")]
+#[cfg_attr(docsrs, doc(cfg(feature = "file-store")))]
+pub mod file;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
