@@ -402,6 +402,12 @@ impl<P: CredentialSource, M> AuthLayerBuilder<P, M> {
         self
     }
 
+    /// See [`CredentialCacheBuilder::name`].
+    pub fn name(mut self, name: &str) -> Self {
+        self.cache = self.cache.name(name);
+        self
+    }
+
     request_rules!();
 
     /// Checks every setting and builds the layer over a new cache: a value out of range

@@ -224,6 +224,7 @@ mod handle;
 mod head;
 #[macro_use]
 mod layer;
+mod metrics;
 mod policy;
 #[cfg(feature = "tower-http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower-http")))]

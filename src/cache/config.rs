@@ -88,6 +88,8 @@ pub(super) struct Config {
     pub(super) backoff_max: Duration,
     pub(super) store: Option<Arc<dyn DynStore>>,
     pub(super) clock: WallClock,
+    /// The `cache` label of this cache's metrics.
+    pub(super) name: crate::metrics::Name,
 }
 
 impl fmt::Debug for Config {
@@ -101,6 +103,7 @@ impl fmt::Debug for Config {
             .field("backoff_max", &self.backoff_max)
             .field("store", &self.store.is_some())
             .field("clock", &self.clock)
+            .field("name", &self.name)
             .finish()
     }
 }
@@ -116,6 +119,7 @@ impl Default for Config {
             backoff_max: DEFAULT_BACKOFF_MAX,
             store: None,
             clock: WallClock::System,
+            name: Arc::from("default"),
         }
     }
 }
@@ -129,6 +133,13 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.window_jitter) {
             return invalid("window_jitter", "must be between 0.0 and 1.0");
+        }
+        let name_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if self.name.is_empty() || self.name.len() > 64 || !self.name.chars().all(name_ok) {
+            return invalid(
+                "name",
+                "must be 1 to 64 letters, digits, '-', '_' or '.' (it labels metrics)",
+            );
         }
         if self.backoff_base.is_zero() {
             return invalid("backoff", "the base must be more than zero");
@@ -200,6 +211,14 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
     /// Shares credentials through `store` (see [`crate::store`]).
     pub fn store(mut self, store: impl CredentialStore) -> Self {
         self.config.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Names this cache in its metrics (the `cache` label; default `default`; feature
+    /// `metrics`): 1 to 64 letters, digits, `-`, `_` or `.`, such as `payments-api`.
+    /// Name what the credential is for, never a secret or a URL.
+    pub fn name(mut self, name: &str) -> Self {
+        self.config.name = Arc::from(name);
         self
     }
 

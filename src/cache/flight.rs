@@ -24,6 +24,7 @@ use crate::{
     clock::WallClock,
     credential::Credential,
     error::{Error, ErrorKind},
+    metrics,
     source::{CredentialSource, FetchContext, FetchReason, Sharing},
     store::Lease,
 };
@@ -74,6 +75,7 @@ impl<P: CredentialSource> CredentialCache<P> {
                     }
                     tracing::debug!(generation, "credential rejected; invalidating it");
                     inner.stats.rejections.fetch_add(1, Ordering::Relaxed);
+                    metrics::event(&inner.config.name, metrics::REJECTIONS);
                     inner.retire(&mut state);
                     inner.current.store(None);
                     reason = FetchReason::Rejected;
@@ -98,6 +100,7 @@ impl<P: CredentialSource> CredentialCache<P> {
             }
         }
         if let Some(flight) = &state.flight {
+            metrics::event(&inner.config.name, metrics::WAITS);
             return (
                 Acquire::waiting(flight.future.clone(), still_valid, &inner.config.clock),
                 None,
@@ -147,6 +150,7 @@ impl<P: CredentialSource> CredentialCache<P> {
         }
         state.flight = Some(flight.clone());
         inner.stats.fetches.fetch_add(1, Ordering::Relaxed);
+        metrics::event(&inner.config.name, metrics::WAITS);
         let guard = FlightGuard {
             inner: self.inner.clone(),
             epoch: state.epoch,
@@ -501,10 +505,16 @@ async fn run_flight<P: CredentialSource>(
             return guard.finish_with(current);
         }
     }
+    let started = Instant::now();
     let result = AssertUnwindSafe(obtain(&guard.inner, cx))
         .catch_unwind()
         .await
         .unwrap_or_else(|_panic| Err(Error::new(ErrorKind::SourcePanicked)));
+    metrics::refresh(
+        &guard.inner.config.name,
+        metrics::outcome(&result),
+        started.elapsed(),
+    );
     guard.finish(result);
 }
 
@@ -535,10 +545,20 @@ async fn obtain<P: CredentialSource>(
     let usable =
         |stored: &Credential| Some(stored) != cx.previous() && inner.is_usable_stored(stored);
     let mut pause = LEASE_POLL_FIRST;
+    let name = &inner.config.name;
+    // When this flight began to wait for another holder, if it did.
+    let mut waiting_since = None;
+    let waited = |since: Option<Instant>| {
+        if let Some(since) = since {
+            metrics::lease_wait(name, since.elapsed());
+        }
+    };
     loop {
         if let Some(Some(stored)) = store_call(inner, deadline, "load", store.load()).await {
             if usable(&stored) {
                 tracing::debug!("using the credential found in the store");
+                waited(waiting_since);
+                metrics::event(name, metrics::STORE_HITS);
                 return Ok(stored);
             }
         }
@@ -550,8 +570,10 @@ async fn obtain<P: CredentialSource>(
                 // deadline allows. A holder that died leaves a lease that runs out.
                 let now = Instant::now();
                 if now + pause >= deadline {
+                    waited(waiting_since);
                     return Err(Error::new(ErrorKind::Timeout));
                 }
+                waiting_since.get_or_insert(now);
                 tracing::debug!(
                     wait_ms = pause.as_millis() as u64,
                     "another process holds the refresh lease; waiting"
@@ -563,10 +585,15 @@ async fn obtain<P: CredentialSource>(
             }
             // The store is not answering: this process's own fetch, told so (a refresh
             // token it holds may be another process's by now).
-            None => return fetch(inner, cx.sharing(Sharing::StoreUnavailable), deadline).await,
+            None => {
+                waited(waiting_since);
+                return fetch(inner, cx.sharing(Sharing::StoreUnavailable), deadline).await;
+            }
         };
+        waited(waiting_since);
+        let took_over = waiting_since.is_some();
         let (held, saved) = renewing(inner, store.as_ref(), &lease, async {
-            holding(inner, store.as_ref(), &lease, cx, deadline).await
+            holding(inner, store.as_ref(), &lease, cx, deadline, took_over).await
         })
         .await;
         match (&held, saved) {
@@ -618,6 +645,7 @@ async fn keep_saving<P: CredentialSource>(
         let Some(inner) = inner.upgrade() else {
             return;
         };
+        metrics::event(&inner.config.name, metrics::SAVE_RETRIES);
         let current = inner.current.load();
         if current
             .as_ref()
@@ -682,14 +710,21 @@ async fn holding<P: CredentialSource>(
     lease: &Lease,
     cx: FetchContext,
     deadline: Instant,
+    took_over: bool,
 ) -> (Result<Credential, Error>, Saved) {
     // Someone may have saved between the load and the lease.
     let held = store_call(inner, deadline, "load", store.load()).await;
     if let Some(Some(stored)) = &held {
         if Some(stored) != cx.previous() && inner.is_usable_stored(stored) {
             tracing::debug!("using the credential found in the store");
+            metrics::event(&inner.config.name, metrics::STORE_HITS);
             return (Ok(stored.clone()), Saved::Done);
         }
+    }
+    if took_over {
+        // Waited for another holder, which gave the lease up (or died) without a save.
+        tracing::debug!("took the refresh lease over from a holder that saved nothing");
+        metrics::event(&inner.config.name, metrics::LEASE_TAKEOVERS);
     }
     // The refresh token goes with the lease, and out of the store before it is
     // presented: a holder that dies mid-exchange leaves none to be presented twice
@@ -749,6 +784,7 @@ async fn renewing<P, T>(
                 tracing::warn!(
                     "the refresh lease ran out while held; another process may fetch too"
                 );
+                metrics::event(&inner.config.name, metrics::LEASES_LOST);
                 return std::future::pending::<std::convert::Infallible>().await;
             }
         }
@@ -789,6 +825,22 @@ const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Asks the source, under the deadline, and checks what it answered.
 async fn fetch<P: CredentialSource>(
+    inner: &Inner<P>,
+    cx: FetchContext,
+    deadline: Instant,
+) -> Result<Credential, Error> {
+    let started = Instant::now();
+    let result = checked_fetch(inner, cx, deadline).await;
+    metrics::source_fetch(
+        &inner.config.name,
+        metrics::outcome(&result),
+        started.elapsed(),
+    );
+    result
+}
+
+/// [`fetch`], unmeasured.
+async fn checked_fetch<P: CredentialSource>(
     inner: &Inner<P>,
     cx: FetchContext,
     deadline: Instant,
@@ -835,6 +887,7 @@ async fn store_call<P, T>(
         Ok(Err(e)) => crate::text::foreign(&e.to_string()),
         Err(_) => "no answer in time".to_owned(),
     };
+    metrics::store_error(&inner.config.name, what);
     if !inner.store_down.swap(true, Ordering::Relaxed) {
         tracing::warn!(
             call = what,

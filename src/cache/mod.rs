@@ -165,6 +165,7 @@ impl<P: CredentialSource> CredentialCache<P> {
     /// Counts a replay (called by the layer and the reqwest middleware).
     pub(crate) fn record_replay(&self) {
         self.inner.stats.replays.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::event(&self.inner.config.name, crate::metrics::REPLAYS);
     }
 
     /// The source this cache refreshes from.

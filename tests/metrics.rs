@@ -1,0 +1,278 @@
+//! The signals an operator graphs (feature `metrics`), read back through metrics-util's
+//! debugging recorder: what the refresh path, the store and the layer record, under the
+//! documented names, with the cache's name as a label and never a secret or a URL.
+#![cfg(feature = "metrics")]
+
+mod support;
+
+use std::{sync::OnceLock, time::Duration};
+
+use http::StatusCode;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use support::{FakeApi, TestSource, get};
+use tower::{Service, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, BoxError, Credential, CredentialCache, CredentialStore, MemoryStore, store::Lease,
+};
+
+/// The process's recorder, installed once for this test binary.
+fn snapshotter() -> &'static Snapshotter {
+    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder.install().expect("the only recorder");
+        snapshotter
+    })
+}
+
+/// One recorded series: its name, its labels, its value.
+type Series = (String, Vec<(String, String)>, DebugValue);
+
+/// Every series recorded so far.
+fn series() -> Vec<Series> {
+    snapshotter()
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let key = key.key();
+            let labels = key
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            (key.name().to_owned(), labels, value)
+        })
+        .collect()
+}
+
+/// The count of `name` for cache `cache` whose labels include `with`: a counter's value,
+/// a histogram's number of samples.
+fn count(all: &[Series], name: &str, cache: &str, with: &[(&str, &str)]) -> u64 {
+    all.iter()
+        .filter(|(n, labels, _)| {
+            n == name
+                && labels.iter().any(|(k, v)| k == "cache" && v == cache)
+                && with
+                    .iter()
+                    .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, value)| match value {
+            DebugValue::Counter(n) => *n,
+            DebugValue::Histogram(samples) => samples.len() as u64,
+            DebugValue::Gauge(_) => 0,
+        })
+        .sum()
+}
+
+/// A store whose every call fails.
+struct Down;
+
+impl CredentialStore for Down {
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        Err("connection refused".into())
+    }
+    async fn lease(&self, _: Duration) -> Result<Option<Lease>, BoxError> {
+        Err("connection refused".into())
+    }
+    async fn save(&self, _: &Lease, _: &Credential) -> Result<bool, BoxError> {
+        Err("connection refused".into())
+    }
+    async fn renew(&self, _: &Lease, _: Duration) -> Result<bool, BoxError> {
+        Err("connection refused".into())
+    }
+    async fn release(&self, _: &Lease) -> Result<(), BoxError> {
+        Err("connection refused".into())
+    }
+    async fn remove(&self, _: &Credential) -> Result<(), BoxError> {
+        Err("connection refused".into())
+    }
+}
+
+/// World: one process's caches through every path the metrics describe: a failed then a
+/// good fetch, a rejection replayed by the layer, a second cache served from the shared
+/// store, a cache waiting on another's lease, and a store that is down. Proves: each is
+/// counted under its documented name and its cache's name; no label holds a secret or a
+/// URL; a name that could is refused by the builder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refresh_path_is_counted_under_documented_names() {
+    snapshotter();
+    // A failed fetch, then a good one.
+    let source = TestSource::new();
+    source.set_failing(true);
+    let cache = CredentialCache::builder(source.clone())
+        .name("m-fail")
+        .backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .build()
+        .unwrap();
+    assert!(cache.credential().await.is_err());
+    source.set_failing(false);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    cache.credential().await.unwrap();
+
+    // A rejection the layer replays: the API refuses token-1 only.
+    let api = FakeApi::new(|_, token| match token {
+        Some("token-1") => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::OK,
+    });
+    let layer = AuthLayer::builder(TestSource::new())
+        .name("m-layer")
+        .origin("https://api.test")
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(api.service());
+    let response = svc.ready().await.unwrap().call(get("/x")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // Two caches on one store: the second is served from it. A third waits for a slow
+    // holder's lease.
+    let store = MemoryStore::new();
+    let first = CredentialCache::builder(TestSource::new())
+        .name("m-first")
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let peer = CredentialCache::builder(TestSource::new())
+        .name("m-peer")
+        .store(store.clone())
+        .build()
+        .unwrap();
+    first.credential().await.unwrap();
+    peer.credential().await.unwrap();
+    let slow_store = MemoryStore::new();
+    let slow = CredentialCache::builder(TestSource::build(
+        None,
+        Duration::from_millis(300),
+        false,
+        Default::default(),
+    ))
+    .name("m-holder")
+    .store(slow_store.clone())
+    .build()
+    .unwrap();
+    let waiter = CredentialCache::builder(TestSource::new())
+        .name("m-waiter")
+        .store(slow_store)
+        .build()
+        .unwrap();
+    let holding = tokio::spawn(async move { slow.credential().await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    waiter.credential().await.unwrap();
+    holding.await.unwrap().unwrap();
+
+    // A store that is down.
+    let down = CredentialCache::builder(TestSource::new())
+        .name("m-down")
+        .store(Down)
+        .build()
+        .unwrap();
+    down.credential().await.unwrap();
+
+    let all = series();
+    let c = |name: &str, cache: &str, with: &[(&str, &str)]| count(&all, name, cache, with);
+    assert_eq!(
+        c(
+            "tower_client_auth_source_fetches_total",
+            "m-fail",
+            &[("outcome", "error")]
+        ),
+        1
+    );
+    assert_eq!(
+        c(
+            "tower_client_auth_source_fetches_total",
+            "m-fail",
+            &[("outcome", "ok")]
+        ),
+        1
+    );
+    assert_eq!(
+        c(
+            "tower_client_auth_refreshes_total",
+            "m-fail",
+            &[("outcome", "error")]
+        ),
+        1
+    );
+    assert_eq!(
+        c(
+            "tower_client_auth_refresh_duration_seconds",
+            "m-fail",
+            &[("outcome", "ok")]
+        ),
+        1
+    );
+    assert_eq!(
+        c(
+            "tower_client_auth_source_fetch_duration_seconds",
+            "m-fail",
+            &[]
+        ),
+        2
+    );
+    assert!(c("tower_client_auth_waits_total", "m-fail", &[]) >= 2);
+    assert_eq!(c("tower_client_auth_rejections_total", "m-layer", &[]), 1);
+    assert_eq!(c("tower_client_auth_replays_total", "m-layer", &[]), 1);
+    assert_eq!(
+        c(
+            "tower_client_auth_source_fetches_total",
+            "m-layer",
+            &[("outcome", "ok")]
+        ),
+        2
+    );
+    assert_eq!(
+        c("tower_client_auth_source_fetches_total", "m-peer", &[]),
+        0
+    );
+    assert_eq!(c("tower_client_auth_store_hits_total", "m-peer", &[]), 1);
+    assert_eq!(
+        c("tower_client_auth_lease_wait_seconds", "m-waiter", &[]),
+        1
+    );
+    assert_eq!(c("tower_client_auth_store_hits_total", "m-waiter", &[]), 1);
+    assert_eq!(
+        c("tower_client_auth_source_fetches_total", "m-waiter", &[]),
+        0
+    );
+    assert!(
+        c(
+            "tower_client_auth_store_errors_total",
+            "m-down",
+            &[("call", "load")]
+        ) >= 1
+    );
+    assert_eq!(
+        c(
+            "tower_client_auth_source_fetches_total",
+            "m-down",
+            &[("outcome", "ok")]
+        ),
+        1
+    );
+
+    for (name, labels, _) in &all {
+        assert!(name.starts_with("tower_client_auth_"), "{name}");
+        for (key, value) in labels {
+            assert!(
+                ["cache", "outcome", "call"].contains(&key.as_str()),
+                "{name}: label {key}"
+            );
+            assert!(
+                !value.contains("token-") && !value.contains("://") && !value.contains("refused"),
+                "{name}: {key}={value}"
+            );
+        }
+    }
+
+    for bad in ["", "has space", "https://api.test", &"x".repeat(65)] {
+        let err = CredentialCache::builder(TestSource::new())
+            .name(bad)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.setting(), "name", "{bad:?}");
+    }
+}
