@@ -16,7 +16,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{providers::start, redis::RedisServer, strict_idp::StrictIdp, token_client};
+use support::{
+    providers::start,
+    redis::RedisServer,
+    strict_idp::{Fault, StrictIdp},
+    token_client,
+};
 use tower_client_auth::{
     BoxError, Credential, CredentialCache, CredentialSource, CredentialStore, FetchContext,
     store::redis::RedisStore,
@@ -302,6 +307,106 @@ async fn a_killed_holders_file_lease_is_taken_over() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A rotating source on the loopback server at `base`: client credentials to log in, the
+/// refresh grant after.
+fn rotating_source(base: &str) -> TokenSource {
+    let url = format!("{base}/oauth/token");
+    TokenSource::new(
+        TokenRequest::oauth2_client_credentials(&url, CLIENT_ID, CLIENT_SECRET).unwrap(),
+    )
+    .refresh_with(
+        TokenRequest::oauth2_refresh_token(&url, CLIENT_ID, CLIENT_SECRET).unwrap(),
+        "refresh_token",
+    )
+    .client(token_client())
+}
+
+/// World: a server that rotates refresh tokens and revokes the family on reuse. A
+/// process logs in (the pair goes to Redis), then refreshes under the lease; the server
+/// rotates (the old refresh token is spent) and the process is killed with SIGKILL
+/// before the answer reaches it. Another process then needs a new credential. Proves:
+/// the spent refresh token is never presented again (it left the store before it was
+/// presented): the survivor takes the lease over and logs in once. 0 reuse, 0 family
+/// revocations, 2 logins, 1 refresh grant.
+#[tokio::test]
+async fn a_holder_killed_after_the_server_rotated_costs_one_login_never_a_reuse() {
+    let redis = RedisServer::start();
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3_600.0);
+    let base = start(idp.clone()).await;
+    idp.push_fault(Fault::RotateThenDelay(Duration::from_secs(120)));
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "rotating_holder",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HOLDER, "1")
+        .env("TCA_REDIS", redis.url())
+        .env("TCA_TOKEN_BASE", &base)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let holder = Holder(Some(child));
+    let started = Instant::now();
+    while idp.refresh_grants.load(SeqCst) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the holder never refreshed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The server has rotated; the answer is on hold. Kill the holder now.
+    holder.signal("-KILL");
+
+    let store = RedisStore::connect(&redis.url(), "rotating").await.unwrap();
+    let cache = CredentialCache::builder(rotating_source(&base))
+        .store(store)
+        .build()
+        .unwrap();
+    // The login's access token is still valid and stored (without its refresh token):
+    // the API rejects it, so a new credential is needed.
+    let stored = cache.credential().await.unwrap();
+    let fresh = cache
+        .reject(&stored)
+        .await
+        .expect("took over and logged in");
+    assert_ne!(fresh, stored);
+    assert_eq!(
+        idp.reused_refresh_tokens.load(SeqCst),
+        0,
+        "the spent refresh token was presented again"
+    );
+    assert_eq!(idp.family_revocations.load(SeqCst), 0);
+    assert_eq!(idp.refresh_grants.load(SeqCst), 1);
+    assert_eq!(idp.logins.load(SeqCst), 2, "one fallback login");
+    assert_eq!(idp.presented.lock().unwrap().len(), 1);
+}
+
+/// The refreshing holder of the test above (run by it, never on its own): logs in, then
+/// refreshes under the lease, and is killed while the server holds the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a lease holder process of the fleet tests, started by them"]
+async fn rotating_holder() {
+    if std::env::var_os(HOLDER).is_none() {
+        return;
+    }
+    let var = |name: &str| std::env::var(name).unwrap();
+    let store = RedisStore::connect(&var("TCA_REDIS"), "rotating")
+        .await
+        .unwrap();
+    let cache = CredentialCache::builder(rotating_source(&var("TCA_TOKEN_BASE")))
+        .store(store)
+        .fetch_timeout(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    assert!(cache.handle().invalidate());
+    let _ = cache.credential().await;
+}
+
 /// A lease holder process (run by the tests above, never on its own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a lease holder process of the fleet tests, started by them"]
@@ -367,7 +472,8 @@ async fn worker() {
         TokenRequest::oauth2_client_credentials(&url, CLIENT_ID, CLIENT_SECRET).unwrap(),
     )
     .client(token_client());
-    let cache = cache_on(source, &var("TCA_REDIS"), &format!("{url} {CLIENT_ID}")).await;
+    let namespace = source.store_namespace("fleet-test");
+    let cache = cache_on(source, &var("TCA_REDIS"), &namespace).await;
     let until = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for _ in 0..callers {

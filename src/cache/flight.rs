@@ -554,6 +554,9 @@ async fn obtain<P: CredentialSource>(
         }
     };
     loop {
+        // Registered before the looks below, so a save between them and the wait is
+        // not missed.
+        let wake = store.changed(pause);
         if let Some(Some(stored)) = store_call(inner, deadline, "load", store.load()).await {
             if usable(&stored) {
                 tracing::debug!("using the credential found in the store");
@@ -579,7 +582,7 @@ async fn obtain<P: CredentialSource>(
                     "another process holds the refresh lease; waiting"
                 );
                 // Bounded here too: a store's own wait may not be.
-                let _ = tokio::time::timeout(pause, store.changed(pause)).await;
+                let _ = tokio::time::timeout(pause, wake).await;
                 pause = (pause * 2).min(LEASE_POLL_MAX);
                 continue;
             }

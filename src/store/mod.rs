@@ -102,10 +102,12 @@ pub trait CredentialStore: Send + Sync + 'static {
     fn remove(&self, rejected: &Credential) -> impl Future<Output = Result<(), BoxError>> + Send;
 
     /// Waits until what is stored may have changed (a save, a release, a removal, here or
-    /// in another process), or for `timeout`, whichever comes first. The cache calls it
-    /// while another holder refreshes, and looks again after. The default waits out
-    /// `timeout`: the cache then polls. A store that can be told of changes ends the wait
-    /// early; a missed notification only costs that one `timeout`.
+    /// in another process) since this call, or for `timeout`, whichever comes first. The
+    /// cache calls it before it looks at the store, and awaits it when another holder
+    /// refreshes: a store that can be told of changes should register when `changed` is
+    /// called, not when its future is first polled, so that a change between the look
+    /// and the wait is not missed. The default waits out `timeout`: the cache then polls.
+    /// A missed notification only costs that one `timeout`.
     fn changed(&self, timeout: Duration) -> impl Future<Output = ()> + Send {
         tokio::time::sleep(timeout)
     }
@@ -329,7 +331,12 @@ impl CredentialStore for MemoryStore {
         Ok(())
     }
 
-    async fn changed(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.changes.notified()).await;
+    fn changed(&self, timeout: Duration) -> impl Future<Output = ()> + Send {
+        // Registered now: a change from here on wakes it.
+        let mut notified = Box::pin(self.changes.notified());
+        notified.as_mut().enable();
+        async move {
+            let _ = tokio::time::timeout(timeout, notified).await;
+        }
     }
 }

@@ -11,9 +11,10 @@
 //! - `tca:{<id>}:lease`: the refresh lease, the holder's token, `SET NX PX`, renewed by a
 //!   compare-and-extend script while its holder works.
 //!
-//! `<id>` is a SHA-256 of the namespace you give (name it after the token URL, the
-//! client id and the scope or audience: what makes two credentials different), never of
-//! a secret. The fingerprint is a SHA-256 of the credential's headers: a rejection
+//! `<id>` is a SHA-256 of the namespace you give: for a token source,
+//! [`TokenSource::store_namespace`](crate::token::TokenSource::store_namespace) names the
+//! token URL, the client id, the scope and audience (what makes two credentials
+//! different), never a secret. The fingerprint is a SHA-256 of the credential's headers: a rejection
 //! removes the stored credential by comparing fingerprints, and the secret never travels
 //! in a script's arguments. Saving checks the lease in the same script (a fenced write);
 //! releasing and removing are compare-and-delete scripts.
@@ -32,19 +33,18 @@
 //! use tower_client_auth::{AuthLayer, store::redis::RedisStore, token::TokenSource};
 //!
 //! # async fn run() -> Result<(), tower_client_auth::BoxError> {
-//! let store = RedisStore::connect(
-//!     "redis://127.0.0.1:6379",
-//!     "payments-prod https://auth.example.com/oauth/token client-id=svc-42",
-//! )
-//! .await?;
-//! let layer = AuthLayer::builder(TokenSource::client_credentials(
+//! let source = TokenSource::client_credentials(
 //!     "https://auth.example.com/oauth/token",
 //!     "svc-42",
 //!     "secret",
-//! )?)
-//! .store(store)
-//! .origin("https://api.example.com")?
-//! .build()?;
+//! )?;
+//! // Token URL, client id, scope...: what names this credential, never a secret.
+//! let namespace = source.store_namespace("payments-prod");
+//! let store = RedisStore::connect("redis://127.0.0.1:6379", &namespace).await?;
+//! let layer = AuthLayer::builder(source)
+//!     .store(store)
+//!     .origin("https://api.example.com")?
+//!     .build()?;
 //! # let _ = layer;
 //! # Ok(())
 //! # }
@@ -367,12 +367,20 @@ impl CredentialStore for RedisStore {
         Ok(())
     }
 
-    async fn changed(&self, timeout: Duration) {
-        match &self.listener {
-            Some(listener) => {
-                let _ = tokio::time::timeout(timeout, listener.changes.notified()).await;
+    fn changed(&self, timeout: Duration) -> impl std::future::Future<Output = ()> + Send {
+        // Registered now: a change announced from here on wakes it.
+        let notified = self.listener.as_ref().map(|listener| {
+            let mut notified = Box::pin(listener.changes.notified());
+            notified.as_mut().enable();
+            notified
+        });
+        async move {
+            match notified {
+                Some(notified) => {
+                    let _ = tokio::time::timeout(timeout, notified).await;
+                }
+                None => tokio::time::sleep(timeout).await,
             }
-            None => tokio::time::sleep(timeout).await,
         }
     }
 }

@@ -214,6 +214,32 @@ impl TokenRequest {
         self
     }
 
+    /// What names the credential this request obtains, for a store's key: the token URL
+    /// (its scheme, host and path), the client id, and every field that is not a secret
+    /// (grant type, scope, audience, resource, user name), sorted. Never a secret.
+    pub(crate) fn identity(&self) -> String {
+        let mut fields: Vec<String> = self
+            .fields
+            .iter()
+            .filter_map(|(k, v)| match v {
+                Value::Plain(p) => Some(format!("{k}={p}")),
+                Value::Secret(_) => None,
+            })
+            .collect();
+        fields.sort();
+        let url = format!(
+            "{}://{}{}",
+            self.url.scheme_str().unwrap_or(""),
+            self.url
+                .authority()
+                .map(|a| a.as_str().rsplit('@').next().unwrap_or(""))
+                .unwrap_or(""),
+            self.url.path()
+        );
+        let client = self.client.as_ref().map_or("", |(id, _)| id.as_str());
+        format!("{url}\nclient_id={client}\n{}", fields.join("\n"))
+    }
+
     /// The token URL.
     pub fn url(&self) -> &Uri {
         &self.url

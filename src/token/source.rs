@@ -386,6 +386,17 @@ impl TokenSource {
         self
     }
 
+    /// The namespace to give a shared store (`RedisStore::connect(url, &namespace)`,
+    /// feature `redis`) for the credential this source obtains: `prefix` (your service
+    /// and environment, such as `payments-prod`), then the token URL (scheme, host,
+    /// path), the client id and every login field that is not a secret (grant type,
+    /// scope, audience, resource, user name). Sources that differ in any of these get
+    /// different keys; the same source in every process gets the same one. It holds no
+    /// secret, and the store keeps only a hash of it.
+    pub fn store_namespace(&self, prefix: &str) -> String {
+        format!("{prefix}\n{}", self.login.identity())
+    }
+
     /// Counts of logins and refreshes so far.
     pub fn stats(&self) -> TokenStats {
         TokenStats {
@@ -826,6 +837,56 @@ impl Flags {
         if !flag.swap(true, Ordering::Relaxed) {
             log();
         }
+    }
+}
+
+#[cfg(test)]
+mod namespace_tests {
+    use super::*;
+
+    /// A store namespace names what makes two credentials different (token URL, client
+    /// id, scope, audience, user) and nothing secret; the same source gives the same one.
+    #[test]
+    fn store_namespaces_name_the_credential_never_a_secret() {
+        let url = "https://user:pw@auth.example.com/oauth/token?k=v";
+        let make = |scope: &str, id: &str| {
+            TokenSource::new(
+                TokenRequest::oauth2_client_credentials(url, id, "s3cr3t")
+                    .unwrap()
+                    .scope(scope),
+            )
+            .store_namespace("payments-prod")
+        };
+        let ns = make("read", "svc");
+        assert_eq!(ns, make("read", "svc"));
+        assert_ne!(ns, make("write", "svc"));
+        assert_ne!(ns, make("read", "other"));
+        for part in [
+            "payments-prod",
+            "https://auth.example.com/oauth/token",
+            "client_id=svc",
+            "scope=read",
+        ] {
+            assert!(ns.contains(part), "{part} in {ns:?}");
+        }
+        for secret in ["s3cr3t", "pw", "k=v"] {
+            assert!(!ns.contains(secret), "{secret} in {ns:?}");
+        }
+        let password = TokenSource::new(
+            TokenRequest::oauth2_password(
+                "https://auth.example.com/t",
+                "id",
+                "sec",
+                "alice",
+                "hunter2",
+            )
+            .unwrap(),
+        );
+        let ns = password.store_namespace("cli");
+        assert!(
+            ns.contains("username=alice") && !ns.contains("hunter2") && !ns.contains("sec"),
+            "{ns:?}"
+        );
     }
 }
 
