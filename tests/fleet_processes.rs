@@ -33,7 +33,13 @@ const CLIENT_SECRET: &str = "fleet-secret";
 const WORKER: &str = "TCA_FLEET_WORKER";
 
 /// Starts one worker process: this binary, running only the `worker` test.
-fn spawn_worker(redis: &str, token_base: &str, seconds: u64, callers: usize) -> Child {
+fn spawn_worker(
+    redis: &str,
+    token_base: &str,
+    seconds: u64,
+    callers: usize,
+    rotating: bool,
+) -> Child {
     Command::new(std::env::current_exe().unwrap())
         .args([
             "worker",
@@ -47,6 +53,7 @@ fn spawn_worker(redis: &str, token_base: &str, seconds: u64, callers: usize) -> 
         .env("TCA_TOKEN_BASE", token_base)
         .env("TCA_SECONDS", seconds.to_string())
         .env("TCA_CALLERS", callers.to_string())
+        .env("TCA_ROTATING", if rotating { "1" } else { "" })
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -82,9 +89,18 @@ async fn eight_processes_fetch_once_per_lifetime() {
     let redis = RedisServer::start();
     let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 2.0);
     let base = start(idp.clone()).await;
-    let seconds = 6;
+    // The full run is 20 s x 100 callers: `TCA_FLEET_SECONDS=20
+    // TCA_FLEET_CALLERS=100 cargo test --all-features --test fleet_processes eight`.
+    let knob = |name: &str, default| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let seconds = knob("TCA_FLEET_SECONDS", 6) as u64;
+    let callers = knob("TCA_FLEET_CALLERS", 50);
     let workers: Vec<Child> = (0..8)
-        .map(|_| spawn_worker(&redis.url(), &base, seconds, 50))
+        .map(|_| spawn_worker(&redis.url(), &base, seconds, callers, false))
         .collect();
     let started = Instant::now();
     let reports: Vec<_> =
@@ -96,7 +112,10 @@ async fn eight_processes_fetch_once_per_lifetime() {
     let failures: usize = reports.iter().map(|r| r.1).sum();
     let issued = idp.logins.load(SeqCst);
     println!("fleet: {calls} calls, {failures} failures, {issued} tokens issued in {elapsed:?}");
-    assert!(calls > 8 * 50, "too few calls to prove anything: {calls}");
+    assert!(
+        calls > 8 * callers,
+        "too few calls to prove anything: {calls}"
+    );
     assert_eq!(failures, 0, "{failures} of {calls} calls failed");
     // A lifetime is 1 to 2 s (`exp` floored to the second), refreshed in its last
     // quarter: 6 or 7 tokens in 6 s in our runs, 13 without the lease.
@@ -266,7 +285,9 @@ async fn eight_processes_on_one_file_fetch_once_per_lifetime() {
     let (dir, spec) = file_store("eight");
     let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 2.0);
     let base = start(idp.clone()).await;
-    let workers: Vec<Child> = (0..8).map(|_| spawn_worker(&spec, &base, 6, 50)).collect();
+    let workers: Vec<Child> = (0..8)
+        .map(|_| spawn_worker(&spec, &base, 6, 50, false))
+        .collect();
     let started = Instant::now();
     let reports: Vec<_> =
         tokio::task::spawn_blocking(move || workers.into_iter().map(report).collect::<Vec<_>>())
@@ -305,6 +326,39 @@ async fn a_killed_holders_file_lease_is_taken_over() {
     assert_eq!(credential, Credential::bearer("parent-1").unwrap());
     assert_eq!(source.0.load(SeqCst), 1);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// World: 8 worker processes x 20 callers for 5 s on one Redis, against a server that
+/// rotates every refresh token and revokes the whole family when one is presented
+/// twice, access tokens living 2 s. Proves: one login for the whole fleet, then refresh
+/// grants only, 0 refresh tokens presented twice, 0 family revocations, 0 failed calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_processes_share_one_rotating_refresh_token() {
+    let redis = RedisServer::start();
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 2.0);
+    let base = start(idp.clone()).await;
+    let workers: Vec<Child> = (0..8)
+        .map(|_| spawn_worker(&redis.url(), &base, 5, 20, true))
+        .collect();
+    let reports: Vec<_> =
+        tokio::task::spawn_blocking(move || workers.into_iter().map(report).collect::<Vec<_>>())
+            .await
+            .unwrap();
+    let calls: usize = reports.iter().map(|r| r.0).sum();
+    let failures: usize = reports.iter().map(|r| r.1).sum();
+    let (logins, refreshes) = (idp.logins.load(SeqCst), idp.refresh_grants.load(SeqCst));
+    println!(
+        "rotating fleet: {calls} calls, {failures} failures, {logins} logins, {refreshes} refreshes"
+    );
+    assert_eq!(failures, 0, "{failures} of {calls} calls failed");
+    assert_eq!(
+        idp.reused_refresh_tokens.load(SeqCst),
+        0,
+        "a refresh token was presented twice"
+    );
+    assert_eq!(idp.family_revocations.load(SeqCst), 0);
+    assert_eq!(logins, 1, "more than one login for the fleet");
+    assert!(refreshes >= 2, "{refreshes}: never refreshed");
 }
 
 /// A rotating source on the loopback server at `base`: client credentials to log in, the
@@ -468,10 +522,14 @@ async fn worker() {
     let seconds: u64 = var("TCA_SECONDS").parse().unwrap();
     let callers: usize = var("TCA_CALLERS").parse().unwrap();
     let url = format!("{base}/oauth/token");
-    let source = TokenSource::new(
-        TokenRequest::oauth2_client_credentials(&url, CLIENT_ID, CLIENT_SECRET).unwrap(),
-    )
-    .client(token_client());
+    let source = if var("TCA_ROTATING").is_empty() {
+        TokenSource::new(
+            TokenRequest::oauth2_client_credentials(&url, CLIENT_ID, CLIENT_SECRET).unwrap(),
+        )
+        .client(token_client())
+    } else {
+        rotating_source(&base)
+    };
     let namespace = source.store_namespace("fleet-test");
     let cache = cache_on(source, &var("TCA_REDIS"), &namespace).await;
     let until = Instant::now() + Duration::from_secs(seconds);
