@@ -317,6 +317,72 @@ async fn a_rotated_refresh_token_survives_an_unusable_answer() {
     }
 }
 
+/// World: a rotating, family-revoking server and an `on_refresh` hook that fails (disk
+/// full) the first three times it is called, then works; two refreshes follow the login.
+/// Proves: every call is served with the newest pair (never the old refresh token, no
+/// second login); the hook is offered the newest unconfirmed pair again until it takes
+/// it, and what it took last is the refresh token the source holds: never an older
+/// pair after a newer one.
+#[tokio::test]
+async fn a_pair_the_hook_could_not_persist_is_offered_again_newest_first() {
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let base = start(&idp).await;
+    let refusals = Arc::new(std::sync::atomic::AtomicUsize::new(3));
+    let persisted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let source = oauth_source(&base).on_refresh({
+        let (refusals, persisted) = (refusals.clone(), persisted.clone());
+        move |pair| {
+            let rt = pair.refresh_token().map(|s| s.expose().to_owned());
+            let refuse = refusals
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let persisted = persisted.clone();
+            async move {
+                if refuse {
+                    return Err("disk full");
+                }
+                persisted.lock().unwrap().extend(rt);
+                Ok(())
+            }
+        }
+    });
+    let cache = tower_client_auth::CredentialCache::builder(source)
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    for _ in 0..2 {
+        assert!(cache.handle().invalidate());
+        cache.credential().await.unwrap();
+    }
+    // The third refusal was the second refresh's pair; it is offered again.
+    let started = std::time::Instant::now();
+    while persisted.lock().unwrap().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never offered again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The next refresh presents what the source holds: what the hook took last.
+    assert!(cache.handle().invalidate());
+    cache.credential().await.unwrap();
+    let presented = idp.presented.lock().unwrap().clone();
+    let persisted = persisted.lock().unwrap().clone();
+    assert_eq!(
+        persisted.first(),
+        presented.last(),
+        "{persisted:?} {presented:?}"
+    );
+    assert_eq!(
+        persisted.len(),
+        2,
+        "the newest unconfirmed pair once, then the next"
+    );
+    assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
+    assert_eq!(idp.logins.load(SeqCst), 1);
+    assert_eq!(idp.refresh_grants.load(SeqCst), 3);
+}
+
 /// World: the defaults (fetch timeout, token timeout) and a rotating, family-revoking
 /// server that rotates a refresh and answers it only after the fetch timeout + 1 s.
 /// Proves: the token client gives up first (its default timeout is shorter), the refresh

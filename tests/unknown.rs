@@ -259,8 +259,9 @@ async fn retry_after_is_the_earliest_next_attempt() {
 }
 
 /// World: an `on_refresh` hook that never returns. Proves: it is bounded (the fetch
-/// completes after the hook timeout instead of hanging), and the new refresh token is
-/// kept in memory all the same: the next refresh presents it, with no reuse.
+/// completes after the hook timeout instead of hanging, also while the unconfirmed pair
+/// is being offered again), and the new refresh token is kept in memory all the same:
+/// the next refresh presents it, with no reuse.
 #[tokio::test]
 async fn a_hanging_on_refresh_hook_blocks_nothing() {
     let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
@@ -298,5 +299,6 @@ async fn a_hanging_on_refresh_hook_blocks_nothing() {
     assert_eq!(presented.len(), 2);
     assert_ne!(presented[0], presented[1]);
     assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
-    assert_eq!(*calls.lock().unwrap(), 3);
+    // One call per pair, and the newest unconfirmed pair offered again meanwhile.
+    assert!(*calls.lock().unwrap() >= 3, "{}", *calls.lock().unwrap());
 }

@@ -50,7 +50,7 @@ pub use self::{
     request::{BodyEncoding, ClientAuth, TokenRequest},
     response::{MAX_LIFETIME, MIN_LIFETIME, ResponseFields, jwt_expiry},
     source::{
-        DEFAULT_CLOCK_SKEW, DEFAULT_ON_REFRESH_TIMEOUT, DEFAULT_TOKEN_LIFETIME, StoreDownPolicy,
-        TokenPair, TokenSource, TokenStats,
+        DEFAULT_CLOCK_SKEW, DEFAULT_ON_REFRESH_TIMEOUT, DEFAULT_TOKEN_LIFETIME, PersistOutcome,
+        StoreDownPolicy, TokenPair, TokenSource, TokenStats,
     },
 };

@@ -93,7 +93,49 @@ struct Stats {
     unknown_outcomes: AtomicU64,
 }
 
-type OnRefresh = Arc<dyn Fn(TokenPair) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+type OnRefresh = Arc<
+    dyn Fn(TokenPair) -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>> + Send + Sync,
+>;
+
+/// What an [`on_refresh`](TokenSource::on_refresh) hook returns: nothing (persisted, as
+/// far as the source can tell), or a `Result` whose error says the pair was not
+/// persisted, so the source offers it again later.
+pub trait PersistOutcome: Send + 'static {
+    /// `Err` when the pair was not persisted.
+    fn into_result(self) -> Result<(), BoxError>;
+}
+
+impl PersistOutcome for () {
+    fn into_result(self) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+impl<E: Into<BoxError> + Send + 'static> PersistOutcome for Result<(), E> {
+    fn into_result(self) -> Result<(), BoxError> {
+        self.map_err(Into::into)
+    }
+}
+
+/// The hook's side of a source, shared by its clones: calls in order, and the newest
+/// pair it has not confirmed.
+#[derive(Default)]
+struct Persisting {
+    /// One hook call at a time: an older pair never lands after a newer one.
+    calls: Mutex<()>,
+    /// The newest pair whose hook call failed or timed out, and its number.
+    unconfirmed: std::sync::Mutex<Option<(u64, TokenPair)>>,
+    /// Numbers pairs in the order they were issued.
+    issued: std::sync::atomic::AtomicU64,
+    /// Whether a task is offering the unconfirmed pair again.
+    retrying: AtomicBool,
+}
+
+/// The first wait before the hook is offered an unconfirmed pair again; each next one
+/// doubles, up to [`PERSIST_RETRY_MAX`].
+const PERSIST_RETRY_FIRST: Duration = Duration::from_millis(250);
+/// The longest wait between two offers of an unconfirmed pair.
+const PERSIST_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Fetches access tokens from a token endpoint: OAuth2 grants (client credentials,
 /// password, refresh token) and JSON login APIs, with optional refresh-token rotation.
@@ -146,6 +188,7 @@ pub struct TokenSource {
     scheme: Option<String>,
     on_refresh: Option<OnRefresh>,
     on_refresh_timeout: Duration,
+    persisting: Arc<Persisting>,
     store_down: StoreDownPolicy,
     held: Arc<Mutex<Held>>,
     stats: Arc<Stats>,
@@ -207,6 +250,7 @@ impl TokenSource {
             scheme: None,
             on_refresh: None,
             on_refresh_timeout: DEFAULT_ON_REFRESH_TIMEOUT,
+            persisting: Arc::default(),
             store_down: StoreDownPolicy::default(),
             held: Arc::default(),
             stats: Arc::default(),
@@ -368,12 +412,23 @@ impl TokenSource {
     /// the new credential is released: persist the refresh token here. A rotated refresh
     /// token is handed over even when the rest of its answer is unusable (then
     /// [`TokenPair::access_token`] is `None`).
+    ///
+    /// The hook may return nothing, or a `Result`: an `Err` (or no answer within
+    /// [`on_refresh_timeout`](Self::on_refresh_timeout)) means "not persisted". The source
+    /// keeps using the new pair from memory, never the old one, and offers the newest
+    /// unconfirmed pair to the hook again (250 ms, doubling to 30 s) until it is accepted
+    /// or a newer pair is; calls never overlap, so an older pair never lands after a
+    /// newer one.
     pub fn on_refresh<F, Fut>(mut self, hook: F) -> Self
     where
         F: Fn(TokenPair) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: PersistOutcome,
     {
-        self.on_refresh = Some(Arc::new(move |pair| Box::pin(hook(pair))));
+        self.on_refresh = Some(Arc::new(move |pair| {
+            let call = hook(pair);
+            Box::pin(async move { call.await.into_result() })
+        }));
         self
     }
 
@@ -426,6 +481,7 @@ impl TokenSource {
             scheme: self.scheme.clone(),
             on_refresh: self.on_refresh.clone(),
             on_refresh_timeout: self.on_refresh_timeout,
+            persisting: self.persisting.clone(),
             store_down: self.store_down,
             held: self.held.clone(),
             stats: self.stats.clone(),
@@ -505,6 +561,7 @@ struct Exchange {
     scheme: Option<String>,
     on_refresh: Option<OnRefresh>,
     on_refresh_timeout: Duration,
+    persisting: Arc<Persisting>,
     store_down: StoreDownPolicy,
     held: Arc<Mutex<Held>>,
     stats: Arc<Stats>,
@@ -698,24 +755,43 @@ impl Exchange {
         Ok(credential)
     }
 
-    /// Hands the pair now held to the `on_refresh` hook.
+    /// Hands the pair now held to the `on_refresh` hook; when the hook does not take it,
+    /// keeps it as the newest unconfirmed pair and starts offering it again.
     async fn persist(&self, access_token: Option<Secret>, held: &Held) {
-        if let Some(hook) = &self.on_refresh {
-            let call = hook(TokenPair {
-                access_token,
-                refresh_token: held.refresh_token.clone(),
-            });
-            if tokio::time::timeout(self.on_refresh_timeout, call)
-                .await
-                .is_err()
-            {
-                // The pair is held in memory and used by the next exchange: only this
-                // call's persisting is lost.
-                tracing::warn!(
-                    timeout_ms = self.on_refresh_timeout.as_millis() as u64,
-                    "on_refresh hook timed out; the new tokens are kept in memory"
-                );
+        let Some(hook) = &self.on_refresh else {
+            return;
+        };
+        let pair = TokenPair {
+            access_token,
+            refresh_token: held.refresh_token.clone(),
+        };
+        let persisting = &self.persisting;
+        // Numbered under the exchange lock: in the order the pairs were issued.
+        let number = persisting.issued.fetch_add(1, Ordering::Relaxed) + 1;
+        let taken = {
+            let _turn = persisting.calls.lock().await;
+            offer(hook, pair.clone(), self.on_refresh_timeout).await
+        };
+        let mut unconfirmed = persisting
+            .unconfirmed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if taken {
+            if unconfirmed.as_ref().is_some_and(|(n, _)| *n <= number) {
+                *unconfirmed = None;
             }
+            return;
+        }
+        // Kept in memory (`held`) and used by the next exchange; offered again until
+        // the hook takes it or a newer pair.
+        *unconfirmed = Some((number, pair));
+        drop(unconfirmed);
+        if !persisting.retrying.swap(true, Ordering::AcqRel) {
+            tokio::spawn(offer_again(
+                Arc::downgrade(persisting),
+                hook.clone(),
+                self.on_refresh_timeout,
+            ));
         }
     }
 
@@ -836,6 +912,62 @@ impl Flags {
     fn once(&self, flag: &AtomicBool, log: impl FnOnce()) {
         if !flag.swap(true, Ordering::Relaxed) {
             log();
+        }
+    }
+}
+
+/// One call of the hook: whether it took the pair (logged when not; never the pair).
+async fn offer(hook: &OnRefresh, pair: TokenPair, timeout: Duration) -> bool {
+    match tokio::time::timeout(timeout, hook(pair)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(
+                error = %crate::text::foreign(&e.to_string()),
+                "on_refresh hook did not persist the new tokens; kept in memory, offered again"
+            );
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout_ms = timeout.as_millis() as u64,
+                "on_refresh hook timed out; the new tokens are kept in memory, offered again"
+            );
+            false
+        }
+    }
+}
+
+/// Offers the newest unconfirmed pair to the hook at growing intervals until one is
+/// taken with nothing newer waiting; ends with the last clone of the source.
+async fn offer_again(persisting: std::sync::Weak<Persisting>, hook: OnRefresh, timeout: Duration) {
+    let mut pause = PERSIST_RETRY_FIRST;
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(PERSIST_RETRY_MAX);
+        let Some(persisting) = persisting.upgrade() else {
+            return;
+        };
+        let _turn = persisting.calls.lock().await;
+        let newest = persisting
+            .unconfirmed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let Some((number, pair)) = newest else {
+            persisting.retrying.store(false, Ordering::Release);
+            return;
+        };
+        if offer(&hook, pair, timeout).await {
+            let mut unconfirmed = persisting
+                .unconfirmed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if unconfirmed.as_ref().is_some_and(|(n, _)| *n == number) {
+                *unconfirmed = None;
+                persisting.retrying.store(false, Ordering::Release);
+                tracing::info!("on_refresh hook took the new tokens");
+                return;
+            }
         }
     }
 }
