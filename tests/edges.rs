@@ -36,17 +36,9 @@ use tower_client_auth::{
 const CLIENT_ID: &str = "edge-client";
 const CLIENT_SECRET: &str = "CANARY-client-5ecr3t/+&=straddle";
 
-/// Client credentials as the login, the refresh grant whenever a refresh token is held.
+/// Client credentials to log in, the refresh grant after, on the server at `base`.
 fn oauth_source(base: &str) -> TokenSource {
-    let url = format!("{base}/oauth/token");
-    TokenSource::new(
-        TokenRequest::oauth2_client_credentials(&url, CLIENT_ID, CLIENT_SECRET).unwrap(),
-    )
-    .refresh_with(
-        TokenRequest::oauth2_refresh_token(&url, CLIENT_ID, CLIENT_SECRET).unwrap(),
-        "refresh_token",
-    )
-    .client(token_client())
+    support::strict_idp::rotating_source(base, CLIENT_ID, CLIENT_SECRET)
 }
 
 async fn start(idp: &Arc<StrictIdp>) -> String {

@@ -528,11 +528,10 @@ mod refresh_tokens {
     use support::{
         providers::start,
         strict_idp::{Fault, StrictIdp},
-        token_client,
     };
     use tower_client_auth::{
         ErrorKind,
-        token::{StoreDownPolicy, TokenErrorKind, TokenRequest, TokenSource},
+        token::{StoreDownPolicy, TokenErrorKind, TokenSource},
     };
 
     const ID: &str = "fleet-client";
@@ -540,13 +539,7 @@ mod refresh_tokens {
 
     /// One process's source: client credentials to log in, the refresh grant after.
     fn source(base: &str) -> TokenSource {
-        let url = format!("{base}/oauth/token");
-        TokenSource::new(TokenRequest::oauth2_client_credentials(&url, ID, SECRET).unwrap())
-            .refresh_with(
-                TokenRequest::oauth2_refresh_token(&url, ID, SECRET).unwrap(),
-                "refresh_token",
-            )
-            .client(token_client())
+        support::strict_idp::rotating_source(base, ID, SECRET)
     }
 
     /// World: 6 caches, each with its own source and Redis connection (as 6 processes

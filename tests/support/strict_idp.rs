@@ -308,3 +308,23 @@ impl Provider for StrictIdp {
         }
     }
 }
+
+/// A source for a `StrictIdp` served at `base`: client credentials to log in, the
+/// refresh grant after (both at `/oauth/token`), through the test token client.
+#[cfg(feature = "https")]
+pub fn rotating_source(
+    base: &str,
+    client_id: &str,
+    client_secret: &str,
+) -> tower_client_auth::token::TokenSource {
+    use tower_client_auth::token::{TokenRequest, TokenSource};
+    let url = format!("{base}/oauth/token");
+    TokenSource::new(
+        TokenRequest::oauth2_client_credentials(&url, client_id, client_secret).unwrap(),
+    )
+    .refresh_with(
+        TokenRequest::oauth2_refresh_token(&url, client_id, client_secret).unwrap(),
+        "refresh_token",
+    )
+    .client(super::token_client())
+}
