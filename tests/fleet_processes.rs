@@ -136,6 +136,44 @@ async fn eight_processes_once_per_lifetime(store: &str, seconds: u64, callers: u
     assert!(issued >= 2, "{issued}: the tokens never expired");
 }
 
+/// World: 4 worker processes x 20 callers for 9 s on 2 s tokens (client credentials);
+/// Redis stops 2 s in and starts again, empty, 2.5 s later. Proves: 0 failed calls
+/// through the outage (each process fetches on its own meanwhile), and the processes
+/// share again without a restart: from 1 s after Redis is back to the end, about one
+/// token per lifetime for the fleet, not one per process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_ride_out_a_redis_outage_and_rejoin() {
+    let mut redis = RedisServer::start();
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 2.0);
+    let base = start(idp.clone()).await;
+    let url = redis.url();
+    let workers: Vec<Child> = (0..4)
+        .map(|_| spawn_worker(&url, &base, 9, 20, false))
+        .collect();
+    let reports =
+        tokio::task::spawn_blocking(move || workers.into_iter().map(report).collect::<Vec<_>>());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.stop();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    redis.resume();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rejoined_at, issued_before) = (Instant::now(), idp.logins.load(SeqCst));
+    let reports = reports.await.unwrap();
+    let after = rejoined_at.elapsed().as_secs_f64();
+    let issued_after = idp.logins.load(SeqCst) - issued_before;
+    let calls: usize = reports.iter().map(|r| r.0).sum();
+    let failures: usize = reports.iter().map(|r| r.1).sum();
+    println!(
+        "outage: {calls} calls, {failures} failures, {} tokens, {issued_after} in the {after:.1} s after rejoining",
+        idp.logins.load(SeqCst)
+    );
+    assert_eq!(failures, 0, "{failures} of {calls} calls failed");
+    assert!(
+        issued_after as f64 <= after + 2.0,
+        "{issued_after} tokens in {after:.1} s after Redis returned: the processes did not share again"
+    );
+}
+
 const HOLDER: &str = "TCA_FLEET_HOLDER";
 
 /// A holder process, killed (SIGCONT first, in case it is stopped) if a test ends
