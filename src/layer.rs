@@ -297,6 +297,15 @@ impl<P, M> AuthLayer<P, M> {
         &self.cache
     }
 
+    /// Fetches the credential now, before the first request needs it (a cold start),
+    /// unless the cache holds a usable one already: see [`CredentialCache::warm_up`].
+    pub async fn warm_up(&self) -> Result<(), crate::Error>
+    where
+        P: CredentialSource,
+    {
+        self.cache.warm_up().await
+    }
+
     /// [`origin`](Self::origin) for a value that is an origin already: nothing to refuse.
     pub(crate) fn scoped_to(mut self, origin: Origin) -> Self {
         Scope::add_origin(&mut self.scope, origin);
@@ -387,6 +396,12 @@ impl<P: CredentialSource, M> AuthLayerBuilder<P, M> {
     /// See [`CredentialCacheBuilder::backoff`].
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
         self.cache = self.cache.backoff(base, max);
+        self
+    }
+
+    /// See [`CredentialCacheBuilder::keep_warm`].
+    pub fn keep_warm(mut self, keep_warm: bool) -> Self {
+        self.cache = self.cache.keep_warm(keep_warm);
         self
     }
 

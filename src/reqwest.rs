@@ -215,6 +215,12 @@ impl<P: CredentialSource> AuthMiddleware<P> {
         &self.cache
     }
 
+    /// Fetches the credential now, before the first request needs it: see
+    /// [`CredentialCache::warm_up`].
+    pub async fn warm_up(&self) -> Result<(), crate::Error> {
+        self.cache.warm_up().await
+    }
+
     request_rules!();
 
     replay_rules!();

@@ -88,6 +88,8 @@ pub(super) struct Config {
     pub(super) backoff_max: Duration,
     pub(super) store: Option<Arc<dyn DynStore>>,
     pub(super) clock: WallClock,
+    /// Refresh at the soft window with no request waiting (see `keep_warm`).
+    pub(super) keep_warm: bool,
     /// The `cache` label of this cache's metrics.
     pub(super) name: crate::metrics::Name,
 }
@@ -103,6 +105,7 @@ impl fmt::Debug for Config {
             .field("backoff_max", &self.backoff_max)
             .field("store", &self.store.is_some())
             .field("clock", &self.clock)
+            .field("keep_warm", &self.keep_warm)
             .field("name", &self.name)
             .finish()
     }
@@ -119,6 +122,7 @@ impl Default for Config {
             backoff_max: DEFAULT_BACKOFF_MAX,
             store: None,
             clock: WallClock::System,
+            keep_warm: false,
             name: Arc::from("default"),
         }
     }
@@ -208,6 +212,28 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
         self
     }
 
+    /// Keeps the credential warm (default `false`): refreshes it in the background when
+    /// its soft window opens even if no request arrives, so the first burst after an idle
+    /// period finds a fresh credential in the cache instead of waiting for a fetch.
+    ///
+    /// - Only for a proactive source with an expiry ([`RefreshMode::Proactive`]): a
+    ///   reactive-only source (one whose server refuses early refreshes) or a fixed one is
+    ///   never refreshed by it.
+    /// - A failed refresh is tried again on the backoff's schedule, as any refresh; one
+    ///   that hands back a credential already in its soft window is not repeated sooner
+    ///   than the backoff base after it.
+    /// - It keeps the credential the cache holds: an empty cache fills on the first request
+    ///   or [`CredentialCache::warm_up`].
+    /// - Its timer is the credential's own aging timer: it ends with the last clone of the
+    ///   cache (a refresh already at the token endpoint finishes first, within the fetch
+    ///   timeout), and a refresh runs on the runtime that installed the credential.
+    ///
+    /// [`RefreshMode::Proactive`]: crate::RefreshMode::Proactive
+    pub fn keep_warm(mut self, keep_warm: bool) -> Self {
+        self.config.keep_warm = keep_warm;
+        self
+    }
+
     /// Shares credentials through `store` (see [`crate::store`]).
     pub fn store(mut self, store: impl CredentialStore) -> Self {
         self.config.store = Some(Arc::new(store));
@@ -240,7 +266,8 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
     /// Builds with settings known to be valid (the defaults).
     pub(crate) fn build_unchecked(self) -> CredentialCache<P> {
         let mode = self.source.refresh_mode();
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|me| Inner {
+            me: me.clone(),
             source: self.source,
             mode,
             config: self.config,

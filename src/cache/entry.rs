@@ -2,7 +2,7 @@
 
 use std::{
     sync::{
-        Arc, Weak,
+        Arc, Mutex, PoisonError, Weak,
         atomic::{AtomicBool, Ordering},
     },
     time::SystemTime,
@@ -36,12 +36,18 @@ pub(crate) struct Entry {
     /// Whether a caller already started this entry's background refresh.
     pub(super) background_claimed: AtomicBool,
     pub(super) timer: Option<tokio::task::AbortHandle>,
+    /// The timer that gives the background refresh back after a failure's backoff.
+    pub(super) rearm: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
         if let Some(timer) = &self.timer {
             timer.abort();
+        }
+        let rearm = self.rearm.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Some(rearm) = rearm {
+            rearm.abort();
         }
     }
 }
@@ -92,20 +98,6 @@ impl Drop for AgeOnDrop {
         if let Some(entry) = self.0.upgrade() {
             entry.aging.store(true, Ordering::Release);
         }
-    }
-}
-
-/// After a failed background refresh, lets the next caller in the soft window try again
-/// once the backoff is over.
-pub(super) fn rearm_background(entry: &Arc<Entry>, retry_at: Instant) {
-    let weak = Arc::downgrade(entry);
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(async move {
-            tokio::time::sleep_until(retry_at).await;
-            if let Some(entry) = weak.upgrade() {
-                entry.background_claimed.store(false, Ordering::Release);
-            }
-        });
     }
 }
 

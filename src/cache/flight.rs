@@ -18,7 +18,7 @@ use super::{
     CredentialCache, Flight, Inner, MAX_RETRY_AFTER, STORE_SHARE, State, Want,
     YOUNG_CREDENTIAL_AGE,
     config::saturating_add,
-    entry::{Entry, Phase, rearm_background},
+    entry::{Entry, Phase},
 };
 use crate::{
     clock::WallClock,
@@ -112,7 +112,7 @@ impl<P: CredentialSource> CredentialCache<P> {
                 // caller that just claimed the background refresh gives the claim back
                 // when the backoff ends; a hard-window caller claimed nothing.
                 if matches!(want, Some(Want::Background(_))) {
-                    rearm_background(&entry, retry_at);
+                    inner.rearm_background(&entry, retry_at);
                 }
                 return (Acquire::ready(Ok(entry)), None);
             }
@@ -427,7 +427,7 @@ impl<P: CredentialSource> FlightGuard<P> {
             "credential refresh failed; backing off"
         );
         if let Some(entry) = inner.current.load_full() {
-            rearm_background(&entry, retry_at);
+            inner.rearm_background(&entry, retry_at);
         }
     }
 }

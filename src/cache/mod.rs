@@ -183,6 +183,17 @@ impl<P: CredentialSource> CredentialCache<P> {
         }
     }
 
+    /// Fetches the credential now, unless a usable one is cached: for a cold start, so
+    /// that the first requests do not wait for the token endpoint. The error is the one a
+    /// request would get (and, for a failed fetch, the backoff applies to the next try).
+    /// With [`keep_warm`](CredentialCacheBuilder::keep_warm), the cache then stays warm.
+    pub async fn warm_up(&self) -> Result<(), Error> {
+        match self.current() {
+            Ok(_) => Ok(()),
+            Err(acquire) => acquire.await.map(drop),
+        }
+    }
+
     /// Reports that the API rejected `credential`, and waits for its replacement.
     ///
     /// Only a credential that is still the current one is invalidated: when many callers
@@ -319,6 +330,25 @@ impl<P: CredentialSource> CredentialCache<P> {
     }
 }
 
+/// Keep-warm's refresh of the entry of `generation`, if the cache (and that entry in
+/// it) is still there: the background refresh a request in its soft window would start
+/// (or, past it, the refresh a request would wait for). An entry replaced or invalidated
+/// meanwhile has its own timer, or none.
+fn keep_warm<P: CredentialSource>(cache: &Weak<Inner<P>>, generation: u64) {
+    let Some(inner) = cache.upgrade() else {
+        return;
+    };
+    let cache = CredentialCache { inner };
+    let current = cache.inner.current.load_full();
+    if let Some(entry) = current.filter(|e| e.generation == generation) {
+        tracing::debug!(
+            generation,
+            "keep-warm: refreshing before any request needs it"
+        );
+        drop(cache.usable_aging(Some(&entry)));
+    }
+}
+
 impl<P: CredentialSource> Sink for Inner<P> {
     fn replace(&self, credential: Credential) {
         let mut state = self.lock_state();
@@ -371,6 +401,9 @@ impl<P: CredentialSource> Inner<P> {
 }
 
 struct Inner<P> {
+    /// This cache itself, weakly: what its timers hold (keep-warm), so that none of them
+    /// keeps it alive.
+    me: Weak<Inner<P>>,
     source: P,
     mode: RefreshMode,
     config: Config,
@@ -512,19 +545,32 @@ impl<P: CredentialSource> Inner<P> {
             _ => None,
         };
         let runtime = tokio::runtime::Handle::try_current().ok();
+        // Keep-warm: the aging timer goes on to start the background refresh, never
+        // sooner than the backoff base after this entry arrived (one born in its soft
+        // window must not make a loop of refreshes).
+        let warm = self.config.keep_warm.then(|| {
+            (
+                self.me.clone(),
+                saturating_add(now, self.config.backoff_base),
+            )
+        });
         Arc::new_cyclic(|weak: &Weak<Entry>| {
             // Without a runtime for the timer, the entry starts aging at once: correct,
             // only a clock read per request slower.
             let soft_at = windows.map(|w| w.1);
             let (aging, timer) = match (soft_at, &runtime) {
-                (Some(at), Some(rt)) if at > now => {
+                (Some(at), Some(rt)) if at > now || warm.is_some() => {
                     let guard = AgeOnDrop(weak.clone());
                     let task = rt.spawn(async move {
-                        let _guard = guard;
                         tokio::time::sleep_until(at).await;
+                        drop(guard);
+                        if let Some((cache, not_before)) = warm {
+                            tokio::time::sleep_until(not_before).await;
+                            keep_warm(&cache, generation);
+                        }
                     });
                     // A runtime shutting down refuses the timer: age from the start then.
-                    (task.is_finished(), Some(task.abort_handle()))
+                    (at <= now || task.is_finished(), Some(task.abort_handle()))
                 }
                 (Some(_), _) => (true, None),
                 (None, _) => (false, None),
@@ -541,6 +587,7 @@ impl<P: CredentialSource> Inner<P> {
                 aging: AtomicBool::new(aging),
                 background_claimed: AtomicBool::new(false),
                 timer,
+                rearm: Mutex::new(None),
             }
         })
     }
@@ -588,6 +635,32 @@ impl<P: CredentialSource> Inner<P> {
                         .is_some_and(|hard_at| wall < hard_at)
                 }
             },
+        }
+    }
+
+    /// After a failed background refresh, lets the next caller in `entry`'s soft window
+    /// try again once the backoff ends at `retry_at`; with keep-warm, tries again itself
+    /// then. The timer goes with the entry.
+    fn rearm_background(&self, entry: &Arc<Entry>, retry_at: Instant) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(entry);
+        let warm = self.config.keep_warm.then(|| self.me.clone());
+        let generation = entry.generation;
+        let task = runtime.spawn(async move {
+            tokio::time::sleep_until(retry_at).await;
+            match weak.upgrade() {
+                Some(entry) => entry.background_claimed.store(false, Ordering::Release),
+                None => return,
+            }
+            if let Some(cache) = warm {
+                keep_warm(&cache, generation);
+            }
+        });
+        let mut rearm = entry.rearm.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(previous) = rearm.replace(task.abort_handle()) {
+            previous.abort();
         }
     }
 
