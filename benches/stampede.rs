@@ -4,7 +4,12 @@
 //! hand-rolled one is (a mutex around an optional token; whoever finds it missing
 //! fetches). Both fetch through the same client, limited to 64 concurrent token requests.
 //!
-//! `cargo bench --bench stampede` prints the table for BENCHMARKS.md.
+//! Then the idle burst: 1,000 tasks released 2 ms after the token's expiry on a client
+//! idle since its last call, against the same burst mid-lifetime, through a real loopback
+//! API over hyper-util (the Tower path) and over reqwest (`AuthMiddleware`, with
+//! `--features reqwest`), with and without keep-warm.
+//!
+//! `cargo bench --bench stampede --features reqwest` prints the tables for BENCHMARKS.md.
 
 #[path = "../tests/support/providers.rs"]
 mod providers;
@@ -26,7 +31,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header::AUTHORIZATION};
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use tower::{Service, ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
-use tower_client_auth::{AuthLayer, BoxError, Credential, source_fn};
+use tower_client_auth::{AuthLayer, BoxError, Credential, CredentialCache, source_fn};
 
 const TOKEN_LATENCY: Duration = Duration::from_millis(20);
 const LIFETIME: Duration = Duration::from_millis(300);
@@ -318,5 +323,194 @@ async fn main() {
             fire(ours.clone(), 1_000, &hits, before).await
         };
         row("1,000 concurrent 401s", design, 1_000, &outcome);
+    }
+
+    idle_burst(&url, &client, &hits).await;
+}
+
+/// The idle burst's token lifetime: the soft window opens 0.5-0.6 s before expiry.
+const IDLE_LIFETIME: Duration = Duration::from_secs(2);
+const BURST: usize = 1_000;
+const ROUNDS: usize = 5;
+
+/// One client under test: the Tower path or the reqwest one, over its own cache.
+#[derive(Clone)]
+enum Path {
+    Tower(BoxCloneSyncService<Request<Full<Bytes>>, Response<hyper::body::Incoming>, BoxError>),
+    #[cfg(feature = "reqwest")]
+    Reqwest(reqwest_middleware::ClientWithMiddleware),
+}
+
+impl Path {
+    /// One GET to the API, read to its end; whether it succeeded.
+    async fn get(self, url: &str) -> bool {
+        match self {
+            Path::Tower(svc) => {
+                let req = Request::get(url).body(Full::<Bytes>::default()).unwrap();
+                match svc.oneshot(req).await {
+                    Ok(res) => {
+                        let ok = res.status() == StatusCode::OK;
+                        ok && res.into_body().collect().await.is_ok()
+                    }
+                    Err(_) => false,
+                }
+            }
+            #[cfg(feature = "reqwest")]
+            Path::Reqwest(client) => match client.get(url).send().await {
+                Ok(res) => res.status() == StatusCode::OK && res.bytes().await.is_ok(),
+                Err(_) => false,
+            },
+        }
+    }
+}
+
+/// `BURST` tasks, all released at `at`; each one's latency counted from `at`.
+async fn burst(path: &Path, url: &str, at: tokio::time::Instant) -> (Duration, Duration, usize) {
+    let (go, ready) = tokio::sync::watch::channel(false);
+    let tasks: Vec<_> = (0..BURST)
+        .map(|_| {
+            let (path, url, mut ready) = (path.clone(), url.to_owned(), ready.clone());
+            tokio::spawn(async move {
+                let _ = ready.wait_for(|go| *go).await;
+                let ok = path.get(&url).await;
+                (tokio::time::Instant::now(), ok)
+            })
+        })
+        .collect();
+    drop(ready);
+    tokio::time::sleep_until(at).await;
+    let released = tokio::time::Instant::now();
+    go.send(true).unwrap();
+    let mut latencies = Vec::with_capacity(BURST);
+    let mut ok = 0;
+    for task in tasks {
+        let (done, success) = task.await.unwrap();
+        latencies.push(done - released);
+        ok += usize::from(success);
+    }
+    latencies.sort();
+    (latencies[BURST / 2], latencies[BURST * 99 / 100], ok)
+}
+
+fn median(mut xs: Vec<Duration>) -> Duration {
+    xs.sort();
+    xs[xs.len() / 2]
+}
+
+/// 3. The idle burst: per round, a new cache is warmed up (its token issued at `t0`) and
+/// the connection pool filled; a burst at `t0 + 1 s` (mid-lifetime); then nothing until
+/// the same burst 2 ms after the first token's expiry.
+async fn idle_burst(token_url: &str, token_client: &TokenClient, hits: &AtomicUsize) {
+    let api = providers::serve(|req| async move {
+        let status = if req.headers().contains_key(AUTHORIZATION) {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from_static(b"ok")))
+            .unwrap()
+    })
+    .await;
+    let origin = format!("http://{api}");
+    let url = format!("{origin}/v1/items");
+    let source = {
+        let (client, url) = (token_client.clone(), token_url.to_owned());
+        source_fn(move |_| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                Ok::<_, BoxError>(
+                    Credential::bearer(fetch_token(client, url).await?)?.expires_in(IDLE_LIFETIME),
+                )
+            }
+        })
+    };
+    println!(
+        "\nidle burst: {BURST} tasks, a {} s token, a loopback API (HTTP/1.1), {ROUNDS} rounds, medians\n",
+        IDLE_LIFETIME.as_secs()
+    );
+    println!(
+        "| path | keep-warm | mid-lifetime p50 / p99 (ms) | after idle, 2 ms past expiry: p50 / p99 (ms) | p99 after idle × mid-lifetime | token fetches in the idle burst |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let paths: &[&str] = if cfg!(feature = "reqwest") {
+        &["tower (hyper-util)", "reqwest"]
+    } else {
+        &["tower (hyper-util)"]
+    };
+    for path_name in paths {
+        for keep_warm in [false, true] {
+            let (mut mid50, mut mid99, mut idle50, mut idle99, mut fetches) =
+                (vec![], vec![], vec![], vec![], vec![]);
+            let mut failed = 0;
+            for _ in 0..ROUNDS {
+                let cache = CredentialCache::builder(source.clone())
+                    .keep_warm(keep_warm)
+                    .build()
+                    .unwrap();
+                let path = match *path_name {
+                    "tower (hyper-util)" => {
+                        let http = Client::builder(TokioExecutor::new())
+                            .build_http::<tower_client_auth::ReplayBody<Full<Bytes>>>();
+                        let layer = AuthLayer::with_cache(cache.clone())
+                            .origin(&origin)
+                            .unwrap()
+                            .allow_http_loopback(true);
+                        Path::Tower(BoxCloneSyncService::new(tower::Layer::layer(&layer, http)))
+                    }
+                    #[cfg(feature = "reqwest")]
+                    _ => {
+                        let middleware =
+                            tower_client_auth::reqwest::AuthMiddleware::with_cache(cache.clone())
+                                .origin(&origin)
+                                .unwrap()
+                                .allow_http_loopback(true);
+                        Path::Reqwest(
+                            reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+                                .with(middleware)
+                                .build(),
+                        )
+                    }
+                    #[cfg(not(feature = "reqwest"))]
+                    _ => unreachable!(),
+                };
+                cache.warm_up().await.unwrap();
+                let t0 = tokio::time::Instant::now();
+                // Fill the connection pool, as a client in use has it.
+                let (_, _, ok) = burst(&path, &url, t0).await;
+                failed += BURST - ok;
+                let (p50, p99, ok) = burst(&path, &url, t0 + IDLE_LIFETIME / 2).await;
+                failed += BURST - ok;
+                mid50.push(p50);
+                mid99.push(p99);
+                let expired = t0 + IDLE_LIFETIME + Duration::from_millis(2);
+                // Keep-warm's refresh has happened by now: count only the burst's.
+                tokio::time::sleep_until(expired - Duration::from_millis(1)).await;
+                let before = hits.load(SeqCst);
+                let (p50, p99, ok) = burst(&path, &url, expired).await;
+                failed += BURST - ok;
+                idle50.push(p50);
+                idle99.push(p99);
+                fetches.push(hits.load(SeqCst) - before);
+            }
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            let (m50, m99, i50, i99) =
+                (median(mid50), median(mid99), median(idle50), median(idle99));
+            println!(
+                "| {path_name} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} | {} |",
+                if keep_warm { "on" } else { "off" },
+                ms(m50),
+                ms(m99),
+                ms(i50),
+                ms(i99),
+                i99.as_secs_f64() / m99.as_secs_f64(),
+                {
+                    fetches.sort();
+                    fetches[ROUNDS / 2]
+                },
+            );
+            assert_eq!(failed, 0, "{path_name}: every request succeeds");
+        }
     }
 }

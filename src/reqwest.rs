@@ -5,16 +5,18 @@
 //! middleware [`from_layer`](AuthMiddleware::from_layer) or
 //! [`with_cache`](AuthMiddleware::with_cache) and both share one credential and one refresh.
 //!
-//! It is the layer's request path, not a copy of it: each request is turned into its
-//! `http` form and sent through the same [`AddCredential`] service, over the rest of
-//! the middleware chain, so every rule is the same: credential headers marked sensitive;
+//! It is the layer's request path, not a copy of it: each request's method, URI, headers
+//! and body go through the same [`AddCredential`] state machine, over the rest of the
+//! middleware chain (the reqwest request keeps its URL, timeout and settings, and the
+//! reqwest response comes back as it was, so nothing is parsed twice), so every rule is
+//! the same: credential headers marked sensitive;
 //! `https` only (loopback `http` on request); on a rejection status (default `401`) the
 //! credential is invalidated if still current and the request replayed once, its body
 //! (streaming or not) retained as it is sent, up to the replay limit; never replayed with
 //! the credential just rejected; `403` never refreshes; a response not replayed carries a
 //! [`NotReplayed`](crate::NotReplayed) extension saying why; a [`NoReplay`] in the
 //! middleware extensions opts a request out of the replay. The request's timeout and
-//! extensions and the response's URL are kept across the conversion.
+//! reqwest settings and the response's URL and extensions are kept.
 //!
 //! # Redirects
 //! reqwest follows redirects inside the client, below every middleware, and removes only
@@ -238,10 +240,31 @@ impl<P: CredentialSource> AuthMiddleware<P> {
 /// The rest of the reqwest middleware chain as the Tower service [`AddCredential`] wraps: the
 /// adapter runs the layer's own request path (attach, send, judge the answer, invalidate,
 /// replay once) over it, so both entry points share one implementation.
+///
+/// Nothing is parsed or converted twice: the state machine gets an `http` request made of
+/// the method, URI, headers and body, while the reqwest request keeps everything else
+/// (its URL, timeout and reqwest's own settings) in `shell`; each attempt puts its headers
+/// and body back into a copy of that shell. The answer is the reqwest response itself,
+/// carried in an `http::Response` whose status the state machine reads.
 struct Rest<'a> {
     next: Next<'a>,
     /// The middleware extensions, handed to each attempt in turn (never two at once).
     extensions: Arc<futures_util::lock::Mutex<&'a mut Extensions>>,
+    /// The reqwest request without its headers and body, copied for each attempt.
+    shell: Arc<reqwest::Request>,
+    body: BodyKind,
+}
+
+/// What the reqwest request's body was, so that each attempt hands reqwest the same kind.
+#[derive(Clone, Copy)]
+enum BodyKind {
+    /// No body at all.
+    None,
+    /// Bytes in memory: handed on as bytes again, so the request stays cloneable (reqwest's
+    /// redirects, its HTTP/2 retries and the middlewares after this one need that).
+    InMemory,
+    /// A stream.
+    Stream,
 }
 
 impl Clone for Rest<'_> {
@@ -249,12 +272,14 @@ impl Clone for Rest<'_> {
         Rest {
             next: self.next.clone(),
             extensions: self.extensions.clone(),
+            shell: self.shell.clone(),
+            body: self.body,
         }
     }
 }
 
 impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
-    type Response = http::Response<reqwest::Body>;
+    type Response = http::Response<reqwest::Response>;
     type Error = reqwest_middleware::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'a>>;
 
@@ -263,59 +288,53 @@ impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
     }
 
     fn call(&mut self, req: http::Request<ReplayBody<reqwest::Body>>) -> Self::Future {
-        let rest = self.clone();
+        let next = self.next.clone();
+        let extensions = self.extensions.clone();
+        // A shell has no body, so it always clones.
+        let shell = self.shell.try_clone();
+        let kind = self.body;
         Box::pin(async move {
-            let (mut parts, body) = req.into_parts();
-            let body = if parts.extensions.remove::<InMemory>().is_some() {
-                // Read through the replay body now (it records as it is read, so a replay
-                // stays possible) and hand reqwest bytes again: a cloneable body, which
-                // its redirects, its HTTP/2 retries and the middlewares after this one
-                // need. An in-memory body is ready at once; anything else is a bug.
-                match body.collect().now_or_never() {
-                    Some(Ok(collected)) => reqwest::Body::from(collected.to_bytes()),
-                    Some(Err(err)) => {
-                        return Err(reqwest_middleware::Error::middleware(err));
-                    }
+            let Some(mut out) = shell else {
+                return Err(reqwest_middleware::Error::middleware(Opaque(
+                    "a request without a body did not clone".into(),
+                )));
+            };
+            // The state machine changes headers only (method and URI are the shell's).
+            let (parts, body) = req.into_parts();
+            *out.headers_mut() = parts.headers;
+            *out.body_mut() = match kind {
+                BodyKind::None => None,
+                // Read through the replay body now (it records as it is read, so a
+                // replay stays possible) and hand reqwest bytes again. An in-memory body
+                // is ready at once; anything else is a bug.
+                BodyKind::InMemory => match body.collect().now_or_never() {
+                    Some(Ok(collected)) => Some(reqwest::Body::from(collected.to_bytes())),
+                    Some(Err(err)) => return Err(reqwest_middleware::Error::middleware(err)),
                     None => {
                         return Err(reqwest_middleware::Error::middleware(Opaque(
                             "an in-memory request body was not ready".into(),
                         )));
                     }
-                }
-            } else {
-                reqwest::Body::wrap(body)
+                },
+                BodyKind::Stream => Some(reqwest::Body::wrap(body)),
             };
-            // The request's own timeout rides in its extensions, kept by both conversions.
-            let req = reqwest::Request::try_from(http::Request::from_parts(parts, body))?;
-            let mut extensions = rest.extensions.lock().await;
-            let res = rest.next.run(req, &mut extensions).await?;
-            let url = res.url().clone();
-            let mut res = http::Response::<reqwest::Body>::from(res);
-            res.extensions_mut().insert(ResponseUrl(url));
+            let mut extensions = extensions.lock().await;
+            let res = next.run(out, &mut extensions).await?;
+            let status = res.status();
+            let mut res = http::Response::new(res);
+            *res.status_mut() = status;
             Ok(res)
         })
     }
 }
 
-/// Marks a request whose reqwest body was in memory (bytes, or none): it is handed on
-/// as bytes again, so it stays cloneable. Removed before the request goes on.
-#[derive(Clone, Copy)]
-struct InMemory;
-
-/// The URL a response came from, kept across its http form.
-#[derive(Clone)]
-struct ResponseUrl(reqwest::Url);
-
-/// The reqwest form of `res`, with the URL it came from.
-fn into_reqwest(res: http::Response<reqwest::Body>) -> reqwest::Response {
-    use reqwest::ResponseBuilderExt as _;
-    let (mut parts, body) = res.into_parts();
-    if let Some(ResponseUrl(url)) = parts.extensions.remove::<ResponseUrl>() {
-        if let Ok(carrier) = http::Response::builder().url(url).body(()) {
-            parts.extensions.extend(carrier.into_parts().0.extensions);
-        }
+/// The reqwest response, with what the state machine said about it (a `NotReplayed`).
+fn into_reqwest(res: http::Response<reqwest::Response>) -> reqwest::Response {
+    let (parts, mut res) = res.into_parts();
+    if let Some(reason) = parts.extensions.get::<crate::body::NotReplayed>() {
+        res.extensions_mut().insert(*reason);
     }
-    reqwest::Response::from(http::Response::from_parts(parts, body))
+    res
 }
 
 /// The chain's own errors as they came; the crate's as a middleware error.
@@ -353,17 +372,29 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<reqwest::Response> {
-        let in_memory = req.body().is_none_or(|body| body.as_bytes().is_some());
-        let mut req = http::Request::<reqwest::Body>::try_from(req)?;
-        if in_memory {
-            req.extensions_mut().insert(InMemory);
-        }
+        // Headers and body go to the state machine; the rest stays in the shell.
+        let mut shell = req;
+        let headers = std::mem::take(shell.headers_mut());
+        let (kind, body) = match shell.body_mut().take() {
+            None => (BodyKind::None, reqwest::Body::from(bytes::Bytes::new())),
+            Some(body) if body.as_bytes().is_some() => (BodyKind::InMemory, body),
+            Some(body) => (BodyKind::Stream, body),
+        };
+        let uri = http::Uri::try_from(shell.url().as_str())
+            .map_err(|err| reqwest_middleware::Error::middleware(Opaque(err.into())))?;
+        let mut req = http::Request::new(body);
+        *req.method_mut() = shell.method().clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = shell.version();
+        *req.headers_mut() = headers;
         if extensions.get::<NoReplay>().is_some() {
             req.extensions_mut().insert(NoReplay);
         }
         let rest = Rest {
             next,
             extensions: Arc::new(futures_util::lock::Mutex::new(extensions)),
+            shell: Arc::new(shell),
+            body: kind,
         };
         let auth = AddCredential::<_, _, Replaying>::from_parts(
             rest,
