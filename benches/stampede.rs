@@ -397,7 +397,7 @@ fn median(mut xs: Vec<Duration>) -> Duration {
     xs[xs.len() / 2]
 }
 
-/// 3. The idle burst: per round, a new cache is warmed up (its token issued at `t0`) and
+/// The idle burst (scenario 3): per round, a new cache is warmed up (its token issued at `t0`) and
 /// the connection pool filled; a burst at `t0 + 1 s` (mid-lifetime); then nothing until
 /// the same burst 2 ms after the first token's expiry.
 async fn idle_burst(token_url: &str, token_client: &TokenClient, hits: &AtomicUsize) {
