@@ -249,9 +249,10 @@ impl<P: CredentialSource> AuthMiddleware<P> {
 struct Rest<'a> {
     next: Next<'a>,
     /// The middleware extensions, handed to each attempt in turn (never two at once).
-    extensions: Arc<futures_util::lock::Mutex<&'a mut Extensions>>,
+    /// Borrowed from the middleware's own frame, as is the shell: no allocation per request.
+    extensions: &'a futures_util::lock::Mutex<&'a mut Extensions>,
     /// The reqwest request without its headers and body, copied for each attempt.
-    shell: Arc<reqwest::Request>,
+    shell: &'a reqwest::Request,
     body: BodyKind,
 }
 
@@ -271,8 +272,8 @@ impl Clone for Rest<'_> {
     fn clone(&self) -> Self {
         Rest {
             next: self.next.clone(),
-            extensions: self.extensions.clone(),
-            shell: self.shell.clone(),
+            extensions: self.extensions,
+            shell: self.shell,
             body: self.body,
         }
     }
@@ -289,7 +290,7 @@ impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
 
     fn call(&mut self, req: http::Request<ReplayBody<reqwest::Body>>) -> Self::Future {
         let next = self.next.clone();
-        let extensions = self.extensions.clone();
+        let extensions = self.extensions;
         // A shell has no body, so it always clones.
         let shell = self.shell.try_clone();
         let kind = self.body;
@@ -326,6 +327,23 @@ impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
             Ok(res)
         })
     }
+}
+
+/// What the state machine reads of a reqwest URL: its scheme and authority (the origin
+/// rules and the transport rule look at nothing else, unless a user's `origin_matching`
+/// predicate is given the whole URI). The URL itself stays in the shell and is what
+/// reqwest sends, so its path is not parsed a second time.
+fn origin_uri(url: &reqwest::Url) -> Result<http::Uri, http::Error> {
+    let scheme = match url.scheme() {
+        "https" => http::uri::Scheme::HTTPS,
+        "http" => http::uri::Scheme::HTTP,
+        other => http::uri::Scheme::try_from(other)?,
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(http::uri::Authority::try_from(url.authority())?);
+    parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    Ok(http::Uri::from_parts(parts)?)
 }
 
 /// The reqwest response, with what the state machine said about it (a `NotReplayed`).
@@ -380,8 +398,12 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
             Some(body) if body.as_bytes().is_some() => (BodyKind::InMemory, body),
             Some(body) => (BodyKind::Stream, body),
         };
-        let uri = http::Uri::try_from(shell.url().as_str())
-            .map_err(|err| reqwest_middleware::Error::middleware(Opaque(err.into())))?;
+        let uri = if self.scope.as_ref().is_some_and(|s| s.reads_paths()) {
+            http::Uri::try_from(shell.url().as_str()).map_err(http::Error::from)
+        } else {
+            origin_uri(shell.url())
+        };
+        let uri = uri.map_err(|err| reqwest_middleware::Error::middleware(Opaque(err.into())))?;
         let mut req = http::Request::new(body);
         *req.method_mut() = shell.method().clone();
         *req.uri_mut() = uri;
@@ -390,19 +412,22 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         if extensions.get::<NoReplay>().is_some() {
             req.extensions_mut().insert(NoReplay);
         }
+        let extensions = futures_util::lock::Mutex::new(extensions);
         let rest = Rest {
             next,
-            extensions: Arc::new(futures_util::lock::Mutex::new(extensions)),
-            shell: Arc::new(shell),
+            extensions: &extensions,
+            shell: &shell,
             body: kind,
         };
-        let auth = AddCredential::<_, _, Replaying>::from_parts(
+        let mut auth = AddCredential::<_, _, Replaying>::from_parts(
             rest,
             self.cache.clone(),
             self.policy,
             self.scope.clone(),
         );
-        let res = auth.oneshot(req).await.map_err(into_middleware_error)?;
+        // `Rest` is always ready; the call's future owns what it needs.
+        let res = auth.ready().await.map_err(into_middleware_error)?;
+        let res = res.call(req).await.map_err(into_middleware_error)?;
         Ok(into_reqwest(res))
     }
 }

@@ -315,6 +315,13 @@ impl Scope {
     /// A given origin or predicate is in scope wherever the request came from. Under
     /// `any_https_origin` alone, a redirect hop (marked by the redirect policy) is in
     /// scope only at the origin it came from.
+    /// Whether a user's predicate ([`origin_matching`](crate::AuthLayer::origin_matching))
+    /// sees the request's whole URI, path included.
+    #[cfg(feature = "reqwest")]
+    pub(crate) fn reads_paths(&self) -> bool {
+        !self.predicates.is_empty()
+    }
+
     pub(crate) fn allows(
         &self,
         uri: &Uri,

@@ -487,3 +487,24 @@ async fn in_memory_bodies_stay_cloneable_below_the_adapter() {
     assert_eq!(res.status(), 200);
     assert_eq!(*probe.lock().unwrap(), vec![true, true]);
 }
+
+/// World: a middleware scoped with `origin_matching` by path (`/v1/` only). Proves: the
+/// predicate sees the request's whole URI through the reqwest adapter (the adapter gives
+/// the state machine only the origin otherwise): the credential goes to `/v1/...` and not
+/// to `/public/...` on the same host.
+#[tokio::test]
+async fn a_path_predicate_sees_the_whole_uri() {
+    let source = TestSource::new();
+    let (base, log) = server(|_, _, _| StatusCode::OK).await;
+    let client = loopback_client(
+        AuthMiddleware::new(source.clone()).origin_matching(|uri| uri.path().starts_with("/v1/")),
+    );
+    for path in ["/v1/orders?page=2", "/public/status"] {
+        let res = client.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.url().as_str(), format!("{base}{path}"));
+    }
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log[0].1, "Bearer token-1");
+    assert_eq!(log[1].1, "", "no credential outside the predicate's paths");
+}
