@@ -180,6 +180,65 @@ async fn memory_and_redis_keep_the_same_contract() {
     .await;
 }
 
+/// World: a pair saved whose access token expires in 1 s, read back 1.5 s later, in the
+/// memory store and in Redis. Proves: the refresh token outlives its access token in
+/// every store (an idle fleet refreshes with it instead of logging in again), while a
+/// credential without one still goes with its expiry in Redis.
+#[tokio::test]
+async fn a_stored_refresh_token_outlives_its_access_token() {
+    let server = RedisServer::start();
+    let memory = MemoryStore::new();
+    let redis = redis_store(&server, "outlives").await;
+    let pair = Credential::bearer("access")
+        .unwrap()
+        .expires_in(Duration::from_secs(1))
+        .with_refresh_token("refresh-1");
+    for store in [&memory as &dyn Probe, &redis] {
+        store.put(&pair).await;
+    }
+    let plain = redis_store(&server, "outlives-plain").await;
+    plain
+        .put(
+            &Credential::bearer("access")
+                .unwrap()
+                .expires_in(Duration::from_secs(1)),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (name, store) in [("memory", &memory as &dyn Probe), ("redis", &redis)] {
+        let stored = store.get().await;
+        assert_eq!(
+            stored.as_ref().and_then(|c| c.refresh_token().cloned()),
+            pair.refresh_token().cloned(),
+            "{name}: the refresh token went with its access token"
+        );
+    }
+    assert_eq!(
+        plain.get().await,
+        None,
+        "a credential alone expires with itself"
+    );
+}
+
+/// Saves and loads through the store's own lease, for a test that only writes and reads.
+trait Probe {
+    fn put<'a>(&'a self, credential: &'a Credential) -> futures_util::future::BoxFuture<'a, ()>;
+    fn get(&self) -> futures_util::future::BoxFuture<'_, Option<Credential>>;
+}
+
+impl<S: CredentialStore + Sync> Probe for S {
+    fn put<'a>(&'a self, credential: &'a Credential) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let lease = self.lease(Duration::from_secs(5)).await.unwrap().unwrap();
+            assert!(self.save(&lease, credential).await.unwrap());
+            self.release(&lease).await.unwrap();
+        })
+    }
+    fn get(&self) -> futures_util::future::BoxFuture<'_, Option<Credential>> {
+        Box::pin(async move { self.load().await.unwrap() })
+    }
+}
+
 /// World: two caches (each its own Redis connection, as two processes), the first one's
 /// exchange taking 4.5 s, longer than a lease lasts unrenewed. Proves: the holder renews
 /// its lease while it works, so the second cache waits for its credential instead of
@@ -709,6 +768,126 @@ mod refresh_tokens {
             "logged in again: the refresh token was lost"
         );
         assert_eq!(idp.refresh_grants.load(SeqCst), 2);
+        assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
+        assert_eq!(idp.family_revocations.load(SeqCst), 0);
+    }
+
+    /// A memory store that refuses to save a credential carrying a refresh token while
+    /// `refusing` is set (a store out of memory that still answers, say); every other
+    /// call goes through.
+    #[derive(Clone, Default)]
+    struct RefusesPairs {
+        inner: MemoryStore,
+        refusing: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl CredentialStore for RefusesPairs {
+        async fn load(&self) -> Result<Option<Credential>, BoxError> {
+            self.inner.load().await
+        }
+        async fn lease(
+            &self,
+            ttl: Duration,
+        ) -> Result<Option<tower_client_auth::store::Lease>, BoxError> {
+            self.inner.lease(ttl).await
+        }
+        async fn save(
+            &self,
+            lease: &tower_client_auth::store::Lease,
+            credential: &Credential,
+        ) -> Result<bool, BoxError> {
+            if credential.refresh_token().is_some() && self.refusing.load(SeqCst) {
+                return Err("OOM command not allowed when used memory > 'maxmemory'".into());
+            }
+            self.inner.save(lease, credential).await
+        }
+        async fn renew(
+            &self,
+            lease: &tower_client_auth::store::Lease,
+            ttl: Duration,
+        ) -> Result<bool, BoxError> {
+            self.inner.renew(lease, ttl).await
+        }
+        async fn release(&self, lease: &tower_client_auth::store::Lease) -> Result<(), BoxError> {
+            self.inner.release(lease).await
+        }
+        async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+            self.inner.remove(rejected).await
+        }
+        async fn changed(&self, timeout: Duration) {
+            self.inner.changed(timeout).await
+        }
+    }
+
+    /// World: a rotated pair the store refuses for 8 s (it answers, but will not take a
+    /// value carrying a refresh token), and meanwhile the credential is invalidated here.
+    /// Proves: the holder keeps the refresh lease the whole time (another process probing
+    /// every 100 ms never gets it, though each retry of the save is further apart than a
+    /// lease lasts), keeps the rotated refresh token through the invalidation, and saves it
+    /// once the store takes it; another process then refreshes with it: one login in
+    /// all, no refresh token presented twice.
+    #[tokio::test]
+    async fn a_refused_rotated_pair_keeps_its_lease_and_survives_an_invalidation() {
+        let idp = StrictIdp::new(ID, SECRET, 3600.0);
+        let base = start(idp.clone()).await;
+        let store = RefusesPairs::default();
+        let cache = |store: RefusesPairs| {
+            CredentialCache::builder(source(&base))
+                .store(store)
+                .fetch_timeout(Duration::from_secs(3))
+                .build()
+                .unwrap()
+        };
+        let a = cache(store.clone());
+        a.credential().await.unwrap();
+        store.refusing.store(true, SeqCst);
+        assert!(a.handle().invalidate());
+        let rotated = a.credential().await.expect("served with the rotated pair");
+        assert_eq!(idp.refresh_grants.load(SeqCst), 1);
+
+        // Another process looks for the lease every 100 ms for 8 s.
+        let started = Instant::now();
+        let mut invalidated = false;
+        while started.elapsed() < Duration::from_secs(8) {
+            if let Some(lease) = store.inner.lease(Duration::from_millis(1)).await.unwrap() {
+                store.inner.release(&lease).await.unwrap();
+                panic!(
+                    "the refresh lease was free after {:?}: another process would log in",
+                    started.elapsed()
+                );
+            }
+            if !invalidated && started.elapsed() > Duration::from_secs(1) {
+                // The access token is rejected here; the refresh token is still the newest.
+                a.handle().invalidate();
+                invalidated = true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        store.refusing.store(false, SeqCst);
+        let started = Instant::now();
+        loop {
+            match store.load().await.unwrap() {
+                Some(stored) if stored.refresh_token().is_some() => {
+                    assert_eq!(stored, rotated);
+                    break;
+                }
+                _ => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(10),
+                        "the rotated pair never reached the store"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let b = cache(store.clone());
+        assert_eq!(b.credential().await.unwrap(), rotated);
+        assert_ne!(b.reject(&rotated).await.unwrap(), rotated);
+        assert_eq!(
+            idp.logins.load(SeqCst),
+            1,
+            "logged in again: the refresh token was lost"
+        );
         assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
         assert_eq!(idp.family_revocations.load(SeqCst), 0);
     }

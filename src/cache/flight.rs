@@ -629,11 +629,13 @@ enum Saved {
 
 /// The save of a credential carrying a refresh token that the store did not take: tried
 /// again at growing intervals (up to [`SAVE_RETRY_MAX`]) until it is saved, for as long
-/// as the cache lives and that credential is still its current one. The lease is kept
-/// meanwhile (renewed at each try), so other processes wait for this save instead of
-/// logging in. A lease lost in the outage (the store restarted, say) is taken again, and
-/// the credential saved under it only if nobody saved a refresh token since: the newer
-/// pair wins, and no refresh token ever has two owners.
+/// as the cache lives and no newer refresh token is in use here. The lease is kept
+/// meanwhile, renewed every third of its hold (however far apart the tries are), so other
+/// processes wait for this save instead of logging in. A rejection or an invalidation of
+/// the access token changes nothing: the refresh token is still the newest, and the next
+/// refresh needs it. A lease lost in the outage (the store restarted, say) is taken
+/// again, and the credential saved under it only if nobody saved a refresh token since:
+/// the newer pair wins, and no refresh token ever has two owners.
 async fn keep_saving<P: CredentialSource>(
     inner: std::sync::Weak<Inner<P>>,
     store: Arc<dyn crate::store::DynStore>,
@@ -642,27 +644,23 @@ async fn keep_saving<P: CredentialSource>(
 ) {
     tracing::warn!("a rotated refresh token could not be saved; keeping it and trying again");
     let mut pause = SAVE_RETRY_FIRST;
+    let mut next_try = saturating_add(Instant::now(), pause);
     loop {
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(SAVE_RETRY_MAX);
+        let Some(hold) = inner.upgrade().map(|inner| lease_hold(&inner)) else {
+            return;
+        };
+        tokio::time::sleep_until(next_try.min(saturating_add(Instant::now(), hold / 3))).await;
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        metrics::event(&inner.config.name, metrics::SAVE_RETRIES);
-        let current = inner.current.load();
-        if current
-            .as_ref()
-            .is_none_or(|entry| entry.credential != credential)
-        {
-            // Replaced or rejected here since: nothing left worth saving.
+        if superseded(&inner, &credential) {
+            // A newer refresh token is in use here: this one is spent.
             release(&inner, store.as_ref(), &lease).await;
             return;
         }
         let until = saturating_add(Instant::now(), inner.config.fetch_timeout);
-        let hold = lease_hold(&inner);
         match store_call(&inner, until, "renew", store.renew(&lease, hold)).await {
-            None => continue,
-            Some(true) => {}
+            None | Some(true) => {}
             Some(false) => {
                 // Lost in the outage: take it again, unless someone holds it now.
                 match store_call(&inner, until, "lease", store.lease(hold)).await {
@@ -688,17 +686,30 @@ async fn keep_saving<P: CredentialSource>(
                 }
             }
         }
-        match store_call(&inner, until, "save", store.save(&lease, &credential)).await {
-            None => continue,
-            Some(true) => {
-                tracing::info!("the rotated refresh token is saved");
-                release(&inner, store.as_ref(), &lease).await;
-                return;
-            }
-            // Ran out between the renewal and the save: take it again next time.
-            Some(false) => continue,
+        if Instant::now() < next_try {
+            continue;
+        }
+        metrics::event(&inner.config.name, metrics::SAVE_RETRIES);
+        pause = (pause * 2).min(SAVE_RETRY_MAX);
+        next_try = saturating_add(Instant::now(), pause);
+        // A failure, or a lease that ran out between the renewal and the save (taken
+        // again at the next renewal), is tried again.
+        if let Some(true) = store_call(&inner, until, "save", store.save(&lease, &credential)).await
+        {
+            tracing::info!("the rotated refresh token is saved");
+            release(&inner, store.as_ref(), &lease).await;
+            return;
         }
     }
+}
+
+/// Whether the cache now holds a credential carrying another refresh token than
+/// `credential`'s: then `credential`'s was spent to get it.
+fn superseded<P>(inner: &Inner<P>, credential: &Credential) -> bool {
+    inner.current.load().as_ref().is_some_and(|entry| {
+        entry.credential.refresh_token().is_some()
+            && entry.credential.refresh_token() != credential.refresh_token()
+    })
 }
 
 /// The first wait before saving a rotated refresh token again; each next one doubles.

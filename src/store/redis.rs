@@ -5,7 +5,8 @@
 //! Per credential, two keys and a channel that share one hash slot (a hash tag), so each
 //! script runs on one node of a Redis Cluster too ([`RedisStore::cluster`]):
 //!
-//! - `tca:{<id>}:credential`: the credential, `v1:<fingerprint>:<json>`, expiring with it;
+//! - `tca:{<id>}:credential`: the credential, `v1:<fingerprint>:<json>`, expiring with it
+//!   (one carrying a refresh token does not expire: it stays until it is replaced);
 //! - `tca:{<id>}:changes`: a pub/sub channel where every save, release and removal is
 //!   announced, so processes waiting for a refresh wake when it is saved;
 //! - `tca:{<id>}:lease`: the refresh lease, the holder's token, `SET NX PX`, renewed by a
@@ -318,9 +319,12 @@ impl CredentialStore for RedisStore {
 
     async fn save(&self, lease: &Lease, credential: &Credential) -> Result<bool, BoxError> {
         let mut connection = self.connection.clone();
-        // The key lives as long as the credential (no expiry: until it is replaced).
+        // The key lives as long as the credential (no expiry: until it is replaced). A
+        // refresh token outlives its access token: a pair stays until it is replaced, so
+        // that a fleet idle past the access token's expiry refreshes instead of logging in.
         let ttl = credential
             .expiry()
+            .filter(|_| credential.refresh_token().is_none())
             .map(|at| millis(at.duration_since(SystemTime::now()).unwrap_or_default()).max(1));
         let saved: i64 = Script::new(SAVE)
             .key(&self.keys.credential)
