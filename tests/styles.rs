@@ -288,6 +288,46 @@ async fn style_c_saved_refresh_token_resumes_without_login() {
     );
 }
 
+/// The same restart with a credential store that holds nothing yet (the first process of
+/// a fleet to start). Proves: the saved refresh token is used (the empty store does not
+/// wipe it), and the rotated pair lands in the store.
+#[tokio::test]
+async fn style_c_saved_refresh_token_resumes_without_login_over_an_empty_store() {
+    let api = RotatingApi::new("key-c");
+    let base = start(api.clone()).await;
+    let first = layer(style_c(&base, "key-c")).layer(api_client());
+    assert_eq!(
+        get(&first, format!("{base}/v3/accounts")).await.unwrap(),
+        200
+    );
+    api.expire_sessions();
+    let store = tower_client_auth::MemoryStore::new();
+    let restarted = AuthLayer::builder(style_c(&base, "key-c").refresh_token("c-refresh-1"))
+        .store(store.clone())
+        .any_https_origin()
+        .allow_http_loopback(true)
+        .build()
+        .unwrap()
+        .layer(api_client());
+    assert_eq!(
+        get(&restarted, format!("{base}/v3/accounts"))
+            .await
+            .unwrap(),
+        200
+    );
+    assert_eq!(
+        (api.logins.load(SeqCst), api.refreshes.load(SeqCst)),
+        (1, 1),
+        "logged in although a saved refresh token was given"
+    );
+    use tower_client_auth::CredentialStore as _;
+    let stored = store.load().await.unwrap().expect("saved");
+    assert!(
+        stored.refresh_token().is_some(),
+        "the rotated pair is in the store"
+    );
+}
+
 // --- OAuth2 refresh grant --------------------------------------------------------------
 
 /// World: password grant + RFC 6749 §6 refresh grant (form, Basic), where presenting a

@@ -199,6 +199,9 @@ pub struct TokenSource {
 #[derive(Default)]
 struct Held {
     refresh_token: Option<Secret>,
+    /// A refresh token saved earlier ([`TokenSource::refresh_token`]), for the first
+    /// exchange: a store holding none does not wipe it; one holding any supersedes it.
+    seed: Option<Secret>,
     /// The last credential issued. If the cache stopped waiting for an exchange (its
     /// fetch timed out, the request was dropped), the server has already issued this one:
     /// the next fetch hands it out instead of refreshing again, which a provider that
@@ -330,8 +333,10 @@ impl TokenSource {
 
     /// Starts with a refresh token saved earlier, so a restart does not need a login.
     pub fn refresh_token(mut self, token: impl Into<Secret>) -> Self {
+        let token = token.into();
         self.held = Arc::new(Mutex::new(Held {
-            refresh_token: Some(token.into()),
+            refresh_token: Some(token.clone()),
+            seed: Some(token),
             last: None,
         }));
         self
@@ -585,8 +590,10 @@ impl Exchange {
         let shared = match cx.refresh_sharing() {
             RefreshSharing::Shared(token) => {
                 // The store owns the refresh token: its one, or none (log in). One this
-                // source kept may have been presented by another process since.
-                held.refresh_token = token.cloned();
+                // source kept may have been presented by another process since. A
+                // saved one given at start is used once, when the store has none yet.
+                let seed = held.seed.take();
+                held.refresh_token = token.cloned().or(seed);
                 true
             }
             RefreshSharing::StoreUnavailable if self.refresh.is_some() => {
@@ -785,8 +792,11 @@ impl Exchange {
         // Kept in memory (`held`) and used by the next exchange; offered again until
         // the hook takes it or a newer pair.
         *unconfirmed = Some((number, pair));
+        // Still under the lock: `offer_again` decides to stop under it too, so either it
+        // sees this pair or this sees it stopped (and starts another).
+        let retrying = persisting.retrying.swap(true, Ordering::AcqRel);
         drop(unconfirmed);
-        if !persisting.retrying.swap(true, Ordering::AcqRel) {
+        if !retrying {
             tokio::spawn(offer_again(
                 Arc::downgrade(persisting),
                 hook.clone(),
@@ -948,13 +958,18 @@ async fn offer_again(persisting: std::sync::Weak<Persisting>, hook: OnRefresh, t
             return;
         };
         let _turn = persisting.calls.lock().await;
-        let newest = persisting
-            .unconfirmed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let newest = {
+            let unconfirmed = persisting
+                .unconfirmed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if unconfirmed.is_none() {
+                // Under the lock `persist` records a pair under: it cannot slip in between.
+                persisting.retrying.store(false, Ordering::Release);
+            }
+            unconfirmed.clone()
+        };
         let Some((number, pair)) = newest else {
-            persisting.retrying.store(false, Ordering::Release);
             return;
         };
         if offer(&hook, pair, timeout).await {
