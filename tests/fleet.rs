@@ -772,6 +772,73 @@ mod refresh_tokens {
         assert_eq!(idp.family_revocations.load(SeqCst), 0);
     }
 
+    /// World: a fleet's refresh token in the store; the refresh that takes it out is
+    /// throttled (429: the server did not act on it), then the access token has expired.
+    /// Proves: the refresh token the server never acted on is not lost with the failed
+    /// exchange (the store no longer holds it: its holder took it out before presenting
+    /// it): the next refresh presents it; no second login, nothing presented twice.
+    #[tokio::test]
+    async fn a_refresh_token_the_server_never_acted_on_is_kept() {
+        let idp = StrictIdp::new(ID, SECRET, 2.0);
+        let base = start(idp.clone()).await;
+        let a = CredentialCache::builder(source(&base))
+            .store(MemoryStore::new())
+            .backoff(Duration::from_millis(100), Duration::from_millis(200))
+            .build()
+            .unwrap();
+        let first = a.credential().await.unwrap();
+        idp.push_fault(Fault::Answer(Box::new(|_| {
+            support::providers::reply(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                serde_json::json!({"error": "slow_down"}),
+            )
+        })));
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let throttled = a.credential().await.unwrap_err();
+        assert_eq!(throttled.kind(), ErrorKind::Fetch);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let second = a.credential().await.expect("refreshed");
+        assert_ne!(second, first);
+        assert_eq!(
+            idp.logins.load(SeqCst),
+            1,
+            "logged in again: the unspent refresh token was lost"
+        );
+        assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
+        assert_eq!(idp.family_revocations.load(SeqCst), 0);
+    }
+
+    /// World: the API rejects the fleet's access token; the refresh that follows is
+    /// throttled (429). Proves: the rejected access token is not served again from the
+    /// store after the failed refresh (the holder left it there without its refresh
+    /// token); the next refresh presents the unspent refresh token; one login in all.
+    #[tokio::test]
+    async fn a_rejected_credential_is_not_served_again_after_a_failed_refresh() {
+        let idp = StrictIdp::new(ID, SECRET, 3600.0);
+        let base = start(idp.clone()).await;
+        let a = CredentialCache::builder(source(&base))
+            .store(MemoryStore::new())
+            .backoff(Duration::from_millis(100), Duration::from_millis(200))
+            .build()
+            .unwrap();
+        let first = a.credential().await.unwrap();
+        idp.push_fault(Fault::Answer(Box::new(|_| {
+            support::providers::reply(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                serde_json::json!({"error": "slow_down"}),
+            )
+        })));
+        assert!(a.reject(&first).await.is_err(), "the refresh was throttled");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let second = a.credential().await.expect("refreshed");
+        assert_ne!(
+            second, first,
+            "the rejected credential came back from the store"
+        );
+        assert_eq!(idp.logins.load(SeqCst), 1);
+        assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
+    }
+
     /// A memory store that refuses to save a credential carrying a refresh token while
     /// `refusing` is set (a store out of memory that still answers, say); every other
     /// call goes through.

@@ -749,7 +749,17 @@ async fn holding<P: CredentialSource>(
         Some(Some(stored)) => match stored.refresh_token().cloned() {
             None => Sharing::Shared(None),
             Some(token) => {
-                let spent = stored.without_refresh_token();
+                let rejected = matches!(
+                    cx.reason(),
+                    FetchReason::Rejected | FetchReason::Invalidated
+                ) && cx.previous() == Some(&stored);
+                let mut spent = stored.without_refresh_token();
+                if rejected {
+                    // The access token was rejected (or invalidated) too: left behind
+                    // marked expired, so that no one loads it again if this refresh
+                    // fails (Redis drops it at once).
+                    spent = spent.expires_at(std::time::SystemTime::UNIX_EPOCH);
+                }
                 match store_call(inner, deadline, "save", store.save(lease, &spent)).await {
                     Some(true) => Sharing::Shared(Some(token)),
                     Some(false) => {

@@ -202,6 +202,11 @@ struct Held {
     /// A refresh token saved earlier ([`TokenSource::refresh_token`]), for the first
     /// exchange: a store holding none does not wipe it; one holding any supersedes it.
     seed: Option<Secret>,
+    /// Whether `refresh_token` was taken from the store for an exchange that failed
+    /// before the server acted on it (never sent, throttled, refused as a request): this
+    /// source is its only holder, so the next shared exchange presents it if the store
+    /// holds none.
+    unspent: bool,
     /// The last credential issued. If the cache stopped waiting for an exchange (its
     /// fetch timed out, the request was dropped), the server has already issued this one:
     /// the next fetch hands it out instead of refreshing again, which a provider that
@@ -337,6 +342,7 @@ impl TokenSource {
         self.held = Arc::new(Mutex::new(Held {
             refresh_token: Some(token.clone()),
             seed: Some(token),
+            unspent: false,
             last: None,
         }));
         self
@@ -593,7 +599,10 @@ impl Exchange {
                 // source kept may have been presented by another process since. A
                 // saved one given at start is used once, when the store has none yet.
                 let seed = held.seed.take();
-                held.refresh_token = token.cloned().or(seed);
+                let unspent = std::mem::take(&mut held.unspent)
+                    .then(|| held.refresh_token.take())
+                    .flatten();
+                held.refresh_token = token.cloned().or(unspent).or(seed);
                 true
             }
             RefreshSharing::StoreUnavailable if self.refresh.is_some() => {
@@ -669,8 +678,12 @@ impl Exchange {
                     self.persist(None, held).await;
                 }
                 // Never sent (no connection), throttled, or answered in a way that
-                // shows it was not acted on: keep the refresh token.
-                Err(e) => return Err(e),
+                // shows it was not acted on: keep the refresh token (one taken from the
+                // store has no other holder now).
+                Err(e) => {
+                    held.unspent = held.refresh_token.as_ref() == Some(&token);
+                    return Err(e);
+                }
             }
         }
         tracing::debug!(reason = ?cx.reason(), "logging in");
