@@ -251,9 +251,14 @@ struct Rest<'a> {
     /// The middleware extensions, handed to each attempt in turn (never two at once).
     /// Borrowed from the middleware's own frame, as is the shell: no allocation per request.
     extensions: &'a futures_util::lock::Mutex<&'a mut Extensions>,
-    /// The reqwest request without its headers and body, copied for each attempt.
-    shell: &'a reqwest::Request,
+    /// The reqwest request without its headers and body: the first attempt takes it;
+    /// when a replay is possible, a copy of what reqwest sends from it (method, URL,
+    /// version, timeout: reqwest reads nothing else of a request's settings) is left for
+    /// the replay.
+    shell: &'a std::sync::Mutex<Option<reqwest::Request>>,
     body: BodyKind,
+    /// Whether a replay can follow the first attempt.
+    replayable: bool,
 }
 
 /// What the reqwest request's body was, so that each attempt hands reqwest the same kind.
@@ -275,6 +280,7 @@ impl Clone for Rest<'_> {
             extensions: self.extensions,
             shell: self.shell,
             body: self.body,
+            replayable: self.replayable,
         }
     }
 }
@@ -291,13 +297,22 @@ impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
     fn call(&mut self, req: http::Request<ReplayBody<reqwest::Body>>) -> Self::Future {
         let next = self.next.clone();
         let extensions = self.extensions;
-        // A shell has no body, so it always clones.
-        let shell = self.shell.try_clone();
+        let shell = {
+            let mut slot = self
+                .shell
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let shell = slot.take();
+            if self.replayable {
+                *slot = shell.as_ref().map(copy_for_replay);
+            }
+            shell
+        };
         let kind = self.body;
         Box::pin(async move {
             let Some(mut out) = shell else {
                 return Err(reqwest_middleware::Error::middleware(Opaque(
-                    "a request without a body did not clone".into(),
+                    "a request was sent more often than planned".into(),
                 )));
             };
             // The state machine changes headers only (method and URI are the shell's).
@@ -327,6 +342,16 @@ impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
             Ok(res)
         })
     }
+}
+
+/// What reqwest sends a request from, but its headers and body: the replay's shell.
+fn copy_for_replay(shell: &reqwest::Request) -> reqwest::Request {
+    let mut copy = reqwest::Request::new(shell.method().clone(), shell.url().clone());
+    *copy.version_mut() = shell.version();
+    if let Some(timeout) = shell.timeout() {
+        *copy.timeout_mut() = Some(*timeout);
+    }
+    copy
 }
 
 /// What the state machine reads of a reqwest URL: its scheme and authority (the origin
@@ -409,15 +434,18 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         *req.uri_mut() = uri;
         *req.version_mut() = shell.version();
         *req.headers_mut() = headers;
-        if extensions.get::<NoReplay>().is_some() {
+        let opted_out = extensions.get::<NoReplay>().is_some();
+        if opted_out {
             req.extensions_mut().insert(NoReplay);
         }
+        let replayable = self.policy.replay && !opted_out && self.cache.refreshes();
         let extensions = futures_util::lock::Mutex::new(extensions);
         let rest = Rest {
             next,
             extensions: &extensions,
-            shell: &shell,
+            shell: &std::sync::Mutex::new(Some(shell)),
             body: kind,
+            replayable,
         };
         let mut auth = AddCredential::<_, _, Replaying>::from_parts(
             rest,

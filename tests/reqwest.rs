@@ -405,6 +405,38 @@ async fn a_requests_own_timeout_still_applies() {
     };
     assert!(err.is_timeout(), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(4));
+
+    // The replay after a 401 carries the same timeout (it is rebuilt from the request).
+    let first = std::sync::atomic::AtomicBool::new(true);
+    let first = Arc::new(first);
+    let addr = serve(move |_req: Request<hyper::body::Incoming>| {
+        let first = first.clone();
+        async move {
+            if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                let mut res = Response::new(Full::new(Bytes::new()));
+                *res.status_mut() = StatusCode::UNAUTHORIZED;
+                return res;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Response::new(Full::new(Bytes::new()))
+        }
+    })
+    .await;
+    let source = TestSource::new();
+    let client = loopback_client(AuthMiddleware::new(source.clone()).any_https_origin());
+    let started = std::time::Instant::now();
+    let err = client
+        .get(format!("http://{addr}/slow"))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(source.fetches(), 2, "the 401 was replayed");
+    let reqwest_middleware::Error::Reqwest(err) = err else {
+        panic!("{err:?}")
+    };
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(4));
 }
 
 /// Records whether each request reaching it could still be cloned.
