@@ -188,6 +188,9 @@ fn main() {
             ),
             n,
         ),
+        // What a user would write instead of replay: tower's `Retry` outside
+        // `AddAuthorization`, cloning every request so that a 401 can be sent again.
+        "add_authorization_retry" => run(common::add_authorization_retry(Noop), n),
         "rwlock_cache" => run(rwlock_cache(Noop), n),
         "mutex_cache" => run(mutex_cache(Noop), n),
         "watch_receiver" => run(watch_receiver(Noop), n),

@@ -11,8 +11,8 @@ mod common;
 use std::{hint::black_box, time::Duration};
 
 use common::{
-    JSON, Noop, TOKEN, call, expiring_source, mutex_cache, never_expiring_source, paired, request,
-    rwlock_cache, warm, watch_receiver,
+    JSON, Noop, TOKEN, add_authorization_retry, call, expiring_source, mutex_cache,
+    never_expiring_source, paired, request, rwlock_cache, warm, watch_receiver,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 use tower::Layer;
@@ -41,6 +41,7 @@ fn variants(rt: &tokio::runtime::Runtime) -> Vec<Variant> {
                 .as_sensitive(true)
                 .layer(Noop),
         ),
+        variant("add_authorization_retry", add_authorization_retry(Noop)),
         variant(
             "auth_layer_static",
             warm(

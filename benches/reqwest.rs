@@ -5,7 +5,8 @@
 //! - `cargo bench --bench reqwest --features reqwest`: throughput, 64 tasks on a
 //!   2-thread runtime, interleaved rounds (each variant and the fixed-header stack
 //!   alternate, the order flipping every round); prints the quartiles of
-//!   throughput(variant) / throughput(fixed header) and the time added per request.
+//!   throughput(variant) / throughput(fixed header) and the time added per request
+//!   (`TCA_THREADS=1` for one runtime thread).
 //! - `BENCH=reqwest bash benches/instructions.sh`: instructions per request under
 //!   callgrind (this binary run as `reqwest instructions VARIANT N`: N requests one after
 //!   the other on a current-thread runtime).
@@ -137,8 +138,13 @@ fn main() {
         };
         return instructions(variant, n);
     }
+    // TCA_THREADS=1 runs it on one runtime thread (contention out of the picture).
+    let threads = std::env::var("TCA_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(threads)
         .enable_all()
         .build()
         .unwrap();

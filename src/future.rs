@@ -156,6 +156,51 @@ where
     B::Data: Into<Bytes>,
     P: CredentialSource,
 {
+    /// The request path of [`Replaying`](crate::Replaying), over borrowed parts: the
+    /// layer's `call`, and the reqwest middleware's per request (which has no
+    /// `AddCredential` of its own, so that no shared count is written per request).
+    /// `usable` reads the credential (only for a request in scope that may be sent);
+    /// `cache_ref` is the way back to the cache a replayable request keeps. Always
+    /// inlined: the layer's hot path is this.
+    #[inline(always)]
+    pub(crate) fn start<E: std::ops::Deref<Target = Entry>>(
+        inner: &mut S,
+        cache: &CredentialCache<P>,
+        policy: &Policy,
+        scope: Option<&crate::scope::Scope>,
+        req: Request<B>,
+        usable: impl FnOnce() -> Result<E, Acquire>,
+        cache_ref: impl FnOnce() -> CacheRef<P>,
+    ) -> Self {
+        let Some(scope) = scope else {
+            // Given no origin: the credential goes nowhere (fail closed).
+            return Self::refused(inner, Error::new(crate::error::ErrorKind::NoOrigin));
+        };
+        if !scope.allows(req.uri(), req.extensions(), policy.allow_relative_uris) {
+            // Another origin: no credential, so no transport rule, refresh or replay.
+            return Self::passthrough(inner, req);
+        }
+        if let Err(err) = policy.check_transport(req.uri()) {
+            return Self::refused(inner, err);
+        }
+        match usable() {
+            Ok(current) => {
+                // A credential that cannot change needs no way back to the cache.
+                let cache = cache.refreshes().then(cache_ref);
+                Self::send(inner, req, &current, cache, policy)
+            }
+            Err(acquire) => {
+                // Nothing is sent until the credential is there: the readiness this
+                // service holds (a concurrency permit, a buffer slot, a pooled
+                // connection) is released now rather than held through the refresh. The
+                // request readies a clone of its own once it has the credential.
+                release_readiness(inner);
+                let unready = inner.clone();
+                Self::wait(acquire, unready, req, cache.clone(), *policy)
+            }
+        }
+    }
+
     pub(crate) fn failed(error: Error) -> Self {
         ResponseFuture {
             state: State::Failed { error: Some(error) },

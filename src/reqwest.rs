@@ -6,7 +6,7 @@
 //! [`with_cache`](AuthMiddleware::with_cache) and both share one credential and one refresh.
 //!
 //! It is the layer's request path, not a copy of it: each request's method, URI, headers
-//! and body go through the same [`AddCredential`] state machine, over the rest of the
+//! and body go through the same [`AddCredential`](crate::AddCredential) state machine, over the rest of the
 //! middleware chain (the reqwest request keeps its URL, timeout and settings, and the
 //! reqwest response comes back as it was, so nothing is parsed twice), so every rule is
 //! the same: credential headers marked sensitive;
@@ -97,17 +97,16 @@ use futures_util::FutureExt;
 use http::Extensions;
 use http_body_util::BodyExt;
 use reqwest_middleware::{Middleware, Next};
-use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::{
     body::ReplayBody,
-    cache::CredentialCache,
+    cache::{CacheRef, CredentialCache},
     error::BoxError,
+    future::ResponseFuture,
     layer::AuthLayer,
     policy::{ExistingHeader, NoReplay, Policy},
     scope::{Origin, Scope},
-    service::{AddCredential, Replaying},
     source::CredentialSource,
 };
 
@@ -237,7 +236,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     }
 }
 
-/// The rest of the reqwest middleware chain as the Tower service [`AddCredential`] wraps: the
+/// The rest of the reqwest middleware chain as the Tower service [`AddCredential`](crate::AddCredential) wraps: the
 /// adapter runs the layer's own request path (attach, send, judge the answer, invalidate,
 /// replay once) over it, so both entry points share one implementation.
 ///
@@ -447,15 +446,20 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
             body: kind,
             replayable,
         };
-        let mut auth = AddCredential::<_, _, Replaying>::from_parts(
-            rest,
-            self.cache.clone(),
-            self.policy,
-            self.scope.clone(),
+        // The layer's request path over this middleware's own parts (`Rest` is always
+        // ready): the cache is read through its shared slot, and only a replayable
+        // request takes a reference to it.
+        let mut rest = rest;
+        let future = ResponseFuture::start(
+            &mut rest,
+            &self.cache,
+            &self.policy,
+            self.scope.as_deref(),
+            req,
+            || self.cache.current(),
+            || CacheRef::Shared(self.cache.clone()),
         );
-        // `Rest` is always ready; the call's future owns what it needs.
-        let res = auth.ready().await.map_err(into_middleware_error)?;
-        let res = res.call(req).await.map_err(into_middleware_error)?;
+        let res = future.await.map_err(into_middleware_error)?;
         Ok(into_reqwest(res))
     }
 }

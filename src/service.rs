@@ -15,8 +15,8 @@ use tower_service::Service;
 use crate::{
     body::ReplayBody,
     cache::{CredentialCache, LocalRefs, LocalView},
-    error::{BoxError, Error, ErrorKind},
-    future::{ResponseFuture, release_readiness},
+    error::BoxError,
+    future::ResponseFuture,
     layer::AuthLayer,
     policy::Policy,
     scope::Scope,
@@ -156,32 +156,14 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Some(scope) = &self.scope else {
-            // Given no origin: the credential goes nowhere (fail closed).
-            return ResponseFuture::refused(&mut self.inner, Error::new(ErrorKind::NoOrigin));
-        };
-        if !scope.allows(req.uri(), req.extensions(), self.policy.allow_relative_uris) {
-            // Another origin: no credential, so no transport rule, refresh or replay.
-            return ResponseFuture::passthrough(&mut self.inner, req);
-        }
-        if let Err(err) = self.policy.check_transport(req.uri()) {
-            return ResponseFuture::refused(&mut self.inner, err);
-        }
-        match self.cache.usable(self.view.load()) {
-            Ok(current) => {
-                // A credential that cannot change needs no way back to the cache.
-                let cache = self.cache.refreshes().then(|| self.refs.get(&self.cache));
-                ResponseFuture::send(&mut self.inner, req, current, cache, &self.policy)
-            }
-            Err(acquire) => {
-                // Nothing is sent until the credential is there: the readiness this
-                // service holds (a concurrency permit, a buffer slot, a pooled
-                // connection) is released now rather than held through the refresh. The
-                // request readies a clone of its own once it has the credential.
-                release_readiness(&mut self.inner);
-                let unready = self.inner.clone();
-                ResponseFuture::wait(acquire, unready, req, self.cache.clone(), self.policy)
-            }
-        }
+        ResponseFuture::start(
+            &mut self.inner,
+            &self.cache,
+            &self.policy,
+            self.scope.as_deref(),
+            req,
+            || self.cache.usable(self.view.load()),
+            || self.refs.get(&self.cache),
+        )
     }
 }

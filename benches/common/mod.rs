@@ -241,3 +241,50 @@ pub fn watch_receiver<S>(inner: S) -> Baseline<S, impl Fn() -> HeaderValue + Clo
         read: move || rx.borrow().clone(),
     }
 }
+
+/// A `tower::retry` policy that retries a 401 once, cloning every request (method, URI,
+/// version, headers, extensions and body) before it is sent: the hand-made replay.
+#[derive(Clone, Copy)]
+pub struct CloneEachRequest;
+
+impl<B: Clone, E> tower::retry::Policy<http::Request<B>, http::Response<()>, E>
+    for CloneEachRequest
+{
+    type Future = std::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        _: &mut http::Request<B>,
+        result: &mut Result<http::Response<()>, E>,
+    ) -> Option<Self::Future> {
+        match result {
+            Ok(res) if res.status() == http::StatusCode::UNAUTHORIZED => {
+                Some(std::future::ready(()))
+            }
+            _ => None,
+        }
+    }
+
+    fn clone_request(&mut self, req: &http::Request<B>) -> Option<http::Request<B>> {
+        let mut clone = http::Request::new(req.body().clone());
+        *clone.method_mut() = req.method().clone();
+        *clone.uri_mut() = req.uri().clone();
+        *clone.version_mut() = req.version();
+        *clone.headers_mut() = req.headers().clone();
+        *clone.extensions_mut() = req.extensions().clone();
+        Some(clone)
+    }
+}
+
+/// tower's `Retry` (cloning every request) outside tower-http's `AddAuthorization`:
+/// what a user writes to send a 401 once more by hand.
+pub fn add_authorization_retry<S: Clone>(
+    inner: S,
+) -> tower::retry::Retry<CloneEachRequest, tower_http::auth::AddAuthorization<S>> {
+    tower::retry::Retry::new(
+        CloneEachRequest,
+        tower_http::auth::AddAuthorizationLayer::bearer(TOKEN)
+            .as_sensitive(true)
+            .layer(inner),
+    )
+}
