@@ -331,7 +331,7 @@ async fn main() {
 /// The idle burst's token lifetime: the soft window opens 0.5-0.6 s before expiry.
 const IDLE_LIFETIME: Duration = Duration::from_secs(2);
 const BURST: usize = 1_000;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 9;
 
 /// One client under test: the Tower path or the reqwest one, over its own cache.
 #[derive(Clone)]

@@ -112,7 +112,8 @@ impl WallClock {
 
 /// The system's wall clock. (Linux's coarse realtime clock costs a quarter as much, but
 /// it was seen lagging the precise one by more than its stated resolution, so a
-/// credential could be taken as valid after it expired: not used. See BENCHMARKS.md.)
+/// credential could be taken as valid after it expired: not used; measured 2026-12-03, in
+/// BENCHMARKS.md's git history.)
 #[inline]
 fn system_now() -> SystemTime {
     SystemTime::now()

@@ -5,9 +5,9 @@
 //! allocations for the `HeaderMap` and one more for each `Bytes` inside a freshly built
 //! `Uri` and header value (a clone promotes it to shared storage), then as many frees.
 //! Copying the same bytes into one buffer costs a single allocation; the parsing back
-//! happens only on the rare replay path. See BENCHMARKS.md for the measured difference
-//! (and for why an inline buffer inside the response future measured worse: every move
-//! of the future copies it).
+//! happens only on the rare replay path. BENCHMARKS.md's "Hot-path machinery" table has
+//! the measured difference (an inline buffer inside the response future measured worse,
+//! too: every move of the future copies it).
 
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 

@@ -123,7 +123,8 @@ impl Policy {
     /// Whether a credential may be sent to `uri`. Inlined into the hot path for its
     /// common case, `https`; everything else is looked at out of line, given the scheme
     /// and host text rather than the `Uri`: a reference into the request handed to a
-    /// function the compiler cannot see into made the common path dearer (BENCHMARKS.md).
+    /// function the compiler cannot see into made the common path dearer (BENCHMARKS.md's git
+    /// history, 2026-12-02).
     #[inline]
     pub(crate) fn check_transport(&self, uri: &Uri) -> Result<(), Error> {
         if is_https(uri) {
