@@ -1085,6 +1085,42 @@ mod file_store {
         the_contract_holds_with(a, b, false).await;
     }
 
+    /// World: a lease taken, then the host's wall clock steps back an hour (simulated:
+    /// the lease's end in the file moved an hour later). Proves: a lease ending further
+    /// away than it was taken for is stale and taken over at once, instead of keeping
+    /// every process on the host waiting for an hour; a lease in its time still excludes.
+    #[tokio::test]
+    async fn a_lease_stranded_by_a_clock_step_back_is_taken_over() {
+        let path = path("clock-step");
+        let (a, b) = (
+            FileStore::open(&path).unwrap(),
+            FileStore::open(&path).unwrap(),
+        );
+        let held = a
+            .lease(Duration::from_secs(3))
+            .await
+            .unwrap()
+            .expect("free");
+        assert!(
+            b.lease(Duration::from_secs(3)).await.unwrap().is_none(),
+            "held"
+        );
+        let mut doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let until = doc["lease"]["until"].as_u64().unwrap();
+        doc["lease"]["until"] = (until + 3_600_000).into();
+        std::fs::write(&path, doc.to_string()).unwrap();
+        assert!(
+            b.lease(Duration::from_secs(3)).await.unwrap().is_some(),
+            "a lease an hour away was taken for 3 s: the clock stepped back"
+        );
+        assert!(
+            !a.save(&held, &Credential::bearer("late").unwrap())
+                .await
+                .unwrap()
+        );
+    }
+
     /// World: 6 caches, each with its own handle on one file, 10 callers each, tokens
     /// living 1 s. Proves: one fetch per lifetime, never two at once, no failed call.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use base64::Engine as _;
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use chacha20poly1305::{
     XChaCha20Poly1305, XNonce,
     aead::{Aead, AeadCore, KeyInit, OsRng, Payload},
@@ -136,7 +136,13 @@ impl Codec {
 fn document(credential: &Credential) -> String {
     let headers: Vec<Value> = credential
         .headers()
-        .map(|(name, value)| json!([name.as_str(), String::from_utf8_lossy(value.as_bytes())]))
+        .map(
+            |(name, value)| match std::str::from_utf8(value.as_bytes()) {
+                Ok(text) => json!([name.as_str(), text]),
+                // Bytes that are not UTF-8 (obs-text): kept byte for byte, never made lossy.
+                Err(_) => json!([name.as_str(), {"b64": B64.encode(value.as_bytes())}]),
+            },
+        )
         .collect();
     json!({
         "h": headers,
@@ -156,25 +162,48 @@ fn parse(json: &str) -> Result<Credential, &'static str> {
         .iter()
         .map(|pair| {
             let name = pair[0].as_str().ok_or(MALFORMED)?;
-            let value = pair[1].as_str().ok_or(MALFORMED)?;
+            let value = match (&pair[1], pair[1]["b64"].as_str()) {
+                (Value::String(text), _) => HeaderValue::from_str(text),
+                (_, Some(bytes)) => {
+                    HeaderValue::from_bytes(&B64.decode(bytes).map_err(|_| MALFORMED)?)
+                }
+                _ => return Err(MALFORMED),
+            };
             Ok((
                 HeaderName::from_bytes(name.as_bytes()).map_err(|_| MALFORMED)?,
-                HeaderValue::from_str(value).map_err(|_| MALFORMED)?,
+                value.map_err(|_| MALFORMED)?,
             ))
         })
         .collect::<Result<Vec<_>, &'static str>>()?;
     let mut credential = Credential::from_headers(headers).map_err(|_| MALFORMED)?;
-    if let Some(at) = doc["iat"].as_u64() {
-        credential = credential.issued_at(UNIX_EPOCH + Duration::from_millis(at));
+    // A time is whole milliseconds within the clock's range, or absent: anything else
+    // is refused (an unreadable expiry must never read as "does not expire").
+    let time = |field: &Value| -> Result<Option<SystemTime>, &'static str> {
+        match field {
+            Value::Null => Ok(None),
+            field => field
+                .as_u64()
+                .filter(|at| *at <= LAST_MILLI)
+                .and_then(|at| UNIX_EPOCH.checked_add(Duration::from_millis(at)))
+                .map(Some)
+                .ok_or(MALFORMED),
+        }
+    };
+    if let Some(at) = time(&doc["iat"])? {
+        credential = credential.issued_at(at);
     }
-    if let Some(at) = doc["exp"].as_u64() {
-        credential = credential.expires_at(UNIX_EPOCH + Duration::from_millis(at));
+    if let Some(at) = time(&doc["exp"])? {
+        credential = credential.expires_at(at);
     }
     if let Some(token) = doc["rt"].as_str() {
         credential = credential.with_refresh_token(token);
     }
     Ok(credential)
 }
+
+/// The last millisecond of the year 9999: a stored time past it is garbage (and past what
+/// some platforms' clocks hold).
+const LAST_MILLI: u64 = 253_402_300_799_999;
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -245,6 +274,23 @@ mod tests {
         );
     }
 
+    /// A header value that is not UTF-8 (obs-text bytes, as some servers issue) comes
+    /// back byte for byte, plain and sealed: never altered, never unreadable.
+    #[test]
+    fn a_header_value_that_is_not_utf8_round_trips() {
+        let value = HeaderValue::from_bytes(b"Bearer caf\xe9-\xff").unwrap();
+        let credential =
+            Credential::from_headers([(HeaderName::from_static("authorization"), value)])
+                .unwrap()
+                .with_refresh_token("rt");
+        for codec in [codec("k", None), codec("k", Some([1; 32]))] {
+            let back = codec.decode(&codec.encode(&credential).unwrap()).unwrap();
+            assert_eq!(back, credential);
+            let (_, value) = back.headers().next().unwrap();
+            assert_eq!(value.as_bytes(), b"Bearer caf\xe9-\xff");
+        }
+    }
+
     /// What cannot be read is refused, saying why and never what it holds: another
     /// version, garbage, a sealed value under another key or bound to another key name,
     /// plain text where a key is set, a sealed value where none is.
@@ -266,6 +312,23 @@ mod tests {
             ),
             (&plain, sealed_value.clone()),
             (&sealed, plain_value.clone()),
+            // An expiry that is not whole milliseconds, or out of any clock's range: never
+            // read as "does not expire", never a panic.
+            (
+                &plain,
+                "v1:ab:{\"h\":[[\"authorization\",\"Bearer x\"]],\"exp\":1.8e12}".to_owned(),
+            ),
+            (
+                &plain,
+                "v1:ab:{\"h\":[[\"authorization\",\"Bearer x\"]],\"exp\":\"soon\"}".to_owned(),
+            ),
+            (
+                &plain,
+                format!(
+                    "v1:ab:{{\"h\":[[\"authorization\",\"Bearer x\"]],\"iat\":{}}}",
+                    u64::MAX
+                ),
+            ),
             (&other_key, sealed_value.clone()),
             (&other_name, sealed_value.clone()),
             (

@@ -8,7 +8,9 @@
 //! changes it, writes a temporary file in the same directory and renames it over the data
 //! file: a reader never sees half a write, and a process killed mid-write leaves the old
 //! data whole. The lock is on the lock file, never on the data file a rename replaces.
-//! The OS drops a dead process's lock; its refresh lease runs out by the wall clock.
+//! The OS drops a dead process's lock; its refresh lease runs out by the wall clock (a
+//! lease that ends further away than it was taken for, as after the clock stepped back,
+//! is stale; a step forward ends a lease early, which can let a second fetch start).
 //!
 //! Both files are created readable and writable by their owner only (mode `0600` on
 //! Unix). [`FileStore::encrypted`] seals the credential as [`RedisStore`]'s values are
@@ -81,16 +83,20 @@ impl fmt::Debug for FileStore {
 struct Data {
     /// The credential in its stored form.
     credential: Option<String>,
-    /// The lease's token and when it runs out (milliseconds since the Unix epoch).
-    lease: Option<(String, u64)>,
+    /// The lease's token, when it runs out (milliseconds since the Unix epoch) and for
+    /// how long it was taken or last renewed (milliseconds).
+    lease: Option<(String, u64, u64)>,
 }
 
 impl Data {
     fn holder(&self, now: u64) -> Option<&str> {
+        // A lease that ends further away than it was taken for was written before the
+        // wall clock stepped back: stale, or every process on the host would wait out
+        // the step. (A step forward ends leases early; a lease is short.)
         self.lease
             .as_ref()
-            .filter(|(_, until)| now < *until)
-            .map(|(token, _)| token.as_str())
+            .filter(|(_, until, ttl)| now < *until && until - now <= *ttl)
+            .map(|(token, _, _)| token.as_str())
     }
 
     fn parse(text: &str) -> Result<Data, &'static str> {
@@ -108,6 +114,8 @@ impl Data {
             lease => Some((
                 lease["token"].as_str().ok_or("malformed")?.to_owned(),
                 lease["until"].as_u64().ok_or("malformed")?,
+                // Written before the length was kept: not judged by it.
+                lease["ttl"].as_u64().unwrap_or(u64::MAX),
             )),
         };
         Ok(Data { credential, lease })
@@ -117,7 +125,7 @@ impl Data {
         json!({
             "v": 1,
             "credential": self.credential,
-            "lease": self.lease.as_ref().map(|(token, until)| json!({"token": token, "until": until})),
+            "lease": self.lease.as_ref().map(|(token, until, ttl)| json!({"token": token, "until": until, "ttl": ttl})),
         })
         .to_string()
     }
@@ -280,7 +288,8 @@ impl CredentialStore for FileStore {
                 return (None, false);
             }
             let lease = Lease::new();
-            data.lease = Some((lease.token().to_owned(), now.saturating_add(millis(ttl))));
+            let ttl = millis(ttl);
+            data.lease = Some((lease.token().to_owned(), now.saturating_add(ttl), ttl));
             (Some(lease), true)
         })
         .await
@@ -306,7 +315,8 @@ impl CredentialStore for FileStore {
             if data.holder(now) != Some(token.as_str()) {
                 return (false, false);
             }
-            data.lease = Some((token, now.saturating_add(millis(ttl))));
+            let ttl = millis(ttl);
+            data.lease = Some((token, now.saturating_add(ttl), ttl));
             (true, true)
         })
         .await
@@ -315,7 +325,7 @@ impl CredentialStore for FileStore {
     async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
         let token = lease.token().to_owned();
         self.locked(move |_, data| {
-            let held = data.lease.as_ref().is_some_and(|(t, _)| *t == token);
+            let held = data.lease.as_ref().is_some_and(|(t, _, _)| *t == token);
             if held {
                 data.lease = None;
             }
