@@ -839,6 +839,48 @@ mod refresh_tokens {
         assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
     }
 
+    /// World: the fleet's refresh token is presented and the server rotates it, but its
+    /// answer comes after the cache stopped waiting (a 1 s fetch timeout, a 1.5 s
+    /// answer); the exchange ends in its own task. Proves: the next fetch hands out that
+    /// late credential with its rotated refresh token, which reaches the store and is
+    /// presented by the next refresh: one login in all, nothing presented twice.
+    #[tokio::test]
+    async fn a_late_rotation_keeps_its_refresh_token() {
+        let idp = StrictIdp::new(ID, SECRET, 3600.0);
+        let base = start(idp.clone()).await;
+        let store = MemoryStore::new();
+        let a = CredentialCache::builder(source(&base))
+            .store(store.clone())
+            .fetch_timeout(Duration::from_secs(1))
+            .backoff(Duration::from_millis(100), Duration::from_millis(200))
+            .build()
+            .unwrap();
+        a.credential().await.unwrap();
+        idp.push_fault(Fault::RotateThenDelay(Duration::from_millis(1500)));
+        assert!(a.handle().invalidate());
+        let err = a.credential().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Timeout);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let late = a
+            .credential()
+            .await
+            .expect("the late exchange's credential");
+        assert_eq!(idp.refresh_grants.load(SeqCst), 1);
+        let stored = store.load().await.unwrap().expect("saved");
+        assert!(
+            stored.refresh_token().is_some(),
+            "the late exchange's rotated refresh token did not reach the store"
+        );
+        assert_ne!(a.reject(&late).await.unwrap(), late);
+        assert_eq!(
+            idp.logins.load(SeqCst),
+            1,
+            "logged in again: the rotated refresh token was lost"
+        );
+        assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
+        assert_eq!(idp.family_revocations.load(SeqCst), 0);
+    }
+
     /// A memory store that refuses to save a credential carrying a refresh token while
     /// `refusing` is set (a store out of memory that still answers, say); every other
     /// call goes through.

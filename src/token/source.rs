@@ -12,7 +12,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio::{sync::Mutex, time::Instant};
+use tokio::{
+    sync::{Mutex, oneshot},
+    time::Instant,
+};
 
 use super::{
     client::TokenClient,
@@ -207,6 +210,9 @@ struct Held {
     /// source is its only holder, so the next shared exchange presents it if the store
     /// holds none.
     unspent: bool,
+    /// Whether the last exchange's credential (`last`) reached nobody: the cache stopped
+    /// waiting. Its refresh token (`refresh_token`) is then newer than the store's.
+    undelivered: bool,
     /// The last credential issued. If the cache stopped waiting for an exchange (its
     /// fetch timed out, the request was dropped), the server has already issued this one:
     /// the next fetch hands it out instead of refreshing again, which a provider that
@@ -343,6 +349,7 @@ impl TokenSource {
             refresh_token: Some(token.clone()),
             seed: Some(token),
             unspent: false,
+            undelivered: false,
             last: None,
         }));
         self
@@ -546,8 +553,9 @@ impl CredentialSource for TokenSource {
         job.began = (cx.now(), Instant::now());
         // The exchange runs in its own task: if the cache stops waiting (timeout, drop),
         // a refresh token the server already rotated is still received and stored.
-        let task = tokio::spawn(async move { job.run(cx).await });
-        match task.await {
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move { job.run(cx, tx).await });
+        match rx.await {
             Ok(result) => result.map_err(Into::into),
             Err(_) => Err(TokenError::new(TokenErrorKind::Transport)
                 .detail("the token exchange task failed")
@@ -590,19 +598,33 @@ impl Exchange {
         self.began.0.checked_add(since).unwrap_or(self.began.0)
     }
 
-    async fn run(self, cx: FetchContext) -> Result<Credential, TokenError> {
+    /// The exchange, its result sent to `tx` under the lock: a result nobody received any
+    /// more (the cache stopped waiting) is marked, so that the next fetch hands it out
+    /// with the refresh token it came with.
+    async fn run(self, cx: FetchContext, tx: oneshot::Sender<Result<Credential, TokenError>>) {
         // Held across the exchange: one exchange at a time per source.
         let mut held = self.held.lock().await;
+        let result = self.outcome(cx, &mut held).await;
+        if let Err(Ok(_)) = tx.send(result) {
+            held.undelivered = true;
+        }
+    }
+
+    async fn outcome(&self, cx: FetchContext, held: &mut Held) -> Result<Credential, TokenError> {
         let shared = match cx.refresh_sharing() {
             RefreshSharing::Shared(token) => {
                 // The store owns the refresh token: its one, or none (log in). One this
                 // source kept may have been presented by another process since. A
                 // saved one given at start is used once, when the store has none yet.
+                // A late exchange's rotated one is newer than the store's, and this
+                // source its only holder: it goes with that exchange's credential.
                 let seed = held.seed.take();
-                let unspent = std::mem::take(&mut held.unspent)
-                    .then(|| held.refresh_token.take())
-                    .flatten();
-                held.refresh_token = token.cloned().or(unspent).or(seed);
+                if !std::mem::take(&mut held.undelivered) {
+                    let unspent = std::mem::take(&mut held.unspent)
+                        .then(|| held.refresh_token.take())
+                        .flatten();
+                    held.refresh_token = token.cloned().or(unspent).or(seed);
+                }
                 true
             }
             RefreshSharing::StoreUnavailable if self.refresh.is_some() => {
@@ -617,7 +639,7 @@ impl Exchange {
             }
             _ => false,
         };
-        let result = self.exchange(&cx, &mut held).await;
+        let result = self.exchange(&cx, held).await;
         // The next refresh token goes to the store with the credential, in one write.
         match (shared, &held.refresh_token) {
             (true, Some(token)) => result.map(|c| c.with_refresh_token(token.clone())),
