@@ -928,6 +928,44 @@ mod refresh_tokens {
         }
     }
 
+    /// World: a rotated pair the store refuses, then the cache holding it is dropped (its
+    /// process shutting down) just as the store recovers. Proves: the pair gets one last
+    /// save and the lease goes back, rather than the refresh token vanishing and the
+    /// fleet waiting out the lease.
+    #[tokio::test]
+    async fn a_dropped_cache_saves_its_unsaved_pair_once_more() {
+        let idp = StrictIdp::new(ID, SECRET, 3600.0);
+        let base = start(idp.clone()).await;
+        let store = RefusesPairs::default();
+        let a = CredentialCache::builder(source(&base))
+            .store(store.clone())
+            .build()
+            .unwrap();
+        a.credential().await.unwrap();
+        store.refusing.store(true, SeqCst);
+        assert!(a.handle().invalidate());
+        let rotated = a.credential().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        store.refusing.store(false, SeqCst);
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let stored = store.load().await.unwrap().expect("saved");
+        assert_eq!(stored, rotated);
+        assert!(
+            stored.refresh_token().is_some(),
+            "the rotated refresh token was lost"
+        );
+        assert!(
+            store
+                .inner
+                .lease(Duration::from_millis(1))
+                .await
+                .unwrap()
+                .is_some(),
+            "the lease was not given back"
+        );
+    }
+
     /// World: a rotated pair the store refuses for 8 s (it answers, but will not take a
     /// value carrying a refresh token), and meanwhile the credential is invalidated here.
     /// Proves: the holder keeps the refresh lease the whole time (another process probing

@@ -647,11 +647,11 @@ async fn keep_saving<P: CredentialSource>(
     let mut next_try = saturating_add(Instant::now(), pause);
     loop {
         let Some(hold) = inner.upgrade().map(|inner| lease_hold(&inner)) else {
-            return;
+            return last_save(store.as_ref(), &lease, &credential).await;
         };
         tokio::time::sleep_until(next_try.min(saturating_add(Instant::now(), hold / 3))).await;
         let Some(inner) = inner.upgrade() else {
-            return;
+            return last_save(store.as_ref(), &lease, &credential).await;
         };
         if superseded(&inner, &credential) {
             // A newer refresh token is in use here: this one is spent.
@@ -700,6 +700,20 @@ async fn keep_saving<P: CredentialSource>(
             release(&inner, store.as_ref(), &lease).await;
             return;
         }
+    }
+}
+
+/// The cache is gone (its process shutting down, say) while a rotated pair is still
+/// unsaved: one last try to save it, then the lease goes back, within a second.
+async fn last_save(store: &dyn crate::store::DynStore, lease: &Lease, credential: &Credential) {
+    let saved = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let saved = matches!(store.save(lease, credential).await, Ok(true));
+        let _ = store.release(lease).await;
+        saved
+    })
+    .await;
+    if saved != Ok(true) {
+        tracing::warn!("the cache was dropped before its rotated refresh token could be saved");
     }
 }
 
