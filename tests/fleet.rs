@@ -772,6 +772,29 @@ mod refresh_tokens {
         assert_eq!(idp.family_revocations.load(SeqCst), 0);
     }
 
+    /// A cache over a memory store, logged in against a strict server issuing tokens
+    /// that live `ttl` seconds, whose next token request is throttled (429); the backoff
+    /// is short.
+    async fn logged_in_then_throttled(
+        ttl: f64,
+    ) -> (Arc<StrictIdp>, CredentialCache<TokenSource>, Credential) {
+        let idp = StrictIdp::new(ID, SECRET, ttl);
+        let base = start(idp.clone()).await;
+        let cache = CredentialCache::builder(source(&base))
+            .store(MemoryStore::new())
+            .backoff(Duration::from_millis(100), Duration::from_millis(200))
+            .build()
+            .unwrap();
+        let first = cache.credential().await.unwrap();
+        idp.push_fault(Fault::Answer(Box::new(|_| {
+            support::providers::reply(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                serde_json::json!({"error": "slow_down"}),
+            )
+        })));
+        (idp, cache, first)
+    }
+
     /// World: a fleet's refresh token in the store; the refresh that takes it out is
     /// throttled (429: the server did not act on it), then the access token has expired.
     /// Proves: the refresh token the server never acted on is not lost with the failed
@@ -779,20 +802,7 @@ mod refresh_tokens {
     /// it): the next refresh presents it; no second login, nothing presented twice.
     #[tokio::test]
     async fn a_refresh_token_the_server_never_acted_on_is_kept() {
-        let idp = StrictIdp::new(ID, SECRET, 2.0);
-        let base = start(idp.clone()).await;
-        let a = CredentialCache::builder(source(&base))
-            .store(MemoryStore::new())
-            .backoff(Duration::from_millis(100), Duration::from_millis(200))
-            .build()
-            .unwrap();
-        let first = a.credential().await.unwrap();
-        idp.push_fault(Fault::Answer(Box::new(|_| {
-            support::providers::reply(
-                http::StatusCode::TOO_MANY_REQUESTS,
-                serde_json::json!({"error": "slow_down"}),
-            )
-        })));
+        let (idp, a, first) = logged_in_then_throttled(2.0).await;
         tokio::time::sleep(Duration::from_millis(2100)).await;
         let throttled = a.credential().await.unwrap_err();
         assert_eq!(throttled.kind(), ErrorKind::Fetch);
@@ -814,20 +824,7 @@ mod refresh_tokens {
     /// token); the next refresh presents the unspent refresh token; one login in all.
     #[tokio::test]
     async fn a_rejected_credential_is_not_served_again_after_a_failed_refresh() {
-        let idp = StrictIdp::new(ID, SECRET, 3600.0);
-        let base = start(idp.clone()).await;
-        let a = CredentialCache::builder(source(&base))
-            .store(MemoryStore::new())
-            .backoff(Duration::from_millis(100), Duration::from_millis(200))
-            .build()
-            .unwrap();
-        let first = a.credential().await.unwrap();
-        idp.push_fault(Fault::Answer(Box::new(|_| {
-            support::providers::reply(
-                http::StatusCode::TOO_MANY_REQUESTS,
-                serde_json::json!({"error": "slow_down"}),
-            )
-        })));
+        let (idp, a, first) = logged_in_then_throttled(3600.0).await;
         assert!(a.reject(&first).await.is_err(), "the refresh was throttled");
         tokio::time::sleep(Duration::from_millis(300)).await;
         let second = a.credential().await.expect("refreshed");

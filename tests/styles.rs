@@ -263,69 +263,51 @@ async fn style_c_revoked_refresh_token_falls_back_to_one_login() {
     );
 }
 
-/// A refresh token saved by an earlier process resumes the session without a login.
+/// A refresh token saved by an earlier process resumes the session without a login, with
+/// no store and with a credential store that holds nothing yet (the first process of a
+/// fleet to start: the empty store does not wipe the saved token, and the rotated pair
+/// lands in the store).
 #[tokio::test]
 async fn style_c_saved_refresh_token_resumes_without_login() {
-    let api = RotatingApi::new("key-c");
-    let base = start(api.clone()).await;
-    let first = layer(style_c(&base, "key-c")).layer(api_client());
-    assert_eq!(
-        get(&first, format!("{base}/v3/accounts")).await.unwrap(),
-        200
-    );
-    api.expire_sessions();
-    // A new process, seeded with the refresh token the first one persisted.
-    let restarted = layer(style_c(&base, "key-c").refresh_token("c-refresh-1")).layer(api_client());
-    assert_eq!(
-        get(&restarted, format!("{base}/v3/accounts"))
-            .await
-            .unwrap(),
-        200
-    );
-    assert_eq!(
-        (api.logins.load(SeqCst), api.refreshes.load(SeqCst)),
-        (1, 1)
-    );
-}
-
-/// The same restart with a credential store that holds nothing yet (the first process of
-/// a fleet to start). Proves: the saved refresh token is used (the empty store does not
-/// wipe it), and the rotated pair lands in the store.
-#[tokio::test]
-async fn style_c_saved_refresh_token_resumes_without_login_over_an_empty_store() {
-    let api = RotatingApi::new("key-c");
-    let base = start(api.clone()).await;
-    let first = layer(style_c(&base, "key-c")).layer(api_client());
-    assert_eq!(
-        get(&first, format!("{base}/v3/accounts")).await.unwrap(),
-        200
-    );
-    api.expire_sessions();
-    let store = tower_client_auth::MemoryStore::new();
-    let restarted = AuthLayer::builder(style_c(&base, "key-c").refresh_token("c-refresh-1"))
-        .store(store.clone())
-        .any_https_origin()
-        .allow_http_loopback(true)
-        .build()
-        .unwrap()
-        .layer(api_client());
-    assert_eq!(
-        get(&restarted, format!("{base}/v3/accounts"))
-            .await
-            .unwrap(),
-        200
-    );
-    assert_eq!(
-        (api.logins.load(SeqCst), api.refreshes.load(SeqCst)),
-        (1, 1),
-        "logged in although a saved refresh token was given"
-    );
-    use tower_client_auth::CredentialStore as _;
-    let stored = store.load().await.unwrap().expect("saved");
-    assert!(
-        stored.refresh_token().is_some(),
-        "the rotated pair is in the store"
-    );
+    use tower_client_auth::{CredentialStore as _, MemoryStore};
+    for store in [None, Some(MemoryStore::new())] {
+        let api = RotatingApi::new("key-c");
+        let base = start(api.clone()).await;
+        let first = layer(style_c(&base, "key-c")).layer(api_client());
+        assert_eq!(
+            get(&first, format!("{base}/v3/accounts")).await.unwrap(),
+            200
+        );
+        api.expire_sessions();
+        // A new process, seeded with the refresh token the first one persisted.
+        let seeded = style_c(&base, "key-c").refresh_token("c-refresh-1");
+        let mut builder = AuthLayer::builder(seeded)
+            .any_https_origin()
+            .allow_http_loopback(true);
+        if let Some(store) = &store {
+            builder = builder.store(store.clone());
+        }
+        let restarted = builder.build().unwrap().layer(api_client());
+        assert_eq!(
+            get(&restarted, format!("{base}/v3/accounts"))
+                .await
+                .unwrap(),
+            200
+        );
+        assert_eq!(
+            (api.logins.load(SeqCst), api.refreshes.load(SeqCst)),
+            (1, 1),
+            "logged in although a saved refresh token was given (store: {})",
+            store.is_some()
+        );
+        if let Some(store) = &store {
+            let stored = store.load().await.unwrap().expect("saved");
+            assert!(
+                stored.refresh_token().is_some(),
+                "the rotated pair is in the store"
+            );
+        }
+    }
 }
 
 // --- OAuth2 refresh grant --------------------------------------------------------------
