@@ -248,7 +248,8 @@ impl<P: CredentialSource> AuthMiddleware<P> {
 struct Rest<'a> {
     next: Next<'a>,
     /// The middleware extensions, handed to each attempt in turn (never two at once).
-    /// Borrowed from the middleware's own frame, as is the shell: no allocation per request.
+    /// Borrowed from the middleware's own frame, as is the shell (neither is allocated per
+    /// request; a replayable request copies the URL for its replay).
     extensions: &'a futures_util::lock::Mutex<&'a mut Extensions>,
     /// The reqwest request without its headers and body: the first attempt takes it;
     /// when a replay is possible, a copy of what reqwest sends from it (method, URL,

@@ -219,9 +219,10 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
     /// - Only for a proactive source with an expiry ([`RefreshMode::Proactive`]): a
     ///   reactive-only source (one whose server refuses early refreshes) or a fixed one is
     ///   never refreshed by it.
-    /// - A failed refresh is tried again on the backoff's schedule, as any refresh; one
-    ///   that hands back a credential already in its soft window is not repeated sooner
-    ///   than the backoff base after it.
+    /// - A failed refresh is tried again on the backoff's schedule, as any refresh. A
+    ///   credential that arrives already inside its soft window (a source handing out a
+    ///   token it cached, one loaded from a store late in its life) is left to requests:
+    ///   refreshing it in the background could bring another one just as old.
     /// - It keeps the credential the cache holds: an empty cache fills on the first request
     ///   or [`CredentialCache::warm_up`].
     /// - Its timer is the credential's own aging timer: it ends with the last clone of the

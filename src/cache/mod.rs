@@ -546,8 +546,10 @@ impl<P: CredentialSource> Inner<P> {
         };
         let runtime = tokio::runtime::Handle::try_current().ok();
         // Keep-warm: the aging timer goes on to start the background refresh, never
-        // sooner than the backoff base after this entry arrived (one born in its soft
-        // window must not make a loop of refreshes).
+        // sooner than the backoff base after this entry arrived. An entry born inside
+        // its soft window (a source handing out a token it cached, one loaded late in
+        // its life) has no timer, and is left to requests: refreshing it in the
+        // background could bring another one just as old, a loop.
         let warm = self.config.keep_warm.then(|| {
             (
                 self.me.clone(),
@@ -559,7 +561,7 @@ impl<P: CredentialSource> Inner<P> {
             // only a clock read per request slower.
             let soft_at = windows.map(|w| w.1);
             let (aging, timer) = match (soft_at, &runtime) {
-                (Some(at), Some(rt)) if at > now || warm.is_some() => {
+                (Some(at), Some(rt)) if at > now => {
                     let guard = AgeOnDrop(weak.clone());
                     let task = rt.spawn(async move {
                         tokio::time::sleep_until(at).await;
@@ -570,7 +572,7 @@ impl<P: CredentialSource> Inner<P> {
                         }
                     });
                     // A runtime shutting down refuses the timer: age from the start then.
-                    (at <= now || task.is_finished(), Some(task.abort_handle()))
+                    (task.is_finished(), Some(task.abort_handle()))
                 }
                 (Some(_), _) => (true, None),
                 (None, _) => (false, None),

@@ -202,9 +202,6 @@ pub struct TokenSource {
 #[derive(Default)]
 struct Held {
     refresh_token: Option<Secret>,
-    /// A refresh token saved earlier ([`TokenSource::refresh_token`]), for the first
-    /// exchange: a store holding none does not wipe it; one holding any supersedes it.
-    seed: Option<Secret>,
     /// Whether `refresh_token` was taken from the store for an exchange that failed
     /// before the server acted on it (never sent, throttled, refused as a request): this
     /// source is its only holder, so the next shared exchange presents it if the store
@@ -343,11 +340,15 @@ impl TokenSource {
     }
 
     /// Starts with a refresh token saved earlier, so a restart does not need a login.
+    ///
+    /// Not used when the cache shares credentials through a store
+    /// ([`CredentialStore`](crate::CredentialStore)): the store owns the fleet's refresh
+    /// token, and a saved one may have been rotated by another process already
+    /// (presenting it again would revoke the family at a strict server). With a store,
+    /// the first process logs in, or save the pair into the store before the fleet starts.
     pub fn refresh_token(mut self, token: impl Into<Secret>) -> Self {
-        let token = token.into();
         self.held = Arc::new(Mutex::new(Held {
-            refresh_token: Some(token.clone()),
-            seed: Some(token),
+            refresh_token: Some(token.into()),
             unspent: false,
             undelivered: false,
             last: None,
@@ -614,16 +615,17 @@ impl Exchange {
         let shared = match cx.refresh_sharing() {
             RefreshSharing::Shared(token) => {
                 // The store owns the refresh token: its one, or none (log in). One this
-                // source kept may have been presented by another process since. A
-                // saved one given at start is used once, when the store has none yet.
-                // A late exchange's rotated one is newer than the store's, and this
-                // source its only holder: it goes with that exchange's credential.
-                let seed = held.seed.take();
+                // source kept may have been presented by another process since, and so
+                // may one saved earlier (`refresh_token(saved)`): another process of
+                // the fleet may have rotated it already. Only a token this source alone
+                // holds is kept: a late exchange's rotated one (newer than the store's;
+                // it goes with that exchange's credential), or one the server never acted
+                // on after this source took it out of the store.
                 if !std::mem::take(&mut held.undelivered) {
                     let unspent = std::mem::take(&mut held.unspent)
                         .then(|| held.refresh_token.take())
                         .flatten();
-                    held.refresh_token = token.cloned().or(unspent).or(seed);
+                    held.refresh_token = token.cloned().or(unspent);
                 }
                 true
             }
