@@ -242,9 +242,11 @@ impl<P: CredentialSource> AuthMiddleware<P> {
 ///
 /// Nothing is parsed or converted twice: the state machine gets an `http` request made of
 /// the method, URI, headers and body, while the reqwest request keeps everything else
-/// (its URL, timeout and reqwest's own settings) in `shell`; each attempt puts its headers
-/// and body back into a copy of that shell. The answer is the reqwest response itself,
-/// carried in an `http::Response` whose status the state machine reads.
+/// (its URL, timeout and reqwest's own settings) in `shell`; an attempt puts its headers
+/// and body back into the shell (the first) or a copy of it (a replay). The answer is the
+/// reqwest response itself, carried in an `http::Response` whose status the state machine
+/// reads.
+#[derive(Clone)]
 struct Rest<'a> {
     next: Next<'a>,
     /// The middleware extensions, handed to each attempt in turn (never two at once).
@@ -271,18 +273,6 @@ enum BodyKind {
     InMemory,
     /// A stream.
     Stream,
-}
-
-impl Clone for Rest<'_> {
-    fn clone(&self) -> Self {
-        Rest {
-            next: self.next.clone(),
-            extensions: self.extensions,
-            shell: self.shell,
-            body: self.body,
-            replayable: self.replayable,
-        }
-    }
 }
 
 impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
@@ -440,7 +430,7 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         }
         let replayable = self.policy.replay && !opted_out && self.cache.refreshes();
         let extensions = futures_util::lock::Mutex::new(extensions);
-        let rest = Rest {
+        let mut rest = Rest {
             next,
             extensions: &extensions,
             shell: &std::sync::Mutex::new(Some(shell)),
@@ -450,7 +440,6 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         // The layer's request path over this middleware's own parts (`Rest` is always
         // ready): the cache is read through its shared slot, and only a replayable
         // request takes a reference to it.
-        let mut rest = rest;
         let future = ResponseFuture::start(
             &mut rest,
             &self.cache,

@@ -308,13 +308,6 @@ impl Scope {
         *scope = Some(Arc::new(next));
     }
 
-    /// Whether a request to `uri` gets the credential. A URI without a scheme or host
-    /// (set below the layer, as a tonic channel does) is in scope only when
-    /// `relative_in_scope`.
-    ///
-    /// A given origin or predicate is in scope wherever the request came from. Under
-    /// `any_https_origin` alone, a redirect hop (marked by the redirect policy) is in
-    /// scope only at the origin it came from.
     /// Whether a user's predicate ([`origin_matching`](crate::AuthLayer::origin_matching))
     /// sees the request's whole URI, path included.
     #[cfg(feature = "reqwest")]
@@ -322,6 +315,13 @@ impl Scope {
         !self.predicates.is_empty()
     }
 
+    /// Whether a request to `uri` gets the credential. A URI without a scheme or host
+    /// (set below the layer, as a tonic channel does) is in scope only when
+    /// `relative_in_scope`.
+    ///
+    /// A given origin or predicate is in scope wherever the request came from. Under
+    /// `any_https_origin` alone, a redirect hop (marked by the redirect policy) is in
+    /// scope only at the origin it came from.
     pub(crate) fn allows(
         &self,
         uri: &Uri,

@@ -383,8 +383,8 @@ async fn token_requests_never_follow_redirects() {
     }
 }
 
-/// The adapter sends each request through the layer's own path in its `http` form; the
-/// request's own timeout, which that form cannot carry, still applies.
+/// The request's own timeout still applies through the adapter, to the first attempt and
+/// to the replay after a 401 (which is rebuilt from a copy of the request).
 #[tokio::test]
 async fn a_requests_own_timeout_still_applies() {
     let addr = serve(|_req: Request<hyper::body::Incoming>| async {
@@ -393,18 +393,12 @@ async fn a_requests_own_timeout_still_applies() {
     })
     .await;
     let client = loopback_client(AuthMiddleware::new(TestSource::new()).any_https_origin());
-    let started = std::time::Instant::now();
-    let err = client
-        .get(format!("http://{addr}/slow"))
-        .timeout(Duration::from_millis(200))
-        .send()
-        .await
-        .unwrap_err();
-    let reqwest_middleware::Error::Reqwest(err) = err else {
-        panic!("{err:?}")
-    };
-    assert!(err.is_timeout(), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(4));
+    times_out(
+        &client,
+        format!("http://{addr}/slow"),
+        Duration::from_millis(200),
+    )
+    .await;
 
     // The replay after a 401 carries the same timeout (it is rebuilt from the request).
     let first = std::sync::atomic::AtomicBool::new(true);
@@ -424,14 +418,20 @@ async fn a_requests_own_timeout_still_applies() {
     .await;
     let source = TestSource::new();
     let client = loopback_client(AuthMiddleware::new(source.clone()).any_https_origin());
-    let started = std::time::Instant::now();
-    let err = client
-        .get(format!("http://{addr}/slow"))
-        .timeout(Duration::from_millis(300))
-        .send()
-        .await
-        .unwrap_err();
+    times_out(
+        &client,
+        format!("http://{addr}/slow"),
+        Duration::from_millis(300),
+    )
+    .await;
     assert_eq!(source.fetches(), 2, "the 401 was replayed");
+}
+
+/// Sends a GET to `url` with `timeout`: it must fail with reqwest's timeout, well before
+/// the server's 5 s answer.
+async fn times_out(client: &ClientWithMiddleware, url: String, timeout: Duration) {
+    let started = std::time::Instant::now();
+    let err = client.get(url).timeout(timeout).send().await.unwrap_err();
     let reqwest_middleware::Error::Reqwest(err) = err else {
         panic!("{err:?}")
     };
@@ -539,4 +539,37 @@ async fn a_path_predicate_sees_the_whole_uri() {
     let log = log.lock().unwrap().clone();
     assert_eq!(log[0].1, "Bearer token-1");
     assert_eq!(log[1].1, "", "no credential outside the predicate's paths");
+}
+
+/// World: a middleware given one loopback origin; requests to it, to the same host on
+/// another port, and to it with userinfo in the URL. Proves: the adapter's origin check
+/// (it hands the state machine the URL's scheme and authority only) sends the credential
+/// to the origin alone, as the layer does: not to another port; and a URL with userinfo
+/// (which reqwest turns into its own Basic `Authorization` before any middleware) keeps
+/// that header, never ours.
+#[tokio::test]
+async fn only_the_given_origin_gets_the_credential_through_reqwest() {
+    let (base, log) = server(|_, _, _| StatusCode::OK).await;
+    let (other, other_log) = server(|_, _, _| StatusCode::OK).await;
+    let client = loopback_client(
+        AuthMiddleware::new(TestSource::new())
+            .origin(&base)
+            .unwrap(),
+    );
+    let with_userinfo = base.replace("http://", "http://user:pw@");
+    for url in [
+        format!("{base}/v1/a"),
+        format!("{other}/v1/b"),
+        format!("{with_userinfo}/v1/c"),
+    ] {
+        assert_eq!(client.get(url).send().await.unwrap().status(), 200);
+    }
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log[0].1, "Bearer token-1");
+    assert!(
+        !log[1].1.starts_with("Bearer"),
+        "sent through a URL with userinfo: {}",
+        log[1].1
+    );
+    assert_eq!(other_log.lock().unwrap()[0].1, "", "sent to another port");
 }

@@ -349,9 +349,7 @@ impl TokenSource {
     pub fn refresh_token(mut self, token: impl Into<Secret>) -> Self {
         self.held = Arc::new(Mutex::new(Held {
             refresh_token: Some(token.into()),
-            unspent: false,
-            undelivered: false,
-            last: None,
+            ..Held::default()
         }));
         self
     }
