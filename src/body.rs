@@ -99,6 +99,13 @@ pub enum NotReplayed {
     /// The request head could not be kept for a replay (a header name over 64 KiB or a
     /// value over 4 GiB).
     HeadUnavailable,
+    /// The API answered that the credential lacks a scope
+    /// ([`Verdict::InsufficientScope`](crate::rejection::Verdict::InsufficientScope)),
+    /// which a refresh cannot fix; the layer does not step up
+    /// ([`AuthLayer::step_up`](crate::AuthLayer::step_up)), or cannot (a credential that
+    /// never changes, a request that cannot be replayed). The response also carries an
+    /// [`InsufficientScope`](crate::rejection::InsufficientScope) extension.
+    InsufficientScope,
 }
 
 impl<B> ReplayBody<B>

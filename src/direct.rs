@@ -33,7 +33,7 @@ use crate::{
     body::NotReplayed,
     cache::{Acquire, CacheRef, Entry},
     error::{BoxError, Error, ErrorKind},
-    policy::StatusSet,
+    rejection::{InsufficientScope, Judge, Verdict},
     service::AddCredential,
     source::CredentialSource,
 };
@@ -192,7 +192,7 @@ where
             // A credential that cannot change needs no way back to the cache.
             cache: self.cache.refreshes().then(|| self.refs.get(&self.cache)),
             generation: entry.generation,
-            rejections: self.policy.rejections,
+            judge: self.policy.judge.clone(),
         };
         DirectFuture {
             state: DirectState::Sent {
@@ -226,7 +226,7 @@ struct Check<P> {
     /// `None` for a credential that cannot change: nothing to invalidate.
     cache: Option<CacheRef<P>>,
     generation: u64,
-    rejections: StatusSet,
+    judge: Judge,
 }
 
 impl<F, P> fmt::Debug for DirectFuture<F, P> {
@@ -283,11 +283,27 @@ where
         let Some(check) = this.check.take() else {
             return Poll::Ready(Ok(response));
         };
-        if !check.rejections.contains(response.status()) {
-            if let Some(cache) = &check.cache {
-                cache.accepted(check.generation);
+        match check.judge.verdict(&response) {
+            Verdict::Rejected => {}
+            Verdict::InsufficientScope { scope } => {
+                // A valid credential that lacks a scope: nothing to invalidate.
+                if let Some(cache) = &check.cache {
+                    cache.accepted(check.generation);
+                }
+                response
+                    .extensions_mut()
+                    .insert(InsufficientScope { scope });
+                response
+                    .extensions_mut()
+                    .insert(NotReplayed::InsufficientScope);
+                return Poll::Ready(Ok(response));
             }
-            return Poll::Ready(Ok(response));
+            _ => {
+                if let Some(cache) = &check.cache {
+                    cache.accepted(check.generation);
+                }
+                return Poll::Ready(Ok(response));
+            }
         }
         tracing::debug!(status = %response.status(), generation = check.generation, "credential rejected");
         if let Some(cache) = &check.cache {

@@ -43,7 +43,8 @@ use crate::{
     credential::Credential,
     error::{BoxError, Error},
     head::Head,
-    policy::{ExistingHeader, NoReplay, Policy, StatusSet},
+    policy::{ExistingHeader, NoReplay, Policy},
+    rejection::{InsufficientScope, Judge, Verdict},
     source::CredentialSource,
 };
 
@@ -75,7 +76,7 @@ pin_project! {
         // The cache and generation of the replay's credential, to record its acceptance.
         Second {
             future: Pin<Box<Oneshot<S, Request<ReplayBody<B>>>>>,
-            rejections: StatusSet,
+            judge: Judge,
             cache: CacheRef<P>,
             generation: u64,
         },
@@ -120,7 +121,9 @@ struct Retry<S, P> {
     /// [`RefreshMode::Never`]: crate::RefreshMode::Never
     cache: Option<CacheRef<P>>,
     generation: u64,
-    rejections: StatusSet,
+    judge: Judge,
+    /// Whether an `insufficient_scope` answer steps up (see `Policy::step_up`).
+    step_up: bool,
     replay: Result<Replay<S>, NotReplayed>,
 }
 
@@ -138,7 +141,7 @@ struct Replay<S> {
 struct Resend<S: Service<Request<ReplayBody<B>>>, B, P> {
     service: S,
     request: Request<ReplayBody<B>>,
-    rejections: StatusSet,
+    judge: Judge,
     cache: CacheRef<P>,
     /// The rejected credential (`None` if the cache no longer knows it) and response:
     /// if the source hands the same credential back, a replay cannot help, and the
@@ -147,6 +150,9 @@ struct Resend<S: Service<Request<ReplayBody<B>>>, B, P> {
     response: S::Response,
     /// See [`Replay::replace`].
     replace: bool,
+    /// For a step-up: what the API said was missing, put back on `response` if it goes
+    /// back to the caller.
+    scope: Option<InsufficientScope>,
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
@@ -196,7 +202,7 @@ where
                 // request readies a clone of its own once it has the credential.
                 release_readiness(inner);
                 let unready = inner.clone();
-                Self::wait(acquire, unready, req, cache.clone(), *policy)
+                Self::wait(acquire, unready, req, cache.clone(), policy.clone())
             }
         }
     }
@@ -329,7 +335,8 @@ where
                 retry: Some(Retry {
                     cache,
                     generation: entry.generation,
-                    rejections: policy.rejections,
+                    judge: policy.judge.clone(),
+                    step_up: policy.step_up,
                     replay,
                 }),
             },
@@ -416,23 +423,35 @@ where
                     let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
                     // Look before taking: the common answer leaves `retry` in place, to be
                     // dropped with the future, instead of moving it out first.
-                    let rejected = retry
-                        .as_ref()
-                        .is_some_and(|r| r.rejections.contains(response.status()));
-                    if !rejected {
-                        if let Some(Retry {
-                            cache: Some(cache),
-                            generation,
-                            ..
-                        }) = retry.as_ref()
-                        {
-                            cache.accepted(*generation);
+                    let verdict = match retry.as_ref() {
+                        Some(r) => r.judge.verdict(&response),
+                        None => return Poll::Ready(Ok(response)),
+                    };
+                    let scope = match verdict {
+                        Verdict::Rejected => None,
+                        Verdict::InsufficientScope { scope } => Some(InsufficientScope { scope }),
+                        _ => {
+                            if let Some(Retry {
+                                cache: Some(cache),
+                                generation,
+                                ..
+                            }) = retry.as_ref()
+                            {
+                                cache.accepted(*generation);
+                            }
+                            return Poll::Ready(Ok(response));
                         }
-                        return Poll::Ready(Ok(response));
-                    }
+                    };
                     let Some(retry) = retry.take() else {
                         return Poll::Ready(Ok(response));
                     };
+                    if let Some(scope) = scope {
+                        match Self::step_up(retry, response, scope) {
+                            Ok(refreshing) => this.state.set(refreshing),
+                            Err(response) => return Poll::Ready(Ok(response)),
+                        }
+                        continue;
+                    }
                     tracing::debug!(status = %response.status(), generation = retry.generation, "credential rejected");
                     let Some(cache) = retry.cache else {
                         // Nothing to refetch: the source would hand out the same credential.
@@ -443,15 +462,7 @@ where
                     };
                     let rejected = cache.credential_of(retry.generation);
                     let acquire = cache.replace_rejected(retry.generation);
-                    let resend = retry.replay.and_then(|mut replay| {
-                        let body = replay.body.take::<B>()?;
-                        let request = replay
-                            .head
-                            .into_request(body)
-                            .ok_or(NotReplayed::HeadUnavailable)?;
-                        Ok((replay.service, request, replay.replace))
-                    });
-                    match resend {
+                    match rebuild(retry.replay) {
                         Ok((service, request, replace)) => {
                             // The rejected response is kept until the new credential is
                             // known: it is the answer if that credential is the same.
@@ -460,11 +471,12 @@ where
                                 resend: Some(Box::new(Resend {
                                     service,
                                     request,
-                                    rejections: retry.rejections,
+                                    judge: retry.judge,
                                     cache,
                                     rejected,
                                     response,
                                     replace,
+                                    scope: None,
                                 })),
                             });
                         }
@@ -485,6 +497,16 @@ where
                     let resend = *resend;
                     let entry = match entry {
                         Ok(entry) => entry,
+                        Err(err) if resend.scope.is_some() => {
+                            // A step-up that failed with nothing valid to fall back on:
+                            // the API's answer is still the best there is.
+                            tracing::debug!(error = %err, "step-up failed; not replaying");
+                            return Poll::Ready(Ok(with_scope(
+                                resend.response,
+                                resend.scope,
+                                NotReplayed::InsufficientScope,
+                            )));
+                        }
                         Err(err) if err.fresh_rejection => {
                             let mut response = resend.response;
                             response
@@ -499,11 +521,12 @@ where
                             generation = entry.generation,
                             "the source handed back the rejected credential; not replaying"
                         );
-                        let mut response = resend.response;
-                        response
-                            .extensions_mut()
-                            .insert(NotReplayed::SameCredential);
-                        return Poll::Ready(Ok(response));
+                        // For a step-up: it failed, or brought nothing new.
+                        let reason = match resend.scope {
+                            Some(_) => NotReplayed::InsufficientScope,
+                            None => NotReplayed::SameCredential,
+                        };
+                        return Poll::Ready(Ok(with_scope(resend.response, resend.scope, reason)));
                     }
                     // The rejected response (and its connection) is released now.
                     drop(resend.response);
@@ -521,30 +544,123 @@ where
                     resend.cache.record_replay();
                     this.state.set(State::Second {
                         future: Box::pin(Oneshot::new(resend.service, request)),
-                        rejections: resend.rejections,
+                        judge: resend.judge,
                         cache: resend.cache,
                         generation: entry.generation,
                     });
                 }
                 StateProj::Second {
                     future,
-                    rejections,
+                    judge,
                     cache,
                     generation,
                 } => {
                     let mut response = ready!(future.as_mut().poll(cx)).map_err(Into::into)?;
-                    if rejections.contains(response.status()) {
-                        response
-                            .extensions_mut()
-                            .insert(NotReplayed::AlreadyReplayed);
-                    } else {
-                        cache.accepted(*generation);
+                    match judge.verdict(&response) {
+                        Verdict::Rejected => {
+                            response
+                                .extensions_mut()
+                                .insert(NotReplayed::AlreadyReplayed);
+                        }
+                        Verdict::InsufficientScope { scope } => {
+                            cache.accepted(*generation);
+                            response = with_scope(
+                                response,
+                                Some(InsufficientScope { scope }),
+                                NotReplayed::AlreadyReplayed,
+                            );
+                        }
+                        _ => cache.accepted(*generation),
                     }
                     return Poll::Ready(Ok(response));
                 }
             }
         }
     }
+}
+
+impl<S, B, P, ResBody> ResponseFuture<S, B, P>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
+    B: Body,
+    B::Data: Into<Bytes>,
+    P: CredentialSource,
+{
+    /// The first attempt's answer says its credential lacks `scope`. The credential is
+    /// valid (nothing is invalidated); with step-up on, the source is asked for a wider
+    /// grant (once for every request that saw this credential) and the request waits to
+    /// be replayed with it. Otherwise, or when it cannot be replayed, the answer goes back
+    /// marked.
+    #[cold]
+    #[inline(never)]
+    fn step_up(
+        retry: Retry<S, P>,
+        response: Response<ResBody>,
+        scope: InsufficientScope,
+    ) -> Result<State<S, B, P>, Response<ResBody>> {
+        tracing::debug!(generation = retry.generation, "credential lacks a scope");
+        if let Some(cache) = &retry.cache {
+            cache.accepted(retry.generation);
+        }
+        let Some(cache) = retry.cache.filter(|_| retry.step_up) else {
+            return Err(with_scope(
+                response,
+                Some(scope),
+                NotReplayed::InsufficientScope,
+            ));
+        };
+        let rejected = cache.credential_of(retry.generation);
+        // Started whether or not this request can be replayed: the next ones get it.
+        let acquire = cache.step_up(retry.generation, scope.scope.clone());
+        match rebuild(retry.replay) {
+            Ok((service, request, replace)) => Ok(State::Refreshing {
+                acquire,
+                resend: Some(Box::new(Resend {
+                    service,
+                    request,
+                    judge: retry.judge,
+                    cache,
+                    rejected,
+                    response,
+                    replace,
+                    scope: Some(scope),
+                })),
+            }),
+            Err(reason) => Err(with_scope(response, Some(scope), reason)),
+        }
+    }
+}
+
+/// The replay's service and request, rebuilt from what the first attempt kept, and the
+/// rule for a header the request brings.
+fn rebuild<S, B>(
+    replay: Result<Replay<S>, NotReplayed>,
+) -> Result<(S, Request<ReplayBody<B>>, bool), NotReplayed>
+where
+    B: Body,
+    B::Data: Into<Bytes>,
+{
+    let mut replay = replay?;
+    let body = replay.body.take::<B>()?;
+    let request = replay
+        .head
+        .into_request(body)
+        .ok_or(NotReplayed::HeadUnavailable)?;
+    Ok((replay.service, request, replay.replace))
+}
+
+/// `response` going back to the caller unreplayed (`reason`), with what the API said was
+/// missing, if it said.
+fn with_scope<B>(
+    mut response: Response<B>,
+    scope: Option<InsufficientScope>,
+    reason: NotReplayed,
+) -> Response<B> {
+    if let Some(scope) = scope {
+        response.extensions_mut().insert(scope);
+    }
+    response.extensions_mut().insert(reason);
+    response
 }
 
 /// Drops a service that was polled ready but will not be called, releasing what its

@@ -25,12 +25,31 @@ macro_rules! request_rules {
         /// [`DEFAULT_REJECTION_STATUSES`](crate::DEFAULT_REJECTION_STATUSES): `401` only).
         /// 4xx and 5xx codes only, at least one: anything else is an
         /// [`InvalidConfig`](crate::InvalidConfig), here, not on a request.
+        ///
+        /// This configures the standard rule,
+        /// [`StandardRejection`](crate::rejection::StandardRejection) (which also reads
+        /// RFC 6750's `insufficient_scope` challenge); it replaces a
+        /// [`rejection_policy`](Self::rejection_policy) given before it.
         pub fn rejection_statuses(
             mut self,
             statuses: impl IntoIterator<Item = http::StatusCode>,
         ) -> Result<Self, crate::InvalidConfig> {
-            self.policy.rejections = crate::policy::StatusSet::new(statuses)?;
+            self.policy.judge = crate::rejection::Judge::Standard(
+                crate::rejection::StandardRejection::statuses(statuses)?,
+            );
             Ok(self)
+        }
+
+        /// The rule that tells a rejected credential from a response (default
+        /// [`StandardRejection`](crate::rejection::StandardRejection): `401`, and RFC
+        /// 6750's challenges): a policy of your own, one built with
+        /// [`rejection_fn`](crate::rejection::rejection_fn), or
+        /// [`GrpcUnauthenticated`](crate::rejection::GrpcUnauthenticated) for gRPC. It
+        /// replaces the [`rejection_statuses`](Self::rejection_statuses) given before it.
+        /// See [`crate::rejection`].
+        pub fn rejection_policy<R: crate::rejection::RejectionPolicy>(mut self, policy: R) -> Self {
+            self.policy.judge = crate::rejection::Judge::Custom(std::sync::Arc::new(policy));
+            self
         }
 
         /// Sends the credential to `origin` (and to any other origin or predicate given):
@@ -121,6 +140,33 @@ macro_rules! replay_rules {
         /// replayable.
         pub fn replay_limit(mut self, bytes: usize) -> Self {
             self.policy.replay_limit = bytes;
+            self
+        }
+
+        /// Step-up authorization (default off). When the API answers that the
+        /// credential lacks a scope ([`Verdict::InsufficientScope`]: RFC 6750's
+        /// `insufficient_scope` challenge), the source is asked for a new grant with the
+        /// scope the API named ([`FetchReason::StepUp`], [`FetchContext::required_scope`];
+        /// a refresh cannot widen a scope, RFC 6749 §6) and the request is replayed once
+        /// with it. However many requests get that answer for one credential, the source
+        /// is asked once.
+        ///
+        /// Off, or when the step-up fails or brings back the same credential, the answer
+        /// goes back as it came, with an [`InsufficientScope`] extension and
+        /// [`NotReplayed::InsufficientScope`]; the credential is not invalidated. A failed
+        /// step-up backs the source off like any failed fetch (the current credential is
+        /// served meanwhile), so an API that keeps asking costs one token request per
+        /// backoff step, not one per call. A replay that lacks a scope again is returned
+        /// with [`NotReplayed::AlreadyReplayed`].
+        ///
+        /// [`Verdict::InsufficientScope`]: crate::rejection::Verdict::InsufficientScope
+        /// [`FetchReason::StepUp`]: crate::FetchReason::StepUp
+        /// [`FetchContext::required_scope`]: crate::FetchContext::required_scope
+        /// [`InsufficientScope`]: crate::rejection::InsufficientScope
+        /// [`NotReplayed::InsufficientScope`]: crate::NotReplayed::InsufficientScope
+        /// [`NotReplayed::AlreadyReplayed`]: crate::NotReplayed::AlreadyReplayed
+        pub fn step_up(mut self, step_up: bool) -> Self {
+            self.policy.step_up = step_up;
             self
         }
     };
@@ -217,7 +263,7 @@ impl<P, M> Clone for AuthLayer<P, M> {
     fn clone(&self) -> Self {
         AuthLayer {
             cache: self.cache.clone(),
-            policy: self.policy,
+            policy: self.policy.clone(),
             scope: self.scope.clone(),
             mode: PhantomData,
         }
@@ -282,7 +328,7 @@ impl<P> AuthLayer<P, Replaying> {
         self.policy.replay = false;
         AuthLayer {
             cache: self.cache,
-            policy: self.policy,
+            policy: self.policy.clone(),
             scope: self.scope,
             mode: PhantomData,
         }
@@ -314,7 +360,7 @@ impl<P, M> AuthLayer<P, M> {
 
     #[cfg(feature = "reqwest")]
     pub(crate) fn policy(&self) -> Policy {
-        self.policy
+        self.policy.clone()
     }
 
     #[cfg(feature = "reqwest")]
@@ -329,7 +375,12 @@ impl<S, P, M: Default> Layer<S> for AuthLayer<P, M> {
     type Service = AddCredential<S, P, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AddCredential::from_parts(inner, self.cache.clone(), self.policy, self.scope.clone())
+        AddCredential::from_parts(
+            inner,
+            self.cache.clone(),
+            self.policy.clone(),
+            self.scope.clone(),
+        )
     }
 }
 
@@ -359,7 +410,7 @@ impl<P> AuthLayerBuilder<P, Replaying> {
         self.policy.replay = false;
         AuthLayerBuilder {
             cache: self.cache,
-            policy: self.policy,
+            policy: self.policy.clone(),
             scope: self.scope,
             mode: PhantomData,
         }
@@ -438,7 +489,7 @@ impl<P: CredentialSource, M> AuthLayerBuilder<P, M> {
         }
         Ok(AuthLayer {
             cache,
-            policy: self.policy,
+            policy: self.policy.clone(),
             scope: self.scope,
             mode: PhantomData,
         })

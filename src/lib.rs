@@ -82,8 +82,10 @@
 //! the body type. See [`AuthLayer`]'s "Two modes".
 //!
 //! To send unauthenticated requests through the same client, wrap their body with
-//! [`ReplayBody::new`]. A tonic channel takes the layer without replay as it is (the
-//! crate's `tonic_channel` example). Share one [`CredentialCache`] between several layers, or
+//! [`ReplayBody::new`]. A tonic channel takes the layer without replay as it is, or with
+//! replay through one `map_request` into tonic's body type, and
+//! [`GrpcUnauthenticated`](rejection::GrpcUnauthenticated) makes `grpc-status: 16` a
+//! rejection (the crate's `grpc` example). Share one [`CredentialCache`] between several layers, or
 //! with a reqwest client (feature `reqwest`), through [`AuthLayer::with_cache`].
 //!
 //! ## 3. What happens on expiry and on 401
@@ -215,6 +217,7 @@ pub struct ReadmeDoctests;
 
 mod body;
 pub mod cache;
+pub mod challenge;
 pub mod clock;
 mod credential;
 mod direct;
@@ -229,6 +232,7 @@ mod policy;
 #[cfg(feature = "tower-http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower-http")))]
 pub mod redirect;
+pub mod rejection;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;

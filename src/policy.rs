@@ -8,6 +8,7 @@ use http::{HeaderMap, StatusCode, Uri};
 use crate::{
     credential::Credential,
     error::{Error, ErrorKind},
+    rejection::Judge,
 };
 
 /// Request extension: send this request with the credential, but never a second time.
@@ -93,10 +94,14 @@ impl std::fmt::Debug for StatusSet {
     }
 }
 
-/// The layer's per-request settings; `Copy`, so each request carries them for free.
-#[derive(Debug, Clone, Copy)]
+/// The layer's per-request settings. Cheap to clone: the standard rejection rule is
+/// inline, a custom one behind an `Arc`.
+#[derive(Debug, Clone)]
 pub(crate) struct Policy {
-    pub(crate) rejections: StatusSet,
+    pub(crate) judge: Judge,
+    /// Whether an `insufficient_scope` answer asks the source for a wider grant and
+    /// replays once (off by default).
+    pub(crate) step_up: bool,
     pub(crate) replay_limit: usize,
     pub(crate) allow_http_loopback: bool,
     pub(crate) allow_relative_uris: bool,
@@ -109,7 +114,8 @@ pub(crate) struct Policy {
 impl Default for Policy {
     fn default() -> Self {
         Policy {
-            rejections: StatusSet::UNAUTHORIZED,
+            judge: Judge::default(),
+            step_up: false,
             replay_limit: crate::body::DEFAULT_REPLAY_LIMIT,
             allow_http_loopback: false,
             allow_relative_uris: false,

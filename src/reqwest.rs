@@ -106,6 +106,7 @@ use crate::{
     future::ResponseFuture,
     layer::AuthLayer,
     policy::{ExistingHeader, NoReplay, Policy},
+    rejection::{InsufficientScope, Judge},
     scope::{Origin, Scope},
     source::CredentialSource,
 };
@@ -181,7 +182,7 @@ impl<P> Clone for AuthMiddleware<P> {
     fn clone(&self) -> Self {
         AuthMiddleware {
             cache: self.cache.clone(),
-            policy: self.policy,
+            policy: self.policy.clone(),
             scope: self.scope.clone(),
         }
     }
@@ -261,6 +262,9 @@ struct Rest<'a> {
     body: BodyKind,
     /// Whether a replay can follow the first attempt.
     replayable: bool,
+    /// The rejection rule: the answer's headers go into the `http::Response` the state
+    /// machine reads only when the rule may read them.
+    judge: &'a Judge,
 }
 
 /// What the reqwest request's body was, so that each attempt hands reqwest the same kind.
@@ -299,6 +303,7 @@ impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
             shell
         };
         let kind = self.body;
+        let judge = self.judge;
         Box::pin(async move {
             let Some(mut out) = shell else {
                 return Err(reqwest_middleware::Error::middleware(Opaque(
@@ -329,6 +334,10 @@ impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
             let status = res.status();
             let mut res = http::Response::new(res);
             *res.status_mut() = status;
+            if judge.reads_headers(status) {
+                // Lent to the rule, given back in `into_reqwest`.
+                *res.headers_mut() = std::mem::take(res.body_mut().headers_mut());
+            }
             Ok(res)
         })
     }
@@ -363,9 +372,15 @@ fn origin_uri(url: &reqwest::Url) -> Result<http::Uri, http::Error> {
 
 /// The reqwest response, with what the state machine said about it (a `NotReplayed`).
 fn into_reqwest(res: http::Response<reqwest::Response>) -> reqwest::Response {
-    let (parts, mut res) = res.into_parts();
-    if let Some(reason) = parts.extensions.get::<crate::body::NotReplayed>() {
-        res.extensions_mut().insert(*reason);
+    let (mut parts, mut res) = res.into_parts();
+    if !parts.headers.is_empty() {
+        *res.headers_mut() = parts.headers;
+    }
+    if let Some(reason) = parts.extensions.remove::<crate::body::NotReplayed>() {
+        res.extensions_mut().insert(reason);
+    }
+    if let Some(scope) = parts.extensions.remove::<InsufficientScope>() {
+        res.extensions_mut().insert(scope);
     }
     res
 }
@@ -436,6 +451,7 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
             shell: &std::sync::Mutex::new(Some(shell)),
             body: kind,
             replayable,
+            judge: &self.policy.judge,
         };
         // The layer's request path over this middleware's own parts (`Rest` is always
         // ready): the cache is read through its shared slot, and only a replayable

@@ -73,7 +73,7 @@ impl<S: Clone, P, M: Clone> Clone for AddCredential<S, P, M> {
             cache: self.cache.clone(),
             view: self.view.clone(),
             refs: LocalRefs::new(),
-            policy: self.policy,
+            policy: self.policy.clone(),
             scope: self.scope.clone(),
             mode: self.mode.clone(),
         }

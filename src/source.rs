@@ -40,6 +40,13 @@ pub enum FetchReason {
     /// [`CacheHandle::invalidate`](crate::CacheHandle::invalidate) (for example after a
     /// gRPC `UNAUTHENTICATED`). The source must not hand the same credential back.
     Invalidated,
+    /// The API said the credential lacks a scope, and the layer steps up
+    /// ([`AuthLayer::step_up`](crate::AuthLayer::step_up)): get a new grant whose scope
+    /// adds [`FetchContext::required_scope`] to what the current one has (a refresh
+    /// cannot widen a scope, RFC 6749 §6). The current credential stays in use until this
+    /// fetch succeeds; a source that cannot widen its scope returns an error, and the
+    /// API's answer goes back to the caller as it came.
+    StepUp,
 }
 
 /// What a [`CredentialSource`] is told about a fetch.
@@ -49,6 +56,7 @@ pub struct FetchContext {
     previous: Option<Credential>,
     now: SystemTime,
     sharing: Sharing,
+    required_scope: Option<String>,
 }
 
 /// Who owns the refresh token for this fetch (see [`RefreshSharing`]).
@@ -106,7 +114,21 @@ impl FetchContext {
             previous,
             now: SystemTime::now(),
             sharing: Sharing::NotShared,
+            required_scope: None,
         }
+    }
+
+    /// For a [`FetchReason::StepUp`]: the scope the API said the resource needs
+    /// (space-separated, as the server sent it; `None` if it named none). Text from a
+    /// server: escape it before logging it.
+    pub fn required_scope(&self) -> Option<&str> {
+        self.required_scope.as_deref()
+    }
+
+    /// Sets the scope a step-up asks for (the cache, or a test of your own).
+    pub fn with_required_scope(mut self, scope: Option<String>) -> Self {
+        self.required_scope = scope;
+        self
     }
 
     /// Who owns the refresh token for this fetch: see [`RefreshSharing`].

@@ -367,9 +367,26 @@ async fn style_d_basic_form_scope_and_403_untouched() {
         api.last_scope.lock().unwrap().as_deref(),
         Some("shipments:read")
     );
+    // RFC 6750's `insufficient_scope`: the credential is valid, it lacks a scope.
+    let res = svc
+        .clone()
+        .oneshot(
+            Request::get(format!("{base}/v1/admin/users"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
     assert_eq!(
-        get(&svc, format!("{base}/v1/admin/users")).await.unwrap(),
-        403
+        res.extensions()
+            .get::<tower_client_auth::rejection::InsufficientScope>()
+            .and_then(|s| s.scope.as_deref()),
+        Some("admin")
+    );
+    assert_eq!(
+        res.extensions().get::<tower_client_auth::NotReplayed>(),
+        Some(&tower_client_auth::NotReplayed::InsufficientScope)
     );
     assert_eq!(
         get(&svc, format!("{base}/v1/shipments")).await.unwrap(),

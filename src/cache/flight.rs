@@ -54,8 +54,9 @@ impl<P: CredentialSource> CredentialCache<P> {
         let mut reason = FetchReason::Initial;
         let mut previous = None;
         let mut still_valid = None;
+        let mut required_scope = None;
         if let Some(entry) = current {
-            match want {
+            match want.clone() {
                 Some(Want::Replace(generation)) if entry.generation == generation => {
                     let never_accepted = inner.accepted.load(Ordering::Relaxed) <= generation;
                     let young =
@@ -88,6 +89,19 @@ impl<P: CredentialSource> CredentialCache<P> {
                     reason = FetchReason::Expiring;
                     previous = Some(entry.credential.clone());
                     still_valid = Some(entry);
+                }
+                Some(Want::StepUp(generation, _)) if entry.generation != generation => {
+                    // A newer credential: the replay tries it.
+                    return (Acquire::ready(Ok(entry)), None);
+                }
+                Some(Want::StepUp(generation, scope)) => {
+                    tracing::debug!(generation, "credential lacks a scope; stepping up");
+                    reason = FetchReason::StepUp;
+                    previous = Some(entry.credential.clone());
+                    required_scope = scope;
+                    // Valid still: in use until the wider one is there, and the answer
+                    // if the step-up fails.
+                    still_valid = Some(entry).filter(|e| !e.is_expired_at(now, wall));
                 }
                 _ => match entry.phase_at(now, wall) {
                     Phase::Fresh | Phase::Soft => return (Acquire::ready(Ok(entry)), None),
@@ -163,7 +177,7 @@ impl<P: CredentialSource> CredentialCache<P> {
         let start = Start {
             runtime,
             guard,
-            cx: FetchContext::new(reason, previous),
+            cx: FetchContext::new(reason, previous).with_required_scope(required_scope),
             predecessor,
             span,
         };

@@ -328,6 +328,14 @@ impl<P: CredentialSource> CredentialCache<P> {
     pub(crate) fn replace_rejected(&self, generation: u64) -> Acquire {
         self.acquire(Some(Want::Replace(generation)))
     }
+
+    /// The API said the credential of `generation` lacks `scope`: the step-up fetch that
+    /// replaces it, if it is still current (one for every request that saw it), or the
+    /// newer credential. A failed step-up hands back the credential it was to replace,
+    /// while that is valid.
+    pub(crate) fn step_up(&self, generation: u64, scope: Option<String>) -> Acquire {
+        self.acquire(Some(Want::StepUp(generation, scope)))
+    }
 }
 
 /// Keep-warm's refresh of the entry of `generation`, if the cache (and that entry in
@@ -484,12 +492,15 @@ struct State {
 /// How many replaced credentials [`State::retired`] remembers.
 const RETIRED_KEPT: usize = 8;
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Want {
     /// Replace the credential of this generation, which the API rejected.
     Replace(u64),
     /// Refresh the credential of this generation in the background (soft window).
     Background(u64),
+    /// A wider grant than the credential of this generation, which the API said lacks
+    /// the scope given (step-up): it stays in use until the new one is there.
+    StepUp(u64, Option<String>),
 }
 
 impl<P: CredentialSource> Inner<P> {

@@ -33,6 +33,11 @@ pub enum TokenErrorKind {
     /// the source is set to fail rather than log in again
     /// ([`StoreDownPolicy::Fail`](super::StoreDownPolicy::Fail)): nothing was sent.
     StoreUnavailable,
+    /// A step-up ([`FetchReason::StepUp`](crate::FetchReason::StepUp)) this source cannot
+    /// make: its login is not a grant that takes a scope of the client's choosing (a
+    /// session login, a refresh or code grant), or the API named no scope. Nothing was
+    /// sent.
+    StepUpUnsupported,
 }
 
 /// A token endpoint failure. `Display` names the status and the RFC 6749 error code (or,
@@ -245,6 +250,9 @@ impl fmt::Display for TokenError {
         };
         match self.kind {
             TokenErrorKind::InvalidRequest => f.write_str("invalid token request")?,
+            TokenErrorKind::StepUpUnsupported => {
+                f.write_str("this token source cannot ask for a wider scope (step-up)")?
+            }
             TokenErrorKind::StoreUnavailable => f.write_str(
                 "the credential store sharing the refresh token does not answer; not presenting it (StoreDownPolicy::Fail)",
             )?,

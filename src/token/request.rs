@@ -192,6 +192,44 @@ impl TokenRequest {
         self.field("scope", scope)
     }
 
+    /// This request asking for `extra` scopes on top of its own `scope` field (one is
+    /// added if it has none), for a step-up. `None` for a request whose grant does not
+    /// take a scope of the client's choosing: no `grant_type` (a session login), or a
+    /// grant that can only keep or narrow the scope granted before (refresh token,
+    /// authorization code, device code).
+    pub(crate) fn widened(&self, extra: &[String]) -> Option<TokenRequest> {
+        let grant = self.fields.iter().find_map(|(name, value)| match value {
+            Value::Plain(v) if name == "grant_type" => Some(v.as_str()),
+            _ => None,
+        })?;
+        if matches!(
+            grant,
+            "refresh_token" | "authorization_code" | "urn:ietf:params:oauth:grant-type:device_code"
+        ) {
+            return None;
+        }
+        let mut widened = self.clone();
+        let at = widened.fields.iter().position(|(n, _)| n == "scope");
+        let mut scopes: Vec<String> = match at.map(|i| &widened.fields[i].1) {
+            Some(Value::Plain(scope)) => {
+                scope.split_ascii_whitespace().map(str::to_owned).collect()
+            }
+            Some(Value::Secret(_)) => return None,
+            None => Vec::new(),
+        };
+        for scope in extra {
+            if !scopes.contains(scope) {
+                scopes.push(scope.clone());
+            }
+        }
+        let value = Value::Plain(scopes.join(" "));
+        match at {
+            Some(i) => widened.fields[i].1 = value,
+            None => widened.fields.push(("scope".to_owned(), value)),
+        }
+        Some(widened)
+    }
+
     /// Sets the client credentials, sent as [`client_auth`](Self::client_auth) says.
     pub fn client_credentials(
         mut self,

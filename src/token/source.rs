@@ -196,6 +196,9 @@ pub struct TokenSource {
     held: Arc<Mutex<Held>>,
     stats: Arc<Stats>,
     flags: Arc<Flags>,
+    /// Scopes step-ups added to the login's (see [`FetchReason::StepUp`]): every later
+    /// login asks for them too.
+    stepped_up: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// What the source holds between exchanges, under one lock.
@@ -266,6 +269,7 @@ impl TokenSource {
             held: Arc::default(),
             stats: Arc::default(),
             flags: Arc::default(),
+            stepped_up: Arc::default(),
         }
     }
 
@@ -479,6 +483,37 @@ impl TokenSource {
         }
     }
 
+    /// Adds the scopes a step-up asks for to what every later login asks for; an error
+    /// when this source's login cannot ask for them.
+    fn step_up(&self, required: Option<&str>) -> Result<(), TokenError> {
+        let unsupported =
+            |detail| TokenError::new(TokenErrorKind::StepUpUnsupported).detail(detail);
+        let required: Vec<&str> = required
+            .unwrap_or_default()
+            .split_ascii_whitespace()
+            .collect();
+        if required.is_empty() {
+            return Err(unsupported("the API named no scope"));
+        }
+        let mut stepped_up = self
+            .stepped_up
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut wider = stepped_up.clone();
+        for scope in required {
+            if !wider.iter().any(|s| s == scope) {
+                wider.push(scope.to_owned());
+            }
+        }
+        if self.login.widened(&wider).is_none() {
+            return Err(unsupported(
+                "the login is not a grant that takes a scope (client credentials, password, JWT bearer)",
+            ));
+        }
+        *stepped_up = wider;
+        Ok(())
+    }
+
     fn exchange_job(&self) -> Result<Exchange, TokenError> {
         let mut client = match &self.client {
             Some(client) => client.clone(),
@@ -487,9 +522,18 @@ impl TokenSource {
         if self.allow_http_loopback {
             client = client.allow_http_loopback(true);
         }
+        let stepped_up = self
+            .stepped_up
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let login = match stepped_up.is_empty() {
+            true => None,
+            false => self.login.widened(&stepped_up),
+        };
+        drop(stepped_up);
         Ok(Exchange {
             client,
-            login: self.login.clone(),
+            login: login.unwrap_or_else(|| self.login.clone()),
             refresh: self.refresh.clone(),
             fields: self.fields.clone(),
             default_lifetime: self.default_lifetime,
@@ -548,6 +592,9 @@ impl CredentialSource for TokenSource {
     }
 
     async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        if cx.reason() == FetchReason::StepUp {
+            self.step_up(cx.required_scope())?;
+        }
         let mut job = self.exchange_job()?;
         job.began = (cx.now(), Instant::now());
         // The exchange runs in its own task: if the cache stops waiting (timeout, drop),
@@ -648,7 +695,10 @@ impl Exchange {
     }
 
     async fn exchange(&self, cx: &FetchContext, held: &mut Held) -> Result<Credential, TokenError> {
-        if let Some(last) = held.last.take() {
+        // A step-up needs a new grant: neither the last credential nor a refresh (which
+        // cannot widen a scope) will do.
+        let step_up = cx.reason() == FetchReason::StepUp;
+        if let Some(last) = held.last.take().filter(|_| !step_up) {
             // The cache names the credential it is replacing: once rejected or expiring,
             // it is never handed out again, whatever happens to this exchange. An
             // explicit invalidation always goes to the token endpoint.
@@ -662,7 +712,8 @@ impl Exchange {
                 return Ok(last);
             }
         }
-        if let (Some((request, field)), Some(token)) = (&self.refresh, held.refresh_token.clone()) {
+        let refresh = self.refresh.as_ref().filter(|_| !step_up);
+        if let (Some((request, field)), Some(token)) = (refresh, held.refresh_token.clone()) {
             tracing::debug!(reason = ?cx.reason(), "refreshing with the held refresh token");
             // A 2xx answer's refresh token is held by `accept` before anything else in
             // it is judged, even when the answer then turns out to be an OAuth error.

@@ -167,6 +167,16 @@ pub async fn start_on<P: Provider>(addr: SocketAddr, provider: Arc<P>) -> String
     format!("http://{addr}")
 }
 
+/// An error answer with a `WWW-Authenticate` challenge and a JSON body.
+pub fn challenge(status: StatusCode, www_authenticate: &str) -> Reply {
+    let mut reply = reply(status, json!({"error": status.canonical_reason()}));
+    reply.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_str(www_authenticate).unwrap(),
+    );
+    reply
+}
+
 fn unauthorized() -> Reply {
     reply(StatusCode::UNAUTHORIZED, json!({"error": "unauthorized"}))
 }
@@ -638,7 +648,12 @@ impl Provider for RefreshGrantApi {
 
 // ---------------------------------------------------------------------------------------
 // Style D: OAuth2 client credentials, HTTP Basic + form body, scopes; 403 for missing
-// permissions.
+// permissions. As RFC 6749 and RFC 6750 servers (Auth0, Okta, Keycloak) answer: a scope
+// the client is not registered for is `invalid_scope` at the token endpoint; a token
+// the API does not know is a 401 with `WWW-Authenticate: Bearer error="invalid_token"`
+// (no error code when no token came at all); a token without the scope a resource needs
+// is a 403 with `error="insufficient_scope"` and the `scope` it needs; the token
+// response states the granted scope.
 
 pub struct ClientCredentialsApi {
     pub client_id: String,
@@ -648,6 +663,10 @@ pub struct ClientCredentialsApi {
     pub token_requests: AtomicUsize,
     pub api_calls: AtomicUsize,
     pub last_scope: Mutex<Option<String>>,
+    /// Every scope asked for at the token endpoint, in order.
+    pub scopes_asked: Mutex<Vec<String>>,
+    /// What this client may be granted; anything else is `invalid_scope`.
+    pub registered_scopes: Mutex<Vec<String>>,
     valid: Mutex<HashMap<String, (String, f64)>>,
 }
 
@@ -660,6 +679,8 @@ impl ClientCredentialsApi {
             token_requests: AtomicUsize::new(0),
             api_calls: AtomicUsize::new(0),
             last_scope: Mutex::default(),
+            scopes_asked: Mutex::default(),
+            registered_scopes: Mutex::new(vec!["shipments:read".into(), "admin".into()]),
             valid: Mutex::default(),
         })
     }
@@ -698,31 +719,52 @@ impl Provider for ClientCredentialsApi {
             }
             let scope = form.get("scope").cloned().unwrap_or_default();
             *self.last_scope.lock().unwrap() = Some(scope.clone());
+            self.scopes_asked.lock().unwrap().push(scope.clone());
+            let registered = self.registered_scopes.lock().unwrap().clone();
+            if let Some(bad) = scope
+                .split(' ')
+                .find(|s| !s.is_empty() && !registered.iter().any(|r| r == s))
+            {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "invalid_scope", "error_description": format!("scope {bad} is not allowed for this client")}),
+                );
+            }
             let token = format!("d-token-{n}");
             let lifetime = self.expires_in_secs.load(SeqCst);
             self.valid
                 .lock()
                 .unwrap()
-                .insert(token.clone(), (scope, now_secs() + lifetime as f64));
+                .insert(token.clone(), (scope.clone(), now_secs() + lifetime as f64));
             return reply(
                 StatusCode::OK,
-                json!({"token_type": "Bearer", "expires_in": lifetime, "access_token": token}),
+                json!({"token_type": "Bearer", "expires_in": lifetime, "access_token": token, "scope": scope}),
             );
         }
         self.api_calls.fetch_add(1, SeqCst);
-        let scope = req
-            .bearer()
-            .and_then(|t| self.valid.lock().unwrap().get(t).cloned())
+        let Some(token) = req.bearer() else {
+            // RFC 6750 §3.1: no error code when the request carried no token.
+            return challenge(StatusCode::UNAUTHORIZED, r#"Bearer realm="logistics""#);
+        };
+        let scope = self
+            .valid
+            .lock()
+            .unwrap()
+            .get(token)
+            .cloned()
             .filter(|(_, exp)| now_secs() < *exp)
             .map(|(scope, _)| scope);
         match scope {
-            None => unauthorized(),
+            None => challenge(
+                StatusCode::UNAUTHORIZED,
+                r#"Bearer realm="logistics", error="invalid_token", error_description="The access token expired or was revoked""#,
+            ),
             Some(scope)
                 if req.path.starts_with("/v1/admin") && !scope.split(' ').any(|s| s == "admin") =>
             {
-                reply(
+                challenge(
                     StatusCode::FORBIDDEN,
-                    json!({"error": "insufficient_scope"}),
+                    r#"Bearer realm="logistics", error="insufficient_scope", scope="admin", error_description="The request requires higher privileges""#,
                 )
             }
             Some(_) => reply(StatusCode::OK, json!({"shipments": []})),

@@ -1,0 +1,468 @@
+//! Reading the API's challenge (RFC 6750 §3) end to end, through Tower and reqwest,
+//! against a loopback provider that answers as RFC 6749/6750 servers do (style D's, in
+//! `support::providers`): `invalid_token` refreshes and replays; `insufficient_scope` is
+//! not a rejection (no token request, no replay, a typed marker), unless step-up is on,
+//! which asks once for the union of the scopes and replays once; a rejection policy of
+//! one's own sees the headers on both paths.
+#![cfg(all(feature = "https", feature = "reqwest"))]
+
+mod support;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering::SeqCst},
+};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+use support::{
+    api_client,
+    providers::{ClientCredentialsApi, challenge, reply, serve, start},
+    token_client,
+};
+use tower::{Layer, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, BoxError, Credential, FetchContext, FetchReason, NotReplayed,
+    rejection::{InsufficientScope, Verdict, rejection_fn},
+    reqwest::AuthMiddleware,
+    source_fn,
+    token::{TokenRequest, TokenSource},
+};
+
+/// Style D's source: client credentials with the scope `shipments:read`.
+fn source(base: &str) -> TokenSource {
+    TokenSource::new(
+        TokenRequest::oauth2_client_credentials(
+            &format!("{base}/oauth/v2/token"),
+            "d-client",
+            "d-secret",
+        )
+        .unwrap()
+        .scope("shipments:read"),
+    )
+    .client(token_client())
+}
+
+fn layer<P: tower_client_auth::CredentialSource>(source: P) -> AuthLayer<P> {
+    AuthLayer::new(source)
+        .any_https_origin()
+        .allow_http_loopback(true)
+}
+
+type Answer = (StatusCode, Option<NotReplayed>, Option<InsufficientScope>);
+
+/// A GET through the Tower stack: status and what the layer said about it.
+async fn tower_get<S>(svc: &S, url: String) -> Answer
+where
+    S: tower::Service<
+            Request<Full<Bytes>>,
+            Response = http::Response<hyper::body::Incoming>,
+            Error = BoxError,
+        > + Clone,
+{
+    let res = svc
+        .clone()
+        .oneshot(Request::get(url).body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    let answer = (
+        res.status(),
+        res.extensions().get::<NotReplayed>().copied(),
+        res.extensions().get::<InsufficientScope>().cloned(),
+    );
+    res.into_body().collect().await.unwrap();
+    answer
+}
+
+/// The same through reqwest.
+async fn reqwest_get(client: &reqwest_middleware::ClientWithMiddleware, url: String) -> Answer {
+    let res = client.get(url).send().await.unwrap();
+    (
+        res.status(),
+        res.extensions().get::<NotReplayed>().copied(),
+        res.extensions().get::<InsufficientScope>().cloned(),
+    )
+}
+
+fn reqwest_client(
+    middleware: AuthMiddleware<TokenSource>,
+) -> reqwest_middleware::ClientWithMiddleware {
+    reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(middleware)
+        .build()
+}
+
+fn lacks(scope: &str) -> Option<InsufficientScope> {
+    Some(InsufficientScope {
+        scope: Some(scope.into()),
+    })
+}
+
+/// World: a 403 with `error="insufficient_scope"`. Proves, on both paths: no token
+/// request, no replay, the response marked with the scope the API named; the credential
+/// stays in use.
+#[tokio::test]
+async fn insufficient_scope_is_returned_marked_without_a_token_request() {
+    let api = ClientCredentialsApi::new("d-client", "d-secret");
+    let base = start(api.clone()).await;
+    let svc = layer(source(&base)).layer(api_client());
+    let client = reqwest_client(
+        AuthMiddleware::new(source(&base))
+            .origin(base.as_str())
+            .unwrap()
+            .allow_http_loopback(true),
+    );
+    let marked = (
+        StatusCode::FORBIDDEN,
+        Some(NotReplayed::InsufficientScope),
+        lacks("admin"),
+    );
+    assert_eq!(
+        tower_get(&svc, format!("{base}/v1/admin/users")).await,
+        marked
+    );
+    assert_eq!(
+        reqwest_get(&client, format!("{base}/v1/admin/users")).await,
+        marked
+    );
+    assert_eq!(
+        tower_get(&svc, format!("{base}/v1/shipments")).await,
+        (StatusCode::OK, None, None)
+    );
+    assert_eq!(
+        reqwest_get(&client, format!("{base}/v1/shipments")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.token_requests.load(SeqCst),
+        2,
+        "one token per client, no more"
+    );
+    assert_eq!(api.api_calls.load(SeqCst), 4, "no replay");
+}
+
+/// World: 20 concurrent calls to a resource that needs `admin`, with step-up on. Proves:
+/// one token request asks for the union `shipments:read admin` (not 20, not `admin`
+/// alone), every call is replayed once and succeeds, and the wider token serves the
+/// narrower resource too. Through Tower and through reqwest.
+#[tokio::test]
+async fn step_up_asks_once_for_the_union_and_replays() {
+    for path in ["tower", "reqwest"] {
+        let api = ClientCredentialsApi::new("d-client", "d-secret");
+        let base = start(api.clone()).await;
+        let admin = format!("{base}/v1/admin/users");
+        let calls: Vec<tokio::task::JoinHandle<Answer>> = if path == "tower" {
+            let svc = layer(source(&base)).step_up(true).layer(api_client());
+            // The first credential, before the burst: every call then carries it.
+            assert_eq!(tower_get(&svc, format!("{base}/v1/shipments")).await.0, 200);
+            (0..20)
+                .map(|_| {
+                    let (svc, admin) = (svc.clone(), admin.clone());
+                    tokio::spawn(async move { tower_get(&svc, admin).await })
+                })
+                .collect()
+        } else {
+            let client = reqwest_client(
+                AuthMiddleware::new(source(&base))
+                    .origin(base.as_str())
+                    .unwrap()
+                    .allow_http_loopback(true)
+                    .step_up(true),
+            );
+            assert_eq!(
+                reqwest_get(&client, format!("{base}/v1/shipments")).await.0,
+                200
+            );
+            (0..20)
+                .map(|_| {
+                    let (client, admin) = (client.clone(), admin.clone());
+                    tokio::spawn(async move { reqwest_get(&client, admin).await })
+                })
+                .collect()
+        };
+        for call in calls {
+            assert_eq!(call.await.unwrap(), (StatusCode::OK, None, None), "{path}");
+        }
+        assert_eq!(
+            *api.scopes_asked.lock().unwrap(),
+            ["shipments:read", "shipments:read admin"],
+            "{path}: one step-up, for the union"
+        );
+        // 1 first call + 20 rejected + at most 20 replays (a call sent after the step-up
+        // needs none).
+        let calls = api.api_calls.load(SeqCst);
+        assert!((22..=41).contains(&calls), "{path}: {calls} API calls");
+    }
+}
+
+/// World: the client is not registered for `admin` (the token endpoint answers
+/// `invalid_scope`). Proves: the 403 goes back marked, the credential is kept (the next
+/// call succeeds with no token request), and further 403s during the backoff cost no
+/// token request.
+#[tokio::test]
+async fn a_refused_step_up_returns_the_answer_and_keeps_the_credential() {
+    let api = ClientCredentialsApi::new("d-client", "d-secret");
+    api.registered_scopes
+        .lock()
+        .unwrap()
+        .retain(|s| s != "admin");
+    let base = start(api.clone()).await;
+    let svc = layer(source(&base)).step_up(true).layer(api_client());
+    assert_eq!(tower_get(&svc, format!("{base}/v1/shipments")).await.0, 200);
+    for _ in 0..3 {
+        assert_eq!(
+            tower_get(&svc, format!("{base}/v1/admin/users")).await,
+            (
+                StatusCode::FORBIDDEN,
+                Some(NotReplayed::InsufficientScope),
+                lacks("admin")
+            )
+        );
+    }
+    assert_eq!(tower_get(&svc, format!("{base}/v1/shipments")).await.0, 200);
+    assert_eq!(
+        *api.scopes_asked.lock().unwrap(),
+        ["shipments:read", "shipments:read admin"],
+        "one refused step-up; the backoff holds the others"
+    );
+}
+
+/// World: a source that cannot widen its scope (a session login with no grant type).
+/// Proves: the step-up is refused before anything is sent, and the answer goes back
+/// marked.
+#[tokio::test]
+async fn a_source_that_cannot_widen_its_scope_sends_nothing() {
+    let logins = Arc::new(AtomicUsize::new(0));
+    let api_calls = Arc::new(AtomicUsize::new(0));
+    let addr = {
+        let (logins, api_calls) = (logins.clone(), api_calls.clone());
+        serve(move |req: Request<hyper::body::Incoming>| {
+            let (logins, api_calls) = (logins.clone(), api_calls.clone());
+            async move {
+                if req.uri().path() == "/login" {
+                    logins.fetch_add(1, SeqCst);
+                    return reply(StatusCode::OK, json!({"token": "s-1", "expires_in": 3600}));
+                }
+                api_calls.fetch_add(1, SeqCst);
+                challenge(
+                    StatusCode::FORBIDDEN,
+                    r#"Bearer error="insufficient_scope", scope="write""#,
+                )
+            }
+        })
+        .await
+    };
+    let login = TokenRequest::json(&format!("http://{addr}/login"))
+        .unwrap()
+        .field("user", "u")
+        .secret_field("password", "p");
+    let source = TokenSource::new(login)
+        .response_fields(tower_client_auth::token::ResponseFields::new().access_token("token"))
+        .client(token_client());
+    let svc = layer(source).step_up(true).layer(api_client());
+    assert_eq!(
+        tower_get(&svc, format!("http://{addr}/v1/x")).await,
+        (
+            StatusCode::FORBIDDEN,
+            Some(NotReplayed::InsufficientScope),
+            lacks("write")
+        )
+    );
+    assert_eq!(logins.load(SeqCst), 1, "the step-up sent nothing");
+    assert_eq!(api_calls.load(SeqCst), 1, "and nothing was replayed");
+}
+
+/// World: an API that keeps answering `insufficient_scope`, whatever the token. Proves:
+/// one step-up, one replay, and the replay's answer goes back marked as such.
+#[tokio::test]
+async fn a_replay_that_still_lacks_the_scope_is_returned() {
+    let api_calls = Arc::new(AtomicUsize::new(0));
+    let addr = {
+        let api_calls = api_calls.clone();
+        serve(move |_req: Request<hyper::body::Incoming>| {
+            api_calls.fetch_add(1, SeqCst);
+            async {
+                challenge(
+                    StatusCode::UNAUTHORIZED,
+                    r#"Bearer error="insufficient_scope", scope="a b""#,
+                )
+            }
+        })
+        .await
+    };
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let reasons = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let source = {
+        let (fetches, reasons) = (fetches.clone(), reasons.clone());
+        source_fn(move |cx: FetchContext| {
+            let n = fetches.fetch_add(1, SeqCst);
+            reasons
+                .lock()
+                .unwrap()
+                .push((cx.reason(), cx.required_scope().map(str::to_owned)));
+            async move { Credential::bearer(format!("t-{n}")) }
+        })
+    };
+    let svc = layer(source).step_up(true).layer(api_client());
+    assert_eq!(
+        tower_get(&svc, format!("http://{addr}/")).await,
+        (
+            StatusCode::UNAUTHORIZED,
+            Some(NotReplayed::AlreadyReplayed),
+            lacks("a b")
+        )
+    );
+    assert_eq!(api_calls.load(SeqCst), 2);
+    assert_eq!(
+        *reasons.lock().unwrap(),
+        [
+            (FetchReason::Initial, None),
+            (FetchReason::StepUp, Some("a b".to_owned()))
+        ],
+        "a 401 that lacks a scope is a step-up, not a rejection"
+    );
+}
+
+/// World: the provider revokes every token. Proves: its `invalid_token` challenge is a
+/// rejection on both paths: one new token each, one replay each.
+#[tokio::test]
+async fn invalid_token_refreshes_and_replays() {
+    let api = ClientCredentialsApi::new("d-client", "d-secret");
+    let base = start(api.clone()).await;
+    let svc = layer(source(&base)).layer(api_client());
+    let client = reqwest_client(
+        AuthMiddleware::new(source(&base))
+            .origin(base.as_str())
+            .unwrap()
+            .allow_http_loopback(true),
+    );
+    let url = format!("{base}/v1/shipments");
+    assert_eq!(tower_get(&svc, url.clone()).await.0, 200);
+    assert_eq!(reqwest_get(&client, url.clone()).await.0, 200);
+    api.revoke_all();
+    assert_eq!(
+        tower_get(&svc, url.clone()).await,
+        (StatusCode::OK, None, None)
+    );
+    assert_eq!(
+        reqwest_get(&client, url.clone()).await,
+        (StatusCode::OK, None, None)
+    );
+    assert_eq!(api.token_requests.load(SeqCst), 4);
+    assert_eq!(api.api_calls.load(SeqCst), 6, "2 + 2 rejected + 2 replays");
+}
+
+/// World: an API that signals an expired session with `200 OK` and a header. Proves: a
+/// rule of one's own sees the response headers on both paths (reqwest lends them to the
+/// rule and gives them back), and its verdict refreshes and replays.
+#[tokio::test]
+async fn a_policy_of_ones_own_sees_the_headers_on_both_paths() {
+    let addr = serve(move |req: Request<hyper::body::Incoming>| {
+        let fresh = req
+            .headers()
+            .get("authorization")
+            .is_some_and(|v| v != "Bearer t-0");
+        async move {
+            let mut res = reply(StatusCode::OK, json!({}));
+            res.headers_mut().insert(
+                "x-session",
+                if fresh { "ok" } else { "expired" }.parse().unwrap(),
+            );
+            res
+        }
+    })
+    .await;
+    let policy = rejection_fn(|res: &tower_client_auth::rejection::ResponseHead<'_>| {
+        match res.headers().get("x-session") {
+            Some(v) if v == "expired" => Verdict::Rejected,
+            _ => Verdict::Accepted,
+        }
+    });
+    let counted = || {
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let source = {
+            let fetches = fetches.clone();
+            source_fn(move |_| {
+                let n = fetches.fetch_add(1, SeqCst);
+                async move { Credential::bearer(format!("t-{n}")) }
+            })
+        };
+        (fetches, source)
+    };
+    let url = format!("http://{addr}/");
+
+    let (fetches, tower_source) = counted();
+    let svc = layer(tower_source)
+        .rejection_policy(policy.clone())
+        .layer(api_client());
+    let res = svc
+        .oneshot(Request::get(url.clone()).body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-session"], "ok");
+    assert_eq!(fetches.load(SeqCst), 2);
+
+    let (fetches, reqwest_source) = counted();
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(
+            AuthMiddleware::new(reqwest_source)
+                .origin(format!("http://{addr}"))
+                .unwrap()
+                .allow_http_loopback(true)
+                .rejection_policy(policy),
+        )
+        .build();
+    let res = client.get(url).send().await.unwrap();
+    assert_eq!(res.headers()["x-session"], "ok", "the headers came back");
+    assert_eq!(res.headers()["content-type"], "application/json");
+    assert_eq!(fetches.load(SeqCst), 2);
+}
+
+/// World: two requests carry the first credential; the first one's 403 steps up, and the
+/// second one's 403 arrives only after the wider credential is installed. Proves: the
+/// late 403 starts no second step-up; it is replayed with the credential already there.
+#[tokio::test]
+async fn a_late_insufficient_scope_uses_the_step_up_already_made() {
+    use tower_test::mock;
+    type Req = Request<tower_client_auth::ReplayBody<Full<Bytes>>>;
+    let lacks_scope = || {
+        http::Response::builder()
+            .status(403)
+            .header(
+                "www-authenticate",
+                r#"Bearer error="insufficient_scope", scope="w""#,
+            )
+            .body("")
+            .unwrap()
+    };
+    let bearer = |req: &Req| req.headers()["authorization"].to_str().unwrap().to_owned();
+    let source = support::TestSource::new();
+    let (inner, mut api) = mock::pair::<Req, http::Response<&'static str>>();
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .step_up(true)
+        .layer(inner);
+    let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+    let (req_a, reply_a) = api.next_request().await.unwrap();
+    let second = tokio::spawn(svc.clone().oneshot(support::get("/b")));
+    let (req_b, reply_b) = api.next_request().await.unwrap();
+    assert_eq!(
+        (bearer(&req_a), bearer(&req_b)),
+        ("Bearer token-1".into(), "Bearer token-1".into())
+    );
+    reply_a.send_response(lacks_scope());
+    let (replay_a, reply) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&replay_a), "Bearer token-2");
+    reply.send_response(http::Response::new(""));
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    // Only now does the second request's answer come.
+    reply_b.send_response(lacks_scope());
+    let (replay_b, reply) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&replay_b), "Bearer token-2");
+    reply.send_response(http::Response::new(""));
+    assert_eq!(second.await.unwrap().unwrap().status(), 200);
+    let reasons: Vec<_> = source.log().into_iter().map(|(_, r)| r).collect();
+    assert_eq!(reasons, [FetchReason::Initial, FetchReason::StepUp]);
+}
