@@ -38,6 +38,9 @@ pub enum TokenErrorKind {
     /// session login, a refresh or code grant), or the API named no scope. Nothing was
     /// sent.
     StepUpUnsupported,
+    /// The issuer's metadata (RFC 8414, OpenID Connect Discovery) could not be used: not
+    /// published, not JSON, missing `token_endpoint`, or naming another issuer.
+    Discovery,
 }
 
 /// A token endpoint failure. `Display` names the status and the RFC 6749 error code (or,
@@ -250,6 +253,16 @@ impl fmt::Display for TokenError {
         };
         match self.kind {
             TokenErrorKind::InvalidRequest => f.write_str("invalid token request")?,
+            TokenErrorKind::Discovery => {
+                f.write_str("authorization server metadata")?;
+                if self.endpoint.is_some() {
+                    f.write_str(" at")?;
+                    at(f)?;
+                }
+                if let Some(status) = self.status {
+                    write!(f, " (status {})", status.as_u16())?;
+                }
+            }
             TokenErrorKind::StepUpUnsupported => {
                 f.write_str("this token source cannot ask for a wider scope (step-up)")?
             }

@@ -36,6 +36,7 @@
 //! ```
 
 mod client;
+mod discovery;
 mod error;
 mod request;
 mod response;
@@ -46,6 +47,7 @@ mod properties;
 
 pub use self::{
     client::{DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TOKEN_TIMEOUT, TokenClient},
+    discovery::{Issuer, Metadata},
     error::{TokenError, TokenErrorKind},
     request::{BodyEncoding, ClientAuth, TokenRequest},
     response::{MAX_LIFETIME, MIN_LIFETIME, ResponseFields, jwt_expiry},

@@ -73,6 +73,9 @@ pub struct TokenRequest {
     fields: Vec<(String, Value)>,
     client: Option<(String, Secret)>,
     client_auth: ClientAuth,
+    /// Whether `client_auth` was chosen by the user: otherwise an issuer's metadata
+    /// chooses it.
+    client_auth_chosen: bool,
 }
 
 impl fmt::Debug for TokenRequest {
@@ -133,6 +136,7 @@ impl TokenRequest {
             fields: Vec::new(),
             client: None,
             client_auth: ClientAuth::Basic,
+            client_auth_chosen: false,
         })
     }
 
@@ -192,6 +196,21 @@ impl TokenRequest {
         self.field("scope", scope)
     }
 
+    /// This request sent to the token endpoint `metadata` publishes, authenticating the
+    /// client as the server supports (HTTP Basic if it does, else body fields), unless
+    /// [`client_auth`](Self::client_auth) chose.
+    pub(crate) fn at(&self, metadata: &super::Metadata) -> TokenRequest {
+        let mut at = self.clone();
+        at.url = metadata.token_endpoint().clone();
+        if !self.client_auth_chosen
+            && !metadata.supports_auth_method("client_secret_basic")
+            && metadata.supports_auth_method("client_secret_post")
+        {
+            at.client_auth = ClientAuth::Body;
+        }
+        at
+    }
+
     /// This request asking for `extra` scopes on top of its own `scope` field (one is
     /// added if it has none), for a step-up. `None` for a request whose grant does not
     /// take a scope of the client's choosing: no `grant_type` (a session login), or a
@@ -243,6 +262,7 @@ impl TokenRequest {
     /// Where the client credentials go (default [`ClientAuth::Basic`]).
     pub fn client_auth(mut self, client_auth: ClientAuth) -> Self {
         self.client_auth = client_auth;
+        self.client_auth_chosen = true;
         self
     }
 

@@ -196,6 +196,8 @@ pub struct TokenSource {
     held: Arc<Mutex<Held>>,
     stats: Arc<Stats>,
     flags: Arc<Flags>,
+    /// Where the token endpoint is published, if the requests' URLs come from there.
+    issuer: Option<super::Issuer>,
     /// Scopes step-ups added to the login's (see [`FetchReason::StepUp`]): every later
     /// login asks for them too.
     stepped_up: Arc<std::sync::Mutex<Vec<String>>>,
@@ -270,7 +272,32 @@ impl TokenSource {
             stats: Arc::default(),
             flags: Arc::default(),
             stepped_up: Arc::default(),
+            issuer: None,
         }
+    }
+
+    /// OAuth2 client credentials (RFC 6749 §4.4) at the token endpoint `issuer`
+    /// publishes (RFC 8414, OpenID Connect Discovery; see [`Issuer`](super::Issuer)),
+    /// the client authenticated as the server supports (HTTP Basic, else body fields).
+    pub fn client_credentials_from_issuer(
+        issuer: &str,
+        client_id: impl Into<String>,
+        client_secret: impl Into<Secret>,
+    ) -> Result<Self, TokenError> {
+        let login = TokenRequest::oauth2_client_credentials(issuer, client_id, client_secret)?;
+        Ok(Self::new(login).issuer(super::Issuer::new(issuer)?))
+    }
+
+    /// Sends the login and refresh requests to the token endpoint `issuer` publishes,
+    /// whatever URL they were built with: the metadata is fetched before the first
+    /// token request, kept for its cache lifetime, and fetched again when the token
+    /// endpoint answers `404` (a request that met a moved endpoint is sent once more, to
+    /// the new one). A request whose client authentication was not chosen with
+    /// [`TokenRequest::client_auth`] authenticates as the server supports. See
+    /// [`Issuer`](super::Issuer).
+    pub fn issuer(mut self, issuer: super::Issuer) -> Self {
+        self.issuer = Some(issuer);
+        self
     }
 
     /// OAuth2 client credentials (RFC 6749 §4.4) with HTTP Basic and a form body.
@@ -533,6 +560,7 @@ impl TokenSource {
         drop(stepped_up);
         Ok(Exchange {
             client,
+            issuer: self.issuer.clone(),
             login: login.unwrap_or_else(|| self.login.clone()),
             refresh: self.refresh.clone(),
             fields: self.fields.clone(),
@@ -617,6 +645,7 @@ impl CredentialSource for TokenSource {
 /// Everything one fetch needs, owned, so it can run in its own task.
 struct Exchange {
     client: TokenClient,
+    issuer: Option<super::Issuer>,
     login: TokenRequest,
     refresh: Option<(TokenRequest, String)>,
     fields: ResponseFields,
@@ -769,6 +798,38 @@ impl Exchange {
     /// error status, or a 2xx carrying an OAuth error, is the error the server stated,
     /// scrubbed of every form of this request's secrets.
     async fn send(
+        &self,
+        request: &TokenRequest,
+        extra: Option<(&str, &Secret)>,
+    ) -> Result<Answer, TokenError> {
+        let Some(issuer) = &self.issuer else {
+            return self.send_to(request, extra).await;
+        };
+        let metadata = issuer.metadata(&self.client, None).await?;
+        let sent = self.send_to(&request.at(&metadata), extra).await;
+        match sent {
+            // The endpoint may have moved: a 404 was not acted on, so the request (a
+            // refresh token in it included) can go once more, to where the issuer says
+            // now.
+            Err(e)
+                if e.kind() == TokenErrorKind::Rejected
+                    && e.status() == Some(http::StatusCode::NOT_FOUND) =>
+            {
+                let fresh = issuer.metadata(&self.client, Some(&metadata)).await?;
+                if fresh == metadata {
+                    return Err(e);
+                }
+                tracing::info!(
+                    "the token endpoint moved; sending to the one the issuer publishes now"
+                );
+                self.send_to(&request.at(&fresh), extra).await
+            }
+            sent => sent,
+        }
+    }
+
+    /// [`send`](Self::send) to the request's own URL.
+    async fn send_to(
         &self,
         request: &TokenRequest,
         extra: Option<(&str, &Secret)>,

@@ -824,3 +824,134 @@ impl Provider for PersonalTokenApi {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Discovery: an authorization server that publishes its metadata as Keycloak and Okta do
+// (an issuer with a path; RFC 8414's well-known URL, or only OpenID Connect's), with a
+// `Cache-Control` lifetime, and a token endpoint that can move. The token endpoint
+// enforces the client authentication methods the metadata lists.
+
+pub struct DiscoveryIdp {
+    /// The issuer's path (`/realms/acme`); the issuer is `base + path`.
+    pub issuer_path: String,
+    /// Set once started: the issuer as published (a test may make it lie).
+    pub issuer: Mutex<String>,
+    /// Whether the RFC 8414 well-known URL is served (else only OpenID Connect's).
+    pub rfc8414: AtomicBool,
+    pub token_path: Mutex<String>,
+    pub cache_control: Mutex<Option<String>>,
+    /// `token_endpoint_auth_methods_supported`.
+    pub auth_methods: Mutex<Vec<String>>,
+    /// Overrides the published token endpoint (to point it elsewhere).
+    pub token_endpoint_override: Mutex<Option<String>>,
+    pub metadata_requests: Mutex<Vec<String>>,
+    pub token_requests: Mutex<Vec<String>>,
+}
+
+impl DiscoveryIdp {
+    pub fn new(issuer_path: &str) -> Arc<Self> {
+        Arc::new(DiscoveryIdp {
+            issuer_path: issuer_path.into(),
+            issuer: Mutex::default(),
+            rfc8414: AtomicBool::new(true),
+            token_path: Mutex::new(format!("{issuer_path}/protocol/openid-connect/token")),
+            cache_control: Mutex::new(Some("public, max-age=3600".into())),
+            auth_methods: Mutex::new(vec![
+                "client_secret_basic".into(),
+                "client_secret_post".into(),
+            ]),
+            token_endpoint_override: Mutex::default(),
+            metadata_requests: Mutex::default(),
+            token_requests: Mutex::default(),
+        })
+    }
+
+    /// Starts it; returns the issuer (`http://127.0.0.1:PORT/realms/...`).
+    pub async fn start(self: &Arc<Self>) -> String {
+        let base = start(self.clone()).await;
+        let issuer = format!("{base}{}", self.issuer_path);
+        *self.issuer.lock().unwrap() = issuer.clone();
+        issuer
+    }
+
+    fn metadata(&self, base: &str) -> Reply {
+        let token_endpoint = self
+            .token_endpoint_override
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| format!("{base}{}", self.token_path.lock().unwrap()));
+        let mut reply = reply(
+            StatusCode::OK,
+            json!({
+                "issuer": *self.issuer.lock().unwrap(),
+                "token_endpoint": token_endpoint,
+                "token_endpoint_auth_methods_supported": *self.auth_methods.lock().unwrap(),
+                "grant_types_supported": ["client_credentials", "refresh_token"],
+                "response_types_supported": ["code"],
+            }),
+        );
+        if let Some(cc) = self.cache_control.lock().unwrap().as_deref() {
+            reply
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, cc.parse().unwrap());
+        }
+        reply
+    }
+}
+
+impl Provider for DiscoveryIdp {
+    fn handle(&self, req: Incoming) -> Reply {
+        let host = req
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let base = format!("http://{host}");
+        let path = &self.issuer_path;
+        let rfc8414 = format!("/.well-known/oauth-authorization-server{path}");
+        let oidc = format!("{path}/.well-known/openid-configuration");
+        if req.method == Method::GET && (req.path == rfc8414 || req.path == oidc) {
+            self.metadata_requests
+                .lock()
+                .unwrap()
+                .push(req.path.clone());
+            if req.path == rfc8414 && !self.rfc8414.load(SeqCst) {
+                return reply(StatusCode::NOT_FOUND, json!({"error": "not found"}));
+            }
+            return self.metadata(&base);
+        }
+        if req.method == Method::POST && req.path == *self.token_path.lock().unwrap() {
+            let methods = self.auth_methods.lock().unwrap().clone();
+            let form = req.form();
+            let basic = basic_credentials(&req.headers);
+            let in_body = form.get("client_id").zip(form.get("client_secret"));
+            let client_ok = match (basic, in_body) {
+                (Some((id, secret)), None)
+                    if methods.iter().any(|m| m == "client_secret_basic") =>
+                {
+                    id == "disc-client" && secret == "disc-secret"
+                }
+                (None, Some((id, secret))) if methods.iter().any(|m| m == "client_secret_post") => {
+                    id == "disc-client" && secret == "disc-secret"
+                }
+                _ => false,
+            };
+            self.token_requests.lock().unwrap().push(req.path.clone());
+            if !client_ok {
+                return reply(
+                    StatusCode::UNAUTHORIZED,
+                    json!({"error": "invalid_client", "error_description": "client authentication method not allowed"}),
+                );
+            }
+            return reply(
+                StatusCode::OK,
+                json!({"access_token": format!("disc-token-{}", self.token_requests.lock().unwrap().len()), "token_type": "Bearer", "expires_in": 300}),
+            );
+        }
+        // Anything else (an old token endpoint among it) is not here.
+        self.token_requests.lock().unwrap().push(req.path.clone());
+        reply(StatusCode::NOT_FOUND, json!({"error": "not found"}))
+    }
+}

@@ -1,0 +1,220 @@
+//! The token endpoint found from the issuer (RFC 8414, OpenID Connect Discovery 1.0),
+//! against a loopback authorization server that publishes its metadata as Keycloak and
+//! Okta do (`support::providers::DiscoveryIdp`).
+#![cfg(feature = "https")]
+
+mod support;
+
+use std::sync::atomic::Ordering::SeqCst;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+use support::{
+    api_client,
+    providers::{DiscoveryIdp, reply, serve},
+    token_client,
+};
+use tower::{Layer, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, CredentialSource, FetchContext, FetchReason,
+    token::{Issuer, TokenErrorKind, TokenRequest, TokenSource},
+};
+
+const ID: &str = "disc-client";
+const SECRET: &str = "disc-secret";
+
+fn source(issuer: &str) -> TokenSource {
+    TokenSource::client_credentials_from_issuer(issuer, ID, SECRET)
+        .unwrap()
+        .client(token_client())
+}
+
+/// One token request (an invalidation: the source never hands out its last credential).
+async fn fetch(source: &TokenSource) -> Result<String, TokenErrorKind> {
+    match source
+        .fetch(FetchContext::new(FetchReason::Invalidated, None))
+        .await
+    {
+        Ok(credential) => Ok(format!("{credential:?}")),
+        Err(e) => Err(e
+            .downcast_ref::<tower_client_auth::token::TokenError>()
+            .map(|e| e.kind())
+            .expect("a token error")),
+    }
+}
+
+/// World: an issuer with a path, publishing RFC 8414 metadata. Proves: the first
+/// request through the layer finds the token endpoint there (one metadata request, at
+/// RFC 8414's URL: between host and path), and the API call carries the token.
+#[tokio::test]
+async fn the_token_endpoint_comes_from_the_issuer() {
+    let idp = DiscoveryIdp::new("/realms/acme");
+    let issuer = idp.start().await;
+    let api = serve(|req: Request<hyper::body::Incoming>| async move {
+        let ok = req
+            .headers()
+            .get("authorization")
+            .is_some_and(|v| v.to_str().unwrap().starts_with("Bearer disc-token-"));
+        reply(
+            if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::UNAUTHORIZED
+            },
+            json!({}),
+        )
+    })
+    .await;
+    let svc = AuthLayer::new(source(&issuer))
+        .any_https_origin()
+        .allow_http_loopback(true)
+        .layer(api_client());
+    for _ in 0..3 {
+        let res = svc
+            .clone()
+            .oneshot(
+                Request::get(format!("http://{api}/v1/x"))
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(
+        *idp.metadata_requests.lock().unwrap(),
+        ["/.well-known/oauth-authorization-server/realms/acme"]
+    );
+    assert_eq!(
+        *idp.token_requests.lock().unwrap(),
+        ["/realms/acme/protocol/openid-connect/token"]
+    );
+}
+
+/// World: only OpenID Connect's well-known URL is served. Proves: the RFC 8414 URL's 404
+/// falls back to it.
+#[tokio::test]
+async fn falls_back_to_openid_configuration() {
+    let idp = DiscoveryIdp::new("/oauth2/default");
+    idp.rfc8414.store(false, SeqCst);
+    let issuer = idp.start().await;
+    fetch(&source(&issuer)).await.unwrap();
+    assert_eq!(
+        *idp.metadata_requests.lock().unwrap(),
+        [
+            "/.well-known/oauth-authorization-server/oauth2/default",
+            "/oauth2/default/.well-known/openid-configuration"
+        ]
+    );
+}
+
+/// World: metadata naming another issuer (a mix-up attack, or a misconfigured proxy).
+/// Proves: a typed `Discovery` error, and no token request is sent anywhere.
+#[tokio::test]
+async fn metadata_for_another_issuer_is_refused() {
+    let idp = DiscoveryIdp::new("/realms/acme");
+    let issuer = idp.start().await;
+    *idp.issuer.lock().unwrap() = format!("{issuer}-evil");
+    assert_eq!(
+        fetch(&source(&issuer)).await,
+        Err(TokenErrorKind::Discovery)
+    );
+    assert!(idp.token_requests.lock().unwrap().is_empty());
+    // A trailing slash is another issuer too (RFC 8414 §3.3: identical).
+    *idp.issuer.lock().unwrap() = format!("{issuer}/");
+    assert_eq!(
+        fetch(&source(&issuer)).await,
+        Err(TokenErrorKind::Discovery)
+    );
+    assert!(idp.token_requests.lock().unwrap().is_empty());
+}
+
+/// World: a document kept for an hour, then one that may not be kept. Proves: five
+/// token requests cost one metadata request while it is fresh, and one each when it may
+/// not be kept.
+#[tokio::test]
+async fn the_document_is_kept_for_its_cache_lifetime() {
+    let idp = DiscoveryIdp::new("/t1");
+    let issuer = idp.start().await;
+    let kept = source(&issuer);
+    for _ in 0..5 {
+        fetch(&kept).await.unwrap();
+    }
+    assert_eq!(idp.metadata_requests.lock().unwrap().len(), 1);
+    *idp.cache_control.lock().unwrap() = Some("no-store".into());
+    let unkept = source(&issuer);
+    for _ in 0..3 {
+        fetch(&unkept).await.unwrap();
+    }
+    assert_eq!(idp.metadata_requests.lock().unwrap().len(), 1 + 3);
+    assert_eq!(idp.token_requests.lock().unwrap().len(), 8);
+}
+
+/// World: the token endpoint moves while the old document is still fresh in the cache.
+/// Proves: the old endpoint's 404 makes the source fetch the metadata again and send the
+/// same request once more, to the new endpoint; the fetch succeeds.
+#[tokio::test]
+async fn a_moved_token_endpoint_is_found_again_after_a_404() {
+    let idp = DiscoveryIdp::new("/realms/acme");
+    let issuer = idp.start().await;
+    let source = source(&issuer);
+    fetch(&source).await.unwrap();
+    *idp.token_path.lock().unwrap() = "/realms/acme/v2/token".into();
+    fetch(&source).await.unwrap();
+    assert_eq!(
+        *idp.token_requests.lock().unwrap(),
+        [
+            "/realms/acme/protocol/openid-connect/token",
+            "/realms/acme/protocol/openid-connect/token",
+            "/realms/acme/v2/token"
+        ]
+    );
+    assert_eq!(idp.metadata_requests.lock().unwrap().len(), 2);
+}
+
+/// World: a server that accepts client secrets only in the body. Proves: a source whose
+/// client authentication was not chosen follows the metadata; one that chose Basic
+/// keeps it (and the server refuses it, as a real one would).
+#[tokio::test]
+async fn client_authentication_follows_the_metadata_unless_chosen() {
+    let idp = DiscoveryIdp::new("/realms/acme");
+    *idp.auth_methods.lock().unwrap() = vec!["client_secret_post".into()];
+    let issuer = idp.start().await;
+    fetch(&source(&issuer)).await.unwrap();
+    let chosen = TokenSource::new(
+        TokenRequest::oauth2_client_credentials(&issuer, ID, SECRET)
+            .unwrap()
+            .client_auth(tower_client_auth::token::ClientAuth::Basic),
+    )
+    .issuer(Issuer::new(&issuer).unwrap())
+    .client(token_client());
+    assert_eq!(fetch(&chosen).await, Err(TokenErrorKind::Rejected));
+}
+
+/// World: metadata that points the token endpoint at plain http on another host.
+/// Proves: refused with `InsecureTransport` before any token request.
+#[tokio::test]
+async fn an_insecure_token_endpoint_in_the_metadata_is_refused() {
+    let idp = DiscoveryIdp::new("/realms/acme");
+    *idp.token_endpoint_override.lock().unwrap() = Some("http://idp.example.com/token".into());
+    let issuer = idp.start().await;
+    assert_eq!(
+        fetch(&source(&issuer)).await,
+        Err(TokenErrorKind::InsecureTransport)
+    );
+    assert!(idp.token_requests.lock().unwrap().is_empty());
+}
+
+/// World: no authorization server listens at the issuer. Proves: the error is the
+/// metadata's (`Discovery`), so a refresh token waiting to be sent would be kept.
+#[tokio::test]
+async fn an_unreachable_issuer_is_a_discovery_error() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let source = source(&format!("http://127.0.0.1:{port}/realms/acme"));
+    assert_eq!(fetch(&source).await, Err(TokenErrorKind::Discovery));
+}
