@@ -102,9 +102,11 @@ pub enum NotReplayed {
     /// The API answered that the credential lacks a scope
     /// ([`Verdict::InsufficientScope`](crate::rejection::Verdict::InsufficientScope)),
     /// which a refresh cannot fix; the layer does not step up
-    /// ([`AuthLayer::step_up`](crate::AuthLayer::step_up)), or cannot (a credential that
-    /// never changes, a request that cannot be replayed). The response also carries an
-    /// [`InsufficientScope`](crate::rejection::InsufficientScope) extension.
+    /// ([`AuthLayer::step_up`](crate::AuthLayer::step_up)), or its step-up failed,
+    /// brought back the same credential, or is backing off. The response also carries an
+    /// [`InsufficientScope`](crate::rejection::InsufficientScope) extension. (With
+    /// step-up on, a request that cannot be replayed is marked with why, as after a
+    /// rejection, and the step-up still runs for the requests after it.)
     InsufficientScope,
 }
 

@@ -77,6 +77,8 @@ pin_project! {
         Second {
             future: Pin<Box<Oneshot<S, Request<ReplayBody<B>>>>>,
             judge: Judge,
+            // Whether the replay carries a stepped-up credential.
+            stepped_up: bool,
             cache: CacheRef<P>,
             generation: u64,
         },
@@ -545,6 +547,7 @@ where
                     this.state.set(State::Second {
                         future: Box::pin(Oneshot::new(resend.service, request)),
                         judge: resend.judge,
+                        stepped_up: resend.scope.is_some(),
                         cache: resend.cache,
                         generation: entry.generation,
                     });
@@ -552,6 +555,7 @@ where
                 StateProj::Second {
                     future,
                     judge,
+                    stepped_up,
                     cache,
                     generation,
                 } => {
@@ -564,13 +568,22 @@ where
                         }
                         Verdict::InsufficientScope { scope } => {
                             cache.accepted(*generation);
+                            if *stepped_up {
+                                // The wider grant was not wide enough (or not granted).
+                                cache.step_up_failed();
+                            }
                             response = with_scope(
                                 response,
                                 Some(InsufficientScope { scope }),
                                 NotReplayed::AlreadyReplayed,
                             );
                         }
-                        _ => cache.accepted(*generation),
+                        _ => {
+                            cache.accepted(*generation);
+                            if *stepped_up {
+                                cache.step_up_worked();
+                            }
+                        }
                     }
                     return Poll::Ready(Ok(response));
                 }

@@ -190,16 +190,24 @@ impl RejectionPolicy for StandardRejection {
     }
 }
 
-/// The scope an `insufficient_scope` challenge asks for (`Some(None)`: it names none), if
-/// the response carries one, whatever its scheme.
+/// The scope an `insufficient_scope` challenge asks for (`Some(None)`: it names none),
+/// if a `Bearer` or `DPoP` challenge says so (the schemes that define the error) and none
+/// says `invalid_token`: a token the API does not accept at all is a rejection, whatever
+/// else it lacks.
 fn insufficient_scope(response: &ResponseHead<'_>) -> Option<Option<String>> {
-    response
+    let token_challenges: Vec<Challenge> = response
         .challenges()
         .into_iter()
-        .find(|c| {
-            c.error()
-                .is_some_and(|e| e.eq_ignore_ascii_case("insufficient_scope"))
-        })
+        .filter(|c| c.is("bearer") || c.is("dpop"))
+        .collect();
+    let says =
+        |c: &Challenge, error: &str| c.error().is_some_and(|e| e.eq_ignore_ascii_case(error));
+    if token_challenges.iter().any(|c| says(c, "invalid_token")) {
+        return None;
+    }
+    token_challenges
+        .iter()
+        .find(|c| says(c, "insufficient_scope"))
         .map(|c| c.scope().map(str::to_owned))
 }
 
@@ -364,6 +372,28 @@ mod tests {
                 Some(r#"Basic realm=x, BEARER ERROR=INSUFFICIENT_SCOPE"#)
             ),
             Verdict::InsufficientScope { scope: None }
+        );
+        // Only the token schemes define the error; an invalid token is a rejection,
+        // whatever else a challenge says.
+        assert_eq!(
+            judge(&std, 401, Some(r#"Basic error="insufficient_scope""#)),
+            Verdict::Rejected
+        );
+        assert_eq!(
+            judge(
+                &std,
+                401,
+                Some(r#"DPoP error="insufficient_scope", Bearer error="invalid_token""#)
+            ),
+            Verdict::Rejected
+        );
+        assert_eq!(
+            judge(
+                &std,
+                403,
+                Some(r#"DPoP error="insufficient_scope", scope="x""#)
+            ),
+            scope("x")
         );
         // Not a rejection status, not a 403: the challenge is not even read.
         assert_eq!(

@@ -466,3 +466,191 @@ async fn a_late_insufficient_scope_uses_the_step_up_already_made() {
     let reasons: Vec<_> = source.log().into_iter().map(|(_, r)| r).collect();
     assert_eq!(reasons, [FetchReason::Initial, FetchReason::StepUp]);
 }
+
+/// An API answering `insufficient_scope` (scope `w`) on `/scoped` and 200 elsewhere;
+/// counts its calls.
+async fn scoped_api() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let addr = {
+        let calls = calls.clone();
+        serve(move |req: Request<hyper::body::Incoming>| {
+            calls.fetch_add(1, SeqCst);
+            let scoped = req.uri().path() == "/scoped";
+            async move {
+                if scoped {
+                    challenge(
+                        StatusCode::FORBIDDEN,
+                        r#"Bearer error="insufficient_scope", scope="w""#,
+                    )
+                } else {
+                    reply(StatusCode::OK, json!({}))
+                }
+            }
+        })
+        .await
+    };
+    (addr, calls)
+}
+
+/// A source issuing `t-N` with refresh token `rt-N`, that cannot step up (it fails the
+/// step-up fetch as a source that cannot widen its scope does), recording each reason.
+fn no_step_up_source() -> (
+    Arc<std::sync::Mutex<Vec<FetchReason>>>,
+    impl tower_client_auth::CredentialSource,
+) {
+    let reasons = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let source = {
+        let reasons = reasons.clone();
+        source_fn(move |cx: FetchContext| {
+            let mut reasons = reasons.lock().unwrap();
+            reasons.push(cx.reason());
+            let n = reasons.len();
+            async move {
+                if cx.reason() == FetchReason::StepUp {
+                    return Err::<Credential, BoxError>("cannot widen the scope".into());
+                }
+                Ok(Credential::bearer(format!("t-{n}"))?.with_refresh_token(format!("rt-{n}")))
+            }
+        })
+    };
+    (reasons, source)
+}
+
+/// World: the client is not registered for `admin`; a step-up is refused; later the
+/// API revokes the token. Proves: the refused scope is not kept, so the login that
+/// follows asks for the configured scope alone and succeeds (review finding: a refused
+/// step-up made every later login fail).
+#[tokio::test]
+async fn a_refused_step_up_leaves_later_logins_alone() {
+    let api = ClientCredentialsApi::new("d-client", "d-secret");
+    api.registered_scopes
+        .lock()
+        .unwrap()
+        .retain(|s| s != "admin");
+    let base = start(api.clone()).await;
+    let svc = layer(source(&base)).step_up(true).layer(api_client());
+    assert_eq!(
+        tower_get(&svc, format!("{base}/v1/admin/users")).await.0,
+        403
+    );
+    api.revoke_all();
+    assert_eq!(tower_get(&svc, format!("{base}/v1/shipments")).await.0, 200);
+    assert_eq!(
+        *api.scopes_asked.lock().unwrap(),
+        ["shipments:read", "shipments:read admin", "shipments:read"]
+    );
+}
+
+/// World: a step-up is granted, then the client's registration loses `admin`. Proves:
+/// the next login's `invalid_scope` drops the stepped-up scope and logs in with the
+/// configured one, in the same fetch.
+#[tokio::test]
+async fn stepped_up_scopes_refused_later_are_dropped() {
+    let api = ClientCredentialsApi::new("d-client", "d-secret");
+    let base = start(api.clone()).await;
+    let svc = layer(source(&base)).step_up(true).layer(api_client());
+    assert_eq!(
+        tower_get(&svc, format!("{base}/v1/admin/users")).await.0,
+        200
+    );
+    api.registered_scopes
+        .lock()
+        .unwrap()
+        .retain(|s| s != "admin");
+    api.revoke_all();
+    assert_eq!(tower_get(&svc, format!("{base}/v1/shipments")).await.0, 200);
+    assert_eq!(
+        *api.scopes_asked.lock().unwrap(),
+        [
+            "shipments:read",
+            "shipments:read admin",
+            "shipments:read admin",
+            "shipments:read"
+        ]
+    );
+}
+
+/// World: a fleet cache over a store; the source cannot step up. Proves: the stored
+/// refresh token is still in the store after the failed step-up (review finding: the
+/// step-up took it out of the store and lost it).
+#[tokio::test]
+async fn a_failed_step_up_leaves_the_stored_refresh_token() {
+    use tower_client_auth::{CredentialCache, CredentialStore, MemoryStore};
+    let (addr, _) = scoped_api().await;
+    let (reasons, source) = no_step_up_source();
+    let store = MemoryStore::new();
+    let cache = CredentialCache::builder(source)
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let svc = AuthLayer::with_cache(cache)
+        .any_https_origin()
+        .allow_http_loopback(true)
+        .step_up(true)
+        .layer(api_client());
+    assert_eq!(
+        tower_get(&svc, format!("http://{addr}/scoped")).await.1,
+        Some(NotReplayed::InsufficientScope)
+    );
+    assert_eq!(
+        *reasons.lock().unwrap(),
+        [FetchReason::Initial, FetchReason::StepUp]
+    );
+    let stored = store.load().await.unwrap().expect("a stored credential");
+    assert_eq!(
+        stored.refresh_token().map(|t| t.expose().to_owned()),
+        Some("rt-1".to_owned()),
+        "the fleet's refresh token is still in the store"
+    );
+}
+
+/// World: a step-up fails; then the credential is invalidated. Proves: the step-up's
+/// failure does not back off the cache's own fetches (review finding: it did, and a
+/// credential could expire behind a scope the API kept asking for).
+#[tokio::test]
+async fn a_failed_step_up_does_not_hold_back_the_next_fetch() {
+    let (addr, _) = scoped_api().await;
+    let (reasons, source) = no_step_up_source();
+    let layer = layer(source).step_up(true);
+    let handle = layer.cache().handle();
+    let svc = layer.layer(api_client());
+    assert_eq!(
+        tower_get(&svc, format!("http://{addr}/scoped")).await.0,
+        403
+    );
+    handle.invalidate();
+    assert_eq!(tower_get(&svc, format!("http://{addr}/other")).await.0, 200);
+    assert_eq!(
+        *reasons.lock().unwrap(),
+        [
+            FetchReason::Initial,
+            FetchReason::StepUp,
+            FetchReason::Invalidated
+        ]
+    );
+}
+
+/// World: the source grants a new token on every step-up, but the API never finds the
+/// scope in it. Proves: after one fruitless step-up, the next requests within the
+/// step-up backoff cost no token request (review finding: each one cost a login and a
+/// replay).
+#[tokio::test]
+async fn a_fruitless_step_up_backs_off() {
+    let (addr, calls) = scoped_api().await;
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let source = {
+        let fetches = fetches.clone();
+        source_fn(move |_| {
+            let n = fetches.fetch_add(1, SeqCst);
+            async move { Credential::bearer(format!("t-{n}")) }
+        })
+    };
+    let svc = layer(source).step_up(true).layer(api_client());
+    for _ in 0..5 {
+        let (status, marker, _) = tower_get(&svc, format!("http://{addr}/scoped")).await;
+        assert_eq!(status, 403);
+        assert!(marker.is_some());
+    }
+    assert_eq!(fetches.load(SeqCst), 2, "one login, one step-up");
+    assert_eq!(calls.load(SeqCst), 6, "one replay");
+}

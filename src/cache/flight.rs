@@ -94,6 +94,10 @@ impl<P: CredentialSource> CredentialCache<P> {
                     // A newer credential: the replay tries it.
                     return (Acquire::ready(Ok(entry)), None);
                 }
+                Some(Want::StepUp(_, _)) if state.step_up_retry_at.is_some_and(|at| now < at) => {
+                    // Step-ups are backing off: the credential as it is.
+                    return (Acquire::ready(Ok(entry)), None);
+                }
                 Some(Want::StepUp(generation, scope)) => {
                     tracing::debug!(generation, "credential lacks a scope; stepping up");
                     reason = FetchReason::StepUp;
@@ -171,6 +175,7 @@ impl<P: CredentialSource> CredentialCache<P> {
             flight: flight.clone(),
             started: false,
             tx: Some(tx),
+            step_up: reason == FetchReason::StepUp,
         };
         let span = tracing::debug_span!("credential_refresh", reason = ?reason);
         tracing::debug!(parent: &span, background = still_valid.is_some(), chained = predecessor.is_some(), "starting credential refresh");
@@ -324,6 +329,9 @@ struct FlightGuard<P: CredentialSource> {
     started: bool,
     /// Where the result goes; taken when it is sent.
     tx: Option<tokio::sync::oneshot::Sender<Result<Arc<Entry>, Error>>>,
+    /// Whether this is a step-up: its failure backs off step-ups only (the credential
+    /// in use is still valid, and its own refresh must not wait for a scope).
+    step_up: bool,
 }
 
 impl<P: CredentialSource> FlightGuard<P> {
@@ -396,6 +404,10 @@ impl<P: CredentialSource> FlightGuard<P> {
                     if superseded {
                         inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(error = %err, "a superseded refresh failed");
+                    } else if self.step_up {
+                        inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(error = %err, cause = err_source(&err), "step-up failed; keeping the credential in use");
+                        inner.step_up_failed_locked(&mut state);
                     } else {
                         Self::record_failure(inner, &mut state, &err, now);
                     }
@@ -756,7 +768,9 @@ async fn holding<P: CredentialSource>(
 ) -> (Result<Credential, Error>, Saved) {
     // Someone may have saved between the load and the lease.
     let held = store_call(inner, deadline, "load", store.load()).await;
-    if let Some(Some(stored)) = &held {
+    // A step-up wants a wider grant, which no stored credential is known to be.
+    let step_up = cx.reason() == FetchReason::StepUp;
+    if let Some(Some(stored)) = held.as_ref().filter(|_| !step_up) {
         if Some(stored) != cx.previous() && inner.is_usable_stored(stored) {
             tracing::debug!("using the credential found in the store");
             metrics::event(&inner.config.name, metrics::STORE_HITS);
@@ -773,6 +787,9 @@ async fn holding<P: CredentialSource>(
     // (the next holder logs in instead).
     let sharing = match held {
         None => Sharing::StoreUnavailable,
+        // A step-up logs in and presents no refresh token: the stored one stays where
+        // it is, whatever becomes of the step-up.
+        Some(_) if step_up => Sharing::Shared(None),
         Some(None) => Sharing::Shared(None),
         Some(Some(stored)) => match stored.refresh_token().cloned() {
             None => Sharing::Shared(None),

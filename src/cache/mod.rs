@@ -336,6 +336,20 @@ impl<P: CredentialSource> CredentialCache<P> {
     pub(crate) fn step_up(&self, generation: u64, scope: Option<String>) -> Acquire {
         self.acquire(Some(Want::StepUp(generation, scope)))
     }
+
+    /// A step-up failed, or its credential's replay still lacked a scope: the next one
+    /// waits for the step-up backoff.
+    pub(crate) fn step_up_failed(&self) {
+        let mut state = self.inner.lock_state();
+        self.inner.step_up_failed_locked(&mut state);
+    }
+
+    /// A replay after a step-up was accepted: the step-up backoff starts over.
+    pub(crate) fn step_up_worked(&self) {
+        let mut state = self.inner.lock_state();
+        state.step_ups_failed = 0;
+        state.step_up_retry_at = None;
+    }
 }
 
 /// Keep-warm's refresh of the entry of `generation`, if the cache (and that entry in
@@ -487,6 +501,11 @@ struct State {
     /// when the next one may cause a fetch.
     fresh_rejections: u32,
     fresh_rejection_retry_at: Option<Instant>,
+    /// Consecutive step-ups that failed or brought no scope the API accepts, and when
+    /// the next may start: a backoff of their own, so that the refresh before expiry is
+    /// never held back by a scope the API keeps asking for.
+    step_ups_failed: u32,
+    step_up_retry_at: Option<Instant>,
 }
 
 /// How many replaced credentials [`State::retired`] remembers.
@@ -504,6 +523,17 @@ enum Want {
 }
 
 impl<P: CredentialSource> Inner<P> {
+    fn step_up_failed_locked(&self, state: &mut State) {
+        state.step_ups_failed = state.step_ups_failed.saturating_add(1);
+        let delay = self.backoff(state.step_ups_failed);
+        state.step_up_retry_at = Some(config::saturating_add(Instant::now(), delay));
+        tracing::debug!(
+            failures = state.step_ups_failed,
+            retry_in_ms = delay.as_millis() as u64,
+            "step-up brought no accepted scope; backing step-ups off"
+        );
+    }
+
     fn lock_state(&self) -> MutexGuard<'_, State> {
         // The lock is never held across user code, so poisoning cannot leave it
         // half-updated; recover rather than propagate a panic to every caller.

@@ -35,6 +35,8 @@
 //! # Ok::<_, Box<dyn std::error::Error>>(())
 //! ```
 
+#[cfg(feature = "jwt")]
+mod assertion;
 mod client;
 mod discovery;
 mod error;
@@ -45,6 +47,9 @@ mod source;
 #[cfg(test)]
 mod properties;
 
+#[cfg(feature = "jwt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
+pub use self::assertion::SigningKey;
 pub use self::{
     client::{DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TOKEN_TIMEOUT, TokenClient},
     discovery::{Issuer, Metadata},

@@ -76,6 +76,19 @@ pub struct TokenRequest {
     /// Whether `client_auth` was chosen by the user: otherwise an issuer's metadata
     /// chooses it.
     client_auth_chosen: bool,
+    /// `private_key_jwt`: a fresh signed assertion per request, instead of a secret.
+    #[cfg(feature = "jwt")]
+    assertion: Option<ClientAssertion>,
+}
+
+/// The client's identity and key for `private_key_jwt`, and the audience if not the
+/// token endpoint.
+#[cfg(feature = "jwt")]
+#[derive(Clone)]
+struct ClientAssertion {
+    client_id: String,
+    key: super::SigningKey,
+    audience: Option<String>,
 }
 
 impl fmt::Debug for TokenRequest {
@@ -99,8 +112,8 @@ impl fmt::Debug for TokenRequest {
             )
             .field("encoding", &self.encoding)
             .field("fields", &Fields(&self.fields))
-            .field("client_id", &self.client.as_ref().map(|(id, _)| id))
-            .field("client_auth", &self.client_auth)
+            .field("client_id", &self.client_id())
+            .field("client_auth", &self.client_auth_shown())
             .finish()
     }
 }
@@ -137,6 +150,8 @@ impl TokenRequest {
             client: None,
             client_auth: ClientAuth::Basic,
             client_auth_chosen: false,
+            #[cfg(feature = "jwt")]
+            assertion: None,
         })
     }
 
@@ -211,11 +226,12 @@ impl TokenRequest {
         at
     }
 
-    /// This request asking for `extra` scopes on top of its own `scope` field (one is
-    /// added if it has none), for a step-up. `None` for a request whose grant does not
-    /// take a scope of the client's choosing: no `grant_type` (a session login), or a
-    /// grant that can only keep or narrow the scope granted before (refresh token,
-    /// authorization code, device code).
+    /// This request asking for `extra` scopes on top of its own `scope` field, for a
+    /// step-up. `None` for a request with no `scope` field (its scope is the server's
+    /// default, which the client cannot name), and for one whose grant does not take a
+    /// scope of the client's choosing: no `grant_type` (a session login), or a grant that
+    /// can only keep or narrow the scope granted before (refresh token, authorization
+    /// code, device code).
     pub(crate) fn widened(&self, extra: &[String]) -> Option<TokenRequest> {
         let grant = self.fields.iter().find_map(|(name, value)| match value {
             Value::Plain(v) if name == "grant_type" => Some(v.as_str()),
@@ -234,7 +250,9 @@ impl TokenRequest {
                 scope.split_ascii_whitespace().map(str::to_owned).collect()
             }
             Some(Value::Secret(_)) => return None,
-            None => Vec::new(),
+            // No scope of its own: the server's default, which a list of the new scopes
+            // alone could narrow. Not a union anyone can state.
+            None => return None,
         };
         for scope in extra {
             if !scopes.contains(scope) {
@@ -247,6 +265,69 @@ impl TokenRequest {
             None => widened.fields.push(("scope".to_owned(), value)),
         }
         Some(widened)
+    }
+
+    /// The client id, whichever way the client authenticates.
+    fn client_id(&self) -> Option<&str> {
+        #[cfg(feature = "jwt")]
+        if let Some(a) = &self.assertion {
+            return Some(&a.client_id);
+        }
+        self.client.as_ref().map(|(id, _)| id.as_str())
+    }
+
+    fn client_auth_shown(&self) -> &dyn fmt::Debug {
+        #[cfg(feature = "jwt")]
+        if let Some(a) = &self.assertion {
+            return &a.key;
+        }
+        &self.client_auth
+    }
+
+    /// RFC 6749 §4.4 client credentials, the client authenticated with a signed JWT
+    /// (`private_key_jwt`, RFC 7523): see [`private_key_jwt`](Self::private_key_jwt).
+    #[cfg(feature = "jwt")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
+    pub fn oauth2_client_credentials_jwt(
+        url: &str,
+        client_id: impl Into<String>,
+        key: super::SigningKey,
+    ) -> Result<Self, TokenError> {
+        Ok(Self::form(url)?
+            .field("grant_type", "client_credentials")
+            .private_key_jwt(client_id, key))
+    }
+
+    /// Authenticates the client with `private_key_jwt` (RFC 7523 §2.2, OpenID Connect
+    /// Core §9) instead of a secret: each request carries `client_id`,
+    /// `client_assertion_type` (`urn:ietf:params:oauth:client-assertion-type:jwt-bearer`)
+    /// and a fresh `client_assertion` signed with `key` (`iss` = `sub` = the client id,
+    /// `aud` the token endpoint's URL unless
+    /// [`assertion_audience`](Self::assertion_audience) says otherwise, a random `jti`,
+    /// `exp` a minute after `iat`). Replaces client credentials given before; an
+    /// assertion is scrubbed from server errors as a secret is.
+    #[cfg(feature = "jwt")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
+    pub fn private_key_jwt(mut self, client_id: impl Into<String>, key: super::SigningKey) -> Self {
+        self.client = None;
+        self.assertion = Some(ClientAssertion {
+            client_id: client_id.into(),
+            key,
+            audience: None,
+        });
+        self
+    }
+
+    /// The `aud` of `private_key_jwt` assertions, for servers that want the issuer
+    /// identifier rather than the token endpoint's URL (the default). No effect without
+    /// [`private_key_jwt`](Self::private_key_jwt).
+    #[cfg(feature = "jwt")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
+    pub fn assertion_audience(mut self, audience: impl Into<String>) -> Self {
+        if let Some(a) = &mut self.assertion {
+            a.audience = Some(audience.into());
+        }
+        self
     }
 
     /// Sets the client credentials, sent as [`client_auth`](Self::client_auth) says.
@@ -294,7 +375,7 @@ impl TokenRequest {
                 .unwrap_or(""),
             self.url.path()
         );
-        let client = self.client.as_ref().map_or("", |(id, _)| id.as_str());
+        let client = self.client_id().unwrap_or_default();
         format!("{url}\nclient_id={client}\n{}", fields.join("\n"))
     }
 
@@ -316,9 +397,14 @@ impl TokenRequest {
     /// what the server says back: each secret as is and url-encoded (as a form body and
     /// the Basic header carry it, `+` or `%20` for a space), and the Basic credentials in
     /// base64, as sent and without url-encoding.
-    pub(crate) fn sent_secrets(&self, extra: Option<&Secret>) -> Vec<String> {
+    pub(crate) fn sent_secrets(
+        &self,
+        extra: Option<&Secret>,
+        assertion: Option<&Secret>,
+    ) -> Vec<String> {
         let mut forms = Vec::new();
-        for secret in self.secrets().chain(extra.map(Secret::expose)) {
+        let sent = extra.into_iter().chain(assertion).map(Secret::expose);
+        for secret in self.secrets().chain(sent) {
             let encoded: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
             // Percent-encoding in lower case too (`%2f`): servers echo either.
             let lower = lowercase_escapes(&encoded);
@@ -349,15 +435,54 @@ impl TokenRequest {
     }
 
     /// Builds the HTTP request, with `extra` secret fields (a refresh token) appended.
+    #[cfg(test)]
     pub(crate) fn build(
         &self,
         extra: Option<(&str, &Secret)>,
     ) -> Result<Request<Full<Bytes>>, TokenError> {
+        self.build_signed(extra).map(|(request, _)| request)
+    }
+
+    /// Builds the HTTP request, with `extra` secret fields (a refresh token) appended;
+    /// with it the client assertion it carries, if any, to scrub from what comes back.
+    pub(crate) fn build_signed(
+        &self,
+        extra: Option<(&str, &Secret)>,
+    ) -> Result<(Request<Full<Bytes>>, Option<Secret>), TokenError> {
         let mut fields: Vec<(&str, &str)> = self
             .fields
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
+        #[allow(unused_mut)]
+        let mut signed: Option<Secret> = None;
+        #[cfg(feature = "jwt")]
+        if let Some(a) = &self.assertion {
+            let audience = match &a.audience {
+                Some(audience) => audience.clone(),
+                // The token endpoint as the server knows it: no query.
+                None => format!(
+                    "{}://{}{}",
+                    self.url.scheme_str().unwrap_or("https"),
+                    self.url
+                        .authority()
+                        .and_then(|a| a.as_str().rsplit('@').next())
+                        .unwrap_or_default(),
+                    self.url.path()
+                ),
+            };
+            signed = Some(Secret::from(super::assertion::client_assertion(
+                &a.key,
+                &a.client_id,
+                &audience,
+            )?));
+        }
+        #[cfg(feature = "jwt")]
+        if let (Some(a), Some(signed)) = (&self.assertion, &signed) {
+            fields.push(("client_id", &a.client_id));
+            fields.push(("client_assertion_type", super::assertion::JWT_BEARER));
+            fields.push(("client_assertion", signed.expose()));
+        }
         if let (ClientAuth::Body, Some((id, secret))) = (self.client_auth, &self.client) {
             fields.push(("client_id", id));
             fields.push(("client_secret", secret.expose()));
@@ -398,7 +523,7 @@ impl TokenRequest {
             value.set_sensitive(true);
             headers.insert(header::AUTHORIZATION, value);
         }
-        Ok(req)
+        Ok((req, signed))
     }
 }
 

@@ -235,6 +235,13 @@ impl fmt::Debug for TokenSource {
     }
 }
 
+/// Most scopes step-ups add to a login's own: an API cannot make a source ask for an
+/// unbounded list.
+const MAX_STEPPED_UP_SCOPES: usize = 32;
+
+/// Longest scope a step-up asks for, in bytes.
+const MAX_SCOPE_LEN: usize = 256;
+
 /// What a [`TokenSource`] whose refresh token is shared through a credential store does
 /// when that store does not answer ([`TokenSource::when_store_is_down`]). Either way it
 /// never presents a refresh token another process may hold, and the cache keeps serving
@@ -510,9 +517,11 @@ impl TokenSource {
         }
     }
 
-    /// Adds the scopes a step-up asks for to what every later login asks for; an error
-    /// when this source's login cannot ask for them.
-    fn step_up(&self, required: Option<&str>) -> Result<(), TokenError> {
+    /// The scopes a step-up would have every login ask for on top of the login's own:
+    /// those already added and the ones `required`. Kept (by the exchange) only once a
+    /// login with them succeeds. An error, before anything is sent, when this source's
+    /// login cannot widen its scope or the API named none (or too many).
+    fn step_up(&self, required: Option<&str>) -> Result<Vec<String>, TokenError> {
         let unsupported =
             |detail| TokenError::new(TokenErrorKind::StepUpUnsupported).detail(detail);
         let required: Vec<&str> = required
@@ -522,26 +531,38 @@ impl TokenSource {
         if required.is_empty() {
             return Err(unsupported("the API named no scope"));
         }
-        let mut stepped_up = self
-            .stepped_up
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut wider = stepped_up.clone();
+        let mut wider = self.stepped_up();
         for scope in required {
+            if scope.len() > MAX_SCOPE_LEN {
+                return Err(unsupported("the API named a scope too long to ask for"));
+            }
             if !wider.iter().any(|s| s == scope) {
                 wider.push(scope.to_owned());
             }
         }
-        if self.login.widened(&wider).is_none() {
+        if wider.len() > MAX_STEPPED_UP_SCOPES {
             return Err(unsupported(
-                "the login is not a grant that takes a scope (client credentials, password, JWT bearer)",
+                "the API named more scopes than a step-up asks for",
             ));
         }
-        *stepped_up = wider;
-        Ok(())
+        if self.login.widened(&wider).is_none() {
+            return Err(unsupported(
+                "the login is not a grant with a scope to widen (client credentials, password, JWT bearer, with .scope(..))",
+            ));
+        }
+        Ok(wider)
     }
 
-    fn exchange_job(&self) -> Result<Exchange, TokenError> {
+    /// The scopes step-ups added so far.
+    fn stepped_up(&self) -> Vec<String> {
+        self.stepped_up
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The job of one exchange; `step_up`: the scopes a step-up asks for.
+    fn exchange_job(&self, step_up: Option<Vec<String>>) -> Result<Exchange, TokenError> {
         let mut client = match &self.client {
             Some(client) => client.clone(),
             None => default_client()?,
@@ -549,19 +570,19 @@ impl TokenSource {
         if self.allow_http_loopback {
             client = client.allow_http_loopback(true);
         }
-        let stepped_up = self
-            .stepped_up
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let login = match stepped_up.is_empty() {
+        let scopes = step_up.clone().unwrap_or_else(|| self.stepped_up());
+        let login = match scopes.is_empty() {
             true => None,
-            false => self.login.widened(&stepped_up),
+            false => self.login.widened(&scopes),
         };
-        drop(stepped_up);
         Ok(Exchange {
             client,
             issuer: self.issuer.clone(),
+            widened: login.is_some() && step_up.is_none(),
             login: login.unwrap_or_else(|| self.login.clone()),
+            base_login: self.login.clone(),
+            step_up,
+            stepped_up: self.stepped_up.clone(),
             refresh: self.refresh.clone(),
             fields: self.fields.clone(),
             default_lifetime: self.default_lifetime,
@@ -620,10 +641,11 @@ impl CredentialSource for TokenSource {
     }
 
     async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
-        if cx.reason() == FetchReason::StepUp {
-            self.step_up(cx.required_scope())?;
-        }
-        let mut job = self.exchange_job()?;
+        let step_up = match cx.reason() {
+            FetchReason::StepUp => Some(self.step_up(cx.required_scope())?),
+            _ => None,
+        };
+        let mut job = self.exchange_job(step_up)?;
         job.began = (cx.now(), Instant::now());
         // The exchange runs in its own task: if the cache stops waiting (timeout, drop),
         // a refresh token the server already rotated is still received and stored.
@@ -646,6 +668,14 @@ impl CredentialSource for TokenSource {
 struct Exchange {
     client: TokenClient,
     issuer: Option<super::Issuer>,
+    /// The login as configured, without scopes step-ups added.
+    base_login: TokenRequest,
+    /// Whether `login` asks for scopes earlier step-ups added (not a step-up itself).
+    widened: bool,
+    /// For a step-up: every scope it asks for on top of the login's own, kept in
+    /// `stepped_up` once the login succeeds.
+    step_up: Option<Vec<String>>,
+    stepped_up: Arc<std::sync::Mutex<Vec<String>>>,
     login: TokenRequest,
     refresh: Option<(TokenRequest, String)>,
     fields: ResponseFields,
@@ -687,6 +717,9 @@ impl Exchange {
 
     async fn outcome(&self, cx: FetchContext, held: &mut Held) -> Result<Credential, TokenError> {
         let shared = match cx.refresh_sharing() {
+            // A step-up logs in and presents no refresh token: the store kept its own,
+            // and what this source holds stays as it is if the login fails.
+            RefreshSharing::Shared(_) if self.step_up.is_some() => true,
             RefreshSharing::Shared(token) => {
                 // The store owns the refresh token: its one, or none (log in). One this
                 // source kept may have been presented by another process since, and so
@@ -726,8 +759,8 @@ impl Exchange {
     async fn exchange(&self, cx: &FetchContext, held: &mut Held) -> Result<Credential, TokenError> {
         // A step-up needs a new grant: neither the last credential nor a refresh (which
         // cannot widen a scope) will do.
-        let step_up = cx.reason() == FetchReason::StepUp;
-        if let Some(last) = held.last.take().filter(|_| !step_up) {
+        let step_up = self.step_up.is_some();
+        if let Some(last) = (!step_up).then(|| held.last.take()).flatten() {
             // The cache names the credential it is replacing: once rejected or expiring,
             // it is never handed out again, whatever happens to this exchange. An
             // explicit invalidation always goes to the token endpoint.
@@ -789,9 +822,31 @@ impl Exchange {
             }
         }
         tracing::debug!(reason = ?cx.reason(), "logging in");
-        let answer = self.send(&self.login, None).await?;
+        let answer = match self.send(&self.login, None).await {
+            // The scopes earlier step-ups added are refused now (the client's
+            // registration changed): they are dropped, and the login asks for its own.
+            Err(e) if self.widened && e.oauth_error() == Some("invalid_scope") => {
+                tracing::warn!(
+                    "the token endpoint refuses the scopes step-ups added; logging in with the configured scope"
+                );
+                self.stepped_up
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clear();
+                self.send(&self.base_login, None).await?
+            }
+            sent => sent?,
+        };
         self.stats.logins.fetch_add(1, Ordering::Relaxed);
-        self.accept(answer, held, None).await
+        let credential = self.accept(answer, held, None).await?;
+        if let Some(scopes) = &self.step_up {
+            // Granted: every later login asks for these scopes too.
+            *self
+                .stepped_up
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = scopes.clone();
+        }
+        Ok(credential)
     }
 
     /// Sends one token request. A 2xx answer comes back unjudged (see [`Answer`]); an
@@ -834,8 +889,8 @@ impl Exchange {
         request: &TokenRequest,
         extra: Option<(&str, &Secret)>,
     ) -> Result<Answer, TokenError> {
-        let http = request
-            .build(extra)
+        let (http, assertion) = request
+            .build_signed(extra)
             .map_err(|e| e.endpoint(request.url()))?;
         let answer = self
             .client
@@ -852,7 +907,7 @@ impl Exchange {
                 .get(http::header::RETRY_AFTER)
                 .and_then(|v| parse_retry_after(v.as_bytes(), SystemTime::now()));
             let err = parse_error_body(status, body)
-                .scrub(&request.sent_secrets(extra.map(|(_, s)| s)))
+                .scrub(&request.sent_secrets(extra.map(|(_, s)| s), assertion.as_ref()))
                 .retry_after(retry_after)
                 .endpoint(request.url());
             if !error_in_success {

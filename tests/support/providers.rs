@@ -955,3 +955,136 @@ impl Provider for DiscoveryIdp {
         reply(StatusCode::NOT_FOUND, json!({"error": "not found"}))
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// private_key_jwt (RFC 7523 §3, OpenID Connect Core §9), checked as a certified server
+// checks it: the assertion type; the signature against the registered public key, with
+// the algorithm the key implies (the header's `alg` must match; `none` and HMAC are
+// refused); the `kid` if the client registered one; `iss` = `sub` = the client id; `aud`
+// the token endpoint or the issuer; `exp` in the future and at most 5 minutes away;
+// `iat` not in the future; a `jti` never seen before. Any failure is `invalid_client`.
+
+pub struct JwtClientIdp {
+    pub client_id: String,
+    /// (alg, public key bytes as ring verifies them, kid)
+    pub key: Mutex<(String, Vec<u8>, Option<String>)>,
+    /// What `aud` must be: the token endpoint's URL (set on start) or the issuer.
+    pub audience: Mutex<String>,
+    pub seen_jti: Mutex<HashSet<String>>,
+    pub token_requests: AtomicUsize,
+    pub accepted: AtomicUsize,
+    /// Why each refused assertion was refused.
+    pub refusals: Mutex<Vec<&'static str>>,
+}
+
+impl JwtClientIdp {
+    pub fn new(client_id: &str, alg: &str, public_key: Vec<u8>, kid: Option<&str>) -> Arc<Self> {
+        Arc::new(JwtClientIdp {
+            client_id: client_id.into(),
+            key: Mutex::new((alg.into(), public_key, kid.map(Into::into))),
+            audience: Mutex::default(),
+            seen_jti: Mutex::default(),
+            token_requests: AtomicUsize::new(0),
+            accepted: AtomicUsize::new(0),
+            refusals: Mutex::default(),
+        })
+    }
+
+    /// Starts it; returns the token endpoint's URL (the default audience).
+    pub async fn start(self: &Arc<Self>) -> String {
+        let base = start(self.clone()).await;
+        let url = format!("{base}/oauth2/token");
+        let mut audience = self.audience.lock().unwrap();
+        if audience.is_empty() {
+            *audience = url.clone();
+        }
+        url
+    }
+
+    fn check(&self, form: &HashMap<String, String>) -> Result<(), &'static str> {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        if form.get("client_assertion_type").map(String::as_str)
+            != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+        {
+            return Err("client_assertion_type");
+        }
+        if form.contains_key("client_secret") {
+            return Err("a client secret beside the assertion");
+        }
+        let jws = form.get("client_assertion").ok_or("no client_assertion")?;
+        let parts: Vec<&str> = jws.split('.').collect();
+        let [header, claims, sig] = parts[..] else {
+            return Err("not a compact JWS");
+        };
+        let decode = |part: &str| -> Result<Value, &'static str> {
+            serde_json::from_slice(&B64.decode(part).map_err(|_| "base64url")?).map_err(|_| "json")
+        };
+        let (header, claims) = (decode(header)?, decode(claims)?);
+        let sig = B64.decode(sig).map_err(|_| "signature base64url")?;
+        let (alg, public_key, kid) = self.key.lock().unwrap().clone();
+        if header["alg"] != alg.as_str() {
+            return Err("alg");
+        }
+        if let Some(kid) = kid {
+            if header["kid"] != kid.as_str() {
+                return Err("kid");
+            }
+        }
+        let verification: &dyn ring::signature::VerificationAlgorithm = match alg.as_str() {
+            "RS256" => &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+            "ES256" => &ring::signature::ECDSA_P256_SHA256_FIXED,
+            _ => return Err("alg not allowed"),
+        };
+        let signed = &jws[..jws.rfind('.').unwrap()];
+        ring::signature::UnparsedPublicKey::new(verification, public_key)
+            .verify(signed.as_bytes(), &sig)
+            .map_err(|_| "signature")?;
+        if claims["iss"] != self.client_id.as_str() || claims["sub"] != self.client_id.as_str() {
+            return Err("iss/sub");
+        }
+        if form
+            .get("client_id")
+            .is_some_and(|id| *id != self.client_id)
+        {
+            return Err("client_id");
+        }
+        if claims["aud"] != self.audience.lock().unwrap().as_str() {
+            return Err("aud");
+        }
+        let now = now_secs();
+        let exp = claims["exp"].as_f64().ok_or("exp")?;
+        let iat = claims["iat"].as_f64().ok_or("iat")?;
+        if exp <= now || exp > now + 300.0 {
+            return Err("exp");
+        }
+        if iat > now + 5.0 {
+            return Err("iat in the future");
+        }
+        let jti = claims["jti"].as_str().ok_or("jti")?;
+        if jti.len() < 16 || !self.seen_jti.lock().unwrap().insert(jti.to_owned()) {
+            return Err("jti reused");
+        }
+        Ok(())
+    }
+}
+
+impl Provider for JwtClientIdp {
+    fn handle(&self, req: Incoming) -> Reply {
+        let n = self.token_requests.fetch_add(1, SeqCst) + 1;
+        let form = req.form();
+        if let Err(why) = self.check(&form) {
+            self.refusals.lock().unwrap().push(why);
+            // As some servers do: the refused assertion echoed back.
+            let echoed = form.get("client_assertion").cloned().unwrap_or_default();
+            return reply(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "invalid_client", "error_description": format!("{why}: {echoed}")}),
+            );
+        }
+        self.accepted.fetch_add(1, SeqCst);
+        reply(
+            StatusCode::OK,
+            json!({"access_token": format!("jwt-token-{n}"), "token_type": "Bearer", "expires_in": 300}),
+        )
+    }
+}
