@@ -654,3 +654,47 @@ async fn a_fruitless_step_up_backs_off() {
     assert_eq!(fetches.load(SeqCst), 2, "one login, one step-up");
     assert_eq!(calls.load(SeqCst), 6, "one replay");
 }
+
+/// World: a fleet cache over a store; a step-up succeeds with a credential that brings
+/// no refresh token. Proves: the fleet's stored refresh token is kept with it (review
+/// finding: the save over the store dropped it).
+#[tokio::test]
+async fn a_step_up_without_a_refresh_token_keeps_the_stored_one() {
+    use tower_client_auth::{CredentialCache, CredentialStore, MemoryStore};
+    let (addr, _) = scoped_api().await;
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let source = {
+        let fetches = fetches.clone();
+        source_fn(move |cx: FetchContext| {
+            let n = fetches.fetch_add(1, SeqCst) + 1;
+            async move {
+                let credential = Credential::bearer(format!("t-{n}"))?;
+                Ok::<_, BoxError>(match cx.reason() {
+                    FetchReason::StepUp => credential,
+                    _ => credential.with_refresh_token(format!("rt-{n}")),
+                })
+            }
+        })
+    };
+    let store = MemoryStore::new();
+    let cache = CredentialCache::builder(source)
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let svc = AuthLayer::with_cache(cache)
+        .any_https_origin()
+        .allow_http_loopback(true)
+        .step_up(true)
+        .layer(api_client());
+    tower_get(&svc, format!("http://{addr}/scoped")).await;
+    assert_eq!(fetches.load(SeqCst), 2, "a login and a step-up");
+    let stored = store.load().await.unwrap().expect("a stored credential");
+    assert_eq!(
+        format!("{:?}", stored.headers().next().unwrap().1),
+        "Sensitive"
+    );
+    assert_eq!(
+        stored.refresh_token().map(|t| t.expose().to_owned()),
+        Some("rt-1".to_owned())
+    );
+}

@@ -218,3 +218,33 @@ async fn an_unreachable_issuer_is_a_discovery_error() {
     let source = source(&format!("http://127.0.0.1:{port}/realms/acme"));
     assert_eq!(fetch(&source).await, Err(TokenErrorKind::Discovery));
 }
+
+/// World: a document that may not be kept, then the metadata URLs go down while the
+/// token endpoint keeps working. Proves: the expired copy serves (review finding: a
+/// metadata outage failed every token request).
+#[tokio::test]
+async fn an_expired_document_serves_while_the_metadata_is_down() {
+    let idp = DiscoveryIdp::new("/realms/acme");
+    *idp.cache_control.lock().unwrap() = Some("max-age=0".into());
+    let issuer = idp.start().await;
+    let source = source(&issuer);
+    fetch(&source).await.unwrap();
+    idp.metadata_down.store(true, SeqCst);
+    fetch(&source).await.unwrap();
+    assert_eq!(idp.token_requests.lock().unwrap().len(), 2);
+}
+
+/// Sources that differ only in their issuer get different store namespaces (review
+/// finding: a placeholder URL made them share one).
+#[test]
+fn the_issuer_is_part_of_the_store_namespace() {
+    let with = |issuer: &str| {
+        TokenSource::new(
+            TokenRequest::oauth2_client_credentials("https://placeholder.example", ID, SECRET)
+                .unwrap(),
+        )
+        .issuer(Issuer::new(issuer).unwrap())
+        .store_namespace("ns")
+    };
+    assert_ne!(with("https://a.example"), with("https://b.example"));
+}

@@ -324,6 +324,33 @@ impl TokenClient {
         I: IntoIterator<Item = C>,
         C: AsRef<[u8]>,
     {
+        Self::hyper_rustls_built(roots, None)
+    }
+
+    /// An HTTPS client that authenticates with `identity`'s TLS client certificate
+    /// (RFC 8705 mutual TLS; replace the certificate at run time with
+    /// [`ClientIdentity::replace_pem`](super::ClientIdentity::replace_pem)), trusting the
+    /// webpki roots plus `roots` (DER). Pair it with
+    /// [`TokenRequest::oauth2_client_credentials_mtls`](super::TokenRequest::oauth2_client_credentials_mtls).
+    pub fn hyper_rustls_with_identity<I, C>(
+        identity: super::ClientIdentity,
+        roots: I,
+    ) -> Result<Self, TokenError>
+    where
+        I: IntoIterator<Item = C>,
+        C: AsRef<[u8]>,
+    {
+        Self::hyper_rustls_built(roots, Some(identity))
+    }
+
+    fn hyper_rustls_built<I, C>(
+        roots: I,
+        identity: Option<super::ClientIdentity>,
+    ) -> Result<Self, TokenError>
+    where
+        I: IntoIterator<Item = C>,
+        C: AsRef<[u8]>,
+    {
         let invalid = |detail| TokenError::new(TokenErrorKind::InvalidRequest).detail(detail);
         let mut store = rustls::RootCertStore::empty();
         store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -337,8 +364,19 @@ impl TokenClient {
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|_| invalid("tls protocol versions unavailable"))?
-            .with_root_certificates(store)
-            .with_no_client_auth();
+            .with_root_certificates(store);
+        let tls = match identity {
+            Some(identity) => {
+                let mut tls = tls.with_client_cert_resolver(identity.resolver());
+                // A resumed session keeps the certificate of the handshake it came from:
+                // a replaced certificate would never be presented on a connection to a
+                // server seen before. Token requests are rare; every connection makes a
+                // full handshake.
+                tls.resumption = rustls::client::Resumption::disabled();
+                tls
+            }
+            None => tls.with_no_client_auth(),
+        };
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()

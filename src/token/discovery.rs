@@ -123,7 +123,9 @@ impl Issuer {
     /// host, through a client that allows it) with no query or fragment (RFC 8414 §2).
     pub fn new(issuer: &str) -> Result<Self, TokenError> {
         if issuer.contains('#') {
-            return Err(invalid("an issuer has no fragment"));
+            return Err(
+                TokenError::new(TokenErrorKind::InvalidRequest).detail("an issuer has no fragment")
+            );
         }
         let url: Uri = issuer.parse().map_err(|e| {
             TokenError::new(TokenErrorKind::InvalidRequest)
@@ -135,7 +137,15 @@ impl Issuer {
                 .detail("the issuer must be an absolute url"));
         }
         if url.query().is_some() {
-            return Err(invalid("an issuer has no query"));
+            return Err(
+                TokenError::new(TokenErrorKind::InvalidRequest).detail("an issuer has no query")
+            );
+        }
+        if url.authority().is_some_and(|a| a.as_str().contains('@')) {
+            // Never printed or sent: an issuer identifier carries no credentials.
+            return Err(
+                TokenError::new(TokenErrorKind::InvalidRequest).detail("an issuer has no userinfo")
+            );
         }
         crate::policy::check_transport(&url, true, false)
             .map_err(|detail| TokenError::new(TokenErrorKind::InsecureTransport).detail(detail))?;
@@ -188,12 +198,30 @@ impl Issuer {
         stale: Option<&Arc<Metadata>>,
     ) -> Result<Arc<Metadata>, TokenError> {
         let mut cache = self.inner.cache.lock().await;
+        let mut fallback = None;
         if let Some(cached) = cache.as_ref() {
             let condemned = stale.is_some_and(|s| Arc::ptr_eq(s, &cached.metadata));
             if !condemned && Instant::now() < cached.until {
                 return Ok(cached.metadata.clone());
             }
+            // Expired, not condemned: better than nothing if the fetch fails.
+            fallback = (!condemned).then(|| cached.metadata.clone());
         }
+        match (self.fetch(client, &mut cache).await, fallback) {
+            (Err(e), Some(expired)) if e.kind() != TokenErrorKind::InsecureTransport => {
+                tracing::warn!(error = %e, "authorization server metadata could not be fetched again; using the expired copy");
+                Ok(expired)
+            }
+            (fetched, _) => fetched,
+        }
+    }
+
+    /// Fetches the document (RFC 8414's URL, then OpenID Connect's) into `cache`.
+    async fn fetch(
+        &self,
+        client: &TokenClient,
+        cache: &mut Option<Cached>,
+    ) -> Result<Arc<Metadata>, TokenError> {
         let mut last = None;
         for url in self.well_known() {
             self.inner.fetches.fetch_add(1, Ordering::Relaxed);
@@ -269,7 +297,11 @@ impl Issuer {
                     "an endpoint in the metadata is not an absolute url",
                 ));
             }
-            crate::policy::check_transport(&uri, true, false).map_err(|detail| {
+            // Plain http (loopback) only from an issuer that is itself on loopback http: a
+            // remote issuer must not point secrets at whatever listens on this host.
+            let issuer_is_https =
+                crate::policy::check_transport(&self.inner.url, false, false).is_ok();
+            crate::policy::check_transport(&uri, !issuer_is_https, false).map_err(|detail| {
                 TokenError::new(TokenErrorKind::InsecureTransport).detail(detail)
             })?;
             Ok(Some(uri))
@@ -359,12 +391,60 @@ mod tests {
         for bad in [
             "https://as.example.com/?tenant=1",
             "https://as.example.com/#x",
+            "https://user:pass@as.example.com/",
             "as.example.com",
             "http://as.example.com",
             "not a url",
         ] {
             assert!(Issuer::new(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A request authenticated by its TLS certificate goes to the issuer's
+    /// `mtls_endpoint_aliases.token_endpoint` (RFC 8705 §5); any other to
+    /// `token_endpoint`.
+    #[test]
+    fn mtls_requests_use_the_alias() {
+        let issuer = Issuer::new("https://as.example.com").unwrap();
+        let metadata = issuer
+            .parse(
+                br#"{"issuer": "https://as.example.com",
+                     "token_endpoint": "https://as.example.com/token",
+                     "mtls_endpoint_aliases": {"token_endpoint": "https://mtls.as.example.com/token"}}"#,
+            )
+            .unwrap();
+        let mtls = super::super::TokenRequest::oauth2_client_credentials_mtls(
+            "https://as.example.com",
+            "id",
+        )
+        .unwrap();
+        assert_eq!(
+            mtls.at(&metadata).url(),
+            "https://mtls.as.example.com/token"
+        );
+        let secret = super::super::TokenRequest::oauth2_client_credentials(
+            "https://as.example.com",
+            "id",
+            "s",
+        )
+        .unwrap();
+        assert_eq!(secret.at(&metadata).url(), "https://as.example.com/token");
+    }
+
+    /// A remote https issuer may not point the token endpoint at plain http, loopback
+    /// included; an issuer on loopback http may.
+    #[test]
+    fn a_remote_issuer_cannot_point_at_local_http() {
+        let doc = |issuer: &str| {
+            format!(r#"{{"issuer": "{issuer}", "token_endpoint": "http://127.0.0.1:9/token"}}"#)
+        };
+        let remote = Issuer::new("https://as.example.com").unwrap();
+        let err = remote
+            .parse(doc("https://as.example.com").as_bytes())
+            .unwrap_err();
+        assert_eq!(err.kind(), TokenErrorKind::InsecureTransport);
+        let local = Issuer::new("http://127.0.0.1:8").unwrap();
+        assert!(local.parse(doc("http://127.0.0.1:8").as_bytes()).is_ok());
     }
 
     #[test]

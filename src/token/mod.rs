@@ -40,6 +40,8 @@ mod assertion;
 mod client;
 mod discovery;
 mod error;
+#[cfg(feature = "https")]
+mod mtls;
 mod request;
 mod response;
 mod source;
@@ -50,6 +52,9 @@ mod properties;
 #[cfg(feature = "jwt")]
 #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
 pub use self::assertion::SigningKey;
+#[cfg(feature = "https")]
+#[cfg_attr(docsrs, doc(cfg(feature = "https")))]
+pub use self::mtls::ClientIdentity;
 pub use self::{
     client::{DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TOKEN_TIMEOUT, TokenClient},
     discovery::{Issuer, Metadata},

@@ -76,6 +76,9 @@ pub struct TokenRequest {
     /// Whether `client_auth` was chosen by the user: otherwise an issuer's metadata
     /// chooses it.
     client_auth_chosen: bool,
+    /// Whether the client authenticates with its TLS certificate (RFC 8705): an
+    /// issuer's `mtls_endpoint_aliases` apply.
+    mtls: bool,
     /// `private_key_jwt`: a fresh signed assertion per request, instead of a secret.
     #[cfg(feature = "jwt")]
     assertion: Option<ClientAssertion>,
@@ -150,6 +153,7 @@ impl TokenRequest {
             client: None,
             client_auth: ClientAuth::Basic,
             client_auth_chosen: false,
+            mtls: false,
             #[cfg(feature = "jwt")]
             assertion: None,
         })
@@ -165,6 +169,31 @@ impl TokenRequest {
         Ok(Self::form(url)?
             .field("grant_type", "client_credentials")
             .client_credentials(client_id, client_secret))
+    }
+
+    /// RFC 6749 §4.4 client credentials with mutual-TLS client authentication (RFC 8705
+    /// §2, `tls_client_auth` or `self_signed_tls_client_auth`): the body carries
+    /// `client_id` and no secret; the token client presents the certificate
+    /// ([`TokenClient::hyper_rustls_with_identity`](super::TokenClient::hyper_rustls_with_identity)).
+    /// With an issuer, the request goes to its `mtls_endpoint_aliases.token_endpoint`
+    /// when it publishes one.
+    pub fn oauth2_client_credentials_mtls(
+        url: &str,
+        client_id: impl Into<String>,
+    ) -> Result<Self, TokenError> {
+        let mut request = Self::form(url)?
+            .field("grant_type", "client_credentials")
+            .field("client_id", client_id);
+        request.mtls = true;
+        Ok(request)
+    }
+
+    /// Marks this request as authenticated by the TLS client certificate (RFC 8705):
+    /// for a grant of your own; it adds no field (give `client_id` with
+    /// [`field`](Self::field)).
+    pub fn mtls_client_auth(mut self) -> Self {
+        self.mtls = true;
+        self
     }
 
     /// RFC 6749 §6 refresh grant: form body `grant_type=refresh_token` and the refresh
@@ -216,7 +245,10 @@ impl TokenRequest {
     /// [`client_auth`](Self::client_auth) chose.
     pub(crate) fn at(&self, metadata: &super::Metadata) -> TokenRequest {
         let mut at = self.clone();
-        at.url = metadata.token_endpoint().clone();
+        at.url = match metadata.mtls_token_endpoint() {
+            Some(alias) if self.mtls => alias.clone(),
+            _ => metadata.token_endpoint().clone(),
+        };
         if !self.client_auth_chosen
             && !metadata.supports_auth_method("client_secret_basic")
             && metadata.supports_auth_method("client_secret_post")
@@ -309,18 +341,20 @@ impl TokenRequest {
     #[cfg(feature = "jwt")]
     #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
     pub fn private_key_jwt(mut self, client_id: impl Into<String>, key: super::SigningKey) -> Self {
+        // One way to authenticate the client (RFC 6749 §2.3): the last one given.
         self.client = None;
+        let audience = self.assertion.take().and_then(|a| a.audience);
         self.assertion = Some(ClientAssertion {
             client_id: client_id.into(),
             key,
-            audience: None,
+            audience,
         });
         self
     }
 
     /// The `aud` of `private_key_jwt` assertions, for servers that want the issuer
-    /// identifier rather than the token endpoint's URL (the default). No effect without
-    /// [`private_key_jwt`](Self::private_key_jwt).
+    /// identifier rather than the token endpoint's URL (the default). Call it after
+    /// [`private_key_jwt`](Self::private_key_jwt); without one it has no effect.
     #[cfg(feature = "jwt")]
     #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
     pub fn assertion_audience(mut self, audience: impl Into<String>) -> Self {
@@ -336,6 +370,11 @@ impl TokenRequest {
         client_id: impl Into<String>,
         client_secret: impl Into<Secret>,
     ) -> Self {
+        // One way to authenticate the client (RFC 6749 §2.3): the last one given.
+        #[cfg(feature = "jwt")]
+        {
+            self.assertion = None;
+        }
         self.client = Some((client_id.into(), client_secret.into()));
         self
     }
@@ -583,6 +622,36 @@ mod tests {
         assert_eq!(
             body(req).await,
             "grant_type=client_credentials&scope=read+write"
+        );
+    }
+
+    /// One way to authenticate the client: client credentials given after a private key
+    /// replace it, and the other way round (review finding: both were sent).
+    #[cfg(feature = "jwt")]
+    #[tokio::test]
+    async fn the_last_client_authentication_given_wins() {
+        let key = super::super::SigningKey::from_pem(include_str!(
+            "../../tests/support/keys/ec-p256.pem"
+        ))
+        .unwrap();
+        let secret_last =
+            TokenRequest::oauth2_client_credentials_jwt("https://idp.test/t", "id", key.clone())
+                .unwrap()
+                .client_credentials("id", "sec")
+                .build(None)
+                .unwrap();
+        assert!(secret_last.headers().contains_key(header::AUTHORIZATION));
+        assert!(!body(secret_last).await.contains("client_assertion"));
+        let key_last = TokenRequest::oauth2_client_credentials("https://idp.test/t", "id", "sec")
+            .unwrap()
+            .private_key_jwt("id", key)
+            .build(None)
+            .unwrap();
+        assert!(!key_last.headers().contains_key(header::AUTHORIZATION));
+        let body = body(key_last).await;
+        assert!(
+            body.contains("client_assertion=") && !body.contains("sec&"),
+            "{body}"
         );
     }
 

@@ -504,7 +504,15 @@ impl TokenSource {
     /// different keys; the same source in every process gets the same one. It holds no
     /// secret, and the store keeps only a hash of it.
     pub fn store_namespace(&self, prefix: &str) -> String {
-        format!("{prefix}\n{}", self.login.identity())
+        match &self.issuer {
+            // The login's own URL may be a placeholder: the issuer says where it goes.
+            Some(issuer) => format!(
+                "{prefix}\n{}\nissuer={}",
+                self.login.identity(),
+                issuer.as_str()
+            ),
+            None => format!("{prefix}\n{}", self.login.identity()),
+        }
     }
 
     /// Counts of logins and refreshes so far.
@@ -840,11 +848,17 @@ impl Exchange {
         self.stats.logins.fetch_add(1, Ordering::Relaxed);
         let credential = self.accept(answer, held, None).await?;
         if let Some(scopes) = &self.step_up {
-            // Granted: every later login asks for these scopes too.
-            *self
+            // Granted: every later login asks for these scopes too (with any another
+            // step-up added meanwhile).
+            let mut kept = self
                 .stepped_up
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = scopes.clone();
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for scope in scopes {
+                if !kept.contains(scope) && kept.len() < MAX_STEPPED_UP_SCOPES {
+                    kept.push(scope.clone());
+                }
+            }
         }
         Ok(credential)
     }
@@ -871,13 +885,14 @@ impl Exchange {
                     && e.status() == Some(http::StatusCode::NOT_FOUND) =>
             {
                 let fresh = issuer.metadata(&self.client, Some(&metadata)).await?;
-                if fresh == metadata {
+                let moved = request.at(&fresh);
+                if moved.url() == request.at(&metadata).url() {
                     return Err(e);
                 }
                 tracing::info!(
                     "the token endpoint moved; sending to the one the issuer publishes now"
                 );
-                self.send_to(&request.at(&fresh), extra).await
+                self.send_to(&moved, extra).await
             }
             sent => sent,
         }

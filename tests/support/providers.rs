@@ -846,6 +846,8 @@ pub struct DiscoveryIdp {
     pub token_endpoint_override: Mutex<Option<String>>,
     pub metadata_requests: Mutex<Vec<String>>,
     pub token_requests: Mutex<Vec<String>>,
+    /// The metadata URLs answer 503.
+    pub metadata_down: AtomicBool,
 }
 
 impl DiscoveryIdp {
@@ -863,6 +865,7 @@ impl DiscoveryIdp {
             token_endpoint_override: Mutex::default(),
             metadata_requests: Mutex::default(),
             token_requests: Mutex::default(),
+            metadata_down: AtomicBool::new(false),
         })
     }
 
@@ -917,6 +920,12 @@ impl Provider for DiscoveryIdp {
                 .lock()
                 .unwrap()
                 .push(req.path.clone());
+            if self.metadata_down.load(SeqCst) {
+                return reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": "unavailable"}),
+                );
+            }
             if req.path == rfc8414 && !self.rfc8414.load(SeqCst) {
                 return reply(StatusCode::NOT_FOUND, json!({"error": "not found"}));
             }
@@ -1085,6 +1094,71 @@ impl Provider for JwtClientIdp {
         reply(
             StatusCode::OK,
             json!({"access_token": format!("jwt-token-{n}"), "token_type": "Bearer", "expires_in": 300}),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Mutual TLS (RFC 8705 §2.2, `self_signed_tls_client_auth`), behind
+// `tls::serve_mtls`: the client authenticates with a certificate registered with the
+// server (by its SHA-256); the body carries `client_id` and nothing secret; a request
+// with a client secret, or a certificate not registered for that client, is
+// `invalid_client`.
+
+/// The header a mutual-TLS server (`tls::serve_mtls`) adds to each request it hands its
+/// provider: the SHA-256 (hex) of the client certificate the handshake verified. Set by
+/// the server, never taken from the client.
+pub const CLIENT_CERT_SHA256: &str = "x-test-client-cert-sha256";
+
+pub struct MtlsIdp {
+    pub client_id: String,
+    /// SHA-256 (hex) of each certificate registered for the client.
+    pub registered: Mutex<HashSet<String>>,
+    /// The certificate each token request came with, in order.
+    pub seen: Mutex<Vec<String>>,
+    pub issued: AtomicUsize,
+}
+
+impl MtlsIdp {
+    pub fn new(client_id: &str) -> Arc<Self> {
+        Arc::new(MtlsIdp {
+            client_id: client_id.into(),
+            registered: Mutex::default(),
+            seen: Mutex::default(),
+            issued: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl Provider for MtlsIdp {
+    fn handle(&self, req: Incoming) -> Reply {
+        let cert = req
+            .headers
+            .get(CLIENT_CERT_SHA256)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        self.seen.lock().unwrap().push(cert.clone());
+        let form = req.form();
+        let refused = |why: &str| {
+            reply(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "invalid_client", "error_description": why}),
+            )
+        };
+        if form.get("client_id") != Some(&self.client_id) {
+            return refused("client_id");
+        }
+        if form.contains_key("client_secret") || req.headers.contains_key(header::AUTHORIZATION) {
+            return refused("a secret with a certificate-bound client");
+        }
+        if !self.registered.lock().unwrap().contains(&cert) {
+            return refused("certificate not registered for this client");
+        }
+        let n = self.issued.fetch_add(1, SeqCst) + 1;
+        reply(
+            StatusCode::OK,
+            json!({"access_token": format!("mtls-token-{n}"), "token_type": "Bearer", "expires_in": 300}),
         )
     }
 }
