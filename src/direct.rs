@@ -283,7 +283,11 @@ where
         let Some(check) = this.check.take() else {
             return Poll::Ready(Ok(response));
         };
-        match check.judge.verdict(&response) {
+        let verdict = match check.judge.accepts_at_once(response.status()) {
+            true => Verdict::Accepted,
+            false => check.judge.verdict(&response),
+        };
+        match verdict {
             Verdict::Rejected => {}
             Verdict::InsufficientScope { scope } => {
                 // A valid credential that lacks a scope: nothing to invalidate.

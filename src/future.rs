@@ -426,6 +426,7 @@ where
                     // Look before taking: the common answer leaves `retry` in place, to be
                     // dropped with the future, instead of moving it out first.
                     let verdict = match retry.as_ref() {
+                        Some(r) if r.judge.accepts_at_once(response.status()) => Verdict::Accepted,
                         Some(r) => r.judge.verdict(&response),
                         None => return Poll::Ready(Ok(response)),
                     };
@@ -464,31 +465,19 @@ where
                     };
                     let rejected = cache.credential_of(retry.generation);
                     let acquire = cache.replace_rejected(retry.generation);
-                    match rebuild(retry.replay) {
-                        Ok((service, request, replace)) => {
-                            // The rejected response is kept until the new credential is
-                            // known: it is the answer if that credential is the same.
-                            this.state.set(State::Refreshing {
-                                acquire,
-                                resend: Some(Box::new(Resend {
-                                    service,
-                                    request,
-                                    judge: retry.judge,
-                                    cache,
-                                    rejected,
-                                    response,
-                                    replace,
-                                    scope: None,
-                                })),
-                            });
-                        }
-                        Err(reason) => {
-                            // The refresh started by the rejection goes on in the
-                            // background; this response goes back as it came.
-                            tracing::debug!(?reason, "rejected request not replayed");
-                            response.extensions_mut().insert(reason);
-                            return Poll::Ready(Ok(response));
-                        }
+                    // The refresh started by the rejection goes on in the background
+                    // whether or not this request can be replayed.
+                    match Self::resend(
+                        acquire,
+                        retry.replay,
+                        retry.judge,
+                        cache,
+                        rejected,
+                        response,
+                        None,
+                    ) {
+                        Ok(refreshing) => this.state.set(refreshing),
+                        Err(response) => return Poll::Ready(Ok(response)),
                     }
                 }
                 StateProj::Refreshing { acquire, resend } => {
@@ -560,7 +549,11 @@ where
                     generation,
                 } => {
                     let mut response = ready!(future.as_mut().poll(cx)).map_err(Into::into)?;
-                    match judge.verdict(&response) {
+                    let verdict = match judge.accepts_at_once(response.status()) {
+                        true => Verdict::Accepted,
+                        false => judge.verdict(&response),
+                    };
+                    match verdict {
                         Verdict::Rejected => {
                             response
                                 .extensions_mut()
@@ -625,21 +618,48 @@ where
         let rejected = cache.credential_of(retry.generation);
         // Started whether or not this request can be replayed: the next ones get it.
         let acquire = cache.step_up(retry.generation, scope.scope.clone());
-        match rebuild(retry.replay) {
+        Self::resend(
+            acquire,
+            retry.replay,
+            retry.judge,
+            cache,
+            rejected,
+            response,
+            Some(scope),
+        )
+    }
+
+    /// The state that waits for the credential replacing the one the first attempt carried (a new
+    /// one after a rejection, a wider one after a step-up) and then replays; or, for a
+    /// request that cannot be replayed, `response` marked with why. The response is
+    /// kept until the new credential is known: it is the answer if that is the same.
+    fn resend(
+        acquire: Acquire,
+        replay: Result<Replay<S>, NotReplayed>,
+        judge: Judge,
+        cache: CacheRef<P>,
+        rejected: Option<Credential>,
+        response: Response<ResBody>,
+        scope: Option<InsufficientScope>,
+    ) -> Result<State<S, B, P>, Response<ResBody>> {
+        match rebuild(replay) {
             Ok((service, request, replace)) => Ok(State::Refreshing {
                 acquire,
                 resend: Some(Box::new(Resend {
                     service,
                     request,
-                    judge: retry.judge,
+                    judge,
                     cache,
                     rejected,
                     response,
                     replace,
-                    scope: Some(scope),
+                    scope,
                 })),
             }),
-            Err(reason) => Err(with_scope(response, Some(scope), reason)),
+            Err(reason) => {
+                tracing::debug!(?reason, "not replayed");
+                Err(with_scope(response, scope, reason))
+            }
         }
     }
 }

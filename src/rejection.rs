@@ -298,13 +298,23 @@ impl fmt::Debug for Judge {
 }
 
 impl Judge {
-    /// The verdict on `response`; the common answer of the standard rule is one compare
-    /// and one bit test.
+    /// Whether the standard rule accepts a response of `status` without reading it:
+    /// the common answer, one compare and one bit test, with no [`Verdict`] built.
     #[inline]
+    pub(crate) fn accepts_at_once(&self, status: StatusCode) -> bool {
+        match self {
+            Judge::Standard(s) => s.accepts_at_once(status),
+            Judge::Custom(_) => false,
+        }
+    }
+
+    /// The verdict on `response`, for one [`accepts_at_once`](Self::accepts_at_once) did
+    /// not accept.
+    #[cold]
+    #[inline(never)]
     pub(crate) fn verdict<B>(&self, response: &Response<B>) -> Verdict {
         match self {
-            Judge::Standard(s) if s.accepts_at_once(response.status()) => Verdict::Accepted,
-            Judge::Standard(s) => s.judge_challenges(&ResponseHead::of(response)),
+            Judge::Standard(s) => s.judge(&ResponseHead::of(response)),
             Judge::Custom(p) => p.judge(&ResponseHead::of(response)),
         }
     }
