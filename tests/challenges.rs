@@ -86,6 +86,14 @@ async fn reqwest_get(client: &reqwest_middleware::ClientWithMiddleware, url: Str
     )
 }
 
+/// Style D's source behind the reqwest middleware, for the provider at `base`.
+fn middleware(base: &str) -> AuthMiddleware<TokenSource> {
+    AuthMiddleware::new(source(base))
+        .origin(base)
+        .unwrap()
+        .allow_http_loopback(true)
+}
+
 fn reqwest_client(
     middleware: AuthMiddleware<TokenSource>,
 ) -> reqwest_middleware::ClientWithMiddleware {
@@ -108,12 +116,7 @@ async fn insufficient_scope_is_returned_marked_without_a_token_request() {
     let api = ClientCredentialsApi::new("d-client", "d-secret");
     let base = start(api.clone()).await;
     let svc = layer(source(&base)).layer(api_client());
-    let client = reqwest_client(
-        AuthMiddleware::new(source(&base))
-            .origin(base.as_str())
-            .unwrap()
-            .allow_http_loopback(true),
-    );
+    let client = reqwest_client(middleware(&base));
     let marked = (
         StatusCode::FORBIDDEN,
         Some(NotReplayed::InsufficientScope),
@@ -164,13 +167,7 @@ async fn step_up_asks_once_for_the_union_and_replays() {
                 })
                 .collect()
         } else {
-            let client = reqwest_client(
-                AuthMiddleware::new(source(&base))
-                    .origin(base.as_str())
-                    .unwrap()
-                    .allow_http_loopback(true)
-                    .step_up(true),
-            );
+            let client = reqwest_client(middleware(&base).step_up(true));
             assert_eq!(
                 reqwest_get(&client, format!("{base}/v1/shipments")).await.0,
                 200
@@ -332,12 +329,7 @@ async fn invalid_token_refreshes_and_replays() {
     let api = ClientCredentialsApi::new("d-client", "d-secret");
     let base = start(api.clone()).await;
     let svc = layer(source(&base)).layer(api_client());
-    let client = reqwest_client(
-        AuthMiddleware::new(source(&base))
-            .origin(base.as_str())
-            .unwrap()
-            .allow_http_loopback(true),
-    );
+    let client = reqwest_client(middleware(&base));
     let url = format!("{base}/v1/shipments");
     assert_eq!(tower_get(&svc, url.clone()).await.0, 200);
     assert_eq!(reqwest_get(&client, url.clone()).await.0, 200);

@@ -15,44 +15,7 @@ pub struct Tls {
 /// Serves `provider` over TLS on 127.0.0.1 with a fresh self-signed certificate for that
 /// address.
 pub async fn serve_tls<P: Provider>(provider: Arc<P>) -> Tls {
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let cert_der = certified.cert.der().to_vec();
-    let key_der = certified.signing_key.serialize_der();
-    let provider_ring = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider_ring)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![rustls::pki_types::CertificateDer::from(cert_der.clone())],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.into()),
-        )
-        .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (acceptor, provider) = (acceptor.clone(), provider.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let service = hyper::service::service_fn(move |req| {
-                    let provider = provider.clone();
-                    async move { Ok::<_, std::convert::Infallible>(provider.handle(read(req).await)) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    Tls {
-        addr,
-        root_der: cert_der,
-    }
+    serve(provider, false).await
 }
 
 pub use super::providers::CLIENT_CERT_SHA256;
@@ -63,15 +26,22 @@ pub use super::providers::CLIENT_CERT_SHA256;
 /// [`CLIENT_CERT_SHA256`]). Every answer closes its connection, so each request makes a
 /// new handshake.
 pub async fn serve_mtls<P: Provider>(provider: Arc<P>) -> Tls {
+    serve(provider, true).await
+}
+
+async fn serve<P: Provider>(provider: Arc<P>, mtls: bool) -> Tls {
     let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
     let cert_der = certified.cert.der().to_vec();
     let key_der = certified.signing_key.serialize_der();
     let provider_ring = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(AnyClientCert(provider_ring.clone()));
-    let mut config = rustls::ServerConfig::builder_with_provider(provider_ring)
+    let builder = rustls::ServerConfig::builder_with_provider(provider_ring.clone())
         .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(verifier)
+        .unwrap();
+    let builder = match mtls {
+        true => builder.with_client_cert_verifier(Arc::new(AnyClientCert(provider_ring))),
+        false => builder.with_no_client_auth(),
+    };
+    let mut config = builder
         .with_single_cert(
             vec![rustls::pki_types::CertificateDer::from(cert_der.clone())],
             rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.into()),
@@ -93,19 +63,22 @@ pub async fn serve_mtls<P: Provider>(provider: Arc<P>) -> Tls {
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .map(|c| sha256_hex(c.as_ref()))
-                    .unwrap_or_default();
+                    .map(|c| sha256_hex(c.as_ref()));
                 let service = hyper::service::service_fn(move |req| {
                     let (provider, fingerprint) = (provider.clone(), fingerprint.clone());
                     async move {
                         let mut incoming = read(req).await;
-                        incoming
-                            .headers
-                            .insert(CLIENT_CERT_SHA256, fingerprint.parse().unwrap());
+                        if let Some(fingerprint) = &fingerprint {
+                            incoming
+                                .headers
+                                .insert(CLIENT_CERT_SHA256, fingerprint.parse().unwrap());
+                        }
                         let mut reply = provider.handle(incoming);
-                        reply
-                            .headers_mut()
-                            .insert(http::header::CONNECTION, "close".parse().unwrap());
+                        if mtls {
+                            reply
+                                .headers_mut()
+                                .insert(http::header::CONNECTION, "close".parse().unwrap());
+                        }
                         Ok::<_, std::convert::Infallible>(reply)
                     }
                 });
