@@ -562,24 +562,38 @@ async fn stepped_up_scopes_refused_later_are_dropped() {
     );
 }
 
+/// A layer with step-up on, over a cache of `source` sharing through `store`.
+fn stepping_up_over<P: tower_client_auth::CredentialSource>(
+    store: tower_client_auth::MemoryStore,
+    source: P,
+) -> tower_client_auth::AddCredential<
+    hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        tower_client_auth::ReplayBody<Full<Bytes>>,
+    >,
+    P,
+> {
+    let cache = tower_client_auth::CredentialCache::builder(source)
+        .store(store)
+        .build()
+        .unwrap();
+    AuthLayer::with_cache(cache)
+        .any_https_origin()
+        .allow_http_loopback(true)
+        .step_up(true)
+        .layer(api_client())
+}
+
 /// World: a fleet cache over a store; the source cannot step up. Proves: the stored
 /// refresh token is still in the store after the failed step-up (review finding: the
 /// step-up took it out of the store and lost it).
 #[tokio::test]
 async fn a_failed_step_up_leaves_the_stored_refresh_token() {
-    use tower_client_auth::{CredentialCache, CredentialStore, MemoryStore};
+    use tower_client_auth::{CredentialStore, MemoryStore};
     let (addr, _) = scoped_api().await;
     let (reasons, source) = no_step_up_source();
     let store = MemoryStore::new();
-    let cache = CredentialCache::builder(source)
-        .store(store.clone())
-        .build()
-        .unwrap();
-    let svc = AuthLayer::with_cache(cache)
-        .any_https_origin()
-        .allow_http_loopback(true)
-        .step_up(true)
-        .layer(api_client());
+    let svc = stepping_up_over(store.clone(), source);
     assert_eq!(
         tower_get(&svc, format!("http://{addr}/scoped")).await.1,
         Some(NotReplayed::InsufficientScope)
@@ -652,7 +666,7 @@ async fn a_fruitless_step_up_backs_off() {
 /// finding: the save over the store dropped it).
 #[tokio::test]
 async fn a_step_up_without_a_refresh_token_keeps_the_stored_one() {
-    use tower_client_auth::{CredentialCache, CredentialStore, MemoryStore};
+    use tower_client_auth::{CredentialStore, MemoryStore};
     let (addr, _) = scoped_api().await;
     let fetches = Arc::new(AtomicUsize::new(0));
     let source = {
@@ -669,15 +683,7 @@ async fn a_step_up_without_a_refresh_token_keeps_the_stored_one() {
         })
     };
     let store = MemoryStore::new();
-    let cache = CredentialCache::builder(source)
-        .store(store.clone())
-        .build()
-        .unwrap();
-    let svc = AuthLayer::with_cache(cache)
-        .any_https_origin()
-        .allow_http_loopback(true)
-        .step_up(true)
-        .layer(api_client());
+    let svc = stepping_up_over(store.clone(), source);
     tower_get(&svc, format!("http://{addr}/scoped")).await;
     assert_eq!(fetches.load(SeqCst), 2, "a login and a step-up");
     let stored = store.load().await.unwrap().expect("a stored credential");
