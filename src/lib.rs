@@ -99,7 +99,12 @@
 //! When the API answers `401` (configurable: [`AuthLayerBuilder::rejection_statuses`]), the
 //! credential the request carried is invalidated if it is still the current one, one
 //! fetch replaces it for everybody, and the request is sent once more with the new one.
-//! A second `401` is returned as is. `403` never triggers anything. A credential that
+//! A second `401` is returned as is. `403` never triggers a refresh. The API's
+//! `WWW-Authenticate` challenge is read ([`challenge`]): `insufficient_scope` (on a `401`
+//! or `403`) is not a rejection (nothing invalidated, the response marked
+//! [`rejection::InsufficientScope`]) unless [`AuthLayer::step_up`] asks the source for a
+//! wider grant and replays once; any other rule, `grpc-status: 16` for tonic among them,
+//! is a [`rejection::RejectionPolicy`] ([`AuthLayer::rejection_policy`]). A credential that
 //! cannot change ([`StaticCredential`], [`RefreshMode::Never`]) is never replayed: its
 //! `401` is returned at once, marked [`NotReplayed::FixedCredential`]. A failing source
 //! backs off exponentially; still-valid credentials keep being used meanwhile, and

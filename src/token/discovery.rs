@@ -330,25 +330,34 @@ impl Issuer {
     }
 }
 
-/// How long a document may be kept, from its `Cache-Control`.
+/// How long a document may be kept, from its `Cache-Control` (less its `Age`, the time
+/// a cache in between already kept it).
 fn cache_ttl(headers: &http::HeaderMap) -> Duration {
     let mut ttl = DEFAULT_TTL;
     for value in headers.get_all(header::CACHE_CONTROL) {
         let Ok(value) = value.to_str() else { continue };
-        for directive in value.split(',').map(str::trim) {
-            let lower = directive.to_ascii_lowercase();
-            if lower == "no-store" || lower == "no-cache" {
+        for directive in value.split(',') {
+            let (name, arg) = match directive.split_once('=') {
+                Some((name, arg)) => (name.trim(), Some(arg.trim().trim_matches('"'))),
+                None => (directive.trim(), None),
+            };
+            if name.eq_ignore_ascii_case("no-store") || name.eq_ignore_ascii_case("no-cache") {
                 return Duration::ZERO;
             }
-            if let Some(secs) = lower.strip_prefix("max-age=") {
-                match secs.trim_matches('"').parse::<u64>() {
-                    Ok(secs) => ttl = Duration::from_secs(secs),
-                    Err(_) => return Duration::ZERO,
+            if name.eq_ignore_ascii_case("max-age") {
+                match arg.map(str::parse::<u64>) {
+                    Some(Ok(secs)) => ttl = Duration::from_secs(secs),
+                    _ => return Duration::ZERO,
                 }
             }
         }
     }
-    ttl.min(MAX_TTL)
+    let age = headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_secs);
+    ttl.saturating_sub(age).min(MAX_TTL)
 }
 
 #[cfg(test)]
@@ -461,5 +470,12 @@ mod tests {
         assert_eq!(ttl("max-age=600, no-cache"), Duration::ZERO);
         assert_eq!(ttl("max-age=99999999"), MAX_TTL);
         assert_eq!(ttl("max-age=soon"), Duration::ZERO);
+        assert_eq!(ttl("Max-Age = 600"), Duration::from_secs(600));
+        let mut aged = http::HeaderMap::new();
+        aged.insert(header::CACHE_CONTROL, "max-age=600".parse().unwrap());
+        aged.insert(header::AGE, "100".parse().unwrap());
+        assert_eq!(cache_ttl(&aged), Duration::from_secs(500));
+        aged.insert(header::AGE, "9999".parse().unwrap());
+        assert_eq!(cache_ttl(&aged), Duration::ZERO);
     }
 }
