@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use support::{
     providers::MtlsIdp,
-    tls::{serve_mtls, sha256_hex},
+    tls::{serve_mtls, serve_mtls_refusing, sha256_hex},
 };
 use tower_client_auth::{
     CredentialSource, FetchContext, FetchReason,
@@ -139,4 +139,35 @@ fn unusable_identities_are_refused() {
     assert_eq!(identity.certificate(), before);
     let shown = format!("{identity:?}");
     assert!(!shown.contains(key_a.lines().nth(1).unwrap()), "{shown}");
+}
+
+/// World: a server that refuses the client certificate in the handshake (TLS 1.3: after
+/// the client has written its request). Proves: a refresh token in that request is kept
+/// unspent (a `Connect` error), not dropped as an unknown outcome (review finding: the
+/// alert read as "sent, answer lost").
+#[tokio::test]
+async fn a_refused_certificate_leaves_the_refresh_token_unspent() {
+    let idp = MtlsIdp::new("mtls-client");
+    let tls = serve_mtls_refusing(idp.clone()).await;
+    let url = format!("https://{}/oauth2/token", tls.addr);
+    let (cert, key) = client_cert("expired-one");
+    let identity = ClientIdentity::from_pem(&cert, &key).unwrap();
+    let refresh = TokenRequest::form(&url)
+        .unwrap()
+        .field("grant_type", "refresh_token")
+        .field("client_id", "mtls-client")
+        .mtls_client_auth();
+    let source = TokenSource::new(
+        TokenRequest::oauth2_client_credentials_mtls(&url, "mtls-client").unwrap(),
+    )
+    .refresh_with(refresh, "refresh_token")
+    .refresh_token("rt-seed")
+    .client(TokenClient::hyper_rustls_with_identity(identity, [tls.root_der]).unwrap());
+    let err = fetch(&source).await.unwrap_err();
+    assert_eq!(err.kind(), TokenErrorKind::Connect, "{err}");
+    assert_eq!(source.stats().unknown_outcomes, 0);
+    assert!(
+        idp.seen.lock().unwrap().is_empty(),
+        "the server read nothing"
+    );
 }

@@ -785,12 +785,9 @@ async fn holding<P: CredentialSource>(
     // The refresh token goes with the lease, and out of the store before it is
     // presented: a holder that dies mid-exchange leaves none to be presented twice
     // (the next holder logs in instead).
-    // A step-up logs in and presents no refresh token: the stored one stays in the
-    // store, and goes with the step-up's credential if that brings none of its own.
-    let stored_refresh = match (&held, step_up) {
-        (Some(Some(stored)), true) => stored.refresh_token().cloned(),
-        _ => None,
-    };
+    // A step-up logs in and presents no refresh token: the stored one stays in the store
+    // unless the step-up succeeds, whose login starts a new session (its credential,
+    // with the refresh token that login brought or none, replaces the stored pair).
     let sharing = match held {
         None => Sharing::StoreUnavailable,
         Some(_) if step_up => Sharing::Shared(None),
@@ -821,12 +818,6 @@ async fn holding<P: CredentialSource>(
         },
     };
     let fetched = fetch(inner, cx.sharing(sharing), deadline).await;
-    let fetched = match (fetched, stored_refresh) {
-        (Ok(credential), Some(token)) if credential.refresh_token().is_none() => {
-            Ok(credential.with_refresh_token(token))
-        }
-        (fetched, _) => fetched,
-    };
     let mut saved = Saved::Done;
     if let Ok(credential) = &fetched {
         // A fresh credential is worth saving even if the fetch used up the deadline:

@@ -212,13 +212,45 @@ impl TokenClient {
 fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
     #[cfg(feature = "https")]
     if let Some(e) = error.downcast_ref::<hyper_util::client::legacy::Error>() {
-        return e.is_connect();
+        return e.is_connect() || client_certificate_refused(error);
     }
     #[cfg(feature = "reqwest")]
     if let Some(e) = error.downcast_ref::<reqwest::Error>() {
         return e.is_connect();
     }
     let _ = error;
+    false
+}
+
+/// Whether the server refused the TLS client certificate. In TLS 1.3 the server judges
+/// it after the client's side of the handshake has ended, so the refusal (an alert)
+/// arrives after the request was written; the server never read it, and a refresh token
+/// in it is unspent.
+#[cfg(feature = "https")]
+fn client_certificate_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::AlertDescription as A;
+    let mut source = Some(error);
+    while let Some(e) = source {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::AlertReceived(alert)) = tls {
+            return matches!(
+                alert,
+                A::CertificateRequired
+                    | A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::CertificateUnknown
+                    | A::UnknownCA
+                    | A::AccessDenied
+            );
+        }
+        source = e.source();
+    }
     false
 }
 
@@ -365,6 +397,7 @@ impl TokenClient {
             .with_safe_default_protocol_versions()
             .map_err(|_| invalid("tls protocol versions unavailable"))?
             .with_root_certificates(store);
+        let with_identity = identity.is_some();
         let tls = match identity {
             Some(identity) => {
                 let mut tls = tls.with_client_cert_resolver(identity.resolver());
@@ -383,9 +416,15 @@ impl TokenClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(proxy::ProxyConnector::from_env());
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build::<_, Full<Bytes>>(connector);
+        let mut builder =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
+        if with_identity {
+            // A pooled connection keeps the certificate it was made with: every token
+            // request (they are rare) makes a new one, so a replaced certificate is
+            // presented at once.
+            builder.pool_max_idle_per_host(0);
+        }
+        let client = builder.build::<_, Full<Bytes>>(connector);
         Ok(Self::from_service(client))
     }
 }

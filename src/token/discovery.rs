@@ -30,6 +30,10 @@ use super::{TokenClient, TokenError, TokenErrorKind};
 /// How long a document with no cache header is kept.
 const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 
+/// How long an expired document serves before the next try, once fetching it again
+/// failed.
+const STALE_GRACE: Duration = Duration::from_secs(30);
+
 /// The longest a document is kept, whatever its `max-age`.
 const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -209,7 +213,12 @@ impl Issuer {
         }
         match (self.fetch(client, &mut cache).await, fallback) {
             (Err(e), Some(expired)) if e.kind() != TokenErrorKind::InsecureTransport => {
-                tracing::warn!(error = %e, "authorization server metadata could not be fetched again; using the expired copy");
+                tracing::warn!(error = %e, "authorization server metadata could not be fetched again; using the expired copy for a while");
+                // Not tried again at every token request of the outage.
+                *cache = Some(Cached {
+                    metadata: expired.clone(),
+                    until: Instant::now() + STALE_GRACE,
+                });
                 Ok(expired)
             }
             (fetched, _) => fetched,

@@ -181,17 +181,22 @@ impl TokenRequest {
         url: &str,
         client_id: impl Into<String>,
     ) -> Result<Self, TokenError> {
-        let mut request = Self::form(url)?
+        Ok(Self::form(url)?
             .field("grant_type", "client_credentials")
-            .field("client_id", client_id);
-        request.mtls = true;
-        Ok(request)
+            .field("client_id", client_id)
+            .mtls_client_auth())
     }
 
     /// Marks this request as authenticated by the TLS client certificate (RFC 8705):
     /// for a grant of your own; it adds no field (give `client_id` with
     /// [`field`](Self::field)).
     pub fn mtls_client_auth(mut self) -> Self {
+        // One way to authenticate the client (RFC 6749 §2.3): the last one given.
+        self.client = None;
+        #[cfg(feature = "jwt")]
+        {
+            self.assertion = None;
+        }
         self.mtls = true;
         self
     }
@@ -309,6 +314,9 @@ impl TokenRequest {
     }
 
     fn client_auth_shown(&self) -> &dyn fmt::Debug {
+        if self.mtls {
+            return &"tls client certificate";
+        }
         #[cfg(feature = "jwt")]
         if let Some(a) = &self.assertion {
             return &a.key;
@@ -343,6 +351,7 @@ impl TokenRequest {
     pub fn private_key_jwt(mut self, client_id: impl Into<String>, key: super::SigningKey) -> Self {
         // One way to authenticate the client (RFC 6749 §2.3): the last one given.
         self.client = None;
+        self.mtls = false;
         let audience = self.assertion.take().and_then(|a| a.audience);
         self.assertion = Some(ClientAssertion {
             client_id: client_id.into(),
@@ -375,6 +384,7 @@ impl TokenRequest {
         {
             self.assertion = None;
         }
+        self.mtls = false;
         self.client = Some((client_id.into(), client_secret.into()));
         self
     }

@@ -500,9 +500,10 @@ impl TokenSource {
     /// feature `redis`) for the credential this source obtains: `prefix` (your service
     /// and environment, such as `payments-prod`), then the token URL (scheme, host,
     /// path), the client id and every login field that is not a secret (grant type,
-    /// scope, audience, resource, user name). Sources that differ in any of these get
-    /// different keys; the same source in every process gets the same one. It holds no
-    /// secret, and the store keeps only a hash of it.
+    /// scope, audience, resource, user name), and the issuer for a source given one
+    /// ([`issuer`](Self::issuer)). Sources that differ in any of these get different
+    /// keys; the same source in every process gets the same one. It holds no secret, and
+    /// the store keeps only a hash of it.
     pub fn store_namespace(&self, prefix: &str) -> String {
         match &self.issuer {
             // The login's own URL may be a placeholder: the issuer says where it goes.
@@ -848,6 +849,9 @@ impl Exchange {
         self.stats.logins.fetch_add(1, Ordering::Relaxed);
         let credential = self.accept(answer, held, None).await?;
         if let Some(scopes) = &self.step_up {
+            // A new session: a late exchange's refresh token, if one was held, belongs
+            // to the old one.
+            held.undelivered = false;
             // Granted: every later login asks for these scopes too (with any another
             // step-up added meanwhile).
             let mut kept = self

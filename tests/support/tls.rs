@@ -15,7 +15,7 @@ pub struct Tls {
 /// Serves `provider` over TLS on 127.0.0.1 with a fresh self-signed certificate for that
 /// address.
 pub async fn serve_tls<P: Provider>(provider: Arc<P>) -> Tls {
-    serve(provider, false).await
+    serve(provider, None).await
 }
 
 pub use super::providers::CLIENT_CERT_SHA256;
@@ -26,10 +26,17 @@ pub use super::providers::CLIENT_CERT_SHA256;
 /// [`CLIENT_CERT_SHA256`]). Every answer closes its connection, so each request makes a
 /// new handshake.
 pub async fn serve_mtls<P: Provider>(provider: Arc<P>) -> Tls {
-    serve(provider, true).await
+    serve(provider, Some(false)).await
 }
 
-async fn serve<P: Provider>(provider: Arc<P>, mtls: bool) -> Tls {
+/// [`serve_mtls`] refusing every client certificate in the handshake (an expired or
+/// revoked one, say): TLS 1.3 sends that alert after the client has written its request.
+pub async fn serve_mtls_refusing<P: Provider>(provider: Arc<P>) -> Tls {
+    serve(provider, Some(true)).await
+}
+
+/// `mtls`: `None` for no client certificate, `Some(refuse)` to require one.
+async fn serve<P: Provider>(provider: Arc<P>, mtls: Option<bool>) -> Tls {
     let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
     let cert_der = certified.cert.der().to_vec();
     let key_der = certified.signing_key.serialize_der();
@@ -38,8 +45,10 @@ async fn serve<P: Provider>(provider: Arc<P>, mtls: bool) -> Tls {
         .with_safe_default_protocol_versions()
         .unwrap();
     let builder = match mtls {
-        true => builder.with_client_cert_verifier(Arc::new(AnyClientCert(provider_ring))),
-        false => builder.with_no_client_auth(),
+        Some(refuse) => {
+            builder.with_client_cert_verifier(Arc::new(AnyClientCert(provider_ring, refuse)))
+        }
+        None => builder.with_no_client_auth(),
     };
     let mut config = builder
         .with_single_cert(
@@ -74,7 +83,7 @@ async fn serve<P: Provider>(provider: Arc<P>, mtls: bool) -> Tls {
                                 .insert(CLIENT_CERT_SHA256, fingerprint.parse().unwrap());
                         }
                         let mut reply = provider.handle(incoming);
-                        if mtls {
+                        if mtls.is_some() {
                             reply
                                 .headers_mut()
                                 .insert(http::header::CONNECTION, "close".parse().unwrap());
@@ -106,7 +115,7 @@ pub fn sha256_hex(der: &[u8]) -> String {
 /// handshake signature): `self_signed_tls_client_auth` servers verify so, then compare
 /// the certificate with the one registered.
 #[derive(Debug)]
-struct AnyClientCert(Arc<rustls::crypto::CryptoProvider>);
+struct AnyClientCert(Arc<rustls::crypto::CryptoProvider>, bool);
 
 impl rustls::server::danger::ClientCertVerifier for AnyClientCert {
     fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
@@ -119,6 +128,11 @@ impl rustls::server::danger::ClientCertVerifier for AnyClientCert {
         _intermediates: &[rustls::pki_types::CertificateDer<'_>],
         _now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        if self.1 {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired,
+            ));
+        }
         Ok(rustls::server::danger::ClientCertVerified::assertion())
     }
 
