@@ -46,6 +46,8 @@ pub struct Credential {
     issued_at: Option<SystemTime>,
     /// The refresh token issued with it, carried to a shared store (never sent).
     refresh_token: Option<crate::Secret>,
+    /// The key it is bound to (DPoP): every request carrying it carries a proof too.
+    binding: Option<crate::bound::SharedBinding>,
 }
 
 impl Credential {
@@ -127,6 +129,7 @@ impl Credential {
             expires_at: None,
             issued_at: None,
             refresh_token: None,
+            binding: None,
         })
     }
 
@@ -136,6 +139,7 @@ impl Credential {
             expires_at: None,
             issued_at: None,
             refresh_token: None,
+            binding: None,
         }
     }
 
@@ -152,6 +156,27 @@ impl Credential {
     /// The refresh token carried with this credential, if any.
     pub fn refresh_token(&self) -> Option<&crate::Secret> {
         self.refresh_token.as_ref()
+    }
+
+    /// This credential, bound to a key: each request carrying it carries a proof too.
+    #[cfg_attr(not(feature = "jwt"), allow(dead_code))]
+    pub(crate) fn bound(mut self, binding: crate::bound::SharedBinding) -> Self {
+        self.binding = Some(binding);
+        self
+    }
+
+    /// The key this credential is bound to, if any.
+    #[inline]
+    pub(crate) fn binding(&self) -> Option<&crate::bound::SharedBinding> {
+        self.binding.as_ref()
+    }
+
+    /// Whether this credential is bound to a key (a DPoP token, RFC 9449): each request
+    /// carrying it also carries a proof of possession, made for that request, in a
+    /// `DPoP` header. A bound credential cannot be used without its key, so a
+    /// [`CredentialStore`](crate::CredentialStore) does not share it.
+    pub fn is_bound(&self) -> bool {
+        self.binding.is_some()
     }
 
     /// This credential without its refresh token.
@@ -335,6 +360,9 @@ impl fmt::Debug for Credential {
         // Shown only when carried (a credential shared with its refresh token).
         if let Some(token) = &self.refresh_token {
             f.field("refresh_token", token);
+        }
+        if self.binding.is_some() {
+            f.field("bound", &true);
         }
         f.finish()
     }

@@ -182,7 +182,7 @@ where
         let Some(entry) = entry.filter(|entry| self.cache.still_sendable(entry)) else {
             return DirectFuture::failed(Error::new(ErrorKind::NotReady));
         };
-        match self.policy.attach(&entry.credential, req.headers_mut()) {
+        match self.policy.attach(&entry.credential, &mut req) {
             Ok(true) => {}
             // The request brings its own credential: untouched.
             Ok(false) => return DirectFuture::passthrough(self.inner.call(req)),
@@ -193,6 +193,7 @@ where
             cache: self.cache.refreshes().then(|| self.refs.get(&self.cache)),
             generation: entry.generation,
             judge: self.policy.judge.clone(),
+            dpop: crate::bound::Sent::of(&entry.credential, req.uri()),
         };
         DirectFuture {
             state: DirectState::Sent {
@@ -227,6 +228,8 @@ struct Check<P> {
     cache: Option<CacheRef<P>>,
     generation: u64,
     judge: Judge,
+    /// The proof sent, when the credential is bound to a key (DPoP).
+    dpop: Option<Box<crate::bound::Sent>>,
 }
 
 impl<F, P> fmt::Debug for DirectFuture<F, P> {
@@ -287,8 +290,18 @@ where
             true => Verdict::Accepted,
             false => check.judge.verdict(&response),
         };
+        if let Some(sent) = &check.dpop {
+            // Any answer may carry the server's next nonce.
+            sent.saw(response.headers());
+        }
         match verdict {
             Verdict::Rejected => {}
+            // The credential is fine; the next request's proof carries the nonce.
+            Verdict::UseDpopNonce if check.dpop.is_some() => {
+                response.extensions_mut().insert(NotReplayed::OptedOut);
+                return Poll::Ready(Ok(response));
+            }
+            Verdict::UseDpopNonce => {}
             Verdict::InsufficientScope { scope } => {
                 // A valid credential that lacks a scope: nothing to invalidate.
                 if let Some(cache) = &check.cache {

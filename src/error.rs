@@ -53,6 +53,10 @@ pub enum ErrorKind {
     /// The request's header map was full (`http`'s `MAX_SIZE`), so the credential could
     /// not be added; the request was not sent.
     HeadersFull,
+    /// The credential is bound to a key (DPoP, RFC 9449) and no proof of possession
+    /// could be made for the request (a URI without scheme or host, a failed signature);
+    /// the request was not sent.
+    Proof,
 }
 
 impl ErrorKind {
@@ -84,6 +88,7 @@ impl ErrorKind {
             ErrorKind::HeadersFull => {
                 "the request's header map is full; no room for the credential"
             }
+            ErrorKind::Proof => "no proof of possession could be made for the request",
         }
     }
 }

@@ -39,6 +39,7 @@ use tower_service::Service;
 
 use crate::{
     body::{NotReplayed, ReplayBody, ReplayHandle},
+    bound::Sent,
     cache::{Acquire, CacheRef, CredentialCache, Entry},
     credential::Credential,
     error::{BoxError, Error},
@@ -77,10 +78,12 @@ pin_project! {
         Second {
             future: Pin<Box<Oneshot<S, Request<ReplayBody<B>>>>>,
             judge: Judge,
-            // Whether the replay carries a stepped-up credential.
-            stepped_up: bool,
+            // Why the request was sent again.
+            why: Again,
             cache: CacheRef<P>,
             generation: u64,
+            // The replay's proof, when its credential is bound to a key.
+            dpop: Option<Box<Sent>>,
         },
     }
 }
@@ -101,6 +104,17 @@ where
             .field("state", &state)
             .finish()
     }
+}
+
+/// Why a request is sent a second time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Again {
+    /// Its credential was rejected: with a new one.
+    Rejected,
+    /// Its credential lacked a scope: with a wider one.
+    SteppedUp,
+    /// The server wanted a nonce in the proof: with the same credential and a new proof.
+    DpopNonce,
 }
 
 /// A request waiting for its first credential, then for its service to be ready.
@@ -127,6 +141,9 @@ struct Retry<S, P> {
     /// Whether an `insufficient_scope` answer steps up (see `Policy::step_up`).
     step_up: bool,
     replay: Result<Replay<S>, NotReplayed>,
+    /// The proof sent, when the credential is bound to a key (DPoP): its answer may
+    /// carry a nonce, or ask for one.
+    dpop: Option<Box<Sent>>,
 }
 
 /// What a replay is rebuilt from. Not a `Request`: the body is rebuilt from the recording.
@@ -275,11 +292,12 @@ where
         let Some(reason) = not_replayed else {
             // The snapshot is taken before the credential is attached: a replay gets the new one.
             let head = Head::of(&request);
-            match policy.attach(&entry.credential, request.headers_mut()) {
+            match policy.attach(&entry.credential, &mut request) {
                 Ok(true) => {}
                 Ok(false) => return ResponseFuture::passthrough(service, request),
                 Err(err) => return Self::refused(service, err),
             }
+            let dpop = Sent::of(&entry.credential, request.uri());
             let Some(head) = head else {
                 let future = service.call(request.map(ReplayBody::forward));
                 return Self::first(
@@ -288,6 +306,7 @@ where
                     cache,
                     policy,
                     Err(NotReplayed::HeadUnavailable),
+                    dpop,
                 );
             };
             let (parts, body) = request.into_parts();
@@ -300,16 +319,17 @@ where
                 body: handle,
                 replace: policy.existing_header == ExistingHeader::Replace,
             };
-            return Self::first(future, entry, cache, policy, Ok(replay));
+            return Self::first(future, entry, cache, policy, Ok(replay), dpop);
         };
-        match policy.attach(&entry.credential, request.headers_mut()) {
+        match policy.attach(&entry.credential, &mut request) {
             Ok(true) => {}
             // The request brings its own credential: untouched, never replayed.
             Ok(false) => return ResponseFuture::passthrough(service, request),
             Err(err) => return Self::refused(service, err),
         }
+        let dpop = Sent::of(&entry.credential, request.uri());
         let future = service.call(request.map(ReplayBody::forward));
-        Self::first(future, entry, cache, policy, Err(reason))
+        Self::first(future, entry, cache, policy, Err(reason), dpop)
     }
 
     /// The future of a request refused before it is sent (`err`). Nothing will be sent,
@@ -330,6 +350,7 @@ where
         cache: Option<CacheRef<P>>,
         policy: &Policy,
         replay: Result<Replay<S>, NotReplayed>,
+        dpop: Option<Box<Sent>>,
     ) -> Self {
         ResponseFuture {
             state: State::First {
@@ -340,6 +361,7 @@ where
                     judge: policy.judge.clone(),
                     step_up: policy.step_up,
                     replay,
+                    dpop,
                 }),
             },
         }
@@ -430,9 +452,30 @@ where
                         Some(r) => r.judge.verdict(&response),
                         None => return Poll::Ready(Ok(response)),
                     };
+                    if let Some(Retry {
+                        dpop: Some(sent), ..
+                    }) = retry.as_ref()
+                    {
+                        // Any answer may carry the server's next nonce.
+                        sent.saw(response.headers());
+                    }
                     let scope = match verdict {
                         Verdict::Rejected => None,
                         Verdict::InsufficientScope { scope } => Some(InsufficientScope { scope }),
+                        Verdict::UseDpopNonce
+                            if retry.as_ref().is_some_and(|r| r.dpop.is_some()) =>
+                        {
+                            let Some(retry) = retry.take() else {
+                                return Poll::Ready(Ok(response));
+                            };
+                            match Self::with_nonce(retry, response) {
+                                Ok(second) => this.state.set(second),
+                                Err(response) => return Poll::Ready(Ok(response)),
+                            }
+                            continue;
+                        }
+                        // Asked for a nonce, with no proof sent: a rejection.
+                        Verdict::UseDpopNonce => None,
                         _ => {
                             if let Some(Retry {
                                 cache: Some(cache),
@@ -524,44 +567,55 @@ where
                     let mut request = resend.request;
                     // The snapshot is the request as it came: the same rule as on the
                     // first attempt decides each header the request brought.
-                    entry
-                        .credential
-                        .attach(request.headers_mut(), resend.replace)
-                        .map_err(crate::policy::headers_full)?;
+                    crate::policy::attach(&entry.credential, &mut request, resend.replace)?;
                     tracing::debug!(
                         generation = entry.generation,
                         "replaying request with the new credential"
                     );
                     resend.cache.record_replay();
+                    let dpop = Sent::of(&entry.credential, request.uri());
                     this.state.set(State::Second {
                         future: Box::pin(Oneshot::new(resend.service, request)),
                         judge: resend.judge,
-                        stepped_up: resend.scope.is_some(),
+                        why: match resend.scope {
+                            Some(_) => Again::SteppedUp,
+                            None => Again::Rejected,
+                        },
                         cache: resend.cache,
                         generation: entry.generation,
+                        dpop,
                     });
                 }
                 StateProj::Second {
                     future,
                     judge,
-                    stepped_up,
+                    why,
                     cache,
                     generation,
+                    dpop,
                 } => {
                     let mut response = ready!(future.as_mut().poll(cx)).map_err(Into::into)?;
                     let verdict = match judge.accepts_at_once(response.status()) {
                         true => Verdict::Accepted,
                         false => judge.verdict(&response),
                     };
+                    if let Some(sent) = dpop.as_deref() {
+                        sent.saw(response.headers());
+                    }
                     match verdict {
-                        Verdict::Rejected => {
+                        Verdict::Rejected | Verdict::UseDpopNonce => {
+                            if *why == Again::DpopNonce && verdict == Verdict::Rejected {
+                                // Sent again for a nonce, with the same credential, and
+                                // now rejected: the next request gets a new one.
+                                drop(cache.replace_rejected(*generation));
+                            }
                             response
                                 .extensions_mut()
                                 .insert(NotReplayed::AlreadyReplayed);
                         }
                         Verdict::InsufficientScope { scope } => {
                             cache.accepted(*generation);
-                            if *stepped_up {
+                            if *why == Again::SteppedUp {
                                 // The wider grant was not wide enough (or not granted).
                                 cache.step_up_failed();
                             }
@@ -573,7 +627,7 @@ where
                         }
                         _ => {
                             cache.accepted(*generation);
-                            if *stepped_up {
+                            if *why == Again::SteppedUp {
                                 cache.step_up_worked();
                             }
                         }
@@ -592,6 +646,42 @@ where
     B::Data: Into<Bytes>,
     P: CredentialSource,
 {
+    /// The server wants a nonce in the proof (its answer's nonce is kept already): the
+    /// request goes once more with the same credential and a new proof, unless it cannot
+    /// be replayed (then the answer goes back, marked with why).
+    #[cold]
+    #[inline(never)]
+    fn with_nonce(
+        retry: Retry<S, P>,
+        response: Response<ResBody>,
+    ) -> Result<State<S, B, P>, Response<ResBody>> {
+        tracing::debug!(
+            generation = retry.generation,
+            "the server wants a DPoP nonce; sending again with it"
+        );
+        let (Some(cache), Some(sent)) = (retry.cache, retry.dpop) else {
+            return Err(with_scope(response, None, NotReplayed::FixedCredential));
+        };
+        let (service, mut request, replace) = match rebuild(retry.replay) {
+            Ok(rebuilt) => rebuilt,
+            Err(reason) => return Err(with_scope(response, None, reason)),
+        };
+        if let Err(err) = crate::policy::attach(&sent.credential, &mut request, replace) {
+            tracing::debug!(error = %err, "no new proof; not sending again");
+            return Err(response);
+        }
+        drop(response);
+        cache.record_replay();
+        Ok(State::Second {
+            future: Box::pin(Oneshot::new(service, request)),
+            judge: retry.judge,
+            why: Again::DpopNonce,
+            cache,
+            generation: retry.generation,
+            dpop: Some(sent),
+        })
+    }
+
     /// The first attempt's answer says its credential lacks `scope`. The credential is
     /// valid (nothing is invalidated); with step-up on, the source is asked for a wider
     /// grant (once for every request that saw this credential) and the request waits to

@@ -221,6 +221,7 @@
 pub struct ReadmeDoctests;
 
 mod body;
+mod bound;
 pub mod cache;
 pub mod challenge;
 pub mod clock;

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use http::{HeaderMap, StatusCode, Uri};
+use http::{Request, StatusCode, Uri};
 
 use crate::{
     credential::Credential,
@@ -156,18 +156,37 @@ impl Policy {
         })
     }
 
-    /// Attaches `credential` to `headers`, or returns `false` when the request brings its
+    /// Attaches `credential` to `request`, or returns `false` when the request brings its
     /// own credential header and the policy is to pass such requests through untouched.
     #[inline]
-    pub(crate) fn attach(
+    pub(crate) fn attach<B>(
         &self,
         credential: &Credential,
-        headers: &mut HeaderMap,
+        request: &mut Request<B>,
     ) -> Result<bool, Error> {
-        credential
-            .attach(headers, self.existing_header == ExistingHeader::Replace)
-            .map_err(headers_full)
+        attach(
+            credential,
+            request,
+            self.existing_header == ExistingHeader::Replace,
+        )
     }
+}
+
+/// Attaches `credential` to `request` (see [`Credential::attach`] for `replace`), with a
+/// proof of possession when the credential is bound to a key.
+#[inline]
+pub(crate) fn attach<B>(
+    credential: &Credential,
+    request: &mut Request<B>,
+    replace: bool,
+) -> Result<bool, Error> {
+    let attached = credential
+        .attach(request.headers_mut(), replace)
+        .map_err(headers_full)?;
+    if let (true, Some(binding)) = (attached, credential.binding()) {
+        crate::bound::prove(&**binding, request)?;
+    }
+    Ok(attached)
 }
 
 /// The error for a header map with no room for the credential.

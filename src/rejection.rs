@@ -55,6 +55,12 @@ pub enum Verdict {
         /// The `scope` parameter of the challenge, as the server sent it.
         scope: Option<String>,
     },
+    /// The server wants a nonce in the DPoP proof (RFC 9449 §9, `use_dpop_nonce`): the
+    /// credential is fine, so nothing is invalidated; a request that carried a proof is
+    /// sent once more, with the same credential and a new proof holding the nonce the
+    /// answer's `DPoP-Nonce` header gave. For a request without a proof it is a
+    /// [`Rejected`](Self::Rejected).
+    UseDpopNonce,
 }
 
 /// What a [`RejectionPolicy`] is shown of a response: its status and headers.
@@ -173,6 +179,9 @@ impl StandardRejection {
             return Verdict::InsufficientScope { scope };
         }
         if self.statuses.contains(response.status) {
+            if wants_dpop_nonce(response) {
+                return Verdict::UseDpopNonce;
+            }
             Verdict::Rejected
         } else {
             Verdict::Accepted
@@ -209,6 +218,15 @@ fn insufficient_scope(response: &ResponseHead<'_>) -> Option<Option<String>> {
         .iter()
         .find(|c| says(c, "insufficient_scope"))
         .map(|c| c.scope().map(str::to_owned))
+}
+
+/// Whether a `DPoP` challenge says `use_dpop_nonce` (RFC 9449 §9).
+fn wants_dpop_nonce(response: &ResponseHead<'_>) -> bool {
+    response.challenges().iter().any(|c| {
+        c.is("dpop")
+            && c.error()
+                .is_some_and(|e| e.eq_ignore_ascii_case("use_dpop_nonce"))
+    })
 }
 
 /// A ready [`RejectionPolicy`] for gRPC (tonic): `grpc-status: 16` (UNAUTHENTICATED) in

@@ -265,6 +265,9 @@ struct Rest<'a> {
     /// The rejection rule: the answer's headers go into the `http::Response` the state
     /// machine reads only when the rule may read them.
     judge: &'a Judge,
+    /// Whether credentials may be bound to a key: then every answer's headers go to the
+    /// state machine, which reads a server's DPoP nonce from any answer.
+    binds: bool,
 }
 
 /// What the reqwest request's body was, so that each attempt hands reqwest the same kind.
@@ -304,6 +307,7 @@ impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
         };
         let kind = self.body;
         let judge = self.judge;
+        let binds = self.binds;
         Box::pin(async move {
             let Some(mut out) = shell else {
                 return Err(reqwest_middleware::Error::middleware(Opaque(
@@ -334,7 +338,7 @@ impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
             let status = res.status();
             let mut res = http::Response::new(res);
             *res.status_mut() = status;
-            if judge.reads_headers(status) {
+            if binds || judge.reads_headers(status) {
                 // Lent to the rule, given back in `into_reqwest`.
                 *res.headers_mut() = std::mem::take(res.body_mut().headers_mut());
             }
@@ -428,7 +432,10 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
             Some(body) if body.as_bytes().is_some() => (BodyKind::InMemory, body),
             Some(body) => (BodyKind::Stream, body),
         };
-        let uri = if self.scope.as_ref().is_some_and(|s| s.reads_paths()) {
+        // A proof of possession (DPoP) names the whole URI, as does an origin rule that
+        // reads paths; the common case needs the origin alone.
+        let binds = self.cache.source().binds_credentials();
+        let uri = if binds || self.scope.as_ref().is_some_and(|s| s.reads_paths()) {
             http::Uri::try_from(shell.url().as_str()).map_err(http::Error::from)
         } else {
             origin_uri(shell.url())
@@ -452,6 +459,7 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
             body: kind,
             replayable,
             judge: &self.policy.judge,
+            binds,
         };
         // The layer's request path over this middleware's own parts (`Rest` is always
         // ready): the cache is read through its shared slot, and only a replayable

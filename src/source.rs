@@ -263,6 +263,15 @@ pub trait CredentialSource: Send + Sync + 'static {
     fn attach(&self, cache: CacheHandle) {
         let _ = cache;
     }
+
+    /// Whether this source's credentials may be bound to a key (DPoP): requests then
+    /// carry a proof naming their whole URI, so the reqwest middleware hands the request
+    /// path the whole URI rather than the origin alone. Only the crate's own sources
+    /// bind credentials.
+    #[doc(hidden)]
+    fn binds_credentials(&self) -> bool {
+        false
+    }
 }
 
 impl<P: CredentialSource> CredentialSource for Arc<P> {
@@ -281,6 +290,10 @@ impl<P: CredentialSource> CredentialSource for Arc<P> {
     fn check(&self) -> Result<(), crate::InvalidConfig> {
         (**self).check()
     }
+
+    fn binds_credentials(&self) -> bool {
+        (**self).binds_credentials()
+    }
 }
 
 /// [`CredentialSource`] in a form that can live behind `dyn`: every source is one.
@@ -289,6 +302,7 @@ trait DynSource: Send + Sync + 'static {
     fn refresh_mode(&self) -> RefreshMode;
     fn attach(&self, cache: CacheHandle);
     fn check(&self) -> Result<(), crate::InvalidConfig>;
+    fn binds_credentials(&self) -> bool;
     fn type_name(&self) -> &'static str;
 }
 
@@ -307,6 +321,10 @@ impl<P: CredentialSource> DynSource for P {
 
     fn check(&self) -> Result<(), crate::InvalidConfig> {
         CredentialSource::check(self)
+    }
+
+    fn binds_credentials(&self) -> bool {
+        CredentialSource::binds_credentials(self)
     }
 
     fn type_name(&self) -> &'static str {
@@ -372,6 +390,10 @@ impl CredentialSource for SharedCredentialSource {
 
     fn check(&self) -> Result<(), crate::InvalidConfig> {
         self.inner.check()
+    }
+
+    fn binds_credentials(&self) -> bool {
+        self.inner.binds_credentials()
     }
 }
 

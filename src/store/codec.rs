@@ -51,6 +51,10 @@ impl Codec {
     /// The stored form of `credential`: `v1:<fingerprint>:<json>`, or with a key
     /// `v1x:<fingerprint>:<base64 of nonce and sealed json>`.
     pub(crate) fn encode(&self, credential: &Credential) -> Result<String, BoxError> {
+        if credential.is_bound() {
+            // Its key never leaves this process: another would send it without a proof.
+            return Err("a credential bound to a key (DPoP) is not shared through a store".into());
+        }
         let fingerprint = self.fingerprint(credential);
         let json = document(credential);
         let Some(sealing) = &self.sealing else {

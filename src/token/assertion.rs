@@ -141,18 +141,36 @@ impl SigningKey {
         }
     }
 
+    /// An EC P-256 key from PKCS#8 DER (a generated DPoP key).
+    pub(crate) fn ec_from_pkcs8(der: &[u8]) -> Result<Self, TokenError> {
+        let key = EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            der,
+            &SystemRandom::new(),
+        )
+        .map_err(|_| bad_key("the EC key is not a usable P-256 key"))?;
+        Ok(SigningKey {
+            key: Arc::new(Key::Ec(key)),
+            kid: None,
+        })
+    }
+
     /// A compact JWS of `claims` (a JSON object), signed with this key.
     pub(crate) fn sign(&self, claims: &serde_json::Value) -> Result<String, TokenError> {
         let mut header = serde_json::json!({"alg": self.alg(), "typ": "JWT"});
         if let Some(kid) = &self.kid {
             header["kid"] = serde_json::Value::from(kid.as_str());
         }
-        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-        let input = format!(
-            "{}.{}",
-            b64(header.to_string().as_bytes()),
-            b64(claims.to_string().as_bytes())
-        );
+        self.sign_with_header(&b64(header.to_string().as_bytes()), claims)
+    }
+
+    /// A compact JWS of `claims` under a header already encoded (base64url).
+    pub(crate) fn sign_with_header(
+        &self,
+        header: &str,
+        claims: &serde_json::Value,
+    ) -> Result<String, TokenError> {
+        let input = format!("{header}.{}", b64(claims.to_string().as_bytes()));
         let rng = SystemRandom::new();
         let failed = |_| bad_key("signing the assertion failed");
         let sig = match &*self.key {
@@ -177,6 +195,20 @@ impl SigningKey {
     }
 }
 
+/// base64url without padding, as JOSE writes it.
+pub(crate) fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// 128 random bits, for a `jti`.
+pub(crate) fn random_id() -> Result<String, TokenError> {
+    let mut jti = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut jti)
+        .map_err(|_| bad_key("no randomness for a jti"))?;
+    Ok(b64(&jti))
+}
+
 /// A client assertion for one token request to `audience`, by `client_id`.
 pub(crate) fn client_assertion(
     key: &SigningKey,
@@ -187,11 +219,7 @@ pub(crate) fn client_assertion(
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let mut jti = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut jti)
-        .map_err(|_| bad_key("no randomness for the assertion's jti"))?;
-    let jti: String = jti.iter().map(|b| format!("{b:02x}")).collect();
+    let jti = random_id()?;
     key.sign(&serde_json::json!({
         "iss": client_id,
         "sub": client_id,

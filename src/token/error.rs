@@ -234,6 +234,14 @@ impl TokenError {
         if self.kind != TokenErrorKind::Rejected {
             return false;
         }
+        // A DPoP proof refused, or a nonce asked for (RFC 9449 §5, §8): the grant was
+        // not looked at.
+        if matches!(
+            self.oauth_error.as_deref(),
+            Some("use_dpop_nonce" | "invalid_dpop_proof")
+        ) {
+            return false;
+        }
         match self.status {
             Some(StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED) => true,
             Some(status) if status.is_success() => !matches!(

@@ -39,6 +39,8 @@
 mod assertion;
 mod client;
 mod discovery;
+#[cfg(feature = "jwt")]
+mod dpop;
 mod error;
 #[cfg(feature = "https")]
 mod mtls;
@@ -52,6 +54,9 @@ mod properties;
 #[cfg(feature = "jwt")]
 #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
 pub use self::assertion::SigningKey;
+#[cfg(feature = "jwt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
+pub use self::dpop::DpopKey;
 #[cfg(feature = "https")]
 #[cfg_attr(docsrs, doc(cfg(feature = "https")))]
 pub use self::mtls::ClientIdentity;

@@ -201,6 +201,9 @@ pub struct TokenSource {
     /// Scopes step-ups added to the login's (see [`FetchReason::StepUp`]): every later
     /// login asks for them too.
     stepped_up: Arc<std::sync::Mutex<Vec<String>>>,
+    /// The key DPoP tokens are bound to, if the source asks for them.
+    #[cfg(feature = "jwt")]
+    dpop: Option<super::DpopKey>,
 }
 
 /// What the source holds between exchanges, under one lock.
@@ -280,6 +283,8 @@ impl TokenSource {
             flags: Arc::default(),
             stepped_up: Arc::default(),
             issuer: None,
+            #[cfg(feature = "jwt")]
+            dpop: None,
         }
     }
 
@@ -455,6 +460,22 @@ impl TokenSource {
         self
     }
 
+    /// Asks for DPoP-bound tokens (RFC 9449), proving possession of `key`: every token
+    /// request carries a proof, and a token the server issues as `token_type: DPoP` goes
+    /// out as `Authorization: DPoP <token>` with a proof for each request made for that
+    /// request (see [`DpopKey`](super::DpopKey)). A server's `use_dpop_nonce` is
+    /// answered once with the nonce it gave, at the token endpoint and at the API. A
+    /// token issued as `Bearer` (a server without DPoP) is sent as a bearer token.
+    ///
+    /// Tokens bound to a key are not shared through a
+    /// [`CredentialStore`](crate::CredentialStore): the key stays in this process.
+    #[cfg(feature = "jwt")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
+    pub fn dpop(mut self, key: super::DpopKey) -> Self {
+        self.dpop = Some(key);
+        self
+    }
+
     /// Sends the token with this `Authorization` scheme instead of `Bearer`, whatever the
     /// response's `token_type`. Without it, a `token_type` other than bearer is an error
     /// (RFC 6749 §7.1: do not use a token type you do not understand).
@@ -587,6 +608,8 @@ impl TokenSource {
         Ok(Exchange {
             client,
             issuer: self.issuer.clone(),
+            #[cfg(feature = "jwt")]
+            dpop: self.dpop.clone(),
             widened: login.is_some() && step_up.is_none(),
             login: login.unwrap_or_else(|| self.login.clone()),
             base_login: self.login.clone(),
@@ -671,12 +694,21 @@ impl CredentialSource for TokenSource {
     fn refresh_mode(&self) -> RefreshMode {
         self.mode
     }
+
+    fn binds_credentials(&self) -> bool {
+        #[cfg(feature = "jwt")]
+        return self.dpop.is_some();
+        #[cfg(not(feature = "jwt"))]
+        false
+    }
 }
 
 /// Everything one fetch needs, owned, so it can run in its own task.
 struct Exchange {
     client: TokenClient,
     issuer: Option<super::Issuer>,
+    #[cfg(feature = "jwt")]
+    dpop: Option<super::DpopKey>,
     /// The login as configured, without scopes step-ups added.
     base_login: TokenRequest,
     /// Whether `login` asks for scopes earlier step-ups added (not a step-up itself).
@@ -902,20 +934,61 @@ impl Exchange {
         }
     }
 
-    /// [`send`](Self::send) to the request's own URL.
+    /// [`send`](Self::send) to the request's own URL. With DPoP, a `use_dpop_nonce`
+    /// answer (RFC 9449 §8) is a request the server did not act on: it goes once more,
+    /// with the nonce the answer gave.
     async fn send_to(
         &self,
         request: &TokenRequest,
         extra: Option<(&str, &Secret)>,
     ) -> Result<Answer, TokenError> {
-        let (http, assertion) = request
+        match self.send_once(request, extra).await {
+            Err(e) if self.dpop_enabled() && e.oauth_error() == Some("use_dpop_nonce") => {
+                tracing::debug!("the token endpoint wants a DPoP nonce; sending again with it");
+                self.send_once(request, extra).await
+            }
+            sent => sent,
+        }
+    }
+
+    fn dpop_enabled(&self) -> bool {
+        #[cfg(feature = "jwt")]
+        return self.dpop.is_some();
+        #[cfg(not(feature = "jwt"))]
+        false
+    }
+
+    /// One token request to the request's own URL.
+    async fn send_once(
+        &self,
+        request: &TokenRequest,
+        extra: Option<(&str, &Secret)>,
+    ) -> Result<Answer, TokenError> {
+        #[allow(unused_mut)]
+        let (mut http, assertion) = request
             .build_signed(extra)
             .map_err(|e| e.endpoint(request.url()))?;
+        #[cfg(feature = "jwt")]
+        let target = match &self.dpop {
+            Some(key) => Some(
+                self.prove(key, &mut http)
+                    .map_err(|e| e.endpoint(request.url()))?,
+            ),
+            None => None,
+        };
         let answer = self
             .client
             .send(http)
             .await
             .map_err(|e| e.endpoint(request.url()))?;
+        #[cfg(feature = "jwt")]
+        if let (Some(key), Some(target), Some(nonce)) = (
+            &self.dpop,
+            &target,
+            answer.response.headers().get(crate::bound::DPOP_NONCE),
+        ) {
+            key.keep_nonce(&target.origin, nonce.as_bytes());
+        }
         let response = &answer.response;
         let (status, body) = (response.status(), response.body());
         let content_type = TokenClient::content_type(response);
@@ -946,6 +1019,25 @@ impl Exchange {
                 .map_err(|e| e.status_mut(status).endpoint(request.url())),
             arrived: answer.arrived,
         })
+    }
+
+    /// Adds a DPoP proof for the token request `http` (RFC 9449 §5); returns where it
+    /// goes, whose nonce its answer may carry.
+    #[cfg(feature = "jwt")]
+    fn prove(
+        &self,
+        key: &super::DpopKey,
+        http: &mut http::Request<http_body_util::Full<bytes::Bytes>>,
+    ) -> Result<crate::bound::Target, TokenError> {
+        let invalid = |detail| TokenError::new(TokenErrorKind::InvalidRequest).detail(detail);
+        let target = crate::bound::Target::of(http.uri())
+            .ok_or_else(|| invalid("the token endpoint's url has no scheme or host"))?;
+        let proof = key.proof(http.method().as_str(), &target, None)?;
+        let mut value = http::HeaderValue::try_from(proof)
+            .map_err(|_| invalid("the DPoP proof is not a header value"))?;
+        value.set_sensitive(true);
+        http.headers_mut().insert(crate::bound::DPOP, value);
+        Ok(target)
     }
 
     /// Holds the new refresh token first (it must never be lost, even if the rest of the
@@ -1032,6 +1124,22 @@ impl Exchange {
         arrived: Instant,
     ) -> Result<Credential, TokenError> {
         let invalid = |detail| TokenError::new(TokenErrorKind::InvalidResponse).detail(detail);
+        #[cfg(feature = "jwt")]
+        if let (Some(key), Some(token_type)) = (&self.dpop, response.token_type()) {
+            if token_type.trim().eq_ignore_ascii_case("dpop") {
+                let token = response.access_token().expose();
+                let lifetime = self.lifetime(response.expires_in(), jwt_exp(token))?;
+                let credential = Credential::with_scheme("DPoP", token)
+                    .map_err(|_| {
+                        invalid("the access token holds characters a header cannot carry")
+                    })?
+                    .bound(key.bind(token));
+                return Ok(match lifetime {
+                    Some(lifetime) => credential.lives(self.wall(arrived), lifetime),
+                    None => credential,
+                });
+            }
+        }
         let scheme = match (&self.scheme, response.token_type()) {
             (Some(scheme), _) => scheme.as_str(),
             (None, None) => "Bearer",

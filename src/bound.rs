@@ -1,0 +1,170 @@
+//! Credentials bound to a key (RFC 9449, DPoP): every request that carries one carries a
+//! fresh proof of possession too, signed for that request's method and URI.
+//!
+//! The request path knows only the [`Binding`] trait: a credential without one (every
+//! credential but a DPoP token) costs one `Option` check per request. The key, the
+//! signature and the nonces are the token module's (`token::DpopKey`, feature `jwt`).
+//!
+//! A server asks for a nonce in its proofs with `DPoP-Nonce` (RFC 9449 §8, §9), on a
+//! `use_dpop_nonce` rejection or on any answer: each answer to a request with a proof is
+//! read for it ([`Sent::saw`]), and the latest nonce of each origin goes into the next
+//! proof sent there.
+
+use std::{fmt, sync::Arc};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
+
+use crate::{
+    credential::Credential,
+    error::{Error, ErrorKind},
+};
+
+/// The request header that carries a proof.
+pub(crate) const DPOP: HeaderName = HeaderName::from_static("dpop");
+
+/// The response header that carries a server's nonce.
+pub(crate) const DPOP_NONCE: HeaderName = HeaderName::from_static("dpop-nonce");
+
+/// What a credential bound to a key can do: prove possession for one request, and keep
+/// the nonce a server gave.
+pub(crate) trait Binding: Send + Sync + 'static {
+    /// The proof for one request of `method` to `target`.
+    fn proof(&self, method: &Method, target: &Target) -> Result<HeaderValue, Error>;
+
+    /// The server at `origin` wants `nonce` in the proofs sent to it from now on.
+    fn nonce(&self, origin: &str, nonce: &HeaderValue);
+}
+
+impl fmt::Debug for dyn Binding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Binding")
+    }
+}
+
+/// Where a request goes, as a proof names it: the origin (`scheme://host[:port]`, the
+/// key of a server's nonce) and `htu`, the URI without query and fragment (RFC 9449
+/// §4.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub(crate) origin: String,
+    pub(crate) htu: String,
+}
+
+impl Target {
+    /// `None` for a URI without a scheme or a host (a proof must name both).
+    pub(crate) fn of(uri: &Uri) -> Option<Target> {
+        let scheme = uri.scheme_str()?.to_ascii_lowercase();
+        let authority = uri.authority()?;
+        let host = authority.host().to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "https" | "wss" => Some(443),
+            "http" | "ws" => Some(80),
+            _ => None,
+        };
+        // Userinfo is never part of it; a default port is left out (RFC 3986 §6.2.3).
+        let origin = match authority.port_u16() {
+            Some(port) if Some(port) != default_port => format!("{scheme}://{host}:{port}"),
+            _ => format!("{scheme}://{host}"),
+        };
+        let path = match uri.path() {
+            "" => "/",
+            path => path,
+        };
+        Some(Target {
+            htu: format!("{origin}{path}"),
+            origin,
+        })
+    }
+}
+
+/// Adds the proof for `request` to it, when `credential` is bound to a key (called once
+/// the credential's own headers are attached). Out of line: the hot path only checks
+/// whether there is a binding.
+#[cold]
+#[inline(never)]
+pub(crate) fn prove<B>(binding: &dyn Binding, request: &mut Request<B>) -> Result<(), Error> {
+    let target = Target::of(request.uri()).ok_or_else(|| {
+        Error::new(ErrorKind::Proof)
+            .with_detail("a DPoP proof names the request's scheme and host, and the uri has none")
+    })?;
+    let proof = binding.proof(request.method(), &target)?;
+    request
+        .headers_mut()
+        .try_insert(DPOP, proof)
+        .map_err(crate::policy::headers_full)?;
+    Ok(())
+}
+
+/// What a request sent with a proof keeps for its answer: the bound credential it
+/// carried and the origin it went to. Boxed, and only for such a request.
+#[derive(Debug)]
+pub(crate) struct Sent {
+    pub(crate) credential: Credential,
+    origin: String,
+}
+
+impl Sent {
+    /// For a request to `uri` that carried `credential`, if that is bound to a key.
+    #[inline]
+    pub(crate) fn of(credential: &Credential, uri: &Uri) -> Option<Box<Sent>> {
+        credential.binding()?;
+        Self::of_bound(credential, uri)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn of_bound(credential: &Credential, uri: &Uri) -> Option<Box<Sent>> {
+        Some(Box::new(Sent {
+            credential: credential.clone(),
+            origin: Target::of(uri)?.origin,
+        }))
+    }
+
+    /// Keeps the nonce an answer to this request carries, if it carries one.
+    pub(crate) fn saw(&self, headers: &HeaderMap) {
+        if let (Some(nonce), Some(binding)) = (headers.get(DPOP_NONCE), self.credential.binding()) {
+            binding.nonce(&self.origin, nonce);
+        }
+    }
+}
+
+/// A binding, shared by every copy of its credential.
+pub(crate) type SharedBinding = Arc<dyn Binding>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The origin and `htu` a proof names: lower-cased scheme and host, no userinfo, no
+    /// default port, no query or fragment; a URI without scheme or host has none.
+    #[test]
+    fn targets() {
+        for (uri, origin, htu) in [
+            (
+                "https://API.example.com/v1/orders?page=2",
+                "https://api.example.com",
+                "https://api.example.com/v1/orders",
+            ),
+            (
+                "HTTPS://user:pw@api.example.com:443/x",
+                "https://api.example.com",
+                "https://api.example.com/x",
+            ),
+            (
+                "http://127.0.0.1:8080",
+                "http://127.0.0.1:8080",
+                "http://127.0.0.1:8080/",
+            ),
+            (
+                "http://[::1]:80/a/b#frag",
+                "http://[::1]",
+                "http://[::1]/a/b",
+            ),
+        ] {
+            let target = Target::of(&uri.parse().unwrap()).unwrap();
+            assert_eq!(target.origin, origin, "{uri}");
+            assert_eq!(target.htu, htu, "{uri}");
+        }
+        assert_eq!(Target::of(&"/relative".parse().unwrap()), None);
+    }
+}

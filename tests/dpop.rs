@@ -1,0 +1,337 @@
+//! DPoP (RFC 9449) end to end, through the Tower layer (replaying and `Direct`) and the
+//! reqwest middleware, against a loopback authorization server and API that verify
+//! every proof as a strict server does (`support::dpop`: signature, `typ`, `alg`, JWK,
+//! `htm`, `htu`, `iat`, `jti` never reused, nonce, `ath`, the token's key) and that
+//! both demand a nonce, as Okta's do.
+#![cfg(all(feature = "https", feature = "jwt", feature = "reqwest"))]
+
+mod support;
+
+use std::sync::{Arc, atomic::Ordering::SeqCst};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use support::{api_client, capture_traces, dpop::DpopState, token_client};
+use tower::{BoxError, Layer, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, CredentialCache, CredentialSource, FetchContext, FetchReason, NotReplayed,
+    reqwest::AuthMiddleware,
+    token::{DpopKey, TokenError, TokenErrorKind, TokenRequest, TokenSource},
+};
+
+fn source(token_url: &str, key: DpopKey) -> TokenSource {
+    TokenSource::new(
+        TokenRequest::oauth2_client_credentials(token_url, "dpop-client", "dpop-secret").unwrap(),
+    )
+    .client(token_client())
+    .dpop(key)
+}
+
+async fn world() -> (Arc<DpopState>, String, String) {
+    let state = DpopState::new("dpop-client", "dpop-secret");
+    let (token_url, api) = state.start().await;
+    (state, token_url, api)
+}
+
+/// A request through the replaying Tower layer: status, what the layer said, body.
+async fn send<S>(svc: &S, request: Request<Full<Bytes>>) -> (StatusCode, Option<NotReplayed>)
+where
+    S: tower::Service<
+            Request<Full<Bytes>>,
+            Response = http::Response<hyper::body::Incoming>,
+            Error = BoxError,
+        > + Clone,
+{
+    let res = svc.clone().oneshot(request).await.unwrap();
+    let answer = (res.status(), res.extensions().get::<NotReplayed>().copied());
+    res.into_body().collect().await.unwrap();
+    answer
+}
+
+/// World: an authorization server and an API that both demand a DPoP nonce. Proves:
+/// the token request is sent once more with the nonce (2 token requests, 1 token); the
+/// first API call is sent once more with the API's nonce and the same token (no second
+/// token); every later call carries the kept nonce and passes at once; a query string
+/// is not part of `htu`, a POST's body is sent again with its new proof; and every
+/// proof the servers saw was verified (the only refusals are the two nonce requests).
+#[tokio::test]
+async fn the_tower_layer_proves_possession_and_answers_nonces() {
+    let (state, token_url, api) = world().await;
+    let layer = AuthLayer::new(source(&token_url, DpopKey::generate().unwrap()))
+        .origin(api.as_str())
+        .unwrap()
+        .allow_http_loopback(true);
+    let svc = layer.layer(api_client());
+    let post = |body: &'static str| {
+        Request::post(format!("{api}/v1/orders?dry_run=1"))
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    assert_eq!(send(&svc, post("{\"n\":1}")).await, (StatusCode::OK, None));
+    for i in 0..3 {
+        let get = Request::get(format!("{api}/v1/orders/{i}?page=2"))
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(send(&svc, get).await, (StatusCode::OK, None));
+    }
+    assert_eq!(
+        state.refusals(),
+        ["token: nonce", "api: nonce"],
+        "only the two nonce requests are refused"
+    );
+    assert_eq!(state.token_requests.load(SeqCst), 2);
+    assert_eq!(state.issued.load(SeqCst), 1);
+    assert_eq!(state.api_calls.load(SeqCst), 5);
+    assert_eq!(state.api_accepted.load(SeqCst), 4);
+    let credential = layer.cache().credential().await.unwrap();
+    assert!(credential.is_bound());
+    let (name, value) = credential.headers().next().unwrap();
+    assert_eq!(
+        (name.as_str(), value.to_str().unwrap()),
+        ("authorization", "DPoP dpop-token-1")
+    );
+}
+
+/// World: the API hands out a new nonce with every accepted answer. Proves: each is
+/// kept from the 200 it came in, so no call after the first is refused for its nonce.
+#[tokio::test]
+async fn a_nonce_given_in_an_accepted_answer_is_used_next() {
+    let (state, token_url, api) = world().await;
+    state.rotate_api_nonce.store(true, SeqCst);
+    let svc = AuthLayer::new(source(&token_url, DpopKey::generate().unwrap()))
+        .origin(api.as_str())
+        .unwrap()
+        .allow_http_loopback(true)
+        .layer(api_client());
+    for i in 0..5 {
+        let get = Request::get(format!("{api}/v1/{i}"))
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(send(&svc, get).await, (StatusCode::OK, None));
+    }
+    assert_eq!(state.refusals(), ["token: nonce", "api: nonce"]);
+    assert_eq!(state.api_accepted.load(SeqCst), 5);
+}
+
+/// World: every token is revoked mid-run. Proves: the rejection (`invalid_token`) gets
+/// a new token, and the replay carries it with a new proof (the API refuses a `jti`
+/// twice, and a proof whose `ath` is another token's); one new token for the burst.
+#[tokio::test]
+async fn a_revoked_token_is_replaced_and_the_replay_gets_a_new_proof() {
+    let (state, token_url, api) = world().await;
+    let layer = AuthLayer::new(source(&token_url, DpopKey::generate().unwrap()))
+        .origin(api.as_str())
+        .unwrap()
+        .allow_http_loopback(true);
+    let svc = layer.layer(api_client());
+    let get = || {
+        Request::get(format!("{api}/v1/x"))
+            .body(Full::default())
+            .unwrap()
+    };
+    assert_eq!(send(&svc, get()).await, (StatusCode::OK, None));
+    state.revoke_all();
+    assert_eq!(send(&svc, get()).await, (StatusCode::OK, None));
+    assert_eq!(state.issued.load(SeqCst), 2);
+    assert_eq!(
+        state.refusals(),
+        ["token: nonce", "api: nonce", "api: token"],
+        "the replay's proof was verified: no jti reused, ath of the new token"
+    );
+    assert_eq!(layer.cache().stats().replays, 2);
+}
+
+/// World: an API that wants a new nonce on every request (hostile). Proves: a request is
+/// sent at most twice, the second answer goes back marked `AlreadyReplayed`, and the
+/// token is not refetched for it (a nonce says nothing against the token).
+#[tokio::test]
+async fn an_api_that_always_wants_another_nonce_gets_two_tries() {
+    let (state, token_url, api) = world().await;
+    state.api_nonce_every_time.store(true, SeqCst);
+    let svc = AuthLayer::new(source(&token_url, DpopKey::generate().unwrap()))
+        .origin(api.as_str())
+        .unwrap()
+        .allow_http_loopback(true)
+        .layer(api_client());
+    let get = Request::get(format!("{api}/v1/x"))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(
+        send(&svc, get).await,
+        (StatusCode::UNAUTHORIZED, Some(NotReplayed::AlreadyReplayed))
+    );
+    assert_eq!(state.api_calls.load(SeqCst), 2);
+    assert_eq!(state.issued.load(SeqCst), 1);
+}
+
+/// World: the layer without replay (`Direct`). Proves: the proof is attached there
+/// too; the `use_dpop_nonce` answer goes back marked, without a new token; its nonce is
+/// kept, so the next request passes.
+#[tokio::test]
+async fn the_direct_layer_keeps_the_nonce_for_the_next_request() {
+    let (state, token_url, api) = world().await;
+    let svc = AuthLayer::new(source(&token_url, DpopKey::generate().unwrap()))
+        .origin(api.as_str())
+        .unwrap()
+        .allow_http_loopback(true)
+        .without_replay()
+        .layer(support::api_client_for::<Full<Bytes>>());
+    let get = || {
+        Request::get(format!("{api}/v1/x"))
+            .body(Full::default())
+            .unwrap()
+    };
+    let first = svc.clone().oneshot(get()).await.unwrap();
+    assert_eq!(first.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        first.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::OptedOut)
+    );
+    let second = svc.clone().oneshot(get()).await.unwrap();
+    assert_eq!(second.status(), StatusCode::OK);
+    assert_eq!(state.issued.load(SeqCst), 1);
+    assert_eq!(state.refusals(), ["token: nonce", "api: nonce"]);
+}
+
+/// World: the same API through reqwest. Proves: the middleware hands the proof the
+/// whole URI (`htu` with the path, without the query), answers the nonce request once,
+/// and replays a POST body with a new proof.
+#[tokio::test]
+async fn the_reqwest_middleware_proves_possession_and_answers_nonces() {
+    let (state, token_url, api) = world().await;
+    let auth = AuthMiddleware::new(source(&token_url, DpopKey::generate().unwrap()))
+        .origin(api.as_str())
+        .unwrap()
+        .allow_http_loopback(true);
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(auth)
+        .build();
+    let res = client
+        .post(format!("{api}/v1/orders?dry_run=1"))
+        .body("{\"n\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    for i in 0..3 {
+        let res = client
+            .get(format!("{api}/v1/orders/{i}?page=2"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    assert_eq!(state.refusals(), ["token: nonce", "api: nonce"]);
+    assert_eq!(state.api_accepted.load(SeqCst), 4);
+}
+
+/// One token request straight from the source.
+async fn fetch(source: &TokenSource) -> Result<tower_client_auth::Credential, TokenError> {
+    source
+        .fetch(FetchContext::new(FetchReason::Invalidated, None))
+        .await
+        .map_err(|e| *e.downcast::<TokenError>().expect("a token error"))
+}
+
+/// World: token endpoints that refuse. Proves each is a typed error after a bounded
+/// number of requests: one that wants another nonce every time (2 requests, then
+/// `use_dpop_nonce`); one that refuses the key (`invalid_dpop_proof`, not mistaken for
+/// a refused grant, so a refresh token would be kept).
+#[tokio::test]
+async fn token_endpoint_refusals_are_typed_errors() {
+    let (state, token_url, _) = world().await;
+    state.token_nonce_every_time.store(true, SeqCst);
+    let err = fetch(&source(&token_url, DpopKey::generate().unwrap()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TokenErrorKind::Rejected);
+    assert_eq!(err.oauth_error(), Some("use_dpop_nonce"));
+    assert!(!err.is_grant_rejected());
+    assert_eq!(state.token_requests.load(SeqCst), 2);
+
+    let (state, token_url, _) = world().await;
+    *state.registered_jkt.lock().unwrap() = Some(DpopKey::generate().unwrap().thumbprint().into());
+    let err = fetch(&source(&token_url, DpopKey::generate().unwrap()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.oauth_error(), Some("invalid_dpop_proof"));
+    assert!(!err.is_grant_rejected());
+    assert_eq!(state.issued.load(SeqCst), 0);
+}
+
+/// World: a server without DPoP issues `Bearer` tokens. Proves: the token goes out as
+/// a bearer token, unbound, and the API accepts it.
+#[tokio::test]
+async fn a_bearer_token_from_a_server_without_dpop_is_sent_as_bearer() {
+    let (state, token_url, api) = world().await;
+    state.bearer_only.store(true, SeqCst);
+    let layer = AuthLayer::new(source(&token_url, DpopKey::generate().unwrap()))
+        .origin(api.as_str())
+        .unwrap()
+        .allow_http_loopback(true);
+    let svc = layer.layer(api_client());
+    let get = Request::get(format!("{api}/v1/x"))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&svc, get).await, (StatusCode::OK, None));
+    let credential = layer.cache().credential().await.unwrap();
+    assert!(!credential.is_bound());
+}
+
+/// World: a refresh-token grant with a key given as PEM (a key that outlives the
+/// process). Proves: the refresh request carries a proof too (the server binds refresh
+/// tokens to the key, as it does for public clients), and the key's thumbprint is
+/// the one the server bound the tokens to.
+#[tokio::test]
+async fn a_refresh_carries_a_proof_with_the_same_key() {
+    let (state, token_url, _) = world().await;
+    let key = DpopKey::from_pem(include_str!("support/keys/ec-p256.pem")).unwrap();
+    *state.registered_jkt.lock().unwrap() = Some(key.thumbprint().into());
+    let login =
+        TokenRequest::oauth2_client_credentials(&token_url, "dpop-client", "dpop-secret").unwrap();
+    let refresh =
+        TokenRequest::oauth2_refresh_token(&token_url, "dpop-client", "dpop-secret").unwrap();
+    let source = TokenSource::new(login)
+        .refresh_with(refresh, "refresh_token")
+        .client(token_client())
+        .dpop(key);
+    let cache = CredentialCache::new(source);
+    let first = cache.credential().await.unwrap();
+    let second = cache.reject(&first).await.unwrap();
+    assert_ne!(first, second);
+    assert!(second.is_bound());
+    assert_eq!(state.issued.load(SeqCst), 2);
+    assert_eq!(state.refusals(), ["token: nonce"]);
+}
+
+/// World: a whole DPoP run with every trace captured. Proves: no access token, proof
+/// or key material appears in any log line or `Debug` output.
+#[tokio::test]
+async fn no_proof_token_or_key_reaches_a_log() {
+    let (traces, _guard) = capture_traces();
+    let (state, token_url, api) = world().await;
+    let key = DpopKey::generate().unwrap();
+    let layer = AuthLayer::new(source(&token_url, key.clone()))
+        .origin(api.as_str())
+        .unwrap()
+        .allow_http_loopback(true);
+    let svc = layer.layer(api_client());
+    let get = || {
+        Request::get(format!("{api}/v1/x"))
+            .body(Full::default())
+            .unwrap()
+    };
+    send(&svc, get()).await;
+    state.revoke_all();
+    send(&svc, get()).await;
+    let credential = layer.cache().credential().await.unwrap();
+    let shown = format!(
+        "{} {key:?} {credential:?} {:?}",
+        traces.text(),
+        layer.cache().source()
+    );
+    for secret in ["dpop-token-", "eyJ", "dpop-secret", "dpop-rt-"] {
+        assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+    }
+}
