@@ -84,10 +84,30 @@ fn variants(rt: &tokio::runtime::Runtime) -> Vec<Variant> {
                     .without_replay(),
             ),
         ),
+        // A DPoP-bound credential (feature `jwt`): the same path, plus one proof per
+        // request (claims and an ES256 signature). Against `auth_layer_expiring`, what a
+        // proof costs.
+        #[cfg(feature = "jwt")]
+        variant(
+            "auth_layer_dpop",
+            warm(rt, AuthLayer::new(dpop_source()).any_https_origin()),
+        ),
         variant("rwlock_cache", rwlock_cache(Noop)),
         variant("mutex_cache", mutex_cache(Noop)),
         variant("watch_receiver", watch_receiver(Noop)),
     ]
+}
+
+/// A source of DPoP-bound credentials, each bound to one key made at start.
+#[cfg(feature = "jwt")]
+fn dpop_source() -> tower_client_auth::SourceFn {
+    let key = tower_client_auth::token::DpopKey::generate().unwrap();
+    tower_client_auth::source_fn(move |_| {
+        let credential = key.credential(TOKEN);
+        async move {
+            Ok::<_, tower_client_auth::BoxError>(credential?.expires_in(Duration::from_secs(3600)))
+        }
+    })
 }
 
 /// Runs one group: every variant on the same request shape.

@@ -66,6 +66,12 @@ impl Req {
 /// A fake API: one answer (status, JSON body) per request.
 pub trait Api: Send + Sync + 'static {
     fn answer(&self, req: &Req) -> (StatusCode, Value);
+
+    /// The answer with headers of its own (a challenge, a nonce); by default none.
+    fn answer_with_headers(&self, req: &Req) -> (StatusCode, Value, HeaderMap) {
+        let (status, json) = self.answer(req);
+        (status, json, HeaderMap::new())
+    }
 }
 
 /// Serves `api` over HTTP/1.1 on 127.0.0.1 until the program ends; returns its base URL.
@@ -87,11 +93,12 @@ pub async fn start<A: Api>(api: Arc<A>) -> String {
                         headers: parts.headers,
                         body,
                     };
-                    let (status, json) = api.answer(&req);
-                    let reply = Response::builder()
+                    let (status, json, headers) = api.answer_with_headers(&req);
+                    let mut reply = Response::builder()
                         .status(status)
                         .header(header::CONTENT_TYPE, "application/json")
                         .body(Full::new(Bytes::from(json.to_string())))?;
+                    reply.headers_mut().extend(headers);
                     Ok::<_, Box<dyn std::error::Error + Send + Sync>>(reply)
                 }
             });

@@ -31,7 +31,10 @@ use super::{
     TokenError, TokenErrorKind,
     assertion::{SigningKey, b64, random_id},
 };
-use crate::bound::{Binding, Target};
+use crate::{
+    Credential, InvalidCredential,
+    bound::{Binding, Target},
+};
 
 /// At most this many origins' nonces are kept (a server cannot grow the map without
 /// bound); past it, the map starts over.
@@ -203,13 +206,20 @@ impl DpopKey {
         nonces.insert(origin.to_owned(), nonce);
     }
 
-    /// The binding of `token`, a DPoP token issued for this key.
-    pub(crate) fn bind(&self, token: &str) -> Arc<Bound> {
+    /// The credential for `token`, a DPoP token issued for this key:
+    /// `Authorization: DPoP <token>`, bound to the key, so that each request carrying it
+    /// carries a proof made for that request. For a [`CredentialSource`] of your own that
+    /// obtains DPoP tokens; a [`TokenSource`](super::TokenSource) with
+    /// [`dpop`](super::TokenSource::dpop) makes these itself.
+    ///
+    /// [`CredentialSource`]: crate::CredentialSource
+    pub fn credential(&self, token: &str) -> Result<Credential, InvalidCredential> {
+        let credential = Credential::with_scheme("DPoP", token)?;
         let ath = b64(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
-        Arc::new(Bound {
+        Ok(credential.bound(Arc::new(Bound {
             key: self.clone(),
             ath,
-        })
+        })))
     }
 }
 
@@ -259,7 +269,8 @@ mod tests {
     fn proofs_verify_and_name_the_request() {
         let key = DpopKey::generate().unwrap();
         let target = Target::of(&"https://api.example.com/v1/x?y=1".parse().unwrap()).unwrap();
-        let bound = key.bind("token-1");
+        let credential = key.credential("token-1").unwrap();
+        let bound = credential.binding().unwrap();
         let proof = bound.proof(&Method::PUT, &target).unwrap();
         assert!(proof.is_sensitive());
         let proof = proof.to_str().unwrap().to_owned();

@@ -1129,11 +1129,9 @@ impl Exchange {
             if token_type.trim().eq_ignore_ascii_case("dpop") {
                 let token = response.access_token().expose();
                 let lifetime = self.lifetime(response.expires_in(), jwt_exp(token))?;
-                let credential = Credential::with_scheme("DPoP", token)
-                    .map_err(|_| {
-                        invalid("the access token holds characters a header cannot carry")
-                    })?
-                    .bound(key.bind(token));
+                let credential = key.credential(token).map_err(|_| {
+                    invalid("the access token holds characters a header cannot carry")
+                })?;
                 return Ok(match lifetime {
                     Some(lifetime) => credential.lives(self.wall(arrived), lifetime),
                     None => credential,
