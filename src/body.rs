@@ -108,6 +108,10 @@ pub enum NotReplayed {
     /// step-up on, a request that cannot be replayed is marked with why, as after a
     /// rejection, and the step-up still runs for the requests after it.)
     InsufficientScope,
+    /// The API asked for a DPoP nonce (`use_dpop_nonce`, RFC 9449 §9) without giving a
+    /// usable one in `DPoP-Nonce`: a resend could not carry it, so none was sent, and
+    /// the credential, which the answer does not fault, is kept.
+    NoNonce,
 }
 
 impl<B> ReplayBody<B>

@@ -31,8 +31,9 @@ pub(crate) trait Binding: Send + Sync + 'static {
     /// The proof for one request of `method` to `target`.
     fn proof(&self, method: &Method, target: &Target) -> Result<HeaderValue, Error>;
 
-    /// The server at `origin` wants `nonce` in the proofs sent to it from now on.
-    fn nonce(&self, origin: &str, nonce: &HeaderValue);
+    /// The API at `origin` wants `nonce` in the proofs sent to it from now on; returns
+    /// whether it was kept (a valid nonce).
+    fn nonce(&self, origin: &str, nonce: &HeaderValue) -> bool;
 }
 
 impl fmt::Debug for dyn Binding {
@@ -120,10 +121,12 @@ impl Sent {
         }))
     }
 
-    /// Keeps the nonce an answer to this request carries, if it carries one.
-    pub(crate) fn saw(&self, headers: &HeaderMap) {
-        if let (Some(nonce), Some(binding)) = (headers.get(DPOP_NONCE), self.credential.binding()) {
-            binding.nonce(&self.origin, nonce);
+    /// Keeps the nonce an answer to this request carries, if it carries one; returns
+    /// whether it kept one.
+    pub(crate) fn saw(&self, headers: &HeaderMap) -> bool {
+        match (headers.get(DPOP_NONCE), self.credential.binding()) {
+            (Some(nonce), Some(binding)) => binding.nonce(&self.origin, nonce),
+            _ => false,
         }
     }
 }

@@ -452,19 +452,17 @@ where
                         Some(r) => r.judge.verdict(&response),
                         None => return Poll::Ready(Ok(response)),
                     };
-                    if let Some(Retry {
-                        dpop: Some(sent), ..
-                    }) = retry.as_ref()
-                    {
-                        // Any answer may carry the server's next nonce.
-                        sent.saw(response.headers());
-                    }
+                    // Any answer may carry the server's next nonce.
+                    let nonce = match retry.as_ref() {
+                        Some(Retry {
+                            dpop: Some(sent), ..
+                        }) => Some(sent.saw(response.headers())),
+                        _ => None,
+                    };
                     let scope = match verdict {
                         Verdict::Rejected => None,
                         Verdict::InsufficientScope { scope } => Some(InsufficientScope { scope }),
-                        Verdict::UseDpopNonce
-                            if retry.as_ref().is_some_and(|r| r.dpop.is_some()) =>
-                        {
+                        Verdict::UseDpopNonce if nonce == Some(true) => {
                             let Some(retry) = retry.take() else {
                                 return Poll::Ready(Ok(response));
                             };
@@ -473,6 +471,12 @@ where
                                 Err(response) => return Poll::Ready(Ok(response)),
                             }
                             continue;
+                        }
+                        // Asked for a nonce without giving one: a resend could not
+                        // carry it. Nothing against the credential either.
+                        Verdict::UseDpopNonce if nonce == Some(false) => {
+                            response.extensions_mut().insert(NotReplayed::NoNonce);
+                            return Poll::Ready(Ok(response));
                         }
                         // Asked for a nonce, with no proof sent: a rejection.
                         Verdict::UseDpopNonce => None,

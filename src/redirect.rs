@@ -77,6 +77,10 @@ impl<B, E, P: Policy<B, E>> Policy<B, E> for SameOriginCredentials<P> {
             self.first = Some(request.uri().clone());
             return;
         };
+        // A DPoP proof names one request's method and URI and is good for one use: no
+        // hop carries it (put `FollowRedirect` above the layer for DPoP, so that each hop
+        // gets a proof of its own).
+        request.headers_mut().remove(crate::bound::DPOP);
         if !same_origin(first, request.uri()) {
             // Below the layer, each hop carries the first request's headers, and so the
             // credential attached to it. Every credential header is marked sensitive.

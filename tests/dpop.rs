@@ -335,3 +335,59 @@ async fn no_proof_token_or_key_reaches_a_log() {
         assert!(!shown.contains(secret), "{secret} leaked: {shown}");
     }
 }
+
+/// World: a DPoP source given a credential store. Proves: the cache is refused when it
+/// is built (a bound credential's key never leaves its process, so no other could use
+/// it, and a store that could not take it would hold the fleet's lease forever).
+#[tokio::test]
+async fn a_dpop_source_cannot_share_through_a_store() {
+    let (_, token_url, _) = world().await;
+    let err = CredentialCache::builder(source(&token_url, DpopKey::generate().unwrap()))
+        .store(tower_client_auth::store::MemoryStore::new())
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("store"), "{err}");
+    assert!(err.to_string().contains("DPoP"), "{err}");
+}
+
+/// World: an API that asks for a nonce without giving one. Proves: nothing is sent
+/// again (a resend could not carry a nonce), the credential is kept (no second token),
+/// and the answer says why.
+#[tokio::test]
+async fn a_nonce_request_without_a_nonce_is_not_resent() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let api = support::serve(move |_req| {
+        let seen = seen.clone();
+        async move {
+            seen.fetch_add(1, SeqCst);
+            support::providers::challenge(
+                StatusCode::UNAUTHORIZED,
+                r#"DPoP error="use_dpop_nonce""#,
+            )
+        }
+    })
+    .await;
+    let key = DpopKey::generate().unwrap();
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = fetches.clone();
+    let source = tower_client_auth::source_fn(move |_| {
+        counted.fetch_add(1, SeqCst);
+        let credential = key.credential("bound-token");
+        async move { credential }
+    });
+    let svc = AuthLayer::new(source)
+        .origin(format!("http://{api}").as_str())
+        .unwrap()
+        .allow_http_loopback(true)
+        .layer(api_client());
+    let get = Request::get(format!("http://{api}/v1/x"))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(
+        send(&svc, get).await,
+        (StatusCode::UNAUTHORIZED, Some(NotReplayed::NoNonce))
+    );
+    assert_eq!(calls.load(SeqCst), 1);
+    assert_eq!(fetches.load(SeqCst), 1);
+}

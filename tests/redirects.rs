@@ -28,7 +28,8 @@ const SECRET: &str = "s3cr3t-never-elsewhere";
 
 /// Every kind of credential, each carrying `SECRET`.
 fn credentials() -> Vec<(&'static str, Credential)> {
-    vec![
+    #[allow(unused_mut)]
+    let mut kinds = vec![
         ("bearer", Credential::bearer(SECRET).unwrap()),
         (
             "custom scheme",
@@ -53,7 +54,17 @@ fn credentials() -> Vec<(&'static str, Credential)> {
             ])
             .unwrap(),
         ),
-    ]
+    ];
+    // A DPoP-bound token: its proof goes with it, and neither goes elsewhere.
+    #[cfg(feature = "jwt")]
+    kinds.push((
+        "dpop",
+        tower_client_auth::token::DpopKey::generate()
+            .unwrap()
+            .credential(SECRET)
+            .unwrap(),
+    ));
+    kinds
 }
 
 /// A server that records, for every request, whether any header carried `SECRET`, and

@@ -261,6 +261,14 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
     pub fn build(self) -> Result<CredentialCache<P>, InvalidConfig> {
         self.config.validate()?;
         self.source.check()?;
+        if self.config.store.is_some() && self.source.binds_credentials() {
+            // A bound credential's key never leaves this process: another process could
+            // not use what it would load, and the store would never take it.
+            return Err(InvalidConfig::new(
+                "store",
+                "a source of credentials bound to a key (DPoP) cannot share them through a store",
+            ));
+        }
         Ok(self.build_unchecked())
     }
 

@@ -72,7 +72,8 @@ struct Inner {
     header: String,
     /// The RFC 7638 thumbprint of the public key (base64url of its SHA-256).
     thumbprint: String,
-    /// The latest nonce of each origin.
+    /// The latest nonce of each server: keyed by its role (`as:` a token endpoint,
+    /// `rs:` an API) and origin, as RFC 9449 §9 keeps the two apart even on one origin.
     nonces: Mutex<HashMap<String, String>>,
 }
 
@@ -170,14 +171,15 @@ impl DpopKey {
         if let Some(ath) = ath {
             claims["ath"] = ath.into();
         }
-        if let Some(nonce) = self.nonce_for(&target.origin) {
+        // An API request carries the token's hash; a token request does not.
+        if let Some(nonce) = self.nonce_for(&slot(&target.origin, ath.is_none())) {
             claims["nonce"] = nonce.into();
         }
         self.inner.key.sign_with_header(&self.inner.header, &claims)
     }
 
-    fn nonce_for(&self, origin: &str) -> Option<String> {
-        self.nonces().get(origin).cloned()
+    fn nonce_for(&self, slot: &str) -> Option<String> {
+        self.nonces().get(slot).cloned()
     }
 
     fn nonces(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
@@ -187,9 +189,10 @@ impl DpopKey {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Keeps `nonce` as the latest of `origin`, if it is one (RFC 9449 §8.1: visible
-    /// ASCII but `"` and `\`; not over [`MAX_NONCE`]).
-    pub(crate) fn keep_nonce(&self, origin: &str, nonce: &[u8]) {
+    /// Keeps `nonce` as the latest of the token endpoint (or API) at `origin`, if it is
+    /// one (RFC 9449 §8.1: visible ASCII but `"` and `\`; not over [`MAX_NONCE`]);
+    /// returns whether it did.
+    pub(crate) fn keep_nonce(&self, origin: &str, token_endpoint: bool, nonce: &[u8]) -> bool {
         let valid = !nonce.is_empty()
             && nonce.len() <= MAX_NONCE
             && nonce
@@ -197,13 +200,15 @@ impl DpopKey {
                 .all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E));
         let Some(nonce) = valid.then(|| String::from_utf8_lossy(nonce).into_owned()) else {
             tracing::debug!("ignoring a DPoP-Nonce that is not a valid nonce");
-            return;
+            return false;
         };
+        let slot = slot(origin, token_endpoint);
         let mut nonces = self.nonces();
-        if nonces.len() >= MAX_ORIGINS && !nonces.contains_key(origin) {
+        if nonces.len() >= MAX_ORIGINS && !nonces.contains_key(&slot) {
             nonces.clear();
         }
-        nonces.insert(origin.to_owned(), nonce);
+        nonces.insert(slot, nonce);
+        true
     }
 
     /// The credential for `token`, a DPoP token issued for this key:
@@ -221,6 +226,12 @@ impl DpopKey {
             ath,
         })))
     }
+}
+
+/// The key of a server's nonce: its role and origin.
+fn slot(origin: &str, token_endpoint: bool) -> String {
+    let role = if token_endpoint { "as:" } else { "rs:" };
+    format!("{role}{origin}")
 }
 
 /// A DPoP token's binding: its key and its hash (`ath`).
@@ -241,8 +252,8 @@ impl Binding for Bound {
         Ok(value)
     }
 
-    fn nonce(&self, origin: &str, nonce: &HeaderValue) {
-        self.key.keep_nonce(origin, nonce.as_bytes());
+    fn nonce(&self, origin: &str, nonce: &HeaderValue) -> bool {
+        self.key.keep_nonce(origin, false, nonce.as_bytes())
     }
 }
 
@@ -300,18 +311,23 @@ mod tests {
             .verify(signed.as_bytes(), &sig)
             .unwrap();
 
-        bound.nonce(&target.origin, &HeaderValue::from_static("n-1"));
-        bound.nonce(
+        assert!(bound.nonce(&target.origin, &HeaderValue::from_static("n-1")));
+        assert!(bound.nonce(
             "https://other.example",
-            &HeaderValue::from_static("n-other"),
-        );
+            &HeaderValue::from_static("n-other")
+        ));
         // Not a nonce: ignored, the last valid one stays.
-        bound.nonce(&target.origin, &HeaderValue::from_static("bad\"nonce"));
-        let again = key.proof("GET", &target, None).unwrap();
-        let again = decode(again.split('.').nth(1).unwrap());
+        assert!(!bound.nonce(&target.origin, &HeaderValue::from_static("bad\"nonce")));
+        // A token endpoint on the same origin has its own.
+        assert!(key.keep_nonce(&target.origin, true, b"as-1"));
+        let again = bound.proof(&Method::GET, &target).unwrap();
+        let again = decode(again.to_str().unwrap().split('.').nth(1).unwrap());
         assert_eq!(again["nonce"], "n-1");
-        assert!(again.get("ath").is_none());
         assert_ne!(again["jti"], claims["jti"]);
+        let token_request = key.proof("POST", &target, None).unwrap();
+        let token_request = decode(token_request.split('.').nth(1).unwrap());
+        assert_eq!(token_request["nonce"], "as-1");
+        assert!(token_request.get("ath").is_none());
     }
 
     /// The thumbprint is RFC 7638's, over the canonical JWK: the expected value was
@@ -348,10 +364,10 @@ mod tests {
     fn nonces_are_bounded() {
         let key = DpopKey::generate().unwrap();
         for i in 0..(MAX_ORIGINS * 3) {
-            key.keep_nonce(&format!("https://h{i}.example"), b"n");
+            key.keep_nonce(&format!("https://h{i}.example"), false, b"n");
         }
         assert!(key.nonces().len() <= MAX_ORIGINS);
-        key.keep_nonce("https://a.example", &[b'n'; MAX_NONCE + 1]);
-        assert_eq!(key.nonce_for("https://a.example"), None);
+        assert!(!key.keep_nonce("https://a.example", false, &[b'n'; MAX_NONCE + 1]));
+        assert_eq!(key.nonce_for(&slot("https://a.example", false)), None);
     }
 }

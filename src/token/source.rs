@@ -467,8 +467,17 @@ impl TokenSource {
     /// answered once with the nonce it gave, at the token endpoint and at the API. A
     /// token issued as `Bearer` (a server without DPoP) is sent as a bearer token.
     ///
+    /// A proof names one request and is good for one use, so whatever sends a request
+    /// again must sit above the layer (or middleware), where each attempt gets its own:
+    /// `FollowRedirect` (below the layer, [`SameOriginCredentials`] drops the proof on
+    /// every hop), a retry layer, and reqwest's own redirects (turn them off with
+    /// `redirect::Policy::none()` for DPoP). A request URI needs a scheme and a host.
+    ///
     /// Tokens bound to a key are not shared through a
-    /// [`CredentialStore`](crate::CredentialStore): the key stays in this process.
+    /// [`CredentialStore`](crate::CredentialStore): the key stays in this process, and a
+    /// cache built with a store and such a source is refused.
+    ///
+    /// [`SameOriginCredentials`]: crate::redirect::SameOriginCredentials
     #[cfg(feature = "jwt")]
     #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
     pub fn dpop(mut self, key: super::DpopKey) -> Self {
@@ -987,7 +996,7 @@ impl Exchange {
             &target,
             answer.response.headers().get(crate::bound::DPOP_NONCE),
         ) {
-            key.keep_nonce(&target.origin, nonce.as_bytes());
+            key.keep_nonce(&target.origin, true, nonce.as_bytes());
         }
         let response = &answer.response;
         let (status, body) = (response.status(), response.body());
