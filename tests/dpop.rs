@@ -258,6 +258,10 @@ async fn token_endpoint_refusals_are_typed_errors() {
     assert_eq!(err.oauth_error(), Some("invalid_dpop_proof"));
     assert!(!err.is_grant_rejected());
     assert_eq!(state.issued.load(SeqCst), 0);
+    // The server echoed the proof: scrubbed from what the error shows.
+    let shown = format!("{err} {err:?} {:?}", err.description());
+    assert!(shown.contains("not registered"), "{shown}");
+    assert!(!shown.contains("eyJ"), "the proof leaked: {shown}");
 }
 
 /// World: a server without DPoP issues `Bearer` tokens. Proves: the token goes out as
@@ -390,4 +394,40 @@ async fn a_nonce_request_without_a_nonce_is_not_resent() {
     );
     assert_eq!(calls.load(SeqCst), 1);
     assert_eq!(fetches.load(SeqCst), 1);
+}
+
+/// World: a refresh token kept from a process with another key (a key generated at each
+/// start), at servers that refuse it with `invalid_grant` and with
+/// `invalid_dpop_proof`. Proves: either way the source logs in again once, instead of
+/// presenting the refused refresh token on every fetch.
+#[tokio::test]
+async fn a_refresh_token_bound_to_another_key_falls_back_to_a_login() {
+    for refusal in ["invalid_grant", "invalid_dpop_proof"] {
+        let (state, token_url, _) = world().await;
+        *state.refresh_key_mismatch.lock().unwrap() = refusal;
+        let refresh = || {
+            TokenRequest::oauth2_refresh_token(&token_url, "dpop-client", "dpop-secret").unwrap()
+        };
+        // The earlier process: its refresh token is bound to its key.
+        let earlier = source(&token_url, DpopKey::generate().unwrap())
+            .refresh_with(refresh(), "refresh_token");
+        fetch(&earlier).await.unwrap();
+        // This process: a new key, the kept refresh token.
+        let now = source(&token_url, DpopKey::generate().unwrap())
+            .refresh_with(refresh(), "refresh_token")
+            .refresh_token("dpop-rt-1");
+        let credential = fetch(&now).await.unwrap();
+        assert!(credential.is_bound(), "{refusal}");
+        assert_eq!(state.issued.load(SeqCst), 2, "{refusal}");
+        assert_eq!(
+            state.refusals(),
+            // Each process asks for the nonce once.
+            [
+                "token: nonce",
+                "token: nonce",
+                "token: refresh token of another key"
+            ],
+            "{refusal}"
+        );
+    }
 }

@@ -838,7 +838,11 @@ impl Exchange {
                     self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
                     return Ok(credential);
                 }
-                Err(e) if e.is_grant_rejected() => {
+                // A refresh refused for its proof: a refresh token bound to another key
+                // (one kept from a process with another key) is refused so every time.
+                Err(e)
+                    if e.is_grant_rejected() || e.oauth_error() == Some("invalid_dpop_proof") =>
+                {
                     self.stats
                         .refresh_rejections
                         .fetch_add(1, Ordering::Relaxed);
@@ -978,12 +982,14 @@ impl Exchange {
             .build_signed(extra)
             .map_err(|e| e.endpoint(request.url()))?;
         #[cfg(feature = "jwt")]
-        let target = match &self.dpop {
-            Some(key) => Some(
-                self.prove(key, &mut http)
-                    .map_err(|e| e.endpoint(request.url()))?,
-            ),
-            None => None,
+        let (target, proof) = match &self.dpop {
+            Some(key) => {
+                let (target, proof) = self
+                    .prove(key, &mut http)
+                    .map_err(|e| e.endpoint(request.url()))?;
+                (Some(target), Some(proof))
+            }
+            None => (None, None),
         };
         let answer = self
             .client
@@ -1007,8 +1013,13 @@ impl Exchange {
                 .headers()
                 .get(http::header::RETRY_AFTER)
                 .and_then(|v| parse_retry_after(v.as_bytes(), SystemTime::now()));
+            #[allow(unused_mut)]
+            let mut sent = request.sent_secrets(extra.map(|(_, s)| s), assertion.as_ref());
+            // A server may echo the proof too.
+            #[cfg(feature = "jwt")]
+            sent.extend(proof);
             let err = parse_error_body(status, body)
-                .scrub(&request.sent_secrets(extra.map(|(_, s)| s), assertion.as_ref()))
+                .scrub(&sent)
                 .retry_after(retry_after)
                 .endpoint(request.url());
             if !error_in_success {
@@ -1037,16 +1048,16 @@ impl Exchange {
         &self,
         key: &super::DpopKey,
         http: &mut http::Request<http_body_util::Full<bytes::Bytes>>,
-    ) -> Result<crate::bound::Target, TokenError> {
+    ) -> Result<(crate::bound::Target, String), TokenError> {
         let invalid = |detail| TokenError::new(TokenErrorKind::InvalidRequest).detail(detail);
         let target = crate::bound::Target::of(http.uri())
             .ok_or_else(|| invalid("the token endpoint's url has no scheme or host"))?;
         let proof = key.proof(http.method().as_str(), &target, None)?;
-        let mut value = http::HeaderValue::try_from(proof)
+        let mut value = http::HeaderValue::try_from(proof.as_str())
             .map_err(|_| invalid("the DPoP proof is not a header value"))?;
         value.set_sensitive(true);
         http.headers_mut().insert(crate::bound::DPOP, value);
-        Ok(target)
+        Ok((target, proof))
     }
 
     /// Holds the new refresh token first (it must never be lost, even if the rest of the

@@ -54,6 +54,9 @@ pub struct DpopState {
     pub bearer_only: AtomicBool,
     /// The only key thumbprint the token endpoint accepts, if set (a registered key).
     pub registered_jkt: Mutex<Option<String>>,
+    /// What a refresh token bound to another key is refused with: `invalid_grant`
+    /// (most servers) or `invalid_dpop_proof`.
+    pub refresh_key_mismatch: Mutex<&'static str>,
     /// Lifetime of each access token, in seconds.
     pub expires_in: AtomicUsize,
 }
@@ -84,6 +87,7 @@ impl DpopState {
             api_nonce_every_time: AtomicBool::new(false),
             bearer_only: AtomicBool::new(false),
             registered_jkt: Mutex::default(),
+            refresh_key_mismatch: Mutex::new("invalid_grant"),
             expires_in: AtomicUsize::new(300),
         })
     }
@@ -256,9 +260,15 @@ impl Provider for DpopIdp {
         if let (Some(jkt), Some(registered)) = (&jkt, s.registered_jkt.lock().unwrap().as_ref()) {
             if jkt != registered {
                 s.refuse("token: unregistered key".into());
+                // As some servers do: the refused proof echoed back.
+                let echoed = req
+                    .headers
+                    .get("dpop")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
                 return reply(
                     StatusCode::BAD_REQUEST,
-                    json!({"error": "invalid_dpop_proof", "error_description": "the proof's key is not registered for this client"}),
+                    json!({"error": "invalid_dpop_proof", "error_description": format!("the proof's key is not registered for this client: {echoed}")}),
                 );
             }
         }
@@ -268,9 +278,14 @@ impl Provider for DpopIdp {
                 let bound = form
                     .get("refresh_token")
                     .and_then(|rt| s.refresh_tokens.lock().unwrap().remove(rt));
-                if bound.is_none() || bound != jkt.clone().or(Some(String::new())) {
+                let Some(bound) = bound else {
                     s.refuse("token: refresh token".into());
                     return reply(StatusCode::BAD_REQUEST, json!({"error": "invalid_grant"}));
+                };
+                if Some(&bound) != jkt.as_ref() && !bearer_only {
+                    s.refuse("token: refresh token of another key".into());
+                    let error = *s.refresh_key_mismatch.lock().unwrap();
+                    return reply(StatusCode::BAD_REQUEST, json!({"error": error}));
                 }
             }
             _ => {
