@@ -123,6 +123,7 @@ impl Sent {
 
     /// Keeps the nonce an answer to this request carries, if it carries one; returns
     /// whether it kept one.
+    #[inline(never)]
     pub(crate) fn saw(&self, headers: &HeaderMap) -> bool {
         match (headers.get(DPOP_NONCE), self.credential.binding()) {
             (Some(nonce), Some(binding)) => binding.nonce(&self.origin, nonce),

@@ -296,12 +296,12 @@ where
         }
         match verdict {
             Verdict::Rejected => {}
-            // The credential is fine; the next request's proof carries the nonce.
-            Verdict::UseDpopNonce if check.dpop.is_some() => {
+            // The credential is fine: the next request gets a new proof (with the nonce).
+            Verdict::UseDpopNonce | Verdict::InvalidDpopProof if check.dpop.is_some() => {
                 response.extensions_mut().insert(NotReplayed::OptedOut);
                 return Poll::Ready(Ok(response));
             }
-            Verdict::UseDpopNonce => {}
+            Verdict::UseDpopNonce | Verdict::InvalidDpopProof => {}
             Verdict::InsufficientScope { scope } => {
                 // A valid credential that lacks a scope: nothing to invalidate.
                 if let Some(cache) = &check.cache {

@@ -113,8 +113,9 @@ enum Again {
     Rejected,
     /// Its credential lacked a scope: with a wider one.
     SteppedUp,
-    /// The server wanted a nonce in the proof: with the same credential and a new proof.
-    DpopNonce,
+    /// The server wanted a nonce in the proof, or refused the proof: with the same
+    /// credential and a new proof.
+    NewProof,
 }
 
 /// A request waiting for its first credential, then for its service to be ready.
@@ -448,7 +449,16 @@ where
                     // Look before taking: the common answer leaves `retry` in place, to be
                     // dropped with the future, instead of moving it out first.
                     let verdict = match retry.as_ref() {
-                        Some(r) if r.judge.accepts_at_once(response.status()) => Verdict::Accepted,
+                        Some(r) if r.judge.accepts_at_once(response.status()) => {
+                            // The common answer, first and apart from the rest.
+                            if let Some(sent) = &r.dpop {
+                                sent.saw(response.headers());
+                            }
+                            if let Some(cache) = &r.cache {
+                                cache.accepted(r.generation);
+                            }
+                            return Poll::Ready(Ok(response));
+                        }
                         Some(r) => r.judge.verdict(&response),
                         None => return Poll::Ready(Ok(response)),
                     };
@@ -466,7 +476,7 @@ where
                             let Some(retry) = retry.take() else {
                                 return Poll::Ready(Ok(response));
                             };
-                            match Self::with_nonce(retry, response) {
+                            match Self::with_new_proof(retry, response) {
                                 Ok(second) => this.state.set(second),
                                 Err(response) => return Poll::Ready(Ok(response)),
                             }
@@ -478,8 +488,19 @@ where
                             response.extensions_mut().insert(NotReplayed::NoNonce);
                             return Poll::Ready(Ok(response));
                         }
-                        // Asked for a nonce, with no proof sent: a rejection.
-                        Verdict::UseDpopNonce => None,
+                        // The proof refused, not the token: a new proof.
+                        Verdict::InvalidDpopProof if nonce.is_some() => {
+                            let Some(retry) = retry.take() else {
+                                return Poll::Ready(Ok(response));
+                            };
+                            match Self::with_new_proof(retry, response) {
+                                Ok(second) => this.state.set(second),
+                                Err(response) => return Poll::Ready(Ok(response)),
+                            }
+                            continue;
+                        }
+                        // About a proof, with no proof sent: a rejection.
+                        Verdict::UseDpopNonce | Verdict::InvalidDpopProof => None,
                         _ => {
                             if let Some(Retry {
                                 cache: Some(cache),
@@ -607,8 +628,8 @@ where
                         sent.saw(response.headers());
                     }
                     match verdict {
-                        Verdict::Rejected | Verdict::UseDpopNonce => {
-                            if *why == Again::DpopNonce && verdict == Verdict::Rejected {
+                        Verdict::Rejected | Verdict::UseDpopNonce | Verdict::InvalidDpopProof => {
+                            if *why == Again::NewProof && verdict == Verdict::Rejected {
                                 // Sent again for a nonce, with the same credential, and
                                 // now rejected: the next request gets a new one.
                                 drop(cache.replace_rejected(*generation));
@@ -650,12 +671,12 @@ where
     B::Data: Into<Bytes>,
     P: CredentialSource,
 {
-    /// The server wants a nonce in the proof (its answer's nonce is kept already): the
-    /// request goes once more with the same credential and a new proof, unless it cannot
-    /// be replayed (then the answer goes back, marked with why).
+    /// The server wants a nonce in the proof (its answer's nonce is kept already), or
+    /// refused the proof: the request goes once more with the same credential and a new
+    /// proof, unless it cannot be replayed (then the answer goes back, marked with why).
     #[cold]
     #[inline(never)]
-    fn with_nonce(
+    fn with_new_proof(
         retry: Retry<S, P>,
         response: Response<ResBody>,
     ) -> Result<State<S, B, P>, Response<ResBody>> {
@@ -679,7 +700,7 @@ where
         Ok(State::Second {
             future: Box::pin(Oneshot::new(service, request)),
             judge: retry.judge,
-            why: Again::DpopNonce,
+            why: Again::NewProof,
             cache,
             generation: retry.generation,
             dpop: Some(sent),

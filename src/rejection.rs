@@ -61,6 +61,12 @@ pub enum Verdict {
     /// answer's `DPoP-Nonce` header gave. For a request without a proof it is a
     /// [`Rejected`](Self::Rejected).
     UseDpopNonce,
+    /// The server refused the DPoP proof (RFC 9449 §7.1, `invalid_dpop_proof`), not the
+    /// token: nothing is invalidated; a request that carried a proof is sent once more
+    /// with the same credential and a new proof (a proof can fail for a reason of its
+    /// own: a clock step at `iat`, a nonce the server rotated). For a request without a
+    /// proof it is a [`Rejected`](Self::Rejected).
+    InvalidDpopProof,
 }
 
 /// What a [`RejectionPolicy`] is shown of a response: its status and headers.
@@ -179,8 +185,10 @@ impl StandardRejection {
             return Verdict::InsufficientScope { scope };
         }
         if self.statuses.contains(response.status) {
-            if wants_dpop_nonce(response) {
-                return Verdict::UseDpopNonce;
+            match dpop_error(response) {
+                Some(DpopError::UseNonce) => return Verdict::UseDpopNonce,
+                Some(DpopError::InvalidProof) => return Verdict::InvalidDpopProof,
+                None => {}
             }
             Verdict::Rejected
         } else {
@@ -220,13 +228,25 @@ fn insufficient_scope(response: &ResponseHead<'_>) -> Option<Option<String>> {
         .map(|c| c.scope().map(str::to_owned))
 }
 
-/// Whether a `DPoP` challenge says `use_dpop_nonce` (RFC 9449 §9).
-fn wants_dpop_nonce(response: &ResponseHead<'_>) -> bool {
-    response.challenges().iter().any(|c| {
-        c.is("dpop")
-            && c.error()
-                .is_some_and(|e| e.eq_ignore_ascii_case("use_dpop_nonce"))
-    })
+/// What a `DPoP` challenge says about the proof (RFC 9449 §7.1, §9).
+enum DpopError {
+    UseNonce,
+    InvalidProof,
+}
+
+/// The proof error a `DPoP` challenge names, if any.
+fn dpop_error(response: &ResponseHead<'_>) -> Option<DpopError> {
+    response
+        .challenges()
+        .iter()
+        .filter(|c| c.is("dpop"))
+        .find_map(|c| match c.error() {
+            Some(e) if e.eq_ignore_ascii_case("use_dpop_nonce") => Some(DpopError::UseNonce),
+            Some(e) if e.eq_ignore_ascii_case("invalid_dpop_proof") => {
+                Some(DpopError::InvalidProof)
+            }
+            _ => None,
+        })
 }
 
 /// A ready [`RejectionPolicy`] for gRPC (tonic): `grpc-status: 16` (UNAUTHENTICATED) in
@@ -431,6 +451,33 @@ mod tests {
         let custom = StandardRejection::statuses([StatusCode::from_u16(419).unwrap()]).unwrap();
         assert_eq!(judge(&custom, 419, None), Verdict::Rejected);
         assert_eq!(judge(&custom, 401, None), Verdict::Accepted);
+    }
+
+    /// RFC 9449's proof errors, on a rejection status only, from a `DPoP` challenge
+    /// only (schemes and error codes case-insensitive, among other challenges).
+    #[test]
+    fn dpop_proof_errors() {
+        let std = StandardRejection::default();
+        for (challenge, verdict) in [
+            (r#"DPoP error="use_dpop_nonce""#, Verdict::UseDpopNonce),
+            (
+                r#"Basic realm="x", dpop algs="ES256", ERROR=USE_DPOP_NONCE"#,
+                Verdict::UseDpopNonce,
+            ),
+            (
+                r#"Bearer realm="a", DPoP error="invalid_dpop_proof", error_description="iat""#,
+                Verdict::InvalidDpopProof,
+            ),
+            // Only the DPoP scheme defines them.
+            (r#"Bearer error="use_dpop_nonce""#, Verdict::Rejected),
+            (r#"DPoP error="invalid_token""#, Verdict::Rejected),
+        ] {
+            assert_eq!(judge(&std, 401, Some(challenge)), verdict, "{challenge}");
+        }
+        assert_eq!(
+            judge(&std, 400, Some(r#"DPoP error="use_dpop_nonce""#)),
+            Verdict::Accepted
+        );
     }
 
     /// gRPC's UNAUTHENTICATED is read from the headers; other gRPC codes are not

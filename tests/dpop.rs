@@ -431,3 +431,33 @@ async fn a_refresh_token_bound_to_another_key_falls_back_to_a_login() {
         );
     }
 }
+
+/// World: an API that refuses good proofs (`invalid_dpop_proof`), once, then always.
+/// Proves: the proof is what is refused, not the token: the request is sent once more
+/// with the same token and a new proof, and passes; refused again, the answer comes back
+/// marked, and no token is fetched for it either way.
+#[tokio::test]
+async fn a_refused_proof_gets_a_new_proof_not_a_new_token() {
+    let (state, token_url, api) = world().await;
+    let svc = AuthLayer::new(source(&token_url, DpopKey::generate().unwrap()))
+        .origin(api.as_str())
+        .unwrap()
+        .allow_http_loopback(true)
+        .layer(api_client());
+    let get = || {
+        Request::get(format!("{api}/v1/x"))
+            .body(Full::default())
+            .unwrap()
+    };
+    assert_eq!(send(&svc, get()).await, (StatusCode::OK, None));
+    state.refuse_proofs.store(1, SeqCst);
+    assert_eq!(send(&svc, get()).await, (StatusCode::OK, None));
+    state.refuse_proofs.store(2, SeqCst);
+    assert_eq!(
+        send(&svc, get()).await,
+        (StatusCode::UNAUTHORIZED, Some(NotReplayed::AlreadyReplayed))
+    );
+    assert_eq!(send(&svc, get()).await, (StatusCode::OK, None));
+    assert_eq!(state.issued.load(SeqCst), 1, "{:?}", state.refusals());
+    assert_eq!(state.api_calls.load(SeqCst), 2 + 2 + 2 + 1);
+}

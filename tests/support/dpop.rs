@@ -57,6 +57,9 @@ pub struct DpopState {
     /// What a refresh token bound to another key is refused with: `invalid_grant`
     /// (most servers) or `invalid_dpop_proof`.
     pub refresh_key_mismatch: Mutex<&'static str>,
+    /// The API refuses this many more proofs, however good (`invalid_dpop_proof`: a
+    /// server whose clock stepped, a proxy that rewrote the path).
+    pub refuse_proofs: AtomicUsize,
     /// Lifetime of each access token, in seconds.
     pub expires_in: AtomicUsize,
 }
@@ -88,6 +91,7 @@ impl DpopState {
             bearer_only: AtomicBool::new(false),
             registered_jkt: Mutex::default(),
             refresh_key_mismatch: Mutex::new("invalid_grant"),
+            refuse_proofs: AtomicUsize::new(0),
             expires_in: AtomicUsize::new(300),
         })
     }
@@ -370,6 +374,13 @@ impl Provider for DpopApi {
             .and_then(|jkt| match s.api_nonce_every_time.load(SeqCst) {
                 true => Err("nonce"),
                 false => Ok(jkt),
+            })
+            .and_then(|jkt| {
+                let refuse = s
+                    .refuse_proofs
+                    .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                if refuse { Err("refused") } else { Ok(jkt) }
             });
         match verified {
             Ok(key) if key == jkt => {}
