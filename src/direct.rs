@@ -283,13 +283,23 @@ where
             DirectStateProj::Sent { future } => future,
         };
         let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
+        // Look before taking: the common answer leaves `check` in place.
+        let Some(check) = this.check.as_ref() else {
+            return Poll::Ready(Ok(response));
+        };
+        if check.judge.accepts_at_once(response.status()) {
+            if let Some(sent) = &check.dpop {
+                sent.saw(response.headers());
+            }
+            if let Some(cache) = &check.cache {
+                cache.accepted(check.generation);
+            }
+            return Poll::Ready(Ok(response));
+        }
         let Some(check) = this.check.take() else {
             return Poll::Ready(Ok(response));
         };
-        let verdict = match check.judge.accepts_at_once(response.status()) {
-            true => Verdict::Accepted,
-            false => check.judge.verdict(&response),
-        };
+        let verdict = check.judge.verdict(&response);
         if let Some(sent) = &check.dpop {
             // Any answer may carry the server's next nonce.
             sent.saw(response.headers());

@@ -472,7 +472,12 @@ where
                     let scope = match verdict {
                         Verdict::Rejected => None,
                         Verdict::InsufficientScope { scope } => Some(InsufficientScope { scope }),
-                        Verdict::UseDpopNonce if nonce == Some(true) => {
+                        // A new proof: the server gave the nonce it wants, or refused
+                        // the proof (not the token).
+                        Verdict::UseDpopNonce | Verdict::InvalidDpopProof
+                            if nonce == Some(true)
+                                || (nonce.is_some() && verdict == Verdict::InvalidDpopProof) =>
+                        {
                             let Some(retry) = retry.take() else {
                                 return Poll::Ready(Ok(response));
                             };
@@ -487,17 +492,6 @@ where
                         Verdict::UseDpopNonce if nonce == Some(false) => {
                             response.extensions_mut().insert(NotReplayed::NoNonce);
                             return Poll::Ready(Ok(response));
-                        }
-                        // The proof refused, not the token: a new proof.
-                        Verdict::InvalidDpopProof if nonce.is_some() => {
-                            let Some(retry) = retry.take() else {
-                                return Poll::Ready(Ok(response));
-                            };
-                            match Self::with_new_proof(retry, response) {
-                                Ok(second) => this.state.set(second),
-                                Err(response) => return Poll::Ready(Ok(response)),
-                            }
-                            continue;
                         }
                         // About a proof, with no proof sent: a rejection.
                         Verdict::UseDpopNonce | Verdict::InvalidDpopProof => None,

@@ -17,6 +17,11 @@
 //!   [`origin`](crate::AuthLayer::origin) needs no mark: a hop to an origin it was not
 //!   given never gets the credential.
 //!
+//! A DPoP proof names one request and is good once, so below the layer no hop can
+//! carry one: a request that carried a proof follows no redirect (its 3xx goes back to
+//! the caller, rather than a hop whose 401 would discard a good token), and no hop
+//! carries the first proof. Above the layer, each hop gets a proof of its own.
+//!
 //! # Example
 //! ```
 //! use tower::ServiceBuilder;
@@ -50,6 +55,9 @@ pub struct SameOriginCredentials<P = Standard> {
     /// The first request's URI: where the credential was meant to go. `FollowRedirect`
     /// clones the policy for each request, so this is per request.
     first: Option<Uri>,
+    /// Whether the first request carried a DPoP proof: a proof names one request, so no
+    /// hop below the layer can carry one, and the redirect is handed back instead.
+    proved: bool,
 }
 
 impl SameOriginCredentials {
@@ -62,12 +70,21 @@ impl SameOriginCredentials {
 impl<P> SameOriginCredentials<P> {
     /// Wraps another policy: its decisions, with this policy's credential rule.
     pub fn wrap(inner: P) -> Self {
-        SameOriginCredentials { inner, first: None }
+        SameOriginCredentials {
+            inner,
+            first: None,
+            proved: false,
+        }
     }
 }
 
 impl<B, E, P: Policy<B, E>> Policy<B, E> for SameOriginCredentials<P> {
     fn redirect(&mut self, attempt: &Attempt<'_>) -> Result<Action, E> {
+        if self.proved {
+            // A hop would carry the token without a proof (or the first one again), and
+            // its 401 would throw a good token away: the 3xx goes back to the caller.
+            return Ok(Action::Stop);
+        }
         self.inner.redirect(attempt)
     }
 
@@ -75,11 +92,12 @@ impl<B, E, P: Policy<B, E>> Policy<B, E> for SameOriginCredentials<P> {
         self.inner.on_request(request);
         let Some(first) = &self.first else {
             self.first = Some(request.uri().clone());
+            self.proved = request.headers().contains_key(crate::bound::DPOP);
             return;
         };
         // A DPoP proof names one request's method and URI and is good for one use: no
-        // hop carries it (put `FollowRedirect` above the layer for DPoP, so that each hop
-        // gets a proof of its own).
+        // hop carries it (for DPoP, put `FollowRedirect` above the layer, so that each
+        // hop gets a proof of its own).
         request.headers_mut().remove(crate::bound::DPOP);
         if !same_origin(first, request.uri()) {
             // Below the layer, each hop carries the first request's headers, and so the

@@ -56,16 +56,21 @@ pub enum Verdict {
         scope: Option<String>,
     },
     /// The server wants a nonce in the DPoP proof (RFC 9449 §9, `use_dpop_nonce`): the
-    /// credential is fine, so nothing is invalidated; a request that carried a proof is
-    /// sent once more, with the same credential and a new proof holding the nonce the
-    /// answer's `DPoP-Nonce` header gave. For a request without a proof it is a
+    /// credential is fine, so nothing is invalidated. A first attempt that carried a
+    /// proof, and can be replayed, is sent once more with the same credential and a new
+    /// proof holding the nonce the answer's `DPoP-Nonce` header gave; without a usable
+    /// nonce it comes back marked [`NotReplayed::NoNonce`](crate::NotReplayed::NoNonce),
+    /// and without replay (`Direct`, [`NoReplay`](crate::NoReplay)) marked as such, the
+    /// nonce kept for the next request. For a request without a proof it is a
     /// [`Rejected`](Self::Rejected).
     UseDpopNonce,
     /// The server refused the DPoP proof (RFC 9449 §7.1, `invalid_dpop_proof`), not the
-    /// token: nothing is invalidated; a request that carried a proof is sent once more
-    /// with the same credential and a new proof (a proof can fail for a reason of its
-    /// own: a clock step at `iat`, a nonce the server rotated). For a request without a
-    /// proof it is a [`Rejected`](Self::Rejected).
+    /// token: nothing is invalidated. A first attempt that carried a proof, and can be
+    /// replayed, is sent once more with the same credential and a new proof (a proof can
+    /// fail for a reason of its own: a clock step at `iat`, a nonce the server rotated);
+    /// otherwise it comes back marked. For a request without a proof it is a
+    /// [`Rejected`](Self::Rejected). (Before DPoP support, the standard rule called
+    /// both of these `Rejected`.)
     InvalidDpopProof,
 }
 

@@ -264,11 +264,16 @@ pub trait CredentialSource: Send + Sync + 'static {
         let _ = cache;
     }
 
-    /// Whether this source's credentials may be bound to a key (DPoP): requests then
-    /// carry a proof naming their whole URI, so the reqwest middleware hands the request
-    /// path the whole URI rather than the origin alone. Only the crate's own sources
-    /// bind credentials.
-    #[doc(hidden)]
+    /// Whether this source may return credentials bound to a key (DPoP:
+    /// [`DpopKey::credential`](crate::token::DpopKey::credential)). Each request carrying
+    /// one carries a proof naming its whole URI, so the reqwest middleware hands the
+    /// request path the whole URI rather than the origin alone; and such credentials are
+    /// never shared through a [`CredentialStore`](crate::CredentialStore) (a cache built
+    /// with both is refused). A source that returns a bound credential without saying so
+    /// here fails that fetch with [`ErrorKind::InvalidCredential`](crate::ErrorKind::InvalidCredential).
+    /// The default is `false`; [`TokenSource`](crate::token::TokenSource) with
+    /// [`dpop`](crate::token::TokenSource::dpop) and a [`StaticCredential`](crate::StaticCredential)
+    /// holding a bound credential say `true`.
     fn binds_credentials(&self) -> bool {
         false
     }
@@ -410,6 +415,7 @@ where
             Box::pin(async move { fut.await.map_err(Into::into) })
         }),
         mode: RefreshMode::Proactive,
+        binds: false,
     }
 }
 
@@ -428,12 +434,20 @@ type BorrowedFetch<'a> = Pin<Box<dyn Future<Output = Result<Credential, BoxError
 pub struct SourceFn {
     f: Arc<dyn Fn(FetchContext) -> FetchFuture + Send + Sync>,
     mode: RefreshMode,
+    binds: bool,
 }
 
 impl SourceFn {
     /// Sets the [`RefreshMode`] (default: proactive).
     pub fn refresh_mode(mut self, mode: RefreshMode) -> Self {
         self.mode = mode;
+        self
+    }
+
+    /// Says the closure returns credentials bound to a key (DPoP): see
+    /// [`CredentialSource::binds_credentials`].
+    pub fn binds_credentials(mut self, binds: bool) -> Self {
+        self.binds = binds;
         self
     }
 }
@@ -453,5 +467,9 @@ impl CredentialSource for SourceFn {
 
     fn refresh_mode(&self) -> RefreshMode {
         self.mode
+    }
+
+    fn binds_credentials(&self) -> bool {
+        self.binds
     }
 }

@@ -85,6 +85,10 @@ impl CredentialSource for StaticCredential {
     fn refresh_mode(&self) -> RefreshMode {
         RefreshMode::Never
     }
+
+    fn binds_credentials(&self) -> bool {
+        self.credential.is_bound()
+    }
 }
 
 /// A credential that can be replaced at runtime. Clones share the value.

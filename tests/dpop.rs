@@ -28,6 +28,14 @@ fn source(token_url: &str, key: DpopKey) -> TokenSource {
     .dpop(key)
 }
 
+/// The layer over a DPoP source, sending its credential to `api` only.
+fn layer(token_url: &str, api: &str, key: DpopKey) -> AuthLayer<TokenSource> {
+    AuthLayer::new(source(token_url, key))
+        .origin(api)
+        .unwrap()
+        .allow_http_loopback(true)
+}
+
 async fn world() -> (Arc<DpopState>, String, String) {
     let state = DpopState::new("dpop-client", "dpop-secret");
     let (token_url, api) = state.start().await;
@@ -58,10 +66,7 @@ where
 #[tokio::test]
 async fn the_tower_layer_proves_possession_and_answers_nonces() {
     let (state, token_url, api) = world().await;
-    let layer = AuthLayer::new(source(&token_url, DpopKey::generate().unwrap()))
-        .origin(api.as_str())
-        .unwrap()
-        .allow_http_loopback(true);
+    let layer = layer(&token_url, &api, DpopKey::generate().unwrap());
     let svc = layer.layer(api_client());
     let post = |body: &'static str| {
         Request::post(format!("{api}/v1/orders?dry_run=1"))
@@ -99,11 +104,7 @@ async fn the_tower_layer_proves_possession_and_answers_nonces() {
 async fn a_nonce_given_in_an_accepted_answer_is_used_next() {
     let (state, token_url, api) = world().await;
     state.rotate_api_nonce.store(true, SeqCst);
-    let svc = AuthLayer::new(source(&token_url, DpopKey::generate().unwrap()))
-        .origin(api.as_str())
-        .unwrap()
-        .allow_http_loopback(true)
-        .layer(api_client());
+    let svc = layer(&token_url, &api, DpopKey::generate().unwrap()).layer(api_client());
     for i in 0..5 {
         let get = Request::get(format!("{api}/v1/{i}"))
             .body(Full::default())
@@ -120,10 +121,7 @@ async fn a_nonce_given_in_an_accepted_answer_is_used_next() {
 #[tokio::test]
 async fn a_revoked_token_is_replaced_and_the_replay_gets_a_new_proof() {
     let (state, token_url, api) = world().await;
-    let layer = AuthLayer::new(source(&token_url, DpopKey::generate().unwrap()))
-        .origin(api.as_str())
-        .unwrap()
-        .allow_http_loopback(true);
+    let layer = layer(&token_url, &api, DpopKey::generate().unwrap());
     let svc = layer.layer(api_client());
     let get = || {
         Request::get(format!("{api}/v1/x"))
@@ -149,11 +147,7 @@ async fn a_revoked_token_is_replaced_and_the_replay_gets_a_new_proof() {
 async fn an_api_that_always_wants_another_nonce_gets_two_tries() {
     let (state, token_url, api) = world().await;
     state.api_nonce_every_time.store(true, SeqCst);
-    let svc = AuthLayer::new(source(&token_url, DpopKey::generate().unwrap()))
-        .origin(api.as_str())
-        .unwrap()
-        .allow_http_loopback(true)
-        .layer(api_client());
+    let svc = layer(&token_url, &api, DpopKey::generate().unwrap()).layer(api_client());
     let get = Request::get(format!("{api}/v1/x"))
         .body(Full::default())
         .unwrap();
@@ -171,10 +165,7 @@ async fn an_api_that_always_wants_another_nonce_gets_two_tries() {
 #[tokio::test]
 async fn the_direct_layer_keeps_the_nonce_for_the_next_request() {
     let (state, token_url, api) = world().await;
-    let svc = AuthLayer::new(source(&token_url, DpopKey::generate().unwrap()))
-        .origin(api.as_str())
-        .unwrap()
-        .allow_http_loopback(true)
+    let svc = layer(&token_url, &api, DpopKey::generate().unwrap())
         .without_replay()
         .layer(support::api_client_for::<Full<Bytes>>());
     let get = || {
@@ -237,7 +228,7 @@ async fn fetch(source: &TokenSource) -> Result<tower_client_auth::Credential, To
 /// World: token endpoints that refuse. Proves each is a typed error after a bounded
 /// number of requests: one that wants another nonce every time (2 requests, then
 /// `use_dpop_nonce`); one that refuses the key (`invalid_dpop_proof`, not mistaken for
-/// a refused grant, so a refresh token would be kept).
+/// a refused grant, though a refresh refused for its proof logs in again: see below).
 #[tokio::test]
 async fn token_endpoint_refusals_are_typed_errors() {
     let (state, token_url, _) = world().await;
@@ -270,10 +261,7 @@ async fn token_endpoint_refusals_are_typed_errors() {
 async fn a_bearer_token_from_a_server_without_dpop_is_sent_as_bearer() {
     let (state, token_url, api) = world().await;
     state.bearer_only.store(true, SeqCst);
-    let layer = AuthLayer::new(source(&token_url, DpopKey::generate().unwrap()))
-        .origin(api.as_str())
-        .unwrap()
-        .allow_http_loopback(true);
+    let layer = layer(&token_url, &api, DpopKey::generate().unwrap());
     let svc = layer.layer(api_client());
     let get = Request::get(format!("{api}/v1/x"))
         .body(Full::default())
@@ -316,10 +304,7 @@ async fn no_proof_token_or_key_reaches_a_log() {
     let (traces, _guard) = capture_traces();
     let (state, token_url, api) = world().await;
     let key = DpopKey::generate().unwrap();
-    let layer = AuthLayer::new(source(&token_url, key.clone()))
-        .origin(api.as_str())
-        .unwrap()
-        .allow_http_loopback(true);
+    let layer = layer(&token_url, &api, key.clone());
     let svc = layer.layer(api_client());
     let get = || {
         Request::get(format!("{api}/v1/x"))
@@ -379,7 +364,8 @@ async fn a_nonce_request_without_a_nonce_is_not_resent() {
         counted.fetch_add(1, SeqCst);
         let credential = key.credential("bound-token");
         async move { credential }
-    });
+    })
+    .binds_credentials(true);
     let svc = AuthLayer::new(source)
         .origin(format!("http://{api}").as_str())
         .unwrap()
@@ -432,18 +418,14 @@ async fn a_refresh_token_bound_to_another_key_falls_back_to_a_login() {
     }
 }
 
-/// World: an API that refuses good proofs (`invalid_dpop_proof`), once, then always.
+/// World: an API that refuses good proofs (`invalid_dpop_proof`): once, then twice.
 /// Proves: the proof is what is refused, not the token: the request is sent once more
 /// with the same token and a new proof, and passes; refused again, the answer comes back
 /// marked, and no token is fetched for it either way.
 #[tokio::test]
 async fn a_refused_proof_gets_a_new_proof_not_a_new_token() {
     let (state, token_url, api) = world().await;
-    let svc = AuthLayer::new(source(&token_url, DpopKey::generate().unwrap()))
-        .origin(api.as_str())
-        .unwrap()
-        .allow_http_loopback(true)
-        .layer(api_client());
+    let svc = layer(&token_url, &api, DpopKey::generate().unwrap()).layer(api_client());
     let get = || {
         Request::get(format!("{api}/v1/x"))
             .body(Full::default())
@@ -460,4 +442,59 @@ async fn a_refused_proof_gets_a_new_proof_not_a_new_token() {
     assert_eq!(send(&svc, get()).await, (StatusCode::OK, None));
     assert_eq!(state.issued.load(SeqCst), 1, "{:?}", state.refusals());
     assert_eq!(state.api_calls.load(SeqCst), 2 + 2 + 2 + 1);
+}
+
+/// A source of one's own over a DPoP token source, saying (or not) that its credentials
+/// are bound.
+struct Own(TokenSource, bool);
+
+impl CredentialSource for Own {
+    async fn fetch(&self, cx: FetchContext) -> Result<tower_client_auth::Credential, BoxError> {
+        self.0.fetch(cx).await
+    }
+
+    fn binds_credentials(&self) -> bool {
+        self.1
+    }
+}
+
+/// World: a source of one's own that returns DPoP-bound credentials. Proves: one that
+/// does not say so fails its fetch with a typed error (the reqwest middleware would
+/// prove for the origin alone, a store would be handed what it cannot keep), and no
+/// request goes out; one that says so works through reqwest on a path below the root
+/// (the proof names the whole URI); and it too is refused a store.
+#[tokio::test]
+async fn a_source_of_ones_own_must_say_it_binds() {
+    let (state, token_url, api) = world().await;
+    let undeclared = Own(source(&token_url, DpopKey::generate().unwrap()), false);
+    let err = CredentialCache::new(undeclared)
+        .credential()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), tower_client_auth::ErrorKind::InvalidCredential);
+    assert!(err.to_string().contains("binds_credentials"), "{err}");
+
+    let declared = || Own(source(&token_url, DpopKey::generate().unwrap()), true);
+    let auth = AuthMiddleware::new(declared())
+        .origin(api.as_str())
+        .unwrap()
+        .allow_http_loopback(true);
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(auth)
+        .build();
+    for i in 0..2 {
+        let res = client
+            .get(format!("{api}/v1/orders/{i}?page=2"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    assert_eq!(state.api_accepted.load(SeqCst), 2, "{:?}", state.refusals());
+    assert!(
+        CredentialCache::builder(declared())
+            .store(tower_client_auth::store::MemoryStore::new())
+            .build()
+            .is_err()
+    );
 }

@@ -36,8 +36,8 @@ use crate::{
     bound::{Binding, Target},
 };
 
-/// At most this many origins' nonces are kept (a server cannot grow the map without
-/// bound); past it, the map starts over.
+/// At most this many servers' nonces are kept (one slot per role and origin: a server
+/// cannot grow the map without bound); past it, the map starts over.
 const MAX_ORIGINS: usize = 64;
 
 /// A nonce longer than this is not kept (RFC 9449 leaves the length open; real ones are

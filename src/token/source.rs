@@ -956,7 +956,13 @@ impl Exchange {
         extra: Option<(&str, &Secret)>,
     ) -> Result<Answer, TokenError> {
         match self.send_once(request, extra).await {
-            Err(e) if self.dpop_enabled() && e.oauth_error() == Some("use_dpop_nonce") => {
+            // A 4xx only: a 5xx leaves the outcome unknown (a refresh token in it may
+            // have been spent), whatever its body says.
+            Err(e)
+                if self.dpop_enabled()
+                    && e.oauth_error() == Some("use_dpop_nonce")
+                    && e.status().is_some_and(|s| s.is_client_error()) =>
+            {
                 tracing::debug!("the token endpoint wants a DPoP nonce; sending again with it");
                 self.send_once(request, extra).await
             }
