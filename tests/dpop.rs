@@ -407,7 +407,8 @@ async fn a_refresh_token_bound_to_another_key_falls_back_to_a_login() {
         assert_eq!(state.issued.load(SeqCst), 2, "{refusal}");
         assert_eq!(
             state.refusals(),
-            // Each process asks for the nonce once.
+            // Each process asks for the nonce once; that resend was the refused
+            // proof's new one (a token request goes at most twice).
             [
                 "token: nonce",
                 "token: nonce",
@@ -497,4 +498,22 @@ async fn a_source_of_ones_own_must_say_it_binds() {
             .build()
             .is_err()
     );
+}
+
+/// World: a token endpoint that refuses one good proof (`invalid_dpop_proof`: its clock
+/// stepped) while the source refreshes. Proves: the refresh is sent once more with a new
+/// proof and succeeds: the refresh token is kept and used, no login.
+#[tokio::test]
+async fn a_refresh_refused_once_for_its_proof_is_sent_again_not_dropped() {
+    let (state, token_url, _) = world().await;
+    let refresh =
+        TokenRequest::oauth2_refresh_token(&token_url, "dpop-client", "dpop-secret").unwrap();
+    let source =
+        source(&token_url, DpopKey::generate().unwrap()).refresh_with(refresh, "refresh_token");
+    fetch(&source).await.unwrap();
+    state.refuse_token_proofs.store(1, SeqCst);
+    fetch(&source).await.unwrap();
+    assert_eq!(state.issued.load(SeqCst), 2);
+    assert_eq!(state.refusals(), ["token: nonce", "token: refused"]);
+    assert_eq!(source.stats().refreshes, 1, "{:?}", source.stats());
 }

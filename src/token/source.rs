@@ -838,8 +838,9 @@ impl Exchange {
                     self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
                     return Ok(credential);
                 }
-                // A refresh refused for its proof: a refresh token bound to another key
-                // (one kept from a process with another key) is refused so every time.
+                // A refresh refused for its proof twice (`send_to` sent a new one): a
+                // refresh token bound to another key (kept from a process with another
+                // key) is refused so every time.
                 Err(e)
                     if e.is_grant_rejected() || e.oauth_error() == Some("invalid_dpop_proof") =>
                 {
@@ -947,9 +948,11 @@ impl Exchange {
         }
     }
 
-    /// [`send`](Self::send) to the request's own URL. With DPoP, a `use_dpop_nonce`
-    /// answer (RFC 9449 §8) is a request the server did not act on: it goes once more,
-    /// with the nonce the answer gave.
+    /// [`send`](Self::send) to the request's own URL. With DPoP, a `use_dpop_nonce` or
+    /// `invalid_dpop_proof` answer (RFC 9449 §8, §5) is a request the server refused
+    /// before acting on it: it goes once more, with a new proof (and the nonce the answer
+    /// gave), since a proof can fail for a reason of its own (a nonce rotated between
+    /// the two, a clock step at `iat`).
     async fn send_to(
         &self,
         request: &TokenRequest,
@@ -960,10 +963,15 @@ impl Exchange {
             // have been spent), whatever its body says.
             Err(e)
                 if self.dpop_enabled()
-                    && e.oauth_error() == Some("use_dpop_nonce")
+                    && matches!(
+                        e.oauth_error(),
+                        Some("use_dpop_nonce" | "invalid_dpop_proof")
+                    )
                     && e.status().is_some_and(|s| s.is_client_error()) =>
             {
-                tracing::debug!("the token endpoint wants a DPoP nonce; sending again with it");
+                tracing::debug!(
+                    "the token endpoint refused the DPoP proof or wants a nonce; sending again with a new proof"
+                );
                 self.send_once(request, extra).await
             }
             sent => sent,

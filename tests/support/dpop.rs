@@ -57,6 +57,8 @@ pub struct DpopState {
     /// What a refresh token bound to another key is refused with: `invalid_grant`
     /// (most servers) or `invalid_dpop_proof`.
     pub refresh_key_mismatch: Mutex<&'static str>,
+    /// The token endpoint refuses this many more proofs, however good.
+    pub refuse_token_proofs: AtomicUsize,
     /// The API refuses this many more proofs, however good (`invalid_dpop_proof`: a
     /// server whose clock stepped, a proxy that rewrote the path).
     pub refuse_proofs: AtomicUsize,
@@ -92,6 +94,7 @@ impl DpopState {
             registered_jkt: Mutex::default(),
             refresh_key_mismatch: Mutex::new("invalid_grant"),
             refuse_proofs: AtomicUsize::new(0),
+            refuse_token_proofs: AtomicUsize::new(0),
             expires_in: AtomicUsize::new(300),
         })
     }
@@ -236,6 +239,13 @@ impl Provider for DpopIdp {
                 .and_then(|jkt| match s.token_nonce_every_time.load(SeqCst) {
                     true => Err("nonce"),
                     false => Ok(jkt),
+                })
+                .and_then(|jkt| {
+                    let refuse = s
+                        .refuse_token_proofs
+                        .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    if refuse { Err("refused") } else { Ok(jkt) }
                 });
             match verified {
                 Ok(jkt) => Some(jkt),
@@ -279,9 +289,9 @@ impl Provider for DpopIdp {
         match form.get("grant_type").map(String::as_str) {
             Some("client_credentials") => {}
             Some("refresh_token") => {
-                let bound = form
-                    .get("refresh_token")
-                    .and_then(|rt| s.refresh_tokens.lock().unwrap().remove(rt));
+                // Spent only when the grant is judged good: a refused proof spends nothing.
+                let presented = form.get("refresh_token").cloned().unwrap_or_default();
+                let bound = s.refresh_tokens.lock().unwrap().get(&presented).cloned();
                 let Some(bound) = bound else {
                     s.refuse("token: refresh token".into());
                     return reply(StatusCode::BAD_REQUEST, json!({"error": "invalid_grant"}));
@@ -291,6 +301,7 @@ impl Provider for DpopIdp {
                     let error = *s.refresh_key_mismatch.lock().unwrap();
                     return reply(StatusCode::BAD_REQUEST, json!({"error": error}));
                 }
+                s.refresh_tokens.lock().unwrap().remove(&presented);
             }
             _ => {
                 return reply(
