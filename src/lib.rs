@@ -104,7 +104,10 @@
 //! or `403`) is not a rejection (nothing invalidated, the response marked
 //! [`rejection::InsufficientScope`]) unless [`AuthLayer::step_up`] asks the source for a
 //! wider grant and replays once; any other rule, `grpc-status: 16` for tonic among them,
-//! is a [`rejection::RejectionPolicy`] ([`AuthLayer::rejection_policy`]). A credential that
+//! is a [`rejection::RejectionPolicy`] ([`AuthLayer::rejection_policy`]). A DPoP-bound
+//! credential (`TokenSource::dpop`, feature `jwt`) carries a proof made for each
+//! request; an API's `use_dpop_nonce` or `invalid_dpop_proof` faults the proof, not the
+//! token, and the request is sent once more with the same token and a new proof. A credential that
 //! cannot change ([`StaticCredential`], [`RefreshMode::Never`]) is never replayed: its
 //! `401` is returned at once, marked [`NotReplayed::FixedCredential`]. A failing source
 //! backs off exponentially; still-valid credentials keep being used meanwhile, and

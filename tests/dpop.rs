@@ -36,6 +36,20 @@ fn layer(token_url: &str, api: &str, key: DpopKey) -> AuthLayer<TokenSource> {
         .allow_http_loopback(true)
 }
 
+/// A reqwest client whose middleware sends `source`'s credential to `api` only.
+fn reqwest_client(
+    source: impl CredentialSource,
+    api: &str,
+) -> reqwest_middleware::ClientWithMiddleware {
+    let auth = AuthMiddleware::new(source)
+        .origin(api)
+        .unwrap()
+        .allow_http_loopback(true);
+    reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(auth)
+        .build()
+}
+
 async fn world() -> (Arc<DpopState>, String, String) {
     let state = DpopState::new("dpop-client", "dpop-secret");
     let (token_url, api) = state.start().await;
@@ -191,13 +205,7 @@ async fn the_direct_layer_keeps_the_nonce_for_the_next_request() {
 #[tokio::test]
 async fn the_reqwest_middleware_proves_possession_and_answers_nonces() {
     let (state, token_url, api) = world().await;
-    let auth = AuthMiddleware::new(source(&token_url, DpopKey::generate().unwrap()))
-        .origin(api.as_str())
-        .unwrap()
-        .allow_http_loopback(true);
-    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(auth)
-        .build();
+    let client = reqwest_client(source(&token_url, DpopKey::generate().unwrap()), &api);
     let res = client
         .post(format!("{api}/v1/orders?dry_run=1"))
         .body("{\"n\":1}")
@@ -476,13 +484,7 @@ async fn a_source_of_ones_own_must_say_it_binds() {
     assert!(err.to_string().contains("binds_credentials"), "{err}");
 
     let declared = || Own(source(&token_url, DpopKey::generate().unwrap()), true);
-    let auth = AuthMiddleware::new(declared())
-        .origin(api.as_str())
-        .unwrap()
-        .allow_http_loopback(true);
-    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(auth)
-        .build();
+    let client = reqwest_client(declared(), &api);
     for i in 0..2 {
         let res = client
             .get(format!("{api}/v1/orders/{i}?page=2"))
