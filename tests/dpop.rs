@@ -519,3 +519,18 @@ async fn a_refresh_refused_once_for_its_proof_is_sent_again_not_dropped() {
     assert_eq!(state.refusals(), ["token: nonce", "token: refused"]);
     assert_eq!(source.stats().refreshes, 1, "{:?}", source.stats());
 }
+
+/// World: a client without DPoP at a server that requires it (it answers a request
+/// without a proof `invalid_dpop_proof`, as Okta does). Proves: that is a refused login,
+/// as permanent as any (the client must be configured), not a proof problem to retry.
+#[tokio::test]
+async fn a_client_without_dpop_at_a_server_requiring_it_is_refused_for_good() {
+    let (_, token_url, _) = world().await;
+    let plain = TokenSource::new(
+        TokenRequest::oauth2_client_credentials(&token_url, "dpop-client", "dpop-secret").unwrap(),
+    )
+    .client(token_client());
+    let err = fetch(&plain).await.unwrap_err();
+    assert_eq!(err.oauth_error(), Some("invalid_dpop_proof"));
+    assert!(err.is_grant_rejected());
+}

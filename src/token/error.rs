@@ -61,6 +61,8 @@ pub struct TokenError {
     endpoint: Option<Box<str>>,
     /// The answer could not be read whole (too large): what the server did is unknown.
     unread: bool,
+    /// The request carried a DPoP proof: a proof error refuses the proof, not the grant.
+    proof_sent: bool,
     source: Option<BoxError>,
 }
 
@@ -75,6 +77,7 @@ impl TokenError {
             retry_after: None,
             endpoint: None,
             unread: false,
+            proof_sent: false,
             source: None,
         }
     }
@@ -149,6 +152,13 @@ impl TokenError {
     /// Marks an answer that could not be read whole: its outcome is unknown.
     pub(crate) fn unread(mut self) -> Self {
         self.unread = true;
+        self
+    }
+
+    /// The request this answers carried a DPoP proof.
+    #[cfg_attr(not(feature = "jwt"), allow(dead_code))]
+    pub(crate) fn proof_sent(mut self, sent: bool) -> Self {
+        self.proof_sent = sent;
         self
     }
 
@@ -234,12 +244,15 @@ impl TokenError {
         if self.kind != TokenErrorKind::Rejected {
             return false;
         }
-        // A DPoP proof refused, or a nonce asked for (RFC 9449 §5, §8): the grant was
-        // not looked at.
-        if matches!(
-            self.oauth_error.as_deref(),
-            Some("use_dpop_nonce" | "invalid_dpop_proof")
-        ) {
+        // A DPoP proof the request carried refused, or a nonce asked for (RFC 9449 §5,
+        // §8): the grant was not looked at. Without a proof sent, the same answer says
+        // the client must use DPoP: as refused as any grant.
+        if self.proof_sent
+            && matches!(
+                self.oauth_error.as_deref(),
+                Some("use_dpop_nonce" | "invalid_dpop_proof")
+            )
+        {
             return false;
         }
         match self.status {

@@ -1032,10 +1032,13 @@ impl Exchange {
             // A server may echo the proof too.
             #[cfg(feature = "jwt")]
             sent.extend(proof);
-            let err = parse_error_body(status, body)
-                .scrub(&sent)
-                .retry_after(retry_after)
-                .endpoint(request.url());
+            #[allow(unused_mut)]
+            let mut err = parse_error_body(status, body).scrub(&sent);
+            #[cfg(feature = "jwt")]
+            {
+                err = err.proof_sent(target.is_some());
+            }
+            let err = err.retry_after(retry_after).endpoint(request.url());
             if !error_in_success {
                 return Err(err);
             }
