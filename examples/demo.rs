@@ -231,7 +231,9 @@ async fn style_e() -> [Row; 3] {
     let (rotate, reissue) = (pat.clone(), api.clone());
     let events = vec![at(1.5, move || {
         // The user issues a new token and the app swaps it in; the old one is revoked.
-        rotate.rotate(Credential::bearer("pat_2").expect("a token"));
+        rotate
+            .rotate(Credential::bearer("pat_2").expect("a token"))
+            .expect("a bearer token rotates");
         reissue.reissue("pat_2");
     })];
     let cookie = StaticCredential::cookie("session", "c00k1e").expect("a cookie");

@@ -57,7 +57,7 @@ async fn call_the_api(api: &str, user_reissues_the_token: impl FnOnce()) -> Resu
     );
     // From an admin endpoint, a file watcher, a secret manager's push...: `rotate` swaps
     // the credential in every cache that uses `pat`; no fetch happens.
-    pat.rotate(Credential::bearer("pat_new")?);
+    pat.rotate(Credential::bearer("pat_new")?)?;
     println!(
         "after rotate():   {}",
         bearer.clone().oneshot(get("/api/me")?).await?.status()

@@ -78,9 +78,15 @@ impl Target {
     }
 }
 
+/// The mark of a request that carries a proof this crate made: a redirect policy below
+/// the layer follows no redirect of it (a proof is good for one request), whatever
+/// `DPoP` header a caller may have set itself.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Proved;
+
 /// Adds the proof for `request` to it, when `credential` is bound to a key (called once
-/// the credential's own headers are attached). Out of line: the hot path only checks
-/// whether there is a binding.
+/// the credential's own headers are attached), and marks it [`Proved`]. Out of line: the
+/// hot path only checks whether there is a binding.
 #[cold]
 #[inline(never)]
 pub(crate) fn prove<B>(binding: &dyn Binding, request: &mut Request<B>) -> Result<(), Error> {
@@ -93,6 +99,7 @@ pub(crate) fn prove<B>(binding: &dyn Binding, request: &mut Request<B>) -> Resul
         .headers_mut()
         .try_insert(DPOP, proof)
         .map_err(crate::policy::headers_full)?;
+    request.extensions_mut().insert(Proved);
     Ok(())
 }
 

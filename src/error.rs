@@ -325,8 +325,12 @@ impl StdError for Error {
     }
 }
 
-/// A credential could not be built: a value holds characters a header cannot carry,
-/// or a required part is empty.
+/// Why a credential bound to a key is refused where binding was not declared.
+pub(crate) const UNDECLARED_BINDING: &str = "a credential bound to a key (DPoP) given to a source that does not bind credentials: its CredentialSource::binds_credentials must return true";
+
+/// A credential could not be built or handed in: a value holds characters a header
+/// cannot carry, a required part is empty, or it is bound to a key where binding was not
+/// declared.
 ///
 /// The message names the part that is wrong, never its value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

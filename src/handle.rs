@@ -3,7 +3,7 @@
 
 use std::{fmt, sync::Weak};
 
-use crate::credential::Credential;
+use crate::{credential::Credential, error::InvalidCredential};
 
 /// A handle to a cache that replaces or invalidates its credential from outside the
 /// request path. Given to [`CredentialSource::attach`](crate::CredentialSource::attach); it does not keep the cache alive.
@@ -23,14 +23,16 @@ impl CacheHandle {
     }
 
     /// Makes `credential` the current one at once, ahead of any refresh in flight.
-    /// Returns `false` if the cache is gone.
-    pub fn replace(&self, credential: Credential) -> bool {
+    /// Returns `Ok(false)` if the cache is gone.
+    ///
+    /// # Errors
+    /// A credential bound to a key (DPoP) when the cache's source does not say it binds
+    /// ([`CredentialSource::binds_credentials`](crate::CredentialSource::binds_credentials)):
+    /// the cache keeps what it had.
+    pub fn replace(&self, credential: Credential) -> Result<bool, InvalidCredential> {
         match self.inner.upgrade() {
-            Some(sink) => {
-                sink.replace(credential);
-                true
-            }
-            None => false,
+            Some(sink) => sink.replace(credential).map(|()| true),
+            None => Ok(false),
         }
     }
 
@@ -72,7 +74,7 @@ impl fmt::Debug for CacheHandle {
 
 /// What a handle does to its cache; implemented by the cache.
 pub(crate) trait Sink: Send + Sync {
-    fn replace(&self, credential: Credential);
+    fn replace(&self, credential: Credential) -> Result<(), InvalidCredential>;
     fn invalidate(&self);
     fn invalidate_if(&self, credential: &Credential) -> bool;
 }

@@ -55,8 +55,9 @@ pub struct SameOriginCredentials<P = Standard> {
     /// The first request's URI: where the credential was meant to go. `FollowRedirect`
     /// clones the policy for each request, so this is per request.
     first: Option<Uri>,
-    /// Whether the first request carried a DPoP proof: a proof names one request, so no
-    /// hop below the layer can carry one, and the redirect is handed back instead.
+    /// Whether the first request carried a DPoP proof the layer made: a proof names one
+    /// request, so no hop below the layer can carry one, and the redirect is handed back
+    /// instead.
     proved: bool,
 }
 
@@ -92,7 +93,7 @@ impl<B, E, P: Policy<B, E>> Policy<B, E> for SameOriginCredentials<P> {
         self.inner.on_request(request);
         let Some(first) = &self.first else {
             self.first = Some(request.uri().clone());
-            self.proved = request.headers().contains_key(crate::bound::DPOP);
+            self.proved = request.extensions().get::<crate::bound::Proved>().is_some();
             return;
         };
         // A DPoP proof names one request's method and URI and is good for one use: no

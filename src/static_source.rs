@@ -14,7 +14,7 @@
 //! let pat = RotatingCredential::new(Credential::bearer("pat_old")?);
 //! let layer = AuthLayer::new(pat.clone()).origin("https://api.example.com")?;
 //! // Later, from an admin endpoint or a config watcher:
-//! pat.rotate(Credential::bearer("pat_new")?);
+//! pat.rotate(Credential::bearer("pat_new")?)?;
 //! # let _ = (api_key, layer);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -95,9 +95,15 @@ impl CredentialSource for StaticCredential {
 ///
 /// [`rotate`](RotatingCredential::rotate) takes effect on the next request through every
 /// cache this source is attached to, including requests already waiting for a credential.
+///
+/// Made with a credential bound to a key (a DPoP token, see
+/// [`CredentialSource::binds_credentials`]), it binds: each request gets a proof for its
+/// whole URI, and it may be rotated to another bound credential. Made with any other
+/// credential, it refuses a bound one.
 #[derive(Clone)]
 pub struct RotatingCredential {
     shared: Arc<Mutex<Rotating>>,
+    binds: bool,
 }
 
 struct Rotating {
@@ -109,6 +115,7 @@ impl RotatingCredential {
     /// Starts with `credential`.
     pub fn new(credential: Credential) -> Self {
         RotatingCredential {
+            binds: credential.is_bound(),
             shared: Arc::new(Mutex::new(Rotating {
                 current: credential,
                 caches: Vec::new(),
@@ -117,12 +124,29 @@ impl RotatingCredential {
     }
 
     /// Replaces the credential; every attached cache switches to it at once.
-    pub fn rotate(&self, credential: Credential) {
+    ///
+    /// # Errors
+    /// A credential bound to a key when this source was made with one that is not: the
+    /// layers it is attached to were built for credentials without proofs. The credential
+    /// served is unchanged.
+    pub fn rotate(&self, credential: Credential) -> Result<(), InvalidCredential> {
+        if credential.is_bound() && !self.binds {
+            return Err(InvalidCredential::new(crate::error::UNDECLARED_BINDING));
+        }
         let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
         shared.current = credential.clone();
         shared
             .caches
-            .retain(|cache| cache.replace(credential.clone()));
+            .retain(|cache| match cache.replace(credential.clone()) {
+                Ok(alive) => alive,
+                Err(e) => {
+                    // A cache over a wrapper of this source that does not pass on
+                    // `binds_credentials`: it keeps what it had.
+                    tracing::warn!(error = %e, "a cache refused the rotated credential");
+                    true
+                }
+            });
+        Ok(())
     }
 
     /// The credential currently served.
@@ -147,6 +171,10 @@ impl CredentialSource for RotatingCredential {
 
     fn refresh_mode(&self) -> RefreshMode {
         RefreshMode::ReactiveOnly
+    }
+
+    fn binds_credentials(&self) -> bool {
+        self.binds
     }
 
     fn attach(&self, cache: CacheHandle) {

@@ -162,7 +162,7 @@ async fn windows_come_from_the_issued_lifetime() {
         .clock(clock.clone())
         .build()
         .unwrap();
-    assert!(cache.handle().replace(late_in_life(&clock)));
+    assert!(cache.handle().replace(late_in_life(&clock)).unwrap());
     assert_eq!(cache.credential().await.unwrap(), bearer(1));
     assert_eq!(source.fetches(), 1);
 
@@ -199,7 +199,7 @@ async fn a_credential_without_an_issue_time_gets_a_floor() {
     let handed = Credential::bearer("no-issue-time")
         .unwrap()
         .expires_at(clock.now() + Duration::from_secs(20));
-    assert!(cache.handle().replace(handed.clone()));
+    assert!(cache.handle().replace(handed.clone()).unwrap());
     clock.advance(Duration::from_secs(9));
     assert_eq!(cache.credential().await.unwrap(), handed);
     clock.advance(Duration::from_secs(2));

@@ -534,3 +534,69 @@ async fn a_client_without_dpop_at_a_server_requiring_it_is_refused_for_good() {
     assert_eq!(err.oauth_error(), Some("invalid_dpop_proof"));
     assert!(err.is_grant_rejected());
 }
+
+/// World: DPoP tokens handed in from outside, by a `RotatingCredential` and by a cache's
+/// handle. Proves: a rotating source made with a bound credential says it binds, so the
+/// reqwest middleware proves for the whole URI (a path and a query below the root) and
+/// a rotation to a new bound token is used at once; a rotating source made with a bearer
+/// token, or a cache whose source does not bind, refuses a bound credential with a typed
+/// error and keeps serving what it had (it could not prove for the whole URI, and a
+/// store could not keep it); nothing was refused by the API.
+#[tokio::test]
+async fn credentials_handed_in_from_outside_keep_the_binding_rules() {
+    let (state, token_url, api) = world().await;
+    let key = DpopKey::generate().unwrap();
+    let tokens = source(&token_url, key);
+    let first = fetch(&tokens).await.unwrap();
+    let rotating = tower_client_auth::RotatingCredential::new(first);
+    assert!(rotating.binds_credentials());
+    let client = reqwest_client(rotating.clone(), &api);
+    let get = |i: u32| client.get(format!("{api}/v1/orders/{i}?page=2")).send();
+    assert_eq!(get(1).await.unwrap().status(), StatusCode::OK);
+    rotating.rotate(fetch(&tokens).await.unwrap()).unwrap();
+    assert_eq!(get(2).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(state.api_accepted.load(SeqCst), 2, "{:?}", state.refusals());
+    assert_eq!(state.issued.load(SeqCst), 2);
+
+    let bearer = tower_client_auth::RotatingCredential::new(
+        tower_client_auth::Credential::bearer("pat").unwrap(),
+    );
+    let cache = CredentialCache::new(bearer.clone());
+    let err = bearer.rotate(fetch(&tokens).await.unwrap()).unwrap_err();
+    assert!(err.to_string().contains("bound"), "{err}");
+    let pat = tower_client_auth::Credential::bearer("pat").unwrap();
+    assert_eq!(bearer.current(), pat);
+    let err = cache
+        .handle()
+        .replace(fetch(&tokens).await.unwrap())
+        .unwrap_err();
+    assert!(err.to_string().contains("bound"), "{err}");
+    assert_eq!(cache.credential().await.unwrap(), pat);
+}
+
+/// World: a token endpoint that asks for a nonce (`use_dpop_nonce`, 400) without giving
+/// one. Proves: the token request is not sent again (a resend could carry no nonce),
+/// and the error says what the server said.
+#[tokio::test]
+async fn a_token_endpoint_asking_for_a_nonce_without_one_is_not_asked_again() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let idp = support::serve(move |_req| {
+        let seen = seen.clone();
+        async move {
+            seen.fetch_add(1, SeqCst);
+            support::providers::reply(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "use_dpop_nonce"}),
+            )
+        }
+    })
+    .await;
+    let tokens = source(
+        &format!("http://{idp}/oauth2/token"),
+        DpopKey::generate().unwrap(),
+    );
+    let err = fetch(&tokens).await.unwrap_err();
+    assert_eq!(err.oauth_error(), Some("use_dpop_nonce"), "{err}");
+    assert_eq!(calls.load(SeqCst), 1);
+}

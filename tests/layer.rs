@@ -155,7 +155,7 @@ async fn a_long_lived_clone_sees_every_change() {
 
     // Replaced from elsewhere: used at once, without a fetch.
     let replacement = tower_client_auth::Credential::bearer("pushed").unwrap();
-    assert!(layer.cache().handle().replace(replacement));
+    assert!(layer.cache().handle().replace(replacement).unwrap());
     kept.ready().await.unwrap();
     let call = send(&mut kept);
     expect(&mut api, "Bearer pushed", 200).await;
@@ -719,7 +719,7 @@ async fn shared_sources_keep_their_own_behaviour() {
     let call = tokio::spawn(svc.clone().oneshot(get("/")));
     assert_eq!(answer(&mut api, 200).await, "Bearer old");
     call.await.unwrap().unwrap();
-    rotating.rotate(Credential::bearer("new").unwrap());
+    rotating.rotate(Credential::bearer("new").unwrap()).unwrap();
     let call = tokio::spawn(svc.oneshot(get("/")));
     assert_eq!(answer(&mut api, 200).await, "Bearer new");
     call.await.unwrap().unwrap();

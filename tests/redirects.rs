@@ -397,3 +397,30 @@ async fn a_layer_given_no_origin_sends_nothing() {
     );
     assert!(world.api.take().is_empty(), "a request was sent");
 }
+
+/// World: `FollowRedirect` below a layer with a bearer credential, and a request that
+/// carries a `DPoP` header the caller made itself (a mechanism of its own the layer does
+/// not know). Proves: only a proof the layer made stops redirects; this request follows
+/// a same-origin redirect with its credential, as any other does.
+#[tokio::test]
+async fn a_dpop_header_the_caller_made_does_not_stop_redirects() {
+    let world = World::new().await;
+    let layer = AuthLayer::new(StaticCredential::bearer(SECRET).unwrap())
+        .origin(world.origin())
+        .unwrap()
+        .allow_http_loopback(true);
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(FollowRedirectLayer::with_policy(
+            SameOriginCredentials::new(),
+        ))
+        .service(api_client());
+    for (what, url, same) in world.redirects().into_iter().filter(|c| c.2) {
+        let mut request = get(&url);
+        request
+            .headers_mut()
+            .insert("dpop", HeaderValue::from_static("made-by-the-caller"));
+        svc.clone().oneshot(request).await.unwrap();
+        world.check(&format!("own DPoP header: {what}"), same);
+    }
+}

@@ -330,7 +330,7 @@ async fn rotated_token_takes_effect_on_next_request() {
         .layer(api.service());
     let res = svc.clone().oneshot(get("/")).await.unwrap();
     assert_eq!(token(&res, &api), "Bearer pat-1");
-    pat.rotate(Credential::bearer("pat-2").unwrap());
+    pat.rotate(Credential::bearer("pat-2").unwrap()).unwrap();
     let res = svc.clone().oneshot(get("/")).await.unwrap();
     assert_eq!(token(&res, &api), "Bearer pat-2");
 }

@@ -182,7 +182,7 @@ async fn retry_outside_auth_sends_a_fresh_header_on_every_attempt() {
     let rotate = pat.clone();
     let (base, log) = server(move |_, auth, attempt| {
         if attempt == 1 {
-            rotate.rotate(Credential::bearer("new").unwrap());
+            rotate.rotate(Credential::bearer("new").unwrap()).unwrap();
             return StatusCode::SERVICE_UNAVAILABLE;
         }
         if auth == "Bearer new" {

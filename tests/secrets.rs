@@ -249,7 +249,8 @@ async fn tracing_output_never_carries_the_secret() {
         .any_https_origin()
         .layer(api.service());
     rotating.clone().oneshot(get("/")).await.unwrap();
-    pat.rotate(Credential::bearer(format!("{CANARY}-rotated")).unwrap());
+    pat.rotate(Credential::bearer(format!("{CANARY}-rotated")).unwrap())
+        .unwrap();
     rotating.oneshot(get("/")).await.unwrap();
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();

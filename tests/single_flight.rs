@@ -142,7 +142,7 @@ async fn no_entry_point_runs_two_fetches_at_once() {
                         let c = Credential::bearer("pushed")
                             .unwrap()
                             .expires_in(Duration::from_millis(100));
-                        handle.replace(c);
+                        handle.replace(c).unwrap();
                         counts[2].fetch_add(1, Ordering::Relaxed);
                     }
                     _ => {
@@ -284,7 +284,7 @@ async fn a_superseded_fetchs_failure_does_not_back_off_the_cache() {
         settle().await;
         let pushed = Credential::bearer("pushed").unwrap();
         let second = if by_replace {
-            assert!(cache.handle().replace(pushed.clone()));
+            assert!(cache.handle().replace(pushed.clone()).unwrap());
             None
         } else {
             assert!(cache.handle().invalidate());
@@ -494,7 +494,7 @@ async fn a_handed_over_credential_gone_stale_does_not_supersede_a_fetch() {
         let pushed = Credential::bearer("pushed")
             .unwrap()
             .expires_in(Duration::from_millis(100));
-        assert!(cache.handle().replace(pushed.clone()));
+        assert!(cache.handle().replace(pushed.clone()).unwrap());
         tokio::time::sleep(Duration::from_millis(200)).await;
         let late = ask(&cache);
         settle().await;

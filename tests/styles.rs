@@ -465,7 +465,7 @@ async fn style_e_static_cookie_secret_and_rotation() {
         401,
         "old token revoked"
     );
-    pat.rotate(Credential::bearer("pat_2").unwrap());
+    pat.rotate(Credential::bearer("pat_2").unwrap()).unwrap();
     assert_eq!(get(&svc, format!("{base}/api/me")).await.unwrap(), 200);
 }
 

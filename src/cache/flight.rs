@@ -928,9 +928,9 @@ async fn checked_fetch<P: CredentialSource>(
     if credential.is_bound() && !inner.source.binds_credentials() {
         // The reqwest middleware would prove for the origin alone, and a store would be
         // handed what it cannot keep.
-        return Err(Error::new(ErrorKind::InvalidCredential).with_detail(
-            "the source returned a credential bound to a key (DPoP) without saying so: its CredentialSource::binds_credentials must return true",
-        ));
+        return Err(
+            Error::new(ErrorKind::InvalidCredential).with_detail(crate::error::UNDECLARED_BINDING)
+        );
     }
     tracing::debug!(
         expires_in_s = credential

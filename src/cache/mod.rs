@@ -85,7 +85,7 @@ use tokio::time::Instant;
 
 use crate::{
     credential::Credential,
-    error::Error,
+    error::{Error, InvalidCredential},
     handle::Sink,
     source::{CredentialSource, RefreshMode},
 };
@@ -372,7 +372,10 @@ fn keep_warm<P: CredentialSource>(cache: &Weak<Inner<P>>, generation: u64) {
 }
 
 impl<P: CredentialSource> Sink for Inner<P> {
-    fn replace(&self, credential: Credential) {
+    fn replace(&self, credential: Credential) -> Result<(), InvalidCredential> {
+        if credential.is_bound() && !self.source.binds_credentials() {
+            return Err(InvalidCredential::new(crate::error::UNDECLARED_BINDING));
+        }
         let mut state = self.lock_state();
         // A fetch in flight started before this value existed: its result must not win,
         // and its failure is its own waiters' only.
@@ -382,6 +385,7 @@ impl<P: CredentialSource> Sink for Inner<P> {
         state.last_error = None;
         tracing::debug!("credential replaced from outside");
         self.install(&mut state, credential, Instant::now());
+        Ok(())
     }
 
     fn invalidate_if(&self, credential: &Credential) -> bool {

@@ -179,7 +179,7 @@ mod tests {
         assert_eq!(seen(&mut view), None);
         cache.credential().await.unwrap();
         assert_eq!(seen(&mut view), Some(bearer("one")));
-        rotating.rotate(bearer("two"));
+        rotating.rotate(bearer("two")).unwrap();
         assert_eq!(seen(&mut view), Some(bearer("two")));
         assert_eq!(seen(&mut early), Some(bearer("two")));
         assert_eq!(seen(&mut view.clone()), Some(bearer("two")));

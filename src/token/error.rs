@@ -63,6 +63,8 @@ pub struct TokenError {
     unread: bool,
     /// The request carried a DPoP proof: a proof error refuses the proof, not the grant.
     proof_sent: bool,
+    /// The answer carried a nonce (`DPoP-Nonce`) that was kept for the next proof.
+    nonce_given: bool,
     source: Option<BoxError>,
 }
 
@@ -78,6 +80,7 @@ impl TokenError {
             endpoint: None,
             unread: false,
             proof_sent: false,
+            nonce_given: false,
             source: None,
         }
     }
@@ -160,6 +163,19 @@ impl TokenError {
     pub(crate) fn proof_sent(mut self, sent: bool) -> Self {
         self.proof_sent = sent;
         self
+    }
+
+    /// The answer carried a nonce that was kept for the next proof.
+    #[cfg_attr(not(feature = "jwt"), allow(dead_code))]
+    pub(crate) fn nonce_given(mut self, given: bool) -> Self {
+        self.nonce_given = given;
+        self
+    }
+
+    /// Whether a new proof would differ from the refused one by a nonce the server gave.
+    #[cfg_attr(not(feature = "jwt"), allow(dead_code))]
+    pub(crate) fn gave_nonce(&self) -> bool {
+        self.nonce_given
     }
 
     pub(crate) fn retry_after(mut self, retry_after: Option<Duration>) -> Self {

@@ -948,11 +948,11 @@ impl Exchange {
         }
     }
 
-    /// [`send`](Self::send) to the request's own URL. With DPoP, a `use_dpop_nonce` or
-    /// `invalid_dpop_proof` answer (RFC 9449 §8, §5) is a request the server refused
-    /// before acting on it: it goes once more, with a new proof (and the nonce the answer
-    /// gave), since a proof can fail for a reason of its own (a nonce rotated between
-    /// the two, a clock step at `iat`).
+    /// [`send`](Self::send) to the request's own URL. With DPoP, a `use_dpop_nonce` (with
+    /// a nonce) or `invalid_dpop_proof` answer (RFC 9449 §8, §5) is a request the server
+    /// refused before acting on it: it goes once more, with a new proof (and the nonce the
+    /// answer gave), since a proof can fail for a reason of its own (a nonce rotated
+    /// between the two, a clock step at `iat`).
     async fn send_to(
         &self,
         request: &TokenRequest,
@@ -961,12 +961,14 @@ impl Exchange {
         match self.send_once(request, extra).await {
             // A 4xx only: a 5xx leaves the outcome unknown (a refresh token in it may
             // have been spent), whatever its body says.
+            // A nonce asked for without one given: a resend could carry none.
             Err(e)
                 if self.dpop_enabled()
-                    && matches!(
-                        e.oauth_error(),
-                        Some("use_dpop_nonce" | "invalid_dpop_proof")
-                    )
+                    && match e.oauth_error() {
+                        Some("use_dpop_nonce") => e.gave_nonce(),
+                        Some("invalid_dpop_proof") => true,
+                        _ => false,
+                    }
                     && e.status().is_some_and(|s| s.is_client_error()) =>
             {
                 tracing::debug!(
@@ -1011,13 +1013,16 @@ impl Exchange {
             .await
             .map_err(|e| e.endpoint(request.url()))?;
         #[cfg(feature = "jwt")]
-        if let (Some(key), Some(target), Some(nonce)) = (
+        let nonce_given = match (
             &self.dpop,
             &target,
             answer.response.headers().get(crate::bound::DPOP_NONCE),
         ) {
-            key.keep_nonce(&target.origin, true, nonce.as_bytes());
-        }
+            (Some(key), Some(target), Some(nonce)) => {
+                key.keep_nonce(&target.origin, true, nonce.as_bytes())
+            }
+            _ => false,
+        };
         let response = &answer.response;
         let (status, body) = (response.status(), response.body());
         let content_type = TokenClient::content_type(response);
@@ -1036,7 +1041,7 @@ impl Exchange {
             let mut err = parse_error_body(status, body).scrub(&sent);
             #[cfg(feature = "jwt")]
             {
-                err = err.proof_sent(target.is_some());
+                err = err.proof_sent(target.is_some()).nonce_given(nonce_given);
             }
             let err = err.retry_after(retry_after).endpoint(request.url());
             if !error_in_success {
