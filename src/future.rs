@@ -209,6 +209,21 @@ where
         if let Err(err) = policy.check_transport(req.uri()) {
             return Self::refused(inner, err);
         }
+        Self::start_allowed(inner, cache, policy, req, usable, cache_ref)
+    }
+
+    /// [`start`](Self::start) for a request its caller found in scope and on an allowed
+    /// transport: the reqwest middleware reads both off the reqwest URL it has already
+    /// parsed, where an `http::Uri` would be parsed again per request.
+    #[inline(always)]
+    pub(crate) fn start_allowed<E: std::ops::Deref<Target = Entry>>(
+        inner: &mut S,
+        cache: &CredentialCache<P>,
+        policy: &Policy,
+        req: Request<B>,
+        usable: impl FnOnce() -> Result<E, Acquire>,
+        cache_ref: impl FnOnce() -> CacheRef<P>,
+    ) -> Self {
         match usable() {
             Ok(current) => {
                 // A credential that cannot change needs no way back to the cache.

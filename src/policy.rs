@@ -139,6 +139,17 @@ impl Policy {
         self.check_transport_slow(uri.scheme_str(), uri.host())
     }
 
+    /// [`check_transport`](Self::check_transport) for a URI given as its scheme and host
+    /// (a reqwest URL's; the host of an IPv6 address in brackets).
+    #[cfg(feature = "reqwest")]
+    #[inline]
+    pub(crate) fn check_transport_of(&self, scheme: &str, host: Option<&str>) -> Result<(), Error> {
+        if scheme == "https" {
+            return Ok(());
+        }
+        self.check_transport_slow(Some(scheme), host)
+    }
+
     #[cold]
     #[inline(never)]
     fn check_transport_slow(&self, scheme: Option<&str>, host: Option<&str>) -> Result<(), Error> {

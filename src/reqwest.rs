@@ -225,6 +225,22 @@ impl<P: CredentialSource> AuthMiddleware<P> {
 
     request_rules!();
 
+    /// The rules `ResponseFuture::start` applies to a request's URI, in its order, applied
+    /// to a reqwest URL (scheme and authority as reqwest parsed them; a scope without
+    /// paths): `Ok(true)` the credential goes, `Ok(false)` another origin (the request
+    /// goes as it is), `Err` refused (no origin given, or the transport).
+    fn gate(&self, url: &reqwest::Url) -> Result<bool, crate::Error> {
+        let Some(scope) = self.scope.as_deref() else {
+            return Err(crate::Error::new(crate::ErrorKind::NoOrigin));
+        };
+        if !scope.allows_origin(url.scheme(), url.authority()) {
+            return Ok(false);
+        }
+        self.policy
+            .check_transport_of(url.scheme(), url.host_str())
+            .map(|()| true)
+    }
+
     replay_rules!();
 
     /// Whether a rejected request is replayed once with the new credential (default
@@ -357,23 +373,6 @@ fn copy_for_replay(shell: &reqwest::Request) -> reqwest::Request {
     copy
 }
 
-/// What the state machine reads of a reqwest URL: its scheme and authority (the origin
-/// rules and the transport rule look at nothing else, unless a user's `origin_matching`
-/// predicate is given the whole URI). The URL itself stays in the shell and is what
-/// reqwest sends, so its path is not parsed a second time.
-fn origin_uri(url: &reqwest::Url) -> Result<http::Uri, http::Error> {
-    let scheme = match url.scheme() {
-        "https" => http::uri::Scheme::HTTPS,
-        "http" => http::uri::Scheme::HTTP,
-        other => http::uri::Scheme::try_from(other)?,
-    };
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(scheme);
-    parts.authority = Some(http::uri::Authority::try_from(url.authority())?);
-    parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-    Ok(http::Uri::from_parts(parts)?)
-}
-
 /// The reqwest response, with what the state machine said about it (a `NotReplayed`).
 fn into_reqwest(res: http::Response<reqwest::Response>) -> reqwest::Response {
     let (mut parts, mut res) = res.into_parts();
@@ -433,14 +432,17 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
             Some(body) => (BodyKind::Stream, body),
         };
         // A proof of possession (DPoP) names the whole URI, as does an origin rule that
-        // reads paths; the common case needs the origin alone.
+        // reads paths: the state machine gets it and applies its rules to it. The common
+        // case needs the origin alone, which the reqwest URL has parsed already: the
+        // rules are applied to it here, and the state machine's URI is never read.
         let binds = self.cache.source().binds_credentials();
-        let uri = if binds || self.scope.as_ref().is_some_and(|s| s.reads_paths()) {
-            http::Uri::try_from(shell.url().as_str()).map_err(http::Error::from)
+        let (uri, gate) = if binds || self.scope.as_ref().is_some_and(|s| s.reads_paths()) {
+            let uri = http::Uri::try_from(shell.url().as_str())
+                .map_err(|err| reqwest_middleware::Error::middleware(Opaque(err.into())))?;
+            (uri, None)
         } else {
-            origin_uri(shell.url())
+            (http::Uri::default(), Some(self.gate(shell.url())))
         };
-        let uri = uri.map_err(|err| reqwest_middleware::Error::middleware(Opaque(err.into())))?;
         let mut req = http::Request::new(body);
         *req.method_mut() = shell.method().clone();
         *req.uri_mut() = uri;
@@ -464,15 +466,27 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         // The layer's request path over this middleware's own parts (`Rest` is always
         // ready): the cache is read through its shared slot, and only a replayable
         // request takes a reference to it.
-        let future = ResponseFuture::start(
-            &mut rest,
-            &self.cache,
-            &self.policy,
-            self.scope.as_deref(),
-            req,
-            || self.cache.current(),
-            || CacheRef::Shared(self.cache.clone()),
-        );
+        let future = match gate {
+            None => ResponseFuture::start(
+                &mut rest,
+                &self.cache,
+                &self.policy,
+                self.scope.as_deref(),
+                req,
+                || self.cache.current(),
+                || CacheRef::Shared(self.cache.clone()),
+            ),
+            Some(Err(err)) => ResponseFuture::refused(&mut rest, err),
+            Some(Ok(false)) => ResponseFuture::passthrough(&mut rest, req),
+            Some(Ok(true)) => ResponseFuture::start_allowed(
+                &mut rest,
+                &self.cache,
+                &self.policy,
+                req,
+                || self.cache.current(),
+                || CacheRef::Shared(self.cache.clone()),
+            ),
+        };
         let res = future.await.map_err(into_middleware_error)?;
         Ok(into_reqwest(res))
     }

@@ -228,8 +228,7 @@ impl Origin {
     /// Whether `uri` (scheme, authority) is this origin. No allocation and no parsing:
     /// it runs for every request through a scoped layer.
     #[inline]
-    fn matches(&self, scheme: &str, authority: &http::uri::Authority) -> bool {
-        let named = authority.as_str();
+    fn matches(&self, scheme: &str, named: &str) -> bool {
         self.scheme.eq_ignore_ascii_case(scheme)
             && self.authorities.iter().any(|a| {
                 // Exact bytes first (hosts are usually written in lower case).
@@ -315,6 +314,22 @@ impl Scope {
         !self.predicates.is_empty()
     }
 
+    /// Whether one of the given origins is `scheme://authority`, the authority as the
+    /// request names it (with a port, userinfo, upper case, as it came).
+    fn names(&self, scheme: &str, authority: &str) -> bool {
+        self.origins.iter().any(|o| o.matches(scheme, authority))
+    }
+
+    /// [`allows`](Self::allows) for a request whose URI is absolute (`scheme://authority`
+    /// given apart, as a reqwest URL has them parsed) and whose scope reads no paths
+    /// ([`reads_paths`](Self::reads_paths) is `false`) and that is no hop of a redirect
+    /// policy's (which only `FollowRedirect` marks): the same rule, on the text alone.
+    #[cfg(feature = "reqwest")]
+    pub(crate) fn allows_origin(&self, scheme: &str, authority: &str) -> bool {
+        debug_assert!(!self.reads_paths());
+        self.any || self.names(scheme, authority)
+    }
+
     /// Whether a request to `uri` gets the credential. A URI without a scheme or host
     /// (set below the layer, as a tonic channel does) is in scope only when
     /// `relative_in_scope`.
@@ -334,7 +349,7 @@ impl Scope {
                     && extensions
                         .get::<RedirectedFrom>()
                         .is_none_or(|from| same_origin(&from.0, uri)))
-                    || self.origins.iter().any(|o| o.matches(scheme, authority))
+                    || self.names(scheme, authority.as_str())
                     || self.predicates.iter().any(|p| p(uri))
             }
             // Under `any_https_origin` a relative URI is in scope too, and so meets the
@@ -395,5 +410,55 @@ mod tests {
         let scope = Scope::default().with_origin(local);
         assert!(scope.allows(&"http://127.0.0.1:8080/a".parse().unwrap(), &none, false));
         assert!(!scope.allows(&"http://127.0.0.1:8081/a".parse().unwrap(), &none, false));
+    }
+}
+
+/// The reqwest middleware applies the origin rule to the URL reqwest parsed: the same
+/// answer as the rule over that URL as an `http::Uri`.
+#[cfg(all(test, feature = "reqwest"))]
+mod reqwest_tests {
+    use super::*;
+
+    #[test]
+    fn the_origin_rule_reads_a_reqwest_url_as_it_reads_a_uri() {
+        let one = Scope::default().with_origin("https://API.example.com".parse().unwrap());
+        let two = one
+            .clone()
+            .with_origin("http://127.0.0.1:8080".parse().unwrap())
+            .with_origin("https://[::1]:8443".parse().unwrap());
+        let any = Scope {
+            any: true,
+            ..Scope::default()
+        };
+        let none = http::Extensions::new();
+        for url in [
+            "https://api.example.com/v1/x?q=1",
+            "HTTPS://API.EXAMPLE.COM:443/",
+            "https://api.example.com:8443/",
+            "http://api.example.com/",
+            "https://user@api.example.com/",
+            "https://user:pw@api.example.com/",
+            "https://api.example.com.evil.test/",
+            "https://evil.test/?https://api.example.com",
+            "http://127.0.0.1:8080/a",
+            "http://127.0.0.1:80/a",
+            "http://127.0.0.1/a",
+            "https://[::1]:8443/",
+            "https://[0:0:0:0:0:0:0:1]:8443/",
+            "https://[::1]/",
+            "wss://api.example.com/",
+        ] {
+            let parsed = reqwest::Url::parse(url).unwrap();
+            // The URL as reqwest sends it (its parser canonicalises: lower case, no
+            // default port, IPv6 compressed), which the slow path parses as a `Uri`.
+            let uri: Uri = parsed.as_str().parse().unwrap();
+            for (name, scope) in [("one", &one), ("two", &two), ("any", &any)] {
+                assert_eq!(
+                    scope.allows_origin(parsed.scheme(), parsed.authority()),
+                    scope.allows(&uri, &none, false),
+                    "{name}: {url}"
+                );
+            }
+        }
     }
 }
