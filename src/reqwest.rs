@@ -308,47 +308,15 @@ impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
     }
 
     fn call(&mut self, req: http::Request<ReplayBody<reqwest::Body>>) -> Self::Future {
+        // Everything but the sending is done here, so that the boxed future holds the
+        // reqwest request alone (not the `http` one it is made from).
+        let out = self.attempt(req);
         let next = self.next.clone();
         let extensions = self.extensions;
-        let shell = {
-            let mut slot = self
-                .shell
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let shell = slot.take();
-            if self.replayable {
-                *slot = shell.as_ref().map(copy_for_replay);
-            }
-            shell
-        };
-        let kind = self.body;
         let judge = self.judge;
         let binds = self.binds;
         Box::pin(async move {
-            let Some(mut out) = shell else {
-                return Err(reqwest_middleware::Error::middleware(Opaque(
-                    "a request was sent more often than planned".into(),
-                )));
-            };
-            // The state machine changes headers only (method and URI are the shell's).
-            let (parts, body) = req.into_parts();
-            *out.headers_mut() = parts.headers;
-            *out.body_mut() = match kind {
-                BodyKind::None => None,
-                // Read through the replay body now (it records as it is read, so a
-                // replay stays possible) and hand reqwest bytes again. An in-memory body
-                // is ready at once; anything else is a bug.
-                BodyKind::InMemory => match body.collect().now_or_never() {
-                    Some(Ok(collected)) => Some(reqwest::Body::from(collected.to_bytes())),
-                    Some(Err(err)) => return Err(reqwest_middleware::Error::middleware(err)),
-                    None => {
-                        return Err(reqwest_middleware::Error::middleware(Opaque(
-                            "an in-memory request body was not ready".into(),
-                        )));
-                    }
-                },
-                BodyKind::Stream => Some(reqwest::Body::wrap(body)),
-            };
+            let out = out?;
             let mut extensions = extensions.lock().await;
             let res = next.run(out, &mut extensions).await?;
             let status = res.status();
@@ -360,6 +328,52 @@ impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
             }
             Ok(res)
         })
+    }
+}
+
+impl Rest<'_> {
+    /// The reqwest request of one attempt: the shell (or, for a replay, its copy) with
+    /// the state machine's headers and body.
+    fn attempt(
+        &self,
+        req: http::Request<ReplayBody<reqwest::Body>>,
+    ) -> Result<reqwest::Request, reqwest_middleware::Error> {
+        let shell = {
+            let mut slot = self
+                .shell
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let shell = slot.take();
+            if self.replayable {
+                *slot = shell.as_ref().map(copy_for_replay);
+            }
+            shell
+        };
+        let Some(mut out) = shell else {
+            return Err(reqwest_middleware::Error::middleware(Opaque(
+                "a request was sent more often than planned".into(),
+            )));
+        };
+        // The state machine changes headers only (method and URI are the shell's).
+        let (parts, body) = req.into_parts();
+        *out.headers_mut() = parts.headers;
+        *out.body_mut() = match self.body {
+            BodyKind::None => None,
+            // Read through the replay body now (it records as it is read, so a replay
+            // stays possible) and hand reqwest bytes again. An in-memory body is ready at
+            // once; anything else is a bug.
+            BodyKind::InMemory => match body.collect().now_or_never() {
+                Some(Ok(collected)) => Some(reqwest::Body::from(collected.to_bytes())),
+                Some(Err(err)) => return Err(reqwest_middleware::Error::middleware(err)),
+                None => {
+                    return Err(reqwest_middleware::Error::middleware(Opaque(
+                        "an in-memory request body was not ready".into(),
+                    )));
+                }
+            },
+            BodyKind::Stream => Some(reqwest::Body::wrap(body)),
+        };
+        Ok(out)
     }
 }
 

@@ -487,7 +487,10 @@ impl TokenSource {
 
     /// Sends the token with this `Authorization` scheme instead of `Bearer`, whatever the
     /// response's `token_type`. Without it, a `token_type` other than bearer is an error
-    /// (RFC 6749 §7.1: do not use a token type you do not understand).
+    /// (RFC 6749 §7.1: do not use a token type you do not understand). With
+    /// [`dpop`](Self::dpop), a token issued as `token_type: DPoP` is sent as RFC 9449
+    /// says, `Authorization: DPoP`, whatever this scheme is: a bound token under another
+    /// scheme would be refused.
     pub fn scheme(mut self, scheme: impl Into<String>) -> Self {
         self.scheme = Some(scheme.into());
         self
