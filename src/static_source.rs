@@ -81,9 +81,17 @@ impl CredentialSource for StaticCredential {
         Ok(self.credential.clone())
     }
 
-    /// A static credential cannot get any fresher: never refreshed, never replayed.
+    /// A static credential cannot get any fresher: never refreshed, never replayed with
+    /// another. One bound to a key (DPoP) is `ReactiveOnly`: a server's nonce request is
+    /// answered by sending the request again with a new proof, which needs the way back
+    /// to the cache a never-refreshed credential does without (a rejection fetches the
+    /// same credential again, and the answer is marked `SameCredential`).
     fn refresh_mode(&self) -> RefreshMode {
-        RefreshMode::Never
+        if self.credential.is_bound() {
+            RefreshMode::ReactiveOnly
+        } else {
+            RefreshMode::Never
+        }
     }
 
     fn binds_credentials(&self) -> bool {

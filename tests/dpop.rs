@@ -600,3 +600,36 @@ async fn a_token_endpoint_asking_for_a_nonce_without_one_is_not_asked_again() {
     assert_eq!(err.oauth_error(), Some("use_dpop_nonce"), "{err}");
     assert_eq!(calls.load(SeqCst), 1);
 }
+
+/// World: a DPoP token handed to a `StaticCredential`, at an API that demands a nonce
+/// before anything else (as Okta's do). Proves: the first request is sent once more with
+/// the nonce and the same token, through the Tower layer and through reqwest, as with a
+/// token source: a fixed credential is not fetched again, but its proof is made again.
+#[tokio::test]
+async fn a_fixed_dpop_credential_answers_a_nonce_request() {
+    let (state, token_url, api) = world().await;
+    let tokens = source(&token_url, DpopKey::generate().unwrap());
+    let fixed =
+        || async { tower_client_auth::StaticCredential::new(fetch(&tokens).await.unwrap()) };
+    let svc = AuthLayer::new(fixed().await)
+        .origin(api.as_str())
+        .unwrap()
+        .allow_http_loopback(true)
+        .layer(api_client());
+    let get = || {
+        Request::get(format!("{api}/v1/orders?page=2"))
+            .body(Full::default())
+            .unwrap()
+    };
+    assert_eq!(send(&svc, get()).await, (StatusCode::OK, None));
+    assert_eq!(send(&svc, get()).await, (StatusCode::OK, None));
+    let client = reqwest_client(fixed().await, &api);
+    let res = client
+        .get(format!("{api}/v1/orders/7"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(state.api_accepted.load(SeqCst), 3, "{:?}", state.refusals());
+    assert_eq!(state.issued.load(SeqCst), 2);
+}
