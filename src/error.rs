@@ -326,7 +326,7 @@ impl StdError for Error {
 }
 
 /// Why a credential bound to a key is refused where binding was not declared.
-pub(crate) const UNDECLARED_BINDING: &str = "a credential bound to a key (DPoP) given to a source that does not bind credentials: its CredentialSource::binds_credentials must return true";
+pub(crate) const UNDECLARED_BINDING: &str = "a credential bound to a key (DPoP) given to a source that does not bind credentials: its CredentialSource::binds_credentials must return true (a RotatingCredential binds when made with a bound credential)";
 
 /// A credential could not be built or handed in: a value holds characters a header
 /// cannot carry, a required part is empty, or it is bound to a key where binding was not

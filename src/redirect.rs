@@ -93,7 +93,7 @@ impl<B, E, P: Policy<B, E>> Policy<B, E> for SameOriginCredentials<P> {
         self.inner.on_request(request);
         let Some(first) = &self.first else {
             self.first = Some(request.uri().clone());
-            self.proved = request.extensions().get::<crate::bound::Proved>().is_some();
+            self.proved = proved(request);
             return;
         };
         // A DPoP proof names one request's method and URI and is good for one use: no
@@ -128,4 +128,22 @@ impl<B, E, P: Policy<B, E>> Policy<B, E> for SameOriginCredentials<P> {
     fn clone_body(&self, body: &B) -> Option<B> {
         self.inner.clone_body(body)
     }
+}
+
+/// Whether `request` carries a DPoP proof: the layer's mark, or (for a request rebuilt
+/// between the layer and `FollowRedirect`, which loses extensions) a `DPoP` header beside
+/// an `Authorization: DPoP` token. A `DPoP` header of the caller's own beside any other
+/// credential is not a proof of this crate's and stops nothing.
+fn proved<B>(request: &Request<B>) -> bool {
+    if request.extensions().get::<crate::bound::Proved>().is_some() {
+        return true;
+    }
+    let headers = request.headers();
+    headers.contains_key(crate::bound::DPOP)
+        && headers.get_all(header::AUTHORIZATION).iter().any(|value| {
+            value
+                .as_bytes()
+                .get(..5)
+                .is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"dpop "))
+        })
 }

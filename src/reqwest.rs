@@ -23,7 +23,9 @@
 //! `Authorization`, `Cookie` and `Proxy-Authorization` on a hop to another host, port or
 //! scheme: an API-key header or any other credential header would follow the redirect.
 //! Build the client with [`redirect_policy`], which follows a redirect only within the
-//! origin it starts from and hands any other back to the caller as it came:
+//! origin it starts from and hands any other back to the caller as it came (for DPoP,
+//! use `reqwest::redirect::Policy::none()` instead: a hop would carry the first
+//! request's proof):
 //!
 //! ```
 //! let client = reqwest::Client::builder()
@@ -140,6 +142,11 @@ pub const MAX_REDIRECTS: usize = 10;
 /// most [`MAX_REDIRECTS`] in a row, and stops at any other, handing that 3xx back to the
 /// caller as it came. reqwest removes only a few standard headers on a hop to another
 /// origin; with this policy there is no such hop. See the [module docs](self).
+///
+/// Not for a client whose middleware's source binds credentials (DPoP,
+/// [`CredentialSource::binds_credentials`]): a same-origin hop would carry the first
+/// request's proof, made for another URI (and a redirect policy cannot see that a request
+/// carries one). Build that client with `reqwest::redirect::Policy::none()`.
 pub fn redirect_policy() -> reqwest::redirect::Policy {
     reqwest::redirect::Policy::custom(|attempt| {
         let Some(previous) = attempt.previous().last() else {
@@ -226,9 +233,10 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     request_rules!();
 
     /// The rules `ResponseFuture::start` applies to a request's URI, in its order, applied
-    /// to a reqwest URL (scheme and authority as reqwest parsed them; a scope without
-    /// paths): `Ok(true)` the credential goes, `Ok(false)` another origin (the request
-    /// goes as it is), `Err` refused (no origin given, or the transport).
+    /// to a reqwest URL (scheme and authority as reqwest parsed them; a user's
+    /// `origin_matching` predicate is not asked): `Ok(true)` the credential goes,
+    /// `Ok(false)` another origin (the request goes as it is), `Err` refused (no origin
+    /// given, or the transport).
     fn gate(&self, url: &reqwest::Url) -> Result<bool, crate::Error> {
         let Some(scope) = self.scope.as_deref() else {
             return Err(crate::Error::new(crate::ErrorKind::NoOrigin));
@@ -451,9 +459,19 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         // rules are applied to it here, and the state machine's URI is never read.
         let binds = self.cache.source().binds_credentials();
         let (uri, gate) = if binds || self.scope.as_ref().is_some_and(|s| s.reads_paths()) {
-            let uri = http::Uri::try_from(shell.url().as_str())
-                .map_err(|err| reqwest_middleware::Error::middleware(Opaque(err.into())))?;
-            (uri, None)
+            match http::Uri::try_from(shell.url().as_str()) {
+                Ok(uri) => (uri, None),
+                // A URL `http` cannot read (over 64 KiB): no predicate can be asked about
+                // it, and no proof can name it. The origin rules still decide first.
+                Err(_) => {
+                    let gate = self.gate(shell.url()).and_then(|in_scope| match binds {
+                        true if in_scope => Err(crate::Error::new(crate::ErrorKind::Proof)
+                            .with_detail("a DPoP proof names the request's uri, and this one is too long to read")),
+                        _ => Ok(in_scope),
+                    });
+                    (http::Uri::default(), Some(gate))
+                }
+            }
         } else {
             (http::Uri::default(), Some(self.gate(shell.url())))
         };
@@ -503,5 +521,83 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         };
         let res = future.await.map_err(into_middleware_error)?;
         Ok(into_reqwest(res))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StaticCredential;
+
+    /// `gate` (the rules applied to a reqwest URL) decides as `ResponseFuture::start`
+    /// does on the same URL as an `http::Uri`: no origin given, the origin rule (named
+    /// origins, `any_https_origin`), then the transport rule (loopback allowed or not),
+    /// over hosts the url crate rewrites (IPv4 forms, mapped IPv6, case, default ports).
+    #[test]
+    fn the_gate_decides_as_the_state_machine_does() {
+        let source = || StaticCredential::bearer("t").unwrap();
+        let named = || {
+            AuthMiddleware::new(source())
+                .origin("http://127.0.0.1:8080")
+                .unwrap()
+                .origin("https://api.example.com")
+                .unwrap()
+                .origin("http://[::ffff:7f00:1]:8080")
+                .unwrap()
+        };
+        let middlewares = [
+            ("none", AuthMiddleware::new(source())),
+            ("named", named()),
+            ("named, loopback", named().allow_http_loopback(true)),
+            ("any", AuthMiddleware::new(source()).any_https_origin()),
+            (
+                "any, loopback",
+                AuthMiddleware::new(source())
+                    .any_https_origin()
+                    .allow_http_loopback(true),
+            ),
+        ];
+        for url in [
+            "https://api.example.com/v1",
+            "HTTPS://API.example.com:443/v1",
+            "https://user@api.example.com/",
+            "http://api.example.com/",
+            "https://other.example.com/",
+            "http://other.example.com/",
+            "http://127.0.0.1:8080/x",
+            "http://0x7f.1:8080/x",
+            "http://127.1:8080/x",
+            "http://2130706433:8080/x",
+            "http://localhost:8080/x",
+            "http://[::1]:8080/x",
+            "http://[::ffff:127.0.0.1]:8080/x",
+            "http://10.0.0.1:8080/x",
+            "wss://api.example.com/socket",
+            "ws://127.0.0.1:8080/socket",
+        ] {
+            let parsed = reqwest::Url::parse(url).unwrap();
+            let uri: http::Uri = parsed.as_str().parse().unwrap();
+            for (name, mw) in &middlewares {
+                let by_gate = mw.gate(&parsed).map_err(|e| e.kind());
+                let by_start = match mw.scope.as_deref() {
+                    None => Err(crate::ErrorKind::NoOrigin),
+                    Some(scope)
+                        if !scope.allows(
+                            &uri,
+                            &Extensions::new(),
+                            mw.policy.allow_relative_uris,
+                        ) =>
+                    {
+                        Ok(false)
+                    }
+                    Some(_) => mw
+                        .policy
+                        .check_transport(&uri)
+                        .map(|()| true)
+                        .map_err(|e| e.kind()),
+                };
+                assert_eq!(by_gate, by_start, "{name}: {url} ({parsed})");
+            }
+        }
     }
 }

@@ -111,6 +111,10 @@ impl CredentialSource for StaticCredential {
 #[derive(Clone)]
 pub struct RotatingCredential {
     shared: Arc<Mutex<Rotating>>,
+    /// Held through a whole rotation, so that rotations reach the caches in the order
+    /// they were made; `shared` is not held while the caches are told (a cache asks its
+    /// source, which may ask this one, whether it binds).
+    rotations: Arc<Mutex<()>>,
     binds: bool,
 }
 
@@ -124,6 +128,7 @@ impl RotatingCredential {
     pub fn new(credential: Credential) -> Self {
         RotatingCredential {
             binds: credential.is_bound(),
+            rotations: Arc::default(),
             shared: Arc::new(Mutex::new(Rotating {
                 current: credential,
                 caches: Vec::new(),
@@ -141,19 +146,23 @@ impl RotatingCredential {
         if credential.is_bound() && !self.binds {
             return Err(InvalidCredential::new(crate::error::UNDECLARED_BINDING));
         }
-        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-        shared.current = credential.clone();
-        shared
-            .caches
-            .retain(|cache| match cache.replace(credential.clone()) {
-                Ok(alive) => alive,
-                Err(e) => {
-                    // A cache over a wrapper of this source that does not pass on
-                    // `binds_credentials`: it keeps what it had.
-                    tracing::warn!(error = %e, "a cache refused the rotated credential");
-                    true
-                }
-            });
+        let _rotation = self
+            .rotations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let caches = {
+            let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+            shared.current = credential.clone();
+            shared.caches.retain(CacheHandle::is_alive);
+            shared.caches.clone()
+        };
+        for cache in caches {
+            if let Err(e) = cache.replace(credential.clone()) {
+                // A cache over a wrapper of this source that does not pass on
+                // `binds_credentials`: it keeps what it had.
+                tracing::warn!(error = %e, "a cache refused the rotated credential");
+            }
+        }
         Ok(())
     }
 

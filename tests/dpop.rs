@@ -633,3 +633,95 @@ async fn a_fixed_dpop_credential_answers_a_nonce_request() {
     assert_eq!(state.api_accepted.load(SeqCst), 3, "{:?}", state.refusals());
     assert_eq!(state.issued.load(SeqCst), 2);
 }
+
+/// A wrapper of one's own over a `RotatingCredential` that says it binds when the
+/// credential it serves is bound (asking the rotating source for it).
+#[derive(Clone)]
+struct AsksCurrent(tower_client_auth::RotatingCredential);
+
+impl CredentialSource for AsksCurrent {
+    async fn fetch(&self, cx: FetchContext) -> Result<tower_client_auth::Credential, BoxError> {
+        self.0.fetch(cx).await
+    }
+
+    fn binds_credentials(&self) -> bool {
+        self.0.current().is_bound()
+    }
+
+    fn refresh_mode(&self) -> tower_client_auth::RefreshMode {
+        self.0.refresh_mode()
+    }
+
+    fn attach(&self, cache: tower_client_auth::CacheHandle) {
+        self.0.attach(cache)
+    }
+}
+
+/// World: a cache over a wrapper whose `binds_credentials` reads the rotating source's
+/// current credential. Proves: rotating to another bound credential does not deadlock
+/// (the rotating source's lock is not held while the caches are told), and the cache
+/// serves the new credential.
+#[tokio::test]
+async fn rotating_does_not_hold_its_lock_while_caches_check_the_credential() {
+    let (_state, token_url, _api) = world().await;
+    let tokens = source(&token_url, DpopKey::generate().unwrap());
+    let rotating = tower_client_auth::RotatingCredential::new(fetch(&tokens).await.unwrap());
+    let cache = CredentialCache::new(AsksCurrent(rotating.clone()));
+    cache.credential().await.unwrap();
+    let next = fetch(&tokens).await.unwrap();
+    // On a thread of its own, left behind if it deadlocks (the test fails, not hangs).
+    let (done, rotated) = std::sync::mpsc::channel();
+    std::thread::spawn({
+        let (rotating, next) = (rotating.clone(), next.clone());
+        move || done.send(rotating.rotate(next))
+    });
+    rotated
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("rotate deadlocked")
+        .unwrap();
+    assert_eq!(cache.credential().await.unwrap(), next);
+}
+
+/// World: a binding source behind the reqwest middleware, and a URL reqwest takes but
+/// `http::Uri` cannot read (over 64 KiB). Proves: the origin rules decide first: to
+/// another origin, the request goes on untouched (here to a closed loopback port: the
+/// error is reqwest's own, not this crate's) and no credential is fetched; to the API's
+/// origin, it is refused with a typed error (no proof can name that URI), nothing sent,
+/// nothing fetched. Never an untyped error.
+#[tokio::test]
+async fn a_url_http_cannot_read_meets_the_origin_rules_first() {
+    let key = DpopKey::generate().unwrap();
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = fetches.clone();
+    let source = tower_client_auth::source_fn(move |_| {
+        counted.fetch_add(1, SeqCst);
+        let credential = key.credential("bound-token");
+        async move { credential }
+    })
+    .binds_credentials(true);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let api = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let client = reqwest_client(source, &api);
+    let long = "a".repeat(70_000);
+    let err = client
+        .get(format!("http://127.0.0.1:1/{long}"))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, reqwest_middleware::Error::Reqwest(_)),
+        "{err}"
+    );
+    let err = client
+        .get(format!("{api}/{long}"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        tower_client_auth::reqwest::auth_error(&err).map(|e| e.kind()),
+        Some(tower_client_auth::ErrorKind::Proof),
+        "{err}"
+    );
+    assert_eq!(fetches.load(SeqCst), 0);
+}

@@ -319,15 +319,18 @@ async fn follow_redirect_below_the_layer() {
 /// `redirect_policy`, under `AuthMiddleware` given the API's origin. Proves: no
 /// credential kind reaches another origin (reqwest itself strips only `Authorization`
 /// and `Cookie`); the cross-origin 3xx comes back to the caller; a same-origin redirect
-/// is followed with the credential.
+/// is followed with the credential. A DPoP credential, with `Policy::none()` as the
+/// docs ask (a reqwest policy cannot see that a request carries a proof, and a hop would
+/// carry the first one): every 3xx comes back, the first request carried the credential.
 #[tokio::test]
 async fn reqwest_following_redirects() {
     let world = World::new().await;
     for (kind, credential) in credentials() {
-        let http = reqwest::Client::builder()
-            .redirect(tower_client_auth::reqwest::redirect_policy())
-            .build()
-            .unwrap();
+        let policy = match kind {
+            "dpop" => reqwest::redirect::Policy::none(),
+            _ => tower_client_auth::reqwest::redirect_policy(),
+        };
+        let http = reqwest::Client::builder().redirect(policy).build().unwrap();
         let client = reqwest_middleware::ClientBuilder::new(http)
             .with(
                 tower_client_auth::reqwest::AuthMiddleware::new(StaticCredential::new(credential))
@@ -339,7 +342,10 @@ async fn reqwest_following_redirects() {
         for (what, url, same) in world.redirects() {
             let res = client.get(&url).send().await.unwrap();
             let what = format!("{kind}, reqwest: {what}");
-            if same {
+            if kind == "dpop" {
+                assert!(res.status().is_redirection(), "{what}: {}", res.status());
+                world.check_not_followed(&what);
+            } else if same {
                 assert_eq!(res.status(), 200, "{what}");
                 world.check(&what, true);
             } else {
@@ -422,5 +428,44 @@ async fn a_dpop_header_the_caller_made_does_not_stop_redirects() {
             .insert("dpop", HeaderValue::from_static("made-by-the-caller"));
         svc.clone().oneshot(request).await.unwrap();
         world.check(&format!("own DPoP header: {what}"), same);
+    }
+}
+
+/// World: `FollowRedirect` below a DPoP layer, with a layer between them that rebuilds
+/// each request (method, URI, headers and body into a new request: its extensions are
+/// lost). Proves: the proved request still follows no redirect (its first request carried
+/// the token and its proof; no hop was made).
+#[tokio::test]
+async fn a_proved_request_rebuilt_below_the_layer_follows_no_redirect() {
+    let world = World::new().await;
+    let dpop = credentials()
+        .into_iter()
+        .find(|(kind, _)| *kind == "dpop")
+        .unwrap()
+        .1;
+    let layer = AuthLayer::new(StaticCredential::new(dpop))
+        .origin(world.origin())
+        .unwrap()
+        .allow_http_loopback(true);
+    let rebuild = |req: Request<_>| {
+        let (parts, body) = req.into_parts();
+        let mut rebuilt = Request::builder()
+            .method(parts.method)
+            .uri(parts.uri)
+            .body(body)
+            .unwrap();
+        *rebuilt.headers_mut() = parts.headers;
+        rebuilt
+    };
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .map_request(rebuild)
+        .layer(FollowRedirectLayer::with_policy(
+            SameOriginCredentials::new(),
+        ))
+        .service(api_client());
+    for (what, url, _) in world.redirects() {
+        svc.clone().oneshot(get(&url)).await.unwrap();
+        world.check_not_followed(&format!("dpop, rebuilt below: {what}"));
     }
 }
