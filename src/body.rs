@@ -84,8 +84,8 @@ pub enum NotReplayed {
     AlreadyReplayed,
     /// The credential source never changes its credential
     /// ([`RefreshMode::Never`](crate::RefreshMode::Never), e.g. a
-    /// [`StaticCredential`](crate::StaticCredential)): a replay would carry the same
-    /// credential, so nothing was refetched or replayed.
+    /// [`StaticCredential`](crate::StaticCredential) of anything but a DPoP token): a
+    /// replay would carry the same credential, so nothing was refetched or replayed.
     FixedCredential,
     /// The source handed back the very credential the API had just rejected (a revoked
     /// token not yet rotated, an endpoint re-issuing the same token): a replay would

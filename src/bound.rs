@@ -79,8 +79,10 @@ impl Target {
 }
 
 /// The mark of a request that carries a proof this crate made: a redirect policy below
-/// the layer follows no redirect of it (a proof is good for one request), whatever
-/// `DPoP` header a caller may have set itself.
+/// the layer follows no redirect of it (a proof is good for one request). The policy
+/// also takes a `DPoP` header beside an `Authorization: DPoP` token for a proof (a
+/// request rebuilt below the layer loses this mark), but not a `DPoP` header beside any
+/// other credential.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Proved;
 

@@ -17,6 +17,11 @@
 //!   [`origin`](crate::AuthLayer::origin) needs no mark: a hop to an origin it was not
 //!   given never gets the credential.
 //!
+//! Both rely on what the request carries: a layer between `FollowRedirect` and this
+//! crate's layer must keep the request's extensions (the hop's mark, above) and its
+//! header values as they are (the sensitive flag, below), as `map_request` over the
+//! same request does; one that builds a new request from parts of the old loses them.
+//!
 //! A DPoP proof names one request and is good once, so below the layer no hop can
 //! carry one: a request that carried a proof follows no redirect (its 3xx goes back to
 //! the caller, rather than a hop whose 401 would discard a good token), and no hop

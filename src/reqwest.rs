@@ -466,7 +466,7 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
                 Err(_) => {
                     let gate = self.gate(shell.url()).and_then(|in_scope| match binds {
                         true if in_scope => Err(crate::Error::new(crate::ErrorKind::Proof)
-                            .with_detail("a DPoP proof names the request's uri, and this one is too long to read")),
+                            .with_detail("a DPoP proof names the request's uri, and http cannot read this one (too long, or a host it refuses)")),
                         _ => Ok(in_scope),
                     });
                     (http::Uri::default(), Some(gate))

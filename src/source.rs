@@ -191,7 +191,8 @@ pub enum RefreshMode {
     /// [`NotReplayed::FixedCredential`](crate::NotReplayed::FixedCredential): a replay
     /// would carry the same credential into the same rejection, so the layer does not
     /// keep request heads for one either. [`StaticCredential`](crate::StaticCredential)
-    /// uses this mode.
+    /// uses this mode (but for a DPoP token, which is `ReactiveOnly`: a server's nonce
+    /// request is answered with a new proof).
     Never,
 }
 

@@ -725,3 +725,68 @@ async fn a_url_http_cannot_read_meets_the_origin_rules_first() {
     );
     assert_eq!(fetches.load(SeqCst), 0);
 }
+
+/// World: a DPoP token of a short life in a `StaticCredential`, at an API that answers
+/// every request `401 invalid_token` (the token was revoked). Proves what README says:
+/// while the token is valid the 401 comes back marked (the refetch hands back the same
+/// token); once it has expired, the next request still goes (a reactive credential goes
+/// until it is rejected) and its rejection's refetch finds the token expired: it gets
+/// `Expired`, the ones after it `Backoff`, and nothing more is sent.
+#[tokio::test]
+async fn an_expired_static_dpop_token_fails_with_a_typed_error() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let api = support::serve(move |_req| {
+        let seen = seen.clone();
+        async move {
+            seen.fetch_add(1, SeqCst);
+            support::providers::challenge(StatusCode::UNAUTHORIZED, r#"DPoP error="invalid_token""#)
+        }
+    })
+    .await;
+    let key = DpopKey::generate().unwrap();
+    let token = key
+        .credential("revoked-token")
+        .unwrap()
+        .expires_in(std::time::Duration::from_millis(1500));
+    let svc = AuthLayer::new(tower_client_auth::StaticCredential::new(token))
+        .origin(format!("http://{api}").as_str())
+        .unwrap()
+        .allow_http_loopback(true)
+        .layer(api_client());
+    let get = || {
+        Request::get(format!("http://{api}/v1/x"))
+            .body(Full::default())
+            .unwrap()
+    };
+    let (status, marked) = send(&svc, get()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        matches!(
+            marked,
+            Some(NotReplayed::SameCredential | NotReplayed::FreshCredentialRejected)
+        ),
+        "{marked:?}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    let before = calls.load(SeqCst);
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        match svc.clone().oneshot(get()).await {
+            Ok(res) => kinds.push(format!(
+                "{} {:?}",
+                res.status(),
+                res.extensions().get::<NotReplayed>()
+            )),
+            Err(err) => kinds.push(format!(
+                "{:?}",
+                err.downcast_ref::<tower_client_auth::Error>()
+                    .map(|e| e.kind())
+            )),
+        }
+    }
+    // The first is still sent (a reactive credential goes until it is rejected); its
+    // rejection's refetch finds the token expired.
+    assert_eq!(kinds, ["Some(Expired)", "Some(Backoff)", "Some(Backoff)"]);
+    assert_eq!(calls.load(SeqCst) - before, 1);
+}

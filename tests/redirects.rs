@@ -406,7 +406,8 @@ async fn a_layer_given_no_origin_sends_nothing() {
 
 /// World: `FollowRedirect` below a layer with a bearer credential, and a request that
 /// carries a `DPoP` header the caller made itself (a mechanism of its own the layer does
-/// not know). Proves: only a proof the layer made stops redirects; this request follows
+/// not know). Proves: a `DPoP` header beside a bearer token is no proof of the layer's
+/// and stops no redirect; this request follows
 /// a same-origin redirect with its credential, as any other does.
 #[tokio::test]
 async fn a_dpop_header_the_caller_made_does_not_stop_redirects() {
