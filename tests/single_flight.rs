@@ -515,3 +515,89 @@ async fn a_handed_over_credential_gone_stale_does_not_supersede_a_fetch() {
         );
     }
 }
+
+/// A source whose first fetch waits for the test's word and returns `A`; every later
+/// fetch returns `C` at once.
+#[derive(Clone, Default)]
+struct Gated {
+    go: Arc<tokio::sync::Notify>,
+    fetches: Arc<AtomicUsize>,
+}
+
+impl CredentialSource for Gated {
+    async fn fetch(&self, _cx: FetchContext) -> Result<Credential, BoxError> {
+        if self.fetches.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.go.notified().await;
+            return Ok(Credential::bearer("A")?);
+        }
+        Ok(Credential::bearer("C")?)
+    }
+
+    fn refresh_mode(&self) -> RefreshMode {
+        RefreshMode::ReactiveOnly
+    }
+}
+
+/// World: a fetch of `A` under way when `B` is handed in from outside (`replace`), and
+/// `B` then rejected by the API. Proves: the rejection does not wait for the fetch that
+/// started before `B` existed and take its `A` (a credential older than the one the API
+/// just rejected): the replay carries `C`, fetched after the rejection, one fetch at a
+/// time.
+#[tokio::test]
+async fn a_fetch_older_than_a_replacement_does_not_answer_its_rejection() {
+    let source = Gated::default();
+    let cache = CredentialCache::new(source.clone());
+    let early = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.credential().await }
+    });
+    while source.fetches.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        cache
+            .handle()
+            .replace(Credential::bearer("B").unwrap())
+            .unwrap()
+    );
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let api = tower::service_fn({
+        let seen = seen.clone();
+        move |req: Request<tower_client_auth::ReplayBody<String>>| {
+            let auth = req.headers()[http::header::AUTHORIZATION]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            seen.lock().unwrap().push(auth.clone());
+            let status = match auth.as_str() {
+                "Bearer B" => StatusCode::UNAUTHORIZED,
+                _ => StatusCode::OK,
+            };
+            async move {
+                let mut res = Response::new(String::new());
+                *res.status_mut() = status;
+                Ok::<_, Infallible>(res)
+            }
+        }
+    });
+    let svc = AuthLayer::with_cache(cache.clone())
+        .any_https_origin()
+        .layer(api);
+    let call = tokio::spawn(
+        svc.oneshot(
+            Request::get("https://api.test/v1")
+                .body(String::new())
+                .unwrap(),
+        ),
+    );
+    // The rejection of B is in; then the old fetch ends.
+    while seen.lock().unwrap().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    source.go.notify_one();
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(*seen.lock().unwrap(), ["Bearer B", "Bearer C"]);
+    drop(early.await.unwrap());
+}

@@ -358,16 +358,20 @@ impl<P: CredentialSource> FlightGuard<P> {
         if state.running.as_ref().is_some_and(|f| f.id == id) {
             state.running = None;
         }
-        if state.suspect == Some(id) {
+        let suspect = state.suspect == Some(id);
+        if suspect {
             state.suspect = None;
-            return Standing::Suspect;
         }
         if state.epoch != self.epoch {
             // A credential handed over since this flight started wins while it may be
-            // sent; one gone stale meanwhile does not: this flight's result replaces it.
+            // sent (for this flight's own waiters too); one gone stale meanwhile does
+            // not: this flight's result replaces it, unless it was detached as well.
             if let Some(current) = self.inner.current.load_full().filter(|e| self.sendable(e)) {
                 return Standing::Replaced(current);
             }
+        }
+        if suspect {
+            return Standing::Suspect;
         }
         Standing::Current
     }

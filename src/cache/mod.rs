@@ -383,6 +383,8 @@ impl<P: CredentialSource> Sink for Inner<P> {
         state.failures = 0;
         state.retry_at = None;
         state.last_error = None;
+        // Nor may a rejection of the new value join that fetch and take its older one.
+        Self::detach_running(&mut state);
         tracing::debug!("credential replaced from outside");
         self.install(&mut state, credential, Instant::now());
         Ok(())
@@ -415,10 +417,14 @@ impl<P: CredentialSource> Inner<P> {
         self.retire(state);
         state.invalidated = Some(dropped);
         self.current.store(None);
-        // A fetch running now started before the invalidation: its result goes to its own
-        // waiters only. The next request does not join it; it starts the one fetch
-        // chained after it, which waits for it to end (never two at once). A chained
-        // fetch that has not started yet starts after this invalidation anyway.
+        Self::detach_running(state);
+    }
+
+    /// A fetch running now started before an invalidation or a replacement: its result
+    /// goes to its own waiters only. The next request (or rejection) does not join it; it
+    /// starts the one fetch chained after it, which waits for it to end (never two at
+    /// once). A chained fetch that has not started yet starts after this anyway.
+    fn detach_running(state: &mut State) {
         let running = state.running.as_ref().map(|f| f.id);
         if let Some(flight) = state.flight.take_if(|f| running == Some(f.id)) {
             state.suspect = Some(flight.id);
