@@ -232,7 +232,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
 
     request_rules!();
 
-    /// The rules `ResponseFuture::start` applies to a request's URI, in its order, applied
+    /// The rules `future::admits` applies to a request's URI, in its order, applied
     /// to a reqwest URL (scheme and authority as reqwest parsed them; a user's
     /// `origin_matching` predicate is not asked): `Ok(true)` the credential goes,
     /// `Ok(false)` another origin (the request goes as it is), `Err` refused (no origin
@@ -498,27 +498,18 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         // The layer's request path over this middleware's own parts (`Rest` is always
         // ready): the cache is read through its shared slot, and only a replayable
         // request takes a reference to it.
-        let future = match gate {
-            None => ResponseFuture::start(
-                &mut rest,
-                &self.cache,
-                &self.policy,
-                self.scope.as_deref(),
-                req,
-                || self.cache.current(),
-                || CacheRef::Shared(self.cache.clone()),
-            ),
-            Some(Err(err)) => ResponseFuture::refused(&mut rest, err),
-            Some(Ok(false)) => ResponseFuture::passthrough(&mut rest, req),
-            Some(Ok(true)) => ResponseFuture::start_allowed(
-                &mut rest,
-                &self.cache,
-                &self.policy,
-                req,
-                || self.cache.current(),
-                || CacheRef::Shared(self.cache.clone()),
-            ),
-        };
+        let future = ResponseFuture::start(
+            &mut rest,
+            &self.cache,
+            &self.policy,
+            |req| match gate {
+                Some(decided) => decided,
+                None => crate::future::admits(self.scope.as_deref(), &self.policy, req),
+            },
+            req,
+            || self.cache.current(),
+            || CacheRef::Shared(self.cache.clone()),
+        );
         let res = future.await.map_err(into_middleware_error)?;
         Ok(into_reqwest(res))
     }
@@ -529,8 +520,8 @@ mod tests {
     use super::*;
     use crate::StaticCredential;
 
-    /// `gate` (the rules applied to a reqwest URL) decides as `ResponseFuture::start`
-    /// does on the same URL as an `http::Uri`: no origin given, the origin rule (named
+    /// `gate` (the rules applied to a reqwest URL) decides as `future::admits` (the
+    /// state machine's rules) does on the same URL as an `http::Uri`: no origin given, the origin rule (named
     /// origins, `any_https_origin`), then the transport rule (loopback allowed or not),
     /// over hosts the url crate rewrites (IPv4 forms, mapped IPv6, case, default ports).
     #[test]
@@ -579,23 +570,9 @@ mod tests {
             let uri: http::Uri = parsed.as_str().parse().unwrap();
             for (name, mw) in &middlewares {
                 let by_gate = mw.gate(&parsed).map_err(|e| e.kind());
-                let by_start = match mw.scope.as_deref() {
-                    None => Err(crate::ErrorKind::NoOrigin),
-                    Some(scope)
-                        if !scope.allows(
-                            &uri,
-                            &Extensions::new(),
-                            mw.policy.allow_relative_uris,
-                        ) =>
-                    {
-                        Ok(false)
-                    }
-                    Some(_) => mw
-                        .policy
-                        .check_transport(&uri)
-                        .map(|()| true)
-                        .map_err(|e| e.kind()),
-                };
+                let request = http::Request::get(uri.clone()).body(()).unwrap();
+                let by_start = crate::future::admits(mw.scope.as_deref(), &mw.policy, &request)
+                    .map_err(|e| e.kind());
                 assert_eq!(by_gate, by_start, "{name}: {url} ({parsed})");
             }
         }

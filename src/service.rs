@@ -160,7 +160,7 @@ where
             &mut self.inner,
             &self.cache,
             &self.policy,
-            self.scope.as_deref(),
+            |req| crate::future::admits(self.scope.as_deref(), &self.policy, req),
             req,
             || self.cache.usable(self.view.load()),
             || self.refs.get(&self.cache),
