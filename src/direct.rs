@@ -142,17 +142,17 @@ where
 
     #[inline]
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let Some(scope) = &self.scope else {
-            return DirectFuture::failed(Error::new(ErrorKind::NoOrigin));
-        };
-        if !scope.allows(req.uri(), req.extensions(), self.policy.allow_relative_uris) {
+        match crate::future::admits(self.scope.as_deref(), &self.policy, &req) {
+            Ok(true) => {}
             // Another origin: no credential, so no transport rule and no rejection rule.
-            self.mode.ready = Ready::Unchecked;
-            return DirectFuture::passthrough(self.inner.call(req));
-        }
-        if let Err(err) = self.policy.check_transport(req.uri()) {
-            self.mode.ready = Ready::Unchecked;
-            return DirectFuture::failed(err);
+            Ok(false) => {
+                self.mode.ready = Ready::Unchecked;
+                return DirectFuture::passthrough(self.inner.call(req));
+            }
+            Err(err) => {
+                self.mode.ready = Ready::Unchecked;
+                return DirectFuture::failed(err);
+            }
         }
         // Whatever happens, the next call needs a `poll_ready` of its own.
         let waited;
