@@ -347,22 +347,27 @@ async fn a_dpop_source_cannot_share_through_a_store() {
     assert!(err.to_string().contains("DPoP"), "{err}");
 }
 
+/// A loopback server answering every request with `answer()`; how many it got.
+async fn answering(
+    answer: fn() -> support::providers::Reply,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let addr = support::serve(move |_req| {
+        seen.fetch_add(1, SeqCst);
+        async move { answer() }
+    })
+    .await;
+    (addr, calls)
+}
+
 /// World: an API that asks for a nonce without giving one. Proves: nothing is sent
 /// again (a resend could not carry a nonce), the credential is kept (no second token),
 /// and the answer says why.
 #[tokio::test]
 async fn a_nonce_request_without_a_nonce_is_not_resent() {
-    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = calls.clone();
-    let api = support::serve(move |_req| {
-        let seen = seen.clone();
-        async move {
-            seen.fetch_add(1, SeqCst);
-            support::providers::challenge(
-                StatusCode::UNAUTHORIZED,
-                r#"DPoP error="use_dpop_nonce""#,
-            )
-        }
+    let (api, calls) = answering(|| {
+        support::providers::challenge(StatusCode::UNAUTHORIZED, r#"DPoP error="use_dpop_nonce""#)
     })
     .await;
     let key = DpopKey::generate().unwrap();
@@ -579,17 +584,11 @@ async fn credentials_handed_in_from_outside_keep_the_binding_rules() {
 /// and the error says what the server said.
 #[tokio::test]
 async fn a_token_endpoint_asking_for_a_nonce_without_one_is_not_asked_again() {
-    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = calls.clone();
-    let idp = support::serve(move |_req| {
-        let seen = seen.clone();
-        async move {
-            seen.fetch_add(1, SeqCst);
-            support::providers::reply(
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": "use_dpop_nonce"}),
-            )
-        }
+    let (idp, calls) = answering(|| {
+        support::providers::reply(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "use_dpop_nonce"}),
+        )
     })
     .await;
     let tokens = source(
@@ -734,14 +733,8 @@ async fn a_url_http_cannot_read_meets_the_origin_rules_first() {
 /// `Expired`, the ones after it `Backoff`, and nothing more is sent.
 #[tokio::test]
 async fn an_expired_static_dpop_token_fails_with_a_typed_error() {
-    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = calls.clone();
-    let api = support::serve(move |_req| {
-        let seen = seen.clone();
-        async move {
-            seen.fetch_add(1, SeqCst);
-            support::providers::challenge(StatusCode::UNAUTHORIZED, r#"DPoP error="invalid_token""#)
-        }
+    let (api, calls) = answering(|| {
+        support::providers::challenge(StatusCode::UNAUTHORIZED, r#"DPoP error="invalid_token""#)
     })
     .await;
     let key = DpopKey::generate().unwrap();
