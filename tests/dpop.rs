@@ -361,15 +361,9 @@ async fn answering(
     (addr, calls)
 }
 
-/// World: an API that asks for a nonce without giving one. Proves: nothing is sent
-/// again (a resend could not carry a nonce), the credential is kept (no second token),
-/// and the answer says why.
-#[tokio::test]
-async fn a_nonce_request_without_a_nonce_is_not_resent() {
-    let (api, calls) = answering(|| {
-        support::providers::challenge(StatusCode::UNAUTHORIZED, r#"DPoP error="use_dpop_nonce""#)
-    })
-    .await;
+/// A source of one's own handing out one DPoP-bound token (and saying it binds); how
+/// many fetches it served.
+fn counted_bound_source() -> (impl CredentialSource, Arc<std::sync::atomic::AtomicUsize>) {
     let key = DpopKey::generate().unwrap();
     let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = fetches.clone();
@@ -379,6 +373,19 @@ async fn a_nonce_request_without_a_nonce_is_not_resent() {
         async move { credential }
     })
     .binds_credentials(true);
+    (source, fetches)
+}
+
+/// World: an API that asks for a nonce without giving one. Proves: nothing is sent
+/// again (a resend could not carry a nonce), the credential is kept (no second token),
+/// and the answer says why.
+#[tokio::test]
+async fn a_nonce_request_without_a_nonce_is_not_resent() {
+    let (api, calls) = answering(|| {
+        support::providers::challenge(StatusCode::UNAUTHORIZED, r#"DPoP error="use_dpop_nonce""#)
+    })
+    .await;
+    let (source, fetches) = counted_bound_source();
     let svc = AuthLayer::new(source)
         .origin(format!("http://{api}").as_str())
         .unwrap()
@@ -689,15 +696,7 @@ async fn rotating_does_not_hold_its_lock_while_caches_check_the_credential() {
 /// nothing fetched. Never an untyped error.
 #[tokio::test]
 async fn a_url_http_cannot_read_meets_the_origin_rules_first() {
-    let key = DpopKey::generate().unwrap();
-    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = fetches.clone();
-    let source = tower_client_auth::source_fn(move |_| {
-        counted.fetch_add(1, SeqCst);
-        let credential = key.credential("bound-token");
-        async move { credential }
-    })
-    .binds_credentials(true);
+    let (source, fetches) = counted_bound_source();
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let api = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
