@@ -229,11 +229,13 @@ impl Origin {
     /// it runs for every request through a scoped layer.
     #[inline]
     fn matches(&self, scheme: &str, named: &str) -> bool {
-        self.scheme.eq_ignore_ascii_case(scheme)
-            && self.authorities.iter().any(|a| {
-                // Exact bytes first (hosts are usually written in lower case).
-                a.len() == named.len() && (a == named || a.eq_ignore_ascii_case(named))
-            })
+        // Exact bytes first (schemes and hosts are usually written in lower case), and
+        // the authority before the scheme: it is the part that tells origins apart.
+        self.authorities.iter().any(|a| {
+            a.len() == named.len()
+                && (a.as_bytes() == named.as_bytes() || a.eq_ignore_ascii_case(named))
+        }) && (self.scheme.as_bytes() == scheme.as_bytes()
+            || self.scheme.eq_ignore_ascii_case(scheme))
     }
 }
 
