@@ -464,10 +464,13 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
                 // A URL `http` cannot read (over 64 KiB): no predicate can be asked about
                 // it, and no proof can name it. The origin rules still decide first.
                 Err(_) => {
-                    let gate = self.gate(shell.url()).and_then(|in_scope| match binds {
-                        true if in_scope => Err(crate::Error::new(crate::ErrorKind::Proof)
-                            .with_detail("a DPoP proof names the request's uri, and http cannot read this one (too long, or a host it refuses)")),
-                        _ => Ok(in_scope),
+                    let gate = self.gate(shell.url()).and_then(|in_scope| {
+                        if binds && in_scope {
+                            return Err(crate::Error::new(crate::ErrorKind::Proof).with_detail(
+                                "a DPoP proof names the request's uri, and http cannot read this one",
+                            ));
+                        }
+                        Ok(in_scope)
                     });
                     (http::Uri::default(), Some(gate))
                 }

@@ -50,6 +50,12 @@ fn reqwest_client(
         .build()
 }
 
+/// A GET through `client` to `url`, which must answer 200.
+async fn get_ok(client: &reqwest_middleware::ClientWithMiddleware, url: String) {
+    let res = client.get(&url).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "{url}");
+}
+
 async fn world() -> (Arc<DpopState>, String, String) {
     let state = DpopState::new("dpop-client", "dpop-secret");
     let (token_url, api) = state.start().await;
@@ -214,12 +220,7 @@ async fn the_reqwest_middleware_proves_possession_and_answers_nonces() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     for i in 0..3 {
-        let res = client
-            .get(format!("{api}/v1/orders/{i}?page=2"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
+        get_ok(&client, format!("{api}/v1/orders/{i}?page=2")).await;
     }
     assert_eq!(state.refusals(), ["token: nonce", "api: nonce"]);
     assert_eq!(state.api_accepted.load(SeqCst), 4);
@@ -498,12 +499,7 @@ async fn a_source_of_ones_own_must_say_it_binds() {
     let declared = || Own(source(&token_url, DpopKey::generate().unwrap()), true);
     let client = reqwest_client(declared(), &api);
     for i in 0..2 {
-        let res = client
-            .get(format!("{api}/v1/orders/{i}?page=2"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
+        get_ok(&client, format!("{api}/v1/orders/{i}?page=2")).await;
     }
     assert_eq!(state.api_accepted.load(SeqCst), 2, "{:?}", state.refusals());
     assert!(
@@ -563,10 +559,9 @@ async fn credentials_handed_in_from_outside_keep_the_binding_rules() {
     let rotating = tower_client_auth::RotatingCredential::new(first);
     assert!(rotating.binds_credentials());
     let client = reqwest_client(rotating.clone(), &api);
-    let get = |i: u32| client.get(format!("{api}/v1/orders/{i}?page=2")).send();
-    assert_eq!(get(1).await.unwrap().status(), StatusCode::OK);
+    get_ok(&client, format!("{api}/v1/orders/1?page=2")).await;
     rotating.rotate(fetch(&tokens).await.unwrap()).unwrap();
-    assert_eq!(get(2).await.unwrap().status(), StatusCode::OK);
+    get_ok(&client, format!("{api}/v1/orders/2?page=2")).await;
     assert_eq!(state.api_accepted.load(SeqCst), 2, "{:?}", state.refusals());
     assert_eq!(state.issued.load(SeqCst), 2);
 
@@ -630,12 +625,7 @@ async fn a_fixed_dpop_credential_answers_a_nonce_request() {
     assert_eq!(send(&svc, get()).await, (StatusCode::OK, None));
     assert_eq!(send(&svc, get()).await, (StatusCode::OK, None));
     let client = reqwest_client(fixed().await, &api);
-    let res = client
-        .get(format!("{api}/v1/orders/7"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
+    get_ok(&client, format!("{api}/v1/orders/7")).await;
     assert_eq!(state.api_accepted.load(SeqCst), 3, "{:?}", state.refusals());
     assert_eq!(state.issued.load(SeqCst), 2);
 }
