@@ -95,7 +95,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use futures_util::FutureExt;
+use futures_util::{FutureExt, future::BoxFuture};
 use http::Extensions;
 use http_body_util::BodyExt;
 use reqwest_middleware::{Middleware, Next};
@@ -108,7 +108,7 @@ use crate::{
     future::ResponseFuture,
     layer::AuthLayer,
     policy::{ExistingHeader, NoReplay, Policy},
-    rejection::{InsufficientScope, Judge},
+    rejection::InsufficientScope,
     scope::{Origin, Scope},
     source::CredentialSource,
 };
@@ -267,31 +267,115 @@ impl<P: CredentialSource> AuthMiddleware<P> {
 ///
 /// Nothing is parsed or converted twice: the state machine gets an `http` request made of
 /// the method, URI, headers and body, while the reqwest request keeps everything else
-/// (its URL, timeout and reqwest's own settings) in `shell`; an attempt puts its headers
-/// and body back into the shell (the first) or a copy of it (a replay). The answer is the
-/// reqwest response itself, carried in an `http::Response` whose status the state machine
-/// reads.
-#[derive(Clone)]
+/// (its URL, timeout and reqwest's own settings) in the exchange's shell; an attempt puts
+/// its headers and body back into the shell (the first) or a copy of it (a replay). The
+/// answer is the reqwest response itself, carried in an `http::Response` whose status the
+/// state machine reads.
+///
+/// An attempt does not send anything itself: it leaves its reqwest request in the
+/// [`Exchange`] and waits, and the middleware's own loop (which alone holds the middleware
+/// extensions the rest of the chain borrows) sends it and leaves the answer there. So an
+/// attempt's future is a plain struct, neither boxed nor holding a lock across a send.
+#[derive(Clone, Copy)]
 struct Rest<'a> {
-    next: Next<'a>,
-    /// The middleware extensions, handed to each attempt in turn (never two at once).
-    /// Borrowed from the middleware's own frame, as is the shell (neither is allocated per
-    /// request; a replayable request copies the URL for its replay).
-    extensions: &'a futures_util::lock::Mutex<&'a mut Extensions>,
+    exchange: &'a std::sync::Mutex<Exchange>,
+    body: BodyKind,
+    /// Whether a replay can follow the first attempt.
+    replayable: bool,
+}
+
+/// Where a request's attempts and the middleware's loop meet (see [`Rest`]).
+struct Exchange {
     /// The reqwest request without its headers and body: the first attempt takes it;
     /// when a replay is possible, a copy of what reqwest sends from it (method, URL,
     /// version, timeout: reqwest reads nothing else of a request's settings) is left for
     /// the replay.
-    shell: &'a std::sync::Mutex<Option<reqwest::Request>>,
-    body: BodyKind,
-    /// Whether a replay can follow the first attempt.
-    replayable: bool,
-    /// The rejection rule: the answer's headers go into the `http::Response` the state
-    /// machine reads only when the rule may read them.
-    judge: &'a Judge,
-    /// Whether credentials may be bound to a key: then every answer's headers go to the
-    /// state machine, which reads a server's DPoP nonce from any answer.
-    binds: bool,
+    shell: Option<reqwest::Request>,
+    slot: Slot,
+}
+
+/// An attempt's request on its way down the chain, then its answer on the way back.
+enum Slot {
+    Empty,
+    /// The request as the state machine starts from it, until it starts.
+    Start(http::Request<reqwest::Body>),
+    /// Left by an attempt, for the middleware's loop to send.
+    Outgoing(reqwest::Request),
+    /// Left by the loop, for the attempt to take.
+    Answered(Result<http::Response<reqwest::Response>, reqwest_middleware::Error>),
+}
+
+impl Exchange {
+    fn lock(this: &std::sync::Mutex<Self>) -> std::sync::MutexGuard<'_, Self> {
+        this.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn is_outgoing(&self) -> bool {
+        matches!(self.slot, Slot::Outgoing(_))
+    }
+
+    /// The prepared request, once.
+    fn take_start(this: &std::sync::Mutex<Self>) -> Option<http::Request<reqwest::Body>> {
+        match std::mem::replace(&mut Self::lock(this).slot, Slot::Empty) {
+            Slot::Start(req) => Some(req),
+            _ => None,
+        }
+    }
+
+    /// The request an attempt left, sent down the rest of the chain; `None` if there is
+    /// none. Not inside the `async` caller: the request would take room in its future.
+    fn send_outgoing<'e>(
+        this: &std::sync::Mutex<Self>,
+        next: &Next<'e>,
+        extensions: &'e mut Extensions,
+    ) -> Option<BoxFuture<'e, reqwest_middleware::Result<reqwest::Response>>> {
+        let mut x = Self::lock(this);
+        if !x.is_outgoing() {
+            return None;
+        }
+        match std::mem::replace(&mut x.slot, Slot::Empty) {
+            Slot::Outgoing(out) => Some(next.clone().run(out, extensions)),
+            _ => None,
+        }
+    }
+}
+
+/// The future of one attempt: its answer, once the middleware's loop has left it in the
+/// exchange.
+enum Attempt<'a> {
+    Waiting(&'a std::sync::Mutex<Exchange>),
+    /// The attempt could not be made (its in-memory body failed, or it was one too many).
+    Failed(Option<reqwest_middleware::Error>),
+}
+
+impl Future for Attempt<'_> {
+    type Output = Result<http::Response<reqwest::Response>, reqwest_middleware::Error>;
+
+    fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Attempt::Failed(err) => Poll::Ready(Err(err.take().unwrap_or_else(|| {
+                reqwest_middleware::Error::middleware(Opaque(
+                    "an attempt was polled after it ended".into(),
+                ))
+            }))),
+            Attempt::Waiting(exchange) => {
+                let mut x = Exchange::lock(exchange);
+                if x.is_outgoing() {
+                    // Not sent yet: the middleware's loop sees it as soon as this
+                    // returns, sends it, and polls again (no waker is needed).
+                    return Poll::Pending;
+                }
+                match std::mem::replace(&mut x.slot, Slot::Empty) {
+                    Slot::Answered(answer) => Poll::Ready(answer),
+                    // Neither sent nor answered: a bug, reported rather than hung on.
+                    _ => Poll::Ready(Err(reqwest_middleware::Error::middleware(Opaque(
+                        "an attempt's request was lost".into(),
+                    )))),
+                }
+            }
+        }
+    }
 }
 
 /// What the reqwest request's body was, so that each attempt hands reqwest the same kind.
@@ -309,63 +393,30 @@ enum BodyKind {
 impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
     type Response = http::Response<reqwest::Response>;
     type Error = reqwest_middleware::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'a>>;
+    type Future = Attempt<'a>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: http::Request<ReplayBody<reqwest::Body>>) -> Self::Future {
-        // Everything but the sending is done here, so that the boxed future holds the
-        // reqwest request alone (not the `http` one it is made from).
-        let out = self.attempt(req);
-        let next = self.next.clone();
-        let extensions = self.extensions;
-        let judge = self.judge;
-        let binds = self.binds;
-        Box::pin(async move {
-            let out = out?;
-            let mut extensions = extensions.lock().await;
-            let res = next.run(out, &mut extensions).await?;
-            let status = res.status();
-            let mut res = http::Response::new(res);
-            *res.status_mut() = status;
-            if binds || judge.reads_headers(status) {
-                // Lent to the rule, given back in `into_reqwest`.
-                *res.headers_mut() = std::mem::take(res.body_mut().headers_mut());
-            }
-            Ok(res)
-        })
+        match self.attempt(req) {
+            Ok(()) => Attempt::Waiting(self.exchange),
+            Err(err) => Attempt::Failed(Some(err)),
+        }
     }
 }
 
 impl Rest<'_> {
-    /// The reqwest request of one attempt: the shell (or, for a replay, its copy) with
-    /// the state machine's headers and body.
+    /// Leaves the reqwest request of one attempt in the exchange: the shell (or, for a
+    /// replay, its copy) with the state machine's headers and body.
     fn attempt(
         &self,
         req: http::Request<ReplayBody<reqwest::Body>>,
-    ) -> Result<reqwest::Request, reqwest_middleware::Error> {
-        let shell = {
-            let mut slot = self
-                .shell
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let shell = slot.take();
-            if self.replayable {
-                *slot = shell.as_ref().map(copy_for_replay);
-            }
-            shell
-        };
-        let Some(mut out) = shell else {
-            return Err(reqwest_middleware::Error::middleware(Opaque(
-                "a request was sent more often than planned".into(),
-            )));
-        };
+    ) -> Result<(), reqwest_middleware::Error> {
         // The state machine changes headers only (method and URI are the shell's).
         let (parts, body) = req.into_parts();
-        *out.headers_mut() = parts.headers;
-        *out.body_mut() = match self.body {
+        let body = match self.body {
             BodyKind::None => None,
             // Read through the replay body now (it records as it is read, so a replay
             // stays possible) and hand reqwest bytes again. An in-memory body is ready at
@@ -381,7 +432,22 @@ impl Rest<'_> {
             },
             BodyKind::Stream => Some(reqwest::Body::wrap(body)),
         };
-        Ok(out)
+        let mut x = Exchange::lock(self.exchange);
+        let x = &mut *x;
+        let Some(shell) = x.shell.take() else {
+            return Err(reqwest_middleware::Error::middleware(Opaque(
+                "a request was sent more often than planned".into(),
+            )));
+        };
+        if self.replayable {
+            x.shell = Some(copy_for_replay(&shell));
+        }
+        x.slot = Slot::Outgoing(shell);
+        if let Slot::Outgoing(out) = &mut x.slot {
+            *out.headers_mut() = parts.headers;
+            *out.body_mut() = body;
+        }
+        Ok(())
     }
 }
 
@@ -437,14 +503,31 @@ impl std::error::Error for Opaque {
     }
 }
 
-#[async_trait::async_trait]
-impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
-    async fn handle(
+/// What [`AuthMiddleware::prepare`] decided about a request, besides its exchange.
+#[derive(Clone, Copy)]
+struct Plan {
+    body: BodyKind,
+    replayable: bool,
+    /// The source binds credentials: every answer's headers go to the state machine.
+    binds: bool,
+    /// `None`: the state machine applies its rules to the request's whole URI; `Some`:
+    /// they were applied to the reqwest URL already (`true`: in scope).
+    in_scope: Option<bool>,
+}
+
+impl<P: CredentialSource> AuthMiddleware<P> {
+    /// Splits `req` for the state machine: the `http` request it reads (method, URI,
+    /// headers, body), left in the exchange's slot, and the shell that keeps the rest. A
+    /// request the rules refuse (no origin, the transport, a URI a proof cannot name) is
+    /// `Err`, sent nowhere.
+    ///
+    /// Not part of the async `handle`: a local borrowed there stays in the boxed future
+    /// for its whole life, and that box is allocated per request.
+    fn prepare(
         &self,
         req: reqwest::Request,
-        extensions: &mut Extensions,
-        next: Next<'_>,
-    ) -> reqwest_middleware::Result<reqwest::Response> {
+        opted_out: bool,
+    ) -> Result<(Exchange, Plan), crate::Error> {
         // Headers and body go to the state machine; the rest stays in the shell.
         let mut shell = req;
         let headers = std::mem::take(shell.headers_mut());
@@ -458,63 +541,153 @@ impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
         // case needs the origin alone, which the reqwest URL has parsed already: the
         // rules are applied to it here, and the state machine's URI is never read.
         let binds = self.cache.source().binds_credentials();
-        let (uri, gate) = if binds || self.scope.as_ref().is_some_and(|s| s.reads_paths()) {
+        let (uri, in_scope) = if binds || self.scope.as_ref().is_some_and(|s| s.reads_paths()) {
             match http::Uri::try_from(shell.url().as_str()) {
                 Ok(uri) => (uri, None),
                 // A URL `http` cannot read (over 64 KiB): no predicate can be asked about
                 // it, and no proof can name it. The origin rules still decide first.
                 Err(_) => {
-                    let gate = self.gate(shell.url()).and_then(|in_scope| {
-                        if binds && in_scope {
-                            return Err(crate::Error::new(crate::ErrorKind::Proof).with_detail(
-                                "a DPoP proof names the request's uri, and http cannot read this one",
-                            ));
-                        }
-                        Ok(in_scope)
-                    });
-                    (http::Uri::default(), Some(gate))
+                    let in_scope = self.gate(shell.url())?;
+                    if binds && in_scope {
+                        return Err(crate::Error::new(crate::ErrorKind::Proof).with_detail(
+                            "a DPoP proof names the request's uri, and http cannot read this one",
+                        ));
+                    }
+                    (http::Uri::default(), Some(in_scope))
                 }
             }
         } else {
-            (http::Uri::default(), Some(self.gate(shell.url())))
+            (http::Uri::default(), Some(self.gate(shell.url())?))
         };
         let mut req = http::Request::new(body);
         *req.method_mut() = shell.method().clone();
         *req.uri_mut() = uri;
         *req.version_mut() = shell.version();
         *req.headers_mut() = headers;
-        let opted_out = extensions.get::<NoReplay>().is_some();
         if opted_out {
             req.extensions_mut().insert(NoReplay);
         }
-        let replayable = self.policy.replay && !opted_out && self.cache.refreshes();
-        let extensions = futures_util::lock::Mutex::new(extensions);
-        let mut rest = Rest {
-            next,
-            extensions: &extensions,
-            shell: &std::sync::Mutex::new(Some(shell)),
+        let plan = Plan {
             body: kind,
-            replayable,
-            judge: &self.policy.judge,
+            replayable: self.policy.replay && !opted_out && self.cache.refreshes(),
             binds,
+            in_scope,
         };
-        // The layer's request path over this middleware's own parts (`Rest` is always
-        // ready): the cache is read through its shared slot, and only a replayable
-        // request takes a reference to it.
-        let future = ResponseFuture::start(
-            &mut rest,
-            &self.cache,
-            &self.policy,
-            |req| match gate {
-                Some(decided) => decided,
-                None => crate::future::admits(self.scope.as_deref(), &self.policy, req),
-            },
-            req,
-            || self.cache.current(),
-            || CacheRef::Shared(self.cache.clone()),
-        );
-        let res = future.await.map_err(into_middleware_error)?;
-        Ok(into_reqwest(res))
+        let exchange = Exchange {
+            shell: Some(shell),
+            slot: Slot::Start(req),
+        };
+        Ok((exchange, plan))
+    }
+
+    /// The request path over a prepared exchange: the layer's state machine, each of its
+    /// attempts sent down the rest of the chain from here (where the extensions are).
+    ///
+    /// An `async` block, not an `async fn`: the latter moves its arguments into locals
+    /// and so keeps them twice in its future (measured with `-Zprint-type-sizes`), and
+    /// this future is a per-request allocation, best kept within malloc's fast bins.
+    #[allow(clippy::manual_async_fn)]
+    fn run<'a>(
+        &'a self,
+        exchange: std::sync::Mutex<Exchange>,
+        plan: Plan,
+        extensions: &'a mut Extensions,
+        next: Next<'a>,
+    ) -> impl Future<Output = reqwest_middleware::Result<reqwest::Response>> + Send + 'a {
+        async move {
+            let Some(req) = Exchange::take_start(&exchange) else {
+                return Err(reqwest_middleware::Error::middleware(Opaque(
+                    "a request was prepared twice".into(),
+                )));
+            };
+            let mut rest = Rest {
+                exchange: &exchange,
+                body: plan.body,
+                replayable: plan.replayable,
+            };
+            // The layer's request path over this middleware's own parts (`Rest` is always
+            // ready): the cache is read through its shared slot, and only a replayable
+            // request takes a reference to it.
+            let mut future = std::pin::pin!(ResponseFuture::start(
+                &mut rest,
+                &self.cache,
+                &self.policy,
+                |req| match plan.in_scope {
+                    Some(in_scope) => Ok(in_scope),
+                    None => crate::future::admits(self.scope.as_deref(), &self.policy, req),
+                },
+                req,
+                || self.cache.current(),
+                || CacheRef::Shared(self.cache.clone()),
+            ));
+            let res = loop {
+                if let Some(sending) = Exchange::send_outgoing(&exchange, &next, extensions) {
+                    let answer = sending.await.map(|res| self.lend_headers(res, plan.binds));
+                    Exchange::lock(&exchange).slot = Slot::Answered(answer);
+                }
+                let step = std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
+                    Poll::Ready(res) => Poll::Ready(Some(res)),
+                    Poll::Pending if Exchange::lock(&exchange).is_outgoing() => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                })
+                .await;
+                if let Some(res) = step {
+                    break res;
+                }
+            };
+            let res = res.map_err(into_middleware_error)?;
+            Ok(into_reqwest(res))
+        }
+    }
+
+    /// The answer as the state machine reads it: its status, and its headers when the
+    /// rejection rule (or a proof's nonce) may read them, lent until `into_reqwest`.
+    fn lend_headers(
+        &self,
+        res: reqwest::Response,
+        binds: bool,
+    ) -> http::Response<reqwest::Response> {
+        let status = res.status();
+        let mut res = http::Response::new(res);
+        *res.status_mut() = status;
+        if binds || self.policy.judge.reads_headers(status) {
+            *res.headers_mut() = std::mem::take(res.body_mut().headers_mut());
+        }
+        res
+    }
+}
+
+// By hand rather than with `#[async_trait]`, which keeps the reqwest request the
+// future is called with inside it for its whole life: the request is split before the
+// future is made (`prepare`), so the box allocated per request holds only what the
+// attempts need.
+impl<P: CredentialSource> Middleware for AuthMiddleware<P> {
+    fn handle<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        req: reqwest::Request,
+        extensions: &'life1 mut Extensions,
+        next: Next<'life2>,
+    ) -> Pin<
+        Box<
+            dyn Future<Output = reqwest_middleware::Result<reqwest::Response>>
+                + Send
+                + 'async_trait,
+        >,
+    >
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        match self.prepare(req, extensions.get::<NoReplay>().is_some()) {
+            Ok((exchange, plan)) => {
+                Box::pin(self.run(std::sync::Mutex::new(exchange), plan, extensions, next))
+            }
+            Err(err) => Box::pin(std::future::ready(Err(
+                reqwest_middleware::Error::middleware(err),
+            ))),
+        }
     }
 }
 
