@@ -6,7 +6,9 @@
 //!   2-thread runtime, interleaved rounds (each variant and the fixed-header stack
 //!   alternate, the order flipping every round); prints the quartiles of
 //!   throughput(variant) / throughput(fixed header) and the time added per request
-//!   (`TCA_THREADS=1` for one runtime thread).
+//!   (`TCA_THREADS=1` for one runtime thread; `TCA_ROUNDS=N` for more rounds: a round's
+//!   ratio strays by 10 % on a shared machine, so a verdict near the goal needs ~100;
+//!   names after `--` measure those variants only).
 //! - `BENCH=reqwest bash benches/instructions.sh`: instructions per request under
 //!   callgrind (this binary run as `reqwest instructions VARIANT N`: N requests one after
 //!   the other on a current-thread runtime).
@@ -148,7 +150,21 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(throughput());
+    let rounds = std::env::var("TCA_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|r| *r > 0)
+        .unwrap_or(ROUNDS);
+    // Cargo passes `--bench`; any other argument names a variant.
+    let mut variants: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if variants.is_empty() {
+        variants = vec!["none", "static", "refreshable", "no_replay"];
+    }
+    rt.block_on(throughput(&variants, rounds));
 }
 
 /// N requests one after the other, on one thread: for callgrind.
@@ -169,26 +185,26 @@ fn instructions(variant: &str, n: usize) {
     });
 }
 
-async fn throughput() {
+async fn throughput(variants: &[&str], rounds: usize) {
     let origin = api().await;
     let url: Arc<str> = Arc::from(format!("{origin}/v1/items"));
     let floor = client("header", &origin).await;
     let requests = (TASKS * PER_TASK) as f64;
     println!(
-        "reqwest path: {TASKS} tasks x {PER_TASK} requests per round, {ROUNDS} interleaved rounds, loopback HTTP/1.1 API\n"
+        "reqwest path: {TASKS} tasks x {PER_TASK} requests per round, {rounds} interleaved rounds, loopback HTTP/1.1 API\n"
     );
     println!(
         "| variant | throughput x fixed-header middleware: median (quartiles) | time added per request (µs, median) |"
     );
     println!("|---|---|---|");
-    for variant in ["none", "static", "refreshable", "no_replay"] {
+    for &variant in variants {
         let client = client(variant, &origin).await;
         // Warm both pools.
         round(&floor, &url).await;
         round(&client, &url).await;
-        let mut ratios = Vec::with_capacity(ROUNDS);
-        let mut added = Vec::with_capacity(ROUNDS);
-        for r in 0..ROUNDS {
+        let mut ratios = Vec::with_capacity(rounds);
+        let mut added = Vec::with_capacity(rounds);
+        for r in 0..rounds {
             let (tf, tv) = if r % 2 == 0 {
                 let tf = round(&floor, &url).await;
                 (tf, round(&client, &url).await)
