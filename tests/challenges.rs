@@ -8,9 +8,12 @@
 
 mod support;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicUsize, Ordering::SeqCst},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::SeqCst},
+    },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -96,6 +99,12 @@ fn middleware(base: &str) -> AuthMiddleware<TokenSource> {
 
 fn reqwest_client(
     middleware: AuthMiddleware<TokenSource>,
+) -> reqwest_middleware::ClientWithMiddleware {
+    reqwest_client_of(middleware)
+}
+
+fn reqwest_client_of<P: tower_client_auth::CredentialSource>(
+    middleware: AuthMiddleware<P>,
 ) -> reqwest_middleware::ClientWithMiddleware {
     reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
         .with(middleware)
@@ -457,6 +466,239 @@ async fn a_late_insufficient_scope_uses_the_step_up_already_made() {
     assert_eq!(second.await.unwrap().unwrap().status(), 200);
     let reasons: Vec<_> = source.log().into_iter().map(|(_, r)| r).collect();
     assert_eq!(reasons, [FetchReason::Initial, FetchReason::StepUp]);
+}
+
+/// A source issuing `t-N` (valid for `lifetime`), recording each fetch's reason and scope,
+/// whose fetch number `held` waits for one permit of the returned semaphore; and the
+/// most fetches it ever ran at once.
+#[allow(clippy::type_complexity)]
+fn held_source(
+    held: usize,
+    lifetime: Duration,
+) -> (
+    impl tower_client_auth::CredentialSource,
+    Arc<std::sync::Mutex<Vec<(FetchReason, Option<String>)>>>,
+    Arc<tokio::sync::Semaphore>,
+    Arc<AtomicUsize>,
+) {
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let running = Arc::new(AtomicUsize::new(0));
+    let most_running = Arc::new(AtomicUsize::new(0));
+    let source = {
+        let (log, gate) = (log.clone(), gate.clone());
+        let most = most_running.clone();
+        source_fn(move |cx: FetchContext| {
+            let n = {
+                let mut log = log.lock().unwrap();
+                log.push((cx.reason(), cx.required_scope().map(str::to_owned)));
+                log.len() - 1
+            };
+            let (gate, running, most) = (gate.clone(), running.clone(), most.clone());
+            async move {
+                most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
+                if n == held {
+                    gate.acquire().await.unwrap().forget();
+                }
+                running.fetch_sub(1, SeqCst);
+                Ok::<_, BoxError>(Credential::bearer(format!("t-{n}"))?.expires_in(lifetime))
+            }
+        })
+    };
+    (source, log, gate, most_running)
+}
+
+type MockReq = Request<tower_client_auth::ReplayBody<Full<Bytes>>>;
+
+fn bearer(req: &MockReq) -> String {
+    req.headers()["authorization"].to_str().unwrap().to_owned()
+}
+
+fn lacks_scope_w() -> http::Response<&'static str> {
+    http::Response::builder()
+        .status(403)
+        .header(
+            "www-authenticate",
+            r#"Bearer error="insufficient_scope", scope="w""#,
+        )
+        .body("")
+        .unwrap()
+}
+
+/// Lets the tasks of a current-thread runtime run a while.
+async fn settle() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Waits until `done` holds (at most 10 s).
+async fn wait_for(done: impl Fn() -> bool) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("waited 10 s");
+}
+
+/// World: two requests carry `t-0`; the first is rejected (401) and its refetch is
+/// still running when the second's answer says `t-0` lacks the scope `w`. Proves: the
+/// step-up does not join the refetch (which asks for no scope, so its token would lack
+/// `w` too and the step-up would count as failed): it asks for `w` in a fetch of its
+/// own, chained after the running one (never two at once), and the second request is
+/// replayed with that token. The first is replayed with the refetch's.
+#[tokio::test]
+async fn a_step_up_during_a_refetch_asks_for_its_scope() {
+    use tower_test::mock;
+    let (source, log, gate, most_running) = held_source(1, Duration::from_secs(3600));
+    let (inner, mut api) = mock::pair::<MockReq, http::Response<&'static str>>();
+    let svc = AuthLayer::new(source)
+        .any_https_origin()
+        .step_up(true)
+        .layer(inner);
+    let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+    let (req_a, reply_a) = api.next_request().await.unwrap();
+    let second = tokio::spawn(svc.clone().oneshot(support::get("/b")));
+    let (req_b, reply_b) = api.next_request().await.unwrap();
+    assert_eq!(
+        (bearer(&req_a), bearer(&req_b)),
+        ("Bearer t-0".into(), "Bearer t-0".into())
+    );
+    reply_a.send_response(http::Response::builder().status(401).body("").unwrap());
+    wait_for(|| log.lock().unwrap().len() == 2).await;
+    reply_b.send_response(lacks_scope_w());
+    // The second request asks for its step-up before the refetch ends.
+    settle().await;
+    gate.add_permits(1);
+    let mut replays = Vec::new();
+    for _ in 0..2 {
+        let (replay, reply) = api.next_request().await.unwrap();
+        replays.push((replay.uri().path().to_owned(), bearer(&replay)));
+        reply.send_response(http::Response::new(""));
+    }
+    replays.sort();
+    assert_eq!(
+        replays,
+        [
+            ("/a".to_owned(), "Bearer t-1".to_owned()),
+            ("/b".to_owned(), "Bearer t-2".to_owned())
+        ]
+    );
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(second.await.unwrap().unwrap().status(), 200);
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            (FetchReason::Initial, None),
+            (FetchReason::Rejected, None),
+            (FetchReason::StepUp, Some("w".to_owned())),
+        ]
+    );
+    assert_eq!(most_running.load(SeqCst), 1, "never two fetches at once");
+}
+
+/// Credentials living 2 s: their soft window (a quarter) starts at 1.5 s.
+const SHORT: Duration = Duration::from_secs(2);
+
+/// A cache of `source` (issuing `SHORT`-lived credentials) warmed up with `t-0`, and
+/// then left until `t-0` is in its soft window: its next use starts the background
+/// refresh.
+async fn refreshing_cache<P: tower_client_auth::CredentialSource>(
+    source: P,
+) -> tower_client_auth::CredentialCache<P> {
+    let cache = tower_client_auth::CredentialCache::builder(source)
+        .hard_window(Duration::from_millis(100))
+        .window_jitter(0.0)
+        .build()
+        .unwrap();
+    cache.warm_up().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    cache
+}
+
+/// World: `t-0` is in its soft window, so the request carrying it starts a background
+/// refresh (held); the API answers that `t-0` lacks the scope `w` while it runs.
+/// Proves, through Tower and through reqwest: the step-up asks for `w` in a fetch
+/// chained after the refresh, and the replay carries that token, not the refresh's.
+#[tokio::test]
+async fn a_step_up_during_a_background_refresh_asks_for_its_scope() {
+    use tower_test::mock;
+    // Tower.
+    let (source, log, gate, most_running) = held_source(1, SHORT);
+    let cache = refreshing_cache(source).await;
+    let (inner, mut api) = mock::pair::<MockReq, http::Response<&'static str>>();
+    let svc = AuthLayer::with_cache(cache)
+        .any_https_origin()
+        .step_up(true)
+        .layer(inner);
+    let call = tokio::spawn(svc.clone().oneshot(support::get("/b")));
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Bearer t-0");
+    wait_for(|| log.lock().unwrap().len() == 2).await;
+    respond.send_response(lacks_scope_w());
+    settle().await;
+    gate.add_permits(1);
+    let (replay, respond) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&replay), "Bearer t-2", "the step-up's token");
+    respond.send_response(http::Response::new(""));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    let reasons = log.lock().unwrap().clone();
+    assert_eq!(
+        reasons,
+        [
+            (FetchReason::Initial, None),
+            (FetchReason::Expiring, None),
+            (FetchReason::StepUp, Some("w".to_owned())),
+        ]
+    );
+    assert_eq!(most_running.load(SeqCst), 1, "never two fetches at once");
+
+    // reqwest, against a loopback API that wants `t-2` on `/b`.
+    let (source, log, gate, most_running) = held_source(1, SHORT);
+    let cache = refreshing_cache(source).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let addr = serve(move |req: Request<hyper::body::Incoming>| {
+        counted.fetch_add(1, SeqCst);
+        let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
+        async move {
+            if auth == "Bearer t-2" {
+                reply(StatusCode::OK, json!({}))
+            } else {
+                challenge(
+                    StatusCode::FORBIDDEN,
+                    r#"Bearer error="insufficient_scope", scope="w""#,
+                )
+            }
+        }
+    })
+    .await;
+    let client = reqwest_client_of(
+        AuthMiddleware::with_cache(cache)
+            .origin(format!("http://{addr}"))
+            .unwrap()
+            .allow_http_loopback(true)
+            .step_up(true),
+    );
+    let call = tokio::spawn(async move { reqwest_get(&client, format!("http://{addr}/b")).await });
+    // The refresh is held until the step-up has been asked for (the 403 has come back
+    // well within 100 ms on loopback).
+    wait_for(|| log.lock().unwrap().len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.add_permits(1);
+    assert_eq!(call.await.unwrap(), (StatusCode::OK, None, None));
+    assert_eq!(calls.load(SeqCst), 2, "the 403, then the replay with t-2");
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            (FetchReason::Initial, None),
+            (FetchReason::Expiring, None),
+            (FetchReason::StepUp, Some("w".to_owned())),
+        ]
+    );
+    assert_eq!(most_running.load(SeqCst), 1, "never two fetches at once");
 }
 
 /// An API answering `insufficient_scope` (scope `w`) on `/scoped` and 200 elsewhere;

@@ -116,13 +116,27 @@ impl<P: CredentialSource> CredentialCache<P> {
                     }
                 },
             }
+        } else if let Some(Want::StepUp(_, scope)) = &want {
+            // The credential that lacked the scope is gone (a rejection retired it): the
+            // next one must carry the scope, unless step-ups are backing off.
+            if state.step_up_retry_at.is_none_or(|at| now >= at) {
+                reason = FetchReason::StepUp;
+                required_scope = scope.clone();
+            }
         }
+        let step_up = reason == FetchReason::StepUp;
         if let Some(flight) = &state.flight {
-            metrics::event(&inner.config.name, metrics::WAITS);
-            return (
-                Acquire::waiting(flight.future.clone(), still_valid, &inner.config.clock),
-                None,
-            );
+            // A step-up does not join a fetch of another kind (a refetch after a
+            // rejection, an expiry's refresh): that one asks for no scope, so its
+            // credential would lack this one too. It gets a fetch of its own, chained
+            // after it below.
+            if !step_up || flight.step_up {
+                metrics::event(&inner.config.name, metrics::WAITS);
+                return (
+                    Acquire::waiting(flight.future.clone(), still_valid, &inner.config.clock),
+                    None,
+                );
+            }
         }
         if let Some(retry_at) = state.retry_at.filter(|at| now < *at) {
             if let Some(entry) = still_valid {
@@ -152,6 +166,9 @@ impl<P: CredentialSource> CredentialCache<P> {
                 reason = FetchReason::Invalidated;
                 previous = dropped;
             }
+        } else if step_up && previous.is_none() {
+            // A step-up with no credential in place: the source learns what was dropped.
+            previous = state.invalidated.take().flatten();
         }
         state.flight_id += 1;
         let id = state.flight_id;
@@ -159,11 +176,19 @@ impl<P: CredentialSource> CredentialCache<P> {
         let flight = Flight {
             id,
             future: FlightFuture { rx }.shared(),
+            step_up,
         };
         // After an invalidation, the fetch it made suspect may still run: this one waits
-        // for it to end before it starts.
-        let predecessor = state.running.as_ref().map(|f| f.future.clone());
-        if predecessor.is_none() {
+        // for it to end before it starts. A step-up may find a flight of another kind
+        // chained after that one, not started yet: it waits for both.
+        let running = state.running.as_ref().map(|f| (f.id, f.future.clone()));
+        let queued = state
+            .flight
+            .as_ref()
+            .filter(|f| running.as_ref().map(|r| r.0) != Some(f.id))
+            .map(|f| f.future.clone());
+        let predecessors: Vec<_> = running.map(|r| r.1).into_iter().chain(queued).collect();
+        if predecessors.is_empty() {
             state.running = Some(flight.clone());
         }
         state.flight = Some(flight.clone());
@@ -175,15 +200,15 @@ impl<P: CredentialSource> CredentialCache<P> {
             flight: flight.clone(),
             started: false,
             tx: Some(tx),
-            step_up: reason == FetchReason::StepUp,
+            step_up,
         };
         let span = tracing::debug_span!("credential_refresh", reason = ?reason);
-        tracing::debug!(parent: &span, background = still_valid.is_some(), chained = predecessor.is_some(), "starting credential refresh");
+        tracing::debug!(parent: &span, background = still_valid.is_some(), chained = !predecessors.is_empty(), "starting credential refresh");
         let start = Start {
             runtime,
             guard,
             cx: FetchContext::new(reason, previous).with_required_scope(required_scope),
-            predecessor,
+            predecessors,
             span,
         };
         (
@@ -198,7 +223,8 @@ struct Start<P: CredentialSource> {
     runtime: tokio::runtime::Handle,
     guard: FlightGuard<P>,
     cx: FetchContext,
-    predecessor: Option<Shared<FlightFuture>>,
+    /// The flights this one's fetch waits for (never two fetches at once).
+    predecessors: Vec<Shared<FlightFuture>>,
     span: tracing::Span,
 }
 
@@ -208,12 +234,12 @@ impl<P: CredentialSource> Start<P> {
             runtime,
             guard,
             cx,
-            predecessor,
+            predecessors,
             span,
         } = self;
         // A refused task is dropped, here or later, without having run: its guard ends
         // the flight with `SpawnRefused`.
-        drop(runtime.spawn(run_flight(guard, cx, predecessor).instrument(span)));
+        drop(runtime.spawn(run_flight(guard, cx, predecessors).instrument(span)));
     }
 }
 
@@ -340,6 +366,10 @@ impl<P: CredentialSource> FlightGuard<P> {
     fn begin(&mut self) -> Option<Arc<Entry>> {
         let mut state = self.inner.lock_state();
         state.running = Some(self.flight.clone());
+        // A step-up always fetches: what its predecessor brought asked for no scope.
+        if self.step_up {
+            return None;
+        }
         self.inner.current.load_full().filter(|e| self.sendable(e))
     }
 
@@ -525,12 +555,14 @@ impl<P: CredentialSource> Drop for FlightGuard<P> {
 async fn run_flight<P: CredentialSource>(
     mut guard: FlightGuard<P>,
     cx: FetchContext,
-    predecessor: Option<Shared<FlightFuture>>,
+    predecessors: Vec<Shared<FlightFuture>>,
 ) {
     guard.started = true;
-    if let Some(predecessor) = predecessor {
-        // Its result is not this flight's: only its end matters.
-        let _ = predecessor.await;
+    if !predecessors.is_empty() {
+        // Their results are not this flight's: only their end matters.
+        for predecessor in predecessors {
+            let _ = predecessor.await;
+        }
         if let Some(current) = guard.begin() {
             return guard.finish_with(current);
         }

@@ -477,6 +477,8 @@ pub struct CacheStats {
 struct Flight {
     id: u64,
     future: Shared<FlightFuture>,
+    /// A step-up's: a step-up joins no other kind (see `plan`).
+    step_up: bool,
 }
 
 #[derive(Default)]
