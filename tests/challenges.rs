@@ -421,45 +421,80 @@ async fn a_policy_of_ones_own_sees_the_headers_on_both_paths() {
     assert_eq!(fetches.load(SeqCst), 2);
 }
 
+type MockReq = Request<tower_client_auth::ReplayBody<Full<Bytes>>>;
+
+fn bearer(req: &MockReq) -> String {
+    req.headers()["authorization"].to_str().unwrap().to_owned()
+}
+
+fn lacks_scope_w() -> http::Response<&'static str> {
+    http::Response::builder()
+        .status(403)
+        .header(
+            "www-authenticate",
+            r#"Bearer error="insufficient_scope", scope="w""#,
+        )
+        .body("")
+        .unwrap()
+}
+
+type MockApi = tower_test::mock::Handle<MockReq, http::Response<&'static str>>;
+type Call = tokio::task::JoinHandle<Result<http::Response<&'static str>, BoxError>>;
+type Reply = tower_test::mock::SendResponse<http::Response<&'static str>>;
+
+/// A layer with step-up on over a mock API, and the mock's handle.
+fn step_up_over_mock<P: tower_client_auth::CredentialSource>(
+    layer: AuthLayer<P>,
+) -> (
+    tower_client_auth::AddCredential<
+        tower_test::mock::Mock<MockReq, http::Response<&'static str>>,
+        P,
+    >,
+    MockApi,
+) {
+    let (inner, api) = tower_test::mock::pair::<MockReq, http::Response<&'static str>>();
+    (layer.any_https_origin().step_up(true).layer(inner), api)
+}
+
+/// Sends `/a`, then `/b` through `svc`, and takes each off the mock API: both calls, both
+/// requests as the API got them, both reply handles.
+async fn two_in_flight<S>(svc: &S, api: &mut MockApi) -> ([Call; 2], [MockReq; 2], [Reply; 2])
+where
+    S: tower::Service<
+            Request<Full<Bytes>>,
+            Response = http::Response<&'static str>,
+            Error = BoxError,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+    let (req_a, reply_a) = api.next_request().await.unwrap();
+    let second = tokio::spawn(svc.clone().oneshot(support::get("/b")));
+    let (req_b, reply_b) = api.next_request().await.unwrap();
+    ([first, second], [req_a, req_b], [reply_a, reply_b])
+}
+
 /// World: two requests carry the first credential; the first one's 403 steps up, and the
 /// second one's 403 arrives only after the wider credential is installed. Proves: the
 /// late 403 starts no second step-up; it is replayed with the credential already there.
 #[tokio::test]
 async fn a_late_insufficient_scope_uses_the_step_up_already_made() {
-    use tower_test::mock;
-    type Req = Request<tower_client_auth::ReplayBody<Full<Bytes>>>;
-    let lacks_scope = || {
-        http::Response::builder()
-            .status(403)
-            .header(
-                "www-authenticate",
-                r#"Bearer error="insufficient_scope", scope="w""#,
-            )
-            .body("")
-            .unwrap()
-    };
-    let bearer = |req: &Req| req.headers()["authorization"].to_str().unwrap().to_owned();
     let source = support::TestSource::new();
-    let (inner, mut api) = mock::pair::<Req, http::Response<&'static str>>();
-    let svc = AuthLayer::new(source.clone())
-        .any_https_origin()
-        .step_up(true)
-        .layer(inner);
-    let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
-    let (req_a, reply_a) = api.next_request().await.unwrap();
-    let second = tokio::spawn(svc.clone().oneshot(support::get("/b")));
-    let (req_b, reply_b) = api.next_request().await.unwrap();
+    let (svc, mut api) = step_up_over_mock(AuthLayer::new(source.clone()));
+    let ([first, second], [req_a, req_b], [reply_a, reply_b]) = two_in_flight(&svc, &mut api).await;
     assert_eq!(
         (bearer(&req_a), bearer(&req_b)),
         ("Bearer token-1".into(), "Bearer token-1".into())
     );
-    reply_a.send_response(lacks_scope());
+    reply_a.send_response(lacks_scope_w());
     let (replay_a, reply) = api.next_request().await.unwrap();
     assert_eq!(bearer(&replay_a), "Bearer token-2");
     reply.send_response(http::Response::new(""));
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
     // Only now does the second request's answer come.
-    reply_b.send_response(lacks_scope());
+    reply_b.send_response(lacks_scope_w());
     let (replay_b, reply) = api.next_request().await.unwrap();
     assert_eq!(bearer(&replay_b), "Bearer token-2");
     reply.send_response(http::Response::new(""));
@@ -508,23 +543,6 @@ fn held_source(
     (source, log, gate, most_running)
 }
 
-type MockReq = Request<tower_client_auth::ReplayBody<Full<Bytes>>>;
-
-fn bearer(req: &MockReq) -> String {
-    req.headers()["authorization"].to_str().unwrap().to_owned()
-}
-
-fn lacks_scope_w() -> http::Response<&'static str> {
-    http::Response::builder()
-        .status(403)
-        .header(
-            "www-authenticate",
-            r#"Bearer error="insufficient_scope", scope="w""#,
-        )
-        .body("")
-        .unwrap()
-}
-
 /// Lets the tasks of a current-thread runtime run a while.
 async fn settle() {
     for _ in 0..50 {
@@ -551,17 +569,9 @@ async fn wait_for(done: impl Fn() -> bool) {
 /// replayed with that token. The first is replayed with the refetch's.
 #[tokio::test]
 async fn a_step_up_during_a_refetch_asks_for_its_scope() {
-    use tower_test::mock;
     let (source, log, gate, most_running) = held_source(1, Duration::from_secs(3600));
-    let (inner, mut api) = mock::pair::<MockReq, http::Response<&'static str>>();
-    let svc = AuthLayer::new(source)
-        .any_https_origin()
-        .step_up(true)
-        .layer(inner);
-    let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
-    let (req_a, reply_a) = api.next_request().await.unwrap();
-    let second = tokio::spawn(svc.clone().oneshot(support::get("/b")));
-    let (req_b, reply_b) = api.next_request().await.unwrap();
+    let (svc, mut api) = step_up_over_mock(AuthLayer::new(source));
+    let ([first, second], [req_a, req_b], [reply_a, reply_b]) = two_in_flight(&svc, &mut api).await;
     assert_eq!(
         (bearer(&req_a), bearer(&req_b)),
         ("Bearer t-0".into(), "Bearer t-0".into())
@@ -624,15 +634,9 @@ async fn refreshing_cache<P: tower_client_auth::CredentialSource>(
 /// chained after the refresh, and the replay carries that token, not the refresh's.
 #[tokio::test]
 async fn a_step_up_during_a_background_refresh_asks_for_its_scope() {
-    use tower_test::mock;
     // Tower.
     let (source, log, gate, most_running) = held_source(1, SHORT);
-    let cache = refreshing_cache(source).await;
-    let (inner, mut api) = mock::pair::<MockReq, http::Response<&'static str>>();
-    let svc = AuthLayer::with_cache(cache)
-        .any_https_origin()
-        .step_up(true)
-        .layer(inner);
+    let (svc, mut api) = step_up_over_mock(AuthLayer::with_cache(refreshing_cache(source).await));
     let call = tokio::spawn(svc.clone().oneshot(support::get("/b")));
     let (req, respond) = api.next_request().await.unwrap();
     assert_eq!(bearer(&req), "Bearer t-0");
