@@ -27,7 +27,11 @@ use http::Uri;
 
 /// One origin (`scheme://host[:port]`, RFC 6454): the credential is sent to requests
 /// whose scheme, host and port all match. Scheme and host compare case-insensitively; a
-/// missing port is the scheme's default (443 for https, 80 for http).
+/// missing port is the scheme's default (443 for https, 80 for http). A host is written
+/// as URL parsers (reqwest's `url`, browsers) write it, or refused: an IPv4 address as
+/// `a.b.c.d` in decimal (not `127.1` or `0x7f.0.0.1`), an IPv6 address compressed
+/// (`[::1]`, not `[0:0:0:0:0:0:0:1]` or `[::ffff:127.0.0.1]`), a name in its IDNA form
+/// (`xn--...`, not percent-encoded): reqwest names a request's host in that form only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
     scheme: String,
@@ -40,8 +44,8 @@ pub struct Origin {
     authorities: Vec<String>,
 }
 
-/// A string that is not an origin: it needs a scheme and a host, and nothing after them
-/// (no path, query or credentials).
+/// A string that is not an origin: it needs a scheme and a host (written as URL parsers
+/// write it: see [`Origin`]), and nothing after them (no path, query or credentials).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InvalidOrigin {
     what: &'static str,
@@ -122,6 +126,7 @@ impl Origin {
             None => default_port(&scheme).ok_or(invalid("unknown scheme and no port"))?,
         };
         let host = authority.host().to_ascii_lowercase();
+        check_host_form(&host).map_err(invalid)?;
         // The form requests use most first: no port when it is the default.
         let mut authorities = Vec::with_capacity(2);
         if default_port(&scheme) == Some(port) {
@@ -135,6 +140,87 @@ impl Origin {
             authorities,
         })
     }
+}
+
+/// Refuses a host that URL parsers (WHATWG's, which reqwest's `url` follows) would
+/// rewrite: an IP address in any form but the one they write, or a percent-encoded name.
+/// A request through reqwest names its host in the rewritten form, so an origin written
+/// otherwise would never match it, and its requests would go without the credential.
+fn check_host_form(host: &str) -> Result<(), &'static str> {
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        let addr: std::net::Ipv6Addr = inner
+            .parse()
+            .map_err(|_| "its host is not an IPv6 address")?;
+        return if whatwg_ipv6(&addr) == inner {
+            Ok(())
+        } else {
+            Err(
+                "write its IPv6 address as URL parsers do: lower case, the longest run of zeros as ::, no dotted IPv4 part",
+            )
+        };
+    }
+    if host.contains('%') {
+        return Err("its host is percent-encoded: write it as URL parsers do (IDNA: xn--...)");
+    }
+    // WHATWG reads a host whose last label is a number as an IPv4 address, in decimal,
+    // octal or hex, with fewer than four parts: only a.b.c.d in decimal stays as written.
+    let last = host
+        .strip_suffix('.')
+        .unwrap_or(host)
+        .rsplit('.')
+        .next()
+        .unwrap_or("");
+    let numeric = !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit())
+        || last
+            .strip_prefix("0x")
+            .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()));
+    if numeric {
+        let canonical = host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|addr| addr.to_string() == host);
+        if !canonical {
+            return Err(
+                "write its IPv4 address as four decimal numbers (a.b.c.d), as URL parsers do",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// An IPv6 address as the WHATWG URL standard serializes it: lower-case hex pieces
+/// without leading zeros, the first longest run of two or more zero pieces as `::`, and
+/// never a dotted IPv4 part (unlike `Ipv6Addr`'s `Display`).
+fn whatwg_ipv6(addr: &std::net::Ipv6Addr) -> String {
+    let pieces = addr.segments();
+    let (mut best, mut best_len, mut run, mut run_len) = (None, 1, 0, 0);
+    for (i, piece) in pieces.iter().enumerate() {
+        if *piece == 0 {
+            if run_len == 0 {
+                run = i;
+            }
+            run_len += 1;
+            if run_len > best_len {
+                (best, best_len) = (Some(run), run_len);
+            }
+        } else {
+            run_len = 0;
+        }
+    }
+    let mut out = String::with_capacity(39);
+    let mut i = 0;
+    while i < 8 {
+        if Some(i) == best {
+            out.push_str(if i == 0 { "::" } else { ":" });
+            i += best_len;
+            continue;
+        }
+        out.push_str(&format!("{:x}", pieces[i]));
+        if i < 7 {
+            out.push(':');
+        }
+        i += 1;
+    }
+    out
 }
 
 /// `scheme://host[:port]`, the port only when it is not the scheme's default: the form
@@ -412,6 +498,51 @@ mod tests {
         let scope = Scope::default().with_origin(local);
         assert!(scope.allows(&"http://127.0.0.1:8080/a".parse().unwrap(), &none, false));
         assert!(!scope.allows(&"http://127.0.0.1:8081/a".parse().unwrap(), &none, false));
+    }
+
+    /// An IP address written in a form other than the one URL parsers (reqwest's `url`,
+    /// browsers: WHATWG) rewrite it to is refused with a typed error: such an origin
+    /// could never match a reqwest request, which names it in the rewritten form, so its
+    /// requests would go without the credential. The written forms are kept.
+    #[test]
+    fn ip_origins_must_be_in_the_form_url_parsers_write() {
+        for bad in [
+            "http://127.1",
+            "http://127.0.1:8080",
+            "http://0x7f.0.0.1",
+            "http://2130706433",
+            "http://0177.0.0.1",
+            "http://127.0.0.01",
+            "http://127.0.0.1.",
+            "http://1.example.0x10",
+            "http://[0:0:0:0:0:0:0:1]",
+            "http://[::0:1]",
+            "http://[::ffff:127.0.0.1]:8080",
+            "http://[2001:db8:0:0:1:0:0:1]",
+            "http://b%C3%BCcher.example",
+        ] {
+            assert!(bad.parse::<Origin>().is_err(), "{bad}");
+        }
+        for (good, shown) in [
+            ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+            ("http://10.0.0.255", "http://10.0.0.255"),
+            ("http://[::1]", "http://[::1]"),
+            ("http://[::FFFF:7F00:1]:8080", "http://[::ffff:7f00:1]:8080"),
+            ("http://[2001:db8::1:0:0:1]", "http://[2001:db8::1:0:0:1]"),
+            (
+                "http://[2001:db8:0:1:1:1:1:1]",
+                "http://[2001:db8:0:1:1:1:1:1]",
+            ),
+            ("https://api.example.com", "https://api.example.com"),
+            ("https://1.2.3.example", "https://1.2.3.example"),
+            (
+                "https://xn--bcher-kva.example",
+                "https://xn--bcher-kva.example",
+            ),
+        ] {
+            let origin: Origin = good.parse().unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(origin.to_string(), shown);
+        }
     }
 }
 
