@@ -442,6 +442,15 @@ type MockApi = tower_test::mock::Handle<MockReq, http::Response<&'static str>>;
 type Call = tokio::task::JoinHandle<Result<http::Response<&'static str>, BoxError>>;
 type Reply = tower_test::mock::SendResponse<http::Response<&'static str>>;
 
+/// The next request the mock API gets, within 10 s (a test that waits for a request
+/// that never comes fails rather than hangs).
+async fn next_request(api: &mut MockApi) -> (MockReq, Reply) {
+    tokio::time::timeout(Duration::from_secs(10), api.next_request())
+        .await
+        .expect("no request came within 10 s")
+        .expect("the mock API is gone")
+}
+
 /// A layer with step-up on over a mock API, and the mock's handle.
 fn step_up_over_mock<P: tower_client_auth::CredentialSource>(
     layer: AuthLayer<P>,
@@ -470,9 +479,9 @@ where
     S::Future: Send,
 {
     let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
-    let (req_a, reply_a) = api.next_request().await.unwrap();
+    let (req_a, reply_a) = next_request(api).await;
     let second = tokio::spawn(svc.clone().oneshot(support::get("/b")));
-    let (req_b, reply_b) = api.next_request().await.unwrap();
+    let (req_b, reply_b) = next_request(api).await;
     ([first, second], [req_a, req_b], [reply_a, reply_b])
 }
 
@@ -489,13 +498,13 @@ async fn a_late_insufficient_scope_uses_the_step_up_already_made() {
         ("Bearer token-1".into(), "Bearer token-1".into())
     );
     reply_a.send_response(lacks_scope_w());
-    let (replay_a, reply) = api.next_request().await.unwrap();
+    let (replay_a, reply) = next_request(&mut api).await;
     assert_eq!(bearer(&replay_a), "Bearer token-2");
     reply.send_response(http::Response::new(""));
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
     // Only now does the second request's answer come.
     reply_b.send_response(lacks_scope_w());
-    let (replay_b, reply) = api.next_request().await.unwrap();
+    let (replay_b, reply) = next_request(&mut api).await;
     assert_eq!(bearer(&replay_b), "Bearer token-2");
     reply.send_response(http::Response::new(""));
     assert_eq!(second.await.unwrap().unwrap().status(), 200);
@@ -510,6 +519,7 @@ async fn a_late_insufficient_scope_uses_the_step_up_already_made() {
 fn held_source(
     held: usize,
     lifetime: Duration,
+    step_up_fails: bool,
 ) -> (
     impl tower_client_auth::CredentialSource,
     Arc<std::sync::Mutex<Vec<(FetchReason, Option<String>)>>>,
@@ -529,6 +539,7 @@ fn held_source(
                 log.push((cx.reason(), cx.required_scope().map(str::to_owned)));
                 log.len() - 1
             };
+            let fails = step_up_fails && cx.reason() == FetchReason::StepUp;
             let (gate, running, most) = (gate.clone(), running.clone(), most.clone());
             async move {
                 most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
@@ -536,6 +547,9 @@ fn held_source(
                     gate.acquire().await.unwrap().forget();
                 }
                 running.fetch_sub(1, SeqCst);
+                if fails {
+                    return Err("no wider grant for this client".into());
+                }
                 Ok::<_, BoxError>(Credential::bearer(format!("t-{n}"))?.expires_in(lifetime))
             }
         })
@@ -562,42 +576,101 @@ async fn wait_for(done: impl Fn() -> bool) {
 }
 
 /// World: two requests carry `t-0`; the first is rejected (401) and its refetch is
-/// still running when the second's answer says `t-0` lacks the scope `w`. Proves: the
-/// step-up does not join the refetch (which asks for no scope, so its token would lack
-/// `w` too and the step-up would count as failed): it asks for `w` in a fetch of its
-/// own, chained after the running one (never two at once), and the second request is
-/// replayed with that token. The first is replayed with the refetch's.
+/// still running when the second's answer says `t-0` lacks the scope `w`. Proves, with
+/// and without a store: the step-up does not join the refetch (which asks for no scope,
+/// so its token would lack `w` too and the step-up would count as failed), nor take the
+/// refetch's token from the store: it asks for `w` in a fetch of its own, chained after
+/// the running one (never two at once), and the second request is replayed with that
+/// token. The first is replayed with the refetch's.
 #[tokio::test]
 async fn a_step_up_during_a_refetch_asks_for_its_scope() {
-    let (source, log, gate, most_running) = held_source(1, Duration::from_secs(3600));
+    for store in [false, true] {
+        let (source, log, gate, most_running) = held_source(1, Duration::from_secs(3600), false);
+        let mut cache = tower_client_auth::CredentialCache::builder(source);
+        if store {
+            cache = cache.store(tower_client_auth::MemoryStore::new());
+        }
+        let layer = AuthLayer::with_cache(cache.build().unwrap());
+        let (svc, mut api) = step_up_over_mock(layer);
+        let ([first, second], [req_a, req_b], [reply_a, reply_b]) =
+            two_in_flight(&svc, &mut api).await;
+        assert_eq!(
+            (bearer(&req_a), bearer(&req_b)),
+            ("Bearer t-0".into(), "Bearer t-0".into())
+        );
+        reply_a.send_response(http::Response::builder().status(401).body("").unwrap());
+        wait_for(|| log.lock().unwrap().len() == 2).await;
+        reply_b.send_response(lacks_scope_w());
+        // The second request asks for its step-up before the refetch ends.
+        settle().await;
+        gate.add_permits(1);
+        let mut replays = Vec::new();
+        for _ in 0..2 {
+            let (replay, reply) = next_request(&mut api).await;
+            replays.push((replay.uri().path().to_owned(), bearer(&replay)));
+            reply.send_response(http::Response::new(""));
+        }
+        replays.sort();
+        assert_eq!(
+            replays,
+            [
+                ("/a".to_owned(), "Bearer t-1".to_owned()),
+                ("/b".to_owned(), "Bearer t-2".to_owned())
+            ],
+            "store: {store}"
+        );
+        assert_eq!(first.await.unwrap().unwrap().status(), 200);
+        assert_eq!(second.await.unwrap().unwrap().status(), 200);
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                (FetchReason::Initial, None),
+                (FetchReason::Rejected, None),
+                (FetchReason::StepUp, Some("w".to_owned())),
+            ]
+        );
+        assert_eq!(most_running.load(SeqCst), 1, "never two fetches at once");
+    }
+}
+
+/// World: as above, but a third request needing a credential comes while the refetch
+/// runs and the step-up waits behind it, and the step-up fails (the source cannot widen
+/// the grant). Proves: the third request gets the refetch's token (it does not wait for
+/// the step-up, nor take its failure); the step-up's request gets its 403 back, marked.
+#[tokio::test]
+async fn a_request_needing_a_credential_never_takes_a_step_ups_failure() {
+    let (source, log, gate, most_running) = held_source(1, Duration::from_secs(3600), true);
     let (svc, mut api) = step_up_over_mock(AuthLayer::new(source));
-    let ([first, second], [req_a, req_b], [reply_a, reply_b]) = two_in_flight(&svc, &mut api).await;
-    assert_eq!(
-        (bearer(&req_a), bearer(&req_b)),
-        ("Bearer t-0".into(), "Bearer t-0".into())
-    );
+    let ([first, second], _, [reply_a, reply_b]) = two_in_flight(&svc, &mut api).await;
     reply_a.send_response(http::Response::builder().status(401).body("").unwrap());
     wait_for(|| log.lock().unwrap().len() == 2).await;
     reply_b.send_response(lacks_scope_w());
-    // The second request asks for its step-up before the refetch ends.
+    settle().await;
+    let third = tokio::spawn(svc.clone().oneshot(support::get("/c")));
     settle().await;
     gate.add_permits(1);
-    let mut replays = Vec::new();
+    let mut sent = Vec::new();
     for _ in 0..2 {
-        let (replay, reply) = api.next_request().await.unwrap();
-        replays.push((replay.uri().path().to_owned(), bearer(&replay)));
+        let (req, reply) = next_request(&mut api).await;
+        sent.push((req.uri().path().to_owned(), bearer(&req)));
         reply.send_response(http::Response::new(""));
     }
-    replays.sort();
+    sent.sort();
     assert_eq!(
-        replays,
+        sent,
         [
             ("/a".to_owned(), "Bearer t-1".to_owned()),
-            ("/b".to_owned(), "Bearer t-2".to_owned())
+            ("/c".to_owned(), "Bearer t-1".to_owned())
         ]
     );
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
-    assert_eq!(second.await.unwrap().unwrap().status(), 200);
+    assert_eq!(third.await.unwrap().unwrap().status(), 200);
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(second.status(), 403);
+    assert_eq!(
+        second.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::InsufficientScope)
+    );
     assert_eq!(
         *log.lock().unwrap(),
         [
@@ -635,16 +708,16 @@ async fn refreshing_cache<P: tower_client_auth::CredentialSource>(
 #[tokio::test]
 async fn a_step_up_during_a_background_refresh_asks_for_its_scope() {
     // Tower.
-    let (source, log, gate, most_running) = held_source(1, SHORT);
+    let (source, log, gate, most_running) = held_source(1, SHORT, false);
     let (svc, mut api) = step_up_over_mock(AuthLayer::with_cache(refreshing_cache(source).await));
     let call = tokio::spawn(svc.clone().oneshot(support::get("/b")));
-    let (req, respond) = api.next_request().await.unwrap();
+    let (req, respond) = next_request(&mut api).await;
     assert_eq!(bearer(&req), "Bearer t-0");
     wait_for(|| log.lock().unwrap().len() == 2).await;
     respond.send_response(lacks_scope_w());
     settle().await;
     gate.add_permits(1);
-    let (replay, respond) = api.next_request().await.unwrap();
+    let (replay, respond) = next_request(&mut api).await;
     assert_eq!(bearer(&replay), "Bearer t-2", "the step-up's token");
     respond.send_response(http::Response::new(""));
     assert_eq!(call.await.unwrap().unwrap().status(), 200);
@@ -660,7 +733,7 @@ async fn a_step_up_during_a_background_refresh_asks_for_its_scope() {
     assert_eq!(most_running.load(SeqCst), 1, "never two fetches at once");
 
     // reqwest, against a loopback API that wants `t-2` on `/b`.
-    let (source, log, gate, most_running) = held_source(1, SHORT);
+    let (source, log, gate, most_running) = held_source(1, SHORT, false);
     let cache = refreshing_cache(source).await;
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();

@@ -91,7 +91,14 @@ impl<P: CredentialSource> CredentialCache<P> {
                     still_valid = Some(entry);
                 }
                 Some(Want::StepUp(generation, _)) if entry.generation != generation => {
-                    // A newer credential: the replay tries it.
+                    // A newer credential: the replay tries it, or the wider one a
+                    // step-up under way brings.
+                    if let Some(step_up) = &state.step_up {
+                        return (
+                            Acquire::waiting(step_up.future.clone(), None, &inner.config.clock),
+                            None,
+                        );
+                    }
                     return (Acquire::ready(Ok(entry)), None);
                 }
                 Some(Want::StepUp(_, _)) if state.step_up_retry_at.is_some_and(|at| now < at) => {
@@ -125,18 +132,21 @@ impl<P: CredentialSource> CredentialCache<P> {
             }
         }
         let step_up = reason == FetchReason::StepUp;
-        if let Some(flight) = &state.flight {
-            // A step-up does not join a fetch of another kind (a refetch after a
-            // rejection, an expiry's refresh): that one asks for no scope, so its
-            // credential would lack this one too. It gets a fetch of its own, chained
-            // after it below.
-            if !step_up || flight.step_up {
-                metrics::event(&inner.config.name, metrics::WAITS);
-                return (
-                    Acquire::waiting(flight.future.clone(), still_valid, &inner.config.clock),
-                    None,
-                );
-            }
+        // A step-up joins only a step-up: a fetch of another kind (a refetch after a
+        // rejection, an expiry's refresh) asks for no scope, so its credential would lack
+        // this one too. Without one to join, it gets a fetch of its own, chained below
+        // after whatever else is under way.
+        let joinable = if step_up {
+            &state.step_up
+        } else {
+            &state.flight
+        };
+        if let Some(flight) = joinable {
+            metrics::event(&inner.config.name, metrics::WAITS);
+            return (
+                Acquire::waiting(flight.future.clone(), still_valid, &inner.config.clock),
+                None,
+            );
         }
         if let Some(retry_at) = state.retry_at.filter(|at| now < *at) {
             if let Some(entry) = still_valid {
@@ -166,9 +176,6 @@ impl<P: CredentialSource> CredentialCache<P> {
                 reason = FetchReason::Invalidated;
                 previous = dropped;
             }
-        } else if step_up && previous.is_none() {
-            // A step-up with no credential in place: the source learns what was dropped.
-            previous = state.invalidated.take().flatten();
         }
         state.flight_id += 1;
         let id = state.flight_id;
@@ -176,22 +183,29 @@ impl<P: CredentialSource> CredentialCache<P> {
         let flight = Flight {
             id,
             future: FlightFuture { rx }.shared(),
-            step_up,
         };
         // After an invalidation, the fetch it made suspect may still run: this one waits
-        // for it to end before it starts. A step-up may find a flight of another kind
-        // chained after that one, not started yet: it waits for both.
-        let running = state.running.as_ref().map(|f| (f.id, f.future.clone()));
-        let queued = state
-            .flight
-            .as_ref()
-            .filter(|f| running.as_ref().map(|r| r.0) != Some(f.id))
-            .map(|f| f.future.clone());
-        let predecessors: Vec<_> = running.map(|r| r.1).into_iter().chain(queued).collect();
+        // for it to end before it starts. A flight chained after it and not started yet,
+        // or a step-up's beside an ordinary one, is waited for too: never two at once.
+        let running = state.running.as_ref().map(|f| f.id);
+        let queued = [&state.flight, &state.step_up]
+            .into_iter()
+            .flatten()
+            .filter(|f| running != Some(f.id));
+        let predecessors: Vec<_> = state
+            .running
+            .iter()
+            .chain(queued)
+            .map(|f| f.future.clone())
+            .collect();
         if predecessors.is_empty() {
             state.running = Some(flight.clone());
         }
-        state.flight = Some(flight.clone());
+        if step_up {
+            state.step_up = Some(flight.clone());
+        } else {
+            state.flight = Some(flight.clone());
+        }
         inner.stats.fetches.fetch_add(1, Ordering::Relaxed);
         metrics::event(&inner.config.name, metrics::WAITS);
         let guard = FlightGuard {
@@ -384,6 +398,9 @@ impl<P: CredentialSource> FlightGuard<P> {
         let id = self.flight.id;
         if state.flight.as_ref().is_some_and(|f| f.id == id) {
             state.flight = None;
+        }
+        if state.step_up.as_ref().is_some_and(|f| f.id == id) {
+            state.step_up = None;
         }
         if state.running.as_ref().is_some_and(|f| f.id == id) {
             state.running = None;
@@ -604,8 +621,12 @@ async fn obtain<P: CredentialSource>(
             store_call(inner, deadline, "remove", store.remove(rejected)).await;
         }
     }
-    let usable =
-        |stored: &Credential| Some(stored) != cx.previous() && inner.is_usable_stored(stored);
+    // A step-up asks the source for a wider grant: whatever the store holds was not
+    // granted for its scope.
+    let step_up = cx.reason() == FetchReason::StepUp;
+    let usable = |stored: &Credential| {
+        !step_up && Some(stored) != cx.previous() && inner.is_usable_stored(stored)
+    };
     let mut pause = LEASE_POLL_FIRST;
     let name = &inner.config.name;
     // When this flight began to wait for another holder, if it did.

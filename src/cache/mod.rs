@@ -426,7 +426,9 @@ impl<P: CredentialSource> Inner<P> {
     /// once). A chained fetch that has not started yet starts after this anyway.
     fn detach_running(state: &mut State) {
         let running = state.running.as_ref().map(|f| f.id);
-        if let Some(flight) = state.flight.take_if(|f| running == Some(f.id)) {
+        let joined = state.flight.take_if(|f| running == Some(f.id));
+        let step_up = state.step_up.take_if(|f| running == Some(f.id));
+        if let Some(flight) = joined.or(step_up) {
             state.suspect = Some(flight.id);
         }
     }
@@ -477,15 +479,17 @@ pub struct CacheStats {
 struct Flight {
     id: u64,
     future: Shared<FlightFuture>,
-    /// A step-up's: a step-up joins no other kind (see `plan`).
-    step_up: bool,
 }
 
 #[derive(Default)]
 struct State {
     /// The flight a caller who needs a credential joins: running, or chained after a
-    /// suspect one and waiting for it to end.
+    /// suspect one and waiting for it to end. Never a step-up's.
     flight: Option<Flight>,
+    /// A step-up's flight, running or chained after the others: later step-ups join it,
+    /// nothing else does (a caller that needs any credential is not held to a wider
+    /// grant, nor to its failure).
+    step_up: Option<Flight>,
     /// The flight whose fetch runs now: at most one at any time. A new flight started
     /// while it runs (it was made suspect and detached) is chained after it, for as long
     /// as it runs: a chained flight that dies before it starts does not make it forgotten.
