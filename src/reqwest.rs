@@ -261,9 +261,10 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     }
 }
 
-/// The rest of the reqwest middleware chain as the Tower service [`AddCredential`](crate::AddCredential) wraps: the
-/// adapter runs the layer's own request path (attach, send, judge the answer, invalidate,
-/// replay once) over it, so both entry points share one implementation.
+/// The inner service the layer's request path runs over in the reqwest adapter (attach,
+/// send, judge the answer, invalidate, replay once), so that both entry points share one
+/// implementation: it hands each attempt to the rest of the middleware chain through the
+/// [`Exchange`].
 ///
 /// Nothing is parsed or converted twice: the state machine gets an `http` request made of
 /// the method, URI, headers and body, while the reqwest request keeps everything else
@@ -275,7 +276,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
 /// An attempt does not send anything itself: it leaves its reqwest request in the
 /// [`Exchange`] and waits, and the middleware's own loop (which alone holds the middleware
 /// extensions the rest of the chain borrows) sends it and leaves the answer there. So an
-/// attempt's future is a plain struct, neither boxed nor holding a lock across a send.
+/// attempt's future is a plain enum, neither boxed nor holding a lock across a send.
 #[derive(Clone, Copy)]
 struct Rest<'a> {
     exchange: &'a std::sync::Mutex<Exchange>,
@@ -330,14 +331,18 @@ impl Exchange {
         next: &Next<'e>,
         extensions: &'e mut Extensions,
     ) -> Option<BoxFuture<'e, reqwest_middleware::Result<reqwest::Response>>> {
-        let mut x = Self::lock(this);
-        if !x.is_outgoing() {
-            return None;
-        }
-        match std::mem::replace(&mut x.slot, Slot::Empty) {
-            Slot::Outgoing(out) => Some(next.clone().run(out, extensions)),
-            _ => None,
-        }
+        let out = {
+            let mut x = Self::lock(this);
+            if !x.is_outgoing() {
+                return None;
+            }
+            match std::mem::replace(&mut x.slot, Slot::Empty) {
+                Slot::Outgoing(out) => out,
+                _ => return None,
+            }
+        };
+        // Not under the lock: the next middleware's `handle` runs in `run`.
+        Some(next.clone().run(out, extensions))
     }
 }
 
@@ -368,9 +373,10 @@ impl Future for Attempt<'_> {
                 }
                 match std::mem::replace(&mut x.slot, Slot::Empty) {
                     Slot::Answered(answer) => Poll::Ready(answer),
-                    // Neither sent nor answered: a bug, reported rather than hung on.
+                    // Neither sent nor answered (polled after its answer, or lost): a
+                    // bug, reported rather than hung on.
                     _ => Poll::Ready(Err(reqwest_middleware::Error::middleware(Opaque(
-                        "an attempt's request was lost".into(),
+                        "an attempt was polled with no request or answer of its own".into(),
                     )))),
                 }
             }
@@ -441,6 +447,13 @@ impl Rest<'_> {
         };
         if self.replayable {
             x.shell = Some(copy_for_replay(&shell));
+        }
+        if !matches!(x.slot, Slot::Empty) {
+            // The state machine sends one attempt at a time: anything else is a bug,
+            // reported rather than a request or an answer silently dropped.
+            return Err(reqwest_middleware::Error::middleware(Opaque(
+                "an attempt was made while another was under way".into(),
+            )));
         }
         x.slot = Slot::Outgoing(shell);
         if let Slot::Outgoing(out) = &mut x.slot {
@@ -606,8 +619,8 @@ impl<P: CredentialSource> AuthMiddleware<P> {
                 replayable: plan.replayable,
             };
             // The layer's request path over this middleware's own parts (`Rest` is always
-            // ready): the cache is read through its shared slot, and only a replayable
-            // request takes a reference to it.
+            // ready): the cache is read through its shared slot, and only a request whose
+            // credential can change takes a reference to it.
             let mut future = std::pin::pin!(ResponseFuture::start(
                 &mut rest,
                 &self.cache,
