@@ -778,6 +778,48 @@ async fn a_step_up_during_a_background_refresh_asks_for_its_scope() {
     assert_eq!(most_running.load(SeqCst), 1, "never two fetches at once");
 }
 
+/// World: a step-up is fetching (held) when the credential enters its soft window, so
+/// the next request's background refresh is chained after the step-up; then the step-up
+/// fails. Proves: the background refresh still fetches (it is not ended by the
+/// still-sendable credential its predecessor left, which would have kept the refresh
+/// claimed and done nothing until the hard window).
+#[tokio::test]
+async fn a_refresh_queued_behind_a_failed_step_up_still_fetches() {
+    let (source, log, gate, most_running) = held_source(1, SHORT, true);
+    let cache = tower_client_auth::CredentialCache::builder(source)
+        .hard_window(Duration::from_millis(100))
+        .window_jitter(0.0)
+        .build()
+        .unwrap();
+    cache.warm_up().await.unwrap();
+    let (svc, mut api) = step_up_over_mock(AuthLayer::with_cache(cache));
+    let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+    let (_, reply) = next_request(&mut api).await;
+    reply.send_response(lacks_scope_w());
+    wait_for(|| log.lock().unwrap().len() == 2).await;
+    // `t-0` enters its soft window while the step-up is held.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let second = tokio::spawn(svc.clone().oneshot(support::get("/c")));
+    let (req, reply) = next_request(&mut api).await;
+    assert_eq!(bearer(&req), "Bearer t-0");
+    reply.send_response(http::Response::new(""));
+    settle().await;
+    gate.add_permits(1);
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), 403);
+    assert_eq!(second.await.unwrap().unwrap().status(), 200);
+    wait_for(|| log.lock().unwrap().len() == 3).await;
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            (FetchReason::Initial, None),
+            (FetchReason::StepUp, Some("w".to_owned())),
+            (FetchReason::Expiring, None),
+        ]
+    );
+    assert_eq!(most_running.load(SeqCst), 1, "never two fetches at once");
+}
+
 /// An API answering `insufficient_scope` (scope `w`) on `/scoped` and 200 elsewhere;
 /// counts its calls.
 async fn scoped_api() -> (std::net::SocketAddr, Arc<AtomicUsize>) {

@@ -129,6 +129,9 @@ impl<P: CredentialSource> CredentialCache<P> {
             if state.step_up_retry_at.is_none_or(|at| now >= at) {
                 reason = FetchReason::StepUp;
                 required_scope = scope.clone();
+                // Told what an invalidation dropped, if one did; the marker stays for
+                // the next ordinary fetch, should this one fail.
+                previous = state.invalidated.clone().flatten();
             }
         }
         let step_up = reason == FetchReason::StepUp;
@@ -376,7 +379,10 @@ struct FlightGuard<P: CredentialSource> {
 
 impl<P: CredentialSource> FlightGuard<P> {
     /// A chained flight's predecessor ended: this flight's fetch starts now. `Some` when
-    /// a credential handed over meanwhile may be sent, which makes the fetch needless.
+    /// a credential handed over or fetched meanwhile is fresh, which makes the fetch
+    /// needless. One in its soft window does not: a refresh is due (a background
+    /// refresh queued behind a step-up that failed would otherwise end here with its
+    /// claim never given back, and nothing refreshed before the hard window).
     fn begin(&mut self) -> Option<Arc<Entry>> {
         let mut state = self.inner.lock_state();
         state.running = Some(self.flight.clone());
@@ -384,7 +390,11 @@ impl<P: CredentialSource> FlightGuard<P> {
         if self.step_up {
             return None;
         }
-        self.inner.current.load_full().filter(|e| self.sendable(e))
+        let (now, wall) = (Instant::now(), self.inner.config.clock.now());
+        self.inner
+            .current
+            .load_full()
+            .filter(|e| matches!(e.phase_at(now, wall), Phase::Fresh))
     }
 
     /// Whether `entry` may be sent without waiting: not yet in its hard window.
@@ -561,6 +571,13 @@ impl<P: CredentialSource> Drop for FlightGuard<P> {
                     .stats
                     .fetch_failures
                     .fetch_add(1, Ordering::Relaxed);
+            } else if self.step_up {
+                // A step-up's failure backs off step-ups only, as in `finish`.
+                self.inner
+                    .stats
+                    .fetch_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.step_up_failed_locked(&mut state);
             } else {
                 Self::record_failure(&self.inner, &mut state, &err, Instant::now());
             }
