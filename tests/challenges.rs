@@ -792,6 +792,46 @@ async fn a_step_up_during_a_background_refresh_asks_for_its_scope() {
     );
 }
 
+/// World: a step-up is fetching (held) when the application invalidates the credential.
+/// Proves: the step-up's token, fetched across the invalidation, goes to its own request
+/// only (its replay); the next request does not get it but a fetch made after the
+/// invalidation.
+#[tokio::test]
+async fn an_invalidation_during_a_step_up_keeps_its_token_out_of_the_cache() {
+    let (source, log, gate, most_running) = held_source(1, Duration::from_secs(3600), false);
+    let layer = AuthLayer::new(source);
+    let handle = layer.cache().handle();
+    let (svc, mut api) = step_up_over_mock(layer);
+    let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+    let (_, reply) = next_request(&mut api).await;
+    reply.send_response(lacks_scope_w());
+    wait_for(|| log.lock().unwrap().len() == 2).await;
+    assert!(handle.invalidate());
+    gate.add_permits(1);
+    let (replay, reply) = next_request(&mut api).await;
+    assert_eq!(bearer(&replay), "Bearer t-1", "the step-up's own request");
+    reply.send_response(http::Response::new(""));
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    let next = tokio::spawn(svc.clone().oneshot(support::get("/c")));
+    let (req, reply) = next_request(&mut api).await;
+    assert_eq!(
+        bearer(&req),
+        "Bearer t-2",
+        "not the token fetched across the invalidation"
+    );
+    reply.send_response(http::Response::new(""));
+    assert_eq!(next.await.unwrap().unwrap().status(), 200);
+    assert_fetches(
+        &log,
+        &most_running,
+        &[
+            (FetchReason::Initial, None),
+            (FetchReason::StepUp, Some("w")),
+            (FetchReason::Invalidated, None),
+        ],
+    );
+}
+
 /// World: a step-up is fetching (held) when the credential enters its soft window, so
 /// the next request's background refresh is chained after the step-up; then the step-up
 /// fails. Proves: the background refresh still fetches (it is not ended by the
