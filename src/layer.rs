@@ -148,8 +148,9 @@ macro_rules! replay_rules {
         /// `insufficient_scope` challenge), the source is asked for a new grant with the
         /// scope the API named ([`FetchReason::StepUp`], [`FetchContext::required_scope`];
         /// a refresh cannot widen a scope, RFC 6749 §6) and the request is replayed once
-        /// with it. However many requests get that answer for one credential, the source
-        /// is asked once.
+        /// with it. However many requests get that answer for one credential and scope,
+        /// the source is asked once; a request lacking a scope the step-up under way does
+        /// not ask for gets a step-up after it that asks for both.
         ///
         /// Off, or when the step-up fails or brings back the same credential, the answer
         /// goes back as it came, with an [`InsufficientScope`] extension and

@@ -442,11 +442,16 @@ fn bearer(req: &MockReq) -> String {
 }
 
 fn lacks_scope_w() -> http::Response<&'static str> {
+    lacks_scope("w")
+}
+
+/// A 403 saying the token lacks `scope`.
+fn lacks_scope(scope: &str) -> http::Response<&'static str> {
     http::Response::builder()
         .status(403)
         .header(
             "www-authenticate",
-            r#"Bearer error="insufficient_scope", scope="w""#,
+            format!(r#"Bearer error="insufficient_scope", scope="{scope}""#),
         )
         .body("")
         .unwrap()
@@ -788,6 +793,56 @@ async fn a_step_up_during_a_background_refresh_asks_for_its_scope() {
             (FetchReason::Initial, None),
             (FetchReason::Expiring, None),
             (FetchReason::StepUp, Some("w")),
+        ],
+    );
+}
+
+/// World: two requests carry `t-0`; the first's answer says it lacks `w`, and while
+/// that step-up fetches (held) the second's says it lacks `x`. Proves: the second does
+/// not join a step-up that asks for `w` alone (its replay would lack `x` again, and
+/// step-ups would back off): a step-up of its own, chained after the first (never two
+/// at once), asks for both, and each request is replayed with a token granted its
+/// scope. A third request lacking `w` joins that wider step-up, not a third one.
+#[tokio::test]
+async fn step_ups_for_different_scopes_each_ask_for_theirs() {
+    let (source, log, gate, most_running) = held_source(1, Duration::from_secs(3600), false);
+    let (svc, mut api) = step_up_over_mock(AuthLayer::new(source));
+    let ([first, second], _, [reply_a, reply_b]) = two_in_flight(&svc, &mut api).await;
+    let third = tokio::spawn(svc.clone().oneshot(support::get("/c")));
+    let (_, reply_c) = next_request(&mut api).await;
+    reply_a.send_response(lacks_scope("w"));
+    wait_for(|| log.lock().unwrap().len() == 2).await;
+    reply_b.send_response(lacks_scope("x"));
+    settle().await;
+    reply_c.send_response(lacks_scope("w"));
+    settle().await;
+    gate.add_permits(1);
+    let mut replays = Vec::new();
+    for _ in 0..3 {
+        let (replay, reply) = next_request(&mut api).await;
+        replays.push((replay.uri().path().to_owned(), bearer(&replay)));
+        reply.send_response(http::Response::new(""));
+    }
+    replays.sort();
+    let replays: Vec<_> = replays.iter().map(|(p, t)| (&p[..], &t[..])).collect();
+    assert_eq!(
+        replays,
+        [
+            ("/a", "Bearer t-1"),
+            ("/b", "Bearer t-2"),
+            ("/c", "Bearer t-2")
+        ]
+    );
+    for call in [first, second, third] {
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+    assert_fetches(
+        &log,
+        &most_running,
+        &[
+            (FetchReason::Initial, None),
+            (FetchReason::StepUp, Some("w")),
+            (FetchReason::StepUp, Some("w x")),
         ],
     );
 }

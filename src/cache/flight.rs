@@ -90,10 +90,14 @@ impl<P: CredentialSource> CredentialCache<P> {
                     previous = Some(entry.credential.clone());
                     still_valid = Some(entry);
                 }
-                Some(Want::StepUp(generation, _)) if entry.generation != generation => {
+                Some(Want::StepUp(generation, scope)) if entry.generation != generation => {
                     // A newer credential: the replay tries it, or the wider one a
-                    // step-up under way brings.
-                    if let Some(step_up) = &state.step_up {
+                    // step-up under way for this scope brings.
+                    if let Some(step_up) = state
+                        .step_up
+                        .as_ref()
+                        .filter(|f| f.covers(scope.as_deref()))
+                    {
                         return (
                             Acquire::waiting(step_up.future.clone(), None, &inner.config.clock),
                             None,
@@ -139,10 +143,18 @@ impl<P: CredentialSource> CredentialCache<P> {
         // rejection, an expiry's refresh) asks for no scope, so its credential would lack
         // this one too. Without one to join, it gets a fetch of its own, chained below
         // after whatever else is under way.
+        // Nor does it join a step-up for another scope: its own, chained after that one,
+        // asks for both (later step-ups for either join it).
         let joinable = if step_up {
-            &state.step_up
+            match &state.step_up {
+                Some(f) if !f.covers(required_scope.as_deref()) => {
+                    required_scope = f.widened(required_scope.as_deref());
+                    None
+                }
+                other => other.as_ref(),
+            }
         } else {
-            &state.flight
+            state.flight.as_ref()
         };
         if let Some(flight) = joinable {
             metrics::event(&inner.config.name, metrics::WAITS);
@@ -186,6 +198,7 @@ impl<P: CredentialSource> CredentialCache<P> {
         let flight = Flight {
             id,
             future: FlightFuture { rx }.shared(),
+            scope: required_scope.as_deref().filter(|_| step_up).map(Arc::from),
         };
         // After an invalidation, the fetch it made suspect may still run: this one waits
         // for it to end before it starts. A flight chained after it and not started yet,

@@ -479,6 +479,37 @@ pub struct CacheStats {
 struct Flight {
     id: u64,
     future: Shared<FlightFuture>,
+    /// For a step-up, the scope it asks for (space-separated): a step-up for a scope
+    /// it does not cover is another one.
+    scope: Option<Arc<str>>,
+}
+
+impl Flight {
+    /// Whether this step-up asks for every scope in `wanted` (space-separated).
+    fn covers(&self, wanted: Option<&str>) -> bool {
+        let asked = self.scope.as_deref().unwrap_or_default();
+        wanted
+            .unwrap_or_default()
+            .split_ascii_whitespace()
+            .all(|w| asked.split_ascii_whitespace().any(|a| a == w))
+    }
+
+    /// What a step-up asks for that must cover this one's scope and `wanted` too: this
+    /// one's scopes, then those of `wanted` it lacks.
+    fn widened(&self, wanted: Option<&str>) -> Option<String> {
+        let mut scope = self.scope.as_deref().map(str::to_owned);
+        for w in wanted.unwrap_or_default().split_ascii_whitespace() {
+            match &mut scope {
+                Some(s) if s.split_ascii_whitespace().any(|a| a == w) => {}
+                Some(s) => {
+                    s.push(' ');
+                    s.push_str(w);
+                }
+                None => scope = Some(w.to_owned()),
+            }
+        }
+        scope
+    }
 }
 
 #[derive(Default)]
