@@ -532,11 +532,11 @@ async fn a_late_insufficient_scope_uses_the_step_up_already_made() {
 }
 
 /// A source issuing `t-N` (valid for `lifetime`), recording each fetch's reason and scope,
-/// whose fetch number `held` waits for one permit of the returned semaphore; and the
-/// most fetches it ever ran at once.
+/// whose fetches numbered in `held` each wait for one permit of the returned semaphore;
+/// and the most fetches it ever ran at once.
 #[allow(clippy::type_complexity)]
 fn held_source(
-    held: usize,
+    held: &[usize],
     lifetime: Duration,
     step_up_fails: bool,
 ) -> (
@@ -552,6 +552,7 @@ fn held_source(
     let source = {
         let (log, gate) = (log.clone(), gate.clone());
         let most = most_running.clone();
+        let held = held.to_vec();
         source_fn(move |cx: FetchContext| {
             let n = {
                 let mut log = log.lock().unwrap();
@@ -560,12 +561,14 @@ fn held_source(
             };
             let fails = step_up_fails && cx.reason() == FetchReason::StepUp;
             let (gate, running, most) = (gate.clone(), running.clone(), most.clone());
+            let held = held.contains(&n);
             async move {
                 most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
-                if n == held {
+                // Counted out however the fetch ends, a cancelled one too.
+                let _running = Running(running);
+                if held {
                     gate.acquire().await.unwrap().forget();
                 }
-                running.fetch_sub(1, SeqCst);
                 if fails {
                     return Err("no wider grant for this client".into());
                 }
@@ -574,6 +577,15 @@ fn held_source(
         })
     };
     (source, log, gate, most_running)
+}
+
+/// One fetch running, counted out when dropped.
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
 }
 
 /// Lets the tasks of a current-thread runtime run a while.
@@ -604,7 +616,7 @@ async fn wait_for(done: impl Fn() -> bool) {
 #[tokio::test]
 async fn a_step_up_during_a_refetch_asks_for_its_scope() {
     for store in [false, true] {
-        let (source, log, gate, most_running) = held_source(1, Duration::from_secs(3600), false);
+        let (source, log, gate, most_running) = held_source(&[1], Duration::from_secs(3600), false);
         let mut cache = tower_client_auth::CredentialCache::builder(source);
         if store {
             cache = cache.store(tower_client_auth::MemoryStore::new());
@@ -658,7 +670,7 @@ async fn a_step_up_during_a_refetch_asks_for_its_scope() {
 /// the step-up, nor take its failure); the step-up's request gets its 403 back, marked.
 #[tokio::test]
 async fn a_request_needing_a_credential_never_takes_a_step_ups_failure() {
-    let (source, log, gate, most_running) = held_source(1, Duration::from_secs(3600), true);
+    let (source, log, gate, most_running) = held_source(&[1], Duration::from_secs(3600), true);
     let (svc, mut api) = step_up_over_mock(AuthLayer::new(source));
     let ([first, second], _, [reply_a, reply_b]) = two_in_flight(&svc, &mut api).await;
     reply_a.send_response(http::Response::builder().status(401).body("").unwrap());
@@ -727,7 +739,7 @@ async fn refreshing_cache<P: tower_client_auth::CredentialSource>(
 #[tokio::test]
 async fn a_step_up_during_a_background_refresh_asks_for_its_scope() {
     // Tower.
-    let (source, log, gate, most_running) = held_source(1, SHORT, false);
+    let (source, log, gate, most_running) = held_source(&[1], SHORT, false);
     let (svc, mut api) = step_up_over_mock(AuthLayer::with_cache(refreshing_cache(source).await));
     let call = tokio::spawn(svc.clone().oneshot(support::get("/b")));
     let (req, respond) = next_request(&mut api).await;
@@ -752,7 +764,7 @@ async fn a_step_up_during_a_background_refresh_asks_for_its_scope() {
     assert_eq!(most_running.load(SeqCst), 1, "never two fetches at once");
 
     // reqwest, against a loopback API that wants `t-2` on `/b`.
-    let (source, log, gate, most_running) = held_source(1, SHORT, false);
+    let (source, log, gate, most_running) = held_source(&[1], SHORT, false);
     let cache = refreshing_cache(source).await;
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
@@ -805,7 +817,7 @@ async fn a_step_up_during_a_background_refresh_asks_for_its_scope() {
 /// scope. A third request lacking `w` joins that wider step-up, not a third one.
 #[tokio::test]
 async fn step_ups_for_different_scopes_each_ask_for_theirs() {
-    let (source, log, gate, most_running) = held_source(1, Duration::from_secs(3600), false);
+    let (source, log, gate, most_running) = held_source(&[1], Duration::from_secs(3600), false);
     let (svc, mut api) = step_up_over_mock(AuthLayer::new(source));
     let ([first, second], _, [reply_a, reply_b]) = two_in_flight(&svc, &mut api).await;
     let third = tokio::spawn(svc.clone().oneshot(support::get("/c")));
@@ -847,13 +859,198 @@ async fn step_ups_for_different_scopes_each_ask_for_theirs() {
     );
 }
 
+/// World: a step-up's task dies: cancelled with its runtime while it fetches (held), or
+/// refused by a runtime that has shut down. Proves: that backs step-ups off and nothing
+/// else: the next `insufficient_scope` goes back at once with no fetch, and after an
+/// invalidation the next request's fetch starts at once (not backed off as after a
+/// failed refresh) and the request goes through.
+#[test]
+fn a_step_up_whose_task_dies_backs_off_step_ups_only() {
+    for case in ["cancelled", "refused"] {
+        let main = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (source, log, gate, most_running) = held_source(&[1], Duration::from_secs(3600), false);
+        let layer = AuthLayer::new(source);
+        let cache = layer.cache().clone();
+        main.block_on(cache.warm_up()).unwrap();
+        let (svc, mut api) = step_up_over_mock(layer);
+        let answer_lacking_w = |api: &mut MockApi| {
+            main.block_on(async {
+                let (req, reply) = next_request(api).await;
+                assert_eq!(bearer(&req), "Bearer t-0", "{case}");
+                reply.send_response(lacks_scope_w());
+            })
+        };
+        if case == "cancelled" {
+            let dying = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let _call = dying.spawn(svc.clone().oneshot(support::get("/a")));
+            answer_lacking_w(&mut api);
+            main.block_on(wait_for(|| log.lock().unwrap().len() == 2));
+            dying.shutdown_background();
+        } else {
+            let dead = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let handle = dead.handle().clone();
+            dead.shutdown_background();
+            let call = std::thread::spawn({
+                let svc = svc.clone();
+                move || {
+                    let _entered = handle.enter();
+                    support::block_on(svc.oneshot(support::get("/a")))
+                }
+            });
+            answer_lacking_w(&mut api);
+            let res = call.join().unwrap().unwrap();
+            assert_eq!(res.status(), 403);
+        }
+        main.block_on(wait_for(|| cache.stats().fetch_failures == 1));
+        // The second fetch, if it is not the dead step-up's, is not held.
+        gate.add_permits(1);
+        main.block_on(async {
+            let call = tokio::spawn(svc.clone().oneshot(support::get("/b")));
+            let (req, reply) = next_request(&mut api).await;
+            assert_eq!(bearer(&req), "Bearer t-0", "{case}");
+            reply.send_response(lacks_scope_w());
+            let res = call.await.unwrap().unwrap();
+            assert_eq!(res.status(), 403, "{case}: step-ups back off");
+            assert_eq!(
+                res.extensions().get::<NotReplayed>(),
+                Some(&NotReplayed::InsufficientScope)
+            );
+            assert!(cache.handle().invalidate());
+            let call = tokio::spawn(svc.clone().oneshot(support::get("/c")));
+            let (req, reply) = next_request(&mut api).await;
+            let fetched = if case == "cancelled" { "t-2" } else { "t-1" };
+            assert_eq!(bearer(&req), format!("Bearer {fetched}"), "{case}");
+            reply.send_response(http::Response::new(""));
+            assert_eq!(call.await.unwrap().unwrap().status(), 200, "{case}");
+        });
+        let mut expected = vec![(FetchReason::Initial, None)];
+        if case == "cancelled" {
+            expected.push((FetchReason::StepUp, Some("w")));
+        }
+        expected.push((FetchReason::Invalidated, None));
+        assert_fetches(&log, &most_running, &expected);
+    }
+}
+
+/// World: `t-0` is in its soft window; `/a` and `/b` carry it; `/a`'s sending starts the
+/// background refresh (held), and its answer says `t-0` lacks `w`, so a step-up is
+/// chained after the refresh. The refresh installs `t-1`, the step-up starts (held), and
+/// only then does `/b`'s answer say `t-0` lacks `w`. Proves: `/b` is not replayed with
+/// `t-1` (newer, but granted no `w`): it waits for the step-up under way and is replayed
+/// with its token, and no further step-up starts.
+#[tokio::test]
+async fn a_late_insufficient_scope_waits_for_the_step_up_under_way() {
+    let (source, log, gate, most_running) = held_source(&[1, 2], SHORT, false);
+    let (svc, mut api) = step_up_over_mock(AuthLayer::with_cache(refreshing_cache(source).await));
+    let ([first, second], _, [reply_a, reply_b]) = two_in_flight(&svc, &mut api).await;
+    wait_for(|| log.lock().unwrap().len() == 2).await;
+    reply_a.send_response(lacks_scope_w());
+    settle().await;
+    gate.add_permits(1);
+    wait_for(|| log.lock().unwrap().len() == 3).await;
+    reply_b.send_response(lacks_scope_w());
+    settle().await;
+    gate.add_permits(1);
+    let mut replays = Vec::new();
+    for _ in 0..2 {
+        let (replay, reply) = next_request(&mut api).await;
+        replays.push((replay.uri().path().to_owned(), bearer(&replay)));
+        reply.send_response(http::Response::new(""));
+    }
+    replays.sort();
+    let replays: Vec<_> = replays.iter().map(|(p, t)| (&p[..], &t[..])).collect();
+    assert_eq!(replays, [("/a", "Bearer t-2"), ("/b", "Bearer t-2")]);
+    for call in [first, second] {
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+    assert_fetches(
+        &log,
+        &most_running,
+        &[
+            (FetchReason::Initial, None),
+            (FetchReason::Expiring, None),
+            (FetchReason::StepUp, Some("w")),
+        ],
+    );
+}
+
+/// World: the application invalidates `t-0` while a request carrying it is in flight,
+/// and that request's answer then says `t-0` lacks `w`. Proves: the step-up, with no
+/// credential in place, is told what the invalidation dropped (a source must not hand it
+/// back); if the step-up fails, the next ordinary fetch is still the invalidation's, and
+/// told the same.
+#[tokio::test]
+async fn a_step_up_after_an_invalidation_is_told_what_it_dropped() {
+    for step_up_fails in [false, true] {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let source = {
+            let log = log.clone();
+            source_fn(move |cx: FetchContext| {
+                let n = {
+                    let mut log = log.lock().unwrap();
+                    log.push((cx.reason(), cx.previous().cloned()));
+                    log.len() - 1
+                };
+                let fails = step_up_fails && cx.reason() == FetchReason::StepUp;
+                async move {
+                    if fails {
+                        return Err("no wider grant for this client".into());
+                    }
+                    Ok::<_, BoxError>(Credential::bearer(format!("t-{n}"))?)
+                }
+            })
+        };
+        let layer = AuthLayer::new(source);
+        let cache = layer.cache().clone();
+        let t0 = cache.credential().await.unwrap();
+        let (svc, mut api) = step_up_over_mock(layer);
+        let call = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+        let (_, reply) = next_request(&mut api).await;
+        assert!(cache.handle().invalidate());
+        reply.send_response(lacks_scope_w());
+        let mut expected = vec![
+            (FetchReason::Initial, None),
+            (FetchReason::StepUp, Some(t0.clone())),
+        ];
+        if step_up_fails {
+            assert_eq!(call.await.unwrap().unwrap().status(), 403);
+            let call = tokio::spawn(svc.clone().oneshot(support::get("/c")));
+            let (req, reply) = next_request(&mut api).await;
+            assert_eq!(bearer(&req), "Bearer t-2");
+            reply.send_response(http::Response::new(""));
+            assert_eq!(call.await.unwrap().unwrap().status(), 200);
+            expected.push((FetchReason::Invalidated, Some(t0)));
+        } else {
+            let (replay, reply) = next_request(&mut api).await;
+            assert_eq!(bearer(&replay), "Bearer t-1");
+            reply.send_response(http::Response::new(""));
+            assert_eq!(call.await.unwrap().unwrap().status(), 200);
+        }
+        assert_eq!(
+            *log.lock().unwrap(),
+            expected,
+            "step-up fails: {step_up_fails}"
+        );
+    }
+}
+
 /// World: a step-up is fetching (held) when the application invalidates the credential.
 /// Proves: the step-up's token, fetched across the invalidation, goes to its own request
 /// only (its replay); the next request does not get it but a fetch made after the
 /// invalidation.
 #[tokio::test]
 async fn an_invalidation_during_a_step_up_keeps_its_token_out_of_the_cache() {
-    let (source, log, gate, most_running) = held_source(1, Duration::from_secs(3600), false);
+    let (source, log, gate, most_running) = held_source(&[1], Duration::from_secs(3600), false);
     let layer = AuthLayer::new(source);
     let handle = layer.cache().handle();
     let (svc, mut api) = step_up_over_mock(layer);
@@ -894,7 +1091,7 @@ async fn an_invalidation_during_a_step_up_keeps_its_token_out_of_the_cache() {
 /// claimed and done nothing until the hard window).
 #[tokio::test]
 async fn a_refresh_queued_behind_a_failed_step_up_still_fetches() {
-    let (source, log, gate, most_running) = held_source(1, SHORT, true);
+    let (source, log, gate, most_running) = held_source(&[1], SHORT, true);
     let cache = tower_client_auth::CredentialCache::builder(source)
         .hard_window(Duration::from_millis(100))
         .window_jitter(0.0)

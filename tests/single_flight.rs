@@ -355,7 +355,7 @@ fn a_refused_spawn_is_a_typed_error_not_a_deadlock() {
         let cache = cache.clone();
         move || {
             let _entered = handle.enter();
-            let result = futures_executor_block_on(cache.credential());
+            let result = support::block_on(cache.credential());
             let _ = tx.send(result.map_err(|e| e.kind()));
         }
     });
@@ -376,26 +376,6 @@ fn a_refused_spawn_is_a_typed_error_not_a_deadlock() {
             .expect("another thread blocked on the cache")
     );
     other.join().unwrap();
-}
-
-/// A minimal executor: polls a future on this thread until it is ready.
-fn futures_executor_block_on<F: std::future::Future>(future: F) -> F::Output {
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
-            return out;
-        }
-        std::thread::park();
-    }
 }
 
 /// Waits up to a second for `cond`, on this thread.
@@ -442,7 +422,7 @@ fn a_chained_fetch_that_dies_before_it_starts_leaves_the_suspect_one_alone() {
             let cache = cache.clone();
             let kind = std::thread::spawn(move || {
                 let _entered = handle.enter();
-                futures_executor_block_on(cache.credential()).map_err(|e| e.kind())
+                support::block_on(cache.credential()).map_err(|e| e.kind())
             })
             .join()
             .unwrap();

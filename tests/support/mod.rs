@@ -203,6 +203,27 @@ impl FakeApi {
     }
 }
 
+/// A minimal executor: polls a future on this thread until it is ready (for a thread
+/// that has entered a runtime which no longer runs tasks).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
+    }
+}
+
 /// A request to `path` on the fake API host, over https.
 pub fn get(path: &str) -> Request<Full<Bytes>> {
     Request::get(format!("https://api.test{path}"))
