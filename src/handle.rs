@@ -22,8 +22,10 @@ impl CacheHandle {
         self.inner.strong_count() > 0
     }
 
-    /// Makes `credential` the current one at once, ahead of any refresh in flight.
-    /// Returns `Ok(false)` if the cache is gone.
+    /// Makes `credential` the current one at once, ahead of any refresh in flight: the
+    /// requests waiting for that refresh get `credential` too, except a step-up's
+    /// (`AuthLayer::step_up`), which get the wider grant they asked for. Returns
+    /// `Ok(false)` if the cache is gone.
     ///
     /// # Errors
     /// A credential bound to a key (DPoP) when the cache's source does not say it binds

@@ -1044,6 +1044,51 @@ async fn a_step_up_after_an_invalidation_is_told_what_it_dropped() {
     }
 }
 
+/// World: a step-up is fetching (held), or chained after a background refresh and not
+/// started yet, when the application hands over a credential of its own (`replace`).
+/// Proves: the step-up's request is replayed with the step-up's token (the wider grant it
+/// asked for, not the handed-over one, which was granted no `w`), while the handed-over
+/// credential stays the one every other request gets.
+#[tokio::test]
+async fn a_replacement_during_a_step_up_leaves_the_step_up_its_token() {
+    for queued in [false, true] {
+        let (source, log, gate, most_running) = held_source(&[1, 2], SHORT, false);
+        let cache = refreshing_cache(source).await;
+        let handle = cache.handle();
+        let (svc, mut api) = step_up_over_mock(AuthLayer::with_cache(cache));
+        let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+        let (_, reply) = next_request(&mut api).await;
+        // `/a`'s sending started the background refresh (held).
+        wait_for(|| log.lock().unwrap().len() == 2).await;
+        reply.send_response(lacks_scope_w());
+        settle().await;
+        if !queued {
+            gate.add_permits(1);
+            wait_for(|| log.lock().unwrap().len() == 3).await;
+        }
+        assert!(handle.replace(Credential::bearer("mine").unwrap()).unwrap());
+        gate.add_permits(2);
+        let (replay, reply) = next_request(&mut api).await;
+        assert_eq!(bearer(&replay), "Bearer t-2", "queued: {queued}");
+        reply.send_response(http::Response::new(""));
+        assert_eq!(first.await.unwrap().unwrap().status(), 200);
+        let next = tokio::spawn(svc.clone().oneshot(support::get("/c")));
+        let (req, reply) = next_request(&mut api).await;
+        assert_eq!(bearer(&req), "Bearer mine", "queued: {queued}");
+        reply.send_response(http::Response::new(""));
+        assert_eq!(next.await.unwrap().unwrap().status(), 200);
+        assert_fetches(
+            &log,
+            &most_running,
+            &[
+                (FetchReason::Initial, None),
+                (FetchReason::Expiring, None),
+                (FetchReason::StepUp, Some("w")),
+            ],
+        );
+    }
+}
+
 /// World: a step-up is fetching (held) when the application invalidates the credential.
 /// Proves: the step-up's token, fetched across the invalidation, goes to its own request
 /// only (its replay); the next request does not get it but a fetch made after the

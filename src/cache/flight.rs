@@ -365,7 +365,8 @@ impl Future for FlightFuture {
 enum Standing {
     /// The cache's: installed, or its failure backs the cache off.
     Current,
-    /// An invalidation made it suspect: its own waiters' only.
+    /// An invalidation made it suspect, or it is a step-up overtaken by a credential
+    /// handed over: its own waiters' only.
     Suspect,
     /// A credential handed over since it started, still sendable, is the answer.
     Replaced(Arc<Entry>),
@@ -437,6 +438,12 @@ impl<P: CredentialSource> FlightGuard<P> {
             // sent (for this flight's own waiters too); one gone stale meanwhile does
             // not: this flight's result replaces it, unless it was detached as well.
             if let Some(current) = self.inner.current.load_full().filter(|e| self.sendable(e)) {
+                // A step-up's waiters asked for a wider grant than the handed-over
+                // credential is known to carry: theirs is the step-up's result, and the
+                // handed-over credential stays current.
+                if self.step_up {
+                    return Standing::Suspect;
+                }
                 return Standing::Replaced(current);
             }
         }
@@ -461,9 +468,10 @@ impl<P: CredentialSource> FlightGuard<P> {
                     Ok(current)
                 }
                 (Ok(credential), Standing::Suspect) => {
-                    // Invalidated while this fetch ran: its result predates the
-                    // invalidation, so it goes to its own waiters only.
-                    tracing::debug!("fetched credential predates an invalidation");
+                    // Invalidated while this fetch ran (its result predates the
+                    // invalidation), or a step-up overtaken by a credential handed
+                    // over: its result goes to its own waiters only.
+                    tracing::debug!("fetched credential goes to its own waiters only");
                     Ok(inner.entry(&mut state, credential, now))
                 }
                 (Ok(credential), Standing::Current) => {
