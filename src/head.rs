@@ -7,7 +7,10 @@
 //! Copying the same bytes into one buffer costs a single allocation; the parsing back
 //! happens only on the rare replay path. BENCHMARKS.md's "Hot-path machinery" table has
 //! the measured difference (an inline buffer inside the response future measured worse,
-//! too: every move of the future copies it).
+//! too: every move of the future copies it). A spent buffer is kept for the thread's
+//! next snapshot, which saves even that allocation; cloning the URI instead of copying
+//! it measured worse (a parsed URI's path is often not shared yet, and a clone
+//! allocates to share it).
 
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 
@@ -37,9 +40,8 @@ impl Head {
         let path = uri.path_and_query().map(|p| p.as_str());
         let headers = req.headers();
         let len = |part: Option<&str>| part.map_or(0, str::len);
-        let mut buf = Vec::with_capacity(
-            6 + len(scheme) + len(authority) + len(path) + headers.len() * PER_HEADER,
-        );
+        let mut buf =
+            spare_buffer(6 + len(scheme) + len(authority) + len(path) + headers.len() * PER_HEADER);
         let [[s0, s1], [a0, a1], [p0, p1]] =
             [part_len(scheme)?, part_len(authority)?, part_len(path)?];
         buf.extend_from_slice(&[s0, s1, a0, a1, p0, p1]);
@@ -65,8 +67,9 @@ impl Head {
 
     /// Rebuilds the request around `body`. `None` only if the snapshot no longer parses,
     /// which values that parsed once cannot do.
-    pub(crate) fn into_request<B>(self, body: B) -> Option<Request<B>> {
-        let mut r = Reader(&self.buf);
+    pub(crate) fn into_request<B>(mut self, body: B) -> Option<Request<B>> {
+        let buf = std::mem::take(&mut self.buf);
+        let mut r = Reader(&buf);
         let lens = [r.u16()?, r.u16()?, r.u16()?];
         let [scheme, authority, path] = lens.map(|len| (len != NONE).then_some(len));
         let (scheme, authority, path) =
@@ -92,12 +95,47 @@ impl Head {
             headers.append(name, value);
         }
         let mut req = Request::new(body);
-        *req.method_mut() = self.method;
+        *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri.build().ok()?;
         *req.version_mut() = self.version;
         *req.headers_mut() = headers;
-        *req.extensions_mut() = self.extensions;
+        *req.extensions_mut() = std::mem::take(&mut self.extensions);
         Some(req)
+    }
+}
+
+thread_local! {
+    /// One spent snapshot buffer per thread, for the next snapshot taken on it: a
+    /// request's snapshot lives until its answer, so without it every request allocates
+    /// and frees one buffer (BENCHMARKS.md has what that costs).
+    static SPARE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Most bytes a buffer may hold to be kept for the next snapshot: an unusually big head
+/// is not kept alive on its thread.
+const SPARE_MAX: usize = 4096;
+
+/// An empty buffer with room for `capacity` bytes: this thread's spare (grown if need
+/// be), if it has one.
+#[inline]
+fn spare_buffer(capacity: usize) -> Vec<u8> {
+    match SPARE.try_with(std::cell::Cell::take) {
+        Ok(mut spare) if spare.capacity() != 0 => {
+            spare.reserve_exact(capacity);
+            spare
+        }
+        _ => Vec::with_capacity(capacity),
+    }
+}
+
+impl Drop for Head {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        if buf.capacity() != 0 && buf.capacity() <= SPARE_MAX {
+            buf.clear();
+            // A thread being torn down keeps nothing; a spare already there is freed.
+            let _ = SPARE.try_with(|spare| spare.replace(buf));
+        }
     }
 }
 
@@ -194,6 +232,43 @@ mod tests {
         assert_eq!(back.headers(), req.headers());
         assert_eq!(back.uri(), req.uri());
         assert!(back.uri().scheme().is_none() && back.uri().authority().is_none());
+    }
+
+    /// A spent snapshot's buffer serves the next snapshot on the thread, emptied first
+    /// (what it held never shows in the next one); a buffer bigger than `SPARE_MAX` is
+    /// not kept.
+    #[test]
+    fn a_spent_buffer_serves_the_next_snapshot_and_a_big_one_is_freed() {
+        let mut small = Request::get("https://a.test/x?q=1")
+            .header("x-one", "1")
+            .body(())
+            .unwrap();
+        small
+            .headers_mut()
+            .append("x-one", HeaderValue::from_static("11"));
+        let other = Request::get("/y").header("x-two", "22").body(()).unwrap();
+        let first = Head::of(&small).unwrap();
+        let spent = first.buf.as_ptr();
+        drop(first);
+        let second = Head::of(&other).unwrap();
+        assert_eq!(second.buf.as_ptr(), spent, "the spare buffer is reused");
+        let back = second.into_request(()).unwrap();
+        assert_eq!(back.uri(), other.uri());
+        assert_eq!(back.headers(), other.headers());
+
+        let mut big = Request::get("/z").body(()).unwrap();
+        let value = HeaderValue::from_str(&"v".repeat(SPARE_MAX)).unwrap();
+        big.headers_mut().insert("x-big", value);
+        drop(Head::of(&big).unwrap());
+        let kept = SPARE.with(|spare| {
+            let buf = spare.take();
+            let capacity = buf.capacity();
+            spare.set(buf);
+            capacity
+        });
+        assert!(kept <= SPARE_MAX, "kept {kept} bytes");
+        let back = Head::of(&small).unwrap().into_request(()).unwrap();
+        assert_eq!(back.headers(), small.headers());
     }
 
     /// A truncated buffer is `None`, not a panic.
