@@ -149,8 +149,8 @@ macro_rules! replay_rules {
         /// scope the API named ([`FetchReason::StepUp`], [`FetchContext::required_scope`];
         /// a refresh cannot widen a scope, RFC 6749 §6) and the request is replayed once
         /// with it. However many requests get that answer for one credential and scope,
-        /// the source is asked once; a request lacking a scope the step-up under way does
-        /// not ask for gets a step-up after it that asks for both.
+        /// the source is asked once; a request lacking a scope that no step-up under way
+        /// asks for gets a step-up after them that asks for its scope and the last one's.
         ///
         /// Off, or when the step-up fails or brings back the same credential, the answer
         /// goes back as it came, with an [`InsufficientScope`] extension and

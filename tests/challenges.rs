@@ -814,7 +814,8 @@ async fn a_step_up_during_a_background_refresh_asks_for_its_scope() {
 /// not join a step-up that asks for `w` alone (its replay would lack `x` again, and
 /// step-ups would back off): a step-up of its own, chained after the first (never two
 /// at once), asks for both, and each request is replayed with a token granted its
-/// scope. A third request lacking `w` joins that wider step-up, not a third one.
+/// scope. A third request lacking `w` joins the first step-up, which asks for it: no
+/// third one starts.
 #[tokio::test]
 async fn step_ups_for_different_scopes_each_ask_for_theirs() {
     let (source, log, gate, most_running) = held_source(&[1], Duration::from_secs(3600), false);
@@ -842,7 +843,7 @@ async fn step_ups_for_different_scopes_each_ask_for_theirs() {
         [
             ("/a", "Bearer t-1"),
             ("/b", "Bearer t-2"),
-            ("/c", "Bearer t-2")
+            ("/c", "Bearer t-1")
         ]
     );
     for call in [first, second, third] {
@@ -1087,6 +1088,137 @@ async fn a_replacement_during_a_step_up_leaves_the_step_up_its_token() {
             ],
         );
     }
+}
+
+/// World: step-up A (for `w`) is fetching (held) and step-up AB (for `w x`) is chained
+/// after it when the application invalidates the credential. Proves (review finding):
+/// the invalidation reaches A although AB took its place among the step-ups: A's token
+/// goes to A's own request only, and a request sent while AB fetches gets AB's token
+/// (fetched after the invalidation), never A's.
+#[tokio::test]
+async fn an_invalidation_reaches_a_step_up_a_wider_one_followed() {
+    let (source, log, gate, most_running) = held_source(&[1, 2], Duration::from_secs(3600), false);
+    let layer = AuthLayer::new(source);
+    let handle = layer.cache().handle();
+    let (svc, mut api) = step_up_over_mock(layer);
+    let ([first, second], _, [reply_a, reply_b]) = two_in_flight(&svc, &mut api).await;
+    reply_a.send_response(lacks_scope("w"));
+    wait_for(|| log.lock().unwrap().len() == 2).await;
+    reply_b.send_response(lacks_scope("x"));
+    settle().await;
+    assert!(handle.invalidate());
+    gate.add_permits(1);
+    let (replay, reply) = next_request(&mut api).await;
+    assert_eq!(
+        (replay.uri().path(), bearer(&replay)),
+        ("/a", "Bearer t-1".to_owned())
+    );
+    reply.send_response(http::Response::new(""));
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    wait_for(|| log.lock().unwrap().len() == 3).await;
+    let third = tokio::spawn(svc.clone().oneshot(support::get("/c")));
+    settle().await;
+    gate.add_permits(1);
+    let mut sent = Vec::new();
+    for _ in 0..2 {
+        let (req, reply) = next_request(&mut api).await;
+        sent.push((req.uri().path().to_owned(), bearer(&req)));
+        reply.send_response(http::Response::new(""));
+    }
+    sent.sort();
+    let sent: Vec<_> = sent.iter().map(|(p, t)| (&p[..], &t[..])).collect();
+    assert_eq!(sent, [("/b", "Bearer t-2"), ("/c", "Bearer t-2")]);
+    for call in [second, third] {
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+    assert_fetches(
+        &log,
+        &most_running,
+        &[
+            (FetchReason::Initial, None),
+            (FetchReason::StepUp, Some("w")),
+            (FetchReason::StepUp, Some("w x")),
+        ],
+    );
+}
+
+/// World: a background refresh is fetching (held); step-up A (for `w`) is chained after
+/// it; a request's step-up for `x` (which would ask for `w x`) is refused by a runtime
+/// that has shut down; then the application invalidates, and a request needing a
+/// credential comes. Proves (review finding): A, chained and no longer the newest
+/// step-up, is still waited for: when the refresh ends, A fetches and the request's
+/// fetch does not start beside it (never two at once).
+#[test]
+fn a_dead_wider_step_up_leaves_the_chain_behind_it_intact() {
+    let main = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (source, log, gate, most_running) = held_source(&[1, 2], SHORT, false);
+    let cache = main.block_on(refreshing_cache(source));
+    let handle = cache.handle();
+    let (svc, mut api) = step_up_over_mock(AuthLayer::with_cache(cache));
+    let first = main.spawn(svc.clone().oneshot(support::get("/a")));
+    main.block_on(async {
+        let (req, reply) = next_request(&mut api).await;
+        assert_eq!(bearer(&req), "Bearer t-0");
+        wait_for(|| log.lock().unwrap().len() == 2).await;
+        reply.send_response(lacks_scope("w"));
+        settle().await;
+    });
+    let dead = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let entered = dead.handle().clone();
+    dead.shutdown_background();
+    let second = std::thread::spawn({
+        let svc = svc.clone();
+        move || {
+            let _entered = entered.enter();
+            support::block_on(svc.oneshot(support::get("/b")))
+        }
+    });
+    main.block_on(async {
+        let (req, reply) = next_request(&mut api).await;
+        assert_eq!(bearer(&req), "Bearer t-0");
+        reply.send_response(lacks_scope("x"));
+    });
+    assert_eq!(second.join().unwrap().unwrap().status(), 403);
+    assert!(handle.invalidate());
+    let third = main.spawn(svc.clone().oneshot(support::get("/c")));
+    main.block_on(async {
+        settle().await;
+        gate.add_permits(1);
+        wait_for(|| log.lock().unwrap().len() >= 3).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            log.lock().unwrap().len(),
+            3,
+            "a fetch started beside the step-up"
+        );
+        gate.add_permits(1);
+        let mut sent = Vec::new();
+        for _ in 0..2 {
+            let (req, reply) = next_request(&mut api).await;
+            sent.push((req.uri().path().to_owned(), bearer(&req)));
+            reply.send_response(http::Response::new(""));
+        }
+        sent.sort();
+        let sent: Vec<_> = sent.iter().map(|(p, t)| (&p[..], &t[..])).collect();
+        assert_eq!(sent, [("/a", "Bearer t-2"), ("/c", "Bearer t-2")]);
+        assert_eq!(first.await.unwrap().unwrap().status(), 200);
+        assert_eq!(third.await.unwrap().unwrap().status(), 200);
+    });
+    assert_fetches(
+        &log,
+        &most_running,
+        &[
+            (FetchReason::Initial, None),
+            (FetchReason::Expiring, None),
+            (FetchReason::StepUp, Some("w")),
+        ],
+    );
 }
 
 /// World: a step-up is fetching (held) when the application invalidates the credential.

@@ -270,6 +270,62 @@ async fn invalidations_during_a_fetch_chain_exactly_one_fetch_after_it() {
     assert_eq!(source.fetches(), 2);
 }
 
+/// World: a cache over a store; the application invalidates while a fetch runs (the
+/// first one, or a background refresh with a credential in place), and the next request
+/// comes only after that fetch has ended. Proves: the fetch's result, made suspect by the
+/// invalidation, goes to its own waiter only, and not back into the cache through the
+/// store it was saved in: the next request's fetch goes to the source, told
+/// `Invalidated`, and gets a new credential.
+#[tokio::test(start_paused = true)]
+async fn an_invalidated_fetchs_result_is_not_taken_back_from_the_store() {
+    for background in [false, true] {
+        let source = TestSource::build(
+            Some(Duration::from_secs(40)),
+            Duration::ZERO,
+            true,
+            RefreshMode::Proactive,
+        );
+        let cache = CredentialCache::builder(source.clone())
+            .store(MemoryStore::new())
+            .window_jitter(0.0)
+            .build()
+            .unwrap();
+        let mut n = 1;
+        if background {
+            let warm = ask(&cache);
+            settle().await;
+            source.release(1);
+            warm.await.unwrap().unwrap();
+            // Into the soft window (the last quarter): the next request starts the
+            // background refresh, and gets `token-1` meanwhile.
+            tokio::time::advance(Duration::from_secs(31)).await;
+            n = 2;
+        }
+        let first = ask(&cache);
+        settle().await;
+        assert_eq!(source.fetches(), n, "background: {background}");
+        assert!(cache.handle().invalidate());
+        source.release(1);
+        let mine = first.await.unwrap().unwrap();
+        settle().await;
+        let next = ask(&cache);
+        settle().await;
+        assert_eq!(
+            source.fetches(),
+            n + 1,
+            "background: {background}: the store handed back the invalidated fetch's credential"
+        );
+        assert_eq!(source.log()[n].1, FetchReason::Invalidated);
+        source.release(1);
+        let next = next.await.unwrap().unwrap();
+        assert_eq!(
+            next,
+            Credential::bearer(format!("token-{}", n + 1)).unwrap()
+        );
+        assert_ne!(next, mine);
+    }
+}
+
 /// World: a fetch in flight is superseded (by a credential handed over with `replace`,
 /// or by an invalidation and the fetch chained after it) and then fails. Proves: the
 /// superseded fetch's failure reaches its own waiter only: the cache is not put into

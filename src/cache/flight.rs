@@ -90,33 +90,30 @@ impl<P: CredentialSource> CredentialCache<P> {
                     previous = Some(entry.credential.clone());
                     still_valid = Some(entry);
                 }
-                Some(Want::StepUp(generation, scope)) if entry.generation != generation => {
-                    // A newer credential: the replay tries it, or the wider one a
-                    // step-up under way for this scope brings.
-                    if let Some(step_up) = state
-                        .step_up
-                        .as_ref()
-                        .filter(|f| f.covers(scope.as_deref()))
-                    {
-                        return (
-                            Acquire::waiting(step_up.future.clone(), None, &inner.config.clock),
-                            None,
-                        );
-                    }
-                    return (Acquire::ready(Ok(entry)), None);
-                }
-                Some(Want::StepUp(_, _)) if state.step_up_retry_at.is_some_and(|at| now < at) => {
-                    // Step-ups are backing off: the credential as it is.
-                    return (Acquire::ready(Ok(entry)), None);
-                }
                 Some(Want::StepUp(generation, scope)) => {
+                    // A step-up under way that asks for this scope brings the credential
+                    // to replay with (joined below, even while step-ups back off).
+                    let covered = state.step_ups.iter().any(|f| f.covers(scope.as_deref()));
+                    if !covered {
+                        if entry.generation != generation && state.step_ups.is_empty() {
+                            // A newer credential, and no step-up under way: the replay
+                            // tries it.
+                            return (Acquire::ready(Ok(entry)), None);
+                        }
+                        if state.step_up_retry_at.is_some_and(|at| now < at) {
+                            // Step-ups are backing off: the credential as it is.
+                            return (Acquire::ready(Ok(entry)), None);
+                        }
+                    }
                     tracing::debug!(generation, "credential lacks a scope; stepping up");
                     reason = FetchReason::StepUp;
                     previous = Some(entry.credential.clone());
                     required_scope = scope;
                     // Valid still: in use until the wider one is there, and the answer
-                    // if the step-up fails.
-                    still_valid = Some(entry).filter(|e| !e.is_expired_at(now, wall));
+                    // if the step-up fails (not a newer one: this request was not sent
+                    // with it).
+                    still_valid = Some(entry)
+                        .filter(|e| e.generation == generation && !e.is_expired_at(now, wall));
                 }
                 _ => match entry.phase_at(now, wall) {
                     Phase::Fresh | Phase::Soft => return (Acquire::ready(Ok(entry)), None),
@@ -129,8 +126,10 @@ impl<P: CredentialSource> CredentialCache<P> {
             }
         } else if let Some(Want::StepUp(_, scope)) = &want {
             // The credential that lacked the scope is gone (a rejection retired it): the
-            // next one must carry the scope, unless step-ups are backing off.
-            if state.step_up_retry_at.is_none_or(|at| now >= at) {
+            // next one must carry the scope, unless step-ups are backing off (and none
+            // under way asks for it).
+            let covered = state.step_ups.iter().any(|f| f.covers(scope.as_deref()));
+            if covered || state.step_up_retry_at.is_none_or(|at| now >= at) {
                 reason = FetchReason::StepUp;
                 required_scope = scope.clone();
                 // Told what an invalidation dropped, if one did; the marker stays for
@@ -146,13 +145,14 @@ impl<P: CredentialSource> CredentialCache<P> {
         // Nor does it join a step-up for another scope: its own, chained after that one,
         // asks for both (later step-ups for either join it).
         let joinable = if step_up {
-            match &state.step_up {
-                Some(f) if !f.covers(required_scope.as_deref()) => {
-                    required_scope = f.widened(required_scope.as_deref());
-                    None
-                }
-                other => other.as_ref(),
+            let covering = state
+                .step_ups
+                .iter()
+                .find(|f| f.covers(required_scope.as_deref()));
+            if let (None, Some(last)) = (covering, state.step_ups.last()) {
+                required_scope = last.widened(required_scope.as_deref());
             }
+            covering
         } else {
             state.flight.as_ref()
         };
@@ -204,9 +204,10 @@ impl<P: CredentialSource> CredentialCache<P> {
         // for it to end before it starts. A flight chained after it and not started yet,
         // or a step-up's beside an ordinary one, is waited for too: never two at once.
         let running = state.running.as_ref().map(|f| f.id);
-        let queued = [&state.flight, &state.step_up]
-            .into_iter()
-            .flatten()
+        let queued = state
+            .flight
+            .iter()
+            .chain(&state.step_ups)
             .filter(|f| running != Some(f.id));
         let predecessors: Vec<_> = state
             .running
@@ -218,7 +219,7 @@ impl<P: CredentialSource> CredentialCache<P> {
             state.running = Some(flight.clone());
         }
         if step_up {
-            state.step_up = Some(flight.clone());
+            state.step_ups.push(flight.clone());
         } else {
             state.flight = Some(flight.clone());
         }
@@ -365,9 +366,12 @@ impl Future for FlightFuture {
 enum Standing {
     /// The cache's: installed, or its failure backs the cache off.
     Current,
-    /// An invalidation made it suspect, or it is a step-up overtaken by a credential
-    /// handed over: its own waiters' only.
+    /// An invalidation made it suspect: its own waiters' only, and never taken back
+    /// from a store it was saved in.
     Suspect,
+    /// A step-up overtaken by a credential handed over: its own waiters' only (they
+    /// asked for a wider grant than the handed-over one is known to carry).
+    Overtaken,
     /// A credential handed over since it started, still sendable, is the answer.
     Replaced(Arc<Entry>),
 }
@@ -423,9 +427,7 @@ impl<P: CredentialSource> FlightGuard<P> {
         if state.flight.as_ref().is_some_and(|f| f.id == id) {
             state.flight = None;
         }
-        if state.step_up.as_ref().is_some_and(|f| f.id == id) {
-            state.step_up = None;
-        }
+        state.step_ups.retain(|f| f.id != id);
         if state.running.as_ref().is_some_and(|f| f.id == id) {
             state.running = None;
         }
@@ -442,7 +444,7 @@ impl<P: CredentialSource> FlightGuard<P> {
                 // credential is known to carry: theirs is the step-up's result, and the
                 // handed-over credential stays current.
                 if self.step_up {
-                    return Standing::Suspect;
+                    return Standing::Overtaken;
                 }
                 return Standing::Replaced(current);
             }
@@ -468,10 +470,19 @@ impl<P: CredentialSource> FlightGuard<P> {
                     Ok(current)
                 }
                 (Ok(credential), Standing::Suspect) => {
-                    // Invalidated while this fetch ran (its result predates the
-                    // invalidation), or a step-up overtaken by a credential handed
-                    // over: its result goes to its own waiters only.
-                    tracing::debug!("fetched credential goes to its own waiters only");
+                    // Invalidated while this fetch ran: its result predates the
+                    // invalidation, so it goes to its own waiters only. A store may hold
+                    // it by now: it is remembered as dropped, so that no fetch of this
+                    // cache takes it back from there.
+                    tracing::debug!("fetched credential predates an invalidation");
+                    let entry = inner.entry(&mut state, credential, now);
+                    inner.forget_suspect(&mut state, &entry);
+                    Ok(entry)
+                }
+                (Ok(credential), Standing::Overtaken) => {
+                    tracing::debug!(
+                        "step-up overtaken by a replacement; its token goes to its own waiters"
+                    );
                     Ok(inner.entry(&mut state, credential, now))
                 }
                 (Ok(credential), Standing::Current) => {
@@ -663,7 +674,7 @@ async fn obtain<P: CredentialSource>(
     // granted for its scope.
     let step_up = cx.reason() == FetchReason::StepUp;
     let usable = |stored: &Credential| {
-        !step_up && Some(stored) != cx.previous() && inner.is_usable_stored(stored)
+        !step_up && Some(stored) != cx.previous() && inner.is_reusable_stored(stored)
     };
     let mut pause = LEASE_POLL_FIRST;
     let name = &inner.config.name;
@@ -866,7 +877,7 @@ async fn holding<P: CredentialSource>(
     // A step-up wants a wider grant, which no stored credential is known to be.
     let step_up = cx.reason() == FetchReason::StepUp;
     if let Some(Some(stored)) = held.as_ref().filter(|_| !step_up) {
-        if Some(stored) != cx.previous() && inner.is_usable_stored(stored) {
+        if Some(stored) != cx.previous() && inner.is_reusable_stored(stored) {
             tracing::debug!("using the credential found in the store");
             metrics::event(&inner.config.name, metrics::STORE_HITS);
             return (Ok(stored.clone()), Saved::Done);

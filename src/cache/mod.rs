@@ -425,12 +425,14 @@ impl<P: CredentialSource> Inner<P> {
     /// starts the one fetch chained after it, which waits for it to end (never two at
     /// once). A chained fetch that has not started yet starts after this anyway.
     fn detach_running(state: &mut State) {
-        let running = state.running.as_ref().map(|f| f.id);
-        let joined = state.flight.take_if(|f| running == Some(f.id));
-        let step_up = state.step_up.take_if(|f| running == Some(f.id));
-        if let Some(flight) = joined.or(step_up) {
-            state.suspect = Some(flight.id);
-        }
+        let Some(running) = state.running.as_ref().map(|f| f.id) else {
+            return;
+        };
+        state.flight.take_if(|f| f.id == running);
+        state.step_ups.retain(|f| f.id != running);
+        // Suspect whether or not a slot still held it: a step-up that a wider one
+        // followed is in none, and was running all the same.
+        state.suspect = Some(running);
     }
 }
 
@@ -517,10 +519,11 @@ struct State {
     /// The flight a caller who needs a credential joins: running, or chained after a
     /// suspect one and waiting for it to end. Never a step-up's.
     flight: Option<Flight>,
-    /// A step-up's flight, running or chained after the others: later step-ups join it,
-    /// nothing else does (a caller that needs any credential is not held to a wider
-    /// grant, nor to its failure).
-    step_up: Option<Flight>,
+    /// The step-ups' flights, running or chained after the others, oldest first: a
+    /// later step-up joins the first that asks for its scope, or chains a wider one
+    /// after them; nothing else joins them (a caller that needs any credential is not
+    /// held to a wider grant, nor to its failure).
+    step_ups: Vec<Flight>,
     /// The flight whose fetch runs now: at most one at any time. A new flight started
     /// while it runs (it was made suspect and detached) is chained after it, for as long
     /// as it runs: a chained flight that dies before it starts does not make it forgotten.
@@ -553,6 +556,18 @@ struct State {
     /// never held back by a scope the API keeps asking for.
     step_ups_failed: u32,
     step_up_retry_at: Option<Instant>,
+}
+
+impl State {
+    /// Remembers `entry` among the last [`RETIRED_KEPT`] credentials that stopped
+    /// being current (or were never made current: see `Inner::forget_suspect`).
+    fn remember_retired(&mut self, entry: &Entry) {
+        if self.retired.len() == RETIRED_KEPT {
+            self.retired.pop_front();
+        }
+        self.retired
+            .push_back((entry.generation, entry.credential.clone()));
+    }
 }
 
 /// How many replaced credentials [`State::retired`] remembers.
@@ -591,12 +606,7 @@ impl<P: CredentialSource> Inner<P> {
     /// Called with the state lock held.
     fn retire(&self, state: &mut State) {
         if let Some(entry) = self.current.load_full() {
-            if state.retired.len() == RETIRED_KEPT {
-                state.retired.pop_front();
-            }
-            state
-                .retired
-                .push_back((entry.generation, entry.credential.clone()));
+            state.remember_retired(&entry);
         }
     }
 
@@ -711,6 +721,31 @@ impl<P: CredentialSource> Inner<P> {
     /// Whether a credential found in the store is worth using instead of fetching: not
     /// expired, and (for a proactive source) not in its hard window, by the lifetime it
     /// was issued with.
+    /// Whether a credential loaded from the store may be taken: usable, and not one this
+    /// cache stopped using (rejected, invalidated, replaced, or fetched across an
+    /// invalidation: see `forget_suspect`).
+    fn is_reusable_stored(&self, credential: &Credential) -> bool {
+        self.is_usable_stored(credential)
+            && !self
+                .lock_state()
+                .retired
+                .iter()
+                .any(|(_, retired)| retired == credential)
+    }
+
+    /// A fetch made suspect by an invalidation brought `entry`: remembered as retired
+    /// (a rejection of it is told it apart from its replacement, and the store's copy
+    /// is not taken back), and, when the invalidation dropped no credential of its own,
+    /// as what the invalidation dropped (the next fetch is told it, and removes it from
+    /// the store, or keeps only its refresh token there). Called with the state lock
+    /// held.
+    fn forget_suspect(&self, state: &mut State, entry: &Entry) {
+        state.remember_retired(entry);
+        if let Some(dropped @ None) = &mut state.invalidated {
+            *dropped = Some(entry.credential.clone());
+        }
+    }
+
     fn is_usable_stored(&self, credential: &Credential) -> bool {
         let wall = self.config.clock.now();
         match credential.expiry() {

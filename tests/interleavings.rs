@@ -1,0 +1,281 @@
+//! Random interleavings of everything that moves the refresh path at once: requests
+//! whose answers are random (200, a 401 rejection, a 403 naming a missing scope, which
+//! steps up), credentials that expire in the middle of it all, a source that is slow at
+//! random and fails at random, and the application invalidating and replacing the
+//! credential at random moments, on a multi-threaded runtime, with and without a store.
+//!
+//! Each run checks the promises that every interleaving must keep, with counters that
+//! would see them broken: never two fetches at once; no request hangs; a request whose
+//! credential was rejected is never replayed with that same credential; and afterwards
+//! the cache is not wedged (a request gets a credential and its answer). The targeted
+//! tests in `single_flight.rs` and `challenges.rs` pin each interleaving found so far;
+//! this one looks for the next.
+
+mod support;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use tower::{Layer, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, BoxError, Credential, CredentialCache, FetchContext, FetchReason, MemoryStore,
+    ReplayBody, source_fn,
+};
+
+/// A seeded random stream, shared by every task of one run (the order the tasks draw in
+/// is the runtime's; the seed picks the mix).
+#[derive(Clone)]
+struct Dice(Arc<AtomicU64>);
+
+impl Dice {
+    fn new(seed: u64) -> Self {
+        Dice(Arc::new(AtomicU64::new(
+            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        )))
+    }
+
+    /// A number in `0..n` (splitmix64 over a shared counter).
+    fn roll(&self, n: u64) -> u64 {
+        let mut z = self.0.fetch_add(0x9E37_79B9_7F4A_7C15, SeqCst);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n
+    }
+
+    /// Sleeps up to `ms` milliseconds, or only yields.
+    async fn pause(&self, ms: u64) {
+        match self.roll(ms + 1) {
+            0 => tokio::task::yield_now().await,
+            d => tokio::time::sleep(Duration::from_millis(d)).await,
+        }
+    }
+}
+
+/// One fetch running, counted out however it ends.
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
+
+/// What one run saw.
+#[derive(Default)]
+struct Seen {
+    /// Most fetches the source ever ran at once.
+    most_running: AtomicUsize,
+    fetches: AtomicUsize,
+    /// Per request id, the token of its last attempt and whether it was rejected.
+    attempts: Mutex<HashMap<String, (String, bool)>>,
+    /// Replays that carried the very token their request had rejected.
+    same_token_replays: Mutex<Vec<String>>,
+    /// Whether the API still answers at random (then all 200: the final check).
+    chaos: AtomicBool,
+}
+
+type ApiRequest = Request<ReplayBody<Full<Bytes>>>;
+
+/// Credentials `t-N` (with `:scopes` for a step-up's), living 80 ms, 400 ms or an hour;
+/// a fetch that is slow at random and fails one time in eight.
+fn source(dice: Dice, seen: Arc<Seen>) -> impl tower_client_auth::CredentialSource {
+    let running = Arc::new(AtomicUsize::new(0));
+    source_fn(move |cx: FetchContext| {
+        let n = seen.fetches.fetch_add(1, SeqCst);
+        let (dice, seen, running) = (dice.clone(), seen.clone(), running.clone());
+        async move {
+            seen.most_running
+                .fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
+            let _running = Running(running);
+            dice.pause(4).await;
+            if seen.chaos.load(SeqCst) && dice.roll(8) == 0 {
+                return Err::<Credential, BoxError>("the token endpoint is down".into());
+            }
+            let scopes = match (cx.reason(), cx.required_scope()) {
+                (FetchReason::StepUp, Some(scope)) => format!(":{}", scope.replace(' ', ",")),
+                _ => String::new(),
+            };
+            let lifetime = [80, 400, 3_600_000][dice.roll(3) as usize];
+            Ok(Credential::bearer(format!("t-{n}{scopes}"))?
+                .expires_in(Duration::from_millis(lifetime)))
+        }
+    })
+}
+
+/// The API: at random 200, 401, or 403 lacking `w` or `x` (unless the token was granted
+/// it); every answer after the chaos is 200. Checks that no replay carries the token its
+/// request had rejected.
+fn api(
+    dice: Dice,
+    seen: Arc<Seen>,
+) -> impl tower::Service<
+    ApiRequest,
+    Response = Response<Full<Bytes>>,
+    Error = BoxError,
+    Future = impl Send,
+> + Clone
++ Send {
+    tower::service_fn(move |req: ApiRequest| {
+        let (dice, seen) = (dice.clone(), seen.clone());
+        async move {
+            let token = req.headers()["authorization"].to_str()?.to_owned();
+            let id = req.headers()["x-id"].to_str()?.to_owned();
+            dice.pause(2).await;
+            let status = if !seen.chaos.load(SeqCst) {
+                200
+            } else {
+                match dice.roll(10) {
+                    0 => 401,
+                    1 | 2 => 403,
+                    _ => 200,
+                }
+            };
+            let scope = ["w", "x"][dice.roll(2) as usize];
+            let granted = token
+                .split_once(':')
+                .is_some_and(|(_, s)| s.split(',').any(|g| g == scope));
+            let status = if status == 403 && granted {
+                200
+            } else {
+                status
+            };
+            {
+                let mut attempts = seen.attempts.lock().unwrap();
+                if let Some((before, true)) = attempts.get(&id) {
+                    if *before == token {
+                        seen.same_token_replays.lock().unwrap().push(id.clone());
+                    }
+                }
+                attempts.insert(id, (token, status == 401));
+            }
+            let mut res = Response::builder().status(status);
+            if status == 403 {
+                res = res.header(
+                    "www-authenticate",
+                    format!(r#"Bearer error="insufficient_scope", scope="{scope}""#),
+                );
+            }
+            Ok::<_, BoxError>(res.body(Full::default())?)
+        }
+    })
+}
+
+/// One run: `tasks` tasks sending `each` requests while the application invalidates
+/// and replaces the credential at random; then the checks.
+async fn run(seed: u64, store: bool) {
+    let dice = Dice::new(seed);
+    let seen = Arc::new(Seen::default());
+    seen.chaos.store(true, SeqCst);
+    let mut cache = CredentialCache::builder(source(dice.clone(), seen.clone()))
+        .hard_window(Duration::from_millis(20))
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(1), Duration::from_millis(8))
+        .fetch_timeout(Duration::from_secs(5));
+    if store {
+        cache = cache.store(MemoryStore::new());
+    }
+    let cache = cache.build().unwrap();
+    let handle = cache.handle();
+    let svc = AuthLayer::with_cache(cache)
+        .any_https_origin()
+        .step_up(true)
+        .layer(api(dice.clone(), seen.clone()));
+    let done = Arc::new(AtomicBool::new(false));
+    let meddling = tokio::spawn({
+        let (dice, done) = (dice.clone(), done.clone());
+        async move {
+            let mut replaced = 0;
+            while !done.load(SeqCst) {
+                dice.pause(6).await;
+                match dice.roll(10) {
+                    0..=2 => {
+                        handle.invalidate();
+                    }
+                    3 | 4 => {
+                        replaced += 1;
+                        let mine = Credential::bearer(format!("mine-{replaced}"))
+                            .unwrap()
+                            .expires_in(Duration::from_millis(300));
+                        handle.replace(mine).unwrap();
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    let (tasks, each) = (6, 25);
+    let mut calls = Vec::new();
+    for task in 0..tasks {
+        let (svc, dice) = (svc.clone(), dice.clone());
+        calls.push(tokio::spawn(async move {
+            for i in 0..each {
+                let mut req = support::get("/r");
+                req.headers_mut()
+                    .insert("x-id", format!("{task}-{i}").parse().unwrap());
+                let answered =
+                    tokio::time::timeout(Duration::from_secs(10), svc.clone().oneshot(req)).await;
+                assert!(
+                    answered.is_ok(),
+                    "seed {seed}, store {store}: request {task}-{i} hung"
+                );
+                dice.pause(3).await;
+            }
+        }));
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+    done.store(true, SeqCst);
+    meddling.await.unwrap();
+    seen.chaos.store(false, SeqCst);
+    assert_eq!(
+        seen.most_running.load(SeqCst),
+        1,
+        "seed {seed}, store {store}: two fetches at once"
+    );
+    assert!(
+        seen.same_token_replays.lock().unwrap().is_empty(),
+        "seed {seed}, store {store}: replayed with the rejected token: {:?}",
+        seen.same_token_replays.lock().unwrap()
+    );
+    // Not wedged: once the backoff has run out, a request gets a credential and its
+    // answer.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut req = support::get("/r");
+    req.headers_mut().insert("x-id", "last".parse().unwrap());
+    let last = tokio::time::timeout(Duration::from_secs(10), svc.clone().oneshot(req))
+        .await
+        .unwrap_or_else(|_| panic!("seed {seed}, store {store}: the last request hung"))
+        .unwrap_or_else(|e| panic!("seed {seed}, store {store}: the last request failed: {e}"));
+    assert_eq!(last.status(), 200, "seed {seed}, store {store}");
+    assert_eq!(
+        seen.most_running.load(SeqCst),
+        1,
+        "seed {seed}, store {store}"
+    );
+}
+
+/// World: 24 seeds, each on a fresh two-thread runtime, without and with a store.
+/// Proves: the promises above hold in every one.
+#[test]
+fn random_interleavings_keep_the_refresh_paths_promises() {
+    for seed in 0..24 {
+        for store in [false, true] {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(run(seed, store));
+        }
+    }
+}
