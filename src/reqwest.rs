@@ -35,6 +35,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! A client built otherwise gets no false verdict on a replayable request: an answer
+//! from another origin than the request's, or any hop's answer to a request with a
+//! proof, is not judged as the request's (no refetch, no replay, no new proof) and goes
+//! back as it came.
+//!
 //! # Ordering with `reqwest-retry`
 //! Put the retry middleware **before** (outside) this one:
 //!
@@ -384,6 +389,14 @@ impl Future for Attempt<'_> {
     }
 }
 
+/// Whether an answer reqwest got from `answered` (its URL after any redirects) speaks for
+/// the request sent to `sent`: the same URL, or a hop within its origin that carried the
+/// same credential. Not a hop of a request with a proof (DPoP): the proof named `sent`
+/// and was spent there, so the hop's refusal says nothing of the token or a new proof.
+fn speaks_for(answered: &reqwest::Url, sent: &reqwest::Url, binds: bool) -> bool {
+    answered == sent || (!binds && answered.origin() == sent.origin())
+}
+
 /// What the reqwest request's body was, so that each attempt hands reqwest the same kind.
 #[derive(Clone, Copy)]
 enum BodyKind {
@@ -635,8 +648,12 @@ impl<P: CredentialSource> AuthMiddleware<P> {
             ));
             let res = loop {
                 if let Some(sending) = Exchange::send_outgoing(&exchange, &next, extensions) {
-                    let answer = sending.await.map(|res| self.lend_headers(res, plan.binds));
-                    Exchange::lock(&exchange).slot = Slot::Answered(answer);
+                    let answer = sending.await;
+                    let mut x = Exchange::lock(&exchange);
+                    // What was sent: the replay's copy has its URL.
+                    let sent = x.shell.as_ref().map(reqwest::Request::url);
+                    let answer = answer.map(|res| self.lend_headers(res, plan.binds, sent));
+                    x.slot = Slot::Answered(answer);
                 }
                 let step = std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
                     Poll::Ready(res) => Poll::Ready(Some(res)),
@@ -655,13 +672,27 @@ impl<P: CredentialSource> AuthMiddleware<P> {
 
     /// The answer as the state machine reads it: its status, and its headers when the
     /// rejection rule (or a proof's nonce) may read them, lent until `into_reqwest`.
+    ///
+    /// An answer that does not speak for the request sent to `sent` (see
+    /// [`speaks_for`]: a redirect followed by a client the docs say to build otherwise)
+    /// is read as the 3xx the request itself got: not a rejection, nothing to resend.
+    /// It goes back to the caller as it came.
     fn lend_headers(
         &self,
         res: reqwest::Response,
         binds: bool,
+        sent: Option<&reqwest::Url>,
     ) -> http::Response<reqwest::Response> {
         let status = res.status();
         let mut res = http::Response::new(res);
+        if sent.is_some_and(|sent| !speaks_for(res.body().url(), sent, binds)) {
+            tracing::debug!(
+                status = status.as_u16(),
+                "an answer from a redirect's target is not judged as the request's"
+            );
+            *res.status_mut() = http::StatusCode::OK;
+            return res;
+        }
         *res.status_mut() = status;
         if binds || self.policy.judge.reads_headers(status) {
             *res.headers_mut() = std::mem::take(res.body_mut().headers_mut());

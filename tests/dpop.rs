@@ -226,6 +226,43 @@ async fn the_reqwest_middleware_proves_possession_and_answers_nonces() {
     assert_eq!(state.api_accepted.load(SeqCst), 4);
 }
 
+/// World: an API that moved a resource (307 to another path of its origin), and a
+/// reqwest client that follows redirects within the origin although the docs say to
+/// follow none with DPoP: reqwest's hop carries the first request's proof, made for
+/// another URI, and the API refuses it. Proves: the hop's refusal is not taken for a
+/// verdict on the request that was sent (a token rejected, or a proof to make again):
+/// no token request, no second request, the answer comes back as it came; the token
+/// keeps working.
+#[tokio::test]
+async fn a_followed_redirects_refusal_is_not_judged_as_the_requests() {
+    let (state, token_url, api) = world().await;
+    let auth = AuthMiddleware::new(source(&token_url, DpopKey::generate().unwrap()))
+        .origin(&api)
+        .unwrap()
+        .allow_http_loopback(true);
+    let follows = reqwest::Client::builder()
+        .redirect(tower_client_auth::reqwest::redirect_policy())
+        .build()
+        .unwrap();
+    let client = reqwest_middleware::ClientBuilder::new(follows)
+        .with(auth)
+        .build();
+    get_ok(&client, format!("{api}/v1/orders/0")).await;
+    let (issued, calls) = (state.issued.load(SeqCst), state.api_calls.load(SeqCst));
+    let res = client.get(format!("{api}/v1/moved")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(res.url().path(), "/v1/orders/moved");
+    assert_eq!(res.extensions().get::<NotReplayed>(), None);
+    assert_eq!(
+        state.api_calls.load(SeqCst) - calls,
+        2,
+        "the request and its hop, once"
+    );
+    assert_eq!(state.issued.load(SeqCst), issued, "no token request");
+    get_ok(&client, format!("{api}/v1/orders/2")).await;
+    assert_eq!(state.issued.load(SeqCst), issued);
+}
+
 /// One token request straight from the source.
 async fn fetch(source: &TokenSource) -> Result<tower_client_auth::Credential, TokenError> {
     source

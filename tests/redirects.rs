@@ -89,6 +89,13 @@ impl Recorder {
                     .push((req.uri().path().to_owned(), carried));
                 let path = req.uri().path().to_owned();
                 let mut res = http::Response::new(Full::new(Bytes::from_static(b"{}")));
+                if path == "/denied" {
+                    *res.status_mut() = StatusCode::UNAUTHORIZED;
+                    res.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+                    );
+                }
                 if let Some(status) = path.strip_prefix("/go/") {
                     let to = req
                         .uri()
@@ -313,6 +320,63 @@ async fn follow_redirect_below_the_layer() {
             check(&format!("{kind}, below, direct: {what}"));
         }
     }
+}
+
+/// World: a reqwest client left with reqwest's own redirect policy (README says to build
+/// it with `redirect_policy()`), a refreshable bearer credential, and redirects to a
+/// page answering 401. Proves: a 401 from another origin, which got no credential
+/// (reqwest strips `Authorization`), is not judged a rejection: no token fetched, no
+/// replay, the answer back as it came. The control: a hop within the origin carried the
+/// credential, so its 401 is the credential's: fetched again and replayed once.
+#[tokio::test]
+async fn a_401_from_a_redirects_other_origin_is_not_a_rejection() {
+    let world = World::new().await;
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let source = tower_client_auth::source_fn({
+        let fetches = fetches.clone();
+        move |_| {
+            let n = fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { Credential::bearer(format!("{SECRET}-{n}")) }
+        }
+    });
+    let auth = tower_client_auth::reqwest::AuthMiddleware::new(source)
+        .origin(world.origin())
+        .unwrap()
+        .allow_http_loopback(true);
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(auth)
+        .build();
+    let (api, other) = (world.api_addr, world.other_addr);
+    let res = client
+        .get(format!(
+            "http://{api}/go/307?to=http://localhost:{}/denied",
+            other.port()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(res.url().host_str(), Some("localhost"));
+    assert_eq!(
+        res.extensions().get::<tower_client_auth::NotReplayed>(),
+        None
+    );
+    assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(world.api.take().len(), 1, "not replayed");
+    world.other.take();
+
+    let res = client
+        .get(format!("http://{api}/go/307?to=http://{api}/denied"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        res.extensions().get::<tower_client_auth::NotReplayed>(),
+        Some(&tower_client_auth::NotReplayed::AlreadyReplayed)
+    );
+    assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(world.api.take().len(), 4, "the request and its hop, twice");
 }
 
 /// World: reqwest following redirects inside the client, built with the crate's

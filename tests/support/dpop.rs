@@ -346,6 +346,16 @@ impl Provider for DpopApi {
             );
             r
         };
+        if req.path == "/v1/moved" {
+            // A resource that moved within the API's origin, redirected before any
+            // check, as a front proxy does.
+            let mut moved = reply(StatusCode::TEMPORARY_REDIRECT, json!({}));
+            let to = format!("{}/v1/orders/moved", s.api_base.lock().unwrap());
+            moved
+                .headers_mut()
+                .insert(header::LOCATION, HeaderValue::from_str(&to).unwrap());
+            return moved;
+        }
         let authorization = req
             .headers
             .get(header::AUTHORIZATION)
