@@ -76,6 +76,13 @@ fn report(child: Child) -> (usize, usize) {
             .parse()
             .unwrap()
     };
+    // A worker with failures says what they were, on a line of its own: the assertion
+    // that counts them shows it.
+    if field("failures=") > 0 {
+        for l in text.lines().filter(|l| l.contains("fleet-worker-failure ")) {
+            eprintln!("{l}");
+        }
+    }
     (field("calls="), field("failures="))
 }
 
@@ -552,8 +559,11 @@ async fn worker() {
             let (mut calls, mut failures) = (0usize, 0usize);
             while Instant::now() < until {
                 calls += 1;
-                if cache.credential().await.is_err() {
+                if let Err(err) = cache.credential().await {
                     failures += 1;
+                    if failures <= 3 {
+                        println!("fleet-worker-failure {err:?}: {err}");
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
