@@ -11,6 +11,8 @@
 //! tests in `single_flight.rs` and `challenges.rs` pin each interleaving found so far;
 //! this one looks for the next.
 
+#![cfg(feature = "reqwest")]
+
 mod support;
 
 use std::{
@@ -25,10 +27,11 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
+use support::providers::serve;
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
     AuthLayer, BoxError, Credential, CredentialCache, FetchContext, FetchReason, MemoryStore,
-    ReplayBody, source_fn,
+    ReplayBody, reqwest::AuthMiddleware, source_fn,
 };
 
 /// A seeded random stream, shared by every task of one run (the order the tasks draw in
@@ -111,67 +114,108 @@ fn source(dice: Dice, seen: Arc<Seen>) -> impl tower_client_auth::CredentialSour
     })
 }
 
-/// The API: at random 200, 401, or 403 lacking `w` or `x` (unless the token was granted
-/// it); every answer after the chaos is 200. Checks that no replay carries the token its
-/// request had rejected.
-fn api(
-    dice: Dice,
-    seen: Arc<Seen>,
-) -> impl tower::Service<
-    ApiRequest,
-    Response = Response<Full<Bytes>>,
-    Error = BoxError,
-    Future = impl Send,
-> + Clone
-+ Send {
-    tower::service_fn(move |req: ApiRequest| {
-        let (dice, seen) = (dice.clone(), seen.clone());
-        async move {
-            let token = req.headers()["authorization"].to_str()?.to_owned();
-            let id = req.headers()["x-id"].to_str()?.to_owned();
-            dice.pause(2).await;
-            let status = if !seen.chaos.load(SeqCst) {
-                200
-            } else {
-                match dice.roll(10) {
-                    0 => 401,
-                    1 | 2 => 403,
-                    _ => 200,
-                }
-            };
-            let scope = ["w", "x"][dice.roll(2) as usize];
-            let granted = token
-                .split_once(':')
-                .is_some_and(|(_, s)| s.split(',').any(|g| g == scope));
-            let status = if status == 403 && granted {
-                200
-            } else {
-                status
-            };
-            {
-                let mut attempts = seen.attempts.lock().unwrap();
-                if let Some((before, true)) = attempts.get(&id) {
-                    if *before == token {
-                        seen.same_token_replays.lock().unwrap().push(id.clone());
-                    }
-                }
-                attempts.insert(id, (token, status == 401));
+/// The API's answer to a request carrying `token` (its `Authorization` value) for the
+/// request `id`: at random 200, 401, or 403 lacking `w` or `x` (unless the token was
+/// granted it); every answer after the chaos is 200. Notes a replay that carries the
+/// token its request had rejected.
+async fn answer(dice: &Dice, seen: &Seen, token: String, id: String) -> Response<Full<Bytes>> {
+    dice.pause(2).await;
+    let status = match (seen.chaos.load(SeqCst), dice.roll(10)) {
+        (false, _) => 200,
+        (true, 0) => 401,
+        (true, 1 | 2) => 403,
+        (true, _) => 200,
+    };
+    let scope = ["w", "x"][dice.roll(2) as usize];
+    let granted = token
+        .split_once(':')
+        .is_some_and(|(_, s)| s.split(',').any(|g| g == scope));
+    let status = if status == 403 && granted {
+        200
+    } else {
+        status
+    };
+    {
+        let mut attempts = seen.attempts.lock().unwrap();
+        if let Some((before, true)) = attempts.get(&id) {
+            if *before == token {
+                seen.same_token_replays.lock().unwrap().push(id.clone());
             }
-            let mut res = Response::builder().status(status);
-            if status == 403 {
-                res = res.header(
-                    "www-authenticate",
-                    format!(r#"Bearer error="insufficient_scope", scope="{scope}""#),
-                );
-            }
-            Ok::<_, BoxError>(res.body(Full::default())?)
         }
-    })
+        attempts.insert(id, (token, status == 401));
+    }
+    let mut res = Response::new(Full::default());
+    *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    if status == 403 {
+        let challenge = format!(r#"Bearer error="insufficient_scope", scope="{scope}""#);
+        res.headers_mut()
+            .insert("www-authenticate", challenge.parse().unwrap());
+    }
+    res
 }
 
-/// One run: `tasks` tasks sending `each` requests while the application invalidates
-/// and replaces the credential at random; then the checks.
-async fn run(seed: u64, store: bool) {
+/// The token and the request id a request carries.
+fn token_and_id(headers: &http::HeaderMap) -> (String, String) {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (text("authorization"), text("x-id"))
+}
+
+/// The entry point a run's requests go through.
+#[derive(Clone, Copy, Debug)]
+enum Entry {
+    /// `AuthLayer` over the API as a Tower service.
+    Tower,
+    /// `AuthMiddleware` in a reqwest client, to the API on a loopback server.
+    Reqwest,
+}
+
+/// A Tower stack as the runs send through it: the status, or the error as text.
+type TowerClient = tower::util::BoxCloneService<Request<Full<Bytes>>, u16, String>;
+
+/// Either entry point, ready to send.
+#[derive(Clone)]
+enum Client {
+    Tower(TowerClient),
+    Reqwest(reqwest_middleware::ClientWithMiddleware, String),
+}
+
+impl Client {
+    /// Sends one request with the id `id`: its status or error, or `None` if it did not
+    /// end within 10 s. (By value: a boxed Tower service is not `Sync`.)
+    async fn send(self, id: &str) -> Option<Result<u16, String>> {
+        let id = http::HeaderValue::from_str(id).unwrap();
+        let sent = async {
+            match self {
+                Client::Tower(svc) => {
+                    let mut req = support::get("/r");
+                    req.headers_mut().insert("x-id", id);
+                    svc.oneshot(req).await
+                }
+                Client::Reqwest(client, base) => client
+                    .get(format!("{base}/r"))
+                    .header("x-id", id)
+                    .send()
+                    .await
+                    .map(|res| res.status().as_u16())
+                    .map_err(|e| e.to_string()),
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), sent)
+            .await
+            .ok()
+    }
+}
+
+/// One run: six tasks sending 25 requests each while the application invalidates and
+/// replaces the credential at random; then the checks.
+async fn run(seed: u64, store: bool, entry: Entry) {
+    let what = format!("seed {seed}, store {store}, {entry:?}");
     let dice = Dice::new(seed);
     let seen = Arc::new(Seen::default());
     seen.chaos.store(true, SeqCst);
@@ -185,10 +229,46 @@ async fn run(seed: u64, store: bool) {
     }
     let cache = cache.build().unwrap();
     let handle = cache.handle();
-    let svc = AuthLayer::with_cache(cache)
-        .any_https_origin()
-        .step_up(true)
-        .layer(api(dice.clone(), seen.clone()));
+    let client = match entry {
+        Entry::Tower => {
+            let api = {
+                let (dice, seen) = (dice.clone(), seen.clone());
+                tower::service_fn(move |req: ApiRequest| {
+                    let (dice, seen) = (dice.clone(), seen.clone());
+                    let (token, id) = token_and_id(req.headers());
+                    async move { Ok::<_, BoxError>(answer(&dice, &seen, token, id).await) }
+                })
+            };
+            let svc = AuthLayer::with_cache(cache)
+                .any_https_origin()
+                .step_up(true)
+                .layer(api)
+                .map_response(|res: Response<Full<Bytes>>| res.status().as_u16())
+                .map_err(|e: BoxError| e.to_string());
+            Client::Tower(tower::util::BoxCloneService::new(svc))
+        }
+        Entry::Reqwest => {
+            let addr = serve({
+                let (dice, seen) = (dice.clone(), seen.clone());
+                move |req: Request<hyper::body::Incoming>| {
+                    let (dice, seen) = (dice.clone(), seen.clone());
+                    let (token, id) = token_and_id(req.headers());
+                    async move { answer(&dice, &seen, token, id).await }
+                }
+            })
+            .await;
+            let base = format!("http://{addr}");
+            let auth = AuthMiddleware::with_cache(cache)
+                .origin(&base)
+                .unwrap()
+                .allow_http_loopback(true)
+                .step_up(true);
+            let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+                .with(auth)
+                .build();
+            Client::Reqwest(client, base)
+        }
+    };
     let done = Arc::new(AtomicBool::new(false));
     let meddling = tokio::spawn({
         let (dice, done) = (dice.clone(), done.clone());
@@ -212,21 +292,13 @@ async fn run(seed: u64, store: bool) {
             }
         }
     });
-    let (tasks, each) = (6, 25);
     let mut calls = Vec::new();
-    for task in 0..tasks {
-        let (svc, dice) = (svc.clone(), dice.clone());
+    for task in 0..6 {
+        let (client, dice, what) = (client.clone(), dice.clone(), what.clone());
         calls.push(tokio::spawn(async move {
-            for i in 0..each {
-                let mut req = support::get("/r");
-                req.headers_mut()
-                    .insert("x-id", format!("{task}-{i}").parse().unwrap());
-                let answered =
-                    tokio::time::timeout(Duration::from_secs(10), svc.clone().oneshot(req)).await;
-                assert!(
-                    answered.is_ok(),
-                    "seed {seed}, store {store}: request {task}-{i} hung"
-                );
+            for i in 0..25 {
+                let answered = client.clone().send(&format!("{task}-{i}")).await;
+                assert!(answered.is_some(), "{what}: request {task}-{i} hung");
                 dice.pause(3).await;
             }
         }));
@@ -240,42 +312,36 @@ async fn run(seed: u64, store: bool) {
     assert_eq!(
         seen.most_running.load(SeqCst),
         1,
-        "seed {seed}, store {store}: two fetches at once"
+        "{what}: two fetches at once"
     );
     assert!(
         seen.same_token_replays.lock().unwrap().is_empty(),
-        "seed {seed}, store {store}: replayed with the rejected token: {:?}",
+        "{what}: replayed with the rejected token: {:?}",
         seen.same_token_replays.lock().unwrap()
     );
     // Not wedged: once the backoff has run out, a request gets a credential and its
     // answer.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let mut req = support::get("/r");
-    req.headers_mut().insert("x-id", "last".parse().unwrap());
-    let last = tokio::time::timeout(Duration::from_secs(10), svc.clone().oneshot(req))
-        .await
-        .unwrap_or_else(|_| panic!("seed {seed}, store {store}: the last request hung"))
-        .unwrap_or_else(|e| panic!("seed {seed}, store {store}: the last request failed: {e}"));
-    assert_eq!(last.status(), 200, "seed {seed}, store {store}");
-    assert_eq!(
-        seen.most_running.load(SeqCst),
-        1,
-        "seed {seed}, store {store}"
-    );
+    let last = client.clone().send("last").await;
+    assert_eq!(last, Some(Ok(200)), "{what}: the last request");
+    assert_eq!(seen.most_running.load(SeqCst), 1, "{what}");
 }
 
-/// World: 24 seeds, each on a fresh two-thread runtime, without and with a store.
-/// Proves: the promises above hold in every one.
+/// World: 16 seeds, each on a fresh two-thread runtime, without and with a store,
+/// through the Tower layer and through reqwest. Proves: the promises above hold in
+/// every one.
 #[test]
 fn random_interleavings_keep_the_refresh_paths_promises() {
-    for seed in 0..24 {
+    for seed in 0..16 {
         for store in [false, true] {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(run(seed, store));
+            for entry in [Entry::Tower, Entry::Reqwest] {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(run(seed, store, entry));
+            }
         }
     }
 }
