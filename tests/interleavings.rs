@@ -1,8 +1,10 @@
 //! Random interleavings of everything that moves the refresh path at once: requests
 //! whose answers are random (200, a 401 rejection, a 403 naming a missing scope, which
-//! steps up), credentials that expire in the middle of it all, a source that is slow at
-//! random and fails at random, and the application invalidating and replacing the
-//! credential at random moments, on a multi-threaded runtime, with and without a store.
+//! steps up), credentials that expire in the middle of it all (refreshed by keep-warm's
+//! timers too, every other seed), a source that is slow at random and fails at random,
+//! and the application invalidating and replacing the credential at random moments, on a
+//! multi-threaded runtime, with and without a store, through the Tower layer and through
+//! reqwest.
 //!
 //! Each run checks the promises that every interleaving must keep, with counters that
 //! would see them broken: never two fetches at once; no request hangs; a request whose
@@ -223,7 +225,9 @@ async fn run(seed: u64, store: bool, entry: Entry) {
         .hard_window(Duration::from_millis(20))
         .window_jitter(0.0)
         .backoff(Duration::from_millis(1), Duration::from_millis(8))
-        .fetch_timeout(Duration::from_secs(5));
+        .fetch_timeout(Duration::from_secs(5))
+        // Every other seed, the aging timers refresh too, with no request asking.
+        .keep_warm(seed % 2 == 1);
     if store {
         cache = cache.store(MemoryStore::new());
     }
