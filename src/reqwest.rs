@@ -390,12 +390,32 @@ impl Future for Attempt<'_> {
 }
 
 /// Whether an answer reqwest got from `answered` (its URL after any redirects) speaks for
-/// the request sent to `sent`: the same URL, or a hop within its origin that carried the
-/// same credential. Not a hop of a request with a proof (DPoP): the proof named `sent`
-/// and was spent there, so the hop's refusal says nothing of the token or a new proof.
+/// the request sent to `sent`: the same URL (but for a fragment, which is never sent), or
+/// a hop within its origin that carried the same credential. Not a hop of a request with
+/// a proof (DPoP): the proof named `sent` and was spent there, so the hop's refusal says
+/// nothing of the token or a new proof.
+///
+/// A response a middleware below built itself carries reqwest's placeholder URL: it
+/// speaks for the request (a stub answering 401 is judged as the API would be). A
+/// middleware below that sends the request to another host makes its answers look like
+/// a redirect's; README's "Redirects" says so.
 fn speaks_for(answered: &reqwest::Url, sent: &reqwest::Url, binds: bool) -> bool {
-    answered == sent || (!binds && answered.origin() == sent.origin())
+    let (mut answered, mut sent) = (answered.as_str(), sent.as_str());
+    for url in [&mut answered, &mut sent] {
+        *url = url.split_once('#').map_or(*url, |(before, _)| before);
+    }
+    if answered == sent {
+        return true;
+    }
+    let answered = match reqwest::Url::parse(answered) {
+        Ok(url) if url.host_str() != Some(NO_URL_PROVIDED) => url,
+        _ => return true,
+    };
+    !binds && reqwest::Url::parse(sent).is_ok_and(|sent| answered.origin() == sent.origin())
 }
+
+/// The host reqwest gives a response built from an `http::Response` without a URL.
+const NO_URL_PROVIDED: &str = "no.url.provided.local";
 
 /// What the reqwest request's body was, so that each attempt hands reqwest the same kind.
 #[derive(Clone, Copy)]
@@ -675,7 +695,8 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     ///
     /// An answer that does not speak for the request sent to `sent` (see
     /// [`speaks_for`]: a redirect followed by a client the docs say to build otherwise)
-    /// is read as the 3xx the request itself got: not a rejection, nothing to resend.
+    /// is read as the 3xx the request itself got (a 307): not a rejection, nothing to
+    /// resend, and, as any answer but a rejection, the credential counted as accepted.
     /// It goes back to the caller as it came.
     fn lend_headers(
         &self,
@@ -690,7 +711,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
                 status = status.as_u16(),
                 "an answer from a redirect's target is not judged as the request's"
             );
-            *res.status_mut() = http::StatusCode::OK;
+            *res.status_mut() = http::StatusCode::TEMPORARY_REDIRECT;
             return res;
         }
         *res.status_mut() = status;

@@ -439,6 +439,45 @@ async fn times_out(client: &ClientWithMiddleware, url: String, timeout: Duration
     assert!(started.elapsed() < Duration::from_secs(4));
 }
 
+/// A middleware below the adapter that answers by itself, as test stubs do: 401 to a
+/// token it has not seen accepted yet, 200 to the newest; it builds each response from an
+/// `http::Response` (reqwest gives it a placeholder URL).
+struct Stub(TestSource);
+
+#[async_trait::async_trait]
+impl reqwest_middleware::Middleware for Stub {
+    async fn handle(
+        &self,
+        req: reqwest::Request,
+        _: &mut http::Extensions,
+        _: reqwest_middleware::Next<'_>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
+        let newest = format!("Bearer token-{}", self.0.fetches());
+        let status = match req.headers().get(header::AUTHORIZATION) {
+            Some(auth) if self.0.fetches() > 1 && *auth == *newest => StatusCode::OK,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        let res = Response::builder().status(status).body("").unwrap();
+        Ok(reqwest::Response::from(res))
+    }
+}
+
+/// World: a stub middleware below the adapter answers 401 to the first token. Proves: a
+/// response built below (with reqwest's placeholder URL, not the one sent) is judged as
+/// the request's answer, not as a redirect target's: the token is fetched again and the
+/// request replayed.
+#[tokio::test]
+async fn a_response_built_below_the_adapter_is_judged() {
+    let source = TestSource::new();
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with(AuthMiddleware::new(source.clone()).any_https_origin())
+        .with(Stub(source.clone()))
+        .build();
+    let res = client.get("https://api.test/v1").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(source.fetches(), 2);
+}
+
 /// Records whether each request reaching it could still be cloned.
 struct CloneProbe(Arc<std::sync::Mutex<Vec<bool>>>);
 
