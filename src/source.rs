@@ -140,6 +140,11 @@ impl FetchContext {
         }
     }
 
+    /// Tells the fetch what an invalidation dropped, learnt after it was planned.
+    pub(crate) fn set_previous(&mut self, previous: Credential) {
+        self.previous = Some(previous);
+    }
+
     /// Sets who owns the refresh token (the cache, from its store).
     pub(crate) fn sharing(mut self, sharing: Sharing) -> Self {
         self.sharing = sharing;

@@ -326,6 +326,91 @@ async fn an_invalidated_fetchs_result_is_not_taken_back_from_the_store() {
     }
 }
 
+/// World: a cache over a store; the application invalidates while the first fetch runs
+/// (no credential in place, so the invalidation drops none of its own), and a request
+/// comes while that fetch still runs, so its fetch is chained after it. Proves (review
+/// finding): the chained fetch is told, as it begins, what the tainted fetch brought
+/// (`FetchContext::previous`), which a source holding a last credential must not hand
+/// back, and goes to the source rather than the store.
+#[tokio::test(start_paused = true)]
+async fn a_fetch_chained_after_a_tainted_one_is_told_what_it_brought() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let source = tower_client_auth::source_fn({
+        let (log, gate) = (log.clone(), gate.clone());
+        move |cx: FetchContext| {
+            let n = {
+                let mut log = log.lock().unwrap();
+                log.push((cx.reason(), cx.previous().cloned()));
+                log.len()
+            };
+            let gate = gate.clone();
+            async move {
+                gate.acquire().await.unwrap().forget();
+                Credential::bearer(format!("token-{n}"))
+            }
+        }
+    });
+    let cache = CredentialCache::builder(source)
+        .store(MemoryStore::new())
+        .build()
+        .unwrap();
+    let first = ask(&cache);
+    settle().await;
+    assert!(cache.handle().invalidate());
+    let next = ask(&cache);
+    settle().await;
+    gate.add_permits(2);
+    let tainted = first.await.unwrap().unwrap();
+    assert_eq!(tainted, Credential::bearer("token-1").unwrap());
+    assert_eq!(
+        next.await.unwrap().unwrap(),
+        Credential::bearer("token-2").unwrap()
+    );
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            (FetchReason::Initial, None),
+            (FetchReason::Invalidated, Some(tainted)),
+        ]
+    );
+}
+
+/// World: a cache over a store; the application hands over a credential already in its
+/// hard window while a fetch runs, so that fetch's result goes to its own waiter only;
+/// the next request refreshes the handed-over credential. Proves (review finding): the
+/// fetch made suspect by a replacement, not an invalidation, is a good credential: the
+/// refresh takes it from the store instead of asking the source again.
+#[tokio::test(start_paused = true)]
+async fn a_fetch_overtaken_by_a_stale_replacement_is_still_taken_from_the_store() {
+    let source = TestSource::build(
+        Some(Duration::from_secs(3600)),
+        Duration::ZERO,
+        true,
+        RefreshMode::Proactive,
+    );
+    let cache = CredentialCache::builder(source.clone())
+        .store(MemoryStore::new())
+        .build()
+        .unwrap();
+    let first = ask(&cache);
+    settle().await;
+    // An hour-long credential with 5 s left: in its hard window (the last 30 s).
+    let now = std::time::SystemTime::now();
+    let stale = Credential::bearer("handed-over")
+        .unwrap()
+        .issued_at(now - Duration::from_secs(3600))
+        .expires_at(now + Duration::from_secs(5));
+    assert!(cache.handle().replace(stale).unwrap());
+    source.release(1);
+    let fetched = first.await.unwrap().unwrap();
+    assert_eq!(fetched, Credential::bearer("token-1").unwrap());
+    let next = ask(&cache);
+    settle().await;
+    assert_eq!(source.fetches(), 1, "the source was asked again");
+    assert_eq!(next.await.unwrap().unwrap(), fetched);
+}
+
 /// World: a fetch in flight is superseded (by a credential handed over with `replace`,
 /// or by an invalidation and the fetch chained after it) and then fails. Proves: the
 /// superseded fetch's failure reaches its own waiter only: the cache is not put into

@@ -366,9 +366,9 @@ impl Future for FlightFuture {
 enum Standing {
     /// The cache's: installed, or its failure backs the cache off.
     Current,
-    /// An invalidation made it suspect: its own waiters' only, and never taken back
-    /// from a store it was saved in.
-    Suspect,
+    /// An invalidation or a replacement made it suspect: its own waiters' only. After
+    /// an invalidation (`tainted`), never taken back from a store it was saved in.
+    Suspect { tainted: bool },
     /// A step-up overtaken by a credential handed over: its own waiters' only (they
     /// asked for a wider grant than the handed-over one is known to carry).
     Overtaken,
@@ -401,9 +401,17 @@ impl<P: CredentialSource> FlightGuard<P> {
     /// needless. One in its soft window does not: a refresh is due (a background
     /// refresh queued behind a step-up that failed would otherwise end here with its
     /// claim never given back, and nothing refreshed before the hard window).
-    fn begin(&mut self) -> Option<Arc<Entry>> {
+    ///
+    /// A fetch told of an invalidation that dropped no credential is told now what the
+    /// fetch the invalidation tainted brought, if it ended meanwhile (`forget_suspect`).
+    fn begin(&mut self, cx: &mut FetchContext) -> Option<Arc<Entry>> {
         let mut state = self.inner.lock_state();
         state.running = Some(self.flight.clone());
+        if cx.reason() == FetchReason::Invalidated && cx.previous().is_none() {
+            if let Some(dropped) = state.tainted_result.take() {
+                cx.set_previous(dropped);
+            }
+        }
         // A step-up always fetches: what its predecessor brought asked for no scope.
         if self.step_up {
             return None;
@@ -435,6 +443,10 @@ impl<P: CredentialSource> FlightGuard<P> {
         if suspect {
             state.suspect = None;
         }
+        let tainted = state.tainted == Some(id);
+        if tainted {
+            state.tainted = None;
+        }
         if state.epoch != self.epoch {
             // A credential handed over since this flight started wins while it may be
             // sent (for this flight's own waiters too); one gone stale meanwhile does
@@ -450,7 +462,7 @@ impl<P: CredentialSource> FlightGuard<P> {
             }
         }
         if suspect {
-            return Standing::Suspect;
+            return Standing::Suspect { tainted };
         }
         Standing::Current
     }
@@ -469,14 +481,16 @@ impl<P: CredentialSource> FlightGuard<P> {
                     tracing::debug!("fetched credential superseded by a replacement");
                     Ok(current)
                 }
-                (Ok(credential), Standing::Suspect) => {
-                    // Invalidated while this fetch ran: its result predates the
-                    // invalidation, so it goes to its own waiters only. A store may hold
-                    // it by now: it is remembered as dropped, so that no fetch of this
-                    // cache takes it back from there.
+                (Ok(credential), Standing::Suspect { tainted }) => {
+                    // Invalidated (or replaced) while this fetch ran: its result predates
+                    // that, so it goes to its own waiters only. After an invalidation a
+                    // store may hold it by now: it is remembered as dropped, so that no
+                    // fetch of this cache takes it back from there.
                     tracing::debug!("fetched credential predates an invalidation");
                     let entry = inner.entry(&mut state, credential, now);
-                    inner.forget_suspect(&mut state, &entry);
+                    if tainted {
+                        inner.forget_suspect(&mut state, &entry);
+                    }
                     Ok(entry)
                 }
                 (Ok(credential), Standing::Overtaken) => {
@@ -620,7 +634,7 @@ impl<P: CredentialSource> Drop for FlightGuard<P> {
 
 async fn run_flight<P: CredentialSource>(
     mut guard: FlightGuard<P>,
-    cx: FetchContext,
+    mut cx: FetchContext,
     predecessors: Vec<Shared<FlightFuture>>,
 ) {
     guard.started = true;
@@ -629,7 +643,7 @@ async fn run_flight<P: CredentialSource>(
         for predecessor in predecessors {
             let _ = predecessor.await;
         }
-        if let Some(current) = guard.begin() {
+        if let Some(current) = guard.begin(&mut cx) {
             return guard.finish_with(current);
         }
     }

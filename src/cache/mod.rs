@@ -418,6 +418,9 @@ impl<P: CredentialSource> Inner<P> {
         state.invalidated = Some(dropped);
         self.current.store(None);
         Self::detach_running(state);
+        if let Some(running) = &state.running {
+            state.tainted = Some(running.id);
+        }
     }
 
     /// A fetch running now started before an invalidation or a replacement: its result
@@ -430,8 +433,8 @@ impl<P: CredentialSource> Inner<P> {
         };
         state.flight.take_if(|f| f.id == running);
         state.step_ups.retain(|f| f.id != running);
-        // Suspect whether or not a slot still held it: a step-up that a wider one
-        // followed is in none, and was running all the same.
+        // Suspect whether or not a slot still held it (one that was detached before is
+        // in none, and still runs).
         state.suspect = Some(running);
     }
 }
@@ -528,9 +531,15 @@ struct State {
     /// while it runs (it was made suspect and detached) is chained after it, for as long
     /// as it runs: a chained flight that dies before it starts does not make it forgotten.
     running: Option<Flight>,
-    /// A running flight that an invalidation made suspect: its result and its failure
-    /// go to its own waiters only.
+    /// A running flight that an invalidation or a replacement made suspect: its result
+    /// and its failure go to its own waiters only.
     suspect: Option<u64>,
+    /// A running flight that an invalidation made suspect: its result is also kept out
+    /// of the store's answers (see `Inner::forget_suspect`).
+    tainted: Option<u64>,
+    /// What a tainted flight brought, when a fetch chained after it had already taken
+    /// the invalidation's marker: that fetch is told it as it begins.
+    tainted_result: Option<Credential>,
     failures: u32,
     retry_at: Option<Instant>,
     last_error: Option<Error>,
@@ -614,6 +623,7 @@ impl<P: CredentialSource> Inner<P> {
     fn install(&self, state: &mut State, credential: Credential, now: Instant) -> Arc<Entry> {
         self.retire(state);
         state.invalidated = None;
+        state.tainted_result = None;
         let entry = self.entry(state, credential, now);
         self.current.store(Some(entry.clone()));
         entry
@@ -718,9 +728,6 @@ impl<P: CredentialSource> Inner<P> {
         (secs(soft), secs(hard))
     }
 
-    /// Whether a credential found in the store is worth using instead of fetching: not
-    /// expired, and (for a proactive source) not in its hard window, by the lifetime it
-    /// was issued with.
     /// Whether a credential loaded from the store may be taken: usable, and not one this
     /// cache stopped using (rejected, invalidated, replaced, or fetched across an
     /// invalidation: see `forget_suspect`).
@@ -741,11 +748,16 @@ impl<P: CredentialSource> Inner<P> {
     /// held.
     fn forget_suspect(&self, state: &mut State, entry: &Entry) {
         state.remember_retired(entry);
-        if let Some(dropped @ None) = &mut state.invalidated {
-            *dropped = Some(entry.credential.clone());
+        match &mut state.invalidated {
+            Some(dropped @ None) => *dropped = Some(entry.credential.clone()),
+            // Taken already by a fetch chained after this one: told as it begins.
+            _ => state.tainted_result = Some(entry.credential.clone()),
         }
     }
 
+    /// Whether a credential found in the store is worth using instead of fetching: not
+    /// expired, and (for a proactive source) not in its hard window, by the lifetime it
+    /// was issued with.
     fn is_usable_stored(&self, credential: &Credential) -> bool {
         let wall = self.config.clock.now();
         match credential.expiry() {
