@@ -470,6 +470,19 @@ async fn next_request(api: &mut MockApi) -> (MockReq, Reply) {
         .expect("the mock API is gone")
 }
 
+/// The next `n` requests the mock API gets, each answered 200: path and credential of
+/// each, sorted.
+async fn answered_ok(api: &mut MockApi, n: usize) -> Vec<String> {
+    let mut sent = Vec::new();
+    for _ in 0..n {
+        let (req, reply) = next_request(api).await;
+        sent.push(format!("{} {}", req.uri().path(), bearer(&req)));
+        reply.send_response(http::Response::new(""));
+    }
+    sent.sort();
+    sent
+}
+
 /// A layer with step-up on over a mock API, and the mock's handle.
 fn step_up_over_mock<P: tower_client_auth::CredentialSource>(
     layer: AuthLayer<P>,
@@ -635,19 +648,9 @@ async fn a_step_up_during_a_refetch_asks_for_its_scope() {
         // The second request asks for its step-up before the refetch ends.
         settle().await;
         gate.add_permits(1);
-        let mut replays = Vec::new();
-        for _ in 0..2 {
-            let (replay, reply) = next_request(&mut api).await;
-            replays.push((replay.uri().path().to_owned(), bearer(&replay)));
-            reply.send_response(http::Response::new(""));
-        }
-        replays.sort();
         assert_eq!(
-            replays,
-            [
-                ("/a".to_owned(), "Bearer t-1".to_owned()),
-                ("/b".to_owned(), "Bearer t-2".to_owned())
-            ],
+            answered_ok(&mut api, 2).await,
+            ["/a Bearer t-1", "/b Bearer t-2"],
             "store: {store}"
         );
         assert_eq!(first.await.unwrap().unwrap().status(), 200);
@@ -680,19 +683,9 @@ async fn a_request_needing_a_credential_never_takes_a_step_ups_failure() {
     let third = tokio::spawn(svc.clone().oneshot(support::get("/c")));
     settle().await;
     gate.add_permits(1);
-    let mut sent = Vec::new();
-    for _ in 0..2 {
-        let (req, reply) = next_request(&mut api).await;
-        sent.push((req.uri().path().to_owned(), bearer(&req)));
-        reply.send_response(http::Response::new(""));
-    }
-    sent.sort();
     assert_eq!(
-        sent,
-        [
-            ("/a".to_owned(), "Bearer t-1".to_owned()),
-            ("/c".to_owned(), "Bearer t-1".to_owned())
-        ]
+        answered_ok(&mut api, 2).await,
+        ["/a Bearer t-1", "/c Bearer t-1"]
     );
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
     assert_eq!(third.await.unwrap().unwrap().status(), 200);
@@ -830,21 +823,9 @@ async fn step_ups_for_different_scopes_each_ask_for_theirs() {
     reply_c.send_response(lacks_scope("w"));
     settle().await;
     gate.add_permits(1);
-    let mut replays = Vec::new();
-    for _ in 0..3 {
-        let (replay, reply) = next_request(&mut api).await;
-        replays.push((replay.uri().path().to_owned(), bearer(&replay)));
-        reply.send_response(http::Response::new(""));
-    }
-    replays.sort();
-    let replays: Vec<_> = replays.iter().map(|(p, t)| (&p[..], &t[..])).collect();
     assert_eq!(
-        replays,
-        [
-            ("/a", "Bearer t-1"),
-            ("/b", "Bearer t-2"),
-            ("/c", "Bearer t-1")
-        ]
+        answered_ok(&mut api, 3).await,
+        ["/a Bearer t-1", "/b Bearer t-2", "/c Bearer t-1"]
     );
     for call in [first, second, third] {
         assert_eq!(call.await.unwrap().unwrap().status(), 200);
@@ -895,12 +876,7 @@ fn a_step_up_whose_task_dies_backs_off_step_ups_only() {
             main.block_on(wait_for(|| log.lock().unwrap().len() == 2));
             dying.shutdown_background();
         } else {
-            let dead = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let handle = dead.handle().clone();
-            dead.shutdown_background();
+            let handle = support::dead_runtime();
             let call = std::thread::spawn({
                 let svc = svc.clone();
                 move || {
@@ -962,15 +938,10 @@ async fn a_late_insufficient_scope_waits_for_the_step_up_under_way() {
     reply_b.send_response(lacks_scope_w());
     settle().await;
     gate.add_permits(1);
-    let mut replays = Vec::new();
-    for _ in 0..2 {
-        let (replay, reply) = next_request(&mut api).await;
-        replays.push((replay.uri().path().to_owned(), bearer(&replay)));
-        reply.send_response(http::Response::new(""));
-    }
-    replays.sort();
-    let replays: Vec<_> = replays.iter().map(|(p, t)| (&p[..], &t[..])).collect();
-    assert_eq!(replays, [("/a", "Bearer t-2"), ("/b", "Bearer t-2")]);
+    assert_eq!(
+        answered_ok(&mut api, 2).await,
+        ["/a Bearer t-2", "/b Bearer t-2"]
+    );
     for call in [first, second] {
         assert_eq!(call.await.unwrap().unwrap().status(), 200);
     }
@@ -1119,15 +1090,10 @@ async fn an_invalidation_reaches_a_step_up_a_wider_one_followed() {
     let third = tokio::spawn(svc.clone().oneshot(support::get("/c")));
     settle().await;
     gate.add_permits(1);
-    let mut sent = Vec::new();
-    for _ in 0..2 {
-        let (req, reply) = next_request(&mut api).await;
-        sent.push((req.uri().path().to_owned(), bearer(&req)));
-        reply.send_response(http::Response::new(""));
-    }
-    sent.sort();
-    let sent: Vec<_> = sent.iter().map(|(p, t)| (&p[..], &t[..])).collect();
-    assert_eq!(sent, [("/b", "Bearer t-2"), ("/c", "Bearer t-2")]);
+    assert_eq!(
+        answered_ok(&mut api, 2).await,
+        ["/b Bearer t-2", "/c Bearer t-2"]
+    );
     for call in [second, third] {
         assert_eq!(call.await.unwrap().unwrap().status(), 200);
     }
@@ -1166,12 +1132,7 @@ fn a_dead_wider_step_up_leaves_the_chain_behind_it_intact() {
         reply.send_response(lacks_scope("w"));
         settle().await;
     });
-    let dead = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let entered = dead.handle().clone();
-    dead.shutdown_background();
+    let entered = support::dead_runtime();
     let second = std::thread::spawn({
         let svc = svc.clone();
         move || {
@@ -1198,15 +1159,10 @@ fn a_dead_wider_step_up_leaves_the_chain_behind_it_intact() {
             "a fetch started beside the step-up"
         );
         gate.add_permits(1);
-        let mut sent = Vec::new();
-        for _ in 0..2 {
-            let (req, reply) = next_request(&mut api).await;
-            sent.push((req.uri().path().to_owned(), bearer(&req)));
-            reply.send_response(http::Response::new(""));
-        }
-        sent.sort();
-        let sent: Vec<_> = sent.iter().map(|(p, t)| (&p[..], &t[..])).collect();
-        assert_eq!(sent, [("/a", "Bearer t-2"), ("/c", "Bearer t-2")]);
+        assert_eq!(
+            answered_ok(&mut api, 2).await,
+            ["/a Bearer t-2", "/c Bearer t-2"]
+        );
         assert_eq!(first.await.unwrap().unwrap().status(), 200);
         assert_eq!(third.await.unwrap().unwrap().status(), 200);
     });

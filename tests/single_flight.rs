@@ -554,12 +554,7 @@ fn a_chained_fetch_that_dies_before_it_starts_leaves_the_suspect_one_alone() {
         wait_for(|| source.fetches() == 1);
         assert!(cache.handle().invalidate(), "{case}");
         if case == "refused" {
-            let dead = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let handle = dead.handle().clone();
-            dead.shutdown_background();
+            let handle = support::dead_runtime();
             let cache = cache.clone();
             let kind = std::thread::spawn(move || {
                 let _entered = handle.enter();

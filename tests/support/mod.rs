@@ -203,6 +203,18 @@ impl FakeApi {
     }
 }
 
+/// A handle to a runtime that has shut down: a thread that enters it has every task it
+/// spawns refused.
+pub fn dead_runtime() -> tokio::runtime::Handle {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = runtime.handle().clone();
+    runtime.shutdown_background();
+    handle
+}
+
 /// A minimal executor: polls a future on this thread until it is ready (for a thread
 /// that has entered a runtime which no longer runs tasks).
 pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
