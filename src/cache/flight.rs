@@ -190,6 +190,8 @@ impl<P: CredentialSource> CredentialCache<P> {
             if let Some(dropped) = state.invalidated.take() {
                 reason = FetchReason::Invalidated;
                 previous = dropped;
+                // The marker holds a tainted fetch's result by now, if one ended.
+                state.tainted_result = None;
             }
         }
         state.flight_id += 1;
@@ -366,9 +368,8 @@ impl Future for FlightFuture {
 enum Standing {
     /// The cache's: installed, or its failure backs the cache off.
     Current,
-    /// An invalidation or a replacement made it suspect: its own waiters' only. After
-    /// an invalidation (`tainted`), never taken back from a store it was saved in.
-    Suspect { tainted: bool },
+    /// An invalidation or a replacement made it suspect: its own waiters' only.
+    Suspect,
     /// A step-up overtaken by a credential handed over: its own waiters' only (they
     /// asked for a wider grant than the handed-over one is known to carry).
     Overtaken,
@@ -429,8 +430,10 @@ impl<P: CredentialSource> FlightGuard<P> {
         matches!(phase, Phase::Fresh | Phase::Soft)
     }
 
-    /// Takes this flight out of the state, and says whose its result is.
-    fn leave(&self, state: &mut State) -> Standing {
+    /// Takes this flight out of the state, and says whose its result is, and whether an
+    /// invalidation tainted it (then a result it brought is forgotten, whatever its
+    /// standing: see `Inner::forget_suspect`).
+    fn leave(&self, state: &mut State) -> (Standing, bool) {
         let id = self.flight.id;
         if state.flight.as_ref().is_some_and(|f| f.id == id) {
             state.flight = None;
@@ -456,15 +459,15 @@ impl<P: CredentialSource> FlightGuard<P> {
                 // credential is known to carry: theirs is the step-up's result, and the
                 // handed-over credential stays current.
                 if self.step_up {
-                    return Standing::Overtaken;
+                    return (Standing::Overtaken, tainted);
                 }
-                return Standing::Replaced(current);
+                return (Standing::Replaced(current), tainted);
             }
         }
         if suspect {
-            return Standing::Suspect { tainted };
+            return (Standing::Suspect, tainted);
         }
-        Standing::Current
+        (Standing::Current, tainted)
     }
 
     /// Ends the flight with the source's answer; the waiters are told after the lock is
@@ -474,30 +477,40 @@ impl<P: CredentialSource> FlightGuard<P> {
             let inner = &self.inner;
             let now = Instant::now();
             let mut state = inner.lock_state();
-            let standing = self.leave(&mut state);
+            let (standing, tainted) = self.leave(&mut state);
             let superseded = !matches!(standing, Standing::Current);
+            // After an invalidation a store may hold this fetch's result by now, however
+            // it ends: it is remembered as dropped, so that no fetch of this cache takes
+            // it back from there (and the next is told it).
+            let forgotten = match &result {
+                Ok(credential) if tainted => {
+                    let entry = inner.entry(&mut state, credential.clone(), now);
+                    inner.forget_suspect(&mut state, &entry);
+                    Some(entry)
+                }
+                _ => None,
+            };
+            let own = |state: &mut State, credential| {
+                forgotten
+                    .clone()
+                    .unwrap_or_else(|| inner.entry(state, credential, now))
+            };
             match (result, standing) {
                 (Ok(_), Standing::Replaced(current)) => {
                     tracing::debug!("fetched credential superseded by a replacement");
                     Ok(current)
                 }
-                (Ok(credential), Standing::Suspect { tainted }) => {
+                (Ok(credential), Standing::Suspect) => {
                     // Invalidated (or replaced) while this fetch ran: its result predates
-                    // that, so it goes to its own waiters only. After an invalidation a
-                    // store may hold it by now: it is remembered as dropped, so that no
-                    // fetch of this cache takes it back from there.
+                    // that, so it goes to its own waiters only.
                     tracing::debug!("fetched credential predates an invalidation");
-                    let entry = inner.entry(&mut state, credential, now);
-                    if tainted {
-                        inner.forget_suspect(&mut state, &entry);
-                    }
-                    Ok(entry)
+                    Ok(own(&mut state, credential))
                 }
                 (Ok(credential), Standing::Overtaken) => {
                     tracing::debug!(
                         "step-up overtaken by a replacement; its token goes to its own waiters"
                     );
-                    Ok(inner.entry(&mut state, credential, now))
+                    Ok(own(&mut state, credential))
                 }
                 (Ok(credential), Standing::Current) => {
                     state.failures = 0;
@@ -529,7 +542,7 @@ impl<P: CredentialSource> FlightGuard<P> {
     fn finish_with(&mut self, current: Arc<Entry>) {
         {
             let mut state = self.inner.lock_state();
-            self.leave(&mut state);
+            let _ = self.leave(&mut state);
         }
         self.send(Ok(current));
     }
@@ -612,7 +625,7 @@ impl<P: CredentialSource> Drop for FlightGuard<P> {
         let err = Error::new(kind);
         {
             let mut state = self.inner.lock_state();
-            if !matches!(self.leave(&mut state), Standing::Current) {
+            if !matches!(self.leave(&mut state).0, Standing::Current) {
                 self.inner
                     .stats
                     .fetch_failures

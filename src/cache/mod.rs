@@ -742,17 +742,19 @@ impl<P: CredentialSource> Inner<P> {
 
     /// A fetch made suspect by an invalidation brought `entry`: remembered as retired
     /// (a rejection of it is told it apart from its replacement, and the store's copy
-    /// is not taken back), and, when the invalidation dropped no credential of its own,
-    /// as what the invalidation dropped (the next fetch is told it, and removes it from
-    /// the store, or keeps only its refresh token there). Called with the state lock
-    /// held.
+    /// is not taken back), and as what the invalidation dropped (the next fetch is told
+    /// it, and removes it from the store, or keeps only its refresh token there). Called
+    /// with the state lock held.
     fn forget_suspect(&self, state: &mut State, entry: &Entry) {
         state.remember_retired(entry);
-        match &mut state.invalidated {
-            Some(dropped @ None) => *dropped = Some(entry.credential.clone()),
-            // Taken already by a fetch chained after this one: told as it begins.
-            _ => state.tainted_result = Some(entry.credential.clone()),
+        // The newest credential this cache dropped: the one a source hands back if any,
+        // and the one the store holds, if this fetch saved it there.
+        if let Some(dropped) = &mut state.invalidated {
+            *dropped = Some(entry.credential.clone());
         }
+        // A fetch chained after this one may have taken the marker already: told as it
+        // begins. The next marker taken, or credential installed, clears it.
+        state.tainted_result = Some(entry.credential.clone());
     }
 
     /// Whether a credential found in the store is worth using instead of fetching: not
