@@ -1177,6 +1177,52 @@ fn a_dead_wider_step_up_leaves_the_chain_behind_it_intact() {
     );
 }
 
+/// World: a cache over a store; while the first fetch runs (held), the application
+/// hands over a credential already in its hard window, so the fetch's `t-0` goes to the
+/// request that waited for it only (and into the store). The next request refreshes the
+/// handed-over credential and takes `t-0` from the store. Then the API rejects the first
+/// request's `t-0`. Proves (found by tests/interleavings.rs): the replacement the first
+/// request is offered is the same `t-0`, which the layer sees, so it does not replay
+/// with the token just rejected: the 401 goes back marked `SameCredential`.
+#[tokio::test]
+async fn a_token_handed_only_to_its_waiters_is_never_replayed_after_its_rejection() {
+    let (source, log, gate, _) = held_source(&[0], Duration::from_secs(3600), false);
+    let cache = tower_client_auth::CredentialCache::builder(source)
+        .store(tower_client_auth::MemoryStore::new())
+        .build()
+        .unwrap();
+    let handle = cache.handle();
+    let (svc, mut api) = step_up_over_mock(AuthLayer::with_cache(cache));
+    let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+    wait_for(|| log.lock().unwrap().len() == 1).await;
+    let now = std::time::SystemTime::now();
+    let stale = Credential::bearer("handed-over")
+        .unwrap()
+        .issued_at(now - Duration::from_secs(3600))
+        .expires_at(now + Duration::from_secs(5));
+    assert!(handle.replace(stale).unwrap());
+    gate.add_permits(1);
+    let (req_a, reply_a) = next_request(&mut api).await;
+    assert_eq!(bearer(&req_a), "Bearer t-0");
+    let second = tokio::spawn(svc.clone().oneshot(support::get("/b")));
+    let (req_b, reply_b) = next_request(&mut api).await;
+    assert_eq!(bearer(&req_b), "Bearer t-0", "taken from the store");
+    reply_b.send_response(http::Response::new(""));
+    assert_eq!(second.await.unwrap().unwrap().status(), 200);
+    reply_a.send_response(http::Response::builder().status(401).body("").unwrap());
+    let first = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("the first request was replayed (with the token just rejected)")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.status(), 401);
+    assert_eq!(
+        first.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::SameCredential)
+    );
+    assert_eq!(log.lock().unwrap().len(), 1);
+}
+
 /// World: a step-up is fetching (held) when the application invalidates the credential.
 /// Proves: the step-up's token, fetched across the invalidation, goes to its own request
 /// only (its replay); the next request does not get it but a fetch made after the

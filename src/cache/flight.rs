@@ -490,10 +490,15 @@ impl<P: CredentialSource> FlightGuard<P> {
                 }
                 _ => None,
             };
+            // A result for this flight's own waiters only: remembered, so that a request
+            // it is rejected for can tell it from the credential offered instead (the
+            // store's copy of it may be current by then, under another generation).
             let own = |state: &mut State, credential| {
-                forgotten
-                    .clone()
-                    .unwrap_or_else(|| inner.entry(state, credential, now))
+                forgotten.clone().unwrap_or_else(|| {
+                    let entry = inner.entry(state, credential, now);
+                    state.remember_retired(&entry, false);
+                    entry
+                })
             };
             match (result, standing) {
                 (Ok(_), Standing::Replaced(current)) => {

@@ -319,8 +319,8 @@ impl<P: CredentialSource> CredentialCache<P> {
         state
             .retired
             .iter()
-            .find(|(g, _)| *g == generation)
-            .map(|(_, c)| c.clone())
+            .find(|(g, _, _)| *g == generation)
+            .map(|(_, c, _)| c.clone())
     }
 
     /// The API rejected the credential of `generation`: invalidate it if it is still
@@ -552,10 +552,12 @@ struct State {
     /// Set by an explicit invalidation, with the credential it dropped: the next fetch
     /// is a [`FetchReason::Invalidated`] one.
     invalidated: Option<Option<Credential>>,
-    /// The last few credentials that stopped being current, by generation: a request
-    /// whose credential was rejected after it was already replaced can still tell
-    /// whether the replacement is the same value.
-    retired: std::collections::VecDeque<(u64, Credential)>,
+    /// The last few credentials that stopped being current, or were handed to a
+    /// flight's own waiters without ever being current, by generation: a request whose
+    /// credential was rejected after it was already replaced can still tell whether the
+    /// replacement is the same value. `true`: dropped (rejected, invalidated, replaced,
+    /// or fetched across an invalidation), so not taken back from the store either.
+    retired: std::collections::VecDeque<(u64, Credential, bool)>,
     /// Consecutive rejections of credentials younger than [`YOUNG_CREDENTIAL_AGE`], and
     /// when the next one may cause a fetch.
     fresh_rejections: u32,
@@ -569,18 +571,19 @@ struct State {
 
 impl State {
     /// Remembers `entry` among the last [`RETIRED_KEPT`] credentials that stopped
-    /// being current (or were never made current: see `Inner::forget_suspect`).
-    fn remember_retired(&mut self, entry: &Entry) {
+    /// being current (or were never made current: see `Inner::forget_suspect`);
+    /// `dropped`: not to be taken back from the store.
+    fn remember_retired(&mut self, entry: &Entry, dropped: bool) {
         if self.retired.len() == RETIRED_KEPT {
             self.retired.pop_front();
         }
         self.retired
-            .push_back((entry.generation, entry.credential.clone()));
+            .push_back((entry.generation, entry.credential.clone(), dropped));
     }
 }
 
 /// How many replaced credentials [`State::retired`] remembers.
-const RETIRED_KEPT: usize = 8;
+const RETIRED_KEPT: usize = 16;
 
 #[derive(Clone)]
 enum Want {
@@ -615,7 +618,7 @@ impl<P: CredentialSource> Inner<P> {
     /// Called with the state lock held.
     fn retire(&self, state: &mut State) {
         if let Some(entry) = self.current.load_full() {
-            state.remember_retired(&entry);
+            state.remember_retired(&entry, true);
         }
     }
 
@@ -737,7 +740,7 @@ impl<P: CredentialSource> Inner<P> {
                 .lock_state()
                 .retired
                 .iter()
-                .any(|(_, retired)| retired == credential)
+                .any(|(_, retired, dropped)| *dropped && retired == credential)
     }
 
     /// A fetch made suspect by an invalidation brought `entry`: remembered as retired
@@ -746,7 +749,7 @@ impl<P: CredentialSource> Inner<P> {
     /// it, and removes it from the store, or keeps only its refresh token there). Called
     /// with the state lock held.
     fn forget_suspect(&self, state: &mut State, entry: &Entry) {
-        state.remember_retired(entry);
+        state.remember_retired(entry, true);
         // The newest credential this cache dropped: the one a source hands back if any,
         // and the one the store holds, if this fetch saved it there.
         if let Some(dropped) = &mut state.invalidated {
