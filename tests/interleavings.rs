@@ -8,8 +8,12 @@
 //!
 //! Each run checks the promises that every interleaving must keep, with counters that
 //! would see them broken: never two fetches at once; no request hangs; a request whose
-//! credential was rejected is never replayed with that same credential; and afterwards
-//! the cache is not wedged (a request gets a credential and its answer). The targeted
+//! credential was rejected is never replayed with that same credential; a credential
+//! the application dropped (`invalidate_if`, `reject`) is never sent by a request that
+//! started after it was dropped (from the store or anywhere else), and `reject` never
+//! answers with the credential it was given; a credential's rejection is counted once at
+//! most; and afterwards the cache is not wedged (a request gets a credential and its
+//! answer). The Tower layer runs in both modes (replaying, and `Direct`). The targeted
 //! tests in `single_flight.rs` and `challenges.rs` pin each interleaving found so far;
 //! this one looks for the next.
 
@@ -18,7 +22,7 @@
 mod support;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst},
@@ -86,6 +90,32 @@ struct Seen {
     same_token_replays: Mutex<Vec<String>>,
     /// Whether the API still answers at random (then all 200: the final check).
     chaos: AtomicBool,
+    /// A sequence every request start and every drop by the application is numbered in.
+    clock: AtomicU64,
+    /// Tokens the application dropped, with the number of the moment after it did.
+    dropped: Mutex<HashMap<String, u64>>,
+    /// Requests that carried a token dropped before they started.
+    resurrected: Mutex<Vec<String>>,
+    /// Tokens the API rejected with a 401 at least once.
+    rejected: Mutex<HashSet<String>>,
+    /// `reject` calls that invalidated their credential, and those answered with it.
+    rejects: AtomicU64,
+    rejects_answered_same: Mutex<Vec<String>>,
+}
+
+impl Seen {
+    /// The application dropped `credential`: no request that starts from now on may
+    /// carry it.
+    fn dropped(&self, credential: &Credential) {
+        let at = self.clock.fetch_add(1, SeqCst);
+        self.dropped.lock().unwrap().insert(token(credential), at);
+    }
+}
+
+/// The `Authorization` value a bearer credential puts on a request.
+fn token(credential: &Credential) -> String {
+    let (_, value) = credential.headers().next().unwrap();
+    value.to_str().unwrap().to_owned()
 }
 
 type ApiRequest = Request<ReplayBody<Full<Bytes>>>;
@@ -120,7 +150,8 @@ fn source(dice: Dice, seen: Arc<Seen>) -> impl tower_client_auth::CredentialSour
 /// request `id`: at random 200, 401, or 403 lacking `w` or `x` (unless the token was
 /// granted it); every answer after the chaos is 200. Notes a replay that carries the
 /// token its request had rejected.
-async fn answer(dice: &Dice, seen: &Seen, token: String, id: String) -> Response<Full<Bytes>> {
+async fn answer(dice: &Dice, seen: &Seen, sent: Sent) -> Response<Full<Bytes>> {
+    let Sent { token, id, started } = sent;
     dice.pause(2).await;
     let status = match (seen.chaos.load(SeqCst), dice.roll(10)) {
         (false, _) => 200,
@@ -137,6 +168,19 @@ async fn answer(dice: &Dice, seen: &Seen, token: String, id: String) -> Response
     } else {
         status
     };
+    if seen.chaos.load(SeqCst) {
+        if let Some(at) = seen.dropped.lock().unwrap().get(&token) {
+            if *at < started {
+                seen.resurrected
+                    .lock()
+                    .unwrap()
+                    .push(format!("{id}: {token}"));
+            }
+        }
+    }
+    if status == 401 {
+        seen.rejected.lock().unwrap().insert(token.clone());
+    }
     {
         let mut attempts = seen.attempts.lock().unwrap();
         if let Some((before, true)) = attempts.get(&id) {
@@ -218,16 +262,28 @@ enum Store {
     Flaky,
 }
 
-/// The token and the request id a request carries.
-fn token_and_id(headers: &http::HeaderMap) -> (String, String) {
-    let text = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned()
-    };
-    (text("authorization"), text("x-id"))
+/// What a request carries: its token, its id, and the number of the moment it started.
+struct Sent {
+    token: String,
+    id: String,
+    started: u64,
+}
+
+impl Sent {
+    fn of(headers: &http::HeaderMap) -> Self {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        Sent {
+            token: text("authorization"),
+            id: text("x-id"),
+            started: text("x-started").parse().unwrap_or(u64::MAX),
+        }
+    }
 }
 
 /// The entry point a run's requests go through.
@@ -235,6 +291,8 @@ fn token_and_id(headers: &http::HeaderMap) -> (String, String) {
 enum Entry {
     /// `AuthLayer` over the API as a Tower service.
     Tower,
+    /// The same without replay (`Direct`): a rejection invalidates, nothing is resent.
+    Direct,
     /// `AuthMiddleware` in a reqwest client, to the API on a loopback server.
     Reqwest,
 }
@@ -250,20 +308,24 @@ enum Client {
 }
 
 impl Client {
-    /// Sends one request with the id `id`: its status or error, or `None` if it did not
-    /// end within 10 s. (By value: a boxed Tower service is not `Sync`.)
-    async fn send(self, id: &str) -> Option<Result<u16, String>> {
+    /// Sends one request with the id `id`, numbered as it starts: its status or error,
+    /// or `None` if it did not end within 10 s. (By value: a boxed Tower service is not
+    /// `Sync`.)
+    async fn send(self, id: &str, seen: &Seen) -> Option<Result<u16, String>> {
         let id = http::HeaderValue::from_str(id).unwrap();
+        let started = http::HeaderValue::from(seen.clock.fetch_add(1, SeqCst));
         let sent = async {
             match self {
                 Client::Tower(svc) => {
                     let mut req = support::get("/r");
                     req.headers_mut().insert("x-id", id);
+                    req.headers_mut().insert("x-started", started);
                     svc.oneshot(req).await
                 }
                 Client::Reqwest(client, base) => client
                     .get(format!("{base}/r"))
                     .header("x-id", id)
+                    .header("x-started", started)
                     .send()
                     .await
                     .map(|res| res.status().as_u16())
@@ -303,19 +365,36 @@ async fn run(seed: u64, store: Store, entry: Entry) {
     }
     let cache = cache.build().unwrap();
     let handle = cache.handle();
+    let layer = AuthLayer::with_cache(cache.clone())
+        .any_https_origin()
+        .step_up(true);
     let client = match entry {
         Entry::Tower => {
             let api = {
                 let (dice, seen) = (dice.clone(), seen.clone());
                 tower::service_fn(move |req: ApiRequest| {
                     let (dice, seen) = (dice.clone(), seen.clone());
-                    let (token, id) = token_and_id(req.headers());
-                    async move { Ok::<_, BoxError>(answer(&dice, &seen, token, id).await) }
+                    let sent = Sent::of(req.headers());
+                    async move { Ok::<_, BoxError>(answer(&dice, &seen, sent).await) }
                 })
             };
-            let svc = AuthLayer::with_cache(cache)
-                .any_https_origin()
-                .step_up(true)
+            let svc = layer
+                .layer(api)
+                .map_response(|res: Response<Full<Bytes>>| res.status().as_u16())
+                .map_err(|e: BoxError| e.to_string());
+            Client::Tower(tower::util::BoxCloneService::new(svc))
+        }
+        Entry::Direct => {
+            let api = {
+                let (dice, seen) = (dice.clone(), seen.clone());
+                tower::service_fn(move |req: Request<Full<Bytes>>| {
+                    let (dice, seen) = (dice.clone(), seen.clone());
+                    let sent = Sent::of(req.headers());
+                    async move { Ok::<_, BoxError>(answer(&dice, &seen, sent).await) }
+                })
+            };
+            let svc = layer
+                .without_replay()
                 .layer(api)
                 .map_response(|res: Response<Full<Bytes>>| res.status().as_u16())
                 .map_err(|e: BoxError| e.to_string());
@@ -326,13 +405,13 @@ async fn run(seed: u64, store: Store, entry: Entry) {
                 let (dice, seen) = (dice.clone(), seen.clone());
                 move |req: Request<hyper::body::Incoming>| {
                     let (dice, seen) = (dice.clone(), seen.clone());
-                    let (token, id) = token_and_id(req.headers());
-                    async move { answer(&dice, &seen, token, id).await }
+                    let sent = Sent::of(req.headers());
+                    async move { answer(&dice, &seen, sent).await }
                 }
             })
             .await;
             let base = format!("http://{addr}");
-            let auth = AuthMiddleware::with_cache(cache)
+            let auth = AuthMiddleware::with_cache(cache.clone())
                 .origin(&base)
                 .unwrap()
                 .allow_http_loopback(true)
@@ -345,14 +424,38 @@ async fn run(seed: u64, store: Store, entry: Entry) {
     };
     let done = Arc::new(AtomicBool::new(false));
     let meddling = tokio::spawn({
-        let (dice, done) = (dice.clone(), done.clone());
+        let (dice, done, seen, cache) = (dice.clone(), done.clone(), seen.clone(), cache.clone());
         async move {
             let mut replaced = 0;
             while !done.load(SeqCst) {
                 dice.pause(6).await;
-                match dice.roll(10) {
-                    0..=2 => {
+                match dice.roll(12) {
+                    0 => {
                         handle.invalidate();
+                    }
+                    1 | 2 => {
+                        // Dropped by name: from now on no request may send it.
+                        if let Ok(current) = cache.credential().await {
+                            if handle.invalidate_if(&current) {
+                                seen.dropped(&current);
+                            }
+                        }
+                    }
+                    10 | 11 => {
+                        // A rejection seen outside the layer (a gRPC status, say).
+                        if let Ok(current) = cache.credential().await {
+                            let rejected = cache.stats().rejections;
+                            let answer = cache.reject(&current).await;
+                            if cache.stats().rejections > rejected {
+                                seen.rejects.fetch_add(1, SeqCst);
+                            }
+                            if answer.as_ref().is_ok_and(|c| *c == current) {
+                                seen.rejects_answered_same
+                                    .lock()
+                                    .unwrap()
+                                    .push(token(&current));
+                            }
+                        }
                     }
                     3 | 4 => {
                         replaced += 1;
@@ -368,10 +471,10 @@ async fn run(seed: u64, store: Store, entry: Entry) {
     });
     let mut calls = Vec::new();
     for task in 0..6 {
-        let (client, dice, what) = (client.clone(), dice.clone(), what.clone());
+        let (client, dice, what, seen) = (client.clone(), dice.clone(), what.clone(), seen.clone());
         calls.push(tokio::spawn(async move {
             for i in 0..25 {
-                let answered = client.clone().send(&format!("{task}-{i}")).await;
+                let answered = client.clone().send(&format!("{task}-{i}"), &seen).await;
                 assert!(answered.is_some(), "{what}: request {task}-{i} hung");
                 dice.pause(3).await;
             }
@@ -393,22 +496,41 @@ async fn run(seed: u64, store: Store, entry: Entry) {
         "{what}: replayed with the rejected token: {:?}",
         seen.same_token_replays.lock().unwrap()
     );
+    assert!(
+        seen.resurrected.lock().unwrap().is_empty(),
+        "{what}: sent a credential dropped before the request started: {:?}",
+        seen.resurrected.lock().unwrap()
+    );
+    assert!(
+        seen.rejects_answered_same.lock().unwrap().is_empty(),
+        "{what}: `reject` answered with the credential it was given: {:?}",
+        seen.rejects_answered_same.lock().unwrap()
+    );
+    // A rejection is counted once per credential: by the layer for a 401, or by the
+    // application's `reject`.
+    let rejections = cache.stats().rejections;
+    let rejected = seen.rejected.lock().unwrap().len() as u64 + seen.rejects.load(SeqCst);
+    assert!(
+        rejections <= rejected,
+        "{what}: {rejections} rejections counted for {rejected} rejected credentials"
+    );
     // Not wedged: once the backoff has run out, a request gets a credential and its
     // answer.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let last = client.clone().send("last").await;
+    let last = client.clone().send("last", &seen).await;
     assert_eq!(last, Some(Ok(200)), "{what}: the last request");
     assert_eq!(seen.most_running.load(SeqCst), 1, "{what}");
 }
 
 /// World: 16 seeds, each on a fresh two-thread runtime, without a store, with one, and
-/// with one failing at random, through the Tower layer and through reqwest. Proves: the promises above hold in
+/// with one failing at random, through the Tower layer (replaying and `Direct`) and
+/// through reqwest. Proves: the promises above hold in
 /// every one.
 #[test]
 fn random_interleavings_keep_the_refresh_paths_promises() {
     for seed in 0..16 {
         for store in [Store::None, Store::Memory, Store::Flaky] {
-            for entry in [Entry::Tower, Entry::Reqwest] {
+            for entry in [Entry::Tower, Entry::Direct, Entry::Reqwest] {
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .enable_all()
