@@ -34,6 +34,9 @@ use std::{
 /// A source of wall-clock time for a cache.
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// The current time.
+    ///
+    /// Called on the hot path and, at times, with the cache's internal lock held: it
+    /// must not call back into the cache, and should neither block nor panic.
     fn now(&self) -> SystemTime;
 }
 

@@ -652,7 +652,7 @@ where
                             cache.accepted(*generation);
                             if *why == Again::SteppedUp {
                                 // The wider grant was not wide enough (or not granted).
-                                cache.step_up_failed();
+                                cache.step_up_failed(*generation);
                             }
                             response = with_scope(
                                 response,

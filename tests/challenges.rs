@@ -1179,48 +1179,116 @@ fn a_dead_wider_step_up_leaves_the_chain_behind_it_intact() {
 
 /// World: a cache over a store; while the first fetch runs (held), the application
 /// hands over a credential already in its hard window, so the fetch's `t-0` goes to the
-/// request that waited for it only (and into the store). The next request refreshes the
-/// handed-over credential and takes `t-0` from the store. Then the API rejects the first
-/// request's `t-0`. Proves (found by tests/interleavings.rs): the replacement the first
-/// request is offered is the same `t-0`, which the layer sees, so it does not replay
-/// with the token just rejected: the 401 goes back marked `SameCredential`.
+/// request that waited for it only (and into the store). The API rejects that request's
+/// `t-0` either after the next request has refreshed the handed-over credential (and
+/// taken `t-0` from the store, as current), or before. Proves (found by
+/// tests/interleavings.rs, then a review): either way the rejection drops `t-0`: the
+/// first request is replayed with a new token from the source, not `t-0` again, and the
+/// next request gets the new one too (before the fix: with the rejection after, the
+/// 401 went back unreplayed and `t-0` stayed current; with it before, the store handed
+/// `t-0` back as the rejected request's replacement).
 #[tokio::test]
 async fn a_token_handed_only_to_its_waiters_is_never_replayed_after_its_rejection() {
-    let (source, log, gate, _) = held_source(&[0], Duration::from_secs(3600), false);
+    for rejected_first in [false, true] {
+        let (source, log, gate, most_running) = held_source(&[0], Duration::from_secs(3600), false);
+        let cache = tower_client_auth::CredentialCache::builder(source)
+            .store(tower_client_auth::MemoryStore::new())
+            .build()
+            .unwrap();
+        let handle = cache.handle();
+        let (svc, mut api) = step_up_over_mock(AuthLayer::with_cache(cache));
+        let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+        wait_for(|| log.lock().unwrap().len() == 1).await;
+        let now = std::time::SystemTime::now();
+        let stale = Credential::bearer("handed-over")
+            .unwrap()
+            .issued_at(now - Duration::from_secs(3600))
+            .expires_at(now + Duration::from_secs(5));
+        assert!(handle.replace(stale).unwrap());
+        gate.add_permits(1);
+        let (req_a, reply_a) = next_request(&mut api).await;
+        assert_eq!(bearer(&req_a), "Bearer t-0");
+        let mut fetches = vec![(FetchReason::Initial, None)];
+        if !rejected_first {
+            let second = tokio::spawn(svc.clone().oneshot(support::get("/b")));
+            let (req_b, reply_b) = next_request(&mut api).await;
+            assert_eq!(bearer(&req_b), "Bearer t-0", "taken from the store");
+            reply_b.send_response(http::Response::new(""));
+            assert_eq!(second.await.unwrap().unwrap().status(), 200);
+            fetches.push((FetchReason::Rejected, None));
+        } else {
+            fetches.push((FetchReason::Expiring, None));
+        }
+        reply_a.send_response(http::Response::builder().status(401).body("").unwrap());
+        let (replay, reply) = next_request(&mut api).await;
+        assert_eq!(
+            bearer(&replay),
+            "Bearer t-1",
+            "rejected first: {rejected_first}: replayed with a new token"
+        );
+        reply.send_response(http::Response::new(""));
+        assert_eq!(first.await.unwrap().unwrap().status(), 200);
+        let next = tokio::spawn(svc.clone().oneshot(support::get("/c")));
+        assert_eq!(answered_ok(&mut api, 1).await, ["/c Bearer t-1"]);
+        assert_eq!(next.await.unwrap().unwrap().status(), 200);
+        assert_fetches(&log, &most_running, &fetches);
+    }
+}
+
+/// World: three requests lack the same scope at once; the one step-up they share brings
+/// a token the API still finds lacking for all three replays. Proves (review finding):
+/// that is one fruitless step-up, not three: its backoff is the first step's (here at
+/// most 200 ms), so a request lacking the scope 250 ms later steps up again and is
+/// replayed with the new token (counted three times, the backoff was 400-800 ms and the
+/// request got its 403 back unreplayed).
+#[tokio::test]
+async fn replays_of_one_step_up_that_all_still_lack_the_scope_count_one_failure() {
+    let (source, log, _, most_running) = held_source(&[], Duration::from_secs(3600), false);
     let cache = tower_client_auth::CredentialCache::builder(source)
-        .store(tower_client_auth::MemoryStore::new())
+        .backoff(Duration::from_millis(200), Duration::from_secs(30))
         .build()
         .unwrap();
-    let handle = cache.handle();
     let (svc, mut api) = step_up_over_mock(AuthLayer::with_cache(cache));
-    let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
-    wait_for(|| log.lock().unwrap().len() == 1).await;
-    let now = std::time::SystemTime::now();
-    let stale = Credential::bearer("handed-over")
-        .unwrap()
-        .issued_at(now - Duration::from_secs(3600))
-        .expires_at(now + Duration::from_secs(5));
-    assert!(handle.replace(stale).unwrap());
-    gate.add_permits(1);
-    let (req_a, reply_a) = next_request(&mut api).await;
-    assert_eq!(bearer(&req_a), "Bearer t-0");
-    let second = tokio::spawn(svc.clone().oneshot(support::get("/b")));
-    let (req_b, reply_b) = next_request(&mut api).await;
-    assert_eq!(bearer(&req_b), "Bearer t-0", "taken from the store");
-    reply_b.send_response(http::Response::new(""));
-    assert_eq!(second.await.unwrap().unwrap().status(), 200);
-    reply_a.send_response(http::Response::builder().status(401).body("").unwrap());
-    let first = tokio::time::timeout(Duration::from_secs(5), first)
-        .await
-        .expect("the first request was replayed (with the token just rejected)")
-        .unwrap()
-        .unwrap();
-    assert_eq!(first.status(), 401);
-    assert_eq!(
-        first.extensions().get::<NotReplayed>(),
-        Some(&NotReplayed::SameCredential)
+    let calls: Vec<_> = ["/a", "/b", "/c"]
+        .into_iter()
+        .map(|path| tokio::spawn(svc.clone().oneshot(support::get(path))))
+        .collect();
+    for _ in 0..3 {
+        let (req, reply) = next_request(&mut api).await;
+        assert_eq!(bearer(&req), "Bearer t-0");
+        reply.send_response(lacks_scope_w());
+    }
+    for _ in 0..3 {
+        let (req, reply) = next_request(&mut api).await;
+        assert_eq!(bearer(&req), "Bearer t-1", "the step-up's replay");
+        reply.send_response(lacks_scope_w());
+    }
+    for call in calls {
+        let res = call.await.unwrap().unwrap();
+        assert_eq!(res.status(), 403);
+        assert_eq!(
+            res.extensions().get::<NotReplayed>(),
+            Some(&NotReplayed::AlreadyReplayed)
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let later = tokio::spawn(svc.clone().oneshot(support::get("/d")));
+    let (req, reply) = next_request(&mut api).await;
+    assert_eq!(bearer(&req), "Bearer t-1");
+    reply.send_response(lacks_scope_w());
+    let (replay, reply) = next_request(&mut api).await;
+    assert_eq!(bearer(&replay), "Bearer t-2", "stepped up again");
+    reply.send_response(http::Response::new(""));
+    assert_eq!(later.await.unwrap().unwrap().status(), 200);
+    assert_fetches(
+        &log,
+        &most_running,
+        &[
+            (FetchReason::Initial, None),
+            (FetchReason::StepUp, Some("w")),
+            (FetchReason::StepUp, Some("w")),
+        ],
     );
-    assert_eq!(log.lock().unwrap().len(), 1);
 }
 
 /// World: a step-up is fetching (held) when the application invalidates the credential.

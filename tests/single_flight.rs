@@ -335,13 +335,17 @@ async fn an_invalidated_fetchs_result_is_not_taken_back_from_the_store() {
 #[tokio::test(start_paused = true)]
 async fn a_fetch_chained_after_a_tainted_one_is_told_what_it_brought() {
     // Once, and with a second invalidation after the request (review finding: it set
-    // the marker again, and the tainted result went there, not to the chained fetch).
+    // the marker again, and the tainted result went there, not to the chained fetch);
+    // and with a credential in place, in its soft window, whose background refresh the
+    // invalidation taints (review finding: the chained fetch was told the credential
+    // the invalidation dropped, not the newer one the tainted fetch brought).
     for invalidations in [1, 2] {
-        told_what_the_tainted_fetch_brought(invalidations).await;
+        told_what_the_tainted_fetch_brought(invalidations, false).await;
     }
+    told_what_the_tainted_fetch_brought(1, true).await;
 }
 
-async fn told_what_the_tainted_fetch_brought(invalidations: usize) {
+async fn told_what_the_tainted_fetch_brought(invalidations: usize, in_place: bool) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let source = tower_client_auth::source_fn({
@@ -355,16 +359,30 @@ async fn told_what_the_tainted_fetch_brought(invalidations: usize) {
             let gate = gate.clone();
             async move {
                 gate.acquire().await.unwrap().forget();
-                Credential::bearer(format!("token-{n}"))
+                Ok::<_, BoxError>(
+                    Credential::bearer(format!("token-{n}"))?.expires_in(Duration::from_secs(40)),
+                )
             }
         }
     });
     let cache = CredentialCache::builder(source)
         .store(MemoryStore::new())
+        .window_jitter(0.0)
         .build()
         .unwrap();
+    let mut logged = vec![(FetchReason::Initial, None)];
+    if in_place {
+        gate.add_permits(1);
+        let warm = cache.credential().await.unwrap();
+        // Into the soft window (the last quarter): the next request starts the
+        // background refresh, and gets the credential in place meanwhile.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        logged.push((FetchReason::Expiring, Some(warm)));
+    }
+    let n = logged.len();
     let first = ask(&cache);
     settle().await;
+    assert_eq!(log.lock().unwrap().len(), n);
     assert!(cache.handle().invalidate());
     let next = ask(&cache);
     settle().await;
@@ -372,19 +390,20 @@ async fn told_what_the_tainted_fetch_brought(invalidations: usize) {
         assert!(cache.handle().invalidate());
     }
     gate.add_permits(2);
-    let tainted = first.await.unwrap().unwrap();
-    assert_eq!(tainted, Credential::bearer("token-1").unwrap());
+    if !in_place {
+        let tainted = first.await.unwrap().unwrap();
+        assert_eq!(tainted, Credential::bearer("token-1").unwrap());
+    }
     assert_eq!(
         next.await.unwrap().unwrap(),
-        Credential::bearer("token-2").unwrap()
+        Credential::bearer(format!("token-{}", n + 1)).unwrap()
     );
+    let tainted = Credential::bearer(format!("token-{n}")).unwrap();
+    logged.push((FetchReason::Invalidated, Some(tainted)));
     assert_eq!(
         *log.lock().unwrap(),
-        [
-            (FetchReason::Initial, None),
-            (FetchReason::Invalidated, Some(tainted)),
-        ],
-        "invalidations: {invalidations}"
+        logged,
+        "invalidations: {invalidations}, a credential in place: {in_place}"
     );
 }
 
@@ -458,6 +477,89 @@ async fn a_fetch_overtaken_by_a_stale_replacement_is_still_taken_from_the_store(
     settle().await;
     assert_eq!(source.fetches(), 1, "the source was asked again");
     assert_eq!(next.await.unwrap().unwrap(), fetched);
+}
+
+/// World: as above, the fetch overtaken by a stale replacement goes to its own waiter
+/// only (and into the store); then the application reports that credential rejected
+/// with `reject`. Proves (review finding): `reject` answers with a new credential from
+/// the source, not the rejected one taken back from the store (it is not the current
+/// one, and was not known as dropped).
+#[tokio::test(start_paused = true)]
+async fn rejecting_a_credential_handed_only_to_its_waiter_drops_it_from_the_store_too() {
+    let source = TestSource::build(
+        Some(Duration::from_secs(3600)),
+        Duration::ZERO,
+        true,
+        RefreshMode::Proactive,
+    );
+    let cache = CredentialCache::builder(source.clone())
+        .store(MemoryStore::new())
+        .build()
+        .unwrap();
+    let first = ask(&cache);
+    settle().await;
+    let now = std::time::SystemTime::now();
+    let stale = Credential::bearer("handed-over")
+        .unwrap()
+        .issued_at(now - Duration::from_secs(3600))
+        .expires_at(now + Duration::from_secs(5));
+    assert!(cache.handle().replace(stale).unwrap());
+    source.release(1);
+    let fetched = first.await.unwrap().unwrap();
+    assert_eq!(fetched, Credential::bearer("token-1").unwrap());
+    let rejected = tokio::spawn({
+        let (cache, fetched) = (cache.clone(), fetched.clone());
+        async move { cache.reject(&fetched).await }
+    });
+    settle().await;
+    source.release(1);
+    let answer = rejected.await.unwrap().unwrap();
+    assert_ne!(
+        answer, fetched,
+        "reject answered with the credential it was given"
+    );
+    assert_eq!(answer, Credential::bearer("token-2").unwrap());
+    assert_eq!(source.fetches(), 2);
+    assert_eq!(cache.credential().await.unwrap(), answer);
+}
+
+/// World: the credential in place is in its hard window, so a request waits for its
+/// refresh, holding that credential to fall back on should the refresh fail; the
+/// application drops the credential (`invalidate_if`) before the refresh fails. Proves
+/// (review finding): the waiter is not handed the dropped credential as a fallback: it
+/// gets the refresh's error.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_never_falls_back_on_a_credential_dropped_while_it_waited() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let source = tower_client_auth::source_fn({
+        let (gate, fetches) = (gate.clone(), Arc::new(AtomicUsize::new(0)));
+        move |_: FetchContext| {
+            let n = fetches.fetch_add(1, Ordering::SeqCst);
+            let gate = gate.clone();
+            async move {
+                if n == 0 {
+                    // An hour-long credential with 5 s left: in its hard window.
+                    let now = std::time::SystemTime::now();
+                    return Ok(Credential::bearer("stale")?
+                        .issued_at(now - Duration::from_secs(3600))
+                        .expires_at(now + Duration::from_secs(5)));
+                }
+                gate.acquire().await.unwrap().forget();
+                Err::<Credential, BoxError>("the token endpoint is down".into())
+            }
+        }
+    });
+    let cache = CredentialCache::new(source);
+    let stale = cache.credential().await.unwrap();
+    let waiter = ask(&cache);
+    settle().await;
+    assert!(cache.handle().invalidate_if(&stale));
+    gate.add_permits(1);
+    let got = waiter.await.unwrap();
+    assert!(
+        got.is_err(),
+        "the waiter fell back on the dropped credential: {got:?}"
+    );
 }
 
 /// World: a fetch in flight is superseded (by a credential handed over with `replace`,

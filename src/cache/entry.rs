@@ -35,6 +35,9 @@ pub(crate) struct Entry {
     pub(super) aging: AtomicBool,
     /// Whether a caller already started this entry's background refresh.
     pub(super) background_claimed: AtomicBool,
+    /// Set when it stops being current (replaced, rejected, invalidated): a request that
+    /// held it to fall back on while it waited for a refresh no longer may.
+    pub(super) retired: AtomicBool,
     pub(super) timer: Option<tokio::task::AbortHandle>,
     /// The timer that gives the background refresh back after a failure's backoff.
     pub(super) rearm: Mutex<Option<tokio::task::AbortHandle>>,

@@ -51,6 +51,21 @@ impl<P: CredentialSource> CredentialCache<P> {
         let wall = inner.config.clock.now();
         let mut state = inner.lock_state();
         let current = inner.current.load_full();
+        let mut want = want;
+        if let Some(Want::Replace(generation)) = want {
+            if current.as_ref().is_none_or(|e| e.generation != generation) {
+                // A credential no longer current was rejected (one handed to a flight's
+                // own waiters only, or already replaced): dropped from now on. The
+                // current one is the same value (taken back from the store meanwhile,
+                // under another generation): its rejection.
+                let value = state.drop_retired(generation);
+                if let (Some(value), Some(entry)) = (value, &current) {
+                    if entry.credential == value {
+                        want = Some(Want::Replace(entry.generation));
+                    }
+                }
+            }
+        }
         let mut reason = FetchReason::Initial;
         let mut previous = None;
         let mut still_valid = None;
@@ -280,7 +295,8 @@ impl<P: CredentialSource> Start<P> {
 pub(crate) struct Acquire {
     state: AcquireState,
     /// A credential in its hard window that has not expired: if the refresh fails, it is
-    /// still better than an error. Never set for a rejected credential.
+    /// still better than an error, unless it stopped being current meanwhile. Never set
+    /// for a rejected credential.
     fallback: Option<Arc<Entry>>,
     /// The cache's wall clock, to tell whether the fallback has expired meanwhile.
     clock: Option<WallClock>,
@@ -327,8 +343,10 @@ impl Future for Acquire {
                 let result = ready!(Pin::new(flight).poll(cx));
                 let wall = self.clock.as_ref().map(WallClock::now);
                 Poll::Ready(match (result, self.fallback.take(), wall) {
+                    // Not one dropped meanwhile (invalidated, rejected, replaced).
                     (Err(err), Some(entry), Some(wall))
-                        if !entry.is_expired_at(Instant::now(), wall) =>
+                        if !entry.retired.load(Ordering::Acquire)
+                            && !entry.is_expired_at(Instant::now(), wall) =>
                     {
                         tracing::debug!(error = %err, "refresh failed; using the still-valid credential");
                         Ok(entry)
@@ -403,12 +421,14 @@ impl<P: CredentialSource> FlightGuard<P> {
     /// refresh queued behind a step-up that failed would otherwise end here with its
     /// claim never given back, and nothing refreshed before the hard window).
     ///
-    /// A fetch told of an invalidation that dropped no credential is told now what the
-    /// fetch the invalidation tainted brought, if it ended meanwhile (`forget_suspect`).
+    /// A fetch told of an invalidation is told now what the fetch the invalidation
+    /// tainted brought, if it ended meanwhile (`forget_suspect`): newer than what the
+    /// invalidation dropped, it is the one a source holding a last credential would hand
+    /// back, the one the store holds, and the one with the newest refresh token.
     fn begin(&mut self, cx: &mut FetchContext) -> Option<Arc<Entry>> {
         let mut state = self.inner.lock_state();
         state.running = Some(self.flight.clone());
-        if cx.reason() == FetchReason::Invalidated && cx.previous().is_none() {
+        if cx.reason() == FetchReason::Invalidated {
             if let Some(dropped) = state.tainted_result.take() {
                 cx.set_previous(dropped);
             }

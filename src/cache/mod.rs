@@ -208,7 +208,12 @@ impl<P: CredentialSource> CredentialCache<P> {
         };
         let acquire = match generation {
             Some(generation) => self.replace_rejected(generation),
-            None => self.acquire(None),
+            None => {
+                // Not current (replaced already, or handed to a fetch's own waiters
+                // only): never taken back from the store either.
+                self.inner.lock_state().drop_retired_value(credential);
+                self.acquire(None)
+            }
         };
         acquire.await.map(|entry| entry.credential.clone())
     }
@@ -337,10 +342,15 @@ impl<P: CredentialSource> CredentialCache<P> {
         self.acquire(Some(Want::StepUp(generation, scope)))
     }
 
-    /// A step-up failed, or its credential's replay still lacked a scope: the next one
-    /// waits for the step-up backoff.
-    pub(crate) fn step_up_failed(&self) {
+    /// A replay with the credential of `generation`, a step-up's, still lacked a scope:
+    /// the next step-up waits for the step-up backoff. Counted once per credential, as
+    /// many requests as shared the step-up: one fruitless step-up, one backoff step.
+    pub(crate) fn step_up_failed(&self, generation: u64) {
         let mut state = self.inner.lock_state();
+        if state.step_up_fruitless == Some(generation) {
+            return;
+        }
+        state.step_up_fruitless = Some(generation);
         self.inner.step_up_failed_locked(&mut state);
     }
 
@@ -394,6 +404,8 @@ impl<P: CredentialSource> Sink for Inner<P> {
         let mut state = self.lock_state();
         let current = self.current.load_full();
         if current.is_none_or(|e| e.credential != *credential) {
+            // Not current: never taken back from the store either.
+            state.drop_retired_value(credential);
             return false;
         }
         self.invalidate_locked(&mut state);
@@ -567,6 +579,8 @@ struct State {
     /// never held back by a scope the API keeps asking for.
     step_ups_failed: u32,
     step_up_retry_at: Option<Instant>,
+    /// The step-up credential whose replay last still lacked a scope (counted once).
+    step_up_fruitless: Option<u64>,
 }
 
 impl State {
@@ -580,10 +594,34 @@ impl State {
         self.retired
             .push_back((entry.generation, entry.credential.clone(), dropped));
     }
+
+    /// A credential no longer current (one handed to a flight's own waiters only, say)
+    /// was rejected: remembered as dropped from now on, so that it is not taken back
+    /// from the store. Its value, if it is still remembered.
+    fn drop_retired(&mut self, generation: u64) -> Option<Credential> {
+        let (_, credential, dropped) = self.retired.iter_mut().find(|(g, ..)| *g == generation)?;
+        *dropped = true;
+        Some(credential.clone())
+    }
+
+    /// [`drop_retired`](Self::drop_retired) by value, for every generation it had.
+    fn drop_retired_value(&mut self, credential: &Credential) {
+        for (_, retired, dropped) in &mut self.retired {
+            if retired == credential {
+                *dropped = true;
+            }
+        }
+    }
 }
 
-/// How many replaced credentials [`State::retired`] remembers.
-const RETIRED_KEPT: usize = 16;
+/// How many credentials [`State::retired`] remembers: a bound, not a guarantee. A
+/// credential dropped this many changes ago is forgotten: a rejection of it, still in
+/// flight, can no longer be told from its replacement, and a store that nothing has
+/// written since could hand it back. Each change is a fetch, a replacement, a
+/// rejection or an invalidation; 64 of them while one request is in flight, or with no
+/// fetch saving over the store, is far beyond what a client sees. Scanned only on the
+/// refresh path (a rejection, a store's answer), never per request.
+const RETIRED_KEPT: usize = 64;
 
 #[derive(Clone)]
 enum Want {
@@ -609,8 +647,13 @@ impl<P: CredentialSource> Inner<P> {
     }
 
     fn lock_state(&self) -> MutexGuard<'_, State> {
-        // The lock is never held across user code, so poisoning cannot leave it
-        // half-updated; recover rather than propagate a panic to every caller.
+        // The lock is never held across an await, nor across a source's, a store's or
+        // the application's callbacks: what runs under it is the cache's own
+        // bookkeeping, the configured `Clock`, and tracing and metrics events. A panic
+        // there (a clock's) leaves nothing half-updated that matters: a credential at
+        // worst remembered as retired before it stopped being current, which only keeps
+        // it from being taken back from the store or fallen back on. Recover rather than propagate a panic
+        // to every caller.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -618,6 +661,7 @@ impl<P: CredentialSource> Inner<P> {
     /// Called with the state lock held.
     fn retire(&self, state: &mut State) {
         if let Some(entry) = self.current.load_full() {
+            entry.retired.store(true, Ordering::Release);
             state.remember_retired(&entry, true);
         }
     }
@@ -699,6 +743,7 @@ impl<P: CredentialSource> Inner<P> {
                 installed_at: now,
                 aging: AtomicBool::new(aging),
                 background_claimed: AtomicBool::new(false),
+                retired: AtomicBool::new(false),
                 timer,
                 rearm: Mutex::new(None),
             }
