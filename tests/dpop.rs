@@ -809,3 +809,173 @@ async fn an_expired_static_dpop_token_fails_with_a_typed_error() {
     assert_eq!(kinds, ["Some(Expired)", "Some(Backoff)", "Some(Backoff)"]);
     assert_eq!(calls.load(SeqCst) - before, 1);
 }
+
+/// A seeded random stream shared by every task of one run (splitmix64).
+#[derive(Clone)]
+struct Dice(Arc<std::sync::atomic::AtomicU64>);
+
+impl Dice {
+    fn roll(&self, n: u64) -> u64 {
+        let mut z = self.0.fetch_add(0x9E37_79B9_7F4A_7C15, SeqCst);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n
+    }
+
+    async fn pause(&self, ms: u64) {
+        match self.roll(ms + 1) {
+            0 => tokio::task::yield_now().await,
+            d => tokio::time::sleep(std::time::Duration::from_millis(d)).await,
+        }
+    }
+}
+
+/// What the strict servers may refuse in a run where they change nonces, refuse proofs
+/// and revoke tokens at random: a stale nonce, a revoked or expired token, a proof they
+/// chose to refuse. Anything else (a `jti` sent twice, a proof for another token, key or
+/// URL, a bound token sent as a bearer one) is the client's fault.
+const EXPECTED_REFUSALS: [&str; 4] = ["api: nonce", "api: token", "api: refused", "token: nonce"];
+
+/// World: one cache of DPoP-bound tokens (living 1 s) shared by the replaying Tower
+/// layer and the reqwest middleware, six tasks sending through them while, at random,
+/// the API's nonce changes with every accepted answer, either server asks for a new
+/// nonce, the API refuses a proof, every token is revoked, and the application
+/// invalidates or rejects the credential; four seeds. (A token endpoint refusing a proof
+/// fails the fetch, as it should: `tests/dpop.rs` has it on its own.) Proves: every refusal the servers logged is one
+/// the chaos explains (never a proof sent twice, made for another token or key, or a
+/// bound token sent without its proof), no request fails with an error or hangs, and
+/// afterwards both entry points get a 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_nonces_refusals_and_revocations_never_make_the_client_send_a_bad_proof() {
+    for seed in 0..4u64 {
+        let (state, token_url, api) = world().await;
+        state.expires_in.store(1, SeqCst);
+        let dice = Dice(Arc::new(std::sync::atomic::AtomicU64::new(
+            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        )));
+        let cache = CredentialCache::builder(source(&token_url, DpopKey::generate().unwrap()))
+            .backoff(
+                std::time::Duration::from_millis(5),
+                std::time::Duration::from_millis(50),
+            )
+            .build()
+            .unwrap();
+        let svc = AuthLayer::with_cache(cache.clone())
+            .origin(&api)
+            .unwrap()
+            .allow_http_loopback(true)
+            .layer(api_client());
+        let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+            .with(
+                AuthMiddleware::with_cache(cache.clone())
+                    .origin(&api)
+                    .unwrap()
+                    .allow_http_loopback(true),
+            )
+            .build();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let meddling = tokio::spawn({
+            let (state, dice, done, cache) =
+                (state.clone(), dice.clone(), done.clone(), cache.clone());
+            async move {
+                while !done.load(SeqCst) {
+                    dice.pause(20).await;
+                    match dice.roll(10) {
+                        0 => {
+                            let flip = !state.rotate_api_nonce.load(SeqCst);
+                            state.rotate_api_nonce.store(flip, SeqCst);
+                        }
+                        1 => {
+                            *state.api_nonce.lock().unwrap() =
+                                format!("rs-chaos-{}", dice.roll(1 << 20))
+                        }
+                        2 => {
+                            *state.token_nonce.lock().unwrap() =
+                                format!("as-chaos-{}", dice.roll(1 << 20))
+                        }
+                        3 => {
+                            state.refuse_proofs.fetch_add(1, SeqCst);
+                        }
+                        5 => state.revoke_all(),
+                        6 => {
+                            if let Ok(current) = cache.credential().await {
+                                cache.handle().invalidate_if(&current);
+                            }
+                        }
+                        7 => {
+                            if let Ok(current) = cache.credential().await {
+                                let _ = cache.reject(&current).await;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        });
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for task in 0..6 {
+            let (svc, client, dice, api) = (svc.clone(), client.clone(), dice.clone(), api.clone());
+            let failures = failures.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..60 {
+                    let url = format!("{api}/v1/orders/{task}-{i}");
+                    let sent = async {
+                        if task % 2 == 0 {
+                            let req = Request::get(&url).body(Full::default()).unwrap();
+                            let res = svc.clone().oneshot(req).await?;
+                            let status = res.status();
+                            res.into_body().collect().await?;
+                            Ok::<_, BoxError>(status)
+                        } else {
+                            Ok(client.get(&url).send().await?.status())
+                        }
+                    };
+                    match tokio::time::timeout(std::time::Duration::from_secs(10), sent).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(err)) => failures.lock().unwrap().push(format!("{url}: {err}")),
+                        Err(_) => failures.lock().unwrap().push(format!("{url}: hung")),
+                    }
+                    dice.pause(10).await;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        done.store(true, SeqCst);
+        meddling.await.unwrap();
+        let unexpected: Vec<_> = state
+            .refusals()
+            .into_iter()
+            .filter(|why| !EXPECTED_REFUSALS.contains(&why.as_str()))
+            .collect();
+        assert!(unexpected.is_empty(), "seed {seed}: {unexpected:?}");
+        let refusals = state.refusals();
+        eprintln!(
+            "seed {seed}: {} refusals ({} nonce, {} token, {} refused), {} token requests, {} api calls",
+            refusals.len(),
+            refusals.iter().filter(|r| r.ends_with("nonce")).count(),
+            refusals.iter().filter(|r| *r == "api: token").count(),
+            refusals.iter().filter(|r| r.ends_with("refused")).count(),
+            state.token_requests.load(SeqCst),
+            state.api_calls.load(SeqCst)
+        );
+        assert!(
+            failures.lock().unwrap().is_empty(),
+            "seed {seed}: {:?}",
+            failures.lock().unwrap()
+        );
+        // The chaos over: both entry points are served.
+        state.rotate_api_nonce.store(false, SeqCst);
+        let (status, _) = send(
+            &svc,
+            Request::get(format!("{api}/v1/last"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "seed {seed}");
+        get_ok(&client, format!("{api}/v1/last")).await;
+    }
+}
