@@ -639,9 +639,13 @@ where
                     }
                     match verdict {
                         Verdict::Rejected | Verdict::UseDpopNonce | Verdict::InvalidDpopProof => {
-                            if *why == Again::NewProof && verdict == Verdict::Rejected {
-                                // Sent again for a nonce, with the same credential, and
-                                // now rejected: the next request gets a new one.
+                            if verdict == Verdict::Rejected {
+                                // The credential sent again is rejected (the new one of a
+                                // replay, or the same one resent for a nonce): returned as
+                                // it came, and invalidated like any other, so that the
+                                // next request gets a new one (under the same rules: a
+                                // credential rejected young and never accepted refetches
+                                // only as the backoff allows).
                                 drop(cache.replace_rejected(*generation));
                             }
                             response

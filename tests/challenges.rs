@@ -1291,6 +1291,147 @@ async fn replays_of_one_step_up_that_all_still_lack_the_scope_count_one_failure(
     );
 }
 
+/// World: a source that hands out the same credential every time (a fixed key, a
+/// revoked token not rotated yet); two requests carry it and both get a 401, the second
+/// only after the first one's refetch brought the same value back. Proves (review
+/// finding): one refetch, one rejection counted; both 401s come back marked
+/// `SameCredential` (the late one is not taken for a rejection of the refetched copy,
+/// which cost a second refetch and a `FreshCredentialRejected`).
+#[tokio::test]
+async fn a_late_401_for_a_credential_the_source_hands_back_costs_no_second_refetch() {
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let source = {
+        let fetches = fetches.clone();
+        source_fn(move |_| {
+            fetches.fetch_add(1, SeqCst);
+            async { Credential::bearer("fixed") }
+        })
+    };
+    let layer = AuthLayer::new(source);
+    let cache = layer.cache().clone();
+    let (svc, mut api) = step_up_over_mock(layer);
+    let ([first, second], _, [reply_a, reply_b]) = two_in_flight(&svc, &mut api).await;
+    reply_a.send_response(http::Response::builder().status(401).body("").unwrap());
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), 401);
+    assert_eq!(
+        first.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::SameCredential)
+    );
+    reply_b.send_response(http::Response::builder().status(401).body("").unwrap());
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(second.status(), 401);
+    assert_eq!(
+        second.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::SameCredential)
+    );
+    assert_eq!(fetches.load(SeqCst), 2, "one refetch");
+    assert_eq!(cache.stats().rejections, 1);
+}
+
+/// World: the API accepts `t-0`, then rejects it (revoked), and rejects the `t-1` the
+/// request is replayed with too (revoked as well: a fleet's store can hold such a
+/// token). Proves: the replay's 401 goes back as it came (a request is sent at most
+/// twice), and `t-1` is invalidated like any rejected credential: the next request
+/// carries a new token, not `t-1` again (it cost that request a 401 and a replay).
+#[tokio::test]
+async fn a_credential_rejected_on_a_replay_is_invalidated_too() {
+    let (source, log, _, most_running) = held_source(&[], Duration::from_secs(3600), false);
+    let (svc, mut api) = step_up_over_mock(AuthLayer::new(source));
+    let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+    assert_eq!(answered_ok(&mut api, 1).await, ["/a Bearer t-0"]);
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    let second = tokio::spawn(svc.clone().oneshot(support::get("/b")));
+    for token in ["Bearer t-0", "Bearer t-1"] {
+        let (req, reply) = next_request(&mut api).await;
+        assert_eq!(bearer(&req), token);
+        reply.send_response(http::Response::builder().status(401).body("").unwrap());
+    }
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(second.status(), 401);
+    assert_eq!(
+        second.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::AlreadyReplayed)
+    );
+    let third = tokio::spawn(svc.clone().oneshot(support::get("/c")));
+    let (req, reply) = next_request(&mut api).await;
+    assert_eq!(
+        bearer(&req),
+        "Bearer t-2",
+        "the replay's rejected token sent again"
+    );
+    reply.send_response(http::Response::new(""));
+    assert_eq!(third.await.unwrap().unwrap().status(), 200);
+    assert_fetches(
+        &log,
+        &most_running,
+        &[
+            (FetchReason::Initial, None),
+            (FetchReason::Rejected, None),
+            (FetchReason::Rejected, None),
+        ],
+    );
+}
+
+/// World: three requests lacking `w` share one step-up; of their replays, `/b` and `/c`
+/// still lack it and `/a` is accepted, answered in the order `/b`, `/a`, `/c`. Proves
+/// (review finding): `/c`'s fruitless replay, after `/a`'s success reset the step-up
+/// backoff, backs step-ups off again (it was taken for `/b`'s, counted already): a
+/// fourth request lacking `w` right after gets its 403 back, with no token request.
+#[tokio::test]
+async fn a_fruitless_replay_after_a_step_ups_success_backs_off_again() {
+    let (source, log, _, most_running) = held_source(&[], Duration::from_secs(3600), false);
+    let cache = tower_client_auth::CredentialCache::builder(source)
+        .backoff(Duration::from_secs(5), Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (svc, mut api) = step_up_over_mock(AuthLayer::with_cache(cache));
+    let calls: Vec<_> = ["/a", "/b", "/c"]
+        .into_iter()
+        .map(|path| tokio::spawn(svc.clone().oneshot(support::get(path))))
+        .collect();
+    for _ in 0..3 {
+        let (_, reply) = next_request(&mut api).await;
+        reply.send_response(lacks_scope_w());
+    }
+    let mut replays = std::collections::HashMap::new();
+    for _ in 0..3 {
+        let (req, reply) = next_request(&mut api).await;
+        assert_eq!(bearer(&req), "Bearer t-1");
+        replays.insert(req.uri().path().to_owned(), reply);
+    }
+    for (path, accepted) in [("/b", false), ("/a", true), ("/c", false)] {
+        let reply = replays.remove(path).unwrap();
+        match accepted {
+            true => reply.send_response(http::Response::new("")),
+            false => reply.send_response(lacks_scope_w()),
+        }
+        // Each answer is judged before the next is sent.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let later = tokio::spawn(svc.clone().oneshot(support::get("/d")));
+    let (req, reply) = next_request(&mut api).await;
+    assert_eq!(bearer(&req), "Bearer t-1");
+    reply.send_response(lacks_scope_w());
+    let later = tokio::time::timeout(Duration::from_secs(5), later)
+        .await
+        .expect("stepped up again at once (its replay waits for an answer)")
+        .unwrap()
+        .unwrap();
+    assert_eq!(later.status(), 403);
+    assert_fetches(
+        &log,
+        &most_running,
+        &[
+            (FetchReason::Initial, None),
+            (FetchReason::StepUp, Some("w")),
+        ],
+    );
+}
+
 /// World: a step-up is fetching (held) when the application invalidates the credential.
 /// Proves: the step-up's token, fetched across the invalidation, goes to its own request
 /// only (its replay); the next request does not get it but a fetch made after the

@@ -970,14 +970,15 @@ async fn random_nonces_refusals_and_revocations_never_make_the_client_send_a_bad
             .filter(|f| !f.contains("answered 400 use_dpop_nonce"))
             .collect();
         assert!(unexplained.is_empty(), "seed {seed}: {unexplained:?}");
-        // The chaos over: both entry points are served. The first request of each may
-        // come back 401: a stale API nonce costs its one resend, and a token revoked at
-        // the end rejects that resend (a request is sent at most twice); the next one
-        // gets a new token.
+        // The chaos over: both entry points are served within a few tries, each after
+        // the backoff's longest step. A try may come back 401: a stale API nonce costs
+        // its one resend, and a token revoked at the end rejects that resend (a request
+        // is sent at most twice); a token rejected young refetches as the backoff allows.
         state.rotate_api_nonce.store(false, SeqCst);
         for entry in ["tower", "reqwest"] {
             let mut answers = Vec::new();
-            for _ in 0..2 {
+            for _ in 0..5 {
+                tokio::time::sleep(std::time::Duration::from_millis(60)).await;
                 let url = format!("{api}/v1/last");
                 let status = match entry {
                     "tower" => {

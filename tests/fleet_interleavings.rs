@@ -196,13 +196,15 @@ async fn run(seed: u64, redis: &RedisServer) {
         unauthorized.load(SeqCst),
         idp.api_calls.load(SeqCst)
     );
-    // Not wedged: each cache serves a request. Its first may come back 401: after a
-    // last revocation, its rejection's refresh can find in the store a token another
-    // cache saved before that revocation (revoked too, which no cache can know before an
-    // API says so); that one's rejection then refreshes.
+    // Not wedged: each cache serves a request within a few tries, each after the
+    // backoff's longest step. A try may come back 401: after a last revocation, a
+    // rejection's refresh can find in the store a token another cache saved before that
+    // revocation (revoked too, which no cache can know before an API says so), and a
+    // token rejected young and never accepted refetches only as the backoff allows.
     for (i, stack) in stacks.into_iter().enumerate() {
         let mut answers = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
             let req = Request::get(&url).body(Full::default()).unwrap();
             let answer = tokio::time::timeout(Duration::from_secs(10), stack.clone().oneshot(req))
                 .await

@@ -20,8 +20,8 @@ use http::{Request, Response, StatusCode};
 use support::TestSource;
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
-    AuthLayer, BoxError, Credential, CredentialCache, CredentialSource, ErrorKind, FetchContext,
-    FetchReason, MemoryStore, RefreshMode,
+    AuthLayer, BoxError, Credential, CredentialCache, CredentialSource, CredentialStore, ErrorKind,
+    FetchContext, FetchReason, MemoryStore, RefreshMode,
 };
 
 /// A rotating-refresh-token source, as style C's servers are: each fetch presents the
@@ -407,6 +407,145 @@ async fn told_what_the_tainted_fetch_brought(invalidations: usize, in_place: boo
     );
 }
 
+/// A `MemoryStore` whose loads wait while it is closed (a slow store, held).
+#[derive(Clone)]
+struct GatedStore {
+    store: MemoryStore,
+    closed: Arc<AtomicBool>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl GatedStore {
+    fn new() -> Self {
+        GatedStore {
+            store: MemoryStore::new(),
+            closed: Arc::default(),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+
+    fn open(&self) {
+        self.closed.store(false, Ordering::SeqCst);
+        self.gate.add_permits(100);
+    }
+}
+
+impl CredentialStore for GatedStore {
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        if self.closed.load(Ordering::SeqCst) {
+            self.gate.acquire().await.unwrap().forget();
+        }
+        self.store.load().await
+    }
+
+    async fn lease(
+        &self,
+        ttl: Duration,
+    ) -> Result<Option<tower_client_auth::store::Lease>, BoxError> {
+        self.store.lease(ttl).await
+    }
+
+    async fn save(
+        &self,
+        lease: &tower_client_auth::store::Lease,
+        credential: &Credential,
+    ) -> Result<bool, BoxError> {
+        self.store.save(lease, credential).await
+    }
+
+    async fn renew(
+        &self,
+        lease: &tower_client_auth::store::Lease,
+        ttl: Duration,
+    ) -> Result<bool, BoxError> {
+        self.store.renew(lease, ttl).await
+    }
+
+    async fn release(&self, lease: &tower_client_auth::store::Lease) -> Result<(), BoxError> {
+        self.store.release(lease).await
+    }
+
+    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+        self.store.remove(rejected).await
+    }
+
+    fn changed(&self, timeout: Duration) -> impl std::future::Future<Output = ()> + Send {
+        self.store.changed(timeout)
+    }
+}
+
+/// World: a cache over a store, its source holding the last credential it issued and
+/// handing it back unless told it was dropped (`FetchContext::previous`, as its docs
+/// show). Its credential `A` is in its soft window; another process saved `X` in the
+/// store. The background refresh, held in the store's load, will take `X`; meanwhile
+/// the application invalidates `A`, and a request chains a fetch after the refresh.
+/// Proves (review finding): the chained fetch is told `A`, the credential its source
+/// holds, not `X` (the tainted refresh's result, which came from the store): it gets a
+/// new credential, not `A` handed back.
+#[tokio::test(start_paused = true)]
+async fn a_fetch_chained_after_a_tainted_store_hit_is_told_what_was_dropped() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let source = tower_client_auth::source_fn({
+        let log = log.clone();
+        let last: Arc<Mutex<Option<Credential>>> = Arc::default();
+        move |cx: FetchContext| {
+            log.lock()
+                .unwrap()
+                .push((cx.reason(), cx.previous().cloned()));
+            let mut last = last.lock().unwrap();
+            let credential = match last.as_ref() {
+                Some(held) if cx.previous() != Some(held) => held.clone(),
+                _ => {
+                    let n = log.lock().unwrap().len();
+                    let fresh = Credential::bearer(format!("token-{n}"))
+                        .unwrap()
+                        .expires_in(Duration::from_secs(40));
+                    *last = Some(fresh.clone());
+                    fresh
+                }
+            };
+            async move { Ok::<_, BoxError>(credential) }
+        }
+    });
+    let store = GatedStore::new();
+    let cache = CredentialCache::builder(source)
+        .store(store.clone())
+        .window_jitter(0.0)
+        .build()
+        .unwrap();
+    let a = cache.credential().await.unwrap();
+    assert_eq!(a, Credential::bearer("token-1").unwrap());
+    // Another process's credential, saved under its own lease.
+    let x = Credential::bearer("x")
+        .unwrap()
+        .expires_in(Duration::from_secs(3600));
+    let lease = store
+        .store
+        .lease(Duration::from_secs(3))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store.store.save(&lease, &x).await.unwrap());
+    store.store.release(&lease).await.unwrap();
+    // Into the soft window: the next request starts the background refresh (held).
+    tokio::time::advance(Duration::from_secs(31)).await;
+    settle().await;
+    store.closed.store(true, Ordering::SeqCst);
+    assert_eq!(cache.credential().await.unwrap(), a);
+    settle().await;
+    assert!(cache.handle().invalidate());
+    let next = ask(&cache);
+    settle().await;
+    store.open();
+    let next = next.await.unwrap().unwrap();
+    assert_ne!(next, a, "the dropped credential came back from its source");
+    assert_ne!(
+        next, x,
+        "the tainted refresh's credential came back from the store"
+    );
+    assert_eq!(log.lock().unwrap().last().unwrap().1, Some(a));
+}
+
 /// World: a cache over a store; the application invalidates while a fetch runs, then
 /// hands over a credential of its own before that fetch ends (so its waiters get the
 /// handed-over one), and later drops that one too. Proves (review finding): the fetch
@@ -562,9 +701,44 @@ async fn a_waiter_never_falls_back_on_a_credential_dropped_while_it_waited() {
     );
 }
 
+/// World: as above, a request waits for the refresh of a credential in its hard window,
+/// but the application hands over a credential of its own before the refresh fails.
+/// Proves (review finding): the waiter gets the handed-over credential, not the
+/// refresh's error (the one it held to fall back on is no longer current either).
+#[tokio::test(start_paused = true)]
+async fn a_waiter_whose_refresh_fails_after_a_replacement_gets_the_replacement() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let source = tower_client_auth::source_fn({
+        let (gate, fetches) = (gate.clone(), Arc::new(AtomicUsize::new(0)));
+        move |_: FetchContext| {
+            let n = fetches.fetch_add(1, Ordering::SeqCst);
+            let gate = gate.clone();
+            async move {
+                if n == 0 {
+                    let now = std::time::SystemTime::now();
+                    return Ok(Credential::bearer("stale")?
+                        .issued_at(now - Duration::from_secs(3600))
+                        .expires_at(now + Duration::from_secs(5)));
+                }
+                gate.acquire().await.unwrap().forget();
+                Err::<Credential, BoxError>("the token endpoint is down".into())
+            }
+        }
+    });
+    let cache = CredentialCache::new(source);
+    cache.credential().await.unwrap();
+    let waiter = ask(&cache);
+    settle().await;
+    let mine = Credential::bearer("mine").unwrap();
+    assert!(cache.handle().replace(mine.clone()).unwrap());
+    gate.add_permits(1);
+    assert_eq!(waiter.await.unwrap().unwrap(), mine);
+}
+
 /// World: a fetch in flight is superseded (by a credential handed over with `replace`,
 /// or by an invalidation and the fetch chained after it) and then fails. Proves: the
-/// superseded fetch's failure reaches its own waiter only: the cache is not put into
+/// superseded fetch's failure reaches its own waiter only (after a replacement, not even
+/// that: the waiter gets the credential handed over): the cache is not put into
 /// backoff, so rejecting the good credential fetches again at once instead of answering
 /// `Backoff` with the old failure as its cause.
 #[tokio::test(start_paused = true)]
@@ -586,7 +760,12 @@ async fn a_superseded_fetchs_failure_does_not_back_off_the_cache() {
         };
         source.set_failing(true);
         source.release(1);
-        assert_eq!(first.await.unwrap().unwrap_err().kind(), ErrorKind::Fetch);
+        match by_replace {
+            // The credential handed over is its waiter's answer (see
+            // `a_waiter_whose_refresh_fails_after_a_replacement_gets_the_replacement`).
+            true => assert_eq!(first.await.unwrap().unwrap(), pushed),
+            false => assert_eq!(first.await.unwrap().unwrap_err().kind(), ErrorKind::Fetch),
+        }
         settle().await;
         source.set_failing(false);
         let good = match second {

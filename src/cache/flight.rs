@@ -55,11 +55,15 @@ impl<P: CredentialSource> CredentialCache<P> {
         if let Some(Want::Replace(generation)) = want {
             if current.as_ref().is_none_or(|e| e.generation != generation) {
                 // A credential no longer current was rejected (one handed to a flight's
-                // own waiters only, or already replaced): dropped from now on. The
-                // current one is the same value (taken back from the store meanwhile,
-                // under another generation): its rejection.
-                let value = state.drop_retired(generation);
-                if let (Some(value), Some(entry)) = (value, &current) {
+                // own waiters only, or already replaced): dropped from now on. If it was
+                // a flight's own waiters' and the current one is the same value (taken
+                // back from the store meanwhile, under another generation): its
+                // rejection.
+                // Not for one dropped before (the rejection of a credential the source
+                // handed back again: many requests carried it, and the first 401
+                // already refetched).
+                let found = state.drop_retired(generation);
+                if let (Some((value, false)), Some(entry)) = (found, &current) {
                     if entry.credential == value {
                         want = Some(Want::Replace(entry.generation));
                     }
@@ -490,9 +494,9 @@ impl<P: CredentialSource> FlightGuard<P> {
         (Standing::Current, tainted)
     }
 
-    /// Ends the flight with the source's answer; the waiters are told after the lock is
-    /// released.
-    fn finish(&mut self, result: Result<Credential, Error>) {
+    /// Ends the flight with the source's answer (or the store's: `from_store`); the
+    /// waiters are told after the lock is released.
+    fn finish(&mut self, result: Result<Credential, Error>, from_store: bool) {
         let outcome = {
             let inner = &self.inner;
             let now = Instant::now();
@@ -505,7 +509,7 @@ impl<P: CredentialSource> FlightGuard<P> {
             let forgotten = match &result {
                 Ok(credential) if tainted => {
                     let entry = inner.entry(&mut state, credential.clone(), now);
-                    inner.forget_suspect(&mut state, &entry);
+                    inner.forget_suspect(&mut state, &entry, from_store);
                     Some(entry)
                 }
                 _ => None,
@@ -544,6 +548,14 @@ impl<P: CredentialSource> FlightGuard<P> {
                     let entry = inner.install(&mut state, credential, now);
                     tracing::debug!(generation = entry.generation, "credential refreshed");
                     Ok(entry)
+                }
+                (Err(err), Standing::Replaced(current)) => {
+                    // The credential handed over meanwhile is the answer, as it would have
+                    // been to a success (the one the waiters held to fall back on is no
+                    // longer current either).
+                    inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %err, "a superseded refresh failed; using the replacement");
+                    Ok(current)
                 }
                 (Err(err), _) => {
                     if superseded {
@@ -648,9 +660,18 @@ impl<P: CredentialSource> Drop for FlightGuard<P> {
             ErrorKind::SpawnRefused
         };
         let err = Error::new(kind);
+        let mut outcome = Err(err.clone());
         {
             let mut state = self.inner.lock_state();
-            if !matches!(self.leave(&mut state).0, Standing::Current) {
+            let (standing, _) = self.leave(&mut state);
+            if let Standing::Replaced(current) = standing {
+                // As in `finish`: the credential handed over meanwhile is the answer.
+                self.inner
+                    .stats
+                    .fetch_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                outcome = Ok(current);
+            } else if !matches!(standing, Standing::Current) {
                 self.inner
                     .stats
                     .fetch_failures
@@ -666,7 +687,7 @@ impl<P: CredentialSource> Drop for FlightGuard<P> {
                 Self::record_failure(&self.inner, &mut state, &err, Instant::now());
             }
         }
-        self.send(Err(err));
+        self.send(outcome);
     }
 }
 
@@ -686,7 +707,8 @@ async fn run_flight<P: CredentialSource>(
         }
     }
     let started = Instant::now();
-    let result = AssertUnwindSafe(obtain(&guard.inner, cx))
+    let mut from_store = false;
+    let result = AssertUnwindSafe(obtain(&guard.inner, cx, &mut from_store))
         .catch_unwind()
         .await
         .unwrap_or_else(|_panic| Err(Error::new(ErrorKind::SourcePanicked)));
@@ -695,17 +717,19 @@ async fn run_flight<P: CredentialSource>(
         metrics::outcome(&result),
         started.elapsed(),
     );
-    guard.finish(result);
+    guard.finish(result, from_store);
 }
 
 /// Gets a credential from the store, or else from the source: the refresh path of
 /// [`crate::store`]'s module docs. One deadline, the fetch timeout, bounds the loads,
 /// the lease, the wait for another holder and the fetch; each store call gets at most a
 /// [`STORE_SHARE`] of it, and a store that fails or does not answer in time is skipped
-/// (logged once per outage) for this process's own fetch.
+/// (logged once per outage) for this process's own fetch. `from_store`: set when the
+/// credential is the store's, not the source's.
 async fn obtain<P: CredentialSource>(
     inner: &Arc<Inner<P>>,
     cx: FetchContext,
+    from_store: &mut bool,
 ) -> Result<Credential, Error> {
     let deadline = saturating_add(Instant::now(), inner.config.fetch_timeout);
     let cx = cx.at(inner.config.clock.now());
@@ -746,6 +770,7 @@ async fn obtain<P: CredentialSource>(
                 tracing::debug!("using the credential found in the store");
                 waited(waiting_since);
                 metrics::event(name, metrics::STORE_HITS);
+                *from_store = true;
                 return Ok(stored);
             }
         }
@@ -783,6 +808,7 @@ async fn obtain<P: CredentialSource>(
             holding(inner, store.as_ref(), &lease, cx, deadline, took_over).await
         })
         .await;
+        *from_store = saved == Saved::StoreHit;
         match (&held, saved) {
             (Ok(credential), Saved::Failed) if credential.refresh_token().is_some() => {
                 // A rotated refresh token exists nowhere but here: keep the lease and
@@ -803,8 +829,10 @@ async fn obtain<P: CredentialSource>(
 /// Whether the holder's fetch ended up in the store.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Saved {
-    /// Saved, or nothing to save (the fetch failed, or the store's credential was used).
+    /// Saved, or nothing to save (the fetch failed).
     Done,
+    /// Nothing to save: the store's credential was used, not the source's.
+    StoreHit,
     /// The lease ran out first: someone else's credential is newer.
     Fenced,
     /// The store failed or did not answer.
@@ -932,7 +960,7 @@ async fn holding<P: CredentialSource>(
         if Some(stored) != cx.previous() && inner.is_reusable_stored(stored) {
             tracing::debug!("using the credential found in the store");
             metrics::event(&inner.config.name, metrics::STORE_HITS);
-            return (Ok(stored.clone()), Saved::Done);
+            return (Ok(stored.clone()), Saved::StoreHit);
         }
     }
     if took_over {

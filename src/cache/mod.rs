@@ -347,7 +347,10 @@ impl<P: CredentialSource> CredentialCache<P> {
     /// many requests as shared the step-up: one fruitless step-up, one backoff step.
     pub(crate) fn step_up_failed(&self, generation: u64) {
         let mut state = self.inner.lock_state();
-        if state.step_up_fruitless == Some(generation) {
+        if state
+            .step_up_fruitless
+            .is_some_and(|counted| counted >= generation)
+        {
             return;
         }
         state.step_up_fruitless = Some(generation);
@@ -359,6 +362,7 @@ impl<P: CredentialSource> CredentialCache<P> {
         let mut state = self.inner.lock_state();
         state.step_ups_failed = 0;
         state.step_up_retry_at = None;
+        state.step_up_fruitless = None;
     }
 }
 
@@ -579,7 +583,8 @@ struct State {
     /// never held back by a scope the API keeps asking for.
     step_ups_failed: u32,
     step_up_retry_at: Option<Instant>,
-    /// The step-up credential whose replay last still lacked a scope (counted once).
+    /// The newest step-up credential whose replay still lacked a scope: counted once
+    /// (as are older ones whose replays come late); cleared when a step-up works.
     step_up_fruitless: Option<u64>,
 }
 
@@ -597,11 +602,12 @@ impl State {
 
     /// A credential no longer current (one handed to a flight's own waiters only, say)
     /// was rejected: remembered as dropped from now on, so that it is not taken back
-    /// from the store. Its value, if it is still remembered.
-    fn drop_retired(&mut self, generation: u64) -> Option<Credential> {
+    /// from the store. Its value, and whether it was dropped already, if it is still
+    /// remembered.
+    fn drop_retired(&mut self, generation: u64) -> Option<(Credential, bool)> {
         let (_, credential, dropped) = self.retired.iter_mut().find(|(g, ..)| *g == generation)?;
-        *dropped = true;
-        Some(credential.clone())
+        let before = std::mem::replace(dropped, true);
+        Some((credential.clone(), before))
     }
 
     /// [`drop_retired`](Self::drop_retired) by value, for every generation it had.
@@ -790,11 +796,16 @@ impl<P: CredentialSource> Inner<P> {
 
     /// A fetch made suspect by an invalidation brought `entry`: remembered as retired
     /// (a rejection of it is told it apart from its replacement, and the store's copy
-    /// is not taken back), and as what the invalidation dropped (the next fetch is told
-    /// it, and removes it from the store, or keeps only its refresh token there). Called
-    /// with the state lock held.
-    fn forget_suspect(&self, state: &mut State, entry: &Entry) {
+    /// is not taken back), and, if the source brought it, as what the invalidation
+    /// dropped (the next fetch is told it, and removes it from the store, or keeps only
+    /// its refresh token there). One the store brought (`from_store`: another process's)
+    /// is not what the source holds, so the next fetch is told what the invalidation
+    /// dropped still. Called with the state lock held.
+    fn forget_suspect(&self, state: &mut State, entry: &Entry, from_store: bool) {
         state.remember_retired(entry, true);
+        if from_store {
+            return;
+        }
         // The newest credential this cache dropped: the one a source hands back if any,
         // and the one the store holds, if this fetch saved it there.
         if let Some(dropped) = &mut state.invalidated {
