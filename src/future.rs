@@ -639,13 +639,13 @@ where
                     }
                     match verdict {
                         Verdict::Rejected | Verdict::UseDpopNonce | Verdict::InvalidDpopProof => {
-                            if verdict == Verdict::Rejected {
-                                // The credential sent again is rejected (the new one of a
-                                // replay, or the same one resent for a nonce): returned as
-                                // it came, and invalidated like any other, so that the
-                                // next request gets a new one (under the same rules: a
-                                // credential rejected young and never accepted refetches
-                                // only as the backoff allows).
+                            if *why == Again::NewProof && verdict == Verdict::Rejected {
+                                // Sent again for a nonce, with the same credential, and
+                                // now rejected: the next request gets a new one. A
+                                // replay's new credential rejected in turn is left to the
+                                // next request's rejection: invalidating it here cost a
+                                // second token request for every request an API answers
+                                // 401 whatever the token (a resource's own 401).
                                 drop(cache.replace_rejected(*generation));
                             }
                             response
@@ -667,7 +667,7 @@ where
                         _ => {
                             cache.accepted(*generation);
                             if *why == Again::SteppedUp {
-                                cache.step_up_worked();
+                                cache.step_up_worked(*generation);
                             }
                         }
                     }

@@ -497,6 +497,26 @@ fn step_up_over_mock<P: tower_client_auth::CredentialSource>(
     (layer.any_https_origin().step_up(true).layer(inner), api)
 }
 
+/// Sends `path` through `svc` and answers it 200 at the mock API: the credential it
+/// carried.
+async fn sent_ok<S>(svc: &S, api: &mut MockApi, path: &str) -> String
+where
+    S: tower::Service<
+            Request<Full<Bytes>>,
+            Response = http::Response<&'static str>,
+            Error = BoxError,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let call = tokio::spawn(svc.clone().oneshot(support::get(path)));
+    let (req, reply) = next_request(api).await;
+    reply.send_response(http::Response::new(""));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200, "{path}");
+    bearer(&req)
+}
+
 /// Sends `/a`, then `/b` through `svc`, and takes each off the mock API: both calls, both
 /// requests as the API got them, both reply handles.
 async fn two_in_flight<S>(svc: &S, api: &mut MockApi) -> ([Call; 2], [MockReq; 2], [Reply; 2])
@@ -1329,47 +1349,96 @@ async fn a_late_401_for_a_credential_the_source_hands_back_costs_no_second_refet
     assert_eq!(cache.stats().rejections, 1);
 }
 
-/// World: the API accepts `t-0`, then rejects it (revoked), and rejects the `t-1` the
-/// request is replayed with too (revoked as well: a fleet's store can hold such a
-/// token). Proves: the replay's 401 goes back as it came (a request is sent at most
-/// twice), and `t-1` is invalidated like any rejected credential: the next request
-/// carries a new token, not `t-1` again (it cost that request a 401 and a replay).
+/// World: the API accepts the token on `/good` and answers 401 on `/bad` whatever the
+/// token (a resource's own 401, which many APIs send for 403), five times over. Proves
+/// (review finding): each `/bad` costs one token request, for its first attempt's
+/// rejection; its replay's 401 does not invalidate the new token in turn (that cost a
+/// second token request per `/bad`, the fresh-rejection rule never applying since each
+/// first rejection is of an accepted token).
 #[tokio::test]
-async fn a_credential_rejected_on_a_replay_is_invalidated_too() {
+async fn a_resources_own_401_costs_one_token_request_per_request() {
     let (source, log, _, most_running) = held_source(&[], Duration::from_secs(3600), false);
     let (svc, mut api) = step_up_over_mock(AuthLayer::new(source));
-    let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
-    assert_eq!(answered_ok(&mut api, 1).await, ["/a Bearer t-0"]);
-    assert_eq!(first.await.unwrap().unwrap().status(), 200);
-    let second = tokio::spawn(svc.clone().oneshot(support::get("/b")));
-    for token in ["Bearer t-0", "Bearer t-1"] {
-        let (req, reply) = next_request(&mut api).await;
-        assert_eq!(bearer(&req), token);
-        reply.send_response(http::Response::builder().status(401).body("").unwrap());
+    for round in 0..5 {
+        assert_eq!(
+            sent_ok(&svc, &mut api, "/good").await,
+            format!("Bearer t-{round}")
+        );
+        let bad = tokio::spawn(svc.clone().oneshot(support::get("/bad")));
+        for token in [round, round + 1] {
+            let (req, reply) = next_request(&mut api).await;
+            assert_eq!(bearer(&req), format!("Bearer t-{token}"));
+            reply.send_response(http::Response::builder().status(401).body("").unwrap());
+        }
+        let bad = bad.await.unwrap().unwrap();
+        assert_eq!(bad.status(), 401);
+        assert_eq!(
+            bad.extensions().get::<NotReplayed>(),
+            Some(&NotReplayed::AlreadyReplayed)
+        );
     }
-    let second = second.await.unwrap().unwrap();
-    assert_eq!(second.status(), 401);
+    let mut fetches = vec![(FetchReason::Initial, None)];
+    fetches.extend([(FetchReason::Rejected, None); 5]);
+    assert_fetches(&log, &most_running, &fetches);
+}
+
+/// World: a source that hands out its cached token again for an expiry's refresh (as a
+/// sidecar or a metadata service does) and a new one only when told it was rejected. A
+/// request carries `v`; meanwhile the soft-window refresh brings `v` back as a new
+/// entry; then the API rejects the request. Proves (review finding): the rejection is of
+/// the `v` in place, though the request carried the entry before it: `v` is invalidated,
+/// a new token fetched, and the request replayed with it (not returned `SameCredential`,
+/// leaving the revoked `v` in use).
+#[tokio::test]
+async fn a_rejection_of_a_superseded_entry_of_the_same_value_invalidates_it() {
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let source = {
+        let log = log.clone();
+        source_fn(move |cx: FetchContext| {
+            let n = {
+                let mut log = log.lock().unwrap();
+                log.push(cx.reason());
+                log.len()
+            };
+            let token = match cx.reason() {
+                FetchReason::Rejected => format!("fresh-{n}"),
+                _ => "v".to_owned(),
+            };
+            async move {
+                Ok::<_, BoxError>(Credential::bearer(token)?.expires_in(Duration::from_millis(400)))
+            }
+        })
+    };
+    let cache = tower_client_auth::CredentialCache::builder(source)
+        .window_jitter(0.0)
+        .build()
+        .unwrap();
+    let (svc, mut api) = step_up_over_mock(AuthLayer::with_cache(cache));
+    let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+    let (req_a, reply_a) = next_request(&mut api).await;
+    assert_eq!(bearer(&req_a), "Bearer v");
+    // Into the soft window (the last quarter): the next request refreshes, and `v` comes
+    // back as a new entry.
+    tokio::time::sleep(Duration::from_millis(320)).await;
+    assert_eq!(sent_ok(&svc, &mut api, "/b").await, "Bearer v");
+    wait_for(|| log.lock().unwrap().len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    reply_a.send_response(http::Response::builder().status(401).body("").unwrap());
+    let (replay, reply) = next_request(&mut api).await;
     assert_eq!(
-        second.extensions().get::<NotReplayed>(),
-        Some(&NotReplayed::AlreadyReplayed)
-    );
-    let third = tokio::spawn(svc.clone().oneshot(support::get("/c")));
-    let (req, reply) = next_request(&mut api).await;
-    assert_eq!(
-        bearer(&req),
-        "Bearer t-2",
-        "the replay's rejected token sent again"
+        bearer(&replay),
+        "Bearer fresh-3",
+        "replayed with a new token"
     );
     reply.send_response(http::Response::new(""));
-    assert_eq!(third.await.unwrap().unwrap().status(), 200);
-    assert_fetches(
-        &log,
-        &most_running,
-        &[
-            (FetchReason::Initial, None),
-            (FetchReason::Rejected, None),
-            (FetchReason::Rejected, None),
-        ],
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            FetchReason::Initial,
+            FetchReason::Expiring,
+            FetchReason::Rejected
+        ]
     );
 }
 
@@ -1452,15 +1521,11 @@ async fn an_invalidation_during_a_step_up_keeps_its_token_out_of_the_cache() {
     assert_eq!(bearer(&replay), "Bearer t-1", "the step-up's own request");
     reply.send_response(http::Response::new(""));
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
-    let next = tokio::spawn(svc.clone().oneshot(support::get("/c")));
-    let (req, reply) = next_request(&mut api).await;
     assert_eq!(
-        bearer(&req),
+        sent_ok(&svc, &mut api, "/c").await,
         "Bearer t-2",
         "not the token fetched across the invalidation"
     );
-    reply.send_response(http::Response::new(""));
-    assert_eq!(next.await.unwrap().unwrap().status(), 200);
     assert_fetches(
         &log,
         &most_running,

@@ -810,26 +810,6 @@ async fn an_expired_static_dpop_token_fails_with_a_typed_error() {
     assert_eq!(calls.load(SeqCst) - before, 1);
 }
 
-/// A seeded random stream shared by every task of one run (splitmix64).
-#[derive(Clone)]
-struct Dice(Arc<std::sync::atomic::AtomicU64>);
-
-impl Dice {
-    fn roll(&self, n: u64) -> u64 {
-        let mut z = self.0.fetch_add(0x9E37_79B9_7F4A_7C15, SeqCst);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
-
-    async fn pause(&self, ms: u64) {
-        match self.roll(ms + 1) {
-            0 => tokio::task::yield_now().await,
-            d => tokio::time::sleep(std::time::Duration::from_millis(d)).await,
-        }
-    }
-}
-
 /// What the strict servers may refuse in a run where they change nonces, refuse proofs
 /// and revoke tokens at random: a stale nonce, a revoked or expired token, a proof they
 /// chose to refuse. Anything else (a `jti` sent twice, a proof for another token, key or
@@ -850,9 +830,7 @@ async fn random_nonces_refusals_and_revocations_never_make_the_client_send_a_bad
     for seed in 0..4u64 {
         let (state, token_url, api) = world().await;
         state.expires_in.store(1, SeqCst);
-        let dice = Dice(Arc::new(std::sync::atomic::AtomicU64::new(
-            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
-        )));
+        let dice = support::Dice::new(seed);
         let cache = CredentialCache::builder(source(&token_url, DpopKey::generate().unwrap()))
             .backoff(
                 std::time::Duration::from_millis(5),

@@ -18,7 +18,7 @@ mod support;
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst},
+        atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
     },
     time::Duration,
 };
@@ -26,40 +26,12 @@ use std::{
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use support::{api_client, providers, redis::RedisServer, strict_idp::StrictIdp};
+use support::{Dice, api_client, providers, redis::RedisServer, strict_idp::StrictIdp};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{AuthLayer, BoxError, CredentialCache, store::redis::RedisStore};
 
 const CLIENT_ID: &str = "fleet-client";
 const CLIENT_SECRET: &str = "fleet-5ecr3t";
-
-/// A seeded random stream shared by every task of one run.
-#[derive(Clone)]
-struct Dice(Arc<AtomicU64>);
-
-impl Dice {
-    fn new(seed: u64) -> Self {
-        Dice(Arc::new(AtomicU64::new(
-            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
-        )))
-    }
-
-    /// A number in `0..n` (splitmix64 over a shared counter).
-    fn roll(&self, n: u64) -> u64 {
-        let mut z = self.0.fetch_add(0x9E37_79B9_7F4A_7C15, SeqCst);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
-
-    /// Sleeps up to `ms` milliseconds, or only yields.
-    async fn pause(&self, ms: u64) {
-        match self.roll(ms + 1) {
-            0 => tokio::task::yield_now().await,
-            d => tokio::time::sleep(Duration::from_millis(d)).await,
-        }
-    }
-}
 
 type Stack = tower::util::BoxCloneService<Request<Full<Bytes>>, u16, BoxError>;
 

@@ -33,41 +33,12 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
-use support::providers::serve;
+use support::{Dice, providers::serve};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
     AuthLayer, BoxError, Credential, CredentialCache, CredentialStore, FetchContext, FetchReason,
     MemoryStore, ReplayBody, reqwest::AuthMiddleware, source_fn, store::Lease,
 };
-
-/// A seeded random stream, shared by every task of one run (the order the tasks draw in
-/// is the runtime's; the seed picks the mix).
-#[derive(Clone)]
-struct Dice(Arc<AtomicU64>);
-
-impl Dice {
-    fn new(seed: u64) -> Self {
-        Dice(Arc::new(AtomicU64::new(
-            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
-        )))
-    }
-
-    /// A number in `0..n` (splitmix64 over a shared counter).
-    fn roll(&self, n: u64) -> u64 {
-        let mut z = self.0.fetch_add(0x9E37_79B9_7F4A_7C15, SeqCst);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
-
-    /// Sleeps up to `ms` milliseconds, or only yields.
-    async fn pause(&self, ms: u64) {
-        match self.roll(ms + 1) {
-            0 => tokio::task::yield_now().await,
-            d => tokio::time::sleep(Duration::from_millis(d)).await,
-        }
-    }
-}
 
 /// One fetch running, counted out however it ends.
 struct Running(Arc<AtomicUsize>);

@@ -583,13 +583,41 @@ async fn a_tainted_fetch_overtaken_by_a_replacement_is_not_taken_back_from_the_s
     assert_eq!(next, Credential::bearer("token-2").unwrap());
 }
 
-/// World: a cache over a store; the application hands over a credential already in its
-/// hard window while a fetch runs, so that fetch's result goes to its own waiter only;
-/// the next request refreshes the handed-over credential. Proves (review finding): the
-/// fetch made suspect by a replacement, not an invalidation, is a good credential: the
-/// refresh takes it from the store instead of asking the source again.
-#[tokio::test(start_paused = true)]
-async fn a_fetch_overtaken_by_a_stale_replacement_is_still_taken_from_the_store() {
+/// An hour-long credential with 5 s left: in its hard window (the last 30 s).
+fn stale(token: &str) -> Credential {
+    let now = std::time::SystemTime::now();
+    Credential::bearer(token)
+        .unwrap()
+        .issued_at(now - Duration::from_secs(3600))
+        .expires_at(now + Duration::from_secs(5))
+}
+
+/// A source whose first credential is already in its hard window, and whose next
+/// fetches wait at the gate returned with it, then fail.
+fn stale_then_failing() -> (impl CredentialSource, Arc<tokio::sync::Semaphore>) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let source = tower_client_auth::source_fn({
+        let (gate, fetches) = (gate.clone(), Arc::new(AtomicUsize::new(0)));
+        move |_: FetchContext| {
+            let n = fetches.fetch_add(1, Ordering::SeqCst);
+            let gate = gate.clone();
+            async move {
+                if n == 0 {
+                    return Ok(stale("stale"));
+                }
+                gate.acquire().await.unwrap().forget();
+                Err::<Credential, BoxError>("the token endpoint is down".into())
+            }
+        }
+    });
+    (source, gate)
+}
+
+/// A cache over a store whose first fetch (held) is overtaken by a credential handed
+/// over already in its hard window: the fetch's `token-1` goes to its own waiter only,
+/// and into the store. The source (gated), the cache, and `token-1`.
+async fn overtaken_by_a_stale_replacement() -> (TestSource, CredentialCache<TestSource>, Credential)
+{
     let source = TestSource::build(
         Some(Duration::from_secs(3600)),
         Duration::ZERO,
@@ -602,16 +630,21 @@ async fn a_fetch_overtaken_by_a_stale_replacement_is_still_taken_from_the_store(
         .unwrap();
     let first = ask(&cache);
     settle().await;
-    // An hour-long credential with 5 s left: in its hard window (the last 30 s).
-    let now = std::time::SystemTime::now();
-    let stale = Credential::bearer("handed-over")
-        .unwrap()
-        .issued_at(now - Duration::from_secs(3600))
-        .expires_at(now + Duration::from_secs(5));
-    assert!(cache.handle().replace(stale).unwrap());
+    assert!(cache.handle().replace(stale("handed-over")).unwrap());
     source.release(1);
     let fetched = first.await.unwrap().unwrap();
     assert_eq!(fetched, Credential::bearer("token-1").unwrap());
+    (source, cache, fetched)
+}
+
+/// World: a cache over a store; the application hands over a credential already in its
+/// hard window while a fetch runs, so that fetch's result goes to its own waiter only;
+/// the next request refreshes the handed-over credential. Proves (review finding): the
+/// fetch made suspect by a replacement, not an invalidation, is a good credential: the
+/// refresh takes it from the store instead of asking the source again.
+#[tokio::test(start_paused = true)]
+async fn a_fetch_overtaken_by_a_stale_replacement_is_still_taken_from_the_store() {
+    let (source, cache, fetched) = overtaken_by_a_stale_replacement().await;
     let next = ask(&cache);
     settle().await;
     assert_eq!(source.fetches(), 1, "the source was asked again");
@@ -625,27 +658,7 @@ async fn a_fetch_overtaken_by_a_stale_replacement_is_still_taken_from_the_store(
 /// one, and was not known as dropped).
 #[tokio::test(start_paused = true)]
 async fn rejecting_a_credential_handed_only_to_its_waiter_drops_it_from_the_store_too() {
-    let source = TestSource::build(
-        Some(Duration::from_secs(3600)),
-        Duration::ZERO,
-        true,
-        RefreshMode::Proactive,
-    );
-    let cache = CredentialCache::builder(source.clone())
-        .store(MemoryStore::new())
-        .build()
-        .unwrap();
-    let first = ask(&cache);
-    settle().await;
-    let now = std::time::SystemTime::now();
-    let stale = Credential::bearer("handed-over")
-        .unwrap()
-        .issued_at(now - Duration::from_secs(3600))
-        .expires_at(now + Duration::from_secs(5));
-    assert!(cache.handle().replace(stale).unwrap());
-    source.release(1);
-    let fetched = first.await.unwrap().unwrap();
-    assert_eq!(fetched, Credential::bearer("token-1").unwrap());
+    let (source, cache, fetched) = overtaken_by_a_stale_replacement().await;
     let rejected = tokio::spawn({
         let (cache, fetched) = (cache.clone(), fetched.clone());
         async move { cache.reject(&fetched).await }
@@ -669,25 +682,7 @@ async fn rejecting_a_credential_handed_only_to_its_waiter_drops_it_from_the_stor
 /// gets the refresh's error.
 #[tokio::test(start_paused = true)]
 async fn a_waiter_never_falls_back_on_a_credential_dropped_while_it_waited() {
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let source = tower_client_auth::source_fn({
-        let (gate, fetches) = (gate.clone(), Arc::new(AtomicUsize::new(0)));
-        move |_: FetchContext| {
-            let n = fetches.fetch_add(1, Ordering::SeqCst);
-            let gate = gate.clone();
-            async move {
-                if n == 0 {
-                    // An hour-long credential with 5 s left: in its hard window.
-                    let now = std::time::SystemTime::now();
-                    return Ok(Credential::bearer("stale")?
-                        .issued_at(now - Duration::from_secs(3600))
-                        .expires_at(now + Duration::from_secs(5)));
-                }
-                gate.acquire().await.unwrap().forget();
-                Err::<Credential, BoxError>("the token endpoint is down".into())
-            }
-        }
-    });
+    let (source, gate) = stale_then_failing();
     let cache = CredentialCache::new(source);
     let stale = cache.credential().await.unwrap();
     let waiter = ask(&cache);
@@ -707,24 +702,7 @@ async fn a_waiter_never_falls_back_on_a_credential_dropped_while_it_waited() {
 /// refresh's error (the one it held to fall back on is no longer current either).
 #[tokio::test(start_paused = true)]
 async fn a_waiter_whose_refresh_fails_after_a_replacement_gets_the_replacement() {
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let source = tower_client_auth::source_fn({
-        let (gate, fetches) = (gate.clone(), Arc::new(AtomicUsize::new(0)));
-        move |_: FetchContext| {
-            let n = fetches.fetch_add(1, Ordering::SeqCst);
-            let gate = gate.clone();
-            async move {
-                if n == 0 {
-                    let now = std::time::SystemTime::now();
-                    return Ok(Credential::bearer("stale")?
-                        .issued_at(now - Duration::from_secs(3600))
-                        .expires_at(now + Duration::from_secs(5)));
-                }
-                gate.acquire().await.unwrap().forget();
-                Err::<Credential, BoxError>("the token endpoint is down".into())
-            }
-        }
-    });
+    let (source, gate) = stale_then_failing();
     let cache = CredentialCache::new(source);
     cache.credential().await.unwrap();
     let waiter = ask(&cache);

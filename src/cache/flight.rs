@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::{
-    CredentialCache, Flight, Inner, MAX_RETRY_AFTER, STORE_SHARE, State, Want,
+    CredentialCache, Flight, Inner, MAX_RETRY_AFTER, Retired, STORE_SHARE, State, Want,
     YOUNG_CREDENTIAL_AGE,
     config::saturating_add,
     entry::{Entry, Phase},
@@ -63,7 +63,9 @@ impl<P: CredentialSource> CredentialCache<P> {
                 // handed back again: many requests carried it, and the first 401
                 // already refetched).
                 let found = state.drop_retired(generation);
-                if let (Some((value, false)), Some(entry)) = (found, &current) {
+                if let (Some((value, Retired::Own | Retired::Superseded)), Some(entry)) =
+                    (found, &current)
+                {
                     if entry.credential == value {
                         want = Some(Want::Replace(entry.generation));
                     }
@@ -96,7 +98,10 @@ impl<P: CredentialSource> CredentialCache<P> {
                     tracing::debug!(generation, "credential rejected; invalidating it");
                     inner.stats.rejections.fetch_add(1, Ordering::Relaxed);
                     metrics::event(&inner.config.name, metrics::REJECTIONS);
-                    inner.retire(&mut state);
+                    inner.retire(&mut state, Retired::Dropped);
+                    // The same value under other generations (taken back from the store,
+                    // handed back by the source): a late rejection of one is no news.
+                    state.drop_retired_value(&entry.credential);
                     inner.current.store(None);
                     reason = FetchReason::Rejected;
                     previous = Some(entry.credential.clone());
@@ -495,12 +500,23 @@ impl<P: CredentialSource> FlightGuard<P> {
     }
 
     /// Ends the flight with the source's answer (or the store's: `from_store`); the
-    /// waiters are told after the lock is released.
-    fn finish(&mut self, result: Result<Credential, Error>, from_store: bool) {
+    /// waiters are told after the lock is released. A store's answer dropped meanwhile
+    /// ends nothing when `recheck` (checked under the lock that installs it).
+    fn finish(
+        &mut self,
+        result: Result<Credential, Error>,
+        from_store: bool,
+        recheck: bool,
+    ) -> Finished {
         let outcome = {
             let inner = &self.inner;
             let now = Instant::now();
             let mut state = inner.lock_state();
+            if let (true, true, Ok(credential)) = (from_store, recheck, &result) {
+                if state.dropped(credential) {
+                    return Finished::StaleStoreHit;
+                }
+            }
             let (standing, tainted) = self.leave(&mut state);
             let superseded = !matches!(standing, Standing::Current);
             // After an invalidation a store may hold this fetch's result by now, however
@@ -520,7 +536,7 @@ impl<P: CredentialSource> FlightGuard<P> {
             let own = |state: &mut State, credential| {
                 forgotten.clone().unwrap_or_else(|| {
                     let entry = inner.entry(state, credential, now);
-                    state.remember_retired(&entry, false);
+                    state.remember_retired(&entry, Retired::Own);
                     entry
                 })
             };
@@ -573,6 +589,7 @@ impl<P: CredentialSource> FlightGuard<P> {
             }
         };
         self.send(outcome);
+        Finished::Yes
     }
 
     /// Ends a chained flight whose fetch was made needless by a credential handed over.
@@ -706,18 +723,35 @@ async fn run_flight<P: CredentialSource>(
             return guard.finish_with(current);
         }
     }
-    let started = Instant::now();
-    let mut from_store = false;
-    let result = AssertUnwindSafe(obtain(&guard.inner, cx, &mut from_store))
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|_panic| Err(Error::new(ErrorKind::SourcePanicked)));
-    metrics::refresh(
-        &guard.inner.config.name,
-        metrics::outcome(&result),
-        started.elapsed(),
-    );
-    guard.finish(result, from_store);
+    // A store's credential dropped while it was loaded (`invalidate_if` or `reject` of
+    // that value) is not this flight's answer: it looks again, and the store's copy is
+    // refused then. Twice at most: a third answer is taken as it is.
+    for last in [false, false, true] {
+        let started = Instant::now();
+        let mut from_store = false;
+        let result = AssertUnwindSafe(obtain(&guard.inner, cx.clone(), &mut from_store))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_panic| Err(Error::new(ErrorKind::SourcePanicked)));
+        metrics::refresh(
+            &guard.inner.config.name,
+            metrics::outcome(&result),
+            started.elapsed(),
+        );
+        match guard.finish(result, from_store, !last) {
+            Finished::Yes => return,
+            Finished::StaleStoreHit => {
+                tracing::debug!("the store's credential was dropped while it loaded; again");
+            }
+        }
+    }
+}
+
+/// Whether [`FlightGuard::finish`] ended the flight.
+enum Finished {
+    Yes,
+    /// Not ended: the store's credential it was given was dropped while it loaded.
+    StaleStoreHit,
 }
 
 /// Gets a credential from the store, or else from the source: the refresh path of

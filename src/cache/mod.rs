@@ -358,8 +358,15 @@ impl<P: CredentialSource> CredentialCache<P> {
     }
 
     /// A replay after a step-up was accepted: the step-up backoff starts over.
-    pub(crate) fn step_up_worked(&self) {
+    pub(crate) fn step_up_worked(&self, generation: u64) {
         let mut state = self.inner.lock_state();
+        if state
+            .step_up_fruitless
+            .is_some_and(|fruitless| fruitless > generation)
+        {
+            // An older step-up's late success says nothing of the newer one's failure.
+            return;
+        }
         state.step_ups_failed = 0;
         state.step_up_retry_at = None;
         state.step_up_fruitless = None;
@@ -430,7 +437,7 @@ impl<P: CredentialSource> Inner<P> {
         // credential does not hand it back.
         let dropped = self.current.load_full().map(|e| e.credential.clone());
         let dropped = dropped.or_else(|| state.invalidated.take().flatten());
-        self.retire(state);
+        self.retire(state, Retired::Dropped);
         state.invalidated = Some(dropped);
         self.current.store(None);
         Self::detach_running(state);
@@ -571,9 +578,9 @@ struct State {
     /// The last few credentials that stopped being current, or were handed to a
     /// flight's own waiters without ever being current, by generation: a request whose
     /// credential was rejected after it was already replaced can still tell whether the
-    /// replacement is the same value. `true`: dropped (rejected, invalidated, replaced,
-    /// or fetched across an invalidation), so not taken back from the store either.
-    retired: std::collections::VecDeque<(u64, Credential, bool)>,
+    /// replacement is the same value; and whether it may be taken back from the store
+    /// (see [`Retired`]).
+    retired: std::collections::VecDeque<(u64, Credential, Retired)>,
     /// Consecutive rejections of credentials younger than [`YOUNG_CREDENTIAL_AGE`], and
     /// when the next one may cause a fetch.
     fresh_rejections: u32,
@@ -592,32 +599,51 @@ impl State {
     /// Remembers `entry` among the last [`RETIRED_KEPT`] credentials that stopped
     /// being current (or were never made current: see `Inner::forget_suspect`);
     /// `dropped`: not to be taken back from the store.
-    fn remember_retired(&mut self, entry: &Entry, dropped: bool) {
+    fn remember_retired(&mut self, entry: &Entry, how: Retired) {
         if self.retired.len() == RETIRED_KEPT {
             self.retired.pop_front();
         }
         self.retired
-            .push_back((entry.generation, entry.credential.clone(), dropped));
+            .push_back((entry.generation, entry.credential.clone(), how));
     }
 
     /// A credential no longer current (one handed to a flight's own waiters only, say)
     /// was rejected: remembered as dropped from now on, so that it is not taken back
-    /// from the store. Its value, and whether it was dropped already, if it is still
-    /// remembered.
-    fn drop_retired(&mut self, generation: u64) -> Option<(Credential, bool)> {
-        let (_, credential, dropped) = self.retired.iter_mut().find(|(g, ..)| *g == generation)?;
-        let before = std::mem::replace(dropped, true);
+    /// from the store. Its value, and how it had retired, if it is still remembered.
+    fn drop_retired(&mut self, generation: u64) -> Option<(Credential, Retired)> {
+        let (_, credential, how) = self.retired.iter_mut().find(|(g, ..)| *g == generation)?;
+        let before = std::mem::replace(how, Retired::Dropped);
         Some((credential.clone(), before))
+    }
+
+    /// Whether `credential` was rejected, invalidated or replaced here (under any
+    /// generation): not to be taken back from the store.
+    fn dropped(&self, credential: &Credential) -> bool {
+        self.retired
+            .iter()
+            .any(|(_, retired, how)| *how != Retired::Own && retired == credential)
     }
 
     /// [`drop_retired`](Self::drop_retired) by value, for every generation it had.
     fn drop_retired_value(&mut self, credential: &Credential) {
-        for (_, retired, dropped) in &mut self.retired {
+        for (_, retired, how) in &mut self.retired {
             if retired == credential {
-                *dropped = true;
+                *how = Retired::Dropped;
             }
         }
     }
+}
+
+/// How a credential in [`State::retired`] stopped being current, or never was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Retired {
+    /// Handed to a flight's own waiters only: a good credential the store may give back.
+    Own,
+    /// Replaced by a newer one (a refresh, a replacement): not taken back from the store.
+    Superseded,
+    /// Rejected, invalidated, or fetched across an invalidation: not taken back from the
+    /// store, and a late rejection of it is no news.
+    Dropped,
 }
 
 /// How many credentials [`State::retired`] remembers: a bound, not a guarantee. A
@@ -663,18 +689,18 @@ impl<P: CredentialSource> Inner<P> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Remembers the current credential as retired, before it stops being current.
-    /// Called with the state lock held.
-    fn retire(&self, state: &mut State) {
+    /// Remembers the current credential as retired (`how`), before it stops being
+    /// current. Called with the state lock held.
+    fn retire(&self, state: &mut State, how: Retired) {
         if let Some(entry) = self.current.load_full() {
             entry.retired.store(true, Ordering::Release);
-            state.remember_retired(&entry, true);
+            state.remember_retired(&entry, how);
         }
     }
 
     /// Makes `credential` current. Called with the state lock held.
     fn install(&self, state: &mut State, credential: Credential, now: Instant) -> Arc<Entry> {
-        self.retire(state);
+        self.retire(state, Retired::Superseded);
         state.invalidated = None;
         state.tainted_result = None;
         let entry = self.entry(state, credential, now);
@@ -786,12 +812,7 @@ impl<P: CredentialSource> Inner<P> {
     /// cache stopped using (rejected, invalidated, replaced, or fetched across an
     /// invalidation: see `forget_suspect`).
     fn is_reusable_stored(&self, credential: &Credential) -> bool {
-        self.is_usable_stored(credential)
-            && !self
-                .lock_state()
-                .retired
-                .iter()
-                .any(|(_, retired, dropped)| *dropped && retired == credential)
+        self.is_usable_stored(credential) && !self.lock_state().dropped(credential)
     }
 
     /// A fetch made suspect by an invalidation brought `entry`: remembered as retired
@@ -802,7 +823,7 @@ impl<P: CredentialSource> Inner<P> {
     /// is not what the source holds, so the next fetch is told what the invalidation
     /// dropped still. Called with the state lock held.
     fn forget_suspect(&self, state: &mut State, entry: &Entry, from_store: bool) {
-        state.remember_retired(entry, true);
+        state.remember_retired(entry, Retired::Dropped);
         if from_store {
             return;
         }

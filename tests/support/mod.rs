@@ -348,3 +348,32 @@ pub async fn logging_api(
     .await;
     (format!("http://{addr}"), log)
 }
+
+/// A seeded random stream, shared by every task of one random-interleavings run (the
+/// order the tasks draw in is the runtime's; the seed picks the mix).
+#[derive(Clone)]
+pub struct Dice(Arc<std::sync::atomic::AtomicU64>);
+
+impl Dice {
+    pub fn new(seed: u64) -> Self {
+        Dice(Arc::new(std::sync::atomic::AtomicU64::new(
+            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        )))
+    }
+
+    /// A number in `0..n` (splitmix64 over a shared counter).
+    pub fn roll(&self, n: u64) -> u64 {
+        let mut z = self.0.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::SeqCst);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n
+    }
+
+    /// Sleeps up to `ms` milliseconds, or only yields.
+    pub async fn pause(&self, ms: u64) {
+        match self.roll(ms + 1) {
+            0 => tokio::task::yield_now().await,
+            d => tokio::time::sleep(Duration::from_millis(d)).await,
+        }
+    }
+}
