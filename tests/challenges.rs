@@ -1255,17 +1255,24 @@ async fn a_token_handed_only_to_its_waiters_is_never_replayed_after_its_rejectio
     }
 }
 
-/// World: three requests lack the same scope at once; the one step-up they share brings
-/// a token the API still finds lacking for all three replays. Proves (review finding):
-/// that is one fruitless step-up, not three: its backoff is the first step's (here at
-/// most 200 ms), so a request lacking the scope 250 ms later steps up again and is
-/// replayed with the new token (counted three times, the backoff was 400-800 ms and the
-/// request got its 403 back unreplayed).
-#[tokio::test]
-async fn replays_of_one_step_up_that_all_still_lack_the_scope_count_one_failure() {
+/// A layer with step-up on over a cache of `held_source` (nothing held) whose backoff
+/// starts at `backoff`; `/a`, `/b` and `/c` sent, each answered that `t-0` lacks `w`.
+/// The service, the mock API, the source's log and most-running count, and the calls.
+async fn three_lacking_w(
+    backoff: Duration,
+) -> (
+    tower_client_auth::AddCredential<
+        tower_test::mock::Mock<MockReq, http::Response<&'static str>>,
+        impl tower_client_auth::CredentialSource,
+    >,
+    MockApi,
+    Arc<std::sync::Mutex<Vec<(FetchReason, Option<String>)>>>,
+    Arc<AtomicUsize>,
+    Vec<Call>,
+) {
     let (source, log, _, most_running) = held_source(&[], Duration::from_secs(3600), false);
     let cache = tower_client_auth::CredentialCache::builder(source)
-        .backoff(Duration::from_millis(200), Duration::from_secs(30))
+        .backoff(backoff, Duration::from_secs(30))
         .build()
         .unwrap();
     let (svc, mut api) = step_up_over_mock(AuthLayer::with_cache(cache));
@@ -1278,6 +1285,19 @@ async fn replays_of_one_step_up_that_all_still_lack_the_scope_count_one_failure(
         assert_eq!(bearer(&req), "Bearer t-0");
         reply.send_response(lacks_scope_w());
     }
+    (svc, api, log, most_running, calls)
+}
+
+/// World: three requests lack the same scope at once; the one step-up they share brings
+/// a token the API still finds lacking for all three replays. Proves (review finding):
+/// that is one fruitless step-up, not three: its backoff is the first step's (here at
+/// most 200 ms), so a request lacking the scope 250 ms later steps up again and is
+/// replayed with the new token (counted three times, the backoff was 400-800 ms and the
+/// request got its 403 back unreplayed).
+#[tokio::test]
+async fn replays_of_one_step_up_that_all_still_lack_the_scope_count_one_failure() {
+    let (svc, mut api, log, most_running, calls) =
+        three_lacking_w(Duration::from_millis(200)).await;
     for _ in 0..3 {
         let (req, reply) = next_request(&mut api).await;
         assert_eq!(bearer(&req), "Bearer t-1", "the step-up's replay");
@@ -1449,20 +1469,7 @@ async fn a_rejection_of_a_superseded_entry_of_the_same_value_invalidates_it() {
 /// fourth request lacking `w` right after gets its 403 back, with no token request.
 #[tokio::test]
 async fn a_fruitless_replay_after_a_step_ups_success_backs_off_again() {
-    let (source, log, _, most_running) = held_source(&[], Duration::from_secs(3600), false);
-    let cache = tower_client_auth::CredentialCache::builder(source)
-        .backoff(Duration::from_secs(5), Duration::from_secs(30))
-        .build()
-        .unwrap();
-    let (svc, mut api) = step_up_over_mock(AuthLayer::with_cache(cache));
-    let calls: Vec<_> = ["/a", "/b", "/c"]
-        .into_iter()
-        .map(|path| tokio::spawn(svc.clone().oneshot(support::get(path))))
-        .collect();
-    for _ in 0..3 {
-        let (_, reply) = next_request(&mut api).await;
-        reply.send_response(lacks_scope_w());
-    }
+    let (svc, mut api, log, most_running, calls) = three_lacking_w(Duration::from_secs(5)).await;
     let mut replays = std::collections::HashMap::new();
     for _ in 0..3 {
         let (req, reply) = next_request(&mut api).await;
