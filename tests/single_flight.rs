@@ -407,12 +407,17 @@ async fn told_what_the_tainted_fetch_brought(invalidations: usize, in_place: boo
     );
 }
 
-/// A `MemoryStore` whose loads wait while it is closed (a slow store, held).
+/// A `MemoryStore` whose loads wait while it is closed (a slow store, held), whose
+/// next `misses` loads see nothing (a lagging replica), and whose lease releases wait
+/// while `releases_held` (a slow release).
 #[derive(Clone)]
 struct GatedStore {
     store: MemoryStore,
     closed: Arc<AtomicBool>,
     gate: Arc<tokio::sync::Semaphore>,
+    misses: Arc<AtomicUsize>,
+    releases_held: Arc<AtomicBool>,
+    release_gate: Arc<tokio::sync::Semaphore>,
 }
 
 impl GatedStore {
@@ -421,6 +426,9 @@ impl GatedStore {
             store: MemoryStore::new(),
             closed: Arc::default(),
             gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            misses: Arc::default(),
+            releases_held: Arc::default(),
+            release_gate: Arc::new(tokio::sync::Semaphore::new(0)),
         }
     }
 
@@ -434,6 +442,13 @@ impl CredentialStore for GatedStore {
     async fn load(&self) -> Result<Option<Credential>, BoxError> {
         if self.closed.load(Ordering::SeqCst) {
             self.gate.acquire().await.unwrap().forget();
+        }
+        let missed = self
+            .misses
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if missed {
+            return Ok(None);
         }
         self.store.load().await
     }
@@ -462,6 +477,9 @@ impl CredentialStore for GatedStore {
     }
 
     async fn release(&self, lease: &tower_client_auth::store::Lease) -> Result<(), BoxError> {
+        if self.releases_held.load(Ordering::SeqCst) {
+            self.release_gate.acquire().await.unwrap().forget();
+        }
         self.store.release(lease).await
     }
 
@@ -544,6 +562,57 @@ async fn a_fetch_chained_after_a_tainted_store_hit_is_told_what_was_dropped() {
         "the tainted refresh's credential came back from the store"
     );
     assert_eq!(log.lock().unwrap().last().unwrap().1, Some(a));
+}
+
+/// World: a cache over a store that holds `token-1`, a fetch's result handed only to its
+/// own waiter (overtaken by a stale replacement). The next refresh misses it at its first
+/// look (a lagging replica), takes the lease, finds it then, and is giving the lease back
+/// (held) when the application drops `token-1` by name. Proves (found by
+/// tests/interleavings.rs: `reject` answered with the credential it was given): the
+/// refresh does not install the credential dropped while it loaded: it looks again, and
+/// the source's new credential is the answer.
+#[tokio::test(start_paused = true)]
+async fn a_store_hit_dropped_while_its_lease_is_given_back_is_not_installed() {
+    let source = TestSource::build(
+        Some(Duration::from_secs(3600)),
+        Duration::ZERO,
+        true,
+        RefreshMode::Proactive,
+    );
+    let store = GatedStore::new();
+    let cache = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let first = ask(&cache);
+    settle().await;
+    assert!(cache.handle().replace(stale("handed-over")).unwrap());
+    source.release(1);
+    let own = first.await.unwrap().unwrap();
+    assert_eq!(own, Credential::bearer("token-1").unwrap());
+    store.misses.store(1, Ordering::SeqCst);
+    store.releases_held.store(true, Ordering::SeqCst);
+    let next = ask(&cache);
+    settle().await;
+    assert_eq!(
+        source.fetches(),
+        1,
+        "the refresh found token-1 in the store"
+    );
+    assert!(
+        !cache.handle().invalidate_if(&own),
+        "token-1 is not current"
+    );
+    store.releases_held.store(false, Ordering::SeqCst);
+    store.release_gate.add_permits(10);
+    settle().await;
+    source.release(1);
+    let next = next.await.unwrap().unwrap();
+    assert_ne!(
+        next, own,
+        "the credential dropped while it loaded was installed"
+    );
+    assert_eq!(next, Credential::bearer("token-2").unwrap());
 }
 
 /// World: a cache over a store; the application invalidates while a fetch runs, then
