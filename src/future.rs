@@ -667,7 +667,7 @@ where
                         _ => {
                             cache.accepted(*generation);
                             if *why == Again::SteppedUp {
-                                cache.step_up_worked(*generation);
+                                cache.step_up_worked();
                             }
                         }
                     }

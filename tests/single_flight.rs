@@ -573,23 +573,8 @@ async fn a_fetch_chained_after_a_tainted_store_hit_is_told_what_was_dropped() {
 /// the source's new credential is the answer.
 #[tokio::test(start_paused = true)]
 async fn a_store_hit_dropped_while_its_lease_is_given_back_is_not_installed() {
-    let source = TestSource::build(
-        Some(Duration::from_secs(3600)),
-        Duration::ZERO,
-        true,
-        RefreshMode::Proactive,
-    );
     let store = GatedStore::new();
-    let cache = CredentialCache::builder(source.clone())
-        .store(store.clone())
-        .build()
-        .unwrap();
-    let first = ask(&cache);
-    settle().await;
-    assert!(cache.handle().replace(stale("handed-over")).unwrap());
-    source.release(1);
-    let own = first.await.unwrap().unwrap();
-    assert_eq!(own, Credential::bearer("token-1").unwrap());
+    let (source, cache, own) = overtaken_by_a_stale_replacement(store.clone()).await;
     store.misses.store(1, Ordering::SeqCst);
     store.releases_held.store(true, Ordering::SeqCst);
     let next = ask(&cache);
@@ -682,11 +667,12 @@ fn stale_then_failing() -> (impl CredentialSource, Arc<tokio::sync::Semaphore>) 
     (source, gate)
 }
 
-/// A cache over a store whose first fetch (held) is overtaken by a credential handed
+/// A cache over `store` whose first fetch (held) is overtaken by a credential handed
 /// over already in its hard window: the fetch's `token-1` goes to its own waiter only,
 /// and into the store. The source (gated), the cache, and `token-1`.
-async fn overtaken_by_a_stale_replacement() -> (TestSource, CredentialCache<TestSource>, Credential)
-{
+async fn overtaken_by_a_stale_replacement<S: CredentialStore>(
+    store: S,
+) -> (TestSource, CredentialCache<TestSource>, Credential) {
     let source = TestSource::build(
         Some(Duration::from_secs(3600)),
         Duration::ZERO,
@@ -694,7 +680,7 @@ async fn overtaken_by_a_stale_replacement() -> (TestSource, CredentialCache<Test
         RefreshMode::Proactive,
     );
     let cache = CredentialCache::builder(source.clone())
-        .store(MemoryStore::new())
+        .store(store)
         .build()
         .unwrap();
     let first = ask(&cache);
@@ -713,7 +699,7 @@ async fn overtaken_by_a_stale_replacement() -> (TestSource, CredentialCache<Test
 /// refresh takes it from the store instead of asking the source again.
 #[tokio::test(start_paused = true)]
 async fn a_fetch_overtaken_by_a_stale_replacement_is_still_taken_from_the_store() {
-    let (source, cache, fetched) = overtaken_by_a_stale_replacement().await;
+    let (source, cache, fetched) = overtaken_by_a_stale_replacement(MemoryStore::new()).await;
     let next = ask(&cache);
     settle().await;
     assert_eq!(source.fetches(), 1, "the source was asked again");
@@ -727,7 +713,7 @@ async fn a_fetch_overtaken_by_a_stale_replacement_is_still_taken_from_the_store(
 /// one, and was not known as dropped).
 #[tokio::test(start_paused = true)]
 async fn rejecting_a_credential_handed_only_to_its_waiter_drops_it_from_the_store_too() {
-    let (source, cache, fetched) = overtaken_by_a_stale_replacement().await;
+    let (source, cache, fetched) = overtaken_by_a_stale_replacement(MemoryStore::new()).await;
     let rejected = tokio::spawn({
         let (cache, fetched) = (cache.clone(), fetched.clone());
         async move { cache.reject(&fetched).await }

@@ -726,7 +726,7 @@ async fn run_flight<P: CredentialSource>(
     // A store's credential dropped while it was loaded (`invalidate_if` or `reject` of
     // that value) is not this flight's answer: it looks again, and the store's copy is
     // refused then. Twice at most: a third answer is taken as it is.
-    for last in [false, false, true] {
+    for attempt in 1..=3 {
         let started = Instant::now();
         let mut from_store = false;
         let result = AssertUnwindSafe(obtain(&guard.inner, cx.clone(), &mut from_store))
@@ -738,7 +738,7 @@ async fn run_flight<P: CredentialSource>(
             metrics::outcome(&result),
             started.elapsed(),
         );
-        match guard.finish(result, from_store, !last) {
+        match guard.finish(result, from_store, attempt < 3) {
             Finished::Yes => return,
             Finished::StaleStoreHit => {
                 tracing::debug!("the store's credential was dropped while it loaded; again");

@@ -358,15 +358,8 @@ impl<P: CredentialSource> CredentialCache<P> {
     }
 
     /// A replay after a step-up was accepted: the step-up backoff starts over.
-    pub(crate) fn step_up_worked(&self, generation: u64) {
+    pub(crate) fn step_up_worked(&self) {
         let mut state = self.inner.lock_state();
-        if state
-            .step_up_fruitless
-            .is_some_and(|fruitless| fruitless > generation)
-        {
-            // An older step-up's late success says nothing of the newer one's failure.
-            return;
-        }
         state.step_ups_failed = 0;
         state.step_up_retry_at = None;
         state.step_up_fruitless = None;
@@ -591,7 +584,8 @@ struct State {
     step_ups_failed: u32,
     step_up_retry_at: Option<Instant>,
     /// The newest step-up credential whose replay still lacked a scope: counted once
-    /// (as are older ones whose replays come late); cleared when a step-up works.
+    /// (as are older ones whose replays come late); cleared when any step-up's replay
+    /// works (an older one's too: bounded, one backoff step at most).
     step_up_fruitless: Option<u64>,
 }
 
