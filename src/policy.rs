@@ -136,26 +136,36 @@ impl Policy {
         if is_https(uri) {
             return Ok(());
         }
-        self.check_transport_slow(uri.scheme_str(), uri.host())
+        self.check_transport_slow(uri.scheme_str(), || uri.host().is_some_and(is_loopback))
     }
 
-    /// [`check_transport`](Self::check_transport) for a URI given as its scheme and host
-    /// (a reqwest URL's; the host of an IPv6 address in brackets).
+    /// [`check_transport`](Self::check_transport) for a URI given as its scheme and
+    /// whether its host is a loopback host (`localhost`, 127.0.0.0/8, `::1` or
+    /// IPv4-mapped loopback), asked only for plain `http` (a reqwest URL has its host
+    /// parsed already).
     #[cfg(feature = "reqwest")]
     #[inline]
-    pub(crate) fn check_transport_of(&self, scheme: &str, host: Option<&str>) -> Result<(), Error> {
+    pub(crate) fn check_transport_of(
+        &self,
+        scheme: &str,
+        loopback: impl FnOnce() -> bool,
+    ) -> Result<(), Error> {
         if scheme == "https" {
             return Ok(());
         }
-        self.check_transport_slow(Some(scheme), host)
+        self.check_transport_slow(Some(scheme), loopback)
     }
 
     #[cold]
     #[inline(never)]
-    fn check_transport_slow(&self, scheme: Option<&str>, host: Option<&str>) -> Result<(), Error> {
+    fn check_transport_slow(
+        &self,
+        scheme: Option<&str>,
+        loopback: impl FnOnce() -> bool,
+    ) -> Result<(), Error> {
         check_transport_parts(
             scheme,
-            host,
+            loopback,
             self.allow_http_loopback,
             self.allow_relative_uris,
         )
@@ -220,7 +230,7 @@ pub(crate) fn check_transport(
     }
     check_transport_parts(
         uri.scheme_str(),
-        uri.host(),
+        || uri.host().is_some_and(is_loopback),
         allow_http_loopback,
         allow_relative,
     )
@@ -234,9 +244,11 @@ fn is_https(uri: &Uri) -> bool {
     uri.scheme_str() == Some("https")
 }
 
+/// `loopback` tells whether the host is a loopback host; it is asked only for plain
+/// `http` (or `ws`).
 pub(crate) fn check_transport_parts(
     scheme: Option<&str>,
-    host: Option<&str>,
+    loopback: impl FnOnce() -> bool,
     allow_http_loopback: bool,
     allow_relative: bool,
 ) -> Result<(), &'static str> {
@@ -253,7 +265,7 @@ pub(crate) fn check_transport_parts(
     if !(scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("ws")) {
         return Err("unknown uri scheme");
     }
-    match host.is_some_and(is_loopback) {
+    match loopback() {
         true if allow_http_loopback => Ok(()),
         true => Err(LOOPBACK_NOT_ALLOWED),
         false => Err("plain http to a non-loopback host"),
@@ -275,7 +287,7 @@ pub(crate) fn name_the_setter(detail: &'static str, setter: &'static str) -> &'s
 }
 
 /// `localhost`, 127.0.0.0/8, `::1` and IPv4-mapped loopback.
-fn is_loopback(host: &str) -> bool {
+pub(crate) fn is_loopback(host: &str) -> bool {
     let host = host
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))

@@ -250,7 +250,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
             return Ok(false);
         }
         self.policy
-            .check_transport_of(url.scheme(), url.host_str())
+            .check_transport_of(url.scheme(), || is_loopback(url))
             .map(|()| true)
     }
 
@@ -400,10 +400,7 @@ impl Future for Attempt<'_> {
 /// middleware below that sends the request to another host makes its answers look like
 /// a redirect's; README's "Redirects" says so.
 fn speaks_for(answered: &reqwest::Url, sent: &reqwest::Url, binds: bool) -> bool {
-    let (mut answered, mut sent) = (answered.as_str(), sent.as_str());
-    for url in [&mut answered, &mut sent] {
-        *url = url.split_once('#').map_or(*url, |(before, _)| before);
-    }
+    let (answered, sent) = (without_fragment(answered), without_fragment(sent));
     if answered == sent {
         return true;
     }
@@ -412,6 +409,31 @@ fn speaks_for(answered: &reqwest::Url, sent: &reqwest::Url, binds: bool) -> bool
         _ => return true,
     };
     !binds && reqwest::Url::parse(sent).is_ok_and(|sent| answered.origin() == sent.origin())
+}
+
+/// `url` as a string, without its fragment: the URL knows where its fragment starts, so
+/// nothing is scanned.
+fn without_fragment(url: &reqwest::Url) -> &str {
+    let whole = url.as_str();
+    match url.fragment() {
+        // The serialization ends with `#` and the fragment.
+        Some(fragment) => &whole[..whole.len() - fragment.len() - 1],
+        None => whole,
+    }
+}
+
+/// Whether `url`'s host is a loopback host, as `policy::is_loopback` decides it for the
+/// host as a string, read from the host the URL has parsed already (an IPv4 address
+/// is not parsed again).
+fn is_loopback(url: &reqwest::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        Some(url::Host::Domain(name)) => crate::policy::is_loopback(name),
+        None => false,
+    }
 }
 
 /// The host reqwest gives a response built from an `http::Response` without a URL.
@@ -801,7 +823,13 @@ mod tests {
             "http://127.1:8080/x",
             "http://2130706433:8080/x",
             "http://localhost:8080/x",
+            "http://LocalHost:8080/x",
+            "http://localhost.:8080/x",
+            "http://127.255.255.254/x",
+            "http://128.0.0.1/x",
             "http://[::1]:8080/x",
+            "http://[::2]:8080/x",
+            "http://[::ffff:10.0.0.1]:8080/x",
             "http://[::ffff:127.0.0.1]:8080/x",
             "http://10.0.0.1:8080/x",
             "wss://api.example.com/socket",
@@ -816,6 +844,27 @@ mod tests {
                     .map_err(|e| e.kind());
                 assert_eq!(by_gate, by_start, "{name}: {url} ({parsed})");
             }
+        }
+    }
+
+    /// A URL without its fragment is its serialization up to the first `#`, found
+    /// without a scan: none, an empty one, one with a `#` of its own, after a query.
+    #[test]
+    fn without_fragment_cuts_at_the_first_hash() {
+        for url in [
+            "https://api.example.com/v1/x",
+            "https://api.example.com/v1/x#",
+            "https://api.example.com/v1/x#a#b",
+            "https://api.example.com/v1/x?q=1#f",
+            "https://api.example.com/v1/%23x?q=%23#f",
+            "http://[::1]:8080/#",
+        ] {
+            let parsed = reqwest::Url::parse(url).unwrap();
+            let scanned = parsed
+                .as_str()
+                .split_once('#')
+                .map_or(parsed.as_str(), |(b, _)| b);
+            assert_eq!(without_fragment(&parsed), scanned, "{url}");
         }
     }
 }
