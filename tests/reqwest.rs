@@ -612,3 +612,48 @@ async fn only_the_given_origin_gets_the_credential_through_reqwest() {
     );
     assert_eq!(other_log.lock().unwrap()[0].1, "", "sent to another port");
 }
+
+/// A replay goes to exactly the URL the first attempt went to (an encoded path, an
+/// encoded `#` in the query, a fragment, which is never sent), with the same method and
+/// version: the adapter keeps the URL as text for the replay and parses it back.
+#[tokio::test]
+async fn a_replay_goes_to_the_url_and_method_of_the_first_attempt() {
+    let seen: Arc<std::sync::Mutex<Vec<(http::Method, String, http::Version)>>> = Arc::default();
+    let addr = serve({
+        let seen = seen.clone();
+        move |req: Request<hyper::body::Incoming>| {
+            let seen = seen.clone();
+            async move {
+                let mut seen = seen.lock().unwrap();
+                seen.push((req.method().clone(), req.uri().to_string(), req.version()));
+                let status = match seen.len() {
+                    1 => StatusCode::UNAUTHORIZED,
+                    _ => StatusCode::OK,
+                };
+                Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap()
+            }
+        }
+    })
+    .await;
+    let source = TestSource::new();
+    let client = loopback_client(AuthMiddleware::new(source.clone()).any_https_origin());
+    let res = client
+        .request(
+            http::Method::PATCH,
+            format!("http://{addr}/v1/caf%C3%A9/a%2Fb/?q=%23x&r=%20#frag"),
+        )
+        .version(http::Version::HTTP_11)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(source.fetches(), 2, "the 401 refreshed the credential");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(seen[0].0, http::Method::PATCH);
+    assert_eq!(seen[0].1, "/v1/caf%C3%A9/a%2Fb/?q=%23x&r=%20");
+}
