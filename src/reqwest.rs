@@ -495,7 +495,7 @@ impl Rest<'_> {
         };
         let mut x = Exchange::lock(self.exchange);
         let x = &mut *x;
-        let Some(shell) = x.shell.take() else {
+        let Some(mut shell) = x.shell.take() else {
             return Err(reqwest_middleware::Error::middleware(Opaque(
                 "a request was sent more often than planned".into(),
             )));
@@ -510,11 +510,9 @@ impl Rest<'_> {
                 "an attempt was made while another was under way".into(),
             )));
         }
+        *shell.headers_mut() = parts.headers;
+        *shell.body_mut() = body;
         x.slot = Slot::Outgoing(shell);
-        if let Slot::Outgoing(out) = &mut x.slot {
-            *out.headers_mut() = parts.headers;
-            *out.body_mut() = body;
-        }
         Ok(())
     }
 }
@@ -598,7 +596,6 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     ) -> Result<(Exchange, Plan), crate::Error> {
         // Headers and body go to the state machine; the rest stays in the shell.
         let mut shell = req;
-        let headers = std::mem::take(shell.headers_mut());
         let (kind, body) = match shell.body_mut().take() {
             None => (BodyKind::None, reqwest::Body::from(bytes::Bytes::new())),
             Some(body) if body.as_bytes().is_some() => (BodyKind::InMemory, body),
@@ -611,7 +608,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
         let binds = self.cache.source().binds_credentials();
         let (uri, in_scope) = if binds || self.scope.as_ref().is_some_and(|s| s.reads_paths()) {
             match http::Uri::try_from(shell.url().as_str()) {
-                Ok(uri) => (uri, None),
+                Ok(uri) => (Some(uri), None),
                 // A URL `http` cannot read (over 64 KiB): no predicate can be asked about
                 // it, and no proof can name it. The origin rules still decide first.
                 Err(_) => {
@@ -621,17 +618,22 @@ impl<P: CredentialSource> AuthMiddleware<P> {
                             "a DPoP proof names the request's uri, and http cannot read this one",
                         ));
                     }
-                    (http::Uri::default(), Some(in_scope))
+                    (None, Some(in_scope))
                 }
             }
         } else {
-            (http::Uri::default(), Some(self.gate(shell.url())?))
+            (None, Some(self.gate(shell.url())?))
         };
+        // Built empty and filled: the headers change places with the shell's (which
+        // keeps the new request's empty map, rather than one being made and another
+        // dropped), and the URI stays the default unless the rules read it.
         let mut req = http::Request::new(body);
         *req.method_mut() = shell.method().clone();
-        *req.uri_mut() = uri;
+        if let Some(uri) = uri {
+            *req.uri_mut() = uri;
+        }
         *req.version_mut() = shell.version();
-        *req.headers_mut() = headers;
+        std::mem::swap(req.headers_mut(), shell.headers_mut());
         if opted_out {
             req.extensions_mut().insert(NoReplay);
         }
