@@ -95,8 +95,26 @@ where
     P: CredentialSource,
 {
     /// Readies a credential for the next call: the view's if usable, else the refresh's
-    /// (or its failure).
+    /// (or its failure). The common case (nothing readied, or the view readied by an
+    /// earlier poll, and the view's credential usable) inline; the rest out of line.
+    #[inline(always)]
     fn poll_credential(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if matches!(self.mode.ready, Ready::Unchecked | Ready::View) {
+            match self.cache.usable(self.view.load()) {
+                Ok(_) => {
+                    self.mode.ready = Ready::View;
+                    return Poll::Ready(());
+                }
+                Err(acquire) => self.mode.ready = Ready::Waiting(acquire),
+            }
+        }
+        self.poll_credential_waiting(cx)
+    }
+
+    /// [`poll_credential`](Self::poll_credential) past its common case: waiting for the
+    /// refresh, or readied before.
+    #[inline(never)]
+    fn poll_credential_waiting(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if matches!(self.mode.ready, Ready::View | Ready::Failed(_)) {
             // Polled again before a call: look again (the view may have changed, a
             // failed refresh may be over its backoff).
@@ -132,6 +150,7 @@ where
     type Error = BoxError;
     type Future = DirectFuture<S::Future, P>;
 
+    #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // A layer with no origin sends nothing anywhere: nothing to fetch.
         if self.scope.is_some() {
