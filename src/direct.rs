@@ -289,19 +289,15 @@ where
 {
     type Output = Result<Response<ResBody>, BoxError>;
 
-    #[inline]
+    /// The common answer (accepted, or no credential sent) inline; the rest out of line.
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let future = match this.state.project() {
-            DirectStateProj::Failed { error } => {
-                let error = error
-                    .take()
-                    .unwrap_or_else(|| Error::new(ErrorKind::PolledAfterCompletion));
-                return Poll::Ready(Err(error.into()));
-            }
+            DirectStateProj::Failed { error } => return Poll::Ready(Err(failed(error))),
             DirectStateProj::Sent { future } => future,
         };
-        let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
+        let response = ready!(future.poll(cx)).map_err(Into::into)?;
         // Look before taking: the common answer leaves `check` in place.
         let Some(check) = this.check.as_ref() else {
             return Poll::Ready(Ok(response));
@@ -315,49 +311,69 @@ where
             }
             return Poll::Ready(Ok(response));
         }
-        let Some(check) = this.check.take() else {
-            return Poll::Ready(Ok(response));
-        };
-        let verdict = check.judge.verdict(&response);
-        if let Some(sent) = &check.dpop {
-            // Any answer may carry the server's next nonce.
-            sent.saw(response.headers());
-        }
-        match verdict {
-            Verdict::Rejected => {}
-            // The credential is fine: the next request gets a new proof (with the nonce).
-            Verdict::UseDpopNonce | Verdict::InvalidDpopProof if check.dpop.is_some() => {
-                response.extensions_mut().insert(NotReplayed::OptedOut);
-                return Poll::Ready(Ok(response));
-            }
-            Verdict::UseDpopNonce | Verdict::InvalidDpopProof => {}
-            Verdict::InsufficientScope { scope } => {
-                // A valid credential that lacks a scope: nothing to invalidate.
-                if let Some(cache) = &check.cache {
-                    cache.accepted(check.generation);
-                }
-                response
-                    .extensions_mut()
-                    .insert(InsufficientScope { scope });
-                response
-                    .extensions_mut()
-                    .insert(NotReplayed::InsufficientScope);
-                return Poll::Ready(Ok(response));
-            }
-            _ => {
-                if let Some(cache) = &check.cache {
-                    cache.accepted(check.generation);
-                }
-                return Poll::Ready(Ok(response));
-            }
-        }
-        tracing::debug!(status = %response.status(), generation = check.generation, "credential rejected");
-        if let Some(cache) = &check.cache {
-            // The refresh goes on without this request: the next one gets its result.
-            drop(cache.replace_rejected(check.generation));
-        }
-        // As a replaying layer with replay off says it, whatever the source.
-        response.extensions_mut().insert(NotReplayed::OptedOut);
-        Poll::Ready(Ok(response))
+        Poll::Ready(Ok(judged(this.check.take(), response)))
     }
+}
+
+/// The error of a request refused before it was sent (or of a poll after the end).
+#[cold]
+#[inline(never)]
+fn failed(error: &mut Option<Error>) -> BoxError {
+    error
+        .take()
+        .unwrap_or_else(|| Error::new(ErrorKind::PolledAfterCompletion))
+        .into()
+}
+
+/// An answer the rejection rule must look at more closely: judged, what it says told to
+/// the cache, and marked for the caller.
+#[inline(never)]
+fn judged<P: CredentialSource, ResBody>(
+    check: Option<Check<P>>,
+    mut response: Response<ResBody>,
+) -> Response<ResBody> {
+    let Some(check) = check else {
+        return response;
+    };
+    let verdict = check.judge.verdict(&response);
+    if let Some(sent) = &check.dpop {
+        // Any answer may carry the server's next nonce.
+        sent.saw(response.headers());
+    }
+    match verdict {
+        Verdict::Rejected => {}
+        // The credential is fine: the next request gets a new proof (with the nonce).
+        Verdict::UseDpopNonce | Verdict::InvalidDpopProof if check.dpop.is_some() => {
+            response.extensions_mut().insert(NotReplayed::OptedOut);
+            return response;
+        }
+        Verdict::UseDpopNonce | Verdict::InvalidDpopProof => {}
+        Verdict::InsufficientScope { scope } => {
+            // A valid credential that lacks a scope: nothing to invalidate.
+            if let Some(cache) = &check.cache {
+                cache.accepted(check.generation);
+            }
+            response
+                .extensions_mut()
+                .insert(InsufficientScope { scope });
+            response
+                .extensions_mut()
+                .insert(NotReplayed::InsufficientScope);
+            return response;
+        }
+        _ => {
+            if let Some(cache) = &check.cache {
+                cache.accepted(check.generation);
+            }
+            return response;
+        }
+    }
+    tracing::debug!(status = %response.status(), generation = check.generation, "credential rejected");
+    if let Some(cache) = &check.cache {
+        // The refresh goes on without this request: the next one gets its result.
+        drop(cache.replace_rejected(check.generation));
+    }
+    // As a replaying layer with replay off says it, whatever the source.
+    response.extensions_mut().insert(NotReplayed::OptedOut);
+    response
 }

@@ -375,3 +375,75 @@ async fn the_layer_without_replay_runs_in_a_spawned_task() {
         .unwrap();
     assert_eq!(status, 200);
 }
+
+/// An API that answers by path: `/scope` a 403 naming a missing scope, `/error` a 500,
+/// anything else a 200.
+struct Statuses(Seen);
+
+impl Service<Request<Full<Bytes>>> for Statuses {
+    type Response = Response<()>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<()>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        let auth = req.headers().get("authorization");
+        let auth = auth.map(|v| v.to_str().unwrap().to_owned());
+        self.0.authorizations.lock().unwrap().push(auth);
+        let res = match req.uri().path() {
+            "/scope" => Response::builder().status(StatusCode::FORBIDDEN).header(
+                "www-authenticate",
+                r#"Bearer error="insufficient_scope", scope="write""#,
+            ),
+            "/error" => Response::builder().status(StatusCode::INTERNAL_SERVER_ERROR),
+            _ => Response::builder().status(StatusCode::OK),
+        };
+        ready(Ok(res.body(()).unwrap()))
+    }
+}
+
+/// World: `Direct` answers that are neither accepted at once nor a rejection: a 403 with
+/// `insufficient_scope`, and a 500. Proves: the 403 comes back marked with the missing
+/// scope and `NotReplayed::InsufficientScope`, the 500 unmarked; neither costs a token
+/// request, and the credential stays in use.
+#[tokio::test]
+async fn answers_that_are_not_rejections_are_marked_and_cost_no_token_request() {
+    use tower_client_auth::rejection::InsufficientScope;
+    let source = TestSource::new();
+    let layer = AuthLayer::new(source.clone())
+        .origin(API)
+        .unwrap()
+        .without_replay();
+    let seen = Seen::default();
+    let send = |path: &str| {
+        layer
+            .layer(Statuses(seen.clone()))
+            .oneshot(get(&format!("{API}{path}")))
+    };
+    let res = send("/scope").await.unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(
+        res.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::InsufficientScope)
+    );
+    assert_eq!(
+        res.extensions()
+            .get::<InsufficientScope>()
+            .and_then(|s| s.scope.clone())
+            .as_deref(),
+        Some("write")
+    );
+    let res = send("/error").await.unwrap();
+    assert_eq!(res.status(), 500);
+    assert_eq!(res.extensions().get::<NotReplayed>(), None);
+    assert_eq!(send("/ok").await.unwrap().status(), 200);
+    assert_eq!(source.fetches(), 1, "no answer here asked for a new token");
+    let token = Some("Bearer token-1".to_owned());
+    assert_eq!(
+        seen.authorizations(),
+        vec![token.clone(), token.clone(), token]
+    );
+}
