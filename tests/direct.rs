@@ -92,6 +92,16 @@ fn get(url: &str) -> Request<Full<Bytes>> {
     Request::get(url).body(Full::default()).unwrap()
 }
 
+/// The layer without replay over `source`, sending its credential to [`API`].
+fn direct<P: tower_client_auth::CredentialSource + Clone>(
+    source: &P,
+) -> AuthLayer<P, tower_client_auth::Direct> {
+    AuthLayer::new(source.clone())
+        .origin(API)
+        .unwrap()
+        .without_replay()
+}
+
 fn kind(err: BoxError) -> ErrorKind {
     err.downcast_ref::<Error>()
         .unwrap_or_else(|| panic!("not the crate's error: {err}"))
@@ -147,10 +157,7 @@ async fn poll_ready_waits_for_the_one_refresh_before_readying_the_inner_service(
         true,
         tower_client_auth::RefreshMode::Proactive,
     );
-    let layer = AuthLayer::new(source.clone())
-        .origin(API)
-        .unwrap()
-        .without_replay();
+    let layer = direct(&source);
     let seen = Seen::default();
     let mut tasks = Vec::new();
     for _ in 0..5 {
@@ -184,10 +191,7 @@ async fn poll_ready_waits_for_the_one_refresh_before_readying_the_inner_service(
 #[tokio::test]
 async fn a_burst_of_rejections_costs_one_refresh_and_no_replay() {
     let source = TestSource::new();
-    let layer = AuthLayer::new(source.clone())
-        .origin(API)
-        .unwrap()
-        .without_replay();
+    let layer = direct(&source);
     layer.cache().credential().await.unwrap();
     let seen = Seen::default();
     let mut futures = Vec::new();
@@ -228,11 +232,7 @@ async fn a_failed_refresh_fails_only_requests_for_the_credentials_origin() {
     let source = TestSource::new();
     source.set_failing(true);
     let seen = Seen::default();
-    let mut svc = AuthLayer::new(source.clone())
-        .origin(API)
-        .unwrap()
-        .without_replay()
-        .layer(Api::new(&seen));
+    let mut svc = direct(&source).layer(Api::new(&seen));
     let err = svc.ready().await.unwrap().call(get(API)).await.unwrap_err();
     assert_eq!(kind(err), ErrorKind::Fetch);
     assert!(seen.authorizations().is_empty(), "a request went out");
@@ -326,10 +326,7 @@ async fn a_service_held_ready_past_expiry_sends_nothing() {
 #[tokio::test]
 async fn a_call_without_poll_ready_never_goes_out_without_its_credential() {
     let source = TestSource::new();
-    let layer = AuthLayer::new(source.clone())
-        .origin(API)
-        .unwrap()
-        .without_replay();
+    let layer = direct(&source);
     let seen = Seen::default();
     let err = layer
         .layer(Api::new(&seen))
@@ -413,10 +410,7 @@ impl Service<Request<Full<Bytes>>> for Statuses {
 async fn answers_that_are_not_rejections_are_marked_and_cost_no_token_request() {
     use tower_client_auth::rejection::InsufficientScope;
     let source = TestSource::new();
-    let layer = AuthLayer::new(source.clone())
-        .origin(API)
-        .unwrap()
-        .without_replay();
+    let layer = direct(&source);
     let seen = Seen::default();
     let send = |path: &str| {
         layer
