@@ -107,6 +107,11 @@ macro_rules! request_rules {
         /// Allows plain `http` to loopback hosts (`localhost`, `127.0.0.0/8`, `::1`), for tests
         /// and local development. Default `false`. Plain `http` to any other host is always
         /// refused.
+        ///
+        /// Loopback is the request URL's host: a client below that sends plain `http`
+        /// through a proxy (`HTTP_PROXY`, `ALL_PROXY`) or resolves `localhost` elsewhere
+        /// sends the credential there in plain text. Build that client without a proxy
+        /// (reqwest: `.no_proxy()`).
         pub fn allow_http_loopback(mut self, allow: bool) -> Self {
             self.policy.allow_http_loopback = allow;
             self
