@@ -497,19 +497,34 @@ fn step_up_over_mock<P: tower_client_auth::CredentialSource>(
     (layer.any_https_origin().step_up(true).layer(inner), api)
 }
 
-/// Sends `path` through `svc` and answers it 200 at the mock API: the credential it
-/// carried.
-async fn sent_ok<S>(svc: &S, api: &mut MockApi, path: &str) -> String
-where
+/// A layer over the mock API, as the step-up tests send through it.
+trait MockSvc:
+    tower::Service<
+        Request<Full<Bytes>>,
+        Response = http::Response<&'static str>,
+        Error = BoxError,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> MockSvc for S where
     S: tower::Service<
             Request<Full<Bytes>>,
             Response = http::Response<&'static str>,
             Error = BoxError,
+            Future: Send,
         > + Clone
         + Send
-        + 'static,
-    S::Future: Send,
+        + 'static
 {
+}
+
+/// Sends `path` through `svc` and answers it 200 at the mock API: the credential it
+/// carried.
+async fn sent_ok<S: MockSvc>(svc: &S, api: &mut MockApi, path: &str) -> String {
     let call = tokio::spawn(svc.clone().oneshot(support::get(path)));
     let (req, reply) = next_request(api).await;
     reply.send_response(http::Response::new(""));
@@ -517,19 +532,21 @@ where
     bearer(&req)
 }
 
+/// Takes the next request off the mock API, answers it 200 and waits for `call`, which
+/// sent it: that request, as the API got it.
+async fn answer_ok(api: &mut MockApi, call: Call) -> MockReq {
+    let (req, reply) = next_request(api).await;
+    reply.send_response(http::Response::new(""));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    req
+}
+
 /// Sends `/a`, then `/b` through `svc`, and takes each off the mock API: both calls, both
 /// requests as the API got them, both reply handles.
-async fn two_in_flight<S>(svc: &S, api: &mut MockApi) -> ([Call; 2], [MockReq; 2], [Reply; 2])
-where
-    S: tower::Service<
-            Request<Full<Bytes>>,
-            Response = http::Response<&'static str>,
-            Error = BoxError,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
+async fn two_in_flight<S: MockSvc>(
+    svc: &S,
+    api: &mut MockApi,
+) -> ([Call; 2], [MockReq; 2], [Reply; 2]) {
     let first = tokio::spawn(svc.clone().oneshot(support::get("/a")));
     let (req_a, reply_a) = next_request(api).await;
     let second = tokio::spawn(svc.clone().oneshot(support::get("/b")));
@@ -1023,10 +1040,8 @@ async fn a_step_up_after_an_invalidation_is_told_what_it_dropped() {
             assert_eq!(call.await.unwrap().unwrap().status(), 200);
             expected.push((FetchReason::Invalidated, Some(t0)));
         } else {
-            let (replay, reply) = next_request(&mut api).await;
+            let replay = answer_ok(&mut api, call).await;
             assert_eq!(bearer(&replay), "Bearer t-1");
-            reply.send_response(http::Response::new(""));
-            assert_eq!(call.await.unwrap().unwrap().status(), 200);
         }
         assert_eq!(
             *log.lock().unwrap(),
@@ -1060,10 +1075,8 @@ async fn a_replacement_during_a_step_up_leaves_the_step_up_its_token() {
         }
         assert!(handle.replace(Credential::bearer("mine").unwrap()).unwrap());
         gate.add_permits(2);
-        let (replay, reply) = next_request(&mut api).await;
+        let replay = answer_ok(&mut api, first).await;
         assert_eq!(bearer(&replay), "Bearer t-2", "queued: {queued}");
-        reply.send_response(http::Response::new(""));
-        assert_eq!(first.await.unwrap().unwrap().status(), 200);
         let next = tokio::spawn(svc.clone().oneshot(support::get("/c")));
         let (req, reply) = next_request(&mut api).await;
         assert_eq!(bearer(&req), "Bearer mine", "queued: {queued}");
@@ -1099,13 +1112,11 @@ async fn an_invalidation_reaches_a_step_up_a_wider_one_followed() {
     settle().await;
     assert!(handle.invalidate());
     gate.add_permits(1);
-    let (replay, reply) = next_request(&mut api).await;
+    let replay = answer_ok(&mut api, first).await;
     assert_eq!(
         (replay.uri().path(), bearer(&replay)),
         ("/a", "Bearer t-1".to_owned())
     );
-    reply.send_response(http::Response::new(""));
-    assert_eq!(first.await.unwrap().unwrap().status(), 200);
     wait_for(|| log.lock().unwrap().len() == 3).await;
     let third = tokio::spawn(svc.clone().oneshot(support::get("/c")));
     settle().await;
@@ -1240,14 +1251,12 @@ async fn a_token_handed_only_to_its_waiters_is_never_replayed_after_its_rejectio
             fetches.push((FetchReason::Expiring, None));
         }
         reply_a.send_response(http::Response::builder().status(401).body("").unwrap());
-        let (replay, reply) = next_request(&mut api).await;
+        let replay = answer_ok(&mut api, first).await;
         assert_eq!(
             bearer(&replay),
             "Bearer t-1",
             "rejected first: {rejected_first}: replayed with a new token"
         );
-        reply.send_response(http::Response::new(""));
-        assert_eq!(first.await.unwrap().unwrap().status(), 200);
         let next = tokio::spawn(svc.clone().oneshot(support::get("/c")));
         assert_eq!(answered_ok(&mut api, 1).await, ["/c Bearer t-1"]);
         assert_eq!(next.await.unwrap().unwrap().status(), 200);
@@ -1316,10 +1325,8 @@ async fn replays_of_one_step_up_that_all_still_lack_the_scope_count_one_failure(
     let (req, reply) = next_request(&mut api).await;
     assert_eq!(bearer(&req), "Bearer t-1");
     reply.send_response(lacks_scope_w());
-    let (replay, reply) = next_request(&mut api).await;
+    let replay = answer_ok(&mut api, later).await;
     assert_eq!(bearer(&replay), "Bearer t-2", "stepped up again");
-    reply.send_response(http::Response::new(""));
-    assert_eq!(later.await.unwrap().unwrap().status(), 200);
     assert_fetches(
         &log,
         &most_running,
@@ -1444,14 +1451,12 @@ async fn a_rejection_of_a_superseded_entry_of_the_same_value_invalidates_it() {
     wait_for(|| log.lock().unwrap().len() == 2).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     reply_a.send_response(http::Response::builder().status(401).body("").unwrap());
-    let (replay, reply) = next_request(&mut api).await;
+    let replay = answer_ok(&mut api, first).await;
     assert_eq!(
         bearer(&replay),
         "Bearer fresh-3",
         "replayed with a new token"
     );
-    reply.send_response(http::Response::new(""));
-    assert_eq!(first.await.unwrap().unwrap().status(), 200);
     assert_eq!(
         *log.lock().unwrap(),
         [
@@ -1524,10 +1529,8 @@ async fn an_invalidation_during_a_step_up_keeps_its_token_out_of_the_cache() {
     wait_for(|| log.lock().unwrap().len() == 2).await;
     assert!(handle.invalidate());
     gate.add_permits(1);
-    let (replay, reply) = next_request(&mut api).await;
+    let replay = answer_ok(&mut api, first).await;
     assert_eq!(bearer(&replay), "Bearer t-1", "the step-up's own request");
-    reply.send_response(http::Response::new(""));
-    assert_eq!(first.await.unwrap().unwrap().status(), 200);
     assert_eq!(
         sent_ok(&svc, &mut api, "/c").await,
         "Bearer t-2",
