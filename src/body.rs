@@ -1,15 +1,19 @@
 //! [`ReplayBody`]: streams a request body through while retaining it for one replay.
 //!
-//! The inner service sees a `ReplayBody`. It forwards every frame as it arrives (no
-//! collecting before sending, no added latency) and keeps a `Bytes` clone of each data
-//! chunk (a reference count, never a copy) until the retained total would pass the
-//! limit. Past the limit it frees what it kept at once and keeps nothing more; the body
-//! is then not replayable, and a 401 reaches the caller as it came.
+//! The inner service sees a `ReplayBody`. Before the request is sent, the frames the body
+//! has ready at once (a `Full` body, a gRPC unary message, bytes already buffered) are
+//! taken, within the limit, without waiting for any; the rest streams through as it
+//! arrives (no collecting before sending, no added latency). A `Bytes` clone of each data
+//! chunk (a reference count, never a copy) is kept until the retained total would pass
+//! the limit. Past the limit what was kept is freed at once and nothing more is kept; the
+//! body is then not replayable, and a 401 reaches the caller as it came.
 //!
 //! A body is replayable when it was read to its end within the limit, or was empty to
-//! begin with. A body the inner service had not finished reading when the response came
-//! (the server answered early) is not replayed: its unread rest is still with the first
-//! attempt.
+//! begin with. A body that was ready in full when the request was sent is replayable
+//! however early the server answers (a gRPC interceptor rejects before it reads the
+//! message). A body still streaming that the inner service had not finished reading when
+//! the response came (the server answered early) is not replayed: its unread rest is
+//! still with the first attempt.
 
 use std::{
     fmt,
@@ -35,7 +39,10 @@ pub const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 
 pin_project! {
     /// The request body the inner service receives. See the [module docs](self).
-    pub struct ReplayBody<B> {
+    pub struct ReplayBody<B>
+    where
+        B: Body,
+    {
         #[pin]
         kind: Kind<B>,
     }
@@ -43,23 +50,57 @@ pin_project! {
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<B> {
-        // Forwarded untouched: passthrough requests, over-limit bodies.
+    enum Kind<B>
+    where
+        B: Body,
+    {
+        // Forwarded untouched: passthrough requests, bodies known to be over the limit.
         Forward { #[pin] body: B },
-        // Forwarded and recorded for a replay.
-        Record { #[pin] body: B, recording: Recording },
-        // Played back from what was recorded.
+        // The frames taken before sending (`ahead`) go first, then the rest of the body,
+        // recorded for a replay while `recording` is there. Boxed: the body was polled
+        // before it was moved into the request.
+        Stream {
+            body: Pin<Box<B>>,
+            ahead: Option<Box<Ahead<B::Error>>>,
+            recording: Option<Recording>,
+        },
+        // Played back from what was recorded (also the first attempt of a body taken
+        // whole before sending).
         // Trailers are rare: boxed, so that every request that carries this body (moved
         // a few times on the hot path) is 96 bytes smaller.
         Replay { chunks: std::vec::IntoIter<Bytes>, remaining: u64, trailers: Option<Box<HeaderMap>> },
     }
 }
 
-impl<B> fmt::Debug for ReplayBody<B> {
+/// Frames taken from the body before the request was sent, not yet given to the inner
+/// service.
+struct Ahead<E> {
+    frames: std::vec::IntoIter<Frame<Bytes>>,
+    /// The error the body gave while it was read ahead: given after the frames.
+    error: Option<E>,
+    /// The body ended (or failed) while it was read ahead: nothing follows the frames.
+    ended: bool,
+}
+
+impl<E> Ahead<E> {
+    fn len(&self) -> u64 {
+        self.frames
+            .as_slice()
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|d| d.len() as u64)
+            .sum()
+    }
+}
+
+impl<B: Body> fmt::Debug for ReplayBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.kind {
             Kind::Forward { .. } => "forward",
-            Kind::Record { .. } => "record",
+            Kind::Stream {
+                recording: Some(_), ..
+            } => "record",
+            Kind::Stream { .. } => "forward",
             Kind::Replay { .. } => "replay",
         };
         f.debug_struct("ReplayBody").field("kind", &kind).finish()
@@ -73,7 +114,9 @@ impl<B> fmt::Debug for ReplayBody<B> {
 pub enum NotReplayed {
     /// The body was larger than the replay limit.
     BodyTooLarge,
-    /// The response came before the inner service had read the whole body.
+    /// The response came before the inner service had read the whole body, and the body
+    /// was still streaming when the request was sent (a body ready in full then is taken
+    /// whole before it is sent, and replays however early the server answers).
     BodyIncomplete,
     /// Reading the body failed.
     BodyFailed,
@@ -114,48 +157,147 @@ pub enum NotReplayed {
     NoNonce,
 }
 
+/// At most this many frames are read ahead before sending, whatever their size (a body
+/// can yield empty frames without end).
+const MOST_FRAMES_AHEAD: usize = 1024;
+
 impl<B> ReplayBody<B>
 where
     B: Body,
     B::Data: Into<Bytes>,
 {
     /// Wraps `body` for recording, with what the response future needs to replay it.
+    ///
+    /// The frames `body` has ready now are read first (its waker is not kept: the inner
+    /// service's first poll registers its own), so that a body ready in full is complete
+    /// before the request is sent, whenever the server answers.
     pub(crate) fn record(body: B, limit: usize) -> (Self, ReplayHandle) {
         if body.is_end_stream() {
             return (ReplayBody::forward(body), ReplayHandle::Empty);
         }
         let hint = body.size_hint();
         if hint.lower() > limit as u64 {
-            return (ReplayBody::forward(body), ReplayHandle::TooLarge);
+            return (
+                ReplayBody::forward(body),
+                ReplayHandle::Not(NotReplayed::BodyTooLarge),
+            );
         }
+        let mut body = Box::pin(body);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut chunks = Vec::new();
+        let mut len = 0;
+        let mut trailers = None;
+        for _ in 0..MOST_FRAMES_AHEAD {
+            let frame = match body.as_mut().poll_frame(&mut cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => {
+                    return Self::taken_whole(chunks, trailers);
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    let ahead = Ahead {
+                        frames: chunks_as_frames(chunks, trailers),
+                        error: Some(error),
+                        ended: true,
+                    };
+                    return Self::streaming(body, ahead, NotReplayed::BodyFailed);
+                }
+                Poll::Ready(Some(Ok(frame))) => frame.map_data(Into::into),
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    if len + data.len() > limit {
+                        let ended = body.is_end_stream();
+                        let mut frames: Vec<_> = chunks.into_iter().map(Frame::data).collect();
+                        frames.push(Frame::data(data));
+                        frames.extend(trailers.map(|t: Box<HeaderMap>| Frame::trailers(*t)));
+                        let ahead = Ahead {
+                            frames: frames.into_iter(),
+                            error: None,
+                            ended,
+                        };
+                        return Self::streaming(body, ahead, NotReplayed::BodyTooLarge);
+                    }
+                    len += data.len();
+                    if !data.is_empty() {
+                        chunks.push(data);
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers = Some(Box::new(t));
+                    }
+                }
+            }
+            if body.is_end_stream() {
+                return Self::taken_whole(chunks, trailers);
+            }
+        }
+        // The rest is not ready: stream it, recording on from what was taken.
         let recorder = Arc::new(Recorder {
             abandoned: AtomicBool::new(false),
             state: Mutex::new(Recorded::default()),
         });
-        let kind = Kind::Record {
+        let ahead = (!chunks.is_empty() || trailers.is_some()).then(|| Ahead {
+            frames: chunks_as_frames(chunks.clone(), trailers.clone()),
+            error: None,
+            ended: false,
+        });
+        let recording = Recording {
+            recorder: recorder.clone(),
+            limit,
+            chunks,
+            len,
+            trailers,
+            done: false,
+        };
+        let kind = Kind::Stream {
             body,
-            recording: Recording {
-                recorder: recorder.clone(),
-                limit,
-                chunks: Vec::new(),
-                len: 0,
-                trailers: None,
-                done: false,
-            },
+            ahead: ahead.map(Box::new),
+            recording: Some(recording),
         };
         (ReplayBody { kind }, ReplayHandle::Recorded(recorder))
     }
+
+    /// The body ended while it was read ahead: the first attempt plays back what was
+    /// taken, and so does the replay.
+    fn taken_whole(chunks: Vec<Bytes>, trailers: Option<Box<HeaderMap>>) -> (Self, ReplayHandle) {
+        let first = ReplayBody::replay(chunks.clone(), trailers.clone());
+        (first, ReplayHandle::Whole { chunks, trailers })
+    }
+
+    /// The body goes on streaming after `ahead`, not recorded: it cannot be replayed.
+    fn streaming(
+        body: Pin<Box<B>>,
+        ahead: Ahead<B::Error>,
+        why: NotReplayed,
+    ) -> (Self, ReplayHandle) {
+        let kind = Kind::Stream {
+            body,
+            ahead: Some(Box::new(ahead)),
+            recording: None,
+        };
+        (ReplayBody { kind }, ReplayHandle::Not(why))
+    }
+}
+
+fn chunks_as_frames(
+    chunks: Vec<Bytes>,
+    trailers: Option<Box<HeaderMap>>,
+) -> std::vec::IntoIter<Frame<Bytes>> {
+    let mut frames: Vec<_> = chunks.into_iter().map(Frame::data).collect();
+    frames.extend(trailers.map(|t| Frame::trailers(*t)));
+    frames.into_iter()
 }
 
 /// An empty body that is not recorded, for middleware that make a body from nothing
 /// (tower-http's `FollowRedirect` below the layer, on a redirect that drops the body).
-impl<B: Default> Default for ReplayBody<B> {
+impl<B: Body + Default> Default for ReplayBody<B> {
     fn default() -> Self {
         Self::forward(B::default())
     }
 }
 
-impl<B> ReplayBody<B> {
+impl<B: Body> ReplayBody<B> {
     /// Wraps `body` to pass it through as it is: nothing recorded, nothing replayed.
     ///
     /// For sending requests that do not go through the layer (unauthenticated calls)
@@ -210,14 +352,28 @@ where
             KindProj::Forward { body } => body
                 .poll_frame(cx)
                 .map(|f| f.map(|f| f.map(|f| f.map_data(Into::into)))),
-            KindProj::Record {
-                mut body,
+            KindProj::Stream {
+                body,
+                ahead,
                 recording,
             } => {
+                if let Some(taken) = ahead {
+                    if let Some(frame) = taken.frames.next() {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    if let Some(error) = taken.error.take() {
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                    if taken.ended {
+                        return Poll::Ready(None);
+                    }
+                    *ahead = None;
+                }
                 let frame = ready!(body.as_mut().poll_frame(cx));
-                let ended = body.is_end_stream();
                 let frame = frame.map(|f| f.map(|f| f.map_data(Into::into)));
-                recording.observe(frame.as_ref(), ended);
+                if let Some(recording) = recording {
+                    recording.observe(frame.as_ref(), body.is_end_stream());
+                }
                 Poll::Ready(frame)
             }
             KindProj::Replay {
@@ -236,7 +392,15 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Forward { body } | Kind::Record { body, .. } => body.is_end_stream(),
+            Kind::Forward { body } => body.is_end_stream(),
+            Kind::Stream { body, ahead, .. } => match ahead {
+                Some(taken) => {
+                    taken.frames.as_slice().is_empty()
+                        && taken.error.is_none()
+                        && (taken.ended || body.is_end_stream())
+                }
+                None => body.is_end_stream(),
+            },
             Kind::Replay {
                 remaining,
                 trailers,
@@ -247,7 +411,20 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Forward { body } | Kind::Record { body, .. } => body.size_hint(),
+            Kind::Forward { body } => body.size_hint(),
+            Kind::Stream { body, ahead, .. } => match ahead {
+                Some(taken) if taken.ended => SizeHint::with_exact(taken.len()),
+                Some(taken) => {
+                    let rest = body.size_hint();
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(rest.lower().saturating_add(taken.len()));
+                    if let Some(upper) = rest.upper() {
+                        hint.set_upper(upper.saturating_add(taken.len()));
+                    }
+                    hint
+                }
+                None => body.size_hint(),
+            },
             Kind::Replay { remaining, .. } => SizeHint::with_exact(*remaining),
         }
     }
@@ -369,11 +546,14 @@ impl Recorder {
 }
 
 #[cfg(test)]
-impl<B> ReplayBody<B> {
+impl<B: Body> ReplayBody<B> {
     /// Bytes retained for a replay, wherever they are held now.
     fn retained(&self) -> usize {
         match &self.kind {
-            Kind::Record { recording, .. } => recording.retained(),
+            Kind::Stream {
+                recording: Some(recording),
+                ..
+            } => recording.retained(),
             _ => 0,
         }
     }
@@ -383,17 +563,26 @@ impl<B> ReplayBody<B> {
 pub(crate) enum ReplayHandle {
     /// The body was empty: replay an empty body.
     Empty,
-    /// The body was known to be over the limit from its size hint.
-    TooLarge,
+    /// The body was taken whole before the request was sent.
+    Whole {
+        chunks: Vec<Bytes>,
+        trailers: Option<Box<HeaderMap>>,
+    },
+    /// The body streams on, recorded as it goes.
     Recorded(Arc<Recorder>),
+    /// The body cannot be replayed, known before the request was sent.
+    Not(NotReplayed),
 }
 
 impl ReplayHandle {
     /// The body for the replay, taking the recorded chunks (there is only one replay).
-    pub(crate) fn take<B>(&mut self) -> Result<ReplayBody<B>, NotReplayed> {
+    pub(crate) fn take<B: Body>(&mut self) -> Result<ReplayBody<B>, NotReplayed> {
         match self {
             ReplayHandle::Empty => Ok(ReplayBody::replay(Vec::new(), None)),
-            ReplayHandle::TooLarge => Err(NotReplayed::BodyTooLarge),
+            ReplayHandle::Whole { chunks, trailers } => {
+                Ok(ReplayBody::replay(std::mem::take(chunks), trailers.take()))
+            }
+            ReplayHandle::Not(why) => Err(*why),
             ReplayHandle::Recorded(recorder) => {
                 let recorded = recorder.abandon();
                 match recorded.status {
@@ -439,21 +628,68 @@ mod tests {
 
     use super::*;
 
-    type Chunks = StreamBody<
-        futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>,
-    >;
+    /// One step of a [`Trickle`] body.
+    enum Step {
+        Frame(Result<Frame<Bytes>, &'static str>),
+        /// Not ready yet: `Pending` once (waking the reader at once).
+        Wait,
+    }
 
-    fn stream(chunks: &[&'static [u8]], trailers: bool) -> Chunks {
-        let mut frames: Vec<_> = chunks
-            .iter()
-            .map(|c| Ok(Frame::data(Bytes::from_static(c))))
-            .collect();
-        if trailers {
-            let mut t = HeaderMap::new();
-            t.insert("x-checksum", "abc".parse().unwrap());
-            frames.push(Ok(Frame::trailers(t)));
+    /// A test body that yields its steps in order: the frames before the first `Wait`
+    /// are ready at once, the rest come later.
+    struct Trickle(std::collections::VecDeque<Step>);
+
+    impl Body for Trickle {
+        type Data = Bytes;
+        type Error = &'static str;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
+            match self.0.pop_front() {
+                None => Poll::Ready(None),
+                Some(Step::Frame(frame)) => Poll::Ready(Some(frame)),
+                Some(Step::Wait) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+            }
         }
-        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    type Chunks = Trickle;
+
+    fn data(chunk: &'static [u8]) -> Step {
+        Step::Frame(Ok(Frame::data(Bytes::from_static(chunk))))
+    }
+
+    fn checksum() -> Step {
+        let mut t = HeaderMap::new();
+        t.insert("x-checksum", "abc".parse().unwrap());
+        Step::Frame(Ok(Frame::trailers(t)))
+    }
+
+    /// A body that streams: nothing is ready when the request is sent, then `chunks` come
+    /// one by one (and trailers, if asked).
+    fn stream(chunks: &[&'static [u8]], trailers: bool) -> Trickle {
+        let mut steps = vec![Step::Wait];
+        for c in chunks {
+            steps.push(data(c));
+            steps.push(Step::Wait);
+        }
+        if trailers {
+            steps.push(checksum());
+        }
+        Trickle(steps.into())
+    }
+
+    async fn next(body: &mut ReplayBody<Trickle>) -> Option<Result<Frame<Bytes>, &'static str>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    fn steps(steps: Vec<Step>) -> Trickle {
+        Trickle(steps.into())
     }
 
     async fn frames<B>(body: ReplayBody<B>) -> (Vec<u8>, Option<HeaderMap>)
@@ -582,5 +818,92 @@ mod tests {
         assert_eq!(recorder.retained(), 3);
         drop(handle);
         assert_eq!(recorder.retained(), 0);
+    }
+
+    /// A body ready in full when the request is sent (chunks and trailers) is taken
+    /// whole then: replayable however early the server answers, even if the inner
+    /// service never reads it, and the first attempt still gets every frame.
+    #[tokio::test]
+    async fn a_body_ready_in_full_is_taken_whole_before_sending() {
+        let ready = steps(vec![data(b"hello "), data(b"world"), checksum()]);
+        let (body, mut handle) = ReplayBody::record(ready, 1024);
+        assert!(handle.recorder().is_none(), "nothing left to record");
+        assert_eq!(body.size_hint().exact(), Some(11));
+        // The server answered before the first attempt read anything.
+        let replay: ReplayBody<Trickle> = handle.take().unwrap();
+        let second = frames(replay).await;
+        assert_eq!(second.0, b"hello world");
+        assert_eq!(second.1.unwrap()["x-checksum"], "abc");
+        let first = frames(body).await;
+        assert_eq!(first.0, b"hello world");
+        assert_eq!(first.1.unwrap()["x-checksum"], "abc");
+    }
+
+    /// What is ready is taken ahead, the rest streams: the first attempt gets the whole
+    /// body in order, and once it has read it all the body is replayable.
+    #[tokio::test]
+    async fn a_body_partly_ready_is_taken_ahead_then_recorded_on() {
+        let partly = steps(vec![data(b"ab"), data(b"cd"), Step::Wait, data(b"ef")]);
+        let (body, mut handle) = ReplayBody::record(partly, 1024);
+        assert_eq!(body.retained(), 4, "what was ready is kept already");
+        assert_eq!(body.size_hint().lower(), 4);
+        assert!(!body.is_end_stream());
+        assert_eq!(frames(body).await.0, b"abcdef");
+        let replay: ReplayBody<Trickle> = handle.take().unwrap();
+        assert_eq!(frames(replay).await.0, b"abcdef");
+    }
+
+    /// Ready chunks that pass the limit are all still sent, in order, and the rest
+    /// streams on, but nothing is kept: the body is not replayable.
+    #[tokio::test]
+    async fn ready_chunks_past_the_limit_are_sent_and_not_kept() {
+        let big = steps(vec![
+            data(b"12345"),
+            data(b"67890"),
+            Step::Wait,
+            data(b"abc"),
+        ]);
+        let (body, mut handle) = ReplayBody::record(big, 8);
+        assert_eq!(body.retained(), 0);
+        assert_eq!(frames(body).await.0, b"1234567890abc");
+        assert_eq!(
+            handle.take::<Trickle>().unwrap_err(),
+            NotReplayed::BodyTooLarge
+        );
+    }
+
+    /// A body that fails while it is read ahead: the first attempt gets what came before
+    /// the error, then the error itself (never a request cut short in silence), and the
+    /// body is not replayable.
+    #[tokio::test]
+    async fn a_body_that_fails_ahead_passes_its_error_on() {
+        let failing = steps(vec![
+            data(b"ab"),
+            Step::Frame(Err("disk gone")),
+            data(b"cd"),
+        ]);
+        let (mut body, mut handle) = ReplayBody::record(failing, 1024);
+        assert_eq!(
+            handle.take::<Trickle>().unwrap_err(),
+            NotReplayed::BodyFailed
+        );
+        let first = next(&mut body).await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "ab");
+        assert_eq!(next(&mut body).await.unwrap().unwrap_err(), "disk gone");
+        assert!(next(&mut body).await.is_none(), "nothing after its error");
+        assert!(body.is_end_stream());
+    }
+
+    /// A body that yields empty frames without end is read ahead a bounded number of
+    /// frames, then streams on (the caller is never stuck in the read-ahead).
+    #[tokio::test]
+    async fn endless_empty_frames_are_read_ahead_a_bounded_number_of_times() {
+        let endless = StreamBody::new(futures_util::stream::repeat_with(|| {
+            Ok::<_, Infallible>(Frame::data(Bytes::new()))
+        }));
+        let (mut body, handle) = ReplayBody::record(endless, 1024);
+        assert!(handle.recorder().is_some(), "still streaming, recorded");
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        assert!(frame.unwrap().unwrap().is_data());
     }
 }

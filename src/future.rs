@@ -72,6 +72,7 @@ pin_project! {
     pub struct ResponseFuture<S, B, P>
     where
         S: Service<Request<ReplayBody<B>>>,
+        B: Body,
     {
         #[pin]
         state: State<S, B, P>,
@@ -83,6 +84,7 @@ pin_project! {
     enum State<S, B, P>
     where
         S: Service<Request<ReplayBody<B>>>,
+        B: Body,
     {
         Failed { error: Option<Error> },
         // Rare (no usable credential yet): the whole request is boxed, so that the
@@ -109,6 +111,7 @@ pin_project! {
 impl<S, B, P> fmt::Debug for ResponseFuture<S, B, P>
 where
     S: Service<Request<ReplayBody<B>>>,
+    B: Body,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
@@ -176,7 +179,7 @@ struct Replay<S> {
 }
 
 /// A replay waiting for the new credential: everything but the credential is ready.
-struct Resend<S: Service<Request<ReplayBody<B>>>, B, P> {
+struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     service: S,
     request: Request<ReplayBody<B>>,
     judge: Judge,
