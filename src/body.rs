@@ -68,7 +68,60 @@ pin_project! {
         // whole before sending).
         // Trailers are rare: boxed, so that every request that carries this body (moved
         // a few times on the hot path) is 96 bytes smaller.
-        Replay { chunks: std::vec::IntoIter<Bytes>, remaining: u64, trailers: Option<Box<HeaderMap>> },
+        Replay { chunks: Chunks, remaining: u64, trailers: Option<Box<HeaderMap>> },
+    }
+}
+
+/// Data chunks, in order: most bodies have one, kept without a `Vec`.
+#[derive(Clone)]
+pub(crate) enum Chunks {
+    One(Option<Bytes>),
+    Many(std::vec::IntoIter<Bytes>),
+}
+
+impl Default for Chunks {
+    fn default() -> Self {
+        Chunks::One(None)
+    }
+}
+
+impl Chunks {
+    fn push(&mut self, chunk: Bytes) {
+        match self {
+            Chunks::One(one @ None) => *one = Some(chunk),
+            Chunks::One(Some(first)) => {
+                *self = Chunks::Many(vec![first.clone(), chunk].into_iter());
+            }
+            Chunks::Many(more) => {
+                let mut more: Vec<_> = std::mem::take(more).collect();
+                more.push(chunk);
+                *self = Chunks::Many(more.into_iter());
+            }
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Chunks::One(one) => one.as_ref().map_or(0, |c| c.len() as u64),
+            Chunks::Many(more) => more.as_slice().iter().map(|c| c.len() as u64).sum(),
+        }
+    }
+}
+
+impl Iterator for Chunks {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        match self {
+            Chunks::One(one) => one.take(),
+            Chunks::Many(more) => more.next(),
+        }
+    }
+}
+
+impl From<Vec<Bytes>> for Chunks {
+    fn from(chunks: Vec<Bytes>) -> Self {
+        Chunks::Many(chunks.into_iter())
     }
 }
 
@@ -184,7 +237,7 @@ where
         }
         let mut body = Box::pin(body);
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut chunks = Vec::new();
+        let mut chunks = Chunks::default();
         let mut len = 0;
         let mut trailers = None;
         for _ in 0..MOST_FRAMES_AHEAD {
@@ -207,11 +260,9 @@ where
                 Ok(data) => {
                     if len + data.len() > limit {
                         let ended = body.is_end_stream();
-                        let mut frames: Vec<_> = chunks.into_iter().map(Frame::data).collect();
-                        frames.push(Frame::data(data));
-                        frames.extend(trailers.map(|t: Box<HeaderMap>| Frame::trailers(*t)));
+                        chunks.push(data);
                         let ahead = Ahead {
-                            frames: frames.into_iter(),
+                            frames: chunks_as_frames(chunks, trailers),
                             error: None,
                             ended,
                         };
@@ -237,8 +288,9 @@ where
             abandoned: AtomicBool::new(false),
             state: Mutex::new(Recorded::default()),
         });
+        let chunks: Vec<Bytes> = chunks.collect();
         let ahead = (!chunks.is_empty() || trailers.is_some()).then(|| Ahead {
-            frames: chunks_as_frames(chunks.clone(), trailers.clone()),
+            frames: chunks_as_frames(chunks.clone().into(), trailers.clone()),
             error: None,
             ended: false,
         });
@@ -260,9 +312,21 @@ where
 
     /// The body ended while it was read ahead: the first attempt plays back what was
     /// taken, and so does the replay.
-    fn taken_whole(chunks: Vec<Bytes>, trailers: Option<Box<HeaderMap>>) -> (Self, ReplayHandle) {
+    fn taken_whole(chunks: Chunks, trailers: Option<Box<HeaderMap>>) -> (Self, ReplayHandle) {
         let first = ReplayBody::replay(chunks.clone(), trailers.clone());
-        (first, ReplayHandle::Whole { chunks, trailers })
+        let handle = match trailers {
+            None => ReplayHandle::Whole(chunks),
+            // Rare: kept where a recording keeps them, so that the common handle stays small.
+            Some(trailers) => ReplayHandle::Recorded(Arc::new(Recorder {
+                abandoned: AtomicBool::new(false),
+                state: Mutex::new(Recorded {
+                    chunks: chunks.collect(),
+                    trailers: Some(trailers),
+                    status: Status::Complete,
+                }),
+            })),
+        };
+        (first, handle)
     }
 
     /// The body goes on streaming after `ahead`, not recorded: it cannot be replayed.
@@ -281,10 +345,10 @@ where
 }
 
 fn chunks_as_frames(
-    chunks: Vec<Bytes>,
+    chunks: Chunks,
     trailers: Option<Box<HeaderMap>>,
 ) -> std::vec::IntoIter<Frame<Bytes>> {
-    let mut frames: Vec<_> = chunks.into_iter().map(Frame::data).collect();
+    let mut frames: Vec<_> = chunks.map(Frame::data).collect();
     frames.extend(trailers.map(|t| Frame::trailers(*t)));
     frames.into_iter()
 }
@@ -324,11 +388,11 @@ impl<B: Body> ReplayBody<B> {
         }
     }
 
-    fn replay(chunks: Vec<Bytes>, trailers: Option<Box<HeaderMap>>) -> Self {
-        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
+    fn replay(chunks: Chunks, trailers: Option<Box<HeaderMap>>) -> Self {
+        let remaining = chunks.len();
         ReplayBody {
             kind: Kind::Replay {
-                chunks: chunks.into_iter(),
+                chunks,
                 remaining,
                 trailers,
             },
@@ -564,10 +628,8 @@ pub(crate) enum ReplayHandle {
     /// The body was empty: replay an empty body.
     Empty,
     /// The body was taken whole before the request was sent.
-    Whole {
-        chunks: Vec<Bytes>,
-        trailers: Option<Box<HeaderMap>>,
-    },
+    /// (With trailers, it is `Recorded`, complete.)
+    Whole(Chunks),
     /// The body streams on, recorded as it goes.
     Recorded(Arc<Recorder>),
     /// The body cannot be replayed, known before the request was sent.
@@ -578,15 +640,16 @@ impl ReplayHandle {
     /// The body for the replay, taking the recorded chunks (there is only one replay).
     pub(crate) fn take<B: Body>(&mut self) -> Result<ReplayBody<B>, NotReplayed> {
         match self {
-            ReplayHandle::Empty => Ok(ReplayBody::replay(Vec::new(), None)),
-            ReplayHandle::Whole { chunks, trailers } => {
-                Ok(ReplayBody::replay(std::mem::take(chunks), trailers.take()))
-            }
+            ReplayHandle::Empty => Ok(ReplayBody::replay(Chunks::default(), None)),
+            ReplayHandle::Whole(chunks) => Ok(ReplayBody::replay(std::mem::take(chunks), None)),
             ReplayHandle::Not(why) => Err(*why),
             ReplayHandle::Recorded(recorder) => {
                 let recorded = recorder.abandon();
                 match recorded.status {
-                    Status::Complete => Ok(ReplayBody::replay(recorded.chunks, recorded.trailers)),
+                    Status::Complete => Ok(ReplayBody::replay(
+                        recorded.chunks.into(),
+                        recorded.trailers,
+                    )),
                     Status::TooLarge => Err(NotReplayed::BodyTooLarge),
                     Status::Failed => Err(NotReplayed::BodyFailed),
                     Status::Recording | Status::Abandoned => Err(NotReplayed::BodyIncomplete),
@@ -827,7 +890,7 @@ mod tests {
     async fn a_body_ready_in_full_is_taken_whole_before_sending() {
         let ready = steps(vec![data(b"hello "), data(b"world"), checksum()]);
         let (body, mut handle) = ReplayBody::record(ready, 1024);
-        assert!(handle.recorder().is_none(), "nothing left to record");
+        assert_eq!(body.retained(), 0, "nothing left to record");
         assert_eq!(body.size_hint().exact(), Some(11));
         // The server answered before the first attempt read anything.
         let replay: ReplayBody<Trickle> = handle.take().unwrap();
@@ -837,6 +900,24 @@ mod tests {
         let first = frames(body).await;
         assert_eq!(first.0, b"hello world");
         assert_eq!(first.1.unwrap()["x-checksum"], "abc");
+
+        // The same without trailers, in three chunks, each shared, not copied.
+        let chunk = Bytes::from(vec![7u8; 100]);
+        let three = steps(vec![
+            Step::Frame(Ok(Frame::data(chunk.clone()))),
+            data(b"-"),
+            data(b"!"),
+        ]);
+        let (body, mut handle) = ReplayBody::record(three, 1024);
+        let mut replay: ReplayBody<Trickle> = handle.take().unwrap();
+        assert_eq!(replay.size_hint().exact(), Some(102));
+        let shared = std::future::poll_fn(|cx| Pin::new(&mut replay).poll_frame(cx)).await;
+        assert_eq!(
+            shared.unwrap().unwrap().data_ref().unwrap().as_ptr(),
+            chunk.as_ptr()
+        );
+        assert_eq!(&frames(replay).await.0, b"-!");
+        assert_eq!(frames(body).await.0.len(), 102);
     }
 
     /// What is ready is taken ahead, the rest streams: the first attempt gets the whole
