@@ -2,8 +2,8 @@
 //!
 //! The inner service sees a `ReplayBody`. Before the request is sent, the frames the body
 //! has ready at once (a `Full` body, a gRPC unary message, bytes already buffered) are
-//! taken, within the limit, without waiting for any; the rest streams through as it
-//! arrives (no collecting before sending, no added latency). A `Bytes` clone of each data
+//! taken, up to 64 KiB and within the limit, without waiting for any; the rest streams
+//! through as it arrives (no collecting before sending, no added latency). A `Bytes` clone of each data
 //! chunk (a reference count, never a copy) is kept until the retained total would pass
 //! the limit. Past the limit what was kept is freed at once and nothing more is kept; the
 //! body is then not replayable, and a 401 reaches the caller as it came.
@@ -214,6 +214,11 @@ pub enum NotReplayed {
 /// can yield empty frames without end).
 const MOST_FRAMES_AHEAD: usize = 1024;
 
+/// Reading ahead stops once this many bytes are taken (or at the replay limit, if lower),
+/// so that a large body's first chunk is not held back while ready chunks behind it are
+/// read: what the read-ahead is for, a small body taken whole, fits in it.
+const MOST_BYTES_AHEAD: usize = 64 * 1024;
+
 impl<B> ReplayBody<B>
 where
     B: Body,
@@ -282,8 +287,12 @@ where
             if body.is_end_stream() {
                 return Self::taken_whole(chunks, trailers);
             }
+            if len >= MOST_BYTES_AHEAD {
+                break;
+            }
         }
-        // The rest is not ready: stream it, recording on from what was taken.
+        // The rest is not ready, or is more than is read ahead: stream it, recording on
+        // from what was taken.
         let recorder = Arc::new(Recorder {
             abandoned: AtomicBool::new(false),
             state: Mutex::new(Recorded::default()),
@@ -973,6 +982,23 @@ mod tests {
         assert_eq!(next(&mut body).await.unwrap().unwrap_err(), "disk gone");
         assert!(next(&mut body).await.is_none(), "nothing after its error");
         assert!(body.is_end_stream());
+    }
+
+    /// A large body of ready chunks is read ahead only so far: its first chunk is not
+    /// held back while the rest is read, and the rest streams on, recorded.
+    #[tokio::test]
+    async fn a_large_ready_body_is_read_ahead_only_so_far() {
+        let chunk = Bytes::from(vec![1u8; 40 * 1024]);
+        let large = steps(
+            (0..10)
+                .map(|_| Step::Frame(Ok(Frame::data(chunk.clone()))))
+                .collect(),
+        );
+        let (body, mut handle) = ReplayBody::record(large, 1024 * 1024);
+        assert_eq!(body.retained(), 80 * 1024, "two chunks read ahead");
+        assert_eq!(frames(body).await.0.len(), 400 * 1024);
+        let replay: ReplayBody<Trickle> = handle.take().unwrap();
+        assert_eq!(frames(replay).await.0.len(), 400 * 1024);
     }
 
     /// A body that yields empty frames without end is read ahead a bounded number of
