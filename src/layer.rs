@@ -110,8 +110,9 @@ macro_rules! request_rules {
         ///
         /// Loopback is the request URL's host: a client below that sends plain `http`
         /// through a proxy (`HTTP_PROXY`, `ALL_PROXY`) or resolves `localhost` elsewhere
-        /// sends the credential there in plain text. Build that client without a proxy
-        /// (reqwest: `.no_proxy()`).
+        /// sends the credential there in plain text. Build that client without a proxy or
+        /// resolver override. (The reqwest middleware refuses a request the environment's
+        /// proxies would send to another host; see its `client_without_proxy`.)
         pub fn allow_http_loopback(mut self, allow: bool) -> Self {
             self.policy.allow_http_loopback = allow;
             self

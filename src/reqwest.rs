@@ -103,6 +103,7 @@ use std::{
 use futures_util::{FutureExt, future::BoxFuture};
 use http::Extensions;
 use http_body_util::BodyExt;
+use hyper_util::client::proxy::matcher::Matcher;
 use reqwest_middleware::{Middleware, Next};
 use tower_service::Service;
 
@@ -177,6 +178,11 @@ pub struct AuthMiddleware<P> {
     cache: CredentialCache<P>,
     policy: Policy,
     scope: Option<Arc<Scope>>,
+    /// The proxies a reqwest client built with its defaults takes from the environment,
+    /// read when the middleware is built (as the client reads them when it is built);
+    /// `None` once told the client takes none
+    /// ([`client_without_proxy`](Self::client_without_proxy)).
+    env_proxies: Option<Arc<Matcher>>,
 }
 
 // By hand: a derive would ask `P: Debug`, which the cache's `Debug` does not need.
@@ -186,6 +192,7 @@ impl<P> std::fmt::Debug for AuthMiddleware<P> {
             .field("cache", &self.cache)
             .field("policy", &self.policy)
             .field("scope", &self.scope)
+            .field("env_proxies", &self.env_proxies.is_some())
             .finish()
     }
 }
@@ -196,6 +203,7 @@ impl<P> Clone for AuthMiddleware<P> {
             cache: self.cache.clone(),
             policy: self.policy.clone(),
             scope: self.scope.clone(),
+            env_proxies: self.env_proxies.clone(),
         }
     }
 }
@@ -212,6 +220,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
             cache,
             policy: Policy::default(),
             scope: None,
+            env_proxies: Some(Arc::new(Matcher::from_system())),
         }
     }
 
@@ -221,7 +230,25 @@ impl<P: CredentialSource> AuthMiddleware<P> {
             cache: layer.cache().clone(),
             policy: layer.policy(),
             scope: layer.scope(),
+            env_proxies: Some(Arc::new(Matcher::from_system())),
         }
+    }
+
+    /// Says that the reqwest client below takes no proxy from the environment: it was
+    /// built with `.no_proxy()` (or with proxies of its own that never take a loopback
+    /// host).
+    ///
+    /// With [`allow_http_loopback`](Self::allow_http_loopback), a plain-http request to a
+    /// loopback host is refused (`ErrorKind::InsecureTransport`, before anything is
+    /// sent) when the proxy variables a default reqwest client reads (`HTTP_PROXY`,
+    /// `ALL_PROXY`, lower case too, less `NO_PROXY`; on macOS and Windows also the
+    /// system's settings) would send it to a proxy on another host: the credential would
+    /// cross the network in plain text. The middleware cannot see the client's own
+    /// settings; this tells it. (Adding the host to `NO_PROXY` also works, for every
+    /// client.)
+    pub fn client_without_proxy(mut self) -> Self {
+        self.env_proxies = None;
+        self
     }
 
     /// The cache behind this middleware.
@@ -249,9 +276,44 @@ impl<P: CredentialSource> AuthMiddleware<P> {
         if !scope.allows_origin(url.scheme(), url.authority()) {
             return Ok(false);
         }
+        if url.scheme() == "https" {
+            return Ok(true);
+        }
+        self.plain_transport(url).map(|()| true)
+    }
+
+    /// The transport rule for a URL in scope that is not `https`, and the proxy rule for
+    /// a plain-http one the transport rule allows.
+    #[cold]
+    #[inline(never)]
+    fn plain_transport(&self, url: &reqwest::Url) -> Result<(), crate::Error> {
         self.policy
-            .check_transport_of(url.scheme(), || is_loopback(url))
-            .map(|()| true)
+            .check_transport_of(url.scheme(), || is_loopback(url))?;
+        match http::Uri::try_from(url.as_str()) {
+            Ok(uri) => self.not_through_a_proxy(&uri),
+            // reqwest cannot send a URL `http` cannot read: nothing goes anywhere.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Refuses a plain-http request that the environment's proxies would hand to a proxy
+    /// on another host (see [`client_without_proxy`](Self::client_without_proxy)). A
+    /// proxy on this host keeps the request on it.
+    fn not_through_a_proxy(&self, uri: &http::Uri) -> Result<(), crate::Error> {
+        let Some(proxies) = &self.env_proxies else {
+            return Ok(());
+        };
+        if uri.scheme_str() != Some("http") {
+            return Ok(());
+        }
+        match proxies.intercept(uri) {
+            Some(proxy) if !proxy.uri().host().is_some_and(crate::policy::is_loopback) => {
+                Err(crate::Error::new(crate::ErrorKind::InsecureTransport).with_detail(
+                    "plain http to a loopback host would go through a proxy on another host (HTTP_PROXY or ALL_PROXY, not excluded by NO_PROXY): build the reqwest client with .no_proxy() and call client_without_proxy() on the AuthMiddleware, or add the host to NO_PROXY",
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     replay_rules!();
@@ -685,7 +747,10 @@ impl<P: CredentialSource> AuthMiddleware<P> {
                 &self.policy,
                 |req| match plan.in_scope {
                     Some(in_scope) => Ok(in_scope),
-                    None => crate::future::admits(self.scope.as_deref(), &self.policy, req),
+                    None => match crate::future::admits(self.scope.as_deref(), &self.policy, req) {
+                        Ok(true) => self.not_through_a_proxy(req.uri()).map(|()| true),
+                        other => other,
+                    },
                 },
                 req,
                 || self.cache.current(),

@@ -1,0 +1,169 @@
+//! The reqwest adapter and the proxies a default reqwest client takes from the
+//! environment (`HTTP_PROXY`, `NO_PROXY`): a plain-http loopback request, allowed with
+//! `allow_http_loopback`, must not carry its credential in plain text to a proxy on
+//! another host.
+//!
+//! A test binary of its own, with one test: it sets process-wide environment variables,
+//! which every reqwest client built in the same process would read.
+#![cfg(feature = "reqwest")]
+
+use std::time::Duration;
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::mpsc,
+};
+use tower_client_auth::{
+    ErrorKind, StaticCredential, reqwest::AuthMiddleware, reqwest::auth_error,
+};
+
+/// A loopback HTTP server that answers `200 OK` to each request and hands over the
+/// request head it read, as text.
+async fn recorder() -> (String, mpsc::UnboundedReceiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    (addr.to_string(), rx)
+}
+
+/// Sets the proxy variables for the clients and middlewares built after it.
+fn proxy_env(http_proxy: Option<&str>, no_proxy: Option<&str>) {
+    // SAFETY: this binary's only test sets them, before the clients and middlewares
+    // that read them are built, and nothing else in the process reads the environment
+    // concurrently (the runtime's threads only serve the servers above).
+    unsafe {
+        for name in [
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+            "NO_PROXY",
+            "no_proxy",
+            "REQUEST_METHOD",
+        ] {
+            std::env::remove_var(name);
+        }
+        if let Some(proxy) = http_proxy {
+            std::env::set_var("HTTP_PROXY", proxy);
+        }
+        if let Some(no) = no_proxy {
+            std::env::set_var("NO_PROXY", no);
+        }
+    }
+}
+
+fn client(
+    reqwest: reqwest::Client,
+    mw: AuthMiddleware<StaticCredential>,
+) -> reqwest_middleware::ClientWithMiddleware {
+    reqwest_middleware::ClientBuilder::new(reqwest)
+        .with(mw)
+        .build()
+}
+
+fn middleware(api: &str) -> AuthMiddleware<StaticCredential> {
+    AuthMiddleware::new(StaticCredential::bearer("loopback-secret").unwrap())
+        .origin(format!("http://{api}"))
+        .unwrap()
+        .allow_http_loopback(true)
+}
+
+async fn nothing_arrives(rx: &mut mpsc::UnboundedReceiver<String>) {
+    let arrived = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+    assert!(arrived.is_err(), "a request arrived: {arrived:?}");
+}
+
+#[tokio::test]
+async fn a_plain_http_loopback_request_never_goes_to_a_proxy_on_another_host() {
+    let (api, mut at_api) = recorder().await;
+    let url = format!("http://{api}/v1/me");
+
+    // A proxy on another host, from the environment: refused before anything is sent,
+    // by the origin rule's path and by the path that hands the URI to a predicate.
+    proxy_env(Some("http://proxy.invalid:3128"), None);
+    let by_origin = middleware(&api);
+    let by_predicate = middleware(&api).origin_matching(|uri| uri.path().starts_with("/v1/"));
+    for (name, mw) in [("origin", by_origin), ("predicate", by_predicate)] {
+        let err = client(reqwest::Client::new(), mw)
+            .get(&url)
+            .send()
+            .await
+            .unwrap_err();
+        let auth = auth_error(&err).unwrap_or_else(|| panic!("{name}: {err}"));
+        assert_eq!(auth.kind(), ErrorKind::InsecureTransport, "{name}");
+        assert!(auth.to_string().contains("NO_PROXY"), "{name}: {auth}");
+        assert!(
+            !auth.to_string().contains("loopback-secret"),
+            "{name}: {auth}"
+        );
+    }
+    nothing_arrives(&mut at_api).await;
+
+    // Told that the client takes no proxy (and it does not): sent, directly.
+    let res = client(
+        reqwest::Client::builder().no_proxy().build().unwrap(),
+        middleware(&api).client_without_proxy(),
+    )
+    .get(&url)
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    let head = at_api.recv().await.unwrap();
+    assert!(head.contains("Bearer loopback-secret"), "{head}");
+
+    // The host excluded by NO_PROXY: the default client goes directly, and so may the
+    // credential.
+    proxy_env(Some("http://proxy.invalid:3128"), Some("127.0.0.1"));
+    let res = client(reqwest::Client::new(), middleware(&api))
+        .get(&url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        at_api
+            .recv()
+            .await
+            .unwrap()
+            .contains("Bearer loopback-secret")
+    );
+
+    // A proxy on this host keeps the request on it: allowed, and the default client
+    // does send it there (the middleware reads the variables as the client does).
+    let (proxy, mut at_proxy) = recorder().await;
+    proxy_env(Some(&format!("http://{proxy}")), None);
+    let res = client(reqwest::Client::new(), middleware(&api))
+        .get(&url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let head = at_proxy.recv().await.unwrap();
+    assert!(head.starts_with(&format!("GET {url} ")), "{head}");
+    assert!(head.contains("Bearer loopback-secret"), "{head}");
+    nothing_arrives(&mut at_api).await;
+}
