@@ -286,6 +286,20 @@ pub(crate) fn name_the_setter(detail: &'static str, setter: &'static str) -> &'s
     }
 }
 
+/// Whether `proxies` (the environment's, as a default reqwest client reads them) would
+/// hand a plain-http request to `uri` to a proxy on another host, across the network in
+/// plain text. A proxy on this host keeps the request on it.
+#[cfg(feature = "reqwest")]
+pub(crate) fn proxied_in_clear(
+    proxies: &hyper_util::client::proxy::matcher::Matcher,
+    uri: &Uri,
+) -> bool {
+    uri.scheme_str() == Some("http")
+        && proxies
+            .intercept(uri)
+            .is_some_and(|proxy| !proxy.uri().host().is_some_and(is_loopback))
+}
+
 /// `localhost`, 127.0.0.0/8, `::1` and IPv4-mapped loopback.
 pub(crate) fn is_loopback(host: &str) -> bool {
     let host = host

@@ -300,14 +300,8 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     /// on another host (see [`client_without_proxy`](Self::client_without_proxy)). A
     /// proxy on this host keeps the request on it.
     fn not_through_a_proxy(&self, uri: &http::Uri) -> Result<(), crate::Error> {
-        let Some(proxies) = &self.env_proxies else {
-            return Ok(());
-        };
-        if uri.scheme_str() != Some("http") {
-            return Ok(());
-        }
-        match proxies.intercept(uri) {
-            Some(proxy) if !proxy.uri().host().is_some_and(crate::policy::is_loopback) => {
+        match &self.env_proxies {
+            Some(proxies) if crate::policy::proxied_in_clear(proxies, uri) => {
                 Err(crate::Error::new(crate::ErrorKind::InsecureTransport).with_detail(
                     "plain http to a loopback host would go through a proxy on another host (HTTP_PROXY or ALL_PROXY, not excluded by NO_PROXY): build the reqwest client with .no_proxy() and call client_without_proxy() on the AuthMiddleware, or add the host to NO_PROXY",
                 ))

@@ -15,7 +15,9 @@ use tokio::{
     sync::mpsc,
 };
 use tower_client_auth::{
-    ErrorKind, StaticCredential, reqwest::AuthMiddleware, reqwest::auth_error,
+    CredentialCache, ErrorKind, StaticCredential,
+    reqwest::{AuthMiddleware, auth_error},
+    token::{TokenClient, TokenError, TokenErrorKind, TokenSource},
 };
 
 /// A loopback HTTP server that answers `200 OK` to each request and hands over the
@@ -166,4 +168,33 @@ async fn a_plain_http_loopback_request_never_goes_to_a_proxy_on_another_host() {
     assert!(head.starts_with(&format!("GET {url} ")), "{head}");
     assert!(head.contains("Bearer loopback-secret"), "{head}");
     nothing_arrives(&mut at_api).await;
+
+    // The token client over reqwest: the client secret must not go there either.
+    let (idp, mut at_idp) = recorder().await;
+    let token_url = format!("http://{idp}/token");
+    let source = |client: TokenClient| {
+        TokenSource::client_credentials(&token_url, "id", "client-secret")
+            .unwrap()
+            .allow_http_loopback(true)
+            .client(client.allow_http_loopback(true))
+    };
+    proxy_env(Some("http://proxy.invalid:3128"), None);
+    let err = CredentialCache::new(source(TokenClient::reqwest(reqwest::Client::new())))
+        .credential()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InsecureTransport, "{err}");
+    let token = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<TokenError>())
+        .unwrap_or_else(|| panic!("no token error under {err:?}"));
+    assert_eq!(token.kind(), TokenErrorKind::InsecureTransport);
+    assert!(!format!("{err:?}").contains("client-secret"));
+    nothing_arrives(&mut at_idp).await;
+    // Told the client takes no proxy: the request goes to the token endpoint (whose
+    // empty answer is no token, which is beside the point here).
+    let no_proxy = reqwest::Client::builder().no_proxy().build().unwrap();
+    let told = source(TokenClient::reqwest(no_proxy).client_without_proxy());
+    let _ = CredentialCache::new(told).credential().await;
+    assert!(at_idp.recv().await.unwrap().starts_with("POST /token "));
 }

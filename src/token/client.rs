@@ -63,6 +63,10 @@ pub struct TokenClient {
     timeout: Duration,
     max_response_bytes: usize,
     allow_http_loopback: bool,
+    /// For a reqwest client: the proxies it takes from the environment, as it reads them
+    /// (see [`client_without_proxy`](Self::client_without_proxy)).
+    #[cfg(feature = "reqwest")]
+    env_proxies: Option<Arc<hyper_util::client::proxy::matcher::Matcher>>,
 }
 
 impl fmt::Debug for TokenClient {
@@ -133,6 +137,8 @@ impl TokenClient {
             timeout: DEFAULT_TOKEN_TIMEOUT,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             allow_http_loopback: false,
+            #[cfg(feature = "reqwest")]
+            env_proxies: None,
         }
     }
 
@@ -167,6 +173,14 @@ impl TokenClient {
                 )
             },
         )?;
+        #[cfg(feature = "reqwest")]
+        if (self.env_proxies.as_deref())
+            .is_some_and(|proxies| crate::policy::proxied_in_clear(proxies, request.uri()))
+        {
+            return Err(TokenError::new(TokenErrorKind::InsecureTransport).detail(
+                "plain http to a loopback host would go through a proxy on another host (HTTP_PROXY or ALL_PROXY, not excluded by NO_PROXY): build the reqwest client with .no_proxy() and call TokenClient::client_without_proxy, or add the host to NO_PROXY",
+            ));
+        }
         let sent =
             tokio::time::timeout(self.timeout, (self.send)(request, self.max_response_bytes)).await;
         let response = match sent {
@@ -318,7 +332,25 @@ impl TokenClient {
             timeout: DEFAULT_TOKEN_TIMEOUT,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             allow_http_loopback: false,
+            #[cfg(feature = "reqwest")]
+            env_proxies: Some(Arc::new(
+                hyper_util::client::proxy::matcher::Matcher::from_system(),
+            )),
         }
+    }
+
+    /// Says that the reqwest client given to [`reqwest`](Self::reqwest) takes no proxy
+    /// from the environment (it was built with `.no_proxy()`).
+    ///
+    /// With [`allow_http_loopback`](Self::allow_http_loopback), a plain-http token
+    /// request to a loopback host is refused (`TokenErrorKind::InsecureTransport`,
+    /// nothing sent) when the proxy variables a default reqwest client reads
+    /// (`HTTP_PROXY`, `ALL_PROXY`, less `NO_PROXY`) would send it, client secret
+    /// included, to a proxy on another host in plain text. This client cannot see the
+    /// reqwest client's own settings; this tells it.
+    pub fn client_without_proxy(mut self) -> Self {
+        self.env_proxies = None;
+        self
     }
 }
 
