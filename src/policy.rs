@@ -286,6 +286,21 @@ pub(crate) fn name_the_setter(detail: &'static str, setter: &'static str) -> &'s
     }
 }
 
+/// The proxies a default reqwest client takes from the environment, as it reads them
+/// (hyper-util's matcher, `from_system`), or `None` when none can apply to plain http:
+/// on a platform whose only source is the environment (not macOS or Windows), none of
+/// `HTTP_PROXY`, `ALL_PROXY` (or lower case) is set. Then a plain-http request pays no
+/// look at its URL.
+#[cfg(feature = "reqwest")]
+pub(crate) fn env_proxies() -> Option<std::sync::Arc<hyper_util::client::proxy::matcher::Matcher>> {
+    let may_apply = cfg!(any(target_os = "macos", windows))
+        || ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+            .iter()
+            .any(|name| std::env::var_os(name).is_some());
+    may_apply
+        .then(|| std::sync::Arc::new(hyper_util::client::proxy::matcher::Matcher::from_system()))
+}
+
 /// Whether `proxies` (the environment's, as a default reqwest client reads them) would
 /// hand a plain-http request to `uri` to a proxy on another host, across the network in
 /// plain text. A proxy on this host keeps the request on it.

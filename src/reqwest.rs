@@ -103,7 +103,6 @@ use std::{
 use futures_util::{FutureExt, future::BoxFuture};
 use http::Extensions;
 use http_body_util::BodyExt;
-use hyper_util::client::proxy::matcher::Matcher;
 use reqwest_middleware::{Middleware, Next};
 use tower_service::Service;
 
@@ -182,7 +181,7 @@ pub struct AuthMiddleware<P> {
     /// read when the middleware is built (as the client reads them when it is built);
     /// `None` once told the client takes none
     /// ([`client_without_proxy`](Self::client_without_proxy)).
-    env_proxies: Option<Arc<Matcher>>,
+    env_proxies: Option<Arc<hyper_util::client::proxy::matcher::Matcher>>,
 }
 
 // By hand: a derive would ask `P: Debug`, which the cache's `Debug` does not need.
@@ -220,7 +219,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
             cache,
             policy: Policy::default(),
             scope: None,
-            env_proxies: Some(Arc::new(Matcher::from_system())),
+            env_proxies: crate::policy::env_proxies(),
         }
     }
 
@@ -230,7 +229,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
             cache: layer.cache().clone(),
             policy: layer.policy(),
             scope: layer.scope(),
-            env_proxies: Some(Arc::new(Matcher::from_system())),
+            env_proxies: crate::policy::env_proxies(),
         }
     }
 
@@ -289,6 +288,9 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     fn plain_transport(&self, url: &reqwest::Url) -> Result<(), crate::Error> {
         self.policy
             .check_transport_of(url.scheme(), || is_loopback(url))?;
+        if self.env_proxies.is_none() {
+            return Ok(());
+        }
         match http::Uri::try_from(url.as_str()) {
             Ok(uri) => self.not_through_a_proxy(&uri),
             // reqwest cannot send a URL `http` cannot read: nothing goes anywhere.

@@ -103,6 +103,16 @@ async fn a_plain_http_loopback_request_never_goes_to_a_proxy_on_another_host() {
     let (api, mut at_api) = recorder().await;
     let url = format!("http://{api}/v1/me");
 
+    // No proxy variables: sent, directly.
+    proxy_env(None, None);
+    let res = client(reqwest::Client::new(), middleware(&api))
+        .get(&url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(at_api.recv().await.unwrap().contains("Bearer loopback-secret"));
+
     // A proxy on another host, from the environment: refused before anything is sent,
     // by the origin rule's path and by the path that hands the URI to a predicate.
     proxy_env(Some("http://proxy.invalid:3128"), None);

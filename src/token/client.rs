@@ -333,9 +333,7 @@ impl TokenClient {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             allow_http_loopback: false,
             #[cfg(feature = "reqwest")]
-            env_proxies: Some(Arc::new(
-                hyper_util::client::proxy::matcher::Matcher::from_system(),
-            )),
+            env_proxies: crate::policy::env_proxies(),
         }
     }
 
