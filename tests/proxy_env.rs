@@ -93,6 +93,21 @@ fn middleware(api: &str) -> AuthMiddleware<StaticCredential> {
         .allow_http_loopback(true)
 }
 
+/// Sends `url` through `reqwest` with `mw`, expects `200 OK`, and returns the request
+/// head that arrived at `at`, which carries the credential.
+async fn sent(
+    reqwest: reqwest::Client,
+    mw: AuthMiddleware<StaticCredential>,
+    url: &str,
+    at: &mut mpsc::UnboundedReceiver<String>,
+) -> String {
+    let res = client(reqwest, mw).get(url).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let head = at.recv().await.unwrap();
+    assert!(head.contains("Bearer loopback-secret"), "{head}");
+    head
+}
+
 async fn nothing_arrives(rx: &mut mpsc::UnboundedReceiver<String>) {
     let arrived = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
     assert!(arrived.is_err(), "a request arrived: {arrived:?}");
@@ -105,13 +120,7 @@ async fn a_plain_http_loopback_request_never_goes_to_a_proxy_on_another_host() {
 
     // No proxy variables: sent, directly.
     proxy_env(None, None);
-    let res = client(reqwest::Client::new(), middleware(&api))
-        .get(&url)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    assert!(at_api.recv().await.unwrap().contains("Bearer loopback-secret"));
+    sent(reqwest::Client::new(), middleware(&api), &url, &mut at_api).await;
 
     // A proxy on another host, from the environment: refused before anything is sent,
     // by the origin rule's path and by the path that hands the URI to a predicate.
@@ -135,48 +144,27 @@ async fn a_plain_http_loopback_request_never_goes_to_a_proxy_on_another_host() {
     nothing_arrives(&mut at_api).await;
 
     // Told that the client takes no proxy (and it does not): sent, directly.
-    let res = client(
-        reqwest::Client::builder().no_proxy().build().unwrap(),
-        middleware(&api).client_without_proxy(),
-    )
-    .get(&url)
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(res.status(), 200);
-    let head = at_api.recv().await.unwrap();
-    assert!(head.contains("Bearer loopback-secret"), "{head}");
+    let no_proxy = reqwest::Client::builder().no_proxy().build().unwrap();
+    let told = middleware(&api).client_without_proxy();
+    sent(no_proxy, told, &url, &mut at_api).await;
 
     // The host excluded by NO_PROXY: the default client goes directly, and so may the
     // credential.
     proxy_env(Some("http://proxy.invalid:3128"), Some("127.0.0.1"));
-    let res = client(reqwest::Client::new(), middleware(&api))
-        .get(&url)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    assert!(
-        at_api
-            .recv()
-            .await
-            .unwrap()
-            .contains("Bearer loopback-secret")
-    );
+    sent(reqwest::Client::new(), middleware(&api), &url, &mut at_api).await;
 
     // A proxy on this host keeps the request on it: allowed, and the default client
     // does send it there (the middleware reads the variables as the client does).
     let (proxy, mut at_proxy) = recorder().await;
     proxy_env(Some(&format!("http://{proxy}")), None);
-    let res = client(reqwest::Client::new(), middleware(&api))
-        .get(&url)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let head = at_proxy.recv().await.unwrap();
+    let head = sent(
+        reqwest::Client::new(),
+        middleware(&api),
+        &url,
+        &mut at_proxy,
+    )
+    .await;
     assert!(head.starts_with(&format!("GET {url} ")), "{head}");
-    assert!(head.contains("Bearer loopback-secret"), "{head}");
     nothing_arrives(&mut at_api).await;
 
     // The token client over reqwest: the client secret must not go there either.
