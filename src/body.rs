@@ -2,8 +2,9 @@
 //!
 //! The inner service sees a `ReplayBody`. Before the request is sent, the frames the body
 //! has ready at once (a `Full` body, a gRPC unary message, bytes already buffered) are
-//! taken, up to 64 KiB and within the limit, without waiting for any; the rest streams
-//! through as it arrives (no collecting before sending, no added latency). A `Bytes` clone of each data
+//! taken, up to 64 KiB (and one frame more, to see whether the body ends there) and
+//! within the limit, without waiting for any; the rest streams through as it arrives (no
+//! collecting before sending, no added latency). A `Bytes` clone of each data
 //! chunk (a reference count, never a copy) is kept until the retained total would pass
 //! the limit. Past the limit what was kept is freed at once and nothing more is kept; the
 //! body is then not replayable, and a 401 reaches the caller as it came.
@@ -216,7 +217,9 @@ const MOST_FRAMES_AHEAD: usize = 1024;
 
 /// Reading ahead stops once this many bytes are taken (or at the replay limit, if lower),
 /// so that a large body's first chunk is not held back while ready chunks behind it are
-/// read: what the read-ahead is for, a small body taken whole, fits in it.
+/// read: what the read-ahead is for, a small body taken whole, fits in it. At either bound
+/// one more frame is read, so that a body whose end shows only at its next poll (a large
+/// unary gRPC message) is still taken whole.
 const MOST_BYTES_AHEAD: usize = 64 * 1024;
 
 impl<B> ReplayBody<B>
@@ -245,7 +248,9 @@ where
         let mut chunks = Chunks::default();
         let mut len = 0;
         let mut trailers = None;
-        for _ in 0..MOST_FRAMES_AHEAD {
+        let mut frames_left = MOST_FRAMES_AHEAD;
+        let mut bound_reached = false;
+        loop {
             let frame = match body.as_mut().poll_frame(&mut cx) {
                 Poll::Pending => break,
                 Poll::Ready(None) => {
@@ -287,9 +292,13 @@ where
             if body.is_end_stream() {
                 return Self::taken_whole(chunks, trailers);
             }
-            if len >= MOST_BYTES_AHEAD {
+            if bound_reached {
                 break;
             }
+            // At the bound, one more look: a body whose end is known only at its next
+            // poll (a large unary gRPC message) is still taken whole.
+            frames_left -= 1;
+            bound_reached = frames_left == 0 || len >= MOST_BYTES_AHEAD;
         }
         // The rest is not ready, or is more than is read ahead: stream it, recording on
         // from what was taken.
@@ -486,7 +495,13 @@ where
         match &self.kind {
             Kind::Forward { body } => body.size_hint(),
             Kind::Stream { body, ahead, .. } => match ahead {
-                Some(taken) if taken.ended => SizeHint::with_exact(taken.len()),
+                // Exact only when nothing but data follows: a `Content-Length` would make
+                // HTTP/1.1 drop trailers, and send a body cut short by its error as a
+                // whole request.
+                Some(taken) if taken.ended && taken.error.is_none() && !ends_in_trailers(taken) => {
+                    SizeHint::with_exact(taken.len())
+                }
+                Some(taken) if taken.ended => at_least(taken.len()),
                 Some(taken) => {
                     let rest = body.size_hint();
                     let mut hint = SizeHint::new();
@@ -498,9 +513,30 @@ where
                 }
                 None => body.size_hint(),
             },
-            Kind::Replay { remaining, .. } => SizeHint::with_exact(*remaining),
+            Kind::Replay {
+                remaining,
+                trailers: None,
+                ..
+            } => SizeHint::with_exact(*remaining),
+            Kind::Replay { remaining, .. } => at_least(*remaining),
         }
     }
+}
+
+/// A size hint with no upper bound.
+fn at_least(lower: u64) -> SizeHint {
+    let mut hint = SizeHint::new();
+    hint.set_lower(lower);
+    hint
+}
+
+/// Whether the frames taken ahead end in trailers (still to be given).
+fn ends_in_trailers<E>(taken: &Ahead<E>) -> bool {
+    taken
+        .frames
+        .as_slice()
+        .last()
+        .is_some_and(Frame::is_trailers)
 }
 
 /// What the body records, held by the body itself while it streams (no lock per chunk)
@@ -785,7 +821,10 @@ mod tests {
         assert_eq!(first.0, b"hello world");
         assert_eq!(handle.recorder().unwrap().retained(), 11);
         let replay: ReplayBody<Chunks> = handle.take().unwrap();
-        assert_eq!(replay.size_hint().exact(), Some(11));
+        // Trailers follow: no exact size, or HTTP/1.1 would send a `Content-Length` and
+        // drop them.
+        assert_eq!(replay.size_hint().exact(), None);
+        assert_eq!(replay.size_hint().lower(), 11);
         let second = frames(replay).await;
         assert_eq!(second, first);
         assert_eq!(second.1.unwrap()["x-checksum"], "abc");
@@ -900,7 +939,12 @@ mod tests {
         let ready = steps(vec![data(b"hello "), data(b"world"), checksum()]);
         let (body, mut handle) = ReplayBody::record(ready, 1024);
         assert_eq!(body.retained(), 0, "nothing left to record");
-        assert_eq!(body.size_hint().exact(), Some(11));
+        assert_eq!(
+            body.size_hint().exact(),
+            None,
+            "trailers follow: no exact size"
+        );
+        assert_eq!(body.size_hint().lower(), 11);
         // The server answered before the first attempt read anything.
         let replay: ReplayBody<Trickle> = handle.take().unwrap();
         let second = frames(replay).await;
@@ -977,6 +1021,10 @@ mod tests {
             handle.take::<Trickle>().unwrap_err(),
             NotReplayed::BodyFailed
         );
+        // An error follows: no exact size, or HTTP/1.1 would send a `Content-Length`,
+        // and a request cut short would reach the server whole.
+        assert_eq!(body.size_hint().exact(), None);
+        assert_eq!(body.size_hint().lower(), 2);
         let first = next(&mut body).await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "ab");
         assert_eq!(next(&mut body).await.unwrap().unwrap_err(), "disk gone");
@@ -985,7 +1033,8 @@ mod tests {
     }
 
     /// A large body of ready chunks is read ahead only so far: its first chunk is not
-    /// held back while the rest is read, and the rest streams on, recorded.
+    /// held back while the rest is read (one frame is read past the bound, to see whether
+    /// the body ends there), and the rest streams on, recorded.
     #[tokio::test]
     async fn a_large_ready_body_is_read_ahead_only_so_far() {
         let chunk = Bytes::from(vec![1u8; 40 * 1024]);
@@ -995,10 +1044,39 @@ mod tests {
                 .collect(),
         );
         let (body, mut handle) = ReplayBody::record(large, 1024 * 1024);
-        assert_eq!(body.retained(), 80 * 1024, "two chunks read ahead");
+        assert_eq!(
+            body.retained(),
+            120 * 1024,
+            "two chunks to the bound, and one more look for its end"
+        );
         assert_eq!(frames(body).await.0.len(), 400 * 1024);
         let replay: ReplayBody<Trickle> = handle.take().unwrap();
         assert_eq!(frames(replay).await.0.len(), 400 * 1024);
+    }
+
+    /// A body whose one ready chunk passes the read-ahead's bound, and whose end is known
+    /// only at the next poll (a large unary gRPC message), is still taken whole: the
+    /// read-ahead looks once more for its end, so it replays however early the server
+    /// answers.
+    #[tokio::test]
+    async fn a_large_message_ending_just_after_the_bound_is_taken_whole() {
+        let message = Bytes::from(vec![3u8; 100 * 1024]);
+        let large = steps(vec![Step::Frame(Ok(Frame::data(message.clone())))]);
+        let (body, mut handle) = ReplayBody::record(large, 1024 * 1024);
+        assert!(
+            handle.recorder().is_none(),
+            "taken whole, nothing to record"
+        );
+        // The server answered before the first attempt read anything.
+        let replay: ReplayBody<Trickle> = handle.take().unwrap();
+        assert_eq!(replay.size_hint().exact(), Some(100 * 1024));
+        assert_eq!(frames(replay).await.0, message);
+        assert_eq!(frames(body).await.0, message);
+
+        // The same at the bound on frames: 1024 empty frames, then the end.
+        let many = steps((0..MOST_FRAMES_AHEAD).map(|_| data(b"")).collect());
+        let (_body, mut handle) = ReplayBody::record(many, 1024);
+        assert!(handle.take::<Trickle>().is_ok(), "taken whole");
     }
 
     /// A body that yields empty frames without end is read ahead a bounded number of
