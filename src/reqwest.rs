@@ -234,17 +234,21 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     }
 
     /// Says that the reqwest client below takes no proxy from the environment: it was
-    /// built with `.no_proxy()` (or with proxies of its own that never take a loopback
-    /// host).
+    /// built with `.no_proxy()`.
     ///
     /// With [`allow_http_loopback`](Self::allow_http_loopback), a plain-http request to a
     /// loopback host is refused (`ErrorKind::InsecureTransport`, before anything is
     /// sent) when the proxy variables a default reqwest client reads (`HTTP_PROXY`,
-    /// `ALL_PROXY`, lower case too, less `NO_PROXY`; on macOS and Windows also the
-    /// system's settings) would send it to a proxy on another host: the credential would
-    /// cross the network in plain text. The middleware cannot see the client's own
-    /// settings; this tells it. (Adding the host to `NO_PROXY` also works, for every
-    /// client.)
+    /// `ALL_PROXY`, lower case too, less `NO_PROXY`, ignoring `HTTP_PROXY` under CGI; on
+    /// macOS and Windows also the system's settings) would send it to a proxy on another
+    /// host, or to any SOCKS proxy (which tunnels it on from its far end): the credential
+    /// would cross the network in plain text. An HTTP proxy on this host is allowed.
+    ///
+    /// The variables are read when the middleware is built, as a default client reads
+    /// them when it is built: build both in the same environment. The middleware cannot
+    /// see the client's own settings; this tells it. A client with proxies of its own
+    /// (`ClientBuilder::proxy`) is yours to keep off loopback hosts before you say this.
+    /// (Adding the host to `NO_PROXY` also works, for every client.)
     pub fn client_without_proxy(mut self) -> Self {
         self.env_proxies = None;
         self
@@ -299,13 +303,13 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     }
 
     /// Refuses a plain-http request that the environment's proxies would hand to a proxy
-    /// on another host (see [`client_without_proxy`](Self::client_without_proxy)). A
-    /// proxy on this host keeps the request on it.
+    /// on another host or a SOCKS proxy (see
+    /// [`client_without_proxy`](Self::client_without_proxy)).
     fn not_through_a_proxy(&self, uri: &http::Uri) -> Result<(), crate::Error> {
         match &self.env_proxies {
             Some(proxies) if crate::policy::proxied_in_clear(proxies, uri) => {
                 Err(crate::Error::new(crate::ErrorKind::InsecureTransport).with_detail(
-                    "plain http to a loopback host would go through a proxy on another host (HTTP_PROXY or ALL_PROXY, not excluded by NO_PROXY): build the reqwest client with .no_proxy() and call client_without_proxy() on the AuthMiddleware, or add the host to NO_PROXY",
+                    "plain http to a loopback host would go through a proxy on another host or a SOCKS proxy (HTTP_PROXY or ALL_PROXY, not excluded by NO_PROXY): build the reqwest client with .no_proxy() and call client_without_proxy() on the AuthMiddleware, or add the host to NO_PROXY",
                 ))
             }
             _ => Ok(()),

@@ -51,8 +51,9 @@ async fn recorder() -> (String, mpsc::UnboundedReceiver<String>) {
     (addr.to_string(), rx)
 }
 
-/// Sets the proxy variables for the clients and middlewares built after it.
-fn proxy_env(http_proxy: Option<&str>, no_proxy: Option<&str>) {
+/// Clears the proxy variables, then sets `vars`, for the clients and middlewares built
+/// after it.
+fn proxy_env(vars: &[(&str, &str)]) {
     // SAFETY: this binary's only test sets them, before the clients and middlewares
     // that read them are built, and nothing else in the process reads the environment
     // concurrently (the runtime's threads only serve the servers above).
@@ -68,13 +69,34 @@ fn proxy_env(http_proxy: Option<&str>, no_proxy: Option<&str>) {
         ] {
             std::env::remove_var(name);
         }
-        if let Some(proxy) = http_proxy {
-            std::env::set_var("HTTP_PROXY", proxy);
-        }
-        if let Some(no) = no_proxy {
-            std::env::set_var("NO_PROXY", no);
+        for (name, value) in vars {
+            std::env::set_var(name, value);
         }
     }
+}
+
+/// `mw` refuses to send `url` (through the origin rule's path, or a predicate's) with
+/// `InsecureTransport`, with no secret in its error.
+async fn refused(name: &str, mw: AuthMiddleware<StaticCredential>, url: &str) {
+    let err = client(reqwest::Client::new(), mw)
+        .get(url)
+        .send()
+        .await
+        .unwrap_err();
+    let auth = auth_error(&err).unwrap_or_else(|| panic!("{name}: {err}"));
+    assert_eq!(auth.kind(), ErrorKind::InsecureTransport, "{name}");
+    assert!(auth.to_string().contains("NO_PROXY"), "{name}: {auth}");
+    assert!(
+        !auth.to_string().contains("loopback-secret"),
+        "{name}: {auth}"
+    );
+}
+
+/// Both of the middleware's paths refuse to send `url` to `api`.
+async fn refused_by_both(api: &str, url: &str) {
+    refused("origin", middleware(api), url).await;
+    let by_predicate = middleware(api).origin_matching(|uri| uri.path().starts_with("/v1/"));
+    refused("predicate", by_predicate, url).await;
 }
 
 fn client(
@@ -119,28 +141,29 @@ async fn a_plain_http_loopback_request_never_goes_to_a_proxy_on_another_host() {
     let url = format!("http://{api}/v1/me");
 
     // No proxy variables: sent, directly.
-    proxy_env(None, None);
+    proxy_env(&[]);
     sent(reqwest::Client::new(), middleware(&api), &url, &mut at_api).await;
 
-    // A proxy on another host, from the environment: refused before anything is sent,
-    // by the origin rule's path and by the path that hands the URI to a predicate.
-    proxy_env(Some("http://proxy.invalid:3128"), None);
-    let by_origin = middleware(&api);
-    let by_predicate = middleware(&api).origin_matching(|uri| uri.path().starts_with("/v1/"));
-    for (name, mw) in [("origin", by_origin), ("predicate", by_predicate)] {
-        let err = client(reqwest::Client::new(), mw)
-            .get(&url)
-            .send()
-            .await
-            .unwrap_err();
-        let auth = auth_error(&err).unwrap_or_else(|| panic!("{name}: {err}"));
-        assert_eq!(auth.kind(), ErrorKind::InsecureTransport, "{name}");
-        assert!(auth.to_string().contains("NO_PROXY"), "{name}: {auth}");
-        assert!(
-            !auth.to_string().contains("loopback-secret"),
-            "{name}: {auth}"
-        );
+    // A proxy on another host, from the environment, under any of the names a default
+    // client reads: refused before anything is sent, by the origin rule's path and by
+    // the path that hands the URI to a predicate.
+    for name in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+        proxy_env(&[(name, "http://proxy.invalid:3128")]);
+        refused_by_both(&api, &url).await;
     }
+    // A SOCKS proxy, even one on this host: it tunnels the request on to wherever it
+    // connects from (an `ssh -D` tunnel's far end), so it counts as another host.
+    for proxy in ["socks5h://127.0.0.1:1080", "socks5://localhost:1080"] {
+        proxy_env(&[("ALL_PROXY", proxy)]);
+        refused_by_both(&api, &url).await;
+    }
+    // `NO_PROXY=localhost` does not cover `[::1]`: a default client would proxy it.
+    proxy_env(&[
+        ("HTTP_PROXY", "http://proxy.invalid:3128"),
+        ("NO_PROXY", "localhost"),
+    ]);
+    let v6 = "[::1]:9";
+    refused_by_both(v6, &format!("http://{v6}/v1/me")).await;
     nothing_arrives(&mut at_api).await;
 
     // Told that the client takes no proxy (and it does not): sent, directly.
@@ -150,13 +173,24 @@ async fn a_plain_http_loopback_request_never_goes_to_a_proxy_on_another_host() {
 
     // The host excluded by NO_PROXY: the default client goes directly, and so may the
     // credential.
-    proxy_env(Some("http://proxy.invalid:3128"), Some("127.0.0.1"));
+    proxy_env(&[
+        ("HTTP_PROXY", "http://proxy.invalid:3128"),
+        ("NO_PROXY", "127.0.0.1"),
+    ]);
+    sent(reqwest::Client::new(), middleware(&api), &url, &mut at_api).await;
+
+    // Under CGI (`REQUEST_METHOD` set) a default client ignores `HTTP_PROXY`, which a
+    // request could set through its `Proxy:` header ("httpoxy"): sent, directly.
+    proxy_env(&[
+        ("HTTP_PROXY", "http://proxy.invalid:3128"),
+        ("REQUEST_METHOD", "GET"),
+    ]);
     sent(reqwest::Client::new(), middleware(&api), &url, &mut at_api).await;
 
     // A proxy on this host keeps the request on it: allowed, and the default client
     // does send it there (the middleware reads the variables as the client does).
     let (proxy, mut at_proxy) = recorder().await;
-    proxy_env(Some(&format!("http://{proxy}")), None);
+    proxy_env(&[("HTTP_PROXY", &format!("http://{proxy}"))]);
     let head = sent(
         reqwest::Client::new(),
         middleware(&api),
@@ -176,18 +210,23 @@ async fn a_plain_http_loopback_request_never_goes_to_a_proxy_on_another_host() {
             .allow_http_loopback(true)
             .client(client.allow_http_loopback(true))
     };
-    proxy_env(Some("http://proxy.invalid:3128"), None);
-    let err = CredentialCache::new(source(TokenClient::reqwest(reqwest::Client::new())))
-        .credential()
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::InsecureTransport, "{err}");
-    let token = err
-        .get_ref()
-        .and_then(|e| e.downcast_ref::<TokenError>())
-        .unwrap_or_else(|| panic!("no token error under {err:?}"));
-    assert_eq!(token.kind(), TokenErrorKind::InsecureTransport);
-    assert!(!format!("{err:?}").contains("client-secret"));
+    for (name, proxy) in [
+        ("HTTP_PROXY", "http://proxy.invalid:3128"),
+        ("ALL_PROXY", "socks5h://127.0.0.1:1080"),
+    ] {
+        proxy_env(&[(name, proxy)]);
+        let err = CredentialCache::new(source(TokenClient::reqwest(reqwest::Client::new())))
+            .credential()
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InsecureTransport, "{proxy}: {err}");
+        let token = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<TokenError>())
+            .unwrap_or_else(|| panic!("no token error under {err:?}"));
+        assert_eq!(token.kind(), TokenErrorKind::InsecureTransport);
+        assert!(!format!("{err:?}").contains("client-secret"));
+    }
     nothing_arrives(&mut at_idp).await;
     // Told the client takes no proxy: the request goes to the token endpoint (whose
     // empty answer is no token, which is beside the point here).
