@@ -40,6 +40,9 @@ pub const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 
 pin_project! {
     /// The request body the inner service receives. See the [module docs](self).
+    ///
+    /// It is `Send` (or `Sync`) when the body and its error type are: an error met while
+    /// the body is read ahead is kept, to be given to the inner service in its place.
     pub struct ReplayBody<B>
     where
         B: Body,
@@ -828,6 +831,16 @@ mod tests {
         let second = frames(replay).await;
         assert_eq!(second, first);
         assert_eq!(second.1.unwrap()["x-checksum"], "abc");
+    }
+
+    /// The bodies clients take (hyper's and reqwest's need `Send`, reqwest's `Sync`
+    /// too) stay `Send + Sync` once wrapped.
+    #[test]
+    fn common_bodies_stay_send_and_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<ReplayBody<Full<Bytes>>>();
+        send_sync::<ReplayBody<http_body_util::combinators::BoxBody<Bytes, crate::BoxError>>>();
+        send_sync::<ReplayBody<http_body_util::Empty<Bytes>>>();
     }
 
     /// Chunks are retained as `Bytes` clones of the very same buffers.
