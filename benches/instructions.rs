@@ -17,12 +17,18 @@ use common::{
 use tower::Layer;
 use tower_client_auth::{AuthLayer, StaticCredential};
 
-/// The request body: empty, or the small JSON document of `benches/overhead.rs` when the
-/// `BODY` environment variable is `json`.
-fn body() -> &'static [u8] {
+/// The request: by the `BODY` environment variable, `json` the POST with the small JSON
+/// document of `benches/overhead.rs`, `get` a GET with no user headers (issue 26's own
+/// measure), else the POST with an empty body.
+fn make() -> fn() -> http::Request<http_body_util::Full<bytes::Bytes>> {
     match std::env::var("BODY").as_deref() {
-        Ok("json") => JSON,
-        _ => b"",
+        Ok("json") => || request(JSON),
+        Ok("get") => || {
+            http::Request::get("https://api.example.com/v1/orders")
+                .body(Default::default())
+                .unwrap()
+        },
+        _ => || request(b""),
     }
 }
 
@@ -31,9 +37,9 @@ where
     S: tower::Service<http::Request<http_body_util::Full<bytes::Bytes>>>,
     S::Error: std::fmt::Debug,
 {
-    let body = body();
+    let make = make();
     for _ in 0..n {
-        black_box(call(&mut svc, request(body)));
+        black_box(call(&mut svc, make()));
     }
 }
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Instructions per request for each hot-path variant, counted by callgrind (repeatable on
 # a noisy machine). Needs valgrind. Prints a markdown table for BENCHMARKS.md.
-# Usage: [BODY=json] bash benches/instructions.sh [VARIANT...]
+# Usage: [BODY=json|get] bash benches/instructions.sh [VARIANT...]
 #   VARIANT: default all; floor and add_authorization are always measured (every ratio
-#   needs them). BODY=json sends the small JSON body instead of an empty one.
+#   needs them). BODY=json sends the small JSON body instead of an empty one; BODY=get
+#   a GET with no user headers and no body (issue 26's own measure).
 # Usage: BENCH=reqwest bash benches/instructions.sh [VARIANT...]
 #   the reqwest path (benches/reqwest.rs, real loopback HTTP): `none` (no middleware) and
 #   `header` (a fixed-header middleware) are always measured; the ratio is x `header`.
