@@ -137,6 +137,10 @@ struct Ahead<E> {
     error: Option<E>,
     /// The body ended (or failed) while it was read ahead: nothing follows the frames.
     ended: bool,
+    /// The exact length the body declared before it was read ahead, declared in turn
+    /// until the first frame is given: what the inner service would have read without
+    /// the layer, even from a body whose hint does not shrink as it is read.
+    declared: Option<u64>,
 }
 
 impl<E> Ahead<E> {
@@ -240,6 +244,7 @@ where
             return (ReplayBody::forward(body), ReplayHandle::Empty);
         }
         let hint = body.size_hint();
+        let declared = hint.exact();
         if hint.lower() > limit as u64 {
             return (
                 ReplayBody::forward(body),
@@ -257,13 +262,14 @@ where
             let frame = match body.as_mut().poll_frame(&mut cx) {
                 Poll::Pending => break,
                 Poll::Ready(None) => {
-                    return Self::taken_whole(chunks, trailers);
+                    return Self::taken_whole(body, chunks, trailers, declared);
                 }
                 Poll::Ready(Some(Err(error))) => {
                     let ahead = Ahead {
                         frames: chunks_as_frames(chunks, trailers),
                         error: Some(error),
                         ended: true,
+                        declared,
                     };
                     return Self::streaming(body, ahead, NotReplayed::BodyFailed);
                 }
@@ -278,6 +284,7 @@ where
                             frames: chunks_as_frames(chunks, trailers),
                             error: None,
                             ended,
+                            declared,
                         };
                         return Self::streaming(body, ahead, NotReplayed::BodyTooLarge);
                     }
@@ -293,7 +300,7 @@ where
                 }
             }
             if body.is_end_stream() {
-                return Self::taken_whole(chunks, trailers);
+                return Self::taken_whole(body, chunks, trailers, declared);
             }
             if bound_reached {
                 break;
@@ -314,6 +321,7 @@ where
             frames: chunks_as_frames(chunks.clone().into(), trailers.clone()),
             error: None,
             ended: false,
+            declared,
         });
         let recording = Recording {
             recorder: recorder.clone(),
@@ -332,8 +340,24 @@ where
     }
 
     /// The body ended while it was read ahead: the first attempt plays back what was
-    /// taken, and so does the replay.
-    fn taken_whole(chunks: Chunks, trailers: Option<Box<HeaderMap>>) -> (Self, ReplayHandle) {
+    /// taken, and so does the replay. A body shorter or longer than the length it
+    /// declared is not made whole: the first attempt declares that length, as it would
+    /// have been read without the layer, and is not replayed.
+    fn taken_whole(
+        body: Pin<Box<B>>,
+        chunks: Chunks,
+        trailers: Option<Box<HeaderMap>>,
+        declared: Option<u64>,
+    ) -> (Self, ReplayHandle) {
+        if declared.is_some_and(|n| n != chunks.len()) {
+            let ahead = Ahead {
+                frames: chunks_as_frames(chunks, trailers),
+                error: None,
+                ended: true,
+                declared,
+            };
+            return Self::streaming(body, ahead, NotReplayed::BodyFailed);
+        }
         let first = ReplayBody::replay(chunks.clone(), trailers.clone());
         let handle = match trailers {
             None => ReplayHandle::Whole(chunks),
@@ -444,9 +468,11 @@ where
             } => {
                 if let Some(taken) = ahead {
                     if let Some(frame) = taken.frames.next() {
+                        taken.declared = None;
                         return Poll::Ready(Some(Ok(frame)));
                     }
                     if let Some(error) = taken.error.take() {
+                        taken.declared = None;
                         return Poll::Ready(Some(Err(error)));
                     }
                     if taken.ended {
@@ -498,6 +524,10 @@ where
         match &self.kind {
             Kind::Forward { body } => body.size_hint(),
             Kind::Stream { body, ahead, .. } => match ahead {
+                // Nothing given yet: what the body declared, as read without the layer.
+                Some(taken) if taken.declared.is_some() => {
+                    SizeHint::with_exact(taken.declared.unwrap_or_default())
+                }
                 // Exact only when nothing but data follows: a `Content-Length` would make
                 // HTTP/1.1 drop trailers, and send a body cut short by its error as a
                 // whole request.
@@ -1065,6 +1095,54 @@ mod tests {
         assert_eq!(frames(body).await.0.len(), 400 * 1024);
         let replay: ReplayBody<Trickle> = handle.take().unwrap();
         assert_eq!(frames(replay).await.0.len(), 400 * 1024);
+    }
+
+    /// A test body that declares an exact length, whatever it has given so far (a stale
+    /// hint, or a length it does not keep).
+    struct Declared(Trickle, u64);
+
+    impl Body for Declared {
+        type Data = Bytes;
+        type Error = &'static str;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
+            Pin::new(&mut self.0).poll_frame(cx)
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.1)
+        }
+    }
+
+    /// The first attempt declares what the body declared before it was read ahead, as
+    /// the inner service would have read it without the layer: a body whose hint does
+    /// not shrink as it is read is not announced longer than it is (a `Content-Length`
+    /// the body cannot fill fails the request).
+    #[tokio::test]
+    async fn the_first_attempt_declares_the_length_the_body_declared() {
+        let partly = steps(vec![data(b"ab"), Step::Wait, data(b"cd")]);
+        let (body, mut handle) = ReplayBody::record(Declared(partly, 4), 1024);
+        assert_eq!(body.size_hint().exact(), Some(4));
+        assert_eq!(frames(body).await.0, b"abcd");
+        assert!(handle.take::<Declared>().is_ok());
+    }
+
+    /// A body ready in full that is shorter than the length it declared is not made
+    /// whole: the first attempt declares that length (so the short body fails the request,
+    /// as it would without the layer), and it is not replayed.
+    #[tokio::test]
+    async fn a_body_shorter_than_it_declared_is_neither_made_whole_nor_replayed() {
+        let short = steps(vec![data(b"abc")]);
+        let (body, mut handle) = ReplayBody::record(Declared(short, 5), 1024);
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert_eq!(
+            handle.take::<Declared>().unwrap_err(),
+            NotReplayed::BodyFailed
+        );
+        assert_eq!(frames(body).await.0, b"abc");
     }
 
     /// A body whose one ready chunk passes the read-ahead's bound, and whose end is known

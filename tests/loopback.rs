@@ -342,3 +342,74 @@ async fn a_body_that_fails_before_it_is_sent_never_reaches_the_server_whole() {
     let cd = (Bytes::from_static(b"cd"), None);
     assert_eq!(whole, [&cd, &cd], "{seen:?}");
 }
+
+/// A body fed through a channel that declares its whole length at every poll (its hint
+/// does not shrink as it is read, which hyper tolerates: it reads the hint once, before
+/// the first poll).
+struct Stale {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+    total: u64,
+}
+
+impl http_body::Body for Stale {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.total)
+    }
+}
+
+/// World: a body with a stale exact hint, its first chunk ready when the request is
+/// sent and the rest a moment later, over HTTP/1.1. Proves: the layer announces the
+/// length the body declared (what hyper reads without the layer, where this request
+/// goes through), never that length plus what it read ahead, which would make hyper
+/// wait for bytes that never come and fail the request.
+#[tokio::test]
+async fn a_body_is_announced_at_the_length_it_declared() {
+    let (addr, seen) = body_server().await;
+    let plain = Client::builder(TokioExecutor::new()).build_http::<Stale>();
+    let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Stale>>();
+    let layered = AuthLayer::new(source_fn(|_| async { Credential::bearer("tok-ok") }))
+        .any_https_origin()
+        .allow_http_loopback(true)
+        .layer(client);
+    let stale = || {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(Bytes::from_static(b"ab")).unwrap();
+        let rest = async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tx.send(Bytes::from_static(b"cd")).unwrap();
+        };
+        (Stale { rx, total: 4 }, rest)
+    };
+    let url = format!("http://{addr}/v1/upload");
+    let auth = "Bearer tok-0";
+
+    // Without the layer.
+    let (body, rest) = stale();
+    let req = Request::post(url.as_str())
+        .header("authorization", auth)
+        .body(body)
+        .unwrap();
+    let (res, ()) = tokio::join!(plain.request(req), rest);
+    assert_eq!(res.unwrap().status(), 200);
+
+    // Through the layer.
+    let (body, rest) = stale();
+    let req = Request::post(url.as_str()).body(body).unwrap();
+    let (res, ()) = tokio::join!(layered.oneshot(req), rest);
+    assert_eq!(res.unwrap().status(), 200);
+    let seen = seen.lock().unwrap().clone();
+    let abcd = Ok((Bytes::from_static(b"abcd"), None));
+    assert_eq!(seen, vec![abcd.clone(), abcd]);
+}
