@@ -179,7 +179,8 @@ pub enum NotReplayed {
     /// was still streaming when the request was sent (a body ready in full then is taken
     /// whole before it is sent, and replays however early the server answers).
     BodyIncomplete,
-    /// Reading the body failed.
+    /// Reading the body failed, or the body broke its own framing: it gave another length
+    /// than the exact one it declared, or a frame after its trailers.
     BodyFailed,
     /// The request opted out with [`NoReplay`](crate::NoReplay), or the layer does not
     /// replay ([`AuthLayer::without_replay`](crate::AuthLayer::without_replay)).
@@ -275,6 +276,18 @@ where
                 }
                 Poll::Ready(Some(Ok(frame))) => frame.map_data(Into::into),
             };
+            if trailers.is_some() {
+                // Nothing should follow trailers: pass it on in its order, unreplayed.
+                let mut frames: Vec<_> = chunks_as_frames(chunks, trailers).collect();
+                frames.push(frame);
+                let ahead = Ahead {
+                    frames: frames.into_iter(),
+                    error: None,
+                    ended: body.is_end_stream(),
+                    declared,
+                };
+                return Self::streaming(body, ahead, NotReplayed::BodyFailed);
+            }
             match frame.into_data() {
                 Ok(data) => {
                     if len + data.len() > limit {
@@ -329,6 +342,7 @@ where
             chunks,
             len,
             trailers,
+            declared,
             done: false,
         };
         let kind = Kind::Stream {
@@ -509,6 +523,8 @@ where
                     taken.frames.as_slice().is_empty()
                         && taken.error.is_none()
                         && (taken.ended || body.is_end_stream())
+                        // Ended short of a length it declared: read on, as without the layer.
+                        && taken.declared.is_none_or(|n| n == 0)
                 }
                 None => body.is_end_stream(),
             },
@@ -539,8 +555,12 @@ where
                     let rest = body.size_hint();
                     let mut hint = SizeHint::new();
                     hint.set_lower(rest.lower().saturating_add(taken.len()));
-                    if let Some(upper) = rest.upper() {
-                        hint.set_upper(upper.saturating_add(taken.len()));
+                    match rest.upper() {
+                        // Trailers to give: never exact, or HTTP/1.1 would drop them.
+                        Some(upper) if !ends_in_trailers(taken) => {
+                            hint.set_upper(upper.saturating_add(taken.len()))
+                        }
+                        _ => {}
                     }
                     hint
                 }
@@ -580,6 +600,9 @@ struct Recording {
     chunks: Vec<Bytes>,
     len: usize,
     trailers: Option<Box<HeaderMap>>,
+    /// The exact length the body declared when it was wrapped: a body that gives another
+    /// length was sent cut short (or failed) by HTTP/1.1, so what it gave is not replayed.
+    declared: Option<u64>,
     done: bool,
 }
 
@@ -595,6 +618,8 @@ impl Recording {
         match frame {
             None => self.finish(Status::Complete),
             Some(Err(_)) => self.finish(Status::Failed),
+            // Nothing should follow trailers: a replay could not give it as it came.
+            Some(Ok(_)) if self.trailers.is_some() => self.finish(Status::Failed),
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.remaining();
@@ -617,8 +642,11 @@ impl Recording {
     }
 
     /// Publishes the outcome; only a complete recording keeps its chunks.
-    fn finish(&mut self, status: Status) {
+    fn finish(&mut self, mut status: Status) {
         self.done = true;
+        if status == Status::Complete && self.declared.is_some_and(|n| n != self.len as u64) {
+            status = Status::Failed;
+        }
         let chunks = std::mem::take(&mut self.chunks);
         let trailers = self.trailers.take();
         let mut rec = self.recorder.lock();
@@ -826,6 +854,14 @@ mod tests {
     }
 
     async fn next(body: &mut ReplayBody<Trickle>) -> Option<Result<Frame<Bytes>, &'static str>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    async fn next_any<B>(body: &mut ReplayBody<B>) -> Option<Result<Frame<Bytes>, B::Error>>
+    where
+        B: Body + Unpin,
+        B::Data: Into<Bytes>,
+    {
         std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
     }
 
@@ -1143,6 +1179,93 @@ mod tests {
             NotReplayed::BodyFailed
         );
         assert_eq!(frames(body).await.0, b"abc");
+    }
+
+    /// A streamed body that gives more or fewer bytes than it declared is not replayed:
+    /// HTTP/1.1 sent the declared length (cut short, or failed), so a replay of what was
+    /// read would send another body than the first attempt did.
+    #[tokio::test]
+    async fn a_streamed_body_that_breaks_its_declared_length_is_not_replayed() {
+        for (chunks, declared) in [
+            (vec![data(b"ab"), Step::Wait, data(b"cdef")], 4),
+            (vec![data(b"ab"), Step::Wait, data(b"c")], 4),
+            (vec![Step::Wait, data(b"abcdef")], 4),
+        ] {
+            let (body, mut handle) = ReplayBody::record(Declared(steps(chunks), declared), 1024);
+            frames(body).await;
+            assert_eq!(
+                handle.take::<Declared>().unwrap_err(),
+                NotReplayed::BodyFailed
+            );
+        }
+    }
+
+    /// A body that declared a length and ended at once, empty, is not announced as
+    /// ended: the inner service reads it as it would without the layer (and fails the
+    /// request on the missing bytes) rather than sending an empty, complete request.
+    #[tokio::test]
+    async fn an_empty_body_that_declared_a_length_is_not_announced_ended() {
+        let (body, mut handle) = ReplayBody::record(Declared(steps(vec![]), 5), 1024);
+        assert!(!body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert_eq!(
+            handle.take::<Declared>().unwrap_err(),
+            NotReplayed::BodyFailed
+        );
+    }
+
+    /// What a body gives after its trailers (it should give nothing) is passed on in its
+    /// order, never reordered or merged, and such a body is not replayed: read ahead or
+    /// streamed, data after trailers, or two trailer frames.
+    #[tokio::test]
+    async fn frames_after_trailers_keep_their_order_and_are_not_replayed() {
+        let shapes = || {
+            [
+                vec![data(b"ab"), checksum(), data(b"cd")],
+                vec![data(b"ab"), checksum(), checksum()],
+                vec![data(b"ab"), Step::Wait, checksum(), data(b"cd")],
+                vec![Step::Wait, checksum(), Step::Wait, checksum()],
+            ]
+        };
+        for shape in shapes() {
+            let expected: Vec<&str> = shape
+                .iter()
+                .filter_map(|s| match s {
+                    Step::Frame(Ok(f)) if f.is_data() => Some("data"),
+                    Step::Frame(Ok(_)) => Some("trailers"),
+                    _ => None,
+                })
+                .collect();
+            let (mut body, mut handle) = ReplayBody::record(steps(shape), 1024);
+            let mut given = Vec::new();
+            while let Some(frame) = next(&mut body).await {
+                given.push(if frame.unwrap().is_data() {
+                    "data"
+                } else {
+                    "trailers"
+                });
+            }
+            assert_eq!(given, expected);
+            assert_eq!(
+                handle.take::<Trickle>().unwrap_err(),
+                NotReplayed::BodyFailed,
+                "{expected:?}"
+            );
+        }
+    }
+
+    /// Trailers read ahead, with the body not ended yet, make the hint inexact whatever
+    /// the rest declares: an exact length would make HTTP/1.1 drop them.
+    #[tokio::test]
+    async fn trailers_read_ahead_keep_the_hint_inexact() {
+        let (body, _handle) = ReplayBody::record(
+            Declared(steps(vec![data(b"ab"), checksum(), Step::Wait]), 2),
+            1024,
+        );
+        let mut body = body;
+        // The first frame given: the declared length is no longer what is announced.
+        assert!(next_any(&mut body).await.unwrap().unwrap().is_data());
+        assert_eq!(body.size_hint().exact(), None);
     }
 
     /// A body whose one ready chunk passes the read-ahead's bound, and whose end is known
