@@ -302,22 +302,15 @@ pub(crate) fn env_proxies() -> Option<std::sync::Arc<hyper_util::client::proxy::
 }
 
 /// Whether `proxies` (the environment's, as a default reqwest client reads them) would
-/// hand a plain-http request to `uri` to a proxy on another host, across the network in
-/// plain text. An HTTP proxy on this host receives the request on it, as a loopback
-/// server would. A SOCKS proxy counts as another host wherever it listens: it tunnels
-/// the request on and connects to the target from its far end (an `ssh -D` tunnel).
+/// hand a plain-http request to `uri` to any proxy. Plain http is allowed to a loopback
+/// host because the request stays on this host; a proxy, wherever it listens, may send
+/// it on anywhere, and nothing here can see where: cntlm forwards it in the clear to its
+/// parent proxy, a loopback port of `ssh -L` or `kubectl port-forward` ends on another
+/// host (whose own loopback then gets the credential), a SOCKS proxy connects to the
+/// target from its far end.
 #[cfg(feature = "reqwest")]
-pub(crate) fn proxied_in_clear(
-    proxies: &hyper_util::client::proxy::matcher::Matcher,
-    uri: &Uri,
-) -> bool {
-    uri.scheme_str() == Some("http")
-        && proxies.intercept(uri).is_some_and(|proxy| {
-            let proxy = proxy.uri();
-            let on_this_host = matches!(proxy.scheme_str(), Some("http" | "https"))
-                && proxy.host().is_some_and(is_loopback);
-            !on_this_host
-        })
+pub(crate) fn proxied(proxies: &hyper_util::client::proxy::matcher::Matcher, uri: &Uri) -> bool {
+    uri.scheme_str() == Some("http") && proxies.intercept(uri).is_some()
 }
 
 /// `localhost`, 127.0.0.0/8, `::1` and IPv4-mapped loopback.

@@ -240,9 +240,11 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     /// loopback host is refused (`ErrorKind::InsecureTransport`, before anything is
     /// sent) when the proxy variables a default reqwest client reads (`HTTP_PROXY`,
     /// `ALL_PROXY`, lower case too, less `NO_PROXY`, ignoring `HTTP_PROXY` under CGI; on
-    /// macOS and Windows also the system's settings) would send it to a proxy on another
-    /// host, or to any SOCKS proxy (which tunnels it on from its far end): the credential
-    /// would cross the network in plain text. An HTTP proxy on this host is allowed.
+    /// macOS and Windows also the system's settings) would send it to a proxy, even one
+    /// listening on this host: plain http is allowed because the request stays on this
+    /// host, and a proxy may send it on anywhere, unseen (cntlm in the clear to its parent
+    /// proxy, a loopback port of `ssh -L` or `kubectl port-forward` to another host, a
+    /// SOCKS proxy from its far end).
     ///
     /// The variables are read when the middleware is built, as a default client reads
     /// them when it is built: build both in the same environment. The middleware cannot
@@ -303,13 +305,13 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     }
 
     /// Refuses a plain-http request that the environment's proxies would hand to a proxy
-    /// on another host or a SOCKS proxy (see
+    /// (see
     /// [`client_without_proxy`](Self::client_without_proxy)).
     fn not_through_a_proxy(&self, uri: &http::Uri) -> Result<(), crate::Error> {
         match &self.env_proxies {
-            Some(proxies) if crate::policy::proxied_in_clear(proxies, uri) => {
+            Some(proxies) if crate::policy::proxied(proxies, uri) => {
                 Err(crate::Error::new(crate::ErrorKind::InsecureTransport).with_detail(
-                    "plain http to a loopback host would go through a proxy on another host or a SOCKS proxy (HTTP_PROXY or ALL_PROXY, not excluded by NO_PROXY): build the reqwest client with .no_proxy() and call client_without_proxy() on the AuthMiddleware, or add the host to NO_PROXY",
+                    "plain http to a loopback host would go through a proxy (HTTP_PROXY or ALL_PROXY, not excluded by NO_PROXY), which may send it on anywhere: build the reqwest client with .no_proxy() and call client_without_proxy() on the AuthMiddleware, or add the host to NO_PROXY",
                 ))
             }
             _ => Ok(()),

@@ -1,7 +1,9 @@
 //! The reqwest adapter and the proxies a default reqwest client takes from the
 //! environment (`HTTP_PROXY`, `NO_PROXY`): a plain-http loopback request, allowed with
-//! `allow_http_loopback`, must not carry its credential in plain text to a proxy on
-//! another host.
+//! `allow_http_loopback`, must not carry its credential through any proxy: plain http
+//! is allowed because loopback traffic stays on this host, and a proxy may send it on
+//! anywhere (cntlm to its parent proxy in the clear, an `ssh -L` or `kubectl
+//! port-forward` port to another host, a SOCKS proxy from its far end).
 //!
 //! A test binary of its own, with one test: it sets process-wide environment variables,
 //! which every reqwest client built in the same process would read.
@@ -136,7 +138,7 @@ async fn nothing_arrives(rx: &mut mpsc::UnboundedReceiver<String>) {
 }
 
 #[tokio::test]
-async fn a_plain_http_loopback_request_never_goes_to_a_proxy_on_another_host() {
+async fn a_plain_http_loopback_request_never_goes_through_a_proxy() {
     let (api, mut at_api) = recorder().await;
     let url = format!("http://{api}/v1/me");
 
@@ -187,18 +189,21 @@ async fn a_plain_http_loopback_request_never_goes_to_a_proxy_on_another_host() {
     ]);
     sent(reqwest::Client::new(), middleware(&api), &url, &mut at_api).await;
 
-    // A proxy on this host keeps the request on it: allowed, and the default client
-    // does send it there (the middleware reads the variables as the client does).
+    // An HTTP proxy listening on this host, under any of the names: refused too. Where
+    // it sends the request on, the middleware cannot see (cntlm forwards it in the clear
+    // to its parent proxy; a loopback port of `ssh -L` or `kubectl port-forward` ends on
+    // another host). The default client would send it there: without the middleware
+    // the proxy gets the request, with it nothing arrives.
     let (proxy, mut at_proxy) = recorder().await;
-    proxy_env(&[("HTTP_PROXY", &format!("http://{proxy}"))]);
-    let head = sent(
-        reqwest::Client::new(),
-        middleware(&api),
-        &url,
-        &mut at_proxy,
-    )
-    .await;
-    assert!(head.starts_with(&format!("GET {url} ")), "{head}");
+    for name in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+        proxy_env(&[(name, &format!("http://{proxy}"))]);
+        refused_by_both(&api, &url).await;
+        nothing_arrives(&mut at_proxy).await;
+        let res = reqwest::Client::new().get(&url).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{name}");
+        let head = at_proxy.recv().await.unwrap();
+        assert!(head.starts_with(&format!("GET {url} ")), "{name}: {head}");
+    }
     nothing_arrives(&mut at_api).await;
 
     // The token client over reqwest: the client secret must not go there either.
@@ -210,9 +215,11 @@ async fn a_plain_http_loopback_request_never_goes_to_a_proxy_on_another_host() {
             .allow_http_loopback(true)
             .client(client.allow_http_loopback(true))
     };
+    let loopback_proxy = format!("http://{proxy}");
     for (name, proxy) in [
         ("HTTP_PROXY", "http://proxy.invalid:3128"),
         ("ALL_PROXY", "socks5h://127.0.0.1:1080"),
+        ("HTTP_PROXY", loopback_proxy.as_str()),
     ] {
         proxy_env(&[(name, proxy)]);
         let err = CredentialCache::new(source(TokenClient::reqwest(reqwest::Client::new())))
@@ -228,6 +235,7 @@ async fn a_plain_http_loopback_request_never_goes_to_a_proxy_on_another_host() {
         assert!(!format!("{err:?}").contains("client-secret"));
     }
     nothing_arrives(&mut at_idp).await;
+    nothing_arrives(&mut at_proxy).await;
     // Told the client takes no proxy: the request goes to the token endpoint (whose
     // empty answer is no token, which is beside the point here).
     let no_proxy = reqwest::Client::builder().no_proxy().build().unwrap();

@@ -175,10 +175,10 @@ impl TokenClient {
         )?;
         #[cfg(feature = "reqwest")]
         if (self.env_proxies.as_deref())
-            .is_some_and(|proxies| crate::policy::proxied_in_clear(proxies, request.uri()))
+            .is_some_and(|proxies| crate::policy::proxied(proxies, request.uri()))
         {
             return Err(TokenError::new(TokenErrorKind::InsecureTransport).detail(
-                "plain http to a loopback host would go through a proxy on another host or a SOCKS proxy (HTTP_PROXY or ALL_PROXY, not excluded by NO_PROXY): build the reqwest client with .no_proxy() and call TokenClient::client_without_proxy, or add the host to NO_PROXY",
+                "plain http to a loopback host would go through a proxy (HTTP_PROXY or ALL_PROXY, not excluded by NO_PROXY), which may send it on anywhere: build the reqwest client with .no_proxy() and call TokenClient::client_without_proxy, or add the host to NO_PROXY",
             ));
         }
         let sent =
@@ -344,8 +344,10 @@ impl TokenClient {
     /// request to a loopback host is refused (`TokenErrorKind::InsecureTransport`,
     /// nothing sent) when the proxy variables a default reqwest client reads
     /// (`HTTP_PROXY`, `ALL_PROXY`, less `NO_PROXY`; on macOS and Windows also the
-    /// system's settings) would send it, client secret included, in plain text to a
-    /// proxy on another host or to any SOCKS proxy. The variables are read when
+    /// system's settings) would send it, client secret included, to any proxy, even one
+    /// listening on this host (which may send it on anywhere, unseen; see
+    /// [`AuthMiddleware::client_without_proxy`](crate::reqwest::AuthMiddleware::client_without_proxy)).
+    /// The variables are read when
     /// [`reqwest`](Self::reqwest) is called, as the reqwest client read them when it was
     /// built: build both in the same environment. This client cannot see the reqwest
     /// client's own settings; this tells it (a client with proxies of its own is yours
