@@ -9,8 +9,10 @@
 //! the limit. Past the limit what was kept is freed at once and nothing more is kept; the
 //! body is then not replayable, and a 401 reaches the caller as it came.
 //!
-//! A body is replayable when it was read to its end within the limit, or was empty to
-//! begin with. A body that was ready in full when the request was sent is replayable
+//! A body is replayable when it was read to its end within the limit, or to the exact
+//! length it declared (HTTP/1.1 reads no further), or was empty to begin with. A body
+//! that gives another length than it declared, or a frame after its trailers, is passed
+//! on as it came and not replayed. A body that was ready in full when the request was sent is replayable
 //! however early the server answers (a gRPC interceptor rejects before it reads the
 //! message). A body still streaming that the inner service had not finished reading when
 //! the response came (the server answered early) is not replayed: its unread rest is
@@ -666,6 +668,21 @@ impl Recording {
     }
 }
 
+/// A recording dropped before its body ended: complete if the body gave every byte it
+/// declared, as HTTP/1.1 sends it (hyper stops reading a body at its `Content-Length`,
+/// without polling for its end, which a body that does not override `is_end_stream`
+/// shows only then). Otherwise it stays incomplete.
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if !self.done
+            && self.trailers.is_none()
+            && self.declared.is_some_and(|n| n == self.len as u64)
+        {
+            self.finish(Status::Complete);
+        }
+    }
+}
+
 /// Shared between the recording body and the response future.
 pub(crate) struct Recorder {
     /// Set when the response future no longer needs a replay.
@@ -1197,6 +1214,32 @@ mod tests {
                 handle.take::<Declared>().unwrap_err(),
                 NotReplayed::BodyFailed
             );
+        }
+    }
+
+    /// A body dropped by the inner service once it gave all it declared (HTTP/1.1 stops
+    /// at the `Content-Length`, without polling for the end) is recorded whole; one
+    /// dropped short of it is not.
+    #[tokio::test]
+    async fn a_body_dropped_at_its_declared_length_is_recorded_whole() {
+        for (read, replayed) in [(2, true), (1, false)] {
+            let chunks = vec![Step::Wait, data(b"ab"), Step::Wait, data(b"cd"), Step::Wait];
+            let (mut body, mut handle) = ReplayBody::record(Declared(steps(chunks), 4), 1024);
+            for _ in 0..read {
+                assert!(next_any(&mut body).await.unwrap().unwrap().is_data());
+            }
+            drop(body);
+            match handle.take::<Declared>() {
+                Ok(replay) => {
+                    assert!(replayed);
+                    assert_eq!(replay.size_hint().exact(), Some(4));
+                    assert_eq!(frames(replay).await.0, b"abcd");
+                }
+                Err(why) => {
+                    assert!(!replayed);
+                    assert_eq!(why, NotReplayed::BodyIncomplete);
+                }
+            }
         }
     }
 

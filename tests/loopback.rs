@@ -413,3 +413,48 @@ async fn a_body_is_announced_at_the_length_it_declared() {
     let abcd = Ok((Bytes::from_static(b"abcd"), None));
     assert_eq!(seen, vec![abcd.clone(), abcd]);
 }
+
+/// World: a body that declares its length and shows its end only when polled after its
+/// last byte (a file read behind a channel, a body that does not override
+/// `is_end_stream`), over HTTP/1.1, rejected once. hyper stops reading it once the
+/// declared length is sent, and never polls for its end. Proves: it is replayed all the
+/// same, whether its first chunk was ready when it was sent or none was, since all it
+/// declared was sent and recorded.
+#[tokio::test]
+async fn a_body_whose_end_shows_only_after_its_declared_length_is_replayed() {
+    let (addr, seen) = body_server().await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Stale>>();
+    for first_ready in [true, false] {
+        let svc = AuthLayer::new(counting_source())
+            .any_https_origin()
+            .allow_http_loopback(true)
+            .layer(client.clone());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if first_ready {
+            tx.send(Bytes::from_static(b"ab")).unwrap();
+        }
+        let rest = async {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            if !first_ready {
+                tx.send(Bytes::from_static(b"ab")).unwrap();
+            }
+            tx.send(Bytes::from_static(b"cd")).unwrap();
+        };
+        let req = Request::post(format!("http://{addr}/v1/upload"))
+            .body(Stale { rx, total: 4 })
+            .unwrap();
+        let (res, ()) = tokio::join!(svc.oneshot(req), rest);
+        let res = res.unwrap();
+        assert_eq!(
+            res.status(),
+            200,
+            "first ready: {first_ready}: {:?}",
+            res.extensions().get::<tower_client_auth::NotReplayed>()
+        );
+        // The sender lives on: the body never ends on its own.
+        drop(tx);
+    }
+    let seen = seen.lock().unwrap().clone();
+    let abcd = Ok((Bytes::from_static(b"abcd"), None));
+    assert_eq!(seen, vec![abcd.clone(), abcd.clone(), abcd.clone(), abcd]);
+}
