@@ -12,11 +12,11 @@
 //! A body is replayable when it was read to its end within the limit, or to the exact
 //! length it declared (HTTP/1.1 reads no further), or was empty to begin with. A body
 //! that gives another length than it declared, or a frame after its trailers, is passed
-//! on as it came and not replayed. A body that was ready in full when the request was sent is replayable
-//! however early the server answers (a gRPC interceptor rejects before it reads the
-//! message). A body still streaming that the inner service had not finished reading when
-//! the response came (the server answered early) is not replayed: its unread rest is
-//! still with the first attempt.
+//! on as it came and not replayed. A body that was ready in full when the request was
+//! sent is replayable however early the server answers (a gRPC interceptor rejects
+//! before it reads the message). A body still streaming that the inner service had not
+//! finished reading when the response came (the server answered early) is not replayed:
+//! its unread rest is still with the first attempt.
 
 use std::{
     fmt,
