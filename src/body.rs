@@ -9,8 +9,8 @@
 //! the limit. Past the limit what was kept is freed at once and nothing more is kept; the
 //! body is then not replayable, and a 401 reaches the caller as it came.
 //!
-//! A body is replayable when it was read to its end within the limit, or to the exact
-//! length it declared (HTTP/1.1 reads no further), or was empty to begin with. A body
+//! A body is replayable when it was read to its end within the limit, or to its trailers
+//! or the exact length it declared (hyper reads no further), or was empty to begin with. A body
 //! that gives another length than it declared, or a frame after its trailers, is passed
 //! on as it came and not replayed. A body that was ready in full when the request was
 //! sent is replayable however early the server answers (a gRPC interceptor rejects
@@ -492,6 +492,7 @@ where
                         return Poll::Ready(Some(Err(error)));
                     }
                     if taken.ended {
+                        taken.declared = None;
                         return Poll::Ready(None);
                     }
                     *ahead = None;
@@ -585,13 +586,10 @@ fn at_least(lower: u64) -> SizeHint {
     hint
 }
 
-/// Whether the frames taken ahead end in trailers (still to be given).
+/// Whether trailers are among the frames taken ahead (still to be given; a body that
+/// breaks its framing may give data after them).
 fn ends_in_trailers<E>(taken: &Ahead<E>) -> bool {
-    taken
-        .frames
-        .as_slice()
-        .last()
-        .is_some_and(Frame::is_trailers)
+    taken.frames.as_slice().iter().any(Frame::is_trailers)
 }
 
 /// What the body records, held by the body itself while it streams (no lock per chunk)
@@ -668,16 +666,18 @@ impl Recording {
     }
 }
 
-/// A recording dropped before its body ended: complete if the body gave every byte it
-/// declared, as HTTP/1.1 sends it (hyper stops reading a body at its `Content-Length`,
-/// without polling for its end, which a body that does not override `is_end_stream`
-/// shows only then). Otherwise it stays incomplete.
+/// A recording dropped before its body ended, as hyper drops a body without polling for
+/// its end: at its `Content-Length` over HTTP/1.1 (a body that does not override
+/// `is_end_stream` shows its end only at that next poll), and after its trailers over
+/// either version. It is complete once the body gave its trailers (nothing may follow
+/// them) or every byte it declared; failed if it gave more than it declared (HTTP/1.1
+/// cut it short); otherwise incomplete.
 impl Drop for Recording {
     fn drop(&mut self) {
         if !self.done
-            && self.trailers.is_none()
-            && self.declared.is_some_and(|n| n == self.len as u64)
+            && (self.trailers.is_some() || self.declared.is_some_and(|n| self.len as u64 >= n))
         {
+            // `finish` fails a length other than the declared one.
             self.finish(Status::Complete);
         }
     }
@@ -1243,6 +1243,35 @@ mod tests {
         }
     }
 
+    /// A streamed body whose trailers were given is whole, though the inner service drops
+    /// it without polling for its end (hyper does, over HTTP/1.1 and HTTP/2): nothing
+    /// may follow trailers.
+    #[tokio::test]
+    async fn a_body_dropped_after_its_trailers_is_recorded_whole() {
+        let chunks = vec![Step::Wait, data(b"ab"), Step::Wait, checksum()];
+        let (mut body, mut handle) = ReplayBody::record(steps(chunks), 1024);
+        assert!(next(&mut body).await.unwrap().unwrap().is_data());
+        assert!(next(&mut body).await.unwrap().unwrap().is_trailers());
+        drop(body);
+        let (bytes, trailers) = frames(handle.take::<Trickle>().unwrap()).await;
+        assert_eq!(bytes, b"ab");
+        assert_eq!(trailers.unwrap()["x-checksum"], "abc");
+    }
+
+    /// A body dropped after it gave more than it declared (HTTP/1.1 cuts it at the
+    /// `Content-Length` and drops it) is not replayed, for the reason it broke.
+    #[tokio::test]
+    async fn a_body_dropped_past_its_declared_length_failed() {
+        let chunks = vec![Step::Wait, data(b"abcdef"), Step::Wait];
+        let (mut body, mut handle) = ReplayBody::record(Declared(steps(chunks), 4), 1024);
+        assert!(next_any(&mut body).await.unwrap().unwrap().is_data());
+        drop(body);
+        assert_eq!(
+            handle.take::<Declared>().unwrap_err(),
+            NotReplayed::BodyFailed
+        );
+    }
+
     /// A body that declared a length and ended at once, empty, is not announced as
     /// ended: the inner service reads it as it would without the layer (and fails the
     /// request on the missing bytes) rather than sending an empty, complete request.
@@ -1255,6 +1284,10 @@ mod tests {
             handle.take::<Declared>().unwrap_err(),
             NotReplayed::BodyFailed
         );
+        // Once its end was given, it says so.
+        let mut body = body;
+        assert!(next_any(&mut body).await.is_none());
+        assert!(body.is_end_stream());
     }
 
     /// What a body gives after its trailers (it should give nothing) is passed on in its
@@ -1307,6 +1340,16 @@ mod tests {
         );
         let mut body = body;
         // The first frame given: the declared length is no longer what is announced.
+        assert!(next_any(&mut body).await.unwrap().unwrap().is_data());
+        assert_eq!(body.size_hint().exact(), None);
+        // The same with data read ahead after the trailers.
+        let (mut body, _handle) = ReplayBody::record(
+            Declared(
+                steps(vec![data(b"ab"), checksum(), data(b"cd"), Step::Wait]),
+                4,
+            ),
+            1024,
+        );
         assert!(next_any(&mut body).await.unwrap().unwrap().is_data());
         assert_eq!(body.size_hint().exact(), None);
     }
