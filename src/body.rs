@@ -9,12 +9,12 @@
 //! the limit. Past the limit what was kept is freed at once and nothing more is kept; the
 //! body is then not replayable, and a 401 reaches the caller as it came.
 //!
-//! A body is replayable when it was read to its end within the limit, or to its trailers
-//! or the exact length it declared (hyper reads no further), or was empty to begin with. A body
-//! that gives another length than it declared, or a frame after its trailers, is passed
-//! on as it came and not replayed. A body that was ready in full when the request was
-//! sent is replayable however early the server answers (a gRPC interceptor rejects
-//! before it reads the message). A body still streaming that the inner service had not
+//! A body is replayable when it was read to its end within the limit, or to its
+//! trailers or the exact length it declared (hyper reads no further), or was empty to
+//! begin with. A body that gives another length than it declared, or a frame after its
+//! trailers, is passed on as it came and not replayed. A body that was ready in full
+//! when the request was sent is replayable however early the server answers (a gRPC
+//! interceptor rejects before it reads the message). A body still streaming that the inner service had not
 //! finished reading when the response came (the server answered early) is not replayed:
 //! its unread rest is still with the first attempt.
 
@@ -550,7 +550,7 @@ where
                 // Exact only when nothing but data follows: a `Content-Length` would make
                 // HTTP/1.1 drop trailers, and send a body cut short by its error as a
                 // whole request.
-                Some(taken) if taken.ended && taken.error.is_none() && !ends_in_trailers(taken) => {
+                Some(taken) if taken.ended && taken.error.is_none() && !trailers_ahead(taken) => {
                     SizeHint::with_exact(taken.len())
                 }
                 Some(taken) if taken.ended => at_least(taken.len()),
@@ -560,7 +560,7 @@ where
                     hint.set_lower(rest.lower().saturating_add(taken.len()));
                     match rest.upper() {
                         // Trailers to give: never exact, or HTTP/1.1 would drop them.
-                        Some(upper) if !ends_in_trailers(taken) => {
+                        Some(upper) if !trailers_ahead(taken) => {
                             hint.set_upper(upper.saturating_add(taken.len()))
                         }
                         _ => {}
@@ -588,7 +588,7 @@ fn at_least(lower: u64) -> SizeHint {
 
 /// Whether trailers are among the frames taken ahead (still to be given; a body that
 /// breaks its framing may give data after them).
-fn ends_in_trailers<E>(taken: &Ahead<E>) -> bool {
+fn trailers_ahead<E>(taken: &Ahead<E>) -> bool {
     taken.frames.as_slice().iter().any(Frame::is_trailers)
 }
 
@@ -870,11 +870,7 @@ mod tests {
         Trickle(steps.into())
     }
 
-    async fn next(body: &mut ReplayBody<Trickle>) -> Option<Result<Frame<Bytes>, &'static str>> {
-        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
-    }
-
-    async fn next_any<B>(body: &mut ReplayBody<B>) -> Option<Result<Frame<Bytes>, B::Error>>
+    async fn next<B>(body: &mut ReplayBody<B>) -> Option<Result<Frame<Bytes>, B::Error>>
     where
         B: Body + Unpin,
         B::Data: Into<Bytes>,
@@ -1226,7 +1222,7 @@ mod tests {
             let chunks = vec![Step::Wait, data(b"ab"), Step::Wait, data(b"cd"), Step::Wait];
             let (mut body, mut handle) = ReplayBody::record(Declared(steps(chunks), 4), 1024);
             for _ in 0..read {
-                assert!(next_any(&mut body).await.unwrap().unwrap().is_data());
+                assert!(next(&mut body).await.unwrap().unwrap().is_data());
             }
             drop(body);
             match handle.take::<Declared>() {
@@ -1264,7 +1260,7 @@ mod tests {
     async fn a_body_dropped_past_its_declared_length_failed() {
         let chunks = vec![Step::Wait, data(b"abcdef"), Step::Wait];
         let (mut body, mut handle) = ReplayBody::record(Declared(steps(chunks), 4), 1024);
-        assert!(next_any(&mut body).await.unwrap().unwrap().is_data());
+        assert!(next(&mut body).await.unwrap().unwrap().is_data());
         drop(body);
         assert_eq!(
             handle.take::<Declared>().unwrap_err(),
@@ -1286,7 +1282,7 @@ mod tests {
         );
         // Once its end was given, it says so.
         let mut body = body;
-        assert!(next_any(&mut body).await.is_none());
+        assert!(next(&mut body).await.is_none());
         assert!(body.is_end_stream());
     }
 
@@ -1340,7 +1336,7 @@ mod tests {
         );
         let mut body = body;
         // The first frame given: the declared length is no longer what is announced.
-        assert!(next_any(&mut body).await.unwrap().unwrap().is_data());
+        assert!(next(&mut body).await.unwrap().unwrap().is_data());
         assert_eq!(body.size_hint().exact(), None);
         // The same with data read ahead after the trailers.
         let (mut body, _handle) = ReplayBody::record(
@@ -1350,7 +1346,7 @@ mod tests {
             ),
             1024,
         );
-        assert!(next_any(&mut body).await.unwrap().unwrap().is_data());
+        assert!(next(&mut body).await.unwrap().unwrap().is_data());
         assert_eq!(body.size_hint().exact(), None);
     }
 
