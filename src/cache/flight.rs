@@ -426,7 +426,8 @@ struct FlightGuard<P: CredentialSource> {
 impl<P: CredentialSource> FlightGuard<P> {
     /// A chained flight's predecessor ended: this flight's fetch starts now. `Some` when
     /// a credential handed over or fetched meanwhile is fresh, which makes the fetch
-    /// needless. One in its soft window does not: a refresh is due (a background
+    /// needless: the flight has left the state then, and that credential is its answer
+    /// to send. One in its soft window does not: a refresh is due (a background
     /// refresh queued behind a step-up that failed would otherwise end here with its
     /// claim never given back, and nothing refreshed before the hard window).
     ///
@@ -447,10 +448,16 @@ impl<P: CredentialSource> FlightGuard<P> {
             return None;
         }
         let (now, wall) = (Instant::now(), self.inner.config.clock.now());
-        self.inner
+        let current = self
+            .inner
             .current
             .load_full()
-            .filter(|e| matches!(e.phase_at(now, wall), Phase::Fresh))
+            .filter(|e| matches!(e.phase_at(now, wall), Phase::Fresh))?;
+        // Leaves under the lock that took the answer: a rejection of `current` that
+        // comes after must start a fetch, not join this flight and be answered with
+        // the credential it rejected.
+        let _ = self.leave(&mut state);
+        Some(current)
     }
 
     /// Whether `entry` may be sent without waiting: not yet in its hard window.
@@ -592,15 +599,6 @@ impl<P: CredentialSource> FlightGuard<P> {
         Finished::Yes
     }
 
-    /// Ends a chained flight whose fetch was made needless by a credential handed over.
-    fn finish_with(&mut self, current: Arc<Entry>) {
-        {
-            let mut state = self.inner.lock_state();
-            let _ = self.leave(&mut state);
-        }
-        self.send(Ok(current));
-    }
-
     fn send(&mut self, outcome: Result<Arc<Entry>, Error>) {
         if let Some(tx) = self.tx.take() {
             // No waiter left is fine: the credential is installed all the same.
@@ -720,7 +718,9 @@ async fn run_flight<P: CredentialSource>(
             let _ = predecessor.await;
         }
         if let Some(current) = guard.begin(&mut cx) {
-            return guard.finish_with(current);
+            #[cfg(test)]
+            hook::after_begin();
+            return guard.send(Ok(current));
         }
     }
     // A store's credential dropped while it was loaded (`invalidate_if` or `reject` of
@@ -1193,4 +1193,93 @@ async fn store_call<P, T>(
         );
     }
     None
+}
+
+/// A test's hook into the moment a chained flight has found its fetch needless and
+/// taken its answer, before its waiters are told: another thread's call can land there
+/// on a multi-threaded runtime, so a test runs it there on one thread.
+#[cfg(test)]
+mod hook {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static AFTER_BEGIN: RefCell<Option<Box<dyn FnOnce()>>> = RefCell::new(None);
+    }
+
+    pub(super) fn set_after_begin(f: impl FnOnce() + 'static) {
+        AFTER_BEGIN.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    }
+
+    pub(super) fn after_begin() {
+        if let Some(f) = AFTER_BEGIN.with(|h| h.borrow_mut().take()) {
+            f();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        cell::RefCell,
+        rc::Rc,
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering::SeqCst},
+        },
+    };
+
+    use super::*;
+    use crate::{error::BoxError, source::source_fn};
+
+    /// A chained flight made needless by a credential handed over answers with that
+    /// credential. A rejection of it that lands after the flight took it, before the
+    /// flight's waiters are told, must not join that flight: it would be answered with
+    /// the very credential it rejected (seen once by `tests/interleavings.rs`, seed 0).
+    #[tokio::test]
+    async fn a_rejection_landing_as_a_needless_flight_ends_does_not_join_it() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let source = source_fn({
+            let (gate, fetches) = (gate.clone(), fetches.clone());
+            move |_cx: FetchContext| {
+                let n = fetches.fetch_add(1, SeqCst);
+                let gate = gate.clone();
+                async move {
+                    if n == 0 {
+                        gate.notified().await;
+                    }
+                    Credential::bearer(format!("t-{n}")).map_err(BoxError::from)
+                }
+            }
+        });
+        let cache = CredentialCache::new(source);
+        let handle = cache.handle();
+        // A fetch runs; an invalidation makes it suspect; the next caller's flight is
+        // chained after it; then a credential is handed over, which makes that one's
+        // fetch needless.
+        let first = cache.acquire(None);
+        tokio::task::yield_now().await;
+        handle.invalidate();
+        let chained = cache.acquire(None);
+        let mine = Credential::bearer("mine").unwrap();
+        assert!(handle.replace(mine.clone()).unwrap());
+        let generation = cache.inner.current.load().as_ref().unwrap().generation;
+        // The API rejects the handed-over credential just as the chained flight ends.
+        let rejected: Rc<RefCell<Option<Acquire>>> = Rc::default();
+        hook::set_after_begin({
+            let (cache, rejected) = (cache.clone(), rejected.clone());
+            move || *rejected.borrow_mut() = Some(cache.replace_rejected(generation))
+        });
+        gate.notify_one();
+        // The handed-over credential answers both flights' waiters.
+        assert_eq!(first.await.unwrap().credential, mine);
+        assert_eq!(chained.await.unwrap().credential, mine);
+        let replacement = rejected.borrow_mut().take().expect("the hook ran");
+        let replacement = replacement.await.unwrap();
+        assert_ne!(
+            replacement.credential, mine,
+            "the rejection was answered with the credential it rejected"
+        );
+        assert_eq!(fetches.load(SeqCst), 2);
+    }
 }
