@@ -10,7 +10,8 @@
 //! body is then not replayable, and a 401 reaches the caller as it came.
 //!
 //! A body is replayable when it was read to its end within the limit, or to its
-//! trailers or the exact length it declared (hyper reads no further), or was empty to
+//! trailers or the exact length it declared (hyper reads no further; a request's own
+//! `Content-Length` header declares it for a stream of unknown length), or was empty to
 //! begin with. A body that gives another length than it declared, or a frame after its
 //! trailers, is passed on as it came and not replayed. A body that was ready in full
 //! when the request was sent is replayable however early the server answers (a gRPC
@@ -182,7 +183,8 @@ pub enum NotReplayed {
     /// whole before it is sent, and replays however early the server answers).
     BodyIncomplete,
     /// Reading the body failed, or the body broke its own framing: it gave another length
-    /// than the exact one it declared, or a frame after its trailers.
+    /// than the exact one it (or the request's `Content-Length` header) declared, or a
+    /// frame after its trailers.
     BodyFailed,
     /// The request opted out with [`NoReplay`](crate::NoReplay), or the layer does not
     /// replay ([`AuthLayer::without_replay`](crate::AuthLayer::without_replay)).
@@ -242,7 +244,20 @@ where
     /// The frames `body` has ready now are read first (its waker is not kept: the inner
     /// service's first poll registers its own), so that a body ready in full is complete
     /// before the request is sent, whenever the server answers.
+    #[cfg(test)]
     pub(crate) fn record(body: B, limit: usize) -> (Self, ReplayHandle) {
+        Self::record_declared(body, limit, || None)
+    }
+
+    /// [`record`](Self::record) for a request whose `Content-Length` header may declare
+    /// the body's length (`header`, asked only for a body that streams on past the
+    /// read-ahead): hyper sends that many bytes and drops the body without polling for
+    /// its end, so the recording is complete when it has them all.
+    pub(crate) fn record_declared(
+        body: B,
+        limit: usize,
+        header: impl FnOnce() -> Option<u64>,
+    ) -> (Self, ReplayHandle) {
         if body.is_end_stream() {
             return (ReplayBody::forward(body), ReplayHandle::Empty);
         }
@@ -344,7 +359,8 @@ where
             chunks,
             len,
             trailers,
-            declared,
+            // What hyper sends is what the header says, when there is one.
+            declared: header().or(declared),
             done: false,
         };
         let kind = Kind::Stream {
@@ -584,6 +600,25 @@ fn at_least(lower: u64) -> SizeHint {
     let mut hint = SizeHint::new();
     hint.set_lower(lower);
     hint
+}
+
+/// The body length a request's headers declare: its one `Content-Length`, unless a
+/// `Transfer-Encoding` overrides it. What hyper sends of a body whose own size hint is
+/// not exact, or not the same.
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return None;
+    }
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let digits = value.to_str().ok()?.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// Whether trailers are among the frames taken ahead (still to be given; a body that
@@ -1386,5 +1421,58 @@ mod tests {
         assert!(handle.recorder().is_some(), "still streaming, recorded");
         let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         assert!(frame.unwrap().unwrap().is_data());
+    }
+
+    /// The header is the declared length only when hyper would take it as that: one
+    /// value, digits only, and no `Transfer-Encoding` beside it.
+    #[test]
+    fn a_content_length_header_declares_the_length_only_when_unambiguous() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    value.parse().unwrap(),
+                );
+            }
+            map
+        };
+        let cl = "content-length";
+        assert_eq!(content_length(&headers(&[(cl, "42")])), Some(42));
+        assert_eq!(content_length(&headers(&[(cl, " 7 ")])), Some(7));
+        assert_eq!(content_length(&headers(&[])), None);
+        for junk in ["", "+5", "-1", "5x", "0x10", "1 2", "99999999999999999999"] {
+            assert_eq!(content_length(&headers(&[(cl, junk)])), None, "{junk:?}");
+        }
+        assert_eq!(content_length(&headers(&[(cl, "4"), (cl, "4")])), None);
+        let chunked = headers(&[(cl, "4"), ("transfer-encoding", "chunked")]);
+        assert_eq!(content_length(&chunked), None);
+    }
+
+    /// A stream of unknown length whose header declared 4 bytes, dropped once it gave
+    /// them (hyper stops there), is whole; one dropped short of them is incomplete, and
+    /// one dropped past them (HTTP/1.1 cut it) failed.
+    #[tokio::test]
+    async fn a_stream_declared_by_its_header_is_whole_at_that_length() {
+        let cases: [(&[&'static [u8]], _); 3] = [
+            (&[b"ab", b"cd"], Ok(b"abcd".to_vec())),
+            (&[b"ab"], Err(NotReplayed::BodyIncomplete)),
+            (&[b"ab", b"cdef"], Err(NotReplayed::BodyFailed)),
+        ];
+        for (chunks, expected) in cases {
+            let mut shape = vec![Step::Wait];
+            shape.extend(chunks.iter().map(|c| data(c)));
+            let (mut body, mut handle) =
+                ReplayBody::record_declared(steps(shape), 1024, || Some(4));
+            for _ in chunks {
+                assert!(next(&mut body).await.unwrap().unwrap().is_data());
+            }
+            drop(body);
+            let replay = match handle.take::<Trickle>() {
+                Ok(replay) => Ok(frames(replay).await.0),
+                Err(reason) => Err(reason),
+            };
+            assert_eq!(replay, expected, "{chunks:?}");
+        }
     }
 }

@@ -330,7 +330,9 @@ where
                 );
             };
             let (parts, body) = request.into_parts();
-            let (body, handle) = ReplayBody::record(body, policy.replay_limit);
+            let (body, handle) = ReplayBody::record_declared(body, policy.replay_limit, || {
+                crate::body::content_length(&parts.headers)
+            });
             let future = service.call(Request::from_parts(parts, body));
             // Cloned after the call, so that the clone is not the instance polled ready.
             let replay = Replay {

@@ -345,10 +345,10 @@ async fn a_body_that_fails_before_it_is_sent_never_reaches_the_server_whole() {
 
 /// A body fed through a channel that declares its whole length at every poll (its hint
 /// does not shrink as it is read, which hyper tolerates: it reads the hint once, before
-/// the first poll).
+/// the first poll), or declares nothing (`None`: a stream of unknown length).
 struct Stale {
     rx: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
-    total: u64,
+    total: Option<u64>,
 }
 
 impl http_body::Body for Stale {
@@ -365,7 +365,9 @@ impl http_body::Body for Stale {
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.total)
+        self.total
+            .map(http_body::SizeHint::with_exact)
+            .unwrap_or_default()
     }
 }
 
@@ -390,7 +392,7 @@ async fn a_body_is_announced_at_the_length_it_declared() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             tx.send(Bytes::from_static(b"cd")).unwrap();
         };
-        (Stale { rx, total: 4 }, rest)
+        (Stale { rx, total: Some(4) }, rest)
     };
     let url = format!("http://{addr}/v1/upload");
     let auth = "Bearer tok-0";
@@ -441,7 +443,7 @@ async fn a_body_whose_end_shows_only_after_its_declared_length_is_replayed() {
             tx.send(Bytes::from_static(b"cd")).unwrap();
         };
         let req = Request::post(format!("http://{addr}/v1/upload"))
-            .body(Stale { rx, total: 4 })
+            .body(Stale { rx, total: Some(4) })
             .unwrap();
         let (res, ()) = tokio::join!(svc.oneshot(req), rest);
         let res = res.unwrap();
@@ -457,4 +459,64 @@ async fn a_body_whose_end_shows_only_after_its_declared_length_is_replayed() {
     let seen = seen.lock().unwrap().clone();
     let abcd = Ok((Bytes::from_static(b"abcd"), None));
     assert_eq!(seen, vec![abcd.clone(), abcd.clone(), abcd.clone(), abcd]);
+}
+
+/// World: a stream of unknown length whose `Content-Length` the caller set by hand (an
+/// upload of a file it knows the size of), over HTTP/1.1, rejected once; its first
+/// chunk ready when it is sent, or none. hyper trusts the header: it stops reading once
+/// that many bytes are sent, and never polls the body for its end. Proves: the body is
+/// replayed, since all the header declared was sent and recorded (the same request
+/// without the layer is sent whole too).
+#[tokio::test]
+async fn a_stream_whose_length_is_set_by_hand_is_replayed() {
+    let (addr, seen) = body_server().await;
+    let plain = Client::builder(TokioExecutor::new()).build_http::<Stale>();
+    let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Stale>>();
+    let url = format!("http://{addr}/v1/upload");
+    let send_later = |tx: tokio::sync::mpsc::UnboundedSender<Bytes>, first_ready: bool| {
+        if first_ready {
+            tx.send(Bytes::from_static(b"ab")).unwrap();
+        }
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            if !first_ready {
+                tx.send(Bytes::from_static(b"ab")).unwrap();
+            }
+            tx.send(Bytes::from_static(b"cd")).unwrap();
+            // The sender lives on: the body never ends on its own.
+            tx
+        }
+    };
+    // Without the layer.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let req = Request::post(url.as_str())
+        .header("authorization", "Bearer tok-0")
+        .header("content-length", "4")
+        .body(Stale { rx, total: None })
+        .unwrap();
+    let (res, _tx) = tokio::join!(plain.request(req), send_later(tx, false));
+    assert_eq!(res.unwrap().status(), 200);
+    for first_ready in [true, false] {
+        let svc = AuthLayer::new(counting_source())
+            .any_https_origin()
+            .allow_http_loopback(true)
+            .layer(client.clone());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let rest = send_later(tx, first_ready);
+        let req = Request::post(url.as_str())
+            .header("content-length", "4")
+            .body(Stale { rx, total: None })
+            .unwrap();
+        let (res, _tx) = tokio::join!(svc.oneshot(req), rest);
+        let res = res.unwrap();
+        assert_eq!(
+            res.status(),
+            200,
+            "first ready: {first_ready}: {:?}",
+            res.extensions().get::<tower_client_auth::NotReplayed>()
+        );
+    }
+    let seen = seen.lock().unwrap().clone();
+    let abcd = Ok((Bytes::from_static(b"abcd"), None));
+    assert_eq!(seen, vec![abcd.clone(); 5]);
 }

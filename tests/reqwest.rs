@@ -117,6 +117,40 @@ async fn streaming_bodies_are_replayed_and_no_replay_returns_the_401() {
     assert_eq!(log.lock().unwrap().len(), 1);
 }
 
+/// A stream of unknown length whose `Content-Length` is set by hand (an upload of a
+/// file of known size) and that shows no end after its last byte: hyper sends the
+/// length the header declares and drops the body without polling it again. Proves: it
+/// is replayed after a 401 all the same, whole.
+#[tokio::test]
+async fn a_stream_whose_length_is_set_by_hand_is_replayed() {
+    let source = TestSource::new();
+    let (base, log) = server(newest_only(&source)).await;
+    let client = loopback_client(AuthMiddleware::new(source.clone()).any_https_origin());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(Bytes::from_static(b"chu")).unwrap();
+    tx.send(Bytes::from_static(b"nk")).unwrap();
+    let rx = futures_util::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok::<_, std::io::Error>(chunk), rx))
+    });
+    let res = client
+        .put(format!("{base}/v1/blob"))
+        .header(header::CONTENT_LENGTH, 5)
+        .body(reqwest::Body::wrap_stream(rx))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let log_now = log.lock().unwrap().clone();
+    assert_eq!(log_now.len(), 2);
+    assert!(
+        log_now.iter().all(|(_, _, body)| body == b"chunk"),
+        "{log_now:?}"
+    );
+    // The sender lived on: the body never ended on its own.
+    drop(tx);
+}
+
 /// Plain http to a non-loopback host is refused before anything is sent.
 #[tokio::test]
 async fn insecure_transport_is_refused() {
