@@ -239,7 +239,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     /// With [`allow_http_loopback`](Self::allow_http_loopback), a plain-http request to a
     /// loopback host is refused (`ErrorKind::InsecureTransport`, before anything is
     /// sent) when the proxy variables a default reqwest client reads (`HTTP_PROXY`,
-    /// `ALL_PROXY`, lower case too, less `NO_PROXY`, ignoring `HTTP_PROXY` under CGI; on
+    /// `ALL_PROXY`, lower case too, less `NO_PROXY`, and none of them under CGI; on
     /// macOS and Windows also the system's settings) would send it to a proxy, even one
     /// listening on this host: plain http is allowed because the request stays on this
     /// host, and a proxy may send it on anywhere, unseen (cntlm in the clear to its parent
