@@ -194,13 +194,13 @@ async fn run(seed: u64, redis: &RedisServer) {
     }
 }
 
-/// World: six seeds, each a fresh token server and a fresh namespace on one Redis
-/// started for the test, on a two-thread runtime. Proves: the promises above hold in
-/// every one.
+/// World: six seeds (or the range `FLEET_INTERLEAVING_SEEDS` names, to look further),
+/// each a fresh token server and a fresh namespace on one Redis started for the test,
+/// on a two-thread runtime. Proves: the promises above hold in every one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_under_random_interleavings_keeps_one_refresh_token_line() {
     let redis = RedisServer::start();
-    for seed in 0..6 {
+    for seed in Dice::seeds("FLEET_INTERLEAVING_SEEDS", 0..6) {
         run(seed, &redis).await;
     }
 }

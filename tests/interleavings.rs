@@ -493,13 +493,13 @@ async fn run(seed: u64, store: Store, entry: Entry) {
     assert_eq!(seen.most_running.load(SeqCst), 1, "{what}");
 }
 
-/// World: 16 seeds, each on a fresh two-thread runtime, without a store, with one, and
-/// with one failing at random, through the Tower layer (replaying and `Direct`) and
-/// through reqwest. Proves: the promises above hold in
-/// every one.
+/// World: 16 seeds (or the range `INTERLEAVING_SEEDS` names, `16..400` say, to look
+/// further), each on a fresh two-thread runtime, without a store, with one, and with one
+/// failing at random, through the Tower layer (replaying and `Direct`) and through
+/// reqwest. Proves: the promises above hold in every one.
 #[test]
 fn random_interleavings_keep_the_refresh_paths_promises() {
-    for seed in 0..16 {
+    for seed in Dice::seeds("INTERLEAVING_SEEDS", 0..16) {
         for store in [Store::None, Store::Memory, Store::Flaky] {
             for entry in [Entry::Tower, Entry::Direct, Entry::Reqwest] {
                 let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -355,6 +355,19 @@ pub async fn logging_api(
 pub struct Dice(Arc<std::sync::atomic::AtomicU64>);
 
 impl Dice {
+    /// The seeds a random-interleavings test runs: `default`, or the range the
+    /// environment variable `var` names (`16..400`, say), to look further by hand.
+    pub fn seeds(var: &str, default: std::ops::Range<u64>) -> std::ops::Range<u64> {
+        let Ok(range) = std::env::var(var) else {
+            return default;
+        };
+        let parse = |n: &str| n.trim().parse::<u64>().ok();
+        match range.split_once("..").map(|(a, b)| (parse(a), parse(b))) {
+            Some((Some(from), Some(to))) => from..to,
+            _ => panic!("{var}={range:?}: expected a range such as 16..400"),
+        }
+    }
+
     pub fn new(seed: u64) -> Self {
         Dice(Arc::new(std::sync::atomic::AtomicU64::new(
             seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
