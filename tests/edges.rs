@@ -771,3 +771,28 @@ async fn the_common_token_failures_say_what_went_wrong() {
         assert!(err.get_ref().is_some(), "{shown}");
     }
 }
+
+/// World: one process, no store: the cache has a token from the source, then the
+/// application hands over one of its own (`replace`), which the API then rejects.
+/// Proves: the source refreshes; it does not hand back its last token, which the cache
+/// received and the application replaced.
+#[tokio::test]
+async fn a_replaced_credential_is_not_handed_back_by_the_source() {
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let base = providers::start(idp.clone()).await;
+    let cache = CredentialCache::builder(oauth_source(&base))
+        .backoff(Duration::from_millis(1), Duration::from_millis(2))
+        .build()
+        .unwrap();
+    let first = cache.credential().await.unwrap();
+    let mine = Credential::bearer("handed-over").unwrap();
+    assert!(cache.handle().replace(mine.clone()).unwrap());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let next = cache.reject(&mine).await.unwrap();
+    assert_ne!(
+        next, first,
+        "the source handed back the token the application replaced"
+    );
+    assert_ne!(next, mine);
+    assert_eq!(idp.refresh_grants.load(SeqCst), 1);
+}

@@ -655,6 +655,47 @@ mod refresh_tokens {
         assert!(idp.refresh_grants.load(SeqCst) >= 2, "never refreshed");
     }
 
+    /// World: two caches (two processes) on one Redis and a strict server. Cache A logs
+    /// in; B takes A's pair from the store and refreshes it; A, its token rejected,
+    /// takes B's from the store; then the API rejects that one too. Proves: A's source
+    /// refreshes with the fleet's refresh token, and does not hand out the credential of
+    /// its own last exchange instead: that one reached A's cache, which had rejected it
+    /// already (and, had it expired meanwhile, the cache would have refused it and the
+    /// fleet's refresh token would have been lost with it: a second login).
+    #[tokio::test]
+    async fn a_source_never_hands_back_a_credential_its_cache_has_had() {
+        let server = RedisServer::start();
+        let idp = StrictIdp::new(ID, SECRET, 60.0);
+        let base = start(idp.clone()).await;
+        let mut caches = Vec::new();
+        for _ in 0..2 {
+            let store = redis_store(&server, "handed-back").await;
+            // Rejections of young credentials wait out only a short backoff.
+            let cache = CredentialCache::builder(source(&base))
+                .store(store)
+                .backoff(Duration::from_millis(1), Duration::from_millis(2));
+            caches.push(cache.build().unwrap());
+        }
+        let (a, b) = (&caches[0], &caches[1]);
+        let pause = || tokio::time::sleep(Duration::from_millis(10));
+        let first = a.credential().await.unwrap();
+        assert_eq!(b.credential().await.unwrap(), first, "from the store");
+        let second = b.reject(&first).await.unwrap();
+        assert_ne!(second, first);
+        pause().await;
+        assert_eq!(a.reject(&first).await.unwrap(), second, "from the store");
+        pause().await;
+        let third = a.reject(&second).await.unwrap();
+        assert_ne!(
+            third, first,
+            "handed back a credential the cache had rejected"
+        );
+        assert_ne!(third, second);
+        assert_eq!(idp.logins.load(SeqCst), 1);
+        assert_eq!(idp.refresh_grants.load(SeqCst), 2);
+        assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
+    }
+
     /// World: a fleet's refresh token in Redis, then Redis stops and the access token
     /// expires. Proves: the refresh token (which another process may hold) is not
     /// presented; by default the cache logs in again and serves; with

@@ -24,6 +24,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::Request;
 use http_body_util::Full;
 use support::{Dice, api_client, providers, redis::RedisServer, strict_idp::StrictIdp};
@@ -200,7 +201,30 @@ async fn run(seed: u64, redis: &RedisServer) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_under_random_interleavings_keeps_one_refresh_token_line() {
     let redis = RedisServer::start();
+    // `FLEET_TRACE=file`: a failing run's debug trace is written there.
+    let trace = std::env::var_os("FLEET_TRACE").map(|file| {
+        let capture = support::Capture::default();
+        let writer = capture.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_thread_ids(true)
+            .init();
+        (file, capture)
+    });
     for seed in Dice::seeds("FLEET_INTERLEAVING_SEEDS", 0..6) {
-        run(seed, &redis).await;
+        if let Some((_, capture)) = &trace {
+            capture.0.lock().unwrap().clear();
+        }
+        let outcome = std::panic::AssertUnwindSafe(run(seed, &redis))
+            .catch_unwind()
+            .await;
+        if let Err(panic) = outcome {
+            if let Some((file, capture)) = &trace {
+                std::fs::write(file, capture.text()).unwrap();
+            }
+            std::panic::resume_unwind(panic);
+        }
     }
 }

@@ -153,8 +153,9 @@ const PERSIST_RETRY_MAX: Duration = Duration::from_secs(30);
 ///   rotated refresh token is stored even if the request that asked for it is dropped.
 /// - If the cache stopped waiting for an exchange (its fetch timed out), the next fetch
 ///   gets that exchange's access token without another request, instead of refreshing
-///   early (which providers like style C refuse, forcing a login). A credential the cache
-///   reports as rejected or expiring is never handed out again.
+///   early (which providers like style C refuse, forcing a login), unless it has less
+///   than [`MIN_LIFETIME`] left. A credential the cache received, or reports as rejected
+///   or expiring, is never handed out again.
 /// - The lifetime is the earlier of `expires_in` and the JWT `exp` claim, else
 ///   [`default_lifetime`](Self::default_lifetime), measured from the moment the response
 ///   arrived, on the cache's wall clock (the credential says when it was issued);
@@ -218,10 +219,10 @@ struct Held {
     /// Whether the last exchange's credential (`last`) reached nobody: the cache stopped
     /// waiting. Its refresh token (`refresh_token`) is then newer than the store's.
     undelivered: bool,
-    /// The last credential issued. If the cache stopped waiting for an exchange (its
-    /// fetch timed out, the request was dropped), the server has already issued this one:
-    /// the next fetch hands it out instead of refreshing again, which a provider that
-    /// refuses early refreshes would answer with an error (and a fallback login).
+    /// The last credential issued. If the cache stopped waiting for the exchange (its
+    /// fetch timed out: `undelivered`), the server has already issued this one: the next
+    /// fetch hands it out instead of refreshing again, which a provider that refuses
+    /// early refreshes would answer with an error (and a fallback login).
     last: Option<Credential>,
 }
 
@@ -763,12 +764,18 @@ impl Exchange {
         // Held across the exchange: one exchange at a time per source.
         let mut held = self.held.lock().await;
         let result = self.outcome(cx, &mut held).await;
-        if let Err(Ok(_)) = tx.send(result) {
-            held.undelivered = true;
+        let issued = result.is_ok();
+        match tx.send(result) {
+            Err(Ok(_)) => held.undelivered = true,
+            // The cache has it: never handed out again.
+            Ok(()) if issued => held.undelivered = false,
+            _ => {}
         }
     }
 
     async fn outcome(&self, cx: FetchContext, held: &mut Held) -> Result<Credential, TokenError> {
+        // Read before the store's sharing rule takes the mark.
+        let undelivered = held.undelivered;
         let shared = match cx.refresh_sharing() {
             // A step-up logs in and presents no refresh token: the store kept its own,
             // and what this source holds stays as it is if the login fails.
@@ -801,7 +808,7 @@ impl Exchange {
             }
             _ => false,
         };
-        let result = self.exchange(&cx, held).await;
+        let result = self.exchange(&cx, held, undelivered).await;
         // The next refresh token goes to the store with the credential, in one write.
         match (shared, &held.refresh_token) {
             (true, Some(token)) => result.map(|c| c.with_refresh_token(token.clone())),
@@ -809,16 +816,35 @@ impl Exchange {
         }
     }
 
-    async fn exchange(&self, cx: &FetchContext, held: &mut Held) -> Result<Credential, TokenError> {
+    /// One exchange with the token endpoint, or none: `undelivered` says that the last
+    /// exchange's credential reached nobody (the cache stopped waiting), which is then
+    /// handed out instead.
+    async fn exchange(
+        &self,
+        cx: &FetchContext,
+        held: &mut Held,
+        undelivered: bool,
+    ) -> Result<Credential, TokenError> {
         // A step-up needs a new grant: neither the last credential nor a refresh (which
         // cannot widen a scope) will do.
         let step_up = self.step_up.is_some();
         if let Some(last) = (!step_up).then(|| held.last.take()).flatten() {
+            // Only one the cache never received: one it did may be one it has rejected
+            // since, or one older than what it took from a store (another process's).
             // The cache names the credential it is replacing: once rejected or expiring,
             // it is never handed out again, whatever happens to this exchange. An
-            // explicit invalidation always goes to the token endpoint.
-            let unexpired = last.expiry().is_none_or(|at| cx.now() < at);
-            if unexpired && cx.previous() != Some(&last) && cx.reason() != FetchReason::Invalidated
+            // explicit invalidation always goes to the token endpoint. Nor is one near
+            // its end: the cache would refuse one that expires before it arrives, and its
+            // refresh token (the fleet's, which goes with it) with it.
+            let now = self.wall(Instant::now());
+            let lasting = last.expiry().is_none_or(|at| {
+                at.duration_since(now)
+                    .is_ok_and(|left| left >= MIN_LIFETIME)
+            });
+            if undelivered
+                && lasting
+                && cx.previous() != Some(&last)
+                && cx.reason() != FetchReason::Invalidated
             {
                 tracing::debug!(
                     "handing out the credential of an exchange the cache stopped waiting for"
