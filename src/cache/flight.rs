@@ -719,7 +719,7 @@ async fn run_flight<P: CredentialSource>(
         }
         if let Some(current) = guard.begin(&mut cx) {
             #[cfg(test)]
-            hook::after_begin();
+            hook::run("after_begin");
             return guard.send(Ok(current));
         }
     }
@@ -1195,23 +1195,32 @@ async fn store_call<P, T>(
     None
 }
 
-/// A test's hook into the moment a chained flight has found its fetch needless and
-/// taken its answer, before its waiters are told: another thread's call can land there
-/// on a multi-threaded runtime, so a test runs it there on one thread.
+/// Tests' hooks into moments where another thread's call can land on a multi-threaded
+/// runtime, between a decision and what is done on it: a test runs that call there, on
+/// one thread. `after_begin`: a chained flight found its fetch needless and took its
+/// answer, before its waiters are told. `after_reject_read`: `reject` decided whether the
+/// credential is current, before it acts on that.
 #[cfg(test)]
-mod hook {
+pub(super) mod hook {
     use std::cell::RefCell;
 
+    type Hook = (&'static str, Box<dyn FnOnce()>);
+
     thread_local! {
-        static AFTER_BEGIN: RefCell<Option<Box<dyn FnOnce()>>> = RefCell::new(None);
+        static HOOKS: RefCell<Vec<Hook>> = const { RefCell::new(Vec::new()) };
     }
 
-    pub(super) fn set_after_begin(f: impl FnOnce() + 'static) {
-        AFTER_BEGIN.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    pub(in crate::cache) fn set(at: &'static str, f: impl FnOnce() + 'static) {
+        HOOKS.with(|h| h.borrow_mut().push((at, Box::new(f))));
     }
 
-    pub(super) fn after_begin() {
-        if let Some(f) = AFTER_BEGIN.with(|h| h.borrow_mut().take()) {
+    pub(in crate::cache) fn run(at: &'static str) {
+        let hook = HOOKS.with(|h| {
+            let mut hooks = h.borrow_mut();
+            let i = hooks.iter().position(|(name, _)| *name == at)?;
+            Some(hooks.remove(i).1)
+        });
+        if let Some(f) = hook {
             f();
         }
     }
@@ -1266,7 +1275,7 @@ mod tests {
         let generation = cache.inner.current.load().as_ref().unwrap().generation;
         // The API rejects the handed-over credential just as the chained flight ends.
         let rejected: Rc<RefCell<Option<Acquire>>> = Rc::default();
-        hook::set_after_begin({
+        hook::set("after_begin", {
             let (cache, rejected) = (cache.clone(), rejected.clone());
             move || *rejected.borrow_mut() = Some(cache.replace_rejected(generation))
         });
@@ -1281,5 +1290,77 @@ mod tests {
             "the rejection was answered with the credential it rejected"
         );
         assert_eq!(fetches.load(SeqCst), 2);
+    }
+
+    /// A fetch overtaken by a credential handed over (already in its hard window) goes
+    /// to its own waiters only, and into the store. The application rejects that
+    /// credential with `reject`, while another thread's request refreshes the handed-over
+    /// one: that refresh must not take the rejected credential back from the store, and
+    /// `reject` must not answer with it, however the two interleave. (Review finding:
+    /// `reject` compared the credential with the current one before taking the lock.)
+    #[tokio::test]
+    async fn a_rejection_racing_a_refresh_never_gets_its_credential_back_from_the_store() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let source = source_fn({
+            let (gate, fetches) = (gate.clone(), fetches.clone());
+            move |_cx: FetchContext| {
+                let n = fetches.fetch_add(1, SeqCst);
+                let gate = gate.clone();
+                async move {
+                    if n == 0 {
+                        gate.acquire().await.unwrap().forget();
+                    }
+                    Credential::bearer(format!("token-{n}")).map_err(BoxError::from)
+                }
+            }
+        });
+        let cache = CredentialCache::builder(source)
+            .store(crate::store::MemoryStore::new())
+            .build()
+            .unwrap();
+        let first = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.credential().await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // Ten seconds left of an hour: in its hard window.
+        let stale = Credential::bearer("handed-over").unwrap().lives(
+            std::time::SystemTime::now() - std::time::Duration::from_secs(3590),
+            std::time::Duration::from_secs(3600),
+        );
+        assert!(cache.handle().replace(stale).unwrap());
+        gate.add_permits(1);
+        let fetched = first.await.unwrap().unwrap();
+        assert_eq!(fetched, Credential::bearer("token-0").unwrap());
+        // Another thread's request, landing right after `reject` looked at the current
+        // credential: it refreshes the handed-over one.
+        hook::set("after_reject_read", {
+            let other = cache.clone();
+            move || {
+                let got = std::thread::spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap()
+                        .block_on(other.credential())
+                })
+                .join()
+                .unwrap();
+                assert!(got.is_ok());
+            }
+        });
+        let answer = cache.reject(&fetched).await.unwrap();
+        assert_ne!(
+            answer, fetched,
+            "`reject` answered with the credential it rejected"
+        );
+        assert_ne!(
+            cache.credential().await.unwrap(),
+            fetched,
+            "the rejected credential is current"
+        );
     }
 }

@@ -199,21 +199,27 @@ impl<P: CredentialSource> CredentialCache<P> {
     /// Only a credential that is still the current one is invalidated: when many callers
     /// report the same rejection, the source is asked once.
     pub async fn reject(&self, credential: &Credential) -> Result<Credential, Error> {
+        // Compared and dropped under one lock: a refresh that takes the credential back
+        // from the store and installs it comes either before (then it is current here,
+        // and rejected as such) or after (then it is dropped, and the refresh refuses it).
         let generation = {
+            let mut state = self.inner.lock_state();
             let current = self.inner.current.load();
             match current.as_deref() {
                 Some(entry) if entry.credential == *credential => Some(entry.generation),
-                _ => None,
+                _ => {
+                    // Not current (replaced already, or handed to a fetch's own waiters
+                    // only): never taken back from the store either.
+                    state.drop_retired_value(credential);
+                    None
+                }
             }
         };
+        #[cfg(test)]
+        flight::hook::run("after_reject_read");
         let acquire = match generation {
             Some(generation) => self.replace_rejected(generation),
-            None => {
-                // Not current (replaced already, or handed to a fetch's own waiters
-                // only): never taken back from the store either.
-                self.inner.lock_state().drop_retired_value(credential);
-                self.acquire(None)
-            }
+            None => self.acquire(None),
         };
         acquire.await.map(|entry| entry.credential.clone())
     }
