@@ -1240,13 +1240,14 @@ mod tests {
     use super::*;
     use crate::{error::BoxError, source::source_fn};
 
-    /// A chained flight made needless by a credential handed over answers with that
-    /// credential. A rejection of it that lands after the flight took it, before the
-    /// flight's waiters are told, must not join that flight: it would be answered with
-    /// the very credential it rejected (seen once by `tests/interleavings.rs`, seed 0).
-    #[tokio::test]
-    async fn a_rejection_landing_as_a_needless_flight_ends_does_not_join_it() {
-        let gate = Arc::new(tokio::sync::Notify::new());
+    /// A source of `t-0`, `t-1`, ...: its first fetch waits for a permit of the gate
+    /// returned with it; the count of its fetches.
+    fn gated() -> (
+        impl CredentialSource,
+        Arc<tokio::sync::Semaphore>,
+        Arc<AtomicUsize>,
+    ) {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let fetches = Arc::new(AtomicUsize::new(0));
         let source = source_fn({
             let (gate, fetches) = (gate.clone(), fetches.clone());
@@ -1255,12 +1256,22 @@ mod tests {
                 let gate = gate.clone();
                 async move {
                     if n == 0 {
-                        gate.notified().await;
+                        gate.acquire().await.unwrap().forget();
                     }
                     Credential::bearer(format!("t-{n}")).map_err(BoxError::from)
                 }
             }
         });
+        (source, gate, fetches)
+    }
+
+    /// A chained flight made needless by a credential handed over answers with that
+    /// credential. A rejection of it that lands after the flight took it, before the
+    /// flight's waiters are told, must not join that flight: it would be answered with
+    /// the very credential it rejected (seen once by `tests/interleavings.rs`, seed 0).
+    #[tokio::test]
+    async fn a_rejection_landing_as_a_needless_flight_ends_does_not_join_it() {
+        let (source, gate, fetches) = gated();
         let cache = CredentialCache::new(source);
         let handle = cache.handle();
         // A fetch runs; an invalidation makes it suspect; the next caller's flight is
@@ -1279,7 +1290,7 @@ mod tests {
             let (cache, rejected) = (cache.clone(), rejected.clone());
             move || *rejected.borrow_mut() = Some(cache.replace_rejected(generation))
         });
-        gate.notify_one();
+        gate.add_permits(1);
         // The handed-over credential answers both flights' waiters.
         assert_eq!(first.await.unwrap().credential, mine);
         assert_eq!(chained.await.unwrap().credential, mine);
@@ -1300,21 +1311,7 @@ mod tests {
     /// `reject` compared the credential with the current one before taking the lock.)
     #[tokio::test]
     async fn a_rejection_racing_a_refresh_never_gets_its_credential_back_from_the_store() {
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let fetches = Arc::new(AtomicUsize::new(0));
-        let source = source_fn({
-            let (gate, fetches) = (gate.clone(), fetches.clone());
-            move |_cx: FetchContext| {
-                let n = fetches.fetch_add(1, SeqCst);
-                let gate = gate.clone();
-                async move {
-                    if n == 0 {
-                        gate.acquire().await.unwrap().forget();
-                    }
-                    Credential::bearer(format!("token-{n}")).map_err(BoxError::from)
-                }
-            }
-        });
+        let (source, gate, _) = gated();
         let cache = CredentialCache::builder(source)
             .store(crate::store::MemoryStore::new())
             .build()
@@ -1334,7 +1331,7 @@ mod tests {
         assert!(cache.handle().replace(stale).unwrap());
         gate.add_permits(1);
         let fetched = first.await.unwrap().unwrap();
-        assert_eq!(fetched, Credential::bearer("token-0").unwrap());
+        assert_eq!(fetched, Credential::bearer("t-0").unwrap());
         // Another thread's request, landing right after `reject` looked at the current
         // credential: it refreshes the handed-over one.
         hook::set("after_reject_read", {
