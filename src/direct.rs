@@ -194,11 +194,21 @@ where
                 }
             }
         };
-        // Readied a moment ago, as a rule; a service held ready for longer than the hard
-        // window must not send a credential that has expired since. (A pause between
-        // `poll_ready` and `call` is not seen here, as one right after `call` is not:
-        // see `CredentialCache::still_sendable`.)
-        let Some(entry) = entry.filter(|entry| self.cache.still_sendable(entry)) else {
+        // Readied a moment ago, as a rule; a service held ready for longer (a balancer's
+        // ready set) must not send a credential that has expired since, nor one dropped
+        // since (invalidated, rejected, replaced): the current one, if it may be sent
+        // without waiting, else nothing. (A pause between `poll_ready` and `call` is not
+        // seen here, as one right after `call` is not: see
+        // `CredentialCache::still_sendable`.)
+        let entry = match entry {
+            Some(entry) if self.cache.still_sendable(entry) => Some(entry),
+            _ => self
+                .cache
+                .usable(self.view.load())
+                .ok()
+                .filter(|entry| self.cache.still_sendable(entry)),
+        };
+        let Some(entry) = entry else {
             return DirectFuture::failed(Error::new(ErrorKind::NotReady));
         };
         match self.policy.attach(&entry.credential, &mut req) {

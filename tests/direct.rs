@@ -320,6 +320,60 @@ async fn a_service_held_ready_past_expiry_sends_nothing() {
     );
 }
 
+/// World: services readied with `token-1` (one by the view, one after waiting for the
+/// first fetch), then the credential dropped before their `call`: by `invalidate_if`,
+/// by `reject`, by `replace`. Proves: no call sends the dropped credential; each sends
+/// the one current by then, or fails `NotReady` and sends nothing when none is (a
+/// service held ready, as a balancer's `ReadyCache` holds one, must not keep a
+/// credential the application dropped).
+#[tokio::test]
+async fn a_credential_dropped_while_a_service_is_held_ready_is_not_sent() {
+    let source = TestSource::new();
+    let layer = direct(&source);
+    let cache = layer.cache().clone();
+    let seen = Seen::default();
+
+    // Readied after waiting for the first fetch (`Waited`), then invalidated.
+    let mut waited = layer.layer(Api::new(&seen));
+    waited.ready().await.unwrap();
+    let first = cache.credential().await.unwrap();
+    assert!(cache.handle().invalidate_if(&first));
+    let res = waited.call(get(API)).await;
+    assert!(
+        res.as_ref().is_ok_and(|r| r.status() == 200)
+            || res.is_err_and(|e| kind(e) == ErrorKind::NotReady),
+        "neither sent with a credential nor refused"
+    );
+
+    // Readied from the view, then rejected.
+    let second = cache.credential().await.unwrap();
+    let mut viewed = layer.layer(Api::new(&seen));
+    viewed.ready().await.unwrap();
+    let third = cache.reject(&second).await.unwrap();
+    viewed.call(get(API)).await.unwrap();
+
+    // Readied from the view, then replaced by hand.
+    let mut replaced = layer.layer(Api::new(&seen));
+    replaced.ready().await.unwrap();
+    assert!(
+        cache
+            .handle()
+            .replace(Credential::bearer("by-hand").unwrap())
+            .unwrap()
+    );
+    replaced.call(get(API)).await.unwrap();
+
+    // The first call either sent nothing or a credential other than `token-1`.
+    let sent = seen.authorizations();
+    let expected = [Some("Bearer token-3".into()), Some("Bearer by-hand".into())];
+    assert!(
+        !sent.contains(&Some("Bearer token-1".into())) && sent.ends_with(&expected),
+        "a dropped credential was sent, or not the current one: {sent:?}"
+    );
+    assert!(!sent.contains(&Some("Bearer token-2".into())), "{sent:?}");
+    drop((first, second, third));
+}
+
 /// World: `call` without `poll_ready` (a breach of the `Service` contract). Proves: with
 /// a usable credential cached it is sent; with none the call fails `NotReady` and sends
 /// nothing, rather than sending the request without its credential.

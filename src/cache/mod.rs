@@ -276,11 +276,12 @@ impl<P: CredentialSource> CredentialCache<P> {
     }
 
     /// Whether `entry`, found usable by [`usable`](Self::usable) a moment ago (readied in
-    /// `poll_ready`), may still be sent: it has not expired. One in its windows starts the
+    /// `poll_ready`), may still be sent: it is still current (not invalidated, rejected,
+    /// replaced or refreshed since) and has not expired. One in its windows starts the
     /// refresh `usable` would.
     ///
     /// No clock is read while the entry's aging timer has not fired: a hold since the
-    /// check long enough to matter fires it. A pause since the check is no different
+    /// check long enough to matter fires it, and retiring an entry sets it. A pause since the check is no different
     /// from a pause right after `call`, which no check before sending can see.
     #[inline]
     pub(crate) fn still_sendable(&self, entry: &Entry) -> bool {
@@ -290,7 +291,9 @@ impl<P: CredentialSource> CredentialCache<P> {
     #[cold]
     #[inline(never)]
     fn still_sendable_aging(&self, entry: &Entry) -> bool {
-        if entry.is_expired_at(Instant::now(), self.inner.config.clock.now()) {
+        if entry.retired.load(Ordering::Acquire)
+            || entry.is_expired_at(Instant::now(), self.inner.config.clock.now())
+        {
             return false;
         }
         // In the soft window this claims the background refresh; in the hard window it
@@ -694,6 +697,9 @@ impl<P: CredentialSource> Inner<P> {
     fn retire(&self, state: &mut State, how: Retired) {
         if let Some(entry) = self.current.load_full() {
             entry.retired.store(true, Ordering::Release);
+            // Off the hot path: a service that readied it before it was dropped looks
+            // closer before sending it (`still_sendable`).
+            entry.aging.store(true, Ordering::Release);
             state.remember_retired(&entry, how);
         }
     }
