@@ -416,7 +416,14 @@ async fn run(seed: u64, store: Store, entry: Entry) {
                         // A rejection seen outside the layer (a gRPC status, say).
                         if let Ok(current) = cache.credential().await {
                             let rejected = cache.stats().rejections;
-                            let answer = cache.reject(&current).await;
+                            // Dropped as `reject` is first polled, whatever it answers.
+                            let mut answer = std::pin::pin!(cache.reject(&current));
+                            let first = futures_util::future::poll_immediate(&mut answer).await;
+                            seen.dropped(&current);
+                            let answer = match first {
+                                Some(answer) => answer,
+                                None => answer.await,
+                            };
                             if cache.stats().rejections > rejected {
                                 seen.rejects.fetch_add(1, SeqCst);
                             }
