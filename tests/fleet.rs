@@ -220,6 +220,89 @@ async fn a_stored_refresh_token_outlives_its_access_token() {
     );
 }
 
+/// World: a fleet's cache (over memory, and over Redis), its own source rotating the
+/// refresh token on every refresh but answering one refresh with an access token that
+/// has already expired (a clock-skewed server, say). The cache refuses that credential
+/// (`Expired`). Proves: the refresh token it carried is not lost with it: the store
+/// keeps the pair (its access token unusable), and the next refresh presents that
+/// refresh token; nobody logs in again, and no refresh token is presented twice.
+#[tokio::test]
+async fn a_refused_credential_leaves_its_refresh_token_in_the_store() {
+    let server = RedisServer::start();
+    refused_keeps_its_refresh_token("memory", MemoryStore::new()).await;
+    refused_keeps_its_refresh_token("redis", redis_store(&server, "refused").await).await;
+}
+
+async fn refused_keeps_its_refresh_token<S: CredentialStore + Clone>(name: &str, store: S) {
+    use std::sync::Mutex;
+    use tower_client_auth::RefreshSharing;
+    #[derive(Default)]
+    struct Log {
+        logins: usize,
+        presented: Vec<String>,
+        rotated: usize,
+    }
+    let log = Arc::new(Mutex::new(Log::default()));
+    let source = tower_client_auth::source_fn({
+        let log = log.clone();
+        move |cx: FetchContext| {
+            let mut log = log.lock().unwrap();
+            let now = std::time::SystemTime::now();
+            let answer = match cx.refresh_sharing() {
+                RefreshSharing::Shared(Some(token)) => {
+                    log.presented.push(token.expose().to_owned());
+                    log.rotated += 1;
+                    let n = log.rotated;
+                    let access = Credential::bearer(format!("access-r{n}")).unwrap();
+                    // The first refresh's access token arrives expired.
+                    let access = if n == 1 {
+                        access.expires_at(now - Duration::from_secs(1))
+                    } else {
+                        access.expires_in(Duration::from_secs(60))
+                    };
+                    Ok(access.with_refresh_token(format!("rt-{}", n + 1)))
+                }
+                RefreshSharing::Shared(None) => {
+                    log.logins += 1;
+                    Ok(Credential::bearer("access-login")
+                        .unwrap()
+                        .expires_in(Duration::from_secs(60))
+                        .with_refresh_token("rt-1"))
+                }
+                other => Err(format!("not shared: {other:?}")),
+            };
+            async move { answer.map_err(BoxError::from) }
+        }
+    });
+    let cache = CredentialCache::builder(source)
+        .store(store.clone())
+        .backoff(Duration::from_millis(1), Duration::from_millis(2))
+        .build()
+        .unwrap();
+    let first = cache.credential().await.unwrap();
+    let err = cache.reject(&first).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        tower_client_auth::ErrorKind::Expired,
+        "{name}: {err}"
+    );
+    let stored = store.get().await;
+    assert_eq!(
+        stored
+            .as_ref()
+            .and_then(|c| c.refresh_token())
+            .map(|t| t.expose().to_owned()),
+        Some("rt-2".to_owned()),
+        "{name}: the refused credential's refresh token is not in the store"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let next = cache.credential().await.unwrap();
+    assert_eq!(next, Credential::bearer("access-r2").unwrap(), "{name}");
+    let log = log.lock().unwrap();
+    assert_eq!(log.logins, 1, "{name}: logged in again");
+    assert_eq!(log.presented, ["rt-1", "rt-2"], "{name}");
+}
+
 /// Saves and loads through the store's own lease, for a test that only writes and reads.
 trait Probe {
     fn put<'a>(&'a self, credential: &'a Credential) -> futures_util::future::BoxFuture<'a, ()>;

@@ -794,7 +794,7 @@ async fn obtain<P: CredentialSource>(
     let deadline = saturating_add(Instant::now(), inner.config.fetch_timeout);
     let cx = cx.at(inner.config.clock.now());
     let Some(store) = &inner.config.store else {
-        return fetch(inner, cx, deadline).await;
+        return fetch(inner, cx, deadline, &mut None).await;
     };
     if let (FetchReason::Rejected | FetchReason::Invalidated, Some(rejected)) =
         (cx.reason(), cx.previous())
@@ -859,7 +859,13 @@ async fn obtain<P: CredentialSource>(
             // token it holds may be another process's by now).
             None => {
                 waited(waiting_since);
-                return fetch(inner, cx.sharing(Sharing::StoreUnavailable), deadline).await;
+                return fetch(
+                    inner,
+                    cx.sharing(Sharing::StoreUnavailable),
+                    deadline,
+                    &mut None,
+                )
+                .await;
             }
         };
         waited(waiting_since);
@@ -869,8 +875,16 @@ async fn obtain<P: CredentialSource>(
         })
         .await;
         *from_store = saved == Saved::StoreHit;
-        match (&held, saved) {
-            (Ok(credential), Saved::Failed) if credential.refresh_token().is_some() => {
+        let (held, refused) = match held {
+            Ok(credential) => (Ok(credential), None),
+            Err((err, refused)) => (Err(err), refused),
+        };
+        let unsaved = match saved {
+            Saved::Failed => held.as_ref().ok().or(refused.as_ref()),
+            _ => None,
+        };
+        match unsaved.filter(|credential| credential.refresh_token().is_some()) {
+            Some(credential) => {
                 // A rotated refresh token exists nowhere but here: keep the lease and
                 // keep trying to save it, rather than leave the fleet to log in again.
                 tokio::spawn(keep_saving(
@@ -880,7 +894,7 @@ async fn obtain<P: CredentialSource>(
                     credential.clone(),
                 ));
             }
-            _ => release(inner, store.as_ref(), &lease).await,
+            None => release(inner, store.as_ref(), &lease).await,
         }
         return held;
     }
@@ -1011,7 +1025,7 @@ async fn holding<P: CredentialSource>(
     cx: FetchContext,
     deadline: Instant,
     took_over: bool,
-) -> (Result<Credential, Error>, Saved) {
+) -> (Result<Credential, (Error, Option<Credential>)>, Saved) {
     // Someone may have saved between the load and the lease.
     let held = store_call(inner, deadline, "load", store.load()).await;
     // A step-up wants a wider grant, which no stored credential is known to be.
@@ -1056,16 +1070,20 @@ async fn holding<P: CredentialSource>(
                     Some(true) => Sharing::Shared(Some(token)),
                     Some(false) => {
                         // The lease ran out already: someone else holds it now.
-                        return (Err(Error::new(ErrorKind::Timeout)), Saved::Fenced);
+                        return (Err((Error::new(ErrorKind::Timeout), None)), Saved::Fenced);
                     }
                     None => Sharing::StoreUnavailable,
                 }
             }
         },
     };
-    let fetched = fetch(inner, cx.sharing(sharing), deadline).await;
+    let mut refused = None;
+    let fetched = fetch(inner, cx.sharing(sharing), deadline, &mut refused).await;
     let mut saved = Saved::Done;
-    if let Ok(credential) = &fetched {
+    // A credential refused on arrival goes to the store all the same when it carries a
+    // refresh token: the presented one is spent, and the new one exists nowhere else
+    // (its access token, expired, is never handed out: see `is_reusable_stored`).
+    if let Some(credential) = fetched.as_ref().ok().or(refused.as_ref()) {
         // A fresh credential is worth saving even if the fetch used up the deadline:
         // the save gets a share of its own.
         let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
@@ -1078,7 +1096,7 @@ async fn holding<P: CredentialSource>(
             None => Saved::Failed,
         };
     }
-    (fetched, saved)
+    (fetched.map_err(|err| (err, refused)), saved)
 }
 
 /// Runs `work` while keeping `lease`: renewed every third of its hold, so a holder that
@@ -1139,14 +1157,17 @@ const LEASE_POLL_MAX: std::time::Duration = std::time::Duration::from_millis(250
 /// What a lease lasts beyond the longest its holder can take.
 const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Asks the source, under the deadline, and checks what it answered.
+/// Asks the source, under the deadline, and checks what it answered. `refused`: a
+/// credential the check refused (expired on arrival) that carries a refresh token, which
+/// must not be lost with it: the lease holder keeps it in the store.
 async fn fetch<P: CredentialSource>(
     inner: &Inner<P>,
     cx: FetchContext,
     deadline: Instant,
+    refused: &mut Option<Credential>,
 ) -> Result<Credential, Error> {
     let started = Instant::now();
-    let result = checked_fetch(inner, cx, deadline).await;
+    let result = checked_fetch(inner, cx, deadline, refused).await;
     metrics::source_fetch(
         &inner.config.name,
         metrics::outcome(&result),
@@ -1160,6 +1181,7 @@ async fn checked_fetch<P: CredentialSource>(
     inner: &Inner<P>,
     cx: FetchContext,
     deadline: Instant,
+    refused: &mut Option<Credential>,
 ) -> Result<Credential, Error> {
     let fetched = tokio::time::timeout_at(deadline, inner.source.fetch(cx)).await;
     let credential = match fetched {
@@ -1169,6 +1191,9 @@ async fn checked_fetch<P: CredentialSource>(
     };
     let wall = inner.config.clock.now();
     if credential.expiry().is_some_and(|at| at <= wall) {
+        if credential.refresh_token().is_some() {
+            *refused = Some(credential);
+        }
         return Err(Error::new(ErrorKind::Expired));
     }
     if credential.is_bound() && !inner.source.binds_credentials() {
