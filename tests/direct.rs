@@ -374,6 +374,55 @@ async fn a_credential_dropped_while_a_service_is_held_ready_is_not_sent() {
     drop((first, second, third));
 }
 
+/// World: a service waiting in `poll_ready` for the first fetch, which an invalidation
+/// makes suspect while it runs (its credential, `token-1`, goes to its own waiters only),
+/// then, or not, `token-1` dropped by name before the service's `call`. Proves: the
+/// waiter sends it when nothing dropped it since (it asked before the invalidation);
+/// dropped by name, the call does not send it (it fails `NotReady`, sending nothing, as
+/// nothing else may go without a wait).
+#[tokio::test]
+async fn a_fetched_credential_dropped_before_the_call_that_waited_for_it_is_not_sent() {
+    for drop_by_name in [false, true] {
+        let source = TestSource::build(
+            None,
+            Duration::ZERO,
+            true,
+            tower_client_auth::RefreshMode::Proactive,
+        );
+        let layer = direct(&source);
+        let cache = layer.cache().clone();
+        let seen = Seen::default();
+        let mut svc = layer.layer(Api::new(&seen));
+        {
+            let mut ready = std::pin::pin!(svc.ready());
+            assert!(
+                futures_util::future::poll_immediate(&mut ready)
+                    .await
+                    .is_none(),
+                "ready without a credential"
+            );
+            tokio::task::yield_now().await;
+            cache.handle().invalidate();
+            source.release(1);
+            ready.await.unwrap();
+        }
+        if drop_by_name {
+            cache
+                .handle()
+                .invalidate_if(&Credential::bearer("token-1").unwrap());
+            let res = svc.call(get(API)).await;
+            assert!(
+                res.is_err_and(|e| kind(e) == ErrorKind::NotReady),
+                "not refused"
+            );
+            assert_eq!(seen.authorizations(), [], "sent after it was dropped");
+        } else {
+            svc.call(get(API)).await.unwrap();
+            assert_eq!(seen.authorizations(), [Some("Bearer token-1".into())]);
+        }
+    }
+}
+
 /// World: `call` without `poll_ready` (a breach of the `Service` contract). Proves: with
 /// a usable credential cached it is sent; with none the call fails `NotReady` and sends
 /// nothing, rather than sending the request without its credential.

@@ -300,6 +300,16 @@ impl<P: CredentialSource> CredentialCache<P> {
         {
             return false;
         }
+        let current = self.inner.current.load();
+        if !current.as_deref().is_some_and(|c| std::ptr::eq(c, entry)) {
+            // Never current (a flight's own waiters' credential): sendable unless
+            // dropped by value since.
+            drop(current);
+            let state = self.inner.lock_state();
+            if state.dropped_generation(entry.generation) {
+                return false;
+            }
+        }
         // In the soft window this claims the background refresh; in the hard window it
         // starts the refresh the next `poll_ready` waits for.
         drop(self.usable(Some(entry)));
@@ -611,6 +621,9 @@ impl State {
     /// being current (or were never made current: see `Inner::forget_suspect`);
     /// `dropped`: not to be taken back from the store.
     fn remember_retired(&mut self, entry: &Entry, how: Retired) {
+        // Off the hot path: a service that readied it (one that waited for a flight's
+        // own result, say) looks closer before sending it (`still_sendable`).
+        entry.aging.store(true, Ordering::Release);
         if self.retired.len() == RETIRED_KEPT {
             self.retired.pop_front();
         }
@@ -635,6 +648,13 @@ impl State {
             .any(|(_, retired, how)| *how != Retired::Own && retired == credential)
     }
 
+    /// Whether the credential of `generation` is remembered as dropped.
+    fn dropped_generation(&self, generation: u64) -> bool {
+        self.retired
+            .iter()
+            .any(|(g, _, how)| *g == generation && *how == Retired::Dropped)
+    }
+
     /// [`drop_retired`](Self::drop_retired) by value, for every generation it had.
     fn drop_retired_value(&mut self, credential: &Credential) {
         for (_, retired, how) in &mut self.retired {
@@ -652,9 +672,13 @@ pub(super) enum Retired {
     Own,
     /// Replaced by a newer one (a refresh, a replacement): not taken back from the store.
     Superseded,
-    /// Rejected, invalidated, or fetched across an invalidation: not taken back from the
-    /// store, and a late rejection of it is no news.
+    /// Rejected or invalidated: not taken back from the store, a late rejection of it is
+    /// no news, and nothing sends it any more.
     Dropped,
+    /// Fetched across an invalidation: as `Dropped`, except that the flight's own
+    /// waiters (who asked before the invalidation) may still send it, until it is
+    /// dropped by value.
+    Tainted,
 }
 
 /// How many credentials [`State::retired`] remembers: a bound, not a guarantee. A
@@ -705,9 +729,6 @@ impl<P: CredentialSource> Inner<P> {
     fn retire(&self, state: &mut State, how: Retired) {
         if let Some(entry) = self.current.load_full() {
             entry.retired.store(true, Ordering::Release);
-            // Off the hot path: a service that readied it before it was dropped looks
-            // closer before sending it (`still_sendable`).
-            entry.aging.store(true, Ordering::Release);
             state.remember_retired(&entry, how);
         }
     }
@@ -838,7 +859,7 @@ impl<P: CredentialSource> Inner<P> {
     /// is not what the source holds, so the next fetch is told what the invalidation
     /// dropped still. Called with the state lock held.
     fn forget_suspect(&self, state: &mut State, entry: &Entry, from_store: bool) {
-        state.remember_retired(entry, Retired::Dropped);
+        state.remember_retired(entry, Retired::Tainted);
         if from_store {
             return;
         }
