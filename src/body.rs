@@ -355,7 +355,7 @@ where
             ended: false,
             declared,
         });
-        let recording = Recording {
+        let mut recording = Recording {
             recorder: recorder.clone(),
             limit,
             chunks,
@@ -364,7 +364,10 @@ where
             // What hyper sends is what the header says, when there is one.
             declared: header().or(declared),
             done: false,
+            early: false,
         };
+        // Every declared byte read ahead, its end not shown yet.
+        recording.complete_at_declared();
         let kind = Kind::Stream {
             body,
             ahead: ahead.map(Box::new),
@@ -641,11 +644,17 @@ struct Recording {
     /// length was sent cut short (or failed) by HTTP/1.1, so what it gave is not replayed.
     declared: Option<u64>,
     done: bool,
+    /// Published complete when it reached its declared length, before the body showed
+    /// its end: what the body gives after can only spoil it (see `after_early`).
+    early: bool,
 }
 
 impl Recording {
     fn observe<E>(&mut self, frame: Option<&Result<Frame<Bytes>, E>>, ended: bool) {
         if self.done {
+            if self.early {
+                self.after_early(frame);
+            }
             return;
         }
         if self.recorder.abandoned.load(Ordering::Relaxed) {
@@ -673,7 +682,52 @@ impl Recording {
                 }
                 if ended {
                     self.finish(Status::Complete);
+                } else if frame.is_data() {
+                    self.complete_at_declared();
                 }
+            }
+        }
+    }
+
+    /// Publishes the recording complete once it holds every byte the body declared and
+    /// no trailers, before the body shows its end. Over HTTP/2 the answer may come then,
+    /// while hyper's pipe still polls the body for its end (which it shows only at that
+    /// next poll): the replay must not wait for it.
+    fn complete_at_declared(&mut self) {
+        if !self.done && self.trailers.is_none() && self.declared == Some(self.len as u64) {
+            self.early = true;
+            self.finish(Status::Complete);
+        }
+    }
+
+    /// A frame after the recording was published complete at its declared length: more
+    /// data, or an error, spoil it (a replay not yet taken is refused: the body was
+    /// longer than declared, or failed); trailers join it, unless the replay already
+    /// took it.
+    #[cold]
+    fn after_early<E>(&mut self, frame: Option<&Result<Frame<Bytes>, E>>) {
+        let spoiled = match frame {
+            None => return,
+            Some(Ok(frame)) => match frame.trailers_ref() {
+                Some(trailers) => {
+                    let mut rec = self.recorder.lock();
+                    if rec.status == Status::Complete && rec.trailers.is_none() {
+                        rec.trailers = Some(Box::new(trailers.clone()));
+                        return;
+                    }
+                    true
+                }
+                None => frame.data_ref().is_some_and(|d| d.remaining() > 0),
+            },
+            Some(Err(_)) => true,
+        };
+        if spoiled {
+            self.early = false;
+            let mut rec = self.recorder.lock();
+            if rec.status == Status::Complete {
+                rec.status = Status::Failed;
+                rec.chunks = Vec::new();
+                rec.trailers = None;
             }
         }
     }
@@ -1274,6 +1328,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A body still held by the inner service once it gave every byte it declared (an
+    /// HTTP/2 pipe polling it for its end when the answer comes) can be replayed at once;
+    /// more data after that spoils a replay not yet taken (it broke its length), and
+    /// trailers join it.
+    #[tokio::test]
+    async fn a_body_held_at_its_declared_length_is_replayable_before_its_end() {
+        // Taken while held.
+        let chunks = vec![Step::Wait, data(b"ab"), Step::Wait, data(b"cd"), Step::Wait];
+        let (mut body, mut handle) = ReplayBody::record(Declared(steps(chunks), 4), 1024);
+        for _ in 0..2 {
+            assert!(next(&mut body).await.unwrap().unwrap().is_data());
+        }
+        let replay = handle.take::<Declared>().unwrap();
+        assert_eq!(frames(replay).await.0, b"abcd");
+        drop(body);
+
+        // More data before the replay is taken: not replayed.
+        let chunks = vec![data(b"abcd"), Step::Wait, data(b"ef")];
+        let (mut body, mut handle) = ReplayBody::record(Declared(steps(chunks), 4), 1024);
+        for _ in 0..2 {
+            assert!(next(&mut body).await.unwrap().unwrap().is_data());
+        }
+        assert_eq!(
+            handle.take::<Declared>().unwrap_err(),
+            NotReplayed::BodyFailed
+        );
+        drop(body);
+
+        // Trailers before the replay is taken: replayed with them.
+        let chunks = vec![data(b"abcd"), Step::Wait, checksum()];
+        let (mut body, mut handle) = ReplayBody::record(Declared(steps(chunks), 4), 1024);
+        assert!(next(&mut body).await.unwrap().unwrap().is_data());
+        assert!(next(&mut body).await.unwrap().unwrap().is_trailers());
+        let (bytes, trailers) = frames(handle.take::<Declared>().unwrap()).await;
+        assert_eq!(bytes, b"abcd");
+        assert_eq!(trailers.unwrap()["x-checksum"], "abc");
     }
 
     /// A streamed body whose trailers were given is whole, though the inner service drops

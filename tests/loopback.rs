@@ -461,6 +461,112 @@ async fn a_body_whose_end_shows_only_after_its_declared_length_is_replayed() {
     assert_eq!(seen, vec![abcd.clone(), abcd.clone(), abcd.clone(), abcd]);
 }
 
+/// An HTTP/2 (h2c) server like [`body_server`], except that it answers `tok-1` with a 401
+/// once it has read `len` bytes, without waiting for the body's end, and keeps that
+/// body open meanwhile (no reset): the client's h2 pipe goes on polling it.
+async fn h2_early_answer_server(len: usize) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let log = log.clone();
+                async move {
+                    let rejected = req.headers()["authorization"] == "Bearer tok-1";
+                    let mut body = req.into_body();
+                    let status = if rejected {
+                        let mut read = 0;
+                        while read < len {
+                            match body.frame().await {
+                                Some(Ok(frame)) => {
+                                    read += frame.data_ref().map_or(0, |d| d.len());
+                                }
+                                _ => break,
+                            }
+                        }
+                        tokio::spawn(async move {
+                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                            drop(body);
+                        });
+                        StatusCode::UNAUTHORIZED
+                    } else {
+                        let outcome = match body.collect().await {
+                            Ok(whole) => Ok((whole.to_bytes(), None)),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        log.lock().unwrap().push(outcome);
+                        StatusCode::OK
+                    };
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(Full::<Bytes>::default())
+                            .unwrap(),
+                    )
+                }
+            });
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// World: the body of the test above (its length declared, its end shown only when
+/// polled after its last byte), over HTTP/2, rejected once all its bytes arrived but
+/// before its end (the server reads what it needs and answers; hyper's h2 pipe keeps
+/// the body and goes on polling it for its end). Proves: it is replayed all the same,
+/// however many of its chunks were ready when it was sent (none, one, all: then the
+/// read-ahead holds every byte, and the end is still not shown), since all it declared
+/// was sent and recorded.
+#[tokio::test]
+async fn over_http2_a_body_whose_end_shows_late_is_replayed() {
+    let (addr, seen) = h2_early_answer_server(4).await;
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<ReplayBody<Stale>>();
+    let chunks = [Bytes::from_static(b"ab"), Bytes::from_static(b"cd")];
+    for ready in 0..=2 {
+        let svc = AuthLayer::new(counting_source())
+            .any_https_origin()
+            .allow_http_loopback(true)
+            .layer(client.clone());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for chunk in &chunks[..ready] {
+            tx.send(chunk.clone()).unwrap();
+        }
+        let rest = async {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            for chunk in &chunks[ready..] {
+                tx.send(chunk.clone()).unwrap();
+            }
+        };
+        let req = Request::post(format!("http://{addr}/v1/upload"))
+            .body(Stale { rx, total: Some(4) })
+            .unwrap();
+        let (res, ()) = tokio::join!(svc.oneshot(req), rest);
+        let res = res.unwrap();
+        assert_eq!(
+            res.status(),
+            200,
+            "chunks ready when sent: {ready}: {:?}",
+            res.extensions().get::<tower_client_auth::NotReplayed>()
+        );
+        // The sender lives on: the body never ends on its own.
+        drop(tx);
+    }
+    let seen = seen.lock().unwrap().clone();
+    let abcd = Ok((Bytes::from_static(b"abcd"), None));
+    assert_eq!(seen, vec![abcd; 3]);
+}
+
 /// World: a stream of unknown length whose `Content-Length` the caller set by hand (an
 /// upload of a file it knows the size of), over HTTP/1.1, rejected once; its first
 /// chunk ready when it is sent, or none. hyper trusts the header: it stops reading once
