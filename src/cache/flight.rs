@@ -473,6 +473,10 @@ impl<P: CredentialSource> FlightGuard<P> {
         if self.step_up {
             return None;
         }
+        // Its fetch starts now: not older than a credential handed over while it was
+        // queued. Such a credential, fresh, makes it needless (below); one that is due
+        // for a refresh is replaced by its result, as by any refresh.
+        self.epoch = state.epoch;
         let (now, wall) = (Instant::now(), self.inner.config.clock.now());
         let current = self
             .inner
@@ -513,8 +517,8 @@ impl<P: CredentialSource> FlightGuard<P> {
             state.tainted = None;
         }
         if state.epoch != self.epoch {
-            // A credential handed over since this flight started wins while it may be
-            // sent (for this flight's own waiters too); one gone stale meanwhile does
+            // A credential handed over since this flight's fetch started wins while it
+            // may be sent (for this flight's own waiters too); one gone stale meanwhile does
             // not: this flight's result replaces it, unless it was detached as well.
             if let Some(current) = self.inner.current.load_full().filter(|e| self.sendable(e)) {
                 // A step-up's waiters asked for a wider grant than the handed-over
