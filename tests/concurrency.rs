@@ -60,12 +60,7 @@ async fn stampede_at_expiry_fetches_once() {
 /// request has been issued, so they all pile onto it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stampede_at_expiry_fetches_once_on_two_threads() {
-    let source = TestSource::build(
-        Some(Duration::from_millis(50)),
-        Duration::ZERO,
-        true,
-        RefreshMode::Proactive,
-    );
+    let source = TestSource::gated(Some(Duration::from_millis(50)));
     let api = FakeApi::new(|_, _| StatusCode::OK);
     let svc = AuthLayer::new(source.clone())
         .any_https_origin()

@@ -151,12 +151,7 @@ async fn a_service_that_is_not_clone_gets_the_callers_request_with_the_credentia
 /// fetched; each then sends the one credential.
 #[tokio::test]
 async fn poll_ready_waits_for_the_one_refresh_before_readying_the_inner_service() {
-    let source = TestSource::build(
-        None,
-        Duration::ZERO,
-        true,
-        tower_client_auth::RefreshMode::Proactive,
-    );
+    let source = TestSource::gated(None);
     let layer = direct(&source);
     let seen = Seen::default();
     let mut tasks = Vec::new();
@@ -383,12 +378,7 @@ async fn a_credential_dropped_while_a_service_is_held_ready_is_not_sent() {
 #[tokio::test]
 async fn a_fetched_credential_dropped_before_the_call_that_waited_for_it_is_not_sent() {
     for drop_by_name in [false, true] {
-        let source = TestSource::build(
-            None,
-            Duration::ZERO,
-            true,
-            tower_client_auth::RefreshMode::Proactive,
-        );
+        let source = TestSource::gated(None);
         let layer = direct(&source);
         let cache = layer.cache().clone();
         let seen = Seen::default();

@@ -420,27 +420,40 @@ async fn a_body_is_announced_at_the_length_it_declared() {
 /// last byte (a file read behind a channel, a body that does not override
 /// `is_end_stream`), over HTTP/1.1, rejected once. hyper stops reading it once the
 /// declared length is sent, and never polls for its end. Proves: it is replayed all the
-/// same, whether its first chunk was ready when it was sent or none was, since all it
-/// declared was sent and recorded.
+/// same, however many of its chunks were ready when it was sent (none, one, all), since
+/// all it declared was sent and recorded.
 #[tokio::test]
 async fn a_body_whose_end_shows_only_after_its_declared_length_is_replayed() {
     let (addr, seen) = body_server().await;
     let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Stale>>();
-    for first_ready in [true, false] {
+    stale_bodies_rejected_once_are_replayed(client, addr).await;
+    let abcd = Ok((Bytes::from_static(b"abcd"), None));
+    // Each rejected attempt (read whole by this server) and its replay.
+    assert_eq!(*seen.lock().unwrap(), vec![abcd; 6]);
+}
+
+/// Sends a body of 4 declared bytes in two chunks, none, one or both ready when it is
+/// sent, its end never shown, through the layer (`tok-1` is rejected) to `addr`; each
+/// must come back 200, replayed.
+async fn stale_bodies_rejected_once_are_replayed(
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, ReplayBody<Stale>>,
+    addr: SocketAddr,
+) {
+    let chunks = [Bytes::from_static(b"ab"), Bytes::from_static(b"cd")];
+    for ready in 0..=2 {
         let svc = AuthLayer::new(counting_source())
             .any_https_origin()
             .allow_http_loopback(true)
             .layer(client.clone());
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        if first_ready {
-            tx.send(Bytes::from_static(b"ab")).unwrap();
+        for chunk in &chunks[..ready] {
+            tx.send(chunk.clone()).unwrap();
         }
         let rest = async {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            if !first_ready {
-                tx.send(Bytes::from_static(b"ab")).unwrap();
+            for chunk in &chunks[ready..] {
+                tx.send(chunk.clone()).unwrap();
             }
-            tx.send(Bytes::from_static(b"cd")).unwrap();
         };
         let req = Request::post(format!("http://{addr}/v1/upload"))
             .body(Stale { rx, total: Some(4) })
@@ -450,15 +463,12 @@ async fn a_body_whose_end_shows_only_after_its_declared_length_is_replayed() {
         assert_eq!(
             res.status(),
             200,
-            "first ready: {first_ready}: {:?}",
+            "chunks ready when sent: {ready}: {:?}",
             res.extensions().get::<tower_client_auth::NotReplayed>()
         );
         // The sender lives on: the body never ends on its own.
         drop(tx);
     }
-    let seen = seen.lock().unwrap().clone();
-    let abcd = Ok((Bytes::from_static(b"abcd"), None));
-    assert_eq!(seen, vec![abcd.clone(), abcd.clone(), abcd.clone(), abcd]);
 }
 
 /// An HTTP/2 (h2c) server like [`body_server`], except that it answers `tok-1` with a 401
@@ -519,8 +529,9 @@ async fn h2_early_answer_server(len: usize) -> (SocketAddr, Arc<Mutex<Vec<Seen>>
     (addr, seen)
 }
 
-/// World: the body of the test above (its length declared, its end shown only when
-/// polled after its last byte), over HTTP/2, rejected once all its bytes arrived but
+/// World: the body of [`a_body_whose_end_shows_only_after_its_declared_length_is_replayed`]
+/// (its length declared, its end shown only when polled after its last byte), over
+/// HTTP/2, rejected once all its bytes arrived but
 /// before its end (the server reads what it needs and answers; hyper's h2 pipe keeps
 /// the body and goes on polling it for its end). Proves: it is replayed all the same,
 /// however many of its chunks were ready when it was sent (none, one, all: then the
@@ -532,39 +543,10 @@ async fn over_http2_a_body_whose_end_shows_late_is_replayed() {
     let client = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http::<ReplayBody<Stale>>();
-    let chunks = [Bytes::from_static(b"ab"), Bytes::from_static(b"cd")];
-    for ready in 0..=2 {
-        let svc = AuthLayer::new(counting_source())
-            .any_https_origin()
-            .allow_http_loopback(true)
-            .layer(client.clone());
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        for chunk in &chunks[..ready] {
-            tx.send(chunk.clone()).unwrap();
-        }
-        let rest = async {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            for chunk in &chunks[ready..] {
-                tx.send(chunk.clone()).unwrap();
-            }
-        };
-        let req = Request::post(format!("http://{addr}/v1/upload"))
-            .body(Stale { rx, total: Some(4) })
-            .unwrap();
-        let (res, ()) = tokio::join!(svc.oneshot(req), rest);
-        let res = res.unwrap();
-        assert_eq!(
-            res.status(),
-            200,
-            "chunks ready when sent: {ready}: {:?}",
-            res.extensions().get::<tower_client_auth::NotReplayed>()
-        );
-        // The sender lives on: the body never ends on its own.
-        drop(tx);
-    }
-    let seen = seen.lock().unwrap().clone();
+    stale_bodies_rejected_once_are_replayed(client, addr).await;
     let abcd = Ok((Bytes::from_static(b"abcd"), None));
-    assert_eq!(seen, vec![abcd; 3]);
+    // The replays only: this server answers the rejected attempts before their end.
+    assert_eq!(*seen.lock().unwrap(), vec![abcd; 3]);
 }
 
 /// World: a stream of unknown length whose `Content-Length` the caller set by hand (an

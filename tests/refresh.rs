@@ -56,12 +56,7 @@ async fn gated_100s_world() -> (
     + Send
     + 'static,
 ) {
-    let source = TestSource::build(
-        Some(Duration::from_secs(100)),
-        Duration::ZERO,
-        true,
-        RefreshMode::Proactive,
-    );
+    let source = TestSource::gated(Some(Duration::from_secs(100)));
     let api = FakeApi::new(|_, _| StatusCode::OK);
     let svc = AuthLayer::with_cache(cache(source.clone()))
         .any_https_origin()
@@ -237,7 +232,7 @@ async fn failing_source_keeps_valid_credential_and_backs_off() {
 /// Proves: the refresh completes anyway and the next request uses it without fetching.
 #[tokio::test(start_paused = true)]
 async fn refresh_outlives_the_request_that_started_it() {
-    let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
+    let source = TestSource::gated(None);
     let api = FakeApi::new(|_, _| StatusCode::OK);
     let svc = AuthLayer::new(source.clone())
         .any_https_origin()
@@ -260,7 +255,7 @@ async fn refresh_outlives_the_request_that_started_it() {
 /// following backoff callers get `Backoff` at once instead of queueing.
 #[tokio::test(start_paused = true)]
 async fn fetch_timeout_then_backoff() {
-    let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
+    let source = TestSource::gated(None);
     let cache = CredentialCache::builder(source.clone())
         .fetch_timeout(Duration::from_secs(5))
         .backoff(Duration::from_secs(2), Duration::from_secs(2))

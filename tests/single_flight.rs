@@ -236,7 +236,7 @@ async fn settle() {
 /// waiter only, and every later request gets the chained fetch's credential.
 #[tokio::test(start_paused = true)]
 async fn invalidations_during_a_fetch_chain_exactly_one_fetch_after_it() {
-    let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
+    let source = TestSource::gated(None);
     let cache = CredentialCache::new(source.clone());
     let first = ask(&cache);
     settle().await;
@@ -279,12 +279,7 @@ async fn invalidations_during_a_fetch_chain_exactly_one_fetch_after_it() {
 #[tokio::test(start_paused = true)]
 async fn an_invalidated_fetchs_result_is_not_taken_back_from_the_store() {
     for background in [false, true] {
-        let source = TestSource::build(
-            Some(Duration::from_secs(40)),
-            Duration::ZERO,
-            true,
-            RefreshMode::Proactive,
-        );
+        let source = TestSource::gated(Some(Duration::from_secs(40)));
         let cache = CredentialCache::builder(source.clone())
             .store(MemoryStore::new())
             .window_jitter(0.0)
@@ -607,12 +602,7 @@ async fn a_store_hit_dropped_while_its_lease_is_given_back_is_not_installed() {
 /// fetch that follows: it goes to the source.
 #[tokio::test(start_paused = true)]
 async fn a_tainted_fetch_overtaken_by_a_replacement_is_not_taken_back_from_the_store() {
-    let source = TestSource::build(
-        Some(Duration::from_secs(3600)),
-        Duration::ZERO,
-        true,
-        RefreshMode::Proactive,
-    );
+    let source = TestSource::gated(Some(Duration::from_secs(3600)));
     let cache = CredentialCache::builder(source.clone())
         .store(MemoryStore::new())
         .build()
@@ -673,12 +663,7 @@ fn stale_then_failing() -> (impl CredentialSource, Arc<tokio::sync::Semaphore>) 
 async fn overtaken_by_a_stale_replacement<S: CredentialStore>(
     store: S,
 ) -> (TestSource, CredentialCache<TestSource>, Credential) {
-    let source = TestSource::build(
-        Some(Duration::from_secs(3600)),
-        Duration::ZERO,
-        true,
-        RefreshMode::Proactive,
-    );
+    let source = TestSource::gated(Some(Duration::from_secs(3600)));
     let cache = CredentialCache::builder(source.clone())
         .store(store)
         .build()
@@ -777,7 +762,7 @@ async fn a_waiter_whose_refresh_fails_after_a_replacement_gets_the_replacement()
 #[tokio::test(start_paused = true)]
 async fn a_superseded_fetchs_failure_does_not_back_off_the_cache() {
     for by_replace in [true, false] {
-        let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
+        let source = TestSource::gated(None);
         let cache = CredentialCache::new(source.clone());
         let first = ask(&cache);
         settle().await;
@@ -905,7 +890,7 @@ fn a_chained_fetch_that_dies_before_it_starts_leaves_the_suspect_one_alone() {
             .enable_all()
             .build()
             .unwrap();
-        let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
+        let source = TestSource::gated(None);
         let cache = CredentialCache::builder(source.clone())
             .backoff(Duration::from_millis(1), Duration::from_millis(1))
             .build()
@@ -961,7 +946,7 @@ fn a_chained_fetch_that_dies_before_it_starts_leaves_the_suspect_one_alone() {
 #[tokio::test]
 async fn a_handed_over_credential_gone_stale_does_not_supersede_a_fetch() {
     for chained in [false, true] {
-        let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
+        let source = TestSource::gated(None);
         let cache = CredentialCache::new(source.clone());
         let first = ask(&cache);
         settle().await;
@@ -1090,12 +1075,7 @@ async fn a_fetch_older_than_a_replacement_does_not_answer_its_rejection() {
 /// its background refresh claimed and never given back).
 #[tokio::test(start_paused = true)]
 async fn a_fetch_chained_before_a_replacement_refreshes_it_once_it_is_due() {
-    let source = TestSource::build(
-        Some(Duration::from_secs(3600)),
-        Duration::ZERO,
-        true,
-        RefreshMode::Proactive,
-    );
+    let source = TestSource::gated(Some(Duration::from_secs(3600)));
     let cache = CredentialCache::builder(source.clone())
         .window_jitter(0.0)
         .build()

@@ -220,7 +220,7 @@ async fn a_huge_backoff_saturates() {
 /// wedged: after the backoff, another runtime's request fetches again.
 #[test]
 fn a_refresh_cancelled_with_its_runtime_says_so() {
-    let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
+    let source = TestSource::gated(None);
     let cache = CredentialCache::builder(source.clone())
         .backoff(Duration::from_millis(10), Duration::from_millis(10))
         .build()
@@ -287,7 +287,7 @@ async fn a_user_sources_error_text_is_sanitised() {
 /// for a permit of its own and is sent.
 #[tokio::test(start_paused = true)]
 async fn waiting_for_a_credential_holds_no_readiness() {
-    let source = TestSource::build(None, Duration::ZERO, true, RefreshMode::Proactive);
+    let source = TestSource::gated(None);
     let api = FakeApi::new(|_, _| StatusCode::OK);
     let svc = AuthLayer::new(source.clone())
         .any_https_origin()

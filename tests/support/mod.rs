@@ -68,6 +68,11 @@ impl TestSource {
         }
     }
 
+    /// A proactive source whose every fetch waits for a permit (see [`release`](Self::release)).
+    pub fn gated(lifetime: Option<Duration>) -> Self {
+        Self::build(lifetime, Duration::ZERO, true, RefreshMode::Proactive)
+    }
+
     pub fn expiring(lifetime: Duration) -> Self {
         Self::build(
             Some(lifetime),
