@@ -203,9 +203,7 @@ pub enum NotReplayed {
     /// The API rejects credentials right after they are issued (a wrong audience or
     /// scope, clock skew at the API): no new credential is fetched before the backoff
     /// allows it, so a server cannot turn every call into a token request. The rejected
-    /// response is returned as is; its credential is dropped, and requests until the
-    /// backoff allows a fetch fail [`ErrorKind::Backoff`](crate::ErrorKind::Backoff)
-    /// without being sent.
+    /// response is returned as is.
     FreshCredentialRejected,
     /// The request head could not be kept for a replay (a header name over 64 KiB or a
     /// value over 4 GiB).

@@ -24,6 +24,9 @@ pub enum ErrorKind {
     Timeout,
     /// Recent fetches failed and the cache is waiting before it asks the source again;
     /// no valid credential is available meanwhile. The last failure is the `source()`.
+    /// Without a `source()`: the API rejected credentials right after they were issued,
+    /// and the cache waits before it fetches another (see
+    /// [`YOUNG_CREDENTIAL_AGE`](crate::cache::YOUNG_CREDENTIAL_AGE)).
     Backoff,
     /// The source returned a credential that had already expired.
     Expired,

@@ -9,8 +9,10 @@
 //! Each run checks the promises that every interleaving must keep, with counters that
 //! would see them broken: never two fetches at once; no request hangs; a request whose
 //! credential was rejected is never replayed with that same credential; a credential
-//! the application dropped (`invalidate_if`, `reject`) is never sent by a request that
-//! started after it was dropped (from the store or anywhere else), and `reject` never
+//! the application dropped (`invalidate_if`, `reject`, but for a fresh rejection within
+//! its backoff, which keeps the credential: `YOUNG_CREDENTIAL_AGE`) is never sent by a
+//! request that started after it was dropped (from the store or anywhere else), and
+//! `reject` never
 //! answers with the credential it was given; a credential's rejection is counted once at
 //! most; and afterwards the cache is not wedged (a request gets a credential and its
 //! answer). The Tower layer runs in both modes (replaying, and `Direct`). The targeted
@@ -36,8 +38,8 @@ use http_body_util::Full;
 use support::{Dice, providers::serve};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
-    AuthLayer, BoxError, Credential, CredentialCache, CredentialStore, FetchContext, FetchReason,
-    MemoryStore, ReplayBody, reqwest::AuthMiddleware, source_fn, store::Lease,
+    AuthLayer, BoxError, Credential, CredentialCache, CredentialStore, ErrorKind, FetchContext,
+    FetchReason, MemoryStore, ReplayBody, reqwest::AuthMiddleware, source_fn, store::Lease,
 };
 
 /// One fetch running, counted out however it ends.
@@ -416,10 +418,17 @@ async fn run(seed: u64, store: Store, entry: Entry) {
                         // A rejection seen outside the layer (a gRPC status, say).
                         if let Ok(current) = cache.credential().await {
                             let rejected = cache.stats().rejections;
-                            // Dropped as `reject` is first polled, whatever it answers.
+                            // Dropped as `reject` is first polled, unless it was rejected
+                            // fresh within that backoff: then it stays in use, and
+                            // `reject` fails `Backoff` at once, with no failed fetch as
+                            // its source (`YOUNG_CREDENTIAL_AGE`).
                             let mut answer = std::pin::pin!(cache.reject(&current));
                             let first = futures_util::future::poll_immediate(&mut answer).await;
-                            seen.dropped(&current);
+                            let kept = matches!(&first, Some(Err(e))
+                                if e.kind() == ErrorKind::Backoff && e.get_ref().is_none());
+                            if !kept {
+                                seen.dropped(&current);
+                            }
                             let answer = match first {
                                 Some(answer) => answer,
                                 None => answer.await,

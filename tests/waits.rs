@@ -16,11 +16,8 @@ use tower_client_auth::{
 
 /// World: an API that answers 401 to every token (a wrong audience, say), 50 requests a
 /// second for 4 s, a source that issues a new token on every fetch. Proves: token
-/// requests follow the backoff schedule (a handful), not the request count; the 401
-/// that meets the backoff comes back as it is, marked
-/// `NotReplayed::FreshCredentialRejected`, and drops its credential: no token is sent
-/// after it, and the calls until the backoff allows a fetch are not sent at all (they fail
-/// `Backoff`, saying when to try again).
+/// requests follow the backoff schedule (a handful), not the request count; the 401s in
+/// between come back as they are, marked `NotReplayed::FreshCredentialRejected`.
 #[tokio::test(start_paused = true)]
 async fn an_api_rejecting_every_fresh_token_causes_no_storm() {
     let source = TestSource::expiring(Duration::from_secs(3600));
@@ -28,23 +25,12 @@ async fn an_api_rejecting_every_fresh_token_causes_no_storm() {
     let svc = AuthLayer::new(source.clone())
         .any_https_origin()
         .layer(api.service());
-    let (mut marked, mut held) = (0, 0);
+    let mut marked = 0;
     for _ in 0..200 {
-        match svc.clone().oneshot(get("/v1/things")).await {
-            Ok(res) => {
-                assert_eq!(res.status(), 401);
-                if res.extensions().get::<NotReplayed>()
-                    == Some(&NotReplayed::FreshCredentialRejected)
-                {
-                    marked += 1;
-                }
-            }
-            Err(err) => {
-                let err = err.downcast::<tower_client_auth::Error>().unwrap();
-                assert_eq!(err.kind(), ErrorKind::Backoff, "{err}");
-                assert!(err.retry_in().is_some(), "{err:?}");
-                held += 1;
-            }
+        let res = svc.clone().oneshot(get("/v1/things")).await.unwrap();
+        assert_eq!(res.status(), 401);
+        if res.extensions().get::<NotReplayed>() == Some(&NotReplayed::FreshCredentialRejected) {
+            marked += 1;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -53,53 +39,69 @@ async fn an_api_rejecting_every_fresh_token_causes_no_storm() {
         (2..=7).contains(&fetches),
         "{fetches} token requests for 200 rejected calls in 4 s"
     );
-    assert!(marked >= 1, "{marked} marked");
-    assert!(held >= 180, "{held} held back by the backoff");
-    // A token goes out at most twice: in the replay that brought it (whose 401 is left
-    // to the next request, see `future.rs`) and in the next request, whose 401 drops it.
-    let sent: Vec<_> = api.seen().into_iter().map(|s| s.authorization).collect();
-    for token in &sent {
-        let times = sent.iter().filter(|t| *t == token).count();
-        assert!(times <= 2, "{token:?} sent {times} times: {sent:?}");
-    }
+    assert!(marked >= 180, "{marked} marked");
+    // Fewer than two sends per call: the calls in the backoff are sent once.
+    assert!(api.seen().len() < 230, "{} sends", api.seen().len());
 }
 
-/// World: the application reports rejections itself (`reject`, as for a gRPC status)
-/// of tokens the API never accepted, right after each was issued. Proves: the
-/// rejection that meets the fresh-rejection backoff fails `Backoff` and still drops its
-/// credential: no request sends it afterwards, and none fetches before the backoff
-/// allows; once it does, one fetch brings a new token, told of the rejection.
+/// World: an API whose clock is behind the issuer's: it refuses every token for its
+/// first 500 ms, then accepts it; one request every 20 ms for 20 s, through the
+/// replaying layer and without replay, backoff from 100 ms. Proves: the cache converges:
+/// a token rejected fresh within the backoff stays in use until the API accepts it, so
+/// most requests succeed (950 and 944 of 1,000) and the token endpoint sees a handful of
+/// fetches (5). Dropping it instead, and fetching a new one after the backoff, meant no
+/// token ever grew old enough: 0 of 1,000 succeeded, with 34 fetches (review finding).
 #[tokio::test(start_paused = true)]
-async fn a_rejection_held_off_by_the_backoff_still_drops_its_credential() {
-    let source = TestSource::expiring(Duration::from_secs(3600));
-    let api = FakeApi::new(|_, _| StatusCode::OK);
-    let layer = AuthLayer::new(source.clone()).any_https_origin();
-    let cache = layer.cache().clone();
-    let svc = layer.layer(api.service());
-    let first = cache.credential().await.unwrap();
-    let second = cache.reject(&first).await.unwrap();
-    let err = cache.reject(&second).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Backoff, "{err}");
-    let retry_in = err.retry_in().expect("when to try again");
-    assert_eq!(source.fetches(), 2);
-
-    let err = svc.clone().oneshot(get("/v1/things")).await.unwrap_err();
-    let err = err.downcast::<tower_client_auth::Error>().unwrap();
-    assert_eq!(err.kind(), ErrorKind::Backoff, "{err}");
-    assert!(api.seen().is_empty(), "sent during the backoff");
-    assert_eq!(source.fetches(), 2, "fetched during the backoff");
-
-    tokio::time::sleep(retry_in).await;
-    let res = svc.clone().oneshot(get("/v1/things")).await.unwrap();
-    assert_eq!(res.status(), 200);
-    assert_eq!(source.fetches(), 3);
-    let sent: Vec<_> = api.seen().into_iter().map(|s| s.authorization).collect();
-    assert_eq!(sent, [Some("Bearer token-3".to_owned())]);
-    assert_eq!(
-        source.log().last().map(|(_, reason)| *reason),
-        Some(tower_client_auth::FetchReason::Rejected),
-        "the fetch was not told of the rejection"
-    );
+async fn an_api_whose_clock_is_behind_accepts_the_token_once_it_is_old_enough() {
+    for direct in [false, true] {
+        let source = TestSource::expiring(Duration::from_secs(3600));
+        let api = FakeApi::new({
+            let source = source.clone();
+            move |_, token| {
+                let n: usize = token
+                    .and_then(|t| t.strip_prefix("token-"))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap();
+                let (issued, _) = source.log()[n - 1];
+                if issued.elapsed() < Duration::from_millis(500) {
+                    StatusCode::UNAUTHORIZED
+                } else {
+                    StatusCode::OK
+                }
+            }
+        });
+        let cache = CredentialCache::builder(source.clone())
+            .backoff(Duration::from_millis(100), Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let layer = AuthLayer::with_cache(cache).any_https_origin();
+        let mut ok = 0;
+        for _ in 0..1000 {
+            let status = if direct {
+                let svc = tower::util::MapRequest::new(
+                    api.service(),
+                    |r: http::Request<http_body_util::Full<bytes::Bytes>>| {
+                        r.map(tower_client_auth::ReplayBody::new)
+                    },
+                );
+                let svc = layer.clone().without_replay().layer(svc);
+                svc.oneshot(get("/v1/things")).await.map(|r| r.status())
+            } else {
+                let svc = layer.clone().layer(api.service());
+                svc.oneshot(get("/v1/things")).await.map(|r| r.status())
+            };
+            if let Ok(StatusCode::OK) = status {
+                ok += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let fetches = source.fetches();
+        assert!(
+            ok > 900,
+            "direct: {direct}: {ok} of 1000 succeeded, {fetches} fetches"
+        );
+        assert!(fetches <= 8, "direct: {direct}: {fetches} fetches");
+    }
 }
 
 /// A store whose every call never returns.

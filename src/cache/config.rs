@@ -43,15 +43,11 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// any request carrying it, counts as rejected *fresh*: the API may reject every new one
 /// too (a wrong audience or scope, clock skew
 /// at the API). After such a rejection, the next one causes a fetch only once the
-/// backoff (the same schedule as failed fetches) allows. A rejection within it drops its
-/// credential all the same: its response is returned marked
-/// [`NotReplayed::FreshCredentialRejected`] (a [`reject`] fails
-/// [`ErrorKind::Backoff`]), and requests until the backoff allows a fetch are not sent:
-/// they fail `Backoff`, with [`Error::retry_in`]. 10 seconds.
-///
-/// [`reject`]: crate::CredentialCache::reject
-/// [`ErrorKind::Backoff`]: crate::ErrorKind::Backoff
-/// [`Error::retry_in`]: crate::Error::retry_in
+/// backoff (the same schedule as failed fetches) allows; until then the rejected
+/// response is returned marked [`NotReplayed::FreshCredentialRejected`], and the
+/// credential stays in use: an API whose clock is behind the issuer's accepts it a
+/// moment later, whereas a new one would be as young as this one was (a cache that
+/// dropped each never got one old enough). 10 seconds.
 ///
 /// [`NotReplayed::FreshCredentialRejected`]: crate::NotReplayed::FreshCredentialRejected
 pub const YOUNG_CREDENTIAL_AGE: Duration = Duration::from_secs(10);

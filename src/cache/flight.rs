@@ -76,25 +76,21 @@ impl<P: CredentialSource> CredentialCache<P> {
         let mut previous = None;
         let mut still_valid = None;
         let mut required_scope = None;
-        let none_current = current.is_none();
         if let Some(entry) = current {
             match want.clone() {
                 Some(Want::Replace(generation)) if entry.generation == generation => {
                     let never_accepted = inner.accepted.load(Ordering::Relaxed) <= generation;
                     let young =
                         now.saturating_duration_since(entry.installed_at) < YOUNG_CREDENTIAL_AGE;
-                    // Rejected right after it was issued: a new one may well be rejected
-                    // too. Fetch again only as the backoff allows; the credential is
-                    // dropped all the same (the API said no to it).
-                    let mut held = None;
                     if young && never_accepted {
+                        // Rejected right after it was issued: a new one may well be
+                        // rejected too. Fetch again only as the backoff allows.
                         if let Some(at) = state.fresh_rejection_retry_at.filter(|at| now < *at) {
-                            held = Some(at);
-                        } else {
-                            state.fresh_rejections = state.fresh_rejections.saturating_add(1);
-                            let delay = inner.backoff(state.fresh_rejections);
-                            state.fresh_rejection_retry_at = Some(saturating_add(now, delay));
+                            return (Acquire::ready(Err(Error::fresh_rejection(at - now))), None);
                         }
+                        state.fresh_rejections = state.fresh_rejections.saturating_add(1);
+                        let delay = inner.backoff(state.fresh_rejections);
+                        state.fresh_rejection_retry_at = Some(saturating_add(now, delay));
                     } else {
                         state.fresh_rejections = 0;
                         state.fresh_rejection_retry_at = None;
@@ -107,14 +103,6 @@ impl<P: CredentialSource> CredentialCache<P> {
                     // handed back by the source): a late rejection of one is no news.
                     state.drop_retired_value(&entry.credential);
                     inner.current.store(None);
-                    if let Some(at) = held {
-                        // A refresh under way is still the answer; without one, none
-                        // starts until the backoff allows (see the hold below).
-                        if state.flight.is_none() {
-                            state.fresh_hold = Some(entry.credential.clone());
-                            return (Acquire::ready(Err(Error::fresh_rejection(at - now))), None);
-                        }
-                    }
                     reason = FetchReason::Rejected;
                     previous = Some(entry.credential.clone());
                 }
@@ -199,13 +187,6 @@ impl<P: CredentialSource> CredentialCache<P> {
                 None,
             );
         }
-        if none_current && state.fresh_hold.is_some() {
-            // A fresh rejection dropped the credential within its backoff: nothing is
-            // fetched (nor sent) until the backoff allows.
-            if let Some(at) = state.fresh_rejection_retry_at.filter(|at| now < *at) {
-                return (Acquire::ready(Err(Error::fresh_rejection(at - now))), None);
-            }
-        }
         if let Some(retry_at) = state.retry_at.filter(|at| now < *at) {
             if let Some(entry) = still_valid {
                 // Backing off: keep serving what is still valid rather than failing. A
@@ -235,13 +216,6 @@ impl<P: CredentialSource> CredentialCache<P> {
                 previous = dropped;
                 // The marker holds a tainted fetch's result by now, if one ended.
                 state.tainted_result = None;
-            }
-        }
-        // Any fetch ends the hold; the first after it is told of the rejection.
-        if let Some(rejected) = state.fresh_hold.take() {
-            if reason == FetchReason::Initial {
-                reason = FetchReason::Rejected;
-                previous = Some(rejected);
             }
         }
         state.flight_id += 1;

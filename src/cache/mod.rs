@@ -197,11 +197,11 @@ impl<P: CredentialSource> CredentialCache<P> {
     /// Reports that the API rejected `credential`, and waits for its replacement.
     ///
     /// Only a credential that is still the current one is invalidated: when many callers
-    /// report the same rejection, the source is asked once. The credential is dropped
-    /// from the moment this is first polled, whatever the answer: no request sends it
-    /// afterwards. A credential rejected right after it was issued, again within the
-    /// backoff (see [`YOUNG_CREDENTIAL_AGE`]),
-    /// fails [`ErrorKind::Backoff`] with no replacement fetched yet.
+    /// report the same rejection, the source is asked once. The one exception: a
+    /// credential rejected right after it was issued, while the backoff after such a
+    /// rejection runs, stays in use and this fails [`ErrorKind::Backoff`] at once (see
+    /// [`YOUNG_CREDENTIAL_AGE`]: an API whose clock is behind the issuer's accepts it a
+    /// moment later).
     pub async fn reject(&self, credential: &Credential) -> Result<Credential, Error> {
         // Compared and dropped under one lock: a refresh that takes the credential back
         // from the store and installs it comes either before (then it is current here,
@@ -601,10 +601,6 @@ struct State {
     /// when the next one may cause a fetch.
     fresh_rejections: u32,
     fresh_rejection_retry_at: Option<Instant>,
-    /// A fresh rejection that met that backoff dropped this credential and fetched
-    /// nothing: until the backoff allows, no fetch starts while there is no current
-    /// credential; the next one is told of the rejection.
-    fresh_hold: Option<Credential>,
     /// Consecutive step-ups that failed or brought no scope the API accepts, and when
     /// the next may start: a backoff of their own, so that the refresh before expiry is
     /// never held back by a scope the API keeps asking for.
@@ -737,7 +733,6 @@ impl<P: CredentialSource> Inner<P> {
     fn install(&self, state: &mut State, credential: Credential, now: Instant) -> Arc<Entry> {
         self.retire(state, Retired::Superseded);
         state.invalidated = None;
-        state.fresh_hold = None;
         state.tainted_result = None;
         let entry = self.entry(state, credential, now);
         self.current.store(Some(entry.clone()));
