@@ -234,46 +234,7 @@ async fn a_refused_credential_leaves_its_refresh_token_in_the_store() {
 }
 
 async fn refused_keeps_its_refresh_token<S: CredentialStore + Clone>(name: &str, store: S) {
-    use std::sync::Mutex;
-    use tower_client_auth::RefreshSharing;
-    #[derive(Default)]
-    struct Log {
-        logins: usize,
-        presented: Vec<String>,
-        rotated: usize,
-    }
-    let log = Arc::new(Mutex::new(Log::default()));
-    let source = tower_client_auth::source_fn({
-        let log = log.clone();
-        move |cx: FetchContext| {
-            let mut log = log.lock().unwrap();
-            let now = std::time::SystemTime::now();
-            let answer = match cx.refresh_sharing() {
-                RefreshSharing::Shared(Some(token)) => {
-                    log.presented.push(token.expose().to_owned());
-                    log.rotated += 1;
-                    let n = log.rotated;
-                    let access = Credential::bearer(format!("access-r{n}")).unwrap();
-                    // The first refresh's access token arrives expired.
-                    let access = if n == 1 {
-                        access.expires_at(now - Duration::from_secs(1))
-                    } else {
-                        access.expires_in(Duration::from_secs(60))
-                    };
-                    Ok(access.with_refresh_token(format!("rt-{}", n + 1)))
-                }
-                RefreshSharing::Shared(None) => {
-                    log.logins += 1;
-                    Ok(Credential::bearer("access-login")
-                        .unwrap()
-                        .expires_in(Duration::from_secs(60))
-                        .with_refresh_token("rt-1"))
-                }
-                other => Err(format!("not shared: {other:?}")),
-            };
-            async move { answer.map_err(BoxError::from) }
-        }
-    });
+    let (source, log) = first_refresh_expired(Duration::from_secs(60));
     let cache = CredentialCache::builder(source)
         .store(store.clone())
         .backoff(Duration::from_millis(1), Duration::from_millis(2))
@@ -301,6 +262,56 @@ async fn refused_keeps_its_refresh_token<S: CredentialStore + Clone>(name: &str,
     let log = log.lock().unwrap();
     assert_eq!(log.logins, 1, "{name}: logged in again");
     assert_eq!(log.presented, ["rt-1", "rt-2"], "{name}");
+}
+
+/// What [`first_refresh_expired`]'s source did: logins, and the refresh tokens presented.
+#[derive(Default)]
+struct RotationLog {
+    logins: usize,
+    presented: Vec<String>,
+}
+
+/// A fleet source that logs in (`access-login`, `rt-1`, living `login_lifetime`) when the
+/// store holds no refresh token, and otherwise presents the one it is given and rotates
+/// it (`rt-N` for `rt-N+1`); its first refresh's access token arrives already expired.
+fn first_refresh_expired(
+    login_lifetime: Duration,
+) -> (
+    tower_client_auth::SourceFn,
+    Arc<std::sync::Mutex<RotationLog>>,
+) {
+    use tower_client_auth::RefreshSharing;
+    let log = Arc::new(std::sync::Mutex::new(RotationLog::default()));
+    let source = tower_client_auth::source_fn({
+        let log = log.clone();
+        move |cx: FetchContext| {
+            let mut log = log.lock().unwrap();
+            let now = std::time::SystemTime::now();
+            let answer = match cx.refresh_sharing() {
+                RefreshSharing::Shared(Some(token)) => {
+                    log.presented.push(token.expose().to_owned());
+                    let n = log.presented.len();
+                    let access = Credential::bearer(format!("access-r{n}")).unwrap();
+                    let access = if n == 1 {
+                        access.expires_at(now - Duration::from_secs(1))
+                    } else {
+                        access.expires_in(Duration::from_secs(60))
+                    };
+                    Ok(access.with_refresh_token(format!("rt-{}", n + 1)))
+                }
+                RefreshSharing::Shared(None) => {
+                    log.logins += 1;
+                    Ok(Credential::bearer("access-login")
+                        .unwrap()
+                        .expires_in(login_lifetime)
+                        .with_refresh_token("rt-1"))
+                }
+                other => Err(format!("not shared: {other:?}")),
+            };
+            async move { answer.map_err(BoxError::from) }
+        }
+    });
+    (source, log)
 }
 
 /// Saves and loads through the store's own lease, for a test that only writes and reads.
@@ -1047,6 +1058,48 @@ mod refresh_tokens {
         async fn changed(&self, timeout: Duration) {
             self.inner.changed(timeout).await
         }
+    }
+
+    /// World: a fleet's cache whose login pair (4 s) reaches its hard window; its refresh
+    /// presents `rt-1` and is answered with an access token already expired and `rt-2`
+    /// (refused: `Expired`), while the store refuses every pair; the old pair stays
+    /// current meanwhile. Proves (review finding): the holder keeps `rt-2` with its lease
+    /// and saves it once the store takes it (it is newer than the current pair's spent
+    /// `rt-1`, not superseded by it); the next refresh presents it: one login in all.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_pair_is_kept_while_the_pair_it_replaces_is_current() {
+        let (source, log) = super::first_refresh_expired(Duration::from_secs(4));
+        let store = RefusesPairs::default();
+        let cache = CredentialCache::builder(source)
+            .store(store.clone())
+            .backoff(Duration::from_millis(1), Duration::from_millis(2))
+            .window_jitter(0.0)
+            .build()
+            .unwrap();
+        let first = cache.credential().await.unwrap();
+        store.refusing.store(true, SeqCst);
+        // Into the hard window: the refresh runs, its answer refused; the old pair, still
+        // valid, is the answer.
+        tokio::time::sleep(Duration::from_millis(3850)).await;
+        assert_eq!(cache.credential().await.unwrap(), first);
+        // The first retries of the save fail; then the store takes pairs again.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        store.refusing.store(false, SeqCst);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let stored = store.load().await.unwrap();
+        assert_eq!(
+            stored
+                .as_ref()
+                .and_then(|c| c.refresh_token())
+                .map(|t| t.expose().to_owned()),
+            Some("rt-2".to_owned()),
+            "the refused pair's refresh token was dropped"
+        );
+        let next = cache.credential().await.unwrap();
+        assert_eq!(next, Credential::bearer("access-r2").unwrap());
+        let log = log.lock().unwrap();
+        assert_eq!(log.logins, 1, "logged in again: rt-2 was lost");
+        assert_eq!(log.presented, ["rt-1", "rt-2"]);
     }
 
     /// World: a rotated pair the store refuses, then the cache holding it is dropped (its

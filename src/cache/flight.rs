@@ -848,15 +848,16 @@ async fn obtain<P: CredentialSource>(
         };
         waited(waiting_since);
         let took_over = waiting_since.is_some();
-        let (held, saved) = renewing(inner, store.as_ref(), &lease, async {
+        let Holding {
+            result: held,
+            saved,
+            refused,
+            spent,
+        } = renewing(inner, store.as_ref(), &lease, async {
             holding(inner, store.as_ref(), &lease, cx, deadline, took_over).await
         })
         .await;
         *from_store = saved == Saved::StoreHit;
-        let (held, refused) = match held {
-            Ok(credential) => (Ok(credential), None),
-            Err((err, refused)) => (Err(err), refused),
-        };
         let unsaved = match saved {
             Saved::Failed => held.as_ref().ok().or(refused.as_ref()),
             _ => None,
@@ -870,6 +871,7 @@ async fn obtain<P: CredentialSource>(
                     Arc::clone(store),
                     lease,
                     credential.clone(),
+                    spent,
                 ));
             }
             None => release(inner, store.as_ref(), &lease).await,
@@ -905,6 +907,7 @@ async fn keep_saving<P: CredentialSource>(
     store: Arc<dyn crate::store::DynStore>,
     mut lease: Lease,
     credential: Credential,
+    spent: Option<crate::Secret>,
 ) {
     tracing::warn!("a rotated refresh token could not be saved; keeping it and trying again");
     let mut pause = SAVE_RETRY_FIRST;
@@ -917,7 +920,7 @@ async fn keep_saving<P: CredentialSource>(
         let Some(inner) = inner.upgrade() else {
             return last_save(store.as_ref(), &lease, &credential).await;
         };
-        if superseded(&inner, &credential) {
+        if superseded(&inner, &credential, spent.as_ref()) {
             // A newer refresh token is in use here: this one is spent.
             release(&inner, store.as_ref(), &lease).await;
             return;
@@ -982,11 +985,13 @@ async fn last_save(store: &dyn crate::store::DynStore, lease: &Lease, credential
 }
 
 /// Whether the cache now holds a credential carrying another refresh token than
-/// `credential`'s: then `credential`'s was spent to get it.
-fn superseded<P>(inner: &Inner<P>, credential: &Credential) -> bool {
+/// `credential`'s: then `credential`'s was spent to get it. Not the one `credential`'s
+/// own refresh spent (`spent`): that pair is older (still current while the refresh's
+/// answer, refused on arrival, never became current).
+fn superseded<P>(inner: &Inner<P>, credential: &Credential, spent: Option<&crate::Secret>) -> bool {
     inner.current.load().as_ref().is_some_and(|entry| {
-        entry.credential.refresh_token().is_some()
-            && entry.credential.refresh_token() != credential.refresh_token()
+        let current = entry.credential.refresh_token();
+        current.is_some() && current != credential.refresh_token() && current != spent
     })
 }
 
@@ -1003,7 +1008,7 @@ async fn holding<P: CredentialSource>(
     cx: FetchContext,
     deadline: Instant,
     took_over: bool,
-) -> (Result<Credential, (Error, Option<Credential>)>, Saved) {
+) -> Holding {
     // Someone may have saved between the load and the lease.
     let held = store_call(inner, deadline, "load", store.load()).await;
     // A step-up wants a wider grant, which no stored credential is known to be.
@@ -1012,7 +1017,7 @@ async fn holding<P: CredentialSource>(
         if Some(stored) != cx.previous() && inner.is_reusable_stored(stored) {
             tracing::debug!("using the credential found in the store");
             metrics::event(&inner.config.name, metrics::STORE_HITS);
-            return (Ok(stored.clone()), Saved::StoreHit);
+            return Holding::ended(Ok(stored.clone()), Saved::StoreHit);
         }
     }
     if took_over {
@@ -1048,12 +1053,17 @@ async fn holding<P: CredentialSource>(
                     Some(true) => Sharing::Shared(Some(token)),
                     Some(false) => {
                         // The lease ran out already: someone else holds it now.
-                        return (Err((Error::new(ErrorKind::Timeout), None)), Saved::Fenced);
+                        let timeout = Err(Error::new(ErrorKind::Timeout));
+                        return Holding::ended(timeout, Saved::Fenced);
                     }
                     None => Sharing::StoreUnavailable,
                 }
             }
         },
+    };
+    let spent = match &sharing {
+        Sharing::Shared(presented) => presented.clone(),
+        _ => None,
     };
     let mut refused = None;
     let fetched = fetch(inner, cx.sharing(sharing), deadline, &mut refused).await;
@@ -1074,7 +1084,34 @@ async fn holding<P: CredentialSource>(
             None => Saved::Failed,
         };
     }
-    (fetched.map_err(|err| (err, refused)), saved)
+    Holding {
+        result: fetched,
+        saved,
+        refused,
+        spent,
+    }
+}
+
+/// What the holder's refresh came to.
+struct Holding {
+    result: Result<Credential, Error>,
+    saved: Saved,
+    /// A credential refused on arrival that carries a refresh token (see [`fetch`]).
+    refused: Option<Credential>,
+    /// The refresh token the fetch presented, spent by now.
+    spent: Option<crate::Secret>,
+}
+
+impl Holding {
+    /// Ended before the source was asked.
+    fn ended(result: Result<Credential, Error>, saved: Saved) -> Self {
+        Holding {
+            result,
+            saved,
+            refused: None,
+            spent: None,
+        }
+    }
 }
 
 /// Runs `work` while keeping `lease`: renewed every third of its hold, so a holder that
