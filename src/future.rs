@@ -427,7 +427,7 @@ where
                         return Poll::Ready(Err(polled_after_completion().into()));
                     };
                     if p.entry.is_none() {
-                        let entry = ready!(Pin::new(acquire).poll(cx));
+                        let entry = ready!(Pin::new(&mut *acquire).poll(cx));
                         match entry {
                             Ok(entry) => p.entry = Some(entry),
                             Err(err) => {
@@ -441,6 +441,17 @@ where
                     if let Err(err) = ready!(p.service.poll_ready(cx)) {
                         *pending = None;
                         return Poll::Ready(Err(err.into()));
+                    }
+                    // Readiness may take long (a concurrency limit, a balancer): a
+                    // credential dropped (or expired) meanwhile is not sent; the cache's
+                    // credential as it is now is.
+                    if p.entry
+                        .as_deref()
+                        .is_some_and(|entry| !p.cache.still_sendable(entry))
+                    {
+                        p.entry = None;
+                        *acquire = p.cache.current_entry();
+                        continue;
                     }
                     let Some(p) = pending.take() else {
                         return Poll::Ready(Err(polled_after_completion().into()));

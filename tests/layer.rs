@@ -916,3 +916,39 @@ async fn only_a_replayable_or_waiting_request_clones_the_inner_service() {
     .check()
     .await;
 }
+
+/// World: a request that waited for the first fetch, then waits for its service to be
+/// ready (a concurrency limit, a balancer), and meanwhile its credential is dropped by
+/// name. Proves: it does not send the dropped credential: it takes the cache's
+/// credential as it is when the service is ready (a new fetch here).
+#[tokio::test]
+async fn a_credential_dropped_while_the_service_gets_ready_is_not_sent() {
+    let (mock, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let source = TestSource::new();
+    let layer = AuthLayer::new(source.clone()).any_https_origin();
+    let cache = layer.cache().clone();
+    let mut svc = layer.layer(mock);
+    api.allow(1);
+    svc.ready().await.unwrap();
+    // The clone that sends once the credential is there waits for readiness.
+    api.allow(0);
+    let request = tokio::spawn(svc.call(get("/v1/things")));
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(source.fetches(), 1);
+    assert!(
+        cache
+            .handle()
+            .invalidate_if(&Credential::bearer("token-1").unwrap())
+    );
+    api.allow(1);
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(
+        bearer(&req),
+        "Bearer token-2",
+        "the dropped credential was sent"
+    );
+    respond.send_response(status(200));
+    assert_eq!(request.await.unwrap().unwrap().status(), 200);
+}

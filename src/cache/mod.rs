@@ -248,6 +248,18 @@ impl<P: CredentialSource> CredentialCache<P> {
         }
     }
 
+    /// The current credential if it may be sent now, else the refresh to wait for: what
+    /// a request that waited takes when the credential it got was dropped meanwhile.
+    pub(crate) fn current_entry(&self) -> Acquire {
+        match self.current() {
+            Ok(Current(guard)) => match guard.as_ref() {
+                Some(entry) => Acquire::ready(Ok(Arc::clone(entry))),
+                None => self.acquire(None),
+            },
+            Err(acquire) => acquire,
+        }
+    }
+
     /// Whether `entry`, the current entry as just read, may be sent now; if not, the
     /// refresh to wait for. Inlined for its common case: an entry before its soft window
     /// (one flag, and one wall-clock read for a credential that expires).
