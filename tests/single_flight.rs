@@ -1069,40 +1069,56 @@ async fn a_fetch_older_than_a_replacement_does_not_answer_its_rejection() {
 /// World: a fetch running, made suspect by an invalidation, and a fetch chained after
 /// it; then the application hands over `m` (100 s), which reaches its soft window while
 /// the first fetch still runs, and a request there claims its background refresh (it
-/// joins the chained fetch). Proves (review finding): the chained fetch, which starts
-/// only once `m` is due, refreshes `m`: its result is installed, not thrown away as
-/// older than the replacement (which left `m` unrefreshed until its hard window, with
-/// its background refresh claimed and never given back).
+/// joins the chained fetch); the chained fetch then succeeds, or fails. Proves (review
+/// findings): the chained fetch, which starts only once `m` is due, refreshes `m` when
+/// it succeeds: its result is installed, not thrown away as older than the replacement
+/// (which left `m` unrefreshed until its hard window, with its background refresh
+/// claimed and never given back); when it fails, its waiters get `m`, still sendable,
+/// and nothing backs off.
 #[tokio::test(start_paused = true)]
 async fn a_fetch_chained_before_a_replacement_refreshes_it_once_it_is_due() {
-    let source = TestSource::gated(Some(Duration::from_secs(3600)));
-    let cache = CredentialCache::builder(source.clone())
-        .window_jitter(0.0)
-        .build()
-        .unwrap();
-    let running = ask(&cache);
-    settle().await;
-    cache.handle().invalidate();
-    let chained = ask(&cache);
-    settle().await;
-    assert_eq!(source.fetches(), 1, "the chained fetch started at once");
-    let m = Credential::bearer("m")
-        .unwrap()
-        .expires_in(Duration::from_secs(100));
-    cache.handle().replace(m.clone()).unwrap();
-    tokio::time::advance(Duration::from_secs(80)).await;
-    settle().await;
-    assert_eq!(cache.credential().await.unwrap(), m, "in its soft window");
-    source.release(2);
-    settle().await;
     let value = |c: Credential| c.headers().next().unwrap().1.to_str().unwrap().to_owned();
-    // The handed-over credential wins for a fetch that ran across the replacement.
-    assert_eq!(value(running.await.unwrap().unwrap()), "Bearer m");
-    assert_eq!(value(chained.await.unwrap().unwrap()), "Bearer token-2");
-    assert_eq!(source.fetches(), 2);
-    assert_eq!(
-        value(cache.credential().await.unwrap()),
-        "Bearer token-2",
-        "m was not refreshed in its soft window"
-    );
+    for fails in [false, true] {
+        let source = TestSource::gated(Some(Duration::from_secs(3600)));
+        let cache = CredentialCache::builder(source.clone())
+            .window_jitter(0.0)
+            .build()
+            .unwrap();
+        let running = ask(&cache);
+        settle().await;
+        cache.handle().invalidate();
+        let chained = ask(&cache);
+        settle().await;
+        assert_eq!(source.fetches(), 1, "the chained fetch started at once");
+        let m = Credential::bearer("m")
+            .unwrap()
+            .expires_in(Duration::from_secs(100));
+        cache.handle().replace(m.clone()).unwrap();
+        tokio::time::advance(Duration::from_secs(80)).await;
+        settle().await;
+        assert_eq!(cache.credential().await.unwrap(), m, "in its soft window");
+        source.set_failing(fails);
+        source.release(2);
+        settle().await;
+        // The handed-over credential wins for a fetch that ran across the replacement.
+        assert_eq!(value(running.await.unwrap().unwrap()), "Bearer m");
+        assert_eq!(source.fetches(), 2);
+        let chained = chained.await.unwrap().map(value);
+        if fails {
+            assert_eq!(
+                chained.map_err(|e| e.kind()),
+                Ok("Bearer m".to_owned()),
+                "the chained fetch's waiter failed although m is current"
+            );
+            assert_eq!(value(cache.credential().await.unwrap()), "Bearer m");
+            assert_eq!(cache.stats().fetch_failures, 2);
+        } else {
+            assert_eq!(chained.unwrap(), "Bearer token-2");
+            assert_eq!(
+                value(cache.credential().await.unwrap()),
+                "Bearer token-2",
+                "m was not refreshed in its soft window"
+            );
+        }
+    }
 }

@@ -254,6 +254,7 @@ impl<P: CredentialSource> CredentialCache<P> {
         let guard = FlightGuard {
             inner: self.inner.clone(),
             epoch: state.epoch,
+            began: None,
             flight: flight.clone(),
             started: false,
             tx: Some(tx),
@@ -409,7 +410,10 @@ enum Standing {
 /// result, and a failure is counted, so the single-flight state can never wedge.
 struct FlightGuard<P: CredentialSource> {
     inner: Arc<Inner<P>>,
+    /// The epoch it was planned in, and the one its fetch began in, if it was chained
+    /// (see `begin`): a replacement since either is newer than the flight, or its fetch.
     epoch: u64,
+    began: Option<u64>,
     /// Which flight this is (an invalidation detaches a running flight, and a newer one
     /// may be in `State::flight` by the time this one ends), and its future, which
     /// flights chained after it wait for.
@@ -449,8 +453,8 @@ impl<P: CredentialSource> FlightGuard<P> {
         }
         // Its fetch starts now: not older than a credential handed over while it was
         // queued. Such a credential, fresh, makes it needless (below); one that is due
-        // for a refresh is replaced by its result, as by any refresh.
-        self.epoch = state.epoch;
+        // for a refresh is replaced by its result, if it brings one (see `leave`).
+        self.began = Some(state.epoch);
         let (now, wall) = (Instant::now(), self.inner.config.clock.now());
         let current = self
             .inner
@@ -460,7 +464,7 @@ impl<P: CredentialSource> FlightGuard<P> {
         // Leaves under the lock that took the answer: a rejection of `current` that
         // comes after must start a fetch, not join this flight and be answered with
         // the credential it rejected.
-        let _ = self.leave(&mut state);
+        let _ = self.leave(&mut state, false);
         Some(current)
     }
 
@@ -470,10 +474,11 @@ impl<P: CredentialSource> FlightGuard<P> {
         matches!(phase, Phase::Fresh | Phase::Soft)
     }
 
-    /// Takes this flight out of the state, and says whose its result is, and whether an
-    /// invalidation tainted it (then a result it brought is forgotten, whatever its
-    /// standing: see `Inner::forget_suspect`).
-    fn leave(&self, state: &mut State) -> (Standing, bool) {
+    /// Takes this flight out of the state, and says whose its result is (`fetched`:
+    /// whether it brought a credential), and whether an invalidation tainted it (then a
+    /// result it brought is forgotten, whatever its standing: see
+    /// `Inner::forget_suspect`).
+    fn leave(&self, state: &mut State, fetched: bool) -> (Standing, bool) {
         let id = self.flight.id;
         if state.flight.as_ref().is_some_and(|f| f.id == id) {
             state.flight = None;
@@ -501,7 +506,11 @@ impl<P: CredentialSource> FlightGuard<P> {
                 if self.step_up {
                     return (Standing::Overtaken, tainted);
                 }
-                return (Standing::Replaced(current), tainted);
+                // A chained fetch that began after the hand-over refreshes it, as any
+                // refresh would; failed, it leaves it current, as the answer.
+                if !(fetched && self.began == Some(state.epoch)) {
+                    return (Standing::Replaced(current), tainted);
+                }
             }
         }
         if suspect {
@@ -528,7 +537,7 @@ impl<P: CredentialSource> FlightGuard<P> {
                     return Finished::StaleStoreHit;
                 }
             }
-            let (standing, tainted) = self.leave(&mut state);
+            let (standing, tainted) = self.leave(&mut state, result.is_ok());
             let superseded = !matches!(standing, Standing::Current);
             // After an invalidation a store may hold this fetch's result by now, however
             // it ends: it is remembered as dropped, so that no fetch of this cache takes
@@ -682,7 +691,7 @@ impl<P: CredentialSource> Drop for FlightGuard<P> {
         let mut outcome = Err(err.clone());
         {
             let mut state = self.inner.lock_state();
-            let (standing, _) = self.leave(&mut state);
+            let (standing, _) = self.leave(&mut state, false);
             if let Standing::Replaced(current) = standing {
                 // As in `finish`: the credential handed over meanwhile is the answer.
                 self.inner
