@@ -444,12 +444,14 @@ where
                     }
                     // Readiness may take long (a concurrency limit, a balancer): a
                     // credential dropped (or expired) meanwhile is not sent; the cache's
-                    // credential as it is now is.
+                    // credential as it is now is, the service readied again for it.
                     if p.entry
                         .as_deref()
                         .is_some_and(|entry| !p.cache.still_sendable(entry))
                     {
                         p.entry = None;
+                        // Its readiness is not held through a refresh.
+                        release_readiness(&mut p.service);
                         *acquire = p.cache.current_entry();
                         continue;
                     }

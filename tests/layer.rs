@@ -918,31 +918,48 @@ async fn only_a_replayable_or_waiting_request_clones_the_inner_service() {
 }
 
 /// World: a request that waited for the first fetch, then waits for its service to be
-/// ready (a concurrency limit, a balancer), and meanwhile its credential is dropped by
-/// name. Proves: it does not send the dropped credential: it takes the cache's
-/// credential as it is when the service is ready (a new fetch here).
+/// ready (a concurrency limit of one), and meanwhile its credential is dropped by name.
+/// Proves: it does not send the dropped credential: it takes the cache's credential as
+/// it is when the service is ready (a new fetch here), and while it waits for that fetch
+/// it holds no concurrency permit (another clone gets ready meanwhile).
 #[tokio::test]
 async fn a_credential_dropped_while_the_service_gets_ready_is_not_sent() {
     let (mock, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let source = TestSource::new();
+    let source = TestSource::gated(None);
     let layer = AuthLayer::new(source.clone()).any_https_origin();
     let cache = layer.cache().clone();
-    let mut svc = layer.layer(mock);
+    let mut svc = layer.layer(tower::limit::ConcurrencyLimit::new(mock, 1));
     api.allow(1);
     svc.ready().await.unwrap();
     // The clone that sends once the credential is there waits for readiness.
     api.allow(0);
     let request = tokio::spawn(svc.call(get("/v1/things")));
-    for _ in 0..20 {
-        tokio::task::yield_now().await;
-    }
+    let settle = || async {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    };
+    settle().await;
+    source.release(1);
+    settle().await;
     assert_eq!(source.fetches(), 1);
     assert!(
         cache
             .handle()
             .invalidate_if(&Credential::bearer("token-1").unwrap())
     );
-    api.allow(1);
+    api.allow(5);
+    settle().await;
+    assert_eq!(source.fetches(), 2, "the request did not look again");
+    // The new fetch is gated: the request waits for it without the permit.
+    let mut other = svc.clone();
+    let ready = tokio::time::timeout(std::time::Duration::from_secs(5), other.ready()).await;
+    assert!(
+        ready.is_ok(),
+        "a concurrency permit was held through the refresh"
+    );
+    drop(other);
+    source.release(1);
     let (req, respond) = api.next_request().await.unwrap();
     assert_eq!(
         bearer(&req),
