@@ -413,6 +413,66 @@ async fn a_fetched_credential_dropped_before_the_call_that_waited_for_it_is_not_
     }
 }
 
+/// World: a service waiting in `poll_ready` for the first fetch, which a stale
+/// replacement makes suspect (its credential `k` goes to its own waiters only); the
+/// replacement's refresh gets `k` back from the source, current now under another
+/// generation, and the application drops `k` by name before the service's `call`.
+/// Proves (review finding): the call does not send `k`: a drop by name reaches every
+/// generation of the value, the waiter's too.
+#[tokio::test]
+async fn a_value_dropped_by_name_is_dropped_under_every_generation() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let source = source_fn({
+        let (gate, fetches) = (gate.clone(), fetches.clone());
+        move |_| {
+            let first = fetches.fetch_add(1, Ordering::SeqCst) == 0;
+            let gate = gate.clone();
+            async move {
+                if first {
+                    gate.acquire().await.unwrap().forget();
+                }
+                Ok::<_, BoxError>(Credential::bearer("k")?.expires_in(Duration::from_secs(3600)))
+            }
+        }
+    });
+    let layer = direct(&source);
+    let cache = layer.cache().clone();
+    let seen = Seen::default();
+    let mut svc = layer.layer(Api::new(&seen));
+    {
+        let mut ready = std::pin::pin!(svc.ready());
+        assert!(
+            futures_util::future::poll_immediate(&mut ready)
+                .await
+                .is_none()
+        );
+        tokio::task::yield_now().await;
+        // A replacement already in its hard window: the next request refreshes it.
+        let stale = Credential::bearer("x").unwrap().lives(
+            SystemTime::now() - Duration::from_secs(3590),
+            Duration::from_secs(3600),
+        );
+        assert!(cache.handle().replace(stale).unwrap());
+        gate.add_permits(1);
+        ready.await.unwrap();
+    }
+    let k = Credential::bearer("k").unwrap();
+    let current = cache.credential().await.unwrap();
+    assert_eq!(current.headers().next().unwrap().1, "Bearer k");
+    assert!(cache.handle().invalidate_if(&current));
+    let res = svc.call(get(API)).await;
+    assert!(
+        res.is_err_and(|e| kind(e) == ErrorKind::NotReady),
+        "not refused"
+    );
+    assert_eq!(
+        seen.authorizations(),
+        [],
+        "{k:?} was sent after it was dropped"
+    );
+}
+
 /// World: `call` without `poll_ready` (a breach of the `Service` contract). Proves: with
 /// a usable credential cached it is sent; with none the call fails `NotReady` and sends
 /// nothing, rather than sending the request without its credential.

@@ -463,9 +463,13 @@ impl<P: CredentialSource> Inner<P> {
     fn invalidate_locked(&self, state: &mut State) {
         // The next fetch is told what was dropped, so that a source holding a last
         // credential does not hand it back.
-        let dropped = self.current.load_full().map(|e| e.credential.clone());
-        let dropped = dropped.or_else(|| state.invalidated.take().flatten());
+        let current = self.current.load_full().map(|e| e.credential.clone());
         self.retire(state, Retired::Dropped);
+        if let Some(value) = &current {
+            // Every generation of the value: one a flight handed its own waiters too.
+            state.drop_retired_value(value);
+        }
+        let dropped = current.or_else(|| state.invalidated.take().flatten());
         state.invalidated = Some(dropped);
         self.current.store(None);
         Self::detach_running(state);
