@@ -403,6 +403,7 @@ where
                     chunks: chunks.collect(),
                     trailers: Some(trailers),
                     status: Status::Complete,
+                    waker: None,
                 }),
             })),
         };
@@ -687,47 +688,36 @@ impl Recording {
         }
     }
 
-    /// Publishes the recording complete once it holds every byte the body declared and
-    /// no trailers, before the body shows its end. Over HTTP/2 the answer may come then,
-    /// while hyper's pipe still polls the body for its end (which it shows only at that
-    /// next poll): the replay must not wait for it.
+    /// Publishes the recording once it holds every byte the body declared and no
+    /// trailers, before the body shows its end, as [`Status::Declared`]. Over HTTP/2 the
+    /// answer may come then, while hyper's pipe still polls the body for its end (which
+    /// it shows only at that next poll): the response future waits for that end (or
+    /// trailers, more data, an error, the body dropped) before it builds a replay,
+    /// rather than refuse one.
     fn complete_at_declared(&mut self) {
         if !self.done && self.trailers.is_none() && self.declared == Some(self.len as u64) {
             self.early = true;
-            self.finish(Status::Complete);
+            self.finish(Status::Declared);
         }
     }
 
-    /// A frame after the recording was published complete at its declared length: more
-    /// data, or an error, spoil it (a replay not yet taken is refused: the body was
-    /// longer than declared, or failed); trailers join it, unless the replay already
-    /// took it.
+    /// A frame after the recording was published at its declared length: its end or
+    /// trailers make it complete; more data, or an error, fail it (the body was longer
+    /// than declared, or failed). Whoever waits for it is woken.
     #[cold]
     fn after_early<E>(&mut self, frame: Option<&Result<Frame<Bytes>, E>>) {
-        let spoiled = match frame {
-            None => return,
+        let (status, trailers) = match frame {
+            None => (Status::Complete, None),
             Some(Ok(frame)) => match frame.trailers_ref() {
-                Some(trailers) => {
-                    let mut rec = self.recorder.lock();
-                    if rec.status == Status::Complete && rec.trailers.is_none() {
-                        rec.trailers = Some(Box::new(trailers.clone()));
-                        return;
-                    }
-                    true
-                }
-                None => frame.data_ref().is_some_and(|d| d.remaining() > 0),
+                Some(trailers) => (Status::Complete, Some(trailers)),
+                // An empty data frame changes nothing.
+                None if frame.data_ref().is_none_or(|d| d.remaining() == 0) => return,
+                None => (Status::Failed, None),
             },
-            Some(Err(_)) => true,
+            Some(Err(_)) => (Status::Failed, None),
         };
-        if spoiled {
-            self.early = false;
-            let mut rec = self.recorder.lock();
-            if rec.status == Status::Complete {
-                rec.status = Status::Failed;
-                rec.chunks = Vec::new();
-                rec.trailers = None;
-            }
-        }
+        self.early = false;
+        self.recorder.settle(status, trailers);
     }
 
     /// Publishes the outcome; only a complete recording keeps its chunks.
@@ -743,7 +733,7 @@ impl Recording {
             return;
         }
         rec.status = status;
-        if status == Status::Complete {
+        if matches!(status, Status::Complete | Status::Declared) {
             rec.chunks = chunks;
             rec.trailers = trailers;
         }
@@ -763,6 +753,10 @@ impl Recording {
 /// cut it short); otherwise incomplete.
 impl Drop for Recording {
     fn drop(&mut self) {
+        if self.early {
+            // Every declared byte was given, and nothing after: complete.
+            self.recorder.settle(Status::Complete, None);
+        }
         if !self.done
             && (self.trailers.is_some() || self.declared.is_some_and(|n| self.len as u64 >= n))
         {
@@ -784,6 +778,8 @@ struct Recorded {
     chunks: Vec<Bytes>,
     trailers: Option<Box<HeaderMap>>,
     status: Status,
+    /// The response future waiting for a [`Status::Declared`] recording to settle.
+    waker: Option<std::task::Waker>,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -791,6 +787,9 @@ enum Status {
     /// The body has not ended yet (its chunks are still with the body).
     #[default]
     Recording,
+    /// Every byte the body declared is here (the chunks are published), and the body
+    /// has not shown its end yet: what it gives next settles it.
+    Declared,
     Complete,
     TooLarge,
     Failed,
@@ -801,6 +800,29 @@ enum Status {
 impl Recorder {
     fn lock(&self) -> MutexGuard<'_, Recorded> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Settles a [`Status::Declared`] recording (see [`Recording::after_early`]) and
+    /// wakes whoever waits for it. Failed, it keeps nothing.
+    fn settle(&self, status: Status, trailers: Option<&HeaderMap>) {
+        let waker = {
+            let mut rec = self.lock();
+            if rec.status != Status::Declared {
+                return;
+            }
+            rec.status = status;
+            match status {
+                Status::Complete => rec.trailers = trailers.map(|t| Box::new(t.clone())),
+                _ => {
+                    rec.chunks = Vec::new();
+                    rec.trailers = None;
+                }
+            }
+            rec.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     /// Marks the recording as unwanted and frees what was published.
@@ -849,6 +871,25 @@ pub(crate) enum ReplayHandle {
 }
 
 impl ReplayHandle {
+    /// Whether the body gave every byte it declared but has not shown its end yet: a
+    /// replay is built once it settles ([`poll_settled`](Self::poll_settled)).
+    pub(crate) fn unsettled(&self) -> bool {
+        matches!(self, ReplayHandle::Recorded(r) if r.lock().status == Status::Declared)
+    }
+
+    /// Ready once the recording is not [`Status::Declared`] any more: the body showed its
+    /// end, gave trailers, more data or an error, or was dropped.
+    pub(crate) fn poll_settled(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if let ReplayHandle::Recorded(recorder) = self {
+            let mut rec = recorder.lock();
+            if rec.status == Status::Declared {
+                rec.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(())
+    }
+
     /// The body for the replay, taking the recorded chunks (there is only one replay).
     pub(crate) fn take<B: Body>(&mut self) -> Result<ReplayBody<B>, NotReplayed> {
         match self {
@@ -864,7 +905,10 @@ impl ReplayHandle {
                     )),
                     Status::TooLarge => Err(NotReplayed::BodyTooLarge),
                     Status::Failed => Err(NotReplayed::BodyFailed),
-                    Status::Recording | Status::Abandoned => Err(NotReplayed::BodyIncomplete),
+                    // Declared: taken without waiting for it to settle.
+                    Status::Recording | Status::Declared | Status::Abandoned => {
+                        Err(NotReplayed::BodyIncomplete)
+                    }
                 }
             }
         }
@@ -1329,41 +1373,77 @@ mod tests {
     }
 
     /// A body still held by the inner service once it gave every byte it declared (an
-    /// HTTP/2 pipe polling it for its end when the answer comes) can be replayed at once;
-    /// more data after that spoils a replay not yet taken (it broke its length), and
-    /// trailers join it.
+    /// HTTP/2 pipe polling it for its end when the answer comes) is not replayed before
+    /// it settles: its end, or its drop, make the recording complete (waking whoever
+    /// waits); trailers join it; more data or an error fail it.
     #[tokio::test]
-    async fn a_body_held_at_its_declared_length_is_replayable_before_its_end() {
-        // Taken while held.
-        let chunks = vec![Step::Wait, data(b"ab"), Step::Wait, data(b"cd"), Step::Wait];
-        let (mut body, mut handle) = ReplayBody::record(Declared(steps(chunks), 4), 1024);
+    async fn a_body_held_at_its_declared_length_settles_before_it_is_replayed() {
+        let noop = std::task::Waker::noop();
+        let mut cx = Context::from_waker(noop);
+        let declared = |shape: Vec<Step>| ReplayBody::record(Declared(steps(shape), 4), 1024);
+        // Its end shows after a wait: complete, and the waiter is woken.
+        let (mut body, mut handle) = declared(vec![Step::Wait, data(b"ab"), data(b"cd")]);
         for _ in 0..2 {
             assert!(next(&mut body).await.unwrap().unwrap().is_data());
         }
-        let replay = handle.take::<Declared>().unwrap();
-        assert_eq!(frames(replay).await.0, b"abcd");
-        drop(body);
+        assert!(handle.unsettled());
+        let woken = Arc::new(Flag::default());
+        let waker = std::task::Waker::from(woken.clone());
+        assert!(
+            handle
+                .poll_settled(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        assert!(next(&mut body).await.is_none());
+        assert!(woken.0.load(Ordering::SeqCst), "the waiter was not woken");
+        assert!(handle.poll_settled(&mut cx).is_ready());
+        assert_eq!(frames(handle.take::<Declared>().unwrap()).await.0, b"abcd");
 
-        // More data before the replay is taken: not replayed.
-        let chunks = vec![data(b"abcd"), Step::Wait, data(b"ef")];
-        let (mut body, mut handle) = ReplayBody::record(Declared(steps(chunks), 4), 1024);
-        for _ in 0..2 {
-            assert!(next(&mut body).await.unwrap().unwrap().is_data());
-        }
+        // Taken before it settles: not replayed.
+        let (mut body, mut handle) = declared(vec![data(b"abcd"), Step::Wait]);
+        assert!(next(&mut body).await.unwrap().unwrap().is_data());
         assert_eq!(
             handle.take::<Declared>().unwrap_err(),
-            NotReplayed::BodyFailed
+            NotReplayed::BodyIncomplete
         );
-        drop(body);
 
-        // Trailers before the replay is taken: replayed with them.
-        let chunks = vec![data(b"abcd"), Step::Wait, checksum()];
-        let (mut body, mut handle) = ReplayBody::record(Declared(steps(chunks), 4), 1024);
+        // Dropped: complete.
+        let (mut body, mut handle) = declared(vec![Step::Wait, data(b"abcd"), Step::Wait]);
+        assert!(next(&mut body).await.unwrap().unwrap().is_data());
+        drop(body);
+        assert!(handle.poll_settled(&mut cx).is_ready());
+        assert_eq!(frames(handle.take::<Declared>().unwrap()).await.0, b"abcd");
+
+        // More data, or an error: failed.
+        for tail in [data(b"ef"), Step::Frame(Err("disk gone"))] {
+            let (mut body, mut handle) = declared(vec![data(b"abcd"), Step::Wait, tail]);
+            assert!(next(&mut body).await.unwrap().unwrap().is_data());
+            let _ = next(&mut body).await;
+            assert!(handle.poll_settled(&mut cx).is_ready());
+            assert_eq!(
+                handle.take::<Declared>().unwrap_err(),
+                NotReplayed::BodyFailed
+            );
+        }
+
+        // Trailers: replayed with them.
+        let (mut body, mut handle) = declared(vec![data(b"abcd"), Step::Wait, checksum()]);
         assert!(next(&mut body).await.unwrap().unwrap().is_data());
         assert!(next(&mut body).await.unwrap().unwrap().is_trailers());
+        assert!(handle.poll_settled(&mut cx).is_ready());
         let (bytes, trailers) = frames(handle.take::<Declared>().unwrap()).await;
         assert_eq!(bytes, b"abcd");
         assert_eq!(trailers.unwrap()["x-checksum"], "abc");
+    }
+
+    /// A waker that records that it was woken.
+    #[derive(Default)]
+    struct Flag(AtomicBool);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
     }
 
     /// A streamed body whose trailers were given is whole, though the inner service drops

@@ -178,10 +178,13 @@ struct Replay<S> {
     replace: bool,
 }
 
-/// A replay waiting for the new credential: everything but the credential is ready.
+/// A replay waiting for the new credential: everything but the credential is ready, or
+/// its body is still to settle (`unsettled`).
 struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     service: S,
-    request: Request<ReplayBody<B>>,
+    /// `Err`: the head and a body that gave every byte it declared without showing its
+    /// end yet; the request is built once it settles (see `ReplayHandle::unsettled`).
+    request: Result<Request<ReplayBody<B>>, (Head, ReplayHandle)>,
     judge: Judge,
     cache: CacheRef<P>,
     /// The rejected credential (`None` if the cache no longer knows it) and response:
@@ -577,6 +580,9 @@ where
                     }
                 }
                 StateProj::Refreshing { acquire, resend } => {
+                    if let Some(Err((_, body))) = resend.as_ref().map(|r| &r.request) {
+                        ready!(body.poll_settled(cx));
+                    }
                     let entry = ready!(Pin::new(acquire).poll(cx));
                     let Some(resend) = resend.take() else {
                         return Poll::Ready(Err(polled_after_completion().into()));
@@ -615,9 +621,26 @@ where
                         };
                         return Poll::Ready(Ok(with_scope(resend.response, resend.scope, reason)));
                     }
+                    let mut request = match resend.request {
+                        Ok(request) => request,
+                        Err((head, mut body)) => {
+                            match body.take::<B>().and_then(|body| {
+                                head.into_request(body).ok_or(NotReplayed::HeadUnavailable)
+                            }) {
+                                Ok(request) => request,
+                                Err(reason) => {
+                                    tracing::debug!(?reason, "not replayed");
+                                    return Poll::Ready(Ok(with_scope(
+                                        resend.response,
+                                        resend.scope,
+                                        reason,
+                                    )));
+                                }
+                            }
+                        }
+                    };
                     // The rejected response (and its connection) is released now.
                     drop(resend.response);
-                    let mut request = resend.request;
                     // The snapshot is the request as it came: the same rule as on the
                     // first attempt decides each header the request brought.
                     crate::policy::attach(&entry.credential, &mut request, resend.replace)?;
@@ -789,7 +812,18 @@ where
         response: Response<ResBody>,
         scope: Option<InsufficientScope>,
     ) -> Result<State<S, B, P>, Response<ResBody>> {
-        match rebuild(replay) {
+        let rebuilt = match replay {
+            // Built once the body settles, after the refresh.
+            Ok(replay) if replay.body.unsettled() => Ok((
+                replay.service,
+                Err((replay.head, replay.body)),
+                replay.replace,
+            )),
+            replay => {
+                rebuild(replay).map(|(service, request, replace)| (service, Ok(request), replace))
+            }
+        };
+        match rebuilt {
             Ok((service, request, replace)) => Ok(State::Refreshing {
                 acquire,
                 resend: Some(Box::new(Resend {

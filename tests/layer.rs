@@ -969,3 +969,81 @@ async fn a_credential_dropped_while_the_service_gets_ready_is_not_sent() {
     respond.send_response(status(200));
     assert_eq!(request.await.unwrap().unwrap().status(), 200);
 }
+
+/// A body fed by the test, frame by frame; it ends when the sender is dropped.
+struct Chan(tokio::sync::mpsc::UnboundedReceiver<Result<Frame<Bytes>, &'static str>>);
+
+impl http_body::Body for Chan {
+    type Data = Bytes;
+    type Error = &'static str;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, &'static str>>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// World: a streaming body with a hand-set `Content-Length: 4` that gives `abcd`, then,
+/// after the API answered 401 (as over HTTP/2, where hyper's pipe still polls the body
+/// for its end), trailers, an error, or more data. Proves (review finding): the replay is
+/// built only once the body settles, and sends what the first attempt sent: with the
+/// trailers; not at all after an error or more data (`BodyFailed`).
+#[tokio::test]
+async fn a_body_answered_before_its_end_is_replayed_as_it_was_sent() {
+    type ChanReq = Request<ReplayBody<Chan>>;
+    for tail in ["trailers", "error", "more"] {
+        let (mock, mut api) = mock::pair::<ChanReq, Response<&'static str>>();
+        let svc = AuthLayer::new(TestSource::new())
+            .any_https_origin()
+            .layer(mock);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = Request::post("https://api.test/v1/upload")
+            .header(http::header::CONTENT_LENGTH, "4")
+            .body(Chan(rx))
+            .unwrap();
+        let call = tokio::spawn(svc.oneshot(req));
+        let (mut first, respond) = api.next_request().await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"abcd"))))
+            .unwrap();
+        let got = first.body_mut().frame().await.unwrap().unwrap();
+        assert_eq!(got.into_data().unwrap(), "abcd");
+        respond.send_response(status(401));
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        match tail {
+            "trailers" => {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("x-checksum", "abc".parse().unwrap());
+                tx.send(Ok(Frame::trailers(trailers))).unwrap();
+            }
+            "error" => tx.send(Err("disk read failed")).unwrap(),
+            _ => tx.send(Ok(Frame::data(Bytes::from_static(b"ef")))).unwrap(),
+        }
+        drop(tx);
+        // The first attempt's body gives its tail.
+        while let Some(Ok(_)) = first.body_mut().frame().await {}
+        if tail == "trailers" {
+            let (second, respond) = api.next_request().await.unwrap();
+            let whole = second.into_body().collect().await.unwrap();
+            assert_eq!(whole.trailers().unwrap()["x-checksum"], "abc");
+            assert_eq!(whole.to_bytes(), "abcd");
+            respond.send_response(status(200));
+            assert_eq!(call.await.unwrap().unwrap().status(), 200);
+        } else {
+            let res = call.await.unwrap().unwrap();
+            assert_eq!(res.status(), 401, "{tail}");
+            assert_eq!(
+                res.extensions().get::<NotReplayed>(),
+                Some(&NotReplayed::BodyFailed),
+                "{tail}"
+            );
+            assert!(
+                !matches!(api.poll_request(), std::task::Poll::Ready(Some(_))),
+                "{tail}: replayed a body the first attempt did not send"
+            );
+        }
+    }
+}

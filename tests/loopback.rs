@@ -433,7 +433,7 @@ async fn a_body_whose_end_shows_only_after_its_declared_length_is_replayed() {
 }
 
 /// Sends a body of 4 declared bytes in two chunks, none, one or both ready when it is
-/// sent, its end never shown, through the layer (`tok-1` is rejected) to `addr`; each
+/// sent, its end shown 20 ms after its last byte, through the layer (`tok-1` is rejected) to `addr`; each
 /// must come back 200, replayed.
 async fn stale_bodies_rejected_once_are_replayed(
     client: Client<hyper_util::client::legacy::connect::HttpConnector, ReplayBody<Stale>>,
@@ -454,6 +454,9 @@ async fn stale_bodies_rejected_once_are_replayed(
             for chunk in &chunks[ready..] {
                 tx.send(chunk.clone()).unwrap();
             }
+            // The end shows a moment after the last byte.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            drop(tx);
         };
         let req = Request::post(format!("http://{addr}/v1/upload"))
             .body(Stale { rx, total: Some(4) })
@@ -466,8 +469,6 @@ async fn stale_bodies_rejected_once_are_replayed(
             "chunks ready when sent: {ready}: {:?}",
             res.extensions().get::<tower_client_auth::NotReplayed>()
         );
-        // The sender lives on: the body never ends on its own.
-        drop(tx);
     }
 }
 
