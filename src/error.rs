@@ -22,10 +22,11 @@ pub enum ErrorKind {
     Fetch,
     /// The credential source did not answer within the fetch timeout.
     Timeout,
-    /// Recent fetches failed and the cache is waiting before it asks the source again;
-    /// no valid credential is available meanwhile. The last failure is the `source()`.
-    /// Without a `source()`: the API rejected credentials right after they were issued,
-    /// and the cache waits before it fetches another (see
+    /// The cache is waiting before it asks the source again. Either recent fetches
+    /// failed, and no valid credential is available meanwhile (the last failure is the
+    /// `source()`); or, without a `source()`, the API rejected credentials right after
+    /// they became current, and the rejected one, still in use, is not replaced before
+    /// the backoff allows (see
     /// [`YOUNG_CREDENTIAL_AGE`](crate::cache::YOUNG_CREDENTIAL_AGE)).
     Backoff,
     /// The source returned a credential that had already expired.
@@ -115,7 +116,7 @@ pub struct Error {
     retry_in: Option<Duration>,
     /// The source asked for no new attempt before this long (a `Retry-After`).
     pub(crate) not_before: Option<Duration>,
-    /// The credential was rejected right after it was issued, and the backoff holds
+    /// The credential was rejected right after it became current, and the backoff holds
     /// off the fetch that would replace it: the rejected response is the answer.
     pub(crate) fresh_rejection: bool,
     source: Option<Arc<dyn StdError + Send + Sync>>,
@@ -303,7 +304,12 @@ impl fmt::Display for Error {
     /// queries, control characters escaped). The crate's own wrappers (a backoff over a
     /// failed fetch) are not repeated.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.kind.as_str())?;
+        if self.fresh_rejection {
+            // No fetch failed: the detail says why.
+            f.write_str("credential source is backing off")?;
+        } else {
+            f.write_str(self.kind.as_str())?;
+        }
         if let Some(detail) = self.detail {
             write!(f, ": {detail}")?;
         }

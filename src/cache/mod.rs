@@ -198,7 +198,7 @@ impl<P: CredentialSource> CredentialCache<P> {
     ///
     /// Only a credential that is still the current one is invalidated: when many callers
     /// report the same rejection, the source is asked once. The one exception: a
-    /// credential rejected right after it was issued, while the backoff after such a
+    /// credential rejected right after it became current, while the backoff after such a
     /// rejection runs, stays in use and this fails [`ErrorKind::Backoff`] at once (see
     /// [`YOUNG_CREDENTIAL_AGE`]: an API whose clock is behind the issuer's accepts it a
     /// moment later).
