@@ -184,19 +184,23 @@ struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     service: S,
     /// `Err`: the head and a body that gave every byte it declared without showing its
     /// end yet; the request is built once it settles (see `ReplayHandle::unsettled`).
-    request: Result<Request<ReplayBody<B>>, (Head, ReplayHandle)>,
+    /// (`Err(None)` only while it is built.)
+    request: Result<Request<ReplayBody<B>>, Option<(Head, ReplayHandle)>>,
     judge: Judge,
     cache: CacheRef<P>,
     /// The rejected credential (`None` if the cache no longer knows it) and response:
     /// if the source hands the same credential back, a replay cannot help, and the
     /// rejection is returned as it came.
     rejected: Option<Credential>,
-    response: S::Response,
+    /// `None` once the new credential came: released then.
+    response: Option<S::Response>,
     /// See [`Replay::replace`].
     replace: bool,
     /// For a step-up: what the API said was missing, put back on `response` if it goes
     /// back to the caller.
     scope: Option<InsufficientScope>,
+    /// The new credential, once it arrived, while the service gets ready.
+    entry: Option<Arc<Entry>>,
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
@@ -580,84 +584,77 @@ where
                     }
                 }
                 StateProj::Refreshing { acquire, resend } => {
-                    if let Some(Err((_, body))) = resend.as_ref().map(|r| &r.request) {
+                    let Some(r) = resend.as_mut() else {
+                        return Poll::Ready(Err(polled_after_completion().into()));
+                    };
+                    if let Err(Some((_, body))) = &r.request {
                         ready!(body.poll_settled(cx));
                     }
-                    let entry = ready!(Pin::new(acquire).poll(cx));
+                    if r.entry.is_none() {
+                        let entry = ready!(Pin::new(&mut *acquire).poll(cx));
+                        match Self::replay_with(r, entry) {
+                            Ok(()) => {}
+                            Err(answer) => {
+                                *resend = None;
+                                return Poll::Ready(answer);
+                            }
+                        }
+                    }
+                    // The replay's service clone was not readied: ready it now that there
+                    // is a credential to send. Readiness may take long (a concurrency
+                    // limit, a balancer): a credential dropped (or expired) meanwhile is
+                    // not sent; the cache's credential as it is then is, the service
+                    // readied again for it (its readiness is not held through a refresh).
+                    // One merely refreshed meanwhile still goes (a step-up's carries the
+                    // scope the replay needs).
+                    if let Err(err) = ready!(r.service.poll_ready(cx)) {
+                        *resend = None;
+                        return Poll::Ready(Err(err.into()));
+                    }
+                    if r.entry
+                        .as_deref()
+                        .is_some_and(|entry| !r.cache.replay_sendable(entry))
+                    {
+                        r.entry = None;
+                        release_readiness(&mut r.service);
+                        *acquire = r.cache.current_entry();
+                        continue;
+                    }
                     let Some(resend) = resend.take() else {
                         return Poll::Ready(Err(polled_after_completion().into()));
                     };
-                    let resend = *resend;
-                    let entry = match entry {
-                        Ok(entry) => entry,
-                        Err(err) if resend.scope.is_some() => {
-                            // A step-up that failed with nothing valid to fall back on:
-                            // the API's answer is still the best there is.
-                            tracing::debug!(error = %err, "step-up failed; not replaying");
-                            return Poll::Ready(Ok(with_scope(
-                                resend.response,
-                                resend.scope,
-                                NotReplayed::InsufficientScope,
-                            )));
-                        }
-                        Err(err) if err.fresh_rejection => {
-                            let mut response = resend.response;
-                            response
-                                .extensions_mut()
-                                .insert(NotReplayed::FreshCredentialRejected);
-                            return Poll::Ready(Ok(response));
-                        }
-                        Err(err) => return Poll::Ready(Err(err.into())),
+                    let Resend {
+                        service,
+                        request,
+                        judge,
+                        cache,
+                        replace,
+                        scope,
+                        entry,
+                        ..
+                    } = *resend;
+                    let (Ok(mut request), Some(entry)) = (request, entry) else {
+                        return Poll::Ready(Err(polled_after_completion().into()));
                     };
-                    if resend.rejected.as_ref() == Some(&entry.credential) {
-                        tracing::debug!(
-                            generation = entry.generation,
-                            "the source handed back the rejected credential; not replaying"
-                        );
-                        // For a step-up: it failed, or brought nothing new.
-                        let reason = match resend.scope {
-                            Some(_) => NotReplayed::InsufficientScope,
-                            None => NotReplayed::SameCredential,
-                        };
-                        return Poll::Ready(Ok(with_scope(resend.response, resend.scope, reason)));
-                    }
-                    let mut request = match resend.request {
-                        Ok(request) => request,
-                        Err((head, mut body)) => {
-                            match body.take::<B>().and_then(|body| {
-                                head.into_request(body).ok_or(NotReplayed::HeadUnavailable)
-                            }) {
-                                Ok(request) => request,
-                                Err(reason) => {
-                                    tracing::debug!(?reason, "not replayed");
-                                    return Poll::Ready(Ok(with_scope(
-                                        resend.response,
-                                        resend.scope,
-                                        reason,
-                                    )));
-                                }
-                            }
-                        }
-                    };
-                    // The rejected response (and its connection) is released now.
-                    drop(resend.response);
                     // The snapshot is the request as it came: the same rule as on the
                     // first attempt decides each header the request brought.
-                    crate::policy::attach(&entry.credential, &mut request, resend.replace)?;
+                    crate::policy::attach(&entry.credential, &mut request, replace)?;
                     tracing::debug!(
                         generation = entry.generation,
                         "replaying request with the new credential"
                     );
-                    resend.cache.record_replay();
+                    cache.record_replay();
                     let dpop = Sent::of(&entry.credential, request.uri());
                     this.state.set(State::Second {
-                        future: Box::pin(Oneshot::new(resend.service, request)),
-                        judge: resend.judge,
-                        why: match resend.scope {
+                        // Ready already: the oneshot's own look at readiness is answered
+                        // at once.
+                        future: Box::pin(Oneshot::new(service, request)),
+                        judge,
+                        why: match scope {
                             Some(_) => Again::SteppedUp,
                             None => Again::Rejected,
                         },
-                        cache: resend.cache,
+                        cache,
                         generation: entry.generation,
                         dpop,
                     });
@@ -799,6 +796,79 @@ where
         )
     }
 
+    /// The new credential came (or did not): keeps it for the replay, builds the
+    /// replay's request if its body had still to settle, and releases the rejected
+    /// response (and its connection: the replay's service may need it to get ready).
+    /// `Err`: the answer instead of a replay. The rejected response marked with why
+    /// when it is still there: a step-up that failed with nothing valid to fall back on
+    /// (the API's answer is still the best there is), a fresh rejection, the source
+    /// handing back the rejected credential, a body that cannot be replayed.
+    fn replay_with(
+        r: &mut Resend<S, B, P>,
+        entry: Result<Arc<Entry>, Error>,
+    ) -> Result<(), Result<Response<ResBody>, BoxError>>
+    where
+        S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
+    {
+        let not_replayed = |r: &mut Resend<S, B, P>, reason: NotReplayed, err: Option<Error>| {
+            match (r.response.take(), err) {
+                (Some(response), _) => Ok(with_scope(response, r.scope.take(), reason)),
+                (None, Some(err)) => Err(err.into()),
+                // Looked again once the service got ready (the first credential was
+                // dropped meanwhile), and the source handed back the rejected one.
+                (None, None) => Err(Error::new(crate::error::ErrorKind::Fetch)
+                    .with_detail("the source handed back the credential the api rejected")
+                    .into()),
+            }
+        };
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(err) if r.scope.is_some() => {
+                tracing::debug!(error = %err, "step-up failed; not replaying");
+                return Err(not_replayed(r, NotReplayed::InsufficientScope, Some(err)));
+            }
+            Err(err) if err.fresh_rejection => {
+                return Err(not_replayed(
+                    r,
+                    NotReplayed::FreshCredentialRejected,
+                    Some(err),
+                ));
+            }
+            Err(err) => return Err(Err(err.into())),
+        };
+        if r.rejected.as_ref() == Some(&entry.credential) {
+            tracing::debug!(
+                generation = entry.generation,
+                "the source handed back the rejected credential; not replaying"
+            );
+            // For a step-up: it failed, or brought nothing new.
+            let reason = match r.scope {
+                Some(_) => NotReplayed::InsufficientScope,
+                None => NotReplayed::SameCredential,
+            };
+            return Err(not_replayed(r, reason, None));
+        }
+        if let Err(unsettled) = &mut r.request {
+            let built = match unsettled.take() {
+                Some((head, mut body)) => body
+                    .take::<B>()
+                    .and_then(|body| head.into_request(body).ok_or(NotReplayed::HeadUnavailable)),
+                None => Err(NotReplayed::HeadUnavailable),
+            };
+            match built {
+                Ok(request) => r.request = Ok(request),
+                Err(reason) => {
+                    tracing::debug!(?reason, "not replayed");
+                    return Err(not_replayed(r, reason, None));
+                }
+            }
+        }
+        r.entry = Some(entry);
+        // The rejected response (and its connection) is released now.
+        r.response = None;
+        Ok(())
+    }
+
     /// The state that waits for the credential replacing the one the first attempt carried (a new
     /// one after a rejection, a wider one after a step-up) and then replays; or, for a
     /// request that cannot be replayed, `response` marked with why. The response is
@@ -816,7 +886,7 @@ where
             // Built once the body settles, after the refresh.
             Ok(replay) if replay.body.unsettled() => Ok((
                 replay.service,
-                Err((replay.head, replay.body)),
+                Err(Some((replay.head, replay.body))),
                 replay.replace,
             )),
             replay => {
@@ -832,9 +902,10 @@ where
                     judge,
                     cache,
                     rejected,
-                    response,
+                    response: Some(response),
                     replace,
                     scope,
+                    entry: None,
                 })),
             }),
             Err(reason) => {

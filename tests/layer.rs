@@ -1047,3 +1047,38 @@ async fn a_body_answered_before_its_end_is_replayed_as_it_was_sent() {
         }
     }
 }
+
+/// World: a request rejected once; the service clone its replay goes through waits for
+/// readiness (a concurrency limit, a balancer), and meanwhile the replay's new credential
+/// is dropped by name. Proves: the replay does not send it: it takes the cache's
+/// credential as it is once the service is ready (a third token here).
+#[tokio::test]
+async fn a_replay_does_not_send_a_credential_dropped_while_its_service_gets_ready() {
+    let (mock, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let source = TestSource::new();
+    let layer = AuthLayer::new(source.clone()).any_https_origin();
+    let cache = layer.cache().clone();
+    let call = tokio::spawn(layer.layer(mock).oneshot(get("/v1/things")));
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Bearer token-1");
+    api.allow(0);
+    respond.send_response(status(401));
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(source.fetches(), 2);
+    assert!(
+        cache
+            .handle()
+            .invalidate_if(&Credential::bearer("token-2").unwrap())
+    );
+    api.allow(1);
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(
+        bearer(&req),
+        "Bearer token-3",
+        "the replay sent a dropped credential"
+    );
+    respond.send_response(status(200));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}

@@ -328,6 +328,23 @@ impl<P: CredentialSource> CredentialCache<P> {
         true
     }
 
+    /// Whether `entry`, a replay's new credential (a step-up's, say), may still be sent
+    /// once the replay's service is ready: not dropped (rejected, invalidated) nor
+    /// expired since. One merely replaced by a newer one may (a step-up's carries the
+    /// scope the replay needs; the newer one may not). Reads no clock and takes no lock
+    /// while the entry's aging timer has not fired and it is current.
+    #[inline]
+    pub(crate) fn replay_sendable(&self, entry: &Entry) -> bool {
+        !entry.aging.load(Ordering::Acquire) || self.replay_sendable_aging(entry)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn replay_sendable_aging(&self, entry: &Entry) -> bool {
+        !entry.is_expired_at(Instant::now(), self.inner.config.clock.now())
+            && !self.inner.lock_state().dropped_generation(entry.generation)
+    }
+
     /// Whether a rejected credential can be replaced by a different one: false for a
     /// source in [`RefreshMode::Never`].
     #[inline]
