@@ -403,7 +403,6 @@ where
                     chunks: chunks.collect(),
                     trailers: Some(trailers),
                     status: Status::Complete,
-                    waker: None,
                 }),
             })),
         };
@@ -691,9 +690,9 @@ impl Recording {
     /// Publishes the recording once it holds every byte the body declared and no
     /// trailers, before the body shows its end, as [`Status::Declared`]. Over HTTP/2 the
     /// answer may come then, while hyper's pipe still polls the body for its end (which
-    /// it shows only at that next poll): the response future waits for that end (or
-    /// trailers, more data, an error, the body dropped) before it builds a replay,
-    /// rather than refuse one.
+    /// it shows only at that next poll): if the body settles (its end, trailers, more
+    /// data, an error, the body dropped) before the new credential is there, the replay
+    /// is built from what it settled to, rather than refused.
     fn complete_at_declared(&mut self) {
         if !self.done && self.trailers.is_none() && self.declared == Some(self.len as u64) {
             self.early = true;
@@ -703,7 +702,7 @@ impl Recording {
 
     /// A frame after the recording was published at its declared length: its end or
     /// trailers make it complete; more data, or an error, fail it (the body was longer
-    /// than declared, or failed). Whoever waits for it is woken.
+    /// than declared, or failed).
     #[cold]
     fn after_early<E>(&mut self, frame: Option<&Result<Frame<Bytes>, E>>) {
         let (status, trailers) = match frame {
@@ -778,8 +777,6 @@ struct Recorded {
     chunks: Vec<Bytes>,
     trailers: Option<Box<HeaderMap>>,
     status: Status,
-    /// The response future waiting for a [`Status::Declared`] recording to settle.
-    waker: Option<std::task::Waker>,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -802,26 +799,20 @@ impl Recorder {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Settles a [`Status::Declared`] recording (see [`Recording::after_early`]) and
-    /// wakes whoever waits for it. Failed, it keeps nothing.
+    /// Settles a [`Status::Declared`] recording (see [`Recording::after_early`]).
+    /// Failed, it keeps nothing.
     fn settle(&self, status: Status, trailers: Option<&HeaderMap>) {
-        let waker = {
-            let mut rec = self.lock();
-            if rec.status != Status::Declared {
-                return;
+        let mut rec = self.lock();
+        if rec.status != Status::Declared {
+            return;
+        }
+        rec.status = status;
+        match status {
+            Status::Complete => rec.trailers = trailers.map(|t| Box::new(t.clone())),
+            _ => {
+                rec.chunks = Vec::new();
+                rec.trailers = None;
             }
-            rec.status = status;
-            match status {
-                Status::Complete => rec.trailers = trailers.map(|t| Box::new(t.clone())),
-                _ => {
-                    rec.chunks = Vec::new();
-                    rec.trailers = None;
-                }
-            }
-            rec.waker.take()
-        };
-        if let Some(waker) = waker {
-            waker.wake();
         }
     }
 
@@ -871,23 +862,10 @@ pub(crate) enum ReplayHandle {
 }
 
 impl ReplayHandle {
-    /// Whether the body gave every byte it declared but has not shown its end yet: a
-    /// replay is built once it settles ([`poll_settled`](Self::poll_settled)).
+    /// Whether the body gave every byte it declared but has not shown its end yet: the
+    /// replay is built as late as it can be, when the new credential is there.
     pub(crate) fn unsettled(&self) -> bool {
         matches!(self, ReplayHandle::Recorded(r) if r.lock().status == Status::Declared)
-    }
-
-    /// Ready once the recording is not [`Status::Declared`] any more: the body showed its
-    /// end, gave trailers, more data or an error, or was dropped.
-    pub(crate) fn poll_settled(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if let ReplayHandle::Recorded(recorder) = self {
-            let mut rec = recorder.lock();
-            if rec.status == Status::Declared {
-                rec.waker = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-        }
-        Poll::Ready(())
     }
 
     /// The body for the replay, taking the recorded chunks (there is only one replay).
@@ -1374,29 +1352,19 @@ mod tests {
 
     /// A body still held by the inner service once it gave every byte it declared (an
     /// HTTP/2 pipe polling it for its end when the answer comes) is not replayed before
-    /// it settles: its end, or its drop, make the recording complete (waking whoever
-    /// waits); trailers join it; more data or an error fail it.
+    /// it settles: its end, or its drop, make the recording complete; trailers join it;
+    /// more data or an error fail it.
     #[tokio::test]
     async fn a_body_held_at_its_declared_length_settles_before_it_is_replayed() {
-        let noop = std::task::Waker::noop();
-        let mut cx = Context::from_waker(noop);
         let declared = |shape: Vec<Step>| ReplayBody::record(Declared(steps(shape), 4), 1024);
-        // Its end shows after a wait: complete, and the waiter is woken.
+        // Its end shows after a wait: complete.
         let (mut body, mut handle) = declared(vec![Step::Wait, data(b"ab"), data(b"cd")]);
         for _ in 0..2 {
             assert!(next(&mut body).await.unwrap().unwrap().is_data());
         }
         assert!(handle.unsettled());
-        let woken = Arc::new(Flag::default());
-        let waker = std::task::Waker::from(woken.clone());
-        assert!(
-            handle
-                .poll_settled(&mut Context::from_waker(&waker))
-                .is_pending()
-        );
         assert!(next(&mut body).await.is_none());
-        assert!(woken.0.load(Ordering::SeqCst), "the waiter was not woken");
-        assert!(handle.poll_settled(&mut cx).is_ready());
+        assert!(!handle.unsettled());
         assert_eq!(frames(handle.take::<Declared>().unwrap()).await.0, b"abcd");
 
         // Taken before it settles: not replayed.
@@ -1411,7 +1379,7 @@ mod tests {
         let (mut body, mut handle) = declared(vec![Step::Wait, data(b"abcd"), Step::Wait]);
         assert!(next(&mut body).await.unwrap().unwrap().is_data());
         drop(body);
-        assert!(handle.poll_settled(&mut cx).is_ready());
+        assert!(!handle.unsettled());
         assert_eq!(frames(handle.take::<Declared>().unwrap()).await.0, b"abcd");
 
         // More data, or an error: failed.
@@ -1419,7 +1387,7 @@ mod tests {
             let (mut body, mut handle) = declared(vec![data(b"abcd"), Step::Wait, tail]);
             assert!(next(&mut body).await.unwrap().unwrap().is_data());
             let _ = next(&mut body).await;
-            assert!(handle.poll_settled(&mut cx).is_ready());
+            assert!(!handle.unsettled());
             assert_eq!(
                 handle.take::<Declared>().unwrap_err(),
                 NotReplayed::BodyFailed
@@ -1430,20 +1398,9 @@ mod tests {
         let (mut body, mut handle) = declared(vec![data(b"abcd"), Step::Wait, checksum()]);
         assert!(next(&mut body).await.unwrap().unwrap().is_data());
         assert!(next(&mut body).await.unwrap().unwrap().is_trailers());
-        assert!(handle.poll_settled(&mut cx).is_ready());
         let (bytes, trailers) = frames(handle.take::<Declared>().unwrap()).await;
         assert_eq!(bytes, b"abcd");
         assert_eq!(trailers.unwrap()["x-checksum"], "abc");
-    }
-
-    /// A waker that records that it was woken.
-    #[derive(Default)]
-    struct Flag(AtomicBool);
-
-    impl std::task::Wake for Flag {
-        fn wake(self: Arc<Self>) {
-            self.0.store(true, Ordering::SeqCst);
-        }
     }
 
     /// A streamed body whose trailers were given is whole, though the inner service drops

@@ -183,8 +183,9 @@ struct Replay<S> {
 struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     service: S,
     /// `Err`: the head and a body that gave every byte it declared without showing its
-    /// end yet; the request is built once it settles (see `ReplayHandle::unsettled`).
-    /// (`Err(None)` only while it is built.)
+    /// end yet (see `ReplayHandle::unsettled`); the request is built when the new
+    /// credential is there, if the body settled by then. (`Err(None)` only while it is
+    /// built.)
     request: Result<Request<ReplayBody<B>>, Option<(Head, ReplayHandle)>>,
     judge: Judge,
     cache: CacheRef<P>,
@@ -587,9 +588,6 @@ where
                     let Some(r) = resend.as_mut() else {
                         return Poll::Ready(Err(polled_after_completion().into()));
                     };
-                    if let Err(Some((_, body))) = &r.request {
-                        ready!(body.poll_settled(cx));
-                    }
                     if r.entry.is_none() {
                         let entry = ready!(Pin::new(&mut *acquire).poll(cx));
                         match Self::replay_with(r, entry) {
@@ -883,7 +881,8 @@ where
         scope: Option<InsufficientScope>,
     ) -> Result<State<S, B, P>, Response<ResBody>> {
         let rebuilt = match replay {
-            // Built once the body settles, after the refresh.
+            // Built when the new credential is there: the body has until then to settle
+            // (no longer: the caller may end it only once it has an answer).
             Ok(replay) if replay.body.unsettled() => Ok((
                 replay.service,
                 Err(Some((replay.head, replay.body))),

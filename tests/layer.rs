@@ -985,17 +985,22 @@ impl http_body::Body for Chan {
     }
 }
 
-/// World: a streaming body with a hand-set `Content-Length: 4` that gives `abcd`, then,
-/// after the API answered 401 (as over HTTP/2, where hyper's pipe still polls the body
-/// for its end), trailers, an error, or more data. Proves (review finding): the replay is
-/// built only once the body settles, and sends what the first attempt sent: with the
-/// trailers; not at all after an error or more data (`BodyFailed`).
+/// World: a streaming body with a hand-set `Content-Length: 4` that gives `abcd`; the
+/// API answers 401 (as over HTTP/2, where hyper's pipe still polls the body for its end)
+/// and the refresh is held; meanwhile the body gives trailers, an error or more data, or
+/// nothing yet. Proves (review finding): the replay is built when the new credential is
+/// there, from what the body settled to: with the trailers; not at all after an error or
+/// more data (`BodyFailed`); and, with a body not settled by then, not at all
+/// (`BodyIncomplete`), rather than wait for an end the caller may give only once it has
+/// an answer.
 #[tokio::test]
 async fn a_body_answered_before_its_end_is_replayed_as_it_was_sent() {
     type ChanReq = Request<ReplayBody<Chan>>;
-    for tail in ["trailers", "error", "more"] {
+    for tail in ["trailers", "error", "more", "none yet"] {
         let (mock, mut api) = mock::pair::<ChanReq, Response<&'static str>>();
-        let svc = AuthLayer::new(TestSource::new())
+        let source = TestSource::gated(None);
+        source.release(1);
+        let svc = AuthLayer::new(source.clone())
             .any_https_origin()
             .layer(mock);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -1013,6 +1018,7 @@ async fn a_body_answered_before_its_end_is_replayed_as_it_was_sent() {
         for _ in 0..20 {
             tokio::task::yield_now().await;
         }
+        assert_eq!(source.fetches(), 2, "the refresh did not start");
         match tail {
             "trailers" => {
                 let mut trailers = http::HeaderMap::new();
@@ -1020,11 +1026,26 @@ async fn a_body_answered_before_its_end_is_replayed_as_it_was_sent() {
                 tx.send(Ok(Frame::trailers(trailers))).unwrap();
             }
             "error" => tx.send(Err("disk read failed")).unwrap(),
-            _ => tx.send(Ok(Frame::data(Bytes::from_static(b"ef")))).unwrap(),
+            "more" => tx.send(Ok(Frame::data(Bytes::from_static(b"ef")))).unwrap(),
+            _ => {}
         }
-        drop(tx);
-        // The first attempt's body gives its tail.
-        while let Some(Ok(_)) = first.body_mut().frame().await {}
+        if tail != "none yet" {
+            drop(tx);
+            // The first attempt's body gives its tail.
+            while let Some(Ok(_)) = first.body_mut().frame().await {}
+            source.release(1);
+        } else {
+            source.release(1);
+            // The caller ends its body once it has an answer.
+            let res = call.await.unwrap().unwrap();
+            drop(tx);
+            assert_eq!(res.status(), 401);
+            assert_eq!(
+                res.extensions().get::<NotReplayed>(),
+                Some(&NotReplayed::BodyIncomplete)
+            );
+            continue;
+        }
         if tail == "trailers" {
             let (second, respond) = api.next_request().await.unwrap();
             let whole = second.into_body().collect().await.unwrap();

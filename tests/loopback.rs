@@ -263,6 +263,18 @@ async fn body_server() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
     (addr, seen)
 }
 
+/// `tok-1`, `tok-2`, ..., each after `delay` (a token endpoint's round trip).
+fn counting_source_taking(delay: std::time::Duration) -> impl tower_client_auth::CredentialSource {
+    let issued = Arc::new(AtomicUsize::new(0));
+    source_fn(move |_cx: FetchContext| {
+        let n = issued.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, BoxError>(Credential::bearer(format!("tok-{n}"))?)
+        }
+    })
+}
+
 /// `tok-1`, `tok-2`, ...
 fn counting_source() -> impl tower_client_auth::CredentialSource {
     let issued = Arc::new(AtomicUsize::new(0));
@@ -433,7 +445,8 @@ async fn a_body_whose_end_shows_only_after_its_declared_length_is_replayed() {
 }
 
 /// Sends a body of 4 declared bytes in two chunks, none, one or both ready when it is
-/// sent, its end shown 20 ms after its last byte, through the layer (`tok-1` is rejected) to `addr`; each
+/// sent, its end shown 20 ms after its last byte, through the layer (its refresh taking
+/// 200 ms) (`tok-1` is rejected) to `addr`; each
 /// must come back 200, replayed.
 async fn stale_bodies_rejected_once_are_replayed(
     client: Client<hyper_util::client::legacy::connect::HttpConnector, ReplayBody<Stale>>,
@@ -441,10 +454,14 @@ async fn stale_bodies_rejected_once_are_replayed(
 ) {
     let chunks = [Bytes::from_static(b"ab"), Bytes::from_static(b"cd")];
     for ready in 0..=2 {
-        let svc = AuthLayer::new(counting_source())
-            .any_https_origin()
-            .allow_http_loopback(true)
-            .layer(client.clone());
+        // The refresh takes longer than the body takes to show its end (a token
+        // endpoint's round trip): the replay is built from the settled body.
+        let svc = AuthLayer::new(counting_source_taking(std::time::Duration::from_millis(
+            200,
+        )))
+        .any_https_origin()
+        .allow_http_loopback(true)
+        .layer(client.clone());
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         for chunk in &chunks[..ready] {
             tx.send(chunk.clone()).unwrap();
