@@ -1074,7 +1074,7 @@ async fn a_fetch_older_than_a_replacement_does_not_answer_its_rejection() {
 /// it succeeds: its result is installed, not thrown away as older than the replacement
 /// (which left `m` unrefreshed until its hard window, with its background refresh
 /// claimed and never given back); when it fails, its waiters get `m`, still sendable,
-/// and nothing backs off.
+/// nothing backs off, and `m`'s background refresh is given back after a backoff.
 #[tokio::test(start_paused = true)]
 async fn a_fetch_chained_before_a_replacement_refreshes_it_once_it_is_due() {
     let value = |c: Credential| c.headers().next().unwrap().1.to_str().unwrap().to_owned();
@@ -1112,6 +1112,21 @@ async fn a_fetch_chained_before_a_replacement_refreshes_it_once_it_is_due() {
             );
             assert_eq!(value(cache.credential().await.unwrap()), "Bearer m");
             assert_eq!(cache.stats().fetch_failures, 2);
+            // The background claim that joined the failed fetch is given back after a
+            // backoff: the next request in m's soft window refreshes it.
+            source.set_failing(false);
+            tokio::time::advance(Duration::from_secs(2)).await;
+            settle().await;
+            assert_eq!(value(cache.credential().await.unwrap()), "Bearer m");
+            settle().await;
+            assert_eq!(
+                source.fetches(),
+                3,
+                "m's background refresh never came back"
+            );
+            source.release(1);
+            settle().await;
+            assert_eq!(value(cache.credential().await.unwrap()), "Bearer token-3");
         } else {
             assert_eq!(chained.unwrap(), "Bearer token-2");
             assert_eq!(

@@ -591,6 +591,7 @@ impl<P: CredentialSource> FlightGuard<P> {
                     // longer current either).
                     inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(error = %err, "a superseded refresh failed; using the replacement");
+                    inner.give_back_claim(&current, now);
                     Ok(current)
                 }
                 (Err(err), _) => {
@@ -698,6 +699,7 @@ impl<P: CredentialSource> Drop for FlightGuard<P> {
                     .stats
                     .fetch_failures
                     .fetch_add(1, Ordering::Relaxed);
+                self.inner.give_back_claim(&current, Instant::now());
                 outcome = Ok(current);
             } else if !matches!(standing, Standing::Current) {
                 self.inner

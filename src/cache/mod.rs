@@ -921,6 +921,16 @@ impl<P: CredentialSource> Inner<P> {
         }
     }
 
+    /// A refresh that failed answered with `entry`, handed over meanwhile: a background
+    /// refresh of `entry` claimed by a caller who joined it is given back after a
+    /// backoff step, as after any failed background refresh (else `entry` would not be
+    /// refreshed before its hard window).
+    fn give_back_claim(&self, entry: &Arc<Entry>, now: Instant) {
+        if entry.background_claimed.load(Ordering::Acquire) {
+            self.rearm_background(entry, config::saturating_add(now, self.backoff(1)));
+        }
+    }
+
     /// After a failed background refresh, lets the next caller in `entry`'s soft window
     /// try again once the backoff ends at `retry_at`; with keep-warm, tries again itself
     /// then. The timer goes with the entry.
