@@ -102,6 +102,12 @@ fn direct<P: tower_client_auth::CredentialSource + Clone>(
         .without_replay()
 }
 
+/// Polls `ready` once: it must wait (for the first fetch).
+async fn waits<F: std::future::Future>(ready: std::pin::Pin<&mut F>) {
+    let polled = futures_util::future::poll_immediate(ready).await;
+    assert!(polled.is_none(), "ready without a credential");
+}
+
 fn kind(err: BoxError) -> ErrorKind {
     err.downcast_ref::<Error>()
         .unwrap_or_else(|| panic!("not the crate's error: {err}"))
@@ -385,12 +391,7 @@ async fn a_fetched_credential_dropped_before_the_call_that_waited_for_it_is_not_
         let mut svc = layer.layer(Api::new(&seen));
         {
             let mut ready = std::pin::pin!(svc.ready());
-            assert!(
-                futures_util::future::poll_immediate(&mut ready)
-                    .await
-                    .is_none(),
-                "ready without a credential"
-            );
+            waits(ready.as_mut()).await;
             tokio::task::yield_now().await;
             cache.handle().invalidate();
             source.release(1);
@@ -442,11 +443,7 @@ async fn a_value_dropped_by_name_is_dropped_under_every_generation() {
     let mut svc = layer.layer(Api::new(&seen));
     {
         let mut ready = std::pin::pin!(svc.ready());
-        assert!(
-            futures_util::future::poll_immediate(&mut ready)
-                .await
-                .is_none()
-        );
+        waits(ready.as_mut()).await;
         tokio::task::yield_now().await;
         // A replacement already in its hard window: the next request refreshes it.
         let stale = Credential::bearer("x").unwrap().lives(

@@ -247,12 +247,8 @@ async fn refused_keeps_its_refresh_token<S: CredentialStore + Clone>(name: &str,
         tower_client_auth::ErrorKind::Expired,
         "{name}: {err}"
     );
-    let stored = store.get().await;
     assert_eq!(
-        stored
-            .as_ref()
-            .and_then(|c| c.refresh_token())
-            .map(|t| t.expose().to_owned()),
+        refresh_token_of(store.get().await),
         Some("rt-2".to_owned()),
         "{name}: the refused credential's refresh token is not in the store"
     );
@@ -262,6 +258,11 @@ async fn refused_keeps_its_refresh_token<S: CredentialStore + Clone>(name: &str,
     let log = log.lock().unwrap();
     assert_eq!(log.logins, 1, "{name}: logged in again");
     assert_eq!(log.presented, ["rt-1", "rt-2"], "{name}");
+}
+
+/// The refresh token `stored` carries, as text.
+fn refresh_token_of(stored: Option<Credential>) -> Option<String> {
+    stored?.refresh_token().map(|t| t.expose().to_owned())
 }
 
 /// What [`first_refresh_expired`]'s source did: logins, and the refresh tokens presented.
@@ -1086,12 +1087,8 @@ mod refresh_tokens {
         tokio::time::sleep(Duration::from_millis(600)).await;
         store.refusing.store(false, SeqCst);
         tokio::time::sleep(Duration::from_secs(6)).await;
-        let stored = store.load().await.unwrap();
         assert_eq!(
-            stored
-                .as_ref()
-                .and_then(|c| c.refresh_token())
-                .map(|t| t.expose().to_owned()),
+            super::refresh_token_of(store.load().await.unwrap()),
             Some("rt-2".to_owned()),
             "the refused pair's refresh token was dropped"
         );
