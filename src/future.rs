@@ -9,7 +9,7 @@
 //!                              replayable? ── no ──▶ done (with a `NotReplayed` extension)
 //!                                                        │ yes: keep the rejected response
 //!                                                        ▼
-//!                                Refreshing ──new credential──▶ Second ──▶ done, whatever it is
+//!                                Refreshing ──new credential, a readied clone──▶ Second ──▶ done
 //!                                    │ the same credential, or a fresh one rejected again
 //!                                    ▼
 //!                       done: the rejected response, with a `NotReplayed` extension
@@ -21,6 +21,9 @@
 //! releases the readiness it was called with (a concurrency permit, a buffer slot) and
 //! readies a clone of the inner service once the credential is there; a request refused
 //! before it is sent (an insecure transport, no room for the credential) releases it too.
+//! A replay readies its clone the same way. Once ready, each looks at its credential
+//! again: one dropped meanwhile (invalidated, rejected) is not sent, and the cache's
+//! credential as it is then is taken instead, the readiness given back while it comes.
 
 use std::{
     fmt,
@@ -178,8 +181,9 @@ struct Replay<S> {
     replace: bool,
 }
 
-/// A replay waiting for the new credential: everything but the credential is ready, or
-/// its body is still to settle (`unsettled`).
+/// A replay waiting for its new credential, then for its service clone to be ready;
+/// its request is built when the credential is there (its body may have been settling
+/// until then: `unsettled`).
 struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     service: S,
     /// `Err`: the head and a body that gave every byte it declared without showing its
