@@ -206,6 +206,10 @@ struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     scope: Option<InsufficientScope>,
     /// The new credential, once it arrived, while the service gets ready.
     entry: Option<Arc<Entry>>,
+    /// Whether the first new credential was dropped while the service got ready, and
+    /// the cache's credential taken instead: no longer a step-up's, whatever the replay
+    /// is for.
+    looked_again: bool,
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
@@ -618,6 +622,7 @@ where
                         .is_some_and(|entry| !r.cache.replay_sendable(entry))
                     {
                         r.entry = None;
+                        r.looked_again = true;
                         release_readiness(&mut r.service);
                         *acquire = r.cache.current_entry();
                         continue;
@@ -633,6 +638,7 @@ where
                         replace,
                         scope,
                         entry,
+                        looked_again,
                         ..
                     } = *resend;
                     let (Ok(mut request), Some(entry)) = (request, entry) else {
@@ -652,9 +658,11 @@ where
                         // at once.
                         future: Box::pin(Oneshot::new(service, request)),
                         judge,
+                        // A credential taken on a second look was not stepped up: its
+                        // answer says nothing about step-ups.
                         why: match scope {
-                            Some(_) => Again::SteppedUp,
-                            None => Again::Rejected,
+                            Some(_) if !looked_again => Again::SteppedUp,
+                            _ => Again::Rejected,
                         },
                         cache,
                         generation: entry.generation,
@@ -909,6 +917,7 @@ where
                     replace,
                     scope,
                     entry: None,
+                    looked_again: false,
                 })),
             }),
             Err(reason) => {

@@ -1823,3 +1823,43 @@ async fn a_step_up_over_a_store_shares_the_wider_credential() {
     assert_eq!(value.to_str().unwrap(), "Bearer t-2");
     assert!(stored.refresh_token().is_none());
 }
+
+/// World: a 403 lacking `w` steps up (`token-2`); the replay's service clone waits for
+/// readiness, and meanwhile the application rejects `token-2` (as for a gRPC status), so
+/// the replay, looking again once ready, goes with the plain refetch's `token-3`, which
+/// the API says lacks `w` too. Proves (review finding): that 403 is not counted as a
+/// fruitless step-up (no step-up was tried with `token-3`): the next request lacking `w`
+/// steps up at once, rather than wait out a step-up backoff.
+#[tokio::test]
+async fn a_replay_that_looked_again_is_not_counted_as_a_step_up() {
+    let source = support::TestSource::new();
+    let layer = AuthLayer::new(source.clone());
+    let cache = layer.cache().clone();
+    let (svc, mut api) = step_up_over_mock(layer);
+    let call = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+    let (req, reply) = next_request(&mut api).await;
+    assert_eq!(bearer(&req), "Bearer token-1");
+    api.allow(0);
+    reply.send_response(lacks_scope_w());
+    settle().await;
+    assert_eq!(source.fetches(), 2, "no step-up");
+    let stepped_up = cache.credential().await.unwrap();
+    let plain = cache.reject(&stepped_up).await.unwrap();
+    assert_eq!(plain, Credential::bearer("token-3").unwrap());
+    api.allow(10);
+    let (replay, reply) = next_request(&mut api).await;
+    assert_eq!(bearer(&replay), "Bearer token-3");
+    reply.send_response(lacks_scope_w());
+    assert_eq!(call.await.unwrap().unwrap().status(), 403);
+
+    let call = tokio::spawn(svc.clone().oneshot(support::get("/b")));
+    let (req, reply) = next_request(&mut api).await;
+    assert_eq!(bearer(&req), "Bearer token-3");
+    reply.send_response(lacks_scope_w());
+    settle().await;
+    assert_eq!(source.fetches(), 4, "the next step-up waited for a backoff");
+    let (replay, reply) = next_request(&mut api).await;
+    assert_eq!(bearer(&replay), "Bearer token-4");
+    reply.send_response(http::Response::new(""));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}
