@@ -642,8 +642,8 @@ struct Recording {
     /// length was sent cut short (or failed) by HTTP/1.1, so what it gave is not replayed.
     declared: Option<u64>,
     done: bool,
-    /// Published complete when it reached its declared length, before the body showed
-    /// its end: what the body gives after can only spoil it (see `after_early`).
+    /// Published as [`Status::Declared`] when it reached its declared length, before the
+    /// body showed its end: what the body gives after settles it (see `after_early`).
     early: bool,
 }
 

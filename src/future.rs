@@ -202,14 +202,11 @@ struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     /// See [`Replay::replace`].
     replace: bool,
     /// For a step-up: what the API said was missing, put back on `response` if it goes
-    /// back to the caller.
+    /// back to the caller. Cleared when the replay takes the cache's credential on a
+    /// second look.
     scope: Option<InsufficientScope>,
     /// The new credential, once it arrived, while the service gets ready.
     entry: Option<Arc<Entry>>,
-    /// Whether the first new credential was dropped while the service got ready, and
-    /// the cache's credential taken instead: no longer a step-up's, whatever the replay
-    /// is for.
-    looked_again: bool,
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
@@ -622,7 +619,9 @@ where
                         .is_some_and(|entry| !r.cache.replay_sendable(entry))
                     {
                         r.entry = None;
-                        r.looked_again = true;
+                        // The cache's credential goes instead: no longer a step-up's
+                        // replay (its answer says nothing about step-ups).
+                        r.scope = None;
                         release_readiness(&mut r.service);
                         *acquire = r.cache.current_entry();
                         continue;
@@ -638,7 +637,6 @@ where
                         replace,
                         scope,
                         entry,
-                        looked_again,
                         ..
                     } = *resend;
                     let (Ok(mut request), Some(entry)) = (request, entry) else {
@@ -658,11 +656,9 @@ where
                         // at once.
                         future: Box::pin(Oneshot::new(service, request)),
                         judge,
-                        // A credential taken on a second look was not stepped up: its
-                        // answer says nothing about step-ups.
                         why: match scope {
-                            Some(_) if !looked_again => Again::SteppedUp,
-                            _ => Again::Rejected,
+                            Some(_) => Again::SteppedUp,
+                            None => Again::Rejected,
                         },
                         cache,
                         generation: entry.generation,
@@ -917,7 +913,6 @@ where
                     replace,
                     scope,
                     entry: None,
-                    looked_again: false,
                 })),
             }),
             Err(reason) => {

@@ -496,9 +496,10 @@ impl<P: CredentialSource> FlightGuard<P> {
             state.tainted = None;
         }
         if state.epoch != self.epoch {
-            // A credential handed over since this flight's fetch started wins while it
-            // may be sent (for this flight's own waiters too); one gone stale meanwhile does
-            // not: this flight's result replaces it, unless it was detached as well.
+            // A credential handed over since this flight (or its fetch) started wins
+            // while it may be sent (for this flight's own waiters too); one gone stale
+            // meanwhile does not: this flight's result replaces it, unless it was
+            // detached as well.
             if let Some(current) = self.inner.current.load_full().filter(|e| self.sendable(e)) {
                 // A step-up's waiters asked for a wider grant than the handed-over
                 // credential is known to carry: theirs is the step-up's result, and the

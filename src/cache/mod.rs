@@ -297,8 +297,9 @@ impl<P: CredentialSource> CredentialCache<P> {
     /// refresh `usable` would.
     ///
     /// No clock is read while the entry's aging timer has not fired: a hold since the
-    /// check long enough to matter fires it, and retiring an entry sets it. A pause since the check is no different
-    /// from a pause right after `call`, which no check before sending can see.
+    /// check long enough to matter fires it, and retiring an entry sets it. A pause since
+    /// the check is no different from a pause right after `call`, which no check before
+    /// sending can see.
     #[inline]
     pub(crate) fn still_sendable(&self, entry: &Entry) -> bool {
         !entry.aging.load(Ordering::Acquire) || self.still_sendable_aging(entry)
@@ -309,18 +310,9 @@ impl<P: CredentialSource> CredentialCache<P> {
     fn still_sendable_aging(&self, entry: &Entry) -> bool {
         if entry.retired.load(Ordering::Acquire)
             || entry.is_expired_at(Instant::now(), self.inner.config.clock.now())
+            || self.dropped_since(entry)
         {
             return false;
-        }
-        let current = self.inner.current.load();
-        if !current.as_deref().is_some_and(|c| std::ptr::eq(c, entry)) {
-            // Never current (a flight's own waiters' credential): sendable unless
-            // dropped by value since.
-            drop(current);
-            let state = self.inner.lock_state();
-            if state.dropped_generation(entry.generation) {
-                return false;
-            }
         }
         // In the soft window this claims the background refresh; in the hard window it
         // starts the refresh the next `poll_ready` waits for.
@@ -342,7 +334,19 @@ impl<P: CredentialSource> CredentialCache<P> {
     #[inline(never)]
     fn replay_sendable_aging(&self, entry: &Entry) -> bool {
         !entry.is_expired_at(Instant::now(), self.inner.config.clock.now())
-            && !self.inner.lock_state().dropped_generation(entry.generation)
+            && !self.dropped_since(entry)
+    }
+
+    /// Whether `entry`, not current (retired, or a flight's own waiters' credential that
+    /// never was), has been dropped (rejected, invalidated) since. The current entry never
+    /// has: no lock is taken for it.
+    fn dropped_since(&self, entry: &Entry) -> bool {
+        let current = self.inner.current.load();
+        if current.as_deref().is_some_and(|c| std::ptr::eq(c, entry)) {
+            return false;
+        }
+        drop(current);
+        self.inner.lock_state().dropped_generation(entry.generation)
     }
 
     /// Whether a rejected credential can be replaced by a different one: false for a
