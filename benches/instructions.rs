@@ -197,6 +197,9 @@ fn main() {
         // What a user would write instead of replay: tower's `Retry` outside
         // `AddAuthorization`, cloning every request so that a 401 can be sent again.
         "add_authorization_retry" => run(common::add_authorization_retry(Noop), n),
+        // The leanest middleware that keeps the promises the hot path pays for.
+        "promises_static" => run(common::promises_static(Noop), n),
+        "promises_expiring" => run(common::promises_expiring(Noop), n),
         "rwlock_cache" => run(rwlock_cache(Noop), n),
         "mutex_cache" => run(mutex_cache(Noop), n),
         "watch_receiver" => run(watch_receiver(Noop), n),
