@@ -1103,3 +1103,56 @@ async fn a_replay_does_not_send_a_credential_dropped_while_its_service_gets_read
     respond.send_response(status(200));
     assert_eq!(call.await.unwrap().unwrap().status(), 200);
 }
+
+/// World: as above, but the source's third answer is the very credential the API
+/// rejected (an identity provider that hands back its cached token after a drop). Proves:
+/// the replay does not send it (a request is never sent twice with one credential); the
+/// request fails with `Fetch`, saying so, and the API sees nothing more.
+#[tokio::test]
+async fn a_replay_that_looks_again_and_gets_the_rejected_credential_back_does_not_send_it() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    let (mock, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let source = {
+        let fetches = fetches.clone();
+        tower_client_auth::source_fn(move |_| {
+            let n = fetches.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let token = ["token-1", "token-2", "token-1"][n.min(2)];
+                Ok::<_, BoxError>(Credential::bearer(token)?)
+            }
+        })
+    };
+    let layer = AuthLayer::new(source).any_https_origin();
+    let cache = layer.cache().clone();
+    let mut call = tokio::spawn(layer.layer(mock).oneshot(get("/v1/things")));
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Bearer token-1");
+    api.allow(0);
+    respond.send_response(status(401));
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    assert!(
+        cache
+            .handle()
+            .invalidate_if(&Credential::bearer("token-2").unwrap())
+    );
+    api.allow(1);
+    let answer = tokio::select! {
+        answer = &mut call => answer.unwrap(),
+        Some((req, _)) = api.next_request() => {
+            panic!("the replay went with {}", bearer(&req))
+        }
+    };
+    let err = answer.expect_err("answered without a replay or an error");
+    let err = err.downcast::<tower_client_auth::Error>().unwrap();
+    assert_eq!(err.kind(), tower_client_auth::ErrorKind::Fetch, "{err}");
+    assert!(err.to_string().contains("rejected"), "{err}");
+    assert_eq!(fetches.load(Ordering::SeqCst), 3);
+    assert_no_more_requests(&mut api);
+}
