@@ -15,13 +15,15 @@
 //!                       done: the rejected response, with a `NotReplayed` extension
 //! ```
 //!
-//! A request is sent at most twice, and never twice with the same credential. The
+//! A request is sent at most twice, and never twice with the same credential unless the
+//! server asked for a new DPoP proof (`use_dpop_nonce`, a refused proof). The
 //! rejection invalidates the credential only if it is still the cache's current one, so
 //! concurrent rejections share one refresh. A request that must wait for a credential
 //! releases the readiness it was called with (a concurrency permit, a buffer slot) and
 //! readies a clone of the inner service once the credential is there; a request refused
 //! before it is sent (an insecure transport, no room for the credential) releases it too.
-//! A replay readies its clone the same way. Once ready, each looks at its credential
+//! A replay (and a resend for a new DPoP proof) readies its clone the same way, and
+//! makes its proof only once the clone is ready. Once ready, each looks at its credential
 //! again: one dropped meanwhile (invalidated, rejected) is not sent, and the cache's
 //! credential as it is then is taken instead, the readiness given back while it comes.
 
@@ -181,9 +183,9 @@ struct Replay<S> {
     replace: bool,
 }
 
-/// A replay waiting for its new credential, then for its service clone to be ready;
-/// its request is built when the credential is there (its body may have been settling
-/// until then: `unsettled`).
+/// A replay waiting for its new credential (or, for a new proof, the same one), then for
+/// its service clone to be ready; its request is built when the credential is there (its
+/// body may have been settling until then: `unsettled`).
 struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     service: S,
     /// `Err`: the head and a body that gave every byte it declared without showing its
@@ -207,6 +209,9 @@ struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     scope: Option<InsufficientScope>,
     /// The new credential, once it arrived, while the service gets ready.
     entry: Option<Arc<Entry>>,
+    /// Why the request goes again: after a second look at the cache (its first
+    /// credential dropped while the service got ready), as after a rejection.
+    why: Again,
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
@@ -584,6 +589,7 @@ where
                         rejected,
                         response,
                         None,
+                        Again::Rejected,
                     ) {
                         Ok(refreshing) => this.state.set(refreshing),
                         Err(response) => return Poll::Ready(Ok(response)),
@@ -622,6 +628,7 @@ where
                         // The cache's credential goes instead: no longer a step-up's
                         // replay (its answer says nothing about step-ups).
                         r.scope = None;
+                        r.why = Again::Rejected;
                         release_readiness(&mut r.service);
                         *acquire = r.cache.current_entry();
                         continue;
@@ -635,8 +642,8 @@ where
                         judge,
                         cache,
                         replace,
-                        scope,
                         entry,
+                        why,
                         ..
                     } = *resend;
                     let (Ok(mut request), Some(entry)) = (request, entry) else {
@@ -656,10 +663,7 @@ where
                         // at once.
                         future: Box::pin(Oneshot::new(service, request)),
                         judge,
-                        why: match scope {
-                            Some(_) => Again::SteppedUp,
-                            None => Again::Rejected,
-                        },
+                        why,
                         cache,
                         generation: entry.generation,
                         dpop,
@@ -732,6 +736,10 @@ where
     /// The server wants a nonce in the proof (its answer's nonce is kept already), or
     /// refused the proof: the request goes once more with the same credential and a new
     /// proof, unless it cannot be replayed (then the answer goes back, marked with why).
+    ///
+    /// As a replay does: its service clone is readied first, and the proof made only
+    /// then; a credential dropped (or expired) meanwhile is not sent, the cache's
+    /// credential as it is then is.
     #[cold]
     #[inline(never)]
     fn with_new_proof(
@@ -742,27 +750,21 @@ where
             generation = retry.generation,
             "the server wants a DPoP nonce; sending again with it"
         );
-        let (Some(cache), Some(sent)) = (retry.cache, retry.dpop) else {
+        let (Some(cache), Some(_)) = (retry.cache, retry.dpop) else {
             return Err(with_scope(response, None, NotReplayed::FixedCredential));
         };
-        let (service, mut request, replace) = match rebuild(retry.replay) {
-            Ok(rebuilt) => rebuilt,
-            Err(reason) => return Err(with_scope(response, None, reason)),
-        };
-        if let Err(err) = crate::policy::attach(&sent.credential, &mut request, replace) {
-            tracing::debug!(error = %err, "no new proof; not sending again");
-            return Err(response);
-        }
-        drop(response);
-        cache.record_replay();
-        Ok(State::Second {
-            future: Box::pin(Oneshot::new(service, request)),
-            judge: retry.judge,
-            why: Again::NewProof,
+        // The credential sent, if it is still the cache's; else the cache's as it is now.
+        let acquire = cache.entry_again(retry.generation);
+        Self::resend(
+            acquire,
+            retry.replay,
+            retry.judge,
             cache,
-            generation: retry.generation,
-            dpop: Some(sent),
-        })
+            None,
+            response,
+            None,
+            Again::NewProof,
+        )
     }
 
     /// The first attempt's answer says its credential lacks `scope`. The credential is
@@ -799,6 +801,7 @@ where
             rejected,
             response,
             Some(scope),
+            Again::SteppedUp,
         )
     }
 
@@ -879,6 +882,9 @@ where
     /// one after a rejection, a wider one after a step-up) and then replays; or, for a
     /// request that cannot be replayed, `response` marked with why. The response is
     /// kept until the new credential is known: it is the answer if that is the same.
+    // Each argument is a field of the `Resend` it builds, from three callers that differ
+    // in all but `replay` and `judge`.
+    #[allow(clippy::too_many_arguments)]
     fn resend(
         acquire: Acquire,
         replay: Result<Replay<S>, NotReplayed>,
@@ -887,6 +893,7 @@ where
         rejected: Option<Credential>,
         response: Response<ResBody>,
         scope: Option<InsufficientScope>,
+        why: Again,
     ) -> Result<State<S, B, P>, Response<ResBody>> {
         let rebuilt = match replay {
             // Built when the new credential is there: the body has until then to settle
@@ -913,6 +920,7 @@ where
                     replace,
                     scope,
                     entry: None,
+                    why,
                 })),
             }),
             Err(reason) => {

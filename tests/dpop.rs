@@ -979,3 +979,68 @@ async fn random_nonces_refusals_and_revocations_never_make_the_client_send_a_bad
         }
     }
 }
+
+/// World: an API (a mock) that asks for a nonce and gives one; the service clone the
+/// resend goes through waits for readiness (a concurrency limit, a balancer), and
+/// meanwhile the credential is invalidated. Proves: the resend does not carry the
+/// dropped credential: it takes the cache's credential as it is once the service is
+/// ready, with a proof made then, carrying the nonce.
+#[tokio::test]
+async fn a_nonce_resend_does_not_send_a_credential_dropped_while_its_service_gets_ready() {
+    use tower_client_auth::ReplayBody;
+    type Req = Request<ReplayBody<Full<Bytes>>>;
+    let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
+    let key = DpopKey::generate().unwrap();
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = fetches.clone();
+    let source = tower_client_auth::source_fn(move |_| {
+        let n = counted.fetch_add(1, SeqCst) + 1;
+        let credential = key.credential(&format!("bound-{n}"));
+        async move { credential }
+    })
+    .binds_credentials(true);
+    let layer = AuthLayer::new(source).any_https_origin();
+    let cache = layer.cache().clone();
+    let request = Request::get("https://api.example.com/v1/x")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let call = tokio::spawn(layer.layer(mock).oneshot(request));
+    let authorization = |req: &Req| {
+        req.headers()[http::header::AUTHORIZATION]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(authorization(&req), "DPoP bound-1");
+    api.allow(0);
+    respond.send_response(
+        http::Response::builder()
+            .status(401)
+            .header("www-authenticate", r#"DPoP error="use_dpop_nonce""#)
+            .header("dpop-nonce", "nonce-1")
+            .body("")
+            .unwrap(),
+    );
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert!(cache.handle().invalidate(), "nothing to invalidate");
+    api.allow(1);
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(
+        authorization(&req),
+        "DPoP bound-2",
+        "the resend sent a dropped credential"
+    );
+    let proof = req.headers()["dpop"].to_str().unwrap();
+    let claims = proof.split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, claims).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["nonce"], "nonce-1", "{claims}");
+    respond.send_response(http::Response::builder().status(200).body("").unwrap());
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    assert_eq!(fetches.load(SeqCst), 2);
+}

@@ -248,6 +248,17 @@ impl<P: CredentialSource> CredentialCache<P> {
         }
     }
 
+    /// The entry of `generation` if it is still current (whether it may still be sent is
+    /// for the caller to check once its service is ready), else
+    /// [`current_entry`](Self::current_entry): what a resend with the same credential and
+    /// a new proof takes.
+    pub(crate) fn entry_again(&self, generation: u64) -> Acquire {
+        match self.inner.current.load_full() {
+            Some(entry) if entry.generation == generation => Acquire::ready(Ok(entry)),
+            _ => self.current_entry(),
+        }
+    }
+
     /// The current credential if it may be sent now, else the refresh to wait for: what
     /// a request that waited takes when the credential it got was dropped meanwhile.
     pub(crate) fn current_entry(&self) -> Acquire {
