@@ -522,18 +522,13 @@ impl<P: CredentialSource> FlightGuard<P> {
 
     /// Ends the flight with the source's answer (or the store's: `from_store`); the
     /// waiters are told after the lock is released. A store's answer dropped meanwhile
-    /// ends nothing when `recheck` (checked under the lock that installs it).
-    fn finish(
-        &mut self,
-        result: Result<Credential, Error>,
-        from_store: bool,
-        recheck: bool,
-    ) -> Finished {
+    /// ends nothing (checked under the lock that installs it).
+    fn finish(&mut self, result: Result<Credential, Error>, from_store: bool) -> Finished {
         let outcome = {
             let inner = &self.inner;
             let now = Instant::now();
             let mut state = inner.lock_state();
-            if let (true, true, Ok(credential)) = (from_store, recheck, &result) {
+            if let (true, Ok(credential)) = (from_store, &result) {
                 if state.dropped(credential) {
                     return Finished::StaleStoreHit;
                 }
@@ -741,8 +736,9 @@ async fn run_flight<P: CredentialSource>(
     }
     // A store's credential dropped while it was loaded (`invalidate_if` or `reject` of
     // that value) is not this flight's answer: it looks again, and the store's copy is
-    // refused then. Twice at most: a third answer is taken as it is.
-    for attempt in 1..=3 {
+    // refused then. Three looks at most (each stale one needs a drop of its own, landing
+    // while the store answered).
+    for _ in 0..3 {
         let started = Instant::now();
         let mut from_store = false;
         let result = AssertUnwindSafe(obtain(&guard.inner, cx.clone(), &mut from_store))
@@ -754,13 +750,18 @@ async fn run_flight<P: CredentialSource>(
             metrics::outcome(&result),
             started.elapsed(),
         );
-        match guard.finish(result, from_store, attempt < 3) {
+        match guard.finish(result, from_store) {
             Finished::Yes => return,
             Finished::StaleStoreHit => {
                 tracing::debug!("the store's credential was dropped while it loaded; again");
             }
         }
     }
+    // None is installed: the flight fails, and the next request looks again.
+    let err = Error::new(ErrorKind::Fetch).with_detail(
+        "the shared store's credential was dropped (invalidated or rejected) each time it was loaded",
+    );
+    guard.finish(Err(err), false);
 }
 
 /// Whether [`FlightGuard::finish`] ended the flight.
@@ -817,6 +818,8 @@ async fn obtain<P: CredentialSource>(
         let wake = store.changed(pause);
         if let Some(Some(stored)) = store_call(inner, deadline, "load", store.load()).await {
             if usable(&stored) {
+                #[cfg(test)]
+                hook::run("store_hit");
                 tracing::debug!("using the credential found in the store");
                 waited(waiting_since);
                 metrics::event(name, metrics::STORE_HITS);
@@ -1379,6 +1382,75 @@ mod tests {
             "the rejection was answered with the credential it rejected"
         );
         assert_eq!(fetches.load(SeqCst), 2);
+    }
+
+    /// A store that holds another credential at each load (other processes saving one
+    /// after another), each handed over here and dropped again (`replace`, then
+    /// `invalidate_if` of that value) just as the load returns, three times running.
+    /// None of the three is installed or handed to the flight's waiters: the refresh
+    /// fails after its third look, and the next request looks again.
+    #[tokio::test]
+    async fn store_hits_dropped_on_every_load_are_never_installed() {
+        use crate::store::{CredentialStore, Lease, MemoryStore};
+        /// A new credential at each load; the others as a `MemoryStore`.
+        struct Saving(MemoryStore, Arc<std::sync::Mutex<Vec<Credential>>>);
+        impl CredentialStore for Saving {
+            async fn load(&self) -> Result<Option<Credential>, BoxError> {
+                let mut loaded = self.1.lock().unwrap();
+                let credential = Credential::bearer(format!("stored-{}", loaded.len()))?;
+                loaded.push(credential.clone());
+                Ok(Some(credential))
+            }
+            async fn lease(&self, ttl: std::time::Duration) -> Result<Option<Lease>, BoxError> {
+                self.0.lease(ttl).await
+            }
+            async fn save(&self, lease: &Lease, c: &Credential) -> Result<bool, BoxError> {
+                self.0.save(lease, c).await
+            }
+            async fn renew(
+                &self,
+                lease: &Lease,
+                ttl: std::time::Duration,
+            ) -> Result<bool, BoxError> {
+                self.0.renew(lease, ttl).await
+            }
+            async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
+                self.0.release(lease).await
+            }
+            async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+                self.0.remove(rejected).await
+            }
+        }
+        let loaded = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (source, gate, _) = gated();
+        gate.add_permits(1);
+        let cache = CredentialCache::builder(source)
+            .store(Saving(MemoryStore::new(), loaded.clone()))
+            .build()
+            .unwrap();
+        for _ in 0..3 {
+            hook::set("store_hit", {
+                let (cache, loaded) = (cache.clone(), loaded.clone());
+                move || {
+                    // Another task hands the value just loaded over, and drops it again.
+                    let value = loaded.lock().unwrap().last().unwrap().clone();
+                    assert!(cache.handle().replace(value.clone()).unwrap());
+                    assert!(cache.handle().invalidate_if(&value));
+                }
+            });
+        }
+        let answer = cache.credential().await;
+        let loaded = loaded.lock().unwrap().clone();
+        assert_eq!(loaded.len(), 3, "{loaded:?}");
+        // Three looks, three drops: the refresh fails, saying why.
+        let err = answer.expect_err("a credential dropped while it loaded was handed out");
+        assert_eq!(err.kind(), ErrorKind::Fetch, "{err}");
+        assert!(err.to_string().contains("dropped"), "{err}");
+        let current = cache.inner.current.load_full();
+        assert!(
+            current.is_none_or(|e| !loaded.contains(&e.credential)),
+            "a credential dropped while it loaded is current"
+        );
     }
 
     /// A fetch overtaken by a credential handed over (already in its hard window) goes
