@@ -13,8 +13,8 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use support::{TestSource, get, post};
 use tower::{Layer, Service, ServiceExt};
 use tower_client_auth::{
-    AddCredential, AuthLayer, BoxError, Credential, ExistingHeader, NoReplay, NotReplayed,
-    ReplayBody, StaticCredential,
+    AddCredential, AuthLayer, BoxError, Credential, CredentialSource, ExistingHeader, NoReplay,
+    NotReplayed, ReplayBody, StaticCredential,
 };
 use tower_test::mock;
 
@@ -1069,15 +1069,20 @@ async fn a_body_answered_before_its_end_is_replayed_as_it_was_sent() {
     }
 }
 
-/// World: a request rejected once; the service clone its replay goes through waits for
-/// readiness (a concurrency limit, a balancer), and meanwhile the replay's new credential
-/// is dropped by name. Proves: the replay does not send it: it takes the cache's
-/// credential as it is once the service is ready (a third token here).
-#[tokio::test]
-async fn a_replay_does_not_send_a_credential_dropped_while_its_service_gets_ready() {
+/// The world of the two tests below: a request through a layer over `source` (which
+/// issues `token-1`, then `token-2`) is rejected once; the service clone its replay goes
+/// through waits for readiness, and meanwhile the replay's new credential, `token-2`, is
+/// dropped by name. Returns the request's task and the API, which lets one more request
+/// through.
+async fn rejected_then_dropped_while_the_replay_gets_ready<P: CredentialSource>(
+    source: P,
+    fetches: impl Fn() -> usize,
+) -> (
+    tokio::task::JoinHandle<Result<Response<&'static str>, BoxError>>,
+    mock::Handle<Req, Response<&'static str>>,
+) {
     let (mock, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let source = TestSource::new();
-    let layer = AuthLayer::new(source.clone()).any_https_origin();
+    let layer = AuthLayer::new(source).any_https_origin();
     let cache = layer.cache().clone();
     let call = tokio::spawn(layer.layer(mock).oneshot(get("/v1/things")));
     let (req, respond) = api.next_request().await.unwrap();
@@ -1087,13 +1092,28 @@ async fn a_replay_does_not_send_a_credential_dropped_while_its_service_gets_read
     for _ in 0..20 {
         tokio::task::yield_now().await;
     }
-    assert_eq!(source.fetches(), 2);
+    assert_eq!(fetches(), 2);
     assert!(
         cache
             .handle()
             .invalidate_if(&Credential::bearer("token-2").unwrap())
     );
     api.allow(1);
+    (call, api)
+}
+
+/// World: a request rejected once; the service clone its replay goes through waits for
+/// readiness (a concurrency limit, a balancer), and meanwhile the replay's new credential
+/// is dropped by name. Proves: the replay does not send it: it takes the cache's
+/// credential as it is once the service is ready (a third token here).
+#[tokio::test]
+async fn a_replay_does_not_send_a_credential_dropped_while_its_service_gets_ready() {
+    let source = TestSource::new();
+    let (call, mut api) = rejected_then_dropped_while_the_replay_gets_ready(source.clone(), {
+        let source = source.clone();
+        move || source.fetches()
+    })
+    .await;
     let (req, respond) = api.next_request().await.unwrap();
     assert_eq!(
         bearer(&req),
@@ -1114,7 +1134,6 @@ async fn a_replay_that_looks_again_and_gets_the_rejected_credential_back_does_no
         Arc,
         atomic::{AtomicUsize, Ordering},
     };
-    let (mock, mut api) = mock::pair::<Req, Response<&'static str>>();
     let fetches = Arc::new(AtomicUsize::new(0));
     let source = {
         let fetches = fetches.clone();
@@ -1126,23 +1145,11 @@ async fn a_replay_that_looks_again_and_gets_the_rejected_credential_back_does_no
             }
         })
     };
-    let layer = AuthLayer::new(source).any_https_origin();
-    let cache = layer.cache().clone();
-    let mut call = tokio::spawn(layer.layer(mock).oneshot(get("/v1/things")));
-    let (req, respond) = api.next_request().await.unwrap();
-    assert_eq!(bearer(&req), "Bearer token-1");
-    api.allow(0);
-    respond.send_response(status(401));
-    for _ in 0..20 {
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(fetches.load(Ordering::SeqCst), 2);
-    assert!(
-        cache
-            .handle()
-            .invalidate_if(&Credential::bearer("token-2").unwrap())
-    );
-    api.allow(1);
+    let (mut call, mut api) = rejected_then_dropped_while_the_replay_gets_ready(source, {
+        let fetches = fetches.clone();
+        move || fetches.load(Ordering::SeqCst)
+    })
+    .await;
     let answer = tokio::select! {
         answer = &mut call => answer.unwrap(),
         Some((req, _)) = api.next_request() => {
