@@ -750,11 +750,15 @@ where
             generation = retry.generation,
             "the server wants a DPoP nonce; sending again with it"
         );
-        let (Some(cache), Some(_)) = (retry.cache, retry.dpop) else {
+        let (Some(cache), Some(sent)) = (retry.cache, retry.dpop) else {
             return Err(with_scope(response, None, NotReplayed::FixedCredential));
         };
-        // The credential sent, if it is still the cache's; else the cache's as it is now.
-        let acquire = cache.entry_again(retry.generation);
+        // Nothing to fetch for a request that cannot go again.
+        if let Err(reason) = &retry.replay {
+            return Err(with_scope(response, None, *reason));
+        }
+        // The credential sent, if it may still be sent; else the cache's as it is now.
+        let acquire = cache.entry_again(retry.generation, &sent.credential);
         Self::resend(
             acquire,
             retry.replay,

@@ -1044,3 +1044,134 @@ async fn a_nonce_resend_does_not_send_a_credential_dropped_while_its_service_get
     assert_eq!(call.await.unwrap().unwrap().status(), 200);
     assert_eq!(fetches.load(SeqCst), 2);
 }
+
+/// The API's answer asking for a nonce, and giving `nonce-1`.
+fn nonce_please() -> http::Response<&'static str> {
+    http::Response::builder()
+        .status(401)
+        .header("www-authenticate", r#"DPoP error="use_dpop_nonce""#)
+        .header("dpop-nonce", "nonce-1")
+        .body("")
+        .unwrap()
+}
+
+/// The `nonce` claim of the request's DPoP proof.
+fn proof_nonce<B>(req: &Request<B>) -> serde_json::Value {
+    let proof = req.headers()["dpop"].to_str().unwrap();
+    let claims = proof.split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, claims).unwrap(),
+    )
+    .unwrap();
+    claims["nonce"].clone()
+}
+
+/// World: while a request's first attempt is out, another credential, bound to another
+/// key (a key rotation), is handed over; the API then asks for a nonce, and answers the
+/// resend 401 `invalid_token`. Proves: the resend carries the credential it was asked
+/// about, merely replaced, with the nonce the server gave for its key (not the new
+/// credential with a proof its server never gave a nonce for); and that resend's 401
+/// does not throw the handed-over credential away.
+#[tokio::test]
+async fn a_nonce_resend_keeps_its_credential_when_it_was_only_replaced() {
+    use tower_client_auth::ReplayBody;
+    type Req = Request<ReplayBody<Full<Bytes>>>;
+    let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
+    let (key, other) = (DpopKey::generate().unwrap(), DpopKey::generate().unwrap());
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = fetches.clone();
+    let source = tower_client_auth::source_fn(move |_| {
+        let n = counted.fetch_add(1, SeqCst) + 1;
+        let credential = key.credential(&format!("bound-{n}"));
+        async move { credential }
+    })
+    .binds_credentials(true);
+    let layer = AuthLayer::new(source).any_https_origin();
+    let cache = layer.cache().clone();
+    let call = tokio::spawn(
+        layer.layer(mock).oneshot(
+            Request::get("https://api.example.com/v1/x")
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        ),
+    );
+    let authorization = |req: &Req| req.headers()[http::header::AUTHORIZATION].clone();
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(authorization(&req), "DPoP bound-1");
+    let rotated = other.credential("rotated").unwrap();
+    assert!(cache.handle().replace(rotated.clone()).unwrap());
+    respond.send_response(nonce_please());
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(
+        authorization(&req),
+        "DPoP bound-1",
+        "not the credential asked about"
+    );
+    assert_eq!(proof_nonce(&req), "nonce-1");
+    respond.send_response(
+        http::Response::builder()
+            .status(401)
+            .header("www-authenticate", r#"DPoP error="invalid_token""#)
+            .body("")
+            .unwrap(),
+    );
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        res.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::AlreadyReplayed)
+    );
+    assert_eq!(cache.credential().await.unwrap(), rotated);
+    assert_eq!(fetches.load(SeqCst), 1);
+}
+
+/// World: a request's first attempt is out when the machine sleeps past its token's
+/// expiry (the wall clock jumps, the monotonic clock does not); the API then asks for a
+/// nonce. Proves: the resend does not carry the expired token: it waits for a new one.
+#[tokio::test]
+async fn a_nonce_resend_after_a_suspend_does_not_send_an_expired_token() {
+    use std::time::{Duration, SystemTime};
+    use tower_client_auth::{ReplayBody, clock::ManualClock};
+    type Req = Request<ReplayBody<Full<Bytes>>>;
+    let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
+    let key = DpopKey::generate().unwrap();
+    let clock = ManualClock::new(SystemTime::now());
+    let source = {
+        let (clock, fetches) = (clock.clone(), std::sync::atomic::AtomicUsize::new(0));
+        tower_client_auth::source_fn(move |_| {
+            let n = fetches.fetch_add(1, SeqCst) + 1;
+            let now = tower_client_auth::clock::Clock::now(&clock);
+            let credential = key
+                .credential(&format!("bound-{n}"))
+                .map(|c| c.issued_at(now).expires_at(now + Duration::from_secs(600)));
+            async move { credential }
+        })
+        .binds_credentials(true)
+    };
+    let cache = CredentialCache::builder(source)
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let layer = AuthLayer::with_cache(cache).any_https_origin();
+    let call = tokio::spawn(
+        layer.layer(mock).oneshot(
+            Request::get("https://api.example.com/v1/x")
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        ),
+    );
+    let authorization = |req: &Req| req.headers()[http::header::AUTHORIZATION].clone();
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(authorization(&req), "DPoP bound-1");
+    clock.advance(Duration::from_secs(3600));
+    respond.send_response(nonce_please());
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(
+        authorization(&req),
+        "DPoP bound-2",
+        "the resend carried a token expired on the wall clock"
+    );
+    assert_eq!(proof_nonce(&req), "nonce-1");
+    respond.send_response(http::Response::builder().status(200).body("").unwrap());
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}

@@ -248,15 +248,29 @@ impl<P: CredentialSource> CredentialCache<P> {
         }
     }
 
-    /// The entry of `generation` if it is still current (whether it may still be sent is
-    /// for the caller to check once its service is ready), else
-    /// [`current_entry`](Self::current_entry): what a resend with the same credential and
-    /// a new proof takes.
-    pub(crate) fn entry_again(&self, generation: u64) -> Acquire {
-        match self.inner.current.load_full() {
-            Some(entry) if entry.generation == generation => Acquire::ready(Ok(entry)),
-            _ => self.current_entry(),
+    /// What a resend with the same credential and a new proof (a DPoP nonce) takes: the
+    /// credential of `generation`, `credential`, if it may still be sent, as a replay's
+    /// may: not dropped (rejected, invalidated) nor expired since, and merely replaced is
+    /// fine (its key binding and nonce are the ones the server answered about). Else
+    /// [`current_entry`](Self::current_entry). Reads both clocks: the request may have
+    /// waited out a suspend for its answer. (Its service readied, the resend checks again
+    /// with `replay_sendable`.)
+    pub(crate) fn entry_again(&self, generation: u64, credential: &Credential) -> Acquire {
+        let (now, wall) = (Instant::now(), self.inner.config.clock.now());
+        if let Some(entry) = self.inner.current.load_full() {
+            if entry.generation == generation {
+                if entry.is_expired_at(now, wall) {
+                    return self.current_entry();
+                }
+                return Acquire::ready(Ok(entry));
+            }
         }
+        let expired = credential.expiry().is_some_and(|at| wall >= at);
+        if expired || self.inner.lock_state().dropped_generation(generation) {
+            return self.current_entry();
+        }
+        let stand_in = Entry::stand_in(credential.clone(), generation, now);
+        Acquire::ready(Ok(Arc::new(stand_in)))
     }
 
     /// The current credential if it may be sent now, else the refresh to wait for: what
