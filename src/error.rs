@@ -61,6 +61,11 @@ pub enum ErrorKind {
     /// could be made for the request (a URI without scheme or host, a failed signature);
     /// the request was not sent.
     Proof,
+    /// The refresh found its credential in the shared store, and each time that
+    /// credential was dropped (rejected, invalidated) as it loaded, by another request
+    /// of this process: nothing was installed. The source was not asked, and nothing
+    /// backs off: the next request looks again.
+    StoreCredentialDropped,
 }
 
 impl ErrorKind {
@@ -93,6 +98,9 @@ impl ErrorKind {
                 "the request's header map is full; no room for the credential"
             }
             ErrorKind::Proof => "no proof of possession could be made for the request",
+            ErrorKind::StoreCredentialDropped => {
+                "the shared store's credential was dropped each time it was loaded: try again"
+            }
         }
     }
 }

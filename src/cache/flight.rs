@@ -591,7 +591,11 @@ impl<P: CredentialSource> FlightGuard<P> {
                     Ok(current)
                 }
                 (Err(err), _) => {
-                    if superseded {
+                    if err.kind() == ErrorKind::StoreCredentialDropped {
+                        // The source was not asked: no failure of its, nothing to back
+                        // off from.
+                        tracing::debug!("the store's credential was dropped at every look");
+                    } else if superseded {
                         inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(error = %err, "a superseded refresh failed");
                     } else if self.step_up {
@@ -757,11 +761,9 @@ async fn run_flight<P: CredentialSource>(
             }
         }
     }
-    // None is installed: the flight fails, and the next request looks again.
-    let err = Error::new(ErrorKind::Fetch).with_detail(
-        "the shared store's credential was dropped (invalidated or rejected) each time it was loaded",
-    );
-    guard.finish(Err(err), false);
+    // None is installed: the flight fails, and the next request looks again (the store's
+    // credentials it was given are known as dropped by then, and refused).
+    guard.finish(Err(Error::new(ErrorKind::StoreCredentialDropped)), false);
 }
 
 /// Whether [`FlightGuard::finish`] ended the flight.
@@ -1442,15 +1444,21 @@ mod tests {
         let answer = cache.credential().await;
         let loaded = loaded.lock().unwrap().clone();
         assert_eq!(loaded.len(), 3, "{loaded:?}");
-        // Three looks, three drops: the refresh fails, saying why.
+        // Three looks, three drops: the refresh fails, saying why, and backs nothing
+        // off: the next request looks again (and takes the store's next credential).
         let err = answer.expect_err("a credential dropped while it loaded was handed out");
-        assert_eq!(err.kind(), ErrorKind::Fetch, "{err}");
-        assert!(err.to_string().contains("dropped"), "{err}");
+        assert_eq!(err.kind(), ErrorKind::StoreCredentialDropped, "{err}");
+        assert_eq!(cache.stats().fetch_failures, 0);
         let current = cache.inner.current.load_full();
         assert!(
             current.is_none_or(|e| !loaded.contains(&e.credential)),
             "a credential dropped while it loaded is current"
         );
+        let next = cache
+            .credential()
+            .await
+            .expect("the next request did not look again");
+        assert!(!loaded.contains(&next));
     }
 
     /// A fetch overtaken by a credential handed over (already in its hard window) goes
