@@ -17,6 +17,12 @@
 //!   [`origin`](crate::AuthLayer::origin) needs no mark: a hop to an origin it was not
 //!   given never gets the credential.
 //!
+//! Below the layer, a hop is the same request as far as the layer can tell: it carries
+//! the credential the first request was sent with, even one dropped (rejected,
+//! invalidated, replaced) while the redirect was answered, as a request already on its
+//! way carries it. Above the layer, each hop takes the cache's credential as it is when
+//! the hop is sent.
+//!
 //! Both rely on what the request carries: a layer between `FollowRedirect` and this
 //! crate's layer must keep the request's extensions (the hop's mark, above) and its
 //! header values as they are (the sensitive flag, below), as `map_request` over the
