@@ -738,8 +738,9 @@ where
     /// proof, unless it cannot be replayed (then the answer goes back, marked with why).
     ///
     /// As a replay does: its service clone is readied first, and the proof made only
-    /// then; a credential dropped (or expired) meanwhile is not sent, the cache's
-    /// credential as it is then is.
+    /// then; a credential dropped, replaced or expired meanwhile is not sent, the cache's
+    /// credential as it is then is, and the resend counts as a replay after a rejection
+    /// (a 401 to it leaves that credential to the next request's rejection).
     #[cold]
     #[inline(never)]
     fn with_new_proof(
@@ -750,15 +751,19 @@ where
             generation = retry.generation,
             "the server wants a DPoP nonce; sending again with it"
         );
-        let (Some(cache), Some(sent)) = (retry.cache, retry.dpop) else {
+        let (Some(cache), Some(_)) = (retry.cache, retry.dpop) else {
             return Err(with_scope(response, None, NotReplayed::FixedCredential));
         };
         // Nothing to fetch for a request that cannot go again.
         if let Err(reason) = &retry.replay {
             return Err(with_scope(response, None, *reason));
         }
-        // The credential sent, if it may still be sent; else the cache's as it is now.
-        let acquire = cache.entry_again(retry.generation, &sent.credential);
+        // The credential sent, if it is still current and unexpired. Else the cache's as
+        // it is now goes, as after a rejection (its answer says nothing of the first).
+        let (acquire, why) = match cache.entry_again(retry.generation) {
+            Some(acquire) => (acquire, Again::NewProof),
+            None => (cache.current_entry(), Again::Rejected),
+        };
         Self::resend(
             acquire,
             retry.replay,
@@ -767,7 +772,7 @@ where
             None,
             response,
             None,
-            Again::NewProof,
+            why,
         )
     }
 

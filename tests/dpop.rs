@@ -820,14 +820,15 @@ const EXPECTED_REFUSALS: [&str; 4] = ["api: nonce", "api: token", "api: refused"
 /// layer and the reqwest middleware, six tasks sending through them while, at random,
 /// the API's nonce changes with every accepted answer, either server asks for a new
 /// nonce, the API refuses a proof, every token is revoked, and the application
-/// invalidates or rejects the credential; four seeds. (A token endpoint refusing a proof
+/// invalidates or rejects the credential; four seeds (`DPOP_CHAOS_SEEDS=4..40` for more).
+/// (A token endpoint refusing a proof
 /// fails the fetch, as it should: `tests/dpop.rs` has it on its own.) Proves: every refusal the servers logged is one
 /// the chaos explains (never a proof sent twice, made for another token or key, or a
 /// bound token sent without its proof), no request fails with an error or hangs, and
 /// afterwards both entry points get a 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_nonces_refusals_and_revocations_never_make_the_client_send_a_bad_proof() {
-    for seed in 0..4u64 {
+    for seed in support::Dice::seeds("DPOP_CHAOS_SEEDS", 0..4) {
         let (state, token_url, api) = world().await;
         state.expires_in.store(1, SeqCst);
         let dice = support::Dice::new(seed);
@@ -1066,63 +1067,75 @@ fn proof_nonce<B>(req: &Request<B>) -> serde_json::Value {
     claims["nonce"].clone()
 }
 
-/// World: while a request's first attempt is out, another credential, bound to another
-/// key (a key rotation), is handed over; the API then asks for a nonce, and answers the
-/// resend 401 `invalid_token`. Proves: the resend carries the credential it was asked
-/// about, merely replaced, with the nonce the server gave for its key (not the new
-/// credential with a proof its server never gave a nonce for); and that resend's 401
-/// does not throw the handed-over credential away.
+/// World: while a request's first attempt is out, its credential is replaced (another
+/// token of the same key handed over) or invalidated; the API then asks for a nonce,
+/// and answers the resend 401 `invalid_token`. Proves: the resend carries the cache's
+/// credential as it is then, with the nonce, never the one replaced or dropped; and it
+/// counts as a replay after a rejection: its 401 leaves that credential to the next
+/// request's rejection (no invalidation, no fetch for it).
 #[tokio::test]
-async fn a_nonce_resend_keeps_its_credential_when_it_was_only_replaced() {
+async fn a_nonce_resend_after_a_replacement_or_a_drop_goes_as_a_replay() {
     use tower_client_auth::ReplayBody;
     type Req = Request<ReplayBody<Full<Bytes>>>;
-    let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
-    let (key, other) = (DpopKey::generate().unwrap(), DpopKey::generate().unwrap());
-    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = fetches.clone();
-    let source = tower_client_auth::source_fn(move |_| {
-        let n = counted.fetch_add(1, SeqCst) + 1;
-        let credential = key.credential(&format!("bound-{n}"));
-        async move { credential }
-    })
-    .binds_credentials(true);
-    let layer = AuthLayer::new(source).any_https_origin();
-    let cache = layer.cache().clone();
-    let call = tokio::spawn(
-        layer.layer(mock).oneshot(
-            Request::get("https://api.example.com/v1/x")
-                .body(Full::<Bytes>::default())
+    for dropped in [false, true] {
+        let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
+        let key = DpopKey::generate().unwrap();
+        let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let source = {
+            let (key, counted) = (key.clone(), fetches.clone());
+            tower_client_auth::source_fn(move |_| {
+                let n = counted.fetch_add(1, SeqCst) + 1;
+                let credential = key.credential(&format!("bound-{n}"));
+                async move { credential }
+            })
+            .binds_credentials(true)
+        };
+        let layer = AuthLayer::new(source).any_https_origin();
+        let cache = layer.cache().clone();
+        let call = tokio::spawn(
+            layer.layer(mock).oneshot(
+                Request::get("https://api.example.com/v1/x")
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            ),
+        );
+        let authorization = |req: &Req| req.headers()[http::header::AUTHORIZATION].clone();
+        let (req, respond) = api.next_request().await.unwrap();
+        assert_eq!(authorization(&req), "DPoP bound-1");
+        let (expected, fetched) = if dropped {
+            assert!(cache.handle().invalidate());
+            ("DPoP bound-2", 2)
+        } else {
+            let handed = key.credential("handed").unwrap();
+            assert!(cache.handle().replace(handed).unwrap());
+            ("DPoP handed", 1)
+        };
+        respond.send_response(nonce_please());
+        let (req, respond) = api.next_request().await.unwrap();
+        assert_eq!(authorization(&req), expected, "dropped: {dropped}");
+        assert_eq!(proof_nonce(&req), "nonce-1", "dropped: {dropped}");
+        respond.send_response(
+            http::Response::builder()
+                .status(401)
+                .header("www-authenticate", r#"DPoP error="invalid_token""#)
+                .body("")
                 .unwrap(),
-        ),
-    );
-    let authorization = |req: &Req| req.headers()[http::header::AUTHORIZATION].clone();
-    let (req, respond) = api.next_request().await.unwrap();
-    assert_eq!(authorization(&req), "DPoP bound-1");
-    let rotated = other.credential("rotated").unwrap();
-    assert!(cache.handle().replace(rotated.clone()).unwrap());
-    respond.send_response(nonce_please());
-    let (req, respond) = api.next_request().await.unwrap();
-    assert_eq!(
-        authorization(&req),
-        "DPoP bound-1",
-        "not the credential asked about"
-    );
-    assert_eq!(proof_nonce(&req), "nonce-1");
-    respond.send_response(
-        http::Response::builder()
-            .status(401)
-            .header("www-authenticate", r#"DPoP error="invalid_token""#)
-            .body("")
-            .unwrap(),
-    );
-    let res = call.await.unwrap().unwrap();
-    assert_eq!(res.status(), 401);
-    assert_eq!(
-        res.extensions().get::<NotReplayed>(),
-        Some(&NotReplayed::AlreadyReplayed)
-    );
-    assert_eq!(cache.credential().await.unwrap(), rotated);
-    assert_eq!(fetches.load(SeqCst), 1);
+        );
+        let res = call.await.unwrap().unwrap();
+        assert_eq!(res.status(), 401);
+        assert_eq!(
+            res.extensions().get::<NotReplayed>(),
+            Some(&NotReplayed::AlreadyReplayed)
+        );
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(cache.stats().rejections, 0, "dropped: {dropped}");
+        assert_eq!(fetches.load(SeqCst), fetched, "dropped: {dropped}");
+        let current = cache.credential().await.unwrap();
+        let expected = expected.strip_prefix("DPoP ").unwrap();
+        assert_eq!(current, key.credential(expected).unwrap());
+    }
 }
 
 /// World: a request's first attempt is out when the machine sleeps past its token's

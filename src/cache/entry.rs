@@ -62,28 +62,6 @@ pub(super) enum Phase {
 }
 
 impl Entry {
-    /// A stand-in for the entry of `generation`, no longer current, for one more send of
-    /// its credential (a resend with a new proof): retired, and aging, so that every
-    /// check of it reads the clock (its expiry is the credential's own, on the wall
-    /// clock) and asks the cache whether it was dropped; no windows, no timer.
-    pub(super) fn stand_in(credential: Credential, generation: u64, now: Instant) -> Entry {
-        Entry {
-            credential,
-            generation,
-            soft_wall: None,
-            soft_at: None,
-            hard_wall: None,
-            hard_at: None,
-            expires_at: None,
-            installed_at: now,
-            aging: AtomicBool::new(true),
-            background_claimed: AtomicBool::new(true),
-            retired: AtomicBool::new(true),
-            timer: None,
-            rearm: Mutex::new(None),
-        }
-    }
-
     /// Whether the hot path may send it without a closer look: its timer has not fired
     /// and the wall clock has not reached its soft window (read only for an entry that
     /// has one). A suspend stops the timer, not the wall clock.

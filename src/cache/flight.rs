@@ -585,7 +585,9 @@ impl<P: CredentialSource> FlightGuard<P> {
                     // The credential handed over meanwhile is the answer, as it would have
                     // been to a success (the one the waiters held to fall back on is no
                     // longer current either).
-                    inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
+                    if err.kind() != ErrorKind::StoreCredentialDropped {
+                        inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
+                    }
                     tracing::debug!(error = %err, "a superseded refresh failed; using the replacement");
                     inner.give_back_claim(&current, now);
                     Ok(current)
@@ -593,8 +595,12 @@ impl<P: CredentialSource> FlightGuard<P> {
                 (Err(err), _) => {
                     if err.kind() == ErrorKind::StoreCredentialDropped {
                         // The source was not asked: no failure of its, nothing to back
-                        // off from.
+                        // off from. A background refresh it ended may be tried again
+                        // (after one backoff step, as a superseded one's is).
                         tracing::debug!("the store's credential was dropped at every look");
+                        if let Some(current) = inner.current.load_full() {
+                            inner.give_back_claim(&current, now);
+                        }
                     } else if superseded {
                         inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(error = %err, "a superseded refresh failed");
@@ -742,20 +748,18 @@ async fn run_flight<P: CredentialSource>(
     // that value) is not this flight's answer: it looks again, and the store's copy is
     // refused then. Three looks at most (each stale one needs a drop of its own, landing
     // while the store answered).
+    // One flight, one count in the metrics, however many looks it took.
+    let started = Instant::now();
+    let name = guard.inner.config.name.clone();
     for _ in 0..3 {
-        let started = Instant::now();
         let mut from_store = false;
         let result = AssertUnwindSafe(obtain(&guard.inner, cx.clone(), &mut from_store))
             .catch_unwind()
             .await
             .unwrap_or_else(|_panic| Err(Error::new(ErrorKind::SourcePanicked)));
-        metrics::refresh(
-            &guard.inner.config.name,
-            metrics::outcome(&result),
-            started.elapsed(),
-        );
+        let outcome = metrics::outcome(&result);
         match guard.finish(result, from_store) {
-            Finished::Yes => return,
+            Finished::Yes => return metrics::refresh(&name, outcome, started.elapsed()),
             Finished::StaleStoreHit => {
                 tracing::debug!("the store's credential was dropped while it loaded; again");
             }
@@ -763,7 +767,10 @@ async fn run_flight<P: CredentialSource>(
     }
     // None is installed: the flight fails, and the next request looks again (the store's
     // credentials it was given are known as dropped by then, and refused).
-    guard.finish(Err(Error::new(ErrorKind::StoreCredentialDropped)), false);
+    let err = Err(Error::new(ErrorKind::StoreCredentialDropped));
+    let outcome = metrics::outcome(&err);
+    guard.finish(err, false);
+    metrics::refresh(&name, outcome, started.elapsed());
 }
 
 /// Whether [`FlightGuard::finish`] ended the flight.
@@ -1316,11 +1323,14 @@ mod tests {
         rc::Rc,
         sync::{
             Arc,
-            atomic::{AtomicUsize, Ordering::SeqCst},
+            atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
         },
     };
 
     use super::*;
+    use std::time::Duration;
+
+    use crate::store::Lease;
     use crate::{error::BoxError, source::source_fn};
 
     /// A source of `t-0`, `t-1`, ...: its first fetch waits for a permit of the gate
@@ -1386,6 +1396,53 @@ mod tests {
         assert_eq!(fetches.load(SeqCst), 2);
     }
 
+    /// A store that, while `fresh` is set, holds another credential at each load
+    /// (`stored-0`, `stored-1`, ...: processes saving one after another), recorded in
+    /// `loaded`; otherwise, and for everything else, a `MemoryStore`.
+    struct Saving {
+        memory: crate::store::MemoryStore,
+        loaded: Arc<std::sync::Mutex<Vec<Credential>>>,
+        fresh: Arc<AtomicBool>,
+    }
+
+    impl Saving {
+        fn new(loaded: Arc<std::sync::Mutex<Vec<Credential>>>, fresh: Arc<AtomicBool>) -> Self {
+            let memory = crate::store::MemoryStore::new();
+            Saving {
+                memory,
+                loaded,
+                fresh,
+            }
+        }
+    }
+
+    impl crate::store::CredentialStore for Saving {
+        async fn load(&self) -> Result<Option<Credential>, BoxError> {
+            if !self.fresh.load(SeqCst) {
+                return self.memory.load().await;
+            }
+            let mut loaded = self.loaded.lock().unwrap();
+            let credential = Credential::bearer(format!("stored-{}", loaded.len()))?;
+            loaded.push(credential.clone());
+            Ok(Some(credential))
+        }
+        async fn lease(&self, ttl: Duration) -> Result<Option<Lease>, BoxError> {
+            self.memory.lease(ttl).await
+        }
+        async fn save(&self, lease: &Lease, c: &Credential) -> Result<bool, BoxError> {
+            self.memory.save(lease, c).await
+        }
+        async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, BoxError> {
+            self.memory.renew(lease, ttl).await
+        }
+        async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
+            self.memory.release(lease).await
+        }
+        async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+            self.memory.remove(rejected).await
+        }
+    }
+
     /// A store that holds another credential at each load (other processes saving one
     /// after another), each handed over here and dropped again (`replace`, then
     /// `invalidate_if` of that value) just as the load returns, three times running.
@@ -1393,41 +1450,11 @@ mod tests {
     /// fails after its third look, and the next request looks again.
     #[tokio::test]
     async fn store_hits_dropped_on_every_load_are_never_installed() {
-        use crate::store::{CredentialStore, Lease, MemoryStore};
-        /// A new credential at each load; the others as a `MemoryStore`.
-        struct Saving(MemoryStore, Arc<std::sync::Mutex<Vec<Credential>>>);
-        impl CredentialStore for Saving {
-            async fn load(&self) -> Result<Option<Credential>, BoxError> {
-                let mut loaded = self.1.lock().unwrap();
-                let credential = Credential::bearer(format!("stored-{}", loaded.len()))?;
-                loaded.push(credential.clone());
-                Ok(Some(credential))
-            }
-            async fn lease(&self, ttl: std::time::Duration) -> Result<Option<Lease>, BoxError> {
-                self.0.lease(ttl).await
-            }
-            async fn save(&self, lease: &Lease, c: &Credential) -> Result<bool, BoxError> {
-                self.0.save(lease, c).await
-            }
-            async fn renew(
-                &self,
-                lease: &Lease,
-                ttl: std::time::Duration,
-            ) -> Result<bool, BoxError> {
-                self.0.renew(lease, ttl).await
-            }
-            async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
-                self.0.release(lease).await
-            }
-            async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
-                self.0.remove(rejected).await
-            }
-        }
         let loaded = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (source, gate, _) = gated();
         gate.add_permits(1);
         let cache = CredentialCache::builder(source)
-            .store(Saving(MemoryStore::new(), loaded.clone()))
+            .store(Saving::new(loaded.clone(), Arc::new(AtomicBool::new(true))))
             .build()
             .unwrap();
         for _ in 0..3 {
@@ -1459,6 +1486,88 @@ mod tests {
             .await
             .expect("the next request did not look again");
         assert!(!loaded.contains(&next));
+    }
+
+    /// A background refresh (the soft window) whose three store looks each found a
+    /// credential dropped as it loaded (values this cache had handed a flight's own
+    /// waiters, rejected elsewhere meanwhile) gives its claim back after one backoff
+    /// step, as a failed one does: a later request in the soft window starts it again,
+    /// rather than leave the refresh to the hard window.
+    #[tokio::test]
+    async fn a_background_refresh_given_up_on_stale_store_looks_is_tried_again() {
+        use std::time::SystemTime;
+        tokio::time::pause();
+        let clock = crate::clock::ManualClock::new(SystemTime::now());
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let source = source_fn({
+            let (clock, fetches) = (clock.clone(), fetches.clone());
+            move |_cx: FetchContext| {
+                let n = fetches.fetch_add(1, SeqCst);
+                let now = crate::clock::Clock::now(&clock);
+                async move {
+                    let credential = Credential::bearer(format!("t-{n}"))?;
+                    Ok::<_, BoxError>(credential.lives(now, Duration::from_secs(100)))
+                }
+            }
+        });
+        let (loaded, fresh) = (Arc::default(), Arc::new(AtomicBool::new(false)));
+        let cache = CredentialCache::builder(source)
+            .clock(clock.clone())
+            .store(Saving::new(Arc::clone(&loaded), fresh.clone()))
+            .build()
+            .unwrap();
+        assert_eq!(
+            cache.credential().await.unwrap(),
+            Credential::bearer("t-0").unwrap()
+        );
+        {
+            let mut state = cache.inner.lock_state();
+            for i in 0..3 {
+                let value = Credential::bearer(format!("stored-{i}")).unwrap();
+                state.retired.push_back((1000 + i, value, Retired::Own));
+            }
+        }
+        fresh.store(true, SeqCst);
+        for _ in 0..3 {
+            hook::set("store_hit", {
+                let (cache, loaded) = (cache.clone(), Arc::clone(&loaded));
+                move || {
+                    let value = loaded.lock().unwrap().last().unwrap().clone();
+                    // Rejected elsewhere: not current, so `false`, but dropped.
+                    assert!(!cache.handle().invalidate_if(&value));
+                }
+            });
+        }
+        let soft = Duration::from_secs(80);
+        clock.advance(soft);
+        tokio::time::advance(soft).await;
+        // The background refresh starts, and gives up after three stale looks.
+        assert_eq!(
+            cache.credential().await.unwrap(),
+            Credential::bearer("t-0").unwrap()
+        );
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(loaded.lock().unwrap().len(), 3);
+        assert_eq!(fetches.load(SeqCst), 1);
+        fresh.store(false, SeqCst);
+        // Past one backoff step, still in the soft window: the next request starts it.
+        let later = Duration::from_secs(5);
+        clock.advance(later);
+        tokio::time::advance(later).await;
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        cache.credential().await.unwrap();
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            fetches.load(SeqCst),
+            2,
+            "no background refresh in the soft window"
+        );
     }
 
     /// A fetch overtaken by a credential handed over (already in its hard window) goes

@@ -249,28 +249,14 @@ impl<P: CredentialSource> CredentialCache<P> {
     }
 
     /// What a resend with the same credential and a new proof (a DPoP nonce) takes: the
-    /// credential of `generation`, `credential`, if it may still be sent, as a replay's
-    /// may: not dropped (rejected, invalidated) nor expired since, and merely replaced is
-    /// fine (its key binding and nonce are the ones the server answered about). Else
-    /// [`current_entry`](Self::current_entry). Reads both clocks: the request may have
-    /// waited out a suspend for its answer. (Its service readied, the resend checks again
-    /// with `replay_sendable`.)
-    pub(crate) fn entry_again(&self, generation: u64, credential: &Credential) -> Acquire {
-        let (now, wall) = (Instant::now(), self.inner.config.clock.now());
-        if let Some(entry) = self.inner.current.load_full() {
-            if entry.generation == generation {
-                if entry.is_expired_at(now, wall) {
-                    return self.current_entry();
-                }
-                return Acquire::ready(Ok(entry));
-            }
-        }
-        let expired = credential.expiry().is_some_and(|at| wall >= at);
-        if expired || self.inner.lock_state().dropped_generation(generation) {
-            return self.current_entry();
-        }
-        let stand_in = Entry::stand_in(credential.clone(), generation, now);
-        Acquire::ready(Ok(Arc::new(stand_in)))
+    /// entry of `generation` if it is still current and has not expired by either clock
+    /// (the request may have waited out a suspend for its answer). `None` if it was
+    /// dropped, replaced or expired since. (Its service readied, the resend checks it
+    /// again with `replay_sendable`.)
+    pub(crate) fn entry_again(&self, generation: u64) -> Option<Acquire> {
+        let entry = self.inner.current.load_full()?;
+        let expired = entry.is_expired_at(Instant::now(), self.inner.config.clock.now());
+        (entry.generation == generation && !expired).then(|| Acquire::ready(Ok(entry)))
     }
 
     /// The current credential if it may be sent now, else the refresh to wait for: what
@@ -572,7 +558,10 @@ struct Stats {
 pub struct CacheStats {
     /// Times the refresh path started (a store lookup, then the source if needed).
     pub fetches: u64,
-    /// Refreshes that failed (error, timeout, panic, cancelled).
+    /// Refreshes that failed (error, timeout, panic, cancelled); not one that gave up
+    /// because the store's credentials were dropped as they loaded
+    /// ([`ErrorKind::StoreCredentialDropped`]),
+    /// which asked no source.
     pub fetch_failures: u64,
     /// Rejections that invalidated the current credential (at most one per credential).
     pub rejections: u64,
