@@ -465,7 +465,7 @@ where
                     // credential as it is now is, the service readied again for it.
                     if p.entry
                         .as_deref()
-                        .is_some_and(|entry| !p.cache.still_sendable(entry))
+                        .is_some_and(|entry| !p.cache.still_sendable_after_wait(entry))
                     {
                         p.entry = None;
                         // Its readiness is not held through a refresh.
@@ -737,10 +737,12 @@ where
     /// refused the proof: the request goes once more with the same credential and a new
     /// proof, unless it cannot be replayed (then the answer goes back, marked with why).
     ///
-    /// As a replay does: its service clone is readied first, and the proof made only
-    /// then; a credential dropped, replaced or expired meanwhile is not sent, the cache's
-    /// credential as it is then is, and the resend counts as a replay after a rejection
-    /// (a 401 to it leaves that credential to the next request's rejection).
+    /// It keeps its credential if that is still the cache's when the answer comes and a
+    /// new request could send it; else the cache's credential goes, and the resend counts
+    /// as a replay after a rejection (a 401 to it leaves that credential to the next
+    /// request's rejection). Then, as a replay does, it readies its service clone, looks
+    /// at the credential again (one dropped or expired meanwhile is not sent; one merely
+    /// replaced still goes), and only then makes the proof.
     #[cold]
     #[inline(never)]
     fn with_new_proof(

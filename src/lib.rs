@@ -107,8 +107,8 @@
 //! is a [`rejection::RejectionPolicy`] ([`AuthLayer::rejection_policy`]). A DPoP-bound
 //! credential (`TokenSource::dpop`, feature `jwt`) carries a proof made for each
 //! request; an API's `use_dpop_nonce` or `invalid_dpop_proof` faults the proof, not the
-//! token, and the request is sent once more with the same token (unless it was dropped,
-//! replaced or expired meanwhile) and a new proof. A credential that
+//! token, and the request is sent once more with a new proof and the same token, if it
+//! is still the cache's when the answer comes (else the cache's). A credential that
 //! cannot change ([`StaticCredential`], [`RefreshMode::Never`]) is never replayed: its
 //! `401` is returned at once, marked [`NotReplayed::FixedCredential`]. A failing source
 //! backs off exponentially; still-valid credentials keep being used meanwhile, and

@@ -84,7 +84,6 @@ pub(crate) fn outcome(result: &Result<crate::Credential, crate::Error>) -> &'sta
             ErrorKind::Expired => "expired",
             ErrorKind::SourcePanicked => "panicked",
             ErrorKind::Cancelled => "cancelled",
-            ErrorKind::StoreCredentialDropped => "dropped",
             _ => "error",
         },
     }

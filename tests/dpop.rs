@@ -1188,3 +1188,154 @@ async fn a_nonce_resend_after_a_suspend_does_not_send_an_expired_token() {
     respond.send_response(http::Response::builder().status(200).body("").unwrap());
     assert_eq!(call.await.unwrap().unwrap().status(), 200);
 }
+
+/// World: a source of 600 s DPoP tokens on a manual wall clock; a request's service
+/// clone waits for readiness (a concurrency limit) while the machine sleeps an hour
+/// (the wall clock jumps, the monotonic clock and every timer stand still). Three
+/// waits: the first attempt's, after waiting for its first token; a replay's, after a
+/// 401; a nonce resend's. Proves: none sends the token that expired meanwhile: each
+/// looks at the wall clock once ready, and takes a new token.
+#[tokio::test]
+async fn a_suspend_while_the_service_gets_ready_never_sends_an_expired_token() {
+    use std::time::{Duration, SystemTime};
+    use tower::Service;
+    use tower_client_auth::{ReplayBody, clock::ManualClock};
+    type Req = Request<ReplayBody<Full<Bytes>>>;
+    for wait in ["first attempt", "replay", "nonce resend"] {
+        let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
+        let key = DpopKey::generate().unwrap();
+        let clock = ManualClock::new(SystemTime::now());
+        let source = {
+            let (clock, fetches) = (clock.clone(), std::sync::atomic::AtomicUsize::new(0));
+            tower_client_auth::source_fn(move |_| {
+                let n = fetches.fetch_add(1, SeqCst) + 1;
+                let now = tower_client_auth::clock::Clock::now(&clock);
+                let credential = key
+                    .credential(&format!("bound-{n}"))
+                    .map(|c| c.issued_at(now).expires_at(now + Duration::from_secs(600)));
+                async move { credential }
+            })
+            .binds_credentials(true)
+        };
+        let cache = CredentialCache::builder(source)
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        let layer = AuthLayer::with_cache(cache).any_https_origin();
+        let authorization = |req: &Req| req.headers()[http::header::AUTHORIZATION].clone();
+        let settle = || async {
+            for _ in 0..50 {
+                tokio::task::yield_now().await;
+            }
+        };
+        let mut svc = layer.layer(mock);
+        svc.ready().await.unwrap();
+        if wait == "first attempt" {
+            // The clone that sends once the token is there waits for readiness.
+            api.allow(0);
+        }
+        let call = tokio::spawn(
+            svc.call(
+                Request::get("https://api.example.com/v1/x")
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            ),
+        );
+        let expected = if wait == "first attempt" {
+            "DPoP bound-2"
+        } else {
+            let (req, respond) = api.next_request().await.unwrap();
+            assert_eq!(authorization(&req), "DPoP bound-1");
+            api.allow(0);
+            if wait == "replay" {
+                respond.send_response(
+                    http::Response::builder()
+                        .status(401)
+                        .header("www-authenticate", r#"DPoP error="invalid_token""#)
+                        .body("")
+                        .unwrap(),
+                );
+                "DPoP bound-3"
+            } else {
+                respond.send_response(nonce_please());
+                "DPoP bound-2"
+            }
+        };
+        settle().await;
+        clock.advance(Duration::from_secs(3600));
+        api.allow(1);
+        let (req, respond) = api.next_request().await.unwrap();
+        assert_eq!(
+            authorization(&req),
+            expected,
+            "{wait}: sent a token that expired while the service got ready"
+        );
+        respond.send_response(http::Response::builder().status(200).body("").unwrap());
+        assert_eq!(call.await.unwrap().unwrap().status(), 200, "{wait}");
+    }
+}
+
+/// World: a fixed DPoP token (`StaticCredential`) that expires while a request is out;
+/// the API asks for a nonce, then answers the resend 401 `invalid_token`. Proves: as
+/// README's row for such a token says, the resend goes with it (a reactive credential
+/// goes until it is rejected), its 401 counts as its rejection, and nothing more is sent
+/// with it: the next request fails `Expired` without reaching the API.
+#[tokio::test]
+async fn an_expired_fixed_dpop_token_rejected_on_its_nonce_resend_is_sent_no_more() {
+    use std::time::{Duration, SystemTime};
+    use tower_client_auth::{ErrorKind, ReplayBody, StaticCredential, clock::ManualClock};
+    type Req = Request<ReplayBody<Full<Bytes>>>;
+    let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
+    let clock = ManualClock::new(SystemTime::now());
+    let now = tower_client_auth::clock::Clock::now(&clock);
+    let token = DpopKey::generate()
+        .unwrap()
+        .credential("fixed")
+        .unwrap()
+        .issued_at(now)
+        .expires_at(now + Duration::from_secs(600));
+    let cache = CredentialCache::builder(StaticCredential::new(token))
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let svc = AuthLayer::with_cache(cache.clone())
+        .any_https_origin()
+        .layer(mock);
+    let get = || {
+        Request::get("https://api.example.com/v1/x")
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    let call = tokio::spawn(svc.clone().oneshot(get()));
+    let (_, respond) = api.next_request().await.unwrap();
+    clock.advance(Duration::from_secs(3600));
+    respond.send_response(nonce_please());
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(req.headers()[http::header::AUTHORIZATION], "DPoP fixed");
+    respond.send_response(
+        http::Response::builder()
+            .status(401)
+            .header("www-authenticate", r#"DPoP error="invalid_token""#)
+            .body("")
+            .unwrap(),
+    );
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(
+        res.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::AlreadyReplayed)
+    );
+    assert_eq!(cache.stats().rejections, 1);
+    let next = tokio::spawn(svc.clone().oneshot(get()));
+    let answer = tokio::select! {
+        answer = next => answer.unwrap(),
+        Some((req, _)) = api.next_request() => {
+            panic!("the rejected, expired token was sent again: {:?}", req.headers())
+        }
+    };
+    let err = answer.expect_err("answered without a token");
+    let err = err.downcast::<tower_client_auth::Error>().unwrap();
+    assert!(
+        matches!(err.kind(), ErrorKind::Expired | ErrorKind::Backoff),
+        "{err}"
+    );
+}

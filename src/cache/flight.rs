@@ -259,6 +259,7 @@ impl<P: CredentialSource> CredentialCache<P> {
             started: false,
             tx: Some(tx),
             step_up,
+            gave_up: false,
         };
         let span = tracing::debug_span!("credential_refresh", reason = ?reason);
         tracing::debug!(parent: &span, background = still_valid.is_some(), chained = !predecessors.is_empty(), "starting credential refresh");
@@ -425,6 +426,10 @@ struct FlightGuard<P: CredentialSource> {
     /// Whether this is a step-up: its failure backs off step-ups only (the credential
     /// in use is still valid, and its own refresh must not wait for a scope).
     step_up: bool,
+    /// Whether it gave up because the store's credentials were dropped as they loaded:
+    /// no source was asked, so nothing backs off. (Not told by the error's kind: a
+    /// source over another cache may pass that kind on as its own failure.)
+    gave_up: bool,
 }
 
 impl<P: CredentialSource> FlightGuard<P> {
@@ -585,7 +590,7 @@ impl<P: CredentialSource> FlightGuard<P> {
                     // The credential handed over meanwhile is the answer, as it would have
                     // been to a success (the one the waiters held to fall back on is no
                     // longer current either).
-                    if err.kind() != ErrorKind::StoreCredentialDropped {
+                    if !self.gave_up {
                         inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                     }
                     tracing::debug!(error = %err, "a superseded refresh failed; using the replacement");
@@ -593,7 +598,7 @@ impl<P: CredentialSource> FlightGuard<P> {
                     Ok(current)
                 }
                 (Err(err), _) => {
-                    if err.kind() == ErrorKind::StoreCredentialDropped {
+                    if self.gave_up {
                         // The source was not asked: no failure of its, nothing to back
                         // off from. A background refresh it ended may be tried again
                         // (after one backoff step, as a superseded one's is).
@@ -759,7 +764,12 @@ async fn run_flight<P: CredentialSource>(
             .unwrap_or_else(|_panic| Err(Error::new(ErrorKind::SourcePanicked)));
         let outcome = metrics::outcome(&result);
         match guard.finish(result, from_store) {
-            Finished::Yes => return metrics::refresh(&name, outcome, started.elapsed()),
+            Finished::Yes => {
+                if from_store {
+                    metrics::event(&name, metrics::STORE_HITS);
+                }
+                return metrics::refresh(&name, outcome, started.elapsed());
+            }
             Finished::StaleStoreHit => {
                 tracing::debug!("the store's credential was dropped while it loaded; again");
             }
@@ -767,10 +777,9 @@ async fn run_flight<P: CredentialSource>(
     }
     // None is installed: the flight fails, and the next request looks again (the store's
     // credentials it was given are known as dropped by then, and refused).
-    let err = Err(Error::new(ErrorKind::StoreCredentialDropped));
-    let outcome = metrics::outcome(&err);
-    guard.finish(err, false);
-    metrics::refresh(&name, outcome, started.elapsed());
+    guard.gave_up = true;
+    guard.finish(Err(Error::new(ErrorKind::StoreCredentialDropped)), false);
+    metrics::refresh(&name, "dropped", started.elapsed());
 }
 
 /// Whether [`FlightGuard::finish`] ended the flight.
@@ -831,7 +840,6 @@ async fn obtain<P: CredentialSource>(
                 hook::run("store_hit");
                 tracing::debug!("using the credential found in the store");
                 waited(waiting_since);
-                metrics::event(name, metrics::STORE_HITS);
                 *from_store = true;
                 return Ok(stored);
             }
@@ -1040,7 +1048,6 @@ async fn holding<P: CredentialSource>(
     if let Some(Some(stored)) = held.as_ref().filter(|_| !step_up) {
         if Some(stored) != cx.previous() && inner.is_reusable_stored(stored) {
             tracing::debug!("using the credential found in the store");
-            metrics::event(&inner.config.name, metrics::STORE_HITS);
             return Holding::ended(Ok(stored.clone()), Saved::StoreHit);
         }
     }
@@ -1450,10 +1457,18 @@ mod tests {
     /// fails after its third look, and the next request looks again.
     #[tokio::test]
     async fn store_hits_dropped_on_every_load_are_never_installed() {
+        #[cfg(feature = "metrics")]
+        let snapshotter = {
+            let recorder = metrics_util::debugging::DebuggingRecorder::new();
+            let snapshotter = recorder.snapshotter();
+            recorder.install().expect("the lib tests' only recorder");
+            snapshotter
+        };
         let loaded = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (source, gate, _) = gated();
         gate.add_permits(1);
         let cache = CredentialCache::builder(source)
+            .name("stale-looks")
             .store(Saving::new(loaded.clone(), Arc::new(AtomicBool::new(true))))
             .build()
             .unwrap();
@@ -1476,6 +1491,33 @@ mod tests {
         let err = answer.expect_err("a credential dropped while it loaded was handed out");
         assert_eq!(err.kind(), ErrorKind::StoreCredentialDropped, "{err}");
         assert_eq!(cache.stats().fetch_failures, 0);
+        // One flight, counted once, as given up; no store hit (none was used).
+        #[cfg(feature = "metrics")]
+        {
+            let counted = |metric: &str| -> Vec<(Vec<String>, u64)> {
+                let snapshot = snapshotter.snapshot().into_vec();
+                snapshot
+                    .into_iter()
+                    .filter(|(key, ..)| key.key().name() == metric)
+                    .map(|(key, _, _, value)| {
+                        let labels = key.key().labels().map(|l| l.value().to_owned()).collect();
+                        let n = match value {
+                            metrics_util::debugging::DebugValue::Counter(n) => n,
+                            _ => 0,
+                        };
+                        (labels, n)
+                    })
+                    .filter(|(labels, _): &(Vec<String>, u64)| {
+                        labels.iter().any(|l| l == "stale-looks")
+                    })
+                    .collect()
+            };
+            assert_eq!(
+                counted("tower_client_auth_refreshes_total"),
+                [(vec!["stale-looks".to_owned(), "dropped".to_owned()], 1)]
+            );
+            assert_eq!(counted("tower_client_auth_store_hits_total"), []);
+        }
         let current = cache.inner.current.load_full();
         assert!(
             current.is_none_or(|e| !loaded.contains(&e.credential)),

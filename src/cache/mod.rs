@@ -249,14 +249,18 @@ impl<P: CredentialSource> CredentialCache<P> {
     }
 
     /// What a resend with the same credential and a new proof (a DPoP nonce) takes: the
-    /// entry of `generation` if it is still current and has not expired by either clock
-    /// (the request may have waited out a suspend for its answer). `None` if it was
-    /// dropped, replaced or expired since. (Its service readied, the resend checks it
-    /// again with `replay_sendable`.)
+    /// entry of `generation` if it is still current and a new request could send it now
+    /// ([`usable`](Self::usable), which reads the wall clock: the request may have waited
+    /// out a suspend for its answer; a reactive credential goes until it is rejected).
+    /// `None` if it was dropped, replaced or is past its hard window. (Its service
+    /// readied, the resend checks it again with `replay_sendable`.)
     pub(crate) fn entry_again(&self, generation: u64) -> Option<Acquire> {
         let entry = self.inner.current.load_full()?;
-        let expired = entry.is_expired_at(Instant::now(), self.inner.config.clock.now());
-        (entry.generation == generation && !expired).then(|| Acquire::ready(Ok(entry)))
+        if entry.generation != generation {
+            return None;
+        }
+        self.usable(Some(&entry)).ok()?;
+        Some(Acquire::ready(Ok(entry)))
     }
 
     /// The current credential if it may be sent now, else the refresh to wait for: what
@@ -316,6 +320,14 @@ impl<P: CredentialSource> CredentialCache<P> {
         !entry.aging.load(Ordering::Acquire) || self.still_sendable_aging(entry)
     }
 
+    /// [`still_sendable`](Self::still_sendable) after a wait that may have spanned a
+    /// suspend (a service readied for a request that waited for its credential): a
+    /// suspend stops the aging timer, not the wall clock, so this reads the wall clock
+    /// too, as the hot path does.
+    pub(crate) fn still_sendable_after_wait(&self, entry: &Entry) -> bool {
+        entry.fresh(|| self.inner.config.clock.now()) || self.still_sendable_aging(entry)
+    }
+
     #[cold]
     #[inline(never)]
     fn still_sendable_aging(&self, entry: &Entry) -> bool {
@@ -334,11 +346,12 @@ impl<P: CredentialSource> CredentialCache<P> {
     /// Whether `entry`, a replay's new credential (a step-up's, say), may still be sent
     /// once the replay's service is ready: not dropped (rejected, invalidated) nor
     /// expired since. One merely replaced by a newer one may (a step-up's carries the
-    /// scope the replay needs; the newer one may not). Reads no clock and takes no lock
-    /// while the entry's aging timer has not fired and it is current.
+    /// scope the replay needs; the newer one may not). The wait for readiness may have
+    /// spanned a suspend, which stops the aging timer: the wall clock is read, as the hot
+    /// path reads it; no lock is taken while the entry is before its soft window.
     #[inline]
     pub(crate) fn replay_sendable(&self, entry: &Entry) -> bool {
-        !entry.aging.load(Ordering::Acquire) || self.replay_sendable_aging(entry)
+        entry.fresh(|| self.inner.config.clock.now()) || self.replay_sendable_aging(entry)
     }
 
     #[cold]
@@ -565,7 +578,8 @@ pub struct CacheStats {
     pub fetch_failures: u64,
     /// Rejections that invalidated the current credential (at most one per credential).
     pub rejections: u64,
-    /// Requests replayed with a new credential after a rejection.
+    /// Requests sent again: with a new credential after a rejection or a step-up, or
+    /// with a new DPoP proof the server asked for.
     pub replays: u64,
 }
 
