@@ -212,6 +212,10 @@ struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     /// Why the request goes again: after a second look at the cache (its first
     /// credential dropped while the service got ready), as after a rejection.
     why: Again,
+    /// For a new proof: the generation of the credential the server answered about. A
+    /// resend that gets another goes as after a rejection (its answer says nothing of
+    /// that one).
+    asked: Option<u64>,
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
@@ -608,6 +612,13 @@ where
                                 return Poll::Ready(answer);
                             }
                         }
+                        // A new proof with another credential than the one asked about
+                        // goes as after a rejection.
+                        if r.asked.take().is_some_and(|asked| {
+                            r.entry.as_ref().is_some_and(|e| e.generation != asked)
+                        }) {
+                            r.why = Again::Rejected;
+                        }
                     }
                     // The replay's service clone was not readied: ready it now that there
                     // is a credential to send. Readiness may take long (a concurrency
@@ -760,13 +771,10 @@ where
         if let Err(reason) = &retry.replay {
             return Err(with_scope(response, None, *reason));
         }
-        // The credential sent, if it is still current and unexpired. Else the cache's as
-        // it is now goes, as after a rejection (its answer says nothing of the first).
-        let (acquire, why) = match cache.entry_again(retry.generation) {
-            Some(acquire) => (acquire, Again::NewProof),
-            None => (cache.current_entry(), Again::Rejected),
-        };
-        Self::resend(
+        // The credential sent, if a new request could still send it; else the cache's as
+        // it is now, and the resend goes as after a rejection: see `Resend::asked`.
+        let acquire = cache.entry_again(retry.generation);
+        let mut state = Self::resend(
             acquire,
             retry.replay,
             retry.judge,
@@ -774,8 +782,16 @@ where
             None,
             response,
             None,
-            why,
-        )
+            Again::NewProof,
+        );
+        if let Ok(State::Refreshing {
+            resend: Some(resend),
+            ..
+        }) = &mut state
+        {
+            resend.asked = Some(retry.generation);
+        }
+        state
     }
 
     /// The first attempt's answer says its credential lacks `scope`. The credential is
@@ -932,6 +948,7 @@ where
                     scope,
                     entry: None,
                     why,
+                    asked: None,
                 })),
             }),
             Err(reason) => {

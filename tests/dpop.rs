@@ -1339,3 +1339,101 @@ async fn an_expired_fixed_dpop_token_rejected_on_its_nonce_resend_is_sent_no_mor
         "{err}"
     );
 }
+
+/// World: a 600 s DPoP token in its hard window while a failed refresh backs off (the
+/// cache keeps sending a token that has not expired rather than nothing); the API asks
+/// for a nonce, then answers the resend 401 `invalid_token`. Proves: the resend goes
+/// with that token as a new proof's resend, so its 401 counts as the token's rejection,
+/// and the next request does not send it again.
+#[tokio::test]
+async fn a_nonce_resend_of_a_token_kept_through_a_backoff_counts_its_rejection() {
+    use std::time::{Duration, SystemTime};
+    use tower_client_auth::{ReplayBody, clock::ManualClock};
+    type Req = Request<ReplayBody<Full<Bytes>>>;
+    let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
+    let clock = ManualClock::new(SystemTime::now());
+    let source = {
+        let (clock, fetches) = (clock.clone(), std::sync::atomic::AtomicUsize::new(0));
+        let key = DpopKey::generate().unwrap();
+        tower_client_auth::source_fn(move |_| {
+            let n = fetches.fetch_add(1, SeqCst) + 1;
+            let now = tower_client_auth::clock::Clock::now(&clock);
+            let credential = key
+                .credential(&format!("bound-{n}"))
+                .map(|c| c.issued_at(now).expires_at(now + Duration::from_secs(600)));
+            async move {
+                if n > 1 {
+                    return Err::<tower_client_auth::Credential, BoxError>("idp down".into());
+                }
+                Ok(credential?)
+            }
+        })
+        .binds_credentials(true)
+    };
+    let cache = CredentialCache::builder(source)
+        .clock(clock.clone())
+        .window_jitter(0.0)
+        .backoff(Duration::from_secs(300), Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let svc = AuthLayer::with_cache(cache.clone())
+        .any_https_origin()
+        .layer(mock);
+    let get = || {
+        Request::get("https://api.example.com/v1/x")
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    let ok = || http::Response::builder().status(200).body("").unwrap();
+    let authorization = |req: &Req| req.headers()[http::header::AUTHORIZATION].clone();
+    let settle = || async {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    };
+    let call = tokio::spawn(svc.clone().oneshot(get()));
+    let (_, respond) = api.next_request().await.unwrap();
+    respond.send_response(ok());
+    call.await.unwrap().unwrap();
+    // Into the hard window: a request waits for the refresh, which fails, and goes with
+    // the token still valid; the cache backs off.
+    clock.advance(Duration::from_secs(590));
+    let call = tokio::spawn(svc.clone().oneshot(get()));
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(authorization(&req), "DPoP bound-1");
+    respond.send_response(ok());
+    call.await.unwrap().unwrap();
+    settle().await;
+    assert_eq!(cache.stats().fetch_failures, 1);
+    let call = tokio::spawn(svc.clone().oneshot(get()));
+    let (_, respond) = api.next_request().await.unwrap();
+    respond.send_response(nonce_please());
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(authorization(&req), "DPoP bound-1");
+    respond.send_response(
+        http::Response::builder()
+            .status(401)
+            .header("www-authenticate", r#"DPoP error="invalid_token""#)
+            .body("")
+            .unwrap(),
+    );
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(
+        res.extensions().get::<NotReplayed>(),
+        Some(&NotReplayed::AlreadyReplayed)
+    );
+    settle().await;
+    assert_eq!(
+        cache.stats().rejections,
+        1,
+        "the resend's 401 was not counted"
+    );
+    let next = tokio::spawn(svc.clone().oneshot(get()));
+    let answer = tokio::select! {
+        answer = next => answer.unwrap(),
+        Some((req, _)) = api.next_request() => {
+            panic!("the rejected token was sent again: {:?}", req.headers())
+        }
+    };
+    assert!(answer.is_err(), "answered without a token");
+}

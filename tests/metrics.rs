@@ -91,7 +91,8 @@ impl CredentialStore for Down {
 
 /// World: one process's caches through every path the metrics describe: a failed then a
 /// good fetch, a rejection replayed by the layer, a second cache served from the shared
-/// store, a cache waiting on another's lease, and a store that is down. Proves: each is
+/// store, a cache waiting on another's lease, a store credential a hand-over made
+/// needless, and a store that is down. Proves: each is
 /// counted under its documented name and its cache's name; no label holds a secret or a
 /// URL; a name that could is refused by the builder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,6 +164,38 @@ async fn the_refresh_path_is_counted_under_documented_names() {
     waiter.credential().await.unwrap();
     holding.await.unwrap().unwrap();
 
+    // A refresh that finds another process's credential in the store, while a
+    // credential handed over meanwhile answers instead: no store hit.
+    let memory = MemoryStore::new();
+    let lease = memory
+        .lease(Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    let saved = Credential::bearer("saved").unwrap();
+    assert!(memory.save(&lease, &saved).await.unwrap());
+    memory.release(&lease).await.unwrap();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let entered = std::sync::Arc::new(tokio::sync::Notify::new());
+    let cache = CredentialCache::builder(TestSource::new())
+        .name("m-replaced")
+        .store(Gated {
+            memory,
+            gate: gate.clone(),
+            entered: entered.clone(),
+        })
+        .build()
+        .unwrap();
+    let refresh = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.credential().await }
+    });
+    entered.notified().await;
+    let handed = Credential::bearer("handed").unwrap();
+    assert!(cache.handle().replace(handed.clone()).unwrap());
+    gate.add_permits(1);
+    assert_eq!(refresh.await.unwrap().unwrap(), handed);
+
     // A store that is down.
     let down = CredentialCache::builder(TestSource::new())
         .name("m-down")
@@ -173,6 +206,10 @@ async fn the_refresh_path_is_counted_under_documented_names() {
 
     let all = series();
     let c = |name: &str, cache: &str, with: &[(&str, &str)]| count(&all, name, cache, with);
+    assert_eq!(
+        c("tower_client_auth_store_hits_total", "m-replaced", &[]),
+        0
+    );
     assert_eq!(
         c(
             "tower_client_auth_source_fetches_total",
@@ -274,5 +311,36 @@ async fn the_refresh_path_is_counted_under_documented_names() {
             .build()
             .unwrap_err();
         assert_eq!(err.setting(), "name", "{bad:?}");
+    }
+}
+
+/// A `MemoryStore` whose loads say they began (`entered`), then wait for a permit of
+/// `gate`.
+struct Gated {
+    memory: MemoryStore,
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+    entered: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl CredentialStore for Gated {
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        self.entered.notify_one();
+        self.gate.acquire().await?.forget();
+        self.memory.load().await
+    }
+    async fn lease(&self, ttl: Duration) -> Result<Option<Lease>, BoxError> {
+        self.memory.lease(ttl).await
+    }
+    async fn save(&self, lease: &Lease, c: &Credential) -> Result<bool, BoxError> {
+        self.memory.save(lease, c).await
+    }
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, BoxError> {
+        self.memory.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
+        self.memory.release(lease).await
+    }
+    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+        self.memory.remove(rejected).await
     }
 }

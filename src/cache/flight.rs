@@ -260,6 +260,7 @@ impl<P: CredentialSource> CredentialCache<P> {
             tx: Some(tx),
             step_up,
             gave_up: false,
+            used: false,
         };
         let span = tracing::debug_span!("credential_refresh", reason = ?reason);
         tracing::debug!(parent: &span, background = still_valid.is_some(), chained = !predecessors.is_empty(), "starting credential refresh");
@@ -430,6 +431,9 @@ struct FlightGuard<P: CredentialSource> {
     /// no source was asked, so nothing backs off. (Not told by the error's kind: a
     /// source over another cache may pass that kind on as its own failure.)
     gave_up: bool,
+    /// Whether its result answered it (set by `finish`): not when a credential handed
+    /// over meanwhile did, nor when it failed.
+    used: bool,
 }
 
 impl<P: CredentialSource> FlightGuard<P> {
@@ -540,6 +544,8 @@ impl<P: CredentialSource> FlightGuard<P> {
             }
             let (standing, tainted) = self.leave(&mut state, result.is_ok());
             let superseded = !matches!(standing, Standing::Current);
+            // A credential handed over meanwhile answers instead of this one.
+            self.used = result.is_ok() && !matches!(standing, Standing::Replaced(_));
             // After an invalidation a store may hold this fetch's result by now, however
             // it ends: it is remembered as dropped, so that no fetch of this cache takes
             // it back from there (and the next is told it).
@@ -765,7 +771,7 @@ async fn run_flight<P: CredentialSource>(
         let outcome = metrics::outcome(&result);
         match guard.finish(result, from_store) {
             Finished::Yes => {
-                if from_store {
+                if from_store && guard.used {
                     metrics::event(&name, metrics::STORE_HITS);
                 }
                 return metrics::refresh(&name, outcome, started.elapsed());

@@ -248,19 +248,21 @@ impl<P: CredentialSource> CredentialCache<P> {
         }
     }
 
-    /// What a resend with the same credential and a new proof (a DPoP nonce) takes: the
-    /// entry of `generation` if it is still current and a new request could send it now
-    /// ([`usable`](Self::usable), which reads the wall clock: the request may have waited
-    /// out a suspend for its answer; a reactive credential goes until it is rejected).
-    /// `None` if it was dropped, replaced or is past its hard window. (Its service
-    /// readied, the resend checks it again with `replay_sendable`.)
-    pub(crate) fn entry_again(&self, generation: u64) -> Option<Acquire> {
-        let entry = self.inner.current.load_full()?;
-        if entry.generation != generation {
-            return None;
+    /// What a resend with the same credential and a new proof (a DPoP nonce) takes: for
+    /// the entry of `generation`, if it is still current, what a new request would get
+    /// now ([`usable`](Self::usable), which reads the wall clock: the request may have
+    /// waited out a suspend for its answer); else
+    /// [`current_entry`](Self::current_entry). The answer may be that entry (a reactive
+    /// credential goes until it is rejected; one in its hard window during a backoff is
+    /// kept) or another: the resend tells which by its generation.
+    pub(crate) fn entry_again(&self, generation: u64) -> Acquire {
+        match self.inner.current.load_full() {
+            Some(entry) if entry.generation == generation => match self.usable(Some(&entry)) {
+                Ok(_) => Acquire::ready(Ok(entry)),
+                Err(refresh) => refresh,
+            },
+            _ => self.current_entry(),
         }
-        self.usable(Some(&entry)).ok()?;
-        Some(Acquire::ready(Ok(entry)))
     }
 
     /// The current credential if it may be sent now, else the refresh to wait for: what
