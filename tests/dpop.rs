@@ -1056,6 +1056,52 @@ fn nonce_please() -> http::Response<&'static str> {
         .unwrap()
 }
 
+/// The request the mock-API tests below send.
+fn api_get() -> Request<Full<Bytes>> {
+    Request::get("https://api.example.com/v1/x")
+        .body(Full::<Bytes>::default())
+        .unwrap()
+}
+
+/// The `Authorization` header a request reached the API with.
+fn authorization<B>(req: &Request<B>) -> http::HeaderValue {
+    req.headers()[http::header::AUTHORIZATION].clone()
+}
+
+/// The API's answer refusing the token (`invalid_token`).
+fn invalid_token() -> http::Response<&'static str> {
+    http::Response::builder()
+        .status(401)
+        .header("www-authenticate", r#"DPoP error="invalid_token""#)
+        .body("")
+        .unwrap()
+}
+
+/// A source of DPoP-bound tokens `bound-1`, `bound-2`, ... (one key), each issued now
+/// on `clock` for 600 s; the fetches after the first `good` fail (`idp down`).
+fn clocked_bound_source(
+    clock: &tower_client_auth::clock::ManualClock,
+    good: usize,
+) -> impl CredentialSource {
+    let (clock, fetches) = (clock.clone(), std::sync::atomic::AtomicUsize::new(0));
+    let key = DpopKey::generate().unwrap();
+    tower_client_auth::source_fn(move |_| {
+        let n = fetches.fetch_add(1, SeqCst) + 1;
+        let now = tower_client_auth::clock::Clock::now(&clock);
+        let credential = key.credential(&format!("bound-{n}")).map(|c| {
+            c.issued_at(now)
+                .expires_at(now + std::time::Duration::from_secs(600))
+        });
+        async move {
+            if n > good {
+                return Err::<tower_client_auth::Credential, BoxError>("idp down".into());
+            }
+            Ok(credential?)
+        }
+    })
+    .binds_credentials(true)
+}
+
 /// The `nonce` claim of the request's DPoP proof.
 fn proof_nonce<B>(req: &Request<B>) -> serde_json::Value {
     let proof = req.headers()["dpop"].to_str().unwrap();
@@ -1092,14 +1138,7 @@ async fn a_nonce_resend_after_a_replacement_or_a_drop_goes_as_a_replay() {
         };
         let layer = AuthLayer::new(source).any_https_origin();
         let cache = layer.cache().clone();
-        let call = tokio::spawn(
-            layer.layer(mock).oneshot(
-                Request::get("https://api.example.com/v1/x")
-                    .body(Full::<Bytes>::default())
-                    .unwrap(),
-            ),
-        );
-        let authorization = |req: &Req| req.headers()[http::header::AUTHORIZATION].clone();
+        let call = tokio::spawn(layer.layer(mock).oneshot(api_get()));
         let (req, respond) = api.next_request().await.unwrap();
         assert_eq!(authorization(&req), "DPoP bound-1");
         let (expected, fetched) = if dropped {
@@ -1114,13 +1153,7 @@ async fn a_nonce_resend_after_a_replacement_or_a_drop_goes_as_a_replay() {
         let (req, respond) = api.next_request().await.unwrap();
         assert_eq!(authorization(&req), expected, "dropped: {dropped}");
         assert_eq!(proof_nonce(&req), "nonce-1", "dropped: {dropped}");
-        respond.send_response(
-            http::Response::builder()
-                .status(401)
-                .header("www-authenticate", r#"DPoP error="invalid_token""#)
-                .body("")
-                .unwrap(),
-        );
+        respond.send_response(invalid_token());
         let res = call.await.unwrap().unwrap();
         assert_eq!(res.status(), 401);
         assert_eq!(
@@ -1147,33 +1180,13 @@ async fn a_nonce_resend_after_a_suspend_does_not_send_an_expired_token() {
     use tower_client_auth::{ReplayBody, clock::ManualClock};
     type Req = Request<ReplayBody<Full<Bytes>>>;
     let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
-    let key = DpopKey::generate().unwrap();
     let clock = ManualClock::new(SystemTime::now());
-    let source = {
-        let (clock, fetches) = (clock.clone(), std::sync::atomic::AtomicUsize::new(0));
-        tower_client_auth::source_fn(move |_| {
-            let n = fetches.fetch_add(1, SeqCst) + 1;
-            let now = tower_client_auth::clock::Clock::now(&clock);
-            let credential = key
-                .credential(&format!("bound-{n}"))
-                .map(|c| c.issued_at(now).expires_at(now + Duration::from_secs(600)));
-            async move { credential }
-        })
-        .binds_credentials(true)
-    };
-    let cache = CredentialCache::builder(source)
+    let cache = CredentialCache::builder(clocked_bound_source(&clock, usize::MAX))
         .clock(clock.clone())
         .build()
         .unwrap();
     let layer = AuthLayer::with_cache(cache).any_https_origin();
-    let call = tokio::spawn(
-        layer.layer(mock).oneshot(
-            Request::get("https://api.example.com/v1/x")
-                .body(Full::<Bytes>::default())
-                .unwrap(),
-        ),
-    );
-    let authorization = |req: &Req| req.headers()[http::header::AUTHORIZATION].clone();
+    let call = tokio::spawn(layer.layer(mock).oneshot(api_get()));
     let (req, respond) = api.next_request().await.unwrap();
     assert_eq!(authorization(&req), "DPoP bound-1");
     clock.advance(Duration::from_secs(3600));
@@ -1203,26 +1216,12 @@ async fn a_suspend_while_the_service_gets_ready_never_sends_an_expired_token() {
     type Req = Request<ReplayBody<Full<Bytes>>>;
     for wait in ["first attempt", "replay", "nonce resend"] {
         let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
-        let key = DpopKey::generate().unwrap();
         let clock = ManualClock::new(SystemTime::now());
-        let source = {
-            let (clock, fetches) = (clock.clone(), std::sync::atomic::AtomicUsize::new(0));
-            tower_client_auth::source_fn(move |_| {
-                let n = fetches.fetch_add(1, SeqCst) + 1;
-                let now = tower_client_auth::clock::Clock::now(&clock);
-                let credential = key
-                    .credential(&format!("bound-{n}"))
-                    .map(|c| c.issued_at(now).expires_at(now + Duration::from_secs(600)));
-                async move { credential }
-            })
-            .binds_credentials(true)
-        };
-        let cache = CredentialCache::builder(source)
+        let cache = CredentialCache::builder(clocked_bound_source(&clock, usize::MAX))
             .clock(clock.clone())
             .build()
             .unwrap();
         let layer = AuthLayer::with_cache(cache).any_https_origin();
-        let authorization = |req: &Req| req.headers()[http::header::AUTHORIZATION].clone();
         let settle = || async {
             for _ in 0..50 {
                 tokio::task::yield_now().await;
@@ -1234,13 +1233,7 @@ async fn a_suspend_while_the_service_gets_ready_never_sends_an_expired_token() {
             // The clone that sends once the token is there waits for readiness.
             api.allow(0);
         }
-        let call = tokio::spawn(
-            svc.call(
-                Request::get("https://api.example.com/v1/x")
-                    .body(Full::<Bytes>::default())
-                    .unwrap(),
-            ),
-        );
+        let call = tokio::spawn(svc.call(api_get()));
         let expected = if wait == "first attempt" {
             "DPoP bound-2"
         } else {
@@ -1248,13 +1241,7 @@ async fn a_suspend_while_the_service_gets_ready_never_sends_an_expired_token() {
             assert_eq!(authorization(&req), "DPoP bound-1");
             api.allow(0);
             if wait == "replay" {
-                respond.send_response(
-                    http::Response::builder()
-                        .status(401)
-                        .header("www-authenticate", r#"DPoP error="invalid_token""#)
-                        .body("")
-                        .unwrap(),
-                );
+                respond.send_response(invalid_token());
                 "DPoP bound-3"
             } else {
                 respond.send_response(nonce_please());
@@ -1301,24 +1288,14 @@ async fn an_expired_fixed_dpop_token_rejected_on_its_nonce_resend_is_sent_no_mor
     let svc = AuthLayer::with_cache(cache.clone())
         .any_https_origin()
         .layer(mock);
-    let get = || {
-        Request::get("https://api.example.com/v1/x")
-            .body(Full::<Bytes>::default())
-            .unwrap()
-    };
+    let get = || api_get();
     let call = tokio::spawn(svc.clone().oneshot(get()));
     let (_, respond) = api.next_request().await.unwrap();
     clock.advance(Duration::from_secs(3600));
     respond.send_response(nonce_please());
     let (req, respond) = api.next_request().await.unwrap();
     assert_eq!(req.headers()[http::header::AUTHORIZATION], "DPoP fixed");
-    respond.send_response(
-        http::Response::builder()
-            .status(401)
-            .header("www-authenticate", r#"DPoP error="invalid_token""#)
-            .body("")
-            .unwrap(),
-    );
+    respond.send_response(invalid_token());
     let res = call.await.unwrap().unwrap();
     assert_eq!(
         res.extensions().get::<NotReplayed>(),
@@ -1352,25 +1329,7 @@ async fn a_nonce_resend_of_a_token_kept_through_a_backoff_counts_its_rejection()
     type Req = Request<ReplayBody<Full<Bytes>>>;
     let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
     let clock = ManualClock::new(SystemTime::now());
-    let source = {
-        let (clock, fetches) = (clock.clone(), std::sync::atomic::AtomicUsize::new(0));
-        let key = DpopKey::generate().unwrap();
-        tower_client_auth::source_fn(move |_| {
-            let n = fetches.fetch_add(1, SeqCst) + 1;
-            let now = tower_client_auth::clock::Clock::now(&clock);
-            let credential = key
-                .credential(&format!("bound-{n}"))
-                .map(|c| c.issued_at(now).expires_at(now + Duration::from_secs(600)));
-            async move {
-                if n > 1 {
-                    return Err::<tower_client_auth::Credential, BoxError>("idp down".into());
-                }
-                Ok(credential?)
-            }
-        })
-        .binds_credentials(true)
-    };
-    let cache = CredentialCache::builder(source)
+    let cache = CredentialCache::builder(clocked_bound_source(&clock, 1))
         .clock(clock.clone())
         .window_jitter(0.0)
         .backoff(Duration::from_secs(300), Duration::from_secs(600))
@@ -1379,13 +1338,8 @@ async fn a_nonce_resend_of_a_token_kept_through_a_backoff_counts_its_rejection()
     let svc = AuthLayer::with_cache(cache.clone())
         .any_https_origin()
         .layer(mock);
-    let get = || {
-        Request::get("https://api.example.com/v1/x")
-            .body(Full::<Bytes>::default())
-            .unwrap()
-    };
+    let get = || api_get();
     let ok = || http::Response::builder().status(200).body("").unwrap();
-    let authorization = |req: &Req| req.headers()[http::header::AUTHORIZATION].clone();
     let settle = || async {
         for _ in 0..50 {
             tokio::task::yield_now().await;
@@ -1410,13 +1364,7 @@ async fn a_nonce_resend_of_a_token_kept_through_a_backoff_counts_its_rejection()
     respond.send_response(nonce_please());
     let (req, respond) = api.next_request().await.unwrap();
     assert_eq!(authorization(&req), "DPoP bound-1");
-    respond.send_response(
-        http::Response::builder()
-            .status(401)
-            .header("www-authenticate", r#"DPoP error="invalid_token""#)
-            .body("")
-            .unwrap(),
-    );
+    respond.send_response(invalid_token());
     let res = call.await.unwrap().unwrap();
     assert_eq!(
         res.extensions().get::<NotReplayed>(),
