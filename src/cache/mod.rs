@@ -346,11 +346,13 @@ impl<P: CredentialSource> CredentialCache<P> {
     }
 
     /// Whether `entry`, a replay's new credential (a step-up's, say), may still be sent
-    /// once the replay's service is ready: not dropped (rejected, invalidated) nor
-    /// expired since. One merely replaced by a newer one may (a step-up's carries the
-    /// scope the replay needs; the newer one may not). The wait for readiness may have
-    /// spanned a suspend, which stops the aging timer: the wall clock is read, as the hot
-    /// path reads it; no lock is taken while the entry is before its soft window.
+    /// once the replay's service is ready: not dropped (rejected, invalidated) nor, for
+    /// a credential with refresh windows, expired since (a reactive credential goes
+    /// until it is rejected, as on the hot path). One merely replaced by a newer one may
+    /// (a step-up's carries the scope the replay needs; the newer one may not). The
+    /// wait for readiness may have spanned a suspend, which stops the aging timer: the
+    /// wall clock is read, as the hot path reads it; no lock is taken while the entry is
+    /// before its soft window.
     #[inline]
     pub(crate) fn replay_sendable(&self, entry: &Entry) -> bool {
         entry.fresh(|| self.inner.config.clock.now()) || self.replay_sendable_aging(entry)
