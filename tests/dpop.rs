@@ -1385,3 +1385,34 @@ async fn a_nonce_resend_of_a_token_kept_through_a_backoff_counts_its_rejection()
     };
     assert!(answer.is_err(), "answered without a token");
 }
+
+/// World: a request's token is invalidated while its first attempt is out, and the
+/// source then fails; the API asks for a nonce. Proves what README says: the resend
+/// waits for the cache's refresh, whose failure fails the request as a replay's does,
+/// and nothing more reaches the API.
+#[tokio::test]
+async fn a_nonce_resend_whose_refresh_fails_fails_the_request() {
+    use std::time::SystemTime;
+    use tower_client_auth::{ErrorKind, ReplayBody, clock::ManualClock};
+    type Req = Request<ReplayBody<Full<Bytes>>>;
+    let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
+    let clock = ManualClock::new(SystemTime::now());
+    let cache = CredentialCache::builder(clocked_bound_source(&clock, 1))
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let layer = AuthLayer::with_cache(cache.clone()).any_https_origin();
+    let call = tokio::spawn(layer.layer(mock).oneshot(api_get()));
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(authorization(&req), "DPoP bound-1");
+    assert!(cache.handle().invalidate());
+    respond.send_response(nonce_please());
+    let err = call.await.unwrap().expect_err("answered without a token");
+    let err = err.downcast::<tower_client_auth::Error>().unwrap();
+    assert_eq!(err.kind(), ErrorKind::Fetch, "{err}");
+    let next = futures_util::FutureExt::now_or_never(api.next_request());
+    assert!(
+        !matches!(next, Some(Some(_))),
+        "a request without a token reached the API"
+    );
+}
