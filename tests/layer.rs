@@ -1072,14 +1072,15 @@ async fn a_body_answered_before_its_end_is_replayed_as_it_was_sent() {
 /// The world of the two tests below: a request through a layer over `source` (which
 /// issues `token-1`, then `token-2`) is rejected once; the service clone its replay goes
 /// through waits for readiness, and meanwhile the replay's new credential, `token-2`, is
-/// dropped by name. Returns the request's task and the API, which lets one more request
-/// through.
+/// dropped by name. Returns the request's task, the API, which lets one more request
+/// through, and the cache's handle.
 async fn rejected_then_dropped_while_the_replay_gets_ready<P: CredentialSource>(
     source: P,
     fetches: impl Fn() -> usize,
 ) -> (
     tokio::task::JoinHandle<Result<Response<&'static str>, BoxError>>,
     mock::Handle<Req, Response<&'static str>>,
+    tower_client_auth::CacheHandle,
 ) {
     let (mock, mut api) = mock::pair::<Req, Response<&'static str>>();
     let layer = AuthLayer::new(source).any_https_origin();
@@ -1099,7 +1100,7 @@ async fn rejected_then_dropped_while_the_replay_gets_ready<P: CredentialSource>(
             .invalidate_if(&Credential::bearer("token-2").unwrap())
     );
     api.allow(1);
-    (call, api)
+    (call, api, cache.handle())
 }
 
 /// World: a request rejected once; the service clone its replay goes through waits for
@@ -1109,7 +1110,7 @@ async fn rejected_then_dropped_while_the_replay_gets_ready<P: CredentialSource>(
 #[tokio::test]
 async fn a_replay_does_not_send_a_credential_dropped_while_its_service_gets_ready() {
     let source = TestSource::new();
-    let (call, mut api) = rejected_then_dropped_while_the_replay_gets_ready(source.clone(), {
+    let (call, mut api, _) = rejected_then_dropped_while_the_replay_gets_ready(source.clone(), {
         let source = source.clone();
         move || source.fetches()
     })
@@ -1122,6 +1123,34 @@ async fn a_replay_does_not_send_a_credential_dropped_while_its_service_gets_read
     );
     respond.send_response(status(200));
     assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}
+
+/// World: as above, and before the replay's service is ready the application replaces
+/// the credential a hundred times over (more changes than the cache remembers
+/// credentials by name). Proves: the replay still does not send the dropped credential:
+/// it sends the last replacement.
+#[tokio::test]
+async fn a_replay_does_not_send_a_dropped_credential_however_many_changes_came_after() {
+    let source = TestSource::new();
+    let (call, mut api, handle) =
+        rejected_then_dropped_while_the_replay_gets_ready(source.clone(), {
+            let source = source.clone();
+            move || source.fetches()
+        })
+        .await;
+    for i in 0..100 {
+        let credential = Credential::bearer(format!("replacement-{i}")).unwrap();
+        assert!(handle.replace(credential).unwrap());
+    }
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(
+        bearer(&req),
+        "Bearer replacement-99",
+        "the replay sent a dropped credential"
+    );
+    respond.send_response(status(200));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    assert_eq!(source.fetches(), 2);
 }
 
 /// World: as above, but the source's third answer is the very credential the API
@@ -1145,7 +1174,7 @@ async fn a_replay_that_looks_again_and_gets_the_rejected_credential_back_does_no
             }
         })
     };
-    let (mut call, mut api) = rejected_then_dropped_while_the_replay_gets_ready(source, {
+    let (mut call, mut api, _) = rejected_then_dropped_while_the_replay_gets_ready(source, {
         let fetches = fetches.clone();
         move || fetches.load(Ordering::SeqCst)
     })

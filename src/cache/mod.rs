@@ -666,6 +666,13 @@ struct State {
     /// replacement is the same value; and whether it may be taken back from the store
     /// (see [`Retired`]).
     retired: std::collections::VecDeque<(u64, Credential, Retired)>,
+    /// The newest generation dropped and then forgotten from `retired` (or rejected
+    /// only after it was forgotten): every generation up to it that `retired` no longer
+    /// names is taken as dropped, so that a request holding a credential
+    /// dropped long ago never sends it, however many changes came since. A forgotten
+    /// generation that was only superseded below it is taken as dropped too: such a
+    /// request takes the current credential instead.
+    forgotten_dropped: u64,
     /// Consecutive rejections of credentials younger than [`YOUNG_CREDENTIAL_AGE`], and
     /// when the next one may cause a fetch.
     fresh_rejections: u32,
@@ -690,7 +697,11 @@ impl State {
         // own result, say) looks closer before sending it (`still_sendable`).
         entry.aging.store(true, Ordering::Release);
         if self.retired.len() == RETIRED_KEPT {
-            self.retired.pop_front();
+            if let Some((generation, _, Retired::Dropped | Retired::Tainted)) =
+                self.retired.pop_front()
+            {
+                self.forgotten_dropped = self.forgotten_dropped.max(generation);
+            }
         }
         self.retired
             .push_back((entry.generation, entry.credential.clone(), how));
@@ -700,7 +711,11 @@ impl State {
     /// was rejected: remembered as dropped from now on, so that it is not taken back
     /// from the store. Its value, and how it had retired, if it is still remembered.
     fn drop_retired(&mut self, generation: u64) -> Option<(Credential, Retired)> {
-        let (_, credential, how) = self.retired.iter_mut().find(|(g, ..)| *g == generation)?;
+        let Some((_, credential, how)) = self.retired.iter_mut().find(|(g, ..)| *g == generation)
+        else {
+            self.forgotten_dropped = self.forgotten_dropped.max(generation);
+            return None;
+        };
         let before = std::mem::replace(how, Retired::Dropped);
         Some((credential.clone(), before))
     }
@@ -713,11 +728,13 @@ impl State {
             .any(|(_, retired, how)| *how != Retired::Own && retired == credential)
     }
 
-    /// Whether the credential of `generation` is remembered as dropped.
+    /// Whether the credential of `generation`, not current, is remembered as dropped, or
+    /// forgotten at or below the newest generation forgotten as dropped.
     fn dropped_generation(&self, generation: u64) -> bool {
-        self.retired
-            .iter()
-            .any(|(g, _, how)| *g == generation && *how == Retired::Dropped)
+        match self.retired.iter().find(|(g, ..)| *g == generation) {
+            Some((_, _, how)) => *how == Retired::Dropped,
+            None => generation <= self.forgotten_dropped,
+        }
     }
 
     /// [`drop_retired`](Self::drop_retired) by value, for every generation it had.
@@ -747,9 +764,10 @@ pub(super) enum Retired {
 }
 
 /// How many credentials [`State::retired`] remembers: a bound, not a guarantee. A
-/// credential dropped this many changes ago is forgotten: a rejection of it, still in
-/// flight, can no longer be told from its replacement, and a store that nothing has
-/// written since could hand it back. Each change is a fetch, a replacement, a
+/// credential dropped this many changes ago is forgotten by value: a rejection of it,
+/// still in flight, can no longer be told from its replacement, and a store that nothing
+/// has written since could hand it back. Not by generation: a request still holding it
+/// never sends it (`State::forgotten_dropped`). Each change is a fetch, a replacement, a
 /// rejection or an invalidation; 64 of them while one request is in flight, or with no
 /// fetch saving over the store, is far beyond what a client sees. Scanned only on the
 /// refresh path (a rejection, a store's answer), never per request.
