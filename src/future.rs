@@ -899,6 +899,13 @@ where
                 }
             }
         }
+        // A nonce the server gave with its answer is the server's, whichever key proves
+        // the replay: one bound to a key other than the first attempt's gets it too.
+        if let (Some(response), Ok(request)) = (&r.response, &r.request) {
+            if let Some(sent) = Sent::of(&entry.credential, request.uri()) {
+                sent.saw(response.headers());
+            }
+        }
         r.entry = Some(entry);
         // The rejected response (and its connection) is released now.
         r.response = None;

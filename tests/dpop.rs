@@ -1114,18 +1114,23 @@ fn proof_nonce<B>(req: &Request<B>) -> serde_json::Value {
 }
 
 /// World: while a request's first attempt is out, its credential is replaced (another
-/// token of the same key handed over) or invalidated; the API then asks for a nonce,
-/// and answers the resend 401 `invalid_token`. Proves: the resend carries the cache's
-/// credential as it is then, with the nonce, never the one replaced or dropped; and it
-/// counts as a replay after a rejection: its 401 leaves that credential to the next
-/// request's rejection (no invalidation, no fetch for it).
+/// token of the same key handed over, or a token of a new key: the key rotated) or
+/// invalidated; the API then asks for a nonce, and answers the resend 401
+/// `invalid_token`. Proves: the resend carries the cache's credential as it is then,
+/// with the nonce (the server's, whichever key proves it), never the one replaced or
+/// dropped; and it counts as a replay after a rejection: its 401 leaves that credential
+/// to the next request's rejection (no invalidation, no fetch for it).
 #[tokio::test]
 async fn a_nonce_resend_after_a_replacement_or_a_drop_goes_as_a_replay() {
     use tower_client_auth::ReplayBody;
     type Req = Request<ReplayBody<Full<Bytes>>>;
-    for dropped in [false, true] {
+    for (dropped, new_key) in [(false, false), (false, true), (true, false)] {
         let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
         let key = DpopKey::generate().unwrap();
+        let handed_key = match new_key {
+            true => DpopKey::generate().unwrap(),
+            false => key.clone(),
+        };
         let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let source = {
             let (key, counted) = (key.clone(), fetches.clone());
@@ -1145,14 +1150,18 @@ async fn a_nonce_resend_after_a_replacement_or_a_drop_goes_as_a_replay() {
             assert!(cache.handle().invalidate());
             ("DPoP bound-2", 2)
         } else {
-            let handed = key.credential("handed").unwrap();
+            let handed = handed_key.credential("handed").unwrap();
             assert!(cache.handle().replace(handed).unwrap());
             ("DPoP handed", 1)
         };
         respond.send_response(nonce_please());
         let (req, respond) = api.next_request().await.unwrap();
         assert_eq!(authorization(&req), expected, "dropped: {dropped}");
-        assert_eq!(proof_nonce(&req), "nonce-1", "dropped: {dropped}");
+        assert_eq!(
+            proof_nonce(&req),
+            "nonce-1",
+            "dropped: {dropped}, new key: {new_key}"
+        );
         respond.send_response(invalid_token());
         let res = call.await.unwrap().unwrap();
         assert_eq!(res.status(), 401);
@@ -1167,7 +1176,7 @@ async fn a_nonce_resend_after_a_replacement_or_a_drop_goes_as_a_replay() {
         assert_eq!(fetches.load(SeqCst), fetched, "dropped: {dropped}");
         let current = cache.credential().await.unwrap();
         let expected = expected.strip_prefix("DPoP ").unwrap();
-        assert_eq!(current, key.credential(expected).unwrap());
+        assert_eq!(current, handed_key.credential(expected).unwrap());
     }
 }
 
