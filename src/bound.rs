@@ -134,11 +134,24 @@ impl Sent {
     /// whether it kept one.
     #[inline(never)]
     pub(crate) fn saw(&self, headers: &HeaderMap) -> bool {
-        match (headers.get(DPOP_NONCE), self.credential.binding()) {
-            (Some(nonce), Some(binding)) => binding.nonce(&self.origin, nonce),
-            _ => false,
-        }
+        headers
+            .get(DPOP_NONCE)
+            .is_some_and(|nonce| self.keep_nonce(nonce))
     }
+
+    /// Keeps `nonce`, a `DPoP-Nonce` the server at this request's origin gave (to this
+    /// request or to an earlier attempt of it, whichever key proved that); returns
+    /// whether it was kept.
+    pub(crate) fn keep_nonce(&self, nonce: &HeaderValue) -> bool {
+        self.credential
+            .binding()
+            .is_some_and(|binding| binding.nonce(&self.origin, nonce))
+    }
+}
+
+/// The `DPoP-Nonce` an answer gives, if any.
+pub(crate) fn nonce_of(headers: &HeaderMap) -> Option<HeaderValue> {
+    headers.get(DPOP_NONCE).cloned()
 }
 
 /// A binding, shared by every copy of its credential.

@@ -197,9 +197,8 @@ where
         // Readied a moment ago, as a rule; a service held ready for longer (a balancer's
         // ready set) must not send a credential that has expired since, nor one dropped
         // since (invalidated, rejected, replaced): the current one, if it may be sent
-        // without waiting, else nothing. (A pause between `poll_ready` and `call` is not
-        // seen here, as one right after `call` is not: see
-        // `CredentialCache::still_sendable`.)
+        // without waiting, else nothing. A hold through a suspend, which stops the aging
+        // timer, is seen by the wall clock (`CredentialCache::still_sendable`).
         let entry = match entry {
             Some(entry) if self.cache.still_sendable(entry) => Some(entry),
             _ => self

@@ -216,6 +216,10 @@ struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     /// resend that gets another goes as after a rejection (its answer says nothing of
     /// that one).
     asked: Option<u64>,
+    /// The `DPoP-Nonce` of the answer that caused this replay, kept when the answer is
+    /// released: the server's, whichever key proves the replay (one bound to a key
+    /// other than the first attempt's, taken on the first or a second look, gets it).
+    nonce: Option<http::HeaderValue>,
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
@@ -469,7 +473,7 @@ where
                     // credential as it is now is, the service readied again for it.
                     if p.entry
                         .as_deref()
-                        .is_some_and(|entry| !p.cache.still_sendable_after_wait(entry))
+                        .is_some_and(|entry| !p.cache.still_sendable(entry))
                     {
                         p.entry = None;
                         // Its readiness is not held through a refresh.
@@ -655,11 +659,16 @@ where
                         replace,
                         entry,
                         why,
+                        nonce,
                         ..
                     } = *resend;
                     let (Ok(mut request), Some(entry)) = (request, entry) else {
                         return Poll::Ready(Err(polled_after_completion().into()));
                     };
+                    let dpop = Sent::of(&entry.credential, request.uri());
+                    if let (Some(sent), Some(nonce)) = (&dpop, &nonce) {
+                        sent.keep_nonce(nonce);
+                    }
                     // The snapshot is the request as it came: the same rule as on the
                     // first attempt decides each header the request brought.
                     crate::policy::attach(&entry.credential, &mut request, replace)?;
@@ -668,7 +677,6 @@ where
                         "replaying request with the new credential"
                     );
                     cache.record_replay();
-                    let dpop = Sent::of(&entry.credential, request.uri());
                     this.state.set(State::Second {
                         // Ready already: the oneshot's own look at readiness is answered
                         // at once.
@@ -899,16 +907,12 @@ where
                 }
             }
         }
-        // A nonce the server gave with its answer is the server's, whichever key proves
-        // the replay: one bound to a key other than the first attempt's gets it too.
-        if let (Some(response), Ok(request)) = (&r.response, &r.request) {
-            if let Some(sent) = Sent::of(&entry.credential, request.uri()) {
-                sent.saw(response.headers());
-            }
-        }
         r.entry = Some(entry);
-        // The rejected response (and its connection) is released now.
-        r.response = None;
+        // The rejected response (and its connection) is released now; a nonce it gave
+        // is kept for the credential the replay finally carries.
+        if let Some(response) = r.response.take() {
+            r.nonce = crate::bound::nonce_of(response.headers());
+        }
         Ok(())
     }
 
@@ -956,6 +960,7 @@ where
                     entry: None,
                     why,
                     asked: None,
+                    nonce: None,
                 })),
             }),
             Err(reason) => {

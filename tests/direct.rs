@@ -591,3 +591,51 @@ async fn answers_that_are_not_rejections_are_marked_and_cost_no_token_request() 
         vec![token.clone(), token.clone(), token]
     );
 }
+
+/// World: a service held ready (a balancer's ready set) while the machine sleeps past
+/// its credential's expiry: the wall clock jumps an hour, the monotonic clock and every
+/// timer stand still. Proves: `call` does not send the expired credential (README: a
+/// service held ready never sends a credential expired since `poll_ready`).
+#[tokio::test(start_paused = true)]
+async fn a_service_held_ready_through_a_suspend_sends_no_expired_credential() {
+    let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+    let source = {
+        let clock = clock.clone();
+        let fetches = AtomicUsize::new(0);
+        source_fn(move |_| {
+            let n = fetches.fetch_add(1, Ordering::SeqCst) + 1;
+            let now = tower_client_auth::clock::Clock::now(&clock);
+            async move {
+                Ok::<_, BoxError>(
+                    Credential::bearer(format!("t{n}"))?
+                        .issued_at(now)
+                        .expires_at(now + Duration::from_secs(60)),
+                )
+            }
+        })
+    };
+    let layer = AuthLayer::builder(source)
+        .clock(clock.clone())
+        .origin(API)
+        .unwrap()
+        .without_replay()
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let mut svc = layer.layer(Api::new(&seen));
+    svc.ready().await.unwrap();
+    clock.advance(Duration::from_secs(3600));
+    let _ = svc.call(get(API)).await;
+    assert!(
+        !seen.authorizations().contains(&Some("Bearer t1".into())),
+        "a credential expired an hour ago was sent: {:?}",
+        seen.authorizations()
+    );
+    // The next request, readied after the suspend, waits for a new credential.
+    svc.ready().await.unwrap();
+    svc.call(get(API)).await.unwrap();
+    assert_eq!(
+        seen.authorizations().last(),
+        Some(&Some("Bearer t2".into()))
+    );
+}

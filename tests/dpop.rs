@@ -1425,3 +1425,55 @@ async fn a_nonce_resend_whose_refresh_fails_fails_the_request() {
         "a request without a token reached the API"
     );
 }
+
+/// World: every fetch brings a token bound to a key of its own (the keys rotate). A
+/// request's first attempt is answered with a nonce request (a resend) or a 401 that
+/// gives a nonce (a replay); while the resend's service gets ready, its credential is
+/// dropped, so it takes the cache's on a second look: a token of yet another key.
+/// Proves: that token proves with the server's nonce too.
+#[tokio::test]
+async fn a_second_look_credential_of_another_key_carries_the_servers_nonce() {
+    use tower_client_auth::ReplayBody;
+    type Req = Request<ReplayBody<Full<Bytes>>>;
+    for first_answer in ["nonce resend", "replay"] {
+        let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
+        let source = tower_client_auth::source_fn({
+            let fetches = std::sync::atomic::AtomicUsize::new(0);
+            move |_| {
+                let n = fetches.fetch_add(1, SeqCst) + 1;
+                let credential = DpopKey::generate()
+                    .unwrap()
+                    .credential(&format!("bound-{n}"));
+                async move { credential }
+            }
+        })
+        .binds_credentials(true);
+        let layer = AuthLayer::new(source).any_https_origin();
+        let cache = layer.cache().clone();
+        let call = tokio::spawn(layer.layer(mock).oneshot(api_get()));
+        let (req, respond) = api.next_request().await.unwrap();
+        assert_eq!(authorization(&req), "DPoP bound-1");
+        api.allow(0);
+        let expected = if first_answer == "nonce resend" {
+            respond.send_response(nonce_please());
+            "DPoP bound-2"
+        } else {
+            let mut answer = invalid_token();
+            answer
+                .headers_mut()
+                .insert("dpop-nonce", http::HeaderValue::from_static("nonce-1"));
+            respond.send_response(answer);
+            "DPoP bound-3"
+        };
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        assert!(cache.handle().invalidate());
+        api.allow(1);
+        let (req, respond) = api.next_request().await.unwrap();
+        assert_eq!(authorization(&req), expected, "{first_answer}");
+        assert_eq!(proof_nonce(&req), "nonce-1", "{first_answer}");
+        respond.send_response(http::Response::builder().status(200).body("").unwrap());
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+}

@@ -1153,6 +1153,45 @@ async fn a_replay_does_not_send_a_dropped_credential_however_many_changes_came_a
     assert_eq!(source.fetches(), 2);
 }
 
+/// World: a request rejected once; while its replay's service gets ready, the replay's
+/// new credential (`token-2`) is merely replaced, a hundred times over (more changes
+/// than the cache remembers credentials by name), and only then reported rejected by
+/// name. Proves: the replay does not send a credential reported rejected before it went.
+#[tokio::test]
+async fn a_replay_does_not_send_a_credential_rejected_by_name_after_many_changes() {
+    let source = TestSource::new();
+    let (mock, mut api) = mock::pair::<Req, Response<&'static str>>();
+    let layer = AuthLayer::new(source.clone()).any_https_origin();
+    let cache = layer.cache().clone();
+    let call = tokio::spawn(layer.layer(mock).oneshot(get("/v1/things")));
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(bearer(&req), "Bearer token-1");
+    api.allow(0);
+    respond.send_response(status(401));
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(source.fetches(), 2);
+    let handle = cache.handle();
+    for i in 0..100 {
+        let credential = Credential::bearer(format!("replacement-{i}")).unwrap();
+        assert!(handle.replace(credential).unwrap());
+    }
+    cache
+        .reject(&Credential::bearer("token-2").unwrap())
+        .await
+        .unwrap();
+    api.allow(1);
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(
+        bearer(&req),
+        "Bearer replacement-99",
+        "the replay sent a credential reported rejected"
+    );
+    respond.send_response(status(200));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}
+
 /// World: as above, but the source's third answer is the very credential the API
 /// rejected (an identity provider that hands back its cached token after a drop). Proves:
 /// the replay does not send it (a request is never sent twice with one credential); the

@@ -308,25 +308,17 @@ impl<P: CredentialSource> CredentialCache<P> {
         Err(self.acquire(None))
     }
 
-    /// Whether `entry`, found usable by [`usable`](Self::usable) a moment ago (readied in
-    /// `poll_ready`), may still be sent: it is still current (not invalidated, rejected,
-    /// replaced or refreshed since) and has not expired. One in its windows starts the
-    /// refresh `usable` would.
+    /// Whether `entry`, found usable by [`usable`](Self::usable) before (readied in
+    /// `poll_ready`, or the credential a request waited for) may still be sent: it is
+    /// still current (not invalidated, rejected, replaced or refreshed since) and has
+    /// not expired. One in its windows starts the refresh `usable` would.
     ///
-    /// No clock is read while the entry's aging timer has not fired: a hold since the
-    /// check long enough to matter fires it, and retiring an entry sets it. A pause since
-    /// the check is no different from a pause right after `call`, which no check before
-    /// sending can see.
+    /// The hold since the check may have spanned a suspend (a service held ready in a
+    /// balancer's ready set while the machine slept), which stops the aging timer but
+    /// not the wall clock: the wall clock is read, as the hot path reads it, for a
+    /// credential with refresh windows.
     #[inline]
     pub(crate) fn still_sendable(&self, entry: &Entry) -> bool {
-        !entry.aging.load(Ordering::Acquire) || self.still_sendable_aging(entry)
-    }
-
-    /// [`still_sendable`](Self::still_sendable) after a wait that may have spanned a
-    /// suspend (a service readied for a request that waited for its credential): a
-    /// suspend stops the aging timer, not the wall clock, so this reads the wall clock
-    /// too, as the hot path does.
-    pub(crate) fn still_sendable_after_wait(&self, entry: &Entry) -> bool {
         entry.fresh(|| self.inner.config.clock.now()) || self.still_sendable_aging(entry)
     }
 
@@ -666,13 +658,14 @@ struct State {
     /// replacement is the same value; and whether it may be taken back from the store
     /// (see [`Retired`]).
     retired: std::collections::VecDeque<(u64, Credential, Retired)>,
-    /// The newest generation dropped and then forgotten from `retired` (or rejected
-    /// only after it was forgotten): every generation up to it that `retired` no longer
-    /// names is taken as dropped, so that a request holding a credential
-    /// dropped long ago never sends it, however many changes came since. A forgotten
-    /// generation that was only superseded below it is taken as dropped too: such a
-    /// request takes the current credential instead.
-    forgotten_dropped: u64,
+    /// The newest generation forgotten from `retired` (or rejected only after it was
+    /// forgotten): every generation up to it that `retired` no longer names is taken as
+    /// dropped, whatever it was when it was forgotten, so that a request holding a
+    /// credential dropped long ago (or dropped by value after it was forgotten, when
+    /// nothing could mark it) never sends it, however many changes came since. A
+    /// request holding a forgotten credential that was merely superseded takes the
+    /// current one instead.
+    forgotten: u64,
     /// Consecutive rejections of credentials younger than [`YOUNG_CREDENTIAL_AGE`], and
     /// when the next one may cause a fetch.
     fresh_rejections: u32,
@@ -697,10 +690,8 @@ impl State {
         // own result, say) looks closer before sending it (`still_sendable`).
         entry.aging.store(true, Ordering::Release);
         if self.retired.len() == RETIRED_KEPT {
-            if let Some((generation, _, Retired::Dropped | Retired::Tainted)) =
-                self.retired.pop_front()
-            {
-                self.forgotten_dropped = self.forgotten_dropped.max(generation);
+            if let Some((generation, ..)) = self.retired.pop_front() {
+                self.forgotten = self.forgotten.max(generation);
             }
         }
         self.retired
@@ -713,7 +704,7 @@ impl State {
     fn drop_retired(&mut self, generation: u64) -> Option<(Credential, Retired)> {
         let Some((_, credential, how)) = self.retired.iter_mut().find(|(g, ..)| *g == generation)
         else {
-            self.forgotten_dropped = self.forgotten_dropped.max(generation);
+            self.forgotten = self.forgotten.max(generation);
             return None;
         };
         let before = std::mem::replace(how, Retired::Dropped);
@@ -729,11 +720,11 @@ impl State {
     }
 
     /// Whether the credential of `generation`, not current, is remembered as dropped, or
-    /// forgotten at or below the newest generation forgotten as dropped.
+    /// was forgotten (see `forgotten`).
     fn dropped_generation(&self, generation: u64) -> bool {
         match self.retired.iter().find(|(g, ..)| *g == generation) {
             Some((_, _, how)) => *how == Retired::Dropped,
-            None => generation <= self.forgotten_dropped,
+            None => generation <= self.forgotten,
         }
     }
 
@@ -767,7 +758,7 @@ pub(super) enum Retired {
 /// credential dropped this many changes ago is forgotten by value: a rejection of it,
 /// still in flight, can no longer be told from its replacement, and a store that nothing
 /// has written since could hand it back. Not by generation: a request still holding it
-/// never sends it (`State::forgotten_dropped`). Each change is a fetch, a replacement, a
+/// never sends it (`State::forgotten`). Each change is a fetch, a replacement, a
 /// rejection or an invalidation; 64 of them while one request is in flight, or with no
 /// fetch saving over the store, is far beyond what a client sees. Scanned only on the
 /// refresh path (a rejection, a store's answer), never per request.
