@@ -1428,3 +1428,57 @@ mod file_store {
         assert!(FileStore::open(path.with_file_name("missing-dir/x.json")).is_err());
     }
 }
+
+/// World: two processes on one store (two caches on one `MemoryStore`); A's refresh
+/// presents the fleet's refresh token and the server takes 1.5 s to answer, past A's 1 s
+/// fetch timeout (the token source's exchange goes on in its own task). B's own copy of
+/// the access token is rejected half a second later, so B waits for A's lease. Proves:
+/// A keeps the lease until its exchange ends and saves what it brought; B never logs in
+/// meanwhile (one token request at a time in the fleet, one login in all), and the
+/// fleet goes on with the refresh token A's late answer rotated.
+#[cfg(feature = "https")]
+#[tokio::test]
+async fn a_lease_is_kept_while_its_exchange_outlives_the_fetch_timeout() {
+    use support::{
+        providers::start,
+        strict_idp::{Fault, StrictIdp, rotating_source},
+    };
+    let idp = StrictIdp::new("fleet-client", "fleet-secret", 3600.0);
+    let base = start(idp.clone()).await;
+    let store = MemoryStore::new();
+    let cache = || {
+        CredentialCache::builder(rotating_source(&base, "fleet-client", "fleet-secret"))
+            .store(store.clone())
+            .fetch_timeout(Duration::from_secs(1))
+            .backoff(Duration::from_millis(100), Duration::from_millis(200))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (cache(), cache());
+    let first = a.credential().await.unwrap();
+    assert_eq!(b.credential().await.unwrap(), first, "from the store");
+    assert_eq!(idp.logins.load(SeqCst), 1);
+
+    idp.push_fault(Fault::RotateThenDelay(Duration::from_millis(1500)));
+    let started = Instant::now();
+    let refreshing = tokio::spawn({
+        let (a, first) = (a.clone(), first.clone());
+        async move { a.reject(&first).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b_got = b.reject(&first).await;
+    let b_done = started.elapsed();
+    let _ = refreshing.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        idp.logins.load(SeqCst),
+        1,
+        "B logged in {b_done:?} after A's refresh began (A's exchange answers at 1.5 s): \
+         two token requests at once in the fleet, and a second login ({b_got:?})"
+    );
+    // The late answer was saved: both take it from the store, nobody logs in.
+    let late = b.credential().await.unwrap();
+    assert_ne!(late, first);
+    assert_eq!(a.credential().await.unwrap(), late);
+    assert_eq!(idp.logins.load(SeqCst), 1);
+}

@@ -891,10 +891,22 @@ async fn obtain<P: CredentialSource>(
             saved,
             refused,
             spent,
+            late,
         } = renewing(inner, store.as_ref(), &lease, async {
             holding(inner, store.as_ref(), &lease, cx, deadline, took_over).await
         })
         .await;
+        if let Some(late) = late {
+            // The lease goes with the fetch, and is given back when it ends.
+            tokio::spawn(finish_late(
+                Arc::clone(inner),
+                Arc::clone(store),
+                lease,
+                late,
+                spent,
+            ));
+            return held;
+        }
         *from_store = saved == Saved::StoreHit;
         let unsaved = match saved {
             Saved::Failed => held.as_ref().ok().or(refused.as_ref()),
@@ -1040,7 +1052,7 @@ const SAVE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The refresh under `lease`: a last look at the store, then the source, then the save.
 async fn holding<P: CredentialSource>(
-    inner: &Inner<P>,
+    inner: &Arc<Inner<P>>,
     store: &dyn crate::store::DynStore,
     lease: &Lease,
     cx: FetchContext,
@@ -1103,7 +1115,25 @@ async fn holding<P: CredentialSource>(
         _ => None,
     };
     let mut refused = None;
-    let fetched = fetch(inner, cx.sharing(sharing), deadline, &mut refused).await;
+    let mut late = None;
+    let fetched = fetch_holding(
+        inner,
+        cx.sharing(sharing),
+        deadline,
+        &mut refused,
+        &mut late,
+    )
+    .await;
+    if late.is_some() {
+        // Still running, under the lease: see `finish_late`.
+        return Holding {
+            result: fetched,
+            saved: Saved::Done,
+            refused,
+            spent,
+            late,
+        };
+    }
     let mut saved = Saved::Done;
     // A credential refused on arrival goes to the store all the same when it carries a
     // refresh token: the presented one is spent, and the new one exists nowhere else
@@ -1126,6 +1156,7 @@ async fn holding<P: CredentialSource>(
         saved,
         refused,
         spent,
+        late: None,
     }
 }
 
@@ -1137,6 +1168,8 @@ struct Holding {
     refused: Option<Credential>,
     /// The refresh token the fetch presented, spent by now.
     spent: Option<crate::Secret>,
+    /// The source's fetch, still running when the deadline came (see `finish_late`).
+    late: Option<LateFetch>,
 }
 
 impl Holding {
@@ -1147,8 +1180,88 @@ impl Holding {
             saved,
             refused: None,
             spent: None,
+            late: None,
         }
     }
+}
+
+/// A lease holder's fetch that outlived the flight's deadline.
+type LateFetch = Pin<Box<dyn Future<Output = Result<Credential, crate::error::BoxError>> + Send>>;
+
+/// [`fetch`] for the lease holder: the source's fetch is not dropped at the deadline
+/// but handed back in `late`, still running. Its exchange may still be with the server
+/// (a token source runs it in its own task, so that a rotated refresh token is not
+/// lost): the lease must not be given back before it ends, or another process would
+/// take the lease, find no refresh token in the store (this one took it out) and log
+/// in while it runs: two token requests at once in one fleet.
+async fn fetch_holding<P: CredentialSource>(
+    inner: &Arc<Inner<P>>,
+    cx: FetchContext,
+    deadline: Instant,
+    refused: &mut Option<Credential>,
+    late: &mut Option<LateFetch>,
+) -> Result<Credential, Error> {
+    let started = Instant::now();
+    let mut fetching: LateFetch = {
+        let inner = Arc::clone(inner);
+        Box::pin(async move { inner.source.fetch(cx).await })
+    };
+    let result = match tokio::time::timeout_at(deadline, &mut fetching).await {
+        Err(_elapsed) => {
+            *late = Some(fetching);
+            Err(Error::new(ErrorKind::Timeout))
+        }
+        Ok(answer) => check_fetched(inner, answer, refused),
+    };
+    metrics::source_fetch(
+        &inner.config.name,
+        metrics::outcome(&result),
+        started.elapsed(),
+    );
+    result
+}
+
+/// The rest of a lease holder's fetch that outlived its flight's deadline (whose
+/// waiters were told `Timeout`), in a task of its own: the lease is kept, renewed, for
+/// up to one more fetch timeout while the fetch ends; what it brings is saved under the
+/// lease (fenced) and only then is the lease given back. Meanwhile every other refresh
+/// of the fleet, this process's included, waits for that save, as for any holder's. A
+/// rotated refresh token the store does not take is kept trying, as `keep_saving` does.
+/// A fetch still running after that extra time is dropped and the lease given back: a
+/// holder stalled past its bound, the one case where the fleet may fetch twice.
+async fn finish_late<P: CredentialSource>(
+    inner: Arc<Inner<P>>,
+    store: Arc<dyn crate::store::DynStore>,
+    lease: Lease,
+    late: LateFetch,
+    spent: Option<crate::Secret>,
+) {
+    tracing::debug!("the fetch outlived its deadline; the refresh lease is kept until it ends");
+    let bound = inner.config.fetch_timeout;
+    let answer = renewing(
+        &inner,
+        store.as_ref(),
+        &lease,
+        tokio::time::timeout(bound, late),
+    )
+    .await;
+    let mut refused = None;
+    let credential = match answer {
+        Ok(answer) => check_fetched(&inner, answer, &mut refused).ok().or(refused),
+        Err(_elapsed) => {
+            tracing::warn!("the fetch outlived its deadline twice; giving the refresh lease back");
+            None
+        }
+    };
+    if let Some(credential) = credential {
+        let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
+        let saved = store_call(&inner, until, "save", store.save(&lease, &credential)).await;
+        if saved.is_none() && credential.refresh_token().is_some() {
+            let inner = Arc::downgrade(&inner);
+            return keep_saving(inner, store, lease, credential, spent).await;
+        }
+    }
+    release(&inner, store.as_ref(), &lease).await;
 }
 
 /// Runs `work` while keeping `lease`: renewed every third of its hold, so a holder that
@@ -1235,12 +1348,19 @@ async fn checked_fetch<P: CredentialSource>(
     deadline: Instant,
     refused: &mut Option<Credential>,
 ) -> Result<Credential, Error> {
-    let fetched = tokio::time::timeout_at(deadline, inner.source.fetch(cx)).await;
-    let credential = match fetched {
-        Err(_elapsed) => return Err(Error::new(ErrorKind::Timeout)),
-        Ok(Err(e)) => return Err(fetch_error(e)),
-        Ok(Ok(credential)) => credential,
-    };
+    match tokio::time::timeout_at(deadline, inner.source.fetch(cx)).await {
+        Err(_elapsed) => Err(Error::new(ErrorKind::Timeout)),
+        Ok(answer) => check_fetched(inner, answer, refused),
+    }
+}
+
+/// What the source answered, checked: see [`fetch`].
+fn check_fetched<P: CredentialSource>(
+    inner: &Inner<P>,
+    answer: Result<Credential, crate::error::BoxError>,
+    refused: &mut Option<Credential>,
+) -> Result<Credential, Error> {
+    let credential = answer.map_err(fetch_error)?;
     let wall = inner.config.clock.now();
     if credential.expiry().is_some_and(|at| at <= wall) {
         if credential.refresh_token().is_some() {
