@@ -12,6 +12,11 @@ pub(crate) const MAX_SERVER_TEXT: usize = 200;
 
 /// Replaces every occurrence of each secret in `text` with `[redacted]`. Longer secrets
 /// go first, so a secret that contains another is replaced whole.
+///
+/// JSON string literals in `text` are first written as serde_json writes them
+/// ([`json_strings_as_serde_writes`]): a server's encoder may escape what serde_json does
+/// not (PHP `\/`, Python `\u00e9`, Go `\u0026`, .NET `\u002B`), and a secret it echoes
+/// must be found all the same.
 #[cfg(feature = "token")]
 pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
     let mut secrets: Vec<&str> = secrets
@@ -20,13 +25,55 @@ pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
         .filter(|s| !s.is_empty())
         .collect();
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    let mut text = text.to_owned();
+    let mut text = json_strings_as_serde_writes(text);
     for secret in secrets {
         if text.contains(secret) {
             text = text.replace(secret, "[redacted]");
         }
     }
     text
+}
+
+/// `text` with every JSON string literal that holds an escape (`"..\/.."`) decoded and
+/// written again as serde_json writes it (escaping only `"`, `\\` and control
+/// characters); a literal that does not decode, and everything outside literals, is
+/// left as it is.
+#[cfg(feature = "token")]
+fn json_strings_as_serde_writes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('"') {
+        out.push_str(&rest[..open]);
+        let literal = &rest[open..];
+        // The closing quote: the first `"` not escaped by a backslash.
+        let mut escaped = false;
+        let close = literal.char_indices().skip(1).find_map(|(i, c)| match c {
+            _ if escaped => {
+                escaped = false;
+                None
+            }
+            '\\' => {
+                escaped = true;
+                None
+            }
+            '"' => Some(i),
+            _ => None,
+        });
+        let Some(close) = close else {
+            out.push_str(literal);
+            return out;
+        };
+        let (literal, after) = literal.split_at(close + 1);
+        let rewritten = literal
+            .contains('\\')
+            .then(|| serde_json::from_str::<String>(literal).ok())
+            .flatten()
+            .and_then(|decoded| serde_json::to_string(&decoded).ok());
+        out.push_str(rewritten.as_deref().unwrap_or(literal));
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Whether `c` must not reach a log line or a terminal as is: control characters (C0,
@@ -201,5 +248,44 @@ mod tests {
         assert!(!out.contains("S3CR"), "{out}");
         let out = scrub("ab abc", &["ab".into(), "abc".into()]);
         assert_eq!(out, "[redacted] [redacted]");
+    }
+
+    /// A secret echoed in a JSON string by encoders that escape more than serde_json
+    /// (PHP, Python, Go, .NET) is found; text outside strings, a literal without an
+    /// escape, one that does not decode and an unclosed one stay as they came.
+    #[cfg(feature = "token")]
+    #[test]
+    fn scrubs_secrets_in_json_strings_however_escaped() {
+        let secret = "a/b+c&d\u{e9}\"e".to_owned();
+        let forms = [
+            secret.clone(),
+            serde_json::to_string(&secret)
+                .unwrap()
+                .trim_matches('"')
+                .to_owned(),
+        ];
+        for echoed in [
+            r#"{"m":"bad a\/b+c&d\u00e9\"e here"}"#,
+            r#"{"m":"bad a/b+c&d\u00e9\"e here"}"#,
+            r#"{"m":"bad a/b+c\u0026d\u00e9\"e here"}"#,
+            r#"{"m":"bad a\/b\u002Bc\u0026d\u00E9\u0022e here"}"#,
+        ] {
+            assert_eq!(
+                scrub(echoed, &forms),
+                r#"{"m":"bad [redacted] here"}"#,
+                "{echoed}"
+            );
+        }
+        for kept in [
+            r#"plain "quoted" text"#,
+            r#""bad \x escape""#,
+            r#"open "a\/b"#,
+        ] {
+            assert_eq!(json_strings_as_serde_writes(kept), kept);
+        }
+        assert_eq!(
+            json_strings_as_serde_writes(r#"x "a\/b" y"#),
+            r#"x "a/b" y"#
+        );
     }
 }

@@ -393,3 +393,51 @@ async fn token_flows_never_leak_the_secret() {
     let panics = panics.lock().unwrap();
     assert!(panics.is_empty(), "panicked: {panics:?}");
 }
+
+/// World: a token endpoint answers 401 with a JSON body that is not an OAuth error and
+/// echoes the client secret, written by the JSON encoders of PHP (`\/`, `\u00e9`),
+/// Python (`\u00e9`), Go (`\u0026`) and .NET (`\u002B`, `\u0026`, `\u00E9`), each
+/// escaping what serde_json does not. Proves: no part of the secret reaches the error's
+/// `body_start`, `Display` or `Debug`.
+#[tokio::test(flavor = "current_thread")]
+async fn a_secret_echoed_by_any_json_encoder_is_scrubbed() {
+    const SECRET: &str = "CANARY/5ecr3t+&\u{e9}-d0-not-print";
+    type Encoder = fn(&str) -> String;
+    let encoders: [(&str, Encoder); 4] = [
+        ("php", |s| {
+            s.replace('/', "\\/").replace('\u{e9}', "\\u00e9")
+        }),
+        ("python", |s| s.replace('\u{e9}', "\\u00e9")),
+        ("go", |s| s.replace('&', "\\u0026")),
+        ("dotnet", |s| {
+            s.replace('+', "\\u002B")
+                .replace('&', "\\u0026")
+                .replace('\u{e9}', "\\u00E9")
+        }),
+    ];
+    for (encoder, encode) in encoders {
+        let echoed = encode(SECRET);
+        let addr = support::serve(move |_req| {
+            let body = format!(r#"{{"message":"client secret {echoed} is wrong"}}"#);
+            async move {
+                Response::builder()
+                    .status(401)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap()
+            }
+        })
+        .await;
+        let source = TokenSource::client_credentials(&format!("http://{addr}/token"), "id", SECRET)
+            .unwrap()
+            .client(support::token_client());
+        let err = CredentialCache::new(source).credential().await.unwrap_err();
+        let shown = format!("{err} {err:?}");
+        let start = err.token_error().expect("a token error").body_start();
+        let start = start.unwrap_or_default().to_owned();
+        assert!(start.contains("[redacted]"), "{encoder}: {start}");
+        for part in ["CANARY", "5ecr3t", "d0-not-print"] {
+            assert!(!start.contains(part), "{encoder}: body_start: {start}");
+            assert!(!shown.contains(part), "{encoder}: the error: {shown}");
+        }
+    }
+}

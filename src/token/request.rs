@@ -461,8 +461,9 @@ impl TokenRequest {
             forms.push(lower.replace('+', "%20"));
             forms.push(lower);
             forms.push(encoded);
-            // As a JSON string carries it (`\"`, `\/`, `\u00e9`), for JSON bodies
-            // echoed raw.
+            // As serde_json writes it in a JSON string (`\"`, `\\`), for JSON bodies
+            // echoed raw; other encoders' escapes (`\/`, `\u00e9`) are written that way
+            // before the scrub (`text::scrub`).
             let json = serde_json::Value::from(secret).to_string();
             forms.push(json.trim_matches('"').to_owned());
             forms.push(secret.to_owned());
