@@ -35,10 +35,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! A client built otherwise gets no false verdict on a replayable request: an answer
-//! from another origin than the request's, or any hop's answer to a request with a
-//! proof, is not judged as the request's (no refetch, no replay, no new proof) and goes
-//! back as it came.
+//! A client built otherwise gets no false verdict on a replayable request from an
+//! answer at another origin than the request's, or from any hop's answer to a request
+//! with a proof: neither is judged as the request's (no refetch, no replay, no new
+//! proof) and each goes back as it came. One it can get: a round trip through another
+//! origin and back ends at the request's origin with no `Authorization` (reqwest
+//! removed it on the way out), and its `401` is judged as the request's; a response does
+//! not say which hops it took, and a redirect within the origin, which carried the
+//! credential, must be judged. [`redirect_policy`] never leaves the origin.
 //!
 //! # Ordering with `reqwest-retry`
 //! Put the retry middleware **before** (outside) this one:
