@@ -1482,3 +1482,92 @@ async fn a_lease_is_kept_while_its_exchange_outlives_the_fetch_timeout() {
     assert_eq!(a.credential().await.unwrap(), late);
     assert_eq!(idp.logins.load(SeqCst), 1);
 }
+
+/// A memory store whose `lease` fails while `down` is set (a store that stopped
+/// answering); every other call goes through.
+#[derive(Clone, Default)]
+struct LeaseDown {
+    inner: MemoryStore,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CredentialStore for LeaseDown {
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        self.inner.load().await
+    }
+    async fn lease(
+        &self,
+        ttl: Duration,
+    ) -> Result<Option<tower_client_auth::store::Lease>, BoxError> {
+        if self.down.load(SeqCst) {
+            return Err("connection refused".into());
+        }
+        self.inner.lease(ttl).await
+    }
+    async fn save(
+        &self,
+        lease: &tower_client_auth::store::Lease,
+        credential: &Credential,
+    ) -> Result<bool, BoxError> {
+        self.inner.save(lease, credential).await
+    }
+    async fn renew(
+        &self,
+        lease: &tower_client_auth::store::Lease,
+        ttl: Duration,
+    ) -> Result<bool, BoxError> {
+        self.inner.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &tower_client_auth::store::Lease) -> Result<(), BoxError> {
+        self.inner.release(lease).await
+    }
+    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+        self.inner.remove(rejected).await
+    }
+    async fn changed(&self, timeout: Duration) {
+        self.inner.changed(timeout).await
+    }
+}
+
+/// World: a lease holder's source answers after 1.5 s, past its 1 s fetch timeout (the
+/// fetch goes on, under the lease, after its flight failed); the store then stops
+/// answering, and the next flight of the same cache fetches on its own. Proves: it does
+/// not ask the source while the late fetch still runs (never two fetches of one cache
+/// at once).
+#[tokio::test]
+async fn a_late_fetch_under_the_lease_is_never_joined_by_a_second_one() {
+    let endpoint = Endpoint::default();
+    let source = {
+        let endpoint = endpoint.clone();
+        tower_client_auth::source_fn(move |_| {
+            let endpoint = endpoint.clone();
+            async move {
+                let n = endpoint.fetches.fetch_add(1, SeqCst) + 1;
+                let now = endpoint.in_flight.fetch_add(1, SeqCst) + 1;
+                endpoint.max_in_flight.fetch_max(now, SeqCst);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                endpoint.in_flight.fetch_sub(1, SeqCst);
+                Credential::bearer(format!("token-{n}"))
+            }
+        })
+    };
+    let store = LeaseDown::default();
+    let cache = CredentialCache::builder(source)
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .build()
+        .unwrap();
+    assert!(
+        cache.credential().await.is_err(),
+        "the first fetch timed out"
+    );
+    store.down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let _ = cache.credential().await;
+    assert_eq!(
+        endpoint.max_in_flight.load(SeqCst),
+        1,
+        "the source was asked while the late fetch still ran"
+    );
+}

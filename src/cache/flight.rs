@@ -1202,9 +1202,17 @@ async fn fetch_holding<P: CredentialSource>(
     late: &mut Option<LateFetch>,
 ) -> Result<Credential, Error> {
     let started = Instant::now();
+    let gate = Arc::clone(&inner.source_gate);
+    let Ok(gate) = tokio::time::timeout_at(deadline, gate.lock_owned()).await else {
+        return Err(Error::new(ErrorKind::Timeout));
+    };
     let mut fetching: LateFetch = {
         let inner = Arc::clone(inner);
-        Box::pin(async move { inner.source.fetch(cx).await })
+        Box::pin(async move {
+            let answer = inner.source.fetch(cx).await;
+            drop(gate);
+            answer
+        })
     };
     let result = match tokio::time::timeout_at(deadline, &mut fetching).await {
         Err(_elapsed) => {
@@ -1348,7 +1356,13 @@ async fn checked_fetch<P: CredentialSource>(
     deadline: Instant,
     refused: &mut Option<Credential>,
 ) -> Result<Credential, Error> {
-    match tokio::time::timeout_at(deadline, inner.source.fetch(cx)).await {
+    // A lease holder's fetch that outlived its flight may still run (see
+    // `fetch_holding`): waited for, as the fleet's other processes wait for its lease.
+    let fetched = tokio::time::timeout_at(deadline, async {
+        let _gate = inner.source_gate.lock().await;
+        inner.source.fetch(cx).await
+    });
+    match fetched.await {
         Err(_elapsed) => Err(Error::new(ErrorKind::Timeout)),
         Ok(answer) => check_fetched(inner, answer, refused),
     }

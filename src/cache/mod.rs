@@ -551,6 +551,11 @@ struct Inner<P> {
     /// One more than the newest generation the API answered with anything but a
     /// rejection: written once per credential, read on every answer.
     accepted: AtomicU64,
+    /// Held while the source fetches: by the flight whose fetch runs, and then by a
+    /// lease holder's fetch that outlived its flight (`flight::finish_late`), so that a
+    /// later flight never asks the source while that one still runs. Uncontended but
+    /// for that.
+    source_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Default)]
