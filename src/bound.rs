@@ -34,6 +34,11 @@ pub(crate) trait Binding: Send + Sync + 'static {
     /// The API at `origin` wants `nonce` in the proofs sent to it from now on; returns
     /// whether it was kept (a valid nonce).
     fn nonce(&self, origin: &str, nonce: &HeaderValue) -> bool;
+
+    /// As [`nonce`](Self::nonce), only if no nonce of `origin` is kept yet: a nonce an
+    /// earlier answer gave, carried over to this key, never overwrites a newer one this
+    /// key was given meanwhile.
+    fn first_nonce(&self, origin: &str, nonce: &HeaderValue) -> bool;
 }
 
 impl fmt::Debug for dyn Binding {
@@ -139,13 +144,21 @@ impl Sent {
             .is_some_and(|nonce| self.keep_nonce(nonce))
     }
 
-    /// Keeps `nonce`, a `DPoP-Nonce` the server at this request's origin gave (to this
-    /// request or to an earlier attempt of it, whichever key proved that); returns
-    /// whether it was kept.
-    pub(crate) fn keep_nonce(&self, nonce: &HeaderValue) -> bool {
+    /// Keeps `nonce`, a `DPoP-Nonce` the server at this request's origin gave this
+    /// request; returns whether it was kept.
+    fn keep_nonce(&self, nonce: &HeaderValue) -> bool {
         self.credential
             .binding()
             .is_some_and(|binding| binding.nonce(&self.origin, nonce))
+    }
+
+    /// Keeps `nonce`, which the server gave an earlier attempt of this request (proved
+    /// by this key or another), unless this key holds a nonce of the origin already
+    /// (the same one, or a newer one another answer gave meanwhile).
+    pub(crate) fn carry_nonce(&self, nonce: &HeaderValue) -> bool {
+        self.credential
+            .binding()
+            .is_some_and(|binding| binding.first_nonce(&self.origin, nonce))
     }
 }
 

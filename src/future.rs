@@ -667,7 +667,7 @@ where
                     };
                     let dpop = Sent::of(&entry.credential, request.uri());
                     if let (Some(sent), Some(nonce)) = (&dpop, &nonce) {
-                        sent.keep_nonce(nonce);
+                        sent.carry_nonce(nonce);
                     }
                     // The snapshot is the request as it came: the same rule as on the
                     // first attempt decides each header the request brought.
@@ -909,7 +909,8 @@ where
         }
         r.entry = Some(entry);
         // The rejected response (and its connection) is released now; a nonce it gave
-        // is kept for the credential the replay finally carries.
+        // (kept by the first attempt's key as it came) is carried over to the key of
+        // the credential the replay finally carries, if that key has none.
         if let Some(response) = r.response.take() {
             r.nonce = crate::bound::nonce_of(response.headers());
         }

@@ -1477,3 +1477,55 @@ async fn a_second_look_credential_of_another_key_carries_the_servers_nonce() {
         assert_eq!(call.await.unwrap().unwrap().status(), 200);
     }
 }
+
+/// World: two requests go out with `bound-1` (one key). The API answers the first 401
+/// `invalid_token` giving `nonce-1`; while its replay's service gets ready, the second
+/// is answered 200 giving `nonce-2` (the server rotated its nonce). Proves (RFC 9449
+/// §8: the client uses the latest nonce the server gave): the replay proves with
+/// `nonce-2`, not the older one of the answer that caused it.
+#[tokio::test]
+async fn a_replay_does_not_prove_with_a_nonce_older_than_the_servers_latest() {
+    use tower_client_auth::{ReplayBody, clock::ManualClock};
+    type Req = Request<ReplayBody<Full<Bytes>>>;
+    let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
+    let clock = ManualClock::new(std::time::SystemTime::now());
+    let cache = CredentialCache::builder(clocked_bound_source(&clock, 10))
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let layer = AuthLayer::with_cache(cache).any_https_origin();
+    let svc = layer.layer(mock);
+    let first = tokio::spawn(svc.clone().oneshot(api_get()));
+    let (req1, respond1) = api.next_request().await.unwrap();
+    let second = tokio::spawn(svc.clone().oneshot(api_get()));
+    let (req2, respond2) = api.next_request().await.unwrap();
+    assert_eq!(authorization(&req1), "DPoP bound-1");
+    assert_eq!(authorization(&req2), "DPoP bound-1");
+    api.allow(0);
+    let mut answer = invalid_token();
+    answer
+        .headers_mut()
+        .insert("dpop-nonce", http::HeaderValue::from_static("nonce-1"));
+    respond1.send_response(answer);
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    respond2.send_response(
+        http::Response::builder()
+            .status(200)
+            .header("dpop-nonce", "nonce-2")
+            .body("")
+            .unwrap(),
+    );
+    assert_eq!(second.await.unwrap().unwrap().status(), 200);
+    api.allow(1);
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(authorization(&req), "DPoP bound-2");
+    assert_eq!(
+        proof_nonce(&req),
+        "nonce-2",
+        "the replay proved with the nonce of an older answer"
+    );
+    respond.send_response(http::Response::builder().status(200).body("").unwrap());
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+}

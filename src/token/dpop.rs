@@ -255,6 +255,11 @@ impl Binding for Bound {
     fn nonce(&self, origin: &str, nonce: &HeaderValue) -> bool {
         self.key.keep_nonce(origin, false, nonce.as_bytes())
     }
+
+    fn first_nonce(&self, origin: &str, nonce: &HeaderValue) -> bool {
+        self.key.nonce_for(&slot(origin, false)).is_none()
+            && self.key.keep_nonce(origin, false, nonce.as_bytes())
+    }
 }
 
 #[cfg(test)]
