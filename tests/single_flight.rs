@@ -1137,3 +1137,53 @@ async fn a_fetch_chained_before_a_replacement_refreshes_it_once_it_is_due() {
         }
     }
 }
+
+/// A source whose first fetch takes 1.5 s (past a 1 s fetch timeout) and every later one
+/// 50 ms; it counts its fetches. Its credentials are `slow-1`, `slow-2`, ...
+#[derive(Clone, Default)]
+struct SlowFirst {
+    fetches: Arc<AtomicUsize>,
+}
+
+impl CredentialSource for SlowFirst {
+    async fn fetch(&self, _cx: FetchContext) -> Result<Credential, BoxError> {
+        let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+        let took = if n == 1 { 1500 } else { 50 };
+        tokio::time::sleep(Duration::from_millis(took)).await;
+        Ok(Credential::bearer(format!("slow-{n}"))?)
+    }
+}
+
+/// World: one cache on a `MemoryStore`; its first fetch outlives the 1 s fetch timeout
+/// (the lease holder's fetch goes on after its flight failed, and saves what it brings).
+/// Half a second in, while that fetch runs, the cache is invalidated, and a request
+/// asks for a credential. Proves (README, "invalidation while a fetch runs": that
+/// fetch's result never goes into the cache, nor is taken back from a store it was
+/// saved in): neither that request nor a later one gets `slow-1`.
+#[tokio::test]
+async fn a_fetch_running_at_an_invalidation_is_not_taken_back_after_it_outlives_its_timeout() {
+    let source = SlowFirst::default();
+    let cache = CredentialCache::builder(source.clone())
+        .store(MemoryStore::new())
+        .fetch_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let waiting = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.credential().await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(cache.handle().invalidate());
+    let after = cache.credential().await;
+    let _ = waiting.await.unwrap();
+    let slow_1 = Credential::bearer("slow-1").unwrap();
+    assert_ne!(
+        after.as_ref().ok(),
+        Some(&slow_1),
+        "a request made after the invalidation got the credential of the fetch it dropped"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let later = cache.credential().await.unwrap();
+    assert_ne!(later, slow_1, "taken back from the store");
+}

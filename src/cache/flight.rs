@@ -1185,8 +1185,15 @@ impl Holding {
     }
 }
 
+/// A lease holder's source fetch, boxed so that it can outlive its flight.
+type Fetching = Pin<Box<dyn Future<Output = Result<Credential, crate::error::BoxError>> + Send>>;
+
 /// A lease holder's fetch that outlived the flight's deadline.
-type LateFetch = Pin<Box<dyn Future<Output = Result<Credential, crate::error::BoxError>> + Send>>;
+struct LateFetch {
+    fetching: Fetching,
+    /// `State::invalidations` when it began.
+    began: u64,
+}
 
 /// [`fetch`] for the lease holder: the source's fetch is not dropped at the deadline
 /// but handed back in `late`, still running. Its exchange may still be with the server
@@ -1206,7 +1213,8 @@ async fn fetch_holding<P: CredentialSource>(
     let Ok(gate) = tokio::time::timeout_at(deadline, gate.lock_owned()).await else {
         return Err(Error::new(ErrorKind::Timeout));
     };
-    let mut fetching: LateFetch = {
+    let began = inner.lock_state().invalidations;
+    let mut fetching: Fetching = {
         let inner = Arc::clone(inner);
         Box::pin(async move {
             let answer = inner.source.fetch(cx).await;
@@ -1216,7 +1224,7 @@ async fn fetch_holding<P: CredentialSource>(
     };
     let result = match tokio::time::timeout_at(deadline, &mut fetching).await {
         Err(_elapsed) => {
-            *late = Some(fetching);
+            *late = Some(LateFetch { fetching, began });
             Err(Error::new(ErrorKind::Timeout))
         }
         Ok(answer) => check_fetched(inner, answer, refused),
@@ -1246,11 +1254,12 @@ async fn finish_late<P: CredentialSource>(
 ) {
     tracing::debug!("the fetch outlived its deadline; the refresh lease is kept until it ends");
     let bound = inner.config.fetch_timeout;
+    let LateFetch { fetching, began } = late;
     let answer = renewing(
         &inner,
         store.as_ref(),
         &lease,
-        tokio::time::timeout(bound, late),
+        tokio::time::timeout(bound, fetching),
     )
     .await;
     let mut refused = None;
@@ -1261,6 +1270,15 @@ async fn finish_late<P: CredentialSource>(
             None
         }
     };
+    if let Some(credential) = &credential {
+        // An invalidation since it began: as a running flight's result, never taken
+        // back from the store by this cache, and the next fetch is told it.
+        let mut state = inner.lock_state();
+        if state.invalidations != began {
+            let entry = inner.entry(&mut state, credential.clone(), Instant::now());
+            inner.forget_suspect(&mut state, &entry, false);
+        }
+    }
     if let Some(credential) = credential {
         let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
         let saved = store_call(&inner, until, "save", store.save(&lease, &credential)).await;

@@ -502,6 +502,7 @@ impl<P: CredentialSource> Inner<P> {
     /// Drops the current credential; a fetch running now becomes suspect. Called with the
     /// state lock held.
     fn invalidate_locked(&self, state: &mut State) {
+        state.invalidations = state.invalidations.wrapping_add(1);
         // The next fetch is told what was dropped, so that a source holding a last
         // credential does not hand it back.
         let current = self.current.load_full().map(|e| e.credential.clone());
@@ -671,6 +672,10 @@ struct State {
     /// request holding a forgotten credential that was merely superseded takes the
     /// current one instead.
     forgotten: u64,
+    /// Counts invalidations: a lease holder's fetch that outlived its flight
+    /// (`flight::finish_late`) and ends after one did not begin after it, so its
+    /// result is remembered as suspect, as a running flight's is.
+    invalidations: u64,
     /// Consecutive rejections of credentials younger than [`YOUNG_CREDENTIAL_AGE`], and
     /// when the next one may cause a fetch.
     fresh_rejections: u32,
