@@ -13,10 +13,11 @@ pub(crate) const MAX_SERVER_TEXT: usize = 200;
 /// Replaces every occurrence of each secret in `text` with `[redacted]`. Longer secrets
 /// go first, so a secret that contains another is replaced whole.
 ///
-/// JSON string literals in `text` are first written as serde_json writes them
-/// ([`json_strings_as_serde_writes`]): a server's encoder may escape what serde_json does
-/// not (PHP `\/`, Python `\u00e9`, Go `\u0026`, .NET `\u002B`), and a secret it echoes
-/// must be found all the same.
+/// The text is scrubbed as it came, then inside every JSON string literal that holds an
+/// escape, decoded (and the JSON in it, a few levels deep): a server's encoder may
+/// escape what none of `secrets`' forms does (a secret nested in a JSON string, an
+/// escape no encoder in [`json_forms`] writes), and a secret it echoes must be found all
+/// the same. A literal is written again as serde_json writes it.
 #[cfg(feature = "token")]
 pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
     let mut secrets: Vec<&str> = secrets
@@ -25,7 +26,23 @@ pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
         .filter(|s| !s.is_empty())
         .collect();
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    let mut text = json_strings_as_serde_writes(text);
+    scrub_nested(text, &secrets, 3)
+}
+
+/// [`scrub`] with `secrets` sorted, down to `depth` levels of JSON strings.
+#[cfg(feature = "token")]
+fn scrub_nested(text: &str, secrets: &[&str], depth: u8) -> String {
+    let text = replace_secrets(text, secrets);
+    if depth == 0 || !text.contains('\\') {
+        return text;
+    }
+    let text = map_json_strings(&text, |decoded| scrub_nested(decoded, secrets, depth - 1));
+    replace_secrets(&text, secrets)
+}
+
+#[cfg(feature = "token")]
+fn replace_secrets(text: &str, secrets: &[&str]) -> String {
+    let mut text = text.to_owned();
     for secret in secrets {
         if text.contains(secret) {
             text = text.replace(secret, "[redacted]");
@@ -34,12 +51,12 @@ pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
     text
 }
 
-/// `text` with every JSON string literal that holds an escape (`"..\/.."`) decoded and
-/// written again as serde_json writes it (escaping only `"`, `\\` and control
-/// characters); a literal that does not decode, and everything outside literals, is
-/// left as it is.
+/// `text` with every JSON string literal that holds an escape (`"..\/.."`) decoded,
+/// passed through `f`, and written again as serde_json writes it (escaping only `"`,
+/// `\\` and control characters); a literal that does not decode, and everything outside
+/// literals, is left as it is.
 #[cfg(feature = "token")]
-fn json_strings_as_serde_writes(text: &str) -> String {
+fn map_json_strings(text: &str, f: impl Fn(&str) -> String) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(open) = rest.find('"') {
@@ -68,11 +85,71 @@ fn json_strings_as_serde_writes(text: &str) -> String {
             .contains('\\')
             .then(|| serde_json::from_str::<String>(literal).ok())
             .flatten()
-            .and_then(|decoded| serde_json::to_string(&decoded).ok());
+            .and_then(|decoded| serde_json::to_string(&f(&decoded)).ok());
         out.push_str(rewritten.as_deref().unwrap_or(literal));
         rest = after;
     }
     out.push_str(rest);
+    out
+}
+
+/// How JSON encoders write `secret` inside a string: serde_json's (and JavaScript's,
+/// Java's Jackson's) form, and those of encoders that escape more: PHP's `json_encode`
+/// (`\/`, non-ASCII as `\u00e9`), Python's `json.dumps` (non-ASCII as `\u00e9`), Go's
+/// `encoding/json` (`<`, `>`, `&`, U+2028 and U+2029 as `\u003c`), .NET's
+/// `System.Text.Json` (`"`, `'`, `+`, `` ` ``, `<`, `>`, `&` and non-ASCII as `\u0022`,
+/// upper-case hex). Each distinct form once.
+#[cfg(feature = "token")]
+pub(crate) fn json_forms(secret: &str) -> Vec<String> {
+    let php = |c: char| !c.is_ascii() || c == '/';
+    let python = |c: char| !c.is_ascii();
+    let go = |c: char| matches!(c, '<' | '>' | '&' | '\u{2028}' | '\u{2029}');
+    let dotnet = |c: char| !c.is_ascii() || matches!(c, '"' | '\'' | '+' | '`' | '<' | '>' | '&');
+    let mut forms = vec![json_form(secret, |_| false, false)];
+    for (escape, upper) in [
+        (&php as &dyn Fn(char) -> bool, false),
+        (&python, false),
+        (&go, false),
+        (&dotnet, true),
+    ] {
+        let form = json_form(secret, escape, upper);
+        if !forms.contains(&form) {
+            forms.push(form);
+        }
+    }
+    forms
+}
+
+/// `secret` as a JSON string's content: `"` and `\\` escaped, control characters as
+/// serde_json writes them, and every character `escape` names as `\uXXXX` (`/` as
+/// `\/`), in upper-case hex if `upper`.
+#[cfg(feature = "token")]
+fn json_form(secret: &str, escape: impl Fn(char) -> bool, upper: bool) -> String {
+    let mut out = String::with_capacity(secret.len() + 8);
+    for c in secret.chars() {
+        match c {
+            '/' if escape(c) => out.push_str("\\/"),
+            c if escape(c) => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&match upper {
+                        true => format!("\\u{unit:04X}"),
+                        false => format!("\\u{unit:04x}"),
+                    });
+                }
+            }
+            c if c == '"' || c == '\\' || c.is_control() => {
+                let written = serde_json::to_string(&c.to_string()).unwrap_or_default();
+                // Without the quotes around it (a `"` in it is escaped: `"\""`).
+                out.push_str(
+                    written
+                        .get(1..written.len().saturating_sub(1))
+                        .unwrap_or(""),
+                );
+            }
+            c => out.push(c),
+        }
+    }
     out
 }
 
@@ -281,11 +358,54 @@ mod tests {
             r#""bad \x escape""#,
             r#"open "a\/b"#,
         ] {
-            assert_eq!(json_strings_as_serde_writes(kept), kept);
+            assert_eq!(map_json_strings(kept, str::to_owned), kept);
         }
         assert_eq!(
-            json_strings_as_serde_writes(r#"x "a\/b" y"#),
+            map_json_strings(r#"x "a\/b" y"#, str::to_owned),
             r#"x "a/b" y"#
+        );
+    }
+
+    /// Each encoder's form of a secret with a slash, a plus, an ampersand, a quote, a
+    /// non-ASCII letter and a character beyond the BMP (a surrogate pair).
+    #[cfg(feature = "token")]
+    #[test]
+    fn json_forms_are_what_encoders_write() {
+        let forms = json_forms("a/b+c&d\u{e9}\"e\u{1F600}");
+        for (encoder, expected) in [
+            ("serde_json", "a/b+c&d\u{e9}\\\"e\u{1F600}"),
+            ("php", r#"a\/b+c&d\u00e9\"e\ud83d\ude00"#),
+            ("python", r#"a/b+c&d\u00e9\"e\ud83d\ude00"#),
+            ("go", "a/b+c\\u0026d\u{e9}\\\"e\u{1F600}"),
+            ("dotnet", r#"a/b\u002Bc\u0026d\u00E9\u0022e\uD83D\uDE00"#),
+        ] {
+            assert!(forms.iter().any(|f| f == expected), "{encoder}: {forms:?}");
+        }
+        assert_eq!(json_forms("plain-secret"), ["plain-secret"]);
+    }
+
+    /// A secret scrubbed wherever its JSON escapes put it: raw in quotes (a decoded
+    /// description quoting a secret that holds `\/`), in JSON nested in a JSON string,
+    /// and after a stray quote that pairs the literals wrongly.
+    #[cfg(feature = "token")]
+    #[test]
+    fn scrubs_raw_nested_and_misaligned_echoes() {
+        let raw = r"S\/3cret".to_owned();
+        let out = scrub(r#"secret "S\/3cret" is wrong"#, std::slice::from_ref(&raw));
+        assert_eq!(out, r#"secret "[redacted]" is wrong"#);
+        let slash = "S/3cret".to_owned();
+        let forms = json_forms(&slash);
+        let nested = r#"{"upstream":"{\"client_secret\":\"S\\\/3cret\"}"}"#;
+        assert!(
+            !scrub(nested, &forms).contains("3cret"),
+            "{}",
+            scrub(nested, &forms)
+        );
+        let stray = r#"said 5" then {"message":"secret S\/3cret is wrong"}"#;
+        assert!(
+            !scrub(stray, &forms).contains("3cret"),
+            "{}",
+            scrub(stray, &forms)
         );
     }
 }

@@ -441,3 +441,68 @@ async fn a_secret_echoed_by_any_json_encoder_is_scrubbed() {
         }
     }
 }
+
+/// World: a token endpoint answers 401. (1) An OAuth error whose `error_description`,
+/// correctly JSON-encoded, quotes the client secret (the secret holds `\/`, which the
+/// decoded description carries raw); (2) a non-OAuth body that passes an upstream's
+/// JSON error through as a string (JSON in a JSON string, both written by PHP, which
+/// escapes `/`); (3) a non-JSON body with a stray `"` before a PHP-escaped echo.
+/// Proves: no part of the secret reaches the error's `description`, `body_start`,
+/// `Display` or `Debug`.
+#[tokio::test(flavor = "current_thread")]
+async fn a_secret_quoted_raw_or_nested_in_json_is_scrubbed() {
+    const RAW: &str = r"CANARY\/5ecr3t-d0-not-print";
+    const SLASH: &str = "CANARY/5ecr3t-d0-not-print";
+    let cases: [(&str, &str, String); 3] = [
+        (
+            "quoted raw in error_description",
+            RAW,
+            serde_json::json!({
+                "error": "invalid_client",
+                "error_description": format!("client secret \"{RAW}\" is wrong"),
+            })
+            .to_string(),
+        ),
+        (
+            "nested JSON, PHP-escaped",
+            SLASH,
+            r#"{"upstream":"{\"client_secret\":\"CANARY\\\/5ecr3t-d0-not-print\"}"}"#.to_owned(),
+        ),
+        (
+            "a stray quote before a PHP-escaped echo",
+            SLASH,
+            r#"upstream said 5" then {"message":"client secret CANARY\/5ecr3t-d0-not-print is wrong"}"#
+                .to_owned(),
+        ),
+    ];
+    let mut leaks = Vec::new();
+    for (case, secret, body) in cases {
+        let addr = support::serve(move |_req| {
+            let body = body.clone();
+            async move {
+                Response::builder()
+                    .status(401)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap()
+            }
+        })
+        .await;
+        let source = TokenSource::client_credentials(&format!("http://{addr}/token"), "id", secret)
+            .unwrap()
+            .client(support::token_client());
+        let err = CredentialCache::new(source).credential().await.unwrap_err();
+        let token_error = err.token_error().expect("a token error");
+        let shown = format!(
+            "{err} {err:?} {:?} {:?}",
+            token_error.description(),
+            token_error.body_start()
+        );
+        if ["CANARY", "5ecr3t", "d0-not-print"]
+            .iter()
+            .any(|part| shown.contains(part))
+        {
+            leaks.push(format!("{case}: {shown}"));
+        }
+    }
+    assert!(leaks.is_empty(), "leaked:\n{}", leaks.join("\n"));
+}

@@ -461,11 +461,9 @@ impl TokenRequest {
             forms.push(lower.replace('+', "%20"));
             forms.push(lower);
             forms.push(encoded);
-            // As serde_json writes it in a JSON string (`\"`, `\\`), for JSON bodies
-            // echoed raw; other encoders' escapes (`\/`, `\u00e9`) are written that way
-            // before the scrub (`text::scrub`).
-            let json = serde_json::Value::from(secret).to_string();
-            forms.push(json.trim_matches('"').to_owned());
+            // As JSON encoders write it in a string (`\"`, `\/`, `\u00e9`), for JSON
+            // bodies echoed raw (an escape none of them writes is decoded by the scrub).
+            forms.extend(crate::text::json_forms(secret));
             forms.push(secret.to_owned());
         }
         if let Some((id, secret)) = &self.client {
