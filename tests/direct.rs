@@ -257,20 +257,7 @@ async fn a_failed_refresh_fails_only_requests_for_the_credentials_origin() {
 async fn a_service_held_ready_past_expiry_sends_nothing() {
     let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
     let fetches = Arc::new(AtomicUsize::new(0));
-    let source = {
-        let (clock, fetches) = (clock.clone(), fetches.clone());
-        source_fn(move |_| {
-            let n = fetches.fetch_add(1, Ordering::SeqCst) + 1;
-            let now = tower_client_auth::clock::Clock::now(&clock);
-            async move {
-                Ok::<_, BoxError>(
-                    Credential::bearer(format!("t{n}"))?
-                        .issued_at(now)
-                        .expires_at(now + Duration::from_secs(60)),
-                )
-            }
-        })
-    };
+    let source = clocked_source(&clock, &fetches);
     let layer = AuthLayer::builder(source)
         .clock(clock.clone())
         .window_jitter(0.0)
@@ -599,21 +586,7 @@ async fn answers_that_are_not_rejections_are_marked_and_cost_no_token_request() 
 #[tokio::test(start_paused = true)]
 async fn a_service_held_ready_through_a_suspend_sends_no_expired_credential() {
     let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
-    let source = {
-        let clock = clock.clone();
-        let fetches = AtomicUsize::new(0);
-        source_fn(move |_| {
-            let n = fetches.fetch_add(1, Ordering::SeqCst) + 1;
-            let now = tower_client_auth::clock::Clock::now(&clock);
-            async move {
-                Ok::<_, BoxError>(
-                    Credential::bearer(format!("t{n}"))?
-                        .issued_at(now)
-                        .expires_at(now + Duration::from_secs(60)),
-                )
-            }
-        })
-    };
+    let source = clocked_source(&clock, &Arc::default());
     let layer = AuthLayer::builder(source)
         .clock(clock.clone())
         .origin(API)
@@ -638,4 +611,23 @@ async fn a_service_held_ready_through_a_suspend_sends_no_expired_credential() {
         seen.authorizations().last(),
         Some(&Some("Bearer t2".into()))
     );
+}
+
+/// A source of `t1`, `t2`, ... (counted in `fetches`), each issued now on `clock` for 60 s.
+fn clocked_source(
+    clock: &ManualClock,
+    fetches: &Arc<AtomicUsize>,
+) -> impl tower_client_auth::CredentialSource {
+    let (clock, fetches) = (clock.clone(), fetches.clone());
+    source_fn(move |_| {
+        let n = fetches.fetch_add(1, Ordering::SeqCst) + 1;
+        let now = tower_client_auth::clock::Clock::now(&clock);
+        async move {
+            Ok::<_, BoxError>(
+                Credential::bearer(format!("t{n}"))?
+                    .issued_at(now)
+                    .expires_at(now + Duration::from_secs(60)),
+            )
+        }
+    })
 }

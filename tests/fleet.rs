@@ -1014,53 +1014,6 @@ mod refresh_tokens {
         assert_eq!(idp.family_revocations.load(SeqCst), 0);
     }
 
-    /// A memory store that refuses to save a credential carrying a refresh token while
-    /// `refusing` is set (a store out of memory that still answers, say); every other
-    /// call goes through.
-    #[derive(Clone, Default)]
-    struct RefusesPairs {
-        inner: MemoryStore,
-        refusing: Arc<std::sync::atomic::AtomicBool>,
-    }
-
-    impl CredentialStore for RefusesPairs {
-        async fn load(&self) -> Result<Option<Credential>, BoxError> {
-            self.inner.load().await
-        }
-        async fn lease(
-            &self,
-            ttl: Duration,
-        ) -> Result<Option<tower_client_auth::store::Lease>, BoxError> {
-            self.inner.lease(ttl).await
-        }
-        async fn save(
-            &self,
-            lease: &tower_client_auth::store::Lease,
-            credential: &Credential,
-        ) -> Result<bool, BoxError> {
-            if credential.refresh_token().is_some() && self.refusing.load(SeqCst) {
-                return Err("OOM command not allowed when used memory > 'maxmemory'".into());
-            }
-            self.inner.save(lease, credential).await
-        }
-        async fn renew(
-            &self,
-            lease: &tower_client_auth::store::Lease,
-            ttl: Duration,
-        ) -> Result<bool, BoxError> {
-            self.inner.renew(lease, ttl).await
-        }
-        async fn release(&self, lease: &tower_client_auth::store::Lease) -> Result<(), BoxError> {
-            self.inner.release(lease).await
-        }
-        async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
-            self.inner.remove(rejected).await
-        }
-        async fn changed(&self, timeout: Duration) {
-            self.inner.changed(timeout).await
-        }
-    }
-
     /// World: a fleet's cache whose login pair (4 s) reaches its hard window; its refresh
     /// presents `rt-1` and is answered with an access token already expired and `rt-2`
     /// (refused: `Expired`), while the store refuses every pair; the old pair stays
@@ -1070,7 +1023,7 @@ mod refresh_tokens {
     #[tokio::test(start_paused = true)]
     async fn a_refused_pair_is_kept_while_the_pair_it_replaces_is_current() {
         let (source, log) = super::first_refresh_expired(Duration::from_secs(4));
-        let store = RefusesPairs::default();
+        let store = FaultyStore::default();
         let cache = CredentialCache::builder(source)
             .store(store.clone())
             .backoff(Duration::from_millis(1), Duration::from_millis(2))
@@ -1078,14 +1031,14 @@ mod refresh_tokens {
             .build()
             .unwrap();
         let first = cache.credential().await.unwrap();
-        store.refusing.store(true, SeqCst);
+        store.refusing_pairs.store(true, SeqCst);
         // Into the hard window: the refresh runs, its answer refused; the old pair, still
         // valid, is the answer.
         tokio::time::sleep(Duration::from_millis(3850)).await;
         assert_eq!(cache.credential().await.unwrap(), first);
         // The first retries of the save fail; then the store takes pairs again.
         tokio::time::sleep(Duration::from_millis(600)).await;
-        store.refusing.store(false, SeqCst);
+        store.refusing_pairs.store(false, SeqCst);
         tokio::time::sleep(Duration::from_secs(6)).await;
         assert_eq!(
             super::refresh_token_of(store.load().await.unwrap()),
@@ -1107,17 +1060,17 @@ mod refresh_tokens {
     async fn a_dropped_cache_saves_its_unsaved_pair_once_more() {
         let idp = StrictIdp::new(ID, SECRET, 3600.0);
         let base = start(idp.clone()).await;
-        let store = RefusesPairs::default();
+        let store = FaultyStore::default();
         let a = CredentialCache::builder(source(&base))
             .store(store.clone())
             .build()
             .unwrap();
         a.credential().await.unwrap();
-        store.refusing.store(true, SeqCst);
+        store.refusing_pairs.store(true, SeqCst);
         assert!(a.handle().invalidate());
         let rotated = a.credential().await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        store.refusing.store(false, SeqCst);
+        store.refusing_pairs.store(false, SeqCst);
         drop(a);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let stored = store.load().await.unwrap().expect("saved");
@@ -1148,8 +1101,8 @@ mod refresh_tokens {
     async fn a_refused_rotated_pair_keeps_its_lease_and_survives_an_invalidation() {
         let idp = StrictIdp::new(ID, SECRET, 3600.0);
         let base = start(idp.clone()).await;
-        let store = RefusesPairs::default();
-        let cache = |store: RefusesPairs| {
+        let store = FaultyStore::default();
+        let cache = |store: FaultyStore| {
             CredentialCache::builder(source(&base))
                 .store(store)
                 .fetch_timeout(Duration::from_secs(3))
@@ -1158,7 +1111,7 @@ mod refresh_tokens {
         };
         let a = cache(store.clone());
         a.credential().await.unwrap();
-        store.refusing.store(true, SeqCst);
+        store.refusing_pairs.store(true, SeqCst);
         assert!(a.handle().invalidate());
         let rotated = a.credential().await.expect("served with the rotated pair");
         assert_eq!(idp.refresh_grants.load(SeqCst), 1);
@@ -1181,7 +1134,7 @@ mod refresh_tokens {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        store.refusing.store(false, SeqCst);
+        store.refusing_pairs.store(false, SeqCst);
         let started = Instant::now();
         loop {
             match store.load().await.unwrap() {
@@ -1483,15 +1436,18 @@ async fn a_lease_is_kept_while_its_exchange_outlives_the_fetch_timeout() {
     assert_eq!(idp.logins.load(SeqCst), 1);
 }
 
-/// A memory store whose `lease` fails while `down` is set (a store that stopped
-/// answering); every other call goes through.
+/// A memory store with faults to switch on: `lease` fails while `lease_down` is set (a
+/// store that stopped answering); `save` refuses a credential carrying a refresh token
+/// while `refusing_pairs` is set (a store out of memory that still answers, say). Every
+/// other call goes through.
 #[derive(Clone, Default)]
-struct LeaseDown {
+struct FaultyStore {
     inner: MemoryStore,
-    down: Arc<std::sync::atomic::AtomicBool>,
+    lease_down: Arc<std::sync::atomic::AtomicBool>,
+    refusing_pairs: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl CredentialStore for LeaseDown {
+impl CredentialStore for FaultyStore {
     async fn load(&self) -> Result<Option<Credential>, BoxError> {
         self.inner.load().await
     }
@@ -1499,7 +1455,7 @@ impl CredentialStore for LeaseDown {
         &self,
         ttl: Duration,
     ) -> Result<Option<tower_client_auth::store::Lease>, BoxError> {
-        if self.down.load(SeqCst) {
+        if self.lease_down.load(SeqCst) {
             return Err("connection refused".into());
         }
         self.inner.lease(ttl).await
@@ -1509,6 +1465,9 @@ impl CredentialStore for LeaseDown {
         lease: &tower_client_auth::store::Lease,
         credential: &Credential,
     ) -> Result<bool, BoxError> {
+        if credential.refresh_token().is_some() && self.refusing_pairs.load(SeqCst) {
+            return Err("OOM command not allowed when used memory > 'maxmemory'".into());
+        }
         self.inner.save(lease, credential).await
     }
     async fn renew(
@@ -1551,7 +1510,7 @@ async fn a_late_fetch_under_the_lease_is_never_joined_by_a_second_one() {
             }
         })
     };
-    let store = LeaseDown::default();
+    let store = FaultyStore::default();
     let cache = CredentialCache::builder(source)
         .store(store.clone())
         .fetch_timeout(Duration::from_secs(1))
@@ -1562,7 +1521,7 @@ async fn a_late_fetch_under_the_lease_is_never_joined_by_a_second_one() {
         cache.credential().await.is_err(),
         "the first fetch timed out"
     );
-    store.down.store(true, SeqCst);
+    store.lease_down.store(true, SeqCst);
     tokio::time::sleep(Duration::from_millis(150)).await;
     let _ = cache.credential().await;
     assert_eq!(

@@ -417,20 +417,8 @@ async fn a_secret_echoed_by_any_json_encoder_is_scrubbed() {
     ];
     for (encoder, encode) in encoders {
         let echoed = encode(SECRET);
-        let addr = support::serve(move |_req| {
-            let body = format!(r#"{{"message":"client secret {echoed} is wrong"}}"#);
-            async move {
-                Response::builder()
-                    .status(401)
-                    .body(Full::new(Bytes::from(body)))
-                    .unwrap()
-            }
-        })
-        .await;
-        let source = TokenSource::client_credentials(&format!("http://{addr}/token"), "id", SECRET)
-            .unwrap()
-            .client(support::token_client());
-        let err = CredentialCache::new(source).credential().await.unwrap_err();
+        let body = format!(r#"{{"message":"client secret {echoed} is wrong"}}"#);
+        let err = refused_with(body, SECRET).await;
         let shown = format!("{err} {err:?}");
         let start = err.token_error().expect("a token error").body_start();
         let start = start.unwrap_or_default().to_owned();
@@ -477,20 +465,7 @@ async fn a_secret_quoted_raw_or_nested_in_json_is_scrubbed() {
     ];
     let mut leaks = Vec::new();
     for (case, secret, body) in cases {
-        let addr = support::serve(move |_req| {
-            let body = body.clone();
-            async move {
-                Response::builder()
-                    .status(401)
-                    .body(Full::new(Bytes::from(body)))
-                    .unwrap()
-            }
-        })
-        .await;
-        let source = TokenSource::client_credentials(&format!("http://{addr}/token"), "id", secret)
-            .unwrap()
-            .client(support::token_client());
-        let err = CredentialCache::new(source).credential().await.unwrap_err();
+        let err = refused_with(body, secret).await;
         let token_error = err.token_error().expect("a token error");
         let shown = format!(
             "{err} {err:?} {:?} {:?}",
@@ -505,4 +480,23 @@ async fn a_secret_quoted_raw_or_nested_in_json_is_scrubbed() {
         }
     }
     assert!(leaks.is_empty(), "leaked:\n{}", leaks.join("\n"));
+}
+
+/// The error of a client-credentials fetch with `secret` from a token endpoint that
+/// answers every request 401 with `body`.
+async fn refused_with(body: String, secret: &str) -> tower_client_auth::Error {
+    let addr = support::serve(move |_req| {
+        let body = body.clone();
+        async move {
+            Response::builder()
+                .status(401)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap()
+        }
+    })
+    .await;
+    let source = TokenSource::client_credentials(&format!("http://{addr}/token"), "id", secret)
+        .unwrap()
+        .client(support::token_client());
+    CredentialCache::new(source).credential().await.unwrap_err()
 }
