@@ -1187,3 +1187,80 @@ async fn a_fetch_running_at_an_invalidation_is_not_taken_back_after_it_outlives_
     let later = cache.credential().await.unwrap();
     assert_ne!(later, slow_1, "taken back from the store");
 }
+
+/// A `MemoryStore` whose first `load` takes 300 ms (a slow store round trip).
+#[derive(Clone, Default)]
+struct SlowFirstLoad {
+    store: MemoryStore,
+    loads: Arc<AtomicUsize>,
+}
+
+impl CredentialStore for SlowFirstLoad {
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        if self.loads.fetch_add(1, Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        self.store.load().await
+    }
+    async fn lease(
+        &self,
+        ttl: Duration,
+    ) -> Result<Option<tower_client_auth::store::Lease>, BoxError> {
+        self.store.lease(ttl).await
+    }
+    async fn save(
+        &self,
+        lease: &tower_client_auth::store::Lease,
+        credential: &Credential,
+    ) -> Result<bool, BoxError> {
+        self.store.save(lease, credential).await
+    }
+    async fn renew(
+        &self,
+        lease: &tower_client_auth::store::Lease,
+        ttl: Duration,
+    ) -> Result<bool, BoxError> {
+        self.store.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &tower_client_auth::store::Lease) -> Result<(), BoxError> {
+        self.store.release(lease).await
+    }
+    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+        self.store.remove(rejected).await
+    }
+    async fn changed(&self, timeout: Duration) {
+        self.store.changed(timeout).await
+    }
+}
+
+/// World: as above, but the invalidation comes while the flight is at the store (its
+/// first look takes 300 ms), before the source is asked. Proves: the flight is suspect
+/// from then on, its late fetch too: neither the request made after the invalidation
+/// nor a later one gets `slow-1`.
+#[tokio::test]
+async fn an_invalidation_before_a_late_fetch_asks_the_source_is_not_missed() {
+    let source = SlowFirst::default();
+    let cache = CredentialCache::builder(source.clone())
+        .store(SlowFirstLoad::default())
+        .fetch_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let waiting = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.credential().await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(cache.handle().invalidate());
+    let after = cache.credential().await;
+    let _ = waiting.await.unwrap();
+    let slow_1 = Credential::bearer("slow-1").unwrap();
+    assert_ne!(
+        after.as_ref().ok(),
+        Some(&slow_1),
+        "a request made after the invalidation got the credential of the flight it tainted"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let later = cache.credential().await.unwrap();
+    assert_ne!(later, slow_1, "taken back from the store");
+}

@@ -261,6 +261,7 @@ impl<P: CredentialSource> CredentialCache<P> {
             step_up,
             gave_up: false,
             used: false,
+            invalidations: state.invalidations,
         };
         let span = tracing::debug_span!("credential_refresh", reason = ?reason);
         tracing::debug!(parent: &span, background = still_valid.is_some(), chained = !predecessors.is_empty(), "starting credential refresh");
@@ -434,6 +435,10 @@ struct FlightGuard<P: CredentialSource> {
     /// Whether its result answered it (set by `finish`): not when a credential handed
     /// over meanwhile did, nor when it failed.
     used: bool,
+    /// `State::invalidations` when its fetch began to run (planned running, or
+    /// `begin`): an invalidation since makes it suspect, as `State::tainted` says while
+    /// it runs; told to a fetch of its that outlives it (`finish_late`).
+    invalidations: u64,
 }
 
 impl<P: CredentialSource> FlightGuard<P> {
@@ -451,6 +456,7 @@ impl<P: CredentialSource> FlightGuard<P> {
     fn begin(&mut self, cx: &mut FetchContext) -> Option<Arc<Entry>> {
         let mut state = self.inner.lock_state();
         state.running = Some(self.flight.clone());
+        self.invalidations = state.invalidations;
         if cx.reason() == FetchReason::Invalidated {
             if let Some(dropped) = state.tainted_result.take() {
                 cx.set_previous(dropped);
@@ -764,10 +770,15 @@ async fn run_flight<P: CredentialSource>(
     let name = guard.inner.config.name.clone();
     for _ in 0..3 {
         let mut from_store = false;
-        let result = AssertUnwindSafe(obtain(&guard.inner, cx.clone(), &mut from_store))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|_panic| Err(Error::new(ErrorKind::SourcePanicked)));
+        let result = AssertUnwindSafe(obtain(
+            &guard.inner,
+            cx.clone(),
+            guard.invalidations,
+            &mut from_store,
+        ))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_panic| Err(Error::new(ErrorKind::SourcePanicked)));
         let outcome = metrics::outcome(&result);
         match guard.finish(result, from_store) {
             Finished::Yes => {
@@ -804,6 +815,7 @@ enum Finished {
 async fn obtain<P: CredentialSource>(
     inner: &Arc<Inner<P>>,
     cx: FetchContext,
+    invalidations: u64,
     from_store: &mut bool,
 ) -> Result<Credential, Error> {
     let deadline = saturating_add(Instant::now(), inner.config.fetch_timeout);
@@ -893,7 +905,16 @@ async fn obtain<P: CredentialSource>(
             spent,
             late,
         } = renewing(inner, store.as_ref(), &lease, async {
-            holding(inner, store.as_ref(), &lease, cx, deadline, took_over).await
+            holding(
+                inner,
+                store.as_ref(),
+                &lease,
+                cx,
+                deadline,
+                took_over,
+                invalidations,
+            )
+            .await
         })
         .await;
         if let Some(late) = late {
@@ -1058,6 +1079,7 @@ async fn holding<P: CredentialSource>(
     cx: FetchContext,
     deadline: Instant,
     took_over: bool,
+    invalidations: u64,
 ) -> Holding {
     // Someone may have saved between the load and the lease.
     let held = store_call(inner, deadline, "load", store.load()).await;
@@ -1122,6 +1144,7 @@ async fn holding<P: CredentialSource>(
         deadline,
         &mut refused,
         &mut late,
+        invalidations,
     )
     .await;
     if late.is_some() {
@@ -1191,7 +1214,7 @@ type Fetching = Pin<Box<dyn Future<Output = Result<Credential, crate::error::Box
 /// A lease holder's fetch that outlived the flight's deadline.
 struct LateFetch {
     fetching: Fetching,
-    /// `State::invalidations` when it began.
+    /// `State::invalidations` when its flight began to run (see `FlightGuard`).
     began: u64,
 }
 
@@ -1207,13 +1230,13 @@ async fn fetch_holding<P: CredentialSource>(
     deadline: Instant,
     refused: &mut Option<Credential>,
     late: &mut Option<LateFetch>,
+    began: u64,
 ) -> Result<Credential, Error> {
     let started = Instant::now();
     let gate = Arc::clone(&inner.source_gate);
     let Ok(gate) = tokio::time::timeout_at(deadline, gate.lock_owned()).await else {
         return Err(Error::new(ErrorKind::Timeout));
     };
-    let began = inner.lock_state().invalidations;
     let mut fetching: Fetching = {
         let inner = Arc::clone(inner);
         Box::pin(async move {
