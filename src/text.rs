@@ -37,7 +37,88 @@ fn scrub_nested(text: &str, secrets: &[&str], depth: u8) -> String {
         return text;
     }
     let text = map_json_strings(&text, |decoded| scrub_nested(decoded, secrets, depth - 1));
-    replace_secrets(&text, secrets)
+    let text = replace_secrets(&text, secrets);
+    // Escapes outside any literal this pairing of quotes found (a stray quote before the
+    // JSON shifts every literal), or an encoder's escape no form has: the whole text
+    // decoded. Shown decoded only if a secret was there.
+    if let Some(decoded) = decode_json_escapes(&text) {
+        if replace_secrets(&decoded, secrets) != decoded {
+            return scrub_nested(&decoded, secrets, depth - 1);
+        }
+    }
+    text
+}
+
+/// `text` with every JSON escape in it decoded (`\"`, `\\`, `\/`, `\b`, `\f`,
+/// `\n`, `\r`, `\t`, `\uXXXX`, a surrogate pair as one character and a lone surrogate
+/// as U+FFFD), wherever it is; anything else after a backslash stays as it is. `None`
+/// when there was nothing to decode.
+#[cfg(feature = "token")]
+fn decode_json_escapes(text: &str) -> Option<String> {
+    if !text.contains('\\') {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut decoded_any = false;
+    // A `\uXXXX` at the start of `s`: its code unit and what follows it.
+    let unit = |s: &str| -> Option<(u16, usize)> {
+        let hex = s.strip_prefix("\\u")?.get(..4)?;
+        let unit = u16::from_str_radix(hex, 16).ok()?;
+        hex.bytes()
+            .all(|b| b.is_ascii_hexdigit())
+            .then_some((unit, 6))
+    };
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let simple = match rest.as_bytes().get(1) {
+            Some(b'"') => Some('"'),
+            Some(b'\\') => Some('\\'),
+            Some(b'/') => Some('/'),
+            Some(b'b') => Some('\u{8}'),
+            Some(b'f') => Some('\u{c}'),
+            Some(b'n') => Some('\n'),
+            Some(b'r') => Some('\r'),
+            Some(b't') => Some('\t'),
+            _ => None,
+        };
+        if let Some(c) = simple {
+            out.push(c);
+            rest = &rest[2..];
+            decoded_any = true;
+            continue;
+        }
+        match unit(rest) {
+            Some((high @ 0xD800..=0xDBFF, len)) => {
+                match unit(&rest[len..]).filter(|(low, _)| (0xDC00..=0xDFFF).contains(low)) {
+                    Some((low, len2)) => {
+                        let c = 0x10000
+                            + ((u32::from(high) - 0xD800) << 10)
+                            + (u32::from(low) - 0xDC00);
+                        out.push(char::from_u32(c).unwrap_or('\u{fffd}'));
+                        rest = &rest[len + len2..];
+                    }
+                    None => {
+                        out.push('\u{fffd}');
+                        rest = &rest[len..];
+                    }
+                }
+                decoded_any = true;
+            }
+            Some((unit, len)) => {
+                out.push(char::from_u32(u32::from(unit)).unwrap_or('\u{fffd}'));
+                rest = &rest[len..];
+                decoded_any = true;
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    decoded_any.then_some(out)
 }
 
 #[cfg(feature = "token")]
@@ -81,10 +162,7 @@ fn map_json_strings(text: &str, f: impl Fn(&str) -> String) -> String {
             return out;
         };
         let (literal, after) = literal.split_at(close + 1);
-        let rewritten = literal
-            .contains('\\')
-            .then(|| serde_json::from_str::<String>(literal).ok())
-            .flatten()
+        let rewritten = decode_json_escapes(&literal[1..literal.len() - 1])
             .and_then(|decoded| serde_json::to_string(&f(&decoded)).ok());
         out.push_str(rewritten.as_deref().unwrap_or(literal));
         rest = after;
@@ -96,7 +174,8 @@ fn map_json_strings(text: &str, f: impl Fn(&str) -> String) -> String {
 /// How JSON encoders write `secret` inside a string: serde_json's (and JavaScript's,
 /// Java's Jackson's) form, and those of encoders that escape more: PHP's `json_encode`
 /// (`\/`, non-ASCII as `\u00e9`), Python's `json.dumps` (non-ASCII as `\u00e9`), Go's
-/// `encoding/json` (`<`, `>`, `&`, U+2028 and U+2029 as `\u003c`), .NET's
+/// `encoding/json` (`<`, `>`, `&`, U+2028 and U+2029 as `\u003c`), Java's Gson (Go's,
+/// and `=`, `'` as `\u003d`: base64 padding), .NET's
 /// `System.Text.Json` (`"`, `'`, `+`, `` ` ``, `<`, `>`, `&` and non-ASCII as `\u0022`,
 /// upper-case hex). Each distinct form once.
 #[cfg(feature = "token")]
@@ -104,12 +183,14 @@ pub(crate) fn json_forms(secret: &str) -> Vec<String> {
     let php = |c: char| !c.is_ascii() || c == '/';
     let python = |c: char| !c.is_ascii();
     let go = |c: char| matches!(c, '<' | '>' | '&' | '\u{2028}' | '\u{2029}');
+    let gson = |c: char| matches!(c, '<' | '>' | '&' | '=' | '\'' | '\u{2028}' | '\u{2029}');
     let dotnet = |c: char| !c.is_ascii() || matches!(c, '"' | '\'' | '+' | '`' | '<' | '>' | '&');
     let mut forms = vec![json_form(secret, |_| false, false)];
     for (escape, upper) in [
         (&php as &dyn Fn(char) -> bool, false),
         (&python, false),
         (&go, false),
+        (&gson, false),
         (&dotnet, true),
     ] {
         let form = json_form(secret, escape, upper);
@@ -382,6 +463,28 @@ mod tests {
             assert!(forms.iter().any(|f| f == expected), "{encoder}: {forms:?}");
         }
         assert_eq!(json_forms("plain-secret"), ["plain-secret"]);
+    }
+
+    /// Every JSON escape decoded wherever it is, a surrogate pair as one character, a
+    /// lone surrogate as U+FFFD, anything else after a backslash left as it is; and a
+    /// secret in an escape no encoder's form writes, outside any literal, found by the
+    /// whole text decoded.
+    #[cfg(feature = "token")]
+    #[test]
+    fn decodes_json_escapes_leniently() {
+        assert_eq!(decode_json_escapes("plain"), None);
+        assert_eq!(decode_json_escapes(r"a\x\u12"), None);
+        assert_eq!(
+            decode_json_escapes(r#"\"q\" \/ \\ \n \u00e9 \ud83d\ude00 \ud83d! \ude00"#).as_deref(),
+            Some("\"q\" / \\ \n \u{e9} \u{1F600} \u{fffd}! \u{fffd}")
+        );
+        let forms = json_forms("S3cret");
+        let odd = r#"x" {"m":"\u0053\u0033cret"}"#;
+        assert!(
+            !scrub(odd, &forms).contains("cret"),
+            "{}",
+            scrub(odd, &forms)
+        );
     }
 
     /// A secret scrubbed wherever its JSON escapes put it: raw in quotes (a decoded

@@ -500,3 +500,42 @@ async fn refused_with(body: String, secret: &str) -> tower_client_auth::Error {
         .client(support::token_client());
     CredentialCache::new(source).credential().await.unwrap_err()
 }
+
+/// World: a base64 client secret (`=` padding) echoed by Gson, Java's default JSON
+/// encoder, which escapes `=` as `\u003d`: (1) after a stray quote (the literals pair
+/// wrongly); (2) in a JSON body whose description also holds a lone surrogate escape
+/// (`\ud83d`, a message cut mid-emoji), which serde_json refuses. Proves: no part of the
+/// secret reaches the error's `description`, `body_start`, `Display` or `Debug`.
+#[tokio::test(flavor = "current_thread")]
+async fn a_gson_escaped_secret_is_scrubbed_when_its_literal_is_not_decoded() {
+    const SECRET: &str = "CANARY-5ecr3t-d0-not-print==";
+    let cases: [(&str, String); 2] = [
+        (
+            "stray quote before a Gson echo",
+            r#"upstream said 5" then {"message":"client secret CANARY-5ecr3t-d0-not-print\u003d\u003d is wrong"}"#
+                .to_owned(),
+        ),
+        (
+            "lone surrogate in the literal",
+            r#"{"error":"invalid_client","error_description":"client secret CANARY-5ecr3t-d0-not-print\u003d\u003d is wrong \ud83d"}"#
+                .to_owned(),
+        ),
+    ];
+    let mut leaks = Vec::new();
+    for (case, body) in cases {
+        let err = refused_with(body, SECRET).await;
+        let token_error = err.token_error().expect("a token error");
+        let shown = format!(
+            "{err} {err:?} {:?} {:?}",
+            token_error.description(),
+            token_error.body_start()
+        );
+        if ["CANARY", "5ecr3t", "d0-not-print"]
+            .iter()
+            .any(|part| shown.contains(part))
+        {
+            leaks.push(format!("{case}: {shown}"));
+        }
+    }
+    assert!(leaks.is_empty(), "leaked:\n{}", leaks.join("\n"));
+}
