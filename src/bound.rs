@@ -35,10 +35,19 @@ pub(crate) trait Binding: Send + Sync + 'static {
     /// whether it was kept (a valid nonce).
     fn nonce(&self, origin: &str, nonce: &HeaderValue) -> bool;
 
-    /// As [`nonce`](Self::nonce), only if no nonce of `origin` is kept yet: a nonce an
-    /// earlier answer gave, carried over to this key, never overwrites a newer one this
-    /// key was given meanwhile.
-    fn first_nonce(&self, origin: &str, nonce: &HeaderValue) -> bool;
+    /// As [`nonce`](Self::nonce), for a nonce given at `given` (a [`nonce_stamp`]): a
+    /// nonce an earlier answer gave, carried over to this key, never overwrites one this
+    /// key was given later.
+    fn nonce_given(&self, origin: &str, nonce: &HeaderValue, given: u64) -> bool;
+}
+
+/// Orders the nonces servers give across keys: a nonce carried from one key to another
+/// (a replay with another credential) goes over an older one, never a newer one.
+static NONCE_ORDER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The next stamp of [`NONCE_ORDER`]: when a nonce was given.
+pub(crate) fn nonce_stamp() -> u64 {
+    NONCE_ORDER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl fmt::Debug for dyn Binding {
@@ -153,12 +162,12 @@ impl Sent {
     }
 
     /// Keeps `nonce`, which the server gave an earlier attempt of this request (proved
-    /// by this key or another), unless this key holds a nonce of the origin already
-    /// (the same one, or a newer one another answer gave meanwhile).
-    pub(crate) fn carry_nonce(&self, nonce: &HeaderValue) -> bool {
+    /// by this key or another) at `given` (a [`nonce_stamp`]), unless this key holds a
+    /// nonce of the origin given later (another answer's, meanwhile).
+    pub(crate) fn carry_nonce(&self, nonce: &HeaderValue, given: u64) -> bool {
         self.credential
             .binding()
-            .is_some_and(|binding| binding.first_nonce(&self.origin, nonce))
+            .is_some_and(|binding| binding.nonce_given(&self.origin, nonce, given))
     }
 }
 

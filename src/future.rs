@@ -220,6 +220,9 @@ struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     /// released: the server's, whichever key proves the replay (one bound to a key
     /// other than the first attempt's, taken on the first or a second look, gets it).
     nonce: Option<http::HeaderValue>,
+    /// When that answer came ([`crate::bound::nonce_stamp`]), to order its nonce
+    /// against those other answers give meanwhile.
+    answered: u64,
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
@@ -660,6 +663,7 @@ where
                         entry,
                         why,
                         nonce,
+                        answered,
                         ..
                     } = *resend;
                     let (Ok(mut request), Some(entry)) = (request, entry) else {
@@ -667,7 +671,7 @@ where
                     };
                     let dpop = Sent::of(&entry.credential, request.uri());
                     if let (Some(sent), Some(nonce)) = (&dpop, &nonce) {
-                        sent.carry_nonce(nonce);
+                        sent.carry_nonce(nonce, answered);
                     }
                     // The snapshot is the request as it came: the same rule as on the
                     // first attempt decides each header the request brought.
@@ -962,6 +966,7 @@ where
                     why,
                     asked: None,
                     nonce: None,
+                    answered: crate::bound::nonce_stamp(),
                 })),
             }),
             Err(reason) => {

@@ -1529,3 +1529,58 @@ async fn a_replay_does_not_prove_with_a_nonce_older_than_the_servers_latest() {
     respond.send_response(http::Response::builder().status(200).body("").unwrap());
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
 }
+
+/// World: the source's tokens alternate between two keys (a rotation with an overlap:
+/// `bound-1` and `bound-3` of key A, `bound-2` of key B). `bound-1` is answered 200
+/// giving `nonce-0`; then the cache is invalidated, and `bound-2` is answered 401
+/// `invalid_token` giving `nonce-1` (the server rotated its nonce). Proves: the replay,
+/// with `bound-3` (key A), proves with `nonce-1`, the server's latest, not the `nonce-0`
+/// key A kept from an older answer.
+#[tokio::test]
+async fn a_replay_of_a_key_holding_an_older_nonce_proves_with_the_latest() {
+    use tower_client_auth::ReplayBody;
+    type Req = Request<ReplayBody<Full<Bytes>>>;
+    let (mock, mut api) = tower_test::mock::pair::<Req, http::Response<&'static str>>();
+    let keys = [DpopKey::generate().unwrap(), DpopKey::generate().unwrap()];
+    let source = tower_client_auth::source_fn({
+        let fetches = std::sync::atomic::AtomicUsize::new(0);
+        move |_| {
+            let n = fetches.fetch_add(1, SeqCst) + 1;
+            let credential = keys[(n + 1) % 2].credential(&format!("bound-{n}"));
+            async move { credential }
+        }
+    })
+    .binds_credentials(true);
+    let layer = AuthLayer::new(source).any_https_origin();
+    let cache = layer.cache().clone();
+    let svc = layer.layer(mock);
+    let first = tokio::spawn(svc.clone().oneshot(api_get()));
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(authorization(&req), "DPoP bound-1");
+    respond.send_response(
+        http::Response::builder()
+            .status(200)
+            .header("dpop-nonce", "nonce-0")
+            .body("")
+            .unwrap(),
+    );
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert!(cache.handle().invalidate());
+    let second = tokio::spawn(svc.clone().oneshot(api_get()));
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(authorization(&req), "DPoP bound-2");
+    let mut answer = invalid_token();
+    answer
+        .headers_mut()
+        .insert("dpop-nonce", http::HeaderValue::from_static("nonce-1"));
+    respond.send_response(answer);
+    let (req, respond) = api.next_request().await.unwrap();
+    assert_eq!(authorization(&req), "DPoP bound-3");
+    let nonce = proof_nonce(&req);
+    respond.send_response(http::Response::builder().status(200).body("").unwrap());
+    let _ = second.await;
+    assert_eq!(
+        nonce, "nonce-1",
+        "the replay proved with an older nonce than the one its 401 gave"
+    );
+}

@@ -74,7 +74,8 @@ struct Inner {
     thumbprint: String,
     /// The latest nonce of each server: keyed by its role (`as:` a token endpoint,
     /// `rs:` an API) and origin, as RFC 9449 §9 keeps the two apart even on one origin.
-    nonces: Mutex<HashMap<String, String>>,
+    /// Each slot's latest nonce, with when it was given ([`crate::bound::nonce_stamp`]).
+    nonces: Mutex<HashMap<String, (String, u64)>>,
 }
 
 impl fmt::Debug for DpopKey {
@@ -179,10 +180,10 @@ impl DpopKey {
     }
 
     fn nonce_for(&self, slot: &str) -> Option<String> {
-        self.nonces().get(slot).cloned()
+        self.nonces().get(slot).map(|(nonce, _)| nonce.clone())
     }
 
-    fn nonces(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+    fn nonces(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, u64)>> {
         self.inner
             .nonces
             .lock()
@@ -193,6 +194,18 @@ impl DpopKey {
     /// one (RFC 9449 §8.1: visible ASCII but `"` and `\`; not over [`MAX_NONCE`]);
     /// returns whether it did.
     pub(crate) fn keep_nonce(&self, origin: &str, token_endpoint: bool, nonce: &[u8]) -> bool {
+        self.keep_nonce_given(origin, token_endpoint, nonce, crate::bound::nonce_stamp())
+    }
+
+    /// [`keep_nonce`](Self::keep_nonce) for a nonce given at `given` (a
+    /// [`crate::bound::nonce_stamp`]): not over a nonce of the slot given later.
+    fn keep_nonce_given(
+        &self,
+        origin: &str,
+        token_endpoint: bool,
+        nonce: &[u8],
+        given: u64,
+    ) -> bool {
         let valid = !nonce.is_empty()
             && nonce.len() <= MAX_NONCE
             && nonce
@@ -207,7 +220,10 @@ impl DpopKey {
         if nonces.len() >= MAX_ORIGINS && !nonces.contains_key(&slot) {
             nonces.clear();
         }
-        nonces.insert(slot, nonce);
+        if nonces.get(&slot).is_some_and(|(_, kept)| *kept > given) {
+            return false;
+        }
+        nonces.insert(slot, (nonce, given));
         true
     }
 
@@ -256,9 +272,9 @@ impl Binding for Bound {
         self.key.keep_nonce(origin, false, nonce.as_bytes())
     }
 
-    fn first_nonce(&self, origin: &str, nonce: &HeaderValue) -> bool {
-        self.key.nonce_for(&slot(origin, false)).is_none()
-            && self.key.keep_nonce(origin, false, nonce.as_bytes())
+    fn nonce_given(&self, origin: &str, nonce: &HeaderValue, given: u64) -> bool {
+        self.key
+            .keep_nonce_given(origin, false, nonce.as_bytes(), given)
     }
 }
 
