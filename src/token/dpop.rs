@@ -194,17 +194,19 @@ impl DpopKey {
     /// one (RFC 9449 §8.1: visible ASCII but `"` and `\`; not over [`MAX_NONCE`]);
     /// returns whether it did.
     pub(crate) fn keep_nonce(&self, origin: &str, token_endpoint: bool, nonce: &[u8]) -> bool {
-        self.keep_nonce_given(origin, token_endpoint, nonce, crate::bound::nonce_stamp())
+        self.keep_nonce_given(origin, token_endpoint, nonce, None)
     }
 
-    /// [`keep_nonce`](Self::keep_nonce) for a nonce given at `given` (a
-    /// [`crate::bound::nonce_stamp`]): not over a nonce of the slot given later.
+    /// [`keep_nonce`](Self::keep_nonce) for a nonce given now (`None`: stamped under the
+    /// lock, so it is the slot's newest whatever answers come at once), or carried from an
+    /// answer given at `Some(stamp)` (a [`crate::bound::nonce_stamp`]): not over a nonce
+    /// of the slot given later (returns `false` then).
     fn keep_nonce_given(
         &self,
         origin: &str,
         token_endpoint: bool,
         nonce: &[u8],
-        given: u64,
+        given: Option<u64>,
     ) -> bool {
         let valid = !nonce.is_empty()
             && nonce.len() <= MAX_NONCE
@@ -220,9 +222,13 @@ impl DpopKey {
         if nonces.len() >= MAX_ORIGINS && !nonces.contains_key(&slot) {
             nonces.clear();
         }
-        if nonces.get(&slot).is_some_and(|(_, kept)| *kept > given) {
-            return false;
-        }
+        let given = match given {
+            Some(given) if nonces.get(&slot).is_some_and(|(_, kept)| *kept > given) => {
+                return false;
+            }
+            Some(given) => given,
+            None => crate::bound::nonce_stamp(),
+        };
         nonces.insert(slot, (nonce, given));
         true
     }
@@ -274,7 +280,7 @@ impl Binding for Bound {
 
     fn nonce_given(&self, origin: &str, nonce: &HeaderValue, given: u64) -> bool {
         self.key
-            .keep_nonce_given(origin, false, nonce.as_bytes(), given)
+            .keep_nonce_given(origin, false, nonce.as_bytes(), Some(given))
     }
 }
 
@@ -390,5 +396,28 @@ mod tests {
         assert!(key.nonces().len() <= MAX_ORIGINS);
         assert!(!key.keep_nonce("https://a.example", false, &[b'n'; MAX_NONCE + 1]));
         assert_eq!(key.nonce_for(&slot("https://a.example", false)), None);
+    }
+
+    /// A valid nonce an answer gives is always kept, however many answers come at once
+    /// (`keep_nonce` refusing one reads as "no valid nonce": a `use_dpop_nonce` answer
+    /// would go back unreplayed, `NotReplayed::NoNonce`).
+    #[test]
+    fn concurrent_answers_never_refuse_a_valid_nonce() {
+        let key = DpopKey::generate().unwrap();
+        let refused = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (key, refused) = (&key, &refused);
+                s.spawn(move || {
+                    for i in 0..50_000 {
+                        let nonce = format!("n-{t}-{i}");
+                        if !key.keep_nonce("https://api.example", false, nonce.as_bytes()) {
+                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(refused.into_inner(), 0, "valid nonces refused");
     }
 }
