@@ -40,11 +40,17 @@ fn scrub_nested(text: &str, secrets: &[&str], depth: u8) -> String {
     let text = replace_secrets(&text, secrets);
     // Escapes outside any literal this pairing of quotes found (a stray quote before the
     // JSON shifts every literal), or an encoder's escape no form has: the whole text
-    // decoded. Shown decoded only if a secret was there.
-    if let Some(decoded) = decode_json_escapes(&text) {
-        if replace_secrets(&decoded, secrets) != decoded {
-            return scrub_nested(&decoded, secrets, depth - 1);
+    // decoded, as many times as the depth allows (escapes escaped again). Shown decoded
+    // only if a secret was there.
+    let mut decoded = decode_json_escapes(&text);
+    for _ in 0..depth {
+        let Some(whole) = decoded else {
+            break;
+        };
+        if replace_secrets(&whole, secrets) != whole {
+            return scrub_nested(&whole, secrets, depth - 1);
         }
+        decoded = decode_json_escapes(&whole);
     }
     text
 }

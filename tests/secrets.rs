@@ -539,3 +539,25 @@ async fn a_gson_escaped_secret_is_scrubbed_when_its_literal_is_not_decoded() {
     }
     assert!(leaks.is_empty(), "leaked:\n{}", leaks.join("\n"));
 }
+
+/// World: a token endpoint's body quotes an upstream's JSON-escaped text inside its own
+/// JSON string (the secret's escapes escaped again), after a stray quote that pairs the
+/// literals wrongly. Proves: no part of the secret reaches the error.
+#[tokio::test]
+async fn a_doubly_escaped_secret_after_a_stray_quote_is_scrubbed() {
+    const SECRET: &str = "CANARY-5ecr3t-d0-not-print==";
+    let body = r#"upstream said 5" then {"message":"upstream said \\u0043ANARY-5ecr3t-d0-not-print\\u003d\\u003d is wrong"}"#.to_owned();
+    let err = refused_with(body, SECRET).await;
+    let token_error = err.token_error().expect("a token error");
+    let shown = format!(
+        "{err} {err:?} {:?} {:?}",
+        token_error.description(),
+        token_error.body_start()
+    );
+    assert!(
+        !["5ecr3t", "d0-not-print"]
+            .iter()
+            .any(|part| shown.contains(part)),
+        "leaked: {shown}"
+    );
+}
