@@ -1169,23 +1169,7 @@ async fn a_fetch_running_at_an_invalidation_is_not_taken_back_after_it_outlives_
         .backoff(Duration::from_millis(50), Duration::from_millis(100))
         .build()
         .unwrap();
-    let waiting = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.credential().await }
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(cache.handle().invalidate());
-    let after = cache.credential().await;
-    let _ = waiting.await.unwrap();
-    let slow_1 = Credential::bearer("slow-1").unwrap();
-    assert_ne!(
-        after.as_ref().ok(),
-        Some(&slow_1),
-        "a request made after the invalidation got the credential of the fetch it dropped"
-    );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let later = cache.credential().await.unwrap();
-    assert_ne!(later, slow_1, "taken back from the store");
+    invalidated_while_slow_first_runs(&cache, Duration::from_millis(500)).await;
 }
 
 /// A `MemoryStore` whose first `load` takes 300 ms (a slow store round trip).
@@ -1246,19 +1230,29 @@ async fn an_invalidation_before_a_late_fetch_asks_the_source_is_not_missed() {
         .backoff(Duration::from_millis(50), Duration::from_millis(100))
         .build()
         .unwrap();
+    invalidated_while_slow_first_runs(&cache, Duration::from_millis(150)).await;
+}
+
+/// Asks `cache` (on a `SlowFirst` source) for a credential, invalidates it `after` that,
+/// and asks again; neither that request nor a later one may get `slow-1`, the result of
+/// the fetch the invalidation made suspect.
+async fn invalidated_while_slow_first_runs<S>(cache: &CredentialCache<S>, after: Duration)
+where
+    S: CredentialSource,
+{
     let waiting = tokio::spawn({
         let cache = cache.clone();
         async move { cache.credential().await }
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(after).await;
     assert!(cache.handle().invalidate());
-    let after = cache.credential().await;
+    let answer = cache.credential().await;
     let _ = waiting.await.unwrap();
     let slow_1 = Credential::bearer("slow-1").unwrap();
     assert_ne!(
-        after.as_ref().ok(),
+        answer.as_ref().ok(),
         Some(&slow_1),
-        "a request made after the invalidation got the credential of the flight it tainted"
+        "a request made after the invalidation got the result of the fetch it made suspect"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     let later = cache.credential().await.unwrap();
