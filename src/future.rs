@@ -914,7 +914,8 @@ where
         r.entry = Some(entry);
         // The rejected response (and its connection) is released now; a nonce it gave
         // (kept by the first attempt's key as it came) is carried over to the key of
-        // the credential the replay finally carries, if that key has none.
+        // the credential the replay finally carries, unless that key was given a nonce
+        // later (`Resend::answered`).
         if let Some(response) = r.response.take() {
             r.nonce = crate::bound::nonce_of(response.headers());
         }
