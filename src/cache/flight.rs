@@ -1252,12 +1252,7 @@ async fn fetch_holding<P: CredentialSource>(
         }
         Ok(answer) => check_fetched(inner, answer, refused),
     };
-    metrics::source_fetch(
-        &inner.config.name,
-        metrics::outcome(&result),
-        started.elapsed(),
-    );
-    result
+    measured(inner, started, result)
 }
 
 /// The rest of a lease holder's fetch that outlived its flight's deadline (whose
@@ -1382,6 +1377,15 @@ async fn fetch<P: CredentialSource>(
 ) -> Result<Credential, Error> {
     let started = Instant::now();
     let result = checked_fetch(inner, cx, deadline, refused).await;
+    measured(inner, started, result)
+}
+
+/// `result`, a source fetch's begun at `started`, recorded in the metrics.
+fn measured<P>(
+    inner: &Inner<P>,
+    started: Instant,
+    result: Result<Credential, Error>,
+) -> Result<Credential, Error> {
     metrics::source_fetch(
         &inner.config.name,
         metrics::outcome(&result),
