@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::redis::{RedisCluster, RedisServer};
+use support::{
+    redis::{RedisCluster, RedisServer},
+    store::FaultStore,
+};
 use tower_client_auth::{
     BoxError, Credential, CredentialCache, CredentialSource, CredentialStore, FetchContext,
     MemoryStore, store::redis::RedisStore,
@@ -1023,7 +1026,7 @@ mod refresh_tokens {
     #[tokio::test(start_paused = true)]
     async fn a_refused_pair_is_kept_while_the_pair_it_replaces_is_current() {
         let (source, log) = super::first_refresh_expired(Duration::from_secs(4));
-        let store = FaultyStore::default();
+        let store = FaultStore::new();
         let cache = CredentialCache::builder(source)
             .store(store.clone())
             .backoff(Duration::from_millis(1), Duration::from_millis(2))
@@ -1031,14 +1034,14 @@ mod refresh_tokens {
             .build()
             .unwrap();
         let first = cache.credential().await.unwrap();
-        store.refusing_pairs.store(true, SeqCst);
+        store.faults().refusing_pairs.store(true, SeqCst);
         // Into the hard window: the refresh runs, its answer refused; the old pair, still
         // valid, is the answer.
         tokio::time::sleep(Duration::from_millis(3850)).await;
         assert_eq!(cache.credential().await.unwrap(), first);
         // The first retries of the save fail; then the store takes pairs again.
         tokio::time::sleep(Duration::from_millis(600)).await;
-        store.refusing_pairs.store(false, SeqCst);
+        store.faults().refusing_pairs.store(false, SeqCst);
         tokio::time::sleep(Duration::from_secs(6)).await;
         assert_eq!(
             super::refresh_token_of(store.load().await.unwrap()),
@@ -1060,17 +1063,17 @@ mod refresh_tokens {
     async fn a_dropped_cache_saves_its_unsaved_pair_once_more() {
         let idp = StrictIdp::new(ID, SECRET, 3600.0);
         let base = start(idp.clone()).await;
-        let store = FaultyStore::default();
+        let store = FaultStore::new();
         let a = CredentialCache::builder(source(&base))
             .store(store.clone())
             .build()
             .unwrap();
         a.credential().await.unwrap();
-        store.refusing_pairs.store(true, SeqCst);
+        store.faults().refusing_pairs.store(true, SeqCst);
         assert!(a.handle().invalidate());
         let rotated = a.credential().await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        store.refusing_pairs.store(false, SeqCst);
+        store.faults().refusing_pairs.store(false, SeqCst);
         drop(a);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let stored = store.load().await.unwrap().expect("saved");
@@ -1081,7 +1084,6 @@ mod refresh_tokens {
         );
         assert!(
             store
-                .inner
                 .lease(Duration::from_millis(1))
                 .await
                 .unwrap()
@@ -1101,8 +1103,8 @@ mod refresh_tokens {
     async fn a_refused_rotated_pair_keeps_its_lease_and_survives_an_invalidation() {
         let idp = StrictIdp::new(ID, SECRET, 3600.0);
         let base = start(idp.clone()).await;
-        let store = FaultyStore::default();
-        let cache = |store: FaultyStore| {
+        let store = FaultStore::new();
+        let cache = |store: FaultStore| {
             CredentialCache::builder(source(&base))
                 .store(store)
                 .fetch_timeout(Duration::from_secs(3))
@@ -1111,7 +1113,7 @@ mod refresh_tokens {
         };
         let a = cache(store.clone());
         a.credential().await.unwrap();
-        store.refusing_pairs.store(true, SeqCst);
+        store.faults().refusing_pairs.store(true, SeqCst);
         assert!(a.handle().invalidate());
         let rotated = a.credential().await.expect("served with the rotated pair");
         assert_eq!(idp.refresh_grants.load(SeqCst), 1);
@@ -1120,8 +1122,8 @@ mod refresh_tokens {
         let started = Instant::now();
         let mut invalidated = false;
         while started.elapsed() < Duration::from_secs(8) {
-            if let Some(lease) = store.inner.lease(Duration::from_millis(1)).await.unwrap() {
-                store.inner.release(&lease).await.unwrap();
+            if let Some(lease) = store.lease(Duration::from_millis(1)).await.unwrap() {
+                store.release(&lease).await.unwrap();
                 panic!(
                     "the refresh lease was free after {:?}: another process would log in",
                     started.elapsed()
@@ -1134,7 +1136,7 @@ mod refresh_tokens {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        store.refusing_pairs.store(false, SeqCst);
+        store.faults().refusing_pairs.store(false, SeqCst);
         let started = Instant::now();
         loop {
             match store.load().await.unwrap() {
@@ -1175,8 +1177,7 @@ async fn tls_and_an_acl_user_through_the_client_crates_own_features() {
     use tower_client_auth::store::redis::redis_rs;
 
     let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let dir = std::env::temp_dir().join(format!("tca-redis-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::TempDir::new("redis-tls");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
@@ -1258,7 +1259,6 @@ async fn tls_and_an_acl_user_through_the_client_crates_own_features() {
     .expect("plain text to a TLS port hung");
     let err = plain.expect_err("plain text to a TLS port");
     assert!(!format!("{err} {err:?}").contains("fleet-pass"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[cfg(feature = "file-store")]
@@ -1269,19 +1269,18 @@ mod file_store {
     use std::path::PathBuf;
     use tower_client_auth::store::file::FileStore;
 
-    /// A fresh directory for one test, and the store's path in it.
-    fn path(test: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("tca-file-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join("token.json")
+    /// A fresh directory for one test (removed when dropped), and the store's path in it.
+    fn path(test: &str) -> (support::TempDir, PathBuf) {
+        let dir = support::TempDir::new(&format!("file-{test}"));
+        let path = dir.join("token.json");
+        (dir, path)
     }
 
     /// World: two handles on one file (as two processes have). Proves: the store
     /// contract (lease, renewal, fenced save, compare-and-delete) holds; waiters poll.
     #[tokio::test]
     async fn the_file_store_keeps_the_contract() {
-        let path = path("contract");
+        let (_dir, path) = path("contract");
         let (a, b) = (
             FileStore::open(&path).unwrap(),
             FileStore::open(&path).unwrap(),
@@ -1295,7 +1294,7 @@ mod file_store {
     /// every process on the host waiting for an hour; a lease in its time still excludes.
     #[tokio::test]
     async fn a_lease_stranded_by_a_clock_step_back_is_taken_over() {
-        let path = path("clock-step");
+        let (_dir, path) = path("clock-step");
         let (a, b) = (
             FileStore::open(&path).unwrap(),
             FileStore::open(&path).unwrap(),
@@ -1329,7 +1328,7 @@ mod file_store {
     /// living 1 s. Proves: one fetch per lifetime, never two at once, no failed call.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn caches_on_one_file_fetch_once_per_lifetime() {
-        let path = path("fleet");
+        let (_dir, path) = path("fleet");
         let stores = (0..6).map(|_| FileStore::open(&path).unwrap()).collect();
         one_fetch_per_lifetime(stores, 10, Duration::from_millis(2_500)).await;
     }
@@ -1339,7 +1338,7 @@ mod file_store {
     /// readable by their owner only; the sealed file shows no secret.
     #[tokio::test]
     async fn an_unreadable_file_is_absent_and_overwritten_and_files_are_private() {
-        let path = path("unreadable");
+        let (_dir, path) = path("unreadable");
         std::fs::write(&path, "{not json").unwrap();
         let endpoint = Endpoint::new(None);
         let cache = |store| {
@@ -1436,58 +1435,6 @@ async fn a_lease_is_kept_while_its_exchange_outlives_the_fetch_timeout() {
     assert_eq!(idp.logins.load(SeqCst), 1);
 }
 
-/// A memory store with faults to switch on: `lease` fails while `lease_down` is set (a
-/// store that stopped answering); `save` refuses a credential carrying a refresh token
-/// while `refusing_pairs` is set (a store out of memory that still answers, say). Every
-/// other call goes through.
-#[derive(Clone, Default)]
-struct FaultyStore {
-    inner: MemoryStore,
-    lease_down: Arc<std::sync::atomic::AtomicBool>,
-    refusing_pairs: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl CredentialStore for FaultyStore {
-    async fn load(&self) -> Result<Option<Credential>, BoxError> {
-        self.inner.load().await
-    }
-    async fn lease(
-        &self,
-        ttl: Duration,
-    ) -> Result<Option<tower_client_auth::store::Lease>, BoxError> {
-        if self.lease_down.load(SeqCst) {
-            return Err("connection refused".into());
-        }
-        self.inner.lease(ttl).await
-    }
-    async fn save(
-        &self,
-        lease: &tower_client_auth::store::Lease,
-        credential: &Credential,
-    ) -> Result<bool, BoxError> {
-        if credential.refresh_token().is_some() && self.refusing_pairs.load(SeqCst) {
-            return Err("OOM command not allowed when used memory > 'maxmemory'".into());
-        }
-        self.inner.save(lease, credential).await
-    }
-    async fn renew(
-        &self,
-        lease: &tower_client_auth::store::Lease,
-        ttl: Duration,
-    ) -> Result<bool, BoxError> {
-        self.inner.renew(lease, ttl).await
-    }
-    async fn release(&self, lease: &tower_client_auth::store::Lease) -> Result<(), BoxError> {
-        self.inner.release(lease).await
-    }
-    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
-        self.inner.remove(rejected).await
-    }
-    async fn changed(&self, timeout: Duration) {
-        self.inner.changed(timeout).await
-    }
-}
-
 /// World: a lease holder's source answers after 1.5 s, past its 1 s fetch timeout (the
 /// fetch goes on, under the lease, after its flight failed); the store then stops
 /// answering, and the next flight of the same cache fetches on its own. Proves: it does
@@ -1510,7 +1457,7 @@ async fn a_late_fetch_under_the_lease_is_never_joined_by_a_second_one() {
             }
         })
     };
-    let store = FaultyStore::default();
+    let store = FaultStore::new();
     let cache = CredentialCache::builder(source)
         .store(store.clone())
         .fetch_timeout(Duration::from_secs(1))
@@ -1521,7 +1468,7 @@ async fn a_late_fetch_under_the_lease_is_never_joined_by_a_second_one() {
         cache.credential().await.is_err(),
         "the first fetch timed out"
     );
-    store.lease_down.store(true, SeqCst);
+    store.faults().lease_down.store(true, SeqCst);
     tokio::time::sleep(Duration::from_millis(150)).await;
     let _ = cache.credential().await;
     assert_eq!(

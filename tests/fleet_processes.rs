@@ -320,12 +320,10 @@ async fn a_paused_holders_late_save_is_refused() {
     );
 }
 
-/// A fresh directory for one test, and a `file:` store spec in it.
+/// A fresh directory for one test (removed when dropped), and a `file:` store spec in it.
 #[cfg(feature = "file-store")]
-fn file_store(test: &str) -> (std::path::PathBuf, String) {
-    let dir = std::env::temp_dir().join(format!("tca-fleet-file-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+fn file_store(test: &str) -> (support::TempDir, String) {
+    let dir = support::TempDir::new(&format!("fleet-file-{test}"));
     let spec = format!("file:{}", dir.join("token.json").display());
     (dir, spec)
 }
@@ -336,9 +334,8 @@ fn file_store(test: &str) -> (std::path::PathBuf, String) {
 #[cfg(feature = "file-store")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_processes_on_one_file_fetch_once_per_lifetime() {
-    let (dir, spec) = file_store("eight");
+    let (_dir, spec) = file_store("eight");
     eight_processes_once_per_lifetime(&spec, 6, 50).await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// World: a process holds the file store's lease mid-exchange and is killed with
@@ -347,7 +344,7 @@ async fn eight_processes_on_one_file_fetch_once_per_lifetime() {
 #[cfg(feature = "file-store")]
 #[tokio::test]
 async fn a_killed_holders_file_lease_is_taken_over() {
-    let (dir, spec) = file_store("killed");
+    let (_dir, spec) = file_store("killed");
     let (holder, _out) = spawn_holder(&spec, "killed", 3_600);
     holder.signal("-KILL");
     let source = Counted::default();
@@ -358,7 +355,6 @@ async fn a_killed_holders_file_lease_is_taken_over() {
         .expect("waited out the dead holder");
     assert_eq!(credential, Credential::bearer("parent-1").unwrap());
     assert_eq!(source.0.load(SeqCst), 1);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// World: 8 worker processes x 20 callers for 5 s on one Redis, against a server that

@@ -9,11 +9,9 @@ use std::{sync::OnceLock, time::Duration};
 
 use http::StatusCode;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use support::{FakeApi, TestSource, get};
+use support::{FakeApi, TestSource, get, store::FaultStore};
 use tower::{Service, ServiceExt};
-use tower_client_auth::{
-    AuthLayer, BoxError, Credential, CredentialCache, CredentialStore, MemoryStore, store::Lease,
-};
+use tower_client_auth::{AuthLayer, Credential, CredentialCache, CredentialStore, MemoryStore};
 
 /// The process's recorder, installed once for this test binary.
 fn snapshotter() -> &'static Snapshotter {
@@ -63,30 +61,6 @@ fn count(all: &[Series], name: &str, cache: &str, with: &[(&str, &str)]) -> u64 
             DebugValue::Gauge(_) => 0,
         })
         .sum()
-}
-
-/// A store whose every call fails.
-struct Down;
-
-impl CredentialStore for Down {
-    async fn load(&self) -> Result<Option<Credential>, BoxError> {
-        Err("connection refused".into())
-    }
-    async fn lease(&self, _: Duration) -> Result<Option<Lease>, BoxError> {
-        Err("connection refused".into())
-    }
-    async fn save(&self, _: &Lease, _: &Credential) -> Result<bool, BoxError> {
-        Err("connection refused".into())
-    }
-    async fn renew(&self, _: &Lease, _: Duration) -> Result<bool, BoxError> {
-        Err("connection refused".into())
-    }
-    async fn release(&self, _: &Lease) -> Result<(), BoxError> {
-        Err("connection refused".into())
-    }
-    async fn remove(&self, _: &Credential) -> Result<(), BoxError> {
-        Err("connection refused".into())
-    }
 }
 
 /// World: one process's caches through every path the metrics describe: a failed then a
@@ -166,40 +140,38 @@ async fn the_refresh_path_is_counted_under_documented_names() {
 
     // A refresh that finds another process's credential in the store, while a
     // credential handed over meanwhile answers instead: no store hit.
-    let memory = MemoryStore::new();
-    let lease = memory
-        .lease(Duration::from_secs(10))
-        .await
-        .unwrap()
-        .unwrap();
+    let store = FaultStore::new();
+    let lease = store.lease(Duration::from_secs(10)).await.unwrap().unwrap();
     let saved = Credential::bearer("saved").unwrap();
-    assert!(memory.save(&lease, &saved).await.unwrap());
-    memory.release(&lease).await.unwrap();
-    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    let entered = std::sync::Arc::new(tokio::sync::Notify::new());
+    assert!(store.save(&lease, &saved).await.unwrap());
+    store.release(&lease).await.unwrap();
+    store.faults().loads.close();
     let cache = CredentialCache::builder(TestSource::new())
         .name("m-replaced")
-        .store(Gated {
-            memory,
-            gate: gate.clone(),
-            entered: entered.clone(),
-        })
+        .store(store.clone())
         .build()
         .unwrap();
     let refresh = tokio::spawn({
         let cache = cache.clone();
         async move { cache.credential().await }
     });
-    entered.notified().await;
+    store.faults().loads.arrived().await;
     let handed = Credential::bearer("handed").unwrap();
     assert!(cache.handle().replace(handed.clone()).unwrap());
-    gate.add_permits(1);
+    store.faults().loads.let_one();
     assert_eq!(refresh.await.unwrap().unwrap(), handed);
 
     // A store that is down.
     let down = CredentialCache::builder(TestSource::new())
         .name("m-down")
-        .store(Down)
+        .store({
+            let store = FaultStore::new();
+            store
+                .faults()
+                .down
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            store
+        })
         .build()
         .unwrap();
     down.credential().await.unwrap();
@@ -311,36 +283,5 @@ async fn the_refresh_path_is_counted_under_documented_names() {
             .build()
             .unwrap_err();
         assert_eq!(err.setting(), "name", "{bad:?}");
-    }
-}
-
-/// A `MemoryStore` whose loads say they began (`entered`), then wait for a permit of
-/// `gate`.
-struct Gated {
-    memory: MemoryStore,
-    gate: std::sync::Arc<tokio::sync::Semaphore>,
-    entered: std::sync::Arc<tokio::sync::Notify>,
-}
-
-impl CredentialStore for Gated {
-    async fn load(&self) -> Result<Option<Credential>, BoxError> {
-        self.entered.notify_one();
-        self.gate.acquire().await?.forget();
-        self.memory.load().await
-    }
-    async fn lease(&self, ttl: Duration) -> Result<Option<Lease>, BoxError> {
-        self.memory.lease(ttl).await
-    }
-    async fn save(&self, lease: &Lease, c: &Credential) -> Result<bool, BoxError> {
-        self.memory.save(lease, c).await
-    }
-    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, BoxError> {
-        self.memory.renew(lease, ttl).await
-    }
-    async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
-        self.memory.release(lease).await
-    }
-    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
-        self.memory.remove(rejected).await
     }
 }

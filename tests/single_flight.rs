@@ -17,7 +17,7 @@ use std::{
 };
 
 use http::{Request, Response, StatusCode};
-use support::TestSource;
+use support::{TestSource, store::FaultStore};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
     AuthLayer, BoxError, Credential, CredentialCache, CredentialSource, CredentialStore, ErrorKind,
@@ -402,91 +402,6 @@ async fn told_what_the_tainted_fetch_brought(invalidations: usize, in_place: boo
     );
 }
 
-/// A `MemoryStore` whose loads wait while it is closed (a slow store, held), whose
-/// next `misses` loads see nothing (a lagging replica), and whose lease releases wait
-/// while `releases_held` (a slow release).
-#[derive(Clone)]
-struct GatedStore {
-    store: MemoryStore,
-    closed: Arc<AtomicBool>,
-    gate: Arc<tokio::sync::Semaphore>,
-    misses: Arc<AtomicUsize>,
-    releases_held: Arc<AtomicBool>,
-    release_gate: Arc<tokio::sync::Semaphore>,
-}
-
-impl GatedStore {
-    fn new() -> Self {
-        GatedStore {
-            store: MemoryStore::new(),
-            closed: Arc::default(),
-            gate: Arc::new(tokio::sync::Semaphore::new(0)),
-            misses: Arc::default(),
-            releases_held: Arc::default(),
-            release_gate: Arc::new(tokio::sync::Semaphore::new(0)),
-        }
-    }
-
-    fn open(&self) {
-        self.closed.store(false, Ordering::SeqCst);
-        self.gate.add_permits(100);
-    }
-}
-
-impl CredentialStore for GatedStore {
-    async fn load(&self) -> Result<Option<Credential>, BoxError> {
-        if self.closed.load(Ordering::SeqCst) {
-            self.gate.acquire().await.unwrap().forget();
-        }
-        let missed = self
-            .misses
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if missed {
-            return Ok(None);
-        }
-        self.store.load().await
-    }
-
-    async fn lease(
-        &self,
-        ttl: Duration,
-    ) -> Result<Option<tower_client_auth::store::Lease>, BoxError> {
-        self.store.lease(ttl).await
-    }
-
-    async fn save(
-        &self,
-        lease: &tower_client_auth::store::Lease,
-        credential: &Credential,
-    ) -> Result<bool, BoxError> {
-        self.store.save(lease, credential).await
-    }
-
-    async fn renew(
-        &self,
-        lease: &tower_client_auth::store::Lease,
-        ttl: Duration,
-    ) -> Result<bool, BoxError> {
-        self.store.renew(lease, ttl).await
-    }
-
-    async fn release(&self, lease: &tower_client_auth::store::Lease) -> Result<(), BoxError> {
-        if self.releases_held.load(Ordering::SeqCst) {
-            self.release_gate.acquire().await.unwrap().forget();
-        }
-        self.store.release(lease).await
-    }
-
-    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
-        self.store.remove(rejected).await
-    }
-
-    fn changed(&self, timeout: Duration) -> impl std::future::Future<Output = ()> + Send {
-        self.store.changed(timeout)
-    }
-}
-
 /// World: a cache over a store, its source holding the last credential it issued and
 /// handing it back unless told it was dropped (`FetchContext::previous`, as its docs
 /// show). Its credential `A` is in its soft window; another process saved `X` in the
@@ -520,7 +435,7 @@ async fn a_fetch_chained_after_a_tainted_store_hit_is_told_what_was_dropped() {
             async move { Ok::<_, BoxError>(credential) }
         }
     });
-    let store = GatedStore::new();
+    let store = FaultStore::new();
     let cache = CredentialCache::builder(source)
         .store(store.clone())
         .window_jitter(0.0)
@@ -532,24 +447,19 @@ async fn a_fetch_chained_after_a_tainted_store_hit_is_told_what_was_dropped() {
     let x = Credential::bearer("x")
         .unwrap()
         .expires_in(Duration::from_secs(3600));
-    let lease = store
-        .store
-        .lease(Duration::from_secs(3))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(store.store.save(&lease, &x).await.unwrap());
-    store.store.release(&lease).await.unwrap();
+    let lease = store.lease(Duration::from_secs(3)).await.unwrap().unwrap();
+    assert!(store.save(&lease, &x).await.unwrap());
+    store.release(&lease).await.unwrap();
     // Into the soft window: the next request starts the background refresh (held).
     tokio::time::advance(Duration::from_secs(31)).await;
     settle().await;
-    store.closed.store(true, Ordering::SeqCst);
+    store.faults().loads.close();
     assert_eq!(cache.credential().await.unwrap(), a);
     settle().await;
     assert!(cache.handle().invalidate());
     let next = ask(&cache);
     settle().await;
-    store.open();
+    store.faults().loads.open();
     let next = next.await.unwrap().unwrap();
     assert_ne!(next, a, "the dropped credential came back from its source");
     assert_ne!(
@@ -568,10 +478,10 @@ async fn a_fetch_chained_after_a_tainted_store_hit_is_told_what_was_dropped() {
 /// the source's new credential is the answer.
 #[tokio::test(start_paused = true)]
 async fn a_store_hit_dropped_while_its_lease_is_given_back_is_not_installed() {
-    let store = GatedStore::new();
+    let store = FaultStore::new();
     let (source, cache, own) = overtaken_by_a_stale_replacement(store.clone()).await;
-    store.misses.store(1, Ordering::SeqCst);
-    store.releases_held.store(true, Ordering::SeqCst);
+    store.faults().misses.store(1, Ordering::SeqCst);
+    store.faults().releases.close();
     let next = ask(&cache);
     settle().await;
     assert_eq!(
@@ -583,8 +493,7 @@ async fn a_store_hit_dropped_while_its_lease_is_given_back_is_not_installed() {
         !cache.handle().invalidate_if(&own),
         "token-1 is not current"
     );
-    store.releases_held.store(false, Ordering::SeqCst);
-    store.release_gate.add_permits(10);
+    store.faults().releases.open();
     settle().await;
     source.release(1);
     let next = next.await.unwrap().unwrap();
@@ -1172,51 +1081,6 @@ async fn a_fetch_running_at_an_invalidation_is_not_taken_back_after_it_outlives_
     invalidated_while_slow_first_runs(&cache, Duration::from_millis(500)).await;
 }
 
-/// A `MemoryStore` whose first `load` takes 300 ms (a slow store round trip).
-#[derive(Clone, Default)]
-struct SlowFirstLoad {
-    store: MemoryStore,
-    loads: Arc<AtomicUsize>,
-}
-
-impl CredentialStore for SlowFirstLoad {
-    async fn load(&self) -> Result<Option<Credential>, BoxError> {
-        if self.loads.fetch_add(1, Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        self.store.load().await
-    }
-    async fn lease(
-        &self,
-        ttl: Duration,
-    ) -> Result<Option<tower_client_auth::store::Lease>, BoxError> {
-        self.store.lease(ttl).await
-    }
-    async fn save(
-        &self,
-        lease: &tower_client_auth::store::Lease,
-        credential: &Credential,
-    ) -> Result<bool, BoxError> {
-        self.store.save(lease, credential).await
-    }
-    async fn renew(
-        &self,
-        lease: &tower_client_auth::store::Lease,
-        ttl: Duration,
-    ) -> Result<bool, BoxError> {
-        self.store.renew(lease, ttl).await
-    }
-    async fn release(&self, lease: &tower_client_auth::store::Lease) -> Result<(), BoxError> {
-        self.store.release(lease).await
-    }
-    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
-        self.store.remove(rejected).await
-    }
-    async fn changed(&self, timeout: Duration) {
-        self.store.changed(timeout).await
-    }
-}
-
 /// World: as above, but the invalidation comes while the flight is at the store (its
 /// first look takes 300 ms), before the source is asked. Proves: the flight is suspect
 /// from then on, its late fetch too: neither the request made after the invalidation
@@ -1225,7 +1089,11 @@ impl CredentialStore for SlowFirstLoad {
 async fn an_invalidation_before_a_late_fetch_asks_the_source_is_not_missed() {
     let source = SlowFirst::default();
     let cache = CredentialCache::builder(source.clone())
-        .store(SlowFirstLoad::default())
+        .store({
+            let store = FaultStore::new();
+            store.delay_next_loads(&[Duration::from_millis(300)]);
+            store
+        })
         .fetch_timeout(Duration::from_secs(1))
         .backoff(Duration::from_millis(50), Duration::from_millis(100))
         .build()

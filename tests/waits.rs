@@ -7,11 +7,10 @@ mod support;
 use std::time::Duration;
 
 use http::StatusCode;
-use support::{FakeApi, TestSource, get};
+use support::{FakeApi, TestSource, get, store::FaultStore};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
-    AuthLayer, BoxError, Credential, CredentialCache, CredentialStore, ErrorKind, NotReplayed,
-    RefreshMode, store::Lease,
+    AuthLayer, BoxError, Credential, CredentialCache, ErrorKind, NotReplayed, RefreshMode,
 };
 
 /// World: an API that answers 401 to every token (a wrong audience, say), 50 requests a
@@ -104,33 +103,6 @@ async fn an_api_whose_clock_is_behind_accepts_the_token_once_it_is_old_enough() 
     }
 }
 
-/// A store whose every call never returns.
-struct HungStore;
-
-impl CredentialStore for HungStore {
-    async fn load(&self) -> Result<Option<Credential>, BoxError> {
-        std::future::pending().await
-    }
-    async fn lease(&self, _: Duration) -> Result<Option<Lease>, BoxError> {
-        std::future::pending().await
-    }
-    async fn save(&self, _: &Lease, _: &Credential) -> Result<bool, BoxError> {
-        std::future::pending().await
-    }
-    async fn renew(&self, _: &Lease, _: Duration) -> Result<bool, BoxError> {
-        std::future::pending().await
-    }
-    async fn release(&self, _: &Lease) -> Result<(), BoxError> {
-        std::future::pending().await
-    }
-    async fn changed(&self, _: Duration) {
-        std::future::pending().await
-    }
-    async fn remove(&self, _: &Credential) -> Result<(), BoxError> {
-        std::future::pending().await
-    }
-}
-
 /// World: a shared store that hangs on every call. Proves: one deadline (the fetch
 /// timeout) bounds the whole flight, store calls included; the cache degrades to its
 /// source and callers get a credential within that deadline, on the first fetch and
@@ -141,7 +113,14 @@ async fn a_hung_store_never_wedges_the_flight() {
     let source = TestSource::new();
     let cache = CredentialCache::builder(source.clone())
         .fetch_timeout(Duration::from_secs(4))
-        .store(HungStore)
+        .store({
+            let store = FaultStore::new();
+            store
+                .faults()
+                .hung
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            store
+        })
         .build()
         .unwrap();
     let started = tokio::time::Instant::now();

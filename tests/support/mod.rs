@@ -6,6 +6,7 @@ pub mod dpop;
 pub mod providers;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod store;
 pub mod strict_idp;
 #[cfg(feature = "https")]
 pub mod tls;
@@ -393,5 +394,30 @@ impl Dice {
             0 => tokio::task::yield_now().await,
             d => tokio::time::sleep(Duration::from_millis(d)).await,
         }
+    }
+}
+
+/// A fresh directory under the system's temporary one, removed (with what is in it)
+/// when dropped, also when its test panics.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// `tca-{name}-{pid}`, emptied if a run before left it.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("tca-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// `name` in the directory.
+    pub fn join(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

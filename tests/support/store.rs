@@ -1,0 +1,186 @@
+//! A shared store with faults a test switches on and off: one `MemoryStore` behind
+//! switches, so that each test names the fault it needs instead of writing a store.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
+    },
+    time::Duration,
+};
+
+use tokio::sync::{Notify, Semaphore};
+use tower_client_auth::{
+    BoxError, Credential,
+    store::{CredentialStore, Lease, MemoryStore},
+};
+
+/// A `MemoryStore` behind fault switches. Every call goes through to the memory store
+/// unless a switch says otherwise; clones share the store and the switches.
+#[derive(Clone, Default)]
+pub struct FaultStore {
+    memory: MemoryStore,
+    faults: Arc<Faults>,
+}
+
+/// The switches of a [`FaultStore`], all off at first.
+#[derive(Default)]
+pub struct Faults {
+    /// Every call fails at once ("connection refused").
+    pub down: AtomicBool,
+    /// Every call hangs for good.
+    pub hung: AtomicBool,
+    /// `lease` fails (a store that stopped answering).
+    pub lease_down: AtomicBool,
+    /// `save` fails for a credential with a refresh token (a store out of memory that
+    /// still answers, say).
+    pub refusing_pairs: AtomicBool,
+    /// The next this many loads see nothing (a lagging replica).
+    pub misses: AtomicUsize,
+    /// Loads pass through here first: they wait while it is closed.
+    pub loads: Valve,
+    /// Lease releases pass through here first.
+    pub releases: Valve,
+    /// How long each of the next loads takes, one entry a load.
+    load_delays: Mutex<VecDeque<Duration>>,
+}
+
+impl FaultStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The switches.
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    /// The next loads take these long, one after another (a slow round trip).
+    pub fn delay_next_loads(&self, delays: &[Duration]) {
+        self.faults
+            .load_delays
+            .lock()
+            .unwrap()
+            .extend(delays.iter().copied());
+    }
+
+    /// What a call meets before it goes through: an error or a hang when the store is
+    /// down or hung.
+    async fn reach(&self) -> Result<(), BoxError> {
+        if self.faults.hung.load(SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if self.faults.down.load(SeqCst) {
+            return Err("connection refused".into());
+        }
+        Ok(())
+    }
+}
+
+impl CredentialStore for FaultStore {
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        self.reach().await?;
+        self.faults.loads.pass().await;
+        let delay = self.faults.load_delays.lock().unwrap().pop_front();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        let missed = self
+            .faults
+            .misses
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if missed {
+            return Ok(None);
+        }
+        self.memory.load().await
+    }
+
+    async fn lease(&self, ttl: Duration) -> Result<Option<Lease>, BoxError> {
+        self.reach().await?;
+        if self.faults.lease_down.load(SeqCst) {
+            return Err("connection refused".into());
+        }
+        self.memory.lease(ttl).await
+    }
+
+    async fn save(&self, lease: &Lease, credential: &Credential) -> Result<bool, BoxError> {
+        self.reach().await?;
+        if credential.refresh_token().is_some() && self.faults.refusing_pairs.load(SeqCst) {
+            return Err("OOM command not allowed when used memory > 'maxmemory'".into());
+        }
+        self.memory.save(lease, credential).await
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, BoxError> {
+        self.reach().await?;
+        self.memory.renew(lease, ttl).await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
+        self.reach().await?;
+        self.faults.releases.pass().await;
+        self.memory.release(lease).await
+    }
+
+    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+        self.reach().await?;
+        self.memory.remove(rejected).await
+    }
+
+    async fn changed(&self, timeout: Duration) {
+        if self.faults.hung.load(SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.memory.changed(timeout).await
+    }
+}
+
+/// A door calls pass through: open at first; while closed, each call waits for a
+/// permit. Every call says it came (`arrived`) before it waits.
+pub struct Valve {
+    closed: AtomicBool,
+    permits: Semaphore,
+    arrived: Notify,
+}
+
+impl Default for Valve {
+    fn default() -> Self {
+        Valve {
+            closed: AtomicBool::new(false),
+            permits: Semaphore::new(0),
+            arrived: Notify::new(),
+        }
+    }
+}
+
+impl Valve {
+    /// Calls from now on wait.
+    pub fn close(&self) {
+        self.closed.store(true, SeqCst);
+    }
+
+    /// Every waiting call goes on, and calls from now on pass.
+    pub fn open(&self) {
+        self.closed.store(false, SeqCst);
+        self.permits.add_permits(1_000);
+    }
+
+    /// One waiting (or the next) call goes on; the valve stays closed.
+    pub fn let_one(&self) {
+        self.permits.add_permits(1);
+    }
+
+    /// Until a call comes to the valve (or one came since the last wait).
+    pub async fn arrived(&self) {
+        self.arrived.notified().await;
+    }
+
+    async fn pass(&self) {
+        self.arrived.notify_one();
+        if self.closed.load(SeqCst) {
+            self.permits.acquire().await.unwrap().forget();
+        }
+    }
+}
