@@ -1477,3 +1477,43 @@ async fn a_late_fetch_under_the_lease_is_never_joined_by_a_second_one() {
         "the source was asked while the late fetch still ran"
     );
 }
+
+/// World: a lease holder's source panics (a bug in it), at once or after the fetch
+/// timeout (in the fetch that goes on under the lease). Proves: the lease is given back
+/// as soon as the panic is caught, not left for the fleet to wait out (its 3 s); the
+/// caller gets `SourcePanicked`.
+#[tokio::test]
+async fn a_source_that_panics_under_the_lease_gives_it_back() {
+    for after in [Duration::ZERO, Duration::from_millis(1200)] {
+        let source = tower_client_auth::source_fn(move |_| async move {
+            tokio::time::sleep(after).await;
+            if true {
+                panic!("a bug in the source");
+            }
+            Credential::bearer("never")
+        });
+        let store = FaultStore::new();
+        let cache = CredentialCache::builder(source)
+            .store(store.clone())
+            .fetch_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let err = cache.credential().await.unwrap_err();
+        let want = if after.is_zero() {
+            tower_client_auth::ErrorKind::SourcePanicked
+        } else {
+            tower_client_auth::ErrorKind::Timeout
+        };
+        assert_eq!(err.kind(), want, "after {after:?}");
+        // Past the panic (the late one ends 200 ms after the flight's deadline).
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            store
+                .lease(Duration::from_millis(100))
+                .await
+                .unwrap()
+                .is_some(),
+            "a source that panicked {after:?} into its fetch left the lease held"
+        );
+    }
+}

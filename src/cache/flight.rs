@@ -1240,7 +1240,7 @@ async fn fetch_holding<P: CredentialSource>(
     let mut fetching: Fetching = {
         let inner = Arc::clone(inner);
         Box::pin(async move {
-            let answer = inner.source.fetch(cx).await;
+            let answer = ask_source(&inner.source, cx).await;
             drop(gate);
             answer
         })
@@ -1405,12 +1405,26 @@ async fn checked_fetch<P: CredentialSource>(
     // `fetch_holding`): waited for, as the fleet's other processes wait for its lease.
     let fetched = tokio::time::timeout_at(deadline, async {
         let _gate = inner.source_gate.lock().await;
-        inner.source.fetch(cx).await
+        ask_source(&inner.source, cx).await
     });
     match fetched.await {
         Err(_elapsed) => Err(Error::new(ErrorKind::Timeout)),
         Ok(answer) => check_fetched(inner, answer, refused),
     }
+}
+
+/// The source's fetch, a panic in it caught as [`ErrorKind::SourcePanicked`]: the
+/// flight's own error path then runs, and gives a lease it holds back at once rather
+/// than leave the fleet to wait it out (the flight catches a panic too, but only after
+/// the lease was dropped unreleased).
+async fn ask_source<P: CredentialSource>(
+    source: &P,
+    cx: FetchContext,
+) -> Result<Credential, crate::error::BoxError> {
+    AssertUnwindSafe(source.fetch(cx))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_panic| Err(Error::new(ErrorKind::SourcePanicked).into()))
 }
 
 /// What the source answered, checked: see [`fetch`].
