@@ -1517,3 +1517,87 @@ async fn a_source_that_panics_under_the_lease_gives_it_back() {
         );
     }
 }
+
+/// A rotating source: its first exchange takes 1.5 s and brings `access-1` with `rt-1`;
+/// each later one answers at once. Holds `alive` (a test watches it to see whether the
+/// cache's source is still kept).
+fn slow_first_rotating(alive: Arc<()>) -> impl CredentialSource {
+    let fetches = Arc::new(AtomicUsize::new(0));
+    tower_client_auth::source_fn(move |_cx: FetchContext| {
+        let _alive = alive.clone();
+        let n = fetches.fetch_add(1, SeqCst) + 1;
+        async move {
+            if n == 1 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            Ok::<_, BoxError>(
+                Credential::bearer(format!("access-{n}"))?.with_refresh_token(format!("rt-{n}")),
+            )
+        }
+    })
+}
+
+/// A cache over `store` (refusing pairs) on `slow_first_rotating`, a 1 s fetch
+/// timeout; its first request asked, timed out, and the late exchange ended (1.5 s)
+/// with its save refused.
+async fn a_late_pair_refused(
+    store: &FaultStore,
+    alive: &Arc<()>,
+) -> CredentialCache<impl CredentialSource> {
+    store.faults().refusing_pairs.store(true, SeqCst);
+    let cache = CredentialCache::builder(slow_first_rotating(alive.clone()))
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let first = cache.credential().await;
+    assert_eq!(
+        first.unwrap_err().kind(),
+        tower_client_auth::ErrorKind::Timeout
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    cache
+}
+
+/// World: a lease holder's rotating exchange outlives its 1 s fetch timeout; when it
+/// ends (1.5 s) the store refuses the rotated pair (it answers, but will not take a
+/// value with a refresh token). Proves (README, "One owner for a rotating refresh
+/// token": the process serves with it, keeps the lease and tries the save again; review
+/// finding: every request timed out, waiting for the lease its own process kept): the
+/// next request is served with the rotated pair, without another exchange.
+#[tokio::test]
+async fn a_late_rotated_pair_the_store_refuses_is_served() {
+    let alive = Arc::new(());
+    let store = FaultStore::new();
+    let cache = a_late_pair_refused(&store, &alive).await;
+    let next = cache.credential().await.expect("served with the late pair");
+    assert_eq!(next, Credential::bearer("access-1").unwrap());
+    assert_eq!(next.refresh_token().map(|t| t.expose()), Some("rt-1"));
+    // The save goes through once the store takes pairs again.
+    store.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stored = store.load().await.unwrap().expect("saved");
+    assert_eq!(stored.refresh_token().map(|t| t.expose()), Some("rt-1"));
+}
+
+/// World: as above; then the cache is dropped (its process shutting down). Proves
+/// (README: a refused pair is saved once more by a cache being dropped, and the lease
+/// goes back; review finding: the task kept the cache alive and renewed the lease for
+/// as long as the store refused): 4 s after the drop the lease is free and the cache's
+/// source is gone.
+#[tokio::test]
+async fn a_dropped_cache_stops_keeping_a_late_pair() {
+    let alive = Arc::new(());
+    let store = FaultStore::new();
+    let cache = a_late_pair_refused(&store, &alive).await;
+    drop(cache);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let lease = store.lease(Duration::from_millis(1)).await.unwrap();
+    let source_alive = Arc::strong_count(&alive) > 1;
+    assert!(
+        lease.is_some() && !source_alive,
+        "4 s after the cache was dropped: lease free: {}, its source still alive: {source_alive}",
+        lease.is_some()
+    );
+}

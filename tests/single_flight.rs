@@ -1126,3 +1126,101 @@ where
     let later = cache.credential().await.unwrap();
     assert_ne!(later, slow_1, "taken back from the store");
 }
+
+/// World: as `a_fetch_running_at_an_invalidation_is_not_taken_back_after_it_outlives_its_timeout`,
+/// but the invalidation lands while the late fetch saves `slow-1` under its lease (its
+/// fetch ends at 1.5 s, its save takes 200 ms: within the save's share of the fetch
+/// timeout). Proves (review finding: the late fetch looked for an invalidation before
+/// its save only): no request made after the invalidation gets `slow-1` from the store.
+#[tokio::test]
+async fn an_invalidation_while_a_late_fetch_saves_is_not_missed() {
+    let source = SlowFirst::default();
+    let store = FaultStore::new();
+    store.delay_next_saves(&[Duration::from_millis(200)]);
+    let cache = CredentialCache::builder(source.clone())
+        .store(store)
+        .fetch_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let first = cache.credential().await;
+    assert_eq!(first.unwrap_err().kind(), ErrorKind::Timeout);
+    // The late fetch answers at 1.5 s; its save runs until 1.7 s.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(cache.handle().invalidate());
+    let slow_1 = Credential::bearer("slow-1").unwrap();
+    for _ in 0..2 {
+        let answer = cache.credential().await;
+        assert_ne!(
+            answer.as_ref().ok(),
+            Some(&slow_1),
+            "a request made after the invalidation got the late fetch's result ({} fetches)",
+            source.fetches.load(Ordering::SeqCst)
+        );
+    }
+}
+
+/// A source holding the last credential it issued, handing it back unless told it was
+/// dropped (`FetchContext::previous`, as its docs show); its first fetch takes 1.5 s.
+#[derive(Clone, Default)]
+struct HoldingSlowFirst {
+    fetches: Arc<AtomicUsize>,
+    held: Arc<Mutex<Option<Credential>>>,
+    log: Arc<Mutex<Vec<Told>>>,
+}
+
+/// Why a fetch came, and what it was told had been dropped.
+type Told = (FetchReason, Option<Credential>);
+
+impl CredentialSource for HoldingSlowFirst {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push((cx.reason(), cx.previous().cloned()));
+        let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == 1 {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        let mut held = self.held.lock().unwrap();
+        match held.as_ref() {
+            Some(h) if cx.previous() != Some(h) => Ok(h.clone()),
+            _ => {
+                let fresh = Credential::bearer(format!("slow-{n}"))?;
+                *held = Some(fresh.clone());
+                Ok(fresh)
+            }
+        }
+    }
+}
+
+/// World: a cache over a store, its source holding its last credential; its first fetch
+/// outlives the 1 s fetch timeout (the lease holder's fetch goes on); at 0.5 s the
+/// application invalidates and a request comes (its fetch is chained after the running
+/// flight and begins at 1 s, waiting for the lease while the late fetch runs). Proves
+/// (review finding: the chained fetch was told nothing, since the late fetch's result
+/// came after it began): the chained fetch is told `slow-1`, and no request made after
+/// the invalidation gets it.
+#[tokio::test]
+async fn a_fetch_after_an_invalidated_late_fetch_is_told_what_it_brought() {
+    let source = HoldingSlowFirst::default();
+    let cache = CredentialCache::builder(source.clone())
+        .store(MemoryStore::new())
+        .fetch_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let waiting = ask(&cache);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(cache.handle().invalidate());
+    let answer = cache.credential().await;
+    let _ = waiting.await.unwrap();
+    let slow_1 = Credential::bearer("slow-1").unwrap();
+    let log = source.log.lock().unwrap().clone();
+    assert_ne!(
+        answer.as_ref().ok(),
+        Some(&slow_1),
+        "the invalidated late fetch's result came back through its source; fetches: {log:?}"
+    );
+    assert_eq!(log.last().unwrap().1.as_ref(), Some(&slow_1), "{log:?}");
+}

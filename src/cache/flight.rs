@@ -849,6 +849,13 @@ async fn obtain<P: CredentialSource>(
         }
     };
     loop {
+        if !step_up {
+            if let Some(late) = unsaved_late(inner) {
+                tracing::debug!("using the unsaved credential a late fetch brought");
+                waited(waiting_since);
+                return Ok(late);
+            }
+        }
         // Registered before the looks below, so a save between them and the wait is
         // not missed.
         let wake = store.changed(pause);
@@ -1240,6 +1247,7 @@ async fn fetch_holding<P: CredentialSource>(
     let mut fetching: Fetching = {
         let inner = Arc::clone(inner);
         Box::pin(async move {
+            let cx = told_suspect(&inner, cx);
             let answer = ask_source(&inner.source, cx).await;
             drop(gate);
             answer
@@ -1289,23 +1297,68 @@ async fn finish_late<P: CredentialSource>(
         }
     };
     if let Some(credential) = &credential {
-        // An invalidation since it began: as a running flight's result, never taken
-        // back from the store by this cache, and the next fetch is told it.
         let mut state = inner.lock_state();
         if state.invalidations != began {
+            // An invalidation since it began: as a running flight's result, never taken
+            // back from the store by this cache, and the next fetch is told it.
             let entry = inner.entry(&mut state, credential.clone(), Instant::now());
             inner.forget_suspect(&mut state, &entry, false);
+        } else if inner.current.load().is_none() {
+            // The cache's newest: an invalidation from now on makes it suspect; unsaved,
+            // it is the next flight's answer (see `Late`).
+            state.late = Some(super::Late {
+                credential: credential.clone(),
+                unsaved: true,
+            });
         }
     }
     if let Some(credential) = credential {
         let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
         let saved = store_call(&inner, until, "save", store.save(&lease, &credential)).await;
         if saved.is_none() && credential.refresh_token().is_some() {
-            let inner = Arc::downgrade(&inner);
-            return keep_saving(inner, store, lease, credential, spent).await;
+            // Only a weak reference from here on: a cache dropped meanwhile ends it.
+            let weak = Arc::downgrade(&inner);
+            drop(inner);
+            return keep_saving(weak, store, lease, credential, spent).await;
+        }
+        if saved.is_some() {
+            if let Some(late) = inner
+                .lock_state()
+                .late
+                .as_mut()
+                .filter(|late| late.credential == credential)
+            {
+                late.unsaved = false;
+            }
         }
     }
     release(&inner, store.as_ref(), &lease).await;
+}
+
+/// The late fetch's result still unsaved (see `Late`), taken as this flight's answer
+/// when it is still usable and was not dropped.
+fn unsaved_late<P: CredentialSource>(inner: &Inner<P>) -> Option<Credential> {
+    let mut state = inner.lock_state();
+    let late = state.late.as_ref().filter(|late| late.unsaved)?;
+    let credential = late.credential.clone();
+    if state.dropped(&credential) || !inner.is_usable_stored(&credential) {
+        return None;
+    }
+    state.late = None;
+    Some(credential)
+}
+
+/// `cx`, told (if it is an invalidation's fetch) what a fetch the invalidation made
+/// suspect brought, if that fetch ended after this one began (a late fetch, say,
+/// which ends while this one waits for its lease or the source): the one a source
+/// holding its last credential would hand back. See `FlightGuard::begin`.
+fn told_suspect<P: CredentialSource>(inner: &Inner<P>, mut cx: FetchContext) -> FetchContext {
+    if cx.reason() == FetchReason::Invalidated {
+        if let Some(dropped) = inner.lock_state().tainted_result.take() {
+            cx.set_previous(dropped);
+        }
+    }
+    cx
 }
 
 /// Runs `work` while keeping `lease`: renewed every third of its hold, so a holder that
@@ -1405,7 +1458,7 @@ async fn checked_fetch<P: CredentialSource>(
     // `fetch_holding`): waited for, as the fleet's other processes wait for its lease.
     let fetched = tokio::time::timeout_at(deadline, async {
         let _gate = inner.source_gate.lock().await;
-        ask_source(&inner.source, cx).await
+        ask_source(&inner.source, told_suspect(inner, cx)).await
     });
     match fetched.await {
         Err(_elapsed) => Err(Error::new(ErrorKind::Timeout)),

@@ -518,6 +518,12 @@ impl<P: CredentialSource> Inner<P> {
         if let Some(running) = &state.running {
             state.tainted = Some(running.id);
         }
+        // A late fetch's result, never current: suspect from now on, and the next fetch
+        // is told it (it is newer than what was current, if anything was).
+        if let Some(late) = state.late.take() {
+            let entry = self.entry(state, late.credential, Instant::now());
+            self.forget_suspect(state, &entry, false);
+        }
     }
 
     /// A fetch running now started before an invalidation or a replacement: its result
@@ -676,6 +682,9 @@ struct State {
     /// (`flight::finish_late`) and ends after one did not begin after it, so its
     /// result is remembered as suspect, as a running flight's is.
     invalidations: u64,
+    /// What a lease holder's fetch that outlived its flight brought (see `Late`), until
+    /// a credential is installed.
+    late: Option<Late>,
     /// Consecutive rejections of credentials younger than [`YOUNG_CREDENTIAL_AGE`], and
     /// when the next one may cause a fetch.
     fresh_rejections: u32,
@@ -746,6 +755,19 @@ impl State {
             }
         }
     }
+}
+
+/// What a lease holder's fetch that outlived its flight brought (`flight::finish_late`),
+/// no invalidation having come since its flight began. It was never current, yet it is
+/// this cache's newest credential: an invalidation before a credential is installed
+/// makes it suspect, as it makes a running flight's result (else a flight after the
+/// invalidation would take it back from the store it was saved in). While its rotated
+/// refresh token is `unsaved` (the store refused it, and `keep_saving` keeps the lease),
+/// it is this process's answer: the store cannot have a newer one, and the lease is its
+/// own, which every flight of this process would otherwise wait out.
+pub(super) struct Late {
+    pub(super) credential: Credential,
+    pub(super) unsaved: bool,
 }
 
 /// How a credential in [`State::retired`] stopped being current, or never was.
@@ -822,6 +844,7 @@ impl<P: CredentialSource> Inner<P> {
         self.retire(state, Retired::Superseded);
         state.invalidated = None;
         state.tainted_result = None;
+        state.late = None;
         let entry = self.entry(state, credential, now);
         self.current.store(Some(entry.clone()));
         entry

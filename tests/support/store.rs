@@ -44,6 +44,8 @@ pub struct Faults {
     pub releases: Valve,
     /// How long each of the next loads takes, one entry a load.
     load_delays: Mutex<VecDeque<Duration>>,
+    /// How long each of the next saves takes, one entry a save.
+    save_delays: Mutex<VecDeque<Duration>>,
 }
 
 impl FaultStore {
@@ -60,6 +62,15 @@ impl FaultStore {
     pub fn delay_next_loads(&self, delays: &[Duration]) {
         self.faults
             .load_delays
+            .lock()
+            .unwrap()
+            .extend(delays.iter().copied());
+    }
+
+    /// The next saves take these long, one after another (a slow round trip).
+    pub fn delay_next_saves(&self, delays: &[Duration]) {
+        self.faults
+            .save_delays
             .lock()
             .unwrap()
             .extend(delays.iter().copied());
@@ -109,6 +120,10 @@ impl CredentialStore for FaultStore {
         self.reach().await?;
         if credential.refresh_token().is_some() && self.faults.refusing_pairs.load(SeqCst) {
             return Err("OOM command not allowed when used memory > 'maxmemory'".into());
+        }
+        let delay = self.faults.save_delays.lock().unwrap().pop_front();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
         }
         self.memory.save(lease, credential).await
     }
