@@ -32,8 +32,8 @@ pub(crate) trait Binding: Send + Sync + 'static {
     fn proof(&self, method: &Method, target: &Target) -> Result<HeaderValue, Error>;
 
     /// The API at `origin` wants `nonce` in the proofs sent to it from now on; returns
-    /// whether it was kept (a valid nonce).
-    fn nonce(&self, origin: &str, nonce: &HeaderValue) -> bool;
+    /// the [`nonce_stamp`] it was kept with, if it was kept (a valid nonce).
+    fn nonce(&self, origin: &str, nonce: &HeaderValue) -> Option<u64>;
 
     /// As [`nonce`](Self::nonce), for a nonce given at `given` (a [`nonce_stamp`]): a
     /// nonce an earlier answer gave, carried over to this key, never overwrites one this
@@ -145,20 +145,13 @@ impl Sent {
     }
 
     /// Keeps the nonce an answer to this request carries, if it carries one; returns
-    /// whether it kept one.
+    /// the [`nonce_stamp`] it kept it with, if it kept one: when the answer gave it, in
+    /// the order of every nonce given (a resend carrying it elsewhere carries that
+    /// stamp, so that it never goes over a nonce given after it).
     #[inline(never)]
-    pub(crate) fn saw(&self, headers: &HeaderMap) -> bool {
-        headers
-            .get(DPOP_NONCE)
-            .is_some_and(|nonce| self.keep_nonce(nonce))
-    }
-
-    /// Keeps `nonce`, a `DPoP-Nonce` the server at this request's origin gave this
-    /// request; returns whether it was kept.
-    fn keep_nonce(&self, nonce: &HeaderValue) -> bool {
-        self.credential
-            .binding()
-            .is_some_and(|binding| binding.nonce(&self.origin, nonce))
+    pub(crate) fn saw(&self, headers: &HeaderMap) -> Option<u64> {
+        let nonce = headers.get(DPOP_NONCE)?;
+        self.credential.binding()?.nonce(&self.origin, nonce)
     }
 
     /// Keeps `nonce`, which the server gave an earlier attempt of this request (proved

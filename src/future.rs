@@ -221,7 +221,9 @@ struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     /// other than the first attempt's, taken on the first or a second look, gets it).
     nonce: Option<http::HeaderValue>,
     /// When that answer came ([`crate::bound::nonce_stamp`]), to order its nonce
-    /// against those other answers give meanwhile.
+    /// against those other answers give meanwhile: the stamp the first attempt's key
+    /// kept it with, when it did (any later stamp would put it over a nonce another
+    /// answer gave in between); else taken when the resend is built.
     answered: u64,
 }
 
@@ -525,7 +527,8 @@ where
                         Some(r) => r.judge.verdict(&response),
                         None => return Poll::Ready(Ok(response)),
                     };
-                    // Any answer may carry the server's next nonce.
+                    // Any answer may carry the server's next nonce: `Some(kept)`, with
+                    // the stamp it was kept with (if it was), when a proof was sent.
                     let nonce = match retry.as_ref() {
                         Some(Retry {
                             dpop: Some(sent), ..
@@ -538,13 +541,13 @@ where
                         // A new proof: the server gave the nonce it wants, or refused
                         // the proof (not the token).
                         Verdict::UseDpopNonce | Verdict::InvalidDpopProof
-                            if nonce == Some(true)
+                            if matches!(nonce, Some(Some(_)))
                                 || (nonce.is_some() && verdict == Verdict::InvalidDpopProof) =>
                         {
                             let Some(retry) = retry.take() else {
                                 return Poll::Ready(Ok(response));
                             };
-                            match Self::with_new_proof(retry, response) {
+                            match Self::with_new_proof(retry, response, nonce.flatten()) {
                                 Ok(second) => this.state.set(second),
                                 Err(response) => return Poll::Ready(Ok(response)),
                             }
@@ -552,7 +555,7 @@ where
                         }
                         // Asked for a nonce without giving one: a resend could not
                         // carry it. Nothing against the credential either.
-                        Verdict::UseDpopNonce if nonce == Some(false) => {
+                        Verdict::UseDpopNonce if nonce == Some(None) => {
                             response.extensions_mut().insert(NotReplayed::NoNonce);
                             return Poll::Ready(Ok(response));
                         }
@@ -574,7 +577,7 @@ where
                         return Poll::Ready(Ok(response));
                     };
                     if let Some(scope) = scope {
-                        match Self::step_up(retry, response, scope) {
+                        match Self::step_up(retry, response, scope, nonce.flatten()) {
                             Ok(refreshing) => this.state.set(refreshing),
                             Err(response) => return Poll::Ready(Ok(response)),
                         }
@@ -601,6 +604,7 @@ where
                         response,
                         None,
                         Again::Rejected,
+                        nonce.flatten(),
                     ) {
                         Ok(refreshing) => this.state.set(refreshing),
                         Err(response) => return Poll::Ready(Ok(response)),
@@ -771,6 +775,7 @@ where
     fn with_new_proof(
         retry: Retry<S, P>,
         response: Response<ResBody>,
+        kept: Option<u64>,
     ) -> Result<State<S, B, P>, Response<ResBody>> {
         tracing::debug!(
             generation = retry.generation,
@@ -795,6 +800,7 @@ where
             response,
             None,
             Again::NewProof,
+            kept,
         );
         if let Ok(State::Refreshing {
             resend: Some(resend),
@@ -817,6 +823,7 @@ where
         retry: Retry<S, P>,
         response: Response<ResBody>,
         scope: InsufficientScope,
+        kept: Option<u64>,
     ) -> Result<State<S, B, P>, Response<ResBody>> {
         tracing::debug!(generation = retry.generation, "credential lacks a scope");
         if let Some(cache) = &retry.cache {
@@ -841,6 +848,7 @@ where
             response,
             Some(scope),
             Again::SteppedUp,
+            kept,
         )
     }
 
@@ -926,8 +934,8 @@ where
     /// one after a rejection, a wider one after a step-up) and then replays; or, for a
     /// request that cannot be replayed, `response` marked with why. The response is
     /// kept until the new credential is known: it is the answer if that is the same.
-    // Each argument is a field of the `Resend` it builds, from three callers that differ
-    // in all but `replay` and `judge`.
+    // Each argument is a field of the `Resend` it builds (`kept`: its `answered`), from
+    // three callers that differ in all but `replay` and `judge`.
     #[allow(clippy::too_many_arguments)]
     fn resend(
         acquire: Acquire,
@@ -938,6 +946,7 @@ where
         response: Response<ResBody>,
         scope: Option<InsufficientScope>,
         why: Again,
+        kept: Option<u64>,
     ) -> Result<State<S, B, P>, Response<ResBody>> {
         let rebuilt = match replay {
             // Built when the new credential is there: the body has until then to settle
@@ -967,7 +976,7 @@ where
                     why,
                     asked: None,
                     nonce: None,
-                    answered: crate::bound::nonce_stamp(),
+                    answered: kept.unwrap_or_else(crate::bound::nonce_stamp),
                 })),
             }),
             Err(reason) => {

@@ -1584,3 +1584,116 @@ async fn a_replay_of_a_key_holding_an_older_nonce_proves_with_the_latest() {
         "the replay proved with an older nonce than the one its 401 gave"
     );
 }
+
+/// Runs a hook (once) when the event whose message contains `at` is logged: places an
+/// interleaving at a point the code logs, deterministically.
+struct Interleave {
+    at: &'static str,
+    hook: Hook,
+}
+
+/// What [`Interleave`] runs, once.
+type Hook = Arc<std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>>;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Interleave {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        if message.0.contains(self.at) {
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+    }
+}
+
+/// World: request A is answered 401 `use_dpop_nonce` with `nonce-1`; between its key
+/// keeping `nonce-1` and its resend being built, request B (same key and origin, run on
+/// another thread at that moment, as another worker would) is answered 200 with
+/// `nonce-2`, the server's latest. Proves (review finding: the resend's answer was
+/// stamped when the resend was built, after B's nonce, so A's carried `nonce-1` went
+/// over `nonce-2`): the next request C proves with `nonce-2`.
+#[tokio::test]
+async fn a_nonce_given_while_a_resend_is_built_is_not_overwritten_by_its_older_one() {
+    use std::sync::Mutex;
+    use tower_client_auth::ReplayBody;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    let seen: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+    let a_tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let inner = tower::service_fn({
+        let (seen, a_tries) = (seen.clone(), a_tries.clone());
+        move |req: Request<ReplayBody<Full<Bytes>>>| {
+            let which = req.headers()["x-which"].to_str().unwrap().to_owned();
+            seen.lock()
+                .unwrap()
+                .push((which.clone(), proof_nonce(&req)));
+            let res = match which.as_str() {
+                "a" if a_tries.fetch_add(1, SeqCst) == 0 => nonce_please(),
+                "b" => http::Response::builder()
+                    .status(200)
+                    .header("dpop-nonce", "nonce-2")
+                    .body("")
+                    .unwrap(),
+                _ => http::Response::builder().status(200).body("").unwrap(),
+            };
+            async move { Ok::<_, BoxError>(res) }
+        }
+    });
+    let key = DpopKey::generate().unwrap();
+    let source = tower_client_auth::source_fn(move |_| {
+        let credential = key.credential("bound-1");
+        async move { credential }
+    })
+    .binds_credentials(true);
+    let svc = AuthLayer::new(source).any_https_origin().layer(inner);
+    let req = |which: &str| {
+        Request::get("https://api.example.com/v1/x")
+            .header("x-which", which)
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    // The cache warmed, so that B, on its own runtime, needs no fetch.
+    assert_eq!(
+        svc.clone().oneshot(req("warm")).await.unwrap().status(),
+        200
+    );
+    let hook: Hook = Arc::default();
+    let (svc_b, b) = (svc.clone(), req("b"));
+    *hook.lock().unwrap() = Some(Box::new(move || {
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async move {
+                    assert_eq!(svc_b.oneshot(b).await.unwrap().status(), 200);
+                })
+        })
+        .join()
+        .unwrap();
+    }));
+    let interleave = Interleave {
+        at: "wants a DPoP nonce",
+        hook: hook.clone(),
+    };
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(interleave));
+    assert_eq!(svc.clone().oneshot(req("a")).await.unwrap().status(), 200);
+    assert!(hook.lock().unwrap().is_none(), "the hook never ran");
+    assert_eq!(svc.clone().oneshot(req("c")).await.unwrap().status(), 200);
+    let seen = seen.lock().unwrap().clone();
+    let c = seen.iter().find(|(w, _)| w == "c").unwrap();
+    assert_eq!(
+        c.1, "nonce-2",
+        "the server's latest nonce (B's, given after A's) was overwritten by A's carried one: {seen:?}"
+    );
+}

@@ -195,19 +195,20 @@ impl DpopKey {
     /// returns whether it did.
     pub(crate) fn keep_nonce(&self, origin: &str, token_endpoint: bool, nonce: &[u8]) -> bool {
         self.keep_nonce_given(origin, token_endpoint, nonce, None)
+            .is_some()
     }
 
     /// [`keep_nonce`](Self::keep_nonce) for a nonce given now (`None`: stamped under the
     /// lock, so it is the slot's newest whatever answers come at once), or carried from an
     /// answer given at `Some(stamp)` (a [`crate::bound::nonce_stamp`]): not over a nonce
-    /// of the slot given later (returns `false` then).
+    /// of the slot given later. The stamp it was kept with, if it was kept.
     fn keep_nonce_given(
         &self,
         origin: &str,
         token_endpoint: bool,
         nonce: &[u8],
         given: Option<u64>,
-    ) -> bool {
+    ) -> Option<u64> {
         let valid = !nonce.is_empty()
             && nonce.len() <= MAX_NONCE
             && nonce
@@ -215,7 +216,7 @@ impl DpopKey {
                 .all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E));
         let Some(nonce) = valid.then(|| String::from_utf8_lossy(nonce).into_owned()) else {
             tracing::debug!("ignoring a DPoP-Nonce that is not a valid nonce");
-            return false;
+            return None;
         };
         let slot = slot(origin, token_endpoint);
         let mut nonces = self.nonces();
@@ -224,13 +225,13 @@ impl DpopKey {
         }
         let given = match given {
             Some(given) if nonces.get(&slot).is_some_and(|(_, kept)| *kept > given) => {
-                return false;
+                return None;
             }
             Some(given) => given,
             None => crate::bound::nonce_stamp(),
         };
         nonces.insert(slot, (nonce, given));
-        true
+        Some(given)
     }
 
     /// The credential for `token`, a DPoP token issued for this key:
@@ -274,13 +275,15 @@ impl Binding for Bound {
         Ok(value)
     }
 
-    fn nonce(&self, origin: &str, nonce: &HeaderValue) -> bool {
-        self.key.keep_nonce(origin, false, nonce.as_bytes())
+    fn nonce(&self, origin: &str, nonce: &HeaderValue) -> Option<u64> {
+        self.key
+            .keep_nonce_given(origin, false, nonce.as_bytes(), None)
     }
 
     fn nonce_given(&self, origin: &str, nonce: &HeaderValue, given: u64) -> bool {
         self.key
             .keep_nonce_given(origin, false, nonce.as_bytes(), Some(given))
+            .is_some()
     }
 }
 
@@ -338,13 +341,22 @@ mod tests {
             .verify(signed.as_bytes(), &sig)
             .unwrap();
 
-        assert!(bound.nonce(&target.origin, &HeaderValue::from_static("n-1")));
-        assert!(bound.nonce(
+        let kept = bound.nonce(&target.origin, &HeaderValue::from_static("n-1"));
+        let other = bound.nonce(
             "https://other.example",
-            &HeaderValue::from_static("n-other")
-        ));
+            &HeaderValue::from_static("n-other"),
+        );
+        // Each kept with a stamp of its own, in the order given.
+        assert!(
+            kept.is_some() && other.is_some() && kept < other,
+            "{kept:?} {other:?}"
+        );
         // Not a nonce: ignored, the last valid one stays.
-        assert!(!bound.nonce(&target.origin, &HeaderValue::from_static("bad\"nonce")));
+        assert!(
+            bound
+                .nonce(&target.origin, &HeaderValue::from_static("bad\"nonce"))
+                .is_none()
+        );
         // A token endpoint on the same origin has its own.
         assert!(key.keep_nonce(&target.origin, true, b"as-1"));
         let again = bound.proof(&Method::GET, &target).unwrap();
