@@ -14,45 +14,172 @@ pub(crate) const MAX_SERVER_TEXT: usize = 200;
 /// go first, so a secret that contains another is replaced whole.
 ///
 /// The text is scrubbed as it came, then inside every JSON string literal that holds an
-/// escape, decoded (and the JSON in it, a few levels deep): a server's encoder may
-/// escape what none of `secrets`' forms does (a secret nested in a JSON string, an
-/// escape no encoder in [`json_forms`] writes), and a secret it echoes must be found all
-/// the same. A literal is written again as serde_json writes it.
+/// escape, decoded (and the JSON in it, a few levels deep), then decoded whole, by each
+/// decoder a server's echo may have gone through (JSON escapes, percent-encoding, HTML
+/// character references), a few levels deep (an HTML-escaped secret, percent-encoded):
+/// a server's encoder may escape what none of `secrets`' forms does, and a secret it
+/// echoes must be found all the same. A literal is written again as serde_json writes
+/// it; a text in which only a decoding found a secret is shown decoded. Each secret is
+/// also looked for as UTF-8 read as Latin-1 (a servlet's default), and a long prefix of
+/// it where a string ends (a server that cut its message) is redacted too.
 #[cfg(feature = "token")]
 pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
-    let mut secrets: Vec<&str> = secrets
+    let mut secrets: Vec<String> = secrets.iter().filter(|s| !s.is_empty()).cloned().collect();
+    let misread: Vec<String> = secrets
         .iter()
-        .map(String::as_str)
-        .filter(|s| !s.is_empty())
+        .filter(|s| !s.is_ascii())
+        .map(|s| s.bytes().map(char::from).collect())
         .collect();
+    secrets.extend(misread);
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets.dedup();
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
     scrub_nested(text, &secrets, 3)
 }
 
-/// [`scrub`] with `secrets` sorted, down to `depth` levels of JSON strings.
+/// [`scrub`] with `secrets` sorted, down to `depth` levels of decoding.
 #[cfg(feature = "token")]
 fn scrub_nested(text: &str, secrets: &[&str], depth: u8) -> String {
     let text = replace_secrets(text, secrets);
-    if depth == 0 || !text.contains('\\') {
+    if depth == 0 {
         return text;
     }
-    let text = map_json_strings(&text, |decoded| scrub_nested(decoded, secrets, depth - 1));
-    let text = replace_secrets(&text, secrets);
+    let text = match text.contains('\\') {
+        true => replace_secrets(
+            &map_json_strings(&text, |decoded| scrub_nested(decoded, secrets, depth - 1)),
+            secrets,
+        ),
+        false => text,
+    };
     // Escapes outside any literal this pairing of quotes found (a stray quote before the
-    // JSON shifts every literal), or an encoder's escape no form has: the whole text
-    // decoded, as many times as the depth allows (escapes escaped again). Shown decoded
+    // JSON shifts every literal), an encoder's escape no form has, another encoding
+    // altogether: the whole text decoded, each decoding scrubbed in turn (escapes
+    // escaped again, or encoded again another way, down to the depth). Shown decoded
     // only if a secret was there.
-    let mut decoded = decode_json_escapes(&text);
-    for _ in 0..depth {
-        let Some(whole) = decoded else {
-            break;
+    let redactions = |t: &str| t.matches(REDACTED).count();
+    for decode in [decode_json_escapes, decode_percent, decode_html] {
+        let Some(decoded) = decode(&text) else {
+            continue;
         };
-        if replace_secrets(&whole, secrets) != whole {
-            return scrub_nested(&whole, secrets, depth - 1);
+        let scrubbed = scrub_nested(&decoded, secrets, depth - 1);
+        if redactions(&scrubbed) > redactions(&decoded) {
+            return scrubbed;
         }
-        decoded = decode_json_escapes(&whole);
     }
     text
+}
+
+/// What a secret is replaced with.
+#[cfg(feature = "token")]
+const REDACTED: &str = "[redacted]";
+
+/// `text` with every `%XX` (either case) decoded as a byte of UTF-8 (a `+` stays a
+/// `+`); `None` when there was none.
+#[cfg(feature = "token")]
+fn decode_percent(text: &str) -> Option<String> {
+    if !text.contains('%') {
+        return None;
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut decoded_any = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|_| bytes[i] == b'%')
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+                decoded_any = true;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    decoded_any.then(|| String::from_utf8_lossy(&out).into_owned())
+}
+
+/// `text` with every HTML character reference decoded: numeric (`&#39;`, `&#x2B;`)
+/// and the named ones an escaper writes for the characters a secret may hold (`&amp;`,
+/// `&lt;`, `&gt;`, `&quot;`, `&apos;`, and HTML5's names of ASCII punctuation such as
+/// `&plus;`, `&equals;`, `&sol;`); `None` when there was none.
+#[cfg(feature = "token")]
+fn decode_html(text: &str) -> Option<String> {
+    const NAMED: [(&str, char); 24] = [
+        ("amp", '&'),
+        ("lt", '<'),
+        ("gt", '>'),
+        ("quot", '"'),
+        ("apos", '\''),
+        ("plus", '+'),
+        ("equals", '='),
+        ("sol", '/'),
+        ("bsol", '\\'),
+        ("percnt", '%'),
+        ("num", '#'),
+        ("excl", '!'),
+        ("quest", '?'),
+        ("lpar", '('),
+        ("rpar", ')'),
+        ("ast", '*'),
+        ("comma", ','),
+        ("colon", ':'),
+        ("semi", ';'),
+        ("period", '.'),
+        ("lowbar", '_'),
+        ("dollar", '$'),
+        ("commat", '@'),
+        ("grave", '`'),
+    ];
+    if !text.contains('&') {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut decoded_any = false;
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        // The reference's name, up to its `;` (a short one: never a whole sentence).
+        let reference = rest[1..]
+            .find(';')
+            .filter(|&end| end <= 10)
+            .map(|end| &rest[1..=end]);
+        let decoded = reference.and_then(|name| {
+            let c = match name.strip_prefix('#') {
+                Some(num) => match num.strip_prefix(['x', 'X']) {
+                    Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                    None => num.parse().ok(),
+                }
+                .and_then(char::from_u32),
+                None => NAMED
+                    .iter()
+                    .find(|(known, _)| known.eq_ignore_ascii_case(name))
+                    .map(|(_, c)| *c),
+            }?;
+            Some((c, name.len() + 2))
+        });
+        match decoded {
+            Some((c, len)) => {
+                out.push(c);
+                rest = &rest[len..];
+                decoded_any = true;
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    decoded_any.then_some(out)
 }
 
 /// `text` with every JSON escape in it decoded (`\"`, `\\`, `\/`, `\b`, `\f`,
@@ -127,15 +254,65 @@ fn decode_json_escapes(text: &str) -> Option<String> {
     decoded_any.then_some(out)
 }
 
+/// `text` with each secret replaced, and a prefix of a secret where a string ends (the
+/// text's end, a closing quote or tag, an ellipsis: a server that cut its message
+/// there) when it is long enough to tell ([`MIN_CUT_PREFIX`] characters).
 #[cfg(feature = "token")]
 fn replace_secrets(text: &str, secrets: &[&str]) -> String {
     let mut text = text.to_owned();
     for secret in secrets {
         if text.contains(secret) {
-            text = text.replace(secret, "[redacted]");
+            text = text.replace(secret, REDACTED);
         }
     }
+    for secret in secrets {
+        text = replace_cut_prefixes(&text, secret);
+    }
     text
+}
+
+/// The fewest characters of a secret that count as an echo of it when a server cut its
+/// message after them.
+#[cfg(feature = "token")]
+const MIN_CUT_PREFIX: usize = 8;
+
+/// `text` with every prefix of `secret` of [`MIN_CUT_PREFIX`] characters or more
+/// that a string's end follows replaced.
+#[cfg(feature = "token")]
+fn replace_cut_prefixes(text: &str, secret: &str) -> String {
+    let Some((start, _)) = secret.char_indices().nth(MIN_CUT_PREFIX) else {
+        return text.to_owned();
+    };
+    let head = &secret[..start];
+    if !text.contains(head) {
+        return text.to_owned();
+    }
+    let ends = |after: &str| {
+        after.is_empty()
+            || after.starts_with(['"', '\'', '<', '\u{2026}'])
+            || after.starts_with("..")
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(head) {
+        out.push_str(&rest[..at]);
+        let from = &rest[at..];
+        // How much of the secret follows: whole characters of both.
+        let matched = from
+            .char_indices()
+            .zip(secret.chars())
+            .take_while(|((_, a), b)| a == b)
+            .last()
+            .map_or(0, |((i, c), _)| i + c.len_utf8());
+        if ends(&from[matched..]) {
+            out.push_str(REDACTED);
+        } else {
+            out.push_str(&from[..matched]);
+        }
+        rest = &from[matched..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `text` with every JSON string literal that holds an escape (`"..\/.."`) decoded,
@@ -241,17 +418,40 @@ fn json_form(secret: &str, escape: impl Fn(char) -> bool, upper: bool) -> String
 }
 
 /// Whether `c` must not reach a log line or a terminal as is: control characters (C0,
-/// DEL, C1: line breaks, escape sequences) and the invisible format characters that
-/// reorder or hide text (bidirectional overrides, zero-width characters).
+/// DEL, C1: line breaks, escape sequences) and the invisible characters that reorder or
+/// hide text: every format character (Unicode category Cf: bidirectional overrides,
+/// zero-width characters, the soft hyphen, the tag characters that can carry a hidden
+/// copy of any ASCII text), the variation selectors, the combining grapheme joiner and
+/// the Hangul fillers.
 fn is_unsafe(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
-            '\u{061c}'
+            '\u{ad}'
+                | '\u{34f}'
+                | '\u{600}'..='\u{605}'
+                | '\u{61c}'
+                | '\u{6dd}'
+                | '\u{70f}'
+                | '\u{890}'..='\u{891}'
+                | '\u{8e2}'
+                | '\u{115f}'..='\u{1160}'
+                | '\u{17b4}'..='\u{17b5}'
+                | '\u{180b}'..='\u{180f}'
                 | '\u{200b}'..='\u{200f}'
                 | '\u{2028}'..='\u{202e}'
-                | '\u{2060}'..='\u{2069}'
+                | '\u{2060}'..='\u{206f}'
+                | '\u{3164}'
+                | '\u{fe00}'..='\u{fe0f}'
                 | '\u{feff}'
+                | '\u{ffa0}'
+                | '\u{fff0}'..='\u{fffb}'
+                | '\u{110bd}'
+                | '\u{110cd}'
+                | '\u{13430}'..='\u{1343f}'
+                | '\u{1bca0}'..='\u{1bca3}'
+                | '\u{1d173}'..='\u{1d17a}'
+                | '\u{e0000}'..='\u{e0fff}'
         )
 }
 
@@ -271,6 +471,8 @@ pub(crate) fn escape(text: &str, max: usize) -> String {
             '\r' => piece.push_str("\\r"),
             '\t' => piece.push_str("\\t"),
             '\\' => piece.push_str("\\\\"),
+            // A quote would end the quotes an error's `Display` puts around it.
+            '"' => piece.push_str("\\\""),
             c if is_unsafe(c) => piece.push_str(&format!("\\u{{{:x}}}", c as u32)),
             c => piece.push(c),
         }
@@ -491,6 +693,66 @@ mod tests {
             "{}",
             scrub(odd, &forms)
         );
+    }
+
+    /// The whole-text decoders: percent-encoding (either case, a `+` left as it is) and
+    /// HTML character references (numeric, and the names of ASCII punctuation).
+    #[cfg(feature = "token")]
+    #[test]
+    fn decodes_percent_and_html_references() {
+        assert_eq!(
+            decode_percent("a%2Bb%2fc%zz%").as_deref(),
+            Some("a+b/c%zz%")
+        );
+        assert_eq!(decode_percent("a+b"), None);
+        assert_eq!(decode_percent("%C3%A9").as_deref(), Some("\u{e9}"));
+        assert_eq!(
+            decode_html("a&amp;b&#39;c&#x2B;d&PLUS;e&bogus;f&#xZZ;&").as_deref(),
+            Some("a&b'c+d+e&bogus;f&#xZZ;&")
+        );
+        assert_eq!(decode_html("fish & chips; salt"), None);
+    }
+
+    /// A prefix of a secret is redacted where a string ends (a server cut it there),
+    /// never in the middle of a sentence: an error naming the word a password starts
+    /// with still reads.
+    #[cfg(feature = "token")]
+    #[test]
+    fn redacts_a_cut_secret_where_a_string_ends_only() {
+        let secret = ["password-4711-x".to_owned()];
+        for cut in [
+            "bad: password-47",
+            r#"{"d":"bad: password-4711"}"#,
+            "bad: password-471\u{2026}",
+            "bad: password-4...",
+            "<p>bad: password-</p>",
+        ] {
+            assert!(
+                !scrub(cut, &secret).contains("password-4"),
+                "{cut}: {}",
+                scrub(cut, &secret)
+            );
+        }
+        let said = "wrong password-reset link; password-4 is not it";
+        assert_eq!(scrub(said, &secret), said);
+        // Too short to tell.
+        assert_eq!(scrub("bad: passwor", &secret), "bad: passwor");
+    }
+
+    /// Found by review: invisible format characters that hide text (tag characters
+    /// carrying a hidden copy of ASCII text, the soft hyphen, the Mongolian vowel
+    /// separator, interlinear annotation marks) are escaped, as are quotes (which would
+    /// end the quotes `Display` puts around a body).
+    #[test]
+    fn escapes_invisible_format_characters_and_quotes() {
+        let hidden: String = "rm -rf /"
+            .chars()
+            .map(|c| char::from_u32(0xE0000 + c as u32).unwrap())
+            .collect();
+        let text = format!("invalid\u{e0001}{hidden}\u{e007f} \u{ad}\u{180e}\u{fff9}x\u{fffb}");
+        let out = escape(&text, 400);
+        assert!(out.is_ascii(), "left unescaped: {out:?}");
+        assert_eq!(escape(r#"x") (retry in 0s"#, 100), r#"x\") (retry in 0s"#);
     }
 
     /// A secret scrubbed wherever its JSON escapes put it: raw in quotes (a decoded

@@ -549,3 +549,88 @@ fn shown_secret(err: &tower_client_auth::Error) -> Option<String> {
         .any(|part| shown.contains(part))
         .then_some(shown)
 }
+
+/// World: a token endpoint echoes the client secret through an encoding other than JSON
+/// or the request's own form encoding: HTML-escaped in `error_description` (Spring
+/// Security OAuth's serializer runs `HtmlUtils.htmlEscape` on it), HTML numeric
+/// references (ASP.NET Core's `HtmlEncoder`), percent-encoded by another encoder than
+/// the form's (Python's `quote` keeps `/`, Go's `QueryEscape` keeps `~`, JavaScript's
+/// `encodeURIComponent` keeps `!`, PHP's `urlencode` writes `*` as `%2A`), UTF-8 read
+/// as Latin-1 (a servlet without a character encoding filter), or cut by the server
+/// mid-secret. Proves (review findings): no part of the secret reaches the error.
+#[tokio::test(flavor = "current_thread")]
+async fn a_secret_echoed_through_other_encodings_is_scrubbed() {
+    let oauth = |description: &str| {
+        serde_json::json!({"error": "invalid_client", "error_description": description}).to_string()
+    };
+    let cases: Vec<(&str, &str, String)> = vec![
+        (
+            "HTML-escaped (&amp;) in error_description",
+            "CANARY&5ecr3t&d0-not-print",
+            oauth("Invalid client secret: CANARY&amp;5ecr3t&amp;d0-not-print"),
+        ),
+        (
+            "HTML numeric reference (&#39;)",
+            "CANARY'5ecr3t'd0-not-print",
+            oauth("Invalid client secret: CANARY&#39;5ecr3t&#39;d0-not-print"),
+        ),
+        (
+            "ASP.NET Core HtmlEncoder (&#x2B;) in an HTML body",
+            "CANARY+5ecr3t+d0-not-print",
+            "<p>Bad secret CANARY&#x2B;5ecr3t&#x2B;d0-not-print</p>".to_owned(),
+        ),
+        (
+            "Python urllib.parse.quote",
+            "CANARY/5ecr3t+d0-not-print",
+            oauth("client_secret=CANARY/5ecr3t%2Bd0-not-print is not valid"),
+        ),
+        (
+            "Go url.QueryEscape",
+            "CANARY~5ecr3t+d0-not-print",
+            oauth("client_secret=CANARY~5ecr3t%2Bd0-not-print is not valid"),
+        ),
+        (
+            "JavaScript encodeURIComponent",
+            "CANARY!5ecr3t+d0-not-print",
+            oauth("client_secret=CANARY!5ecr3t%2Bd0-not-print is not valid"),
+        ),
+        (
+            "PHP urlencode",
+            "CANARY*5ecr3t+d0-not-print",
+            oauth("client_secret=CANARY%2A5ecr3t%2Bd0-not-print is not valid"),
+        ),
+        (
+            "HTML-escaped and then percent-encoded",
+            "CANARY&5ecr3t+d0-not-print",
+            oauth("secret=CANARY%26amp%3B5ecr3t%2Bd0-not-print"),
+        ),
+        (
+            "UTF-8 read as Latin-1",
+            "CANARY-5ecr3t-d0-not-print-\u{e9}",
+            oauth("Invalid client secret: CANARY-5ecr3t-d0-not-print-\u{c3}\u{a9}"),
+        ),
+        (
+            "cut by the server",
+            "CANARY-5ecr3t-d0-not-print-XYZ",
+            oauth("Invalid client secret: CANARY-5ecr3t-d0-not-pr"),
+        ),
+        (
+            "cut by the server, with an ellipsis, in a plain body",
+            "CANARY-5ecr3t-d0-not-print-XYZ",
+            "bad secret CANARY-5ecr3t-d0-not...".to_owned(),
+        ),
+    ];
+    let mut leaks = Vec::new();
+    for (case, secret, body) in cases {
+        let err = refused_with(body, secret).await;
+        if let Some(shown) = shown_secret(&err) {
+            leaks.push(format!("{case}:\n    {shown}"));
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "leaked ({}):\n{}",
+        leaks.len(),
+        leaks.join("\n")
+    );
+}
