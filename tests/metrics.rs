@@ -164,14 +164,7 @@ async fn the_refresh_path_is_counted_under_documented_names() {
     // A store that is down.
     let down = CredentialCache::builder(TestSource::new())
         .name("m-down")
-        .store({
-            let store = FaultStore::new();
-            store
-                .faults()
-                .down
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            store
-        })
+        .store(FaultStore::down())
         .build()
         .unwrap();
     down.credential().await.unwrap();

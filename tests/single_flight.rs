@@ -1072,12 +1072,7 @@ impl CredentialSource for SlowFirst {
 #[tokio::test]
 async fn a_fetch_running_at_an_invalidation_is_not_taken_back_after_it_outlives_its_timeout() {
     let source = SlowFirst::default();
-    let cache = CredentialCache::builder(source.clone())
-        .store(MemoryStore::new())
-        .fetch_timeout(Duration::from_secs(1))
-        .backoff(Duration::from_millis(50), Duration::from_millis(100))
-        .build()
-        .unwrap();
+    let cache = late_fetching(source.clone(), MemoryStore::new());
     invalidated_while_slow_first_runs(&cache, Duration::from_millis(500)).await;
 }
 
@@ -1088,17 +1083,26 @@ async fn a_fetch_running_at_an_invalidation_is_not_taken_back_after_it_outlives_
 #[tokio::test]
 async fn an_invalidation_before_a_late_fetch_asks_the_source_is_not_missed() {
     let source = SlowFirst::default();
-    let cache = CredentialCache::builder(source.clone())
-        .store({
-            let store = FaultStore::new();
-            store.delay_next_loads(&[Duration::from_millis(300)]);
-            store
-        })
+    let cache = late_fetching(source.clone(), {
+        let store = FaultStore::new();
+        store.delay_next_loads(&[Duration::from_millis(300)]);
+        store
+    });
+    invalidated_while_slow_first_runs(&cache, Duration::from_millis(150)).await;
+}
+
+/// A cache of `source` over `store` whose fetches time out after 1 s (the lease
+/// holder's fetch goes on past it: see `finish_late`), backing off 50 to 100 ms.
+fn late_fetching<P: CredentialSource>(
+    source: P,
+    store: impl CredentialStore,
+) -> CredentialCache<P> {
+    CredentialCache::builder(source)
+        .store(store)
         .fetch_timeout(Duration::from_secs(1))
         .backoff(Duration::from_millis(50), Duration::from_millis(100))
         .build()
-        .unwrap();
-    invalidated_while_slow_first_runs(&cache, Duration::from_millis(150)).await;
+        .unwrap()
 }
 
 /// Asks `cache` (on a `SlowFirst` source) for a credential, invalidates it `after` that,
@@ -1137,12 +1141,7 @@ async fn an_invalidation_while_a_late_fetch_saves_is_not_missed() {
     let source = SlowFirst::default();
     let store = FaultStore::new();
     store.delay_next_saves(&[Duration::from_millis(200)]);
-    let cache = CredentialCache::builder(source.clone())
-        .store(store)
-        .fetch_timeout(Duration::from_secs(1))
-        .backoff(Duration::from_millis(50), Duration::from_millis(100))
-        .build()
-        .unwrap();
+    let cache = late_fetching(source.clone(), store);
     let first = cache.credential().await;
     assert_eq!(first.unwrap_err().kind(), ErrorKind::Timeout);
     // The late fetch answers at 1.5 s; its save runs until 1.7 s.
@@ -1204,12 +1203,7 @@ impl CredentialSource for HoldingSlowFirst {
 #[tokio::test]
 async fn a_fetch_after_an_invalidated_late_fetch_is_told_what_it_brought() {
     let source = HoldingSlowFirst::default();
-    let cache = CredentialCache::builder(source.clone())
-        .store(MemoryStore::new())
-        .fetch_timeout(Duration::from_secs(1))
-        .backoff(Duration::from_millis(50), Duration::from_millis(100))
-        .build()
-        .unwrap();
+    let cache = late_fetching(source.clone(), MemoryStore::new());
     let waiting = ask(&cache);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(cache.handle().invalidate());

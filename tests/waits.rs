@@ -113,14 +113,7 @@ async fn a_hung_store_never_wedges_the_flight() {
     let source = TestSource::new();
     let cache = CredentialCache::builder(source.clone())
         .fetch_timeout(Duration::from_secs(4))
-        .store({
-            let store = FaultStore::new();
-            store
-                .faults()
-                .hung
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            store
-        })
+        .store(FaultStore::hung())
         .build()
         .unwrap();
     let started = tokio::time::Instant::now();

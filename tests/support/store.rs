@@ -53,6 +53,20 @@ impl FaultStore {
         Self::default()
     }
 
+    /// A store whose every call fails at once.
+    pub fn down() -> Self {
+        let store = Self::new();
+        store.faults.down.store(true, SeqCst);
+        store
+    }
+
+    /// A store whose every call hangs for good.
+    pub fn hung() -> Self {
+        let store = Self::new();
+        store.faults.hung.store(true, SeqCst);
+        store
+    }
+
     /// The switches.
     pub fn faults(&self) -> &Faults {
         &self.faults
