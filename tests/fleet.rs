@@ -1601,3 +1601,60 @@ async fn a_dropped_cache_stops_keeping_a_late_pair() {
         lease.is_some()
     );
 }
+
+/// A rotating source whose first exchange answers at once (`access-0`/`rt-0`, already in
+/// its soft window), whose second takes 1.5 s (`access-1`/`rt-1`), the rest at once.
+fn quick_then_slow_rotating(fetches: Arc<AtomicUsize>) -> impl CredentialSource {
+    tower_client_auth::source_fn(move |cx: FetchContext| {
+        let n = fetches.fetch_add(1, SeqCst);
+        async move {
+            if n == 1 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            // Issued 85 s ago for 100 s: 15 s left, inside a 20 s soft window, outside
+            // a 1 s hard window.
+            let issued = cx.now() - Duration::from_secs(85);
+            Ok::<_, BoxError>(
+                Credential::bearer(format!("access-{n}"))?
+                    .with_refresh_token(format!("rt-{n}"))
+                    .lives(issued, Duration::from_secs(100)),
+            )
+        }
+    })
+}
+
+/// World: the store refuses pairs from the moment a background refresh (soft window)
+/// presents `rt-0`; its exchange outlives the 1 s fetch timeout and brings
+/// `access-1`/`rt-1` at 1.5 s, while `access-0` is still current; the lease is kept to
+/// save the pair. Then the API rejects `access-0`. Proves (review finding: the late pair
+/// was kept for the next flight only when nothing was current, so the rejection's flight
+/// waited for its own process's lease into `Timeout`): the replacement is `access-1`,
+/// without another exchange.
+#[tokio::test]
+async fn a_late_pair_refused_while_a_credential_is_current_is_served_after_a_rejection() {
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let store = FaultStore::new();
+    let cache = CredentialCache::builder(quick_then_slow_rotating(fetches.clone()))
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(1))
+        .soft_window(Duration::from_secs(20))
+        .hard_window(Duration::from_secs(1))
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let access_0 = cache.credential().await.unwrap();
+    assert_eq!(access_0, Credential::bearer("access-0").unwrap());
+    store.faults().refusing_pairs.store(true, SeqCst);
+    // In its soft window: served, and the background refresh starts.
+    assert_eq!(cache.credential().await.unwrap(), access_0);
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert_eq!(fetches.load(SeqCst), 2, "the late exchange ran");
+    let next = cache.reject(&access_0).await;
+    assert_eq!(
+        next.as_ref().ok(),
+        Some(&Credential::bearer("access-1").unwrap()),
+        "{next:?} ({} fetches); the rotated pair existed only in the task saving it",
+        fetches.load(SeqCst)
+    );
+}

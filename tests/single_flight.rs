@@ -1218,3 +1218,65 @@ async fn a_fetch_after_an_invalidated_late_fetch_is_told_what_it_brought() {
     );
     assert_eq!(log.last().unwrap().1.as_ref(), Some(&slow_1), "{log:?}");
 }
+
+/// A source whose first fetch takes 1.5 s and each later one 400 ms, bringing
+/// `slow-<n>`.
+#[derive(Clone, Default)]
+struct SlowFirstThenSlowish {
+    fetches: Arc<AtomicUsize>,
+}
+
+impl CredentialSource for SlowFirstThenSlowish {
+    async fn fetch(&self, _cx: FetchContext) -> Result<Credential, BoxError> {
+        let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+        let took = if n == 1 { 1500 } else { 400 };
+        tokio::time::sleep(Duration::from_millis(took)).await;
+        Ok(Credential::bearer(format!("slow-{n}"))?)
+    }
+}
+
+/// Two processes (caches A and B) on one `MemoryStore`. A's first fetch (the lease
+/// holder's) takes 1.5 s; at 0.5 s A's application invalidates and asks again (a fetch
+/// chained after the running flight); at 1.7 s B asks. What B got.
+async fn what_b_gets_after_a_invalidates(a_fetch_timeout: Duration) -> Credential {
+    let started = tokio::time::Instant::now();
+    let store = MemoryStore::new();
+    let a = CredentialCache::builder(SlowFirstThenSlowish::default())
+        .store(store.clone())
+        .fetch_timeout(a_fetch_timeout)
+        .backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let b = CredentialCache::builder(SlowFirstThenSlowish::default())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let first = ask(&a);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(a.handle().invalidate());
+    let after = ask(&a);
+    tokio::time::sleep_until(started + Duration::from_millis(1700)).await;
+    let b_got = b.credential().await.unwrap();
+    let _ = (first.await.unwrap(), after.await.unwrap());
+    b_got
+}
+
+/// World: as `what_b_gets_after_a_invalidates`, with A's fetch timeout 1 s: its first
+/// fetch goes on past it (`finish_late`) and brings `slow-1` after the invalidation.
+/// With a 5 s timeout (the suspect fetch ends in its flight, and the chained fetch,
+/// told of it as it begins, removes it from the store) B never gets `slow-1`. Proves
+/// (review finding: late, the chained fetch was told only as it asked the source, after
+/// its look at the store, so `slow-1` stayed there for the fleet): late, B does not get
+/// the credential A's invalidation dropped either.
+#[tokio::test]
+async fn an_invalidated_late_result_is_not_left_in_the_store_for_the_fleet() {
+    let slow_1 = Credential::bearer("slow-1").unwrap();
+    let control = what_b_gets_after_a_invalidates(Duration::from_secs(5)).await;
+    assert_ne!(control, slow_1, "control");
+    let late = what_b_gets_after_a_invalidates(Duration::from_secs(1)).await;
+    assert_ne!(
+        late, slow_1,
+        "process B took the credential A's invalidation dropped"
+    );
+}

@@ -1014,6 +1014,7 @@ async fn keep_saving<P: CredentialSource>(
                         tracing::warn!(
                             "another process took the refresh lease; the unsaved refresh token is abandoned"
                         );
+                        late_settled(&inner, &credential, false);
                         return;
                     }
                     Some(Some(again)) => lease = again,
@@ -1024,6 +1025,7 @@ async fn keep_saving<P: CredentialSource>(
                         tracing::info!(
                             "the store holds a newer refresh token; the unsaved one is abandoned"
                         );
+                        late_settled(&inner, &credential, false);
                         release(&inner, store.as_ref(), &lease).await;
                         return;
                     }
@@ -1042,6 +1044,7 @@ async fn keep_saving<P: CredentialSource>(
         if let Some(true) = store_call(&inner, until, "save", store.save(&lease, &credential)).await
         {
             tracing::info!("the rotated refresh token is saved");
+            late_settled(&inner, &credential, true);
             release(&inner, store.as_ref(), &lease).await;
             return;
         }
@@ -1296,22 +1299,30 @@ async fn finish_late<P: CredentialSource>(
             None
         }
     };
-    if let Some(credential) = &credential {
+    let credential = credential.and_then(|credential| {
         let mut state = inner.lock_state();
-        if state.invalidations != began {
-            // An invalidation since it began: as a running flight's result, never taken
-            // back from the store by this cache, and the next fetch is told it.
-            let entry = inner.entry(&mut state, credential.clone(), Instant::now());
-            inner.forget_suspect(&mut state, &entry, false);
-        } else if inner.current.load().is_none() {
+        if state.invalidations == began {
             // The cache's newest: an invalidation from now on makes it suspect; unsaved,
             // it is the next flight's answer (see `Late`).
             state.late = Some(super::Late {
                 credential: credential.clone(),
                 unsaved: true,
             });
+            return Some(credential);
         }
-    }
+        // An invalidation since it began: as a running flight's result, never taken
+        // back from the store by this cache, and the next fetch is told it. Nor by the
+        // fleet: a running flight's is removed from the store by the fetch chained after
+        // it, told it as it begins, which this one began too early to be. Only its
+        // rotated refresh token is saved (it exists nowhere else), with its access token
+        // marked expired, as a rejected credential's is left (see `holding`).
+        let entry = inner.entry(&mut state, credential.clone(), Instant::now());
+        inner.forget_suspect(&mut state, &entry, false);
+        credential
+            .refresh_token()
+            .is_some()
+            .then(|| credential.expires_at(std::time::SystemTime::UNIX_EPOCH))
+    });
     if let Some(credential) = credential {
         let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
         let saved = store_call(&inner, until, "save", store.save(&lease, &credential)).await;
@@ -1322,17 +1333,31 @@ async fn finish_late<P: CredentialSource>(
             return keep_saving(weak, store, lease, credential, spent).await;
         }
         if saved.is_some() {
-            if let Some(late) = inner
-                .lock_state()
-                .late
-                .as_mut()
-                .filter(|late| late.credential == credential)
-            {
-                late.unsaved = false;
-            }
+            late_settled(&inner, &credential, true);
         }
     }
     release(&inner, store.as_ref(), &lease).await;
+}
+
+/// A late fetch's `credential` (see `Late`) was saved (`saved`): the store holds it, and
+/// it is no longer the next flight's answer over the store's; or it was given up (a
+/// newer pair won): forgotten.
+fn late_settled<P: CredentialSource>(inner: &Inner<P>, credential: &Credential, saved: bool) {
+    let mut state = inner.lock_state();
+    if state
+        .late
+        .as_ref()
+        .is_some_and(|late| late.credential == *credential)
+    {
+        match saved {
+            true => {
+                if let Some(late) = state.late.as_mut() {
+                    late.unsaved = false;
+                }
+            }
+            false => state.late = None,
+        }
+    }
 }
 
 /// The late fetch's result still unsaved (see `Late`), taken as this flight's answer

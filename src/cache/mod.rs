@@ -758,13 +758,16 @@ impl State {
 }
 
 /// What a lease holder's fetch that outlived its flight brought (`flight::finish_late`),
-/// no invalidation having come since its flight began. It was never current, yet it is
-/// this cache's newest credential: an invalidation before a credential is installed
-/// makes it suspect, as it makes a running flight's result (else a flight after the
-/// invalidation would take it back from the store it was saved in). While its rotated
-/// refresh token is `unsaved` (the store refused it, and `keep_saving` keeps the lease),
-/// it is this process's answer: the store cannot have a newer one, and the lease is its
-/// own, which every flight of this process would otherwise wait out.
+/// no invalidation having come since its flight began. It was never current (its flight
+/// had failed; a credential older than it may still be), yet it is this cache's newest
+/// credential, the one a source holding its last credential holds: an invalidation
+/// before a credential is installed makes it suspect, as it makes a running flight's
+/// result (else a flight after the invalidation would take it back from the store it
+/// was saved in), and the next fetch is told it. While its rotated refresh token is
+/// `unsaved` (the store refused it, and `keep_saving` keeps the lease), it is this
+/// process's next answer: the store cannot have a newer one, and the lease is its own,
+/// which every flight of this process would otherwise wait out. Forgotten when
+/// `keep_saving` gives it up to a newer pair.
 pub(super) struct Late {
     pub(super) credential: Credential,
     pub(super) unsaved: bool,
