@@ -634,3 +634,113 @@ async fn a_secret_echoed_through_other_encodings_is_scrubbed() {
         leaks.join("\n")
     );
 }
+
+/// World: echoes that a decoding shows only in part or not at all, each as a real
+/// server writes it: a message cut inside an HTML reference or a percent escape (an
+/// escaper, then a cut), cut inside a UTF-8 character (Go's `msg[:n]`, then
+/// `encoding/json` writes U+FFFD), UTF-8 misread as Windows-1252, a space as `+` with
+/// `~` kept (Python's `urlencode`, Go's `QueryEscape`), and two echoes of a secret
+/// holding `%41` (a link percent-encoded, a form value HTML-escaped), where
+/// percent-decoding the first garbles the second. Proves (review findings: each
+/// leaked): no part of the secret reaches the error.
+#[tokio::test(flavor = "current_thread")]
+async fn echoes_a_decoding_shows_in_part_are_scrubbed() {
+    let oauth = |description: &str| {
+        serde_json::json!({"error": "invalid_client", "error_description": description}).to_string()
+    };
+    let cases: Vec<(&str, &str, String)> = vec![
+        (
+            "HTML-escaped, cut inside a reference",
+            "CANARY&5ecr3t&d0-not-print",
+            oauth("Invalid client secret: CANARY&amp;5ecr3t&am"),
+        ),
+        (
+            "percent-encoded, cut inside an escape",
+            "CANARY/5ecr3t+d0-not-print",
+            oauth("client_secret=CANARY/5ecr3t%2"),
+        ),
+        (
+            "cut inside a UTF-8 character",
+            "CANARY-5ecr3t-d0-not-pr\u{e9}nt",
+            r#"{"error":"invalid_client","error_description":"bad secret CANARY-5ecr3t-d0-not-pr\ufffd"}"#
+                .to_owned(),
+        ),
+        (
+            "UTF-8 misread as Windows-1252",
+            "CANARY-stra\u{df}e-5ecr3t-d0-not-print",
+            oauth("bad secret CANARY-stra\u{c3}\u{178}e-5ecr3t-d0-not-print"),
+        ),
+        (
+            "a space as +, ~ kept",
+            "CANARY 5ecr3t~d0-not-print",
+            oauth("client_secret=CANARY+5ecr3t~d0-not-print is not valid"),
+        ),
+        (
+            "two echoes, one garbled by the other's decoding",
+            "CANARY*5ecr3t%41d0&not-print",
+            "<a href=\"/login?secret=CANARY%2A5ecr3t%2541d0%26not-print\">retry</a> \
+             <input value=\"CANARY*5ecr3t%41d0&amp;not-print\">"
+                .to_owned(),
+        ),
+    ];
+    let mut leaks = Vec::new();
+    for (case, secret, body) in cases {
+        let err = refused_with(body, secret).await;
+        if let Some(shown) = shown_secret(&err) {
+            leaks.push(format!("{case}:\n    {shown}"));
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "leaked ({}):\n{}",
+        leaks.len(),
+        leaks.join("\n")
+    );
+}
+
+/// World: a servlet that read the UTF-8 form right but answers in its default charset,
+/// ISO-8859-1: `é` comes back as the byte E9 (not UTF-8), `€` as `?`. Proves (review
+/// finding): no part of the secret reaches the error.
+#[tokio::test(flavor = "current_thread")]
+async fn a_secret_in_an_iso_8859_1_answer_is_scrubbed() {
+    for (secret, echoed) in [
+        (
+            "CANARY-5ecr3t-d0-not-pr\u{e9}nt",
+            &b"CANARY-5ecr3t-d0-not-pr\xe9nt"[..],
+        ),
+        (
+            "CANARY-5ecr3t-\u{20ac}-d0-not-print",
+            &b"CANARY-5ecr3t-?-d0-not-print"[..],
+        ),
+    ] {
+        let mut body = br#"{"error":"invalid_client","error_description":"bad secret "#.to_vec();
+        body.extend_from_slice(echoed);
+        body.extend_from_slice(br#""}"#);
+        let addr = support::serve(move |_req| {
+            let body = body.clone();
+            async move {
+                Response::builder()
+                    .status(401)
+                    .header("content-type", "application/json;charset=ISO-8859-1")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap()
+            }
+        })
+        .await;
+        let source = TokenSource::client_credentials(&format!("http://{addr}/token"), "id", secret)
+            .unwrap()
+            .client(support::token_client());
+        let err = CredentialCache::new(source).credential().await.unwrap_err();
+        assert_eq!(shown_secret(&err), None, "{secret}");
+    }
+}
+
+/// World: a 401 with an HTML body. Proves (review finding on a version that escaped
+/// quotes: the crate error's `Display`, which escapes the token error's text again,
+/// showed `\"` for each): the body shows in quotes as it came.
+#[tokio::test(flavor = "current_thread")]
+async fn a_body_shows_in_plain_quotes() {
+    let err = refused_with("<html>down</html>".to_owned(), "CANARY-5ecr3t-d0-not-print").await;
+    let shown = err.to_string();
+    assert!(shown.contains(r#"(body: "<html>down</html>")"#), "{shown}");
+}
