@@ -1097,7 +1097,8 @@ mod refresh_tokens {
     /// Proves: the holder keeps the refresh lease the whole time (another process probing
     /// every 100 ms never gets it, though each retry of the save is further apart than a
     /// lease lasts), keeps the rotated refresh token through the invalidation, and saves it
-    /// once the store takes it; another process then refreshes with it: one login in
+    /// once the store takes it, its access token marked expired (invalidated here, it is
+    /// not the fleet's to send); another process then refreshes with it: one login in
     /// all, no refresh token presented twice.
     #[tokio::test]
     async fn a_refused_rotated_pair_keeps_its_lease_and_survives_an_invalidation() {
@@ -1153,9 +1154,11 @@ mod refresh_tokens {
                 }
             }
         }
+        // Invalidated here: its access token was saved marked expired, and the other
+        // process refreshes with its refresh token rather than send it.
         let b = cache(store.clone());
-        assert_eq!(b.credential().await.unwrap(), rotated);
-        assert_ne!(b.reject(&rotated).await.unwrap(), rotated);
+        assert_ne!(b.credential().await.unwrap(), rotated);
+        assert_eq!(idp.refresh_grants.load(SeqCst), 2);
         assert_eq!(
             idp.logins.load(SeqCst),
             1,
@@ -1656,5 +1659,120 @@ async fn a_late_pair_refused_while_a_credential_is_current_is_served_after_a_rej
         Some(&Credential::bearer("access-1").unwrap()),
         "{next:?} ({} fetches); the rotated pair existed only in the task saving it",
         fetches.load(SeqCst)
+    );
+}
+
+/// A credential's header, refresh token and expiry, for a failure message.
+fn shown(c: &Credential) -> String {
+    let headers: Vec<_> = c
+        .headers()
+        .map(|(_, v)| v.to_str().unwrap_or("?").to_owned())
+        .collect();
+    format!(
+        "{headers:?} rt={:?} expiry={:?}",
+        c.refresh_token().map(|t| t.expose().to_owned()),
+        c.expiry()
+    )
+}
+
+/// Process B's first credential from `store`.
+async fn process_b_gets(store: &FaultStore) -> Credential {
+    CredentialCache::builder(Endpoint::default())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .credential()
+        .await
+        .unwrap()
+}
+
+/// World: process A's late rotated pair `access-1`/`rt-1`, refused by the store, is
+/// kept to be saved; then A drops it: invalidated before it was served, or served and
+/// then rejected. The store takes pairs again. Proves (review finding: the task saving
+/// it saved it as it came, and process B took the access token A had dropped): B never
+/// gets `access-1` (its refresh token is kept, its access token marked expired).
+#[tokio::test]
+async fn a_late_pair_dropped_while_kept_is_saved_spent() {
+    for rejected in [false, true] {
+        let alive = Arc::new(());
+        let store = FaultStore::new();
+        let a = a_late_pair_refused(&store, &alive).await;
+        let access_1 = Credential::bearer("access-1").unwrap();
+        if rejected {
+            let served = a.credential().await.expect("served with the late pair");
+            assert_eq!(served, access_1);
+            let _ = tokio::time::timeout(Duration::from_secs(2), a.reject(&served)).await;
+        } else {
+            assert!(a.handle().invalidate());
+        }
+        store.faults().refusing_pairs.store(false, SeqCst);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let stored = store.load().await.unwrap();
+        assert_eq!(
+            stored
+                .as_ref()
+                .and_then(|c| c.refresh_token())
+                .map(|t| t.expose()),
+            Some("rt-1"),
+            "rejected: {rejected}: the rotated refresh token was lost"
+        );
+        let b_got = process_b_gets(&store).await;
+        assert_ne!(
+            b_got,
+            access_1,
+            "rejected: {rejected}: process B took the access token A dropped: {}",
+            shown(&b_got)
+        );
+    }
+}
+
+/// World: a pair is handed over while a late exchange runs; the late pair comes after
+/// it, refused by the store, and the task saving it gives it up (the cache holds a
+/// newer refresh token); process B logs in and saves `fleet-1`; the API rejects the
+/// handed-over pair. Proves (review finding: the given-up pair stayed kept as the next
+/// answer): A does not answer with the pair it gave up.
+#[tokio::test]
+async fn a_late_pair_given_up_is_not_served() {
+    let alive = Arc::new(());
+    let store = FaultStore::new();
+    store.faults().refusing_pairs.store(true, SeqCst);
+    let a = CredentialCache::builder(slow_first_rotating(alive.clone()))
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let first = tokio::spawn({
+        let a = a.clone();
+        async move { a.credential().await }
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let handed = Credential::bearer("handed")
+        .unwrap()
+        .with_refresh_token("rt-h");
+    assert!(a.handle().replace(handed.clone()).unwrap());
+    let _ = first.await.unwrap();
+    // The late exchange ends at 1.5 s; the saving task's first look 250 ms after.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        store
+            .lease(Duration::from_millis(1))
+            .await
+            .unwrap()
+            .is_some(),
+        "the pair was given up and the lease given back"
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        process_b_gets(&store).await,
+        Credential::bearer("fleet-1").unwrap()
+    );
+    let next = a.reject(&handed).await.unwrap();
+    assert_ne!(
+        next,
+        Credential::bearer("access-1").unwrap(),
+        "A served the pair it gave up ({})",
+        shown(&next)
     );
 }

@@ -1280,3 +1280,99 @@ async fn an_invalidated_late_result_is_not_left_in_the_store_for_the_fleet() {
         "process B took the credential A's invalidation dropped"
     );
 }
+
+/// A source whose first fetch answers at once, its second in 1.5 s, the rest in 400 ms,
+/// each `access-<n>` (or `b-access-<n>`: another process's) issued 85 s ago for 100 s (in
+/// a 20 s soft window).
+#[derive(Clone, Default)]
+struct QuickSlowSlowish {
+    fetches: Arc<AtomicUsize>,
+    log: Arc<Mutex<Vec<Told>>>,
+    other: bool,
+}
+
+impl CredentialSource for QuickSlowSlowish {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push((cx.reason(), cx.previous().cloned()));
+        let n = self.fetches.fetch_add(1, Ordering::SeqCst);
+        let took = match n {
+            0 => 0,
+            1 => 1500,
+            _ => 400,
+        };
+        tokio::time::sleep(Duration::from_millis(took)).await;
+        let issued = cx.now() - Duration::from_secs(85);
+        let prefix = if self.other { "b-" } else { "" };
+        Ok(Credential::bearer(format!("{prefix}access-{n}"))?
+            .lives(issued, Duration::from_secs(100)))
+    }
+}
+
+/// A cache of `source` over `store`: a 1 s fetch timeout, a 20 s soft window.
+fn windowed<P: CredentialSource>(source: P, store: FaultStore) -> CredentialCache<P> {
+    CredentialCache::builder(source)
+        .store(store)
+        .fetch_timeout(Duration::from_secs(1))
+        .soft_window(Duration::from_secs(20))
+        .hard_window(Duration::from_secs(1))
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .build()
+        .unwrap()
+}
+
+/// World: processes A and B on one store; A's `access-0` is current and in the store;
+/// A's background refresh outlives its timeout, and the save of what it brings
+/// (`access-1`) outlives its share (the store keeps `access-0`). Then A's application
+/// drops `access-0`, by `invalidate_if` or by `reject`. Proves (review finding: the
+/// invalidation told the next fetch `access-1`, the late result, as what it dropped, so
+/// that fetch removed `access-1` from the store rather than `access-0`): process B never
+/// gets `access-0`, and A's next fetch is told `access-0`.
+#[tokio::test]
+async fn an_invalidation_beside_a_late_result_removes_what_it_dropped() {
+    for by_invalidate in [false, true] {
+        let store = FaultStore::new();
+        let source = QuickSlowSlowish::default();
+        let a = windowed(source.clone(), store.clone());
+        let b_source = QuickSlowSlowish {
+            other: true,
+            ..QuickSlowSlowish::default()
+        };
+        let b = windowed(b_source, store.clone());
+        let access_0 = a.credential().await.unwrap();
+        assert_eq!(access_0, Credential::bearer("access-0").unwrap());
+        store.delay_next_saves(&[Duration::from_secs(2)]);
+        // In the soft window: served, and the background refresh starts.
+        assert_eq!(a.credential().await.unwrap(), access_0);
+        tokio::time::sleep(Duration::from_millis(1900)).await;
+        assert_eq!(
+            source.fetches.load(Ordering::SeqCst),
+            2,
+            "the late fetch ran"
+        );
+        assert_eq!(store.load().await.unwrap().as_ref(), Some(&access_0));
+        let a_after = if by_invalidate {
+            assert!(a.handle().invalidate_if(&access_0));
+            ask(&a)
+        } else {
+            let (a, access_0) = (a.clone(), access_0.clone());
+            tokio::spawn(async move { a.reject(&access_0).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let b_got = b.credential().await.unwrap();
+        let _ = a_after.await.unwrap();
+        let told = source.log.lock().unwrap().clone();
+        assert_ne!(
+            b_got, access_0,
+            "invalidate: {by_invalidate}: process B took the credential A dropped; A told {told:?}"
+        );
+        assert_eq!(
+            told.last().unwrap().1.as_ref(),
+            Some(&access_0),
+            "invalidate: {by_invalidate}: {told:?}"
+        );
+    }
+}

@@ -1000,6 +1000,7 @@ async fn keep_saving<P: CredentialSource>(
         };
         if superseded(&inner, &credential, spent.as_ref()) {
             // A newer refresh token is in use here: this one is spent.
+            late_settled(&inner, &credential, false);
             release(&inner, store.as_ref(), &lease).await;
             return;
         }
@@ -1039,10 +1040,18 @@ async fn keep_saving<P: CredentialSource>(
         metrics::event(&inner.config.name, metrics::SAVE_RETRIES);
         pause = (pause * 2).min(SAVE_RETRY_MAX);
         next_try = saturating_add(Instant::now(), pause);
+        // Dropped here since (rejected, or invalidated before it was served): only its
+        // refresh token is the fleet's, its access token left marked expired, as a
+        // rejected pair is left (see `holding`).
+        let saving = match inner.lock_state().dropped(&credential) {
+            true => credential
+                .clone()
+                .expires_at(std::time::SystemTime::UNIX_EPOCH),
+            false => credential.clone(),
+        };
         // A failure, or a lease that ran out between the renewal and the save (taken
         // again at the next renewal), is tried again.
-        if let Some(true) = store_call(&inner, until, "save", store.save(&lease, &credential)).await
-        {
+        if let Some(true) = store_call(&inner, until, "save", store.save(&lease, &saving)).await {
             tracing::info!("the rotated refresh token is saved");
             late_settled(&inner, &credential, true);
             release(&inner, store.as_ref(), &lease).await;
@@ -1306,7 +1315,7 @@ async fn finish_late<P: CredentialSource>(
             // it is the next flight's answer (see `Late`).
             state.late = Some(super::Late {
                 credential: credential.clone(),
-                unsaved: true,
+                unsaved: false,
             });
             return Some(credential);
         }
@@ -1327,6 +1336,15 @@ async fn finish_late<P: CredentialSource>(
         let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
         let saved = store_call(&inner, until, "save", store.save(&lease, &credential)).await;
         if saved.is_none() && credential.refresh_token().is_some() {
+            // Kept under the lease: this process's next answer (see `Late`).
+            if let Some(late) = inner
+                .lock_state()
+                .late
+                .as_mut()
+                .filter(|late| late.credential == credential)
+            {
+                late.unsaved = true;
+            }
             // Only a weak reference from here on: a cache dropped meanwhile ends it.
             let weak = Arc::downgrade(&inner);
             drop(inner);

@@ -506,6 +506,7 @@ impl<P: CredentialSource> Inner<P> {
         // The next fetch is told what was dropped, so that a source holding a last
         // credential does not hand it back.
         let current = self.current.load_full().map(|e| e.credential.clone());
+        let had_current = current.is_some();
         self.retire(state, Retired::Dropped);
         if let Some(value) = &current {
             // Every generation of the value: one a flight handed its own waiters too.
@@ -518,11 +519,13 @@ impl<P: CredentialSource> Inner<P> {
         if let Some(running) = &state.running {
             state.tainted = Some(running.id);
         }
-        // A late fetch's result, never current: suspect from now on, and the next fetch
-        // is told it (it is newer than what was current, if anything was).
+        // A late fetch's result, never current: suspect from now on. The next fetch is
+        // told it when nothing was current (it is what a source holding its last
+        // credential holds); else it is told what was current, which the store holds
+        // (the late result's save failed, or it would have been taken from there).
         if let Some(late) = state.late.take() {
             let entry = self.entry(state, late.credential, Instant::now());
-            self.forget_suspect(state, &entry, false);
+            self.forget_suspect(state, &entry, had_current);
         }
     }
 
@@ -763,8 +766,9 @@ impl State {
 /// credential, the one a source holding its last credential holds: an invalidation
 /// before a credential is installed makes it suspect, as it makes a running flight's
 /// result (else a flight after the invalidation would take it back from the store it
-/// was saved in), and the next fetch is told it. While its rotated refresh token is
-/// `unsaved` (the store refused it, and `keep_saving` keeps the lease), it is this
+/// was saved in), and the next fetch is told it if nothing was current. While its
+/// rotated refresh token is `unsaved` (the store refused it, and `keep_saving` keeps the
+/// lease), it is this
 /// process's next answer: the store cannot have a newer one, and the lease is its own,
 /// which every flight of this process would otherwise wait out. Forgotten when
 /// `keep_saving` gives it up to a newer pair.
