@@ -39,10 +39,14 @@ pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
     while !text.is_char_boundary(cut) {
         cut -= 1;
     }
-    let text = &text[..cut];
+    let (text, cut_short) = (&text[..cut], cut < text.len());
     let mut spans = Vec::new();
     find_secrets(text, &forms, Depth::SCRUB, &mut spans);
-    redact(text, spans)
+    let mut out = redact(text, spans);
+    if cut_short {
+        out.push('\u{2026}');
+    }
+    out
 }
 
 /// How many decodings deep [`scrub`] still looks: JSON escapes (JSON in a JSON string,
@@ -95,6 +99,15 @@ fn misread_forms(secret: &str) -> Vec<String> {
             })
             .collect(),
     );
+    // Made ASCII by dropping, or replacing, what is not (Python's `encode("ascii",
+    // "ignore")` and `"replace"`).
+    forms.push(secret.chars().filter(char::is_ascii).collect());
+    forms.push(
+        secret
+            .chars()
+            .map(|c| if c.is_ascii() { c } else { '?' })
+            .collect(),
+    );
     forms
 }
 
@@ -116,7 +129,9 @@ fn windows_1252(byte: u8) -> char {
 }
 
 /// Adds to `spans` every span of `text` that is, or decodes to, one of `secrets` (or a
-/// cut prefix of one), decoding down to `depth` levels.
+/// cut prefix of one): the text and its decodings, breadth first (the decodings of the
+/// text, then theirs), `depth` levels deep and [`MAX_DECODINGS`] decodings at most, so
+/// that a hostile body cannot make it slow.
 #[cfg(feature = "token")]
 fn find_secrets(
     text: &str,
@@ -124,45 +139,79 @@ fn find_secrets(
     depth: Depth,
     spans: &mut Vec<std::ops::Range<usize>>,
 ) {
-    for secret in secrets {
-        spans.extend(text.match_indices(secret).map(|(at, s)| at..at + s.len()));
-        cut_prefixes(text, secret, spans);
-    }
-    let decoders: [(Decoder, Option<Depth>); 3] = [
-        (
-            decode_json_escapes,
-            depth
-                .json
-                .checked_sub(1)
-                .map(|json| Depth { json, ..depth }),
-        ),
-        (
-            decode_percent,
-            depth
-                .other
-                .checked_sub(1)
-                .map(|other| Depth { other, ..depth }),
-        ),
-        (
-            decode_html,
-            depth
-                .other
-                .checked_sub(1)
-                .map(|other| Depth { other, ..depth }),
-        ),
-    ];
-    for (decode, deeper) in decoders {
-        let Some(deeper) = deeper else {
-            continue;
+    let search = |text: &str, found: &mut Vec<std::ops::Range<usize>>| {
+        for secret in secrets {
+            found.extend(text.match_indices(secret).map(|(at, s)| at..at + s.len()));
+            cut_prefixes(text, secret, found);
+            elided_suffixes(text, secret, found);
+        }
+    };
+    search(text, spans);
+    let mut budget = MAX_DECODINGS;
+    let mut queue = std::collections::VecDeque::new();
+    let whole = Decoded {
+        text: String::new(),
+        from: Vec::new(),
+    };
+    // The text itself: `None` (its spans are its own).
+    let mut next: Option<(Option<Decoded>, Depth)> = Some((None, depth));
+    while let Some((node, depth)) = next.take().or_else(|| queue.pop_front()) {
+        let (source, parent) = match &node {
+            Some(decoded) => (decoded.text.as_str(), decoded),
+            None => (text, &whole),
         };
-        let Some(decoded) = decode(text) else {
-            continue;
-        };
-        let mut found = Vec::new();
-        find_secrets(&decoded.text, secrets, deeper, &mut found);
-        spans.extend(found.into_iter().map(|span| decoded.origin(span)));
+        let decoders: [(Decoder, Option<Depth>); 3] = [
+            (
+                decode_json_escapes,
+                depth
+                    .json
+                    .checked_sub(1)
+                    .map(|json| Depth { json, ..depth }),
+            ),
+            (
+                decode_percent,
+                depth
+                    .other
+                    .checked_sub(1)
+                    .map(|other| Depth { other, ..depth }),
+            ),
+            (
+                decode_html,
+                depth
+                    .other
+                    .checked_sub(1)
+                    .map(|other| Depth { other, ..depth }),
+            ),
+        ];
+        for (decode, deeper) in decoders {
+            let Some(deeper) = deeper else {
+                continue;
+            };
+            if budget == 0 {
+                return;
+            }
+            let Some(mut decoded) = decode(source) else {
+                continue;
+            };
+            budget -= 1;
+            if node.is_some() {
+                // Spans of the original text, through the parent's.
+                for span in &mut decoded.from {
+                    *span = parent.origin(span.clone());
+                }
+            }
+            let mut found = Vec::new();
+            search(&decoded.text, &mut found);
+            spans.extend(found.into_iter().map(|span| decoded.origin(span)));
+            queue.push_back((Some(decoded), deeper));
+        }
     }
 }
+
+/// The most decodings [`find_secrets`] makes of one text: a careless server's echo
+/// takes a few; a hostile body could make every decoding of every decoding differ.
+#[cfg(feature = "token")]
+const MAX_DECODINGS: u32 = 40;
 
 /// `text` with each of `spans` (merged where they overlap or touch) replaced.
 #[cfg(feature = "token")]
@@ -234,7 +283,7 @@ impl Decoded {
 /// invalid sequence as U+FFFD); a `+` stays a `+`. `None` when there was none.
 #[cfg(feature = "token")]
 fn decode_percent(text: &str) -> Option<Decoded> {
-    if !text.contains('%') {
+    if !text.contains('%') && !text.contains("\\x") {
         return None;
     }
     let bytes = text.as_bytes();
@@ -245,18 +294,26 @@ fn decode_percent(text: &str) -> Option<Decoded> {
     let mut decoded_any = false;
     let mut i = 0;
     while i < bytes.len() {
-        let hex = match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => {
-                let digit = |b: u8| (b as char).to_digit(16).unwrap_or(0) as u8;
-                Some(digit(h) << 4 | digit(l))
+        let digit = |b: u8| (b as char).to_digit(16).unwrap_or(0) as u8;
+        let hex = |h: u8, l: u8| h.is_ascii_hexdigit() && l.is_ascii_hexdigit();
+        // `%XX`, or `\xXX` (Python's and Ruby's byte escape).
+        let byte = match (
+            bytes[i],
+            bytes.get(i + 1),
+            bytes.get(i + 2),
+            bytes.get(i + 3),
+        ) {
+            (b'%', Some(&h), Some(&l), _) if hex(h, l) => Some((digit(h) << 4 | digit(l), 3)),
+            (b'\\', Some(b'x'), Some(&h), Some(&l)) if hex(h, l) => {
+                Some((digit(h) << 4 | digit(l), 4))
             }
             _ => None,
         };
-        match hex {
-            Some(byte) => {
+        match byte {
+            Some((byte, len)) => {
                 out.push(byte);
-                from.push(i..i + 3);
-                i += 3;
+                from.push(i..i + len);
+                i += len;
                 decoded_any = true;
             }
             None => {
@@ -291,7 +348,7 @@ fn decode_percent(text: &str) -> Option<Decoded> {
 /// `&plus;`, `&equals;`, `&sol;`); `None` when there was none.
 #[cfg(feature = "token")]
 fn decode_html(text: &str) -> Option<Decoded> {
-    const NAMED: [(&str, char); 24] = [
+    const NAMED: [(&str, char); 36] = [
         ("amp", '&'),
         ("lt", '<'),
         ("gt", '>'),
@@ -316,6 +373,32 @@ fn decode_html(text: &str) -> Option<Decoded> {
         ("dollar", '$'),
         ("commat", '@'),
         ("grave", '`'),
+        ("lcub", '{'),
+        ("lbrace", '{'),
+        ("rcub", '}'),
+        ("rbrace", '}'),
+        ("lsqb", '['),
+        ("lbrack", '['),
+        ("rsqb", ']'),
+        ("rbrack", ']'),
+        ("vert", '|'),
+        ("verbar", '|'),
+        ("hat", '^'),
+        ("euro", '\u{20ac}'),
+    ];
+    // HTML 4's names of U+00A0 to U+00FF, in order (Spring's `htmlEscape` writes them),
+    // matched with their case.
+    const LATIN_1: [&str; 96] = [
+        "nbsp", "iexcl", "cent", "pound", "curren", "yen", "brvbar", "sect", "uml", "copy", "ordf",
+        "laquo", "not", "shy", "reg", "macr", "deg", "plusmn", "sup2", "sup3", "acute", "micro",
+        "para", "middot", "cedil", "sup1", "ordm", "raquo", "frac14", "frac12", "frac34", "iquest",
+        "Agrave", "Aacute", "Acirc", "Atilde", "Auml", "Aring", "AElig", "Ccedil", "Egrave",
+        "Eacute", "Ecirc", "Euml", "Igrave", "Iacute", "Icirc", "Iuml", "ETH", "Ntilde", "Ograve",
+        "Oacute", "Ocirc", "Otilde", "Ouml", "times", "Oslash", "Ugrave", "Uacute", "Ucirc",
+        "Uuml", "Yacute", "THORN", "szlig", "agrave", "aacute", "acirc", "atilde", "auml", "aring",
+        "aelig", "ccedil", "egrave", "eacute", "ecirc", "euml", "igrave", "iacute", "icirc",
+        "iuml", "eth", "ntilde", "ograve", "oacute", "ocirc", "otilde", "ouml", "divide", "oslash",
+        "ugrave", "uacute", "ucirc", "uuml", "yacute", "thorn", "yuml",
     ];
     if !text.contains('&') {
         return None;
@@ -343,7 +426,11 @@ fn decode_html(text: &str) -> Option<Decoded> {
                 None => NAMED
                     .iter()
                     .find(|(known, _)| known.eq_ignore_ascii_case(name))
-                    .map(|(_, c)| *c),
+                    .map(|(_, c)| *c)
+                    .or_else(|| {
+                        let at = LATIN_1.iter().position(|known| *known == name)?;
+                        char::from_u32(0xA0 + at as u32)
+                    }),
             }?;
             Some((c, name.len() + 2))
         });
@@ -396,6 +483,8 @@ fn decode_json_escapes(text: &str) -> Option<Decoded> {
             Some(b'n') => Some('\n'),
             Some(b'r') => Some('\r'),
             Some(b't') => Some('\t'),
+            // Not JSON: Ruby's `inspect` (`\#`), Python's `repr` (`\'`) escape these.
+            Some(&c) if c.is_ascii_punctuation() => Some(char::from(c)),
             _ => None,
         };
         if let Some(c) = simple {
@@ -456,13 +545,23 @@ fn cut_prefixes(text: &str, secret: &str, spans: &mut Vec<std::ops::Range<usize>
     while let Some(found) = text[from..].find(head) {
         let at = from + found;
         let rest = &text[at..];
-        // How much of the secret follows: whole characters of both.
-        let matched = rest
-            .char_indices()
-            .zip(secret.chars())
-            .take_while(|((_, a), b)| a == b)
-            .last()
-            .map_or(0, |((i, c), _)| i + c.len_utf8());
+        // How much of the secret follows (whole characters of both), looked at up to a
+        // long prefix's length first.
+        let common = |most: usize| {
+            rest.char_indices()
+                .zip(secret.chars())
+                .take(most)
+                .take_while(|((_, a), b)| a == b)
+                .fold((0, 0), |(_, n), ((i, c), _)| (i + c.len_utf8(), n + 1))
+        };
+        let (matched, chars) = common(LONG_PREFIX);
+        if chars == LONG_PREFIX {
+            // A long prefix is an echo whatever follows it (masked, elided, cut).
+            let (matched, _) = common(usize::MAX);
+            spans.push(at..at + matched);
+            from = at + matched;
+            continue;
+        }
         // The cut: right after the match, or a little before its end where an escape
         // the cut left incomplete begins (its first character may have matched).
         let cut = (start..=matched)
@@ -477,6 +576,43 @@ fn cut_prefixes(text: &str, secret: &str, spans: &mut Vec<std::ops::Range<usize>
         from = at + rest.chars().next().map_or(1, char::len_utf8);
     }
 }
+
+/// Adds to `spans` every suffix of `secret` of [`MIN_CUT_PREFIX`] characters or more
+/// in `text` that an ellipsis or a mask comes before (a message that elided the middle
+/// of a secret, as pydantic's `input_value` does), or of [`LONG_PREFIX`] wherever it
+/// stands.
+#[cfg(feature = "token")]
+fn elided_suffixes(text: &str, secret: &str, spans: &mut Vec<std::ops::Range<usize>>) {
+    let Some((start, _)) = secret.char_indices().rev().nth(MIN_CUT_PREFIX - 1) else {
+        return;
+    };
+    let tail = &secret[start..];
+    let mut from = 0;
+    while let Some(found) = text[from..].find(tail) {
+        let end = from + found + tail.len();
+        let before = &text[..end];
+        // How much of the secret's end comes before `end`, looked at up to a long
+        // prefix's length.
+        let (matched, chars) = before
+            .char_indices()
+            .rev()
+            .zip(secret.chars().rev())
+            .take(LONG_PREFIX)
+            .take_while(|((_, a), b)| a == b)
+            .fold((end, 0), |(_, n), ((i, _), _)| (i, n + 1));
+        let elided = text[..matched]
+            .trim_end_matches(' ')
+            .ends_with(['\u{2026}', '*', '\u{2022}', '.', '\'', '"']);
+        if chars == LONG_PREFIX || elided {
+            spans.push(matched..end);
+        }
+        from = from + found + tail.chars().next().map_or(1, char::len_utf8);
+    }
+}
+
+/// How many characters of a secret are an echo of it wherever they stand.
+#[cfg(feature = "token")]
+const LONG_PREFIX: usize = 24;
 
 /// Whether a string ends at the start of `s`, or after an escape there that was cut
 /// before it was complete.
@@ -503,12 +639,12 @@ fn ends_after_partial_escape(s: &str) -> bool {
 }
 
 /// Whether a string ends at the start of `s`: the text's end, a closing quote, bracket
-/// or tag, a line break, or an ellipsis (after spaces too).
+/// or tag, a line break, a mask (`*`, `•`), or an ellipsis (after spaces too).
 #[cfg(feature = "token")]
 fn string_ends(s: &str) -> bool {
     let spaced = s.trim_start_matches(' ');
     s.is_empty()
-        || s.starts_with(['"', '\'', '<', ')', ']', '}', '\n', '\r', '\\'])
+        || s.starts_with(['"', '\'', '<', ')', ']', '}', '\n', '\r', '*', '\u{2022}'])
         || spaced.starts_with('\u{2026}')
         || spaced.starts_with("..")
 }
@@ -1022,5 +1158,29 @@ mod tests {
             let _ = body_start(&text, &secrets);
             let _ = from_server(&text, &secrets);
         }
+    }
+
+    /// Found by review: a body cut at the scrub's limit is marked as cut (its redactions
+    /// may leave it shorter than what is shown); a refresh token a server chose long and
+    /// repetitive, echoed over and over in every decoding, does not make the scrub slow
+    /// (it took minutes: each place its head stood was compared at full length, in each
+    /// of hundreds of decodings). Times are printed, not asserted.
+    #[cfg(feature = "token")]
+    #[test]
+    fn a_hostile_body_is_cut_marked_and_quick() {
+        let secret = "CANARY-5ecr3t-d0-not-print".to_owned();
+        let body = format!("{} -- contact support, ref 42", secret.repeat(400));
+        let out = body_start(&body, std::slice::from_ref(&secret));
+        assert!(
+            out.contains("ref 42") || out.ends_with('\u{2026}'),
+            "{out:?}"
+        );
+        let token = "A".repeat(1000);
+        let seeds = r"\\\\ %25252541 &amp;amp;amp; ";
+        let body = format!("{seeds}{}", "A".repeat(9000));
+        let started = std::time::Instant::now();
+        let out = body_start(&body, std::slice::from_ref(&token));
+        eprintln!("hostile body scrubbed in {:?}", started.elapsed());
+        assert!(!out.contains(&"A".repeat(8)), "{out:?}");
     }
 }

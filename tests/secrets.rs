@@ -744,3 +744,90 @@ async fn a_body_shows_in_plain_quotes() {
     let shown = err.to_string();
     assert!(shown.contains(r#"(body: "<html>down</html>")"#), "{shown}");
 }
+
+/// World: echoes that review found leaking past the decoders: backslash escapes that
+/// are not JSON (Ruby's `inspect` writes `\#$`, Python's `repr` `\'`, both `\xC3\xA9`
+/// for bytes), HTML named references beyond ASCII punctuation (Spring's `htmlEscape`
+/// writes `&eacute;`, `&euro;`; PHP's `ENT_HTML5` `&lcub;`, `&vert;`, `&Hat;`), a masked
+/// echo, an echo elided in the middle (pydantic's `input_value='...'`), and a secret
+/// made ASCII by dropping or replacing the rest. Proves: no part of the secret reaches
+/// the error.
+#[tokio::test(flavor = "current_thread")]
+async fn echoes_in_other_languages_escapes_are_scrubbed() {
+    let oauth = |description: &str| {
+        serde_json::json!({"error": "invalid_client", "error_description": description}).to_string()
+    };
+    let cases: Vec<(&str, &str, String)> = vec![
+        (
+            "Ruby inspect, \\#$",
+            "CANARY-5ecr3t#$d0-not-print",
+            oauth(r#"Invalid client secret "CANARY-5ecr3t\#$d0-not-print""#),
+        ),
+        (
+            "Python repr, \\'",
+            "CANARY-5ecr3t'x\"d0-not-print",
+            oauth(r#"Invalid client secret 'CANARY-5ecr3t\'x"d0-not-print'"#),
+        ),
+        (
+            "Ruby inspect of bytes, \\xC3\\xA9",
+            "CANARY-5ecr3t-\u{e9}-d0-not-print",
+            oauth(r#"Invalid client secret "CANARY-5ecr3t-\xC3\xA9-d0-not-print""#),
+        ),
+        (
+            "Spring htmlEscape, &eacute;",
+            "CANARY-5ecr3t-\u{e9}-d0-not-print",
+            oauth("Invalid client secret: CANARY-5ecr3t-&eacute;-d0-not-print"),
+        ),
+        (
+            "Spring htmlEscape, &euro;",
+            "CANARY-5ecr3t-\u{20ac}-d0-not-print",
+            oauth("Invalid client secret: CANARY-5ecr3t-&euro;-d0-not-print"),
+        ),
+        (
+            "PHP ENT_HTML5, &lcub;&vert;&rcub;",
+            "CANARY-5ecr3t{|}d0-not-print",
+            "<p>Invalid client secret: CANARY-5ecr3t&lcub;&vert;&rcub;d0-not-print</p>".to_owned(),
+        ),
+        (
+            "PHP ENT_HTML5, &Hat;&lsqb;&rsqb;",
+            "CANARY-5ecr3t^[]d0-not-print",
+            "<p>Invalid client secret: CANARY-5ecr3t&Hat;&lsqb;&rsqb;d0-not-print</p>".to_owned(),
+        ),
+        (
+            "masked",
+            "CANARY-5ecr3t-d0-not-print",
+            oauth("Invalid client secret CANARY-5ecr3t-d0****"),
+        ),
+        (
+            "elided in the middle",
+            "CANARY-5ecr3t-0123456789abcdefghijklmnopqrstuvwxyz-d0-not-print",
+            oauth(
+                "client_secret: String should have at most 40 characters [input_value=\
+                 'CANARY-5ecr3t-0123456789...qrstuvwxyz-d0-not-print', input_type=str]",
+            ),
+        ),
+        (
+            "non-ASCII dropped",
+            "CANARY-5ecr3t-\u{e9}\u{20ac}-d0-not-print",
+            oauth("bad secret CANARY-5ecr3t--d0-not-print"),
+        ),
+        (
+            "non-ASCII as ?",
+            "CANARY-5ecr3t-\u{e9}\u{20ac}-d0-not-print",
+            oauth("bad secret CANARY-5ecr3t-??-d0-not-print"),
+        ),
+    ];
+    let mut leaks = Vec::new();
+    for (case, secret, body) in cases {
+        let err = refused_with(body, secret).await;
+        if let Some(shown) = shown_secret(&err) {
+            leaks.push(format!("{case}:\n    {shown}"));
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "leaked ({}):\n{}",
+        leaks.len(),
+        leaks.join("\n")
+    );
+}
