@@ -22,6 +22,12 @@ use tower_client_auth::{
 
 const CANARY: &str = "CANARY-5ecr3t-d0-not-print";
 
+/// Tracing caches, call site by call site, whether anyone listens, as the first thread
+/// reaches it: a token flow on another test's thread (no subscriber there) could make a
+/// call site silent for the test that captures the logs. Those tests run alone.
+static LOGS: std::sync::LazyLock<tokio::sync::RwLock<()>> =
+    std::sync::LazyLock::new(Default::default);
+
 fn assert_clean(what: &str, text: &str) {
     assert!(!text.contains(CANARY), "{what} leaked the canary: {text}");
 }
@@ -43,6 +49,7 @@ async fn status(svc: &TokenClientStack, url: String) -> u16 {
 /// Every public type built around the canary prints without it, in both `Debug` forms.
 #[tokio::test]
 async fn debug_and_display_are_redacted() {
+    let _beside = LOGS.read().await;
     let credential = Credential::bearer(CANARY).unwrap();
     let store = MemoryStore::new();
     let cache = CredentialCache::builder(StaticCredential::bearer(CANARY).unwrap())
@@ -165,6 +172,7 @@ async fn context_after_rejecting_the_canary() -> FetchContext {
 /// Every error the crate produces around a canary credential prints without it.
 #[tokio::test]
 async fn errors_never_carry_the_secret() {
+    let _beside = LOGS.read().await;
     let errors: Vec<String> = [
         Credential::bearer(format!("{CANARY}\n"))
             .unwrap_err()
@@ -203,6 +211,7 @@ async fn errors_never_carry_the_secret() {
 /// rotation) leave no canary in the captured tracing output.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn tracing_output_never_carries_the_secret() {
+    let _alone = LOGS.write().await;
     let (capture, _guard) = capture_traces();
 
     let calls = Arc::new(Mutex::new(0u32));
@@ -270,6 +279,7 @@ async fn tracing_output_never_carries_the_secret() {
 /// panic message carries a canary; the echoed secret is scrubbed.
 #[tokio::test(flavor = "current_thread")]
 async fn token_flows_never_leak_the_secret() {
+    let _alone = LOGS.write().await;
     use support::providers::*;
     use tower_client_auth::token::{TokenClient, TokenSource};
 
@@ -401,6 +411,7 @@ async fn token_flows_never_leak_the_secret() {
 /// `body_start`, `Display` or `Debug`.
 #[tokio::test(flavor = "current_thread")]
 async fn a_secret_echoed_by_any_json_encoder_is_scrubbed() {
+    let _beside = LOGS.read().await;
     const SECRET: &str = "CANARY/5ecr3t+&\u{e9}-d0-not-print";
     type Encoder = fn(&str) -> String;
     let encoders: [(&str, Encoder); 4] = [
@@ -439,6 +450,7 @@ async fn a_secret_echoed_by_any_json_encoder_is_scrubbed() {
 /// `Display` or `Debug`.
 #[tokio::test(flavor = "current_thread")]
 async fn a_secret_quoted_raw_or_nested_in_json_is_scrubbed() {
+    let _beside = LOGS.read().await;
     const RAW: &str = r"CANARY\/5ecr3t-d0-not-print";
     const SLASH: &str = "CANARY/5ecr3t-d0-not-print";
     let cases: [(&str, &str, String); 3] = [
@@ -499,6 +511,7 @@ async fn refused_with(body: String, secret: &str) -> tower_client_auth::Error {
 /// secret reaches the error's `description`, `body_start`, `Display` or `Debug`.
 #[tokio::test(flavor = "current_thread")]
 async fn a_gson_escaped_secret_is_scrubbed_when_its_literal_is_not_decoded() {
+    let _beside = LOGS.read().await;
     const SECRET: &str = "CANARY-5ecr3t-d0-not-print==";
     let cases: [(&str, String); 2] = [
         (
@@ -527,6 +540,7 @@ async fn a_gson_escaped_secret_is_scrubbed_when_its_literal_is_not_decoded() {
 /// literals wrongly. Proves: no part of the secret reaches the error.
 #[tokio::test]
 async fn a_doubly_escaped_secret_after_a_stray_quote_is_scrubbed() {
+    let _beside = LOGS.read().await;
     const SECRET: &str = "CANARY-5ecr3t-d0-not-print==";
     let body = r#"upstream said 5" then {"message":"upstream said \\u0043ANARY-5ecr3t-d0-not-print\\u003d\\u003d is wrong"}"#.to_owned();
     let err = refused_with(body, SECRET).await;
@@ -560,19 +574,17 @@ fn shown_secret(err: &tower_client_auth::Error) -> Option<String> {
 /// mid-secret. Proves (review findings): no part of the secret reaches the error.
 #[tokio::test(flavor = "current_thread")]
 async fn a_secret_echoed_through_other_encodings_is_scrubbed() {
-    let oauth = |description: &str| {
-        serde_json::json!({"error": "invalid_client", "error_description": description}).to_string()
-    };
+    let _beside = LOGS.read().await;
     let cases: Vec<(&str, &str, String)> = vec![
         (
             "HTML-escaped (&amp;) in error_description",
             "CANARY&5ecr3t&d0-not-print",
-            oauth("Invalid client secret: CANARY&amp;5ecr3t&amp;d0-not-print"),
+            oauth_error("Invalid client secret: CANARY&amp;5ecr3t&amp;d0-not-print"),
         ),
         (
             "HTML numeric reference (&#39;)",
             "CANARY'5ecr3t'd0-not-print",
-            oauth("Invalid client secret: CANARY&#39;5ecr3t&#39;d0-not-print"),
+            oauth_error("Invalid client secret: CANARY&#39;5ecr3t&#39;d0-not-print"),
         ),
         (
             "ASP.NET Core HtmlEncoder (&#x2B;) in an HTML body",
@@ -582,37 +594,37 @@ async fn a_secret_echoed_through_other_encodings_is_scrubbed() {
         (
             "Python urllib.parse.quote",
             "CANARY/5ecr3t+d0-not-print",
-            oauth("client_secret=CANARY/5ecr3t%2Bd0-not-print is not valid"),
+            oauth_error("client_secret=CANARY/5ecr3t%2Bd0-not-print is not valid"),
         ),
         (
             "Go url.QueryEscape",
             "CANARY~5ecr3t+d0-not-print",
-            oauth("client_secret=CANARY~5ecr3t%2Bd0-not-print is not valid"),
+            oauth_error("client_secret=CANARY~5ecr3t%2Bd0-not-print is not valid"),
         ),
         (
             "JavaScript encodeURIComponent",
             "CANARY!5ecr3t+d0-not-print",
-            oauth("client_secret=CANARY!5ecr3t%2Bd0-not-print is not valid"),
+            oauth_error("client_secret=CANARY!5ecr3t%2Bd0-not-print is not valid"),
         ),
         (
             "PHP urlencode",
             "CANARY*5ecr3t+d0-not-print",
-            oauth("client_secret=CANARY%2A5ecr3t%2Bd0-not-print is not valid"),
+            oauth_error("client_secret=CANARY%2A5ecr3t%2Bd0-not-print is not valid"),
         ),
         (
             "HTML-escaped and then percent-encoded",
             "CANARY&5ecr3t+d0-not-print",
-            oauth("secret=CANARY%26amp%3B5ecr3t%2Bd0-not-print"),
+            oauth_error("secret=CANARY%26amp%3B5ecr3t%2Bd0-not-print"),
         ),
         (
             "UTF-8 read as Latin-1",
             "CANARY-5ecr3t-d0-not-print-\u{e9}",
-            oauth("Invalid client secret: CANARY-5ecr3t-d0-not-print-\u{c3}\u{a9}"),
+            oauth_error("Invalid client secret: CANARY-5ecr3t-d0-not-print-\u{c3}\u{a9}"),
         ),
         (
             "cut by the server",
             "CANARY-5ecr3t-d0-not-print-XYZ",
-            oauth("Invalid client secret: CANARY-5ecr3t-d0-not-pr"),
+            oauth_error("Invalid client secret: CANARY-5ecr3t-d0-not-pr"),
         ),
         (
             "cut by the server, with an ellipsis, in a plain body",
@@ -620,19 +632,7 @@ async fn a_secret_echoed_through_other_encodings_is_scrubbed() {
             "bad secret CANARY-5ecr3t-d0-not...".to_owned(),
         ),
     ];
-    let mut leaks = Vec::new();
-    for (case, secret, body) in cases {
-        let err = refused_with(body, secret).await;
-        if let Some(shown) = shown_secret(&err) {
-            leaks.push(format!("{case}:\n    {shown}"));
-        }
-    }
-    assert!(
-        leaks.is_empty(),
-        "leaked ({}):\n{}",
-        leaks.len(),
-        leaks.join("\n")
-    );
+    assert_scrubbed(cases).await;
 }
 
 /// World: echoes that a decoding shows only in part or not at all, each as a real
@@ -645,19 +645,17 @@ async fn a_secret_echoed_through_other_encodings_is_scrubbed() {
 /// leaked): no part of the secret reaches the error.
 #[tokio::test(flavor = "current_thread")]
 async fn echoes_a_decoding_shows_in_part_are_scrubbed() {
-    let oauth = |description: &str| {
-        serde_json::json!({"error": "invalid_client", "error_description": description}).to_string()
-    };
+    let _beside = LOGS.read().await;
     let cases: Vec<(&str, &str, String)> = vec![
         (
             "HTML-escaped, cut inside a reference",
             "CANARY&5ecr3t&d0-not-print",
-            oauth("Invalid client secret: CANARY&amp;5ecr3t&am"),
+            oauth_error("Invalid client secret: CANARY&amp;5ecr3t&am"),
         ),
         (
             "percent-encoded, cut inside an escape",
             "CANARY/5ecr3t+d0-not-print",
-            oauth("client_secret=CANARY/5ecr3t%2"),
+            oauth_error("client_secret=CANARY/5ecr3t%2"),
         ),
         (
             "cut inside a UTF-8 character",
@@ -668,12 +666,12 @@ async fn echoes_a_decoding_shows_in_part_are_scrubbed() {
         (
             "UTF-8 misread as Windows-1252",
             "CANARY-stra\u{df}e-5ecr3t-d0-not-print",
-            oauth("bad secret CANARY-stra\u{c3}\u{178}e-5ecr3t-d0-not-print"),
+            oauth_error("bad secret CANARY-stra\u{c3}\u{178}e-5ecr3t-d0-not-print"),
         ),
         (
             "a space as +, ~ kept",
             "CANARY 5ecr3t~d0-not-print",
-            oauth("client_secret=CANARY+5ecr3t~d0-not-print is not valid"),
+            oauth_error("client_secret=CANARY+5ecr3t~d0-not-print is not valid"),
         ),
         (
             "two echoes, one garbled by the other's decoding",
@@ -683,19 +681,7 @@ async fn echoes_a_decoding_shows_in_part_are_scrubbed() {
                 .to_owned(),
         ),
     ];
-    let mut leaks = Vec::new();
-    for (case, secret, body) in cases {
-        let err = refused_with(body, secret).await;
-        if let Some(shown) = shown_secret(&err) {
-            leaks.push(format!("{case}:\n    {shown}"));
-        }
-    }
-    assert!(
-        leaks.is_empty(),
-        "leaked ({}):\n{}",
-        leaks.len(),
-        leaks.join("\n")
-    );
+    assert_scrubbed(cases).await;
 }
 
 /// World: a servlet that read the UTF-8 form right but answers in its default charset,
@@ -703,6 +689,7 @@ async fn echoes_a_decoding_shows_in_part_are_scrubbed() {
 /// finding): no part of the secret reaches the error.
 #[tokio::test(flavor = "current_thread")]
 async fn a_secret_in_an_iso_8859_1_answer_is_scrubbed() {
+    let _beside = LOGS.read().await;
     for (secret, echoed) in [
         (
             "CANARY-5ecr3t-d0-not-pr\u{e9}nt",
@@ -740,6 +727,7 @@ async fn a_secret_in_an_iso_8859_1_answer_is_scrubbed() {
 /// showed `\"` for each): the body shows in quotes as it came.
 #[tokio::test(flavor = "current_thread")]
 async fn a_body_shows_in_plain_quotes() {
+    let _beside = LOGS.read().await;
     let err = refused_with("<html>down</html>".to_owned(), "CANARY-5ecr3t-d0-not-print").await;
     let shown = err.to_string();
     assert!(shown.contains(r#"(body: "<html>down</html>")"#), "{shown}");
@@ -754,34 +742,32 @@ async fn a_body_shows_in_plain_quotes() {
 /// the error.
 #[tokio::test(flavor = "current_thread")]
 async fn echoes_in_other_languages_escapes_are_scrubbed() {
-    let oauth = |description: &str| {
-        serde_json::json!({"error": "invalid_client", "error_description": description}).to_string()
-    };
+    let _beside = LOGS.read().await;
     let cases: Vec<(&str, &str, String)> = vec![
         (
             "Ruby inspect, \\#$",
             "CANARY-5ecr3t#$d0-not-print",
-            oauth(r#"Invalid client secret "CANARY-5ecr3t\#$d0-not-print""#),
+            oauth_error(r#"Invalid client secret "CANARY-5ecr3t\#$d0-not-print""#),
         ),
         (
             "Python repr, \\'",
             "CANARY-5ecr3t'x\"d0-not-print",
-            oauth(r#"Invalid client secret 'CANARY-5ecr3t\'x"d0-not-print'"#),
+            oauth_error(r#"Invalid client secret 'CANARY-5ecr3t\'x"d0-not-print'"#),
         ),
         (
             "Ruby inspect of bytes, \\xC3\\xA9",
             "CANARY-5ecr3t-\u{e9}-d0-not-print",
-            oauth(r#"Invalid client secret "CANARY-5ecr3t-\xC3\xA9-d0-not-print""#),
+            oauth_error(r#"Invalid client secret "CANARY-5ecr3t-\xC3\xA9-d0-not-print""#),
         ),
         (
             "Spring htmlEscape, &eacute;",
             "CANARY-5ecr3t-\u{e9}-d0-not-print",
-            oauth("Invalid client secret: CANARY-5ecr3t-&eacute;-d0-not-print"),
+            oauth_error("Invalid client secret: CANARY-5ecr3t-&eacute;-d0-not-print"),
         ),
         (
             "Spring htmlEscape, &euro;",
             "CANARY-5ecr3t-\u{20ac}-d0-not-print",
-            oauth("Invalid client secret: CANARY-5ecr3t-&euro;-d0-not-print"),
+            oauth_error("Invalid client secret: CANARY-5ecr3t-&euro;-d0-not-print"),
         ),
         (
             "PHP ENT_HTML5, &lcub;&vert;&rcub;",
@@ -796,12 +782,12 @@ async fn echoes_in_other_languages_escapes_are_scrubbed() {
         (
             "masked",
             "CANARY-5ecr3t-d0-not-print",
-            oauth("Invalid client secret CANARY-5ecr3t-d0****"),
+            oauth_error("Invalid client secret CANARY-5ecr3t-d0****"),
         ),
         (
             "elided in the middle",
             "CANARY-5ecr3t-0123456789abcdefghijklmnopqrstuvwxyz-d0-not-print",
-            oauth(
+            oauth_error(
                 "client_secret: String should have at most 40 characters [input_value=\
                  'CANARY-5ecr3t-0123456789...qrstuvwxyz-d0-not-print', input_type=str]",
             ),
@@ -809,14 +795,20 @@ async fn echoes_in_other_languages_escapes_are_scrubbed() {
         (
             "non-ASCII dropped",
             "CANARY-5ecr3t-\u{e9}\u{20ac}-d0-not-print",
-            oauth("bad secret CANARY-5ecr3t--d0-not-print"),
+            oauth_error("bad secret CANARY-5ecr3t--d0-not-print"),
         ),
         (
             "non-ASCII as ?",
             "CANARY-5ecr3t-\u{e9}\u{20ac}-d0-not-print",
-            oauth("bad secret CANARY-5ecr3t-??-d0-not-print"),
+            oauth_error("bad secret CANARY-5ecr3t-??-d0-not-print"),
         ),
     ];
+    assert_scrubbed(cases).await;
+}
+
+/// Each case (what, the secret, the body a token endpoint answers 401 with) refused,
+/// and no part of its secret shown by the error: every leak listed.
+async fn assert_scrubbed(cases: Vec<(&str, &str, String)>) {
     let mut leaks = Vec::new();
     for (case, secret, body) in cases {
         let err = refused_with(body, secret).await;
@@ -830,4 +822,9 @@ async fn echoes_in_other_languages_escapes_are_scrubbed() {
         leaks.len(),
         leaks.join("\n")
     );
+}
+
+/// An RFC 6749 error body: `invalid_client`, with `description`.
+fn oauth_error(description: &str) -> String {
+    serde_json::json!({"error": "invalid_client", "error_description": description}).to_string()
 }

@@ -67,6 +67,15 @@ impl FaultStore {
         store
     }
 
+    /// Whether the refresh lease is free now (taken for a millisecond to see).
+    pub async fn lease_free(&self) -> bool {
+        self.memory
+            .lease(Duration::from_millis(1))
+            .await
+            .unwrap()
+            .is_some()
+    }
+
     /// The switches.
     pub fn faults(&self) -> &Faults {
         &self.faults
