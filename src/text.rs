@@ -75,9 +75,10 @@ const SCRUB_LIMIT: usize = 8 * 1024;
 const REDACTED: &str = "[redacted]";
 
 /// The forms of `secret` that a server's wrong character encoding makes of it: its
-/// UTF-8 read as Latin-1 and as Windows-1252 (a servlet's default), its Latin-1
-/// characters sent as single bytes and read back as UTF-8 (U+FFFD each; others as `?`),
-/// and a space as `+` (a form encoder that keeps what the request's escaped).
+/// UTF-8 read as Latin-1 and as Windows-1252 (a servlet's default; Java's reads the
+/// undefined bytes as U+FFFD), its characters sent back as single bytes (Latin-1, with
+/// `?` for the rest; Windows-1252) and read as UTF-8 (U+FFFD each), made ASCII, and a
+/// space as `+` (a form encoder that keeps what the request's escaped).
 #[cfg(feature = "token")]
 fn misread_forms(secret: &str) -> Vec<String> {
     let mut forms = Vec::new();
@@ -89,6 +90,25 @@ fn misread_forms(secret: &str) -> Vec<String> {
     }
     forms.push(secret.bytes().map(char::from).collect());
     forms.push(secret.bytes().map(windows_1252).collect());
+    // Java's (and Python's `errors="replace"`) Windows-1252 reads its five undefined
+    // bytes as U+FFFD.
+    forms.push(
+        secret
+            .bytes()
+            .map(|b| match b {
+                0x81 | 0x8D | 0x8F | 0x90 | 0x9D => '\u{fffd}',
+                b => windows_1252(b),
+            })
+            .collect(),
+    );
+    // Sent back in a single-byte charset (Windows-1252, Latin-1) and read as UTF-8: each
+    // character one invalid byte, U+FFFD.
+    forms.push(
+        secret
+            .chars()
+            .map(|c| if c.is_ascii() { c } else { '\u{fffd}' })
+            .collect(),
+    );
     forms.push(
         secret
             .chars()

@@ -828,3 +828,48 @@ async fn assert_scrubbed(cases: Vec<(&str, &str, String)>) {
 fn oauth_error(description: &str) -> String {
     serde_json::json!({"error": "invalid_client", "error_description": description}).to_string()
 }
+
+/// World: a servlet on a Windows-1252 JVM misreads the UTF-8 form (Java reads the
+/// undefined bytes 0x81, 0x8D, 0x8F, 0x90, 0x9D as U+FFFD: `Á` comes back `Ã\u{fffd}`);
+/// another answers in Windows-1252 (`€` as the byte 0x80, not UTF-8). Proves (review
+/// findings): no part of the secret reaches the error.
+#[tokio::test(flavor = "current_thread")]
+async fn a_secret_through_windows_1252_is_scrubbed() {
+    let _beside = LOGS.read().await;
+    assert_scrubbed(vec![
+        (
+            "\u{c1} misread by Java's Cp1252",
+            "CANARY-5ecr3t-\u{c1}-d0-not-print",
+            oauth_error("bad secret CANARY-5ecr3t-\u{c3}\u{fffd}-d0-not-print"),
+        ),
+        (
+            "\u{10d} misread by Java's Cp1252",
+            "CANARY-5ecr3t-\u{10d}-d0-not-print",
+            oauth_error("bad secret CANARY-5ecr3t-\u{c4}\u{fffd}-d0-not-print"),
+        ),
+    ])
+    .await;
+    let body = [
+        &br#"{"error":"invalid_client","error_description":"bad secret CANARY-5ecr3t-"#[..],
+        b"\x80",
+        br#"-d0-not-print"}"#,
+    ]
+    .concat();
+    let addr = support::serve(move |_req| {
+        let body = body.clone();
+        async move {
+            Response::builder()
+                .status(401)
+                .header("content-type", "application/json;charset=windows-1252")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap()
+        }
+    })
+    .await;
+    let secret = "CANARY-5ecr3t-\u{20ac}-d0-not-print";
+    let source = TokenSource::client_credentials(&format!("http://{addr}/token"), "id", secret)
+        .unwrap()
+        .client(support::token_client());
+    let err = CredentialCache::new(source).credential().await.unwrap_err();
+    assert_eq!(shown_secret(&err), None);
+}
