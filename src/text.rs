@@ -13,18 +13,17 @@ pub(crate) const MAX_SERVER_TEXT: usize = 200;
 /// Replaces every occurrence of each secret in `text` with `[redacted]`.
 ///
 /// A server's echo of a secret may have gone through encoders the request never used:
-/// the text is searched as it came, and as each decoder reads it (JSON escapes,
-/// percent-encoding, HTML character references), the decodings decoded again, three
-/// levels of JSON and three of the others deep (an HTML-escaped secret, percent-encoded,
-/// in JSON in a JSON string). Every
-/// place a decoding finds a secret is mapped back to the span of the text that decoded
-/// to it, and that span is redacted in the text as it came: each decoding is searched
-/// on its own, so one never hides an echo another would find, and the text is shown as
-/// the server wrote it. Each secret is also looked for as UTF-8 misread as Latin-1 or
-/// Windows-1252, as a Latin-1 answer's bytes read as UTF-8, with `+` for a space; and a
-/// prefix of [`MIN_CUT_PREFIX`] characters or more of it where a string ends (a server
-/// that cut its message there, inside an escape too) is redacted. Only the first
-/// [`SCRUB_LIMIT`] bytes are kept: what is shown is far shorter.
+/// the text is searched as it came, and as each decoder reads it (JSON and other
+/// backslash escapes, percent-encoding and `\xHH` bytes, HTML character references),
+/// the decodings decoded again, three levels of JSON and three of the others deep, at
+/// most [`MAX_DECODINGS`] in all. Every place a decoding finds a secret is mapped back
+/// to the span of the text that decoded to it, and that span is redacted in the text
+/// as it came: each decoding is searched on its own, so one never hides an echo another
+/// would find, and the text is shown as the server wrote it. Each secret is also looked
+/// for in the forms a wrong character encoding makes of it ([`misread_forms`]), and in
+/// part: a prefix where a string ends or a mask begins ([`cut_prefixes`]), a suffix after
+/// an ellipsis ([`elided_suffixes`]), [`LONG_PREFIX`] characters anywhere. Only the
+/// first [`SCRUB_LIMIT`] bytes are kept (a cut marked `…`): what is shown is far shorter.
 #[cfg(feature = "token")]
 pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
     let mut forms: Vec<String> = Vec::with_capacity(secrets.len() * 2);
@@ -168,40 +167,22 @@ fn find_secrets(
     };
     search(text, spans);
     let mut budget = MAX_DECODINGS;
-    let mut queue = std::collections::VecDeque::new();
-    let whole = Decoded {
-        text: String::new(),
-        from: Vec::new(),
-    };
-    // The text itself: `None` (its spans are its own).
-    let mut next: Option<(Option<Decoded>, Depth)> = Some((None, depth));
-    while let Some((node, depth)) = next.take().or_else(|| queue.pop_front()) {
-        let (source, parent) = match &node {
-            Some(decoded) => (decoded.text.as_str(), decoded),
-            None => (text, &whole),
-        };
-        let decoders: [(Decoder, Option<Depth>); 3] = [
-            (
-                decode_json_escapes,
-                depth
-                    .json
-                    .checked_sub(1)
-                    .map(|json| Depth { json, ..depth }),
-            ),
-            (
-                decode_percent,
-                depth
-                    .other
-                    .checked_sub(1)
-                    .map(|other| Depth { other, ..depth }),
-            ),
-            (
-                decode_html,
-                depth
-                    .other
-                    .checked_sub(1)
-                    .map(|other| Depth { other, ..depth }),
-            ),
+    // The text itself (`None`: its spans are its own), then its decodings, theirs, ...
+    let mut queue = std::collections::VecDeque::from([(None::<Decoded>, depth)]);
+    while let Some((node, depth)) = queue.pop_front() {
+        let source = node.as_ref().map_or(text, |decoded| decoded.text.as_str());
+        let json = depth
+            .json
+            .checked_sub(1)
+            .map(|json| Depth { json, ..depth });
+        let other = depth
+            .other
+            .checked_sub(1)
+            .map(|other| Depth { other, ..depth });
+        let decoders: [(Decoder, _); 3] = [
+            (decode_json_escapes, json),
+            (decode_percent, other),
+            (decode_html, other),
         ];
         for (decode, deeper) in decoders {
             let Some(deeper) = deeper else {
@@ -214,7 +195,7 @@ fn find_secrets(
                 continue;
             };
             budget -= 1;
-            if node.is_some() {
+            if let Some(parent) = &node {
                 // Spans of the original text, through the parent's.
                 for span in &mut decoded.from {
                     *span = parent.origin(span.clone());
@@ -246,7 +227,9 @@ fn redact(text: &str, mut spans: Vec<std::ops::Range<usize>>) -> String {
         if span.start > at {
             out.push_str(&text[at..span.start]);
             out.push_str(REDACTED);
-        } else if at == 0 || !out.ends_with(REDACTED) {
+        } else if at == 0 {
+            // A span at the very start; any later one that overlaps or touches the last
+            // merges with its mark.
             out.push_str(REDACTED);
         }
         at = span.end;
@@ -473,8 +456,9 @@ fn decode_html(text: &str) -> Option<Decoded> {
 /// `text` with every JSON escape in it decoded (`\"`, `\\`, `\/`, `\b`, `\f`,
 /// `\n`, `\r`, `\t`, `\uXXXX`, a surrogate pair as one character and a lone surrogate
 /// as U+FFFD), wherever it is (inside a literal or not: a stray quote before the JSON
-/// misleads no one); anything else after a backslash stays as it is. `None` when there
-/// was nothing to decode.
+/// misleads no one), and a backslash before any other ASCII punctuation dropped (Ruby's
+/// `inspect`, Python's `repr`); anything else after a backslash stays as it is. `None`
+/// when there was nothing to decode.
 #[cfg(feature = "token")]
 fn decode_json_escapes(text: &str) -> Option<Decoded> {
     if !text.contains('\\') {

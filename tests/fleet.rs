@@ -1626,15 +1626,7 @@ fn quick_then_slow_rotating(fetches: Arc<AtomicUsize>) -> impl CredentialSource 
 async fn a_late_pair_refused_while_a_credential_is_current_is_served_after_a_rejection() {
     let fetches = Arc::new(AtomicUsize::new(0));
     let store = FaultStore::new();
-    let cache = CredentialCache::builder(quick_then_slow_rotating(fetches.clone()))
-        .store(store.clone())
-        .fetch_timeout(Duration::from_secs(1))
-        .soft_window(Duration::from_secs(20))
-        .hard_window(Duration::from_secs(1))
-        .window_jitter(0.0)
-        .backoff(Duration::from_millis(50), Duration::from_millis(100))
-        .build()
-        .unwrap();
+    let cache = support::store::windowed(quick_then_slow_rotating(fetches.clone()), store.clone());
     let access_0 = cache.credential().await.unwrap();
     assert_eq!(access_0, Credential::bearer("access-0").unwrap());
     store.faults().refusing_pairs.store(true, SeqCst);

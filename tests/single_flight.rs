@@ -1311,19 +1311,6 @@ impl CredentialSource for QuickSlowSlowish {
     }
 }
 
-/// A cache of `source` over `store`: a 1 s fetch timeout, a 20 s soft window.
-fn windowed<P: CredentialSource>(source: P, store: FaultStore) -> CredentialCache<P> {
-    CredentialCache::builder(source)
-        .store(store)
-        .fetch_timeout(Duration::from_secs(1))
-        .soft_window(Duration::from_secs(20))
-        .hard_window(Duration::from_secs(1))
-        .window_jitter(0.0)
-        .backoff(Duration::from_millis(50), Duration::from_millis(100))
-        .build()
-        .unwrap()
-}
-
 /// World: processes A and B on one store; A's `access-0` is current and in the store;
 /// A's background refresh outlives its timeout, and the save of what it brings
 /// (`access-1`) outlives its share (the store keeps `access-0`). Then A's application
@@ -1336,12 +1323,12 @@ async fn an_invalidation_beside_a_late_result_removes_what_it_dropped() {
     for by_invalidate in [false, true] {
         let store = FaultStore::new();
         let source = QuickSlowSlowish::default();
-        let a = windowed(source.clone(), store.clone());
+        let a = support::store::windowed(source.clone(), store.clone());
         let b_source = QuickSlowSlowish {
             other: true,
             ..QuickSlowSlowish::default()
         };
-        let b = windowed(b_source, store.clone());
+        let b = support::store::windowed(b_source, store.clone());
         let access_0 = a.credential().await.unwrap();
         assert_eq!(access_0, Credential::bearer("access-0").unwrap());
         store.delay_next_saves(&[Duration::from_secs(2)]);

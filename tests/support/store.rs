@@ -12,7 +12,7 @@ use std::{
 
 use tokio::sync::{Notify, Semaphore};
 use tower_client_auth::{
-    BoxError, Credential,
+    BoxError, Credential, CredentialCache, CredentialSource,
     store::{CredentialStore, Lease, MemoryStore},
 };
 
@@ -221,4 +221,19 @@ impl Valve {
             self.permits.acquire().await.unwrap().forget();
         }
     }
+}
+
+/// A cache of `source` over `store` for the late-fetch tests: a 1 s fetch timeout (a
+/// slow exchange outlives it), a 20 s soft window and a 1 s hard one, no jitter, and a
+/// 50-100 ms backoff.
+pub fn windowed<P: CredentialSource>(source: P, store: FaultStore) -> CredentialCache<P> {
+    CredentialCache::builder(source)
+        .store(store)
+        .fetch_timeout(Duration::from_secs(1))
+        .soft_window(Duration::from_secs(20))
+        .hard_window(Duration::from_secs(1))
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .build()
+        .unwrap()
 }
