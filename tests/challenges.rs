@@ -1740,6 +1740,63 @@ async fn a_failed_step_up_leaves_the_stored_refresh_token() {
     );
 }
 
+/// World: a fleet cache over a store that refuses pairs (it answers, but will not take a
+/// value carrying a refresh token); an invalidation's refresh brings `rt-2`, kept under
+/// this process's lease to be saved; then the API asks for a scope and the step-up fails.
+/// Proves: the step-up takes the lease over from the task keeping the pair at once
+/// (before, it waited for its own process's lease into `Timeout` and never asked the
+/// source), presents nothing of it, and hands the pair back when it fails: `rt-2`
+/// reaches the store once the store takes pairs.
+#[tokio::test]
+async fn a_failed_step_up_over_a_kept_pair_keeps_it() {
+    use tower_client_auth::CredentialStore;
+    let (addr, _) = scoped_api().await;
+    let (reasons, source) = no_step_up_source();
+    let store = support::store::FaultStore::new();
+    let cache = tower_client_auth::CredentialCache::builder(source)
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let handle = cache.handle();
+    let svc = AuthLayer::with_cache(cache)
+        .any_https_origin()
+        .allow_http_loopback(true)
+        .step_up(true)
+        .layer(api_client());
+    assert_eq!(tower_get(&svc, format!("http://{addr}/other")).await.0, 200);
+    store.faults().refusing_pairs.store(true, SeqCst);
+    handle.invalidate();
+    assert_eq!(tower_get(&svc, format!("http://{addr}/other")).await.0, 200);
+    assert_eq!(
+        tower_get(&svc, format!("http://{addr}/scoped")).await.1,
+        Some(NotReplayed::InsufficientScope)
+    );
+    assert_eq!(
+        *reasons.lock().unwrap(),
+        [
+            FetchReason::Initial,
+            FetchReason::Invalidated,
+            FetchReason::StepUp
+        ]
+    );
+    store.faults().refusing_pairs.store(false, SeqCst);
+    let started = std::time::Instant::now();
+    loop {
+        let stored = store.load().await.unwrap();
+        let token = stored.as_ref().and_then(|c| c.refresh_token());
+        if token.map(|t| t.expose()) == Some("rt-2") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the kept refresh token never reached the store: {:?}",
+            token.map(|t| t.expose())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// World: a step-up fails; then the credential is invalidated. Proves: the step-up's
 /// failure does not back off the cache's own fetches (review finding: it did, and a
 /// credential could expire behind a scope the API kept asking for).

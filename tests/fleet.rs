@@ -1160,6 +1160,66 @@ mod refresh_tokens {
         assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
         assert_eq!(idp.family_revocations.load(SeqCst), 0);
     }
+
+    /// World: a rotated pair the store refuses (it answers, but will not take a value
+    /// carrying a refresh token), kept under this process's lease to be saved; then the
+    /// API rejects it here, or a plain credential handed in replaces it and the API
+    /// rejects that. Proves (the eighth sitting's note: the rejection's flight waited for
+    /// its own process's lease into `Timeout`): the flight takes the lease over from the
+    /// task keeping the pair and refreshes with the kept refresh token at once; no login,
+    /// no refresh token presented twice; once the store takes pairs it holds the newest
+    /// pair, and the lease is given back.
+    #[tokio::test]
+    async fn a_kept_pair_is_refreshed_at_once_when_a_rejection_needs_one() {
+        for replaced in [false, true] {
+            let idp = StrictIdp::new(ID, SECRET, 3600.0);
+            let base = start(idp.clone()).await;
+            let store = FaultStore::new();
+            let a = CredentialCache::builder(source(&base))
+                .store(store.clone())
+                .fetch_timeout(Duration::from_secs(2))
+                .build()
+                .unwrap();
+            a.credential().await.unwrap();
+            store.faults().refusing_pairs.store(true, SeqCst);
+            assert!(a.handle().invalidate());
+            let rotated = a.credential().await.expect("served with the rotated pair");
+            assert_eq!(idp.refresh_grants.load(SeqCst), 1);
+            let rejected = if replaced {
+                let handed = Credential::bearer("handed-in").unwrap();
+                assert!(a.handle().replace(handed.clone()).unwrap());
+                handed
+            } else {
+                rotated.clone()
+            };
+            let next = a.reject(&rejected).await;
+            let next = next.unwrap_or_else(|e| {
+                panic!("replaced: {replaced}: the rejection's refresh failed: {e}")
+            });
+            assert!(next != rotated && next != rejected, "replaced: {replaced}");
+            assert_eq!(
+                idp.refresh_grants.load(SeqCst),
+                2,
+                "replaced: {replaced}: not refreshed with the kept refresh token"
+            );
+            assert_eq!(idp.logins.load(SeqCst), 1, "replaced: {replaced}");
+            assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
+            assert_eq!(idp.family_revocations.load(SeqCst), 0);
+
+            store.faults().refusing_pairs.store(false, SeqCst);
+            let started = Instant::now();
+            while store.load().await.unwrap().as_ref() != Some(&next) || !store.lease_free().await {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "replaced: {replaced}: the newest pair never reached the store, or the \
+                     lease was kept"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let stored = store.load().await.unwrap().unwrap();
+            assert_eq!(stored.refresh_token(), next.refresh_token());
+        }
+    }
 }
 
 /// World: a real Redis that speaks only TLS, with a certificate made now, and no access
@@ -1672,7 +1732,9 @@ async fn process_b_gets(store: &FaultStore) -> Credential {
 /// kept to be saved; then A drops it: invalidated before it was served, or served and
 /// then rejected. The store takes pairs again. Proves (review finding: the task saving
 /// it saved it as it came, and process B took the access token A had dropped): B never
-/// gets `access-1` (its refresh token is kept, its access token marked expired).
+/// gets `access-1`. Invalidated, its refresh token is saved and its access token marked
+/// expired; rejected, the rejection's refresh takes the pair over and A is answered at
+/// once with the next pair (`rt-2`), which reaches the store.
 #[tokio::test]
 async fn a_late_pair_dropped_while_kept_is_saved_spent() {
     for rejected in [false, true] {
@@ -1680,13 +1742,19 @@ async fn a_late_pair_dropped_while_kept_is_saved_spent() {
         let store = FaultStore::new();
         let a = a_late_pair_refused(&store, &alive).await;
         let access_1 = Credential::bearer("access-1").unwrap();
-        if rejected {
+        let newest = if rejected {
             let served = a.credential().await.expect("served with the late pair");
             assert_eq!(served, access_1);
-            let _ = tokio::time::timeout(Duration::from_secs(2), a.reject(&served)).await;
+            let next = a
+                .reject(&served)
+                .await
+                .expect("refreshed with the kept pair");
+            assert_eq!(next, Credential::bearer("access-2").unwrap());
+            "rt-2"
         } else {
             assert!(a.handle().invalidate());
-        }
+            "rt-1"
+        };
         store.faults().refusing_pairs.store(false, SeqCst);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let stored = store.load().await.unwrap();
@@ -1695,8 +1763,8 @@ async fn a_late_pair_dropped_while_kept_is_saved_spent() {
                 .as_ref()
                 .and_then(|c| c.refresh_token())
                 .map(|t| t.expose()),
-            Some("rt-1"),
-            "rejected: {rejected}: the rotated refresh token was lost"
+            Some(newest),
+            "rejected: {rejected}: the newest refresh token was lost"
         );
         let b_got = process_b_gets(&store).await;
         assert_ne!(

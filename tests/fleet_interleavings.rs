@@ -3,8 +3,11 @@
 //! ones (`support::strict_idp`: JWTs whose `exp` is floored to the second, refresh tokens
 //! that rotate on every use and revoke their whole family when one is presented twice),
 //! while tokens expire on their own, the server revokes every access token at random
-//! moments (each cache's requests get 401s), and the application invalidates and rejects
-//! credentials at random in any of the three.
+//! moments (each cache's requests get 401s), the application invalidates and rejects
+//! credentials at random in any of the three, and one cache's connection at times
+//! refuses to save a pair (as a Redis out of memory refuses writes, while it still
+//! answers reads and the lease), so that its rotated refresh token is kept under its
+//! lease, and taken over by its own next refresh.
 //!
 //! Each run checks the fleet's promises with counters that would see them broken: no
 //! refresh token is ever presented twice (so no family is revoked); the fleet logs in
@@ -27,7 +30,9 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use http::Request;
 use http_body_util::Full;
-use support::{Dice, api_client, providers, redis::RedisServer, strict_idp::StrictIdp};
+use support::{
+    Dice, api_client, providers, redis::RedisServer, store::FaultStore, strict_idp::StrictIdp,
+};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{AuthLayer, BoxError, CredentialCache, store::redis::RedisStore};
 
@@ -46,9 +51,11 @@ async fn run(seed: u64, redis: &RedisServer) {
     let base = providers::start(idp.clone()).await;
     let namespace = format!("fleet-interleavings-{seed}");
     let mut caches = Vec::new();
+    let mut stores = Vec::new();
     let mut stacks: Vec<Stack> = Vec::new();
     for _ in 0..3 {
-        let store = RedisStore::connect(&redis.url(), &namespace).await.unwrap();
+        let store = FaultStore::over(RedisStore::connect(&redis.url(), &namespace).await.unwrap());
+        stores.push(store.clone());
         let cache = CredentialCache::builder(support::strict_idp::rotating_source(
             &base,
             CLIENT_ID,
@@ -73,12 +80,13 @@ async fn run(seed: u64, redis: &RedisServer) {
     let done = Arc::new(AtomicBool::new(false));
     let meddling = tokio::spawn({
         let (dice, done, idp, caches) = (dice.clone(), done.clone(), idp.clone(), caches.clone());
-        let revocations = revocations.clone();
+        let (revocations, stores) = (revocations.clone(), stores.clone());
         async move {
             while !done.load(SeqCst) {
                 dice.pause(60).await;
-                let cache = &caches[dice.roll(3) as usize];
-                match dice.roll(6) {
+                let i = dice.roll(3) as usize;
+                let cache = &caches[i];
+                match dice.roll(7) {
                     0 => {
                         // The server revokes every access token: every cache's next
                         // request is rejected and refreshes.
@@ -95,8 +103,18 @@ async fn run(seed: u64, redis: &RedisServer) {
                             let _ = cache.reject(&current).await;
                         }
                     }
+                    4 => {
+                        // This cache's connection refuses pairs for a while.
+                        let refusing = &stores[i].faults().refusing_pairs;
+                        refusing.store(true, SeqCst);
+                        dice.pause(400).await;
+                        refusing.store(false, SeqCst);
+                    }
                     _ => {}
                 }
+            }
+            for store in &stores {
+                store.faults().refusing_pairs.store(false, SeqCst);
             }
         }
     });

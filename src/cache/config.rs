@@ -289,6 +289,7 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
             store_down: AtomicBool::new(false),
             accepted: AtomicU64::new(0),
             source_gate: Arc::default(),
+            kept: Arc::default(),
         });
         let weak: Weak<Inner<P>> = Arc::downgrade(&inner);
         inner.source.attach(CacheHandle::new(weak));

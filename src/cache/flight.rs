@@ -869,42 +869,53 @@ async fn obtain<P: CredentialSource>(
                 return Ok(stored);
             }
         }
-        let lease = match store_call(inner, deadline, "lease", store.lease(lease_hold(inner))).await
-        {
-            Some(Some(lease)) => lease,
-            Some(None) => {
-                // Another process fetches: wait for what it saves, as long as the
-                // deadline allows. A holder that died leaves a lease that runs out.
-                let now = Instant::now();
-                if now + pause >= deadline {
-                    waited(waiting_since);
-                    return Err(Error::new(ErrorKind::Timeout));
+        let (lease, kept) =
+            match store_call(inner, deadline, "lease", store.lease(lease_hold(inner))).await {
+                Some(Some(lease)) => (lease, None),
+                Some(None) => {
+                    // This process's own, kept to save a pair the store refused: taken over.
+                    if let Some(taken) = take_kept(inner, store.as_ref(), deadline).await {
+                        waited(waiting_since);
+                        waiting_since = None;
+                        taken
+                    } else {
+                        // Another process fetches: wait for what it saves, as long as the
+                        // deadline allows. A holder that died leaves a lease that runs out.
+                        let now = Instant::now();
+                        if now + pause >= deadline {
+                            waited(waiting_since);
+                            return Err(Error::new(ErrorKind::Timeout));
+                        }
+                        waiting_since.get_or_insert(now);
+                        tracing::debug!(
+                            wait_ms = pause.as_millis() as u64,
+                            "another process holds the refresh lease; waiting"
+                        );
+                        // Bounded here too: a store's own wait may not be.
+                        let _ = tokio::time::timeout(pause, wake).await;
+                        pause = (pause * 2).min(LEASE_POLL_MAX);
+                        continue;
+                    }
                 }
-                waiting_since.get_or_insert(now);
-                tracing::debug!(
-                    wait_ms = pause.as_millis() as u64,
-                    "another process holds the refresh lease; waiting"
-                );
-                // Bounded here too: a store's own wait may not be.
-                let _ = tokio::time::timeout(pause, wake).await;
-                pause = (pause * 2).min(LEASE_POLL_MAX);
-                continue;
-            }
-            // The store is not answering: this process's own fetch, told so (a refresh
-            // token it holds may be another process's by now).
-            None => {
-                waited(waiting_since);
-                return fetch(
-                    inner,
-                    cx.sharing(Sharing::StoreUnavailable),
-                    deadline,
-                    &mut None,
-                )
-                .await;
-            }
-        };
+                // The store is not answering: this process's own fetch, told so (a refresh
+                // token it holds may be another process's by now).
+                None => {
+                    waited(waiting_since);
+                    return fetch(
+                        inner,
+                        cx.sharing(Sharing::StoreUnavailable),
+                        deadline,
+                        &mut None,
+                    )
+                    .await;
+                }
+            };
         waited(waiting_since);
-        let took_over = waiting_since.is_some();
+        let took = match &kept {
+            Some(kept) => Took::Kept(kept.credential.refresh_token()),
+            None if waiting_since.is_some() => Took::Over,
+            None => Took::Free,
+        };
         let Holding {
             result: held,
             saved,
@@ -918,12 +929,16 @@ async fn obtain<P: CredentialSource>(
                 &lease,
                 cx,
                 deadline,
-                took_over,
+                took,
                 invalidations,
             )
             .await
         })
         .await;
+        // A kept pair whose refresh token this flight did not present (a step-up logs
+        // in; a fetch that never began presents nothing) is still the fleet's newest, if
+        // the flight brings nothing newer.
+        let kept = kept.filter(|kept| kept.credential.refresh_token() != spent.as_ref());
         if let Some(late) = late {
             // The lease goes with the fetch, and is given back when it ends.
             tokio::spawn(finish_late(
@@ -932,6 +947,7 @@ async fn obtain<P: CredentialSource>(
                 lease,
                 late,
                 spent,
+                kept,
             ));
             return held;
         }
@@ -940,16 +956,21 @@ async fn obtain<P: CredentialSource>(
             Saved::Failed => held.as_ref().ok().or(refused.as_ref()),
             _ => None,
         };
-        match unsaved.filter(|credential| credential.refresh_token().is_some()) {
-            Some(credential) => {
+        let keep = match unsaved.filter(|credential| credential.refresh_token().is_some()) {
+            Some(credential) => Some(Kept::new(lease.clone(), credential.clone(), spent)),
+            None => kept
+                .filter(|_| held.is_err() && refused.is_none())
+                .map(|kept| Kept::new(kept.lease, kept.credential, kept.spent)),
+        };
+        match keep {
+            Some(kept) => {
                 // A rotated refresh token exists nowhere but here: keep the lease and
                 // keep trying to save it, rather than leave the fleet to log in again.
                 tokio::spawn(keep_saving(
                     Arc::downgrade(inner),
                     Arc::clone(store),
-                    lease,
-                    credential.clone(),
-                    spent,
+                    Arc::clone(&inner.kept),
+                    kept,
                 ));
             }
             None => release(inner, store.as_ref(), &lease).await,
@@ -971,41 +992,85 @@ enum Saved {
     Failed,
 }
 
+/// A rotated pair the store did not take, and the refresh lease it is kept under until
+/// it is saved (see [`keep_saving`]).
+pub(super) struct Kept {
+    /// Names this keeping: its task acts on the pair only while this one is in the
+    /// slot (a flight that took the lease over may have put another there since, under
+    /// the same lease).
+    id: u64,
+    lease: Lease,
+    credential: Credential,
+    /// The refresh token presented to get `credential` (see [`superseded`]).
+    spent: Option<crate::Secret>,
+}
+
+impl Kept {
+    fn new(lease: Lease, credential: Credential, spent: Option<crate::Secret>) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Kept {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            lease,
+            credential,
+            spent,
+        }
+    }
+}
+
+/// Where the pair [`keep_saving`] keeps waits, shared by the cache and that task: the
+/// task locks it for each of its store calls, and a flight of this process that finds
+/// the lease held takes the pair and the lease from it ([`take_kept`]).
+pub(super) type KeptSlot = Arc<tokio::sync::Mutex<Option<Kept>>>;
+
 /// The save of a credential carrying a refresh token that the store did not take: tried
 /// again at growing intervals (up to [`SAVE_RETRY_MAX`]) until it is saved, for as long
 /// as the cache lives and no newer refresh token is in use here. The lease is kept
 /// meanwhile, renewed every third of its hold (however far apart the tries are), so other
 /// processes wait for this save instead of logging in. A rejection or an invalidation of
-/// the access token changes nothing: the refresh token is still the newest, and the next
-/// refresh needs it. A lease lost in the outage (the store restarted, say) is taken
-/// again, and the credential saved under it only if nobody saved a refresh token since:
-/// the newer pair wins, and no refresh token ever has two owners.
+/// the access token changes nothing here: the refresh token is still the newest, and the
+/// next refresh needs it. That refresh, if this process needs one first, takes the pair
+/// and the lease over from this task, which then ends (see [`take_kept`]). A lease lost
+/// in the outage (the store restarted, say) is taken again, and the credential saved
+/// under it only if nobody saved a refresh token since: the newer pair wins, and no
+/// refresh token ever has two owners.
 async fn keep_saving<P: CredentialSource>(
     inner: std::sync::Weak<Inner<P>>,
     store: Arc<dyn crate::store::DynStore>,
-    mut lease: Lease,
-    credential: Credential,
-    spent: Option<crate::Secret>,
+    slot: KeptSlot,
+    kept: Kept,
 ) {
     tracing::warn!("a rotated refresh token could not be saved; keeping it and trying again");
+    let id = kept.id;
+    *slot.lock().await = Some(kept);
     let mut pause = SAVE_RETRY_FIRST;
     let mut next_try = saturating_add(Instant::now(), pause);
     loop {
         let Some(hold) = inner.upgrade().map(|inner| lease_hold(&inner)) else {
-            return last_save(store.as_ref(), &lease, &credential).await;
+            return last_save(store.as_ref(), &slot, id).await;
         };
         tokio::time::sleep_until(next_try.min(saturating_add(Instant::now(), hold / 3))).await;
         let Some(inner) = inner.upgrade() else {
-            return last_save(store.as_ref(), &lease, &credential).await;
+            return last_save(store.as_ref(), &slot, id).await;
         };
-        if superseded(&inner, &credential, spent.as_ref()) {
+        // Held for this round's store calls: a flight waits for them to end before it
+        // takes the lease over, so no save of this pair lands after the flight's.
+        let mut mine = slot.lock().await;
+        let Some(kept) = mine.as_mut().filter(|kept| kept.id == id) else {
+            // A flight of this process took the lease over, and the pair's refresh token
+            // with it.
+            return;
+        };
+        if superseded(&inner, &kept.credential, kept.spent.as_ref()) {
             // A newer refresh token is in use here: this one is spent.
-            late_settled(&inner, &credential, false);
+            late_settled(&inner, &kept.credential, false);
+            let lease = kept.lease.clone();
+            *mine = None;
+            drop(mine);
             release(&inner, store.as_ref(), &lease).await;
             return;
         }
         let until = saturating_add(Instant::now(), inner.config.fetch_timeout);
-        match store_call(&inner, until, "renew", store.renew(&lease, hold)).await {
+        match store_call(&inner, until, "renew", store.renew(&kept.lease, hold)).await {
             None | Some(true) => {}
             Some(false) => {
                 // Lost in the outage: take it again, unless someone holds it now.
@@ -1015,10 +1080,11 @@ async fn keep_saving<P: CredentialSource>(
                         tracing::warn!(
                             "another process took the refresh lease; the unsaved refresh token is abandoned"
                         );
-                        late_settled(&inner, &credential, false);
+                        late_settled(&inner, &kept.credential, false);
+                        *mine = None;
                         return;
                     }
-                    Some(Some(again)) => lease = again,
+                    Some(Some(again)) => kept.lease = again,
                 }
                 match store_call(&inner, until, "load", store.load()).await {
                     None => continue,
@@ -1026,7 +1092,10 @@ async fn keep_saving<P: CredentialSource>(
                         tracing::info!(
                             "the store holds a newer refresh token; the unsaved one is abandoned"
                         );
-                        late_settled(&inner, &credential, false);
+                        late_settled(&inner, &kept.credential, false);
+                        let lease = kept.lease.clone();
+                        *mine = None;
+                        drop(mine);
                         release(&inner, store.as_ref(), &lease).await;
                         return;
                     }
@@ -1043,17 +1112,23 @@ async fn keep_saving<P: CredentialSource>(
         // Dropped here since (rejected, or invalidated before it was served): only its
         // refresh token is the fleet's, its access token left marked expired, as a
         // rejected pair is left (see `holding`).
-        let saving = match inner.lock_state().dropped(&credential) {
-            true => credential
+        let saving = match inner.lock_state().dropped(&kept.credential) {
+            true => kept
+                .credential
                 .clone()
                 .expires_at(std::time::SystemTime::UNIX_EPOCH),
-            false => credential.clone(),
+            false => kept.credential.clone(),
         };
         // A failure, or a lease that ran out between the renewal and the save (taken
         // again at the next renewal), is tried again.
-        if let Some(true) = store_call(&inner, until, "save", store.save(&lease, &saving)).await {
+        if let Some(true) =
+            store_call(&inner, until, "save", store.save(&kept.lease, &saving)).await
+        {
             tracing::info!("the rotated refresh token is saved");
-            late_settled(&inner, &credential, true);
+            late_settled(&inner, &kept.credential, true);
+            let lease = kept.lease.clone();
+            *mine = None;
+            drop(mine);
             release(&inner, store.as_ref(), &lease).await;
             return;
         }
@@ -1061,17 +1136,51 @@ async fn keep_saving<P: CredentialSource>(
 }
 
 /// The cache is gone (its process shutting down, say) while a rotated pair is still
-/// unsaved: one last try to save it, then the lease goes back, within a second.
-async fn last_save(store: &dyn crate::store::DynStore, lease: &Lease, credential: &Credential) {
+/// unsaved: one last try to save it, then the lease goes back, within a second; unless
+/// a flight took the pair over before the cache went (it saved or kept its own).
+async fn last_save(store: &dyn crate::store::DynStore, slot: &KeptSlot, id: u64) {
     let saved = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        let saved = matches!(store.save(lease, credential).await, Ok(true));
-        let _ = store.release(lease).await;
+        let Some(kept) = slot.lock().await.take_if(|kept| kept.id == id) else {
+            return true;
+        };
+        let saved = matches!(store.save(&kept.lease, &kept.credential).await, Ok(true));
+        let _ = store.release(&kept.lease).await;
         saved
     })
     .await;
     if saved != Ok(true) {
         tracing::warn!("the cache was dropped before its rotated refresh token could be saved");
     }
+}
+
+/// The refresh lease this process's [`keep_saving`] holds, taken over by a flight that
+/// found the lease held (by this process, then), with the pair kept under it: the
+/// flight refreshes with its refresh token at once rather than wait for a save the
+/// store may refuse for a long while. Only while the store still knows the lease as
+/// this one (renewed here first); else the pair is left to its task. The pair is `None`
+/// when a newer refresh token is in use here (it is spent: the flight refreshes with
+/// what the store holds).
+async fn take_kept<P: CredentialSource>(
+    inner: &Arc<Inner<P>>,
+    store: &dyn crate::store::DynStore,
+    deadline: Instant,
+) -> Option<(Lease, Option<Kept>)> {
+    let mut slot = tokio::time::timeout_at(deadline, inner.kept.lock())
+        .await
+        .ok()?;
+    let kept = slot.take()?;
+    let renewed = store.renew(&kept.lease, lease_hold(inner));
+    if store_call(inner, deadline, "renew", renewed).await != Some(true) {
+        *slot = Some(kept);
+        return None;
+    }
+    drop(slot);
+    tracing::debug!("taking the refresh lease over from the task saving a kept pair");
+    // Presented by this flight, or spent already: no longer the next flight's answer.
+    late_settled(inner, &kept.credential, false);
+    let lease = kept.lease.clone();
+    let kept = Some(kept).filter(|k| !superseded(inner, &k.credential, k.spent.as_ref()));
+    Some((lease, kept))
 }
 
 /// Whether the cache now holds a credential carrying another refresh token than
@@ -1097,7 +1206,7 @@ async fn holding<P: CredentialSource>(
     lease: &Lease,
     cx: FetchContext,
     deadline: Instant,
-    took_over: bool,
+    took: Took<'_>,
     invalidations: u64,
 ) -> Holding {
     // Someone may have saved between the load and the lease.
@@ -1110,7 +1219,7 @@ async fn holding<P: CredentialSource>(
             return Holding::ended(Ok(stored.clone()), Saved::StoreHit);
         }
     }
-    if took_over {
+    if let Took::Over = took {
         // Waited for another holder, which gave the lease up (or died) without a save.
         tracing::debug!("took the refresh lease over from a holder that saved nothing");
         metrics::event(&inner.config.name, metrics::LEASE_TAKEOVERS);
@@ -1121,10 +1230,21 @@ async fn holding<P: CredentialSource>(
     // A step-up logs in and presents no refresh token: the stored one stays in the store
     // unless the step-up succeeds, whose login starts a new session (its credential,
     // with the refresh token that login brought or none, replaces the stored pair).
+    // A pair this process kept under the lease, taken over with it (`take_kept`): its
+    // refresh token is newer than any the store holds, unless the store took it since.
+    let kept = match took {
+        Took::Kept(token) => token.filter(|_| !step_up),
+        _ => None,
+    };
     let sharing = match held {
-        None => Sharing::StoreUnavailable,
+        None => kept.map_or(Sharing::StoreUnavailable, |kept| {
+            Sharing::Shared(Some(kept.clone()))
+        }),
         Some(_) if step_up => Sharing::Shared(None),
-        Some(None) => Sharing::Shared(None),
+        Some(Some(stored)) if kept.is_some_and(|kept| stored.refresh_token() != Some(kept)) => {
+            Sharing::Shared(kept.cloned())
+        }
+        Some(None) => Sharing::Shared(kept.cloned()),
         Some(Some(stored)) => match stored.refresh_token().cloned() {
             None => Sharing::Shared(None),
             Some(token) => {
@@ -1200,6 +1320,18 @@ async fn holding<P: CredentialSource>(
         spent,
         late: None,
     }
+}
+
+/// How a holder came by the refresh lease.
+#[derive(Clone, Copy)]
+enum Took<'a> {
+    /// Free for the taking.
+    Free,
+    /// Waited for another holder, which gave it up (or died) without a save.
+    Over,
+    /// From this process's [`keep_saving`], with the refresh token of the pair kept
+    /// under it (see [`take_kept`]).
+    Kept(Option<&'a crate::Secret>),
 }
 
 /// What the holder's refresh came to.
@@ -1289,6 +1421,7 @@ async fn finish_late<P: CredentialSource>(
     lease: Lease,
     late: LateFetch,
     spent: Option<crate::Secret>,
+    kept: Option<Kept>,
 ) {
     tracing::debug!("the fetch outlived its deadline; the refresh lease is kept until it ends");
     let bound = inner.config.fetch_timeout;
@@ -1345,16 +1478,28 @@ async fn finish_late<P: CredentialSource>(
             {
                 late.unsaved = true;
             }
-            // Only a weak reference from here on: a cache dropped meanwhile ends it.
-            let weak = Arc::downgrade(&inner);
-            drop(inner);
-            return keep_saving(weak, store, lease, credential, spent).await;
+            return keep_saving_late(inner, store, Kept::new(lease, credential, spent)).await;
         }
         if saved.is_some() {
             late_settled(&inner, &credential, true);
         }
+    } else if let Some(kept) = kept {
+        // Nothing newer came: the pair taken over is still the one to save.
+        return keep_saving_late(inner, store, Kept::new(lease, kept.credential, kept.spent)).await;
     }
     release(&inner, store.as_ref(), &lease).await;
+}
+
+/// [`keep_saving`] from [`finish_late`], which holds the cache strongly: only a weak
+/// reference from here on, so that a cache dropped meanwhile ends it.
+async fn keep_saving_late<P: CredentialSource>(
+    inner: Arc<Inner<P>>,
+    store: Arc<dyn crate::store::DynStore>,
+    kept: Kept,
+) {
+    let (weak, slot) = (Arc::downgrade(&inner), Arc::clone(&inner.kept));
+    drop(inner);
+    keep_saving(weak, store, slot, kept).await;
 }
 
 /// A late fetch's `credential` (see `Late`) was saved (`saved`): the store holds it, and

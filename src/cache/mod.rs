@@ -566,6 +566,10 @@ struct Inner<P> {
     /// later flight never asks the source while that one still runs. Uncontended but
     /// for that.
     source_gate: Arc<tokio::sync::Mutex<()>>,
+    /// A rotated pair the store did not take, kept under the refresh lease until it is
+    /// saved (`flight::keep_saving`); a flight of this process that finds the lease held
+    /// takes both from here. Shared with the task keeping it, which outlives the cache.
+    kept: flight::KeptSlot,
 }
 
 #[derive(Default)]

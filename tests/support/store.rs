@@ -16,11 +16,12 @@ use tower_client_auth::{
     store::{CredentialStore, Lease, MemoryStore},
 };
 
-/// A `MemoryStore` behind fault switches. Every call goes through to the memory store
-/// unless a switch says otherwise; clones share the store and the switches.
+/// A store (a `MemoryStore` unless built `over` another) behind fault switches. Every
+/// call goes through to that store unless a switch says otherwise; clones share the
+/// store and the switches.
 #[derive(Clone, Default)]
-pub struct FaultStore {
-    memory: MemoryStore,
+pub struct FaultStore<S = MemoryStore> {
+    memory: S,
     faults: Arc<Faults>,
 }
 
@@ -65,6 +66,16 @@ impl FaultStore {
         let store = Self::new();
         store.faults.hung.store(true, SeqCst);
         store
+    }
+}
+
+impl<S: CredentialStore> FaultStore<S> {
+    /// `store` behind the switches (a real Redis, say), all off.
+    pub fn over(store: S) -> Self {
+        FaultStore {
+            memory: store,
+            faults: Arc::default(),
+        }
     }
 
     /// Whether the refresh lease is free now (taken for a millisecond to see).
@@ -112,7 +123,7 @@ impl FaultStore {
     }
 }
 
-impl CredentialStore for FaultStore {
+impl<S: CredentialStore> CredentialStore for FaultStore<S> {
     async fn load(&self) -> Result<Option<Credential>, BoxError> {
         self.reach().await?;
         self.faults.loads.pass().await;
