@@ -1797,6 +1797,97 @@ async fn a_failed_step_up_over_a_kept_pair_keeps_it() {
     }
 }
 
+/// World: `access-0` current in its soft window, a store refusing pairs; a request's
+/// background refresh ends late (1.5 s, past the 1 s fetch timeout) with
+/// `access-1`/`rt-1`, kept to be saved; that request's answer (1.8 s) asks for a scope,
+/// and the step-up, which takes the kept pair over, fails; then the credential is
+/// invalidated, and the store takes pairs again. Proves (review finding: the step-up's
+/// hand-over forgot that `access-1` came late, so the invalidation did not make it
+/// suspect, it was saved live and another process sent it): `access-1` reaches the store
+/// marked expired, and another process never gets it; as without the step-up.
+#[tokio::test]
+async fn a_step_up_over_a_late_kept_pair_leaves_it_to_an_invalidation() {
+    use tower_client_auth::{CredentialCache, CredentialStore};
+    for step_up in [false, true] {
+        let addr = serve(move |req: Request<hyper::body::Incoming>| {
+            let scoped = req.uri().path() == "/scoped";
+            async move {
+                if scoped {
+                    tokio::time::sleep(Duration::from_millis(1800)).await;
+                    challenge(
+                        StatusCode::FORBIDDEN,
+                        r#"Bearer error="insufficient_scope", scope="w""#,
+                    )
+                } else {
+                    reply(StatusCode::OK, json!({}))
+                }
+            }
+        })
+        .await;
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let source = {
+            let fetches = fetches.clone();
+            source_fn(move |cx: FetchContext| {
+                let n = fetches.fetch_add(1, SeqCst);
+                async move {
+                    if cx.reason() == FetchReason::StepUp {
+                        return Err::<Credential, BoxError>("cannot widen the scope".into());
+                    }
+                    if n == 1 {
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                    }
+                    // 15 s left of 100: in a 20 s soft window, outside a 1 s hard one.
+                    let issued = cx.now() - Duration::from_secs(85);
+                    Ok(Credential::bearer(format!("access-{n}"))?
+                        .with_refresh_token(format!("rt-{n}"))
+                        .lives(issued, Duration::from_secs(100)))
+                }
+            })
+        };
+        let store = support::store::FaultStore::new();
+        let cache = support::store::windowed(source, store.clone());
+        let handle = cache.handle();
+        let svc = AuthLayer::with_cache(cache)
+            .any_https_origin()
+            .allow_http_loopback(true)
+            .step_up(true)
+            .layer(api_client());
+        assert_eq!(tower_get(&svc, format!("http://{addr}/other")).await.0, 200);
+        store.faults().refusing_pairs.store(true, SeqCst);
+        if step_up {
+            let answer = tower_get(&svc, format!("http://{addr}/scoped")).await;
+            assert_eq!(answer.1, Some(NotReplayed::InsufficientScope));
+        } else {
+            tower_get(&svc, format!("http://{addr}/other")).await;
+            tokio::time::sleep(Duration::from_millis(1800)).await;
+        }
+        assert_eq!(
+            fetches.load(SeqCst),
+            2 + step_up as usize,
+            "step-up {step_up}"
+        );
+        assert!(handle.invalidate());
+        store.faults().refusing_pairs.store(false, SeqCst);
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        let access_1 = Credential::bearer("access-1").unwrap();
+        let stored = store.load().await.unwrap().expect("saved");
+        let live = stored
+            .expiry()
+            .is_some_and(|at| at > std::time::SystemTime::now());
+        assert!(
+            !(stored == access_1 && live),
+            "step-up {step_up}: access-1, fetched before the invalidation, saved live"
+        );
+        let b = CredentialCache::builder(source_fn(|_cx: FetchContext| async {
+            Credential::bearer("b-own")
+        }))
+        .store(store.clone())
+        .build()
+        .unwrap();
+        assert_ne!(b.credential().await.unwrap(), access_1, "step-up {step_up}");
+    }
+}
+
 /// World: a step-up fails; then the credential is invalidated. Proves: the step-up's
 /// failure does not back off the cache's own fetches (review finding: it did, and a
 /// credential could expire behind a scope the API kept asking for).

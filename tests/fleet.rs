@@ -1703,6 +1703,116 @@ async fn a_late_pair_refused_while_a_credential_is_current_is_served_after_a_rej
     );
 }
 
+/// A rotating source as strict as a real server about reuse: each refresh token it
+/// presents is spent (one presented twice is counted and refused); with `expired` set,
+/// its answers arrive already expired (its clock ahead of ours). Issues `aN`/`rtN`,
+/// living 4 s.
+#[derive(Clone, Default)]
+struct Rotating {
+    next: Arc<AtomicUsize>,
+    spent: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    reused: Arc<AtomicUsize>,
+    logins: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+    expired: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CredentialSource for Rotating {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        use tower_client_auth::RefreshSharing;
+        self.calls.fetch_add(1, SeqCst);
+        match cx.refresh_sharing() {
+            RefreshSharing::Shared(Some(token)) => {
+                if !self.spent.lock().unwrap().insert(token.expose().to_owned()) {
+                    self.reused.fetch_add(1, SeqCst);
+                    return Err("invalid_grant: refresh token reused".into());
+                }
+            }
+            _ => {
+                self.logins.fetch_add(1, SeqCst);
+            }
+        }
+        let n = self.next.fetch_add(1, SeqCst);
+        let credential = Credential::bearer(format!("a{n}"))?.with_refresh_token(format!("rt{n}"));
+        Ok(if self.expired.load(SeqCst) {
+            credential.expires_at(std::time::SystemTime::now() - Duration::from_secs(1))
+        } else {
+            credential.expires_in(Duration::from_secs(4))
+        })
+    }
+}
+
+/// World: a store refusing pairs; a background refresh brings `a1`/`rt1` (current,
+/// kept to be saved); then the server's answers arrive expired, and two more background
+/// refreshes of `a1` each take the kept pair over, present its refresh token and bring a
+/// pair refused on arrival (`rt2`, then `rt3`), kept in turn while `a1` stays current.
+/// Proves (review finding: the task keeping `rt3` took `a1`'s older `rt1` for a newer
+/// one and dropped `rt3`, and the fleet logged in again): `rt3` reaches the store once
+/// it takes pairs, and the next refresh presents it.
+#[tokio::test]
+async fn a_chain_of_kept_pairs_keeps_the_newest() {
+    let source = Rotating::default();
+    let store = FaultStore::new();
+    let a = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .soft_window(Duration::from_secs(3600))
+        .hard_window(Duration::from_secs(1))
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let calls = |n: usize| {
+        let source = source.clone();
+        async move {
+            let started = Instant::now();
+            while source.calls.load(SeqCst) < n {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "fetch {n} never came"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // The flight ends: its save refused, the pair kept.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    };
+    assert_eq!(
+        a.credential().await.unwrap(),
+        Credential::bearer("a0").unwrap()
+    );
+    store.faults().refusing_pairs.store(true, SeqCst);
+    // Into the soft window (the last quarter of 4 s): a background refresh.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    a.credential().await.unwrap();
+    calls(2).await;
+    let a1 = Credential::bearer("a1").unwrap();
+    assert_eq!(a.credential().await.unwrap(), a1);
+    // Into `a1`'s soft window: each request starts a background refresh.
+    source.expired.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(a.credential().await.unwrap(), a1);
+    calls(3).await;
+    assert_eq!(a.credential().await.unwrap(), a1);
+    calls(4).await;
+    source.expired.store(false, SeqCst);
+    store.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        refresh_token_of(store.load().await.unwrap()).as_deref(),
+        Some("rt3"),
+        "the newest refresh token was lost"
+    );
+    a.handle().invalidate();
+    a.credential().await.unwrap();
+    assert_eq!(source.reused.load(SeqCst), 0);
+    assert_eq!(
+        source.logins.load(SeqCst),
+        1,
+        "the fleet had to log in again"
+    );
+}
+
 /// A credential's header, refresh token and expiry, for a failure message.
 fn shown(c: &Credential) -> String {
     let headers: Vec<_> = c

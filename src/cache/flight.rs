@@ -823,6 +823,8 @@ async fn obtain<P: CredentialSource>(
     let Some(store) = &inner.config.store else {
         return fetch(inner, cx, deadline, &mut None).await;
     };
+    // What this refresh brings is newer than every credential installed before now.
+    let born = inner.lock_state().next_generation;
     if let (FetchReason::Rejected | FetchReason::Invalidated, Some(rejected)) =
         (cx.reason(), cx.previous())
     {
@@ -874,7 +876,7 @@ async fn obtain<P: CredentialSource>(
                 Some(Some(lease)) => (lease, None),
                 Some(None) => {
                     // This process's own, kept to save a pair the store refused: taken over.
-                    if let Some(taken) = take_kept(inner, store.as_ref(), deadline).await {
+                    if let Some(taken) = take_kept(inner, store.as_ref(), deadline, step_up).await {
                         waited(waiting_since);
                         waiting_since = None;
                         taken
@@ -946,7 +948,7 @@ async fn obtain<P: CredentialSource>(
                 Arc::clone(store),
                 lease,
                 late,
-                spent,
+                born,
                 kept,
             ));
             return held;
@@ -957,10 +959,17 @@ async fn obtain<P: CredentialSource>(
             _ => None,
         };
         let keep = match unsaved.filter(|credential| credential.refresh_token().is_some()) {
-            Some(credential) => Some(Kept::new(lease.clone(), credential.clone(), spent)),
+            Some(credential) => Some(Kept::new(lease.clone(), credential.clone(), born)),
+            // Unless what the flight brought carries a newer refresh token, or the
+            // store took the kept one meanwhile.
             None => kept
-                .filter(|_| held.is_err() && refused.is_none())
-                .map(|kept| Kept::new(kept.lease, kept.credential, kept.spent)),
+                .filter(|kept| match (&held, saved) {
+                    (Ok(stored), Saved::StoreHit) => {
+                        stored.refresh_token() != kept.credential.refresh_token()
+                    }
+                    (held, _) => held.is_err() && refused.is_none(),
+                })
+                .map(Kept::again),
         };
         match keep {
             Some(kept) => {
@@ -1001,19 +1010,25 @@ pub(super) struct Kept {
     id: u64,
     lease: Lease,
     credential: Credential,
-    /// The refresh token presented to get `credential` (see [`superseded`]).
-    spent: Option<crate::Secret>,
+    /// `State::next_generation` when the refresh that brought `credential` began: a
+    /// credential installed since then is newer (see [`superseded`]).
+    born: u64,
 }
 
 impl Kept {
-    fn new(lease: Lease, credential: Credential, spent: Option<crate::Secret>) -> Self {
+    fn new(lease: Lease, credential: Credential, born: u64) -> Self {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Kept {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             lease,
             credential,
-            spent,
+            born,
         }
+    }
+
+    /// The same pair, under a name of its own: kept by a new task.
+    fn again(self) -> Self {
+        Kept::new(self.lease, self.credential, self.born)
     }
 }
 
@@ -1060,7 +1075,7 @@ async fn keep_saving<P: CredentialSource>(
             // with it.
             return;
         };
-        if superseded(&inner, &kept.credential, kept.spent.as_ref()) {
+        if superseded(&inner, &kept.credential, kept.born) {
             // A newer refresh token is in use here: this one is spent.
             late_settled(&inner, &kept.credential, false);
             let lease = kept.lease.clone();
@@ -1159,11 +1174,12 @@ async fn last_save(store: &dyn crate::store::DynStore, slot: &KeptSlot, id: u64)
 /// store may refuse for a long while. Only while the store still knows the lease as
 /// this one (renewed here first); else the pair is left to its task. The pair is `None`
 /// when a newer refresh token is in use here (it is spent: the flight refreshes with
-/// what the store holds).
+/// what the store holds). A step-up presents none of it, and hands it back if it fails.
 async fn take_kept<P: CredentialSource>(
     inner: &Arc<Inner<P>>,
     store: &dyn crate::store::DynStore,
     deadline: Instant,
+    step_up: bool,
 ) -> Option<(Lease, Option<Kept>)> {
     let mut slot = tokio::time::timeout_at(deadline, inner.kept.lock())
         .await
@@ -1176,21 +1192,26 @@ async fn take_kept<P: CredentialSource>(
     }
     drop(slot);
     tracing::debug!("taking the refresh lease over from the task saving a kept pair");
-    // Presented by this flight, or spent already: no longer the next flight's answer.
-    late_settled(inner, &kept.credential, false);
+    if !step_up {
+        // Presented by this flight (or spent already): no longer the next flight's
+        // answer. A step-up's is left as it is, to be made suspect by an invalidation
+        // meanwhile and saved so when it is handed back (see `Late`).
+        late_settled(inner, &kept.credential, false);
+    }
     let lease = kept.lease.clone();
-    let kept = Some(kept).filter(|k| !superseded(inner, &k.credential, k.spent.as_ref()));
+    let kept = Some(kept).filter(|k| !superseded(inner, &k.credential, k.born));
     Some((lease, kept))
 }
 
 /// Whether the cache now holds a credential carrying another refresh token than
-/// `credential`'s: then `credential`'s was spent to get it. Not the one `credential`'s
-/// own refresh spent (`spent`): that pair is older (still current while the refresh's
-/// answer, refused on arrival, never became current).
-fn superseded<P>(inner: &Inner<P>, credential: &Credential, spent: Option<&crate::Secret>) -> bool {
+/// `credential`'s, installed since the refresh that brought `credential` began (`born`,
+/// a generation): then `credential`'s was spent to get it, or handed in newer. Not one
+/// installed before: that pair is older (still current while the answers of one or more
+/// refreshes, refused on arrival or late, never became current).
+fn superseded<P>(inner: &Inner<P>, credential: &Credential, born: u64) -> bool {
     inner.current.load().as_ref().is_some_and(|entry| {
         let current = entry.credential.refresh_token();
-        current.is_some() && current != credential.refresh_token() && current != spent
+        entry.generation >= born && current.is_some() && current != credential.refresh_token()
     })
 }
 
@@ -1277,6 +1298,7 @@ async fn holding<P: CredentialSource>(
     };
     let mut refused = None;
     let mut late = None;
+    let mut asked = false;
     let fetched = fetch_holding(
         inner,
         cx.sharing(sharing),
@@ -1284,8 +1306,11 @@ async fn holding<P: CredentialSource>(
         &mut refused,
         &mut late,
         invalidations,
+        &mut asked,
     )
     .await;
+    // Never asked (the source busy past the deadline): nothing was presented.
+    let spent = spent.filter(|_| asked);
     if late.is_some() {
         // Still running, under the lease: see `finish_late`.
         return Holding {
@@ -1382,12 +1407,14 @@ async fn fetch_holding<P: CredentialSource>(
     refused: &mut Option<Credential>,
     late: &mut Option<LateFetch>,
     began: u64,
+    asked: &mut bool,
 ) -> Result<Credential, Error> {
     let started = Instant::now();
     let gate = Arc::clone(&inner.source_gate);
     let Ok(gate) = tokio::time::timeout_at(deadline, gate.lock_owned()).await else {
         return Err(Error::new(ErrorKind::Timeout));
     };
+    *asked = true;
     let mut fetching: Fetching = {
         let inner = Arc::clone(inner);
         Box::pin(async move {
@@ -1420,7 +1447,7 @@ async fn finish_late<P: CredentialSource>(
     store: Arc<dyn crate::store::DynStore>,
     lease: Lease,
     late: LateFetch,
-    spent: Option<crate::Secret>,
+    born: u64,
     kept: Option<Kept>,
 ) {
     tracing::debug!("the fetch outlived its deadline; the refresh lease is kept until it ends");
@@ -1478,14 +1505,14 @@ async fn finish_late<P: CredentialSource>(
             {
                 late.unsaved = true;
             }
-            return keep_saving_late(inner, store, Kept::new(lease, credential, spent)).await;
+            return keep_saving_late(inner, store, Kept::new(lease, credential, born)).await;
         }
         if saved.is_some() {
             late_settled(&inner, &credential, true);
         }
     } else if let Some(kept) = kept {
         // Nothing newer came: the pair taken over is still the one to save.
-        return keep_saving_late(inner, store, Kept::new(lease, kept.credential, kept.spent)).await;
+        return keep_saving_late(inner, store, Kept { lease, ..kept }.again()).await;
     }
     release(&inner, store.as_ref(), &lease).await;
 }
