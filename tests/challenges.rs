@@ -1692,21 +1692,31 @@ async fn stepped_up_scopes_refused_later_are_dropped() {
     );
 }
 
-/// A layer with step-up on, over a cache of `source` sharing through `store`.
-fn stepping_up_over<P: tower_client_auth::CredentialSource>(
-    store: tower_client_auth::MemoryStore,
-    source: P,
-) -> tower_client_auth::AddCredential<
+/// The API client behind a layer with step-up on.
+type SteppingUp<P> = tower_client_auth::AddCredential<
     hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         tower_client_auth::ReplayBody<Full<Bytes>>,
     >,
     P,
-> {
+>;
+
+/// A layer with step-up on, over a cache of `source` sharing through `store`.
+fn stepping_up_over<P: tower_client_auth::CredentialSource>(
+    store: tower_client_auth::MemoryStore,
+    source: P,
+) -> SteppingUp<P> {
     let cache = tower_client_auth::CredentialCache::builder(source)
         .store(store)
         .build()
         .unwrap();
+    stepping_up(cache)
+}
+
+/// A layer with step-up on, over `cache`, sending to any origin, loopback http too.
+fn stepping_up<P: tower_client_auth::CredentialSource>(
+    cache: tower_client_auth::CredentialCache<P>,
+) -> SteppingUp<P> {
     AuthLayer::with_cache(cache)
         .any_https_origin()
         .allow_http_loopback(true)
@@ -1759,11 +1769,7 @@ async fn a_failed_step_up_over_a_kept_pair_keeps_it() {
         .build()
         .unwrap();
     let handle = cache.handle();
-    let svc = AuthLayer::with_cache(cache)
-        .any_https_origin()
-        .allow_http_loopback(true)
-        .step_up(true)
-        .layer(api_client());
+    let svc = stepping_up(cache);
     assert_eq!(tower_get(&svc, format!("http://{addr}/other")).await.0, 200);
     store.faults().refusing_pairs.store(true, SeqCst);
     handle.invalidate();
@@ -1847,11 +1853,7 @@ async fn a_step_up_over_a_late_kept_pair_leaves_it_to_an_invalidation() {
         let store = support::store::FaultStore::new();
         let cache = support::store::windowed(source, store.clone());
         let handle = cache.handle();
-        let svc = AuthLayer::with_cache(cache)
-            .any_https_origin()
-            .allow_http_loopback(true)
-            .step_up(true)
-            .layer(api_client());
+        let svc = stepping_up(cache);
         assert_eq!(tower_get(&svc, format!("http://{addr}/other")).await.0, 200);
         store.faults().refusing_pairs.store(true, SeqCst);
         if step_up {
