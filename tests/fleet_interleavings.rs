@@ -104,10 +104,18 @@ async fn run(seed: u64, redis: &RedisServer) {
                         }
                     }
                     4 => {
-                        // This cache's connection refuses pairs for a while.
+                        // This cache's connection refuses pairs for a while, and its
+                        // credential is dropped twice meanwhile: the first refresh's pair
+                        // is kept under the lease, the second takes it over.
                         let refusing = &stores[i].faults().refusing_pairs;
                         refusing.store(true, SeqCst);
-                        dice.pause(400).await;
+                        for _ in 0..2 {
+                            dice.pause(300).await;
+                            if let Ok(current) = cache.credential().await {
+                                cache.handle().invalidate_if(&current);
+                            }
+                        }
+                        dice.pause(300).await;
                         refusing.store(false, SeqCst);
                     }
                     _ => {}
