@@ -1890,6 +1890,93 @@ async fn a_step_up_over_a_late_kept_pair_leaves_it_to_an_invalidation() {
     }
 }
 
+/// World: `access-0` current in its soft window, a store refusing pairs; a request's
+/// background refresh presents `rt-0` and ends late (1.5 s) with `access-1`/`rt-1`, kept
+/// to be saved; that request's answer asks for a scope and the step-up takes the kept
+/// pair over; its login brings `access-2`/`rt-2`, at once but already expired (refused
+/// on arrival), or late (1.5 s); either is kept instead of `rt-1`. Then the API rejects
+/// `access-0`, and the store takes pairs again. Proves (review finding: the late pair
+/// stayed the next flight's answer after the step-up had dropped it; the rejection
+/// installed it, which made the step-up's kept pair look older and dropped it too, so
+/// the next refresh logged in): a refresh token reaches the store, and the next
+/// refresh presents it.
+#[tokio::test]
+async fn a_step_up_that_keeps_its_own_pair_over_a_late_one_loses_neither() {
+    use tower_client_auth::{CredentialStore, RefreshSharing};
+    for late_step_up in [false, true] {
+        let addr = serve(move |req: Request<hyper::body::Incoming>| {
+            let scoped = req.uri().path() == "/scoped";
+            async move {
+                if scoped {
+                    tokio::time::sleep(Duration::from_millis(1800)).await;
+                    challenge(
+                        StatusCode::FORBIDDEN,
+                        r#"Bearer error="insufficient_scope", scope="w""#,
+                    )
+                } else {
+                    reply(StatusCode::OK, json!({}))
+                }
+            }
+        })
+        .await;
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let presented = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let source = {
+            let (fetches, presented) = (fetches.clone(), presented.clone());
+            source_fn(move |cx: FetchContext| {
+                let n = fetches.fetch_add(1, SeqCst);
+                presented.lock().unwrap().push(match cx.refresh_sharing() {
+                    RefreshSharing::Shared(Some(t)) => t.expose().to_owned(),
+                    RefreshSharing::Shared(None) => "login".to_owned(),
+                    _ => "store down".to_owned(),
+                });
+                async move {
+                    let step_up = cx.reason() == FetchReason::StepUp;
+                    if n == 1 || (step_up && late_step_up) {
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                    }
+                    let credential = Credential::bearer(format!("access-{n}"))?
+                        .with_refresh_token(format!("rt-{n}"));
+                    if step_up && !late_step_up {
+                        let past = std::time::SystemTime::now() - Duration::from_secs(1);
+                        return Ok(credential.expires_at(past));
+                    }
+                    // 15 s left of 100: in a 20 s soft window, outside a 1 s hard one.
+                    let issued = cx.now() - Duration::from_secs(85);
+                    Ok::<_, BoxError>(credential.lives(issued, Duration::from_secs(100)))
+                }
+            })
+        };
+        let store = support::store::FaultStore::new();
+        let cache = support::store::windowed(source, store.clone());
+        let svc = stepping_up(cache.clone());
+        assert_eq!(tower_get(&svc, format!("http://{addr}/other")).await.0, 200);
+        let access_0 = cache.credential().await.unwrap();
+        store.faults().refusing_pairs.store(true, SeqCst);
+        let answer = tower_get(&svc, format!("http://{addr}/scoped")).await;
+        assert_eq!(answer.1, Some(NotReplayed::InsufficientScope));
+        assert_eq!(fetches.load(SeqCst), 3);
+        cache.reject(&access_0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600 + 1000 * late_step_up as u64)).await;
+        store.faults().refusing_pairs.store(false, SeqCst);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let stored = store.load().await.unwrap();
+        let stored = stored.as_ref().and_then(|c| c.refresh_token());
+        assert!(
+            stored.is_some(),
+            "late step-up {late_step_up}: no refresh token stored"
+        );
+        cache.handle().invalidate();
+        let _ = cache.credential().await;
+        let presented = presented.lock().unwrap().clone();
+        assert_ne!(
+            presented.last().map(String::as_str),
+            Some("login"),
+            "late step-up {late_step_up}: logged in again; presented, in order: {presented:?}"
+        );
+    }
+}
+
 /// World: a step-up fails; then the credential is invalidated. Proves: the step-up's
 /// failure does not back off the cache's own fetches (review finding: it did, and a
 /// credential could expire behind a scope the API kept asking for).

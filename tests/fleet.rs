@@ -1220,6 +1220,39 @@ mod refresh_tokens {
             assert_eq!(stored.refresh_token(), next.refresh_token());
         }
     }
+    /// World: a rotated pair the store refuses, kept under the lease; then the store
+    /// stops answering for 4 s, longer than a lease lasts unrenewed (3 s), so the lease
+    /// runs out; the store answers again and the API at once rejects the pair here.
+    /// Proves (review finding: the rejection's flight found the lease free, never looked
+    /// at the pair kept beside it, and logged in): the flight refreshes with the kept
+    /// refresh token; one login in all, no refresh token presented twice.
+    #[tokio::test]
+    async fn a_kept_pair_whose_lease_ran_out_is_refreshed_with() {
+        let idp = StrictIdp::new(ID, SECRET, 3600.0);
+        let base = start(idp.clone()).await;
+        let store = FaultStore::new();
+        let a = CredentialCache::builder(source(&base))
+            .store(store.clone())
+            .fetch_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        a.credential().await.unwrap();
+        store.faults().refusing_pairs.store(true, SeqCst);
+        assert!(a.handle().invalidate());
+        let rotated = a.credential().await.expect("served with the rotated pair");
+        store.faults().down.store(true, SeqCst);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        store.faults().down.store(false, SeqCst);
+        let next = a.reject(&rotated).await.expect("refreshed");
+        assert_ne!(next, rotated);
+        assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0);
+        assert_eq!(
+            idp.logins.load(SeqCst),
+            1,
+            "logged in again beside the kept refresh token"
+        );
+        assert_eq!(idp.refresh_grants.load(SeqCst), 2);
+    }
 }
 
 /// World: a real Redis that speaks only TLS, with a certificate made now, and no access

@@ -873,7 +873,7 @@ async fn obtain<P: CredentialSource>(
         }
         let (lease, kept) =
             match store_call(inner, deadline, "lease", store.lease(lease_hold(inner))).await {
-                Some(Some(lease)) => (lease, None),
+                Some(Some(lease)) => (lease, take_orphan(inner, deadline, step_up).await),
                 Some(None) => {
                     // This process's own, kept to save a pair the store refused: taken over.
                     if let Some(taken) = take_kept(inner, store.as_ref(), deadline, step_up).await {
@@ -958,18 +958,38 @@ async fn obtain<P: CredentialSource>(
             Saved::Failed => held.as_ref().ok().or(refused.as_ref()),
             _ => None,
         };
+        // The pair taken over is handed back unless what the flight brought carries a
+        // newer refresh token, or the store took the kept one meanwhile.
+        let handed_back = |kept: &Kept| match (&held, saved) {
+            (Ok(stored), Saved::StoreHit) => {
+                stored.refresh_token() != kept.credential.refresh_token()
+            }
+            (held, _) => held.is_err() && refused.is_none(),
+        };
         let keep = match unsaved.filter(|credential| credential.refresh_token().is_some()) {
-            Some(credential) => Some(Kept::new(lease.clone(), credential.clone(), born)),
-            // Unless what the flight brought carries a newer refresh token, or the
-            // store took the kept one meanwhile.
-            None => kept
-                .filter(|kept| match (&held, saved) {
-                    (Ok(stored), Saved::StoreHit) => {
-                        stored.refresh_token() != kept.credential.refresh_token()
-                    }
-                    (held, _) => held.is_err() && refused.is_none(),
-                })
-                .map(Kept::again),
+            Some(credential) => {
+                if let Some(kept) = &kept {
+                    late_settled(inner, &kept.credential, false);
+                }
+                Some(Kept::new(lease.clone(), credential.clone(), born))
+            }
+            None => match kept {
+                Some(kept) if handed_back(&kept) => {
+                    late_lent(inner, &kept.credential, false);
+                    Some(
+                        Kept {
+                            lease: lease.clone(),
+                            ..kept
+                        }
+                        .again(),
+                    )
+                }
+                Some(kept) => {
+                    late_settled(inner, &kept.credential, false);
+                    None
+                }
+                None => None,
+            },
         };
         match keep {
             Some(kept) => {
@@ -1192,15 +1212,42 @@ async fn take_kept<P: CredentialSource>(
     }
     drop(slot);
     tracing::debug!("taking the refresh lease over from the task saving a kept pair");
-    if !step_up {
-        // Presented by this flight (or spent already): no longer the next flight's
-        // answer. A step-up's is left as it is, to be made suspect by an invalidation
-        // meanwhile and saved so when it is handed back (see `Late`).
+    Some((kept.lease.clone(), adopt(inner, kept, step_up)))
+}
+
+/// The pair this process kept under a lease that ran out (the store did not answer
+/// its renewals for longer than a lease lasts), taken by a flight that got the lease
+/// afresh, rather than log in beside it: its refresh token is presented unless the store
+/// holds one (saved by another process since: see `holding`).
+async fn take_orphan<P: CredentialSource>(
+    inner: &Arc<Inner<P>>,
+    deadline: Instant,
+    step_up: bool,
+) -> Option<Kept> {
+    let kept = tokio::time::timeout_at(deadline, inner.kept.lock())
+        .await
+        .ok()?
+        .take()?;
+    tracing::debug!("taking over a kept pair whose refresh lease ran out");
+    adopt(inner, kept, step_up)
+}
+
+/// A kept pair taken over by a flight: `None` when a newer refresh token is in use
+/// here (it is spent).
+fn adopt<P: CredentialSource>(inner: &Inner<P>, kept: Kept, step_up: bool) -> Option<Kept> {
+    if superseded(inner, &kept.credential, kept.born) {
         late_settled(inner, &kept.credential, false);
+        return None;
     }
-    let lease = kept.lease.clone();
-    let kept = Some(kept).filter(|k| !superseded(inner, &k.credential, k.born));
-    Some((lease, kept))
+    match step_up {
+        // Presented by this flight: no longer the next flight's answer.
+        false => late_settled(inner, &kept.credential, false),
+        // Lent to a step-up, which presents none of it and may keep a pair of its own
+        // instead: not the next flight's answer meanwhile, and still made suspect by an
+        // invalidation (then saved so if it is handed back).
+        true => late_lent(inner, &kept.credential, true),
+    }
+    Some(kept)
 }
 
 /// Whether the cache now holds a credential carrying another refresh token than
@@ -1251,8 +1298,11 @@ async fn holding<P: CredentialSource>(
     // A step-up logs in and presents no refresh token: the stored one stays in the store
     // unless the step-up succeeds, whose login starts a new session (its credential,
     // with the refresh token that login brought or none, replaces the stored pair).
-    // A pair this process kept under the lease, taken over with it (`take_kept`): its
-    // refresh token is newer than any the store holds, unless the store took it since.
+    // A pair this process kept, taken over with the lease (`take_kept`, `take_orphan`):
+    // its refresh token is presented when the store holds none. One the store holds is
+    // presented instead: the kept one itself (its save went through), or one another
+    // process saved after this one's lease ran out, or one a login left in the store
+    // when it could not be taken out first; each is unspent.
     let kept = match took {
         Took::Kept(token) => token.filter(|_| !step_up),
         _ => None,
@@ -1262,12 +1312,9 @@ async fn holding<P: CredentialSource>(
             Sharing::Shared(Some(kept.clone()))
         }),
         Some(_) if step_up => Sharing::Shared(None),
-        Some(Some(stored)) if kept.is_some_and(|kept| stored.refresh_token() != Some(kept)) => {
-            Sharing::Shared(kept.cloned())
-        }
         Some(None) => Sharing::Shared(kept.cloned()),
         Some(Some(stored)) => match stored.refresh_token().cloned() {
-            None => Sharing::Shared(None),
+            None => Sharing::Shared(kept.cloned()),
             Some(token) => {
                 let rejected = matches!(
                     cx.reason(),
@@ -1468,6 +1515,10 @@ async fn finish_late<P: CredentialSource>(
             None
         }
     };
+    if let (Some(_), Some(kept)) = (&credential, &kept) {
+        // Something newer came (a step-up's login): the pair it took over is dropped.
+        late_settled(&inner, &kept.credential, false);
+    }
     let credential = credential.and_then(|credential| {
         let mut state = inner.lock_state();
         if state.invalidations == began {
@@ -1512,6 +1563,7 @@ async fn finish_late<P: CredentialSource>(
         }
     } else if let Some(kept) = kept {
         // Nothing newer came: the pair taken over is still the one to save.
+        late_lent(&inner, &kept.credential, false);
         return keep_saving_late(inner, store, Kept { lease, ..kept }.again()).await;
     }
     release(&inner, store.as_ref(), &lease).await;
@@ -1547,6 +1599,20 @@ fn late_settled<P: CredentialSource>(inner: &Inner<P>, credential: &Credential, 
             }
             false => state.late = None,
         }
+    }
+}
+
+/// A late fetch's `credential` (see `Late`), kept under the lease, `lent` to a step-up
+/// that took the lease over (not the next flight's answer while the step-up has it), or
+/// handed back by it to be kept again (the next flight's answer again).
+fn late_lent<P: CredentialSource>(inner: &Inner<P>, credential: &Credential, lent: bool) {
+    if let Some(late) = inner
+        .lock_state()
+        .late
+        .as_mut()
+        .filter(|late| late.credential == *credential)
+    {
+        late.unsaved = !lent;
     }
 }
 
