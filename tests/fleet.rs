@@ -1846,6 +1846,87 @@ async fn a_chain_of_kept_pairs_keeps_the_newest() {
     );
 }
 
+/// World: `a1`/`rt1`'s save lands in the store but reports an error (its reply lost),
+/// so the pair is kept under the lease as well; the store then refuses pairs; the API
+/// rejects `a1`, and the load under the lease fails, so the rejection's flight presents
+/// the kept `rt1` without seeing the store; `a2`/`rt2` is refused and kept; then the API
+/// rejects `a2`. Proves (review finding: the flight after presented the store's `rt1`,
+/// spent, rather than the kept `rt2`): a kept refresh token is taken out of the store
+/// (its pair saved without it) before it is presented, and no refresh token is presented
+/// twice.
+#[tokio::test]
+async fn a_kept_token_also_in_the_store_is_never_presented_twice() {
+    let source = Rotating::default();
+    let store = FaultStore::new();
+    let a = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let a0 = a.credential().await.unwrap();
+    store.faults().lost_pair_replies.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a1 = a.credential().await.unwrap();
+    assert_ne!(a0, a1);
+    assert_eq!(store.load().await.unwrap().as_ref(), Some(&a1));
+    store.faults().lost_pair_replies.store(false, SeqCst);
+    store.faults().refusing_pairs.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The flight's first load passes; the one under the lease fails.
+    store.faults().passing_loads.store(1, SeqCst);
+    store.faults().failing_loads.store(1, SeqCst);
+    let a2 = a.reject(&a1).await.expect("refreshed with the kept rt1");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let _ = a.reject(&a2).await;
+    assert_eq!(
+        source.reused.load(SeqCst),
+        0,
+        "a spent refresh token presented again"
+    );
+    assert_eq!(source.logins.load(SeqCst), 1);
+}
+
+/// World: as `a_kept_pair_whose_lease_ran_out_is_refreshed_with`, and the store's reply
+/// to a renewal takes 500 ms when it answers again: the task keeping the pair is in its
+/// round (its renewal refused, the lease found taken) when the rejection's flight gets
+/// the lease afresh. Proves (review finding: the task took its own process's flight for
+/// another process and gave the pair up, and the flight logged in): the flight refreshes
+/// with the kept refresh token.
+#[tokio::test]
+async fn a_kept_pair_is_not_given_up_to_its_own_process() {
+    let source = Rotating::default();
+    let store = FaultStore::new();
+    let a = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    a.credential().await.unwrap();
+    store.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a1 = a.credential().await.unwrap();
+    store.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    store.slow_renewals(Some(Duration::from_millis(500)));
+    let renews = store.faults().renews.load(SeqCst);
+    store.faults().down.store(false, SeqCst);
+    let started = Instant::now();
+    while store.faults().renews.load(SeqCst) == renews {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "no renewal came"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.reject(&a1).await.expect("refreshed");
+    assert_eq!(source.reused.load(SeqCst), 0);
+    assert_eq!(
+        source.logins.load(SeqCst),
+        1,
+        "logged in again beside the kept rt1"
+    );
+}
+
 /// A credential's header, refresh token and expiry, for a failure message.
 fn shown(c: &Credential) -> String {
     let headers: Vec<_> = c

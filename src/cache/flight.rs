@@ -873,7 +873,10 @@ async fn obtain<P: CredentialSource>(
         }
         let (lease, kept) =
             match store_call(inner, deadline, "lease", store.lease(lease_hold(inner))).await {
-                Some(Some(lease)) => (lease, take_orphan(inner, deadline, step_up).await),
+                Some(Some(lease)) => (
+                    lease,
+                    take_orphan(inner, store.as_ref(), deadline, step_up).await,
+                ),
                 Some(None) => {
                     // This process's own, kept to save a pair the store refused: taken over.
                     if let Some(taken) = take_kept(inner, store.as_ref(), deadline, step_up).await {
@@ -914,7 +917,7 @@ async fn obtain<P: CredentialSource>(
             };
         waited(waiting_since);
         let took = match &kept {
-            Some(kept) => Took::Kept(kept.credential.refresh_token()),
+            Some(kept) => Took::Kept(&kept.credential),
             None if waiting_since.is_some() => Took::Over,
             None => Took::Free,
         };
@@ -1112,11 +1115,12 @@ async fn keep_saving<P: CredentialSource>(
                 match store_call(&inner, until, "lease", store.lease(hold)).await {
                     None => continue,
                     Some(None) => {
+                        // Another holder: another process, or a flight of this one
+                        // that will take the pair over (see `take_orphan`), unless the
+                        // store holds a newer refresh token by then.
                         tracing::warn!(
-                            "another process took the refresh lease; the unsaved refresh token is abandoned"
+                            "the refresh lease was taken while the store did not answer; the unsaved refresh token is left to the next holder of this process"
                         );
-                        late_settled(&inner, &kept.credential, false);
-                        *mine = None;
                         return;
                     }
                     Some(Some(again)) => kept.lease = again,
@@ -1217,17 +1221,27 @@ async fn take_kept<P: CredentialSource>(
 
 /// The pair this process kept under a lease that ran out (the store did not answer
 /// its renewals for longer than a lease lasts), taken by a flight that got the lease
-/// afresh, rather than log in beside it: its refresh token is presented unless the store
-/// holds one (saved by another process since: see `holding`).
+/// afresh, rather than log in beside it; unless the store holds a refresh token, which
+/// another process saved since (its line is the fleet's now: the pair is given up). A
+/// store that does not answer leaves the pair where it is.
 async fn take_orphan<P: CredentialSource>(
     inner: &Arc<Inner<P>>,
+    store: &dyn crate::store::DynStore,
     deadline: Instant,
     step_up: bool,
 ) -> Option<Kept> {
-    let kept = tokio::time::timeout_at(deadline, inner.kept.lock())
+    let mut slot = tokio::time::timeout_at(deadline, inner.kept.lock())
         .await
-        .ok()?
-        .take()?;
+        .ok()?;
+    slot.as_ref()?;
+    let stored = store_call(inner, deadline, "load", store.load()).await?;
+    let kept = slot.take()?;
+    drop(slot);
+    if stored.is_some_and(|stored| stored.refresh_token().is_some()) {
+        tracing::info!("the store holds a newer refresh token; the unsaved one is abandoned");
+        late_settled(inner, &kept.credential, false);
+        return None;
+    }
     tracing::debug!("taking over a kept pair whose refresh lease ran out");
     adopt(inner, kept, step_up)
 }
@@ -1298,46 +1312,58 @@ async fn holding<P: CredentialSource>(
     // A step-up logs in and presents no refresh token: the stored one stays in the store
     // unless the step-up succeeds, whose login starts a new session (its credential,
     // with the refresh token that login brought or none, replaces the stored pair).
-    // A pair this process kept, taken over with the lease (`take_kept`, `take_orphan`):
-    // its refresh token is presented when the store holds none. One the store holds is
-    // presented instead: the kept one itself (its save went through), or one another
-    // process saved after this one's lease ran out, or one a login left in the store
-    // when it could not be taken out first; each is unspent.
-    let kept = match took {
-        Took::Kept(token) => token.filter(|_| !step_up),
+    // The refresh token to present, and what the store keeps meanwhile in place of the
+    // pair it came with: that pair without it (marked expired when its access token
+    // was rejected or invalidated, so that no one loads it again if this refresh
+    // fails; Redis drops it at once).
+    let taking = match (&held, took) {
+        _ if step_up => None,
+        // The store's own, unless a kept pair taken over carries another.
+        (Some(Some(stored)), took)
+            if stored.refresh_token().is_some()
+                && match took {
+                    Took::Kept(kept) => stored.refresh_token() == kept.refresh_token(),
+                    _ => true,
+                } =>
+        {
+            let rejected = matches!(
+                cx.reason(),
+                FetchReason::Rejected | FetchReason::Invalidated
+            ) && cx.previous() == Some(stored);
+            let marker = stored.clone().without_refresh_token();
+            let marker = match rejected {
+                true => marker.expires_at(std::time::SystemTime::UNIX_EPOCH),
+                false => marker,
+            };
+            stored.refresh_token().cloned().map(|token| (marker, token))
+        }
+        // A pair this process kept, taken over with the lease (`take_kept`,
+        // `take_orphan`): newer than any other the store holds. The store may hold it
+        // too (a save that landed though its reply was lost), or the store's load may
+        // have failed: taken out all the same.
+        (_, Took::Kept(kept)) => kept.refresh_token().cloned().map(|token| {
+            let marker = kept
+                .clone()
+                .without_refresh_token()
+                .expires_at(std::time::SystemTime::UNIX_EPOCH);
+            (marker, token)
+        }),
         _ => None,
     };
-    let sharing = match held {
-        None => kept.map_or(Sharing::StoreUnavailable, |kept| {
-            Sharing::Shared(Some(kept.clone()))
-        }),
-        Some(_) if step_up => Sharing::Shared(None),
-        Some(None) => Sharing::Shared(kept.cloned()),
-        Some(Some(stored)) => match stored.refresh_token().cloned() {
-            None => Sharing::Shared(kept.cloned()),
-            Some(token) => {
-                let rejected = matches!(
-                    cx.reason(),
-                    FetchReason::Rejected | FetchReason::Invalidated
-                ) && cx.previous() == Some(&stored);
-                let mut spent = stored.without_refresh_token();
-                if rejected {
-                    // The access token was rejected (or invalidated) too: left behind
-                    // marked expired, so that no one loads it again if this refresh
-                    // fails (Redis drops it at once).
-                    spent = spent.expires_at(std::time::SystemTime::UNIX_EPOCH);
+    let sharing = match (taking, &held) {
+        (Some((marker, token)), _) => {
+            match store_call(inner, deadline, "save", store.save(lease, &marker)).await {
+                Some(true) => Sharing::Shared(Some(token)),
+                Some(false) => {
+                    // The lease ran out already: someone else holds it now.
+                    let timeout = Err(Error::new(ErrorKind::Timeout));
+                    return Holding::ended(timeout, Saved::Fenced);
                 }
-                match store_call(inner, deadline, "save", store.save(lease, &spent)).await {
-                    Some(true) => Sharing::Shared(Some(token)),
-                    Some(false) => {
-                        // The lease ran out already: someone else holds it now.
-                        let timeout = Err(Error::new(ErrorKind::Timeout));
-                        return Holding::ended(timeout, Saved::Fenced);
-                    }
-                    None => Sharing::StoreUnavailable,
-                }
+                None => Sharing::StoreUnavailable,
             }
-        },
+        }
+        (None, None) => Sharing::StoreUnavailable,
+        (None, Some(_)) => Sharing::Shared(None),
     };
     let spent = match &sharing {
         Sharing::Shared(presented) => presented.clone(),
@@ -1401,9 +1427,9 @@ enum Took<'a> {
     Free,
     /// Waited for another holder, which gave it up (or died) without a save.
     Over,
-    /// From this process's [`keep_saving`], with the refresh token of the pair kept
-    /// under it (see [`take_kept`]).
-    Kept(Option<&'a crate::Secret>),
+    /// From this process's [`keep_saving`], with the pair kept under it (see
+    /// [`take_kept`], [`take_orphan`]).
+    Kept(&'a Credential),
 }
 
 /// What the holder's refresh came to.

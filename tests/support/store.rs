@@ -39,6 +39,17 @@ pub struct Faults {
     pub refusing_pairs: AtomicBool,
     /// The next this many loads see nothing (a lagging replica).
     pub misses: AtomicUsize,
+    /// A save of a credential with a refresh token lands, then reports an error (its
+    /// reply lost).
+    pub lost_pair_replies: AtomicBool,
+    /// The next this many loads fail, after `passing_loads` more have passed.
+    pub failing_loads: AtomicUsize,
+    /// Loads that pass before `failing_loads` fail.
+    pub passing_loads: AtomicUsize,
+    /// Renewals, counted as they reach the store.
+    pub renews: AtomicUsize,
+    /// How long a renewal's reply takes, once it is done (a slow round trip).
+    renew_delay: Mutex<Option<Duration>>,
     /// Loads pass through here first: they wait while it is closed.
     pub loads: Valve,
     /// Lease releases pass through here first.
@@ -101,6 +112,11 @@ impl<S: CredentialStore> FaultStore<S> {
             .extend(delays.iter().copied());
     }
 
+    /// Every renewal's reply takes this long from now on (`None`: at once).
+    pub fn slow_renewals(&self, delay: Option<Duration>) {
+        *self.faults.renew_delay.lock().unwrap() = delay;
+    }
+
     /// The next saves take these long, one after another (a slow round trip).
     pub fn delay_next_saves(&self, delays: &[Duration]) {
         self.faults
@@ -131,6 +147,20 @@ impl<S: CredentialStore> CredentialStore for FaultStore<S> {
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
+        let passed = self
+            .faults
+            .passing_loads
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let failed = !passed
+            && self
+                .faults
+                .failing_loads
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        if failed {
+            return Err("load timed out".into());
+        }
         let missed = self
             .faults
             .misses
@@ -159,12 +189,22 @@ impl<S: CredentialStore> CredentialStore for FaultStore<S> {
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
-        self.memory.save(lease, credential).await
+        let saved = self.memory.save(lease, credential).await?;
+        if credential.refresh_token().is_some() && self.faults.lost_pair_replies.load(SeqCst) {
+            return Err("connection reset before the reply".into());
+        }
+        Ok(saved)
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, BoxError> {
         self.reach().await?;
-        self.memory.renew(lease, ttl).await
+        let renewed = self.memory.renew(lease, ttl).await;
+        self.faults.renews.fetch_add(1, SeqCst);
+        let delay = *self.faults.renew_delay.lock().unwrap();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        renewed
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
