@@ -873,10 +873,7 @@ async fn obtain<P: CredentialSource>(
         }
         let (lease, kept) =
             match store_call(inner, deadline, "lease", store.lease(lease_hold(inner))).await {
-                Some(Some(lease)) => (
-                    lease,
-                    take_orphan(inner, store.as_ref(), deadline, step_up).await,
-                ),
+                Some(Some(lease)) => (lease, None),
                 Some(None) => {
                     // This process's own, kept to save a pair the store refused: taken over.
                     if let Some(taken) = take_kept(inner, store.as_ref(), deadline, step_up).await {
@@ -1115,12 +1112,14 @@ async fn keep_saving<P: CredentialSource>(
                 match store_call(&inner, until, "lease", store.lease(hold)).await {
                     None => continue,
                     Some(None) => {
-                        // Another holder: another process, or a flight of this one
-                        // that will take the pair over (see `take_orphan`), unless the
-                        // store holds a newer refresh token by then.
+                        // Another holder, which may have taken this pair from the store
+                        // (a save whose reply was lost may have landed): never
+                        // presented by this process again, nor saved.
                         tracing::warn!(
-                            "the refresh lease was taken while the store did not answer; the unsaved refresh token is left to the next holder of this process"
+                            "another process took the refresh lease; the unsaved refresh token is abandoned"
                         );
+                        late_settled(&inner, &kept.credential, false);
+                        *mine = None;
                         return;
                     }
                     Some(Some(again)) => kept.lease = again,
@@ -1219,33 +1218,6 @@ async fn take_kept<P: CredentialSource>(
     Some((kept.lease.clone(), adopt(inner, kept, step_up)))
 }
 
-/// The pair this process kept under a lease that ran out (the store did not answer
-/// its renewals for longer than a lease lasts), taken by a flight that got the lease
-/// afresh, rather than log in beside it; unless the store holds a refresh token, which
-/// another process saved since (its line is the fleet's now: the pair is given up). A
-/// store that does not answer leaves the pair where it is.
-async fn take_orphan<P: CredentialSource>(
-    inner: &Arc<Inner<P>>,
-    store: &dyn crate::store::DynStore,
-    deadline: Instant,
-    step_up: bool,
-) -> Option<Kept> {
-    let mut slot = tokio::time::timeout_at(deadline, inner.kept.lock())
-        .await
-        .ok()?;
-    slot.as_ref()?;
-    let stored = store_call(inner, deadline, "load", store.load()).await?;
-    let kept = slot.take()?;
-    drop(slot);
-    if stored.is_some_and(|stored| stored.refresh_token().is_some()) {
-        tracing::info!("the store holds a newer refresh token; the unsaved one is abandoned");
-        late_settled(inner, &kept.credential, false);
-        return None;
-    }
-    tracing::debug!("taking over a kept pair whose refresh lease ran out");
-    adopt(inner, kept, step_up)
-}
-
 /// A kept pair taken over by a flight: `None` when a newer refresh token is in use
 /// here (it is spent).
 fn adopt<P: CredentialSource>(inner: &Inner<P>, kept: Kept, step_up: bool) -> Option<Kept> {
@@ -1337,10 +1309,11 @@ async fn holding<P: CredentialSource>(
             };
             stored.refresh_token().cloned().map(|token| (marker, token))
         }
-        // A pair this process kept, taken over with the lease (`take_kept`,
-        // `take_orphan`): newer than any other the store holds. The store may hold it
-        // too (a save that landed though its reply was lost), or the store's load may
-        // have failed: taken out all the same.
+        // A pair this process kept, taken over with the lease (`take_kept`, which
+        // renewed it: held without a break, so no one else took the pair from the
+        // store): newer than any other the store holds. The store may hold it too (a
+        // save that landed though its reply was lost), or the store's load may have
+        // failed: taken out all the same.
         (_, Took::Kept(kept)) => kept.refresh_token().cloned().map(|token| {
             let marker = kept
                 .clone()
@@ -1428,7 +1401,7 @@ enum Took<'a> {
     /// Waited for another holder, which gave it up (or died) without a save.
     Over,
     /// From this process's [`keep_saving`], with the pair kept under it (see
-    /// [`take_kept`], [`take_orphan`]).
+    /// [`take_kept`]).
     Kept(&'a Credential),
 }
 

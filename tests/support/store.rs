@@ -46,10 +46,7 @@ pub struct Faults {
     pub failing_loads: AtomicUsize,
     /// Loads that pass before `failing_loads` fail.
     pub passing_loads: AtomicUsize,
-    /// Renewals, counted as they reach the store.
-    pub renews: AtomicUsize,
-    /// How long a renewal's reply takes, once it is done (a slow round trip).
-    renew_delay: Mutex<Option<Duration>>,
+
     /// Loads pass through here first: they wait while it is closed.
     pub loads: Valve,
     /// Lease releases pass through here first.
@@ -110,11 +107,6 @@ impl<S: CredentialStore> FaultStore<S> {
             .lock()
             .unwrap()
             .extend(delays.iter().copied());
-    }
-
-    /// Every renewal's reply takes this long from now on (`None`: at once).
-    pub fn slow_renewals(&self, delay: Option<Duration>) {
-        *self.faults.renew_delay.lock().unwrap() = delay;
     }
 
     /// The next saves take these long, one after another (a slow round trip).
@@ -198,13 +190,7 @@ impl<S: CredentialStore> CredentialStore for FaultStore<S> {
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, BoxError> {
         self.reach().await?;
-        let renewed = self.memory.renew(lease, ttl).await;
-        self.faults.renews.fetch_add(1, SeqCst);
-        let delay = *self.faults.renew_delay.lock().unwrap();
-        if let Some(delay) = delay {
-            tokio::time::sleep(delay).await;
-        }
-        renewed
+        self.memory.renew(lease, ttl).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
