@@ -1592,6 +1592,11 @@ async fn a_refresh_queued_behind_a_failed_step_up_still_fetches() {
 /// An API answering `insufficient_scope` (scope `w`) on `/scoped` and 200 elsewhere;
 /// counts its calls.
 async fn scoped_api() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    scoped_api_after(Duration::ZERO).await
+}
+
+/// [`scoped_api`], answering `/scoped` after `delay` (a slow backend).
+async fn scoped_api_after(delay: Duration) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let addr = {
         let calls = calls.clone();
@@ -1600,6 +1605,9 @@ async fn scoped_api() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
             let scoped = req.uri().path() == "/scoped";
             async move {
                 if scoped {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     challenge(
                         StatusCode::FORBIDDEN,
                         r#"Bearer error="insufficient_scope", scope="w""#,
@@ -1815,21 +1823,7 @@ async fn a_failed_step_up_over_a_kept_pair_keeps_it() {
 async fn a_step_up_over_a_late_kept_pair_leaves_it_to_an_invalidation() {
     use tower_client_auth::{CredentialCache, CredentialStore};
     for step_up in [false, true] {
-        let addr = serve(move |req: Request<hyper::body::Incoming>| {
-            let scoped = req.uri().path() == "/scoped";
-            async move {
-                if scoped {
-                    tokio::time::sleep(Duration::from_millis(1800)).await;
-                    challenge(
-                        StatusCode::FORBIDDEN,
-                        r#"Bearer error="insufficient_scope", scope="w""#,
-                    )
-                } else {
-                    reply(StatusCode::OK, json!({}))
-                }
-            }
-        })
-        .await;
+        let (addr, _) = scoped_api_after(Duration::from_millis(1800)).await;
         let fetches = Arc::new(AtomicUsize::new(0));
         let source = {
             let fetches = fetches.clone();
@@ -1904,21 +1898,7 @@ async fn a_step_up_over_a_late_kept_pair_leaves_it_to_an_invalidation() {
 async fn a_step_up_that_keeps_its_own_pair_over_a_late_one_loses_neither() {
     use tower_client_auth::{CredentialStore, RefreshSharing};
     for late_step_up in [false, true] {
-        let addr = serve(move |req: Request<hyper::body::Incoming>| {
-            let scoped = req.uri().path() == "/scoped";
-            async move {
-                if scoped {
-                    tokio::time::sleep(Duration::from_millis(1800)).await;
-                    challenge(
-                        StatusCode::FORBIDDEN,
-                        r#"Bearer error="insufficient_scope", scope="w""#,
-                    )
-                } else {
-                    reply(StatusCode::OK, json!({}))
-                }
-            }
-        })
-        .await;
+        let (addr, _) = scoped_api_after(Duration::from_millis(1800)).await;
         let fetches = Arc::new(AtomicUsize::new(0));
         let presented = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let source = {

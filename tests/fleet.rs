@@ -1717,6 +1717,17 @@ struct Rotating {
     expired: Arc<std::sync::atomic::AtomicBool>,
 }
 
+impl Rotating {
+    /// A cache of this source over `store`, with a 2 s fetch timeout.
+    fn cache(&self, store: impl CredentialStore) -> CredentialCache<Rotating> {
+        CredentialCache::builder(self.clone())
+            .store(store)
+            .fetch_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap()
+    }
+}
+
 impl CredentialSource for Rotating {
     async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
         use tower_client_auth::RefreshSharing;
@@ -1825,11 +1836,7 @@ async fn a_chain_of_kept_pairs_keeps_the_newest() {
 async fn a_kept_token_also_in_the_store_is_never_presented_twice() {
     let source = Rotating::default();
     let store = FaultStore::new();
-    let a = CredentialCache::builder(source.clone())
-        .store(store.clone())
-        .fetch_timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
+    let a = source.cache(store.clone());
     let a0 = a.credential().await.unwrap();
     store.faults().lost_pair_replies.store(true, SeqCst);
     assert!(a.handle().invalidate());
@@ -1870,14 +1877,7 @@ async fn a_pair_whose_lease_ran_out_is_never_presented() {
         FaultStore::over(memory.clone()),
         FaultStore::over(memory.clone()),
     );
-    let build = |store: FaultStore<MemoryStore>| {
-        CredentialCache::builder(source.clone())
-            .store(store)
-            .fetch_timeout(Duration::from_secs(2))
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (build(sa.clone()), build(sb.clone()));
+    let (a, b) = (source.cache(sa.clone()), source.cache(sb.clone()));
     a.credential().await.unwrap();
     sa.faults().lost_pair_replies.store(true, SeqCst);
     assert!(a.handle().invalidate());

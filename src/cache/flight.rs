@@ -877,8 +877,6 @@ async fn obtain<P: CredentialSource>(
                 Some(None) => {
                     // This process's own, kept to save a pair the store refused: taken over.
                     if let Some(taken) = take_kept(inner, store.as_ref(), deadline, step_up).await {
-                        waited(waiting_since);
-                        waiting_since = None;
                         taken
                     } else {
                         // Another process fetches: wait for what it saves, as long as the
@@ -976,13 +974,7 @@ async fn obtain<P: CredentialSource>(
             None => match kept {
                 Some(kept) if handed_back(&kept) => {
                     late_lent(inner, &kept.credential, false);
-                    Some(
-                        Kept {
-                            lease: lease.clone(),
-                            ..kept
-                        }
-                        .again(),
-                    )
+                    Some(kept.again())
                 }
                 Some(kept) => {
                     late_settled(inner, &kept.credential, false);
@@ -1563,7 +1555,7 @@ async fn finish_late<P: CredentialSource>(
     } else if let Some(kept) = kept {
         // Nothing newer came: the pair taken over is still the one to save.
         late_lent(&inner, &kept.credential, false);
-        return keep_saving_late(inner, store, Kept { lease, ..kept }.again()).await;
+        return keep_saving_late(inner, store, kept.again()).await;
     }
     release(&inner, store.as_ref(), &lease).await;
 }
