@@ -1904,6 +1904,77 @@ async fn a_pair_whose_lease_ran_out_is_never_presented() {
     );
 }
 
+/// World: processes A and B, each on its own connection to one store (memory, then a
+/// real Redis). A's save of `a1`/`rt1` lands though its reply is lost, so A keeps the
+/// pair under its lease; A's connection goes down past the lease; B takes the lease,
+/// takes `rt1` out of the store, refreshes with it and keeps `rt2` (its connection
+/// refuses pairs); B's connection goes down past B's lease too; then A's comes back,
+/// and A's task takes the free lease again; then B's comes back. Proves (the hole the
+/// ninth sitting's note left: A's task found no refresh token in the store and saved
+/// `rt1` there, B then found a refresh token in the store and gave `rt2` up, and the
+/// fleet's next refresh presented `rt1` again): a kept pair is saved after its lease was
+/// lost only over the store as its refresh left it; `rt2` reaches the store and the next
+/// refresh presents it.
+#[tokio::test]
+async fn a_kept_pair_whose_save_was_taken_meanwhile_is_not_saved_again() {
+    let memory = MemoryStore::default();
+    kept_pair_taken_meanwhile(memory.clone(), memory.clone(), memory).await;
+    let server = RedisServer::start();
+    kept_pair_taken_meanwhile(
+        redis_store(&server, "taken-meanwhile").await,
+        redis_store(&server, "taken-meanwhile").await,
+        redis_store(&server, "taken-meanwhile").await,
+    )
+    .await;
+}
+
+/// See [`a_kept_pair_whose_save_was_taken_meanwhile_is_not_saved_again`]: processes A
+/// and B over `a` and `b`, and the store looked at through `look`.
+async fn kept_pair_taken_meanwhile<S: CredentialStore + Clone>(a: S, b: S, look: S) {
+    let source = Rotating::default();
+    let (sa, sb) = (FaultStore::over(a), FaultStore::over(b));
+    let (a, b) = (source.cache(sa.clone()), source.cache(sb.clone()));
+    a.credential().await.unwrap();
+    sa.faults().lost_pair_replies.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a1 = a.credential().await.unwrap();
+    assert_eq!(look.load().await.unwrap().as_ref(), Some(&a1));
+    sa.faults().down.store(true, SeqCst);
+    sa.faults().lost_pair_replies.store(false, SeqCst);
+    sb.faults().refusing_pairs.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    if b.credential().await.unwrap() == a1 {
+        b.reject(&a1)
+            .await
+            .expect("B refreshed with the store's rt1");
+    }
+    assert_eq!(source.calls.load(SeqCst), 3, "B refreshed once");
+    sb.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    sa.faults().down.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sb.faults().down.store(false, SeqCst);
+    sb.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stored = look.load().await.unwrap();
+    assert_eq!(
+        stored
+            .as_ref()
+            .and_then(|c| c.refresh_token())
+            .map(|t| t.expose()),
+        Some("rt2"),
+        "the store holds {:?}",
+        stored.as_ref().map(shown)
+    );
+    let _ = a.reject(&a1).await;
+    assert_eq!(
+        source.reused.load(SeqCst),
+        0,
+        "a spent refresh token presented again"
+    );
+    assert_eq!(source.logins.load(SeqCst), 1);
+}
+
 /// A credential's header, refresh token and expiry, for a failure message.
 fn shown(c: &Credential) -> String {
     let headers: Vec<_> = c

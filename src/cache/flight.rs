@@ -922,6 +922,7 @@ async fn obtain<P: CredentialSource>(
             refused,
             spent,
             late,
+            left,
         } = renewing(inner, store.as_ref(), &lease, async {
             holding(
                 inner,
@@ -948,6 +949,7 @@ async fn obtain<P: CredentialSource>(
                 late,
                 born,
                 kept,
+                left,
             ));
             return held;
         }
@@ -969,12 +971,12 @@ async fn obtain<P: CredentialSource>(
                 if let Some(kept) = &kept {
                     late_settled(inner, &kept.credential, false);
                 }
-                Some(Kept::new(lease.clone(), credential.clone(), born))
+                Some(Kept::new(lease.clone(), credential.clone(), born, left))
             }
             None => match kept {
                 Some(kept) if handed_back(&kept) => {
                     late_lent(inner, &kept.credential, false);
-                    Some(kept.again())
+                    Some(kept.again(left))
                 }
                 Some(kept) => {
                     late_settled(inner, &kept.credential, false);
@@ -1025,22 +1027,53 @@ pub(super) struct Kept {
     /// `State::next_generation` when the refresh that brought `credential` began: a
     /// credential installed since then is newer (see [`superseded`]).
     born: u64,
+    /// What the store held when the pair was kept, as far as this process knows
+    /// (`None`: unknown, a look or a write failed): what the refresh loaded under the
+    /// lease, or the marker it wrote in place of the pair it took a refresh token from.
+    /// While the lease is held, only this process writes; once it was lost, a store
+    /// that holds something else may have taken a save of this pair that landed though
+    /// its reply was lost, and another holder may have spent it (see [`keep_saving`]).
+    left: Option<Option<Credential>>,
 }
 
 impl Kept {
-    fn new(lease: Lease, credential: Credential, born: u64) -> Self {
+    fn new(
+        lease: Lease,
+        credential: Credential,
+        born: u64,
+        left: Option<Option<Credential>>,
+    ) -> Self {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Kept {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             lease,
             credential,
             born,
+            left,
         }
     }
 
-    /// The same pair, under a name of its own: kept by a new task.
-    fn again(self) -> Self {
-        Kept::new(self.lease, self.credential, self.born)
+    /// The same pair, under a name of its own: kept by a new task, after a flight that
+    /// left the store as `left` (`None`: that flight does not know, and wrote nothing
+    /// it knows of: as the pair was kept).
+    fn again(self, left: Option<Option<Credential>>) -> Self {
+        let left = left.or(self.left);
+        Kept::new(self.lease, self.credential, self.born, left)
+    }
+
+    /// Whether the store, as loaded (`stored`) under a lease taken again after this
+    /// pair's was lost, is as this process left it: nothing else was written since, so
+    /// no save of this pair landed there and was taken by another holder. An empty
+    /// store counts as such: a store that restarted empty lost the lease too, and the
+    /// pair is the fleet's only refresh token then.
+    fn store_as_left(&self, stored: Option<&Credential>) -> bool {
+        match stored {
+            None => true,
+            Some(stored) => {
+                stored.refresh_token().is_none()
+                    && matches!(&self.left, Some(Some(left)) if left == stored)
+            }
+        }
     }
 }
 
@@ -1058,8 +1091,13 @@ pub(super) type KeptSlot = Arc<tokio::sync::Mutex<Option<Kept>>>;
 /// next refresh needs it. That refresh, if this process needs one first, takes the pair
 /// and the lease over from this task, which then ends (see [`take_kept`]). A lease lost
 /// in the outage (the store restarted, say) is taken again, and the credential saved
-/// under it only if nobody saved a refresh token since: the newer pair wins, and no
-/// refresh token ever has two owners.
+/// under it only if the store is as this process left it, or empty
+/// ([`Kept::store_as_left`]): a newer pair wins, and a save of this pair that landed
+/// though its reply was lost, and was taken and spent by another holder meanwhile, is
+/// not put back for a third to present. An empty store is taken as a restart (the
+/// pair is the fleet's only refresh token then). So a take stays hidden when its marker
+/// is gone: one whose access token was still valid, removed after a rejection or
+/// expired from Redis while this lease was lost; this pair is then saved.
 async fn keep_saving<P: CredentialSource>(
     inner: std::sync::Weak<Inner<P>>,
     store: Arc<dyn crate::store::DynStore>,
@@ -1118,9 +1156,12 @@ async fn keep_saving<P: CredentialSource>(
                 }
                 match store_call(&inner, until, "load", store.load()).await {
                     None => continue,
-                    Some(Some(stored)) if stored.refresh_token().is_some() => {
+                    Some(stored) if !kept.store_as_left(stored.as_ref()) => {
+                        // A newer refresh token, or a marker some holder wrote when it
+                        // took one out of the store: perhaps this pair's, from a save
+                        // that landed though its reply was lost.
                         tracing::info!(
-                            "the store holds a newer refresh token; the unsaved one is abandoned"
+                            "the store changed while the refresh lease was lost; the unsaved refresh token is abandoned"
                         );
                         late_settled(&inner, &kept.credential, false);
                         let lease = kept.lease.clone();
@@ -1278,8 +1319,9 @@ async fn holding<P: CredentialSource>(
     // with the refresh token that login brought or none, replaces the stored pair).
     // The refresh token to present, and what the store keeps meanwhile in place of the
     // pair it came with: that pair without it (marked expired when its access token
-    // was rejected or invalidated, so that no one loads it again if this refresh
-    // fails; Redis drops it at once).
+    // was rejected or invalidated, so that no one uses it again if this refresh
+    // fails). That marker is also the fleet's record that the refresh token was taken:
+    // see `Kept::left`.
     let taking = match (&held, took) {
         _ if step_up => None,
         // The store's own, unless a kept pair taken over carries another.
@@ -1315,9 +1357,15 @@ async fn holding<P: CredentialSource>(
         }),
         _ => None,
     };
+    // What the store holds as this refresh leaves it: what it loaded, or the marker
+    // it writes in place of the pair it takes the refresh token from.
+    let mut left = held.clone();
     let sharing = match (taking, &held) {
         (Some((marker, token)), _) => {
-            match store_call(inner, deadline, "save", store.save(lease, &marker)).await {
+            let saved = store_call(inner, deadline, "save", store.save(lease, &marker)).await;
+            // A save that failed may have landed all the same.
+            left = saved.is_some().then(|| Some(marker));
+            match saved {
                 Some(true) => Sharing::Shared(Some(token)),
                 Some(false) => {
                     // The lease ran out already: someone else holds it now.
@@ -1357,6 +1405,7 @@ async fn holding<P: CredentialSource>(
             refused,
             spent,
             late,
+            left,
         };
     }
     let mut saved = Saved::Done;
@@ -1382,6 +1431,7 @@ async fn holding<P: CredentialSource>(
         refused,
         spent,
         late: None,
+        left,
     }
 }
 
@@ -1407,6 +1457,9 @@ struct Holding {
     spent: Option<crate::Secret>,
     /// The source's fetch, still running when the deadline came (see `finish_late`).
     late: Option<LateFetch>,
+    /// What the store held once this refresh had looked and written under the lease
+    /// (see [`Kept::left`]).
+    left: Option<Option<Credential>>,
 }
 
 impl Holding {
@@ -1418,6 +1471,7 @@ impl Holding {
             refused: None,
             spent: None,
             late: None,
+            left: None,
         }
     }
 }
@@ -1487,6 +1541,7 @@ async fn finish_late<P: CredentialSource>(
     late: LateFetch,
     born: u64,
     kept: Option<Kept>,
+    left: Option<Option<Credential>>,
 ) {
     tracing::debug!("the fetch outlived its deadline; the refresh lease is kept until it ends");
     let bound = inner.config.fetch_timeout;
@@ -1547,7 +1602,8 @@ async fn finish_late<P: CredentialSource>(
             {
                 late.unsaved = true;
             }
-            return keep_saving_late(inner, store, Kept::new(lease, credential, born)).await;
+            let kept = Kept::new(lease, credential, born, left);
+            return keep_saving_late(inner, store, kept).await;
         }
         if saved.is_some() {
             late_settled(&inner, &credential, true);
@@ -1555,7 +1611,7 @@ async fn finish_late<P: CredentialSource>(
     } else if let Some(kept) = kept {
         // Nothing newer came: the pair taken over is still the one to save.
         late_lent(&inner, &kept.credential, false);
-        return keep_saving_late(inner, store, kept.again()).await;
+        return keep_saving_late(inner, store, kept.again(left)).await;
     }
     release(&inner, store.as_ref(), &lease).await;
 }
