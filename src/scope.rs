@@ -310,18 +310,49 @@ impl From<std::convert::Infallible> for InvalidOrigin {
     }
 }
 
-impl Origin {
-    /// Whether `uri` (scheme, authority) is this origin. No allocation and no parsing:
-    /// it runs for every request through a scoped layer.
-    #[inline]
-    fn matches(&self, scheme: &str, named: &str) -> bool {
-        // Exact bytes first (schemes and hosts are usually written in lower case), and
-        // the authority before the scheme: it is the part that tells origins apart.
-        self.authorities.iter().any(|a| {
-            a.len() == named.len()
-                && (a.as_bytes() == named.as_bytes() || a.eq_ignore_ascii_case(named))
-        }) && (self.scheme.as_bytes() == scheme.as_bytes()
-            || self.scheme.eq_ignore_ascii_case(scheme))
+/// One way a request names a given origin: its scheme, and an authority as a request
+/// writes it (`host`, or `host:port`), both in lower case. A scope keeps these in one
+/// flat list, so that a request is matched by one loop over short strings.
+#[derive(Clone, Debug)]
+struct Named {
+    scheme: Box<str>,
+    authority: Box<str>,
+}
+
+impl Named {
+    /// Whether the request's `scheme` and `authority` (as it wrote them) are this one's.
+    /// No allocation and no parsing: it runs for every request through a scoped layer.
+    /// The authority first: it is the part that tells origins apart.
+    #[inline(always)]
+    fn is(&self, scheme: &str, authority: &str) -> bool {
+        same_text(&self.authority, authority) && same_text(&self.scheme, scheme)
+    }
+}
+
+/// `known` (lower case) and `named` are the same text, case aside. Exact bytes first
+/// (requests usually write schemes and hosts in lower case), compared inline for the
+/// lengths origins have: the library's `memcmp` for 15 bytes cost a request more than
+/// the rest of the origin rule (BENCHMARKS.md).
+#[inline(always)]
+fn same_text(known: &str, named: &str) -> bool {
+    known.len() == named.len()
+        && (same_bytes(known.as_bytes(), named.as_bytes()) || known.eq_ignore_ascii_case(named))
+}
+
+/// `a == b` for two slices of one length, in at most two loads each for up to 16 bytes
+/// (overlapping words at both ends).
+#[inline(always)]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word = |s: &[u8], at: usize| u64::from_ne_bytes(s[at..at + 8].try_into().unwrap_or([0; 8]));
+    let half = |s: &[u8], at: usize| u32::from_ne_bytes(s[at..at + 4].try_into().unwrap_or([0; 4]));
+    match n {
+        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        _ => a == b,
     }
 }
 
@@ -331,6 +362,8 @@ type Predicate = Arc<dyn Fn(&Uri) -> bool + Send + Sync>;
 #[derive(Clone, Default)]
 pub(crate) struct Scope {
     origins: Vec<Origin>,
+    /// Every way a request names one of `origins`, flat (see [`Named`]).
+    named: Vec<Named>,
     predicates: Vec<Predicate>,
     /// `any_https_origin()`: every origin a request names (the transport rule still
     /// applies), except a redirect hop to an origin other than the one it came from.
@@ -364,8 +397,12 @@ pub(crate) fn same_origin(a: &Uri, b: &Uri) -> bool {
 }
 
 impl Scope {
-    #[cfg(test)]
     fn with_origin(mut self, origin: Origin) -> Self {
+        self.named
+            .extend(origin.authorities.iter().map(|authority| Named {
+                scheme: origin.scheme.as_str().into(),
+                authority: authority.as_str().into(),
+            }));
         self.origins.push(origin);
         self
     }
@@ -373,9 +410,8 @@ impl Scope {
     /// Adds `origin` to `scope` (making an unscoped one scoped): the setter behind
     /// `AuthLayer::origin` and `AuthMiddleware::origin`.
     pub(crate) fn add_origin(scope: &mut Option<Arc<Scope>>, origin: Origin) {
-        let mut next = scope.take().map(|s| (*s).clone()).unwrap_or_default();
-        next.origins.push(origin);
-        *scope = Some(Arc::new(next));
+        let next = scope.take().map(|s| (*s).clone()).unwrap_or_default();
+        *scope = Some(Arc::new(next.with_origin(origin)));
     }
 
     /// Makes `scope` take every origin: the setter behind `any_https_origin`.
@@ -404,8 +440,14 @@ impl Scope {
 
     /// Whether one of the given origins is `scheme://authority`, the authority as the
     /// request names it (with a port, userinfo, upper case, as it came).
+    #[inline(always)]
     fn names(&self, scheme: &str, authority: &str) -> bool {
-        self.origins.iter().any(|o| o.matches(scheme, authority))
+        for named in &self.named {
+            if named.is(scheme, authority) {
+                return true;
+            }
+        }
+        false
     }
 
     /// [`allows`](Self::allows) for a request whose URI is absolute (`scheme://authority`
@@ -465,6 +507,25 @@ mod tests {
         assert!(!same("https://api.test/", "https://api.test:8443/"));
         assert!(!same("https://api.test/", "https://api.test.evil/"));
         assert!(!same("http://127.0.0.1:80/", "http://localhost:80/"));
+    }
+
+    /// The inline compare agrees with `==` at every length and for a difference at
+    /// every position (each word of the short paths is looked at), and a request's
+    /// scheme or host in upper case still matches.
+    #[test]
+    fn the_short_compare_agrees_with_eq() {
+        for n in 0..40 {
+            let a: Vec<u8> = (0..n as u8).map(|i| b'a' + i % 26).collect();
+            assert!(same_bytes(&a, &a.clone()), "{n}");
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 0x40;
+                assert!(!same_bytes(&a, &b), "{n} {at}");
+            }
+            assert!(!same_bytes(&a, &a[..n.saturating_sub(1)]) || n == 0, "{n}");
+        }
+        assert!(same_text("api.example.com", "API.Example.COM"));
+        assert!(!same_text("api.example.com", "api.example.co"));
     }
 
     /// Origins parse strictly and match scheme, host and (default) port exactly.
