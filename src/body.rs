@@ -249,7 +249,7 @@ where
         Self::record_declared(body, limit, || None)
     }
 
-    /// [`record`](Self::record) for a request whose `Content-Length` header may declare
+    /// `record` (the tests' shorthand) for a request whose `Content-Length` header may declare
     /// the body's length (`header`, asked only for a body that streams on past the
     /// read-ahead): hyper sends that many bytes and drops the body without polling for
     /// its end, so the recording is complete when it has them all.

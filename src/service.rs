@@ -25,7 +25,7 @@ use crate::{
 
 /// Adds a cached credential to each request and, in the default mode ([`Replaying`]),
 /// replays it once when the API rejects the credential. Built by
-/// [`AuthLayer`](crate::AuthLayer).
+/// [`AuthLayer`].
 ///
 /// With [`Replaying`], the inner service receives the request with a [`ReplayBody`] and
 /// must be `Clone`. With [`Direct`](crate::Direct)
