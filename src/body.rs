@@ -249,10 +249,10 @@ where
         Self::record_declared(body, limit, || None)
     }
 
-    /// `record` (the tests' shorthand) for a request whose `Content-Length` header may declare
-    /// the body's length (`header`, asked only for a body that streams on past the
-    /// read-ahead): hyper sends that many bytes and drops the body without polling for
-    /// its end, so the recording is complete when it has them all.
+    /// `record` (the tests' shorthand) for a request whose `Content-Length` header may
+    /// declare the body's length (`header`, asked only for a body that streams on past
+    /// the read-ahead): hyper sends that many bytes and drops the body without polling
+    /// for its end, so the recording is complete when it has them all.
     pub(crate) fn record_declared(
         body: B,
         limit: usize,

@@ -206,8 +206,9 @@ pub(crate) fn parse_error_response(status: StatusCode, body: &[u8]) -> TokenErro
     parse_error_body(status, body).scrub(&[])
 }
 
-/// `parse_error_response` (the tests' shorthand) with the server's text as sent: the caller scrubs it of the
-/// request's secrets (which escapes and cuts it too) before it is shown anywhere.
+/// `parse_error_response` (the tests' shorthand) with the server's text as sent: the
+/// caller scrubs it of the request's secrets (which escapes and cuts it too) before it
+/// is shown anywhere.
 pub(crate) fn parse_error_body(status: StatusCode, body: &[u8]) -> TokenError {
     let doc: Option<Value> = serde_json::from_slice(body).ok();
     let text = |key: &str| {
