@@ -2080,3 +2080,97 @@ async fn a_replay_that_looked_again_is_not_counted_as_a_step_up() {
     reply.send_response(http::Response::new(""));
     assert_eq!(call.await.unwrap().unwrap().status(), 200);
 }
+
+/// World: processes A and B over one store. A's save of `a1`/`rt1` lands though its
+/// reply is lost, so A keeps the pair; a step-up at A takes the kept pair over, finds
+/// `a1`/`rt1` in the store, presents nothing and fails: the pair is handed back. A's
+/// connection goes down past the lease; B takes `rt1` out of the store (its marker:
+/// `a1` without it), spends it and keeps `rt2` (its connection refuses pairs); B's
+/// connection goes down past its lease; A's comes back, then B's. Proves (review
+/// finding: the step-up recorded the store as holding `a1`/`rt1`, and B's marker, equal
+/// to it by its headers, passed for it, so A saved the spent `rt1` and B gave `rt2`
+/// up): `rt2` reaches the store.
+#[tokio::test]
+async fn a_step_up_over_a_kept_pair_leaves_no_marker_passing_for_the_store() {
+    use std::collections::HashSet;
+    use tower_client_auth::{CredentialCache, CredentialStore, MemoryStore, RefreshSharing};
+    let (addr, _) = scoped_api().await;
+    let next = Arc::new(AtomicUsize::new(0));
+    let reused = Arc::new(AtomicUsize::new(0));
+    let logins = Arc::new(AtomicUsize::new(0));
+    let spent = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
+    let source = {
+        let (next, reused, logins, spent) =
+            (next.clone(), reused.clone(), logins.clone(), spent.clone());
+        source_fn(move |cx: FetchContext| {
+            let (next, reused, logins, spent) =
+                (next.clone(), reused.clone(), logins.clone(), spent.clone());
+            async move {
+                if cx.reason() == FetchReason::StepUp {
+                    return Err::<Credential, BoxError>("cannot widen the scope".into());
+                }
+                match cx.refresh_sharing() {
+                    RefreshSharing::Shared(Some(t)) => {
+                        if !spent.lock().unwrap().insert(t.expose().to_owned()) {
+                            reused.fetch_add(1, SeqCst);
+                            return Err("invalid_grant: reused".into());
+                        }
+                    }
+                    _ => {
+                        logins.fetch_add(1, SeqCst);
+                    }
+                }
+                let n = next.fetch_add(1, SeqCst);
+                Ok(Credential::bearer(format!("a{n}"))?
+                    .with_refresh_token(format!("rt{n}"))
+                    .expires_in(Duration::from_secs(3600)))
+            }
+        })
+    };
+    let memory = MemoryStore::default();
+    let sa = support::store::FaultStore::over(memory.clone());
+    let sb = support::store::FaultStore::over(memory.clone());
+    let a = CredentialCache::builder(source.clone())
+        .store(sa.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let b = CredentialCache::builder(source)
+        .store(sb.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let ha = a.handle();
+    let svc = stepping_up(a);
+    assert_eq!(tower_get(&svc, format!("http://{addr}/other")).await.0, 200);
+    sa.faults().lost_pair_replies.store(true, SeqCst);
+    ha.invalidate();
+    assert_eq!(tower_get(&svc, format!("http://{addr}/other")).await.0, 200);
+    let p1 = memory.load().await.unwrap().unwrap();
+    assert_eq!(p1.refresh_token().map(|t| t.expose()), Some("rt1"));
+    assert_eq!(
+        tower_get(&svc, format!("http://{addr}/scoped")).await.1,
+        Some(NotReplayed::InsufficientScope)
+    );
+    sa.faults().down.store(true, SeqCst);
+    sa.faults().lost_pair_replies.store(false, SeqCst);
+    sb.faults().refusing_pairs.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let got = b.credential().await.unwrap();
+    assert_eq!(got, p1);
+    b.reject(&got).await.expect("B refreshed with rt1");
+    sb.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    sa.faults().down.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sb.faults().down.store(false, SeqCst);
+    sb.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stored = memory.load().await.unwrap();
+    let rt = stored
+        .as_ref()
+        .and_then(|c| c.refresh_token())
+        .map(|t| t.expose().to_owned());
+    assert_eq!(rt.as_deref(), Some("rt2"), "the store holds {rt:?}");
+    assert_eq!(reused.load(SeqCst), 0);
+}

@@ -2093,3 +2093,204 @@ async fn a_late_pair_given_up_is_not_served() {
         shown(&next)
     );
 }
+
+/// World: as in `a_kept_pair_whose_save_was_taken_meanwhile_is_not_saved_again`, but B
+/// refreshes ahead of expiry (`a1` in B's hard window) instead of after a rejection.
+/// Proves (review finding: B's marker kept `a1`'s expiry, so Redis let it go with it,
+/// A found an empty store and saved the spent `rt1`): a marker is saved expired, and
+/// stays in every store until it is replaced; `rt2` reaches the store.
+#[tokio::test]
+async fn a_marker_left_by_a_refresh_ahead_of_expiry_stays() {
+    let memory = MemoryStore::default();
+    taken_ahead_of_expiry(memory.clone(), memory.clone(), memory).await;
+    let server = RedisServer::start();
+    taken_ahead_of_expiry(
+        redis_store(&server, "ahead").await,
+        redis_store(&server, "ahead").await,
+        redis_store(&server, "ahead").await,
+    )
+    .await;
+}
+
+/// See [`a_marker_left_by_a_refresh_ahead_of_expiry_stays`].
+async fn taken_ahead_of_expiry<S: CredentialStore + Clone>(a: S, b: S, look: S) {
+    let source = Rotating::default();
+    let (sa, sb) = (FaultStore::over(a), FaultStore::over(b));
+    let a = source.cache(sa.clone());
+    let b = CredentialCache::builder(source.clone())
+        .store(sb.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .hard_window(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    a.credential().await.unwrap();
+    sa.faults().lost_pair_replies.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a1 = a.credential().await.unwrap();
+    assert_eq!(look.load().await.unwrap().as_ref(), Some(&a1));
+    sa.faults().down.store(true, SeqCst);
+    sa.faults().lost_pair_replies.store(false, SeqCst);
+    sb.faults().refusing_pairs.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    if b.credential().await.unwrap() == a1 {
+        // In its hard window at B: refreshed before it is served again.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = b.credential().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_ne!(b.credential().await.unwrap(), a1, "B refreshed ahead");
+    assert_eq!(source.calls.load(SeqCst), 3, "B refreshed once");
+    sb.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    sa.faults().down.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sb.faults().down.store(false, SeqCst);
+    sb.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stored = look.load().await.unwrap();
+    assert_eq!(
+        stored
+            .as_ref()
+            .and_then(|c| c.refresh_token())
+            .map(|t| t.expose()),
+        Some("rt2"),
+        "the store holds {:?}",
+        stored.as_ref().map(shown)
+    );
+    assert_eq!(source.reused.load(SeqCst), 0);
+}
+
+/// World: one process; the marker its refresh writes in place of `a0`/`rt0` lands
+/// though the reply is lost, so it is told the store is unavailable and logs in; the
+/// store refuses the new pair `a1`/`rt1`, which is kept; the lease is lost in an
+/// outage. Proves (review finding: a marker whose save had no answer made the store
+/// "unknown", and the process abandoned the fleet's only refresh token on finding its
+/// own marker): a write without an answer leaves the store as it was or as written,
+/// and `rt1` is saved when the store comes back.
+#[tokio::test]
+async fn a_marker_whose_save_had_no_answer_is_known_as_left() {
+    let source = Rotating::default();
+    let memory = MemoryStore::default();
+    let sa = FaultStore::over(memory.clone());
+    let a = source.cache(sa.clone());
+    a.credential().await.unwrap();
+    sa.faults().lost_marker_replies.store(true, SeqCst);
+    sa.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    a.credential().await.unwrap();
+    assert_eq!(
+        source.logins.load(SeqCst),
+        2,
+        "logged in: the store did not answer the marker's save"
+    );
+    let stored = memory.load().await.unwrap();
+    assert_eq!(
+        stored.and_then(|c| c.refresh_token().cloned()),
+        None,
+        "the marker landed"
+    );
+    sa.faults().lost_marker_replies.store(false, SeqCst);
+    sa.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    sa.faults().down.store(false, SeqCst);
+    sa.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stored = memory.load().await.unwrap();
+    assert_eq!(
+        stored
+            .as_ref()
+            .and_then(|c| c.refresh_token())
+            .map(|t| t.expose()),
+        Some("rt1"),
+        "the store holds {:?}",
+        stored.as_ref().map(shown)
+    );
+}
+
+/// [`Rotating`], but a fetch told the store is unavailable fails (a source that will
+/// not log in beside a fleet).
+#[derive(Clone, Default)]
+struct FailsWhenDown(Rotating);
+
+impl CredentialSource for FailsWhenDown {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        if cx.refresh_sharing() == tower_client_auth::RefreshSharing::StoreUnavailable {
+            return Err("store unavailable".into());
+        }
+        self.0.fetch(cx).await
+    }
+}
+
+/// World: processes A and B over one store. A keeps `a1`/`rt1` (the store refuses
+/// pairs, under marker `a0`); A's own next refresh takes the pair over and writes its
+/// marker, which lands though the reply is lost, and fails; the pair is handed back.
+/// A's task then saves it: that save lands too, its reply lost. A's connection goes
+/// down past the lease; B takes `rt1` out of the store (its own marker of `a1`, alike
+/// A's to the byte but for the expiry) and spends it, and keeps `rt2` (its connection
+/// refuses pairs); B's connection goes down past its lease; A's comes back, then B's.
+/// Proves (review round, the case behind the rule that a marker of the kept pair
+/// itself is never as left): A does not save the spent `rt1` over B's marker, `rt2`
+/// reaches the store, and no refresh token is presented twice.
+#[tokio::test]
+async fn a_marker_of_the_kept_pair_itself_is_never_taken_as_left() {
+    let source = FailsWhenDown::default();
+    let memory = MemoryStore::default();
+    let (sa, sb) = (
+        FaultStore::over(memory.clone()),
+        FaultStore::over(memory.clone()),
+    );
+    let cache = |store: &FaultStore| {
+        CredentialCache::builder(source.clone())
+            .store(store.clone())
+            .fetch_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (cache(&sa), cache(&sb));
+    a.credential().await.unwrap();
+    sa.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a1 = a.credential().await.unwrap();
+    sa.faults().lost_marker_replies.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let _ = a.credential().await;
+    let stored = memory.load().await.unwrap().unwrap();
+    assert_eq!(stored, a1, "a1's marker landed");
+    assert!(stored.refresh_token().is_none());
+    sa.faults().lost_marker_replies.store(false, SeqCst);
+    sa.faults().refusing_pairs.store(false, SeqCst);
+    sa.faults().lost_pair_replies.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stored = memory.load().await.unwrap().unwrap();
+    assert_eq!(stored.refresh_token().map(|t| t.expose()), Some("rt1"));
+    sa.faults().down.store(true, SeqCst);
+    sa.faults().lost_pair_replies.store(false, SeqCst);
+    sb.faults().refusing_pairs.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    if b.credential().await.unwrap() == a1 {
+        b.reject(&a1).await.expect("B refreshed with rt1");
+    }
+    sb.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    sa.faults().down.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sb.faults().down.store(false, SeqCst);
+    sb.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stored = memory.load().await.unwrap();
+    assert_eq!(
+        stored
+            .as_ref()
+            .and_then(|c| c.refresh_token())
+            .map(|t| t.expose()),
+        Some("rt2"),
+        "the store holds {:?}",
+        stored.as_ref().map(shown)
+    );
+    let _ = b.reject(&b.credential().await.unwrap()).await;
+    assert_eq!(
+        source.0.reused.load(SeqCst),
+        0,
+        "a spent refresh token presented again"
+    );
+}

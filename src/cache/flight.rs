@@ -912,7 +912,7 @@ async fn obtain<P: CredentialSource>(
             };
         waited(waiting_since);
         let took = match &kept {
-            Some(kept) => Took::Kept(&kept.credential),
+            Some(kept) => Took::Kept(kept),
             None if waiting_since.is_some() => Took::Over,
             None => Took::Free,
         };
@@ -1027,22 +1027,46 @@ pub(super) struct Kept {
     /// `State::next_generation` when the refresh that brought `credential` began: a
     /// credential installed since then is newer (see [`superseded`]).
     born: u64,
-    /// What the store held when the pair was kept, as far as this process knows
-    /// (`None`: unknown, a look or a write failed): what the refresh loaded under the
-    /// lease, or the marker it wrote in place of the pair it took a refresh token from.
-    /// While the lease is held, only this process writes; once it was lost, a store
-    /// that holds something else may have taken a save of this pair that landed though
-    /// its reply was lost, and another holder may have spent it (see [`keep_saving`]).
-    left: Option<Option<Credential>>,
+    /// What the store may hold as this process left it when the pair was kept (see
+    /// [`Left`]). While the lease is held, only this process writes; once it was lost,
+    /// a store that holds something else may have taken a save of this pair that landed
+    /// though its reply was lost, and another holder may have spent it (see
+    /// [`keep_saving`]).
+    left: Left,
+}
+
+/// What the store may hold as this process left it, under a lease held without a break
+/// since: each a record the refresh loaded or wrote (`None`: nothing stored), two when
+/// a write's reply was lost (it may have landed or not). Empty when unknown (a look
+/// failed).
+#[derive(Clone, Default)]
+pub(super) struct Left(Vec<Option<Credential>>);
+
+impl Left {
+    /// What a refresh holding the lease loaded (`None`: the look failed), after
+    /// `before`: as a pair taken over with the lease left it, when the look failed.
+    fn loaded(held: &Option<Option<Credential>>, before: Option<&Left>) -> Left {
+        match (held, before) {
+            (Some(held), _) => Left(vec![held.clone()]),
+            (None, Some(before)) => before.clone(),
+            (None, None) => Left::default(),
+        }
+    }
+
+    /// `record` written over this (`landed`: `Some(true)` known to, `None` unknown).
+    fn wrote(&mut self, record: Credential, landed: Option<bool>) {
+        match landed {
+            Some(true) => self.0 = vec![Some(record)],
+            Some(false) => {}
+            // Either: what it was (if known), or the record.
+            None if self.0.is_empty() => {}
+            None => self.0.push(Some(record)),
+        }
+    }
 }
 
 impl Kept {
-    fn new(
-        lease: Lease,
-        credential: Credential,
-        born: u64,
-        left: Option<Option<Credential>>,
-    ) -> Self {
+    fn new(lease: Lease, credential: Credential, born: u64, left: Left) -> Self {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Kept {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
@@ -1054,26 +1078,30 @@ impl Kept {
     }
 
     /// The same pair, under a name of its own: kept by a new task, after a flight that
-    /// left the store as `left` (`None`: that flight does not know, and wrote nothing
-    /// it knows of: as the pair was kept).
-    fn again(self, left: Option<Option<Credential>>) -> Self {
-        let left = left.or(self.left);
+    /// left the store as `left` (which starts from this pair's own when that flight's
+    /// look failed: see [`Left::loaded`]).
+    fn again(self, left: Left) -> Self {
         Kept::new(self.lease, self.credential, self.born, left)
     }
 
     /// Whether the store, as loaded (`stored`) under a lease taken again after this
     /// pair's was lost, is as this process left it: nothing else was written since, so
-    /// no save of this pair landed there and was taken by another holder. An empty
-    /// store counts as such: a store that restarted empty lost the lease too, and the
-    /// pair is the fleet's only refresh token then.
+    /// no save of this pair landed there and was taken by another holder. Never when it
+    /// holds a refresh token (a newer pair, or this one saved: the fleet has it), nor a
+    /// marker of this very pair: this process's own, or another holder's that took a
+    /// save of the pair which landed though its reply was lost (markers have the pair's
+    /// headers: the two cannot be told apart, and a refresh token presented twice costs
+    /// the fleet more than the login abandoning this pair costs it). An empty store
+    /// counts as left: a store that restarted empty lost the lease too, and the pair is
+    /// the fleet's only refresh token then.
     fn store_as_left(&self, stored: Option<&Credential>) -> bool {
-        match stored {
-            None => true,
-            Some(stored) => {
-                stored.refresh_token().is_none()
-                    && matches!(&self.left, Some(Some(left)) if left == stored)
-            }
-        }
+        let Some(stored) = stored else {
+            return true;
+        };
+        stored.refresh_token().is_none()
+            && *stored != self.credential
+            && (self.left.0.iter().flatten())
+                .any(|left| left.refresh_token().is_none() && left == stored)
     }
 }
 
@@ -1095,9 +1123,10 @@ pub(super) type KeptSlot = Arc<tokio::sync::Mutex<Option<Kept>>>;
 /// ([`Kept::store_as_left`]): a newer pair wins, and a save of this pair that landed
 /// though its reply was lost, and was taken and spent by another holder meanwhile, is
 /// not put back for a third to present. An empty store is taken as a restart (the
-/// pair is the fleet's only refresh token then). So a take stays hidden when its marker
-/// is gone: one whose access token was still valid, removed after a rejection or
-/// expired from Redis while this lease was lost; this pair is then saved.
+/// pair is the fleet's only refresh token then). A marker is never sent, so never
+/// removed after a rejection, and no store lets it expire: only a store that lost its
+/// data (a restart without persistence, a flush) hides a take, and this pair is then
+/// saved.
 async fn keep_saving<P: CredentialSource>(
     inner: std::sync::Weak<Inner<P>>,
     store: Arc<dyn crate::store::DynStore>,
@@ -1303,7 +1332,9 @@ async fn holding<P: CredentialSource>(
     if let Some(Some(stored)) = held.as_ref().filter(|_| !step_up) {
         if Some(stored) != cx.previous() && inner.is_reusable_stored(stored) {
             tracing::debug!("using the credential found in the store");
-            return Holding::ended(Ok(stored.clone()), Saved::StoreHit);
+            let mut hit = Holding::ended(Ok(stored.clone()), Saved::StoreHit);
+            hit.left = Left(vec![Some(stored.clone())]);
+            return hit;
         }
     }
     if let Took::Over = took {
@@ -1318,29 +1349,26 @@ async fn holding<P: CredentialSource>(
     // unless the step-up succeeds, whose login starts a new session (its credential,
     // with the refresh token that login brought or none, replaces the stored pair).
     // The refresh token to present, and what the store keeps meanwhile in place of the
-    // pair it came with: that pair without it (marked expired when its access token
-    // was rejected or invalidated, so that no one uses it again if this refresh
-    // fails). That marker is also the fleet's record that the refresh token was taken:
-    // see `Kept::left`.
+    // pair it came with: that pair without it, marked expired: never sent again (its
+    // access token may have been rejected or invalidated), so never rejected and
+    // removed, and kept by every store until it is replaced. That marker is the
+    // fleet's record that the refresh token was taken (see `Kept::left`). A process
+    // that starts meanwhile waits for this refresh instead of taking the old access
+    // token from the store.
     let taking = match (&held, took) {
         _ if step_up => None,
         // The store's own, unless a kept pair taken over carries another.
         (Some(Some(stored)), took)
             if stored.refresh_token().is_some()
                 && match took {
-                    Took::Kept(kept) => stored.refresh_token() == kept.refresh_token(),
+                    Took::Kept(kept) => stored.refresh_token() == kept.credential.refresh_token(),
                     _ => true,
                 } =>
         {
-            let rejected = matches!(
-                cx.reason(),
-                FetchReason::Rejected | FetchReason::Invalidated
-            ) && cx.previous() == Some(stored);
-            let marker = stored.clone().without_refresh_token();
-            let marker = match rejected {
-                true => marker.expires_at(std::time::SystemTime::UNIX_EPOCH),
-                false => marker,
-            };
+            let marker = stored
+                .clone()
+                .without_refresh_token()
+                .expires_at(std::time::SystemTime::UNIX_EPOCH);
             stored.refresh_token().cloned().map(|token| (marker, token))
         }
         // A pair this process kept, taken over with the lease (`take_kept`, which
@@ -1348,8 +1376,9 @@ async fn holding<P: CredentialSource>(
         // store): newer than any other the store holds. The store may hold it too (a
         // save that landed though its reply was lost), or the store's load may have
         // failed: taken out all the same.
-        (_, Took::Kept(kept)) => kept.refresh_token().cloned().map(|token| {
+        (_, Took::Kept(kept)) => kept.credential.refresh_token().cloned().map(|token| {
             let marker = kept
+                .credential
                 .clone()
                 .without_refresh_token()
                 .expires_at(std::time::SystemTime::UNIX_EPOCH);
@@ -1357,14 +1386,20 @@ async fn holding<P: CredentialSource>(
         }),
         _ => None,
     };
-    // What the store holds as this refresh leaves it: what it loaded, or the marker
+    // What the store holds as this refresh leaves it: what it loaded, and the marker
     // it writes in place of the pair it takes the refresh token from.
-    let mut left = held.clone();
+    let mut left = Left::loaded(
+        &held,
+        match took {
+            Took::Kept(kept) => Some(&kept.left),
+            _ => None,
+        },
+    );
     let sharing = match (taking, &held) {
         (Some((marker, token)), _) => {
             let saved = store_call(inner, deadline, "save", store.save(lease, &marker)).await;
             // A save that failed may have landed all the same.
-            left = saved.is_some().then(|| Some(marker));
+            left.wrote(marker, saved);
             match saved {
                 Some(true) => Sharing::Shared(Some(token)),
                 Some(false) => {
@@ -1444,7 +1479,7 @@ enum Took<'a> {
     Over,
     /// From this process's [`keep_saving`], with the pair kept under it (see
     /// [`take_kept`]).
-    Kept(&'a Credential),
+    Kept(&'a Kept),
 }
 
 /// What the holder's refresh came to.
@@ -1459,7 +1494,7 @@ struct Holding {
     late: Option<LateFetch>,
     /// What the store held once this refresh had looked and written under the lease
     /// (see [`Kept::left`]).
-    left: Option<Option<Credential>>,
+    left: Left,
 }
 
 impl Holding {
@@ -1471,7 +1506,7 @@ impl Holding {
             refused: None,
             spent: None,
             late: None,
-            left: None,
+            left: Left::default(),
         }
     }
 }
@@ -1541,7 +1576,7 @@ async fn finish_late<P: CredentialSource>(
     late: LateFetch,
     born: u64,
     kept: Option<Kept>,
-    left: Option<Option<Credential>>,
+    left: Left,
 ) {
     tracing::debug!("the fetch outlived its deadline; the refresh lease is kept until it ends");
     let bound = inner.config.fetch_timeout;

@@ -8,9 +8,9 @@
 //! - `tca:{<id>}:credential`: the credential, `v1:<fingerprint>:<json>`, expiring with it
 //!   (one carrying a refresh token does not expire: it stays until it is replaced; nor
 //!   does one saved already expired: that is the record a lease holder leaves when it
-//!   takes a rejected pair's refresh token out to present it, which a process that kept
-//!   a pair through an outage reads, as in every store, to tell whether its own save may
-//!   have been taken meanwhile);
+//!   takes a pair's refresh token out to present it, which a process that kept a pair
+//!   through an outage reads, as in every store, to tell whether its own save may have
+//!   been taken meanwhile);
 //! - `tca:{<id>}:changes`: a pub/sub channel where every save, release and removal is
 //!   announced, so processes waiting for a refresh wake when it is saved;
 //! - `tca:{<id>}:lease`: the refresh lease, the holder's token, `SET NX PX`, renewed by a
@@ -326,9 +326,9 @@ impl CredentialStore for RedisStore {
         // The key lives as long as the credential (no expiry: until it is replaced). A
         // refresh token outlives its access token: a pair stays until it is replaced, so
         // that a fleet idle past the access token's expiry refreshes instead of logging in.
-        // One saved already expired (a rejected pair whose refresh token a holder took
-        // out) stays until it is replaced too: it records that the refresh token was
-        // taken (see the module docs), and is never sent.
+        // One saved already expired (a pair whose refresh token a holder took out) stays
+        // until it is replaced too: it records that the refresh token was taken (see the
+        // module docs), and is never sent.
         let ttl = credential
             .expiry()
             .filter(|_| credential.refresh_token().is_none())

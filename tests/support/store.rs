@@ -42,6 +42,9 @@ pub struct Faults {
     /// A save of a credential with a refresh token lands, then reports an error (its
     /// reply lost).
     pub lost_pair_replies: AtomicBool,
+    /// A save of a credential without a refresh token (a marker) lands, then reports an
+    /// error (its reply lost).
+    pub lost_marker_replies: AtomicBool,
     /// The next this many loads fail, after `passing_loads` more have passed.
     pub failing_loads: AtomicUsize,
     /// Loads that pass before `failing_loads` fail.
@@ -183,6 +186,9 @@ impl<S: CredentialStore> CredentialStore for FaultStore<S> {
         }
         let saved = self.memory.save(lease, credential).await?;
         if credential.refresh_token().is_some() && self.faults.lost_pair_replies.load(SeqCst) {
+            return Err("connection reset before the reply".into());
+        }
+        if credential.refresh_token().is_none() && self.faults.lost_marker_replies.load(SeqCst) {
             return Err("connection reset before the reply".into());
         }
         Ok(saved)
