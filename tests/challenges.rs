@@ -2152,25 +2152,11 @@ async fn a_step_up_over_a_kept_pair_leaves_no_marker_passing_for_the_store() {
         tower_get(&svc, format!("http://{addr}/scoped")).await.1,
         Some(NotReplayed::InsufficientScope)
     );
-    sa.faults().down.store(true, SeqCst);
-    sa.faults().lost_pair_replies.store(false, SeqCst);
-    sb.faults().refusing_pairs.store(true, SeqCst);
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    support::store::a_goes_down_and_b_refuses_pairs(&sa, &sb).await;
     let got = b.credential().await.unwrap();
     assert_eq!(got, p1);
     b.reject(&got).await.expect("B refreshed with rt1");
-    sb.faults().down.store(true, SeqCst);
-    tokio::time::sleep(Duration::from_millis(3500)).await;
-    sa.faults().down.store(false, SeqCst);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    sb.faults().down.store(false, SeqCst);
-    sb.faults().refusing_pairs.store(false, SeqCst);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let stored = memory.load().await.unwrap();
-    let rt = stored
-        .as_ref()
-        .and_then(|c| c.refresh_token())
-        .map(|t| t.expose().to_owned());
-    assert_eq!(rt.as_deref(), Some("rt2"), "the store holds {rt:?}");
+    support::store::b_goes_down_then_both_come_back(&sa, &sb).await;
+    assert_eq!(sa.stored_refresh_token().await.as_deref(), Some("rt2"));
     assert_eq!(reused.load(SeqCst), 0);
 }

@@ -1918,44 +1918,67 @@ async fn a_pair_whose_lease_ran_out_is_never_presented() {
 #[tokio::test]
 async fn a_kept_pair_whose_save_was_taken_meanwhile_is_not_saved_again() {
     let memory = MemoryStore::default();
-    kept_pair_taken_meanwhile(memory.clone(), memory.clone(), memory).await;
+    let take = Take::Rejected;
+    kept_pair_taken_meanwhile(memory.clone(), memory.clone(), memory, take).await;
     let server = RedisServer::start();
     kept_pair_taken_meanwhile(
         redis_store(&server, "taken-meanwhile").await,
         redis_store(&server, "taken-meanwhile").await,
         redis_store(&server, "taken-meanwhile").await,
+        take,
     )
     .await;
 }
 
+/// How process B comes to take process A's pair out of the store.
+#[derive(Clone, Copy, PartialEq)]
+enum Take {
+    /// The API rejects the pair's access token at B.
+    Rejected,
+    /// Its access token is in B's hard window: refreshed ahead of its expiry.
+    AheadOfExpiry,
+}
+
 /// See [`a_kept_pair_whose_save_was_taken_meanwhile_is_not_saved_again`]: processes A
-/// and B over `a` and `b`, and the store looked at through `look`.
-async fn kept_pair_taken_meanwhile<S: CredentialStore + Clone>(a: S, b: S, look: S) {
+/// and B over `a` and `b`, B taking A's pair as `take` says, and the store looked at
+/// through `look`.
+async fn kept_pair_taken_meanwhile<S: CredentialStore + Clone>(a: S, b: S, look: S, take: Take) {
     let source = Rotating::default();
     let (sa, sb) = (FaultStore::over(a), FaultStore::over(b));
-    let (a, b) = (source.cache(sa.clone()), source.cache(sb.clone()));
+    let a = source.cache(sa.clone());
+    let b = match take {
+        Take::Rejected => source.cache(sb.clone()),
+        Take::AheadOfExpiry => CredentialCache::builder(source.clone())
+            .store(sb.clone())
+            .fetch_timeout(Duration::from_secs(2))
+            .hard_window(Duration::from_secs(3))
+            .build()
+            .unwrap(),
+    };
     a.credential().await.unwrap();
     sa.faults().lost_pair_replies.store(true, SeqCst);
     assert!(a.handle().invalidate());
     let a1 = a.credential().await.unwrap();
     assert_eq!(look.load().await.unwrap().as_ref(), Some(&a1));
-    sa.faults().down.store(true, SeqCst);
-    sa.faults().lost_pair_replies.store(false, SeqCst);
-    sb.faults().refusing_pairs.store(true, SeqCst);
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    support::store::a_goes_down_and_b_refuses_pairs(&sa, &sb).await;
     if b.credential().await.unwrap() == a1 {
-        b.reject(&a1)
-            .await
-            .expect("B refreshed with the store's rt1");
+        match take {
+            Take::Rejected => {
+                b.reject(&a1)
+                    .await
+                    .expect("B refreshed with the store's rt1");
+            }
+            Take::AheadOfExpiry => {
+                // Refreshed before it is served again.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = b.credential().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
     }
+    assert_ne!(b.credential().await.unwrap(), a1, "B refreshed");
     assert_eq!(source.calls.load(SeqCst), 3, "B refreshed once");
-    sb.faults().down.store(true, SeqCst);
-    tokio::time::sleep(Duration::from_millis(3500)).await;
-    sa.faults().down.store(false, SeqCst);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    sb.faults().down.store(false, SeqCst);
-    sb.faults().refusing_pairs.store(false, SeqCst);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    support::store::b_goes_down_then_both_come_back(&sa, &sb).await;
     let stored = look.load().await.unwrap();
     assert_eq!(
         stored
@@ -2102,62 +2125,16 @@ async fn a_late_pair_given_up_is_not_served() {
 #[tokio::test]
 async fn a_marker_left_by_a_refresh_ahead_of_expiry_stays() {
     let memory = MemoryStore::default();
-    taken_ahead_of_expiry(memory.clone(), memory.clone(), memory).await;
+    let take = Take::AheadOfExpiry;
+    kept_pair_taken_meanwhile(memory.clone(), memory.clone(), memory, take).await;
     let server = RedisServer::start();
-    taken_ahead_of_expiry(
+    kept_pair_taken_meanwhile(
         redis_store(&server, "ahead").await,
         redis_store(&server, "ahead").await,
         redis_store(&server, "ahead").await,
+        take,
     )
     .await;
-}
-
-/// See [`a_marker_left_by_a_refresh_ahead_of_expiry_stays`].
-async fn taken_ahead_of_expiry<S: CredentialStore + Clone>(a: S, b: S, look: S) {
-    let source = Rotating::default();
-    let (sa, sb) = (FaultStore::over(a), FaultStore::over(b));
-    let a = source.cache(sa.clone());
-    let b = CredentialCache::builder(source.clone())
-        .store(sb.clone())
-        .fetch_timeout(Duration::from_secs(2))
-        .hard_window(Duration::from_secs(3))
-        .build()
-        .unwrap();
-    a.credential().await.unwrap();
-    sa.faults().lost_pair_replies.store(true, SeqCst);
-    assert!(a.handle().invalidate());
-    let a1 = a.credential().await.unwrap();
-    assert_eq!(look.load().await.unwrap().as_ref(), Some(&a1));
-    sa.faults().down.store(true, SeqCst);
-    sa.faults().lost_pair_replies.store(false, SeqCst);
-    sb.faults().refusing_pairs.store(true, SeqCst);
-    tokio::time::sleep(Duration::from_millis(3500)).await;
-    if b.credential().await.unwrap() == a1 {
-        // In its hard window at B: refreshed before it is served again.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let _ = b.credential().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    assert_ne!(b.credential().await.unwrap(), a1, "B refreshed ahead");
-    assert_eq!(source.calls.load(SeqCst), 3, "B refreshed once");
-    sb.faults().down.store(true, SeqCst);
-    tokio::time::sleep(Duration::from_millis(3500)).await;
-    sa.faults().down.store(false, SeqCst);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    sb.faults().down.store(false, SeqCst);
-    sb.faults().refusing_pairs.store(false, SeqCst);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let stored = look.load().await.unwrap();
-    assert_eq!(
-        stored
-            .as_ref()
-            .and_then(|c| c.refresh_token())
-            .map(|t| t.expose()),
-        Some("rt2"),
-        "the store holds {:?}",
-        stored.as_ref().map(shown)
-    );
-    assert_eq!(source.reused.load(SeqCst), 0);
 }
 
 /// World: one process; the marker its refresh writes in place of `a0`/`rt0` lands
@@ -2263,30 +2240,12 @@ async fn a_marker_of_the_kept_pair_itself_is_never_taken_as_left() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let stored = memory.load().await.unwrap().unwrap();
     assert_eq!(stored.refresh_token().map(|t| t.expose()), Some("rt1"));
-    sa.faults().down.store(true, SeqCst);
-    sa.faults().lost_pair_replies.store(false, SeqCst);
-    sb.faults().refusing_pairs.store(true, SeqCst);
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    support::store::a_goes_down_and_b_refuses_pairs(&sa, &sb).await;
     if b.credential().await.unwrap() == a1 {
         b.reject(&a1).await.expect("B refreshed with rt1");
     }
-    sb.faults().down.store(true, SeqCst);
-    tokio::time::sleep(Duration::from_millis(3500)).await;
-    sa.faults().down.store(false, SeqCst);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    sb.faults().down.store(false, SeqCst);
-    sb.faults().refusing_pairs.store(false, SeqCst);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let stored = memory.load().await.unwrap();
-    assert_eq!(
-        stored
-            .as_ref()
-            .and_then(|c| c.refresh_token())
-            .map(|t| t.expose()),
-        Some("rt2"),
-        "the store holds {:?}",
-        stored.as_ref().map(shown)
-    );
+    support::store::b_goes_down_then_both_come_back(&sa, &sb).await;
+    assert_eq!(sa.stored_refresh_token().await.as_deref(), Some("rt2"));
     let _ = b.reject(&b.credential().await.unwrap()).await;
     assert_eq!(
         source.0.reused.load(SeqCst),

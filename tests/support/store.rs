@@ -103,6 +103,12 @@ impl<S: CredentialStore> FaultStore<S> {
         &self.faults
     }
 
+    /// The refresh token the store behind the switches holds, if any.
+    pub async fn stored_refresh_token(&self) -> Option<String> {
+        let stored = self.memory.load().await.unwrap();
+        stored.and_then(|c| c.refresh_token().map(|t| t.expose().to_owned()))
+    }
+
     /// The next loads take these long, one after another (a slow round trip).
     pub fn delay_next_loads(&self, delays: &[Duration]) {
         self.faults
@@ -279,4 +285,33 @@ pub fn windowed<P: CredentialSource>(source: P, store: FaultStore) -> Credential
         .backoff(Duration::from_millis(50), Duration::from_millis(100))
         .build()
         .unwrap()
+}
+
+/// Process A's and B's connections to one store, in the two outages of the kept-pair
+/// tests. The first: A's connection goes down past A's lease (a save whose reply A lost
+/// stays landed), and B's refuses pairs from now on, so that B keeps what it rotates.
+pub async fn a_goes_down_and_b_refuses_pairs<S: CredentialStore>(
+    a: &FaultStore<S>,
+    b: &FaultStore<S>,
+) {
+    a.faults().down.store(true, SeqCst);
+    a.faults().lost_pair_replies.store(false, SeqCst);
+    b.faults().refusing_pairs.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+}
+
+/// The second: B's connection goes down past B's lease; A's comes back (its task takes
+/// the free lease again); then B's, taking pairs again; both tasks have had their turn
+/// when this returns.
+pub async fn b_goes_down_then_both_come_back<S: CredentialStore>(
+    a: &FaultStore<S>,
+    b: &FaultStore<S>,
+) {
+    b.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    a.faults().down.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    b.faults().down.store(false, SeqCst);
+    b.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
 }
