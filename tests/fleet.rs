@@ -184,9 +184,11 @@ async fn memory_and_redis_keep_the_same_contract() {
 }
 
 /// World: a pair saved whose access token expires in 1 s, read back 1.5 s later, in the
-/// memory store and in Redis. Proves: the refresh token outlives its access token in
-/// every store (an idle fleet refreshes with it instead of logging in again), while a
-/// credential without one still goes with its expiry in Redis.
+/// memory store and in Redis; and a marker (a credential without a refresh token, saved
+/// already expired). Proves: the refresh token outlives its access token in every store
+/// (an idle fleet refreshes with it instead of logging in again), while a credential
+/// without one still goes with its expiry in Redis; a marker stays in every store (it
+/// records that a holder took the refresh token out: see `Kept::left` in the cache).
 #[tokio::test]
 async fn a_stored_refresh_token_outlives_its_access_token() {
     let server = RedisServer::start();
@@ -221,6 +223,21 @@ async fn a_stored_refresh_token_outlives_its_access_token() {
         None,
         "a credential alone expires with itself"
     );
+    let marker = Credential::bearer("taken")
+        .unwrap()
+        .expires_at(std::time::SystemTime::UNIX_EPOCH);
+    let marked = redis_store(&server, "outlives-marker").await;
+    for store in [&memory as &dyn Probe, &marked] {
+        store.put(&marker).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (name, store) in [("memory", &memory as &dyn Probe), ("redis", &marked)] {
+        assert_eq!(
+            store.get().await,
+            Some(marker.clone()),
+            "{name}: the marker went"
+        );
+    }
 }
 
 /// World: a fleet's cache (over memory, and over Redis), its own source rotating the
