@@ -1936,13 +1936,14 @@ async fn a_pair_whose_lease_ran_out_is_never_presented() {
 async fn a_kept_pair_whose_save_was_taken_meanwhile_is_not_saved_again() {
     let memory = MemoryStore::default();
     let take = Take::Rejected;
-    kept_pair_taken_meanwhile(memory.clone(), memory.clone(), memory, take).await;
+    kept_pair_taken_meanwhile(memory.clone(), memory.clone(), memory, take, 0).await;
     let server = RedisServer::start();
     kept_pair_taken_meanwhile(
         redis_store(&server, "taken-meanwhile").await,
         redis_store(&server, "taken-meanwhile").await,
         redis_store(&server, "taken-meanwhile").await,
         take,
+        0,
     )
     .await;
 }
@@ -1957,9 +1958,15 @@ enum Take {
 }
 
 /// See [`a_kept_pair_whose_save_was_taken_meanwhile_is_not_saved_again`]: processes A
-/// and B over `a` and `b`, B taking A's pair as `take` says, and the store looked at
-/// through `look`.
-async fn kept_pair_taken_meanwhile<S: CredentialStore + Clone>(a: S, b: S, look: S, take: Take) {
+/// and B over `a` and `b`, B taking A's pair as `take` says, the first `failed_looks`
+/// looks at the store A takes once back failing, and the store looked at through `look`.
+async fn kept_pair_taken_meanwhile<S: CredentialStore + Clone>(
+    a: S,
+    b: S,
+    look: S,
+    take: Take,
+    failed_looks: usize,
+) {
     let source = Rotating::default();
     let (sa, sb) = (FaultStore::over(a), FaultStore::over(b));
     let a = source.cache(sa.clone());
@@ -1995,6 +2002,7 @@ async fn kept_pair_taken_meanwhile<S: CredentialStore + Clone>(a: S, b: S, look:
     }
     assert_ne!(b.credential().await.unwrap(), a1, "B refreshed");
     assert_eq!(source.calls.load(SeqCst), 3, "B refreshed once");
+    sa.faults().failing_loads.store(failed_looks, SeqCst);
     support::store::b_goes_down_then_both_come_back(&sa, &sb).await;
     let stored = look.load().await.unwrap();
     assert_eq!(
@@ -2143,13 +2151,14 @@ async fn a_late_pair_given_up_is_not_served() {
 async fn a_marker_left_by_a_refresh_ahead_of_expiry_stays() {
     let memory = MemoryStore::default();
     let take = Take::AheadOfExpiry;
-    kept_pair_taken_meanwhile(memory.clone(), memory.clone(), memory, take).await;
+    kept_pair_taken_meanwhile(memory.clone(), memory.clone(), memory, take, 0).await;
     let server = RedisServer::start();
     kept_pair_taken_meanwhile(
         redis_store(&server, "ahead").await,
         redis_store(&server, "ahead").await,
         redis_store(&server, "ahead").await,
         take,
+        0,
     )
     .await;
 }
@@ -2269,4 +2278,53 @@ async fn a_marker_of_the_kept_pair_itself_is_never_taken_as_left() {
         0,
         "a spent refresh token presented again"
     );
+}
+
+/// World: as in [`a_kept_pair_whose_save_was_taken_meanwhile_is_not_saved_again`], over
+/// memory, but the first look A's task takes at the store, once it has the lease again,
+/// fails. Proves (review finding: the task kept the new lease and went round; the next
+/// round's renewal answered, so the store was never looked at, and the spent `rt1` was
+/// saved over B's marker): a pair whose lease was taken again is neither saved nor
+/// presented before a look at the store answers.
+#[tokio::test]
+async fn a_kept_pair_is_saved_only_after_a_look_that_answers() {
+    let memory = MemoryStore::default();
+    let take = Take::Rejected;
+    kept_pair_taken_meanwhile(memory.clone(), memory.clone(), memory, take, 1).await;
+}
+
+/// World: one process keeps `a1`/`rt1` (the store refuses pairs, under its marker of
+/// `a0`); its connection goes down past the lease; when it comes back, the lease its
+/// task takes again is taken, but the reply is lost. Proves (review finding: the task
+/// then found the lease held, by its own lost lease, and abandoned `rt1`, which nobody
+/// else ever saw, and the next refresh logged in): a lease held by another is waited
+/// for, and the store, looked at once it is free, decides; `rt1` is saved.
+#[tokio::test]
+async fn a_kept_pair_waits_out_a_lease_it_took_without_an_answer() {
+    let source = Rotating::default();
+    let memory = MemoryStore::default();
+    let sa = FaultStore::over(memory.clone());
+    let a = source.cache(sa.clone());
+    a.credential().await.unwrap();
+    sa.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a1 = a.credential().await.unwrap();
+    sa.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    sa.faults().lost_lease_replies.store(1, SeqCst);
+    sa.faults().refusing_pairs.store(false, SeqCst);
+    sa.faults().down.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(6000)).await;
+    let stored = memory.load().await.unwrap();
+    assert_eq!(
+        stored
+            .as_ref()
+            .and_then(|c| c.refresh_token())
+            .map(|t| t.expose()),
+        Some("rt1"),
+        "the store holds {:?}",
+        stored.as_ref().map(shown)
+    );
+    let _ = a.reject(&a1).await;
+    assert_eq!(source.logins.load(SeqCst), 1, "logged in again");
 }

@@ -1033,6 +1033,12 @@ pub(super) struct Kept {
     /// though its reply was lost, and another holder may have spent it (see
     /// [`keep_saving`]).
     left: Left,
+    /// Whether the pair's lease was held without a break since it was kept, or the
+    /// store was found as this process left it ([`Kept::store_as_left`]) since the lease
+    /// was taken again. Until then the pair is neither saved, nor taken over by a flight,
+    /// nor saved as the cache goes: a save of it may have landed, been taken by another
+    /// holder and spent.
+    checked: bool,
 }
 
 /// What the store may hold as this process left it, under a lease held without a break
@@ -1074,6 +1080,7 @@ impl Kept {
             credential,
             born,
             left,
+            checked: true,
         }
     }
 
@@ -1118,8 +1125,11 @@ pub(super) type KeptSlot = Arc<tokio::sync::Mutex<Option<Kept>>>;
 /// the access token changes nothing here: the refresh token is still the newest, and the
 /// next refresh needs it. That refresh, if this process needs one first, takes the pair
 /// and the lease over from this task, which then ends (see [`take_kept`]). A lease lost
-/// in the outage (the store restarted, say) is taken again, and the credential saved
-/// under it only if the store is as this process left it, or empty
+/// in the outage (the store restarted, say) is taken again once it is free (another
+/// holder's, or this process's own taken by a call whose reply was lost, is waited
+/// out); until a look at the store then answers, the pair is neither saved nor taken
+/// over ([`Kept::checked`]), and it is saved only if the store is as this process left
+/// it, or empty
 /// ([`Kept::store_as_left`]): a newer pair wins, and a save of this pair that landed
 /// though its reply was lost, and was taken and spent by another holder meanwhile, is
 /// not put back for a third to present. An empty store is taken as a restart (the
@@ -1167,40 +1177,40 @@ async fn keep_saving<P: CredentialSource>(
         match store_call(&inner, until, "renew", store.renew(&kept.lease, hold)).await {
             None | Some(true) => {}
             Some(false) => {
-                // Lost in the outage: take it again, unless someone holds it now.
+                // Lost in the outage: another holder may have taken the pair from the
+                // store since (a save whose reply was lost may have landed), so it is
+                // neither saved nor presented until the store, looked at under the lease
+                // taken again, says no one did.
+                kept.checked = false;
                 match store_call(&inner, until, "lease", store.lease(hold)).await {
-                    None => continue,
-                    Some(None) => {
-                        // Another holder, which may have taken this pair from the store
-                        // (a save whose reply was lost may have landed): never
-                        // presented by this process again, nor saved.
-                        tracing::warn!(
-                            "another process took the refresh lease; the unsaved refresh token is abandoned"
-                        );
-                        late_settled(&inner, &kept.credential, false);
-                        *mine = None;
-                        return;
-                    }
+                    // Held by another (this process's own lease too, taken again by a
+                    // call whose reply was lost): waited for, as any holder is.
+                    None | Some(None) => continue,
                     Some(Some(again)) => kept.lease = again,
                 }
-                match store_call(&inner, until, "load", store.load()).await {
-                    None => continue,
-                    Some(stored) if !kept.store_as_left(stored.as_ref()) => {
-                        // A newer refresh token, or a marker some holder wrote when it
-                        // took one out of the store: perhaps this pair's, from a save
-                        // that landed though its reply was lost.
-                        tracing::info!(
-                            "the store changed while the refresh lease was lost; the unsaved refresh token is abandoned"
-                        );
-                        late_settled(&inner, &kept.credential, false);
-                        let lease = kept.lease.clone();
-                        *mine = None;
-                        drop(mine);
-                        release(&inner, store.as_ref(), &lease).await;
-                        return;
-                    }
-                    Some(_) => {}
+            }
+        }
+        if !kept.checked {
+            // Looked at again each round until a look answers: a round whose look failed
+            // renews the lease taken again without a break, which proves nothing of
+            // the outage before it.
+            match store_call(&inner, until, "load", store.load()).await {
+                None => continue,
+                Some(stored) if !kept.store_as_left(stored.as_ref()) => {
+                    // A newer refresh token, or a marker some holder wrote when it
+                    // took one out of the store: perhaps this pair's, from a save
+                    // that landed though its reply was lost.
+                    tracing::info!(
+                        "the store changed while the refresh lease was lost; the unsaved refresh token is abandoned"
+                    );
+                    late_settled(&inner, &kept.credential, false);
+                    let lease = kept.lease.clone();
+                    *mine = None;
+                    drop(mine);
+                    release(&inner, store.as_ref(), &lease).await;
+                    return;
                 }
+                Some(_) => kept.checked = true,
             }
         }
         if Instant::now() < next_try {
@@ -1243,7 +1253,9 @@ async fn last_save(store: &dyn crate::store::DynStore, slot: &KeptSlot, id: u64)
         let Some(kept) = slot.lock().await.take_if(|kept| kept.id == id) else {
             return true;
         };
-        let saved = matches!(store.save(&kept.lease, &kept.credential).await, Ok(true));
+        // Not over a store it has not looked at since its lease was lost.
+        let saved =
+            kept.checked && matches!(store.save(&kept.lease, &kept.credential).await, Ok(true));
         let _ = store.release(&kept.lease).await;
         saved
     })
@@ -1270,6 +1282,12 @@ async fn take_kept<P: CredentialSource>(
         .await
         .ok()?;
     let kept = slot.take()?;
+    if !kept.checked {
+        // Its lease was lost and taken again, and the store not looked at since: left to
+        // its task, which looks before anything else.
+        *slot = Some(kept);
+        return None;
+    }
     let renewed = store.renew(&kept.lease, lease_hold(inner));
     if store_call(inner, deadline, "renew", renewed).await != Some(true) {
         *slot = Some(kept);

@@ -47,6 +47,8 @@ pub struct Faults {
     pub lost_marker_replies: AtomicBool,
     /// The next this many loads fail, after `passing_loads` more have passed.
     pub failing_loads: AtomicUsize,
+    /// The next this many leases taken are taken, then reported failed (the reply lost).
+    pub lost_lease_replies: AtomicUsize,
     /// Loads that pass before `failing_loads` fail.
     pub passing_loads: AtomicUsize,
 
@@ -178,7 +180,15 @@ impl<S: CredentialStore> CredentialStore for FaultStore<S> {
         if self.faults.lease_down.load(SeqCst) {
             return Err("connection refused".into());
         }
-        self.memory.lease(ttl).await
+        let lease = self.memory.lease(ttl).await?;
+        if lease.is_some()
+            && (self.faults.lost_lease_replies)
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err("connection reset before the reply".into());
+        }
+        Ok(lease)
     }
 
     async fn save(&self, lease: &Lease, credential: &Credential) -> Result<bool, BoxError> {
