@@ -1934,18 +1934,16 @@ async fn a_pair_whose_lease_ran_out_is_never_presented() {
 /// refresh presents it.
 #[tokio::test]
 async fn a_kept_pair_whose_save_was_taken_meanwhile_is_not_saved_again() {
+    taken_meanwhile_in_memory_and_redis(Take::Rejected).await;
+}
+
+/// [`kept_pair_taken_meanwhile`] over memory, then over a real Redis.
+async fn taken_meanwhile_in_memory_and_redis(take: Take) {
     let memory = MemoryStore::default();
-    let take = Take::Rejected;
     kept_pair_taken_meanwhile(memory.clone(), memory.clone(), memory, take, 0).await;
     let server = RedisServer::start();
-    kept_pair_taken_meanwhile(
-        redis_store(&server, "taken-meanwhile").await,
-        redis_store(&server, "taken-meanwhile").await,
-        redis_store(&server, "taken-meanwhile").await,
-        take,
-        0,
-    )
-    .await;
+    let redis = async || redis_store(&server, "taken-meanwhile").await;
+    kept_pair_taken_meanwhile(redis().await, redis().await, redis().await, take, 0).await;
 }
 
 /// How process B comes to take process A's pair out of the store.
@@ -2149,18 +2147,7 @@ async fn a_late_pair_given_up_is_not_served() {
 /// stays in every store until it is replaced; `rt2` reaches the store.
 #[tokio::test]
 async fn a_marker_left_by_a_refresh_ahead_of_expiry_stays() {
-    let memory = MemoryStore::default();
-    let take = Take::AheadOfExpiry;
-    kept_pair_taken_meanwhile(memory.clone(), memory.clone(), memory, take, 0).await;
-    let server = RedisServer::start();
-    kept_pair_taken_meanwhile(
-        redis_store(&server, "ahead").await,
-        redis_store(&server, "ahead").await,
-        redis_store(&server, "ahead").await,
-        take,
-        0,
-    )
-    .await;
+    taken_meanwhile_in_memory_and_redis(Take::AheadOfExpiry).await;
 }
 
 /// World: one process; the marker its refresh writes in place of `a0`/`rt0` lands
@@ -2198,16 +2185,7 @@ async fn a_marker_whose_save_had_no_answer_is_known_as_left() {
     sa.faults().down.store(false, SeqCst);
     sa.faults().refusing_pairs.store(false, SeqCst);
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let stored = memory.load().await.unwrap();
-    assert_eq!(
-        stored
-            .as_ref()
-            .and_then(|c| c.refresh_token())
-            .map(|t| t.expose()),
-        Some("rt1"),
-        "the store holds {:?}",
-        stored.as_ref().map(shown)
-    );
+    assert_eq!(sa.stored_refresh_token().await.as_deref(), Some("rt1"));
 }
 
 /// [`Rotating`], but a fetch told the store is unavailable fails (a source that will
@@ -2315,16 +2293,7 @@ async fn a_kept_pair_waits_out_a_lease_it_took_without_an_answer() {
     sa.faults().refusing_pairs.store(false, SeqCst);
     sa.faults().down.store(false, SeqCst);
     tokio::time::sleep(Duration::from_millis(6000)).await;
-    let stored = memory.load().await.unwrap();
-    assert_eq!(
-        stored
-            .as_ref()
-            .and_then(|c| c.refresh_token())
-            .map(|t| t.expose()),
-        Some("rt1"),
-        "the store holds {:?}",
-        stored.as_ref().map(shown)
-    );
+    assert_eq!(sa.stored_refresh_token().await.as_deref(), Some("rt1"));
     let _ = a.reject(&a1).await;
     assert_eq!(source.logins.load(SeqCst), 1, "logged in again");
 }
