@@ -1129,14 +1129,13 @@ pub(super) type KeptSlot = Arc<tokio::sync::Mutex<Option<Kept>>>;
 /// holder's, or this process's own taken by a call whose reply was lost, is waited
 /// out); until a look at the store then answers, the pair is neither saved nor taken
 /// over ([`Kept::checked`]), and it is saved only if the store is as this process left
-/// it, or empty
-/// ([`Kept::store_as_left`]): a newer pair wins, and a save of this pair that landed
-/// though its reply was lost, and was taken and spent by another holder meanwhile, is
-/// not put back for a third to present. An empty store is taken as a restart (the
-/// pair is the fleet's only refresh token then). A marker is never sent, so never
-/// removed after a rejection, and no store lets it expire: only a store that lost its
-/// data (a restart without persistence, a flush) hides a take, and this pair is then
-/// saved.
+/// it, or empty ([`Kept::store_as_left`]): a newer pair wins, and a save of this pair
+/// that landed though its reply was lost, and was taken and spent by another holder
+/// meanwhile, is not put back for a third to present. An empty store is taken as a
+/// restart (the pair is the fleet's only refresh token then). A marker is never sent,
+/// so never removed after a rejection, and no store lets it expire: only a store that
+/// lost its data (a restart without persistence, a flush) hides a take, and this pair
+/// is then saved.
 async fn keep_saving<P: CredentialSource>(
     inner: std::sync::Weak<Inner<P>>,
     store: Arc<dyn crate::store::DynStore>,
@@ -1351,7 +1350,7 @@ async fn holding<P: CredentialSource>(
         if Some(stored) != cx.previous() && inner.is_reusable_stored(stored) {
             tracing::debug!("using the credential found in the store");
             let mut hit = Holding::ended(Ok(stored.clone()), Saved::StoreHit);
-            hit.left = Left(vec![Some(stored.clone())]);
+            hit.left = Left::loaded(&held, None);
             return hit;
         }
     }
@@ -1373,7 +1372,7 @@ async fn holding<P: CredentialSource>(
     // fleet's record that the refresh token was taken (see `Kept::left`). A process
     // that starts meanwhile waits for this refresh instead of taking the old access
     // token from the store.
-    let taking = match (&held, took) {
+    let pair = match (&held, took) {
         _ if step_up => None,
         // The store's own, unless a kept pair taken over carries another.
         (Some(Some(stored)), took)
@@ -1383,27 +1382,23 @@ async fn holding<P: CredentialSource>(
                     _ => true,
                 } =>
         {
-            let marker = stored
-                .clone()
-                .without_refresh_token()
-                .expires_at(std::time::SystemTime::UNIX_EPOCH);
-            stored.refresh_token().cloned().map(|token| (marker, token))
+            Some(stored)
         }
         // A pair this process kept, taken over with the lease (`take_kept`, which
         // renewed it: held without a break, so no one else took the pair from the
         // store): newer than any other the store holds. The store may hold it too (a
         // save that landed though its reply was lost), or the store's load may have
         // failed: taken out all the same.
-        (_, Took::Kept(kept)) => kept.credential.refresh_token().cloned().map(|token| {
-            let marker = kept
-                .credential
-                .clone()
-                .without_refresh_token()
-                .expires_at(std::time::SystemTime::UNIX_EPOCH);
-            (marker, token)
-        }),
+        (_, Took::Kept(kept)) => Some(&kept.credential),
         _ => None,
     };
+    let taking = pair.and_then(|pair| {
+        let marker = pair
+            .clone()
+            .without_refresh_token()
+            .expires_at(std::time::SystemTime::UNIX_EPOCH);
+        pair.refresh_token().cloned().map(|token| (marker, token))
+    });
     // What the store holds as this refresh leaves it: what it loaded, and the marker
     // it writes in place of the pair it takes the refresh token from.
     let mut left = Left::loaded(
