@@ -2188,6 +2188,65 @@ async fn a_marker_whose_save_had_no_answer_is_known_as_left() {
     assert_eq!(sa.stored_refresh_token().await.as_deref(), Some("rt1"));
 }
 
+/// [`Rotating`] through an exchange that takes 300 ms.
+#[derive(Clone, Default)]
+struct SlowRotating(Rotating);
+
+impl CredentialSource for SlowRotating {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.0.fetch(cx).await
+    }
+}
+
+/// World: process B's pair `a0`/`rt0` (4 s) is refreshed ahead of its expiry (in its
+/// soft window, the last quarter) through a slow exchange, while B goes on serving
+/// `a0`; process C starts during that exchange, over the same store. Proves (the cost
+/// that README and `holding` state of always-expired markers): C is not handed `a0`
+/// from the marker B left in the store, though `a0` is still valid; it waits for B's
+/// refresh and gets `a1`; one login, one refresh.
+#[tokio::test]
+async fn a_process_starting_during_a_refresh_gets_its_pair_not_the_marker() {
+    let source = SlowRotating::default();
+    let memory = MemoryStore::default();
+    let b = CredentialCache::builder(source.clone())
+        .store(memory.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .window_jitter(0.0)
+        .build()
+        .unwrap();
+    let a0 = b.credential().await.unwrap();
+    // Asked until its soft window begins: the refresh is under way once the store holds
+    // the marker (its refresh token taken out).
+    let began = Instant::now();
+    while memory
+        .load()
+        .await
+        .unwrap()
+        .unwrap()
+        .refresh_token()
+        .is_some()
+    {
+        assert!(began.elapsed() < Duration::from_secs(5), "no refresh ahead");
+        assert_eq!(
+            b.credential().await.unwrap(),
+            a0,
+            "served while it refreshes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = CredentialCache::builder(source.clone())
+        .store(memory.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let got = c.credential().await.unwrap();
+    assert_ne!(got, a0, "C was handed the marker's access token");
+    assert_eq!(got, Credential::bearer("a1").unwrap());
+    assert_eq!(source.0.logins.load(SeqCst), 1);
+    assert_eq!(source.0.calls.load(SeqCst), 2);
+}
+
 /// [`Rotating`], but a fetch told the store is unavailable fails (a source that will
 /// not log in beside a fleet).
 #[derive(Clone, Default)]
