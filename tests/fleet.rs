@@ -1334,6 +1334,47 @@ async fn tls_and_an_acl_user_through_the_client_crates_own_features() {
     assert!(!format!("{err} {err:?}").contains("fleet-pass"));
 }
 
+/// World: real Redis servers with a memory limit under each kind of eviction policy,
+/// one with a limit and `noeviction`, and one without a limit (the default).
+/// Proves: connecting warns, naming the policy, exactly when the server may evict the
+/// store's keys (a lost lease or refresh token would follow); the store works either way.
+#[tokio::test]
+async fn connecting_to_a_redis_that_may_evict_the_stores_keys_warns() {
+    for (args, evicts) in [
+        (
+            &["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"][..],
+            true,
+        ),
+        (
+            &["--maxmemory", "64mb", "--maxmemory-policy", "volatile-ttl"][..],
+            true,
+        ),
+        (
+            &["--maxmemory", "64mb", "--maxmemory-policy", "noeviction"][..],
+            false,
+        ),
+        (&["--maxmemory-policy", "allkeys-random"][..], false),
+        (&[][..], false),
+    ] {
+        let server = RedisServer::start_with(support::redis::free_port(), args);
+        let (capture, _guard) = support::capture_traces();
+        let store = redis_store(&server, "evicting").await;
+        let text = capture.text();
+        let warned = text.contains("may evict the store's keys");
+        assert_eq!(warned, evicts, "{args:?}: {text}");
+        if evicts {
+            assert!(
+                text.contains(args[3]),
+                "{args:?}: the policy is named: {text}"
+            );
+        }
+        let lease = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
+        let credential = Credential::bearer("kept").unwrap();
+        assert!(store.save(&lease, &credential).await.unwrap(), "{args:?}");
+        assert_eq!(store.load().await.unwrap(), Some(credential), "{args:?}");
+    }
+}
+
 #[cfg(feature = "file-store")]
 mod file_store {
     //! `FileStore`: the same contract in one file under an OS lock, for one host.

@@ -174,7 +174,10 @@ impl RedisStore {
     ///
     /// Fails when the server cannot be reached or refuses this user the store's keys (a
     /// missing or wrong password, an ACL without `~tca:*`): a misconfiguration shows at
-    /// start-up, not as a fleet that quietly stops sharing.
+    /// start-up, not as a fleet that quietly stops sharing. Logs a warning when the
+    /// server has a memory limit and a policy that may evict the store's keys (anything
+    /// but `maxmemory-policy noeviction`): an evicted lease lets two processes refresh
+    /// at once, an evicted refresh token costs the fleet a login.
     pub async fn from_client(client: redis::Client, namespace: &str) -> Result<Self, BoxError> {
         // Few retries per connection attempt: a refused password fails start-up at once,
         // and in an outage every store call (bounded by the cache) tries again anyway.
@@ -189,13 +192,33 @@ impl RedisStore {
             .await
     }
 
-    /// Asks about the credential's key once: an error now if this user may not.
+    /// Asks about the credential's key once: an error now if this user may not. Then
+    /// reads the server's eviction settings, and warns if it may evict the store's keys
+    /// (see [`evicting`]).
     async fn checked(self) -> Result<Self, BoxError> {
         let mut connection = self.connection.clone();
         let _: i64 = redis::cmd("EXISTS")
             .arg(&self.keys.credential)
             .query_async(&mut connection)
             .await?;
+        let info = redis::cmd("INFO")
+            .arg("memory")
+            .query_async::<redis::Value>(&mut connection)
+            .await;
+        match info.as_ref().map(evicting) {
+            Ok(Some(policy)) => tracing::warn!(
+                policy = %crate::text::escape(&policy, 40),
+                "this Redis has a memory limit and may evict the store's keys under memory \
+                 pressure: an evicted lease lets two processes refresh at once, an evicted \
+                 refresh token makes the fleet sign in again; set `maxmemory-policy \
+                 noeviction` (or no `maxmemory`)"
+            ),
+            Ok(None) => {}
+            // An ACL without `INFO`: nothing to tell, and nothing wrong with the store.
+            Err(err) => {
+                tracing::debug!(error = %crate::text::foreign(&err.to_string()), "could not read the server's eviction settings")
+            }
+        }
         Ok(self)
     }
 
@@ -282,6 +305,44 @@ impl RedisStore {
     pub fn encrypted(mut self, key: [u8; 32]) -> Self {
         self.codec.sealing = Some(Arc::new(Sealing::new(key)));
         self
+    }
+}
+
+/// The eviction policy of a server `INFO memory` describes (of any node, for a cluster,
+/// whose answer is one text per node) when it may evict this store's keys: a memory
+/// limit (`maxmemory` above 0) with any policy but `noeviction`. `allkeys-*` may evict
+/// the stored refresh token and the record a refresh leaves; `volatile-*` the lease (it
+/// has a TTL) and an access token.
+fn evicting(info: &redis::Value) -> Option<String> {
+    let mut texts = Vec::new();
+    texts_of(info, &mut texts);
+    texts.into_iter().find_map(|text| {
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|line| line.trim_end().strip_prefix(name)?.strip_prefix(':'))
+        };
+        let limit = field("maxmemory")?.parse::<u64>().ok()?;
+        let policy = field("maxmemory_policy")?;
+        (limit > 0 && policy != "noeviction").then(|| policy.to_owned())
+    })
+}
+
+/// Every text in `value`, however nested (a cluster answers `INFO` with one per node).
+fn texts_of(value: &redis::Value, texts: &mut Vec<String>) {
+    match value {
+        redis::Value::BulkString(bytes) => texts.push(String::from_utf8_lossy(bytes).into_owned()),
+        redis::Value::SimpleString(text) | redis::Value::VerbatimString { text, .. } => {
+            texts.push(text.clone())
+        }
+        redis::Value::Array(values) | redis::Value::Set(values) => {
+            values.iter().for_each(|v| texts_of(v, texts))
+        }
+        redis::Value::Attribute { data, .. } => texts_of(data, texts),
+        redis::Value::Map(pairs) => pairs.iter().for_each(|(k, v)| {
+            texts_of(k, texts);
+            texts_of(v, texts)
+        }),
+        _ => {}
     }
 }
 
