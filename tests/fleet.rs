@@ -2288,6 +2288,95 @@ async fn a_process_starting_during_a_refresh_gets_its_pair_not_the_marker() {
     assert_eq!(source.0.calls.load(SeqCst), 2);
 }
 
+/// [`Rotating`] whose next `slow` refreshes (logins are quick) each take `delay`.
+#[derive(Clone, Default)]
+struct SlowRefreshes {
+    rotating: Rotating,
+    slow: Arc<AtomicUsize>,
+    delay: Duration,
+}
+
+impl CredentialSource for SlowRefreshes {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        let refresh = matches!(
+            cx.refresh_sharing(),
+            tower_client_auth::RefreshSharing::Shared(Some(_))
+        );
+        if refresh && (self.slow.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))).is_ok() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.rotating.fetch(cx).await
+    }
+}
+
+/// World: one process over a store; the API rejects `a0`, and the refresh that
+/// presents `rt0` takes `refresh_takes` while the store is down from its start until
+/// the lease has run out (no other process takes it), then answers again; the save of
+/// `a1`/`rt1` is refused by the fence. Within the fetch timeout, or past it (a late
+/// fetch, which ends on its own).
+/// Proves (review of the tenth sitting's note: the rotated pair was dropped on a fenced
+/// save, the store kept the marker, and the next refresh logged in, the only live
+/// refresh token lost): the pair is kept, saved once the lease is taken again and the
+/// store is as the refresh left it, and the next refresh presents `rt1`: one login,
+/// no reuse.
+async fn a_fenced_save(fetch_timeout: Duration, refresh_takes: Duration) {
+    let source = SlowRefreshes {
+        delay: refresh_takes,
+        ..SlowRefreshes::default()
+    };
+    let store = FaultStore::new();
+    let a = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .fetch_timeout(fetch_timeout)
+        .build()
+        .unwrap();
+    let a0 = a.credential().await.unwrap();
+    source.slow.store(1, SeqCst);
+    let refresh = tokio::spawn({
+        let a = a.clone();
+        async move { a.reject(&a0).await }
+    });
+    // The refresh is in the source once it took its delay.
+    while source.slow.load(SeqCst) > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.stored_refresh_token().await, None, "rt0 taken out");
+    store.faults().down.store(true, SeqCst);
+    // The lease (3 s) runs out.
+    tokio::time::sleep(Duration::from_millis(3300)).await;
+    store.faults().down.store(false, SeqCst);
+    let _ = refresh.await.unwrap();
+    let began = Instant::now();
+    while store.stored_refresh_token().await.as_deref() != Some("rt1") {
+        assert!(
+            began.elapsed() < Duration::from_secs(6),
+            "{fetch_timeout:?}: rt1 never reached the store"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a1 = a.credential().await.unwrap();
+    let _ = a.reject(&a1).await.expect("refreshed with rt1");
+    assert_eq!(source.rotating.reused.load(SeqCst), 0, "{fetch_timeout:?}");
+    assert_eq!(
+        source.rotating.logins.load(SeqCst),
+        1,
+        "{fetch_timeout:?}: logged in again"
+    );
+    assert_eq!(store.stored_refresh_token().await.as_deref(), Some("rt2"));
+}
+
+/// See [`a_fenced_save`]: the refresh ends within the fetch timeout.
+#[tokio::test]
+async fn a_pair_whose_save_was_fenced_is_kept_and_saved() {
+    a_fenced_save(Duration::from_secs(10), Duration::from_millis(4000)).await;
+}
+
+/// See [`a_fenced_save`]: the refresh ends past the fetch timeout (a late fetch).
+#[tokio::test]
+async fn a_late_pair_whose_save_was_fenced_is_kept_and_saved() {
+    a_fenced_save(Duration::from_secs(2), Duration::from_millis(3600)).await;
+}
+
 /// [`Rotating`], but a fetch told the store is unavailable fails (a source that will
 /// not log in beside a fleet).
 #[derive(Clone, Default)]

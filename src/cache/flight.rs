@@ -954,8 +954,11 @@ async fn obtain<P: CredentialSource>(
             return held;
         }
         *from_store = saved == Saved::StoreHit;
+        // Not in the store: a save that failed, or one the fence refused (the lease ran
+        // out during the refresh: the pair is still this process's to save, once the
+        // store, looked at under the lease taken again, is as this refresh left it).
         let unsaved = match saved {
-            Saved::Failed => held.as_ref().ok().or(refused.as_ref()),
+            Saved::Failed | Saved::Fenced => held.as_ref().ok().or(refused.as_ref()),
             _ => None,
         };
         // The pair taken over is handed back unless what the flight brought carries a
@@ -971,7 +974,11 @@ async fn obtain<P: CredentialSource>(
                 if let Some(kept) = &kept {
                     late_settled(inner, &kept.credential, false);
                 }
-                Some(Kept::new(lease.clone(), credential.clone(), born, left))
+                let kept = Kept::new(lease.clone(), credential.clone(), born, left);
+                Some(match saved {
+                    Saved::Fenced => kept.lease_lost(),
+                    _ => kept,
+                })
             }
             None => match kept {
                 Some(kept) if handed_back(&kept) => {
@@ -1009,7 +1016,9 @@ enum Saved {
     Done,
     /// Nothing to save: the store's credential was used, not the source's.
     StoreHit,
-    /// The lease ran out first: someone else's credential is newer.
+    /// The lease ran out first: nothing written. Another holder may have taken the
+    /// lease, and bring a newer credential; a rotated pair is kept all the same, until
+    /// the store says whether one did (see [`Kept::lease_lost`]).
     Fenced,
     /// The store failed or did not answer.
     Failed,
@@ -1082,6 +1091,13 @@ impl Kept {
             left,
             checked: true,
         }
+    }
+
+    /// The same pair, whose lease ran out before it was kept (its save was refused by
+    /// the fence): neither saved nor taken over until the store says no one took it.
+    fn lease_lost(mut self) -> Self {
+        self.checked = false;
+        self
     }
 
     /// The same pair, under a name of its own: kept by a new task, after a flight that
@@ -1640,8 +1656,9 @@ async fn finish_late<P: CredentialSource>(
     if let Some(credential) = credential {
         let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
         let saved = store_call(&inner, until, "save", store.save(&lease, &credential)).await;
-        if saved.is_none() && credential.refresh_token().is_some() {
-            // Kept under the lease: this process's next answer (see `Late`).
+        if saved != Some(true) && credential.refresh_token().is_some() {
+            // Kept under the lease (or, refused by the fence, under the lease taken
+            // again, as in `obtain`): this process's next answer (see `Late`).
             if let Some(late) = inner
                 .lock_state()
                 .late
@@ -1651,6 +1668,10 @@ async fn finish_late<P: CredentialSource>(
                 late.unsaved = true;
             }
             let kept = Kept::new(lease, credential, born, left);
+            let kept = match saved {
+                Some(false) => kept.lease_lost(),
+                _ => kept,
+            };
             return keep_saving_late(inner, store, kept).await;
         }
         if saved.is_some() {
