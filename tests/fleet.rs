@@ -2486,3 +2486,118 @@ async fn a_kept_pair_waits_out_a_lease_it_took_without_an_answer() {
     let _ = a.reject(&a1).await;
     assert_eq!(source.logins.load(SeqCst), 1, "logged in again");
 }
+
+/// World: one process keeps `a1`/`rt1` (the store refuses pairs); the application
+/// invalidates `a1` (a dropped credential must not be sent again), the store takes pairs
+/// again, and the cache is dropped (the process shuts down) before the task's next try.
+/// Process B starts over the store. Proves (review helper-57: the last save saved the
+/// pair as it was, and B was handed `a1`): the last save as a cache goes saves `rt1`
+/// with its access token marked expired (the cache that could tell it was dropped is
+/// gone), so B refreshes with `rt1` rather than send `a1`; no login. The task's own
+/// saves do the same for a dropped pair (`a_late_pair_dropped_while_kept_is_saved_spent`).
+#[tokio::test]
+async fn a_cache_dropped_while_keeping_a_pair_hands_on_no_access_token_it_dropped() {
+    let source = Rotating::default();
+    let store = FaultStore::new();
+    let a = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    a.credential().await.unwrap();
+    store.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a1 = a.credential().await.unwrap();
+    assert_eq!(a1, Credential::bearer("a1").unwrap());
+    assert!(a.handle().invalidate(), "a1 dropped");
+    store.faults().refusing_pairs.store(false, SeqCst);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let stored = store.load().await.unwrap();
+    assert_eq!(
+        stored
+            .as_ref()
+            .and_then(|c| c.refresh_token())
+            .map(|t| t.expose()),
+        Some("rt1"),
+        "the last save saved rt1"
+    );
+    let b = source.cache(store.clone());
+    let got = b.credential().await.unwrap();
+    assert_ne!(
+        got,
+        a1,
+        "B was handed the access token A dropped: {}",
+        shown(&got)
+    );
+    assert_eq!(source.logins.load(SeqCst), 1, "B refreshed with rt1");
+}
+
+/// World: one process keeps `a1`/`rt1` (the store refuses pairs, under its marker of
+/// `a0`); its connection goes down past the lease; it comes back (taking pairs again),
+/// and the API rejects `a1` before the saving task's next round. Proves (review
+/// helper-57: the rejection's flight, finding the lease free, never asked for the kept
+/// pair, found this process's own marker, logged in, and gave `rt1` up as spent): a
+/// flight that takes the lease afresh takes the kept pair over once the store is as the
+/// pair's refresh left it, and presents `rt1`; one login, no reuse.
+#[tokio::test]
+async fn a_flight_that_finds_the_lease_free_takes_the_kept_pair() {
+    let source = Rotating::default();
+    let memory = MemoryStore::default();
+    let sa = FaultStore::over(memory.clone());
+    let a = source.cache(sa.clone());
+    a.credential().await.unwrap();
+    sa.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a1 = a.credential().await.unwrap();
+    sa.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    sa.faults().refusing_pairs.store(false, SeqCst);
+    sa.faults().down.store(false, SeqCst);
+    let next = a.reject(&a1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        (source.logins.load(SeqCst), source.reused.load(SeqCst)),
+        (1, 0),
+        "logins, reuses: A answered {:?}; the store holds {:?}",
+        next.as_ref().map(shown),
+        sa.stored_refresh_token().await
+    );
+}
+
+/// World: one process keeps `a1`/`rt1` (the store refuses pairs); its connection goes
+/// down; the API rejects `a1` meanwhile, and the rejection's fetch, told the store is
+/// unavailable, logs in (`a2`/`rt2`, never saved: an outage fetch is this process's
+/// own). The connection comes back, taking pairs. Proves (review helper-57: the kept
+/// pair's task took the outage login's `rt2` for proof that `rt1` was spent and gave it
+/// up, and `rt2` never reached the store either): an outage fetch's refresh token is
+/// dropped (`TokenSource` gives none then; this file's `Rotating` does), `rt1` is saved
+/// once the store is back, and the next refresh presents it: no login past the outage's.
+#[tokio::test]
+async fn an_outage_login_does_not_make_a_kept_pair_spent() {
+    let source = Rotating::default();
+    let memory = MemoryStore::default();
+    let sa = FaultStore::over(memory.clone());
+    let a = source.cache(sa.clone());
+    a.credential().await.unwrap();
+    sa.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a1 = a.credential().await.unwrap();
+    sa.faults().down.store(true, SeqCst);
+    let a2 = a
+        .reject(&a1)
+        .await
+        .expect("logged in while the store is down");
+    assert_eq!(source.logins.load(SeqCst), 2, "the outage's own login");
+    sa.faults().refusing_pairs.store(false, SeqCst);
+    sa.faults().down.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stored = memory.load().await.unwrap();
+    let _ = a.reject(&a2).await;
+    assert_eq!(
+        (source.logins.load(SeqCst), source.reused.load(SeqCst)),
+        (2, 0),
+        "logins, reuses: the store held {:?} once back",
+        stored.as_ref().map(shown)
+    );
+}

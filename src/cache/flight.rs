@@ -873,7 +873,15 @@ async fn obtain<P: CredentialSource>(
         }
         let (lease, kept) =
             match store_call(inner, deadline, "lease", store.lease(lease_hold(inner))).await {
-                Some(Some(lease)) => (lease, None),
+                Some(Some(lease)) => {
+                    // A pair this process keeps whose own lease ran out: taken over, if
+                    // the store says no one took it meanwhile.
+                    let kept = match step_up {
+                        false => take_lost_kept(inner, store.as_ref(), deadline, &lease).await,
+                        true => None,
+                    };
+                    (lease, kept)
+                }
                 Some(None) => {
                     // This process's own, kept to save a pair the store refused: taken over.
                     if let Some(taken) = take_kept(inner, store.as_ref(), deadline, step_up).await {
@@ -899,6 +907,10 @@ async fn obtain<P: CredentialSource>(
                 }
                 // The store is not answering: this process's own fetch, told so (a refresh
                 // token it holds may be another process's by now).
+                // Its refresh token, if the source gave one, is this process's alone and
+                // never saved: dropped, so that it passes for no kept pair's successor
+                // (see `superseded`); the fleet's refresh token is the store's or a kept
+                // pair's (`TokenSource` gives none then).
                 None => {
                     waited(waiting_since);
                     return fetch(
@@ -907,7 +919,8 @@ async fn obtain<P: CredentialSource>(
                         deadline,
                         &mut None,
                     )
-                    .await;
+                    .await
+                    .map(Credential::without_refresh_token);
                 }
             };
         waited(waiting_since);
@@ -1268,9 +1281,15 @@ async fn last_save(store: &dyn crate::store::DynStore, slot: &KeptSlot, id: u64)
         let Some(kept) = slot.lock().await.take_if(|kept| kept.id == id) else {
             return true;
         };
-        // Not over a store it has not looked at since its lease was lost.
-        let saved =
-            kept.checked && matches!(store.save(&kept.lease, &kept.credential).await, Ok(true));
+        // Not over a store it has not looked at since its lease was lost. Its access
+        // token goes marked expired: the cache that could tell whether it was dropped
+        // (invalidated, rejected) is gone, and a dropped one must not be handed to
+        // another process; the refresh token is what the fleet needs.
+        let saving = kept
+            .credential
+            .clone()
+            .expires_at(std::time::SystemTime::UNIX_EPOCH);
+        let saved = kept.checked && matches!(store.save(&kept.lease, &saving).await, Ok(true));
         let _ = store.release(&kept.lease).await;
         saved
     })
@@ -1311,6 +1330,41 @@ async fn take_kept<P: CredentialSource>(
     drop(slot);
     tracing::debug!("taking the refresh lease over from the task saving a kept pair");
     Some((kept.lease.clone(), adopt(inner, kept, step_up)))
+}
+
+/// The pair this process's [`keep_saving`] keeps, taken over by a flight that found the
+/// lease free: the pair's own lease ran out (in an outage, say) before its task took it
+/// again. Taken only once a look at the store under the flight's lease says no one took
+/// the pair meanwhile ([`Kept::store_as_left`]); given up when the store says someone
+/// may have (a newer pair, or a marker a holder left as it took one out); left to its
+/// task, which looks before anything else, when the look does not answer. Without this,
+/// the flight would find no refresh token in the store (this process's own marker) and
+/// log in, and the pair would be given up as spent.
+async fn take_lost_kept<P: CredentialSource>(
+    inner: &Arc<Inner<P>>,
+    store: &dyn crate::store::DynStore,
+    deadline: Instant,
+    lease: &Lease,
+) -> Option<Kept> {
+    let mut slot = tokio::time::timeout_at(deadline, inner.kept.lock())
+        .await
+        .ok()?;
+    // Its lease is gone: the flight holds the lease.
+    slot.as_mut()?.checked = false;
+    let stored = store_call(inner, deadline, "load", store.load()).await?;
+    let mut kept = slot.take()?;
+    drop(slot);
+    if !kept.store_as_left(stored.as_ref()) {
+        tracing::info!(
+            "the store changed while the refresh lease was lost; the unsaved refresh token is abandoned"
+        );
+        late_settled(inner, &kept.credential, false);
+        return None;
+    }
+    tracing::debug!("taking over a kept pair whose refresh lease ran out");
+    kept.lease = lease.clone();
+    kept.checked = true;
+    adopt(inner, kept, false)
 }
 
 /// A kept pair taken over by a flight: `None` when a newer refresh token is in use

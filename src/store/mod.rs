@@ -67,7 +67,11 @@ pub mod redis;
 /// Store errors never fail a request: the cache logs them and fetches on its own.
 pub trait CredentialStore: Send + Sync + 'static {
     /// The stored credential, if any. The cache uses it only while it may still be sent
-    /// and is not the credential just rejected.
+    /// and is not the credential just rejected. It reads what the last save or removal
+    /// left (read from the primary, never a replica that may lag): a pair this process
+    /// keeps through an outage is saved over a store that reads as empty, taken for one
+    /// that restarted empty, and a read that missed a record another process wrote when
+    /// it took the pair's refresh token out would put that spent token back.
     fn load(&self) -> impl Future<Output = Result<Option<Credential>, BoxError>> + Send;
 
     /// Takes the refresh lease for `ttl` if nobody holds it: `Some(lease)`. `None` when
