@@ -2601,3 +2601,85 @@ async fn an_outage_login_does_not_make_a_kept_pair_spent() {
         stored.as_ref().map(shown)
     );
 }
+
+/// World: one process keeps `a1`/`rt1` (the store refuses pairs) under its lease, over
+/// the marker of `a0` its refresh left. The API rejects `a1`: the rejection's flight
+/// takes the pair and the lease over, and its look at the store takes 3.5 s while its
+/// renewals fail, so the lease runs out before it writes its own marker, which the
+/// fence refuses. Then the store takes pairs again. Proves (review helper-57: the pair
+/// handed back forgot what the store held as its refresh left it, so the marker of
+/// `a0`, found once the lease was taken again, passed for another holder's, and `rt1`
+/// was given up): the pair handed back keeps that record, is saved once the lease is
+/// taken again, and the next refresh presents `rt1`: one login, no reuse.
+#[tokio::test]
+async fn a_kept_pair_handed_back_by_a_fenced_flight_is_saved() {
+    let source = Rotating::default();
+    let store = FaultStore::new();
+    let a = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(16))
+        .build()
+        .unwrap();
+    a.credential().await.unwrap();
+    store.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a1 = a.credential().await.unwrap();
+    assert_eq!(store.stored_refresh_token().await, None, "kept, not saved");
+    // The flight's first look is quick; the one under the lease is slow.
+    store.delay_next_loads(&[Duration::ZERO, Duration::from_millis(3500)]);
+    let rejected = tokio::spawn({
+        let a = a.clone();
+        async move { a.reject(&a1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    store.faults().renew_down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3400)).await;
+    store.faults().renew_down.store(false, SeqCst);
+    store.faults().refusing_pairs.store(false, SeqCst);
+    let _ = rejected.await.unwrap();
+    let began = Instant::now();
+    while store.stored_refresh_token().await.as_deref() != Some("rt1") {
+        assert!(
+            began.elapsed() < Duration::from_secs(6),
+            "rt1 never reached the store: {:?}",
+            store.load().await.unwrap().as_ref().map(shown)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The failed flight's backoff passes first.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let current = a.credential().await.unwrap();
+    let _ = a.reject(&current).await.expect("refreshed with rt1");
+    assert_eq!(source.reused.load(SeqCst), 0);
+    assert_eq!(source.logins.load(SeqCst), 1, "logged in again");
+}
+
+/// World: one process keeps `a1`/`rt1` (the store refuses pairs); its connection goes
+/// down past the lease; it comes back, taking pairs, and the cache is dropped at once
+/// (the process shuts down) before the saving task learns the lease was lost. Process B
+/// starts over the store. Proves (review helper-57: the last save, refused by the fence
+/// or never tried for a pair whose lease was lost, gave `rt1` up): the last save takes
+/// the lease again and saves `rt1` over the store as the pair's refresh left it; B
+/// refreshes with it: one login, no reuse.
+#[tokio::test]
+async fn a_cache_dropped_after_its_lease_was_lost_still_saves_its_pair() {
+    let source = Rotating::default();
+    let store = FaultStore::new();
+    let a = source.cache(store.clone());
+    a.credential().await.unwrap();
+    store.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    a.credential().await.unwrap();
+    store.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    store.faults().refusing_pairs.store(false, SeqCst);
+    store.faults().down.store(false, SeqCst);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(store.stored_refresh_token().await.as_deref(), Some("rt1"));
+    let b = source.cache(store.clone());
+    let got = b.credential().await.unwrap();
+    assert_eq!(got, Credential::bearer("a2").unwrap(), "refreshed with rt1");
+    assert_eq!(source.reused.load(SeqCst), 0);
+    assert_eq!(source.logins.load(SeqCst), 1);
+}

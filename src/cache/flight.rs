@@ -996,7 +996,10 @@ async fn obtain<P: CredentialSource>(
             None => match kept {
                 Some(kept) if handed_back(&kept) => {
                     late_lent(inner, &kept.credential, false);
-                    Some(kept.again(left))
+                    Some(match saved {
+                        Saved::Fenced => kept.again(left).lease_lost(),
+                        _ => kept.again(left),
+                    })
                 }
                 Some(kept) => {
                     late_settled(inner, &kept.credential, false);
@@ -1275,21 +1278,36 @@ async fn keep_saving<P: CredentialSource>(
 
 /// The cache is gone (its process shutting down, say) while a rotated pair is still
 /// unsaved: one last try to save it, then the lease goes back, within a second; unless
-/// a flight took the pair over before the cache went (it saved or kept its own).
+/// a flight took the pair over before the cache went (it saved or kept its own). A lease
+/// lost in an outage (known, or found by the save's fence) is taken again if free, and
+/// the pair saved only over the store as its refresh left it (see [`keep_saving`]).
 async fn last_save(store: &dyn crate::store::DynStore, slot: &KeptSlot, id: u64) {
     let saved = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        let Some(kept) = slot.lock().await.take_if(|kept| kept.id == id) else {
+        let Some(mut kept) = slot.lock().await.take_if(|kept| kept.id == id) else {
             return true;
         };
-        // Not over a store it has not looked at since its lease was lost. Its access
-        // token goes marked expired: the cache that could tell whether it was dropped
-        // (invalidated, rejected) is gone, and a dropped one must not be handed to
-        // another process; the refresh token is what the fleet needs.
+        // Its access token goes marked expired: the cache that could tell whether it
+        // was dropped (invalidated, rejected) is gone, and a dropped one must not be
+        // handed to another process; the refresh token is what the fleet needs.
         let saving = kept
             .credential
             .clone()
             .expires_at(std::time::SystemTime::UNIX_EPOCH);
-        let saved = kept.checked && matches!(store.save(&kept.lease, &saving).await, Ok(true));
+        let saved = match kept.checked {
+            true => store.save(&kept.lease, &saving).await.ok(),
+            false => Some(false),
+        };
+        let saved = match saved {
+            Some(false) => match store.lease(LEASE_HOLD).await {
+                Ok(Some(again)) => {
+                    kept.lease = again;
+                    matches!(store.load().await, Ok(stored) if kept.store_as_left(stored.as_ref()))
+                        && matches!(store.save(&kept.lease, &saving).await, Ok(true))
+                }
+                _ => false,
+            },
+            saved => saved == Some(true),
+        };
         let _ = store.release(&kept.lease).await;
         saved
     })
@@ -1486,9 +1504,13 @@ async fn holding<P: CredentialSource>(
             match saved {
                 Some(true) => Sharing::Shared(Some(token)),
                 Some(false) => {
-                    // The lease ran out already: someone else holds it now.
+                    // The lease ran out already: someone else may hold it now. What the
+                    // store held as this refresh left it goes with a pair handed back.
                     let timeout = Err(Error::new(ErrorKind::Timeout));
-                    return Holding::ended(timeout, Saved::Fenced);
+                    return Holding {
+                        left,
+                        ..Holding::ended(timeout, Saved::Fenced)
+                    };
                 }
                 None => Sharing::StoreUnavailable,
             }

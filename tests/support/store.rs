@@ -34,6 +34,8 @@ pub struct Faults {
     pub hung: AtomicBool,
     /// `lease` fails (a store that stopped answering).
     pub lease_down: AtomicBool,
+    /// `renew` fails (a holder cut off from the store while it works).
+    pub renew_down: AtomicBool,
     /// `save` fails for a credential with a refresh token (a store out of memory that
     /// still answers, say).
     pub refusing_pairs: AtomicBool,
@@ -212,6 +214,9 @@ impl<S: CredentialStore> CredentialStore for FaultStore<S> {
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, BoxError> {
         self.reach().await?;
+        if self.faults.renew_down.load(SeqCst) {
+            return Err("connection reset".into());
+        }
         self.memory.renew(lease, ttl).await
     }
 
