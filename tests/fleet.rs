@@ -2683,3 +2683,43 @@ async fn a_cache_dropped_after_its_lease_was_lost_still_saves_its_pair() {
     assert_eq!(source.reused.load(SeqCst), 0);
     assert_eq!(source.logins.load(SeqCst), 1);
 }
+
+/// World: one process keeps `a1`/`rt1` (the store refuses pairs); the store takes pairs
+/// again, but the saving task's save takes 2 s, and the application invalidates `a1`
+/// while it is under way. Process B starts over the store once the save landed.
+/// Proves (review helper-57: the task read whether the pair was dropped before its save
+/// and not after, so the store kept `a1` as valid and B was handed it): B is not handed
+/// the access token A dropped; it refreshes with `rt1`, no login, no reuse.
+#[tokio::test]
+async fn a_pair_dropped_while_its_save_is_under_way_is_saved_spent() {
+    let source = Rotating::default();
+    let store = FaultStore::new();
+    // Room for a 2 s save: a store call gets a quarter of the fetch timeout.
+    let a = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    a.credential().await.unwrap();
+    store.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a1 = a.credential().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store.delay_next_saves(&[Duration::from_millis(2000)]);
+    store.faults().refusing_pairs.store(false, SeqCst);
+    // The task's next try comes at 250 ms, and takes 2 s.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(store.stored_refresh_token().await, None, "not landed yet");
+    assert!(a.handle().invalidate(), "a1 dropped");
+    let began = Instant::now();
+    while store.stored_refresh_token().await.as_deref() != Some("rt1") {
+        assert!(began.elapsed() < Duration::from_secs(4), "rt1 never saved");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b = source.cache(store.clone());
+    let got = b.credential().await.unwrap();
+    assert_ne!(got, a1, "B was handed the access token A dropped");
+    assert_eq!(source.reused.load(SeqCst), 0);
+    assert_eq!(source.logins.load(SeqCst), 1);
+}

@@ -1253,11 +1253,14 @@ async fn keep_saving<P: CredentialSource>(
         // Dropped here since (rejected, or invalidated before it was served): only its
         // refresh token is the fleet's, its access token left marked expired, as a
         // rejected pair is left (see `holding`).
-        let saving = match inner.lock_state().dropped(&kept.credential) {
-            true => kept
-                .credential
+        let spent = |kept: &Kept| {
+            kept.credential
                 .clone()
-                .expires_at(std::time::SystemTime::UNIX_EPOCH),
+                .expires_at(std::time::SystemTime::UNIX_EPOCH)
+        };
+        let was_dropped = inner.lock_state().dropped(&kept.credential);
+        let saving = match was_dropped {
+            true => spent(kept),
             false => kept.credential.clone(),
         };
         // A failure, or a lease that ran out between the renewal and the save (taken
@@ -1265,6 +1268,12 @@ async fn keep_saving<P: CredentialSource>(
         if let Some(true) =
             store_call(&inner, until, "save", store.save(&kept.lease, &saving)).await
         {
+            if !was_dropped && inner.lock_state().dropped(&kept.credential) {
+                // Dropped while it was saved: saved again marked expired, under the lease
+                // still held, before another process takes the access token.
+                let again = spent(kept);
+                store_call(&inner, until, "save", store.save(&kept.lease, &again)).await;
+            }
             tracing::info!("the rotated refresh token is saved");
             late_settled(&inner, &kept.credential, true);
             let lease = kept.lease.clone();
