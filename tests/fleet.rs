@@ -2309,6 +2309,20 @@ impl CredentialSource for SlowRefreshes {
     }
 }
 
+/// A cache of `source` over a fault store of its own, with `fetch_timeout`.
+fn over_a_fault_store<S: CredentialSource + Clone>(
+    source: &S,
+    fetch_timeout: Duration,
+) -> (FaultStore, CredentialCache<S>) {
+    let store = FaultStore::new();
+    let cache = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .fetch_timeout(fetch_timeout)
+        .build()
+        .unwrap();
+    (store, cache)
+}
+
 /// World: one process over a store; the API rejects `a0`, and the refresh that
 /// presents `rt0` takes `refresh_takes` while the store is down from its start until
 /// the lease has run out (no other process takes it), then answers again; the save of
@@ -2324,12 +2338,7 @@ async fn a_fenced_save(fetch_timeout: Duration, refresh_takes: Duration) {
         delay: refresh_takes,
         ..SlowRefreshes::default()
     };
-    let store = FaultStore::new();
-    let a = CredentialCache::builder(source.clone())
-        .store(store.clone())
-        .fetch_timeout(fetch_timeout)
-        .build()
-        .unwrap();
+    let (store, a) = over_a_fault_store(&source, fetch_timeout);
     let a0 = a.credential().await.unwrap();
     source.slow.store(1, SeqCst);
     let refresh = tokio::spawn({
@@ -2487,6 +2496,24 @@ async fn a_kept_pair_waits_out_a_lease_it_took_without_an_answer() {
     assert_eq!(source.logins.load(SeqCst), 1, "logged in again");
 }
 
+/// Process A over a fault store of its own, with `fetch_timeout`, keeping `a1`/`rt1`:
+/// logged in (`a0`/`rt0`, saved), then refreshed while the store refuses pairs, so the
+/// store holds the marker of `a0` and A's task keeps trying to save the pair. Returns
+/// the source, the store, A and `a1`.
+async fn keeping_a1(
+    fetch_timeout: Duration,
+) -> (Rotating, FaultStore, CredentialCache<Rotating>, Credential) {
+    let source = Rotating::default();
+    let (store, a) = over_a_fault_store(&source, fetch_timeout);
+    a.credential().await.unwrap();
+    store.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a1 = a.credential().await.unwrap();
+    assert_eq!(a1, Credential::bearer("a1").unwrap());
+    assert_eq!(store.stored_refresh_token().await, None, "kept, not saved");
+    (source, store, a, a1)
+}
+
 /// World: one process keeps `a1`/`rt1` (the store refuses pairs); the application
 /// invalidates `a1` (a dropped credential must not be sent again), the store takes pairs
 /// again, and the cache is dropped (the process shuts down) before the task's next try.
@@ -2497,28 +2524,13 @@ async fn a_kept_pair_waits_out_a_lease_it_took_without_an_answer() {
 /// saves do the same for a dropped pair (`a_late_pair_dropped_while_kept_is_saved_spent`).
 #[tokio::test]
 async fn a_cache_dropped_while_keeping_a_pair_hands_on_no_access_token_it_dropped() {
-    let source = Rotating::default();
-    let store = FaultStore::new();
-    let a = CredentialCache::builder(source.clone())
-        .store(store.clone())
-        .fetch_timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
-    a.credential().await.unwrap();
-    store.faults().refusing_pairs.store(true, SeqCst);
-    assert!(a.handle().invalidate());
-    let a1 = a.credential().await.unwrap();
-    assert_eq!(a1, Credential::bearer("a1").unwrap());
+    let (source, store, a, a1) = keeping_a1(Duration::from_secs(2)).await;
     assert!(a.handle().invalidate(), "a1 dropped");
     store.faults().refusing_pairs.store(false, SeqCst);
     drop(a);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let stored = store.load().await.unwrap();
     assert_eq!(
-        stored
-            .as_ref()
-            .and_then(|c| c.refresh_token())
-            .map(|t| t.expose()),
+        store.stored_refresh_token().await.as_deref(),
         Some("rt1"),
         "the last save saved rt1"
     );
@@ -2542,18 +2554,8 @@ async fn a_cache_dropped_while_keeping_a_pair_hands_on_no_access_token_it_droppe
 /// pair's refresh left it, and presents `rt1`; one login, no reuse.
 #[tokio::test]
 async fn a_flight_that_finds_the_lease_free_takes_the_kept_pair() {
-    let source = Rotating::default();
-    let memory = MemoryStore::default();
-    let sa = FaultStore::over(memory.clone());
-    let a = source.cache(sa.clone());
-    a.credential().await.unwrap();
-    sa.faults().refusing_pairs.store(true, SeqCst);
-    assert!(a.handle().invalidate());
-    let a1 = a.credential().await.unwrap();
-    sa.faults().down.store(true, SeqCst);
-    tokio::time::sleep(Duration::from_millis(3500)).await;
-    sa.faults().refusing_pairs.store(false, SeqCst);
-    sa.faults().down.store(false, SeqCst);
+    let (source, sa, a, a1) = keeping_a1(Duration::from_secs(2)).await;
+    sa.outage_past_the_lease().await;
     let next = a.reject(&a1).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
@@ -2575,14 +2577,7 @@ async fn a_flight_that_finds_the_lease_free_takes_the_kept_pair() {
 /// once the store is back, and the next refresh presents it: no login past the outage's.
 #[tokio::test]
 async fn an_outage_login_does_not_make_a_kept_pair_spent() {
-    let source = Rotating::default();
-    let memory = MemoryStore::default();
-    let sa = FaultStore::over(memory.clone());
-    let a = source.cache(sa.clone());
-    a.credential().await.unwrap();
-    sa.faults().refusing_pairs.store(true, SeqCst);
-    assert!(a.handle().invalidate());
-    let a1 = a.credential().await.unwrap();
+    let (source, sa, a, a1) = keeping_a1(Duration::from_secs(2)).await;
     sa.faults().down.store(true, SeqCst);
     let a2 = a
         .reject(&a1)
@@ -2592,7 +2587,7 @@ async fn an_outage_login_does_not_make_a_kept_pair_spent() {
     sa.faults().refusing_pairs.store(false, SeqCst);
     sa.faults().down.store(false, SeqCst);
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let stored = memory.load().await.unwrap();
+    let stored = sa.load().await.unwrap();
     let _ = a.reject(&a2).await;
     assert_eq!(
         (source.logins.load(SeqCst), source.reused.load(SeqCst)),
@@ -2613,18 +2608,7 @@ async fn an_outage_login_does_not_make_a_kept_pair_spent() {
 /// taken again, and the next refresh presents `rt1`: one login, no reuse.
 #[tokio::test]
 async fn a_kept_pair_handed_back_by_a_fenced_flight_is_saved() {
-    let source = Rotating::default();
-    let store = FaultStore::new();
-    let a = CredentialCache::builder(source.clone())
-        .store(store.clone())
-        .fetch_timeout(Duration::from_secs(16))
-        .build()
-        .unwrap();
-    a.credential().await.unwrap();
-    store.faults().refusing_pairs.store(true, SeqCst);
-    assert!(a.handle().invalidate());
-    let a1 = a.credential().await.unwrap();
-    assert_eq!(store.stored_refresh_token().await, None, "kept, not saved");
+    let (source, store, a, a1) = keeping_a1(Duration::from_secs(16)).await;
     // The flight's first look is quick; the one under the lease is slow.
     store.delay_next_loads(&[Duration::ZERO, Duration::from_millis(3500)]);
     let rejected = tokio::spawn({
@@ -2663,17 +2647,8 @@ async fn a_kept_pair_handed_back_by_a_fenced_flight_is_saved() {
 /// refreshes with it: one login, no reuse.
 #[tokio::test]
 async fn a_cache_dropped_after_its_lease_was_lost_still_saves_its_pair() {
-    let source = Rotating::default();
-    let store = FaultStore::new();
-    let a = source.cache(store.clone());
-    a.credential().await.unwrap();
-    store.faults().refusing_pairs.store(true, SeqCst);
-    assert!(a.handle().invalidate());
-    a.credential().await.unwrap();
-    store.faults().down.store(true, SeqCst);
-    tokio::time::sleep(Duration::from_millis(3500)).await;
-    store.faults().refusing_pairs.store(false, SeqCst);
-    store.faults().down.store(false, SeqCst);
+    let (source, store, a, _) = keeping_a1(Duration::from_secs(2)).await;
+    store.outage_past_the_lease().await;
     drop(a);
     tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_eq!(store.stored_refresh_token().await.as_deref(), Some("rt1"));
@@ -2692,18 +2667,8 @@ async fn a_cache_dropped_after_its_lease_was_lost_still_saves_its_pair() {
 /// the access token A dropped; it refreshes with `rt1`, no login, no reuse.
 #[tokio::test]
 async fn a_pair_dropped_while_its_save_is_under_way_is_saved_spent() {
-    let source = Rotating::default();
-    let store = FaultStore::new();
     // Room for a 2 s save: a store call gets a quarter of the fetch timeout.
-    let a = CredentialCache::builder(source.clone())
-        .store(store.clone())
-        .fetch_timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    a.credential().await.unwrap();
-    store.faults().refusing_pairs.store(true, SeqCst);
-    assert!(a.handle().invalidate());
-    let a1 = a.credential().await.unwrap();
+    let (source, store, a, a1) = keeping_a1(Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     store.delay_next_saves(&[Duration::from_millis(2000)]);
     store.faults().refusing_pairs.store(false, SeqCst);

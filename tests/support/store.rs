@@ -113,6 +113,15 @@ impl<S: CredentialStore> FaultStore<S> {
         stored.and_then(|c| c.refresh_token().map(|t| t.expose().to_owned()))
     }
 
+    /// Down past a 3 s refresh lease (which runs out, no one else taking it), then up
+    /// again, taking pairs: the outage a kept pair's lease is lost in.
+    pub async fn outage_past_the_lease(&self) {
+        self.faults.down.store(true, SeqCst);
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        self.faults.refusing_pairs.store(false, SeqCst);
+        self.faults.down.store(false, SeqCst);
+    }
+
     /// The next loads take these long, one after another (a slow round trip).
     pub fn delay_next_loads(&self, delays: &[Duration]) {
         self.faults
