@@ -2296,6 +2296,26 @@ struct SlowRefreshes {
     delay: Duration,
 }
 
+impl SlowRefreshes {
+    /// `cache`'s credential rejected in a task, whose refresh is slow: returns once that
+    /// refresh is in the source.
+    async fn a_slow_refresh(
+        &self,
+        cache: &CredentialCache<SlowRefreshes>,
+    ) -> tokio::task::JoinHandle<Result<Credential, tower_client_auth::Error>> {
+        let current = cache.credential().await.unwrap();
+        self.slow.store(1, SeqCst);
+        let refresh = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.reject(&current).await }
+        });
+        while self.slow.load(SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        refresh
+    }
+}
+
 impl CredentialSource for SlowRefreshes {
     async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
         let refresh = matches!(
@@ -2339,16 +2359,7 @@ async fn a_fenced_save(fetch_timeout: Duration, refresh_takes: Duration) {
         ..SlowRefreshes::default()
     };
     let (store, a) = over_a_fault_store(&source, fetch_timeout);
-    let a0 = a.credential().await.unwrap();
-    source.slow.store(1, SeqCst);
-    let refresh = tokio::spawn({
-        let a = a.clone();
-        async move { a.reject(&a0).await }
-    });
-    // The refresh is in the source once it took its delay.
-    while source.slow.load(SeqCst) > 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let refresh = source.a_slow_refresh(&a).await;
     assert_eq!(store.stored_refresh_token().await, None, "rt0 taken out");
     store.faults().down.store(true, SeqCst);
     // The lease (3 s) runs out.
@@ -2400,6 +2411,35 @@ impl CredentialSource for FailsWhenDown {
     }
 }
 
+/// Processes A and B over one memory store, each through a fault store of its own
+/// (its connection), their caches of `source` with a 2 s fetch timeout and a short
+/// backoff: the memory, A's and B's stores, A and B.
+fn a_and_b_over_one_memory<S: CredentialSource + Clone>(
+    source: &S,
+) -> (
+    MemoryStore,
+    FaultStore,
+    FaultStore,
+    CredentialCache<S>,
+    CredentialCache<S>,
+) {
+    let memory = MemoryStore::default();
+    let (sa, sb) = (
+        FaultStore::over(memory.clone()),
+        FaultStore::over(memory.clone()),
+    );
+    let cache = |store: &FaultStore| {
+        CredentialCache::builder(source.clone())
+            .store(store.clone())
+            .fetch_timeout(Duration::from_secs(2))
+            .backoff(Duration::from_millis(50), Duration::from_millis(100))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (cache(&sa), cache(&sb));
+    (memory, sa, sb, a, b)
+}
+
 /// World: processes A and B over one store. A keeps `a1`/`rt1` (the store refuses
 /// pairs, under marker `a0`); A's own next refresh takes the pair over and writes its
 /// marker, which lands though the reply is lost, and fails; the pair is handed back.
@@ -2413,19 +2453,7 @@ impl CredentialSource for FailsWhenDown {
 #[tokio::test]
 async fn a_marker_of_the_kept_pair_itself_is_never_taken_as_left() {
     let source = FailsWhenDown::default();
-    let memory = MemoryStore::default();
-    let (sa, sb) = (
-        FaultStore::over(memory.clone()),
-        FaultStore::over(memory.clone()),
-    );
-    let cache = |store: &FaultStore| {
-        CredentialCache::builder(source.clone())
-            .store(store.clone())
-            .fetch_timeout(Duration::from_secs(2))
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (cache(&sa), cache(&sb));
+    let (memory, sa, sb, a, b) = a_and_b_over_one_memory(&source);
     a.credential().await.unwrap();
     sa.faults().refusing_pairs.store(true, SeqCst);
     assert!(a.handle().invalidate());
@@ -2554,7 +2582,16 @@ async fn a_cache_dropped_while_keeping_a_pair_hands_on_no_access_token_it_droppe
 /// pair's refresh left it, and presents `rt1`; one login, no reuse.
 #[tokio::test]
 async fn a_flight_that_finds_the_lease_free_takes_the_kept_pair() {
+    flight_finding_the_lease_free(0).await;
+}
+
+/// See [`a_flight_that_finds_the_lease_free_takes_the_kept_pair`]; the flight's look at
+/// the kept pair under its new lease failing `failed_looks` times.
+async fn flight_finding_the_lease_free(failed_looks: usize) {
     let (source, sa, a, a1) = keeping_a1(Duration::from_secs(2)).await;
+    // The flight's first look passes; those at the kept pair fail.
+    sa.faults().passing_loads.store(1, SeqCst);
+    sa.faults().failing_loads.store(failed_looks, SeqCst);
     sa.outage_past_the_lease().await;
     let next = a.reject(&a1).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -2687,4 +2724,394 @@ async fn a_pair_dropped_while_its_save_is_under_way_is_saved_spent() {
     assert_ne!(got, a1, "B was handed the access token A dropped");
     assert_eq!(source.reused.load(SeqCst), 0);
     assert_eq!(source.logins.load(SeqCst), 1);
+}
+
+/// One process keeps `a1`/`rt1` (the store refuses pairs); its connection goes down
+/// past the lease; it comes back (taking pairs), and the saving task takes the lease
+/// again, but its looks at the store hang for a while (each times out); with
+/// `drop_cache`, the cache is dropped meanwhile (the process shuts down) and the store
+/// answers looks again at once. Then process B starts. Returns the store's refresh
+/// token once things settled, the logins and the reuses.
+async fn last_save_after_a_failed_look(drop_cache: bool) -> (Option<String>, usize, usize) {
+    let (source, store, a, _) = keeping_a1(Duration::from_secs(2)).await;
+    store.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Back, taking pairs; but every look hangs for now (each times out after its
+    // share, 500 ms).
+    store.faults().loads.close();
+    store.faults().refusing_pairs.store(false, SeqCst);
+    store.faults().down.store(false, SeqCst);
+    // The task's next round (within a third of the 3 s hold) takes the lease again; its
+    // look does not answer.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!store.lease_free().await, "the task took the lease again");
+    if drop_cache {
+        // While a look of the task's is pending: once it times out, the task finds the
+        // cache gone and makes its last save.
+        store.faults().loads.arrived().await;
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(550)).await;
+    }
+    // The store answers looks again.
+    store.faults().loads.open();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stored = store.stored_refresh_token().await;
+    // Process B (after the lease, if left, ran out).
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let b = source.cache(store.clone());
+    b.credential().await.unwrap();
+    (
+        stored,
+        source.logins.load(SeqCst),
+        source.reused.load(SeqCst),
+    )
+}
+
+/// World: see [`last_save_after_a_failed_look`], the cache dropped. Proves (review
+/// helper-58: the last save found the lease held, by the very lease its task had taken
+/// again, and gave `rt1` up without a look; B logged in): the last save renews the
+/// lease it holds, looks, and saves `rt1`, which B refreshes with: one login, no reuse.
+#[tokio::test]
+async fn a_cache_dropped_while_its_task_holds_a_retaken_lease_still_saves_its_pair() {
+    let (stored, logins, reused) = last_save_after_a_failed_look(true).await;
+    assert_eq!(reused, 0);
+    assert_eq!(
+        (stored.as_deref(), logins),
+        (Some("rt1"), 1),
+        "(store's refresh token after the cache was dropped, logins)"
+    );
+}
+
+/// World: see [`last_save_after_a_failed_look`], the cache kept. Proves: the task's own
+/// next look that answers saves `rt1`; one login, no reuse.
+#[tokio::test]
+async fn a_kept_pair_whose_retaken_lease_saw_looks_fail_is_saved_once_one_answers() {
+    let (stored, logins, reused) = last_save_after_a_failed_look(false).await;
+    assert_eq!(reused, 0);
+    assert_eq!((stored.as_deref(), logins), (Some("rt1"), 1));
+}
+
+/// [`Rotating`] whose calls each wait the next of `delays` (none once they run out)
+/// before the source acts; `started` counts calls as they come in.
+#[derive(Clone, Default)]
+struct Paced {
+    rotating: Rotating,
+    delays: Arc<std::sync::Mutex<std::collections::VecDeque<Duration>>>,
+    started: Arc<AtomicUsize>,
+}
+
+impl CredentialSource for Paced {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        self.started.fetch_add(1, SeqCst);
+        let delay = self.delays.lock().unwrap().pop_front();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        self.rotating.fetch(cx).await
+    }
+}
+
+/// Waits until `n` calls came into `source`.
+async fn started(source: &Paced, n: usize) {
+    let began = Instant::now();
+    while source.started.load(SeqCst) < n {
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "call {n} never came"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// World: one process, fetch timeout 2 s. The API rejects `a0`; the refresh presenting
+/// `rt0` takes 3.6 s (a late fetch), and the store is down from its start until the
+/// lease has run out. The next flight takes the free lease, finds the marker of `a0` and
+/// logs in (`a2`/`rt2`, installed; its save refused, so the pair is kept). The late
+/// save of `a1`/`rt1` is slow and refused by the fence. Proves (review helper-58: the
+/// fenced `rt1`, kept since 7522112, pushed `rt2` out of the slot and was then given up
+/// as superseded by `a2`: both lost, and the fleet logged in again): a kept pair gives
+/// way to a newer one rather than push it out; `rt2` reaches the store once it takes
+/// pairs, and the next refresh presents it.
+#[tokio::test]
+async fn a_fenced_late_pair_gives_way_to_a_newer_kept_pair() {
+    let source = Paced::default();
+    let store = FaultStore::new();
+    let a = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .backoff(Duration::from_millis(50), Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let a0 = a.credential().await.unwrap();
+    source
+        .delays
+        .lock()
+        .unwrap()
+        .extend([Duration::from_millis(3600), Duration::from_millis(200)]);
+    let first = tokio::spawn({
+        let a = a.clone();
+        async move { a.reject(&a0).await }
+    });
+    started(&source, 2).await;
+    assert_eq!(store.stored_refresh_token().await, None, "rt0 taken out");
+    store.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3300)).await;
+    store.faults().down.store(false, SeqCst);
+    assert!(first.await.unwrap().is_err(), "the first flight timed out");
+    // The late save of a1/rt1 takes 450 ms (within its share), and is fenced.
+    store.delay_next_saves(&[Duration::from_millis(450)]);
+    let second = tokio::spawn({
+        let a = a.clone();
+        async move { a.credential().await }
+    });
+    // The login starts once the late fetch gave the source back (its save under way):
+    // the login's pair is refused.
+    started(&source, 3).await;
+    store.faults().refusing_pairs.store(true, SeqCst);
+    let a2 = second.await.unwrap().expect("logged in");
+    assert_eq!(a2, Credential::bearer("a2").unwrap());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    store.faults().refusing_pairs.store(false, SeqCst);
+    let began = Instant::now();
+    while store.stored_refresh_token().await.is_none() && began.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stored = store.stored_refresh_token().await;
+    let _ = a.reject(&a2).await;
+    assert_eq!(source.rotating.reused.load(SeqCst), 0);
+    assert_eq!(
+        (stored.as_deref(), source.rotating.logins.load(SeqCst)),
+        (Some("rt2"), 2),
+        "(the store's refresh token once it took pairs again, logins)"
+    );
+}
+
+/// World: as in [`a_flight_that_finds_the_lease_free_takes_the_kept_pair`], but the look
+/// the flight takes at the kept pair under its new lease fails once (the flight's first
+/// look, and every later one, pass). Proves (review helper-58: the flight went on holding
+/// the lease as if no pair were kept, found this process's own marker, logged in, and
+/// the pair was given up): the flight hands its lease to the pair's task, which looks
+/// again and saves `rt1`, and waits for it; one login, no reuse.
+#[tokio::test]
+async fn a_flight_whose_look_at_a_lost_kept_pair_fails_leaves_it_to_its_task() {
+    flight_finding_the_lease_free(1).await;
+}
+
+/// World: one process keeps `a1`/`rt1`; its connection goes down past the lease; it
+/// comes back, but every look at the store fails at once (an error reply, not a
+/// timeout). Proves (review helper-58: a round whose look failed went round again with
+/// no pause, since the next save's time lay in the past: 239,488 looks in 2 s): the task
+/// waits between rounds, a few looks a second.
+#[tokio::test]
+async fn a_kept_pair_whose_looks_fail_waits_between_rounds() {
+    let (_source, store, a, _) = keeping_a1(Duration::from_secs(2)).await;
+    store.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    const MANY: usize = 100_000_000;
+    store.faults().failing_loads.store(MANY, SeqCst);
+    store.faults().down.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let looks = MANY - store.faults().failing_loads.swap(0, SeqCst);
+    assert!(looks < 50, "{looks} failed looks in 2 s");
+    drop(a);
+}
+
+/// A store that counts the `renew` and `lease` calls made through it.
+#[derive(Clone)]
+struct Counting<S> {
+    inner: S,
+    calls: Arc<AtomicUsize>,
+}
+
+impl<S: CredentialStore> CredentialStore for Counting<S> {
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        self.inner.load().await
+    }
+    async fn lease(
+        &self,
+        ttl: Duration,
+    ) -> Result<Option<tower_client_auth::store::Lease>, BoxError> {
+        self.calls.fetch_add(1, SeqCst);
+        self.inner.lease(ttl).await
+    }
+    async fn save(
+        &self,
+        lease: &tower_client_auth::store::Lease,
+        credential: &Credential,
+    ) -> Result<bool, BoxError> {
+        self.inner.save(lease, credential).await
+    }
+    async fn renew(
+        &self,
+        lease: &tower_client_auth::store::Lease,
+        ttl: Duration,
+    ) -> Result<bool, BoxError> {
+        self.calls.fetch_add(1, SeqCst);
+        self.inner.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &tower_client_auth::store::Lease) -> Result<(), BoxError> {
+        self.inner.release(lease).await
+    }
+    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+        self.inner.remove(rejected).await
+    }
+    async fn changed(&self, timeout: Duration) {
+        self.inner.changed(timeout).await
+    }
+}
+
+/// World: one process keeps `a1`/`rt1`; its connection goes down past the lease; another
+/// process takes the lease and holds it 3 s. Proves (review helper-58: the task waited
+/// the other holder out with no pause, 1,296,640 renew and lease calls in 2 s): it
+/// waits between rounds, a few calls a second.
+#[tokio::test]
+async fn a_kept_pair_waits_between_rounds_while_another_holds_the_lease() {
+    let source = Rotating::default();
+    let memory = MemoryStore::default();
+    let fault = FaultStore::over(memory.clone());
+    let counting = Counting {
+        inner: fault.clone(),
+        calls: Arc::default(),
+    };
+    let a = source.cache(counting.clone());
+    a.credential().await.unwrap();
+    fault.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    a.credential().await.unwrap();
+    fault.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Another process holds the lease for 3 s.
+    let _held = memory.lease(Duration::from_secs(3)).await.unwrap().unwrap();
+    fault.faults().down.store(false, SeqCst);
+    let before = counting.calls.load(SeqCst);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let calls = counting.calls.load(SeqCst) - before;
+    assert!(
+        calls < 50,
+        "{calls} renew/lease calls in 2 s while another held the lease"
+    );
+    drop(a);
+}
+
+/// World: one process; the API rejects `a0`; the refresh presenting `rt0` takes 4 s while
+/// the store is down until the lease ran out; then another process takes the lease (held
+/// 3 s), and the save of `a1`/`rt1` is refused by the fence. Proves (review helper-58:
+/// the fenced pair, kept unchecked since 7522112, waited the other holder out with no
+/// pause): the task waits between rounds there too.
+#[tokio::test]
+async fn a_fenced_pair_waits_between_rounds_while_another_holds_the_lease() {
+    let source = SlowRefreshes {
+        delay: Duration::from_millis(4000),
+        ..SlowRefreshes::default()
+    };
+    let memory = MemoryStore::default();
+    let fault = FaultStore::over(memory.clone());
+    let counting = Counting {
+        inner: fault.clone(),
+        calls: Arc::default(),
+    };
+    let a = CredentialCache::builder(source.clone())
+        .store(counting.clone())
+        .fetch_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let refresh = source.a_slow_refresh(&a).await;
+    fault.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3300)).await;
+    // Another process takes the free lease, for 3 s.
+    let _held = memory.lease(Duration::from_secs(3)).await.unwrap().unwrap();
+    fault.faults().down.store(false, SeqCst);
+    let _ = refresh.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = counting.calls.load(SeqCst);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let calls = counting.calls.load(SeqCst) - before;
+    assert!(
+        calls < 20,
+        "{calls} renew/lease calls in 1 s while another held the lease"
+    );
+}
+
+/// World: one process keeps `a1`/`rt1`; its connection goes down past the lease; it
+/// comes back taking pairs, and the API rejects `a1` at an offset swept across the
+/// saving task's one-second round (ten runs at once). Proves: whichever takes the lease
+/// first, the flight or the task taking it again, no refresh token is presented twice
+/// and the fleet does not log in again.
+#[tokio::test]
+async fn a_flight_racing_the_kept_pairs_task_for_the_lease_loses_no_refresh_token() {
+    let runs: Vec<_> = (0..10)
+        .map(|i| {
+            tokio::spawn(async move {
+                let offset = Duration::from_millis(i * 110);
+                let (source, store, a, a1) = keeping_a1(Duration::from_secs(2)).await;
+                store.outage_past_the_lease().await;
+                tokio::time::sleep(offset).await;
+                let next = a.reject(&a1).await;
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                let current = a.credential().await.unwrap();
+                let _ = a.reject(&current).await;
+                (
+                    offset,
+                    source.logins.load(SeqCst),
+                    source.reused.load(SeqCst),
+                    next.is_ok(),
+                    store.stored_refresh_token().await,
+                )
+            })
+        })
+        .collect();
+    let mut bad = Vec::new();
+    for run in runs {
+        let (offset, logins, reused, answered, stored) = run.await.unwrap();
+        if reused != 0 || logins != 1 {
+            bad.push((offset, logins, reused, answered, stored));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "(offset, logins, reuses, answered, stored): {bad:?}"
+    );
+}
+
+/// World: processes A and B on one store. A's refresh presenting `rt0` is late (3.6 s,
+/// fetch timeout 2 s) and A's connection is down until its lease ran out; B takes the
+/// lease, finds the marker of `a0` and logs in (its pair saved). A's late `a1`/`rt1` is
+/// fenced and kept unchecked. Proves: once A's task looks, it finds B's pair and gives
+/// `rt1` up; no reuse, and the fleet goes on with B's pair.
+#[tokio::test]
+async fn a_fenced_late_pair_gives_way_to_another_processs_login() {
+    let source = Paced::default();
+    let (memory, sa, _, a, b) = a_and_b_over_one_memory(&source);
+    let a0 = a.credential().await.unwrap();
+    source
+        .delays
+        .lock()
+        .unwrap()
+        .push_back(Duration::from_millis(3600));
+    let first = tokio::spawn({
+        let a = a.clone();
+        async move { a.reject(&a0).await }
+    });
+    started(&source, 2).await;
+    sa.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    // B starts: the store holds the marker of a0 and the lease is free.
+    let got_b = b.credential().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sa.faults().down.store(false, SeqCst);
+    let _ = first.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let got_a = a.credential().await.unwrap();
+    let stored = memory.load().await.unwrap();
+    let _ = b.reject(&got_b).await;
+    let _ = a.reject(&got_a).await;
+    assert_eq!(
+        source.rotating.reused.load(SeqCst),
+        0,
+        "A {} B {} stored {:?}",
+        shown(&got_a),
+        shown(&got_b),
+        stored.as_ref().map(shown)
+    );
+    assert_eq!(source.rotating.logins.load(SeqCst), 2, "A's first, B's");
 }

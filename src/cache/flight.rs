@@ -871,58 +871,58 @@ async fn obtain<P: CredentialSource>(
                 return Ok(stored);
             }
         }
-        let (lease, kept) =
-            match store_call(inner, deadline, "lease", store.lease(lease_hold(inner))).await {
-                Some(Some(lease)) => {
-                    // A pair this process keeps whose own lease ran out: taken over, if
-                    // the store says no one took it meanwhile.
-                    let kept = match step_up {
-                        false => take_lost_kept(inner, store.as_ref(), deadline, &lease).await,
-                        true => None,
-                    };
-                    (lease, kept)
-                }
-                Some(None) => {
-                    // This process's own, kept to save a pair the store refused: taken over.
-                    if let Some(taken) = take_kept(inner, store.as_ref(), deadline, step_up).await {
-                        taken
-                    } else {
-                        // Another process fetches: wait for what it saves, as long as the
-                        // deadline allows. A holder that died leaves a lease that runs out.
-                        let now = Instant::now();
-                        if now + pause >= deadline {
-                            waited(waiting_since);
-                            return Err(Error::new(ErrorKind::Timeout));
-                        }
-                        waiting_since.get_or_insert(now);
-                        tracing::debug!(
-                            wait_ms = pause.as_millis() as u64,
-                            "another process holds the refresh lease; waiting"
-                        );
-                        // Bounded here too: a store's own wait may not be.
-                        let _ = tokio::time::timeout(pause, wake).await;
-                        pause = (pause * 2).min(LEASE_POLL_MAX);
-                        continue;
-                    }
-                }
-                // The store is not answering: this process's own fetch, told so (a refresh
-                // token it holds may be another process's by now).
-                // Its refresh token, if the source gave one, is this process's alone and
-                // never saved: dropped, so that it passes for no kept pair's successor
-                // (see `superseded`); the fleet's refresh token is the store's or a kept
-                // pair's (`TokenSource` gives none then).
-                None => {
-                    waited(waiting_since);
-                    return fetch(
-                        inner,
-                        cx.sharing(Sharing::StoreUnavailable),
-                        deadline,
-                        &mut None,
-                    )
-                    .await
-                    .map(Credential::without_refresh_token);
-                }
-            };
+        let taken = match store_call(inner, deadline, "lease", store.lease(lease_hold(inner))).await
+        {
+            // A pair this process keeps whose own lease ran out: taken over, if the store
+            // says no one took it meanwhile; or the lease handed to its task, when the
+            // store does not say, and waited for.
+            Some(Some(lease)) => match step_up {
+                true => Some((lease, None)),
+                false => match take_lost_kept(inner, store.as_ref(), deadline, &lease).await {
+                    LostKept::None => Some((lease, None)),
+                    LostKept::Taken(kept) => Some((lease, Some(kept))),
+                    LostKept::Handed => None,
+                },
+            },
+            // This process's own, kept to save a pair the store refused: taken over; or
+            // another process fetches.
+            Some(None) => take_kept(inner, store.as_ref(), deadline, step_up).await,
+            // The store is not answering: this process's own fetch, told so (a refresh
+            // token it holds may be another process's by now).
+            // Its refresh token, if the source gave one, is this process's alone and
+            // never saved: dropped, so that it passes for no kept pair's successor
+            // (see `superseded`); the fleet's refresh token is the store's or a kept
+            // pair's (`TokenSource` gives none then).
+            None => {
+                waited(waiting_since);
+                return fetch(
+                    inner,
+                    cx.sharing(Sharing::StoreUnavailable),
+                    deadline,
+                    &mut None,
+                )
+                .await
+                .map(Credential::without_refresh_token);
+            }
+        };
+        let Some((lease, kept)) = taken else {
+            // Another holder fetches: wait for what it saves, as long as the deadline
+            // allows. A holder that died leaves a lease that runs out.
+            let now = Instant::now();
+            if now + pause >= deadline {
+                waited(waiting_since);
+                return Err(Error::new(ErrorKind::Timeout));
+            }
+            waiting_since.get_or_insert(now);
+            tracing::debug!(
+                wait_ms = pause.as_millis() as u64,
+                "another holder has the refresh lease; waiting"
+            );
+            // Bounded here too: a store's own wait may not be.
+            let _ = tokio::time::timeout(pause, wake).await;
+            pause = (pause * 2).min(LEASE_POLL_MAX);
+            continue;
+        };
         waited(waiting_since);
         let took = match &kept {
             Some(kept) => Took::Kept(kept),
@@ -1176,14 +1176,42 @@ async fn keep_saving<P: CredentialSource>(
 ) {
     tracing::warn!("a rotated refresh token could not be saved; keeping it and trying again");
     let id = kept.id;
-    *slot.lock().await = Some(kept);
+    let mut held = slot.lock().await;
+    // A newer refresh token is in use here (a late fetch's pair, fenced, after a login
+    // that followed it), or a pair kept here already came from a refresh that began after
+    // this one's: that one is the newer, and this one gives way rather than push it out
+    // of the slot; its lease goes back (the other pair's task holds its own).
+    let newer_kept = held.as_ref().is_some_and(|other| other.born > kept.born);
+    let cache = inner.upgrade();
+    let gives_way = newer_kept
+        || cache
+            .as_ref()
+            .is_some_and(|cache| superseded(cache, &kept.credential, kept.born));
+    if gives_way {
+        let shared = held.as_ref().is_some_and(|other| other.lease == kept.lease);
+        drop(held);
+        if let Some(cache) = cache {
+            late_settled(&cache, &kept.credential, false);
+            if !shared {
+                release(&cache, store.as_ref(), &kept.lease).await;
+            }
+        }
+        return;
+    }
+    *held = Some(kept);
+    drop((held, cache));
     let mut pause = SAVE_RETRY_FIRST;
     let mut next_try = saturating_add(Instant::now(), pause);
     loop {
         let Some(hold) = inner.upgrade().map(|inner| lease_hold(&inner)) else {
             return last_save(store.as_ref(), &slot, id).await;
         };
-        tokio::time::sleep_until(next_try.min(saturating_add(Instant::now(), hold / 3))).await;
+        // A round at least every third of the hold (the lease renewed), and no sooner
+        // than the first retry's wait: a round that could not save (another holder's
+        // lease waited out, a look that failed) waits too.
+        let now = Instant::now();
+        let wake = next_try.max(saturating_add(now, SAVE_RETRY_FIRST));
+        tokio::time::sleep_until(wake.min(saturating_add(now, hold / 3))).await;
         let Some(inner) = inner.upgrade() else {
             return last_save(store.as_ref(), &slot, id).await;
         };
@@ -1307,14 +1335,22 @@ async fn last_save(store: &dyn crate::store::DynStore, slot: &KeptSlot, id: u64)
             false => Some(false),
         };
         let saved = match saved {
-            Some(false) => match store.lease(LEASE_HOLD).await {
-                Ok(Some(again)) => {
-                    kept.lease = again;
-                    matches!(store.load().await, Ok(stored) if kept.store_as_left(stored.as_ref()))
-                        && matches!(store.save(&kept.lease, &saving).await, Ok(true))
-                }
-                _ => false,
-            },
+            Some(false) => {
+                // Held still (taken again by its task, whose look had not answered), or
+                // taken again now if free.
+                let held = match store.renew(&kept.lease, LEASE_HOLD).await {
+                    Ok(true) => true,
+                    _ => match store.lease(LEASE_HOLD).await {
+                        Ok(Some(again)) => {
+                            kept.lease = again;
+                            true
+                        }
+                        _ => false,
+                    },
+                };
+                held && matches!(store.load().await, Ok(stored) if kept.store_as_left(stored.as_ref()))
+                    && matches!(store.save(&kept.lease, &saving).await, Ok(true))
+            }
             saved => saved == Some(true),
         };
         let _ = store.release(&kept.lease).await;
@@ -1359,39 +1395,61 @@ async fn take_kept<P: CredentialSource>(
     Some((kept.lease.clone(), adopt(inner, kept, step_up)))
 }
 
+/// What [`take_lost_kept`] did with this process's kept pair.
+enum LostKept {
+    /// None is kept.
+    None,
+    /// Taken over, under the flight's lease.
+    Taken(Kept),
+    /// Its task was given the flight's lease: the flight waits for it.
+    Handed,
+}
+
 /// The pair this process's [`keep_saving`] keeps, taken over by a flight that found the
 /// lease free: the pair's own lease ran out (in an outage, say) before its task took it
 /// again. Taken only once a look at the store under the flight's lease says no one took
 /// the pair meanwhile ([`Kept::store_as_left`]); given up when the store says someone
-/// may have (a newer pair, or a marker a holder left as it took one out); left to its
-/// task, which looks before anything else, when the look does not answer. Without this,
-/// the flight would find no refresh token in the store (this process's own marker) and
-/// log in, and the pair would be given up as spent.
+/// may have (a newer pair, or a marker a holder left as it took one out). When the look
+/// does not answer, the lease goes to the pair's task, which looks again each round, and
+/// the flight waits for it as for any holder: refreshing on its own, it would find no
+/// refresh token in the store (this process's own marker), log in, and the pair would be
+/// given up as spent.
 async fn take_lost_kept<P: CredentialSource>(
     inner: &Arc<Inner<P>>,
     store: &dyn crate::store::DynStore,
     deadline: Instant,
     lease: &Lease,
-) -> Option<Kept> {
-    let mut slot = tokio::time::timeout_at(deadline, inner.kept.lock())
-        .await
-        .ok()?;
+) -> LostKept {
+    let Ok(mut slot) = tokio::time::timeout_at(deadline, inner.kept.lock()).await else {
+        return LostKept::None;
+    };
+    let Some(kept) = slot.as_mut() else {
+        return LostKept::None;
+    };
     // Its lease is gone: the flight holds the lease.
-    slot.as_mut()?.checked = false;
-    let stored = store_call(inner, deadline, "load", store.load()).await?;
-    let mut kept = slot.take()?;
+    kept.checked = false;
+    let Some(stored) = store_call(inner, deadline, "load", store.load()).await else {
+        kept.lease = lease.clone();
+        return LostKept::Handed;
+    };
+    let Some(mut kept) = slot.take() else {
+        return LostKept::None;
+    };
     drop(slot);
     if !kept.store_as_left(stored.as_ref()) {
         tracing::info!(
             "the store changed while the refresh lease was lost; the unsaved refresh token is abandoned"
         );
         late_settled(inner, &kept.credential, false);
-        return None;
+        return LostKept::None;
     }
     tracing::debug!("taking over a kept pair whose refresh lease ran out");
     kept.lease = lease.clone();
     kept.checked = true;
-    adopt(inner, kept, false)
+    match adopt(inner, kept, false) {
+        Some(kept) => LostKept::Taken(kept),
+        None => LostKept::None,
+    }
 }
 
 /// A kept pair taken over by a flight: `None` when a newer refresh token is in use
