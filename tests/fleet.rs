@@ -2823,17 +2823,21 @@ async fn started(source: &Paced, n: usize) {
     }
 }
 
-/// World: one process, fetch timeout 2 s. The API rejects `a0`; the refresh presenting
-/// `rt0` takes 3.6 s (a late fetch), and the store is down from its start until the
-/// lease has run out. The next flight takes the free lease, finds the marker of `a0` and
-/// logs in (`a2`/`rt2`, installed; its save refused, so the pair is kept). The late
-/// save of `a1`/`rt1` is slow and refused by the fence. Proves (review helper-58: the
-/// fenced `rt1`, kept since 7522112, pushed `rt2` out of the slot and was then given up
-/// as superseded by `a2`: both lost, and the fleet logged in again): a kept pair gives
-/// way to a newer one rather than push it out; `rt2` reaches the store once it takes
-/// pairs, and the next refresh presents it.
-#[tokio::test]
-async fn a_fenced_late_pair_gives_way_to_a_newer_kept_pair() {
+/// One process, fetch timeout 2 s. The API rejects `a0`; the refresh presenting `rt0`
+/// takes 3.6 s (a late fetch), and the store is down from its start until the lease has
+/// run out (the rejection fails with `Timeout`). Then the late save takes `late_save`
+/// (and is fenced), while a second flight logs in, its exchange taking `login`: returns
+/// once that login is in the source, with the source, the store, the cache and the
+/// second flight.
+async fn a_late_refresh_then_a_login(
+    login: Duration,
+    late_save: Duration,
+) -> (
+    Paced,
+    FaultStore,
+    CredentialCache<Paced>,
+    tokio::task::JoinHandle<Result<Credential, tower_client_auth::Error>>,
+) {
     let source = Paced::default();
     let store = FaultStore::new();
     let a = CredentialCache::builder(source.clone())
@@ -2847,7 +2851,7 @@ async fn a_fenced_late_pair_gives_way_to_a_newer_kept_pair() {
         .delays
         .lock()
         .unwrap()
-        .extend([Duration::from_millis(3600), Duration::from_millis(200)]);
+        .extend([Duration::from_millis(3600), login]);
     let first = tokio::spawn({
         let a = a.clone();
         async move { a.reject(&a0).await }
@@ -2858,15 +2862,28 @@ async fn a_fenced_late_pair_gives_way_to_a_newer_kept_pair() {
     tokio::time::sleep(Duration::from_millis(3300)).await;
     store.faults().down.store(false, SeqCst);
     assert!(first.await.unwrap().is_err(), "the first flight timed out");
-    // The late save of a1/rt1 takes 450 ms (within its share), and is fenced.
-    store.delay_next_saves(&[Duration::from_millis(450)]);
+    store.delay_next_saves(&[late_save]);
     let second = tokio::spawn({
         let a = a.clone();
         async move { a.credential().await }
     });
-    // The login starts once the late fetch gave the source back (its save under way):
-    // the login's pair is refused.
     started(&source, 3).await;
+    (source, store, a, second)
+}
+
+/// World: one process, fetch timeout 2 s. The API rejects `a0`; the refresh presenting
+/// `rt0` takes 3.6 s (a late fetch), and the store is down from its start until the
+/// lease has run out. The next flight takes the free lease, finds the marker of `a0` and
+/// logs in (`a2`/`rt2`, installed; its save refused, so the pair is kept). The late
+/// save of `a1`/`rt1` is slow and refused by the fence. Proves (review helper-58: the
+/// fenced `rt1`, kept since 7522112, pushed `rt2` out of the slot and was then given up
+/// as superseded by `a2`: both lost, and the fleet logged in again): a kept pair gives
+/// way to a newer one rather than push it out; `rt2` reaches the store once it takes
+/// pairs, and the next refresh presents it.
+#[tokio::test]
+async fn a_fenced_late_pair_gives_way_to_a_newer_kept_pair() {
+    let (source, store, a, second) =
+        a_late_refresh_then_a_login(Duration::from_millis(200), Duration::from_millis(450)).await;
     store.faults().refusing_pairs.store(true, SeqCst);
     let a2 = second.await.unwrap().expect("logged in");
     assert_eq!(a2, Credential::bearer("a2").unwrap());
@@ -3114,4 +3131,185 @@ async fn a_fenced_late_pair_gives_way_to_another_processs_login() {
         stored.as_ref().map(shown)
     );
     assert_eq!(source.rotating.logins.load(SeqCst), 2, "A's first, B's");
+}
+
+/// World: as in [`a_fenced_late_pair_gives_way_to_a_newer_kept_pair`], but the login that follows the late refresh brings `a2`/`rt2` expired on arrival
+/// (refused, never installed: its flight failed, so the two flights began at the same
+/// generation). Its save is refused too, so `rt2` is kept (under the login's lease, held
+/// and renewed); then the late `a1`/`rt1`'s save is fenced and kept. Proves (review
+/// helper-59: on the tie the late pair pushed `rt2` out of the slot and its lease was
+/// left held): the pair kept first stays, `rt2` reaches the store once it takes pairs,
+/// and the lease the late pair had goes back.
+#[tokio::test]
+async fn a_late_pair_as_new_as_a_kept_one_gives_way_to_it() {
+    let (source, store, _a, second) =
+        a_late_refresh_then_a_login(Duration::from_millis(200), Duration::from_millis(450)).await;
+    // The login's answer arrives expired (refused on arrival), and its save is refused.
+    source.rotating.expired.store(true, SeqCst);
+    store.faults().refusing_pairs.store(true, SeqCst);
+    let second = second.await.unwrap();
+    assert!(second.is_err(), "the login's pair was refused on arrival");
+    source.rotating.expired.store(false, SeqCst);
+    // The late save (450 ms) is fenced meanwhile.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let lease_free_after_the_late_pair_was_kept = store.lease_free().await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    store.faults().refusing_pairs.store(false, SeqCst);
+    let began = Instant::now();
+    while store.stored_refresh_token().await.is_none() && began.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stored = store.stored_refresh_token().await;
+    assert_eq!(source.rotating.reused.load(SeqCst), 0);
+    assert_eq!(
+        (stored.as_deref(), source.rotating.logins.load(SeqCst)),
+        (Some("rt2"), 2),
+        "(the store's refresh token once it took pairs again, logins); lease free 600 ms after: {lease_free_after_the_late_pair_was_kept}"
+    );
+}
+
+/// World: one process keeps `a1`/`rt1` (the store refuses pairs); its
+/// connection goes down past the lease; it comes back (taking pairs), but the saving
+/// task's looks fail, so it holds the lease it took again, unchecked. Right after one
+/// of its rounds, the cache is dropped (the process shuts down): the last save renews
+/// that lease, and its look hangs (`hang_the_look`) or answers. Proves (review
+/// helper-59: the last save renewed the lease for 3 s, ran out of its second in the
+/// look, and never gave the lease back; B waited it out): 1.2 s after the last save's
+/// look began the lease is free, and B is not made to wait out a lease nobody holds.
+async fn last_save_with_a_slow_look(hang_the_look: bool) {
+    let (source, store, a, _) = keeping_a1(Duration::from_secs(2)).await;
+    store.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    const MANY: usize = 1_000_000;
+    store.faults().failing_loads.store(MANY, SeqCst);
+    store.faults().refusing_pairs.store(false, SeqCst);
+    store.faults().down.store(false, SeqCst);
+    // Two of the task's looks fail (the lease taken again, then renewed).
+    while MANY - store.faults().failing_loads.load(SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        !store.lease_free().await,
+        "the task holds the lease taken again"
+    );
+    // A permit left by earlier loads is used up.
+    let _ = tokio::time::timeout(Duration::ZERO, store.faults().loads.arrived()).await;
+    if hang_the_look {
+        store.faults().loads.close();
+    }
+    store.faults().failing_loads.store(0, SeqCst);
+    drop(a);
+    let dropped = Instant::now();
+    store.faults().loads.arrived().await;
+    let look = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let free = store.lease_free().await;
+    store.faults().loads.open();
+    let b = source.cache(store.clone());
+    let began = Instant::now();
+    let got = b.credential().await;
+    assert!(
+        free,
+        "the lease is still held 1.2 s after the last save's look began ({:?} after the drop); \
+         B then waited {:?} and got {:?}; logins {}",
+        look - dropped,
+        began.elapsed(),
+        got.as_ref().map(shown),
+        source.logins.load(SeqCst)
+    );
+    assert!(got.is_ok());
+}
+
+/// See [`last_save_with_a_slow_look`]: the look hangs.
+#[tokio::test]
+async fn a_last_save_whose_look_hangs_gives_the_lease_back_within_its_second() {
+    last_save_with_a_slow_look(true).await;
+}
+
+/// See [`last_save_with_a_slow_look`]: the look answers.
+#[tokio::test]
+async fn a_last_save_whose_look_answers_gives_the_lease_back() {
+    last_save_with_a_slow_look(false).await;
+}
+
+/// As [`flight_finding_the_lease_free`], with a 300 ms fetch timeout (hold 1.45 s): the
+/// rejection's flight finds the lease free, and its look at the kept pair fails
+/// `failed_looks` times (the store answers otherwise). Proves (review helper-59: the
+/// flight handed its lease to the pair's task, which looked only at its next round, a
+/// third of the hold later, past the flight's deadline: `Timeout`): the task is woken
+/// at once, and the rejection is answered with a credential; one login, no reuse.
+async fn lease_free_with_a_short_timeout(failed_looks: usize) {
+    let (source, sa, a, a1) = keeping_a1(Duration::from_millis(300)).await;
+    sa.faults().passing_loads.store(1, SeqCst);
+    sa.faults().failing_loads.store(failed_looks, SeqCst);
+    sa.outage_past_the_lease().await;
+    let began = Instant::now();
+    let next = a.reject(&a1).await;
+    let took = began.elapsed();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        (source.logins.load(SeqCst), source.reused.load(SeqCst)),
+        (1, 0),
+        "logins, reuses"
+    );
+    assert!(
+        next.is_ok(),
+        "the rejection answered {:?} after {took:?} (the store healthy but for one look)",
+        next.as_ref().map(shown)
+    );
+}
+
+/// See [`lease_free_with_a_short_timeout`]: one look fails.
+#[tokio::test]
+async fn a_short_timeout_flight_whose_look_fails_once_still_gets_a_credential() {
+    lease_free_with_a_short_timeout(1).await;
+}
+
+/// See [`lease_free_with_a_short_timeout`]: the look answers.
+#[tokio::test]
+async fn a_short_timeout_flight_whose_look_answers_gets_a_credential() {
+    lease_free_with_a_short_timeout(0).await;
+}
+
+/// World: as in [`a_fenced_late_pair_gives_way_to_a_newer_kept_pair`], in the other
+/// order: the late `a1`/`rt1`'s save is fenced first (kept, and this
+/// process's unsaved late answer), then the login that followed brings `a2`/`rt2`
+/// expired on arrival (refused, never installed; its save refused too, kept). The
+/// application then asks for a credential while the store still refuses pairs; then the
+/// store takes pairs again, and the API rejects the credential A serves.
+/// Proves (review helper-59: the login pair pushed the late one out of the slot, which
+/// stayed this process's unsaved answer and was served, then the login pair's task
+/// found itself superseded: both lost, a third login): the fleet keeps one of the two
+/// refresh tokens, no login past the second.
+#[tokio::test]
+async fn a_late_pair_kept_first_stays_and_answers_and_no_refresh_token_is_lost() {
+    let (source, store, a, second) =
+        a_late_refresh_then_a_login(Duration::from_millis(400), Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The login's answer arrives expired; its save is refused.
+    source.rotating.expired.store(true, SeqCst);
+    store.faults().refusing_pairs.store(true, SeqCst);
+    assert!(
+        second.await.unwrap().is_err(),
+        "the login's pair was refused on arrival"
+    );
+    source.rotating.expired.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The application asks while the store still refuses pairs.
+    let served = a.credential().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    store.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    let stored = store.stored_refresh_token().await;
+    let current = a.credential().await.unwrap();
+    let next = a.reject(&current).await;
+    assert_eq!(source.rotating.reused.load(SeqCst), 0);
+    assert_eq!(
+        source.rotating.logins.load(SeqCst),
+        2,
+        "logged in again: A served {:?}; the store then held {stored:?}; the next refresh \
+         answered {:?}",
+        served.as_ref().map(shown),
+        next.as_ref().map(shown)
+    );
 }

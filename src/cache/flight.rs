@@ -1064,6 +1064,9 @@ pub(super) struct Kept {
     /// nor saved as the cache goes: a save of it may have landed, been taken by another
     /// holder and spent.
     checked: bool,
+    /// Wakes the task keeping the pair before its next round: a flight handed it its
+    /// lease (see `take_lost_kept`).
+    nudge: Arc<tokio::sync::Notify>,
 }
 
 /// What the store may hold as this process left it, under a lease held without a break
@@ -1106,6 +1109,7 @@ impl Kept {
             born,
             left,
             checked: true,
+            nudge: Arc::default(),
         }
     }
 
@@ -1176,44 +1180,54 @@ async fn keep_saving<P: CredentialSource>(
 ) {
     tracing::warn!("a rotated refresh token could not be saved; keeping it and trying again");
     let id = kept.id;
+    let nudge = Arc::clone(&kept.nudge);
     let mut held = slot.lock().await;
     // A newer refresh token is in use here (a late fetch's pair, fenced, after a login
-    // that followed it), or a pair kept here already came from a refresh that began after
-    // this one's: that one is the newer, and this one gives way rather than push it out
-    // of the slot; its lease goes back (the other pair's task holds its own).
-    let newer_kept = held.as_ref().is_some_and(|other| other.born > kept.born);
+    // that followed it), or a pair kept here already came from a refresh that began no
+    // earlier than this one's (on a tie, the pair kept first stays: the two are as new,
+    // and the first is already this process's answer): this one gives way rather than
+    // push it out of the slot, and its lease goes back (the other pair's task holds its
+    // own). A pair it does push out (an older one) is given up the same way.
+    let newer_kept = held.as_ref().is_some_and(|other| other.born >= kept.born);
     let cache = inner.upgrade();
     let gives_way = newer_kept
         || cache
             .as_ref()
             .is_some_and(|cache| superseded(cache, &kept.credential, kept.born));
-    if gives_way {
-        let shared = held.as_ref().is_some_and(|other| other.lease == kept.lease);
-        drop(held);
-        if let Some(cache) = cache {
-            late_settled(&cache, &kept.credential, false);
-            if !shared {
-                release(&cache, store.as_ref(), &kept.lease).await;
+    let given_up = match gives_way {
+        true => Some(kept),
+        false => held.replace(kept),
+    };
+    let kept_lease = held.as_ref().map(|kept| kept.lease.clone());
+    drop(held);
+    if let Some(given_up) = given_up {
+        if let Some(cache) = &cache {
+            late_settled(cache, &given_up.credential, false);
+            if kept_lease.as_ref() != Some(&given_up.lease) {
+                release(cache, store.as_ref(), &given_up.lease).await;
             }
         }
-        return;
+        if gives_way {
+            return;
+        }
     }
-    *held = Some(kept);
-    drop((held, cache));
+    drop(cache);
     let mut pause = SAVE_RETRY_FIRST;
     let mut next_try = saturating_add(Instant::now(), pause);
     loop {
         let Some(hold) = inner.upgrade().map(|inner| lease_hold(&inner)) else {
-            return last_save(store.as_ref(), &slot, id).await;
+            return last_save(store.as_ref(), &slot, id, LEASE_HOLD).await;
         };
         // A round at least every third of the hold (the lease renewed), and no sooner
         // than the first retry's wait: a round that could not save (another holder's
-        // lease waited out, a look that failed) waits too.
+        // lease waited out, a look that failed) waits too; unless a flight handed this
+        // task its lease to look for it (see `take_lost_kept`).
         let now = Instant::now();
         let wake = next_try.max(saturating_add(now, SAVE_RETRY_FIRST));
-        tokio::time::sleep_until(wake.min(saturating_add(now, hold / 3))).await;
+        let _ = tokio::time::timeout_at(wake.min(saturating_add(now, hold / 3)), nudge.notified())
+            .await;
         let Some(inner) = inner.upgrade() else {
-            return last_save(store.as_ref(), &slot, id).await;
+            return last_save(store.as_ref(), &slot, id, hold).await;
         };
         // Held for this round's store calls: a flight waits for them to end before it
         // takes the lease over, so no save of this pair lands after the flight's.
@@ -1318,11 +1332,19 @@ async fn keep_saving<P: CredentialSource>(
 /// a flight took the pair over before the cache went (it saved or kept its own). A lease
 /// lost in an outage (known, or found by the save's fence) is taken again if free, and
 /// the pair saved only over the store as its refresh left it (see [`keep_saving`]).
-async fn last_save(store: &dyn crate::store::DynStore, slot: &KeptSlot, id: u64) {
+async fn last_save(
+    store: &dyn crate::store::DynStore,
+    slot: &KeptSlot,
+    id: u64,
+    hold: std::time::Duration,
+) {
+    // The lease to give back, once the try is over or out of time.
+    let mut lease = None;
     let saved = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        let Some(mut kept) = slot.lock().await.take_if(|kept| kept.id == id) else {
+        let Some(kept) = slot.lock().await.take_if(|kept| kept.id == id) else {
             return true;
         };
+        lease = Some(kept.lease.clone());
         // Its access token goes marked expired: the cache that could tell whether it
         // was dropped (invalidated, rejected) is gone, and a dropped one must not be
         // handed to another process; the refresh token is what the fleet needs.
@@ -1334,29 +1356,29 @@ async fn last_save(store: &dyn crate::store::DynStore, slot: &KeptSlot, id: u64)
             true => store.save(&kept.lease, &saving).await.ok(),
             false => Some(false),
         };
-        let saved = match saved {
+        match saved {
             Some(false) => {
                 // Held still (taken again by its task, whose look had not answered), or
                 // taken again now if free.
-                let held = match store.renew(&kept.lease, LEASE_HOLD).await {
-                    Ok(true) => true,
-                    _ => match store.lease(LEASE_HOLD).await {
-                        Ok(Some(again)) => {
-                            kept.lease = again;
-                            true
-                        }
-                        _ => false,
-                    },
+                let held = match store.renew(&kept.lease, hold).await {
+                    Ok(true) => Some(kept.lease.clone()),
+                    _ => store.lease(hold).await.ok().flatten(),
                 };
-                held && matches!(store.load().await, Ok(stored) if kept.store_as_left(stored.as_ref()))
-                    && matches!(store.save(&kept.lease, &saving).await, Ok(true))
+                let Some(held) = held else {
+                    return false;
+                };
+                lease = Some(held.clone());
+                matches!(store.load().await, Ok(stored) if kept.store_as_left(stored.as_ref()))
+                    && matches!(store.save(&held, &saving).await, Ok(true))
             }
             saved => saved == Some(true),
-        };
-        let _ = store.release(&kept.lease).await;
-        saved
+        }
     })
     .await;
+    if let Some(lease) = lease {
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), store.release(&lease))
+            .await;
+    }
     if saved != Ok(true) {
         tracing::warn!("the cache was dropped before its rotated refresh token could be saved");
     }
@@ -1430,6 +1452,7 @@ async fn take_lost_kept<P: CredentialSource>(
     kept.checked = false;
     let Some(stored) = store_call(inner, deadline, "load", store.load()).await else {
         kept.lease = lease.clone();
+        kept.nudge.notify_one();
         return LostKept::Handed;
     };
     let Some(mut kept) = slot.take() else {
