@@ -152,13 +152,14 @@ impl FetchContext {
     }
 
     /// The wall-clock reading [`now`](Self::now) reports. The cache sets its clock's
-    /// reading as the fetch begins; a test sets a fixed one.
+    /// reading as it asks the source; a test sets a fixed one.
     pub fn at(mut self, now: SystemTime) -> Self {
         self.now = now;
         self
     }
 
-    /// The cache's wall clock as this fetch began (see [`crate::clock`]): stamp a
+    /// The cache's wall clock as the source is asked (see [`crate::clock`]; not as the
+    /// refresh began: it may have waited for another process's lease): stamp a
     /// credential's issue and expiry with it
     /// ([`Credential::lives`](crate::Credential::lives)), so they mean the same to the cache
     /// whatever clock it was given.

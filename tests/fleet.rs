@@ -3313,3 +3313,46 @@ async fn a_late_pair_kept_first_stays_and_answers_and_no_refresh_token_is_lost()
         next.as_ref().map(shown)
     );
 }
+
+/// A source whose credentials live 1 s from `FetchContext::now`, stamped as the docs
+/// tell a source to stamp them.
+#[derive(Clone, Default)]
+struct StampedOneSecond(Arc<AtomicUsize>);
+
+impl CredentialSource for StampedOneSecond {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        let n = self.0.fetch_add(1, SeqCst);
+        Ok(Credential::bearer(format!("s{n}"))?.lives(cx.now(), Duration::from_secs(1)))
+    }
+}
+
+/// World: another process holds the refresh lease for 1.5 s and saves nothing (it
+/// died); process A needs a credential meanwhile, waits for that lease, takes it over
+/// and asks its source, whose credentials live 1 s from `FetchContext::now`. Proves
+/// (found by the fleet-interleavings soak, seeds 1106 and 1118: `now` was read as the
+/// flight began, so a credential stamped with it had lived the wait already and came
+/// expired, failing every request waiting for it): `now` is the wall clock as the source
+/// is asked, and A gets a credential with its whole second.
+#[tokio::test]
+async fn a_source_asked_after_a_wait_for_the_lease_stamps_its_credential_then() {
+    let memory = MemoryStore::default();
+    let _held = memory
+        .lease(Duration::from_millis(1500))
+        .await
+        .unwrap()
+        .unwrap();
+    let a = CredentialCache::builder(StampedOneSecond::default())
+        .store(memory.clone())
+        .fetch_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let began = Instant::now();
+    let got = a.credential().await.expect("a credential after the wait");
+    assert!(began.elapsed() >= Duration::from_millis(1400), "waited");
+    let left = got
+        .expiry()
+        .unwrap()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(left > Duration::from_millis(800), "{left:?} left of 1 s");
+}

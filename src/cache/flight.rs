@@ -1740,7 +1740,7 @@ async fn fetch_holding<P: CredentialSource>(
     let mut fetching: Fetching = {
         let inner = Arc::clone(inner);
         Box::pin(async move {
-            let cx = told_suspect(&inner, cx);
+            let cx = asking(&inner, cx);
             let answer = ask_source(&inner.source, cx).await;
             drop(gate);
             answer
@@ -1911,11 +1911,16 @@ fn unsaved_late<P: CredentialSource>(inner: &Inner<P>) -> Option<Credential> {
     Some(credential)
 }
 
-/// `cx`, told (if it is an invalidation's fetch) what a fetch the invalidation made
-/// suspect brought, if that fetch ended after this one began (a late fetch, say,
-/// which ends while this one waits for its lease or the source): the one a source
-/// holding its last credential would hand back. See `FlightGuard::begin`.
-fn told_suspect<P: CredentialSource>(inner: &Inner<P>, mut cx: FetchContext) -> FetchContext {
+/// `cx` as the source is asked: stamped with the cache's wall clock now (the flight may
+/// have waited long for a lease or the source, and a source stamps its credential's
+/// issue and expiry with [`FetchContext::now`]: one stamped as the flight began would
+/// have lived that wait already); and told (if it is an invalidation's fetch) what a
+/// fetch the invalidation made suspect brought, if that fetch ended after this one
+/// began (a late fetch, say, which ends while this one waits for its lease or the
+/// source): the one a source holding its last credential would hand back. See
+/// `FlightGuard::begin`.
+fn asking<P: CredentialSource>(inner: &Inner<P>, cx: FetchContext) -> FetchContext {
+    let mut cx = cx.at(inner.config.clock.now());
     if cx.reason() == FetchReason::Invalidated {
         if let Some(dropped) = inner.lock_state().tainted_result.take() {
             cx.set_previous(dropped);
@@ -2021,7 +2026,7 @@ async fn checked_fetch<P: CredentialSource>(
     // `fetch_holding`): waited for, as the fleet's other processes wait for its lease.
     let fetched = tokio::time::timeout_at(deadline, async {
         let _gate = inner.source_gate.lock().await;
-        ask_source(&inner.source, told_suspect(inner, cx)).await
+        ask_source(&inner.source, asking(inner, cx)).await
     });
     match fetched.await {
         Err(_elapsed) => Err(Error::new(ErrorKind::Timeout)),
