@@ -3356,3 +3356,36 @@ async fn a_source_asked_after_a_wait_for_the_lease_stamps_its_credential_then() 
         .unwrap_or_default();
     assert!(left > Duration::from_millis(800), "{left:?} left of 1 s");
 }
+
+/// World: as in [`a_late_pair_kept_first_stays_and_answers_and_no_refresh_token_is_lost`],
+/// but the login that follows the late refresh answers normally: `a2`/`rt2` is
+/// installed (its save refused, so `rt2` is kept). The late `a1`/`rt1` was fenced and
+/// kept first: the two flights began at the same generation. Then the store takes pairs
+/// again, and the API rejects what A serves. Proves (review helper-60: `rt2`, the
+/// installed one, gave way to `rt1` on the tie, and `rt1` was then given up as
+/// superseded by `a2`: both lost, a third login): on a tie the pair that the installed
+/// credential supersedes is pushed out; `rt2` is saved, no login past the second.
+#[tokio::test]
+async fn a_late_pair_kept_first_gives_way_to_an_installed_login_of_the_same_generation() {
+    let (source, store, a, second) =
+        a_late_refresh_then_a_login(Duration::from_millis(400), Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.faults().refusing_pairs.store(true, SeqCst);
+    let a2 = second.await.unwrap().expect("logged in");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    store.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    let stored = store.stored_refresh_token().await;
+    let current = a.credential().await.unwrap();
+    let next = a.reject(&current).await;
+    assert_eq!(source.rotating.reused.load(SeqCst), 0);
+    assert_eq!(
+        source.rotating.logins.load(SeqCst),
+        2,
+        "logged in again: the login answered {}; A then served {}; the store then held \
+         {stored:?}; the next refresh answered {:?}",
+        shown(&a2),
+        shown(&current),
+        next.as_ref().map(shown)
+    );
+}

@@ -1183,13 +1183,21 @@ async fn keep_saving<P: CredentialSource>(
     let nudge = Arc::clone(&kept.nudge);
     let mut held = slot.lock().await;
     // A newer refresh token is in use here (a late fetch's pair, fenced, after a login
-    // that followed it), or a pair kept here already came from a refresh that began no
-    // earlier than this one's (on a tie, the pair kept first stays: the two are as new,
-    // and the first is already this process's answer): this one gives way rather than
-    // push it out of the slot, and its lease goes back (the other pair's task holds its
-    // own). A pair it does push out (an older one) is given up the same way.
-    let newer_kept = held.as_ref().is_some_and(|other| other.born >= kept.born);
+    // that followed it), or a pair kept here already came from a refresh that began
+    // later than this one's, or as early and is not itself superseded (on such a tie the
+    // two are as new, and the first is already this process's answer; one superseded by
+    // what is installed would be given up at its task's next round, and this one is the
+    // installed credential's): this one gives way rather than push it out of the slot,
+    // and its lease goes back (the other pair's task holds its own). A pair it does push
+    // out is given up the same way.
     let cache = inner.upgrade();
+    let newer_kept = held.as_ref().is_some_and(|other| {
+        other.born > kept.born
+            || (other.born == kept.born
+                && !cache
+                    .as_ref()
+                    .is_some_and(|cache| superseded(cache, &other.credential, other.born)))
+    });
     let gives_way = newer_kept
         || cache
             .as_ref()
