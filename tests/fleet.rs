@@ -3297,6 +3297,20 @@ async fn a_late_pair_kept_first_stays_and_answers_and_no_refresh_token_is_lost()
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The application asks while the store still refuses pairs.
     let served = a.credential().await;
+    let served = format!("A served {:?}", served.as_ref().map(shown));
+    pairs_taken_again_then_one_refresh(&source, &store, &a, &served).await;
+}
+
+/// After the late-refresh-then-login world (see [`a_late_refresh_then_a_login`]): the
+/// store takes pairs again 1.5 s on, and 4 s later the API rejects what A serves.
+/// Asserts no refresh token was presented twice and the fleet logged in twice only (its
+/// first login and the second flight's), `what` saying what happened before.
+async fn pairs_taken_again_then_one_refresh(
+    source: &Paced,
+    store: &FaultStore,
+    a: &CredentialCache<Paced>,
+    what: &str,
+) {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     store.faults().refusing_pairs.store(false, SeqCst);
     tokio::time::sleep(Duration::from_millis(4000)).await;
@@ -3307,9 +3321,9 @@ async fn a_late_pair_kept_first_stays_and_answers_and_no_refresh_token_is_lost()
     assert_eq!(
         source.rotating.logins.load(SeqCst),
         2,
-        "logged in again: A served {:?}; the store then held {stored:?}; the next refresh \
-         answered {:?}",
-        served.as_ref().map(shown),
+        "logged in again: {what}; A then served {}; the store then held {stored:?}; the \
+         next refresh answered {:?}",
+        shown(&current),
         next.as_ref().map(shown)
     );
 }
@@ -3372,20 +3386,6 @@ async fn a_late_pair_kept_first_gives_way_to_an_installed_login_of_the_same_gene
     tokio::time::sleep(Duration::from_millis(50)).await;
     store.faults().refusing_pairs.store(true, SeqCst);
     let a2 = second.await.unwrap().expect("logged in");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    store.faults().refusing_pairs.store(false, SeqCst);
-    tokio::time::sleep(Duration::from_millis(4000)).await;
-    let stored = store.stored_refresh_token().await;
-    let current = a.credential().await.unwrap();
-    let next = a.reject(&current).await;
-    assert_eq!(source.rotating.reused.load(SeqCst), 0);
-    assert_eq!(
-        source.rotating.logins.load(SeqCst),
-        2,
-        "logged in again: the login answered {}; A then served {}; the store then held \
-         {stored:?}; the next refresh answered {:?}",
-        shown(&a2),
-        shown(&current),
-        next.as_ref().map(shown)
-    );
+    let answered = format!("the login answered {}", shown(&a2));
+    pairs_taken_again_then_one_refresh(&source, &store, &a, &answered).await;
 }
