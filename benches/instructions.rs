@@ -89,6 +89,16 @@ fn main() {
             ),
             n,
         ),
+        // The static credential without replay, any origin: the yardstick's shape.
+        "auth_layer_static_direct_any" => run(
+            warm(
+                &rt,
+                AuthLayer::new(StaticCredential::bearer(TOKEN).unwrap())
+                    .any_https_origin()
+                    .without_replay(),
+            ),
+            n,
+        ),
         // Refreshable, replay off, no expiry: `auth_layer_no_replay` less the wall-clock
         // read.
         "auth_layer_no_replay_no_expiry" => run(
