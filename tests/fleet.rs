@@ -1978,13 +1978,17 @@ async fn a_kept_pair_whose_save_was_taken_meanwhile_is_not_saved_again() {
     taken_meanwhile_in_memory_and_redis(Take::Rejected).await;
 }
 
-/// [`kept_pair_taken_meanwhile`] over memory, then over a real Redis.
+/// [`kept_pair_taken_meanwhile`] over memory and over a real Redis, the two worlds side
+/// by side (each waits out leases for 12 s; nothing is shared but the runtime).
 async fn taken_meanwhile_in_memory_and_redis(take: Take) {
     let memory = MemoryStore::default();
-    kept_pair_taken_meanwhile(memory.clone(), memory.clone(), memory, take, 0).await;
     let server = RedisServer::start();
     let redis = async || redis_store(&server, "taken-meanwhile").await;
-    kept_pair_taken_meanwhile(redis().await, redis().await, redis().await, take, 0).await;
+    let (ra, rb, rlook) = (redis().await, redis().await, redis().await);
+    tokio::join!(
+        kept_pair_taken_meanwhile(memory.clone(), memory.clone(), memory, take, 0),
+        kept_pair_taken_meanwhile(ra, rb, rlook, take, 0),
+    );
 }
 
 /// How process B comes to take process A's pair out of the store.
