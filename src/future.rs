@@ -69,7 +69,25 @@ pub(crate) fn admits<B>(
     if !scope.allows(req.uri(), req.extensions(), policy.allow_relative_uris) {
         return Ok(false);
     }
+    // A `Host` header naming another origin than the URI's sends the request there.
+    if crate::scope::has_host_header(req.headers()) && !host_header_agrees(req) {
+        return Ok(false);
+    }
     policy.check_transport(req.uri()).map(|()| true)
+}
+
+/// [`admits`]' `Host` rule for a request that has the header (an absolute URI's: a
+/// relative one has its origin set below, by the inner service, and no host to compare).
+#[cold]
+#[inline(never)]
+fn host_header_agrees<B>(req: &Request<B>) -> bool {
+    let uri = req.uri();
+    match (uri.scheme_str(), uri.host()) {
+        (Some(scheme), Some(host)) => {
+            crate::scope::host_header_agrees(scheme, host, uri.port_u16(), req.headers())
+        }
+        _ => true,
+    }
 }
 
 pin_project! {

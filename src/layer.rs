@@ -55,7 +55,9 @@ macro_rules! request_rules {
         /// Sends the credential to `origin` (and to any other origin or predicate given):
         /// a request to anywhere else, a redirect's target included, passes through
         /// without it, and is never refreshed for or replayed. Call it for every origin of
-        /// the API; see [`Origin`].
+        /// the API; see [`Origin`]. So does a request whose `Host` header names another
+        /// host or port than its URI: a server that routes by `Host` (an ingress, a CDN,
+        /// virtual hosts) would deliver it to that other origin.
         ///
         /// **Given no origin, predicate or [`any_https_origin`](Self::any_https_origin),
         /// every request fails** with [`ErrorKind::NoOrigin`](crate::ErrorKind::NoOrigin):
@@ -122,7 +124,9 @@ macro_rules! request_rules {
         ///
         /// Some stacks set the origin below this layer (a tonic `Channel` sends `/pkg.Svc/Method`
         /// and adds the origin itself), so the layer cannot check the transport. Allow this
-        /// only when the stack below is known to use TLS.
+        /// only when the stack below is known to use TLS. A URI that names a host without a
+        /// scheme (`CONNECT host:port`, the authority form) is not relative: it gets no
+        /// credential.
         pub fn allow_relative_uris(mut self, allow: bool) -> Self {
             self.policy.allow_relative_uris = allow;
             self

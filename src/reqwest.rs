@@ -693,6 +693,20 @@ impl<P: CredentialSource> AuthMiddleware<P> {
         } else {
             (None, Some(self.gate(shell.url())?))
         };
+        // A `Host` header naming another origin than the URL's sends the request there
+        // (the state machine's rule, `future::admits`, for a URI it reads).
+        let in_scope = match in_scope {
+            Some(true) => {
+                let url = shell.url();
+                Some(crate::scope::host_header_agrees(
+                    url.scheme(),
+                    url.host_str().unwrap_or_default(),
+                    url.port(),
+                    shell.headers(),
+                ))
+            }
+            other => other,
+        };
         // Built empty and filled: the headers change places with the shell's (which
         // keeps the new request's empty map, rather than one being made and another
         // dropped), and the URI stays the default unless the rules read it.

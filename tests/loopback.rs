@@ -626,3 +626,78 @@ async fn a_stream_whose_length_is_set_by_hand_is_replayed() {
     let abcd = Ok((Bytes::from_static(b"abcd"), None));
     assert_eq!(seen, vec![abcd.clone(); 5]);
 }
+
+/// A request a server saw (method and URI), and its `Authorization`.
+type Asked = (String, Option<String>);
+
+/// World: a layer given `https://api.example.com` with `allow_relative_uris(true)` (as
+/// for a tonic channel that sets the origin below), over a hyper-util client whose DNS
+/// resolves `tenant.evil.test` (a non-loopback name) to a loopback server, and a
+/// `CONNECT tenant.evil.test:{port}` request (authority-form: a host, and no scheme).
+/// hyper-util sends an authority-form `CONNECT` over plain http to the host it names.
+/// Proves (should): a URI that names a host is held to the origin rule and the
+/// transport rule, even with relative URIs allowed: no credential goes over plain http
+/// to a host the layer was not given.
+#[tokio::test]
+async fn an_authority_form_uri_is_no_relative_uri() {
+    use hyper_util::client::legacy::connect::{HttpConnector, dns::Name};
+    let seen: Arc<Mutex<Vec<Asked>>> = Arc::default();
+    let addr = serve({
+        let seen = seen.clone();
+        move |req: Request<hyper::body::Incoming>| {
+            let seen = seen.clone();
+            async move {
+                let auth = req
+                    .headers()
+                    .get(http::header::AUTHORIZATION)
+                    .map(|v| v.to_str().unwrap().to_owned());
+                seen.lock()
+                    .unwrap()
+                    .push((format!("{} {}", req.method(), req.uri()), auth));
+                Response::builder()
+                    .status(StatusCode::FORBIDDEN)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap()
+            }
+        }
+    })
+    .await;
+    // The name resolves to the loopback server (DNS standing in for a real remote host).
+    let resolver =
+        tower::service_fn(
+            move |_: Name| async move { Ok::<_, std::io::Error>(std::iter::once(addr)) },
+        );
+    let client = Client::builder(TokioExecutor::new())
+        .build::<_, ReplayBody<Full<Bytes>>>(HttpConnector::new_with_resolver(resolver));
+    let layer =
+        AuthLayer::new(tower_client_auth::StaticCredential::bearer("relative-secret").unwrap())
+            .origin("https://api.example.com")
+            .unwrap()
+            .allow_relative_uris(true);
+    let uri = format!("tenant.evil.test:{}", addr.port());
+    let request = || {
+        Request::connect(uri.as_str())
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    let replaying = layer.clone().layer(client.clone()).oneshot(request()).await;
+    let direct = layer
+        .without_replay()
+        .layer(
+            Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(
+                HttpConnector::new_with_resolver(tower::service_fn(move |_: Name| async move {
+                    Ok::<_, std::io::Error>(std::iter::once(addr))
+                })),
+            ),
+        )
+        .oneshot(request())
+        .await;
+    let seen = seen.lock().unwrap().clone();
+    let leaked: Vec<_> = seen.iter().filter(|(_, auth)| auth.is_some()).collect();
+    assert!(
+        leaked.is_empty(),
+        "over plain http to {uri} (replaying: {:?}, direct: {:?}): {leaked:?}",
+        replaying.map(|r| r.status()),
+        direct.map(|r| r.status()),
+    );
+}

@@ -207,3 +207,122 @@ fn origins_take_what_users_hold_and_refuse_what_is_not_one() {
         assert_eq!(origin.to_string().parse::<Origin>().unwrap(), origin);
     }
 }
+
+/// Each request a server saw: a text naming it, and its `Authorization`.
+type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+/// A server that routes by `Host` (a shared front: an ingress, a CDN, a virtual host)
+/// and records, for each request, the `Host` it named and its `Authorization`.
+async fn virtual_hosts() -> (String, Seen) {
+    let seen: Seen = Arc::default();
+    let addr = serve({
+        let seen = seen.clone();
+        move |req: Request<hyper::body::Incoming>| {
+            let seen = seen.clone();
+            async move {
+                let host = req
+                    .headers()
+                    .get(header::HOST)
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                let auth = req
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .map(|v| v.to_str().unwrap().to_owned());
+                seen.lock().unwrap().push((host, auth));
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap()
+            }
+        }
+    })
+    .await;
+    (format!("http://{addr}"), seen)
+}
+
+/// World: a layer (replaying and direct) and a reqwest middleware given the API's
+/// origin; the API's address is a shared front that routes each request by its `Host`
+/// header. A request whose URI names the API's origin but whose `Host` header names
+/// another (`tenant.evil.test`: a header copied from an incoming request, say) is
+/// delivered to that other origin. Proves (should): the credential goes only with a
+/// request whose `Host` names the given origin.
+#[tokio::test]
+async fn a_host_header_naming_another_origin_gets_no_credential() {
+    use tower_client_auth::reqwest::AuthMiddleware;
+    let (api, seen) = virtual_hosts().await;
+    let credential = || RotatingCredential::new(Credential::bearer("scoped-token").unwrap());
+    let layer = AuthLayer::new(credential())
+        .allow_http_loopback(true)
+        .origin(&api)
+        .unwrap();
+    let request = || {
+        Request::get(format!("{api}/v1/me"))
+            .header(header::HOST, "tenant.evil.test")
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    layer
+        .clone()
+        .layer(api_client())
+        .oneshot(request())
+        .await
+        .unwrap();
+    layer
+        .clone()
+        .without_replay()
+        .layer(support::api_client_for::<Full<Bytes>>())
+        .oneshot(request())
+        .await
+        .unwrap();
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(
+            AuthMiddleware::new(credential())
+                .allow_http_loopback(true)
+                .origin(&api)
+                .unwrap(),
+        )
+        .build();
+    client
+        .get(format!("{api}/v1/me"))
+        .header(header::HOST, "tenant.evil.test")
+        .send()
+        .await
+        .unwrap();
+    // The control: a `Host` header naming the API's own origin keeps the credential.
+    let own = api.strip_prefix("http://").unwrap().to_owned();
+    let res = layer
+        .clone()
+        .layer(api_client())
+        .oneshot(
+            Request::get(format!("{api}/v1/me"))
+                .header(header::HOST, own.to_uppercase())
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let control = seen.lock().unwrap().pop().unwrap();
+    assert_eq!(
+        control.1.as_deref(),
+        Some("Bearer scoped-token"),
+        "{control:?}"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let mut leaked = Vec::new();
+    for (entry, (host, auth)) in ["tower", "direct", "reqwest"].iter().zip(&seen) {
+        assert_eq!(
+            host, "tenant.evil.test",
+            "{entry}: the Host header was not kept"
+        );
+        if auth.is_some() {
+            leaked.push(*entry);
+        }
+    }
+    assert!(
+        leaked.is_empty(),
+        "the credential went to the origin the Host header names, through: {leaked:?}"
+    );
+}
