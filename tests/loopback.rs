@@ -627,9 +627,6 @@ async fn a_stream_whose_length_is_set_by_hand_is_replayed() {
     assert_eq!(seen, vec![abcd.clone(); 5]);
 }
 
-/// A request a server saw (method and URI), and its `Authorization`.
-type Asked = (String, Option<String>);
-
 /// World: a layer given `https://api.example.com` with `allow_relative_uris(true)` (as
 /// for a tonic channel that sets the origin below), over a hyper-util client whose DNS
 /// resolves `tenant.evil.test` (a non-loopback name) to a loopback server, and a
@@ -641,25 +638,8 @@ type Asked = (String, Option<String>);
 #[tokio::test]
 async fn an_authority_form_uri_is_no_relative_uri() {
     use hyper_util::client::legacy::connect::{HttpConnector, dns::Name};
-    let seen: Arc<Mutex<Vec<Asked>>> = Arc::default();
-    let addr = serve({
-        let seen = seen.clone();
-        move |req: Request<hyper::body::Incoming>| {
-            let seen = seen.clone();
-            async move {
-                let auth = req
-                    .headers()
-                    .get(http::header::AUTHORIZATION)
-                    .map(|v| v.to_str().unwrap().to_owned());
-                seen.lock()
-                    .unwrap()
-                    .push((format!("{} {}", req.method(), req.uri()), auth));
-                Response::builder()
-                    .status(StatusCode::FORBIDDEN)
-                    .body(Full::new(Bytes::new()))
-                    .unwrap()
-            }
-        }
+    let (addr, seen) = support::recording_api(StatusCode::FORBIDDEN, |req| {
+        format!("{} {}", req.method(), req.uri())
     })
     .await;
     // The name resolves to the loopback server (DNS standing in for a real remote host).

@@ -3,36 +3,16 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
-
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
-use support::{api_client, providers::serve};
+use support::{Recorded, api_client, auths, recording_api};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{AuthLayer, Credential, RotatingCredential};
 
 /// A server that records the `Authorization` header of each request and answers `status`.
-async fn recording(status: StatusCode) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
-    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
-    let addr = serve({
-        let seen = seen.clone();
-        move |req: Request<hyper::body::Incoming>| {
-            let seen = seen.clone();
-            async move {
-                let auth = req
-                    .headers()
-                    .get(header::AUTHORIZATION)
-                    .map(|v| v.to_str().unwrap().to_owned());
-                seen.lock().unwrap().push(auth);
-                Response::builder()
-                    .status(status)
-                    .body(Full::new(Bytes::new()))
-                    .unwrap()
-            }
-        }
-    })
-    .await;
+async fn recording(status: StatusCode) -> (String, Recorded) {
+    let (addr, seen) = recording_api(status, |_| String::new()).await;
     (format!("http://{addr}"), seen)
 }
 
@@ -66,15 +46,8 @@ async fn tower_the_wrong_origin_never_sees_the_credential() {
     assert_eq!(get(format!("{api}/v1/me")).await, 200);
     assert_eq!(get(format!("{other}/hook")).await, 401);
     assert_eq!(get(format!("{other}/hook?to={api}")).await, 401);
-    assert_eq!(
-        api_seen.lock().unwrap().clone(),
-        [Some("Bearer scoped-token".to_owned())]
-    );
-    assert_eq!(
-        other_seen.lock().unwrap().clone(),
-        [None, None],
-        "sent once each, bare"
-    );
+    assert_eq!(auths(&api_seen), [Some("Bearer scoped-token".to_owned())]);
+    assert_eq!(auths(&other_seen), [None, None], "sent once each, bare");
     let stats = cache.stats();
     assert_eq!((stats.fetches, stats.rejections, stats.replays), (1, 0, 0));
 }
@@ -100,11 +73,8 @@ async fn reqwest_the_wrong_origin_never_sees_the_credential() {
     };
     assert_eq!(status(format!("{api}/v1/me")).await, 200);
     assert_eq!(status(format!("{other}/hook")).await, 401);
-    assert_eq!(
-        api_seen.lock().unwrap().clone(),
-        [Some("Bearer scoped-token".to_owned())]
-    );
-    assert_eq!(other_seen.lock().unwrap().clone(), [None]);
+    assert_eq!(auths(&api_seen), [Some("Bearer scoped-token".to_owned())]);
+    assert_eq!(auths(&other_seen), [None]);
 }
 
 /// A predicate scopes what a list cannot name; plain http to a non-loopback host that is
@@ -127,10 +97,7 @@ async fn a_predicate_scopes_and_out_of_scope_requests_are_untouched() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    assert_eq!(
-        api_seen.lock().unwrap().clone(),
-        [Some("Bearer scoped-token".to_owned())]
-    );
+    assert_eq!(auths(&api_seen), [Some("Bearer scoped-token".to_owned())]);
 
     // Out of scope over plain http to a remote host: sent untouched, not refused.
     let fake = support::FakeApi::new(|_, _| StatusCode::OK);
@@ -208,34 +175,13 @@ fn origins_take_what_users_hold_and_refuse_what_is_not_one() {
     }
 }
 
-/// Each request a server saw: a text naming it, and its `Authorization`.
-type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
-
 /// A server that routes by `Host` (a shared front: an ingress, a CDN, a virtual host)
 /// and records, for each request, the `Host` it named and its `Authorization`.
-async fn virtual_hosts() -> (String, Seen) {
-    let seen: Seen = Arc::default();
-    let addr = serve({
-        let seen = seen.clone();
-        move |req: Request<hyper::body::Incoming>| {
-            let seen = seen.clone();
-            async move {
-                let host = req
-                    .headers()
-                    .get(header::HOST)
-                    .map(|v| v.to_str().unwrap().to_owned())
-                    .unwrap_or_default();
-                let auth = req
-                    .headers()
-                    .get(header::AUTHORIZATION)
-                    .map(|v| v.to_str().unwrap().to_owned());
-                seen.lock().unwrap().push((host, auth));
-                Response::builder()
-                    .status(StatusCode::OK)
-                    .body(Full::new(Bytes::new()))
-                    .unwrap()
-            }
-        }
+async fn virtual_hosts() -> (String, Recorded) {
+    let (addr, seen) = recording_api(StatusCode::OK, |req| {
+        let host = req.headers().get(header::HOST);
+        host.map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
     })
     .await;
     (format!("http://{addr}"), seen)
@@ -249,7 +195,6 @@ async fn virtual_hosts() -> (String, Seen) {
 /// request whose `Host` names the given origin.
 #[tokio::test]
 async fn a_host_header_naming_another_origin_gets_no_credential() {
-    use tower_client_auth::reqwest::AuthMiddleware;
     let (api, seen) = virtual_hosts().await;
     let credential = || RotatingCredential::new(Credential::bearer("scoped-token").unwrap());
     let layer = AuthLayer::new(credential())
@@ -275,20 +220,29 @@ async fn a_host_header_naming_another_origin_gets_no_credential() {
         .oneshot(request())
         .await
         .unwrap();
-    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(
-            AuthMiddleware::new(credential())
-                .allow_http_loopback(true)
-                .origin(&api)
-                .unwrap(),
-        )
-        .build();
-    client
-        .get(format!("{api}/v1/me"))
-        .header(header::HOST, "tenant.evil.test")
-        .send()
-        .await
-        .unwrap();
+    let entries: &[&str] = if cfg!(feature = "reqwest") {
+        &["tower", "direct", "reqwest"]
+    } else {
+        &["tower", "direct"]
+    };
+    #[cfg(feature = "reqwest")]
+    {
+        use tower_client_auth::reqwest::AuthMiddleware;
+        let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+            .with(
+                AuthMiddleware::new(credential())
+                    .allow_http_loopback(true)
+                    .origin(&api)
+                    .unwrap(),
+            )
+            .build();
+        client
+            .get(format!("{api}/v1/me"))
+            .header(header::HOST, "tenant.evil.test")
+            .send()
+            .await
+            .unwrap();
+    }
     // The control: a `Host` header naming the API's own origin keeps the credential.
     let own = api.strip_prefix("http://").unwrap().to_owned();
     let res = layer
@@ -310,9 +264,9 @@ async fn a_host_header_naming_another_origin_gets_no_credential() {
         "{control:?}"
     );
     let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen.len(), entries.len(), "{seen:?}");
     let mut leaked = Vec::new();
-    for (entry, (host, auth)) in ["tower", "direct", "reqwest"].iter().zip(&seen) {
+    for (entry, (host, auth)) in entries.iter().zip(&seen) {
         assert_eq!(
             host, "tenant.evil.test",
             "{entry}: the Host header was not kept"

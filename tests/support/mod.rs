@@ -355,6 +355,47 @@ pub async fn logging_api(
     (format!("http://{addr}"), log)
 }
 
+/// Each request a [`recording_api`] saw: what its label names it by, and its
+/// `Authorization`.
+pub type Recorded = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+/// A server that answers `status` to every request and records, for each, `label` of it
+/// and its `Authorization`.
+pub async fn recording_api(
+    status: StatusCode,
+    label: fn(&Request<hyper::body::Incoming>) -> String,
+) -> (std::net::SocketAddr, Recorded) {
+    let seen: Recorded = Arc::default();
+    let addr = serve({
+        let seen = seen.clone();
+        move |req: Request<hyper::body::Incoming>| {
+            let seen = seen.clone();
+            async move {
+                let auth = req
+                    .headers()
+                    .get(http::header::AUTHORIZATION)
+                    .map(|v| v.to_str().unwrap().to_owned());
+                seen.lock().unwrap().push((label(&req), auth));
+                Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap()
+            }
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+/// The `Authorization` of each request a [`recording_api`] saw.
+pub fn auths(seen: &Recorded) -> Vec<Option<String>> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .map(|(_, a)| a.clone())
+        .collect()
+}
+
 /// A seeded random stream, shared by every task of one random-interleavings run (the
 /// order the tasks draw in is the runtime's; the seed picks the mix).
 #[derive(Clone)]
