@@ -3393,3 +3393,214 @@ async fn a_late_pair_kept_first_gives_way_to_an_installed_login_of_the_same_gene
     let answered = format!("the login answered {}", shown(&a2));
     pairs_taken_again_then_one_refresh(&source, &store, &a, &answered).await;
 }
+
+/// World (review 61): one process keeps `a1`/`rt1` (the store refuses pairs), with an
+/// 8 s fetch timeout (a store call's share: 2 s); its connection goes down past the
+/// lease, and another process B takes the lease as it comes back (and saves nothing).
+/// The API rejects `a1`: the rejection's flight waits for B's lease. 1.7 s before that
+/// flight's deadline the saving task's renewal hangs (its round holds the kept-pair
+/// slot until the renewal's share runs out); B gives the lease back just then. The
+/// flight takes the free lease, and waits for the slot to look at the kept pair, past
+/// its deadline. Proves or breaks: a flight that cannot look at the kept pair in time
+/// does not refresh as if none were kept (it finds this process's own marker, logs in,
+/// and `rt1`, the fleet's only refresh token, is given up as spent).
+#[tokio::test]
+async fn a_flight_out_of_time_waiting_for_the_kept_pair_does_not_log_in() {
+    let source = Rotating::default();
+    let memory = MemoryStore::default();
+    let sa = FaultStore::over(memory.clone());
+    let a = CredentialCache::builder(source.clone())
+        .store(sa.clone())
+        .fetch_timeout(Duration::from_secs(8))
+        .build()
+        .unwrap();
+    a.credential().await.unwrap();
+    sa.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a1 = a.credential().await.unwrap();
+    assert_eq!(a1, Credential::bearer("a1").unwrap());
+    // The outage: A's lease (3 s) runs out; B takes the lease as the store comes back.
+    sa.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let b_lease = memory
+        .lease(Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    sa.faults().down.store(false, SeqCst);
+    // The task learns its lease is gone (and waits for B's).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let began = Instant::now();
+    let rejected = tokio::spawn({
+        let a = a.clone();
+        async move { a.reject(&a1).await }
+    });
+    // 1.7 s before the flight's deadline, renewals hang; the task's next one comes
+    // within a second.
+    tokio::time::sleep(Duration::from_millis(6300)).await;
+    sa.faults().renews.close();
+    let _ = tokio::time::timeout(Duration::ZERO, sa.faults().renews.arrived()).await;
+    sa.faults().renews.arrived().await;
+    let arrived = began.elapsed();
+    memory.release(&b_lease).await.unwrap();
+    let answer = rejected.await.unwrap();
+    let answered = began.elapsed();
+    sa.faults().renews.open();
+    sa.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    let stored = sa.stored_refresh_token().await;
+    assert!(
+        arrived > Duration::from_millis(6300) && arrived < Duration::from_millis(7500),
+        "the task's renewal came {arrived:?} after the rejection"
+    );
+    assert_eq!(
+        (source.logins.load(SeqCst), source.reused.load(SeqCst)),
+        (1, 0),
+        "(logins, reuses): the rejection answered {:?} after {answered:?} (the task's \
+         renewal hung from {arrived:?}); the store then held {stored:?}",
+        answer.as_ref().map(shown)
+    );
+}
+
+/// World (review 61): processes A and B over one store, each call of A's taking 1 ms (a
+/// network round trip), A's fetch timeout 8 s (a store call's share: 2 s). B holds the
+/// refresh lease (its exchange under way). The API rejects A's `a0`: A's flight waits
+/// for B's lease; 1.5 s before its deadline A's loads turn slow (each would take 10 s),
+/// so the flight's next look runs into its deadline. Proves or breaks: a flight out of
+/// time while another holder holds the lease fails with `Timeout`; it does not take its
+/// own deadline for a store that does not answer and log in beside the holder (two
+/// token requests at once in one fleet).
+#[tokio::test]
+async fn a_flight_out_of_time_waiting_for_another_holder_does_not_log_in() {
+    let source = Rotating::default();
+    let memory = MemoryStore::default();
+    let sa = FaultStore::over(memory.clone());
+    let a = CredentialCache::builder(source.clone())
+        .store(sa.clone())
+        .fetch_timeout(Duration::from_secs(8))
+        .build()
+        .unwrap();
+    let a0 = a.credential().await.unwrap();
+    sa.faults().round_trip_ms.store(1, SeqCst);
+    // B takes the lease, and is refreshing.
+    let _b_lease = memory
+        .lease(Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let began = Instant::now();
+    let rejected = tokio::spawn({
+        let a = a.clone();
+        async move { a.reject(&a0).await }
+    });
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    sa.delay_next_loads(&[Duration::from_secs(10); 4]);
+    let answer = rejected.await.unwrap();
+    let answered = began.elapsed();
+    assert_eq!(
+        source.logins.load(SeqCst),
+        1,
+        "logged in while B held the lease: the rejection answered {:?} after {answered:?}",
+        answer.as_ref().map(shown)
+    );
+}
+
+/// World (review 61): one process keeps `a1`/`rt1` (the store refuses pairs), with an
+/// 8 s fetch timeout (a store call's share: 2 s); its connection goes down past the
+/// lease; when it comes back the saving task takes the lease again, but its looks fail,
+/// so the pair stays unchecked. The API rejects `a1`: the rejection's flight waits for
+/// that lease. 1.7 s before its deadline the looks answer again: the task's look finds
+/// the store as left, and the flight takes the pair over; the marker it writes takes
+/// 1.9 s (within a store call's share), which runs past the flight's deadline.
+/// Proves or breaks: the flight's own deadline is not taken for a store that did not
+/// answer the marker's save: it does not log in and give `rt1` up (the fleet logs in
+/// once, and no refresh token is presented twice).
+#[tokio::test]
+async fn a_kept_pair_taken_over_near_the_deadline_is_not_given_up_for_a_login() {
+    let (source, store, a, a1) = keeping_a1(Duration::from_secs(8)).await;
+    store.faults().down.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    const MANY: usize = 1_000_000;
+    store.faults().failing_loads.store(MANY, SeqCst);
+    store.faults().down.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!store.lease_free().await, "the task took the lease again");
+    let began = Instant::now();
+    let rejected = tokio::spawn({
+        let a = a.clone();
+        async move { a.reject(&a1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(6300)).await;
+    // The marker's save (pairs are refused before they wait) takes 1.9 s.
+    store.delay_next_saves(&[Duration::from_millis(1900)]);
+    store.faults().failing_loads.store(0, SeqCst);
+    let answer = rejected.await.unwrap();
+    let answered = began.elapsed();
+    store.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(6000)).await;
+    let stored = store.stored_refresh_token().await;
+    let current = a.credential().await.unwrap();
+    let next = a.reject(&current).await;
+    assert_eq!(
+        (source.logins.load(SeqCst), source.reused.load(SeqCst)),
+        (1, 0),
+        "(logins, reuses): the rejection answered {:?} after {answered:?}; the store then \
+         held {stored:?}; the next refresh answered {:?}",
+        answer.as_ref().map(shown),
+        next.as_ref().map(shown)
+    );
+}
+
+/// World: processes A and B over one store, A's fetch timeout 8 s (a store call's share:
+/// 2 s). B holds the refresh lease. The API rejects A's `a0`: A's flight waits for B's
+/// lease. 1.5 s before its deadline B gives the lease up without a save; the flight
+/// takes it, and its first look under the lease takes 1.8 s (within a store call's
+/// share, past the flight's deadline). Proves: the flight's own deadline is not taken
+/// for a store that does not answer that look: it does not log in under the lease (over
+/// the store's pair, whose refresh token would be abandoned): one login in all, no
+/// refresh token presented twice, and the store keeps a live refresh token.
+#[tokio::test]
+async fn a_flight_taking_the_lease_near_its_deadline_looks_before_it_logs_in() {
+    let source = Rotating::default();
+    let memory = MemoryStore::default();
+    let sa = FaultStore::over(memory.clone());
+    let a = CredentialCache::builder(source.clone())
+        .store(sa.clone())
+        .fetch_timeout(Duration::from_secs(8))
+        .build()
+        .unwrap();
+    let a0 = a.credential().await.unwrap();
+    let b_lease = memory
+        .lease(Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let began = Instant::now();
+    let rejected = tokio::spawn({
+        let a = a.clone();
+        async move { a.reject(&a0).await }
+    });
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    // The flight's next look (while B holds the lease) waits at the valve; B gives the
+    // lease up; that look passes at once, and the next (under the lease) takes 1.8 s.
+    sa.faults().loads.close();
+    sa.faults().loads.arrived().await;
+    memory.release(&b_lease).await.unwrap();
+    sa.delay_next_loads(&[Duration::ZERO, Duration::from_millis(1800)]);
+    sa.faults().loads.open();
+    let answer = rejected.await.unwrap();
+    let answered = began.elapsed();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let stored = sa.stored_refresh_token().await;
+    assert_eq!(
+        (source.logins.load(SeqCst), source.reused.load(SeqCst)),
+        (1, 0),
+        "(logins, reuses): the rejection answered {:?} after {answered:?}; the store then \
+         held {stored:?}",
+        answer.as_ref().map(shown)
+    );
+    assert!(
+        matches!(stored.as_deref(), Some("rt0" | "rt1")),
+        "the store held {stored:?}"
+    );
+}

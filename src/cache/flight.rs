@@ -895,6 +895,12 @@ async fn obtain<P: CredentialSource>(
             // pair's (`TokenSource` gives none then).
             None => {
                 waited(waiting_since);
+                if Instant::now() >= deadline {
+                    // Out of time, not a store that does not answer: the call could not
+                    // be answered in no time. Fetching on its own would ask the source
+                    // beside the lease's holder.
+                    return Err(Error::new(ErrorKind::Timeout));
+                }
                 return fetch(
                     inner,
                     cx.sharing(Sharing::StoreUnavailable),
@@ -1451,7 +1457,12 @@ async fn take_lost_kept<P: CredentialSource>(
     lease: &Lease,
 ) -> LostKept {
     let Ok(mut slot) = tokio::time::timeout_at(deadline, inner.kept.lock()).await else {
-        return LostKept::None;
+        // The slot is held past the flight's deadline: a pair's task is mid-round, so a
+        // pair is kept, and the flight cannot look at it. Refreshing as if none were
+        // kept would find this process's own marker and log in, and the pair would be
+        // given up as spent: the lease goes back, and the flight waits (out of time).
+        release(inner, store, lease).await;
+        return LostKept::Handed;
     };
     let Some(kept) = slot.as_mut() else {
         return LostKept::None;
@@ -1530,6 +1541,23 @@ async fn holding<P: CredentialSource>(
 ) -> Holding {
     // Someone may have saved between the load and the lease.
     let held = store_call(inner, deadline, "load", store.load()).await;
+    if held.is_none() && Instant::now() >= deadline {
+        // Out of time (a flight that waited for another holder takes the lease late),
+        // not a store that does not answer: logging in under the lease would abandon
+        // the store's refresh token. Nothing was written; the lease goes back (a kept
+        // pair taken over goes back to its task, as the store was left).
+        let left = Left::loaded(
+            &held,
+            match took {
+                Took::Kept(kept) => Some(&kept.left),
+                _ => None,
+            },
+        );
+        return Holding {
+            left,
+            ..Holding::ended(Err(Error::new(ErrorKind::Timeout)), Saved::Done)
+        };
+    }
     // A step-up wants a wider grant, which no stored credential is known to be.
     let step_up = cx.reason() == FetchReason::StepUp;
     if let Some(Some(stored)) = held.as_ref().filter(|_| !step_up) {
@@ -1596,7 +1624,13 @@ async fn holding<P: CredentialSource>(
     );
     let sharing = match (taking, &held) {
         (Some((marker, token)), _) => {
-            let saved = store_call(inner, deadline, "save", store.save(lease, &marker)).await;
+            // A share of its own, past the flight's deadline if need be (the fetch then
+            // goes on late, under the lease): cut at the deadline, a marker whose save
+            // the store would have answered passes for a store that does not answer,
+            // and the flight logs in rather than present the token. It cannot end at
+            // the deadline either: the marker may have landed in place of the pair.
+            let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
+            let saved = store_call(inner, until, "save", store.save(lease, &marker)).await;
             // A save that failed may have landed all the same.
             left.wrote(marker, saved);
             match saved {

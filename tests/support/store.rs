@@ -53,11 +53,15 @@ pub struct Faults {
     pub lost_lease_replies: AtomicUsize,
     /// Loads that pass before `failing_loads` fail.
     pub passing_loads: AtomicUsize,
+    /// Every call takes this many milliseconds (a network round trip), when set.
+    pub round_trip_ms: std::sync::atomic::AtomicU64,
 
     /// Loads pass through here first: they wait while it is closed.
     pub loads: Valve,
     /// Lease releases pass through here first.
     pub releases: Valve,
+    /// Renewals pass through here first.
+    pub renews: Valve,
     /// How long each of the next loads takes, one entry a load.
     load_delays: Mutex<VecDeque<Duration>>,
     /// How long each of the next saves takes, one entry a save.
@@ -143,6 +147,10 @@ impl<S: CredentialStore> FaultStore<S> {
     /// What a call meets before it goes through: an error or a hang when the store is
     /// down or hung.
     async fn reach(&self) -> Result<(), BoxError> {
+        let round_trip = self.faults.round_trip_ms.load(SeqCst);
+        if round_trip > 0 {
+            tokio::time::sleep(Duration::from_millis(round_trip)).await;
+        }
         if self.faults.hung.load(SeqCst) {
             std::future::pending::<()>().await;
         }
@@ -226,6 +234,7 @@ impl<S: CredentialStore> CredentialStore for FaultStore<S> {
         if self.faults.renew_down.load(SeqCst) {
             return Err("connection reset".into());
         }
+        self.faults.renews.pass().await;
         self.memory.renew(lease, ttl).await
     }
 
