@@ -770,17 +770,32 @@ async fn run_flight<P: CredentialSource>(
     let name = guard.inner.config.name.clone();
     for _ in 0..3 {
         let mut from_store = false;
+        let mut to_keep = None;
         let result = AssertUnwindSafe(obtain(
             &guard.inner,
             cx.clone(),
             guard.invalidations,
             &mut from_store,
+            &mut to_keep,
         ))
         .catch_unwind()
         .await
         .unwrap_or_else(|_panic| Err(Error::new(ErrorKind::SourcePanicked)));
         let outcome = metrics::outcome(&result);
-        match guard.finish(result, from_store) {
+        let finished = guard.finish(result, from_store);
+        // A pair to keep saving, once what the flight brought is installed: the task's
+        // first step weighs the pair against the installed credential (a pair the
+        // installed one supersedes gives way), which a task that ran first, on another
+        // worker, would weigh against the one before.
+        if let (Some(kept), Some(store)) = (to_keep, &guard.inner.config.store) {
+            tokio::spawn(keep_saving(
+                Arc::downgrade(&guard.inner),
+                Arc::clone(store),
+                Arc::clone(&guard.inner.kept),
+                kept,
+            ));
+        }
+        match finished {
             Finished::Yes => {
                 if from_store && guard.used {
                     metrics::event(&name, metrics::STORE_HITS);
@@ -817,6 +832,7 @@ async fn obtain<P: CredentialSource>(
     cx: FetchContext,
     invalidations: u64,
     from_store: &mut bool,
+    to_keep: &mut Option<Kept>,
 ) -> Result<Credential, Error> {
     let deadline = saturating_add(Instant::now(), inner.config.fetch_timeout);
     let cx = cx.at(inner.config.clock.now());
@@ -1015,16 +1031,11 @@ async fn obtain<P: CredentialSource>(
             },
         };
         match keep {
-            Some(kept) => {
-                // A rotated refresh token exists nowhere but here: keep the lease and
-                // keep trying to save it, rather than leave the fleet to log in again.
-                tokio::spawn(keep_saving(
-                    Arc::downgrade(inner),
-                    Arc::clone(store),
-                    Arc::clone(&inner.kept),
-                    kept,
-                ));
-            }
+            // A rotated refresh token exists nowhere but here: keep the lease and keep
+            // trying to save it, rather than leave the fleet to log in again. The task
+            // is spawned once the flight has installed what it brought (see
+            // `run_flight`): its first step weighs the pair against the installed one.
+            Some(kept) => *to_keep = Some(kept),
             None => release(inner, store.as_ref(), &lease).await,
         }
         return held;
