@@ -3604,3 +3604,100 @@ async fn a_flight_taking_the_lease_near_its_deadline_looks_before_it_logs_in() {
         "the store held {stored:?}"
     );
 }
+
+/// World (review 64): processes A and B over one store, A's fetch timeout 8 s (a store
+/// call's share: 2 s). B holds the refresh lease; the API rejects A's `a0`, and A's
+/// flight waits for B's lease. 0.5 s before the deadline B gives the lease up; A takes
+/// it, finds `a0`/`rt0` and writes its marker, which takes 1.9 s (its own share, past
+/// the deadline); the source answers at once, and the save of `a1`/`rt1` takes 1.9 s
+/// too. Breaks: no caller waits past the fetch timeout plus one store share (10 s).
+#[tokio::test]
+async fn a_marker_saved_past_the_deadline_leaves_the_caller_one_share_at_most() {
+    let source = Rotating::default();
+    let memory = MemoryStore::default();
+    let sa = FaultStore::over(memory.clone());
+    let a = CredentialCache::builder(source.clone())
+        .store(sa.clone())
+        .fetch_timeout(Duration::from_secs(8))
+        .build()
+        .unwrap();
+    let a0 = a.credential().await.unwrap();
+    let b_lease = memory
+        .lease(Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let began = Instant::now();
+    let rejected = tokio::spawn({
+        let a = a.clone();
+        async move { a.reject(&a0).await }
+    });
+    tokio::time::sleep(Duration::from_millis(7500)).await;
+    sa.faults().loads.close();
+    sa.faults().loads.arrived().await;
+    memory.release(&b_lease).await.unwrap();
+    // The marker's save, then the pair's.
+    sa.delay_next_saves(&[Duration::from_millis(1900), Duration::from_millis(1900)]);
+    sa.faults().loads.open();
+    let answer = rejected.await.unwrap();
+    let answered = began.elapsed();
+    assert!(
+        answered <= Duration::from_millis(10_200),
+        "the caller waited {answered:?} (fetch timeout 8 s, share 2 s); answered {:?}",
+        answer.as_ref().map(shown)
+    );
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(
+        (source.logins.load(SeqCst), source.reused.load(SeqCst)),
+        (1, 0),
+        "(logins, reuses)"
+    );
+    assert_eq!(sa.stored_refresh_token().await.as_deref(), Some("rt1"));
+}
+
+/// World (review 64): as in
+/// [`a_marker_saved_past_the_deadline_leaves_the_caller_one_share_at_most`], but the save
+/// of `a1`/`rt1` answers at once and the lease's release does not answer (cut at its
+/// share). Breaks: no caller waits past the fetch timeout plus one store share (10 s).
+#[tokio::test]
+async fn a_marker_saved_past_the_deadline_then_a_slow_release_overruns_one_share_at_most() {
+    let source = Rotating::default();
+    let memory = MemoryStore::default();
+    let sa = FaultStore::over(memory.clone());
+    let a = CredentialCache::builder(source.clone())
+        .store(sa.clone())
+        .fetch_timeout(Duration::from_secs(8))
+        .build()
+        .unwrap();
+    let a0 = a.credential().await.unwrap();
+    let b_lease = memory
+        .lease(Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let began = Instant::now();
+    let rejected = tokio::spawn({
+        let a = a.clone();
+        async move { a.reject(&a0).await }
+    });
+    tokio::time::sleep(Duration::from_millis(7500)).await;
+    sa.faults().loads.close();
+    sa.faults().loads.arrived().await;
+    memory.release(&b_lease).await.unwrap();
+    sa.delay_next_saves(&[Duration::from_millis(1900)]);
+    sa.faults().releases.close();
+    sa.faults().loads.open();
+    let answer = rejected.await.unwrap();
+    let answered = began.elapsed();
+    sa.faults().releases.open();
+    assert!(
+        answered <= Duration::from_millis(10_200),
+        "the caller waited {answered:?} (fetch timeout 8 s, share 2 s); answered {:?}",
+        answer.as_ref().map(shown)
+    );
+    assert_eq!(
+        (source.logins.load(SeqCst), source.reused.load(SeqCst)),
+        (1, 0),
+        "(logins, reuses)"
+    );
+}

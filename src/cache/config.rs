@@ -179,10 +179,12 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
     }
 
     /// Longest time one fetch may take (default [`DEFAULT_FETCH_TIMEOUT`]): the whole
-    /// flight, store calls included (each at most a [`STORE_SHARE`] of it). One store
-    /// call may end past it: a flight that takes the store's refresh lease near its
-    /// deadline lets the save that takes the refresh token out of the store run its
-    /// share (it may land), so a caller may wait up to one share longer.
+    /// flight, store calls included (each at most a [`STORE_SHARE`] of it). The store
+    /// calls that end a refresh under the lease may run past it, all together within
+    /// one share: a flight that takes the store's refresh lease near its deadline lets
+    /// the save that takes the refresh token out of the store end (it may land), then
+    /// saves what the source brought and gives the lease back, so a caller may wait up
+    /// to one share longer.
     pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
         self.config.fetch_timeout = timeout;
         self

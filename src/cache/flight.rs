@@ -1036,7 +1036,13 @@ async fn obtain<P: CredentialSource>(
             // is spawned once the flight has installed what it brought (see
             // `run_flight`): its first step weighs the pair against the installed one.
             Some(kept) => *to_keep = Some(kept),
-            None => release(inner, store.as_ref(), &lease).await,
+            // Within the one share a caller may wait past the deadline (the marker's save
+            // or the save after the fetch may have used it): one cut there leaves the
+            // lease to run out.
+            None => {
+                let overtime = saturating_add(deadline, inner.config.fetch_timeout / STORE_SHARE);
+                release_by(inner, store.as_ref(), &lease, overtime).await
+            }
         }
         return held;
     }
@@ -1471,7 +1477,8 @@ async fn take_lost_kept<P: CredentialSource>(
         // The slot is held past the flight's deadline: a pair's task is mid-round, so a
         // pair is kept, and the flight cannot look at it. Refreshing as if none were
         // kept would find this process's own marker and log in, and the pair would be
-        // given up as spent: the lease goes back, and the flight waits (out of time).
+        // given up as spent: the lease goes back to the store (the pair's task takes it
+        // again at a round of its own), and the flight ends with `Timeout`.
         release(inner, store, lease).await;
         return LostKept::Handed;
     };
@@ -1550,6 +1557,10 @@ async fn holding<P: CredentialSource>(
     took: Took<'_>,
     invalidations: u64,
 ) -> Holding {
+    // The one share a caller may wait past the deadline, for the marker's save and the
+    // save after the fetch together.
+    let share = inner.config.fetch_timeout / STORE_SHARE;
+    let overtime = saturating_add(deadline, share);
     // Someone may have saved between the load and the lease.
     let held = store_call(inner, deadline, "load", store.load()).await;
     if held.is_none() && Instant::now() >= deadline {
@@ -1640,7 +1651,7 @@ async fn holding<P: CredentialSource>(
             // the store would have answered passes for a store that does not answer,
             // and the flight logs in rather than present the token. It cannot end at
             // the deadline either: the marker may have landed in place of the pair.
-            let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
+            let until = saturating_add(Instant::now(), share).min(overtime);
             let saved = store_call(inner, until, "save", store.save(lease, &marker)).await;
             // A save that failed may have landed all the same.
             left.wrote(marker, saved);
@@ -1698,7 +1709,9 @@ async fn holding<P: CredentialSource>(
     if let Some(credential) = fetched.as_ref().ok().or(refused.as_ref()) {
         // A fresh credential is worth saving even if the fetch used up the deadline:
         // the save gets a share of its own.
-        let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
+        // Within the one share past the deadline that the marker's save may have used
+        // already: a save cut there fails, and the pair is kept (see `obtain`).
+        let until = saturating_add(Instant::now(), share).min(overtime);
         saved = match store_call(inner, until, "save", store.save(lease, credential)).await {
             Some(true) => Saved::Done,
             Some(false) => {
@@ -2017,6 +2030,18 @@ async fn renewing<P, T>(
 /// process wait until it runs out.
 async fn release<P>(inner: &Inner<P>, store: &dyn crate::store::DynStore, lease: &Lease) {
     let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
+    store_call(inner, until, "release", store.release(lease)).await;
+}
+
+/// [`release`], ending by `until` at the latest.
+async fn release_by<P>(
+    inner: &Inner<P>,
+    store: &dyn crate::store::DynStore,
+    lease: &Lease,
+    until: Instant,
+) {
+    let share = inner.config.fetch_timeout / STORE_SHARE;
+    let until = until.min(saturating_add(Instant::now(), share));
     store_call(inner, until, "release", store.release(lease)).await;
 }
 
