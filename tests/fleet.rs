@@ -3407,13 +3407,7 @@ async fn a_late_pair_kept_first_gives_way_to_an_installed_login_of_the_same_gene
 #[tokio::test]
 async fn a_flight_out_of_time_waiting_for_the_kept_pair_does_not_log_in() {
     let source = Rotating::default();
-    let memory = MemoryStore::default();
-    let sa = FaultStore::over(memory.clone());
-    let a = CredentialCache::builder(source.clone())
-        .store(sa.clone())
-        .fetch_timeout(Duration::from_secs(8))
-        .build()
-        .unwrap();
+    let (memory, sa, a) = a_over_memory(&source);
     a.credential().await.unwrap();
     sa.faults().refusing_pairs.store(true, SeqCst);
     assert!(a.handle().invalidate());
@@ -3472,27 +3466,16 @@ async fn a_flight_out_of_time_waiting_for_the_kept_pair_does_not_log_in() {
 /// token requests at once in one fleet).
 #[tokio::test]
 async fn a_flight_out_of_time_waiting_for_another_holder_does_not_log_in() {
-    let source = Rotating::default();
-    let memory = MemoryStore::default();
-    let sa = FaultStore::over(memory.clone());
-    let a = CredentialCache::builder(source.clone())
-        .store(sa.clone())
-        .fetch_timeout(Duration::from_secs(8))
-        .build()
-        .unwrap();
-    let a0 = a.credential().await.unwrap();
+    let WaitingForB {
+        source,
+        sa,
+        a: _a,
+        b_lease: _b_lease,
+        rejected,
+        began,
+        ..
+    } = a_rejection_while_b_holds_the_lease().await;
     sa.faults().round_trip_ms.store(1, SeqCst);
-    // B takes the lease, and is refreshing.
-    let _b_lease = memory
-        .lease(Duration::from_secs(60))
-        .await
-        .unwrap()
-        .unwrap();
-    let began = Instant::now();
-    let rejected = tokio::spawn({
-        let a = a.clone();
-        async move { a.reject(&a0).await }
-    });
     tokio::time::sleep(Duration::from_millis(6500)).await;
     sa.delay_next_loads(&[Duration::from_secs(10); 4]);
     let answer = rejected.await.unwrap();
@@ -3561,31 +3544,15 @@ async fn a_kept_pair_taken_over_near_the_deadline_is_not_given_up_for_a_login() 
 /// refresh token presented twice, and the store keeps a live refresh token.
 #[tokio::test]
 async fn a_flight_taking_the_lease_near_its_deadline_looks_before_it_logs_in() {
-    let source = Rotating::default();
-    let memory = MemoryStore::default();
-    let sa = FaultStore::over(memory.clone());
-    let a = CredentialCache::builder(source.clone())
-        .store(sa.clone())
-        .fetch_timeout(Duration::from_secs(8))
-        .build()
-        .unwrap();
-    let a0 = a.credential().await.unwrap();
-    let b_lease = memory
-        .lease(Duration::from_secs(60))
-        .await
-        .unwrap()
-        .unwrap();
-    let began = Instant::now();
-    let rejected = tokio::spawn({
-        let a = a.clone();
-        async move { a.reject(&a0).await }
-    });
-    tokio::time::sleep(Duration::from_millis(6500)).await;
-    // The flight's next look (while B holds the lease) waits at the valve; B gives the
-    // lease up; that look passes at once, and the next (under the lease) takes 1.8 s.
-    sa.faults().loads.close();
-    sa.faults().loads.arrived().await;
-    memory.release(&b_lease).await.unwrap();
+    let WaitingForB {
+        source,
+        sa,
+        a: _a,
+        rejected,
+        began,
+        ..
+    } = a_flight_waiting_for_bs_lease_until(Duration::from_millis(6500)).await;
+    // That look passes at once, and the next (under the lease) takes 1.8 s.
     sa.delay_next_loads(&[Duration::ZERO, Duration::from_millis(1800)]);
     sa.faults().loads.open();
     let answer = rejected.await.unwrap();
@@ -3613,29 +3580,14 @@ async fn a_flight_taking_the_lease_near_its_deadline_looks_before_it_logs_in() {
 /// too. Breaks: no caller waits past the fetch timeout plus one store share (10 s).
 #[tokio::test]
 async fn a_marker_saved_past_the_deadline_leaves_the_caller_one_share_at_most() {
-    let source = Rotating::default();
-    let memory = MemoryStore::default();
-    let sa = FaultStore::over(memory.clone());
-    let a = CredentialCache::builder(source.clone())
-        .store(sa.clone())
-        .fetch_timeout(Duration::from_secs(8))
-        .build()
-        .unwrap();
-    let a0 = a.credential().await.unwrap();
-    let b_lease = memory
-        .lease(Duration::from_secs(60))
-        .await
-        .unwrap()
-        .unwrap();
-    let began = Instant::now();
-    let rejected = tokio::spawn({
-        let a = a.clone();
-        async move { a.reject(&a0).await }
-    });
-    tokio::time::sleep(Duration::from_millis(7500)).await;
-    sa.faults().loads.close();
-    sa.faults().loads.arrived().await;
-    memory.release(&b_lease).await.unwrap();
+    let WaitingForB {
+        source,
+        sa,
+        a: _a,
+        rejected,
+        began,
+        ..
+    } = a_flight_waiting_for_bs_lease_until(Duration::from_millis(7500)).await;
     // The marker's save, then the pair's.
     sa.delay_next_saves(&[Duration::from_millis(1900), Duration::from_millis(1900)]);
     sa.faults().loads.open();
@@ -3661,29 +3613,14 @@ async fn a_marker_saved_past_the_deadline_leaves_the_caller_one_share_at_most() 
 /// share). Breaks: no caller waits past the fetch timeout plus one store share (10 s).
 #[tokio::test]
 async fn a_marker_saved_past_the_deadline_then_a_slow_release_overruns_one_share_at_most() {
-    let source = Rotating::default();
-    let memory = MemoryStore::default();
-    let sa = FaultStore::over(memory.clone());
-    let a = CredentialCache::builder(source.clone())
-        .store(sa.clone())
-        .fetch_timeout(Duration::from_secs(8))
-        .build()
-        .unwrap();
-    let a0 = a.credential().await.unwrap();
-    let b_lease = memory
-        .lease(Duration::from_secs(60))
-        .await
-        .unwrap()
-        .unwrap();
-    let began = Instant::now();
-    let rejected = tokio::spawn({
-        let a = a.clone();
-        async move { a.reject(&a0).await }
-    });
-    tokio::time::sleep(Duration::from_millis(7500)).await;
-    sa.faults().loads.close();
-    sa.faults().loads.arrived().await;
-    memory.release(&b_lease).await.unwrap();
+    let WaitingForB {
+        source,
+        sa,
+        a: _a,
+        rejected,
+        began,
+        ..
+    } = a_flight_waiting_for_bs_lease_until(Duration::from_millis(7500)).await;
     sa.delay_next_saves(&[Duration::from_millis(1900)]);
     sa.faults().releases.close();
     sa.faults().loads.open();
@@ -3700,4 +3637,68 @@ async fn a_marker_saved_past_the_deadline_then_a_slow_release_overruns_one_share
         (1, 0),
         "(logins, reuses)"
     );
+}
+
+/// Process A of a [`Rotating`] source over a fault store of its own (see
+/// [`a_over_memory`]: an 8 s fetch timeout), `a0` fetched; process B holds the refresh
+/// lease (its exchange under way); the API rejects `a0`, and A's flight waits for B's
+/// lease (in a task not yet polled when this returns).
+struct WaitingForB {
+    source: Rotating,
+    memory: MemoryStore,
+    sa: FaultStore,
+    a: CredentialCache<Rotating>,
+    b_lease: tower_client_auth::store::Lease,
+    rejected: tokio::task::JoinHandle<Result<Credential, tower_client_auth::Error>>,
+    began: Instant,
+}
+
+/// See [`WaitingForB`].
+async fn a_rejection_while_b_holds_the_lease() -> WaitingForB {
+    let source = Rotating::default();
+    let (memory, sa, a) = a_over_memory(&source);
+    let a0 = a.credential().await.unwrap();
+    let b_lease = memory
+        .lease(Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let began = Instant::now();
+    let rejected = tokio::spawn({
+        let a = a.clone();
+        async move { a.reject(&a0).await }
+    });
+    WaitingForB {
+        source,
+        memory,
+        sa,
+        a,
+        b_lease,
+        rejected,
+        began,
+    }
+}
+
+/// [`WaitingForB`], until `at`: then A's next look waits at the closed loads valve, and
+/// B gives the lease up without a save: the look passes when the caller opens the valve.
+async fn a_flight_waiting_for_bs_lease_until(at: Duration) -> WaitingForB {
+    let world = a_rejection_while_b_holds_the_lease().await;
+    tokio::time::sleep(at).await;
+    world.sa.faults().loads.close();
+    world.sa.faults().loads.arrived().await;
+    world.memory.release(&world.b_lease).await.unwrap();
+    world
+}
+
+/// Process A of `source` over a fault store over a memory (returned for process B's
+/// calls), with an 8 s fetch timeout (a store call's share: 2 s).
+fn a_over_memory(source: &Rotating) -> (MemoryStore, FaultStore, CredentialCache<Rotating>) {
+    let memory = MemoryStore::default();
+    let sa = FaultStore::over(memory.clone());
+    let a = CredentialCache::builder(source.clone())
+        .store(sa.clone())
+        .fetch_timeout(Duration::from_secs(8))
+        .build()
+        .unwrap();
+    (memory, sa, a)
 }
