@@ -1708,9 +1708,9 @@ async fn holding<P: CredentialSource>(
     // (its access token, expired, is never handed out: see `is_reusable_stored`).
     if let Some(credential) = fetched.as_ref().ok().or(refused.as_ref()) {
         // A fresh credential is worth saving even if the fetch used up the deadline:
-        // the save gets a share of its own.
-        // Within the one share past the deadline that the marker's save may have used
-        // already: a save cut there fails, and the pair is kept (see `obtain`).
+        // the save gets a share of its own, within the one share past the deadline that
+        // the marker's save may have used already. A save cut there fails, and the
+        // pair is kept (see `obtain`).
         let until = saturating_add(Instant::now(), share).min(overtime);
         saved = match store_call(inner, until, "save", store.save(lease, credential)).await {
             Some(true) => Saved::Done,
