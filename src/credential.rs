@@ -93,10 +93,14 @@ impl Credential {
         Ok(Self::from_pair(header::COOKIE, value))
     }
 
-    /// Any header, such as `X-Api-Key: <key>`.
+    /// Any header, such as `X-Api-Key: <key>`, but one that frames or routes the
+    /// message (`Content-Length`, `Transfer-Encoding`, `Host`, `Connection`, `TE`,
+    /// `Trailer`, `Upgrade`, `Keep-Alive`, `Proxy-Connection`): set on a request, it
+    /// would cut the body short or send the request elsewhere.
     pub fn header(name: &str, value: impl AsRef<str>) -> Result<Self, InvalidCredential> {
         let name = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| InvalidCredential::new("header name is not valid"))?;
+        check_name(&name)?;
         let value = value.as_ref();
         check_secret(
             value,
@@ -107,7 +111,8 @@ impl Credential {
         Ok(Self::from_pair(name, value))
     }
 
-    /// A credential made of several headers. Each value is marked sensitive.
+    /// A credential made of several headers. Each value is marked sensitive. A header
+    /// that frames or routes the message is refused, as by [`header`](Self::header).
     pub fn from_headers<I>(headers: I) -> Result<Self, InvalidCredential>
     where
         I: IntoIterator<Item = (HeaderName, HeaderValue)>,
@@ -115,10 +120,11 @@ impl Credential {
         let headers: Box<[_]> = headers
             .into_iter()
             .map(|(name, mut value)| {
+                check_name(&name)?;
                 value.set_sensitive(true);
-                (name, value)
+                Ok((name, value))
             })
-            .collect();
+            .collect::<Result<_, InvalidCredential>>()?;
         if headers.is_empty() {
             return Err(InvalidCredential::new(
                 "a credential needs at least one header",
@@ -419,6 +425,28 @@ fn is_tchar(b: u8) -> bool {
 /// RFC 6265 §4.1.1 `cookie-octet`.
 fn is_cookie_octet(b: u8) -> bool {
     matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E)
+}
+
+/// A header that frames or routes the message (its length, its transfer coding, its
+/// host, the connection's options) carries no credential: set on a request, it would
+/// cut the body short (hyper keeps a `Content-Length` it is given, and the rest of the
+/// body reads as the next request on the connection), or send it elsewhere.
+fn check_name(name: &HeaderName) -> Result<(), InvalidCredential> {
+    const FRAMING: &[HeaderName] = &[
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::HOST,
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+    ];
+    if FRAMING.contains(name) || matches!(name.as_str(), "keep-alive" | "proxy-connection") {
+        return Err(InvalidCredential::new(
+            "header name frames or routes the message: it cannot carry a credential",
+        ));
+    }
+    Ok(())
 }
 
 /// Secrets are visible ASCII: no spaces, no control characters (header injection).

@@ -681,3 +681,64 @@ async fn an_authority_form_uri_is_no_relative_uri() {
         direct.map(|r| r.status()),
     );
 }
+
+/// World: a source whose credential is (by a configuration slip) a header that frames
+/// the message, `Content-Length: 2`, and a POST of `hello` through the layer over real
+/// HTTP/1.1. Proves: such a credential is refused when it is made, with a typed error
+/// (`InvalidCredential`), for every header that frames or routes a message, whatever
+/// its case, through `Credential::header`, `Credential::from_headers` and
+/// `StaticCredential::header`; so the body is never cut short (hyper keeps a
+/// `Content-Length` set on the request: the server got `he`, and the rest would read as
+/// the next request on the connection).
+#[tokio::test]
+async fn a_credential_header_that_frames_the_message_never_cuts_the_body() {
+    use tower_client_auth::{Credential, StaticCredential};
+    let (url, log) = support::logging_api(|_, _, _| StatusCode::OK).await;
+    if let Ok(source) = StaticCredential::header("content-length", "2") {
+        let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Body>>();
+        let svc = AuthLayer::new(source)
+            .any_https_origin()
+            .allow_http_loopback(true)
+            .layer(client);
+        let req = Request::post(format!("{url}/upload"))
+            .body(Full::new(Bytes::from_static(b"hello")).boxed())
+            .unwrap();
+        let _ = svc.oneshot(req).await;
+        let bodies: Vec<Vec<u8>> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, _, b)| b.clone())
+            .collect();
+        assert_eq!(bodies, [b"hello".to_vec()], "the body went cut short");
+    }
+    for name in [
+        "content-length",
+        "Transfer-Encoding",
+        "host",
+        "connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "Keep-Alive",
+        "proxy-connection",
+    ] {
+        let refused = Credential::header(name, "2").unwrap_err();
+        assert!(
+            refused.to_string().contains("frames or routes"),
+            "{name}: {refused}"
+        );
+        assert!(StaticCredential::header(name, "2").is_err(), "{name}");
+        let parsed = http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+        let several = [
+            (
+                http::header::AUTHORIZATION,
+                http::HeaderValue::from_static("Bearer t"),
+            ),
+            (parsed, http::HeaderValue::from_static("2")),
+        ];
+        assert!(Credential::from_headers(several).is_err(), "{name}");
+    }
+    // The ordinary ones still are credentials.
+    assert!(Credential::header("x-api-key", "k").is_ok());
+}
