@@ -233,3 +233,64 @@ async fn an_expiry_found_after_a_suspend_is_an_expiring_fetch() {
         [FetchReason::Initial, FetchReason::Expiring]
     );
 }
+
+/// World: a fixed credential that says when it expires (a personal access token issued
+/// for 60 s, served by `StaticCredential`), used through the layer after the wall clock
+/// passed its expiry. Proves: the expired token is not sent (the request fails with a
+/// typed error instead, or a new one is fetched).
+#[tokio::test(start_paused = true)]
+async fn an_expired_fixed_credential_is_not_sent() {
+    let clock = ManualClock::new(start());
+    let pat = Credential::bearer("pat")
+        .unwrap()
+        .lives(clock.now(), Duration::from_secs(60));
+    let cache = CredentialCache::builder(tower_client_auth::StaticCredential::new(pat))
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let api = tower::service_fn({
+        let seen = seen.clone();
+        move |req: Request<_>| {
+            let seen = seen.clone();
+            async move {
+                let auth = req
+                    .headers()
+                    .get("authorization")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                seen.lock().unwrap().push(auth);
+                let _ = req;
+                Ok::<_, BoxError>(Response::new(()))
+            }
+        }
+    });
+    let svc = AuthLayer::with_cache(cache.clone())
+        .any_https_origin()
+        .layer(api);
+    let send = || {
+        svc.clone().oneshot(
+            Request::get("https://api.example.com/")
+                .body(String::new())
+                .unwrap(),
+        )
+    };
+    send().await.unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    clock.advance(Duration::from_secs(120));
+    let refused = send().await.unwrap_err();
+    let kind = refused
+        .downcast_ref::<tower_client_auth::Error>()
+        .map(|e| e.kind());
+    assert_eq!(
+        kind,
+        Some(tower_client_auth::ErrorKind::Expired),
+        "{refused}"
+    );
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen.len(),
+        1,
+        "the expired fixed credential was sent: {:?}",
+        seen.last()
+    );
+}

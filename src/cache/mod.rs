@@ -882,6 +882,11 @@ impl<P: CredentialSource> Inner<P> {
                     mono(hard),
                 ))
             }
+            // A fixed credential that says when it expires: no refresh before, but not
+            // sent past its expiry (its refetch then fails `Expired`, nothing is sent).
+            (RefreshMode::Never, Some(expires_wall), Some(expires_mono)) => {
+                Some((expires_wall, expires_mono, expires_wall, expires_mono))
+            }
             _ => None,
         };
         let runtime = tokio::runtime::Handle::try_current().ok();
@@ -890,7 +895,7 @@ impl<P: CredentialSource> Inner<P> {
         // its soft window (a source handing out a token it cached, one loaded late in
         // its life) has no timer, and is left to requests: refreshing it in the
         // background could bring another one just as old, a loop.
-        let warm = self.config.keep_warm.then(|| {
+        let warm = (self.config.keep_warm && self.mode == RefreshMode::Proactive).then(|| {
             (
                 self.me.clone(),
                 saturating_add(now, self.config.backoff_base),
