@@ -57,6 +57,50 @@ fn bearer(n: usize) -> Credential {
 }
 
 /// Lets spawned refreshes run.
+/// A request's answer through [`through_a_layer`].
+type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<()>, BoxError>>>>;
+
+/// The `Authorization` of each request an API behind the layer got.
+type Seen = Arc<std::sync::Mutex<Vec<Option<String>>>>;
+
+/// A GET to `https://api.example.com/` through a layer over `cache` (any https origin),
+/// to an API that records each request's `Authorization`.
+fn through_a_layer<P: tower_client_auth::CredentialSource>(
+    cache: &CredentialCache<P>,
+) -> (impl Fn() -> Answer, Seen) {
+    let seen: Seen = Arc::default();
+    let api = tower::service_fn({
+        let seen = seen.clone();
+        move |req: Request<tower_client_auth::ReplayBody<String>>| {
+            let auth = (req.headers().get("authorization")).map(|v| v.to_str().unwrap().to_owned());
+            seen.lock().unwrap().push(auth);
+            std::future::ready(Ok::<_, BoxError>(Response::new(())))
+        }
+    });
+    let svc = AuthLayer::with_cache(cache.clone())
+        .any_https_origin()
+        .layer(api);
+    let send = move || -> Answer {
+        Box::pin(
+            svc.clone().oneshot(
+                Request::get("https://api.example.com/")
+                    .body(String::new())
+                    .unwrap(),
+            ),
+        )
+    };
+    (send, seen)
+}
+
+/// The last `Authorization` [`through_a_layer`]'s API got.
+fn last(seen: &Seen) -> String {
+    let seen = seen.lock().unwrap();
+    seen.last()
+        .cloned()
+        .flatten()
+        .expect("a request with a credential")
+}
+
 async fn settle() {
     for _ in 0..20 {
         tokio::task::yield_now().await;
@@ -75,37 +119,15 @@ async fn a_suspend_does_not_make_an_expired_token_look_valid() {
         .clock(clock.clone())
         .build()
         .unwrap();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let api = tower::service_fn({
-        let seen = seen.clone();
-        move |req: Request<_>| {
-            let seen = seen.clone();
-            async move {
-                let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
-                seen.lock().unwrap().push(auth);
-                let _ = req;
-                Ok::<_, BoxError>(Response::new(()))
-            }
-        }
-    });
-    let svc = AuthLayer::with_cache(cache.clone())
-        .any_https_origin()
-        .layer(api);
-    let send = || {
-        svc.clone().oneshot(
-            Request::get("https://api.example.com/")
-                .body(String::new())
-                .unwrap(),
-        )
-    };
+    let (send, seen) = through_a_layer(&cache);
     send().await.unwrap();
-    assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer token-1");
+    assert_eq!(last(&seen), "Bearer token-1");
 
     // Into the soft window (the last quarter, at most 15 s, widened by up to 20 %): still
     // sent, and one refresh starts behind it.
     clock.advance(Duration::from_secs(48) + Duration::from_millis(500));
     send().await.unwrap();
-    assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer token-1");
+    assert_eq!(last(&seen), "Bearer token-1");
     settle().await;
     assert_eq!(
         source.fetches(),
@@ -117,7 +139,7 @@ async fn a_suspend_does_not_make_an_expired_token_look_valid() {
     // A suspend past the new token's expiry: not sent; the next one is.
     clock.advance(Duration::from_secs(61));
     send().await.unwrap();
-    assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer token-3");
+    assert_eq!(last(&seen), "Bearer token-3");
     assert_eq!(source.fetches(), 3);
 }
 
@@ -248,32 +270,7 @@ async fn an_expired_fixed_credential_is_not_sent() {
         .clock(clock.clone())
         .build()
         .unwrap();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let api = tower::service_fn({
-        let seen = seen.clone();
-        move |req: Request<_>| {
-            let seen = seen.clone();
-            async move {
-                let auth = req
-                    .headers()
-                    .get("authorization")
-                    .map(|v| v.to_str().unwrap().to_owned());
-                seen.lock().unwrap().push(auth);
-                let _ = req;
-                Ok::<_, BoxError>(Response::new(()))
-            }
-        }
-    });
-    let svc = AuthLayer::with_cache(cache.clone())
-        .any_https_origin()
-        .layer(api);
-    let send = || {
-        svc.clone().oneshot(
-            Request::get("https://api.example.com/")
-                .body(String::new())
-                .unwrap(),
-        )
-    };
+    let (send, seen) = through_a_layer(&cache);
     send().await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 1);
     clock.advance(Duration::from_secs(120));
