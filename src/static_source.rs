@@ -34,8 +34,8 @@ use crate::{
 /// A source that always returns the same credential.
 ///
 /// One that states its expiry (`Credential::lives`, `expires_at`) is never sent past
-/// it: from then on, requests to its origins fail with
-/// [`ErrorKind::Expired`](crate::ErrorKind::Expired) until it is replaced.
+/// it: from then on, requests to its origins fail with a typed error (the first with
+/// [`ErrorKind::Expired`](crate::ErrorKind::Expired)) until it is replaced.
 ///
 /// The string constructors check the value as [`Credential`]'s do: a value a header
 /// cannot carry is an [`InvalidCredential`] when the source is built, never a failure on
