@@ -84,7 +84,7 @@ fn host_header_agrees<B>(req: &Request<B>) -> bool {
     let uri = req.uri();
     match (uri.scheme_str(), uri.host()) {
         (Some(scheme), Some(host)) => {
-            crate::scope::host_header_agrees(scheme, host, uri.port_u16(), req.headers())
+            crate::scope::host_headers_agree(scheme, host, uri.port_u16(), req.headers())
         }
         _ => true,
     }

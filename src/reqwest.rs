@@ -698,12 +698,15 @@ impl<P: CredentialSource> AuthMiddleware<P> {
         let in_scope = match in_scope {
             Some(true) => {
                 let url = shell.url();
-                Some(crate::scope::host_header_agrees(
-                    url.scheme(),
-                    url.host_str().unwrap_or_default(),
-                    url.port(),
-                    shell.headers(),
-                ))
+                Some(
+                    !crate::scope::has_host_header(shell.headers())
+                        || crate::scope::host_headers_agree(
+                            url.scheme(),
+                            url.host_str().unwrap_or_default(),
+                            url.port(),
+                            shell.headers(),
+                        ),
+                )
             }
             other => other,
         };

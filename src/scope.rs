@@ -396,21 +396,6 @@ pub(crate) fn same_origin(a: &Uri, b: &Uri) -> bool {
         && port(a) == port(b)
 }
 
-/// Whether a request's `Host` header, if it has one, names the same host and port as
-/// its absolute URI (`scheme`, `host`, `port`): an HTTP/1 client sends the header it is
-/// given, and a server (a shared front: an ingress, a CDN, virtual hosts) routes by it,
-/// so a request whose header names another origin goes to that origin. Several `Host`
-/// headers, or one that is not an authority (or carries userinfo), never agree.
-#[inline]
-pub(crate) fn host_header_agrees(
-    scheme: &str,
-    host: &str,
-    port: Option<u16>,
-    headers: &http::HeaderMap,
-) -> bool {
-    !has_host_header(headers) || host_headers_agree(scheme, host, port, headers)
-}
-
 /// Whether `headers` has a `Host`: a walk over the few names a request has, which costs
 /// less than the map's hashed lookup (see BENCHMARKS.md).
 #[inline(always)]
@@ -418,10 +403,15 @@ pub(crate) fn has_host_header(headers: &http::HeaderMap) -> bool {
     headers.keys().any(|name| *name == http::header::HOST)
 }
 
-/// [`host_header_agrees`] for a request that has the header.
+/// Whether a request's `Host` header (it has one: see [`has_host_header`]) names the
+/// same host and port as its absolute URI (`scheme`, `host`, `port`): an HTTP/1 client
+/// sends the header it is given, and a server (a shared front: an ingress, a CDN,
+/// virtual hosts) routes by it, so a request whose header names another origin goes to
+/// that origin. Several `Host` headers, or one that is not an authority (or carries
+/// userinfo), never agree.
 #[cold]
 #[inline(never)]
-fn host_headers_agree(
+pub(crate) fn host_headers_agree(
     scheme: &str,
     host: &str,
     port: Option<u16>,
@@ -660,6 +650,57 @@ mod tests {
             assert_eq!(origin.to_string(), shown);
         }
     }
+
+    /// A `Host` header agrees with the URI only when it names the same host (case aside)
+    /// and port (the scheme's default filled in); several, userinfo, or text that is no
+    /// authority never agree; no header agrees. And an authority-form URI (a host, no
+    /// scheme) is never taken for a relative one.
+    #[test]
+    fn a_host_header_agrees_only_with_its_own_uri() {
+        let agrees = |uri: &str, hosts: &[&str]| {
+            let uri: Uri = uri.parse().unwrap();
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::ACCEPT, http::HeaderValue::from_static("*/*"));
+            for host in hosts {
+                headers.append(http::header::HOST, host.parse().unwrap());
+            }
+            !has_host_header(&headers)
+                || host_headers_agree(
+                    uri.scheme_str().unwrap(),
+                    uri.host().unwrap(),
+                    uri.port_u16(),
+                    &headers,
+                )
+        };
+        let api = "https://api.example.com/v1";
+        assert!(agrees(api, &[]));
+        assert!(agrees(api, &["api.example.com"]));
+        assert!(agrees(api, &["API.Example.com:443"]));
+        assert!(agrees("https://api.example.com:443/", &["api.example.com"]));
+        assert!(agrees("http://127.0.0.1:8080/", &["127.0.0.1:8080"]));
+        assert!(agrees("https://[::1]:8443/", &["[::1]:8443"]));
+        for other in [
+            "evil.test",
+            "api.example.com:8443",
+            "api.example.com:80",
+            "api.example.com.evil.test",
+            "user@api.example.com",
+            "api.example.com/path",
+            "",
+        ] {
+            assert!(!agrees(api, &[other]), "{other:?}");
+        }
+        assert!(!agrees(api, &["api.example.com", "api.example.com"]));
+        assert!(!agrees(api, &["api.example.com", "evil.test"]));
+        assert!(!agrees("http://127.0.0.1:8080/", &["127.0.0.1"]));
+
+        let relative_allowed =
+            Scope::default().with_origin("https://api.example.com".parse().unwrap());
+        let none = http::Extensions::new();
+        let connect: Uri = "api.example.com:443".parse().unwrap();
+        assert!(!relative_allowed.allows(&connect, &none, true));
+        assert!(relative_allowed.allows(&"/pkg.Svc/Method".parse().unwrap(), &none, true));
+    }
 }
 
 /// The reqwest middleware applies the origin rule to the URL reqwest parsed: the same
@@ -709,55 +750,5 @@ mod reqwest_tests {
                 );
             }
         }
-    }
-
-    /// A `Host` header agrees with the URI only when it names the same host (case aside)
-    /// and port (the scheme's default filled in); several, userinfo, or text that is no
-    /// authority never agree; no header agrees. And an authority-form URI (a host, no
-    /// scheme) is never taken for a relative one.
-    #[test]
-    fn a_host_header_agrees_only_with_its_own_uri() {
-        let agrees = |uri: &str, hosts: &[&str]| {
-            let uri: Uri = uri.parse().unwrap();
-            let mut headers = http::HeaderMap::new();
-            headers.insert(http::header::ACCEPT, http::HeaderValue::from_static("*/*"));
-            for host in hosts {
-                headers.append(http::header::HOST, host.parse().unwrap());
-            }
-            host_header_agrees(
-                uri.scheme_str().unwrap(),
-                uri.host().unwrap(),
-                uri.port_u16(),
-                &headers,
-            )
-        };
-        let api = "https://api.example.com/v1";
-        assert!(agrees(api, &[]));
-        assert!(agrees(api, &["api.example.com"]));
-        assert!(agrees(api, &["API.Example.com:443"]));
-        assert!(agrees("https://api.example.com:443/", &["api.example.com"]));
-        assert!(agrees("http://127.0.0.1:8080/", &["127.0.0.1:8080"]));
-        assert!(agrees("https://[::1]:8443/", &["[::1]:8443"]));
-        for other in [
-            "evil.test",
-            "api.example.com:8443",
-            "api.example.com:80",
-            "api.example.com.evil.test",
-            "user@api.example.com",
-            "api.example.com/path",
-            "",
-        ] {
-            assert!(!agrees(api, &[other]), "{other:?}");
-        }
-        assert!(!agrees(api, &["api.example.com", "api.example.com"]));
-        assert!(!agrees(api, &["api.example.com", "evil.test"]));
-        assert!(!agrees("http://127.0.0.1:8080/", &["127.0.0.1"]));
-
-        let relative_allowed =
-            Scope::default().with_origin("https://api.example.com".parse().unwrap());
-        let none = http::Extensions::new();
-        let connect: Uri = "api.example.com:443".parse().unwrap();
-        assert!(!relative_allowed.allows(&connect, &none, true));
-        assert!(relative_allowed.allows(&"/pkg.Svc/Method".parse().unwrap(), &none, true));
     }
 }

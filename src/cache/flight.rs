@@ -1040,8 +1040,13 @@ async fn obtain<P: CredentialSource>(
             // or the save after the fetch may have used it): one cut there leaves the
             // lease to run out.
             None => {
-                let overtime = saturating_add(deadline, inner.config.fetch_timeout / STORE_SHARE);
-                release_by(inner, store.as_ref(), &lease, overtime).await
+                release_by(
+                    inner,
+                    store.as_ref(),
+                    &lease,
+                    Some(overtime(inner, deadline)),
+                )
+                .await
             }
         }
         return held;
@@ -1560,7 +1565,7 @@ async fn holding<P: CredentialSource>(
     // The one share a caller may wait past the deadline, for the marker's save and the
     // save after the fetch together.
     let share = inner.config.fetch_timeout / STORE_SHARE;
-    let overtime = saturating_add(deadline, share);
+    let overtime = overtime(inner, deadline);
     // Someone may have saved between the load and the lease.
     let held = store_call(inner, deadline, "load", store.load()).await;
     if held.is_none() && Instant::now() >= deadline {
@@ -2029,20 +2034,25 @@ async fn renewing<P, T>(
 /// Gives a lease back, with a share of its own: a lease left behind makes every other
 /// process wait until it runs out.
 async fn release<P>(inner: &Inner<P>, store: &dyn crate::store::DynStore, lease: &Lease) {
-    let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
-    store_call(inner, until, "release", store.release(lease)).await;
+    release_by(inner, store, lease, None).await;
 }
 
-/// [`release`], ending by `until` at the latest.
+/// [`release`], ending by `until` at the latest, when given.
 async fn release_by<P>(
     inner: &Inner<P>,
     store: &dyn crate::store::DynStore,
     lease: &Lease,
-    until: Instant,
+    until: Option<Instant>,
 ) {
-    let share = inner.config.fetch_timeout / STORE_SHARE;
-    let until = until.min(saturating_add(Instant::now(), share));
+    let share = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
+    let until = until.map_or(share, |until| until.min(share));
     store_call(inner, until, "release", store.release(lease)).await;
+}
+
+/// The latest the store calls that end a refresh under the lease may run, past its
+/// `deadline`: one share, which is what a caller may wait past the fetch timeout.
+fn overtime<P>(inner: &Inner<P>, deadline: Instant) -> Instant {
+    saturating_add(deadline, inner.config.fetch_timeout / STORE_SHARE)
 }
 
 /// How long a refresh lease lasts without a renewal: [`LEASE_HOLD`], or less when even
