@@ -221,7 +221,7 @@ async fn a_host_header_naming_another_origin_gets_no_credential() {
         .await
         .unwrap();
     let entries: &[&str] = if cfg!(feature = "reqwest") {
-        &["tower", "direct", "reqwest"]
+        &["tower", "direct", "reqwest", "reqwest, a predicate"]
     } else {
         &["tower", "direct"]
     };
@@ -234,6 +234,22 @@ async fn a_host_header_naming_another_origin_gets_no_credential() {
                     .allow_http_loopback(true)
                     .origin(&api)
                     .unwrap(),
+            )
+            .build();
+        client
+            .get(format!("{api}/v1/me"))
+            .header(header::HOST, "tenant.evil.test")
+            .send()
+            .await
+            .unwrap();
+        // A predicate reads the whole URI: the middleware hands the state machine the
+        // request to judge (its other path to the same rule).
+        let port = api.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+        let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+            .with(
+                AuthMiddleware::new(credential())
+                    .allow_http_loopback(true)
+                    .origin_matching(move |uri| uri.port_u16() == Some(port)),
             )
             .build();
         client
