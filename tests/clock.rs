@@ -56,7 +56,6 @@ fn bearer(n: usize) -> Credential {
     Credential::bearer(format!("token-{n}")).unwrap()
 }
 
-/// Lets spawned refreshes run.
 /// A request's answer through [`through_a_layer`].
 type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<()>, BoxError>>>>;
 
@@ -101,6 +100,7 @@ fn last(seen: &Seen) -> String {
         .expect("a request with a credential")
 }
 
+/// Lets spawned refreshes run.
 async fn settle() {
     for _ in 0..20 {
         tokio::task::yield_now().await;
@@ -160,6 +160,41 @@ async fn a_wall_clock_stepped_back_does_not_make_a_token_young() {
     settle().await; // the entry's aging timer runs
     assert_eq!(cache.credential().await.unwrap(), bearer(2));
     assert_eq!(source.fetches(), 2);
+}
+
+/// World: as above, but the runtime that installed the token is no longer driven (a
+/// `block_on` that returned, a runtime parked in a test harness), so the token's aging
+/// timer never fires; the wall clock is stepped back an hour while 1.5 s pass on the
+/// monotonic clock, and a caller on another runtime asks.
+/// Proves: the hot path does not trust the timer alone: a token past its windows on the
+/// monotonic clock is not handed out; the caller gets a new one.
+#[test]
+fn a_stepped_back_wall_clock_with_an_idle_installing_runtime_does_not_make_a_token_young() {
+    let clock = ManualClock::new(start());
+    let source = Issuer::new(Duration::from_secs(1));
+    let cache = CredentialCache::builder(source.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let installing = runtime();
+    installing.block_on(cache.warm_up()).unwrap();
+    runtime().block_on(async {
+        clock.set(start() - Duration::from_secs(3600));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            cache.credential().await.unwrap(),
+            bearer(2),
+            "a token expired on the monotonic clock was handed out"
+        );
+    });
+    assert_eq!(source.fetches(), 2);
+    drop(installing);
 }
 
 /// A credential issued an hour ago that has 20 s left, as a store or a hand-over

@@ -292,8 +292,9 @@ pub fn add_authorization_retry<S: Clone>(
 /// A yardstick for issue 26's 1.03x goal, not a design: the leanest middleware written
 /// by hand that keeps the promises the layer's hot path pays for, and nothing else. It
 /// sends its credential only over `https` (the `any_https_origin` rule, which implies
-/// the transport rule), never once it has expired by the wall clock (`expires`, for a
-/// credential that can expire) nor once the API rejected it (`rejected`), and marks a
+/// the transport rule), never once it has expired by the wall clock or by the monotonic
+/// clock (`expires`, for a credential that can expire: a wall clock stepped back does not
+/// make it young) nor once the API rejected it (`rejected`), and marks a
 /// rejected answer for the caller. No cache, no refresh, no waiting, no generations: a
 /// request with no credential to send fails.
 #[derive(Clone)]
@@ -304,7 +305,7 @@ pub struct Promises<S> {
 
 struct PromiseCell {
     value: HeaderValue,
-    expires: Option<std::time::SystemTime>,
+    expires: Option<(std::time::SystemTime, std::time::Instant)>,
     rejected: std::sync::atomic::AtomicBool,
 }
 
@@ -317,11 +318,17 @@ pub fn promises_static<S>(inner: S) -> Promises<S> {
 pub fn promises_expiring<S>(inner: S) -> Promises<S> {
     promises(
         inner,
-        Some(std::time::SystemTime::now() + Duration::from_secs(3600)),
+        Some((
+            std::time::SystemTime::now() + Duration::from_secs(3600),
+            std::time::Instant::now() + Duration::from_secs(3600),
+        )),
     )
 }
 
-fn promises<S>(inner: S, expires: Option<std::time::SystemTime>) -> Promises<S> {
+fn promises<S>(
+    inner: S,
+    expires: Option<(std::time::SystemTime, std::time::Instant)>,
+) -> Promises<S> {
     Promises {
         inner,
         cell: Arc::new(PromiseCell {
@@ -359,9 +366,9 @@ where
         }
         let cell = &self.cell;
         if cell.rejected.load(std::sync::atomic::Ordering::Relaxed)
-            || cell
-                .expires
-                .is_some_and(|at| std::time::SystemTime::now() >= at)
+            || cell.expires.is_some_and(|(wall, at)| {
+                std::time::SystemTime::now() >= wall || std::time::Instant::now() >= at
+            })
         {
             return PromiseFuture::Failed;
         }

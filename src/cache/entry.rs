@@ -31,7 +31,8 @@ pub(crate) struct Entry {
     pub(super) expires_at: Option<Instant>,
     /// When it became current: a rejection soon after counts as a fresh rejection.
     pub(super) installed_at: Instant,
-    /// Set once the soft window opens; until then the hot path reads no clock.
+    /// Set once the soft window opens (by its timer, if the runtime that installed it is
+    /// driven); the hot path also reads both clocks for an entry with windows.
     pub(super) aging: AtomicBool,
     /// Whether a caller already started this entry's background refresh.
     pub(super) background_claimed: AtomicBool,
@@ -63,11 +64,17 @@ pub(super) enum Phase {
 
 impl Entry {
     /// Whether the hot path may send it without a closer look: its timer has not fired
-    /// and the wall clock has not reached its soft window (read only for an entry that
-    /// has one). A suspend stops the timer, not the wall clock.
+    /// and neither clock has reached its soft window (read only for an entry that has
+    /// one). A suspend stops the timer and the monotonic clock, not the wall clock; a
+    /// wall clock stepped back is caught by the timer, unless the runtime that runs the
+    /// timer is no longer driven: the monotonic clock is read too.
     #[inline]
     pub(super) fn fresh(&self, wall: impl FnOnce() -> SystemTime) -> bool {
-        !self.aging.load(Ordering::Acquire) && self.soft_wall.is_none_or(|at| wall() < at)
+        !self.aging.load(Ordering::Acquire)
+            && match (self.soft_wall, self.soft_at) {
+                (Some(on_wall), Some(at)) => wall() < on_wall && Instant::now() < at,
+                _ => true,
+            }
     }
 
     /// Its phase at `now` and `wall`: the later of what the two clocks say.

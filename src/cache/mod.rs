@@ -4,7 +4,7 @@
 //! and the window and backoff arithmetic in `config`; the single flight in `flight`; the
 //! cached entry and its aging in `entry`; the per-clone views in `views`. The hot path (`CredentialCache::current`,
 //! crate-private) is one `ArcSwap` load, one atomic read and, for a credential that
-//! expires, one wall-clock read: no lock, no await, no allocation. Everything else
+//! expires, a read of each clock (wall and monotonic): no lock, no await, no allocation. Everything else
 //! happens on the refresh path, under one mutex that is never held across an await:
 //!
 //! - **Single flight.** However many callers need a new credential, one task fetches it
@@ -279,7 +279,7 @@ impl<P: CredentialSource> CredentialCache<P> {
 
     /// Whether `entry`, the current entry as just read, may be sent now; if not, the
     /// refresh to wait for. Inlined for its common case: an entry before its soft window
-    /// (one flag, and one wall-clock read for a credential that expires).
+    /// (one flag, and a read of each clock for a credential that expires).
     #[inline]
     pub(crate) fn usable<'e>(&self, entry: Option<&'e Entry>) -> Result<&'e Entry, Acquire> {
         match entry {
