@@ -2233,6 +2233,59 @@ async fn a_marker_whose_save_had_no_answer_is_known_as_left() {
     assert_eq!(sa.stored_refresh_token().await.as_deref(), Some("rt1"));
 }
 
+/// [`Rotating`] whose logins fail while `down` is set (a token endpoint that answers
+/// 503 to the client-credentials grant); refreshes pass.
+#[derive(Clone, Default)]
+struct LoginsDown {
+    source: Rotating,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CredentialSource for LoginsDown {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        use tower_client_auth::RefreshSharing;
+        let login = !matches!(cx.refresh_sharing(), RefreshSharing::Shared(Some(_)));
+        if login && self.down.load(SeqCst) {
+            return Err("503 Service Unavailable".into());
+        }
+        self.source.fetch(cx).await
+    }
+}
+
+/// World: one process; the marker its refresh writes in place of `a0`/`rt0` lands
+/// though the reply is lost, so it is told the store is unavailable and logs in; the
+/// login fails (the token endpoint answers 503). Proves (the store held the marker and
+/// nothing else: the fleet's only refresh token was lost, and the next refresh logged
+/// in): `rt0`, taken out of the store and never presented, goes back with its pair; the
+/// next refresh presents it.
+#[tokio::test]
+async fn a_marker_whose_save_had_no_answer_then_a_failed_login_leave_the_refresh_token() {
+    let source = LoginsDown::default();
+    let memory = MemoryStore::default();
+    let sa = FaultStore::over(memory.clone());
+    let a = CredentialCache::builder(source.clone())
+        .store(sa.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .build()
+        .unwrap();
+    a.credential().await.unwrap();
+    sa.faults().lost_marker_replies.store(true, SeqCst);
+    source.down.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    a.credential().await.unwrap_err();
+    sa.faults().lost_marker_replies.store(false, SeqCst);
+    source.down.store(false, SeqCst);
+    assert_eq!(
+        sa.stored_refresh_token().await.as_deref(),
+        Some("rt0"),
+        "the refresh token taken out of the store and never presented is lost"
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    a.credential().await.unwrap();
+    assert_eq!(source.source.logins.load(SeqCst), 1, "logged in again");
+}
+
 /// [`Rotating`] through an exchange that takes 300 ms.
 #[derive(Clone, Default)]
 struct SlowRotating(Rotating);

@@ -765,15 +765,23 @@ async fn run_flight<P: CredentialSource>(
     // that value) is not this flight's answer: it looks again, and the store's copy is
     // refused then. Three looks at most (each stale one needs a drop of its own, landing
     // while the store answered).
-    // One flight, one count in the metrics, however many looks it took.
+    // One flight, one count in the metrics, however many looks it took; one deadline,
+    // the fetch timeout, for all of them.
     let started = Instant::now();
+    let deadline = saturating_add(started, guard.inner.config.fetch_timeout);
     let name = guard.inner.config.name.clone();
-    for _ in 0..3 {
+    for look in 0..3 {
+        // A store call that answers at once is not cut at the deadline: none begins
+        // past it.
+        if look > 0 && Instant::now() >= deadline {
+            break;
+        }
         let mut from_store = false;
         let mut to_keep = None;
         let result = AssertUnwindSafe(obtain(
             &guard.inner,
             cx.clone(),
+            deadline,
             guard.invalidations,
             &mut from_store,
             &mut to_keep,
@@ -822,7 +830,7 @@ enum Finished {
 }
 
 /// Gets a credential from the store, or else from the source: the refresh path of
-/// [`crate::store`]'s module docs. One deadline, the fetch timeout, bounds the loads,
+/// [`crate::store`]'s module docs. One deadline, the flight's, bounds the loads,
 /// the lease, the wait for another holder and the fetch; each store call gets at most a
 /// [`STORE_SHARE`] of it, and a store that fails or does not answer in time is skipped
 /// (logged once per outage) for this process's own fetch. `from_store`: set when the
@@ -830,11 +838,11 @@ enum Finished {
 async fn obtain<P: CredentialSource>(
     inner: &Arc<Inner<P>>,
     cx: FetchContext,
+    deadline: Instant,
     invalidations: u64,
     from_store: &mut bool,
     to_keep: &mut Option<Kept>,
 ) -> Result<Credential, Error> {
-    let deadline = saturating_add(Instant::now(), inner.config.fetch_timeout);
     let cx = cx.at(inner.config.clock.now());
     let Some(store) = &inner.config.store else {
         return fetch(inner, cx, deadline, &mut None).await;
@@ -954,7 +962,7 @@ async fn obtain<P: CredentialSource>(
         let Holding {
             result: held,
             saved,
-            refused,
+            also_saved,
             spent,
             late,
             left,
@@ -993,7 +1001,7 @@ async fn obtain<P: CredentialSource>(
         // out during the refresh: the pair is still this process's to save, once the
         // store, looked at under the lease taken again, is as this refresh left it).
         let unsaved = match saved {
-            Saved::Failed | Saved::Fenced => held.as_ref().ok().or(refused.as_ref()),
+            Saved::Failed | Saved::Fenced => held.as_ref().ok().or(also_saved.as_ref()),
             _ => None,
         };
         // The pair taken over is handed back unless what the flight brought carries a
@@ -1002,7 +1010,7 @@ async fn obtain<P: CredentialSource>(
             (Ok(stored), Saved::StoreHit) => {
                 stored.refresh_token() != kept.credential.refresh_token()
             }
-            (held, _) => held.is_err() && refused.is_none(),
+            (held, _) => held.is_err() && also_saved.is_none(),
         };
         let keep = match unsaved.filter(|credential| credential.refresh_token().is_some()) {
             Some(credential) => {
@@ -1649,6 +1657,7 @@ async fn holding<P: CredentialSource>(
             _ => None,
         },
     );
+    let took_out = taking.is_some();
     let sharing = match (taking, &held) {
         (Some((marker, token)), _) => {
             // A share of its own, past the flight's deadline if need be (the fetch then
@@ -1696,12 +1705,21 @@ async fn holding<P: CredentialSource>(
     .await;
     // Never asked (the source busy past the deadline): nothing was presented.
     let spent = spent.filter(|_| asked);
+    // A refresh token taken out of the store (its marker may have landed) and never
+    // presented (the source never asked, or told the store did not answer the marker's
+    // save, so it logged in) goes back with its pair if the fetch brings nothing newer:
+    // saved under the lease as a fetched pair is, kept if that fails. Its access token
+    // goes back expired, as the marker's did: it may have been rejected. A kept pair
+    // taken over is handed back to its task instead (see `obtain`).
+    let unpresented = (took_out && spent.is_none() && !matches!(took, Took::Kept(_)))
+        .then(|| pair.map(|pair| pair.clone().expires_at(std::time::SystemTime::UNIX_EPOCH)))
+        .flatten();
     if late.is_some() {
         // Still running, under the lease: see `finish_late`.
         return Holding {
             result: fetched,
             saved: Saved::Done,
-            refused,
+            also_saved: refused,
             spent,
             late,
             left,
@@ -1711,7 +1729,8 @@ async fn holding<P: CredentialSource>(
     // A credential refused on arrival goes to the store all the same when it carries a
     // refresh token: the presented one is spent, and the new one exists nowhere else
     // (its access token, expired, is never handed out: see `is_reusable_stored`).
-    if let Some(credential) = fetched.as_ref().ok().or(refused.as_ref()) {
+    let also_saved = refused.or(unpresented);
+    if let Some(credential) = fetched.as_ref().ok().or(also_saved.as_ref()) {
         // A fresh credential is worth saving even if the fetch used up the deadline:
         // the save gets a share of its own, within the one share past the deadline that
         // the marker's save may have used already. A save cut there fails, and the
@@ -1729,7 +1748,7 @@ async fn holding<P: CredentialSource>(
     Holding {
         result: fetched,
         saved,
-        refused,
+        also_saved,
         spent,
         late: None,
         left,
@@ -1752,8 +1771,11 @@ enum Took<'a> {
 struct Holding {
     result: Result<Credential, Error>,
     saved: Saved,
-    /// A credential refused on arrival that carries a refresh token (see [`fetch`]).
-    refused: Option<Credential>,
+    /// Not the flight's answer, but a pair that exists nowhere else, saved under the
+    /// lease all the same (kept if the save fails): a credential refused on arrival that
+    /// carries a refresh token (see [`fetch`]), or the store's pair whose refresh token
+    /// this holder took out and never presented (the source was never asked).
+    also_saved: Option<Credential>,
     /// The refresh token the fetch presented, spent by now.
     spent: Option<crate::Secret>,
     /// The source's fetch, still running when the deadline came (see `finish_late`).
@@ -1769,7 +1791,7 @@ impl Holding {
         Holding {
             result,
             saved,
-            refused: None,
+            also_saved: None,
             spent: None,
             late: None,
             left: Left::default(),
@@ -2438,6 +2460,41 @@ mod tests {
         assert!(!loaded.contains(&next));
     }
 
+    /// As above, but each drop lands late, 1.2 s after its load, with a 2 s fetch
+    /// timeout (the task that drops it held up). The looks share the flight's one
+    /// deadline: the second look, at 1.2 s, is within it; none begins past it, and the
+    /// caller is told at 2.4 s, rather than wait up to three fetch timeouts, one a look.
+    #[tokio::test]
+    async fn a_flights_store_looks_share_one_deadline() {
+        let loaded = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (source, gate, fetches) = gated();
+        gate.add_permits(1);
+        let cache = CredentialCache::builder(source)
+            .store(Saving::new(loaded.clone(), Arc::new(AtomicBool::new(true))))
+            .fetch_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        for _ in 0..3 {
+            hook::set("store_hit", {
+                let (cache, loaded) = (cache.clone(), loaded.clone());
+                move || {
+                    std::thread::sleep(Duration::from_millis(1200));
+                    let value = loaded.lock().unwrap().last().unwrap().clone();
+                    assert!(cache.handle().replace(value.clone()).unwrap());
+                    assert!(cache.handle().invalidate_if(&value));
+                }
+            });
+        }
+        let err = cache.credential().await.expect_err("a dropped credential");
+        assert_eq!(err.kind(), ErrorKind::StoreCredentialDropped, "{err}");
+        assert_eq!(
+            loaded.lock().unwrap().len(),
+            2,
+            "a look began past the deadline"
+        );
+        assert_eq!(fetches.load(SeqCst), 0);
+    }
+
     /// A background refresh (the soft window) whose three store looks each found a
     /// credential dropped as it loaded (values this cache had handed a flight's own
     /// waiters, rejected elsewhere meanwhile) gives its claim back after one backoff
@@ -2576,5 +2633,59 @@ mod tests {
             fetched,
             "the rejected credential is current"
         );
+    }
+
+    /// A lease holder that took the store's refresh token out (its marker saved) but
+    /// never asked the source (the source busy past the deadline with a fetch that
+    /// outlived an earlier flight, whose lease was lost) presented nothing: the pair goes
+    /// back to the store, and the next refresh presents its refresh token rather than
+    /// log in.
+    #[tokio::test]
+    async fn a_holder_that_never_asked_the_source_puts_the_refresh_token_back() {
+        use crate::{CredentialStore, source::RefreshSharing};
+        let presented: Arc<std::sync::Mutex<Vec<Option<String>>>> = Arc::default();
+        let source = source_fn({
+            let presented = presented.clone();
+            move |cx: FetchContext| {
+                let token = match cx.refresh_sharing() {
+                    RefreshSharing::Shared(token) => token.map(|t| t.expose().to_owned()),
+                    _ => Some("not shared".into()),
+                };
+                presented.lock().unwrap().push(token);
+                async {
+                    Credential::bearer("a2")
+                        .map(|c| c.with_refresh_token("rt2"))
+                        .map_err(BoxError::from)
+                }
+            }
+        });
+        let store = crate::MemoryStore::default();
+        let lease = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
+        let expired = Credential::bearer("a1")
+            .unwrap()
+            .with_refresh_token("rt1")
+            .expires_at(std::time::SystemTime::now() - Duration::from_secs(60));
+        assert!(store.save(&lease, &expired).await.unwrap());
+        store.release(&lease).await.unwrap();
+        let cache = CredentialCache::builder(source)
+            .store(store.clone())
+            .fetch_timeout(Duration::from_millis(300))
+            .backoff(Duration::from_millis(1), Duration::from_millis(1))
+            .build()
+            .unwrap();
+        // A fetch that outlived an earlier flight holds the source.
+        let busy = Arc::clone(&cache.inner.source_gate).lock_owned().await;
+        let err = cache.credential().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Timeout);
+        drop(busy);
+        let stored = store.load().await.unwrap().expect("a pair in the store");
+        assert_eq!(
+            stored.refresh_token().map(crate::Secret::expose),
+            Some("rt1"),
+            "the refresh token taken out of the store and never presented is lost"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        cache.credential().await.unwrap();
+        assert_eq!(*presented.lock().unwrap(), [Some("rt1".to_owned())]);
     }
 }
