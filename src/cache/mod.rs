@@ -1,11 +1,14 @@
 //! The credential cache: lock-free reads, single-flight refresh, expiry windows, backoff.
 //!
 //! This module holds all of the refresh logic: the cache and its API here; its settings
-//! and the window and backoff arithmetic in `config`; the single flight in `flight`; the
-//! cached entry and its aging in `entry`; the per-clone views in `views`. The hot path (`CredentialCache::current`,
-//! crate-private) is one `ArcSwap` load, one atomic read and, for a credential that
-//! expires, a read of each clock (wall and monotonic): no lock, no await, no allocation. Everything else
-//! happens on the refresh path, under one mutex that is never held across an await:
+//! and the window and backoff arithmetic in `config`; the single flight and the source's
+//! fetch in `flight`; the refresh through a shared store (its look, the refresh lease,
+//! the holder's refresh) in `lease`; a rotated pair the store did not take, kept and
+//! saved, in `kept`; the cached entry and its aging in `entry`; the per-clone views in
+//! `views`. The hot path (`CredentialCache::current`, crate-private) is one `ArcSwap`
+//! load, one atomic read and, for a credential that expires, a read of each clock (wall
+//! and monotonic): no lock, no await, no allocation. Everything else happens on the
+//! refresh path, under one mutex that is never held across an await:
 //!
 //! - **Single flight.** However many callers need a new credential, one task fetches it
 //!   and every waiter receives that one result, success or error. The task is spawned, so
@@ -95,6 +98,8 @@ use crate::{error::ErrorKind, source::FetchReason, store::CredentialStore};
 mod config;
 mod entry;
 mod flight;
+mod kept;
+mod lease;
 mod views;
 
 use self::config::{Config, saturating_add};
@@ -562,14 +567,14 @@ struct Inner<P> {
     /// rejection: written once per credential, read on every answer.
     accepted: AtomicU64,
     /// Held while the source fetches: by the flight whose fetch runs, and then by a
-    /// lease holder's fetch that outlived its flight (`flight::finish_late`), so that a
+    /// lease holder's fetch that outlived its flight (`lease::finish_late`), so that a
     /// later flight never asks the source while that one still runs. Uncontended but
     /// for that.
     source_gate: Arc<tokio::sync::Mutex<()>>,
     /// A rotated pair the store did not take, kept under the refresh lease until it is
-    /// saved (`flight::keep_saving`); a flight of this process that finds the lease held
+    /// saved (`kept::keep_saving`); a flight of this process that finds the lease held
     /// takes both from here. Shared with the task keeping it, which outlives the cache.
-    kept: flight::KeptSlot,
+    kept: kept::KeptSlot,
 }
 
 #[derive(Default)]
@@ -686,7 +691,7 @@ struct State {
     /// current one instead.
     forgotten: u64,
     /// Counts invalidations: a lease holder's fetch that outlived its flight
-    /// (`flight::finish_late`) and ends after one did not begin after it, so its
+    /// (`lease::finish_late`) and ends after one did not begin after it, so its
     /// result is remembered as suspect, as a running flight's is.
     invalidations: u64,
     /// What a lease holder's fetch that outlived its flight brought (see `Late`), until
@@ -764,7 +769,7 @@ impl State {
     }
 }
 
-/// What a lease holder's fetch that outlived its flight brought (`flight::finish_late`),
+/// What a lease holder's fetch that outlived its flight brought (`lease::finish_late`),
 /// no invalidation having come since its flight began. It was never current (its flight
 /// had failed; a credential older than it may still be), yet it is this cache's newest
 /// credential, the one a source holding its last credential holds: an invalidation

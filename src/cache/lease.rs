@@ -1,0 +1,770 @@
+//! The refresh through a shared store (the module docs of [`crate::store`]): a look at
+//! the store, the refresh lease, the holder's refresh under it (the refresh token taken
+//! out, the source asked, what it brought saved, fenced), and a holder's fetch that
+//! outlives its flight's deadline.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+};
+
+use tokio::time::Instant;
+
+use super::flight::{ask_source, asking, check_fetched, fetch, measured};
+use super::kept::{
+    Kept, Left, LostKept, keep_saving_late, late_lent, late_settled, take_kept, take_lost_kept,
+    unsaved_late,
+};
+use super::{Inner, STORE_SHARE, config::saturating_add};
+use crate::{
+    credential::Credential,
+    error::{Error, ErrorKind},
+    metrics,
+    source::{CredentialSource, FetchContext, FetchReason, Sharing},
+    store::Lease,
+};
+
+/// Gets a credential from the store, or else from the source: the refresh path of
+/// [`crate::store`]'s module docs. One deadline, the flight's, bounds the loads,
+/// the lease, the wait for another holder and the fetch; each store call gets at most a
+/// [`STORE_SHARE`] of it, and a store that fails or does not answer in time is skipped
+/// (logged once per outage) for this process's own fetch. `from_store`: set when the
+/// credential is the store's, not the source's.
+pub(super) async fn obtain<P: CredentialSource>(
+    inner: &Arc<Inner<P>>,
+    cx: FetchContext,
+    deadline: Instant,
+    invalidations: u64,
+    from_store: &mut bool,
+    to_keep: &mut Option<Kept>,
+) -> Result<Credential, Error> {
+    let cx = cx.at(inner.config.clock.now());
+    let Some(store) = &inner.config.store else {
+        return fetch(inner, cx, deadline, &mut None).await;
+    };
+    // What this refresh brings is newer than every credential installed before now.
+    let born = inner.lock_state().next_generation;
+    if let (FetchReason::Rejected | FetchReason::Invalidated, Some(rejected)) =
+        (cx.reason(), cx.previous())
+    {
+        // A credential that carries the fleet's refresh token is not removed: the
+        // refresh token goes with it, and the lease holder replaces both at once (it
+        // never uses the rejected credential: see `usable`).
+        if rejected.refresh_token().is_none() {
+            store_call(inner, deadline, "remove", store.remove(rejected)).await;
+        }
+    }
+    // A step-up asks the source for a wider grant: whatever the store holds was not
+    // granted for its scope.
+    let step_up = cx.reason() == FetchReason::StepUp;
+    let usable = |stored: &Credential| {
+        !step_up && Some(stored) != cx.previous() && inner.is_reusable_stored(stored)
+    };
+    let mut pause = LEASE_POLL_FIRST;
+    let name = &inner.config.name;
+    // When this flight began to wait for another holder, if it did.
+    let mut waiting_since = None;
+    let waited = |since: Option<Instant>| {
+        if let Some(since) = since {
+            metrics::lease_wait(name, since.elapsed());
+        }
+    };
+    loop {
+        if !step_up {
+            if let Some(late) = unsaved_late(inner) {
+                tracing::debug!("using the unsaved credential a late fetch brought");
+                waited(waiting_since);
+                return Ok(late);
+            }
+        }
+        // Registered before the looks below, so a save between them and the wait is
+        // not missed.
+        let wake = store.changed(pause);
+        if let Some(Some(stored)) = store_call(inner, deadline, "load", store.load()).await {
+            if usable(&stored) {
+                #[cfg(test)]
+                super::flight::hook::run("store_hit");
+                tracing::debug!("using the credential found in the store");
+                waited(waiting_since);
+                *from_store = true;
+                return Ok(stored);
+            }
+        }
+        let taken = match store_call(inner, deadline, "lease", store.lease(lease_hold(inner))).await
+        {
+            // A pair this process keeps whose own lease ran out: taken over, if the store
+            // says no one took it meanwhile; or the lease handed to its task, when the
+            // store does not say, and waited for.
+            Some(Some(lease)) => match step_up {
+                true => Some((lease, None)),
+                false => match take_lost_kept(inner, store.as_ref(), deadline, &lease).await {
+                    LostKept::None => Some((lease, None)),
+                    LostKept::Taken(kept) => Some((lease, Some(kept))),
+                    LostKept::Handed => None,
+                },
+            },
+            // This process's own, kept to save a pair the store refused: taken over; or
+            // another process fetches.
+            Some(None) => take_kept(inner, store.as_ref(), deadline, step_up).await,
+            // The store is not answering: this process's own fetch, told so (a refresh
+            // token it holds may be another process's by now).
+            // Its refresh token, if the source gave one, is this process's alone and
+            // never saved: dropped, so that it passes for no kept pair's successor
+            // (see `superseded`); the fleet's refresh token is the store's or a kept
+            // pair's (`TokenSource` gives none then).
+            None => {
+                waited(waiting_since);
+                if Instant::now() >= deadline {
+                    // Out of time, not a store that does not answer: the call could not
+                    // be answered in no time. Fetching on its own would ask the source
+                    // beside the lease's holder.
+                    return Err(Error::new(ErrorKind::Timeout));
+                }
+                return fetch(
+                    inner,
+                    cx.sharing(Sharing::StoreUnavailable),
+                    deadline,
+                    &mut None,
+                )
+                .await
+                .map(Credential::without_refresh_token);
+            }
+        };
+        let Some((lease, kept)) = taken else {
+            // Another holder fetches: wait for what it saves, as long as the deadline
+            // allows. A holder that died leaves a lease that runs out.
+            let now = Instant::now();
+            if now + pause >= deadline {
+                waited(waiting_since);
+                return Err(Error::new(ErrorKind::Timeout));
+            }
+            waiting_since.get_or_insert(now);
+            tracing::debug!(
+                wait_ms = pause.as_millis() as u64,
+                "another holder has the refresh lease; waiting"
+            );
+            // Bounded here too: a store's own wait may not be.
+            let _ = tokio::time::timeout(pause, wake).await;
+            pause = (pause * 2).min(LEASE_POLL_MAX);
+            continue;
+        };
+        waited(waiting_since);
+        let took = match &kept {
+            Some(kept) => Took::Kept(kept),
+            None if waiting_since.is_some() => Took::Over,
+            None => Took::Free,
+        };
+        let Holding {
+            result: held,
+            saved,
+            also_saved,
+            spent,
+            late,
+            left,
+        } = renewing(inner, store.as_ref(), &lease, async {
+            holding(
+                inner,
+                store.as_ref(),
+                &lease,
+                cx,
+                deadline,
+                took,
+                invalidations,
+            )
+            .await
+        })
+        .await;
+        // A kept pair whose refresh token this flight did not present (a step-up logs
+        // in; a fetch that never began presents nothing) is still the fleet's newest, if
+        // the flight brings nothing newer.
+        let kept = kept.filter(|kept| kept.credential.refresh_token() != spent.as_ref());
+        if let Some(late) = late {
+            // The lease goes with the fetch, and is given back when it ends.
+            tokio::spawn(finish_late(
+                Arc::clone(inner),
+                Arc::clone(store),
+                lease,
+                late,
+                born,
+                kept,
+                left,
+            ));
+            return held;
+        }
+        *from_store = saved == Saved::StoreHit;
+        // Not in the store: a save that failed, or one the fence refused (the lease ran
+        // out during the refresh: the pair is still this process's to save, once the
+        // store, looked at under the lease taken again, is as this refresh left it).
+        let unsaved = match saved {
+            Saved::Failed | Saved::Fenced => held.as_ref().ok().or(also_saved.as_ref()),
+            _ => None,
+        };
+        // The pair taken over is handed back unless what the flight brought carries a
+        // newer refresh token, or the store took the kept one meanwhile.
+        let handed_back = |kept: &Kept| match (&held, saved) {
+            (Ok(stored), Saved::StoreHit) => {
+                stored.refresh_token() != kept.credential.refresh_token()
+            }
+            (held, _) => held.is_err() && also_saved.is_none(),
+        };
+        let keep = match unsaved.filter(|credential| credential.refresh_token().is_some()) {
+            Some(credential) => {
+                if let Some(kept) = &kept {
+                    late_settled(inner, &kept.credential, false);
+                }
+                let kept = Kept::new(lease.clone(), credential.clone(), born, left);
+                Some(match saved {
+                    Saved::Fenced => kept.lease_lost(),
+                    _ => kept,
+                })
+            }
+            None => match kept {
+                Some(kept) if handed_back(&kept) => {
+                    late_lent(inner, &kept.credential, false);
+                    Some(match saved {
+                        Saved::Fenced => kept.again(left).lease_lost(),
+                        _ => kept.again(left),
+                    })
+                }
+                Some(kept) => {
+                    late_settled(inner, &kept.credential, false);
+                    None
+                }
+                None => None,
+            },
+        };
+        match keep {
+            // A rotated refresh token exists nowhere but here: keep the lease and keep
+            // trying to save it, rather than leave the fleet to log in again. The task
+            // is spawned once the flight has installed what it brought (see
+            // `run_flight`): its first step weighs the pair against the installed one.
+            Some(kept) => *to_keep = Some(kept),
+            // Within the one share a caller may wait past the deadline (the marker's save
+            // or the save after the fetch may have used it): one cut there leaves the
+            // lease to run out.
+            None => {
+                release_by(
+                    inner,
+                    store.as_ref(),
+                    &lease,
+                    Some(overtime(inner, deadline)),
+                )
+                .await
+            }
+        }
+        return held;
+    }
+}
+
+/// Whether the holder's fetch ended up in the store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Saved {
+    /// Saved, or nothing to save (the fetch failed).
+    Done,
+    /// Nothing to save: the store's credential was used, not the source's.
+    StoreHit,
+    /// The lease ran out first: nothing written. Another holder may have taken the
+    /// lease, and bring a newer credential; a rotated pair is kept all the same, until
+    /// the store says whether one did (see [`Kept::lease_lost`]).
+    Fenced,
+    /// The store failed or did not answer.
+    Failed,
+}
+
+/// The refresh under `lease`: a last look at the store, then the source, then the save.
+async fn holding<P: CredentialSource>(
+    inner: &Arc<Inner<P>>,
+    store: &dyn crate::store::DynStore,
+    lease: &Lease,
+    cx: FetchContext,
+    deadline: Instant,
+    took: Took<'_>,
+    invalidations: u64,
+) -> Holding {
+    // The one share a caller may wait past the deadline, for the marker's save and the
+    // save after the fetch together.
+    let share = inner.config.fetch_timeout / STORE_SHARE;
+    let overtime = overtime(inner, deadline);
+    // Someone may have saved between the load and the lease.
+    let held = store_call(inner, deadline, "load", store.load()).await;
+    if held.is_none() && Instant::now() >= deadline {
+        // Out of time (a flight that waited for another holder takes the lease late),
+        // not a store that does not answer: logging in under the lease would abandon
+        // the store's refresh token. Nothing was written; the lease goes back (a kept
+        // pair taken over goes back to its task, as the store was left).
+        let left = Left::loaded(
+            &held,
+            match took {
+                Took::Kept(kept) => Some(&kept.left),
+                _ => None,
+            },
+        );
+        return Holding {
+            left,
+            ..Holding::ended(Err(Error::new(ErrorKind::Timeout)), Saved::Done)
+        };
+    }
+    // A step-up wants a wider grant, which no stored credential is known to be.
+    let step_up = cx.reason() == FetchReason::StepUp;
+    if let Some(Some(stored)) = held.as_ref().filter(|_| !step_up) {
+        if Some(stored) != cx.previous() && inner.is_reusable_stored(stored) {
+            tracing::debug!("using the credential found in the store");
+            let mut hit = Holding::ended(Ok(stored.clone()), Saved::StoreHit);
+            hit.left = Left::loaded(&held, None);
+            return hit;
+        }
+    }
+    if let Took::Over = took {
+        // Waited for another holder, which gave the lease up (or died) without a save.
+        tracing::debug!("took the refresh lease over from a holder that saved nothing");
+        metrics::event(&inner.config.name, metrics::LEASE_TAKEOVERS);
+    }
+    // The refresh token goes with the lease, and out of the store before it is
+    // presented: a holder that dies mid-exchange leaves none to be presented twice
+    // (the next holder logs in instead).
+    // A step-up logs in and presents no refresh token: the stored one stays in the store
+    // unless the step-up succeeds, whose login starts a new session (its credential,
+    // with the refresh token that login brought or none, replaces the stored pair).
+    // The refresh token to present, and what the store keeps meanwhile in place of the
+    // pair it came with: that pair without it, marked expired: never sent again (its
+    // access token may have been rejected or invalidated), so never rejected and
+    // removed, and kept by every store until it is replaced. That marker is the
+    // fleet's record that the refresh token was taken (see `Kept::left`). A process
+    // that starts meanwhile waits for this refresh instead of taking the old access
+    // token from the store.
+    let pair = match (&held, took) {
+        _ if step_up => None,
+        // The store's own, unless a kept pair taken over carries another.
+        (Some(Some(stored)), took)
+            if stored.refresh_token().is_some()
+                && match took {
+                    Took::Kept(kept) => stored.refresh_token() == kept.credential.refresh_token(),
+                    _ => true,
+                } =>
+        {
+            Some(stored)
+        }
+        // A pair this process kept, taken over with the lease (`take_kept`, which
+        // renewed it: held without a break, so no one else took the pair from the
+        // store): newer than any other the store holds. The store may hold it too (a
+        // save that landed though its reply was lost), or the store's load may have
+        // failed: taken out all the same.
+        (_, Took::Kept(kept)) => Some(&kept.credential),
+        _ => None,
+    };
+    let taking = pair.and_then(|pair| {
+        let marker = pair
+            .clone()
+            .without_refresh_token()
+            .expires_at(std::time::SystemTime::UNIX_EPOCH);
+        pair.refresh_token().cloned().map(|token| (marker, token))
+    });
+    // What the store holds as this refresh leaves it: what it loaded, and the marker
+    // it writes in place of the pair it takes the refresh token from.
+    let mut left = Left::loaded(
+        &held,
+        match took {
+            Took::Kept(kept) => Some(&kept.left),
+            _ => None,
+        },
+    );
+    let took_out = taking.is_some();
+    let sharing = match (taking, &held) {
+        (Some((marker, token)), _) => {
+            // A share of its own, past the flight's deadline if need be (the fetch then
+            // goes on late, under the lease): cut at the deadline, a marker whose save
+            // the store would have answered passes for a store that does not answer,
+            // and the flight logs in rather than present the token. It cannot end at
+            // the deadline either: the marker may have landed in place of the pair.
+            let until = saturating_add(Instant::now(), share).min(overtime);
+            let saved = store_call(inner, until, "save", store.save(lease, &marker)).await;
+            // A save that failed may have landed all the same.
+            left.wrote(marker, saved);
+            match saved {
+                Some(true) => Sharing::Shared(Some(token)),
+                Some(false) => {
+                    // The lease ran out already: someone else may hold it now. What the
+                    // store held as this refresh left it goes with a pair handed back.
+                    let timeout = Err(Error::new(ErrorKind::Timeout));
+                    return Holding {
+                        left,
+                        ..Holding::ended(timeout, Saved::Fenced)
+                    };
+                }
+                None => Sharing::StoreUnavailable,
+            }
+        }
+        (None, None) => Sharing::StoreUnavailable,
+        (None, Some(_)) => Sharing::Shared(None),
+    };
+    let spent = match &sharing {
+        Sharing::Shared(presented) => presented.clone(),
+        _ => None,
+    };
+    let mut refused = None;
+    let mut late = None;
+    let mut asked = false;
+    let fetched = fetch_holding(
+        inner,
+        cx.sharing(sharing),
+        deadline,
+        &mut refused,
+        &mut late,
+        invalidations,
+        &mut asked,
+    )
+    .await;
+    // Never asked (the source busy past the deadline): nothing was presented.
+    let spent = spent.filter(|_| asked);
+    // A refresh token taken out of the store (its marker may have landed) and never
+    // presented (the source never asked, or told the store did not answer the marker's
+    // save, so it logged in) goes back with its pair if the fetch brings nothing newer:
+    // saved under the lease as a fetched pair is, kept if that fails. Its access token
+    // goes back expired, as the marker's did: it may have been rejected. A kept pair
+    // taken over is handed back to its task instead (see `obtain`).
+    let unpresented = (took_out && spent.is_none() && !matches!(took, Took::Kept(_)))
+        .then(|| pair.map(|pair| pair.clone().expires_at(std::time::SystemTime::UNIX_EPOCH)))
+        .flatten();
+    if late.is_some() {
+        // Still running, under the lease: see `finish_late`.
+        return Holding {
+            result: fetched,
+            saved: Saved::Done,
+            also_saved: refused,
+            spent,
+            late,
+            left,
+        };
+    }
+    let mut saved = Saved::Done;
+    // A credential refused on arrival goes to the store all the same when it carries a
+    // refresh token: the presented one is spent, and the new one exists nowhere else
+    // (its access token, expired, is never handed out: see `is_reusable_stored`).
+    let also_saved = refused.or(unpresented);
+    if let Some(credential) = fetched.as_ref().ok().or(also_saved.as_ref()) {
+        // A fresh credential is worth saving even if the fetch used up the deadline:
+        // the save gets a share of its own, within the one share past the deadline that
+        // the marker's save may have used already. A save cut there fails, and the
+        // pair is kept (see `obtain`).
+        let until = saturating_add(Instant::now(), share).min(overtime);
+        saved = match store_call(inner, until, "save", store.save(lease, credential)).await {
+            Some(true) => Saved::Done,
+            Some(false) => {
+                tracing::debug!("the refresh lease ran out before the save; not saved");
+                Saved::Fenced
+            }
+            None => Saved::Failed,
+        };
+    }
+    Holding {
+        result: fetched,
+        saved,
+        also_saved,
+        spent,
+        late: None,
+        left,
+    }
+}
+
+/// How a holder came by the refresh lease.
+#[derive(Clone, Copy)]
+enum Took<'a> {
+    /// Free for the taking.
+    Free,
+    /// Waited for another holder, which gave it up (or died) without a save.
+    Over,
+    /// From this process's [`keep_saving`](super::kept::keep_saving), with the pair kept under it (see
+    /// [`take_kept`]).
+    Kept(&'a Kept),
+}
+
+/// What the holder's refresh came to.
+struct Holding {
+    pub(super) result: Result<Credential, Error>,
+    pub(super) saved: Saved,
+    /// Not the flight's answer, but a pair that exists nowhere else, saved under the
+    /// lease all the same (kept if the save fails): a credential refused on arrival that
+    /// carries a refresh token (see [`fetch`]), or the store's pair whose refresh token
+    /// this holder took out and never presented (the source was never asked).
+    pub(super) also_saved: Option<Credential>,
+    /// The refresh token the fetch presented, spent by now.
+    pub(super) spent: Option<crate::Secret>,
+    /// The source's fetch, still running when the deadline came (see `finish_late`).
+    pub(super) late: Option<LateFetch>,
+    /// What the store held once this refresh had looked and written under the lease
+    /// (see [`Kept::left`]).
+    pub(super) left: Left,
+}
+
+impl Holding {
+    /// Ended before the source was asked.
+    pub(super) fn ended(result: Result<Credential, Error>, saved: Saved) -> Self {
+        Holding {
+            result,
+            saved,
+            also_saved: None,
+            spent: None,
+            late: None,
+            left: Left::default(),
+        }
+    }
+}
+
+/// A lease holder's source fetch, boxed so that it can outlive its flight.
+type Fetching = Pin<Box<dyn Future<Output = Result<Credential, crate::error::BoxError>> + Send>>;
+
+/// A lease holder's fetch that outlived the flight's deadline.
+struct LateFetch {
+    pub(super) fetching: Fetching,
+    /// `State::invalidations` when its flight began to run (see `FlightGuard`).
+    pub(super) began: u64,
+}
+
+/// [`fetch`] for the lease holder: the source's fetch is not dropped at the deadline
+/// but handed back in `late`, still running. Its exchange may still be with the server
+/// (a token source runs it in its own task, so that a rotated refresh token is not
+/// lost): the lease must not be given back before it ends, or another process would
+/// take the lease, find no refresh token in the store (this one took it out) and log
+/// in while it runs: two token requests at once in one fleet.
+async fn fetch_holding<P: CredentialSource>(
+    inner: &Arc<Inner<P>>,
+    cx: FetchContext,
+    deadline: Instant,
+    refused: &mut Option<Credential>,
+    late: &mut Option<LateFetch>,
+    began: u64,
+    asked: &mut bool,
+) -> Result<Credential, Error> {
+    let started = Instant::now();
+    let gate = Arc::clone(&inner.source_gate);
+    let Ok(gate) = tokio::time::timeout_at(deadline, gate.lock_owned()).await else {
+        return Err(Error::new(ErrorKind::Timeout));
+    };
+    *asked = true;
+    let mut fetching: Fetching = {
+        let inner = Arc::clone(inner);
+        Box::pin(async move {
+            let cx = asking(&inner, cx);
+            let answer = ask_source(&inner.source, cx).await;
+            drop(gate);
+            answer
+        })
+    };
+    let result = match tokio::time::timeout_at(deadline, &mut fetching).await {
+        Err(_elapsed) => {
+            *late = Some(LateFetch { fetching, began });
+            Err(Error::new(ErrorKind::Timeout))
+        }
+        Ok(answer) => check_fetched(inner, answer, refused),
+    };
+    measured(inner, started, result)
+}
+
+/// The rest of a lease holder's fetch that outlived its flight's deadline (whose
+/// waiters were told `Timeout`), in a task of its own: the lease is kept, renewed, for
+/// up to one more fetch timeout while the fetch ends; what it brings is saved under the
+/// lease (fenced) and only then is the lease given back. Meanwhile every other refresh
+/// of the fleet, this process's included, waits for that save, as for any holder's. A
+/// rotated refresh token the store does not take is kept trying, as `keep_saving` does.
+/// A fetch still running after that extra time is dropped and the lease given back: a
+/// holder stalled past its bound, the one case where the fleet may fetch twice.
+async fn finish_late<P: CredentialSource>(
+    inner: Arc<Inner<P>>,
+    store: Arc<dyn crate::store::DynStore>,
+    lease: Lease,
+    late: LateFetch,
+    born: u64,
+    kept: Option<Kept>,
+    left: Left,
+) {
+    tracing::debug!("the fetch outlived its deadline; the refresh lease is kept until it ends");
+    let bound = inner.config.fetch_timeout;
+    let LateFetch { fetching, began } = late;
+    let answer = renewing(
+        &inner,
+        store.as_ref(),
+        &lease,
+        tokio::time::timeout(bound, fetching),
+    )
+    .await;
+    let mut refused = None;
+    let credential = match answer {
+        Ok(answer) => check_fetched(&inner, answer, &mut refused).ok().or(refused),
+        Err(_elapsed) => {
+            tracing::warn!("the fetch outlived its deadline twice; giving the refresh lease back");
+            None
+        }
+    };
+    if let (Some(_), Some(kept)) = (&credential, &kept) {
+        // Something newer came (a step-up's login): the pair it took over is dropped.
+        late_settled(&inner, &kept.credential, false);
+    }
+    let credential = credential.and_then(|credential| {
+        let mut state = inner.lock_state();
+        if state.invalidations == began {
+            // The cache's newest: an invalidation from now on makes it suspect; unsaved,
+            // it is the next flight's answer (see `Late`).
+            state.late = Some(super::Late {
+                credential: credential.clone(),
+                unsaved: false,
+            });
+            return Some(credential);
+        }
+        // An invalidation since it began: as a running flight's result, never taken
+        // back from the store by this cache, and the next fetch is told it. Nor by the
+        // fleet: a running flight's is removed from the store by the fetch chained after
+        // it, told it as it begins, which this one began too early to be. Only its
+        // rotated refresh token is saved (it exists nowhere else), with its access token
+        // marked expired, as a rejected credential's is left (see `holding`).
+        let entry = inner.entry(&mut state, credential.clone(), Instant::now());
+        inner.forget_suspect(&mut state, &entry, false);
+        credential
+            .refresh_token()
+            .is_some()
+            .then(|| credential.expires_at(std::time::SystemTime::UNIX_EPOCH))
+    });
+    if let Some(credential) = credential {
+        let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
+        let saved = store_call(&inner, until, "save", store.save(&lease, &credential)).await;
+        if saved != Some(true) && credential.refresh_token().is_some() {
+            // Kept under the lease (or, refused by the fence, under the lease taken
+            // again, as in `obtain`): this process's next answer (see `Late`).
+            if let Some(late) = inner
+                .lock_state()
+                .late
+                .as_mut()
+                .filter(|late| late.credential == credential)
+            {
+                late.unsaved = true;
+            }
+            let kept = Kept::new(lease, credential, born, left);
+            let kept = match saved {
+                Some(false) => kept.lease_lost(),
+                _ => kept,
+            };
+            return keep_saving_late(inner, store, kept).await;
+        }
+        if saved.is_some() {
+            late_settled(&inner, &credential, true);
+        }
+    } else if let Some(kept) = kept {
+        // Nothing newer came: the pair taken over is still the one to save.
+        late_lent(&inner, &kept.credential, false);
+        return keep_saving_late(inner, store, kept.again(left)).await;
+    }
+    release(&inner, store.as_ref(), &lease).await;
+}
+
+/// Runs `work` while keeping `lease`: renewed every third of its hold, so a holder that
+/// dies is taken over within one hold, and one that is slow keeps it. A renewal that
+/// finds the lease gone (the holder was paused past it, say) stops renewing; the save
+/// after the work is then refused by the fence.
+async fn renewing<P, T>(
+    inner: &Inner<P>,
+    store: &dyn crate::store::DynStore,
+    lease: &Lease,
+    work: impl Future<Output = T>,
+) -> T {
+    let hold = lease_hold(inner);
+    let renewals = async {
+        loop {
+            tokio::time::sleep(hold / 3).await;
+            let until = saturating_add(Instant::now(), hold / 3);
+            if let Some(false) = store_call(inner, until, "renew", store.renew(lease, hold)).await {
+                tracing::warn!(
+                    "the refresh lease ran out while held; another process may fetch too"
+                );
+                metrics::event(&inner.config.name, metrics::LEASES_LOST);
+                return std::future::pending::<std::convert::Infallible>().await;
+            }
+        }
+    };
+    let (work, renewals) = (std::pin::pin!(work), std::pin::pin!(renewals));
+    match futures_util::future::select(work, renewals).await {
+        futures_util::future::Either::Left((out, _)) => out,
+        futures_util::future::Either::Right((never, _)) => match never {},
+    }
+}
+
+/// Gives a lease back, with a share of its own: a lease left behind makes every other
+/// process wait until it runs out.
+pub(super) async fn release<P>(
+    inner: &Inner<P>,
+    store: &dyn crate::store::DynStore,
+    lease: &Lease,
+) {
+    release_by(inner, store, lease, None).await;
+}
+
+/// [`release`], ending by `until` at the latest, when given.
+async fn release_by<P>(
+    inner: &Inner<P>,
+    store: &dyn crate::store::DynStore,
+    lease: &Lease,
+    until: Option<Instant>,
+) {
+    let share = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
+    let until = until.map_or(share, |until| until.min(share));
+    store_call(inner, until, "release", store.release(lease)).await;
+}
+
+/// The latest the store calls that end a refresh under the lease may run, past its
+/// `deadline`: one share, which is what a caller may wait past the fetch timeout.
+fn overtime<P>(inner: &Inner<P>, deadline: Instant) -> Instant {
+    saturating_add(deadline, inner.config.fetch_timeout / STORE_SHARE)
+}
+
+/// How long a refresh lease lasts without a renewal: [`LEASE_HOLD`], or less when even
+/// a whole refresh (the fetch timeout, the shares of the save and the release after it,
+/// and a margin) is shorter.
+pub(super) fn lease_hold<P>(inner: &Inner<P>) -> std::time::Duration {
+    let share = inner.config.fetch_timeout / STORE_SHARE;
+    (inner.config.fetch_timeout + share * 2 + LEASE_MARGIN).min(LEASE_HOLD)
+}
+
+/// The longest a lease lasts without a renewal, renewed every third of it: what a dead
+/// holder costs the fleet at most.
+pub(super) const LEASE_HOLD: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The first wait for another process's refresh; each next one doubles, up to
+/// [`LEASE_POLL_MAX`].
+const LEASE_POLL_FIRST: std::time::Duration = std::time::Duration::from_millis(20);
+/// The longest wait between two looks at the store while another process refreshes.
+const LEASE_POLL_MAX: std::time::Duration = std::time::Duration::from_millis(250);
+/// What a lease lasts beyond the longest its holder can take.
+const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One store call, bounded by its share of the flight's deadline. `None` when it failed
+/// or took too long; the first such call of an outage is logged, and so is the store's
+/// first answer after it.
+pub(super) async fn store_call<P, T>(
+    inner: &Inner<P>,
+    deadline: Instant,
+    what: &'static str,
+    call: crate::store::StoreFuture<'_, T>,
+) -> Option<T> {
+    let until = deadline.min(saturating_add(
+        Instant::now(),
+        inner.config.fetch_timeout / STORE_SHARE,
+    ));
+    let failure = match tokio::time::timeout_at(until, call).await {
+        Ok(Ok(value)) => {
+            if inner.store_down.swap(false, Ordering::Relaxed) {
+                tracing::info!(call = what, "credential store answers again");
+            }
+            return Some(value);
+        }
+        Ok(Err(e)) => crate::text::foreign(&e.to_string()),
+        Err(_) => "no answer in time".to_owned(),
+    };
+    metrics::store_error(&inner.config.name, what);
+    if !inner.store_down.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            call = what,
+            error = %failure,
+            "credential store failed; fetching without it until it answers again"
+        );
+    }
+    None
+}
