@@ -27,6 +27,10 @@ impl CacheHandle {
     /// (`AuthLayer::step_up`), which get the wider grant they asked for. Returns
     /// `Ok(false)` if the cache is gone.
     ///
+    /// With a store, a credential carrying a refresh token is the fleet's newest
+    /// session: a task saves it to the store under the refresh lease, as a refresh's
+    /// result is saved (called outside a Tokio runtime, it is this process's alone).
+    ///
     /// # Errors
     /// A credential bound to a key (DPoP) when the cache's source does not say it binds
     /// ([`CredentialSource::binds_credentials`](crate::CredentialSource::binds_credentials)):

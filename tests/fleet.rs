@@ -2141,9 +2141,11 @@ async fn a_late_pair_dropped_while_kept_is_saved_spent() {
 
 /// World: a pair is handed over while a late exchange runs; the late pair comes after
 /// it, refused by the store, and the task saving it gives it up (the cache holds a
-/// newer refresh token); process B logs in and saves `fleet-1`; the API rejects the
-/// handed-over pair. Proves (review finding: the given-up pair stayed kept as the next
-/// answer): A does not answer with the pair it gave up.
+/// newer refresh token: the handed-over pair's, kept in its place until the store takes
+/// it); the store takes pairs again; process B takes the handed-over pair from the
+/// store; the API rejects it. Proves (review finding: the given-up pair stayed kept as
+/// the next answer): A does not answer with the pair it gave up; the handed-over pair
+/// is the fleet's (it reaches the store, and B gets it).
 #[tokio::test]
 async fn a_late_pair_given_up_is_not_served() {
     let alive = Arc::new(());
@@ -2165,17 +2167,17 @@ async fn a_late_pair_given_up_is_not_served() {
         .with_refresh_token("rt-h");
     assert!(a.handle().replace(handed.clone()).unwrap());
     let _ = first.await.unwrap();
-    // The late exchange ends at 1.5 s; the saving task's first look 250 ms after.
+    // The late exchange ends at 1.5 s; the late pair's task gives way at its first look,
+    // and the handed-over pair is kept under the lease until the store takes pairs.
     tokio::time::sleep(Duration::from_millis(800)).await;
+    store.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(store.stored_refresh_token().await.as_deref(), Some("rt-h"));
     assert!(
         store.lease_free().await,
-        "the pair was given up and the lease given back"
+        "the lease was given back once saved"
     );
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    assert_eq!(
-        process_b_gets(&store).await,
-        Credential::bearer("fleet-1").unwrap()
-    );
+    assert_eq!(process_b_gets(&store).await, handed);
     let next = a.reject(&handed).await.unwrap();
     assert_ne!(
         next,
@@ -2183,6 +2185,7 @@ async fn a_late_pair_given_up_is_not_served() {
         "A served the pair it gave up ({})",
         shown(&next)
     );
+    assert_eq!(next, Credential::bearer("access-2").unwrap());
 }
 
 /// World: as in `a_kept_pair_whose_save_was_taken_meanwhile_is_not_saved_again`, but B
@@ -2231,6 +2234,71 @@ async fn a_marker_whose_save_had_no_answer_is_known_as_left() {
     sa.faults().refusing_pairs.store(false, SeqCst);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(sa.stored_refresh_token().await.as_deref(), Some("rt1"));
+}
+
+/// World: process A logged in (`a0`/`rt0` in the store); a pair `h`/`rt-h` is handed in
+/// (`replace`: a session made elsewhere); then process B over the same store needs a
+/// refresh. Proves: the handed-in pair is the fleet's: it reaches the store, B takes
+/// it, and B's refresh presents `rt-h`; no login but A's first.
+#[tokio::test]
+async fn a_pair_handed_in_reaches_the_store() {
+    let source = Rotating::default();
+    let store = FaultStore::new();
+    let a = source.cache(store.clone());
+    a.credential().await.unwrap();
+    let handed = Credential::bearer("h").unwrap().with_refresh_token("rt-h");
+    assert!(a.handle().replace(handed.clone()).unwrap());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        store.stored_refresh_token().await.as_deref(),
+        Some("rt-h"),
+        "the handed-in pair never reached the store"
+    );
+    let b = source.cache(store.clone());
+    assert_eq!(b.credential().await.unwrap(), handed);
+    assert!(b.handle().invalidate());
+    b.credential().await.unwrap();
+    assert!(
+        source.spent.lock().unwrap().contains("rt-h"),
+        "B did not present rt-h"
+    );
+    assert_eq!(source.logins.load(SeqCst), 1);
+    assert_eq!(source.reused.load(SeqCst), 0);
+}
+
+/// World: the store refuses pairs; A's refresh rotates `rt0` into `a1`/`rt1`, kept under
+/// A's lease to be saved; then a pair `h`/`rt-h` is handed in; later the store takes
+/// pairs again. Proves (helper-61's finding: the kept pair gave way to the handed-in
+/// one, which never reached the store, and the fleet logged in again): the handed-in
+/// pair, newer, takes the kept one's place and reaches the store; the next refresh
+/// presents `rt-h`; one login in all.
+#[tokio::test]
+async fn a_pair_handed_in_over_a_kept_pair_reaches_the_store() {
+    let source = Rotating::default();
+    let store = FaultStore::new();
+    let a = source.cache(store.clone());
+    a.credential().await.unwrap();
+    store.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    a.credential().await.unwrap();
+    let handed = Credential::bearer("h").unwrap().with_refresh_token("rt-h");
+    assert!(a.handle().replace(handed.clone()).unwrap());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    store.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        store.stored_refresh_token().await.as_deref(),
+        Some("rt-h"),
+        "the fleet's refresh token was lost"
+    );
+    assert!(a.handle().invalidate());
+    a.credential().await.unwrap();
+    assert!(
+        source.spent.lock().unwrap().contains("rt-h"),
+        "rt-h was not presented"
+    );
+    assert_eq!(source.logins.load(SeqCst), 1, "logged in again");
+    assert_eq!(source.reused.load(SeqCst), 0);
 }
 
 /// [`Rotating`] whose logins fail while `down` is set (a token endpoint that answers

@@ -7,7 +7,7 @@ use std::sync::{Arc, atomic::Ordering};
 
 use tokio::time::Instant;
 
-use super::lease::{LEASE_HOLD, lease_hold, release, store_call};
+use super::lease::{LEASE_HOLD, LEASE_POLL_FIRST, LEASE_POLL_MAX, lease_hold, release, store_call};
 use super::{Inner, config::saturating_add};
 use crate::{credential::Credential, metrics, source::CredentialSource, store::Lease};
 
@@ -488,6 +488,66 @@ pub(super) fn superseded<P>(inner: &Inner<P>, credential: &Credential, born: u64
         let current = entry.credential.refresh_token();
         entry.generation >= born && current.is_some() && current != credential.refresh_token()
     })
+}
+
+/// A pair handed in (`CacheHandle::replace`) that carries a refresh token, with a store:
+/// the fleet's newest session from now on, shared as a holder's refresh shares what it
+/// brought. The refresh lease is taken once it is free (another holder's refresh ends
+/// first; a pair kept here gives way to this newer one at its task's next round, nudged
+/// now), the store is looked at, and the pair saved under the lease; a save the store
+/// does not take is kept ([`keep_saving`]). Given up when a newer refresh token is
+/// installed here first (this one was presented, or another handed in) or the cache
+/// goes.
+pub(super) async fn hand_in<P: CredentialSource>(
+    inner: std::sync::Weak<Inner<P>>,
+    store: Arc<dyn crate::store::DynStore>,
+    credential: Credential,
+    born: u64,
+) {
+    let mut pause = LEASE_POLL_FIRST;
+    loop {
+        let Some(cache) = inner.upgrade() else {
+            return;
+        };
+        if superseded(&cache, &credential, born) {
+            return;
+        }
+        if let Ok(slot) = cache.kept.try_lock() {
+            if let Some(kept) = slot.as_ref() {
+                kept.nudge.notify_one();
+            }
+        }
+        let deadline = saturating_add(Instant::now(), cache.config.fetch_timeout);
+        let lease = store_call(&cache, deadline, "lease", store.lease(lease_hold(&cache))).await;
+        let answered = lease.is_some();
+        if let Some(Some(lease)) = lease {
+            let held = store_call(&cache, deadline, "load", store.load()).await;
+            let saving = store.save(&lease, &credential);
+            match store_call(&cache, deadline, "save", saving).await {
+                Some(true) => {
+                    tracing::debug!("the pair handed in is saved for the fleet");
+                    return release(&cache, store.as_ref(), &lease).await;
+                }
+                // The lease ran out first: taken again.
+                Some(false) => {}
+                None => {
+                    let kept = Kept::new(lease, credential, born, Left::loaded(&held, None));
+                    let slot = Arc::clone(&cache.kept);
+                    drop(cache);
+                    return keep_saving(inner, store, slot, kept).await;
+                }
+            }
+        }
+        drop(cache);
+        tokio::time::sleep(pause).await;
+        // Held by another refresh, which ends within a fetch timeout; a store that does
+        // not answer is tried at the pace of a kept pair's saves.
+        pause = (pause * 2).min(if answered {
+            LEASE_POLL_MAX
+        } else {
+            SAVE_RETRY_MAX
+        });
+    }
 }
 
 /// The first wait before saving a rotated refresh token again; each next one doubles.

@@ -729,9 +729,9 @@ pub(super) const LEASE_HOLD: std::time::Duration = std::time::Duration::from_sec
 
 /// The first wait for another process's refresh; each next one doubles, up to
 /// [`LEASE_POLL_MAX`].
-const LEASE_POLL_FIRST: std::time::Duration = std::time::Duration::from_millis(20);
+pub(super) const LEASE_POLL_FIRST: std::time::Duration = std::time::Duration::from_millis(20);
 /// The longest wait between two looks at the store while another process refreshes.
-const LEASE_POLL_MAX: std::time::Duration = std::time::Duration::from_millis(250);
+pub(super) const LEASE_POLL_MAX: std::time::Duration = std::time::Duration::from_millis(250);
 /// What a lease lasts beyond the longest its holder can take.
 const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
 

@@ -481,7 +481,21 @@ impl<P: CredentialSource> Sink for Inner<P> {
         // Nor may a rejection of the new value join that fetch and take its older one.
         Self::detach_running(&mut state);
         tracing::debug!("credential replaced from outside");
-        self.install(&mut state, credential, Instant::now());
+        let shared = (self.config.store.as_ref())
+            .filter(|_| credential.refresh_token().is_some())
+            .map(|store| (Arc::clone(store), credential.clone()));
+        let entry = self.install(&mut state, credential, Instant::now());
+        drop(state);
+        // A pair handed in is the fleet's newest session: shared through the store.
+        if let Some((store, credential)) = shared {
+            let task = kept::hand_in(self.me.clone(), store, credential, entry.generation);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(task)),
+                Err(_) => tracing::warn!(
+                    "a pair handed in outside a Tokio runtime is not shared through the store"
+                ),
+            }
+        }
         Ok(())
     }
 
