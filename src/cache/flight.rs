@@ -1097,6 +1097,26 @@ mod tests {
         }
     }
 
+    /// At each of a flight's next three store hits, another task hands the value just
+    /// loaded over and drops it again, `late` after the load (blocking the thread).
+    fn drop_each_load<P: CredentialSource>(
+        cache: &CredentialCache<P>,
+        loaded: &Arc<std::sync::Mutex<Vec<Credential>>>,
+        late: Duration,
+    ) {
+        for _ in 0..3 {
+            hook::set("store_hit", {
+                let (cache, loaded) = (cache.clone(), loaded.clone());
+                move || {
+                    std::thread::sleep(late);
+                    let value = loaded.lock().unwrap().last().unwrap().clone();
+                    assert!(cache.handle().replace(value.clone()).unwrap());
+                    assert!(cache.handle().invalidate_if(&value));
+                }
+            });
+        }
+    }
+
     /// A store that holds another credential at each load (other processes saving one
     /// after another), each handed over here and dropped again (`replace`, then
     /// `invalidate_if` of that value) just as the load returns, three times running.
@@ -1119,17 +1139,7 @@ mod tests {
             .store(Saving::new(loaded.clone(), Arc::new(AtomicBool::new(true))))
             .build()
             .unwrap();
-        for _ in 0..3 {
-            hook::set("store_hit", {
-                let (cache, loaded) = (cache.clone(), loaded.clone());
-                move || {
-                    // Another task hands the value just loaded over, and drops it again.
-                    let value = loaded.lock().unwrap().last().unwrap().clone();
-                    assert!(cache.handle().replace(value.clone()).unwrap());
-                    assert!(cache.handle().invalidate_if(&value));
-                }
-            });
-        }
+        drop_each_load(&cache, &loaded, Duration::ZERO);
         let answer = cache.credential().await;
         let loaded = loaded.lock().unwrap().clone();
         assert_eq!(loaded.len(), 3, "{loaded:?}");
@@ -1191,17 +1201,7 @@ mod tests {
             .fetch_timeout(Duration::from_secs(2))
             .build()
             .unwrap();
-        for _ in 0..3 {
-            hook::set("store_hit", {
-                let (cache, loaded) = (cache.clone(), loaded.clone());
-                move || {
-                    std::thread::sleep(Duration::from_millis(1200));
-                    let value = loaded.lock().unwrap().last().unwrap().clone();
-                    assert!(cache.handle().replace(value.clone()).unwrap());
-                    assert!(cache.handle().invalidate_if(&value));
-                }
-            });
-        }
+        drop_each_load(&cache, &loaded, Duration::from_millis(1200));
         let err = cache.credential().await.expect_err("a dropped credential");
         assert_eq!(err.kind(), ErrorKind::StoreCredentialDropped, "{err}");
         assert_eq!(
