@@ -217,6 +217,10 @@ pub enum NotReplayed {
     /// step-up on, a request that cannot be replayed is marked with why, as after a
     /// rejection, and the step-up still runs for the requests after it.)
     InsufficientScope,
+    /// The new credential could not be attached to the replay: the request brings its
+    /// own header of that name (a credential whose headers changed between fetches), so
+    /// a replay would carry no credential of ours. The rejected response is returned.
+    CredentialNotAttachable,
     /// The API asked for a DPoP nonce (`use_dpop_nonce`, RFC 9449 §9) without giving a
     /// usable one in `DPoP-Nonce`: a resend could not carry it, so none was sent, and
     /// the credential, which the answer does not fault, is kept.

@@ -247,7 +247,8 @@ impl Credential {
     }
 
     /// Sets this credential's headers unless the request brings its own and `replace` is
-    /// false; returns whether it did. The usual single header costs one hash lookup: it
+    /// false; returns whether the request now carries the whole credential as ours (a
+    /// credential of several headers may go on in part: see `attach_several`). The usual single header costs one hash lookup: it
     /// is appended, and only if the request already had that header is the append undone
     /// (or the header replaced). Errors only when the header map is full (`http`'s
     /// `MAX_SIZE`); nothing is sent then.
@@ -308,8 +309,12 @@ impl Credential {
     }
 
     /// [`attach`](Self::attach) for a credential of several headers. Each header on its
-    /// own follows the rule for a header the request already has (cookies join theirs);
-    /// `false` only when none of ours was attached.
+    /// own follows the rule for a header the request already has (cookies join theirs):
+    /// with `replace`, ours take their places; without, theirs are kept and ours go on
+    /// beside them. `true` only when the request carries the whole credential as ours:
+    /// one that keeps a header of its own (a cookie of the same name, for a cookie) is
+    /// not wholly ours, so its answer is not judged (a 401 may be about their header),
+    /// and it is never replayed.
     #[inline(never)]
     fn attach_several(
         &self,
@@ -317,9 +322,10 @@ impl Credential {
         replace: bool,
     ) -> Result<bool, MaxSizeReached> {
         let mut attached = false;
+        let mut theirs_kept = false;
         for (i, (name, value)) in self.headers.iter().enumerate() {
             let ours_already = self.headers[..i].iter().any(|(n, _)| n == name);
-            attached |= if *name == header::COOKIE && headers.contains_key(header::COOKIE) {
+            let ours = if *name == header::COOKIE && headers.contains_key(header::COOKIE) {
                 let theirs: Vec<HeaderValue> = headers.get_all(name).iter().cloned().collect();
                 merge_cookie(headers, &theirs, value, replace)?
             } else if ours_already {
@@ -332,8 +338,10 @@ impl Credential {
             } else {
                 false
             };
+            attached |= ours;
+            theirs_kept |= !ours;
         }
-        Ok(attached)
+        Ok(attached && !theirs_kept)
     }
 }
 

@@ -212,7 +212,8 @@ where
         };
         match self.policy.attach(&entry.credential, &mut req) {
             Ok(true) => {}
-            // The request brings its own credential: untouched.
+            // The request brings its own credential (or a part of ours as its own):
+            // sent as it is, never judged.
             Ok(false) => return DirectFuture::passthrough(self.inner.call(req)),
             Err(err) => return DirectFuture::failed(err),
         }

@@ -394,7 +394,8 @@ where
         };
         match policy.attach(&entry.credential, &mut request) {
             Ok(true) => {}
-            // The request brings its own credential: untouched, never replayed.
+            // The request brings its own credential (or a part of ours as its own):
+            // sent as it is, never judged nor replayed.
             Ok(false) => return ResponseFuture::passthrough(service, request),
             Err(err) => return Self::refused(service, err),
         }
@@ -540,6 +541,15 @@ where
                             if let Some(cache) = &r.cache {
                                 cache.accepted(r.generation);
                             }
+                            return Poll::Ready(Ok(response));
+                        }
+                        // From another origin (a redirect followed below the layer):
+                        // not an answer about our credential. Told by the replay's
+                        // snapshot of the request, so only for a request that may be
+                        // replayed (one that may not is judged as before).
+                        Some(Retry {
+                            replay: Ok(replay), ..
+                        }) if crate::scope::answered_elsewhere(&response, &replay.head) => {
                             return Poll::Ready(Ok(response));
                         }
                         Some(r) => r.judge.verdict(&response),
@@ -697,7 +707,11 @@ where
                     }
                     // The snapshot is the request as it came: the same rule as on the
                     // first attempt decides each header the request brought.
-                    crate::policy::attach(&entry.credential, &mut request, replace)?;
+                    if !crate::policy::attach(&entry.credential, &mut request, replace)? {
+                        // Taken on a second look, and of another shape than the request
+                        // admits: never sent without our credential.
+                        return Poll::Ready(Err(not_attachable().into()));
+                    }
                     tracing::debug!(
                         generation = entry.generation,
                         "replaying request with the new credential"
@@ -937,6 +951,18 @@ where
                 }
             }
         }
+        // A replay that could not carry this credential (the request brings a header of
+        // its name, kept as theirs) would go without one of ours: the rejection goes back.
+        if let Ok(request) = &r.request {
+            let mut probe = request.headers().clone();
+            if !matches!(entry.credential.attach(&mut probe, r.replace), Ok(true)) {
+                tracing::debug!("the new credential cannot be attached to the replay");
+                if r.response.is_none() {
+                    return Err(Err(not_attachable().into()));
+                }
+                return Err(not_replayed(r, NotReplayed::CredentialNotAttachable, None));
+            }
+        }
         r.entry = Some(entry);
         // The rejected response (and its connection) is released now; a nonce it gave
         // (kept by the first attempt's key as it came) is carried over to the key of
@@ -1044,6 +1070,14 @@ fn with_scope<B>(
 pub(crate) fn release_readiness<S: Clone>(service: &mut S) {
     let clone = service.clone();
     drop(std::mem::replace(service, clone));
+}
+
+/// A replay that could not carry the credential it was to be sent with.
+#[cold]
+fn not_attachable() -> Error {
+    Error::new(crate::error::ErrorKind::InvalidCredential).with_detail(
+        "the replay could not carry the new credential: the request brings its own header of that name",
+    )
 }
 
 fn polled_after_completion() -> Error {

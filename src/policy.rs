@@ -30,7 +30,10 @@ pub struct NoReplay;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ExistingHeader {
-    /// Send it untouched: no credential added, no refresh, no replay. The default.
+    /// Send it untouched: no credential added, no refresh, no replay. The default. A
+    /// credential of several headers goes on beside a header of its own the request
+    /// brings (its other headers are added), and that request's answer is not judged
+    /// either: a 401 may be about the request's own header.
     #[default]
     PassThrough,
     /// Replace the header with the credential.

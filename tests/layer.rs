@@ -348,9 +348,11 @@ async fn existing_header_passes_through_or_is_replaced() {
 
 /// A credential of two headers (`Authorization` and `x-tenant`), a request that brings
 /// its own `x-tenant` only. Proves: only the colliding header follows the existing-header
-/// rule: `Authorization` is attached (on the first attempt and on the replay after a
-/// 401) and the request's `x-tenant` is kept; with `ExistingHeader::Replace`, ours
-/// replaces it. A request that brings every header of the credential passes through.
+/// rule: with `ExistingHeader::PassThrough` (the default), `Authorization` is attached
+/// and the request's `x-tenant` kept, and the request, not wholly ours, is not judged (its
+/// 401 may be about its own header: nothing invalidated, no replay; review 65); with
+/// `ExistingHeader::Replace`, ours replaces it, on the first attempt and on the replay
+/// after a 401. A request that brings every header of the credential passes through.
 #[tokio::test]
 async fn a_colliding_header_does_not_drop_the_rest_of_the_credential() {
     let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -366,10 +368,7 @@ async fn a_colliding_header_does_not_drop_the_rest_of_the_credential() {
             }
         })
     };
-    for (existing, tenant) in [
-        (ExistingHeader::PassThrough, "theirs"),
-        (ExistingHeader::Replace, "ours"),
-    ] {
+    for existing in [ExistingHeader::PassThrough, ExistingHeader::Replace] {
         let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
         let svc = AuthLayer::new(source.clone())
             .any_https_origin()
@@ -380,21 +379,39 @@ async fn a_colliding_header_does_not_drop_the_rest_of_the_credential() {
             .insert("x-tenant", "theirs".parse().unwrap());
         let call = tokio::spawn(svc.clone().oneshot(req));
         let (req, reply) = api.next_request().await.unwrap();
-        assert!(bearer(&req).starts_with("Bearer token-"), "{existing:?}");
         assert_eq!(req.headers().get_all("x-tenant").iter().count(), 1);
-        assert_eq!(req.headers()["x-tenant"], tenant, "{existing:?}");
-        let first = bearer(&req).to_owned();
-        reply.send_response(status(401));
-        let (req, reply) = api.next_request().await.unwrap();
-        assert_ne!(bearer(&req), first, "{existing:?}: not replayed anew");
-        assert_eq!(req.headers().get_all("x-tenant").iter().count(), 1);
-        assert_eq!(
-            req.headers()["x-tenant"],
-            tenant,
-            "{existing:?}: on the replay"
-        );
-        reply.send_response(status(200));
-        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+        if existing == ExistingHeader::PassThrough {
+            assert!(
+                bearer(&req).starts_with("Bearer token-"),
+                "the rest is attached"
+            );
+            assert_eq!(req.headers()["x-tenant"], "theirs");
+            let before = issued.load(std::sync::atomic::Ordering::SeqCst);
+            reply.send_response(status(401));
+            let res = tokio::time::timeout(std::time::Duration::from_secs(5), call)
+                .await
+                .expect("judged as ours: a replay waits for its answer")
+                .unwrap()
+                .unwrap();
+            assert_eq!(res.status(), 401);
+            assert_no_more_requests(&mut api);
+            assert_eq!(
+                issued.load(std::sync::atomic::Ordering::SeqCst),
+                before,
+                "nothing invalidated"
+            );
+        } else {
+            assert!(bearer(&req).starts_with("Bearer token-"));
+            assert_eq!(req.headers()["x-tenant"], "ours");
+            let first = bearer(&req).to_owned();
+            reply.send_response(status(401));
+            let (req, reply) = api.next_request().await.unwrap();
+            assert_ne!(bearer(&req), first, "not replayed anew");
+            assert_eq!(req.headers().get_all("x-tenant").iter().count(), 1);
+            assert_eq!(req.headers()["x-tenant"], "ours", "on the replay");
+            reply.send_response(status(200));
+            assert_eq!(call.await.unwrap().unwrap().status(), 200);
+        }
 
         // Every header of the credential brought by the request: theirs, untouched.
         let mut req = get("/v1/me");
