@@ -3823,3 +3823,204 @@ fn a_over_memory(source: &Rotating) -> (MemoryStore, FaultStore, CredentialCache
         .unwrap();
     (memory, sa, a)
 }
+
+// ---- A pair handed in: review 66 ----
+
+/// World: process A logged in (`a0`/`rt0` in the store); a pair `h`/`rt-h` is handed in
+/// (`replace`), and the application invalidates `h` at once (a dropped credential must
+/// not be sent again). A does not refresh yet. Process B starts over the store. Proves
+/// (review66): B is never handed the access token A dropped, as for a kept pair dropped
+/// here (`a_late_pair_dropped_while_kept_is_saved_spent`); `rt-h` still reaches the store.
+#[tokio::test]
+async fn a_pair_handed_in_then_invalidated_is_not_handed_to_b() {
+    let source = Rotating::default();
+    let store = FaultStore::new();
+    let a = source.cache(store.clone());
+    a.credential().await.unwrap();
+    let handed = Credential::bearer("h").unwrap().with_refresh_token("rt-h");
+    assert!(a.handle().replace(handed.clone()).unwrap());
+    assert!(a.handle().invalidate(), "h dropped");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(store.stored_refresh_token().await.as_deref(), Some("rt-h"));
+    let b = source.cache(store.clone());
+    let got = b.credential().await.unwrap();
+    assert_ne!(
+        got,
+        handed,
+        "B was handed the access token A dropped: {}",
+        shown(&got)
+    );
+    assert_eq!(source.reused.load(SeqCst), 0);
+}
+
+/// World: as above, but the store is down when `h`/`rt-h` is handed in and invalidated;
+/// A's next request logs in meanwhile (told the store does not answer), and the store
+/// comes back. Proves (review 66): the handed-in pair reaches the store without the
+/// access token A dropped; B is not handed `h`.
+#[tokio::test]
+async fn a_pair_handed_in_then_invalidated_in_an_outage_is_not_handed_to_b() {
+    let source = Rotating::default();
+    let store = FaultStore::new();
+    let a = source.cache(store.clone());
+    a.credential().await.unwrap();
+    store.faults().down.store(true, SeqCst);
+    let handed = Credential::bearer("h").unwrap().with_refresh_token("rt-h");
+    assert!(a.handle().replace(handed.clone()).unwrap());
+    assert!(a.handle().invalidate(), "h dropped");
+    let served = a.credential().await.unwrap();
+    assert_ne!(served, handed);
+    store.faults().down.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(store.stored_refresh_token().await.as_deref(), Some("rt-h"));
+    let b = source.cache(store.clone());
+    let got = b.credential().await.unwrap();
+    assert_ne!(
+        got,
+        handed,
+        "B was handed the access token A dropped: {}",
+        shown(&got)
+    );
+}
+
+/// [`LoginsDown`] whose failing logins take 2.5 s first (a token endpoint that hangs,
+/// then answers 503); refreshes pass at once.
+#[derive(Clone, Default)]
+struct LoginsDownSlowly(LoginsDown);
+
+impl CredentialSource for LoginsDownSlowly {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        use tower_client_auth::RefreshSharing;
+        let login = !matches!(cx.refresh_sharing(), RefreshSharing::Shared(Some(_)));
+        if login && self.0.down.load(SeqCst) {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+        }
+        self.0.fetch(cx).await
+    }
+}
+
+/// World: as in
+/// `a_marker_whose_save_had_no_answer_then_a_failed_login_leave_the_refresh_token`,
+/// but the login outlives the 2 s fetch timeout (it goes on under the lease, late) and
+/// then fails. Proves (review 66): `rt0`, taken out of the store and never presented,
+/// goes back with its pair; the next refresh presents it; one login in all.
+#[tokio::test]
+async fn a_late_failed_login_after_a_marker_without_answer_leaves_the_refresh_token() {
+    let source = LoginsDownSlowly::default();
+    let sa = FaultStore::new();
+    let a = CredentialCache::builder(source.clone())
+        .store(sa.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .build()
+        .unwrap();
+    a.credential().await.unwrap();
+    sa.faults().lost_marker_replies.store(true, SeqCst);
+    source.0.down.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    a.credential().await.unwrap_err();
+    sa.faults().lost_marker_replies.store(false, SeqCst);
+    // The late login fails at 2.5 s; its task ends, and the lease goes back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    source.0.down.store(false, SeqCst);
+    assert!(sa.lease_free().await, "the lease went back");
+    assert_eq!(
+        sa.stored_refresh_token().await.as_deref(),
+        Some("rt0"),
+        "the refresh token taken out of the store and never presented is lost"
+    );
+    a.credential().await.unwrap();
+    assert!(source.0.source.spent.lock().unwrap().contains("rt0"));
+    assert_eq!(source.0.source.logins.load(SeqCst), 1, "logged in again");
+}
+
+/// World: process A logged in (`a0`/`rt0` in the store); a pair `h`/`rt-h` is handed in
+/// (`replace`), and the cache is dropped right after (a short-lived process that hands a
+/// session to the fleet and exits), the store answering all along. Proves (review 66):
+/// the handed-in pair reaches the store (a kept pair gets a last save as its cache goes).
+#[tokio::test]
+async fn a_pair_handed_in_as_the_cache_goes_reaches_the_store() {
+    let source = Rotating::default();
+    let store = FaultStore::new();
+    let a = source.cache(store.clone());
+    a.credential().await.unwrap();
+    let handed = Credential::bearer("h").unwrap().with_refresh_token("rt-h");
+    assert!(a.handle().replace(handed.clone()).unwrap());
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        store.stored_refresh_token().await.as_deref(),
+        Some("rt-h"),
+        "the handed-in pair never reached the store"
+    );
+}
+
+/// World: A logged in; two pairs are handed in one after the other (`h1`, then `h2`), the
+/// store taking 5 ms a call (the two tasks interleave). Proves (review 66): the second,
+/// the newest, is what the store ends with; the lease goes back; B gets `h2`.
+#[tokio::test]
+async fn two_pairs_handed_in_quickly_leave_the_second() {
+    for gap_ms in [0, 2, 7, 12] {
+        let source = Rotating::default();
+        let store = FaultStore::new();
+        store.faults().round_trip_ms.store(5, SeqCst);
+        let a = source.cache(store.clone());
+        a.credential().await.unwrap();
+        let h1 = Credential::bearer("h1")
+            .unwrap()
+            .with_refresh_token("rt-h1");
+        let h2 = Credential::bearer("h2")
+            .unwrap()
+            .with_refresh_token("rt-h2");
+        assert!(a.handle().replace(h1).unwrap());
+        tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+        assert!(a.handle().replace(h2.clone()).unwrap());
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(
+            store.stored_refresh_token().await.as_deref(),
+            Some("rt-h2"),
+            "gap {gap_ms} ms"
+        );
+        assert!(store.lease_free().await, "gap {gap_ms} ms");
+        assert_eq!(a.credential().await.unwrap(), h2);
+    }
+}
+
+/// World: A's refresh (300 ms exchange) holds the lease, `rt0` taken out; a pair `h` is
+/// handed in meanwhile. Proves (review 66): once the refresh ends, `h`/`rt-h` reaches the
+/// store; A serves `h`; the next refresh presents `rt-h`; no reuse, one login.
+#[tokio::test]
+async fn a_pair_handed_in_during_a_flight_holding_the_lease_reaches_the_store() {
+    let source = SlowRotating::default();
+    let store = FaultStore::new();
+    let a = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    a.credential().await.unwrap();
+    assert!(a.handle().invalidate());
+    let flight = tokio::spawn({
+        let a = a.clone();
+        async move { a.credential().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(store.stored_refresh_token().await, None, "rt0 taken out");
+    let handed = Credential::bearer("h").unwrap().with_refresh_token("rt-h");
+    assert!(a.handle().replace(handed.clone()).unwrap());
+    let _ = flight.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(store.stored_refresh_token().await.as_deref(), Some("rt-h"));
+    assert!(store.lease_free().await);
+    assert_eq!(a.credential().await.unwrap(), handed);
+    let b = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    assert_eq!(b.credential().await.unwrap(), handed);
+    assert!(a.handle().invalidate());
+    a.credential().await.unwrap();
+    assert!(source.0.spent.lock().unwrap().contains("rt-h"));
+    assert_eq!(source.0.reused.load(SeqCst), 0);
+    assert_eq!(source.0.logins.load(SeqCst), 1);
+}

@@ -497,16 +497,19 @@ pub(super) fn superseded<P>(inner: &Inner<P>, credential: &Credential, born: u64
 /// now), the store is looked at, and the pair saved under the lease; a save the store
 /// does not take is kept ([`keep_saving`]). Given up when a newer refresh token is
 /// installed here first (this one was presented, or another handed in) or the cache
-/// goes.
+/// goes; a cache dropped right after the hand-in waits for the first round (`first`,
+/// the cache held for that round only: a process handing a session to the fleet as it
+/// exits still hands it).
 pub(super) async fn hand_in<P: CredentialSource>(
     inner: std::sync::Weak<Inner<P>>,
+    mut first: Option<Arc<Inner<P>>>,
     store: Arc<dyn crate::store::DynStore>,
     credential: Credential,
     born: u64,
 ) {
     let mut pause = LEASE_POLL_FIRST;
     loop {
-        let Some(cache) = inner.upgrade() else {
+        let Some(cache) = first.take().or_else(|| inner.upgrade()) else {
             return;
         };
         if superseded(&cache, &credential, born) {
@@ -522,9 +525,28 @@ pub(super) async fn hand_in<P: CredentialSource>(
         let answered = lease.is_some();
         if let Some(Some(lease)) = lease {
             let held = store_call(&cache, deadline, "load", store.load()).await;
-            let saving = store.save(&lease, &credential);
+            // Dropped here since it was handed in (invalidated, rejected): only its
+            // refresh token is the fleet's, its access token saved marked expired, as a
+            // kept pair dropped here is saved (see `keep_saving`).
+            let spent = || {
+                credential
+                    .clone()
+                    .expires_at(std::time::SystemTime::UNIX_EPOCH)
+            };
+            let was_dropped = cache.lock_state().dropped(&credential);
+            let saving = match was_dropped {
+                true => spent(),
+                false => credential.clone(),
+            };
+            let saving = store.save(&lease, &saving);
             match store_call(&cache, deadline, "save", saving).await {
                 Some(true) => {
+                    if !was_dropped && cache.lock_state().dropped(&credential) {
+                        // Dropped while it was saved: saved again marked expired, under
+                        // the lease still held.
+                        let again = spent();
+                        store_call(&cache, deadline, "save", store.save(&lease, &again)).await;
+                    }
                     tracing::debug!("the pair handed in is saved for the fleet");
                     return release(&cache, store.as_ref(), &lease).await;
                 }

@@ -426,14 +426,16 @@ async fn holding<P: CredentialSource>(
     let unpresented = (took_out && spent.is_none() && !matches!(took, Took::Kept(_)))
         .then(|| pair.map(|pair| pair.clone().expires_at(std::time::SystemTime::UNIX_EPOCH)))
         .flatten();
-    if late.is_some() {
-        // Still running, under the lease: see `finish_late`.
+    if let Some(mut late) = late {
+        // Still running, under the lease: see `finish_late`, which puts back a pair
+        // whose refresh token was never presented if the fetch brings nothing.
+        late.unpresented = unpresented;
         return Holding {
             result: fetched,
             saved: Saved::Done,
             also_saved: refused,
             spent,
-            late,
+            late: Some(late),
             left,
         };
     }
@@ -519,6 +521,9 @@ struct LateFetch {
     pub(super) fetching: Fetching,
     /// `State::invalidations` when its flight began to run (see `FlightGuard`).
     pub(super) began: u64,
+    /// The store's pair whose refresh token the holder took out and never presented
+    /// (see `holding`): put back if the fetch brings nothing.
+    pub(super) unpresented: Option<Credential>,
 }
 
 /// [`fetch`] for the lease holder: the source's fetch is not dropped at the deadline
@@ -553,7 +558,11 @@ async fn fetch_holding<P: CredentialSource>(
     };
     let result = match tokio::time::timeout_at(deadline, &mut fetching).await {
         Err(_elapsed) => {
-            *late = Some(LateFetch { fetching, began });
+            *late = Some(LateFetch {
+                fetching,
+                began,
+                unpresented: None,
+            });
             Err(Error::new(ErrorKind::Timeout))
         }
         Ok(answer) => check_fetched(inner, answer, refused),
@@ -580,7 +589,11 @@ async fn finish_late<P: CredentialSource>(
 ) {
     tracing::debug!("the fetch outlived its deadline; the refresh lease is kept until it ends");
     let bound = inner.config.fetch_timeout;
-    let LateFetch { fetching, began } = late;
+    let LateFetch {
+        fetching,
+        began,
+        unpresented,
+    } = late;
     let answer = renewing(
         &inner,
         store.as_ref(),
@@ -624,6 +637,9 @@ async fn finish_late<P: CredentialSource>(
             .is_some()
             .then(|| credential.expires_at(std::time::SystemTime::UNIX_EPOCH))
     });
+    // Nothing came: a pair whose refresh token this holder took out of the store and
+    // never presented goes back (see `holding`), kept if the store does not take it.
+    let credential = credential.or(unpresented);
     if let Some(credential) = credential {
         let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
         let saved = store_call(&inner, until, "save", store.save(&lease, &credential)).await;

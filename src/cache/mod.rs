@@ -488,7 +488,13 @@ impl<P: CredentialSource> Sink for Inner<P> {
         drop(state);
         // A pair handed in is the fleet's newest session: shared through the store.
         if let Some((store, credential)) = shared {
-            let task = kept::hand_in(self.me.clone(), store, credential, entry.generation);
+            let task = kept::hand_in(
+                self.me.clone(),
+                self.me.upgrade(),
+                store,
+                credential,
+                entry.generation,
+            );
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => drop(runtime.spawn(task)),
                 Err(_) => tracing::warn!(
