@@ -543,15 +543,6 @@ where
                             }
                             return Poll::Ready(Ok(response));
                         }
-                        // From another origin (a redirect followed below the layer):
-                        // not an answer about our credential. Told by the replay's
-                        // snapshot of the request, so only for a request that may be
-                        // replayed (one that may not is judged as before).
-                        Some(Retry {
-                            replay: Ok(replay), ..
-                        }) if crate::scope::answered_elsewhere(&response, &replay.head) => {
-                            return Poll::Ready(Ok(response));
-                        }
                         Some(r) => r.judge.verdict(&response),
                         None => return Poll::Ready(Ok(response)),
                     };

@@ -65,22 +65,6 @@ impl Head {
         })
     }
 
-    /// The snapshot's origin (scheme and authority) as a URI, if it has one (not a
-    /// relative URI's). For the slow path: it allocates.
-    #[cfg(feature = "tower-http")]
-    pub(crate) fn origin(&self) -> Option<Uri> {
-        let mut r = Reader(&self.buf);
-        let lens = [r.u16()?, r.u16()?, r.u16()?];
-        let [scheme, authority, _] = lens.map(|len| (len != NONE).then_some(len));
-        let (scheme, authority) = (r.opt_str(scheme)??, r.opt_str(authority)??);
-        Uri::builder()
-            .scheme(scheme)
-            .authority(authority)
-            .path_and_query("/")
-            .build()
-            .ok()
-    }
-
     /// Rebuilds the request around `body`. `None` only if the snapshot no longer parses,
     /// which values that parsed once cannot do.
     pub(crate) fn into_request<B>(mut self, body: B) -> Option<Request<B>> {

@@ -396,34 +396,6 @@ pub(crate) fn same_origin(a: &Uri, b: &Uri) -> bool {
         && port(a) == port(b)
 }
 
-/// Whether `response` came from another origin than its request's (`sent`, the request
-/// as the replay snapshot holds it): tower-http's `FollowRedirect` below the layer
-/// followed a redirect there, and (with `SameOriginCredentials`) that hop carried no
-/// credential of ours, so its answer says nothing of ours. Read only for an answer the
-/// layer would judge (a rejection's status): nothing on the hot path.
-#[cfg(feature = "tower-http")]
-pub(crate) fn answered_elsewhere<B>(
-    response: &http::Response<B>,
-    sent: &crate::head::Head,
-) -> bool {
-    let Some(last) = response
-        .extensions()
-        .get::<tower_http::follow_redirect::RequestUri>()
-    else {
-        return false;
-    };
-    // A relative URI (its origin set below the layer) is not compared.
-    sent.origin()
-        .is_some_and(|origin| !same_origin(&origin, &last.0))
-}
-
-/// Without the `tower-http` feature no answer says where it came from.
-#[cfg(not(feature = "tower-http"))]
-#[inline(always)]
-pub(crate) fn answered_elsewhere<B>(_: &http::Response<B>, _: &crate::head::Head) -> bool {
-    false
-}
-
 /// Whether `headers` has a `Host`: a walk over the few names a request has, which costs
 /// less than the map's hashed lookup (see BENCHMARKS.md).
 #[inline(always)]

@@ -1,5 +1,5 @@
 //! The 401 path and body replay, edge by edge: a request that brings one header of a
-//! several-header credential, a 401 from a redirect's other origin below the layer, a replay
+//! several-header credential, a 401 through a layer below that rewrites the URI, a replay
 //! whose new credential cannot be attached, and bodies at their edges.
 
 mod support;
@@ -326,70 +326,6 @@ async fn a_late_401_for_an_old_generation_leaves_the_new_one() {
     assert_eq!(source.fetches(), 2);
 }
 
-/// World: `FollowRedirect` below the layer with `SameOriginCredentials` (README's
-/// supported setup); the API redirects (307) to another origin, which got no credential
-/// and answers 401. Proves (review 65: our token was invalidated, refetched and the
-/// request replayed through the redirect again): the other origin's 401 is not judged,
-/// as the reqwest adapter does not judge it (`speaks_for`).
-#[cfg(feature = "tower-http")]
-#[tokio::test]
-async fn a_401_from_another_origin_below_the_layer_is_not_a_rejection() {
-    use tower::ServiceBuilder;
-    use tower_client_auth::redirect::SameOriginCredentials;
-    use tower_http::follow_redirect::FollowRedirectLayer;
-
-    type Seen = Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
-    let seen: Seen = Arc::default();
-    let api = {
-        let seen = seen.clone();
-        tower::service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
-            let seen = seen.clone();
-            async move {
-                let auth = req
-                    .headers()
-                    .get(AUTHORIZATION)
-                    .map(|v| v.to_str().unwrap().to_owned());
-                seen.lock().unwrap().push((req.uri().to_string(), auth));
-                let res = if req.uri().host() == Some("api.test") {
-                    Response::builder()
-                        .status(307)
-                        .header("location", "https://other.test/denied")
-                        .body(String::new())
-                } else {
-                    Response::builder().status(401).body(String::new())
-                };
-                Ok::<_, Infallible>(res.unwrap())
-            }
-        })
-    };
-    let source = TestSource::new();
-    let svc = ServiceBuilder::new()
-        .layer(
-            AuthLayer::new(source.clone())
-                .origin("https://api.test")
-                .unwrap(),
-        )
-        .layer(FollowRedirectLayer::with_policy(
-            SameOriginCredentials::new(),
-        ))
-        .service(api);
-    let res = svc.oneshot(get("/go")).await.unwrap();
-    assert_eq!(res.status(), 401);
-    let seen = seen.lock().unwrap().clone();
-    assert_eq!(
-        seen[1],
-        ("https://other.test/denied".to_owned(), None),
-        "the hop carried no credential"
-    );
-    assert_eq!(
-        (source.fetches(), seen.len()),
-        (1, 2),
-        "the other origin's 401 was judged as ours: fetched anew and replayed: {seen:?}; \
-         extension: {:?}",
-        res.extensions().get::<NotReplayed>()
-    );
-}
-
 /// World: a source whose credential changes cookie name (`session`, then `sid`), and a
 /// request that brings its own `sid` cookie: the first attempt merges ours; the replay's
 /// credential cannot go on (their `sid` is kept, PassThrough). Proves (review 65: the
@@ -610,4 +546,55 @@ async fn a_401_during_the_refetch_joins_it() {
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
     assert_eq!(source.fetches(), 2);
+}
+
+/// World: below the layer, a layer maps the API's name to the address it is served at
+/// (`https://api.test` → `https://10.0.0.7:8443`, service discovery), then
+/// `FollowRedirect` with `SameOriginCredentials`; no redirect happens. The API rejects
+/// `token-1` (revoked) and takes `token-2`. Proves (review 66: a check that judged by the
+/// answer's `RequestUri` took it for another origin's): the 401, about our
+/// credential (carried to the one origin the request went to), is judged: a new token
+/// is fetched and the request replayed; the caller gets the 200.
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn a_401_from_the_uri_a_lower_layer_rewrote_is_still_ours() {
+    use tower::ServiceBuilder;
+    use tower_client_auth::redirect::SameOriginCredentials;
+    use tower_http::follow_redirect::FollowRedirectLayer;
+
+    let api = tower::service_fn(|req: Request<ReplayBody<Full<Bytes>>>| async move {
+        let status = match auth(&req).as_str() {
+            "Bearer token-1" => 401,
+            _ => 200,
+        };
+        Ok::<_, Infallible>(
+            Response::builder()
+                .status(status)
+                .body(String::new())
+                .unwrap(),
+        )
+    });
+    let source = TestSource::new();
+    let svc = ServiceBuilder::new()
+        .layer(
+            AuthLayer::new(source.clone())
+                .origin("https://api.test")
+                .unwrap(),
+        )
+        .map_request(|mut req: Request<ReplayBody<Full<Bytes>>>| {
+            let path = req.uri().path_and_query().unwrap().as_str().to_owned();
+            *req.uri_mut() = format!("https://10.0.0.7:8443{path}").parse().unwrap();
+            req
+        })
+        .layer(FollowRedirectLayer::with_policy(
+            SameOriginCredentials::new(),
+        ))
+        .service(api);
+    let res = svc.oneshot(get("/go")).await.unwrap();
+    assert_eq!(
+        (res.status().as_u16(), source.fetches()),
+        (200, 2),
+        "the API's 401 of our credential was not judged; extension: {:?}",
+        res.extensions().get::<NotReplayed>()
+    );
 }
