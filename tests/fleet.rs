@@ -2302,11 +2302,13 @@ async fn a_pair_handed_in_over_a_kept_pair_reaches_the_store() {
 }
 
 /// [`Rotating`] whose logins fail while `down` is set (a token endpoint that answers
-/// 503 to the client-credentials grant); refreshes pass.
+/// 503 to the client-credentials grant), after `hang` (one that hangs first); refreshes
+/// pass.
 #[derive(Clone, Default)]
 struct LoginsDown {
     source: Rotating,
     down: Arc<std::sync::atomic::AtomicBool>,
+    hang: Duration,
 }
 
 impl CredentialSource for LoginsDown {
@@ -2314,6 +2316,7 @@ impl CredentialSource for LoginsDown {
         use tower_client_auth::RefreshSharing;
         let login = !matches!(cx.refresh_sharing(), RefreshSharing::Shared(Some(_)));
         if login && self.down.load(SeqCst) {
+            tokio::time::sleep(self.hang).await;
             return Err("503 Service Unavailable".into());
         }
         self.source.fetch(cx).await
@@ -2322,36 +2325,50 @@ impl CredentialSource for LoginsDown {
 
 /// World: one process; the marker its refresh writes in place of `a0`/`rt0` lands
 /// though the reply is lost, so it is told the store is unavailable and logs in; the
-/// login fails (the token endpoint answers 503). Proves (the store held the marker and
-/// nothing else: the fleet's only refresh token was lost, and the next refresh logged
-/// in): `rt0`, taken out of the store and never presented, goes back with its pair; the
-/// next refresh presents it.
+/// login fails (the token endpoint answers 503): at once, or after 2.5 s, past the 2 s
+/// fetch timeout (the login goes on under the lease, late). Proves (the store held the
+/// marker and nothing else: the fleet's only refresh token was lost, and the next
+/// refresh logged in; the late case from review 66): `rt0`, taken out of the store and
+/// never presented, goes back with its pair, and the lease with it; the next refresh
+/// presents it; one login in all.
 #[tokio::test]
 async fn a_marker_whose_save_had_no_answer_then_a_failed_login_leave_the_refresh_token() {
-    let source = LoginsDown::default();
-    let memory = MemoryStore::default();
-    let sa = FaultStore::over(memory.clone());
-    let a = CredentialCache::builder(source.clone())
-        .store(sa.clone())
-        .fetch_timeout(Duration::from_secs(2))
-        .backoff(Duration::from_millis(1), Duration::from_millis(1))
-        .build()
-        .unwrap();
-    a.credential().await.unwrap();
-    sa.faults().lost_marker_replies.store(true, SeqCst);
-    source.down.store(true, SeqCst);
-    assert!(a.handle().invalidate());
-    a.credential().await.unwrap_err();
-    sa.faults().lost_marker_replies.store(false, SeqCst);
-    source.down.store(false, SeqCst);
-    assert_eq!(
-        sa.stored_refresh_token().await.as_deref(),
-        Some("rt0"),
-        "the refresh token taken out of the store and never presented is lost"
-    );
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    a.credential().await.unwrap();
-    assert_eq!(source.source.logins.load(SeqCst), 1, "logged in again");
+    for hang in [Duration::ZERO, Duration::from_millis(2500)] {
+        let source = LoginsDown {
+            hang,
+            ..LoginsDown::default()
+        };
+        let sa = FaultStore::new();
+        let a = CredentialCache::builder(source.clone())
+            .store(sa.clone())
+            .fetch_timeout(Duration::from_secs(2))
+            .backoff(Duration::from_millis(1), Duration::from_millis(1))
+            .build()
+            .unwrap();
+        a.credential().await.unwrap();
+        sa.faults().lost_marker_replies.store(true, SeqCst);
+        source.down.store(true, SeqCst);
+        assert!(a.handle().invalidate());
+        a.credential().await.unwrap_err();
+        sa.faults().lost_marker_replies.store(false, SeqCst);
+        // A late login fails at 2.5 s; its task ends, and the lease goes back.
+        tokio::time::sleep(hang.saturating_sub(Duration::from_secs(1))).await;
+        source.down.store(false, SeqCst);
+        assert!(sa.lease_free().await, "{hang:?}: the lease went back");
+        assert_eq!(
+            sa.stored_refresh_token().await.as_deref(),
+            Some("rt0"),
+            "{hang:?}: the refresh token taken out of the store and never presented is lost"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        a.credential().await.unwrap();
+        assert!(source.source.spent.lock().unwrap().contains("rt0"));
+        assert_eq!(
+            source.source.logins.load(SeqCst),
+            1,
+            "{hang:?}: logged in again"
+        );
+    }
 }
 
 /// [`Rotating`] through an exchange that takes 300 ms.
@@ -3880,57 +3897,6 @@ async fn a_pair_handed_in_then_invalidated_in_an_outage_is_not_handed_to_b() {
         "B was handed the access token A dropped: {}",
         shown(&got)
     );
-}
-
-/// [`LoginsDown`] whose failing logins take 2.5 s first (a token endpoint that hangs,
-/// then answers 503); refreshes pass at once.
-#[derive(Clone, Default)]
-struct LoginsDownSlowly(LoginsDown);
-
-impl CredentialSource for LoginsDownSlowly {
-    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
-        use tower_client_auth::RefreshSharing;
-        let login = !matches!(cx.refresh_sharing(), RefreshSharing::Shared(Some(_)));
-        if login && self.0.down.load(SeqCst) {
-            tokio::time::sleep(Duration::from_millis(2500)).await;
-        }
-        self.0.fetch(cx).await
-    }
-}
-
-/// World: as in
-/// `a_marker_whose_save_had_no_answer_then_a_failed_login_leave_the_refresh_token`,
-/// but the login outlives the 2 s fetch timeout (it goes on under the lease, late) and
-/// then fails. Proves (review 66): `rt0`, taken out of the store and never presented,
-/// goes back with its pair; the next refresh presents it; one login in all.
-#[tokio::test]
-async fn a_late_failed_login_after_a_marker_without_answer_leaves_the_refresh_token() {
-    let source = LoginsDownSlowly::default();
-    let sa = FaultStore::new();
-    let a = CredentialCache::builder(source.clone())
-        .store(sa.clone())
-        .fetch_timeout(Duration::from_secs(2))
-        .backoff(Duration::from_millis(1), Duration::from_millis(1))
-        .build()
-        .unwrap();
-    a.credential().await.unwrap();
-    sa.faults().lost_marker_replies.store(true, SeqCst);
-    source.0.down.store(true, SeqCst);
-    assert!(a.handle().invalidate());
-    a.credential().await.unwrap_err();
-    sa.faults().lost_marker_replies.store(false, SeqCst);
-    // The late login fails at 2.5 s; its task ends, and the lease goes back.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    source.0.down.store(false, SeqCst);
-    assert!(sa.lease_free().await, "the lease went back");
-    assert_eq!(
-        sa.stored_refresh_token().await.as_deref(),
-        Some("rt0"),
-        "the refresh token taken out of the store and never presented is lost"
-    );
-    a.credential().await.unwrap();
-    assert!(source.0.source.spent.lock().unwrap().contains("rt0"));
-    assert_eq!(source.0.source.logins.load(SeqCst), 1, "logged in again");
 }
 
 /// World: process A logged in (`a0`/`rt0` in the store); a pair `h`/`rt-h` is handed in

@@ -256,21 +256,30 @@ async fn a_body_with_a_lying_exact_hint_is_not_replayed_altered() {
     }
 }
 
+/// The layer under test, its source gated (its first fetch let through), over a mock
+/// API.
+type Gated = tower_client_auth::AddCredential<mock::Mock<Req, Response<&'static str>>, TestSource>;
+
+fn over_a_gated_source() -> (TestSource, Gated, mock::Handle<Req, Response<&'static str>>) {
+    let source = TestSource::gated(None);
+    source.release(1);
+    let (inner, api) = mock::pair::<Req, Response<&'static str>>();
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(inner);
+    (source, svc, api)
+}
+
 /// A layer over a gated source (its first fetch let through) and a mock API; a request
 /// whose `token-1` the API rejects, its replay now waiting for the refetch (`token-2`,
 /// held at the gate until the test releases it). The API mock and the call with it.
 async fn rejected_while_the_refetch_waits() -> (
     TestSource,
-    tower_client_auth::AddCredential<mock::Mock<Req, Response<&'static str>>, TestSource>,
+    Gated,
     mock::Handle<Req, Response<&'static str>>,
     tokio::task::JoinHandle<Result<Response<&'static str>, tower_client_auth::BoxError>>,
 ) {
-    let source = TestSource::gated(None);
-    source.release(1);
-    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(source.clone())
-        .any_https_origin()
-        .layer(inner);
+    let (source, svc, mut api) = over_a_gated_source();
     let call = tokio::spawn(svc.clone().oneshot(get("/v1/me")));
     let (_req, reply) = api.next_request().await.unwrap();
     reply.send_response(status(401));
@@ -513,12 +522,7 @@ async fn streamed_bodies_with_trailers_empty_or_failing() {
 /// is still running: one fetch, both replayed with token-2.
 #[tokio::test]
 async fn a_401_during_the_refetch_joins_it() {
-    let source = TestSource::gated(None);
-    source.release(1);
-    let (inner, mut api) = mock::pair::<Req, Response<&'static str>>();
-    let svc = AuthLayer::new(source.clone())
-        .any_https_origin()
-        .layer(inner);
+    let (source, svc, mut api) = over_a_gated_source();
     let a = tokio::spawn(svc.clone().oneshot(get("/a")));
     let (ra, reply_a) = api.next_request().await.unwrap();
     let b = tokio::spawn(svc.clone().oneshot(get("/b")));
