@@ -248,9 +248,9 @@ impl Credential {
 
     /// Sets this credential's headers unless the request brings its own and `replace` is
     /// false; returns whether the request now carries the whole credential as ours (a
-    /// credential of several headers may go on in part: see `attach_several`). The usual single header costs one hash lookup: it
-    /// is appended, and only if the request already had that header is the append undone
-    /// (or the header replaced). Errors only when the header map is full (`http`'s
+    /// credential of several headers may go on in part: see `attach_several`). The usual
+    /// single header costs one hash lookup: it is appended, and only if the request
+    /// already had that header is the append undone (or the header replaced). Errors only when the header map is full (`http`'s
     /// `MAX_SIZE`); nothing is sent then.
     ///
     /// Inlined into the hot path for the common case; everything else is out of line.

@@ -271,30 +271,11 @@ pub(super) async fn keep_saving<P: CredentialSource>(
         metrics::event(&inner.config.name, metrics::SAVE_RETRIES);
         pause = (pause * 2).min(SAVE_RETRY_MAX);
         next_try = saturating_add(Instant::now(), pause);
-        // Dropped here since (rejected, or invalidated before it was served): only its
-        // refresh token is the fleet's, its access token left marked expired, as a
-        // rejected pair is left (see `holding`).
-        let spent = |kept: &Kept| {
-            kept.credential
-                .clone()
-                .expires_at(std::time::SystemTime::UNIX_EPOCH)
-        };
-        let was_dropped = inner.lock_state().dropped(&kept.credential);
-        let saving = match was_dropped {
-            true => spent(kept),
-            false => kept.credential.clone(),
-        };
         // A failure, or a lease that ran out between the renewal and the save (taken
         // again at the next renewal), is tried again.
         if let Some(true) =
-            store_call(&inner, until, "save", store.save(&kept.lease, &saving)).await
+            save_pair(&inner, store.as_ref(), &kept.lease, &kept.credential, until).await
         {
-            if !was_dropped && inner.lock_state().dropped(&kept.credential) {
-                // Dropped while it was saved: saved again marked expired, under the lease
-                // still held, before another process takes the access token.
-                let again = spent(kept);
-                store_call(&inner, until, "save", store.save(&kept.lease, &again)).await;
-            }
             tracing::info!("the rotated refresh token is saved");
             late_settled(&inner, &kept.credential, true);
             let lease = kept.lease.clone();
@@ -327,10 +308,7 @@ async fn last_save(
         // Its access token goes marked expired: the cache that could tell whether it
         // was dropped (invalidated, rejected) is gone, and a dropped one must not be
         // handed to another process; the refresh token is what the fleet needs.
-        let saving = kept
-            .credential
-            .clone()
-            .expires_at(std::time::SystemTime::UNIX_EPOCH);
+        let saving = spent(&kept.credential);
         let saved = match kept.checked {
             true => store.save(&kept.lease, &saving).await.ok(),
             false => Some(false),
@@ -525,28 +503,8 @@ pub(super) async fn hand_in<P: CredentialSource>(
         let answered = lease.is_some();
         if let Some(Some(lease)) = lease {
             let held = store_call(&cache, deadline, "load", store.load()).await;
-            // Dropped here since it was handed in (invalidated, rejected): only its
-            // refresh token is the fleet's, its access token saved marked expired, as a
-            // kept pair dropped here is saved (see `keep_saving`).
-            let spent = || {
-                credential
-                    .clone()
-                    .expires_at(std::time::SystemTime::UNIX_EPOCH)
-            };
-            let was_dropped = cache.lock_state().dropped(&credential);
-            let saving = match was_dropped {
-                true => spent(),
-                false => credential.clone(),
-            };
-            let saving = store.save(&lease, &saving);
-            match store_call(&cache, deadline, "save", saving).await {
+            match save_pair(&cache, store.as_ref(), &lease, &credential, deadline).await {
                 Some(true) => {
-                    if !was_dropped && cache.lock_state().dropped(&credential) {
-                        // Dropped while it was saved: saved again marked expired, under
-                        // the lease still held.
-                        let again = spent();
-                        store_call(&cache, deadline, "save", store.save(&lease, &again)).await;
-                    }
                     tracing::debug!("the pair handed in is saved for the fleet");
                     return release(&cache, store.as_ref(), &lease).await;
                 }
@@ -570,6 +528,37 @@ pub(super) async fn hand_in<P: CredentialSource>(
             SAVE_RETRY_MAX
         });
     }
+}
+
+/// Saves `pair` under `lease` by `until`, as [`keep_saving`] and [`hand_in`] do. A pair
+/// dropped here since it came (rejected, invalidated) goes with its access token marked
+/// expired: only its refresh token is the fleet's, as a rejected pair's is left (see
+/// `lease::holding`); one dropped while it was saved is saved again so, under the lease
+/// still held, before another process takes the access token. The save's answer
+/// (`None`: the store did not answer).
+async fn save_pair<P: CredentialSource>(
+    inner: &Inner<P>,
+    store: &dyn crate::store::DynStore,
+    lease: &Lease,
+    pair: &Credential,
+    until: Instant,
+) -> Option<bool> {
+    let was_dropped = inner.lock_state().dropped(pair);
+    let saving = match was_dropped {
+        true => spent(pair),
+        false => pair.clone(),
+    };
+    let saved = store_call(inner, until, "save", store.save(lease, &saving)).await;
+    if saved == Some(true) && !was_dropped && inner.lock_state().dropped(pair) {
+        store_call(inner, until, "save", store.save(lease, &spent(pair))).await;
+    }
+    saved
+}
+
+/// `pair` with its access token marked expired: never handed out again, its refresh
+/// token still the fleet's.
+pub(super) fn spent(pair: &Credential) -> Credential {
+    pair.clone().expires_at(std::time::SystemTime::UNIX_EPOCH)
 }
 
 /// The first wait before saving a rotated refresh token again; each next one doubles.

@@ -424,7 +424,7 @@ async fn holding<P: CredentialSource>(
     // goes back expired, as the marker's did: it may have been rejected. A kept pair
     // taken over is handed back to its task instead (see `obtain`).
     let unpresented = (took_out && spent.is_none() && !matches!(took, Took::Kept(_)))
-        .then(|| pair.map(|pair| pair.clone().expires_at(std::time::SystemTime::UNIX_EPOCH)))
+        .then(|| pair.map(super::kept::spent))
         .flatten();
     if let Some(mut late) = late {
         // Still running, under the lease: see `finish_late`, which puts back a pair
@@ -635,7 +635,7 @@ async fn finish_late<P: CredentialSource>(
         credential
             .refresh_token()
             .is_some()
-            .then(|| credential.expires_at(std::time::SystemTime::UNIX_EPOCH))
+            .then(|| super::kept::spent(&credential))
     });
     // Nothing came: a pair whose refresh token this holder took out of the store and
     // never presented goes back (see `holding`), kept if the store does not take it.
