@@ -2236,17 +2236,41 @@ async fn a_marker_whose_save_had_no_answer_is_known_as_left() {
     assert_eq!(sa.stored_refresh_token().await.as_deref(), Some("rt1"));
 }
 
+/// Process A of a fresh [`Rotating`] over a fresh fault store, logged in (`a0`/`rt0`
+/// in the store).
+async fn a_logged_in() -> (Rotating, FaultStore, CredentialCache<Rotating>) {
+    let source = Rotating::default();
+    let store = FaultStore::new();
+    let a = source.cache(store.clone());
+    a.credential().await.unwrap();
+    (source, store, a)
+}
+
+/// Process B of `source` over `store` starts and is not handed `dropped`, an access
+/// token process A dropped.
+async fn b_is_not_handed(source: &Rotating, store: &FaultStore, dropped: &Credential) {
+    let got = source.cache(store.clone()).credential().await.unwrap();
+    assert_ne!(
+        &got,
+        dropped,
+        "B was handed the access token A dropped: {}",
+        shown(&got)
+    );
+}
+
+/// The pair `h`/`rt-h`, a session made elsewhere, to hand in.
+fn pair_h() -> Credential {
+    Credential::bearer("h").unwrap().with_refresh_token("rt-h")
+}
+
 /// World: process A logged in (`a0`/`rt0` in the store); a pair `h`/`rt-h` is handed in
 /// (`replace`: a session made elsewhere); then process B over the same store needs a
 /// refresh. Proves: the handed-in pair is the fleet's: it reaches the store, B takes
 /// it, and B's refresh presents `rt-h`; no login but A's first.
 #[tokio::test]
 async fn a_pair_handed_in_reaches_the_store() {
-    let source = Rotating::default();
-    let store = FaultStore::new();
-    let a = source.cache(store.clone());
-    a.credential().await.unwrap();
-    let handed = Credential::bearer("h").unwrap().with_refresh_token("rt-h");
+    let (source, store, a) = a_logged_in().await;
+    let handed = pair_h();
     assert!(a.handle().replace(handed.clone()).unwrap());
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
@@ -2274,14 +2298,11 @@ async fn a_pair_handed_in_reaches_the_store() {
 /// presents `rt-h`; one login in all.
 #[tokio::test]
 async fn a_pair_handed_in_over_a_kept_pair_reaches_the_store() {
-    let source = Rotating::default();
-    let store = FaultStore::new();
-    let a = source.cache(store.clone());
-    a.credential().await.unwrap();
+    let (source, store, a) = a_logged_in().await;
     store.faults().refusing_pairs.store(true, SeqCst);
     assert!(a.handle().invalidate());
     a.credential().await.unwrap();
-    let handed = Credential::bearer("h").unwrap().with_refresh_token("rt-h");
+    let handed = pair_h();
     assert!(a.handle().replace(handed.clone()).unwrap());
     tokio::time::sleep(Duration::from_millis(600)).await;
     store.faults().refusing_pairs.store(false, SeqCst);
@@ -3850,23 +3871,13 @@ fn a_over_memory(source: &Rotating) -> (MemoryStore, FaultStore, CredentialCache
 /// here (`a_late_pair_dropped_while_kept_is_saved_spent`); `rt-h` still reaches the store.
 #[tokio::test]
 async fn a_pair_handed_in_then_invalidated_is_not_handed_to_b() {
-    let source = Rotating::default();
-    let store = FaultStore::new();
-    let a = source.cache(store.clone());
-    a.credential().await.unwrap();
-    let handed = Credential::bearer("h").unwrap().with_refresh_token("rt-h");
+    let (source, store, a) = a_logged_in().await;
+    let handed = pair_h();
     assert!(a.handle().replace(handed.clone()).unwrap());
     assert!(a.handle().invalidate(), "h dropped");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(store.stored_refresh_token().await.as_deref(), Some("rt-h"));
-    let b = source.cache(store.clone());
-    let got = b.credential().await.unwrap();
-    assert_ne!(
-        got,
-        handed,
-        "B was handed the access token A dropped: {}",
-        shown(&got)
-    );
+    b_is_not_handed(&source, &store, &handed).await;
     assert_eq!(source.reused.load(SeqCst), 0);
 }
 
@@ -3876,12 +3887,9 @@ async fn a_pair_handed_in_then_invalidated_is_not_handed_to_b() {
 /// access token A dropped; B is not handed `h`.
 #[tokio::test]
 async fn a_pair_handed_in_then_invalidated_in_an_outage_is_not_handed_to_b() {
-    let source = Rotating::default();
-    let store = FaultStore::new();
-    let a = source.cache(store.clone());
-    a.credential().await.unwrap();
+    let (source, store, a) = a_logged_in().await;
     store.faults().down.store(true, SeqCst);
-    let handed = Credential::bearer("h").unwrap().with_refresh_token("rt-h");
+    let handed = pair_h();
     assert!(a.handle().replace(handed.clone()).unwrap());
     assert!(a.handle().invalidate(), "h dropped");
     let served = a.credential().await.unwrap();
@@ -3889,14 +3897,7 @@ async fn a_pair_handed_in_then_invalidated_in_an_outage_is_not_handed_to_b() {
     store.faults().down.store(false, SeqCst);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(store.stored_refresh_token().await.as_deref(), Some("rt-h"));
-    let b = source.cache(store.clone());
-    let got = b.credential().await.unwrap();
-    assert_ne!(
-        got,
-        handed,
-        "B was handed the access token A dropped: {}",
-        shown(&got)
-    );
+    b_is_not_handed(&source, &store, &handed).await;
 }
 
 /// World: process A logged in (`a0`/`rt0` in the store); a pair `h`/`rt-h` is handed in
@@ -3905,11 +3906,8 @@ async fn a_pair_handed_in_then_invalidated_in_an_outage_is_not_handed_to_b() {
 /// the handed-in pair reaches the store (a kept pair gets a last save as its cache goes).
 #[tokio::test]
 async fn a_pair_handed_in_as_the_cache_goes_reaches_the_store() {
-    let source = Rotating::default();
-    let store = FaultStore::new();
-    let a = source.cache(store.clone());
-    a.credential().await.unwrap();
-    let handed = Credential::bearer("h").unwrap().with_refresh_token("rt-h");
+    let (_, store, a) = a_logged_in().await;
+    let handed = pair_h();
     assert!(a.handle().replace(handed.clone()).unwrap());
     drop(a);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -3971,7 +3969,7 @@ async fn a_pair_handed_in_during_a_flight_holding_the_lease_reaches_the_store() 
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(store.stored_refresh_token().await, None, "rt0 taken out");
-    let handed = Credential::bearer("h").unwrap().with_refresh_token("rt-h");
+    let handed = pair_h();
     assert!(a.handle().replace(handed.clone()).unwrap());
     let _ = flight.await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
