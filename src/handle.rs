@@ -29,7 +29,10 @@ impl CacheHandle {
     ///
     /// With a store, a credential carrying a refresh token is the fleet's newest
     /// session: a task saves it to the store under the refresh lease, as a refresh's
-    /// result is saved (called outside a Tokio runtime, it is this process's alone).
+    /// result is saved. Until it is saved, a refresh of this process presents its
+    /// refresh token, never a pair the store holds (an older session's). Called outside
+    /// a Tokio runtime, no task saves it: it reaches the fleet through this process's
+    /// next refresh.
     ///
     /// # Errors
     /// A credential bound to a key (DPoP) when the cache's source does not say it binds

@@ -3988,3 +3988,86 @@ async fn a_pair_handed_in_during_a_flight_holding_the_lease_reaches_the_store() 
     assert_eq!(source.0.reused.load(SeqCst), 0);
     assert_eq!(source.0.logins.load(SeqCst), 1);
 }
+
+/// World: A logged in (`a0`/`rt0` in the store); a pair `h`/`rt-h` is handed in from a
+/// thread outside any Tokio runtime (no task can be spawned to save it), then `h` is
+/// invalidated and A refreshes. Proves: the pair reaches the fleet all the same: A's
+/// refresh presents `rt-h`, not the store's `rt0`, and the store ends with what that
+/// brought; no reuse, one login.
+#[tokio::test]
+async fn a_pair_handed_in_outside_a_runtime_reaches_the_fleet_at_the_next_refresh() {
+    let (source, store, a) = a_logged_in().await;
+    let handle = a.handle();
+    let handed = pair_h();
+    std::thread::spawn(move || assert!(handle.replace(handed).unwrap()))
+        .join()
+        .unwrap();
+    assert!(a.handle().invalidate());
+    let got = a.credential().await.unwrap();
+    assert!(
+        source.spent.lock().unwrap().contains("rt-h"),
+        "rt-h never presented; A serves {}",
+        shown(&got)
+    );
+    assert!(!source.spent.lock().unwrap().contains("rt0"));
+    assert_eq!(
+        store.stored_refresh_token().await.as_deref(),
+        got.refresh_token().map(|token| token.expose())
+    );
+    assert_eq!(source.reused.load(SeqCst), 0);
+    assert_eq!(source.logins.load(SeqCst), 1);
+}
+
+/// World: process B holds the lease, its refresh of `rt0` under way; a pair `h`/`rt-h`
+/// is handed in to A, and A's application invalidates `h` before B is done, so A needs
+/// a refresh; B then saves `b1`/`rt-b1` (from `rt0`: an older session's) and gives the
+/// lease back. Proves (review 66's break 4): the handed-in session, the fleet's newest,
+/// is not given up for the older one: A's refresh presents `rt-h` (once), A serves what
+/// that brought, and the store ends with it; no login but A's first.
+#[tokio::test]
+async fn a_pair_handed_in_is_not_given_up_for_an_older_sessions_pair() {
+    let source = Rotating::default();
+    let memory = MemoryStore::default();
+    let store = FaultStore::over(memory.clone());
+    let a = source.cache(store.clone());
+    a.credential().await.unwrap();
+    let b_lease = memory
+        .lease(Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let handed = pair_h();
+    assert!(a.handle().replace(handed.clone()).unwrap());
+    assert!(a.handle().invalidate());
+    let flight = tokio::spawn({
+        let a = a.clone();
+        async move { a.credential().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b1 = Credential::bearer("b1")
+        .unwrap()
+        .with_refresh_token("rt-b1")
+        .expires_in(Duration::from_secs(60));
+    assert!(memory.save(&b_lease, &b1).await.unwrap());
+    memory.release(&b_lease).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), flight)
+        .await
+        .expect("A's refresh ends")
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_ne!(got, b1, "A serves the older session's pair");
+    assert!(
+        source.spent.lock().unwrap().contains("rt-h"),
+        "rt-h never presented; A serves {}",
+        shown(&got)
+    );
+    assert_eq!(
+        store.stored_refresh_token().await.as_deref(),
+        got.refresh_token().map(|token| token.expose()),
+        "the store does not hold what presenting rt-h brought"
+    );
+    assert!(store.lease_free().await);
+    assert_eq!(source.reused.load(SeqCst), 0);
+    assert_eq!(source.logins.load(SeqCst), 1);
+}

@@ -468,16 +468,53 @@ pub(super) fn superseded<P>(inner: &Inner<P>, credential: &Credential, born: u64
     })
 }
 
+/// A pair handed in (`CacheHandle::replace`) that carries a refresh token, with a store,
+/// until it reaches the store ([`hand_in`]) or a flight of this process takes it over.
+pub(super) struct Handing {
+    /// The generation it was installed under.
+    pub(super) generation: u64,
+    pub(super) credential: Credential,
+}
+
+/// The pair handed in that has not reached the store, unless a newer refresh token is
+/// installed here since (a step-up's login, another hand-in). While it is pending, a
+/// flight of this process that needs a refresh takes no pair from the store (an older
+/// session's: a refresh another process began before the hand-in may save one) and, once
+/// it holds the lease, presents this pair's refresh token instead of the store's (see
+/// `lease::holding`), as it takes a kept pair over.
+pub(super) fn pending_hand_in<P: CredentialSource>(inner: &Inner<P>) -> Option<Credential> {
+    let state = inner.lock_state();
+    let handing = state.handing.as_ref()?;
+    (!superseded(inner, &handing.credential, handing.generation))
+        .then(|| handing.credential.clone())
+}
+
+/// The pending hand-in of `credential` is over (if it is still that one's): saved,
+/// kept, or taken over by a flight.
+pub(super) fn hand_in_taken<P: CredentialSource>(inner: &Inner<P>, credential: &Credential) {
+    let mut state = inner.lock_state();
+    state
+        .handing
+        .take_if(|handing| handing.credential == *credential);
+}
+
+/// Whether the hand-in of `generation` is still pending: no flight took it over, and
+/// no other was handed in since.
+fn handing_still<P: CredentialSource>(inner: &Inner<P>, generation: u64) -> bool {
+    (inner.lock_state().handing.as_ref()).is_some_and(|handing| handing.generation == generation)
+}
+
 /// A pair handed in (`CacheHandle::replace`) that carries a refresh token, with a store:
 /// the fleet's newest session from now on, shared as a holder's refresh shares what it
 /// brought. The refresh lease is taken once it is free (another holder's refresh ends
 /// first; a pair kept here gives way to this newer one at its task's next round, nudged
 /// now), the store is looked at, and the pair saved under the lease; a save the store
 /// does not take is kept ([`keep_saving`]). Given up when a newer refresh token is
-/// installed here first (this one was presented, or another handed in) or the cache
-/// goes; a cache dropped right after the hand-in waits for the first round (`first`,
-/// the cache held for that round only: a process handing a session to the fleet as it
-/// exits still hands it).
+/// installed here first (another handed in, a step-up's login), when a flight of this
+/// process took the pair over (see [`pending_hand_in`]: it presents or saves the pair's
+/// refresh token itself), or when the cache goes; a cache dropped right after the
+/// hand-in waits for the first round (`first`, the cache held for that round only: a
+/// process handing a session to the fleet as it exits still hands it).
 pub(super) async fn hand_in<P: CredentialSource>(
     inner: std::sync::Weak<Inner<P>>,
     mut first: Option<Arc<Inner<P>>>,
@@ -490,7 +527,7 @@ pub(super) async fn hand_in<P: CredentialSource>(
         let Some(cache) = first.take().or_else(|| inner.upgrade()) else {
             return;
         };
-        if superseded(&cache, &credential, born) {
+        if superseded(&cache, &credential, born) || !handing_still(&cache, born) {
             return;
         }
         if let Ok(slot) = cache.kept.try_lock() {
@@ -502,15 +539,23 @@ pub(super) async fn hand_in<P: CredentialSource>(
         let lease = store_call(&cache, deadline, "lease", store.lease(lease_hold(&cache))).await;
         let answered = lease.is_some();
         if let Some(Some(lease)) = lease {
+            if !handing_still(&cache, born) {
+                // A flight of this process took the pair over while the lease was free
+                // (it presented or saved the refresh token): saving it now would hand
+                // the fleet a spent token.
+                return release(&cache, store.as_ref(), &lease).await;
+            }
             let held = store_call(&cache, deadline, "load", store.load()).await;
             match save_pair(&cache, store.as_ref(), &lease, &credential, deadline).await {
                 Some(true) => {
                     tracing::debug!("the pair handed in is saved for the fleet");
+                    hand_in_taken(&cache, &credential);
                     return release(&cache, store.as_ref(), &lease).await;
                 }
                 // The lease ran out first: taken again.
                 Some(false) => {}
                 None => {
+                    hand_in_taken(&cache, &credential);
                     let kept = Kept::new(lease, credential, born, Left::loaded(&held, None));
                     let slot = Arc::clone(&cache.kept);
                     drop(cache);

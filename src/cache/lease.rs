@@ -13,8 +13,8 @@ use tokio::time::Instant;
 
 use super::flight::{ask_source, asking, check_fetched, fetch, measured};
 use super::kept::{
-    Kept, Left, LostKept, keep_saving_late, late_lent, late_settled, take_kept, take_lost_kept,
-    unsaved_late,
+    Kept, Left, LostKept, hand_in_taken, keep_saving_late, late_lent, late_settled,
+    pending_hand_in, take_kept, take_lost_kept, unsaved_late,
 };
 use super::{Inner, STORE_SHARE, config::saturating_add};
 use crate::{
@@ -58,8 +58,13 @@ pub(super) async fn obtain<P: CredentialSource>(
     // A step-up asks the source for a wider grant: whatever the store holds was not
     // granted for its scope.
     let step_up = cx.reason() == FetchReason::StepUp;
+    // Nor is it while a pair handed in here is pending: that is the fleet's newest
+    // session, whose refresh token this flight presents (see `pending_hand_in`).
     let usable = |stored: &Credential| {
-        !step_up && Some(stored) != cx.previous() && inner.is_reusable_stored(stored)
+        !step_up
+            && Some(stored) != cx.previous()
+            && inner.is_reusable_stored(stored)
+            && pending_hand_in(inner).is_none()
     };
     let mut pause = LEASE_POLL_FIRST;
     let name = &inner.config.name;
@@ -71,7 +76,7 @@ pub(super) async fn obtain<P: CredentialSource>(
         }
     };
     loop {
-        if !step_up {
+        if !step_up && pending_hand_in(inner).is_none() {
             if let Some(late) = unsaved_late(inner) {
                 tracing::debug!("using the unsaved credential a late fetch brought");
                 waited(waiting_since);
@@ -307,7 +312,15 @@ async fn holding<P: CredentialSource>(
     }
     // A step-up wants a wider grant, which no stored credential is known to be.
     let step_up = cx.reason() == FetchReason::StepUp;
-    if let Some(Some(stored)) = held.as_ref().filter(|_| !step_up) {
+    // A pair handed in here and not yet in the store: newer than anything the store
+    // holds, and this refresh presents its refresh token. A kept pair taken over is
+    // newer still (it was not superseded by the hand-in's install).
+    let handing = match took {
+        _ if step_up => None,
+        Took::Kept(_) => None,
+        Took::Free | Took::Over => pending_hand_in(inner),
+    };
+    if let Some(Some(stored)) = held.as_ref().filter(|_| !step_up && handing.is_none()) {
         if Some(stored) != cx.previous() && inner.is_reusable_stored(stored) {
             tracing::debug!("using the credential found in the store");
             let mut hit = Holding::ended(Ok(stored.clone()), Saved::StoreHit);
@@ -335,6 +348,7 @@ async fn holding<P: CredentialSource>(
     // token from the store.
     let pair = match (&held, took) {
         _ if step_up => None,
+        _ if handing.is_some() => handing.as_ref(),
         // The store's own, unless a kept pair taken over carries another.
         (Some(Some(stored)), took)
             if stored.refresh_token().is_some()
@@ -381,6 +395,11 @@ async fn holding<P: CredentialSource>(
             let saved = store_call(inner, until, "save", store.save(lease, &marker)).await;
             // A save that failed may have landed all the same.
             left.wrote(marker, saved);
+            if let Some(handing) = handing.as_ref().filter(|_| saved != Some(false)) {
+                // Taken over: this refresh presents it, or puts it back unpresented (a
+                // marker the fence refused leaves it pending).
+                hand_in_taken(inner, handing);
+            }
             match saved {
                 Some(true) => Sharing::Shared(Some(token)),
                 Some(false) => {

@@ -485,8 +485,15 @@ impl<P: CredentialSource> Sink for Inner<P> {
             .filter(|_| credential.refresh_token().is_some())
             .map(|store| (Arc::clone(store), credential.clone()));
         let entry = self.install(&mut state, credential, Instant::now());
+        // A pair handed in is the fleet's newest session: shared through the store, or
+        // presented by this process's next refresh if that comes first.
+        if let Some((_, credential)) = &shared {
+            state.handing = Some(kept::Handing {
+                generation: entry.generation,
+                credential: credential.clone(),
+            });
+        }
         drop(state);
-        // A pair handed in is the fleet's newest session: shared through the store.
         if let Some((store, credential)) = shared {
             let task = kept::hand_in(
                 self.me.clone(),
@@ -717,6 +724,8 @@ struct State {
     /// What a lease holder's fetch that outlived its flight brought (see `Late`), until
     /// a credential is installed.
     late: Option<Late>,
+    /// A pair handed in that has not reached the store yet (see `kept::hand_in`).
+    handing: Option<kept::Handing>,
     /// Consecutive rejections of credentials younger than [`YOUNG_CREDENTIAL_AGE`], and
     /// when the next one may cause a fetch.
     fresh_rejections: u32,
