@@ -178,7 +178,9 @@ pub fn redirect_policy() -> reqwest::redirect::Policy {
 /// Adds cached credentials to `reqwest` requests and replays once on rejection. See the
 /// [module docs](self).
 pub struct AuthMiddleware<P> {
-    cache: CredentialCache<P>,
+    /// Counted once per request (see `CacheRef`): a clone of the cache itself would
+    /// count its users too.
+    cache: Arc<CredentialCache<P>>,
     policy: Policy,
     scope: Option<Arc<Scope>>,
     /// The proxies a reqwest client built with its defaults takes from the environment,
@@ -220,7 +222,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     /// A middleware over an existing cache, shared with whatever else uses it.
     pub fn with_cache(cache: CredentialCache<P>) -> Self {
         AuthMiddleware {
-            cache,
+            cache: Arc::new(cache),
             policy: Policy::default(),
             scope: None,
             env_proxies: crate::policy::env_proxies(),
@@ -230,7 +232,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     /// A middleware sharing `layer`'s cache and settings.
     pub fn from_layer<M>(layer: &AuthLayer<P, M>) -> Self {
         AuthMiddleware {
-            cache: layer.cache().clone(),
+            cache: Arc::new(layer.cache().clone()),
             policy: layer.policy(),
             scope: layer.scope(),
             env_proxies: crate::policy::env_proxies(),
@@ -777,7 +779,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
                 },
                 req,
                 || self.cache.current(),
-                || CacheRef::Shared(self.cache.clone()),
+                || CacheRef::Local(Arc::clone(&self.cache)),
             ));
             let res = loop {
                 if let Some(sending) = Exchange::send_outgoing(&exchange, &next, extensions) {

@@ -268,3 +268,199 @@ async fn warm_up_reports_a_failed_cold_start() {
     layer.warm_up().await.unwrap();
     assert_eq!(source.fetches(), 2);
 }
+
+/// World: keep-warm over a store (a fleet of one), fetch timeout 5 s, backoff 1 s up to
+/// `backoff_max`; the token endpoint hangs from the keep-warm refresh on, and the last
+/// clone is dropped while that refresh is at the endpoint. The lease holder's fetch goes
+/// on past its flight's deadline (`finish_late`), holding the cache for its own task.
+/// Proves (review 67): the source is asked no more once the last clone went (that task
+/// does not count as a user, so its failure's retry does not start another refresh that
+/// holds the cache in turn), and no task of the cache is left.
+async fn dropped_over_a_store_with_a_hung_endpoint(backoff_max: Duration) {
+    let baseline = alive_tasks();
+    let source = TestSource::gated(Some(Duration::from_secs(100)));
+    source.release(1);
+    let cache = CredentialCache::builder(source.clone())
+        .window_jitter(0.0)
+        .fetch_timeout(Duration::from_secs(5))
+        .backoff(Duration::from_secs(1), backoff_max)
+        .store(tower_client_auth::MemoryStore::new())
+        .keep_warm(true)
+        .build()
+        .unwrap();
+    cache.warm_up().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(76)).await;
+    settle().await;
+    assert_eq!(
+        source.fetches(),
+        2,
+        "the keep-warm refresh is at the endpoint"
+    );
+    let dropped = Instant::now();
+    drop(cache);
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    settle().await;
+    let since: Vec<_> = (source.log().iter())
+        .filter(|(at, _)| *at > dropped)
+        .map(|(at, _)| *at - dropped)
+        .collect();
+    assert!(
+        since.is_empty(),
+        "the source was asked after the last clone went: {since:?}"
+    );
+    assert_eq!(alive_tasks(), baseline, "a task outlived the cache");
+}
+
+/// World: `dropped_over_a_store_with_a_hung_endpoint`, with a backoff that can outgrow
+/// the fetch timeout (up to 8 s).
+#[tokio::test(start_paused = true)]
+async fn keep_warm_over_a_store_stops_with_the_last_clone() {
+    dropped_over_a_store_with_a_hung_endpoint(Duration::from_secs(8)).await;
+}
+
+/// World: `dropped_over_a_store_with_a_hung_endpoint`, with a backoff shorter than the
+/// fetch timeout (up to 4 s): before the fix, the dropped cache asked the endpoint
+/// every few seconds for good.
+#[tokio::test(start_paused = true)]
+async fn keep_warm_over_a_store_with_a_short_backoff_stops_with_the_last_clone() {
+    dropped_over_a_store_with_a_hung_endpoint(Duration::from_secs(4)).await;
+}
+
+/// World: a credential installed on runtime A (8 s token: soft window at 6 s, hard at
+/// 7.6 s; backoff 100 to 200 ms); A's background refresh (keep-warm's, or a request's in
+/// the soft window) is at the token endpoint when A shuts down, which cancels it; the
+/// endpoint recovers, and the application goes on with the cache on runtime B, asking
+/// for the credential every 50 ms from 6.6 s to 7.3 s (past that refresh's backoff,
+/// before the hard window). Real time. Returns the fetches made by then.
+fn background_refresh_cancelled_with_its_runtime(keep_warm: bool) -> usize {
+    let source = TestSource::gated(Some(Duration::from_secs(8)));
+    source.release(1);
+    let cache = CredentialCache::builder(source.clone())
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(100), Duration::from_millis(200))
+        .keep_warm(keep_warm)
+        .build()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let a = runtime();
+    a.block_on(async {
+        cache.warm_up().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(6300)).await;
+        if !keep_warm {
+            // A request in the soft window starts the background refresh.
+            cache.credential().await.unwrap();
+        }
+        settle().await;
+    });
+    assert_eq!(
+        source.fetches(),
+        2,
+        "the background refresh is at the endpoint"
+    );
+    drop(a);
+    source.release(100);
+    runtime().block_on(async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        while start.elapsed() < Duration::from_millis(7300) {
+            tokio::time::timeout(Duration::from_secs(5), cache.credential())
+                .await
+                .expect("a request in the soft window waited")
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        source.fetches()
+    })
+}
+
+/// World: `background_refresh_cancelled_with_its_runtime`, keep-warm's refresh
+/// cancelled. Proves (review 67): the cancelled refresh's claim on the soft window is
+/// given back (its timer was refused by the runtime shutting down): a caller on B
+/// starts the background refresh once the backoff is over, rather than nothing until
+/// the hard window makes every caller wait.
+#[test]
+fn a_keep_warm_refresh_cancelled_with_its_runtime_leaves_no_claim() {
+    let fetches = background_refresh_cancelled_with_its_runtime(true);
+    assert!(
+        fetches > 2,
+        "no background refresh after the cancelled one ({fetches})"
+    );
+}
+
+/// World: as above, a request's background refresh cancelled (no keep-warm). Proves
+/// (review 67): the same.
+#[test]
+fn a_background_refresh_cancelled_with_its_runtime_leaves_no_claim() {
+    let fetches = background_refresh_cancelled_with_its_runtime(false);
+    assert!(
+        fetches > 2,
+        "no background refresh after the cancelled one ({fetches})"
+    );
+}
+
+/// World: keep-warm's refresh held at the token endpoint while every other entry point
+/// piles on: an invalidation, requests, a credential handed over (`replace`), its
+/// rejection, another invalidation, more requests; then the endpoint answers one fetch
+/// at a time. Proves (review 67's probe): never two fetches at the endpoint at once, and
+/// every caller is answered.
+#[tokio::test(start_paused = true)]
+async fn keep_warm_racing_every_entry_point_is_one_fetch_at_a_time() {
+    let source = TestSource::gated(Some(Duration::from_secs(100)));
+    source.release(1);
+    let cache = cache(&source, true);
+    cache.warm_up().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(76)).await;
+    settle().await;
+    assert_eq!(
+        source.fetches(),
+        2,
+        "keep-warm's refresh is at the endpoint"
+    );
+    let handle = cache.handle();
+    let asking = |tasks: &mut Vec<tokio::task::JoinHandle<_>>| {
+        for _ in 0..3 {
+            let cache = cache.clone();
+            tasks.push(tokio::spawn(
+                async move { cache.credential().await.map(drop) },
+            ));
+        }
+    };
+    let mut tasks = Vec::new();
+    handle.invalidate();
+    asking(&mut tasks);
+    settle().await;
+    let handed = tower_client_auth::Credential::bearer("handed")
+        .unwrap()
+        .expires_in(Duration::from_secs(100));
+    handle.replace(handed.clone()).unwrap();
+    let rejecting = cache.clone();
+    tasks.push(tokio::spawn(async move {
+        rejecting.reject(&handed).await.map(drop)
+    }));
+    settle().await;
+    handle.invalidate();
+    asking(&mut tasks);
+    settle().await;
+    for _ in 0..10 {
+        source.release(1);
+        settle().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("a caller was never answered")
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        source.max_in_flight(),
+        1,
+        "two fetches at the endpoint at once"
+    );
+}

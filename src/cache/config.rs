@@ -5,7 +5,7 @@ use std::{
     fmt,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, AtomicU64},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize},
     },
     time::Duration,
 };
@@ -234,8 +234,12 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
     /// - It keeps the credential the cache holds: an empty cache fills on the first request
     ///   or [`CredentialCache::warm_up`].
     /// - Its timer is the credential's own aging timer: it ends with the last clone of the
-    ///   cache (a refresh already at the token endpoint finishes first, within the fetch
-    ///   timeout), and a refresh runs on the runtime that installed the credential.
+    ///   cache, and a refresh runs on the runtime that installed the credential (a
+    ///   credential handed over with [`CacheHandle::replace`](crate::CacheHandle::replace)
+    ///   outside a runtime has no timer, and is left to requests). A refresh already at
+    ///   the token endpoint finishes first: within the fetch timeout, or with a store
+    ///   within twice that (a lease holder's fetch goes on past its flight's deadline);
+    ///   none starts once the last clone went.
     ///
     /// [`RefreshMode::Proactive`]: crate::RefreshMode::Proactive
     pub fn keep_warm(mut self, keep_warm: bool) -> Self {
@@ -295,6 +299,7 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
             accepted: AtomicU64::new(0),
             source_gate: Arc::default(),
             kept: Arc::default(),
+            users: AtomicUsize::new(1),
         });
         let weak: Weak<Inner<P>> = Arc::downgrade(&inner);
         inner.source.attach(CacheHandle::new(weak));

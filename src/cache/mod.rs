@@ -78,7 +78,7 @@ use std::{
     fmt,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -127,9 +127,16 @@ pub struct CredentialCache<P> {
 
 impl<P> Clone for CredentialCache<P> {
     fn clone(&self) -> Self {
+        self.inner.users.fetch_add(1, Ordering::Relaxed);
         CredentialCache {
             inner: self.inner.clone(),
         }
+    }
+}
+
+impl<P> Drop for CredentialCache<P> {
+    fn drop(&mut self) {
+        self.inner.users.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -452,9 +459,16 @@ impl<P: CredentialSource> CredentialCache<P> {
 /// (or, past it, the refresh a request would wait for). An entry replaced or invalidated
 /// meanwhile has its own timer, or none.
 fn keep_warm<P: CredentialSource>(cache: &Weak<Inner<P>>, generation: u64) {
-    let Some(inner) = cache.upgrade() else {
+    // Alive for no user but its own tasks (a lease holder's late fetch, say): such a
+    // refresh would hold it alive in turn, past every user, for as long as the endpoint
+    // fails.
+    let Some(inner) = cache
+        .upgrade()
+        .filter(|inner| inner.users.load(Ordering::Acquire) > 0)
+    else {
         return;
     };
+    inner.users.fetch_add(1, Ordering::Relaxed);
     let cache = CredentialCache { inner };
     let current = cache.inner.current.load_full();
     if let Some(entry) = current.filter(|e| e.generation == generation) {
@@ -602,6 +616,11 @@ struct Inner<P> {
     /// saved (`kept::keep_saving`); a flight of this process that finds the lease held
     /// takes both from here. Shared with the task keeping it, which outlives the cache.
     kept: kept::KeptSlot,
+    /// How many [`CredentialCache`] clones exist: the cache's users. The cache's own
+    /// tasks (a flight, a lease holder's late fetch, a kept pair's round) hold it
+    /// strongly too, for a bounded time each; keep-warm refreshes only while a user is
+    /// left, so that those tasks cannot keep one another going once the last user went.
+    users: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -1064,6 +1083,10 @@ impl<P: CredentialSource> Inner<P> {
     /// then. The timer goes with the entry.
     fn rearm_background(&self, entry: &Arc<Entry>, retry_at: Instant) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No timer to give the claim back: given back now. A caller in the soft
+            // window claims it again and is held to the backoff (`plan`, which re-arms
+            // on that caller's runtime).
+            entry.background_claimed.store(false, Ordering::Release);
             return;
         };
         let weak = Arc::downgrade(entry);
@@ -1079,6 +1102,12 @@ impl<P: CredentialSource> Inner<P> {
                 keep_warm(&cache, generation);
             }
         });
+        if task.is_finished() {
+            // Refused by a runtime shutting down (which cancels the flight that failed):
+            // given back now, as above, or no caller on another runtime would refresh
+            // the entry before its hard window.
+            entry.background_claimed.store(false, Ordering::Release);
+        }
         let mut rearm = entry.rearm.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(previous) = rearm.replace(task.abort_handle()) {
             previous.abort();

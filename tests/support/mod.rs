@@ -37,6 +37,9 @@ pub struct TestSource {
 
 struct SourceState {
     fetches: AtomicUsize,
+    /// Fetches under way now, and the most ever at once.
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
     lifetime: Option<Duration>,
     delay: Duration,
     gate: Option<Semaphore>,
@@ -59,6 +62,8 @@ impl TestSource {
         TestSource {
             inner: Arc::new(SourceState {
                 fetches: AtomicUsize::new(0),
+                in_flight: AtomicUsize::new(0),
+                max_in_flight: AtomicUsize::new(0),
                 lifetime,
                 delay,
                 gate: gated.then(|| Semaphore::new(0)),
@@ -88,6 +93,12 @@ impl TestSource {
         self.inner.fetches.load(Ordering::SeqCst)
     }
 
+    /// The most fetches that were ever under way at once (a cancelled one ends when
+    /// it is dropped).
+    pub fn max_in_flight(&self) -> usize {
+        self.inner.max_in_flight.load(Ordering::SeqCst)
+    }
+
     /// Lets `n` gated fetches finish.
     pub fn release(&self, n: usize) {
         self.inner
@@ -110,6 +121,15 @@ impl TestSource {
 impl CredentialSource for TestSource {
     async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
         let n = self.inner.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+        struct InFlight<'a>(&'a AtomicUsize);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let now = self.inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let _in_flight = InFlight(&self.inner.in_flight);
+        self.inner.max_in_flight.fetch_max(now, Ordering::SeqCst);
         self.inner
             .log
             .lock()
