@@ -252,6 +252,40 @@ async fn keep_warm_does_not_spin_on_credentials_born_old() {
     assert_eq!(source.0.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
 
+/// World: an issuer that hands out tokens it minted a while ago: each arrives with 31 s
+/// left of its 100 s, just before its soft window (the last 25 s) opens; keep-warm, no
+/// request for 10 minutes. Proves (review 67): keep-warm refreshes such a credential
+/// once, and leaves the next to requests, since it gained hardly any life: it does not
+/// ask the issuer at the soft window's pace for good (171 requests in 10 minutes before).
+#[tokio::test(start_paused = true)]
+async fn keep_warm_does_not_spin_on_credentials_born_just_before_their_soft_window() {
+    #[derive(Clone, Default)]
+    struct Aged(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl tower_client_auth::CredentialSource for Aged {
+        async fn fetch(
+            &self,
+            _: tower_client_auth::FetchContext,
+        ) -> Result<tower_client_auth::Credential, tower_client_auth::BoxError> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let issued = std::time::SystemTime::now() - Duration::from_secs(69);
+            Ok(tower_client_auth::Credential::bearer(format!("aged-{n}"))?
+                .lives(issued, Duration::from_secs(100)))
+        }
+    }
+    let source = Aged::default();
+    let cache = CredentialCache::builder(source.clone())
+        .window_jitter(0.0)
+        .keep_warm(true)
+        .build()
+        .unwrap();
+    cache.warm_up().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    settle().await;
+    assert_eq!(source.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+    cache.credential().await.unwrap();
+    assert_eq!(source.0.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
 /// World: `warm_up` on a layer whose token endpoint fails. Proves: the cold start's
 /// error is the typed one a request would get, and a later request fetches on the
 /// backoff's terms.

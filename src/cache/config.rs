@@ -230,7 +230,9 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
     /// - A failed refresh is tried again on the backoff's schedule, as any refresh. A
     ///   credential that arrives already inside its soft window (a source handing out a
     ///   token it cached, one loaded from a store late in its life) is left to requests:
-    ///   refreshing it in the background could bring another one just as old.
+    ///   refreshing it in the background could bring another one just as old. So is
+    ///   one that arrives just before its window, fresh for less time than the window
+    ///   lasts, when it outlives the credential it replaced by less than that too.
     /// - It keeps the credential the cache holds: an empty cache fills on the first request
     ///   or [`CredentialCache::warm_up`].
     /// - Its timer is the credential's own aging timer: it ends with the last clone of the

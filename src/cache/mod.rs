@@ -947,8 +947,23 @@ impl<P: CredentialSource> Inner<P> {
         // sooner than the backoff base after this entry arrived. An entry born inside
         // its soft window (a source handing out a token it cached, one loaded late in
         // its life) has no timer, and is left to requests: refreshing it in the
-        // background could bring another one just as old, a loop.
-        let warm = (self.config.keep_warm && self.mode == RefreshMode::Proactive).then(|| {
+        // background could bring another one just as old, a loop. So is one born old
+        // just before its window, fresh for less time than its window lasts, that
+        // outlives the entry it follows by less than that too: the refresh of such an
+        // issuer's token brought one hardly younger, and the next would be as old
+        // again, a loop at the window's pace.
+        let born_old = |(_, soft_at, ..): (SystemTime, Instant, SystemTime, Instant)| {
+            let Some(expires) = expires_at else {
+                return false;
+            };
+            let window = expires.saturating_duration_since(soft_at);
+            let gained = (self.current.load().as_ref())
+                .and_then(|previous| previous.expires_at)
+                .is_none_or(|previous| expires.saturating_duration_since(previous) >= window);
+            soft_at.saturating_duration_since(now) < window && !gained
+        };
+        let warm_mode = self.config.keep_warm && self.mode == RefreshMode::Proactive;
+        let warm = (warm_mode && !windows.is_some_and(born_old)).then(|| {
             (
                 self.me.clone(),
                 saturating_add(now, self.config.backoff_base),
