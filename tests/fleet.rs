@@ -3989,6 +3989,184 @@ async fn a_pair_handed_in_during_a_flight_holding_the_lease_reaches_the_store() 
     assert_eq!(source.0.logins.load(SeqCst), 1);
 }
 
+/// Whether `rt-h`, handed in to A, reached the fleet: presented (once), or in the store.
+async fn rt_h_not_lost(source: &Rotating, store: &FaultStore, got: &Credential) {
+    let presented = source.spent.lock().unwrap().contains("rt-h");
+    let stored = store.stored_refresh_token().await;
+    assert!(
+        presented || stored.as_deref() == Some("rt-h"),
+        "rt-h, the pending hand-in, was neither presented nor saved: spent {:?}, A serves {}, \
+         the store holds {stored:?}",
+        source.spent.lock().unwrap(),
+        shown(got)
+    );
+    assert_eq!(source.reused.load(SeqCst), 0);
+}
+
+/// The world of the two tests below: A logged in (`a0`/`rt0`); the store refuses pairs,
+/// so A's refresh of `rt0` brings `a1`/`rt1`, kept under A's lease to be saved.
+async fn a_keeping_rt1() -> (Rotating, FaultStore, CredentialCache<Rotating>) {
+    let (source, store, a) = a_logged_in().await;
+    store.faults().refusing_pairs.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a1 = a.credential().await.unwrap();
+    assert_eq!(a1.refresh_token().map(|t| t.expose()), Some("rt1"));
+    (source, store, a)
+}
+
+/// World: `a_keeping_rt1`; then `h`/`rt-h` is handed in and at once a credential without
+/// a refresh token (`x`), so no newer refresh token is installed and the hand-in stays
+/// pending; `x` is invalidated, so A refreshes; later the store takes pairs. Proves
+/// (review 68): the pending hand-in is newer than the kept pair (its refresh began
+/// before): A's refresh presents `rt-h`, not `rt1`; `rt-h` is not lost.
+#[tokio::test]
+async fn a_pending_hand_in_is_presented_rather_than_an_older_kept_pair() {
+    let (source, store, a) = a_keeping_rt1().await;
+    assert!(a.handle().replace(pair_h()).unwrap());
+    let x = Credential::bearer("x").unwrap();
+    assert!(a.handle().replace(x.clone()).unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(a.handle().invalidate_if(&x));
+    let got = a.credential().await.unwrap();
+    store.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    rt_h_not_lost(&source, &store, &got).await;
+}
+
+/// World: `a_keeping_rt1`; a round of the task keeping `rt1` hangs in its renewal when
+/// `h`/`rt-h` is handed in; the store goes down and `h` is invalidated: A's refresh
+/// logs in, told the store does not answer, and installs `a2` without a refresh token.
+/// The store comes back (still refusing pairs); `a2` is invalidated, so A refreshes
+/// again; later the store takes pairs. Proves (review 68): A's next refresh presents
+/// the pending hand-in, not the older kept `rt1`; `rt-h` is not lost.
+#[tokio::test]
+async fn a_pending_hand_in_beats_an_older_kept_pair_after_an_outage_login() {
+    let (source, store, a) = a_keeping_rt1().await;
+    store.faults().renews.close();
+    store.faults().renews.arrived().await;
+    assert!(a.handle().replace(pair_h()).unwrap());
+    store.faults().down.store(true, SeqCst);
+    assert!(a.handle().invalidate());
+    let a2 = a.credential().await.unwrap();
+    assert!(
+        a2.refresh_token().is_none(),
+        "an outage login keeps no refresh token"
+    );
+    store.faults().down.store(false, SeqCst);
+    store.faults().renews.open();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(a.handle().invalidate_if(&a2));
+    let got = a.credential().await.unwrap();
+    store.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    rt_h_not_lost(&source, &store, &got).await;
+}
+
+/// World: A logged in (`a0`/`rt0`); process B holds the refresh lease (its refresh
+/// under way); `h`/`rt-h` is handed in to A and A's cache is dropped right after (a
+/// short-lived process handing a session to the fleet as it exits); B gives the lease
+/// back 400 ms later without a save. Proves (review 68): `rt-h` reaches the store all
+/// the same (its task tries on for a fetch timeout after the cache went).
+#[tokio::test]
+async fn a_pair_handed_in_as_the_cache_goes_while_the_lease_is_held_reaches_the_store() {
+    let source = Rotating::default();
+    let memory = MemoryStore::default();
+    let store = FaultStore::over(memory.clone());
+    let a = source.cache(store.clone());
+    a.credential().await.unwrap();
+    let b_lease = memory
+        .lease(Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(a.handle().replace(pair_h()).unwrap());
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    memory.release(&b_lease).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        store.stored_refresh_token().await.as_deref(),
+        Some("rt-h"),
+        "the handed-in pair never reached the store"
+    );
+    assert!(store.lease_free().await);
+}
+
+/// World: A logged in; `h`/`rt-h` handed in from outside a runtime (no task saves it:
+/// it stays pending), then invalidated; A's refresh takes the lease, and the save of
+/// the marker (taking `rt-h` out) lands but its reply is lost. Proves (review 68):
+/// `rt-h`, never in the store (no other process can hold it), is presented rather than
+/// abandoned for a login; one login.
+#[tokio::test]
+async fn a_hand_in_whose_marker_reply_is_lost_is_not_abandoned_for_a_login() {
+    let (source, store, a) = a_logged_in().await;
+    let handle = a.handle();
+    std::thread::spawn(move || assert!(handle.replace(pair_h()).unwrap()))
+        .join()
+        .unwrap();
+    assert!(a.handle().invalidate());
+    store.faults().lost_marker_replies.store(true, SeqCst);
+    let got = a.credential().await.unwrap();
+    store.faults().lost_marker_replies.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        source.spent.lock().unwrap().contains("rt-h"),
+        "A serves {}",
+        shown(&got)
+    );
+    assert_eq!(source.logins.load(SeqCst), 1, "logged in again");
+    assert_eq!(source.reused.load(SeqCst), 0);
+}
+
+/// World: A logged in, fetch timeout 400 ms; A's refresh (a 700 ms exchange) goes past
+/// its deadline and goes on under the lease (`finish_late`, which saves the older
+/// session's `a1`/`rt1`); meanwhile `h`/`rt-h` is handed in and invalidated, and A asks
+/// until it gets a credential. Proves (review 68's probe): the pending hand-in is
+/// presented by A's next refresh, not given up for the late fetch's pair; the store
+/// ends with what A serves; no reuse, one login.
+#[tokio::test]
+async fn a_hand_in_while_a_late_fetch_holds_the_lease_is_presented() {
+    let source = Paced::default();
+    let store = FaultStore::new();
+    let a = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    source
+        .delays
+        .lock()
+        .unwrap()
+        .extend([Duration::ZERO, Duration::from_millis(700)]);
+    a.credential().await.unwrap();
+    assert!(a.handle().invalidate());
+    assert!(a.credential().await.is_err(), "the refresh went late");
+    assert!(a.handle().replace(pair_h()).unwrap());
+    assert!(a.handle().invalidate());
+    let mut got = None;
+    for _ in 0..40 {
+        if let Ok(credential) = a.credential().await {
+            got = Some(credential);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = got.expect("A got a credential");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rotating = &source.rotating;
+    assert!(
+        rotating.spent.lock().unwrap().contains("rt-h"),
+        "A serves {}",
+        shown(&got)
+    );
+    assert_eq!(
+        store.stored_refresh_token().await.as_deref(),
+        got.refresh_token().map(|token| token.expose())
+    );
+    assert_eq!(rotating.reused.load(SeqCst), 0);
+    assert_eq!(rotating.logins.load(SeqCst), 1);
+}
+
 /// World: A logged in (`a0`/`rt0` in the store); a pair `h`/`rt-h` is handed in from a
 /// thread outside any Tokio runtime (no task can be spawned to save it), then `h` is
 /// invalidated and A refreshes. Proves: the pair reaches the fleet all the same: A's

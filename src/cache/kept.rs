@@ -458,14 +458,26 @@ fn adopt<P: CredentialSource>(inner: &Inner<P>, kept: Kept, step_up: bool) -> Op
 
 /// Whether the cache now holds a credential carrying another refresh token than
 /// `credential`'s, installed since the refresh that brought `credential` began (`born`,
-/// a generation): then `credential`'s was spent to get it, or handed in newer. Not one
-/// installed before: that pair is older (still current while the answers of one or more
-/// refreshes, refused on arrival or late, never became current).
-pub(super) fn superseded<P>(inner: &Inner<P>, credential: &Credential, born: u64) -> bool {
-    inner.current.load().as_ref().is_some_and(|entry| {
-        let current = entry.credential.refresh_token();
-        entry.generation >= born && current.is_some() && current != credential.refresh_token()
-    })
+/// a generation): then `credential`'s was spent to get it, or handed in newer; or a pair
+/// handed in since is pending. Not one installed before: that pair is older (still
+/// current while the answers of one or more refreshes, refused on arrival or late, never
+/// became current).
+pub(super) fn superseded<P: CredentialSource>(
+    inner: &Inner<P>,
+    credential: &Credential,
+    born: u64,
+) -> bool {
+    let newer = |generation: u64, other: &Credential| {
+        generation >= born
+            && other.refresh_token().is_some()
+            && other.refresh_token() != credential.refresh_token()
+    };
+    (inner.current.load().as_ref()).is_some_and(|entry| newer(entry.generation, &entry.credential))
+        // A pair handed in since, still pending: the current credential may carry no
+        // refresh token (another replaced it, a login in an outage), and the hand-in is
+        // newer all the same.
+        || (inner.lock_state().handing.as_ref())
+            .is_some_and(|handing| newer(handing.generation, &handing.credential))
 }
 
 /// A pair handed in (`CacheHandle::replace`) that carries a refresh token, with a store,
@@ -474,34 +486,49 @@ pub(super) struct Handing {
     /// The generation it was installed under.
     pub(super) generation: u64,
     pub(super) credential: Credential,
+    /// Set once it is no longer pending (see [`Handing::end`]): read by its [`hand_in`]
+    /// task, which may outlive the cache.
+    pub(super) over: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// The pair handed in that has not reached the store, unless a newer refresh token is
-/// installed here since (a step-up's login, another hand-in). While it is pending, a
-/// flight of this process that needs a refresh takes no pair from the store (an older
-/// session's: a refresh another process began before the hand-in may save one) and, once
-/// it holds the lease, presents this pair's refresh token instead of the store's (see
-/// `lease::holding`), as it takes a kept pair over.
+impl Handing {
+    pub(super) fn new(generation: u64, credential: Credential) -> Self {
+        Handing {
+            generation,
+            credential,
+            over: Arc::default(),
+        }
+    }
+
+    /// No longer pending: saved or kept by its task, taken over by a flight (which
+    /// presents its refresh token or puts it back), or superseded by a newer refresh
+    /// token installed here (another hand-in, a step-up's login): its task saves nothing
+    /// from now on.
+    pub(super) fn end(self) {
+        self.over.store(true, Ordering::Release);
+    }
+}
+
+/// The pair handed in that has not reached the store. While it is pending, a flight of
+/// this process that needs a refresh takes no pair from the store (an older session's: a
+/// refresh another process began before the hand-in may save one), nor a pair kept here
+/// from a refresh that began before it (see [`superseded`]), and, once it holds the
+/// lease, presents this pair's refresh token (see `lease::holding`), as it takes a kept
+/// pair over.
 pub(super) fn pending_hand_in<P: CredentialSource>(inner: &Inner<P>) -> Option<Credential> {
-    let state = inner.lock_state();
-    let handing = state.handing.as_ref()?;
-    (!superseded(inner, &handing.credential, handing.generation))
-        .then(|| handing.credential.clone())
+    (inner.lock_state().handing.as_ref()).map(|handing| handing.credential.clone())
 }
 
 /// The pending hand-in of `credential` is over (if it is still that one's): saved,
 /// kept, or taken over by a flight.
 pub(super) fn hand_in_taken<P: CredentialSource>(inner: &Inner<P>, credential: &Credential) {
     let mut state = inner.lock_state();
-    state
+    if let Some(handing) = state
         .handing
-        .take_if(|handing| handing.credential == *credential);
-}
-
-/// Whether the hand-in of `generation` is still pending: no flight took it over, and
-/// no other was handed in since.
-fn handing_still<P: CredentialSource>(inner: &Inner<P>, generation: u64) -> bool {
-    (inner.lock_state().handing.as_ref()).is_some_and(|handing| handing.generation == generation)
+        .take_if(|handing| handing.credential == *credential)
+    {
+        handing.end();
+    }
 }
 
 /// A pair handed in (`CacheHandle::replace`) that carries a refresh token, with a store:
@@ -509,27 +536,27 @@ fn handing_still<P: CredentialSource>(inner: &Inner<P>, generation: u64) -> bool
 /// brought. The refresh lease is taken once it is free (another holder's refresh ends
 /// first; a pair kept here gives way to this newer one at its task's next round, nudged
 /// now), the store is looked at, and the pair saved under the lease; a save the store
-/// does not take is kept ([`keep_saving`]). Given up when a newer refresh token is
-/// installed here first (another handed in, a step-up's login), when a flight of this
-/// process took the pair over (see [`pending_hand_in`]: it presents or saves the pair's
-/// refresh token itself), or when the cache goes; a cache dropped right after the
-/// hand-in waits for the first round (`first`, the cache held for that round only: a
-/// process handing a session to the fleet as it exits still hands it).
+/// does not take is kept ([`keep_saving`]). Given up once the hand-in is over (`over`:
+/// see [`Handing::end`]). A cache dropped before the pair is saved (a process handing a
+/// session to the fleet as it exits) leaves one fetch timeout to save it
+/// ([`last_hand_in`]).
 pub(super) async fn hand_in<P: CredentialSource>(
     inner: std::sync::Weak<Inner<P>>,
-    mut first: Option<Arc<Inner<P>>>,
     store: Arc<dyn crate::store::DynStore>,
     credential: Credential,
     born: u64,
+    over: Arc<std::sync::atomic::AtomicBool>,
+    (fetch_timeout, hold): (std::time::Duration, std::time::Duration),
 ) {
     let mut pause = LEASE_POLL_FIRST;
     loop {
-        let Some(cache) = first.take().or_else(|| inner.upgrade()) else {
-            return;
-        };
-        if superseded(&cache, &credential, born) || !handing_still(&cache, born) {
+        if over.load(Ordering::Acquire) {
             return;
         }
+        let Some(cache) = inner.upgrade() else {
+            let until = saturating_add(Instant::now(), fetch_timeout);
+            return last_hand_in(store.as_ref(), &credential, &over, until, hold).await;
+        };
         if let Ok(slot) = cache.kept.try_lock() {
             if let Some(kept) = slot.as_ref() {
                 kept.nudge.notify_one();
@@ -539,7 +566,7 @@ pub(super) async fn hand_in<P: CredentialSource>(
         let lease = store_call(&cache, deadline, "lease", store.lease(lease_hold(&cache))).await;
         let answered = lease.is_some();
         if let Some(Some(lease)) = lease {
-            if !handing_still(&cache, born) {
+            if over.load(Ordering::Acquire) {
                 // A flight of this process took the pair over while the lease was free
                 // (it presented or saved the refresh token): saving it now would hand
                 // the fleet a spent token.
@@ -573,6 +600,36 @@ pub(super) async fn hand_in<P: CredentialSource>(
             SAVE_RETRY_MAX
         });
     }
+}
+
+/// [`hand_in`] once its cache went before the pair was saved: the lease taken as soon as
+/// it is free and the pair saved under it, until `until`. No flight of this process can
+/// take it over any more; its access token goes marked expired (the cache that could
+/// tell whether it was dropped is gone), as a kept pair's does in [`last_save`].
+async fn last_hand_in(
+    store: &dyn crate::store::DynStore,
+    credential: &Credential,
+    over: &std::sync::atomic::AtomicBool,
+    until: Instant,
+    hold: std::time::Duration,
+) {
+    let saving = spent(credential);
+    let mut pause = LEASE_POLL_FIRST;
+    while !over.load(Ordering::Acquire) && Instant::now() < until {
+        if let Ok(Ok(Some(lease))) = tokio::time::timeout_at(until, store.lease(hold)).await {
+            let saved = tokio::time::timeout_at(until, store.save(&lease, &saving)).await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(500), store.release(&lease))
+                    .await;
+            if let Ok(Ok(true)) = saved {
+                tracing::debug!("the pair handed in is saved for the fleet as its cache goes");
+                return;
+            }
+        }
+        tokio::time::sleep_until(saturating_add(Instant::now(), pause).min(until)).await;
+        pause = (pause * 2).min(LEASE_POLL_MAX);
+    }
+    tracing::warn!("the cache was dropped before the pair handed in could be saved");
 }
 
 /// Saves `pair` under `lease` by `until`, as [`keep_saving`] and [`hand_in`] do. A pair

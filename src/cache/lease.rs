@@ -314,7 +314,8 @@ async fn holding<P: CredentialSource>(
     let step_up = cx.reason() == FetchReason::StepUp;
     // A pair handed in here and not yet in the store: newer than anything the store
     // holds, and this refresh presents its refresh token. A kept pair taken over is
-    // newer still (it was not superseded by the hand-in's install).
+    // newer still: one from a refresh that began before the hand-in is superseded by it
+    // (see `kept::superseded`), and not taken over.
     let handing = match took {
         _ if step_up => None,
         Took::Kept(_) => None,
@@ -411,6 +412,9 @@ async fn holding<P: CredentialSource>(
                         ..Holding::ended(timeout, Saved::Fenced)
                     };
                 }
+                // A pending hand-in was never in the store: no other process can
+                // hold its refresh token, whether or not the marker landed.
+                None if handing.is_some() => Sharing::Shared(Some(token)),
                 None => Sharing::StoreUnavailable,
             }
         }

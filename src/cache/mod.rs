@@ -501,20 +501,23 @@ impl<P: CredentialSource> Sink for Inner<P> {
         let entry = self.install(&mut state, credential, Instant::now());
         // A pair handed in is the fleet's newest session: shared through the store, or
         // presented by this process's next refresh if that comes first.
-        if let Some((_, credential)) = &shared {
-            state.handing = Some(kept::Handing {
-                generation: entry.generation,
-                credential: credential.clone(),
-            });
-        }
+        let handing = shared.as_ref().map(|(_, credential)| {
+            let handing = kept::Handing::new(entry.generation, credential.clone());
+            let over = Arc::clone(&handing.over);
+            if let Some(older) = state.handing.replace(handing) {
+                older.end();
+            }
+            over
+        });
         drop(state);
-        if let Some((store, credential)) = shared {
+        if let (Some((store, credential)), Some(over)) = (shared, handing) {
             let task = kept::hand_in(
                 self.me.clone(),
-                self.me.upgrade(),
                 store,
                 credential,
                 entry.generation,
+                over,
+                (self.config.fetch_timeout, lease::lease_hold(self)),
             );
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => drop(runtime.spawn(task)),
@@ -905,6 +908,18 @@ impl<P: CredentialSource> Inner<P> {
 
     /// Makes `credential` current. Called with the state lock held.
     fn install(&self, state: &mut State, credential: Credential, now: Instant) -> Arc<Entry> {
+        // A newer refresh token than a pending hand-in's ends it (see `kept::Handing`):
+        // while one is pending, none is installed but from a refresh that began after
+        // it (one that presented its refresh token, a step-up's login) or another
+        // hand-in.
+        if credential.refresh_token().is_some() {
+            if let Some(handing) = state
+                .handing
+                .take_if(|h| h.credential.refresh_token() != credential.refresh_token())
+            {
+                handing.end();
+            }
+        }
         self.retire(state, Retired::Superseded);
         state.invalidated = None;
         state.tainted_result = None;
