@@ -91,7 +91,11 @@ impl TokenResponse {
         fields: &ResponseFields,
     ) -> Result<Self, TokenError> {
         let invalid = |detail| TokenError::new(TokenErrorKind::InvalidResponse).detail(detail);
-        let doc = document(content_type, body).ok_or_else(|| invalid("the body is not json"))?;
+        // Nothing in it can be read: the server may have acted on the request all the
+        // same (rotated a refresh token it presented), as when an answer is too large
+        // to read (`TokenError::is_outcome_unknown`).
+        let doc =
+            document(content_type, body).ok_or_else(|| invalid("the body is not json").unread())?;
         if !doc.is_object() {
             return Err(invalid("the body is not a json object"));
         }
@@ -203,14 +207,19 @@ pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
 /// server's text is kept with control characters escaped and cut to 200 characters.
 #[cfg(test)]
 pub(crate) fn parse_error_response(status: StatusCode, body: &[u8]) -> TokenError {
-    parse_error_body(status, body).scrub(&[])
+    parse_error_body(status, None, body).scrub(&[])
 }
 
 /// `parse_error_response` (the tests' shorthand) with the server's text as sent: the
 /// caller scrubs it of the request's secrets (which escapes and cuts it too) before it
 /// is shown anywhere.
-pub(crate) fn parse_error_body(status: StatusCode, body: &[u8]) -> TokenError {
-    let doc: Option<Value> = serde_json::from_slice(body).ok();
+pub(crate) fn parse_error_body(
+    status: StatusCode,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> TokenError {
+    // A server that writes form bodies writes its errors so too.
+    let doc = document(content_type, body);
     let text = |key: &str| {
         doc.as_ref()
             .and_then(|d| d.get(key))
@@ -227,15 +236,20 @@ pub(crate) fn parse_error_body(status: StatusCode, body: &[u8]) -> TokenError {
     }
 }
 
-/// Whether a 2xx body is an OAuth error instead of a token: a JSON object with a
-/// non-empty string `error` and no access token. Some servers answer a refused grant
-/// with 200.
-pub(crate) fn is_error_in_success(body: &[u8], fields: &ResponseFields) -> bool {
-    let Ok(doc) = serde_json::from_slice::<Value>(body) else {
+/// Whether a 2xx body is an OAuth error instead of a token: an object (JSON, or a form
+/// body) with a non-empty string `error` and no access token (absent, or `null` as a
+/// serialiser that writes every field of its type sends it). Some servers answer a
+/// refused grant with 200.
+pub(crate) fn is_error_in_success(
+    content_type: Option<&str>,
+    body: &[u8],
+    fields: &ResponseFields,
+) -> bool {
+    let Some(doc) = document(content_type, body) else {
         return false;
     };
     matches!(doc.get("error"), Some(Value::String(code)) if !code.is_empty())
-        && lookup(&doc, &fields.access_token).is_none()
+        && matches!(lookup(&doc, &fields.access_token), None | Some(Value::Null))
 }
 
 /// The refresh token in a 2xx body, read on its own before anything else about the body
@@ -253,7 +267,9 @@ pub(crate) fn refresh_token_in(
     }
 }
 
-/// A 2xx body as a JSON document: JSON, or a form body turned into an object.
+/// A body as a JSON document: JSON (after one UTF-8 byte order mark, which RFC 8259
+/// §8.1 lets a parser ignore and some stacks write), or a form body turned into an
+/// object.
 fn document(content_type: Option<&str>, body: &[u8]) -> Option<Value> {
     let is_form = content_type.is_some_and(|ct| {
         ct.split(';')
@@ -269,7 +285,7 @@ fn document(content_type: Option<&str>, body: &[u8]) -> Option<Value> {
                 .collect(),
         ));
     }
-    serde_json::from_slice(body).ok()
+    serde_json::from_slice(body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)).ok()
 }
 
 /// A `Retry-After` value (RFC 9110 §10.2.3): a number of seconds, or an HTTP date
@@ -451,7 +467,7 @@ mod tests {
     #[test]
     fn a_non_oauth_error_body_shows_its_start_scrubbed() {
         let body = br#"{"message":"key my-key with secret s3cr3t-val is not valid; see https://u:pw@docs.example/x?sig=abc","trace":"[31m"}"#;
-        let e = parse_error_body(StatusCode::BAD_REQUEST, body).scrub(&["s3cr3t-val".into()]);
+        let e = parse_error_body(StatusCode::BAD_REQUEST, None, body).scrub(&["s3cr3t-val".into()]);
         let shown = e.to_string();
         assert!(
             shown.starts_with("token endpoint answered 400 (body: \"{"),
@@ -465,7 +481,7 @@ mod tests {
             assert!(!shown.contains(leaked), "{leaked} in {shown}");
         }
         let long = format!("{{\"message\":\"{}\"}}", "x".repeat(10_000));
-        let e = parse_error_body(StatusCode::BAD_REQUEST, long.as_bytes()).scrub(&[]);
+        let e = parse_error_body(StatusCode::BAD_REQUEST, None, long.as_bytes()).scrub(&[]);
         assert!(e.body_start().unwrap().chars().count() <= 130, "{e}");
     }
 

@@ -156,15 +156,18 @@ const PERSIST_RETRY_MAX: Duration = Duration::from_secs(30);
 ///   early (which providers like style C refuse, forcing a login), unless it has less
 ///   than [`MIN_LIFETIME`] left. A credential the cache received, or reports as rejected
 ///   or expiring, is never handed out again.
-/// - The lifetime is the earlier of `expires_in` and the JWT `exp` claim, else
+/// - The lifetime is the earlier of `expires_in` and the JWT `exp` claim (an `exp`
+///   already past by this machine's clock is taken as a clock apart: `expires_in` alone,
+///   with a warning; a token with no `expires_in` is refused then), else
 ///   [`default_lifetime`](Self::default_lifetime), measured from the moment the response
 ///   arrived, on the cache's wall clock (the credential says when it was issued);
 ///   raised to [`MIN_LIFETIME`] and capped at
 ///   [`MAX_LIFETIME`]; then less the [`clock_skew`](Self::clock_skew) margin.
 /// - A new refresh token is kept before anything else in its answer is judged. A refresh
-///   whose outcome is unknown (no answer within the token client's timeout) drops its
-///   refresh token and logs in: it may have rotated, and presenting it again could revoke
-///   the whole family.
+///   whose outcome is unknown (no answer within the token client's timeout, a 5xx, a 2xx
+///   whose body cannot be read) drops its refresh token and logs in: it may have
+///   rotated, and presenting it again could revoke the whole family. The login waits for
+///   a `Retry-After` the answer carried.
 ///
 /// # Example
 /// ```
@@ -895,6 +898,11 @@ impl Exchange {
                     held.refresh_token = None;
                     // Whoever persists refresh tokens must not resume with this one.
                     self.persist(None, held).await;
+                    if e.retry_after_hint().is_some() {
+                        // The endpoint said when to come back (`Retry-After` on a 503):
+                        // the login waits for that too, as the next fetch.
+                        return Err(e);
+                    }
                 }
                 // Never sent (no connection), throttled, or answered in a way that
                 // shows it was not acted on: keep the refresh token (one taken from the
@@ -1055,7 +1063,8 @@ impl Exchange {
         let response = &answer.response;
         let (status, body) = (response.status(), response.body());
         let content_type = TokenClient::content_type(response);
-        let error_in_success = status.is_success() && is_error_in_success(body, &self.fields);
+        let error_in_success =
+            status.is_success() && is_error_in_success(content_type, body, &self.fields);
         if !status.is_success() || error_in_success {
             let retry_after = response
                 .headers()
@@ -1067,7 +1076,7 @@ impl Exchange {
             #[cfg(feature = "jwt")]
             sent.extend(proof);
             #[allow(unused_mut)]
-            let mut err = parse_error_body(status, body).scrub(&sent);
+            let mut err = parse_error_body(status, content_type, body).scrub(&sent);
             #[cfg(feature = "jwt")]
             {
                 err = err.proof_sent(target.is_some()).nonce_given(nonce_given);

@@ -1,0 +1,336 @@
+//! The token client against servers that answer as real ones do in the wild: a strict,
+//! rotating, family-revoking server (`support::strict_idp`) whose answers to refresh
+//! grants are rewritten into the shapes quirky servers and proxies send (review 69).
+#![cfg(feature = "https")]
+
+mod support;
+
+use std::{
+    sync::{Arc, Mutex, atomic::Ordering::SeqCst},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+use support::{
+    api_client,
+    providers::{self, Provider, Reply},
+    strict_idp::StrictIdp,
+};
+use tower::{Layer, ServiceExt};
+use tower_client_auth::{
+    AuthLayer, BoxError, CredentialCache, CredentialSource, token::TokenSource,
+};
+
+const CLIENT_ID: &str = "quirks-client";
+const CLIENT_SECRET: &str = "quirks-5ecr3t";
+
+/// How a refresh answer is rewritten on its way out: from the strict server's own
+/// answer (status, headers) and body.
+type Mangle = fn(http::response::Parts, Bytes) -> Reply;
+
+/// An answer given in the strict server's stead.
+type Answer = fn() -> Reply;
+
+/// The strict server, with the answers to refresh grants rewritten while `mangle` holds
+/// a rewrite (`once`: only the next one), or, while `refuse` holds an answer, refresh
+/// grants answered with it and never shown to the strict server (nothing spent).
+#[derive(Clone)]
+struct Mangler {
+    mangle: Arc<Mutex<Option<(Mangle, bool)>>>,
+    refuse: Arc<Mutex<Option<Answer>>>,
+}
+
+impl Mangler {
+    fn next(&self, mangle: Mangle) {
+        *self.mangle.lock().unwrap() = Some((mangle, true));
+    }
+    fn refuse(&self, answer: Answer) {
+        *self.refuse.lock().unwrap() = Some(answer);
+    }
+}
+
+async fn start_mangled(idp: Arc<StrictIdp>) -> (String, Mangler) {
+    let mangler = Mangler {
+        mangle: Arc::default(),
+        refuse: Arc::default(),
+    };
+    let m = mangler.clone();
+    let addr = providers::serve(move |req| {
+        let (idp, m) = (idp.clone(), m.clone());
+        async move {
+            let req = providers::read(req).await;
+            let refresh = req.path == "/oauth/token"
+                && req.form().get("grant_type").map(String::as_str) == Some("refresh_token");
+            if refresh && let Some(answer) = *m.refuse.lock().unwrap() {
+                idp.presented
+                    .lock()
+                    .unwrap()
+                    .push(req.form().get("refresh_token").cloned().unwrap_or_default());
+                return answer();
+            }
+            let (reply, _) = idp.handle_delayed(req);
+            let mangle = if refresh {
+                let mut slot = m.mangle.lock().unwrap();
+                match *slot {
+                    Some((f, true)) => {
+                        *slot = None;
+                        Some(f)
+                    }
+                    Some((f, false)) => Some(f),
+                    None => None,
+                }
+            } else {
+                None
+            };
+            match mangle {
+                None => reply,
+                Some(f) => {
+                    let (parts, body) = reply.into_parts();
+                    f(parts, body.collect().await.unwrap().to_bytes())
+                }
+            }
+        }
+    })
+    .await;
+    (format!("http://{addr}"), mangler)
+}
+
+fn source(base: &str) -> TokenSource {
+    support::strict_idp::rotating_source(base, CLIENT_ID, CLIENT_SECRET)
+}
+
+type Stack<P> = tower_client_auth::AddCredential<
+    hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        tower_client_auth::ReplayBody<Full<Bytes>>,
+    >,
+    P,
+>;
+
+fn stack<P: CredentialSource>(cache: CredentialCache<P>) -> Stack<P> {
+    AuthLayer::with_cache(cache)
+        .any_https_origin()
+        .allow_http_loopback(true)
+        .layer(api_client())
+}
+
+async fn status<P: CredentialSource>(svc: &Stack<P>, url: &str) -> Result<StatusCode, BoxError> {
+    let res = svc
+        .clone()
+        .oneshot(Request::get(url).body(Full::<Bytes>::default()).unwrap())
+        .await?;
+    let status = res.status();
+    res.into_body().collect().await?;
+    Ok(status)
+}
+
+/// A logged-in session against the mangled server whose access token the server has
+/// just expired, so the next request's 401 makes the source refresh.
+async fn expired_session(
+    idp: &Arc<StrictIdp>,
+) -> (
+    Stack<TokenSource>,
+    CredentialCache<TokenSource>,
+    String,
+    Mangler,
+) {
+    let (base, mangler) = start_mangled(idp.clone()).await;
+    let cache = CredentialCache::builder(source(&base))
+        .backoff(Duration::from_millis(10), Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let svc = stack(cache.clone());
+    let url = format!("{base}/v1/things");
+    assert_eq!(status(&svc, &url).await.unwrap(), 200);
+    idp.expire_access_tokens();
+    (svc, cache, url, mangler)
+}
+
+fn reply_with(parts: &http::response::Parts, content_type: &str, body: Vec<u8>) -> Reply {
+    let mut reply = http::Response::builder()
+        .status(parts.status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    *reply.status_mut() = parts.status;
+    reply
+}
+
+/// World: a rotating, family-revoking server (RFC 6819 §5.2.2.3, OAuth 2.1 §4.3.1) that
+/// acts on a refresh (spends the presented refresh token, issues a new pair) and answers
+/// `200 OK` with a body this client cannot read: the token JSON after a UTF-8 BOM (as
+/// .NET and some Java stacks write it), the token JSON followed by a PHP notice, and a
+/// `Content-Encoding: gzip` body a proxy compressed although nobody asked.
+/// Proves (review 69): "a refresh that left and got no answer that says what became of it
+/// ... may have rotated, so that refresh token is dropped, never presented again"
+/// (README, refresh tokens). A 2xx says the server acted; the old refresh token must never
+/// be presented again (0 reuse, 0 family revocations).
+#[tokio::test]
+async fn a_2xx_refresh_answer_that_cannot_be_read_never_leads_to_reuse() {
+    let cases: Vec<(&str, Mangle)> = vec![
+        ("utf-8 bom", |parts, body| {
+            let mut bytes = "\u{feff}".as_bytes().to_vec();
+            bytes.extend_from_slice(&body);
+            reply_with(&parts, "application/json; charset=utf-8", bytes)
+        }),
+        ("php notice after the json", |parts, body| {
+            let mut bytes = body.to_vec();
+            bytes.extend_from_slice(
+                b"\n<br />\n<b>Notice</b>:  Undefined index: scope in <b>/var/www/token.php</b>",
+            );
+            reply_with(&parts, "application/json", bytes)
+        }),
+        ("gzip nobody asked for", |parts, body| {
+            // Not real deflate data: the client decodes no content coding either way.
+            let mut bytes = vec![0x1f, 0x8b, 0x08, 0x00, 0, 0, 0, 0, 0x00, 0x03];
+            bytes.extend(body.iter().map(|b| b ^ 0x5a));
+            let mut reply = reply_with(&parts, "application/json", bytes);
+            reply
+                .headers_mut()
+                .insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
+            reply
+        }),
+    ];
+    let mut broken = Vec::new();
+    for (what, mangle) in cases {
+        let run = async {
+            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+            let (svc, cache, url, mangler) = expired_session(&idp).await;
+            mangler.next(mangle);
+            let first = status(&svc, &url).await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let second = status(&svc, &url).await;
+            let reused = idp.reused_refresh_tokens.load(SeqCst);
+            let revoked = idp.family_revocations.load(SeqCst);
+            let presented = idp.presented.lock().unwrap().clone();
+            let line = format!(
+                "{what}: first call {first:?}, second call {second:?}, refresh tokens presented {presented:?}, reused {reused}, families revoked {revoked}, logins {}, stats {:?}",
+                idp.logins.load(SeqCst),
+                cache.source().stats()
+            );
+            println!("{line}");
+            if reused != 0 || revoked != 0 {
+                broken.push(line);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("the scenario hung");
+    }
+    assert!(
+        broken.is_empty(),
+        "the spent refresh token was presented again:\n{}",
+        broken.join("\n")
+    );
+}
+
+/// World: a refresh refused with status 200 and an OAuth error body in a shape other
+/// than a bare JSON object: form-encoded (`error=invalid_grant&error_description=...`,
+/// as a server that answers form bodies writes it: GitHub's token endpoint answers form
+/// bodies by default, errors included, with status 200), and JSON with every field of
+/// the server's response type serialised, the absent ones as `null` (Jackson's and
+/// System.Text.Json's default). The refused refresh token stays refused; logins work.
+/// Proves (review 69): README "Responses are parsed tolerantly (... form bodies); RFC
+/// 6749 §5.2 errors become `TokenError`s with the status and the `error` code ..., also
+/// when a server sends them with status 200" and "A full login only when the refresh
+/// itself is refused (400/401, or an OAuth error in a 200)": the source falls back to a
+/// login and the request succeeds, as for the same error as a bare JSON object
+/// (`edges::a_200_carrying_an_oauth_error_is_that_error`).
+#[tokio::test]
+async fn a_200_oauth_error_in_another_shape_is_that_error() {
+    let shapes: Vec<(&str, Answer)> = vec![
+        ("form-encoded", || {
+            http::Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded; charset=utf-8")
+                .body(Full::new(Bytes::from_static(
+                    b"error=invalid_grant&error_description=The+refresh+token+is+invalid&error_uri=https%3A%2F%2Fidp.example%2Fdocs",
+                )))
+                .unwrap()
+        }),
+        ("json with nulls", || {
+            providers::reply(
+                StatusCode::OK,
+                json!({"access_token": null, "token_type": null, "expires_in": null,
+                       "refresh_token": null, "error": "invalid_grant",
+                       "error_description": "The refresh token is invalid"}),
+            )
+        }),
+    ];
+    let mut broken = Vec::new();
+    for (what, answer) in shapes {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+            let (svc, cache, url, mangler) = expired_session(&idp).await;
+            mangler.refuse(answer);
+            let mut outcomes = Vec::new();
+            for _ in 0..3 {
+                outcomes.push(status(&svc, &url).await.map_err(|e| e.to_string()));
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            let line = format!(
+                "{what}: outcomes {outcomes:?}; logins {}; refresh token presented {} times; stats {:?}",
+                idp.logins.load(SeqCst),
+                idp.presented.lock().unwrap().len(),
+                cache.source().stats()
+            );
+            println!("{line}");
+            if outcomes[0] != Ok(StatusCode::OK) || idp.logins.load(SeqCst) != 2 {
+                broken.push(line);
+            }
+        })
+        .await
+        .expect("the scenario hung");
+    }
+    assert!(
+        broken.is_empty(),
+        "a refused refresh did not fall back to a login:\n{}",
+        broken.join("\n")
+    );
+}
+
+/// World: the token endpoint answers the refresh `503 Service Unavailable` with
+/// `Retry-After: 60` (the server is overloaded and says when to come back; Entra ID and
+/// Okta send it with 503/429). Logins would work.
+/// Proves (review 69): README "A token endpoint's `Retry-After` (429, 503; seconds or an
+/// HTTP date) is the earliest next token request, capped at `cache::MAX_RETRY_AFTER`
+/// (5 min)": no other token request (the fallback login included) reaches the endpoint
+/// within the next seconds.
+#[tokio::test]
+async fn a_503_retry_after_on_a_refresh_holds_back_the_fallback_login() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+        let (svc, cache, url, mangler) = expired_session(&idp).await;
+        let requests_before = idp.token_requests.load(SeqCst);
+        mangler.refuse(|| {
+            let mut reply = providers::reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "temporarily_unavailable", "error_description": "try later"}),
+            );
+            reply
+                .headers_mut()
+                .insert(header::RETRY_AFTER, "60".parse().unwrap());
+            reply
+        });
+        let first = status(&svc, &url).await.map_err(|e| e.to_string());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The refresh itself is answered by the mangler (not counted by the server).
+        let presented = idp.presented.lock().unwrap().len();
+        let logins_after = idp.logins.load(SeqCst);
+        let requests_after = idp.token_requests.load(SeqCst) - requests_before;
+        println!(
+            "first call {first:?}; refreshes presented {presented}; token requests the server saw after the 503 {requests_after}; logins {logins_after}; stats {:?}",
+            cache.source().stats()
+        );
+        assert_eq!(presented, 1);
+        assert_eq!(
+            requests_after, 0,
+            "a token request (the fallback login) reached the endpoint right after it asked for 60 s: first call {first:?}"
+        );
+    })
+    .await
+    .expect("the scenario hung");
+}
