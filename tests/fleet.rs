@@ -4014,6 +4014,19 @@ async fn a_keeping_rt1() -> (Rotating, FaultStore, CredentialCache<Rotating>) {
     (source, store, a)
 }
 
+/// A's `current` invalidated, so A refreshes; then the store takes pairs again, and
+/// `rt-h` (handed in before) must not be lost.
+async fn a_refreshes_past(
+    current: &Credential,
+    (source, store, a): (&Rotating, &FaultStore, &CredentialCache<Rotating>),
+) {
+    assert!(a.handle().invalidate_if(current));
+    let got = a.credential().await.unwrap();
+    store.faults().refusing_pairs.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    rt_h_not_lost(source, store, &got).await;
+}
+
 /// World: `a_keeping_rt1`; then `h`/`rt-h` is handed in and at once a credential without
 /// a refresh token (`x`), so no newer refresh token is installed and the hand-in stays
 /// pending; `x` is invalidated, so A refreshes; later the store takes pairs. Proves
@@ -4026,11 +4039,7 @@ async fn a_pending_hand_in_is_presented_rather_than_an_older_kept_pair() {
     let x = Credential::bearer("x").unwrap();
     assert!(a.handle().replace(x.clone()).unwrap());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(a.handle().invalidate_if(&x));
-    let got = a.credential().await.unwrap();
-    store.faults().refusing_pairs.store(false, SeqCst);
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    rt_h_not_lost(&source, &store, &got).await;
+    a_refreshes_past(&x, (&source, &store, &a)).await;
 }
 
 /// World: `a_keeping_rt1`; a round of the task keeping `rt1` hangs in its renewal when
@@ -4055,11 +4064,7 @@ async fn a_pending_hand_in_beats_an_older_kept_pair_after_an_outage_login() {
     store.faults().down.store(false, SeqCst);
     store.faults().renews.open();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(a.handle().invalidate_if(&a2));
-    let got = a.credential().await.unwrap();
-    store.faults().refusing_pairs.store(false, SeqCst);
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    rt_h_not_lost(&source, &store, &got).await;
+    a_refreshes_past(&a2, (&source, &store, &a)).await;
 }
 
 /// World: A logged in (`a0`/`rt0`); process B holds the refresh lease (its refresh

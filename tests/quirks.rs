@@ -11,18 +11,15 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, StatusCode, header};
+use http::{StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
 use support::{
-    api_client,
+    ApiStack, api_stack, api_status,
     providers::{self, Provider, Reply},
     strict_idp::StrictIdp,
 };
-use tower::{Layer, ServiceExt};
-use tower_client_auth::{
-    AuthLayer, BoxError, CredentialCache, CredentialSource, token::TokenSource,
-};
+use tower_client_auth::{CredentialCache, token::TokenSource};
 
 const CLIENT_ID: &str = "quirks-client";
 const CLIENT_SECRET: &str = "quirks-5ecr3t";
@@ -102,37 +99,12 @@ fn source(base: &str) -> TokenSource {
     support::strict_idp::rotating_source(base, CLIENT_ID, CLIENT_SECRET)
 }
 
-type Stack<P> = tower_client_auth::AddCredential<
-    hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        tower_client_auth::ReplayBody<Full<Bytes>>,
-    >,
-    P,
->;
-
-fn stack<P: CredentialSource>(cache: CredentialCache<P>) -> Stack<P> {
-    AuthLayer::with_cache(cache)
-        .any_https_origin()
-        .allow_http_loopback(true)
-        .layer(api_client())
-}
-
-async fn status<P: CredentialSource>(svc: &Stack<P>, url: &str) -> Result<StatusCode, BoxError> {
-    let res = svc
-        .clone()
-        .oneshot(Request::get(url).body(Full::<Bytes>::default()).unwrap())
-        .await?;
-    let status = res.status();
-    res.into_body().collect().await?;
-    Ok(status)
-}
-
 /// A logged-in session against the mangled server whose access token the server has
 /// just expired, so the next request's 401 makes the source refresh.
 async fn expired_session(
     idp: &Arc<StrictIdp>,
 ) -> (
-    Stack<TokenSource>,
+    ApiStack<TokenSource>,
     CredentialCache<TokenSource>,
     String,
     Mangler,
@@ -142,9 +114,9 @@ async fn expired_session(
         .backoff(Duration::from_millis(10), Duration::from_millis(10))
         .build()
         .unwrap();
-    let svc = stack(cache.clone());
+    let svc = api_stack(cache.clone());
     let url = format!("{base}/v1/things");
-    assert_eq!(status(&svc, &url).await.unwrap(), 200);
+    assert_eq!(api_status(&svc, &url).await.unwrap(), 200);
     idp.expire_access_tokens();
     (svc, cache, url, mangler)
 }
@@ -200,9 +172,9 @@ async fn a_2xx_refresh_answer_that_cannot_be_read_never_leads_to_reuse() {
             let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
             let (svc, cache, url, mangler) = expired_session(&idp).await;
             mangler.next(mangle);
-            let first = status(&svc, &url).await;
+            let first = api_status(&svc, &url).await;
             tokio::time::sleep(Duration::from_millis(30)).await;
-            let second = status(&svc, &url).await;
+            let second = api_status(&svc, &url).await;
             let reused = idp.reused_refresh_tokens.load(SeqCst);
             let revoked = idp.family_revocations.load(SeqCst);
             let presented = idp.presented.lock().unwrap().clone();
@@ -268,7 +240,7 @@ async fn a_200_oauth_error_in_another_shape_is_that_error() {
             mangler.refuse(answer);
             let mut outcomes = Vec::new();
             for _ in 0..3 {
-                outcomes.push(status(&svc, &url).await.map_err(|e| e.to_string()));
+                outcomes.push(api_status(&svc, &url).await.map_err(|e| e.to_string()));
                 tokio::time::sleep(Duration::from_millis(30)).await;
             }
             let line = format!(
@@ -315,7 +287,7 @@ async fn a_503_retry_after_on_a_refresh_holds_back_the_fallback_login() {
                 .insert(header::RETRY_AFTER, "60".parse().unwrap());
             reply
         });
-        let first = status(&svc, &url).await.map_err(|e| e.to_string());
+        let first = api_status(&svc, &url).await.map_err(|e| e.to_string());
         tokio::time::sleep(Duration::from_millis(200)).await;
         // The refresh itself is answered by the mangler (not counted by the server).
         let presented = idp.presented.lock().unwrap().len();

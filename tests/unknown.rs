@@ -10,19 +10,16 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::StatusCode;
 use serde_json::json;
 use support::{
-    api_client, capture_traces,
+    ApiStack, api_stack, api_status, capture_traces,
     providers::{self, reply},
     strict_idp::{Fault, StrictIdp},
     token_client,
 };
-use tower::{Layer, ServiceExt};
 use tower_client_auth::{
-    AuthLayer, BoxError, CredentialCache, CredentialSource, Error,
+    CredentialCache, Error,
     token::{TokenClient, TokenError, TokenErrorKind, TokenRequest, TokenSource},
 };
 
@@ -51,45 +48,20 @@ fn source_at(login_base: &str, refresh_base: &str, client: TokenClient) -> Token
     .client(client)
 }
 
-type Stack<P> = tower_client_auth::AddCredential<
-    hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        tower_client_auth::ReplayBody<Full<Bytes>>,
-    >,
-    P,
->;
-
-fn stack<P: CredentialSource>(cache: CredentialCache<P>) -> Stack<P> {
-    AuthLayer::with_cache(cache)
-        .any_https_origin()
-        .allow_http_loopback(true)
-        .layer(api_client())
-}
-
-async fn status<P: CredentialSource>(svc: &Stack<P>, url: &str) -> Result<StatusCode, BoxError> {
-    let res = svc
-        .clone()
-        .oneshot(Request::get(url).body(Full::<Bytes>::default()).unwrap())
-        .await?;
-    let status = res.status();
-    res.into_body().collect().await?;
-    Ok(status)
-}
-
 /// A logged-in session whose access token the server has just expired, so that the next
 /// request's 401 makes the source refresh.
 async fn expired_session(
     idp: &Arc<StrictIdp>,
     source: TokenSource,
-) -> (Stack<TokenSource>, CredentialCache<TokenSource>, String) {
+) -> (ApiStack<TokenSource>, CredentialCache<TokenSource>, String) {
     let base = providers::start(idp.clone()).await;
     let cache = CredentialCache::builder(source)
         .backoff(Duration::from_millis(10), Duration::from_millis(10))
         .build()
         .unwrap();
-    let svc = stack(cache.clone());
+    let svc = api_stack(cache.clone());
     let url = format!("{base}/v1/things");
-    assert_eq!(status(&svc, &url).await.unwrap(), 200);
+    assert_eq!(api_status(&svc, &url).await.unwrap(), 200);
     idp.expire_access_tokens();
     (svc, cache, url)
 }
@@ -142,8 +114,8 @@ async fn a_refresh_whose_answer_is_lost_is_never_repeated() {
         let client = token_client().timeout(Duration::from_millis(500));
         let (svc, cache, url) = expired_session(&idp, source_at(&base, &base, client)).await;
         idp.push_fault(fault());
-        assert_eq!(status(&svc, &url).await.unwrap(), 200, "{what}");
-        assert_eq!(status(&svc, &url).await.unwrap(), 200, "{what}");
+        assert_eq!(api_status(&svc, &url).await.unwrap(), 200, "{what}");
+        assert_eq!(api_status(&svc, &url).await.unwrap(), 200, "{what}");
         assert_eq!(idp.presented.lock().unwrap().len(), 1, "{what}");
         assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0, "{what}");
         assert_eq!(idp.family_revocations.load(SeqCst), 0, "{what}");
@@ -165,14 +137,14 @@ async fn a_refresh_that_never_left_keeps_its_token() {
     let source = source_at(&login, &format!("http://{refresh_addr}"), token_client());
     let (svc, cache, url) = expired_session(&idp, source).await;
 
-    let err = status(&svc, &url).await.unwrap_err();
+    let err = api_status(&svc, &url).await.unwrap_err();
     let err = err.downcast_ref::<Error>().expect("a crate error");
     assert_eq!(token_error(err).kind(), TokenErrorKind::Connect, "{err}");
     assert_eq!(cache.source().stats().unknown_outcomes, 0);
 
     providers::start_on(refresh_addr, idp.clone()).await;
     tokio::time::sleep(Duration::from_millis(30)).await;
-    assert_eq!(status(&svc, &url).await.unwrap(), 200);
+    assert_eq!(api_status(&svc, &url).await.unwrap(), 200);
     assert_eq!(
         idp.logins.load(SeqCst),
         1,
@@ -231,21 +203,21 @@ async fn retry_after_is_the_earliest_next_attempt() {
             .insert("retry-after", http::HeaderValue::from_static("5"));
         res
     })));
-    let svc = stack(CredentialCache::new(source_at(
+    let svc = api_stack(CredentialCache::new(source_at(
         &base,
         &base,
         token_client(),
     )));
     let url = format!("{base}/v1/things");
     let started = std::time::Instant::now();
-    let err = status(&svc, &url).await.unwrap_err();
+    let err = api_status(&svc, &url).await.unwrap_err();
     let err = err.downcast_ref::<Error>().expect("a crate error");
     assert_eq!(
         token_error(err).status(),
         Some(StatusCode::TOO_MANY_REQUESTS)
     );
     while started.elapsed() < Duration::from_millis(4800) {
-        let _ = status(&svc, &url).await;
+        let _ = api_status(&svc, &url).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
@@ -254,7 +226,7 @@ async fn retry_after_is_the_earliest_next_attempt() {
         "asked again before Retry-After"
     );
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(status(&svc, &url).await.unwrap(), 200);
+    assert_eq!(api_status(&svc, &url).await.unwrap(), 200);
     assert_eq!(idp.token_requests.load(SeqCst), 2);
 }
 
@@ -281,7 +253,7 @@ async fn a_hanging_on_refresh_hook_blocks_nothing() {
         .await
         .expect("the login's hook hung the fetch");
     assert_eq!(
-        tokio::time::timeout(limit, status(&svc, &url))
+        tokio::time::timeout(limit, api_status(&svc, &url))
             .await
             .unwrap()
             .unwrap(),
@@ -289,7 +261,7 @@ async fn a_hanging_on_refresh_hook_blocks_nothing() {
     );
     idp.expire_access_tokens();
     assert_eq!(
-        tokio::time::timeout(limit, status(&svc, &url))
+        tokio::time::timeout(limit, api_status(&svc, &url))
             .await
             .unwrap()
             .unwrap(),

@@ -286,6 +286,39 @@ pub fn api_client() -> hyper_util::client::legacy::Client<
     api_client_for()
 }
 
+/// The layer over [`api_client`], as the loopback token tests stack it.
+pub type ApiStack<P> = tower_client_auth::AddCredential<
+    hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        ReplayBody<Full<Bytes>>,
+    >,
+    P,
+>;
+
+/// `cache` over [`api_client`], any https origin and loopback http.
+pub fn api_stack<P: CredentialSource>(cache: tower_client_auth::CredentialCache<P>) -> ApiStack<P> {
+    use tower::Layer;
+    tower_client_auth::AuthLayer::with_cache(cache)
+        .any_https_origin()
+        .allow_http_loopback(true)
+        .layer(api_client())
+}
+
+/// The status of a GET of `url` through `svc`, its body read to the end.
+pub async fn api_status<P: CredentialSource>(
+    svc: &ApiStack<P>,
+    url: &str,
+) -> Result<StatusCode, BoxError> {
+    use tower::ServiceExt;
+    let res = svc
+        .clone()
+        .oneshot(Request::get(url).body(Full::<Bytes>::default()).unwrap())
+        .await?;
+    let status = res.status();
+    res.into_body().collect().await?;
+    Ok(status)
+}
+
 /// [`api_client`] for request bodies of type `B`: `Full<Bytes>` under a layer in
 /// `Direct` mode.
 #[allow(dead_code)]
