@@ -765,7 +765,7 @@ where
                         _ => {
                             cache.accepted(*generation);
                             if *why == Again::SteppedUp {
-                                cache.step_up_worked();
+                                cache.step_up_worked(*generation);
                             }
                         }
                     }

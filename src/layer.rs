@@ -165,10 +165,13 @@ macro_rules! replay_rules {
         /// Off, or when the step-up fails or brings back the same credential, the answer
         /// goes back as it came, with an [`InsufficientScope`] extension and
         /// [`NotReplayed::InsufficientScope`]; the credential is not invalidated. A failed
-        /// step-up backs the source off like any failed fetch (the current credential is
-        /// served meanwhile), so an API that keeps asking costs one token request per
-        /// backoff step, not one per call. A replay that lacks a scope again is returned
-        /// with [`NotReplayed::AlreadyReplayed`].
+        /// step-up backs step-ups off (a backoff of their own: the current credential is
+        /// served meanwhile, and its refresh before expiry is not held back), and so does
+        /// one whose credential the API still finds lacking the scope it asked for (its
+        /// replay's answer, or the next request's when the request could not be
+        /// replayed, or the same token brought back), so an API that keeps asking costs
+        /// one token request per backoff step, not one per call. A replay that lacks a
+        /// scope again is returned with [`NotReplayed::AlreadyReplayed`].
         ///
         /// [`Verdict::InsufficientScope`]: crate::rejection::Verdict::InsufficientScope
         /// [`FetchReason::StepUp`]: crate::FetchReason::StepUp

@@ -116,6 +116,15 @@ impl<P: CredentialSource> CredentialCache<P> {
                     still_valid = Some(entry);
                 }
                 Some(Want::StepUp(generation, scope)) => {
+                    // A step-up's own credential lacking a scope that step-up asked for:
+                    // it was fruitless, whatever it brought (the same token again) and
+                    // whether or not the request that saw it can be replayed.
+                    let fruitless = (state.stepped_up.as_ref()).is_some_and(|(stepped, asked)| {
+                        *stepped == generation && super::covers(asked.as_deref(), scope.as_deref())
+                    });
+                    if fruitless && entry.generation == generation {
+                        inner.step_up_fruitless(&mut state, generation);
+                    }
                     // A step-up under way that asks for this scope brings the credential
                     // to replay with (joined below, even while step-ups back off).
                     let covered = state.step_ups.iter().any(|f| f.covers(scope.as_deref()));
@@ -596,6 +605,9 @@ impl<P: CredentialSource> FlightGuard<P> {
                     state.retry_at = None;
                     state.last_error = None;
                     let entry = inner.install(&mut state, credential, now);
+                    if self.step_up {
+                        state.stepped_up = Some((entry.generation, self.flight.scope.clone()));
+                    }
                     tracing::debug!(generation = entry.generation, "credential refreshed");
                     Ok(entry)
                 }

@@ -433,24 +433,24 @@ impl<P: CredentialSource> CredentialCache<P> {
     /// A replay with the credential of `generation`, a step-up's, still lacked a scope:
     /// the next step-up waits for the step-up backoff. Counted once per credential, as
     /// many requests as shared the step-up: one fruitless step-up, one backoff step.
+    /// Not when the replay's credential was not a step-up's (a plain newer one, which
+    /// the step-up was not needed for: no step-up was tried).
     pub(crate) fn step_up_failed(&self, generation: u64) {
         let mut state = self.inner.lock_state();
-        if state
-            .step_up_fruitless
-            .is_some_and(|counted| counted >= generation)
-        {
-            return;
+        if (state.stepped_up.as_ref()).is_some_and(|(stepped, _)| *stepped == generation) {
+            self.inner.step_up_fruitless(&mut state, generation);
         }
-        state.step_up_fruitless = Some(generation);
-        self.inner.step_up_failed_locked(&mut state);
     }
 
-    /// A replay after a step-up was accepted: the step-up backoff starts over.
-    pub(crate) fn step_up_worked(&self) {
+    /// A replay after a step-up was accepted (with the credential of `generation`, a
+    /// step-up's): the step-up backoff starts over.
+    pub(crate) fn step_up_worked(&self, generation: u64) {
         let mut state = self.inner.lock_state();
-        state.step_ups_failed = 0;
-        state.step_up_retry_at = None;
-        state.step_up_fruitless = None;
+        if (state.stepped_up.as_ref()).is_some_and(|(stepped, _)| *stepped == generation) {
+            state.step_ups_failed = 0;
+            state.step_up_retry_at = None;
+            state.step_up_fruitless = None;
+        }
     }
 }
 
@@ -662,14 +662,19 @@ struct Flight {
     scope: Option<Arc<str>>,
 }
 
+/// Whether `asked` (a step-up's scopes) names every scope in `wanted` (space-separated).
+fn covers(asked: Option<&str>, wanted: Option<&str>) -> bool {
+    let asked = asked.unwrap_or_default();
+    wanted
+        .unwrap_or_default()
+        .split_ascii_whitespace()
+        .all(|w| asked.split_ascii_whitespace().any(|a| a == w))
+}
+
 impl Flight {
     /// Whether this step-up asks for every scope in `wanted` (space-separated).
     fn covers(&self, wanted: Option<&str>) -> bool {
-        let asked = self.scope.as_deref().unwrap_or_default();
-        wanted
-            .unwrap_or_default()
-            .split_ascii_whitespace()
-            .all(|w| asked.split_ascii_whitespace().any(|a| a == w))
+        covers(self.scope.as_deref(), wanted)
     }
 
     /// What a step-up asks for that must cover this one's scope and `wanted` too: this
@@ -761,6 +766,9 @@ struct State {
     /// (as are older ones whose replays come late); cleared when any step-up's replay
     /// works (an older one's too: bounded, one backoff step at most).
     step_up_fruitless: Option<u64>,
+    /// The generation of the newest credential a step-up installed, and the scopes it
+    /// asked for: only its answers say whether a step-up worked.
+    stepped_up: Option<(u64, Option<Arc<str>>)>,
 }
 
 impl State {
@@ -875,6 +883,17 @@ enum Want {
 }
 
 impl<P: CredentialSource> Inner<P> {
+    /// The step-up's credential of `generation` still lacks a scope it asked for:
+    /// counted once per credential, as many requests as shared the step-up (one
+    /// fruitless step-up, one backoff step).
+    fn step_up_fruitless(&self, state: &mut State, generation: u64) {
+        if (state.step_up_fruitless).is_some_and(|counted| counted >= generation) {
+            return;
+        }
+        state.step_up_fruitless = Some(generation);
+        self.step_up_failed_locked(state);
+    }
+
     fn step_up_failed_locked(&self, state: &mut State) {
         state.step_ups_failed = state.step_ups_failed.saturating_add(1);
         let delay = self.backoff(state.step_ups_failed);
