@@ -267,10 +267,10 @@ pub(crate) fn refresh_token_in(
     }
 }
 
-/// A body as a JSON document: JSON (after one UTF-8 byte order mark, which RFC 8259
-/// §8.1 lets a parser ignore and some stacks write), or a form body turned into an
-/// object.
+/// A body as a JSON document: JSON, or a form body turned into an object; after one
+/// UTF-8 byte order mark (RFC 8259 §8.1 lets a parser ignore it; some stacks write it).
 fn document(content_type: Option<&str>, body: &[u8]) -> Option<Value> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let is_form = content_type.is_some_and(|ct| {
         ct.split(';')
             .next()
@@ -285,7 +285,7 @@ fn document(content_type: Option<&str>, body: &[u8]) -> Option<Value> {
                 .collect(),
         ));
     }
-    serde_json::from_slice(body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)).ok()
+    serde_json::from_slice(body).ok()
 }
 
 /// A `Retry-After` value (RFC 9110 §10.2.3): a number of seconds, or an HTTP date

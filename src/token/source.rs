@@ -165,7 +165,8 @@ const PERSIST_RETRY_MAX: Duration = Duration::from_secs(30);
 ///   [`MAX_LIFETIME`]; then less the [`clock_skew`](Self::clock_skew) margin.
 /// - A new refresh token is kept before anything else in its answer is judged. A refresh
 ///   whose outcome is unknown (no answer within the token client's timeout, a 5xx, a 2xx
-///   whose body cannot be read) drops its refresh token and logs in: it may have
+///   this client cannot use that brings no new refresh token) drops its refresh token and
+///   logs in: it may have
 ///   rotated, and presenting it again could revoke the whole family. The login waits for
 ///   a `Retry-After` the answer carried.
 ///
@@ -884,7 +885,15 @@ impl Exchange {
                         held.refresh_token = None;
                     }
                 }
-                Err(e) if e.is_outcome_unknown() => {
+                // A 2xx the server sent (it acted on the refresh) that this client
+                // cannot use, with no new refresh token read from it: whether the old
+                // one was rotated is unknown.
+                Err(e)
+                    if e.is_outcome_unknown()
+                        || (e.kind() == TokenErrorKind::InvalidResponse
+                            && e.status().is_some_and(|status| status.is_success())
+                            && held.refresh_token.as_ref() == Some(&token)) =>
+                {
                     // The request left, and no answer says what became of it: the server
                     // may have rotated the refresh token (any 5xx, a connection closed
                     // mid-answer, the token client's timeout).
