@@ -327,3 +327,55 @@ async fn a_replay_with_a_plain_newer_credential_is_not_counted_as_a_step_up() {
     .await
     .expect("hung");
 }
+
+/// World: `/a` goes with `token-1` and the API says it lacks `w`; the step-up's fetch is
+/// held at the source while the application hands a credential over (`replace`), so the
+/// step-up's `token-2` goes to its own waiters only; `/a`'s replay with `token-2` lacks
+/// `w` too. Then `/b` (with the handed credential) lacks `w`. Proves: that step-up was
+/// fruitless and counts as such though its credential never became current: `/b` comes
+/// back 403 within the step-up backoff, with no third fetch.
+#[tokio::test]
+async fn a_step_up_overtaken_by_a_replacement_still_backs_step_ups_off() {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let source = support::TestSource::gated(None);
+        source.release(1);
+        let layer = AuthLayer::new(source.clone());
+        let handle = layer.cache().handle();
+        let (inner, mut api) = tower_test::mock::pair::<MockReq, http::Response<&'static str>>();
+        let svc = layer.any_https_origin().step_up(true).layer(inner);
+
+        let call = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+        let (req, reply) = next_request(&mut api).await;
+        assert_eq!(bearer(&req), "Bearer token-1");
+        reply.send_response(lacks_scope_w());
+        while source.fetches() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            handle
+                .replace(Credential::bearer("handed").unwrap())
+                .unwrap()
+        );
+        source.release(1);
+        let (replay, reply) = next_request(&mut api).await;
+        assert_eq!(bearer(&replay), "Bearer token-2", "the step-up's own token");
+        reply.send_response(lacks_scope_w());
+        assert_eq!(call.await.unwrap().unwrap().status(), 403);
+
+        let call = tokio::spawn(svc.clone().oneshot(support::get("/b")));
+        let (req, reply) = next_request(&mut api).await;
+        assert_eq!(bearer(&req), "Bearer handed");
+        reply.send_response(lacks_scope_w());
+        source.release(1);
+        let res = tokio::select! {
+            res = call => res.unwrap().unwrap(),
+            got = next_request(&mut api) => {
+                panic!("a step-up was tried at once: /b replayed with {}", bearer(&got.0))
+            }
+        };
+        assert_eq!(res.status(), 403);
+        assert_eq!(source.fetches(), 2, "{:?}", source.log());
+    })
+    .await
+    .expect("hung");
+}

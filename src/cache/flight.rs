@@ -592,13 +592,21 @@ impl<P: CredentialSource> FlightGuard<P> {
                     // Invalidated (or replaced) while this fetch ran: its result predates
                     // that, so it goes to its own waiters only.
                     tracing::debug!("fetched credential predates an invalidation");
-                    Ok(own(&mut state, credential))
+                    let entry = own(&mut state, credential);
+                    if self.step_up {
+                        // Its waiters' replays still tell whether the step-up worked.
+                        state.stepped_up = Some((entry.generation, self.flight.scope.clone()));
+                    }
+                    Ok(entry)
                 }
                 (Ok(credential), Standing::Overtaken) => {
                     tracing::debug!(
                         "step-up overtaken by a replacement; its token goes to its own waiters"
                     );
-                    Ok(own(&mut state, credential))
+                    // Its waiters' replays still tell whether the step-up worked.
+                    let entry = own(&mut state, credential);
+                    state.stepped_up = Some((entry.generation, self.flight.scope.clone()));
+                    Ok(entry)
                 }
                 (Ok(credential), Standing::Current) => {
                     state.failures = 0;
