@@ -4158,18 +4158,7 @@ async fn a_hand_in_while_a_late_fetch_holds_the_lease_is_presented() {
     }
     let got = got.expect("A got a credential");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let rotating = &source.rotating;
-    assert!(
-        rotating.spent.lock().unwrap().contains("rt-h"),
-        "A serves {}",
-        shown(&got)
-    );
-    assert_eq!(
-        store.stored_refresh_token().await.as_deref(),
-        got.refresh_token().map(|token| token.expose())
-    );
-    assert_eq!(rotating.reused.load(SeqCst), 0);
-    assert_eq!(rotating.logins.load(SeqCst), 1);
+    a_presented_rt_h(&source.rotating, &store, &got).await;
 }
 
 /// World: A logged in (`a0`/`rt0` in the store); a pair `h`/`rt-h` is handed in from a
@@ -4187,15 +4176,22 @@ async fn a_pair_handed_in_outside_a_runtime_reaches_the_fleet_at_the_next_refres
         .unwrap();
     assert!(a.handle().invalidate());
     let got = a.credential().await.unwrap();
+    assert!(!source.spent.lock().unwrap().contains("rt0"));
+    a_presented_rt_h(&source, &store, &got).await;
+}
+
+/// A presented `rt-h` (handed in), serves what that brought, which the store holds; no
+/// refresh token presented twice, no login but A's first.
+async fn a_presented_rt_h(source: &Rotating, store: &FaultStore, got: &Credential) {
     assert!(
         source.spent.lock().unwrap().contains("rt-h"),
         "rt-h never presented; A serves {}",
-        shown(&got)
+        shown(got)
     );
-    assert!(!source.spent.lock().unwrap().contains("rt0"));
     assert_eq!(
         store.stored_refresh_token().await.as_deref(),
-        got.refresh_token().map(|token| token.expose())
+        got.refresh_token().map(|token| token.expose()),
+        "the store does not hold what presenting rt-h brought"
     );
     assert_eq!(source.reused.load(SeqCst), 0);
     assert_eq!(source.logins.load(SeqCst), 1);

@@ -166,37 +166,7 @@ async fn a_2xx_refresh_answer_that_cannot_be_read_never_leads_to_reuse() {
             reply
         }),
     ];
-    let mut broken = Vec::new();
-    for (what, mangle) in cases {
-        let run = async {
-            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
-            let (svc, cache, url, mangler) = expired_session(&idp).await;
-            mangler.next(mangle);
-            let first = api_status(&svc, &url).await;
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            let second = api_status(&svc, &url).await;
-            let reused = idp.reused_refresh_tokens.load(SeqCst);
-            let revoked = idp.family_revocations.load(SeqCst);
-            let presented = idp.presented.lock().unwrap().clone();
-            let line = format!(
-                "{what}: first call {first:?}, second call {second:?}, refresh tokens presented {presented:?}, reused {reused}, families revoked {revoked}, logins {}, stats {:?}",
-                idp.logins.load(SeqCst),
-                cache.source().stats()
-            );
-            println!("{line}");
-            if reused != 0 || revoked != 0 {
-                broken.push(line);
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(30), run)
-            .await
-            .expect("the scenario hung");
-    }
-    assert!(
-        broken.is_empty(),
-        "the spent refresh token was presented again:\n{}",
-        broken.join("\n")
-    );
+    never_reused_after(cases).await;
 }
 
 /// The strict server's JSON token answer written as a form body, `refresh_token` first.
@@ -253,41 +223,7 @@ async fn a_2xx_refresh_answer_whose_refresh_token_cannot_be_read_never_leads_to_
             reply_with(&parts, "application/json", twice)
         }),
     ];
-    let mut broken = Vec::new();
-    for (what, mangle) in cases {
-        let run = async {
-            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
-            let (svc, cache, url, mangler) = expired_session(&idp).await;
-            mangler.next(mangle);
-            let first = api_status(&svc, &url).await;
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            idp.expire_access_tokens();
-            let second = api_status(&svc, &url).await;
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            idp.expire_access_tokens();
-            let third = api_status(&svc, &url).await;
-            let reused = idp.reused_refresh_tokens.load(SeqCst);
-            let revoked = idp.family_revocations.load(SeqCst);
-            let presented = idp.presented.lock().unwrap().clone();
-            let line = format!(
-                "{what}: calls {first:?} {second:?} {third:?}, refresh tokens presented {presented:?}, reused {reused}, families revoked {revoked}, logins {}, stats {:?}",
-                idp.logins.load(SeqCst),
-                cache.source().stats()
-            );
-            println!("{line}");
-            if reused != 0 || revoked != 0 {
-                broken.push(line);
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(30), run)
-            .await
-            .expect("the scenario hung");
-    }
-    assert!(
-        broken.is_empty(),
-        "the spent refresh token was presented again:\n{}",
-        broken.join("\n")
-    );
+    never_reused_after(cases).await;
 }
 
 /// World: a refresh refused with status 200 and an OAuth error body in a shape other
@@ -396,4 +332,45 @@ async fn a_503_retry_after_on_a_refresh_holds_back_the_fallback_login() {
     })
     .await
     .expect("the scenario hung");
+}
+
+/// Each of `cases` (a refresh answer rewritten) against a fresh strict server, the
+/// session's access token expired three times: the refresh token that answer spent is
+/// never presented again (no reuse, no family revoked).
+async fn never_reused_after(cases: Vec<(&str, Mangle)>) {
+    let mut broken = Vec::new();
+    for (what, mangle) in cases {
+        let run = async {
+            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+            let (svc, cache, url, mangler) = expired_session(&idp).await;
+            mangler.next(mangle);
+            let first = api_status(&svc, &url).await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            idp.expire_access_tokens();
+            let second = api_status(&svc, &url).await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            idp.expire_access_tokens();
+            let third = api_status(&svc, &url).await;
+            let reused = idp.reused_refresh_tokens.load(SeqCst);
+            let revoked = idp.family_revocations.load(SeqCst);
+            let presented = idp.presented.lock().unwrap().clone();
+            let line = format!(
+                "{what}: calls {first:?} {second:?} {third:?}, refresh tokens presented {presented:?}, reused {reused}, families revoked {revoked}, logins {}, stats {:?}",
+                idp.logins.load(SeqCst),
+                cache.source().stats()
+            );
+            println!("{line}");
+            if reused != 0 || revoked != 0 {
+                broken.push(line);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("the scenario hung");
+    }
+    assert!(
+        broken.is_empty(),
+        "the spent refresh token was presented again:\n{}",
+        broken.join("\n")
+    );
 }
