@@ -762,9 +762,10 @@ struct State {
     /// never held back by a scope the API keeps asking for.
     step_ups_failed: u32,
     step_up_retry_at: Option<Instant>,
-    /// The newest step-up credential whose replay still lacked a scope: counted once
-    /// (as are older ones whose replays come late); cleared when any step-up's replay
-    /// works (an older one's too: bounded, one backoff step at most).
+    /// The newest step-up credential found still lacking a scope it asked for (by its
+    /// replay, or by the next request's answer): counted once (as are older ones whose
+    /// answers come late); cleared when a replay with the newest step-up's credential
+    /// works.
     step_up_fruitless: Option<u64>,
     /// The generation of the newest credential a step-up installed, and the scopes it
     /// asked for: only its answers say whether a step-up worked.
