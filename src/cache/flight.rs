@@ -593,19 +593,15 @@ impl<P: CredentialSource> FlightGuard<P> {
                     // that, so it goes to its own waiters only.
                     tracing::debug!("fetched credential predates an invalidation");
                     let entry = own(&mut state, credential);
-                    if self.step_up {
-                        // Its waiters' replays still tell whether the step-up worked.
-                        state.stepped_up = Some((entry.generation, self.flight.scope.clone()));
-                    }
+                    self.record_step_up(&mut state, &entry);
                     Ok(entry)
                 }
                 (Ok(credential), Standing::Overtaken) => {
                     tracing::debug!(
                         "step-up overtaken by a replacement; its token goes to its own waiters"
                     );
-                    // Its waiters' replays still tell whether the step-up worked.
                     let entry = own(&mut state, credential);
-                    state.stepped_up = Some((entry.generation, self.flight.scope.clone()));
+                    self.record_step_up(&mut state, &entry);
                     Ok(entry)
                 }
                 (Ok(credential), Standing::Current) => {
@@ -613,9 +609,7 @@ impl<P: CredentialSource> FlightGuard<P> {
                     state.retry_at = None;
                     state.last_error = None;
                     let entry = inner.install(&mut state, credential, now);
-                    if self.step_up {
-                        state.stepped_up = Some((entry.generation, self.flight.scope.clone()));
-                    }
+                    self.record_step_up(&mut state, &entry);
                     tracing::debug!(generation = entry.generation, "credential refreshed");
                     Ok(entry)
                 }
@@ -655,6 +649,14 @@ impl<P: CredentialSource> FlightGuard<P> {
         };
         self.send(outcome);
         Finished::Yes
+    }
+
+    /// A step-up's credential, current or its own waiters' only: their answers tell
+    /// whether the step-up worked (see `State::stepped_up`).
+    fn record_step_up(&self, state: &mut State, entry: &Entry) {
+        if self.step_up {
+            state.stepped_up = Some((entry.generation, self.flight.scope.clone()));
+        }
     }
 
     fn send(&mut self, outcome: Result<Arc<Entry>, Error>) {

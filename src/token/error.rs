@@ -236,8 +236,7 @@ impl TokenError {
     /// Whether the request left and no answer says what became of it: any 5xx (the
     /// server's own 500 as much as a gateway's 502, 503 or 504: either may come after the
     /// request was acted on), a connection closed after the request was written, an
-    /// answer too large to read, a 2xx answer whose body cannot be read at all (the
-    /// server acted), or the token client's timeout. A refresh with an unknown outcome may have rotated its refresh
+    /// answer too large to read, or the token client's timeout. A refresh with an unknown outcome may have rotated its refresh
     /// token, so [`TokenSource`](super::TokenSource) never presents that token again.
     pub fn is_outcome_unknown(&self) -> bool {
         if self.unread {

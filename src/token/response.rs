@@ -91,11 +91,7 @@ impl TokenResponse {
         fields: &ResponseFields,
     ) -> Result<Self, TokenError> {
         let invalid = |detail| TokenError::new(TokenErrorKind::InvalidResponse).detail(detail);
-        // Nothing in it can be read: the server may have acted on the request all the
-        // same (rotated a refresh token it presented), as when an answer is too large
-        // to read (`TokenError::is_outcome_unknown`).
-        let doc =
-            document(content_type, body).ok_or_else(|| invalid("the body is not json").unread())?;
+        let doc = document(content_type, body).ok_or_else(|| invalid("the body is not json"))?;
         if !doc.is_object() {
             return Err(invalid("the body is not a json object"));
         }

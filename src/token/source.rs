@@ -885,9 +885,10 @@ impl Exchange {
                         held.refresh_token = None;
                     }
                 }
-                // A 2xx the server sent (it acted on the refresh) that this client
-                // cannot use, with no new refresh token read from it: whether the old
-                // one was rotated is unknown.
+                // An unknown outcome (below), or a 2xx (the server acted on the
+                // refresh) that this client cannot use and read no new refresh token
+                // from (a body that is no document at all, one whose refresh token
+                // cannot be found): the old one may have been rotated.
                 Err(e)
                     if e.is_outcome_unknown()
                         || (e.kind() == TokenErrorKind::InvalidResponse
