@@ -513,9 +513,12 @@ async fn run(seed: u64, store: Store, entry: Entry) {
 /// further), each on a fresh two-thread runtime, without a store, with one, and with one
 /// failing at random, through the Tower layer (replaying and `Direct`) and through
 /// reqwest. Proves: the promises above hold in every one.
-#[test]
-fn random_interleavings_keep_the_refresh_paths_promises() {
-    for seed in Dice::seeds("INTERLEAVING_SEEDS", 0..16) {
+///
+/// The seeds are dealt to [`PARTS`] tests by their remainder, which the harness runs side
+/// by side: a run waits on its slow source far more than it computes.
+fn random_interleavings_keep_the_refresh_paths_promises(part: u64) {
+    let seeds = Dice::seeds("INTERLEAVING_SEEDS", 0..16).filter(|seed| seed % PARTS == part);
+    for seed in seeds {
         for store in [Store::None, Store::Memory, Store::Flaky] {
             for entry in [Entry::Tower, Entry::Direct, Entry::Reqwest] {
                 let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -527,4 +530,26 @@ fn random_interleavings_keep_the_refresh_paths_promises() {
             }
         }
     }
+}
+
+const PARTS: u64 = 4;
+
+#[test]
+fn random_interleavings_keep_the_refresh_paths_promises_seeds_0_mod_4() {
+    random_interleavings_keep_the_refresh_paths_promises(0);
+}
+
+#[test]
+fn random_interleavings_keep_the_refresh_paths_promises_seeds_1_mod_4() {
+    random_interleavings_keep_the_refresh_paths_promises(1);
+}
+
+#[test]
+fn random_interleavings_keep_the_refresh_paths_promises_seeds_2_mod_4() {
+    random_interleavings_keep_the_refresh_paths_promises(2);
+}
+
+#[test]
+fn random_interleavings_keep_the_refresh_paths_promises_seeds_3_mod_4() {
+    random_interleavings_keep_the_refresh_paths_promises(3);
 }
