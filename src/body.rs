@@ -4,10 +4,18 @@
 //! has ready at once (a `Full` body, a gRPC unary message, bytes already buffered) are
 //! taken, up to 64 KiB (and one frame more, to see whether the body ends there) and
 //! within the limit, without waiting for any; the rest streams through as it arrives (no
-//! collecting before sending, no added latency). A `Bytes` clone of each data
-//! chunk (a reference count, never a copy) is kept until the retained total would pass
-//! the limit. Past the limit what was kept is freed at once and nothing more is kept; the
-//! body is then not replayable, and a 401 reaches the caller as it came.
+//! collecting before sending, no added latency). The frames themselves go to the inner
+//! service as they came; a copy of their bytes is kept, in one buffer of the request's
+//! own, until the retained total would pass the limit, so that what a request keeps is
+//! its payload and no more whatever the framing (a clone of each chunk would keep each
+//! chunk's whole buffer alive, a 16-byte slice its 4 KiB read, and a slot per chunk).
+//! Past the limit what was kept is freed at once and nothing more is kept; the body is
+//! then not replayable, and a 401 reaches the caller as it came.
+//!
+//! The layer changes nothing of the body's framing: the first attempt and the replay
+//! state an exact length only when the body did, so that hyper frames both as it would
+//! have framed the body without the layer (by `Content-Length` or chunked, with or
+//! without trailers over HTTP/1.1, no body at all for a `GET` of unknown length).
 //!
 //! A body is replayable when it was read to its end within the limit, or to its
 //! trailers or the exact length it declared (hyper reads no further; a request's own
@@ -37,7 +45,8 @@ use pin_project_lite::pin_project;
 /// Default most bytes of a request body retained for a replay: 64 KiB.
 ///
 /// API requests that carry a credential are mostly small JSON; a larger limit costs up to
-/// that much memory per in-flight request. Raise it with
+/// that much memory per in-flight request (the bytes kept are a copy in one buffer, so
+/// the cost does not depend on how the body is framed). Raise it with
 /// [`AuthLayer::replay_limit`](crate::AuthLayer::replay_limit).
 pub const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 
@@ -72,10 +81,16 @@ pin_project! {
             recording: Option<Recording>,
         },
         // Played back from what was recorded (also the first attempt of a body taken
-        // whole before sending).
+        // whole before sending). `exact`: the body stated its exact length, so this
+        // does (else hyper would frame it otherwise than the body).
         // Trailers are rare: boxed, so that every request that carries this body (moved
         // a few times on the hot path) is 96 bytes smaller.
-        Replay { chunks: Chunks, remaining: u64, trailers: Option<Box<HeaderMap>> },
+        Replay {
+            chunks: Chunks,
+            remaining: u64,
+            trailers: Option<Box<HeaderMap>>,
+            exact: bool,
+        },
     }
 }
 
@@ -103,6 +118,26 @@ impl Chunks {
                 let mut more: Vec<_> = std::mem::take(more).collect();
                 more.push(chunk);
                 *self = Chunks::Many(more.into_iter());
+            }
+        }
+    }
+
+    /// `kept` as one chunk (none if empty).
+    fn of(kept: Bytes) -> Self {
+        Chunks::One((!kept.is_empty()).then_some(kept))
+    }
+
+    /// A copy of the chunks' `len` bytes, in one buffer of its own.
+    fn copy(&self, len: u64) -> Bytes {
+        match self {
+            Chunks::One(None) => Bytes::new(),
+            Chunks::One(Some(one)) => Bytes::copy_from_slice(one),
+            Chunks::Many(more) => {
+                let mut kept = Vec::with_capacity(len as usize);
+                for chunk in more.as_slice() {
+                    kept.extend_from_slice(chunk);
+                }
+                Bytes::from(kept)
             }
         }
     }
@@ -254,13 +289,14 @@ where
     }
 
     /// `record` (the tests' shorthand) for a request whose `Content-Length` header may
-    /// declare the body's length (`header`, asked only for a body that streams on past
-    /// the read-ahead): hyper sends that many bytes and drops the body without polling
-    /// for its end, so the recording is complete when it has them all.
+    /// declare the body's length (`header`, asked only for a body that does not state
+    /// its exact length or streams on past the read-ahead): hyper sends that many bytes
+    /// and drops the body without polling for its end, so the recording is complete
+    /// when it has them all.
     pub(crate) fn record_declared(
         body: B,
         limit: usize,
-        header: impl FnOnce() -> Option<u64>,
+        header: impl Fn() -> Option<u64>,
     ) -> (Self, ReplayHandle) {
         if body.is_end_stream() {
             return (ReplayBody::forward(body), ReplayHandle::Empty);
@@ -284,7 +320,7 @@ where
             let frame = match body.as_mut().poll_frame(&mut cx) {
                 Poll::Pending => break,
                 Poll::Ready(None) => {
-                    return Self::taken_whole(body, chunks, trailers, declared);
+                    return Self::taken_whole(body, chunks, trailers, declared, header);
                 }
                 Poll::Ready(Some(Err(error))) => {
                     let ahead = Ahead {
@@ -334,7 +370,7 @@ where
                 }
             }
             if body.is_end_stream() {
-                return Self::taken_whole(body, chunks, trailers, declared);
+                return Self::taken_whole(body, chunks, trailers, declared, header);
             }
             if bound_reached {
                 break;
@@ -350,9 +386,16 @@ where
             abandoned: AtomicBool::new(false),
             state: Mutex::new(Recorded::default()),
         });
-        let chunks: Vec<Bytes> = chunks.collect();
-        let ahead = (!chunks.is_empty() || trailers.is_some()).then(|| Ahead {
-            frames: chunks_as_frames(chunks.clone().into(), trailers.clone()),
+        // What hyper sends is what the header says, when there is one.
+        let sent = header().or(declared);
+        // Room for what is declared, when that is known and within the limit.
+        let room = sent.map_or(len, |n| n.min(limit as u64) as usize).max(len);
+        let mut kept = Vec::with_capacity(room);
+        for chunk in chunks.clone() {
+            kept.extend_from_slice(&chunk);
+        }
+        let ahead = (len > 0 || trailers.is_some()).then(|| Ahead {
+            frames: chunks_as_frames(chunks, trailers.clone()),
             error: None,
             ended: false,
             declared,
@@ -360,11 +403,10 @@ where
         let mut recording = Recording {
             recorder: recorder.clone(),
             limit,
-            chunks,
-            len,
+            kept,
+            exact: declared.is_some(),
             trailers,
-            // What hyper sends is what the header says, when there is one.
-            declared: header().or(declared),
+            declared: sent,
             done: false,
             early: false,
         };
@@ -379,16 +421,24 @@ where
     }
 
     /// The body ended while it was read ahead: the first attempt plays back what was
-    /// taken, and so does the replay. A body shorter or longer than the length it
-    /// declared is not made whole: the first attempt declares that length, as it would
-    /// have been read without the layer, and is not replayed.
+    /// taken, and the replay a copy of it. A body shorter or longer than the length it
+    /// declared (or, stating none, than its request's `Content-Length`) is not made
+    /// whole: the first attempt declares that length, as it would have been read without
+    /// the layer, and is not replayed.
     fn taken_whole(
         body: Pin<Box<B>>,
         chunks: Chunks,
         trailers: Option<Box<HeaderMap>>,
         declared: Option<u64>,
+        header: impl Fn() -> Option<u64>,
     ) -> (Self, ReplayHandle) {
-        if declared.is_some_and(|n| n != chunks.len()) {
+        let len = chunks.len();
+        let off = match declared {
+            Some(n) => n != len,
+            // Rare (a `Full` body states its length): a stream with a length set by hand.
+            None => header().is_some_and(|n| n != len),
+        };
+        if off {
             let ahead = Ahead {
                 frames: chunks_as_frames(chunks, trailers),
                 error: None,
@@ -397,15 +447,18 @@ where
             };
             return Self::streaming(body, ahead, NotReplayed::BodyFailed);
         }
-        let first = ReplayBody::replay(chunks.clone(), trailers.clone());
+        let exact = declared.is_some();
+        let kept = chunks.copy(len);
+        let first = ReplayBody::replay(chunks, trailers.clone(), exact);
         let handle = match trailers {
-            None => ReplayHandle::Whole(chunks),
+            None => ReplayHandle::Whole { kept, exact },
             // Rare: kept where a recording keeps them, so that the common handle stays small.
-            Some(trailers) => ReplayHandle::Recorded(Arc::new(Recorder {
+            trailers => ReplayHandle::Recorded(Arc::new(Recorder {
                 abandoned: AtomicBool::new(false),
                 state: Mutex::new(Recorded {
-                    chunks: chunks.collect(),
-                    trailers: Some(trailers),
+                    kept,
+                    trailers,
+                    exact,
                     status: Status::Complete,
                 }),
             })),
@@ -472,13 +525,16 @@ impl<B: Body> ReplayBody<B> {
         }
     }
 
-    fn replay(chunks: Chunks, trailers: Option<Box<HeaderMap>>) -> Self {
+    /// Plays back `chunks` and `trailers`, stating their exact length if `exact` (as
+    /// the body they came from did).
+    fn replay(chunks: Chunks, trailers: Option<Box<HeaderMap>>, exact: bool) -> Self {
         let remaining = chunks.len();
         ReplayBody {
             kind: Kind::Replay {
                 chunks,
                 remaining,
                 trailers,
+                exact,
             },
         }
     }
@@ -531,6 +587,7 @@ where
                 chunks,
                 remaining,
                 trailers,
+                ..
             } => {
                 if let Some(chunk) = chunks.next() {
                     *remaining -= chunk.len() as u64;
@@ -592,9 +649,13 @@ where
                 }
                 None => body.size_hint(),
             },
+            // As the body stated it: exact with trailers too (HTTP/1.1 then frames it by
+            // `Content-Length` and drops them, as it did the body's), never exact for a
+            // body of unknown length (chunked; a `GET` sends none of it, as without the
+            // layer).
             Kind::Replay {
                 remaining,
-                trailers: None,
+                exact: true,
                 ..
             } => SizeHint::with_exact(*remaining),
             Kind::Replay { remaining, .. } => at_least(*remaining),
@@ -609,23 +670,30 @@ fn at_least(lower: u64) -> SizeHint {
     hint
 }
 
-/// The body length a request's headers declare: its one `Content-Length`, unless a
+/// The body length a request's headers declare: its `Content-Length`, unless a
 /// `Transfer-Encoding` overrides it. What hyper sends of a body whose own size hint is
-/// not exact, or not the same.
+/// not exact, or not the same. The header repeated, or a list in one value, declares a
+/// length when every value is the same (RFC 9110 §8.6, as hyper reads it); values that
+/// differ declare none.
 pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     if headers.contains_key(http::header::TRANSFER_ENCODING) {
         return None;
     }
-    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
-    let value = values.next()?;
-    if values.next().is_some() {
-        return None;
+    let mut length = None;
+    for value in headers.get_all(http::header::CONTENT_LENGTH) {
+        for digits in value.to_str().ok()?.split(',') {
+            let digits = digits.trim();
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let n: u64 = digits.parse().ok()?;
+            if length.is_some_and(|m| m != n) {
+                return None;
+            }
+            length = Some(n);
+        }
     }
-    let digits = value.to_str().ok()?.trim();
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
+    length
 }
 
 /// Whether trailers are among the frames taken ahead (still to be given; a body that
@@ -639,8 +707,10 @@ fn trailers_ahead<E>(taken: &Ahead<E>) -> bool {
 struct Recording {
     recorder: Arc<Recorder>,
     limit: usize,
-    chunks: Vec<Bytes>,
-    len: usize,
+    /// A copy of every byte given so far (see the module docs).
+    kept: Vec<u8>,
+    /// The body stated its exact length (the replay states it too).
+    exact: bool,
     trailers: Option<Box<HeaderMap>>,
     /// The exact length the body declared when it was wrapped: a body that gives another
     /// length was sent cut short (or failed) by HTTP/1.1, so what it gave is not replayed.
@@ -671,14 +741,11 @@ impl Recording {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.remaining();
-                    if self.len + len > self.limit {
+                    if self.kept.len() + len > self.limit {
                         // Free what was kept at once; keep nothing more.
                         return self.finish(Status::TooLarge);
                     }
-                    self.len += len;
-                    if len > 0 {
-                        self.chunks.push(data.clone());
-                    }
+                    self.keep(data);
                 } else if let Some(trailers) = frame.trailers_ref() {
                     self.trailers = Some(Box::new(trailers.clone()));
                 }
@@ -691,6 +758,19 @@ impl Recording {
         }
     }
 
+    /// Copies `data` into the buffer, which grows by doubling but never past the limit
+    /// (a body that declared its length had room for it from the start).
+    fn keep(&mut self, data: &Bytes) {
+        let needed = self.kept.len() + data.len();
+        if needed > self.kept.capacity() {
+            let room = needed
+                .max(2 * self.kept.capacity())
+                .min(self.limit.max(needed));
+            self.kept.reserve_exact(room - self.kept.len());
+        }
+        self.kept.extend_from_slice(data);
+    }
+
     /// Publishes the recording once it holds every byte the body declared and no
     /// trailers, before the body shows its end, as [`Status::Declared`]. Over HTTP/2 the
     /// answer may come then, while hyper's pipe still polls the body for its end (which
@@ -698,7 +778,7 @@ impl Recording {
     /// data, an error, the body dropped) before the new credential is there, the replay
     /// is built from what it settled to, rather than refused.
     fn complete_at_declared(&mut self) {
-        if !self.done && self.trailers.is_none() && self.declared == Some(self.len as u64) {
+        if !self.done && self.trailers.is_none() && self.declared == Some(self.kept.len() as u64) {
             self.early = true;
             self.finish(Status::Declared);
         }
@@ -726,10 +806,11 @@ impl Recording {
     /// Publishes the outcome; only a complete recording keeps its chunks.
     fn finish(&mut self, mut status: Status) {
         self.done = true;
-        if status == Status::Complete && self.declared.is_some_and(|n| n != self.len as u64) {
+        if status == Status::Complete && self.declared.is_some_and(|n| n != self.kept.len() as u64)
+        {
             status = Status::Failed;
         }
-        let chunks = std::mem::take(&mut self.chunks);
+        let kept = std::mem::take(&mut self.kept);
         let trailers = self.trailers.take();
         let mut rec = self.recorder.lock();
         if rec.status == Status::Abandoned {
@@ -737,14 +818,15 @@ impl Recording {
         }
         rec.status = status;
         if matches!(status, Status::Complete | Status::Declared) {
-            rec.chunks = chunks;
+            rec.kept = Bytes::from(kept);
             rec.trailers = trailers;
+            rec.exact = self.exact;
         }
     }
 
     #[cfg(test)]
     fn retained(&self) -> usize {
-        self.chunks.iter().map(Bytes::len).sum::<usize>() + self.recorder.retained()
+        self.kept.len() + self.recorder.retained()
     }
 }
 
@@ -761,7 +843,8 @@ impl Drop for Recording {
             self.recorder.settle(Status::Complete, None);
         }
         if !self.done
-            && (self.trailers.is_some() || self.declared.is_some_and(|n| self.len as u64 >= n))
+            && (self.trailers.is_some()
+                || self.declared.is_some_and(|n| self.kept.len() as u64 >= n))
         {
             // `finish` fails a length other than the declared one.
             self.finish(Status::Complete);
@@ -778,8 +861,10 @@ pub(crate) struct Recorder {
 
 #[derive(Default)]
 struct Recorded {
-    chunks: Vec<Bytes>,
+    kept: Bytes,
     trailers: Option<Box<HeaderMap>>,
+    /// The body stated its exact length.
+    exact: bool,
     status: Status,
 }
 
@@ -814,7 +899,7 @@ impl Recorder {
         match status {
             Status::Complete => rec.trailers = trailers.map(|t| Box::new(t.clone())),
             _ => {
-                rec.chunks = Vec::new();
+                rec.kept = Bytes::new();
                 rec.trailers = None;
             }
         }
@@ -834,7 +919,7 @@ impl Recorder {
 
     #[cfg(test)]
     pub(crate) fn retained(&self) -> usize {
-        self.lock().chunks.iter().map(Bytes::len).sum()
+        self.lock().kept.len()
     }
 }
 
@@ -856,9 +941,9 @@ impl<B: Body> ReplayBody<B> {
 pub(crate) enum ReplayHandle {
     /// The body was empty: replay an empty body.
     Empty,
-    /// The body was taken whole before the request was sent.
-    /// (With trailers, it is `Recorded`, complete.)
-    Whole(Chunks),
+    /// The body was taken whole before the request was sent: a copy of its bytes, and
+    /// whether it stated their exact length. (With trailers, it is `Recorded`, complete.)
+    Whole { kept: Bytes, exact: bool },
     /// The body streams on, recorded as it goes.
     Recorded(Arc<Recorder>),
     /// The body cannot be replayed, known before the request was sent.
@@ -875,15 +960,20 @@ impl ReplayHandle {
     /// The body for the replay, taking the recorded chunks (there is only one replay).
     pub(crate) fn take<B: Body>(&mut self) -> Result<ReplayBody<B>, NotReplayed> {
         match self {
-            ReplayHandle::Empty => Ok(ReplayBody::replay(Chunks::default(), None)),
-            ReplayHandle::Whole(chunks) => Ok(ReplayBody::replay(std::mem::take(chunks), None)),
+            ReplayHandle::Empty => Ok(ReplayBody::replay(Chunks::default(), None, true)),
+            ReplayHandle::Whole { kept, exact } => Ok(ReplayBody::replay(
+                Chunks::of(std::mem::take(kept)),
+                None,
+                *exact,
+            )),
             ReplayHandle::Not(why) => Err(*why),
             ReplayHandle::Recorded(recorder) => {
                 let recorded = recorder.abandon();
                 match recorded.status {
                     Status::Complete => Ok(ReplayBody::replay(
-                        recorded.chunks.into(),
+                        Chunks::of(recorded.kept),
                         recorded.trailers,
+                        recorded.exact,
                     )),
                     Status::TooLarge => Err(NotReplayed::BodyTooLarge),
                     Status::Failed => Err(NotReplayed::BodyFailed),
@@ -1037,19 +1127,24 @@ mod tests {
         send_sync::<ReplayBody<http_body_util::Empty<Bytes>>>();
     }
 
-    /// Chunks are retained as `Bytes` clones of the very same buffers.
+    /// The first attempt sends the caller's own chunks; the replay a copy of their bytes,
+    /// so that the caller's buffers are not kept alive for it (a slice keeps its whole
+    /// buffer).
     #[tokio::test]
-    async fn retained_chunks_are_shared_not_copied() {
-        let original = Bytes::from(vec![7u8; 4096]);
+    async fn the_first_attempt_sends_the_callers_chunks_and_the_replay_a_copy() {
+        let buffer = Bytes::from(vec![7u8; 4096]);
+        let original = buffer.slice(0..16);
         let ptr = original.as_ptr();
-        let (body, mut handle) = ReplayBody::record(Full::new(original), 8192);
-        frames(body).await;
+        let (mut body, mut handle) = ReplayBody::record(Full::new(original), 8192);
+        let first = next(&mut body).await.unwrap().unwrap();
+        assert_eq!(first.data_ref().unwrap().as_ptr(), ptr);
+        drop((first, body));
         let mut replay: ReplayBody<Full<Bytes>> = handle.take().unwrap();
-        let frame = std::future::poll_fn(|cx| Pin::new(&mut replay).poll_frame(cx))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(frame.data_ref().unwrap().as_ptr(), ptr);
+        let frame = next(&mut replay).await.unwrap().unwrap();
+        let copy = frame.into_data().unwrap();
+        assert_eq!(copy, [7u8; 16][..]);
+        assert_ne!(copy.as_ptr(), ptr);
+        assert!(buffer.is_unique(), "the caller's buffer is no longer held");
     }
 
     /// A full body is complete as soon as it reports its end, without another poll.
@@ -1161,7 +1256,8 @@ mod tests {
         assert_eq!(first.0, b"hello world");
         assert_eq!(first.1.unwrap()["x-checksum"], "abc");
 
-        // The same without trailers, in three chunks, each shared, not copied.
+        // The same without trailers, in three chunks: the first attempt sends them, the
+        // replay a copy in one chunk, of no exact length (the body stated none).
         let chunk = Bytes::from(vec![7u8; 100]);
         let three = steps(vec![
             Step::Frame(Ok(Frame::data(chunk.clone()))),
@@ -1170,13 +1266,18 @@ mod tests {
         ]);
         let (body, mut handle) = ReplayBody::record(three, 1024);
         let mut replay: ReplayBody<Trickle> = handle.take().unwrap();
-        assert_eq!(replay.size_hint().exact(), Some(102));
-        let shared = std::future::poll_fn(|cx| Pin::new(&mut replay).poll_frame(cx)).await;
-        assert_eq!(
-            shared.unwrap().unwrap().data_ref().unwrap().as_ptr(),
-            chunk.as_ptr()
-        );
-        assert_eq!(&frames(replay).await.0, b"-!");
+        assert_eq!(replay.size_hint().exact(), None);
+        assert_eq!(replay.size_hint().lower(), 102);
+        let copy = next(&mut replay)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+        assert_eq!(copy.len(), 102);
+        assert_ne!(copy.as_ptr(), chunk.as_ptr());
+        assert!(next(&mut replay).await.is_none());
+        assert_eq!(body.size_hint().exact(), None);
         assert_eq!(frames(body).await.0.len(), 102);
     }
 
@@ -1533,7 +1634,9 @@ mod tests {
         );
         // The server answered before the first attempt read anything.
         let replay: ReplayBody<Trickle> = handle.take().unwrap();
-        assert_eq!(replay.size_hint().exact(), Some(100 * 1024));
+        // As the body stated its length: not at all.
+        assert_eq!(replay.size_hint().exact(), None);
+        assert_eq!(replay.size_hint().lower(), 100 * 1024);
         assert_eq!(frames(replay).await.0, message);
         assert_eq!(frames(body).await.0, message);
 
@@ -1556,8 +1659,9 @@ mod tests {
         assert!(frame.unwrap().unwrap().is_data());
     }
 
-    /// The header is the declared length only when hyper would take it as that: one
-    /// value, digits only, and no `Transfer-Encoding` beside it.
+    /// The header is the declared length only when hyper would take it as that: digits
+    /// only, the same in every value (repeated, or a list), and no `Transfer-Encoding`
+    /// beside it.
     #[test]
     fn a_content_length_header_declares_the_length_only_when_unambiguous() {
         let headers = |pairs: &[(&str, &str)]| {
@@ -1577,7 +1681,11 @@ mod tests {
         for junk in ["", "+5", "-1", "5x", "0x10", "1 2", "99999999999999999999"] {
             assert_eq!(content_length(&headers(&[(cl, junk)])), None, "{junk:?}");
         }
-        assert_eq!(content_length(&headers(&[(cl, "4"), (cl, "4")])), None);
+        assert_eq!(content_length(&headers(&[(cl, "4"), (cl, "4")])), Some(4));
+        assert_eq!(content_length(&headers(&[(cl, "4, 4")])), Some(4));
+        assert_eq!(content_length(&headers(&[(cl, "4"), (cl, "5")])), None);
+        assert_eq!(content_length(&headers(&[(cl, "4, 5")])), None);
+        assert_eq!(content_length(&headers(&[(cl, "4,")])), None);
         let chunked = headers(&[(cl, "4"), ("transfer-encoding", "chunked")]);
         assert_eq!(content_length(&chunked), None);
     }

@@ -1,0 +1,150 @@
+//! What a request's retention for its replay keeps alive, counted by the allocator: the
+//! replay limit is documented as the most a body costs per in-flight request ("a larger
+//! limit costs up to that much memory per in-flight request"). One test in this binary:
+//! the counting allocator sees every thread's allocations.
+
+mod support;
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    convert::Infallible,
+    pin::Pin,
+    sync::atomic::{AtomicIsize, Ordering},
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use support::TestSource;
+use tower::{Layer, ServiceExt};
+use tower_client_auth::{AuthLayer, NotReplayed, ReplayBody};
+use tower_test::mock;
+
+/// Bytes allocated and not yet freed, by every thread.
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+struct Counting;
+
+// SAFETY: every call is passed on to `System` as it came; only the sizes are counted.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(p, layout) };
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, layout, new) };
+        if !q.is_null() {
+            LIVE.fetch_add(new as isize - layout.size() as isize, Ordering::Relaxed);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+static ONE: [u8; 1] = [7];
+
+/// A body of `left` data frames, each made by `make` when it is polled (so that the
+/// body itself holds nothing), its length unknown in advance.
+struct Frames {
+    left: usize,
+    make: fn(usize) -> Bytes,
+}
+
+impl Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        self.left -= 1;
+        let n = self.left;
+        Poll::Ready(Some(Ok(Frame::data((self.make)(n)))))
+    }
+}
+
+/// One-byte frames of static bytes: no allocation of their own.
+fn static_byte(_: usize) -> Bytes {
+    Bytes::from_static(&ONE)
+}
+
+/// 16-byte frames, each a slice of its own 4 KiB buffer (a parser handing out slices of
+/// the reads it made).
+fn slice_of_a_read(n: usize) -> Bytes {
+    Bytes::from(vec![n as u8; 4096]).slice(0..16)
+}
+
+/// Sends a body of `frames` frames made by `make` (`payload` bytes in all, within the
+/// limit) through the layer over a mock API, which reads it to its end, frame by frame,
+/// dropping each; returns the bytes still allocated then, over what was allocated
+/// before the request, and checks the 401 is then replayed whole.
+async fn kept_alive(frames: usize, make: fn(usize) -> Bytes, payload: usize) -> isize {
+    let layer = AuthLayer::new(TestSource::new())
+        .any_https_origin()
+        .replay_limit(payload);
+    layer.warm_up().await.unwrap();
+    let (inner, mut api) = mock::pair::<Request<ReplayBody<Frames>>, Response<&'static str>>();
+    let svc = layer.layer(inner);
+    let req = Request::put("https://api.test/upload")
+        .body(Frames { left: frames, make })
+        .unwrap();
+    let before = LIVE.load(Ordering::SeqCst);
+    let call = tokio::spawn(svc.oneshot(req));
+    let (mut first, reply) = api.next_request().await.unwrap();
+    let mut read = 0;
+    while let Some(frame) = first.body_mut().frame().await {
+        read += frame.unwrap().into_data().unwrap().len();
+    }
+    assert_eq!(read, payload);
+    let kept = LIVE.load(Ordering::SeqCst) - before;
+    drop(first);
+    reply.send_response(Response::builder().status(401).body("").unwrap());
+    let (second, reply) = api.next_request().await.unwrap();
+    let whole = second.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(whole.len(), payload, "the replay carries the body whole");
+    reply.send_response(Response::builder().status(200).body("").unwrap());
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.extensions().get::<NotReplayed>().is_none());
+    kept
+}
+
+/// World: an upload streamed as many small frames (a gRPC client stream of small
+/// messages, a line-by-line export, a parser handing out slices of its reads), within
+/// the default replay limit of 64 KiB, read by the API to its end before it answers.
+/// Proves: what the request keeps alive for its replay stays within a small
+/// multiple of the limit, as `DEFAULT_REPLAY_LIMIT`'s docs promise ("a larger limit
+/// costs up to that much memory per in-flight request").
+#[tokio::test(flavor = "current_thread")]
+async fn retention_for_a_replay_stays_within_the_limit_whatever_the_framing() {
+    let limit = 64 * 1024;
+    // Warms up what the first request through a runtime allocates once.
+    let _ = kept_alive(4, static_byte, 4).await;
+    let tiny = kept_alive(limit, static_byte, limit).await;
+    let sliced = kept_alive(limit / 16, slice_of_a_read, limit).await;
+    eprintln!(
+        "limit {limit} B; kept alive: 1-byte static frames {tiny} B, 16-byte slices {sliced} B"
+    );
+    assert!(
+        tiny <= 2 * limit as isize && sliced <= 2 * limit as isize,
+        "a {limit} B replay limit kept {tiny} B alive for 1-byte frames (no allocation of \
+         their own) and {sliced} B for 16-byte slices of 4 KiB reads"
+    );
+}
