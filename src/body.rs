@@ -9,6 +9,8 @@
 //! own, until the retained total would pass the limit, so that what a request keeps is
 //! its payload and no more whatever the framing (a clone of each chunk would keep each
 //! chunk's whole buffer alive, a 16-byte slice its 4 KiB read, and a slot per chunk).
+//! A body of one chunk taken whole (a `Full`) keeps that chunk instead, shared with the
+//! first attempt: one buffer, the caller's own, held until the answer.
 //! Past the limit what was kept is freed at once and nothing more is kept; the body is
 //! then not replayable, and a 401 reaches the caller as it came.
 //!
@@ -46,7 +48,8 @@ use pin_project_lite::pin_project;
 ///
 /// API requests that carry a credential are mostly small JSON; a larger limit costs up to
 /// that much memory per in-flight request (the bytes kept are a copy in one buffer, so
-/// the cost does not depend on how the body is framed). Raise it with
+/// the cost does not depend on how the body is framed; a body of one chunk ready in
+/// full keeps that chunk's buffer). Raise it with
 /// [`AuthLayer::replay_limit`](crate::AuthLayer::replay_limit).
 pub const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 
@@ -127,11 +130,12 @@ impl Chunks {
         Chunks::One((!kept.is_empty()).then_some(kept))
     }
 
-    /// A copy of the chunks' `len` bytes, in one buffer of its own.
-    fn copy(&self, len: u64) -> Bytes {
+    /// The chunks' `len` bytes in one: the one chunk itself (shared, not copied: one
+    /// buffer, and the hot path's body, a `Full`, costs no allocation), or a copy of
+    /// many in one buffer of its own.
+    fn kept(&self, len: u64) -> Bytes {
         match self {
-            Chunks::One(None) => Bytes::new(),
-            Chunks::One(Some(one)) => Bytes::copy_from_slice(one),
+            Chunks::One(one) => one.clone().unwrap_or_default(),
             Chunks::Many(more) => {
                 let mut kept = Vec::with_capacity(len as usize);
                 for chunk in more.as_slice() {
@@ -448,7 +452,7 @@ where
             return Self::streaming(body, ahead, NotReplayed::BodyFailed);
         }
         let exact = declared.is_some();
-        let kept = chunks.copy(len);
+        let kept = chunks.kept(len);
         let first = ReplayBody::replay(chunks, trailers.clone(), exact);
         let handle = match trailers {
             None => ReplayHandle::Whole { kept, exact },
@@ -1127,24 +1131,47 @@ mod tests {
         send_sync::<ReplayBody<http_body_util::Empty<Bytes>>>();
     }
 
-    /// The first attempt sends the caller's own chunks; the replay a copy of their bytes,
-    /// so that the caller's buffers are not kept alive for it (a slice keeps its whole
-    /// buffer).
+    /// The first attempt sends the caller's own chunks; the replay of many a copy of
+    /// their bytes in one buffer, so that the caller's buffers are not kept alive for it
+    /// (a slice keeps its whole buffer); the replay of one, that chunk (one buffer).
     #[tokio::test]
     async fn the_first_attempt_sends_the_callers_chunks_and_the_replay_a_copy() {
         let buffer = Bytes::from(vec![7u8; 4096]);
-        let original = buffer.slice(0..16);
-        let ptr = original.as_ptr();
-        let (mut body, mut handle) = ReplayBody::record(Full::new(original), 8192);
+        let (a, b) = (buffer.slice(0..16), buffer.slice(16..32));
+        let ptr = a.as_ptr();
+        let two = steps(vec![
+            Step::Frame(Ok(Frame::data(a))),
+            Step::Frame(Ok(Frame::data(b))),
+        ]);
+        let (mut body, mut handle) = ReplayBody::record(two, 8192);
         let first = next(&mut body).await.unwrap().unwrap();
         assert_eq!(first.data_ref().unwrap().as_ptr(), ptr);
         drop((first, body));
-        let mut replay: ReplayBody<Full<Bytes>> = handle.take().unwrap();
-        let frame = next(&mut replay).await.unwrap().unwrap();
-        let copy = frame.into_data().unwrap();
-        assert_eq!(copy, [7u8; 16][..]);
-        assert_ne!(copy.as_ptr(), ptr);
+        let mut replay: ReplayBody<Trickle> = handle.take().unwrap();
+        let copy = next(&mut replay)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+        assert_eq!(copy, [7u8; 32][..]);
         assert!(buffer.is_unique(), "the caller's buffer is no longer held");
+
+        let one = Bytes::from(vec![8u8; 64]);
+        let (body, mut handle) = ReplayBody::record(Full::new(one.clone()), 8192);
+        drop(body);
+        let mut replay: ReplayBody<Full<Bytes>> = handle.take().unwrap();
+        let shared = next(&mut replay)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+        assert_eq!(
+            shared.as_ptr(),
+            one.as_ptr(),
+            "one chunk is kept, not copied"
+        );
     }
 
     /// A full body is complete as soon as it reports its end, without another poll.
