@@ -4,7 +4,8 @@
 //!
 //! Criterion measures throughput; after it, a plain run prints what criterion cannot:
 //! when the first chunk reaches the inner service, and how many bytes the request
-//! allocated (a counting global allocator), to show chunks are shared, not copied.
+//! allocated (a counting global allocator), to show chunks this large
+//! (16 KiB or more) are shared, not copied.
 
 mod common;
 

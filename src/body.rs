@@ -5,12 +5,13 @@
 //! taken, up to 64 KiB (and one frame more, to see whether the body ends there) and
 //! within the limit, without waiting for any; the rest streams through as it arrives (no
 //! collecting before sending, no added latency). The frames themselves go to the inner
-//! service as they came; a copy of their bytes is kept, in one buffer of the request's
-//! own, until the retained total would pass the limit, so that what a request keeps is
-//! its payload and no more whatever the framing (a clone of each chunk would keep each
-//! chunk's whole buffer alive, a 16-byte slice its 4 KiB read, and a slot per chunk).
-//! A body of one chunk taken whole (a `Full`) keeps that chunk instead, shared with the
-//! first attempt: one buffer, the caller's own, held until the answer.
+//! service as they came. What is kept for the replay, until the retained total would
+//! pass the limit, is what a request's payload costs whatever the framing: chunks under
+//! 16 KiB are copied into a buffer of the request's own (a clone of each would keep
+//! each chunk's whole buffer alive, a 16-byte slice its 4 KiB read, and a slot per
+//! chunk), larger ones are kept as `Bytes` clones (a reference count: a chunk that size
+//! is a buffer of its own in the bodies we know, a file's read, a `Full`), and so is the
+//! one chunk of a body taken whole (the common `Full` body: one buffer, the caller's).
 //! Past the limit what was kept is freed at once and nothing more is kept; the body is
 //! then not replayable, and a 401 reaches the caller as it came.
 //!
@@ -47,9 +48,8 @@ use pin_project_lite::pin_project;
 /// Default most bytes of a request body retained for a replay: 64 KiB.
 ///
 /// API requests that carry a credential are mostly small JSON; a larger limit costs up to
-/// that much memory per in-flight request (the bytes kept are a copy in one buffer, so
-/// the cost does not depend on how the body is framed; a body of one chunk ready in
-/// full keeps that chunk's buffer). Raise it with
+/// that much memory per in-flight request, however the body is framed (chunks under
+/// 16 KiB are copied into one buffer, larger ones shared). Raise it with
 /// [`AuthLayer::replay_limit`](crate::AuthLayer::replay_limit).
 pub const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 
@@ -125,23 +125,18 @@ impl Chunks {
         }
     }
 
-    /// `kept` as one chunk (none if empty).
-    fn of(kept: Bytes) -> Self {
-        Chunks::One((!kept.is_empty()).then_some(kept))
-    }
-
-    /// The chunks' `len` bytes in one: the one chunk itself (shared, not copied: one
-    /// buffer, and the hot path's body, a `Full`, costs no allocation), or a copy of
-    /// many in one buffer of its own.
-    fn kept(&self, len: u64) -> Bytes {
+    /// What a replay keeps of these chunks (see [`Kept`]): the one chunk itself
+    /// (shared, not copied: the hot path's `Full` body costs no allocation), or many as
+    /// [`Kept`] keeps them.
+    fn kept(&self) -> Chunks {
         match self {
-            Chunks::One(one) => one.clone().unwrap_or_default(),
+            Chunks::One(one) => Chunks::One(one.clone()),
             Chunks::Many(more) => {
-                let mut kept = Vec::with_capacity(len as usize);
+                let mut kept = Kept::default();
                 for chunk in more.as_slice() {
-                    kept.extend_from_slice(chunk);
+                    kept.push(chunk, usize::MAX);
                 }
-                Bytes::from(kept)
+                kept.into_chunks()
             }
         }
     }
@@ -168,6 +163,53 @@ impl Iterator for Chunks {
 impl From<Vec<Bytes>> for Chunks {
     fn from(chunks: Vec<Bytes>) -> Self {
         Chunks::Many(chunks.into_iter())
+    }
+}
+
+/// Chunks this large or larger are kept as `Bytes` clones; smaller ones are copied.
+const SHARED_FROM: usize = 16 * 1024;
+
+/// The bytes kept for a replay: chunks of [`SHARED_FROM`] bytes or more as clones, the
+/// smaller ones between them copied into one buffer (see the module docs).
+#[derive(Default)]
+struct Kept {
+    parts: Vec<Bytes>,
+    /// Small chunks since the last shared one, copied.
+    tail: Vec<u8>,
+    len: usize,
+}
+
+impl Kept {
+    /// Keeps `chunk`; the copy buffer grows by doubling, never past `limit`.
+    fn push(&mut self, chunk: &Bytes, limit: usize) {
+        if chunk.len() >= SHARED_FROM {
+            self.flush();
+            self.parts.push(chunk.clone());
+        } else if !chunk.is_empty() {
+            let needed = self.tail.len() + chunk.len();
+            if needed > self.tail.capacity() {
+                let room = needed
+                    .max(2 * self.tail.capacity())
+                    .min(limit.saturating_sub(self.len - self.tail.len()).max(needed));
+                self.tail.reserve_exact(room - self.tail.len());
+            }
+            self.tail.extend_from_slice(chunk);
+        }
+        self.len += chunk.len();
+    }
+
+    fn flush(&mut self) {
+        if !self.tail.is_empty() {
+            self.parts.push(Bytes::from(std::mem::take(&mut self.tail)));
+        }
+    }
+
+    fn into_chunks(mut self) -> Chunks {
+        self.flush();
+        if self.parts.len() <= 1 {
+            return Chunks::One(self.parts.pop());
+        }
+        self.parts.into()
     }
 }
 
@@ -392,11 +434,9 @@ where
         });
         // What hyper sends is what the header says, when there is one.
         let sent = header().or(declared);
-        // Room for what is declared, when that is known and within the limit.
-        let room = sent.map_or(len, |n| n.min(limit as u64) as usize).max(len);
-        let mut kept = Vec::with_capacity(room);
+        let mut kept = Kept::default();
         for chunk in chunks.clone() {
-            kept.extend_from_slice(&chunk);
+            kept.push(&chunk, limit);
         }
         let ahead = (len > 0 || trailers.is_some()).then(|| Ahead {
             frames: chunks_as_frames(chunks, trailers.clone()),
@@ -452,7 +492,7 @@ where
             return Self::streaming(body, ahead, NotReplayed::BodyFailed);
         }
         let exact = declared.is_some();
-        let kept = chunks.kept(len);
+        let kept = chunks.kept();
         let first = ReplayBody::replay(chunks, trailers.clone(), exact);
         let handle = match trailers {
             None => ReplayHandle::Whole { kept, exact },
@@ -711,8 +751,8 @@ fn trailers_ahead<E>(taken: &Ahead<E>) -> bool {
 struct Recording {
     recorder: Arc<Recorder>,
     limit: usize,
-    /// A copy of every byte given so far (see the module docs).
-    kept: Vec<u8>,
+    /// Every byte given so far (see [`Kept`]).
+    kept: Kept,
     /// The body stated its exact length (the replay states it too).
     exact: bool,
     trailers: Option<Box<HeaderMap>>,
@@ -745,11 +785,11 @@ impl Recording {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.remaining();
-                    if self.kept.len() + len > self.limit {
+                    if self.kept.len + len > self.limit {
                         // Free what was kept at once; keep nothing more.
                         return self.finish(Status::TooLarge);
                     }
-                    self.keep(data);
+                    self.kept.push(data, self.limit);
                 } else if let Some(trailers) = frame.trailers_ref() {
                     self.trailers = Some(Box::new(trailers.clone()));
                 }
@@ -762,19 +802,6 @@ impl Recording {
         }
     }
 
-    /// Copies `data` into the buffer, which grows by doubling but never past the limit
-    /// (a body that declared its length had room for it from the start).
-    fn keep(&mut self, data: &Bytes) {
-        let needed = self.kept.len() + data.len();
-        if needed > self.kept.capacity() {
-            let room = needed
-                .max(2 * self.kept.capacity())
-                .min(self.limit.max(needed));
-            self.kept.reserve_exact(room - self.kept.len());
-        }
-        self.kept.extend_from_slice(data);
-    }
-
     /// Publishes the recording once it holds every byte the body declared and no
     /// trailers, before the body shows its end, as [`Status::Declared`]. Over HTTP/2 the
     /// answer may come then, while hyper's pipe still polls the body for its end (which
@@ -782,7 +809,7 @@ impl Recording {
     /// data, an error, the body dropped) before the new credential is there, the replay
     /// is built from what it settled to, rather than refused.
     fn complete_at_declared(&mut self) {
-        if !self.done && self.trailers.is_none() && self.declared == Some(self.kept.len() as u64) {
+        if !self.done && self.trailers.is_none() && self.declared == Some(self.kept.len as u64) {
             self.early = true;
             self.finish(Status::Declared);
         }
@@ -810,8 +837,7 @@ impl Recording {
     /// Publishes the outcome; only a complete recording keeps its chunks.
     fn finish(&mut self, mut status: Status) {
         self.done = true;
-        if status == Status::Complete && self.declared.is_some_and(|n| n != self.kept.len() as u64)
-        {
+        if status == Status::Complete && self.declared.is_some_and(|n| n != self.kept.len as u64) {
             status = Status::Failed;
         }
         let kept = std::mem::take(&mut self.kept);
@@ -822,7 +848,7 @@ impl Recording {
         }
         rec.status = status;
         if matches!(status, Status::Complete | Status::Declared) {
-            rec.kept = Bytes::from(kept);
+            rec.kept = kept.into_chunks();
             rec.trailers = trailers;
             rec.exact = self.exact;
         }
@@ -830,7 +856,7 @@ impl Recording {
 
     #[cfg(test)]
     fn retained(&self) -> usize {
-        self.kept.len() + self.recorder.retained()
+        self.kept.len + self.recorder.retained()
     }
 }
 
@@ -847,8 +873,7 @@ impl Drop for Recording {
             self.recorder.settle(Status::Complete, None);
         }
         if !self.done
-            && (self.trailers.is_some()
-                || self.declared.is_some_and(|n| self.kept.len() as u64 >= n))
+            && (self.trailers.is_some() || self.declared.is_some_and(|n| self.kept.len as u64 >= n))
         {
             // `finish` fails a length other than the declared one.
             self.finish(Status::Complete);
@@ -865,7 +890,7 @@ pub(crate) struct Recorder {
 
 #[derive(Default)]
 struct Recorded {
-    kept: Bytes,
+    kept: Chunks,
     trailers: Option<Box<HeaderMap>>,
     /// The body stated its exact length.
     exact: bool,
@@ -903,7 +928,7 @@ impl Recorder {
         match status {
             Status::Complete => rec.trailers = trailers.map(|t| Box::new(t.clone())),
             _ => {
-                rec.kept = Bytes::new();
+                rec.kept = Chunks::default();
                 rec.trailers = None;
             }
         }
@@ -923,7 +948,7 @@ impl Recorder {
 
     #[cfg(test)]
     pub(crate) fn retained(&self) -> usize {
-        self.lock().kept.len()
+        self.lock().kept.len() as usize
     }
 }
 
@@ -947,7 +972,7 @@ pub(crate) enum ReplayHandle {
     Empty,
     /// The body was taken whole before the request was sent: a copy of its bytes, and
     /// whether it stated their exact length. (With trailers, it is `Recorded`, complete.)
-    Whole { kept: Bytes, exact: bool },
+    Whole { kept: Chunks, exact: bool },
     /// The body streams on, recorded as it goes.
     Recorded(Arc<Recorder>),
     /// The body cannot be replayed, known before the request was sent.
@@ -965,17 +990,15 @@ impl ReplayHandle {
     pub(crate) fn take<B: Body>(&mut self) -> Result<ReplayBody<B>, NotReplayed> {
         match self {
             ReplayHandle::Empty => Ok(ReplayBody::replay(Chunks::default(), None, true)),
-            ReplayHandle::Whole { kept, exact } => Ok(ReplayBody::replay(
-                Chunks::of(std::mem::take(kept)),
-                None,
-                *exact,
-            )),
+            ReplayHandle::Whole { kept, exact } => {
+                Ok(ReplayBody::replay(std::mem::take(kept), None, *exact))
+            }
             ReplayHandle::Not(why) => Err(*why),
             ReplayHandle::Recorded(recorder) => {
                 let recorded = recorder.abandon();
                 match recorded.status {
                     Status::Complete => Ok(ReplayBody::replay(
-                        Chunks::of(recorded.kept),
+                        recorded.kept,
                         recorded.trailers,
                         recorded.exact,
                     )),
@@ -1054,6 +1077,14 @@ mod tests {
     }
 
     type Chunks = Trickle;
+
+    impl Trickle {
+        /// This body, then `chunk`, ready at once.
+        fn chain_large(mut self, chunk: Bytes) -> Self {
+            self.0.push_back(Step::Frame(Ok(Frame::data(chunk))));
+            self
+        }
+    }
 
     fn data(chunk: &'static [u8]) -> Step {
         Step::Frame(Ok(Frame::data(Bytes::from_static(chunk))))
@@ -1172,6 +1203,35 @@ mod tests {
             one.as_ptr(),
             "one chunk is kept, not copied"
         );
+
+        // Streamed: chunks of 16 KiB and more are kept as they are, smaller ones copied
+        // between them.
+        let large = Bytes::from(vec![9u8; SHARED_FROM]);
+        let (mut body, mut handle) = ReplayBody::record(
+            stream(&[b"ab", b"cd"], false).chain_large(large.clone()),
+            1 << 20,
+        );
+        while next(&mut body).await.is_some() {}
+        let mut replay: ReplayBody<Trickle> = handle.take().unwrap();
+        let small = next(&mut replay)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+        assert_eq!(small, b"abcd"[..]);
+        let big = next(&mut replay)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+        assert_eq!(
+            big.as_ptr(),
+            large.as_ptr(),
+            "a large chunk is kept, not copied"
+        );
+        assert!(next(&mut replay).await.is_none());
     }
 
     /// A full body is complete as soon as it reports its end, without another poll.
