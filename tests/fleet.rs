@@ -16,6 +16,7 @@ use std::{
 };
 
 use support::{
+    contract::{Endpoint, one_fetch_per_lifetime, the_contract_holds_with},
     redis::{RedisCluster, RedisServer},
     store::FaultStore,
 };
@@ -23,53 +24,6 @@ use tower_client_auth::{
     BoxError, Credential, CredentialCache, CredentialSource, CredentialStore, FetchContext,
     MemoryStore, store::redis::RedisStore,
 };
-
-/// A token endpoint shared by the whole fleet: counts fetches and how many ran at once.
-#[derive(Clone, Default)]
-struct Endpoint {
-    fetches: Arc<AtomicUsize>,
-    in_flight: Arc<AtomicUsize>,
-    max_in_flight: Arc<AtomicUsize>,
-    lifetime: Option<Duration>,
-    /// How long an exchange takes (30 ms unless set).
-    delay: Option<Duration>,
-}
-
-impl Endpoint {
-    fn new(lifetime: Option<Duration>) -> Self {
-        Endpoint {
-            lifetime,
-            ..Endpoint::default()
-        }
-    }
-
-    fn slow(delay: Duration) -> Self {
-        Endpoint {
-            delay: Some(delay),
-            ..Endpoint::default()
-        }
-    }
-
-    fn fetches(&self) -> usize {
-        self.fetches.load(SeqCst)
-    }
-}
-
-impl CredentialSource for Endpoint {
-    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
-        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
-        self.max_in_flight.fetch_max(now, SeqCst);
-        let n = self.fetches.fetch_add(1, SeqCst) + 1;
-        // A token exchange takes a while: room for the others to race.
-        tokio::time::sleep(self.delay.unwrap_or(Duration::from_millis(30))).await;
-        self.in_flight.fetch_sub(1, SeqCst);
-        let credential = Credential::bearer(format!("fleet-{n}"))?;
-        Ok(match self.lifetime {
-            Some(lifetime) => credential.lives(cx.now(), lifetime),
-            None => credential,
-        })
-    }
-}
 
 async fn redis_store(server: &RedisServer, namespace: &str) -> RedisStore {
     RedisStore::connect(&server.url(), namespace).await.unwrap()
@@ -81,92 +35,6 @@ async fn redis_store(server: &RedisServer, namespace: &str) -> RedisStore {
 /// value; a change seen by whoever waits for one.
 async fn the_contract_holds<S: CredentialStore + Clone>(store: S, other: S) {
     the_contract_holds_with(store, other, true).await;
-}
-
-/// [`the_contract_holds`], for a store that tells waiters of changes (`notifies`) or
-/// lets them poll.
-async fn the_contract_holds_with<S: CredentialStore + Clone>(store: S, other: S, notifies: bool) {
-    let bearer = |t: &str| Credential::bearer(t).unwrap();
-    assert_eq!(store.load().await.unwrap(), None);
-    let first = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
-    assert!(store.lease(Duration::from_secs(5)).await.unwrap().is_none());
-    // Only the holder gives a lease back.
-    let stranger = tower_client_auth::store::Lease::new();
-    store.release(&stranger).await.unwrap();
-    assert!(store.lease(Duration::from_secs(5)).await.unwrap().is_none());
-    assert!(store.save(&first, &bearer("one")).await.unwrap());
-    assert_eq!(store.load().await.unwrap(), Some(bearer("one")));
-    store.release(&first).await.unwrap();
-
-    // A holder whose lease ran out and was taken over cannot save.
-    let late = store
-        .lease(Duration::from_millis(100))
-        .await
-        .unwrap()
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    let next = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
-    assert!(store.save(&next, &bearer("two")).await.unwrap());
-    assert!(!store.save(&late, &bearer("stale")).await.unwrap());
-    assert_eq!(store.load().await.unwrap(), Some(bearer("two")));
-    store.release(&late).await.unwrap();
-    assert!(store.lease(Duration::from_secs(5)).await.unwrap().is_none());
-    store.release(&next).await.unwrap();
-
-    // Compare-and-delete: a removal of an older credential spares the newer one.
-    store.remove(&bearer("one")).await.unwrap();
-    assert_eq!(store.load().await.unwrap(), Some(bearer("two")));
-    store.remove(&bearer("two")).await.unwrap();
-    assert_eq!(store.load().await.unwrap(), None);
-
-    // Only the holder renews, and a renewed lease outlives its first term.
-    let held = store
-        .lease(Duration::from_millis(300))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        !store
-            .renew(&stranger, Duration::from_secs(5))
-            .await
-            .unwrap()
-    );
-    assert!(store.renew(&held, Duration::from_secs(5)).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    assert!(store.lease(Duration::from_secs(5)).await.unwrap().is_none());
-    assert!(store.save(&held, &bearer("three")).await.unwrap());
-    store.release(&held).await.unwrap();
-    let lapsed = store
-        .lease(Duration::from_millis(100))
-        .await
-        .unwrap()
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    assert!(
-        !store.renew(&lapsed, Duration::from_secs(5)).await.unwrap(),
-        "renewed a lease that ran out"
-    );
-
-    // A save through one handle wakes a waiter on the other long before its timeout.
-    for change in 0..2 {
-        if !notifies {
-            break;
-        }
-        let waiter = tokio::spawn({
-            let other = other.clone();
-            async move { other.changed(Duration::from_secs(60)).await }
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let lease = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
-        if change == 0 {
-            assert!(store.save(&lease, &bearer("four")).await.unwrap());
-        }
-        store.release(&lease).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(20), waiter)
-            .await
-            .expect("a waiter was not told of a change")
-            .unwrap();
-    }
 }
 
 /// World: `MemoryStore` and `RedisStore` on a real server. Proves: both keep the one
@@ -389,54 +257,6 @@ async fn a_fleet_fetches_once_per_lifetime() {
         stores.push(redis_store(&server, "fleet").await);
     }
     one_fetch_per_lifetime(stores, 25, Duration::from_secs(3)).await;
-}
-
-/// A cache per store, `callers` callers each, for `run`, on tokens living 1 s: the
-/// endpoint is asked about once per lifetime, never twice at once, every call succeeds.
-async fn one_fetch_per_lifetime(stores: Vec<impl CredentialStore>, callers: usize, run: Duration) {
-    let endpoint = Endpoint::new(Some(Duration::from_secs(1)));
-    let caches: Vec<_> = stores
-        .into_iter()
-        .map(|store| {
-            CredentialCache::builder(endpoint.clone())
-                .store(store)
-                .window_jitter(0.0)
-                .build()
-                .unwrap()
-        })
-        .collect();
-    let started = Instant::now();
-    let failures = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for cache in &caches {
-        for _ in 0..callers {
-            let (cache, failures) = (cache.clone(), failures.clone());
-            tasks.push(tokio::spawn(async move {
-                while started.elapsed() < run {
-                    if cache.credential().await.is_err() {
-                        failures.fetch_add(1, SeqCst);
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }));
-        }
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
-    let lifetimes = run.as_secs_f64() / 0.75; // refreshed in the last quarter of each
-    let fetches = endpoint.fetches();
-    assert_eq!(failures.load(SeqCst), 0);
-    assert_eq!(
-        endpoint.max_in_flight.load(SeqCst),
-        1,
-        "two fetches at once"
-    );
-    assert!(
-        fetches as f64 <= lifetimes + 2.0,
-        "{fetches} fetches for about {lifetimes:.0} lifetimes: not shared by the fleet"
-    );
-    assert!(fetches >= 2, "{fetches}: the tokens never expired");
 }
 
 /// World: a real three-node Redis Cluster the test makes (`redis-cli --cluster
@@ -1372,126 +1192,6 @@ async fn connecting_to_a_redis_that_may_evict_the_stores_keys_warns() {
         let credential = Credential::bearer("kept").unwrap();
         assert!(store.save(&lease, &credential).await.unwrap(), "{args:?}");
         assert_eq!(store.load().await.unwrap(), Some(credential), "{args:?}");
-    }
-}
-
-#[cfg(feature = "file-store")]
-mod file_store {
-    //! `FileStore`: the same contract in one file under an OS lock, for one host.
-
-    use super::*;
-    use std::path::PathBuf;
-    use tower_client_auth::store::file::FileStore;
-
-    /// A fresh directory for one test (removed when dropped), and the store's path in it.
-    fn path(test: &str) -> (support::TempDir, PathBuf) {
-        let dir = support::TempDir::new(&format!("file-{test}"));
-        let path = dir.join("token.json");
-        (dir, path)
-    }
-
-    /// World: two handles on one file (as two processes have). Proves: the store
-    /// contract (lease, renewal, fenced save, compare-and-delete) holds; waiters poll.
-    #[tokio::test]
-    async fn the_file_store_keeps_the_contract() {
-        let (_dir, path) = path("contract");
-        let (a, b) = (
-            FileStore::open(&path).unwrap(),
-            FileStore::open(&path).unwrap(),
-        );
-        the_contract_holds_with(a, b, false).await;
-    }
-
-    /// World: a lease taken, then the host's wall clock steps back an hour (simulated:
-    /// the lease's end in the file moved an hour later). Proves: a lease ending further
-    /// away than it was taken for is stale and taken over at once, instead of keeping
-    /// every process on the host waiting for an hour; a lease in its time still excludes.
-    #[tokio::test]
-    async fn a_lease_stranded_by_a_clock_step_back_is_taken_over() {
-        let (_dir, path) = path("clock-step");
-        let (a, b) = (
-            FileStore::open(&path).unwrap(),
-            FileStore::open(&path).unwrap(),
-        );
-        let held = a
-            .lease(Duration::from_secs(3))
-            .await
-            .unwrap()
-            .expect("free");
-        assert!(
-            b.lease(Duration::from_secs(3)).await.unwrap().is_none(),
-            "held"
-        );
-        let mut doc: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        let until = doc["lease"]["until"].as_u64().unwrap();
-        doc["lease"]["until"] = (until + 3_600_000).into();
-        std::fs::write(&path, doc.to_string()).unwrap();
-        assert!(
-            b.lease(Duration::from_secs(3)).await.unwrap().is_some(),
-            "a lease an hour away was taken for 3 s: the clock stepped back"
-        );
-        assert!(
-            !a.save(&held, &Credential::bearer("late").unwrap())
-                .await
-                .unwrap()
-        );
-    }
-
-    /// World: 6 caches, each with its own handle on one file, 10 callers each, tokens
-    /// living 1 s. Proves: one fetch per lifetime, never two at once, no failed call.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn caches_on_one_file_fetch_once_per_lifetime() {
-        let (_dir, path) = path("fleet");
-        let stores = (0..6).map(|_| FileStore::open(&path).unwrap()).collect();
-        one_fetch_per_lifetime(stores, 10, Duration::from_millis(2_500)).await;
-    }
-
-    /// World: a file holding garbage, then one sealed under another key. Proves: each
-    /// counts as absent (never sent), the cache fetches and overwrites it; the files are
-    /// readable by their owner only; the sealed file shows no secret.
-    #[tokio::test]
-    async fn an_unreadable_file_is_absent_and_overwritten_and_files_are_private() {
-        let (_dir, path) = path("unreadable");
-        std::fs::write(&path, "{not json").unwrap();
-        let endpoint = Endpoint::new(None);
-        let cache = |store| {
-            CredentialCache::builder(endpoint.clone())
-                .store(store)
-                .build()
-                .unwrap()
-        };
-        let store = FileStore::open(&path).unwrap().encrypted([7; 32]);
-        assert_eq!(store.load().await.unwrap(), None);
-        let first = cache(store.clone()).credential().await.unwrap();
-        assert_eq!(store.load().await.unwrap(), Some(first.clone()));
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert!(
-            !text.contains("fleet-1") && !text.contains("Bearer"),
-            "{text}"
-        );
-
-        let other_key = FileStore::open(&path).unwrap().encrypted([8; 32]);
-        assert_eq!(
-            other_key.load().await.unwrap(),
-            None,
-            "opened under another key"
-        );
-        let second = cache(other_key).credential().await.unwrap();
-        assert_ne!(second, first);
-        assert_eq!(endpoint.fetches(), 2);
-
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            let mut lock = path.clone().into_os_string();
-            lock.push(".lock");
-            for file in [path.clone(), PathBuf::from(lock)] {
-                let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
-                assert_eq!(mode, 0o600, "{}", file.display());
-            }
-        }
-        assert!(FileStore::open(path.with_file_name("missing-dir/x.json")).is_err());
     }
 }
 

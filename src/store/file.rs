@@ -1,21 +1,39 @@
 //! [`FileStore`]: the [`CredentialStore`] contract in one file, for the processes of one
 //! user on one host (feature `file-store`): command-line tools run several at a time, a
 //! desktop app and its helpers, the workers of a small service without a Redis. They
-//! share one token and one refresh-token owner, as a fleet does on Redis.
+//! share one token and one refresh-token owner, as a fleet does on Redis. Local file
+//! systems only: on a network file system the OS lock may not exclude two threads of one
+//! process.
 //!
 //! Every call takes an exclusive OS lock on a lock file beside the data (`flock` on Unix,
 //! `LockFileEx` on Windows, through fd-lock), reads the data, and, when it
 //! changes it, writes a temporary file in the same directory and renames it over the data
 //! file: a reader never sees half a write, and a process killed mid-write leaves the old
-//! data whole. The lock is on the lock file, never on the data file a rename replaces.
-//! The OS drops a dead process's lock; its refresh lease runs out by the wall clock (a
-//! lease that ends further away than it was taken for, as after the clock stepped back,
-//! is stale; a step forward ends a lease early, which can let a second fetch start).
+//! data whole; the temporary file it leaves (a copy of the credential) is removed by the
+//! next call of any process. The lock is on the lock file, never on the data file a rename
+//! replaces. A call waits for a busy lock by trying again at growing intervals (up to
+//! 50 ms), never in a thread that outlives it: a call given up on while it waits stops
+//! there and writes nothing (one given up on once past the lock finishes its few
+//! milliseconds of work). A lock file deleted while another call holds it is made
+//! again only after it has been missing for half a second, so a call in progress on the
+//! deleted one can end first.
 //!
-//! Both files are created readable and writable by their owner only (mode `0600` on
-//! Unix). [`FileStore::encrypted`] seals the credential as [`RedisStore`]'s values are
-//! sealed. A value that cannot be read counts as absent: never sent, logged once, and
-//! overwritten by the next refresh.
+//! The OS drops a dead process's lock; its refresh lease runs out by the wall clock. A
+//! lease that ends more than twice its length away was written before the clock stepped
+//! back by more than that length: stale, or every process on the host would wait out the
+//! step. A smaller step back only makes a lease last longer; a step forward ends a lease
+//! early, which can let a second fetch start.
+//!
+//! Both files are readable and writable by their owner only (mode `0600` on Unix): a lock
+//! file found open to others is tightened, or refused when it cannot be (another user's),
+//! and a data file found open to others is replaced by a private one at the next write.
+//! [`FileStore::encrypted`] seals the credential as [`RedisStore`]'s values are sealed.
+//! A value that cannot be read (not JSON, cut short, sealed under another key, larger
+//! than 1 MiB) counts as absent: never sent, logged once, and overwritten by the next
+//! refresh. What is not this store's to overwrite is refused with an error instead, and
+//! left as it is: a data path that is not a regular file (a pipe, a device, a directory),
+//! or a file written by another format version of this store. The cache then fetches on
+//! its own, as with a store that is down.
 //!
 //! Waiters poll (the default [`CredentialStore::changed`]): there is no server to tell
 //! them.
@@ -36,15 +54,16 @@
 //! ```
 
 use std::{
+    ffi::OsStr,
     fmt,
     fs::{File, OpenOptions},
-    io::{ErrorKind as IoErrorKind, Read as _, Write as _},
+    io::{self, ErrorKind as IoErrorKind, Read as _, Write as _},
     path::{Path, PathBuf},
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde_json::{Value, json};
@@ -54,6 +73,22 @@ use super::{
     codec::{Codec, Sealing, millis},
 };
 use crate::{credential::Credential, error::BoxError};
+
+/// The format version this store reads and writes.
+const VERSION: u64 = 1;
+
+/// The largest data file read: a credential file is a few KiB; anything past this is
+/// not one (a stray `truncate`, a copy gone wrong), and reading it whole could exhaust
+/// memory in every process at every call.
+const MAX_FILE: u64 = 1 << 20;
+
+/// The first pause between tries for a busy lock, and the longest.
+const FIRST_PAUSE: Duration = Duration::from_millis(2);
+const LONGEST_PAUSE: Duration = Duration::from_millis(50);
+
+/// How long a missing lock file stays missing before a call makes it again: a call in
+/// progress on the deleted file (milliseconds, normally) ends first.
+const LOCK_GONE_GRACE: Duration = Duration::from_millis(500);
 
 /// A [`CredentialStore`] in a file. See the [module docs](self).
 #[derive(Clone)]
@@ -67,6 +102,8 @@ struct Inner {
     codec: Codec,
     /// Whether an unreadable file was logged already (once per store).
     unreadable_logged: AtomicBool,
+    /// Since when the lock file has been seen missing.
+    lock_gone_since: Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for FileStore {
@@ -88,32 +125,48 @@ struct Data {
     lease: Option<(String, u64, u64)>,
 }
 
+/// Why a data file is not read as data.
+enum Unusable {
+    /// Counts as absent (logged once) and is overwritten by the next write.
+    Unreadable(&'static str),
+    /// Written by another format version: left as it is, every call refused.
+    OtherVersion,
+}
+
 impl Data {
     fn holder(&self, now: u64) -> Option<&str> {
-        // A lease that ends further away than it was taken for was written before the
-        // wall clock stepped back: stale, or every process on the host would wait out
-        // the step. (A step forward ends leases early; a lease is short.)
+        // A lease that ends more than twice as far away as it was taken for was written
+        // before the wall clock stepped back by more than its length: stale, or every
+        // process on the host would wait out the step. Up to that, the slack keeps a
+        // live holder's lease (the cache renews it every third of its length): a smaller
+        // step back must not let a second fetch start.
         self.lease
             .as_ref()
-            .filter(|(_, until, ttl)| now < *until && until - now <= *ttl)
+            .filter(|(_, until, ttl)| now < *until && until - now <= ttl.saturating_mul(2))
             .map(|(token, _, _)| token.as_str())
     }
 
-    fn parse(text: &str) -> Result<Data, &'static str> {
-        let doc: Value = serde_json::from_str(text).map_err(|_| "malformed")?;
-        if doc["v"].as_u64() != Some(1) {
-            return Err("written by another version");
+    fn parse(text: &str) -> Result<Data, Unusable> {
+        use Unusable::Unreadable;
+        let doc: Value = serde_json::from_str(text).map_err(|_| Unreadable("malformed"))?;
+        match doc["v"].as_u64() {
+            Some(VERSION) => {}
+            Some(_) => return Err(Unusable::OtherVersion),
+            None => return Err(Unreadable("malformed")),
         }
         let credential = match &doc["credential"] {
             Value::Null => None,
             Value::String(s) => Some(s.clone()),
-            _ => return Err("malformed"),
+            _ => return Err(Unreadable("malformed")),
         };
         let lease = match &doc["lease"] {
             Value::Null => None,
             lease => Some((
-                lease["token"].as_str().ok_or("malformed")?.to_owned(),
-                lease["until"].as_u64().ok_or("malformed")?,
+                lease["token"]
+                    .as_str()
+                    .ok_or(Unreadable("malformed"))?
+                    .to_owned(),
+                lease["until"].as_u64().ok_or(Unreadable("malformed"))?,
                 // Written before the length was kept: not judged by it.
                 lease["ttl"].as_u64().unwrap_or(u64::MAX),
             )),
@@ -123,11 +176,27 @@ impl Data {
 
     fn render(&self) -> String {
         json!({
-            "v": 1,
+            "v": VERSION,
             "credential": self.credential,
             "lease": self.lease.as_ref().map(|(token, until, ttl)| json!({"token": token, "until": until, "ttl": ttl})),
         })
         .to_string()
+    }
+}
+
+/// One try at a call: done, or the lock was busy and `change` comes back for the next.
+enum Attempt<T, F> {
+    Done(Result<T, BoxError>),
+    Busy(F),
+}
+
+/// Set when the future of a call is dropped: a try already running in the blocking pool
+/// then stops before it changes anything.
+struct GivenUp(Arc<AtomicBool>);
+
+impl Drop for GivenUp {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -145,8 +214,9 @@ impl FileStore {
         let mut lock_name = path.clone().into_os_string();
         lock_name.push(".lock");
         let lock_path = PathBuf::from(lock_name);
-        // Fails now, not at the first refresh, when the directory is missing or closed.
-        private_file(&lock_path)?;
+        // Fails now, not at the first refresh, when the directory is missing or closed,
+        // or the lock file is open to others and not ours to tighten.
+        checked_lock_file(open_lock_file(&lock_path, true)?, &lock_path)?;
         Ok(FileStore {
             inner: Arc::new(Inner {
                 path,
@@ -156,6 +226,7 @@ impl FileStore {
                     sealing: None,
                 },
                 unreadable_logged: AtomicBool::new(false),
+                lock_gone_since: Mutex::new(None),
             }),
         })
     }
@@ -172,6 +243,7 @@ impl FileStore {
                 sealing: Some(Arc::new(Sealing::new(key))),
             },
             unreadable_logged: AtomicBool::new(false),
+            lock_gone_since: Mutex::new(None),
         };
         FileStore {
             inner: Arc::new(inner),
@@ -179,42 +251,129 @@ impl FileStore {
     }
 
     /// Runs `change` on the data under the lock, off the async threads; writes the data
-    /// back when `change` says it changed it.
-    async fn locked<T: Send + 'static>(
-        &self,
-        change: impl FnOnce(&Inner, &mut Data) -> (T, bool) + Send + 'static,
-    ) -> Result<T, BoxError> {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || -> Result<T, BoxError> {
-            let mut lock = fd_lock::RwLock::new(private_file(&inner.lock_path)?);
-            let held = lock.write()?;
-            let mut data = inner.read()?;
-            let (out, changed) = change(&inner, &mut data);
-            if changed {
-                inner.write(&data)?;
+    /// back when `change` says it changed it. The lock is only ever tried, never waited
+    /// for in a thread: a busy lock is tried again after an async pause, so dropping this
+    /// future stops the call (a try already running sees it and changes nothing).
+    async fn locked<T, F>(&self, change: F) -> Result<T, BoxError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner, &mut Data) -> (T, bool) + Send + 'static,
+    {
+        let given_up = GivenUp(Arc::new(AtomicBool::new(false)));
+        let mut change = change;
+        let mut pause = FIRST_PAUSE;
+        loop {
+            let inner = Arc::clone(&self.inner);
+            let gone = Arc::clone(&given_up.0);
+            match tokio::task::spawn_blocking(move || inner.attempt(change, &gone)).await? {
+                Attempt::Done(result) => return result,
+                Attempt::Busy(back) => change = back,
             }
-            drop(held); // Unlocks.
-            Ok(out)
-        })
-        .await?
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(LONGEST_PAUSE);
+        }
     }
 }
 
 impl Inner {
-    /// The data file's content; an absent file is empty data, an unreadable one too
-    /// (logged once).
-    fn read(&self) -> Result<Data, BoxError> {
-        let mut text = String::new();
-        match File::open(&self.path) {
-            Ok(mut file) => {
-                if file.read_to_string(&mut text).is_err() {
-                    return Ok(self.unreadable("not text"));
-                }
+    /// One try: the lock if it is free, then the read, the change and the write.
+    fn attempt<T, F>(&self, change: F, given_up: &AtomicBool) -> Attempt<T, F>
+    where
+        F: FnOnce(&Inner, &mut Data) -> (T, bool),
+    {
+        let file = match self.lock_file() {
+            Ok(Some(file)) => file,
+            Ok(None) => return Attempt::Busy(change),
+            Err(e) => return Attempt::Done(Err(e)),
+        };
+        let mut lock = fd_lock::RwLock::new(file);
+        let held = match lock.try_write() {
+            Ok(held) => held,
+            Err(e) if e.kind() == IoErrorKind::WouldBlock => return Attempt::Busy(change),
+            Err(e) => return Attempt::Done(Err(e.into())),
+        };
+        // Deleted or replaced between our open and our lock: the lock excludes nobody.
+        if !same_file(&held, &self.lock_path) {
+            return Attempt::Busy(change);
+        }
+        if given_up.load(Ordering::Acquire) {
+            return Attempt::Done(Err("the call was given up".into()));
+        }
+        let result = (|| {
+            self.sweep();
+            let mut data = self.read()?;
+            let (out, changed) = change(self, &mut data);
+            if changed {
+                self.write(&data)?;
             }
+            Ok(out)
+        })();
+        drop(held); // Unlocks.
+        Attempt::Done(result)
+    }
+
+    /// The lock file, checked; `None` while it has been missing for less than
+    /// [`LOCK_GONE_GRACE`].
+    fn lock_file(&self) -> Result<Option<File>, BoxError> {
+        let mut gone_since = self
+            .lock_gone_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let file = match open_lock_file(&self.lock_path, false) {
+            Ok(file) => file,
+            Err(e) if e.kind() == IoErrorKind::NotFound => {
+                let since = *gone_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < LOCK_GONE_GRACE {
+                    return Ok(None);
+                }
+                open_lock_file(&self.lock_path, true)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        *gone_since = None;
+        Ok(Some(checked_lock_file(file, &self.lock_path)?))
+    }
+
+    /// The data file's content; an absent file is empty data, an unreadable one too
+    /// (logged once). A path that is not a regular file is refused without waiting on it
+    /// (a pipe would block the open, inside the lock), and so is another version's file.
+    fn read(&self) -> Result<Data, BoxError> {
+        let mut options = OpenOptions::new();
+        options.read(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            options.custom_flags(libc::O_NONBLOCK);
+        }
+        let file = match options.open(&self.path) {
+            Ok(file) => file,
             Err(e) if e.kind() == IoErrorKind::NotFound => return Ok(Data::default()),
             Err(e) => return Err(e.into()),
+        };
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(refused(&self.path, "is not a regular file").into());
         }
-        Ok(Data::parse(&text).unwrap_or_else(|why| self.unreadable(why)))
+        if meta.len() > MAX_FILE {
+            return Ok(self.unreadable("larger than a credential file"));
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_FILE + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > MAX_FILE {
+            return Ok(self.unreadable("larger than a credential file"));
+        }
+        let Ok(text) = String::from_utf8(bytes) else {
+            return Ok(self.unreadable("not text"));
+        };
+        match Data::parse(&text) {
+            Ok(data) => Ok(data),
+            Err(Unusable::Unreadable(why)) => Ok(self.unreadable(why)),
+            Err(Unusable::OtherVersion) => Err(refused(
+                &self.path,
+                "was written by another format version of this store; left as it is",
+            )
+            .into()),
+        }
     }
 
     fn unreadable(&self, why: &'static str) -> Data {
@@ -224,16 +383,16 @@ impl Inner {
         Data::default()
     }
 
-    /// Replaces the data file whole: a temporary file beside it, synced, renamed over it.
+    /// Replaces the data file whole: a new private temporary file beside it, synced,
+    /// renamed over it.
     fn write(&self, data: &Data) -> Result<(), BoxError> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let mut temp_name = self.path.file_name().unwrap_or_default().to_os_string();
-        temp_name.push(format!(".{}.tmp", std::process::id()));
-        let temp = dir.join(temp_name);
-        let result = (|| -> std::io::Result<()> {
-            let mut file = private_file(&temp)?;
-            file.set_len(0)?;
-            file.write_all(data.render().as_bytes())?;
+        let text = data.render();
+        if text.len() as u64 > MAX_FILE {
+            return Err("the credential is too large for the file store (1 MiB)".into());
+        }
+        let (temp, mut file) = temp_file(&self.path)?;
+        let result = (|| -> io::Result<()> {
+            file.write_all(text.as_bytes())?;
             file.sync_all()?;
             std::fs::rename(&temp, &self.path)
         })();
@@ -241,6 +400,27 @@ impl Inner {
             let _ = std::fs::remove_file(&temp);
         }
         Ok(result?)
+    }
+
+    /// Removes the temporary files of writers killed mid-write, each a whole copy of the
+    /// credential: under the lock, no live writer has one.
+    fn sweep(&self) {
+        let (Some(dir), Some(name)) = (self.path.parent(), self.path.file_name()) else {
+            return;
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if is_temp_of(name, &entry.file_name()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     fn credential(&self, data: &Data) -> Option<Credential> {
@@ -255,16 +435,112 @@ impl Inner {
     }
 }
 
-/// Opens (creating) a file only its owner may read or write.
-fn private_file(path: &Path) -> std::io::Result<File> {
+/// An error naming the path (never its contents) and why it is not used.
+fn refused(path: &Path, why: &str) -> io::Error {
+    io::Error::new(
+        IoErrorKind::InvalidData,
+        format!("credential file {}: {why}", path.display()),
+    )
+}
+
+/// Opens the lock file (creating it when `create`), without waiting on whatever is there.
+fn open_lock_file(path: &Path, create: bool) -> io::Result<File> {
     let mut options = OpenOptions::new();
-    options.read(true).write(true).create(true).truncate(false);
+    options
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
+        options.mode(0o600).custom_flags(libc::O_NONBLOCK);
     }
     options.open(path)
+}
+
+/// The lock file, if it is a regular file only its owner may open: anyone who can open
+/// it can hold the lock and stall every process of the store. A wider mode is tightened
+/// when the file is ours, else refused.
+fn checked_lock_file(file: File, path: &Path) -> io::Result<File> {
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(refused(path, "is not a regular file"));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        if meta.permissions().mode() & 0o077 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(|_| refused(path, "is open to others and cannot be made private"))?;
+        }
+    }
+    Ok(file)
+}
+
+/// Whether `path` still names the open `file` (always, where files in use cannot be
+/// deleted).
+fn same_file(file: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        true
+    }
+}
+
+/// A new temporary file beside `path`, `<name>.<pid>-<count>-<random>.tmp`, created
+/// (never opened as found: a file or link already there is not written through) readable
+/// and writable by its owner only from the start.
+fn temp_file(path: &Path) -> io::Result<(PathBuf, File)> {
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().unwrap_or_default();
+    let mut last = None;
+    for _ in 0..8 {
+        let mut temp_name = name.to_os_string();
+        temp_name.push(format!(
+            ".{}-{}-{:08x}.tmp",
+            std::process::id(),
+            COUNT.fetch_add(1, Ordering::Relaxed),
+            fastrand::u32(..),
+        ));
+        let temp = path.with_file_name(temp_name);
+        let mut options = OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            options.mode(0o600);
+        }
+        match options.open(&temp) {
+            Ok(file) => return Ok((temp, file)),
+            Err(e) if e.kind() == IoErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| IoErrorKind::AlreadyExists.into()))
+}
+
+/// Whether `file` is a temporary file of the store named `name`: `<name>.<tag>.tmp`, the
+/// tag of digits, hex and dashes (this version's, and the `<pid>` of earlier ones), so
+/// another store's files in the directory are never taken for ours.
+fn is_temp_of(name: &OsStr, file: &OsStr) -> bool {
+    let (Some(name), Some(file)) = (name.to_str(), file.to_str()) else {
+        return false;
+    };
+    file.strip_prefix(name)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|rest| rest.strip_suffix(".tmp"))
+        .is_some_and(|tag| {
+            !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+        })
 }
 
 fn now_millis() -> u64 {
@@ -274,7 +550,6 @@ fn now_millis() -> u64 {
             .unwrap_or_default(),
     )
 }
-
 impl CredentialStore for FileStore {
     async fn load(&self) -> Result<Option<Credential>, BoxError> {
         self.locked(|inner, data| (inner.credential(data), false))

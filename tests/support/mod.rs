@@ -2,6 +2,7 @@
 //! recording fake API service, and a real HTTP/1 server on 127.0.0.1.
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
+pub mod contract;
 pub mod dpop;
 pub mod providers;
 #[cfg(feature = "redis")]
