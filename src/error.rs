@@ -325,6 +325,13 @@ impl fmt::Display for Error {
             write!(f, " (next attempt in {} ms)", retry_in.as_millis())?;
         }
         for cause in self.shown_causes().0 {
+            // The token client's errors show server text escaped already: escaped again,
+            // every backslash of its escapes would double.
+            #[cfg(feature = "token")]
+            if cause.is::<crate::token::TokenError>() {
+                write!(f, ": {}", crate::text::ours(&cause.to_string()))?;
+                continue;
+            }
             write!(f, ": {}", crate::text::foreign(&cause.to_string()))?;
         }
         Ok(())

@@ -758,6 +758,13 @@ fn is_unsafe(c: char) -> bool {
 /// at most `max` characters, the `…` that marks a cut included (an escape is never
 /// split).
 pub(crate) fn escape(text: &str, max: usize) -> String {
+    escape_as(text, max, true)
+}
+
+/// [`escape`], with backslashes left as they are when `backslashes` is false: for text
+/// escaped already, whose escapes would otherwise double (and any control character
+/// still in it is escaped all the same).
+fn escape_as(text: &str, max: usize, backslashes: bool) -> String {
     let mut out = String::with_capacity(text.len().min(max * 4));
     let mut count = 0;
     let mut piece = String::new();
@@ -769,7 +776,7 @@ pub(crate) fn escape(text: &str, max: usize) -> String {
             '\n' => piece.push_str("\\n"),
             '\r' => piece.push_str("\\r"),
             '\t' => piece.push_str("\\t"),
-            '\\' => piece.push_str("\\\\"),
+            '\\' if backslashes => piece.push_str("\\\\"),
             c if is_unsafe(c) => piece.push_str(&format!("\\u{{{:x}}}", c as u32)),
             c => piece.push(c),
         }
@@ -817,6 +824,14 @@ pub(crate) const MAX_BODY_START: usize = 120;
 /// with a key in it), control characters escaped, cut to [`MAX_SERVER_TEXT`] twice over.
 pub(crate) fn foreign(text: &str) -> String {
     escape(&strip_url_secrets(text), 2 * MAX_SERVER_TEXT)
+}
+
+/// [`foreign`] for the `Display` of an error of this crate's that escaped its server
+/// text already (a [`TokenError`](crate::token::TokenError)): its escapes are kept as
+/// they are, not doubled; anything it let through is made safe all the same.
+#[cfg(feature = "token")]
+pub(crate) fn ours(text: &str) -> String {
+    escape_as(&strip_url_secrets(text), 2 * MAX_SERVER_TEXT, false)
 }
 
 /// A URL as it may be shown (`Display` of an error, `Debug` of a type that holds it):

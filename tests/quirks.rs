@@ -17,9 +17,12 @@ use serde_json::json;
 use support::{
     ApiStack, api_stack, api_status,
     providers::{self, Provider, Reply},
-    strict_idp::StrictIdp,
+    strict_idp::{Fault, StrictIdp, entra_error},
 };
-use tower_client_auth::{CredentialCache, token::TokenSource};
+use tower_client_auth::{
+    CredentialCache, Error,
+    token::{TokenError, TokenSource},
+};
 
 const CLIENT_ID: &str = "quirks-client";
 const CLIENT_SECRET: &str = "quirks-5ecr3t";
@@ -332,6 +335,156 @@ async fn a_503_retry_after_on_a_refresh_holds_back_the_fallback_login() {
     })
     .await
     .expect("the scenario hung");
+}
+
+/// World: Auth0's token endpoint, which answers a refresh token it no longer honours (past
+/// its absolute lifetime, dropped by the per-user limit, reused outside the rotation
+/// overlap period) with `403 Forbidden` and `{"error": "invalid_grant",
+/// "error_description": "Unknown or invalid refresh token."}` (support.auth0.com,
+/// "Troubleshoot Refresh Token Unknown or Invalid Before Expiry"). Logins still work.
+/// Proves (review 82): README "A full login only when the refresh itself is refused"
+/// holds for the status Auth0 refuses it with: the request after the refusal succeeds
+/// through one fallback login, and the dead refresh token is presented once, not again
+/// at every step of the backoff.
+#[tokio::test]
+async fn an_invalid_grant_refused_with_403_falls_back_to_a_login() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+        *idp.refused_grant_status.lock().unwrap() = StatusCode::FORBIDDEN;
+        let (svc, cache, url, _mangler) = expired_session(&idp).await;
+        idp.expire_refresh_tokens();
+        let mut outcomes = Vec::new();
+        for _ in 0..5 {
+            outcomes.push(api_status(&svc, &url).await.map_err(|e| e.to_string()));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let presented = idp.presented.lock().unwrap().clone();
+        let line = format!(
+            "outcomes {outcomes:?}; logins {}; refresh tokens presented {presented:?}; stats {:?}",
+            idp.logins.load(SeqCst),
+            cache.source().stats()
+        );
+        println!("{line}");
+        assert_eq!(
+            (
+                outcomes[0].clone(),
+                idp.logins.load(SeqCst),
+                presented.len()
+            ),
+            (Ok(StatusCode::OK), 2, 1),
+            "a refresh refused with 403 invalid_grant did not fall back to a login: {line}"
+        );
+    })
+    .await
+    .expect("the scenario hung");
+}
+
+/// World: Microsoft Entra ID's token endpoint, too busy for a moment: it answers the
+/// refresh with its default error status, 400, and `temporarily_unavailable` ("The server
+/// is temporarily too busy to handle the request", client action "Retry the request":
+/// learn.microsoft.com, "Token Issuance Endpoint Errors"), in its usual shape
+/// (`AADSTS...` description, `error_codes`, trace ids). The refresh token was not acted
+/// on; the next attempt, after the backoff, is answered.
+/// Proves (review 82): README "keeps its refresh token for the next attempt, as does one
+/// throttled (429) or refused as a request without a judgement on the grant": the same
+/// refresh token is presented again once the server is back, with no login beside it;
+/// and the error a user sees is not `is_permanent()` (README, Errors: "retrying will not
+/// help" is for a bad client or grant).
+#[tokio::test]
+async fn a_400_temporarily_unavailable_keeps_the_refresh_token_and_is_not_permanent() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+        let (svc, cache, url, _mangler) = expired_session(&idp).await;
+        let busy = || {
+            Fault::Answer(Box::new(|_: &providers::Incoming| {
+                entra_error(
+                    "temporarily_unavailable",
+                    90033,
+                    "A transient error has occurred. Please try again.",
+                )
+            }))
+        };
+        idp.push_fault(busy());
+        let first = api_status(&svc, &url).await.map_err(|e| e.to_string());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let second = api_status(&svc, &url).await.map_err(|e| e.to_string());
+        let line = format!(
+            "calls {first:?} {second:?}; logins {}; refresh grants {}; refresh tokens presented {:?}; stats {:?}",
+            idp.logins.load(SeqCst),
+            idp.refresh_grants.load(SeqCst),
+            idp.presented.lock().unwrap(),
+            cache.source().stats()
+        );
+        println!("{line}");
+
+        // The typed error, as a user of the cache sees it when the login is answered so.
+        idp.push_fault(busy());
+        let err = CredentialCache::new(source(&providers_base(&url)))
+            .credential()
+            .await
+            .unwrap_err();
+        let token = token_error(&err);
+        println!(
+            "login answered 400 temporarily_unavailable: {err}; token error {token}; description {:?}; is_permanent {}; is_grant_rejected {}",
+            token.description(),
+            token.is_permanent(),
+            token.is_grant_rejected()
+        );
+        let mut broken = Vec::new();
+        if (idp.logins.load(SeqCst), idp.refresh_grants.load(SeqCst)) != (1, 1) {
+            broken.push(format!(
+                "the refresh token was dropped for a login instead of being presented again: {line}"
+            ));
+        }
+        if token.is_permanent() || err.is_permanent() || token.is_grant_rejected() {
+            broken.push(format!("a busy server's error is called permanent: {err}"));
+        }
+        assert!(broken.is_empty(), "{}", broken.join("\n"));
+    })
+    .await
+    .expect("the scenario hung");
+}
+
+/// World: Microsoft Entra ID refusing the client secret (`400 invalid_client`,
+/// AADSTS7000215), its `error_description` carrying `\r\n` before the trace lines as every
+/// Entra error document does (learn.microsoft.com, "Token Issuance Endpoint Errors").
+/// Proves (review 82): README "Errors": the line an app logs (`{e}` of the crate's
+/// error) shows the server's text escaped once, as the `TokenError` under it shows it
+/// (`\r\n`), not escaped a second time (`\\r\\n`).
+#[tokio::test]
+async fn server_text_is_escaped_once_in_the_crate_error() {
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let base = providers::start(idp.clone()).await;
+    idp.push_fault(Fault::Answer(Box::new(|_: &providers::Incoming| {
+        entra_error("invalid_client", 7000215, "Invalid client secret provided.")
+    })));
+    let err = CredentialCache::new(source(&base))
+        .credential()
+        .await
+        .unwrap_err();
+    let token = token_error(&err).to_string();
+    let shown = err.to_string();
+    println!("crate error: {shown}\ntoken error: {token}");
+    assert!(
+        token.contains(r"provided.\r\nTrace ID"),
+        "the token error escapes once: {token}"
+    );
+    assert!(
+        shown.contains(r"provided.\r\nTrace ID"),
+        "the crate error escaped the server's text twice: {shown}"
+    );
+}
+
+/// `http://127.0.0.1:PORT` of an API url on the mangled server.
+fn providers_base(url: &str) -> String {
+    url.trim_end_matches("/v1/things").to_owned()
+}
+
+/// The token error under a crate error.
+fn token_error(err: &Error) -> &TokenError {
+    err.get_ref()
+        .and_then(|s| s.downcast_ref::<TokenError>())
+        .unwrap_or_else(|| panic!("no token error under {err:?}"))
 }
 
 /// Each of `cases` (a refresh answer rewritten) against a fresh strict server, the

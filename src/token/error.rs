@@ -253,9 +253,13 @@ impl TokenError {
     }
 
     /// Whether the endpoint refused the grant itself: the credentials or refresh token
-    /// are bad, as opposed to the endpoint being down. That is a 400 or 401, or an OAuth
-    /// error in a 2xx answer (some servers send `{"error": "invalid_grant"}` with 200),
-    /// unless its code says the server is unavailable.
+    /// are bad, as opposed to the endpoint being down. That is a 400 or 401, a 403 that
+    /// says why in an OAuth error (Auth0 refuses an unknown or expired refresh token with
+    /// `403 invalid_grant`; a 403 without one may be a gateway's), or an OAuth error in a
+    /// 2xx answer (some servers send `{"error": "invalid_grant"}` with 200), unless its
+    /// code says the server could not judge it (`temporarily_unavailable`,
+    /// `server_error`: RFC 6749 makes 400 the status of every token-endpoint error, and
+    /// Microsoft Entra answers its "too busy, retry" with 400).
     pub fn is_grant_rejected(&self) -> bool {
         if self.kind != TokenErrorKind::Rejected {
             return false;
@@ -271,12 +275,20 @@ impl TokenError {
         {
             return false;
         }
+        let unjudged = matches!(
+            self.oauth_error.as_deref(),
+            Some(
+                "server_error"
+                    | "temporarily_unavailable"
+                    // Slack's words for the same (`ok: false` with 200).
+                    | "service_unavailable"
+                    | "request_timeout"
+            )
+        );
         match self.status {
-            Some(StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED) => true,
-            Some(status) if status.is_success() => !matches!(
-                self.oauth_error.as_deref(),
-                None | Some("server_error" | "temporarily_unavailable")
-            ),
+            Some(StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED) => !unjudged,
+            Some(StatusCode::FORBIDDEN) => self.oauth_error.is_some() && !unjudged,
+            Some(status) if status.is_success() => self.oauth_error.is_some() && !unjudged,
             _ => false,
         }
     }

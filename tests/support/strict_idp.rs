@@ -7,7 +7,11 @@
 //!   whole family, access tokens included (RFC 6819 §5.2.2.3, OAuth 2.1 §4.3.1);
 //! - faults can be queued: an answer of any shape (a 200 carrying an OAuth error, an
 //!   `error_description` echoing what the client sent), a refresh that rotates and then
-//!   sends a body the client cannot parse, a refresh that rotates and answers late.
+//!   sends a body the client cannot parse, a refresh that rotates and answers late;
+//! - a refused refresh grant can be answered with another status than RFC 6749's 400
+//!   (`refused_grant_status`: Auth0 answers 403), refresh tokens can outlive their
+//!   lifetime (`expire_refresh_tokens`), and errors can take Microsoft Entra ID's shape
+//!   (`entra_error`).
 //!
 //! One endpoint, `/oauth/token`: client credentials or password grant as the login,
 //! refresh grant (form body, HTTP Basic client authentication). Every other path is the
@@ -73,6 +77,10 @@ pub struct StrictIdp {
     pub issue_refresh_tokens: AtomicBool,
     /// Whether a login hands out the previous access token again instead of a new one.
     pub reissue_same_token: AtomicBool,
+    /// The status a refused refresh grant (`invalid_grant`: reused, unknown, expired) is
+    /// answered with: 400 by default (RFC 6749 §5.2); Auth0 answers 403 ("403: Unknown
+    /// or invalid refresh token", support.auth0.com).
+    pub refused_grant_status: Mutex<StatusCode>,
     pub token_requests: AtomicUsize,
     pub logins: AtomicUsize,
     pub refresh_grants: AtomicUsize,
@@ -99,6 +107,7 @@ impl StrictIdp {
             reject_all: AtomicBool::new(false),
             issue_refresh_tokens: AtomicBool::new(true),
             reissue_same_token: AtomicBool::new(false),
+            refused_grant_status: Mutex::new(StatusCode::BAD_REQUEST),
             token_requests: AtomicUsize::new(0),
             logins: AtomicUsize::new(0),
             refresh_grants: AtomicUsize::new(0),
@@ -123,6 +132,13 @@ impl StrictIdp {
             .access
             .values_mut()
             .for_each(|(exp, _)| *exp = 0.0);
+    }
+
+    /// Every refresh token issued so far is past its lifetime (Auth0's absolute lifetime,
+    /// Entra ID's 90 days of inactivity, Keycloak's SSO session idle): unknown to the
+    /// endpoint from now on. Access tokens are untouched.
+    pub fn expire_refresh_tokens(&self) {
+        self.state.lock().unwrap().refresh.clear();
     }
 
     /// The OAuth2 error the endpoint answers with.
@@ -243,7 +259,7 @@ impl StrictIdp {
                         }
                         (
                             Self::oauth_error(
-                                StatusCode::BAD_REQUEST,
+                                *self.refused_grant_status.lock().unwrap(),
                                 "invalid_grant",
                                 "refresh token reused; family revoked",
                             ),
@@ -252,9 +268,9 @@ impl StrictIdp {
                     }
                     _ => (
                         Self::oauth_error(
-                            StatusCode::BAD_REQUEST,
+                            *self.refused_grant_status.lock().unwrap(),
                             "invalid_grant",
-                            "unknown or revoked refresh token",
+                            "Unknown or invalid refresh token.",
                         ),
                         Duration::ZERO,
                     ),
@@ -307,6 +323,27 @@ impl Provider for StrictIdp {
             (self.api(&req), Duration::ZERO)
         }
     }
+}
+
+/// An error answer as Microsoft Entra ID's token endpoint writes it: 400 (its default
+/// status for every error document), the OAuth `error`, an `error_description` that starts
+/// with the AADSTS code and carries trace lines after `\r\n`, `error_codes`, `trace_id`,
+/// `correlation_id` (learn.microsoft.com, "Token Issuance Endpoint Errors",
+/// previous-versions/azure/dn645548).
+pub fn entra_error(error: &str, aadsts: u32, text: &str) -> Reply {
+    reply(
+        StatusCode::BAD_REQUEST,
+        json!({
+            "error": error,
+            "error_description": format!(
+                "AADSTS{aadsts}: {text}\r\nTrace ID: 4457d068-2a03-42b2-97f2-d55325289d86\r\nCorrelation ID: 6b3474d8-233e-463f-b0a3-86433d8ba889\r\nTimestamp: 2026-01-01 00:00:00Z"
+            ),
+            "error_codes": [aadsts],
+            "timestamp": "2026-01-01 00:00:00Z",
+            "trace_id": "4457d068-2a03-42b2-97f2-d55325289d86",
+            "correlation_id": "6b3474d8-233e-463f-b0a3-86433d8ba889",
+        }),
+    )
 }
 
 /// A source for a `StrictIdp` served at `base`: client credentials to log in, the
