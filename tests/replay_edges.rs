@@ -19,7 +19,7 @@ use futures_util::FutureExt;
 use http::{Request, Response, header::AUTHORIZATION};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, StreamBody};
-use support::{TestSource, get};
+use support::{Fed, TestSource, get};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{AuthLayer, Credential, NotReplayed, ReplayBody};
 use tower_test::mock;
@@ -440,21 +440,6 @@ async fn own_authorization_beside_a_two_header_credential_is_not_ours_reqwest() 
         "their credential's 401 was judged as ours: {:?}",
         seen.lock().unwrap()
     );
-}
-
-/// A body fed by the test: frames (or an error) sent when the test says.
-struct Fed(tokio::sync::mpsc::UnboundedReceiver<Result<Frame<Bytes>, &'static str>>);
-
-impl Body for Fed {
-    type Data = Bytes;
-    type Error = &'static str;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
-        self.0.poll_recv(cx)
-    }
 }
 
 /// Proves: streamed bodies, read by the API to their end before it answers 401: one with

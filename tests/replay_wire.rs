@@ -24,7 +24,7 @@ use http_body::{Body, Frame};
 use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use reqwest_middleware::ClientBuilder;
-use support::TestSource;
+use support::{Fed, TestSource};
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{AuthLayer, BoxError, NotReplayed, ReplayBody, reqwest::AuthMiddleware};
 use tower_test::mock;
@@ -111,21 +111,6 @@ async fn a_stream_longer_than_its_content_length_is_not_replayed() {
         ),
         "the API saw {seen:?}"
     );
-}
-
-/// A body fed by the test: frames come when the test sends them.
-struct Fed(tokio::sync::mpsc::UnboundedReceiver<Result<Frame<Bytes>, &'static str>>);
-
-impl Body for Fed {
-    type Data = Bytes;
-    type Error = &'static str;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
-        self.0.poll_recv(cx)
-    }
 }
 
 /// World: a streamed upload (its first chunk ready, the rest later) that the API answers

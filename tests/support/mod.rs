@@ -516,3 +516,20 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A request body fed by the test: frames (or an error) come when the test sends them.
+pub struct Fed(
+    pub tokio::sync::mpsc::UnboundedReceiver<Result<http_body::Frame<Bytes>, &'static str>>,
+);
+
+impl http_body::Body for Fed {
+    type Data = Bytes;
+    type Error = &'static str;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, &'static str>>> {
+        self.0.poll_recv(cx)
+    }
+}
