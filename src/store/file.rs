@@ -399,21 +399,32 @@ impl Inner {
         if result.is_err() {
             let _ = std::fs::remove_file(&temp);
         }
-        Ok(result?)
+        result?;
+        // The rename reaches the disk with its directory: without this, a power loss
+        // could bring back the file before it, and a refresh token spent since. Not every
+        // file system syncs a directory; the write stands either way.
+        #[cfg(unix)]
+        if let Ok(dir) = File::open(self.dir()) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+
+    /// The directory of the data file.
+    fn dir(&self) -> &Path {
+        match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        }
     }
 
     /// Removes the temporary files of writers killed mid-write, each a whole copy of the
     /// credential: under the lock, no live writer has one.
     fn sweep(&self) {
-        let (Some(dir), Some(name)) = (self.path.parent(), self.path.file_name()) else {
+        let Some(name) = self.path.file_name() else {
             return;
         };
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        let Ok(entries) = std::fs::read_dir(dir) else {
+        let Ok(entries) = std::fs::read_dir(self.dir()) else {
             return;
         };
         for entry in entries.flatten() {
