@@ -47,6 +47,10 @@ impl Mangler {
     fn next(&self, mangle: Mangle) {
         *self.mangle.lock().unwrap() = Some((mangle, true));
     }
+    /// Every refresh answer rewritten with `mangle` from now on.
+    fn always(&self, mangle: Mangle) {
+        *self.mangle.lock().unwrap() = Some((mangle, false));
+    }
     fn refuse(&self, answer: Answer) {
         *self.refuse.lock().unwrap() = Some(answer);
     }
@@ -529,4 +533,45 @@ async fn never_reused_after(cases: Vec<(&str, Mangle)>) {
         "the spent refresh token was presented again:\n{}",
         broken.join("\n")
     );
+}
+
+/// World: a rotating, family-revoking server whose refresh answers are form bodies
+/// (`application/x-www-form-urlencoded`: GitHub's token endpoint answers so unless asked
+/// for JSON, its refresh tokens rotating: docs.github.com, "Refreshing user access
+/// tokens"), every field a string. Three refreshes in a row.
+/// Proves (review 82's suggestion): the new refresh token is read from the form each
+/// time and presented next, never the spent one: three distinct refresh tokens
+/// presented, no reuse, no family revoked, no login but the first.
+#[tokio::test]
+async fn a_rotating_refresh_answered_as_a_form_is_followed() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+        let (svc, cache, url, mangler) = expired_session(&idp).await;
+        mangler.always(|parts, body| {
+            let form = as_form_refresh_first(&body).into_bytes();
+            reply_with(&parts, "application/x-www-form-urlencoded; charset=utf-8", form)
+        });
+        let mut outcomes = Vec::new();
+        for _ in 0..3 {
+            outcomes.push(api_status(&svc, &url).await.map_err(|e| e.to_string()));
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            idp.expire_access_tokens();
+        }
+        let presented = idp.presented.lock().unwrap().clone();
+        let line = format!(
+            "outcomes {outcomes:?}; refresh tokens presented {presented:?}; reused {}; families revoked {}; logins {}; stats {:?}",
+            idp.reused_refresh_tokens.load(SeqCst),
+            idp.family_revocations.load(SeqCst),
+            idp.logins.load(SeqCst),
+            cache.source().stats()
+        );
+        println!("{line}");
+        let distinct: std::collections::HashSet<_> = presented.iter().collect();
+        assert!(outcomes.iter().all(|o| *o == Ok(StatusCode::OK)), "{line}");
+        assert_eq!((presented.len(), distinct.len()), (3, 3), "{line}");
+        assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0, "{line}");
+        assert_eq!(idp.logins.load(SeqCst), 1, "{line}");
+    })
+    .await
+    .expect("the scenario hung");
 }
