@@ -5,13 +5,13 @@
 //! taken, up to 64 KiB (and one frame more, to see whether the body ends there) and
 //! within the limit, without waiting for any; the rest streams through as it arrives (no
 //! collecting before sending, no added latency). The frames themselves go to the inner
-//! service as they came. What is kept for the replay, until the retained total would
-//! pass the limit, is what a request's payload costs whatever the framing: chunks under
-//! 16 KiB are copied into a buffer of the request's own (a clone of each would keep
-//! each chunk's whole buffer alive, a 16-byte slice its 4 KiB read, and a slot per
-//! chunk), larger ones are kept as `Bytes` clones (a reference count: a chunk that size
-//! is a buffer of its own in the bodies we know, a file's read, a `Full`), and so is the
-//! one chunk of a body taken whole (the common `Full` body: one buffer, the caller's).
+//! service as they came; a copy of their bytes is kept for the replay, in buffers of
+//! the request's own (up to 64 KiB each), until the retained total would pass the
+//! limit. So what a request keeps is its payload whatever the framing: a `Bytes` clone
+//! of a chunk keeps the chunk's whole buffer alive (a 16-byte slice its 4 KiB read, a
+//! 16 KiB slice its 1 MiB read, a body sliced from a batch the whole batch), and a
+//! slot per chunk. A copy costs what a clone of a `Vec`-backed chunk costs for a small
+//! body (an allocation), and a memcpy of the body for a large one.
 //! Past the limit what was kept is freed at once and nothing more is kept; the body is
 //! then not replayable, and a 401 reaches the caller as it came.
 //!
@@ -48,8 +48,8 @@ use pin_project_lite::pin_project;
 /// Default most bytes of a request body retained for a replay: 64 KiB.
 ///
 /// API requests that carry a credential are mostly small JSON; a larger limit costs up to
-/// that much memory per in-flight request, however the body is framed (chunks under
-/// 16 KiB are copied into one buffer, larger ones shared). Raise it with
+/// that much memory per in-flight request, however the body is framed (the bytes kept
+/// are a copy). Raise it with
 /// [`AuthLayer::replay_limit`](crate::AuthLayer::replay_limit).
 pub const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 
@@ -125,20 +125,18 @@ impl Chunks {
         }
     }
 
-    /// What a replay keeps of these chunks (see [`Kept`]): the one chunk itself
-    /// (shared, not copied: the hot path's `Full` body costs no allocation), or many as
-    /// [`Kept`] keeps them.
+    /// What a replay keeps of these chunks: a copy (see [`Kept`]).
     fn kept(&self) -> Chunks {
+        let mut kept = Kept::default();
         match self {
-            Chunks::One(one) => Chunks::One(one.clone()),
+            Chunks::One(one) => kept.push(one.as_deref().unwrap_or_default()),
             Chunks::Many(more) => {
-                let mut kept = Kept::default();
                 for chunk in more.as_slice() {
-                    kept.push(chunk, usize::MAX);
+                    kept.push(chunk);
                 }
-                kept.into_chunks()
             }
         }
+        kept.into_chunks()
     }
 
     fn len(&self) -> u64 {
@@ -166,36 +164,37 @@ impl From<Vec<Bytes>> for Chunks {
     }
 }
 
-/// Chunks this large or larger are kept as `Bytes` clones; smaller ones are copied.
-const SHARED_FROM: usize = 16 * 1024;
+/// The most bytes in one buffer of a [`Kept`].
+const SEGMENT: usize = 64 * 1024;
 
-/// The bytes kept for a replay: chunks of [`SHARED_FROM`] bytes or more as clones, the
-/// smaller ones between them copied into one buffer (see the module docs).
+/// The bytes kept for a replay: a copy, in buffers of [`SEGMENT`] bytes (the last one
+/// partly filled), so that a large body is copied once, never moved as it grows.
 #[derive(Default)]
 struct Kept {
     parts: Vec<Bytes>,
-    /// Small chunks since the last shared one, copied.
+    /// The segment being filled: it grows by doubling, up to a segment.
     tail: Vec<u8>,
     len: usize,
 }
 
 impl Kept {
-    /// Keeps `chunk`; the copy buffer grows by doubling, never past `limit`.
-    fn push(&mut self, chunk: &Bytes, limit: usize) {
-        if chunk.len() >= SHARED_FROM {
-            self.flush();
-            self.parts.push(chunk.clone());
-        } else if !chunk.is_empty() {
-            let needed = self.tail.len() + chunk.len();
+    /// Copies `chunk` in.
+    fn push(&mut self, chunk: &[u8]) {
+        self.len += chunk.len();
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let take = rest.len().min(SEGMENT - self.tail.len());
+            let needed = self.tail.len() + take;
             if needed > self.tail.capacity() {
-                let room = needed
-                    .max(2 * self.tail.capacity())
-                    .min(limit.saturating_sub(self.len - self.tail.len()).max(needed));
+                let room = needed.max(2 * self.tail.capacity()).min(SEGMENT);
                 self.tail.reserve_exact(room - self.tail.len());
             }
-            self.tail.extend_from_slice(chunk);
+            self.tail.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.tail.len() == SEGMENT {
+                self.flush();
+            }
         }
-        self.len += chunk.len();
     }
 
     fn flush(&mut self) {
@@ -436,7 +435,7 @@ where
         let sent = header().or(declared);
         let mut kept = Kept::default();
         for chunk in chunks.clone() {
-            kept.push(&chunk, limit);
+            kept.push(&chunk);
         }
         let ahead = (len > 0 || trailers.is_some()).then(|| Ahead {
             frames: chunks_as_frames(chunks, trailers.clone()),
@@ -789,7 +788,7 @@ impl Recording {
                         // Free what was kept at once; keep nothing more.
                         return self.finish(Status::TooLarge);
                     }
-                    self.kept.push(data, self.limit);
+                    self.kept.push(data);
                 } else if let Some(trailers) = frame.trailers_ref() {
                     self.trailers = Some(Box::new(trailers.clone()));
                 }
@@ -1162,9 +1161,9 @@ mod tests {
         send_sync::<ReplayBody<http_body_util::Empty<Bytes>>>();
     }
 
-    /// The first attempt sends the caller's own chunks; the replay of many a copy of
-    /// their bytes in one buffer, so that the caller's buffers are not kept alive for it
-    /// (a slice keeps its whole buffer); the replay of one, that chunk (one buffer).
+    /// The first attempt sends the caller's own chunks; the replay a copy of their bytes,
+    /// so that the caller's buffers are not kept alive for it (a slice keeps its whole
+    /// buffer): many small chunks, one chunk ready in full, large chunks streamed.
     #[tokio::test]
     async fn the_first_attempt_sends_the_callers_chunks_and_the_replay_a_copy() {
         let buffer = Bytes::from(vec![7u8; 4096]);
@@ -1188,50 +1187,34 @@ mod tests {
         assert_eq!(copy, [7u8; 32][..]);
         assert!(buffer.is_unique(), "the caller's buffer is no longer held");
 
-        let one = Bytes::from(vec![8u8; 64]);
-        let (body, mut handle) = ReplayBody::record(Full::new(one.clone()), 8192);
+        let batch = Bytes::from(vec![8u8; 4096]);
+        let (body, mut handle) = ReplayBody::record(Full::new(batch.slice(0..64)), 8192);
         drop(body);
         let mut replay: ReplayBody<Full<Bytes>> = handle.take().unwrap();
-        let shared = next(&mut replay)
+        let one = next(&mut replay)
             .await
             .unwrap()
             .unwrap()
             .into_data()
             .unwrap();
-        assert_eq!(
-            shared.as_ptr(),
-            one.as_ptr(),
-            "one chunk is kept, not copied"
-        );
+        assert_eq!(one, [8u8; 64][..]);
+        assert!(batch.is_unique(), "one chunk is copied too");
 
-        // Streamed: chunks of 16 KiB and more are kept as they are, smaller ones copied
-        // between them.
-        let large = Bytes::from(vec![9u8; SHARED_FROM]);
+        // Streamed: a large chunk is copied as well, in segments.
+        let read = Bytes::from(vec![9u8; 4 * SEGMENT]);
         let (mut body, mut handle) = ReplayBody::record(
-            stream(&[b"ab", b"cd"], false).chain_large(large.clone()),
+            stream(&[b"ab", b"cd"], false).chain_large(read.slice(0..SEGMENT + 2)),
             1 << 20,
         );
         while next(&mut body).await.is_some() {}
         let mut replay: ReplayBody<Trickle> = handle.take().unwrap();
-        let small = next(&mut replay)
-            .await
-            .unwrap()
-            .unwrap()
-            .into_data()
-            .unwrap();
-        assert_eq!(small, b"abcd"[..]);
-        let big = next(&mut replay)
-            .await
-            .unwrap()
-            .unwrap()
-            .into_data()
-            .unwrap();
-        assert_eq!(
-            big.as_ptr(),
-            large.as_ptr(),
-            "a large chunk is kept, not copied"
-        );
-        assert!(next(&mut replay).await.is_none());
+        let mut all = Vec::new();
+        while let Some(frame) = next(&mut replay).await {
+            all.extend_from_slice(&frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(all.len(), SEGMENT + 6);
+        assert_eq!(&all[..4], b"abcd");
+        assert!(read.is_unique(), "the large read is no longer held");
     }
 
     /// A full body is complete as soon as it reports its end, without another poll.

@@ -800,10 +800,11 @@ fn escape_as(text: &str, max: usize, backslashes: bool) -> String {
     out
 }
 
-/// Scrubs, escapes and cuts server text for keeping in an error.
+/// Scrubs, escapes and cuts server text for keeping in an error; URL credentials and
+/// queries removed (an `error_description` may carry a URL with a key in it).
 #[cfg(feature = "token")]
 pub(crate) fn from_server(text: &str, secrets: &[String]) -> String {
-    escape(&scrub(text, secrets), MAX_SERVER_TEXT)
+    escape(&strip_url_secrets(&scrub(text, secrets)), MAX_SERVER_TEXT)
 }
 
 /// The start of an error body that is not an OAuth error, made safe to show: scrubbed

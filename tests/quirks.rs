@@ -575,3 +575,126 @@ async fn a_rotating_refresh_answered_as_a_form_is_followed() {
     .await
     .expect("the scenario hung");
 }
+
+/// A gateway's or framework's own 403 or 429 in front of the token endpoint, each a JSON
+/// body with an `error` field that is no OAuth error code: Spring Boot's default error
+/// document (`{"timestamp", "status": 403, "error": "Forbidden", "path"}`, what a
+/// Spring-based gateway's IP filter or CSRF check answers), a WAF's JSON block page, and a
+/// throttling proxy's 429.
+fn gateway_refusals() -> Vec<(&'static str, Answer)> {
+    vec![
+        ("403 Spring default error", || {
+            providers::reply(
+                StatusCode::FORBIDDEN,
+                json!({
+                    "timestamp": "2026-01-01T00:00:00.000+00:00",
+                    "status": 403,
+                    "error": "Forbidden",
+                    "path": "/oauth/token"
+                }),
+            )
+        }),
+        ("403 WAF block page", || {
+            providers::reply(
+                StatusCode::FORBIDDEN,
+                json!({"error": "request_blocked", "message": "Request blocked by WAF rule 942100", "ray_id": "8f1e"}),
+            )
+        }),
+        ("429 with an OAuth-looking error", || {
+            providers::reply(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"error": "invalid_request", "error_description": "rate limit"}),
+            )
+        }),
+    ]
+}
+
+/// World: the token endpoint behind a gateway that refuses one refresh with its own
+/// 403 (or 429) and a JSON body whose `error` field is the gateway's, not the token
+/// server's (see `gateway_refusals`); the next refresh gets through. Promise probed:
+/// 77627fb's "A 403 with an OAuth error is a refused grant now (one without may be a
+/// gateway's: kept)", and README "keeps its refresh token for the next attempt, as does
+/// one throttled (429) or refused as a request without a judgement on the grant". Probe:
+/// the refresh token the token server never saw is presented again (no login beside
+/// it), and the error is not `is_grant_rejected()`.
+#[tokio::test]
+async fn a_gateways_own_403_with_an_error_field_keeps_the_refresh_token() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut broken = Vec::new();
+        for (what, answer) in gateway_refusals() {
+            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+            let (svc, cache, url, _mangler) = expired_session(&idp).await;
+            idp.push_fault(Fault::Answer(Box::new(move |_: &providers::Incoming| answer())));
+            let first = api_status(&svc, &url).await.map_err(|e| e.to_string());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let second = api_status(&svc, &url).await.map_err(|e| e.to_string());
+            let line = format!(
+                "{what}: calls {first:?} {second:?}; logins {}; refresh grants {}; presented {:?}; stats {:?}",
+                idp.logins.load(SeqCst),
+                idp.refresh_grants.load(SeqCst),
+                idp.presented.lock().unwrap(),
+                cache.source().stats()
+            );
+            println!("{line}");
+            if (idp.logins.load(SeqCst), idp.refresh_grants.load(SeqCst)) != (1, 1) {
+                broken.push(format!(
+                    "the refresh token was dropped for a login on a gateway's answer: {line}"
+                ));
+            }
+            // The typed error, when a login is answered so.
+            idp.push_fault(Fault::Answer(Box::new(move |_: &providers::Incoming| answer())));
+            let err = CredentialCache::new(source(&providers_base(&url)))
+                .credential()
+                .await
+                .unwrap_err();
+            let token = token_error(&err);
+            println!(
+                "{what}: {err}; oauth_error {:?}; is_grant_rejected {}; is_permanent {}",
+                token.oauth_error(),
+                token.is_grant_rejected(),
+                token.is_permanent()
+            );
+            if token.is_grant_rejected() {
+                broken.push(format!("{what}: a gateway's answer is a refused grant: {err}"));
+            }
+        }
+        assert!(broken.is_empty(), "{}", broken.join("\n"));
+    })
+    .await
+    .expect("the scenario hung");
+}
+
+/// World: a token endpoint whose `error_description` names a URL with credentials and a
+/// query (an IdP echoing the upstream it failed to reach, `https://svc:pw@...?sig=...`).
+/// Promise probed: README "Errors" ("never userinfo, a query or a secret") and
+/// `text::foreign`'s rule (URL credentials and queries removed from text that is
+/// logged), which the crate `Error` applies (`text::ours`); the `TokenError` under it is
+/// what the source logs itself (`tracing::info!(error = %e, ..)` on a refused refresh).
+/// Probe: neither `Display` shows the password or the query.
+#[tokio::test]
+async fn url_credentials_in_a_description_stay_out_of_both_displays() {
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let base = providers::start(idp.clone()).await;
+    idp.push_fault(Fault::Answer(Box::new(|_: &providers::Incoming| {
+        providers::reply(
+            StatusCode::BAD_REQUEST,
+            json!({
+                "error": "invalid_client",
+                "error_description": "upstream https://svc:hunter2@vault.internal/v1/creds?sig=S3CR3TSIG refused"
+            }),
+        )
+    })));
+    let err = CredentialCache::new(source(&base))
+        .credential()
+        .await
+        .unwrap_err();
+    let token = token_error(&err).to_string();
+    let shown = err.to_string();
+    println!("Error: {shown}\nTokenError: {token}");
+    for (what, text) in [("Error", &shown), ("TokenError", &token)] {
+        assert!(
+            !text.contains("hunter2") && !text.contains("S3CR3TSIG"),
+            "{what}'s Display shows URL credentials or a query: {text}"
+        );
+    }
+}

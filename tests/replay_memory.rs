@@ -96,9 +96,19 @@ fn slice_of_a_read(n: usize) -> Bytes {
 /// dropping each; returns the bytes still allocated then, over what was allocated
 /// before the request, and checks the 401 is then replayed whole.
 async fn kept_alive(frames: usize, make: fn(usize) -> Bytes, payload: usize) -> isize {
+    kept_alive_limit(frames, make, payload, payload).await
+}
+
+/// `kept_alive` under a replay limit of `limit` bytes.
+async fn kept_alive_limit(
+    frames: usize,
+    make: fn(usize) -> Bytes,
+    payload: usize,
+    limit: usize,
+) -> isize {
     let layer = AuthLayer::new(TestSource::new())
         .any_https_origin()
-        .replay_limit(payload);
+        .replay_limit(limit);
     layer.warm_up().await.unwrap();
     let (inner, mut api) = mock::pair::<Request<ReplayBody<Frames>>, Response<&'static str>>();
     let svc = layer.layer(inner);
@@ -126,12 +136,28 @@ async fn kept_alive(frames: usize, make: fn(usize) -> Bytes, payload: usize) -> 
     kept
 }
 
-/// World: an upload streamed as many small frames (a gRPC client stream of small
-/// messages, a line-by-line export, a parser handing out slices of its reads), within
-/// the default replay limit of 64 KiB, read by the API to its end before it answers.
-/// Proves: what the request keeps alive for its replay stays within a small
-/// multiple of the limit, as `DEFAULT_REPLAY_LIMIT`'s docs promise ("a larger limit
-/// costs up to that much memory per in-flight request").
+/// 16 KiB frames, each a slice of its own 1 MiB buffer (a `ReaderStream` with a 1 MiB
+/// capacity over a pipe or a socket, whose reads return 16 KiB: each frozen chunk
+/// shares the read buffer it came from).
+fn slice_of_a_large_read(n: usize) -> Bytes {
+    Bytes::from(vec![n as u8; 1 << 20]).slice(0..16 * 1024)
+}
+
+/// One 64-byte frame, a slice of a 1 MiB buffer (a message cut out of a larger batch
+/// that was read whole), the body's only chunk, ready in full.
+fn small_slice_of_a_batch(_: usize) -> Bytes {
+    Bytes::from(vec![1u8; 1 << 20]).slice(0..64)
+}
+
+/// World: uploads within the default replay limit of 64 KiB, each read by the API to its
+/// end before it answers 401: streamed as many small frames (a gRPC client stream of
+/// small messages, a line-by-line export, a parser handing out 16-byte slices of its
+/// 4 KiB reads), as 16 KiB slices of 1 MiB reads (a reader with a 1 MiB buffer over a
+/// pipe), and a 64-byte body ready in full that is a slice of a 1 MiB batch.
+/// Proves: what the request keeps alive for its replay stays within twice the limit
+/// whatever the framing, as `DEFAULT_REPLAY_LIMIT`'s docs promise ("a larger limit
+/// costs up to that much memory per in-flight request"). Review 81 saw 2.1 MB and 17 MB
+/// for the small frames, review 83 4.2 MB and 1.05 MB for the shared slices.
 #[tokio::test(flavor = "current_thread")]
 async fn retention_for_a_replay_stays_within_the_limit_whatever_the_framing() {
     let limit = 64 * 1024;
@@ -139,12 +165,20 @@ async fn retention_for_a_replay_stays_within_the_limit_whatever_the_framing() {
     let _ = kept_alive(4, static_byte, 4).await;
     let tiny = kept_alive(limit, static_byte, limit).await;
     let sliced = kept_alive(limit / 16, slice_of_a_read, limit).await;
+    let large = kept_alive(4, slice_of_a_large_read, limit).await;
+    let single = kept_alive_limit(1, small_slice_of_a_batch, 64, limit).await;
     eprintln!(
-        "limit {limit} B; kept alive: 1-byte static frames {tiny} B, 16-byte slices {sliced} B"
+        "limit {limit} B; kept alive: 1-byte static frames {tiny} B, 16-byte slices of 4 KiB reads {sliced} B, 16 KiB slices of 1 MiB reads {large} B, one 64 B slice of a 1 MiB batch {single} B"
     );
-    assert!(
-        tiny <= 2 * limit as isize && sliced <= 2 * limit as isize,
-        "a {limit} B replay limit kept {tiny} B alive for 1-byte frames (no allocation of \
-         their own) and {sliced} B for 16-byte slices of 4 KiB reads"
-    );
+    for (what, kept) in [
+        ("1-byte frames", tiny),
+        ("16-byte slices of 4 KiB reads", sliced),
+        ("16 KiB slices of 1 MiB reads", large),
+        ("a 64 B body sliced from a 1 MiB batch", single),
+    ] {
+        assert!(
+            kept <= 2 * limit as isize,
+            "a {limit} B replay limit kept {kept} B alive for {what}"
+        );
+    }
 }

@@ -465,9 +465,18 @@ fn open_lock_file(path: &Path, create: bool) -> io::Result<File> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600).custom_flags(libc::O_NONBLOCK);
+        // Never through a link: the mode check below would tighten the file it names.
+        options
+            .mode(0o600)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW);
     }
-    options.open(path)
+    options.open(path).map_err(|e| {
+        #[cfg(unix)]
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            return refused(path, "is a symbolic link");
+        }
+        e
+    })
 }
 
 /// The lock file, if it is a regular file only its owner may open: anyone who can open

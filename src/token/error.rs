@@ -254,8 +254,9 @@ impl TokenError {
 
     /// Whether the endpoint refused the grant itself: the credentials or refresh token
     /// are bad, as opposed to the endpoint being down. That is a 400 or 401, a 403 that
-    /// says why in an OAuth error (Auth0 refuses an unknown or expired refresh token with
-    /// `403 invalid_grant`; a 403 without one may be a gateway's), or an OAuth error in a
+    /// says why in one of RFC 6749's token error codes (Auth0 refuses an unknown or
+    /// expired refresh token with `403 invalid_grant`; a 403 without one, or with another
+    /// `error`, may be a gateway's), or an OAuth error in a
     /// 2xx answer (some servers send `{"error": "invalid_grant"}` with 200), unless its
     /// code says the server could not judge it (`temporarily_unavailable`,
     /// `server_error`: RFC 6749 makes 400 the status of every token-endpoint error, and
@@ -287,7 +288,19 @@ impl TokenError {
         );
         match self.status {
             Some(StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED) => !unjudged,
-            Some(StatusCode::FORBIDDEN) => self.oauth_error.is_some() && !unjudged,
+            // A gateway's or a WAF's own 403 may carry an `error` field too ("Forbidden",
+            // "request_blocked"): only a token endpoint's own refusal codes count.
+            Some(StatusCode::FORBIDDEN) => matches!(
+                self.oauth_error.as_deref(),
+                Some(
+                    "invalid_grant"
+                        | "invalid_client"
+                        | "unauthorized_client"
+                        | "unsupported_grant_type"
+                        | "invalid_scope"
+                        | "invalid_request"
+                )
+            ),
             Some(status) if status.is_success() => self.oauth_error.is_some() && !unjudged,
             _ => false,
         }
