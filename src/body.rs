@@ -125,18 +125,24 @@ impl Chunks {
         }
     }
 
-    /// What a replay keeps of these chunks: a copy (see [`Kept`]).
-    fn kept(&self) -> Chunks {
-        let mut kept = Kept::default();
+    /// What a replay keeps of these chunks, taken whole: a copy of their `len` bytes in
+    /// one buffer of that size (a `Vec`, made a `Bytes` only if the replay comes).
+    fn kept(&self, len: u64) -> Vec<u8> {
         match self {
-            Chunks::One(one) => kept.push(one.as_deref().unwrap_or_default()),
+            Chunks::One(one) => one.as_deref().unwrap_or_default().to_vec(),
             Chunks::Many(more) => {
+                let mut kept = Vec::with_capacity(len as usize);
                 for chunk in more.as_slice() {
-                    kept.push(chunk);
+                    kept.extend_from_slice(chunk);
                 }
+                kept
             }
         }
-        kept.into_chunks()
+    }
+
+    /// `kept` as one chunk (none if empty).
+    fn of(kept: Vec<u8>) -> Self {
+        Chunks::One((!kept.is_empty()).then(|| Bytes::from(kept)))
     }
 
     fn len(&self) -> u64 {
@@ -204,6 +210,10 @@ impl Kept {
     }
 
     fn into_chunks(mut self) -> Chunks {
+        if self.parts.is_empty() {
+            // One buffer or none: no list.
+            return Chunks::of(self.tail);
+        }
         self.flush();
         if self.parts.len() <= 1 {
             return Chunks::One(self.parts.pop());
@@ -491,7 +501,7 @@ where
             return Self::streaming(body, ahead, NotReplayed::BodyFailed);
         }
         let exact = declared.is_some();
-        let kept = chunks.kept();
+        let kept = chunks.kept(len);
         let first = ReplayBody::replay(chunks, trailers.clone(), exact);
         let handle = match trailers {
             None => ReplayHandle::Whole { kept, exact },
@@ -499,7 +509,7 @@ where
             trailers => ReplayHandle::Recorded(Arc::new(Recorder {
                 abandoned: AtomicBool::new(false),
                 state: Mutex::new(Recorded {
-                    kept,
+                    kept: Chunks::of(kept),
                     trailers,
                     exact,
                     status: Status::Complete,
@@ -971,7 +981,7 @@ pub(crate) enum ReplayHandle {
     Empty,
     /// The body was taken whole before the request was sent: a copy of its bytes, and
     /// whether it stated their exact length. (With trailers, it is `Recorded`, complete.)
-    Whole { kept: Chunks, exact: bool },
+    Whole { kept: Vec<u8>, exact: bool },
     /// The body streams on, recorded as it goes.
     Recorded(Arc<Recorder>),
     /// The body cannot be replayed, known before the request was sent.
@@ -989,9 +999,11 @@ impl ReplayHandle {
     pub(crate) fn take<B: Body>(&mut self) -> Result<ReplayBody<B>, NotReplayed> {
         match self {
             ReplayHandle::Empty => Ok(ReplayBody::replay(Chunks::default(), None, true)),
-            ReplayHandle::Whole { kept, exact } => {
-                Ok(ReplayBody::replay(std::mem::take(kept), None, *exact))
-            }
+            ReplayHandle::Whole { kept, exact } => Ok(ReplayBody::replay(
+                Chunks::of(std::mem::take(kept)),
+                None,
+                *exact,
+            )),
             ReplayHandle::Not(why) => Err(*why),
             ReplayHandle::Recorded(recorder) => {
                 let recorded = recorder.abandon();
