@@ -4,8 +4,8 @@
 //!
 //! Criterion measures throughput; after it, a plain run prints what criterion cannot:
 //! when the first chunk reaches the inner service, and how many bytes the request
-//! allocated (a counting global allocator), to show chunks this large
-//! (16 KiB or more) are shared, not copied.
+//! allocated (a counting global allocator): the copy of the body the layer keeps for
+//! its replay.
 
 mod common;
 
@@ -197,8 +197,8 @@ fn replay(c: &mut Criterion) {
     let recorded = report("auth_layer_replay", &mut || {
         measure(&mut |r| rt.block_on(auth.clone().oneshot(r)).unwrap())
     });
-    // The layer keeps one `Bytes` handle per chunk: if it kept less, it did not record
-    // the body and this benchmark measured nothing.
+    // The layer keeps a copy of the body: if it kept less, it did not record the body
+    // and this benchmark measured nothing.
     assert!(
         recorded >= bare + CHUNKS * std::mem::size_of::<Bytes>(),
         "the layer did not record the body: {recorded} bytes allocated vs {bare} bare"
