@@ -698,3 +698,42 @@ async fn url_credentials_in_a_description_stay_out_of_both_displays() {
         );
     }
 }
+
+/// World: a server that does not rotate refresh tokens (Google, Dropbox, Cognito without
+/// rotation): a refresh answers a new access token and no refresh token, and the one
+/// presented stays valid. Three refreshes in a row.
+/// Proves (review 82's suggestion): README "the newest always replaces the old (kept if
+/// the server sends none)": the same refresh token is presented each time and honoured,
+/// no login but the first.
+#[tokio::test]
+async fn a_refresh_answer_without_a_refresh_token_keeps_the_one_presented() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+        idp.rotate.store(false, SeqCst);
+        let (svc, cache, url, _mangler) = expired_session(&idp).await;
+        let mut outcomes = Vec::new();
+        for _ in 0..3 {
+            outcomes.push(api_status(&svc, &url).await.map_err(|e| e.to_string()));
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            idp.expire_access_tokens();
+        }
+        let presented = idp.presented.lock().unwrap().clone();
+        let line = format!(
+            "outcomes {outcomes:?}; refresh tokens presented {presented:?}; logins {}; refresh grants {}; stats {:?}",
+            idp.logins.load(SeqCst),
+            idp.refresh_grants.load(SeqCst),
+            cache.source().stats()
+        );
+        println!("{line}");
+        assert!(outcomes.iter().all(|o| *o == Ok(StatusCode::OK)), "{line}");
+        assert_eq!(presented.len(), 3, "{line}");
+        assert!(presented.iter().all(|t| *t == presented[0]), "{line}");
+        assert_eq!(
+            (idp.logins.load(SeqCst), idp.refresh_grants.load(SeqCst)),
+            (1, 3),
+            "{line}"
+        );
+    })
+    .await
+    .expect("the scenario hung");
+}

@@ -77,6 +77,10 @@ pub struct StrictIdp {
     pub issue_refresh_tokens: AtomicBool,
     /// Whether a login hands out the previous access token again instead of a new one.
     pub reissue_same_token: AtomicBool,
+    /// Whether a refresh spends its refresh token and issues a new one (the default);
+    /// off, as Google, Dropbox and Cognito without rotation do: the refresh token stays
+    /// valid and the answer carries none.
+    pub rotate: AtomicBool,
     /// The status a refused refresh grant (`invalid_grant`: reused, unknown, expired) is
     /// answered with: 400 by default (RFC 6749 §5.2); Auth0 answers 403 ("403: Unknown
     /// or invalid refresh token", support.auth0.com).
@@ -107,6 +111,7 @@ impl StrictIdp {
             reject_all: AtomicBool::new(false),
             issue_refresh_tokens: AtomicBool::new(true),
             reissue_same_token: AtomicBool::new(false),
+            rotate: AtomicBool::new(true),
             refused_grant_status: Mutex::new(StatusCode::BAD_REQUEST),
             token_requests: AtomicUsize::new(0),
             logins: AtomicUsize::new(0),
@@ -223,9 +228,10 @@ impl StrictIdp {
                 self.presented.lock().unwrap().push(token.clone());
                 match state.refresh.get(&token).copied() {
                     Some((family, false)) if !state.revoked_families.contains(&family) => {
-                        state.refresh.insert(token, (family, true));
+                        let rotate = self.rotate.load(SeqCst);
+                        state.refresh.insert(token, (family, rotate));
                         self.refresh_grants.fetch_add(1, SeqCst);
-                        let (body, new_refresh) = self.issue(&mut state, family, true);
+                        let (body, new_refresh) = self.issue(&mut state, family, rotate);
                         match state.faults.front() {
                             Some(Fault::RotateThenBody(make)) => {
                                 let make = *make;
