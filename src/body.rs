@@ -680,12 +680,8 @@ where
                 Some(taken) if taken.declared.is_some() => {
                     SizeHint::with_exact(taken.declared.unwrap_or_default())
                 }
-                // Exact only when nothing but data follows: a `Content-Length` would make
-                // HTTP/1.1 drop trailers, and send a body cut short by its error as a
-                // whole request.
-                Some(taken) if taken.ended && taken.error.is_none() && !trailers_ahead(taken) => {
-                    SizeHint::with_exact(taken.len())
-                }
+                // Ended while read ahead, of no stated length: not exact either, or hyper
+                // would frame it otherwise than the body (a `GET` would gain one).
                 Some(taken) if taken.ended => at_least(taken.len()),
                 Some(taken) => {
                     let rest = body.size_hint();

@@ -406,7 +406,8 @@ async fn an_early_401_is_judged_alike_through_tower_and_reqwest() {
 /// layer hyper sends a `GET` of unknown length with no body at all ("GET, HEAD, and
 /// CONNECT almost never have bodies"). Proves: through the layer the request
 /// is sent as it would be without it, here with no body; the read-ahead does not turn
-/// it into a `GET` with a `Content-Length` and a body.
+/// it into a `GET` with a `Content-Length` and a body, whether the stream is within the
+/// replay limit (taken whole) or over it (streamed on, not replayed).
 #[tokio::test]
 async fn a_get_is_sent_with_the_body_hyper_would_send_without_the_layer() {
     let (base, log) = support::logging_api(|_, _, _| StatusCode::OK).await;
@@ -424,7 +425,19 @@ async fn a_get_is_sent_with_the_body_hyper_would_send_without_the_layer() {
         .allow_http_loopback(true)
         .layer(client);
     let req = Request::get(format!("{base}/layer")).body(body()).unwrap();
-    assert_eq!(svc.oneshot(req).await.unwrap().status(), 200);
+    assert_eq!(svc.clone().oneshot(req).await.unwrap().status(), 200);
+    let over_limit = AuthLayer::new(TestSource::new())
+        .any_https_origin()
+        .allow_http_loopback(true)
+        .replay_limit(7)
+        .layer(svc.get_ref().clone());
+    // Over the limit, its end shown with its last frame (read ahead whole, not replayed).
+    let req = Request::get(format!("{base}/layer-over-limit"))
+        .body(BodyExt::boxed(EndShown(
+            [&b"abc"[..], b"def", b"ghi"].map(Bytes::from_static).into(),
+        )))
+        .unwrap();
+    assert_eq!(over_limit.oneshot(req).await.unwrap().status(), 200);
     // reqwest: without the middleware, then with it.
     let stream = || {
         reqwest::Body::wrap_stream(futures_util::stream::iter(
@@ -463,10 +476,31 @@ async fn a_get_is_sent_with_the_body_hyper_would_send_without_the_layer() {
         vec![
             ("/plain".to_owned(), String::new()),
             ("/layer".to_owned(), String::new()),
+            ("/layer-over-limit".to_owned(), String::new()),
             ("/reqwest-plain".to_owned(), String::new()),
             ("/reqwest-layer".to_owned(), String::new()),
         ]
     );
+}
+
+/// Chunks ready at once, of no stated length, whose end shows with the last one
+/// (`is_end_stream`), as a body that knows it has nothing more does.
+struct EndShown(std::collections::VecDeque<Bytes>);
+
+impl Body for EndShown {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(self.0.pop_front().map(|c| Ok(Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// A stream fed by the test, of unknown length: it never ends while its sender lives.
