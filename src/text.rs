@@ -846,7 +846,8 @@ pub(crate) fn shown_url(url: &http::Uri) -> String {
     escape(&format!("{scheme}://{host}{}", url.path()), MAX_SERVER_TEXT)
 }
 
-/// Removes the userinfo (`user:pass@`) and the query (`?key=...`) of every URL in `text`.
+/// Removes the userinfo (`user:pass@`), the query (`?key=...`) and the fragment
+/// (`#access_token=...`) of every URL in `text`.
 fn strip_url_secrets(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -857,19 +858,24 @@ fn strip_url_secrets(text: &str) -> String {
             .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | ')'))
             .unwrap_or(after.len());
         let (url, tail) = after.split_at(end);
-        let authority_end = url.find(['/', '?', '#']).unwrap_or(url.len());
-        let (authority, path) = url.split_at(authority_end);
-        match authority.rfind('@') {
+        // Userinfo: everything up to the URL's last `@`, as a password may hold a `/`,
+        // `?` or `#` unencoded (an AWS secret key does); a path's `@` costs the shown
+        // text its host, never a secret.
+        let url = match url.rfind('@') {
             Some(at) => {
                 out.push_str("[redacted]@");
-                out.push_str(&authority[at + 1..]);
+                &url[at + 1..]
             }
-            None => out.push_str(authority),
-        }
-        match path.find('?') {
+            None => url,
+        };
+        let authority_end = url.find(['/', '?', '#']).unwrap_or(url.len());
+        let (authority, path) = url.split_at(authority_end);
+        out.push_str(authority);
+        // The query and the fragment (`#access_token=...` of an implicit grant).
+        match path.find(['?', '#']) {
             Some(q) => {
-                out.push_str(&path[..q]);
-                out.push_str("?[redacted]");
+                out.push_str(&path[..=q]);
+                out.push_str("[redacted]");
             }
             None => out.push_str(path),
         }

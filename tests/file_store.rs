@@ -194,7 +194,7 @@ async fn an_unreadable_file_is_absent_and_overwritten_and_files_are_private() {
 
 /// World: process B is inside a store call (holds the lock) for 300 ms; process A asks
 /// for the lease and gives up after 100 ms (as the cache does after its share of the
-/// fetch timeout). Promise probed: a lease is held only by a caller that has it (A
+/// fetch timeout). Proves: a lease is held only by a caller that has it (A
 /// gave up: it never got a lease token, so it can never renew, save under or release
 /// it). Proves: A's abandoned call takes nothing once the lock frees (it used to, with a
 /// token nobody knows, and every process then waited the lease out).
@@ -225,7 +225,7 @@ async fn a_lease_call_given_up_on_a_busy_lock_leaves_no_lease_behind() {
 /// 100 ms). Another process is inside a store call for 300 ms (a slow `fsync` under the
 /// lock, say) as A refreshes; A's load and lease calls get no answer in time, so A
 /// fetches on its own (store "down"). Then B, a process arriving a moment later with a healthy
-/// store and nobody fetching, needs a credential. Promise probed: a store call that
+/// store and nobody fetching, needs a credential. Proves: a store call that
 /// gets no answer costs a log line and a fetch, never a failed request elsewhere.
 /// Proves: A's abandoned lease call does not land after A moved on (it used to: B then
 /// waited for that lease's holder, who does not exist, and its request failed).
@@ -267,7 +267,7 @@ async fn a_cache_that_gave_up_on_a_busy_lock_does_not_stall_the_next_process() {
 
 /// World: another process holds the lock for 2 s (stopped with Ctrl-Z inside a store
 /// call, say) while this process's `#[tokio::main]`-style runtime makes a store call and
-/// gives up on it after 50 ms, then ends. Promise probed: a call given up is given up (a
+/// gives up on it after 50 ms, then ends. Proves: a call given up is given up (a
 /// process on the host that does not answer costs this one a logged outage, nothing
 /// more). Proves: no thread goes on waiting for the OS lock, so dropping the runtime is
 /// immediate (a thread waiting on the lock used to keep the process from exiting until
@@ -369,7 +369,7 @@ fn a_call_waiting_for_the_lock_does_not_block_a_current_thread_runtime() {
 
 /// World: a file already at the temporary file's name (`token.json.<pid>.tmp`),
 /// readable by all: left by someone else in a shared directory, or by a process of this
-/// pid before a reboot or in another PID namespace. Promise probed: the data file is
+/// pid before a reboot or in another PID namespace. Proves: the data file is
 /// readable and writable by its owner only. Proves: a file found there is not used (it
 /// used to be opened as found, its mode kept, and renamed over the data): each write
 /// creates a temporary file of its own name, exclusively, mode 0600, and what is found
@@ -416,7 +416,7 @@ async fn a_symlink_at_the_temporary_name_is_not_written_through() {
 }
 
 /// World: the lock file already there, readable and writable by all (created by hand, by
-/// another user in a shared directory, by an older tool). Promise probed: README "both
+/// another user in a shared directory, by an older tool). Proves: README "both
 /// files mode 0600". Proves: it is tightened to 0600 (being ours; another user's is
 /// refused): anyone who can open it could hold the `flock` and stall every process of
 /// the store.
@@ -477,7 +477,7 @@ async fn a_data_path_that_is_a_symlink_is_replaced_not_written_through() {
 }
 
 /// World: a named pipe at the data path (any non-regular file a stray command left).
-/// Promise probed: bad input is a typed error, or counts as absent. Proves: it is
+/// Proves: bad input is a typed error, or counts as absent. Proves: it is
 /// refused at once with an error, and the next call of another process answers too (the
 /// open used to block forever inside the lock, and with it every call of every process).
 #[cfg(unix)]
@@ -527,7 +527,7 @@ async fn a_data_path_that_is_a_pipe_is_refused_not_waited_on() {
 
 /// World: A takes a 3 s lease (what the cache asks for) and begins its fetch; 200 ms
 /// later the host's clock steps back 1 s (an NTP step, a VM resumed), simulated as the
-/// existing test does: the lease's end in the file moved 1 s later. Promise probed:
+/// existing test does: the lease's end in the file moved 1 s later. Proves:
 /// never two fetches at once. Proves: B does not take it (a lease ending 1 s further away
 /// than its 3 s used to be stale at once: any step back larger than the time since the
 /// holder's last renewal let a second fetch start). Only a lease ending more than twice
@@ -688,7 +688,7 @@ async fn a_lease_that_ran_out_untaken_still_fences_its_save() {
 }
 
 /// World: the data file is 128 MiB (a sparse file of zero bytes: a stray `truncate -s`,
-/// a disk error, a copy gone wrong). Promise probed: bad input counts as absent, never a
+/// a disk error, a copy gone wrong). Proves: bad input counts as absent, never a
 /// panic (nor an abort). Proves: it counts as absent without being read (every call used
 /// to read the whole file into memory: peak memory grew by the file's size, and a file of
 /// some GiB aborted the process on allocation failure); 1 MiB is the bound.
@@ -946,7 +946,7 @@ async fn a_data_file_cut_at_any_length_is_absent_or_whole() {
 
 /// World: the lock file's name is a symbolic link to another file of the user's, open
 /// to others (`~/.profile`, a shared notes file): planted in the cache directory, or
-/// left by a tool that linked its cache files. Promise probed: the module docs' "a lock
+/// left by a tool that linked its cache files. Proves: the module docs' "a lock
 /// file found open to others is tightened, or refused", and 914c37b's "never opened as
 /// found: a file or link already there is not written through" (said of the temporary
 /// file). Probe: the mode of the file the link names is left alone (the store refuses

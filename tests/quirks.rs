@@ -611,7 +611,7 @@ fn gateway_refusals() -> Vec<(&'static str, Answer)> {
 
 /// World: the token endpoint behind a gateway that refuses one refresh with its own
 /// 403 (or 429) and a JSON body whose `error` field is the gateway's, not the token
-/// server's (see `gateway_refusals`); the next refresh gets through. Promise probed:
+/// server's (see `gateway_refusals`); the next refresh gets through. Proves:
 /// 77627fb's "A 403 with an OAuth error is a refused grant now (one without may be a
 /// gateway's: kept)", and README "keeps its refresh token for the next attempt, as does
 /// one throttled (429) or refused as a request without a judgement on the grant". Probe:
@@ -666,7 +666,7 @@ async fn a_gateways_own_403_with_an_error_field_keeps_the_refresh_token() {
 
 /// World: a token endpoint whose `error_description` names a URL with credentials and a
 /// query (an IdP echoing the upstream it failed to reach, `https://svc:pw@...?sig=...`).
-/// Promise probed: README "Errors" ("never userinfo, a query or a secret") and
+/// Proves: README "Errors" ("never userinfo, a query or a secret") and
 /// `text::foreign`'s rule (URL credentials and queries removed from text that is
 /// logged), which the crate `Error` applies (`text::ours`); the `TokenError` under it is
 /// what the source logs itself (`tracing::info!(error = %e, ..)` on a refused refresh).
@@ -733,6 +733,89 @@ async fn a_refresh_answer_without_a_refresh_token_keeps_the_one_presented() {
             (1, 3),
             "{line}"
         );
+    })
+    .await
+    .expect("the scenario hung");
+}
+
+/// World: a token endpoint whose `error_description` names a URL carrying a secret in
+/// shapes `strip_url_secrets` does not cut: a password with a `/` in it (an AWS secret
+/// key or base64 secret pasted into a URL unencoded), a password with a `#`, and a
+/// token in the fragment (an implicit-flow callback `#access_token=...`). Promise
+/// probed: README "Errors" ("never userinfo, a query or a secret") and 9ce36e1's "server
+/// text loses them at the source now". Probe: neither `Display` shows the secret.
+#[tokio::test]
+async fn url_secrets_of_other_shapes_stay_out_of_both_displays() {
+    let mut broken = Vec::new();
+    for (secret, description) in [
+        (
+            "wJalrXUtnFEMI/K7MDENG",
+            "upstream https://AKIAEXAMPLE:wJalrXUtnFEMI/K7MDENG@s3.internal/bucket refused",
+        ),
+        (
+            "p4ss#w0rd",
+            "upstream https://svc:p4ss#w0rd@vault.internal/v1 refused",
+        ),
+        (
+            "FR4GT0KEN",
+            "redirect_uri mismatch: https://app.example/cb#access_token=FR4GT0KEN&token_type=bearer",
+        ),
+    ] {
+        let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+        let base = providers::start(idp.clone()).await;
+        idp.push_fault(Fault::Answer(Box::new(move |_: &providers::Incoming| {
+            providers::reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "invalid_client", "error_description": description}),
+            )
+        })));
+        let err = CredentialCache::new(source(&base))
+            .credential()
+            .await
+            .unwrap_err();
+        let token = token_error(&err).to_string();
+        let shown = err.to_string();
+        for (what, text) in [("Error", &shown), ("TokenError", &token)] {
+            if text.contains(secret) {
+                broken.push(format!("{what}'s Display shows {secret:?}: {text}"));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "{}", broken.join("\n"));
+}
+
+/// World: the token endpoint answers one refresh with a 200 `{"ok": false, "error": ..}`
+/// naming a server-side condition in Slack's own words that the crate does not list
+/// (`ratelimited`; it lists Slack's `service_unavailable` and `request_timeout`); the
+/// next refresh gets through. Promise
+/// probed: `TokenError::is_grant_rejected` ("an OAuth error in a 2xx answer ... unless
+/// its code says the server could not judge it") and README's which-answers-refuse.
+/// Probe: the refresh token the server did not judge is presented again (no login).
+#[tokio::test]
+async fn a_2xx_saying_the_server_could_not_judge_keeps_the_refresh_token() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut broken = Vec::new();
+        // `service_unavailable`, listed: the control.
+        for code in ["service_unavailable", "ratelimited"] {
+            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+            let (svc, _cache, url, _mangler) = expired_session(&idp).await;
+            idp.push_fault(Fault::Answer(Box::new(move |_: &providers::Incoming| {
+                providers::reply(StatusCode::OK, json!({"ok": false, "error": code}))
+            })));
+            let first = api_status(&svc, &url).await.map_err(|e| e.to_string());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let second = api_status(&svc, &url).await.map_err(|e| e.to_string());
+            let line = format!(
+                "{code}: calls {first:?} {second:?}; logins {}; refresh grants {}",
+                idp.logins.load(SeqCst),
+                idp.refresh_grants.load(SeqCst),
+            );
+            println!("{line}");
+            if (idp.logins.load(SeqCst), idp.refresh_grants.load(SeqCst)) != (1, 1) {
+                broken.push(format!("the refresh token was dropped: {line}"));
+            }
+        }
+        assert!(broken.is_empty(), "{}", broken.join("\n"));
     })
     .await
     .expect("the scenario hung");

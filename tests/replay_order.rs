@@ -302,3 +302,88 @@ async fn an_exact_body_longer_than_its_content_length_header_replays_what_was_se
         "the replay carried other bytes than the first attempt: {seen:?}"
     );
 }
+
+/// `sizes` as a [`Steps`] body, each chunk of its own byte; `wait` a pause before each,
+/// `exact` its length stated, `trailers` a trailer frame after the data.
+fn sized(sizes: &[usize], wait: bool, exact: bool, trailers: bool) -> (Steps, Vec<u8>) {
+    let mut steps = VecDeque::new();
+    let mut whole = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let chunk: Vec<u8> = (0..n).map(|j| (i * 31 + j) as u8).collect();
+        whole.extend_from_slice(&chunk);
+        if wait {
+            steps.push_back(Step::Wait);
+        }
+        steps.push_back(Step::Frame(Frame::data(Bytes::from(chunk))));
+    }
+    if trailers {
+        let mut map = HeaderMap::new();
+        map.insert("x-sum", "1".parse().unwrap());
+        steps.push_back(Step::Frame(Frame::trailers(map)));
+    }
+    let len = whole.len() as u64;
+    (
+        Steps {
+            steps,
+            exact: exact.then_some(len),
+        },
+        whole,
+    )
+}
+
+/// World: bodies at the 64 KiB copy segment's edges (one chunk of exactly 64 KiB, one
+/// a byte over, chunks that cross a segment boundary, chunks that end exactly on one
+/// and then a one-byte chunk), an empty body, a body of empty frames only, each ready
+/// in full or streamed, stating its length or not, with trailers or not, under a limit
+/// exactly its size (and, for bodies over 64 KiB, a limit of 4 segments). Promise
+/// probed: "The replay must carry exactly the bytes the first attempt sent, in order"
+/// with `Kept` (9ce36e1) and `ReplayHandle::Whole { kept }` (6a9abec).
+#[tokio::test]
+async fn bodies_at_segment_edges_replay_what_the_first_attempt_sent() {
+    const S: usize = 64 * 1024;
+    let shapes: &[&[usize]] = &[
+        &[S],
+        &[S + 1],
+        &[S - 1, 1],
+        &[S - 1, 2, S],
+        &[40_000, 40_000, 40_000],
+        &[S, S, 1],
+        &[1, S, S - 1, 0, 3],
+        &[],
+        &[0, 0, 0],
+        &[0],
+        &[5],
+    ];
+    let mut broken = Vec::new();
+    for shape in shapes {
+        for i in 0..8 {
+            let (wait, exact, trailers) = (i & 1 != 0, i & 2 != 0, i & 4 != 0);
+            let (_, whole) = sized(shape, wait, exact, trailers);
+            for limit in [whole.len().max(1), 4 * S] {
+                let (body, _) = sized(shape, wait, exact, trailers);
+                let (first, replay) = both_attempts(body, limit).await;
+                let what = format!(
+                    "{shape:?} streamed {wait} exact {exact} trailers {trailers} limit {limit}"
+                );
+                if first.bytes != whole {
+                    broken.push(format!("{what}: the first attempt's bytes differ"));
+                }
+                match replay {
+                    Ok(replay) if replay == first => {}
+                    Ok(replay) => broken.push(format!(
+                        "{what}: the replay differs: exact {:?} vs {:?}, {} vs {} bytes, same bytes {}, trailers {:?} vs {:?}",
+                        replay.exact,
+                        first.exact,
+                        replay.bytes.len(),
+                        first.bytes.len(),
+                        replay.bytes == first.bytes,
+                        replay.trailers,
+                        first.trailers
+                    )),
+                    Err(why) => broken.push(format!("{what}: not replayed: {why:?}")),
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "{}", broken.join("\n"));
+}

@@ -284,6 +284,7 @@ impl TokenError {
                     // Slack's words for the same (`ok: false` with 200).
                     | "service_unavailable"
                     | "request_timeout"
+                    | "ratelimited"
             )
         );
         match self.status {
