@@ -1686,6 +1686,7 @@ async fn a_nonce_given_while_a_resend_is_built_is_not_overwritten_by_its_older_o
         at: "wants a DPoP nonce",
         hook: hook.clone(),
     };
+    support::keep_call_sites_live();
     let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(interleave));
     assert_eq!(svc.clone().oneshot(req("a")).await.unwrap().status(), 200);
     assert!(hook.lock().unwrap().is_none(), "the hook never ran");

@@ -354,9 +354,22 @@ impl std::io::Write for Capture {
     }
 }
 
+/// Tracing caches, call site by call site, whether anyone listens, as the first thread
+/// reaches it: another test's thread (no subscriber there) could make a call site
+/// silent for a test that listens on its own thread, more likely the more tests run at
+/// once. A global subscriber that listens to everything and keeps nothing (a bare
+/// registry) keeps every call site live; the tests that listen install it first.
+pub fn keep_call_sites_live() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+    });
+}
+
 /// Installs a subscriber that captures everything `tracing` emits, at every level, on this
 /// thread (the tests run on current-thread runtimes, so spawned tasks are included).
 pub fn capture_traces() -> (Capture, tracing::subscriber::DefaultGuard) {
+    keep_call_sites_live();
     let capture = Capture::default();
     let writer = capture.clone();
     let subscriber = tracing_subscriber::fmt()
