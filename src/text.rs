@@ -800,8 +800,8 @@ fn escape_as(text: &str, max: usize, backslashes: bool) -> String {
     out
 }
 
-/// Scrubs, escapes and cuts server text for keeping in an error; URL credentials and
-/// queries removed (an `error_description` may carry a URL with a key in it).
+/// Scrubs, escapes and cuts server text for keeping in an error; URL credentials,
+/// queries and fragments removed (an `error_description` may carry a URL with a key).
 #[cfg(feature = "token")]
 pub(crate) fn from_server(text: &str, secrets: &[String]) -> String {
     escape(&strip_url_secrets(&scrub(text, secrets)), MAX_SERVER_TEXT)
