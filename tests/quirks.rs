@@ -494,6 +494,22 @@ fn token_error(err: &Error) -> &TokenError {
         .unwrap_or_else(|| panic!("no token error under {err:?}"))
 }
 
+/// Three calls through `svc`, the server expiring its access tokens after each, so that
+/// each call after the first refreshes: their outcomes.
+async fn refreshing_calls(
+    idp: &StrictIdp,
+    svc: &ApiStack<TokenSource>,
+    url: &str,
+) -> Vec<Result<StatusCode, String>> {
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        outcomes.push(api_status(svc, url).await.map_err(|e| e.to_string()));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        idp.expire_access_tokens();
+    }
+    outcomes
+}
+
 /// Each of `cases` (a refresh answer rewritten) against a fresh strict server, the
 /// session's access token expired three times: the refresh token that answer spent is
 /// never presented again (no reuse, no family revoked).
@@ -504,18 +520,12 @@ async fn never_reused_after(cases: Vec<(&str, Mangle)>) {
             let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
             let (svc, cache, url, mangler) = expired_session(&idp).await;
             mangler.next(mangle);
-            let first = api_status(&svc, &url).await;
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            idp.expire_access_tokens();
-            let second = api_status(&svc, &url).await;
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            idp.expire_access_tokens();
-            let third = api_status(&svc, &url).await;
+            let calls = refreshing_calls(&idp, &svc, &url).await;
             let reused = idp.reused_refresh_tokens.load(SeqCst);
             let revoked = idp.family_revocations.load(SeqCst);
             let presented = idp.presented.lock().unwrap().clone();
             let line = format!(
-                "{what}: calls {first:?} {second:?} {third:?}, refresh tokens presented {presented:?}, reused {reused}, families revoked {revoked}, logins {}, stats {:?}",
+                "{what}: calls {calls:?}, refresh tokens presented {presented:?}, reused {reused}, families revoked {revoked}, logins {}, stats {:?}",
                 idp.logins.load(SeqCst),
                 cache.source().stats()
             );
@@ -551,12 +561,7 @@ async fn a_rotating_refresh_answered_as_a_form_is_followed() {
             let form = as_form_refresh_first(&body).into_bytes();
             reply_with(&parts, "application/x-www-form-urlencoded; charset=utf-8", form)
         });
-        let mut outcomes = Vec::new();
-        for _ in 0..3 {
-            outcomes.push(api_status(&svc, &url).await.map_err(|e| e.to_string()));
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            idp.expire_access_tokens();
-        }
+        let outcomes = refreshing_calls(&idp, &svc, &url).await;
         let presented = idp.presented.lock().unwrap().clone();
         let line = format!(
             "outcomes {outcomes:?}; refresh tokens presented {presented:?}; reused {}; families revoked {}; logins {}; stats {:?}",
@@ -711,12 +716,7 @@ async fn a_refresh_answer_without_a_refresh_token_keeps_the_one_presented() {
         let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
         idp.rotate.store(false, SeqCst);
         let (svc, cache, url, _mangler) = expired_session(&idp).await;
-        let mut outcomes = Vec::new();
-        for _ in 0..3 {
-            outcomes.push(api_status(&svc, &url).await.map_err(|e| e.to_string()));
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            idp.expire_access_tokens();
-        }
+        let outcomes = refreshing_calls(&idp, &svc, &url).await;
         let presented = idp.presented.lock().unwrap().clone();
         let line = format!(
             "outcomes {outcomes:?}; refresh tokens presented {presented:?}; logins {}; refresh grants {}; stats {:?}",
