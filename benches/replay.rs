@@ -2,6 +2,10 @@
 //! replay enabled (limit 32 MiB), against the same body sent to the bare inner service.
 //! The inner service reads every frame, as an HTTP client writing it out would.
 //!
+//! The chunks are clones of one buffer, so the layer copies what it keeps; a second run
+//! reads the same body in buffers of its own (a file read into exact buffers), which the
+//! layer keeps shared.
+//!
 //! Criterion measures throughput; after it, a plain run prints what criterion cannot:
 //! when the first chunk reaches the inner service, and how many bytes the request
 //! allocated (a counting global allocator): the copy of the body the layer keeps for
@@ -65,6 +69,48 @@ fn request(chunk: &Bytes) -> Request<Chunks> {
     Request::put("https://api.example.com/v1/blobs/1")
         .body(body(chunk))
         .unwrap()
+}
+
+/// The same body read into buffers of its own (a file read into exact buffers): each
+/// chunk's buffer is held by nothing else, so the layer keeps it shared, not copied.
+fn own_buffers_request() -> Request<Chunks> {
+    let frames: Vec<_> = (0..CHUNKS)
+        .map(|i| Ok(Frame::data(Bytes::from(vec![i as u8; CHUNK]))))
+        .collect();
+    Request::put("https://api.example.com/v1/blobs/1")
+        .body(StreamBody::new(futures_util::stream::iter(frames)))
+        .unwrap()
+}
+
+/// `common::paired` for requests made before each timed call (untimed): time(b) /
+/// time(a) per round, its quartiles.
+fn paired_made(
+    rounds: usize,
+    make: impl Fn() -> Request<Chunks>,
+    mut a: impl FnMut(Request<Chunks>),
+    mut b: impl FnMut(Request<Chunks>),
+) -> [f64; 3] {
+    let mut ratios: Vec<f64> = (0..rounds)
+        .map(|round| {
+            let (ra, rb) = (make(), make());
+            let time = |f: &mut dyn FnMut(Request<Chunks>), r| {
+                let start = Instant::now();
+                f(r);
+                start.elapsed().as_secs_f64()
+            };
+            let (ta, tb) = if round % 2 == 0 {
+                let ta = time(&mut a, ra);
+                (ta, time(&mut b, rb))
+            } else {
+                let tb = time(&mut b, rb);
+                (time(&mut a, ra), tb)
+            };
+            tb / ta
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let at = |q: usize| ratios[(ratios.len() - 1) * q / 4];
+    [at(1), at(2), at(3)]
 }
 
 /// Reads the whole body; notes when the first frame arrived. With `copy`, every byte is
@@ -167,6 +213,24 @@ fn replay(c: &mut Criterion) {
         );
     }
 
+    // The body in buffers of its own, kept shared: made before each timed call.
+    for (label, copy) in [("copying sink", true), ("zero-copy sink", false)] {
+        let sink = Sink { copy };
+        let auth = layer.clone().layer(sink);
+        let [p25, median, p75] = paired_made(
+            200,
+            own_buffers_request,
+            |r| drop(rt.block_on(sink.oneshot(r)).unwrap()),
+            |r| drop(rt.block_on(auth.clone().oneshot(r)).unwrap()),
+        );
+        println!(
+            "replay_16mib_own_buffers/{label}: throughput x bare, 200 interleaved pairs: median {:.3} (quartiles {:.3}-{:.3})",
+            1.0 / median,
+            1.0 / p75,
+            1.0 / p25
+        );
+    }
+
     // What criterion does not show: first-chunk latency and bytes allocated per request.
     let sink = Sink { copy: false };
     let auth = layer.layer(sink);
@@ -183,19 +247,36 @@ fn replay(c: &mut Criterion) {
         );
         allocated
     };
-    let measure = |svc: &mut dyn FnMut(Request<Chunks>) -> Response<Option<Instant>>| {
-        let req = request(&chunk);
-        let before = ALLOCATED.load(Relaxed);
-        let start = Instant::now();
-        let res = svc(req);
-        let allocated = ALLOCATED.load(Relaxed) - before;
-        (res.into_body().unwrap() - start, allocated)
-    };
+    let shared_chunks = || request(&chunk);
+    let measure =
+        |make: &dyn Fn() -> Request<Chunks>,
+         svc: &mut dyn FnMut(Request<Chunks>) -> Response<Option<Instant>>| {
+            let req = make();
+            let before = ALLOCATED.load(Relaxed);
+            let start = Instant::now();
+            let res = svc(req);
+            let allocated = ALLOCATED.load(Relaxed) - before;
+            (res.into_body().unwrap() - start, allocated)
+        };
     let bare = report("bare_inner", &mut || {
-        measure(&mut |r| rt.block_on(sink.oneshot(r)).unwrap())
+        measure(&shared_chunks, &mut |r| {
+            rt.block_on(sink.oneshot(r)).unwrap()
+        })
     });
     let recorded = report("auth_layer_replay", &mut || {
-        measure(&mut |r| rt.block_on(auth.clone().oneshot(r)).unwrap())
+        measure(&shared_chunks, &mut |r| {
+            rt.block_on(auth.clone().oneshot(r)).unwrap()
+        })
+    });
+    report("own_buffers/bare_inner", &mut || {
+        measure(&own_buffers_request, &mut |r| {
+            rt.block_on(sink.oneshot(r)).unwrap()
+        })
+    });
+    report("own_buffers/auth_layer_replay", &mut || {
+        measure(&own_buffers_request, &mut |r| {
+            rt.block_on(auth.clone().oneshot(r)).unwrap()
+        })
     });
     // The layer keeps a copy of the body: if it kept less, it did not record the body
     // and this benchmark measured nothing.

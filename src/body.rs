@@ -11,7 +11,10 @@
 //! of a chunk keeps the chunk's whole buffer alive (a 16-byte slice its 4 KiB read, a
 //! 16 KiB slice its 1 MiB read, a body sliced from a batch the whole batch), and a
 //! slot per chunk. A copy costs what a clone of a `Vec`-backed chunk costs for a small
-//! body (an allocation), and a memcpy of the body for a large one.
+//! body (an allocation), and a memcpy of the body for a large one. So a chunk of 16 KiB
+//! or more that is a buffer of its own (nobody else holds the buffer, and it holds
+//! nothing but the chunk: a `Vec` made for the body, a file read into buffers of their
+//! own) is kept shared, not copied: a clone of it keeps no byte more than a copy would.
 //! Past the limit what was kept is freed at once and nothing more is kept; the body is
 //! then not replayable, and a 401 reaches the caller as it came.
 //!
@@ -49,7 +52,7 @@ use pin_project_lite::pin_project;
 ///
 /// API requests that carry a credential are mostly small JSON; a larger limit costs up to
 /// that much memory per in-flight request, however the body is framed (the bytes kept
-/// are a copy). Raise it with
+/// are a copy, or chunks that are buffers of their own). Raise it with
 /// [`AuthLayer::replay_limit`](crate::AuthLayer::replay_limit).
 pub const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 
@@ -203,6 +206,24 @@ impl Kept {
         }
     }
 
+    /// Keeps `chunk` and gives it back, to be sent: a clone of it when it is a buffer of
+    /// its own (see [`own_buffer`]), otherwise a copy of its bytes.
+    fn keep(&mut self, chunk: Bytes) -> Bytes {
+        match own_buffer(chunk) {
+            Ok(chunk) => {
+                // The bytes copied so far go before it.
+                self.flush();
+                self.len += chunk.len();
+                self.parts.push(chunk.clone());
+                chunk
+            }
+            Err(chunk) => {
+                self.push(&chunk);
+                chunk
+            }
+        }
+    }
+
     fn flush(&mut self) {
         if !self.tail.is_empty() {
             self.parts.push(Bytes::from(std::mem::take(&mut self.tail)));
@@ -220,6 +241,29 @@ impl Kept {
         }
         self.parts.into()
     }
+}
+
+/// The least a chunk must hold for the layer to look whether it is a buffer of its own:
+/// below it a copy costs less than the look (an allocation for a chunk whose buffer is
+/// larger than it).
+const SHARE_MIN: usize = 16 * 1024;
+
+/// `Ok(chunk)` when a clone of `chunk` keeps alive no byte more than a copy would: the
+/// chunk holds at least [`SHARE_MIN`] bytes, nobody else holds its buffer, and the
+/// buffer is the chunk, no larger (a `Vec` made for the body, a file read into buffers
+/// of their own). Otherwise `Err(chunk)`, to be copied: a static chunk, a slice of a
+/// larger buffer, a buffer someone else still holds (the read buffer a server's
+/// incoming body is sliced from, still being filled).
+fn own_buffer(chunk: Bytes) -> Result<Bytes, Bytes> {
+    if chunk.len() < SHARE_MIN || !chunk.is_unique() {
+        return Err(chunk);
+    }
+    // Held by nobody else: the `Vec` is the buffer itself, not a copy (the bytes moved to
+    // its start if the chunk began past it), and its capacity is what the buffer holds.
+    let buffer = Vec::from(chunk);
+    let whole = buffer.len() == buffer.capacity();
+    let chunk = Bytes::from(buffer);
+    if whole { Ok(chunk) } else { Err(chunk) }
 }
 
 /// Frames taken from the body before the request was sent, not yet given to the inner
@@ -444,11 +488,9 @@ where
         // What hyper sends is what the header says, when there is one.
         let sent = header().or(declared);
         let mut kept = Kept::default();
-        for chunk in chunks.clone() {
-            kept.push(&chunk);
-        }
+        let chunks: Vec<Bytes> = chunks.map(|chunk| kept.keep(chunk)).collect();
         let ahead = (len > 0 || trailers.is_some()).then(|| Ahead {
-            frames: chunks_as_frames(chunks, trailers.clone()),
+            frames: chunks_as_frames(chunks.into(), trailers.clone()),
             error: None,
             ended: false,
             declared,
@@ -501,21 +543,26 @@ where
             return Self::streaming(body, ahead, NotReplayed::BodyFailed);
         }
         let exact = declared.is_some();
-        let kept = chunks.kept(len);
-        let first = ReplayBody::replay(chunks, trailers.clone(), exact);
-        let handle = match trailers {
-            None => ReplayHandle::Whole { kept, exact },
-            // Rare: kept where a recording keeps them, so that the common handle stays small.
-            trailers => ReplayHandle::Recorded(Arc::new(Recorder {
-                abandoned: AtomicBool::new(false),
-                state: Mutex::new(Recorded {
-                    kept: Chunks::of(kept),
-                    trailers,
-                    exact,
-                    status: Status::Complete,
-                }),
-            })),
-        };
+        if trailers.is_none() && len < SHARE_MIN as u64 {
+            let kept = chunks.kept(len);
+            let first = ReplayBody::replay(chunks, None, exact);
+            return (first, ReplayHandle::Whole { kept, exact });
+        }
+        // Rare: trailers, or a body large enough that some chunk may be a buffer of its
+        // own, kept shared (see `Kept::keep`). Kept where a recording keeps them, so that
+        // the common handle stays small.
+        let mut kept = Kept::default();
+        let chunks: Vec<Bytes> = chunks.map(|chunk| kept.keep(chunk)).collect();
+        let first = ReplayBody::replay(chunks.into(), trailers.clone(), exact);
+        let handle = ReplayHandle::Recorded(Arc::new(Recorder {
+            abandoned: AtomicBool::new(false),
+            state: Mutex::new(Recorded {
+                kept: kept.into_chunks(),
+                trailers,
+                exact,
+                status: Status::Complete,
+            }),
+        }));
         (first, handle)
     }
 
@@ -630,9 +677,9 @@ where
                     *ahead = None;
                 }
                 let frame = ready!(body.as_mut().poll_frame(cx));
-                let frame = frame.map(|f| f.map(|f| f.map_data(Into::into)));
+                let mut frame = frame.map(|f| f.map(|f| f.map_data(Into::into)));
                 if let Some(recording) = recording {
-                    recording.observe(frame.as_ref(), body.is_end_stream());
+                    recording.observe(frame.as_mut(), body.is_end_stream());
                 }
                 Poll::Ready(frame)
             }
@@ -771,10 +818,12 @@ struct Recording {
 }
 
 impl Recording {
-    fn observe<E>(&mut self, frame: Option<&Result<Frame<Bytes>, E>>, ended: bool) {
+    /// Records `frame`, which the inner service is given next (a chunk kept shared is
+    /// put back as the clone it shares).
+    fn observe<E>(&mut self, frame: Option<&mut Result<Frame<Bytes>, E>>, ended: bool) {
         if self.done {
             if self.early {
-                self.after_early(frame);
+                self.after_early(frame.as_deref());
             }
             return;
         }
@@ -788,13 +837,13 @@ impl Recording {
             // Nothing should follow trailers: a replay could not give it as it came.
             Some(Ok(_)) if self.trailers.is_some() => self.finish(Status::Failed),
             Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
+                if let Some(data) = frame.data_mut() {
                     let len = data.remaining();
                     if self.kept.len + len > self.limit {
                         // Free what was kept at once; keep nothing more.
                         return self.finish(Status::TooLarge);
                     }
-                    self.kept.push(data);
+                    *data = self.kept.keep(std::mem::take(data));
                 } else if let Some(trailers) = frame.trailers_ref() {
                     self.trailers = Some(Box::new(trailers.clone()));
                 }
@@ -1020,6 +1069,17 @@ impl ReplayHandle {
         }
     }
 
+    /// The body was taken whole before the request was sent (kept in the handle, or,
+    /// with trailers or large chunks, in a recording complete from the start).
+    #[cfg(test)]
+    fn taken_whole(&self) -> bool {
+        match self {
+            ReplayHandle::Whole { .. } => true,
+            ReplayHandle::Recorded(r) => r.lock().status == Status::Complete,
+            _ => false,
+        }
+    }
+
     #[cfg(test)]
     pub(crate) fn recorder(&self) -> Option<&Arc<Recorder>> {
         match self {
@@ -1226,6 +1286,100 @@ mod tests {
     }
 
     /// A full body is complete as soon as it reports its end, without another poll.
+    #[test]
+    fn only_a_buffer_held_alone_and_filled_by_its_chunk_is_shared() {
+        let shared = |chunk: Bytes| own_buffer(chunk).is_ok();
+        assert!(shared(Bytes::from(vec![1; SHARE_MIN])));
+        assert!(shared(Bytes::from(vec![1; 4 * SEGMENT].into_boxed_slice())));
+        // Too small to be worth the look.
+        assert!(!shared(Bytes::from(vec![1; SHARE_MIN - 1])));
+        // Static: not held alone.
+        static LARGE: [u8; SHARE_MIN] = [2; SHARE_MIN];
+        assert!(!shared(Bytes::from_static(&LARGE)));
+        // Someone else holds the buffer (a read buffer still being filled).
+        let read = Bytes::from(vec![3; 2 * SHARE_MIN]);
+        assert!(!shared(read.slice(..SHARE_MIN)));
+        assert!(!shared(read.clone()));
+        drop(read);
+        // Held alone, but larger than the chunk: at its start, at its end, with room.
+        assert!(!shared(
+            Bytes::from(vec![4; 2 * SHARE_MIN]).slice(..SHARE_MIN)
+        ));
+        assert!(!shared(
+            Bytes::from(vec![5; 2 * SHARE_MIN]).slice(SHARE_MIN..)
+        ));
+        let mut roomy = Vec::with_capacity(2 * SHARE_MIN);
+        roomy.resize(SHARE_MIN, 6);
+        assert!(!shared(Bytes::from(roomy)));
+        // A buffer frozen from a `BytesMut` that nothing else holds, filled exactly.
+        let mut filled = bytes::BytesMut::with_capacity(SHARE_MIN);
+        filled.resize(SHARE_MIN, 7);
+        assert!(shared(filled.freeze()));
+        // Whatever is decided, the chunk's bytes come back as they were.
+        let end = Bytes::from((0..2 * SHARE_MIN).map(|i| i as u8).collect::<Vec<_>>());
+        let tail = end.slice(SHARE_MIN..);
+        drop(end);
+        let expected: Vec<u8> = (SHARE_MIN..2 * SHARE_MIN).map(|i| i as u8).collect();
+        match own_buffer(tail) {
+            Ok(chunk) | Err(chunk) => assert_eq!(&chunk[..], &expected[..]),
+        }
+    }
+
+    /// Large chunks that are buffers of their own are kept shared, whether they were
+    /// taken ahead (the whole body, or the first part of one that streams on) or
+    /// recorded as they streamed; small ones around them are copied in order.
+    #[tokio::test]
+    async fn a_large_body_in_buffers_of_its_own_is_kept_without_a_copy() {
+        let own = |i: u8| Bytes::from(vec![i; SEGMENT]);
+        let bodies: [(&str, Vec<Step>); 2] = [
+            (
+                "ready in full",
+                vec![data(b"head"), Step::Frame(Ok(Frame::data(own(1))))],
+            ),
+            (
+                "streaming",
+                vec![
+                    Step::Frame(Ok(Frame::data(own(1)))),
+                    Step::Frame(Ok(Frame::data(own(2)))),
+                    Step::Wait,
+                    data(b"mid"),
+                    Step::Wait,
+                    Step::Frame(Ok(Frame::data(own(3)))),
+                    Step::Wait,
+                    data(b"tail"),
+                ],
+            ),
+        ];
+        for (what, body) in bodies {
+            let at: Vec<*const u8> = body
+                .iter()
+                .filter_map(|step| match step {
+                    Step::Frame(Ok(f)) => f.data_ref().filter(|d| d.len() == SEGMENT),
+                    _ => None,
+                })
+                .map(|d| d.as_ptr())
+                .collect();
+            let (body, mut handle) = ReplayBody::record(steps(body), 4 * SEGMENT);
+            let (sent, _) = frames(body).await;
+            let mut replay: ReplayBody<Trickle> = handle.take().unwrap();
+            let mut kept = Vec::new();
+            while let Some(frame) = next(&mut replay).await {
+                kept.push(frame.unwrap().into_data().unwrap());
+            }
+            let replayed: Vec<u8> = kept.iter().flat_map(|c| c.iter().copied()).collect();
+            assert_eq!(
+                replayed, sent,
+                "{what}: the replay gives the body byte for byte"
+            );
+            for (i, at) in at.iter().enumerate() {
+                assert!(
+                    kept.iter().any(|c| c.as_ptr() == *at),
+                    "{what}: buffer {i} was copied, not kept shared"
+                );
+            }
+        }
+    }
+
     #[tokio::test]
     async fn full_body_is_complete_after_its_one_frame() {
         let (mut body, mut handle) = ReplayBody::record(Full::new(Bytes::from_static(b"{}")), 1024);
@@ -1706,10 +1860,7 @@ mod tests {
         let message = Bytes::from(vec![3u8; 100 * 1024]);
         let large = steps(vec![Step::Frame(Ok(Frame::data(message.clone())))]);
         let (body, mut handle) = ReplayBody::record(large, 1024 * 1024);
-        assert!(
-            handle.recorder().is_none(),
-            "taken whole, nothing to record"
-        );
+        assert!(handle.taken_whole(), "taken whole, nothing to record");
         // The server answered before the first attempt read anything.
         let replay: ReplayBody<Trickle> = handle.take().unwrap();
         // As the body stated its length: not at all.
