@@ -669,6 +669,126 @@ async fn a_gateways_own_403_with_an_error_field_keeps_the_refresh_token() {
     .expect("the scenario hung");
 }
 
+/// Refusals of a refresh that say nothing of its refresh token: a load balancer's own
+/// 400 page (AWS ALB's HTML, the token server never saw the request), an API gateway's
+/// own 401 (`{"message": "Unauthorized"}`, AWS API Gateway's authorizer), and the
+/// client's credentials refused (`401 invalid_client`, RFC 6749 §5.2; Entra's `400
+/// invalid_client`, AADSTS7000215, a secret rotated on one side first).
+fn unjudged_refusals() -> Vec<(&'static str, Answer)> {
+    vec![
+        ("400 load balancer page", || {
+            let mut page = providers::reply(StatusCode::BAD_REQUEST, json!(null));
+            *page.body_mut() = "<html><head><title>400 Bad Request</title></head><body><center><h1>400 Bad Request</h1></center></body></html>".to_owned().into();
+            page.headers_mut()
+                .insert(header::CONTENT_TYPE, "text/html".parse().unwrap());
+            page
+        }),
+        ("401 API gateway message", || {
+            providers::reply(StatusCode::UNAUTHORIZED, json!({"message": "Unauthorized"}))
+        }),
+        ("401 invalid_client", || {
+            providers::reply(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "invalid_client", "error_description": "Client authentication failed"}),
+            )
+        }),
+        ("400 invalid_client, Entra", || {
+            entra_error("invalid_client", 7000215, "Invalid client secret provided.")
+        }),
+    ]
+}
+
+/// World: a refresh answered by something that did not judge the refresh token (see
+/// `unjudged_refusals`), and the login that follows it answered the same way (the gateway
+/// or the client's secret refuses every token request for a while); then the token
+/// server is reachable again.
+/// Proves: README "never a lost refresh token": a refusal without a judgement on the
+/// refresh token falls back to a login, and while no login replaces it the refresh
+/// token is kept and presented again, with no login beside it (review 84 saw every
+/// 400/401 drop it: with a refresh-only grant, a user sent back to consent).
+#[tokio::test]
+async fn a_refresh_refused_without_a_judgement_on_its_token_keeps_it_until_a_login_replaces_it() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut broken = Vec::new();
+        for (what, answer) in unjudged_refusals() {
+            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+            let (svc, cache, url, _mangler) = expired_session(&idp).await;
+            for _ in 0..2 {
+                idp.push_fault(Fault::Answer(Box::new(move |_: &providers::Incoming| answer())));
+            }
+            let first = api_status(&svc, &url).await.map_err(|e| e.to_string());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let second = api_status(&svc, &url).await.map_err(|e| e.to_string());
+            let line = format!(
+                "{what}: calls {first:?} {second:?}; token requests {}; logins {}; refresh grants {}; presented {:?}; stats {:?}",
+                idp.token_requests.load(SeqCst),
+                idp.logins.load(SeqCst),
+                idp.refresh_grants.load(SeqCst),
+                idp.presented.lock().unwrap(),
+                cache.source().stats()
+            );
+            println!("{line}");
+            if idp.token_requests.load(SeqCst) != 4 {
+                broken.push(format!("no login was tried after the refusal: {line}"));
+            }
+            if (idp.logins.load(SeqCst), idp.refresh_grants.load(SeqCst)) != (1, 1)
+                || second != Ok(StatusCode::OK)
+            {
+                broken.push(format!("the refresh token was not kept: {line}"));
+            }
+        }
+        assert!(broken.is_empty(), "{}", broken.join("\n"));
+    })
+    .await
+    .expect("the scenario hung");
+}
+
+/// World: HubSpot, whose token endpoint answers a revoked or unknown refresh token
+/// `400 {"status": "BAD_REFRESH_TOKEN", "message": "missing or invalid refresh
+/// token"}`, no OAuth `error` field (`StrictIdp::refused_grant_body`), every time it is
+/// presented; the login works.
+/// Proves: a refusal without an OAuth error still falls back to a login at once (the
+/// call it was made for succeeds), and the login's refresh token replaces the dead one,
+/// which is never presented again.
+#[tokio::test]
+async fn a_dead_refresh_token_refused_in_a_servers_own_words_is_replaced_by_a_login() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+        *idp.refused_grant_body.lock().unwrap() = Some(json!({
+            "status": "BAD_REFRESH_TOKEN",
+            "message": "missing or invalid refresh token"
+        }));
+        let (svc, cache, url, _mangler) = expired_session(&idp).await;
+        let dead = idp.presented.lock().unwrap().len();
+        idp.expire_refresh_tokens();
+        let outcomes = refreshing_calls(&idp, &svc, &url).await;
+        let presented = idp.presented.lock().unwrap().clone();
+        let line = format!(
+            "outcomes {outcomes:?}; logins {}; refresh grants {}; refresh tokens presented {presented:?}; stats {:?}",
+            idp.logins.load(SeqCst),
+            idp.refresh_grants.load(SeqCst),
+            cache.source().stats()
+        );
+        println!("{line}");
+        assert!(
+            outcomes.iter().all(|o| *o == Ok(StatusCode::OK)),
+            "a call failed: {line}"
+        );
+        assert_eq!(
+            (dead, idp.logins.load(SeqCst), idp.refresh_grants.load(SeqCst)),
+            (0, 2, 2),
+            "the dead refresh token was not replaced by one login: {line}"
+        );
+        assert_eq!(
+            presented.iter().filter(|t| *t == &presented[0]).count(),
+            1,
+            "the dead refresh token was presented again: {line}"
+        );
+    })
+    .await
+    .expect("the scenario hung");
+}
+
 /// World: a token endpoint whose `error_description` names a URL with credentials and a
 /// query (an IdP echoing the upstream it failed to reach, `https://svc:pw@...?sig=...`).
 /// Proves: README "Errors" ("never userinfo, a query or a secret") and

@@ -858,6 +858,8 @@ impl Exchange {
             }
         }
         let refresh = self.refresh.as_ref().filter(|_| !step_up);
+        // A refresh token refused without a judgement on it, kept through the login.
+        let mut unjudged = None;
         if let (Some((request, field)), Some(token)) = (refresh, held.refresh_token.clone()) {
             tracing::debug!(reason = ?cx.reason(), "refreshing with the held refresh token");
             // A 2xx answer's refresh token is held by `accept` before anything else in
@@ -870,6 +872,23 @@ impl Exchange {
                 Ok(credential) => {
                     self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
                     return Ok(credential);
+                }
+                // Refused without a judgement on the refresh token: no reason in OAuth's
+                // terms (a gateway's page or its `{"message": "Unauthorized"}`, which the
+                // token server never saw; a server's own words, such as HubSpot's 400
+                // `BAD_REFRESH_TOKEN`), or the client's own credentials refused
+                // (`invalid_client`). The login goes ahead, and the refresh token is kept
+                // until a login replaces it: if the login fails too, the next exchange
+                // presents it again.
+                Err(e)
+                    if e.is_grant_rejected()
+                        && e.oauth_error().is_none_or(|code| code == "invalid_client") =>
+                {
+                    self.stats
+                        .refresh_rejections
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(error = %e, "refresh refused without a judgement on the refresh token; logging in, keeping it until a login replaces it");
+                    unjudged = Some(token);
                 }
                 // A refresh refused for its proof twice (`send_to` sent a new one): a
                 // refresh token bound to another key (kept from a process with another
@@ -924,7 +943,7 @@ impl Exchange {
             }
         }
         tracing::debug!(reason = ?cx.reason(), "logging in");
-        let answer = match self.send(&self.login, None).await {
+        let sent = match self.send(&self.login, None).await {
             // The scopes earlier step-ups added are refused now (the client's
             // registration changed): they are dropped, and the login asks for its own.
             Err(e) if self.widened && e.oauth_error() == Some("invalid_scope") => {
@@ -935,12 +954,28 @@ impl Exchange {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .clear();
-                self.send(&self.base_login, None).await?
+                self.send(&self.base_login, None).await
             }
-            sent => sent?,
+            sent => sent,
         };
-        self.stats.logins.fetch_add(1, Ordering::Relaxed);
-        let credential = self.accept(answer, held, None).await?;
+        let logged_in = match sent {
+            Ok(answer) => {
+                self.stats.logins.fetch_add(1, Ordering::Relaxed);
+                // A login answer without a refresh token leaves an unjudged one held.
+                self.accept(answer, held, unjudged.clone()).await
+            }
+            Err(e) => Err(e),
+        };
+        let credential = match logged_in {
+            Ok(credential) => credential,
+            Err(e) => {
+                if let Some(token) = &unjudged {
+                    // Still held, and still this source's alone (see `unspent`).
+                    held.unspent = held.refresh_token.as_ref() == Some(token);
+                }
+                return Err(e);
+            }
+        };
         if let Some(scopes) = &self.step_up {
             // A new session: a late exchange's refresh token, if one was held, belongs
             // to the old one.

@@ -10,8 +10,9 @@
 //!   sends a body the client cannot parse, a refresh that rotates and answers late;
 //! - a refused refresh grant can be answered with another status than RFC 6749's 400
 //!   (`refused_grant_status`: Auth0 answers 403), refresh tokens can outlive their
-//!   lifetime (`expire_refresh_tokens`), and errors can take Microsoft Entra ID's shape
-//!   (`entra_error`).
+//!   lifetime (`expire_refresh_tokens`), errors can take Microsoft Entra ID's shape
+//!   (`entra_error`), and a refused refresh grant can be answered in a server's own
+//!   shape, without an OAuth error (`refused_grant_body`: HubSpot's `BAD_REFRESH_TOKEN`).
 //!
 //! One endpoint, `/oauth/token`: client credentials or password grant as the login,
 //! refresh grant (form body, HTTP Basic client authentication). Every other path is the
@@ -85,6 +86,12 @@ pub struct StrictIdp {
     /// answered with: 400 by default (RFC 6749 §5.2); Auth0 answers 403 ("403: Unknown
     /// or invalid refresh token", support.auth0.com).
     pub refused_grant_status: Mutex<StatusCode>,
+    /// When set, a refused refresh grant is answered with this body (at
+    /// `refused_grant_status`) instead of an OAuth error: HubSpot answers an unknown or
+    /// revoked refresh token `400 {"status": "BAD_REFRESH_TOKEN", "message": "missing or
+    /// invalid refresh token"}`, with no `error` field (community.hubspot.com, "What to
+    /// do when you suddenly get BAD_REFRESH_TOKEN").
+    pub refused_grant_body: Mutex<Option<Value>>,
     pub token_requests: AtomicUsize,
     pub logins: AtomicUsize,
     pub refresh_grants: AtomicUsize,
@@ -113,6 +120,7 @@ impl StrictIdp {
             reissue_same_token: AtomicBool::new(false),
             rotate: AtomicBool::new(true),
             refused_grant_status: Mutex::new(StatusCode::BAD_REQUEST),
+            refused_grant_body: Mutex::new(None),
             token_requests: AtomicUsize::new(0),
             logins: AtomicUsize::new(0),
             refresh_grants: AtomicUsize::new(0),
@@ -152,6 +160,16 @@ impl StrictIdp {
             status,
             json!({"error": code, "error_description": description}),
         )
+    }
+
+    /// A refused refresh grant's answer: `invalid_grant` with `description`, or the
+    /// body set in `refused_grant_body`.
+    fn refused_grant(&self, description: &str) -> Reply {
+        let status = *self.refused_grant_status.lock().unwrap();
+        match self.refused_grant_body.lock().unwrap().clone() {
+            Some(body) => reply(status, body),
+            None => Self::oauth_error(status, "invalid_grant", description),
+        }
     }
 
     /// Issues an access token (and a refresh token) in `family`: the token body.
@@ -264,20 +282,12 @@ impl StrictIdp {
                             self.family_revocations.fetch_add(1, SeqCst);
                         }
                         (
-                            Self::oauth_error(
-                                *self.refused_grant_status.lock().unwrap(),
-                                "invalid_grant",
-                                "refresh token reused; family revoked",
-                            ),
+                            self.refused_grant("refresh token reused; family revoked"),
                             Duration::ZERO,
                         )
                     }
                     _ => (
-                        Self::oauth_error(
-                            *self.refused_grant_status.lock().unwrap(),
-                            "invalid_grant",
-                            "Unknown or invalid refresh token.",
-                        ),
+                        self.refused_grant("Unknown or invalid refresh token."),
                         Duration::ZERO,
                     ),
                 }
