@@ -15,6 +15,8 @@
 //! or more that is a buffer of its own (nobody else holds the buffer, and it holds
 //! nothing but the chunk: a `Vec` made for the body, a file read into buffers of their
 //! own) is kept shared, not copied: a clone of it keeps no byte more than a copy would.
+//! Trailers count against the limit too, as HTTP/2 counts a header list (each entry's
+//! name and value and 32 bytes).
 //! Past the limit what was kept is freed at once and nothing more is kept; the body is
 //! then not replayable, and a 401 reaches the caller as it came.
 //!
@@ -464,7 +466,17 @@ where
                 }
                 Err(frame) => {
                     if let Ok(t) = frame.into_trailers() {
+                        let over = len + trailers_size(&t) > limit;
                         trailers = Some(Box::new(t));
+                        if over {
+                            let ahead = Ahead {
+                                frames: chunks_as_frames(chunks, trailers),
+                                error: None,
+                                ended: body.is_end_stream(),
+                                declared,
+                            };
+                            return Self::streaming(body, ahead, NotReplayed::BodyTooLarge);
+                        }
                     }
                 }
             }
@@ -792,6 +804,16 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     length
 }
 
+/// What trailers count against the replay limit: what HTTP/2 counts of a header list,
+/// each entry's name and value and 32 bytes (RFC 7541 §4.1), so that a map of many
+/// empty entries is not free.
+fn trailers_size(trailers: &HeaderMap) -> usize {
+    trailers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum()
+}
+
 /// Whether trailers are among the frames taken ahead (still to be given; a body that
 /// breaks its framing may give data after them).
 fn trailers_ahead<E>(taken: &Ahead<E>) -> bool {
@@ -845,6 +867,9 @@ impl Recording {
                     }
                     *data = self.kept.keep(std::mem::take(data));
                 } else if let Some(trailers) = frame.trailers_ref() {
+                    if self.kept.len + trailers_size(trailers) > self.limit {
+                        return self.finish(Status::TooLarge);
+                    }
                     self.trailers = Some(Box::new(trailers.clone()));
                 }
                 if ended {
@@ -877,6 +902,13 @@ impl Recording {
         let (status, trailers) = match frame {
             None => (Status::Complete, None),
             Some(Ok(frame)) => match frame.trailers_ref() {
+                // Published at its declared length: that many bytes are kept.
+                Some(trailers)
+                    if self.declared.unwrap_or_default() as usize + trailers_size(trailers)
+                        > self.limit =>
+                {
+                    (Status::TooLarge, None)
+                }
                 Some(trailers) => (Status::Complete, Some(trailers)),
                 // An empty data frame changes nothing.
                 None if frame.data_ref().is_none_or(|d| d.remaining() == 0) => return,
@@ -1753,6 +1785,62 @@ mod tests {
         let (bytes, trailers) = frames(handle.take::<Trickle>().unwrap()).await;
         assert_eq!(bytes, b"ab");
         assert_eq!(trailers.unwrap()["x-checksum"], "abc");
+    }
+
+    /// Trailers count against the replay limit as HTTP/2 counts a header list (name,
+    /// value and 32 bytes an entry, RFC 7541 §4.1): a body whose trailers take it past
+    /// the limit is sent whole and not kept, read ahead, streamed, or published at its
+    /// declared length before its trailers came.
+    #[tokio::test]
+    async fn trailers_that_pass_the_limit_are_not_kept() {
+        enum Either<A, B> {
+            Left(A),
+            Right(B),
+        }
+        let large = || {
+            let mut t = HeaderMap::new();
+            t.insert("x-signature", "s".repeat(1000).parse().unwrap());
+            Step::Frame(Ok(Frame::trailers(t)))
+        };
+        let shapes: [(&str, Vec<Step>); 3] = [
+            ("read ahead", vec![data(b"abcd"), large()]),
+            (
+                "streamed",
+                vec![Step::Wait, data(b"abcd"), Step::Wait, large()],
+            ),
+            (
+                "streamed, declared",
+                vec![Step::Wait, data(b"abcd"), Step::Wait, large(), Step::Wait],
+            ),
+        ];
+        for (what, shape) in shapes {
+            let declared = what.ends_with("declared");
+            let (mut body, mut handle) = if declared {
+                let (b, h) = ReplayBody::record(Declared(steps(shape), 4), 1024);
+                (Either::Left(b), h)
+            } else {
+                let (b, h) = ReplayBody::record(steps(shape), 1024);
+                (Either::Right(b), h)
+            };
+            let mut given = 0;
+            while let Some(frame) = match &mut body {
+                Either::Left(b) => next(b).await,
+                Either::Right(b) => next(b).await,
+            } {
+                let frame = frame.unwrap();
+                given += 1;
+                if frame.is_trailers() {
+                    assert_eq!(frame.trailers_ref().unwrap()["x-signature"].len(), 1000);
+                }
+            }
+            assert_eq!(given, 2, "{what}: the body went through whole");
+            drop(body);
+            let taken = match declared {
+                true => handle.take::<Declared>().map(drop),
+                false => handle.take::<Trickle>().map(drop),
+            };
+            assert_eq!(taken.unwrap_err(), NotReplayed::BodyTooLarge, "{what}");
+        }
     }
 
     /// A body dropped after it gave more than it declared (HTTP/1.1 cuts it at the
