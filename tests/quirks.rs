@@ -940,3 +940,211 @@ async fn a_2xx_saying_the_server_could_not_judge_keeps_the_refresh_token() {
     .await
     .expect("the scenario hung");
 }
+
+/// World: a HubSpot-shaped server (a dead refresh token refused `400 {"status":
+/// "BAD_REFRESH_TOKEN", ..}`, no OAuth `error`) whose logins answer no refresh token
+/// (a client-credentials or session login beside a refresh grant). The refresh token
+/// dies (`expire_refresh_tokens`), then the access token expires three times.
+/// Proves: a login that succeeds after a refusal replaces the refresh token even when it
+/// brings none: the dead one is presented once, then each expiry is one login (review 85
+/// saw cd6df45 keep it and present it, refused, at every expiry: two token requests for
+/// one).
+#[tokio::test]
+async fn a_dead_refresh_token_is_dropped_once_a_login_without_one_succeeds() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+        *idp.refused_grant_body.lock().unwrap() = Some(json!({
+            "status": "BAD_REFRESH_TOKEN",
+            "message": "missing or invalid refresh token"
+        }));
+        let (svc, cache, url, _mangler) = expired_session(&idp).await;
+        idp.expire_refresh_tokens();
+        idp.issue_refresh_tokens.store(false, SeqCst);
+        let outcomes = refreshing_calls(&idp, &svc, &url).await;
+        let presented = idp.presented.lock().unwrap().clone();
+        let line = format!(
+            "outcomes {outcomes:?}; token requests {}; logins {}; refresh tokens presented {presented:?}; stats {:?}",
+            idp.token_requests.load(SeqCst),
+            idp.logins.load(SeqCst),
+            cache.source().stats()
+        );
+        println!("{line}");
+        assert!(outcomes.iter().all(|o| *o == Ok(StatusCode::OK)), "{line}");
+        assert_eq!(
+            presented.len(),
+            1,
+            "the dead refresh token was presented again at every expiry: {line}"
+        );
+    })
+    .await
+    .expect("the scenario hung");
+}
+
+/// Refusals of a refresh in which real servers say "your client credentials are wrong"
+/// or "slow down" in words other than `invalid_client`, the refresh token never judged:
+/// Keycloak's `401 {"error": "unauthorized_client", "error_description": "Invalid client
+/// or Invalid client credentials"}` (keycloak/keycloak#16923), Auth0's `401 {"error":
+/// "access_denied", "error_description": "Unauthorized"}` for a wrong client secret
+/// (auth0/laravel-auth0#42: "The only reason of this error is if either client id or
+/// secret are wrong"), GitHub's `200 {"error": "incorrect_client_credentials"}`
+/// (docs.github.com, "Troubleshooting OAuth app access token request errors"), and Zoho's
+/// token throttle, status 200 with "Access Denied" (help.zoho.com, Kaizen #43).
+fn client_or_throttle_refusals_in_vendor_words() -> Vec<(&'static str, Answer)> {
+    vec![
+        ("401 unauthorized_client, Keycloak", || {
+            providers::reply(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "unauthorized_client", "error_description": "Invalid client or Invalid client credentials"}),
+            )
+        }),
+        ("401 access_denied, Auth0 wrong secret", || {
+            providers::reply(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "access_denied", "error_description": "Unauthorized"}),
+            )
+        }),
+        ("200 incorrect_client_credentials, GitHub", || {
+            providers::reply(
+                StatusCode::OK,
+                json!({"error": "incorrect_client_credentials", "error_description": "The client_id and/or client_secret passed are incorrect."}),
+            )
+        }),
+        ("200 Access Denied, Zoho throttle", || {
+            providers::reply(
+                StatusCode::OK,
+                json!({"error_description": "You have made too many requests continuously. Please try again after some time.", "error": "Access Denied", "status": "failure"}),
+            )
+        }),
+    ]
+}
+
+/// World: as `a_refresh_refused_without_a_judgement_on_its_token_keeps_it_until_a_login_replaces_it`,
+/// with the refusals real servers send for a client secret rotated on one side first,
+/// or a throttle (see `client_or_throttle_refusals_in_vendor_words`).
+/// Proves: README "never a lost refresh token" for refusals in words other than
+/// `invalid_client` (review 85: a rule keyed on that one spelling lost the refresh token
+/// to all four): only a word that judges the refresh token drops it when the login fails.
+#[tokio::test]
+async fn client_refusals_and_throttles_in_vendor_words_keep_the_refresh_token() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut broken = Vec::new();
+        for (what, answer) in client_or_throttle_refusals_in_vendor_words() {
+            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+            let (svc, cache, url, _mangler) = expired_session(&idp).await;
+            for _ in 0..2 {
+                idp.push_fault(Fault::Answer(Box::new(move |_: &providers::Incoming| answer())));
+            }
+            let first = api_status(&svc, &url).await.map_err(|e| e.to_string());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let second = api_status(&svc, &url).await.map_err(|e| e.to_string());
+            let line = format!(
+                "{what}: calls {first:?} {second:?}; token requests {}; logins {}; refresh grants {}; presented {:?}; stats {:?}",
+                idp.token_requests.load(SeqCst),
+                idp.logins.load(SeqCst),
+                idp.refresh_grants.load(SeqCst),
+                idp.presented.lock().unwrap(),
+                cache.source().stats()
+            );
+            println!("{line}");
+            if (idp.logins.load(SeqCst), idp.refresh_grants.load(SeqCst)) != (1, 1)
+                || second != Ok(StatusCode::OK)
+            {
+                broken.push(format!("the refresh token was lost: {line}"));
+            }
+        }
+        assert!(broken.is_empty(), "{}", broken.join("\n"));
+    })
+    .await
+    .expect("the scenario hung");
+}
+
+/// The strict server's rotated refresh answer rewritten as a `200` carrying the new
+/// refresh token and `"error": "invalid_client"` (no access token): the server spent the
+/// presented refresh token and issued a new one, and the answer is an OAuth error.
+fn rotated_then_invalid_client(parts: http::response::Parts, body: Bytes) -> Reply {
+    let mut doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let doc = doc.as_object_mut().unwrap();
+    doc.remove("access_token");
+    doc.insert("error".into(), json!("invalid_client"));
+    reply_with(&parts, "application/json", serde_json::to_vec(doc).unwrap())
+}
+
+/// World: a rotating, family-revoking server whose refresh answer is a 2xx that rotated
+/// (its new refresh token in the body) but says `invalid_client`; logins answer no refresh
+/// token. Proves: README "the newest always replaces the old", "no refresh token is ever
+/// presented twice" (review 85: cd6df45 handed the *presented* token to the login as the
+/// one to keep, and a login answer without one put the spent token back: reuse, family
+/// revoked).
+#[tokio::test]
+async fn an_unjudged_refusal_that_rotated_never_brings_back_the_spent_token() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+        let (svc, cache, url, mangler) = expired_session(&idp).await;
+        idp.issue_refresh_tokens.store(false, SeqCst);
+        mangler.next(rotated_then_invalid_client);
+        let calls = refreshing_calls(&idp, &svc, &url).await;
+        let line = format!(
+            "calls {calls:?}; presented {:?}; reused {}; families revoked {}; logins {}; stats {:?}",
+            idp.presented.lock().unwrap(),
+            idp.reused_refresh_tokens.load(SeqCst),
+            idp.family_revocations.load(SeqCst),
+            idp.logins.load(SeqCst),
+            cache.source().stats()
+        );
+        println!("{line}");
+        assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0, "{line}");
+        assert_eq!(idp.family_revocations.load(SeqCst), 0, "{line}");
+    })
+    .await
+    .expect("the scenario hung");
+}
+
+/// World: two processes (caches with their own sources) sharing one store, against the
+/// HubSpot-shaped server of `a_dead_refresh_token_is_dropped_once_a_login_without_one_succeeds`
+/// (logins answer no refresh token once the session is made). The fleet's refresh token
+/// dies; A's access token is rejected, then B's.
+/// Proves: the same across a store: A's successful login drops the dead refresh token,
+/// so the store gets A's credential without it and B never presents it (review 85: cd6df45
+/// saved it with A's credential and B presented it too).
+#[tokio::test]
+async fn a_dead_refresh_token_is_not_handed_to_the_fleet() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+        *idp.refused_grant_body.lock().unwrap() = Some(json!({
+            "status": "BAD_REFRESH_TOKEN",
+            "message": "missing or invalid refresh token"
+        }));
+        let base = providers::start(idp.clone()).await;
+        let store = tower_client_auth::MemoryStore::new();
+        let cache = |store: tower_client_auth::MemoryStore| {
+            CredentialCache::builder(source(&base))
+                .store(store)
+                .backoff(Duration::from_millis(10), Duration::from_millis(10))
+                .build()
+                .unwrap()
+        };
+        let (a, b) = (cache(store.clone()), cache(store.clone()));
+        let first = a.credential().await.unwrap();
+        idp.expire_refresh_tokens();
+        idp.issue_refresh_tokens.store(false, SeqCst);
+        let from_a = a.reject(&first).await.map_err(|e| e.to_string());
+        let seen_by_b = b.credential().await.unwrap();
+        let from_b = b.reject(&seen_by_b).await.map_err(|e| e.to_string());
+        let presented = idp.presented.lock().unwrap().clone();
+        let line = format!(
+            "a {:?}, b {:?}; token requests {}; logins {}; refresh tokens presented {presented:?}",
+            from_a.map(|_| ()),
+            from_b.map(|_| ()),
+            idp.token_requests.load(SeqCst),
+            idp.logins.load(SeqCst),
+        );
+        println!("{line}");
+        assert_eq!(
+            presented.len(),
+            1,
+            "the dead refresh token went to the store and was presented again: {line}"
+        );
+    })
+    .await
+    .expect("the scenario hung");
+}

@@ -243,6 +243,18 @@ impl fmt::Debug for TokenSource {
     }
 }
 
+/// Whether a refused refresh's `error` code says the refresh token itself is bad:
+/// RFC 6749's `invalid_grant`, GitHub's `bad_refresh_token` (a 200 answer, docs.github.com
+/// "Refreshing user access tokens"), Slack's `invalid_refresh_token` (`ok: false`). Any
+/// other refusal (no code at all, or a code about the client, the request or the
+/// server) leaves the login to tell (see `fetch`).
+fn judges_refresh_token(e: &TokenError) -> bool {
+    matches!(
+        e.oauth_error(),
+        Some("invalid_grant" | "bad_refresh_token" | "invalid_refresh_token")
+    )
+}
+
 /// Most scopes step-ups add to a login's own: an API cannot make a source ask for an
 /// unbounded list.
 const MAX_STEPPED_UP_SCOPES: usize = 32;
@@ -858,7 +870,7 @@ impl Exchange {
             }
         }
         let refresh = self.refresh.as_ref().filter(|_| !step_up);
-        // A refresh token refused without a judgement on it, kept through the login.
+        // The refresh token presented, if its refusal did not judge it (below).
         let mut unjudged = None;
         if let (Some((request, field)), Some(token)) = (refresh, held.refresh_token.clone()) {
             tracing::debug!(reason = ?cx.reason(), "refreshing with the held refresh token");
@@ -873,21 +885,21 @@ impl Exchange {
                     self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
                     return Ok(credential);
                 }
-                // Refused without a judgement on the refresh token: no reason in OAuth's
-                // terms (a gateway's page or its `{"message": "Unauthorized"}`, which the
-                // token server never saw; a server's own words, such as HubSpot's 400
-                // `BAD_REFRESH_TOKEN`), or the client's own credentials refused
-                // (`invalid_client`). The login goes ahead, and the refresh token is kept
-                // until a login replaces it: if the login fails too, the next exchange
-                // presents it again.
-                Err(e)
-                    if e.is_grant_rejected()
-                        && e.oauth_error().is_none_or(|code| code == "invalid_client") =>
-                {
+                // Refused, but not with a word that judges the refresh token: the
+                // client's own credentials (`invalid_client`, Keycloak's
+                // `unauthorized_client`, Auth0's `access_denied`, GitHub's
+                // `incorrect_client_credentials`), a throttle in a server's own words
+                // (Zoho's 200 "Access Denied"), a gateway's page or its
+                // `{"message": "Unauthorized"}` (the token server never saw it), a
+                // server's own shape for a dead token (HubSpot's `BAD_REFRESH_TOKEN`).
+                // The login tells which: one that succeeds replaces the refresh token
+                // (the refusal was about it after all); one that fails leaves it held,
+                // for the next exchange to present again.
+                Err(e) if e.is_grant_rejected() && !judges_refresh_token(&e) => {
                     self.stats
                         .refresh_rejections
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(error = %e, "refresh refused without a judgement on the refresh token; logging in, keeping it until a login replaces it");
+                    tracing::info!(error = %e, "refresh refused without a word on the refresh token; logging in, keeping it unless the login succeeds");
                     unjudged = Some(token);
                 }
                 // A refresh refused for its proof twice (`send_to` sent a new one): a
@@ -958,20 +970,26 @@ impl Exchange {
             }
             sent => sent,
         };
+        // What an unjudged refusal left held (the refresh token presented, or the one its
+        // answer rotated to): kept if the login fails.
+        let before = unjudged.as_ref().and(held.refresh_token.clone());
         let logged_in = match sent {
             Ok(answer) => {
                 self.stats.logins.fetch_add(1, Ordering::Relaxed);
-                // A login answer without a refresh token leaves an unjudged one held.
-                self.accept(answer, held, unjudged.clone()).await
+                self.accept(answer, held, None).await
             }
             Err(e) => Err(e),
         };
         let credential = match logged_in {
             Ok(credential) => credential,
             Err(e) => {
-                if let Some(token) = &unjudged {
-                    // Still held, and still this source's alone (see `unspent`).
-                    held.unspent = held.refresh_token.as_ref() == Some(token);
+                if let Some(presented) = &unjudged {
+                    // A login answer that brought none leaves the one held before it.
+                    if held.refresh_token.is_none() {
+                        held.refresh_token = before;
+                    }
+                    // Still this source's alone if it is the one presented (see `unspent`).
+                    held.unspent = held.refresh_token.as_ref() == Some(presented);
                 }
                 return Err(e);
             }
