@@ -268,16 +268,22 @@ fn replay(c: &mut Criterion) {
             rt.block_on(auth.clone().oneshot(r)).unwrap()
         })
     });
-    report("own_buffers/bare_inner", &mut || {
+    let own_bare = report("own_buffers/bare_inner", &mut || {
         measure(&own_buffers_request, &mut |r| {
             rt.block_on(sink.oneshot(r)).unwrap()
         })
     });
-    report("own_buffers/auth_layer_replay", &mut || {
+    let own_recorded = report("own_buffers/auth_layer_replay", &mut || {
         measure(&own_buffers_request, &mut |r| {
             rt.block_on(auth.clone().oneshot(r)).unwrap()
         })
     });
+    // Buffers of their own are kept shared, each in a slot of the recording: with no
+    // slot per chunk, the body was not recorded and the second run measured nothing.
+    assert!(
+        own_recorded >= own_bare + CHUNKS * std::mem::size_of::<Bytes>(),
+        "the layer did not record the body in buffers of its own: {own_recorded} bytes allocated vs {own_bare} bare"
+    );
     // The layer keeps a copy of the body: if it kept less, it did not record the body
     // and this benchmark measured nothing.
     assert!(
