@@ -215,10 +215,11 @@ pub struct TokenSource {
 #[derive(Default)]
 struct Held {
     refresh_token: Option<Secret>,
-    /// Whether `refresh_token` was taken from the store for an exchange that failed
-    /// before the server acted on it (never sent, throttled, refused as a request): this
-    /// source is its only holder, so the next shared exchange presents it if the store
-    /// holds none.
+    /// Whether `refresh_token` is this source's alone after an exchange that failed: one
+    /// taken from the store that the server did not act on (never sent, throttled,
+    /// refused without a word on it), or one an unusable answer rotated to (the store
+    /// never got it). The next shared exchange presents it if the store holds none. Any
+    /// answer accepted clears it.
     unspent: bool,
     /// Whether the last exchange's credential (`last`) reached nobody: the cache stopped
     /// waiting. Its refresh token (`refresh_token`) is then newer than the store's.
@@ -871,7 +872,7 @@ impl Exchange {
         }
         let refresh = self.refresh.as_ref().filter(|_| !step_up);
         // The refresh token presented, if its refusal did not judge it (below).
-        let mut unjudged = None;
+        let mut unjudged: Option<Secret> = None;
         if let (Some((request, field)), Some(token)) = (refresh, held.refresh_token.clone()) {
             tracing::debug!(reason = ?cx.reason(), "refreshing with the held refresh token");
             // A 2xx answer's refresh token is held by `accept` before anything else in
@@ -949,7 +950,9 @@ impl Exchange {
                 // shows it was not acted on: keep the refresh token (one taken from the
                 // store has no other holder now).
                 Err(e) => {
-                    held.unspent = held.refresh_token.as_ref() == Some(&token);
+                    // The one presented (taken out of the store) or the one the answer
+                    // rotated to (which the store never got): this source's alone.
+                    held.unspent = held.refresh_token.is_some();
                     return Err(e);
                 }
             }
@@ -983,13 +986,15 @@ impl Exchange {
         let credential = match logged_in {
             Ok(credential) => credential,
             Err(e) => {
-                if let Some(presented) = &unjudged {
+                if unjudged.is_some() {
                     // A login answer that brought none leaves the one held before it.
                     if held.refresh_token.is_none() {
                         held.refresh_token = before;
                     }
-                    // Still this source's alone if it is the one presented (see `unspent`).
-                    held.unspent = held.refresh_token.as_ref() == Some(presented);
+                    // The one presented (taken out of the store), the one the refusal's
+                    // answer rotated to, or the one the login's unusable answer brought:
+                    // none of them is in the store (see `unspent`).
+                    held.unspent = held.refresh_token.is_some();
                 }
                 return Err(e);
             }
@@ -1193,6 +1198,9 @@ impl Exchange {
     ) -> Result<Credential, TokenError> {
         let rotated = answer.refresh_token.is_some();
         held.refresh_token = answer.refresh_token.or(previous_refresh);
+        // Whatever was held before is replaced: a mark it carried does not pass on (a
+        // step-up's refresh token goes to the store, and is no longer this source's alone).
+        held.unspent = false;
         let built = answer
             .parsed
             .and_then(|response| Ok((self.credential(&response, answer.arrived)?, response)));
@@ -1200,6 +1208,8 @@ impl Exchange {
             Ok(built) => built,
             Err(e) if rotated => {
                 tracing::warn!(error = %e, "token answer unusable; keeping its new refresh token");
+                // Nobody else has it: the store never got it.
+                held.unspent = true;
                 self.persist(None, held).await;
                 return Err(e);
             }
