@@ -46,7 +46,7 @@ use std::{
 };
 
 use bytes::{Buf, Bytes};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
@@ -501,8 +501,9 @@ where
         let sent = header().or(declared);
         let mut kept = Kept::default();
         let chunks: Vec<Bytes> = chunks.map(|chunk| kept.keep(chunk)).collect();
+        let kept_trailers = trailers.as_deref().map(keep_trailers);
         let ahead = (len > 0 || trailers.is_some()).then(|| Ahead {
-            frames: chunks_as_frames(chunks.into(), trailers.clone()),
+            frames: chunks_as_frames(chunks.into(), trailers),
             error: None,
             ended: false,
             declared,
@@ -512,7 +513,7 @@ where
             limit,
             kept,
             exact: declared.is_some(),
-            trailers,
+            trailers: kept_trailers,
             declared: sent,
             done: false,
             early: false,
@@ -565,12 +566,13 @@ where
         // the common handle stays small.
         let mut kept = Kept::default();
         let chunks: Vec<Bytes> = chunks.map(|chunk| kept.keep(chunk)).collect();
-        let first = ReplayBody::replay(chunks.into(), trailers.clone(), exact);
+        let kept_trailers = trailers.as_deref().map(keep_trailers);
+        let first = ReplayBody::replay(chunks.into(), trailers, exact);
         let handle = ReplayHandle::Recorded(Arc::new(Recorder {
             abandoned: AtomicBool::new(false),
             state: Mutex::new(Recorded {
                 kept: kept.into_chunks(),
-                trailers,
+                trailers: kept_trailers,
                 exact,
                 status: Status::Complete,
             }),
@@ -814,6 +816,22 @@ fn trailers_size(trailers: &HeaderMap) -> usize {
         .sum()
 }
 
+/// A copy of `trailers` for a replay that keeps nothing else alive, as the data kept is
+/// a copy: a map of their size (not the room the caller made for it), each name and value
+/// in bytes of its own (not a slice of a larger buffer, as a decoder may hand them out),
+/// each value's `sensitive` flag kept.
+fn keep_trailers(trailers: &HeaderMap) -> Box<HeaderMap> {
+    let mut kept = HeaderMap::with_capacity(trailers.len());
+    for (name, value) in trailers {
+        let name =
+            HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
+        let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        copy.set_sensitive(value.is_sensitive());
+        kept.append(name, copy);
+    }
+    Box::new(kept)
+}
+
 /// Whether trailers are among the frames taken ahead (still to be given; a body that
 /// breaks its framing may give data after them).
 fn trailers_ahead<E>(taken: &Ahead<E>) -> bool {
@@ -870,7 +888,7 @@ impl Recording {
                     if self.kept.len + trailers_size(trailers) > self.limit {
                         return self.finish(Status::TooLarge);
                     }
-                    self.trailers = Some(Box::new(trailers.clone()));
+                    self.trailers = Some(keep_trailers(trailers));
                 }
                 if ended {
                     self.finish(Status::Complete);
@@ -1012,7 +1030,7 @@ impl Recorder {
         }
         rec.status = status;
         match status {
-            Status::Complete => rec.trailers = trailers.map(|t| Box::new(t.clone())),
+            Status::Complete => rec.trailers = trailers.map(keep_trailers),
             _ => {
                 rec.kept = Chunks::default();
                 rec.trailers = None;
@@ -2032,5 +2050,115 @@ mod tests {
             };
             assert_eq!(replay, expected, "{chunks:?}");
         }
+    }
+
+    /// World: a body of 4 bytes whose trailers are one 64-byte value cut out
+    /// of a 1 MiB buffer (`HeaderValue::from_maybe_shared` of a slice: a signature taken
+    /// out of a batch, or a value an HTTP/2 decoder sliced from the frame it read), under
+    /// a limit of 1 KiB: read ahead, streamed, and published early at its declared
+    /// length. The API reads the first attempt to its end; the replay is still pending.
+    /// Proves: "trailers count against the replay limit" and the module docs ("what a
+    /// request keeps is its payload whatever the framing", `DEFAULT_REPLAY_LIMIT`: "a
+    /// larger limit costs up to that much memory per in-flight request"): the trailers
+    /// kept are a copy, so the 1 MiB buffer is not kept alive, as a data chunk sliced
+    /// from it is not (the control). Review 86 saw it kept in every path.
+    #[tokio::test]
+    async fn trailers_kept_for_a_replay_do_not_keep_a_larger_buffer_alive() {
+        enum Either<A, B> {
+            Left(A),
+            Right(B),
+        }
+        let mut broken = Vec::new();
+        for what in [
+            "read ahead",
+            "streamed",
+            "streamed, declared",
+            "data (control)",
+        ] {
+            let buffer = Bytes::from(vec![b's'; 1 << 20]);
+            let signed = || {
+                let mut t = HeaderMap::new();
+                t.insert(
+                    "x-signature",
+                    http::HeaderValue::from_maybe_shared(buffer.slice(0..64)).unwrap(),
+                );
+                Step::Frame(Ok(Frame::trailers(t)))
+            };
+            let shape = match what {
+                "read ahead" => vec![data(b"abcd"), signed()],
+                "streamed" => vec![Step::Wait, data(b"abcd"), Step::Wait, signed()],
+                "streamed, declared" => {
+                    vec![Step::Wait, data(b"abcd"), Step::Wait, signed(), Step::Wait]
+                }
+                _ => vec![Step::Frame(Ok(Frame::data(buffer.slice(0..64))))],
+            };
+            let declared = what.ends_with("declared");
+            let (mut body, mut handle) = if declared {
+                let (b, h) = ReplayBody::record(Declared(steps(shape), 4), 1024);
+                (Either::Left(b), h)
+            } else {
+                let (b, h) = ReplayBody::record(steps(shape), 1024);
+                (Either::Right(b), h)
+            };
+            let mut first = Vec::new();
+            while let Some(frame) = match &mut body {
+                Either::Left(b) => next(b).await,
+                Either::Right(b) => next(b).await,
+            } {
+                first.push(frame.unwrap());
+            }
+            drop(first);
+            drop(body);
+            let retained = !buffer.is_unique();
+            // The replay is still byte for byte.
+            let replayed = match declared {
+                true => match handle.take::<Declared>() {
+                    Ok(b) => Some(frames(b).await),
+                    Err(e) => panic!("{what}: not replayed: {e:?}"),
+                },
+                false => match handle.take::<Trickle>() {
+                    Ok(b) => Some(frames(b).await),
+                    Err(e) => panic!("{what}: not replayed: {e:?}"),
+                },
+            };
+            println!(
+                "{what}: 1 MiB buffer still held for the replay: {retained}; replay {:?}",
+                replayed
+                    .as_ref()
+                    .map(|(d, t)| (d.len(), t.as_ref().map(|t| t["x-signature"].len())))
+            );
+            if retained {
+                broken.push(format!(
+                    "{what}: a 1 KiB replay limit kept a 1 MiB buffer alive"
+                ));
+            }
+        }
+        assert!(broken.is_empty(), "{}", broken.join("\n"));
+    }
+
+    /// World: a body of 4 bytes whose trailers are one small entry in a map made with
+    /// room for 20 000 (`HeaderMap::with_capacity`, as a builder that reserves for the
+    /// worst case does), under a limit of 1 KiB, read ahead. Proves: as above; the map
+    /// kept for the replay is a copy of its size, not the body's own with all its room
+    /// (review 86: at least 983,040 bytes kept for 50 counted).
+    #[tokio::test]
+    async fn trailers_kept_for_a_replay_do_not_keep_the_maps_room() {
+        let mut t = HeaderMap::with_capacity(20_000);
+        t.insert("x-signature", "abc".parse().unwrap());
+        let shape = vec![data(b"abcd"), Step::Frame(Ok(Frame::trailers(t)))];
+        let (body, mut handle) = ReplayBody::record(steps(shape), 1024);
+        drop(frames(body).await);
+        let (_, trailers) = frames(handle.take::<Trickle>().unwrap()).await;
+        let trailers = trailers.unwrap();
+        let room = trailers.capacity() * std::mem::size_of::<http::HeaderValue>();
+        println!(
+            "trailers of {} entry kept with capacity {} (at least {room} B)",
+            trailers.len(),
+            trailers.capacity()
+        );
+        assert!(
+            room <= 1024,
+            "a 1 KiB replay limit kept a trailer map with {room} B of room"
+        );
     }
 }
