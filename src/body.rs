@@ -820,16 +820,23 @@ fn trailers_size(trailers: &HeaderMap) -> usize {
 /// a copy: a map of their size (not the room the caller made for it), each name and value
 /// in bytes of its own (not a slice of a larger buffer, as a decoder may hand them out),
 /// each value's `sensitive` flag kept.
+///
+/// Room is made for the names (a repeated name takes one slot); a map the copy cannot be
+/// made in (it holds more values than a new map can reserve for) is kept as it came.
 fn keep_trailers(trailers: &HeaderMap) -> Box<HeaderMap> {
-    let mut kept = HeaderMap::with_capacity(trailers.len());
-    for (name, value) in trailers {
-        let name =
-            HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
-        let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
-        copy.set_sensitive(value.is_sensitive());
-        kept.append(name, copy);
-    }
-    Box::new(kept)
+    let copy = || -> Result<HeaderMap, http::header::MaxSizeReached> {
+        let mut kept = HeaderMap::try_with_capacity(trailers.keys_len())?;
+        for (name, value) in trailers {
+            let name =
+                HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
+            let mut copy =
+                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            copy.set_sensitive(value.is_sensitive());
+            kept.try_append(name, copy)?;
+        }
+        Ok(kept)
+    };
+    Box::new(copy().unwrap_or_else(|_| trailers.clone()))
 }
 
 /// Whether trailers are among the frames taken ahead (still to be given; a body that
@@ -2160,5 +2167,90 @@ mod tests {
             room <= 1024,
             "a 1 KiB replay limit kept a trailer map with {room} B of room"
         );
+    }
+
+    /// World: a body of 4 bytes whose trailers repeat one name (`x-a`, 28 empty values, a
+    /// map made with `HeaderMap::new()` and `append`: room for 6), under a limit of 1 KiB
+    /// (984 bytes counted), read ahead. Proves: the kept trailers are "a map of their
+    /// size": room for the names, not one slot per value (review 87: capacity 48 against
+    /// the caller's 6).
+    #[tokio::test]
+    async fn repeated_trailer_values_do_not_give_the_copy_room() {
+        let mut t = HeaderMap::new();
+        for _ in 0..28 {
+            t.append("x-a", http::HeaderValue::from_static(""));
+        }
+        let callers_room = t.capacity();
+        assert!(4 + trailers_size(&t) <= 1024);
+        let shape = vec![data(b"abcd"), Step::Frame(Ok(Frame::trailers(t)))];
+        let (body, mut handle) = ReplayBody::record(steps(shape), 1024);
+        drop(frames(body).await);
+        let (_, trailers) = frames(handle.take::<Trickle>().unwrap()).await;
+        let trailers = trailers.unwrap();
+        let room = trailers.capacity() * std::mem::size_of::<http::HeaderValue>();
+        println!(
+            "trailers of {} values under 1 name kept with capacity {} (at least {room} B); the caller's map had capacity {callers_room}",
+            trailers.len(),
+            trailers.capacity()
+        );
+        assert!(
+            room <= 1024 && trailers.capacity() <= callers_room,
+            "a 1 KiB replay limit kept a trailer map with {room} B of room (capacity {}, the caller's {callers_room})",
+            trailers.capacity()
+        );
+    }
+
+    /// World: a body of 4 bytes whose trailers are one name with 25,000 empty values
+    /// (825,000 bytes counted, as HTTP/2 counts them), under a replay limit of 1 MiB,
+    /// read ahead and streamed. Proves: within the limit a body with its trailers is
+    /// kept and replayed, never a panic (review 87: `HeaderMap::with_capacity(25_000)`
+    /// panicked, "size overflows MAX_SIZE", inside `record` and `poll_frame`).
+    #[tokio::test]
+    async fn many_trailer_values_within_the_limit_do_not_panic() {
+        let mut broken = Vec::new();
+        for streamed in [false, true] {
+            let run = tokio::spawn(async move {
+                let mut t = HeaderMap::new();
+                for _ in 0..25_000 {
+                    t.append("a", http::HeaderValue::from_static(""));
+                }
+                assert!(4 + trailers_size(&t) <= 1 << 20);
+                let shape = match streamed {
+                    false => vec![data(b"abcd"), Step::Frame(Ok(Frame::trailers(t)))],
+                    true => vec![
+                        Step::Wait,
+                        data(b"abcd"),
+                        Step::Wait,
+                        Step::Frame(Ok(Frame::trailers(t))),
+                    ],
+                };
+                let (body, mut handle) = ReplayBody::record(steps(shape), 1 << 20);
+                let (first, first_trailers) = frames(body).await;
+                let (again, trailers) = frames(handle.take::<Trickle>().unwrap()).await;
+                (
+                    first,
+                    first_trailers.map(|t| t.len()),
+                    again,
+                    trailers.map(|t| t.len()),
+                )
+            })
+            .await;
+            match run {
+                Ok(got) => println!("streamed {streamed}: {got:?}"),
+                Err(e) => {
+                    let panic = e.into_panic();
+                    let why = match panic.downcast_ref::<String>() {
+                        Some(s) => s.clone(),
+                        None => panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .unwrap_or_default(),
+                    };
+                    println!("streamed {streamed}: panicked: {why}");
+                    broken.push(format!("streamed {streamed}: recording panicked: {why}"));
+                }
+            }
+        }
+        assert!(broken.is_empty(), "{}", broken.join("\n"));
     }
 }
