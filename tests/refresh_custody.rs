@@ -1,6 +1,7 @@
 //! Who holds a refresh token after an exchange fails, with a shared store: the token
 //! source's `unspent` mark (this source's alone) after a refusal that does not judge the
-//! refresh token, an unusable answer that rotated, and a step-up between (review 86).
+//! refresh token, an unusable answer that rotated, and a step-up between (review 86); a
+//! store that stops answering (`FaultStore`), a late exchange, and DPoP (review 87).
 #![cfg(feature = "https")]
 
 mod support;
@@ -13,7 +14,8 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use support::{
     providers::{self, Incoming},
-    strict_idp::{Fault, StrictIdp},
+    store::FaultStore,
+    strict_idp::{Fault, StrictIdp, rotating_source},
 };
 use tower::{Layer, ServiceExt};
 use tower_client_auth::{
@@ -24,8 +26,9 @@ use tower_client_auth::{
 const CLIENT_ID: &str = "custody-client";
 const CLIENT_SECRET: &str = "custody-5ecr3t";
 
-/// The strict server at `/oauth/token`; `/scoped` answers `403 insufficient_scope`
-/// (scope `w`) whatever the token; every other path is the strict server's API.
+/// The strict server at `/oauth/token` (its delayed answers delayed); `/scoped` answers
+/// `403 insufficient_scope` (scope `w`) whatever the token; every other path is the
+/// strict server's API.
 async fn start(idp: &Arc<StrictIdp>) -> String {
     let idp = idp.clone();
     let addr = providers::serve(move |req| {
@@ -39,7 +42,9 @@ async fn start(idp: &Arc<StrictIdp>) -> String {
                 );
             }
             use support::providers::Provider;
-            idp.handle(req)
+            let (reply, delay) = idp.handle_delayed(req);
+            tokio::time::sleep(delay).await;
+            reply
         }
     })
     .await;
@@ -251,6 +256,307 @@ async fn an_unspent_mark_left_by_a_failed_login_outlives_a_step_up() {
         println!("{line}");
         assert_eq!(idp.reused_refresh_tokens.load(SeqCst), 0, "{line}");
         assert_eq!(idp.family_revocations.load(SeqCst), 0, "{line}");
+    })
+    .await
+    .expect("the scenario hung");
+}
+
+fn answer(status: StatusCode, error: &'static str) -> Fault {
+    Fault::Answer(Box::new(move |_: &Incoming| {
+        providers::reply(
+            status,
+            json!({"error": error, "error_description": "custody"}),
+        )
+    }))
+}
+
+/// World: one process, a `MemoryStore` behind switches (`FaultStore`), the strict
+/// rotating server.
+/// 1. Login: T1 in the store.
+/// 2. The access token is rejected; the refresh (T1, taken out of the store, a marker
+///    left in its place) is refused `401 invalid_client` and so is the login after it.
+///    T1 is held, marked this source's alone (README: "one that fails leaves it held for
+///    the next attempt ... with a store, that refresh token (taken out of the store before
+///    it was presented) is presented by this process's next refresh when the store holds
+///    none").
+/// 3. The store stops answering for one fetch (default `StoreDownPolicy::LogIn`); the
+///    login made then is refused too (the client secret still being rotated).
+/// 4. The store and the server work again; the next fetch.
+/// Proves: "login fails: what was held stays held", "never a lost refresh token": T1
+/// (which nobody else holds: the store has only the marker) is presented in step 4.
+/// Review 87 saw it broken: the StoreUnavailable branch sets `held.refresh_token = None` before the login,
+/// whatever `unspent` says, so T1 is gone and step 4 logs in again (a new session; for a
+/// refresh-only grant, the user sent back to consent).
+#[tokio::test]
+async fn an_unspent_refresh_token_survives_a_store_outage() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut broken = Vec::new();
+        // Control: without the outage (step 3 skipped), T1 is presented in step 4.
+        for outage in [false, true] {
+            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+            let base = start(&idp).await;
+            let store = FaultStore::new();
+            let cache =
+                CredentialCache::builder(rotating_source(&base, CLIENT_ID, CLIENT_SECRET))
+                    .store(store.clone())
+                    .backoff(Duration::from_millis(10), Duration::from_millis(10))
+                    .build()
+                    .unwrap();
+            let settle = || tokio::time::sleep(Duration::from_millis(50));
+            // 1.
+            let first = cache.credential().await.unwrap();
+            // 2.
+            idp.push_fault(answer(StatusCode::UNAUTHORIZED, "invalid_client"));
+            idp.push_fault(answer(StatusCode::UNAUTHORIZED, "invalid_client"));
+            let step2 = cache.reject(&first).await.map(|_| ()).map_err(|e| e.to_string());
+            let in_store = store.stored_refresh_token().await;
+            settle().await;
+            // 3.
+            let step3 = if outage {
+                store.faults().down.store(true, SeqCst);
+                idp.push_fault(answer(StatusCode::UNAUTHORIZED, "invalid_client"));
+                let step3 = cache.credential().await.map(|_| ()).map_err(|e| e.to_string());
+                store.faults().down.store(false, SeqCst);
+                settle().await;
+                Some(step3)
+            } else {
+                None
+            };
+            // 4.
+            let step4 = cache.credential().await.map(|_| ()).map_err(|e| e.to_string());
+            let line = format!(
+                "outage {outage}: step 2 {step2:?} (store's refresh token after it: {in_store:?}); step 3 {step3:?}; step 4 {step4:?}; {}; stats {:?}",
+                line(&idp),
+                cache.source().stats()
+            );
+            println!("{line}");
+            if step4.is_err()
+                || idp.logins.load(SeqCst) != 1
+                || idp.refresh_grants.load(SeqCst) != 1
+            {
+                broken.push(format!("T1 was lost: {line}"));
+            }
+        }
+        assert!(broken.is_empty(), "{}", broken.join("\n"));
+    })
+    .await
+    .expect("the scenario hung");
+}
+
+/// World: one process, a `FaultStore`, the strict rotating server, a fetch timeout of
+/// 1 s (the token client's is 8 s).
+/// 1. Login: T1 in the store.
+/// 2. The access token is rejected; the refresh (T1 taken out of the store) rotates, and
+///    its answer comes after 3 s: past the flight's deadline and the lease holder's one
+///    more fetch timeout, so the answer reaches nobody (`undelivered`): R2 exists only in
+///    the source.
+/// 3. The store stops answering for one fetch (`StoreDownPolicy::LogIn`).
+/// 4. The store works again; the credential in hand is rejected.
+/// Proves: README "set longer, the exchange goes on in its own task and its result goes
+/// to the next fetch", "no refresh token ... lost": R2 (the newest of the family, nowhere
+/// else) is presented in step 4; no second login.
+/// Review 87 saw it broken: step 3 drops R2 (`held.refresh_token = None` in the StoreUnavailable branch)
+/// and hands out the late credential, which clears `undelivered`; step 4 finds none held
+/// and logs in.
+#[tokio::test]
+async fn a_late_exchanges_rotated_token_survives_a_store_outage() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut broken = Vec::new();
+        // Control: without the outage in step 3, R2 is presented in step 4.
+        for outage in [false, true] {
+            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+            let base = start(&idp).await;
+            let store = FaultStore::new();
+            let cache =
+                CredentialCache::builder(rotating_source(&base, CLIENT_ID, CLIENT_SECRET))
+                    .store(store.clone())
+                    .fetch_timeout(Duration::from_secs(1))
+                    .backoff(Duration::from_millis(10), Duration::from_millis(10))
+                    .build()
+                    .unwrap();
+            // 1.
+            let first = cache.credential().await.unwrap();
+            // 2.
+            idp.push_fault(Fault::RotateThenDelay(Duration::from_secs(3)));
+            let step2 = cache.reject(&first).await.map(|_| ()).map_err(|e| e.to_string());
+            // The late answer arrives, reaching nobody.
+            tokio::time::sleep(Duration::from_millis(3000)).await;
+            let in_store = store.stored_refresh_token().await;
+            // 3.
+            store.faults().down.store(outage, SeqCst);
+            let step3 = cache.credential().await;
+            store.faults().down.store(false, SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // 4.
+            let step4 = match &step3 {
+                Ok(c) => cache.reject(c).await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(_) => cache.credential().await.map(|_| ()).map_err(|e| e.to_string()),
+            };
+            let line = format!(
+                "outage {outage}: step 2 {step2:?} (store's refresh token after the late answer: {in_store:?}); step 3 {:?}; step 4 {step4:?}; {}; stats {:?}",
+                step3.map(|_| ()).map_err(|e| e.to_string()),
+                line(&idp),
+                cache.source().stats()
+            );
+            println!("{line}");
+            if step4.is_err()
+                || idp.reused_refresh_tokens.load(SeqCst) != 0
+                || idp.logins.load(SeqCst) != 1
+                || idp.refresh_grants.load(SeqCst) != 2
+            {
+                broken.push(format!("R2 was lost: {line}"));
+            }
+        }
+        assert!(broken.is_empty(), "{}", broken.join("\n"));
+    })
+    .await
+    .expect("the scenario hung");
+}
+
+/// World: no store; a source with DPoP (`TokenSource::dpop`) in front of the strict
+/// rotating server (which issues Bearer tokens: DPoP's proofs ride along). After the
+/// login (T1), the machine's clock steps, and the server refuses every proof,
+/// `400 invalid_dpop_proof` (RFC 9449 §5: the proof's `iat` out of its window), the
+/// refresh and its resend, the login and its resend. The clock is fixed; the next fetch.
+/// Control: the same with `401 invalid_client` (refresh, login).
+/// Proves: README "Only a refusal in words that judge the refresh token itself
+/// (`invalid_grant`, GitHub's `bad_refresh_token`, Slack's `invalid_refresh_token`) drops
+/// it outright. Any other refusal ... falls back to a login too, and the login decides:
+/// ... one that fails leaves it held for the next attempt"; so T1 is presented next.
+/// Review 87 saw it broken: a refused proof is not "a refusal" to `is_grant_rejected` (proof sent), so the
+/// judged branch's `|| e.oauth_error() == Some("invalid_dpop_proof")` drops T1 outright;
+/// the login failing too, T1 is lost and the next fetch logs in.
+#[cfg(feature = "jwt")]
+#[tokio::test]
+async fn a_refused_dpop_proof_does_not_lose_the_refresh_token() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut broken = Vec::new();
+        for (what, status, code, faults) in [
+            (
+                "invalid_client (control)",
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                2,
+            ),
+            (
+                "invalid_dpop_proof",
+                StatusCode::BAD_REQUEST,
+                "invalid_dpop_proof",
+                4,
+            ),
+        ] {
+            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+            let base = start(&idp).await;
+            let source = rotating_source(&base, CLIENT_ID, CLIENT_SECRET)
+                .dpop(tower_client_auth::token::DpopKey::generate().unwrap());
+            let cache = CredentialCache::builder(source)
+                .backoff(Duration::from_millis(10), Duration::from_millis(10))
+                .build()
+                .unwrap();
+            let first = cache.credential().await.unwrap();
+            for _ in 0..faults {
+                idp.push_fault(answer(status, code));
+            }
+            let refused = cache
+                .reject(&first)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let next = cache
+                .credential()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let line = format!(
+                "{what}: refused {refused:?}; next {next:?}; {}; stats {:?}",
+                line(&idp),
+                cache.source().stats()
+            );
+            println!("{line}");
+            if idp.logins.load(SeqCst) != 1 || idp.refresh_grants.load(SeqCst) != 1 {
+                broken.push(format!("the refresh token was lost: {line}"));
+            }
+        }
+        assert!(broken.is_empty(), "{}", broken.join("\n"));
+    })
+    .await
+    .expect("the scenario hung");
+}
+
+/// World: one process, a `FaultStore`, the strict rotating server whose logins can be
+/// made slow, a fetch timeout of 1 s.
+/// 1. Login: T1 in the store.
+/// 2. The store stops answering; the access token is rejected: the cache fetches on its
+///    own and the source logs in (`StoreDownPolicy::LogIn`), a login answered after
+///    2.5 s, past the fetch timeout: its credential and refresh token L reach nobody.
+/// 3. The store answers again; the next fetch.
+/// Proves: README "A login made while the store does not answer keeps no refresh token:
+/// it is this process's alone, never saved" (`an_outage_login_does_not_make_a_kept_pair_spent`);
+/// the store owns the fleet's refresh token (T1).
+/// Review 87 saw it broken: the late outage login is `undelivered`, and the next shared exchange keeps its
+/// L over the store's T1 (taken out, then dropped) and hands out the late credential
+/// with L: the outage login's session goes to the store, and the fleet's T1 is lost.
+#[tokio::test]
+async fn a_late_outage_login_is_never_saved() {
+    use std::sync::atomic::AtomicBool;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+        let slow_logins = Arc::new(AtomicBool::new(false));
+        let base = {
+            let (idp, slow) = (idp.clone(), slow_logins.clone());
+            let addr = providers::serve(move |req| {
+                let (idp, slow) = (idp.clone(), slow.clone());
+                async move {
+                    let req = providers::read(req).await;
+                    let login = req.path == "/oauth/token"
+                        && req.form().get("grant_type").map(String::as_str)
+                            == Some("client_credentials");
+                    use support::providers::Provider;
+                    let (reply, delay) = idp.handle_delayed(req);
+                    tokio::time::sleep(delay).await;
+                    if login && slow.load(SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(2500)).await;
+                    }
+                    reply
+                }
+            })
+            .await;
+            format!("http://{addr}")
+        };
+        let store = FaultStore::new();
+        let cache = CredentialCache::builder(rotating_source(&base, CLIENT_ID, CLIENT_SECRET))
+            .store(store.clone())
+            .fetch_timeout(Duration::from_secs(1))
+            .backoff(Duration::from_millis(10), Duration::from_millis(10))
+            .build()
+            .unwrap();
+        // 1.
+        let first = cache.credential().await.unwrap();
+        let t1 = store.stored_refresh_token().await;
+        // 2.
+        store.faults().down.store(true, SeqCst);
+        slow_logins.store(true, SeqCst);
+        let step2 = cache.reject(&first).await.map(|_| ()).map_err(|e| e.to_string());
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        slow_logins.store(false, SeqCst);
+        store.faults().down.store(false, SeqCst);
+        // 3.
+        let step3 = cache.credential().await.map(|_| ()).map_err(|e| e.to_string());
+        let after = store.stored_refresh_token().await;
+        let line = format!(
+            "T1 {t1:?}; step 2 {step2:?}; step 3 {step3:?}; store's refresh token after: {after:?}; {}; stats {:?}",
+            line(&idp),
+            cache.source().stats()
+        );
+        println!("{line}");
+        assert!(step3.is_ok(), "{line}");
+        // The store holds T1 or what a refresh of it brought (family 1), never the outage
+        // login's session.
+        assert!(
+            after.as_deref().is_some_and(|t| t.starts_with("rt-1-")),
+            "the outage login's refresh token was saved over the fleet's: {line}"
+        );
     })
     .await
     .expect("the scenario hung");

@@ -224,6 +224,10 @@ struct Held {
     /// Whether the last exchange's credential (`last`) reached nobody: the cache stopped
     /// waiting. Its refresh token (`refresh_token`) is then newer than the store's.
     undelivered: bool,
+    /// Whether the exchange under way runs while the store does not answer: its
+    /// credential, if it reaches nobody, is not handed out later (its refresh token is
+    /// no fleet's, and the store's would be passed over for it).
+    outage: bool,
     /// The last credential issued. If the cache stopped waiting for the exchange (its
     /// fetch timed out: `undelivered`), the server has already issued this one: the next
     /// fetch hands it out instead of refreshing again, which a provider that refuses
@@ -783,7 +787,7 @@ impl Exchange {
         let result = self.outcome(cx, &mut held).await;
         let issued = result.is_ok();
         match tx.send(result) {
-            Err(Ok(_)) => held.undelivered = true,
+            Err(Ok(_)) if !held.outage => held.undelivered = true,
             // The cache has it: never handed out again.
             Ok(()) if issued => held.undelivered = false,
             _ => {}
@@ -793,6 +797,10 @@ impl Exchange {
     async fn outcome(&self, cx: FetchContext, held: &mut Held) -> Result<Credential, TokenError> {
         // Read before the store's sharing rule takes the mark.
         let undelivered = held.undelivered;
+        held.outage = false;
+        // A refresh token this source alone holds, set aside while the store does not
+        // answer (below).
+        let mut aside = None;
         let shared = match cx.refresh_sharing() {
             // A step-up logs in and presents no refresh token: the store kept its own,
             // and what this source holds stays as it is if the login fails.
@@ -820,12 +828,28 @@ impl Exchange {
                 tracing::info!(
                     "credential store unavailable; logging in rather than presenting a shared refresh token"
                 );
+                held.outage = true;
+                // One nobody else holds (unspent, or a late exchange's, newer than the
+                // store's) is not presented now either, but kept for when the store
+                // answers: lost, nothing would bring it back.
+                if held.unspent || held.undelivered {
+                    aside = held.refresh_token.take();
+                }
                 held.refresh_token = None;
                 false
             }
             _ => false,
         };
         let result = self.exchange(&cx, held, undelivered).await;
+        if held.outage {
+            // The outage exchange's own refresh token is no fleet's (the cache keeps none
+            // from it): what was set aside is held again, this source's alone.
+            held.refresh_token = aside;
+            held.unspent = held.refresh_token.is_some();
+            // A late exchange's token is marked as the source's alone now; its credential,
+            // handed out or not, is not handed out again.
+            held.undelivered = false;
+        }
         // The next refresh token goes to the store with the credential, in one write.
         match (shared, &held.refresh_token) {
             (true, Some(token)) => result.map(|c| c.with_refresh_token(token.clone())),
@@ -892,23 +916,24 @@ impl Exchange {
                 // `incorrect_client_credentials`), a throttle in a server's own words
                 // (Zoho's 200 "Access Denied"), a gateway's page or its
                 // `{"message": "Unauthorized"}` (the token server never saw it), a
-                // server's own shape for a dead token (HubSpot's `BAD_REFRESH_TOKEN`).
-                // The login tells which: one that succeeds replaces the refresh token
+                // server's own shape for a dead token (HubSpot's `BAD_REFRESH_TOKEN`),
+                // or a refresh refused for its proof twice (`send_to` sent a new one: a
+                // refresh token bound to another key, or every proof refused after a
+                // clock step). The login tells which: one that succeeds replaces the refresh token
                 // (the refusal was about it after all); one that fails leaves it held,
                 // for the next exchange to present again.
-                Err(e) if e.is_grant_rejected() && !judges_refresh_token(&e) => {
+                Err(e)
+                    if (e.is_grant_rejected() && !judges_refresh_token(&e))
+                        || e.oauth_error() == Some("invalid_dpop_proof") =>
+                {
                     self.stats
                         .refresh_rejections
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(error = %e, "refresh refused without a word on the refresh token; logging in, keeping it unless the login succeeds");
                     unjudged = Some(token);
                 }
-                // A refresh refused for its proof twice (`send_to` sent a new one): a
-                // refresh token bound to another key (kept from a process with another
-                // key) is refused so every time.
-                Err(e)
-                    if e.is_grant_rejected() || e.oauth_error() == Some("invalid_dpop_proof") =>
-                {
+                // Refused in words that judge the refresh token itself.
+                Err(e) if e.is_grant_rejected() => {
                     self.stats
                         .refresh_rejections
                         .fetch_add(1, Ordering::Relaxed);
