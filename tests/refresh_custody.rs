@@ -561,3 +561,270 @@ async fn a_late_outage_login_is_never_saved() {
     .await
     .expect("the scenario hung");
 }
+
+/// The strict server at `/oauth/token`, behind a gateway with two switches: while
+/// `lose_refresh` holds a body, the next refresh reaches the server (which rotates: the
+/// presented refresh token is spent) and the answer is replaced by `500` with that body;
+/// while `fail_logins` is on, every login is answered `503 temporarily_unavailable`
+/// without reaching the server.
+async fn start_gateway(
+    idp: &Arc<StrictIdp>,
+    lose_refresh: Arc<std::sync::Mutex<Option<Value>>>,
+    fail_logins: Arc<std::sync::atomic::AtomicBool>,
+) -> String {
+    let idp = idp.clone();
+    let addr = providers::serve(move |req| {
+        let (idp, lose_refresh, fail_logins) =
+            (idp.clone(), lose_refresh.clone(), fail_logins.clone());
+        async move {
+            let req = providers::read(req).await;
+            let grant = req.form().get("grant_type").cloned();
+            if req.path == "/oauth/token"
+                && grant.as_deref() == Some("client_credentials")
+                && fail_logins.load(SeqCst)
+            {
+                return providers::reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": "temporarily_unavailable"}),
+                );
+            }
+            let lost = (req.path == "/oauth/token" && grant.as_deref() == Some("refresh_token"))
+                .then(|| lose_refresh.lock().unwrap().take())
+                .flatten();
+            use support::providers::Provider;
+            let (reply, delay) = idp.handle_delayed(req);
+            tokio::time::sleep(delay).await;
+            match lost {
+                Some(body) => providers::reply(StatusCode::INTERNAL_SERVER_ERROR, body),
+                None => reply,
+            }
+        }
+    })
+    .await;
+    format!("http://{addr}")
+}
+
+/// World: no store; a source with DPoP in front of the strict rotating server (behind a
+/// gateway, `start_gateway`). After the login (T1), the access token is rejected; the
+/// refresh reaches the server, which rotates T1 (spent) and then fails: `500` with the
+/// body `{"error": "invalid_dpop_proof"}` (a server whose proof check threw, or an
+/// upstream's error relayed by a gateway). The login after it is answered `503` (the
+/// server is in trouble). Then the next fetch, once the server works again.
+/// Control: the same `500` with `{"error": "server_error"}`.
+/// Proves: README "when its outcome is unknown: a refresh that left and got no answer
+/// that says what became of it (any 5xx, the server's own 500 as much as a gateway's
+/// ...) may have rotated, so that refresh token is dropped, never presented again", and
+/// "no refresh token is ever presented twice (zero family revocations)". Review 88: broken by
+/// 9325aee: the arm `|| e.oauth_error() == Some("invalid_dpop_proof")` now sits in the
+/// unjudged-refusal arm, before the unknown-outcome arm, and matches whatever the status;
+/// a 5xx whose body says `invalid_dpop_proof` keeps T1 when the login fails, and the
+/// next fetch presents the spent T1: reuse, family revoked (before 9325aee that arm
+/// dropped T1).
+#[cfg(feature = "jwt")]
+#[tokio::test]
+async fn a_5xx_saying_invalid_dpop_proof_is_an_unknown_outcome() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut broken = Vec::new();
+        for code in ["server_error (control)", "invalid_dpop_proof"] {
+            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+            let lose = Arc::new(std::sync::Mutex::new(None));
+            let fail_logins = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let base = start_gateway(&idp, lose.clone(), fail_logins.clone()).await;
+            let source = rotating_source(&base, CLIENT_ID, CLIENT_SECRET)
+                .dpop(tower_client_auth::token::DpopKey::generate().unwrap());
+            let cache = CredentialCache::builder(source)
+                .backoff(Duration::from_millis(10), Duration::from_millis(10))
+                .build()
+                .unwrap();
+            let first = cache.credential().await.unwrap();
+            let error = code.split(' ').next().unwrap();
+            *lose.lock().unwrap() = Some(json!({"error": error, "error_description": "x"}));
+            fail_logins.store(true, SeqCst);
+            let refused = cache
+                .reject(&first)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            fail_logins.store(false, SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let next = cache
+                .credential()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let line = format!(
+                "{code}: refused {refused:?}; next {next:?}; {}; stats {:?}",
+                line(&idp),
+                cache.source().stats()
+            );
+            println!("{line}");
+            if idp.reused_refresh_tokens.load(SeqCst) != 0
+                || idp.family_revocations.load(SeqCst) != 0
+            {
+                broken.push(format!(
+                    "a refresh token with an unknown outcome was presented again: {line}"
+                ));
+            }
+        }
+        assert!(broken.is_empty(), "{}", broken.join("\n"));
+    })
+    .await
+    .expect("the scenario hung");
+}
+
+/// World: one process, a `FaultStore`, the strict rotating server, default
+/// `StoreDownPolicy::LogIn`.
+/// 1. Login: T1 in the store.
+/// 2. The access token is rejected. The refresh takes the lease; then, either
+///    (a) the marker written in place of T1's pair lands but its reply is lost
+///    (`lost_marker_replies`), or (b) the store's two loads fail (`failing_loads`),
+///    though the lease is taken: the source is told the store does not answer
+///    (`StoreUnavailable`) and logs in (an outage login, whose refresh token is dropped).
+///    What it brings (no refresh token) is saved under the lease.
+/// 3. The store works; the credential in hand is rejected.
+/// Proves: README "never a lost refresh token" / "the fleet's refresh token is the
+/// store's": T1 (the fleet's, never presented) is presented in step 3, or is still in
+/// the store after step 2. Review 88 saw it broken: the outage login's credential (no refresh
+/// token) is saved over the marker (a) or over T1's pair itself (b); T1 is gone, step 3
+/// logs in a third time.
+#[tokio::test]
+async fn an_outage_login_under_the_lease_does_not_lose_the_fleets_refresh_token() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut broken = Vec::new();
+        for case in [
+            "control (store up)",
+            "control (lost marker reply, StoreDownPolicy::Fail)",
+            "lost marker reply",
+            "failing loads",
+        ] {
+            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+            let base = start(&idp).await;
+            let store = FaultStore::new();
+            let mut source = rotating_source(&base, CLIENT_ID, CLIENT_SECRET);
+            if case.contains("Fail") {
+                source = source.when_store_is_down(tower_client_auth::token::StoreDownPolicy::Fail);
+            }
+            let cache =
+                CredentialCache::builder(source)
+                    .store(store.clone())
+                    .backoff(Duration::from_millis(10), Duration::from_millis(10))
+                    .build()
+                    .unwrap();
+            // 1.
+            let first = cache.credential().await.unwrap();
+            let t1 = store.stored_refresh_token().await;
+            // 2.
+            match case {
+                "lost marker reply" | "control (lost marker reply, StoreDownPolicy::Fail)" => {
+                    store.faults().lost_marker_replies.store(true, SeqCst)
+                }
+                "failing loads" => store.faults().failing_loads.store(2, SeqCst),
+                _ => {}
+            }
+            let second = cache.reject(&first).await;
+            store.faults().lost_marker_replies.store(false, SeqCst);
+            store.faults().failing_loads.store(0, SeqCst);
+            let after2 = store.stored_refresh_token().await;
+            let logins2 = idp.logins.load(SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // 3.
+            let third = match &second {
+                Ok(c) => cache.reject(c).await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(_) => cache.credential().await.map(|_| ()).map_err(|e| e.to_string()),
+            };
+            let after3 = store.stored_refresh_token().await;
+            let line = format!(
+                "{case}: T1 {t1:?}; step 2 {:?} (logins {logins2}, store's refresh token {after2:?}); step 3 {third:?} (store's {after3:?}); {}; stats {:?}",
+                second.map(|_| ()).map_err(|e| e.to_string()),
+                line(&idp),
+                cache.source().stats()
+            );
+            println!("{line}");
+            // T1 (family 1) or its successor survives: presented, never a second login
+            // past the outage's own.
+            if !after3.as_deref().is_some_and(|t| t.starts_with("rt-1-"))
+                || idp.reused_refresh_tokens.load(SeqCst) != 0
+            {
+                broken.push(format!("the fleet's refresh token was lost: {line}"));
+            }
+        }
+        assert!(broken.is_empty(), "{}", broken.join("\n"));
+    })
+    .await
+    .expect("the scenario hung");
+}
+
+/// World: one process, a `FaultStore`, the strict rotating server, default
+/// `StoreDownPolicy::LogIn`.
+/// 1. Login: T1 in the store.
+/// 2. The store refuses pairs (`refusing_pairs`: out of memory, say); the access token
+///    is rejected; the refresh rotates T1 to R2, whose save is refused: the pair (R2)
+///    is kept and its task keeps trying (README "the fleet never falls back to the
+///    spent token nor loses the new one").
+/// 3. Markers' replies are lost (`lost_marker_replies`); the access token is rejected:
+///    the flight takes the kept pair over, writes the marker (it lands; no reply) and
+///    so tells the source the store does not answer: the source logs in (R2 dropped by
+///    the StoreUnavailable branch: it is neither `unspent` nor `undelivered`).
+/// 4. The store works; the access token is rejected.
+/// Proves: README "never a lost refresh token", "so the fleet never ... loses the new
+/// one": R2 (which exists nowhere but in the kept pair) is presented in step 4, or
+/// reaches the store. Review 88 saw it broken: the outage login's credential wins over the kept
+/// pair (`handed_back` is false for any successful fetch), the pair is settled, the
+/// source set R2 down; step 4 logs in again.
+#[tokio::test]
+async fn an_outage_login_under_the_lease_does_not_lose_a_kept_pair() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut broken = Vec::new();
+        for lost_markers in [false, true] {
+            let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+            let base = start(&idp).await;
+            let store = FaultStore::new();
+            let cache =
+                CredentialCache::builder(rotating_source(&base, CLIENT_ID, CLIENT_SECRET))
+                    .store(store.clone())
+                    .backoff(Duration::from_millis(10), Duration::from_millis(10))
+                    .build()
+                    .unwrap();
+            let settle = || tokio::time::sleep(Duration::from_millis(50));
+            // 1.
+            let first = cache.credential().await.unwrap();
+            // 2.
+            store.faults().refusing_pairs.store(true, SeqCst);
+            let second = cache.reject(&first).await.unwrap();
+            let after2 = store.stored_refresh_token().await;
+            settle().await;
+            // 3.
+            store
+                .faults()
+                .lost_marker_replies
+                .store(lost_markers, SeqCst);
+            let third = cache.reject(&second).await;
+            store.faults().lost_marker_replies.store(false, SeqCst);
+            store.faults().refusing_pairs.store(false, SeqCst);
+            let logins3 = idp.logins.load(SeqCst);
+            settle().await;
+            // 4.
+            let fourth = match &third {
+                Ok(c) => cache.reject(c).await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(_) => cache.credential().await.map(|_| ()).map_err(|e| e.to_string()),
+            };
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let after4 = store.stored_refresh_token().await;
+            let line = format!(
+                "lost markers {lost_markers}: step 2 store's refresh token {after2:?}; step 3 {:?} (logins {logins3}); step 4 {fourth:?}, store's {after4:?}; {}; stats {:?}",
+                third.map(|_| ()).map_err(|e| e.to_string()),
+                line(&idp),
+                cache.source().stats()
+            );
+            println!("{line}");
+            if !after4.as_deref().is_some_and(|t| t.starts_with("rt-1-"))
+                || idp.reused_refresh_tokens.load(SeqCst) != 0
+            {
+                broken.push(format!("the kept pair's refresh token was lost: {line}"));
+            }
+        }
+        assert!(broken.is_empty(), "{}", broken.join("\n"));
+    })
+    .await
+    .expect("the scenario hung");
+}

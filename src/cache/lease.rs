@@ -167,6 +167,7 @@ pub(super) async fn obtain<P: CredentialSource>(
             spent,
             late,
             left,
+            outage_login,
         } = renewing(inner, store.as_ref(), &lease, async {
             holding(
                 inner,
@@ -202,16 +203,19 @@ pub(super) async fn obtain<P: CredentialSource>(
         // out during the refresh: the pair is still this process's to save, once the
         // store, looked at under the lease taken again, is as this refresh left it).
         let unsaved = match saved {
-            Saved::Failed | Saved::Fenced => held.as_ref().ok().or(also_saved.as_ref()),
+            Saved::Failed | Saved::Fenced => (held.as_ref().ok())
+                .filter(|credential| credential.refresh_token().is_some())
+                .or(also_saved.as_ref()),
             _ => None,
         };
         // The pair taken over is handed back unless what the flight brought carries a
-        // newer refresh token, or the store took the kept one meanwhile.
+        // newer refresh token, or the store took the kept one meanwhile (an outage
+        // login brings none).
         let handed_back = |kept: &Kept| match (&held, saved) {
             (Ok(stored), Saved::StoreHit) => {
                 stored.refresh_token() != kept.credential.refresh_token()
             }
-            (held, _) => held.is_err() && also_saved.is_none(),
+            (held, _) => (held.is_err() || outage_login) && also_saved.is_none(),
         };
         let keep = match unsaved.filter(|credential| credential.refresh_token().is_some()) {
             Some(credential) => {
@@ -425,6 +429,7 @@ async fn holding<P: CredentialSource>(
         Sharing::Shared(presented) => presented.clone(),
         _ => None,
     };
+    let outage = matches!(sharing, Sharing::StoreUnavailable);
     let mut refused = None;
     let mut late = None;
     let mut asked = false;
@@ -460,6 +465,7 @@ async fn holding<P: CredentialSource>(
             spent,
             late: Some(late),
             left,
+            outage_login: false,
         };
     }
     let mut saved = Saved::Done;
@@ -467,7 +473,16 @@ async fn holding<P: CredentialSource>(
     // refresh token: the presented one is spent, and the new one exists nowhere else
     // (its access token, expired, is never handed out: see `is_reusable_stored`).
     let also_saved = refused.or(unpresented);
-    if let Some(credential) = fetched.as_ref().ok().or(also_saved.as_ref()) {
+    // A login made because the store did not answer (the marker's save unanswered, or
+    // every load failed) keeps no refresh token and is no session of the fleet's: it is
+    // never saved over what the store holds. A pair taken out and never presented goes
+    // back instead; after failed loads the store is left as it is.
+    let outage_login = outage && fetched.as_ref().is_ok_and(|c| c.refresh_token().is_none());
+    let to_save = match outage_login {
+        true => also_saved.as_ref(),
+        false => fetched.as_ref().ok().or(also_saved.as_ref()),
+    };
+    if let Some(credential) = to_save {
         // A fresh credential is worth saving even if the fetch used up the deadline:
         // the save gets a share of its own, within the one share past the deadline that
         // the marker's save may have used already. A save cut there fails, and the
@@ -489,6 +504,7 @@ async fn holding<P: CredentialSource>(
         spent,
         late: None,
         left,
+        outage_login,
     }
 }
 
@@ -520,6 +536,9 @@ struct Holding {
     /// What the store held once this refresh had looked and written under the lease
     /// (see [`Kept::left`]).
     pub(super) left: Left,
+    /// The fetch was a login made because the store did not answer, and brought no
+    /// refresh token: nothing newer than a kept pair taken over (handed back).
+    pub(super) outage_login: bool,
 }
 
 impl Holding {
@@ -532,6 +551,7 @@ impl Holding {
             spent: None,
             late: None,
             left: Left::default(),
+            outage_login: false,
         }
     }
 }

@@ -924,7 +924,8 @@ impl Exchange {
                 // for the next exchange to present again.
                 Err(e)
                     if (e.is_grant_rejected() && !judges_refresh_token(&e))
-                        || e.oauth_error() == Some("invalid_dpop_proof") =>
+                        || (e.oauth_error() == Some("invalid_dpop_proof")
+                            && !e.is_outcome_unknown()) =>
                 {
                     self.stats
                         .refresh_rejections
