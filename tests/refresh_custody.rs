@@ -484,6 +484,94 @@ async fn a_refused_dpop_proof_does_not_lose_the_refresh_token() {
     .expect("the scenario hung");
 }
 
+/// The strict server, whose logins are answered `late` while the switch returned is on.
+async fn start_with_slow_logins(
+    idp: &Arc<StrictIdp>,
+    late: Duration,
+) -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    let slow_logins = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (idp, slow) = (idp.clone(), slow_logins.clone());
+    let addr = providers::serve(move |req| {
+        let (idp, slow) = (idp.clone(), slow.clone());
+        async move {
+            let req = providers::read(req).await;
+            let login = req.path == "/oauth/token"
+                && req.form().get("grant_type").map(String::as_str) == Some("client_credentials");
+            use support::providers::Provider;
+            let (reply, delay) = idp.handle_delayed(req);
+            tokio::time::sleep(delay).await;
+            if login && slow.load(SeqCst) {
+                tokio::time::sleep(late).await;
+            }
+            reply
+        }
+    })
+    .await;
+    (format!("http://{addr}"), slow_logins)
+}
+
+/// World: one process, a `FaultStore`, the strict rotating server whose logins can be
+/// made slow, a fetch timeout of 1 s, default `StoreDownPolicy::LogIn`.
+/// 1. Login: T1 in the store.
+/// 2. The access token is rejected. The refresh takes the lease; the marker written in
+///    place of T1's pair lands but its reply is lost, so the source is told the store
+///    does not answer and logs in: a login answered after 1.5 s, past the fetch
+///    timeout, which ends under the lease (`finish_late`).
+/// 3. The store works, logins are quick; the credential in hand is rejected.
+/// Proves: as `an_outage_login_under_the_lease_does_not_lose_the_fleets_refresh_token`,
+/// for a login that outlives the flight: the late outage login (no refresh token) is
+/// not saved over the marker, T1's pair goes back, and T1 is presented in step 3 (seen
+/// failing before `finish_late` learnt it: the store held no refresh token and step 3
+/// logged in a third time).
+#[tokio::test]
+async fn a_late_outage_login_under_the_lease_does_not_lose_the_fleets_refresh_token() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+        // Past the flight's deadline (1 s), within the one more fetch timeout the late
+        // fetch is given under the lease.
+        let (base, slow_logins) = start_with_slow_logins(&idp, Duration::from_millis(1500)).await;
+        let store = FaultStore::new();
+        let cache = CredentialCache::builder(rotating_source(&base, CLIENT_ID, CLIENT_SECRET))
+            .store(store.clone())
+            .fetch_timeout(Duration::from_secs(1))
+            .backoff(Duration::from_millis(10), Duration::from_millis(10))
+            .build()
+            .unwrap();
+        // 1.
+        let first = cache.credential().await.unwrap();
+        let t1 = store.stored_refresh_token().await;
+        // 2.
+        store.faults().lost_marker_replies.store(true, SeqCst);
+        slow_logins.store(true, SeqCst);
+        let second = cache.reject(&first).await.map(|_| ()).map_err(|e| e.to_string());
+        // The late login ends, under the lease, and is saved or not.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        store.faults().lost_marker_replies.store(false, SeqCst);
+        slow_logins.store(false, SeqCst);
+        let after2 = store.stored_refresh_token().await;
+        // 3.
+        let current = cache.credential().await;
+        let third = match current {
+            Ok(c) => cache.reject(&c).await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let after3 = store.stored_refresh_token().await;
+        let line = format!(
+            "T1 {t1:?}; step 2 {second:?} (store's refresh token after it {after2:?}); step 3 {third:?} (store's {after3:?}); {}; stats {:?}",
+            line(&idp),
+            cache.source().stats()
+        );
+        println!("{line}");
+        assert!(
+            after3.as_deref().is_some_and(|t| t.starts_with("rt-1-"))
+                && idp.reused_refresh_tokens.load(SeqCst) == 0,
+            "the fleet's refresh token was lost to a late outage login: {line}"
+        );
+    })
+    .await
+    .expect("the scenario hung");
+}
+
 /// World: one process, a `FaultStore`, the strict rotating server whose logins can be
 /// made slow, a fetch timeout of 1 s.
 /// 1. Login: T1 in the store.
@@ -499,31 +587,9 @@ async fn a_refused_dpop_proof_does_not_lose_the_refresh_token() {
 /// with L: the outage login's session goes to the store, and the fleet's T1 is lost.
 #[tokio::test]
 async fn a_late_outage_login_is_never_saved() {
-    use std::sync::atomic::AtomicBool;
     tokio::time::timeout(Duration::from_secs(60), async {
         let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
-        let slow_logins = Arc::new(AtomicBool::new(false));
-        let base = {
-            let (idp, slow) = (idp.clone(), slow_logins.clone());
-            let addr = providers::serve(move |req| {
-                let (idp, slow) = (idp.clone(), slow.clone());
-                async move {
-                    let req = providers::read(req).await;
-                    let login = req.path == "/oauth/token"
-                        && req.form().get("grant_type").map(String::as_str)
-                            == Some("client_credentials");
-                    use support::providers::Provider;
-                    let (reply, delay) = idp.handle_delayed(req);
-                    tokio::time::sleep(delay).await;
-                    if login && slow.load(SeqCst) {
-                        tokio::time::sleep(Duration::from_millis(2500)).await;
-                    }
-                    reply
-                }
-            })
-            .await;
-            format!("http://{addr}")
-        };
+        let (base, slow_logins) = start_with_slow_logins(&idp, Duration::from_millis(2500)).await;
         let store = FaultStore::new();
         let cache = CredentialCache::builder(rotating_source(&base, CLIENT_ID, CLIENT_SECRET))
             .store(store.clone())

@@ -458,6 +458,7 @@ async fn holding<P: CredentialSource>(
         // Still running, under the lease: see `finish_late`, which puts back a pair
         // whose refresh token was never presented if the fetch brings nothing.
         late.unpresented = unpresented;
+        late.outage = outage;
         return Holding {
             result: fetched,
             saved: Saved::Done,
@@ -567,6 +568,9 @@ struct LateFetch {
     /// The store's pair whose refresh token the holder took out and never presented
     /// (see `holding`): put back if the fetch brings nothing.
     pub(super) unpresented: Option<Credential>,
+    /// The source was told the store did not answer: a login that brings no refresh
+    /// token is no session of the fleet's (see `holding`).
+    pub(super) outage: bool,
 }
 
 /// [`fetch`] for the lease holder: the source's fetch is not dropped at the deadline
@@ -605,6 +609,7 @@ async fn fetch_holding<P: CredentialSource>(
                 fetching,
                 began,
                 unpresented: None,
+                outage: false,
             });
             Err(Error::new(ErrorKind::Timeout))
         }
@@ -636,6 +641,7 @@ async fn finish_late<P: CredentialSource>(
         fetching,
         began,
         unpresented,
+        outage,
     } = late;
     let answer = renewing(
         &inner,
@@ -652,7 +658,14 @@ async fn finish_late<P: CredentialSource>(
             None
         }
     };
-    if let (Some(_), Some(kept)) = (&credential, &kept) {
+    // A login made because the store did not answer, bringing no refresh token: this
+    // cache's newest all the same (below), but nothing of the store's is given up for
+    // it: not saved, and a kept pair taken over is still the one to save.
+    let outage_login = outage
+        && credential
+            .as_ref()
+            .is_some_and(|c| c.refresh_token().is_none());
+    if let (Some(_), Some(kept), false) = (&credential, &kept, outage_login) {
         // Something newer came (a step-up's login): the pair it took over is dropped.
         late_settled(&inner, &kept.credential, false);
     }
@@ -680,9 +693,10 @@ async fn finish_late<P: CredentialSource>(
             .is_some()
             .then(|| super::kept::spent(&credential))
     });
-    // Nothing came: a pair whose refresh token this holder took out of the store and
-    // never presented goes back (see `holding`), kept if the store does not take it.
-    let credential = credential.or(unpresented);
+    // Nothing came (or an outage login): a pair whose refresh token this holder took
+    // out of the store and never presented goes back (see `holding`), kept if the store
+    // does not take it.
+    let credential = credential.filter(|_| !outage_login).or(unpresented);
     if let Some(credential) = credential {
         let until = saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
         let saved = store_call(&inner, until, "save", store.save(&lease, &credential)).await;
