@@ -457,8 +457,8 @@ async fn holding<P: CredentialSource>(
     if let Some(mut late) = late {
         // Still running, under the lease: see `finish_late`, which puts back a pair
         // whose refresh token was never presented if the fetch brings nothing.
+        late.outage = outage && (unpresented.is_some() || matches!(took, Took::Kept(_)));
         late.unpresented = unpresented;
-        late.outage = outage;
         return Holding {
             result: fetched,
             saved: Saved::Done,
@@ -473,12 +473,18 @@ async fn holding<P: CredentialSource>(
     // A credential refused on arrival goes to the store all the same when it carries a
     // refresh token: the presented one is spent, and the new one exists nowhere else
     // (its access token, expired, is never handed out: see `is_reusable_stored`).
+    let at_stake = unpresented.is_some() || matches!(took, Took::Kept(_));
     let also_saved = refused.or(unpresented);
-    // A login made because the store did not answer (the marker's save unanswered, or
-    // every load failed) keeps no refresh token and is no session of the fleet's: it is
-    // never saved over what the store holds. A pair taken out and never presented goes
-    // back instead; after failed loads the store is left as it is.
-    let outage_login = outage && fetched.as_ref().is_ok_and(|c| c.refresh_token().is_none());
+    // A login made because the store did not answer keeps no refresh token and is no
+    // session of the fleet's: where a refresh token is known to be at stake (one taken
+    // out of the store, whose marker's save got no answer; a kept pair taken over) it is
+    // not saved over it. The pair taken out goes back instead; a kept pair is handed
+    // back. After loads that all failed nothing is known to be at stake, and the login is
+    // saved as any fetch is: the others wait for it rather than each log in, and the
+    // credential this holder rejected is replaced (a refresh token the store held then
+    // is lost, and the fleet logs in once more).
+    let outage_login =
+        outage && at_stake && fetched.as_ref().is_ok_and(|c| c.refresh_token().is_none());
     let to_save = match outage_login {
         true => also_saved.as_ref(),
         false => fetched.as_ref().ok().or(also_saved.as_ref()),
@@ -568,8 +574,8 @@ struct LateFetch {
     /// The store's pair whose refresh token the holder took out and never presented
     /// (see `holding`): put back if the fetch brings nothing.
     pub(super) unpresented: Option<Credential>,
-    /// The source was told the store did not answer: a login that brings no refresh
-    /// token is no session of the fleet's (see `holding`).
+    /// The source was told the store did not answer, with a refresh token at stake: a
+    /// login that brings no refresh token is not saved over it (see `holding`).
     pub(super) outage: bool,
 }
 
