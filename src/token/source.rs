@@ -919,9 +919,9 @@ impl Exchange {
                 // server's own shape for a dead token (HubSpot's `BAD_REFRESH_TOKEN`),
                 // or a refresh refused for its proof twice (`send_to` sent a new one: a
                 // refresh token bound to another key, or every proof refused after a
-                // clock step). The login tells which: one that succeeds replaces the refresh token
-                // (the refusal was about it after all); one that fails leaves it held,
-                // for the next exchange to present again.
+                // clock step). The login tells which: one that succeeds replaces the
+                // refresh token (the refusal was about it after all); one that fails
+                // leaves it held, for the next exchange to present again.
                 Err(e)
                     if (e.is_grant_rejected() && !judges_refresh_token(&e))
                         || (e.oauth_error() == Some("invalid_dpop_proof")
