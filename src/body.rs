@@ -226,9 +226,18 @@ impl Kept {
         }
     }
 
+    /// Closes the segment being filled. A full one is kept as it is; one closed early
+    /// (before a chunk kept shared) is kept as an exact copy, and its buffer, with the
+    /// room it grew by doubling, is filled again: else every shared chunk would leave a
+    /// buffer up to half empty behind it (review 90).
     fn flush(&mut self) {
-        if !self.tail.is_empty() {
-            self.parts.push(Bytes::from(std::mem::take(&mut self.tail)));
+        if self.tail.len() == self.tail.capacity() {
+            if !self.tail.is_empty() {
+                self.parts.push(Bytes::from(std::mem::take(&mut self.tail)));
+            }
+        } else if !self.tail.is_empty() {
+            self.parts.push(Bytes::copy_from_slice(&self.tail));
+            self.tail.clear();
         }
     }
 

@@ -216,6 +216,27 @@ fn own_buffers_and_bytes(n: usize) -> Bytes {
     }
 }
 
+static LARGE: [u8; 32767] = [b'a'; 32767];
+static SIXTEEN_KIB: [u8; 16 * 1024] = [b'c'; 16 * 1024];
+
+/// In turn: a 32,767-byte static frame, a one-byte one, and a 16 KiB static one (all
+/// copied): 49,152 bytes a cycle.
+fn cycle_copied(n: usize) -> Bytes {
+    match n % 3 {
+        2 => Bytes::from_static(&LARGE),
+        1 => Bytes::from_static(&ONE),
+        _ => Bytes::from_static(&SIXTEEN_KIB),
+    }
+}
+
+/// `cycle_copied` with the 16 KiB frame a buffer of its own (kept shared).
+fn cycle_shared(n: usize) -> Bytes {
+    match n % 3 {
+        0 => Bytes::from(vec![b'c'; 16 * 1024]),
+        _ => cycle_copied(n),
+    }
+}
+
 /// World: uploads within the default replay limit of 64 KiB, each read by the API to its
 /// end before it answers 401: streamed as many small frames (a gRPC client stream of
 /// small messages, a line-by-line export, a parser handing out 16-byte slices of its
@@ -258,6 +279,23 @@ async fn retention_for_a_replay_stays_within_the_limit_whatever_the_framing() {
             "a {limit} B replay limit kept {kept} B alive for {what}"
         );
     }
+
+    // World (review 90): 21 cycles of a 32,767-byte frame, a one-byte frame and a 16 KiB
+    // frame, under a 1 MiB limit, the 16 KiB frames copied or buffers of their own.
+    // Proves: a chunk kept shared costs no more than its copy would ("at no more than a
+    // copy's cost"): the copied bytes before each shared chunk are not kept in a buffer
+    // with room to spare (review 90 saw 1,724,816 B kept against 1,050,592 B copied).
+    let limit = 1 << 20;
+    let payload = 21 * 49_152;
+    let copied = kept_alive_limit(63, cycle_copied, payload, limit).await.0;
+    let shared = kept_alive_limit(63, cycle_shared, payload, limit).await.0;
+    eprintln!(
+        "{payload} B in cycles under a {limit} B limit: {copied} B kept copied, {shared} B with the 16 KiB frames shared"
+    );
+    assert!(
+        shared <= copied + 64 * 1024 && shared <= limit as isize + 64 * 1024,
+        "sharing the own buffers kept {shared} B alive, copying them {copied} B (limit {limit} B)"
+    );
 
     // World: a 1 MiB upload read into 64 KiB buffers of its own (taken ahead in part,
     // then streamed), under a 1 MiB limit. Proves: the replay keeps those buffers shared
