@@ -85,6 +85,22 @@ fn refused_invalid_client() -> Fault {
     }))
 }
 
+/// A scenario's next step: the credential in hand rejected, or, if the last step gave
+/// none, one asked for.
+async fn next_step(
+    cache: &CredentialCache<TokenSource>,
+    last: &Result<tower_client_auth::Credential, tower_client_auth::Error>,
+) -> Result<(), String> {
+    match last {
+        Ok(c) => cache.reject(c).await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(_) => cache
+            .credential()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    }
+}
+
 fn line(idp: &StrictIdp) -> String {
     format!(
         "presented {:?}; refresh grants {}; logins {}; reused {}; families revoked {}",
@@ -388,10 +404,7 @@ async fn a_late_exchanges_rotated_token_survives_a_store_outage() {
             store.faults().down.store(false, SeqCst);
             tokio::time::sleep(Duration::from_millis(50)).await;
             // 4.
-            let step4 = match &step3 {
-                Ok(c) => cache.reject(c).await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(_) => cache.credential().await.map(|_| ()).map_err(|e| e.to_string()),
-            };
+            let step4 = next_step(&cache, &step3).await;
             let line = format!(
                 "outage {outage}: step 2 {step2:?} (store's refresh token after the late answer: {in_store:?}); step 3 {:?}; step 4 {step4:?}; {}; stats {:?}",
                 step3.map(|_| ()).map_err(|e| e.to_string()),
@@ -793,10 +806,7 @@ async fn an_outage_login_under_the_lease_does_not_lose_the_fleets_refresh_token(
             let logins2 = idp.logins.load(SeqCst);
             tokio::time::sleep(Duration::from_millis(50)).await;
             // 3.
-            let third = match &second {
-                Ok(c) => cache.reject(c).await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(_) => cache.credential().await.map(|_| ()).map_err(|e| e.to_string()),
-            };
+            let third = next_step(&cache, &second).await;
             let after3 = store.stored_refresh_token().await;
             let line = format!(
                 "{case}: T1 {t1:?}; step 2 {:?} (logins {logins2}, store's refresh token {after2:?}); step 3 {third:?} (store's {after3:?}); {}; stats {:?}",
@@ -869,10 +879,7 @@ async fn an_outage_login_under_the_lease_does_not_lose_a_kept_pair() {
             let logins3 = idp.logins.load(SeqCst);
             settle().await;
             // 4.
-            let fourth = match &third {
-                Ok(c) => cache.reject(c).await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(_) => cache.credential().await.map(|_| ()).map_err(|e| e.to_string()),
-            };
+            let fourth = next_step(&cache, &third).await;
             tokio::time::sleep(Duration::from_millis(600)).await;
             let after4 = store.stored_refresh_token().await;
             let line = format!(
