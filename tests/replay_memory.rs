@@ -170,6 +170,123 @@ async fn kept_alive_limit(
     (kept, allocated)
 }
 
+/// A body of four bytes and then trailers made by `make` when they are polled (so that
+/// the body itself holds nothing), its length unknown in advance; with `wait`, the
+/// trailers are not ready at the first look (streamed, recorded as they pass).
+struct Trailed {
+    data: bool,
+    wait: bool,
+    make: Option<fn() -> http::HeaderMap>,
+}
+
+impl Body for Trailed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if !self.data {
+            self.data = true;
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"abcd")))));
+        }
+        if std::mem::take(&mut self.wait) {
+            _cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(self.make.take().map(|make| Ok(Frame::trailers(make()))))
+    }
+}
+
+/// What trailers count against the limit: as HTTP/2 counts a header list (name, value
+/// and 32 bytes an entry), as the crate documents it.
+fn counted(trailers: &http::HeaderMap) -> usize {
+    trailers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 32)
+        .sum()
+}
+
+/// Distinct short names with empty values, as many as fit a 64 KiB limit with the body's
+/// four bytes (a signing proxy's per-field digests, a metrics trailer per series).
+fn many_names() -> http::HeaderMap {
+    let mut t = http::HeaderMap::new();
+    let mut i = 0;
+    loop {
+        let name = http::HeaderName::from_bytes(format!("x{i}").as_bytes()).unwrap();
+        if 4 + counted(&t) + name.as_str().len() + 32 > 64 * 1024 {
+            return t;
+        }
+        t.insert(name, http::HeaderValue::from_static(""));
+        i += 1;
+    }
+}
+
+/// One short name with as many empty values as fit a 64 KiB limit with the body's four
+/// bytes.
+fn many_values() -> http::HeaderMap {
+    let mut t = http::HeaderMap::new();
+    while 4 + counted(&t) + 1 + 32 <= 64 * 1024 {
+        t.append("a", http::HeaderValue::from_static(""));
+    }
+    t
+}
+
+/// One entry whose value fills a 64 KiB limit with the body's four bytes (the control:
+/// the same count in one entry).
+fn one_long_value() -> http::HeaderMap {
+    let mut t = http::HeaderMap::new();
+    let value = "s".repeat(64 * 1024 - 4 - "x-signature".len() - 32);
+    t.insert("x-signature", value.parse().unwrap());
+    t
+}
+
+/// Sends a `Trailed` body through the layer under `limit` over a mock API, which reads it
+/// to its end; returns the bytes still allocated then, over what was allocated before
+/// the request, and checks the 401 is then replayed with the same trailers.
+async fn kept_alive_trailers(make: fn() -> http::HeaderMap, wait: bool, limit: usize) -> isize {
+    let layer = AuthLayer::new(TestSource::new())
+        .any_https_origin()
+        .replay_limit(limit);
+    layer.warm_up().await.unwrap();
+    let (inner, mut api) = mock::pair::<Request<ReplayBody<Trailed>>, Response<&'static str>>();
+    let svc = layer.layer(inner);
+    let req = Request::put("https://api.test/upload")
+        .body(Trailed {
+            data: false,
+            wait,
+            make: Some(make),
+        })
+        .unwrap();
+    let before = LIVE.load(Ordering::SeqCst);
+    let call = tokio::spawn(svc.oneshot(req));
+    let (mut first, reply) = api.next_request().await.unwrap();
+    let mut sent = None;
+    while let Some(frame) = first.body_mut().frame().await {
+        if let Ok(t) = frame.unwrap().into_trailers() {
+            sent = Some((t.len(), counted(&t)));
+        }
+    }
+    let kept = LIVE.load(Ordering::SeqCst) - before;
+    drop(first);
+    reply.send_response(Response::builder().status(401).body("").unwrap());
+    let (mut second, reply) = api.next_request().await.unwrap();
+    let mut again = None;
+    while let Some(frame) = second.body_mut().frame().await {
+        if let Ok(t) = frame.unwrap().into_trailers() {
+            again = Some((t.len(), counted(&t)));
+        }
+    }
+    assert!(sent.is_some());
+    assert_eq!(again, sent, "the replay carries the trailers whole");
+    reply.send_response(Response::builder().status(200).body("").unwrap());
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.extensions().get::<NotReplayed>().is_none());
+    kept
+}
+
 /// 16 KiB frames, each a slice of its own 1 MiB buffer (a `ReaderStream` with a 1 MiB
 /// capacity over a pipe or a socket, whose reads return 16 KiB: each frozen chunk
 /// shares the read buffer it came from).
@@ -312,4 +429,36 @@ async fn retention_for_a_replay_stays_within_the_limit_whatever_the_framing() {
         kept <= 2 * payload as isize,
         "{kept} B kept alive for 1 MiB"
     );
+
+    // World (review 91): a body of 4 bytes whose trailers fill the default 64 KiB limit as
+    // the crate counts them (name, value and 32 bytes an entry): many short distinct
+    // names, or one name with many values, all empty. Proves: trailers cost what they
+    // count, as data does ("a larger limit costs up to that much memory per in-flight
+    // request"; the data above is held to twice the limit): the copy kept for the replay
+    // stays within twice the limit.
+    let limit = 64 * 1024;
+    let names = kept_alive_trailers(many_names, false, limit).await;
+    let values = kept_alive_trailers(many_values, false, limit).await;
+    let streamed = kept_alive_trailers(many_names, true, limit).await;
+    let control = kept_alive_trailers(one_long_value, false, limit).await;
+    let (n, v) = (many_names(), many_values());
+    eprintln!(
+        "trailers under a {limit} B limit: {} names ({} B counted) kept {names} B alive; {} values of one name ({} B counted) kept {values} B alive; the names streamed kept {streamed} B alive; one long value ({} B counted) kept {control} B alive",
+        n.keys_len(),
+        counted(&n),
+        v.len(),
+        counted(&v),
+        counted(&one_long_value())
+    );
+    for (what, kept) in [
+        ("distinct names", names),
+        ("values of one name", values),
+        ("distinct names, streamed", streamed),
+        ("one long value (control)", control),
+    ] {
+        assert!(
+            kept <= 2 * limit as isize,
+            "a {limit} B replay limit kept {kept} B alive for trailers of {what}"
+        );
+    }
 }
