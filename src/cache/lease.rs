@@ -454,10 +454,13 @@ async fn holding<P: CredentialSource>(
     let unpresented = (took_out && spent.is_none() && !matches!(took, Took::Kept(_)))
         .then(|| pair.map(super::kept::spent))
         .flatten();
+    // A refresh token known to be at stake if the source logs in because the store did
+    // not answer: one taken out whose marker's save got no answer, or a kept pair.
+    let at_stake = unpresented.is_some() || matches!(took, Took::Kept(_));
     if let Some(mut late) = late {
         // Still running, under the lease: see `finish_late`, which puts back a pair
         // whose refresh token was never presented if the fetch brings nothing.
-        late.outage = outage && (unpresented.is_some() || matches!(took, Took::Kept(_)));
+        late.outage = outage && at_stake;
         late.unpresented = unpresented;
         return Holding {
             result: fetched,
@@ -473,7 +476,6 @@ async fn holding<P: CredentialSource>(
     // A credential refused on arrival goes to the store all the same when it carries a
     // refresh token: the presented one is spent, and the new one exists nowhere else
     // (its access token, expired, is never handed out: see `is_reusable_stored`).
-    let at_stake = unpresented.is_some() || matches!(took, Took::Kept(_));
     let also_saved = refused.or(unpresented);
     // A login made because the store did not answer keeps no refresh token and is no
     // session of the fleet's: where a refresh token is known to be at stake (one taken

@@ -895,8 +895,8 @@ impl Exchange {
             }
         }
         let refresh = self.refresh.as_ref().filter(|_| !step_up);
-        // The refresh token presented, if its refusal did not judge it (below).
-        let mut unjudged: Option<Secret> = None;
+        // Whether the refresh was refused without a word on its token (below).
+        let mut unjudged = false;
         if let (Some((request, field)), Some(token)) = (refresh, held.refresh_token.clone()) {
             tracing::debug!(reason = ?cx.reason(), "refreshing with the held refresh token");
             // A 2xx answer's refresh token is held by `accept` before anything else in
@@ -931,7 +931,7 @@ impl Exchange {
                         .refresh_rejections
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(error = %e, "refresh refused without a word on the refresh token; logging in, keeping it unless the login succeeds");
-                    unjudged = Some(token);
+                    unjudged = true;
                 }
                 // Refused in words that judge the refresh token itself.
                 Err(e) if e.is_grant_rejected() => {
@@ -1001,7 +1001,7 @@ impl Exchange {
         };
         // What an unjudged refusal left held (the refresh token presented, or the one its
         // answer rotated to): kept if the login fails.
-        let before = unjudged.as_ref().and(held.refresh_token.clone());
+        let before = unjudged.then(|| held.refresh_token.clone()).flatten();
         let logged_in = match sent {
             Ok(answer) => {
                 self.stats.logins.fetch_add(1, Ordering::Relaxed);
@@ -1012,7 +1012,7 @@ impl Exchange {
         let credential = match logged_in {
             Ok(credential) => credential,
             Err(e) => {
-                if unjudged.is_some() {
+                if unjudged {
                     // A login answer that brought none leaves the one held before it.
                     if held.refresh_token.is_none() {
                         held.refresh_token = before;
