@@ -729,6 +729,33 @@ fn unjudged_refusals() -> Vec<(&'static str, Answer)> {
     ]
 }
 
+/// Refusals in words that judge the refresh token itself: RFC 6749's `400 invalid_grant`,
+/// GitHub's `200 {"error": "bad_refresh_token"}` (docs.github.com, "Refreshing user
+/// access tokens") and Slack's `200 {"ok": false, "error": "invalid_refresh_token"}`
+/// (api.slack.com, `tooling.tokens.rotate`).
+fn judged_refusals() -> Vec<(&'static str, Answer)> {
+    vec![
+        ("400 invalid_grant", || {
+            providers::reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "invalid_grant", "error_description": "Token is not active"}),
+            )
+        }),
+        ("200 bad_refresh_token, GitHub", || {
+            providers::reply(
+                StatusCode::OK,
+                json!({"error": "bad_refresh_token", "error_description": "The refresh token passed is incorrect or expired."}),
+            )
+        }),
+        ("200 invalid_refresh_token, Slack", || {
+            providers::reply(
+                StatusCode::OK,
+                json!({"ok": false, "error": "invalid_refresh_token"}),
+            )
+        }),
+    ]
+}
+
 /// World: a refresh answered by something that did not judge the refresh token (see
 /// `unjudged_refusals`), and the login that follows it answered the same way (the gateway
 /// or the client's secret refuses every token request for a while); then the token
@@ -736,12 +763,17 @@ fn unjudged_refusals() -> Vec<(&'static str, Answer)> {
 /// Proves: README "never a lost refresh token": a refusal without a judgement on the
 /// refresh token falls back to a login, and while no login replaces it the refresh
 /// token is kept and presented again, with no login beside it (review 84 saw every
-/// 400/401 drop it: with a refresh-only grant, a user sent back to consent).
+/// 400/401 drop it: with a refresh-only grant, a user sent back to consent). The
+/// control: a refusal in words that judge the refresh token itself (`judged_refusals`)
+/// drops it though the login fails too, and the next fetch logs in (README: "Only a
+/// refusal in words that judge the refresh token itself ... drops it outright").
 #[tokio::test]
 async fn a_refresh_refused_without_a_judgement_on_its_token_keeps_it_until_a_login_replaces_it() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let mut broken = Vec::new();
-        for (what, answer) in unjudged_refusals() {
+        let unjudged = unjudged_refusals().into_iter().map(|(w, a)| (w, a, true));
+        let judged = judged_refusals().into_iter().map(|(w, a)| (w, a, false));
+        for (what, answer, kept) in unjudged.chain(judged) {
             let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
             let (svc, cache, url, _mangler) = expired_session(&idp).await;
             for _ in 0..2 {
@@ -762,10 +794,12 @@ async fn a_refresh_refused_without_a_judgement_on_its_token_keeps_it_until_a_log
             if idp.token_requests.load(SeqCst) != 4 {
                 broken.push(format!("no login was tried after the refusal: {line}"));
             }
-            if (idp.logins.load(SeqCst), idp.refresh_grants.load(SeqCst)) != (1, 1)
+            let expected = if kept { (1, 1) } else { (2, 0) };
+            if (idp.logins.load(SeqCst), idp.refresh_grants.load(SeqCst)) != expected
                 || second != Ok(StatusCode::OK)
             {
-                broken.push(format!("the refresh token was not kept: {line}"));
+                let what = if kept { "not kept" } else { "kept though judged" };
+                broken.push(format!("the refresh token was {what}: {line}"));
             }
         }
         assert!(broken.is_empty(), "{}", broken.join("\n"));
