@@ -30,6 +30,8 @@ pub struct DpopState {
     /// refresh token → thumbprint of its key
     refresh_tokens: Mutex<HashMap<String, String>>,
     seen_jti: Mutex<HashSet<String>>,
+    /// Every DPoP proof either server was sent, as it came.
+    proofs: Mutex<Vec<String>>,
     pub token_nonce: Mutex<String>,
     pub api_nonce: Mutex<String>,
     nonces: AtomicUsize,
@@ -77,6 +79,7 @@ impl DpopState {
             tokens: Mutex::default(),
             refresh_tokens: Mutex::default(),
             seen_jti: Mutex::default(),
+            proofs: Mutex::default(),
             token_nonce: Mutex::new("as-nonce-0".into()),
             api_nonce: Mutex::new("rs-nonce-0".into()),
             nonces: AtomicUsize::new(0),
@@ -115,6 +118,11 @@ impl DpopState {
         self.tokens.lock().unwrap().clear();
     }
 
+    /// Every DPoP proof either server was sent.
+    pub fn proofs(&self) -> Vec<String> {
+        self.proofs.lock().unwrap().clone()
+    }
+
     pub fn refusals(&self) -> Vec<String> {
         self.refusals.lock().unwrap().clone()
     }
@@ -141,6 +149,7 @@ impl DpopState {
             return Err("not exactly one DPoP header");
         };
         let proof = proof.to_str().map_err(|_| "proof not ascii")?;
+        self.proofs.lock().unwrap().push(proof.to_owned());
         let parts: Vec<&str> = proof.split('.').collect();
         let [header, claims, sig] = parts[..] else {
             return Err("not a compact JWS");
