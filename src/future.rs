@@ -70,23 +70,24 @@ pub(crate) fn admits<B>(
         return Ok(false);
     }
     // A `Host` header naming another origin than the URI's sends the request there.
-    if crate::scope::has_host_header(req.headers()) && !host_header_agrees(req) {
+    if crate::scope::has_host_header(req.headers()) && !host_header_agrees(scope, req) {
         return Ok(false);
     }
     policy.check_transport(req.uri()).map(|()| true)
 }
 
-/// [`admits`]' `Host` rule for a request that has the header (an absolute URI's: a
-/// relative one has its origin set below, by the inner service, and no host to compare).
+/// [`admits`]' `Host` rule for a request that has the header: an absolute URI's names
+/// its own origin; a relative one's (whose origin is set below, by the inner service,
+/// and which a connection sends with this header) names an origin in scope.
 #[cold]
 #[inline(never)]
-fn host_header_agrees<B>(req: &Request<B>) -> bool {
+fn host_header_agrees<B>(scope: &crate::scope::Scope, req: &Request<B>) -> bool {
     let uri = req.uri();
-    match (uri.scheme_str(), uri.host()) {
-        (Some(scheme), Some(host)) => {
-            crate::scope::host_headers_agree(scheme, host, uri.port_u16(), req.headers())
-        }
-        _ => true,
+    match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme), Some(authority)) => crate::scope::named_port(authority).is_ok_and(|port| {
+            crate::scope::host_headers_agree(scheme, authority.host(), port, req.headers())
+        }),
+        _ => scope.names_relative_host(uri, req.headers()),
     }
 }
 

@@ -56,8 +56,9 @@ macro_rules! request_rules {
         /// a request to anywhere else, a redirect's target included, passes through
         /// without it, and is never refreshed for or replayed. Call it for every origin of
         /// the API; see [`Origin`]. So does a request whose `Host` header names another
-        /// host or port than its URI: a server that routes by `Host` (an ingress, a CDN,
-        /// virtual hosts) would deliver it to that other origin.
+        /// host or port than its URI (or, for a relative URI, than every origin given): a
+        /// server that routes by `Host` (an ingress, a CDN, virtual hosts) would deliver it
+        /// to that other origin. A port past 65535 is refused here, never read as none.
         ///
         /// **Given no origin, predicate or [`any_https_origin`](Self::any_https_origin),
         /// every request fails** with [`ErrorKind::NoOrigin`](crate::ErrorKind::NoOrigin):
@@ -126,7 +127,10 @@ macro_rules! request_rules {
         /// and adds the origin itself), so the layer cannot check the transport. Allow this
         /// only when the stack below is known to use TLS. A URI that names a host without a
         /// scheme (`CONNECT host:port`, the authority form) is not relative: it gets no
-        /// credential.
+        /// credential. Nor does a relative request whose `Host` header (which an HTTP/1
+        /// connection sends as it is) names no origin in scope: a given origin's host and
+        /// port, any under [`any_https_origin`](Self::any_https_origin), or one a
+        /// predicate takes (asked as `https://` the header's authority and the path).
         pub fn allow_relative_uris(mut self, allow: bool) -> Self {
             self.policy.allow_relative_uris = allow;
             self

@@ -59,6 +59,24 @@ impl fmt::Display for InvalidOrigin {
 
 impl std::error::Error for InvalidOrigin {}
 
+/// The port `authority` names: `None` for none (or an empty one, which RFC 3986 §6.2.3
+/// reads as the scheme's default), `Err` for text after the host's `:` that is no port
+/// (`99999`, past `u16`): `http` reads such a port as no port at all, which would make
+/// it the scheme's default.
+pub(crate) fn named_port(authority: &http::uri::Authority) -> Result<Option<u16>, ()> {
+    let text = authority.as_str();
+    let text = text.rfind('@').map_or(text, |at| &text[at + 1..]);
+    // An IPv6 literal's colons are inside its brackets.
+    let after_host = text.rfind(']').map_or(text, |end| &text[end + 1..]);
+    match after_host.rfind(':').map(|colon| &after_host[colon + 1..]) {
+        None | Some("") => Ok(None),
+        Some(digits) => match digits.parse::<u16>() {
+            Ok(port) if digits.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(port)),
+            _ => Err(()),
+        },
+    }
+}
+
 fn default_port(scheme: &str) -> Option<u16> {
     match scheme {
         "https" | "wss" => Some(443),
@@ -121,9 +139,10 @@ impl Origin {
             ));
         }
         let scheme = scheme.to_ascii_lowercase();
-        let port = match authority.port_u16() {
-            Some(port) => port,
-            None => default_port(&scheme).ok_or(invalid("unknown scheme and no port"))?,
+        let port = match named_port(authority) {
+            Ok(Some(port)) => port,
+            Ok(None) => default_port(&scheme).ok_or(invalid("unknown scheme and no port"))?,
+            Err(()) => return Err(invalid("its port is not a number from 0 to 65535")),
         };
         let host = authority.host().to_ascii_lowercase();
         check_host_form(&host).map_err(invalid)?;
@@ -386,14 +405,21 @@ impl fmt::Debug for Scope {
 pub(crate) struct RedirectedFrom(pub(crate) Uri);
 
 /// Whether two URIs have the same origin (scheme, host, port with the scheme's default).
+/// A port that is no port (past `u16`) is the same as no other.
 pub(crate) fn same_origin(a: &Uri, b: &Uri) -> bool {
-    let port = |u: &Uri| {
-        u.port_u16()
-            .or_else(|| default_port(&u.scheme_str()?.to_ascii_lowercase()))
+    let port = |u: &Uri| match u.authority().map(named_port) {
+        Some(Ok(Some(port))) => Ok(Some(port)),
+        Some(Err(())) => Err(()),
+        _ => Ok(u
+            .scheme_str()
+            .and_then(|s| default_port(&s.to_ascii_lowercase()))),
     };
-    a.scheme_str().map(str::to_ascii_lowercase) == b.scheme_str().map(str::to_ascii_lowercase)
+    let (pa, pb) = (port(a), port(b));
+    pa.is_ok()
+        && pa == pb
+        && a.scheme_str().map(str::to_ascii_lowercase)
+            == b.scheme_str().map(str::to_ascii_lowercase)
         && a.host().map(str::to_ascii_lowercase) == b.host().map(str::to_ascii_lowercase)
-        && port(a) == port(b)
 }
 
 /// Whether `headers` has a `Host`: a walk over the few names a request has, which costs
@@ -417,23 +443,62 @@ pub(crate) fn host_headers_agree(
     port: Option<u16>,
     headers: &http::HeaderMap,
 ) -> bool {
-    let mut values = headers.get_all(http::header::HOST).iter();
-    let (Some(value), None) = (values.next(), values.next()) else {
-        return false;
-    };
-    let Ok(named) = http::uri::Authority::try_from(value.as_bytes()) else {
+    let Some((named, named_port)) = host_header(headers) else {
         return false;
     };
     let default = ["https", "wss", "http", "ws"]
         .into_iter()
         .find(|known| scheme.eq_ignore_ascii_case(known))
         .and_then(default_port);
-    !named.as_str().contains('@')
-        && named.host().eq_ignore_ascii_case(host)
-        && named.port_u16().or(default) == port.or(default)
+    named.host().eq_ignore_ascii_case(host) && named_port.or(default) == port.or(default)
+}
+
+/// The one `Host` header of `headers`, as an authority with a port that is one (or
+/// none) and no userinfo; `None` for several, none, or one that is no such authority.
+fn host_header(headers: &http::HeaderMap) -> Option<(http::uri::Authority, Option<u16>)> {
+    let mut values = headers.get_all(http::header::HOST).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    let named = http::uri::Authority::try_from(value.as_bytes()).ok()?;
+    let port = named_port(&named).ok()?;
+    (!named.as_str().contains('@')).then_some((named, port))
 }
 
 impl Scope {
+    /// Whether a relative request (`uri` with no scheme and no host: its origin is set
+    /// below the layer) whose `Host` header an HTTP/1 connection would send as it is, and
+    /// a shared front route by, names an origin in scope: a given origin's host and port
+    /// (its scheme's default port for none), any under `any_https_origin`, or one a
+    /// predicate takes (asked with `https`, the scheme the stack below must use for
+    /// relative URIs to be allowed at all).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn names_relative_host(&self, uri: &Uri, headers: &http::HeaderMap) -> bool {
+        let Some((named, port)) = host_header(headers) else {
+            return false;
+        };
+        let host = named.host();
+        if self.any
+            || self.origins.iter().any(|origin| {
+                origin.host.eq_ignore_ascii_case(host)
+                    && port.or_else(|| default_port(&origin.scheme)) == Some(origin.port)
+            })
+        {
+            return true;
+        }
+        if self.predicates.is_empty() {
+            return false;
+        }
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        Uri::builder()
+            .scheme("https")
+            .authority(named)
+            .path_and_query(path)
+            .build()
+            .is_ok_and(|absolute| self.predicates.iter().any(|p| p(&absolute)))
+    }
+
     fn with_origin(mut self, origin: Origin) -> Self {
         self.named
             .extend(origin.authorities.iter().map(|authority| Named {
@@ -548,6 +613,84 @@ mod tests {
         assert!(!same("https://api.test/", "https://api.test:8443/"));
         assert!(!same("https://api.test/", "https://api.test.evil/"));
         assert!(!same("http://127.0.0.1:80/", "http://localhost:80/"));
+    }
+
+    /// A port is digits naming a number up to 65535, or none (an empty one is none, as
+    /// RFC 3986 reads it); anything else after the host's `:` is no port, where `http`
+    /// reads it as none (which made `:99999` the scheme's default). An IPv6 literal's
+    /// colons are no port, nor userinfo's.
+    #[test]
+    fn a_port_is_a_number_to_65535_or_none() {
+        let port = |a: &str| named_port(&a.parse().unwrap());
+        assert_eq!(port("api.test"), Ok(None));
+        assert_eq!(port("api.test:"), Ok(None));
+        assert_eq!(port("api.test:443"), Ok(Some(443)));
+        assert_eq!(port("api.test:0443"), Ok(Some(443)));
+        assert_eq!(port("api.test:65535"), Ok(Some(65535)));
+        assert_eq!(port("[::1]"), Ok(None));
+        assert_eq!(port("[::1]:8443"), Ok(Some(8443)));
+        assert_eq!(port("u:p@api.test"), Ok(None));
+        for bad in [
+            "api.test:65536",
+            "api.test:99999",
+            "api.test:65979",
+            "[::1]:70000",
+        ] {
+            assert_eq!(port(bad), Err(()), "{bad}");
+        }
+        for bad in ["https://api.test:65536", "https://api.test:99999"] {
+            assert!(bad.parse::<Origin>().is_err(), "{bad}");
+            assert!(Origin::of_url(&format!("{bad}/v1")).is_err(), "{bad}");
+        }
+        let same = |a: &str, b: &str| same_origin(&a.parse().unwrap(), &b.parse().unwrap());
+        assert!(!same("https://api.test/", "https://api.test:65979/"));
+        assert!(!same("https://api.test:99999/", "https://api.test:99999/"));
+    }
+
+    /// A relative request's `Host` header names an origin in scope: a given one's host
+    /// and port (its default for none, case aside), any under `any_https_origin`, one a
+    /// predicate takes (asked as `https`); several `Host` headers, userinfo, or a port
+    /// that is no port never do.
+    #[test]
+    fn a_relative_requests_host_names_an_origin_in_scope() {
+        let scope = Scope::default()
+            .with_origin("https://api.example.com".parse().unwrap())
+            .with_origin("http://127.0.0.1:8080".parse().unwrap());
+        let names = |scope: &Scope, hosts: &[&str]| {
+            let mut headers = http::HeaderMap::new();
+            for host in hosts {
+                headers.append(http::header::HOST, host.parse().unwrap());
+            }
+            scope.names_relative_host(&"/v1/me?x=1".parse().unwrap(), &headers)
+        };
+        for good in ["api.example.com", "API.example.com:443", "127.0.0.1:8080"] {
+            assert!(names(&scope, &[good]), "{good}");
+        }
+        for bad in [
+            "tenant.evil.test",
+            "api.example.com:8443",
+            "api.example.com:65979",
+            "127.0.0.1",
+            "user@api.example.com",
+            "api.example.com.evil.test",
+        ] {
+            assert!(!names(&scope, &[bad]), "{bad}");
+        }
+        assert!(!names(&scope, &["api.example.com", "api.example.com"]));
+        let any = Scope {
+            any: true,
+            ..Scope::default()
+        };
+        assert!(names(&any, &["tenant.test"]));
+        let mut predicate = None;
+        Scope::add_predicate(&mut predicate, |uri: &Uri| {
+            uri.scheme_str() == Some("https")
+                && uri.host() == Some("tenant.test")
+                && uri.path_and_query().map(|p| p.as_str()) == Some("/v1/me?x=1")
+        });
+        let predicate = predicate.unwrap();
+        assert!(names(&predicate, &["tenant.test"]));
+        assert!(!names(&predicate, &["other.test"]));
     }
 
     /// The inline compare agrees with `==` at every length and for a difference at

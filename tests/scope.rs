@@ -283,3 +283,253 @@ async fn a_host_header_naming_another_origin_gets_no_credential() {
         "the credential went to the origin the Host header names, through: {leaked:?}"
     );
 }
+
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, Option<String>)>>>;
+
+/// Records, for each request the inner service receives, its `Host` header and its
+/// `Authorization`.
+fn recorder<B: Send + 'static>(
+    seen: Seen,
+) -> impl tower::Service<
+    Request<B>,
+    Response = http::Response<Full<Bytes>>,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |req: Request<B>| {
+        let seen = seen.clone();
+        async move {
+            let get = |name| {
+                req.headers()
+                    .get(name)
+                    .map(|v: &http::HeaderValue| v.to_str().unwrap().to_owned())
+            };
+            seen.lock()
+                .unwrap()
+                .push((get(header::HOST), get(header::AUTHORIZATION)));
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+        }
+    })
+}
+
+/// README: "A credential goes only to the origins it was given ..., never with a `Host`
+/// header that names another". `AuthLayer::origin`: "So does a request whose `Host`
+/// header names another host or port than its URI: a server that routes by `Host` (an
+/// ingress, a CDN, virtual hosts) would deliver it to that other origin."
+///
+/// World: a layer given `https://api.example.com` only, with `allow_relative_uris(true)`
+/// (the stack below sets the origin: a connection to a shared front), and an
+/// origin-form request `/v1/me` whose `Host` header names `tenant.evil.test` (a header
+/// copied from an incoming request, say). An HTTP/1 connection sends that `Host` as it
+/// is, and the front routes the request to `tenant.evil.test`.
+/// Should: no credential on that request (replaying and `Direct`).
+#[tokio::test]
+async fn a_relative_request_whose_host_names_another_origin_gets_no_credential() {
+    let seen: Seen = Seen::default();
+    let layer = AuthLayer::new(RotatingCredential::new(
+        Credential::bearer("scoped-token").unwrap(),
+    ))
+    .origin("https://api.example.com")
+    .unwrap()
+    .allow_relative_uris(true);
+    let request = |host: &str| {
+        Request::get("/v1/me")
+            .header(header::HOST, host)
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    let res = layer
+        .clone()
+        .layer(recorder::<tower_client_auth::ReplayBody<Full<Bytes>>>(
+            seen.clone(),
+        ))
+        .oneshot(request("tenant.evil.test"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    layer
+        .clone()
+        .without_replay()
+        .layer(recorder::<Full<Bytes>>(seen.clone()))
+        .oneshot(request("tenant.evil.test"))
+        .await
+        .unwrap();
+    // The control: a `Host` naming the given origin gets the credential.
+    layer
+        .clone()
+        .layer(recorder::<tower_client_auth::ReplayBody<Full<Bytes>>>(
+            seen.clone(),
+        ))
+        .oneshot(request("api.example.com"))
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(
+        seen[2],
+        (
+            Some("api.example.com".into()),
+            Some("Bearer scoped-token".into())
+        )
+    );
+    let leaked: Vec<_> = ["replaying", "direct"]
+        .iter()
+        .zip(&seen[..2])
+        .filter(|(_, (_, auth))| auth.is_some())
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the credential went with a Host naming tenant.evil.test: {leaked:?}"
+    );
+}
+
+/// World: the same over the wire: an HTTP/1 connection (hyper's `conn::http1`, as a stack that
+/// sets the origin below the layer would hold) to a shared front that routes by `Host`.
+/// The front's `tenant.evil.test` virtual host records what it received.
+#[tokio::test]
+async fn over_the_wire_a_relative_request_routed_by_host_to_another_origin_gets_no_credential() {
+    let (addr, seen) = recording_api(StatusCode::OK, |req| {
+        req.headers()
+            .get(header::HOST)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    })
+    .await;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let send = std::sync::Arc::new(tokio::sync::Mutex::new(send));
+    let inner = tower::service_fn(move |req: Request<Full<Bytes>>| {
+        let send = send.clone();
+        async move {
+            let mut send = send.lock().await;
+            send.ready().await?;
+            send.send_request(req).await
+        }
+    });
+    let svc = AuthLayer::new(RotatingCredential::new(
+        Credential::bearer("scoped-token").unwrap(),
+    ))
+    .origin("https://api.example.com")
+    .unwrap()
+    .allow_relative_uris(true)
+    .without_replay()
+    .layer(inner);
+    let res = svc
+        .oneshot(
+            Request::get("/v1/me")
+                .header(header::HOST, "tenant.evil.test")
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0, "tenant.evil.test");
+    assert_eq!(
+        seen[0].1, None,
+        "the virtual host tenant.evil.test received the credential"
+    );
+}
+
+/// `scope::host_headers_agree` (src/scope.rs): "Whether a request's `Host` header ...
+/// names the same host and port as its absolute URI ... one that is not an authority
+/// ... never agree[s]"; `AuthLayer::origin`: a request "whose `Host` header names another
+/// host or port than its URI" gets no credential.
+///
+/// World: a layer given `https://api.example.com`; requests to that URI whose `Host`
+/// header names a port no URL parser accepts (`99999`, and `65979`, which is 443 modulo
+/// 2^16). `http`'s `port_u16` reads such a port as absent, and the rule then fills in
+/// the scheme's default (443): the header is taken to agree.
+/// Should: no credential (the header names neither the URI's port nor a valid one).
+#[tokio::test]
+async fn a_host_header_with_an_out_of_range_port_gets_no_credential() {
+    for host in ["api.example.com:99999", "api.example.com:65979"] {
+        let seen: Seen = Seen::default();
+        let layer = AuthLayer::new(RotatingCredential::new(
+            Credential::bearer("scoped-token").unwrap(),
+        ))
+        .origin("https://api.example.com")
+        .unwrap();
+        let request = Request::get("https://api.example.com/v1/me")
+            .header(header::HOST, host)
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        layer
+            .without_replay()
+            .layer(recorder::<Full<Bytes>>(seen.clone()))
+            .oneshot(request)
+            .await
+            .unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![(Some(host.to_owned()), None)],
+            "Host: {host} was taken to name port 443"
+        );
+    }
+}
+
+/// `Origin` (src/scope.rs): "A string that is not an origin: it needs a scheme and a host
+/// ..., and nothing after them"; `AuthLayer::origin`: "Anything with a path, query or
+/// credentials is an `InvalidOrigin` here, not a scope that silently differs".
+///
+/// World: an origin written with a port no URL parser accepts (`99999`; `65979`, a typo
+/// of a five-digit port, is 443 modulo 2^16). `http` parses the authority, its
+/// `port_u16` reads the port as absent, and `Origin` fills in the scheme's default: the
+/// scope silently becomes `https://api.example.com` (port 443), an origin nobody gave.
+/// Should: refused as an `InvalidOrigin`; and in any case no credential for
+/// `https://api.example.com/` (port 443).
+#[tokio::test]
+async fn an_origin_whose_port_is_no_port_is_refused_not_read_as_the_default_port() {
+    for given in [
+        "https://api.example.com:99999",
+        "https://api.example.com:65979",
+    ] {
+        let parsed = given.parse::<tower_client_auth::Origin>();
+        let of_url = tower_client_auth::Origin::of_url(&format!("{given}/v1/"));
+        let seen: Seen = Seen::default();
+        if let Ok(layer) = AuthLayer::new(RotatingCredential::new(
+            Credential::bearer("scoped-token").unwrap(),
+        ))
+        .origin(given)
+        {
+            layer
+                .without_replay()
+                .layer(recorder::<Full<Bytes>>(seen.clone()))
+                .oneshot(
+                    Request::get("https://api.example.com/v1/me")
+                        .body(Full::<Bytes>::default())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+        }
+        #[cfg(feature = "reqwest")]
+        assert!(
+            tower_client_auth::reqwest::AuthMiddleware::new(RotatingCredential::new(
+                Credential::bearer("scoped-token").unwrap(),
+            ))
+            .origin(given)
+            .is_err(),
+            "{given}: the reqwest middleware took it"
+        );
+        let seen = seen.lock().unwrap().clone();
+        assert!(
+            seen.iter().all(|(_, auth)| auth.is_none()),
+            "given {given}, the credential went to https://api.example.com (port 443): {seen:?}"
+        );
+        assert!(
+            parsed.is_err() && of_url.is_err(),
+            "{given} was taken as an origin: {:?} / {:?}",
+            parsed.map(|o| o.to_string()),
+            of_url.map(|o| o.to_string())
+        );
+    }
+}
