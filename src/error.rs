@@ -37,7 +37,8 @@ pub enum ErrorKind {
     InsecureTransport,
     /// A credential could not be built from the given values (bad characters, empty).
     InvalidCredential,
-    /// No Tokio runtime was available to run the refresh on.
+    /// No Tokio runtime was available to run the refresh on, or the one there has no
+    /// timers (built without `enable_time`).
     NoRuntime,
     /// The refresh was cancelled before it finished: the runtime it ran on shut down.
     Cancelled,

@@ -207,15 +207,10 @@ impl<P: CredentialSource> CredentialCache<P> {
                 }
                 return (Acquire::ready(Ok(entry)), None);
             }
-            let err = match &state.last_error {
-                // A refused transport stays that, however often it is asked for.
-                Some(last) if last.kind() == ErrorKind::InsecureTransport => last.clone(),
-                Some(last) => {
-                    Error::new(ErrorKind::Backoff).with_shared_source(Arc::new(last.clone()))
-                }
-                None => Error::new(ErrorKind::Backoff),
-            };
-            return (Acquire::ready(Err(err.with_retry_in(retry_at - now))), None);
+            return (
+                Acquire::ready(Err(backing_off(&state, retry_at, now))),
+                None,
+            );
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return (Acquire::ready(Err(Error::new(ErrorKind::NoRuntime))), None);
@@ -287,6 +282,18 @@ impl<P: CredentialSource> CredentialCache<P> {
             Some(start),
         )
     }
+}
+
+/// What a request gets while the cache backs off until `retry_at` with no credential
+/// to send: the last failure, under [`ErrorKind::Backoff`].
+fn backing_off(state: &State, retry_at: Instant, now: Instant) -> Error {
+    let err = match &state.last_error {
+        // A refused transport stays that, however often it is asked for.
+        Some(last) if last.kind() == ErrorKind::InsecureTransport => last.clone(),
+        Some(last) => Error::new(ErrorKind::Backoff).with_shared_source(Arc::new(last.clone())),
+        None => Error::new(ErrorKind::Backoff),
+    };
+    err.with_retry_in(retry_at - now)
 }
 
 /// A refresh task, decided under the lock and started after it is released.
@@ -438,9 +445,10 @@ struct FlightGuard<P: CredentialSource> {
     /// Whether this is a step-up: its failure backs off step-ups only (the credential
     /// in use is still valid, and its own refresh must not wait for a scope).
     step_up: bool,
-    /// Whether it gave up because the store's credentials were dropped as they loaded:
-    /// no source was asked, so nothing backs off. (Not told by the error's kind: a
-    /// source over another cache may pass that kind on as its own failure.)
+    /// Whether it gave up without asking the source (the store's credentials were
+    /// dropped as they loaded, or the runtime has no timers): nothing backs off. (Not
+    /// told by the error's kind: a source over another cache may pass that kind on as
+    /// its own failure.)
     gave_up: bool,
     /// Whether its result answered it (set by `finish`): not when a credential handed
     /// over meanwhile did, nor when it failed.
@@ -463,7 +471,12 @@ impl<P: CredentialSource> FlightGuard<P> {
     /// tainted brought, if it ended meanwhile (`forget_suspect`): newer than what the
     /// invalidation dropped, it is the one a source holding a last credential would hand
     /// back, the one the store holds, and the one with the newest refresh token.
-    fn begin(&mut self, cx: &mut FetchContext) -> Option<Arc<Entry>> {
+    ///
+    /// `Some(Err)` or `Some(Ok)` too when the cache backs off (a predecessor's failure
+    /// asked, with `Retry-After`, for no token request before then): the flight ends as
+    /// one planned now would, with a credential that may still be sent, else the
+    /// backoff's error, and the source is not asked.
+    fn begin(&mut self, cx: &mut FetchContext) -> Option<Result<Arc<Entry>, Error>> {
         let mut state = self.inner.lock_state();
         state.running = Some(self.flight.clone());
         self.invalidations = state.invalidations;
@@ -471,6 +484,20 @@ impl<P: CredentialSource> FlightGuard<P> {
             if let Some(dropped) = state.tainted_result.take() {
                 cx.set_previous(dropped);
             }
+        }
+        let now = Instant::now();
+        if let Some(retry_at) = state.retry_at.filter(|at| now < *at) {
+            let _ = self.leave(&mut state, false);
+            let sendable = self.inner.current.load_full().filter(|e| self.sendable(e));
+            return Some(match sendable {
+                Some(entry) => {
+                    if entry.background_claimed.load(Ordering::Acquire) {
+                        self.inner.rearm_background(&entry, retry_at);
+                    }
+                    Ok(entry)
+                }
+                None => Err(backing_off(&state, retry_at, now)),
+            });
         }
         // A step-up always fetches: what its predecessor brought asked for no scope.
         if self.step_up {
@@ -490,7 +517,7 @@ impl<P: CredentialSource> FlightGuard<P> {
         // comes after must start a fetch, not join this flight and be answered with
         // the credential it rejected.
         let _ = self.leave(&mut state, false);
-        Some(current)
+        Some(Ok(current))
     }
 
     /// Whether `entry` may be sent without waiting: not yet in its hard window.
@@ -621,7 +648,17 @@ impl<P: CredentialSource> FlightGuard<P> {
                         inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                     }
                     tracing::debug!(error = %err, "a superseded refresh failed; using the replacement");
-                    inner.give_back_claim(&current, now);
+                    match Self::hold_retry_after(&mut state, &err, now) {
+                        Some(retry_at) => {
+                            if current.background_claimed.load(Ordering::Acquire) {
+                                inner.rearm_background(
+                                    &current,
+                                    retry_at.max(saturating_add(now, inner.backoff(1))),
+                                );
+                            }
+                        }
+                        None => inner.give_back_claim(&current, now),
+                    }
                     Ok(current)
                 }
                 (Err(err), _) => {
@@ -629,13 +666,14 @@ impl<P: CredentialSource> FlightGuard<P> {
                         // The source was not asked: no failure of its, nothing to back
                         // off from. A background refresh it ended may be tried again
                         // (after one backoff step, as a superseded one's is).
-                        tracing::debug!("the store's credential was dropped at every look");
+                        tracing::debug!(error = %err, "the refresh gave up without asking the source");
                         if let Some(current) = inner.current.load_full() {
                             inner.give_back_claim(&current, now);
                         }
                     } else if superseded {
                         inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(error = %err, "a superseded refresh failed");
+                        Self::hold_retry_after(&mut state, &err, now);
                     } else if self.step_up {
                         inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(error = %err, cause = err_source(&err), "step-up failed; keeping the credential in use");
@@ -664,6 +702,20 @@ impl<P: CredentialSource> FlightGuard<P> {
             // No waiter left is fine: the credential is installed all the same.
             let _ = tx.send(outcome);
         }
+    }
+
+    /// A failure that is not the cache's (superseded: its result would not have been
+    /// installed) does not back the cache off, but a `Retry-After` it carries is the
+    /// endpoint's word on every token request: no fetch begins before it (`plan`,
+    /// `begin`). The time it holds to, if it carries one.
+    fn hold_retry_after(state: &mut State, err: &Error, now: Instant) -> Option<Instant> {
+        let asked = err.not_before?;
+        let until = saturating_add(now, asked.min(MAX_RETRY_AFTER));
+        if state.retry_at.is_none_or(|at| at < until) {
+            state.retry_at = Some(until);
+            state.last_error = Some(err.clone());
+        }
+        state.retry_at
     }
 
     fn record_failure(inner: &Inner<P>, state: &mut State, err: &Error, now: Instant) {
@@ -778,10 +830,10 @@ async fn run_flight<P: CredentialSource>(
         for predecessor in predecessors {
             let _ = predecessor.await;
         }
-        if let Some(current) = guard.begin(&mut cx) {
+        if let Some(answer) = guard.begin(&mut cx) {
             #[cfg(test)]
             hook::run("after_begin");
-            return guard.send(Ok(current));
+            return guard.send(answer);
         }
     }
     // A store's credential dropped while it was loaded (`invalidate_if` or `reject` of
@@ -801,7 +853,7 @@ async fn run_flight<P: CredentialSource>(
         }
         let mut from_store = false;
         let mut to_keep = None;
-        let result = AssertUnwindSafe(obtain(
+        let result = match AssertUnwindSafe(obtain(
             &guard.inner,
             cx.clone(),
             deadline,
@@ -811,7 +863,16 @@ async fn run_flight<P: CredentialSource>(
         ))
         .catch_unwind()
         .await
-        .unwrap_or_else(|_panic| Err(Error::new(ErrorKind::SourcePanicked)));
+        {
+            Ok(result) => result,
+            // Tokio's timers panic on a runtime built without them, before the source
+            // is asked: the runtime's failure, which nothing backs off from.
+            Err(panic) if timers_disabled(&*panic) => {
+                guard.gave_up = true;
+                Err(Error::new(ErrorKind::NoRuntime).with_detail(NO_TIMERS))
+            }
+            Err(_panic) => Err(Error::new(ErrorKind::SourcePanicked)),
+        };
         let outcome = metrics::outcome(&result);
         let finished = guard.finish(result, from_store);
         // A pair to keep saving, once what the flight brought is installed: the task's
@@ -843,6 +904,17 @@ async fn run_flight<P: CredentialSource>(
     guard.gave_up = true;
     guard.finish(Err(Error::new(ErrorKind::StoreCredentialDropped)), false);
     metrics::refresh(&name, "dropped", started.elapsed());
+}
+
+/// Why a refresh on a runtime without timers failed.
+const NO_TIMERS: &str =
+    "the Tokio runtime has no timers: build it with enable_time (or enable_all)";
+
+/// Whether a panic is Tokio's on a runtime built without its time driver.
+fn timers_disabled(panic: &(dyn std::any::Any + Send)) -> bool {
+    let text = (panic.downcast_ref::<&str>().copied())
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str));
+    text.is_some_and(|text| text.contains("timers are disabled"))
 }
 
 /// Whether [`FlightGuard::finish`] ended the flight.
