@@ -145,6 +145,39 @@ fn warm_cache(idp: &Idp) -> CredentialCache<TokenSource> {
         .unwrap()
 }
 
+/// A warmed-up keep-warm cache whose refresh (76 s in, at its soft window) is held at
+/// the endpoint, which will answer it 503 `Retry-After: 60`; the gate that holds it.
+async fn refresh_held_at_a_failing_endpoint(
+    idp: &Idp,
+) -> (CredentialCache<TokenSource>, Arc<Semaphore>) {
+    let cache = warm_cache(idp);
+    cache.warm_up().await.unwrap();
+    let gate = idp.gate();
+    idp.set_failing(true);
+    tokio::time::sleep(Duration::from_secs(76)).await;
+    settle().await;
+    assert_eq!(idp.requests(), 2, "keep-warm's refresh is at the endpoint");
+    (cache, gate)
+}
+
+/// Lets the held refresh's 503 out.
+async fn answer_the_held_refresh(idp: &Idp, gate: &Semaphore) {
+    idp.ungate();
+    gate.add_permits(10);
+    settle().await;
+}
+
+/// Asks for the credential every 500 ms for 50 s; then no token request may have come
+/// within 60 s of a 503's answer.
+async fn ask_and_check_retry_after(idp: &Idp, cache: &CredentialCache<TokenSource>) {
+    for _ in 0..100 {
+        let _ = cache.credential().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let v = idp.violations();
+    assert!(v.is_empty(), "{v:?}\nlog: {:?}", idp.log());
+}
+
 /// Control: keep-warm's own refresh answered 503 `Retry-After: 60`, requests arriving
 /// meanwhile. Proves: no token request within the 60 s.
 #[tokio::test(start_paused = true)]
@@ -172,29 +205,16 @@ async fn keep_warm_honours_retry_after_on_its_own_refresh() {
 #[tokio::test(start_paused = true)]
 async fn retry_after_holds_when_keep_warms_refresh_was_overtaken_by_an_invalidation() {
     let idp = Idp::default();
-    let cache = warm_cache(&idp);
-    cache.warm_up().await.unwrap();
-    let gate = idp.gate();
-    idp.set_failing(true);
-    tokio::time::sleep(Duration::from_secs(76)).await;
-    settle().await;
-    assert_eq!(idp.requests(), 2, "keep-warm's refresh is at the endpoint");
+    let (cache, gate) = refresh_held_at_a_failing_endpoint(&idp).await;
     cache.handle().invalidate();
     let asking = {
         let cache = cache.clone();
         tokio::spawn(async move { cache.credential().await.map(drop) })
     };
     settle().await;
-    idp.ungate();
-    gate.add_permits(10);
-    settle().await;
+    answer_the_held_refresh(&idp, &gate).await;
     let _ = tokio::time::timeout(Duration::from_secs(30), asking).await;
-    for _ in 0..100 {
-        let _ = cache.credential().await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let v = idp.violations();
-    assert!(v.is_empty(), "{v:?}\nlog: {:?}", idp.log());
+    ask_and_check_retry_after(&idp, &cache).await;
 }
 
 /// The same, a credential handed over (`CacheHandle::replace`) while keep-warm's refresh
@@ -203,29 +223,16 @@ async fn retry_after_holds_when_keep_warms_refresh_was_overtaken_by_an_invalidat
 #[tokio::test(start_paused = true)]
 async fn retry_after_holds_when_keep_warms_refresh_was_overtaken_by_a_replace() {
     let idp = Idp::default();
-    let cache = warm_cache(&idp);
-    cache.warm_up().await.unwrap();
-    let gate = idp.gate();
-    idp.set_failing(true);
-    tokio::time::sleep(Duration::from_secs(76)).await;
-    settle().await;
-    assert_eq!(idp.requests(), 2, "keep-warm's refresh is at the endpoint");
+    let (cache, gate) = refresh_held_at_a_failing_endpoint(&idp).await;
     let handed = Credential::bearer("handed").unwrap().lives(
         std::time::SystemTime::now() - Duration::from_secs(80),
         Duration::from_secs(100),
     );
     cache.handle().replace(handed).unwrap();
-    idp.ungate();
-    gate.add_permits(10);
-    settle().await;
+    answer_the_held_refresh(&idp, &gate).await;
     // A second later, the application asks for the credential (in its soft window).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    for _ in 0..100 {
-        let _ = cache.credential().await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let v = idp.violations();
-    assert!(v.is_empty(), "{v:?}\nlog: {:?}", idp.log());
+    ask_and_check_retry_after(&idp, &cache).await;
 }
 
 /// `CredentialCache::warm_up` on a Tokio runtime built without its time driver (a
@@ -522,29 +529,17 @@ async fn keep_warm_over_a_hung_store_with_a_pair_handed_in_stops_with_the_last_c
 #[tokio::test(start_paused = true)]
 async fn retry_after_holds_when_keep_warms_refresh_was_overtaken_by_a_rejection() {
     let idp = Idp::default();
-    let cache = warm_cache(&idp);
-    cache.warm_up().await.unwrap();
+    let (cache, gate) = refresh_held_at_a_failing_endpoint(&idp).await;
+    // In its soft window: handed out at once, as the refresh runs.
     let current = cache.credential().await.unwrap();
-    let gate = idp.gate();
-    idp.set_failing(true);
-    tokio::time::sleep(Duration::from_secs(76)).await;
-    settle().await;
-    assert_eq!(idp.requests(), 2, "keep-warm's refresh is at the endpoint");
     let rejecting = {
         let cache = cache.clone();
         tokio::spawn(async move { cache.reject(&current).await.map(drop) })
     };
     settle().await;
-    idp.ungate();
-    gate.add_permits(10);
-    settle().await;
+    answer_the_held_refresh(&idp, &gate).await;
     let _ = tokio::time::timeout(Duration::from_secs(30), rejecting).await;
-    for _ in 0..100 {
-        let _ = cache.credential().await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let v = idp.violations();
-    assert!(v.is_empty(), "{v:?}\nlog: {:?}", idp.log());
+    ask_and_check_retry_after(&idp, &cache).await;
 }
 
 /// Keep-warm alone, no request: keep-warm's refresh is at the endpoint when a fresh
@@ -554,13 +549,7 @@ async fn retry_after_holds_when_keep_warms_refresh_was_overtaken_by_a_rejection(
 #[tokio::test(start_paused = true)]
 async fn keep_warm_honours_retry_after_from_a_refresh_overtaken_by_a_replace_with_no_request() {
     let idp = Idp::default();
-    let cache = warm_cache(&idp);
-    cache.warm_up().await.unwrap();
-    let gate = idp.gate();
-    idp.set_failing(true);
-    tokio::time::sleep(Duration::from_secs(76)).await;
-    settle().await;
-    assert_eq!(idp.requests(), 2, "keep-warm's refresh is at the endpoint");
+    let (cache, gate) = refresh_held_at_a_failing_endpoint(&idp).await;
     cache
         .handle()
         .replace(
@@ -569,9 +558,7 @@ async fn keep_warm_honours_retry_after_from_a_refresh_overtaken_by_a_replace_wit
                 .expires_in(Duration::from_secs(20)),
         )
         .unwrap();
-    idp.ungate();
-    gate.add_permits(10);
-    settle().await;
+    answer_the_held_refresh(&idp, &gate).await;
     tokio::time::sleep(Duration::from_secs(120)).await;
     settle().await;
     let v = idp.violations();
