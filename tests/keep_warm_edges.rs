@@ -197,6 +197,33 @@ async fn keep_warm_honours_retry_after_on_its_own_refresh() {
     assert!(v.is_empty(), "{v:?}\n{:?}", idp.log());
 }
 
+/// World: keep-warm's refresh answered 503 `Retry-After: 60`; then a credential is
+/// handed over (`replace`) and the API rejects it 11 s later (`reject`). Proves: the
+/// hand-over ends the backoff's own steps, not the endpoint's word: no token request
+/// within the 60 s (the rejection is answered with the backoff's error, no fetch).
+#[tokio::test(start_paused = true)]
+async fn retry_after_outlives_a_replace_and_its_rejection() {
+    let idp = Idp::default();
+    let cache = warm_cache(&idp);
+    cache.warm_up().await.unwrap();
+    idp.set_failing(true);
+    tokio::time::sleep(Duration::from_secs(76)).await;
+    settle().await;
+    assert_eq!(idp.requests(), 2, "keep-warm refreshed at 75 s");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let handed = Credential::bearer("handed")
+        .unwrap()
+        .expires_in(Duration::from_secs(100));
+    cache.handle().replace(handed).unwrap();
+    let current = cache.credential().await.unwrap();
+    // Old enough that its rejection drops it (see `YOUNG_CREDENTIAL_AGE`).
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let err = cache.reject(&current).await.map(drop).unwrap_err();
+    assert_eq!(err.kind(), tower_client_auth::ErrorKind::Backoff, "{err}");
+    ask_and_check_retry_after(&idp, &cache).await;
+    assert_eq!(idp.requests(), 3, "{:?}", idp.log());
+}
+
 /// README: "A token endpoint's `Retry-After` (429, 503; seconds or an HTTP date) is the
 /// earliest next token request". World: keep-warm's refresh is at the endpoint when the
 /// credential is invalidated (`CacheHandle::invalidate`) and a request arrives; the

@@ -635,6 +635,7 @@ impl<P: CredentialSource> FlightGuard<P> {
                     state.failures = 0;
                     state.retry_at = None;
                     state.last_error = None;
+                    state.endpoint_hold = None;
                     let entry = inner.install(&mut state, credential, now);
                     self.record_step_up(&mut state, &entry);
                     tracing::debug!(generation = entry.generation, "credential refreshed");
@@ -711,6 +712,7 @@ impl<P: CredentialSource> FlightGuard<P> {
     fn hold_retry_after(state: &mut State, err: &Error, now: Instant) -> Option<Instant> {
         let asked = err.not_before?;
         let until = saturating_add(now, asked.min(MAX_RETRY_AFTER));
+        state.endpoint_hold = state.endpoint_hold.max(Some(until));
         if state.retry_at.is_none_or(|at| at < until) {
             state.retry_at = Some(until);
             state.last_error = Some(err.clone());
@@ -723,8 +725,11 @@ impl<P: CredentialSource> FlightGuard<P> {
         state.failures = state.failures.saturating_add(1);
         let mut delay = inner.backoff(state.failures);
         if let Some(asked) = err.not_before {
-            // The endpoint said when (`Retry-After`): no earlier, within reason.
-            delay = delay.max(asked.min(MAX_RETRY_AFTER));
+            // The endpoint said when (`Retry-After`): no earlier, within reason, even
+            // past a credential handed over meanwhile.
+            let asked = asked.min(MAX_RETRY_AFTER);
+            delay = delay.max(asked);
+            state.endpoint_hold = state.endpoint_hold.max(Some(saturating_add(now, asked)));
         }
         let retry_at = saturating_add(now, delay);
         state.retry_at = Some(retry_at);

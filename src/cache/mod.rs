@@ -490,8 +490,11 @@ impl<P: CredentialSource> Sink for Inner<P> {
         // and its failure is its own waiters' only.
         state.epoch += 1;
         state.failures = 0;
-        state.retry_at = None;
-        state.last_error = None;
+        // The endpoint's own word (`Retry-After`) still holds, and says why.
+        state.retry_at = state.endpoint_hold.filter(|at| Instant::now() < *at);
+        if state.retry_at.is_none() {
+            state.last_error = None;
+        }
         // Nor may a rejection of the new value join that fetch and take its older one.
         Self::detach_running(&mut state);
         tracing::debug!("credential replaced from outside");
@@ -721,6 +724,10 @@ struct State {
     failures: u32,
     retry_at: Option<Instant>,
     last_error: Option<Error>,
+    /// The time before which the token endpoint asked for no request (`Retry-After`),
+    /// held across a hand-over, which ends the backoff's own steps only; cleared by a
+    /// fetch that succeeds.
+    endpoint_hold: Option<Instant>,
     /// Bumped when the credential is replaced from outside; a fetch that started in an
     /// older epoch does not install its result while the replacement is current.
     epoch: u64,
