@@ -197,6 +197,8 @@ impl Error {
                 None => (*e).source(),
             }
         })
+        // A user's error whose chain loops (or runs on without end) is cut.
+        .take(MAX_CHAIN)
     }
 
     /// The causes `Display` shows (at most [`MAX_CAUSES`]; the crate's own wrappers are
@@ -294,13 +296,9 @@ impl fmt::Debug for Error {
             d.field("retry_in", &retry_in);
         }
         if self.source.is_some() {
-            // Sanitised: a user source's text may carry a URL with a key in it, or
-            // control characters.
-            let causes: Vec<String> = self
-                .causes()
-                .filter(|c| c.downcast_ref::<Error>().is_none())
-                .map(|c| crate::text::foreign(&c.to_string()))
-                .collect();
+            // Sanitised, as `Display` shows them: a user source's text may carry a URL
+            // with a key in it, or control characters, and its chain may be long.
+            let causes: Vec<String> = self.shown_causes().0.map(shown).collect();
             d.field("source", &format_args!("{}", causes.join(": ")));
         }
         d.finish()
@@ -326,21 +324,28 @@ impl fmt::Display for Error {
             write!(f, " (next attempt in {} ms)", retry_in.as_millis())?;
         }
         for cause in self.shown_causes().0 {
-            // The token client's errors show server text escaped already: escaped again,
-            // every backslash of its escapes would double.
-            #[cfg(feature = "token")]
-            if cause.is::<crate::token::TokenError>() {
-                write!(f, ": {}", crate::text::ours(&cause.to_string()))?;
-                continue;
-            }
-            write!(f, ": {}", crate::text::foreign(&cause.to_string()))?;
+            write!(f, ": {}", shown(cause))?;
         }
         Ok(())
     }
 }
 
+/// A cause as `Display` and `Debug` show it: made safe to show.
+fn shown(cause: &(dyn StdError + 'static)) -> String {
+    // The token client's errors show server text escaped already: escaped again, every
+    // backslash of its escapes would double.
+    #[cfg(feature = "token")]
+    if cause.is::<crate::token::TokenError>() {
+        return crate::text::ours(&cause.to_string());
+    }
+    crate::text::foreign(&cause.to_string())
+}
+
 /// Most causes `Display` shows after the error itself.
 const MAX_CAUSES: usize = 4;
+
+/// Most causes of a chain looked at, for any purpose.
+const MAX_CHAIN: usize = 64;
 
 impl StdError for Error {
     /// The first cause `Display` does not already show: `None` unless the chain is

@@ -50,13 +50,31 @@ pub enum FetchReason {
 }
 
 /// What a [`CredentialSource`] is told about a fetch.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FetchContext {
     reason: FetchReason,
     previous: Option<Credential>,
     now: SystemTime,
     sharing: Sharing,
     required_scope: Option<String>,
+}
+
+impl fmt::Debug for FetchContext {
+    /// The scope an API asked for is its text: escaped and cut, as
+    /// [`InsufficientScope`](crate::rejection::InsufficientScope)'s `Debug` shows it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FetchContext")
+            .field("reason", &self.reason)
+            .field("previous", &self.previous)
+            .field("now", &self.now)
+            .field("sharing", &self.sharing)
+            .field(
+                "required_scope",
+                &(self.required_scope.as_deref())
+                    .map(|scope| crate::text::escape(scope, crate::text::MAX_SERVER_TEXT)),
+            )
+            .finish()
+    }
 }
 
 /// Who owns the refresh token for this fetch (see [`RefreshSharing`]).

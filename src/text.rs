@@ -158,11 +158,18 @@ fn find_secrets(
     depth: Depth,
     spans: &mut Vec<std::ops::Range<usize>>,
 ) {
+    // Searched without regard to ASCII case (a server may fold it before it echoes):
+    // both sides in lower case, whose spans are the text's own.
+    let secrets: Vec<String> = secrets.iter().map(|s| s.to_ascii_lowercase()).collect();
     let search = |text: &str, found: &mut Vec<std::ops::Range<usize>>| {
-        for secret in secrets {
-            found.extend(text.match_indices(secret).map(|(at, s)| at..at + s.len()));
-            cut_prefixes(text, secret, found);
-            elided_suffixes(text, secret, found);
+        let text = text.to_ascii_lowercase();
+        for secret in &secrets {
+            found.extend(
+                text.match_indices(secret.as_str())
+                    .map(|(at, s)| at..at + s.len()),
+            );
+            cut_prefixes(&text, secret, found);
+            elided_suffixes(&text, secret, found);
         }
     };
     search(text, spans);
@@ -179,10 +186,11 @@ fn find_secrets(
             .other
             .checked_sub(1)
             .map(|other| Depth { other, ..depth });
-        let decoders: [(Decoder, _); 3] = [
+        let decoders: [(Decoder, _); 4] = [
             (decode_json_escapes, json),
             (decode_percent, other),
             (decode_html, other),
+            (decode_breaks, other),
         ];
         for (decode, deeper) in decoders {
             let Some(deeper) = deeper else {
@@ -282,8 +290,37 @@ impl Decoded {
     }
 }
 
+/// `text` without the invisible breaks a server puts in a long word so that it can wrap
+/// (`<wbr>`, a soft hyphen as `&shy;` or itself, zero-width spaces and joiners) and
+/// without line breaks (a text wrapped at a width). `None` when there was none.
+#[cfg(feature = "token")]
+fn decode_breaks(text: &str) -> Option<Decoded> {
+    const BREAKS: [&str; 12] = [
+        "<wbr>", "<wbr/>", "<wbr />", "&shy;", "\u{ad}", "\u{200b}", "\u{200c}", "\u{200d}",
+        "\u{2060}", "\u{feff}", "\r", "\n",
+    ];
+    let mut out = Decoded::with_capacity(text.len());
+    let (mut at, mut removed) = (0, false);
+    while let Some(c) = text[at..].chars().next() {
+        let rest = &text.as_bytes()[at..];
+        let found = BREAKS.iter().find(|b| {
+            rest.get(..b.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(b.as_bytes()))
+        });
+        if let Some(found) = found {
+            at += found.len();
+            removed = true;
+            continue;
+        }
+        out.copy(&text[at..at + c.len_utf8()], at);
+        at += c.len_utf8();
+    }
+    removed.then_some(out)
+}
+
 /// `text` with every `%XX` (either case) decoded as a byte, the bytes read as UTF-8 (an
-/// invalid sequence as U+FFFD); a `+` stays a `+`. `None` when there was none.
+/// invalid sequence as U+FFFD), and every `%uXXXX` as the character; a `+` stays a `+`.
+/// `None` when there was none.
 #[cfg(feature = "token")]
 fn decode_percent(text: &str) -> Option<Decoded> {
     if !text.contains('%') && !text.contains("\\x") {
@@ -297,6 +334,22 @@ fn decode_percent(text: &str) -> Option<Decoded> {
     let mut decoded_any = false;
     let mut i = 0;
     while i < bytes.len() {
+        // `%uXXXX`: JavaScript's `escape()` of a character past Latin-1.
+        if bytes[i] == b'%' && matches!(bytes.get(i + 1), Some(b'u' | b'U')) {
+            let unit = (bytes.get(i + 2..i + 6))
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                .and_then(|h| u32::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())
+                .and_then(char::from_u32);
+            if let Some(c) = unit {
+                for byte in c.encode_utf8(&mut [0; 4]).bytes() {
+                    out.push(byte);
+                    from.push(i..i + 6);
+                }
+                i += 6;
+                decoded_any = true;
+                continue;
+            }
+        }
         let digit = |b: u8| (b as char).to_digit(16).unwrap_or(0) as u8;
         let hex = |h: u8, l: u8| h.is_ascii_hexdigit() && l.is_ascii_hexdigit();
         // `%XX`, or `\xXX` (Python's and Ruby's byte escape).
@@ -643,7 +696,8 @@ fn ends_after_partial_escape(s: &str) -> bool {
 }
 
 /// Whether a string ends at the start of `s`: the text's end, a closing quote, bracket
-/// or tag, a line break, a mask (`*`, `•`), or an ellipsis (after spaces too).
+/// or tag, a line break, a mask (`*`, `•`), an ellipsis or an opening bracket (after
+/// spaces too: a cut marked `[truncated]`).
 #[cfg(feature = "token")]
 fn string_ends(s: &str) -> bool {
     let spaced = s.trim_start_matches(' ');
@@ -651,6 +705,8 @@ fn string_ends(s: &str) -> bool {
         || s.starts_with(['"', '\'', '<', ')', ']', '}', '\n', '\r', '*', '\u{2022}'])
         || spaced.starts_with('\u{2026}')
         || spaced.starts_with("..")
+        // A cut marked in words: `[truncated]`, ` (truncated)`.
+        || spaced.starts_with(['[', '('])
 }
 
 /// How JSON encoders write `secret` inside a string: serde_json's (and JavaScript's,
@@ -846,42 +902,104 @@ pub(crate) fn shown_url(url: &http::Uri) -> String {
     escape(&format!("{scheme}://{host}{}", url.path()), MAX_SERVER_TEXT)
 }
 
+/// How a URL is written in a text: as it is, with JSON's escaped slashes (`https:\/\/`,
+/// PHP's `json_encode`), or percent-encoded (a `redirect_uri` quoted in a message). Its
+/// marks are matched without regard to ASCII case (`%3a` is `%3A`), in lower case here.
+struct UrlForm {
+    start: &'static str,
+    slash: &'static str,
+    at: &'static str,
+    query: &'static str,
+    fragment: &'static str,
+}
+
+const URL_FORMS: [UrlForm; 3] = [
+    UrlForm {
+        start: "://",
+        slash: "/",
+        at: "@",
+        query: "?",
+        fragment: "#",
+    },
+    UrlForm {
+        start: ":\\/\\/",
+        slash: "\\/",
+        at: "@",
+        query: "?",
+        fragment: "#",
+    },
+    UrlForm {
+        start: "%3a%2f%2f",
+        slash: "%2f",
+        at: "%40",
+        query: "%3f",
+        fragment: "%23",
+    },
+];
+
 /// Removes the userinfo (`user:pass@`), the query (`?key=...`) and the fragment
-/// (`#access_token=...`) of every URL in `text`.
+/// (`#access_token=...`) of every URL in `text`, in each of the forms [`UrlForm`] knows.
+/// A URL runs to a space, a quote or an angle bracket; a `)` ends it too before its query
+/// (a URL in parentheses), never inside its userinfo or query, which may hold one (a
+/// `)` that ended the query is kept after the redaction).
 fn strip_url_secrets(text: &str) -> String {
+    let lower = text.to_ascii_lowercase();
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find("://") {
-        let (before, after) = rest.split_at(at + 3);
-        out.push_str(before);
-        let end = after
-            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | ')'))
-            .unwrap_or(after.len());
-        let (url, tail) = after.split_at(end);
-        // Userinfo: everything up to the URL's last `@`, as a password may hold a `/`,
-        // `?` or `#` unencoded (an AWS secret key does); a path's `@` costs the shown
-        // text its host, never a secret.
-        let url = match url.rfind('@') {
-            Some(at) => {
-                out.push_str("[redacted]@");
-                &url[at + 1..]
-            }
-            None => url,
+    let mut done = 0;
+    // The next URL's start, in any form.
+    while let Some((at, form)) = URL_FORMS
+        .iter()
+        .filter_map(|form| lower[done..].find(form.start).map(|at| (done + at, form)))
+        .min_by_key(|(at, _)| *at)
+    {
+        let after = at + form.start.len();
+        out.push_str(&text[done..after]);
+        let run_end = after
+            + text[after..]
+                .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>'))
+                .unwrap_or(text.len() - after);
+        let first = |from: usize, marks: &[&'static str]| {
+            marks
+                .iter()
+                .filter_map(|mark| lower[from..run_end].find(mark).map(|i| (from + i, *mark)))
+                .min_by_key(|(i, _)| *i)
         };
-        let authority_end = url.find(['/', '?', '#']).unwrap_or(url.len());
-        let (authority, path) = url.split_at(authority_end);
-        out.push_str(authority);
-        // The query and the fragment (`#access_token=...` of an implicit grant).
-        match path.find(['?', '#']) {
-            Some(q) => {
-                out.push_str(&path[..=q]);
-                out.push_str("[redacted]");
-            }
-            None => out.push_str(path),
+        // Userinfo: everything up to the URL's last `@`, as a password may hold a `/`,
+        // `?`, `#` or `)` unencoded (an AWS secret key does); a path's `@` costs the
+        // shown text its host, never a secret.
+        let mut host = after;
+        if let Some(i) = lower[after..run_end].rfind(form.at) {
+            out.push_str("[redacted]");
+            out.push_str(&text[after + i..after + i + form.at.len()]);
+            host = after + i + form.at.len();
         }
-        rest = tail;
+        let marks = [form.slash, form.query, form.fragment, ")"];
+        let (query, url_end) = match first(host, &marks) {
+            Some((i, mark)) if mark == form.slash => {
+                match first(i, &[form.query, form.fragment, ")"]) {
+                    Some((q, ")")) => (None, q),
+                    Some((q, mark)) => (Some(q + mark.len()), run_end),
+                    None => (None, run_end),
+                }
+            }
+            Some((i, ")")) => (None, i),
+            Some((i, mark)) => (Some(i + mark.len()), run_end),
+            None => (None, run_end),
+        };
+        match query {
+            // The query and the fragment (`#access_token=...` of an implicit grant).
+            Some(q) => {
+                out.push_str(&text[host..q]);
+                out.push_str("[redacted]");
+                if q < run_end && text[..run_end].ends_with(')') {
+                    out.push(')');
+                }
+            }
+            None => out.push_str(&text[host..url_end]),
+        }
+        done = url_end;
     }
-    out.push_str(rest);
+    out.push_str(&text[done..]);
     out
 }
 

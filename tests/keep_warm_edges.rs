@@ -3,6 +3,8 @@
 //! timers, warm-up beside requests, keep-warm over a store racing every entry point, and
 //! nothing left running once the last clone is dropped.
 
+#![cfg(feature = "token")]
+
 mod support;
 
 use std::{

@@ -298,7 +298,9 @@ impl TokenClient {
         let send = move |req: Request<Full<Bytes>>, max: usize| -> Send_ {
             let client = client.clone();
             Box::pin(async move {
-                let transport = |e: reqwest::Error| SendError::Transport(Box::new(e));
+                // The URL is the token URL, whose query may hold a key: never kept in
+                // an error (its `Display` and `Debug` would show it).
+                let transport = |e: reqwest::Error| SendError::Transport(Box::new(e.without_url()));
                 let (parts, body) = req.into_parts();
                 // A `Full` body is one chunk, and cannot fail.
                 let body = body

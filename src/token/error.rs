@@ -47,7 +47,6 @@ pub enum TokenErrorKind {
 /// for an error body that has none, the start of the body), and never holds a secret:
 /// text from the server is scrubbed of every form of the request's secrets and of URL
 /// credentials and queries, escaped, and cut short.
-#[derive(Debug)]
 pub struct TokenError {
     kind: TokenErrorKind,
     status: Option<StatusCode>,
@@ -305,6 +304,33 @@ impl TokenError {
             Some(status) if status.is_success() => self.oauth_error.is_some() && !unjudged,
             _ => false,
         }
+    }
+}
+
+impl fmt::Debug for TokenError {
+    /// Every field but the cause as it is (each was made safe when it was set); the
+    /// cause, another library's error, as its `Display` made safe to show (no URL
+    /// credentials or queries, escaped, cut).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenError")
+            .field("kind", &self.kind)
+            .field("status", &self.status)
+            .field("oauth_error", &self.oauth_error)
+            .field("description", &self.description)
+            .field("detail", &self.detail)
+            .field("retry_after", &self.retry_after)
+            .field("endpoint", &self.endpoint)
+            .field("unread", &self.unread)
+            .field("proof_sent", &self.proof_sent)
+            .field("nonce_given", &self.nonce_given)
+            .field(
+                "source",
+                &self
+                    .source
+                    .as_ref()
+                    .map(|e| crate::text::foreign(&e.to_string())),
+            )
+            .finish()
     }
 }
 
