@@ -23,7 +23,8 @@ impl CacheHandle {
     }
 
     /// Makes `credential` the current one at once, ahead of any refresh in flight: the
-    /// requests waiting for that refresh get `credential` too, except a step-up's
+    /// requests waiting for that refresh get `credential` too (one already in its hard
+    /// window only if that refresh fails), except a step-up's
     /// (`AuthLayer::step_up`), which get the wider grant they asked for. Returns
     /// `Ok(false)` if the cache is gone.
     ///

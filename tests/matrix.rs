@@ -425,6 +425,35 @@ async fn a_body_over_the_replay_limit_is_not_replayed() {
     }
 }
 
+/// README/matrix: the reqwest adapter and the Tower layer replay by the same body
+/// rules. A body of exactly `replay_limit` bytes (in memory, streamed, streamed with
+/// empty chunks) and an empty stream under a limit of 0 are replayed after a 401 by
+/// both entry points alike.
+#[tokio::test]
+async fn a_body_at_the_replay_limit_is_replayed_alike_by_both_entry_points() {
+    for (limit, body, sent) in [
+        (5usize, Body::Bytes(b"hello"), "hello"),
+        (5, Body::Chunks(&["he", "llo"]), "hello"),
+        (5, Body::Chunks(&["", "hello", ""]), "hello"),
+        (0, Body::Chunks(&[]), ""),
+        (0, Body::Empty, ""),
+    ] {
+        let _ = limit;
+        let case = Case {
+            name: "at the limit",
+            source: TestSource::new,
+            layer: match limit {
+                5 => |l: AuthLayerBuilder<TestSource>| same(l).replay_limit(5),
+                _ => |l: AuthLayerBuilder<TestSource>| same(l).replay_limit(0),
+            },
+            rule: first_attempt_401,
+            calls: vec![(Call::get("/a").body(body), ok(200))],
+            seen: vec![("Bearer token-1", sent), ("Bearer token-2", sent)],
+        };
+        both(case).await;
+    }
+}
+
 #[tokio::test]
 async fn other_origins_get_no_credential_and_no_replay() {
     everywhere(Case {

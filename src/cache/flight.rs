@@ -474,8 +474,9 @@ impl<P: CredentialSource> FlightGuard<P> {
     ///
     /// `Some(Err)` or `Some(Ok)` too when the cache backs off (a predecessor's failure
     /// asked, with `Retry-After`, for no token request before then): the flight ends as
-    /// one planned now would, with a credential that may still be sent, else the
-    /// backoff's error, and the source is not asked.
+    /// one planned now would, with the credential if it has not expired, else the
+    /// backoff's error, and the source is not asked; a background refresh is tried
+    /// again when the hold ends.
     fn begin(&mut self, cx: &mut FetchContext) -> Option<Result<Arc<Entry>, Error>> {
         let mut state = self.inner.lock_state();
         state.running = Some(self.flight.clone());
@@ -488,14 +489,15 @@ impl<P: CredentialSource> FlightGuard<P> {
         let now = Instant::now();
         if let Some(retry_at) = state.retry_at.filter(|at| now < *at) {
             let _ = self.leave(&mut state, false);
-            let sendable = self.inner.current.load_full().filter(|e| self.sendable(e));
-            return Some(match sendable {
-                Some(entry) => {
-                    if entry.background_claimed.load(Ordering::Acquire) {
-                        self.inner.rearm_background(&entry, retry_at);
-                    }
-                    Ok(entry)
+            let current = self.inner.current.load_full();
+            // A background refresh this was: tried again when the hold ends.
+            if let Some(entry) = &current {
+                if entry.background_claimed.load(Ordering::Acquire) {
+                    self.inner.rearm_background(entry, retry_at);
                 }
+            }
+            return Some(match current.filter(|e| self.valid(e)) {
+                Some(entry) => Ok(entry),
                 None => Err(backing_off(&state, retry_at, now)),
             });
         }
@@ -526,6 +528,11 @@ impl<P: CredentialSource> FlightGuard<P> {
         matches!(phase, Phase::Fresh | Phase::Soft)
     }
 
+    /// Whether `entry` has not expired: in its hard window still better than an error.
+    fn valid(&self, entry: &Entry) -> bool {
+        !entry.is_expired_at(Instant::now(), self.inner.config.clock.now())
+    }
+
     /// Takes this flight out of the state, and says whose its result is (`fetched`:
     /// whether it brought a credential), and whether an invalidation tainted it (then a
     /// result it brought is forgotten, whatever its standing: see
@@ -551,8 +558,16 @@ impl<P: CredentialSource> FlightGuard<P> {
             // A credential handed over since this flight (or its fetch) started wins
             // while it may be sent (for this flight's own waiters too); one gone stale
             // meanwhile does not: this flight's result replaces it, unless it was
-            // detached as well.
-            if let Some(current) = self.inner.current.load_full().filter(|e| self.sendable(e)) {
+            // detached as well. Over no result, one that has not expired wins (better
+            // than an error, as a waiter's own fallback is).
+            let wins = |e: &Arc<Entry>| {
+                if fetched {
+                    self.sendable(e)
+                } else {
+                    self.valid(e)
+                }
+            };
+            if let Some(current) = self.inner.current.load_full().filter(wins) {
                 // A step-up's waiters asked for a wider grant than the handed-over
                 // credential is known to carry: theirs is the step-up's result, and the
                 // handed-over credential stays current.
@@ -679,6 +694,9 @@ impl<P: CredentialSource> FlightGuard<P> {
                         inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(error = %err, cause = err_source(&err), "step-up failed; keeping the credential in use");
                         inner.step_up_failed_locked(&mut state);
+                        // Its own steps hold back step-ups only; the endpoint's word
+                        // holds every token request.
+                        Self::hold_retry_after(&mut state, &err, now);
                     } else {
                         Self::record_failure(inner, &mut state, &err, now);
                     }

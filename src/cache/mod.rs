@@ -1150,7 +1150,16 @@ impl<P: CredentialSource> Inner<P> {
         let warm = self.config.keep_warm.then(|| self.me.clone());
         let generation = entry.generation;
         let task = runtime.spawn(async move {
-            tokio::time::sleep_until(retry_at).await;
+            // A runtime without timers (where a refresh fails `NoRuntime`): the claim
+            // goes back now, and keep-warm, which could only fail there again, is left
+            // to the next request.
+            let Ok(sleep) = std::panic::catch_unwind(|| tokio::time::sleep_until(retry_at)) else {
+                if let Some(entry) = weak.upgrade() {
+                    entry.background_claimed.store(false, Ordering::Release);
+                }
+                return;
+            };
+            sleep.await;
             match weak.upgrade() {
                 Some(entry) => entry.background_claimed.store(false, Ordering::Release),
                 None => return,

@@ -7,6 +7,8 @@ pub mod dpop;
 pub mod providers;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "token")]
+pub mod retry_after;
 pub mod store;
 pub mod strict_idp;
 #[cfg(feature = "https")]
