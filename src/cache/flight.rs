@@ -1129,6 +1129,43 @@ mod tests {
         (source, gate, fetches)
     }
 
+    /// Keep-warm's refresh, due at the soft window, finds the cache with a user and
+    /// counts itself one; the last user goes between the two. Proves: no refresh
+    /// starts (the source is not asked) for a cache nobody uses any more.
+    #[tokio::test(start_paused = true)]
+    async fn keep_warm_starts_nothing_once_the_last_user_went_as_it_looked() {
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let source = source_fn({
+            let fetches = fetches.clone();
+            move |_cx: FetchContext| {
+                let n = fetches.fetch_add(1, SeqCst);
+                async move {
+                    Ok::<_, BoxError>(
+                        Credential::bearer(format!("t-{n}"))?.expires_in(Duration::from_secs(100)),
+                    )
+                }
+            }
+        });
+        let cache = CredentialCache::builder(source)
+            .window_jitter(0.0)
+            .build()
+            .unwrap();
+        cache.credential().await.unwrap();
+        tokio::time::advance(Duration::from_secs(80)).await;
+        let generation = cache.inner.current.load().as_ref().unwrap().generation;
+        let weak = Arc::downgrade(&cache.inner);
+        hook::set("keep_warm_upgraded", move || drop(cache));
+        super::super::keep_warm(&weak, generation);
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            fetches.load(SeqCst),
+            1,
+            "a refresh ran after the last user went"
+        );
+    }
+
     /// A chained flight made needless by a credential handed over answers with that
     /// credential. A rejection of it that lands after the flight took it, before the
     /// flight's waiters are told, must not join that flight: it would be answered with

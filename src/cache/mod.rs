@@ -462,13 +462,21 @@ fn keep_warm<P: CredentialSource>(cache: &Weak<Inner<P>>, generation: u64) {
     // Alive for no user but its own tasks (a lease holder's late fetch, say): such a
     // refresh would hold it alive in turn, past every user, for as long as the endpoint
     // fails.
-    let Some(inner) = cache
-        .upgrade()
-        .filter(|inner| inner.users.load(Ordering::Acquire) > 0)
-    else {
+    let Some(inner) = cache.upgrade() else {
         return;
     };
-    inner.users.fetch_add(1, Ordering::Relaxed);
+    #[cfg(test)]
+    flight::hook::run("keep_warm_upgraded");
+    // Counted as a user only while one is left, in one step: a look, then a count, let
+    // the last user go between them, and this refresh run for nobody.
+    let counted = inner
+        .users
+        .fetch_update(Ordering::Acquire, Ordering::Acquire, |users| {
+            (users > 0).then_some(users + 1)
+        });
+    if counted.is_err() {
+        return;
+    }
     let cache = CredentialCache { inner };
     let current = cache.inner.current.load_full();
     if let Some(entry) = current.filter(|e| e.generation == generation) {
