@@ -309,6 +309,47 @@ async fn a_rotated_refresh_token_survives_an_unusable_answer() {
     }
 }
 
+/// World: an `on_refresh` hook recording each pair; a refresh answered `invalid_grant`
+/// (the refresh token judged dead) and the login after it refused too (`invalid_client`:
+/// the client's secret was rotated meanwhile). Proves: the hook is told that no refresh
+/// token is held now (a pair without one), as after an unknown outcome, so that an
+/// application that persists it never resumes with the dead one after a restart.
+#[tokio::test]
+async fn a_refresh_token_judged_dead_is_withdrawn_from_the_hook() {
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let hooked = Arc::new(Mutex::new(Vec::new()));
+    let base = start(&idp).await;
+    let source = oauth_source(&base).on_refresh({
+        let hooked = hooked.clone();
+        move |pair| {
+            let rt = pair.refresh_token().map(|s| s.expose().to_owned());
+            hooked.lock().unwrap().push(rt);
+            async {}
+        }
+    });
+    let (svc, url) = session(&idp, source).await;
+    idp.push_fault(Fault::Answer(Box::new(|_: &Incoming| {
+        reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "invalid_grant", "error_description": "refresh token revoked"}),
+        )
+    })));
+    idp.push_fault(Fault::Answer(Box::new(|_: &Incoming| {
+        reply(StatusCode::UNAUTHORIZED, json!({"error": "invalid_client"}))
+    })));
+    call(&svc, &url).await.unwrap_err();
+    let hooked = hooked.lock().unwrap().clone();
+    assert!(
+        matches!(hooked.first(), Some(Some(_))),
+        "the login's pair: {hooked:?}"
+    );
+    assert_eq!(
+        hooked.last(),
+        Some(&None),
+        "the hook still holds the dead refresh token: {hooked:?}"
+    );
+}
+
 /// World: a rotating, family-revoking server and an `on_refresh` hook that fails (disk
 /// full) the first three times it is called, then works; two refreshes follow the login.
 /// Proves: every call is served with the newest pair (never the old refresh token, no

@@ -521,7 +521,9 @@ impl TokenSource {
     /// Called with every new token pair, after it is held and before anyone waiting for
     /// the new credential is released: persist the refresh token here. A rotated refresh
     /// token is handed over even when the rest of its answer is unusable (then
-    /// [`TokenPair::access_token`] is `None`).
+    /// [`TokenPair::access_token`] is `None`). A refresh token dropped (refused in words
+    /// that judge it, or presented in an exchange whose outcome is unknown) is withdrawn
+    /// with a pair that holds none: persist that too, so that a restart never presents it.
     ///
     /// The hook may return nothing, or a `Result`: an `Err` (or no answer within
     /// [`on_refresh_timeout`](Self::on_refresh_timeout)) means "not persisted". The source
@@ -941,6 +943,9 @@ impl Exchange {
                     tracing::info!(error = %e, "refresh token refused; logging in again");
                     if held.refresh_token.as_ref() == Some(&token) {
                         held.refresh_token = None;
+                        // Whoever persists refresh tokens must not resume with this one
+                        // (the login's pair, if it brings one, follows).
+                        self.persist(None, held).await;
                     }
                 }
                 // An unknown outcome (below), or a 2xx (the server acted on the
