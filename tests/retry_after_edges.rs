@@ -1,8 +1,10 @@
 //! A token endpoint's `Retry-After` held however the refresh it answered ended
-//! (overtaken, chained, a step-up's), a credential handed in answering the requests
-//! that waited for a failed refresh, a background claim given back on a runtime without
-//! timers; and a guard of a relative request's `Host` rule through the layer (review
-//! 96; its guard of a body at the replay limit is in `tests/matrix.rs`).
+//! (overtaken, chained, a step-up's, one the cache stopped waiting for, with a store or
+//! without), a credential handed in answering the requests that waited for a failed
+//! refresh, a background claim given back on a runtime without timers; guards: one
+//! fetch at a time after replace then reject, a hold past an expired handed credential,
+//! a relative request's `Host` rule through the layer (reviews 96 and 97; review 96's
+//! guard of a body at the replay limit is in `tests/matrix.rs`).
 #![cfg(feature = "token")]
 
 mod support;
@@ -19,7 +21,7 @@ use support::TestSource;
 use support::retry_after::{Idp, settle};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
-use tower_client_auth::{AuthLayer, Credential, CredentialCache};
+use tower_client_auth::{AuthLayer, Credential, CredentialCache, ErrorKind, MemoryStore};
 
 fn tok(c: &Credential) -> Option<String> {
     c.headers()
@@ -402,5 +404,163 @@ async fn requests_waiting_for_a_refresh_get_a_credential_handed_in_meanwhile() {
         waiting.as_ref().ok().and_then(tok).as_deref(),
         Some("Bearer handed"),
         "the request waiting for the refresh got {waiting:?}"
+    );
+}
+
+/// README: "A source is never asked twice at once, whatever asks (expiry, a 401, ...)".
+/// A refresh held at the endpoint, a credential handed in (which detaches the running
+/// fetch), then that credential rejected: no second token request may go out while the
+/// first is unanswered.
+#[tokio::test(start_paused = true)]
+async fn a_source_is_never_asked_twice_at_once_after_replace_then_reject() {
+    let idp = Idp::default();
+    let cache = CredentialCache::builder(idp.source())
+        .window_jitter(0.0)
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    let gate = idp.gate();
+    cache.handle().invalidate();
+    let first = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.credential().await })
+    };
+    settle().await;
+    assert_eq!(idp.requests(), 2);
+    let handed = Credential::bearer("handed")
+        .unwrap()
+        .lives(SystemTime::now(), Duration::from_secs(1000));
+    cache.handle().replace(handed.clone()).unwrap();
+    let second = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.reject(&handed).await })
+    };
+    settle().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    settle().await;
+    let at_once = idp.requests();
+    gate.add_permits(10);
+    idp.ungate();
+    let _ = first.await.unwrap();
+    let _ = second.await.unwrap();
+    assert_eq!(
+        at_once, 2,
+        "a second token request went out while the first was held"
+    );
+}
+
+/// README/flight.rs: a `Retry-After` holds every token request, "even past a
+/// credential handed over meanwhile"; a chained/planned request while held and the
+/// credential expired gets `Backoff`, and the next request after the hold fetches.
+#[tokio::test(start_paused = true)]
+async fn a_hold_past_an_expired_handed_credential_backs_off_then_recovers() {
+    let idp = Idp::default();
+    let cache = CredentialCache::builder(idp.source())
+        .window_jitter(0.0)
+        .backoff(Duration::from_secs(1), Duration::from_secs(8))
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    idp.set_failing(true);
+    cache.handle().invalidate();
+    assert!(cache.credential().await.is_err());
+    assert_eq!(idp.requests(), 2);
+    let handed = Credential::bearer("handed")
+        .unwrap()
+        .lives(SystemTime::now(), Duration::from_secs(10));
+    cache.handle().replace(handed).unwrap();
+    assert!(cache.credential().await.is_ok());
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let held = cache.credential().await;
+    assert_eq!(
+        idp.requests(),
+        2,
+        "a token request inside the Retry-After: {held:?}"
+    );
+    assert_eq!(
+        held.as_ref().err().map(|e| e.kind()),
+        Some(ErrorKind::Backoff),
+        "{held:?}"
+    );
+    idp.set_failing(false);
+    tokio::time::sleep(Duration::from_secs(41)).await;
+    let after = cache.credential().await;
+    assert!(after.is_ok(), "right after the hold: {after:?}");
+    assert!(idp.violations().is_empty(), "{:?}", idp.violations());
+}
+
+/// src/cache/flight.rs `hold_retry_after`: a `Retry-After` "is the endpoint's word on
+/// every token request: no fetch begins before it". A fetch that outlived its deadline
+/// (with a store: `finish_late`) and was then answered 503 `Retry-After: 60` must hold
+/// the next token request too.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_answered_to_a_late_fetch_holds_the_next_token_request() {
+    let idp = Idp::default();
+    let cache = CredentialCache::builder(idp.source())
+        .window_jitter(0.0)
+        .backoff(Duration::from_secs(1), Duration::from_secs(2))
+        .store(MemoryStore::new())
+        .fetch_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    let gate = idp.gate();
+    idp.set_failing(true);
+    cache.handle().invalidate();
+    let timed_out = cache.credential().await;
+    assert!(timed_out.is_err(), "{timed_out:?}");
+    let before = idp.requests();
+    // The late fetch is answered now: 503 Retry-After: 60.
+    gate.add_permits(10);
+    idp.ungate();
+    settle().await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    settle().await;
+    idp.set_failing(false);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let next = cache.credential().await;
+    assert!(
+        idp.violations().is_empty(),
+        "{:?} (requests before {before}, log {:?}, next {next:?})",
+        idp.violations(),
+        idp.log()
+    );
+}
+
+/// README: "A token endpoint's `Retry-After` (429, 503 ...) is the earliest next token
+/// request". The same world as above without a store: the cache stops waiting at
+/// `fetch_timeout`, the `TokenSource`'s detached exchange task reads the 503
+/// `Retry-After: 60`, and no one holds to it.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_answered_to_a_timed_out_fetch_without_a_store_holds_the_next_token_request()
+{
+    let idp = Idp::default();
+    let cache = CredentialCache::builder(idp.source())
+        .window_jitter(0.0)
+        .backoff(Duration::from_secs(1), Duration::from_secs(2))
+        .fetch_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    let gate = idp.gate();
+    idp.set_failing(true);
+    cache.handle().invalidate();
+    let timed_out = cache.credential().await;
+    assert!(timed_out.is_err(), "{timed_out:?}");
+    let before = idp.requests();
+    // The late fetch is answered now: 503 Retry-After: 60.
+    gate.add_permits(10);
+    idp.ungate();
+    settle().await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    settle().await;
+    idp.set_failing(false);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let next = cache.credential().await;
+    assert!(
+        idp.violations().is_empty(),
+        "{:?} (requests before {before}, log {:?}, next {next:?})",
+        idp.violations(),
+        idp.log()
     );
 }

@@ -41,6 +41,10 @@ pub enum TokenErrorKind {
     /// The issuer's metadata (RFC 8414, OpenID Connect Discovery) could not be used: not
     /// published, not JSON, missing `token_endpoint`, or naming another issuer.
     Discovery,
+    /// Not sent: an earlier answer's `Retry-After` has not passed (one the cache may have
+    /// stopped waiting for, which only the source read). [`TokenError::retry_after_hint`]
+    /// says how long is left.
+    HeldBack,
 }
 
 /// A token endpoint failure. `Display` names the status and the RFC 6749 error code (or,
@@ -354,6 +358,11 @@ impl fmt::Display for TokenError {
             }
             TokenErrorKind::StepUpUnsupported => {
                 f.write_str("this token source cannot ask for a wider scope (step-up)")?
+            }
+            TokenErrorKind::HeldBack => {
+                f.write_str("token endpoint")?;
+                at(f)?;
+                f.write_str(" asked for no request before its Retry-After passed; not sent")?;
             }
             TokenErrorKind::StoreUnavailable => f.write_str(
                 "the credential store sharing the refresh token does not answer; not presenting it (StoreDownPolicy::Fail)",

@@ -214,6 +214,9 @@ pub struct TokenSource {
 /// What the source holds between exchanges, under one lock.
 #[derive(Default)]
 struct Held {
+    /// Until when the token endpoint asked for no request (`Retry-After` on the last
+    /// answer), whether or not the cache was still waiting for that answer.
+    not_before: Option<Instant>,
     refresh_token: Option<Secret>,
     /// Whether `refresh_token` is this source's alone after an exchange that failed: one
     /// taken from the store that the server did not act on (never sent, throttled,
@@ -896,6 +899,35 @@ impl Exchange {
                 return Ok(last);
             }
         }
+        // The endpoint's `Retry-After` holds every request of this source, whoever
+        // still waited for the answer that carried it: nothing is sent before it.
+        let now = Instant::now();
+        if let Some(left) = held
+            .not_before
+            .and_then(|at| at.checked_duration_since(now))
+        {
+            return Err(TokenError::new(TokenErrorKind::HeldBack)
+                .retry_after(Some(left))
+                .endpoint(self.login.url()));
+        }
+        let result = self.exchange_with_endpoint(cx, held, step_up).await;
+        held.not_before = match &result {
+            Err(e) => e
+                .retry_after_hint()
+                .map(|asked| now + asked.min(crate::cache::MAX_RETRY_AFTER)),
+            Ok(_) => None,
+        };
+        result
+    }
+
+    /// [`exchange`](Self::exchange) past the credential handed out again and the hold:
+    /// the refresh, and the login.
+    async fn exchange_with_endpoint(
+        &self,
+        cx: &FetchContext,
+        held: &mut Held,
+        step_up: bool,
+    ) -> Result<Credential, TokenError> {
         let refresh = self.refresh.as_ref().filter(|_| !step_up);
         // Whether the refresh was refused without a word on its token (below).
         let mut unjudged = false;

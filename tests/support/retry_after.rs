@@ -126,7 +126,8 @@ impl Idp {
         self.state.log.lock().unwrap().clone()
     }
 
-    /// Token requests that arrived within `Retry-After` (60 s) of a 503's answer.
+    /// Token requests that arrived within `Retry-After` (60 s) of a 503's answer (logged
+    /// after it: one logged before it came first, even at the same paused instant).
     pub fn violations(&self) -> Vec<String> {
         let log = self.log();
         let mut out = Vec::new();
@@ -135,8 +136,8 @@ impl Idp {
                 continue;
             }
             let answered = answered.unwrap();
-            for (j, (arrived, _, s)) in log.iter().enumerate() {
-                if j != i && *arrived >= answered && *arrived < answered + Duration::from_secs(60) {
+            for (arrived, _, s) in &log[i + 1..] {
+                if *arrived >= answered && *arrived < answered + Duration::from_secs(60) {
                     out.push(format!(
                         "a token request {:?} after a 503 Retry-After: 60 (it got {s})",
                         *arrived - answered
