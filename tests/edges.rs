@@ -255,6 +255,21 @@ async fn session(
     (svc, url)
 }
 
+/// A source on `base` whose `on_refresh` hook records the refresh token of each pair
+/// it is given (`None` for a pair that holds none).
+fn hooked_source(base: &str) -> (TokenSource, Arc<Mutex<Vec<Option<String>>>>) {
+    let hooked = Arc::new(Mutex::new(Vec::new()));
+    let source = oauth_source(base).on_refresh({
+        let hooked = hooked.clone();
+        move |pair| {
+            let rt = pair.refresh_token().map(|s| s.expose().to_owned());
+            hooked.lock().unwrap().push(rt);
+            async {}
+        }
+    });
+    (source, hooked)
+}
+
 /// World: a rotating, family-revoking server that rotates the refresh token and then
 /// answers 200 with a body the client cannot use (`expires_in: 0`, an empty access token,
 /// no access token, an OAuth error next to the new refresh token). Proves, for each: the new refresh token is kept (and handed to
@@ -270,16 +285,7 @@ async fn a_rotated_refresh_token_survives_an_unusable_answer() {
     ];
     for make in broken {
         let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
-        let hooked = Arc::new(Mutex::new(Vec::new()));
-        let base = start(&idp).await;
-        let source = oauth_source(&base).on_refresh({
-            let hooked = hooked.clone();
-            move |pair| {
-                let rt = pair.refresh_token().map(|s| s.expose().to_owned());
-                hooked.lock().unwrap().push(rt);
-                async {}
-            }
-        });
+        let (source, hooked) = hooked_source(&start(&idp).await);
         let (svc, url) = session(&idp, source).await;
         idp.push_fault(Fault::RotateThenBody(make));
         let err = call(&svc, &url).await.unwrap_err();
@@ -317,16 +323,7 @@ async fn a_rotated_refresh_token_survives_an_unusable_answer() {
 #[tokio::test]
 async fn a_refresh_token_judged_dead_is_withdrawn_from_the_hook() {
     let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
-    let hooked = Arc::new(Mutex::new(Vec::new()));
-    let base = start(&idp).await;
-    let source = oauth_source(&base).on_refresh({
-        let hooked = hooked.clone();
-        move |pair| {
-            let rt = pair.refresh_token().map(|s| s.expose().to_owned());
-            hooked.lock().unwrap().push(rt);
-            async {}
-        }
-    });
+    let (source, hooked) = hooked_source(&start(&idp).await);
     let (svc, url) = session(&idp, source).await;
     idp.push_fault(Fault::Answer(Box::new(|_: &Incoming| {
         reply(
