@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::scrub::{assert_scrubbed, oauth_error, refused_with, shown_secret};
+
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
@@ -485,25 +487,6 @@ async fn a_secret_quoted_raw_or_nested_in_json_is_scrubbed() {
     assert!(leaks.is_empty(), "leaked:\n{}", leaks.join("\n"));
 }
 
-/// The error of a client-credentials fetch with `secret` from a token endpoint that
-/// answers every request 401 with `body`.
-async fn refused_with(body: String, secret: &str) -> tower_client_auth::Error {
-    let addr = support::serve(move |_req| {
-        let body = body.clone();
-        async move {
-            Response::builder()
-                .status(401)
-                .body(Full::new(Bytes::from(body)))
-                .unwrap()
-        }
-    })
-    .await;
-    let source = TokenSource::client_credentials(&format!("http://{addr}/token"), "id", secret)
-        .unwrap()
-        .client(support::token_client());
-    CredentialCache::new(source).credential().await.unwrap_err()
-}
-
 /// World: a base64 client secret (`=` padding) echoed by Gson, Java's default JSON
 /// encoder, which escapes `=` as `\u003d`: (1) after a stray quote (the literals pair
 /// wrongly); (2) in a JSON body whose description also holds a lone surrogate escape
@@ -547,21 +530,6 @@ async fn a_doubly_escaped_secret_after_a_stray_quote_is_scrubbed() {
     if let Some(shown) = shown_secret(&err) {
         panic!("leaked: {shown}");
     }
-}
-
-/// The token error as shown (`Display`, `Debug`, its description and body start), if
-/// any part of the canary secret (`CANARY`, `5ecr3t`, `d0-not-print`) shows in it.
-fn shown_secret(err: &tower_client_auth::Error) -> Option<String> {
-    let token_error = err.token_error().expect("a token error");
-    let shown = format!(
-        "{err} {err:?} {:?} {:?}",
-        token_error.description(),
-        token_error.body_start()
-    );
-    ["CANARY", "5ecr3t", "d0-not-print"]
-        .iter()
-        .any(|part| shown.contains(part))
-        .then_some(shown)
 }
 
 /// World: a token endpoint echoes the client secret through an encoding other than JSON
@@ -804,29 +772,6 @@ async fn echoes_in_other_languages_escapes_are_scrubbed() {
         ),
     ];
     assert_scrubbed(cases).await;
-}
-
-/// Each case (what, the secret, the body a token endpoint answers 401 with) refused,
-/// and no part of its secret shown by the error: every leak listed.
-async fn assert_scrubbed(cases: Vec<(&str, &str, String)>) {
-    let mut leaks = Vec::new();
-    for (case, secret, body) in cases {
-        let err = refused_with(body, secret).await;
-        if let Some(shown) = shown_secret(&err) {
-            leaks.push(format!("{case}:\n    {shown}"));
-        }
-    }
-    assert!(
-        leaks.is_empty(),
-        "leaked ({}):\n{}",
-        leaks.len(),
-        leaks.join("\n")
-    );
-}
-
-/// An RFC 6749 error body: `invalid_client`, with `description`.
-fn oauth_error(description: &str) -> String {
-    serde_json::json!({"error": "invalid_client", "error_description": description}).to_string()
 }
 
 /// World: a servlet on a Windows-1252 JVM misreads the UTF-8 form (Java reads the

@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::scrub::{assert_scrubbed, oauth_error, refused_with};
+
 use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
@@ -94,56 +96,6 @@ async fn a_url_query_holding_a_parenthesis_is_stripped_from_the_crate_error_and_
     let logs = capture.text();
     assert!(!leaked(&shown), "the error leaked: {shown}");
     assert!(!leaked(&logs), "the logs leaked: {logs}");
-}
-
-/// The error of a client-credentials fetch with `secret` from a token endpoint that
-/// answers every request 401 with `body` (as `tests/secrets.rs` builds it).
-async fn refused_with(body: String, secret: &str) -> tower_client_auth::Error {
-    let addr = support::serve(move |_req| {
-        let body = body.clone();
-        async move {
-            Response::builder()
-                .status(401)
-                .body(Full::new(Bytes::from(body)))
-                .unwrap()
-        }
-    })
-    .await;
-    let source = TokenSource::client_credentials(&format!("http://{addr}/token"), "id", secret)
-        .unwrap()
-        .client(support::token_client());
-    CredentialCache::new(source).credential().await.unwrap_err()
-}
-
-/// The token error as shown, if a part of the canary shows in it.
-fn shown_secret(err: &tower_client_auth::Error) -> Option<String> {
-    let token_error = err.token_error().expect("a token error");
-    let shown = format!(
-        "{err} {err:?} {:?} {:?}",
-        token_error.description(),
-        token_error.body_start()
-    );
-    leaked(&shown).then_some(shown)
-}
-
-async fn assert_scrubbed(cases: Vec<(&str, &str, String)>) {
-    let mut leaks = Vec::new();
-    for (case, secret, body) in cases {
-        let err = refused_with(body, secret).await;
-        if let Some(shown) = shown_secret(&err) {
-            leaks.push(format!("{case}:\n    {shown}"));
-        }
-    }
-    assert!(
-        leaks.is_empty(),
-        "leaked ({}):\n{}",
-        leaks.len(),
-        leaks.join("\n")
-    );
-}
-
-fn oauth_error(description: &str) -> String {
-    serde_json::json!({"error": "invalid_client", "error_description": description}).to_string()
 }
 
 /// Promise (src/token/error.rs: "text from the server is scrubbed of every form of the

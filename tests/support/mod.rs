@@ -9,6 +9,8 @@ pub mod providers;
 pub mod redis;
 #[cfg(feature = "token")]
 pub mod retry_after;
+#[cfg(feature = "token")]
+pub mod scrub;
 pub mod store;
 pub mod strict_idp;
 #[cfg(feature = "https")]
