@@ -1011,19 +1011,36 @@ fn strip_url_secrets(text: &str) -> String {
                 let ats = URL_FORMS
                     .each_ref()
                     .map(|f| span.rfind(f.at).map(|i| after + i));
-                let found = (end, ats, span.rfind('=').map(|i| after + i));
+                // A `=`, or one percent-encoded (`%3D`).
+                let equals = span.rfind('=').max(span.rfind("%3d")).map(|i| after + i);
+                let found = (end, ats, equals);
                 run = Some(found);
                 found
             }
         };
+        // A query or fragment mark: the form's own, or a plain one (a URL encoded in
+        // part, its `?` left as it is).
+        let query_marks = [form.query, form.fragment, "?", "#"];
         let mut host = after;
         if let Some(i) = ats[k].filter(|&i| i >= after) {
+            if query_marks.iter().any(|m| lower[after..i].contains(m)) {
+                // The `@` may be in a query (`?login_hint=a@b.test&key=...`) as well as
+                // in a password: the rest of the run is redacted either way.
+                out.push_str("[redacted]");
+                if text[..run_end].ends_with(')') {
+                    out.push(')');
+                }
+                done = run_end;
+                continue;
+            }
             out.push_str("[redacted]");
             out.push_str(&text[i..i + form.at.len()]);
             host = i + form.at.len();
         }
-        let is_host = |b: u8| b.is_ascii_alphanumeric() || b".-_~:[]%".contains(&b);
-        let marks = [form.slash, form.query, form.fragment];
+        // Host characters; in the percent form a `%` begins the next mark.
+        let is_host =
+            |b: u8| b.is_ascii_alphanumeric() || b".-_~:[]".contains(&b) || (b == b'%' && k != 2);
+        let marks = [form.slash, form.query, form.fragment, "?", "#"];
         let mut host_end = host;
         while host_end < run_end
             && is_host(lower.as_bytes()[host_end])
@@ -1040,10 +1057,7 @@ fn strip_url_secrets(text: &str) -> String {
             let mut i = host_end;
             while i < run_end {
                 let here = &lower[i..run_end];
-                if let Some(mark) = [form.query, form.fragment]
-                    .into_iter()
-                    .find(|m| here.starts_with(m))
-                {
+                if let Some(mark) = query_marks.into_iter().find(|m| here.starts_with(m)) {
                     query = Some(i + mark.len());
                     break;
                 }
@@ -1056,10 +1070,7 @@ fn strip_url_secrets(text: &str) -> String {
                 i += here.chars().next().map_or(1, char::len_utf8);
             }
             url_end = i;
-        } else if let Some(mark) = [form.query, form.fragment]
-            .into_iter()
-            .find(|m| rest.starts_with(m))
-        {
+        } else if let Some(mark) = query_marks.into_iter().find(|m| rest.starts_with(m)) {
             query = Some(host_end + mark.len());
         } else if !rest.is_empty()
             && !rest.starts_with(')')
@@ -1460,5 +1471,81 @@ mod review97 {
         assert!(looked_at(&long).len() <= FOREIGN_LIMIT + 3);
         assert!(looked_at(&long).ends_with('\u{2026}'));
         assert_eq!(looked_at("short"), "short");
+    }
+}
+
+/// Review 98: attempts on the one-pass `strip_url_secrets` (08bd92d).
+#[cfg(test)]
+/// URLs whose query holds an `@` or whose parts are encoded in part (review 98).
+mod url_secrets {
+    use super::*;
+
+    /// `strip_url_secrets`: "Removes the userinfo (`user:pass@`), the query (`?key=...`)
+    /// and the fragment ... of every URL in `text`, in each of the forms [`UrlForm`]
+    /// knows." A percent-encoded URL whose query holds an encoded `@` (`%40`): the host
+    /// after it is read with `%` as a host character and runs to the end of the run.
+    #[test]
+    fn foreign_text_loses_a_percent_encoded_query_that_holds_an_at_sign() {
+        let out = foreign(
+            "redirect_uri=https%3A%2F%2Fapi.test%2Fcb%3Flogin_hint%3Da%40b.test%26client_secret%3DS3CRET rejected",
+        );
+        assert!(!out.contains("S3CRET"), "{out}");
+    }
+
+    /// The same promise. An `@` in a query (an email in parentheses) followed by `)`:
+    /// the `)` right after the "host" ends the URL and the rest of the query is shown.
+    #[test]
+    fn foreign_text_loses_a_query_whose_at_sign_is_followed_by_a_parenthesis() {
+        let out = foreign("GET https://api.test/search?q=(a@b.test)&api_key=S3CRET failed");
+        assert!(!out.contains("S3CRET"), "{out}");
+    }
+
+    /// The same promise. An `@` in a query followed by a `/` (a git remote, a path
+    /// value): what follows the "host" is read as a path, which has no `?`, and shown.
+    #[test]
+    fn foreign_text_loses_a_query_whose_at_sign_is_followed_by_a_path() {
+        for text in [
+            "GET https://ci.test/build?repo=git@github.com:org/app.git&token=S3CRET failed",
+            "GET https://api.test/cb?hint=a@b.test/&client_secret=S3CRET failed",
+        ] {
+            let out = foreign(text);
+            assert!(!out.contains("S3CRET"), "{text} -> {out}");
+        }
+    }
+
+    /// The same promise, for a URL whose scheme and slashes are percent-encoded and
+    /// whose query mark is not (`quote(url, safe="?=&")`, a half-encoded
+    /// `redirect_uri`): the percent form looks for `%3F` only, and the whole query is
+    /// shown; without the `%2F` path (`https%3A%2F%2Fh.test?k=`) it is redacted.
+    #[test]
+    fn foreign_text_loses_the_query_of_a_half_percent_encoded_url() {
+        let out = foreign("redirect_uri=https%3A%2F%2Fapp.test%2Fcb?code=S3CRET&state=x refused");
+        assert!(!out.contains("S3CRET"), "{out}");
+    }
+
+    /// Guards (they held on the code review 98 read): userinfo with `)` or `@`, IPv6
+    /// and ports, fragments, the JSON and percent forms, several URLs in one run,
+    /// multibyte text beside the marks, a trailing `.` or `,`.
+    #[test]
+    fn url_secrets_in_odd_places_stay_redacted() {
+        for text in [
+            "https://u:p)a@ss@[::1]:8443/p?key=S3CRET.",
+            "x https://h.test:8443#access_token=S3CRET, y",
+            "a https:\\/\\/u:S3CRET@h\\/p?k=S3CRET b",
+            "https://a.test/x,https://u:S3CRET@b.test/y,https://c.test?k=S3CRET",
+            "é https://h/é(é)?k=S3CRET)é",
+            "(see https://h.test/p?key=S3CRET)",
+            "https%3A%2F%2Fu%3AS3CRET%40h.test%2Fp%3Fk%3DS3CRET",
+            "https://h.test?k=S3CRET",
+            "https://registry.test/@scope/pkg?token=S3CRET",
+            "https://h.test/cb?hint=a@b.test&client_secret=S3CRET",
+            "https://h.test/cb#state=a@b.test;access_token=S3CRET",
+        ] {
+            let out = foreign(text);
+            assert!(!out.contains("S3CRET"), "{text} -> {out}");
+        }
+        // Not over-redacted: a plain message with a URL and a '=' elsewhere.
+        let out = foreign("see https://docs.test/errors, status=500 code=x");
+        assert!(out.contains("status=500"), "{out}");
     }
 }

@@ -789,7 +789,28 @@ impl Exchange {
     async fn run(self, cx: FetchContext, tx: oneshot::Sender<Result<Credential, TokenError>>) {
         // Held across the exchange: one exchange at a time per source.
         let mut held = self.held.lock().await;
-        let result = self.outcome(cx, &mut held).await;
+        // The endpoint's `Retry-After` holds every request of this source, whoever still
+        // waited for the answer that carried it: nothing is sent before it, and nothing
+        // held is touched (a refresh token the store shares keeps its marks). A
+        // credential an exchange brought and nobody took cannot be waiting: that
+        // exchange's success ended the hold.
+        let left = (held.not_before).and_then(|at| at.checked_duration_since(Instant::now()));
+        let result = match left {
+            Some(left) => Err(TokenError::new(TokenErrorKind::HeldBack)
+                .retry_after(Some(left))
+                .endpoint(self.login.url())),
+            None => {
+                let result = self.outcome(cx, &mut held).await;
+                // Counted from the answer that asked, not from the request.
+                held.not_before = match &result {
+                    Err(e) => e
+                        .retry_after_hint()
+                        .map(|asked| Instant::now() + asked.min(crate::cache::MAX_RETRY_AFTER)),
+                    Ok(_) => None,
+                };
+                result
+            }
+        };
         let issued = result.is_ok();
         match tx.send(result) {
             Err(Ok(_)) if !held.outage => held.undelivered = true,
@@ -899,35 +920,6 @@ impl Exchange {
                 return Ok(last);
             }
         }
-        // The endpoint's `Retry-After` holds every request of this source, whoever
-        // still waited for the answer that carried it: nothing is sent before it.
-        let now = Instant::now();
-        if let Some(left) = held
-            .not_before
-            .and_then(|at| at.checked_duration_since(now))
-        {
-            return Err(TokenError::new(TokenErrorKind::HeldBack)
-                .retry_after(Some(left))
-                .endpoint(self.login.url()));
-        }
-        let result = self.exchange_with_endpoint(cx, held, step_up).await;
-        held.not_before = match &result {
-            Err(e) => e
-                .retry_after_hint()
-                .map(|asked| now + asked.min(crate::cache::MAX_RETRY_AFTER)),
-            Ok(_) => None,
-        };
-        result
-    }
-
-    /// [`exchange`](Self::exchange) past the credential handed out again and the hold:
-    /// the refresh, and the login.
-    async fn exchange_with_endpoint(
-        &self,
-        cx: &FetchContext,
-        held: &mut Held,
-        step_up: bool,
-    ) -> Result<Credential, TokenError> {
         let refresh = self.refresh.as_ref().filter(|_| !step_up);
         // Whether the refresh was refused without a word on its token (below).
         let mut unjudged = false;

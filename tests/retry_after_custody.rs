@@ -1,0 +1,273 @@
+//! A token source's own `Retry-After` hold (`TokenErrorKind::HeldBack`) against a
+//! scripted endpoint: a refresh token the server never acted on survives the hold, with
+//! a store and without, and the hold counts from the answer that asked for it (review
+//! 98).
+#![cfg(feature = "token")]
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+use tower_client_auth::{
+    CredentialCache, MemoryStore,
+    token::{TokenClient, TokenRequest, TokenSource},
+};
+
+/// One scripted answer: after `delay`, this status, `Retry-After`, body.
+#[derive(Clone)]
+struct Scripted {
+    delay: Duration,
+    status: u16,
+    retry_after: Option<&'static str>,
+    body: &'static str,
+}
+
+/// Each token request: when it came, when it was answered, its grant, the refresh
+/// token it presented, the status it got.
+type Logged = (Instant, Option<Instant>, String, Option<String>, u16);
+
+#[derive(Default)]
+struct State {
+    n: usize,
+    script: VecDeque<Scripted>,
+    /// (arrived, answered, grant_type, refresh_token presented, status)
+    log: Vec<Logged>,
+}
+
+#[derive(Clone, Default)]
+struct Idp(Arc<Mutex<State>>);
+
+fn field(form: &str, name: &str) -> Option<String> {
+    form.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| v.to_string())
+    })
+}
+
+impl Idp {
+    fn push(&self, s: Scripted) {
+        self.0.lock().unwrap().script.push_back(s);
+    }
+    fn log(&self) -> Vec<Logged> {
+        self.0.lock().unwrap().log.clone()
+    }
+    fn logins(&self) -> usize {
+        self.log()
+            .iter()
+            .filter(|l| l.2 == "client_credentials")
+            .count()
+    }
+    fn source(&self) -> TokenSource {
+        let idp = self.clone();
+        let svc = tower::service_fn(move |req: Request<Full<Bytes>>| {
+            let idp = idp.clone();
+            async move {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let form = String::from_utf8_lossy(&body).to_string();
+                let grant = field(&form, "grant_type").unwrap_or_default();
+                let rt = field(&form, "refresh_token");
+                let (i, n, scripted) = {
+                    let mut st = idp.0.lock().unwrap();
+                    st.n += 1;
+                    let n = st.n;
+                    st.log.push((Instant::now(), None, grant, rt, 0));
+                    (st.log.len() - 1, n, st.script.pop_front())
+                };
+                let (status, retry_after, body) = match scripted {
+                    Some(s) => {
+                        tokio::time::sleep(s.delay).await;
+                        (s.status, s.retry_after, s.body.to_string())
+                    }
+                    None => (
+                        200,
+                        None,
+                        format!(
+                            r#"{{"access_token":"at-{n}","refresh_token":"rt-{n}","token_type":"Bearer","expires_in":3600}}"#
+                        ),
+                    ),
+                };
+                {
+                    let mut st = idp.0.lock().unwrap();
+                    st.log[i].1 = Some(Instant::now());
+                    st.log[i].4 = status;
+                }
+                let mut res = Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json");
+                if let Some(ra) = retry_after {
+                    res = res.header("retry-after", ra);
+                }
+                Ok::<_, std::convert::Infallible>(res.body(Full::new(Bytes::from(body))).unwrap())
+            }
+        });
+        let url = "https://idp.test/token";
+        TokenSource::new(TokenRequest::oauth2_client_credentials(url, "app", "secret").unwrap())
+            .refresh_with(
+                TokenRequest::oauth2_refresh_token(url, "app", "secret").unwrap(),
+                "refresh_token",
+            )
+            .client(TokenClient::from_service(svc))
+    }
+}
+
+async fn settle() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// src/token/source.rs `Held::unspent` / the crate's custody promise (fleet.rs
+/// `a_refresh_token_the_server_never_acted_on_is_kept`): a refresh token the server
+/// never acted on is not lost with a failed exchange. World: a store shares the refresh
+/// token; the refresh is throttled (429 `Retry-After: 30`) after the cache stopped
+/// waiting (fetch timeout 1 s, answer at 1.5 s). The next fetch, inside the hold, gets
+/// `HeldBack`: `outcome()` has already taken the `unspent` mark, and the early return
+/// never sets it again. The fetch after the hold: the store holds none, the mark is
+/// gone, the refresh token is dropped, and the source logs in again.
+#[tokio::test(start_paused = true)]
+async fn a_refresh_token_held_back_by_retry_after_is_not_lost() {
+    let idp = Idp::default();
+    let cache = CredentialCache::builder(idp.source())
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(100), Duration::from_millis(200))
+        .store(MemoryStore::new())
+        .fetch_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    idp.push(Scripted {
+        delay: Duration::from_millis(1500),
+        status: 429,
+        retry_after: Some("30"),
+        body: r#"{"error":"slow_down"}"#,
+    });
+    cache.handle().invalidate();
+    let timed_out = cache.credential().await;
+    assert!(timed_out.is_err(), "{timed_out:?}");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    settle().await;
+    // Inside the hold: HeldBack (or the cache's own backoff).
+    let held = cache.credential().await;
+    assert!(held.is_err(), "{held:?}");
+    eprintln!(
+        "inside the hold: {:?}",
+        held.as_ref().err().map(|e| e.to_string())
+    );
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let next = cache.credential().await;
+    let log = idp.log();
+    assert!(next.is_ok(), "{next:?} {log:?}");
+    assert_eq!(
+        idp.logins(),
+        1,
+        "logged in again: the refresh token the server never acted on was lost: {:?}",
+        log.iter().map(|l| (&l.2, &l.3, l.4)).collect::<Vec<_>>()
+    );
+}
+
+/// The same without a store (no sharing): a guard.
+#[tokio::test(start_paused = true)]
+async fn a_refresh_token_held_back_by_retry_after_is_not_lost_without_a_store() {
+    let idp = Idp::default();
+    let cache = CredentialCache::builder(idp.source())
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(100), Duration::from_millis(200))
+        .fetch_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    idp.push(Scripted {
+        delay: Duration::from_millis(1500),
+        status: 429,
+        retry_after: Some("30"),
+        body: r#"{"error":"slow_down"}"#,
+    });
+    cache.handle().invalidate();
+    assert!(cache.credential().await.is_err());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    settle().await;
+    assert!(cache.credential().await.is_err());
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let next = cache.credential().await;
+    assert!(next.is_ok(), "{next:?}");
+    assert_eq!(idp.logins(), 1, "{:?}", idp.log());
+}
+
+/// Commit 078bb73: "The source now remembers when its endpoint asked to be left alone
+/// (Held::not_before) and sends nothing before then"; README: a `Retry-After` "is the
+/// earliest next token request". `Retry-After` counts from the answer; the hold is
+/// counted from the moment the request was sent. World: the cache stops waiting at 1 s;
+/// the answer (503 `Retry-After: 6`) comes at 5 s; the next fetch, 2 s after the answer,
+/// is sent (the hold ended 1 s after the answer).
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_counts_from_the_answer_that_carried_it() {
+    let idp = Idp::default();
+    let cache = CredentialCache::builder(idp.source())
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(100), Duration::from_millis(200))
+        .fetch_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    idp.push(Scripted {
+        delay: Duration::from_secs(5),
+        status: 503,
+        retry_after: Some("6"),
+        body: r#"{"error":"temporarily_unavailable"}"#,
+    });
+    cache.handle().invalidate();
+    assert!(cache.credential().await.is_err());
+    // The answer comes at 5 s (4 s after the timeout).
+    tokio::time::sleep(Duration::from_millis(4100)).await;
+    settle().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = cache.credential().await;
+    let log = idp.log();
+    let (_, answered, ..) = log.iter().find(|l| l.4 == 503).cloned().expect("the 503");
+    let answered = answered.unwrap();
+    let early: Vec<_> = log
+        .iter()
+        .filter(|l| l.0 >= answered && l.0 < answered + Duration::from_secs(6))
+        .map(|l| (l.0 - answered, l.2.clone(), l.4))
+        .collect();
+    assert!(
+        early.is_empty(),
+        "sent before the Retry-After passed: {early:?}"
+    );
+}
+
+/// Control for `a_refresh_token_held_back_by_retry_after_is_not_lost`: the same world
+/// without the fetch inside the hold keeps the refresh token (so the `HeldBack` answer
+/// is what loses it).
+#[tokio::test(start_paused = true)]
+async fn control_without_a_fetch_inside_the_hold_the_refresh_token_is_kept() {
+    let idp = Idp::default();
+    let cache = CredentialCache::builder(idp.source())
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(100), Duration::from_millis(200))
+        .store(MemoryStore::new())
+        .fetch_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    idp.push(Scripted {
+        delay: Duration::from_millis(1500),
+        status: 429,
+        retry_after: Some("30"),
+        body: r#"{"error":"slow_down"}"#,
+    });
+    cache.handle().invalidate();
+    assert!(cache.credential().await.is_err());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    settle().await;
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let next = cache.credential().await;
+    assert!(next.is_ok(), "{next:?}");
+    assert_eq!(idp.logins(), 1, "{:?}", idp.log());
+}
