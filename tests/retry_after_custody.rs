@@ -1,7 +1,8 @@
 //! A token source's own `Retry-After` hold (`TokenErrorKind::HeldBack`) against a
-//! scripted endpoint: a refresh token the server never acted on survives the hold, with
-//! a store and without, and the hold counts from the answer that asked for it (review
-//! 98).
+//! scripted endpoint (its login asks for a scope, so that a step-up can widen it): a
+//! refresh token the server never acted on survives the hold, with a store and without;
+//! the hold counts from the answer that asked for it; a credential nobody took is
+//! handed out inside a hold a step-up's answer set (reviews 98 and 99).
 #![cfg(feature = "token")]
 
 use std::{
@@ -15,7 +16,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 use tower_client_auth::{
-    CredentialCache, MemoryStore,
+    CredentialCache, CredentialSource, FetchContext, FetchReason, MemoryStore,
     token::{TokenClient, TokenRequest, TokenSource},
 };
 
@@ -107,12 +108,16 @@ impl Idp {
             }
         });
         let url = "https://idp.test/token";
-        TokenSource::new(TokenRequest::oauth2_client_credentials(url, "app", "secret").unwrap())
-            .refresh_with(
-                TokenRequest::oauth2_refresh_token(url, "app", "secret").unwrap(),
-                "refresh_token",
-            )
-            .client(TokenClient::from_service(svc))
+        TokenSource::new(
+            TokenRequest::oauth2_client_credentials(url, "app", "secret")
+                .unwrap()
+                .scope("read"),
+        )
+        .refresh_with(
+            TokenRequest::oauth2_refresh_token(url, "app", "secret").unwrap(),
+            "refresh_token",
+        )
+        .client(TokenClient::from_service(svc))
     }
 }
 
@@ -270,4 +275,73 @@ async fn control_without_a_fetch_inside_the_hold_the_refresh_token_is_kept() {
     let next = cache.credential().await;
     assert!(next.is_ok(), "{next:?}");
     assert_eq!(idp.logins(), 1, "{:?}", idp.log());
+}
+
+/// src/token/source.rs `Held::last`: "If the cache stopped waiting for the exchange (its
+/// fetch timed out: `undelivered`), the server has already issued this one: the next
+/// fetch hands it out instead of refreshing again". 2958c4b `Exchange::run`: "A
+/// credential an exchange brought and nobody took cannot be waiting: that exchange's
+/// success ended the hold." World: a refresh's answer (at-2, rt-2) arrives after the
+/// cache stopped waiting (undelivered); a step-up then logs in (it neither hands out
+/// `last` nor clears `undelivered`) and is throttled, 429 `Retry-After: 30`. The next
+/// ordinary fetch needs no request at all (at-2 is issued and waiting), but the hold is
+/// now checked before the hand-out, and it gets `HeldBack` (before 2958c4b, `exchange()`
+/// handed at-2 out before looking at the hold).
+#[tokio::test(start_paused = true)]
+async fn an_undelivered_credential_is_handed_out_inside_a_step_ups_hold() {
+    let idp = Idp::default();
+    let source = idp.source();
+    let first = source
+        .fetch(FetchContext::new(FetchReason::Initial, None))
+        .await
+        .unwrap();
+    // The refresh is answered at 2 s; the cache stops waiting at 1 s.
+    idp.push(Scripted {
+        delay: Duration::from_secs(2),
+        status: 200,
+        retry_after: None,
+        body: r#"{"access_token":"at-late","refresh_token":"rt-late","token_type":"Bearer","expires_in":3600}"#,
+    });
+    let timed_out = tokio::time::timeout(
+        Duration::from_secs(1),
+        source.fetch(FetchContext::new(
+            FetchReason::Expiring,
+            Some(first.clone()),
+        )),
+    )
+    .await;
+    assert!(timed_out.is_err(), "{timed_out:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    settle().await;
+    // A step-up, throttled.
+    idp.push(Scripted {
+        delay: Duration::ZERO,
+        status: 429,
+        retry_after: Some("30"),
+        body: r#"{"error":"slow_down"}"#,
+    });
+    let stepped = source
+        .fetch(
+            FetchContext::new(FetchReason::StepUp, Some(first.clone()))
+                .with_required_scope(Some("admin".into())),
+        )
+        .await;
+    assert!(stepped.is_err(), "{stepped:?}");
+    // The next ordinary fetch: at-late was issued and never handed out.
+    let next = source
+        .fetch(FetchContext::new(
+            FetchReason::Expiring,
+            Some(first.clone()),
+        ))
+        .await;
+    let log: Vec<_> = idp
+        .log()
+        .iter()
+        .map(|l| (l.2.clone(), l.3.clone(), l.4))
+        .collect();
+    let next = next.map_err(|e| e.to_string());
+    assert!(
+        next.is_ok(),
+        "the credential already issued (at-late) was held back: {next:?} {log:?}"
+    );
 }

@@ -791,16 +791,15 @@ impl Exchange {
         let mut held = self.held.lock().await;
         // The endpoint's `Retry-After` holds every request of this source, whoever still
         // waited for the answer that carried it: nothing is sent before it, and nothing
-        // held is touched (a refresh token the store shares keeps its marks). A
-        // credential an exchange brought and nobody took cannot be waiting: that
-        // exchange's success ended the hold.
+        // held is touched (a refresh token the store shares keeps its marks), but a
+        // credential an exchange brought and nobody took is handed out (a step-up's
+        // answer may have set the hold after it came; a step-up never takes it).
         let left = (held.not_before).and_then(|at| at.checked_duration_since(Instant::now()));
+        let waiting = held.undelivered && held.last.is_some() && self.step_up.is_none();
         let result = match left {
-            Some(left) => Err(TokenError::new(TokenErrorKind::HeldBack)
-                .retry_after(Some(left))
-                .endpoint(self.login.url())),
-            None => {
-                let result = self.outcome(cx, &mut held).await;
+            Some(left) if !waiting => Err(self.held_back(left)),
+            left => {
+                let result = self.outcome(cx, &mut held, left).await;
                 // Counted from the answer that asked, not from the request.
                 held.not_before = match &result {
                     Err(e) => e
@@ -820,7 +819,21 @@ impl Exchange {
         }
     }
 
-    async fn outcome(&self, cx: FetchContext, held: &mut Held) -> Result<Credential, TokenError> {
+    /// Nothing sent: the endpoint's `Retry-After` has `left` to run.
+    fn held_back(&self, left: Duration) -> TokenError {
+        TokenError::new(TokenErrorKind::HeldBack)
+            .retry_after(Some(left))
+            .endpoint(self.login.url())
+    }
+
+    /// The fetch; `held_back`: the endpoint's `Retry-After` has this long to run, and
+    /// only a credential nobody took may be handed out.
+    async fn outcome(
+        &self,
+        cx: FetchContext,
+        held: &mut Held,
+        held_back: Option<Duration>,
+    ) -> Result<Credential, TokenError> {
         // Read before the store's sharing rule takes the mark.
         let undelivered = held.undelivered;
         held.outage = false;
@@ -866,7 +879,7 @@ impl Exchange {
             }
             _ => false,
         };
-        let result = self.exchange(&cx, held, undelivered).await;
+        let result = self.exchange(&cx, held, undelivered, held_back).await;
         if held.outage {
             // The outage exchange's own refresh token is no fleet's (the cache keeps none
             // from it): what was set aside is held again, this source's alone.
@@ -891,6 +904,7 @@ impl Exchange {
         cx: &FetchContext,
         held: &mut Held,
         undelivered: bool,
+        held_back: Option<Duration>,
     ) -> Result<Credential, TokenError> {
         // A step-up needs a new grant: neither the last credential nor a refresh (which
         // cannot widen a scope) will do.
@@ -919,6 +933,13 @@ impl Exchange {
                 held.last = Some(last.clone());
                 return Ok(last);
             }
+        }
+        if let Some(left) = held_back {
+            // Held back, and the credential nobody took could not be handed out: the
+            // refresh token that came with it stays marked as that exchange's (the
+            // store's sharing rule would otherwise replace it with the spent one).
+            held.undelivered = undelivered;
+            return Err(self.held_back(left));
         }
         let refresh = self.refresh.as_ref().filter(|_| !step_up);
         // Whether the refresh was refused without a word on its token (below).
