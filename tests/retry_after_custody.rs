@@ -344,4 +344,16 @@ async fn an_undelivered_credential_is_handed_out_inside_a_step_ups_hold() {
         next.is_ok(),
         "the credential already issued (at-late) was held back: {next:?} {log:?}"
     );
+    // Handing it out sent nothing: the hold stands for the fetch after it.
+    let requests = idp.log().len();
+    let after = source
+        .fetch(FetchContext::new(FetchReason::Expiring, next.ok()))
+        .await
+        .map_err(|e| e.to_string());
+    assert_eq!(
+        idp.log().len(),
+        requests,
+        "a token request inside the hold: {after:?}"
+    );
+    assert!(after.is_err(), "{after:?}");
 }

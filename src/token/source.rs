@@ -800,8 +800,10 @@ impl Exchange {
             Some(left) if !waiting => Err(self.held_back(left)),
             left => {
                 let result = self.outcome(cx, &mut held, left).await;
-                // Counted from the answer that asked, not from the request.
+                // Counted from the answer that asked, not from the request; a credential
+                // handed out inside the hold sent nothing, and the hold stands.
                 held.not_before = match &result {
+                    _ if left.is_some() => held.not_before,
                     Err(e) => e
                         .retry_after_hint()
                         .map(|asked| Instant::now() + asked.min(crate::cache::MAX_RETRY_AFTER)),
