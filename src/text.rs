@@ -1435,9 +1435,10 @@ mod tests {
     }
 }
 
-/// Review 97: attempts on the rewritten `strip_url_secrets` (a8f7774).
+/// URLs with an `@` in their query or a `)` in their path, and the stripper's one pass
+/// (review 97).
 #[cfg(test)]
-mod review97 {
+mod url_edges {
     use super::*;
 
     /// `strip_url_secrets`: "Removes the userinfo (`user:pass@`), the query (`?key=...`)
@@ -1485,9 +1486,8 @@ mod review97 {
     }
 }
 
-/// Review 98: attempts on the one-pass `strip_url_secrets` (08bd92d).
-#[cfg(test)]
 /// URLs whose query holds an `@` or whose parts are encoded in part (review 98).
+#[cfg(test)]
 mod url_secrets {
     use super::*;
 
@@ -1561,8 +1561,8 @@ mod url_secrets {
     }
 }
 
-#[cfg(test)]
 /// A percent-encoded URL with a port or an IPv6 host (review 99).
+#[cfg(test)]
 mod percent_hosts {
     use super::*;
 

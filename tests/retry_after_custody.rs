@@ -127,25 +127,31 @@ async fn settle() {
     }
 }
 
-/// src/token/source.rs `Held::unspent` / the crate's custody promise (fleet.rs
-/// `a_refresh_token_the_server_never_acted_on_is_kept`): a refresh token the server
-/// never acted on is not lost with a failed exchange. World: a store shares the refresh
-/// token; the refresh is throttled (429 `Retry-After: 30`) after the cache stopped
-/// waiting (fetch timeout 1 s, answer at 1.5 s). The next fetch, inside the hold, gets
-/// `HeldBack`: `outcome()` has already taken the `unspent` mark, and the early return
-/// never sets it again. The fetch after the hold: the store holds none, the mark is
-/// gone, the refresh token is dropped, and the source logs in again.
+/// A cache over `idp`'s source (with a `MemoryStore` if `store`) that stops waiting
+/// for a fetch after 1 s, logged in once.
+async fn logged_in(idp: &Idp, store: bool) -> CredentialCache<TokenSource> {
+    let mut builder = CredentialCache::builder(idp.source())
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(100), Duration::from_millis(200))
+        .fetch_timeout(Duration::from_secs(1));
+    if store {
+        builder = builder.store(MemoryStore::new());
+    }
+    let cache = builder.build().unwrap();
+    cache.credential().await.unwrap();
+    cache
+}
+
+/// World: a store shares the refresh token; the refresh is throttled (429
+/// `Retry-After: 30`) after the cache stopped waiting (fetch timeout 1 s, answer at
+/// 1.5 s); a fetch inside the hold; one after it. Proves: a refresh token the server
+/// never acted on is not lost with the hold (README "never a lost refresh token"): the
+/// fetch inside it is `HeldBack` with nothing held touched, and the one after presents
+/// the token (review 98 saw the store's sharing rule drop it, and a second login).
 #[tokio::test(start_paused = true)]
 async fn a_refresh_token_held_back_by_retry_after_is_not_lost() {
     let idp = Idp::default();
-    let cache = CredentialCache::builder(idp.source())
-        .window_jitter(0.0)
-        .backoff(Duration::from_millis(100), Duration::from_millis(200))
-        .store(MemoryStore::new())
-        .fetch_timeout(Duration::from_secs(1))
-        .build()
-        .unwrap();
-    cache.credential().await.unwrap();
+    let cache = logged_in(&idp, true).await;
     idp.push(Scripted {
         delay: Duration::from_millis(1500),
         status: 429,
@@ -180,13 +186,7 @@ async fn a_refresh_token_held_back_by_retry_after_is_not_lost() {
 #[tokio::test(start_paused = true)]
 async fn a_refresh_token_held_back_by_retry_after_is_not_lost_without_a_store() {
     let idp = Idp::default();
-    let cache = CredentialCache::builder(idp.source())
-        .window_jitter(0.0)
-        .backoff(Duration::from_millis(100), Duration::from_millis(200))
-        .fetch_timeout(Duration::from_secs(1))
-        .build()
-        .unwrap();
-    cache.credential().await.unwrap();
+    let cache = logged_in(&idp, false).await;
     idp.push(Scripted {
         delay: Duration::from_millis(1500),
         status: 429,
@@ -204,22 +204,15 @@ async fn a_refresh_token_held_back_by_retry_after_is_not_lost_without_a_store() 
     assert_eq!(idp.logins(), 1, "{:?}", idp.log());
 }
 
-/// Commit 078bb73: "The source now remembers when its endpoint asked to be left alone
-/// (Held::not_before) and sends nothing before then"; README: a `Retry-After` "is the
-/// earliest next token request". `Retry-After` counts from the answer; the hold is
-/// counted from the moment the request was sent. World: the cache stops waiting at 1 s;
-/// the answer (503 `Retry-After: 6`) comes at 5 s; the next fetch, 2 s after the answer,
-/// is sent (the hold ended 1 s after the answer).
+/// World: the cache stops waiting at 1 s; the answer (503 `Retry-After: 6`) comes at
+/// 5 s; the next fetch comes 2 s after the answer. Proves: the hold counts from the
+/// answer that asked for it (README: a `Retry-After` "is the earliest next token
+/// request"): nothing is sent inside the 6 s (review 98 saw a hold counted from the
+/// request, which ended 1 s after the answer).
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_counts_from_the_answer_that_carried_it() {
     let idp = Idp::default();
-    let cache = CredentialCache::builder(idp.source())
-        .window_jitter(0.0)
-        .backoff(Duration::from_millis(100), Duration::from_millis(200))
-        .fetch_timeout(Duration::from_secs(1))
-        .build()
-        .unwrap();
-    cache.credential().await.unwrap();
+    let cache = logged_in(&idp, false).await;
     idp.push(Scripted {
         delay: Duration::from_secs(5),
         status: 503,
@@ -248,19 +241,12 @@ async fn a_retry_after_counts_from_the_answer_that_carried_it() {
 }
 
 /// Control for `a_refresh_token_held_back_by_retry_after_is_not_lost`: the same world
-/// without the fetch inside the hold keeps the refresh token (so the `HeldBack` answer
-/// is what loses it).
+/// without the fetch inside the hold keeps the refresh token (so that test sees what a
+/// `HeldBack` answer does to it, and nothing else).
 #[tokio::test(start_paused = true)]
 async fn control_without_a_fetch_inside_the_hold_the_refresh_token_is_kept() {
     let idp = Idp::default();
-    let cache = CredentialCache::builder(idp.source())
-        .window_jitter(0.0)
-        .backoff(Duration::from_millis(100), Duration::from_millis(200))
-        .store(MemoryStore::new())
-        .fetch_timeout(Duration::from_secs(1))
-        .build()
-        .unwrap();
-    cache.credential().await.unwrap();
+    let cache = logged_in(&idp, true).await;
     idp.push(Scripted {
         delay: Duration::from_millis(1500),
         status: 429,
@@ -277,16 +263,12 @@ async fn control_without_a_fetch_inside_the_hold_the_refresh_token_is_kept() {
     assert_eq!(idp.logins(), 1, "{:?}", idp.log());
 }
 
-/// src/token/source.rs `Held::last`: "If the cache stopped waiting for the exchange (its
-/// fetch timed out: `undelivered`), the server has already issued this one: the next
-/// fetch hands it out instead of refreshing again". 2958c4b `Exchange::run`: "A
-/// credential an exchange brought and nobody took cannot be waiting: that exchange's
-/// success ended the hold." World: a refresh's answer (at-2, rt-2) arrives after the
-/// cache stopped waiting (undelivered); a step-up then logs in (it neither hands out
-/// `last` nor clears `undelivered`) and is throttled, 429 `Retry-After: 30`. The next
-/// ordinary fetch needs no request at all (at-2 is issued and waiting), but the hold is
-/// now checked before the hand-out, and it gets `HeldBack` (before 2958c4b, `exchange()`
-/// handed at-2 out before looking at the hold).
+/// World: a refresh's answer (at-late, rt-late) arrives after the cache stopped waiting
+/// (undelivered); a step-up then logs in (it neither hands out nor clears that
+/// credential) and is throttled, 429 `Retry-After: 30`; two ordinary fetches follow
+/// inside the hold. Proves: the first is handed at-late, which needs no request (review
+/// 99 saw `HeldBack` there), and the hold stands after that hand-out: the second sends
+/// nothing (the hand-out once cleared it).
 #[tokio::test(start_paused = true)]
 async fn an_undelivered_credential_is_handed_out_inside_a_step_ups_hold() {
     let idp = Idp::default();

@@ -30,8 +30,8 @@ fn tok(c: &Credential) -> Option<String> {
 }
 
 /// README (Retry-After, review 94): a chained flight that begins inside a held
-/// `Retry-After` "answers as one planned then would (a sendable credential, else
-/// Backoff)"; `CacheHandle::replace`: a credential handed in is used. World: a request
+/// `Retry-After` answers as one planned then would (the credential if it has not
+/// expired, else `Backoff`: `FlightGuard::begin`); `CacheHandle::replace`: a credential handed in is used. World: a request
 /// waits on a fetch chained behind a refresh that an invalidation overtook; meanwhile a
 /// credential is handed in that is valid for 5 s more (inside its hard window); the
 /// overtaken refresh is answered 503 `Retry-After: 60`. A request planned at that
@@ -241,8 +241,8 @@ async fn keep_warm_after_a_held_chained_background_refresh(wait_before_503: u64)
 }
 
 /// README: "A token endpoint's `Retry-After` (429, 503; seconds or an HTTP date) is the
-/// earliest next token request"; 3b70a93: a `Retry-After` "is the endpoint's word on
-/// every token request". World: step-up on; a request is answered 403
+/// earliest next token request"; `FlightGuard::hold_retry_after`: a `Retry-After` "is
+/// the endpoint's word on every token request". World: step-up on; a request is answered 403
 /// `insufficient_scope`; the step-up's token request is answered 503 `Retry-After: 60`
 /// (not overtaken: an overtaken one now holds every fetch). Then the credential is
 /// invalidated and asked for again within the 60 s. Promise: no token request before
