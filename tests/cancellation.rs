@@ -5,7 +5,7 @@
 //! login), and no refresh is left stuck.
 #![cfg(feature = "https")]
 
-mod support;
+use crate::support;
 
 use std::{sync::atomic::Ordering::SeqCst, time::Duration};
 

@@ -6,7 +6,7 @@
 //! one's own sees the headers on both paths.
 #![cfg(all(feature = "https", feature = "reqwest"))]
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{

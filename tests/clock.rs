@@ -3,8 +3,6 @@
 //! refresh windows sized from the lifetime a credential was issued with. Every test drives
 //! a `ManualClock` for the wall and Tokio's paused clock for the monotonic time.
 
-mod support;
-
 use std::{
     sync::{
         Arc,

@@ -1,7 +1,7 @@
 //! Concurrency claims, counted: a stampede at expiry and a storm of 401s each cost
 //! exactly one fetch, however many requests are in flight.
 
-mod support;
+use crate::support;
 
 use std::{
     convert::Infallible,

@@ -4,7 +4,7 @@
 //! under its base raised to it, and rejection statuses outside 4xx/5xx dropped, all
 //! silently.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! not `Clone`; the credential is readied in `poll_ready`. Every test here drives an inner
 //! service that is neither `Clone` nor typed for `ReplayBody`.
 
-mod support;
+use crate::support;
 
 use std::{
     convert::Infallible,

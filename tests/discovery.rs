@@ -3,7 +3,7 @@
 //! Okta do (`support::providers::DiscoveryIdp`).
 #![cfg(feature = "https")]
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::Ordering::SeqCst;
 

@@ -5,7 +5,7 @@
 //! both demand a nonce, as Okta's do.
 #![cfg(all(feature = "https", feature = "jwt", feature = "reqwest"))]
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, atomic::Ordering::SeqCst};
 

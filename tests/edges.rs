@@ -5,7 +5,7 @@
 //! insecure token URLs.
 #![cfg(feature = "https")]
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{Arc, Mutex, atomic::Ordering::SeqCst},

@@ -5,7 +5,7 @@
 //! port; nothing here mocks Redis.
 #![cfg(feature = "redis")]
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{

@@ -16,7 +16,7 @@
 //! whose replay met a second revocation; afterwards every cache serves a request.
 #![cfg(all(feature = "redis", feature = "https"))]
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{

@@ -2,8 +2,6 @@
 //! with [`GrpcUnauthenticated`], so the layer invalidates, fetches a new token and
 //! replays the call once, body included, as it does for a 401.
 
-mod support;
-
 use std::{
     sync::{
         Arc, Mutex,

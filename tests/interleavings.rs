@@ -21,7 +21,7 @@
 
 #![cfg(feature = "reqwest")]
 
-mod support;
+use crate::support;
 
 use std::{
     collections::{HashMap, HashSet},

@@ -3,7 +3,7 @@
 //! from the cache; never for a reactive-only source; backing off like any refresh; gone
 //! with the last clone of the cache; and a cold start fetched before the first request.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 
 #![cfg(feature = "token")]
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{

@@ -1,7 +1,7 @@
 //! Step-by-step scenarios of one request through `AuthLayer`, with `tower_test::mock`
 //! standing in for the API so each exchange is observed and answered by the test.
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 

@@ -2,7 +2,7 @@
 //! an API, and a hyper-util client wrapped in `AuthLayer`. Also the transport rules:
 //! credentials never leave over plain http except to loopback when allowed.
 
-mod support;
+use crate::support;
 
 use std::{
     collections::HashSet,

@@ -5,7 +5,7 @@
 //! was asked.
 #![cfg(feature = "reqwest")]
 
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use http::{Request, StatusCode, header};

@@ -4,7 +4,7 @@
 //! rotation mid-run.
 #![cfg(feature = "https")]
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

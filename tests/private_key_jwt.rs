@@ -4,7 +4,7 @@
 //! `exp`, `iat`, `jti` never reused).
 #![cfg(all(feature = "https", feature = "jwt"))]
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::Ordering::SeqCst;
 

@@ -3,7 +3,7 @@
 //! grants are rewritten into the shapes quirky servers and proxies send (review 69).
 #![cfg(feature = "https")]
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{Arc, Mutex, atomic::Ordering::SeqCst},

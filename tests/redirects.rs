@@ -7,7 +7,7 @@
 //! shows the credential does arrive where it belongs.
 #![cfg(all(feature = "tower-http", feature = "reqwest"))]
 
-mod support;
+use crate::support;
 
 use std::{
     net::SocketAddr,

@@ -2,7 +2,7 @@
 //! sources, failures and backoff, cancelled requests, timeouts, panics, rotation, and
 //! the storage seam.
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{

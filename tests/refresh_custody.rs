@@ -4,7 +4,7 @@
 //! store that stops answering (`FaultStore`), a late exchange, and DPoP (review 87).
 #![cfg(feature = "https")]
 
-mod support;
+use crate::support;
 
 use std::{sync::Arc, sync::atomic::Ordering::SeqCst, time::Duration};
 

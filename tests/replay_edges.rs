@@ -2,7 +2,7 @@
 //! several-header credential, a 401 through a layer below that rewrites the URI, a replay
 //! whose new credential cannot be attached, and bodies at their edges.
 
-mod support;
+use crate::support;
 
 use std::{
     convert::Infallible,

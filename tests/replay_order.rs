@@ -7,7 +7,7 @@
 //! same order, the same stated length and the same trailers, or is refused at the
 //! limit.
 
-mod support;
+use crate::support;
 
 use std::{
     collections::VecDeque,

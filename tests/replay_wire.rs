@@ -7,7 +7,7 @@
 //! it, and replays exactly what the first attempt sent, or nothing.
 #![cfg(feature = "reqwest")]
 
-mod support;
+use crate::support;
 
 use std::{
     convert::Infallible,

@@ -2,7 +2,7 @@
 //! the layer's rules, a cache shared with a Tower stack, and the order with reqwest-retry.
 #![cfg(feature = "reqwest")]
 
-mod support;
+use crate::support;
 
 use std::{sync::Arc, time::Duration};
 

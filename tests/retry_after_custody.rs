@@ -5,127 +5,12 @@
 //! handed out inside a hold a step-up's answer set (reviews 98 and 99).
 #![cfg(feature = "token")]
 
-use std::{
-    collections::VecDeque,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use tokio::time::Instant;
+use crate::support::scripted::{Idp, Scripted, settle};
 use tower_client_auth::{
-    CredentialCache, CredentialSource, FetchContext, FetchReason, MemoryStore,
-    token::{TokenClient, TokenRequest, TokenSource},
+    CredentialCache, CredentialSource, FetchContext, FetchReason, MemoryStore, token::TokenSource,
 };
-
-/// One scripted answer: after `delay`, this status, `Retry-After`, body.
-#[derive(Clone)]
-struct Scripted {
-    delay: Duration,
-    status: u16,
-    retry_after: Option<&'static str>,
-    body: &'static str,
-}
-
-/// Each token request: when it came, when it was answered, its grant, the refresh
-/// token it presented, the status it got.
-type Logged = (Instant, Option<Instant>, String, Option<String>, u16);
-
-#[derive(Default)]
-struct State {
-    n: usize,
-    script: VecDeque<Scripted>,
-    /// (arrived, answered, grant_type, refresh_token presented, status)
-    log: Vec<Logged>,
-}
-
-#[derive(Clone, Default)]
-struct Idp(Arc<Mutex<State>>);
-
-fn field(form: &str, name: &str) -> Option<String> {
-    form.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == name).then(|| v.to_string())
-    })
-}
-
-impl Idp {
-    fn push(&self, s: Scripted) {
-        self.0.lock().unwrap().script.push_back(s);
-    }
-    fn log(&self) -> Vec<Logged> {
-        self.0.lock().unwrap().log.clone()
-    }
-    fn logins(&self) -> usize {
-        self.log()
-            .iter()
-            .filter(|l| l.2 == "client_credentials")
-            .count()
-    }
-    fn source(&self) -> TokenSource {
-        let idp = self.clone();
-        let svc = tower::service_fn(move |req: Request<Full<Bytes>>| {
-            let idp = idp.clone();
-            async move {
-                let body = req.into_body().collect().await.unwrap().to_bytes();
-                let form = String::from_utf8_lossy(&body).to_string();
-                let grant = field(&form, "grant_type").unwrap_or_default();
-                let rt = field(&form, "refresh_token");
-                let (i, n, scripted) = {
-                    let mut st = idp.0.lock().unwrap();
-                    st.n += 1;
-                    let n = st.n;
-                    st.log.push((Instant::now(), None, grant, rt, 0));
-                    (st.log.len() - 1, n, st.script.pop_front())
-                };
-                let (status, retry_after, body) = match scripted {
-                    Some(s) => {
-                        tokio::time::sleep(s.delay).await;
-                        (s.status, s.retry_after, s.body.to_string())
-                    }
-                    None => (
-                        200,
-                        None,
-                        format!(
-                            r#"{{"access_token":"at-{n}","refresh_token":"rt-{n}","token_type":"Bearer","expires_in":3600}}"#
-                        ),
-                    ),
-                };
-                {
-                    let mut st = idp.0.lock().unwrap();
-                    st.log[i].1 = Some(Instant::now());
-                    st.log[i].4 = status;
-                }
-                let mut res = Response::builder()
-                    .status(status)
-                    .header("content-type", "application/json");
-                if let Some(ra) = retry_after {
-                    res = res.header("retry-after", ra);
-                }
-                Ok::<_, std::convert::Infallible>(res.body(Full::new(Bytes::from(body))).unwrap())
-            }
-        });
-        let url = "https://idp.test/token";
-        TokenSource::new(
-            TokenRequest::oauth2_client_credentials(url, "app", "secret")
-                .unwrap()
-                .scope("read"),
-        )
-        .refresh_with(
-            TokenRequest::oauth2_refresh_token(url, "app", "secret").unwrap(),
-            "refresh_token",
-        )
-        .client(TokenClient::from_service(svc))
-    }
-}
-
-async fn settle() {
-    for _ in 0..50 {
-        tokio::task::yield_now().await;
-    }
-}
 
 /// A cache over `idp`'s source (with a `MemoryStore` if `store`) that stops waiting
 /// for a fetch after 1 s, logged in once.
@@ -152,12 +37,12 @@ async fn logged_in(idp: &Idp, store: bool) -> CredentialCache<TokenSource> {
 async fn a_refresh_token_held_back_by_retry_after_is_not_lost() {
     let idp = Idp::default();
     let cache = logged_in(&idp, true).await;
-    idp.push(Scripted {
-        delay: Duration::from_millis(1500),
-        status: 429,
-        retry_after: Some("30"),
-        body: r#"{"error":"slow_down"}"#,
-    });
+    idp.push(Scripted::after(
+        Duration::from_millis(1500),
+        429,
+        Some("30"),
+        r#"{"error":"slow_down"}"#,
+    ));
     cache.handle().invalidate();
     let timed_out = cache.credential().await;
     assert!(timed_out.is_err(), "{timed_out:?}");
@@ -187,12 +72,12 @@ async fn a_refresh_token_held_back_by_retry_after_is_not_lost() {
 async fn a_refresh_token_held_back_by_retry_after_is_not_lost_without_a_store() {
     let idp = Idp::default();
     let cache = logged_in(&idp, false).await;
-    idp.push(Scripted {
-        delay: Duration::from_millis(1500),
-        status: 429,
-        retry_after: Some("30"),
-        body: r#"{"error":"slow_down"}"#,
-    });
+    idp.push(Scripted::after(
+        Duration::from_millis(1500),
+        429,
+        Some("30"),
+        r#"{"error":"slow_down"}"#,
+    ));
     cache.handle().invalidate();
     assert!(cache.credential().await.is_err());
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -213,12 +98,12 @@ async fn a_refresh_token_held_back_by_retry_after_is_not_lost_without_a_store() 
 async fn a_retry_after_counts_from_the_answer_that_carried_it() {
     let idp = Idp::default();
     let cache = logged_in(&idp, false).await;
-    idp.push(Scripted {
-        delay: Duration::from_secs(5),
-        status: 503,
-        retry_after: Some("6"),
-        body: r#"{"error":"temporarily_unavailable"}"#,
-    });
+    idp.push(Scripted::after(
+        Duration::from_secs(5),
+        503,
+        Some("6"),
+        r#"{"error":"temporarily_unavailable"}"#,
+    ));
     cache.handle().invalidate();
     assert!(cache.credential().await.is_err());
     // The answer comes at 5 s (4 s after the timeout).
@@ -247,12 +132,12 @@ async fn a_retry_after_counts_from_the_answer_that_carried_it() {
 async fn control_without_a_fetch_inside_the_hold_the_refresh_token_is_kept() {
     let idp = Idp::default();
     let cache = logged_in(&idp, true).await;
-    idp.push(Scripted {
-        delay: Duration::from_millis(1500),
-        status: 429,
-        retry_after: Some("30"),
-        body: r#"{"error":"slow_down"}"#,
-    });
+    idp.push(Scripted::after(
+        Duration::from_millis(1500),
+        429,
+        Some("30"),
+        r#"{"error":"slow_down"}"#,
+    ));
     cache.handle().invalidate();
     assert!(cache.credential().await.is_err());
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -278,12 +163,7 @@ async fn an_undelivered_credential_is_handed_out_inside_a_step_ups_hold() {
         .await
         .unwrap();
     // The refresh is answered at 2 s; the cache stops waiting at 1 s.
-    idp.push(Scripted {
-        delay: Duration::from_secs(2),
-        status: 200,
-        retry_after: None,
-        body: r#"{"access_token":"at-late","refresh_token":"rt-late","token_type":"Bearer","expires_in":3600}"#,
-    });
+    idp.push(Scripted::after(Duration::from_secs(2), 200, None, r#"{"access_token":"at-late","refresh_token":"rt-late","token_type":"Bearer","expires_in":3600}"#));
     let timed_out = tokio::time::timeout(
         Duration::from_secs(1),
         source.fetch(FetchContext::new(
@@ -296,12 +176,7 @@ async fn an_undelivered_credential_is_handed_out_inside_a_step_ups_hold() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     settle().await;
     // A step-up, throttled.
-    idp.push(Scripted {
-        delay: Duration::ZERO,
-        status: 429,
-        retry_after: Some("30"),
-        body: r#"{"error":"slow_down"}"#,
-    });
+    idp.push(Scripted::now(429, Some("30"), r#"{"error":"slow_down"}"#));
     let stepped = source
         .fetch(
             FetchContext::new(FetchReason::StepUp, Some(first.clone()))

@@ -7,7 +7,7 @@
 //! guard of a body at the replay limit is in `tests/matrix.rs`).
 #![cfg(feature = "token")]
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{Arc, Mutex},

@@ -1,7 +1,7 @@
 //! Origin scoping over real loopback servers: one client shared by the credential's API
 //! and a third party. The third party never sees the credential, over Tower and reqwest.
 
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use http::{Request, StatusCode, header};

@@ -4,7 +4,7 @@
 //! its query), and outside text is escaped once and bounded (review 95's cases).
 #![cfg(all(feature = "https", feature = "reqwest"))]
 
-mod support;
+use crate::support;
 
 use support::scrub::{assert_scrubbed, oauth_error, refused_with};
 

@@ -4,7 +4,7 @@
 //! ("implementation of `From` is not general enough"); `SourceFn` boxes at construction
 //! so this compiles.
 
-mod support;
+use crate::support;
 
 use http::StatusCode;
 use support::{FakeApi, get};

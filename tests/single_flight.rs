@@ -4,7 +4,7 @@
 //! A source that counts its concurrent fetches and the refresh tokens presented to it
 //! sees any break.
 
-mod support;
+use crate::support;
 
 use std::{
     collections::HashSet,

@@ -4,7 +4,7 @@
 //! not a step-up's (review 70).
 #![cfg(all(feature = "https", feature = "reqwest"))]
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{

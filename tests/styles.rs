@@ -3,7 +3,7 @@
 //! static source) in a few lines, `AuthLayer` over a hyper-util client.
 #![cfg(feature = "https")]
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{Arc, Mutex, atomic::Ordering::SeqCst},

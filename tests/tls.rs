@@ -3,7 +3,7 @@
 //! and `AuthLayer` in strict mode (https only, no loopback exception).
 #![cfg(feature = "https")]
 
-mod support;
+use crate::support;
 
 use std::{sync::Arc, sync::atomic::Ordering::SeqCst};
 

@@ -3,7 +3,7 @@
 //! timeouts; a refresh that provably never left; `Retry-After`; hooks that hang.
 #![cfg(feature = "https")]
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{Arc, Mutex, atomic::Ordering::SeqCst},

@@ -2,7 +2,7 @@
 //! else is involved: an API that rejects every fresh token, a store that never answers,
 //! an entry whose aging timer died with its runtime, a huge configured backoff.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -10,6 +10,8 @@ pub mod redis;
 #[cfg(feature = "token")]
 pub mod retry_after;
 #[cfg(feature = "token")]
+pub mod scripted;
+#[cfg(feature = "token")]
 pub mod scrub;
 pub mod store;
 pub mod strict_idp;
