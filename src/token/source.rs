@@ -979,6 +979,14 @@ impl Exchange {
                     self.stats
                         .refresh_rejections
                         .fetch_add(1, Ordering::Relaxed);
+                    if e.retry_after_hint().is_some() {
+                        // The endpoint said when to come back: the login waits for it
+                        // too, as the next fetch, and the refresh token, judged by
+                        // nobody, stays held (this source's alone, as when throttled).
+                        tracing::info!(error = %e, "refresh refused with a Retry-After; keeping the refresh token, logging in no sooner");
+                        held.unspent = held.refresh_token.is_some();
+                        return Err(e);
+                    }
                     tracing::info!(error = %e, "refresh refused without a word on the refresh token; logging in, keeping it unless the login succeeds");
                     unjudged = true;
                 }
@@ -993,6 +1001,10 @@ impl Exchange {
                         // Whoever persists refresh tokens must not resume with this one
                         // (the login's pair, if it brings one, follows).
                         self.persist(None, held).await;
+                    }
+                    if e.retry_after_hint().is_some() {
+                        // The endpoint said when to come back: the login waits for it.
+                        return Err(e);
                     }
                 }
                 // An unknown outcome (below), or a 2xx (the server acted on the
@@ -1039,7 +1051,12 @@ impl Exchange {
         let sent = match self.send(&self.login, None).await {
             // The scopes earlier step-ups added are refused now (the client's
             // registration changed): they are dropped, and the login asks for its own.
-            Err(e) if self.widened && e.oauth_error() == Some("invalid_scope") => {
+            // Unless the endpoint said when to come back: then the next fetch asks.
+            Err(e)
+                if self.widened
+                    && e.oauth_error() == Some("invalid_scope")
+                    && e.retry_after_hint().is_none() =>
+            {
                 tracing::warn!(
                     "the token endpoint refuses the scopes step-ups added; logging in with the configured scope"
                 );

@@ -154,3 +154,21 @@ pub async fn settle() {
         tokio::task::yield_now().await;
     }
 }
+
+impl Idp {
+    /// The requests that came after the first refresh's answer and within `window` of
+    /// it: how long after it, their grant, their status.
+    pub fn sent_within(&self, window: Duration) -> Vec<(Duration, String, u16)> {
+        let log = self.log();
+        let i = log
+            .iter()
+            .position(|l| l.2 == "refresh_token")
+            .expect("a refresh was answered");
+        let answered = log[i].1.expect("the refresh was answered");
+        log[i + 1..]
+            .iter()
+            .filter(|l| l.0 >= answered && l.0 < answered + window)
+            .map(|l| (l.0 - answered, l.2.clone(), l.4))
+            .collect()
+    }
+}
