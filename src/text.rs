@@ -928,15 +928,18 @@ pub(crate) fn shown_url(url: &http::Uri) -> String {
 /// marks are matched without regard to ASCII case (`%3a` is `%3A`), in lower case here.
 struct UrlForm {
     start: &'static str,
+    /// Percent-encoded: anything encoded after its host is taken for its query.
+    percent: bool,
     slash: &'static str,
     at: &'static str,
     query: &'static str,
     fragment: &'static str,
 }
 
-const URL_FORMS: [UrlForm; 3] = [
+const URL_FORMS: [UrlForm; 4] = [
     UrlForm {
         start: "://",
+        percent: false,
         slash: "/",
         at: "@",
         query: "?",
@@ -944,6 +947,7 @@ const URL_FORMS: [UrlForm; 3] = [
     },
     UrlForm {
         start: ":\\/\\/",
+        percent: false,
         slash: "\\/",
         at: "@",
         query: "?",
@@ -951,7 +955,17 @@ const URL_FORMS: [UrlForm; 3] = [
     },
     UrlForm {
         start: "%3a%2f%2f",
+        percent: true,
         slash: "%2f",
+        at: "%40",
+        query: "%3f",
+        fragment: "%23",
+    },
+    // Python's `quote(url)` and JavaScript's `escape()`: the `:` encoded, not the `/`.
+    UrlForm {
+        start: "%3a//",
+        percent: true,
+        slash: "/",
         at: "%40",
         query: "%3f",
         fragment: "%23",
@@ -974,9 +988,9 @@ fn strip_url_secrets(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut done = 0;
     // Each form's next start at or after `done` (searched again only once passed).
-    let mut starts: [Option<Option<usize>>; 3] = [None; 3];
+    let mut starts = [None::<Option<usize>>; URL_FORMS.len()];
     // The current run: its end, and its last `@` of each form and its last `=`.
-    let mut run: Option<(usize, [Option<usize>; 3], Option<usize>)> = None;
+    let mut run: Option<(usize, [Option<usize>; URL_FORMS.len()], Option<usize>)> = None;
     loop {
         let mut next = None;
         for (k, form) in URL_FORMS.iter().enumerate() {
@@ -1018,9 +1032,9 @@ fn strip_url_secrets(text: &str) -> String {
                 found
             }
         };
-        // A query or fragment mark: the form's own, or a plain one (a URL encoded in
-        // part, its `?` left as it is).
-        let query_marks = [form.query, form.fragment, "?", "#"];
+        // A query or fragment mark: the form's own, a plain one (a URL encoded in part,
+        // its `?` left as it is), or an encoded one (a URL quoted with its `:/` kept).
+        let query_marks = [form.query, form.fragment, "?", "#", "%3f", "%23"];
         let mut host = after;
         if let Some(i) = ats[k].filter(|&i| i >= after) {
             if query_marks.iter().any(|m| lower[after..i].contains(m)) {
@@ -1044,12 +1058,20 @@ fn strip_url_secrets(text: &str) -> String {
             b.is_ascii_alphanumeric()
                 || b".-_~:[]".contains(&b)
                 || (b == b'%'
-                    && (k != 2
+                    && (!form.percent
                         || ["%3a", "%5b", "%5d"]
                             .iter()
                             .any(|m| lower[at..].starts_with(m))))
         };
-        let marks = [form.slash, form.query, form.fragment, "?", "#"];
+        let marks = [
+            form.slash,
+            form.query,
+            form.fragment,
+            "?",
+            "#",
+            "%3f",
+            "%23",
+        ];
         let mut host_end = host;
         while host_end < run_end
             && is_host(host_end)
@@ -1085,7 +1107,7 @@ fn strip_url_secrets(text: &str) -> String {
             && !rest.starts_with(')')
             // Parameters written without a mark; or, in the percent form, anything
             // encoded after the host (prose seldom follows one).
-            && (k == 2 || equals.is_some_and(|e| e >= host_end))
+            && (form.percent || equals.is_some_and(|e| e >= host_end))
         {
             query = Some(host_end);
         }
@@ -1106,7 +1128,76 @@ fn strip_url_secrets(text: &str) -> String {
         }
     }
     out.push_str(&text[done..]);
+    strip_bare_queries(&out)
+}
+
+/// Removes what looks like a query in a word no scheme marks as a URL: after the first
+/// `?` (or `%3F`) of a word that has a `/` before it and a `=` after it (a request line's
+/// `GET /token?access_token=...`, a URL written without its scheme), and, once a query
+/// has been redacted, after the first `&` of a word holding `&name=` (the rest of a
+/// query a server decoded for reading, cut at a space). A word runs to a space, a quote or an angle bracket, as a
+/// URL does; a `)` ending a redacted word is kept. One pass over `text`.
+fn strip_bare_queries(text: &str) -> String {
+    let is_break = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    // Whether a query was redacted before this word: the `&name=` rule holds only then.
+    let mut after_query = false;
+    while !rest.is_empty() {
+        let end = rest.find(is_break).unwrap_or(rest.len());
+        let word = &rest[..end];
+        let cut = bare_query_start(word, after_query);
+        after_query |= cut.is_some() || word.contains("[redacted]");
+        out.push_str(&word[..cut.unwrap_or(word.len())]);
+        if let Some(cut) = cut {
+            out.push_str("[redacted]");
+            if word.ends_with(')') && cut < word.len() {
+                out.push(')');
+            }
+        }
+        let next = rest[end..].chars().next().map_or(0, char::len_utf8);
+        out.push_str(&rest[end..end + next]);
+        rest = &rest[end + next..];
+    }
     out
+}
+
+/// Where a query [`strip_bare_queries`] redacts begins in `word`, if it holds one.
+fn bare_query_start(word: &str, after_query: bool) -> Option<usize> {
+    let lower = word.to_ascii_lowercase();
+    let question = [
+        lower.find('?').map(|i| (i, 1)),
+        lower.find("%3f").map(|i| (i, 3)),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    if let Some((at, len)) = question {
+        let before = &lower[..at];
+        let after = &lower[at + len..];
+        if (before.contains('/') || before.contains("%2f"))
+            && (after.contains('=') || after.contains("%3d"))
+        {
+            return Some(at + len);
+        }
+    }
+    if !after_query {
+        return None;
+    }
+    // `&name=`: a parameter's name is made of word characters.
+    let bytes = word.as_bytes();
+    let mut i = 0;
+    while let Some(amp) = word[i..].find('&').map(|j| i + j) {
+        let name = bytes[amp + 1..]
+            .iter()
+            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+            .count();
+        if name > 0 && bytes.get(amp + 1 + name) == Some(&b'=') {
+            return Some(amp + 1);
+        }
+        i = amp + 1;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -1620,6 +1711,9 @@ mod percent_hosts {
             "[",
             "]",
             ":",
+            "&",
+            "%3a//",
+            "'",
         ];
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         for _ in 0..20_000 {
@@ -1652,6 +1746,9 @@ mod percent_hosts {
                 "ops@corp.test",
             ),
             ("is https://api.test/v1 reachable? status=503", "status=503"),
+            ("R&D=research, and/or? maybe", "R&D=research, and/or? maybe"),
+            ("scope read/write is not granted", "read/write"),
+            ("a=1&b is fine", "a=1&b is fine"),
         ] {
             let out = foreign(text);
             assert!(out.contains(keep), "{text} -> {out}");

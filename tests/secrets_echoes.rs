@@ -355,3 +355,48 @@ async fn a_secret_echoed_by_javascripts_escape_is_scrubbed() {
     )])
     .await;
 }
+
+/// Promise (README "Errors": "never userinfo, a query or a secret"; the query of any URL
+/// a server's text names). World: a token endpoint's error names a URL in the ways
+/// servers and their libraries write one: quoted by Python's `quote(url)` or
+/// JavaScript's `escape()` (`https%3A//...%3Fkey%3D...`), quoted with `:/` kept
+/// (`https://...%3Fkey%3D...`, `%23`), a request line (`GET /token?access_token=...`)
+/// in a description or a gateway's text page, a URL with no scheme, and a query
+/// decoded for reading (a space in its `scope`). None of these secrets is the
+/// request's own. Proves: none of them shows.
+#[tokio::test(flavor = "current_thread")]
+async fn a_query_in_a_quoted_url_a_request_line_or_a_decoded_url_is_stripped() {
+    let named = |url: String| oauth_error(&format!("redirect_uri {url} is not registered"));
+    assert_scrubbed(vec![
+        ("quote(url)", "own", named(format!("https%3A//app.test/cb%3Fapi_key%3D{CANARY}"))),
+        ("quote(url, safe=':/')", "own", named(format!("https://app.test/cb%3Fapi_key%3D{CANARY}"))),
+        ("quote(url, safe=':/=')", "own", named(format!("https://app.test/cb%3Faccess_token={CANARY}"))),
+        ("an encoded fragment", "own", named(format!("https://app.test/cb%23access_token%3D{CANARY}"))),
+        ("no scheme", "own", named(format!("app.test/cb?api_key={CANARY}"))),
+        (
+            "a request line in a description",
+            "own",
+            oauth_error(&format!("no route for GET /oauth/token?access_token={CANARY}")),
+        ),
+        (
+            "a request line in a gateway's text",
+            "own",
+            format!("upstream error for POST /token?client_secret={CANARY} HTTP/1.1"),
+        ),
+        (
+            "a query decoded for reading",
+            "own",
+            oauth_error(&format!(
+                "cannot redirect to https://app.test/cb?scope=openid email&access_token={CANARY}"
+            )),
+        ),
+        (
+            "a query decoded for reading, its rest quoted",
+            "own",
+            oauth_error(&format!(
+                "cannot redirect to 'https://app.test/cb?scope=openid profile' '&state=1&code={CANARY}'"
+            )),
+        ),
+    ])
+    .await;
+}
