@@ -57,10 +57,12 @@ async fn stampede_at_expiry_fetches_once() {
 }
 
 /// The same on two real threads in real time: the refresh is held open until every
-/// request has been issued, so they all pile onto it.
+/// request has been issued, so they all pile onto it. Tokens live 1 s, so that token-2
+/// outlasts the burst on a loaded machine (with 50 ms, a burst slowed past token-2's
+/// soft window rightly began its refresh: a third fetch).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stampede_at_expiry_fetches_once_on_two_threads() {
-    let source = TestSource::gated(Some(Duration::from_millis(50)));
+    let source = TestSource::gated(Some(Duration::from_secs(1)));
     let api = FakeApi::new(|_, _| StatusCode::OK);
     let svc = AuthLayer::new(source.clone())
         .any_https_origin()
@@ -68,11 +70,12 @@ async fn stampede_at_expiry_fetches_once_on_two_threads() {
     source.release(1);
     svc.clone().oneshot(get("/warm-up")).await.unwrap();
 
-    tokio::time::sleep(Duration::from_millis(100)).await; // token-1 has expired
+    tokio::time::sleep(Duration::from_millis(1100)).await; // token-1 has expired
     let calls: Vec<_> = (0..N)
         .map(|_| tokio::spawn(svc.clone().oneshot(get("/burst"))))
         .collect();
     tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(source.fetches(), 2, "the pile waits on one refresh");
     source.release(1);
     for call in calls {
         assert_eq!(call.await.unwrap().unwrap().status(), 200);
