@@ -158,32 +158,7 @@ async fn control_without_a_fetch_inside_the_hold_the_refresh_token_is_kept() {
 async fn an_undelivered_credential_is_handed_out_inside_a_step_ups_hold() {
     let idp = Idp::default();
     let source = idp.source();
-    let first = source
-        .fetch(FetchContext::new(FetchReason::Initial, None))
-        .await
-        .unwrap();
-    // The refresh is answered at 2 s; the cache stops waiting at 1 s.
-    idp.push(Scripted::after(Duration::from_secs(2), 200, None, r#"{"access_token":"at-late","refresh_token":"rt-late","token_type":"Bearer","expires_in":3600}"#));
-    let timed_out = tokio::time::timeout(
-        Duration::from_secs(1),
-        source.fetch(FetchContext::new(
-            FetchReason::Expiring,
-            Some(first.clone()),
-        )),
-    )
-    .await;
-    assert!(timed_out.is_err(), "{timed_out:?}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    settle().await;
-    // A step-up, throttled.
-    idp.push(Scripted::now(429, Some("30"), r#"{"error":"slow_down"}"#));
-    let stepped = source
-        .fetch(
-            FetchContext::new(FetchReason::StepUp, Some(first.clone()))
-                .with_required_scope(Some("admin".into())),
-        )
-        .await;
-    assert!(stepped.is_err(), "{stepped:?}");
+    let first = late_credential_then_step_up_hold(&idp, &source).await;
     // The next ordinary fetch: at-late was issued and never handed out.
     let next = source
         .fetch(FetchContext::new(
