@@ -102,8 +102,14 @@ async fn keep_warm_refreshes_once_per_lifetime() {
     settle().await;
     assert_eq!(source.fetches(), 11);
     let log = source.log();
+    // The soft window is counted on the wall clock, which moves in real time while the
+    // test's paused clock jumps: a loaded machine shifts each refresh by milliseconds.
     for pair in log.windows(2) {
-        assert_eq!(pair[1].0 - pair[0].0, Duration::from_secs(75));
+        let gap = pair[1].0 - pair[0].0;
+        assert!(
+            gap.abs_diff(Duration::from_secs(75)) < Duration::from_millis(100),
+            "{gap:?}"
+        );
         assert_eq!(pair[1].1, FetchReason::Expiring);
     }
     assert_eq!(cache.credential().await.unwrap(), {
