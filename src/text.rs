@@ -69,8 +69,7 @@ impl Depth {
 #[cfg(feature = "token")]
 const SCRUB_LIMIT: usize = 8 * 1024;
 
-/// What a secret is replaced with.
-#[cfg(feature = "token")]
+/// What a secret, a query or a parameter's value is replaced with.
 const REDACTED: &str = "[redacted]";
 
 /// The forms of `secret` that a server's wrong character encoding makes of it: its
@@ -1131,29 +1130,30 @@ fn strip_url_secrets(text: &str) -> String {
     strip_bare_queries(&out)
 }
 
-/// Removes what looks like a query in a word no scheme marks as a URL: after the first
-/// `?` (or `%3F`) of a word that has a `/` before it and a `=` after it (a request line's
-/// `GET /token?access_token=...`, a URL written without its scheme), and, once a query
-/// has been redacted, after the first `&` of a word holding `&name=` (the rest of a
-/// query a server decoded for reading, cut at a space). A word runs to a space, a quote or an angle bracket, as a
-/// URL does; a `)` ending a redacted word is kept. One pass over `text`.
+/// Removes what looks like a query where no scheme marks a URL: after the first `?`
+/// (or `%3F`) of a word with a path or a host before it (a `/`, or a dotted name) and a
+/// parameter right after it (`GET /token?access_token=...`, `idp.test/cb?key=...`,
+/// `idp.test?key=...`); and the value of every parameter named like a secret wherever
+/// it stands (`...&access_token=...`, a form body echoed back, `?code=...` alone): see
+/// [`secret_name`]. A word runs to a space, a quote or an angle bracket, as a URL does;
+/// a value to the next `&`, `;`, `,` or `)` too. A bare value with no name
+/// (`GET /token?KEY`) cannot be told from a word and is not. One pass over `text`.
 fn strip_bare_queries(text: &str) -> String {
     let is_break = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>');
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    // Whether a query was redacted before this word: the `&name=` rule holds only then.
-    let mut after_query = false;
     while !rest.is_empty() {
         let end = rest.find(is_break).unwrap_or(rest.len());
         let word = &rest[..end];
-        let cut = bare_query_start(word, after_query);
-        after_query |= cut.is_some() || word.contains("[redacted]");
-        out.push_str(&word[..cut.unwrap_or(word.len())]);
-        if let Some(cut) = cut {
-            out.push_str("[redacted]");
-            if word.ends_with(')') && cut < word.len() {
-                out.push(')');
+        match bare_query_start(word) {
+            Some(cut) => {
+                out.push_str(&word[..cut]);
+                out.push_str("[redacted]");
+                if word.ends_with(')') && cut < word.len() {
+                    out.push(')');
+                }
             }
+            None => strip_secret_values(word, &mut out),
         }
         let next = rest[end..].chars().next().map_or(0, char::len_utf8);
         out.push_str(&rest[end..end + next]);
@@ -1163,41 +1163,135 @@ fn strip_bare_queries(text: &str) -> String {
 }
 
 /// Where a query [`strip_bare_queries`] redacts begins in `word`, if it holds one.
-fn bare_query_start(word: &str, after_query: bool) -> Option<usize> {
+fn bare_query_start(word: &str) -> Option<usize> {
     let lower = word.to_ascii_lowercase();
-    let question = [
+    let (at, len) = [
         lower.find('?').map(|i| (i, 1)),
         lower.find("%3f").map(|i| (i, 3)),
     ]
     .into_iter()
     .flatten()
-    .min();
-    if let Some((at, len)) = question {
-        let before = &lower[..at];
-        let after = &lower[at + len..];
-        if (before.contains('/') || before.contains("%2f"))
-            && (after.contains('=') || after.contains("%3d"))
+    .min()?;
+    let before = &lower[..at];
+    let host = before.trim_start_matches(|c: char| !c.is_ascii_alphanumeric());
+    let located = before.contains('/')
+        || before.contains("%2f")
+        || (host.contains('.')
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b)));
+    (located && parameter_len(&lower[at + len..]).is_some()).then_some(at + len)
+}
+
+/// The length of `name=` (or `name%3D`) at the start of `text`, if a parameter's name
+/// (word characters, `.`, `-`) and its `=` stand there.
+fn parameter_len(text: &str) -> Option<usize> {
+    // A name may hold a redaction already (a known secret that was part of it).
+    let mut name = 0;
+    loop {
+        if text[name..].starts_with(REDACTED) {
+            name += REDACTED.len();
+        } else if text
+            .as_bytes()
+            .get(name)
+            .is_some_and(|&b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
         {
-            return Some(at + len);
+            name += 1;
+        } else {
+            break;
         }
     }
-    if !after_query {
+    if name == 0 {
         return None;
     }
-    // `&name=`: a parameter's name is made of word characters.
-    let bytes = word.as_bytes();
-    let mut i = 0;
-    while let Some(amp) = word[i..].find('&').map(|j| i + j) {
-        let name = bytes[amp + 1..]
-            .iter()
-            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-            .count();
-        if name > 0 && bytes.get(amp + 1 + name) == Some(&b'=') {
-            return Some(amp + 1);
-        }
-        i = amp + 1;
+    let after = &text[name..];
+    if after.starts_with('=') {
+        Some(name + 1)
+    } else if after
+        .as_bytes()
+        .get(..3)
+        .is_some_and(|m| m.eq_ignore_ascii_case(b"%3d"))
+    {
+        Some(name + 3)
+    } else {
+        None
     }
-    None
+}
+
+/// Whether a parameter's name says its value is a secret: a token, a secret, a
+/// password, a key, a signature, an assertion, a session, an authorization code.
+fn secret_name(name: &str) -> bool {
+    if name.contains(REDACTED) {
+        return true;
+    }
+    let name = name.to_ascii_lowercase();
+    [
+        "token",
+        "secret",
+        "passw",
+        "apikey",
+        "api_key",
+        "api-key",
+        "signature",
+        "assertion",
+        "session",
+        "credential",
+    ]
+    .iter()
+    .any(|part| name.contains(part))
+        || ["key", "sig", "code", "pwd", "pass", "auth", "authorization"]
+            .iter()
+            .any(|whole| {
+                name == *whole
+                    || name.ends_with(&format!("_{whole}"))
+                    || name.ends_with(&format!("-{whole}"))
+            })
+}
+
+/// Copies `word` to `out` with the value of every parameter named like a secret
+/// ([`secret_name`]) redacted. One pass: each `=` is looked at once.
+fn strip_secret_values(word: &str, out: &mut String) {
+    let bytes = word.as_bytes();
+    let is_name = |b: u8| b.is_ascii_alphanumeric() || b"_-.".contains(&b);
+    let mut copied = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let mark = if bytes[i] == b'=' {
+            1
+        } else if bytes
+            .get(i..i + 3)
+            .is_some_and(|m| m.eq_ignore_ascii_case(b"%3d"))
+        {
+            3
+        } else {
+            i += 1;
+            continue;
+        };
+        let mut start = i;
+        loop {
+            if start > copied && is_name(bytes[start - 1]) {
+                start -= 1;
+            } else if start >= copied + REDACTED.len() && word[..start].ends_with(REDACTED) {
+                start -= REDACTED.len();
+            } else {
+                break;
+            }
+        }
+        let value = i + mark;
+        if start < i && secret_name(&word[start..i]) {
+            let end = value
+                + word[value..]
+                    .find(['&', ';', ',', ')'])
+                    .unwrap_or(word.len() - value);
+            out.push_str(&word[copied..value]);
+            out.push_str("[redacted]");
+            copied = end;
+            i = end;
+        } else {
+            i = value;
+        }
+    }
+    out.push_str(&word[copied..]);
 }
 
 #[cfg(test)]

@@ -196,7 +196,7 @@ async fn an_undelivered_credential_is_handed_out_inside_a_step_ups_hold() {
 /// `{"error":"slow_down"}` (GitHub's shape). Proves: the login the source falls back
 /// to waits for the `Retry-After` like any token request (README: "the earliest next
 /// token request"): nothing is sent within 30 s of that answer, and the fetch fails
-/// with the refusal.
+/// with the refusal; after it, the login comes first, and its refresh token is used.
 #[tokio::test(start_paused = true)]
 async fn a_refusal_that_asks_for_time_holds_the_login_after_it() {
     let cases = [
@@ -244,19 +244,31 @@ async fn a_refusal_that_asks_for_time_holds_the_login_after_it() {
             "{status} {body}: {early:?} {:?}",
             idp.brief()
         );
-        // After it, the refresh token the refusal did not judge is presented again.
+        // After it, the login the refusal called for (a refresh presented again would
+        // be refused again, with every hold), and its refresh token replaces rt-1.
         tokio::time::sleep(Duration::from_secs(21)).await;
         let after = source
-            .fetch(FetchContext::new(FetchReason::Expiring, Some(first)))
+            .fetch(FetchContext::new(
+                FetchReason::Expiring,
+                Some(first.clone()),
+            ))
             .await;
         assert!(after.is_ok(), "{status} {body}: {after:?}");
+        let next = source
+            .fetch(FetchContext::new(FetchReason::Expiring, after.ok()))
+            .await;
+        assert!(next.is_ok(), "{status} {body}: {next:?}");
         let log = idp.brief();
+        let after_hold: Vec<_> = log[2..]
+            .iter()
+            .map(|l| (l.0.as_str(), l.1.as_deref()))
+            .collect();
         assert_eq!(
-            (
-                log.last().unwrap().0.as_str(),
-                log.last().unwrap().1.as_deref()
-            ),
-            ("refresh_token", Some("rt-1")),
+            after_hold,
+            [
+                ("client_credentials", None),
+                ("refresh_token", Some("rt-3"))
+            ],
             "{status} {body}: {log:?}"
         );
     }

@@ -2,7 +2,7 @@
 //! any error, not in tracing output at TRACE level, not in the request headers' `Debug`.
 #![cfg(feature = "https")]
 
-use crate::support;
+mod support;
 
 use support::scrub::{assert_scrubbed, oauth_error, refused_with, shown_secret};
 

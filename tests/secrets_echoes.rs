@@ -6,13 +6,14 @@
 
 use crate::support;
 
+use support::scripted::{Idp, Scripted};
 use support::scrub::{assert_scrubbed, oauth_error, refused_with};
 
 use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
 use tower_client_auth::{
-    BoxError, CredentialCache, FetchContext, source_fn,
+    BoxError, CredentialCache, CredentialSource, FetchContext, FetchReason, source_fn,
     token::{TokenClient, TokenSource},
 };
 
@@ -399,4 +400,127 @@ async fn a_query_in_a_quoted_url_a_request_line_or_a_decoded_url_is_stripped() {
         ),
     ])
     .await;
+}
+
+/// The description a token error keeps of an `error_description`, and the error as
+/// shown (`Display` and `Debug`).
+async fn described(description: &str) -> (Option<String>, String) {
+    let idp = Idp::default();
+    let body = serde_json::json!({"error": "invalid_request", "error_description": description})
+        .to_string();
+    idp.push(Scripted::now(400, None, &body));
+    let err = idp
+        .source()
+        .fetch(FetchContext::new(FetchReason::Initial, None))
+        .await
+        .unwrap_err();
+    let e = err
+        .downcast_ref::<tower_client_auth::token::TokenError>()
+        .expect("a token error");
+    (e.description().map(str::to_owned), format!("{e} {e:?}"))
+}
+
+/// World: token endpoints' `error_description`s that carry a query secret outside a
+/// URL: a host with neither scheme nor path (`idp.example.com?api_key=...`), a query
+/// quoted on its own (`?access_token=...`), a form body echoed back
+/// (`grant_type=...&access_token=...`, no `?`). Proves: `Zq9LEAKED7` never shows. (A
+/// bare value with no name, `GET /v1/token?KEY`, cannot be told from a word: not
+/// covered, as README says.)
+#[tokio::test]
+async fn a_secret_parameter_outside_a_url_is_stripped() {
+    let cases = [
+        "could not reach idp.example.com?api_key=Zq9LEAKED7 in time",
+        "the query ?access_token=Zq9LEAKED7 is not allowed; send it in a header",
+        "unreadable body grant_type=refresh_token&access_token=Zq9LEAKED7",
+    ];
+    let mut leaks = Vec::new();
+    for case in cases {
+        let (description, shown) = described(case).await;
+        if shown.contains("Zq9LEAKED7") {
+            leaks.push(format!("{case:?}\n   -> {description:?}"));
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "leaked ({}):\n{}",
+        leaks.len(),
+        leaks.join("\n")
+    );
+}
+
+/// World: a request line, a URL with a path and no scheme, an app's custom scheme
+/// (`myapp://`, `com.example.app:/`), a WebSocket URL, an encoded or decoded space in a
+/// query. Proves: the secret in each query never shows.
+#[tokio::test]
+async fn a_query_in_a_request_line_a_custom_scheme_or_a_socket_url_is_stripped() {
+    let cases = [
+        "refused: POST /token?client_secret=Zq9LEAKED7",
+        "see api.example.com/v1?key=Zq9LEAKED7",
+        "redirect to myapp://callback?code=Zq9LEAKED7 failed",
+        "redirect to com.example.app:/oauth2redirect?code=Zq9LEAKED7 failed",
+        "url: https://app.example/cb?scope=openid%20email&access_token=Zq9LEAKED7",
+        "(https://app.example/cb?key=Zq9LEAKED7)",
+        "wss://stream.example/ws?token=Zq9LEAKED7",
+        "https://app.example/cb?scope=openid email&access_token=Zq9LEAKED7",
+    ];
+    for case in cases {
+        let (description, shown) = described(case).await;
+        assert!(!shown.contains("Zq9LEAKED7"), "{case:?} -> {description:?}");
+    }
+}
+
+/// World: secret-free `error_description`s a user needs to fix a request: a
+/// validation message quoting the pattern a scope must match (a `/` before a `?` and a
+/// `=` after it in one word), and advice written as a form after a redirect URI whose
+/// query was (rightly) redacted (`&name=` after a redaction). Expected: the part named
+/// is shown as the server wrote it.
+#[tokio::test]
+async fn a_description_with_slashes_marks_and_equals_is_kept() {
+    let cases = [
+        (
+            "scope must match ^[a-z]+(/[a-z]+)?(=[a-z]+)?$",
+            "^[a-z]+(/[a-z]+)?(=[a-z]+)?$",
+        ),
+        (
+            "redirect_uri https://app.example/cb?x=1 is not registered; register it with grant_type=authorization_code&response_type=code",
+            "grant_type=authorization_code&response_type=code",
+        ),
+    ];
+    let mut redacted = Vec::new();
+    for (case, kept) in cases {
+        let (description, _) = described(case).await;
+        let shown = description.as_deref().unwrap_or_default();
+        if !shown.contains(kept) {
+            redacted.push(format!("{case:?}\n   -> {shown:?}"));
+        }
+    }
+    assert!(
+        redacted.is_empty(),
+        "over-redacted ({}):\n{}",
+        redacted.len(),
+        redacted.join("\n")
+    );
+}
+
+/// World: a 60 KiB hostile `error_description` (the token client reads at most
+/// 64 KiB) of patterns that make a scanner rescan: many scheme marks in one space-free
+/// run, many `?`/`&`/`=` in one word, many words each with `/?=`. Proves: it is
+/// scrubbed without a panic (its cost is a benchmark's matter, not a test's).
+#[tokio::test]
+async fn a_large_hostile_description_is_scrubbed_without_a_panic() {
+    let patterns: [(&str, &str); 8] = [
+        ("schemes", "a://"),
+        ("schemes-paren", "a://b/)"),
+        ("percent", "%3a//b%3f"),
+        ("qmarks", "/?"),
+        ("amps", "&a"),
+        ("words", "/?= "),
+        ("after-query", "/?a=b &a= "),
+        ("ats", "a://b@c?"),
+    ];
+    for (name, unit) in patterns {
+        let text: String = unit.repeat(60 * 1024 / unit.len());
+        let (description, _) = described(&text).await;
+        assert!(description.is_some(), "{name}");
+    }
 }

@@ -4,7 +4,8 @@
 //! `cargo test` spends compiling. A test file whose tests change the process (its
 //! environment, a global tracing subscriber or metrics recorder, a counting allocator) or
 //! run the test binary again as a child process stays a binary of its own: see
-//! `[[test]]` in Cargo.toml.
+//! `[[test]]` in Cargo.toml. So does one that installs a panic hook (tests/secrets.rs
+//! counts every panic while it runs, and other modules' tests panic on purpose).
 
 mod support;
 
@@ -38,8 +39,8 @@ mod replay_wire;
 mod reqwest;
 mod retry_after_custody;
 mod retry_after_edges;
+mod retry_after_refusals;
 mod scope;
-mod secrets;
 mod secrets_echoes;
 mod send_bounds;
 mod single_flight;

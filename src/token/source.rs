@@ -224,6 +224,11 @@ struct Held {
     /// never got it). The next shared exchange presents it if the store holds none. Any
     /// answer accepted clears it.
     unspent: bool,
+    /// The refresh token a refusal that judged nothing (see `unjudged` in `exchange`)
+    /// left held when it asked for time (`Retry-After`): the login that refusal calls
+    /// for is owed, and the next exchange that holds this same token logs in rather than
+    /// presenting it again (which such a server refuses again, with every hold).
+    login_owed: Option<Secret>,
     /// Whether the last exchange's credential (`last`) reached nobody: the cache stopped
     /// waiting. Its refresh token (`refresh_token`) is then newer than the store's.
     undelivered: bool,
@@ -776,6 +781,12 @@ struct Exchange {
     began: (SystemTime, Instant),
 }
 
+/// Whether a refused token request's answer asked for time before the next one: a
+/// `Retry-After` of zero (or an HTTP date past) asks for none.
+fn asks_to_wait(e: &TokenError) -> bool {
+    e.retry_after_hint().is_some_and(|wait| !wait.is_zero())
+}
+
 impl Exchange {
     /// When `arrived` (monotonic) was, on the cache's wall clock.
     fn wall(&self, arrived: Instant) -> SystemTime {
@@ -944,9 +955,16 @@ impl Exchange {
             return Err(self.held_back(left));
         }
         let refresh = self.refresh.as_ref().filter(|_| !step_up);
-        // Whether the refresh was refused without a word on its token (below).
-        let mut unjudged = false;
-        if let (Some((request, field)), Some(token)) = (refresh, held.refresh_token.clone()) {
+        // Whether the refresh was refused without a word on its token (below), now or
+        // by the exchange before, which asked for time before the login it called for.
+        let owed = held.login_owed.take();
+        let mut unjudged = owed.is_some() && !step_up && owed == held.refresh_token;
+        if unjudged {
+            tracing::debug!(reason = ?cx.reason(), "logging in, as the last refusal of the held refresh token called for");
+        }
+        if let (Some((request, field)), Some(token), false) =
+            (refresh, held.refresh_token.clone(), unjudged)
+        {
             tracing::debug!(reason = ?cx.reason(), "refreshing with the held refresh token");
             // A 2xx answer's refresh token is held by `accept` before anything else in
             // it is judged, even when the answer then turns out to be an OAuth error.
@@ -979,12 +997,14 @@ impl Exchange {
                     self.stats
                         .refresh_rejections
                         .fetch_add(1, Ordering::Relaxed);
-                    if e.retry_after_hint().is_some() {
+                    if asks_to_wait(&e) {
                         // The endpoint said when to come back: the login waits for it
-                        // too, as the next fetch, and the refresh token, judged by
-                        // nobody, stays held (this source's alone, as when throttled).
+                        // too, as the next exchange's (owed), and the refresh token,
+                        // judged by nobody, stays held (this source's alone, as when
+                        // throttled) until that login succeeds.
                         tracing::info!(error = %e, "refresh refused with a Retry-After; keeping the refresh token, logging in no sooner");
                         held.unspent = held.refresh_token.is_some();
+                        held.login_owed = held.refresh_token.clone();
                         return Err(e);
                     }
                     tracing::info!(error = %e, "refresh refused without a word on the refresh token; logging in, keeping it unless the login succeeds");
@@ -1002,7 +1022,7 @@ impl Exchange {
                         // (the login's pair, if it brings one, follows).
                         self.persist(None, held).await;
                     }
-                    if e.retry_after_hint().is_some() {
+                    if asks_to_wait(&e) {
                         // The endpoint said when to come back: the login waits for it.
                         return Err(e);
                     }
@@ -1030,7 +1050,7 @@ impl Exchange {
                     held.refresh_token = None;
                     // Whoever persists refresh tokens must not resume with this one.
                     self.persist(None, held).await;
-                    if e.retry_after_hint().is_some() {
+                    if asks_to_wait(&e) {
                         // The endpoint said when to come back (`Retry-After` on a 503):
                         // the login waits for that too, as the next fetch.
                         return Err(e);
@@ -1051,12 +1071,8 @@ impl Exchange {
         let sent = match self.send(&self.login, None).await {
             // The scopes earlier step-ups added are refused now (the client's
             // registration changed): they are dropped, and the login asks for its own.
-            // Unless the endpoint said when to come back: then the next fetch asks.
-            Err(e)
-                if self.widened
-                    && e.oauth_error() == Some("invalid_scope")
-                    && e.retry_after_hint().is_none() =>
-            {
+            // If the endpoint said when to come back, the next exchange asks.
+            Err(e) if self.widened && e.oauth_error() == Some("invalid_scope") => {
                 tracing::warn!(
                     "the token endpoint refuses the scopes step-ups added; logging in with the configured scope"
                 );
@@ -1064,7 +1080,11 @@ impl Exchange {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .clear();
-                self.send(&self.base_login, None).await
+                if asks_to_wait(&e) {
+                    Err(e)
+                } else {
+                    self.send(&self.base_login, None).await
+                }
             }
             sent => sent,
         };

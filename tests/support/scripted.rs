@@ -29,12 +29,19 @@ pub struct Scripted {
 /// token it presented, the status it got.
 pub type Logged = (Instant, Option<Instant>, String, Option<String>, u16);
 
+/// An answer chosen by a request's grant, scope and refresh token, when no scripted
+/// answer is left: `None` for the default one.
+type Rule = Box<dyn Fn(&str, Option<&str>, Option<&str>) -> Option<Scripted> + Send>;
+
 #[derive(Default)]
 struct State {
     n: usize,
     script: VecDeque<Scripted>,
+    rule: Option<Rule>,
     /// (arrived, answered, grant_type, refresh_token presented, status)
     log: Vec<Logged>,
+    /// Each request's scope, beside `log`.
+    scopes: Vec<Option<String>>,
 }
 
 #[derive(Clone, Default)]
@@ -43,7 +50,7 @@ pub struct Idp(Arc<Mutex<State>>);
 fn field(form: &str, name: &str) -> Option<String> {
     form.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
-        (k == name).then(|| v.to_string())
+        (k == name).then(|| v.replace("%20", " ").replace('+', " "))
     })
 }
 
@@ -76,6 +83,22 @@ impl Idp {
     pub fn push(&self, s: Scripted) {
         self.0.lock().unwrap().script.push_back(s);
     }
+    /// Answers with `rule` once the script is spent (see [`Rule`]).
+    pub fn rule(
+        &self,
+        rule: impl Fn(&str, Option<&str>, Option<&str>) -> Option<Scripted> + Send + 'static,
+    ) {
+        self.0.lock().unwrap().rule = Some(Box::new(rule));
+    }
+    /// Each request's grant, scope, the refresh token it presented and its status.
+    pub fn scoped(&self) -> Vec<(String, Option<String>, Option<String>, u16)> {
+        let st = self.0.lock().unwrap();
+        st.log
+            .iter()
+            .zip(&st.scopes)
+            .map(|(l, scope)| (l.2.clone(), scope.clone(), l.3.clone(), l.4))
+            .collect()
+    }
     pub fn log(&self) -> Vec<Logged> {
         self.0.lock().unwrap().log.clone()
     }
@@ -101,12 +124,19 @@ impl Idp {
                 let form = String::from_utf8_lossy(&body).to_string();
                 let grant = field(&form, "grant_type").unwrap_or_default();
                 let rt = field(&form, "refresh_token");
+                let scope = field(&form, "scope");
                 let (i, n, scripted) = {
                     let mut st = idp.0.lock().unwrap();
                     st.n += 1;
                     let n = st.n;
+                    let scripted = st.script.pop_front().or_else(|| {
+                        st.rule
+                            .as_ref()
+                            .and_then(|rule| rule(&grant, scope.as_deref(), rt.as_deref()))
+                    });
                     st.log.push((Instant::now(), None, grant, rt, 0));
-                    (st.log.len() - 1, n, st.script.pop_front())
+                    st.scopes.push(scope);
+                    (st.log.len() - 1, n, scripted)
                 };
                 let (status, retry_after, body) = match scripted {
                     Some(s) => {

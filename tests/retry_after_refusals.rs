@@ -1,0 +1,336 @@
+//! A refresh refused with a `Retry-After`, against a scripted endpoint: the hold is
+//! kept (nothing sent inside it), the login the refusal calls for is owed and comes
+//! after it however often the server throttles (a gateway's `Unauthorized`, HubSpot's
+//! `BAD_REFRESH_TOKEN`), a `Retry-After` of zero or a past date asks for no wait, a
+//! garbage one is ignored and a huge one capped, a widened login falls back to the
+//! configured scope, and no refresh token is lost or presented after its rotation.
+#![cfg(feature = "token")]
+
+use crate::support;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use support::scripted::{Idp, Scripted};
+use tower_client_auth::{
+    BoxError, Credential, CredentialCache, CredentialSource, FetchContext, FetchReason,
+    MemoryStore, token::TokenSource,
+};
+
+async fn fetch(
+    source: &TokenSource,
+    reason: FetchReason,
+    previous: Option<Credential>,
+) -> Result<Credential, BoxError> {
+    source.fetch(FetchContext::new(reason, previous)).await
+}
+
+// ---------------------------------------------------------------------------------
+// 1. c185c57: a refresh refused with a Retry-After.
+// ---------------------------------------------------------------------------------
+
+/// World: the refresh token is dead, but the server says so in its own shape
+/// (HubSpot's `BAD_REFRESH_TOKEN`, which the source does not take as judging it), and
+/// it attaches `Retry-After: 10` to every refusal (a throttling gateway); the login
+/// works. The source is asked again after each hold, five times.
+/// Promise (c185c57's message): "the source's hold is set from it, so the login is the
+/// next fetch after the hold"; README: the login tells which. Expected: a login after
+/// the first hold at the latest, and a credential. Before c185c57 the first fetch
+/// logged in at once.
+#[tokio::test(start_paused = true)]
+async fn an_unjudged_refusal_that_always_asks_for_time_still_logs_in_after_the_hold() {
+    let idp = Idp::default();
+    idp.rule(|grant, _, _| {
+        (grant == "refresh_token").then(|| {
+            Scripted::now(
+                400,
+                Some("10"),
+                r#"{"status":"BAD_REFRESH_TOKEN","message":"missing or unknown refresh token"}"#,
+            )
+        })
+    });
+    let source = idp.source();
+    let first = fetch(&source, FetchReason::Initial, None).await.unwrap();
+    let mut outcomes = Vec::new();
+    for _ in 0..5 {
+        let got = fetch(&source, FetchReason::Expiring, Some(first.clone())).await;
+        outcomes.push(got.is_ok());
+        if got.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(11)).await;
+    }
+    assert!(
+        idp.logins() >= 2 && outcomes.contains(&true),
+        "never logged in again; outcomes {outcomes:?}; requests {:?}",
+        idp.scoped()
+    );
+}
+
+/// The same through a cache (what an app sees), with a `MemoryStore`: a minute of
+/// `credential()` calls every 11 s after the access token was invalidated.
+#[tokio::test(start_paused = true)]
+async fn an_unjudged_refusal_that_always_asks_for_time_still_logs_in_through_a_cache() {
+    let idp = Idp::default();
+    idp.rule(|grant, _, _| {
+        (grant == "refresh_token")
+            .then(|| Scripted::now(401, Some("10"), r#"{"message":"Unauthorized"}"#))
+    });
+    let cache = CredentialCache::builder(idp.source())
+        .window_jitter(0.0)
+        .store(MemoryStore::new())
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    cache.handle().invalidate();
+    let mut got = cache.credential().await.map(drop);
+    for _ in 0..6 {
+        if got.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        got = cache.credential().await.map(drop);
+    }
+    assert!(
+        got.is_ok(),
+        "no credential after a minute: {got:?}; requests {:?}",
+        idp.scoped()
+    );
+}
+
+/// World: the refresh is refused in words that do not judge the refresh token
+/// (a gateway's 401 `{"message":"Unauthorized"}`; HubSpot's `BAD_REFRESH_TOKEN`) with
+/// `Retry-After: 0`, or with an HTTP date in the past (RFC 9110: no wait), the login
+/// works. Expected: no wait was asked, so the fetch falls through to the login as it
+/// did before c185c57 and succeeds.
+#[tokio::test(start_paused = true)]
+async fn an_unjudged_refusal_with_a_zero_retry_after_logs_in_at_once() {
+    let mut failures = Vec::new();
+    for retry_after in ["0", "Wed, 21 Oct 2015 07:28:00 GMT"] {
+        for body in [
+            r#"{"message":"Unauthorized"}"#,
+            r#"{"status":"BAD_REFRESH_TOKEN","message":"missing or unknown refresh token"}"#,
+        ] {
+            let idp = Idp::default();
+            let source = idp.source();
+            let first = fetch(&source, FetchReason::Initial, None).await.unwrap();
+            idp.push(Scripted::now(
+                if body.contains("BAD") { 400 } else { 401 },
+                Some(retry_after),
+                body,
+            ));
+            let got = fetch(&source, FetchReason::Expiring, Some(first)).await;
+            if got.is_err() {
+                failures.push(format!(
+                    "Retry-After {retry_after:?}, {body}: {:?}; requests {:?}",
+                    got.as_ref().err().map(|e| e.to_string()),
+                    idp.scoped()
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Guard: a `Retry-After` that is no number and no date is ignored: the unjudged
+/// refusal falls through to the login at once, as before c185c57.
+#[tokio::test(start_paused = true)]
+async fn an_unjudged_refusal_with_a_garbage_retry_after_logs_in_at_once() {
+    for garbage in ["soon", "-1", "1.5", ""] {
+        let idp = Idp::default();
+        let source = idp.source();
+        let first = fetch(&source, FetchReason::Initial, None).await.unwrap();
+        idp.push(Scripted::now(
+            401,
+            Some(garbage),
+            r#"{"message":"Unauthorized"}"#,
+        ));
+        let got = fetch(&source, FetchReason::Expiring, Some(first)).await;
+        assert!(got.is_ok(), "{garbage:?}: {got:?} {:?}", idp.scoped());
+        assert_eq!(idp.logins(), 2, "{garbage:?}: {:?}", idp.scoped());
+    }
+}
+
+/// Guard: a huge `Retry-After` (u64 overflow) on an unjudged refusal holds at most
+/// `cache::MAX_RETRY_AFTER` (5 min): nothing is sent inside it, a request after it.
+#[tokio::test(start_paused = true)]
+async fn a_huge_retry_after_holds_at_most_the_cap() {
+    let idp = Idp::default();
+    let source = idp.source();
+    let first = fetch(&source, FetchReason::Initial, None).await.unwrap();
+    idp.push(Scripted::now(
+        400,
+        Some("99999999999999999999999"),
+        r#"{"error":"slow_down"}"#,
+    ));
+    assert!(
+        fetch(&source, FetchReason::Expiring, Some(first.clone()))
+            .await
+            .is_err()
+    );
+    let sent = idp.scoped().len();
+    tokio::time::sleep(Duration::from_secs(299)).await;
+    let inside = fetch(&source, FetchReason::Expiring, Some(first.clone())).await;
+    assert!(inside.is_err(), "{inside:?}");
+    assert_eq!(
+        idp.scoped().len(),
+        sent,
+        "sent inside the hold: {:?}",
+        idp.scoped()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = fetch(&source, FetchReason::Expiring, Some(first)).await;
+    assert!(after.is_ok(), "{after:?} {:?}", idp.scoped());
+    // The login that unjudged refusal called for, owed since.
+    let log = idp.scoped();
+    assert_eq!(log.last().unwrap().0, "client_credentials", "{log:?}");
+}
+
+/// World: a step-up widened the login's scope (`read admin`); later the refresh token
+/// is refused dead and the widened login is refused `invalid_scope` with
+/// `Retry-After: 30` (the client's registration lost `admin`; the endpoint attaches a
+/// `Retry-After` to its refusals). Promise (the docs of c185c57's own test
+/// `a_widened_login_refused_with_retry_after_is_not_resent_at_once`): "the next token
+/// request waits for the Retry-After, and then asks with the configured scope".
+/// Expected: the login after the hold asks for `read`, and gets a credential.
+#[tokio::test(start_paused = true)]
+async fn a_widened_login_refused_with_retry_after_asks_with_the_configured_scope_after_the_hold() {
+    let idp = Idp::default();
+    let source = idp.source();
+    let first = fetch(&source, FetchReason::Initial, None).await.unwrap();
+    let wide = source
+        .fetch(
+            FetchContext::new(FetchReason::StepUp, Some(first))
+                .with_required_scope(Some("admin".into())),
+        )
+        .await
+        .unwrap();
+    // From now on: the refresh token is dead, and `admin` is refused, always throttled.
+    idp.rule(|grant, scope, _| match grant {
+        "refresh_token" => Some(Scripted::now(400, None, r#"{"error":"invalid_grant"}"#)),
+        "client_credentials" if scope.is_some_and(|s| s.contains("admin")) => Some(Scripted::now(
+            400,
+            Some("30"),
+            r#"{"error":"invalid_scope"}"#,
+        )),
+        _ => None,
+    });
+    // c185c57: refused, the configured scope not asked at once (its own test).
+    let _refused = fetch(&source, FetchReason::Expiring, Some(wide.clone())).await;
+    let mut after = Err::<Credential, BoxError>("not asked".into());
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        after = fetch(&source, FetchReason::Expiring, Some(wide.clone())).await;
+        if after.is_ok() {
+            break;
+        }
+    }
+    let logins: Vec<_> = idp
+        .scoped()
+        .into_iter()
+        .filter(|l| l.0 == "client_credentials")
+        .map(|l| (l.1, l.3))
+        .collect();
+    assert!(
+        after.is_ok(),
+        "still refused after three holds: {:?}; logins (scope, status): {logins:?}",
+        after.as_ref().err().map(|e| e.to_string())
+    );
+}
+
+/// Guard: a dead refresh token (400 `invalid_grant`, `Retry-After: 30`) with an
+/// `on_refresh` hook: the hook is told it is withdrawn (a pair with none) before the
+/// refusal returns, and it is never presented again.
+#[tokio::test(start_paused = true)]
+async fn a_dead_refresh_token_refused_with_retry_after_is_withdrawn_from_the_hook() {
+    let idp = Idp::default();
+    let pairs = Arc::new(Mutex::new(Vec::<Option<String>>::new()));
+    let seen = pairs.clone();
+    let source = idp.source().on_refresh(move |pair| {
+        let seen = seen.clone();
+        async move {
+            seen.lock()
+                .unwrap()
+                .push(pair.refresh_token().map(|s| s.expose().to_owned()));
+        }
+    });
+    let first = fetch(&source, FetchReason::Initial, None).await.unwrap();
+    idp.push(Scripted::now(
+        400,
+        Some("30"),
+        r#"{"error":"invalid_grant"}"#,
+    ));
+    let refused = fetch(&source, FetchReason::Expiring, Some(first.clone())).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(
+        pairs.lock().unwrap().last().cloned(),
+        Some(None),
+        "the hook was not told the refresh token is withdrawn: {:?}",
+        pairs.lock().unwrap()
+    );
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert!(
+        fetch(&source, FetchReason::Expiring, Some(first))
+            .await
+            .is_ok()
+    );
+    let rt1 = idp
+        .scoped()
+        .iter()
+        .filter(|l| l.2.as_deref() == Some("rt-1"))
+        .count();
+    assert_eq!(rt1, 1, "{:?}", idp.scoped());
+}
+
+/// Guard: with a `MemoryStore` shared by two caches over two sources (two processes),
+/// A's refresh is refused unjudged with `Retry-After: 30` (its refresh token marked
+/// unspent); B meanwhile refreshes with the store's rt-1 and writes rt-N. After A's
+/// hold, A presents the store's newest refresh token, never its own unspent rt-1 (which
+/// the server has rotated away by then).
+#[tokio::test(start_paused = true)]
+async fn an_unspent_refresh_token_loses_to_the_one_another_process_stored_meanwhile() {
+    let idp = Idp::default();
+    let store = MemoryStore::new();
+    let build = || {
+        CredentialCache::builder(idp.source())
+            .window_jitter(0.0)
+            .store(store.clone())
+            .build()
+            .unwrap()
+    };
+    let a = build();
+    let b = build();
+    a.credential().await.unwrap();
+    b.credential().await.unwrap();
+    assert_eq!(idp.logins(), 1, "{:?}", idp.scoped());
+    idp.push(Scripted::now(
+        401,
+        Some("30"),
+        r#"{"message":"Unauthorized"}"#,
+    ));
+    a.handle().invalidate();
+    assert!(a.credential().await.is_err());
+    // B refreshes (it presents the store's refresh token; the server rotates it).
+    b.handle().invalidate();
+    b.credential().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    a.handle().invalidate();
+    let after = a.credential().await;
+    assert!(after.is_ok(), "{after:?} {:?}", idp.scoped());
+    let log = idp.scoped();
+    let presented: Vec<_> = log
+        .iter()
+        .filter(|l| l.0 == "refresh_token")
+        .map(|l| l.2.clone().unwrap_or_default())
+        .collect();
+    // Each refresh token presented at most once (a second presentation is reuse).
+    for (i, rt) in presented.iter().enumerate() {
+        assert!(
+            !presented[..i].contains(rt)
+                || log.iter().any(|l| l.2.as_deref() == Some(rt) && l.3 == 401),
+            "{rt} presented again after the server rotated it: {log:?}"
+        );
+    }
+}
