@@ -1153,7 +1153,29 @@ fn strip_bare_queries(text: &str) -> String {
                     out.push(')');
                 }
             }
-            None => strip_secret_values(word, &mut out),
+            None => {
+                let quote = rest[end..]
+                    .chars()
+                    .next()
+                    .filter(|c| matches!(c, '"' | '\''));
+                if let (true, Some(quote)) = (strip_secret_values(word, &mut out), quote) {
+                    // A quoted value (`oauth_token="..."`, `secret='...'`, JSON's
+                    // `\"...\"`): redacted to its closing quote, or to the end.
+                    let inner = &rest[end + 1..];
+                    let close = inner.find(quote).unwrap_or(inner.len());
+                    out.push(quote);
+                    out.push_str(REDACTED);
+                    if inner[..close].ends_with('\\') {
+                        out.push('\\');
+                    }
+                    rest = &inner[close..];
+                    if let Some(quote) = rest.chars().next() {
+                        out.push(quote);
+                        rest = &rest[quote.len_utf8()..];
+                    }
+                    continue;
+                }
+            }
         }
         let next = rest[end..].chars().next().map_or(0, char::len_utf8);
         out.push_str(&rest[end..end + next]);
@@ -1218,41 +1240,80 @@ fn parameter_len(text: &str) -> Option<usize> {
     }
 }
 
-/// Whether a parameter's name says its value is a secret: a token, a secret, a
-/// password, a key, a signature, an assertion, a session, an authorization code.
+/// Whether a parameter's name says its value is a secret: one of its parts (split at
+/// `_`, `-`, `.`, brackets) names a token, a secret, a password, a key, a signature, an
+/// assertion, a session, a credential, a private key, a PKCE verifier or an
+/// authorization code, and its last part does not say it is about one (`token_type`,
+/// `token_type_hint`, `token_endpoint_auth_method`, `code_challenge`, `expires_in`: a
+/// type, a hint, a method, an address, a lifetime). `error_code`, `status_code` and
+/// `keyId` are no secrets either.
 fn secret_name(name: &str) -> bool {
     if name.contains(REDACTED) {
         return true;
     }
-    let name = name.to_ascii_lowercase();
-    [
+    let name = name
+        .to_ascii_lowercase()
+        .replace("%5b", "_")
+        .replace("%5d", "_");
+    let parts: Vec<&str> = name
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|part| !part.is_empty())
+        .collect();
+    let Some(&last) = parts.last() else {
+        return false;
+    };
+    const ABOUT: [&str; 17] = [
+        "type",
+        "types",
+        "hint",
+        "method",
+        "methods",
+        "uri",
+        "url",
+        "endpoint",
+        "alg",
+        "format",
+        "in",
+        "at",
+        "lifetime",
+        "ttl",
+        "challenge",
+        "name",
+        "supported",
+    ];
+    if ABOUT.contains(&last) {
+        return false;
+    }
+    const INSIDE: [&str; 13] = [
         "token",
         "secret",
         "passw",
+        "passphrase",
         "apikey",
-        "api_key",
-        "api-key",
         "signature",
         "assertion",
         "session",
+        "sessid",
         "credential",
-    ]
-    .iter()
-    .any(|part| name.contains(part))
-        || ["key", "sig", "code", "pwd", "pass", "auth", "authorization"]
-            .iter()
-            .any(|whole| {
-                name == *whole
-                    || name.ends_with(&format!("_{whole}"))
-                    || name.ends_with(&format!("-{whole}"))
-            })
+        "private",
+        "verifier",
+        "cookie",
+    ];
+    const WHOLE: [&str; 5] = ["sig", "pwd", "pass", "auth", "authorization"];
+    const CODE_OF: [&str; 6] = ["auth", "authorization", "device", "user", "otp", "mfa"];
+    parts.iter().any(|part| {
+        INSIDE.iter().any(|inside| part.contains(inside))
+            || WHOLE.contains(part)
+            || part.ends_with("key")
+    }) || (last == "code" && (parts.len() == 1 || CODE_OF.contains(&parts[parts.len() - 2])))
 }
 
 /// Copies `word` to `out` with the value of every parameter named like a secret
-/// ([`secret_name`]) redacted. One pass: each `=` is looked at once.
-fn strip_secret_values(word: &str, out: &mut String) {
+/// ([`secret_name`]) redacted. One pass: each `=` is looked at once. Whether the word
+/// ends with such a parameter's `=` (or `=\\`): its value is quoted, and follows.
+fn strip_secret_values(word: &str, out: &mut String) -> bool {
     let bytes = word.as_bytes();
-    let is_name = |b: u8| b.is_ascii_alphanumeric() || b"_-.".contains(&b);
+    let is_name = |b: u8| b.is_ascii_alphanumeric() || b"_-.[]%".contains(&b);
     let mut copied = 0;
     let mut i = 0;
     while i < bytes.len() {
@@ -1283,8 +1344,12 @@ fn strip_secret_values(word: &str, out: &mut String) {
                 + word[value..]
                     .find(['&', ';', ',', ')'])
                     .unwrap_or(word.len() - value);
+            if end == word.len() && matches!(&word[value..], "" | "\\") {
+                out.push_str(&word[copied..]);
+                return true;
+            }
             out.push_str(&word[copied..value]);
-            out.push_str("[redacted]");
+            out.push_str(REDACTED);
             copied = end;
             i = end;
         } else {
@@ -1292,6 +1357,7 @@ fn strip_secret_values(word: &str, out: &mut String) {
         }
     }
     out.push_str(&word[copied..]);
+    false
 }
 
 #[cfg(test)]
@@ -1846,6 +1912,152 @@ mod percent_hosts {
         ] {
             let out = foreign(text);
             assert!(out.contains(keep), "{text} -> {out}");
+        }
+    }
+}
+
+/// The value of a parameter named like a secret is redacted wherever it stands (quoted,
+/// bracketed, percent-encoded), and secret-free parameters a user needs are kept,
+/// through `foreign` (the passes an OAuth `error_description` goes through).
+#[cfg(test)]
+mod parameter_values {
+    use super::*;
+
+    /// World: a server's error text echoes a parameter whose value is quoted, as an
+    /// HTTP auth-param (`Authorization: OAuth oauth_token="..."`, RFC 5849 §3.5.1), a
+    /// logfmt line, a Python repr, JSON-escaped quotes. Proves: the value is redacted.
+    #[test]
+    fn a_quoted_value_of_a_secret_parameter_is_redacted() {
+        for text in [
+            r#"bad Authorization header: OAuth oauth_consumer_key="app", oauth_token="S3CRET", oauth_signature="S3CRET""#,
+            r#"level=error msg="refresh failed" refresh_token="S3CRET""#,
+            "TokenRequest(client_secret='S3CRET') is invalid",
+            r#"{"error_description":"malformed header: Signature keyId=\"k1\",signature=\"S3CRET\""}"#,
+        ] {
+            let out = foreign(text);
+            assert!(!out.contains("S3CRET"), "{text}\n -> {out}");
+        }
+    }
+
+    /// World: an echoed form body with bracketed names (Rails, PHP, `qs`), as written or
+    /// percent-encoded. Proves: the password/secret is redacted.
+    #[test]
+    fn a_bracketed_secret_parameter_is_redacted() {
+        for text in [
+            "rejected form: user[name]=bob&user[password]=S3CRET",
+            "rejected form: client%5Bid%5D=app&client%5Bsecret%5D=S3CRET",
+        ] {
+            let out = foreign(text);
+            assert!(!out.contains("S3CRET"), "{text}\n -> {out}");
+        }
+    }
+
+    /// World: parameters whose names say "secret" less plainly: PKCE's `code_verifier`,
+    /// a `passphrase`, a camelCase `privateKey`, PHP's `PHPSESSID`. Proves: redacted.
+    #[test]
+    fn secret_names_outside_the_list() {
+        for text in [
+            "invalid_grant: grant_type=authorization_code&code_verifier=S3CRET",
+            "bad key file: passphrase=S3CRET",
+            "config error privateKey=S3CRET",
+            "Cookie: PHPSESSID=S3CRET; lang=en",
+        ] {
+            let out = foreign(text);
+            assert!(!out.contains("S3CRET"), "{text}\n -> {out}");
+        }
+    }
+
+    /// World: OAuth error descriptions and gateway texts that name a parameter and the
+    /// secret-free value the user must change (RFC 7009's `token_type_hint`, RFC 8693's
+    /// `subject_token_type`, RFC 7523's `client_assertion_type`, RFC 7591's
+    /// `token_endpoint_auth_method`, a status or error code). A `key=` is taken for an API
+    /// key (Google's `key=`) wherever it stands: a placeholder `key=value` loses its value.
+    /// Proves (README: "prose and patterns with `/`, `?` and `=` in them are kept"): the
+    /// value is kept.
+    #[test]
+    fn secret_free_parameters_are_kept() {
+        let mut lost = Vec::new();
+        for (text, keep) in [
+            (
+                "unsupported token_type_hint=refresh_token",
+                "=refresh_token",
+            ),
+            (
+                "the client is registered with token_endpoint_auth_method=private_key_jwt",
+                "=private_key_jwt",
+            ),
+            (
+                "unsupported subject_token_type=urn:ietf:params:oauth:token-type:saml2",
+                "=urn:ietf:params:oauth:token-type:saml2",
+            ),
+            (
+                "expected client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "=urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("only token_type=Bearer is supported", "=Bearer"),
+            ("upstream failed: status_code=502", "=502"),
+            (
+                "request failed with error_code=invalid_client",
+                "=invalid_client",
+            ),
+        ] {
+            let out = foreign(text);
+            if !out.contains(keep) {
+                lost.push(format!("{text} -> {out}"));
+            }
+        }
+        assert!(lost.is_empty(), "{lost:#?}");
+    }
+
+    /// PKCE's and OAuth's common parameters are kept; a password and a code are not.
+    #[test]
+    fn guard_common_oauth_parameters_are_kept() {
+        for text in [
+            "code_challenge_method=S256 is required",
+            "only response_type=code is allowed",
+            "use grant_type=refresh_token",
+        ] {
+            assert_eq!(foreign(text), text);
+        }
+        assert!(
+            !foreign("echo: grant_type=password&username=bob&password=S3CRET").contains("S3CRET")
+        );
+        assert!(!foreign("GET /cb?code=S3CRET&state=x").contains("S3CRET"));
+    }
+
+    /// Marks, redactions and multibyte text at every boundary never panic.
+    #[test]
+    fn guard_no_panic_on_marks_and_multibyte() {
+        let parts = [
+            "é",
+            "=",
+            "%3D",
+            "%3",
+            "[redacted]",
+            "token",
+            "?",
+            "/",
+            "&",
+            ")",
+            "a.b",
+            "€",
+            "\u{10ffff}",
+            " ",
+            "\"",
+        ];
+        for a in parts {
+            for b in parts {
+                for c in parts {
+                    for d in parts {
+                        let s = format!("{a}{b}{c}{d}");
+                        let _ = foreign(&s);
+                        let mut out = String::new();
+                        strip_secret_values(&s, &mut out);
+                        let _ = bare_query_start(&s);
+                        let _ = parameter_len(&s);
+                    }
+                }
+            }
         }
     }
 }

@@ -27,18 +27,12 @@ async fn fetch(
     source.fetch(FetchContext::new(reason, previous)).await
 }
 
-// ---------------------------------------------------------------------------------
-// 1. c185c57: a refresh refused with a Retry-After.
-// ---------------------------------------------------------------------------------
-
 /// World: the refresh token is dead, but the server says so in its own shape
 /// (HubSpot's `BAD_REFRESH_TOKEN`, which the source does not take as judging it), and
 /// it attaches `Retry-After: 10` to every refusal (a throttling gateway); the login
-/// works. The source is asked again after each hold, five times.
-/// Promise (c185c57's message): "the source's hold is set from it, so the login is the
-/// next fetch after the hold"; README: the login tells which. Expected: a login after
-/// the first hold at the latest, and a credential. Before c185c57 the first fetch
-/// logged in at once.
+/// works. The source is asked again after each hold, five times. Proves: the login
+/// the refusal calls for is owed, and comes after the first hold (README: "the login it
+/// calls for is the next exchange after the hold"), with a credential.
 #[tokio::test(start_paused = true)]
 async fn an_unjudged_refusal_that_always_asks_for_time_still_logs_in_after_the_hold() {
     let idp = Idp::default();
@@ -103,8 +97,7 @@ async fn an_unjudged_refusal_that_always_asks_for_time_still_logs_in_through_a_c
 /// World: the refresh is refused in words that do not judge the refresh token
 /// (a gateway's 401 `{"message":"Unauthorized"}`; HubSpot's `BAD_REFRESH_TOKEN`) with
 /// `Retry-After: 0`, or with an HTTP date in the past (RFC 9110: no wait), the login
-/// works. Expected: no wait was asked, so the fetch falls through to the login as it
-/// did before c185c57 and succeeds.
+/// works. Proves: no wait was asked, so the fetch logs in at once and succeeds.
 #[tokio::test(start_paused = true)]
 async fn an_unjudged_refusal_with_a_zero_retry_after_logs_in_at_once() {
     let mut failures = Vec::new();
@@ -134,8 +127,8 @@ async fn an_unjudged_refusal_with_a_zero_retry_after_logs_in_at_once() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Guard: a `Retry-After` that is no number and no date is ignored: the unjudged
-/// refusal falls through to the login at once, as before c185c57.
+/// World: a `Retry-After` that is no number and no date. Proves: it is ignored; the
+/// unjudged refusal falls through to the login at once.
 #[tokio::test(start_paused = true)]
 async fn an_unjudged_refusal_with_a_garbage_retry_after_logs_in_at_once() {
     for garbage in ["soon", "-1", "1.5", ""] {
@@ -153,8 +146,9 @@ async fn an_unjudged_refusal_with_a_garbage_retry_after_logs_in_at_once() {
     }
 }
 
-/// Guard: a huge `Retry-After` (u64 overflow) on an unjudged refusal holds at most
-/// `cache::MAX_RETRY_AFTER` (5 min): nothing is sent inside it, a request after it.
+/// World: a huge `Retry-After` (u64 overflow) on an unjudged refusal. Proves: it holds
+/// at most `cache::MAX_RETRY_AFTER` (5 min): nothing is sent inside it, the owed login
+/// after it.
 #[tokio::test(start_paused = true)]
 async fn a_huge_retry_after_holds_at_most_the_cap() {
     let idp = Idp::default();
@@ -191,10 +185,8 @@ async fn a_huge_retry_after_holds_at_most_the_cap() {
 /// World: a step-up widened the login's scope (`read admin`); later the refresh token
 /// is refused dead and the widened login is refused `invalid_scope` with
 /// `Retry-After: 30` (the client's registration lost `admin`; the endpoint attaches a
-/// `Retry-After` to its refusals). Promise (the docs of c185c57's own test
-/// `a_widened_login_refused_with_retry_after_is_not_resent_at_once`): "the next token
-/// request waits for the Retry-After, and then asks with the configured scope".
-/// Expected: the login after the hold asks for `read`, and gets a credential.
+/// `Retry-After` to its refusals). Proves: the login after the hold asks for the
+/// configured scope (`read`) and gets a credential; the step-up's scopes are dropped.
 #[tokio::test(start_paused = true)]
 async fn a_widened_login_refused_with_retry_after_asks_with_the_configured_scope_after_the_hold() {
     let idp = Idp::default();
@@ -217,7 +209,7 @@ async fn a_widened_login_refused_with_retry_after_asks_with_the_configured_scope
         )),
         _ => None,
     });
-    // c185c57: refused, the configured scope not asked at once (its own test).
+    // Refused; the configured scope is not asked at once (retry_after_custody's test).
     let _refused = fetch(&source, FetchReason::Expiring, Some(wide.clone())).await;
     let mut after = Err::<Credential, BoxError>("not asked".into());
     for _ in 0..3 {
@@ -240,8 +232,8 @@ async fn a_widened_login_refused_with_retry_after_asks_with_the_configured_scope
     );
 }
 
-/// Guard: a dead refresh token (400 `invalid_grant`, `Retry-After: 30`) with an
-/// `on_refresh` hook: the hook is told it is withdrawn (a pair with none) before the
+/// World: a dead refresh token (400 `invalid_grant`, `Retry-After: 30`) with an
+/// `on_refresh` hook. Proves: the hook is told it is withdrawn (a pair with none) before the
 /// refusal returns, and it is never presented again.
 #[tokio::test(start_paused = true)]
 async fn a_dead_refresh_token_refused_with_retry_after_is_withdrawn_from_the_hook() {
@@ -284,9 +276,9 @@ async fn a_dead_refresh_token_refused_with_retry_after_is_withdrawn_from_the_hoo
     assert_eq!(rt1, 1, "{:?}", idp.scoped());
 }
 
-/// Guard: with a `MemoryStore` shared by two caches over two sources (two processes),
+/// World: a `MemoryStore` shared by two caches over two sources (two processes):
 /// A's refresh is refused unjudged with `Retry-After: 30` (its refresh token marked
-/// unspent); B meanwhile refreshes with the store's rt-1 and writes rt-N. After A's
+/// unspent); B meanwhile refreshes with the store's rt-1 and writes rt-N. Proves: after A's
 /// hold, A presents the store's newest refresh token, never its own unspent rt-1 (which
 /// the server has rotated away by then).
 #[tokio::test(start_paused = true)]
@@ -333,4 +325,85 @@ async fn an_unspent_refresh_token_loses_to_the_one_another_process_stored_meanwh
             "{rt} presented again after the server rotated it: {log:?}"
         );
     }
+}
+
+/// World: two caches over one `MemoryStore`, each
+/// with its own source; A's refresh of rt-1 is refused (401 `Unauthorized`,
+/// `Retry-After: 10`: owed rt-1, taken out of the store); B logs in (rt-3) and refreshes
+/// it (not rotated); after A's hold A adopts B's credential, then is invalidated and
+/// fetches. Proves: A refreshes the store's rt-3 (the owed mark names rt-1 only), no
+/// needless login.
+#[tokio::test(start_paused = true)]
+async fn an_owed_mark_does_not_outlive_its_token_in_a_fleet() {
+    let idp = Idp::default();
+    let store = MemoryStore::new();
+    let cache = |store: &MemoryStore| {
+        CredentialCache::builder(idp.source())
+            .window_jitter(0.0)
+            .store(store.clone())
+            .build()
+            .unwrap()
+    };
+    let a = cache(&store);
+    let b = cache(&store);
+    a.credential().await.unwrap();
+    idp.push(Scripted::now(
+        401,
+        Some("10"),
+        r#"{"message":"Unauthorized"}"#,
+    ));
+    a.handle().invalidate();
+    assert!(a.credential().await.is_err());
+    b.credential().await.unwrap();
+    idp.push(Scripted::now(
+        200,
+        None,
+        r#"{"access_token":"at-b","token_type":"Bearer","expires_in":3600}"#,
+    ));
+    b.handle().invalidate();
+    b.credential().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    a.handle().invalidate();
+    a.credential().await.unwrap();
+    a.handle().invalidate();
+    let by_a = a.credential().await;
+    let log = idp.brief();
+    assert!(by_a.is_ok(), "{by_a:?} {log:?}");
+    assert_eq!(
+        log.last().map(|l| (l.0.as_str(), l.1.as_deref())),
+        Some(("refresh_token", Some("rt-3"))),
+        "{log:?}"
+    );
+}
+
+/// World: an unjudged refusal with `Retry-After` through a cache, then an owed login
+/// that fails. Proves: after the hold the owed login comes, and when it fails rt-1 is
+/// kept (presented again next), never lost.
+#[tokio::test(start_paused = true)]
+async fn a_failed_owed_login_keeps_the_refresh_token() {
+    let idp = Idp::default();
+    let cache = CredentialCache::builder(idp.source())
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(100), Duration::from_millis(200))
+        .store(MemoryStore::new())
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    idp.push(Scripted::now(
+        401,
+        Some("10"),
+        r#"{"message":"Unauthorized"}"#,
+    ));
+    cache.handle().invalidate();
+    assert!(cache.credential().await.is_err());
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    idp.push(Scripted::now(503, None, "down"));
+    let _ = cache.credential().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = cache.credential().await;
+    let log = idp.brief();
+    assert!(got.is_ok(), "{got:?} {log:?}");
+    assert_eq!(log[1].0, "refresh_token", "{log:?}");
+    assert_eq!(log[2].0, "client_credentials", "{log:?}");
+    assert_eq!(log[3].1.as_deref(), Some("rt-1"), "{log:?}");
 }

@@ -472,8 +472,8 @@ async fn a_query_in_a_request_line_a_custom_scheme_or_a_socket_url_is_stripped()
 /// World: secret-free `error_description`s a user needs to fix a request: a
 /// validation message quoting the pattern a scope must match (a `/` before a `?` and a
 /// `=` after it in one word), and advice written as a form after a redirect URI whose
-/// query was (rightly) redacted (`&name=` after a redaction). Expected: the part named
-/// is shown as the server wrote it.
+/// query was (rightly) redacted. Proves: the part named is shown as the server wrote
+/// it.
 #[tokio::test]
 async fn a_description_with_slashes_marks_and_equals_is_kept() {
     let cases = [
