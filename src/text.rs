@@ -1142,46 +1142,110 @@ fn strip_bare_queries(text: &str) -> String {
     let is_break = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>');
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while !rest.is_empty() {
+    // What the words before said is due next: a secret parameter's value (after `name=`
+    // at a word's end: quoted, or after a space), or its `=` (after the name alone:
+    // `client_secret = '...'`).
+    let mut due = Due::Nothing;
+    while let Some(c) = rest.chars().next() {
+        if c.is_whitespace() {
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+            if due == Due::Quoted {
+                due = Due::Nothing;
+            }
+            continue;
+        }
+        if is_break(c) {
+            rest = &rest[c.len_utf8()..];
+            if matches!(due, Due::Value | Due::Quoted) && matches!(c, '"' | '\'') {
+                rest = redact_quoted(rest, c, &mut out);
+            } else {
+                out.push(c);
+            }
+            due = Due::Nothing;
+            continue;
+        }
         let end = rest.find(is_break).unwrap_or(rest.len());
         let word = &rest[..end];
-        match bare_query_start(word) {
-            Some(cut) => {
-                out.push_str(&word[..cut]);
-                out.push_str("[redacted]");
-                if word.ends_with(')') && cut < word.len() {
-                    out.push(')');
-                }
+        rest = &rest[end..];
+        due = match due {
+            Due::Value => {
+                out.push_str(REDACTED);
+                Due::Nothing
             }
-            None => {
-                let quote = rest[end..]
-                    .chars()
-                    .next()
-                    .filter(|c| matches!(c, '"' | '\''));
-                if let (true, Some(quote)) = (strip_secret_values(word, &mut out), quote) {
-                    // A quoted value (`oauth_token="..."`, `secret='...'`, JSON's
-                    // `\"...\"`): redacted to its closing quote, or to the end.
-                    let inner = &rest[end + 1..];
-                    let close = inner.find(quote).unwrap_or(inner.len());
-                    out.push(quote);
+            Due::Quoted => {
+                out.push_str(word);
+                Due::Nothing
+            }
+            Due::Equals if word == "=" => {
+                out.push('=');
+                Due::Value
+            }
+            // A query the URL pass redacted, a quote right after it (`?key="..."`).
+            _ if word.ends_with(REDACTED) => {
+                out.push_str(word);
+                Due::Quoted
+            }
+            _ => match bare_query_start(word) {
+                Some(cut) => {
+                    out.push_str(&word[..cut]);
                     out.push_str(REDACTED);
-                    if inner[..close].ends_with('\\') {
-                        out.push('\\');
+                    if word.ends_with(')') && cut < word.len() {
+                        out.push(')');
                     }
-                    rest = &inner[close..];
-                    if let Some(quote) = rest.chars().next() {
-                        out.push(quote);
-                        rest = &rest[quote.len_utf8()..];
+                    if word.ends_with('=') || word.ends_with("=\\") {
+                        if word.ends_with('\\') {
+                            out.push('\\');
+                        }
+                        Due::Value
+                    } else {
+                        Due::Nothing
                     }
-                    continue;
                 }
-            }
-        }
-        let next = rest[end..].chars().next().map_or(0, char::len_utf8);
-        out.push_str(&rest[end..end + next]);
-        rest = &rest[end + next..];
+                None if strip_secret_values(word, &mut out) => Due::Value,
+                None if parameter_name(word) && secret_name(word) => Due::Equals,
+                None => Due::Nothing,
+            },
+        };
     }
     out
+}
+
+/// What [`strip_bare_queries`] expects next.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Due {
+    Nothing,
+    Equals,
+    Value,
+    /// A value only if a quote follows at once.
+    Quoted,
+}
+
+/// Whether `word` is a parameter's name and nothing else.
+fn parameter_name(word: &str) -> bool {
+    !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.[]".contains(&b))
+}
+
+/// Redacts a quoted value whose opening `quote` was just read, up to its closing quote
+/// (or to the end): one escaped with a backslash if the opening one was (JSON's
+/// `\"...\"`, `out` then ends with that backslash), else the first one not escaped.
+/// Returns what follows the value.
+fn redact_quoted<'a>(rest: &'a str, quote: char, out: &mut String) -> &'a str {
+    let escaped = out.ends_with('\\');
+    let mut close = rest.len();
+    for (i, c) in rest.char_indices() {
+        let after_backslash = rest[..i].ends_with('\\');
+        if c == quote && after_backslash == escaped {
+            close = if escaped { i - 1 } else { i };
+            break;
+        }
+    }
+    out.push(quote);
+    out.push_str(REDACTED);
+    &rest[close..]
 }
 
 /// Where a query [`strip_bare_queries`] redacts begins in `word`, if it holds one.
@@ -1262,7 +1326,12 @@ fn secret_name(name: &str) -> bool {
     let Some(&last) = parts.last() else {
         return false;
     };
-    const ABOUT: [&str; 17] = [
+    let session = |part: &&str| part.contains("session") || part.contains("sessid");
+    // An identifier is no secret, but a session's is.
+    if last == "id" && !parts.iter().any(session) {
+        return false;
+    }
+    const ABOUT: [&str; 30] = [
         "type",
         "types",
         "hint",
@@ -1272,14 +1341,27 @@ fn secret_name(name: &str) -> bool {
         "url",
         "endpoint",
         "alg",
+        "enc",
         "format",
         "in",
         "at",
+        "time",
         "lifetime",
         "ttl",
         "challenge",
         "name",
         "supported",
+        "mode",
+        "tokens",
+        "servers",
+        "details",
+        "iframe",
+        "required",
+        "requests",
+        "length",
+        "size",
+        "count",
+        "values",
     ];
     if ABOUT.contains(&last) {
         return false;
@@ -1289,23 +1371,26 @@ fn secret_name(name: &str) -> bool {
         "secret",
         "passw",
         "passphrase",
+        "sessionid",
         "apikey",
         "signature",
         "assertion",
-        "session",
         "sessid",
         "credential",
         "private",
         "verifier",
         "cookie",
     ];
-    const WHOLE: [&str; 5] = ["sig", "pwd", "pass", "auth", "authorization"];
+    const WHOLE: [&str; 5] = ["sig", "pwd", "pass", "session", "key"];
     const CODE_OF: [&str; 6] = ["auth", "authorization", "device", "user", "otp", "mfa"];
-    parts.iter().any(|part| {
-        INSIDE.iter().any(|inside| part.contains(inside))
-            || WHOLE.contains(part)
-            || part.ends_with("key")
-    }) || (last == "code" && (parts.len() == 1 || CODE_OF.contains(&parts[parts.len() - 2])))
+    name == "auth"
+        || name == "authorization"
+        || parts.iter().any(|part| {
+            INSIDE.iter().any(|inside| part.contains(inside))
+                || WHOLE.contains(part)
+                || (part.len() > 3 && part.ends_with("key"))
+        })
+        || (last == "code" && (parts.len() == 1 || CODE_OF.contains(&parts[parts.len() - 2])))
 }
 
 /// Copies `word` to `out` with the value of every parameter named like a secret
@@ -2058,6 +2143,183 @@ mod parameter_values {
                     }
                 }
             }
+        }
+    }
+}
+
+/// OAuth and OIDC metadata named with its value is kept; a secret's value quoted with
+/// escapes, after a query, or with spaces around its `=` is redacted.
+#[cfg(test)]
+mod metadata_and_quotes {
+    use super::*;
+
+    /// World: secret-free OAuth/OIDC client metadata and server metadata named in an
+    /// error text with the value the user must change (RFC 7591 registration errors
+    /// `invalid_client_metadata`; RFC 9126 §5 `require_pushed_authorization_requests`,
+    /// RFC 8705 §3.4 `tls_client_certificate_bound_access_tokens`, RFC 9449 §5.2
+    /// `dpop_bound_access_tokens`, OIDC Front/Back-Channel Logout
+    /// `*_logout_session_required`, RFC 9396 `authorization_details`, OIDC Registration
+    /// `id_token_encrypted_response_enc`, JARM `authorization_encrypted_response_enc`,
+    /// CIBA `backchannel_token_delivery_mode`, RFC 9728 `authorization_servers`, OIDC
+    /// `auth_time` with `max_age`, OIDC Session `check_session_iframe`) and a JWK's
+    /// `key_id` (the snake_case `keyId`). Proves (README: "parameters about a secret
+    /// ... are kept"): each value is kept.
+    #[test]
+    fn secret_free_oauth_metadata_values_are_kept() {
+        let mut lost = Vec::new();
+        for (text, keep) in [
+            (
+                "invalid_client_metadata: require_pushed_authorization_requests=yes is not a boolean",
+                "=yes",
+            ),
+            (
+                "invalid_client_metadata: tls_client_certificate_bound_access_tokens=yes is not a boolean",
+                "=yes",
+            ),
+            (
+                "invalid_client_metadata: dpop_bound_access_tokens=yes is not a boolean",
+                "=yes",
+            ),
+            (
+                "invalid_client_metadata: frontchannel_logout_session_required=yes is not a boolean",
+                "=yes",
+            ),
+            (
+                "invalid_client_metadata: backchannel_logout_session_required=yes is not a boolean",
+                "=yes",
+            ),
+            (
+                "invalid_authorization_details: authorization_details=payment_initiation is not allowed",
+                "=payment_initiation",
+            ),
+            (
+                "invalid_client_metadata: id_token_encrypted_response_enc=A128CBC-HS256 requires id_token_encrypted_response_alg",
+                "=A128CBC-HS256",
+            ),
+            (
+                "invalid_client_metadata: authorization_encrypted_response_enc=A128GCM unsupported",
+                "=A128GCM",
+            ),
+            (
+                "invalid_client_metadata: backchannel_token_delivery_mode=push unsupported",
+                "=push",
+            ),
+            (
+                "resource metadata lists authorization_servers=https://as.example.com only",
+                "=https://as.example.com",
+            ),
+            (
+                "login_required: auth_time=1700000000 older than max_age=300",
+                "=1700000000",
+            ),
+            (
+                "discovery: check_session_iframe=https://idp.example.com/check is not https",
+                "=https://idp.example.com/check",
+            ),
+            ("no JWK with key_id=k1 in jwks_uri", "=k1"),
+        ] {
+            let out = foreign(text);
+            if !out.contains(keep) {
+                lost.push(format!("{text}\n  -> {out}"));
+            }
+        }
+        assert!(lost.is_empty(), "{} lost:\n{}", lost.len(), lost.join("\n"));
+    }
+
+    /// World: a logfmt line (go-logfmt, logrus' text formatter) quotes a value and
+    /// escapes a `"` inside it as `\"`; a password (ROPC) or a client secret holding a
+    /// `"`. Proves: the whole value is redacted, past the escaped quote.
+    #[test]
+    fn an_escaped_quote_inside_a_quoted_secret_value() {
+        for text in [
+            r#"level=error msg="login failed" password="ab\"S3CRET""#,
+            r#"level=error msg="refresh failed" client_secret="x\"S3CRET" user=app"#,
+        ] {
+            let out = foreign(text);
+            assert!(!out.contains("S3CRET"), "{text}\n -> {out}");
+        }
+    }
+
+    /// World: a request line or URL echoed with its query value quoted. Proves: the
+    /// quoted value is redacted with the query.
+    #[test]
+    fn a_quoted_query_value_after_a_path() {
+        for text in [
+            r#"rejected: GET /oauth/token?client_secret="S3CRET" HTTP/1.1"#,
+            r#"rejected: GET https://idp.example.com/token?refresh_token="S3CRET" HTTP/1.1"#,
+        ] {
+            let out = foreign(text);
+            assert!(!out.contains("S3CRET"), "{text}\n -> {out}");
+        }
+    }
+
+    /// World: Python 3.8+'s self-documenting f-string with spaces (`f"{client_secret = }"`
+    /// gives `client_secret = 'S3CRET'`) and `print("refresh_token=", token)` (a space
+    /// after the `=`). Proves: a secret parameter's value is redacted with spaces
+    /// around its `=` too.
+    #[test]
+    fn spaced_assignment_of_a_secret_parameter() {
+        for text in [
+            "debug: client_secret = 'S3CRET'",
+            "debug: refresh_token= S3CRET",
+        ] {
+            let out = foreign(text);
+            assert!(!out.contains("S3CRET"), "{text}\n -> {out}");
+        }
+    }
+
+    /// No panic with single quotes, non-ASCII whitespace and quotes around marks.
+    #[test]
+    fn guard_no_panic_with_quotes_and_unicode_spaces() {
+        let parts = [
+            "é",
+            "=",
+            "%3D",
+            "%3d",
+            "'",
+            "\"",
+            "\\",
+            "\u{a0}",
+            "\u{3000}",
+            "“",
+            "token",
+            "?",
+            "/",
+            "[",
+            "]",
+            "%5B",
+            "\u{10ffff}",
+            "a.b",
+            "://",
+        ];
+        for a in parts {
+            for b in parts {
+                for c in parts {
+                    for d in parts {
+                        let _ = foreign(&format!("{a}{b}{c}{d}"));
+                        let _ = foreign(&format!("secret{a}{b}{c}{d}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Quoted values that are kept or redacted as promised.
+    #[test]
+    fn guard_quoted_values() {
+        assert_eq!(
+            foreign(r#"x: Bearer error="invalid_token", error_description="expired""#),
+            r#"x: Bearer error="invalid_token", error_description="expired""#
+        );
+        for text in [
+            "refresh_token=\u{201c}S3CRET\u{201d}",
+            "refresh_token=`S3CRET`",
+            "access_token%3D%22S3CRET%22",
+            r#"x refresh_token=\"S3CRET\" y"#,
+            "Request(client_secret='S3CRET', scope='read')",
+        ] {
+            let out = foreign(text);
+            assert!(!out.contains("S3CRET"), "{text}\n -> {out}");
         }
     }
 }

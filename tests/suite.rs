@@ -28,6 +28,7 @@ mod layer;
 mod loopback;
 mod matrix;
 mod mtls;
+mod owed_login;
 mod private_key_jwt;
 mod quirks;
 mod redirects;

@@ -957,8 +957,13 @@ impl Exchange {
         let refresh = self.refresh.as_ref().filter(|_| !step_up);
         // Whether the refresh was refused without a word on its token (below), now or
         // by the exchange before, which asked for time before the login it called for.
-        let owed = held.login_owed.take();
-        let mut unjudged = owed.is_some() && !step_up && owed == held.refresh_token;
+        // A step-up's login asks for more than the owed one: it leaves the mark.
+        let owed = if step_up {
+            None
+        } else {
+            held.login_owed.take()
+        };
+        let mut unjudged = owed.is_some() && owed == held.refresh_token;
         if unjudged {
             tracing::debug!(reason = ?cx.reason(), "logging in, as the last refusal of the held refresh token called for");
         }
