@@ -10,18 +10,8 @@ use std::{
     time::Duration,
 };
 
-use support::scripted::{Idp, Scripted};
-use tower_client_auth::{
-    BoxError, Credential, CredentialSource, FetchContext, FetchReason, token::TokenSource,
-};
-
-async fn fetch(
-    source: &TokenSource,
-    reason: FetchReason,
-    previous: Option<Credential>,
-) -> Result<Credential, BoxError> {
-    source.fetch(FetchContext::new(reason, previous)).await
-}
+use support::scripted::{Idp, Scripted, fetch};
+use tower_client_auth::{CredentialSource, FetchContext, FetchReason, token::TokenSource};
 
 type Pairs = Arc<Mutex<Vec<(Option<String>, Option<String>)>>>;
 

@@ -13,19 +13,10 @@ use std::{
     time::Duration,
 };
 
-use support::scripted::{Idp, Scripted};
+use support::scripted::{Idp, Scripted, fetch};
 use tower_client_auth::{
-    BoxError, Credential, CredentialCache, CredentialSource, FetchContext, FetchReason,
-    MemoryStore, token::TokenSource,
+    BoxError, Credential, CredentialCache, CredentialSource, FetchContext, FetchReason, MemoryStore,
 };
-
-async fn fetch(
-    source: &TokenSource,
-    reason: FetchReason,
-    previous: Option<Credential>,
-) -> Result<Credential, BoxError> {
-    source.fetch(FetchContext::new(reason, previous)).await
-}
 
 /// World: the refresh token is dead, but the server says so in its own shape
 /// (HubSpot's `BAD_REFRESH_TOKEN`, which the source does not take as judging it), and

@@ -14,7 +14,10 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
-use tower_client_auth::token::{TokenClient, TokenRequest, TokenSource};
+use tower_client_auth::{
+    BoxError, Credential, CredentialSource, FetchContext, FetchReason,
+    token::{TokenClient, TokenRequest, TokenSource},
+};
 
 /// One scripted answer: after `delay`, this status, `Retry-After`, body.
 #[derive(Clone)]
@@ -201,4 +204,13 @@ impl Idp {
             .map(|l| (l.0 - answered, l.2.clone(), l.4))
             .collect()
     }
+}
+
+/// One fetch from `source`, for `reason`, replacing `previous`.
+pub async fn fetch(
+    source: &TokenSource,
+    reason: FetchReason,
+    previous: Option<Credential>,
+) -> Result<Credential, BoxError> {
+    source.fetch(FetchContext::new(reason, previous)).await
 }
