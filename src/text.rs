@@ -1183,7 +1183,7 @@ fn strip_bare_queries(text: &str) -> String {
             }
             // A query the URL pass redacted, a quote right after it (`?key="..."`).
             _ if word.ends_with(REDACTED) => {
-                out.push_str(word);
+                strip_secret_values(word, &mut out);
                 Due::Quoted
             }
             _ => match bare_query_start(word) {
@@ -2251,6 +2251,15 @@ mod metadata_and_quotes {
             let out = foreign(text);
             assert!(!out.contains("S3CRET"), "{text}\n -> {out}");
         }
+    }
+
+    /// World: an echoed form whose last parameter is a URL with a query (the URL pass
+    /// redacts that query; the word ends with its redaction). Proves: a secret
+    /// parameter before it in the same word is redacted too.
+    #[test]
+    fn a_secret_parameter_before_a_redacted_url_in_one_word() {
+        let out = foreign("bad form: password=S3CRET&next=https://app.test/cb?x=1");
+        assert!(!out.contains("S3CRET"), "{out}");
     }
 
     /// World: Python 3.8+'s self-documenting f-string with spaces (`f"{client_secret = }"`
