@@ -1173,10 +1173,6 @@ fn strip_bare_queries(text: &str) -> String {
                 out.push_str(REDACTED);
                 Due::Nothing
             }
-            Due::Quoted => {
-                out.push_str(word);
-                Due::Nothing
-            }
             Due::Equals if word == "=" => {
                 out.push('=');
                 Due::Value
