@@ -141,6 +141,18 @@ async fn caches_on_one_file_fetch_once_per_lifetime() {
     one_fetch_per_lifetime(stores, 10, Duration::from_millis(2_500)).await;
 }
 
+/// World: three processes of one client, a cache each with its own handle on one
+/// file, want a token at once; the token endpoint answers the first request `429` with
+/// `Retry-After: 2`. Proves: the endpoint hears nothing more from the host's processes
+/// for those 2 s, and one login after them serves all three.
+#[cfg(feature = "token")]
+#[tokio::test]
+async fn a_retry_after_holds_every_process_on_the_file() {
+    let (_dir, path) = path("hold");
+    let stores = (0..3).map(|_| FileStore::open(&path).unwrap()).collect();
+    support::contract::a_retry_after_holds_every_process(stores).await;
+}
+
 /// World: a file holding garbage, then one sealed under another key. Proves: each
 /// counts as absent (never sent), the cache fetches and overwrites it; the files are
 /// readable by their owner only; the sealed file shows no secret.

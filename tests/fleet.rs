@@ -259,6 +259,24 @@ async fn a_fleet_fetches_once_per_lifetime() {
     one_fetch_per_lifetime(stores, 25, Duration::from_secs(3)).await;
 }
 
+/// World: three processes of one client, a cache each over its own connection to one
+/// real Redis (and the same over one `MemoryStore`), want a token at once; the token
+/// endpoint answers the first request `429` with `Retry-After: 2`. Proves: the endpoint
+/// hears nothing more from the fleet for those 2 s, whichever process asks, and one
+/// login after them serves every process (`contract::a_retry_after_holds_every_process`).
+#[cfg(feature = "token")]
+#[tokio::test]
+async fn a_retry_after_holds_every_process_of_the_fleet() {
+    let memory = MemoryStore::new();
+    support::contract::a_retry_after_holds_every_process(vec![memory.clone(); 3]).await;
+    let server = RedisServer::start();
+    let mut stores = Vec::new();
+    for _ in 0..3 {
+        stores.push(redis_store(&server, "hold").await);
+    }
+    support::contract::a_retry_after_holds_every_process(stores).await;
+}
+
 /// World: a real three-node Redis Cluster the test makes (`redis-cli --cluster
 /// create`), three credentials whose keys fall on the three nodes. Proves: the whole
 /// store contract holds on a cluster (each script's keys share a slot; a change
@@ -2834,6 +2852,12 @@ impl<S: CredentialStore> CredentialStore for Counting<S> {
     }
     async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
         self.inner.remove(rejected).await
+    }
+    async fn hold(&self, until: std::time::SystemTime) -> Result<(), BoxError> {
+        self.inner.hold(until).await
+    }
+    async fn held_until(&self) -> Result<Option<std::time::SystemTime>, BoxError> {
+        self.inner.held_until().await
     }
     async fn changed(&self, timeout: Duration) {
         self.inner.changed(timeout).await

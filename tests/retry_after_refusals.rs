@@ -15,7 +15,8 @@ use std::{
 
 use support::scripted::{Idp, Scripted, fetch};
 use tower_client_auth::{
-    BoxError, Credential, CredentialCache, CredentialSource, FetchContext, FetchReason, MemoryStore,
+    BoxError, Credential, CredentialCache, CredentialSource, FetchContext, FetchReason,
+    MemoryStore, clock::ManualClock, token::TokenSource,
 };
 
 /// World: the refresh token is dead, but the server says so in its own shape
@@ -267,24 +268,38 @@ async fn a_dead_refresh_token_refused_with_retry_after_is_withdrawn_from_the_hoo
     assert_eq!(rt1, 1, "{:?}", idp.scoped());
 }
 
-/// World: a `MemoryStore` shared by two caches over two sources (two processes):
-/// A's refresh is refused unjudged with `Retry-After: 30` (its refresh token marked
-/// unspent); B meanwhile refreshes with the store's rt-1 and writes rt-N. Proves: after A's
-/// hold, A presents the store's newest refresh token, never its own unspent rt-1 (which
-/// the server has rotated away by then).
-#[tokio::test(start_paused = true)]
-async fn an_unspent_refresh_token_loses_to_the_one_another_process_stored_meanwhile() {
-    let idp = Idp::default();
+/// Lets `d` pass on both clocks a cache reads: Tokio's (paused) and its wall clock. The
+/// fleet's hold is kept on the wall clock (processes share no other).
+async fn pass(clock: &ManualClock, d: Duration) {
+    clock.advance(d);
+    tokio::time::sleep(d).await;
+}
+
+/// Two processes over one `MemoryStore`: a cache each over its own source for `idp`, on
+/// one wall clock.
+fn two_processes(idp: &Idp) -> (ManualClock, [CredentialCache<TokenSource>; 2]) {
     let store = MemoryStore::new();
+    let clock = ManualClock::new(std::time::SystemTime::now());
     let build = || {
         CredentialCache::builder(idp.source())
             .window_jitter(0.0)
             .store(store.clone())
+            .clock(clock.clone())
             .build()
             .unwrap()
     };
-    let a = build();
-    let b = build();
+    (clock.clone(), [build(), build()])
+}
+
+/// World: a `MemoryStore` shared by two caches over two sources (two processes):
+/// A's refresh is refused unjudged with `Retry-After: 30` (its refresh token marked
+/// unspent); B, asked inside the hold, sends nothing; after it B refreshes first with the
+/// store's rt-1 and writes rt-N. Proves: A then presents the store's newest refresh token,
+/// never its own unspent rt-1 (which the server has rotated away by then).
+#[tokio::test(start_paused = true)]
+async fn an_unspent_refresh_token_loses_to_the_one_another_process_stored_meanwhile() {
+    let idp = Idp::default();
+    let (clock, [a, b]) = two_processes(&idp);
     a.credential().await.unwrap();
     b.credential().await.unwrap();
     assert_eq!(idp.logins(), 1, "{:?}", idp.scoped());
@@ -295,10 +310,14 @@ async fn an_unspent_refresh_token_loses_to_the_one_another_process_stored_meanwh
     ));
     a.handle().invalidate();
     assert!(a.credential().await.is_err());
+    // The fleet's hold: B sends nothing inside it.
+    b.handle().invalidate();
+    assert!(b.credential().await.is_err());
+    assert_eq!(idp.log().len(), 2, "{:?}", idp.scoped());
+    pass(&clock, Duration::from_secs(31)).await;
     // B refreshes (it presents the store's refresh token; the server rotates it).
     b.handle().invalidate();
     b.credential().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(31)).await;
     a.handle().invalidate();
     let after = a.credential().await;
     assert!(after.is_ok(), "{after:?} {:?}", idp.scoped());
@@ -320,23 +339,14 @@ async fn an_unspent_refresh_token_loses_to_the_one_another_process_stored_meanwh
 
 /// World: two caches over one `MemoryStore`, each
 /// with its own source; A's refresh of rt-1 is refused (401 `Unauthorized`,
-/// `Retry-After: 10`: owed rt-1, taken out of the store); B logs in (rt-3) and refreshes
-/// it (not rotated); after A's hold A adopts B's credential, then is invalidated and
-/// fetches. Proves: A refreshes the store's rt-3 (the owed mark names rt-1 only), no
-/// needless login.
+/// `Retry-After: 10`: owed rt-1, taken out of the store); B, asked inside the hold, sends
+/// nothing; after it B logs in (rt-3) and refreshes it (not rotated); A adopts B's
+/// credential, then is invalidated and fetches. Proves: A refreshes the store's rt-3 (the
+/// owed mark names rt-1 only), no needless login.
 #[tokio::test(start_paused = true)]
 async fn an_owed_mark_does_not_outlive_its_token_in_a_fleet() {
     let idp = Idp::default();
-    let store = MemoryStore::new();
-    let cache = |store: &MemoryStore| {
-        CredentialCache::builder(idp.source())
-            .window_jitter(0.0)
-            .store(store.clone())
-            .build()
-            .unwrap()
-    };
-    let a = cache(&store);
-    let b = cache(&store);
+    let (clock, [a, b]) = two_processes(&idp);
     a.credential().await.unwrap();
     idp.push(Scripted::now(
         401,
@@ -345,6 +355,12 @@ async fn an_owed_mark_does_not_outlive_its_token_in_a_fleet() {
     ));
     a.handle().invalidate();
     assert!(a.credential().await.is_err());
+    assert!(
+        b.credential().await.is_err(),
+        "asked inside the fleet's hold"
+    );
+    assert_eq!(idp.log().len(), 2, "{:?}", idp.brief());
+    pass(&clock, Duration::from_secs(11)).await;
     b.credential().await.unwrap();
     idp.push(Scripted::now(
         200,
@@ -353,7 +369,6 @@ async fn an_owed_mark_does_not_outlive_its_token_in_a_fleet() {
     ));
     b.handle().invalidate();
     b.credential().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(11)).await;
     a.handle().invalidate();
     a.credential().await.unwrap();
     a.handle().invalidate();

@@ -40,6 +40,7 @@ mod replay_wire;
 mod reqwest;
 mod retry_after_custody;
 mod retry_after_edges;
+mod retry_after_fleet;
 mod retry_after_refusals;
 mod scope;
 mod secrets_echoes;

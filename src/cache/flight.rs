@@ -290,6 +290,8 @@ fn backing_off(state: &State, retry_at: Instant, now: Instant) -> Error {
     let err = match &state.last_error {
         // A refused transport stays that, however often it is asked for.
         Some(last) if last.kind() == ErrorKind::InsecureTransport => last.clone(),
+        // A wait already (the fleet's hold: see `lease::fleet_hold`).
+        Some(last) if last.kind() == ErrorKind::Backoff => last.clone(),
         Some(last) => Error::new(ErrorKind::Backoff).with_shared_source(Arc::new(last.clone())),
         None => Error::new(ErrorKind::Backoff),
     };

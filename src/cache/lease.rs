@@ -333,6 +333,25 @@ async fn holding<P: CredentialSource>(
             return hit;
         }
     }
+    // The token endpoint asked the fleet to wait (another holder's `Retry-After`): not
+    // asked before then, and nothing taken out of the store.
+    if let Some(err) = fleet_hold(inner, store, deadline).await {
+        tracing::debug!(
+            retry_in_ms = err.retry_in().unwrap_or_default().as_millis() as u64,
+            "the token endpoint asked the fleet to wait; not asking the source"
+        );
+        let left = Left::loaded(
+            &held,
+            match took {
+                Took::Kept(kept) => Some(&kept.left),
+                _ => None,
+            },
+        );
+        return Holding {
+            left,
+            ..Holding::ended(Err(err), Saved::Done)
+        };
+    }
     if let Took::Over = took {
         // Waited for another holder, which gave the lease up (or died) without a save.
         tracing::debug!("took the refresh lease over from a holder that saved nothing");
@@ -443,6 +462,10 @@ async fn holding<P: CredentialSource>(
         &mut asked,
     )
     .await;
+    if let Err(err) = &fetched {
+        let until = saturating_add(Instant::now(), share).min(overtime);
+        share_hold(inner, store, err, until).await;
+    }
     // Never asked (the source busy past the deadline): nothing was presented.
     let spent = spent.filter(|_| asked);
     // A refresh token taken out of the store (its marker may have landed) and never
@@ -660,7 +683,15 @@ async fn finish_late<P: CredentialSource>(
     .await;
     let mut refused = None;
     let credential = match answer {
-        Ok(answer) => check_fetched(&inner, answer, &mut refused).ok().or(refused),
+        Ok(answer) => {
+            let fetched = check_fetched(&inner, answer, &mut refused);
+            if let Err(err) = &fetched {
+                let until =
+                    saturating_add(Instant::now(), inner.config.fetch_timeout / STORE_SHARE);
+                share_hold(&inner, store.as_ref(), err, until).await;
+            }
+            fetched.ok().or(refused)
+        }
         Err(_elapsed) => {
             tracing::warn!("the fetch outlived its deadline twice; giving the refresh lease back");
             None
@@ -735,6 +766,68 @@ async fn finish_late<P: CredentialSource>(
         return keep_saving_late(inner, store, kept.again(left)).await;
     }
     release(&inner, store.as_ref(), &lease).await;
+}
+
+/// The token endpoint's word to the fleet, as the store keeps it (see
+/// [`CredentialStore::hold`](crate::CredentialStore::hold)): the error a lease holder
+/// fails with, without asking its source, while the hold lasts (by this cache's clock,
+/// at most [`MAX_RETRY_AFTER`](super::MAX_RETRY_AFTER) from now). A store that does not
+/// answer holds nothing.
+async fn fleet_hold<P: CredentialSource>(
+    inner: &Inner<P>,
+    store: &dyn crate::store::DynStore,
+    deadline: Instant,
+) -> Option<Error> {
+    let until = store_call(inner, deadline, "held_until", store.held_until()).await??;
+    let left = until
+        .duration_since(inner.config.clock.now())
+        .ok()
+        .filter(|left| !left.is_zero())?
+        .min(super::MAX_RETRY_AFTER);
+    // Over when either clock says so, as an expiry is: the monotonic end is set when
+    // this cache first sees the hold (or writes it), so a wall clock stepped back does
+    // not stretch it.
+    let now = Instant::now();
+    let ends = {
+        let mut state = inner.lock_state();
+        match state.fleet_hold {
+            Some((seen, ends)) if seen == until => ends,
+            _ => {
+                let ends = saturating_add(now, left);
+                state.fleet_hold = Some((until, ends));
+                ends
+            }
+        }
+    };
+    let left = left.min(ends.saturating_duration_since(now));
+    if left.is_zero() {
+        return None;
+    }
+    let mut err = Error::new(ErrorKind::Backoff)
+        .with_detail("the token endpoint asked every process of the fleet to wait (Retry-After)")
+        .with_retry_in(left);
+    err.not_before = Some(left);
+    Some(err)
+}
+
+/// Tells the fleet the `Retry-After` a lease holder's fetch failed with, if it carries
+/// one (see [`fleet_hold`]), by `until` at the latest.
+async fn share_hold<P: CredentialSource>(
+    inner: &Inner<P>,
+    store: &dyn crate::store::DynStore,
+    err: &Error,
+    until: Instant,
+) {
+    let Some(asked) = err.not_before.filter(|asked| !asked.is_zero()) else {
+        return;
+    };
+    let asked = asked.min(super::MAX_RETRY_AFTER);
+    let Some(at) = (inner.config.clock.now()).checked_add(asked) else {
+        return;
+    };
+    // Read back here, it ends when this process's own hold does.
+    inner.lock_state().fleet_hold = Some((at, saturating_add(Instant::now(), asked)));
+    store_call(inner, until, "hold", store.hold(at)).await;
 }
 
 /// Runs `work` while keeping `lease`: renewed every third of its hold, so a holder that

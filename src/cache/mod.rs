@@ -736,6 +736,10 @@ struct State {
     /// held across a hand-over, which ends the backoff's own steps only; cleared by a
     /// fetch that succeeds.
     endpoint_hold: Option<Instant>,
+    /// The fleet's hold as this cache first saw it in the store (or wrote it): its time
+    /// there, and when it ends by this process's monotonic clock (see
+    /// `lease::fleet_hold`).
+    fleet_hold: Option<(std::time::SystemTime, Instant)>,
     /// Bumped when the credential is replaced from outside; a fetch that started in an
     /// older epoch does not install its result while the replacement is current.
     epoch: u64,

@@ -70,7 +70,7 @@ use serde_json::{Value, json};
 
 use super::{
     CredentialStore, Lease,
-    codec::{Codec, Sealing, millis},
+    codec::{Codec, Sealing, millis, unix_millis},
 };
 use crate::{credential::Credential, error::BoxError};
 
@@ -123,6 +123,9 @@ struct Data {
     /// The lease's token, when it runs out (milliseconds since the Unix epoch) and for
     /// how long it was taken or last renewed (milliseconds).
     lease: Option<(String, u64, u64)>,
+    /// The token endpoint's hold (see [`CredentialStore::hold`]), in milliseconds since
+    /// the Unix epoch.
+    hold: Option<u64>,
 }
 
 /// Why a data file is not read as data.
@@ -171,7 +174,13 @@ impl Data {
                 lease["ttl"].as_u64().unwrap_or(u64::MAX),
             )),
         };
-        Ok(Data { credential, lease })
+        // Written before holds were kept, or not a number: no hold.
+        let hold = doc["hold"].as_u64();
+        Ok(Data {
+            credential,
+            lease,
+            hold,
+        })
     }
 
     fn render(&self) -> String {
@@ -179,6 +188,7 @@ impl Data {
             "v": VERSION,
             "credential": self.credential,
             "lease": self.lease.as_ref().map(|(token, until, ttl)| json!({"token": token, "until": until, "ttl": ttl})),
+            "hold": self.hold,
         })
         .to_string()
     }
@@ -625,6 +635,28 @@ impl CredentialStore for FileStore {
                 data.lease = None;
             }
             ((), held)
+        })
+        .await
+    }
+
+    async fn hold(&self, until: SystemTime) -> Result<(), BoxError> {
+        let until = unix_millis(until);
+        self.locked(move |_, data| {
+            let later = data.hold.is_none_or(|held| held < until);
+            if later {
+                data.hold = Some(until);
+            }
+            ((), later)
+        })
+        .await
+    }
+
+    async fn held_until(&self) -> Result<Option<SystemTime>, BoxError> {
+        self.locked(|_, data| {
+            let held = data
+                .hold
+                .and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms)));
+            (held, false)
         })
         .await
     }

@@ -17,6 +17,11 @@
 //!    intervals, for as long as its whole fetch timeout: one
 //!    fetch for every process sharing the store. A holder that died leaves a lease that
 //!    runs out; the next cache to look takes it over.
+//! 4. **Hold.** A token endpoint that answers the holder with a `Retry-After` (429, 503,
+//!    a throttled grant) has spoken to the whole fleet, which shares one client: the
+//!    holder records the time in the store ([`CredentialStore::hold`]), and every
+//!    holder reads it before it asks its source, so no process of the fleet sends a
+//!    token request before then.
 //!
 //! When the API rejects a credential, the cache removes that credential from the store,
 //! and only that one (compare-and-delete): a newer one saved by another process stays.
@@ -26,8 +31,9 @@
 //!
 //! [`MemoryStore`] implements the contract within one process. With the `redis` feature,
 //! [`redis::RedisStore`] implements it across processes on a real Redis; with
-//! `file-store`, [`file::FileStore`] across the processes of one host, in a locked file. Another engine
-//! (a SQL table, etcd) implements the six calls below; `MemoryStore`'s source is the
+//! `file-store`, [`file::FileStore`] across the processes of one host, in a locked file.
+//! Another engine (a SQL table, etcd) implements the six calls below (and the hold's two,
+//! to share it); `MemoryStore`'s source is the
 //! reference.
 //!
 //! # Example
@@ -46,7 +52,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::{credential::Credential, error::BoxError};
@@ -114,6 +120,28 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// A missed notification only costs that one `timeout`.
     fn changed(&self, timeout: Duration) -> impl Future<Output = ()> + Send {
         tokio::time::sleep(timeout)
+    }
+
+    /// Records the token endpoint's word that no token request be made before `until`
+    /// (its `Retry-After`, told to the lease holder whose request it answered), for
+    /// every process: a later time than the one recorded replaces it, an earlier one is
+    /// ignored, and the record may go once `until` is past. The cache calls it under the
+    /// lease, and before the holder asks its source it reads the record back
+    /// ([`held_until`](Self::held_until)): a holder inside the hold asks nothing and
+    /// fails its callers with [`ErrorKind::Backoff`](crate::ErrorKind::Backoff) until
+    /// then.
+    ///
+    /// The default records nothing: each process then holds back on its own, and the
+    /// next lease holder of the fleet may ask the endpoint inside the hold.
+    fn hold(&self, until: SystemTime) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let _ = until;
+        std::future::ready(Ok(()))
+    }
+
+    /// The time [`hold`](Self::hold) recorded, if any (one already past may be
+    /// returned: the cache compares it with its clock). The default: none.
+    fn held_until(&self) -> impl Future<Output = Result<Option<SystemTime>, BoxError>> + Send {
+        std::future::ready(Ok(None))
     }
 }
 
@@ -191,6 +219,8 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     fn release<'a>(&'a self, lease: &'a Lease) -> StoreFuture<'a, ()>;
     fn remove<'a>(&'a self, rejected: &'a Credential) -> StoreFuture<'a, ()>;
     fn changed(&self, timeout: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    fn hold(&self, until: SystemTime) -> StoreFuture<'_, ()>;
+    fn held_until(&self) -> StoreFuture<'_, Option<SystemTime>>;
 }
 
 impl<S: CredentialStore> DynStore for S {
@@ -221,6 +251,14 @@ impl<S: CredentialStore> DynStore for S {
     fn changed(&self, timeout: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(CredentialStore::changed(self, timeout))
     }
+
+    fn hold(&self, until: SystemTime) -> StoreFuture<'_, ()> {
+        Box::pin(CredentialStore::hold(self, until))
+    }
+
+    fn held_until(&self) -> StoreFuture<'_, Option<SystemTime>> {
+        Box::pin(CredentialStore::held_until(self))
+    }
 }
 
 /// A [`CredentialStore`] in process memory, shared by clones: the contract within one
@@ -238,6 +276,8 @@ struct Slot {
     credential: Option<Credential>,
     /// The lease's token and when it runs out.
     lease: Option<(String, Instant)>,
+    /// The token endpoint's hold (see [`CredentialStore::hold`]).
+    hold: Option<SystemTime>,
 }
 
 impl Slot {
@@ -333,6 +373,16 @@ impl CredentialStore for MemoryStore {
             self.changes.notify_waiters();
         }
         Ok(())
+    }
+
+    async fn hold(&self, until: SystemTime) -> Result<(), BoxError> {
+        let mut slot = self.slot();
+        slot.hold = slot.hold.max(Some(until));
+        Ok(())
+    }
+
+    async fn held_until(&self) -> Result<Option<SystemTime>, BoxError> {
+        Ok(self.slot().hold)
     }
 
     fn changed(&self, timeout: Duration) -> impl Future<Output = ()> + Send {

@@ -2,7 +2,7 @@
 //! Redis, shared by every process of a fleet (feature `redis`, over redis-rs and its
 //! tokio connection manager, which reconnects by itself).
 //!
-//! Per credential, two keys and a channel that share one hash slot (a hash tag), so each
+//! Per credential, three keys and a channel that share one hash slot (a hash tag), so each
 //! script runs on one node of a Redis Cluster too ([`RedisStore::cluster`]):
 //!
 //! - `tca:{<id>}:credential`: the credential, `v1:<fingerprint>:<json>`, expiring with it
@@ -14,7 +14,10 @@
 //! - `tca:{<id>}:changes`: a pub/sub channel where every save, release and removal is
 //!   announced, so processes waiting for a refresh wake when it is saved;
 //! - `tca:{<id>}:lease`: the refresh lease, the holder's token, `SET NX PX`, renewed by a
-//!   compare-and-extend script while its holder works.
+//!   compare-and-extend script while its holder works;
+//! - `tca:{<id>}:hold`: the token endpoint's `Retry-After` for the fleet, in milliseconds
+//!   since the Unix epoch, set only to a later time than it holds and expiring shortly
+//!   after it ([`CredentialStore::hold`]).
 //!
 //! `<id>` is a SHA-256 of the namespace you give: for a token source,
 //! [`TokenSource::store_namespace`](crate::token::TokenSource::store_namespace) names the
@@ -61,7 +64,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use redis::{Script, aio::ConnectionManager};
@@ -69,7 +72,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     CredentialStore, Lease,
-    codec::{Codec, Sealing, hex, millis},
+    codec::{Codec, Sealing, hex, millis, unix_millis},
 };
 
 use crate::{credential::Credential, error::BoxError};
@@ -84,6 +87,8 @@ struct Keys {
     lease: String,
     /// The pub/sub channel every save, release and removal is announced on.
     changes: String,
+    /// The token endpoint's hold (see [`CredentialStore::hold`]).
+    hold: String,
 }
 
 /// A [`CredentialStore`] on Redis. See the [module docs](self).
@@ -261,6 +266,7 @@ impl RedisStore {
             credential: format!("tca:{{{id}}}:credential"),
             lease: format!("tca:{{{id}}}:lease"),
             changes: format!("tca:{{{id}}}:changes"),
+            hold: format!("tca:{{{id}}}:hold"),
         };
         RedisStore {
             connection,
@@ -440,6 +446,33 @@ impl CredentialStore for RedisStore {
         Ok(())
     }
 
+    async fn hold(&self, until: SystemTime) -> Result<(), BoxError> {
+        let Ok(left) = until.duration_since(SystemTime::now()) else {
+            return Ok(());
+        };
+        let mut connection = self.connection.clone();
+        let _: i64 = Script::new(HOLD)
+            .key(&self.keys.hold)
+            .arg(unix_millis(until))
+            // Kept a little past its end: another process's clock may run behind.
+            .arg(millis(left + HOLD_MARGIN).max(1))
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    async fn held_until(&self) -> Result<Option<SystemTime>, BoxError> {
+        let mut connection = self.connection.clone();
+        let held: Option<String> = redis::cmd("GET")
+            .arg(&self.keys.hold)
+            .query_async(&mut connection)
+            .await?;
+        // Not a number: no hold (the next one overwrites it).
+        Ok(held
+            .and_then(|held| held.parse::<u64>().ok())
+            .and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms))))
+    }
+
     fn changed(&self, timeout: Duration) -> impl std::future::Future<Output = ()> + Send {
         // Registered now: a change announced from here on wakes it.
         let notified = self.listener.as_ref().map(|listener| {
@@ -523,6 +556,18 @@ end
 redis.call('PUBLISH', ARGV[4], 'saved')
 return 1
 ";
+
+/// Sets the hold only to a later time than the one it holds (or over a value that is no
+/// number).
+const HOLD: &str = r"
+local held = tonumber(redis.call('GET', KEYS[1]))
+if held and held >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// How long the hold's key outlives the hold.
+const HOLD_MARGIN: Duration = Duration::from_secs(5);
 
 /// Extends the lease only if the caller's token still holds it.
 const RENEW: &str = r"

@@ -64,8 +64,9 @@ impl CredentialSource for Endpoint {
 /// The contract every store keeps, checked on `store` (and `other`, a second handle on
 /// the same data, as another process has): one lease at a time, given back only by its
 /// holder, renewed only by it; a save fenced by the lease; a removal that spares a newer
-/// value; and, for a store that tells waiters of changes (`notifies`), a change seen by
-/// whoever waits for one.
+/// value; the token endpoint's hold, seen through the other handle, moved only later;
+/// and, for a store that tells waiters of changes (`notifies`), a change seen by whoever
+/// waits for one.
 pub async fn the_contract_holds_with<S: CredentialStore + Clone>(
     store: S,
     other: S,
@@ -73,6 +74,29 @@ pub async fn the_contract_holds_with<S: CredentialStore + Clone>(
 ) {
     let bearer = |t: &str| Credential::bearer(t).unwrap();
     assert_eq!(store.load().await.unwrap(), None);
+
+    // The hold: none at first; a later one replaces it, an earlier one does not, and
+    // the other handle reads the same (to the millisecond).
+    let millis = |at: Option<std::time::SystemTime>| {
+        at.map(|at| {
+            at.duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+        })
+    };
+    assert_eq!(other.held_until().await.unwrap(), None);
+    let now = std::time::SystemTime::now();
+    store.hold(now + Duration::from_secs(10)).await.unwrap();
+    store.hold(now + Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        millis(other.held_until().await.unwrap()),
+        millis(Some(now + Duration::from_secs(10)))
+    );
+    other.hold(now + Duration::from_secs(20)).await.unwrap();
+    assert_eq!(
+        millis(store.held_until().await.unwrap()),
+        millis(Some(now + Duration::from_secs(20)))
+    );
     let first = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
     assert!(store.lease(Duration::from_secs(5)).await.unwrap().is_none());
     // Only the holder gives a lease back.
@@ -204,4 +228,77 @@ pub async fn one_fetch_per_lifetime(
         "{fetches} fetches for about {lifetimes:.0} lifetimes: not shared by the fleet"
     );
     assert!(fetches >= 2, "{fetches}: the tokens never expired");
+}
+
+/// Three processes of one client (a cache each, over its own handle on one store and a
+/// token source of its own) want a token at once from an endpoint that answers the first
+/// token request, after 300 ms, `429` with `Retry-After: 2`. Proves the README's "a
+/// token endpoint's `Retry-After` is the earliest next token request" for the fleet: the
+/// endpoint sees that one request and no other until the 2 s are up (the processes that
+/// waited for the first one's lease, and one that asks later, fail with `Backoff`
+/// instead); after them one login serves all three.
+#[cfg(feature = "token")]
+pub async fn a_retry_after_holds_every_process(stores: Vec<impl CredentialStore>) {
+    use super::scripted::{Idp, Scripted};
+    use tower_client_auth::ErrorKind;
+
+    let idp = Idp::default();
+    idp.push(Scripted::after(
+        Duration::from_millis(300),
+        429,
+        Some("2"),
+        r#"{"error":"rate_limited"}"#,
+    ));
+    let caches: Vec<_> = stores
+        .into_iter()
+        .map(|store| {
+            CredentialCache::builder(idp.source())
+                .store(store)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let calls: Vec<_> = caches
+        .iter()
+        .map(|cache| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.credential().await })
+        })
+        .collect();
+    for call in calls {
+        assert!(call.await.unwrap().is_err(), "a token inside the hold");
+    }
+    let log = idp.log();
+    assert_eq!(
+        log.len(),
+        1,
+        "token requests inside the hold: {:?}",
+        idp.brief()
+    );
+    let answered = log[0].1.expect("the first request was answered");
+    // A process that asks later, inside the hold, is held too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let late = caches[1]
+        .credential()
+        .await
+        .expect_err("a token inside the hold");
+    assert_eq!(late.kind(), ErrorKind::Backoff, "{late}");
+    assert_eq!(idp.log().len(), 1, "{:?}", idp.brief());
+
+    tokio::time::sleep_until(answered + Duration::from_millis(2100)).await;
+    let mut tokens = Vec::new();
+    for cache in &caches {
+        tokens.push(cache.credential().await.expect("a token after the hold"));
+    }
+    let log = idp.log();
+    assert_eq!(log.len(), 2, "{:?}", idp.brief());
+    assert!(
+        log[1].0 >= answered + Duration::from_secs(2),
+        "the second token request came {:?} after the 429",
+        log[1].0 - answered
+    );
+    assert!(
+        tokens.iter().all(|t| t == &tokens[0]),
+        "one login serves the fleet"
+    );
 }

@@ -249,6 +249,16 @@ impl<S: CredentialStore> CredentialStore for FaultStore<S> {
         self.memory.remove(rejected).await
     }
 
+    async fn hold(&self, until: std::time::SystemTime) -> Result<(), BoxError> {
+        self.reach().await?;
+        self.memory.hold(until).await
+    }
+
+    async fn held_until(&self) -> Result<Option<std::time::SystemTime>, BoxError> {
+        self.reach().await?;
+        self.memory.held_until().await
+    }
+
     async fn changed(&self, timeout: Duration) {
         if self.faults.hung.load(SeqCst) {
             std::future::pending::<()>().await;

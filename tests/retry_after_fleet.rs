@@ -1,0 +1,172 @@
+//! The token endpoint's `Retry-After` across processes that share a store: README's "a
+//! token endpoint's `Retry-After` is the earliest next token request", from each path a
+//! process of the fleet asks by (a rejection's refresh, a fetch its flight stopped waiting
+//! for, a hold longer than the cap, a store that keeps no hold). Each process is a cache
+//! over its own token source and its own handle on one `MemoryStore`; the scenario every
+//! store runs (Redis, the file store) is `support::contract::a_retry_after_holds_every_process`.
+#![cfg(feature = "token")]
+
+use std::time::{Duration, SystemTime};
+
+use crate::support::scripted::{Idp, Scripted};
+use tower_client_auth::{
+    BoxError, Credential, CredentialCache, CredentialStore, ErrorKind, MemoryStore,
+    cache::MAX_RETRY_AFTER, store::Lease, token::TokenSource,
+};
+
+/// A process of the fleet: a cache over its own source for `idp`'s client, over `store`.
+fn process(idp: &Idp, store: impl CredentialStore) -> CredentialCache<TokenSource> {
+    CredentialCache::builder(idp.source())
+        .store(store)
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(100), Duration::from_millis(200))
+        .fetch_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap()
+}
+
+/// World: two processes share `at-1`/`rt-1`; the API rejects it in the first, whose
+/// refresh is answered `503` with `Retry-After: 2`; then the second process's copy is
+/// rejected too, inside the hold. Proves: the second process sends no token request
+/// inside the hold (neither the refresh nor the login the first one's answer left owed)
+/// and fails with `Backoff` saying how long is left; after the hold one request serves
+/// both, and no refresh token is lost.
+#[tokio::test]
+async fn a_rejection_in_another_process_inside_the_hold_asks_nothing() {
+    let idp = Idp::default();
+    let store = MemoryStore::new();
+    let (a, b) = (process(&idp, store.clone()), process(&idp, store.clone()));
+    let first = a.credential().await.unwrap();
+    assert_eq!(b.credential().await.unwrap(), first, "b takes a's login");
+    idp.push(Scripted::now(503, Some("2"), "upstream busy"));
+    a.reject(&first).await.expect_err("refused, held");
+    assert_eq!(idp.log().len(), 2, "{:?}", idp.brief());
+    let answered = idp.log()[1].1.unwrap();
+
+    let held = b.reject(&first).await.expect_err("a token inside the hold");
+    assert_eq!(held.kind(), ErrorKind::Backoff, "{held}");
+    let left = held.retry_in().expect("how long is left");
+    assert!(
+        left > Duration::from_millis(1000) && left <= Duration::from_secs(2),
+        "{left:?}"
+    );
+    assert_eq!(
+        idp.log().len(),
+        2,
+        "asked inside the hold: {:?}",
+        idp.brief()
+    );
+
+    tokio::time::sleep_until(answered + Duration::from_millis(2100)).await;
+    let next = b.credential().await.expect("a token after the hold");
+    assert_ne!(next, first);
+    assert_eq!(
+        a.credential().await.unwrap(),
+        next,
+        "one request serves both"
+    );
+    let log = idp.log();
+    assert_eq!(log.len(), 3, "{:?}", idp.brief());
+    assert!(log[2].0 >= answered + Duration::from_secs(2));
+}
+
+/// World: a process stops waiting for its login after 300 ms; the endpoint answers it at
+/// 500 ms, `429` with `Retry-After: 2`; another process asks at 700 ms. Proves: the
+/// answer that came after its flight gave up still holds the fleet: the second process
+/// sends nothing before the 2 s are up.
+#[tokio::test]
+async fn a_retry_after_answering_a_fetch_after_its_timeout_holds_the_fleet() {
+    let idp = Idp::default();
+    let store = MemoryStore::new();
+    let (a, b) = (process(&idp, store.clone()), process(&idp, store.clone()));
+    idp.push(Scripted::after(
+        Duration::from_millis(500),
+        429,
+        Some("2"),
+        r#"{"error":"rate_limited"}"#,
+    ));
+    let timed_out = a.credential().await.expect_err("no answer in time");
+    assert_eq!(timed_out.kind(), ErrorKind::Timeout, "{timed_out}");
+    let started = idp.log()[0].0;
+    tokio::time::sleep_until(started + Duration::from_millis(700)).await;
+    let answered = idp.log()[0].1.expect("answered by now");
+    let held = b.credential().await.expect_err("a token inside the hold");
+    assert_eq!(held.kind(), ErrorKind::Backoff, "{held}");
+    assert_eq!(
+        idp.log().len(),
+        1,
+        "asked inside the hold: {:?}",
+        idp.brief()
+    );
+
+    tokio::time::sleep_until(answered + Duration::from_millis(2100)).await;
+    b.credential().await.expect("a token after the hold");
+    let log = idp.log();
+    assert_eq!(log.len(), 2, "{:?}", idp.brief());
+    assert!(log[1].0 >= answered + Duration::from_secs(2));
+}
+
+/// World: the store holds a hold a day away (a clock far ahead, a value another version
+/// wrote). Proves: a process holds back at most `MAX_RETRY_AFTER`, as for its own
+/// endpoint's answer, and says so with a `Backoff` error rather than wait or fail
+/// otherwise.
+#[tokio::test]
+async fn a_hold_past_the_cap_holds_no_longer_than_it() {
+    let idp = Idp::default();
+    let store = MemoryStore::new();
+    store
+        .hold(SystemTime::now() + Duration::from_secs(86_400))
+        .await
+        .unwrap();
+    let err = process(&idp, store).credential().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Backoff, "{err}");
+    let left = err.retry_in().unwrap();
+    assert!(
+        left <= MAX_RETRY_AFTER && left > MAX_RETRY_AFTER / 2,
+        "{left:?}"
+    );
+    assert!(idp.log().is_empty());
+}
+
+/// A store of one's own that keeps no hold (the trait's default calls).
+#[derive(Clone, Default)]
+struct NoHolds(MemoryStore);
+
+impl CredentialStore for NoHolds {
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        self.0.load().await
+    }
+    async fn lease(&self, ttl: Duration) -> Result<Option<Lease>, BoxError> {
+        self.0.lease(ttl).await
+    }
+    async fn save(&self, lease: &Lease, credential: &Credential) -> Result<bool, BoxError> {
+        self.0.save(lease, credential).await
+    }
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, BoxError> {
+        self.0.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
+        self.0.release(lease).await
+    }
+    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+        self.0.remove(rejected).await
+    }
+}
+
+/// World: a store of one's own written before holds were shared (it implements none of
+/// the hold's calls); the endpoint answers a process's login `429` with `Retry-After:
+/// 2`. Proves: the trait's default calls keep such a store working, and the process
+/// holds back on its own (nothing more sent from it inside the hold), as it does with
+/// no store.
+#[tokio::test]
+async fn a_store_that_keeps_no_hold_still_holds_its_own_process() {
+    let idp = Idp::default();
+    let a = process(&idp, NoHolds::default());
+    idp.push(Scripted::now(429, Some("2"), r#"{"error":"rate_limited"}"#));
+    a.credential().await.expect_err("throttled");
+    let held = a.credential().await.expect_err("inside its own hold");
+    assert_eq!(held.kind(), ErrorKind::Backoff, "{held}");
+    let left = held.retry_in().unwrap();
+    assert!(left > Duration::from_secs(1), "{left:?}");
+    assert_eq!(idp.log().len(), 1, "{:?}", idp.brief());
+}
