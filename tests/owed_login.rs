@@ -176,10 +176,10 @@ async fn two_fetches_after_the_hold_never_present_rt1_again() {
     assert_eq!(rt1, 1, "rt-1 presented again: {brief:?}");
 }
 
-/// World: DPoP; the refresh is refused `400 invalid_dpop_proof` with `Retry-After: 10`,
-/// its resend (a new proof) too (a refresh token bound to another key). Proves: the
-/// refusal judged nothing and asked for time, so the login is owed: the first request
-/// after the hold is a login, and rt-1 is not presented again.
+/// World: DPoP; the refresh is refused `400 invalid_dpop_proof` with `Retry-After: 10`
+/// (a refresh token bound to another key). Proves: the refusal judged nothing and asked
+/// for time, so the login is owed: the first request after the hold is a login, and rt-1
+/// is not presented again.
 #[cfg(feature = "jwt")]
 #[tokio::test(start_paused = true)]
 async fn invalid_dpop_proof_with_retry_after_owes_the_login() {
@@ -188,13 +188,11 @@ async fn invalid_dpop_proof_with_retry_after_owes_the_login() {
         .source()
         .dpop(tower_client_auth::token::DpopKey::generate().unwrap());
     let first = fetch(&source, FetchReason::Initial, None).await.unwrap();
-    for _ in 0..2 {
-        idp.push(Scripted::now(
-            400,
-            Some("10"),
-            r#"{"error":"invalid_dpop_proof","error_description":"key mismatch"}"#,
-        ));
-    }
+    idp.push(Scripted::now(
+        400,
+        Some("10"),
+        r#"{"error":"invalid_dpop_proof","error_description":"key mismatch"}"#,
+    ));
     let refused = fetch(&source, FetchReason::Expiring, Some(first.clone())).await;
     assert!(refused.is_err(), "{refused:?}");
     let before = idp.brief().len();

@@ -413,3 +413,46 @@ async fn a_failed_owed_login_keeps_the_refresh_token() {
     assert_eq!(log[2].0, "client_credentials", "{log:?}");
     assert_eq!(log[3].1.as_deref(), Some("rt-1"), "{log:?}");
 }
+
+/// World: DPoP; a refresh, then a first login, each refused `400 invalid_dpop_proof`
+/// (and `use_dpop_nonce` with a nonce) with `Retry-After: 10`: the endpoint asks for ten
+/// seconds, though a refused proof is otherwise sent once more with a new one at once.
+/// Proves: the `Retry-After` wins: nothing is sent inside the ten seconds (review 104
+/// saw the resend go at once, and no hold at all when its answer carried none).
+#[cfg(feature = "jwt")]
+#[tokio::test(start_paused = true)]
+async fn a_refused_proof_that_asks_for_time_is_not_sent_again_inside_it() {
+    for error in ["invalid_dpop_proof", "use_dpop_nonce"] {
+        let body = format!(r#"{{"error":"{error}","error_description":"try later"}}"#);
+        // A refresh.
+        let idp = Idp::default();
+        let source = idp
+            .source()
+            .dpop(tower_client_auth::token::DpopKey::generate().unwrap());
+        let first = fetch(&source, FetchReason::Initial, None).await.unwrap();
+        idp.push(Scripted::now(400, Some("10"), &body));
+        assert!(
+            fetch(&source, FetchReason::Expiring, Some(first))
+                .await
+                .is_err()
+        );
+        let early = idp.sent_within(Duration::from_secs(10));
+        assert!(early.is_empty(), "{error}: sent inside the hold: {early:?}");
+        // A first login.
+        let idp = Idp::default();
+        let source = idp
+            .source()
+            .dpop(tower_client_auth::token::DpopKey::generate().unwrap());
+        idp.push(Scripted::now(400, Some("10"), &body));
+        assert!(fetch(&source, FetchReason::Initial, None).await.is_err());
+        assert_eq!(idp.log().len(), 1, "{error}: {:?}", idp.brief());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(fetch(&source, FetchReason::Initial, None).await.is_err());
+        assert_eq!(
+            idp.log().len(),
+            1,
+            "{error}: sent inside the hold: {:?}",
+            idp.brief()
+        );
+    }
+}

@@ -1186,7 +1186,9 @@ impl Exchange {
         match self.send_once(request, extra).await {
             // A 4xx only: a 5xx leaves the outcome unknown (a refresh token in it may
             // have been spent), whatever its body says.
-            // A nonce asked for without one given: a resend could carry none.
+            // A nonce asked for without one given: a resend could carry none. An answer
+            // that asks for time (`Retry-After`) holds the resend too: it goes back, and
+            // the hold is the caller's.
             Err(e)
                 if self.dpop_enabled()
                     && match e.oauth_error() {
@@ -1194,7 +1196,8 @@ impl Exchange {
                         Some("invalid_dpop_proof") => true,
                         _ => false,
                     }
-                    && e.status().is_some_and(|s| s.is_client_error()) =>
+                    && e.status().is_some_and(|s| s.is_client_error())
+                    && !asks_to_wait(&e) =>
             {
                 tracing::debug!(
                     "the token endpoint refused the DPoP proof or wants a nonce; sending again with a new proof"
