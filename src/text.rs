@@ -1134,35 +1134,55 @@ fn strip_url_secrets(text: &str) -> String {
 /// (or `%3F`) of a word with a path or a host before it (a `/`, or a dotted name) and a
 /// parameter right after it (`GET /token?access_token=...`, `idp.test/cb?key=...`,
 /// `idp.test?key=...`); and the value of every parameter named like a secret wherever
-/// it stands (`...&access_token=...`, a form body echoed back, `?code=...` alone): see
-/// [`secret_name`]. A word runs to a space, a quote or an angle bracket, as a URL does;
-/// a value to the next `&`, `;`, `,` or `)` too. A bare value with no name
-/// (`GET /token?KEY`) cannot be told from a word and is not. One pass over `text`.
+/// it stands (`...&access_token=...`, a form body echoed back, `?code=...` alone,
+/// `refresh_token = '...'`, a JSON member `"refresh_token":"..."` or a Python dict's
+/// `'client_secret': '...'`, a header `Authorization: Bearer ...` or `x-api-key: ...`):
+/// see [`secret_name`]. A word runs to a space, a quote or an angle bracket, as a URL
+/// does; a secret's value to the next `&` or the word's end (past a quote inside it:
+/// `password=it's...`), and an authorization scheme's credential (`Bearer ...`) after
+/// it. A bare value with no name (`GET /token?KEY`) cannot be told from a word and is
+/// not. One pass over `text`, each byte looked at a bounded number of times.
 fn strip_bare_queries(text: &str) -> String {
     let is_break = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>');
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    // What the words before said is due next: a secret parameter's value (after `name=`
-    // at a word's end: quoted, or after a space), or its `=` (after the name alone:
-    // `client_secret = '...'`).
+    // What the words before said is due next (see `Due`).
     let mut due = Due::Nothing;
     while let Some(c) = rest.chars().next() {
         if c.is_whitespace() {
             out.push(c);
             rest = &rest[c.len_utf8()..];
-            if due == Due::Quoted {
+            if matches!(due, Due::Quoted | Due::Continues) {
                 due = Due::Nothing;
             }
             continue;
         }
         if is_break(c) {
             rest = &rest[c.len_utf8()..];
-            if matches!(due, Due::Value | Due::Quoted) && matches!(c, '"' | '\'') {
-                rest = redact_quoted(rest, c, &mut out);
-            } else {
-                out.push(c);
-            }
-            due = Due::Nothing;
+            let quote = matches!(c, '"' | '\'');
+            due = match due {
+                Due::Value | Due::Quoted if quote => {
+                    rest = redact_quoted(rest, c, &mut out);
+                    Due::Nothing
+                }
+                // A name in quotes (a JSON member's, a dict key's): its `:` may follow.
+                Due::Equals if quote => {
+                    out.push(c);
+                    Due::Colon
+                }
+                // A quote inside a value redacted to here (`password=it's...`): the
+                // value goes on to the next space.
+                Due::Continues
+                    if quote && rest.chars().next().is_some_and(|next| !is_break(next)) =>
+                {
+                    rest = &rest[rest.find(char::is_whitespace).unwrap_or(rest.len())..];
+                    Due::Nothing
+                }
+                _ => {
+                    out.push(c);
+                    Due::Nothing
+                }
+            };
             continue;
         }
         let end = rest.find(is_break).unwrap_or(rest.len());
@@ -1171,11 +1191,30 @@ fn strip_bare_queries(text: &str) -> String {
         due = match due {
             Due::Value => {
                 out.push_str(REDACTED);
-                Due::Nothing
+                after_value(word)
             }
             Due::Equals if word == "=" => {
                 out.push('=');
                 Due::Value
+            }
+            // `name =value`.
+            Due::Equals if word.starts_with('=') => {
+                out.push('=');
+                out.push_str(REDACTED);
+                after_value(&word[1..])
+            }
+            // A quoted name's `:`, with its value after it or in the same word.
+            Due::Colon if word.starts_with(':') => {
+                out.push(':');
+                let value = &word[1..];
+                if value.is_empty() {
+                    Due::Value
+                } else {
+                    let end = value.find([',', '}', ']']).unwrap_or(value.len());
+                    out.push_str(REDACTED);
+                    out.push_str(&value[end..]);
+                    Due::Nothing
+                }
             }
             // A query the URL pass redacted, a quote right after it (`?key="..."`).
             _ if word.ends_with(REDACTED) => {
@@ -1198,9 +1237,11 @@ fn strip_bare_queries(text: &str) -> String {
                         Due::Nothing
                     }
                 }
-                None if strip_secret_values(word, &mut out) => Due::Value,
-                None if parameter_name(word) && secret_name(word) => Due::Equals,
-                None => Due::Nothing,
+                None => match strip_secret_values(word, &mut out) {
+                    Due::Nothing if parameter_name(word) && secret_name(word) => Due::Equals,
+                    Due::Nothing if header_name(word) => Due::Value,
+                    due => due,
+                },
             },
         };
     }
@@ -1208,13 +1249,74 @@ fn strip_bare_queries(text: &str) -> String {
 }
 
 /// What [`strip_bare_queries`] expects next.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Due {
     Nothing,
+    /// A secret's name stood alone: its `=` (`client_secret = '...'`), or, if the name
+    /// was quoted, its `:`.
     Equals,
+    /// A quoted secret name closed: its `:` (`"refresh_token":"..."`).
+    Colon,
+    /// A secret's value: the next word, or a quoted one.
     Value,
     /// A value only if a quote follows at once.
     Quoted,
+    /// A secret's value was redacted to the word's end: a quote right after it, with no
+    /// space, is inside the value.
+    Continues,
+}
+
+/// What is due after a secret's `value` was redacted: an authorization scheme
+/// (`Bearer`) has its credential after it.
+fn after_value(value: &str) -> Due {
+    const SCHEMES: [&str; 11] = [
+        "bearer",
+        "basic",
+        "dpop",
+        "digest",
+        "token",
+        "mac",
+        "negotiate",
+        "ntlm",
+        "gnap",
+        "oauth",
+        "secret",
+    ];
+    match SCHEMES.iter().any(|s| s.eq_ignore_ascii_case(value)) {
+        true => Due::Value,
+        false => Due::Continues,
+    }
+}
+
+/// Whether `word` is a header's name and its `:` (`Authorization:`, `x-api-key:`,
+/// `client_secret:`) naming a secret: a name of one plain word (`token:`, `password:`)
+/// is taken for prose unless it is a credential header's.
+fn header_name(word: &str) -> bool {
+    let Some(name) = word.strip_suffix(':') else {
+        return false;
+    };
+    let lower = name.to_ascii_lowercase();
+    // An error code and its description (`invalid_token: the token expired`).
+    const ERRORS: [&str; 9] = [
+        "invalid",
+        "unsupported",
+        "unauthorized",
+        "insufficient",
+        "expired",
+        "missing",
+        "unknown",
+        "bad",
+        "wrong",
+    ];
+    let first = lower.split(['_', '-', '.']).next().unwrap_or_default();
+    parameter_name(name)
+        && !ERRORS.contains(&first)
+        && secret_name(name)
+        && (matches!(
+            lower.as_str(),
+            "authorization" | "proxy-authorization" | "cookie" | "set-cookie"
+        ) || name.contains(['_', '-', '.'])
+            || name.bytes().skip(1).any(|b| b.is_ascii_uppercase()))
 }
 
 /// Whether `word` is a parameter's name and nothing else.
@@ -1301,20 +1403,42 @@ fn parameter_len(text: &str) -> Option<usize> {
 }
 
 /// Whether a parameter's name says its value is a secret: one of its parts (split at
-/// `_`, `-`, `.`, brackets) names a token, a secret, a password, a key, a signature, an
-/// assertion, a session, a credential, a private key, a PKCE verifier or an
-/// authorization code, and its last part does not say it is about one (`token_type`,
-/// `token_type_hint`, `token_endpoint_auth_method`, `code_challenge`, `expires_in`: a
-/// type, a hint, a method, an address, a lifetime). `error_code`, `status_code` and
-/// `keyId` are no secrets either.
+/// `_`, `-`, `.`, brackets, and where a lower-case letter meets a capital: `tokenType`)
+/// names a token, a secret, a password, a key, a signature, an assertion, a session, a
+/// credential, a private key, a PKCE verifier or a code to authorize with (an
+/// authorization, device, user, pre-authorized, transaction, verification, recovery or
+/// one-time code), and its last part does not say it is about one (`token_type`,
+/// `token_type_hint`, `token_endpoint_auth_method`, `code_challenge`, `expires_in`,
+/// `credential_issuer`: a type, a hint, a method, an address, a lifetime, an issuer).
+/// `error_code`, `status_code` and `keyId` are no secrets either; `id_token_hint` is
+/// (its value is an ID token).
 fn secret_name(name: &str) -> bool {
     if name.contains(REDACTED) {
         return true;
     }
-    let name = name
-        .to_ascii_lowercase()
-        .replace("%5b", "_")
-        .replace("%5d", "_");
+    #[cfg(test)]
+    tests::count_steps(name.len());
+    // Brackets, encoded or not, and camel case split parts.
+    let mut split = String::with_capacity(name.len() + 8);
+    let mut lower_before = false;
+    let mut chars = name.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '%' {
+            let code: String = chars.clone().take(2).collect();
+            if code.eq_ignore_ascii_case("5b") || code.eq_ignore_ascii_case("5d") {
+                chars.nth(1);
+                split.push('_');
+                lower_before = false;
+                continue;
+            }
+        }
+        if c.is_ascii_uppercase() && lower_before {
+            split.push('_');
+        }
+        lower_before = c.is_ascii_lowercase() || c.is_ascii_digit();
+        split.push(c.to_ascii_lowercase());
+    }
+    let name = split;
     let parts: Vec<&str> = name
         .split(|c: char| !c.is_ascii_alphanumeric())
         .filter(|part| !part.is_empty())
@@ -1322,12 +1446,15 @@ fn secret_name(name: &str) -> bool {
     let Some(&last) = parts.last() else {
         return false;
     };
+    if parts.ends_with(&["id", "token", "hint"]) {
+        return true;
+    }
     let session = |part: &&str| part.contains("session") || part.contains("sessid");
     // An identifier is no secret, but a session's is.
     if last == "id" && !parts.iter().any(session) {
         return false;
     }
-    const ABOUT: [&str; 30] = [
+    const ABOUT: [&str; 33] = [
         "type",
         "types",
         "hint",
@@ -1358,6 +1485,9 @@ fn secret_name(name: &str) -> bool {
         "size",
         "count",
         "values",
+        "issuer",
+        "encryption",
+        "configuration",
     ];
     if ABOUT.contains(&last) {
         return false;
@@ -1378,9 +1508,27 @@ fn secret_name(name: &str) -> bool {
         "cookie",
     ];
     const WHOLE: [&str; 5] = ["sig", "pwd", "pass", "session", "key"];
-    const CODE_OF: [&str; 6] = ["auth", "authorization", "device", "user", "otp", "mfa"];
+    const CODE_OF: [&str; 17] = [
+        "auth",
+        "authorization",
+        "device",
+        "user",
+        "otp",
+        "mfa",
+        "authorized",
+        "tx",
+        "verification",
+        "recovery",
+        "backup",
+        "activation",
+        "confirmation",
+        "reset",
+        "security",
+        "login",
+        "totp",
+    ];
     name == "auth"
-        || name == "authorization"
+        || last == "authorization"
         || parts.iter().any(|part| {
             INSIDE.iter().any(|inside| part.contains(inside))
                 || WHOLE.contains(part)
@@ -1390,12 +1538,17 @@ fn secret_name(name: &str) -> bool {
 }
 
 /// Copies `word` to `out` with the value of every parameter named like a secret
-/// ([`secret_name`]) redacted. One pass: each `=` is looked at once. Whether the word
-/// ends with such a parameter's `=` (or `=\\`): its value is quoted, and follows.
-fn strip_secret_values(word: &str, out: &mut String) -> bool {
+/// ([`secret_name`]) redacted, each to the next `&` or the word's end. One pass: each
+/// `=` is looked at once, and a name is looked for back to the `=` before it only. What
+/// is due after the word (see [`Due`]): the value of a secret's `=` (or `=\\`: quoted)
+/// at its end; the credential after an authorization scheme, or the rest of a value
+/// cut by a quote, when a value ran to its end; else nothing.
+fn strip_secret_values(word: &str, out: &mut String) -> Due {
     let bytes = word.as_bytes();
     let is_name = |b: u8| b.is_ascii_alphanumeric() || b"_-.[]%".contains(&b);
     let mut copied = 0;
+    // Where the text after the last `=` begins: no name reaches back past it.
+    let mut floor = 0;
     let mut i = 0;
     while i < bytes.len() {
         let mark = if bytes[i] == b'=' {
@@ -1409,28 +1562,32 @@ fn strip_secret_values(word: &str, out: &mut String) -> bool {
             i += 1;
             continue;
         };
+        let low = copied.max(floor);
         let mut start = i;
         loop {
-            if start > copied && is_name(bytes[start - 1]) {
+            #[cfg(test)]
+            tests::count_steps(1);
+            if start > low && is_name(bytes[start - 1]) {
                 start -= 1;
-            } else if start >= copied + REDACTED.len() && word[..start].ends_with(REDACTED) {
+            } else if start >= low + REDACTED.len() && word[..start].ends_with(REDACTED) {
                 start -= REDACTED.len();
             } else {
                 break;
             }
         }
         let value = i + mark;
+        floor = value;
         if start < i && secret_name(&word[start..i]) {
-            let end = value
-                + word[value..]
-                    .find(['&', ';', ',', ')'])
-                    .unwrap_or(word.len() - value);
+            let end = value + word[value..].find('&').unwrap_or(word.len() - value);
             if end == word.len() && matches!(&word[value..], "" | "\\") {
                 out.push_str(&word[copied..]);
-                return true;
+                return Due::Value;
             }
             out.push_str(&word[copied..value]);
             out.push_str(REDACTED);
+            if end == word.len() {
+                return after_value(&word[value..]);
+            }
             copied = end;
             i = end;
         } else {
@@ -1438,12 +1595,26 @@ fn strip_secret_values(word: &str, out: &mut String) -> bool {
         }
     }
     out.push_str(&word[copied..]);
-    false
+    Due::Nothing
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    std::thread_local! {
+        /// Work [`strip_secret_values`] and [`secret_name`] did on this thread: bytes of
+        /// a name walked back over, and of names judged.
+        static STEPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    pub(super) fn count_steps(n: usize) {
+        STEPS.with(|steps| steps.set(steps.get() + n));
+    }
+
+    pub(super) fn steps() -> usize {
+        STEPS.with(|steps| steps.get())
+    }
 
     /// Line breaks, escape sequences and bidi overrides come out escaped; plain text and
     /// non-ASCII letters are left alone.
@@ -2325,6 +2496,160 @@ mod metadata_and_quotes {
         ] {
             let out = foreign(text);
             assert!(!out.contains("S3CRET"), "{text}\n -> {out}");
+        }
+    }
+}
+
+/// Text servers echo in the forms review 104 found shown or over-redacted: codes of
+/// other grants, `id_token_hint`, a JSON member or dict key, spaced and header forms of
+/// an assignment, a value holding punctuation; camel-case and OpenID4VCI metadata; and
+/// the work a hostile word costs.
+#[cfg(test)]
+mod echoed_forms {
+    use super::*;
+
+    fn shown(texts: &[&str]) -> Vec<String> {
+        texts
+            .iter()
+            .map(|t| (t, foreign(t)))
+            .filter(|(_, out)| out.contains("S3CRET"))
+            .map(|(t, out)| format!("{t}\n  -> {out}"))
+            .collect()
+    }
+
+    /// World: echoed token requests of grants whose code is named other than `code`
+    /// (OpenID4VCI's `pre-authorized_code` and `tx_code`), one-time codes, and OIDC's
+    /// `id_token_hint` (an ID token, not a hint about a type). Proves: no value shows.
+    #[test]
+    fn codes_of_other_grants_and_id_token_hints_are_redacted() {
+        let lost = shown(&[
+            "invalid_grant: grant_type=urn:ietf:params:oauth:grant-type:pre-authorized_code&pre-authorized_code=S3CRET",
+            "invalid_grant: grant_type=urn:ietf:params:oauth:grant-type:pre-authorized_code&tx_code=S3CRET",
+            "rejected: verification_code=S3CRET",
+            "rejected: recovery_code=S3CRET",
+            "invalid_request: id_token_hint=eyJhbGciOiJSUzI1NiJ9.S3CRET.c2ln expired",
+            "invalid_request: idTokenHint=S3CRET",
+        ]);
+        assert!(
+            lost.is_empty(),
+            "{} shown:\n{}",
+            lost.len(),
+            lost.join("\n")
+        );
+    }
+
+    /// World: a body echoed as JSON or as a Python dict, quoted or not, spaced or not;
+    /// headers echoed as `name: value`. Proves: the secret member's value does not show,
+    /// and the members around it do.
+    #[test]
+    fn a_json_member_dict_key_or_header_named_like_a_secret_is_redacted() {
+        let lost = shown(&[
+            r#"upstream rejected {"grant_type":"refresh_token","refresh_token":"S3CRET"}"#,
+            r#"upstream rejected {"password": "S3CRET", "user": "bob"}"#,
+            r#"upstream rejected {"pin_code":1,"client_secret" : "S3CRET"}"#,
+            r#"upstream rejected {"api_key":S3CRET,"x":1}"#,
+            "bad request {'client_secret': 'S3CRET', 'scope': 'read'}",
+            "echoed Authorization: Bearer S3CRET",
+            "echoed headers x-api-key: S3CRET accept: */*",
+            "echoed Proxy-Authorization: Basic S3CRET",
+        ]);
+        assert!(
+            lost.is_empty(),
+            "{} shown:\n{}",
+            lost.len(),
+            lost.join("\n")
+        );
+        let out = foreign(
+            r#"upstream rejected {"grant_type":"refresh_token","refresh_token":"S3CRET","scope":"read"}"#,
+        );
+        assert!(out.contains(r#""grant_type":"refresh_token""#), "{out}");
+        assert!(out.contains(r#""scope":"read""#), "{out}");
+        let out = foreign("bad request {'client_secret': 'S3CRET', 'scope': 'read'}");
+        assert!(out.ends_with("'scope': 'read'}"), "{out}");
+    }
+
+    /// World: spaced assignments (`name =value`), an authorization header printed as an
+    /// assignment (the scheme, then the token), logfmt values holding `;`, `,`, `)` or a
+    /// quote. Proves: no part of the secret shows, and the next field does.
+    #[test]
+    fn spaced_scheme_and_punctuated_values_are_redacted() {
+        let lost = shown(&[
+            "debug: refresh_token =S3CRET",
+            "debug: authorization= Bearer S3CRET",
+            "echoed header Authorization=Bearer S3CRET",
+            "level=error msg=login_failed password=ab;S3CRET user=bob",
+            "level=error msg=refresh_failed client_secret=x,S3CRET",
+            "level=error msg=login_failed password=p)S3CRET",
+            "level=error msg=login_failed password=it'sS3CRET",
+            r#"level=error msg="login password=it'sS3CRET" user=bob"#,
+        ]);
+        assert!(
+            lost.is_empty(),
+            "{} shown:\n{}",
+            lost.len(),
+            lost.join("\n")
+        );
+        let out = foreign("level=error msg=login_failed password=it'sS3CRET user=bob");
+        assert!(out.ends_with(" user=bob"), "{out}");
+        let out = foreign(r#"msg="bad password=abc" user=bob"#);
+        assert!(out.ends_with(r#"" user=bob"#), "{out}");
+    }
+
+    /// World: OAuth/OpenID metadata in an error, values a user must change: camel-case
+    /// spellings of `token_type`, `token_type_hint`, `token_endpoint_auth_method`, and
+    /// OpenID4VCI issuer metadata; prose with a secret's name and a colon. Proves: each
+    /// value is kept.
+    #[test]
+    fn camel_case_and_issuer_metadata_are_kept() {
+        let mut lost = Vec::new();
+        for (text, keep) in [
+            ("only tokenType=Bearer is supported", "=Bearer"),
+            ("unsupported tokenTypeHint=refresh_token", "=refresh_token"),
+            (
+                "client registered with tokenEndpointAuthMethod=private_key_jwt",
+                "=private_key_jwt",
+            ),
+            (
+                "offer names credential_issuer=https://issuer.example.com which is not this issuer",
+                "=https://issuer.example.com",
+            ),
+            (
+                "invalid_credential_request: credential_response_encryption=required",
+                "=required",
+            ),
+            ("invalid token: the signature has expired", "the signature"),
+            ("invalid_token: the access token expired", "the access"),
+            (
+                "invalid_client_secret: client authentication failed",
+                "client authentication",
+            ),
+            ("error_code: 42 status_code=400", "42 status_code=400"),
+        ] {
+            let out = foreign(text);
+            if !out.contains(keep) {
+                lost.push(format!("{text}\n  -> {out}"));
+            }
+        }
+        assert!(lost.is_empty(), "{} lost:\n{}", lost.len(), lost.join("\n"));
+    }
+
+    /// World: words of 8 KiB that are all marks and name characters (`%3D%3D...`,
+    /// `a%3Da%3D...`, `a=a=...`, `x_token=...` repeated). Proves: the work done on
+    /// parameter names grows with the text, not with its square (review 104 timed the
+    /// first at 3.5 s): counted, not timed.
+    #[test]
+    fn a_hostile_word_costs_work_in_proportion_to_it() {
+        for unit in ["%3D", "a%3D", "a=", "x_token=", "ab%5B", "%3Dtoken"] {
+            let word = unit.repeat(8 * 1024 / unit.len());
+            let before = tests::steps();
+            let _ = foreign(&word);
+            let work = tests::steps() - before;
+            assert!(
+                work <= 8 * word.len(),
+                "{unit:?} x {}: {work} steps for {} bytes",
+                word.len() / unit.len(),
+                word.len()
+            );
         }
     }
 }
