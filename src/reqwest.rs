@@ -15,8 +15,10 @@
 //! (streaming or not) retained as it is sent, up to the replay limit; never replayed with
 //! the credential just rejected; `403` never refreshes; a response not replayed carries a
 //! [`NotReplayed`](crate::NotReplayed) extension saying why; a [`NoReplay`] in the
-//! middleware extensions opts a request out of the replay. The request's timeout and
-//! reqwest settings and the response's URL and extensions are kept.
+//! middleware extensions opts a request out of the replay. The request's reqwest settings
+//! and the response's URL and extensions are kept; its own timeout
+//! (`RequestBuilder::timeout`) bounds the whole call, a replay sent with what the first
+//! attempt and the refresh left of it.
 //!
 //! # Redirects
 //! reqwest follows redirects inside the client, below every middleware, and removes only
@@ -369,6 +371,9 @@ struct Exchange {
     slot: Slot,
     /// Whether a replay can follow the first attempt.
     replayable: bool,
+    /// When the request's own timeout (reqwest's, per send) runs out, counted from the
+    /// first attempt's send: a replay is sent with what is left of it.
+    deadline: Option<tokio::time::Instant>,
 }
 
 /// An attempt's request on its way down the chain, then its answer on the way back.
@@ -412,9 +417,23 @@ impl Exchange {
             return None;
         }
         x.slot = Slot::Empty;
-        let out = x.shell.take()?;
+        let mut out = x.shell.take()?;
         if x.replayable {
             copy_for_replay(&out, &mut x.shell);
+        }
+        // The request's timeout bounds the whole call, as the caller set it for one:
+        // a replay gets what the first attempt and the refresh left of it (at least a
+        // moment, so that it fails as reqwest's own timeout when nothing is left).
+        if let Some(timeout) = out.timeout_mut() {
+            let now = tokio::time::Instant::now();
+            match x.deadline {
+                None => x.deadline = now.checked_add(*timeout),
+                Some(deadline) => {
+                    *timeout = deadline
+                        .saturating_duration_since(now)
+                        .max(std::time::Duration::from_millis(1));
+                }
+            }
         }
         // Not under the lock: the next middleware's `handle` runs in `run`.
         drop(x);
@@ -735,6 +754,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
             shell: Some(shell),
             slot: Slot::Start(req),
             replayable: plan.replayable,
+            deadline: None,
         };
         Ok((exchange, plan))
     }

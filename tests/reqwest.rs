@@ -461,6 +461,50 @@ async fn a_requests_own_timeout_still_applies() {
     assert_eq!(source.fetches(), 2, "the 401 was replayed");
 }
 
+/// World: the API answers the first attempt 401 after 400 ms and the replay after
+/// 300 ms; the request's own timeout is 600 ms (and, as a control, 3 s). Proves: the
+/// timeout bounds the whole call, as the caller set it for one request: the replay gets
+/// what is left (about 200 ms) and the call fails with reqwest's timeout, well before
+/// the 1.2 s a fresh timeout per attempt would allow; with room for both it succeeds.
+#[tokio::test]
+async fn a_requests_own_timeout_bounds_its_replay_too() {
+    for (timeout, ok) in [
+        (Duration::from_millis(600), false),
+        (Duration::from_secs(3), true),
+    ] {
+        let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let addr = serve(move |_req: Request<hyper::body::Incoming>| {
+            let first = first.clone();
+            async move {
+                if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    let mut res = Response::new(Full::new(Bytes::new()));
+                    *res.status_mut() = StatusCode::UNAUTHORIZED;
+                    return res;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Response::new(Full::new(Bytes::new()))
+            }
+        })
+        .await;
+        let source = TestSource::new();
+        let client = loopback_client(AuthMiddleware::new(source.clone()).any_https_origin());
+        let sent = client
+            .get(format!("http://{addr}/slow"))
+            .timeout(timeout)
+            .send()
+            .await;
+        assert_eq!(source.fetches(), 2, "the 401 was replayed");
+        match sent {
+            Ok(res) => assert!(ok, "answered {} past the timeout", res.status()),
+            Err(reqwest_middleware::Error::Reqwest(err)) if !ok => {
+                assert!(err.is_timeout(), "{err:?}")
+            }
+            Err(err) => panic!("{timeout:?}: {err:?}"),
+        }
+    }
+}
+
 /// Sends a GET to `url` with `timeout`: it must fail with reqwest's timeout, well before
 /// the server's 5 s answer.
 async fn times_out(client: &ClientWithMiddleware, url: String, timeout: Duration) {
