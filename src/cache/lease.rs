@@ -297,22 +297,23 @@ async fn holding<P: CredentialSource>(
     let overtime = overtime(inner, deadline);
     // Someone may have saved between the load and the lease.
     let held = store_call(inner, deadline, "load", store.load()).await;
-    if held.is_none() && Instant::now() >= deadline {
-        // Out of time (a flight that waited for another holder takes the lease late),
-        // not a store that does not answer: logging in under the lease would abandon
-        // the store's refresh token. Nothing was written; the lease goes back (a kept
-        // pair taken over goes back to its task, as the store was left).
-        let left = Left::loaded(
+    // A refresh that ends before it writes or asks anything: the lease goes back (a kept
+    // pair taken over goes back to its task, as the store was left).
+    let untouched = |err: Error| Holding {
+        left: Left::loaded(
             &held,
             match took {
                 Took::Kept(kept) => Some(&kept.left),
                 _ => None,
             },
-        );
-        return Holding {
-            left,
-            ..Holding::ended(Err(Error::new(ErrorKind::Timeout)), Saved::Done)
-        };
+        ),
+        ..Holding::ended(Err(err), Saved::Done)
+    };
+    if held.is_none() && Instant::now() >= deadline {
+        // Out of time (a flight that waited for another holder takes the lease late),
+        // not a store that does not answer: logging in under the lease would abandon
+        // the store's refresh token.
+        return untouched(Error::new(ErrorKind::Timeout));
     }
     // A step-up wants a wider grant, which no stored credential is known to be.
     let step_up = cx.reason() == FetchReason::StepUp;
@@ -340,17 +341,7 @@ async fn holding<P: CredentialSource>(
             retry_in_ms = err.retry_in().unwrap_or_default().as_millis() as u64,
             "the token endpoint asked the fleet to wait; not asking the source"
         );
-        let left = Left::loaded(
-            &held,
-            match took {
-                Took::Kept(kept) => Some(&kept.left),
-                _ => None,
-            },
-        );
-        return Holding {
-            left,
-            ..Holding::ended(Err(err), Saved::Done)
-        };
+        return untouched(err);
     }
     if let Took::Over = took {
         // Waited for another holder, which gave the lease up (or died) without a save.
