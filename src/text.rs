@@ -1189,9 +1189,15 @@ fn strip_bare_queries(text: &str) -> String {
         let word = &rest[..end];
         rest = &rest[end..];
         due = match due {
+            // A whole word: a quote right after it closes what held it (a JSON string).
             Due::Value => {
+                let kept = closers(word);
                 out.push_str(REDACTED);
-                after_value(word)
+                out.push_str(kept);
+                match after_value(&word[..word.len() - kept.len()]) {
+                    Due::Value => Due::Value,
+                    _ => Due::Nothing,
+                }
             }
             Due::Equals if word == "=" => {
                 out.push('=');
@@ -1206,7 +1212,9 @@ fn strip_bare_queries(text: &str) -> String {
             // A quoted name's `:`, with its value after it or in the same word.
             Due::Colon if word.starts_with(':') => {
                 out.push(':');
-                let value = &word[1..];
+                // An array's first element is the value (`"refresh_token":["..."]`).
+                let value = word[1..].trim_start_matches('[');
+                out.push_str(&word[1..word.len() - value.len()]);
                 if value.is_empty() {
                     Due::Value
                 } else {
@@ -1237,8 +1245,23 @@ fn strip_bare_queries(text: &str) -> String {
                         Due::Nothing
                     }
                 }
+                // A header with its value in the word (`Authorization:Bearer`,
+                // `x-api-key:...`).
+                None if header_value(word).is_some() => {
+                    let at = header_value(word).unwrap_or(word.len());
+                    let value = &word[at..];
+                    let kept = closers(value);
+                    out.push_str(&word[..at]);
+                    out.push_str(REDACTED);
+                    out.push_str(kept);
+                    after_value(&value[..value.len() - kept.len()])
+                }
                 None => match strip_secret_values(word, &mut out) {
-                    Due::Nothing if parameter_name(word) && secret_name(word) => Due::Equals,
+                    Due::Nothing
+                        if parameter_name(word) && secret_name(word) && !names_an_error(word) =>
+                    {
+                        Due::Equals
+                    }
                     Due::Nothing if header_name(word) => Due::Value,
                     due => due,
                 },
@@ -1289,14 +1312,37 @@ fn after_value(value: &str) -> Due {
 }
 
 /// Whether `word` is a header's name and its `:` (`Authorization:`, `x-api-key:`,
-/// `client_secret:`) naming a secret: a name of one plain word (`token:`, `password:`)
-/// is taken for prose unless it is a credential header's.
+/// `client_secret:`, after any opening bracket: `(Authorization:`) naming a secret: a
+/// name of one plain word (`token:`, `password:`, `TokenSource:`) is taken for prose
+/// unless it is a credential header's, and an error code (`invalid_token:`) for one
+/// followed by its description.
 fn header_name(word: &str) -> bool {
     let Some(name) = word.strip_suffix(':') else {
         return false;
     };
+    let name = name.trim_start_matches(['(', '[', '{']);
     let lower = name.to_ascii_lowercase();
-    // An error code and its description (`invalid_token: the token expired`).
+    parameter_name(name)
+        && !names_an_error(name)
+        && secret_name(name)
+        && (matches!(
+            lower.as_str(),
+            "authorization" | "proxy-authorization" | "cookie" | "set-cookie"
+        ) || name.contains(['_', '-', '.']))
+}
+
+/// Where the value of a header written with it in one word (`Authorization:Bearer`,
+/// `{x-api-key:...`) begins, if `word` is one (see [`header_name`]).
+fn header_value(word: &str) -> Option<usize> {
+    let colon = word.find(':')?;
+    // Not a path (`TokenSource::new`).
+    word[colon + 1..].chars().next().filter(|&c| c != ':')?;
+    header_name(&word[..=colon]).then_some(colon + 1)
+}
+
+/// Whether a name is an error code's (`invalid_token`, `unsupported_token_type`): what
+/// follows it is a description, not a value.
+fn names_an_error(name: &str) -> bool {
     const ERRORS: [&str; 9] = [
         "invalid",
         "unsupported",
@@ -1308,15 +1354,15 @@ fn header_name(word: &str) -> bool {
         "bad",
         "wrong",
     ];
-    let first = lower.split(['_', '-', '.']).next().unwrap_or_default();
-    parameter_name(name)
-        && !ERRORS.contains(&first)
-        && secret_name(name)
-        && (matches!(
-            lower.as_str(),
-            "authorization" | "proxy-authorization" | "cookie" | "set-cookie"
-        ) || name.contains(['_', '-', '.'])
-            || name.bytes().skip(1).any(|b| b.is_ascii_uppercase()))
+    let first = name.split(['_', '-', '.']).next().unwrap_or_default();
+    ERRORS.iter().any(|error| error.eq_ignore_ascii_case(first))
+}
+
+/// The closing brackets and separators that end `word` (`)`, `]`, `}`, `,`, `;`): kept
+/// after a value redacted before them.
+fn closers(word: &str) -> &str {
+    let value = word.trim_end_matches([')', ']', '}', ',', ';']);
+    &word[value.len()..]
 }
 
 /// Whether `word` is a parameter's name and nothing else.
@@ -2566,6 +2612,71 @@ mod echoed_forms {
         assert!(out.contains(r#""scope":"read""#), "{out}");
         let out = foreign("bad request {'client_secret': 'S3CRET', 'scope': 'read'}");
         assert!(out.ends_with("'scope': 'read'}"), "{out}");
+    }
+
+    /// World: a compact JSON member holding an array (serde_json's, Go's `http.Header`),
+    /// a header in brackets, a header with no space after its colon. Proves: no secret
+    /// shows, and the brackets around it do (review 105).
+    #[test]
+    fn arrays_bracketed_and_unspaced_headers_are_redacted() {
+        let lost = shown(&[
+            r#"{"refresh_token":["S3CRET"]}"#,
+            r#"request headers {"Authorization":["Bearer S3CRET"]} refused"#,
+            r#"{'client_secret':['S3CRET']}"#,
+            "request failed (Authorization: Bearer S3CRET)",
+            "sent {x-api-key: S3CRET}",
+            "Authorization:Bearer S3CRET",
+            "x-api-key:S3CRET",
+            "(Proxy-Authorization:Basic S3CRET)",
+        ]);
+        assert!(
+            lost.is_empty(),
+            "{} shown:\n{}",
+            lost.len(),
+            lost.join("\n")
+        );
+        assert_eq!(
+            foreign("request failed (Authorization: Bearer S3CRET)"),
+            "request failed (Authorization: [redacted] [redacted])"
+        );
+        assert_eq!(
+            foreign("sent {x-api-key:S3CRET}"),
+            "sent {x-api-key:[redacted]}"
+        );
+        assert_eq!(
+            foreign(r#"{"refresh_token":["S3CRET"]}"#),
+            r#"{"refresh_token":["[redacted]"]}"#
+        );
+    }
+
+    /// World: normal OAuth error text (review 105's list), and prose after an error code,
+    /// quoted or not, or inside a JSON string. Proves: nothing of it is redacted.
+    #[test]
+    fn normal_oauth_error_text_is_kept() {
+        for text in [
+            "error: invalid_grant",
+            "error_description: The refresh token expired",
+            r#"WWW-Authenticate: Bearer realm="x", error="invalid_token""#,
+            r#"WWW-Authenticate: DPoP algs="ES256", error="use_dpop_nonce""#,
+            "scope: read write",
+            r#"{"error":"invalid_request","error_description":"Missing parameter","parameter":"client_secret","status":400}"#,
+            r#"{"error":"invalid_grant","token_type":"Bearer","expires_in":3600}"#,
+            "token: the token expired",
+            "missing Authorization header",
+            "invalid_client: client authentication failed",
+            "token_type: Bearer",
+            "refresh_token_expires_in: 3600",
+            r#"Bearer error "invalid_token": the token expired"#,
+            r#"got 'invalid_token': the token expired"#,
+            "https://idp.example.com:8443/token answered 503",
+            "plain http: call TokenSource::allow_http_loopback(true)",
+            "RefreshToken: the session ended",
+        ] {
+            let out = foreign(text);
+            assert!(!out.contains(REDACTED), "{text} -> {out}");
+        }
+        let out = foreign(r#"{"error":"access_token: expired"}"#);
+        assert!(out.ends_with(r#""}"#), "{out}");
     }
 
     /// World: spaced assignments (`name =value`), an authorization header printed as an

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use crate::support::scripted::{Idp, Scripted};
 use tower_client_auth::{
     BoxError, Credential, CredentialCache, CredentialStore, ErrorKind, MemoryStore,
-    cache::MAX_RETRY_AFTER, store::Lease, token::TokenSource,
+    cache::MAX_RETRY_AFTER, clock::ManualClock, store::Lease, token::TokenSource,
 };
 
 /// A process of the fleet: a cache over its own source for `idp`'s client, over `store`.
@@ -169,4 +169,107 @@ async fn a_store_that_keeps_no_hold_still_holds_its_own_process() {
     let left = held.retry_in().unwrap();
     assert!(left > Duration::from_secs(1), "{left:?}");
     assert_eq!(idp.log().len(), 1, "{:?}", idp.brief());
+}
+
+/// Two processes over `store`, a cache each over its own source for `idp`, both on
+/// `clock` (their wall clock).
+fn on_clock(
+    idp: &Idp,
+    clock: &ManualClock,
+    stores: [impl CredentialStore; 2],
+) -> [CredentialCache<TokenSource>; 2] {
+    stores.map(|store| {
+        CredentialCache::builder(idp.source())
+            .window_jitter(0.0)
+            .store(store)
+            .clock(clock.clone())
+            .build()
+            .unwrap()
+    })
+}
+
+/// Lets `d` pass on both clocks a cache reads: Tokio's (paused) and its wall clock.
+async fn pass(clock: &ManualClock, d: Duration) {
+    clock.advance(d);
+    tokio::time::sleep(d).await;
+}
+
+/// World: two processes on one store and one wall clock. A's refresh is answered `503`,
+/// `Retry-After: 2`, and B sees that hold; it ends; the wall clock is stepped back a
+/// minute (NTP), and A's next refresh is answered `429`, `Retry-After: 30`, a time
+/// earlier than the first hold's by the clock now. Proves: B, asked inside the second
+/// hold, sends nothing and fails with `Backoff` (review 105: the store kept the later,
+/// stale time, which B had seen end, and B asked).
+#[tokio::test(start_paused = true)]
+async fn a_hold_after_the_wall_clock_stepped_back_still_holds_the_fleet() {
+    let idp = Idp::default();
+    let clock = ManualClock::new(SystemTime::now());
+    let store = MemoryStore::new();
+    let [a, b] = on_clock(&idp, &clock, [store.clone(), store]);
+    a.credential().await.unwrap();
+    b.credential().await.unwrap();
+    idp.push(Scripted::now(503, Some("2"), "upstream busy"));
+    a.handle().invalidate();
+    a.credential().await.expect_err("throttled");
+    b.handle().invalidate();
+    let held = b.credential().await.expect_err("inside the first hold");
+    assert_eq!(held.kind(), ErrorKind::Backoff, "{held}");
+    assert_eq!(idp.log().len(), 2, "{:?}", idp.brief());
+
+    pass(&clock, Duration::from_millis(2100)).await;
+    clock.set(SystemTime::now() - Duration::from_secs(60));
+    idp.push(Scripted::now(
+        429,
+        Some("30"),
+        r#"{"error":"rate_limited"}"#,
+    ));
+    a.handle().invalidate();
+    a.credential().await.expect_err("throttled again");
+    assert_eq!(idp.log().len(), 3, "{:?}", idp.brief());
+
+    pass(&clock, Duration::from_secs(1)).await;
+    b.handle().invalidate();
+    let held = b.credential().await;
+    assert_eq!(
+        idp.log().len(),
+        3,
+        "B asked inside A's hold: {:?}",
+        idp.brief()
+    );
+    let held = held.expect_err("inside the second hold");
+    assert_eq!(held.kind(), ErrorKind::Backoff, "{held}");
+}
+
+/// World: two processes whose caches' clock (a `ManualClock`) runs an hour behind the
+/// host's, on a `MemoryStore` and on a real Redis; A's login is answered `429`,
+/// `Retry-After: 2`. Proves: the hold is kept on the caches' clock, whatever the host's
+/// says: B sends nothing inside it (review 105: Redis dropped a hold already past by the
+/// host's clock).
+#[tokio::test]
+async fn a_hold_is_kept_on_the_caches_clock_not_the_hosts() {
+    async fn held(stores: [impl CredentialStore; 2]) {
+        let idp = Idp::default();
+        let clock = ManualClock::new(SystemTime::now() - Duration::from_secs(3600));
+        let [a, b] = on_clock(&idp, &clock, stores);
+        idp.push(Scripted::now(429, Some("2"), r#"{"error":"rate_limited"}"#));
+        a.credential().await.expect_err("throttled");
+        let held = b.credential().await;
+        assert_eq!(
+            idp.log().len(),
+            1,
+            "B asked inside A's hold: {:?}",
+            idp.brief()
+        );
+        assert_eq!(held.unwrap_err().kind(), ErrorKind::Backoff);
+    }
+    let memory = MemoryStore::new();
+    held([memory.clone(), memory]).await;
+    #[cfg(feature = "redis")]
+    {
+        use tower_client_auth::store::redis::RedisStore;
+        let server = crate::support::redis::RedisServer::start();
+        let a = RedisStore::connect(&server.url(), "clock").await.unwrap();
+        let b = RedisStore::connect(&server.url(), "clock").await.unwrap();
+        held([a, b]).await;
+    }
 }

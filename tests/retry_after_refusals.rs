@@ -456,3 +456,23 @@ async fn a_refused_proof_that_asks_for_time_is_not_sent_again_inside_it() {
         );
     }
 }
+
+/// World: DPoP; the first login is refused `400 invalid_dpop_proof` with
+/// `Retry-After: 0`. Proves: an answer that asks for no wait is no hold: the refused
+/// proof is sent once more at once, and the login succeeds.
+#[cfg(feature = "jwt")]
+#[tokio::test(start_paused = true)]
+async fn a_refused_proof_that_asks_for_no_wait_is_sent_again_at_once() {
+    let idp = Idp::default();
+    let source = idp
+        .source()
+        .dpop(tower_client_auth::token::DpopKey::generate().unwrap());
+    idp.push(Scripted::now(
+        400,
+        Some("0"),
+        r#"{"error":"invalid_dpop_proof","error_description":"iat"}"#,
+    ));
+    let got = fetch(&source, FetchReason::Initial, None).await;
+    assert!(got.is_ok(), "{got:?} {:?}", idp.brief());
+    assert_eq!(idp.log().len(), 2, "{:?}", idp.brief());
+}

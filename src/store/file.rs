@@ -642,11 +642,9 @@ impl CredentialStore for FileStore {
     async fn hold(&self, until: SystemTime) -> Result<(), BoxError> {
         let until = unix_millis(until);
         self.locked(move |_, data| {
-            let later = data.hold.is_none_or(|held| held < until);
-            if later {
-                data.hold = Some(until);
-            }
-            ((), later)
+            let changed = data.hold != Some(until);
+            data.hold = Some(until);
+            ((), changed)
         })
         .await
     }

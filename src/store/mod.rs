@@ -124,10 +124,13 @@ pub trait CredentialStore: Send + Sync + 'static {
 
     /// Records the token endpoint's word that no token request be made before `until`
     /// (its `Retry-After`, told to the lease holder whose request it answered), for
-    /// every process: a later time than the one recorded replaces it, an earlier one is
-    /// ignored, and the record may go once `until` is past. The cache calls it under the
-    /// lease, and before the holder asks its source it reads the record back
-    /// ([`held_until`](Self::held_until)): a holder inside the hold asks nothing and
+    /// every process: it replaces the one recorded (the endpoint's latest word wins,
+    /// even when it names an earlier time: a wall clock stepped back meanwhile), and the
+    /// record may go [`MAX_RETRY_AFTER`](crate::cache::MAX_RETRY_AFTER) after it is
+    /// written. `until` is on the writer's clock (its cache's
+    /// [`Clock`](crate::clock::Clock)), which the store does not judge. The cache calls
+    /// it under the lease, and before the holder asks its source it reads the record
+    /// back ([`held_until`](Self::held_until)): a holder inside the hold asks nothing and
     /// fails its callers with [`ErrorKind::Backoff`](crate::ErrorKind::Backoff) until
     /// then.
     ///
@@ -376,8 +379,7 @@ impl CredentialStore for MemoryStore {
     }
 
     async fn hold(&self, until: SystemTime) -> Result<(), BoxError> {
-        let mut slot = self.slot();
-        slot.hold = slot.hold.max(Some(until));
+        self.slot().hold = Some(until);
         Ok(())
     }
 

@@ -15,9 +15,10 @@
 //!   announced, so processes waiting for a refresh wake when it is saved;
 //! - `tca:{<id>}:lease`: the refresh lease, the holder's token, `SET NX PX`, renewed by a
 //!   compare-and-extend script while its holder works;
-//! - `tca:{<id>}:hold`: the token endpoint's `Retry-After` for the fleet, in milliseconds
-//!   since the Unix epoch, set only to a later time than it holds and expiring shortly
-//!   after it ([`CredentialStore::hold`]).
+//! - `tca:{<id>}:hold`: the token endpoint's latest `Retry-After` for the fleet, in
+//!   milliseconds since the Unix epoch, expiring a little over
+//!   [`MAX_RETRY_AFTER`](crate::cache::MAX_RETRY_AFTER) after it is written
+//!   ([`CredentialStore::hold`]).
 //!
 //! `<id>` is a SHA-256 of the namespace you give: for a token source,
 //! [`TokenSource::store_namespace`](crate::token::TokenSource::store_namespace) names the
@@ -447,16 +448,15 @@ impl CredentialStore for RedisStore {
     }
 
     async fn hold(&self, until: SystemTime) -> Result<(), BoxError> {
-        let Ok(left) = until.duration_since(SystemTime::now()) else {
-            return Ok(());
-        };
         let mut connection = self.connection.clone();
-        let _: i64 = Script::new(HOLD)
-            .key(&self.keys.hold)
+        // `until` is on the writer's clock, which may not be this host's: the key lives
+        // as long as the longest hold a reader takes, whatever the clocks say.
+        let _: () = redis::cmd("SET")
+            .arg(&self.keys.hold)
             .arg(unix_millis(until))
-            // Kept a little past its end: another process's clock may run behind.
-            .arg(millis(left + HOLD_MARGIN).max(1))
-            .invoke_async(&mut connection)
+            .arg("PX")
+            .arg(millis(crate::cache::MAX_RETRY_AFTER + HOLD_MARGIN))
+            .query_async(&mut connection)
             .await?;
         Ok(())
     }
@@ -557,16 +557,7 @@ redis.call('PUBLISH', ARGV[4], 'saved')
 return 1
 ";
 
-/// Sets the hold only to a later time than the one it holds (or over a value that is no
-/// number).
-const HOLD: &str = r"
-local held = tonumber(redis.call('GET', KEYS[1]))
-if held and held >= tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-";
-
-/// How long the hold's key outlives the hold.
+/// How long the hold's key outlives the longest hold a reader takes.
 const HOLD_MARGIN: Duration = Duration::from_secs(5);
 
 /// Extends the lease only if the caller's token still holds it.

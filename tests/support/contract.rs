@@ -64,7 +64,7 @@ impl CredentialSource for Endpoint {
 /// The contract every store keeps, checked on `store` (and `other`, a second handle on
 /// the same data, as another process has): one lease at a time, given back only by its
 /// holder, renewed only by it; a save fenced by the lease; a removal that spares a newer
-/// value; the token endpoint's hold, seen through the other handle, moved only later;
+/// value; the token endpoint's hold, seen through the other handle, the latest one kept;
 /// and, for a store that tells waiters of changes (`notifies`), a change seen by whoever
 /// waits for one.
 pub async fn the_contract_holds_with<S: CredentialStore + Clone>(
@@ -75,8 +75,9 @@ pub async fn the_contract_holds_with<S: CredentialStore + Clone>(
     let bearer = |t: &str| Credential::bearer(t).unwrap();
     assert_eq!(store.load().await.unwrap(), None);
 
-    // The hold: none at first; a later one replaces it, an earlier one does not, and
-    // the other handle reads the same (to the millisecond).
+    // The hold: none at first; the latest replaces it (an earlier time too: the wall
+    // clock may have been stepped back), one already past is kept for the readers to
+    // judge, and the other handle reads the same (to the millisecond).
     let millis = |at: Option<std::time::SystemTime>| {
         at.map(|at| {
             at.duration_since(std::time::UNIX_EPOCH)
@@ -86,17 +87,16 @@ pub async fn the_contract_holds_with<S: CredentialStore + Clone>(
     };
     assert_eq!(other.held_until().await.unwrap(), None);
     let now = std::time::SystemTime::now();
-    store.hold(now + Duration::from_secs(10)).await.unwrap();
-    store.hold(now + Duration::from_secs(5)).await.unwrap();
-    assert_eq!(
-        millis(other.held_until().await.unwrap()),
-        millis(Some(now + Duration::from_secs(10)))
-    );
-    other.hold(now + Duration::from_secs(20)).await.unwrap();
-    assert_eq!(
-        millis(store.held_until().await.unwrap()),
-        millis(Some(now + Duration::from_secs(20)))
-    );
+    for (by, at) in [
+        (&store, now + Duration::from_secs(10)),
+        (&other, now + Duration::from_secs(5)),
+        (&store, now - Duration::from_secs(3600)),
+        (&other, now + Duration::from_secs(20)),
+    ] {
+        by.hold(at).await.unwrap();
+        assert_eq!(millis(store.held_until().await.unwrap()), millis(Some(at)));
+        assert_eq!(millis(other.held_until().await.unwrap()), millis(Some(at)));
+    }
     let first = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
     assert!(store.lease(Duration::from_secs(5)).await.unwrap().is_none());
     // Only the holder gives a lease back.
