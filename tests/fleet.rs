@@ -329,6 +329,61 @@ async fn a_dead_holders_lease_is_taken_over_when_it_runs_out() {
     assert_eq!(endpoint.fetches(), 1);
 }
 
+/// World: three processes of one client on a real Redis (a cache each over its own
+/// connection and token source), four callers each rejecting every credential they get
+/// (an API answering 401 to all) for 4 s; for 2 s of it the token endpoint answers every
+/// request `503` with `Retry-After: 1`. Proves: no token request from any process
+/// arrives inside a `Retry-After` the endpoint gave (the endpoint counts them), the
+/// endpoint was asked again after each hold (the outage was seen more than once), and
+/// once it recovers every process gets a token.
+#[cfg(feature = "token")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_storm_through_an_outage_keeps_every_retry_after() {
+    let server = RedisServer::start();
+    let idp = support::retry_after::Idp::default();
+    idp.set_retry_after(Duration::from_secs(1));
+    let mut caches = Vec::new();
+    for _ in 0..3 {
+        caches.push(
+            CredentialCache::builder(idp.source())
+                .store(redis_store(&server, "storm").await)
+                .backoff(Duration::from_millis(50), Duration::from_millis(200))
+                .build()
+                .unwrap(),
+        );
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for cache in &caches {
+        for _ in 0..4 {
+            let cache = cache.clone();
+            tasks.push(tokio::spawn(async move {
+                while started.elapsed() < Duration::from_secs(4) {
+                    if let Ok(credential) = cache.credential().await {
+                        let _ = cache.reject(&credential).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    idp.set_failing(true);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    idp.set_failing(false);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for cache in &caches {
+        cache.credential().await.expect("a token after the outage");
+    }
+    let violations = idp.violations();
+    assert!(violations.is_empty(), "{violations:#?}");
+    let refused = idp.log().iter().filter(|l| l.2 == 503).count();
+    assert!(refused >= 2, "the outage was seen {refused} times");
+}
+
 /// World: two caches sharing a store; the API rejects the credential both hold. Proves:
 /// the first rejection removes it fleet-wide and fetches a new one; the second cache's
 /// rejection of the same old credential spares the new one and uses it: one fetch.

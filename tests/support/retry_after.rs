@@ -1,7 +1,7 @@
 //! A token endpoint for `Retry-After` scenarios: a Tower service (no network) behind a
-//! real `TokenSource`, answering 200 with a 100 s token or 503 `Retry-After: 60`, each
-//! request held at a gate if one is set, every request logged with when it came and
-//! was answered.
+//! real `TokenSource`, answering 200 with a 100 s token or 503 `Retry-After: 60` (or the
+//! time set with `Idp::retry_after`), each request held at a gate if one is set, every
+//! request logged with when it came and was answered.
 
 use std::{
     sync::{
@@ -37,6 +37,8 @@ pub struct Idp {
 pub struct IdpState {
     n: AtomicUsize,
     failing: std::sync::atomic::AtomicBool,
+    /// The `Retry-After` of a 503, in seconds; 0: 60.
+    retry_after: std::sync::atomic::AtomicU64,
     gate: Mutex<Option<Arc<Semaphore>>>,
     /// (when the request arrived, when it was answered, status)
     log: Mutex<Vec<(Instant, Option<Instant>, u16)>>,
@@ -78,7 +80,7 @@ impl Idp {
                     .status(status)
                     .header("content-type", "application/json");
                 if failing {
-                    res = res.header("retry-after", "60");
+                    res = res.header("retry-after", idp.retry_after().as_secs().to_string());
                 }
                 Ok::<_, std::convert::Infallible>(res.body(Full::new(Bytes::from(body))).unwrap())
             }
@@ -118,6 +120,20 @@ impl Idp {
         *self.state.gate.lock().unwrap() = None;
     }
 
+    /// A 503's `Retry-After` from now on.
+    pub fn set_retry_after(&self, after: Duration) {
+        self.state
+            .retry_after
+            .store(after.as_secs().max(1), Ordering::SeqCst);
+    }
+
+    pub fn retry_after(&self) -> Duration {
+        match self.state.retry_after.load(Ordering::SeqCst) {
+            0 => Duration::from_secs(60),
+            secs => Duration::from_secs(secs),
+        }
+    }
+
     pub fn set_failing(&self, failing: bool) {
         self.state.failing.store(failing, Ordering::SeqCst);
     }
@@ -126,8 +142,9 @@ impl Idp {
         self.state.log.lock().unwrap().clone()
     }
 
-    /// Token requests that arrived within `Retry-After` (60 s) of a 503's answer (logged
-    /// after it: one logged before it came first, even at the same paused instant).
+    /// Token requests that arrived within `Retry-After` (60 s unless set) of a 503's
+    /// answer (logged after it: one logged before it came first, even at the same paused
+    /// instant).
     pub fn violations(&self) -> Vec<String> {
         let log = self.log();
         let mut out = Vec::new();
@@ -137,10 +154,11 @@ impl Idp {
             }
             let answered = answered.unwrap();
             for (arrived, _, s) in &log[i + 1..] {
-                if *arrived >= answered && *arrived < answered + Duration::from_secs(60) {
+                if *arrived >= answered && *arrived < answered + self.retry_after() {
                     out.push(format!(
-                        "a token request {:?} after a 503 Retry-After: 60 (it got {s})",
-                        *arrived - answered
+                        "a token request {:?} after a 503 Retry-After: {:?} (it got {s})",
+                        *arrived - answered,
+                        self.retry_after()
                     ));
                 }
             }
