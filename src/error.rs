@@ -67,6 +67,11 @@ pub enum ErrorKind {
     /// of this process: nothing was installed. The source was not asked, and nothing
     /// backs off: the next request looks again.
     StoreCredentialDropped,
+    /// The request's own timeout (reqwest's `RequestBuilder::timeout`, which the reqwest
+    /// middleware counts from the first attempt's send) ran out after its credential was
+    /// rejected, before the replay could be sent: while it waited for a new credential,
+    /// or as it came. Nothing more was sent.
+    RequestTimeout,
 }
 
 impl ErrorKind {
@@ -101,6 +106,9 @@ impl ErrorKind {
             ErrorKind::Proof => "no proof of possession could be made for the request",
             ErrorKind::StoreCredentialDropped => {
                 "the shared store's credential was dropped each time it was loaded: try again"
+            }
+            ErrorKind::RequestTimeout => {
+                "the request's own timeout ran out before its replay with a new credential"
             }
         }
     }

@@ -115,7 +115,7 @@ use tower_service::Service;
 use crate::{
     body::ReplayBody,
     cache::{CacheRef, CredentialCache},
-    error::BoxError,
+    error::{BoxError, Error, ErrorKind},
     future::ResponseFuture,
     layer::AuthLayer,
     policy::{ExistingHeader, NoReplay, Policy},
@@ -124,7 +124,7 @@ use crate::{
     source::CredentialSource,
 };
 
-/// This crate's [`Error`](crate::Error) inside a `reqwest_middleware::Error`, if that is
+/// This crate's [`Error`] inside a `reqwest_middleware::Error`, if that is
 /// what it carries: a refused request (no origin, an insecure transport), a failed
 /// refresh, a backoff. `None` for reqwest's own errors (connect, timeout, body).
 ///
@@ -422,17 +422,16 @@ impl Exchange {
             copy_for_replay(&out, &mut x.shell);
         }
         // The request's timeout bounds the whole call, as the caller set it for one:
-        // a replay gets what the first attempt and the refresh left of it (at least a
-        // moment, so that it fails as reqwest's own timeout when nothing is left).
+        // a replay gets what the first attempt and the refresh left of it, and is not
+        // sent when nothing is left.
         if let Some(timeout) = out.timeout_mut() {
             let now = tokio::time::Instant::now();
             match x.deadline {
                 None => x.deadline = now.checked_add(*timeout),
-                Some(deadline) => {
-                    *timeout = deadline
-                        .saturating_duration_since(now)
-                        .max(std::time::Duration::from_millis(1));
+                Some(deadline) if now >= deadline => {
+                    return Some(Box::pin(std::future::ready(Err(ran_out()))));
                 }
+                Some(deadline) => *timeout = deadline - now,
             }
         }
         // Not under the lock: the next middleware's `handle` runs in `run`.
@@ -615,6 +614,16 @@ fn copy_for_replay(shell: &reqwest::Request, slot: &mut Option<reqwest::Request>
     if let Some(timeout) = shell.timeout() {
         *copy.timeout_mut() = Some(*timeout);
     }
+}
+
+/// The error of a call whose own timeout ran out before its replay was sent.
+fn ran_out() -> reqwest_middleware::Error {
+    into_middleware_error(ran_out_box())
+}
+
+/// [`ran_out`] as the state machine's error.
+fn ran_out_box() -> BoxError {
+    Box::new(Error::new(ErrorKind::RequestTimeout))
 }
 
 /// The reqwest response, with what the state machine said about it (a `NotReplayed`).
@@ -814,8 +823,17 @@ impl<P: CredentialSource> AuthMiddleware<P> {
                     Poll::Ready(res) => Poll::Ready(Some(res)),
                     Poll::Pending if Exchange::lock(&exchange).is_outgoing() => Poll::Ready(None),
                     Poll::Pending => Poll::Pending,
-                })
-                .await;
+                });
+                // Once sent, the request's own timeout bounds the wait for the credential
+                // to replay with too (an attempt under way has reqwest's own).
+                let deadline = Exchange::lock(&exchange).deadline;
+                let step = match deadline {
+                    Some(deadline) => match tokio::time::timeout_at(deadline, step).await {
+                        Ok(step) => step,
+                        Err(_elapsed) => break Err(ran_out_box()),
+                    },
+                    None => step.await,
+                };
                 if let Some(res) = step {
                     break res;
                 }

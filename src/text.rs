@@ -1165,6 +1165,15 @@ fn strip_bare_queries(text: &str) -> String {
                     rest = redact_quoted(rest, c, &mut out);
                     Due::Nothing
                 }
+                Due::Element if quote => {
+                    rest = redact_quoted(rest, c, &mut out);
+                    Due::Elements
+                }
+                // The quote that closed an element.
+                Due::Elements if quote => {
+                    out.push(c);
+                    Due::Elements
+                }
                 // A name in quotes (a JSON member's, a dict key's): its `:` may follow.
                 Due::Equals if quote => {
                     out.push(c);
@@ -1189,6 +1198,25 @@ fn strip_bare_queries(text: &str) -> String {
         let word = &rest[..end];
         rest = &rest[end..];
         due = match due {
+            // An array opens: each of its elements is a value.
+            Due::Value | Due::Element if word.bytes().all(|b| b == b'[') => {
+                out.push_str(word);
+                Due::Element
+            }
+            Due::Element => {
+                let kept = closers(word);
+                out.push_str(REDACTED);
+                out.push_str(kept);
+                match kept {
+                    _ if kept.contains(']') => Due::Nothing,
+                    _ if kept.ends_with(',') => Due::Element,
+                    _ => Due::Elements,
+                }
+            }
+            Due::Elements if word.starts_with(',') && !word.contains(']') => {
+                out.push_str(word);
+                Due::Element
+            }
             // A whole word: a quote right after it closes what held it (a JSON string).
             Due::Value => {
                 let kept = closers(word);
@@ -1199,12 +1227,12 @@ fn strip_bare_queries(text: &str) -> String {
                     _ => Due::Nothing,
                 }
             }
-            Due::Equals if word == "=" => {
-                out.push('=');
+            Due::Equals if word == "=" || word == "=\\" => {
+                out.push_str(word);
                 Due::Value
             }
             // `name =value`.
-            Due::Equals if word.starts_with('=') => {
+            Due::Equals if word.starts_with('=') && word != "=\\" => {
                 out.push('=');
                 out.push_str(REDACTED);
                 after_value(&word[1..])
@@ -1212,16 +1240,26 @@ fn strip_bare_queries(text: &str) -> String {
             // A quoted name's `:`, with its value after it or in the same word.
             Due::Colon if word.starts_with(':') => {
                 out.push(':');
-                // An array's first element is the value (`"refresh_token":["..."]`).
+                // An array's elements are the value (`"refresh_token":["..."]`); a
+                // backslash escapes the quote that follows (`{\\"name\\":\\"...\\"}`).
                 let value = word[1..].trim_start_matches('[');
+                let array = value.len() < word.len() - 1;
                 out.push_str(&word[1..word.len() - value.len()]);
-                if value.is_empty() {
-                    Due::Value
-                } else {
-                    let end = value.find([',', '}', ']']).unwrap_or(value.len());
-                    out.push_str(REDACTED);
-                    out.push_str(&value[end..]);
-                    Due::Nothing
+                match value {
+                    "" | "\\" => {
+                        out.push_str(value);
+                        if array { Due::Element } else { Due::Value }
+                    }
+                    _ => {
+                        let end = match array {
+                            true => value.find(']'),
+                            false => value.find([',', '}', ']']),
+                        };
+                        let end = end.unwrap_or(value.len());
+                        out.push_str(REDACTED);
+                        out.push_str(&value[end..]);
+                        Due::Nothing
+                    }
                 }
             }
             // A query the URL pass redacted, a quote right after it (`?key="..."`).
@@ -1257,11 +1295,7 @@ fn strip_bare_queries(text: &str) -> String {
                     after_value(&value[..value.len() - kept.len()])
                 }
                 None => match strip_secret_values(word, &mut out) {
-                    Due::Nothing
-                        if parameter_name(word) && secret_name(word) && !names_an_error(word) =>
-                    {
-                        Due::Equals
-                    }
+                    Due::Nothing if quoted_name(word) => Due::Equals,
                     Due::Nothing if header_name(word) => Due::Value,
                     due => due,
                 },
@@ -1282,6 +1316,10 @@ enum Due {
     Colon,
     /// A secret's value: the next word, or a quoted one.
     Value,
+    /// An element of a secret's array value (`["...", "..."]`): quoted, or the next word.
+    Element,
+    /// After an element of a secret's array value: a `,` brings another.
+    Elements,
     /// A value only if a quote follows at once.
     Quoted,
     /// A secret's value was redacted to the word's end: a quote right after it, with no
@@ -1320,6 +1358,12 @@ fn header_name(word: &str) -> bool {
     let Some(name) = word.strip_suffix(':') else {
         return false;
     };
+    // After a line break escaped as JSON writes it (`...HTTP/1.1\\r\\nAuthorization:`).
+    let name = ["\\n", "\\r", "\\t"]
+        .iter()
+        .filter_map(|escape| name.rfind(escape).map(|at| at + escape.len()))
+        .max()
+        .map_or(name, |at| &name[at..]);
     let name = name.trim_start_matches(['(', '[', '{']);
     let lower = name.to_ascii_lowercase();
     parameter_name(name)
@@ -1329,6 +1373,14 @@ fn header_name(word: &str) -> bool {
             lower.as_str(),
             "authorization" | "proxy-authorization" | "cookie" | "set-cookie"
         ) || name.contains(['_', '-', '.']))
+}
+
+/// Whether `word` is a secret's name alone (`client_secret`, and `refresh_token\\` before
+/// an escaped quote), its `=` or, once quoted, its `:` to follow; an error code's name
+/// (`invalid_token`) is followed by its description.
+fn quoted_name(word: &str) -> bool {
+    let name = word.strip_suffix('\\').unwrap_or(word);
+    parameter_name(name) && secret_name(name) && !names_an_error(name)
 }
 
 /// Where the value of a header written with it in one word (`Authorization:Bearer`,
@@ -2647,6 +2699,33 @@ mod echoed_forms {
             foreign(r#"{"refresh_token":["S3CRET"]}"#),
             r#"{"refresh_token":["[redacted]"]}"#
         );
+    }
+
+    /// World: JSON as servers print it: an array member after a space, every element of
+    /// it, a body echoed inside a JSON string (its quotes escaped), a request echoed
+    /// with its line breaks escaped. Proves: no element, member or header value shows,
+    /// and the JSON around it does (review 106).
+    #[test]
+    fn arrays_escaped_json_and_escaped_line_breaks_are_redacted() {
+        let lost = shown(&[
+            r#"{"refresh_token": ["S3CRET"]}"#,
+            r#"{"refresh_token":["old","S3CRET"]}"#,
+            r#"{"refresh_token": [ "old", "S3CRET" ]}"#,
+            r#"{"error_description":"got {\"refresh_token\":\"S3CRET\"}"}"#,
+            r#"{"request":"POST /token HTTP/1.1\r\nAuthorization: Bearer S3CRET\r\n"}"#,
+        ]);
+        assert!(
+            lost.is_empty(),
+            "{} shown:\n{}",
+            lost.len(),
+            lost.join("\n")
+        );
+        assert_eq!(
+            foreign(r#"{"refresh_token":["old","S3CRET"],"scope":"read"}"#),
+            r#"{"refresh_token":["[redacted]","[redacted]"],"scope":"read"}"#
+        );
+        let out = foreign(r#"{"error_description":"got {\"refresh_token\":\"S3CRET\"}","x":1}"#);
+        assert!(out.ends_with(r#"\"}","x":1}"#), "{out}");
     }
 
     /// World: normal OAuth error text (review 105's list), and prose after an error code,

@@ -505,6 +505,60 @@ async fn a_requests_own_timeout_bounds_its_replay_too() {
     }
 }
 
+/// World: the API answers the first attempt 401 at once, then 200; the refresh after
+/// the 401 either hangs (a gated source) or takes 700 ms; the request's own timeout is
+/// 300 ms. Proves: the timeout bounds the wait for the replay's credential too: the call
+/// ends with `ErrorKind::RequestTimeout` (within 3 s: it does not wait on the refresh,
+/// whose own bound is the cache's fetch timeout, 10 s), and no replay reaches the API
+/// after the timeout ran out (review 106: a replay went with 1 ms to run and a loopback
+/// server answered a POST 200, 400 ms past the timeout).
+#[tokio::test]
+async fn a_requests_own_timeout_bounds_the_wait_for_its_replays_credential() {
+    let hanging = TestSource::gated(None);
+    hanging.release(1);
+    for slow in [
+        hanging,
+        TestSource::build(
+            None,
+            Duration::from_millis(700),
+            false,
+            tower_client_auth::RefreshMode::Proactive,
+        ),
+    ] {
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = seen.clone();
+        let addr = serve(move |_req: Request<hyper::body::Incoming>| {
+            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                let mut res = Response::new(Full::new(Bytes::new()));
+                if n == 0 {
+                    *res.status_mut() = StatusCode::UNAUTHORIZED;
+                }
+                res
+            }
+        })
+        .await;
+        let client = loopback_client(AuthMiddleware::new(slow.clone()).any_https_origin());
+        let call = client
+            .post(format!("http://{addr}/orders"))
+            .body("{\"qty\":2}")
+            .timeout(Duration::from_millis(300))
+            .send();
+        let err = tokio::time::timeout(Duration::from_secs(3), call)
+            .await
+            .expect("the call waits on its refresh past its own timeout")
+            .expect_err("answered past its own timeout");
+        let kind = tower_client_auth::reqwest::auth_error(&err).map(Error::kind);
+        assert_eq!(kind, Some(ErrorKind::RequestTimeout), "{err:?}");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            seen.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "a replay reached the API after the call's timeout"
+        );
+    }
+}
+
 /// Sends a GET to `url` with `timeout`: it must fail with reqwest's timeout, well before
 /// the server's 5 s answer.
 async fn times_out(client: &ClientWithMiddleware, url: String, timeout: Duration) {

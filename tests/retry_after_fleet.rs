@@ -273,3 +273,46 @@ async fn a_hold_is_kept_on_the_caches_clock_not_the_hosts() {
         held([a, b]).await;
     }
 }
+
+/// World: one process on each store, its wall clock a `ManualClock` read to the
+/// nanosecond, as the host's is; its login is answered `429`, `Retry-After: 1`; 1.1 s
+/// pass on both clocks, then the wall clock is stepped back a minute and it asks again.
+/// Proves: its own 1 s hold, over by the monotonic clock, is not stretched by the step
+/// back on any store (review 106: Redis and the file store keep the time to the
+/// millisecond, and the writer no longer knew its own hold when it read it back).
+#[tokio::test]
+async fn a_writers_own_hold_read_back_to_the_millisecond_is_not_stretched() {
+    async fn asks_after_its_hold(store: impl CredentialStore, what: &str) {
+        let idp = Idp::default();
+        let clock = ManualClock::new(SystemTime::now());
+        let a = CredentialCache::builder(idp.source())
+            .store(store)
+            .clock(clock.clone())
+            .window_jitter(0.0)
+            .backoff(Duration::from_millis(100), Duration::from_millis(200))
+            .build()
+            .unwrap();
+        idp.push(Scripted::now(429, Some("1"), r#"{"error":"rate_limited"}"#));
+        a.credential().await.expect_err("throttled");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        clock.advance(Duration::from_millis(1100));
+        clock.set(SystemTime::now() - Duration::from_secs(60));
+        let after = a.credential().await;
+        assert!(after.is_ok(), "{what}: {after:?}");
+        assert_eq!(idp.log().len(), 2, "{what}: {:?}", idp.brief());
+    }
+    asks_after_its_hold(MemoryStore::new(), "MemoryStore").await;
+    #[cfg(feature = "file-store")]
+    {
+        let dir = crate::support::TempDir::new("hold-millis");
+        let store = tower_client_auth::store::file::FileStore::open(dir.join("token.json"));
+        asks_after_its_hold(store.unwrap(), "FileStore").await;
+    }
+    #[cfg(feature = "redis")]
+    {
+        use tower_client_auth::store::redis::RedisStore;
+        let server = crate::support::redis::RedisServer::start();
+        let store = RedisStore::connect(&server.url(), "millis").await.unwrap();
+        asks_after_its_hold(store, "RedisStore").await;
+    }
+}

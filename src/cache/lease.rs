@@ -782,10 +782,12 @@ async fn fleet_hold<P: CredentialSource>(
     let ends = {
         let mut state = inner.lock_state();
         match state.fleet_hold {
-            Some((seen, ends)) if seen == until => ends,
+            Some((seen, ends)) if Some(seen) == whole_millis(until) => ends,
             _ => {
                 let ends = saturating_add(now, left);
-                state.fleet_hold = Some((until, ends));
+                if let Some(seen) = whole_millis(until) {
+                    state.fleet_hold = Some((seen, ends));
+                }
                 ends
             }
         }
@@ -813,12 +815,23 @@ async fn share_hold<P: CredentialSource>(
         return;
     };
     let asked = asked.min(super::MAX_RETRY_AFTER);
-    let Some(at) = (inner.config.clock.now()).checked_add(asked) else {
+    // To the millisecond, as stores keep it: read back, it is known as this one.
+    let Some(at) = (inner.config.clock.now())
+        .checked_add(asked)
+        .and_then(whole_millis)
+    else {
         return;
     };
     // Read back here, it ends when this process's own hold does.
     inner.lock_state().fleet_hold = Some((at, saturating_add(Instant::now(), asked)));
     store_call(inner, until, "hold", store.hold(at)).await;
+}
+
+/// `at` to the millisecond below it, if it is after the Unix epoch.
+fn whole_millis(at: std::time::SystemTime) -> Option<std::time::SystemTime> {
+    let since = at.duration_since(std::time::UNIX_EPOCH).ok()?;
+    let millis = u64::try_from(since.as_millis()).ok()?;
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(millis))
 }
 
 /// Runs `work` while keeping `lease`: renewed every third of its hold, so a holder that
