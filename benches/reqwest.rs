@@ -105,8 +105,19 @@ async fn warm<P: tower_client_auth::CredentialSource>(
     middleware
 }
 
+/// A GET of `url`; with `TCA_TIMEOUT_MS` set, with that timeout of its own (the
+/// adapter then keeps the call's deadline: `Exchange::deadline`).
 async fn get(client: &ClientWithMiddleware, url: &str) {
-    let res = client.get(url).send().await.unwrap();
+    static TIMEOUT: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    let timeout = TIMEOUT.get_or_init(|| {
+        let ms = std::env::var("TCA_TIMEOUT_MS").ok()?.parse().ok()?;
+        Some(Duration::from_millis(ms))
+    });
+    let mut req = client.get(url);
+    if let Some(timeout) = timeout {
+        req = req.timeout(*timeout);
+    }
+    let res = req.send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     std::hint::black_box(res.bytes().await.unwrap());
 }

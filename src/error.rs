@@ -68,9 +68,10 @@ pub enum ErrorKind {
     /// backs off: the next request looks again.
     StoreCredentialDropped,
     /// The request's own timeout (reqwest's `RequestBuilder::timeout`, which the reqwest
-    /// middleware counts from the first attempt's send) ran out after its credential was
-    /// rejected, before the replay could be sent: while it waited for a new credential,
-    /// or as it came. Nothing more was sent.
+    /// middleware counts from the first attempt's send) ran out after its first answer,
+    /// before it could be sent again (a replay, a new proof): while it waited for a new
+    /// credential, or as it came. Nothing more was sent. (One that runs out while an
+    /// attempt is on its way is reqwest's own timeout error.)
     RequestTimeout,
 }
 
@@ -108,7 +109,7 @@ impl ErrorKind {
                 "the shared store's credential was dropped each time it was loaded: try again"
             }
             ErrorKind::RequestTimeout => {
-                "the request's own timeout ran out before its replay with a new credential"
+                "the request's own timeout ran out before it could be sent again"
             }
         }
     }

@@ -545,8 +545,15 @@ impl<'a> Service<http::Request<ReplayBody<reqwest::Body>>> for Rest<'a> {
     type Error = reqwest_middleware::Error;
     type Future = Attempt<'a>;
 
+    /// Ready, but for a request sent again (a replay, a new proof) after its own timeout
+    /// ran out: nothing more is sent, and the state machine counts no replay.
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+        match Exchange::lock(self.exchange).deadline {
+            Some(deadline) if tokio::time::Instant::now() >= deadline => {
+                Poll::Ready(Err(ran_out()))
+            }
+            _ => Poll::Ready(Ok(())),
+        }
     }
 
     fn call(&mut self, req: http::Request<ReplayBody<reqwest::Body>>) -> Self::Future {

@@ -1203,6 +1203,15 @@ fn strip_bare_queries(text: &str) -> String {
                 out.push_str(word);
                 Due::Element
             }
+            // The backslash of an escaped quote the value is in (`\\"...\\"`).
+            Due::Value | Due::Element | Due::Elements if word == "\\" => {
+                out.push('\\');
+                due
+            }
+            Due::Value | Due::Element if word == "[\\" => {
+                out.push_str(word);
+                Due::Element
+            }
             Due::Element => {
                 let kept = closers(word);
                 out.push_str(REDACTED);
@@ -1214,6 +1223,10 @@ fn strip_bare_queries(text: &str) -> String {
                 }
             }
             Due::Elements if word.starts_with(',') && !word.contains(']') => {
+                out.push_str(word);
+                Due::Element
+            }
+            Due::Elements if word.starts_with("\\,") && !word.contains(']') => {
                 out.push_str(word);
                 Due::Element
             }
@@ -1287,9 +1300,10 @@ fn strip_bare_queries(text: &str) -> String {
                 // `x-api-key:...`).
                 None if header_value(word).is_some() => {
                     let at = header_value(word).unwrap_or(word.len());
-                    let value = &word[at..];
+                    // Go prints a header's values as a list (`[Bearer ...]`).
+                    let value = word[at..].trim_start_matches('[');
                     let kept = closers(value);
-                    out.push_str(&word[..at]);
+                    out.push_str(&word[..word.len() - value.len()]);
                     out.push_str(REDACTED);
                     out.push_str(kept);
                     after_value(&value[..value.len() - kept.len()])
@@ -1358,13 +1372,10 @@ fn header_name(word: &str) -> bool {
     let Some(name) = word.strip_suffix(':') else {
         return false;
     };
-    // After a line break escaped as JSON writes it (`...HTTP/1.1\\r\\nAuthorization:`).
-    let name = ["\\n", "\\r", "\\t"]
-        .iter()
-        .filter_map(|escape| name.rfind(escape).map(|at| at + escape.len()))
-        .max()
-        .map_or(name, |at| &name[at..]);
-    let name = name.trim_start_matches(['(', '[', '{']);
+    // After a line break escaped as JSON writes it (`...HTTP/1.1\\r\\nAuthorization:`),
+    // and after any opening bracket (`(Authorization:`, Go's `map[Authorization:`).
+    let name = &name[after_line_breaks(name)..];
+    let name = name.rsplit(['(', '[', '{']).next().unwrap_or(name);
     let lower = name.to_ascii_lowercase();
     parameter_name(name)
         && !names_an_error(name)
@@ -1384,12 +1395,24 @@ fn quoted_name(word: &str) -> bool {
 }
 
 /// Where the value of a header written with it in one word (`Authorization:Bearer`,
-/// `{x-api-key:...`) begins, if `word` is one (see [`header_name`]).
+/// `{x-api-key:...`, the last of headers joined by escaped line breaks,
+/// `map[Authorization:[...`) begins, if `word` is one (see [`header_name`]).
 fn header_value(word: &str) -> Option<usize> {
-    let colon = word.find(':')?;
+    let from = after_line_breaks(word);
+    let colon = from + word[from..].find(':')?;
     // Not a path (`TokenSource::new`).
     word[colon + 1..].chars().next().filter(|&c| c != ':')?;
     header_name(&word[..=colon]).then_some(colon + 1)
+}
+
+/// Where `text` goes on after its last line break escaped as JSON writes it (`\\n`,
+/// `\\r`, `\\t`): 0 if it has none.
+fn after_line_breaks(text: &str) -> usize {
+    ["\\n", "\\r", "\\t"]
+        .iter()
+        .filter_map(|escape| text.rfind(escape).map(|at| at + escape.len()))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Whether a name is an error code's (`invalid_token`, `unsupported_token_type`): what
@@ -2726,6 +2749,34 @@ mod echoed_forms {
         );
         let out = foreign(r#"{"error_description":"got {\"refresh_token\":\"S3CRET\"}","x":1}"#);
         assert!(out.ends_with(r#"\"}","x":1}"#), "{out}");
+    }
+
+    /// World: what Python's `json.dumps` writes inside a JSON string (a space after the
+    /// colon, quotes escaped), escaped arrays, headers joined by escaped line breaks
+    /// with no space after their colons, Go's header map. Proves: no secret shows
+    /// (review 107).
+    #[test]
+    fn escaped_spaced_members_arrays_joined_headers_and_go_maps_are_redacted() {
+        let lost = shown(&[
+            r#"{"error_description":"got {\"access_token\": \"S3CRET\"}"}"#,
+            r#"{"error_description":"got {\"refresh_token\":[\"old\",\"S3CRET\"]}"}"#,
+            r#"{"error_description":"got {\"refresh_token\": [\"old\", \"S3CRET\"]}"}"#,
+            r#"{"request":"GET / HTTP/1.1\r\nHost:idp\r\nAuthorization:Bearer S3CRET\r\n"}"#,
+            "upstream headers map[Accept:[*/*] Authorization:[Bearer S3CRET]]",
+            "upstream headers map[X-Api-Key:[S3CRET]]",
+        ]);
+        assert!(
+            lost.is_empty(),
+            "{} shown:\n{}",
+            lost.len(),
+            lost.join("\n")
+        );
+        let out = foreign("upstream headers map[Accept:[*/*] Authorization:[Bearer S3CRET]] sent");
+        assert!(
+            out.starts_with("upstream headers map[Accept:[*/*] Authorization:"),
+            "{out}"
+        );
+        assert!(out.ends_with("]] sent"), "{out}");
     }
 
     /// World: normal OAuth error text (review 105's list), and prose after an error code,

@@ -559,6 +559,72 @@ async fn a_requests_own_timeout_bounds_the_wait_for_its_replays_credential() {
     }
 }
 
+/// A middleware below the adapter whose first answer comes after `delay`, a 401, after
+/// it had the cache take a new credential (another request's rejection), so that the
+/// replay's is ready at once; later calls are answered 200. Counts the calls.
+struct LateRejection {
+    cache: tower_client_auth::CredentialCache<TestSource>,
+    delay: Duration,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl reqwest_middleware::Middleware for LateRejection {
+    async fn handle(
+        &self,
+        _: reqwest::Request,
+        _: &mut http::Extensions,
+        _: reqwest_middleware::Next<'_>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
+        let n = (self.calls).fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut status = StatusCode::OK;
+        if n == 0 {
+            tokio::time::sleep(self.delay).await;
+            let old = self.cache.credential().await.unwrap();
+            self.cache.reject(&old).await.unwrap();
+            status = StatusCode::UNAUTHORIZED;
+        }
+        let res = Response::builder().status(status).body("").unwrap();
+        Ok(reqwest::Response::from(res))
+    }
+}
+
+/// World: the first attempt's 401 comes back after the request's own timeout ran out,
+/// the replay's credential ready at once. Proves: the call fails `RequestTimeout`,
+/// nothing more is sent, and no replay is counted (`CacheStats::replays`, the replays
+/// metric: "requests sent again"; review 107 saw one counted).
+#[tokio::test]
+async fn a_replay_never_sent_for_the_timeout_is_not_counted() {
+    let cache = tower_client_auth::CredentialCache::new(TestSource::new());
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with(AuthMiddleware::with_cache(cache.clone()).any_https_origin())
+        .with(LateRejection {
+            cache: cache.clone(),
+            delay: Duration::from_millis(400),
+            calls: calls.clone(),
+        })
+        .build();
+    let err = client
+        .get("https://api.test/v1")
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await
+        .expect_err("answered past its own timeout");
+    let kind = tower_client_auth::reqwest::auth_error(&err).map(Error::kind);
+    assert_eq!(kind, Some(ErrorKind::RequestTimeout), "{err:?}");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "sent again"
+    );
+    assert_eq!(
+        cache.stats().replays,
+        0,
+        "a replay counted, though none was sent"
+    );
+}
+
 /// Sends a GET to `url` with `timeout`: it must fail with reqwest's timeout, well before
 /// the server's 5 s answer.
 async fn times_out(client: &ClientWithMiddleware, url: String, timeout: Duration) {
