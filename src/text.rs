@@ -1737,6 +1737,16 @@ mod tests {
         STEPS.with(|steps| steps.get())
     }
 
+    /// Each `(text, keep)` whose scrubbed text lost `keep`, shown with what it became.
+    pub(super) fn lost_values<const N: usize>(cases: [(&str, &str); N]) -> Vec<String> {
+        cases
+            .into_iter()
+            .map(|(text, keep)| (text, keep, foreign(text)))
+            .filter(|(_, keep, out)| !out.contains(keep))
+            .map(|(text, _, out)| format!("{text}\n  -> {out}"))
+            .collect()
+    }
+
     /// Line breaks, escape sequences and bidi overrides come out escaped; plain text and
     /// non-ASCII letters are left alone.
     #[test]
@@ -2349,8 +2359,7 @@ mod parameter_values {
     /// value is kept.
     #[test]
     fn secret_free_parameters_are_kept() {
-        let mut lost = Vec::new();
-        for (text, keep) in [
+        let lost = tests::lost_values([
             (
                 "unsupported token_type_hint=refresh_token",
                 "=refresh_token",
@@ -2373,12 +2382,7 @@ mod parameter_values {
                 "request failed with error_code=invalid_client",
                 "=invalid_client",
             ),
-        ] {
-            let out = foreign(text);
-            if !out.contains(keep) {
-                lost.push(format!("{text} -> {out}"));
-            }
-        }
+        ]);
         assert!(lost.is_empty(), "{lost:#?}");
     }
 
@@ -2454,8 +2458,7 @@ mod metadata_and_quotes {
     /// ... are kept"): each value is kept.
     #[test]
     fn secret_free_oauth_metadata_values_are_kept() {
-        let mut lost = Vec::new();
-        for (text, keep) in [
+        let lost = tests::lost_values([
             (
                 "invalid_client_metadata: require_pushed_authorization_requests=yes is not a boolean",
                 "=yes",
@@ -2505,12 +2508,7 @@ mod metadata_and_quotes {
                 "=https://idp.example.com/check",
             ),
             ("no JWK with key_id=k1 in jwks_uri", "=k1"),
-        ] {
-            let out = foreign(text);
-            if !out.contains(keep) {
-                lost.push(format!("{text}\n  -> {out}"));
-            }
-        }
+        ]);
         assert!(lost.is_empty(), "{} lost:\n{}", lost.len(), lost.join("\n"));
     }
 
@@ -2842,8 +2840,7 @@ mod echoed_forms {
     /// value is kept.
     #[test]
     fn camel_case_and_issuer_metadata_are_kept() {
-        let mut lost = Vec::new();
-        for (text, keep) in [
+        let lost = tests::lost_values([
             ("only tokenType=Bearer is supported", "=Bearer"),
             ("unsupported tokenTypeHint=refresh_token", "=refresh_token"),
             (
@@ -2865,12 +2862,7 @@ mod echoed_forms {
                 "client authentication",
             ),
             ("error_code: 42 status_code=400", "42 status_code=400"),
-        ] {
-            let out = foreign(text);
-            if !out.contains(keep) {
-                lost.push(format!("{text}\n  -> {out}"));
-            }
-        }
+        ]);
         assert!(lost.is_empty(), "{} lost:\n{}", lost.len(), lost.join("\n"));
     }
 
