@@ -27,7 +27,11 @@ pub enum ErrorKind {
     /// `source()`); or, without a `source()`, the API rejected credentials right after
     /// they became current, and the rejected one, still in use, is not replaced before
     /// the backoff allows (see
-    /// [`YOUNG_CREDENTIAL_AGE`](crate::cache::YOUNG_CREDENTIAL_AGE)).
+    /// [`YOUNG_CREDENTIAL_AGE`](crate::cache::YOUNG_CREDENTIAL_AGE)); or, without a
+    /// `source()` either, the token endpoint asked every process of the fleet to wait (a
+    /// `Retry-After` another process sharing the store was answered with: see
+    /// [`CredentialStore::hold`](crate::CredentialStore::hold)), which is no failure of
+    /// this cache's. [`Error::retry_in`] says how long is left.
     Backoff,
     /// The source returned a credential that had already expired.
     Expired,
@@ -137,6 +141,8 @@ pub struct Error {
     /// The credential was rejected right after it became current, and the backoff holds
     /// off the fetch that would replace it: the rejected response is the answer.
     pub(crate) fresh_rejection: bool,
+    /// The fleet's hold (a `Retry-After` read from the store): no fetch failed.
+    pub(crate) held: bool,
     source: Option<Arc<dyn StdError + Send + Sync>>,
 }
 
@@ -148,6 +154,7 @@ impl Error {
             retry_in: None,
             not_before: None,
             fresh_rejection: false,
+            held: false,
             source: None,
         }
     }
@@ -320,7 +327,7 @@ impl fmt::Display for Error {
     /// queries, control characters escaped). The crate's own wrappers (a backoff over a
     /// failed fetch) are not repeated.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.fresh_rejection {
+        if self.fresh_rejection || self.held {
             // No fetch failed: the detail says why.
             f.write_str("credential source is backing off")?;
         } else {

@@ -79,6 +79,7 @@ pub(crate) fn outcome(result: &Result<crate::Credential, crate::Error>) -> &'sta
     use crate::ErrorKind;
     match result {
         Ok(_) => "ok",
+        Err(e) if e.held => "held",
         Err(e) => match e.kind() {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Expired => "expired",

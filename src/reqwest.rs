@@ -826,21 +826,31 @@ impl<P: CredentialSource> AuthMiddleware<P> {
                     let answer = answer.map(|res| self.lend_headers(res, plan.binds, sent));
                     x.slot = Slot::Answered(answer);
                 }
+                // Once sent, the request's own timeout bounds the wait for the credential
+                // to replay with too (an attempt under way has reqwest's own): a timer only
+                // for a step that must wait (the common one, an answer judged or a replay
+                // to send, is ready at once).
+                let mut ran_out = None;
                 let step = std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
                     Poll::Ready(res) => Poll::Ready(Some(res)),
-                    Poll::Pending if Exchange::lock(&exchange).is_outgoing() => Poll::Ready(None),
-                    Poll::Pending => Poll::Pending,
-                });
-                // Once sent, the request's own timeout bounds the wait for the credential
-                // to replay with too (an attempt under way has reqwest's own).
-                let deadline = Exchange::lock(&exchange).deadline;
-                let step = match deadline {
-                    Some(deadline) => match tokio::time::timeout_at(deadline, step).await {
-                        Ok(step) => step,
-                        Err(_elapsed) => break Err(ran_out_box()),
-                    },
-                    None => step.await,
-                };
+                    Poll::Pending => {
+                        let x = Exchange::lock(&exchange);
+                        if x.is_outgoing() {
+                            return Poll::Ready(None);
+                        }
+                        let Some(deadline) = x.deadline else {
+                            return Poll::Pending;
+                        };
+                        drop(x);
+                        let timer = ran_out
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        match timer.as_mut().poll(cx) {
+                            Poll::Ready(()) => Poll::Ready(Some(Err(ran_out_box()))),
+                            Poll::Pending => Poll::Pending,
+                        }
+                    }
+                })
+                .await;
                 if let Some(res) = step {
                     break res;
                 }

@@ -316,3 +316,48 @@ async fn a_writers_own_hold_read_back_to_the_millisecond_is_not_stretched() {
         asks_after_its_hold(store, "RedisStore").await;
     }
 }
+
+/// World: the store holds the fleet for 300 ms more (another process's 429); a process
+/// whose source never failed, with backoff steps (2 s) longer than that, asks twice at
+/// once, waits the `retry_in` it was told, and asks again. Proves: every caller inside
+/// the hold is told how long is left of it, not the process's own backoff step (README:
+/// "fails its callers with `ErrorKind::Backoff` and how long is left"); once that is
+/// over the source is asked (`Error::retry_in`: "how long until the cache asks the
+/// source again"); the hold is no failure: its error names the fleet's wait, not failed
+/// fetches, has no cause, and `CacheStats::fetch_failures` stays 0 (review 108: the
+/// second caller was told 1.2 s, and asked after the 300 ms it was still held).
+#[tokio::test]
+async fn a_process_held_by_the_fleet_is_told_how_long_and_asks_after_it() {
+    let idp = Idp::default();
+    let store = MemoryStore::new();
+    store
+        .hold(SystemTime::now() + Duration::from_millis(300))
+        .await
+        .unwrap();
+    let a = CredentialCache::builder(idp.source())
+        .store(store)
+        .window_jitter(0.0)
+        .backoff(Duration::from_secs(2), Duration::from_secs(4))
+        .build()
+        .unwrap();
+    let mut wait = Duration::ZERO;
+    for _ in 0..2 {
+        let held = a.credential().await.expect_err("held");
+        assert_eq!(held.kind(), ErrorKind::Backoff, "{held}");
+        wait = held.retry_in().expect("how long is left");
+        assert!(wait <= Duration::from_millis(300), "told {wait:?}");
+        let text = held.to_string();
+        assert!(
+            text.contains("asked every process of the fleet to wait"),
+            "{text}"
+        );
+        assert!(!text.contains("failed fetches"), "{text}");
+        assert!(std::error::Error::source(&held).is_none(), "{held:?}");
+    }
+    assert_eq!(a.stats().fetch_failures, 0);
+    assert!(idp.log().is_empty());
+    tokio::time::sleep(wait + Duration::from_millis(100)).await;
+    let after = a.credential().await;
+    assert!(after.is_ok(), "{after:?}");
+    assert_eq!(idp.log().len(), 1);
+}

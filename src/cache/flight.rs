@@ -688,6 +688,16 @@ impl<P: CredentialSource> FlightGuard<P> {
                         if let Some(current) = inner.current.load_full() {
                             inner.give_back_claim(&current, now);
                         }
+                    } else if err.held {
+                        // The fleet's hold, read from the store: no failure of this
+                        // source's, no backoff step of this cache's; asked again when the
+                        // hold ends (see `lease::fleet_hold`).
+                        tracing::debug!(error = %err, "the refresh waits for the fleet's hold");
+                        if let Some(retry_at) = Self::hold_retry_after(&mut state, &err, now) {
+                            if let Some(entry) = inner.current.load_full() {
+                                inner.rearm_background(&entry, retry_at);
+                            }
+                        }
                     } else if superseded {
                         inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(error = %err, "a superseded refresh failed");

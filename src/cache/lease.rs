@@ -800,6 +800,7 @@ async fn fleet_hold<P: CredentialSource>(
         .with_detail("the token endpoint asked every process of the fleet to wait (Retry-After)")
         .with_retry_in(left);
     err.not_before = Some(left);
+    err.held = true;
     Some(err)
 }
 
