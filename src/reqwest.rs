@@ -830,7 +830,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
                 // to replay with too (an attempt under way has reqwest's own): a timer only
                 // for a step that must wait (the common one, an answer judged or a replay
                 // to send, is ready at once).
-                let mut ran_out = None;
+                let mut timer = None;
                 let step = std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
                     Poll::Ready(res) => Poll::Ready(Some(res)),
                     Poll::Pending => {
@@ -842,7 +842,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
                             return Poll::Pending;
                         };
                         drop(x);
-                        let timer = ran_out
+                        let timer = timer
                             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                         match timer.as_mut().poll(cx) {
                             Poll::Ready(()) => Poll::Ready(Some(Err(ran_out_box()))),
