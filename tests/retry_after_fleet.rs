@@ -361,3 +361,69 @@ async fn a_process_held_by_the_fleet_is_told_how_long_and_asks_after_it() {
     assert!(after.is_ok(), "{after:?}");
     assert_eq!(idp.log().len(), 1);
 }
+
+/// A `MemoryStore` whose `held_until` answers after `delay` (a store across a network).
+#[derive(Clone)]
+struct SlowHold(MemoryStore, Duration);
+
+impl CredentialStore for SlowHold {
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        self.0.load().await
+    }
+    async fn lease(&self, ttl: Duration) -> Result<Option<Lease>, BoxError> {
+        self.0.lease(ttl).await
+    }
+    async fn save(&self, lease: &Lease, credential: &Credential) -> Result<bool, BoxError> {
+        self.0.save(lease, credential).await
+    }
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, BoxError> {
+        self.0.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
+        self.0.release(lease).await
+    }
+    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+        self.0.remove(rejected).await
+    }
+    async fn hold(&self, until: SystemTime) -> Result<(), BoxError> {
+        self.0.hold(until).await
+    }
+    async fn held_until(&self) -> Result<Option<SystemTime>, BoxError> {
+        tokio::time::sleep(self.1).await;
+        self.0.held_until().await
+    }
+}
+
+/// World: the store holds the fleet for 2 s; a process's first refresh reads that hold
+/// from a store that answers in 200 ms, and meanwhile the application hands the process
+/// a credential (`CacheHandle::replace`). Proves: the held flight, superseded by the
+/// hand-over, asks no source and counts no fetch failure (README, Metrics: `held` is "no
+/// failure"; review 109 saw one counted), and the handed credential is served.
+#[tokio::test]
+async fn a_held_flight_superseded_by_a_hand_over_counts_no_failure() {
+    let idp = Idp::default();
+    let store = MemoryStore::new();
+    store
+        .hold(SystemTime::now() + Duration::from_secs(2))
+        .await
+        .unwrap();
+    let a = CredentialCache::builder(idp.source())
+        .store(SlowHold(store, Duration::from_millis(200)))
+        .window_jitter(0.0)
+        .build()
+        .unwrap();
+    let waiter = {
+        let a = a.clone();
+        tokio::spawn(async move { a.credential().await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let handed = Credential::bearer("handed-over")
+        .unwrap()
+        .expires_in(Duration::from_secs(3600));
+    a.handle().replace(handed.clone()).unwrap();
+    let _ = waiter.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(idp.log().is_empty(), "{:?}", idp.brief());
+    assert_eq!(a.credential().await.unwrap(), handed);
+    assert_eq!(a.stats().fetch_failures, 0, "{:?}", a.stats());
+}

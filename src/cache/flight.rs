@@ -662,17 +662,19 @@ impl<P: CredentialSource> FlightGuard<P> {
                     // The credential handed over meanwhile is the answer, as it would have
                     // been to a success (the one the waiters held to fall back on is no
                     // longer current either).
-                    if !self.gave_up {
+                    // The fleet's hold is no failure (see `lease::fleet_hold`).
+                    if !self.gave_up && !err.held {
                         inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                     }
                     tracing::debug!(error = %err, "a superseded refresh failed; using the replacement");
                     match Self::hold_retry_after(&mut state, &err, now) {
                         Some(retry_at) => {
                             if current.background_claimed.load(Ordering::Acquire) {
-                                inner.rearm_background(
-                                    &current,
-                                    retry_at.max(saturating_add(now, inner.backoff(1))),
-                                );
+                                let at = match err.held {
+                                    true => retry_at,
+                                    false => retry_at.max(saturating_add(now, inner.backoff(1))),
+                                };
+                                inner.rearm_background(&current, at);
                             }
                         }
                         None => inner.give_back_claim(&current, now),

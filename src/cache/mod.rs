@@ -653,8 +653,9 @@ pub struct CacheStats {
     pub fetches: u64,
     /// Refreshes that failed (error, timeout, panic, cancelled); not one that gave up
     /// because the store's credentials were dropped as they loaded
-    /// ([`ErrorKind::StoreCredentialDropped`]),
-    /// which asked no source.
+    /// ([`ErrorKind::StoreCredentialDropped`]), nor one the fleet's hold ended (a
+    /// `Retry-After` another process was answered with: see
+    /// [`CredentialStore::hold`]), which asked no source.
     pub fetch_failures: u64,
     /// Rejections that invalidated the current credential (at most one per credential).
     pub rejections: u64,
