@@ -1,14 +1,15 @@
 //! The token endpoint's `Retry-After` across processes that share a store: README's "a
 //! token endpoint's `Retry-After` is the earliest next token request", from each path a
 //! process of the fleet asks by (a rejection's refresh, a fetch its flight stopped waiting
-//! for, a hold longer than the cap, a store that keeps no hold). Each process is a cache
+//! for, a background refresh before expiry, a step-up, a hold longer than the cap, a
+//! store that keeps no hold). Each process is a cache
 //! over its own token source and its own handle on one `MemoryStore`; the scenario every
 //! store runs (Redis, the file store) is `support::contract::a_retry_after_holds_every_process`.
 #![cfg(feature = "token")]
 
 use std::time::{Duration, SystemTime};
 
-use crate::support::scripted::{Idp, Scripted};
+use crate::support::scripted::{Idp, Scripted, settle};
 use tower_client_auth::{
     BoxError, Credential, CredentialCache, CredentialStore, ErrorKind, MemoryStore,
     cache::MAX_RETRY_AFTER, clock::ManualClock, store::Lease, token::TokenSource,
@@ -426,4 +427,152 @@ async fn a_held_flight_superseded_by_a_hand_over_counts_no_failure() {
     assert!(idp.log().is_empty(), "{:?}", idp.brief());
     assert_eq!(a.credential().await.unwrap(), handed);
     assert_eq!(a.stats().fetch_failures, 0, "{:?}", a.stats());
+}
+
+/// The header value a credential is sent with.
+trait Bearer {
+    fn bearer(&self) -> &str;
+}
+
+impl Bearer for Credential {
+    fn bearer(&self) -> &str {
+        let (_, value) = self.headers().next().expect("a header");
+        value.to_str().expect("visible ASCII")
+    }
+}
+
+/// World: two processes on one store and one wall clock share `at-1`/`rt-1` (an hour's
+/// life, a soft window of 5 minutes); both enter the soft window; A's background
+/// refresh is answered `503`, `Retry-After: 60`; then a request of B's starts B's.
+/// Proves: B's background refresh, taking the lease A gave up, reads the hold and sends
+/// nothing inside it, while both keep serving `at-1`; when the hold is over, B's next
+/// request in the soft window refreshes (its claim given back for the hold's end): one
+/// request for the fleet (a login: the 503 left `rt-1`'s fate unknown, so it was
+/// dropped), and A takes what B saved.
+#[tokio::test(start_paused = true)]
+async fn a_background_refresh_before_expiry_waits_for_the_fleets_hold() {
+    let idp = Idp::default();
+    let clock = ManualClock::new(SystemTime::now());
+    let store = MemoryStore::new();
+    let [a, b] = on_clock(&idp, &clock, [store.clone(), store]);
+    a.credential().await.unwrap();
+    b.credential().await.unwrap();
+    assert_eq!(idp.log().len(), 1, "{:?}", idp.brief());
+
+    pass(&clock, Duration::from_secs(3310)).await;
+    idp.push(Scripted::now(503, Some("60"), "upstream busy"));
+    assert_eq!(a.credential().await.unwrap().bearer(), "Bearer at-1");
+    settle().await;
+    assert_eq!(
+        idp.brief(),
+        [
+            ("client_credentials".into(), None, 200),
+            ("refresh_token".into(), Some("rt-1".into()), 503)
+        ]
+    );
+
+    pass(&clock, Duration::from_secs(1)).await;
+    assert_eq!(b.credential().await.unwrap().bearer(), "Bearer at-1");
+    settle().await;
+    pass(&clock, Duration::from_secs(1)).await;
+    assert_eq!(
+        idp.log().len(),
+        2,
+        "B refreshed inside A's hold: {:?}",
+        idp.brief()
+    );
+    assert_eq!(b.stats().fetch_failures, 0, "{:?}", b.stats());
+
+    pass(&clock, Duration::from_secs(60)).await;
+    assert_eq!(b.credential().await.unwrap().bearer(), "Bearer at-1");
+    settle().await;
+    pass(&clock, Duration::from_secs(1)).await;
+    assert_eq!(idp.brief()[2..], [("client_credentials".into(), None, 200)]);
+    assert_eq!(b.credential().await.unwrap().bearer(), "Bearer at-3");
+    // A, still in its soft window, takes the store's newer credential in the
+    // background refresh its next request starts.
+    a.credential().await.unwrap();
+    pass(&clock, Duration::from_secs(1)).await;
+    assert_eq!(a.credential().await.unwrap().bearer(), "Bearer at-3");
+    assert_eq!(idp.log().len(), 3, "{:?}", idp.brief());
+}
+
+/// World: two processes with step-up on share `at-1` through one store; the API answers
+/// `/scoped` with `insufficient_scope` (scope `w`) to `at-1`; A's step-up is answered
+/// `429`, `Retry-After: 30`; then B's request to `/scoped` asks for its own. Proves: B's
+/// step-up, which takes the lease as every fetch with a store does, reads the hold and
+/// sends nothing inside it (README: "a `Retry-After` its token request is answered with
+/// holds every token request"); after the hold, B's step-up is one login for `read w`,
+/// and its request is replayed and answered 200.
+#[tokio::test(start_paused = true)]
+async fn a_step_up_waits_for_the_fleets_hold() {
+    use http::Request;
+    use http_body_util::Full;
+    use tower::{Layer, ServiceExt};
+    use tower_client_auth::ReplayBody;
+
+    let idp = Idp::default();
+    let clock = ManualClock::new(SystemTime::now());
+    let store = MemoryStore::new();
+    let api = tower::service_fn(|req: Request<ReplayBody<Full<bytes::Bytes>>>| async move {
+        let lacking =
+            req.uri().path() == "/scoped" && req.headers()["authorization"] == "Bearer at-1";
+        let mut res = http::Response::builder().status(if lacking { 403 } else { 200 });
+        if lacking {
+            res = res.header(
+                "www-authenticate",
+                r#"Bearer error="insufficient_scope", scope="w""#,
+            );
+        }
+        Ok::<_, BoxError>(res.body(Full::<bytes::Bytes>::default()).unwrap())
+    });
+    let [a, b] = on_clock(&idp, &clock, [store.clone(), store]).map(|cache| {
+        tower_client_auth::AuthLayer::with_cache(cache)
+            .any_https_origin()
+            .step_up(true)
+            .layer(api)
+    });
+    let status = |svc: &_, path: &str| {
+        let svc: &tower_client_auth::AddCredential<_, _> = svc;
+        svc.clone().oneshot(crate::support::get(path))
+    };
+    assert_eq!(status(&a, "/").await.unwrap().status(), 200);
+    assert_eq!(status(&b, "/").await.unwrap().status(), 200);
+    assert_eq!(idp.log().len(), 1, "{:?}", idp.brief());
+
+    idp.push(Scripted::now(429, Some("30"), r#"{"error":"slow_down"}"#));
+    let _ = status(&a, "/scoped").await;
+    assert_eq!(
+        idp.scoped()[1..],
+        [(
+            "client_credentials".into(),
+            Some("read w".into()),
+            None,
+            429
+        )]
+    );
+
+    pass(&clock, Duration::from_secs(1)).await;
+    let held = status(&b, "/scoped").await;
+    assert_eq!(
+        idp.log().len(),
+        2,
+        "B stepped up inside A's hold: {:?}",
+        idp.scoped()
+    );
+    if let Ok(res) = held {
+        assert_eq!(res.status(), 403, "answered without a wider token");
+    }
+
+    pass(&clock, Duration::from_secs(30)).await;
+    assert_eq!(status(&b, "/scoped").await.unwrap().status(), 200);
+    assert_eq!(
+        idp.scoped()[2..],
+        [(
+            "client_credentials".into(),
+            Some("read w".into()),
+            None,
+            200
+        )]
+    );
 }
