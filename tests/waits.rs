@@ -4,7 +4,7 @@
 
 use crate::support;
 
-use std::time::Duration;
+use std::{sync::atomic::Ordering::SeqCst, time::Duration};
 
 use http::StatusCode;
 use support::{FakeApi, TestSource, get, store::FaultStore};
@@ -144,6 +144,55 @@ async fn a_hung_store_never_wedges_the_flight() {
         logs.matches("credential store failed").count(),
         1,
         "logged once per outage: {logs}"
+    );
+}
+
+/// World: a store that answers every call but the fleet's hold (`held_until` refused,
+/// say by an ACL on its key), and a process that refreshes four times. Proves: the
+/// broken call is logged once, not once per refresh ("logged once per outage": the
+/// calls that answer between two refreshes end no outage that they were not part of),
+/// and never said to answer again; then, with the whole store down and back, the
+/// outage and the recovery are logged once each.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_store_with_one_broken_call_is_logged_once() {
+    let (capture, _guard) = support::capture_traces();
+    let source = TestSource::new();
+    let store = FaultStore::new();
+    store.faults().holds_down.store(true, SeqCst);
+    let cache = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    for _ in 0..4 {
+        cache.handle().invalidate();
+        cache.credential().await.unwrap();
+    }
+    assert_eq!(source.fetches(), 4);
+    let logs = capture.text();
+    assert_eq!(
+        logs.matches("credential store failed").count(),
+        1,
+        "one broken call, logged once: {logs}"
+    );
+    assert_eq!(
+        logs.matches("credential store answers again").count(),
+        0,
+        "{logs}"
+    );
+
+    store.faults().down.store(true, SeqCst);
+    cache.handle().invalidate();
+    cache.credential().await.unwrap();
+    store.faults().down.store(false, SeqCst);
+    store.faults().holds_down.store(false, SeqCst);
+    cache.handle().invalidate();
+    cache.credential().await.unwrap();
+    let logs = capture.text();
+    assert_eq!(logs.matches("credential store failed").count(), 2, "{logs}");
+    assert_eq!(
+        logs.matches("credential store answers again").count(),
+        1,
+        "{logs}"
     );
 }
 

@@ -915,8 +915,12 @@ pub(super) const LEASE_POLL_MAX: std::time::Duration = std::time::Duration::from
 const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One store call, bounded by its share of the flight's deadline. `None` when it failed
-/// or took too long; the first such call of an outage is logged, and so is the store's
-/// first answer after it.
+/// or took too long. An outage is logged once: when a call fails while none is failing,
+/// or when `load`, the call each fetch begins with, fails after it answered in the
+/// outage (a store down after one of its calls broke); and its end once, when a call
+/// that failed in it answers. A call that never failed ends nothing by answering, so a
+/// store with one broken call (its hold refused, say) is logged once, not once per
+/// refresh.
 pub(super) async fn store_call<P, T>(
     inner: &Inner<P>,
     deadline: Instant,
@@ -927,9 +931,11 @@ pub(super) async fn store_call<P, T>(
         Instant::now(),
         inner.config.fetch_timeout / STORE_SHARE,
     ));
+    let bit = store_call_bit(what);
     let failure = match tokio::time::timeout_at(until, call).await {
         Ok(Ok(value)) => {
-            if inner.store_down.swap(false, Ordering::Relaxed) {
+            let failing = inner.store_failing.load(Ordering::Relaxed);
+            if failing & bit != 0 && inner.store_failing.swap(0, Ordering::Relaxed) != 0 {
                 tracing::info!(call = what, "credential store answers again");
             }
             return Some(value);
@@ -938,7 +944,8 @@ pub(super) async fn store_call<P, T>(
         Err(_) => "no answer in time".to_owned(),
     };
     metrics::store_error(&inner.config.name, what);
-    if !inner.store_down.swap(true, Ordering::Relaxed) {
+    let before = inner.store_failing.fetch_or(bit, Ordering::Relaxed);
+    if before == 0 || (what == "load" && before & bit == 0) {
         tracing::warn!(
             call = what,
             error = %failure,
@@ -946,4 +953,19 @@ pub(super) async fn store_call<P, T>(
         );
     }
     None
+}
+
+/// The bit of `store_failing` that stands for the store call `what`.
+fn store_call_bit(what: &str) -> u16 {
+    match what {
+        "load" => 1,
+        "lease" => 1 << 1,
+        "save" => 1 << 2,
+        "renew" => 1 << 3,
+        "release" => 1 << 4,
+        "remove" => 1 << 5,
+        "hold" => 1 << 6,
+        "held_until" => 1 << 7,
+        _ => 1 << 15,
+    }
 }

@@ -36,6 +36,8 @@ pub struct Faults {
     pub lease_down: AtomicBool,
     /// `renew` fails (a holder cut off from the store while it works).
     pub renew_down: AtomicBool,
+    /// `hold` and `held_until` fail (a store whose one key is refused, say by an ACL).
+    pub holds_down: AtomicBool,
     /// `save` fails for a credential with a refresh token (a store out of memory that
     /// still answers, say).
     pub refusing_pairs: AtomicBool,
@@ -251,11 +253,17 @@ impl<S: CredentialStore> CredentialStore for FaultStore<S> {
 
     async fn hold(&self, until: std::time::SystemTime) -> Result<(), BoxError> {
         self.reach().await?;
+        if self.faults.holds_down.load(SeqCst) {
+            return Err("NOPERM this user has no permissions to access the hold key".into());
+        }
         self.memory.hold(until).await
     }
 
     async fn held_until(&self) -> Result<Option<std::time::SystemTime>, BoxError> {
         self.reach().await?;
+        if self.faults.holds_down.load(SeqCst) {
+            return Err("NOPERM this user has no permissions to access the hold key".into());
+        }
         self.memory.held_until().await
     }
 
