@@ -61,6 +61,51 @@
 //! resends a credential that expired or was rotated meanwhile. The other way round, the
 //! retry middleware would clone and resend the first attempt's header.
 //!
+//! This middleware's errors reach the retry as `reqwest_middleware::Error::Middleware`,
+//! which reqwest-retry's default strategy calls fatal: none is retried. That is what
+//! most of them call for (a refused request fails again; a `Backoff` says in
+//! [`Error::retry_in`](crate::Error::retry_in) how long the cache waits, which a retry
+//! policy's own schedule does not know), but [`ErrorKind::RequestTimeout`] is the
+//! timeout reqwest would have raised had it run out during an attempt, which the
+//! default strategy retries. A strategy that retries both alike reads this crate's
+//! error with [`auth_error`]:
+//!
+//! ```
+//! use reqwest_middleware::ClientBuilder;
+//! use reqwest_retry::{
+//!     DefaultRetryableStrategy, RetryTransientMiddleware, Retryable, RetryableStrategy,
+//!     policies::ExponentialBackoff,
+//! };
+//! use tower_client_auth::{ErrorKind, reqwest::auth_error};
+//!
+//! struct TimeoutsAlike;
+//!
+//! impl RetryableStrategy for TimeoutsAlike {
+//!     fn handle(
+//!         &self,
+//!         res: &reqwest_middleware::Result<reqwest::Response>,
+//!     ) -> Option<Retryable> {
+//!         match res {
+//!             Err(err) if auth_error(err).map(|e| e.kind()) == Some(ErrorKind::RequestTimeout) => {
+//!                 Some(Retryable::Transient)
+//!             }
+//!             other => DefaultRetryableStrategy.handle(other),
+//!         }
+//!     }
+//! }
+//!
+//! let policy = ExponentialBackoff::builder().build_with_max_retries(2);
+//! let retry = RetryTransientMiddleware::new_with_policy_and_strategy(policy, TimeoutsAlike);
+//! # let source = tower_client_auth::StaticCredential::new(
+//! #     tower_client_auth::Credential::bearer("t").unwrap(),
+//! # );
+//! let client = ClientBuilder::new(reqwest::Client::new())
+//!     .with(retry)
+//!     .with(tower_client_auth::reqwest::AuthMiddleware::new(source).any_https_origin())
+//!     .build();
+//! # drop(client);
+//! ```
+//!
 //! # Example
 //! OAuth2 client credentials, the token requests through reqwest too (the whole recipe,
 //! against a loopback server, is the crate's `reqwest_client_credentials` example):
@@ -126,7 +171,10 @@ use crate::{
 
 /// This crate's [`Error`] inside a `reqwest_middleware::Error`, if that is
 /// what it carries: a refused request (no origin, an insecure transport), a failed
-/// refresh, a backoff. `None` for reqwest's own errors (connect, timeout, body).
+/// refresh, a backoff. `None` for reqwest's own errors (connect, timeout, body). Read
+/// through a `reqwest-retry` middleware's wrapping (`RetryError`, which it puts around
+/// every error it hands back) and through any middleware error that names it as its
+/// source.
 ///
 /// ```
 /// # fn handle(err: reqwest_middleware::Error) {
@@ -139,10 +187,29 @@ use crate::{
 /// # }
 /// ```
 pub fn auth_error(err: &reqwest_middleware::Error) -> Option<&crate::Error> {
-    match err {
-        reqwest_middleware::Error::Middleware(err) => err.downcast_ref::<crate::Error>(),
-        reqwest_middleware::Error::Reqwest(_) => None,
+    let reqwest_middleware::Error::Middleware(err) = err else {
+        return None;
+    };
+    if let Some(ours) = err.downcast_ref::<crate::Error>() {
+        return Some(ours);
     }
+    // reqwest-retry wraps every error it hands back, a first attempt's too; its
+    // `RetryError::Error` is transparent, so the chain below would skip the error it
+    // wraps.
+    if let Some(retry) = err.downcast_ref::<reqwest_retry::RetryError>() {
+        return match retry {
+            reqwest_retry::RetryError::Error(err)
+            | reqwest_retry::RetryError::WithRetries { err, .. } => auth_error(err),
+        };
+    }
+    // A wrapper of another middleware's that names what it wraps as its source.
+    err.chain().skip(1).find_map(|cause| {
+        cause.downcast_ref::<crate::Error>().or_else(|| {
+            cause
+                .downcast_ref::<reqwest_middleware::Error>()
+                .and_then(auth_error)
+        })
+    })
 }
 
 /// Most redirects [`redirect_policy`] follows in a row, as reqwest's default policy.

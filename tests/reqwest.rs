@@ -169,6 +169,58 @@ async fn insecure_transport_is_refused() {
     assert_eq!(source.fetches(), 0);
 }
 
+/// Every answer retried, every error too: retries run out on any error.
+struct RetryEverything;
+
+impl reqwest_retry::RetryableStrategy for RetryEverything {
+    fn handle(
+        &self,
+        _: &reqwest_middleware::Result<reqwest::Response>,
+    ) -> Option<reqwest_retry::Retryable> {
+        Some(reqwest_retry::Retryable::Transient)
+    }
+}
+
+/// World: `reqwest-retry` outside the adapter, as the module docs order them; a request
+/// the adapter refuses (plain http to a non-loopback host), under the default strategy
+/// (no retry: reqwest-retry hands back `RetryError::Error`) and under one that retries
+/// every error until its two retries run out (`RetryError::WithRetries`). Proves: the
+/// adapter's error is read back by `auth_error` through either wrapping (README: "reads
+/// this crate's error back"; before, through reqwest-retry it read `None`, a transport
+/// error to the caller's code).
+#[tokio::test]
+async fn auth_error_reads_the_error_back_through_reqwest_retry() {
+    for retry_all in [false, true] {
+        let policy = ExponentialBackoff::builder()
+            .retry_bounds(Duration::from_millis(1), Duration::from_millis(5))
+            .build_with_max_retries(2);
+        let retry: Arc<dyn reqwest_middleware::Middleware> = match retry_all {
+            true => Arc::new(RetryTransientMiddleware::new_with_policy_and_strategy(
+                policy,
+                RetryEverything,
+            )),
+            false => Arc::new(RetryTransientMiddleware::new_with_policy(policy)),
+        };
+        let source = TestSource::new();
+        let client = ClientBuilder::new(reqwest::Client::new())
+            .with_arc(retry)
+            .with(AuthMiddleware::new(source.clone()).any_https_origin())
+            .build();
+        let err = client
+            .get("http://api.example.invalid/v1")
+            .send()
+            .await
+            .unwrap_err();
+        let kind = tower_client_auth::reqwest::auth_error(&err).map(Error::kind);
+        assert_eq!(
+            kind,
+            Some(ErrorKind::InsecureTransport),
+            "retry all: {retry_all}: {err:?}"
+        );
+        assert_eq!(source.fetches(), 0);
+    }
+}
+
 /// One cache behind a Tower stack and a reqwest client: one fetch serves both.
 #[tokio::test]
 async fn one_cache_serves_tower_and_reqwest() {
@@ -623,6 +675,77 @@ async fn a_replay_never_sent_for_the_timeout_is_not_counted() {
         0,
         "a replay counted, though none was sent"
     );
+}
+
+/// The strategy the module docs ("Ordering with `reqwest-retry`") show: this crate's
+/// `RequestTimeout` retried as reqwest's own timeout is, anything else as the default
+/// strategy says.
+struct TimeoutsAlike;
+
+impl reqwest_retry::RetryableStrategy for TimeoutsAlike {
+    fn handle(
+        &self,
+        res: &reqwest_middleware::Result<reqwest::Response>,
+    ) -> Option<reqwest_retry::Retryable> {
+        match res {
+            Err(err)
+                if tower_client_auth::reqwest::auth_error(err).map(Error::kind)
+                    == Some(ErrorKind::RequestTimeout) =>
+            {
+                Some(reqwest_retry::Retryable::Transient)
+            }
+            other => reqwest_retry::DefaultRetryableStrategy.handle(other),
+        }
+    }
+}
+
+/// World: as above, with `reqwest-retry` outside the adapter, as the docs order them.
+/// Proves what the module docs say of the two: the default strategy does not retry the
+/// adapter's `RequestTimeout` (a middleware's error is fatal to it; one call, the error
+/// back), and the strategy they show does: the next attempt, with a fresh timeout and
+/// the cache's new credential, is answered 200.
+#[tokio::test]
+async fn a_request_timeout_is_retried_only_by_a_strategy_that_says_so() {
+    for documented in [false, true] {
+        let cache = tower_client_auth::CredentialCache::new(TestSource::new());
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let policy = ExponentialBackoff::builder()
+            .retry_bounds(Duration::from_millis(1), Duration::from_millis(5))
+            .build_with_max_retries(2);
+        let retry = match documented {
+            true => ClientBuilder::new(reqwest::Client::new()).with(
+                RetryTransientMiddleware::new_with_policy_and_strategy(policy, TimeoutsAlike),
+            ),
+            false => ClientBuilder::new(reqwest::Client::new())
+                .with(RetryTransientMiddleware::new_with_policy(policy)),
+        };
+        let client = retry
+            .with(AuthMiddleware::with_cache(cache.clone()).any_https_origin())
+            .with(LateRejection {
+                cache: cache.clone(),
+                delay: Duration::from_millis(400),
+                calls: calls.clone(),
+            })
+            .build();
+        let sent = client
+            .get("https://api.test/v1")
+            .timeout(Duration::from_millis(200))
+            .send()
+            .await;
+        let calls = calls.load(std::sync::atomic::Ordering::SeqCst);
+        match sent {
+            Ok(res) if documented => {
+                assert_eq!(res.status(), 200);
+                assert_eq!(calls, 2);
+            }
+            Err(err) if !documented => {
+                let kind = tower_client_auth::reqwest::auth_error(&err).map(Error::kind);
+                assert_eq!(kind, Some(ErrorKind::RequestTimeout), "{err:?}");
+                assert_eq!(calls, 1, "retried");
+            }
+            other => panic!("documented strategy: {documented}: {other:?}, {calls} calls"),
+        }
+    }
 }
 
 /// Sends a GET to `url` with `timeout`: it must fail with reqwest's timeout, well before
