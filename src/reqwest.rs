@@ -173,8 +173,9 @@ use crate::{
 /// what it carries: a refused request (no origin, an insecure transport), a failed
 /// refresh, a backoff. `None` for reqwest's own errors (connect, timeout, body). Read
 /// through a `reqwest-retry` middleware's wrapping (`RetryError`, which it puts around
-/// every error it hands back) and through any middleware error that names it as its
-/// source.
+/// every error it hands back), through another middleware's error wrapped whole
+/// (`reqwest_middleware::Error::middleware(err)`), and through any middleware error
+/// that names it as its source (anyhow's `context`).
 ///
 /// ```
 /// # fn handle(err: reqwest_middleware::Error) {
@@ -201,6 +202,11 @@ pub fn auth_error(err: &reqwest_middleware::Error) -> Option<&crate::Error> {
             reqwest_retry::RetryError::Error(err)
             | reqwest_retry::RetryError::WithRetries { err, .. } => auth_error(err),
         };
+    }
+    // Another middleware's error handed on in a wrapping of its own, as
+    // `reqwest_middleware::Error::middleware(err)` does.
+    if let Some(inner) = err.downcast_ref::<reqwest_middleware::Error>() {
+        return auth_error(inner);
     }
     // A wrapper of another middleware's that names what it wraps as its source.
     err.chain().skip(1).find_map(|cause| {

@@ -978,3 +978,80 @@ async fn a_replay_goes_to_the_url_and_method_of_the_first_attempt() {
     assert_eq!(seen[0].0, http::Method::PATCH);
     assert_eq!(seen[0].1, "/v1/caf%C3%A9/a%2Fb/?q=%23x&r=%20");
 }
+
+/// How a user's middleware wraps the errors it hands back.
+type Wrap = fn(reqwest_middleware::Error) -> reqwest_middleware::Error;
+
+/// A user's middleware outside the adapter (and outside reqwest-retry, when there is
+/// one) that hands back every error it gets, wrapped by its `Wrap`.
+struct Wrapping(Wrap);
+
+#[async_trait::async_trait]
+impl reqwest_middleware::Middleware for Wrapping {
+    async fn handle(
+        &self,
+        req: reqwest::Request,
+        ext: &mut http::Extensions,
+        next: reqwest_middleware::Next<'_>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
+        next.run(req, ext).await.map_err(self.0)
+    }
+}
+
+/// World: a request the adapter refuses (plain http to a non-loopback host), under a
+/// user's middleware that wraps the error it gets the ways reqwest-middleware and
+/// anyhow offer (`Error::middleware(err)`, `anyhow::Error::new(err).context(..)`,
+/// `Result::context(..)`), with and without reqwest-retry (its default strategy, or one
+/// retrying every error) between it and the adapter. Proves: `auth_error` reads the adapter's error back
+/// through each ("through any middleware error that names it as its source"), and
+/// nothing panics.
+#[tokio::test]
+async fn auth_error_reads_the_error_back_through_a_users_wrapping() {
+    use anyhow::Context as _;
+    let wraps: [(&str, Wrap); 3] = [
+        ("Error::middleware", reqwest_middleware::Error::middleware),
+        ("anyhow context", |err| {
+            reqwest_middleware::Error::Middleware(anyhow::Error::new(err).context("billing"))
+        }),
+        ("Result::context", |err| {
+            reqwest_middleware::Error::Middleware(Err::<(), _>(err).context("billing").unwrap_err())
+        }),
+    ];
+    let mut unread = Vec::new();
+    for (name, wrap) in wraps {
+        for retry in ["none", "default strategy", "retrying every error"] {
+            let source = TestSource::new();
+            let mut builder = ClientBuilder::new(reqwest::Client::new()).with(Wrapping(wrap));
+            let policy = ExponentialBackoff::builder()
+                .retry_bounds(Duration::from_millis(1), Duration::from_millis(5))
+                .build_with_max_retries(1);
+            match retry {
+                "default strategy" => {
+                    builder = builder.with(RetryTransientMiddleware::new_with_policy(policy));
+                }
+                "retrying every error" => {
+                    builder = builder.with(RetryTransientMiddleware::new_with_policy_and_strategy(
+                        policy,
+                        RetryEverything,
+                    ));
+                }
+                _ => {}
+            }
+            let client = builder
+                .with(AuthMiddleware::new(source.clone()).any_https_origin())
+                .build();
+            let err = client
+                .get("http://api.example.invalid/v1")
+                .send()
+                .await
+                .unwrap_err();
+            let kind = tower_client_auth::reqwest::auth_error(&err).map(Error::kind);
+            if kind != Some(ErrorKind::InsecureTransport) {
+                unread.push(format!(
+                    "{name}, reqwest-retry inside it: {retry}: {kind:?}"
+                ));
+            }
+        }
+    }
+    assert!(unread.is_empty(), "not read back: {unread:#?}");
+}

@@ -151,8 +151,9 @@ async fn a_hung_store_never_wedges_the_flight() {
 /// say by an ACL on its key), and a process that refreshes four times. Proves: the
 /// broken call is logged once, not once per refresh ("logged once per outage": the
 /// calls that answer between two refreshes end no outage that they were not part of),
-/// and never said to answer again; then, with the whole store down and back, the
-/// outage and the recovery are logged once each.
+/// and never said to answer again; then the whole store goes down, still within that
+/// outage (no refresh met no failure since), and comes back whole: the outage's end is
+/// logged once, after the first refresh with no failure.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_store_with_one_broken_call_is_logged_once() {
     let (capture, _guard) = support::capture_traces();
@@ -188,7 +189,7 @@ async fn a_store_with_one_broken_call_is_logged_once() {
     cache.handle().invalidate();
     cache.credential().await.unwrap();
     let logs = capture.text();
-    assert_eq!(logs.matches("credential store failed").count(), 2, "{logs}");
+    assert_eq!(logs.matches("credential store failed").count(), 1, "{logs}");
     assert_eq!(
         logs.matches("credential store answers again").count(),
         1,
@@ -399,4 +400,149 @@ async fn a_request_refused_before_sending_holds_no_readiness() {
         );
         drop(first);
     }
+}
+
+/// World: a store shared by the fleet, a credential without a refresh token in it, then
+/// the whole store down (connection refused) while this process invalidates that
+/// credential and fetches a new one on its own, then the store back. Proves: the one
+/// outage is logged once ("logged once per outage"), though the flight's first call to
+/// meet it is `remove`, not `load`; its end is logged once.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_outage_met_first_by_a_remove_is_logged_once() {
+    let (capture, _guard) = support::capture_traces();
+    let source = TestSource::new();
+    let store = FaultStore::new();
+    let cache = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+
+    store.faults().down.store(true, SeqCst);
+    cache.handle().invalidate();
+    cache.credential().await.unwrap();
+    assert_eq!(source.fetches(), 2);
+    let logs = capture.text();
+    assert_eq!(
+        logs.matches("credential store failed").count(),
+        1,
+        "one outage, logged once: {logs}"
+    );
+
+    store.faults().down.store(false, SeqCst);
+    cache.handle().invalidate();
+    cache.credential().await.unwrap();
+    let logs = capture.text();
+    assert_eq!(logs.matches("credential store failed").count(), 1, "{logs}");
+    assert_eq!(
+        logs.matches("credential store answers again").count(),
+        1,
+        "{logs}"
+    );
+}
+
+/// World: a slow token request during which the store refuses the lease's renewal (a
+/// holder cut off for a moment), then a store that answers every call for a while (the
+/// renewal, which only a slow request makes, is not made again), then a second outage:
+/// the store down from the middle of a later refresh (its save and release refused) and
+/// back before the next one. Proves: the first outage's end is logged when the store
+/// answers again, and the second outage, a real one that refused this process's save,
+/// is logged as well ("logged once per outage": each outage, not the first of them).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_second_outage_after_a_renewal_failed_once_is_logged() {
+    let (capture, _guard) = support::capture_traces();
+    let source = TestSource::gated(None);
+    let store = FaultStore::new();
+    let cache = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+
+    // Outage 1: the renewal (every second of a 3 s lease) refused while the fetch runs.
+    store.faults().renew_down.store(true, SeqCst);
+    let first = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.credential().await.map(drop) }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    store.faults().renew_down.store(false, SeqCst);
+    source.release(1);
+    first.await.unwrap().unwrap();
+    let logs = capture.text();
+    assert_eq!(logs.matches("credential store failed").count(), 1, "{logs}");
+
+    // The store answers every call of two quick refreshes.
+    for _ in 0..2 {
+        cache.handle().invalidate();
+        let next = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.credential().await.map(drop) }
+        });
+        source.release(1);
+        next.await.unwrap().unwrap();
+    }
+    let ended = capture
+        .text()
+        .matches("credential store answers again")
+        .count();
+
+    // Outage 2: down while the token request runs, so the save and the release fail.
+    cache.handle().invalidate();
+    let third = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.credential().await.map(drop) }
+    });
+    while source.fetches() < 4 {
+        tokio::task::yield_now().await;
+    }
+    store.faults().down.store(true, SeqCst);
+    source.release(1);
+    third.await.unwrap().unwrap();
+    store.faults().down.store(false, SeqCst);
+    let logs = capture.text();
+    assert_eq!(
+        (ended, logs.matches("credential store failed").count()),
+        (1, 2),
+        "(the first outage's end, once the store answered every call; both outages): {logs}"
+    );
+}
+
+/// World: the whole store down from the middle of a refresh (its token request under
+/// way: the save and the release after it refused), still down at the next refresh
+/// (its calls, the load among them, refused too). Proves: the outage is logged once
+/// ("logged once per outage"), not once more by the next refresh's load.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_outage_that_begins_during_a_refresh_is_logged_once() {
+    let (capture, _guard) = support::capture_traces();
+    let source = TestSource::gated(None);
+    let store = FaultStore::new();
+    let cache = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let first = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.credential().await.map(drop) }
+    });
+    while source.fetches() < 1 {
+        tokio::task::yield_now().await;
+    }
+    store.faults().down.store(true, SeqCst);
+    source.release(1);
+    first.await.unwrap().unwrap();
+
+    cache.handle().invalidate();
+    let second = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.credential().await.map(drop) }
+    });
+    source.release(1);
+    second.await.unwrap().unwrap();
+    assert_eq!(source.fetches(), 2);
+    let logs = capture.text();
+    assert_eq!(
+        logs.matches("credential store failed").count(),
+        1,
+        "one outage, logged once: {logs}"
+    );
 }

@@ -5,7 +5,7 @@ use std::{
     fmt,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicU16, AtomicU64, AtomicUsize},
+        atomic::{AtomicU64, AtomicUsize},
     },
     time::Duration,
 };
@@ -297,7 +297,7 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
             current: CurrentSlot::empty(),
             state: Mutex::new(State::default()),
             stats: Stats::default(),
-            store_failing: AtomicU16::new(0),
+            store_health: Default::default(),
             accepted: AtomicU64::new(0),
             source_gate: Arc::default(),
             kept: Arc::default(),

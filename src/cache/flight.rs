@@ -882,6 +882,9 @@ async fn run_flight<P: CredentialSource>(
     let started = Instant::now();
     let deadline = saturating_add(started, guard.inner.config.fetch_timeout);
     let name = guard.inner.config.name.clone();
+    // Whether the store answered every call of this refresh, told when it ends.
+    let inner = Arc::clone(&guard.inner);
+    let _health = HealthEnd(&inner.store_health, Some(inner.store_health.flight_began()));
     for look in 0..3 {
         // A store call that answers at once is not cut at the deadline: none begins
         // past it.
@@ -941,6 +944,21 @@ async fn run_flight<P: CredentialSource>(
     guard.gave_up = true;
     guard.finish(Err(Error::new(ErrorKind::StoreCredentialDropped)), false);
     metrics::refresh(&name, "dropped", started.elapsed());
+}
+
+/// Ends a refresh's look at the store's health (see [`super::lease::StoreHealth`]) when
+/// the refresh ends, however it ends.
+struct HealthEnd<'a>(
+    &'a super::lease::StoreHealth,
+    Option<super::lease::HealthMark>,
+);
+
+impl Drop for HealthEnd<'_> {
+    fn drop(&mut self) {
+        if let Some(began) = self.1.take() {
+            self.0.flight_ended(began);
+        }
+    }
 }
 
 /// Why a refresh on a runtime without timers failed.

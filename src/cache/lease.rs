@@ -6,7 +6,10 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
 };
 
 use tokio::time::Instant;
@@ -915,12 +918,7 @@ pub(super) const LEASE_POLL_MAX: std::time::Duration = std::time::Duration::from
 const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One store call, bounded by its share of the flight's deadline. `None` when it failed
-/// or took too long. An outage is logged once: when a call fails while none is failing,
-/// or when `load`, the call each fetch begins with, fails after it answered in the
-/// outage (a store down after one of its calls broke); and its end once, when a call
-/// that failed in it answers. A call that never failed ends nothing by answering, so a
-/// store with one broken call (its hold refused, say) is logged once, not once per
-/// refresh.
+/// or took too long; the first such call of an outage is logged (see [`StoreHealth`]).
 pub(super) async fn store_call<P, T>(
     inner: &Inner<P>,
     deadline: Instant,
@@ -931,41 +929,64 @@ pub(super) async fn store_call<P, T>(
         Instant::now(),
         inner.config.fetch_timeout / STORE_SHARE,
     ));
-    let bit = store_call_bit(what);
+    let health = &inner.store_health;
     let failure = match tokio::time::timeout_at(until, call).await {
         Ok(Ok(value)) => {
-            let failing = inner.store_failing.load(Ordering::Relaxed);
-            if failing & bit != 0 && inner.store_failing.swap(0, Ordering::Relaxed) != 0 {
-                tracing::info!(call = what, "credential store answers again");
-            }
+            health.answers.fetch_add(1, Ordering::Relaxed);
             return Some(value);
         }
         Ok(Err(e)) => crate::text::foreign(&e.to_string()),
         Err(_) => "no answer in time".to_owned(),
     };
     metrics::store_error(&inner.config.name, what);
-    let before = inner.store_failing.fetch_or(bit, Ordering::Relaxed);
-    if before == 0 || (what == "load" && before & bit == 0) {
+    health.failures.fetch_add(1, Ordering::Relaxed);
+    if !health.down.swap(true, Ordering::Relaxed) {
         tracing::warn!(
             call = what,
             error = %failure,
-            "credential store failed; fetching without it until it answers again"
+            "credential store failed; going on without it until it answers again"
         );
     }
     None
 }
 
-/// The bit of `store_failing` that stands for the store call `what`.
-fn store_call_bit(what: &str) -> u16 {
-    match what {
-        "load" => 1,
-        "lease" => 1 << 1,
-        "save" => 1 << 2,
-        "renew" => 1 << 3,
-        "release" => 1 << 4,
-        "remove" => 1 << 5,
-        "hold" => 1 << 6,
-        "held_until" => 1 << 7,
-        _ => 1 << 15,
+/// How the store has answered this cache, for logging an outage once: it begins with
+/// the first call that fails while none is known to (whichever call that is: a save
+/// after a token request, a remove after a rejection, a load), and it ends with a refresh
+/// whose every store call answered (see [`StoreHealth::flight_began`]). A call that
+/// answers ends nothing by itself: a store with one broken call (its hold refused, say)
+/// fails again on the next refresh, and is logged once, not once per refresh; a call
+/// that failed once and is seldom made (a lease's renewal) does not keep the outage open
+/// past a refresh that met no failure, so the next outage is logged too.
+#[derive(Default)]
+pub(super) struct StoreHealth {
+    down: AtomicBool,
+    /// Calls that failed, and calls that answered, ever.
+    failures: AtomicU64,
+    answers: AtomicU64,
+}
+
+/// What [`StoreHealth::flight_ended`] compares with: the counts as a refresh began.
+pub(super) struct HealthMark {
+    failures: u64,
+    answers: u64,
+}
+
+impl StoreHealth {
+    pub(super) fn flight_began(&self) -> HealthMark {
+        HealthMark {
+            failures: self.failures.load(Ordering::Relaxed),
+            answers: self.answers.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A refresh that made store calls ended: the outage is over if none of the calls
+    /// made meanwhile failed.
+    pub(super) fn flight_ended(&self, began: HealthMark) {
+        let clean = self.failures.load(Ordering::Relaxed) == began.failures
+            && self.answers.load(Ordering::Relaxed) != began.answers;
+        if clean && self.down.swap(false, Ordering::Relaxed) {
+            tracing::info!("credential store answers again");
+        }
     }
 }

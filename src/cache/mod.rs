@@ -78,7 +78,7 @@ use std::{
     fmt,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
-        atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -616,10 +616,9 @@ struct Inner<P> {
     current: CurrentSlot,
     state: Mutex<State>,
     stats: Stats,
-    /// The store calls (see `lease::store_call`) that failed in its current outage, one
-    /// bit each, none when it has none: an outage is logged once when it begins and once
-    /// when one of them answers.
-    store_failing: AtomicU16,
+    /// How the store has answered (see `lease::store_call`): an outage is logged once
+    /// when it begins and once when a refresh meets no failure.
+    store_health: lease::StoreHealth,
     /// One more than the newest generation the API answered with anything but a
     /// rejection: written once per credential, read on every answer.
     accepted: AtomicU64,
