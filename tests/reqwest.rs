@@ -181,46 +181,6 @@ impl reqwest_retry::RetryableStrategy for RetryEverything {
     }
 }
 
-/// World: `reqwest-retry` outside the adapter, as the module docs order them; a request
-/// the adapter refuses (plain http to a non-loopback host), under the default strategy
-/// (no retry: reqwest-retry hands back `RetryError::Error`) and under one that retries
-/// every error until its two retries run out (`RetryError::WithRetries`). Proves: the
-/// adapter's error is read back by `auth_error` through either wrapping (README: "reads
-/// this crate's error back"; before, through reqwest-retry it read `None`, a transport
-/// error to the caller's code).
-#[tokio::test]
-async fn auth_error_reads_the_error_back_through_reqwest_retry() {
-    for retry_all in [false, true] {
-        let policy = ExponentialBackoff::builder()
-            .retry_bounds(Duration::from_millis(1), Duration::from_millis(5))
-            .build_with_max_retries(2);
-        let retry: Arc<dyn reqwest_middleware::Middleware> = match retry_all {
-            true => Arc::new(RetryTransientMiddleware::new_with_policy_and_strategy(
-                policy,
-                RetryEverything,
-            )),
-            false => Arc::new(RetryTransientMiddleware::new_with_policy(policy)),
-        };
-        let source = TestSource::new();
-        let client = ClientBuilder::new(reqwest::Client::new())
-            .with_arc(retry)
-            .with(AuthMiddleware::new(source.clone()).any_https_origin())
-            .build();
-        let err = client
-            .get("http://api.example.invalid/v1")
-            .send()
-            .await
-            .unwrap_err();
-        let kind = tower_client_auth::reqwest::auth_error(&err).map(Error::kind);
-        assert_eq!(
-            kind,
-            Some(ErrorKind::InsecureTransport),
-            "retry all: {retry_all}: {err:?}"
-        );
-        assert_eq!(source.fetches(), 0);
-    }
-}
-
 /// One cache behind a Tower stack and a reqwest client: one fetch serves both.
 #[tokio::test]
 async fn one_cache_serves_tower_and_reqwest() {
@@ -641,15 +601,18 @@ impl reqwest_middleware::Middleware for LateRejection {
     }
 }
 
-/// World: the first attempt's 401 comes back after the request's own timeout ran out,
-/// the replay's credential ready at once. Proves: the call fails `RequestTimeout`,
-/// nothing more is sent, and no replay is counted (`CacheStats::replays`, the replays
-/// metric: "requests sent again"; review 107 saw one counted).
-#[tokio::test]
-async fn a_replay_never_sent_for_the_timeout_is_not_counted() {
+/// A client built on `builder` with the adapter over a new cache, and below it a
+/// `LateRejection` 400 ms late: the cache, the count of calls below, the client.
+fn late_rejected(
+    builder: ClientBuilder,
+) -> (
+    tower_client_auth::CredentialCache<TestSource>,
+    Arc<std::sync::atomic::AtomicUsize>,
+    ClientWithMiddleware,
+) {
     let cache = tower_client_auth::CredentialCache::new(TestSource::new());
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let client = ClientBuilder::new(reqwest::Client::new())
+    let client = builder
         .with(AuthMiddleware::with_cache(cache.clone()).any_https_origin())
         .with(LateRejection {
             cache: cache.clone(),
@@ -657,6 +620,16 @@ async fn a_replay_never_sent_for_the_timeout_is_not_counted() {
             calls: calls.clone(),
         })
         .build();
+    (cache, calls, client)
+}
+
+/// World: the first attempt's 401 comes back after the request's own timeout ran out,
+/// the replay's credential ready at once. Proves: the call fails `RequestTimeout`,
+/// nothing more is sent, and no replay is counted (`CacheStats::replays`, the replays
+/// metric: "requests sent again"; review 107 saw one counted).
+#[tokio::test]
+async fn a_replay_never_sent_for_the_timeout_is_not_counted() {
+    let (cache, calls, client) = late_rejected(ClientBuilder::new(reqwest::Client::new()));
     let err = client
         .get("https://api.test/v1")
         .timeout(Duration::from_millis(200))
@@ -707,8 +680,6 @@ impl reqwest_retry::RetryableStrategy for TimeoutsAlike {
 #[tokio::test]
 async fn a_request_timeout_is_retried_only_by_a_strategy_that_says_so() {
     for documented in [false, true] {
-        let cache = tower_client_auth::CredentialCache::new(TestSource::new());
-        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let policy = ExponentialBackoff::builder()
             .retry_bounds(Duration::from_millis(1), Duration::from_millis(5))
             .build_with_max_retries(2);
@@ -719,14 +690,7 @@ async fn a_request_timeout_is_retried_only_by_a_strategy_that_says_so() {
             false => ClientBuilder::new(reqwest::Client::new())
                 .with(RetryTransientMiddleware::new_with_policy(policy)),
         };
-        let client = retry
-            .with(AuthMiddleware::with_cache(cache.clone()).any_https_origin())
-            .with(LateRejection {
-                cache: cache.clone(),
-                delay: Duration::from_millis(400),
-                calls: calls.clone(),
-            })
-            .build();
+        let (_, calls, client) = late_rejected(retry);
         let sent = client
             .get("https://api.test/v1")
             .timeout(Duration::from_millis(200))
@@ -999,16 +963,20 @@ impl reqwest_middleware::Middleware for Wrapping {
 }
 
 /// World: a request the adapter refuses (plain http to a non-loopback host), under a
-/// user's middleware that wraps the error it gets the ways reqwest-middleware and
-/// anyhow offer (`Error::middleware(err)`, `anyhow::Error::new(err).context(..)`,
-/// `Result::context(..)`), with and without reqwest-retry (its default strategy, or one
-/// retrying every error) between it and the adapter. Proves: `auth_error` reads the adapter's error back
-/// through each ("through any middleware error that names it as its source"), and
-/// nothing panics.
+/// user's middleware that hands the error back as it came or wrapped the ways
+/// reqwest-middleware and anyhow offer (`Error::middleware(err)`,
+/// `anyhow::Error::new(err).context(..)`, `Result::context(..)`), with and without
+/// reqwest-retry between it and the adapter (its default strategy, which hands back
+/// `RetryError::Error`, or one retrying every error until its retry runs out,
+/// `RetryError::WithRetries`). Proves: `auth_error` reads the adapter's error back
+/// through each (its docs; README: "reads this crate's error back, through
+/// reqwest-retry's wrapping too"; through reqwest-retry it read `None`, a transport
+/// error to the caller's code, before 9cadaf5), and nothing panics.
 #[tokio::test]
-async fn auth_error_reads_the_error_back_through_a_users_wrapping() {
+async fn auth_error_reads_the_error_back_through_retries_and_wrappings() {
     use anyhow::Context as _;
-    let wraps: [(&str, Wrap); 3] = [
+    let wraps: [(&str, Wrap); 4] = [
+        ("no wrapping", |err| err),
         ("Error::middleware", reqwest_middleware::Error::middleware),
         ("anyhow context", |err| {
             reqwest_middleware::Error::Middleware(anyhow::Error::new(err).context("billing"))

@@ -189,6 +189,17 @@ fn on_clock(
     })
 }
 
+/// Two processes over one `MemoryStore` on one `ManualClock` (see [`on_clock`]), the
+/// first logged in and the second holding the same credential from the store.
+async fn sharing_a_login(idp: &Idp) -> (ManualClock, [CredentialCache<TokenSource>; 2]) {
+    let clock = ManualClock::new(SystemTime::now());
+    let store = MemoryStore::new();
+    let [a, b] = on_clock(idp, &clock, [store.clone(), store]);
+    a.credential().await.unwrap();
+    b.credential().await.unwrap();
+    (clock, [a, b])
+}
+
 /// Lets `d` pass on both clocks a cache reads: Tokio's (paused) and its wall clock.
 async fn pass(clock: &ManualClock, d: Duration) {
     clock.advance(d);
@@ -204,11 +215,7 @@ async fn pass(clock: &ManualClock, d: Duration) {
 #[tokio::test(start_paused = true)]
 async fn a_hold_after_the_wall_clock_stepped_back_still_holds_the_fleet() {
     let idp = Idp::default();
-    let clock = ManualClock::new(SystemTime::now());
-    let store = MemoryStore::new();
-    let [a, b] = on_clock(&idp, &clock, [store.clone(), store]);
-    a.credential().await.unwrap();
-    b.credential().await.unwrap();
+    let (clock, [a, b]) = sharing_a_login(&idp).await;
     idp.push(Scripted::now(503, Some("2"), "upstream busy"));
     a.handle().invalidate();
     a.credential().await.expect_err("throttled");
@@ -452,11 +459,7 @@ impl Bearer for Credential {
 #[tokio::test(start_paused = true)]
 async fn a_background_refresh_before_expiry_waits_for_the_fleets_hold() {
     let idp = Idp::default();
-    let clock = ManualClock::new(SystemTime::now());
-    let store = MemoryStore::new();
-    let [a, b] = on_clock(&idp, &clock, [store.clone(), store]);
-    a.credential().await.unwrap();
-    b.credential().await.unwrap();
+    let (clock, [a, b]) = sharing_a_login(&idp).await;
     assert_eq!(idp.log().len(), 1, "{:?}", idp.brief());
 
     pass(&clock, Duration::from_secs(3310)).await;

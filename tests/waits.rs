@@ -169,16 +169,11 @@ async fn a_store_with_one_broken_call_is_logged_once() {
         cache.credential().await.unwrap();
     }
     assert_eq!(source.fetches(), 4);
-    let logs = capture.text();
     assert_eq!(
-        logs.matches("credential store failed").count(),
-        1,
-        "one broken call, logged once: {logs}"
-    );
-    assert_eq!(
-        logs.matches("credential store answers again").count(),
-        0,
-        "{logs}"
+        outages_logged(&capture),
+        (1, 0),
+        "one broken call, logged once: (outages, ends) logged: {}",
+        capture.text()
     );
 
     store.faults().down.store(true, SeqCst);
@@ -188,12 +183,11 @@ async fn a_store_with_one_broken_call_is_logged_once() {
     store.faults().holds_down.store(false, SeqCst);
     cache.handle().invalidate();
     cache.credential().await.unwrap();
-    let logs = capture.text();
-    assert_eq!(logs.matches("credential store failed").count(), 1, "{logs}");
     assert_eq!(
-        logs.matches("credential store answers again").count(),
-        1,
-        "{logs}"
+        outages_logged(&capture),
+        (1, 1),
+        "(outages, ends) logged: {}",
+        capture.text()
     );
 }
 
@@ -422,22 +416,21 @@ async fn an_outage_met_first_by_a_remove_is_logged_once() {
     cache.handle().invalidate();
     cache.credential().await.unwrap();
     assert_eq!(source.fetches(), 2);
-    let logs = capture.text();
     assert_eq!(
-        logs.matches("credential store failed").count(),
+        outages_logged(&capture).0,
         1,
-        "one outage, logged once: {logs}"
+        "one outage, logged once: {}",
+        capture.text()
     );
 
     store.faults().down.store(false, SeqCst);
     cache.handle().invalidate();
     cache.credential().await.unwrap();
-    let logs = capture.text();
-    assert_eq!(logs.matches("credential store failed").count(), 1, "{logs}");
     assert_eq!(
-        logs.matches("credential store answers again").count(),
-        1,
-        "{logs}"
+        outages_logged(&capture),
+        (1, 1),
+        "(outages, ends) logged: {}",
+        capture.text()
     );
 }
 
@@ -451,47 +444,29 @@ async fn an_outage_met_first_by_a_remove_is_logged_once() {
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_second_outage_after_a_renewal_failed_once_is_logged() {
     let (capture, _guard) = support::capture_traces();
-    let source = TestSource::gated(None);
-    let store = FaultStore::new();
-    let cache = CredentialCache::builder(source.clone())
-        .store(store.clone())
-        .build()
-        .unwrap();
+    let (source, store, cache) = gated_over_a_store();
 
     // Outage 1: the renewal (every second of a 3 s lease) refused while the fetch runs.
     store.faults().renew_down.store(true, SeqCst);
-    let first = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.credential().await.map(drop) }
-    });
+    let first = asking(&cache);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     store.faults().renew_down.store(false, SeqCst);
     source.release(1);
     first.await.unwrap().unwrap();
-    let logs = capture.text();
-    assert_eq!(logs.matches("credential store failed").count(), 1, "{logs}");
+    assert_eq!(outages_logged(&capture), (1, 0), "{}", capture.text());
 
     // The store answers every call of two quick refreshes.
     for _ in 0..2 {
         cache.handle().invalidate();
-        let next = tokio::spawn({
-            let cache = cache.clone();
-            async move { cache.credential().await.map(drop) }
-        });
+        let next = asking(&cache);
         source.release(1);
         next.await.unwrap().unwrap();
     }
-    let ended = capture
-        .text()
-        .matches("credential store answers again")
-        .count();
+    let ended = outages_logged(&capture).1;
 
     // Outage 2: down while the token request runs, so the save and the release fail.
     cache.handle().invalidate();
-    let third = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.credential().await.map(drop) }
-    });
+    let third = asking(&cache);
     while source.fetches() < 4 {
         tokio::task::yield_now().await;
     }
@@ -499,11 +474,11 @@ async fn a_second_outage_after_a_renewal_failed_once_is_logged() {
     source.release(1);
     third.await.unwrap().unwrap();
     store.faults().down.store(false, SeqCst);
-    let logs = capture.text();
     assert_eq!(
-        (ended, logs.matches("credential store failed").count()),
+        (ended, outages_logged(&capture).0),
         (1, 2),
-        "(the first outage's end, once the store answered every call; both outages): {logs}"
+        "(the first outage's end, once the store answered every call; both outages): {}",
+        capture.text()
     );
 }
 
@@ -514,16 +489,8 @@ async fn a_second_outage_after_a_renewal_failed_once_is_logged() {
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn an_outage_that_begins_during_a_refresh_is_logged_once() {
     let (capture, _guard) = support::capture_traces();
-    let source = TestSource::gated(None);
-    let store = FaultStore::new();
-    let cache = CredentialCache::builder(source.clone())
-        .store(store.clone())
-        .build()
-        .unwrap();
-    let first = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.credential().await.map(drop) }
-    });
+    let (source, store, cache) = gated_over_a_store();
+    let first = asking(&cache);
     while source.fetches() < 1 {
         tokio::task::yield_now().await;
     }
@@ -532,17 +499,43 @@ async fn an_outage_that_begins_during_a_refresh_is_logged_once() {
     first.await.unwrap().unwrap();
 
     cache.handle().invalidate();
-    let second = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.credential().await.map(drop) }
-    });
+    let second = asking(&cache);
     source.release(1);
     second.await.unwrap().unwrap();
     assert_eq!(source.fetches(), 2);
-    let logs = capture.text();
     assert_eq!(
-        logs.matches("credential store failed").count(),
+        outages_logged(&capture).0,
         1,
-        "one outage, logged once: {logs}"
+        "one outage, logged once: {}",
+        capture.text()
     );
+}
+
+/// `cache.credential()` on a task of its own, for a test that releases its gated source
+/// meanwhile.
+fn asking(
+    cache: &CredentialCache<TestSource>,
+) -> tokio::task::JoinHandle<Result<(), tower_client_auth::Error>> {
+    let cache = cache.clone();
+    tokio::spawn(async move { cache.credential().await.map(drop) })
+}
+
+/// A cache over a gated source (the test releases each fetch) and a `FaultStore`.
+fn gated_over_a_store() -> (TestSource, FaultStore, CredentialCache<TestSource>) {
+    let source = TestSource::gated(None);
+    let store = FaultStore::new();
+    let cache = CredentialCache::builder(source.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    (source, store, cache)
+}
+
+/// How many store outages `capture` logged, and how many ends of one.
+fn outages_logged(capture: &support::Capture) -> (usize, usize) {
+    let logs = capture.text();
+    (
+        logs.matches("credential store failed").count(),
+        logs.matches("credential store answers again").count(),
+    )
 }
