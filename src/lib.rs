@@ -124,7 +124,9 @@
 //!
 //! ## 5. Security defaults
 //!
-//! - Credentials go only to `https` URIs; plain `http` only to loopback hosts and only
+//! - Credentials go only to `https` URIs (the scheme in lower case, as `http` parses it
+//!   and as a connector starts TLS for it: not one built as `HTTPS`, nor `wss`); plain
+//!   `http` only to loopback hosts and only
 //!   with [`AuthLayer::allow_http_loopback`]; URIs without a scheme only with
 //!   [`AuthLayer::allow_relative_uris`]. Anything else fails with
 //!   [`ErrorKind::InsecureTransport`] before a byte is sent. Token requests follow the

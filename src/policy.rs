@@ -219,9 +219,11 @@ pub(crate) fn headers_full(_: http::header::MaxSizeReached) -> Error {
 }
 
 /// The one transport rule, for the token client (the layer and the reqwest middleware
-/// apply it through [`Policy::check_transport`]): `https` (or `wss`) always; plain `http`
-/// (or `ws`) only to a loopback host and only when allowed; a URI without a scheme only
-/// when allowed. The error says why, without the URI.
+/// apply it through [`Policy::check_transport`]): `https` always; plain `http` (or `ws`,
+/// `wss`) only to a loopback host and only when allowed; a URI without a scheme only
+/// when allowed. The error says why, without the URI. A scheme is read as `http` parses
+/// it and as an HTTP client's connector reads it, in lower case (see
+/// [`check_transport_parts`]).
 #[cfg(feature = "token")]
 pub(crate) fn check_transport(
     uri: &Uri,
@@ -248,7 +250,7 @@ fn is_https(uri: &Uri) -> bool {
 }
 
 /// `loopback` tells whether the host is a loopback host; it is asked only for plain
-/// `http` (or `ws`).
+/// `http` (or `ws`, `wss`).
 pub(crate) fn check_transport_parts(
     scheme: Option<&str>,
     loopback: impl FnOnce() -> bool,
@@ -262,16 +264,26 @@ pub(crate) fn check_transport_parts(
             Err("the request uri has no scheme, so its transport cannot be checked")
         };
     };
-    if scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("wss") {
-        return Ok(());
-    }
-    if !(scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("ws")) {
-        return Err("unknown uri scheme");
-    }
+    // The text a connector starts TLS for is `https` alone (hyper-tls compares
+    // `scheme_str()` with it; hyper-util's `HttpConnector` takes port 443 for
+    // `Scheme::HTTPS` only): a scheme built in upper case (`Uri::builder().scheme("HTTPS")`,
+    // which `http` keeps apart from `Scheme::HTTPS`) or `wss` goes in plain text there.
+    let plain = match scheme {
+        "https" => return Ok(()),
+        "http" | "ws" => "plain http to a non-loopback host",
+        "wss" => {
+            "wss to a non-loopback host: an http client's connector does not start TLS for it (use https)"
+        }
+        _ => {
+            return Err(
+                "a uri scheme other than https or http (in lower case, as http parses them)",
+            );
+        }
+    };
     match loopback() {
         true if allow_http_loopback => Ok(()),
         true => Err(LOOPBACK_NOT_ALLOWED),
-        false => Err("plain http to a non-loopback host"),
+        false => Err(plain),
     }
 }
 

@@ -533,3 +533,155 @@ async fn an_origin_whose_port_is_no_port_is_refused_not_read_as_the_default_port
         );
     }
 }
+
+/// README: a credential goes "only over https (`https` as a connector starts TLS for it:
+/// not a scheme built as `HTTPS`, nor `wss` ...)"; `lib.rs`: "Credentials go only to
+/// `https` URIs".
+///
+/// World: hyper-util's client over a connector that decides TLS as hyper-tls's
+/// `HttpsConnector` does (`dst.scheme_str() == Some("https")`: TLS; any other scheme: the
+/// plain TCP stream, here to a loopback recorder standing in for `api.example.com`, a
+/// non-loopback host). (a) A layer given `https://api.example.com:<port>` and a request
+/// whose URI was built with `Uri::builder().scheme("HTTPS")`: `http` keeps that scheme as
+/// another scheme than `Scheme::HTTPS` (only a parsed `HTTPS://` string is folded to it),
+/// which the origin and transport rules read case-insensitively as https. (b) A layer
+/// given `.any_https_origin()` and a `wss://` URI, which the transport rule takes for
+/// https though no HTTP client connector starts TLS for it. Direct and replaying.
+/// Proves: no credential goes in plain text to a non-loopback host (review 111: each of
+/// the three arrived in the clear; the transport rule read the scheme case-insensitively
+/// and took `wss` for https).
+#[tokio::test]
+async fn a_scheme_the_connector_does_not_take_for_https_never_carries_the_credential_in_clear() {
+    let (addr, seen) = recording_api(StatusCode::OK, |req| {
+        req.headers()
+            .get(header::HOST)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    })
+    .await;
+    // hyper-tls's rule: TLS only for a URI whose scheme is the text `https`.
+    let connector = tower::service_fn(move |dst: http::Uri| {
+        Box::pin(async move {
+            if dst.scheme_str() == Some("https") {
+                return Err(std::io::Error::other("TLS would start here"));
+            }
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+        })
+    });
+    let client = || {
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build::<_, Full<Bytes>>(connector)
+    };
+    let port = addr.port();
+    let source = || RotatingCredential::new(Credential::bearer("scoped-token").unwrap());
+
+    // (a) A scheme built as `HTTPS`, to the origin given.
+    let scoped = AuthLayer::new(source())
+        .origin(format!("https://api.example.com:{port}").as_str())
+        .unwrap()
+        .without_replay()
+        .layer(client());
+    let uri = http::Uri::builder()
+        .scheme("HTTPS")
+        .authority(format!("api.example.com:{port}"))
+        .path_and_query("/v1/me")
+        .build()
+        .unwrap();
+    assert_ne!(uri.scheme(), Some(&http::uri::Scheme::HTTPS));
+    let _ = scoped
+        .oneshot(Request::get(uri).body(Full::<Bytes>::default()).unwrap())
+        .await;
+
+    // The same through the replaying layer.
+    let replaying = AuthLayer::new(source())
+        .origin(format!("https://api.example.com:{port}").as_str())
+        .unwrap()
+        .layer(
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build::<_, tower_client_auth::ReplayBody<Full<Bytes>>>(connector),
+        );
+    let uri = http::Uri::builder()
+        .scheme("HTTPS")
+        .authority(format!("api.example.com:{port}"))
+        .path_and_query("/v1/me")
+        .build()
+        .unwrap();
+    let _ = replaying
+        .oneshot(Request::get(uri).body(Full::<Bytes>::default()).unwrap())
+        .await;
+
+    // (b) `wss://` under `any_https_origin`.
+    let any = AuthLayer::new(source())
+        .any_https_origin()
+        .without_replay()
+        .layer(client());
+    let _ = any
+        .oneshot(
+            Request::get(format!("wss://api.example.com:{port}/v1/stream"))
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await;
+
+    let seen = seen.lock().unwrap().clone();
+    let leaked: Vec<_> = seen.iter().filter(|(_, auth)| auth.is_some()).collect();
+    assert!(
+        leaked.is_empty(),
+        "the credential went in plain text to a non-loopback host (by Host): {leaked:?}"
+    );
+}
+
+/// README: a credential goes "only to the origins it was given ..., never with a `Host`
+/// header that names another"; the reqwest middleware applies that rule (`AuthMiddleware`
+/// shares the layer's `Host` rule: `a_host_header_naming_another_origin_gets_no_credential`).
+///
+/// World: a reqwest middleware given the API's origin, over a reqwest client built with
+/// `default_headers` holding `Host: tenant.evil.test` (a client made for a shared front
+/// that routes by `Host`); the API's address is that front. reqwest puts its default
+/// headers on each request inside the client, below every middleware, where the request
+/// has no `Host` of its own, so the middleware never sees that one. Proves: the
+/// `tenant.evil.test` virtual host gets no credential: a request the middleware gives
+/// the credential to names its own origin in its `Host` (review 111: the credential
+/// reached `tenant.evil.test`).
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn reqwest_a_default_host_header_naming_another_origin_gets_no_credential() {
+    use tower_client_auth::reqwest::AuthMiddleware;
+    let (api, seen) = virtual_hosts().await;
+    let mut defaults = http::HeaderMap::new();
+    defaults.insert(header::HOST, "tenant.evil.test".parse().unwrap());
+    let http = reqwest::Client::builder()
+        .default_headers(defaults)
+        .no_proxy()
+        .build()
+        .unwrap();
+    let auth = AuthMiddleware::new(RotatingCredential::new(
+        Credential::bearer("scoped-token").unwrap(),
+    ))
+    .allow_http_loopback(true)
+    .client_without_proxy()
+    .origin(&api)
+    .unwrap();
+    reqwest_middleware::ClientBuilder::new(http)
+        .with(auth)
+        .build()
+        .get(format!("{api}/v1/me"))
+        .send()
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|(host, auth)| host != "tenant.evil.test" || auth.is_none()),
+        "the virtual host tenant.evil.test received the credential: {seen:?}"
+    );
+    let own = api.trim_start_matches("http://");
+    assert_eq!(
+        seen[0],
+        (own.to_owned(), Some("Bearer scoped-token".to_owned())),
+        "the API's own origin, named in the Host, gets it"
+    );
+}
