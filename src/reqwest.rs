@@ -20,6 +20,15 @@
 //! (`RequestBuilder::timeout`) bounds the whole call, a replay sent with what the first
 //! attempt and the refresh left of it.
 //!
+//! # What the client adds below
+//! reqwest adds its client's `default_headers` inside the client, below every middleware,
+//! to a request that has no header of that name. A `Host` there is never seen by this
+//! middleware's rule ("never with a `Host` header that names another origin"): set no
+//! `Host` in `default_headers` (set it on the request, where the rule sees it). Forcing
+//! each request's own `Host` would close this, and was not done: reqwest keeps a `Host`
+//! across a redirect to another host, so a client with reqwest's own redirect policy
+//! (a download redirected to object storage, say) would send the API's `Host` there.
+//!
 //! # Redirects
 //! reqwest follows redirects inside the client, below every middleware, and removes only
 //! `Authorization`, `Cookie` and `Proxy-Authorization` on a hop to another host, port or
@@ -216,20 +225,6 @@ pub fn auth_error(err: &reqwest_middleware::Error) -> Option<&crate::Error> {
                 .and_then(auth_error)
         })
     })
-}
-
-/// The `Host` header that names `url`'s own origin: its host and a port that is not the
-/// scheme's default, never its userinfo.
-fn own_host(url: &reqwest::Url) -> Option<http::HeaderValue> {
-    if url.username().is_empty() && url.password().is_none() {
-        return http::HeaderValue::from_str(url.authority()).ok();
-    }
-    let host = url.host_str()?;
-    let value = match url.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_owned(),
-    };
-    http::HeaderValue::try_from(value).ok()
 }
 
 /// Most redirects [`redirect_policy`] follows in a row, as reqwest's default policy.
@@ -834,18 +829,6 @@ impl<P: CredentialSource> AuthMiddleware<P> {
             }
             other => other,
         };
-        // reqwest puts its client's `default_headers` on the request below every
-        // middleware, where it has no header of that name: a default `Host` naming
-        // another site would take the credential there, unseen by the rule above. A
-        // request that may carry the credential names its own origin (hyper-util would
-        // send the same `Host` over HTTP/1; over HTTP/2 it equals `:authority`).
-        if in_scope != Some(false) && !crate::scope::has_host_header(shell.headers()) {
-            if let Some(host) = own_host(shell.url()) {
-                (shell.headers_mut())
-                    .try_insert(http::header::HOST, host)
-                    .map_err(crate::policy::headers_full)?;
-            }
-        }
         // Built empty and filled: the headers change places with the shell's (which
         // keeps the new request's empty map, rather than one being made and another
         // dropped), and the URI stays the default unless the rules read it.

@@ -1023,3 +1023,45 @@ async fn auth_error_reads_the_error_back_through_retries_and_wrappings() {
     }
     assert!(unread.is_empty(), "not read back: {unread:#?}");
 }
+
+/// World: a client with reqwest's own redirect policy (not this crate's
+/// `redirect_policy()`) and the adapter given the API's origin; the API answers `302` to
+/// a download on another host (another loopback port: another origin, as object
+/// storage would be). Proves: the hop reaches that host named by its own `Host` and with
+/// no credential. The adapter adds no `Host` of its own (module docs, "What the client
+/// adds below": reqwest keeps a `Host` across a redirect to another host, so a forced one
+/// would have sent the API's name there).
+#[tokio::test]
+async fn a_redirect_to_another_host_carries_neither_the_credential_nor_the_apis_host() {
+    let (storage, seen) = support::recording_api(StatusCode::OK, |req| {
+        let host = req.headers().get(header::HOST);
+        host.map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    })
+    .await;
+    let api = serve(move |_req: Request<hyper::body::Incoming>| async move {
+        Response::builder()
+            .status(StatusCode::FOUND)
+            .header(header::LOCATION, format!("http://{storage}/blob/1"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    })
+    .await;
+    let client = ClientBuilder::new(reqwest::Client::builder().no_proxy().build().unwrap())
+        .with(
+            AuthMiddleware::new(TestSource::new())
+                .allow_http_loopback(true)
+                .client_without_proxy()
+                .origin(format!("http://{api}").as_str())
+                .unwrap(),
+        )
+        .build();
+    let res = client
+        .get(format!("http://{api}/files/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen, [(storage.to_string(), None)]);
+}
