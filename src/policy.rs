@@ -268,12 +268,13 @@ pub(crate) fn check_transport_parts(
     // `scheme_str()` with it; hyper-util's `HttpConnector` takes port 443 for
     // `Scheme::HTTPS` only): a scheme built in upper case (`Uri::builder().scheme("HTTPS")`,
     // which `http` keeps apart from `Scheme::HTTPS`) or `wss` goes in plain text there.
-    let plain = match scheme {
+    let (plain, loopback_refused) = match scheme {
         "https" => return Ok(()),
-        "http" | "ws" => "plain http to a non-loopback host",
-        "wss" => {
-            "wss to a non-loopback host: an http client's connector does not start TLS for it (use https)"
-        }
+        "http" | "ws" => ("plain http to a non-loopback host", LOOPBACK_NOT_ALLOWED),
+        "wss" => (
+            "wss to a non-loopback host: an http client's connector does not start TLS for it (use https)",
+            "wss to a loopback host: an http client's connector does not start TLS for it, so it is allowed only as plain http is (allow_http_loopback(true)); or use https",
+        ),
         _ => {
             return Err(
                 "a uri scheme other than https or http (in lower case, as http parses them)",
@@ -282,7 +283,7 @@ pub(crate) fn check_transport_parts(
     };
     match loopback() {
         true if allow_http_loopback => Ok(()),
-        true => Err(LOOPBACK_NOT_ALLOWED),
+        true => Err(loopback_refused),
         false => Err(plain),
     }
 }

@@ -225,6 +225,33 @@ async fn insecure_transports_are_refused_before_sending() {
     assert_eq!(relative.oneshot(req).await.unwrap().status(), 200);
 }
 
+/// World: a layer over `.any_https_origin()` that does not allow plain http to loopback,
+/// and a `wss://127.0.0.1` request (a connector starts no TLS for `wss`, so the rule
+/// takes it as plain text: loopback only when allowed). Proves: the refusal says what
+/// was refused ("the error says why"): it names `wss`, not "plain http", which this
+/// request is not and whose setter alone would not tell its user that `wss` is the
+/// problem.
+#[tokio::test]
+async fn a_wss_request_to_loopback_is_refused_with_its_own_reason() {
+    let source = TestSource::new();
+    let api = FakeApi::new(|_, _| StatusCode::OK);
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(api.service());
+    let req = Request::get("wss://127.0.0.1:8443/v1/stream")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let err = svc.oneshot(req).await.unwrap_err();
+    let err = err.downcast_ref::<Error>().unwrap();
+    assert_eq!(err.kind(), ErrorKind::InsecureTransport);
+    assert!(api.seen().is_empty());
+    let text = err.to_string();
+    assert!(
+        text.contains("wss") && !text.contains("plain http to a loopback host"),
+        "the refusal of a wss request: {text}"
+    );
+}
+
 /// What the body server saw of one request: its body and `x-checksum` trailer, or that
 /// the body never arrived whole.
 type Seen = Result<(Bytes, Option<String>), String>;

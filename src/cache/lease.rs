@@ -8,7 +8,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
 };
 
@@ -932,38 +932,42 @@ pub(super) async fn store_call<P, T>(
     let health = &inner.store_health;
     let failure = match tokio::time::timeout_at(until, call).await {
         Ok(Ok(value)) => {
-            health.answers.fetch_add(1, Ordering::Relaxed);
+            health.answered(what);
             return Some(value);
         }
         Ok(Err(e)) => crate::text::foreign(&e.to_string()),
         Err(_) => "no answer in time".to_owned(),
     };
     metrics::store_error(&inner.config.name, what);
-    health.failures.fetch_add(1, Ordering::Relaxed);
-    if !health.down.swap(true, Ordering::Relaxed) {
-        tracing::warn!(
-            call = what,
-            error = %failure,
-            "credential store failed; going on without it until it answers again"
-        );
-    }
+    health.failed(what, &failure);
     None
 }
 
-/// How the store has answered this cache, for logging an outage once: it begins with
-/// the first call that fails while none is known to (whichever call that is: a save
-/// after a token request, a remove after a rejection, a load), and it ends with a refresh
-/// whose every store call answered (see [`StoreHealth::flight_began`]). A call that
-/// answers ends nothing by itself: a store with one broken call (its hold refused, say)
-/// fails again on the next refresh, and is logged once, not once per refresh; a call
-/// that failed once and is seldom made (a lease's renewal) does not keep the outage open
-/// past a refresh that met no failure, so the next outage is logged too.
+/// How the store has answered this cache, for logging each outage once and its end once.
+/// An outage begins with the first call that fails while none is failing, whichever call
+/// it is (a save after a token request, a remove after a rejection, a load); it ends when
+/// one of the calls that failed in it answers. A call that keeps failing is one outage,
+/// logged once, however seldom it is made (a remove after a rejection, a hold after a
+/// `Retry-After`) and however many refreshes meet no failure between its calls. Another
+/// call that fails after a refresh met no failure begins an outage of its own, logged
+/// too (a once-failed renewal, seldom made, does not hide it); one that fails while the
+/// outage's refreshes still fail is the same outage.
 #[derive(Default)]
 pub(super) struct StoreHealth {
-    down: AtomicBool,
-    /// Calls that failed, and calls that answered, ever.
+    state: std::sync::Mutex<Health>,
+    /// Calls that failed, and calls that answered, ever: a refresh compares them from
+    /// its start to its end (see [`StoreHealth::flight_began`]).
     failures: AtomicU64,
     answers: AtomicU64,
+}
+
+#[derive(Default)]
+struct Health {
+    /// The calls that failed in the outage under way (a bit each, `store_call_bit`);
+    /// none when the store is not known to fail.
+    failing: u16,
+    /// Whether a refresh met no failure since the last call that failed.
+    clean_since: bool,
 }
 
 /// What [`StoreHealth::flight_ended`] compares with: the counts as a refresh began.
@@ -973,6 +977,39 @@ pub(super) struct HealthMark {
 }
 
 impl StoreHealth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn answered(&self, what: &'static str) {
+        self.answers.fetch_add(1, Ordering::Relaxed);
+        let mut health = self.lock();
+        if health.failing & store_call_bit(what) != 0 {
+            *health = Health::default();
+            drop(health);
+            tracing::info!(call = what, "credential store answers again");
+        }
+    }
+
+    fn failed(&self, what: &'static str, failure: &str) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let bit = store_call_bit(what);
+        let mut health = self.lock();
+        let new = health.failing == 0 || (health.failing & bit == 0 && health.clean_since);
+        health.failing |= bit;
+        health.clean_since = false;
+        drop(health);
+        if new {
+            tracing::warn!(
+                call = what,
+                error = %failure,
+                "credential store failed; going on without it until it answers again"
+            );
+        }
+    }
+
     pub(super) fn flight_began(&self) -> HealthMark {
         HealthMark {
             failures: self.failures.load(Ordering::Relaxed),
@@ -980,13 +1017,30 @@ impl StoreHealth {
         }
     }
 
-    /// A refresh that made store calls ended: the outage is over if none of the calls
-    /// made meanwhile failed.
+    /// A refresh ended: one whose store calls all answered is recorded (see `failed`).
     pub(super) fn flight_ended(&self, began: HealthMark) {
         let clean = self.failures.load(Ordering::Relaxed) == began.failures
             && self.answers.load(Ordering::Relaxed) != began.answers;
-        if clean && self.down.swap(false, Ordering::Relaxed) {
-            tracing::info!("credential store answers again");
+        if clean {
+            let mut health = self.lock();
+            if health.failing != 0 {
+                health.clean_since = true;
+            }
         }
+    }
+}
+
+/// The bit of [`Health::failing`] that stands for the store call `what`.
+fn store_call_bit(what: &str) -> u16 {
+    match what {
+        "load" => 1,
+        "lease" => 1 << 1,
+        "save" => 1 << 2,
+        "renew" => 1 << 3,
+        "release" => 1 << 4,
+        "remove" => 1 << 5,
+        "hold" => 1 << 6,
+        "held_until" => 1 << 7,
+        _ => 1 << 15,
     }
 }

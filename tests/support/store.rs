@@ -38,6 +38,9 @@ pub struct Faults {
     pub renew_down: AtomicBool,
     /// `hold` and `held_until` fail (a store whose one key is refused, say by an ACL).
     pub holds_down: AtomicBool,
+    /// `remove` fails (a compare-and-delete refused, say a store whose ACL denies
+    /// scripts that delete).
+    pub removes_down: AtomicBool,
     /// `save` fails for a credential with a refresh token (a store out of memory that
     /// still answers, say).
     pub refusing_pairs: AtomicBool,
@@ -248,6 +251,9 @@ impl<S: CredentialStore> CredentialStore for FaultStore<S> {
 
     async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
         self.reach().await?;
+        if self.faults.removes_down.load(SeqCst) {
+            return Err("NOPERM this user has no permissions to run the remove script".into());
+        }
         self.memory.remove(rejected).await
     }
 
