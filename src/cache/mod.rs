@@ -616,8 +616,8 @@ struct Inner<P> {
     current: CurrentSlot,
     state: Mutex<State>,
     stats: Stats,
-    /// How the store has answered (see `lease::store_call`): an outage is logged once
-    /// when it begins and once when a refresh meets no failure.
+    /// How the store has answered (see `lease::StoreHealth`): an outage is logged once
+    /// when it begins and once when a call that failed in it answers.
     store_health: lease::StoreHealth,
     /// One more than the newest generation the API answered with anything but a
     /// rejection: written once per credential, read on every answer.
