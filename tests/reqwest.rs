@@ -1033,12 +1033,7 @@ async fn auth_error_reads_the_error_back_through_retries_and_wrappings() {
 /// would have sent the API's name there).
 #[tokio::test]
 async fn a_redirect_to_another_host_carries_neither_the_credential_nor_the_apis_host() {
-    let (storage, seen) = support::recording_api(StatusCode::OK, |req| {
-        let host = req.headers().get(header::HOST);
-        host.map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default()
-    })
-    .await;
+    let (storage, seen) = support::recording_api(StatusCode::OK, support::host_named).await;
     let api = serve(move |_req: Request<hyper::body::Incoming>| async move {
         Response::builder()
             .status(StatusCode::FOUND)

@@ -178,12 +178,7 @@ fn origins_take_what_users_hold_and_refuse_what_is_not_one() {
 /// A server that routes by `Host` (a shared front: an ingress, a CDN, a virtual host)
 /// and records, for each request, the `Host` it named and its `Authorization`.
 async fn virtual_hosts() -> (String, Recorded) {
-    let (addr, seen) = recording_api(StatusCode::OK, |req| {
-        let host = req.headers().get(header::HOST);
-        host.map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default()
-    })
-    .await;
+    let (addr, seen) = recording_api(StatusCode::OK, support::host_named).await;
     (format!("http://{addr}"), seen)
 }
 
@@ -388,13 +383,7 @@ async fn a_relative_request_whose_host_names_another_origin_gets_no_credential()
 /// The front's `tenant.evil.test` virtual host records what it received.
 #[tokio::test]
 async fn over_the_wire_a_relative_request_routed_by_host_to_another_origin_gets_no_credential() {
-    let (addr, seen) = recording_api(StatusCode::OK, |req| {
-        req.headers()
-            .get(header::HOST)
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default()
-    })
-    .await;
+    let (addr, seen) = recording_api(StatusCode::OK, support::host_named).await;
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (send, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
         hyper_util::rt::TokioIo::new(stream),
@@ -552,13 +541,7 @@ async fn an_origin_whose_port_is_no_port_is_refused_not_read_as_the_default_port
 /// and took `wss` for https).
 #[tokio::test]
 async fn a_scheme_the_connector_does_not_take_for_https_never_carries_the_credential_in_clear() {
-    let (addr, seen) = recording_api(StatusCode::OK, |req| {
-        req.headers()
-            .get(header::HOST)
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default()
-    })
-    .await;
+    let (addr, seen) = recording_api(StatusCode::OK, support::host_named).await;
     // hyper-tls's rule: TLS only for a URI whose scheme is the text `https`.
     let connector = tower::service_fn(move |dst: http::Uri| {
         Box::pin(async move {

@@ -432,6 +432,15 @@ pub async fn logging_api(
 /// `Authorization`.
 pub type Recorded = Arc<Mutex<Vec<(String, Option<String>)>>>;
 
+/// The `Host` a request named (empty for none): a `recording_api` label for a front
+/// that routes by it.
+pub fn host_named(req: &Request<hyper::body::Incoming>) -> String {
+    req.headers()
+        .get(http::header::HOST)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
 /// A server that answers `status` to every request and records, for each, `label` of it
 /// and its `Authorization`.
 pub async fn recording_api(
