@@ -2160,3 +2160,56 @@ async fn a_step_up_over_a_kept_pair_leaves_no_marker_passing_for_the_store() {
     assert_eq!(sa.stored_refresh_token().await.as_deref(), Some("rt2"));
     assert_eq!(reused.load(SeqCst), 0);
 }
+
+/// World: a client-credentials source that can step up (scope `read`), step-up on, and
+/// an API whose 403 says `insufficient_scope` without naming a scope (RFC 6750 §3 lets
+/// the `scope` attribute out). Proves (README: "one with no `scope`, is
+/// `TokenErrorKind::StepUpUnsupported`, nothing sent"): no token request is sent for it,
+/// twice over (no login asking for nothing more, once per request or per backoff step),
+/// nothing is replayed, and each answer goes back marked, with no scope.
+#[tokio::test]
+async fn an_insufficient_scope_naming_no_scope_sends_no_token_request() {
+    let idp = support::scripted::Idp::default();
+    let api_calls = Arc::new(AtomicUsize::new(0));
+    let api = {
+        let api_calls = api_calls.clone();
+        tower::service_fn(
+            move |_req: Request<tower_client_auth::ReplayBody<Full<Bytes>>>| {
+                api_calls.fetch_add(1, SeqCst);
+                async move {
+                    Ok::<_, BoxError>(
+                        http::Response::builder()
+                            .status(StatusCode::FORBIDDEN)
+                            .header(
+                                http::header::WWW_AUTHENTICATE,
+                                r#"Bearer error="insufficient_scope""#,
+                            )
+                            .body(Full::<Bytes>::default())
+                            .unwrap(),
+                    )
+                }
+            },
+        )
+    };
+    let svc = AuthLayer::new(idp.source())
+        .any_https_origin()
+        .step_up(true)
+        .layer(api);
+    for _ in 0..2 {
+        let res = svc.clone().oneshot(support::get("/v1/x")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            res.extensions().get::<NotReplayed>(),
+            Some(&NotReplayed::InsufficientScope)
+        );
+        assert_eq!(
+            res.extensions().get::<InsufficientScope>(),
+            Some(&InsufficientScope { scope: None })
+        );
+    }
+    assert_eq!(
+        idp.scoped(),
+        [("client_credentials".into(), Some("read".into()), None, 200)]
+    );
+    assert_eq!(api_calls.load(SeqCst), 2, "nothing replayed");
+}
