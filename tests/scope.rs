@@ -566,16 +566,31 @@ async fn a_scheme_the_connector_does_not_take_for_https_never_carries_the_creden
         .unwrap()
         .without_replay()
         .layer(client());
-    let uri = http::Uri::builder()
-        .scheme("HTTPS")
-        .authority(format!("api.example.com:{port}"))
-        .path_and_query("/v1/me")
-        .build()
-        .unwrap();
-    assert_ne!(uri.scheme(), Some(&http::uri::Scheme::HTTPS));
-    let _ = scoped
-        .oneshot(Request::get(uri).body(Full::<Bytes>::default()).unwrap())
-        .await;
+    // A URI whose scheme was built as `HTTPS`: `http` keeps it apart from `Scheme::HTTPS`.
+    let upper_case_https = || {
+        let uri = http::Uri::builder()
+            .scheme("HTTPS")
+            .authority(format!("api.example.com:{port}"))
+            .path_and_query("/v1/me")
+            .build()
+            .unwrap();
+        assert_ne!(uri.scheme(), Some(&http::uri::Scheme::HTTPS));
+        Request::get(uri).body(Full::<Bytes>::default()).unwrap()
+    };
+    // Each is refused before it is sent (lib.rs: "Anything else fails with
+    // `ErrorKind::InsecureTransport` before a byte is sent").
+    let refused = |sent: Result<_, tower_client_auth::BoxError>| {
+        let err = sent.expect_err("sent");
+        let kind = err
+            .downcast_ref::<tower_client_auth::Error>()
+            .map(|e| e.kind());
+        assert_eq!(
+            kind,
+            Some(tower_client_auth::ErrorKind::InsecureTransport),
+            "{err}"
+        );
+    };
+    refused(scoped.oneshot(upper_case_https()).await.map(drop));
 
     // The same through the replaying layer.
     let replaying = AuthLayer::new(source())
@@ -585,28 +600,22 @@ async fn a_scheme_the_connector_does_not_take_for_https_never_carries_the_creden
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build::<_, tower_client_auth::ReplayBody<Full<Bytes>>>(connector),
         );
-    let uri = http::Uri::builder()
-        .scheme("HTTPS")
-        .authority(format!("api.example.com:{port}"))
-        .path_and_query("/v1/me")
-        .build()
-        .unwrap();
-    let _ = replaying
-        .oneshot(Request::get(uri).body(Full::<Bytes>::default()).unwrap())
-        .await;
+    refused(replaying.oneshot(upper_case_https()).await.map(drop));
 
     // (b) `wss://` under `any_https_origin`.
     let any = AuthLayer::new(source())
         .any_https_origin()
         .without_replay()
         .layer(client());
-    let _ = any
-        .oneshot(
+    refused(
+        any.oneshot(
             Request::get(format!("wss://api.example.com:{port}/v1/stream"))
                 .body(Full::<Bytes>::default())
                 .unwrap(),
         )
-        .await;
+        .await
+        .map(drop),
+    );
 
     let seen = seen.lock().unwrap().clone();
     let leaked: Vec<_> = seen.iter().filter(|(_, auth)| auth.is_some()).collect();

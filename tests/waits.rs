@@ -165,8 +165,7 @@ async fn a_store_with_one_broken_call_is_logged_once() {
         .build()
         .unwrap();
     for _ in 0..4 {
-        cache.handle().invalidate();
-        cache.credential().await.unwrap();
+        refreshed(&cache).await;
     }
     assert_eq!(source.fetches(), 4);
     assert_eq!(
@@ -177,12 +176,10 @@ async fn a_store_with_one_broken_call_is_logged_once() {
     );
 
     store.faults().down.store(true, SeqCst);
-    cache.handle().invalidate();
-    cache.credential().await.unwrap();
+    refreshed(&cache).await;
     store.faults().down.store(false, SeqCst);
     store.faults().holds_down.store(false, SeqCst);
-    cache.handle().invalidate();
-    cache.credential().await.unwrap();
+    refreshed(&cache).await;
     assert_eq!(
         outages_logged(&capture),
         (1, 1),
@@ -449,8 +446,7 @@ async fn an_outage_met_first_by_a_remove_is_logged_once() {
     cache.credential().await.unwrap();
 
     store.faults().down.store(true, SeqCst);
-    cache.handle().invalidate();
-    cache.credential().await.unwrap();
+    refreshed(&cache).await;
     assert_eq!(source.fetches(), 2);
     assert_eq!(
         outages_logged(&capture).0,
@@ -460,8 +456,7 @@ async fn an_outage_met_first_by_a_remove_is_logged_once() {
     );
 
     store.faults().down.store(false, SeqCst);
-    cache.handle().invalidate();
-    cache.credential().await.unwrap();
+    refreshed(&cache).await;
     assert_eq!(
         outages_logged(&capture),
         (1, 1),
@@ -576,4 +571,10 @@ fn outages_logged(capture: &support::Capture) -> (usize, usize) {
         logs.matches("credential store failed").count(),
         logs.matches("credential store answers again").count(),
     )
+}
+
+/// Drops `cache`'s credential and waits for the refresh that replaces it.
+async fn refreshed<P: tower_client_auth::CredentialSource>(cache: &CredentialCache<P>) {
+    cache.handle().invalidate();
+    cache.credential().await.unwrap();
 }
