@@ -68,13 +68,17 @@ macro_rules! request_rules {
         /// `http::Uri` (and `reqwest::Url` with the `reqwest` feature). Anything with a
         /// path, query or credentials is an [`InvalidOrigin`](crate::InvalidOrigin) here,
         /// not a scope that silently differs; take a base URL's origin with
-        /// [`Origin::of_url`].
+        /// [`Origin::of_url`]. So is an origin no request could carry the credential to
+        /// (plain `http`, `ws` or `wss` to a host that is not loopback, another scheme):
+        /// the transport rule would refuse every request to it. A loopback `http` origin
+        /// is taken; its requests need [`allow_http_loopback`](Self::allow_http_loopback).
         pub fn origin<O>(mut self, origin: O) -> Result<Self, crate::InvalidOrigin>
         where
             O: TryInto<Origin>,
             O::Error: Into<crate::InvalidOrigin>,
         {
             let origin = origin.try_into().map_err(Into::into)?;
+            origin.can_carry_credential()?;
             Scope::add_origin(&mut self.scope, origin);
             Ok(self)
         }

@@ -123,6 +123,23 @@ impl Origin {
         Origin::from_uri(uri, false)
     }
 
+    /// Refuses an origin that no request could carry the credential to, whatever the
+    /// layer's settings: plain `http`, `ws` or `wss` to a host that is not loopback, or a
+    /// scheme that is neither. The transport rule ([`check_transport_parts`]) would refuse
+    /// every such request; the setter says so where the origin is given. A loopback
+    /// origin passes: `allow_http_loopback` may be called after it.
+    ///
+    /// [`check_transport_parts`]: crate::policy::check_transport_parts
+    pub(crate) fn can_carry_credential(&self) -> Result<(), InvalidOrigin> {
+        crate::policy::check_transport_parts(
+            Some(&self.scheme),
+            || crate::policy::is_loopback(&self.host),
+            true,
+            false,
+        )
+        .map_err(|what| InvalidOrigin { what })
+    }
+
     /// `strict`: refuse anything after the authority but a lone `/`.
     fn from_uri(uri: &Uri, strict: bool) -> Result<Origin, InvalidOrigin> {
         let invalid = |what| InvalidOrigin { what };

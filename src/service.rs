@@ -124,7 +124,11 @@ impl<S, P, M> AddCredential<S, P, M> {
 
 impl<S, P: CredentialSource> AddCredential<S, P> {
     /// Wraps `inner`, over a new cache of `source`, with the layer's defaults, sending
-    /// the credential to `origin` only: `AuthLayer::new(source).origin(origin)?.layer(inner)`.
+    /// the credential to `origin` only: `AuthLayer::new(source).origin(origin)?.layer(inner)`,
+    /// except that an origin `AuthLayer::origin` refuses (one no request could carry the
+    /// credential to: plain `http` to a host that is not loopback, say) is taken here,
+    /// and every request to it fails with
+    /// [`ErrorKind::InsecureTransport`](crate::ErrorKind::InsecureTransport).
     pub fn new(inner: S, source: P, origin: crate::Origin) -> Self {
         tower_layer::Layer::layer(&AuthLayer::new(source).scoped_to(origin), inner)
     }

@@ -114,6 +114,43 @@ async fn a_predicate_scopes_and_out_of_scope_requests_are_untouched() {
     assert_eq!(fake.seen()[0].authorization, None);
 }
 
+/// World: `.origin(..)` given an origin no request could ever carry the credential to
+/// (plain `http`, `ws` or `wss` to a host that is not loopback; a scheme that is neither
+/// `https` nor `http`), on the layer and on the reqwest middleware. Proves: it is an
+/// `InvalidOrigin` at `.origin(..)`, saying why, not a layer whose every request to that
+/// origin fails later with `InsecureTransport`; the loopback forms stay accepted, since
+/// `allow_http_loopback` may come after them.
+#[test]
+fn an_origin_that_could_never_carry_the_credential_is_refused_where_it_is_given() {
+    use tower_client_auth::StaticCredential;
+    let layer = || AuthLayer::new(StaticCredential::bearer("t").unwrap());
+    for (never, why) in [
+        ("http://api.example.com", "plain http"),
+        ("ws://api.example.com", "plain http"),
+        ("wss://api.example.com", "wss"),
+        ("http://api.example.com:8443", "plain http"),
+        ("ftp://files.example.com:21", "scheme"),
+    ] {
+        let err = layer().origin(never).unwrap_err();
+        assert!(err.to_string().contains(why), "{never}: {err}");
+        #[cfg(feature = "reqwest")]
+        {
+            use tower_client_auth::reqwest::AuthMiddleware;
+            let middleware = AuthMiddleware::new(StaticCredential::bearer("t").unwrap());
+            let err = middleware.origin(never).unwrap_err();
+            assert!(err.to_string().contains(why), "reqwest, {never}: {err}");
+        }
+    }
+    for loopback in [
+        "http://127.0.0.1:8080",
+        "http://localhost",
+        "ws://[::1]:9000",
+        "wss://127.0.0.1:8443",
+    ] {
+        assert!(layer().origin(loopback).is_ok(), "{loopback}");
+    }
+}
+
 /// `.origin(..)` takes what users hold, and refuses what is not exactly an origin with a
 /// typed error here, not a scope that silently differs. `Origin::of_url` is the explicit
 /// way to take a base URL's origin; credentials in a URL are refused either way.
