@@ -834,3 +834,55 @@ async fn a_replaced_credential_is_not_handed_back_by_the_source() {
     assert_ne!(next, mine);
     assert_eq!(idp.refresh_grants.load(SeqCst), 1);
 }
+
+/// World: an `on_refresh` hook that panics the first time it is called (a bug hit
+/// once), then persists (review 113). Proves the promise "on an `Err` or a timeout the
+/// pair is still held in memory and used, and the newest unconfirmed pair is offered to
+/// the hook again until it takes it" for a panic too: the request gets the credential
+/// the endpoint issued, and the pair is offered again and persisted. Before, the panic
+/// unwound the exchange task before the pair was recorded as unconfirmed: the request
+/// failed, nothing offered the pair again, and a restart resumed with no refresh token.
+#[tokio::test]
+async fn a_pair_the_hook_panicked_on_is_offered_again() {
+    let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
+    let base = start(&idp).await;
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let persisted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let source = oauth_source(&base).on_refresh({
+        let (calls, persisted) = (calls.clone(), persisted.clone());
+        move |pair| {
+            let rt = pair.refresh_token().map(|s| s.expose().to_owned());
+            if calls.fetch_add(1, SeqCst) == 0 {
+                panic!("on_refresh hook bug, hit once");
+            }
+            let persisted = persisted.clone();
+            async move {
+                persisted.lock().unwrap().extend(rt);
+                Ok::<(), &str>(())
+            }
+        }
+    });
+    let cache = tower_client_auth::CredentialCache::builder(source)
+        .build()
+        .unwrap();
+    let first = cache.credential().await;
+    assert!(
+        first.is_ok(),
+        "the issued credential was not the answer: {first:?}"
+    );
+    // Offered again after 250 ms, doubling: well within 3 s.
+    for _ in 0..30 {
+        if !persisted.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let persisted = persisted.lock().unwrap().clone();
+    assert_eq!(
+        persisted.len(),
+        1,
+        "the login's pair (the refresh token the source now holds) was never offered \
+         again after the hook panicked (hook calls: {}, first request: {first:?})",
+        calls.load(SeqCst)
+    );
+}

@@ -29,6 +29,7 @@ mod loopback;
 mod matrix;
 mod mtls;
 mod owed_login;
+mod panics;
 mod private_key_jwt;
 mod quirks;
 mod redirects;

@@ -228,40 +228,62 @@ pub(crate) trait DynStore: Send + Sync + 'static {
 
 impl<S: CredentialStore> DynStore for S {
     fn load(&self) -> StoreFuture<'_, Option<Credential>> {
-        Box::pin(CredentialStore::load(self))
+        guarded(move || CredentialStore::load(self))
     }
 
     fn lease(&self, ttl: Duration) -> StoreFuture<'_, Option<Lease>> {
-        Box::pin(CredentialStore::lease(self, ttl))
+        guarded(move || CredentialStore::lease(self, ttl))
     }
 
     fn save<'a>(&'a self, lease: &'a Lease, credential: &'a Credential) -> StoreFuture<'a, bool> {
-        Box::pin(CredentialStore::save(self, lease, credential))
+        guarded(move || CredentialStore::save(self, lease, credential))
     }
 
     fn renew<'a>(&'a self, lease: &'a Lease, ttl: Duration) -> StoreFuture<'a, bool> {
-        Box::pin(CredentialStore::renew(self, lease, ttl))
+        guarded(move || CredentialStore::renew(self, lease, ttl))
     }
 
     fn release<'a>(&'a self, lease: &'a Lease) -> StoreFuture<'a, ()> {
-        Box::pin(CredentialStore::release(self, lease))
+        guarded(move || CredentialStore::release(self, lease))
     }
 
     fn remove<'a>(&'a self, rejected: &'a Credential) -> StoreFuture<'a, ()> {
-        Box::pin(CredentialStore::remove(self, rejected))
+        guarded(move || CredentialStore::remove(self, rejected))
     }
 
     fn changed(&self, timeout: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(CredentialStore::changed(self, timeout))
+        // A panic is a wake: the waiter looks at the store again (through `load`).
+        Box::pin(async move {
+            let call = std::panic::AssertUnwindSafe(async move {
+                CredentialStore::changed(self, timeout).await
+            });
+            let _ = futures_util::FutureExt::catch_unwind(call).await;
+        })
     }
 
     fn hold(&self, until: SystemTime) -> StoreFuture<'_, ()> {
-        Box::pin(CredentialStore::hold(self, until))
+        guarded(move || CredentialStore::hold(self, until))
     }
 
     fn held_until(&self) -> StoreFuture<'_, Option<SystemTime>> {
-        Box::pin(CredentialStore::held_until(self))
+        guarded(move || CredentialStore::held_until(self))
     }
+}
+
+/// A store call that panics (making its future, or polling it) fails as one that
+/// returned an error does: a panicking `save` leaves the pair it was given kept and
+/// saved again, as a failed one does, where an unwinding refresh would drop it (and a
+/// rotated refresh token with it).
+fn guarded<'a, T, F>(call: impl FnOnce() -> F + Send + 'a) -> StoreFuture<'a, T>
+where
+    F: Future<Output = Result<T, BoxError>> + Send + 'a,
+{
+    Box::pin(async move {
+        let call = std::panic::AssertUnwindSafe(async move { call().await });
+        futures_util::FutureExt::catch_unwind(call)
+            .await
+            .unwrap_or_else(|_| Err("the credential store panicked".into()))
+    })
 }
 
 /// A [`CredentialStore`] in process memory, shared by clones: the contract within one

@@ -1530,10 +1530,21 @@ impl Flags {
 }
 
 /// One call of the hook: whether it took the pair (logged when not; never the pair).
+/// A hook that panics (in the call or its future) did not take it: the pair stays
+/// unconfirmed and is offered again, as after an `Err`, and the credential it came with
+/// is still the fetch's answer.
 async fn offer(hook: &OnRefresh, pair: TokenPair, timeout: Duration) -> bool {
-    match tokio::time::timeout(timeout, hook(pair)).await {
-        Ok(Ok(())) => true,
-        Ok(Err(e)) => {
+    use futures_util::FutureExt;
+    let call = std::panic::AssertUnwindSafe(async move { hook(pair).await }).catch_unwind();
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(Ok(()))) => true,
+        Ok(Err(_)) => {
+            tracing::warn!(
+                "on_refresh hook panicked; the new tokens are kept in memory, offered again"
+            );
+            false
+        }
+        Ok(Ok(Err(e))) => {
             tracing::warn!(
                 error = %crate::text::foreign(&e.to_string()),
                 "on_refresh hook did not persist the new tokens; kept in memory, offered again"
