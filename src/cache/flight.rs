@@ -8,8 +8,11 @@ use std::{
     future::Future,
     panic::AssertUnwindSafe,
     pin::Pin,
-    sync::{Arc, atomic::Ordering},
-    task::{Context, Poll, ready},
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicU8, Ordering},
+    },
+    task::{Context, Poll},
 };
 
 use futures_util::future::{FutureExt, Shared};
@@ -193,7 +196,7 @@ impl<P: CredentialSource> CredentialCache<P> {
         if let Some(flight) = joinable {
             metrics::event(&inner.config.name, metrics::WAITS);
             return (
-                Acquire::waiting(flight.future.clone(), still_valid, &inner.config.clock),
+                Acquire::waiting(flight, want, still_valid, &inner.config.clock),
                 None,
             );
         }
@@ -226,9 +229,18 @@ impl<P: CredentialSource> CredentialCache<P> {
         state.flight_id += 1;
         let id = state.flight_id;
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let me: Weak<dyn Replan> = inner.me.clone();
         let flight = Flight {
             id,
             future: FlightFuture { rx }.shared(),
+            run: Arc::new(FlightRun {
+                id,
+                begun: AtomicU8::new(NOT_BEGUN),
+                tx: std::sync::Mutex::new(Some(tx)),
+                runtime: runtime.id(),
+                due: saturating_add(now, inner.config.fetch_timeout),
+                cache: me,
+            }),
             scope: required_scope.as_deref().filter(|_| step_up).map(Arc::from),
         };
         // After an invalidation, the fetch it made suspect may still run: this one waits
@@ -262,7 +274,6 @@ impl<P: CredentialSource> CredentialCache<P> {
             began: None,
             flight: flight.clone(),
             started: false,
-            tx: Some(tx),
             step_up,
             gave_up: false,
             used: false,
@@ -278,7 +289,7 @@ impl<P: CredentialSource> CredentialCache<P> {
             span,
         };
         (
-            Acquire::waiting(flight.future, still_valid, &inner.config.clock),
+            Acquire::waiting(&flight, want, still_valid, &inner.config.clock),
             Some(start),
         )
     }
@@ -336,7 +347,9 @@ pub(crate) struct Acquire {
 
 enum AcquireState {
     Ready(Option<Result<Arc<Entry>, Error>>),
-    Waiting(Shared<FlightFuture>),
+    /// The flight's result, and, for a flight whose task runs on another runtime than
+    /// the one that planned this wait, a watch on whether that task ever begins.
+    Waiting(Shared<FlightFuture>, Option<Box<Watch>>),
 }
 
 impl Acquire {
@@ -348,13 +361,25 @@ impl Acquire {
         }
     }
 
-    pub(super) fn waiting(
-        flight: Shared<FlightFuture>,
+    /// A wait for `flight`, by a caller that wants `want`. A task spawned on a runtime
+    /// runs when that runtime is driven; a caller on it is, so only a wait planned on
+    /// another runtime (or none) is watched (see [`FlightRun`]).
+    fn waiting(
+        flight: &Flight,
+        want: Option<Want>,
         fallback: Option<Arc<Entry>>,
         clock: &WallClock,
     ) -> Self {
+        let here = tokio::runtime::Handle::try_current().map(|h| h.id());
+        let watch = (here.ok() != Some(flight.run.runtime)).then(|| {
+            Box::new(Watch {
+                run: flight.run.clone(),
+                want,
+                sleep: None,
+            })
+        });
         Acquire {
-            state: AcquireState::Waiting(flight),
+            state: AcquireState::Waiting(flight.future.clone(), watch),
             clock: fallback.is_some().then(|| clock.clone()),
             fallback,
         }
@@ -365,27 +390,201 @@ impl Future for Acquire {
     type Output = Result<Arc<Entry>, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.state {
-            AcquireState::Ready(result) => Poll::Ready(
-                result
-                    .take()
-                    .unwrap_or_else(|| Err(Error::new(ErrorKind::PolledAfterCompletion))),
-            ),
-            AcquireState::Waiting(flight) => {
-                let result = ready!(Pin::new(flight).poll(cx));
-                let wall = self.clock.as_ref().map(WallClock::now);
-                Poll::Ready(match (result, self.fallback.take(), wall) {
-                    // Not one dropped meanwhile (invalidated, rejected, replaced).
-                    (Err(err), Some(entry), Some(wall))
-                        if !entry.retired.load(Ordering::Acquire)
-                            && !entry.is_expired_at(Instant::now(), wall) =>
-                    {
-                        tracing::debug!(error = %err, "refresh failed; using the still-valid credential");
-                        Ok(entry)
+        loop {
+            let (flight, watch) = match &mut self.state {
+                AcquireState::Ready(result) => {
+                    return Poll::Ready(
+                        result
+                            .take()
+                            .unwrap_or_else(|| Err(Error::new(ErrorKind::PolledAfterCompletion))),
+                    );
+                }
+                AcquireState::Waiting(flight, watch) => (flight, watch),
+            };
+            let result = match Pin::new(flight).poll(cx) {
+                Poll::Ready(result) => result,
+                Poll::Pending => {
+                    if !watch.as_mut().is_some_and(|w| w.stalled(cx)) {
+                        return Poll::Pending;
                     }
-                    (result, _, _) => result,
-                })
+                    Err(Error::new(ErrorKind::Cancelled))
+                }
+            };
+            // A flight whose task never began, ended by a waiter: plan again (another
+            // flight, on this runtime, or one a waiter planned already).
+            if let (Err(_), Some(w)) = (&result, watch.as_ref()) {
+                if w.run.abandoned() {
+                    let Watch { run, want, .. } = *watch.take().expect("checked");
+                    *self = match run.cache.upgrade() {
+                        Some(cache) => cache.replan(want),
+                        None => Acquire::ready(Err(Error::new(ErrorKind::Cancelled))),
+                    };
+                    continue;
+                }
             }
+            let wall = self.clock.as_ref().map(WallClock::now);
+            return Poll::Ready(match (result, self.fallback.take(), wall) {
+                // Not one dropped meanwhile (invalidated, rejected, replaced).
+                (Err(err), Some(entry), Some(wall))
+                    if !entry.retired.load(Ordering::Acquire)
+                        && !entry.is_expired_at(Instant::now(), wall) =>
+                {
+                    tracing::debug!(error = %err, "refresh failed; using the still-valid credential");
+                    Ok(entry)
+                }
+                (result, _, _) => result,
+            });
+        }
+    }
+}
+
+/// A wait's watch on a flight whose task runs on another runtime.
+struct Watch {
+    run: Arc<FlightRun>,
+    /// What the waiter asked for, to ask again.
+    want: Option<Want>,
+    /// Until the flight's due time; made at the first look (a runtime's timer).
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Watch {
+    /// Whether the flight was abandoned: its task had not begun by its due time (by
+    /// this waiter, ended here, or by another).
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        match self.run.begun.load(Ordering::Acquire) {
+            // Begun: its own deadlines bound it.
+            BEGUN => return false,
+            ABANDONED => return true,
+            _ => {}
+        }
+        if self.sleep.is_none() {
+            // No runtime here, or one without timers: nothing to time the wait with.
+            if tokio::runtime::Handle::try_current().is_err() {
+                return false;
+            }
+            let due = self.run.due;
+            match std::panic::catch_unwind(|| tokio::time::sleep_until(due)) {
+                Ok(sleep) => self.sleep = Some(Box::pin(sleep)),
+                Err(_) => return false,
+            }
+        }
+        let Some(sleep) = self.sleep.as_mut() else {
+            return false;
+        };
+        if sleep.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if self.run.abandon() {
+            tracing::warn!(
+                "a credential refresh never began: the runtime it was started on is not driven; \
+                 starting another on this one"
+            );
+            if let Some(cache) = self.run.cache.upgrade() {
+                cache.forget_flight(self.run.id);
+            }
+            self.run.send(Err(Error::new(ErrorKind::Cancelled)));
+        }
+        self.run.abandoned()
+    }
+}
+
+/// What a flight's waiters share with its task: whether the task has begun, and where
+/// its result goes. A task runs on the runtime of the request that planned it, when
+/// that runtime is driven: one spawned on a current-thread runtime that is then not
+/// driven (between two `block_on` calls of a blocking wrapper) never begins, and its
+/// waiters on other runtimes would wait for ever. A waiter on another runtime that finds
+/// it not begun by its due time (the fetch timeout after it was planned) abandons it:
+/// takes it out of the state, ends its waiters' wait, and plans another, on its own
+/// runtime. The task, should it run later, does nothing: it never fetched, so there are
+/// never two fetches at once. A task that has begun is bounded by its own deadlines, on
+/// its runtime.
+pub(super) struct FlightRun {
+    id: u64,
+    begun: AtomicU8,
+    tx: std::sync::Mutex<Option<ResultSender>>,
+    runtime: tokio::runtime::Id,
+    due: Instant,
+    cache: Weak<dyn Replan>,
+}
+
+/// Where a flight's result goes.
+type ResultSender = tokio::sync::oneshot::Sender<Result<Arc<Entry>, Error>>;
+
+const NOT_BEGUN: u8 = 0;
+const BEGUN: u8 = 1;
+const ABANDONED: u8 = 2;
+
+impl FlightRun {
+    /// The task begins, unless a waiter abandoned the flight first.
+    fn begin(&self) -> bool {
+        self.begun
+            .compare_exchange(NOT_BEGUN, BEGUN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Abandons a flight not begun; `false` if it has begun, or was abandoned before.
+    fn abandon(&self) -> bool {
+        self.begun
+            .compare_exchange(NOT_BEGUN, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn abandoned(&self) -> bool {
+        self.begun.load(Ordering::Acquire) == ABANDONED
+    }
+
+    fn tx(&self) -> std::sync::MutexGuard<'_, Option<ResultSender>> {
+        self.tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sends the flight's result, if none was sent.
+    fn send(&self, outcome: Result<Arc<Entry>, Error>) {
+        if let Some(tx) = self.tx().take() {
+            // No waiter left is fine: the credential is installed all the same.
+            let _ = tx.send(outcome);
+        }
+    }
+
+    fn sent(&self) -> bool {
+        self.tx().is_none()
+    }
+}
+
+/// What a waiter needs of its cache to end a flight that never began and plan another
+/// ([`FlightRun`]): the cache with its source's type erased, as `Acquire` has none.
+pub(super) trait Replan: Send + Sync {
+    /// Takes flight `id` out of the state, as its task would have on ending; it never
+    /// fetched.
+    fn forget_flight(&self, id: u64);
+    /// `acquire` again.
+    fn replan(&self, want: Option<Want>) -> Acquire;
+}
+
+impl<P: CredentialSource> Replan for Inner<P> {
+    fn forget_flight(&self, id: u64) {
+        let mut state = self.lock_state();
+        if state.flight.as_ref().is_some_and(|f| f.id == id) {
+            state.flight = None;
+        }
+        state.step_ups.retain(|f| f.id != id);
+        if state.running.as_ref().is_some_and(|f| f.id == id) {
+            state.running = None;
+        }
+        if state.suspect == Some(id) {
+            state.suspect = None;
+        }
+        if state.tainted == Some(id) {
+            state.tainted = None;
+        }
+        self.stats.fetches.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn replan(&self, want: Option<Want>) -> Acquire {
+        match self.me.upgrade() {
+            Some(inner) => CredentialCache { inner }.acquire(want),
+            None => Acquire::ready(Err(Error::new(ErrorKind::Cancelled))),
         }
     }
 }
@@ -440,10 +639,9 @@ struct FlightGuard<P: CredentialSource> {
     /// may be in `State::flight` by the time this one ends), and its future, which
     /// flights chained after it wait for.
     flight: Flight,
-    /// Whether the task ran at all: a task dropped before its first poll was refused.
+    /// Whether the task ran at all: a task dropped before its first poll was refused
+    /// (or its flight abandoned: see [`FlightRun`]).
     started: bool,
-    /// Where the result goes; taken when it is sent.
-    tx: Option<tokio::sync::oneshot::Sender<Result<Arc<Entry>, Error>>>,
     /// Whether this is a step-up: its failure backs off step-ups only (the credential
     /// in use is still valid, and its own refresh must not wait for a scope).
     step_up: bool,
@@ -731,10 +929,7 @@ impl<P: CredentialSource> FlightGuard<P> {
     }
 
     fn send(&mut self, outcome: Result<Arc<Entry>, Error>) {
-        if let Some(tx) = self.tx.take() {
-            // No waiter left is fine: the credential is installed all the same.
-            let _ = tx.send(outcome);
-        }
+        self.flight.run.send(outcome);
     }
 
     /// A failure that is not the cache's (superseded: its result would not have been
@@ -814,7 +1009,8 @@ fn err_source(err: &Error) -> String {
 
 impl<P: CredentialSource> Drop for FlightGuard<P> {
     fn drop(&mut self) {
-        if self.tx.is_none() {
+        // A flight a waiter abandoned before its task began was ended by that waiter.
+        if (!self.started && !self.flight.run.abandon()) || self.flight.run.sent() {
             return;
         }
         // Not finished: cancelled with its runtime, or refused before it ever ran.
@@ -861,6 +1057,10 @@ async fn run_flight<P: CredentialSource>(
     mut cx: FetchContext,
     predecessors: Vec<Shared<FlightFuture>>,
 ) {
+    if !guard.flight.run.begin() {
+        // Abandoned by a waiter on another runtime, which planned another flight.
+        return;
+    }
     guard.started = true;
     if !predecessors.is_empty() {
         // Their results are not this flight's: only their end matters.

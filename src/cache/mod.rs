@@ -670,6 +670,8 @@ pub struct CacheStats {
 struct Flight {
     id: u64,
     future: Shared<FlightFuture>,
+    /// Whether its task has begun, and where its result goes (see [`FlightRun`]).
+    run: Arc<flight::FlightRun>,
     /// For a step-up, the scope it asks for (space-separated): a step-up for a scope
     /// it does not cover is another one.
     scope: Option<Arc<str>>,
