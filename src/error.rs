@@ -20,7 +20,10 @@ pub type BoxError = Box<dyn StdError + Send + Sync>;
 pub enum ErrorKind {
     /// The credential source returned an error.
     Fetch,
-    /// The credential source did not answer within the fetch timeout.
+    /// The credential source did not answer within the fetch timeout; or a refresh
+    /// running on another runtime has not ended by the time it would have there, since
+    /// that runtime is not driven (a current-thread runtime between two `block_on`
+    /// calls): the request stops waiting for it.
     Timeout,
     /// The cache is waiting before it asks the source again. Either recent fetches
     /// failed, and no valid credential is available meanwhile (the last failure is the

@@ -50,5 +50,6 @@ mod single_flight;
 mod step_up_backoff;
 mod styles;
 mod tls;
+mod undriven;
 mod unknown;
 mod waits;

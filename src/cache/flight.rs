@@ -193,7 +193,9 @@ impl<P: CredentialSource> CredentialCache<P> {
         } else {
             state.flight.as_ref()
         };
-        if let Some(flight) = joinable {
+        // Not one a waiter abandoned (its task never began: see `FlightRun`), which the
+        // waiter takes out of the state in a moment.
+        if let Some(flight) = joinable.filter(|f| !f.run.abandoned()) {
             metrics::event(&inner.config.name, metrics::WAITS);
             return (
                 Acquire::waiting(flight, want, still_valid, &inner.config.clock),
@@ -218,31 +220,20 @@ impl<P: CredentialSource> CredentialCache<P> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return (Acquire::ready(Err(Error::new(ErrorKind::NoRuntime))), None);
         };
+        // Taken by any new flight: only one with nothing newer to tell is told it.
+        let orphaned = state.orphaned.take();
         if reason == FetchReason::Initial {
             if let Some(dropped) = state.invalidated.take() {
                 reason = FetchReason::Invalidated;
                 previous = dropped;
                 // The marker holds a tainted fetch's result by now, if one ended.
                 state.tainted_result = None;
+            } else if let Some((told, dropped)) = orphaned {
+                // What an abandoned flight was to tell (`FlightRun`).
+                reason = told;
+                previous = dropped;
             }
         }
-        state.flight_id += 1;
-        let id = state.flight_id;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let me: Weak<dyn Replan> = inner.me.clone();
-        let flight = Flight {
-            id,
-            future: FlightFuture { rx }.shared(),
-            run: Arc::new(FlightRun {
-                id,
-                begun: AtomicU8::new(NOT_BEGUN),
-                tx: std::sync::Mutex::new(Some(tx)),
-                runtime: runtime.id(),
-                due: saturating_add(now, inner.config.fetch_timeout),
-                cache: me,
-            }),
-            scope: required_scope.as_deref().filter(|_| step_up).map(Arc::from),
-        };
         // After an invalidation, the fetch it made suspect may still run: this one waits
         // for it to end before it starts. A flight chained after it and not started yet,
         // or a step-up's beside an ordinary one, is waited for too: never two at once.
@@ -258,6 +249,30 @@ impl<P: CredentialSource> CredentialCache<P> {
             .chain(queued)
             .map(|f| f.future.clone())
             .collect();
+        state.flight_id += 1;
+        let id = state.flight_id;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // The longest this flight runs on a driven runtime: each flight ahead of it, then
+        // its own (see `FlightRun::overdue`).
+        let longest = longest_flight(&inner.config.fetch_timeout)
+            .saturating_mul(u32::try_from(predecessors.len() + 1).unwrap_or(u32::MAX));
+        let me: Weak<dyn Replan> = inner.me.clone();
+        let flight = Flight {
+            id,
+            future: FlightFuture { rx }.shared(),
+            run: Arc::new(FlightRun {
+                id,
+                begun: AtomicU8::new(NOT_BEGUN),
+                tx: std::sync::Mutex::new(Some(tx)),
+                runtime: runtime.id(),
+                due: saturating_add(now, inner.config.fetch_timeout),
+                overdue: saturating_add(now, longest),
+                told: matches!(reason, FetchReason::Rejected | FetchReason::Invalidated)
+                    .then(|| (reason, previous.clone())),
+                cache: me,
+            }),
+            scope: required_scope.as_deref().filter(|_| step_up).map(Arc::from),
+        };
         if predecessors.is_empty() {
             state.running = Some(flight.clone());
         }
@@ -347,8 +362,8 @@ pub(crate) struct Acquire {
 
 enum AcquireState {
     Ready(Option<Result<Arc<Entry>, Error>>),
-    /// The flight's result, and, for a flight whose task runs on another runtime than
-    /// the one that planned this wait, a watch on whether that task ever begins.
+    /// The flight's result, and a watch on whether its task begins (timed only for a
+    /// task on another runtime than the one that planned this wait).
     Waiting(Shared<FlightFuture>, Option<Box<Watch>>),
 }
 
@@ -361,9 +376,10 @@ impl Acquire {
         }
     }
 
-    /// A wait for `flight`, by a caller that wants `want`. A task spawned on a runtime
-    /// runs when that runtime is driven; a caller on it is, so only a wait planned on
-    /// another runtime (or none) is watched (see [`FlightRun`]).
+    /// A wait for `flight`, by a caller that wants `want`, planned again if the flight
+    /// is abandoned. A task spawned on a runtime runs when that runtime is driven; a
+    /// caller on it is, so only a wait planned on another runtime (or none) times the
+    /// flight (see [`FlightRun`]).
     fn waiting(
         flight: &Flight,
         want: Option<Want>,
@@ -371,15 +387,15 @@ impl Acquire {
         clock: &WallClock,
     ) -> Self {
         let here = tokio::runtime::Handle::try_current().map(|h| h.id());
-        let watch = (here.ok() != Some(flight.run.runtime)).then(|| {
-            Box::new(Watch {
-                run: flight.run.clone(),
-                want,
-                sleep: None,
-            })
+        let watch = Box::new(Watch {
+            run: flight.run.clone(),
+            want,
+            timed: here.ok() != Some(flight.run.runtime),
+            sleep: None,
+            woken_at: None,
         });
         Acquire {
-            state: AcquireState::Waiting(flight.future.clone(), watch),
+            state: AcquireState::Waiting(flight.future.clone(), Some(watch)),
             clock: fallback.is_some().then(|| clock.clone()),
             fallback,
         }
@@ -403,12 +419,20 @@ impl Future for Acquire {
             };
             let result = match Pin::new(flight).poll(cx) {
                 Poll::Ready(result) => result,
-                Poll::Pending => {
-                    if !watch.as_mut().is_some_and(|w| w.stalled(cx)) {
-                        return Poll::Pending;
+                Poll::Pending => match watch.as_mut().map(|w| w.look(cx)) {
+                    None | Some(Look::Waiting) => return Poll::Pending,
+                    Some(Look::Abandoned) => Err(Error::new(ErrorKind::Cancelled)),
+                    Some(Look::Overdue) => {
+                        tracing::warn!(
+                            "a credential refresh running on another runtime is overdue: that \
+                             runtime is not driven; this request stops waiting for it"
+                        );
+                        *watch = None;
+                        Err(Error::new(ErrorKind::Timeout).with_detail(
+                            "the refresh runs on another runtime, which is not driving it",
+                        ))
                     }
-                    Err(Error::new(ErrorKind::Cancelled))
-                }
+                },
             };
             // A flight whose task never began, ended by a waiter: plan again (another
             // flight, on this runtime, or one a waiter planned already).
@@ -438,41 +462,52 @@ impl Future for Acquire {
     }
 }
 
-/// A wait's watch on a flight whose task runs on another runtime.
+/// A wait's watch on its flight.
 struct Watch {
     run: Arc<FlightRun>,
     /// What the waiter asked for, to ask again.
     want: Option<Want>,
-    /// Until the flight's due time; made at the first look (a runtime's timer).
+    /// Whether this wait times the flight: planned on another runtime than the flight's
+    /// (or none). Cleared on a runtime without timers.
+    timed: bool,
+    /// Until the flight's due time, then its overdue time; made at the first look.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Polled outside any runtime: the deadline a thread was started to wake it at.
+    woken_at: Option<Instant>,
+}
+
+/// What a [`Watch`] saw.
+enum Look {
+    /// Nothing to do but wait.
+    Waiting,
+    /// The flight's task had not begun by its due time: abandoned (by this waiter,
+    /// ended here, or by another).
+    Abandoned,
+    /// Begun and not ended by the time it would have on a driven runtime.
+    Overdue,
 }
 
 impl Watch {
-    /// Whether the flight was abandoned: its task had not begun by its due time (by
-    /// this waiter, ended here, or by another).
-    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
-        match self.run.begun.load(Ordering::Acquire) {
-            // Begun: its own deadlines bound it.
-            BEGUN => return false,
-            ABANDONED => return true,
-            _ => {}
-        }
-        if self.sleep.is_none() {
-            // No runtime here, or one without timers: nothing to time the wait with.
-            if tokio::runtime::Handle::try_current().is_err() {
-                return false;
-            }
-            let due = self.run.due;
-            match std::panic::catch_unwind(|| tokio::time::sleep_until(due)) {
-                Ok(sleep) => self.sleep = Some(Box::pin(sleep)),
-                Err(_) => return false,
-            }
-        }
-        let Some(sleep) = self.sleep.as_mut() else {
-            return false;
+    fn look(&mut self, cx: &mut Context<'_>) -> Look {
+        let begun = match self.run.begun.load(Ordering::Acquire) {
+            ABANDONED => return Look::Abandoned,
+            // Dropped unrun by its runtime: the guard sends its result.
+            ENDED => return Look::Waiting,
+            state => state == BEGUN,
         };
-        if sleep.as_mut().poll(cx).is_pending() {
-            return false;
+        if !self.timed {
+            return Look::Waiting;
+        }
+        let deadline = if begun {
+            self.run.overdue
+        } else {
+            self.run.due
+        };
+        if !self.passed(deadline, cx) {
+            return Look::Waiting;
+        }
+        if begun {
+            return Look::Overdue;
         }
         if self.run.abandon() {
             tracing::warn!(
@@ -480,11 +515,62 @@ impl Watch {
                  starting another on this one"
             );
             if let Some(cache) = self.run.cache.upgrade() {
-                cache.forget_flight(self.run.id);
+                cache.forget_flight(&self.run);
             }
             self.run.send(Err(Error::new(ErrorKind::Cancelled)));
+            return Look::Abandoned;
         }
-        self.run.abandoned()
+        match self.run.begun.load(Ordering::Acquire) {
+            ABANDONED => Look::Abandoned,
+            BEGUN => {
+                // Begun meanwhile: timed as a begun one from the next look.
+                cx.waker().wake_by_ref();
+                Look::Waiting
+            }
+            _ => Look::Waiting,
+        }
+    }
+
+    /// Whether `deadline` has passed; if not, this wait is woken when it does: by a
+    /// timer of the runtime it is polled on, or, outside any runtime, by a thread.
+    fn passed(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            if self.sleep.is_none() {
+                match std::panic::catch_unwind(|| tokio::time::sleep_until(deadline)) {
+                    Ok(sleep) => self.sleep = Some(Box::pin(sleep)),
+                    // A runtime without timers: nothing to time the wait with.
+                    Err(_) => {
+                        self.timed = false;
+                        return false;
+                    }
+                }
+            }
+            let Some(sleep) = self.sleep.as_mut() else {
+                return false;
+            };
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
+            }
+            return sleep.as_mut().poll(cx).is_ready();
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return true;
+        }
+        if self.woken_at != Some(deadline) {
+            self.woken_at = Some(deadline);
+            let (waker, wait) = (cx.waker().clone(), deadline - now);
+            let woken = std::thread::Builder::new()
+                .name("credential-wait".into())
+                .spawn(move || {
+                    std::thread::sleep(wait);
+                    waker.wake();
+                });
+            if woken.is_err() {
+                self.timed = false;
+            }
+        }
+        false
     }
 }
 
@@ -492,19 +578,38 @@ impl Watch {
 /// its result goes. A task runs on the runtime of the request that planned it, when
 /// that runtime is driven: one spawned on a current-thread runtime that is then not
 /// driven (between two `block_on` calls of a blocking wrapper) never begins, and its
-/// waiters on other runtimes would wait for ever. A waiter on another runtime that finds
-/// it not begun by its due time (the fetch timeout after it was planned) abandons it:
-/// takes it out of the state, ends its waiters' wait, and plans another, on its own
-/// runtime. The task, should it run later, does nothing: it never fetched, so there are
-/// never two fetches at once. A task that has begun is bounded by its own deadlines, on
-/// its runtime.
+/// waiters on other runtimes would wait for ever. A waiter on another runtime (or none)
+/// that finds it not begun by its due time (the fetch timeout after it was planned)
+/// abandons it: takes it out of the state, ends every waiter's wait (they all plan
+/// again, and join one new flight), and plans another, on its own runtime. The task,
+/// should it run later, does nothing: it never fetched, so there are never two fetches
+/// at once. A task that has begun and then stalls with its runtime may have its token
+/// request under way: it is never abandoned, but a waiter on another runtime stops
+/// waiting for it once it is overdue (`Timeout`, or the still-valid credential).
 pub(super) struct FlightRun {
     id: u64,
     begun: AtomicU8,
     tx: std::sync::Mutex<Option<ResultSender>>,
     runtime: tokio::runtime::Id,
+    /// Abandoned if not begun by then.
     due: Instant,
+    /// Begun and not ended by then, on a driven runtime it would have ended: its runtime
+    /// is not driven, and a watching waiter stops waiting (`Timeout`).
+    overdue: Instant,
+    /// What the flight tells its source that no later fetch would know (a rejection or
+    /// an invalidation, and the credential it dropped): left for the next fetch if the
+    /// flight is abandoned.
+    told: Option<(FetchReason, Option<Credential>)>,
     cache: Weak<dyn Replan>,
+}
+
+/// The longest one flight takes on a driven runtime: its fetch timeout, the store's
+/// calls that end it past that (a share each: the save, the release), and a margin.
+fn longest_flight(fetch_timeout: &std::time::Duration) -> std::time::Duration {
+    let share = *fetch_timeout / super::STORE_SHARE;
+    fetch_timeout
+        .saturating_add(share.saturating_mul(2))
+        .saturating_add(std::time::Duration::from_secs(1))
 }
 
 /// Where a flight's result goes.
@@ -512,7 +617,10 @@ type ResultSender = tokio::sync::oneshot::Sender<Result<Arc<Entry>, Error>>;
 
 const NOT_BEGUN: u8 = 0;
 const BEGUN: u8 = 1;
+/// A waiter abandoned it before its task began.
 const ABANDONED: u8 = 2;
+/// Its task was dropped unrun (a runtime refusing or shutting down): its guard ends it.
+const ENDED: u8 = 3;
 
 impl FlightRun {
     /// The task begins, unless a waiter abandoned the flight first.
@@ -526,6 +634,14 @@ impl FlightRun {
     fn abandon(&self) -> bool {
         self.begun
             .compare_exchange(NOT_BEGUN, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The guard of a task dropped before it ran ends the flight, unless a waiter
+    /// abandoned it first.
+    fn end_unrun(&self) -> bool {
+        self.begun
+            .compare_exchange(NOT_BEGUN, ENDED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
     }
 
@@ -555,15 +671,16 @@ impl FlightRun {
 /// What a waiter needs of its cache to end a flight that never began and plan another
 /// ([`FlightRun`]): the cache with its source's type erased, as `Acquire` has none.
 pub(super) trait Replan: Send + Sync {
-    /// Takes flight `id` out of the state, as its task would have on ending; it never
-    /// fetched.
-    fn forget_flight(&self, id: u64);
+    /// Takes the flight out of the state, as its task would have on ending; it never
+    /// fetched, and what it was to tell its source is left for the next fetch.
+    fn forget_flight(&self, run: &FlightRun);
     /// `acquire` again.
     fn replan(&self, want: Option<Want>) -> Acquire;
 }
 
 impl<P: CredentialSource> Replan for Inner<P> {
-    fn forget_flight(&self, id: u64) {
+    fn forget_flight(&self, run: &FlightRun) {
+        let id = run.id;
         let mut state = self.lock_state();
         if state.flight.as_ref().is_some_and(|f| f.id == id) {
             state.flight = None;
@@ -577,6 +694,10 @@ impl<P: CredentialSource> Replan for Inner<P> {
         }
         if state.tainted == Some(id) {
             state.tainted = None;
+        }
+        // Unless a flight was planned meanwhile (it was told nothing of this one's).
+        if run.told.is_some() && state.flight.is_none() {
+            state.orphaned = run.told.clone();
         }
         self.stats.fetches.fetch_sub(1, Ordering::Relaxed);
     }
@@ -1010,7 +1131,7 @@ fn err_source(err: &Error) -> String {
 impl<P: CredentialSource> Drop for FlightGuard<P> {
     fn drop(&mut self) {
         // A flight a waiter abandoned before its task began was ended by that waiter.
-        if (!self.started && !self.flight.run.abandon()) || self.flight.run.sent() {
+        if (!self.started && !self.flight.run.end_unrun()) || self.flight.run.sent() {
             return;
         }
         // Not finished: cancelled with its runtime, or refused before it ever ran.

@@ -52,9 +52,14 @@
 //!   spawned under it; a refused timer drops only a weak reference to its entry, which
 //!   never takes the lock.)
 //! - **A refresh runs on the runtime of the caller that started it.** Callers on other
-//!   runtimes wait for it there: a cache shared by several runtimes needs each of them
-//!   driven (a current-thread runtime kept alive but no longer run stalls the refresh it
-//!   started until it runs again). Put a timeout above the layer, as everywhere.
+//!   runtimes wait for it there. A current-thread runtime kept alive but no longer run
+//!   (between two `block_on` calls) does not run it: a caller on another runtime (or on
+//!   none) that finds it not begun by the fetch timeout abandons it and starts the
+//!   refresh itself (every waiter then gets that one's result; the abandoned task, run
+//!   later, does nothing); one that began and then stalled there (its token request may
+//!   be under way, so no other starts) is waited for until it is overdue, then such a
+//!   caller gets the still-valid credential, or [`ErrorKind::Timeout`]. Put a timeout
+//!   above the layer, as everywhere.
 //! - **Storage seam**: an optional [`CredentialStore`] is consulted on the refresh path
 //!   only (see [`crate::store`]).
 //!
@@ -753,6 +758,10 @@ struct State {
     /// Set by an explicit invalidation, with the credential it dropped: the next fetch
     /// is a [`FetchReason::Invalidated`] one.
     invalidated: Option<Option<Credential>>,
+    /// What a flight abandoned before its task began (`flight::FlightRun`) was to tell
+    /// its source (a rejection or an invalidation, and the credential it dropped): the
+    /// next fetch that has nothing newer to tell is told it instead.
+    orphaned: Option<(FetchReason, Option<Credential>)>,
     /// The last few credentials that stopped being current, or were handed to a
     /// flight's own waiters without ever being current, by generation: a request whose
     /// credential was rejected after it was already replaced can still tell whether the

@@ -1,0 +1,501 @@
+//! A refresh task on a runtime that is not driven (a current-thread runtime between two
+//! `block_on` calls): a waiter on another runtime abandons a flight whose task never
+//! began, and stops waiting for one that began and stalled (src/cache/flight.rs:
+//! `FlightRun`, `Watch`, `Acquire::poll`). Reviews 113 and 114.
+
+use crate::support::{self, TestSource};
+
+use std::{
+    future::Future,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering::SeqCst},
+        mpsc,
+    },
+    time::Duration,
+};
+
+use tower_client_auth::{
+    BoxError, Credential, CredentialCache, ErrorKind, FetchContext, FetchReason, RefreshMode,
+    store::MemoryStore,
+};
+
+/// A current-thread runtime on its own thread that polls `make()`'s future once (its
+/// refresh task is spawned and never polled), then is left undriven. On `go`, it is
+/// driven again: the kept future is awaited (bounded) and its result sent back.
+struct Idle<T> {
+    go: mpsc::Sender<()>,
+    done: mpsc::Receiver<Option<T>>,
+}
+
+fn idle<T, F>(make: impl FnOnce() -> F + Send + 'static) -> Idle<T>
+where
+    T: Send + 'static,
+    F: Future<Output = T> + Send + 'static,
+{
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel();
+    let (polled_tx, polled_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut fut = {
+            let _inside = runtime.enter();
+            Box::pin(make())
+        };
+        runtime.block_on(async {
+            use futures_util::FutureExt;
+            assert!((&mut fut).now_or_never().is_none(), "answered at once");
+        });
+        polled_tx.send(()).unwrap();
+        if go_rx.recv().is_err() {
+            return;
+        }
+        let out = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(2), fut).await.ok() });
+        let _ = done_tx.send(out);
+        drop(runtime);
+    });
+    polled_rx.recv().unwrap();
+    Idle {
+        go: go_tx,
+        done: done_rx,
+    }
+}
+
+impl<T> Idle<T> {
+    /// Drives the runtime again; `None` if the kept future did not end within 2 s.
+    fn drive(self) -> Option<T> {
+        self.go.send(()).unwrap();
+        self.done
+            .recv_timeout(Duration::from_secs(5))
+            .expect("idle thread")
+    }
+}
+
+/// World: a request on a current-thread runtime plans a refresh, is polled once and kept
+/// (a blocking wrapper that awaits it again in a later `block_on`); a request on another
+/// runtime abandons the flight and refreshes. Proves: the kept request, when
+/// its runtime runs again, gets a credential, not `Cancelled`: a fresh one is cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_kept_on_the_idle_runtime_gets_the_credential_after_abandonment() {
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let kept = idle({
+        let cache = cache.clone();
+        move || async move { cache.credential().await.map_err(|e| e.kind()) }
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(3), cache.credential()).await;
+    assert!(answer.expect("the waiter hung").is_ok());
+    let kept = tokio::task::spawn_blocking(move || kept.drive())
+        .await
+        .unwrap();
+    assert_eq!(source.fetches(), 1);
+    assert!(
+        matches!(kept, Some(Ok(_))),
+        "the request kept on the idle runtime: {kept:?}"
+    );
+}
+
+/// World: a refresh task spawned on a current-thread runtime that is not driven, and
+/// then dropped (shutting down: the task is dropped before it ever ran, which the
+/// guard reports as `SpawnRefused`); a request on another runtime waits for it (within
+/// the fetch timeout, so nothing abandons it). Proves: that waiter gets
+/// `SpawnRefused`, as the flight's own waiters do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_dropped_unrun_by_its_runtime_gives_spawn_refused_to_another_runtimes_waiter() {
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let (polled_tx, polled_rx) = mpsc::channel();
+    let thread = std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                use futures_util::FutureExt;
+                assert!(cache.credential().now_or_never().is_none());
+            });
+            polled_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            drop(runtime); // drops the task it never ran
+        }
+    });
+    polled_rx.recv().unwrap();
+    let waiter = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.credential().await.map_err(|e| e.kind()) }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    go.send(()).unwrap();
+    thread.join().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(3), waiter)
+        .await
+        .expect("the waiter hung")
+        .unwrap();
+    assert_eq!(source.fetches(), 0);
+    assert_eq!(
+        got.map(|_| ()),
+        Err(ErrorKind::SpawnRefused),
+        "the waiter on another runtime"
+    );
+}
+
+/// What each fetch was told: its reason, and `previous` as its `Debug` shows it.
+type Tellings = Arc<Mutex<Vec<(FetchReason, Option<String>)>>>;
+
+/// A source that records each fetch's reason and `previous`.
+#[derive(Clone, Default)]
+struct Told {
+    log: Tellings,
+    n: Arc<AtomicUsize>,
+}
+
+impl tower_client_auth::CredentialSource for Told {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        let n = self.n.fetch_add(1, SeqCst) + 1;
+        let previous = cx.previous().map(|c| format!("{c:?}"));
+        self.log.lock().unwrap().push((cx.reason(), previous));
+        Ok(Credential::bearer(format!("token-{n}"))?)
+    }
+}
+
+/// World: a credential is cached; a request on a current-thread runtime invalidates it
+/// and plans the refresh, then its runtime is not driven; a request on another runtime
+/// abandons that flight and refreshes. Proves: the refresh that runs is told
+/// it follows an invalidation, with the credential dropped as `previous` (README: what
+/// a source holding its last credential must not hand back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refresh_after_an_abandoned_flight_is_told_of_the_invalidation() {
+    let source = Told::default();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    let _kept = idle({
+        let cache = cache.clone();
+        move || {
+            assert!(cache.handle().invalidate());
+            async move { cache.credential().await.map_err(|e| e.kind()) }
+        }
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(3), cache.credential()).await;
+    assert!(answer.expect("the waiter hung").is_ok());
+    let log = source.log.lock().unwrap().clone();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[1].0, FetchReason::Invalidated, "{log:?}");
+    assert!(
+        log[1].1.is_some(),
+        "not told the dropped credential: {log:?}"
+    );
+}
+
+/// World: a flight on an undriven runtime; a waiter polled outside any runtime (a
+/// minimal executor on a plain thread) is the only one waiting. Proves: it does not
+/// wait for ever: a thread wakes it at the flight's due time, it abandons the flight,
+/// and, with no runtime to start a refresh on, fails with `NoRuntime`.
+#[test]
+fn a_waiter_outside_any_runtime_does_not_hang_on_an_abandoned_flight() {
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let _kept = idle({
+        let cache = cache.clone();
+        move || async move { cache.credential().await.map_err(|e| e.kind()) }
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            let _ = tx.send(support::block_on(cache.credential()).map_err(|e| e.kind()));
+        }
+    });
+    let got = rx.recv_timeout(Duration::from_secs(3));
+    let got = got.expect("the waiter outside a runtime hung 3 s (15 fetch timeouts)");
+    // It abandons the flight, and can start none: no runtime here.
+    assert_eq!(got.map(drop), Err(ErrorKind::NoRuntime));
+    assert_eq!(source.fetches(), 0);
+}
+
+/// World: many rounds of a flight planned on an idle runtime, two waiters on two other
+/// runtimes, and the idle runtime driven again at about the fetch timeout (abandonment
+/// racing the task's begin), with and without a store. Proves: never two
+/// fetches at once, every waiter answered, stats().fetches equal to the source's calls.
+#[test]
+fn abandonment_racing_the_task_beginning_never_fetches_twice_at_once() {
+    for round in 0..40u64 {
+        let source = TestSource::build(
+            None,
+            Duration::from_millis(30),
+            false,
+            RefreshMode::Proactive,
+        );
+        let builder =
+            CredentialCache::builder(source.clone()).fetch_timeout(Duration::from_millis(60));
+        let cache = if round % 2 == 0 {
+            builder.store(MemoryStore::new()).build().unwrap()
+        } else {
+            builder.build().unwrap()
+        };
+        let kept = idle({
+            let cache = cache.clone();
+            move || async move { cache.credential().await.map_err(|e| e.kind()) }
+        });
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let cache = cache.clone();
+                std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    runtime.block_on(async {
+                        tokio::time::timeout(Duration::from_secs(3), cache.credential())
+                            .await
+                            .map(|r| r.map(drop).map_err(|e| e.kind()))
+                    })
+                })
+            })
+            .collect();
+        // Around the fetch timeout: the task's begin races the waiters' abandon.
+        std::thread::sleep(Duration::from_micros(55_000 + (round % 10) * 1_000));
+        let kept_answer = kept.drive();
+        for w in waiters {
+            let got = w.join().unwrap();
+            assert!(got.is_ok(), "round {round}: a waiter hung");
+            assert!(got.unwrap().is_ok(), "round {round}: a waiter failed");
+        }
+        assert!(
+            kept_answer.is_some(),
+            "round {round}: the kept request hung"
+        );
+        assert_eq!(
+            source.max_in_flight(),
+            1,
+            "round {round}: two fetches at once"
+        );
+        assert_eq!(
+            cache.stats().fetches as usize,
+            source.fetches(),
+            "round {round}: stats().fetches against the source's calls"
+        );
+        assert_eq!(cache.stats().fetch_failures, 0, "round {round}");
+    }
+}
+
+/// World: a fetch running on a driven runtime; an invalidation; the flight chained after
+/// it planned on an idle runtime; waiters on two other runtimes join the chained one and
+/// abandon it; the idle runtime is then driven. Proves: never two fetches at
+/// once, every waiter answered, the abandoned task does nothing, counts agree.
+#[test]
+fn an_abandoned_chained_flight_keeps_fetches_one_at_a_time() {
+    let source = TestSource::build(
+        None,
+        Duration::from_millis(150),
+        false,
+        RefreshMode::Proactive,
+    );
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let driven = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let first = driven.spawn({
+        let cache = cache.clone();
+        async move { cache.credential().await.map(drop).map_err(|e| e.kind()) }
+    });
+    while source.fetches() == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(cache.handle().invalidate());
+    let kept = idle({
+        let cache = cache.clone();
+        move || async move { cache.credential().await.map(drop).map_err(|e| e.kind()) }
+    });
+    let waiters: Vec<_> = (0..2)
+        .map(|_| {
+            let cache = cache.clone();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(3), cache.credential())
+                        .await
+                        .map(|r| r.map(drop).map_err(|e| e.kind()))
+                })
+            })
+        })
+        .collect();
+    for w in waiters {
+        let got = w.join().unwrap();
+        assert_eq!(got, Ok(Ok(())), "a waiter on another runtime");
+    }
+    assert_eq!(
+        driven.block_on(first).unwrap(),
+        Ok(()),
+        "the suspect fetch's own request"
+    );
+    let before = (source.fetches(), cache.stats());
+    let _ = kept.drive();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(source.max_in_flight(), 1, "two fetches at once");
+    assert_eq!(source.fetches(), before.0, "the abandoned task fetched");
+    assert_eq!(cache.stats().fetch_failures, before.1.fetch_failures);
+    assert_eq!(cache.stats().fetches as usize, source.fetches());
+}
+
+/// World: a request on a current-thread runtime starts the refresh, and that runtime
+/// stops being driven before the refresh task runs (its `block_on` gave up on the
+/// request: a sync wrapper's per-call timeout, say), though it is not dropped; a request
+/// on another, running runtime joins that flight (review 113). Proves: no waiter waits
+/// for ever for a task nothing polls: past the fetch timeout the waiter abandons the
+/// flight that never began and refreshes on its own runtime, with one fetch, and the
+/// abandoned task, when its runtime is driven again, fetches nothing. Before, the
+/// request hung past any fetch timeout.
+#[tokio::test]
+async fn a_flight_left_on_an_undriven_runtime_leaves_no_waiter_hanging() {
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let source = tower_client_auth::source_fn({
+        let fetches = fetches.clone();
+        move |_cx: FetchContext| {
+            fetches.fetch_add(1, SeqCst);
+            async { Ok::<_, BoxError>(Credential::bearer("t").unwrap()) }
+        }
+    });
+    let cache = CredentialCache::builder(source)
+        .fetch_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let idle = std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                // Polled once (the refresh is planned and its task spawned), then given up.
+                use futures_util::FutureExt;
+                assert!(cache.credential().now_or_never().is_none());
+            });
+            runtime
+        }
+    })
+    .join()
+    .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(3), cache.credential()).await;
+    let fetched = fetches.load(SeqCst);
+    assert!(
+        answer.is_ok(),
+        "a request waited 3 s (six fetch timeouts) for a refresh nothing drives; \
+         fetches: {fetched}"
+    );
+    assert!(answer.unwrap().is_ok());
+    assert_eq!(fetched, 1);
+    // The stalled runtime driven again: its task finds its flight abandoned.
+    std::thread::spawn(move || {
+        idle.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+        drop(idle);
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        fetches.load(SeqCst),
+        1,
+        "the abandoned task fetched when it ran"
+    );
+    assert_eq!(cache.stats().fetches, 1);
+}
+
+/// World: a refresh begins on a current-thread runtime (the source is asked, and waits
+/// on that runtime's timer), and that runtime stops being driven mid-fetch; a request
+/// on another runtime joins the refresh. Proves: the waiter stops waiting once the
+/// refresh is overdue (longer than it could take on a driven runtime) with `Timeout`,
+/// rather than hanging; no second token request starts while the first may be under
+/// way (never two at once); and once the stalled runtime runs again, requests get a
+/// credential.
+#[tokio::test]
+async fn a_refresh_stalled_mid_fetch_with_its_runtime_bounds_its_waiters() {
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let source = tower_client_auth::source_fn({
+        let fetches = fetches.clone();
+        move |_cx: FetchContext| {
+            fetches.fetch_add(1, SeqCst);
+            async {
+                // On the runtime that runs the refresh: it ends only while driven.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok::<_, BoxError>(Credential::bearer("t").unwrap())
+            }
+        }
+    });
+    let cache = CredentialCache::builder(source)
+        .fetch_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let idle = std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                // The refresh begins (the source is asked), then the caller gives up.
+                let gave_up = tokio::time::timeout(Duration::from_millis(50), cache.credential());
+                assert!(gave_up.await.is_err());
+            });
+            runtime
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(fetches.load(SeqCst), 1);
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(10), cache.credential())
+        .await
+        .expect("a request waited 10 s for a refresh its runtime does not drive");
+    let err = answer.expect_err("no credential could have been fetched");
+    assert_eq!(err.kind(), tower_client_auth::ErrorKind::Timeout, "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        fetches.load(SeqCst),
+        1,
+        "a second token request while the first may run"
+    );
+    // The stalled runtime runs again: its refresh ends; requests get a credential.
+    let idle = std::thread::spawn(move || {
+        idle.block_on(async { tokio::time::sleep(Duration::from_millis(300)).await });
+        idle
+    })
+    .join()
+    .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), cache.credential())
+        .await
+        .expect("hung after the runtime ran again");
+    assert!(next.is_ok(), "{next:?}");
+    std::thread::spawn(move || drop(idle)).join().unwrap();
+}
