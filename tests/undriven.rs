@@ -499,3 +499,310 @@ async fn a_refresh_stalled_mid_fetch_with_its_runtime_bounds_its_waiters() {
     assert!(next.is_ok(), "{next:?}");
     std::thread::spawn(move || drop(idle)).join().unwrap();
 }
+
+// ---- review 115 ----
+
+/// A source whose every credential is in its hard window (10 s left of an hour), and
+/// that records what each fetch was told.
+#[derive(Clone, Default)]
+struct HardTold {
+    log: Tellings,
+    n: Arc<AtomicUsize>,
+}
+
+impl tower_client_auth::CredentialSource for HardTold {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        let n = self.n.fetch_add(1, SeqCst) + 1;
+        let previous = cx.previous().map(|c| format!("{c:?}"));
+        self.log.lock().unwrap().push((cx.reason(), previous));
+        Ok(Credential::bearer(format!("token-{n}"))?.lives(
+            std::time::SystemTime::now() - Duration::from_secs(3590),
+            Duration::from_secs(3600),
+        ))
+    }
+}
+
+/// World: a flight planned on an idle runtime (never begun); an invalidation on a driven
+/// runtime detaches it; the next request there plans the fetch chained after it.
+/// Proves: no waiter waits for ever for a task nothing polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_chained_after_an_undriven_flight_does_not_hang() {
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let _kept = idle({
+        let cache = cache.clone();
+        move || async move { cache.credential().await.map_err(|e| e.kind()) }
+    });
+    cache.handle().invalidate();
+    let answer = tokio::time::timeout(Duration::from_secs(3), cache.credential()).await;
+    assert!(
+        answer.is_ok(),
+        "a request hung 3 s (15 fetch timeouts) behind a flight nothing drives; fetches: {}",
+        source.fetches()
+    );
+    assert!(answer.unwrap().is_ok());
+}
+
+/// World: a credential in its hard window (still valid for ~10 s); its refresh planned on
+/// an idle runtime; a request polled outside any runtime joins it and abandons it.
+/// Proves: a waiter with a still-valid credential gets it when the refresh fails or
+/// stalls (never an error while a valid one is at hand).
+#[test]
+fn a_waiter_outside_any_runtime_keeps_its_still_valid_credential() {
+    let source = HardTold::default();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let first = support::block_on(async {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let cache = cache.clone();
+        std::thread::spawn(move || rt.block_on(cache.credential()))
+            .join()
+            .unwrap()
+    })
+    .unwrap();
+    let _kept = idle({
+        let cache = cache.clone();
+        move || async move { cache.credential().await.map_err(|e| e.kind()) }
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            let _ = tx.send(support::block_on(cache.credential()).map_err(|e| e.kind()));
+        }
+    });
+    let got = rx.recv_timeout(Duration::from_secs(3)).expect("hung");
+    assert_eq!(
+        got,
+        Ok(first),
+        "the still-valid credential was not the answer"
+    );
+}
+
+/// World: a credential in its hard window; its refresh planned on an idle runtime; the
+/// API rejects the credential (`reject`, the layer's 401 path) on a driven runtime: the
+/// rejection joins the never-begun flight, abandons it and refreshes. Proves: the
+/// fetch that replaces a rejected credential is told so (`Rejected`, with the rejected
+/// credential as `previous`), so that a source does not hand it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_that_joined_an_abandoned_flight_is_told_to_the_refetch() {
+    let source = HardTold::default();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let first = cache.credential().await.unwrap();
+    let _kept = idle({
+        let cache = cache.clone();
+        move || async move { cache.credential().await.map_err(|e| e.kind()) }
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(3), cache.reject(&first)).await;
+    let answer = answer.expect("hung").unwrap();
+    assert_ne!(answer, first);
+    let log = source.log.lock().unwrap().clone();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert!(
+        log[1].0 == FetchReason::Rejected || log[1].1.is_some(),
+        "the refetch after a rejection was told nothing of it: {log:?}"
+    );
+}
+
+/// Threads of this process named `credential-wait` (the waker threads of `Watch::passed`).
+fn wait_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "credential-wait")
+        .count()
+}
+
+/// World: a flight planned on an idle runtime (never begun), default fetch timeout;
+/// 50 requests polled once outside any runtime (a minimal executor) join it, and are
+/// then dropped (their callers gave up). Proves: waiting outside a runtime costs no
+/// more than the wait: a dropped waiter leaves nothing behind.
+#[test]
+fn waiters_outside_a_runtime_leave_no_threads_behind() {
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone()).build().unwrap();
+    let _kept = idle({
+        let cache = cache.clone();
+        move || async move { cache.credential().await.map_err(|e| e.kind()) }
+    });
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut waiters: Vec<_> = (0..50).map(|_| Box::pin(cache.credential())).collect();
+    for w in &mut waiters {
+        assert!(w.as_mut().poll(&mut cx).is_pending());
+    }
+    // One thread for the process, whatever other tests here wait on it too.
+    let while_waiting = wait_threads();
+    drop(waiters);
+    // Their alarms (10 s away) are cancelled: the thread ends, once the other tests'
+    // short ones have rung.
+    let mut after = wait_threads();
+    for _ in 0..60 {
+        if after == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        after = wait_threads();
+    }
+    assert!(
+        after == 0 && while_waiting <= 1,
+        "{while_waiting} waker threads for 50 waiters; {after} still sleeping after every \
+         waiter was dropped"
+    );
+}
+
+/// World: two driven runtimes; a slow source (0.8 s of a 1 s fetch timeout) with a
+/// MemoryStore; a fetch runs on one runtime, an invalidation, and the chained fetch is
+/// planned there; a request on the other runtime joins the chained one. Proves: no
+/// `Timeout` from the overdue bound while every flight ends normally on a driven runtime.
+#[test]
+fn a_driven_chained_refresh_is_never_overdue() {
+    let source = TestSource::build(
+        None,
+        Duration::from_millis(800),
+        false,
+        RefreshMode::Proactive,
+    );
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_secs(1))
+        .store(MemoryStore::new())
+        .build()
+        .unwrap();
+    let r1 = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let r2 = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let first = r1.spawn({
+        let cache = cache.clone();
+        async move { cache.credential().await.map(drop).map_err(|e| e.kind()) }
+    });
+    while source.fetches() == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    cache.handle().invalidate();
+    let chained = r1.spawn({
+        let cache = cache.clone();
+        async move { cache.credential().await.map(drop).map_err(|e| e.kind()) }
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    let other = r2
+        .block_on(cache.credential())
+        .map(drop)
+        .map_err(|e| e.kind());
+    assert_eq!(other, Ok(()));
+    assert_eq!(r1.block_on(first).unwrap(), Ok(()));
+    assert_eq!(r1.block_on(chained).unwrap(), Ok(()));
+    assert_eq!(source.max_in_flight(), 1);
+    assert_eq!(cache.stats().fetches as usize, source.fetches());
+    assert_eq!(cache.stats().fetch_failures, 0);
+}
+
+/// World: a flight planned on an idle runtime (never begun); a request on a driven
+/// runtime built without a time driver (`enable_io` only, or nothing) joins it.
+/// Proves: no waiter waits for ever for a task nothing polls (a thread times a waiter
+/// with no timer outside a runtime; one on a runtime without timers has none).
+#[test]
+fn a_waiter_on_a_runtime_without_timers_does_not_hang() {
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let _kept = idle({
+        let cache = cache.clone();
+        move || async move { cache.credential().await.map_err(|e| e.kind()) }
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let _ = tx.send(
+                rt.block_on(cache.credential())
+                    .map(drop)
+                    .map_err(|e| e.kind()),
+            );
+        }
+    });
+    let got = rx.recv_timeout(Duration::from_secs(3));
+    assert!(
+        got.is_ok(),
+        "a waiter on a runtime without timers hung 3 s (15 fetch timeouts)"
+    );
+}
+
+/// World: `/a` goes with `token-1`; meanwhile a request on an idle runtime invalidates
+/// `token-1` and plans the refresh (never begun); the API answers `/a` 403
+/// insufficient_scope, and the layer steps up on its own (driven) runtime: the step-up's
+/// fetch is chained after the never-begun flight. Proves: the step-up is made (or `/a`
+/// answered) within the fetch timeouts; no request waits for ever for a task nothing
+/// polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_up_chained_after_an_undriven_flight_does_not_hang() {
+    use http::{Request, StatusCode};
+    use http_body_util::Full;
+    use tower::{Layer, ServiceExt};
+    type MockReq = Request<tower_client_auth::ReplayBody<Full<bytes::Bytes>>>;
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    let layer = tower_client_auth::AuthLayer::with_cache(cache.clone());
+    let (inner, mut api) = tower_test::mock::pair::<MockReq, http::Response<&'static str>>();
+    let svc = layer.any_https_origin().step_up(true).layer(inner);
+    let call = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+    let (_req, reply) = tokio::time::timeout(Duration::from_secs(3), api.next_request())
+        .await
+        .unwrap()
+        .unwrap();
+    let _kept = idle({
+        let cache = cache.clone();
+        move || {
+            cache.handle().invalidate();
+            async move { cache.credential().await.map_err(|e| e.kind()) }
+        }
+    });
+    reply.send_response(
+        http::Response::builder()
+            .status(403)
+            .header(
+                "www-authenticate",
+                r#"Bearer error="insufficient_scope", scope="w""#,
+            )
+            .body("")
+            .unwrap(),
+    );
+    let replay = tokio::time::timeout(Duration::from_secs(3), async {
+        tokio::select! {
+            got = api.next_request() => { if let Some((_, r)) = got { r.send_response(http::Response::new("")) } }
+            res = call => { let _ = res; }
+        }
+    })
+    .await;
+    assert!(
+        replay.is_ok(),
+        "no replay and no answer for /a in 3 s (15 fetch timeouts); fetches: {}",
+        source.fetches()
+    );
+    let _ = StatusCode::OK;
+}

@@ -197,6 +197,10 @@ impl<P: CredentialSource> CredentialCache<P> {
         // waiter takes out of the state in a moment.
         if let Some(flight) = joinable.filter(|f| !f.run.abandoned()) {
             metrics::event(&inner.config.name, metrics::WAITS);
+            if reason == FetchReason::Rejected {
+                // Told to the fetch that replaces this flight, should it be abandoned.
+                *flight.run.told() = Some((reason, previous.clone()));
+            }
             return (
                 Acquire::waiting(flight, want, still_valid, &inner.config.clock),
                 None,
@@ -218,6 +222,11 @@ impl<P: CredentialSource> CredentialCache<P> {
             );
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No refresh can start here: what is still valid is better than an error, as
+            // while backing off.
+            if let Some(entry) = still_valid {
+                return (Acquire::ready(Ok(entry)), None);
+            }
             return (Acquire::ready(Err(Error::new(ErrorKind::NoRuntime))), None);
         };
         // Taken by any new flight: only one with nothing newer to tell is told it.
@@ -243,12 +252,7 @@ impl<P: CredentialSource> CredentialCache<P> {
             .iter()
             .chain(&state.step_ups)
             .filter(|f| running != Some(f.id));
-        let predecessors: Vec<_> = state
-            .running
-            .iter()
-            .chain(queued)
-            .map(|f| f.future.clone())
-            .collect();
+        let predecessors: Vec<Flight> = state.running.iter().chain(queued).cloned().collect();
         state.flight_id += 1;
         let id = state.flight_id;
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -267,8 +271,10 @@ impl<P: CredentialSource> CredentialCache<P> {
                 runtime: runtime.id(),
                 due: saturating_add(now, inner.config.fetch_timeout),
                 overdue: saturating_add(now, longest),
-                told: matches!(reason, FetchReason::Rejected | FetchReason::Invalidated)
-                    .then(|| (reason, previous.clone())),
+                told: std::sync::Mutex::new(
+                    matches!(reason, FetchReason::Rejected | FetchReason::Invalidated)
+                        .then(|| (reason, previous.clone())),
+                ),
                 cache: me,
             }),
             scope: required_scope.as_deref().filter(|_| step_up).map(Arc::from),
@@ -330,7 +336,7 @@ struct Start<P: CredentialSource> {
     guard: FlightGuard<P>,
     cx: FetchContext,
     /// The flights this one's fetch waits for (never two fetches at once).
-    predecessors: Vec<Shared<FlightFuture>>,
+    predecessors: Vec<Flight>,
     span: tracing::Span,
 }
 
@@ -392,7 +398,8 @@ impl Acquire {
             want,
             timed: here.ok() != Some(flight.run.runtime),
             sleep: None,
-            woken_at: None,
+            no_timers: false,
+            alarm: None,
         });
         Acquire {
             state: AcquireState::Waiting(flight.future.clone(), Some(watch)),
@@ -409,11 +416,10 @@ impl Future for Acquire {
         loop {
             let (flight, watch) = match &mut self.state {
                 AcquireState::Ready(result) => {
-                    return Poll::Ready(
-                        result
-                            .take()
-                            .unwrap_or_else(|| Err(Error::new(ErrorKind::PolledAfterCompletion))),
-                    );
+                    let result = result
+                        .take()
+                        .unwrap_or_else(|| Err(Error::new(ErrorKind::PolledAfterCompletion)));
+                    return Poll::Ready(self.or_fallback(result));
                 }
                 AcquireState::Waiting(flight, watch) => (flight, watch),
             };
@@ -423,14 +429,8 @@ impl Future for Acquire {
                     None | Some(Look::Waiting) => return Poll::Pending,
                     Some(Look::Abandoned) => Err(Error::new(ErrorKind::Cancelled)),
                     Some(Look::Overdue) => {
-                        tracing::warn!(
-                            "a credential refresh running on another runtime is overdue: that \
-                             runtime is not driven; this request stops waiting for it"
-                        );
                         *watch = None;
-                        Err(Error::new(ErrorKind::Timeout).with_detail(
-                            "the refresh runs on another runtime, which is not driving it",
-                        ))
+                        Err(overdue())
                     }
                 },
             };
@@ -438,26 +438,42 @@ impl Future for Acquire {
             // flight, on this runtime, or one a waiter planned already).
             if let (Err(_), Some(w)) = (&result, watch.as_ref()) {
                 if w.run.abandoned() {
-                    let Watch { run, want, .. } = *watch.take().expect("checked");
-                    *self = match run.cache.upgrade() {
+                    let mut w = watch.take().expect("checked");
+                    let (run, want) = (w.run.clone(), w.want.take());
+                    drop(w);
+                    let next = match run.cache.upgrade() {
                         Some(cache) => cache.replan(want),
                         None => Acquire::ready(Err(Error::new(ErrorKind::Cancelled))),
                     };
+                    // The credential this wait would have fallen back on is still its
+                    // fallback, whatever the new plan holds (none, outside a runtime).
+                    let (fallback, clock) = (self.fallback.take(), self.clock.take());
+                    *self = next;
+                    if self.fallback.is_none() {
+                        (self.fallback, self.clock) = (fallback, clock);
+                    }
                     continue;
                 }
             }
-            let wall = self.clock.as_ref().map(WallClock::now);
-            return Poll::Ready(match (result, self.fallback.take(), wall) {
-                // Not one dropped meanwhile (invalidated, rejected, replaced).
-                (Err(err), Some(entry), Some(wall))
-                    if !entry.retired.load(Ordering::Acquire)
-                        && !entry.is_expired_at(Instant::now(), wall) =>
-                {
-                    tracing::debug!(error = %err, "refresh failed; using the still-valid credential");
-                    Ok(entry)
-                }
-                (result, _, _) => result,
-            });
+            return Poll::Ready(self.or_fallback(result));
+        }
+    }
+}
+
+impl Acquire {
+    /// `result`, or, for a failure, the still-valid credential this wait holds, unless
+    /// it was dropped meanwhile (invalidated, rejected, replaced) or has expired.
+    fn or_fallback(&mut self, result: Result<Arc<Entry>, Error>) -> Result<Arc<Entry>, Error> {
+        let wall = self.clock.as_ref().map(WallClock::now);
+        match (result, self.fallback.take(), wall) {
+            (Err(err), Some(entry), Some(wall))
+                if !entry.retired.load(Ordering::Acquire)
+                    && !entry.is_expired_at(Instant::now(), wall) =>
+            {
+                tracing::debug!(error = %err, "refresh failed; using the still-valid credential");
+                Ok(entry)
+            }
+            (result, _, _) => result,
         }
     }
 }
@@ -472,8 +488,18 @@ struct Watch {
     timed: bool,
     /// Until the flight's due time, then its overdue time; made at the first look.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Polled outside any runtime: the deadline a thread was started to wake it at.
-    woken_at: Option<Instant>,
+    /// Polled on a runtime without timers.
+    no_timers: bool,
+    /// Polled outside any runtime, or on one without timers: its alarm (see [`alarm`]).
+    alarm: Option<u64>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(id) = self.alarm.take() {
+            alarm::cancel(id);
+        }
+    }
 }
 
 /// What a [`Watch`] saw.
@@ -510,14 +536,10 @@ impl Watch {
             return Look::Overdue;
         }
         if self.run.abandon() {
-            tracing::warn!(
-                "a credential refresh never began: the runtime it was started on is not driven; \
-                 starting another on this one"
-            );
-            if let Some(cache) = self.run.cache.upgrade() {
-                cache.forget_flight(&self.run);
+            match self.run.cache.upgrade() {
+                Some(cache) => abandon(&*cache, &self.run),
+                None => self.run.send(Err(Error::new(ErrorKind::Cancelled))),
             }
-            self.run.send(Err(Error::new(ErrorKind::Cancelled)));
             return Look::Abandoned;
         }
         match self.run.begun.load(Ordering::Acquire) {
@@ -532,45 +554,128 @@ impl Watch {
     }
 
     /// Whether `deadline` has passed; if not, this wait is woken when it does: by a
-    /// timer of the runtime it is polled on, or, outside any runtime, by a thread.
+    /// timer of the runtime it is polled on, or, outside any runtime or on one without
+    /// timers, by the process's [`alarm`] thread.
     fn passed(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
-        if tokio::runtime::Handle::try_current().is_ok() {
+        if !self.no_timers && tokio::runtime::Handle::try_current().is_ok() {
             if self.sleep.is_none() {
                 match std::panic::catch_unwind(|| tokio::time::sleep_until(deadline)) {
                     Ok(sleep) => self.sleep = Some(Box::pin(sleep)),
-                    // A runtime without timers: nothing to time the wait with.
-                    Err(_) => {
-                        self.timed = false;
-                        return false;
-                    }
+                    Err(_) => self.no_timers = true,
                 }
             }
-            let Some(sleep) = self.sleep.as_mut() else {
-                return false;
-            };
-            if sleep.deadline() != deadline {
-                sleep.as_mut().reset(deadline);
+            if let Some(sleep) = self.sleep.as_mut() {
+                if sleep.deadline() != deadline {
+                    sleep.as_mut().reset(deadline);
+                }
+                return sleep.as_mut().poll(cx).is_ready();
             }
-            return sleep.as_mut().poll(cx).is_ready();
         }
-        let now = Instant::now();
-        if now >= deadline {
+        // Outside any runtime, or on one without timers: the process's alarm thread.
+        if Instant::now() >= deadline {
             return true;
         }
-        if self.woken_at != Some(deadline) {
-            self.woken_at = Some(deadline);
-            let (waker, wait) = (cx.waker().clone(), deadline - now);
-            let woken = std::thread::Builder::new()
-                .name("credential-wait".into())
-                .spawn(move || {
-                    std::thread::sleep(wait);
-                    waker.wake();
-                });
-            if woken.is_err() {
-                self.timed = false;
-            }
+        match alarm::set(self.alarm, deadline.into_std(), cx.waker()) {
+            Some(id) => self.alarm = Some(id),
+            // No thread could be started: nothing to time the wait with.
+            None => self.timed = false,
         }
         false
+    }
+}
+
+/// Wakes waits that no runtime's timer can wake (polled outside any runtime, or on one
+/// built without timers) at their deadlines: one thread for the process, started with
+/// the first such wait and ended when none is left (a dropped wait cancels its alarm).
+mod alarm {
+    use std::{
+        sync::{Condvar, Mutex, MutexGuard, PoisonError},
+        task::Waker,
+        time::Instant,
+    };
+
+    struct Alarms {
+        due: Vec<(u64, Instant, Waker)>,
+        next: u64,
+        thread: bool,
+    }
+
+    static ALARMS: Mutex<Alarms> = Mutex::new(Alarms {
+        due: Vec::new(),
+        next: 0,
+        thread: false,
+    });
+    static CHANGED: Condvar = Condvar::new();
+
+    fn lock() -> MutexGuard<'static, Alarms> {
+        ALARMS.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets alarm `id` (a new one for `None`) to wake `waker` at `at`; `None` if no
+    /// thread could be started to ring it.
+    pub(super) fn set(id: Option<u64>, at: Instant, waker: &Waker) -> Option<u64> {
+        let mut alarms = lock();
+        let found = id.and_then(|id| alarms.due.iter().position(|a| a.0 == id));
+        let id = match found {
+            Some(i) => {
+                alarms.due[i].1 = at;
+                alarms.due[i].2.clone_from(waker);
+                alarms.due[i].0
+            }
+            None => {
+                alarms.next += 1;
+                let id = alarms.next;
+                alarms.due.push((id, at, waker.clone()));
+                id
+            }
+        };
+        if !alarms.thread {
+            let started = std::thread::Builder::new()
+                .name("credential-wait".into())
+                .spawn(ring);
+            if started.is_err() {
+                alarms.due.retain(|a| a.0 != id);
+                return None;
+            }
+            alarms.thread = true;
+        }
+        CHANGED.notify_one();
+        Some(id)
+    }
+
+    pub(super) fn cancel(id: u64) {
+        lock().due.retain(|a| a.0 != id);
+        CHANGED.notify_one();
+    }
+
+    /// The thread: wakes each alarm at its time (outside the lock); ends with the last.
+    fn ring() {
+        let mut alarms = lock();
+        loop {
+            let now = Instant::now();
+            let mut woken = Vec::new();
+            alarms.due.retain(|a| {
+                let due = a.1 <= now;
+                if due {
+                    woken.push(a.2.clone());
+                }
+                !due
+            });
+            if !woken.is_empty() {
+                drop(alarms);
+                woken.into_iter().for_each(Waker::wake);
+                alarms = lock();
+                continue;
+            }
+            let Some(next) = alarms.due.iter().map(|a| a.1).min() else {
+                alarms.thread = false;
+                return;
+            };
+            alarms = CHANGED
+                .wait_timeout(alarms, next - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 }
 
@@ -578,9 +683,9 @@ impl Watch {
 /// its result goes. A task runs on the runtime of the request that planned it, when
 /// that runtime is driven: one spawned on a current-thread runtime that is then not
 /// driven (between two `block_on` calls of a blocking wrapper) never begins, and its
-/// waiters on other runtimes would wait for ever. A waiter on another runtime (or none)
-/// that finds it not begun by its due time (the fetch timeout after it was planned)
-/// abandons it: takes it out of the state, ends every waiter's wait (they all plan
+/// waiters on other runtimes would wait for ever. A waiter on another runtime (or none),
+/// or a flight chained after it (`wait_behind`), that finds it not begun by its due
+/// time (the fetch timeout after it was planned) abandons it: takes it out of the state, ends every waiter's wait (they all plan
 /// again, and join one new flight), and plans another, on its own runtime. The task,
 /// should it run later, does nothing: it never fetched, so there are never two fetches
 /// at once. A task that has begun and then stalls with its runtime may have its token
@@ -599,7 +704,8 @@ pub(super) struct FlightRun {
     /// What the flight tells its source that no later fetch would know (a rejection or
     /// an invalidation, and the credential it dropped): left for the next fetch if the
     /// flight is abandoned.
-    told: Option<(FetchReason, Option<Credential>)>,
+    /// A rejection that joins the flight is recorded here too.
+    told: std::sync::Mutex<Option<(FetchReason, Option<Credential>)>>,
     cache: Weak<dyn Replan>,
 }
 
@@ -649,6 +755,12 @@ impl FlightRun {
         self.begun.load(Ordering::Acquire) == ABANDONED
     }
 
+    fn told(&self) -> std::sync::MutexGuard<'_, Option<(FetchReason, Option<Credential>)>> {
+        self.told
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn tx(&self) -> std::sync::MutexGuard<'_, Option<ResultSender>> {
         self.tx
             .lock()
@@ -696,8 +808,10 @@ impl<P: CredentialSource> Replan for Inner<P> {
             state.tainted = None;
         }
         // Unless a flight was planned meanwhile (it was told nothing of this one's).
-        if run.told.is_some() && state.flight.is_none() {
-            state.orphaned = run.told.clone();
+        if state.flight.is_none() {
+            if let Some(told) = run.told().take() {
+                state.orphaned = Some(told);
+            }
         }
         self.stats.fetches.fetch_sub(1, Ordering::Relaxed);
     }
@@ -1173,10 +1287,67 @@ impl<P: CredentialSource> Drop for FlightGuard<P> {
     }
 }
 
+/// Waits for `ahead`, a flight this one is chained after, to end. Its task runs on the
+/// runtime that planned it: one that has not begun by its due time (that runtime is not
+/// driven) is abandoned here, as a waiter on another runtime abandons it (see
+/// [`FlightRun`]); one that began and is overdue stalled mid-fetch: `Err`, as this flight
+/// must not fetch beside it.
+async fn wait_behind<P: CredentialSource>(inner: &Inner<P>, ahead: &Flight) -> Result<(), Error> {
+    let mut result = ahead.future.clone();
+    loop {
+        let (deadline, begun) = match ahead.run.begun.load(Ordering::Acquire) {
+            NOT_BEGUN => (ahead.run.due, false),
+            BEGUN => (ahead.run.overdue, true),
+            _ => {
+                let _ = result.await;
+                return Ok(());
+            }
+        };
+        // A runtime without timers: waited for as before.
+        let Ok(sleep) = std::panic::catch_unwind(|| tokio::time::sleep_until(deadline)) else {
+            let _ = result.await;
+            return Ok(());
+        };
+        let sleep = std::pin::pin!(sleep);
+        if let futures_util::future::Either::Left(_) =
+            futures_util::future::select(&mut result, sleep).await
+        {
+            return Ok(());
+        }
+        if begun {
+            return Err(overdue());
+        }
+        if ahead.run.abandon() {
+            abandon(inner, &ahead.run);
+            return Ok(());
+        }
+    }
+}
+
+/// Ends a flight whose task never began, abandoned by the caller (see [`FlightRun`]).
+fn abandon(cache: &dyn Replan, run: &FlightRun) {
+    tracing::warn!(
+        "a credential refresh never began: the runtime it was started on is not driven; \
+         starting another on this one"
+    );
+    cache.forget_flight(run);
+    run.send(Err(Error::new(ErrorKind::Cancelled)));
+}
+
+/// What a wait for a flight that began and then stalled with its runtime ends with.
+fn overdue() -> Error {
+    tracing::warn!(
+        "a credential refresh running on another runtime is overdue: that runtime is not \
+         driven; no longer waiting for it"
+    );
+    Error::new(ErrorKind::Timeout)
+        .with_detail("the refresh runs on another runtime, which is not driving it")
+}
+
 async fn run_flight<P: CredentialSource>(
     mut guard: FlightGuard<P>,
     mut cx: FetchContext,
-    predecessors: Vec<Shared<FlightFuture>>,
+    predecessors: Vec<Flight>,
 ) {
     if !guard.flight.run.begin() {
         // Abandoned by a waiter on another runtime, which planned another flight.
@@ -1185,8 +1356,14 @@ async fn run_flight<P: CredentialSource>(
     guard.started = true;
     if !predecessors.is_empty() {
         // Their results are not this flight's: only their end matters.
-        for predecessor in predecessors {
-            let _ = predecessor.await;
+        for predecessor in &predecessors {
+            if let Err(err) = wait_behind(&guard.inner, predecessor).await {
+                // One ahead stalled mid-fetch with its runtime: this one must not fetch
+                // beside it, and nothing failed here (no backoff).
+                guard.gave_up = true;
+                let _ = guard.finish(Err(err), false);
+                return;
+            }
         }
         if let Some(answer) = guard.begin(&mut cx) {
             #[cfg(test)]

@@ -54,12 +54,12 @@
 //! - **A refresh runs on the runtime of the caller that started it.** Callers on other
 //!   runtimes wait for it there. A current-thread runtime kept alive but no longer run
 //!   (between two `block_on` calls) does not run it: a caller on another runtime (or on
-//!   none) that finds it not begun by the fetch timeout abandons it and starts the
-//!   refresh itself (every waiter then gets that one's result; the abandoned task, run
-//!   later, does nothing); one that began and then stalled there (its token request may
-//!   be under way, so no other starts) is waited for until it is overdue, then such a
-//!   caller gets the still-valid credential, or [`ErrorKind::Timeout`]. Put a timeout
-//!   above the layer, as everywhere.
+//!   none), or a refresh chained after it, that finds it not begun by the fetch timeout
+//!   abandons it and starts the refresh itself (every waiter then gets that one's
+//!   result; the abandoned task, run later, does nothing); one that began and then
+//!   stalled there (its token request may be under way, so no other starts) is waited
+//!   for until it is overdue, then such a caller gets the still-valid credential, or
+//!   [`ErrorKind::Timeout`]. Put a timeout above the layer, as everywhere.
 //! - **Storage seam**: an optional [`CredentialStore`] is consulted on the refresh path
 //!   only (see [`crate::store`]).
 //!
