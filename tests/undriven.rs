@@ -155,11 +155,22 @@ async fn a_task_dropped_unrun_by_its_runtime_gives_spawn_refused_to_another_runt
 /// What each fetch was told: its reason, and `previous` as its `Debug` shows it.
 type Tellings = Arc<Mutex<Vec<(FetchReason, Option<String>)>>>;
 
-/// A source that records each fetch's reason and `previous`.
+/// A source that records each fetch's reason and `previous`; `hard`: every credential
+/// it issues is in its hard window (10 s left of an hour).
 #[derive(Clone, Default)]
 struct Told {
     log: Tellings,
     n: Arc<AtomicUsize>,
+    hard: bool,
+}
+
+impl Told {
+    fn hard() -> Self {
+        Told {
+            hard: true,
+            ..Told::default()
+        }
+    }
 }
 
 impl tower_client_auth::CredentialSource for Told {
@@ -167,7 +178,14 @@ impl tower_client_auth::CredentialSource for Told {
         let n = self.n.fetch_add(1, SeqCst) + 1;
         let previous = cx.previous().map(|c| format!("{c:?}"));
         self.log.lock().unwrap().push((cx.reason(), previous));
-        Ok(Credential::bearer(format!("token-{n}"))?)
+        let credential = Credential::bearer(format!("token-{n}"))?;
+        Ok(match self.hard {
+            true => credential.lives(
+                std::time::SystemTime::now() - Duration::from_secs(3590),
+                Duration::from_secs(3600),
+            ),
+            false => credential,
+        })
     }
 }
 
@@ -500,28 +518,6 @@ async fn a_refresh_stalled_mid_fetch_with_its_runtime_bounds_its_waiters() {
     std::thread::spawn(move || drop(idle)).join().unwrap();
 }
 
-// ---- review 115 ----
-
-/// A source whose every credential is in its hard window (10 s left of an hour), and
-/// that records what each fetch was told.
-#[derive(Clone, Default)]
-struct HardTold {
-    log: Tellings,
-    n: Arc<AtomicUsize>,
-}
-
-impl tower_client_auth::CredentialSource for HardTold {
-    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
-        let n = self.n.fetch_add(1, SeqCst) + 1;
-        let previous = cx.previous().map(|c| format!("{c:?}"));
-        self.log.lock().unwrap().push((cx.reason(), previous));
-        Ok(Credential::bearer(format!("token-{n}"))?.lives(
-            std::time::SystemTime::now() - Duration::from_secs(3590),
-            Duration::from_secs(3600),
-        ))
-    }
-}
-
 /// World: a flight planned on an idle runtime (never begun); an invalidation on a driven
 /// runtime detaches it; the next request there plans the fetch chained after it.
 /// Proves: no waiter waits for ever for a task nothing polls.
@@ -552,7 +548,7 @@ async fn a_refresh_chained_after_an_undriven_flight_does_not_hang() {
 /// stalls (never an error while a valid one is at hand).
 #[test]
 fn a_waiter_outside_any_runtime_keeps_its_still_valid_credential() {
-    let source = HardTold::default();
+    let source = Told::hard();
     let cache = CredentialCache::builder(source.clone())
         .fetch_timeout(Duration::from_millis(200))
         .build()
@@ -594,7 +590,7 @@ fn a_waiter_outside_any_runtime_keeps_its_still_valid_credential() {
 /// credential as `previous`), so that a source does not hand it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejection_that_joined_an_abandoned_flight_is_told_to_the_refetch() {
-    let source = HardTold::default();
+    let source = Told::hard();
     let cache = CredentialCache::builder(source.clone())
         .fetch_timeout(Duration::from_millis(200))
         .build()
@@ -805,4 +801,143 @@ async fn a_step_up_chained_after_an_undriven_flight_does_not_hang() {
         source.fetches()
     );
     let _ = StatusCode::OK;
+}
+
+/// World: a refresh begins on a current-thread runtime and stalls mid-fetch with it; an
+/// invalidation; a request on a driven runtime plans the fetch chained after it, which
+/// gives up once the stalled one is overdue (no fetch, no backoff). Proves: the flight
+/// that gave up without asking the source is no fetch in `stats().fetches` (the count
+/// an abandoned flight takes back), nor a failure; and once the stalled runtime runs
+/// again, the next request gets a credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chained_flight_that_gave_up_is_not_counted_as_a_fetch() {
+    let source = TestSource::build(
+        None,
+        Duration::from_millis(150),
+        false,
+        RefreshMode::Proactive,
+    );
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let idle = std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let gave_up = tokio::time::timeout(Duration::from_millis(50), cache.credential());
+                assert!(gave_up.await.is_err());
+            });
+            runtime
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(source.fetches(), 1);
+    cache.handle().invalidate();
+    let got = tokio::time::timeout(Duration::from_secs(10), cache.credential())
+        .await
+        .expect("hung behind the stalled refresh");
+    let kind = got.map(drop).map_err(|e| e.kind());
+    assert_eq!(
+        source.fetches(),
+        1,
+        "fetched beside the stalled one ({kind:?})"
+    );
+    let (stats, asked) = (cache.stats(), source.fetches());
+    let idle = std::thread::spawn(move || {
+        idle.block_on(async { tokio::time::sleep(Duration::from_millis(400)).await });
+        idle
+    })
+    .join()
+    .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), cache.credential())
+        .await
+        .expect("hung after the stalled runtime ran again");
+    std::thread::spawn(move || drop(idle)).join().unwrap();
+    assert_eq!(
+        stats.fetch_failures, 0,
+        "a failure counted, none failed ({kind:?})"
+    );
+    assert_eq!(
+        stats.fetches as usize, asked,
+        "stats().fetches against the source's calls, after a chained flight gave up ({kind:?})"
+    );
+    assert!(
+        next.is_ok(),
+        "after the stalled runtime ran again: {next:?}; fetches {}, stats {:?}",
+        source.fetches(),
+        cache.stats()
+    );
+}
+
+/// World: keep-warm; a 2 s token (soft window at 1.5 s, hard at 1.9 s), fetch timeout
+/// 200 ms, installed by `warm_up` on a current-thread runtime then left undriven (its
+/// keep-warm timer with it); in the soft window a request polled on that runtime
+/// (entered, not driven: a blocking wrapper's) claims the background refresh, whose task
+/// never begins; the application goes on asking on a driven runtime every 20 ms.
+/// Proves (as review 67 promised of a cancelled background refresh): the credential is
+/// refreshed in its soft window, rather than nothing until the hard window makes every
+/// caller wait: the never-begun background flight leaves no claim for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_refresh_left_on_an_undriven_runtime_leaves_no_claim() {
+    let source = TestSource::expiring(Duration::from_secs(2));
+    let cache = CredentialCache::builder(source.clone())
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(100), Duration::from_millis(200))
+        .fetch_timeout(Duration::from_millis(200))
+        .keep_warm(true)
+        .build()
+        .unwrap();
+    let start = std::time::Instant::now();
+    // Installed on the runtime that is then left undriven: its keep-warm timer is there.
+    let runtime = std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(cache.warm_up()).unwrap();
+            runtime
+        }
+    })
+    .join()
+    .unwrap();
+    tokio::time::sleep_until((start + Duration::from_millis(1520)).into()).await;
+    let idle = std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            {
+                let _inside = runtime.enter();
+                use futures_util::FutureExt;
+                let got = cache.credential().now_or_never();
+                assert!(matches!(got, Some(Ok(_))), "in the soft window: at once");
+            }
+            runtime
+        }
+    })
+    .join()
+    .unwrap();
+    while start.elapsed() < Duration::from_millis(1850) {
+        tokio::time::timeout(Duration::from_secs(2), cache.credential())
+            .await
+            .expect("a request in the soft window waited")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fetches = source.fetches();
+    let log: Vec<_> = (source.log().iter())
+        .map(|(t, r)| (t.duration_since(start.into()), *r))
+        .collect();
+    std::thread::spawn(move || drop(idle)).join().unwrap();
+    assert!(
+        fetches >= 2,
+        "not refreshed in the soft window ({fetches} fetches by 1.85 s): the claim of a \
+         background refresh that never began is held; {log:?}"
+    );
 }

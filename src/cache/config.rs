@@ -299,6 +299,7 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
             stats: Stats::default(),
             store_health: Default::default(),
             accepted: AtomicU64::new(0),
+            background: Default::default(),
             source_gate: Arc::default(),
             kept: Arc::default(),
             users: AtomicUsize::new(1),

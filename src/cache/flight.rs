@@ -271,6 +271,7 @@ impl<P: CredentialSource> CredentialCache<P> {
                 runtime: runtime.id(),
                 due: saturating_add(now, inner.config.fetch_timeout),
                 overdue: saturating_add(now, longest),
+                background: matches!(want, Some(Want::Background(_))),
                 told: std::sync::Mutex::new(
                     matches!(reason, FetchReason::Rejected | FetchReason::Invalidated)
                         .then(|| (reason, previous.clone())),
@@ -286,6 +287,9 @@ impl<P: CredentialSource> CredentialCache<P> {
             state.step_ups.push(flight.clone());
         } else {
             state.flight = Some(flight.clone());
+        }
+        if flight.run.background {
+            inner.background.store(Some(flight.run.clone()));
         }
         inner.stats.fetches.fetch_add(1, Ordering::Relaxed);
         metrics::event(&inner.config.name, metrics::WAITS);
@@ -313,6 +317,38 @@ impl<P: CredentialSource> CredentialCache<P> {
             Acquire::waiting(&flight, want, still_valid, &inner.config.clock),
             Some(start),
         )
+    }
+}
+
+impl<P: CredentialSource> CredentialCache<P> {
+    /// A caller in the soft window found the claim on the background refresh held. A
+    /// background refresh is planned by the caller that claims it, with no one waiting
+    /// for it; one whose task has not begun by its due time, on another runtime than
+    /// this caller's, never will while that runtime is not driven (see [`FlightRun`]):
+    /// abandoned here, and the background refresh planned again on this runtime.
+    /// Otherwise a load and a compare.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn unstall_background(&self, entry: &Entry) {
+        let run = self.inner.background.load();
+        let Some(run) = run.as_ref() else {
+            return;
+        };
+        if run.begun.load(Ordering::Acquire) != NOT_BEGUN || Instant::now() < run.due {
+            return;
+        }
+        // With no runtime here, no refresh could start here either.
+        let Ok(here) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if here.id() == run.runtime || !run.abandon() {
+            return;
+        }
+        // Gives the claim back; claimed again here.
+        abandon(&*self.inner, run);
+        if !entry.background_claimed.swap(true, Ordering::AcqRel) {
+            drop(self.acquire(Some(Want::Background(entry.generation))));
+        }
     }
 }
 
@@ -704,6 +740,9 @@ pub(super) struct FlightRun {
     /// What the flight tells its source that no later fetch would know (a rejection or
     /// an invalidation, and the credential it dropped): left for the next fetch if the
     /// flight is abandoned.
+    /// Whether it is a background refresh (soft window): one abandoned gives its claim
+    /// on the soft window back.
+    background: bool,
     /// A rejection that joins the flight is recorded here too.
     told: std::sync::Mutex<Option<(FetchReason, Option<Credential>)>>,
     cache: Weak<dyn Replan>,
@@ -769,6 +808,8 @@ impl FlightRun {
 
     /// Sends the flight's result, if none was sent.
     fn send(&self, outcome: Result<Arc<Entry>, Error>) {
+        // Ended: nothing left to tell (and no credential kept for it).
+        self.told().take();
         if let Some(tx) = self.tx().take() {
             // No waiter left is fine: the credential is installed all the same.
             let _ = tx.send(outcome);
@@ -806,6 +847,12 @@ impl<P: CredentialSource> Replan for Inner<P> {
         }
         if state.tainted == Some(id) {
             state.tainted = None;
+        }
+        if run.background {
+            // Its claim on the soft window: the next caller there refreshes.
+            if let Some(entry) = self.current.load_full() {
+                entry.background_claimed.store(false, Ordering::Release);
+            }
         }
         // Unless a flight was planned meanwhile (it was told nothing of this one's).
         if state.flight.is_none() {
@@ -1361,6 +1408,7 @@ async fn run_flight<P: CredentialSource>(
                 // One ahead stalled mid-fetch with its runtime: this one must not fetch
                 // beside it, and nothing failed here (no backoff).
                 guard.gave_up = true;
+                guard.inner.stats.fetches.fetch_sub(1, Ordering::Relaxed);
                 let _ = guard.finish(Err(err), false);
                 return;
             }

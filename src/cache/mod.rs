@@ -316,6 +316,8 @@ impl<P: CredentialSource> CredentialCache<P> {
                         && !entry.background_claimed.swap(true, Ordering::AcqRel)
                     {
                         drop(self.acquire(Some(Want::Background(entry.generation))));
+                    } else {
+                        self.unstall_background(entry);
                     }
                     return Ok(entry);
                 }
@@ -627,6 +629,9 @@ struct Inner<P> {
     /// One more than the newest generation the API answered with anything but a
     /// rejection: written once per credential, read on every answer.
     accepted: AtomicU64,
+    /// The last background refresh planned: a soft-window caller that finds the claim
+    /// held looks whether it ever began (see `CredentialCache::unstall_background`).
+    background: arc_swap::ArcSwapOption<flight::FlightRun>,
     /// Held while the source fetches: by the flight whose fetch runs, and then by a
     /// lease holder's fetch that outlived its flight (`lease::finish_late`), so that a
     /// later flight never asks the source while that one still runs. Uncontended but
