@@ -75,6 +75,53 @@ impl<T> Idle<T> {
     }
 }
 
+/// A current-thread runtime, on a thread of its own, that runs `start` once, then is kept
+/// and not driven: the runtime a blocking wrapper leaves between two calls.
+fn left_undriven(
+    start: impl FnOnce(&tokio::runtime::Runtime) + Send + 'static,
+) -> tokio::runtime::Runtime {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        start(&runtime);
+        runtime
+    })
+    .join()
+    .unwrap()
+}
+
+/// Drives `runtime` again for `ms` milliseconds, on a thread of its own (a runtime can
+/// be neither driven nor dropped inside another).
+fn drive_for(runtime: tokio::runtime::Runtime, ms: u64) -> tokio::runtime::Runtime {
+    std::thread::spawn(move || {
+        runtime.block_on(async { tokio::time::sleep(Duration::from_millis(ms)).await });
+        runtime
+    })
+    .join()
+    .unwrap()
+}
+
+/// Drops `runtime` off the async context.
+fn drop_off(runtime: tokio::runtime::Runtime) {
+    std::thread::spawn(move || drop(runtime)).join().unwrap();
+}
+
+/// A runtime [`left_undriven`] once a refresh has begun on it (its source asked) and its
+/// caller gave up: the refresh stalls mid-fetch.
+fn stalled_mid_fetch<S: tower_client_auth::CredentialSource>(
+    cache: &CredentialCache<S>,
+) -> tokio::runtime::Runtime {
+    let cache = cache.clone();
+    left_undriven(move |runtime| {
+        runtime.block_on(async {
+            let gave_up = tokio::time::timeout(Duration::from_millis(50), cache.credential());
+            assert!(gave_up.await.is_err());
+        });
+    })
+}
+
 /// World: a request on a current-thread runtime plans a refresh, is polled once and kept
 /// (a blocking wrapper that awaits it again in a later `block_on`); a request on another
 /// runtime abandons the flight and refreshes. Proves: the kept request, when
@@ -404,23 +451,16 @@ async fn a_flight_left_on_an_undriven_runtime_leaves_no_waiter_hanging() {
         .fetch_timeout(Duration::from_millis(500))
         .build()
         .unwrap();
-    let idle = std::thread::spawn({
+    let idle = left_undriven({
         let cache = cache.clone();
-        move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+        move |runtime| {
             runtime.block_on(async {
                 // Polled once (the refresh is planned and its task spawned), then given up.
                 use futures_util::FutureExt;
                 assert!(cache.credential().now_or_never().is_none());
             });
-            runtime
         }
-    })
-    .join()
-    .unwrap();
+    });
     let answer = tokio::time::timeout(Duration::from_secs(3), cache.credential()).await;
     let fetched = fetches.load(SeqCst);
     assert!(
@@ -431,12 +471,7 @@ async fn a_flight_left_on_an_undriven_runtime_leaves_no_waiter_hanging() {
     assert!(answer.unwrap().is_ok());
     assert_eq!(fetched, 1);
     // The stalled runtime driven again: its task finds its flight abandoned.
-    std::thread::spawn(move || {
-        idle.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
-        drop(idle);
-    })
-    .join()
-    .unwrap();
+    drop_off(drive_for(idle, 50));
     assert_eq!(
         fetches.load(SeqCst),
         1,
@@ -470,23 +505,7 @@ async fn a_refresh_stalled_mid_fetch_with_its_runtime_bounds_its_waiters() {
         .fetch_timeout(Duration::from_millis(500))
         .build()
         .unwrap();
-    let idle = std::thread::spawn({
-        let cache = cache.clone();
-        move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                // The refresh begins (the source is asked), then the caller gives up.
-                let gave_up = tokio::time::timeout(Duration::from_millis(50), cache.credential());
-                assert!(gave_up.await.is_err());
-            });
-            runtime
-        }
-    })
-    .join()
-    .unwrap();
+    let idle = stalled_mid_fetch(&cache);
     assert_eq!(fetches.load(SeqCst), 1);
     let started = std::time::Instant::now();
     let answer = tokio::time::timeout(Duration::from_secs(10), cache.credential())
@@ -505,17 +524,12 @@ async fn a_refresh_stalled_mid_fetch_with_its_runtime_bounds_its_waiters() {
         "a second token request while the first may run"
     );
     // The stalled runtime runs again: its refresh ends; requests get a credential.
-    let idle = std::thread::spawn(move || {
-        idle.block_on(async { tokio::time::sleep(Duration::from_millis(300)).await });
-        idle
-    })
-    .join()
-    .unwrap();
+    let idle = drive_for(idle, 300);
     let next = tokio::time::timeout(Duration::from_secs(10), cache.credential())
         .await
         .expect("hung after the runtime ran again");
     assert!(next.is_ok(), "{next:?}");
-    std::thread::spawn(move || drop(idle)).join().unwrap();
+    drop_off(idle);
 }
 
 /// World: a flight planned on an idle runtime (never begun); an invalidation on a driven
@@ -821,22 +835,7 @@ async fn a_chained_flight_that_gave_up_is_not_counted_as_a_fetch() {
         .fetch_timeout(Duration::from_millis(200))
         .build()
         .unwrap();
-    let idle = std::thread::spawn({
-        let cache = cache.clone();
-        move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let gave_up = tokio::time::timeout(Duration::from_millis(50), cache.credential());
-                assert!(gave_up.await.is_err());
-            });
-            runtime
-        }
-    })
-    .join()
-    .unwrap();
+    let idle = stalled_mid_fetch(&cache);
     assert_eq!(source.fetches(), 1);
     cache.handle().invalidate();
     let got = tokio::time::timeout(Duration::from_secs(10), cache.credential())
@@ -849,16 +848,11 @@ async fn a_chained_flight_that_gave_up_is_not_counted_as_a_fetch() {
         "fetched beside the stalled one ({kind:?})"
     );
     let (stats, asked) = (cache.stats(), source.fetches());
-    let idle = std::thread::spawn(move || {
-        idle.block_on(async { tokio::time::sleep(Duration::from_millis(400)).await });
-        idle
-    })
-    .join()
-    .unwrap();
+    let idle = drive_for(idle, 400);
     let next = tokio::time::timeout(Duration::from_secs(5), cache.credential())
         .await
         .expect("hung after the stalled runtime ran again");
-    std::thread::spawn(move || drop(idle)).join().unwrap();
+    drop_off(idle);
     assert_eq!(
         stats.fetch_failures, 0,
         "a failure counted, none failed ({kind:?})"
@@ -895,19 +889,10 @@ async fn a_background_refresh_left_on_an_undriven_runtime_leaves_no_claim() {
         .unwrap();
     let start = std::time::Instant::now();
     // Installed on the runtime that is then left undriven: its keep-warm timer is there.
-    let runtime = std::thread::spawn({
+    let runtime = left_undriven({
         let cache = cache.clone();
-        move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(cache.warm_up()).unwrap();
-            runtime
-        }
-    })
-    .join()
-    .unwrap();
+        move |runtime| runtime.block_on(cache.warm_up()).unwrap()
+    });
     tokio::time::sleep_until((start + Duration::from_millis(1520)).into()).await;
     let idle = std::thread::spawn({
         let cache = cache.clone();
@@ -934,7 +919,7 @@ async fn a_background_refresh_left_on_an_undriven_runtime_leaves_no_claim() {
     let log: Vec<_> = (source.log().iter())
         .map(|(t, r)| (t.duration_since(start.into()), *r))
         .collect();
-    std::thread::spawn(move || drop(idle)).join().unwrap();
+    drop_off(idle);
     assert!(
         fetches >= 2,
         "not refreshed in the soft window ({fetches} fetches by 1.85 s): the claim of a \
