@@ -145,3 +145,128 @@ async fn a_store_save_that_panics_once_loses_no_refresh_token() {
         "the refresh token issued before the store's panic was lost"
     );
 }
+
+/// A `MemoryStore` whose `changed` panics, counting its loads.
+#[derive(Clone, Default)]
+struct ChangedPanics {
+    memory: MemoryStore,
+    loads: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CredentialStore for ChangedPanics {
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        self.loads.fetch_add(1, SeqCst);
+        self.memory.load().await
+    }
+    async fn lease(&self, ttl: Duration) -> Result<Option<Lease>, BoxError> {
+        self.memory.lease(ttl).await
+    }
+    async fn save(&self, lease: &Lease, c: &Credential) -> Result<bool, BoxError> {
+        self.memory.save(lease, c).await
+    }
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, BoxError> {
+        self.memory.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
+        self.memory.release(lease).await
+    }
+    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+        self.memory.remove(rejected).await
+    }
+    #[allow(clippy::manual_async_fn)]
+    fn changed(&self, _timeout: Duration) -> impl std::future::Future<Output = ()> + Send {
+        async { panic!("store bug: changed panicked") }
+    }
+}
+
+/// World: another process holds the fleet's lease; this process's store's `changed`
+/// panics (guarded since review 113: "a panic is a wake"). Proves: the waiter still
+/// paces its looks at the store (20 ms doubling to 250 ms: about a dozen in 1.5 s),
+/// rather than calling the store in a loop with no pause until its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_whose_changed_panics_is_not_polled_in_a_hot_loop() {
+    let store = ChangedPanics::default();
+    let held = store.memory.lease(Duration::from_secs(30)).await.unwrap();
+    assert!(held.is_some(), "the other process's lease");
+    let cache = CredentialCache::builder(crate::support::TestSource::new())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), cache.credential())
+        .await
+        .expect("bounded by the fetch timeout");
+    let loads = store.loads.load(SeqCst);
+    assert!(
+        loads <= 40,
+        "{loads} store loads in one 1.5 s wait for another holder (got {:?}): the panicking \
+         `changed` is a wake with no pause",
+        got.map(|_| ())
+    );
+}
+
+/// A `MemoryStore` whose every `save` panics.
+#[derive(Clone, Default)]
+struct SavePanics {
+    memory: MemoryStore,
+}
+
+impl CredentialStore for SavePanics {
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        self.memory.load().await
+    }
+    async fn lease(&self, ttl: Duration) -> Result<Option<Lease>, BoxError> {
+        self.memory.lease(ttl).await
+    }
+    async fn save(&self, _lease: &Lease, _c: &Credential) -> Result<bool, BoxError> {
+        panic!("store bug: save panicked")
+    }
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, BoxError> {
+        self.memory.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
+        self.memory.release(lease).await
+    }
+    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+        self.memory.remove(rejected).await
+    }
+}
+
+/// World: a process's store panics in `save` while it holds the lease (a credential
+/// with no refresh token: nothing to keep saving). Proves: the lease is released, so
+/// another process waiting for it refreshes at once rather than after the lease's TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_that_panics_under_the_lease_releases_it() {
+    let store = SavePanics::default();
+    let one = CredentialCache::builder(crate::support::TestSource::new())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), one.credential())
+        .await
+        .expect("bounded")
+        .expect("the fetch's credential, though the save panicked");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let free = store.memory.lease(Duration::from_secs(1)).await.unwrap();
+    assert!(
+        free.is_some(),
+        "the lease is still held after a panicking save"
+    );
+    store.memory.release(&free.unwrap()).await.unwrap();
+    let two = CredentialCache::builder(crate::support::TestSource::new())
+        .store(store.clone())
+        .fetch_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let at = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), two.credential())
+        .await
+        .expect("bounded")
+        .unwrap();
+    assert!(
+        at.elapsed() < Duration::from_millis(500),
+        "waited {:?}",
+        at.elapsed()
+    );
+}

@@ -661,3 +661,31 @@ async fn a_scheme_the_connector_does_not_take_for_https_never_carries_the_creden
         "the credential went in plain text to a non-loopback host (by Host): {leaked:?}"
     );
 }
+
+/// `.origin()` (review 113: refuses an origin no request could carry the credential to)
+/// still takes every loopback form a user writes for a local API.
+#[test]
+fn origin_takes_every_loopback_form() {
+    use tower_client_auth::StaticCredential;
+    for origin in [
+        "http://[::1]:8080",
+        "http://localhost",
+        "HTTP://127.0.0.1:1",
+        "http://[::ffff:7f00:1]",
+        "http://127.0.0.2:9",
+        "ws://localhost:1",
+        "https://example.com",
+        "HTTPS://example.com",
+    ] {
+        let layer = AuthLayer::new(StaticCredential::bearer("t").unwrap()).origin(origin);
+        assert!(layer.is_ok(), "{origin} refused: {:?}", layer.err());
+    }
+    for origin in [
+        "http://example.com",
+        "ftp://localhost:21",
+        "ws://example.com",
+    ] {
+        let layer = AuthLayer::new(StaticCredential::bearer("t").unwrap()).origin(origin);
+        assert!(layer.is_err(), "{origin} taken");
+    }
+}

@@ -926,3 +926,113 @@ async fn a_background_refresh_left_on_an_undriven_runtime_leaves_no_claim() {
          background refresh that never began is held; {log:?}"
     );
 }
+
+/// A source whose drop is seen through a `Weak`.
+#[derive(Clone)]
+struct Marked {
+    source: TestSource,
+    _alive: Arc<()>,
+}
+
+impl tower_client_auth::CredentialSource for Marked {
+    async fn fetch(&self, cx: FetchContext) -> Result<Credential, BoxError> {
+        tower_client_auth::CredentialSource::fetch(&self.source, cx).await
+    }
+}
+
+/// World: a background refresh is planned on a runtime then left undriven, a request on
+/// a driven runtime unstalls it (review 116: the cache keeps the last background
+/// flight's `FlightRun`) and refreshes; then the cache, the idle runtime and every
+/// request go. Proves: nothing the kept `FlightRun` holds keeps the cache (and its
+/// source) alive, and the unstalled refresh never ran beside another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kept_background_flight_keeps_nothing_alive_after_the_cache_goes() {
+    let alive = Arc::new(());
+    let source = TestSource::expiring(Duration::from_secs(2));
+    let marked = Marked {
+        source: source.clone(),
+        _alive: alive.clone(),
+    };
+    let gone = Arc::downgrade(&alive);
+    drop(alive);
+    let cache = CredentialCache::builder(marked)
+        .window_jitter(0.0)
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let start = std::time::Instant::now();
+    cache.warm_up().await.unwrap();
+    tokio::time::sleep_until((start + Duration::from_millis(1520)).into()).await;
+    let idle = idle({
+        let cache = cache.clone();
+        move || async move {
+            // Soft window: answered at once; the background task it spawned never runs.
+            let _ = cache.credential().await;
+            std::future::pending::<()>().await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    for _ in 0..10 {
+        tokio::time::timeout(Duration::from_secs(2), cache.credential())
+            .await
+            .expect("a request in the soft window waited")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fetches = source.fetches();
+    assert!(source.max_in_flight() <= 1, "two fetches at once");
+    drop(cache);
+    std::thread::spawn(move || drop(idle)).join().unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        gone.upgrade().is_none(),
+        "the source outlived its cache ({fetches} fetches)"
+    );
+    assert!(fetches >= 2, "unstalled: {fetches} fetches");
+}
+
+/// World: as above, with keep-warm and a fleet's `MemoryStore`; the idle runtime that
+/// holds the never-begun background task is driven again after the request on a driven
+/// runtime unstalled it. Proves: one refresh in the soft window, under the lease; the
+/// abandoned task, run late, fetches nothing, and no two fetches ever overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unstalled_background_refresh_with_keep_warm_and_a_store_fetches_once() {
+    let source = TestSource::expiring(Duration::from_secs(2));
+    let cache = CredentialCache::builder(source.clone())
+        .window_jitter(0.0)
+        .fetch_timeout(Duration::from_millis(200))
+        .keep_warm(true)
+        .store(MemoryStore::new())
+        .build()
+        .unwrap();
+    let start = std::time::Instant::now();
+    cache.warm_up().await.unwrap();
+    tokio::time::sleep_until((start + Duration::from_millis(1520)).into()).await;
+    let idle = idle({
+        let cache = cache.clone();
+        move || async move {
+            // Soft window: answered at once; kept pending a moment after.
+            let got = cache.credential().await.map(|_| ());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            got
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    for _ in 0..5 {
+        tokio::time::timeout(Duration::from_secs(2), cache.credential())
+            .await
+            .expect("a request in the soft window waited")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = source.fetches();
+    let kept = std::thread::spawn(move || idle.drive()).join().unwrap();
+    assert!(kept.is_some(), "the kept request ended");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log: Vec<_> = (source.log().iter())
+        .map(|(t, r)| (t.duration_since(start.into()), *r))
+        .collect();
+    assert_eq!(before, 2, "one refresh in the soft window; {log:?}");
+    assert_eq!(source.fetches(), 2, "the abandoned task fetched; {log:?}");
+    assert!(source.max_in_flight() <= 1, "two fetches at once");
+}

@@ -737,13 +737,12 @@ pub(super) struct FlightRun {
     /// Begun and not ended by then, on a driven runtime it would have ended: its runtime
     /// is not driven, and a watching waiter stops waiting (`Timeout`).
     overdue: Instant,
-    /// What the flight tells its source that no later fetch would know (a rejection or
-    /// an invalidation, and the credential it dropped): left for the next fetch if the
-    /// flight is abandoned.
     /// Whether it is a background refresh (soft window): one abandoned gives its claim
     /// on the soft window back.
     background: bool,
-    /// A rejection that joins the flight is recorded here too.
+    /// What the flight tells its source that no later fetch would know (a rejection or
+    /// an invalidation, and the credential it dropped), a rejection that joins it too:
+    /// left for the next fetch if the flight is abandoned.
     told: std::sync::Mutex<Option<(FetchReason, Option<Credential>)>>,
     cache: Weak<dyn Replan>,
 }

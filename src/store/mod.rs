@@ -252,12 +252,23 @@ impl<S: CredentialStore> DynStore for S {
     }
 
     fn changed(&self, timeout: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        // A panic is a wake: the waiter looks at the store again (through `load`).
+        // Called now, not at the first poll: the contract is that a change between this
+        // call and the wait is not missed. A panic (making the future or polling it)
+        // waits out `timeout`, as the default does: the waiter's looks stay paced.
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            CredentialStore::changed(self, timeout)
+        }));
         Box::pin(async move {
-            let call = std::panic::AssertUnwindSafe(async move {
-                CredentialStore::changed(self, timeout).await
-            });
-            let _ = futures_util::FutureExt::catch_unwind(call).await;
+            let woke = match made {
+                Ok(wait) => {
+                    let wait = std::panic::AssertUnwindSafe(wait);
+                    futures_util::FutureExt::catch_unwind(wait).await.is_ok()
+                }
+                Err(_) => false,
+            };
+            if !woke {
+                tokio::time::sleep(timeout).await;
+            }
         })
     }
 
