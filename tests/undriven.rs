@@ -532,6 +532,39 @@ async fn a_refresh_stalled_mid_fetch_with_its_runtime_bounds_its_waiters() {
     drop_off(idle);
 }
 
+/// World: a refresh begins on a current-thread runtime that then stops being driven
+/// mid-fetch; 20 requests on another runtime join it and each stops waiting once it is
+/// overdue. Proves: the warning that the refresh is overdue is logged once for the
+/// flight, not once per waiter (a log line per request under load would drown the log),
+/// and every waiter still gets `Timeout`.
+#[tokio::test]
+async fn an_overdue_refresh_is_logged_once_however_many_wait() {
+    let source = tower_client_auth::source_fn(|_cx: FetchContext| async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok::<_, BoxError>(Credential::bearer("t").unwrap())
+    });
+    let cache = CredentialCache::builder(source)
+        .fetch_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let idle = stalled_mid_fetch(&cache);
+    let (capture, _guard) = support::capture_traces();
+    let waits = (0..20).map(|_| cache.credential());
+    let answers = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_util::future::join_all(waits),
+    )
+    .await
+    .expect("requests waited 10 s for a refresh its runtime does not drive");
+    for answer in answers {
+        let err = answer.expect_err("no credential could have been fetched");
+        assert_eq!(err.kind(), ErrorKind::Timeout, "{err:?}");
+    }
+    let text = capture.text();
+    assert_eq!(text.matches("is overdue").count(), 1, "{text}");
+    drop_off(idle);
+}
+
 /// World: a flight planned on an idle runtime (never begun); an invalidation on a driven
 /// runtime detaches it; the next request there plans the fetch chained after it.
 /// Proves: no waiter waits for ever for a task nothing polls.

@@ -271,6 +271,7 @@ impl<P: CredentialSource> CredentialCache<P> {
                 runtime: runtime.id(),
                 due: saturating_add(now, inner.config.fetch_timeout),
                 overdue: saturating_add(now, longest),
+                overdue_logged: Default::default(),
                 background: matches!(want, Some(Want::Background(_))),
                 told: std::sync::Mutex::new(
                     matches!(reason, FetchReason::Rejected | FetchReason::Invalidated)
@@ -461,13 +462,17 @@ impl Future for Acquire {
             };
             let result = match Pin::new(flight).poll(cx) {
                 Poll::Ready(result) => result,
-                Poll::Pending => match watch.as_mut().map(|w| w.look(cx)) {
-                    None | Some(Look::Waiting) => return Poll::Pending,
-                    Some(Look::Abandoned) => Err(Error::new(ErrorKind::Cancelled)),
-                    Some(Look::Overdue) => {
-                        *watch = None;
-                        Err(overdue())
-                    }
+                Poll::Pending => match watch.as_mut() {
+                    None => return Poll::Pending,
+                    Some(w) => match w.look(cx) {
+                        Look::Waiting => return Poll::Pending,
+                        Look::Abandoned => Err(Error::new(ErrorKind::Cancelled)),
+                        Look::Overdue => {
+                            let err = overdue(&w.run);
+                            *watch = None;
+                            Err(err)
+                        }
+                    },
                 },
             };
             // A flight whose task never began, ended by a waiter: plan again (another
@@ -520,7 +525,7 @@ struct Watch {
     /// What the waiter asked for, to ask again.
     want: Option<Want>,
     /// Whether this wait times the flight: planned on another runtime than the flight's
-    /// (or none). Cleared on a runtime without timers.
+    /// (or none). Cleared when no alarm thread could be started.
     timed: bool,
     /// Until the flight's due time, then its overdue time; made at the first look.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -737,6 +742,8 @@ pub(super) struct FlightRun {
     /// Begun and not ended by then, on a driven runtime it would have ended: its runtime
     /// is not driven, and a watching waiter stops waiting (`Timeout`).
     overdue: Instant,
+    /// Whether its being overdue was logged.
+    overdue_logged: std::sync::atomic::AtomicBool,
     /// Whether it is a background refresh (soft window): one abandoned gives its claim
     /// on the soft window back.
     background: bool,
@@ -1361,7 +1368,7 @@ async fn wait_behind<P: CredentialSource>(inner: &Inner<P>, ahead: &Flight) -> R
             return Ok(());
         }
         if begun {
-            return Err(overdue());
+            return Err(overdue(&ahead.run));
         }
         if ahead.run.abandon() {
             abandon(inner, &ahead.run);
@@ -1380,12 +1387,15 @@ fn abandon(cache: &dyn Replan, run: &FlightRun) {
     run.send(Err(Error::new(ErrorKind::Cancelled)));
 }
 
-/// What a wait for a flight that began and then stalled with its runtime ends with.
-fn overdue() -> Error {
-    tracing::warn!(
-        "a credential refresh running on another runtime is overdue: that runtime is not \
-         driven; no longer waiting for it"
-    );
+/// What a wait for a flight that began and then stalled with its runtime ends with
+/// (logged once per flight, however many wait for it).
+fn overdue(run: &FlightRun) -> Error {
+    if !run.overdue_logged.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "a credential refresh running on another runtime is overdue: that runtime is \
+             not driven; no longer waiting for it"
+        );
+    }
     Error::new(ErrorKind::Timeout)
         .with_detail("the refresh runs on another runtime, which is not driving it")
 }
