@@ -163,6 +163,13 @@ impl FetchContext {
         self.previous = Some(previous);
     }
 
+    /// Tells the fetch, planned for another reason, what a rejection or an invalidation
+    /// learnt after it was planned dropped.
+    pub(crate) fn set_told(&mut self, reason: FetchReason, previous: Option<Credential>) {
+        self.reason = reason;
+        self.previous = previous;
+    }
+
     /// Sets who owns the refresh token (the cache, from its store).
     pub(crate) fn sharing(mut self, sharing: Sharing) -> Self {
         self.sharing = sharing;

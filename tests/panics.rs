@@ -270,3 +270,76 @@ async fn a_save_that_panics_under_the_lease_releases_it() {
         at.elapsed()
     );
 }
+
+/// A `MemoryStore` whose every save of a pair panics (a store broken for good).
+#[derive(Clone, Default)]
+struct AlwaysPanicsOnPairSave {
+    memory: MemoryStore,
+}
+
+impl CredentialStore for AlwaysPanicsOnPairSave {
+    async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        self.memory.load().await
+    }
+    async fn lease(&self, ttl: Duration) -> Result<Option<Lease>, BoxError> {
+        self.memory.lease(ttl).await
+    }
+    async fn save(&self, lease: &Lease, c: &Credential) -> Result<bool, BoxError> {
+        if c.refresh_token().is_some() {
+            panic!("store bug: save panicked");
+        }
+        self.memory.save(lease, c).await
+    }
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, BoxError> {
+        self.memory.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), BoxError> {
+        self.memory.release(lease).await
+    }
+    async fn remove(&self, rejected: &Credential) -> Result<(), BoxError> {
+        self.memory.remove(rejected).await
+    }
+}
+
+/// World: every pair save of the store panics; the source rotates `rt-1` for `rt-2`,
+/// then an invalidation. Proves: no refresh token is lost: the next refresh presents
+/// `rt-2` (kept in memory), never the spent `rt-1`, nor logs in (review 118, held).
+#[tokio::test]
+async fn a_store_whose_pair_saves_always_panic_loses_no_refresh_token() {
+    let store = AlwaysPanicsOnPairSave::default();
+    let lease = store
+        .memory
+        .lease(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    let expired = Credential::bearer("access-1")
+        .unwrap()
+        .with_refresh_token("rt-1")
+        .expires_at(std::time::SystemTime::now() - Duration::from_secs(60));
+    assert!(store.memory.save(&lease, &expired).await.unwrap());
+    store.memory.release(&lease).await.unwrap();
+    let (source, presented) = rotating();
+    let cache = CredentialCache::builder(source)
+        .store(store.clone())
+        .fetch_timeout(Duration::from_millis(500))
+        .backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), cache.credential())
+        .await
+        .expect("hung");
+    assert!(first.is_ok(), "{first:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(cache.handle().invalidate());
+    let second = tokio::time::timeout(Duration::from_secs(10), cache.credential())
+        .await
+        .expect("hung");
+    assert!(second.is_ok(), "{second:?}");
+    let presented = presented.lock().unwrap().clone();
+    assert_eq!(
+        presented.get(1).cloned().flatten().as_deref(),
+        Some("rt-2"),
+        "{presented:?}"
+    );
+}

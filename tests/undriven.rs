@@ -1069,3 +1069,329 @@ async fn an_unstalled_background_refresh_with_keep_warm_and_a_store_fetches_once
     assert_eq!(source.fetches(), 2, "the abandoned task fetched; {log:?}");
     assert!(source.max_in_flight() <= 1, "two fetches at once");
 }
+
+/// World: a 4 s token (soft window at 3.0 s, hard at 3.8 s), backoff 100-200 ms, fetch
+/// timeout 200 ms. In the soft window a request on a current-thread runtime claims the
+/// background refresh, which runs there and fails (the endpoint answers 503); that
+/// runtime is driven until the refresh has failed, then kept undriven (a blocking
+/// wrapper between two calls). The endpoint recovers; the application asks on a driven
+/// runtime every 20 ms until 3.7 s. Proves: the claim on the background refresh is
+/// never leaked: the failed refresh gives it back through a timer on the undriven
+/// runtime (`rearm_background`), and a caller on the driven runtime past its due time
+/// takes it over (`rearm_overdue`), so the credential is refreshed in the soft window,
+/// not left for every caller to wait for in the hard window. (Review 118 found the
+/// leak; the only test here with a timing margin, ~430 ms.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_background_refresh_on_a_runtime_left_undriven_leaks_no_claim() {
+    let source = TestSource::expiring(Duration::from_secs(4));
+    let cache = CredentialCache::builder(source.clone())
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(100), Duration::from_millis(200))
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let start = std::time::Instant::now();
+    cache.warm_up().await.unwrap();
+    tokio::time::sleep_until((start + Duration::from_millis(3050)).into()).await;
+    source.set_failing(true);
+    let idle = left_undriven({
+        let (cache, source) = (cache.clone(), source.clone());
+        move |runtime| {
+            runtime.block_on(async {
+                // Soft window: answered at once; the background refresh runs here.
+                assert!(cache.credential().await.is_ok());
+                for _ in 0..200 {
+                    if source.fetches() >= 2 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                // Let the failure be recorded (and its re-arm timer spawned here).
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            })
+        }
+    });
+    assert_eq!(source.fetches(), 2, "the background refresh ran and failed");
+    source.set_failing(false);
+    while start.elapsed() < Duration::from_millis(3700) {
+        tokio::time::timeout(Duration::from_secs(2), cache.credential())
+            .await
+            .expect("a request in the soft window waited")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fetches = source.fetches();
+    let log: Vec<_> = (source.log().iter())
+        .map(|(t, r)| (t.duration_since(start.into()), *r))
+        .collect();
+    drop_off(idle);
+    assert!(
+        fetches >= 3,
+        "not refreshed in the soft window after the failed background refresh's backoff \
+         ({fetches} fetches by 3.7 s): its claim is held by a timer on the undriven \
+         runtime; {log:?}"
+    );
+}
+
+/// World: a request is first polled on a current-thread runtime (its refresh task is
+/// spawned there, and its wait planned there), then handed to another, driven runtime
+/// that awaits it; the first runtime is kept and not driven. Fetch timeout 200 ms.
+/// Proves: a waiter polled on another runtime than its flight's does not wait for ever
+/// (cache docs: "a caller on another runtime ... that finds it not begun by the fetch
+/// timeout abandons it"), whichever runtime it was planned on: whether a wait times its
+/// flight is decided look by look, from the runtime that polls it (review 118: it was
+/// decided once, when planned, and the moved request hung).
+#[test]
+fn a_request_moved_to_a_driven_runtime_does_not_hang_on_its_idle_flight() {
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let (fut, idle) = std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let mut fut = {
+                let _inside = runtime.enter();
+                Box::pin(async move { cache.credential().await.map(drop).map_err(|e| e.kind()) })
+            };
+            runtime.block_on(async {
+                use futures_util::FutureExt;
+                assert!((&mut fut).now_or_never().is_none(), "answered at once");
+            });
+            (fut, runtime)
+        }
+    })
+    .join()
+    .unwrap();
+    let driven = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let got = driven.block_on(async { tokio::time::timeout(Duration::from_secs(3), fut).await });
+    drop(driven);
+    drop_off(idle);
+    assert!(
+        got.is_ok(),
+        "a request awaited on a driven runtime hung 3 s (15 fetch timeouts) on a flight \
+         that never began on the idle runtime it was first polled on; fetches: {}",
+        source.fetches()
+    );
+}
+
+/// World: a credential is cached and then rejected (`reject`, the layer's 401 path) on a
+/// current-thread runtime that is then left undriven: the refetch it plans (told
+/// `Rejected`, with the rejected credential) never begins. On a driven runtime the
+/// application invalidates (nothing is current any more) and asks: its fetch is chained
+/// after the never-begun one, abandons it at its due time, and fetches. Proves: the
+/// fetch that replaces a rejected credential is told of the rejection (`Rejected`, or
+/// the rejected credential as `previous`: README, what a source holding its last
+/// credential must not hand back), even when it was planned, chained, before the
+/// flight it replaces was abandoned: `forget_flight` hands what that one was to tell to
+/// the flight planned meanwhile, told at its start (review 118: it was dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_abandoned_behind_a_chained_flight_is_still_told() {
+    let source = Told::default();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let first = cache.credential().await.unwrap();
+    let _kept = idle({
+        let (cache, first) = (cache.clone(), first.clone());
+        move || async move { cache.reject(&first).await.map(drop).map_err(|e| e.kind()) }
+    });
+    cache.handle().invalidate();
+    let answer = tokio::time::timeout(Duration::from_secs(3), cache.credential()).await;
+    let answer = answer.expect("hung").unwrap();
+    assert_ne!(answer, first);
+    let log = source.log.lock().unwrap().clone();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert!(
+        log[1].0 == FetchReason::Rejected || log[1].1.is_some(),
+        "the only fetch after a rejection was told nothing of it: {log:?}"
+    );
+}
+
+/// World: a fetch runs (gated); an invalidation; the next request plans the fetch
+/// chained after it; a credential is handed over (`replace`), fresh, before the first
+/// fetch ends: the chained flight's fetch is then needless, and it never asks the
+/// source (nor the store). Proves: `stats().fetches` counts refreshes that asked the
+/// store or the source: a chained flight that `FlightGuard::begin` answers without
+/// either (a fresh credential handed over, a backoff) is no fetch, as a chained flight
+/// that gave up is not (review 116). Review 118 found it counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chained_flight_made_needless_is_not_counted_as_a_fetch() {
+    use futures_util::FutureExt;
+    let source = TestSource::gated(None);
+    let cache = CredentialCache::builder(source.clone()).build().unwrap();
+    let mut first = Box::pin(cache.credential());
+    assert!((&mut first).now_or_never().is_none());
+    for _ in 0..400 {
+        if source.fetches() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(source.fetches(), 1, "the first fetch began");
+    cache.handle().invalidate();
+    let mut chained = Box::pin(cache.credential());
+    assert!((&mut chained).now_or_never().is_none());
+    let mine = Credential::bearer("mine").unwrap();
+    assert!(cache.handle().replace(mine.clone()).unwrap());
+    source.release(1);
+    let a = tokio::time::timeout(Duration::from_secs(3), first)
+        .await
+        .expect("hung");
+    let b = tokio::time::timeout(Duration::from_secs(3), chained)
+        .await
+        .expect("hung");
+    assert_eq!(
+        b.unwrap(),
+        mine,
+        "the chained flight answered with the handed-over one"
+    );
+    let _ = a;
+    assert_eq!(source.fetches(), 1, "one token request");
+    assert_eq!(
+        cache.stats().fetches as usize,
+        source.fetches(),
+        "stats().fetches against the source's calls: {:?}",
+        cache.stats()
+    );
+}
+
+/// World: a flight planned on an idle runtime (never begun); an invalidation detaches
+/// it; the next request comes on a driven current-thread runtime built without a time
+/// driver, and plans the fetch chained after the never-begun one. Fetch timeout 200 ms.
+/// Proves: no waiter waits for ever for a task nothing polls: on a runtime without
+/// timers the chained flight times the one ahead of it with the process's alarm thread
+/// and abandons it, as a join there does (`a_waiter_on_a_runtime_without_timers_does_
+/// not_hang`). Review 118: it awaited the predecessor with no deadline, and hung.
+#[test]
+fn a_chained_flight_on_a_runtime_without_timers_does_not_hang() {
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let _kept = idle({
+        let cache = cache.clone();
+        move || async move { cache.credential().await.map_err(|e| e.kind()) }
+    });
+    cache.handle().invalidate();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let _ = tx.send(
+                rt.block_on(cache.credential())
+                    .map(drop)
+                    .map_err(|e| e.kind()),
+            );
+        }
+    });
+    let got = rx.recv_timeout(Duration::from_secs(3));
+    assert!(
+        got.is_ok(),
+        "a request on a runtime without timers, chained after a never-begun flight, hung \
+         3 s (15 fetch timeouts); fetches: {}",
+        source.fetches()
+    );
+}
+
+/// World: a cache built with `fetch_timeout(Duration::MAX)` (the builder refuses only
+/// zero: "no timeout", in effect) and a fleet's `MemoryStore`. Proves: a configuration
+/// the builder accepts refreshes: the lease's hold is a saturating sum of the fetch
+/// timeout and the store's shares (review 118: it overflowed and panicked inside every
+/// refresh, reported as a source panic: no credential, ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_fetch_timeout_with_a_store_still_refreshes() {
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::MAX)
+        .store(MemoryStore::new())
+        .build()
+        .expect("accepted by the builder");
+    let got = tokio::time::timeout(Duration::from_secs(3), cache.credential())
+        .await
+        .expect("hung");
+    assert!(
+        got.is_ok(),
+        "no credential with fetch_timeout(Duration::MAX) and a store: {:?} ({} source \
+         fetches)",
+        got.map(drop).map_err(|e| e.kind()),
+        source.fetches()
+    );
+}
+
+/// World: `fetch_timeout(Duration::MAX)` without a store, keep-warm; an invalidation,
+/// and requests on two runtimes. Proves: no deadline overflows (`due`, `overdue`, the
+/// alarm's wait), one fetch at a time, and the counts agree (review 118, held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_timeout_of_duration_max_without_a_store_keeps_its_promises() {
+    let source = TestSource::expiring(Duration::from_secs(3600));
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::MAX)
+        .keep_warm(true)
+        .build()
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(3), cache.credential()).await;
+    assert!(got.expect("hung").is_ok());
+    cache.handle().invalidate();
+    let other = std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    tokio::time::timeout(Duration::from_secs(3), cache.credential()).await
+                })
+        }
+    });
+    let here = tokio::time::timeout(Duration::from_secs(3), cache.credential()).await;
+    let there = other.join().unwrap();
+    assert!(here.expect("hung").is_ok());
+    assert!(there.expect("hung").is_ok());
+    assert!(source.max_in_flight() <= 1);
+    assert_eq!(cache.stats().fetches as usize, source.fetches());
+}
+
+/// World: `fetch_timeout(Duration::MAX)`; a waiter outside any runtime joins a flight
+/// on an idle runtime, and is dropped, and the cache too. Proves: the alarm thread ends
+/// with its last wait, however far its deadline (review 118, held).
+#[test]
+fn the_alarm_for_a_far_deadline_ends_with_its_waiter() {
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::MAX)
+        .build()
+        .unwrap();
+    let _kept = idle({
+        let cache = cache.clone();
+        move || async move { cache.credential().await.map_err(|e| e.kind()) }
+    });
+    let mut fut = Box::pin(cache.credential());
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    drop(fut);
+    drop(cache);
+    for _ in 0..200 {
+        if wait_threads() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(wait_threads(), 0, "the alarm thread outlived every waiter");
+}

@@ -42,6 +42,10 @@ pub(crate) struct Entry {
     pub(super) timer: Option<tokio::task::AbortHandle>,
     /// The timer that gives the background refresh back after a failure's backoff.
     pub(super) rearm: Mutex<Option<tokio::task::AbortHandle>>,
+    /// When that timer is due, in nanoseconds after `installed_at` (0: none set, or it
+    /// gave the claim back already). Whoever zeroes it gives the claim back: the timer,
+    /// or a caller in the soft window past it when the timer's runtime is not driven.
+    pub(super) rearm_at: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for Entry {

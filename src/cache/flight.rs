@@ -331,6 +331,7 @@ impl<P: CredentialSource> CredentialCache<P> {
     #[cold]
     #[inline(never)]
     pub(super) fn unstall_background(&self, entry: &Entry) {
+        self.rearm_overdue(entry);
         let run = self.inner.background.load();
         let Some(run) = run.as_ref() else {
             return;
@@ -348,6 +349,31 @@ impl<P: CredentialSource> CredentialCache<P> {
         // Gives the claim back; claimed again here.
         abandon(&*self.inner, run);
         if !entry.background_claimed.swap(true, Ordering::AcqRel) {
+            drop(self.acquire(Some(Want::Background(entry.generation))));
+        }
+    }
+}
+
+impl<P: CredentialSource> CredentialCache<P> {
+    /// A failed background refresh gives its claim back when its backoff ends, by a timer
+    /// on the runtime it failed on (`Inner::rearm_background`); while that runtime is
+    /// not driven, a caller on another one past that time takes the claim over and
+    /// refreshes. Otherwise a load.
+    fn rearm_overdue(&self, entry: &Entry) {
+        let due = entry.rearm_at.load(Ordering::Acquire);
+        if due == 0
+            || Instant::now()
+                < saturating_add(entry.installed_at, std::time::Duration::from_nanos(due))
+            || tokio::runtime::Handle::try_current().is_err()
+        {
+            return;
+        }
+        // Zeroed first here: the claim is this caller's, and the timer gives nothing back.
+        if entry
+            .rearm_at
+            .compare_exchange(due, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
             drop(self.acquire(Some(Want::Background(entry.generation))));
         }
     }
@@ -405,8 +431,8 @@ pub(crate) struct Acquire {
 
 enum AcquireState {
     Ready(Option<Result<Arc<Entry>, Error>>),
-    /// The flight's result, and a watch on whether its task begins (timed only for a
-    /// task on another runtime than the one that planned this wait).
+    /// The flight's result, and a watch on whether its task begins (timed only while
+    /// polled on another runtime than the task's, or on none).
     Waiting(Shared<FlightFuture>, Option<Box<Watch>>),
 }
 
@@ -421,19 +447,19 @@ impl Acquire {
 
     /// A wait for `flight`, by a caller that wants `want`, planned again if the flight
     /// is abandoned. A task spawned on a runtime runs when that runtime is driven; a
-    /// caller on it is, so only a wait planned on another runtime (or none) times the
-    /// flight (see [`FlightRun`]).
+    /// caller polled on it is, so only a wait polled on another runtime (or none) times
+    /// the flight (see [`FlightRun`]), look by look: a request may be planned on one
+    /// runtime and awaited on another.
     fn waiting(
         flight: &Flight,
         want: Option<Want>,
         fallback: Option<Arc<Entry>>,
         clock: &WallClock,
     ) -> Self {
-        let here = tokio::runtime::Handle::try_current().map(|h| h.id());
         let watch = Box::new(Watch {
             run: flight.run.clone(),
             want,
-            timed: here.ok() != Some(flight.run.runtime),
+            untimeable: false,
             sleep: None,
             no_timers: false,
             alarm: None,
@@ -524,11 +550,11 @@ struct Watch {
     run: Arc<FlightRun>,
     /// What the waiter asked for, to ask again.
     want: Option<Want>,
-    /// Whether this wait times the flight: planned on another runtime than the flight's
-    /// (or none). Cleared when no alarm thread could be started.
-    timed: bool,
-    /// Until the flight's due time, then its overdue time; made at the first look.
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set when no alarm thread could be started: nothing to time the wait with.
+    untimeable: bool,
+    /// Until the flight's due time, then its overdue time, on the timer of the runtime
+    /// it was made on; made at the first timed look (again on another runtime).
+    sleep: Option<(tokio::runtime::Id, Pin<Box<tokio::time::Sleep>>)>,
     /// Polled on a runtime without timers.
     no_timers: bool,
     /// Polled outside any runtime, or on one without timers: its alarm (see [`alarm`]).
@@ -562,7 +588,10 @@ impl Watch {
             ENDED => return Look::Waiting,
             state => state == BEGUN,
         };
-        if !self.timed {
+        // Polled on the task's runtime, which runs it: nothing to time. (A request may
+        // be planned on one runtime and polled on another: looked at each time.)
+        let here = tokio::runtime::Handle::try_current().map(|h| h.id()).ok();
+        if self.untimeable || here == Some(self.run.runtime) {
             return Look::Waiting;
         }
         let deadline = if begun {
@@ -570,7 +599,7 @@ impl Watch {
         } else {
             self.run.due
         };
-        if !self.passed(deadline, cx) {
+        if !self.passed(deadline, here, cx) {
             return Look::Waiting;
         }
         if begun {
@@ -597,15 +626,22 @@ impl Watch {
     /// Whether `deadline` has passed; if not, this wait is woken when it does: by a
     /// timer of the runtime it is polled on, or, outside any runtime or on one without
     /// timers, by the process's [`alarm`] thread.
-    fn passed(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
-        if !self.no_timers && tokio::runtime::Handle::try_current().is_ok() {
-            if self.sleep.is_none() {
+    fn passed(
+        &mut self,
+        deadline: Instant,
+        here: Option<tokio::runtime::Id>,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        if let (false, Some(here)) = (self.no_timers, here) {
+            // A sleep made on another runtime fires only while that one is driven.
+            if self.sleep.as_ref().is_none_or(|(on, _)| *on != here) {
+                self.sleep = None;
                 match std::panic::catch_unwind(|| tokio::time::sleep_until(deadline)) {
-                    Ok(sleep) => self.sleep = Some(Box::pin(sleep)),
+                    Ok(sleep) => self.sleep = Some((here, Box::pin(sleep))),
                     Err(_) => self.no_timers = true,
                 }
             }
-            if let Some(sleep) = self.sleep.as_mut() {
+            if let Some((_, sleep)) = self.sleep.as_mut() {
                 if sleep.deadline() != deadline {
                     sleep.as_mut().reset(deadline);
                 }
@@ -619,7 +655,7 @@ impl Watch {
         match alarm::set(self.alarm, deadline.into_std(), cx.waker()) {
             Some(id) => self.alarm = Some(id),
             // No thread could be started: nothing to time the wait with.
-            None => self.timed = false,
+            None => self.untimeable = true,
         }
         false
     }
@@ -682,6 +718,52 @@ mod alarm {
         }
         CHANGED.notify_one();
         Some(id)
+    }
+
+    /// A future that is ready at `at`, woken by the alarm thread (for a runtime without
+    /// timers); never ready if no thread could be started.
+    pub(super) struct Sleep {
+        at: Instant,
+        id: Option<u64>,
+        untimeable: bool,
+    }
+
+    impl Sleep {
+        pub(super) fn until(at: Instant) -> Self {
+            Sleep {
+                at,
+                id: None,
+                untimeable: false,
+            }
+        }
+    }
+
+    impl std::future::Future for Sleep {
+        type Output = ();
+
+        fn poll(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<()> {
+            if Instant::now() >= self.at {
+                return std::task::Poll::Ready(());
+            }
+            if !self.untimeable {
+                match set(self.id, self.at, cx.waker()) {
+                    Some(id) => self.id = Some(id),
+                    None => self.untimeable = true,
+                }
+            }
+            std::task::Poll::Pending
+        }
+    }
+
+    impl Drop for Sleep {
+        fn drop(&mut self) {
+            if let Some(id) = self.id.take() {
+                cancel(id);
+            }
+        }
     }
 
     pub(super) fn cancel(id: u64) {
@@ -860,10 +942,12 @@ impl<P: CredentialSource> Replan for Inner<P> {
                 entry.background_claimed.store(false, Ordering::Release);
             }
         }
-        // Unless a flight was planned meanwhile (it was told nothing of this one's).
-        if state.flight.is_none() {
-            if let Some(told) = run.told().take() {
-                state.orphaned = Some(told);
+        // For the next flight: one planned meanwhile (chained after this one, so not
+        // begun: it is told at its start), else the next one planned.
+        if let Some(told) = run.told().take() {
+            match state.flight.as_ref() {
+                Some(next) => inherit(&mut next.run.told(), told),
+                None => state.orphaned = Some(told),
             }
         }
         self.stats.fetches.fetch_sub(1, Ordering::Relaxed);
@@ -966,6 +1050,17 @@ impl<P: CredentialSource> FlightGuard<P> {
     /// backoff's error, and the source is not asked; a background refresh is tried
     /// again when the hold ends.
     fn begin(&mut self, cx: &mut FetchContext) -> Option<Result<Arc<Entry>, Error>> {
+        // A rejection that joined it while it was queued, or what an abandoned flight
+        // ahead of it was to tell: told now, unless it knows what was dropped already.
+        if let (None, false, Some((reason, previous))) = (
+            cx.previous(),
+            cx.reason() == FetchReason::StepUp,
+            self.flight.run.told().clone(),
+        ) {
+            if previous.is_some() || reason == FetchReason::Rejected {
+                cx.set_told(reason, previous);
+            }
+        }
         let mut state = self.inner.lock_state();
         state.running = Some(self.flight.clone());
         self.invalidations = state.invalidations;
@@ -1356,15 +1451,24 @@ async fn wait_behind<P: CredentialSource>(inner: &Inner<P>, ahead: &Flight) -> R
                 return Ok(());
             }
         };
-        // A runtime without timers: waited for as before.
-        let Ok(sleep) = std::panic::catch_unwind(|| tokio::time::sleep_until(deadline)) else {
-            let _ = result.await;
-            return Ok(());
+        let ended = match std::panic::catch_unwind(|| tokio::time::sleep_until(deadline)) {
+            Ok(sleep) => {
+                let sleep = std::pin::pin!(sleep);
+                matches!(
+                    futures_util::future::select(&mut result, sleep).await,
+                    futures_util::future::Either::Left(_)
+                )
+            }
+            // A runtime without timers: the process's alarm thread.
+            Err(_) => {
+                let sleep = alarm::Sleep::until(deadline.into_std());
+                matches!(
+                    futures_util::future::select(&mut result, sleep).await,
+                    futures_util::future::Either::Left(_)
+                )
+            }
         };
-        let sleep = std::pin::pin!(sleep);
-        if let futures_util::future::Either::Left(_) =
-            futures_util::future::select(&mut result, sleep).await
-        {
+        if ended {
             return Ok(());
         }
         if begun {
@@ -1374,6 +1478,19 @@ async fn wait_behind<P: CredentialSource>(inner: &Inner<P>, ahead: &Flight) -> R
             abandon(inner, &ahead.run);
             return Ok(());
         }
+    }
+}
+
+/// Adds to a flight's `told` what another flight was to tell: the one that names a
+/// dropped credential (a rejection's first) wins.
+fn inherit(
+    into: &mut Option<(FetchReason, Option<Credential>)>,
+    told: (FetchReason, Option<Credential>),
+) {
+    let names =
+        |t: &(FetchReason, Option<Credential>)| (t.1.is_some(), t.0 == FetchReason::Rejected);
+    if into.as_ref().is_none_or(|mine| names(&told) > names(mine)) {
+        *into = Some(told);
     }
 }
 
@@ -1423,6 +1540,9 @@ async fn run_flight<P: CredentialSource>(
             }
         }
         if let Some(answer) = guard.begin(&mut cx) {
+            // Answered without the store or the source (a fresh credential handed over
+            // meanwhile, or a backoff): no fetch.
+            guard.inner.stats.fetches.fetch_sub(1, Ordering::Relaxed);
             #[cfg(test)]
             hook::run("after_begin");
             return guard.send(answer);

@@ -902,7 +902,13 @@ fn overtime<P>(inner: &Inner<P>, deadline: Instant) -> Instant {
 /// and a margin) is shorter.
 pub(super) fn lease_hold<P>(inner: &Inner<P>) -> std::time::Duration {
     let share = inner.config.fetch_timeout / STORE_SHARE;
-    (inner.config.fetch_timeout + share * 2 + LEASE_MARGIN).min(LEASE_HOLD)
+    // Saturating: the builder takes any fetch timeout (`Duration::MAX` means none).
+    inner
+        .config
+        .fetch_timeout
+        .saturating_add(share.saturating_mul(2))
+        .saturating_add(LEASE_MARGIN)
+        .min(LEASE_HOLD)
 }
 
 /// The longest a lease lasts without a renewal, renewed every third of it: what a dead

@@ -660,7 +660,9 @@ struct Stats {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CacheStats {
-    /// Times the refresh path started (a store lookup, then the source if needed).
+    /// Times the refresh path started (a store lookup, then the source if needed); a
+    /// refresh queued behind another that ends without either (a fresh credential
+    /// handed over meanwhile, a backoff in force, a stalled one ahead) is not one.
     pub fetches: u64,
     /// Refreshes that failed (error, timeout, panic, cancelled); not one that gave up
     /// because the store's credentials were dropped as they loaded
@@ -1076,6 +1078,7 @@ impl<P: CredentialSource> Inner<P> {
                 retired: AtomicBool::new(false),
                 timer,
                 rearm: Mutex::new(None),
+                rearm_at: std::sync::atomic::AtomicU64::new(0),
             }
         })
     }
@@ -1179,20 +1182,34 @@ impl<P: CredentialSource> Inner<P> {
         let weak = Arc::downgrade(entry);
         let warm = self.config.keep_warm.then(|| self.me.clone());
         let generation = entry.generation;
+        // Its runtime may not be driven when it is due: a caller in the soft window past
+        // it gives the claim back then (`CredentialCache::unstall_background`).
+        let due = retry_at
+            .saturating_duration_since(entry.installed_at)
+            .as_nanos();
+        let due = u64::try_from(due).unwrap_or(u64::MAX).max(1);
+        entry.rearm_at.store(due, Ordering::Release);
+        // Given back by whoever zeroes the due time first.
+        let give_back = |entry: &Entry| {
+            entry.rearm_at.swap(0, Ordering::AcqRel) != 0 && {
+                entry.background_claimed.store(false, Ordering::Release);
+                true
+            }
+        };
         let task = runtime.spawn(async move {
             // A runtime without timers (where a refresh fails `NoRuntime`): the claim
             // goes back now, and keep-warm, which could only fail there again, is left
             // to the next request.
             let Ok(sleep) = std::panic::catch_unwind(|| tokio::time::sleep_until(retry_at)) else {
                 if let Some(entry) = weak.upgrade() {
-                    entry.background_claimed.store(false, Ordering::Release);
+                    give_back(&entry);
                 }
                 return;
             };
             sleep.await;
             match weak.upgrade() {
-                Some(entry) => entry.background_claimed.store(false, Ordering::Release),
-                None => return,
+                Some(entry) if give_back(&entry) => {}
+                _ => return,
             }
             if let Some(cache) = warm {
                 keep_warm(&cache, generation);
@@ -1202,7 +1219,7 @@ impl<P: CredentialSource> Inner<P> {
             // Refused by a runtime shutting down (which cancels the flight that failed):
             // given back now, as above, or no caller on another runtime would refresh
             // the entry before its hard window.
-            entry.background_claimed.store(false, Ordering::Release);
+            give_back(entry);
         }
         let mut rearm = entry.rearm.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(previous) = rearm.replace(task.abort_handle()) {
