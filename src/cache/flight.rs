@@ -1052,13 +1052,22 @@ impl<P: CredentialSource> FlightGuard<P> {
     fn begin(&mut self, cx: &mut FetchContext) -> Option<Result<Arc<Entry>, Error>> {
         // A rejection that joined it while it was queued, or what an abandoned flight
         // ahead of it was to tell: told now, unless it knows what was dropped already.
-        if let (None, false, Some((reason, previous))) = (
-            cx.previous(),
-            cx.reason() == FetchReason::StepUp,
-            self.flight.run.told().clone(),
-        ) {
-            if previous.is_some() || reason == FetchReason::Rejected {
-                cx.set_told(reason, previous);
+        // An explicit invalidation stays one (a source never hands back a credential
+        // then: see `TokenSource`), told the dropped credential; a step-up asks for
+        // its scope whatever was dropped.
+        if let (None, Some((reason, previous))) = (cx.previous(), self.flight.run.told().clone()) {
+            match cx.reason() {
+                FetchReason::Initial | FetchReason::Expiring
+                    if previous.is_some() || reason == FetchReason::Rejected =>
+                {
+                    cx.set_told(reason, previous);
+                }
+                FetchReason::Invalidated | FetchReason::Rejected => {
+                    if let Some(previous) = previous {
+                        cx.set_previous(previous);
+                    }
+                }
+                _ => {}
             }
         }
         let mut state = self.inner.lock_state();
