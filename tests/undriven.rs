@@ -792,6 +792,56 @@ fn a_waiter_on_a_runtime_without_timers_does_not_hang() {
     );
 }
 
+/// Tokio's "timers are disabled" panics printed on this thread (a hook installed once
+/// for the suite, passing every panic on to the hook before it).
+fn timer_panics_printed_here() -> usize {
+    use std::cell::Cell;
+    thread_local!(static PRINTED: Cell<usize> = const { Cell::new(0) });
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.to_string().contains("timers are disabled") {
+                PRINTED.with(|p| p.set(p.get() + 1));
+            }
+            before(info)
+        }));
+    });
+    PRINTED.with(Cell::get)
+}
+
+/// World: a current-thread runtime built without a time driver; five requests in a
+/// row, each of which plans a refresh there (which fails `NoRuntime`). Proves: the runtime's failure is told each time
+/// (`NoRuntime`, never a hang), and Tokio's panic on a timer made there, which the
+/// cache catches and the panic hook prints as if the program had crashed, is printed
+/// once for the runtime, not once per request or wait.
+#[test]
+fn a_runtime_without_timers_gets_tokios_panic_printed_once() {
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let printed = std::thread::spawn(move || {
+        let before = timer_panics_printed_here();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for _ in 0..5 {
+            let got = rt
+                .block_on(cache.credential())
+                .map(drop)
+                .map_err(|e| e.kind());
+            assert_eq!(got, Err(ErrorKind::NoRuntime));
+        }
+        timer_panics_printed_here() - before
+    })
+    .join()
+    .unwrap();
+    assert_eq!(printed, 1, "Tokio's timer panic printed {printed} times");
+    assert_eq!(source.fetches(), 0);
+}
+
 /// World: `/a` goes with `token-1`; meanwhile a request on an idle runtime invalidates
 /// `token-1` and plans the refresh (never begun); the API answers `/a` 403
 /// insufficient_scope, and the layer steps up on its own (driven) runtime: the step-up's

@@ -636,9 +636,9 @@ impl Watch {
             // A sleep made on another runtime fires only while that one is driven.
             if self.sleep.as_ref().is_none_or(|(on, _)| *on != here) {
                 self.sleep = None;
-                match std::panic::catch_unwind(|| tokio::time::sleep_until(deadline)) {
-                    Ok(sleep) => self.sleep = Some((here, Box::pin(sleep))),
-                    Err(_) => self.no_timers = true,
+                match timers::sleep_until(deadline) {
+                    Some(sleep) => self.sleep = Some((here, Box::pin(sleep))),
+                    None => self.no_timers = true,
                 }
             }
             if let Some((_, sleep)) = self.sleep.as_mut() {
@@ -658,6 +658,57 @@ impl Watch {
             None => self.untimeable = true,
         }
         false
+    }
+}
+
+/// Timers of the runtime a task is polled on. Tokio panics when one is made on a runtime
+/// built without its time driver (the panic is caught, and the hook prints it): each
+/// such runtime is remembered, so that the message is printed once for it, not once per
+/// wait or refresh.
+pub(super) mod timers {
+    use std::sync::{Mutex, PoisonError};
+
+    /// The runtimes found without timers (ids are never reused); the last few.
+    static ABSENT: Mutex<Vec<tokio::runtime::Id>> = Mutex::new(Vec::new());
+    const REMEMBERED: usize = 16;
+
+    /// Whether the runtime polled on is one found without timers.
+    pub(in crate::cache) fn known_absent() -> bool {
+        let Ok(here) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let absent = ABSENT.lock().unwrap_or_else(PoisonError::into_inner);
+        !absent.is_empty() && absent.contains(&here.id())
+    }
+
+    /// Remembers the runtime polled on as one without timers.
+    pub(in crate::cache) fn found_absent() {
+        let Ok(here) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut absent = ABSENT.lock().unwrap_or_else(PoisonError::into_inner);
+        if !absent.contains(&here.id()) {
+            if absent.len() == REMEMBERED {
+                absent.remove(0);
+            }
+            absent.push(here.id());
+        }
+    }
+
+    /// A sleep until `deadline` on the runtime polled on; `None` on one without timers.
+    pub(in crate::cache) fn sleep_until(
+        deadline: tokio::time::Instant,
+    ) -> Option<tokio::time::Sleep> {
+        if known_absent() {
+            return None;
+        }
+        match std::panic::catch_unwind(|| tokio::time::sleep_until(deadline)) {
+            Ok(sleep) => Some(sleep),
+            Err(_) => {
+                found_absent();
+                None
+            }
+        }
     }
 }
 
@@ -1460,8 +1511,8 @@ async fn wait_behind<P: CredentialSource>(inner: &Inner<P>, ahead: &Flight) -> R
                 return Ok(());
             }
         };
-        let ended = match std::panic::catch_unwind(|| tokio::time::sleep_until(deadline)) {
-            Ok(sleep) => {
+        let ended = match timers::sleep_until(deadline) {
+            Some(sleep) => {
                 let sleep = std::pin::pin!(sleep);
                 matches!(
                     futures_util::future::select(&mut result, sleep).await,
@@ -1469,7 +1520,7 @@ async fn wait_behind<P: CredentialSource>(inner: &Inner<P>, ahead: &Flight) -> R
                 )
             }
             // A runtime without timers: the process's alarm thread.
-            Err(_) => {
+            None => {
                 let sleep = alarm::Sleep::until(deadline.into_std());
                 matches!(
                     futures_util::future::select(&mut result, sleep).await,
@@ -1577,25 +1628,32 @@ async fn run_flight<P: CredentialSource>(
         }
         let mut from_store = false;
         let mut to_keep = None;
-        let result = match AssertUnwindSafe(obtain(
-            &guard.inner,
-            cx.clone(),
-            deadline,
-            guard.invalidations,
-            &mut from_store,
-            &mut to_keep,
-        ))
-        .catch_unwind()
-        .await
-        {
-            Ok(result) => result,
-            // Tokio's timers panic on a runtime built without them, before the source
-            // is asked: the runtime's failure, which nothing backs off from.
-            Err(panic) if timers_disabled(&*panic) => {
-                guard.gave_up = true;
-                Err(Error::new(ErrorKind::NoRuntime).with_detail(NO_TIMERS))
+        let result = if timers::known_absent() {
+            // As below, without Tokio's panic printed again for this runtime.
+            guard.gave_up = true;
+            Err(Error::new(ErrorKind::NoRuntime).with_detail(NO_TIMERS))
+        } else {
+            match AssertUnwindSafe(obtain(
+                &guard.inner,
+                cx.clone(),
+                deadline,
+                guard.invalidations,
+                &mut from_store,
+                &mut to_keep,
+            ))
+            .catch_unwind()
+            .await
+            {
+                Ok(result) => result,
+                // Tokio's timers panic on a runtime built without them, before the source
+                // is asked: the runtime's failure, which nothing backs off from.
+                Err(panic) if timers_disabled(&*panic) => {
+                    timers::found_absent();
+                    guard.gave_up = true;
+                    Err(Error::new(ErrorKind::NoRuntime).with_detail(NO_TIMERS))
+                }
+                Err(_panic) => Err(Error::new(ErrorKind::SourcePanicked)),
             }
-            Err(_panic) => Err(Error::new(ErrorKind::SourcePanicked)),
         };
         let outcome = metrics::outcome(&result);
         let finished = guard.finish(result, from_store);

@@ -1048,7 +1048,8 @@ impl<P: CredentialSource> Inner<P> {
             // only a clock read per request slower.
             let soft_at = windows.map(|w| w.1);
             let (aging, timer) = match (soft_at, &runtime) {
-                (Some(at), Some(rt)) if at > now => {
+                // A runtime known without timers: the timer would panic (printed).
+                (Some(at), Some(rt)) if at > now && !flight::timers::known_absent() => {
                     let guard = AgeOnDrop(weak.clone());
                     let task = rt.spawn(async move {
                         tokio::time::sleep_until(at).await;
@@ -1200,7 +1201,7 @@ impl<P: CredentialSource> Inner<P> {
             // A runtime without timers (where a refresh fails `NoRuntime`): the claim
             // goes back now, and keep-warm, which could only fail there again, is left
             // to the next request.
-            let Ok(sleep) = std::panic::catch_unwind(|| tokio::time::sleep_until(retry_at)) else {
+            let Some(sleep) = flight::timers::sleep_until(retry_at) else {
                 if let Some(entry) = weak.upgrade() {
                     give_back(&entry);
                 }
