@@ -1445,3 +1445,387 @@ fn the_alarm_for_a_far_deadline_ends_with_its_waiter() {
     }
     assert_eq!(wait_threads(), 0, "the alarm thread outlived every waiter");
 }
+
+/// World: a fetch runs (gated) on a driven runtime; an invalidation; a request on a
+/// current-thread runtime plans the fetch chained after it, whose task begins there and
+/// waits behind the running one; that runtime then shuts down (a blocking wrapper's
+/// runtime dropped), cancelling the queued task before it asked the store or the
+/// source. The first fetch is then released. Proves: `stats().fetches` counts no
+/// refresh that ended without the store or the source (`CacheStats::fetches`): the
+/// guard of a flight that never got past the ones ahead gives the count back (review
+/// 119 found it kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chained_flight_cancelled_while_queued_is_not_counted_as_a_fetch() {
+    use futures_util::FutureExt;
+    let source = TestSource::gated(None);
+    let cache = CredentialCache::builder(source.clone()).build().unwrap();
+    let mut first = Box::pin(cache.credential());
+    assert!((&mut first).now_or_never().is_none());
+    for _ in 0..400 {
+        if source.fetches() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(source.fetches(), 1, "the first fetch began");
+    cache.handle().invalidate();
+    let queued = cache.clone();
+    tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Plans the chained flight here; its task begins and waits behind.
+            let waited =
+                tokio::time::timeout(Duration::from_millis(100), queued.credential()).await;
+            assert!(
+                waited.is_err(),
+                "the chained flight answered while the first ran"
+            );
+        });
+        drop(rt); // shuts down: the queued task is cancelled, never having fetched
+    })
+    .await
+    .unwrap();
+    source.release(1);
+    let a = tokio::time::timeout(Duration::from_secs(3), first)
+        .await
+        .expect("hung");
+    assert!(a.is_ok(), "{a:?}");
+    assert_eq!(source.fetches(), 1, "one call to the source");
+    assert_eq!(
+        cache.stats().fetches as usize,
+        source.fetches(),
+        "stats().fetches against the source's calls, after a queued flight was cancelled \
+         before it asked either: {:?}",
+        cache.stats()
+    );
+}
+
+/// World: a request is made inside a runtime that has shut down (the task is refused:
+/// `SpawnRefused`). Proves: a refresh whose task never ran asked nothing: no fetch in
+/// `stats()`, and no failure to back off from (review 119 found both).
+#[test]
+fn a_refused_refresh_task_is_not_counted_as_a_fetch() {
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone()).build().unwrap();
+    let dead = support::dead_runtime();
+    let got = {
+        let _inside = dead.enter();
+        support::block_on(cache.credential())
+    };
+    assert_eq!(
+        got.map(drop).map_err(|e| e.kind()),
+        Err(ErrorKind::SpawnRefused)
+    );
+    assert_eq!(source.fetches(), 0);
+    assert_eq!(
+        cache.stats().fetches,
+        0,
+        "a refused task counted as a fetch: {:?}",
+        cache.stats()
+    );
+    assert_eq!(cache.stats().fetch_failures, 0);
+    // Nothing to back off from: the next request, on a driven runtime, fetches.
+    let next = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(cache.credential());
+    assert!(next.is_ok(), "backed off after a refused task: {next:?}");
+    assert_eq!(source.fetches(), 1);
+}
+
+/// World: a credential `token-1` is cached; a request on a current-thread runtime
+/// rejects it (`reject`, the layer's 401 path) and is then left undriven: its refetch
+/// (told `Rejected`, `token-1`) never begins. The API then answers another request 403
+/// insufficient_scope and the layer steps up on a driven runtime: the step-up's fetch is
+/// chained after the never-begun refetch and abandons it. Proves (README's undriven
+/// row: a refresh chained after an abandoned one, "an invalidation's, a step-up's", is
+/// "told what the abandoned one was to tell"): the step-up, the only fetch after the
+/// rejection, is told the rejected credential as `previous` (review 119: it was told
+/// nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_up_chained_after_an_abandoned_rejection_is_told_of_it() {
+    use http::Request;
+    use http_body_util::Full;
+    use tower::{Layer, ServiceExt};
+    type MockReq = Request<tower_client_auth::ReplayBody<Full<bytes::Bytes>>>;
+    let source = Told::default();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let first = cache.credential().await.unwrap();
+    let layer = tower_client_auth::AuthLayer::with_cache(cache.clone());
+    let (inner, mut api) = tower_test::mock::pair::<MockReq, http::Response<&'static str>>();
+    let svc = layer.any_https_origin().step_up(true).layer(inner);
+    let call = tokio::spawn(svc.clone().oneshot(support::get("/a")));
+    let (_req, reply) = tokio::time::timeout(Duration::from_secs(3), api.next_request())
+        .await
+        .unwrap()
+        .unwrap();
+    let _kept = idle({
+        let (cache, first) = (cache.clone(), first.clone());
+        move || async move { cache.reject(&first).await.map(drop).map_err(|e| e.kind()) }
+    });
+    reply.send_response(
+        http::Response::builder()
+            .status(403)
+            .header(
+                "www-authenticate",
+                r#"Bearer error="insufficient_scope", scope="w""#,
+            )
+            .body("")
+            .unwrap(),
+    );
+    let replay = tokio::time::timeout(Duration::from_secs(3), async {
+        tokio::select! {
+            got = api.next_request() => { if let Some((_, r)) = got { r.send_response(http::Response::new("")) } }
+            res = call => { let _ = res; }
+        }
+    })
+    .await;
+    assert!(replay.is_ok(), "hung");
+    let log = source.log.lock().unwrap().clone();
+    assert_eq!(log.len(), 2, "one fetch after the rejection: {log:?}");
+    assert_eq!(log[1].0, FetchReason::StepUp, "{log:?}");
+    assert!(
+        log[1].1.is_some(),
+        "the step-up chained after the abandoned refetch of a rejected credential was told \
+         nothing of the rejection (previous: None): {log:?}"
+    );
+}
+
+/// World: extreme builder values all at once: backoff(Duration::MAX, Duration::MAX),
+/// fetch_timeout(Duration::MAX), soft and hard windows of Duration::MAX, keep-warm, a
+/// MemoryStore; a 4 s token; the source fails in the soft window (background refresh
+/// fails, re-arm timer at a saturated time), then a request on another runtime in the
+/// soft window (rearm_overdue's path), an invalidation and a request (backing off).
+/// Proves (review 119, held): nothing panics; a request in backoff is answered (Backoff) at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_durations_never_panic() {
+    let source = TestSource::expiring(Duration::from_secs(4));
+    let cache = CredentialCache::builder(source.clone())
+        .backoff(Duration::MAX, Duration::MAX)
+        .fetch_timeout(Duration::MAX)
+        .soft_window(Duration::MAX)
+        .hard_window(Duration::MAX)
+        .window_jitter(1.0)
+        .keep_warm(true)
+        .store(MemoryStore::new())
+        .build()
+        .expect("accepted");
+    let got = tokio::time::timeout(Duration::from_secs(3), cache.credential()).await;
+    assert!(got.expect("hung").is_ok());
+    // Into the soft window (a quarter of the lifetime, at most), before the hard one.
+    tokio::time::sleep(Duration::from_millis(3150)).await;
+    source.set_failing(true);
+    for _ in 0..5 {
+        let _ = tokio::time::timeout(Duration::from_secs(3), cache.credential())
+            .await
+            .expect("hung");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let other = std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    tokio::time::timeout(Duration::from_secs(3), cache.credential())
+                        .await
+                        .is_ok()
+                })
+        }
+    })
+    .join()
+    .expect("no panic on another runtime");
+    assert!(other, "hung on another runtime");
+    cache.handle().invalidate();
+    let got = tokio::time::timeout(Duration::from_secs(3), cache.credential())
+        .await
+        .expect("hung");
+    let kind = got.map(drop).map_err(|e| e.kind());
+    assert_ne!(
+        kind,
+        Err(ErrorKind::SourcePanicked),
+        "a panic inside the flight"
+    );
+    assert!(cache.stats().fetches as usize >= source.fetches());
+}
+
+/// World: fetch timeout 30 s; a flight planned on an idle runtime (never begun); an
+/// invalidation; a request on a current-thread runtime built without timers plans the
+/// fetch chained after it, whose task waits behind with an `alarm::Sleep` (due in 30 s);
+/// after 100 ms that runtime is stopped and dropped. Proves (review 119, held): the dropped
+/// `alarm::Sleep` cancels its alarm, and the `credential-wait` thread ends with it.
+#[test]
+fn a_dropped_chained_wait_on_a_runtime_without_timers_ends_the_alarm_thread() {
+    let source = TestSource::new();
+    let cache = CredentialCache::builder(source.clone())
+        .fetch_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let _kept = idle({
+        let cache = cache.clone();
+        move || async move { cache.credential().await.map_err(|e| e.kind()) }
+    });
+    cache.handle().invalidate();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                tokio::select! {
+                    _ = cache.credential() => panic!("answered with the one ahead not begun"),
+                    _ = stopped => {}
+                }
+            });
+            drop(rt);
+        }
+    });
+    // Tokio's caught panic is printed first (with a backtrace, if asked for: slow).
+    for _ in 0..300 {
+        if wait_threads() >= 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(wait_threads() >= 1, "the chained wait set no alarm");
+    stop.send(()).unwrap();
+    thread.join().unwrap();
+    for _ in 0..200 {
+        if wait_threads() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        wait_threads(),
+        0,
+        "the alarm thread outlived the dropped chained wait"
+    );
+    assert_eq!(source.fetches(), 0);
+}
+
+/// World: as `a_chained_flight_cancelled_while_queued_is_not_counted_as_a_fetch`:
+/// a fetch runs (gated); an invalidation; the fetch chained after it is planned on a
+/// current-thread runtime, begins waiting behind, and is cancelled by that runtime's
+/// shutdown before it asked the store or the source; the first fetch then succeeds (its
+/// result is its own waiters', the invalidation made it suspect). The source never
+/// failed. Proves: nothing backs off: the next request, on a healthy driven runtime,
+/// fetches rather than being refused with `Backoff` (review 119: the queued flight's
+/// guard recorded a failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_flight_cancelled_with_its_runtime_backs_nothing_off() {
+    use futures_util::FutureExt;
+    let source = TestSource::gated(None);
+    let cache = CredentialCache::builder(source.clone()).build().unwrap();
+    let mut first = Box::pin(cache.credential());
+    assert!((&mut first).now_or_never().is_none());
+    for _ in 0..400 {
+        if source.fetches() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cache.handle().invalidate();
+    let queued = cache.clone();
+    tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_millis(100), queued.credential()).await;
+        });
+        drop(rt);
+    })
+    .await
+    .unwrap();
+    source.release(2);
+    let _ = tokio::time::timeout(Duration::from_secs(3), first).await;
+    let next = tokio::time::timeout(Duration::from_secs(3), cache.credential())
+        .await
+        .expect("hung");
+    assert!(
+        next.is_ok(),
+        "the next request after a queued flight was cancelled (the source never failed): \
+         {:?}; stats {:?}",
+        next.as_ref().map(drop).map_err(|e| e.to_string()),
+        cache.stats()
+    );
+}
+
+/// World: as `a_failed_background_refresh_on_a_runtime_left_undriven_leaks_no_claim`
+/// (4 s token, soft window at 3.0 s, backoff 100-200 ms doubling), but the source keeps
+/// failing; the background refresh fails on a runtime then left undriven, and the
+/// application asks on a driven runtime every 5 ms until 3.7 s, and once from outside
+/// any runtime. Proves (review 119, held): the takeover (`rearm_overdue`) respects the backoff: no
+/// hot loop of refreshes in the soft window (at most one per backoff step), never two
+/// fetches at once, `stats().fetches` equal to the source's calls, and a caller outside
+/// any runtime is answered with the still-valid credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_of_a_failing_background_refresh_keeps_to_the_backoff() {
+    let source = TestSource::expiring(Duration::from_secs(4));
+    let cache = CredentialCache::builder(source.clone())
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(100), Duration::from_millis(200))
+        .fetch_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let start = std::time::Instant::now();
+    cache.warm_up().await.unwrap();
+    tokio::time::sleep_until((start + Duration::from_millis(3050)).into()).await;
+    source.set_failing(true);
+    let idle = left_undriven({
+        let (cache, source) = (cache.clone(), source.clone());
+        move |runtime| {
+            runtime.block_on(async {
+                assert!(cache.credential().await.is_ok());
+                for _ in 0..200 {
+                    if source.fetches() >= 2 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            })
+        }
+    });
+    assert_eq!(source.fetches(), 2);
+    while start.elapsed() < Duration::from_millis(3700) {
+        let got = tokio::time::timeout(Duration::from_secs(2), cache.credential())
+            .await
+            .expect("a request in the soft window waited");
+        assert!(got.is_ok(), "the still-valid credential: {got:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let outside = std::thread::spawn({
+        let cache = cache.clone();
+        move || {
+            support::block_on(cache.credential())
+                .map(drop)
+                .map_err(|e| e.kind())
+        }
+    })
+    .join()
+    .unwrap();
+    let fetches = source.fetches();
+    let stats = cache.stats();
+    drop_off(idle);
+    assert!(outside.is_ok(), "outside any runtime: {outside:?}");
+    assert!(source.max_in_flight() <= 1, "two fetches at once");
+    // ~650 ms of soft window past the first failure, backoff >= 50 ms (half of 100 ms),
+    // doubling to a 100 ms floor: a handful at most, never one per request (~130).
+    assert!(fetches <= 12, "a hot loop of refreshes: {fetches}");
+    assert!(fetches >= 3, "the claim leaked: {fetches}");
+    assert_eq!(stats.fetches as usize, fetches, "{stats:?}");
+}

@@ -300,6 +300,7 @@ impl<P: CredentialSource> CredentialCache<P> {
             began: None,
             flight: flight.clone(),
             started: false,
+            asked: false,
             step_up,
             gave_up: false,
             used: false,
@@ -993,9 +994,12 @@ impl<P: CredentialSource> Replan for Inner<P> {
                 entry.background_claimed.store(false, Ordering::Release);
             }
         }
-        // For the next flight: one planned meanwhile (chained after this one, so not
-        // begun: it is told at its start), else the next one planned.
+        // For the flights planned meanwhile (chained after this one, so not begun: each
+        // is told at its start), step-ups too; and the next ordinary one, if none is.
         if let Some(told) = run.told().take() {
+            for step_up in &state.step_ups {
+                inherit(&mut step_up.run.told(), told.clone());
+            }
             match state.flight.as_ref() {
                 Some(next) => inherit(&mut next.run.told(), told),
                 None => state.orphaned = Some(told),
@@ -1065,6 +1069,10 @@ struct FlightGuard<P: CredentialSource> {
     /// Whether the task ran at all: a task dropped before its first poll was refused
     /// (or its flight abandoned: see [`FlightRun`]).
     started: bool,
+    /// Whether it got past the flights ahead of it to its own fetch (the store, then
+    /// the source). One dropped before (refused, or cancelled with its runtime while it
+    /// waited behind) asked nothing: it is no fetch, and backs nothing off.
+    asked: bool,
     /// Whether this is a step-up: its failure backs off step-ups only (the credential
     /// in use is still valid, and its own refresh must not wait for a scope).
     step_up: bool,
@@ -1104,8 +1112,8 @@ impl<P: CredentialSource> FlightGuard<P> {
         // A rejection that joined it while it was queued, or what an abandoned flight
         // ahead of it was to tell: told now, unless it knows what was dropped already.
         // An explicit invalidation stays one (a source never hands back a credential
-        // then: see `TokenSource`), told the dropped credential; a step-up asks for
-        // its scope whatever was dropped.
+        // then: see `TokenSource`), told the dropped credential; a step-up, too, asks
+        // for its scope, told what was dropped.
         if let (None, Some((reason, previous))) = (cx.previous(), self.flight.run.told().clone()) {
             match cx.reason() {
                 FetchReason::Initial | FetchReason::Expiring
@@ -1113,7 +1121,7 @@ impl<P: CredentialSource> FlightGuard<P> {
                 {
                     cx.set_told(reason, previous);
                 }
-                FetchReason::Invalidated | FetchReason::Rejected => {
+                FetchReason::Invalidated | FetchReason::Rejected | FetchReason::StepUp => {
                     if let Some(previous) = previous {
                         cx.set_previous(previous);
                     }
@@ -1464,10 +1472,26 @@ impl<P: CredentialSource> Drop for FlightGuard<P> {
         };
         let err = Error::new(kind);
         let mut outcome = Err(err.clone());
+        if !self.asked {
+            // Refused, or cancelled while it waited behind: it asked nothing.
+            self.inner.stats.fetches.fetch_sub(1, Ordering::Relaxed);
+        }
         {
             let mut state = self.inner.lock_state();
             let (standing, _) = self.leave(&mut state, false);
-            if let Standing::Replaced(current) = standing {
+            if !self.asked && !self.step_up {
+                // Nothing failed: no backoff. A background refresh's claim goes back
+                // (the next caller in the soft window tries again), as when abandoned.
+                // (A step-up's death backs off step-ups only, asked or not: below.)
+                if let Standing::Replaced(current) = &standing {
+                    outcome = Ok(current.clone());
+                }
+                if self.flight.run.background {
+                    if let Some(entry) = self.inner.current.load_full() {
+                        entry.background_claimed.store(false, Ordering::Release);
+                    }
+                }
+            } else if let Standing::Replaced(current) = standing {
                 // As in `finish`: the credential handed over meanwhile is the answer.
                 self.inner
                     .stats
@@ -1614,6 +1638,7 @@ async fn run_flight<P: CredentialSource>(
     // while the store answered).
     // One flight, one count in the metrics, however many looks it took; one deadline,
     // the fetch timeout, for all of them.
+    guard.asked = true;
     let started = Instant::now();
     let deadline = saturating_add(started, guard.inner.config.fetch_timeout);
     let name = guard.inner.config.name.clone();

@@ -661,8 +661,10 @@ struct Stats {
 #[non_exhaustive]
 pub struct CacheStats {
     /// Times the refresh path started (a store lookup, then the source if needed); a
-    /// refresh queued behind another that ends without either (a fresh credential
-    /// handed over meanwhile, a backoff in force, a stalled one ahead) is not one.
+    /// refresh that ends without either is not one: queued behind another and answered
+    /// by a fresh credential handed over meanwhile, a backoff in force or a stalled one
+    /// ahead, cancelled with its runtime while it waited, or refused by a runtime
+    /// shutting down (nor is it a failure to back off from, but for a step-up's).
     pub fetches: u64,
     /// Refreshes that failed (error, timeout, panic, cancelled); not one that gave up
     /// because the store's credentials were dropped as they loaded
