@@ -1120,19 +1120,17 @@ async fn an_unstalled_background_refresh_with_keep_warm_and_a_store_fetches_once
     assert!(source.max_in_flight() <= 1, "two fetches at once");
 }
 
-/// World: a 4 s token (soft window at 3.0 s, hard at 3.8 s), backoff 100-200 ms, fetch
-/// timeout 200 ms. In the soft window a request on a current-thread runtime claims the
-/// background refresh, which runs there and fails (the endpoint answers 503); that
-/// runtime is driven until the refresh has failed, then kept undriven (a blocking
-/// wrapper between two calls). The endpoint recovers; the application asks on a driven
-/// runtime every 20 ms until 3.7 s. Proves: the claim on the background refresh is
-/// never leaked: the failed refresh gives it back through a timer on the undriven
-/// runtime (`rearm_background`), and a caller on the driven runtime past its due time
-/// takes it over (`rearm_overdue`), so the credential is refreshed in the soft window,
-/// not left for every caller to wait for in the hard window. (Review 118 found the
-/// leak; the only test here with a timing margin, ~430 ms.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_background_refresh_on_a_runtime_left_undriven_leaks_no_claim() {
+/// The world of the two tests below: a 4 s token (soft window at 3.0 s, hard at 3.8 s),
+/// backoff 100-200 ms, fetch timeout 200 ms; in the soft window (3.05 s) the source
+/// starts failing, and a request on a current-thread runtime claims the background
+/// refresh, which runs there and fails; that runtime is then left undriven (returned).
+/// The source is left failing; `start` is when the token was fetched.
+async fn background_failed_left_undriven() -> (
+    TestSource,
+    CredentialCache<TestSource>,
+    std::time::Instant,
+    tokio::runtime::Runtime,
+) {
     let source = TestSource::expiring(Duration::from_secs(4));
     let cache = CredentialCache::builder(source.clone())
         .window_jitter(0.0)
@@ -1162,6 +1160,23 @@ async fn a_failed_background_refresh_on_a_runtime_left_undriven_leaks_no_claim()
         }
     });
     assert_eq!(source.fetches(), 2, "the background refresh ran and failed");
+    (source, cache, start, idle)
+}
+
+/// World: a 4 s token (soft window at 3.0 s, hard at 3.8 s), backoff 100-200 ms, fetch
+/// timeout 200 ms. In the soft window a request on a current-thread runtime claims the
+/// background refresh, which runs there and fails (the endpoint answers 503); that
+/// runtime is driven until the refresh has failed, then kept undriven (a blocking
+/// wrapper between two calls). The endpoint recovers; the application asks on a driven
+/// runtime every 20 ms until 3.7 s. Proves: the claim on the background refresh is
+/// never leaked: the failed refresh gives it back through a timer on the undriven
+/// runtime (`rearm_background`), and a caller on the driven runtime past its due time
+/// takes it over (`rearm_overdue`), so the credential is refreshed in the soft window,
+/// not left for every caller to wait for in the hard window. (Review 118 found the
+/// leak; the only test here with a timing margin, ~430 ms.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_background_refresh_on_a_runtime_left_undriven_leaks_no_claim() {
+    let (source, cache, start, idle) = background_failed_left_undriven().await;
     source.set_failing(false);
     while start.elapsed() < Duration::from_millis(3700) {
         tokio::time::timeout(Duration::from_secs(2), cache.credential())
@@ -1774,33 +1789,7 @@ async fn a_queued_flight_cancelled_with_its_runtime_backs_nothing_off() {
 /// any runtime is answered with the still-valid credential.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_of_a_failing_background_refresh_keeps_to_the_backoff() {
-    let source = TestSource::expiring(Duration::from_secs(4));
-    let cache = CredentialCache::builder(source.clone())
-        .window_jitter(0.0)
-        .backoff(Duration::from_millis(100), Duration::from_millis(200))
-        .fetch_timeout(Duration::from_millis(200))
-        .build()
-        .unwrap();
-    let start = std::time::Instant::now();
-    cache.warm_up().await.unwrap();
-    tokio::time::sleep_until((start + Duration::from_millis(3050)).into()).await;
-    source.set_failing(true);
-    let idle = left_undriven({
-        let (cache, source) = (cache.clone(), source.clone());
-        move |runtime| {
-            runtime.block_on(async {
-                assert!(cache.credential().await.is_ok());
-                for _ in 0..200 {
-                    if source.fetches() >= 2 {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            })
-        }
-    });
-    assert_eq!(source.fetches(), 2);
+    let (source, cache, start, idle) = background_failed_left_undriven().await;
     while start.elapsed() < Duration::from_millis(3700) {
         let got = tokio::time::timeout(Duration::from_secs(2), cache.credential())
             .await
