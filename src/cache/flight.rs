@@ -462,7 +462,6 @@ impl Acquire {
             want,
             untimeable: false,
             sleep: None,
-            no_timers: false,
             alarm: None,
         });
         Acquire {
@@ -556,8 +555,6 @@ struct Watch {
     /// Until the flight's due time, then its overdue time, on the timer of the runtime
     /// it was made on; made at the first timed look (again on another runtime).
     sleep: Option<(tokio::runtime::Id, Pin<Box<tokio::time::Sleep>>)>,
-    /// Polled on a runtime without timers.
-    no_timers: bool,
     /// Polled outside any runtime, or on one without timers: its alarm (see [`alarm`]).
     alarm: Option<u64>,
 }
@@ -633,14 +630,11 @@ impl Watch {
         here: Option<tokio::runtime::Id>,
         cx: &mut Context<'_>,
     ) -> bool {
-        if let (false, Some(here)) = (self.no_timers, here) {
-            // A sleep made on another runtime fires only while that one is driven.
+        if let Some(here) = here {
+            // A sleep made on another runtime fires only while that one is driven; a
+            // runtime without timers makes none (`timers` remembers it).
             if self.sleep.as_ref().is_none_or(|(on, _)| *on != here) {
-                self.sleep = None;
-                match timers::sleep_until(deadline) {
-                    Some(sleep) => self.sleep = Some((here, Box::pin(sleep))),
-                    None => self.no_timers = true,
-                }
+                self.sleep = timers::sleep_until(deadline).map(|sleep| (here, Box::pin(sleep)));
             }
             if let Some((_, sleep)) = self.sleep.as_mut() {
                 if sleep.deadline() != deadline {
