@@ -464,28 +464,55 @@ async fn a_data_file_found_wide_open_is_replaced_by_a_private_one_at_the_first_s
     assert_eq!(mode(&path), 0o600);
 }
 
-/// World: the data path is a symbolic link to a file elsewhere (dotfiles, say). Probe:
-/// what a save does to the link. Held as written: the rename replaces the link by a
-/// private regular file; the link's target keeps its old contents (a process opening
-/// the target's path directly no longer shares with this one).
+/// World: the data path is a symbolic link to a file elsewhere (dotfiles, a `~/.cache`
+/// entry linked to a shared location), found when the store is opened, or put there
+/// after (another process, a stray command). Before review 120 a store opened through
+/// the link read the target, and its first save replaced the link (a rename) by a file
+/// of its own: two processes that shared the target then each held the refresh lease in
+/// their own file, and the one on the target went on with a spent refresh token.
+/// Proves: "one refresh-token owner" among the processes sharing a file, and "bad input
+/// gets a clear typed error": a data path that is a link is refused at `open` and at
+/// every call, with an error naming it; the link and its target are left as they are.
 #[cfg(unix)]
 #[tokio::test]
-async fn a_data_path_that_is_a_symlink_is_replaced_not_written_through() {
+async fn a_data_path_that_is_a_symlink_is_refused_never_split_or_written_through() {
     let (dir, path) = path("data-symlink");
     let target = dir.join("target.json");
-    std::fs::write(&target, "{\"v\":1,\"credential\":null,\"lease\":null}").unwrap();
-    std::os::unix::fs::symlink(&target, &path).unwrap();
-    let store = FileStore::open(&path).unwrap();
-    let lease = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
-    assert!(store.save(&lease, &bearer("s3cr3t")).await.unwrap());
+    let real = FileStore::open(&target).unwrap();
+    let lease = real.lease(Duration::from_secs(5)).await.unwrap().unwrap();
     assert!(
-        std::fs::symlink_metadata(&path)
+        real.save(&lease, &bearer("at-1").with_refresh_token("rt-1"))
+            .await
+            .unwrap()
+    );
+    real.release(&lease).await.unwrap();
+    let before = std::fs::read_to_string(&target).unwrap();
+    std::os::unix::fs::symlink(&target, &path).unwrap();
+    let err = FileStore::open(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("data-symlink") && err.contains("symbolic link"),
+        "{err}"
+    );
+    // A link put at the path of a store already open: every call refused.
+    let other = dir.join("later.json");
+    let store = FileStore::open(&other).unwrap();
+    std::os::unix::fs::symlink(&target, &other).unwrap();
+    let refused = store
+        .lease(Duration::from_secs(5))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("symbolic link"), "{refused}");
+    assert!(store.load().await.is_err());
+    assert!(
+        std::fs::symlink_metadata(&other)
             .unwrap()
             .file_type()
-            .is_file()
+            .is_symlink()
     );
-    assert_eq!(mode(&path), 0o600);
-    assert!(!std::fs::read_to_string(&target).unwrap().contains("s3cr3t"));
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), before);
+    // The target's own store goes on, its lease free.
+    assert!(real.lease(Duration::from_secs(5)).await.unwrap().is_some());
 }
 
 /// World: a named pipe at the data path (any non-regular file a stray command left).
@@ -981,5 +1008,269 @@ async fn a_lock_file_that_is_a_symlink_does_not_change_the_file_it_names() {
         0o644,
         "the file the lock file's link names was made private (open: {:?})",
         opened.map(|_| ())
+    );
+}
+
+/// World (review 120): `FileStore::open` at a path whose directory does not exist (a
+/// typo, a cache directory not created yet), and a data path under a regular file.
+/// Proves: the module's "fails now, not at the first refresh, when the directory is
+/// missing" with a clear error: the message names the path it could not use (as the
+/// store's own refusals do: `credential file <path>: ...`), so a log line says which
+/// file; a bare `No such file or directory (os error 2)` does not.
+#[tokio::test]
+async fn opening_a_store_in_a_missing_directory_names_the_path() {
+    let (dir, _) = path("missing-dir");
+    let missing = dir.join("no-such-dir").join("token.json");
+    let err = FileStore::open(&missing).unwrap_err();
+    assert!(
+        err.downcast_ref::<std::io::Error>().is_some(),
+        "a typed (io) error: {err:?}"
+    );
+    let shown = err.to_string();
+    assert!(
+        shown.contains("no-such-dir"),
+        "the error does not say which path: {shown:?}"
+    );
+}
+
+/// World (review 120): a data file whose `lease` field was written by hand or another
+/// tool with a millisecond time as a JSON float (`"until": 1.8e12`), beside a stored
+/// pair with its refresh token. Proves: "never a lost refresh token" (README: the
+/// store owns the fleet's refresh token): a stray field the store does not need to read
+/// the credential does not make the next lease discard a readable refresh token. (The
+/// module docs say an unreadable *value* counts as absent and is overwritten: here the
+/// value is readable, only the lease beside it is not.)
+#[tokio::test]
+async fn a_malformed_lease_field_discards_a_readable_refresh_token() {
+    let (_dir, path) = path("bad-lease-field");
+    let store = FileStore::open(&path).unwrap();
+    let lease = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
+    assert!(
+        store
+            .save(&lease, &bearer("at").with_refresh_token("rt-keep"))
+            .await
+            .unwrap()
+    );
+    store.release(&lease).await.unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    doc["lease"] = serde_json::json!({"token": "x", "until": 1.8e12, "ttl": 5000});
+    std::fs::write(&path, doc.to_string()).unwrap();
+    // The next process's lease: the file counts as absent and is overwritten.
+    let _ = store.lease(Duration::from_secs(5)).await.unwrap();
+    let after = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        after.contains("rt-keep"),
+        "the stored refresh token was discarded by a lease: {after}"
+    );
+}
+
+const FULL_WRITER: &str = "TCA_REVIEW120_FSIZE_DIR";
+
+/// World (review 120): a process whose writes are cut short midway (`RLIMIT_FSIZE` of
+/// 64 KiB, `SIGXFSZ` ignored: each write past it fails `EFBIG` after a partial write,
+/// as on a full disk), run as a child so the limit touches no other test. It saves a
+/// small pair, then one of 256 KiB. Proves (held): "every write a temporary file
+/// renamed over the data ... a process killed mid-write leaves the old data whole",
+/// for a write that fails rather than a kill: the failed save is an error (no panic),
+/// the small pair, refresh token included, is whole, no temporary file is left, and a
+/// later save goes through.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_save_cut_short_midway_is_an_error_and_keeps_the_old_pair() {
+    let (dir, _path) = path("fsize");
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "save_cut_short_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(FULL_WRITER, dir.join(""))
+        .status()
+        .unwrap();
+    assert!(status.success(), "the child's checks failed: {status:?}");
+}
+
+/// The child of the test above (never run on its own).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+#[ignore = "a child process of a_save_cut_short_midway_is_an_error_and_keeps_the_old_pair"]
+async fn save_cut_short_child() {
+    let Some(dir) = std::env::var_os(FULL_WRITER) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let path = dir.join("token.json");
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        let limit = libc::rlimit {
+            rlim_cur: 64 << 10,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+    }
+    let store = FileStore::open(&path).unwrap();
+    let lease = store.lease(Duration::from_secs(30)).await.unwrap().unwrap();
+    let small = bearer("small").with_refresh_token("rt-small");
+    assert!(store.save(&lease, &small).await.unwrap());
+    let huge = bearer(&"x".repeat(256 << 10)).with_refresh_token("rt-huge");
+    let saved = store.save(&lease, &huge).await;
+    assert!(saved.is_err(), "{:?}", saved.map(|_| ()));
+    let shown = saved.unwrap_err().to_string();
+    assert!(
+        !shown.contains("rt-huge") && !shown.contains("xxxx"),
+        "{shown}"
+    );
+    let loaded = store.load().await.unwrap().unwrap();
+    assert_eq!(loaded, small);
+    assert_eq!(loaded.refresh_token().unwrap().expose(), "rt-small");
+    let temps: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
+    assert!(store.save(&lease, &small).await.unwrap());
+}
+
+/// World (review 120): the data file is found writable by everyone (mode `0666`, a
+/// stray `chmod`, a `umask 0` shell), and another local user writes a credential of
+/// their choosing into it (here: this process, standing for them) before this store
+/// ever writes. Proves: the module's "both files are readable and writable by their
+/// owner only" and the brief's "clear typed errors on ... wrong permissions": a data
+/// file others can write is refused (as a wide-open lock file is) or counts as absent;
+/// its credential, and its refresh token, are never taken (else another user picks the
+/// session this host's processes use and what they present to the token endpoint).
+#[cfg(unix)]
+#[tokio::test]
+async fn a_data_file_writable_by_others_is_not_trusted() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (_dir, path) = path("data-world-writable");
+    // Another user's credential, in the store's own format.
+    let planter_path = path.with_file_name("planted.json");
+    let planter = FileStore::open(&planter_path).unwrap();
+    let lease = planter
+        .lease(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        planter
+            .save(
+                &lease,
+                &bearer("attacker-at").with_refresh_token("attacker-rt")
+            )
+            .await
+            .unwrap()
+    );
+    planter.release(&lease).await.unwrap();
+    std::fs::copy(&planter_path, &path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let store = FileStore::open(&path).unwrap();
+    let loaded = store.load().await;
+    assert!(
+        !matches!(loaded, Ok(Some(_))),
+        "a credential from a world-writable file was taken: {:?}",
+        loaded.map(|c| c.map(|c| c.refresh_token().is_some()))
+    );
+    // The next write replaces it with a private file of this store's.
+    let lease = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
+    assert!(store.save(&lease, &bearer("mine")).await.unwrap());
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(store.load().await.unwrap(), Some(bearer("mine")));
+    // Private, but another user's (`nobody`; only a root test run can make one): the
+    // same.
+    std::fs::copy(&planter_path, &path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if std::process::Command::new("chown")
+        .args(["65534"])
+        .arg(&path)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        assert_eq!(
+            store.load().await.unwrap(),
+            None,
+            "another user's file was taken"
+        );
+    }
+}
+
+/// World (review 120): data files crafted by hand or by another tool, each valid JSON of
+/// this version but with values at their edges: issued after it expires, an expiry past
+/// year 9999, a float or negative lease end, a hold at `u64::MAX` ms, no headers, a
+/// header value with a line break, a deep nesting, an array at the top. Proves (held):
+/// "clear typed errors on bad input ..., never a panic": every call answers (`load`,
+/// `lease`, `held_until`), none panics, and a credential that cannot be sent is never
+/// handed out.
+#[tokio::test]
+async fn crafted_data_files_never_panic_and_never_hand_out_a_bad_credential() {
+    let (_dir, path) = path("crafted");
+    let cred = |doc: &str| format!("v1:00:{doc}");
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let files: Vec<String> = vec![
+        serde_json::json!({"v":1,"credential":cred(r#"{"h":[["authorization","Bearer a"]],"iat":2000000000000,"exp":1000}"#)}).to_string(),
+        serde_json::json!({"v":1,"credential":cred(r#"{"h":[["authorization","Bearer a"]],"exp":253402300800000}"#)}).to_string(),
+        serde_json::json!({"v":1,"credential":cred(r#"{"h":[],"exp":null}"#)}).to_string(),
+        serde_json::json!({"v":1,"credential":cred(r#"{"h":[["authorization","Bearer a\r\nx: y"]]}"#)}).to_string(),
+        serde_json::json!({"v":1,"credential":cred(r#"{"h":[["bad name","x"]]}"#)}).to_string(),
+        serde_json::json!({"v":1,"credential":cred(&deep)}).to_string(),
+        serde_json::json!({"v":1,"credential":null,"lease":{"token":"t","until":-5,"ttl":1}}).to_string(),
+        serde_json::json!({"v":1,"credential":null,"lease":{"token":"t","until":u64::MAX,"ttl":u64::MAX}}).to_string(),
+        serde_json::json!({"v":1,"credential":null,"hold":u64::MAX}).to_string(),
+        format!("{{\"v\":1,\"credential\":null,\"lease\":{deep}}}"),
+        "[1,2,3]".to_owned(),
+        "{\"v\":18446744073709551616}".to_owned(),
+    ];
+    for (i, text) in files.iter().enumerate() {
+        std::fs::write(&path, text).unwrap();
+        let store = FileStore::open(&path).unwrap();
+        let loaded = store.load().await;
+        if let Ok(Some(credential)) = &loaded {
+            assert!(
+                credential.headers().count() > 0,
+                "file {i}: a credential with no header"
+            );
+        }
+        let _ = store.held_until().await;
+        let _ = store.lease(Duration::from_secs(1)).await;
+    }
+}
+
+/// World (review 120): a tool calls the store directly (`CredentialStore` is public: a
+/// CLI's `logout` command reading or clearing the shared file) from an executor that
+/// is not Tokio's (here a minimal `block_on` of std's `Wake`). Proves: "never a panic":
+/// a call outside a Tokio runtime is an error, or works (the file calls are blocking
+/// I/O); it panics inside `tokio::task::spawn_blocking`, which the module docs do not
+/// mention.
+#[test]
+fn a_store_call_outside_a_tokio_runtime_does_not_panic() {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut future = std::pin::pin!(future);
+        loop {
+            if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+                return out;
+            }
+            std::thread::park_timeout(Duration::from_millis(10));
+        }
+    }
+    let (_dir, path) = path("no-runtime");
+    let store = FileStore::open(&path).unwrap();
+    let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        block_on(store.load()).map_err(|e| e.to_string())
+    }));
+    assert!(
+        answered.is_ok(),
+        "FileStore::load panicked outside a Tokio runtime"
     );
 }

@@ -504,3 +504,186 @@ async fn keep_warm_racing_every_entry_point_is_one_fetch_at_a_time() {
         "two fetches at the endpoint at once"
     );
 }
+
+/// Issues `token-1`, `token-2`, ... living `lifetime` from the cache's own wall clock
+/// (`FetchContext::now`), so a `ManualClock` stands for a suspend.
+#[derive(Clone, Default)]
+struct WallIssuer(std::sync::Arc<std::sync::atomic::AtomicUsize>, Duration);
+
+impl tower_client_auth::CredentialSource for WallIssuer {
+    async fn fetch(
+        &self,
+        cx: tower_client_auth::FetchContext,
+    ) -> Result<tower_client_auth::Credential, tower_client_auth::BoxError> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        Ok(tower_client_auth::Credential::bearer(format!("token-{n}"))?.lives(cx.now(), self.1))
+    }
+}
+
+/// World (review 120): a keep-warm cache over a 100 s token (soft window at 75 s), then
+/// the host suspends for 90 s (a laptop lid, a paused VM): the wall clock moves on, the
+/// monotonic clock does not (`ManualClock` for the wall, Tokio's paused clock for the
+/// monotonic time). On waking, the client idles 9 s more; the token still has 1 s left.
+/// Proves: README's "no request arrives, `.keep_warm(true)`: the aging timer starts the
+/// background refresh when the soft window opens, so the first burst after an idle
+/// period is served from the cache" (and `clock`'s "the cache therefore judges expiry on
+/// the wall clock"): the soft window opened by the wall clock during the suspend, so
+/// keep-warm refreshes soon after waking, before the token expires.
+#[tokio::test(start_paused = true)]
+async fn keep_warm_refreshes_after_a_suspend_that_crossed_the_soft_window() {
+    use tower_client_auth::clock::ManualClock;
+    let clock =
+        ManualClock::new(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+    let issuer = WallIssuer(Default::default(), Duration::from_secs(100));
+    let cache = CredentialCache::builder(issuer.clone())
+        .window_jitter(0.0)
+        .backoff(Duration::from_secs(1), Duration::from_secs(8))
+        .clock(clock.clone())
+        .keep_warm(true)
+        .build()
+        .unwrap();
+    cache.warm_up().await.unwrap();
+    let fetched = || issuer.0.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(fetched(), 1);
+    // Suspended for 90 s: past the soft window (75 s) by the wall clock.
+    clock.advance(Duration::from_secs(90));
+    // Awake and idle for 9 s of monotonic time (the wall clock is held, so the token
+    // still has 1 s left at the end).
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    settle().await;
+    assert_eq!(
+        fetched(),
+        2,
+        "keep-warm did not refresh after waking inside the soft window (wall 99 s of a 100 s token)"
+    );
+}
+
+/// World (review 120): a keep-warm cache whose source issues credentials with no expiry,
+/// idle for 1,000 s, then dropped. Proves (held): keep-warm never refreshes a credential
+/// that states no expiry (no soft window), runs no timer for it, and leaves no task
+/// behind once the last clone goes.
+#[tokio::test(start_paused = true)]
+async fn keep_warm_on_a_credential_without_expiry_does_nothing() {
+    let baseline = alive_tasks();
+    let source = TestSource::new();
+    let cache = cache(&source, true);
+    cache.warm_up().await.unwrap();
+    settle().await;
+    assert_eq!(
+        alive_tasks(),
+        baseline,
+        "no timer for a credential without expiry"
+    );
+    tokio::time::sleep(Duration::from_secs(1000)).await;
+    settle().await;
+    assert_eq!(source.fetches(), 1);
+    drop(cache);
+    settle().await;
+    assert_eq!(alive_tasks(), baseline);
+}
+
+/// World (review 120): keep-warm's refresh is at the source when the source itself drops
+/// the last clone of the cache (an app's shutdown hook run from inside a fetch, a source
+/// that held the cache in a slot and gives it up). Proves (held): "the timer ends with
+/// the last clone of the cache, and no refresh starts after it": once that fetch ends, no
+/// task is left and the source is never asked again.
+#[tokio::test(start_paused = true)]
+async fn keep_warm_cache_dropped_from_inside_its_own_fetch_stops() {
+    #[derive(Clone, Default)]
+    struct Dropper {
+        fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        slot: std::sync::Arc<std::sync::Mutex<Option<CredentialCache<Dropper>>>>,
+    }
+    impl tower_client_auth::CredentialSource for Dropper {
+        async fn fetch(
+            &self,
+            _: tower_client_auth::FetchContext,
+        ) -> Result<tower_client_auth::Credential, tower_client_auth::BoxError> {
+            let n = self
+                .fetches
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 1;
+            if n == 2 {
+                // The keep-warm refresh: the last user goes from inside it.
+                let last = self.slot.lock().unwrap().take();
+                drop(last);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Ok(tower_client_auth::Credential::bearer(format!("token-{n}"))?
+                .expires_in(Duration::from_secs(100)))
+        }
+    }
+    let baseline = alive_tasks();
+    let source = Dropper::default();
+    let cache = CredentialCache::builder(source.clone())
+        .window_jitter(0.0)
+        .backoff(Duration::from_secs(1), Duration::from_secs(8))
+        .keep_warm(true)
+        .build()
+        .unwrap();
+    cache.warm_up().await.unwrap();
+    *source.slot.lock().unwrap() = Some(cache);
+    tokio::time::sleep(Duration::from_secs(76)).await;
+    settle().await;
+    assert_eq!(source.fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    settle().await;
+    assert_eq!(alive_tasks(), baseline, "a task outlived the cache");
+    tokio::time::sleep(Duration::from_secs(1000)).await;
+    settle().await;
+    assert_eq!(source.fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// World (review 120): a keep-warm cache warmed up on runtime A (4 s token: soft window
+/// at 3 s, no jitter); A shuts down 1 s in (a blocking wrapper's runtime replaced, a
+/// test harness's runtime per phase) while keep-warm sleeps, taking the timer with it;
+/// the application goes on with the cache on runtime B. Real time. Proves the builder's
+/// "a runtime that shuts down takes that timer with it: the credential is left to
+/// requests until the next one arrives, whose timer runs on the runtime that installs
+/// it": nothing refreshes while no request comes (no runtime is known to run it on);
+/// B's first request in the soft window is served and refreshes in the background, on
+/// B; that credential's keep-warm then refreshes on B with no request at all.
+#[test]
+fn keep_warm_resumes_on_the_runtime_of_the_next_credential() {
+    let source = TestSource::expiring(Duration::from_secs(4));
+    let cache = CredentialCache::builder(source.clone())
+        .window_jitter(0.0)
+        .backoff(Duration::from_millis(100), Duration::from_millis(200))
+        .keep_warm(true)
+        .build()
+        .unwrap();
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let a = runtime();
+    a.block_on(async {
+        cache.warm_up().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    });
+    drop(a);
+    let b = runtime();
+    b.block_on(async {
+        // Idle into the soft window (3 s), before expiry (4 s): no runtime to refresh on.
+        tokio::time::sleep(Duration::from_millis(2300)).await;
+        assert_eq!(source.fetches(), 1);
+        // A request: served from the cache, and the background refresh runs on B.
+        cache.credential().await.unwrap();
+        for _ in 0..100 {
+            if source.fetches() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            source.fetches(),
+            2,
+            "the request in the soft window refreshed"
+        );
+        // The new credential's keep-warm runs on B: a refresh 3 s on, no request.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        assert_eq!(source.fetches(), 3, "keep-warm resumed on B");
+    });
+}

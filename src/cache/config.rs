@@ -238,7 +238,12 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
     /// - Its timer is the credential's own aging timer: it ends with the last clone of the
     ///   cache, and a refresh runs on the runtime that installed the credential (a
     ///   credential handed over with [`CacheHandle::replace`](crate::CacheHandle::replace)
-    ///   outside a runtime has no timer, and is left to requests). A refresh already at
+    ///   outside a runtime has no timer, and is left to requests). A runtime that shuts
+    ///   down takes that timer with it: the credential is left to requests until the
+    ///   next one arrives, whose timer runs on the runtime that installs it. The timer
+    ///   also looks at the wall clock (every quarter of the soft window, at least a
+    ///   second apart): a host that slept through the window's opening refreshes soon
+    ///   after waking, not a whole window of waking time later. A refresh already at
     ///   the token endpoint finishes first: within the fetch timeout, or with a store
     ///   within twice that (a lease holder's fetch goes on past its flight's deadline);
     ///   none starts once the last clone went.

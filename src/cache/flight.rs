@@ -660,7 +660,7 @@ impl Watch {
 /// built without its time driver (the panic is caught, and the hook prints it): each
 /// such runtime is remembered, so that the message is printed once for it, not once per
 /// wait or refresh.
-pub(super) mod timers {
+pub(crate) mod timers {
     use std::sync::{Mutex, PoisonError};
 
     /// The runtimes found without timers (ids are never reused); the last few.
@@ -691,9 +691,7 @@ pub(super) mod timers {
     }
 
     /// A sleep until `deadline` on the runtime polled on; `None` on one without timers.
-    pub(in crate::cache) fn sleep_until(
-        deadline: tokio::time::Instant,
-    ) -> Option<tokio::time::Sleep> {
+    pub(crate) fn sleep_until(deadline: tokio::time::Instant) -> Option<tokio::time::Sleep> {
         if known_absent() {
             return None;
         }

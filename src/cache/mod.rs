@@ -103,6 +103,7 @@ use crate::{error::ErrorKind, source::FetchReason, store::CredentialStore};
 mod config;
 mod entry;
 mod flight;
+pub(crate) use flight::timers;
 mod kept;
 mod lease;
 mod views;
@@ -459,6 +460,40 @@ impl<P: CredentialSource> CredentialCache<P> {
             state.step_up_fruitless = None;
         }
     }
+}
+
+/// Until an entry's soft window opens: at the monotonic instant `at`, or, with keep-warm
+/// (`wall`: the window's wall-clock moment, the cache's clock, how often to look), at
+/// that moment by the wall clock if it comes first. A suspend stops the monotonic clock,
+/// and every timer with it, not the wall clock: a laptop that slept through the window's
+/// opening would otherwise refresh only a whole window's worth of waking time later,
+/// past the token's expiry more often than not. Looking every quarter of the window
+/// finds it at most that long after waking, while three quarters of it are left.
+async fn soft_window_opens(
+    at: Instant,
+    wall: Option<(SystemTime, crate::clock::WallClock, Duration)>,
+) {
+    let Some((on_wall, clock, step)) = wall else {
+        tokio::time::sleep_until(at).await;
+        return;
+    };
+    loop {
+        let now = Instant::now();
+        let by_wall = on_wall
+            .duration_since(clock.now())
+            .unwrap_or(Duration::ZERO);
+        if now >= at || by_wall.is_zero() {
+            return;
+        }
+        tokio::time::sleep_until(saturating_add(now, by_wall.min(step)).min(at)).await;
+    }
+}
+
+/// How often keep-warm looks at the wall clock before a soft window of `window` opens: a
+/// quarter of it, never more often than once a second (a timer wake and a clock read
+/// each; a window so short leaves nothing to gain by looking sooner).
+fn wall_step(window: Duration) -> Duration {
+    (window / 4).max(Duration::from_secs(1))
 }
 
 /// Keep-warm's refresh of the entry of `generation`, if the cache (and that entry in
@@ -1053,8 +1088,15 @@ impl<P: CredentialSource> Inner<P> {
                 // A runtime known without timers: the timer would panic (printed).
                 (Some(at), Some(rt)) if at > now && !flight::timers::known_absent() => {
                     let guard = AgeOnDrop(weak.clone());
+                    // Keep-warm also looks at the wall clock on the way: a suspend stops
+                    // the monotonic clock, and with it the timer, not the wall clock.
+                    let watch_wall = warm.as_ref().and(windows).map(|(soft_wall, ..)| {
+                        let window =
+                            expires_at.map_or(Duration::ZERO, |e| e.saturating_duration_since(at));
+                        (soft_wall, self.config.clock.clone(), wall_step(window))
+                    });
                     let task = rt.spawn(async move {
-                        tokio::time::sleep_until(at).await;
+                        soft_window_opens(at, watch_wall).await;
                         drop(guard);
                         if let Some((cache, not_before)) = warm {
                             tokio::time::sleep_until(not_before).await;

@@ -26,17 +26,25 @@
 //!
 //! Both files are readable and writable by their owner only (mode `0600` on Unix): a lock
 //! file found open to others is tightened, or refused when it cannot be (another user's),
-//! and a data file found open to others is replaced by a private one at the next write.
+//! and a data file others may write (group or world writable, or another user's) is not
+//! trusted: it counts as absent (another user could have chosen the session and the
+//! refresh token it holds) and is replaced by a private one at the next write. Neither
+//! path may be a symbolic link: a save replaces the data path, which would split a link
+//! from its target (two refresh-lease holders, one of them with a spent refresh token),
+//! so a link there is refused, at [`FileStore::open`] and at every call; open the file
+//! it names instead. Errors name the file they are about, never its contents.
 //! [`FileStore::encrypted`] seals the credential as [`RedisStore`]'s values are sealed.
 //! A value that cannot be read (not JSON, cut short, sealed under another key, larger
 //! than 1 MiB) counts as absent: never sent, logged once, and overwritten by the next
-//! refresh. What is not this store's to overwrite is refused with an error instead, and
+//! refresh. A lease or a hold that cannot be read (a float, a missing token: a hand edit)
+//! is no lease or hold, and the credential beside it is kept. What is not this store's to overwrite is refused with an error instead, and
 //! left as it is: a data path that is not a regular file (a pipe, a device, a directory),
 //! or a file written by another format version of this store. The cache then fetches on
 //! its own, as with a store that is down.
 //!
 //! Waiters poll (the default [`CredentialStore::changed`]): there is no server to tell
-//! them.
+//! them. Calls run their file I/O on Tokio's blocking pool; called outside a Tokio
+//! runtime (a command-line tool's own executor) they run it on the calling thread.
 //!
 //! [`RedisStore`]: crate::store::redis::RedisStore
 //!
@@ -162,17 +170,24 @@ impl Data {
             Value::String(s) => Some(s.clone()),
             _ => return Err(Unreadable("malformed")),
         };
-        let lease = match &doc["lease"] {
-            Value::Null => None,
-            lease => Some((
-                lease["token"]
-                    .as_str()
-                    .ok_or(Unreadable("malformed"))?
-                    .to_owned(),
-                lease["until"].as_u64().ok_or(Unreadable("malformed"))?,
-                // Written before the length was kept: not judged by it.
-                lease["ttl"].as_u64().unwrap_or(u64::MAX),
-            )),
+        // A lease this store cannot read (written by hand or by another tool: a float,
+        // a missing token) is no lease, as a hold is no hold: the credential beside it,
+        // and the refresh token in it, are read all the same, never overwritten for it.
+        let lease = match (
+            &doc["lease"],
+            &doc["lease"]["token"],
+            &doc["lease"]["until"],
+        ) {
+            (Value::Null, ..) => None,
+            (lease, Value::String(token), until) => until.as_u64().map(|until| {
+                (
+                    token.clone(),
+                    until,
+                    // Written before the length was kept: not judged by it.
+                    lease["ttl"].as_u64().unwrap_or(u64::MAX),
+                )
+            }),
+            _ => None,
         };
         // Written before holds were kept, or not a number: no hold.
         let hold = doc["hold"].as_u64();
@@ -225,8 +240,11 @@ impl FileStore {
         lock_name.push(".lock");
         let lock_path = PathBuf::from(lock_name);
         // Fails now, not at the first refresh, when the directory is missing or closed,
-        // or the lock file is open to others and not ours to tighten.
-        checked_lock_file(open_lock_file(&lock_path, true)?, &lock_path)?;
+        // the lock file is open to others and not ours to tighten, or the data path is a
+        // symbolic link.
+        let lock = open_lock_file(&lock_path, true).map_err(|e| at(&lock_path, e))?;
+        checked_lock_file(lock, &lock_path)?;
+        refuse_link(&path)?;
         Ok(FileStore {
             inner: Arc::new(Inner {
                 path,
@@ -270,16 +288,36 @@ impl FileStore {
         F: FnOnce(&Inner, &mut Data) -> (T, bool) + Send + 'static,
     {
         let given_up = GivenUp(Arc::new(AtomicBool::new(false)));
+        let runtime = tokio::runtime::Handle::try_current().ok();
         let mut change = change;
         let mut pause = FIRST_PAUSE;
         loop {
-            let inner = Arc::clone(&self.inner);
-            let gone = Arc::clone(&given_up.0);
-            match tokio::task::spawn_blocking(move || inner.attempt(change, &gone)).await? {
+            let attempt = match &runtime {
+                Some(runtime) => {
+                    let inner = Arc::clone(&self.inner);
+                    let gone = Arc::clone(&given_up.0);
+                    runtime
+                        .spawn_blocking(move || inner.attempt(change, &gone))
+                        .await?
+                }
+                // Outside a Tokio runtime (a command-line tool's own executor): the try,
+                // a few milliseconds of file I/O, runs on the calling thread.
+                None => self.inner.attempt(change, &given_up.0),
+            };
+            match attempt {
                 Attempt::Done(result) => return result,
                 Attempt::Busy(back) => change = back,
             }
-            tokio::time::sleep(pause).await;
+            // The pause between tries: the runtime's timer, or the calling thread's
+            // outside a runtime or on one built without timers.
+            let until = tokio::time::Instant::now() + pause;
+            match runtime
+                .as_ref()
+                .and_then(|_| crate::cache::timers::sleep_until(until))
+            {
+                Some(sleep) => sleep.await,
+                None => std::thread::sleep(pause),
+            }
             pause = (pause * 2).min(LONGEST_PAUSE);
         }
     }
@@ -336,9 +374,9 @@ impl Inner {
                 if since.elapsed() < LOCK_GONE_GRACE {
                     return Ok(None);
                 }
-                open_lock_file(&self.lock_path, true)?
+                open_lock_file(&self.lock_path, true).map_err(|e| at(&self.lock_path, e))?
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(at(&self.lock_path, e).into()),
         };
         *gone_since = None;
         Ok(Some(checked_lock_file(file, &self.lock_path)?))
@@ -353,22 +391,33 @@ impl Inner {
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt as _;
-            options.custom_flags(libc::O_NONBLOCK);
+            // Never through a link: a save replaces the path (a rename), so a link read
+            // through would be split from its target by the first save.
+            options.custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW);
         }
         let file = match options.open(&self.path) {
             Ok(file) => file,
             Err(e) if e.kind() == IoErrorKind::NotFound => return Ok(Data::default()),
-            Err(e) => return Err(e.into()),
+            #[cfg(unix)]
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(refused(&self.path, LINK).into());
+            }
+            Err(e) => return Err(at(&self.path, e).into()),
         };
-        let meta = file.metadata()?;
+        let meta = file.metadata().map_err(|e| at(&self.path, e))?;
         if !meta.is_file() {
             return Err(refused(&self.path, "is not a regular file").into());
         }
         if meta.len() > MAX_FILE {
             return Ok(self.unreadable("larger than a credential file"));
         }
+        if let Some(why) = untrusted(&meta) {
+            return Ok(self.unreadable(why));
+        }
         let mut bytes = Vec::new();
-        file.take(MAX_FILE + 1).read_to_end(&mut bytes)?;
+        file.take(MAX_FILE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| at(&self.path, e))?;
         if bytes.len() as u64 > MAX_FILE {
             return Ok(self.unreadable("larger than a credential file"));
         }
@@ -400,7 +449,7 @@ impl Inner {
         if text.len() as u64 > MAX_FILE {
             return Err("the credential is too large for the file store (1 MiB)".into());
         }
-        let (temp, mut file) = temp_file(&self.path)?;
+        let (temp, mut file) = temp_file(&self.path).map_err(|e| at(&self.path, e))?;
         let result = (|| -> io::Result<()> {
             file.write_all(text.as_bytes())?;
             file.sync_all()?;
@@ -409,7 +458,7 @@ impl Inner {
         if result.is_err() {
             let _ = std::fs::remove_file(&temp);
         }
-        result?;
+        result.map_err(|e| at(&self.path, e))?;
         // The rename reaches the disk with its directory: without this, a power loss
         // could bring back the file before it, and a refresh token spent since. Not every
         // file system syncs a directory; the write stands either way.
@@ -454,6 +503,43 @@ impl Inner {
             }
         }
     }
+}
+
+/// Why a data path that is a symbolic link is refused.
+const LINK: &str = "is a symbolic link (open the file it names: every save replaces the \
+                    path, which would split the link from its target)";
+
+/// A data path that is a symbolic link, refused (see [`LINK`]); anything else is left to
+/// the calls.
+fn refuse_link(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(refused(path, LINK)),
+        _ => Ok(()),
+    }
+}
+
+/// Why a data file is not trusted, if it is not: one others may write (another user
+/// could have chosen the session and the refresh token every process here presents).
+/// It counts as absent, and the next write replaces it with a private file.
+fn untrusted(meta: &std::fs::Metadata) -> Option<&'static str> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        if meta.mode() & 0o022 != 0 {
+            return Some("writable by others");
+        }
+        if meta.uid() != rustix::process::geteuid().as_raw() {
+            return Some("owned by another user");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = meta;
+    None
+}
+
+/// `e` with the path it was met at (never the file's contents), its kind kept.
+fn at(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("credential file {}: {e}", path.display()))
 }
 
 /// An error naming the path (never its contents) and why it is not used.
