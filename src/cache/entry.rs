@@ -26,9 +26,11 @@ pub(crate) struct Entry {
     /// both clocks.
     pub(super) hard_wall: Option<SystemTime>,
     pub(super) hard_at: Option<Instant>,
-    /// When it expires on the monotonic clock, as measured when it was installed (its
-    /// wall-clock expiry is the credential's own).
+    /// When it expires on the monotonic clock, as measured when it was installed.
     pub(super) expires_at: Option<Instant>,
+    /// When it expires on the wall clock: the credential's own expiry, never more than
+    /// its lifetime after it was installed (see `believed_expiry`).
+    pub(super) expires_wall: Option<SystemTime>,
     /// When it became current: a rejection soon after counts as a fresh rejection.
     pub(super) installed_at: Instant,
     /// Set once the soft window opens (by its timer, if the runtime that installed it is
@@ -98,7 +100,7 @@ impl Entry {
     /// Whether it has expired by either clock.
     pub(super) fn is_expired_at(&self, now: Instant, wall: SystemTime) -> bool {
         self.expires_at.is_some_and(|at| now >= at)
-            || self.credential.expiry().is_some_and(|at| wall >= at)
+            || self.expires_wall.is_some_and(|at| wall >= at)
     }
 }
 

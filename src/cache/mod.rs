@@ -462,6 +462,24 @@ impl<P: CredentialSource> CredentialCache<P> {
     }
 }
 
+/// When `credential`, first seen at `wall` on the cache's clock, stops being valid as
+/// this cache counts: its expiry, but never more than its lifetime after `wall`. One
+/// issued in this clock's future (another process's, through a store, on a host whose
+/// clock runs ahead of this one's) would otherwise be sent past its real end by as much
+/// as that clock is ahead; one issued in this clock's past keeps its expiry.
+pub(super) fn believed_expiry(credential: &Credential, wall: SystemTime) -> Option<SystemTime> {
+    let expiry = credential.expiry()?;
+    Some(
+        match credential
+            .lifetime()
+            .and_then(|life| wall.checked_add(life))
+        {
+            Some(whole) => expiry.min(whole),
+            None => expiry,
+        },
+    )
+}
+
 /// Until an entry's soft window opens: at the monotonic instant `at`, or, with keep-warm
 /// (`wall`: the window's wall-clock moment, the cache's clock, how often to look), at
 /// that moment by the wall clock if it comes first. A suspend stops the monotonic clock,
@@ -1030,11 +1048,11 @@ impl<P: CredentialSource> Inner<P> {
         let generation = state.next_generation;
         state.next_generation += 1;
         let wall = self.config.clock.now();
+        let expires_wall = believed_expiry(&credential, wall);
         // The monotonic guard: the lifetime left now, counted on the monotonic clock.
-        let expires_at = credential
-            .expiry()
+        let expires_at = expires_wall
             .map(|at| saturating_add(now, at.duration_since(wall).unwrap_or(Duration::ZERO)));
-        let windows = match (self.mode, credential.expiry(), expires_at) {
+        let windows = match (self.mode, expires_wall, expires_at) {
             (RefreshMode::Proactive, Some(expires_wall), Some(expires_mono)) => {
                 let (soft, hard) = self.windows(&credential, expires_wall, wall);
                 let before = |on_wall: SystemTime, d: Duration| on_wall.checked_sub(d);
@@ -1117,6 +1135,7 @@ impl<P: CredentialSource> Inner<P> {
                 hard_wall: windows.map(|w| w.2),
                 hard_at: windows.map(|w| w.3),
                 expires_at,
+                expires_wall,
                 installed_at: now,
                 aging: AtomicBool::new(aging),
                 background_claimed: AtomicBool::new(false),
@@ -1188,7 +1207,7 @@ impl<P: CredentialSource> Inner<P> {
     /// was issued with.
     fn is_usable_stored(&self, credential: &Credential) -> bool {
         let wall = self.config.clock.now();
-        match credential.expiry() {
+        match believed_expiry(credential, wall) {
             None => true,
             Some(expires_at) if expires_at <= wall => false,
             Some(expires_at) => match self.mode {

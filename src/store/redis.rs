@@ -378,6 +378,10 @@ impl CredentialStore for RedisStore {
     async fn lease(&self, ttl: Duration) -> Result<Option<Lease>, BoxError> {
         let mut connection = self.connection.clone();
         let lease = Lease::new();
+        let mut unanswered = Unanswered {
+            release: Some((self.connection.clone(), self.keys.clone(), lease.clone())),
+            ttl,
+        };
         let set: Option<String> = redis::cmd("SET")
             .arg(&self.keys.lease)
             .arg(lease.token())
@@ -386,6 +390,7 @@ impl CredentialStore for RedisStore {
             .arg(millis(ttl).max(1))
             .query_async(&mut connection)
             .await?;
+        unanswered.release = None;
         Ok(set.map(|_| lease))
     }
 
@@ -397,10 +402,14 @@ impl CredentialStore for RedisStore {
         // One saved already expired (a pair whose refresh token a holder took out) stays
         // until it is replaced too: it records that the refresh token was taken (see the
         // module docs), and is never sent.
+        // Without one, a credential expires with it: what is left of it by this host's
+        // clock, never more than its lifetime (a cache on a clock of its own, ahead of
+        // this one's, would keep it past its end).
         let ttl = credential
             .expiry()
             .filter(|_| credential.refresh_token().is_none())
             .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .map(|left| credential.lifetime().map_or(left, |life| left.min(life)))
             .map(|left| millis(left).max(1));
         let saved: i64 = Script::new(SAVE)
             .key(&self.keys.credential)
@@ -542,6 +551,46 @@ async fn listen(
         if let Either::Right(_) = select(std::pin::pin!(pause), &mut stopped).await {
             return;
         }
+    }
+}
+
+/// A lease call that ended without its answer: given up on (the cache's share of the
+/// fetch timeout ran out while Redis stalled) or failed on the way. Its `SET` may still
+/// land when Redis answers again, a lease nobody holds that would hold every refresh of
+/// the fleet back for its whole length: dropped unanswered, this sends the release
+/// behind it on the same connection, whose commands Redis runs in order (a
+/// compare-and-delete, so it frees only that lease). Bounded by the lease's length,
+/// past which the lease is gone by itself.
+struct Unanswered {
+    release: Option<(Connection, Keys, Lease)>,
+    ttl: Duration,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let Some((mut connection, keys, lease)) = self.release.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let until = tokio::time::Instant::now() + self.ttl;
+        runtime.spawn(async move {
+            let script = Script::new(RELEASE);
+            let mut invocation = script.key(&keys.lease);
+            invocation.arg(lease.token()).arg(&keys.changes);
+            let release = invocation.invoke_async::<i64>(&mut connection);
+            match crate::cache::timers::sleep_until(until) {
+                Some(sleep) => {
+                    let _ = futures_util::future::select(
+                        std::pin::pin!(release),
+                        std::pin::pin!(sleep),
+                    )
+                    .await;
+                }
+                None => drop(release.await),
+            }
+        });
     }
 }
 
