@@ -4152,15 +4152,8 @@ async fn a_stalled_redis_bounds_the_caller_and_the_fleet_shares_again_after() {
     assert_eq!(sent(&b.credential().await.unwrap()), "Bearer at-1");
     let port = server.port;
     // Every other client's commands wait 1.5 s (`DEBUG` is refused by default).
-    let paused = std::process::Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "CLIENT", "PAUSE", "1500", "ALL"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&paused.stdout).trim(),
-        "OK",
-        "{paused:?}"
-    );
+    let paused = support::redis::cli(port, &["CLIENT", "PAUSE", "1500", "ALL"]);
+    assert_eq!(paused, "OK", "{paused:?}");
     let paused_at = Instant::now();
     a.handle().invalidate();
     let started = Instant::now();
@@ -4176,14 +4169,7 @@ async fn a_stalled_redis_bounds_the_caller_and_the_fleet_shares_again_after() {
     let after = b.credential().await;
     let b_waited = started.elapsed();
     // Who holds the lease now: nobody does (A fetched without the store).
-    let redis = |args: &[&str]| {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &port.to_string()])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let redis = |args: &[&str]| support::redis::cli(port, args);
     let lease = redis(&["--scan", "--pattern", "tca:*:lease"]);
     let lease_ttl = (!lease.is_empty()).then(|| redis(&["PTTL", &lease]));
     let presented: Vec<_> = idp.brief().into_iter().filter_map(|l| l.1).collect();
@@ -4235,14 +4221,7 @@ async fn a_stored_credential_expires_with_it_on_the_caches_clock() {
         .build()
         .unwrap();
     cache.credential().await.unwrap();
-    let redis = |args: &[&str]| {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &server.port.to_string()])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let redis = |args: &[&str]| server.cli(args);
     let key = redis(&["--scan", "--pattern", "tca:*:credential"]);
     let ttl: i64 = redis(&["PTTL", &key]).parse().unwrap();
     assert!(
@@ -4271,18 +4250,7 @@ async fn a_stalled_redis_is_logged_once_and_its_end_once() {
         .build()
         .unwrap();
     cache.credential().await.unwrap();
-    let paused = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &server.port.to_string(),
-            "CLIENT",
-            "PAUSE",
-            "2000",
-            "ALL",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&paused.stdout).trim(), "OK");
+    assert_eq!(server.cli(&["CLIENT", "PAUSE", "2000", "ALL"]), "OK");
     let paused_at = Instant::now();
     for round in 0..5 {
         cache.handle().invalidate();
@@ -4352,11 +4320,7 @@ async fn a_rotated_pair_whose_lease_a_flushall_took_reaches_the_store() {
     let port = server.port;
     let flush = async move {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "FLUSHALL"])
-            .output()
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+        assert_eq!(support::redis::cli(port, &["FLUSHALL"]), "OK");
     };
     a.handle().invalidate();
     let (got, ()) = tokio::join!(a.credential(), flush);
@@ -4412,11 +4376,7 @@ async fn a_flushall_mid_refresh_costs_at_most_a_login_and_no_refresh_token() {
     let port = server.port;
     let flush_then_b = async {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "FLUSHALL"])
-            .output()
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+        assert_eq!(support::redis::cli(port, &["FLUSHALL"]), "OK");
         b.handle().invalidate();
         b.credential().await
     };
