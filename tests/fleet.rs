@@ -4091,6 +4091,41 @@ async fn a_token_from_a_process_whose_clock_runs_ahead_is_not_sent_past_its_life
     );
 }
 
+/// World: as `a_token_from_a_process_whose_clock_runs_ahead_is_not_sent_past_its_lifetime`,
+/// but B first reaches its own hard window for `at-1` (3590 s of a 3600 s token by its
+/// clock, counted from when it first saw it) and refreshes: the store still holds
+/// `at-1`, which by A's clock has 50 min left. Then 60 s more pass on B's clock.
+/// Proves: the lifetime cap does not start over when the same credential is read back
+/// from the store: B does not take `at-1` again for a new lifetime, and never hands it
+/// out past its lifetime by its own clock. Counter: the credential B hands out (held:
+/// B's refresh presents `rt-1` rather than take back the credential it refreshes).
+#[cfg(feature = "token")]
+#[tokio::test]
+async fn a_skewed_token_read_back_from_the_store_keeps_its_first_sight_lifetime() {
+    use tower_client_auth::clock::ManualClock;
+    let server = RedisServer::start();
+    let idp = support::scripted::Idp::default();
+    let now = std::time::SystemTime::now();
+    let a_clock = ManualClock::new(now + Duration::from_secs(3000));
+    let b_clock = ManualClock::new(now);
+    let a = skewed_process(&idp, &a_clock, &server, "skew-reread").await;
+    let b = skewed_process(&idp, &b_clock, &server, "skew-reread").await;
+    assert_eq!(sent(&a.credential().await.unwrap()), "Bearer at-1");
+    assert_eq!(sent(&b.credential().await.unwrap()), "Bearer at-1");
+    b_clock.advance(Duration::from_secs(3590));
+    // In B's hard window: B refreshes (it does not take the store's `at-1` back).
+    let mid = b.credential().await.unwrap();
+    assert_ne!(sent(&mid), "Bearer at-1", "{:?}", idp.brief());
+    b_clock.advance(Duration::from_secs(60));
+    let later = b.credential().await.unwrap();
+    assert_ne!(
+        sent(&later),
+        "Bearer at-1",
+        "B hands out at-1 3650 s (its own clock) after it first saw it: {:?}",
+        idp.brief()
+    );
+}
+
 /// World: two processes on one real Redis; B logs in (`at-1`, `expires_in: 3600`), and A,
 /// whose host clock runs 3590 s ahead of B's, starts a second later.
 /// Proves (README, "One fetch for the fleet"; "1 token endpoint call for the fleet" per
