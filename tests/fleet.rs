@@ -4063,9 +4063,9 @@ async fn skewed_process(
 /// Proves (README: lifetime "measured from the response's arrival on the cache's wall
 /// clock"; an expiring credential is never handed out expired): B does not hand out
 /// `at-1` once it has held it longer than its whole lifetime by its own clock. Counter:
-/// the credential B hands out (review 121: FAILS, B hands out `at-1` 3640 s after it got
-/// it: the stored expiry is absolute on A's clock, 50 min ahead, and B trusts it though
-/// the stored issue time is 50 min in B's future; the monotonic guard is sized from the
+/// the credential B hands out (review 121 found B handing out `at-1` 3640 s after it got
+/// it: the stored expiry is absolute on A's clock, 50 min ahead, and B trusted it though
+/// the stored issue time is 50 min in B's future; the monotonic guard was sized from the
 /// same skewed expiry).
 #[cfg(feature = "token")]
 #[tokio::test]

@@ -606,12 +606,11 @@ async fn on_redis(
 /// `Retry-After: 30`; B asks at once, a second later by every clock.
 /// Proves (README, "A `Retry-After` holds the fleet": "Inside the hold a process sends
 /// no token request"): B sends nothing inside A's 30 s hold. Counter: the token
-/// endpoint's log (review 121: FAILS, the hold is an absolute time on the writer's
-/// clock, which B's clock has passed already; Redis's own clock, which the lease's TTL
-/// already uses, would not be skewed).
+/// endpoint's log (review 121 found B asking: the hold was an absolute time on the
+/// writer's clock, which B's clock had passed already; it is now counted on Redis's
+/// clock, as the lease's TTL is).
 #[cfg(feature = "redis")]
 #[tokio::test]
-#[ignore = "open (review 121): a hold crosses the store on the writer's clock; README, clock skew between hosts"]
 async fn a_hold_holds_a_process_whose_clock_runs_ahead_of_the_writers() {
     let server = crate::support::redis::RedisServer::start();
     let idp = Idp::default();
@@ -643,11 +642,10 @@ async fn a_hold_holds_a_process_whose_clock_runs_ahead_of_the_writers() {
 /// Proves (README: a `Retry-After` "is the earliest next token request", and B "fails
 /// its callers with `ErrorKind::Backoff` and how long is left"): B is held no longer
 /// than the 29 s the token endpoint has left of its 30 s. Counter: B's `retry_in`
-/// (review 121: FAILS, B is told ~89 s: the writer's absolute time read on a clock a
-/// minute behind; up to `MAX_RETRY_AFTER` with a bigger skew).
+/// (review 121 found B told ~89 s: the writer's absolute time read on a clock a minute
+/// behind; up to `MAX_RETRY_AFTER` with a bigger skew).
 #[cfg(feature = "redis")]
 #[tokio::test]
-#[ignore = "open (review 121): a hold crosses the store on the writer's clock; README, clock skew between hosts"]
 async fn a_hold_holds_a_process_whose_clock_runs_behind_no_longer_than_asked() {
     let server = crate::support::redis::RedisServer::start();
     let idp = Idp::default();

@@ -772,10 +772,11 @@ async fn fleet_hold<P: CredentialSource>(
     store: &dyn crate::store::DynStore,
     deadline: Instant,
 ) -> Option<Error> {
-    let until = store_call(inner, deadline, "held_until", store.held_until()).await??;
-    let left = until
-        .duration_since(inner.config.clock.now())
-        .ok()
+    let (until, kept_left) = store_call(inner, deadline, "held_until", store.held_left()).await??;
+    // The time left by the store's own clock where it keeps one (Redis): the writer's
+    // wall clock and this one's may disagree.
+    let left = kept_left
+        .or_else(|| until.duration_since(inner.config.clock.now()).ok())
         .filter(|left| !left.is_zero())?
         .min(super::MAX_RETRY_AFTER);
     // Over when either clock says so, as an expiry is: the monotonic end is set when
@@ -828,7 +829,7 @@ async fn share_hold<P: CredentialSource>(
     };
     // Read back here, it ends when this process's own hold does.
     inner.lock_state().fleet_hold = Some((at, saturating_add(Instant::now(), asked)));
-    store_call(inner, until, "hold", store.hold(at)).await;
+    store_call(inner, until, "hold", store.hold_left(at, asked)).await;
 }
 
 /// `at` to the millisecond below it, if it is after the Unix epoch.

@@ -146,6 +146,30 @@ pub trait CredentialStore: Send + Sync + 'static {
     fn held_until(&self) -> impl Future<Output = Result<Option<SystemTime>, BoxError>> + Send {
         std::future::ready(Ok(None))
     }
+
+    /// [`hold`](Self::hold), told also the time the hold has left (`until` less the
+    /// writer's clock now). What the cache calls. A store whose server keeps time of its
+    /// own (Redis) keeps the hold for that long on its clock, so that processes whose
+    /// wall clocks disagree are held alike (with [`held_left`](Self::held_left)). The
+    /// default: `hold(until)`.
+    fn hold_left(
+        &self,
+        until: SystemTime,
+        left: Duration,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let _ = left;
+        self.hold(until)
+    }
+
+    /// [`held_until`](Self::held_until), with the time the hold has left by the store's
+    /// own clock, when it keeps one (see [`hold_left`](Self::hold_left)): the reader
+    /// then counts that, not `until` against its own wall clock. What the cache calls.
+    /// The default: `held_until()`, no time left known.
+    fn held_left(
+        &self,
+    ) -> impl Future<Output = Result<Option<(SystemTime, Option<Duration>)>, BoxError>> + Send {
+        async { Ok(self.held_until().await?.map(|until| (until, None))) }
+    }
 }
 
 /// A refresh lease, named by a token unique to its holder: what fences a save.
@@ -222,8 +246,8 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     fn release<'a>(&'a self, lease: &'a Lease) -> StoreFuture<'a, ()>;
     fn remove<'a>(&'a self, rejected: &'a Credential) -> StoreFuture<'a, ()>;
     fn changed(&self, timeout: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
-    fn hold(&self, until: SystemTime) -> StoreFuture<'_, ()>;
-    fn held_until(&self) -> StoreFuture<'_, Option<SystemTime>>;
+    fn hold_left(&self, until: SystemTime, left: Duration) -> StoreFuture<'_, ()>;
+    fn held_left(&self) -> StoreFuture<'_, Option<(SystemTime, Option<Duration>)>>;
 }
 
 impl<S: CredentialStore> DynStore for S {
@@ -272,12 +296,12 @@ impl<S: CredentialStore> DynStore for S {
         })
     }
 
-    fn hold(&self, until: SystemTime) -> StoreFuture<'_, ()> {
-        guarded(move || CredentialStore::hold(self, until))
+    fn hold_left(&self, until: SystemTime, left: Duration) -> StoreFuture<'_, ()> {
+        guarded(move || CredentialStore::hold_left(self, until, left))
     }
 
-    fn held_until(&self) -> StoreFuture<'_, Option<SystemTime>> {
-        guarded(move || CredentialStore::held_until(self))
+    fn held_left(&self) -> StoreFuture<'_, Option<(SystemTime, Option<Duration>)>> {
+        guarded(move || CredentialStore::held_left(self))
     }
 }
 

@@ -16,9 +16,11 @@
 //! - `tca:{<id>}:lease`: the refresh lease, the holder's token, `SET NX PX`, renewed by a
 //!   compare-and-extend script while its holder works;
 //! - `tca:{<id>}:hold`: the token endpoint's latest `Retry-After` for the fleet, in
-//!   milliseconds since the Unix epoch, expiring a little over
-//!   [`MAX_RETRY_AFTER`](crate::cache::MAX_RETRY_AFTER) after it is written
-//!   ([`CredentialStore::hold`]).
+//!   milliseconds since the Unix epoch on the writer's clock, expiring when the hold ends
+//!   on Redis's clock, which readers count ([`CredentialStore::hold_left`]; one written
+//!   by [`CredentialStore::hold`] expires a little over
+//!   [`MAX_RETRY_AFTER`](crate::cache::MAX_RETRY_AFTER) after it is written, and is
+//!   counted on the reader's clock).
 //!
 //! `<id>` is a SHA-256 of the namespace you give: for a token source,
 //! [`TokenSource::store_namespace`](crate::token::TokenSource::store_namespace) names the
@@ -468,6 +470,47 @@ impl CredentialStore for RedisStore {
             .query_async(&mut connection)
             .await?;
         Ok(())
+    }
+
+    /// The hold's key expires when the hold ends, on Redis's clock: a reader counts what
+    /// is left of it there ([`held_left`](CredentialStore::held_left)), whatever its own
+    /// wall clock and the writer's say.
+    async fn hold_left(&self, until: SystemTime, left: Duration) -> Result<(), BoxError> {
+        let mut connection = self.connection.clone();
+        let _: () = redis::cmd("SET")
+            .arg(&self.keys.hold)
+            .arg(unix_millis(until))
+            .arg("PX")
+            .arg(millis(left.min(crate::cache::MAX_RETRY_AFTER)).max(1))
+            .query_async(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    async fn held_left(&self) -> Result<Option<(SystemTime, Option<Duration>)>, BoxError> {
+        let mut connection = self.connection.clone();
+        let (held, left): (Option<String>, i64) = redis::pipe()
+            .cmd("GET")
+            .arg(&self.keys.hold)
+            .cmd("PTTL")
+            .arg(&self.keys.hold)
+            .query_async(&mut connection)
+            .await?;
+        // Not a number: no hold (the next one overwrites it).
+        let Some(until) = held
+            .and_then(|held| held.parse::<u64>().ok())
+            .and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms)))
+        else {
+            return Ok(None);
+        };
+        // Kept for longer than any hold (written by `hold`, an earlier version's, which
+        // keeps it past the longest hold), or without an expiry (by hand): its time, not
+        // Redis's.
+        let left = u64::try_from(left)
+            .ok()
+            .map(Duration::from_millis)
+            .filter(|left| *left <= crate::cache::MAX_RETRY_AFTER);
+        Ok(Some((until, left)))
     }
 
     async fn held_until(&self) -> Result<Option<SystemTime>, BoxError> {
