@@ -324,3 +324,79 @@ async fn an_expired_fixed_credential_is_not_sent() {
         seen.last()
     );
 }
+
+/// World: a one-hour credential issued 3000 s in this cache's future (a host whose clock
+/// runs ahead made it), handed over with `replace`, and handed over again, the same
+/// value, 3500 s later (an application that re-reads a token file a sidecar keeps);
+/// then 140 s more pass.
+/// Proves (README, "Clocks across hosts": a credential is never counted valid "for
+/// longer than its lifetime from when it first saw it"): 3640 s after the cache first
+/// saw it, the credential is not handed out; the cache fetches. Counter: the credential
+/// handed out (review 122: FAILS, the second hand-over counts the lifetime again from
+/// then: `believed_expiry` is taken from the wall clock of each install, not of the
+/// first sighting).
+#[tokio::test(start_paused = true)]
+async fn a_credential_handed_over_again_is_not_counted_valid_past_its_first_sighting() {
+    let clock = ManualClock::new(start());
+    let source = Issuer::new(Duration::from_secs(3600));
+    let cache = CredentialCache::builder(source.clone())
+        .clock(clock.clone())
+        .window_jitter(0.0)
+        .build()
+        .unwrap();
+    let ahead = Credential::bearer("ahead").unwrap().lives(
+        clock.now() + Duration::from_secs(3000),
+        Duration::from_secs(3600),
+    );
+    assert!(cache.handle().replace(ahead.clone()).unwrap());
+    assert_eq!(cache.credential().await.unwrap(), ahead);
+    clock.advance(Duration::from_secs(3500));
+    assert!(cache.handle().replace(ahead.clone()).unwrap());
+    clock.advance(Duration::from_secs(140));
+    let later = cache.credential().await.unwrap();
+    assert_ne!(
+        later, ahead,
+        "handed out 3640 s after the cache first saw it, a 3600 s credential"
+    );
+}
+
+/// World: a fixed source (`RefreshMode::Never`) whose one credential lives an hour and
+/// was issued 3000 s in this cache's future (minted on a host whose clock runs ahead);
+/// 3640 s pass on the cache's clock after it first fetched it.
+/// Proves (README "Clocks across hosts": never counted valid "for longer than its
+/// lifetime from when it first saw it"; `entry`'s rule for a fixed credential: "not sent
+/// past its expiry (its refetch then fails `Expired`, nothing is sent)"): 3640 s after
+/// the first fetch the credential is not handed out. Counter: the answer (review 122:
+/// FAILS, it is handed out: the cap ends the entry, but the refetch is judged by the
+/// credential's own expiry (`check_fetched`), passes, and the same value is installed
+/// with a new cap counted from now).
+#[tokio::test(start_paused = true)]
+async fn a_fixed_credential_issued_in_the_future_is_not_sent_past_its_lifetime() {
+    #[derive(Clone)]
+    struct Fixed(Credential);
+    impl CredentialSource for Fixed {
+        async fn fetch(&self, _: FetchContext) -> Result<Credential, BoxError> {
+            Ok(self.0.clone())
+        }
+        fn refresh_mode(&self) -> tower_client_auth::RefreshMode {
+            tower_client_auth::RefreshMode::Never
+        }
+    }
+    let clock = ManualClock::new(start());
+    let fixed = Credential::bearer("fixed-ahead").unwrap().lives(
+        clock.now() + Duration::from_secs(3000),
+        Duration::from_secs(3600),
+    );
+    let cache = CredentialCache::builder(Fixed(fixed.clone()))
+        .clock(clock.clone())
+        .window_jitter(0.0)
+        .build()
+        .unwrap();
+    assert_eq!(cache.credential().await.unwrap(), fixed);
+    clock.advance(Duration::from_secs(3640));
+    let later = cache.credential().await;
+    assert!(
+        later.as_ref().is_err(),
+        "a 3600 s fixed credential handed out 3640 s after the cache first saw it: {later:?}"
+    );
+}

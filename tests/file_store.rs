@@ -1274,3 +1274,33 @@ fn a_store_call_outside_a_tokio_runtime_does_not_panic() {
         "FileStore::load panicked outside a Tokio runtime"
     );
 }
+
+/// World (review 122): a tool calls the store directly from an executor that is not
+/// Tokio's (as `a_store_call_outside_a_tokio_runtime_does_not_panic`), while another
+/// process of the host is inside a store call for 1.5 s (holds the `flock`; a stopped
+/// or stuck process holds it for as long as it is stopped). The tool polls `load()`
+/// once, as an executor does before it gets to the tool's own timeout.
+/// Proves (module docs: outside a runtime "the try, a few milliseconds of file I/O,
+/// runs on the calling thread"; a caller's timeout can end any store call, as
+/// `GivenUp` lets it on a runtime): one poll does a try and returns, so the caller can
+/// give up. Counter: how long the first poll takes (review 122: FAILS, the poll loops
+/// on the calling thread, `std::thread::sleep` between tries, until the other process
+/// lets go: no timeout of the caller's can end it, and a holder that never lets go
+/// hangs the tool).
+#[test]
+fn a_store_call_outside_a_runtime_does_not_wait_out_another_process_in_one_poll() {
+    let (_dir, path) = path("no-runtime-busy");
+    let store = FileStore::open(&path).unwrap();
+    let holder = busy_for(&path, Duration::from_millis(1500));
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut load = std::pin::pin!(store.load());
+    let started = std::time::Instant::now();
+    let _ = load.as_mut().poll(&mut cx);
+    let first_poll = started.elapsed();
+    holder.join().unwrap();
+    assert!(
+        first_poll < Duration::from_millis(500),
+        "one poll of FileStore::load outside a runtime blocked {first_poll:?}, as long as another process held the lock"
+    );
+}

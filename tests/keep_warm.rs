@@ -687,3 +687,78 @@ fn keep_warm_resumes_on_the_runtime_of_the_next_credential() {
         assert_eq!(source.fetches(), 3, "keep-warm resumed on B");
     });
 }
+
+/// World (review 122): a keep-warm cache over a 100 s token (soft window at 75 s); right
+/// after the first fetch the wall clock is stepped back an hour (an NTP correction), and
+/// the client idles 200 s of monotonic time (the wall clock held there); then the wall
+/// clock is stepped forward 2 hours and the client idles 200 s more.
+/// Proves (held; README "no request arrives, `.keep_warm(true)`": the timer looks at the
+/// wall clock "every quarter of the window", and keep-warm never spins): a wall clock
+/// stepped back leaves the refresh to the monotonic timer (one per 75 s, not a loop),
+/// and one stepped far forward (every token now long expired by it) brings one refresh
+/// at once, then one per window again, never a refresh per wall-clock look.
+/// Counter: the source's fetches.
+#[tokio::test(start_paused = true)]
+async fn keep_warm_does_not_spin_when_the_wall_clock_is_stepped_back_or_far_forward() {
+    use tower_client_auth::clock::{Clock as _, ManualClock};
+    let clock =
+        ManualClock::new(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+    let issuer = WallIssuer(Default::default(), Duration::from_secs(100));
+    let cache = CredentialCache::builder(issuer.clone())
+        .window_jitter(0.0)
+        .backoff(Duration::from_secs(1), Duration::from_secs(8))
+        .clock(clock.clone())
+        .keep_warm(true)
+        .build()
+        .unwrap();
+    cache.warm_up().await.unwrap();
+    let fetched = || issuer.0.load(std::sync::atomic::Ordering::SeqCst);
+    clock.set(clock.now() - Duration::from_secs(3600));
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    settle().await;
+    let back = fetched();
+    assert!(
+        (2..=4).contains(&back),
+        "{back} fetches in 200 s of a 100 s token after the wall clock stepped back"
+    );
+    clock.set(clock.now() + Duration::from_secs(7200));
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    settle().await;
+    let forward = fetched() - back;
+    assert!(
+        (1..=5).contains(&forward),
+        "{forward} fetches in 200 s of a 100 s token after the wall clock stepped forward 2 h"
+    );
+}
+
+/// World (review 122): a keep-warm cache over a 100 s token on a wall clock then stepped
+/// back an hour, so its aging timer is in the wall-clock loop (looking every quarter of
+/// the window, the window an hour away by the wall); 30 s pass and the last clone of the
+/// cache is dropped.
+/// Proves (held; README: "the timer ends with the last clone of the cache"): no task is
+/// left behind once the last clone goes, the looping timer included, and no refresh
+/// starts after. Counters: the runtime's alive tasks; the source's fetches.
+#[tokio::test(start_paused = true)]
+async fn keep_warm_wall_clock_loop_ends_with_the_last_clone() {
+    use tower_client_auth::clock::{Clock as _, ManualClock};
+    let baseline = alive_tasks();
+    let clock =
+        ManualClock::new(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+    let issuer = WallIssuer(Default::default(), Duration::from_secs(100));
+    let cache = CredentialCache::builder(issuer.clone())
+        .window_jitter(0.0)
+        .clock(clock.clone())
+        .keep_warm(true)
+        .build()
+        .unwrap();
+    cache.warm_up().await.unwrap();
+    clock.set(clock.now() - Duration::from_secs(3600));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    settle().await;
+    drop(cache);
+    settle().await;
+    assert_eq!(alive_tasks(), baseline, "a task outlived the last clone");
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    settle().await;
+    assert_eq!(issuer.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -308,6 +308,7 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
             source_gate: Arc::default(),
             kept: Arc::default(),
             users: AtomicUsize::new(1),
+            sightings: Default::default(),
         });
         let weak: Weak<Inner<P>> = Arc::downgrade(&inner);
         inner.source.attach(CacheHandle::new(weak));

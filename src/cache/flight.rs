@@ -705,6 +705,24 @@ pub(crate) mod timers {
     }
 }
 
+/// A pause of `length`: on the timer of the runtime polled on, or, outside one or on one
+/// built without timers, on the process's alarm thread. Either way a poll returns at
+/// once, and the caller may give up on the pause.
+#[cfg(feature = "file-store")]
+pub(crate) async fn pause(length: std::time::Duration) {
+    let Some(until) = tokio::time::Instant::now().checked_add(length) else {
+        return std::future::pending().await;
+    };
+    let timer = match tokio::runtime::Handle::try_current() {
+        Ok(_) => timers::sleep_until(until),
+        Err(_) => None,
+    };
+    match timer {
+        Some(sleep) => sleep.await,
+        None => alarm::Sleep::until(until.into_std()).await,
+    }
+}
+
 /// Wakes waits that no runtime's timer can wake (polled outside any runtime, or on one
 /// built without timers) at their deadlines: one thread for the process, started with
 /// the first such wait and ended when none is left (a dropped wait cancels its alarm).
@@ -1825,7 +1843,10 @@ pub(super) fn check_fetched<P: CredentialSource>(
 ) -> Result<Credential, Error> {
     let credential = answer.map_err(fetch_error)?;
     let wall = inner.config.clock.now();
-    if credential.expiry().is_some_and(|at| at <= wall) {
+    if inner
+        .believed_expiry(&credential, wall)
+        .is_some_and(|at| at <= wall)
+    {
         if credential.refresh_token().is_some() {
             *refused = Some(credential);
         }

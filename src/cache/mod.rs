@@ -103,6 +103,9 @@ use crate::{error::ErrorKind, source::FetchReason, store::CredentialStore};
 mod config;
 mod entry;
 mod flight;
+#[cfg(feature = "file-store")]
+pub(crate) use flight::pause;
+#[cfg(feature = "redis")]
 pub(crate) use flight::timers;
 mod kept;
 mod lease;
@@ -462,24 +465,6 @@ impl<P: CredentialSource> CredentialCache<P> {
     }
 }
 
-/// When `credential`, first seen at `wall` on the cache's clock, stops being valid as
-/// this cache counts: its expiry, but never more than its lifetime after `wall`. One
-/// issued in this clock's future (another process's, through a store, on a host whose
-/// clock runs ahead of this one's) would otherwise be sent past its real end by as much
-/// as that clock is ahead; one issued in this clock's past keeps its expiry.
-pub(super) fn believed_expiry(credential: &Credential, wall: SystemTime) -> Option<SystemTime> {
-    let expiry = credential.expiry()?;
-    Some(
-        match credential
-            .lifetime()
-            .and_then(|life| wall.checked_add(life))
-        {
-            Some(whole) => expiry.min(whole),
-            None => expiry,
-        },
-    )
-}
-
 /// Until an entry's soft window opens: at the monotonic instant `at`, or, with keep-warm
 /// (`wall`: the window's wall-clock moment, the cache's clock, how often to look), at
 /// that moment by the wall clock if it comes first. A suspend stops the monotonic clock,
@@ -699,7 +684,13 @@ struct Inner<P> {
     /// strongly too, for a bounded time each; keep-warm refreshes only while a user is
     /// left, so that those tasks cannot keep one another going once the last user went.
     users: AtomicUsize,
+    /// Credentials issued in this clock's future (see [`Inner::believed_expiry`]), with
+    /// the expiry believed when each was first seen: the last few.
+    sightings: Mutex<Vec<(Credential, SystemTime)>>,
 }
+
+/// How many credentials issued in the cache clock's future it remembers first seeing.
+const SIGHTINGS: usize = 8;
 
 #[derive(Default)]
 struct Stats {
@@ -1048,7 +1039,7 @@ impl<P: CredentialSource> Inner<P> {
         let generation = state.next_generation;
         state.next_generation += 1;
         let wall = self.config.clock.now();
-        let expires_wall = believed_expiry(&credential, wall);
+        let expires_wall = self.believed_expiry(&credential, wall);
         // The monotonic guard: the lifetime left now, counted on the monotonic clock.
         let expires_at = expires_wall
             .map(|at| saturating_add(now, at.duration_since(wall).unwrap_or(Duration::ZERO)));
@@ -1202,12 +1193,51 @@ impl<P: CredentialSource> Inner<P> {
         state.tainted_result = Some(entry.credential.clone());
     }
 
+    /// When `credential` stops being valid as this cache counts, looked at on its clock at
+    /// `wall`: its expiry, but never more than its lifetime after this cache first saw
+    /// it. One issued in this clock's future (another process's, through a store, on a
+    /// host whose clock runs ahead of this one's; or handed over) would otherwise be sent
+    /// past its real end by as much as that clock is ahead; such a credential's first
+    /// sighting is remembered (the last few), so that seeing it again (handed over
+    /// again, fetched again from a fixed source) does not start its lifetime over. One
+    /// issued in this clock's past keeps its expiry.
+    pub(super) fn believed_expiry(
+        &self,
+        credential: &Credential,
+        wall: SystemTime,
+    ) -> Option<SystemTime> {
+        let expiry = credential.expiry()?;
+        let (Some(issued), Some(lifetime)) = (credential.issued(), credential.lifetime()) else {
+            return Some(expiry);
+        };
+        let mut sightings = self
+            .sightings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Seen before in this clock's future: as believed then, whatever the clock says
+        // of its issue time now.
+        if let Some((_, believed)) = sightings.iter().find(|(seen, _)| seen == credential) {
+            return Some(*believed);
+        }
+        if issued <= wall {
+            return Some(expiry);
+        }
+        let believed = wall
+            .checked_add(lifetime)
+            .map_or(expiry, |whole| expiry.min(whole));
+        if sightings.len() == SIGHTINGS {
+            sightings.remove(0);
+        }
+        sightings.push((credential.clone(), believed));
+        Some(believed)
+    }
+
     /// Whether a credential found in the store is worth using instead of fetching: not
     /// expired, and (for a proactive source) not in its hard window, by the lifetime it
     /// was issued with.
     fn is_usable_stored(&self, credential: &Credential) -> bool {
         let wall = self.config.clock.now();
-        match believed_expiry(credential, wall) {
+        match self.believed_expiry(credential, wall) {
             None => true,
             Some(expires_at) if expires_at <= wall => false,
             Some(expires_at) => match self.mode {

@@ -44,7 +44,12 @@
 //!
 //! Waiters poll (the default [`CredentialStore::changed`]): there is no server to tell
 //! them. Calls run their file I/O on Tokio's blocking pool; called outside a Tokio
-//! runtime (a command-line tool's own executor) they run it on the calling thread.
+//! runtime (a command-line tool's own executor) they run it on the calling thread, a
+//! try at a time: a poll never waits there for a lock another call holds (a pause
+//! between tries is woken by a thread of the crate's), so the caller's own timeout
+//! can end it. A hard link to the data file is split from it by the
+//! first save, as a symbolic link would be (which is why those are refused): give
+//! every process the same path.
 //!
 //! [`RedisStore`]: crate::store::redis::RedisStore
 //!
@@ -308,16 +313,10 @@ impl FileStore {
                 Attempt::Done(result) => return result,
                 Attempt::Busy(back) => change = back,
             }
-            // The pause between tries: the runtime's timer, or the calling thread's
-            // outside a runtime or on one built without timers.
-            let until = tokio::time::Instant::now() + pause;
-            match runtime
-                .as_ref()
-                .and_then(|_| crate::cache::timers::sleep_until(until))
-            {
-                Some(sleep) => sleep.await,
-                None => std::thread::sleep(pause),
-            }
+            // The pause between tries never blocks the poll (outside a runtime, or on one
+            // without timers, the process's alarm thread wakes it): a caller's timeout
+            // can end the call, even behind a process stopped while it holds the lock.
+            crate::cache::pause(pause).await;
             pause = (pause * 2).min(LONGEST_PAUSE);
         }
     }

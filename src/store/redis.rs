@@ -617,13 +617,13 @@ impl Drop for Unanswered {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let until = tokio::time::Instant::now() + self.ttl;
+        let until = tokio::time::Instant::now().checked_add(self.ttl);
         runtime.spawn(async move {
             let script = Script::new(RELEASE);
             let mut invocation = script.key(&keys.lease);
             invocation.arg(lease.token()).arg(&keys.changes);
             let release = invocation.invoke_async::<i64>(&mut connection);
-            match crate::cache::timers::sleep_until(until) {
+            match until.and_then(crate::cache::timers::sleep_until) {
                 Some(sleep) => {
                     let _ = futures_util::future::select(
                         std::pin::pin!(release),
