@@ -4408,6 +4408,41 @@ impl CredentialSource for Numbered {
     }
 }
 
+/// Two processes on one real Redis under `namespace` sharing `at-1`/`rt-1` (asserted),
+/// and the token endpoint's next answer scripted: the rotated `at-2`/`rt-2`, 600 ms
+/// after it is asked.
+#[cfg(feature = "token")]
+async fn sharing_at_1_before_a_slow_rotation(
+    namespace: &str,
+) -> (
+    RedisServer,
+    support::scripted::Idp,
+    CredentialCache<tower_client_auth::token::TokenSource>,
+    CredentialCache<tower_client_auth::token::TokenSource>,
+) {
+    use support::scripted::Scripted;
+    let server = RedisServer::start();
+    let idp = support::scripted::Idp::default();
+    let fleet = |store| {
+        CredentialCache::builder(idp.source())
+            .store(store)
+            .window_jitter(0.0)
+            .build()
+            .unwrap()
+    };
+    let a = fleet(redis_store(&server, namespace).await);
+    let b = fleet(redis_store(&server, namespace).await);
+    assert_eq!(sent(&a.credential().await.unwrap()), "Bearer at-1");
+    assert_eq!(sent(&b.credential().await.unwrap()), "Bearer at-1");
+    idp.push(Scripted::after(
+        Duration::from_millis(600),
+        200,
+        None,
+        r#"{"access_token":"at-2","refresh_token":"rt-2","token_type":"Bearer","expires_in":3600}"#,
+    ));
+    (server, idp, a, b)
+}
+
 /// World: two processes share `at-1`/`rt-1` (rotating refresh tokens) on a real Redis; A
 /// refreshes (its access token invalidated), and while its exchange is on the wire
 /// (600 ms) Redis loses everything (`FLUSHALL`: the lease, the marker A left in place of
@@ -4422,26 +4457,7 @@ impl CredentialSource for Numbered {
 #[cfg(feature = "token")]
 #[tokio::test]
 async fn a_rotated_pair_whose_lease_a_flushall_took_reaches_the_store() {
-    use support::scripted::Scripted;
-    let server = RedisServer::start();
-    let idp = support::scripted::Idp::default();
-    let fleet = |store| {
-        CredentialCache::builder(idp.source())
-            .store(store)
-            .window_jitter(0.0)
-            .build()
-            .unwrap()
-    };
-    let a = fleet(redis_store(&server, "flushall").await);
-    let b = fleet(redis_store(&server, "flushall").await);
-    assert_eq!(sent(&a.credential().await.unwrap()), "Bearer at-1");
-    assert_eq!(sent(&b.credential().await.unwrap()), "Bearer at-1");
-    idp.push(Scripted::after(
-        Duration::from_millis(600),
-        200,
-        None,
-        r#"{"access_token":"at-2","refresh_token":"rt-2","token_type":"Bearer","expires_in":3600}"#,
-    ));
+    let (server, idp, a, b) = sharing_at_1_before_a_slow_rotation("flushall").await;
     let port = server.port;
     let flush = async move {
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -4478,26 +4494,7 @@ async fn a_rotated_pair_whose_lease_a_flushall_took_reaches_the_store() {
 #[cfg(feature = "token")]
 #[tokio::test]
 async fn a_flushall_mid_refresh_costs_at_most_a_login_and_no_refresh_token() {
-    use support::scripted::Scripted;
-    let server = RedisServer::start();
-    let idp = support::scripted::Idp::default();
-    let fleet = |store| {
-        CredentialCache::builder(idp.source())
-            .store(store)
-            .window_jitter(0.0)
-            .build()
-            .unwrap()
-    };
-    let a = fleet(redis_store(&server, "flushall-b").await);
-    let b = fleet(redis_store(&server, "flushall-b").await);
-    a.credential().await.unwrap();
-    b.credential().await.unwrap();
-    idp.push(Scripted::after(
-        Duration::from_millis(600),
-        200,
-        None,
-        r#"{"access_token":"at-2","refresh_token":"rt-2","token_type":"Bearer","expires_in":3600}"#,
-    ));
+    let (server, idp, a, b) = sharing_at_1_before_a_slow_rotation("flushall-b").await;
     let port = server.port;
     let flush_then_b = async {
         tokio::time::sleep(Duration::from_millis(250)).await;

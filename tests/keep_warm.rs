@@ -520,6 +520,27 @@ impl tower_client_auth::CredentialSource for WallIssuer {
     }
 }
 
+/// A keep-warm cache on a `ManualClock` over a [`WallIssuer`] of 100 s tokens (soft
+/// window at 75 s, no jitter, backoff 1-8 s), not warmed up yet.
+fn wall_keep_warm() -> (
+    tower_client_auth::clock::ManualClock,
+    WallIssuer,
+    CredentialCache<WallIssuer>,
+) {
+    let clock = tower_client_auth::clock::ManualClock::new(
+        std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+    );
+    let issuer = WallIssuer(Default::default(), Duration::from_secs(100));
+    let cache = CredentialCache::builder(issuer.clone())
+        .window_jitter(0.0)
+        .backoff(Duration::from_secs(1), Duration::from_secs(8))
+        .clock(clock.clone())
+        .keep_warm(true)
+        .build()
+        .unwrap();
+    (clock, issuer, cache)
+}
+
 /// World (review 120): a keep-warm cache over a 100 s token (soft window at 75 s), then
 /// the host suspends for 90 s (a laptop lid, a paused VM): the wall clock moves on, the
 /// monotonic clock does not (`ManualClock` for the wall, Tokio's paused clock for the
@@ -531,17 +552,7 @@ impl tower_client_auth::CredentialSource for WallIssuer {
 /// keep-warm refreshes soon after waking, before the token expires.
 #[tokio::test(start_paused = true)]
 async fn keep_warm_refreshes_after_a_suspend_that_crossed_the_soft_window() {
-    use tower_client_auth::clock::ManualClock;
-    let clock =
-        ManualClock::new(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
-    let issuer = WallIssuer(Default::default(), Duration::from_secs(100));
-    let cache = CredentialCache::builder(issuer.clone())
-        .window_jitter(0.0)
-        .backoff(Duration::from_secs(1), Duration::from_secs(8))
-        .clock(clock.clone())
-        .keep_warm(true)
-        .build()
-        .unwrap();
+    let (clock, issuer, cache) = wall_keep_warm();
     cache.warm_up().await.unwrap();
     let fetched = || issuer.0.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(fetched(), 1);
@@ -700,17 +711,8 @@ fn keep_warm_resumes_on_the_runtime_of_the_next_credential() {
 /// Counter: the source's fetches.
 #[tokio::test(start_paused = true)]
 async fn keep_warm_does_not_spin_when_the_wall_clock_is_stepped_back_or_far_forward() {
-    use tower_client_auth::clock::{Clock as _, ManualClock};
-    let clock =
-        ManualClock::new(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
-    let issuer = WallIssuer(Default::default(), Duration::from_secs(100));
-    let cache = CredentialCache::builder(issuer.clone())
-        .window_jitter(0.0)
-        .backoff(Duration::from_secs(1), Duration::from_secs(8))
-        .clock(clock.clone())
-        .keep_warm(true)
-        .build()
-        .unwrap();
+    use tower_client_auth::clock::Clock as _;
+    let (clock, issuer, cache) = wall_keep_warm();
     cache.warm_up().await.unwrap();
     let fetched = || issuer.0.load(std::sync::atomic::Ordering::SeqCst);
     clock.set(clock.now() - Duration::from_secs(3600));

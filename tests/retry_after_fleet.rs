@@ -601,6 +601,33 @@ async fn on_redis(
         .unwrap()
 }
 
+/// Two processes on one real Redis, A on the host's clock and B on `b_clock`; A's login
+/// is answered `429`, `Retry-After: 30`, then a second passes on both clocks. B, and the
+/// token endpoint's script and log (and the server, which must outlive B's call).
+#[cfg(feature = "redis")]
+async fn a_30_s_hold_a_second_old(
+    b_clock: ManualClock,
+) -> (
+    crate::support::redis::RedisServer,
+    Idp,
+    CredentialCache<tower_client_auth::token::TokenSource>,
+) {
+    let server = crate::support::redis::RedisServer::start();
+    let idp = Idp::default();
+    let a_clock = ManualClock::new(SystemTime::now());
+    let a = on_redis(&idp, &a_clock, &server).await;
+    let b = on_redis(&idp, &b_clock, &server).await;
+    idp.push(Scripted::now(
+        429,
+        Some("30"),
+        r#"{"error":"rate_limited"}"#,
+    ));
+    a.credential().await.expect_err("throttled");
+    a_clock.advance(Duration::from_secs(1));
+    b_clock.advance(Duration::from_secs(1));
+    (server, idp, b)
+}
+
 /// World: two processes on one real Redis, on two hosts whose wall clocks disagree: B's
 /// runs a minute ahead of A's (NTP broken on one pod). A's login is answered `429`,
 /// `Retry-After: 30`; B asks at once, a second later by every clock.
@@ -612,21 +639,10 @@ async fn on_redis(
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn a_hold_holds_a_process_whose_clock_runs_ahead_of_the_writers() {
-    let server = crate::support::redis::RedisServer::start();
-    let idp = Idp::default();
-    let now = SystemTime::now();
-    let a_clock = ManualClock::new(now);
-    let b_clock = ManualClock::new(now + Duration::from_secs(60));
-    let a = on_redis(&idp, &a_clock, &server).await;
-    let b = on_redis(&idp, &b_clock, &server).await;
-    idp.push(Scripted::now(
-        429,
-        Some("30"),
-        r#"{"error":"rate_limited"}"#,
-    ));
-    a.credential().await.expect_err("throttled");
-    a_clock.advance(Duration::from_secs(1));
-    b_clock.advance(Duration::from_secs(1));
+    let (_server, idp, b) = a_30_s_hold_a_second_old(ManualClock::new(
+        SystemTime::now() + Duration::from_secs(60),
+    ))
+    .await;
     let held = b.credential().await;
     assert_eq!(
         idp.log().len(),
@@ -647,21 +663,10 @@ async fn a_hold_holds_a_process_whose_clock_runs_ahead_of_the_writers() {
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn a_hold_holds_a_process_whose_clock_runs_behind_no_longer_than_asked() {
-    let server = crate::support::redis::RedisServer::start();
-    let idp = Idp::default();
-    let now = SystemTime::now();
-    let a_clock = ManualClock::new(now);
-    let b_clock = ManualClock::new(now - Duration::from_secs(60));
-    let a = on_redis(&idp, &a_clock, &server).await;
-    let b = on_redis(&idp, &b_clock, &server).await;
-    idp.push(Scripted::now(
-        429,
-        Some("30"),
-        r#"{"error":"rate_limited"}"#,
-    ));
-    a.credential().await.expect_err("throttled");
-    a_clock.advance(Duration::from_secs(1));
-    b_clock.advance(Duration::from_secs(1));
+    let (_server, idp, b) = a_30_s_hold_a_second_old(ManualClock::new(
+        SystemTime::now() - Duration::from_secs(60),
+    ))
+    .await;
     let held = b.credential().await.expect_err("inside A's hold");
     assert_eq!(held.kind(), ErrorKind::Backoff, "{held}");
     let left = held.retry_in().expect("how long is left");
