@@ -705,18 +705,12 @@ pub(crate) mod timers {
     }
 }
 
-/// A pause of `length`: on the timer of the runtime polled on, or, outside one or on one
-/// built without timers, on the process's alarm thread. Either way a poll returns at
-/// once, and the caller may give up on the pause.
-#[cfg(feature = "file-store")]
-pub(crate) async fn pause(length: std::time::Duration) {
-    let Some(until) = tokio::time::Instant::now().checked_add(length) else {
-        return std::future::pending().await;
-    };
-    let timer = match tokio::runtime::Handle::try_current() {
-        Ok(_) => timers::sleep_until(until),
-        Err(_) => None,
-    };
+/// Until `until`: on the timer of the runtime polled on, or, outside one or on one built
+/// without timers, on the process's alarm thread. Either way a poll returns at once, and
+/// the caller may give up on the wait.
+pub(crate) async fn pause_until(until: tokio::time::Instant) {
+    let timer =
+        (tokio::runtime::Handle::try_current().ok()).and_then(|_| timers::sleep_until(until));
     match timer {
         Some(sleep) => sleep.await,
         None => alarm::Sleep::until(until.into_std()).await,
@@ -1545,23 +1539,11 @@ async fn wait_behind<P: CredentialSource>(inner: &Inner<P>, ahead: &Flight) -> R
                 return Ok(());
             }
         };
-        let ended = match timers::sleep_until(deadline) {
-            Some(sleep) => {
-                let sleep = std::pin::pin!(sleep);
-                matches!(
-                    futures_util::future::select(&mut result, sleep).await,
-                    futures_util::future::Either::Left(_)
-                )
-            }
-            // A runtime without timers: the process's alarm thread.
-            None => {
-                let sleep = alarm::Sleep::until(deadline.into_std());
-                matches!(
-                    futures_util::future::select(&mut result, sleep).await,
-                    futures_util::future::Either::Left(_)
-                )
-            }
-        };
+        // On a runtime without timers, the process's alarm thread.
+        let ended = matches!(
+            futures_util::future::select(&mut result, std::pin::pin!(pause_until(deadline))).await,
+            futures_util::future::Either::Left(_)
+        );
         if ended {
             return Ok(());
         }

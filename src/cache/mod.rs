@@ -104,7 +104,7 @@ mod config;
 mod entry;
 mod flight;
 #[cfg(feature = "file-store")]
-pub(crate) use flight::pause;
+pub(crate) use flight::pause_until;
 #[cfg(feature = "redis")]
 pub(crate) use flight::timers;
 mod kept;

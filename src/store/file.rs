@@ -316,7 +316,7 @@ impl FileStore {
             // The pause between tries never blocks the poll (outside a runtime, or on one
             // without timers, the process's alarm thread wakes it): a caller's timeout
             // can end the call, even behind a process stopped while it holds the lock.
-            crate::cache::pause(pause).await;
+            crate::cache::pause_until(tokio::time::Instant::now() + pause).await;
             pause = (pause * 2).min(LONGEST_PAUSE);
         }
     }
