@@ -292,8 +292,13 @@ impl<P: CredentialSource> CredentialCacheBuilder<P> {
     }
 
     /// Builds with settings known to be valid (the defaults).
-    pub(crate) fn build_unchecked(self) -> CredentialCache<P> {
+    pub(crate) fn build_unchecked(mut self) -> CredentialCache<P> {
         let mode = self.source.refresh_mode();
+        // Times cross the store on its clock, counted from this cache's.
+        if let Some(store) = self.config.store.take() {
+            let clock = self.config.clock.clone();
+            self.config.store = Some(Arc::new(crate::store::OnClock::new(store, clock)));
+        }
         let inner = Arc::new_cyclic(|me| Inner {
             me: me.clone(),
             source: self.source,

@@ -33,8 +33,9 @@
 //! [`redis::RedisStore`] implements it across processes on a real Redis; with
 //! `file-store`, [`file::FileStore`] across the processes of one host, in a locked file.
 //! Another engine (a SQL table, etcd) implements the six calls below (and the hold's two,
-//! to share it); `MemoryStore`'s source is the
-//! reference.
+//! to share it; and `save_left` / `load_left` when it keeps a clock of its own that
+//! every process can read, to count a shared credential's time on it); `MemoryStore`'s
+//! source is the reference.
 //!
 //! # Example
 //! ```
@@ -55,7 +56,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use crate::{credential::Credential, error::BoxError};
+use crate::{clock::WallClock, credential::Credential, error::BoxError};
 
 #[cfg(any(feature = "redis", feature = "file-store"))]
 mod codec;
@@ -170,6 +171,33 @@ pub trait CredentialStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<(SystemTime, Option<Duration>)>, BoxError>> + Send {
         async { Ok(self.held_until().await?.map(|until| (until, None))) }
     }
+
+    /// [`save`](Self::save), told also the time `credential` has left: its expiry less
+    /// the writer's clock now (its cache's [`Clock`](crate::clock::Clock)); zero when it
+    /// has expired, `None` when it does not expire. What the cache calls. A store whose
+    /// server keeps time of its own (Redis) records when the credential ends on that
+    /// clock, so that a process whose wall clock disagrees with the writer's counts what
+    /// is left of it ([`load_left`](Self::load_left)). The default: `save`.
+    fn save_left(
+        &self,
+        lease: &Lease,
+        credential: &Credential,
+        left: Option<Duration>,
+    ) -> impl Future<Output = Result<bool, BoxError>> + Send {
+        let _ = left;
+        self.save(lease, credential)
+    }
+
+    /// [`load`](Self::load), with the time the stored credential has left by the store's
+    /// own clock, when it keeps one (see [`save_left`](Self::save_left)): the cache then
+    /// counts its expiry from its own clock now, and moves its issue time by as much (its
+    /// lifetime unchanged), whatever the writer's clock said. The default: `load()`, no
+    /// time left known (the times are taken as written).
+    fn load_left(
+        &self,
+    ) -> impl Future<Output = Result<Option<(Credential, Option<Duration>)>, BoxError>> + Send {
+        async { Ok(self.load().await?.map(|credential| (credential, None))) }
+    }
 }
 
 /// A refresh lease, named by a token unique to its holder: what fences a save.
@@ -248,6 +276,13 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     fn changed(&self, timeout: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
     fn hold_left(&self, until: SystemTime, left: Duration) -> StoreFuture<'_, ()>;
     fn held_left(&self) -> StoreFuture<'_, Option<(SystemTime, Option<Duration>)>>;
+    fn save_left<'a>(
+        &'a self,
+        lease: &'a Lease,
+        credential: &'a Credential,
+        left: Option<Duration>,
+    ) -> StoreFuture<'a, bool>;
+    fn load_left(&self) -> StoreFuture<'_, Option<(Credential, Option<Duration>)>>;
 }
 
 impl<S: CredentialStore> DynStore for S {
@@ -302,6 +337,119 @@ impl<S: CredentialStore> DynStore for S {
 
     fn held_left(&self) -> StoreFuture<'_, Option<(SystemTime, Option<Duration>)>> {
         guarded(move || CredentialStore::held_left(self))
+    }
+
+    fn save_left<'a>(
+        &'a self,
+        lease: &'a Lease,
+        credential: &'a Credential,
+        left: Option<Duration>,
+    ) -> StoreFuture<'a, bool> {
+        guarded(move || CredentialStore::save_left(self, lease, credential, left))
+    }
+
+    fn load_left(&self) -> StoreFuture<'_, Option<(Credential, Option<Duration>)>> {
+        guarded(move || CredentialStore::load_left(self))
+    }
+}
+
+/// A store as a cache calls it: a credential's times cross it on the store's clock when
+/// it keeps one. Each save tells the store how long the credential has left by the
+/// cache's clock ([`CredentialStore::save_left`]); each load that learns how long a
+/// credential has left by the store's clock counts its expiry from the cache's clock now
+/// ([`CredentialStore::load_left`]). Processes whose wall clocks disagree then agree on
+/// when a shared credential ends, to within a store call.
+pub(crate) struct OnClock {
+    store: Arc<dyn DynStore>,
+    clock: WallClock,
+}
+
+impl OnClock {
+    pub(crate) fn new(store: Arc<dyn DynStore>, clock: WallClock) -> Self {
+        OnClock { store, clock }
+    }
+}
+
+impl DynStore for OnClock {
+    fn load(&self) -> StoreFuture<'_, Option<Credential>> {
+        Box::pin(async move {
+            Ok(self
+                .store
+                .load_left()
+                .await?
+                .map(|(credential, left)| match left {
+                    Some(left) => counted_from(credential, left, self.clock.now()),
+                    None => credential,
+                }))
+        })
+    }
+
+    fn lease(&self, ttl: Duration) -> StoreFuture<'_, Option<Lease>> {
+        self.store.lease(ttl)
+    }
+
+    fn save<'a>(&'a self, lease: &'a Lease, credential: &'a Credential) -> StoreFuture<'a, bool> {
+        let now = self.clock.now();
+        let left = (credential.expiry()).map(|at| at.duration_since(now).unwrap_or_default());
+        self.store.save_left(lease, credential, left)
+    }
+
+    fn renew<'a>(&'a self, lease: &'a Lease, ttl: Duration) -> StoreFuture<'a, bool> {
+        self.store.renew(lease, ttl)
+    }
+
+    fn release<'a>(&'a self, lease: &'a Lease) -> StoreFuture<'a, ()> {
+        self.store.release(lease)
+    }
+
+    fn remove<'a>(&'a self, rejected: &'a Credential) -> StoreFuture<'a, ()> {
+        self.store.remove(rejected)
+    }
+
+    fn changed(&self, timeout: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        self.store.changed(timeout)
+    }
+
+    fn hold_left(&self, until: SystemTime, left: Duration) -> StoreFuture<'_, ()> {
+        self.store.hold_left(until, left)
+    }
+
+    fn held_left(&self) -> StoreFuture<'_, Option<(SystemTime, Option<Duration>)>> {
+        self.store.held_left()
+    }
+
+    fn save_left<'a>(
+        &'a self,
+        lease: &'a Lease,
+        credential: &'a Credential,
+        left: Option<Duration>,
+    ) -> StoreFuture<'a, bool> {
+        self.store.save_left(lease, credential, left)
+    }
+
+    fn load_left(&self) -> StoreFuture<'_, Option<(Credential, Option<Duration>)>> {
+        self.store.load_left()
+    }
+}
+
+/// `credential` with `left` to live from `now`: its expiry moved to `now + left` and its
+/// issue time by as much (its lifetime kept). With nothing left, an expiry already past
+/// by `now` is kept (the record a holder leaves, at the epoch, stays as written), else it
+/// becomes `now`.
+fn counted_from(credential: Credential, left: Duration, now: SystemTime) -> Credential {
+    let Some(expiry) = credential.expiry() else {
+        return credential;
+    };
+    let lifetime = credential.lifetime();
+    let ends = match now.checked_add(left) {
+        _ if left.is_zero() => expiry.min(now),
+        Some(ends) => ends,
+        None => return credential,
+    };
+    let moved = credential.expires_at(ends);
+    match lifetime.and_then(|lifetime| ends.checked_sub(lifetime)) {
+        Some(issued) => moved.issued_at(issued),
+        None => moved,
     }
 }
 
@@ -451,5 +599,57 @@ impl CredentialStore for MemoryStore {
         async move {
             let _ = tokio::time::timeout(timeout, notified).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    /// A credential written on a clock an hour ahead, read with 10 minutes left: its
+    /// expiry is 10 minutes from the reader's now, its lifetime unchanged.
+    #[test]
+    fn counted_from_moves_expiry_and_issue_alike() {
+        let written = Credential::bearer("t").unwrap().lives(at(10_000), HOUR);
+        let now = at(5_000);
+        let read = counted_from(written, Duration::from_secs(600), now);
+        assert_eq!(read.expiry(), Some(at(5_600)));
+        assert_eq!(read.lifetime(), Some(HOUR));
+        assert_eq!(read.issued(), Some(at(5_600 - 3600)));
+    }
+
+    /// Nothing left: an expiry already past by the reader's clock stays where it is (the
+    /// marker at the epoch), one still ahead becomes now; a credential without expiry,
+    /// or without issue time, is kept as it is, or moved alone.
+    #[test]
+    fn counted_from_with_nothing_left_or_no_times() {
+        let marker = Credential::bearer("m")
+            .unwrap()
+            .expires_at(SystemTime::UNIX_EPOCH);
+        let now = at(5_000);
+        let read = counted_from(marker, Duration::ZERO, now);
+        assert_eq!(read.expiry(), Some(SystemTime::UNIX_EPOCH));
+        let ahead = Credential::bearer("a").unwrap().lives(at(9_000), HOUR);
+        assert_eq!(counted_from(ahead, Duration::ZERO, now).expiry(), Some(now));
+        let forever = Credential::bearer("f").unwrap();
+        assert_eq!(counted_from(forever, HOUR, now).expiry(), None);
+        let bare = Credential::bearer("b").unwrap().expires_at(at(9_000));
+        let read = counted_from(bare, Duration::from_secs(60), now);
+        assert_eq!(read.expiry(), Some(at(5_060)));
+        assert_eq!(read.issued(), None);
+    }
+
+    /// A time left past what the clock holds keeps the times as written (never a panic).
+    #[test]
+    fn counted_from_past_the_clock_keeps_the_times() {
+        let written = Credential::bearer("t").unwrap().lives(at(10_000), HOUR);
+        let read = counted_from(written, Duration::MAX, at(5_000));
+        assert_eq!(read.expiry(), Some(at(13_600)));
     }
 }

@@ -2,7 +2,7 @@
 //! Redis, shared by every process of a fleet (feature `redis`, over redis-rs and its
 //! tokio connection manager, which reconnects by itself).
 //!
-//! Per credential, three keys and a channel that share one hash slot (a hash tag), so each
+//! Per credential, four keys and a channel that share one hash slot (a hash tag), so each
 //! script runs on one node of a Redis Cluster too ([`RedisStore::cluster`]):
 //!
 //! - `tca:{<id>}:credential`: the credential, `v1:<fingerprint>:<json>`, expiring with it
@@ -11,6 +11,12 @@
 //!   takes a pair's refresh token out to present it, which a process that kept a pair
 //!   through an outage reads, as in every store, to tell whether its own save may have
 //!   been taken meanwhile);
+//! - `tca:{<id>}:ends`: for a credential that expires, when it ends on Redis's clock
+//!   (`<fingerprint>:<milliseconds>`, from the time it had left by its writer's clock,
+//!   [`CredentialStore::save_left`]), written and expiring with it: a reader counts what
+//!   is left of it there ([`CredentialStore::load_left`]), so processes whose wall
+//!   clocks disagree agree on when a shared credential ends (one without this record,
+//!   an earlier version's, is read by its own times, on its writer's clock);
 //! - `tca:{<id>}:changes`: a pub/sub channel where every save, release and removal is
 //!   announced, so processes waiting for a refresh wake when it is saved;
 //! - `tca:{<id>}:lease`: the refresh lease, the holder's token, `SET NX PX`, renewed by a
@@ -92,6 +98,8 @@ struct Keys {
     changes: String,
     /// The token endpoint's hold (see [`CredentialStore::hold`]).
     hold: String,
+    /// When the stored credential ends on Redis's clock (see [`CredentialStore::save_left`]).
+    ends: String,
 }
 
 /// A [`CredentialStore`] on Redis. See the [module docs](self).
@@ -270,6 +278,7 @@ impl RedisStore {
             lease: format!("tca:{{{id}}}:lease"),
             changes: format!("tca:{{{id}}}:changes"),
             hold: format!("tca:{{{id}}}:hold"),
+            ends: format!("tca:{{{id}}}:ends"),
         };
         RedisStore {
             connection,
@@ -357,16 +366,35 @@ fn texts_of(value: &redis::Value, texts: &mut Vec<String>) {
 
 impl CredentialStore for RedisStore {
     async fn load(&self) -> Result<Option<Credential>, BoxError> {
+        Ok(self.load_left().await?.map(|(credential, _)| credential))
+    }
+
+    /// The credential, with what is left of it on Redis's clock when its writer said
+    /// ([`save_left`](CredentialStore::save_left)): the time its `ends` record names less
+    /// Redis's `TIME`, read in one script.
+    async fn load_left(&self) -> Result<Option<(Credential, Option<Duration>)>, BoxError> {
         let mut connection = self.connection.clone();
-        let stored: Option<String> = redis::cmd("GET")
-            .arg(&self.keys.credential)
-            .query_async(&mut connection)
+        let stored: Option<Vec<String>> = Script::new(LOAD)
+            .key(&self.keys.credential)
+            .key(&self.keys.ends)
+            .invoke_async(&mut connection)
             .await?;
         let Some(stored) = stored else {
             return Ok(None);
         };
-        match self.codec.decode(&stored) {
-            Ok(credential) => Ok(Some(credential)),
+        let Some(value) = stored.first() else {
+            return Ok(None);
+        };
+        match self.codec.decode(value) {
+            Ok(credential) => {
+                let left = match (stored.get(1), stored.get(2)) {
+                    (Some(record), Some(now)) => {
+                        left_of(self.codec.stored_fingerprint(value), record, now)
+                    }
+                    _ => None,
+                };
+                Ok(Some((credential, left)))
+            }
             Err(why) => {
                 // Absent: never sent; the next refresh overwrites it.
                 if !self.unreadable_logged.swap(true, Ordering::Relaxed) {
@@ -397,6 +425,18 @@ impl CredentialStore for RedisStore {
     }
 
     async fn save(&self, lease: &Lease, credential: &Credential) -> Result<bool, BoxError> {
+        // What is left of it by this host's clock.
+        let now = SystemTime::now();
+        let left = (credential.expiry()).map(|at| at.duration_since(now).unwrap_or_default());
+        self.save_left(lease, credential, left).await
+    }
+
+    async fn save_left(
+        &self,
+        lease: &Lease,
+        credential: &Credential,
+        left: Option<Duration>,
+    ) -> Result<bool, BoxError> {
         let mut connection = self.connection.clone();
         // The key lives as long as the credential (no expiry: until it is replaced). A
         // refresh token outlives its access token: a pair stays until it is replaced, so
@@ -404,22 +444,25 @@ impl CredentialStore for RedisStore {
         // One saved already expired (a pair whose refresh token a holder took out) stays
         // until it is replaced too: it records that the refresh token was taken (see the
         // module docs), and is never sent.
-        // Without one, a credential expires with it: what is left of it by this host's
-        // clock, never more than its lifetime (a cache on a clock of its own, ahead of
-        // this one's, would keep it past its end).
-        let ttl = credential
-            .expiry()
-            .filter(|_| credential.refresh_token().is_none())
-            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+        // Without one, a credential expires with it: what is left of it by the writer's
+        // clock, never more than its lifetime.
+        let ttl = left
+            .filter(|left| !left.is_zero() && credential.refresh_token().is_none())
             .map(|left| credential.lifetime().map_or(left, |life| left.min(life)))
             .map(|left| millis(left).max(1));
+        // When it ends on Redis's clock is recorded beside it, for readers whose clocks
+        // disagree with this one.
+        let left = left.map_or(String::new(), |left| millis(left).min(MAX_LEFT).to_string());
         let saved: i64 = Script::new(SAVE)
             .key(&self.keys.credential)
             .key(&self.keys.lease)
+            .key(&self.keys.ends)
             .arg(lease.token())
             .arg(self.codec.encode(credential)?)
             .arg(ttl.unwrap_or(0))
             .arg(&self.keys.changes)
+            .arg(left)
+            .arg(self.codec.fingerprint(credential))
             .invoke_async(&mut connection)
             .await?;
         Ok(saved == 1)
@@ -451,6 +494,7 @@ impl CredentialStore for RedisStore {
         let mut connection = self.connection.clone();
         let _: i64 = Script::new(REMOVE)
             .key(&self.keys.credential)
+            .key(&self.keys.ends)
             .arg(self.codec.fingerprint(rejected))
             .arg(&self.keys.changes)
             .invoke_async(&mut connection)
@@ -637,17 +681,61 @@ impl Drop for Unanswered {
     }
 }
 
-/// Sets the credential only while the caller's token holds the lease.
+/// Sets the credential only while the caller's token holds the lease, and beside it, for
+/// one that expires, when it ends on Redis's clock (`<fingerprint>:<milliseconds>`),
+/// expiring with it; for one that does not, no such record.
 const SAVE: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if redis.replicate_commands then redis.replicate_commands() end
 if tonumber(ARGV[3]) > 0 then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 else
   redis.call('SET', KEYS[1], ARGV[2])
 end
+if ARGV[5] == '' then
+  redis.call('DEL', KEYS[3])
+else
+  local t = redis.call('TIME')
+  local ends = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[5])
+  local record = ARGV[6] .. ':' .. string.format('%.0f', ends)
+  if tonumber(ARGV[3]) > 0 then
+    redis.call('SET', KEYS[3], record, 'PX', ARGV[3])
+  else
+    redis.call('SET', KEYS[3], record)
+  end
+end
 redis.call('PUBLISH', ARGV[4], 'saved')
 return 1
 ";
+
+/// The credential, and if a record of when it ends is beside it, that record and
+/// Redis's time now in milliseconds.
+const LOAD: &str = r"
+local stored = redis.call('GET', KEYS[1])
+if not stored then return false end
+local record = redis.call('GET', KEYS[2])
+if not record then return {stored} end
+local t = redis.call('TIME')
+return {stored, record, string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))}
+";
+
+/// The longest time left a save records (about 140,000 years): beyond it, milliseconds
+/// would lose their precision in Redis's Lua numbers.
+const MAX_LEFT: u64 = 1 << 52;
+
+/// What is left of a stored credential on Redis's clock: its `record`
+/// (`<fingerprint>:<ends>`) less `now`, if the record is of the stored value (its
+/// fingerprint, `fingerprint`); none when it is another's (an earlier version's save
+/// leaves none) or cannot be read.
+fn left_of(fingerprint: Option<&str>, record: &str, now: &str) -> Option<Duration> {
+    let (of, ends) = record.split_once(':')?;
+    if Some(of) != fingerprint {
+        return None;
+    }
+    let ends: u64 = ends.parse().ok()?;
+    let now: u64 = now.parse().ok()?;
+    Some(Duration::from_millis(ends.saturating_sub(now)))
+}
 
 /// How long the hold's key outlives the longest hold a reader takes.
 const HOLD_MARGIN: Duration = Duration::from_secs(5);
@@ -668,7 +756,7 @@ return 0
 ";
 
 /// Deletes the credential only if it is the one with the given fingerprint (the field
-/// between the first two colons, whatever the form).
+/// between the first two colons, whatever the form), and the record of when it ends.
 const REMOVE: &str = r"
 local stored = redis.call('GET', KEYS[1])
 if not stored then return 0 end
@@ -677,6 +765,7 @@ if not first then return 0 end
 local second = string.find(stored, ':', first + 1, true)
 if second and string.sub(stored, first + 1, second - 1) == ARGV[1] then
   redis.call('PUBLISH', ARGV[2], 'removed')
+  redis.call('DEL', KEYS[2])
   return redis.call('DEL', KEYS[1])
 end
 return 0
