@@ -566,18 +566,28 @@ impl Future for Attempt<'_> {
 /// a proof (DPoP): the proof named `sent` and was spent there, so the hop's refusal says
 /// nothing of the token or a new proof.
 ///
-/// A response a middleware below built itself carries reqwest's placeholder URL: it
-/// speaks for the request (a stub answering 401 is judged as the API would be). A
-/// middleware below that sends the request to another host makes its answers look like
-/// a redirect's; README's "Redirects" says so.
-fn speaks_for(answered: &reqwest::Url, sent: &reqwest::Url, binds: bool) -> bool {
+/// A response a middleware below built itself carries reqwest's placeholder URL, whole,
+/// and no peer address (`remote`): it speaks for the request (a stub answering 401 is
+/// judged as the API would be). A redirect's target that only bears the placeholder's
+/// host name (a `.local` name anyone on the LAN may answer to) came over a connection,
+/// with an address: it is another origin's answer like any other. A middleware below
+/// that sends the request to another host makes its answers look like a redirect's;
+/// README's "Redirects" says so.
+fn speaks_for(
+    answered: &reqwest::Url,
+    remote: Option<std::net::SocketAddr>,
+    sent: &reqwest::Url,
+    binds: bool,
+) -> bool {
+    if remote.is_none() && answered.as_str() == NO_URL_PROVIDED {
+        return true;
+    }
     let (answered, sent) = (without_fragment(answered), without_fragment(sent));
     if answered == sent {
         return true;
     }
-    let answered = match reqwest::Url::parse(answered) {
-        Ok(url) if url.host_str() != Some(NO_URL_PROVIDED) => url,
-        _ => return true,
+    let Ok(answered) = reqwest::Url::parse(answered) else {
+        return false;
     };
     !binds && reqwest::Url::parse(sent).is_ok_and(|sent| answered.origin() == sent.origin())
 }
@@ -607,8 +617,8 @@ fn is_loopback(url: &reqwest::Url) -> bool {
     }
 }
 
-/// The host reqwest gives a response built from an `http::Response` without a URL.
-const NO_URL_PROVIDED: &str = "no.url.provided.local";
+/// The URL reqwest gives a response built from an `http::Response` without one.
+const NO_URL_PROVIDED: &str = "http://no.url.provided.local/";
 
 /// What the reqwest request's body was, so that each attempt hands reqwest the same kind.
 #[derive(Clone, Copy)]
@@ -958,7 +968,8 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     ) -> http::Response<reqwest::Response> {
         let status = res.status();
         let mut res = http::Response::new(res);
-        if sent.is_some_and(|sent| !speaks_for(res.body().url(), sent, binds)) {
+        let (answered, remote) = (res.body().url(), res.body().remote_addr());
+        if sent.is_some_and(|sent| !speaks_for(answered, remote, sent, binds)) {
             tracing::debug!(
                 status = status.as_u16(),
                 "an answer from a redirect's target is not judged as the request's"

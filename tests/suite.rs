@@ -39,6 +39,7 @@ mod replay_edges;
 mod replay_order;
 mod replay_wire;
 mod reqwest;
+mod reqwest_edges;
 mod retry_after_custody;
 mod retry_after_edges;
 mod retry_after_fleet;
