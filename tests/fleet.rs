@@ -4705,3 +4705,99 @@ async fn a_flushall_mid_refresh_costs_at_most_a_login_and_no_refresh_token() {
         idp.brief()
     );
 }
+
+/// World: a real Redis whose only user for the store may use every command but `TIME`
+/// (`+@all -time`, on the store's keys and channels); two processes share a token there.
+/// Proves (README "Clocks across hosts"; a store error never fails a request, but a
+/// store that cannot be read is no store at all): without the time, the store still
+/// keeps its contract (the times cross it as written, as before the `ends` record):
+/// one fetch for both, no store error. Counters: the source's fetches, the time left
+/// read (none known), the warnings logged (a failed store call logs one: the first
+/// version of the `ends` record asked for the time unguarded, and every save failed).
+#[tokio::test]
+async fn a_user_that_may_not_ask_the_time_still_shares_through_redis() {
+    let (capture, _guard) = support::capture_traces();
+    let port = support::redis::free_port();
+    let _server = RedisServer::start_with(
+        port,
+        &[
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "fleet",
+            "on",
+            ">fleet-pass",
+            "~tca:*",
+            "&tca:*",
+            "+@all",
+            "-time",
+        ],
+    );
+    let url = format!("redis://fleet:fleet-pass@127.0.0.1:{port}");
+    let calls = Arc::new(AtomicUsize::new(0));
+    /// Numbered bearer tokens of an hour.
+    struct Hourly(Arc<AtomicUsize>);
+    impl CredentialSource for Hourly {
+        async fn fetch(&self, _cx: FetchContext) -> Result<Credential, BoxError> {
+            let n = self.0.fetch_add(1, SeqCst);
+            Ok(Credential::bearer(format!("h{n}"))?.expires_in(Duration::from_secs(3600)))
+        }
+    }
+    let process = async || {
+        CredentialCache::builder(Hourly(calls.clone()))
+            .store(RedisStore::connect(&url, "no-time").await.unwrap())
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (process().await, process().await);
+    let first = a.credential().await.unwrap();
+    assert_eq!(b.credential().await.unwrap(), first);
+    assert_eq!(
+        calls.load(SeqCst),
+        1,
+        "the second process fetched beside the first"
+    );
+    let store = RedisStore::connect(&url, "no-time").await.unwrap();
+    let (stored, left) = store.load_left().await.unwrap().unwrap();
+    assert_eq!(stored, first);
+    assert_eq!(left, None, "no time known without TIME");
+    let logged = capture.text();
+    assert!(
+        !logged.contains("WARN"),
+        "a store call failed for want of TIME: {logged}"
+    );
+}
+
+/// World: a process on a real Redis whose source hands out an hour's token issued ten
+/// minutes in the cache clock's future (a source on a clock of its own, ahead); the
+/// process saves it to the store, and another reads it.
+/// Proves (README "Clocks across hosts": never counted valid for longer than its
+/// lifetime from when the cache first saw it): the store is told no more than the
+/// token's lifetime left, so a reader counts at most an hour, not the 70 minutes its
+/// expiry names. Counter: the time left the store records (held: the cache installs
+/// such a token with its first-sight expiry, and the store wrapper caps what it tells
+/// the store at the lifetime as well).
+#[tokio::test]
+async fn a_token_issued_in_the_writers_future_is_stored_with_no_more_than_its_lifetime() {
+    struct Ahead;
+    impl CredentialSource for Ahead {
+        async fn fetch(&self, _cx: FetchContext) -> Result<Credential, BoxError> {
+            let issued = std::time::SystemTime::now() + Duration::from_secs(600);
+            Ok(Credential::bearer("ahead")?.lives(issued, Duration::from_secs(3600)))
+        }
+    }
+    let server = RedisServer::start();
+    let cache = CredentialCache::builder(Ahead)
+        .store(redis_store(&server, "ahead-source").await)
+        .build()
+        .unwrap();
+    cache.credential().await.unwrap();
+    let reader = redis_store(&server, "ahead-source").await;
+    let (_, left) = reader.load_left().await.unwrap().unwrap();
+    let left = left.expect("what is left, on Redis's clock");
+    assert!(
+        left <= Duration::from_secs(3600),
+        "the store counts {left:?} left of an hour's token"
+    );
+}

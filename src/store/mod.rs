@@ -389,8 +389,15 @@ impl DynStore for OnClock {
     }
 
     fn save<'a>(&'a self, lease: &'a Lease, credential: &'a Credential) -> StoreFuture<'a, bool> {
+        // Never more than its lifetime: one issued in this clock's future is not counted
+        // valid longer than that from now (as the cache counts it, `believed_expiry`).
         let now = self.clock.now();
-        let left = (credential.expiry()).map(|at| at.duration_since(now).unwrap_or_default());
+        let left = (credential.expiry()).map(|at| {
+            let left = at.duration_since(now).unwrap_or_default();
+            credential
+                .lifetime()
+                .map_or(left, |lifetime| left.min(lifetime))
+        });
         self.store.save_left(lease, credential, left)
     }
 

@@ -683,7 +683,8 @@ impl Drop for Unanswered {
 
 /// Sets the credential only while the caller's token holds the lease, and beside it, for
 /// one that expires, when it ends on Redis's clock (`<fingerprint>:<milliseconds>`),
-/// expiring with it; for one that does not, no such record.
+/// expiring with it; for one that does not, or where this user may not ask the time (an
+/// ACL without `TIME`), no such record (its readers take its times as written).
 const SAVE: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 if redis.replicate_commands then redis.replicate_commands() end
@@ -692,10 +693,10 @@ if tonumber(ARGV[3]) > 0 then
 else
   redis.call('SET', KEYS[1], ARGV[2])
 end
-if ARGV[5] == '' then
+local t = ARGV[5] ~= '' and redis.pcall('TIME')
+if not t or t.err then
   redis.call('DEL', KEYS[3])
 else
-  local t = redis.call('TIME')
   local ends = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[5])
   local record = ARGV[6] .. ':' .. string.format('%.0f', ends)
   if tonumber(ARGV[3]) > 0 then
@@ -709,13 +710,14 @@ return 1
 ";
 
 /// The credential, and if a record of when it ends is beside it, that record and
-/// Redis's time now in milliseconds.
+/// Redis's time now in milliseconds (not where this user may not ask the time).
 const LOAD: &str = r"
 local stored = redis.call('GET', KEYS[1])
 if not stored then return false end
 local record = redis.call('GET', KEYS[2])
 if not record then return {stored} end
-local t = redis.call('TIME')
+local t = redis.pcall('TIME')
+if t.err then return {stored} end
 return {stored, record, string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))}
 ";
 
