@@ -248,3 +248,29 @@ fn the_issuer_is_part_of_the_store_namespace() {
     };
     assert_ne!(with("https://a.example"), with("https://b.example"));
 }
+
+/// World: the discovery server's token endpoint, reached directly, which accepts
+/// `client_secret_post` and refuses a request repeating a parameter (RFC 6749 §3.2; Okta
+/// and Keycloak answer `invalid_request`). The request template began as mutual-TLS
+/// client credentials (which put `client_id` in the body) and was switched to a client
+/// secret sent in the body (`client_credentials` + `ClientAuth::Body`: "the last one
+/// given wins"). Proves: `client_id` goes once and the token is issued. Counter: one
+/// token request, answered with a token.
+#[tokio::test]
+async fn switching_from_mtls_to_a_secret_in_the_body_sends_client_id_once() {
+    use tower_client_auth::token::ClientAuth;
+    let idp = DiscoveryIdp::new("/realms/acme");
+    *idp.auth_methods.lock().unwrap() = vec!["client_secret_post".into()];
+    let issuer = idp.start().await;
+    let token_url = format!("{issuer}/protocol/openid-connect/token");
+    let source = TokenSource::new(
+        TokenRequest::oauth2_client_credentials_mtls(&token_url, ID)
+            .unwrap()
+            .client_credentials(ID, SECRET)
+            .client_auth(ClientAuth::Body),
+    )
+    .client(token_client());
+    let result = fetch(&source).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(idp.token_requests.lock().unwrap().len(), 1);
+}

@@ -157,3 +157,92 @@ async fn the_private_key_never_shows() {
     assert!(err.to_string().contains("[redacted]"), "{err}");
     assert!(!err.to_string().contains("eyJ"), "{err}");
 }
+
+/// World: a token endpoint that finds the client's key as Microsoft Entra ID does: by the
+/// registered certificate's thumbprint in the assertion's JOSE header (`x5t#S256`, or
+/// `x5t`), never by `kid` (learn.microsoft.com, "Microsoft identity platform
+/// application authentication certificate credentials": header `alg`, `typ`,
+/// `x5t#S256`; an assertion without it is `AADSTS700027 ... The key was not found`,
+/// keycloak/keycloak#12946). The client holds the key and its self-signed certificate
+/// (made now) and gives both (`SigningKey::certificate_pem`). Proves: the assertion
+/// names the certificate so that such a server can verify it, and the token is issued.
+/// Counter: one assertion accepted, none refused (review 125: refused for `x5t`, the
+/// crate could set no header but `kid`).
+#[tokio::test]
+async fn an_entra_style_server_finds_the_key_by_its_certificate_thumbprint() {
+    use base64::Engine as _;
+    let certified = rcgen::CertificateParams::new(vec!["jwt-client".to_owned()])
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::from_pem(RSA).unwrap())
+        .unwrap();
+    let thumbprint = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(ring::digest::digest(&ring::digest::SHA256, certified.der()));
+    let key = SigningKey::from_pem(RSA)
+        .unwrap()
+        .certificate_pem(&certified.pem())
+        .unwrap();
+    let idp = JwtClientIdp::new("jwt-client", "RS256", key.public_key(), None);
+    *idp.x5t.lock().unwrap() = Some(thumbprint);
+    let url = idp.start().await;
+    let result = fetch(&source(&url, key)).await;
+    assert_eq!(
+        *idp.refusals.lock().unwrap(),
+        Vec::<&str>::new(),
+        "refused: {result:?}"
+    );
+    assert_eq!(idp.accepted.load(SeqCst), 1);
+}
+
+/// World: a client gives its EC key with the certificate of its RSA key, and PEM with no
+/// certificate in it. Proves (bad input is a typed error that does not quote the input):
+/// both are `InvalidRequest` errors, neither names the PEM's content, and no assertion
+/// is ever signed under a certificate that is not the key's. Counter: the errors.
+#[test]
+fn a_certificate_that_is_not_the_keys_is_refused() {
+    let certified = rcgen::CertificateParams::new(vec!["jwt-client".to_owned()])
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::from_pem(RSA).unwrap())
+        .unwrap();
+    let pem = certified.pem();
+    let err = SigningKey::from_pem(EC)
+        .unwrap()
+        .certificate_pem(&pem)
+        .unwrap_err();
+    assert_eq!(err.kind(), TokenErrorKind::InvalidRequest, "{err}");
+    assert!(err.to_string().contains("not this key's"), "{err}");
+    assert!(!err.to_string().contains("MII"), "{err}");
+    let err = SigningKey::from_pem(RSA)
+        .unwrap()
+        .certificate_pem(RSA)
+        .unwrap_err();
+    assert_eq!(err.kind(), TokenErrorKind::InvalidRequest, "{err}");
+    assert!(!err.to_string().contains("MII"), "{err}");
+}
+
+/// World: a token endpoint that refuses a request repeating a parameter (RFC 6749 §3.2
+/// "MUST NOT be included more than once"; Okta answers `invalid_request` "the request
+/// contains duplicated parameters", okta/okta-developer-docs#2082; Keycloak likewise,
+/// keycloak/keycloak#7544). The request template began as mutual-TLS client credentials
+/// and was switched to `private_key_jwt`, which the docs promise replaces the client
+/// authentication given before ("the last one given wins"). Proves: the request carries
+/// `client_id` once and the server accepts it. Counter: one assertion accepted, no
+/// refusal.
+#[tokio::test]
+async fn switching_from_mtls_to_private_key_jwt_sends_client_id_once() {
+    let key = SigningKey::from_pem(EC).unwrap();
+    let idp = JwtClientIdp::new("jwt-client", "ES256", key.public_key(), None);
+    let url = idp.start().await;
+    let source = TokenSource::new(
+        TokenRequest::oauth2_client_credentials_mtls(&url, "jwt-client")
+            .unwrap()
+            .private_key_jwt("jwt-client", key),
+    )
+    .client(token_client());
+    let result = fetch(&source).await;
+    assert_eq!(
+        *idp.refusals.lock().unwrap(),
+        Vec::<&str>::new(),
+        "refused: {result:?}"
+    );
+    assert_eq!(idp.accepted.load(SeqCst), 1);
+}

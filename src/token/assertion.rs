@@ -53,6 +53,9 @@ pub(crate) const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type
 pub struct SigningKey {
     key: Arc<Key>,
     kid: Option<String>,
+    /// The thumbprints of the key's certificate, when one was given: `x5t` (SHA-1) and
+    /// `x5t#S256` (SHA-256), base64url (RFC 7515 §4.1.7, §4.1.8).
+    thumbprints: Option<Arc<(String, String)>>,
 }
 
 enum Key {
@@ -65,6 +68,7 @@ impl fmt::Debug for SigningKey {
         f.debug_struct("SigningKey")
             .field("alg", &self.alg())
             .field("kid", &self.kid)
+            .field("x5t_s256", &self.thumbprints.as_ref().map(|t| t.1.as_str()))
             .finish_non_exhaustive()
     }
 }
@@ -113,7 +117,30 @@ impl SigningKey {
         Ok(SigningKey {
             key: Arc::new(key),
             kid: None,
+            thumbprints: None,
         })
+    }
+
+    /// The key's certificate (PEM, the first `CERTIFICATE` in it), named in every
+    /// assertion's header by its thumbprints, `x5t#S256` (SHA-256) and `x5t` (SHA-1):
+    /// how servers that register a certificate rather than a key find it. Microsoft
+    /// Entra ID wants `x5t#S256` (or `x5t`; ADFS `x5t`) and refuses an assertion without
+    /// it (`AADSTS700027`, "The key was not found"); a `kid` does not stand in. A
+    /// certificate that is not this key's (its public key is another), or PEM without
+    /// a certificate, is an `InvalidRequest` error that does not quote the input.
+    pub fn certificate_pem(mut self, pem: &str) -> Result<Self, TokenError> {
+        use rustls_pki_types::CertificateDer;
+        let cert = CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|_| bad_key("no certificate in the PEM"))?;
+        if certificate_public_key(&cert) != Some(self.public_key().as_slice()) {
+            return Err(bad_key(
+                "the certificate is not this key's (its public key is another, or it cannot be read)",
+            ));
+        }
+        let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &cert);
+        let sha256 = ring::digest::digest(&ring::digest::SHA256, &cert);
+        self.thumbprints = Some(Arc::new((b64(sha1.as_ref()), b64(sha256.as_ref()))));
+        Ok(self)
     }
 
     /// The `kid` header: which of the client's registered keys signed (most servers
@@ -152,6 +179,7 @@ impl SigningKey {
         Ok(SigningKey {
             key: Arc::new(Key::Ec(key)),
             kid: None,
+            thumbprints: None,
         })
     }
 
@@ -160,6 +188,10 @@ impl SigningKey {
         let mut header = serde_json::json!({"alg": self.alg(), "typ": "JWT"});
         if let Some(kid) = &self.kid {
             header["kid"] = serde_json::Value::from(kid.as_str());
+        }
+        if let Some(thumbprints) = &self.thumbprints {
+            header["x5t"] = serde_json::Value::from(thumbprints.0.as_str());
+            header["x5t#S256"] = serde_json::Value::from(thumbprints.1.as_str());
         }
         self.sign_with_header(&b64(header.to_string().as_bytes()), claims)
     }
@@ -280,6 +312,36 @@ fn sec1_p256_to_pkcs8(sec1: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// One DER item: tag, contents, what follows. Definite lengths up to 2 bytes.
+/// The public key in an X.509 certificate (DER): the `subjectPublicKey` bits of its
+/// `SubjectPublicKeyInfo`, which for RSA is the DER `RSAPublicKey` and for EC the
+/// uncompressed point, as [`SigningKey::public_key`] gives them. `None` when the DER is
+/// not a certificate this reads.
+fn certificate_public_key(cert: &[u8]) -> Option<&[u8]> {
+    let (0x30, cert, _) = der_item(cert)? else {
+        return None;
+    };
+    let (0x30, tbs, _) = der_item(cert)? else {
+        return None;
+    };
+    // [0] version (optional), serial number, signature, issuer, validity, subject.
+    let (tag, _, mut rest) = der_item(tbs)?;
+    let before_key = if tag == 0xa0 { 5 } else { 4 };
+    for _ in 0..before_key {
+        rest = der_item(rest)?.2;
+    }
+    let (0x30, spki, _) = der_item(rest)? else {
+        return None;
+    };
+    let (_, _, bits) = der_item(spki)?;
+    let (0x03, bits, _) = der_item(bits)? else {
+        return None;
+    };
+    match bits.split_first()? {
+        (0, key) => Some(key),
+        _ => None,
+    }
+}
+
 fn der_item(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
     let (&first, rest) = rest.split_first()?;
@@ -375,7 +437,10 @@ mod tests {
         }
         let key = SigningKey::from_pem(EC_PKCS8).unwrap();
         let shown = format!("{key:?}");
-        assert_eq!(shown, "SigningKey { alg: \"ES256\", kid: None, .. }");
+        assert_eq!(
+            shown,
+            "SigningKey { alg: \"ES256\", kid: None, x5t_s256: None, .. }"
+        );
     }
 
     /// SEC1 input the converter must refuse: another curve, no public key, garbage.

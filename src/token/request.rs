@@ -525,6 +525,14 @@ impl TokenRequest {
                 &audience,
             )?));
         }
+        // The client authentication sends its own `client_id`: one given as a field
+        // before (by `oauth2_client_credentials_mtls`, or by hand) is not sent beside it
+        // (RFC 6749 §3.2: no parameter more than once; strict servers refuse a repeat).
+        let auth_names_client = signed.is_some()
+            || (matches!(self.client_auth, ClientAuth::Body) && self.client.is_some());
+        if auth_names_client {
+            fields.retain(|(name, _)| *name != "client_id");
+        }
         #[cfg(feature = "jwt")]
         if let (Some(a), Some(signed)) = (&self.assertion, &signed) {
             fields.push(("client_id", &a.client_id));

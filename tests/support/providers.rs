@@ -568,6 +568,25 @@ impl RefreshGrantApi {
     }
 }
 
+/// The first parameter a form body repeats, if any: RFC 6749 §3.2 ("Request and response
+/// parameters MUST NOT be included more than once"), which Okta enforces ("the request
+/// contains duplicated parameters": `invalid_request`, developer.okta.com OIDC API
+/// reference, okta/okta-developer-docs#2082) and Keycloak too (keycloak/keycloak#7544).
+pub fn repeated_parameter(body: &[u8]) -> Option<String> {
+    let mut seen = HashSet::new();
+    form_urlencoded::parse(body)
+        .map(|(k, _)| k.into_owned())
+        .find(|k| !seen.insert(k.clone()))
+}
+
+/// The `invalid_request` a strict token endpoint answers a repeated parameter with.
+pub fn repeated_parameter_refusal(name: &str) -> Reply {
+    reply(
+        StatusCode::BAD_REQUEST,
+        json!({"error": "invalid_request", "error_description": format!("duplicated parameter: {name}")}),
+    )
+}
+
 /// Decodes `Authorization: Basic` without url-decoding: id and secret as sent.
 pub fn basic_raw(headers: &HeaderMap) -> Option<(String, String)> {
     let value = headers
@@ -600,6 +619,9 @@ impl Provider for RefreshGrantApi {
         if req.path == "/oauth/token" {
             if !self.client_ok(&req.headers) {
                 return reply(StatusCode::UNAUTHORIZED, json!({"error": "invalid_client"}));
+            }
+            if let Some(name) = repeated_parameter(&req.body) {
+                return repeated_parameter_refusal(&name);
             }
             let form = req.form();
             return match form.get("grant_type").map(String::as_str) {
@@ -704,6 +726,9 @@ impl Provider for ClientCredentialsApi {
                     StatusCode::UNAUTHORIZED,
                     json!({"error": "invalid_client", "error_description": "Client authentication failed"}),
                 );
+            }
+            if let Some(name) = repeated_parameter(&req.body) {
+                return repeated_parameter_refusal(&name);
             }
             let form_ok = req
                 .headers
@@ -932,6 +957,10 @@ impl Provider for DiscoveryIdp {
             return self.metadata(&base);
         }
         if req.method == Method::POST && req.path == *self.token_path.lock().unwrap() {
+            if let Some(name) = repeated_parameter(&req.body) {
+                self.token_requests.lock().unwrap().push(req.path.clone());
+                return repeated_parameter_refusal(&name);
+            }
             let methods = self.auth_methods.lock().unwrap().clone();
             let form = req.form();
             let basic = basic_credentials(&req.headers);
@@ -984,6 +1013,13 @@ pub struct JwtClientIdp {
     pub accepted: AtomicUsize,
     /// Why each refused assertion was refused.
     pub refusals: Mutex<Vec<&'static str>>,
+    /// When set, the signing key is looked up as Microsoft Entra ID looks it up: by the
+    /// registered certificate's thumbprint in the JOSE header (`x5t`, or `x5t#S256`),
+    /// never by `kid`; an assertion without it is refused ("AADSTS700027: The
+    /// certificate with identifier used to sign the client assertion is not registered
+    /// on application"; learn.microsoft.com, "Microsoft identity platform application
+    /// authentication certificate credentials"; keycloak/keycloak#12946).
+    pub x5t: Mutex<Option<String>>,
 }
 
 impl JwtClientIdp {
@@ -996,6 +1032,7 @@ impl JwtClientIdp {
             token_requests: AtomicUsize::new(0),
             accepted: AtomicUsize::new(0),
             refusals: Mutex::default(),
+            x5t: Mutex::default(),
         })
     }
 
@@ -1039,6 +1076,11 @@ impl JwtClientIdp {
                 return Err("kid");
             }
         }
+        if let Some(x5t) = self.x5t.lock().unwrap().as_deref() {
+            if header["x5t"] != x5t && header["x5t#S256"] != x5t {
+                return Err("x5t");
+            }
+        }
         let verification: &dyn ring::signature::VerificationAlgorithm = match alg.as_str() {
             "RS256" => &ring::signature::RSA_PKCS1_2048_8192_SHA256,
             "ES256" => &ring::signature::ECDSA_P256_SHA256_FIXED,
@@ -1080,6 +1122,10 @@ impl JwtClientIdp {
 impl Provider for JwtClientIdp {
     fn handle(&self, req: Incoming) -> Reply {
         let n = self.token_requests.fetch_add(1, SeqCst) + 1;
+        if let Some(name) = repeated_parameter(&req.body) {
+            self.refusals.lock().unwrap().push("a repeated parameter");
+            return repeated_parameter_refusal(&name);
+        }
         let form = req.form();
         if let Err(why) = self.check(&form) {
             self.refusals.lock().unwrap().push(why);
@@ -1139,6 +1185,9 @@ impl Provider for MtlsIdp {
             .unwrap_or_default()
             .to_owned();
         self.seen.lock().unwrap().push(cert.clone());
+        if let Some(name) = repeated_parameter(&req.body) {
+            return repeated_parameter_refusal(&name);
+        }
         let form = req.form();
         let refused = |why: &str| {
             reply(

@@ -231,7 +231,27 @@ impl StrictIdp {
                 Duration::ZERO,
             );
         }
+        // RFC 6749 §3.2 (a parameter sent twice) and §2.3 (more than one way to
+        // authenticate the client: Basic and body credentials both): `invalid_request`,
+        // as Okta answers both ("both header and form parameters were used for
+        // authentication, ... or the request contains duplicated parameters").
+        if let Some(name) = super::providers::repeated_parameter(&req.body) {
+            return (
+                super::providers::repeated_parameter_refusal(&name),
+                Duration::ZERO,
+            );
+        }
         let form = req.form();
+        if form.contains_key("client_secret") || form.contains_key("client_assertion") {
+            return (
+                Self::oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "more than one client authentication method",
+                ),
+                Duration::ZERO,
+            );
+        }
         match form.get("grant_type").map(String::as_str) {
             Some("client_credentials" | "password") => {
                 self.logins.fetch_add(1, SeqCst);
