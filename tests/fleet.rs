@@ -4801,3 +4801,297 @@ async fn a_token_issued_in_the_writers_future_is_stored_with_no_more_than_its_li
         "the store counts {left:?} left of an hour's token"
     );
 }
+
+/// Copies into `server`'s credential key of the store under `ours` the value a store
+/// under a scratch namespace saves for `credential`, without touching the `ends` record:
+/// what a process of an earlier version (whose SAVE writes the credential alone) leaves.
+async fn saved_by_an_earlier_version(server: &RedisServer, ours: &str, credential: &Credential) {
+    let scratch = redis_store(server, "earlier-version-scratch").await;
+    let lease = scratch
+        .lease(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(scratch.save(&lease, credential).await.unwrap());
+    scratch.release(&lease).await.unwrap();
+    let mut raw = raw(server).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("tca:*:credential")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let ours = ours.to_owned();
+    let theirs = keys.iter().find(|k| **k != ours).unwrap().clone();
+    let value: String = redis::cmd("GET")
+        .arg(&theirs)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&ours)
+        .arg(value)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(theirs.replace(":credential", ":ends"))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+}
+
+/// World: `RedisStore` on a real server; a pair (`at-1`, `rt-1`, an hour) saved by this
+/// version (its `ends` record written), then a process of an earlier version takes the
+/// refresh token out: it writes the marker (`at-1`, no refresh token, expired at the
+/// epoch) over the pair with its own SAVE, which leaves the `ends` record in place (the
+/// marker has the pair's headers: a record matched by fingerprint read as the marker's); then
+/// likewise the spent pair (`at-1` expired at the epoch, `rt-1` kept) it saves for a
+/// pair the server rejected.
+/// Proves (README "Clocks across hosts": a credential an earlier version saved is read
+/// by its own times; `store::redis` module docs: the marker is never sent): `load_left`
+/// tells nothing, or nothing left, of either. Counter: the time left read
+/// (review 124 saw about an hour: the pair's record read as the marker's).
+#[tokio::test]
+async fn an_earlier_versions_marker_over_a_pair_is_not_given_the_pairs_time() {
+    let server = RedisServer::start();
+    let store = redis_store(&server, "ends-marker").await;
+    let pair = Credential::bearer("at-1")
+        .unwrap()
+        .expires_in(Duration::from_secs(3600))
+        .with_refresh_token("rt-1");
+    let lease = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
+    assert!(
+        store
+            .save_left(&lease, &pair, Some(Duration::from_secs(3600)))
+            .await
+            .unwrap()
+    );
+    let ours = credential_key(&server).await;
+    let marker = Credential::bearer("at-1")
+        .unwrap()
+        .expires_at(std::time::SystemTime::UNIX_EPOCH);
+    // The spent pair an earlier version saves for a pair the server rejected: its
+    // refresh token kept, its access token never sent again.
+    let spent = marker.clone().with_refresh_token("rt-1");
+    for (what, written) in [("marker", &marker), ("spent pair", &spent)] {
+        saved_by_an_earlier_version(&server, &ours, written).await;
+        let (read, left) = store.load_left().await.unwrap().unwrap();
+        assert_eq!(read.expiry(), Some(std::time::SystemTime::UNIX_EPOCH));
+        assert!(
+            left.is_none_or(|left| left.is_zero()),
+            "the {what} an earlier version wrote is read with {left:?} left: the pair's record"
+        );
+    }
+}
+
+/// World: two processes on one real Redis (clocks in sync); A (this version) logs in
+/// (`at-1`, `rt-1`, 60 s) and saves the pair with its `ends` record; then a process of
+/// an earlier version takes `rt-1` out to present it, writing the marker (`at-1`, no
+/// refresh token, expired at the epoch) over the pair, which leaves the record. B, a
+/// fresh process of this version, then asks for a credential.
+/// Proves (`store::redis` module docs: a marker "is never sent"; README "Clocks across
+/// hosts": an earlier version's save is read by its own times): B does not hand out the
+/// marker's `at-1`. Counter: the credential B hands out (review 124 saw `Bearer at-1`,
+/// the marker moved to the pair's end by `store::OnClock`).
+#[cfg(feature = "token")]
+#[tokio::test]
+async fn an_earlier_versions_marker_is_never_handed_out_as_fresh() {
+    let Skewed {
+        _server: server,
+        idp,
+        a,
+        b,
+        ..
+    } = skewed(Duration::ZERO, Duration::from_secs(60), "ends-marker-cache").await;
+    assert_eq!(sent(&a.credential().await.unwrap()), "Bearer at-1");
+    let ours = credential_key(&server).await;
+    let marker = Credential::bearer("at-1")
+        .unwrap()
+        .expires_at(std::time::SystemTime::UNIX_EPOCH);
+    saved_by_an_earlier_version(&server, &ours, &marker).await;
+    let handed = tokio::time::timeout(Duration::from_secs(10), b.credential()).await;
+    if let Ok(Ok(handed)) = handed {
+        assert_ne!(
+            sent(&handed),
+            "Bearer at-1",
+            "B hands out the marker an earlier version left; {:?}",
+            idp.brief()
+        );
+    }
+}
+
+/// World: an encrypted `RedisStore` on a real server (its fingerprints keyed); a pair
+/// (`at-1`, `rt-1`, 60 s left) saved, then this version's marker of it (no refresh
+/// token, expired at the epoch, `save_left` with nothing left) over it; then a pair
+/// with `Duration::MAX` left (expiring in the year 9999); then one that does
+/// not expire. Each is read back with `load_left`.
+/// Proves (`store::redis` module docs, the `ends` key): the record of a sealed value (its
+/// SHA-1, as stored) matches it (what is left is read); this version's marker is
+/// read with nothing left and stays at the epoch (never sent); a time left past what
+/// Lua numbers hold is capped, read back without an error; a credential that does not
+/// expire leaves no record. Counters: the time left read, the `ends` key's presence.
+#[tokio::test]
+async fn the_ends_record_holds_for_sealed_values_markers_and_endless_times() {
+    let server = RedisServer::start();
+    let store = redis_store(&server, "ends-sealed").await.encrypted([9; 32]);
+    let lease = store.lease(Duration::from_secs(5)).await.unwrap().unwrap();
+    let pair = Credential::bearer("at-1")
+        .unwrap()
+        .expires_in(Duration::from_secs(60))
+        .with_refresh_token("rt-1");
+    assert!(
+        store
+            .save_left(&lease, &pair, Some(Duration::from_secs(60)))
+            .await
+            .unwrap()
+    );
+    let (_, left) = store.load_left().await.unwrap().unwrap();
+    let left = left.expect("a sealed value's record is read");
+    assert!(
+        left > Duration::from_secs(58) && left <= Duration::from_secs(60),
+        "{left:?}"
+    );
+    let marker = Credential::bearer("at-1")
+        .unwrap()
+        .expires_at(std::time::SystemTime::UNIX_EPOCH);
+    assert!(
+        store
+            .save_left(&lease, &marker, Some(Duration::ZERO))
+            .await
+            .unwrap()
+    );
+    let (read, left) = store.load_left().await.unwrap().unwrap();
+    assert_eq!(read.expiry(), Some(std::time::SystemTime::UNIX_EPOCH));
+    assert_eq!(left, Some(Duration::ZERO));
+    let far = Credential::bearer("far")
+        .unwrap()
+        .expires_at(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799))
+        .with_refresh_token("rt-far");
+    assert!(
+        store
+            .save_left(&lease, &far, Some(Duration::MAX))
+            .await
+            .unwrap()
+    );
+    let (_, left) = store.load_left().await.unwrap().unwrap();
+    let left = left.expect("a capped time left is read");
+    assert!(
+        left > Duration::from_secs(100_000 * 365 * 86_400),
+        "{left:?}: capped near 2^52 ms"
+    );
+    let forever = Credential::bearer("forever").unwrap();
+    assert!(store.save_left(&lease, &forever, None).await.unwrap());
+    let (_, left) = store.load_left().await.unwrap().unwrap();
+    assert_eq!(left, None);
+    assert_eq!(server.cli(&["--scan", "--pattern", "tca:*:ends"]), "");
+}
+
+struct Endless(Arc<AtomicUsize>);
+
+impl CredentialSource for Endless {
+    async fn fetch(&self, _: FetchContext) -> Result<Credential, BoxError> {
+        let n = self.0.fetch_add(1, SeqCst) + 1;
+        Ok(Credential::bearer(format!("endless-{n}"))?.expires_in(Duration::from_secs(1 << 60)))
+    }
+}
+
+/// World: two processes on one real Redis over a source whose credential (no refresh
+/// token) says it lives 2^60 s (`expires_in`: representable, so it expires). A asks for
+/// a credential, then B.
+/// Proves (README: one fetch for the fleet per lifetime; `Credential::lives`: a lifetime
+/// too large to represent never expires, one that is representable is kept): B takes
+/// A's credential from the store. Counter: fetches (seen 2: the SAVE script sets the key
+/// with `PX` of the lifetime in milliseconds, saturated to `u64::MAX`, which Redis
+/// refuses, "value is not an integer or out of range"; the same `PX` as before review
+/// 124's commit, not introduced by it).
+#[tokio::test]
+async fn an_endless_lifetime_is_shared_through_redis() {
+    let server = RedisServer::start();
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let process = async || {
+        CredentialCache::builder(Endless(fetches.clone()))
+            .store(redis_store(&server, "endless").await)
+            .build()
+            .unwrap()
+    };
+    let a = process().await;
+    let b = process().await;
+    let from_a = a.credential().await.unwrap();
+    let from_b = b.credential().await.unwrap();
+    assert_eq!(
+        (fetches.load(SeqCst), from_b == from_a),
+        (1, true),
+        "keys: {:?}",
+        server.cli(&["--scan", "--pattern", "tca:*"])
+    );
+}
+
+/// World: two processes on one real Redis, clocks in sync, over a scripted endpoint
+/// that issues 4 s tokens (`at-N`, `rt-N`); while it answers A's first login, Redis
+/// stalls for 2.5 s (`SIGSTOP`, then `SIGCONT`: a fork, a slow disk, a paused VM), so
+/// A's save, sent with 4 s left by A's clock, lands 1.8 s late, still under A's lease.
+/// B asks for a credential 4.3 s after the login (`at-1` ended 0.3 s ago).
+/// Proves (README "Clocks across hosts": neither sends it past its end; "the error is
+/// one store call's time"): B does not hand out `at-1` past its end. Counter: the
+/// credential B hands out (held in review 124: the late SAVE records Redis's `TIME` on
+/// landing plus the 4 s left when A sent it, 2.5 s too late, but A, whose save call was
+/// cut at its share, keeps the pair and saves it again once Redis answers, with what is
+/// left then, which rewrites the record to the token's real end; seen in the `ends`
+/// record, `start + 3.6 s`).
+#[cfg(feature = "token")]
+#[tokio::test]
+async fn a_save_that_lands_late_does_not_move_the_tokens_end() {
+    let server = RedisServer::start();
+    let info = server.cli(&["INFO", "server"]);
+    let pid = info
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("process_id:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let idp = support::scripted::Idp::default();
+    let issued = Arc::new(AtomicUsize::new(0));
+    idp.rule(move |_, _, _| {
+        let n = issued.fetch_add(1, SeqCst) + 1;
+        if n == 1 {
+            let signal = |which: &str, pid: &str| {
+                std::process::Command::new("kill")
+                    .args([which, pid])
+                    .status()
+                    .unwrap();
+            };
+            signal("-STOP", &pid);
+            let pid = pid.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(2500));
+                signal("-CONT", &pid);
+            });
+        }
+        Some(support::scripted::Scripted::now(
+            200,
+            None,
+            &format!(
+                r#"{{"access_token":"at-{n}","refresh_token":"rt-{n}","token_type":"Bearer","expires_in":4}}"#
+            ),
+        ))
+    });
+    let process = async || {
+        CredentialCache::builder(idp.source())
+            .store(redis_store(&server, "late-save").await)
+            .window_jitter(0.0)
+            .build()
+            .unwrap()
+    };
+    let a = process().await;
+    let b = process().await;
+    let start = Instant::now();
+    assert_eq!(sent(&a.credential().await.unwrap()), "Bearer at-1");
+    until(start, Duration::from_millis(4300)).await;
+    let later = b.credential().await.unwrap();
+    assert_ne!(
+        sent(&later),
+        "Bearer at-1",
+        "B hands out at-1 4.3 s after it was issued, a 4 s token; {:?}",
+        idp.brief()
+    );
+}

@@ -149,8 +149,10 @@ fn document(credential: &Credential) -> String {
         .collect();
     json!({
         "h": headers,
-        "exp": credential.expiry().map(unix_millis),
-        "iat": credential.issued().map(unix_millis),
+        // A time past the year 9999 (a lifetime of centuries) is written as its last
+        // millisecond: what `parse` reads, and as good as never for any credential.
+        "exp": credential.expiry().map(|at| unix_millis(at).min(LAST_MILLI)),
+        "iat": credential.issued().map(|at| unix_millis(at).min(LAST_MILLI)),
         "rt": credential.refresh_token().map(|t| t.expose()),
     })
     .to_string()

@@ -12,11 +12,12 @@
 //!   through an outage reads, as in every store, to tell whether its own save may have
 //!   been taken meanwhile);
 //! - `tca:{<id>}:ends`: for a credential that expires, when it ends on Redis's clock
-//!   (`<fingerprint>:<milliseconds>`, from the time it had left by its writer's clock,
-//!   [`CredentialStore::save_left`]), written and expiring with it: a reader counts what
-//!   is left of it there ([`CredentialStore::load_left`]), so processes whose wall
-//!   clocks disagree agree on when a shared credential ends (one without this record,
-//!   an earlier version's, is read by its own times, on its writer's clock);
+//!   (`<SHA-1 of the stored value>:<milliseconds>`, from the time it had left by its
+//!   writer's clock, [`CredentialStore::save_left`]), written and expiring with it: a
+//!   reader counts what is left of it there ([`CredentialStore::load_left`]), so
+//!   processes whose wall clocks disagree agree on when a shared credential ends. A
+//!   value without a record of its own (none, or another value's: an earlier version
+//!   wrote the value alone) is read by its own times, on its writer's clock;
 //! - `tca:{<id>}:changes`: a pub/sub channel where every save, release and removal is
 //!   announced, so processes waiting for a refresh wake when it is saved;
 //! - `tca:{<id>}:lease`: the refresh lease, the holder's token, `SET NX PX`, renewed by a
@@ -387,12 +388,9 @@ impl CredentialStore for RedisStore {
         };
         match self.codec.decode(value) {
             Ok(credential) => {
-                let left = match (stored.get(1), stored.get(2)) {
-                    (Some(record), Some(now)) => {
-                        left_of(self.codec.stored_fingerprint(value), record, now)
-                    }
-                    _ => None,
-                };
+                let left = (stored.get(1))
+                    .and_then(|left| left.parse().ok())
+                    .map(Duration::from_millis);
                 Ok(Some((credential, left)))
             }
             Err(why) => {
@@ -449,7 +447,7 @@ impl CredentialStore for RedisStore {
         let ttl = left
             .filter(|left| !left.is_zero() && credential.refresh_token().is_none())
             .map(|left| credential.lifetime().map_or(left, |life| left.min(life)))
-            .map(|left| millis(left).max(1));
+            .map(|left| millis(left).clamp(1, MAX_LEFT));
         // When it ends on Redis's clock is recorded beside it, for readers whose clocks
         // disagree with this one.
         let left = left.map_or(String::new(), |left| millis(left).min(MAX_LEFT).to_string());
@@ -462,7 +460,6 @@ impl CredentialStore for RedisStore {
             .arg(ttl.unwrap_or(0))
             .arg(&self.keys.changes)
             .arg(left)
-            .arg(self.codec.fingerprint(credential))
             .invoke_async(&mut connection)
             .await?;
         Ok(saved == 1)
@@ -682,7 +679,7 @@ impl Drop for Unanswered {
 }
 
 /// Sets the credential only while the caller's token holds the lease, and beside it, for
-/// one that expires, when it ends on Redis's clock (`<fingerprint>:<milliseconds>`),
+/// one that expires, when it ends on Redis's clock (`<SHA-1 of the value>:<milliseconds>`),
 /// expiring with it; for one that does not, or where this user may not ask the time (an
 /// ACL without `TIME`), no such record (its readers take its times as written).
 const SAVE: &str = r"
@@ -698,7 +695,7 @@ if not t or t.err then
   redis.call('DEL', KEYS[3])
 else
   local ends = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[5])
-  local record = ARGV[6] .. ':' .. string.format('%.0f', ends)
+  local record = redis.sha1hex(ARGV[2]) .. ':' .. string.format('%.0f', ends)
   if tonumber(ARGV[3]) > 0 then
     redis.call('SET', KEYS[3], record, 'PX', ARGV[3])
   else
@@ -709,35 +706,27 @@ redis.call('PUBLISH', ARGV[4], 'saved')
 return 1
 ";
 
-/// The credential, and if a record of when it ends is beside it, that record and
-/// Redis's time now in milliseconds (not where this user may not ask the time).
+/// The credential, and if a record of when it ends is beside it, and that record is of
+/// this very value (the SHA-1 of the stored string: not of another value with the same
+/// headers, such as the record an earlier version's save left of a pair it then marked
+/// spent), the milliseconds left of it on Redis's clock (not where this user may not
+/// ask the time).
 const LOAD: &str = r"
 local stored = redis.call('GET', KEYS[1])
 if not stored then return false end
 local record = redis.call('GET', KEYS[2])
-if not record then return {stored} end
+if not record or string.sub(record, 1, 41) ~= redis.sha1hex(stored) .. ':' then return {stored} end
+local ends = tonumber(string.sub(record, 42))
 local t = redis.pcall('TIME')
-if t.err then return {stored} end
-return {stored, record, string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))}
+if not ends or t.err then return {stored} end
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return {stored, string.format('%.0f', math.max(0, ends - now))}
 ";
 
-/// The longest time left a save records (about 140,000 years): beyond it, milliseconds
-/// would lose their precision in Redis's Lua numbers.
+/// The longest time left a save records, and the longest expiry it sets on a key (about
+/// 140,000 years): beyond it, milliseconds lose their precision in Redis's Lua numbers,
+/// and Redis refuses an expiry past what its clock holds.
 const MAX_LEFT: u64 = 1 << 52;
-
-/// What is left of a stored credential on Redis's clock: its `record`
-/// (`<fingerprint>:<ends>`) less `now`, if the record is of the stored value (its
-/// fingerprint, `fingerprint`); none when it is another's (an earlier version's save
-/// leaves none) or cannot be read.
-fn left_of(fingerprint: Option<&str>, record: &str, now: &str) -> Option<Duration> {
-    let (of, ends) = record.split_once(':')?;
-    if Some(of) != fingerprint {
-        return None;
-    }
-    let ends: u64 = ends.parse().ok()?;
-    let now: u64 = now.parse().ok()?;
-    Some(Duration::from_millis(ends.saturating_sub(now)))
-}
 
 /// How long the hold's key outlives the longest hold a reader takes.
 const HOLD_MARGIN: Duration = Duration::from_secs(5);
