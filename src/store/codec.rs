@@ -113,6 +113,7 @@ impl Codec {
     }
 
     /// The fingerprint in a stored form (between its first two colons), unchecked.
+    #[cfg(feature = "file-store")]
     pub(crate) fn stored_fingerprint<'a>(&self, stored: &'a str) -> Option<&'a str> {
         let (_, rest) = stored.split_once(':')?;
         rest.split_once(':').map(|(fingerprint, _)| fingerprint)
