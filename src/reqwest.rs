@@ -566,20 +566,18 @@ impl Future for Attempt<'_> {
 /// a proof (DPoP): the proof named `sent` and was spent there, so the hop's refusal says
 /// nothing of the token or a new proof.
 ///
-/// A response a middleware below built itself carries reqwest's placeholder URL, whole,
-/// and no peer address (`remote`): it speaks for the request (a stub answering 401 is
-/// judged as the API would be). A redirect's target that only bears the placeholder's
-/// host name (a `.local` name anyone on the LAN may answer to) came over a connection,
-/// with an address: it is another origin's answer like any other. A middleware below
-/// that sends the request to another host makes its answers look like a redirect's;
-/// README's "Redirects" says so.
-fn speaks_for(
-    answered: &reqwest::Url,
-    remote: Option<std::net::SocketAddr>,
-    sent: &reqwest::Url,
-    binds: bool,
-) -> bool {
-    if remote.is_none() && answered.as_str() == NO_URL_PROVIDED {
+/// A response a middleware below built itself, or passed up through an
+/// `http::Response` (to change a header, to wrap its body: it keeps the peer address,
+/// not the URL), carries reqwest's placeholder URL, whole: it speaks for the request (a
+/// stub answering 401 is judged as the API would be). A redirect's target that only
+/// bears the placeholder's host name (a `.local` name anyone on the LAN may answer to)
+/// has a port or a path of its own, and is another origin's answer like any other; one
+/// redirected to exactly `http://no.url.provided.local/` cannot be told from the
+/// placeholder (README's "Redirects": build the client with `redirect_policy()`). A
+/// middleware below that sends the request to another host makes its answers look
+/// like a redirect's; README's "Redirects" says so.
+fn speaks_for(answered: &reqwest::Url, sent: &reqwest::Url, binds: bool) -> bool {
+    if answered.as_str() == NO_URL_PROVIDED {
         return true;
     }
     let (answered, sent) = (without_fragment(answered), without_fragment(sent));
@@ -968,8 +966,7 @@ impl<P: CredentialSource> AuthMiddleware<P> {
     ) -> http::Response<reqwest::Response> {
         let status = res.status();
         let mut res = http::Response::new(res);
-        let (answered, remote) = (res.body().url(), res.body().remote_addr());
-        if sent.is_some_and(|sent| !speaks_for(answered, remote, sent, binds)) {
+        if sent.is_some_and(|sent| !speaks_for(res.body().url(), sent, binds)) {
             tracing::debug!(
                 status = status.as_u16(),
                 "an answer from a redirect's target is not judged as the request's"

@@ -274,3 +274,108 @@ async fn switching_from_mtls_to_a_secret_in_the_body_sends_client_id_once() {
     assert!(result.is_ok(), "{result:?}");
     assert_eq!(idp.token_requests.lock().unwrap().len(), 1);
 }
+
+/// What a token client captured of each request: its `Authorization` header and body.
+type Captured = std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, String)>>>;
+
+/// A token client that records each request and answers with a token.
+fn capturing() -> (tower_client_auth::token::TokenClient, Captured) {
+    use http_body_util::BodyExt as _;
+    let captured = Captured::default();
+    let seen = captured.clone();
+    let svc = tower::service_fn(move |req: Request<Full<Bytes>>| {
+        let seen = seen.clone();
+        async move {
+            let auth = (req.headers().get(http::header::AUTHORIZATION))
+                .map(|v| v.to_str().unwrap_or("?").to_owned());
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            seen.lock()
+                .unwrap()
+                .push((auth, String::from_utf8_lossy(&body).into_owned()));
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(
+                        r#"{"access_token":"at","token_type":"Bearer","expires_in":3600}"#,
+                    )))
+                    .unwrap(),
+            )
+        }
+    });
+    (
+        tower_client_auth::token::TokenClient::from_service(svc),
+        captured,
+    )
+}
+
+/// Every value a form body gives `name`.
+fn form_values(body: &str, name: &str) -> Vec<String> {
+    form_urlencoded::parse(body.as_bytes())
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+        .collect()
+}
+
+/// World: three token requests, each naming the client in a `client_id` field of the
+/// user's or the crate's: HTTP Basic client authentication with `field("client_id", ..)`
+/// added by hand (some servers want it beside Basic); a JSON body with the secret in the
+/// body (`ClientAuth::Body`) and a stale `client_id` field given before; and mutual-TLS
+/// client credentials (`oauth2_client_credentials_mtls`, where the field is the only
+/// thing that names the client). Proves (README: "the client authentication given last
+/// sends its own `client_id`: one left as a field ... is not sent twice"; RFC 8705 §2:
+/// the mTLS body carries `client_id`): Basic keeps the user's field, once; the JSON body
+/// names the client once, as its authentication does; mTLS sends `client_id` once.
+/// Counter: the `client_id` values each captured request carries.
+#[tokio::test]
+async fn client_id_is_sent_once_and_never_dropped_where_nothing_else_sends_it() {
+    use tower_client_auth::token::ClientAuth;
+    let url = "https://idp.test/token";
+    let (client, captured) = capturing();
+    let basic = TokenSource::new(
+        TokenRequest::oauth2_client_credentials(url, ID, SECRET)
+            .unwrap()
+            .field("client_id", ID),
+    )
+    .client(client.clone());
+    fetch(&basic).await.unwrap();
+    let json_body = TokenSource::new(
+        TokenRequest::json(url)
+            .unwrap()
+            .field("grant_type", "client_credentials")
+            .field("client_id", "stale")
+            .client_credentials(ID, SECRET)
+            .client_auth(ClientAuth::Body),
+    )
+    .client(client.clone());
+    fetch(&json_body).await.unwrap();
+    let mtls = TokenSource::new(TokenRequest::oauth2_client_credentials_mtls(url, ID).unwrap())
+        .client(client);
+    let mtls_result = fetch(&mtls).await;
+    let seen = captured.lock().unwrap().clone();
+    // Basic: the header, and the user's field once.
+    assert!(
+        seen[0]
+            .0
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Basic ")),
+        "{seen:?}"
+    );
+    assert_eq!(
+        form_values(&seen[0].1, "client_id"),
+        vec![ID.to_owned()],
+        "{seen:?}"
+    );
+    // JSON with the secret in the body: one client_id, the client's.
+    let body: serde_json::Value = serde_json::from_str(&seen[1].1).unwrap();
+    assert_eq!(body["client_id"], ID, "{seen:?}");
+    assert_eq!(seen[1].1.matches("\"client_id\"").count(), 1, "{seen:?}");
+    // mTLS: client_id once (this client presents no certificate; the body is what
+    // the crate builds).
+    assert!(mtls_result.is_ok(), "{mtls_result:?}");
+    assert_eq!(
+        form_values(&seen[2].1, "client_id"),
+        vec![ID.to_owned()],
+        "{seen:?}"
+    );
+}

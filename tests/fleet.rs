@@ -5095,3 +5095,186 @@ async fn a_save_that_lands_late_does_not_move_the_tokens_end() {
         idp.brief()
     );
 }
+
+/// A host's wall clock that runs as this one's, moved by `step` seconds (signed) when a
+/// test steps it (NTP correcting it, a VM's clock set).
+#[cfg(feature = "token")]
+#[derive(Debug, Clone, Default)]
+struct SteppedClock(Arc<std::sync::atomic::AtomicI64>);
+
+#[cfg(feature = "token")]
+impl tower_client_auth::clock::Clock for SteppedClock {
+    fn now(&self) -> std::time::SystemTime {
+        let step = self.0.load(SeqCst);
+        let now = std::time::SystemTime::now();
+        if step >= 0 {
+            now + Duration::from_secs(step as u64)
+        } else {
+            now - Duration::from_secs(step.unsigned_abs())
+        }
+    }
+}
+
+/// World: two processes on one real Redis; A on the host's clock logs in (`at-1`,
+/// `expires_in: 4`); B, on a clock that agrees then, takes `at-1` from the store (its
+/// expiry counted on Redis's clock, from B's now). Then B's clock is stepped back 3 s
+/// (as NTP steps a clock it finds fast), and 4.4 s after `at-1` was issued B is asked
+/// again. Proves (README: an expiring credential is never handed out expired; "Clocks
+/// across hosts": the error is one store call's time): a step of the reader's clock
+/// after it took the credential does not make it look fresher; B does not hand out
+/// `at-1` past its end. Counter: the credential B hands out.
+#[cfg(feature = "token")]
+#[tokio::test]
+async fn a_reader_whose_clock_is_stepped_back_after_loading_does_not_send_past_the_end() {
+    let server = RedisServer::start();
+    let idp = support::scripted::Idp::default();
+    let issued = Arc::new(AtomicUsize::new(0));
+    idp.rule(move |_, _, _| {
+        let n = issued.fetch_add(1, SeqCst) + 1;
+        Some(support::scripted::Scripted::now(
+            200,
+            None,
+            &format!(
+                r#"{{"access_token":"at-{n}","refresh_token":"rt-{n}","token_type":"Bearer","expires_in":4}}"#
+            ),
+        ))
+    });
+    let b_clock = SteppedClock::default();
+    let a = CredentialCache::builder(idp.source())
+        .store(redis_store(&server, "stepped-reader").await)
+        .window_jitter(0.0)
+        .build()
+        .unwrap();
+    let b = CredentialCache::builder(idp.source())
+        .store(redis_store(&server, "stepped-reader").await)
+        .clock(b_clock.clone())
+        .window_jitter(0.0)
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    assert_eq!(sent(&a.credential().await.unwrap()), "Bearer at-1");
+    assert_eq!(sent(&b.credential().await.unwrap()), "Bearer at-1");
+    b_clock.0.store(-3, SeqCst);
+    until(start, Duration::from_millis(4400)).await;
+    let later = b.credential().await.unwrap();
+    assert_ne!(
+        sent(&later),
+        "Bearer at-1",
+        "B hands out at-1 past its end after its clock was stepped back; {:?}",
+        idp.brief()
+    );
+    // The rotation stayed single: each refresh token presented at most once.
+    let presented: Vec<_> = idp
+        .brief()
+        .into_iter()
+        .filter_map(|(_, rt, _)| rt)
+        .collect();
+    let unique: std::collections::HashSet<_> = presented.iter().collect();
+    assert_eq!(presented.len(), unique.len(), "{:?}", idp.brief());
+}
+
+/// World: as `a_token_from_a_process_whose_clock_runs_ahead_is_not_sent_past_its_lifetime`
+/// (A's clock 3 s ahead of B's, 60 s pairs): A logs in (`at-1`), B takes `at-1` from the
+/// store (its times moved to B's clock), the API rejects `at-1` at B, and B rejects it.
+/// Then A rejects `at-1` too. Proves (README: a rejected credential is removed for the
+/// fleet and refreshed once; a refresh token is presented once): the removal of a
+/// credential whose times the load moved still finds the stored one (it is named by its
+/// headers), the fleet refreshes once with `rt-1`, and A takes B's `at-2` from the store.
+/// Counters: the token requests (2: the login and one refresh), `rt-1` presented once,
+/// the credential A hands out.
+#[cfg(feature = "token")]
+#[tokio::test]
+async fn a_rejection_of_a_rebased_credential_refreshes_the_fleet_once() {
+    let Skewed {
+        _server,
+        idp,
+        a,
+        b,
+        start: _,
+    } = skewed(
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+        "skew-reject",
+    )
+    .await;
+    let first = a.credential().await.unwrap();
+    assert_eq!(sent(&first), "Bearer at-1");
+    let at_b = b.credential().await.unwrap();
+    assert_eq!(sent(&at_b), "Bearer at-1");
+    let fresh = b.reject(&at_b).await.unwrap();
+    assert_eq!(sent(&fresh), "Bearer at-2", "{:?}", idp.brief());
+    let at_a = a.reject(&first).await.unwrap();
+    assert_eq!(sent(&at_a), "Bearer at-2", "{:?}", idp.brief());
+    let brief = idp.brief();
+    assert_eq!(brief.len(), 2, "{brief:?}");
+    assert_eq!(
+        brief
+            .iter()
+            .filter(|(_, rt, _)| rt.as_deref() == Some("rt-1"))
+            .count(),
+        1,
+        "{brief:?}"
+    );
+}
+
+/// World: a real three-node Redis Cluster; a process on the host's clock logs in to an
+/// hour's token and saves it; a second process, whose clock runs 50 minutes ahead,
+/// shares the credential's key (its slot on one node) through its own cluster
+/// connection. Proves (README "Clocks across hosts": on a Redis Cluster the clock is
+/// that of the slot's primary): the `ends` record is written and read on a cluster too
+/// (the scripts' keys share a slot), so the process ahead takes the fleet's token with
+/// about an hour left by its own clock, instead of counting it 10 minutes from its end
+/// and refreshing beside the fleet. Counters: the source's fetches (1), the time left
+/// the store reads, the expiry the second process counts.
+#[cfg(feature = "token")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_carries_the_ends_record_for_a_process_ahead() {
+    let cluster = RedisCluster::start();
+    let urls = cluster.urls();
+    let nodes: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let fetches = Arc::new(AtomicUsize::new(0));
+    struct Hourly(Arc<AtomicUsize>);
+    impl CredentialSource for Hourly {
+        async fn fetch(&self, _cx: FetchContext) -> Result<Credential, BoxError> {
+            let n = self.0.fetch_add(1, SeqCst);
+            Ok(Credential::bearer(format!("h{n}"))?.expires_in(Duration::from_secs(3600)))
+        }
+    }
+    let writer = CredentialCache::builder(Hourly(fetches.clone()))
+        .store(RedisStore::cluster(&nodes, "cluster-ends").await.unwrap())
+        .build()
+        .unwrap();
+    let ahead = OffsetClock {
+        ahead: Duration::from_secs(50 * 60),
+        behind: Duration::ZERO,
+    };
+    let reader = CredentialCache::builder(Hourly(fetches.clone()))
+        .store(RedisStore::cluster(&nodes, "cluster-ends").await.unwrap())
+        .clock(ahead.clone())
+        .window_jitter(0.0)
+        .build()
+        .unwrap();
+    let first = writer.credential().await.unwrap();
+    let (_, left) = RedisStore::cluster(&nodes, "cluster-ends")
+        .await
+        .unwrap()
+        .load_left()
+        .await
+        .unwrap()
+        .unwrap();
+    let left = left.expect("the ends record, read on the cluster");
+    assert!(left > Duration::from_secs(3590), "{left:?}");
+    let got = reader.credential().await.unwrap();
+    assert_eq!(got, first);
+    assert_eq!(
+        fetches.load(SeqCst),
+        1,
+        "the process ahead fetched beside the fleet"
+    );
+    let counted = got
+        .expiry()
+        .unwrap()
+        .duration_since(tower_client_auth::clock::Clock::now(&ahead))
+        .unwrap();
+    assert!(counted > Duration::from_secs(3590), "{counted:?}");
+}

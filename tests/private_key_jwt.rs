@@ -246,3 +246,164 @@ async fn switching_from_mtls_to_private_key_jwt_sends_client_id_once() {
     );
     assert_eq!(idp.accepted.load(SeqCst), 1);
 }
+
+/// A self-signed certificate for `key_pem` (rcgen), DER and PEM.
+fn certificate_of(key_pem: &str) -> (Vec<u8>, String) {
+    let certified = rcgen::CertificateParams::new(vec!["jwt-client".to_owned()])
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::from_pem(key_pem).unwrap())
+        .unwrap();
+    (certified.der().to_vec(), certified.pem())
+}
+
+/// `der` as a PEM `CERTIFICATE` block.
+fn pem_of(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
+/// World: a token endpoint that finds the client's key as ADFS does: by the SHA-1
+/// thumbprint of its registered certificate in `x5t` (not `x5t#S256`), for an RSA key
+/// and for an EC P-256 key (each with its own self-signed certificate). Proves
+/// (README: `.certificate_pem(cert)` puts `x5t#S256` and `x5t` in every assertion's
+/// header): `x5t` is the base64url SHA-1 of the certificate's DER, for both key types.
+/// Counter: one assertion accepted per key, no refusal.
+#[tokio::test]
+async fn an_adfs_style_server_finds_the_key_by_its_sha1_thumbprint() {
+    use base64::Engine as _;
+    for (pem, alg) in [(RSA, "RS256"), (EC, "ES256")] {
+        let (der, cert) = certificate_of(pem);
+        let sha1 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ring::digest::digest(
+            &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+            &der,
+        ));
+        let key = SigningKey::from_pem(pem)
+            .unwrap()
+            .certificate_pem(&cert)
+            .unwrap();
+        let idp = JwtClientIdp::new("jwt-client", alg, key.public_key(), None);
+        *idp.x5t.lock().unwrap() = Some(sha1);
+        let url = idp.start().await;
+        let result = fetch(&source(&url, key)).await;
+        assert_eq!(
+            *idp.refusals.lock().unwrap(),
+            Vec::<&str>::new(),
+            "{alg}: refused: {result:?}"
+        );
+        assert_eq!(idp.accepted.load(SeqCst), 1, "{alg}");
+    }
+}
+
+/// World: the key file a client is handed holds the private key and then its
+/// certificate (one PEM, as many tools write it), or the certificate after a text dump
+/// (`openssl x509 -text` output above the block). Proves: the certificate is found past
+/// what is not one, and matched to the key. Counter: `certificate_pem` succeeds.
+#[test]
+fn a_certificate_after_the_key_or_text_in_one_pem_is_found() {
+    let (_, cert) = certificate_of(RSA);
+    let combined = format!("{RSA}\n{cert}");
+    assert!(
+        SigningKey::from_pem(RSA)
+            .unwrap()
+            .certificate_pem(&combined)
+            .is_ok()
+    );
+    let dumped = format!("Certificate:\n    Data:\n        Version: 3 (0x2)\n{cert}");
+    assert!(
+        SigningKey::from_pem(RSA)
+            .unwrap()
+            .certificate_pem(&dumped)
+            .is_ok()
+    );
+}
+
+/// World: a client gives malformed or hostile certificates with its key's own public
+/// key somewhere in them: the real certificate cut at every length; its outer length
+/// rewritten long-form (`0x83`, `0x84`), indefinite (`0x80`), or over-long; a chain
+/// whose first certificate is another key's; an empty SEQUENCE; garbage. Proves
+/// (module docs: a certificate that cannot be read is an `InvalidRequest` that does not
+/// quote the input): every one is a typed error, never a panic, and the error never
+/// shows the input; `Debug` of an accepted key shows no private material. Counter: each
+/// call's result.
+#[test]
+fn hostile_certificate_der_is_a_typed_error_never_a_panic() {
+    let (der, cert) = certificate_of(RSA);
+    let (_, other) = certificate_of(EC);
+    let mut inputs: Vec<Vec<u8>> = (0..der.len()).map(|n| der[..n].to_vec()).collect();
+    // Long-form lengths the reader does not take, over the whole certificate.
+    let body = &der[4..]; // `30 82 hi lo` then the body
+    assert_eq!(der[1], 0x82, "rcgen's certificate has a two-byte length");
+    let len = body.len();
+    inputs.push([&[0x30, 0x83, 0, (len >> 8) as u8, len as u8][..], body].concat());
+    inputs.push([&[0x30, 0x84, 0, 0, (len >> 8) as u8, len as u8][..], body].concat());
+    inputs.push([&[0x30, 0x80][..], body, &[0, 0]].concat());
+    inputs.push([&[0x30, 0x82, 0xff, 0xff][..], body].concat());
+    inputs.push(vec![0x30, 0x00]);
+    inputs.push(vec![0x30, 0x83, 0xff, 0xff, 0xff]);
+    inputs.push(vec![0xa0; 64]);
+    for input in &inputs {
+        let err = SigningKey::from_pem(RSA)
+            .unwrap()
+            .certificate_pem(&pem_of(input))
+            .unwrap_err();
+        assert_eq!(err.kind(), TokenErrorKind::InvalidRequest, "{err}");
+        assert!(!err.to_string().contains("MII"), "{err}");
+    }
+    // A chain whose first certificate is another key's: refused (the first is read).
+    let chain = format!("{other}{cert}");
+    let err = SigningKey::from_pem(RSA)
+        .unwrap()
+        .certificate_pem(&chain)
+        .unwrap_err();
+    assert_eq!(err.kind(), TokenErrorKind::InvalidRequest, "{err}");
+    let key = SigningKey::from_pem(RSA)
+        .unwrap()
+        .certificate_pem(&cert)
+        .unwrap();
+    let shown = format!("{key:?}");
+    assert!(
+        !shown.contains("MII") && !shown.contains("PRIVATE"),
+        "{shown}"
+    );
+}
+
+/// World: a client gives its certificate with bytes after it in the PEM block (DER
+/// followed by junk: a concatenation gone wrong, or a hostile file). The server has the
+/// certificate itself registered (its thumbprint). Proves (README: the assertion names
+/// the certificate by its thumbprint; bad input is a typed error): either the input is
+/// refused as not a certificate, or the thumbprint sent is the certificate's; never a
+/// thumbprint of bytes that are not a certificate, which the server cannot find.
+/// Counter: `certificate_pem`'s result, and the server's verdict (review 126: accepted,
+/// and the thumbprints were of the certificate and the junk: refused for `x5t`).
+#[tokio::test]
+async fn a_certificate_with_bytes_after_it_is_refused_or_named_by_its_own_thumbprint() {
+    use base64::Engine as _;
+    let (der, _) = certificate_of(RSA);
+    let thumbprint = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(ring::digest::digest(&ring::digest::SHA256, &der));
+    let padded = [&der[..], b"\x05\x00junk"].concat();
+    let Ok(key) = SigningKey::from_pem(RSA)
+        .unwrap()
+        .certificate_pem(&pem_of(&padded))
+    else {
+        return; // refused: as promised
+    };
+    let idp = JwtClientIdp::new("jwt-client", "RS256", key.public_key(), None);
+    *idp.x5t.lock().unwrap() = Some(thumbprint);
+    let url = idp.start().await;
+    let result = fetch(&source(&url, key)).await;
+    assert_eq!(
+        *idp.refusals.lock().unwrap(),
+        Vec::<&str>::new(),
+        "accepted a certificate with junk after it, and named the junk: {result:?}"
+    );
+}

@@ -506,3 +506,68 @@ fn challenges_in_the_wild_are_judged_on_the_safe_side() {
         rejected
     );
 }
+
+/// A middleware below the adapter that passes each response up through `http::Response`
+/// and back (as one that rewrites a header or wraps the body does; reqwest documents the
+/// two conversions as inverses): reqwest's `http::Response` keeps the response's
+/// extensions (its peer address among them) but not its URL, so what comes back carries
+/// reqwest's placeholder URL and the API's peer address.
+struct RoundTrip;
+
+#[async_trait::async_trait]
+impl reqwest_middleware::Middleware for RoundTrip {
+    async fn handle(
+        &self,
+        req: reqwest::Request,
+        extensions: &mut http::Extensions,
+        next: reqwest_middleware::Next<'_>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
+        let res = next.run(req, extensions).await?;
+        let (mut parts, body) = http::Response::<reqwest::Body>::from(res).into_parts();
+        parts
+            .headers
+            .insert("x-seen-by", http::HeaderValue::from_static("round-trip"));
+        Ok(reqwest::Response::from(http::Response::from_parts(
+            parts, body,
+        )))
+    }
+}
+
+/// World: the API (loopback) answers 401 to `token-1` and 200 to any later token; below
+/// the adapter sits a middleware that passes each response through `http::Response` and
+/// back ([`RoundTrip`]): the API's own 401 reaches the adapter with reqwest's placeholder
+/// URL and the API's peer address. Proves (README: one refresh and one replay on a 401;
+/// `speaks_for`: "A response a middleware below built itself carries reqwest's
+/// placeholder URL ... it speaks for the request"): the API's 401 is judged as the
+/// request's, `token-1` refetched once and the request replayed once with `token-2`.
+/// Counters: the source's fetches (2), the API's requests (2), the final status (200).
+/// On 1edaa07 the placeholder host alone made it speak; since 235bf63 a peer address
+/// makes the placeholder another origin, and the 401 comes back unjudged (1 fetch, 1
+/// request, 401).
+#[tokio::test]
+async fn an_apis_401_passed_up_through_http_response_is_still_judged_and_replayed() {
+    let (base, log) = support::logging_api(|_, auth, _| match auth {
+        "Bearer token-1" => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::OK,
+    })
+    .await;
+    let source = TestSource::new();
+    let client = ClientBuilder::new(reqwest::Client::builder().no_proxy().build().unwrap())
+        .with(
+            AuthMiddleware::new(source.clone())
+                .allow_http_loopback(true)
+                .client_without_proxy()
+                .origin(base.as_str())
+                .unwrap(),
+        )
+        .with(RoundTrip)
+        .build();
+    let res = client.get(format!("{base}/a")).send().await.unwrap();
+    let status = res.status();
+    assert_eq!(res.headers()["x-seen-by"], "round-trip");
+    assert_eq!(
+        (status.as_u16(), source.fetches(), log.lock().unwrap().len()),
+        (200, 2, 2),
+        "(status, token fetches, API requests): the API's 401 was not judged"
+    );
+}

@@ -317,7 +317,9 @@ fn sec1_p256_to_pkcs8(sec1: &[u8]) -> Option<Vec<u8>> {
 /// uncompressed point, as [`SigningKey::public_key`] gives them. `None` when the DER is
 /// not a certificate this reads.
 fn certificate_public_key(cert: &[u8]) -> Option<&[u8]> {
-    let (0x30, cert, _) = der_item(cert)? else {
+    // The whole input is the certificate: bytes after it would be hashed into the
+    // thumbprints, which would then name no certificate.
+    let (0x30, cert, []) = der_item(cert)? else {
         return None;
     };
     let (0x30, tbs, _) = der_item(cert)? else {
