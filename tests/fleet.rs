@@ -4356,18 +4356,31 @@ async fn a_stored_credential_carries_what_is_left_of_it_on_redis_clock() {
 #[cfg(feature = "token")]
 #[tokio::test]
 async fn a_token_from_a_process_whose_clock_runs_behind_is_taken_fresh() {
-    let Skewed {
-        _server, idp, a, b, ..
-    } = skewed_behind(
+    let fleet = skewed_behind(
         Duration::from_secs(3600),
         Duration::from_secs(3600),
         "skew-behind",
     )
     .await;
-    assert_eq!(sent(&a.credential().await.unwrap()), "Bearer at-1");
-    let got = b.credential().await.unwrap();
-    assert_eq!(sent(&got), "Bearer at-1", "{:?}", idp.brief());
-    assert_eq!(idp.log().len(), 1, "{:?}", idp.brief());
+    the_writers_fresh_token_is_taken(&fleet.a, &fleet.b, &fleet.idp).await;
+}
+
+/// `writer` logs in (`at-1`), then `reader` asks: it takes `at-1` and the endpoint is
+/// asked once.
+#[cfg(feature = "token")]
+async fn the_writers_fresh_token_is_taken(
+    writer: &CredentialCache<tower_client_auth::token::TokenSource>,
+    reader: &CredentialCache<tower_client_auth::token::TokenSource>,
+    idp: &support::scripted::Idp,
+) {
+    assert_eq!(sent(&writer.credential().await.unwrap()), "Bearer at-1");
+    let got = reader.credential().await.unwrap();
+    assert_eq!(
+        (sent(&got).as_str(), idp.log().len()),
+        ("Bearer at-1", 1),
+        "the reader fetched beside the fleet's fresh token: {:?}",
+        idp.brief()
+    );
 }
 
 /// World: `RedisStore` on a real server; a caller of the store's own trait asks for a
@@ -4402,23 +4415,13 @@ async fn a_refused_lease_of_any_length_is_an_error_not_a_panic() {
 #[cfg(feature = "token")]
 #[tokio::test]
 async fn a_process_whose_clock_runs_ahead_takes_the_fleets_fresh_token() {
-    let Skewed {
-        _server, idp, a, b, ..
-    } = skewed(
+    let fleet = skewed(
         Duration::from_secs(3590),
         Duration::from_secs(3600),
         "skew-ahead",
     )
     .await;
-    assert_eq!(sent(&b.credential().await.unwrap()), "Bearer at-1");
-    let got = a.credential().await.unwrap();
-    assert_eq!(
-        idp.log().len(),
-        1,
-        "A fetched beside the fleet's fresh token (A got {}): {:?}",
-        sent(&got),
-        idp.brief()
-    );
+    the_writers_fresh_token_is_taken(&fleet.b, &fleet.a, &fleet.idp).await;
 }
 
 /// World: two processes share `at-1`/`rt-1` on a real Redis (fetch timeout 400 ms); Redis
