@@ -735,11 +735,15 @@ where
                 }
                 None => body.is_end_stream(),
             },
+            // A body of no stated length was not at its end when it was wrapped: neither
+            // attempt says it is before it is read, as without the layer (hyper frames
+            // an empty stream chunked, not as no body at all).
             Kind::Replay {
                 remaining,
                 trailers,
+                exact,
                 ..
-            } => *remaining == 0 && trailers.is_none(),
+            } => *exact && *remaining == 0 && trailers.is_none(),
         }
     }
 
@@ -758,10 +762,13 @@ where
                     let rest = body.size_hint();
                     let mut hint = SizeHint::new();
                     hint.set_lower(rest.lower().saturating_add(taken.len()));
-                    match rest.upper() {
-                        // Trailers to give: never exact, or HTTP/1.1 would drop them.
-                        Some(upper) if !trailers_ahead(taken) => {
-                            hint.set_upper(upper.saturating_add(taken.len()))
+                    match rest.upper().map(|upper| upper.saturating_add(taken.len())) {
+                        // Trailers to give: never exact, or HTTP/1.1 would drop them. Nor
+                        // exact when the rest promises nothing more (a `Limited` read to
+                        // its bound, its end not shown): the body stated no length, and
+                        // hyper would frame it by one (a `GET` would gain a body).
+                        Some(upper) if !trailers_ahead(taken) && upper > hint.lower() => {
+                            hint.set_upper(upper)
                         }
                         _ => {}
                     }

@@ -36,6 +36,7 @@ mod redirects;
 mod refresh;
 mod refresh_custody;
 mod replay_edges;
+mod replay_framing;
 mod replay_order;
 mod replay_wire;
 mod reqwest;
