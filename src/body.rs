@@ -98,6 +98,11 @@ pin_project! {
             remaining: u64,
             trailers: Option<Box<ReplayTrailers>>,
             exact: bool,
+            // Whether it may say it is at its end: it was when it was wrapped (an empty
+            // `Full`), or it has been read. A body that was not is framed by what it
+            // states until it is read, as without the layer (hyper sends a stated
+            // length of 0 as `Content-Length: 0`, an empty stream chunked).
+            shown: bool,
         },
     }
 }
@@ -659,6 +664,7 @@ impl<B: Body> ReplayBody<B> {
                 remaining,
                 trailers,
                 exact,
+                shown: false,
             },
         }
     }
@@ -711,8 +717,10 @@ where
                 chunks,
                 remaining,
                 trailers,
+                shown,
                 ..
             } => {
+                *shown = true;
                 if let Some(chunk) = chunks.next() {
                     *remaining -= chunk.len() as u64;
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
@@ -735,15 +743,17 @@ where
                 }
                 None => body.is_end_stream(),
             },
-            // A body of no stated length was not at its end when it was wrapped: neither
-            // attempt says it is before it is read, as without the layer (hyper frames
-            // an empty stream chunked, not as no body at all).
+            // A body that was not at its end when it was wrapped: neither attempt says it
+            // is before it is read, as without the layer (hyper frames an empty stream
+            // chunked, a stated length of 0 as `Content-Length: 0`, not as no body at
+            // all); one of no stated length never says so.
             Kind::Replay {
                 remaining,
                 trailers,
                 exact,
+                shown,
                 ..
-            } => *exact && *remaining == 0 && trailers.is_none(),
+            } => *shown && *exact && *remaining == 0 && trailers.is_none(),
         }
     }
 
@@ -1166,7 +1176,13 @@ impl ReplayHandle {
     /// The body for the replay, taking the recorded chunks (there is only one replay).
     pub(crate) fn take<B: Body>(&mut self) -> Result<ReplayBody<B>, NotReplayed> {
         match self {
-            ReplayHandle::Empty => Ok(ReplayBody::replay(Chunks::default(), None, true)),
+            ReplayHandle::Empty => {
+                let mut empty = ReplayBody::replay(Chunks::default(), None, true);
+                if let Kind::Replay { shown, .. } = &mut empty.kind {
+                    *shown = true;
+                }
+                Ok(empty)
+            }
             ReplayHandle::Whole { kept, exact } => Ok(ReplayBody::replay(
                 Chunks::of(std::mem::take(kept)),
                 None,
