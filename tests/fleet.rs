@@ -4778,9 +4778,9 @@ async fn a_user_that_may_not_ask_the_time_still_shares_through_redis() {
 /// Proves (README "Clocks across hosts": never counted valid for longer than its
 /// lifetime from when the cache first saw it): the store is told no more than the
 /// token's lifetime left, so a reader counts at most an hour, not the 70 minutes its
-/// expiry names. Counter: the time left the store records (held: the cache installs
-/// such a token with its first-sight expiry, and the store wrapper caps what it tells
-/// the store at the lifetime as well).
+/// expiry names. Counter: the time left the store records (4,200 s without the store
+/// wrapper's cap at the lifetime: the cache keeps the credential's own expiry and caps
+/// only what it believes, `believed_expiry`).
 #[tokio::test]
 async fn a_token_issued_in_the_writers_future_is_stored_with_no_more_than_its_lifetime() {
     struct Ahead;

@@ -6,6 +6,7 @@
 //! states one)".
 
 use crate::support;
+use support::Open;
 
 use std::{
     collections::VecDeque,
@@ -308,23 +309,6 @@ async fn an_empty_stream_is_framed_as_without_the_layer() {
             2
         ),
     );
-}
-
-/// A stream fed by the test, of unknown length: it never ends while its sender lives.
-struct Open(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
-
-impl Body for Open {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
-    }
 }
 
 /// World: a `GET` whose body is a stream of unknown length (its first chunk ready, the

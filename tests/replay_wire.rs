@@ -8,6 +8,7 @@
 #![cfg(feature = "reqwest")]
 
 use crate::support;
+use support::Open;
 
 use std::{
     convert::Infallible,
@@ -500,23 +501,6 @@ impl Body for EndShown {
 
     fn is_end_stream(&self) -> bool {
         self.0.is_empty()
-    }
-}
-
-/// A stream fed by the test, of unknown length: it never ends while its sender lives.
-struct Open(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
-
-impl Body for Open {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
     }
 }
 

@@ -561,3 +561,21 @@ impl http_body::Body for Fed {
         self.0.poll_recv(cx)
     }
 }
+
+/// A request body fed by the test, of unknown length: it never ends while its sender
+/// lives.
+pub struct Open(pub tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+impl http_body::Body for Open {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
