@@ -685,9 +685,8 @@ async fn insecure_token_urls_are_refused_early_and_typed() {
 async fn the_common_token_failures_say_what_went_wrong() {
     let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
     let base = start(&idp).await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let refused = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    let (refused, _closed) = support::refusing_port();
+    let refused = format!("http://{refused}");
     let hanging = providers::serve(|_req| std::future::pending()).await;
 
     let failure = |source: TokenSource| async move {

@@ -131,9 +131,7 @@ async fn a_refresh_whose_answer_is_lost_is_never_repeated() {
 async fn a_refresh_that_never_left_keeps_its_token() {
     let idp = StrictIdp::new(CLIENT_ID, CLIENT_SECRET, 3600.0);
     let login = providers::start(idp.clone()).await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let refresh_addr = closed.local_addr().unwrap();
-    drop(closed);
+    let (refresh_addr, closed) = support::refusing_port();
     let source = source_at(&login, &format!("http://{refresh_addr}"), token_client());
     let (svc, cache, url) = expired_session(&idp, source).await;
 
@@ -142,6 +140,7 @@ async fn a_refresh_that_never_left_keeps_its_token() {
     assert_eq!(token_error(err).kind(), TokenErrorKind::Connect, "{err}");
     assert_eq!(cache.source().stats().unknown_outcomes, 0);
 
+    drop(closed);
     providers::start_on(refresh_addr, idp.clone()).await;
     tokio::time::sleep(Duration::from_millis(30)).await;
     assert_eq!(api_status(&svc, &url).await.unwrap(), 200);

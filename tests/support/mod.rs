@@ -579,3 +579,12 @@ impl http_body::Body for Open {
             .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
     }
 }
+
+/// A loopback port that refuses connections and stays this test's: bound but not
+/// listening (a port bound and dropped may be handed to another test's server running
+/// beside it, which would then answer). Drop it to take the port for a server.
+pub fn refusing_port() -> (std::net::SocketAddr, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    (socket.local_addr().unwrap(), socket)
+}
