@@ -31,9 +31,13 @@
 //! begin with. A body that gives another length than it declared, or a frame after its
 //! trailers, is passed on as it came and not replayed. A body that was ready in full
 //! when the request was sent is replayable however early the server answers (a gRPC
-//! interceptor rejects before it reads the message). A body still streaming that the inner service had not
-//! finished reading when the response came (the server answered early) is not replayed:
-//! its unread rest is still with the first attempt.
+//! interceptor rejects before it reads the message). A body still streaming when the
+//! response came (the server answered early) is replayed whole if the inner service
+//! drops it without taking any of its rest by the time the new credential is there
+//! (hyper drops a body at an early answer over HTTP/1.1, and sends none of a `GET` of
+//! unknown length): the replay gives what was read ahead, then the rest itself, framed
+//! as the first attempt was. One whose rest the inner service has taken some of, or
+//! still holds then, is not replayed: its rest is the first attempt's.
 
 use std::{
     fmt,
@@ -70,6 +74,22 @@ pin_project! {
         #[pin]
         kind: Kind<B>,
     }
+
+    impl<B> PinnedDrop for ReplayBody<B>
+    where
+        B: Body,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            if let KindProj::Stream {
+                body,
+                recording: Some(recording),
+                ..
+            } = this.project().kind.project()
+            {
+                recording.hand_back(body);
+            }
+        }
+    }
 }
 
 pin_project! {
@@ -82,11 +102,12 @@ pin_project! {
         Forward { #[pin] body: B },
         // The frames taken before sending (`ahead`) go first, then the rest of the body,
         // recorded for a replay while `recording` is there. Boxed: the body was polled
-        // before it was moved into the request.
+        // before it was moved into the request. `None` only once it was handed back for
+        // the replay, as the first attempt is dropped (see `Recording::hand_back`).
         Stream {
-            body: Pin<Box<B>>,
+            body: Option<Pin<Box<B>>>,
             ahead: Option<Box<Ahead<B::Error>>>,
-            recording: Option<Recording>,
+            recording: Option<Recording<B>>,
         },
         // Played back from what was recorded (also the first attempt of a body taken
         // whole before sending). `exact`: the body stated its exact length, so this
@@ -330,7 +351,9 @@ pub enum NotReplayed {
     BodyTooLarge,
     /// The response came before the inner service had read the whole body, and the body
     /// was still streaming when the request was sent (a body ready in full then is taken
-    /// whole before it is sent, and replays however early the server answers).
+    /// whole before it is sent, and replays however early the server answers), and the
+    /// inner service had taken some of the body's rest or still held the body (one it
+    /// dropped with its rest untaken is replayed whole).
     BodyIncomplete,
     /// Reading the body failed, or the body broke its own framing: it gave another length
     /// than the exact one it (or the request's `Content-Length` header) declared, or a
@@ -399,7 +422,7 @@ where
     /// service's first poll registers its own), so that a body ready in full is complete
     /// before the request is sent, whenever the server answers.
     #[cfg(test)]
-    pub(crate) fn record(body: B, limit: usize) -> (Self, ReplayHandle) {
+    pub(crate) fn record(body: B, limit: usize) -> (Self, ReplayHandle<B>) {
         Self::record_declared(body, limit, || None)
     }
 
@@ -412,7 +435,7 @@ where
         body: B,
         limit: usize,
         header: impl Fn() -> Option<u64>,
-    ) -> (Self, ReplayHandle) {
+    ) -> (Self, ReplayHandle<B>) {
         if body.is_end_stream() {
             return (ReplayBody::forward(body), ReplayHandle::Empty);
         }
@@ -509,6 +532,7 @@ where
         // from what was taken.
         let recorder = Arc::new(Recorder {
             abandoned: AtomicBool::new(false),
+            taken: AtomicBool::new(false),
             state: Mutex::new(Recorded::default()),
         });
         // What hyper sends is what the header says, when there is one.
@@ -526,16 +550,17 @@ where
             recorder: recorder.clone(),
             limit,
             kept,
-            exact: declared.is_some(),
+            stated: declared,
             trailers: kept_trailers,
             declared: sent,
             done: false,
             early: false,
+            touched: false,
         };
         // Every declared byte read ahead, its end not shown yet.
         recording.complete_at_declared();
         let kind = Kind::Stream {
-            body,
+            body: Some(body),
             ahead: ahead.map(Box::new),
             recording: Some(recording),
         };
@@ -553,7 +578,7 @@ where
         trailers: Option<Box<HeaderMap>>,
         declared: Option<u64>,
         header: impl Fn() -> Option<u64>,
-    ) -> (Self, ReplayHandle) {
+    ) -> (Self, ReplayHandle<B>) {
         let len = chunks.len();
         let off = match declared {
             Some(n) => n != len,
@@ -585,11 +610,13 @@ where
         let first = ReplayBody::replay(chunks.into(), trailers, exact);
         let handle = ReplayHandle::Recorded(Arc::new(Recorder {
             abandoned: AtomicBool::new(false),
+            taken: AtomicBool::new(false),
             state: Mutex::new(Recorded {
                 kept: kept.into_chunks(),
                 trailers: kept_trailers,
-                exact,
+                stated: declared,
                 status: Status::Complete,
+                rest: None,
             }),
         }));
         (first, handle)
@@ -600,9 +627,9 @@ where
         body: Pin<Box<B>>,
         ahead: Ahead<B::Error>,
         why: NotReplayed,
-    ) -> (Self, ReplayHandle) {
+    ) -> (Self, ReplayHandle<B>) {
         let kind = Kind::Stream {
-            body,
+            body: Some(body),
             ahead: Some(Box::new(ahead)),
             recording: None,
         };
@@ -651,6 +678,27 @@ impl<B: Body> ReplayBody<B> {
     pub(crate) fn forward(body: B) -> Self {
         ReplayBody {
             kind: Kind::Forward { body },
+        }
+    }
+
+    /// The replay of a body whose first attempt took nothing of its `rest` (see
+    /// `Recording::hand_back`): the bytes taken ahead (`kept`), then the rest, stating
+    /// what the body stated, as the first attempt did.
+    fn resumed(rest: Pin<Box<B>>, kept: Chunks, stated: Option<u64>) -> Self {
+        let ahead = (kept.len() > 0).then(|| {
+            Box::new(Ahead {
+                frames: chunks_as_frames(kept, None),
+                error: None,
+                ended: false,
+                declared: stated,
+            })
+        });
+        ReplayBody {
+            kind: Kind::Stream {
+                body: Some(rest),
+                ahead,
+                recording: None,
+            },
         }
     }
 
@@ -706,6 +754,11 @@ where
                     }
                     *ahead = None;
                 }
+                // Never `None` while the body is polled: it is handed back only as it is
+                // dropped.
+                let Some(body) = body else {
+                    return Poll::Ready(None);
+                };
                 let frame = ready!(body.as_mut().poll_frame(cx));
                 let mut frame = frame.map(|f| f.map(|f| f.map_data(Into::into)));
                 if let Some(recording) = recording {
@@ -737,11 +790,11 @@ where
                 Some(taken) => {
                     taken.frames.as_slice().is_empty()
                         && taken.error.is_none()
-                        && (taken.ended || body.is_end_stream())
+                        && (taken.ended || body.as_ref().is_none_or(|b| b.is_end_stream()))
                         // Ended short of a length it declared: read on, as without the layer.
                         && taken.declared.is_none_or(|n| n == 0)
                 }
-                None => body.is_end_stream(),
+                None => body.as_ref().is_none_or(|b| b.is_end_stream()),
             },
             // A body that was not at its end when it was wrapped: neither attempt says it
             // is before it is read, as without the layer (hyper frames an empty stream
@@ -769,7 +822,7 @@ where
                 // would frame it otherwise than the body (a `GET` would gain one).
                 Some(taken) if taken.ended => at_least(taken.len()),
                 Some(taken) => {
-                    let rest = body.size_hint();
+                    let rest = body.as_ref().map(|b| b.size_hint()).unwrap_or_default();
                     let mut hint = SizeHint::new();
                     hint.set_lower(rest.lower().saturating_add(taken.len()));
                     match rest.upper().map(|upper| upper.saturating_add(taken.len())) {
@@ -784,7 +837,7 @@ where
                     }
                     hint
                 }
-                None => body.size_hint(),
+                None => body.as_ref().map(|b| b.size_hint()).unwrap_or_default(),
             },
             // As the body stated it: exact with trailers too (HTTP/1.1 then frames it by
             // `Content-Length` and drops them, as it did the body's), never exact for a
@@ -923,13 +976,14 @@ fn trailers_ahead<E>(taken: &Ahead<E>) -> bool {
 
 /// What the body records, held by the body itself while it streams (no lock per chunk)
 /// and handed to the [`Recorder`] once, when the body ends or fails or passes the limit.
-struct Recording {
-    recorder: Arc<Recorder>,
+struct Recording<B> {
+    recorder: Arc<Recorder<B>>,
     limit: usize,
     /// Every byte given so far (see [`Kept`]).
     kept: Kept,
-    /// The body stated its exact length (the replay states it too).
-    exact: bool,
+    /// The exact length the body stated when it was wrapped, if it stated one (the
+    /// replay states it too).
+    stated: Option<u64>,
     trailers: Option<KeptTrailers>,
     /// The exact length the body declared when it was wrapped: a body that gives another
     /// length was sent cut short (or failed) by HTTP/1.1, so what it gave is not replayed.
@@ -938,12 +992,19 @@ struct Recording {
     /// Published as [`Status::Declared`] when it reached its declared length, before the
     /// body showed its end: what the body gives after settles it (see `after_early`).
     early: bool,
+    /// The body gave a frame (or its end) since it was wrapped: its rest is no longer
+    /// as it was (see `hand_back`).
+    touched: bool,
 }
 
-impl Recording {
+impl<B> Recording<B> {
     /// Records `frame`, which the inner service is given next (a chunk kept shared is
     /// put back as the clone it shares).
     fn observe<E>(&mut self, frame: Option<&mut Result<Frame<Bytes>, E>>, ended: bool) {
+        if !self.touched {
+            self.touched = true;
+            self.recorder.taken.store(true, Ordering::Relaxed);
+        }
         if self.done {
             if self.early {
                 self.after_early(frame.as_deref());
@@ -1037,8 +1098,33 @@ impl Recording {
         if matches!(status, Status::Complete | Status::Declared) {
             rec.kept = kept.into_chunks();
             rec.trailers = trailers;
-            rec.exact = self.exact;
+            rec.stated = self.stated;
         }
+    }
+
+    /// The first attempt's body is dropped. If the inner service took nothing of the
+    /// body's rest (hyper sends no body for a `GET` of unknown length and drops it
+    /// unread; a server may answer before a slow body gives its next frame), the rest is
+    /// as it was when the request was sent: it is handed to the recorder, so that the
+    /// replay gives what was taken ahead and then the rest itself, framed as the first
+    /// attempt was. Not when the body gave trailers ahead (complete then: see `Drop`),
+    /// nor once the recording is done.
+    fn hand_back(&mut self, body: &mut Option<Pin<Box<B>>>) {
+        if self.done || self.touched || self.trailers.is_some() {
+            return;
+        }
+        self.done = true;
+        let Some(rest) = body.take() else { return };
+        let kept = std::mem::take(&mut self.kept);
+        let mut rec = self.recorder.lock();
+        if rec.status == Status::Abandoned {
+            // Nobody will replay: the rest is dropped here, as it would have been.
+            return;
+        }
+        rec.status = Status::Untouched;
+        rec.kept = kept.into_chunks();
+        rec.stated = self.stated;
+        rec.rest = Some(rest);
     }
 
     #[cfg(test)]
@@ -1053,7 +1139,7 @@ impl Recording {
 /// either version. It is complete once the body gave its trailers (nothing may follow
 /// them) or every byte it declared; failed if it gave more than it declared (HTTP/1.1
 /// cut it short); otherwise incomplete.
-impl Drop for Recording {
+impl<B> Drop for Recording<B> {
     fn drop(&mut self) {
         if self.early {
             // Every declared byte was given, and nothing after: complete.
@@ -1069,19 +1155,35 @@ impl Drop for Recording {
 }
 
 /// Shared between the recording body and the response future.
-pub(crate) struct Recorder {
+pub(crate) struct Recorder<B> {
     /// Set when the response future no longer needs a replay.
     abandoned: AtomicBool,
-    state: Mutex<Recorded>,
+    /// Set when the inner service took a frame of the body's rest (see
+    /// `Recording::touched`): until then the body may yet be dropped untaken.
+    taken: AtomicBool,
+    state: Mutex<Recorded<B>>,
 }
 
-#[derive(Default)]
-struct Recorded {
+struct Recorded<B> {
     kept: Chunks,
     trailers: Option<KeptTrailers>,
-    /// The body stated its exact length.
-    exact: bool,
+    /// The exact length the body stated, if it did.
+    stated: Option<u64>,
     status: Status,
+    /// [`Status::Untouched`]: the body's rest, as it was when the request was sent.
+    rest: Option<Pin<Box<B>>>,
+}
+
+impl<B> Default for Recorded<B> {
+    fn default() -> Self {
+        Recorded {
+            kept: Chunks::default(),
+            trailers: None,
+            stated: None,
+            status: Status::default(),
+            rest: None,
+        }
+    }
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -1093,14 +1195,18 @@ enum Status {
     /// has not shown its end yet: what it gives next settles it.
     Declared,
     Complete,
+    /// The first attempt's body was dropped with its rest as it was when the request
+    /// was sent (see `Recording::hand_back`): the replay gives what was taken ahead, then
+    /// the rest.
+    Untouched,
     TooLarge,
     Failed,
     /// Nobody will replay any more: keep nothing.
     Abandoned,
 }
 
-impl Recorder {
-    fn lock(&self) -> MutexGuard<'_, Recorded> {
+impl<B> Recorder<B> {
+    fn lock(&self) -> MutexGuard<'_, Recorded<B>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -1122,7 +1228,7 @@ impl Recorder {
     }
 
     /// Marks the recording as unwanted and frees what was published.
-    fn abandon(&self) -> Recorded {
+    fn abandon(&self) -> Recorded<B> {
         self.abandoned.store(true, Ordering::Relaxed);
         std::mem::replace(
             &mut *self.lock(),
@@ -1154,27 +1260,37 @@ impl<B: Body> ReplayBody<B> {
 }
 
 /// What the response future keeps to replay the request body.
-pub(crate) enum ReplayHandle {
+pub(crate) enum ReplayHandle<B> {
     /// The body was empty: replay an empty body.
     Empty,
     /// The body was taken whole before the request was sent: a copy of its bytes, and
     /// whether it stated their exact length. (With trailers, it is `Recorded`, complete.)
     Whole { kept: Vec<u8>, exact: bool },
     /// The body streams on, recorded as it goes.
-    Recorded(Arc<Recorder>),
+    Recorded(Arc<Recorder<B>>),
     /// The body cannot be replayed, known before the request was sent.
     Not(NotReplayed),
 }
 
-impl ReplayHandle {
-    /// Whether the body gave every byte it declared but has not shown its end yet: the
-    /// replay is built as late as it can be, when the new credential is there.
+impl<B: Body> ReplayHandle<B> {
+    /// Whether the body gave every byte it declared but has not shown its end yet, or
+    /// is still streaming with nothing of its rest taken (the inner service may drop it
+    /// untaken just after it answers: hyper's connection task hands the answer over,
+    /// then clears the body): the replay is built as late as it can be, when the new
+    /// credential is there.
     pub(crate) fn unsettled(&self) -> bool {
-        matches!(self, ReplayHandle::Recorded(r) if r.lock().status == Status::Declared)
+        match self {
+            ReplayHandle::Recorded(r) => match r.lock().status {
+                Status::Declared => true,
+                Status::Recording => !r.taken.load(Ordering::Relaxed),
+                _ => false,
+            },
+            _ => false,
+        }
     }
 
     /// The body for the replay, taking the recorded chunks (there is only one replay).
-    pub(crate) fn take<B: Body>(&mut self) -> Result<ReplayBody<B>, NotReplayed> {
+    pub(crate) fn take(&mut self) -> Result<ReplayBody<B>, NotReplayed> {
         match self {
             ReplayHandle::Empty => {
                 let mut empty = ReplayBody::replay(Chunks::default(), None, true);
@@ -1195,8 +1311,12 @@ impl ReplayHandle {
                     Status::Complete => Ok(ReplayBody::replay(
                         recorded.kept,
                         recorded.trailers.map(|t| Box::new(ReplayTrailers::Kept(t))),
-                        recorded.exact,
+                        recorded.stated.is_some(),
                     )),
+                    Status::Untouched => match recorded.rest {
+                        Some(rest) => Ok(ReplayBody::resumed(rest, recorded.kept, recorded.stated)),
+                        None => Err(NotReplayed::BodyIncomplete),
+                    },
                     Status::TooLarge => Err(NotReplayed::BodyTooLarge),
                     Status::Failed => Err(NotReplayed::BodyFailed),
                     // Declared: taken without waiting for it to settle.
@@ -1220,7 +1340,7 @@ impl ReplayHandle {
     }
 
     #[cfg(test)]
-    pub(crate) fn recorder(&self) -> Option<&Arc<Recorder>> {
+    pub(crate) fn recorder(&self) -> Option<&Arc<Recorder<B>>> {
         match self {
             ReplayHandle::Recorded(r) => Some(r),
             _ => None,
@@ -1228,7 +1348,7 @@ impl ReplayHandle {
     }
 }
 
-impl Drop for ReplayHandle {
+impl<B> Drop for ReplayHandle<B> {
     /// Once the response is settled nobody can replay: release the retained chunks now
     /// instead of when the inner service drops the body.
     fn drop(&mut self) {
@@ -1238,7 +1358,7 @@ impl Drop for ReplayHandle {
     }
 }
 
-impl fmt::Debug for ReplayHandle {
+impl<B> fmt::Debug for ReplayHandle<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ReplayHandle")
     }
@@ -1546,10 +1666,7 @@ mod tests {
             0,
             "nothing kept past the limit"
         );
-        assert_eq!(
-            handle.take::<Chunks>().unwrap_err(),
-            NotReplayed::BodyTooLarge
-        );
+        assert_eq!(handle.take().unwrap_err(), NotReplayed::BodyTooLarge);
     }
 
     /// A body whose size hint is over the limit is never recorded at all.
@@ -1557,10 +1674,7 @@ mod tests {
     async fn size_hint_over_limit_is_not_recorded() {
         let (_body, mut handle) = ReplayBody::record(Full::new(Bytes::from(vec![0; 100])), 99);
         assert!(handle.recorder().is_none());
-        assert_eq!(
-            handle.take::<Full<Bytes>>().unwrap_err(),
-            NotReplayed::BodyTooLarge
-        );
+        assert_eq!(handle.take().unwrap_err(), NotReplayed::BodyTooLarge);
     }
 
     /// An empty body is always replayable, even with a zero limit.
@@ -1580,16 +1694,110 @@ mod tests {
         let (mut body, mut handle) = ReplayBody::record(stream(&[b"ab", b"cd"], false), 1024);
         let _ = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         assert_eq!(body.retained(), 2);
-        assert_eq!(
-            handle.take::<Chunks>().unwrap_err(),
-            NotReplayed::BodyIncomplete
-        );
+        assert_eq!(handle.take().unwrap_err(), NotReplayed::BodyIncomplete);
         // The first attempt keeps streaming, but what was kept is freed at its next chunk
         // and nothing more is retained.
         let _ = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         assert_eq!(body.retained(), 0);
         let _ = frames(body).await;
         assert_eq!(handle.recorder().unwrap().retained(), 0);
+    }
+
+    /// A body the inner service dropped without taking anything of its rest (hyper drops
+    /// a `GET` of unknown length unsent, and a body at an early answer) is replayed
+    /// whole, framed as the first attempt was: what was read ahead, then the rest
+    /// itself. Whatever the inner service took of the frames read ahead, and with
+    /// nothing read ahead; not once it took a frame of the rest.
+    #[tokio::test]
+    async fn a_body_dropped_with_its_rest_untaken_is_replayed_framed_as_it_was_sent() {
+        let ahead = || steps(vec![data(b"ab"), Step::Wait, data(b"cd")]);
+        for taken_ahead in [false, true] {
+            let what = format!("taken ahead: {taken_ahead}");
+            let (sent, replayed, read) = dropped_untaken(ahead(), taken_ahead).await;
+            assert_eq!((replayed, read.as_slice()), (sent, &b"abcd"[..]), "{what}");
+            let (sent, replayed, read) = dropped_untaken(Declared(ahead(), 4), taken_ahead).await;
+            assert_eq!(sent, (4, Some(4), false), "{what}: stated");
+            assert_eq!(
+                (replayed, read.as_slice()),
+                (sent, &b"abcd"[..]),
+                "{what}: stated"
+            );
+        }
+        let nothing_ahead = stream(&[b"ab", b"cd"], false);
+        let (sent, replayed, read) = dropped_untaken(nothing_ahead, false).await;
+        assert_eq!(
+            (replayed, read.as_slice()),
+            (sent, &b"abcd"[..]),
+            "nothing ahead"
+        );
+        // A frame of the rest taken: the rest is the first attempt's.
+        let (mut first, mut handle) = ReplayBody::record(ahead(), 1024);
+        for chunk in ["ab", "cd"] {
+            let frame = next(&mut first).await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), chunk);
+        }
+        drop(first);
+        assert_eq!(handle.take().unwrap_err(), NotReplayed::BodyIncomplete);
+    }
+
+    /// Framing: a body's size hint and whether it says it is at its end.
+    type Framing = (u64, Option<u64>, bool);
+
+    fn framing_of<B: Body>(body: &B) -> Framing {
+        let hint = body.size_hint();
+        (hint.lower(), hint.upper(), body.is_end_stream())
+    }
+
+    /// `body` recorded, its first attempt dropped after it gave the frame read ahead
+    /// (`taken_ahead`) or unread: the first attempt's framing when it was sent, the
+    /// replay's, and what the replay gives.
+    async fn dropped_untaken<B>(body: B, taken_ahead: bool) -> (Framing, Framing, Vec<u8>)
+    where
+        B: Body<Data = Bytes, Error = &'static str> + Unpin,
+    {
+        let (mut first, mut handle) = ReplayBody::record(body, 1024);
+        let sent = framing_of(&first);
+        if taken_ahead {
+            let frame = next(&mut first).await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "ab");
+        }
+        drop(first);
+        let replay = handle.take().expect("replayed");
+        let replayed = framing_of(&replay);
+        (sent, replayed, frames(replay).await.0)
+    }
+
+    /// The rest handed back for a replay is freed with the handle when there is none (the
+    /// answer was not a rejection), and at once when the handle went first: it never
+    /// outlives the request.
+    #[tokio::test]
+    async fn a_rest_handed_back_is_freed_with_the_request() {
+        struct Held(Trickle, #[allow(dead_code)] Arc<()>);
+        impl Body for Held {
+            type Data = Bytes;
+            type Error = &'static str;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
+                Pin::new(&mut self.0).poll_frame(cx)
+            }
+        }
+        for handle_first in [false, true] {
+            let alive = Arc::new(());
+            let body = Held(stream(&[b"ab"], false), alive.clone());
+            let (first, handle) = ReplayBody::record(body, 1024);
+            if handle_first {
+                drop(handle);
+                drop(first);
+                assert_eq!(Arc::strong_count(&alive), 1, "freed with the body");
+            } else {
+                drop(first);
+                assert_eq!(Arc::strong_count(&alive), 2, "kept for a replay");
+                drop(handle);
+                assert_eq!(Arc::strong_count(&alive), 1, "freed with the handle");
+            }
+        }
     }
 
     /// Dropping the handle (the response was not a rejection) frees the recording even
@@ -1679,10 +1887,7 @@ mod tests {
         let (body, mut handle) = ReplayBody::record(big, 8);
         assert_eq!(body.retained(), 0);
         assert_eq!(frames(body).await.0, b"1234567890abc");
-        assert_eq!(
-            handle.take::<Trickle>().unwrap_err(),
-            NotReplayed::BodyTooLarge
-        );
+        assert_eq!(handle.take().unwrap_err(), NotReplayed::BodyTooLarge);
     }
 
     /// A body that fails while it is read ahead: the first attempt gets what came before
@@ -1696,10 +1901,7 @@ mod tests {
             data(b"cd"),
         ]);
         let (mut body, mut handle) = ReplayBody::record(failing, 1024);
-        assert_eq!(
-            handle.take::<Trickle>().unwrap_err(),
-            NotReplayed::BodyFailed
-        );
+        assert_eq!(handle.take().unwrap_err(), NotReplayed::BodyFailed);
         // An error follows: no exact size, or HTTP/1.1 would send a `Content-Length`,
         // and a request cut short would reach the server whole.
         assert_eq!(body.size_hint().exact(), None);
@@ -1763,7 +1965,7 @@ mod tests {
         let (body, mut handle) = ReplayBody::record(Declared(partly, 4), 1024);
         assert_eq!(body.size_hint().exact(), Some(4));
         assert_eq!(frames(body).await.0, b"abcd");
-        assert!(handle.take::<Declared>().is_ok());
+        assert!(handle.take().is_ok());
     }
 
     /// A body ready in full that is shorter than the length it declared is not made
@@ -1774,10 +1976,7 @@ mod tests {
         let short = steps(vec![data(b"abc")]);
         let (body, mut handle) = ReplayBody::record(Declared(short, 5), 1024);
         assert_eq!(body.size_hint().exact(), Some(5));
-        assert_eq!(
-            handle.take::<Declared>().unwrap_err(),
-            NotReplayed::BodyFailed
-        );
+        assert_eq!(handle.take().unwrap_err(), NotReplayed::BodyFailed);
         assert_eq!(frames(body).await.0, b"abc");
     }
 
@@ -1793,10 +1992,7 @@ mod tests {
         ] {
             let (body, mut handle) = ReplayBody::record(Declared(steps(chunks), declared), 1024);
             frames(body).await;
-            assert_eq!(
-                handle.take::<Declared>().unwrap_err(),
-                NotReplayed::BodyFailed
-            );
+            assert_eq!(handle.take().unwrap_err(), NotReplayed::BodyFailed);
         }
     }
 
@@ -1812,7 +2008,7 @@ mod tests {
                 assert!(next(&mut body).await.unwrap().unwrap().is_data());
             }
             drop(body);
-            match handle.take::<Declared>() {
+            match handle.take() {
                 Ok(replay) => {
                     assert!(replayed);
                     assert_eq!(replay.size_hint().exact(), Some(4));
@@ -1841,22 +2037,19 @@ mod tests {
         assert!(handle.unsettled());
         assert!(next(&mut body).await.is_none());
         assert!(!handle.unsettled());
-        assert_eq!(frames(handle.take::<Declared>().unwrap()).await.0, b"abcd");
+        assert_eq!(frames(handle.take().unwrap()).await.0, b"abcd");
 
         // Taken before it settles: not replayed.
         let (mut body, mut handle) = declared(vec![data(b"abcd"), Step::Wait]);
         assert!(next(&mut body).await.unwrap().unwrap().is_data());
-        assert_eq!(
-            handle.take::<Declared>().unwrap_err(),
-            NotReplayed::BodyIncomplete
-        );
+        assert_eq!(handle.take().unwrap_err(), NotReplayed::BodyIncomplete);
 
         // Dropped: complete.
         let (mut body, mut handle) = declared(vec![Step::Wait, data(b"abcd"), Step::Wait]);
         assert!(next(&mut body).await.unwrap().unwrap().is_data());
         drop(body);
         assert!(!handle.unsettled());
-        assert_eq!(frames(handle.take::<Declared>().unwrap()).await.0, b"abcd");
+        assert_eq!(frames(handle.take().unwrap()).await.0, b"abcd");
 
         // More data, or an error: failed.
         for tail in [data(b"ef"), Step::Frame(Err("disk gone"))] {
@@ -1864,17 +2057,14 @@ mod tests {
             assert!(next(&mut body).await.unwrap().unwrap().is_data());
             let _ = next(&mut body).await;
             assert!(!handle.unsettled());
-            assert_eq!(
-                handle.take::<Declared>().unwrap_err(),
-                NotReplayed::BodyFailed
-            );
+            assert_eq!(handle.take().unwrap_err(), NotReplayed::BodyFailed);
         }
 
         // Trailers: replayed with them.
         let (mut body, mut handle) = declared(vec![data(b"abcd"), Step::Wait, checksum()]);
         assert!(next(&mut body).await.unwrap().unwrap().is_data());
         assert!(next(&mut body).await.unwrap().unwrap().is_trailers());
-        let (bytes, trailers) = frames(handle.take::<Declared>().unwrap()).await;
+        let (bytes, trailers) = frames(handle.take().unwrap()).await;
         assert_eq!(bytes, b"abcd");
         assert_eq!(trailers.unwrap()["x-checksum"], "abc");
     }
@@ -1889,7 +2079,7 @@ mod tests {
         assert!(next(&mut body).await.unwrap().unwrap().is_data());
         assert!(next(&mut body).await.unwrap().unwrap().is_trailers());
         drop(body);
-        let (bytes, trailers) = frames(handle.take::<Trickle>().unwrap()).await;
+        let (bytes, trailers) = frames(handle.take().unwrap()).await;
         assert_eq!(bytes, b"ab");
         assert_eq!(trailers.unwrap()["x-checksum"], "abc");
     }
@@ -1924,10 +2114,10 @@ mod tests {
             let declared = what.ends_with("declared");
             let (mut body, mut handle) = if declared {
                 let (b, h) = ReplayBody::record(Declared(steps(shape), 4), 1024);
-                (Either::Left(b), h)
+                (Either::Left(b), Either::Left(h))
             } else {
                 let (b, h) = ReplayBody::record(steps(shape), 1024);
-                (Either::Right(b), h)
+                (Either::Right(b), Either::Right(h))
             };
             let mut given = 0;
             while let Some(frame) = match &mut body {
@@ -1942,9 +2132,9 @@ mod tests {
             }
             assert_eq!(given, 2, "{what}: the body went through whole");
             drop(body);
-            let taken = match declared {
-                true => handle.take::<Declared>().map(drop),
-                false => handle.take::<Trickle>().map(drop),
+            let taken = match &mut handle {
+                Either::Left(h) => h.take().map(drop),
+                Either::Right(h) => h.take().map(drop),
             };
             assert_eq!(taken.unwrap_err(), NotReplayed::BodyTooLarge, "{what}");
         }
@@ -1983,7 +2173,7 @@ mod tests {
                 ("x-after".to_string(), 1)
             ])
         );
-        match handle.take::<Trickle>() {
+        match handle.take() {
             // Not replayed, for a reason, is a kept promise too (as the head does).
             Err(reason) => eprintln!("not replayed: {reason:?}"),
             Ok(replay) => {
@@ -2015,10 +2205,7 @@ mod tests {
         let (mut body, mut handle) = ReplayBody::record(Declared(steps(chunks), 4), 1024);
         assert!(next(&mut body).await.unwrap().unwrap().is_data());
         drop(body);
-        assert_eq!(
-            handle.take::<Declared>().unwrap_err(),
-            NotReplayed::BodyFailed
-        );
+        assert_eq!(handle.take().unwrap_err(), NotReplayed::BodyFailed);
     }
 
     /// A body that declared a length and ended at once, empty, is not announced as
@@ -2029,10 +2216,7 @@ mod tests {
         let (body, mut handle) = ReplayBody::record(Declared(steps(vec![]), 5), 1024);
         assert!(!body.is_end_stream());
         assert_eq!(body.size_hint().exact(), Some(5));
-        assert_eq!(
-            handle.take::<Declared>().unwrap_err(),
-            NotReplayed::BodyFailed
-        );
+        assert_eq!(handle.take().unwrap_err(), NotReplayed::BodyFailed);
         // Once its end was given, it says so.
         let mut body = body;
         assert!(next(&mut body).await.is_none());
@@ -2072,7 +2256,7 @@ mod tests {
             }
             assert_eq!(given, expected);
             assert_eq!(
-                handle.take::<Trickle>().unwrap_err(),
+                handle.take().unwrap_err(),
                 NotReplayed::BodyFailed,
                 "{expected:?}"
             );
@@ -2124,7 +2308,7 @@ mod tests {
         // The same at the bound on frames: 1024 empty frames, then the end.
         let many = steps((0..MOST_FRAMES_AHEAD).map(|_| data(b"")).collect());
         let (_body, mut handle) = ReplayBody::record(many, 1024);
-        assert!(handle.take::<Trickle>().is_ok(), "taken whole");
+        assert!(handle.take().is_ok(), "taken whole");
     }
 
     /// A body that yields empty frames without end is read ahead a bounded number of
@@ -2190,7 +2374,7 @@ mod tests {
                 assert!(next(&mut body).await.unwrap().unwrap().is_data());
             }
             drop(body);
-            let replay = match handle.take::<Trickle>() {
+            let replay = match handle.take() {
                 Ok(replay) => Ok(frames(replay).await.0),
                 Err(reason) => Err(reason),
             };
@@ -2241,10 +2425,10 @@ mod tests {
             let declared = what.ends_with("declared");
             let (mut body, mut handle) = if declared {
                 let (b, h) = ReplayBody::record(Declared(steps(shape), 4), 1024);
-                (Either::Left(b), h)
+                (Either::Left(b), Either::Left(h))
             } else {
                 let (b, h) = ReplayBody::record(steps(shape), 1024);
-                (Either::Right(b), h)
+                (Either::Right(b), Either::Right(h))
             };
             let mut first = Vec::new();
             while let Some(frame) = match &mut body {
@@ -2257,12 +2441,12 @@ mod tests {
             drop(body);
             let retained = !buffer.is_unique();
             // The replay is still byte for byte.
-            let replayed = match declared {
-                true => match handle.take::<Declared>() {
+            let replayed = match &mut handle {
+                Either::Left(h) => match h.take() {
                     Ok(b) => Some(frames(b).await),
                     Err(e) => panic!("{what}: not replayed: {e:?}"),
                 },
-                false => match handle.take::<Trickle>() {
+                Either::Right(h) => match h.take() {
                     Ok(b) => Some(frames(b).await),
                     Err(e) => panic!("{what}: not replayed: {e:?}"),
                 },
@@ -2294,7 +2478,7 @@ mod tests {
         let shape = vec![data(b"abcd"), Step::Frame(Ok(Frame::trailers(t)))];
         let (body, mut handle) = ReplayBody::record(steps(shape), 1024);
         drop(frames(body).await);
-        let (_, trailers) = frames(handle.take::<Trickle>().unwrap()).await;
+        let (_, trailers) = frames(handle.take().unwrap()).await;
         let trailers = trailers.unwrap();
         let room = trailers.capacity() * std::mem::size_of::<http::HeaderValue>();
         println!(
@@ -2324,7 +2508,7 @@ mod tests {
         let shape = vec![data(b"abcd"), Step::Frame(Ok(Frame::trailers(t)))];
         let (body, mut handle) = ReplayBody::record(steps(shape), 1024);
         drop(frames(body).await);
-        let (_, trailers) = frames(handle.take::<Trickle>().unwrap()).await;
+        let (_, trailers) = frames(handle.take().unwrap()).await;
         let trailers = trailers.unwrap();
         let room = trailers.capacity() * std::mem::size_of::<http::HeaderValue>();
         println!(
@@ -2365,7 +2549,7 @@ mod tests {
                 };
                 let (body, mut handle) = ReplayBody::record(steps(shape), 1 << 20);
                 let (first, first_trailers) = frames(body).await;
-                let (again, trailers) = frames(handle.take::<Trickle>().unwrap()).await;
+                let (again, trailers) = frames(handle.take().unwrap()).await;
                 (
                     first,
                     first_trailers.map(|t| t.len()),

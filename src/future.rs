@@ -114,7 +114,7 @@ pin_project! {
         // Rare (no usable credential yet): the whole request is boxed, so that the
         // common state, and every move of this future, stays small.
         Waiting { acquire: Acquire, pending: Option<Box<Pending<S, B, P>>> },
-        First { #[pin] future: S::Future, retry: Option<Retry<S, P>> },
+        First { #[pin] future: S::Future, retry: Option<Retry<S, B, P>> },
         // The replay path boxes its large payloads (a whole rebuilt request): one
         // allocation per replay keeps every hot-path move of this future small.
         Refreshing { acquire: Acquire, resend: Option<Box<Resend<S, B, P>>> },
@@ -175,7 +175,7 @@ struct Pending<S, B, P> {
 }
 
 /// What the first attempt keeps in case its credential is rejected.
-struct Retry<S, P> {
+struct Retry<S, B, P> {
     /// `None` when the credential cannot change ([`RefreshMode::Never`]): nothing to
     /// invalidate or refetch, so the request does not hold a reference to the cache (an
     /// atomic increment and decrement saved per request).
@@ -186,21 +186,24 @@ struct Retry<S, P> {
     judge: Judge,
     /// Whether an `insufficient_scope` answer steps up (see `Policy::step_up`).
     step_up: bool,
-    replay: Result<Replay<S>, NotReplayed>,
+    replay: Result<Replay<S, B>, NotReplayed>,
     /// The proof sent, when the credential is bound to a key (DPoP): its answer may
     /// carry a nonce, or ask for one.
     dpop: Option<Box<Sent>>,
 }
 
 /// What a replay is rebuilt from. Not a `Request`: the body is rebuilt from the recording.
-struct Replay<S> {
+struct Replay<S, B> {
     service: S,
     head: Head,
-    body: ReplayHandle,
+    body: ReplayHandle<B>,
     /// The policy's rule for a header the request brings (`ExistingHeader::Replace`),
     /// applied again to the replay.
     replace: bool,
 }
+
+/// A replay's head and a body that has not settled yet (see `Resend::request`).
+type Unsettled<B> = (Head, ReplayHandle<B>);
 
 /// A replay waiting for its new credential (or, for a new proof, the same one), then for
 /// its service clone to be ready; its request is built when the credential is there (its
@@ -208,10 +211,11 @@ struct Replay<S> {
 struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     service: S,
     /// `Err`: the head and a body that gave every byte it declared without showing its
-    /// end yet (see `ReplayHandle::unsettled`); the request is built when the new
-    /// credential is there, if the body settled by then. (`Err(None)` only while it is
-    /// built.)
-    request: Result<Request<ReplayBody<B>>, Option<(Head, ReplayHandle)>>,
+    /// end yet, or streams on with nothing of its rest taken (see
+    /// `ReplayHandle::unsettled`); the request is built when the new credential is
+    /// there, if the body settled (or was dropped untaken) by then. (`Err(None)` only
+    /// while it is built.)
+    request: Result<Request<ReplayBody<B>>, Option<Unsettled<B>>>,
     judge: Judge,
     cache: CacheRef<P>,
     /// The rejected credential (`None` if the cache no longer knows it) and response:
@@ -422,7 +426,7 @@ where
         entry: &Entry,
         cache: Option<CacheRef<P>>,
         policy: &Policy,
-        replay: Result<Replay<S>, NotReplayed>,
+        replay: Result<Replay<S, B>, NotReplayed>,
         dpop: Option<Box<Sent>>,
     ) -> Self {
         ResponseFuture {
@@ -797,7 +801,7 @@ where
     #[cold]
     #[inline(never)]
     fn with_new_proof(
-        retry: Retry<S, P>,
+        retry: Retry<S, B, P>,
         response: Response<ResBody>,
         kept: Option<u64>,
     ) -> Result<State<S, B, P>, Response<ResBody>> {
@@ -844,7 +848,7 @@ where
     #[cold]
     #[inline(never)]
     fn step_up(
-        retry: Retry<S, P>,
+        retry: Retry<S, B, P>,
         response: Response<ResBody>,
         scope: InsufficientScope,
         kept: Option<u64>,
@@ -931,7 +935,7 @@ where
         if let Err(unsettled) = &mut r.request {
             let built = match unsettled.take() {
                 Some((head, mut body)) => body
-                    .take::<B>()
+                    .take()
                     .and_then(|body| head.into_request(body).ok_or(NotReplayed::HeadUnavailable)),
                 None => Err(NotReplayed::HeadUnavailable),
             };
@@ -975,7 +979,7 @@ where
     #[allow(clippy::too_many_arguments)]
     fn resend(
         acquire: Acquire,
-        replay: Result<Replay<S>, NotReplayed>,
+        replay: Result<Replay<S, B>, NotReplayed>,
         judge: Judge,
         cache: CacheRef<P>,
         rejected: Option<Credential>,
@@ -1026,14 +1030,14 @@ where
 /// The replay's service and request, rebuilt from what the first attempt kept, and the
 /// rule for a header the request brings.
 fn rebuild<S, B>(
-    replay: Result<Replay<S>, NotReplayed>,
+    replay: Result<Replay<S, B>, NotReplayed>,
 ) -> Result<(S, Request<ReplayBody<B>>, bool), NotReplayed>
 where
     B: Body,
     B::Data: Into<Bytes>,
 {
     let mut replay = replay?;
-    let body = replay.body.take::<B>()?;
+    let body = replay.body.take()?;
     let request = replay
         .head
         .into_request(body)

@@ -115,13 +115,14 @@ async fn a_stream_longer_than_its_content_length_is_not_replayed() {
 }
 
 /// World: a streamed upload (its first chunk ready, the rest later) that the API answers
-/// 401 without reading (an auth check ahead of the handler), reading none of it, half
-/// of it, or dropping the request unread. Proves: the 401 comes back as it came, marked
-/// `BodyIncomplete`; nothing is sent a second time; the rejection still refreshes (one
-/// more fetch), and a body that ends later changes nothing.
+/// 401 without reading (an auth check ahead of the handler), reading none of it or half
+/// of it, and holding the body. Proves: the 401 comes back as it came, marked
+/// `BodyIncomplete` (the body's rest is still the first attempt's); nothing is sent a
+/// second time; the rejection still refreshes (one more fetch), and a body that ends
+/// later changes nothing.
 #[tokio::test]
 async fn an_early_401_on_a_streaming_body_is_returned_marked_and_never_replayed() {
-    for how in ["unread", "half", "dropped"] {
+    for how in ["unread", "half"] {
         let source = TestSource::new();
         let (inner, mut api) = mock::pair::<Request<ReplayBody<Fed>>, Response<&'static str>>();
         let svc = AuthLayer::new(source.clone())
@@ -132,13 +133,9 @@ async fn an_early_401_on_a_streaming_body_is_returned_marked_and_never_replayed(
         let req = Request::post("https://api.test/up").body(Fed(rx)).unwrap();
         let call = tokio::spawn(svc.oneshot(req));
         let (mut first, reply) = api.next_request().await.unwrap();
-        match how {
-            "half" => {
-                let frame = first.body_mut().frame().await.unwrap().unwrap();
-                assert_eq!(frame.into_data().unwrap(), "ab");
-            }
-            "dropped" => drop(first),
-            _ => {}
+        if how == "half" {
+            let frame = first.body_mut().frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "ab");
         }
         reply.send_response(status(401));
         let res = call.await.unwrap().unwrap();
@@ -157,6 +154,78 @@ async fn an_early_401_on_a_streaming_body_is_returned_marked_and_never_replayed(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(source.fetches(), 2, "{how}: the rejection refreshes");
+        drop(first);
+    }
+}
+
+/// World: a streamed upload (`ab` ready, `cd` later) that the inner service drops before
+/// it answers 401 (as hyper drops a body at an early answer, or sends none of a `GET`
+/// of unknown length): unread; after it took the part read ahead; after it also polled
+/// for the rest and found none yet; after it took the rest (`cd`) too. Proves: while the
+/// inner service took nothing of the body's rest, the replay goes with the new
+/// credential and the whole body, the part read ahead and then the rest as the caller
+/// gives it; once it took some of the rest, the 401 comes back marked `BodyIncomplete`,
+/// sent once. Counter: what the second request carried and read, `NotReplayed`, the
+/// source's fetches.
+#[tokio::test]
+async fn a_body_dropped_with_its_rest_untaken_is_replayed_whole() {
+    for how in ["unread", "ahead taken", "rest polled", "rest taken"] {
+        let source = TestSource::new();
+        let (inner, mut api) = mock::pair::<Request<ReplayBody<Fed>>, Response<&'static str>>();
+        let svc = AuthLayer::new(source.clone())
+            .any_https_origin()
+            .layer(inner);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ab")))).unwrap();
+        let req = Request::post("https://api.test/up").body(Fed(rx)).unwrap();
+        let call = tokio::spawn(svc.oneshot(req));
+        let (mut first, reply) = api.next_request().await.unwrap();
+        if how != "unread" {
+            let frame = first.body_mut().frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "ab", "{how}");
+        }
+        match how {
+            "rest polled" => assert!(first.body_mut().frame().now_or_never().is_none()),
+            "rest taken" => {
+                tx.send(Ok(Frame::data(Bytes::from_static(b"cd")))).unwrap();
+                let frame = first.body_mut().frame().await.unwrap().unwrap();
+                assert_eq!(frame.into_data().unwrap(), "cd", "{how}");
+            }
+            _ => {}
+        }
+        drop(first);
+        reply.send_response(status(401));
+        if how == "rest taken" {
+            let res = call.await.unwrap().unwrap();
+            assert_eq!(
+                (res.status(), res.extensions().get::<NotReplayed>()),
+                (StatusCode::UNAUTHORIZED, Some(&NotReplayed::BodyIncomplete)),
+                "{how}"
+            );
+            assert!(
+                !matches!(api.next_request().now_or_never(), Some(Some(_))),
+                "{how}: sent a second time"
+            );
+            continue;
+        }
+        let (second, reply) = api.next_request().await.unwrap();
+        assert_eq!(auth(&second), "Bearer token-2", "{how}");
+        // The rest comes after the answer, to the replay.
+        tx.send(Ok(Frame::data(Bytes::from_static(b"cd")))).unwrap();
+        drop(tx);
+        let read = second.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(read, "abcd", "{how}");
+        reply.send_response(status(200));
+        let res = call.await.unwrap().unwrap();
+        assert_eq!(
+            (
+                res.status(),
+                res.extensions().get::<NotReplayed>(),
+                source.fetches()
+            ),
+            (StatusCode::OK, None, 2),
+            "{how}"
+        );
     }
 }
 
@@ -320,10 +389,12 @@ use futures_util::StreamExt;
 
 /// World: an API that answers 401 before it reads a byte of the body, over real
 /// HTTP/1.1: a body ready in full sent with `Expect: 100-continue` (hyper does not wait
-/// for the `100`), and a body still streaming. Proves: through the Tower layer and the
-/// reqwest middleware alike, the ready body is replayed whole with the new credential
-/// (it was taken before sending), and the streaming one comes back 401 marked
-/// `BodyIncomplete`, sent once.
+/// for the `100`), and a body still streaming (`cd` 100 ms after `ab`). Proves: through
+/// the Tower layer and the reqwest middleware alike, both are replayed whole with the
+/// new credential: the ready one was taken before sending; hyper drops the streaming
+/// one at the early answer without taking its rest, which the replay then gives after
+/// the part taken ahead. Counter: each call's status and `NotReplayed`, and what the API
+/// read per request.
 #[tokio::test]
 async fn an_early_401_is_judged_alike_through_tower_and_reqwest() {
     let (base, log) = early_api().await;
@@ -375,16 +446,8 @@ async fn an_early_401_is_judged_alike_through_tower_and_reqwest() {
         vec![
             ("/tower/false".to_owned(), 200, None),
             ("/reqwest/false".to_owned(), 200, None),
-            (
-                "/tower/true".to_owned(),
-                401,
-                Some(NotReplayed::BodyIncomplete)
-            ),
-            (
-                "/reqwest/true".to_owned(),
-                401,
-                Some(NotReplayed::BodyIncomplete)
-            ),
+            ("/tower/true".to_owned(), 200, None),
+            ("/reqwest/true".to_owned(), 200, None),
         ],
         "the API saw {seen:?}"
     );
@@ -398,7 +461,99 @@ async fn an_early_401_is_judged_alike_through_tower_and_reqwest() {
         vec![
             ("/tower/false", "Bearer token-2", &b"abcd"[..]),
             ("/reqwest/false", "Bearer token-2", &b"abcd"[..]),
+            ("/tower/true", "Bearer token-2", &b"abcd"[..]),
+            ("/reqwest/true", "Bearer token-2", &b"abcd"[..]),
         ]
+    );
+}
+
+/// World: a streamed upload (`ab` ready, `cd` later) whose inner service hands the 401
+/// to the caller first and drops the body, its rest untaken, only after (a connection
+/// task that answers and then clears its body; the caller's task on another worker
+/// sees the answer in between); the refresh is held until then. Proves: the replay is
+/// built when the new credential is there, not at the answer, so it goes with the whole
+/// body rather than coming back `BodyIncomplete`. Counter: the second request's
+/// credential and body, the outcome, the source's fetches.
+#[tokio::test]
+async fn a_body_dropped_untaken_after_the_answer_is_replayed_whole() {
+    let source = TestSource::gated(None);
+    source.release(1);
+    let (inner, mut api) = mock::pair::<Request<ReplayBody<Fed>>, Response<&'static str>>();
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .layer(inner);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(Ok(Frame::data(Bytes::from_static(b"ab")))).unwrap();
+    let req = Request::post("https://api.test/up").body(Fed(rx)).unwrap();
+    let call = tokio::spawn(svc.oneshot(req));
+    let (first, reply) = api.next_request().await.unwrap();
+    reply.send_response(status(401));
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(source.fetches(), 2, "the refresh did not start");
+    drop(first);
+    source.release(1);
+    let (second, reply) = api.next_request().await.unwrap();
+    assert_eq!(auth(&second), "Bearer token-2");
+    tx.send(Ok(Frame::data(Bytes::from_static(b"cd")))).unwrap();
+    drop(tx);
+    assert_eq!(
+        second.into_body().collect().await.unwrap().to_bytes(),
+        "abcd"
+    );
+    reply.send_response(status(200));
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(
+        (
+            res.status(),
+            res.extensions().get::<NotReplayed>(),
+            source.fetches()
+        ),
+        (StatusCode::OK, None, 2)
+    );
+}
+
+/// World: as above, a streaming upload (`ab` ready, `cd` 100 ms later) that the API
+/// answers 401 before it reads a byte, 20 times, on a multi-threaded runtime: hyper's
+/// connection task hands the answer to the caller's task and then drops the body, and the
+/// caller's task may run on the other worker in between. Proves: every request is
+/// replayed whole with the new credential (the replay is built when the new credential
+/// is there, by when the untaken body was dropped), not returned `BodyIncomplete` when
+/// the caller's task was quicker. Counter: each call's status and `NotReplayed`, what the
+/// API read per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_401_on_a_stream_is_replayed_whole_on_a_multi_threaded_runtime() {
+    let (base, log) = early_api().await;
+    let client =
+        Client::builder(TokioExecutor::new()).build_http::<ReplayBody<BoxBody<Bytes, BoxError>>>();
+    let source = TestSource::new();
+    let svc = AuthLayer::new(source.clone())
+        .any_https_origin()
+        .allow_http_loopback(true)
+        .layer(client);
+    let mut outcomes = Vec::new();
+    for round in 0..20 {
+        let body = StreamBody::new(abcd(true).map(|c| c.map(Frame::data).map_err(Into::into)));
+        let req = Request::post(format!("{base}/up/{round}"))
+            .body(BodyExt::boxed(body))
+            .unwrap();
+        let res = svc.clone().oneshot(req).await.unwrap();
+        outcomes.push((
+            res.status().as_u16(),
+            res.extensions().get::<NotReplayed>().copied(),
+        ));
+    }
+    let seen = log.lock().unwrap().clone();
+    assert_eq!(outcomes, vec![(200, None); 20], "the API saw {seen:?}");
+    let read: Vec<_> = seen
+        .iter()
+        .filter(|(_, _, body)| !body.is_empty())
+        .collect();
+    assert_eq!(read.len(), 20, "the API saw {seen:?}");
+    assert!(
+        read.iter().all(|(_, _, body)| body == b"abcd"),
+        "the API saw {seen:?}"
     );
 }
 
