@@ -74,22 +74,6 @@ pin_project! {
         #[pin]
         kind: Kind<B>,
     }
-
-    impl<B> PinnedDrop for ReplayBody<B>
-    where
-        B: Body,
-    {
-        fn drop(this: Pin<&mut Self>) {
-            if let KindProj::Stream {
-                body,
-                recording: Some(recording),
-                ..
-            } = this.project().kind.project()
-            {
-                recording.hand_back(body);
-            }
-        }
-    }
 }
 
 pin_project! {
@@ -101,13 +85,10 @@ pin_project! {
         // Forwarded untouched: passthrough requests, bodies known to be over the limit.
         Forward { #[pin] body: B },
         // The frames taken before sending (`ahead`) go first, then the rest of the body,
-        // recorded for a replay while `recording` is there. Boxed: the body was polled
-        // before it was moved into the request. `None` only once it was handed back for
-        // the replay, as the first attempt is dropped (see `Recording::hand_back`).
+        // recorded for a replay while there is a recording.
         Stream {
-            body: Option<Pin<Box<B>>>,
+            streamed: Streamed<B>,
             ahead: Option<Box<Ahead<B::Error>>>,
-            recording: Option<Recording<B>>,
         },
         // Played back from what was recorded (also the first attempt of a body taken
         // whole before sending). `exact`: the body stated its exact length, so this
@@ -125,6 +106,25 @@ pin_project! {
             // length of 0 as `Content-Length: 0`, an empty stream chunked).
             shown: bool,
         },
+    }
+}
+
+/// The rest of a body that streams on after what was taken ahead, and its recording:
+/// dropped together, so that a rest the inner service took nothing of is handed back for
+/// the replay (see [`Recording::hand_back`]). Its own type rather than a drop of the
+/// whole `ReplayBody`, so that the bodies that do not stream pay nothing for it.
+struct Streamed<B> {
+    /// Boxed: the body was polled before it was moved into the request. `None` only
+    /// once it was handed back, as it is dropped.
+    body: Option<Pin<Box<B>>>,
+    recording: Option<Recording<B>>,
+}
+
+impl<B> Drop for Streamed<B> {
+    fn drop(&mut self) {
+        if let Some(recording) = &mut self.recording {
+            recording.hand_back(&mut self.body);
+        }
     }
 }
 
@@ -333,7 +333,10 @@ impl<B: Body> fmt::Debug for ReplayBody<B> {
         let kind = match &self.kind {
             Kind::Forward { .. } => "forward",
             Kind::Stream {
-                recording: Some(_), ..
+                streamed: Streamed {
+                    recording: Some(_), ..
+                },
+                ..
             } => "record",
             Kind::Stream { .. } => "forward",
             Kind::Replay { .. } => "replay",
@@ -560,9 +563,11 @@ where
         // Every declared byte read ahead, its end not shown yet.
         recording.complete_at_declared();
         let kind = Kind::Stream {
-            body: Some(body),
+            streamed: Streamed {
+                body: Some(body),
+                recording: Some(recording),
+            },
             ahead: ahead.map(Box::new),
-            recording: Some(recording),
         };
         (ReplayBody { kind }, ReplayHandle::Recorded(recorder))
     }
@@ -629,9 +634,11 @@ where
         why: NotReplayed,
     ) -> (Self, ReplayHandle<B>) {
         let kind = Kind::Stream {
-            body: Some(body),
+            streamed: Streamed {
+                body: Some(body),
+                recording: None,
+            },
             ahead: Some(Box::new(ahead)),
-            recording: None,
         };
         (ReplayBody { kind }, ReplayHandle::Not(why))
     }
@@ -695,9 +702,11 @@ impl<B: Body> ReplayBody<B> {
         });
         ReplayBody {
             kind: Kind::Stream {
-                body: Some(rest),
+                streamed: Streamed {
+                    body: Some(rest),
+                    recording: None,
+                },
                 ahead,
-                recording: None,
             },
         }
     }
@@ -734,11 +743,8 @@ where
             KindProj::Forward { body } => body
                 .poll_frame(cx)
                 .map(|f| f.map(|f| f.map(|f| f.map_data(Into::into)))),
-            KindProj::Stream {
-                body,
-                ahead,
-                recording,
-            } => {
+            KindProj::Stream { streamed, ahead } => {
+                let Streamed { body, recording } = streamed;
                 if let Some(taken) = ahead {
                     if let Some(frame) = taken.frames.next() {
                         taken.declared = None;
@@ -786,7 +792,10 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Forward { body } => body.is_end_stream(),
-            Kind::Stream { body, ahead, .. } => match ahead {
+            Kind::Stream {
+                streamed: Streamed { body, .. },
+                ahead,
+            } => match ahead {
                 Some(taken) => {
                     taken.frames.as_slice().is_empty()
                         && taken.error.is_none()
@@ -813,7 +822,10 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Forward { body } => body.size_hint(),
-            Kind::Stream { body, ahead, .. } => match ahead {
+            Kind::Stream {
+                streamed: Streamed { body, .. },
+                ahead,
+            } => match ahead {
                 // Nothing given yet: what the body declared, as read without the layer.
                 Some(taken) if taken.declared.is_some() => {
                     SizeHint::with_exact(taken.declared.unwrap_or_default())
@@ -1251,7 +1263,11 @@ impl<B: Body> ReplayBody<B> {
     fn retained(&self) -> usize {
         match &self.kind {
             Kind::Stream {
-                recording: Some(recording),
+                streamed:
+                    Streamed {
+                        recording: Some(recording),
+                        ..
+                    },
                 ..
             } => recording.retained(),
             _ => 0,
