@@ -407,3 +407,116 @@ async fn a_certificate_with_bytes_after_it_is_refused_or_named_by_its_own_thumbp
         "accepted a certificate with junk after it, and named the junk: {result:?}"
     );
 }
+
+/// A client secret of 40 bytes, registered with the server as the HS256 key.
+const SHARED: &str = "s3cr3t-of-forty-bytes/with+marks&=0123456";
+
+/// World: a token endpoint where the client registered `client_secret_jwt` (OpenID
+/// Connect Core §9): it verifies each assertion as `JwtClientIdp` does (HS256 only, with
+/// the registered secret as a key of at least 256 bits, `iss`/`sub`/`aud`/`exp`/`jti`),
+/// and refuses a request that also authenticates otherwise (an `Authorization` header,
+/// a `client_secret` field). Proves: every token request carries a fresh HS256
+/// assertion the server accepts (3 requests, 3 distinct `jti`s); a request that began
+/// with Basic client credentials and was switched to `client_secret_jwt` sends no
+/// second authentication; the issuer audience works as for `private_key_jwt`; a client
+/// holding another secret is refused (the server does verify). Counter: the server's
+/// accepted count, refusals, and `jti`s.
+#[tokio::test]
+async fn client_secret_jwt_is_verified_by_a_strict_server() {
+    let idp = JwtClientIdp::new("jwt-client", "HS256", SHARED.as_bytes().to_vec(), None);
+    let url = idp.start().await;
+    let request =
+        TokenRequest::oauth2_client_credentials_secret_jwt(&url, "jwt-client", SHARED).unwrap();
+    let source = TokenSource::new(request).client(token_client());
+    for _ in 0..3 {
+        fetch(&source).await.unwrap();
+    }
+    assert_eq!(
+        (
+            idp.accepted.load(SeqCst),
+            idp.refusals.lock().unwrap().clone()
+        ),
+        (3, Vec::<&str>::new())
+    );
+    assert_eq!(idp.seen_jti.lock().unwrap().len(), 3);
+
+    *idp.audience.lock().unwrap() = "https://login.example.com/realms/acme".into();
+    let issuer_audience = TokenSource::new(
+        TokenRequest::form(&url)
+            .unwrap()
+            .field("grant_type", "client_credentials")
+            .client_secret_jwt("jwt-client", SHARED)
+            .unwrap()
+            .assertion_audience("https://login.example.com/realms/acme"),
+    )
+    .client(token_client());
+    fetch(&issuer_audience).await.unwrap();
+    assert_eq!(idp.accepted.load(SeqCst), 4);
+
+    *idp.audience.lock().unwrap() = url.clone();
+    let switched = TokenRequest::oauth2_client_credentials(&url, "jwt-client", SHARED)
+        .unwrap()
+        .client_secret_jwt("jwt-client", SHARED)
+        .unwrap();
+    fetch(&TokenSource::new(switched).client(token_client()))
+        .await
+        .unwrap();
+    assert_eq!(idp.accepted.load(SeqCst), 5);
+
+    let other = "another-secret-of-forty-bytes-0123456789";
+    let wrong = TokenRequest::oauth2_client_credentials_secret_jwt(&url, "jwt-client", other);
+    let err = fetch(&TokenSource::new(wrong.unwrap()).client(token_client()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.oauth_error(), idp.refusals.lock().unwrap().clone()),
+        (Some("invalid_client"), vec!["signature"])
+    );
+}
+
+/// World: a client secret shorter than the 32 bytes an HS256 key needs (RFC 7518 §3.2),
+/// and an empty one. Proves (bad input is a typed error that quotes nothing of it): both
+/// are `InvalidRequest` errors before anything is sent, naming neither secret. Counter:
+/// the errors' kind and text.
+#[test]
+fn a_client_secret_too_short_to_sign_is_refused() {
+    for short in ["short-secret-of-31-bytes-long!!", ""] {
+        assert!(short.len() < 32);
+        let err = TokenRequest::oauth2_client_credentials_secret_jwt(
+            "https://login.example.com/oauth2/token",
+            "jwt-client",
+            short,
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), TokenErrorKind::InvalidRequest);
+        let shown = format!("{err} {err:?}");
+        assert!(shown.contains("32 bytes"), "{shown}");
+        if !short.is_empty() {
+            assert!(!shown.contains(short), "{shown}");
+        }
+    }
+}
+
+/// World: the server refuses the assertion (it wants its issuer as the audience) and its
+/// error text quotes both the refused assertion and the client's secret it verified
+/// with, as careless servers do. Proves: the client secret never shows: not in the
+/// request's or the source's `Debug`, nor, with the assertion, in the error (scrubbed as
+/// a secret is, in every form it may come back in). Counter: the shown text.
+#[tokio::test]
+async fn the_client_secret_never_shows() {
+    let idp = JwtClientIdp::new("jwt-client", "HS256", SHARED.as_bytes().to_vec(), None);
+    *idp.audience.lock().unwrap() = "https://login.example.com/realms/acme".into();
+    let url = idp.start().await;
+    let request =
+        TokenRequest::oauth2_client_credentials_secret_jwt(&url, "jwt-client", SHARED).unwrap();
+    let source = TokenSource::new(request.clone()).client(token_client());
+    let err = fetch(&source).await.unwrap_err();
+    assert_eq!(*idp.refusals.lock().unwrap(), ["aud"]);
+    assert_eq!(err.oauth_error(), Some("invalid_client"));
+    let shown = format!("{request:?} {source:?} {err} {err:?}");
+    for canary in [SHARED, "forty-bytes", "eyJ"] {
+        assert!(!shown.contains(canary), "{canary} in: {shown}");
+    }
+    assert!(shown.contains("client_secret_jwt (HS256)"), "{shown}");
+    assert!(err.to_string().contains("[redacted]"), "{err}");
+}

@@ -1,12 +1,13 @@
-//! `private_key_jwt` client authentication (RFC 7523 §2.2, RFC 7521 §4.2, OpenID Connect
-//! Core §9): the client proves who it is with a JWT it signs with its private key,
-//! instead of a shared secret. Signed with `ring` (the crypto provider rustls already
-//! brings), never with cryptography of this crate's own.
+//! `private_key_jwt` and `client_secret_jwt` client authentication (RFC 7523 §2.2, RFC
+//! 7521 §4.2, OpenID Connect Core §9): the client proves who it is with a JWT it signs
+//! with its private key (or, for `client_secret_jwt`, with its secret, which then never
+//! leaves the process). Signed with `ring` (the crypto provider rustls already brings),
+//! never with cryptography of this crate's own.
 //!
 //! Each token request carries a fresh assertion: `iss` and `sub` the client id, `aud` the
 //! token endpoint's URL (or what [`TokenRequest::assertion_audience`] says), a random
-//! 128-bit `jti`, `iat` now and `exp` a minute later, signed RS256 (an RSA key) or ES256
-//! (a P-256 key), with the `kid` given.
+//! 128-bit `jti`, `iat` now and `exp` a minute later, signed RS256 (an RSA key), ES256
+//! (a P-256 key) with the `kid` given, or HS256 (the client secret).
 //!
 //! [`TokenRequest::assertion_audience`]: super::TokenRequest::assertion_audience
 
@@ -18,12 +19,71 @@ use std::{
 
 use base64::Engine as _;
 use ring::{
+    hmac,
     rand::{SecureRandom, SystemRandom},
     signature::{self, EcdsaKeyPair, RsaKeyPair},
 };
 use rustls_pki_types::{PrivateKeyDer, pem::PemObject};
 
 use super::{TokenError, TokenErrorKind};
+use crate::Secret;
+
+/// The fewest bytes of a client secret that signs HS256 assertions: RFC 7518 §3.2 wants
+/// a key at least as long as the hash (256 bits), and servers on Nimbus JOSE or jose4j
+/// refuse to verify with a shorter one.
+pub(crate) const SHORTEST_SHARED_SECRET: usize = 32;
+
+/// What signs a client's assertions: its private key (`private_key_jwt`), or its secret
+/// (`client_secret_jwt`, HS256).
+#[derive(Clone)]
+pub(crate) enum AssertionKey {
+    Private(SigningKey),
+    Shared { secret: Secret, key: hmac::Key },
+}
+
+impl AssertionKey {
+    /// The client secret as an HS256 key, refused (a typed error that quotes nothing of
+    /// it) when shorter than [`SHORTEST_SHARED_SECRET`] bytes.
+    pub(crate) fn shared(secret: Secret) -> Result<Self, TokenError> {
+        if secret.expose().len() < SHORTEST_SHARED_SECRET {
+            return Err(bad_key(
+                "the client secret is too short to sign HS256 assertions: RFC 7518 §3.2 \
+                 wants at least 32 bytes, and servers refuse a shorter key",
+            ));
+        }
+        let key = hmac::Key::new(hmac::HMAC_SHA256, secret.expose().as_bytes());
+        Ok(AssertionKey::Shared { secret, key })
+    }
+
+    /// The client secret, when it is what signs: to scrub from what servers send back.
+    pub(crate) fn secret(&self) -> Option<&Secret> {
+        match self {
+            AssertionKey::Private(_) => None,
+            AssertionKey::Shared { secret, .. } => Some(secret),
+        }
+    }
+
+    fn sign(&self, claims: &serde_json::Value) -> Result<String, TokenError> {
+        match self {
+            AssertionKey::Private(key) => key.sign(claims),
+            AssertionKey::Shared { key, .. } => {
+                let header = b64(br#"{"alg":"HS256","typ":"JWT"}"#);
+                let input = format!("{header}.{}", b64(claims.to_string().as_bytes()));
+                let tag = hmac::sign(key, input.as_bytes());
+                Ok(format!("{input}.{}", b64(tag.as_ref())))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for AssertionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AssertionKey::Private(key) => key.fmt(f),
+            AssertionKey::Shared { .. } => f.write_str("client_secret_jwt (HS256)"),
+        }
+    }
+}
 
 /// How long an assertion is valid: short, as servers want (many refuse over 5 minutes).
 pub(crate) const ASSERTION_LIFETIME: Duration = Duration::from_secs(60);
@@ -243,7 +303,7 @@ pub(crate) fn random_id() -> Result<String, TokenError> {
 
 /// A client assertion for one token request to `audience`, by `client_id`.
 pub(crate) fn client_assertion(
-    key: &SigningKey,
+    key: &AssertionKey,
     client_id: &str,
     audience: &str,
 ) -> Result<String, TokenError> {
@@ -408,7 +468,8 @@ mod tests {
         ] {
             let key = SigningKey::from_pem(pem).unwrap().kid("k1");
             assert_eq!(key.alg(), alg);
-            let jws = client_assertion(&key, "client", "https://as.example/token").unwrap();
+            let signer = AssertionKey::Private(key.clone());
+            let jws = client_assertion(&signer, "client", "https://as.example/token").unwrap();
             assert!(verify(&key, &jws), "{alg}");
             let header = jws.split('.').next().unwrap();
             let header: serde_json::Value = serde_json::from_slice(
@@ -424,6 +485,32 @@ mod tests {
             SigningKey::from_pem(EC_PKCS8).unwrap().public_key(),
             SigningKey::from_pem(EC_SEC1).unwrap().public_key()
         );
+    }
+
+    /// A client secret signs HS256: the header says so (no `kid`), the tag is the
+    /// secret's HMAC-SHA256 of the signing input, and `Debug` names the method only.
+    #[test]
+    fn a_client_secret_signs_hs256() {
+        let secret = "a-client-secret-of-32-bytes-0123";
+        let signer = AssertionKey::shared(Secret::from(secret)).unwrap();
+        let jws = client_assertion(&signer, "client", "https://as.example/token").unwrap();
+        let (input, tag) = jws.rsplit_once('.').unwrap();
+        let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+        let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(tag)
+            .unwrap();
+        assert!(hmac::verify(&key, input.as_bytes(), &tag).is_ok());
+        let header = input.split('.').next().unwrap();
+        assert_eq!(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(header)
+                .unwrap(),
+            br#"{"alg":"HS256","typ":"JWT"}"#
+        );
+        assert_eq!(format!("{signer:?}"), "client_secret_jwt (HS256)");
+        assert_eq!(signer.secret().map(Secret::expose), Some(secret));
+        let short = AssertionKey::shared(Secret::from(&secret[1..])).unwrap_err();
+        assert_eq!(short.kind(), TokenErrorKind::InvalidRequest);
     }
 
     /// What is not a usable private key is a typed error that does not quote the input,

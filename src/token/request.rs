@@ -79,18 +79,19 @@ pub struct TokenRequest {
     /// Whether the client authenticates with its TLS certificate (RFC 8705): an
     /// issuer's `mtls_endpoint_aliases` apply.
     mtls: bool,
-    /// `private_key_jwt`: a fresh signed assertion per request, instead of a secret.
+    /// `private_key_jwt` or `client_secret_jwt`: a fresh signed assertion per request,
+    /// instead of a secret.
     #[cfg(feature = "jwt")]
     assertion: Option<ClientAssertion>,
 }
 
-/// The client's identity and key for `private_key_jwt`, and the audience if not the
-/// token endpoint.
+/// The client's identity and key for `private_key_jwt` (or its secret, for
+/// `client_secret_jwt`), and the audience if not the token endpoint.
 #[cfg(feature = "jwt")]
 #[derive(Clone)]
 struct ClientAssertion {
     client_id: String,
-    key: super::SigningKey,
+    key: super::assertion::AssertionKey,
     audience: Option<String>,
 }
 
@@ -348,22 +349,78 @@ impl TokenRequest {
     /// assertion is scrubbed from server errors as a secret is.
     #[cfg(feature = "jwt")]
     #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
-    pub fn private_key_jwt(mut self, client_id: impl Into<String>, key: super::SigningKey) -> Self {
+    pub fn private_key_jwt(self, client_id: impl Into<String>, key: super::SigningKey) -> Self {
+        self.signed_by(
+            client_id.into(),
+            super::assertion::AssertionKey::Private(key),
+        )
+    }
+
+    /// RFC 6749 §4.4 client credentials, the client authenticated with a JWT signed with
+    /// its secret (`client_secret_jwt`): see [`client_secret_jwt`](Self::client_secret_jwt).
+    #[cfg(feature = "jwt")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
+    pub fn oauth2_client_credentials_secret_jwt(
+        url: &str,
+        client_id: impl Into<String>,
+        client_secret: impl Into<Secret>,
+    ) -> Result<Self, TokenError> {
+        Self::form(url)?
+            .field("grant_type", "client_credentials")
+            .client_secret_jwt(client_id, client_secret)
+    }
+
+    /// Authenticates the client with `client_secret_jwt` (OpenID Connect Core §9, RFC
+    /// 7523 §2.2): as [`private_key_jwt`](Self::private_key_jwt), but each assertion is
+    /// signed HS256 with the client secret, which itself is never sent (nor shown, and it
+    /// is scrubbed from server errors as the assertion is). Replaces client credentials
+    /// given before.
+    ///
+    /// A secret shorter than 32 bytes is an `InvalidRequest` error that quotes nothing
+    /// of it: RFC 7518 §3.2 wants an HS256 key of at least 256 bits, and servers built on
+    /// Nimbus JOSE or jose4j refuse to verify with a shorter one.
+    ///
+    /// ```
+    /// use tower_client_auth::token::{TokenRequest, TokenSource};
+    ///
+    /// let login = TokenRequest::oauth2_client_credentials_secret_jwt(
+    ///     "https://login.example.com/oauth2/token",
+    ///     "my-client",
+    ///     "a-client-secret-of-32-bytes-or-more",
+    /// )?;
+    /// let source = TokenSource::new(login);
+    /// # let _ = source;
+    /// # Ok::<_, tower_client_auth::token::TokenError>(())
+    /// ```
+    #[cfg(feature = "jwt")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
+    pub fn client_secret_jwt(
+        self,
+        client_id: impl Into<String>,
+        client_secret: impl Into<Secret>,
+    ) -> Result<Self, TokenError> {
+        let key = super::assertion::AssertionKey::shared(client_secret.into())?;
+        Ok(self.signed_by(client_id.into(), key))
+    }
+
+    #[cfg(feature = "jwt")]
+    fn signed_by(mut self, client_id: String, key: super::assertion::AssertionKey) -> Self {
         // One way to authenticate the client (RFC 6749 §2.3): the last one given.
         self.client = None;
         self.mtls = false;
         let audience = self.assertion.take().and_then(|a| a.audience);
         self.assertion = Some(ClientAssertion {
-            client_id: client_id.into(),
+            client_id,
             key,
             audience,
         });
         self
     }
 
-    /// The `aud` of `private_key_jwt` assertions, for servers that want the issuer
-    /// identifier rather than the token endpoint's URL (the default). Call it after
-    /// [`private_key_jwt`](Self::private_key_jwt); without one it has no effect.
+    /// The `aud` of `private_key_jwt` and `client_secret_jwt` assertions, for servers
+    /// that want the issuer identifier rather than the token endpoint's URL (the
+    /// default). Call it after [`private_key_jwt`](Self::private_key_jwt) or
+    /// [`client_secret_jwt`](Self::client_secret_jwt); without one it has no effect.
     #[cfg(feature = "jwt")]
     #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
     pub fn assertion_audience(mut self, audience: impl Into<String>) -> Self {
@@ -439,7 +496,13 @@ impl TokenRequest {
             Value::Secret(s) => Some(s.expose()),
             Value::Plain(_) => None,
         });
-        fields.chain(self.client.iter().map(|(_, s)| s.expose()))
+        #[cfg(feature = "jwt")]
+        let signing = self.assertion.as_ref().and_then(|a| a.key.secret());
+        #[cfg(not(feature = "jwt"))]
+        let signing: Option<&Secret> = None;
+        fields
+            .chain(self.client.iter().map(|(_, s)| s.expose()))
+            .chain(signing.map(Secret::expose))
     }
 
     /// Every form in which this request (with `extra`) sends a secret, for scrubbing

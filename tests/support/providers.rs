@@ -1001,6 +1001,12 @@ impl Provider for DiscoveryIdp {
 // refused); the `kid` if the client registered one; `iss` = `sub` = the client id; `aud`
 // the token endpoint or the issuer; `exp` in the future and at most 5 minutes away;
 // `iat` not in the future; a `jti` never seen before. Any failure is `invalid_client`.
+// Registered with `HS256`, the key is the client's secret (`client_secret_jwt`): only
+// HS256 is accepted then, verified with a key of at least 256 bits, as Nimbus JOSE and
+// jose4j insist (RFC 7518 §3.2; quarkusio/quarkus#22969), and a second client
+// authentication (an `Authorization` header, a `client_secret` field) is refused (RFC
+// 6749 §2.3: one method per request). A refusal in that mode names the registered
+// secret, as a careless server's error text does.
 
 pub struct JwtClientIdp {
     pub client_id: String,
@@ -1068,6 +1074,7 @@ impl JwtClientIdp {
         let (header, claims) = (decode(header)?, decode(claims)?);
         let sig = B64.decode(sig).map_err(|_| "signature base64url")?;
         let (alg, public_key, kid) = self.key.lock().unwrap().clone();
+        let signed = &jws[..jws.rfind('.').unwrap()];
         if header["alg"] != alg.as_str() {
             return Err("alg");
         }
@@ -1081,15 +1088,23 @@ impl JwtClientIdp {
                 return Err("x5t");
             }
         }
-        let verification: &dyn ring::signature::VerificationAlgorithm = match alg.as_str() {
-            "RS256" => &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-            "ES256" => &ring::signature::ECDSA_P256_SHA256_FIXED,
+        match alg.as_str() {
+            "HS256" if public_key.len() < 32 => return Err("HS256 key under 256 bits"),
+            "HS256" => {
+                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &public_key);
+                ring::hmac::verify(&key, signed.as_bytes(), &sig).map_err(|_| "signature")?;
+            }
+            "RS256" | "ES256" => {
+                let verification: &dyn ring::signature::VerificationAlgorithm = match alg.as_str() {
+                    "RS256" => &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+                    _ => &ring::signature::ECDSA_P256_SHA256_FIXED,
+                };
+                ring::signature::UnparsedPublicKey::new(verification, public_key)
+                    .verify(signed.as_bytes(), &sig)
+                    .map_err(|_| "signature")?;
+            }
             _ => return Err("alg not allowed"),
-        };
-        let signed = &jws[..jws.rfind('.').unwrap()];
-        ring::signature::UnparsedPublicKey::new(verification, public_key)
-            .verify(signed.as_bytes(), &sig)
-            .map_err(|_| "signature")?;
+        }
         if claims["iss"] != self.client_id.as_str() || claims["sub"] != self.client_id.as_str() {
             return Err("iss/sub");
         }
@@ -1127,10 +1142,20 @@ impl Provider for JwtClientIdp {
             return repeated_parameter_refusal(&name);
         }
         let form = req.form();
-        if let Err(why) = self.check(&form) {
+        let shared = self.key.lock().unwrap().0 == "HS256";
+        let checked = match req.headers.contains_key(header::AUTHORIZATION) {
+            true if shared => Err("a second client authentication"),
+            _ => self.check(&form),
+        };
+        if let Err(why) = checked {
             self.refusals.lock().unwrap().push(why);
-            // As some servers do: the refused assertion echoed back.
-            let echoed = form.get("client_assertion").cloned().unwrap_or_default();
+            // As some servers do: the refused assertion echoed back (and, for a secret's
+            // assertion, the secret it should have been signed with).
+            let mut echoed = form.get("client_assertion").cloned().unwrap_or_default();
+            if shared {
+                let secret = String::from_utf8_lossy(&self.key.lock().unwrap().1).into_owned();
+                echoed = format!("{echoed} (expected a signature with {secret})");
+            }
             return reply(
                 StatusCode::UNAUTHORIZED,
                 json!({"error": "invalid_client", "error_description": format!("{why}: {echoed}")}),
