@@ -4,7 +4,8 @@
 //! One header may hold several challenges, and a response may carry several headers:
 //! [`parse`] reads them all, in order. Schemes and parameter names are compared without
 //! regard to case; parameter values may be tokens or quoted strings (with `\` escapes and
-//! commas inside). A challenge may carry a `token68` instead of parameters
+//! commas inside), and an unquoted value is read on past a character no token has
+//! (`scope=orders:write`, a URL: servers send them unquoted) up to a space or comma. A challenge may carry a `token68` instead of parameters
 //! (`Negotiate abc==`). Input that does not follow the grammar ends the reading of that
 //! header: what was read before it is kept, and nothing panics.
 //!
@@ -247,6 +248,25 @@ impl<'a> Reader<'a> {
             .filter(|t| !t.is_empty())
     }
 
+    /// An unquoted value: a `token`, read on over the visible characters servers put in
+    /// unquoted values though they are no `tchar` (`orders:write`, a URL, base64 with
+    /// its padding), up to a space, a comma, a quote or the end: cut at its first
+    /// non-`tchar`, a scope would be read as another (and the rest of the challenge
+    /// lost). Starts at a `tchar` (so `abc==` stays a `token68`).
+    fn bare(&mut self) -> Option<&'a str> {
+        let start = self.pos;
+        while self
+            .peek()
+            .is_some_and(|b| b.is_ascii_graphic() && b != b',' && b != b'"')
+        {
+            self.pos += 1;
+        }
+        // Visible ASCII, so the slice is UTF-8.
+        std::str::from_utf8(&self.input[start..self.pos])
+            .ok()
+            .filter(|t| !t.is_empty())
+    }
+
     /// A `token68` ending the challenge (at the end of the header or before a comma).
     fn token68(&mut self) -> Option<&'a str> {
         let start = self.pos;
@@ -289,8 +309,8 @@ impl<'a> Reader<'a> {
                 Some(value) => value,
                 None => return Some(Err(())),
             },
-            Some(b) if is_tchar(b) => match self.token() {
-                Some(token) => token.to_owned(),
+            Some(b) if is_tchar(b) => match self.bare() {
+                Some(value) => value.to_owned(),
                 None => return Some(Err(())),
             },
             // `abc==`: a token68 with padding, not a parameter.
@@ -415,6 +435,41 @@ mod tests {
         let c = one("Basic dXNlcg, Bearer");
         assert_eq!(c[0].token68(), Some("dXNlcg"));
         assert!(c[1].is("bearer"));
+    }
+
+    /// Values servers send unquoted though they are no `token` (RFC 6750 §3 quotes
+    /// them; servers that do not are common): a scope with `:` (`orders:write`), a realm
+    /// that is a URL, base64 with its padding. Each is read whole, never cut at its first
+    /// non-`tchar` (a step-up for `orders` where the API wants `orders:write`), and the
+    /// parameters after it are read too; a `token68` is still told from a parameter.
+    #[test]
+    fn unquoted_values_that_are_no_token_are_read_whole() {
+        let c = one(
+            "Bearer realm=https://api.example.com/v1, error=insufficient_scope, scope=orders:write, nonce=abc+/d==",
+        );
+        assert_eq!(
+            shape(&c),
+            [(
+                "Bearer".into(),
+                None,
+                vec![
+                    p("realm", "https://api.example.com/v1"),
+                    p("error", "insufficient_scope"),
+                    p("scope", "orders:write"),
+                    p("nonce", "abc+/d=="),
+                ]
+            )]
+        );
+        let c = one("DPoP error=use_dpop_nonce, algs=ES256, Bearer scope=a:b");
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[1].scope(), Some("a:b"));
+        // Still a token68, and still a stop at a space inside an unquoted value.
+        assert_eq!(one("Negotiate abc==")[0].token68(), Some("abc=="));
+        let c = one("Bearer scope=a:b c:d, error=insufficient_scope");
+        assert_eq!(
+            shape(&c),
+            [("Bearer".into(), None, vec![p("scope", "a:b")])]
+        );
     }
 
     /// Several header lines are read in order.
