@@ -33,11 +33,12 @@
 //! when the request was sent is replayable however early the server answers (a gRPC
 //! interceptor rejects before it reads the message). A body still streaming when the
 //! response came (the server answered early) is replayed whole if the inner service
-//! drops it without taking any of its rest by the time the new credential is there
-//! (hyper drops a body at an early answer over HTTP/1.1, and sends none of a `GET` of
-//! unknown length): the replay gives what was read ahead, then the rest itself, framed
-//! as the first attempt was. One whose rest the inner service has taken some of, or
-//! still holds then, is not replayed: its rest is the first attempt's.
+//! dropped it by then without taking any of its rest (hyper drops a body at an early
+//! answer over HTTP/1.1, and sends none of a `GET` of unknown length): the replay gives
+//! what was read ahead, then the rest itself, framed as the first attempt was; the limit
+//! bounds what is kept, and nothing of that rest is. One whose rest the inner service
+//! has taken some of, or still holds then, is not replayed: its rest is the first
+//! attempt's.
 
 use std::{
     fmt,
@@ -535,7 +536,6 @@ where
         // from what was taken.
         let recorder = Arc::new(Recorder {
             abandoned: AtomicBool::new(false),
-            taken: AtomicBool::new(false),
             state: Mutex::new(Recorded::default()),
         });
         // What hyper sends is what the header says, when there is one.
@@ -615,7 +615,6 @@ where
         let first = ReplayBody::replay(chunks.into(), trailers, exact);
         let handle = ReplayHandle::Recorded(Arc::new(Recorder {
             abandoned: AtomicBool::new(false),
-            taken: AtomicBool::new(false),
             state: Mutex::new(Recorded {
                 kept: kept.into_chunks(),
                 trailers: kept_trailers,
@@ -1013,10 +1012,7 @@ impl<B> Recording<B> {
     /// Records `frame`, which the inner service is given next (a chunk kept shared is
     /// put back as the clone it shares).
     fn observe<E>(&mut self, frame: Option<&mut Result<Frame<Bytes>, E>>, ended: bool) {
-        if !self.touched {
-            self.touched = true;
-            self.recorder.taken.store(true, Ordering::Relaxed);
-        }
+        self.touched = true;
         if self.done {
             if self.early {
                 self.after_early(frame.as_deref());
@@ -1120,9 +1116,11 @@ impl<B> Recording<B> {
     /// as it was when the request was sent: it is handed to the recorder, so that the
     /// replay gives what was taken ahead and then the rest itself, framed as the first
     /// attempt was. Not when the body gave trailers ahead (complete then: see `Drop`),
-    /// nor once the recording is done.
+    /// nor more bytes ahead than it declared (failed then: see `Drop`; review 129), nor
+    /// once the recording is done.
     fn hand_back(&mut self, body: &mut Option<Pin<Box<B>>>) {
-        if self.done || self.touched || self.trailers.is_some() {
+        let past_declared = self.declared.is_some_and(|n| self.kept.len as u64 > n);
+        if self.done || self.touched || self.trailers.is_some() || past_declared {
             return;
         }
         self.done = true;
@@ -1170,9 +1168,6 @@ impl<B> Drop for Recording<B> {
 pub(crate) struct Recorder<B> {
     /// Set when the response future no longer needs a replay.
     abandoned: AtomicBool,
-    /// Set when the inner service took a frame of the body's rest (see
-    /// `Recording::touched`): until then the body may yet be dropped untaken.
-    taken: AtomicBool,
     state: Mutex<Recorded<B>>,
 }
 
@@ -1289,19 +1284,18 @@ pub(crate) enum ReplayHandle<B> {
 }
 
 impl<B: Body> ReplayHandle<B> {
-    /// Whether the body gave every byte it declared but has not shown its end yet, or
-    /// is still streaming with nothing of its rest taken (the inner service may drop it
-    /// untaken just after it answers: hyper's connection task hands the answer over,
-    /// then clears the body): the replay is built as late as it can be, when the new
-    /// credential is there.
+    /// Whether the body gave every byte it declared but has not shown its end yet: the
+    /// replay is built as late as it can be, when the new credential is there.
     pub(crate) fn unsettled(&self) -> bool {
-        match self {
-            ReplayHandle::Recorded(r) => match r.lock().status {
-                Status::Declared => true,
-                Status::Recording => !r.taken.load(Ordering::Relaxed),
-                _ => false,
-            },
-            _ => false,
+        matches!(self, ReplayHandle::Recorded(r) if r.lock().status == Status::Declared)
+    }
+
+    /// The answer was not a rejection: nobody will replay, so what the recording holds
+    /// (a body's rest handed back, the bytes kept) goes now, not when the future that
+    /// holds this handle is dropped (a caller may keep a settled future a while).
+    pub(crate) fn release(&self) {
+        if let ReplayHandle::Recorded(recorder) = self {
+            drop(recorder.abandon());
         }
     }
 
@@ -1754,6 +1748,63 @@ mod tests {
         }
         drop(first);
         assert_eq!(handle.take().unwrap_err(), NotReplayed::BodyIncomplete);
+    }
+
+    /// World: a body that gave more bytes before sending than the length it declares
+    /// (its hint says 2, or the request's `Content-Length` header does, with `abcd`
+    /// ready and more later), dropped by the inner service with its rest untaken, unread
+    /// or after it took the frame read ahead. Proves: it is not replayed (`BodyFailed`,
+    /// as before the hand-back): a body that gives another length than it declared is
+    /// passed on as it came and never replayed (module docs), and its replay would state
+    /// 2 bytes and give 6. Counter: what `take` gives, and the replay's hint and bytes
+    /// when it gives one.
+    #[tokio::test]
+    async fn a_body_past_its_declared_length_ahead_is_not_replayed_when_dropped_untaken() {
+        let over = || steps(vec![data(b"abcd"), Step::Wait, data(b"ef")]);
+        let mut seen = Vec::new();
+        for taken_ahead in [false, true] {
+            let by_hint = ReplayBody::record(Declared(over(), 2), 1024);
+            seen.push((
+                taken_ahead,
+                "hint",
+                dropped_past(by_hint, taken_ahead).await,
+            ));
+            let by_header = ReplayBody::record_declared(over(), 1024, || Some(2));
+            seen.push((
+                taken_ahead,
+                "header",
+                dropped_past(by_header, taken_ahead).await,
+            ));
+        }
+        let failed = |taken_ahead, by| (taken_ahead, by, Err(NotReplayed::BodyFailed));
+        assert_eq!(
+            seen,
+            vec![
+                failed(false, "hint"),
+                failed(false, "header"),
+                failed(true, "hint"),
+                failed(true, "header"),
+            ]
+        );
+    }
+
+    /// The first attempt dropped (after it took the frame read ahead, if `taken_ahead`),
+    /// then what the replay states and gives, or why there is none.
+    async fn dropped_past<B>(
+        (mut first, mut handle): (ReplayBody<B>, ReplayHandle<B>),
+        taken_ahead: bool,
+    ) -> Result<(Option<u64>, Vec<u8>), NotReplayed>
+    where
+        B: Body<Data = Bytes, Error = &'static str> + Unpin,
+    {
+        if taken_ahead {
+            let frame = next(&mut first).await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "abcd");
+        }
+        drop(first);
+        let replay = handle.take()?;
+        let stated = replay.size_hint().exact();
+        Ok((stated, frames(replay).await.0))
     }
 
     /// Framing: a body's size hint and whether it says it is at its end.

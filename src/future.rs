@@ -546,6 +546,10 @@ where
                             if let Some(cache) = &r.cache {
                                 cache.accepted(r.generation);
                             }
+                            // A body's rest handed back for a replay goes now.
+                            if let Ok(replay) = &r.replay {
+                                replay.body.release();
+                            }
                             return Poll::Ready(Ok(response));
                         }
                         Some(r) => r.judge.verdict(&response),
@@ -580,19 +584,25 @@ where
                         // Asked for a nonce without giving one: a resend could not
                         // carry it. Nothing against the credential either.
                         Verdict::UseDpopNonce if nonce == Some(None) => {
+                            if let Some(Retry {
+                                replay: Ok(replay), ..
+                            }) = retry.as_ref()
+                            {
+                                replay.body.release();
+                            }
                             response.extensions_mut().insert(NotReplayed::NoNonce);
                             return Poll::Ready(Ok(response));
                         }
                         // About a proof, with no proof sent: a rejection.
                         Verdict::UseDpopNonce | Verdict::InvalidDpopProof => None,
                         _ => {
-                            if let Some(Retry {
-                                cache: Some(cache),
-                                generation,
-                                ..
-                            }) = retry.as_ref()
-                            {
-                                cache.accepted(*generation);
+                            if let Some(r) = retry.as_ref() {
+                                if let Some(cache) = &r.cache {
+                                    cache.accepted(r.generation);
+                                }
+                                if let Ok(replay) = &r.replay {
+                                    replay.body.release();
+                                }
                             }
                             return Poll::Ready(Ok(response));
                         }

@@ -474,7 +474,14 @@ async fn an_early_401_is_judged_alike_through_tower_and_reqwest() {
 /// built when the new credential is there, not at the answer, so it goes with the whole
 /// body rather than coming back `BodyIncomplete`. Counter: the second request's
 /// credential and body, the outcome, the source's fetches.
+///
+/// Open (review 129): building the replay that late held back the 401 of a body the
+/// inner service still held until the refresh ended (and turned it into the refresh's
+/// error when that failed), so the decision is made when the answer comes; a body
+/// dropped only after that is not replayed. README, "API answers before it reads the
+/// body".
 #[tokio::test]
+#[ignore = "open (review 129): a body dropped untaken only after the answer is not replayed; README, API answers before it reads the body"]
 async fn a_body_dropped_untaken_after_the_answer_is_replayed_whole() {
     let source = TestSource::gated(None);
     source.release(1);
@@ -514,15 +521,177 @@ async fn a_body_dropped_untaken_after_the_answer_is_replayed_whole() {
     );
 }
 
+/// World: a streamed upload (`ab` ready, the rest later) that the inner service answers
+/// 401 while it still holds the body, its rest untaken (hyper's HTTP/2 pipe, or a bidi
+/// stream, holds a body it polled and found pending); the refresh the rejection starts
+/// is held (a slow token endpoint), or fails. Proves: the 401 comes back as it came,
+/// marked `BodyIncomplete`, as soon as it is answered, as before the change (nothing to
+/// replay: the rest is the first attempt's); neither delayed until the refresh ends nor
+/// turned into the refresh's error. Counter: the outcome within 500 ms.
+#[tokio::test]
+async fn an_early_401_on_a_held_untaken_body_comes_back_without_waiting_for_the_refresh() {
+    for how in ["refresh held", "refresh fails"] {
+        let source = TestSource::gated(None);
+        source.release(1);
+        let (inner, mut api) = mock::pair::<Request<ReplayBody<Fed>>, Response<&'static str>>();
+        let svc = AuthLayer::new(source.clone())
+            .any_https_origin()
+            .layer(inner);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ab")))).unwrap();
+        let req = Request::post("https://api.test/up").body(Fed(rx)).unwrap();
+        let mut call = tokio::spawn(svc.oneshot(req));
+        let (first, reply) = api.next_request().await.unwrap();
+        if how == "refresh fails" {
+            source.set_failing(true);
+            source.release(1);
+        }
+        reply.send_response(status(401));
+        let outcome = match tokio::time::timeout(Duration::from_millis(500), &mut call).await {
+            Err(_) => "still waiting for the refresh".to_owned(),
+            Ok(joined) => match joined.unwrap() {
+                Ok(res) => format!(
+                    "{} {:?}",
+                    res.status().as_u16(),
+                    res.extensions().get::<NotReplayed>()
+                ),
+                Err(err) => format!("error: {err}"),
+            },
+        };
+        assert_eq!(outcome, "401 Some(BodyIncomplete)", "{how}");
+        call.abort();
+        drop((first, tx));
+    }
+}
+
+/// A request body that counts its owners (`Arc::strong_count` of the second field).
+struct Watched(Fed, #[allow(dead_code)] std::sync::Arc<()>);
+
+impl Body for Watched {
+    type Data = Bytes;
+    type Error = &'static str;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
+        Pin::new(&mut self.0).poll_frame(cx)
+    }
+}
+
+/// World: a streamed upload (`ab` ready, the rest later) that the inner service drops
+/// with its rest untaken (as hyper does at an early answer) and answers 200 (or 404: an
+/// answer that is not a rejection); the caller keeps the settled future a while (a
+/// `select!` loop, a `FuturesUnordered` not drained yet). Proves: the
+/// caller's body is dropped once the answer is given, as it was before the hand-back
+/// (when the inner service dropped it), not kept until the future is dropped: nobody
+/// can replay it. Counter: the body's owners once the answer is out, and once the
+/// future is dropped.
+#[tokio::test]
+async fn a_rest_handed_back_is_dropped_once_the_answer_is_given() {
+    for code in [200, 404] {
+        let source = TestSource::new();
+        let (inner, mut api) = mock::pair::<Request<ReplayBody<Watched>>, Response<&'static str>>();
+        let svc = AuthLayer::new(source.clone())
+            .any_https_origin()
+            .layer(inner);
+        let alive = std::sync::Arc::new(());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ab")))).unwrap();
+        let req = Request::post("https://api.test/up")
+            .body(Watched(Fed(rx), alive.clone()))
+            .unwrap();
+        let (answered, on_answer) = tokio::sync::oneshot::channel();
+        let (release, on_release) = tokio::sync::oneshot::channel::<()>();
+        let caller = tokio::spawn(async move {
+            let mut svc = svc;
+            let ready = svc.ready().await.unwrap();
+            let mut call = Box::pin(tower::Service::call(ready, req));
+            let res = (&mut call).await.unwrap();
+            answered.send(res.status().as_u16()).unwrap();
+            let _ = on_release.await;
+            drop(call);
+        });
+        let (first, reply) = api.next_request().await.unwrap();
+        drop(first);
+        reply.send_response(status(code));
+        assert_eq!(on_answer.await.unwrap(), code);
+        let after_answer = std::sync::Arc::strong_count(&alive) - 1;
+        release.send(()).unwrap();
+        caller.await.unwrap();
+        let after_drop = std::sync::Arc::strong_count(&alive) - 1;
+        assert_eq!(
+            (after_answer, after_drop),
+            (0, 0),
+            "{code}: owners of the body"
+        );
+        drop(tx);
+    }
+}
+
+/// World: a streamed upload (`ab` ready, the rest later) that the inner service drops
+/// untaken and answers 401, the refresh held; the caller drops the call mid-refresh,
+/// with the body handed back before the answer, or after it (while the replay waits to
+/// be built). Proves: the caller's body goes with the call, nothing keeps it (no cycle
+/// through the recorder). Counter: the body's owners once the call is dropped.
+#[tokio::test]
+async fn a_rest_handed_back_goes_with_a_call_dropped_mid_refresh() {
+    for before_answer in [true, false] {
+        let source = TestSource::gated(None);
+        source.release(1);
+        let (inner, mut api) = mock::pair::<Request<ReplayBody<Watched>>, Response<&'static str>>();
+        let svc = AuthLayer::new(source.clone())
+            .any_https_origin()
+            .layer(inner);
+        let alive = std::sync::Arc::new(());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ab")))).unwrap();
+        let req = Request::post("https://api.test/up")
+            .body(Watched(Fed(rx), alive.clone()))
+            .unwrap();
+        let call = tokio::spawn(svc.oneshot(req));
+        let (first, reply) = api.next_request().await.unwrap();
+        let first = if before_answer {
+            drop(first);
+            None
+        } else {
+            Some(first)
+        };
+        reply.send_response(status(401));
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            source.fetches(),
+            2,
+            "{before_answer}: the refresh did not start"
+        );
+        drop(first);
+        call.abort();
+        let _ = call.await;
+        assert_eq!(
+            std::sync::Arc::strong_count(&alive) - 1,
+            0,
+            "{before_answer}: owners of the body"
+        );
+        drop(tx);
+    }
+}
+
 /// World: as above, a streaming upload (`ab` ready, `cd` 100 ms later) that the API
 /// answers 401 before it reads a byte, 20 times, on a multi-threaded runtime: hyper's
 /// connection task hands the answer to the caller's task and then drops the body, and the
 /// caller's task may run on the other worker in between. Proves: every request is
-/// replayed whole with the new credential (the replay is built when the new credential
-/// is there, by when the untaken body was dropped), not returned `BodyIncomplete` when
-/// the caller's task was quicker. Counter: each call's status and `NotReplayed`, what the
+/// replayed whole with the new credential, not returned `BodyIncomplete` when the
+/// caller's task was quicker. Counter: each call's status and `NotReplayed`, what the
 /// API read per request.
+///
+/// Open (review 129), as [`a_body_dropped_untaken_after_the_answer_is_replayed_whole`]:
+/// the replay is decided when the answer comes; hyper clears the body within the same
+/// poll that hands the answer over, so the caller's task on the other worker rarely
+/// looks first (60 of 60 rounds replayed here), but nothing orders the two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open (review 129): on a multi-threaded runtime the caller may look before hyper drops the body; README, API answers before it reads the body"]
 async fn an_early_401_on_a_stream_is_replayed_whole_on_a_multi_threaded_runtime() {
     let (base, log) = early_api().await;
     let client =
