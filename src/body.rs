@@ -1293,9 +1293,10 @@ impl<B: Body> ReplayHandle<B> {
     /// The answer was not a rejection: nobody will replay, so what the recording holds
     /// (a body's rest handed back, the bytes kept) goes now, not when the future that
     /// holds this handle is dropped (a caller may keep a settled future a while).
+    #[inline]
     pub(crate) fn release(&self) {
         if let ReplayHandle::Recorded(recorder) = self {
-            drop(recorder.abandon());
+            release_recorded(recorder);
         }
     }
 
@@ -1356,6 +1357,13 @@ impl<B: Body> ReplayHandle<B> {
             _ => None,
         }
     }
+}
+
+/// [`ReplayHandle::release`] for a streaming body, out of the way of the common answer.
+#[cold]
+#[inline(never)]
+fn release_recorded<B>(recorder: &Recorder<B>) {
+    drop(recorder.abandon());
 }
 
 impl<B> Drop for ReplayHandle<B> {
