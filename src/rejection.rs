@@ -511,4 +511,70 @@ mod tests {
         };
         assert!(!format!("{marker:?}").contains('\u{1b}'));
     }
+
+    /// World: an API whose challenges leave out spaces and quotes (`scope=orders:write`,
+    /// a URL realm) beside other schemes. Proves: the standard rule judges them as the
+    /// server meant: the step-up asks for the whole scope; `invalid_token` after a URL
+    /// realm still vetoes a step-up another challenge asks for; a `DPoP` nonce error
+    /// without spaces is still one. Counter: the verdicts.
+    #[test]
+    fn unquoted_values_judge_as_sent() {
+        let std = StandardRejection::default();
+        assert_eq!(
+            judge(
+                &std,
+                403,
+                Some("Bearer error=insufficient_scope,scope=orders:write")
+            ),
+            Verdict::InsufficientScope {
+                scope: Some("orders:write".into())
+            }
+        );
+        assert_eq!(
+            judge(
+                &std,
+                401,
+                Some(
+                    "Bearer realm=https://api.example/v1,error=invalid_token, DPoP error=insufficient_scope,scope=admin"
+                )
+            ),
+            Verdict::Rejected
+        );
+        assert_eq!(
+            judge(
+                &std,
+                401,
+                Some("Basic realm=https://x/y, DPoP algs=ES256,error=use_dpop_nonce")
+            ),
+            Verdict::UseDpopNonce
+        );
+        assert_eq!(
+            judge(&std, 401, Some("DPoP error=invalid_dpop_proof,algs=ES256")),
+            Verdict::InvalidDpopProof
+        );
+    }
+
+    /// World: a `403` whose `scope` is broken mid-way by a byte no unquoted value holds
+    /// (`orders:wr\xefte`, Latin-1 from a careless server). Proves: the layer never steps
+    /// up for `orders:wr`, a scope the server did not name. Counter: the verdict. FAILS
+    /// at c9ea34f: `InsufficientScope { scope: Some("orders:wr") }`.
+    #[test]
+    fn a_scope_cut_by_a_stray_byte_is_no_step_up() {
+        let std = StandardRejection::default();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_bytes(
+                b"Bearer error=insufficient_scope, scope=orders:wr\xefte",
+            )
+            .unwrap(),
+        );
+        let verdict = std.judge(&ResponseHead::new(StatusCode::FORBIDDEN, &headers));
+        assert_ne!(
+            verdict,
+            Verdict::InsufficientScope {
+                scope: Some("orders:wr".into())
+            }
+        );
+    }
 }

@@ -520,3 +520,500 @@ async fn the_client_secret_never_shows() {
     assert!(shown.contains("client_secret_jwt (HS256)"), "{shown}");
     assert!(err.to_string().contains("[redacted]"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Review 130: client_secret_jwt against a recording endpoint (every request kept whole,
+// headers and body), with its assertions verified here as a strict server does.
+
+type Recorded = std::sync::Arc<std::sync::Mutex<Vec<(http::HeaderMap, bytes::Bytes)>>>;
+
+/// A token endpoint that keeps every request and answers with `answer(n)` (n from 1).
+async fn recording_endpoint(answer: fn(usize) -> support::providers::Reply) -> (String, Recorded) {
+    let seen: Recorded = Recorded::default();
+    let kept = seen.clone();
+    let addr = support::providers::serve(move |req| {
+        let kept = kept.clone();
+        async move {
+            let req = support::providers::read(req).await;
+            let n = {
+                let mut kept = kept.lock().unwrap();
+                kept.push((req.headers, req.body));
+                kept.len()
+            };
+            answer(n)
+        }
+    })
+    .await;
+    (format!("http://{addr}/oauth2/token"), seen)
+}
+
+fn tokens(n: usize) -> support::providers::Reply {
+    support::providers::reply(
+        http::StatusCode::OK,
+        serde_json::json!({"access_token": format!("t-{n}"), "token_type": "Bearer",
+            "expires_in": 300, "refresh_token": format!("rt-{n}")}),
+    )
+}
+
+/// The body's fields as sent, in order, repeats kept (a form or a JSON object).
+fn sent_fields(headers: &http::HeaderMap, body: &[u8]) -> Vec<(String, String)> {
+    if headers[http::header::CONTENT_TYPE] == "application/json" {
+        let doc: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).unwrap();
+        doc.into_iter()
+            .map(|(k, v)| (k, v.as_str().unwrap().to_owned()))
+            .collect()
+    } else {
+        form_urlencoded::parse(body).into_owned().collect()
+    }
+}
+
+fn count(fields: &[(String, String)], name: &str) -> usize {
+    fields.iter().filter(|(n, _)| n == name).count()
+}
+
+fn get<'a>(fields: &'a [(String, String)], name: &str) -> &'a str {
+    &fields.iter().find(|(n, _)| n == name).unwrap().1
+}
+
+/// An HS256 client assertion checked as Connect2id/Nimbus, Keycloak and Okta check it:
+/// header `alg` HS256, the tag verified with `secret`, `iss` = `sub` = `client_id`, `aud`,
+/// `exp` after `iat` and at most an hour away, a `jti` of at least 128 bits. Its claims.
+fn verified_hs256(jws: &str, secret: &str, client_id: &str, aud: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (input, tag) = jws.rsplit_once('.').unwrap();
+    let (header, claims) = input.split_once('.').unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&b64.decode(header).unwrap()).unwrap();
+    assert_eq!(header["alg"], "HS256", "{header}");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    ring::hmac::verify(&key, input.as_bytes(), &b64.decode(tag).unwrap())
+        .expect("the tag is the secret's HMAC-SHA256");
+    let claims: serde_json::Value = serde_json::from_slice(&b64.decode(claims).unwrap()).unwrap();
+    assert_eq!(
+        (&claims["iss"], &claims["sub"], &claims["aud"]),
+        (
+            &serde_json::json!(client_id),
+            &serde_json::json!(client_id),
+            &serde_json::json!(aud)
+        ),
+        "{claims}"
+    );
+    let (iat, exp) = (
+        claims["iat"].as_u64().unwrap(),
+        claims["exp"].as_u64().unwrap(),
+    );
+    assert!(exp > iat && exp - iat <= 3600, "{claims}");
+    assert!(claims["jti"].as_str().unwrap().len() >= 22, "{claims}");
+    claims
+}
+
+/// How a request must authenticate its client.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    /// `client_secret_jwt` with this secret and `aud` (`None`: the token endpoint).
+    SecretJwt(&'static str, Option<&'static str>),
+    /// `private_key_jwt` (ES256).
+    PrivateKeyJwt,
+    /// HTTP Basic, nothing of the client in the body.
+    Basic,
+    /// `client_id` and `client_secret` in the body.
+    Body,
+}
+
+const OTHER_SHARED: &str = "a-second-secret-of-forty-bytes-0123456789";
+const ISSUER: &str = "https://login.example.com/realms/acme";
+
+/// World: a request switched between client authentication methods, in every order the
+/// builder allows (Basic, Body, mTLS, `private_key_jwt`, `client_secret_jwt`, another
+/// secret, the issuer audience, a JSON body, a `client_id` given by hand), sent to an
+/// endpoint that keeps each request whole. Proves: exactly the last method is sent:
+/// one `client_id` (none in a Basic body), no `Authorization` beside an assertion, no
+/// `client_secret` (nor the secret in any form) beside or inside a `client_secret_jwt`
+/// request, an HS256 assertion a strict server verifies with the last secret given and
+/// a `jti` never sent before. Counter: the requests as the endpoint received them.
+#[tokio::test]
+async fn client_secret_jwt_is_sent_alone_whatever_was_switched_from() {
+    let (url, seen) = recording_endpoint(tokens).await;
+    let key = || SigningKey::from_pem(EC).unwrap();
+    let id = "jwt-client";
+    let u = url.as_str();
+    use tower_client_auth::token::{BodyEncoding, ClientAuth};
+    let cases: Vec<(&str, TokenRequest, Sent)> = vec![
+        (
+            "basic -> secret_jwt",
+            TokenRequest::oauth2_client_credentials(u, id, SHARED)
+                .unwrap()
+                .client_secret_jwt(id, SHARED)
+                .unwrap(),
+            Sent::SecretJwt(SHARED, None),
+        ),
+        (
+            "body -> secret_jwt",
+            TokenRequest::oauth2_client_credentials(u, id, SHARED)
+                .unwrap()
+                .client_auth(ClientAuth::Body)
+                .client_secret_jwt(id, SHARED)
+                .unwrap(),
+            Sent::SecretJwt(SHARED, None),
+        ),
+        (
+            "mtls -> secret_jwt",
+            TokenRequest::oauth2_client_credentials_mtls(u, id)
+                .unwrap()
+                .client_secret_jwt(id, SHARED)
+                .unwrap(),
+            Sent::SecretJwt(SHARED, None),
+        ),
+        (
+            "private_key_jwt + audience -> secret_jwt (audience kept)",
+            TokenRequest::oauth2_client_credentials_jwt(u, id, key())
+                .unwrap()
+                .assertion_audience(ISSUER)
+                .client_secret_jwt(id, SHARED)
+                .unwrap(),
+            Sent::SecretJwt(SHARED, Some(ISSUER)),
+        ),
+        (
+            "secret_jwt -> other secret_jwt",
+            TokenRequest::oauth2_client_credentials_secret_jwt(u, id, SHARED)
+                .unwrap()
+                .client_secret_jwt(id, OTHER_SHARED)
+                .unwrap(),
+            Sent::SecretJwt(OTHER_SHARED, None),
+        ),
+        (
+            "secret_jwt -> client_auth(Body), JSON body, client_id by hand",
+            TokenRequest::json(u)
+                .unwrap()
+                .field("grant_type", "client_credentials")
+                .field("client_id", id)
+                .client_secret_jwt(id, SHARED)
+                .unwrap()
+                .client_auth(ClientAuth::Body)
+                .encoding(BodyEncoding::Json),
+            Sent::SecretJwt(SHARED, None),
+        ),
+        (
+            "secret_jwt + audience -> private_key_jwt",
+            TokenRequest::oauth2_client_credentials_secret_jwt(u, id, SHARED)
+                .unwrap()
+                .assertion_audience(ISSUER)
+                .private_key_jwt(id, key()),
+            Sent::PrivateKeyJwt,
+        ),
+        (
+            "secret_jwt -> basic",
+            TokenRequest::oauth2_client_credentials_secret_jwt(u, id, SHARED)
+                .unwrap()
+                .client_credentials(id, "plain-secret"),
+            Sent::Basic,
+        ),
+        (
+            "secret_jwt -> body",
+            TokenRequest::oauth2_client_credentials_secret_jwt(u, id, SHARED)
+                .unwrap()
+                .client_credentials(id, "plain-secret")
+                .client_auth(ClientAuth::Body),
+            Sent::Body,
+        ),
+    ];
+    let mut jtis = std::collections::HashSet::new();
+    for (name, request, want) in cases {
+        let source = TokenSource::new(request).client(token_client());
+        for _ in 0..2 {
+            fetch(&source).await.unwrap();
+            let (headers, body) = seen.lock().unwrap().last().cloned().unwrap();
+            let fields = sent_fields(&headers, &body);
+            let text = String::from_utf8_lossy(&body).into_owned();
+            let auth = headers.get(http::header::AUTHORIZATION);
+            match want {
+                Sent::SecretJwt(secret, aud) => {
+                    assert!(auth.is_none(), "{name}: {auth:?}");
+                    assert_eq!(count(&fields, "client_id"), 1, "{name}: {text}");
+                    assert_eq!(count(&fields, "client_secret"), 0, "{name}: {text}");
+                    assert_eq!(count(&fields, "client_assertion"), 1, "{name}: {text}");
+                    assert_eq!(
+                        get(&fields, "client_assertion_type"),
+                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                        "{name}"
+                    );
+                    let claims = verified_hs256(
+                        get(&fields, "client_assertion"),
+                        secret,
+                        id,
+                        aud.unwrap_or(u),
+                    );
+                    assert!(jtis.insert(claims["jti"].to_string()), "{name}: jti reused");
+                    for s in [SHARED, OTHER_SHARED, "0123456789"] {
+                        assert!(!text.contains(s), "{name}: {s} in {text}");
+                    }
+                }
+                Sent::PrivateKeyJwt => {
+                    assert!(auth.is_none(), "{name}: {auth:?}");
+                    assert_eq!(count(&fields, "client_id"), 1, "{name}: {text}");
+                    assert_eq!(count(&fields, "client_secret"), 0, "{name}: {text}");
+                    assert!(!text.contains("0123456789"), "{name}: {text}");
+                }
+                Sent::Basic => {
+                    assert!(auth.is_some(), "{name}");
+                    assert_eq!(count(&fields, "client_id"), 0, "{name}: {text}");
+                    assert_eq!(count(&fields, "client_assertion"), 0, "{name}: {text}");
+                    assert!(!text.contains("0123456789"), "{name}: {text}");
+                }
+                Sent::Body => {
+                    assert!(auth.is_none(), "{name}: {auth:?}");
+                    assert_eq!(count(&fields, "client_id"), 1, "{name}: {text}");
+                    assert_eq!(get(&fields, "client_secret"), "plain-secret", "{name}");
+                    assert_eq!(count(&fields, "client_assertion"), 0, "{name}: {text}");
+                    assert!(!text.contains("0123456789"), "{name}: {text}");
+                }
+            }
+        }
+    }
+}
+
+/// World: a request that authenticated with `client_secret_jwt` (or Basic) switched to
+/// mutual TLS with `mtls_client_auth()`, as one moving a client to RFC 8705 would write
+/// it. Proves (the promise: any switch sends one method and `client_id` exactly once):
+/// the mTLS request still names its client. Counter: `client_id` fields received.
+/// FAILS at 11e6260: none is sent (`mtls_client_auth` adds no field and drops the
+/// client id the assertion or the Basic credentials carried), which an RFC 8705 server
+/// refuses (`client_id` is REQUIRED there).
+#[tokio::test]
+async fn switching_from_client_secret_jwt_to_mtls_keeps_the_client_id() {
+    let (url, seen) = recording_endpoint(tokens).await;
+    for (name, request) in [
+        (
+            "secret_jwt -> mtls",
+            TokenRequest::oauth2_client_credentials_secret_jwt(&url, "jwt-client", SHARED)
+                .unwrap()
+                .mtls_client_auth(),
+        ),
+        (
+            "basic -> mtls",
+            TokenRequest::oauth2_client_credentials(&url, "jwt-client", SHARED)
+                .unwrap()
+                .mtls_client_auth(),
+        ),
+    ] {
+        fetch(&TokenSource::new(request).client(token_client()))
+            .await
+            .unwrap();
+        let (headers, body) = seen.lock().unwrap().last().cloned().unwrap();
+        let fields = sent_fields(&headers, &body);
+        assert!(headers.get(http::header::AUTHORIZATION).is_none(), "{name}");
+        assert_eq!(count(&fields, "client_assertion"), 0, "{name}");
+        assert_eq!(
+            count(&fields, "client_id"),
+            1,
+            "{name}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+}
+
+/// World: the refresh grant authenticated with `client_secret_jwt`, a refresh token saved
+/// earlier, and an endpoint that rotates refresh tokens. Proves: each refresh is a
+/// `refresh_token` grant carrying the held refresh token and a fresh HS256 assertion
+/// (verified, a new `jti`), never the secret. Counter: the requests received.
+#[tokio::test]
+async fn client_secret_jwt_authenticates_the_refresh_grant() {
+    let (url, seen) = recording_endpoint(tokens).await;
+    let refresh = TokenRequest::form(&url)
+        .unwrap()
+        .field("grant_type", "refresh_token")
+        .client_secret_jwt("jwt-client", SHARED)
+        .unwrap();
+    let source = TokenSource::new(
+        TokenRequest::oauth2_client_credentials_secret_jwt(&url, "jwt-client", SHARED).unwrap(),
+    )
+    .refresh_with(refresh, "refresh_token")
+    .refresh_token("rt-saved")
+    .client(token_client());
+    fetch(&source).await.unwrap();
+    fetch(&source).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    let mut jtis = Vec::new();
+    for ((headers, body), held) in seen.iter().zip(["rt-saved", "rt-1"]) {
+        let fields = sent_fields(headers, body);
+        assert_eq!(get(&fields, "grant_type"), "refresh_token");
+        assert_eq!(get(&fields, "refresh_token"), held);
+        assert!(headers.get(http::header::AUTHORIZATION).is_none());
+        assert_eq!(count(&fields, "client_id"), 1);
+        assert_eq!(count(&fields, "client_secret"), 0);
+        let claims = verified_hs256(get(&fields, "client_assertion"), SHARED, "jwt-client", &url);
+        jtis.push(claims["jti"].to_string());
+    }
+    assert_ne!(jtis[0], jtis[1]);
+}
+
+/// A secret with every character an echo may encode differently: `/`, `+`, `"`, `\`,
+/// `&`, `=`, a space and a non-ASCII letter; the canary is its plain middle.
+const MARKED: &str = "Mk/+\"\\&= \u{e9}-canary-0123456789-ABCDEFGHIJ";
+const CANARY: &str = "canary-0123456789";
+
+/// Refusals that echo the registered secret (the secret itself never travelled): as
+/// sent, form-encoded (upper and lower case, `+` and `%20`), JSON-escaped as PHP,
+/// Python and .NET write it, in the `error` code itself, and in a plain-text body.
+fn echo_secret(n: usize) -> support::providers::Reply {
+    let form: String = form_urlencoded::byte_serialize(MARKED.as_bytes()).collect();
+    let json = serde_json::to_string(MARKED).unwrap();
+    let json = &json[1..json.len() - 1];
+    let php = json.replace('/', "\\/").replace('\u{e9}', "\\u00e9");
+    let dotnet = json
+        .replace("\\\"", "\\u0022")
+        .replace('&', "\\u0026")
+        .replace('+', "\\u002B")
+        .replace('\u{e9}', "\\u00E9");
+    // Percent escapes in lower case (`%2f`), a space as `%20`.
+    let mut lower = String::new();
+    let mut chars = form.chars();
+    while let Some(c) = chars.next() {
+        lower.push(c);
+        if c == '%' {
+            lower.extend(chars.by_ref().take(2).map(|h| h.to_ascii_lowercase()));
+        }
+    }
+    let lower = lower.replace('+', "%20");
+    let text = match n {
+        1 => format!("expected a signature with {MARKED}"),
+        2 => format!("key={form} or {lower}"),
+        3 => format!("key {json} / {php} / {dotnet}"),
+        _ => String::new(),
+    };
+    match n {
+        4 => support::providers::reply(
+            http::StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": format!("invalid_client:{MARKED}")}),
+        ),
+        5 => http::Response::builder()
+            .status(http::StatusCode::UNAUTHORIZED)
+            .header(http::header::CONTENT_TYPE, "text/plain")
+            .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                "bad client assertion, expected HS256 with key {MARKED}"
+            ))))
+            .unwrap(),
+        _ => support::providers::reply(
+            http::StatusCode::UNAUTHORIZED,
+            serde_json::json!({"error": "invalid_client", "error_description": text}),
+        ),
+    }
+}
+
+/// World: a careless server refuses each `client_secret_jwt` request with the registered
+/// secret in its answer, in each form a server may echo it (as is, form-encoded in
+/// either case, JSON-escaped three ways, inside the `error` code, in a plain-text body).
+/// Proves: the secret shows in no error's `Display` or `Debug`. Counter: the text shown.
+#[tokio::test]
+async fn the_client_secret_is_scrubbed_in_every_form_a_server_echoes() {
+    let (url, seen) = recording_endpoint(echo_secret).await;
+    let source = TokenSource::new(
+        TokenRequest::oauth2_client_credentials_secret_jwt(&url, "jwt-client", MARKED).unwrap(),
+    )
+    .client(token_client());
+    for n in 1..=5 {
+        let err = fetch(&source).await.unwrap_err();
+        assert_eq!(seen.lock().unwrap().len(), n, "{err}");
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains(CANARY), "answer {n}: {shown}");
+    }
+}
+
+/// World: an issuer (RFC 8414) that lists only `client_secret_jwt` in
+/// `token_endpoint_auth_methods_supported` and first publishes a token endpoint that is
+/// gone (404), then the one that is there now: a strict `client_secret_jwt` server
+/// wanting its own URL as `aud`. Proves: the request made with the issuer's URL is sent
+/// to the endpoint published, re-signed for it (its `aud`, a fresh `jti`), and accepted.
+/// Counter: the server's accepted count and refusals.
+#[tokio::test]
+async fn client_secret_jwt_follows_the_issuer_to_a_moved_token_endpoint() {
+    let idp = JwtClientIdp::new("jwt-client", "HS256", SHARED.as_bytes().to_vec(), None);
+    let now_at = idp.start().await;
+    let published = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let issuer = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (p, i, there) = (published.clone(), issuer.clone(), now_at.clone());
+    let addr = support::providers::serve(move |req| {
+        let (p, i, there) = (p.clone(), i.clone(), there.clone());
+        async move {
+            let req = support::providers::read(req).await;
+            let issuer = i.lock().unwrap().clone();
+            if req.method == http::Method::GET && req.path.contains("/.well-known/") {
+                let token_endpoint = match p.fetch_add(1, SeqCst) {
+                    0 => format!("{issuer}/gone/token"),
+                    _ => there,
+                };
+                return support::providers::reply(
+                    http::StatusCode::OK,
+                    serde_json::json!({"issuer": issuer, "token_endpoint": token_endpoint,
+                        "token_endpoint_auth_methods_supported": ["client_secret_jwt"],
+                        "response_types_supported": ["code"]}),
+                );
+            }
+            support::providers::reply(
+                http::StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "not found"}),
+            )
+        }
+    })
+    .await;
+    let base = format!("http://{addr}");
+    *issuer.lock().unwrap() = base.clone();
+    let source = TokenSource::new(
+        TokenRequest::oauth2_client_credentials_secret_jwt(&base, "jwt-client", SHARED).unwrap(),
+    )
+    .issuer(tower_client_auth::token::Issuer::new(&base).unwrap())
+    .client(token_client());
+    fetch(&source).await.unwrap();
+    fetch(&source).await.unwrap();
+    assert_eq!(
+        (
+            idp.accepted.load(SeqCst),
+            idp.refusals.lock().unwrap().clone()
+        ),
+        (2, Vec::<&str>::new())
+    );
+}
+
+/// The first token request wants a DPoP nonce (RFC 9449 §8); the rest get tokens.
+fn nonce_first(n: usize) -> support::providers::Reply {
+    if n > 1 {
+        return tokens(n);
+    }
+    let mut reply = support::providers::reply(
+        http::StatusCode::BAD_REQUEST,
+        serde_json::json!({"error": "use_dpop_nonce", "error_description": "nonce required"}),
+    );
+    reply
+        .headers_mut()
+        .insert("dpop-nonce", http::HeaderValue::from_static("n-1"));
+    reply
+}
+
+/// World: a DPoP-bound token endpoint that answers the first request `use_dpop_nonce`,
+/// and a client authenticating with `client_secret_jwt`: a server enforcing single-use
+/// `jti`s (as Okta and Keycloak do) refuses a resend that repeats the assertion. Proves:
+/// the resend with the nonce carries a new assertion (a new `jti`, verified), not the
+/// first one again. Counter: the two requests received.
+#[tokio::test]
+async fn a_dpop_nonce_resend_carries_a_fresh_client_secret_jwt() {
+    let (url, seen) = recording_endpoint(nonce_first).await;
+    let source = TokenSource::new(
+        TokenRequest::oauth2_client_credentials_secret_jwt(&url, "jwt-client", SHARED).unwrap(),
+    )
+    .dpop(tower_client_auth::token::DpopKey::generate().unwrap())
+    .client(token_client());
+    fetch(&source).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    let jtis: Vec<String> = seen
+        .iter()
+        .map(|(headers, body)| {
+            let fields = sent_fields(headers, body);
+            let claims =
+                verified_hs256(get(&fields, "client_assertion"), SHARED, "jwt-client", &url);
+            claims["jti"].to_string()
+        })
+        .collect();
+    assert_ne!(jtis[0], jtis[1]);
+}

@@ -189,14 +189,20 @@ impl TokenRequest {
     }
 
     /// Marks this request as authenticated by the TLS client certificate (RFC 8705):
-    /// for a grant of your own; it adds no field (give `client_id` with
-    /// [`field`](Self::field)).
+    /// for a grant of your own. It keeps the client id of the authentication it replaces
+    /// (client credentials, a signed assertion) as a `client_id` field, which RFC 8705
+    /// §2 requires, unless the request has one; with none before, give `client_id` with
+    /// [`field`](Self::field).
     pub fn mtls_client_auth(mut self) -> Self {
         // One way to authenticate the client (RFC 6749 §2.3): the last one given.
+        let id = self.client_id().map(str::to_owned);
         self.client = None;
         #[cfg(feature = "jwt")]
         {
             self.assertion = None;
+        }
+        if let Some(id) = id.filter(|_| !self.fields.iter().any(|(k, _)| k == "client_id")) {
+            self.fields.push(("client_id".to_owned(), Value::Plain(id)));
         }
         self.mtls = true;
         self
