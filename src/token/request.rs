@@ -577,16 +577,23 @@ impl TokenRequest {
         if let Some(a) = &self.assertion {
             let audience = match &a.audience {
                 Some(audience) => audience.clone(),
-                // The token endpoint as the server knows it: no query.
-                None => format!(
-                    "{}://{}{}",
-                    self.url.scheme_str().unwrap_or("https"),
-                    self.url
-                        .authority()
-                        .and_then(|a| a.as_str().rsplit('@').next())
-                        .unwrap_or_default(),
-                    self.url.path()
-                ),
+                // The token endpoint as the server knows it (and publishes it): no
+                // query, no user info, no port that is the scheme's default (a server
+                // comparing `aud` with its published `https://h/t` refuses
+                // `https://h:443/t`; review 130).
+                None => {
+                    let scheme = self.url.scheme_str().unwrap_or("https");
+                    let host = self.url.host().unwrap_or_default();
+                    let port = match self.url.port_u16() {
+                        Some(443) if scheme == "https" => None,
+                        Some(80) if scheme == "http" => None,
+                        port => port,
+                    };
+                    match port {
+                        Some(port) => format!("{scheme}://{host}:{port}{}", self.url.path()),
+                        None => format!("{scheme}://{host}{}", self.url.path()),
+                    }
+                }
             };
             signed = Some(Secret::from(super::assertion::client_assertion(
                 &a.key,
@@ -679,6 +686,51 @@ mod tests {
 
     async fn body(req: Request<Full<Bytes>>) -> String {
         String::from_utf8(req.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    /// The default `aud` of a client assertion is the token endpoint as a server
+    /// publishes it: a port that is the scheme's default, user info and the query are
+    /// left out (a server comparing `aud` with its published `https://h/t` refuses
+    /// `https://h:443/t`); another port is kept, and so is an IPv6 host's brackets.
+    #[cfg(feature = "jwt")]
+    #[tokio::test]
+    async fn the_default_assertion_audience_is_the_endpoint_as_published() {
+        use base64::Engine as _;
+        let secret = "a-client-secret-of-32-bytes-0123";
+        for (url, aud) in [
+            (
+                "https://login.example.com:443/oauth2/token?x=1",
+                "https://login.example.com/oauth2/token",
+            ),
+            (
+                "https://user@login.example.com/oauth2/token",
+                "https://login.example.com/oauth2/token",
+            ),
+            ("http://127.0.0.1:80/t", "http://127.0.0.1/t"),
+            (
+                "https://login.example.com:8443/t",
+                "https://login.example.com:8443/t",
+            ),
+            ("https://[::1]:443/t", "https://[::1]/t"),
+        ] {
+            let req = TokenRequest::oauth2_client_credentials_secret_jwt(url, "id", secret)
+                .unwrap()
+                .build(None)
+                .unwrap();
+            let form = body(req).await;
+            let jws = form
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("client_assertion="))
+                .unwrap();
+            let claims = jws.split('.').nth(1).unwrap();
+            let claims: serde_json::Value = serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(claims)
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(claims["aud"], aud, "{url}");
+        }
     }
 
     /// Basic auth url-encodes id and secret before base64 (RFC 6749 §2.3.1), and the
