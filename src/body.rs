@@ -1290,16 +1290,6 @@ impl<B: Body> ReplayHandle<B> {
         matches!(self, ReplayHandle::Recorded(r) if r.lock().status == Status::Declared)
     }
 
-    /// The answer was not a rejection: nobody will replay, so what the recording holds
-    /// (a body's rest handed back, the bytes kept) goes now, not when the future that
-    /// holds this handle is dropped (a caller may keep a settled future a while).
-    #[inline]
-    pub(crate) fn release(&self) {
-        if let ReplayHandle::Recorded(recorder) = self {
-            release_recorded(recorder);
-        }
-    }
-
     /// The body for the replay, taking the recorded chunks (there is only one replay).
     pub(crate) fn take(&mut self) -> Result<ReplayBody<B>, NotReplayed> {
         match self {
@@ -1366,13 +1356,23 @@ fn release_recorded<B>(recorder: &Recorder<B>) {
     drop(recorder.abandon());
 }
 
+impl<B> ReplayHandle<B> {
+    /// The answer was not a rejection: nobody will replay, so what the recording holds
+    /// (a body's rest handed back, the bytes kept) goes now, not when the future that
+    /// holds this handle is dropped (a caller may keep a settled future a while).
+    #[inline]
+    pub(crate) fn release(&self) {
+        if let ReplayHandle::Recorded(recorder) = self {
+            release_recorded(recorder);
+        }
+    }
+}
+
 impl<B> Drop for ReplayHandle<B> {
     /// Once the response is settled nobody can replay: release the retained chunks now
     /// instead of when the inner service drops the body.
     fn drop(&mut self) {
-        if let ReplayHandle::Recorded(recorder) = self {
-            drop(recorder.abandon());
-        }
+        self.release();
     }
 }
 

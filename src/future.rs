@@ -192,6 +192,28 @@ struct Retry<S, B, P> {
     dpop: Option<Box<Sent>>,
 }
 
+impl<S, B, P: CredentialSource> Retry<S, B, P> {
+    /// The answer accepts the credential: the cache hears so, and the replay's body
+    /// goes now (see [`release`](Self::release)).
+    #[inline(always)]
+    fn accepted(&self) {
+        if let Some(cache) = &self.cache {
+            cache.accepted(self.generation);
+        }
+        self.release();
+    }
+
+    /// The answer is not a rejection: nobody will replay, so what the recording holds
+    /// (a body's rest handed back) goes now, not with the future (a caller may keep a
+    /// settled future a while).
+    #[inline(always)]
+    fn release(&self) {
+        if let Ok(replay) = &self.replay {
+            replay.body.release();
+        }
+    }
+}
+
 /// What a replay is rebuilt from. Not a `Request`: the body is rebuilt from the recording.
 struct Replay<S, B> {
     service: S,
@@ -211,10 +233,9 @@ type Unsettled<B> = (Head, ReplayHandle<B>);
 struct Resend<S: Service<Request<ReplayBody<B>>>, B: Body, P> {
     service: S,
     /// `Err`: the head and a body that gave every byte it declared without showing its
-    /// end yet, or streams on with nothing of its rest taken (see
-    /// `ReplayHandle::unsettled`); the request is built when the new credential is
-    /// there, if the body settled (or was dropped untaken) by then. (`Err(None)` only
-    /// while it is built.)
+    /// end yet (see `ReplayHandle::unsettled`); the request is built when the new
+    /// credential is there, if the body settled by then. (`Err(None)` only while it is
+    /// built.)
     request: Result<Request<ReplayBody<B>>, Option<Unsettled<B>>>,
     judge: Judge,
     cache: CacheRef<P>,
@@ -543,13 +564,7 @@ where
                             if let Some(sent) = &r.dpop {
                                 sent.saw(response.headers());
                             }
-                            if let Some(cache) = &r.cache {
-                                cache.accepted(r.generation);
-                            }
-                            // A body's rest handed back for a replay goes now.
-                            if let Ok(replay) = &r.replay {
-                                replay.body.release();
-                            }
+                            r.accepted();
                             return Poll::Ready(Ok(response));
                         }
                         Some(r) => r.judge.verdict(&response),
@@ -584,11 +599,8 @@ where
                         // Asked for a nonce without giving one: a resend could not
                         // carry it. Nothing against the credential either.
                         Verdict::UseDpopNonce if nonce == Some(None) => {
-                            if let Some(Retry {
-                                replay: Ok(replay), ..
-                            }) = retry.as_ref()
-                            {
-                                replay.body.release();
+                            if let Some(r) = retry.as_ref() {
+                                r.release();
                             }
                             response.extensions_mut().insert(NotReplayed::NoNonce);
                             return Poll::Ready(Ok(response));
@@ -597,12 +609,7 @@ where
                         Verdict::UseDpopNonce | Verdict::InvalidDpopProof => None,
                         _ => {
                             if let Some(r) = retry.as_ref() {
-                                if let Some(cache) = &r.cache {
-                                    cache.accepted(r.generation);
-                                }
-                                if let Ok(replay) = &r.replay {
-                                    replay.body.release();
-                                }
+                                r.accepted();
                             }
                             return Poll::Ready(Ok(response));
                         }

@@ -325,6 +325,23 @@ async fn an_empty_stream_is_framed_as_without_the_layer() {
 /// `BodyIncomplete`, though no byte of the body was ever to be sent.
 #[tokio::test]
 async fn a_get_of_a_stream_hyper_sends_no_body_of_is_replayed() {
+    a_get_of_a_stream_rejected_once().await;
+}
+
+/// World: as above, 20 times on a multi-threaded runtime, where hyper's connection task
+/// and the caller's task run on two workers. Proves (the closing note's "on any
+/// runtime"): hyper drops a `GET`'s body of unknown length before the request is sent,
+/// so the replay never races the drop: every round is replayed. Counter: as above, per
+/// round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_of_a_stream_is_replayed_on_a_multi_threaded_runtime() {
+    for _ in 0..20 {
+        a_get_of_a_stream_rejected_once().await;
+    }
+}
+
+/// One round of [`a_get_of_a_stream_hyper_sends_no_body_of_is_replayed`].
+async fn a_get_of_a_stream_rejected_once() {
     let (base, log) = framing_api().await;
     let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Open>>();
     let source = TestSource::new();
